@@ -1,0 +1,92 @@
+"""Checks of scalar arguments: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+from .constants import BACKENDS, MODES, REDUCTIONS
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {expected}; got {value!r}")
+    return value
+
+
+def check_mode(mode: object) -> str:
+    return check_choice("mode", mode, MODES)
+
+
+def check_reduction(reduction: object) -> str:
+    return check_choice("reduction", reduction, REDUCTIONS)
+
+
+def check_backend(backend: object) -> str:
+    return check_choice("backend", backend, BACKENDS)
+
+
+def check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return value
+
+
+def check_non_negative(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return value
+
+
+def check_fraction(name: str, value: object) -> float:
+    """A fraction in (0, 1]."""
+    value = check_real(name, value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1]; got {value}")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    """A weight in [0, 1]."""
+    value = check_real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_optional_bool(name: str, value: object) -> bool | None:
+    if value is None:
+        return None
+    return check_bool(name, value)
+
+
+def check_ignore_index(ignore_index: object) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"ignore_index must be an int or None; got {type(ignore_index).__name__} "
+            f"{ignore_index!r}"
+        )
+    return ignore_index
+
+
+def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:
+    smooth = check_non_negative("smooth", smooth)
+    eps = check_non_negative("eps", eps)
+    if smooth + eps <= 0:
+        raise ValueError("smooth + eps must be > 0 so that an empty target scored against an "
+                         f"empty prediction is defined; got smooth={smooth}, eps={eps}")
+    return smooth, eps

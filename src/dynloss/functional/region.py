@@ -1,0 +1,300 @@
+r"""Region (overlap) losses: Dice, IoU (Jaccard) and Tversky.
+
+All three are one formula. With :math:`p_i` the predicted probability and :math:`g_i` the
+target of pixel :math:`i` (ignored pixels left out), the three sums
+
+.. math:: I = \sum_i p_i g_i, \qquad P = \sum_i p_i, \qquad G = \sum_i g_i
+
+give :math:`TP = I`, :math:`FP = P - I`, :math:`FN = G - I` and the Tversky index
+
+.. math:: T_{\alpha,\beta} = \frac{TP + s}{TP + \alpha\,FP + \beta\,FN + s},
+          \qquad s = \text{smooth} + \text{eps}.
+
+Dice is :math:`T_{1/2,1/2} = (2I + 2s) / (P + G + 2s)` and IoU is
+:math:`T_{1,1} = (I + s) / (P + G - I + s)`; the loss is :math:`1 - T`. The identities
+``tversky(0.5, 0.5) == dice`` and ``tversky(1, 1) == iou`` therefore hold exactly, for any
+smoothing.
+
+``eps`` (default 1e-7) sits in numerator and denominator, so an empty target scored against an
+empty prediction gives 1 (loss 0) instead of 0/0, and the loss never divides by zero. With
+``smooth=0`` the value differs from smp's (which clamps the denominator to ``eps`` instead) by
+a relative ``eps / (P + G)``: below 1e-7 for any image with a positive pixel.
+
+Sums run over the pixels of each (sample, class). ``per_image=False`` (default; smp's and
+the paper's convention) pools them over the batch, giving one score per class;
+``per_image=True`` (MONAI's default) gives one score per sample and class. The loss is then
+averaged over classes (and samples).
+
+Where dynloss differs from smp: smp sets the loss of a class with no positive pixel in the
+batch to 0, so false positives on an empty batch cost nothing; dynloss keeps the Tversky value,
+which is ``P / (P + s)`` for an empty target: near 1 as soon as anything is predicted, 0 for an
+empty prediction. With ``smooth=0`` that value carries almost no gradient (the Dice index of an
+empty target is flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty
+targets down.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import (
+    check_backend,
+    check_bool,
+    check_ignore_index,
+    check_mode,
+    check_non_negative,
+    check_optional_bool,
+    check_reduction,
+    check_smoothing,
+)
+from .._layout import Layout, compute_dtype, prepare
+from ..constants import MULTICLASS_MODE
+from ._activation import probabilities
+
+__all__ = [
+    "dice_loss",
+    "iou_loss",
+    "jaccard_loss",
+    "region_sums_reference",
+    "tversky_index",
+    "tversky_loss",
+]
+
+
+def tversky_index(
+    intersection: Tensor,
+    prediction_sum: Tensor,
+    target_sum: Tensor,
+    alpha: float,
+    beta: float,
+    smoothing: float,
+) -> Tensor:
+    r"""The Tversky index from the three sums: :math:`(I + s) / (I + \alpha(P-I) + \beta(G-I) + s)`.
+
+    The denominator is written as :math:`(1-\alpha-\beta) I + \alpha P + \beta G + s`, which
+    needs no subtraction of nearly equal sums for the usual :math:`\alpha + \beta \le 1`.
+    """
+    denominator = (1.0 - alpha - beta) * intersection + alpha * prediction_sum + beta * target_sum
+    return (intersection + smoothing) / (denominator + smoothing)
+
+
+def region_sums_reference(layout: Layout, *, from_logits: bool, ignore_index: int | None):
+    """``(I, P, G)`` of shape ``(N, C)`` as plain autograd code: the reference for the kernels."""
+    dtype = compute_dtype(layout.x.dtype)
+    x = layout.x.to(dtype)
+    p = probabilities(x, layout.mode, from_logits)
+    target = layout.target
+    if layout.mode == MULTICLASS_MODE:
+        valid = None if ignore_index is None else target != ignore_index
+        index = target if valid is None else target.masked_fill(~valid, 0)
+        g = torch.nn.functional.one_hot(index.long(), layout.num_classes).permute(0, 2, 1).to(dtype)
+        if valid is not None:
+            g = g * valid.unsqueeze(1)
+            p = p * valid.unsqueeze(1)
+    else:
+        g = target.to(dtype)
+        if ignore_index is not None:
+            valid = target != ignore_index
+            g = g * valid
+            p = p * valid
+    return (p * g).sum(-1), p.sum(-1), g.sum(-1)
+
+
+def _region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str):
+    if backend == "reference":
+        return region_sums_reference(layout, from_logits=from_logits, ignore_index=ignore_index)
+    from ..kernels import region_sums
+
+    return region_sums(layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend)
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _region_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    mode: str,
+    from_logits: bool,
+    smooth: float,
+    eps: float,
+    per_image: bool,
+    ignore_index: int | None,
+    reduction: str,
+    backend: str,
+    check_values: bool | None,
+) -> Tensor:
+    mode = check_mode(mode)
+    check_bool("from_logits", from_logits)
+    check_bool("per_image", per_image)
+    smooth, eps = check_smoothing(smooth, eps)
+    ignore_index = check_ignore_index(ignore_index)
+    reduction = check_reduction(reduction)
+    backend = check_backend(backend)
+    check_values = check_optional_bool("check_values", check_values)
+    layout = prepare(
+        input, target, mode, from_logits=from_logits, ignore_index=ignore_index,
+        check_values=check_values,
+    )
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        intersection, prediction_sum, target_sum = _region_sums(
+            layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend
+        )
+        if not per_image:
+            intersection, prediction_sum, target_sum = (
+                intersection.sum(0), prediction_sum.sum(0), target_sum.sum(0)
+            )
+        score = tversky_index(intersection, prediction_sum, target_sum, alpha, beta, smooth + eps)
+        return _reduce(1.0 - score, reduction)
+
+
+_SHARED_DOC = """
+    Args:
+        input: logits (``from_logits=True``) or probabilities, ``(N, C, *spatial)``; in binary
+            mode also ``(N, *spatial)``. Any float dtype; sums accumulate in float32 at least.
+        target: binary/multilabel: the input's shape (binary also without the channel dim),
+            values in [0, 1] (soft labels allowed), float, bool or integer dtype. Multiclass:
+            integer class indices ``(N, *spatial)`` in ``[0, C)``.
+        mode: ``"binary"`` (C == 1, sigmoid), ``"multilabel"`` (sigmoid per channel) or
+            ``"multiclass"`` (C >= 2, softmax over dim 1).
+        from_logits: whether ``input`` holds logits (default) or probabilities.
+        smooth: additive smoothing ``s`` in numerator and denominator (default 0).
+        eps: numerical floor added to the smoothing (default 1e-7); ``smooth + eps > 0``.
+        per_image: one score per sample and class (True) or per class over the pooled batch
+            (False, default).
+        ignore_index: pixels whose target equals it are left out of all sums and get no
+            gradient.
+        reduction: ``"mean"`` (default) over classes (and samples), ``"sum"``, or ``"none"``:
+            shape ``(C,)`` with ``per_image=False``, ``(N, C)`` with ``per_image=True``
+            (``C == 1`` in binary mode).
+        backend: ``"auto"`` (default), ``"torch"`` (fused autograd Function) or
+            ``"reference"`` (plain autograd).
+        check_values: check target (and probability) values, which reads the data; ``None``
+            (default) checks CPU tensors only, where that costs no device synchronisation.
+
+    Returns:
+        The loss, a float32 (float64 for float64 input) tensor shaped by ``reduction``.
+"""
+
+
+def tversky_loss(
+    input: Tensor,
+    target: Tensor,
+    alpha: float = 0.3,
+    beta: float = 0.7,
+    *,
+    mode: str = "binary",
+    from_logits: bool = True,
+    smooth: float = 0.0,
+    eps: float = 1e-7,
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_values: bool | None = None,
+) -> Tensor:
+    r"""Tversky loss :math:`1 - (TP + s) / (TP + \alpha FP + \beta FN + s)`, ``s = smooth + eps``.
+
+    ``alpha`` weighs false positives, ``beta`` false negatives (defaults 0.3 / 0.7, the paper's).
+    ``alpha = beta = 0.5`` is :func:`dice_loss`, ``alpha = beta = 1`` is :func:`iou_loss`.
+    Equals smp's ``TverskyLoss("binary", alpha=a, beta=b)`` for ``smooth=0`` whenever the batch
+    has a positive pixel, and MONAI's ``TverskyLoss(smooth_nr=s, smooth_dr=s)`` with
+    ``per_image=True``.
+    """ + _SHARED_DOC + r"""
+    Example:
+        >>> import torch
+        >>> from dynloss.functional import tversky_loss
+        >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
+        >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+        >>> round(tversky_loss(logits, target).item(), 4)
+        0.2539
+    """
+    alpha = check_non_negative("alpha", alpha)
+    beta = check_non_negative("beta", beta)
+    return _region_loss(
+        input, target, alpha=alpha, beta=beta, mode=mode, from_logits=from_logits, smooth=smooth,
+        eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
+        backend=backend, check_values=check_values,
+    )
+
+
+def dice_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    mode: str = "binary",
+    from_logits: bool = True,
+    smooth: float = 0.0,
+    eps: float = 1e-7,
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_values: bool | None = None,
+) -> Tensor:
+    r"""Dice loss :math:`1 - (2I + 2s) / (P + G + 2s)`, ``s = smooth + eps``.
+
+    Equals smp's ``DiceLoss(mode)`` (``smooth=0``) whenever every class has a positive pixel in
+    the batch; smp's ``smooth=t`` corresponds to ours ``smooth=t/2``. With ``per_image=True`` it
+    equals MONAI's ``DiceLoss(smooth_nr=2s, smooth_dr=2s)``.
+    """ + _SHARED_DOC + r"""
+    Example:
+        >>> import torch
+        >>> from dynloss.functional import dice_loss
+        >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
+        >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+        >>> round(dice_loss(logits, target).item(), 4)
+        0.2071
+    """
+    return _region_loss(
+        input, target, alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth,
+        eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
+        backend=backend, check_values=check_values,
+    )
+
+
+def iou_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    mode: str = "binary",
+    from_logits: bool = True,
+    smooth: float = 0.0,
+    eps: float = 1e-7,
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_values: bool | None = None,
+) -> Tensor:
+    r"""IoU (Jaccard) loss :math:`1 - (I + s) / (P + G - I + s)`, ``s = smooth + eps``.
+
+    Equals smp's ``JaccardLoss(mode)`` (same ``smooth``) whenever every class has a positive
+    pixel in the batch. The paper prints a factor 2 in the numerator; that is a typo (it would
+    not be the Jaccard index) and is not reproduced.
+    """ + _SHARED_DOC + r"""
+    Example:
+        >>> import torch
+        >>> from dynloss.functional import iou_loss
+        >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
+        >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+        >>> round(iou_loss(logits, target).item(), 4)
+        0.3431
+    """
+    return _region_loss(
+        input, target, alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth,
+        eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
+        backend=backend, check_values=check_values,
+    )
+
+
+jaccard_loss = iou_loss

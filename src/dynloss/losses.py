@@ -1,0 +1,399 @@
+"""The six losses as ``nn.Module`` s: argument checks at construction, then the functional form.
+
+Every loss is called as ``loss(input, target)``. Each module's ``repr`` lists the arguments
+that differ from their defaults, e.g. ``TverskyLoss(alpha=0.5, beta=0.5)``, and is valid Python
+given ``from dynloss import *``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from . import functional as F
+from ._checks import (
+    check_backend,
+    check_bool,
+    check_fraction,
+    check_ignore_index,
+    check_mode,
+    check_non_negative,
+    check_optional_bool,
+    check_probability,
+    check_reduction,
+    check_smoothing,
+)
+from .constants import MULTICLASS_MODE
+
+__all__ = [
+    "BCELoss",
+    "DiceLoss",
+    "FocalLoss",
+    "IoULoss",
+    "JaccardLoss",
+    "LOSSES",
+    "SegmentationLoss",
+    "TopKLoss",
+    "TverskyLoss",
+]
+
+
+class SegmentationLoss(nn.Module):
+    """Base class: stores the checked hyper-parameters and forwards them to the functional."""
+
+    name: ClassVar[str]
+    """Short name used in spec strings (``"dice"``, ``"bce"``, ...)."""
+    _function: ClassVar[Callable[..., Tensor]]
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        from_logits: bool,
+        ignore_index: int | None,
+        reduction: str,
+        backend: str,
+        check_values: bool | None,
+    ) -> None:
+        super().__init__()
+        self.mode = check_mode(mode)
+        self.from_logits = check_bool("from_logits", from_logits)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.reduction = check_reduction(reduction)
+        self.backend = check_backend(backend)
+        self.check_values = check_optional_bool("check_values", check_values)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every constructor argument and its current value."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self"}
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Loss of ``input`` (logits or probabilities) against ``target``."""
+        return type(self)._function(input, target, **self.hyperparameters())
+
+    def __repr__(self) -> str:
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(type(self).__init__).parameters.items()
+        }
+        changed = [
+            f"{name}={value!r}"
+            for name, value in self.hyperparameters().items()
+            if value != defaults[name] or type(value) is not type(defaults[name])
+        ]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+
+def _common_doc(extra: str = "") -> str:
+    return f"""
+    Args:{extra}
+        mode: ``"binary"`` (default; C == 1, sigmoid), ``"multilabel"`` (sigmoid per channel) or
+            ``"multiclass"`` (C >= 2, softmax; the target holds class indices).
+        from_logits: input holds logits (default True) or probabilities.
+        ignore_index: target value whose pixels are left out of the loss, its normaliser and
+            the gradient (default None).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see the functional form for
+            the shape).
+        backend: ``"auto"`` (default), ``"torch"`` or ``"reference"``.
+        check_values: check target/probability values (reads the data). Default None: only
+            for CPU tensors, where it costs no device synchronisation.
+
+    Shapes:
+        input ``(N, C, *spatial)`` (binary also ``(N, *spatial)``); target: the input's shape
+        (binary also without the channel dim) or, multiclass, ``(N, *spatial)`` integers.
+    """
+
+
+class BCELoss(SegmentationLoss):
+    __doc__ = (
+        r"""Binary cross-entropy from logits; softmax cross-entropy in multiclass mode.
+
+    :math:`\frac1M \sum_i \max(x_i,0) - x_i g_i + \log(1+e^{-|x_i|})` over the :math:`M` kept
+    elements. Equals ``torch.nn.BCEWithLogitsLoss`` (and ``torch.nn.CrossEntropyLoss`` in
+    multiclass mode); unlike smp, ignored pixels are not counted in the mean.
+    """
+        + _common_doc()
+        + """
+    Example:
+        >>> import torch
+        >>> from dynloss import BCELoss
+        >>> loss = BCELoss()
+        >>> round(loss(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)).item(), 4)
+        0.6931
+    """
+    )
+    name = "bce"
+    _function = staticmethod(F.bce_loss)
+
+    def __init__(
+        self,
+        mode: str = "binary",
+        *,
+        from_logits: bool = True,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+
+
+class FocalLoss(SegmentationLoss):
+    __doc__ = (
+        r"""Focal loss :math:`\frac1M \sum_i a_i (1 - p_{t,i})^\gamma (-\log p_{t,i})`.
+
+    :math:`p_t = e^{-b}` with :math:`b` the per-element cross-entropy (smp's form, also defined
+    for soft labels). Equals smp's ``FocalLoss("binary")``; in multiclass mode uses the softmax
+    probability of the true class (smp sums one-vs-rest sigmoid focal losses instead).
+    """
+        + _common_doc(
+            """
+        gamma: focusing exponent >= 0 (default 2.0, the paper's); 0 gives BCE.
+        alpha: None (default), the weight in [0, 1] of positives (binary/multilabel), or a
+            sequence of C per-class weights (multiclass)."""
+        )
+        + """
+    Example:
+        >>> import torch
+        >>> from dynloss import FocalLoss
+        >>> loss = FocalLoss(gamma=2.0)
+        >>> round(loss(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)).item(), 4)
+        0.1733
+    """
+    )
+    name = "focal"
+    _function = staticmethod(F.focal_loss)
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: float | Sequence[float] | None = None,
+        *,
+        mode: str = "binary",
+        from_logits: bool = True,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+        self.gamma = check_non_negative("gamma", gamma)
+        if alpha is not None:
+            if self.mode == MULTICLASS_MODE:
+                if isinstance(alpha, (str, bytes)) or not isinstance(alpha, Sequence):
+                    raise TypeError(
+                        "alpha must be None or a sequence of per-class weights in "
+                        f"mode='multiclass'; got {type(alpha).__name__} {alpha!r}"
+                    )
+                alpha = [check_non_negative(f"alpha[{i}]", a) for i, a in enumerate(alpha)]
+            else:
+                alpha = check_probability("alpha", alpha)
+        self.alpha = alpha
+
+
+class TopKLoss(SegmentationLoss):
+    __doc__ = (
+        r"""TopK loss: mean cross-entropy over the ``k`` fraction of worst-scored elements.
+
+    The :math:`\lceil kM \rceil` largest per-element losses of the whole batch are averaged
+    (ties at the threshold taken by flat index, deterministically). ``k`` is a fraction:
+    nnU-Net's ``k=10`` (percent) is ``k=0.1`` here.
+    """
+        + _common_doc(
+            """
+        k: fraction of elements kept, 0 < k <= 1 (default 0.6, the paper's value)."""
+        )
+        + """
+    Example:
+        >>> import torch
+        >>> from dynloss import TopKLoss
+        >>> loss = TopKLoss(k=0.5)
+        >>> logits = torch.tensor([[[[3.0, -3.0, 0.0, 1.0]]]])
+        >>> target = torch.tensor([[[[1.0, 0.0, 1.0, 0.0]]]])
+        >>> round(loss(logits, target).item(), 4)
+        1.0130
+    """
+    )
+    name = "topk"
+    _function = staticmethod(F.topk_loss)
+
+    def __init__(
+        self,
+        k: float = 0.6,
+        *,
+        mode: str = "binary",
+        from_logits: bool = True,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+        self.k = check_fraction("k", k)
+
+
+_REGION_ARGS = """
+        smooth: additive smoothing s >= 0 in numerator and denominator (default 0).
+        eps: numerical floor added to the smoothing (default 1e-7); empty target and empty
+            prediction then score 1 (loss 0).
+        per_image: one score per sample and class, then averaged (True; MONAI's default), or
+            sums pooled over the batch (False, default; smp's and the paper's)."""
+
+
+class _RegionLoss(SegmentationLoss):
+    def _init_region(self, smooth: float, eps: float, per_image: bool) -> None:
+        self.smooth, self.eps = check_smoothing(smooth, eps)
+        self.per_image = check_bool("per_image", per_image)
+
+
+class DiceLoss(_RegionLoss):
+    __doc__ = (
+        r"""Dice loss :math:`1 - (2I + 2s)/(P + G + 2s)`, :math:`s` = smooth + eps.
+
+    :math:`I = \sum p g`, :math:`P = \sum p`, :math:`G = \sum g` per class (pooled over the
+    batch unless ``per_image``). Equals smp's ``DiceLoss(mode)`` whenever every class has a
+    positive pixel in the batch. smp scores a class absent from the batch as 0, so its false
+    positives go unpunished; here it scores ``P / (P + s)`` (use ``smooth > 0`` for a useful
+    gradient there).
+    """
+        + _common_doc(_REGION_ARGS)
+        + """
+    Example:
+        >>> import torch
+        >>> from dynloss import DiceLoss
+        >>> target = torch.zeros(2, 1, 8, 8); target[:, :, 2:6, 2:6] = 1
+        >>> perfect = (target * 2 - 1) * 100  # logits
+        >>> DiceLoss()(perfect, target).item()
+        0.0
+    """
+    )
+    name = "dice"
+    _function = staticmethod(F.dice_loss)
+
+    def __init__(
+        self,
+        mode: str = "binary",
+        *,
+        from_logits: bool = True,
+        smooth: float = 0.0,
+        eps: float = 1e-7,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+        self._init_region(smooth, eps, per_image)
+
+
+class IoULoss(_RegionLoss):
+    __doc__ = (
+        r"""IoU (Jaccard) loss :math:`1 - (I + s)/(P + G - I + s)`, :math:`s` = smooth + eps.
+
+    Equals smp's ``JaccardLoss(mode)`` whenever every class has a positive pixel in the batch.
+    ``JaccardLoss`` is the same class.
+    """
+        + _common_doc(_REGION_ARGS)
+        + """
+    Example:
+        >>> import torch
+        >>> from dynloss import IoULoss
+        >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
+        >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+        >>> round(IoULoss()(logits, target).item(), 4)
+        0.3431
+    """
+    )
+    name = "iou"
+    _function = staticmethod(F.iou_loss)
+
+    def __init__(
+        self,
+        mode: str = "binary",
+        *,
+        from_logits: bool = True,
+        smooth: float = 0.0,
+        eps: float = 1e-7,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+        self._init_region(smooth, eps, per_image)
+
+
+JaccardLoss = IoULoss
+
+
+class TverskyLoss(_RegionLoss):
+    __doc__ = (
+        r"""Tversky loss :math:`1 - (TP + s)/(TP + \alpha FP + \beta FN + s)`.
+
+    :math:`TP = \sum pg`, :math:`FP = \sum p(1-g)`, :math:`FN = \sum (1-p)g`, :math:`s` =
+    smooth + eps. ``alpha`` weighs false positives, ``beta`` false negatives. (0.5, 0.5) is
+    :class:`DiceLoss`, (1, 1) is :class:`IoULoss`, exactly. Equals smp's
+    ``TverskyLoss("binary", alpha=a, beta=b)`` when the batch has a positive pixel.
+    """
+        + _common_doc(
+            """
+        alpha: weight of false positives, >= 0 (default 0.3, the paper's).
+        beta: weight of false negatives, >= 0 (default 0.7, the paper's)."""
+            + _REGION_ARGS
+        )
+        + """
+    Example:
+        >>> import torch
+        >>> from dynloss import TverskyLoss
+        >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
+        >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+        >>> round(TverskyLoss(0.3, 0.7)(logits, target).item(), 4)
+        0.2539
+    """
+    )
+    name = "tversky"
+    _function = staticmethod(F.tversky_loss)
+
+    def __init__(
+        self,
+        alpha: float = 0.3,
+        beta: float = 0.7,
+        *,
+        mode: str = "binary",
+        from_logits: bool = True,
+        smooth: float = 0.0,
+        eps: float = 1e-7,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+        self.alpha = check_non_negative("alpha", alpha)
+        self.beta = check_non_negative("beta", beta)
+        self._init_region(smooth, eps, per_image)
+
+
+LOSSES: dict[str, type[SegmentationLoss]] = {
+    "bce": BCELoss,
+    "focal": FocalLoss,
+    "topk": TopKLoss,
+    "dice": DiceLoss,
+    "iou": IoULoss,
+    "jaccard": IoULoss,
+    "tversky": TverskyLoss,
+}
+"""Spec-string names of the losses (``"jaccard"`` is an alias of ``"iou"``)."""
