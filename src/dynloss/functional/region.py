@@ -186,6 +186,13 @@ _SHARED_DOC = """
 """
 
 
+def _with_shared_doc(function):
+    """Insert the arguments shared by this family into ``function``'s docstring."""
+    function.__doc__ = function.__doc__.replace("    {shared}\n", _SHARED_DOC.lstrip("\n"))
+    return function
+
+
+@_with_shared_doc
 def tversky_loss(
     input: Tensor,
     target: Tensor,
@@ -209,14 +216,15 @@ def tversky_loss(
     Equals smp's ``TverskyLoss("binary", alpha=a, beta=b)`` for ``smooth=0`` whenever the batch
     has a positive pixel, and MONAI's ``TverskyLoss(smooth_nr=s, smooth_dr=s)`` with
     ``per_image=True``.
-    """ + _SHARED_DOC + r"""
+
+    {shared}
     Example:
         >>> import torch
         >>> from dynloss.functional import tversky_loss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
         >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
         >>> round(tversky_loss(logits, target).item(), 4)
-        0.2539
+        0.2659
     """
     alpha = check_non_negative("alpha", alpha)
     beta = check_non_negative("beta", beta)
@@ -227,6 +235,7 @@ def tversky_loss(
     )
 
 
+@_with_shared_doc
 def dice_loss(
     input: Tensor,
     target: Tensor,
@@ -246,14 +255,15 @@ def dice_loss(
     Equals smp's ``DiceLoss(mode)`` (``smooth=0``) whenever every class has a positive pixel in
     the batch; smp's ``smooth=t`` corresponds to ours ``smooth=t/2``. With ``per_image=True`` it
     equals MONAI's ``DiceLoss(smooth_nr=2s, smooth_dr=2s)``.
-    """ + _SHARED_DOC + r"""
+
+    {shared}
     Example:
         >>> import torch
         >>> from dynloss.functional import dice_loss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
         >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
         >>> round(dice_loss(logits, target).item(), 4)
-        0.2071
+        0.2072
     """
     return _region_loss(
         input, target, alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth,
@@ -262,6 +272,7 @@ def dice_loss(
     )
 
 
+@_with_shared_doc
 def iou_loss(
     input: Tensor,
     target: Tensor,
@@ -281,14 +292,15 @@ def iou_loss(
     Equals smp's ``JaccardLoss(mode)`` (same ``smooth``) whenever every class has a positive
     pixel in the batch. The paper prints a factor 2 in the numerator; that is a typo (it would
     not be the Jaccard index) and is not reproduced.
-    """ + _SHARED_DOC + r"""
+
+    {shared}
     Example:
         >>> import torch
         >>> from dynloss.functional import iou_loss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
         >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
         >>> round(iou_loss(logits, target).item(), 4)
-        0.3431
+        0.3433
     """
     return _region_loss(
         input, target, alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth,
