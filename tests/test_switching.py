@@ -416,3 +416,21 @@ def test_region_loss_ddp_pool_validation() -> None:
     with pytest.raises(TypeError, match="ddp_pool must be a bool"):
         TverskyLoss(ddp_pool=1)
     assert repr(IoULoss(ddp_pool=True)) == "IoULoss(ddp_pool=True)"
+
+
+def test_mismatched_nested_state_is_a_value_error_not_a_key_error() -> None:
+    saved = _saved(build_loss("dice+bce->focal@3->bce@6"))
+    with pytest.raises(ValueError, match="saved from a loss with 3 stages; this one has 2"):
+        build_loss("dice+bce->focal@3").load_state_dict(saved)
+
+
+def test_public_exports() -> None:
+    import dynloss
+    from dynloss.functional import dice_loss
+
+    for name in ("CompositeLoss", "SwitchingLoss", "build_loss", "LinearRamp", "RampCosine",
+                 "Plateau", "RelativeImprovement", "Milestone", "reset_plateau_scheduler"):
+        assert name in dynloss.__all__ and getattr(dynloss, name) is getattr(dynloss.schedules,
+                                                                               name)
+    logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    assert dice_loss(logits, target, ddp_pool=True).item() == pytest.approx(1 / 3)
