@@ -87,10 +87,17 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
 
 
 def focal_modulation(b: Tensor, gamma: float) -> Tensor:
-    r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``."""
+    r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``.
+
+    Works in place on its own temporaries when no gradient is recorded (the fused path).
+    """
     if gamma == 0:
         return b
-    return (-torch.expm1(-b)).pow(gamma) * b
+    q = -torch.expm1(-b)
+    if torch.is_grad_enabled() and b.requires_grad:
+        return q.pow(gamma) * b
+    q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
+    return q.mul_(b)
 
 
 def topk_count(k: float, kept: int) -> int:
