@@ -125,25 +125,3 @@ def test_fused_path_saves_at_most_two_input_sized_tensors():
         assert bytes_kept <= 2 * x.numel() * x.element_size() + x.numel(), name
         loss.backward()
 
-
-@pytest.mark.parametrize("block", [5, 24, 1000])
-@pytest.mark.parametrize("mode", ["binary", "multilabel"])
-def test_fused_blocking_does_not_change_results(monkeypatch, block, mode):
-    """Blocks that cut rows (5), group whole rows (24) or hold everything (1000)."""
-    from dynloss.kernels import torch_fused
-
-    gen = torch.Generator().manual_seed(11)
-    c = 1 if mode == "binary" else 2
-    logits = torch.randn(3, c, 4, 3, generator=gen, dtype=torch.float64)
-    target = torch.rand(3, c, 4, 3, generator=gen, dtype=torch.float64)
-    target.view(-1)[::7] = 255
-    monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", block)
-    for name, kwargs in [(n, v) for n, vs in LOSS_KWARGS.items() for v in vs]:
-        results = []
-        for backend in BACKENDS:
-            x = logits.clone().requires_grad_()
-            loss = make(name, kwargs, mode, backend, ignore_index=255)(x, target)
-            loss.backward()
-            results.append((loss.detach(), x.grad))
-        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-12)
