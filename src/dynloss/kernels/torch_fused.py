@@ -34,19 +34,13 @@ from ..functional.distribution import (
     topk_mask,
 )
 
-_ROW_DOT_LOOP = 64
-"""Up to this many rows, row-wise dot products run as one ``torch.dot`` per row (no temporary)."""
-
-
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for 2-D tensors ``(rows, M)``."""
-    if a.shape[0] <= _ROW_DOT_LOOP:
-        return torch.stack([torch.dot(a[r], b[r]) for r in range(a.shape[0])])
-    return (a * b).sum(-1)
+    """``(a * b).sum(-1)`` for 2-D tensors ``(rows, M)``, without a product temporary."""
+    return torch.linalg.vecdot(a, b)
 
 
 def _clamped_log_slope(p: Tensor) -> Tensor:
@@ -96,7 +90,8 @@ def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None):
 
 def _binary_region_backward(p, target, gi, gp, from_logits, ignore_index):
     g, valid = _binary_target(target, p.dtype, ignore_index)
-    grad = torch.addcmul(gp.unsqueeze(-1), gi.unsqueeze(-1), g)  # dL/dp
+    # dL/dp; expanding `self` keeps addcmul on its vectorised path (a (N, C, 1) self is 3x slower)
+    grad = torch.addcmul(gp.unsqueeze(-1).expand_as(g), gi.unsqueeze(-1), g)
     if from_logits:
         torch.ops.aten.sigmoid_backward.grad_input(grad, p, grad_input=grad)
     if valid is not None:
