@@ -10,8 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG_CLAMP = -100.0
-PROB_FLOOR = 1e-12
+LOG_CLAMP = tl.constexpr(-100.0)
+PROB_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ from .triton_region import (
     target_for_kernel,
 )
 
-BLOCK_TOPK = 1024
+BLOCK_TOPK = 2048
 """Elements (binary) per program in the TopK passes; multiclass uses pixels per tile."""
 RADIX_BITS = 8
 RADIX_PASSES = 4
@@ -151,8 +151,9 @@ def _topk_hist_kernel(
         prefix, _remaining, _n = _topk_resolve(hist_ptr, state_ptr, n_host, PASS, N_FROM_HOST)
         match = match & ((key >> (32 - 8 * PASS)) == prefix)
     digit = (key >> (24 - 8 * PASS)) & 255
-    hist = tl.histogram(digit, 256, mask=match)
-    tl.atomic_add(hist_ptr + PASS * 256 + tl.arange(0, 256), hist.to(tl.int32))
+    hist = tl.histogram(digit, 256, mask=match).to(tl.int32)
+    # after the first pass most bins are empty: skip their atomics (less L2 contention)
+    tl.atomic_add(hist_ptr + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0)
 
 
 @triton.jit(do_not_specialize=["n_host"])
