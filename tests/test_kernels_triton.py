@@ -180,6 +180,23 @@ def test_pixel_probabilities(device, mode, name):
     _compare(PIXEL[name], p, t, device, mode=mode, from_logits=False)
 
 
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_probabilities_at_zero_and_one(device, mode):
+    """Clamped logs (log 0 = -100): finite values, the reference's zero slope where clamped."""
+    x, t = _inputs(mode, (4, 5), seed=14)
+    if mode == "multiclass":
+        p = torch.softmax(x, 1)
+        p[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])
+        p[1, :, 1, 1] = torch.tensor([0.0, 1.0, 0.0])
+    else:
+        p = torch.sigmoid(x)
+        p[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.0])
+        p[1, 0, 1, :2] = torch.tensor([1.0, 0.0])
+    for name in ("bce", "focal", "dice"):
+        fn = REGION.get(name) or PIXEL[name]
+        _compare(fn, p, t, device, mode=mode, from_logits=False)
+
+
 def test_soft_labels_extreme_logits(device):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 4, 4, generator=gen) * 40

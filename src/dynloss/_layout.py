@@ -49,7 +49,9 @@ def _check_tensors(input: object, target: object) -> None:
             f"input must be a floating-point tensor of logits or probabilities; got {input.dtype}"
         )
     if target.is_complex():
-        raise TypeError(f"target must be a real (float, integer or bool) tensor; got {target.dtype}")
+        raise TypeError(
+            f"target must be a real (float, integer or bool) tensor; got {target.dtype}"
+        )
     if input.device != target.device:
         raise ValueError(
             f"input and target must be on the same device; got {input.device} and {target.device}"
@@ -64,12 +66,11 @@ def _binary_layout(input: Tensor, target: Tensor) -> Layout:
         )
     n = input.shape[0]
     same = target.shape == input.shape
-    no_channel = (
-        input.dim() >= 3 and input.shape[1] == 1 and target.shape == input.shape[:1] + input.shape[2:]
-    )
+    without_channel = input.shape[:1] + input.shape[2:]
+    no_channel = input.dim() >= 3 and input.shape[1] == 1 and target.shape == without_channel
     if not (same or no_channel):
         hint = ""
-        if input.dim() >= 3 and input.shape[1] > 1 and target.shape == input.shape[:1] + input.shape[2:]:
+        if input.dim() >= 3 and input.shape[1] > 1 and target.shape == without_channel:
             hint = (
                 f"; the input has {input.shape[1]} channels but mode='binary' needs 1 channel: "
                 "use mode='multiclass' for class-index targets or mode='multilabel'"
@@ -172,7 +173,9 @@ def _check_target_values(layout: Layout, ignore_index: int | None) -> None:
                 f"channels{also}; got values from {lo_v} to {hi_v}"
             )
     elif not (0 <= lo_v and hi_v <= 1):  # also catches NaN
-        also = "" if ignore_index is None else f" (pixels equal to ignore_index={ignore_index} aside)"
+        also = (
+            "" if ignore_index is None else f" (pixels equal to ignore_index={ignore_index} aside)"
+        )
         raise ValueError(
             f"target values must lie in [0, 1] in mode={layout.mode!r}{also}; got values from "
             f"{lo_v} to {hi_v}"

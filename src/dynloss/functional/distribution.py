@@ -1,9 +1,11 @@
 r"""Distribution (per-pixel) losses: BCE, Focal and TopK.
 
 Binary and multilabel modes score each element with the binary cross-entropy of its logit
-:math:`x` and target :math:`g \in [0, 1]`, written so that no logit overflows or cancels:
+:math:`x` and target :math:`g \in [0, 1]`, written as a sum of two non-negative terms so that
+no logit overflows and nothing cancels (``torch.nn.BCEWithLogitsLoss`` computes
+:math:`(1-g)x - \log\sigma(x)`, which loses all digits of a tiny loss at :math:`x \ll 0`):
 
-.. math:: b(x, g) = \max(x, 0) - x g + \log(1 + e^{-|x|}).
+.. math:: b(x, g) = (1 - g)\,\operatorname{softplus}(x) + g\,\operatorname{softplus}(-x).
 
 Multiclass mode scores each pixel with the softmax cross-entropy
 :math:`b = \operatorname{logsumexp}_c x_c - x_t` of its class :math:`t`. With probabilities
@@ -61,13 +63,19 @@ LOG_CLAMP = -100.0
 """Smallest log-probability used with ``from_logits=False`` (``torch.nn.BCELoss``'s)."""
 
 
+def _clamped_log(p: Tensor) -> Tensor:
+    """``max(log p, -100)``, with a finite gradient (0 where clamped) even at ``p == 0``."""
+    positive = p > 0
+    log_p = torch.log(torch.where(positive, p, 1.0))
+    return torch.where(positive, log_p, LOG_CLAMP).clamp_min(LOG_CLAMP)
+
+
 def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
     """Per-element binary cross-entropy of logits (or probabilities) ``x`` and targets ``g``."""
     if from_logits:
-        return x.clamp_min(0) - x * g + F.softplus(-x.abs())
-    log_p = torch.log(x).clamp_min(LOG_CLAMP)
-    log_not_p = torch.log1p(-x).clamp_min(LOG_CLAMP)
-    return -(g * log_p + (1 - g) * log_not_p)
+        # lerp(a, b, w) returns b exactly at w == 1 and a at w == 0: exact for hard labels
+        return torch.lerp(F.softplus(x), F.softplus(-x), g)
+    return -(g * _clamped_log(x) + (1 - g) * _clamped_log(1 - x))
 
 
 def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
@@ -75,7 +83,7 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
     picked = x.gather(1, index.unsqueeze(1)).squeeze(1)
     if from_logits:
         return torch.logsumexp(x, dim=1) - picked
-    return -torch.log(picked).clamp_min(LOG_CLAMP)
+    return -_clamped_log(picked)
 
 
 def focal_modulation(b: Tensor, gamma: float) -> Tensor:
@@ -101,6 +109,8 @@ def topk_mask(values: Tensor, n: int) -> Tensor:
     m = values.numel()
     if n >= m:
         return torch.ones_like(values, dtype=torch.bool)
+    if n <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
     threshold = values.kthvalue(m - n + 1).values
     greater = values > threshold
     ties = values == threshold
@@ -249,6 +259,13 @@ _SHARED_DOC = """
 """
 
 
+def _with_shared_doc(function):
+    """Insert the arguments shared by this family into ``function``'s docstring."""
+    function.__doc__ = function.__doc__.replace("    {shared}\n", _SHARED_DOC.lstrip("\n"))
+    return function
+
+
+@_with_shared_doc
 def bce_loss(
     input: Tensor,
     target: Tensor,
@@ -264,7 +281,8 @@ def bce_loss(
 
     Equals ``torch.nn.BCEWithLogitsLoss`` (binary, multilabel) and
     ``torch.nn.CrossEntropyLoss(ignore_index=...)`` (multiclass).
-    """ + _SHARED_DOC + r"""
+
+    {shared}
     Example:
         >>> import torch
         >>> from dynloss.functional import bce_loss
@@ -280,6 +298,7 @@ def bce_loss(
     )
 
 
+@_with_shared_doc
 def focal_loss(
     input: Tensor,
     target: Tensor,
@@ -302,14 +321,15 @@ def focal_loss(
     Equals smp's ``FocalLoss("binary")`` (binary mode). In multiclass mode dynloss uses the
     softmax probability of the true class; smp's multiclass focal loss sums one-vs-rest
     sigmoid focal losses instead.
-    """ + _SHARED_DOC + r"""
+
+    {shared}
     Example:
         >>> import torch
         >>> from dynloss.functional import focal_loss
         >>> logits = torch.tensor([[[[2.0, -1.0]]]])
         >>> target = torch.tensor([[[[1.0, 0.0]]]])
         >>> round(focal_loss(logits, target).item(), 4)
-        0.0139
+        0.0122
     """
     gamma = check_non_negative("gamma", gamma)
     return _distribution_loss(
@@ -319,6 +339,7 @@ def focal_loss(
     )
 
 
+@_with_shared_doc
 def topk_loss(
     input: Tensor,
     target: Tensor,
@@ -337,7 +358,8 @@ def topk_loss(
     nnU-Net's ``TopKLoss(k=10)`` means 10 %, which is ``k=0.1`` here. The selection pools the
     whole batch (all samples and channels), as nnU-Net does. ``k=1`` is BCE. ``reduction="sum"``
     returns the sum of the selected losses.
-    """ + _SHARED_DOC + r"""
+
+    {shared}
     Example:
         >>> import torch
         >>> from dynloss.functional import topk_loss

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 LOG_CLAMP = tl.constexpr(-100.0)
-PROB_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -41,24 +40,41 @@ def one_minus_exp_neg(b):
 
 
 @triton.jit
+def clamped_log(p):
+    """``max(log p, -100)``, with ``log 0 = -100`` (``torch.nn.BCELoss``'s clamp)."""
+    return tl.maximum(tl.log(tl.where(p > 0.0, p, 0.0)), LOG_CLAMP)
+
+
+@triton.jit
+def clamped_log_slope(p):
+    """d/dp of :func:`clamped_log`: ``1/p``, and 0 where the log is clamped."""
+    unclamped = tl.log(p) > LOG_CLAMP
+    return tl.where(unclamped, 1.0 / tl.where(unclamped, p, 1.0), 0.0)
+
+
+@triton.jit
 def binary_bce(x, g, FROM_LOGITS: tl.constexpr):
-    """Per-element BCE ``b(x, g)`` of a logit (or probability) and a target in [0, 1]."""
+    """Per-element BCE ``b(x, g)`` of a logit (or probability) and a target in [0, 1].
+
+    Logits: ``(1-g) softplus(x) + g softplus(-x)``, two non-negative terms, so nothing cancels
+    (the reference's formulation). Probabilities: ``-(g clog(p) + (1-g) clog(1-p))``.
+    """
     if FROM_LOGITS:
-        b = tl.maximum(x, 0.0) - x * g + log1p(tl.exp(-tl.abs(x)))
+        tail = log1p(tl.exp(-tl.abs(x)))
+        b = (1.0 - g) * (tl.maximum(x, 0.0) + tail) + g * (tl.maximum(-x, 0.0) + tail)
     else:
-        log_p = tl.maximum(tl.log(x), LOG_CLAMP)
-        log_not_p = tl.maximum(log1p(-x), LOG_CLAMP)
-        b = -(g * log_p + (1.0 - g) * log_not_p)
+        b = -(g * clamped_log(x) + (1.0 - g) * clamped_log(1.0 - x))
     return b
 
 
 @triton.jit
 def binary_bce_grad(x, g, FROM_LOGITS: tl.constexpr):
-    """``db/dx``: ``sigmoid(x) - g`` for logits, ``(x - g) / max(x (1 - x), 1e-12)`` else."""
+    """``db/dx``: ``sigmoid(x) - g`` for logits; for probabilities the derivative of the
+    clamped logs, ``(1-g)/(1-p) - g/p`` with a term dropped where its log is clamped."""
     if FROM_LOGITS:
         d = sigmoid(x) - g
     else:
-        d = (x - g) / tl.maximum(x * (1.0 - x), PROB_FLOOR)
+        d = (1.0 - g) * clamped_log_slope(1.0 - x) - g * clamped_log_slope(x)
     return d
 
 

@@ -22,14 +22,13 @@ from torch.autograd.function import once_differentiable
 from .._layout import compute_dtype
 from ..constants import MULTICLASS_MODE
 from ..functional.distribution import (
+    LOG_CLAMP,
     elementwise_bce,
     focal_modulation,
     pixel_cross_entropy,
     topk_count,
     topk_mask,
 )
-
-_PROB_FLOOR = 1e-12  # torch.nn.BCELoss's floor on p * (1 - p) in its gradient
 
 
 def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -140,6 +139,11 @@ class RegionSums(torch.autograd.Function):
         return _as(grad, saved.dtype), None, None, None, None
 
 
+def _clamped_log_slope(p: Tensor) -> Tensor:
+    """d/dp of ``max(log p, LOG_CLAMP)``: ``1/p``, and 0 where the log is clamped."""
+    return torch.where(torch.log(p) > LOG_CLAMP, p.reciprocal(), 0.0)
+
+
 def _focal_derivative(b: Tensor, gamma: float) -> Tensor:
     r"""d/db of :math:`(1-e^{-b})^\gamma b` = :math:`q^\gamma (1 + \gamma e^{-b} b / q)`."""
     q = torch.expm1(-b).neg_()
@@ -168,16 +172,6 @@ class PixelLossSum(torch.autograd.Function):
             if ignore_index is not None:
                 valid = target != ignore_index
                 g = g.masked_fill(~valid, 0)
-            if gamma == 0 and alpha is None and valid is None and k is None and from_logits:
-                # BCE fast path: sum(relu(x)) - <x, g> + sum(softplus(-|x|)), no per-element loss
-                total = (
-                    xc.clamp_min(0).sum()
-                    - torch.dot(xc.reshape(-1), g.reshape(-1))
-                    + torch.nn.functional.softplus(xc.abs().neg_()).sum()
-                )
-                ctx.save_for_backward(x, target, None)
-                ctx.config = (mode, from_logits, ignore_index, gamma, alpha)
-                return total, torch.tensor(float(x.numel()), dtype=dtype, device=x.device)
             b = elementwise_bce(xc, g, from_logits)
             weight = None if alpha is None else alpha * g + (1 - alpha) * (1 - g)
         loss = focal_modulation(b, gamma)
@@ -233,10 +227,8 @@ class PixelLossSum(torch.autograd.Function):
             else:
                 picked = xc.gather(1, index.unsqueeze(1))
                 grad = torch.zeros_like(xc).scatter_(
-                    1, index.unsqueeze(1),
-                    -coefficient.unsqueeze(1) / picked.clamp_min(_PROB_FLOOR),
+                    1, index.unsqueeze(1), -coefficient.unsqueeze(1) * _clamped_log_slope(picked)
                 )
-                grad.masked_fill_(picked.log() < -100, 0)
             return _as(grad, x.dtype), None, None, None, None, None, None, None
         g = _as(target, dtype)
         valid = None
@@ -246,7 +238,8 @@ class PixelLossSum(torch.autograd.Function):
         if from_logits:
             grad = torch.sigmoid(xc).sub_(g)  # db/dx
         else:
-            grad = (xc - g).div_((xc * (1 - xc)).clamp_min_(_PROB_FLOOR))
+            # d/dp of -(g clamp(log p) + (1-g) clamp(log(1-p))), zero where a log is clamped
+            grad = (1 - g).mul_(_clamped_log_slope(1 - xc)).sub_(g * _clamped_log_slope(xc))
         if gamma != 0:
             grad.mul_(_focal_derivative(elementwise_bce(xc, g, from_logits), gamma))
         if alpha is not None:

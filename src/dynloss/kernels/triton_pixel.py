@@ -84,7 +84,7 @@ def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, 
             b = mx + tl.log(s) - x_t
         else:
             x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-            b = -tl.maximum(tl.log(x_t), tm.LOG_CLAMP)
+            b = -tm.clamped_log(x_t)
         loss = tm.focal(b, gamma, FOCAL)
         if HAS_ALPHA:
             loss = loss * tl.load(alpha_ptr + t)
@@ -228,7 +228,7 @@ def _topk_bwd_kernel(
             x = tl.where(cmask[:, None], x, 0.0)
             p = x
             x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-            b = -tl.maximum(tl.log(x_t), tm.LOG_CLAMP)
+            b = -tm.clamped_log(x_t)
         grad = multiclass_pixel_grad(
             x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
         )

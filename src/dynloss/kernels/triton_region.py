@@ -229,7 +229,7 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
         x = tl.where(cmask[:, None], x, 0.0)
         p = x
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-        b = -tl.maximum(tl.log(x_t), tm.LOG_CLAMP)
+        b = -tm.clamped_log(x_t)
     return x, p, b, t, keep, onehot, cmask
 
 
@@ -246,8 +246,7 @@ def multiclass_pixel_grad(x, p, b, t, onehot, coef, alpha_ptr, gamma,
         grad = coef[None, :] * (p - onehot.to(tl.float32))
     else:
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-        d = -coef / tl.maximum(x_t, tm.PROB_FLOOR)
-        d = tl.where(tl.log(x_t) < tm.LOG_CLAMP, 0.0, d)
+        d = -coef * tm.clamped_log_slope(x_t)
         grad = tl.where(onehot, d[None, :], 0.0)
     return grad
 

@@ -1,0 +1,76 @@
+"""The public API: names, aliases, repr, hyper-parameters, the functional forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynloss
+from dynloss import *  # noqa: F403  (repr must evaluate in this namespace)
+from dynloss import functional as F
+
+
+def test_public_names():
+    for name in ("BCELoss", "FocalLoss", "TopKLoss", "DiceLoss", "IoULoss", "JaccardLoss",
+                 "TverskyLoss"):
+        assert issubclass(getattr(dynloss, name), torch.nn.Module)
+    assert dynloss.JaccardLoss is dynloss.IoULoss
+    for name in ("bce_loss", "focal_loss", "topk_loss", "dice_loss", "iou_loss", "jaccard_loss",
+                 "tversky_loss"):
+        assert callable(getattr(F, name))
+    assert F.jaccard_loss is F.iou_loss
+    assert dynloss.__version__
+
+
+def test_defaults_are_the_papers():
+    assert dynloss.FocalLoss().gamma == 2.0 and dynloss.FocalLoss().alpha is None
+    assert dynloss.TopKLoss().k == 0.6
+    tversky = dynloss.TverskyLoss()
+    assert (tversky.alpha, tversky.beta, tversky.smooth, tversky.eps) == (0.3, 0.7, 0.0, 1e-7)
+    dice = dynloss.DiceLoss()
+    assert (dice.mode, dice.smooth, dice.eps, dice.per_image) == ("binary", 0.0, 1e-7, False)
+    assert dynloss.IoULoss().per_image is False
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        dynloss.DiceLoss(),
+        dynloss.DiceLoss("multiclass", smooth=1.0, per_image=True, ignore_index=255),
+        dynloss.TverskyLoss(0.5, 0.5, mode="multilabel"),
+        dynloss.FocalLoss(1.0, [0.2, 0.8], mode="multiclass"),
+        dynloss.FocalLoss(alpha=0.25),
+        dynloss.TopKLoss(0.1, reduction="sum"),
+        dynloss.BCELoss(from_logits=False, check_values=True),
+        dynloss.IoULoss(backend="reference"),
+    ],
+)
+def test_repr_lists_changed_arguments_and_evaluates_back(loss):
+    text = repr(loss)
+    rebuilt = eval(text)
+    assert type(rebuilt) is type(loss)
+    assert rebuilt.hyperparameters() == loss.hyperparameters()
+    assert repr(rebuilt) == text
+
+
+def test_repr_examples():
+    assert repr(dynloss.DiceLoss()) == "DiceLoss()"
+    assert repr(dynloss.TverskyLoss(0.5, 0.5)) == "TverskyLoss(alpha=0.5, beta=0.5)"
+    assert repr(dynloss.TopKLoss(0.1)) == "TopKLoss(k=0.1)"
+
+
+def test_module_equals_functional():
+    x = torch.randn(2, 3, 5, 5)
+    t = torch.randint(0, 3, (2, 5, 5))
+    torch.testing.assert_close(dynloss.TverskyLoss(0.2, 0.9, mode="multiclass")(x, t),
+                               F.tversky_loss(x, t, 0.2, 0.9, mode="multiclass"))
+    torch.testing.assert_close(dynloss.FocalLoss(3.0, mode="multiclass")(x, t),
+                               F.focal_loss(x, t, 3.0, mode="multiclass"))
+
+
+def test_losses_have_no_parameters_and_move_with_the_model():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
+    model.loss = dynloss.DiceLoss()
+    assert list(dynloss.DiceLoss().parameters()) == []
+    model.to(torch.float64)
+    assert model.loss.mode == "binary"

@@ -1,0 +1,155 @@
+"""Bad input raises a clear TypeError/ValueError naming the argument and what was expected."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import dynloss
+from dynloss import functional as F
+
+ALL = list(dynloss.LOSSES.values())
+
+
+def raises(exc, pattern):
+    return pytest.raises(exc, match=re.escape(pattern) if not pattern.startswith("re:")
+                         else pattern[3:])
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_unknown_mode_and_reduction_and_backend(cls):
+    with raises(ValueError, "mode must be one of 'binary', 'multilabel', 'multiclass'; got 'bin'"):
+        cls(mode="bin")
+    with raises(ValueError, "reduction must be one of 'mean', 'sum', 'none'; got 'avg'"):
+        cls(reduction="avg")
+    with raises(ValueError, "backend must be one of"):
+        cls(backend="cuda")
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_shape_mismatch(cls):
+    with raises(ValueError, "target shape (2, 1, 4, 5) does not match input shape (2, 1, 4, 4)"):
+        cls()(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 5))
+    with raises(ValueError, "in mode='multilabel' the target must have the input's shape"):
+        cls(mode="multilabel")(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_wrong_channel_count_for_the_mode(cls):
+    with raises(ValueError, "the input has 3 channels but mode='binary' needs 1 channel"):
+        cls()(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4))
+    with raises(ValueError, "mode='multiclass' needs an input with C >= 2 channels; got C=1"):
+        cls(mode="multiclass")(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+    with raises(ValueError, "looks one-hot: pass target.argmax(1)"):
+        cls(mode="multiclass")(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_binary_target_outside_unit_interval(cls):
+    with raises(ValueError, "target values must lie in [0, 1] in mode='binary'; got values from "
+                            "0.0 to 2.0"):
+        cls()(torch.zeros(1, 1, 2, 2), torch.tensor([[[[0.0, 1.0], [2.0, 0.0]]]]))
+    with raises(ValueError, "got values from -1 to 1"):
+        cls(mode="multilabel")(torch.zeros(1, 2, 2), torch.tensor([[[0, 1], [-1, 0]]]))
+    # NaN targets are rejected too
+    with raises(ValueError, "target values must lie in [0, 1]"):
+        cls()(torch.zeros(1, 1, 2), torch.tensor([[[0.0, float("nan")]]]))
+    # ignore_index pixels are exempt
+    cls(ignore_index=255)(torch.zeros(1, 1, 2), torch.tensor([[[1.0, 255.0]]]))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_value_checks_are_behind_a_switch(cls):
+    bad = torch.tensor([[[0.0, 3.0]]])
+    cls(check_values=False)(torch.zeros(1, 1, 2), bad)  # no error, no device sync
+    with raises(ValueError, "target values must lie in [0, 1]"):
+        cls(check_values=True)(torch.zeros(1, 1, 2), bad)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_multiclass_target_outside_class_range_and_float_target(cls):
+    logits = torch.zeros(1, 3, 2)
+    with raises(ValueError, "target class indices must lie in [0, 3) for an input with C=3 "
+                            "channels; got values from 0 to 3"):
+        cls(mode="multiclass")(logits, torch.tensor([[0, 3]]))
+    with raises(ValueError, "or equal ignore_index=-100; got values from -1 to 2"):
+        cls(mode="multiclass", ignore_index=-100)(logits, torch.tensor([[-1, 2]]))
+    cls(mode="multiclass", ignore_index=-100)(logits, torch.tensor([[-100, 2]]))
+    with raises(TypeError, "target must be an integer tensor of class indices in "
+                           "mode='multiclass'; got torch.float32"):
+        cls(mode="multiclass")(logits, torch.tensor([[0.0, 1.0]]))
+    with raises(TypeError, "got torch.bool"):
+        cls(mode="multiclass")(logits, torch.tensor([[True, False]]))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_input_types(cls):
+    with raises(TypeError, "input must be a floating-point tensor of logits or probabilities; "
+                           "got torch.int64"):
+        cls()(torch.zeros(1, 1, 2, dtype=torch.long), torch.zeros(1, 1, 2))
+    with raises(TypeError, "input must be a torch.Tensor; got list"):
+        cls()([0.0, 1.0], torch.zeros(1, 1, 2))
+    with raises(TypeError, "target must be a torch.Tensor; got ndarray"):
+        import numpy as np
+
+        cls()(torch.zeros(1, 1, 2), np.zeros((1, 1, 2)))
+    with raises(TypeError, "target must be a real (float, integer or bool) tensor"):
+        cls()(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2, dtype=torch.complex64))
+    with raises(ValueError, "input must hold probabilities in [0, 1] when from_logits=False"):
+        cls(from_logits=False)(torch.tensor([[[0.5, 1.5]]]), torch.zeros(1, 1, 2))
+    with raises(TypeError, "from_logits must be a bool; got str 'yes'"):
+        cls(from_logits="yes")
+    with raises(TypeError, "ignore_index must be an int or None; got float 255.0"):
+        cls(ignore_index=255.0)
+
+
+def test_hyperparameter_ranges():
+    for k in (0, -0.1, 1.5, float("nan")):
+        with raises(ValueError, "re:k must be (a fraction in \\(0, 1\\]|finite)"):
+            dynloss.TopKLoss(k)
+    with raises(TypeError, "k must be a real number; got str '0.5'"):
+        dynloss.TopKLoss("0.5")
+    with raises(ValueError, "alpha must be >= 0; got -0.1"):
+        dynloss.TverskyLoss(-0.1, 0.7)
+    with raises(ValueError, "beta must be >= 0; got -1.0"):
+        dynloss.TverskyLoss(0.3, -1.0)
+    with raises(ValueError, "gamma must be >= 0; got -2.0"):
+        dynloss.FocalLoss(-2.0)
+    with raises(ValueError, "alpha must lie in [0, 1]; got 1.5"):
+        dynloss.FocalLoss(2.0, 1.5)
+    with raises(TypeError, "alpha must be None or a sequence of per-class weights in "
+                           "mode='multiclass'; got float 0.25"):
+        dynloss.FocalLoss(2.0, 0.25, mode="multiclass")
+    with raises(ValueError, "alpha must hold one weight per class: 3 values for an input with "
+                            "C=3; got 2"):
+        dynloss.FocalLoss(2.0, [1.0, 2.0], mode="multiclass")(
+            torch.zeros(1, 3, 2), torch.zeros(1, 2, dtype=torch.long))
+    for cls in (dynloss.DiceLoss, dynloss.IoULoss, dynloss.TverskyLoss):
+        with raises(ValueError, "smooth must be >= 0; got -1.0"):
+            cls(smooth=-1.0)
+        with raises(ValueError, "eps must be >= 0; got -1e-07"):
+            cls(eps=-1e-7)
+        with raises(ValueError, "smooth + eps must be > 0"):
+            cls(smooth=0.0, eps=0.0)
+        with raises(TypeError, "per_image must be a bool; got int 1"):
+            cls(per_image=1)
+
+
+def test_functional_forms_check_their_arguments_too():
+    x, t = torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)
+    with raises(ValueError, "k must be a fraction in (0, 1]; got 10.0"):
+        F.topk_loss(x, t, k=10)
+    with raises(ValueError, "gamma must be >= 0"):
+        F.focal_loss(x, t, gamma=-1)
+    with raises(ValueError, "alpha must be >= 0"):
+        F.tversky_loss(x, t, alpha=-1)
+    with raises(ValueError, "mode must be one of"):
+        F.dice_loss(x, t, mode="multi")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch_is_reported():
+    with raises(ValueError, "input and target must be on the same device"):
+        dynloss.DiceLoss()(torch.zeros(1, 1, 2, device="cuda"), torch.zeros(1, 1, 2))

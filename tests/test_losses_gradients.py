@@ -1,0 +1,126 @@
+"""Gradients: torch.autograd.gradcheck in float64 for every loss, mode and backend, and the
+fused path's values and gradients against the reference path."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dynloss
+from tests.strategies import cases
+
+MODES = ["binary", "multilabel", "multiclass"]
+BACKENDS = ["torch", "reference"]
+LOSS_KWARGS = {
+    "bce": [{}],
+    "focal": [{"gamma": 2.0}, {"gamma": 0.5}, {"gamma": 2.0, "alpha": "weights"}],
+    "topk": [{"k": 0.6}, {"k": 0.25}],
+    "dice": [{}, {"per_image": True, "smooth": 1.0}],
+    "iou": [{}, {"per_image": True}],
+    "tversky": [{"alpha": 0.3, "beta": 0.7}, {"alpha": 1.5, "beta": 0.2, "per_image": True}],
+}
+
+
+def make(name, kwargs, mode, backend, classes=3, **extra):
+    kwargs = dict(kwargs)
+    if kwargs.get("alpha") == "weights":
+        kwargs["alpha"] = [0.5 + i for i in range(classes)] if mode == "multiclass" else 0.25
+    return dynloss.LOSSES[name](mode=mode, backend=backend, **kwargs, **extra)
+
+
+def sample(mode, soft, ignore, gen):
+    c = 1 if mode == "binary" else 3
+    logits = torch.randn(2, c, 3, 4, generator=gen, dtype=torch.float64) * 2
+    if mode == "multiclass":
+        target = torch.randint(0, c, (2, 3, 4), generator=gen)
+    elif soft:
+        target = torch.rand(2, c, 3, 4, generator=gen, dtype=torch.float64)
+    else:
+        target = (torch.rand(2, c, 3, 4, generator=gen) > 0.5).double()
+    if ignore:
+        target = target.clone()
+        target.view(-1)[::5] = 255
+    return logits, target
+
+
+CASES = [
+    (name, i, mode, backend, from_logits, ignore)
+    for name, variants in LOSS_KWARGS.items()
+    for i in range(len(variants))
+    for mode, backend, from_logits, ignore in itertools.product(
+        MODES, BACKENDS, [True, False], [False, True])
+]
+
+
+@pytest.mark.parametrize(("name", "variant", "mode", "backend", "from_logits", "ignore"), CASES)
+def test_gradcheck(name, variant, mode, backend, from_logits, ignore):
+    gen = torch.Generator().manual_seed(hash((name, variant, mode)) % 2**31)
+    logits, target = sample(mode, soft=mode != "multiclass", ignore=ignore, gen=gen)
+    loss = make(name, LOSS_KWARGS[name][variant], mode, backend, from_logits=from_logits,
+                ignore_index=255 if ignore else None)
+    if from_logits:
+        x = logits
+    else:  # probabilities kept away from 0 and 1 so finite differences stay inside [0, 1]
+        x = logits.softmax(1) if mode == "multiclass" else logits.sigmoid() * 0.9 + 0.05
+    x = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda inp: loss(inp, target), (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LOSS_KWARGS))
+@pytest.mark.parametrize("mode", MODES)
+@given(data=st.data(), ignore=st.booleans(), from_logits=st.booleans(), variant=st.integers(0, 2))
+def test_fused_matches_reference(name, mode, data, ignore, from_logits, variant):
+    variants = LOSS_KWARGS[name]
+    kwargs = variants[variant % len(variants)]
+    logits, target = data.draw(cases(mode, soft=mode != "multiclass", scale=(0.1, 8.0),
+                                     dtype=torch.float64))
+    if ignore:
+        target = target.clone()
+        target.view(-1)[::3] = 255
+    if not from_logits:
+        logits = logits.softmax(1) if mode == "multiclass" else logits.sigmoid()
+    results = []
+    for backend in BACKENDS:
+        x = logits.clone().requires_grad_()
+        loss = make(name, kwargs, mode, backend, classes=logits.shape[1],
+                    from_logits=from_logits, ignore_index=255 if ignore else None)(x, target)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (fused, fused_grad), (reference, reference_grad) = results
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LOSS_KWARGS))
+def test_float32_fused_matches_float64_reference(name):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 1, 32, 32, generator=gen) * 4
+    target = (torch.rand(4, 1, 32, 32, generator=gen) > 0.8).float()
+    x32 = logits.clone().requires_grad_()
+    x64 = logits.double().requires_grad_()
+    make(name, LOSS_KWARGS[name][0], "binary", "torch")(x32, target).backward()
+    make(name, LOSS_KWARGS[name][0], "binary", "reference")(x64, target.double()).backward()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_path_saves_at_most_two_input_sized_tensors():
+    """What a loss keeps alive for backward, counted with saved-tensor hooks."""
+    x = torch.randn(4, 1, 64, 64, requires_grad=True)
+    target = (torch.rand(4, 1, 64, 64) > 0.5).float()
+    for name, cls in dynloss.LOSSES.items():
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = cls()(x, target)
+        big = [t for t in saved if t.numel() >= x.numel()]
+        bytes_kept = sum(t.numel() * t.element_size() for t in big)
+        assert bytes_kept <= 2 * x.numel() * x.element_size() + x.numel(), name
+        loss.backward()

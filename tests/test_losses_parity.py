@@ -1,0 +1,153 @@
+"""Parity with the libraries the paper used (smp 0.6, PyTorch) and with MONAI."""
+
+from __future__ import annotations
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from monai.losses import DiceLoss as MonaiDiceLoss
+from monai.losses import TverskyLoss as MonaiTverskyLoss
+
+import dynloss
+from tests.strategies import cases
+
+RTOL = 1e-5
+BACKENDS = ["torch", "reference"]
+
+
+def close(ours, theirs, rtol=RTOL, atol=1e-6):
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=atol)
+
+
+# smp 0.6 computes the intersection as (P + G - |p - g|_1) / 2, which equals sum(p * g) only
+# for hard labels and cancels badly in float32 (it returns -7e-7 for a perfect Tversky score).
+# Parity is therefore checked in float64, where both sides are exact to ~1e-12.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("binary", every_class=True, dtype=torch.float64))
+def test_binary_region_losses_equal_smp(backend, case):
+    logits, target = case
+    close(dynloss.DiceLoss(backend=backend)(logits, target),
+          smp.losses.DiceLoss("binary")(logits, target))
+    close(dynloss.IoULoss(backend=backend)(logits, target),
+          smp.losses.JaccardLoss("binary")(logits, target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("binary", every_class=True, dtype=torch.float64),
+       alpha=st.floats(0.05, 2), beta=st.floats(0.05, 2))
+def test_binary_tversky_equals_smp(backend, case, alpha, beta):
+    # (alpha = beta = 0 is left out: smp clamps a denominator below eps=1e-7 to eps there)
+    logits, target = case
+    ours = dynloss.TverskyLoss(alpha, beta, backend=backend)(logits, target)
+    theirs = smp.losses.TverskyLoss("binary", alpha=alpha, beta=beta)(logits, target)
+    close(ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("binary"))
+def test_binary_focal_equals_smp(backend, case):
+    logits, target = case
+    close(dynloss.FocalLoss(backend=backend)(logits, target),
+          smp.losses.FocalLoss("binary")(logits, target), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_multi_region_losses_equal_smp_when_every_class_present(mode, backend, data):
+    logits, target = data.draw(cases(mode, every_class=True, dtype=torch.float64))
+    close(dynloss.DiceLoss(mode, backend=backend)(logits, target),
+          smp.losses.DiceLoss(mode)(logits, target))
+    close(dynloss.IoULoss(mode, backend=backend)(logits, target),
+          smp.losses.JaccardLoss(mode)(logits, target))
+
+
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_bce_equals_torch_bce_with_logits(mode, backend, data):
+    logits, target = data.draw(cases(mode, soft=data.draw(st.booleans()), dtype=torch.float64))
+    ours = dynloss.BCELoss(mode, backend=backend)(logits, target)
+    theirs = torch.nn.BCEWithLogitsLoss()(logits, target)
+    close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("multiclass", dtype=torch.float64), ignore=st.booleans())
+def test_multiclass_bce_equals_cross_entropy(backend, case, ignore):
+    logits, target = case
+    if ignore:
+        target = target.clone()
+        target.view(-1)[::3] = -100
+    ours = dynloss.BCELoss("multiclass", ignore_index=-100 if ignore else None,
+                           backend=backend)(logits, target)
+    theirs = torch.nn.CrossEntropyLoss(ignore_index=-100)(logits, target)
+    if ignore and (target != -100).sum() == 0:
+        assert ours.item() == 0.0
+    else:
+        close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("binary", soft=True), smooth=st.floats(0, 2))
+def test_per_image_dice_equals_monai(backend, case, smooth):
+    logits, target = case
+    s = 2 * (smooth + 1e-7)
+    monai = MonaiDiceLoss(sigmoid=True, smooth_nr=s, smooth_dr=s, batch=False)
+    ours = dynloss.DiceLoss(smooth=smooth, per_image=True, backend=backend)
+    close(ours(logits, target), monai(logits.unsqueeze(1) if logits.dim() == 2 else logits,
+                                      target.unsqueeze(1) if target.dim() == 2 else target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("multiclass"), smooth=st.floats(0, 2))
+def test_per_image_multiclass_dice_equals_monai(backend, case, smooth):
+    logits, target = case
+    s = 2 * (smooth + 1e-7)
+    monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, smooth_nr=s, smooth_dr=s, batch=False)
+    ours = dynloss.DiceLoss("multiclass", smooth=smooth, per_image=True, backend=backend)
+    close(ours(logits, target), monai(logits, target.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("multilabel", soft=True), smooth=st.floats(0, 2),
+       alpha=st.floats(0, 1), beta=st.floats(0, 1))
+def test_per_image_tversky_equals_monai(backend, case, smooth, alpha, beta):
+    logits, target = case
+    s = smooth + 1e-7
+    monai = MonaiTverskyLoss(sigmoid=True, alpha=alpha, beta=beta, smooth_nr=s, smooth_dr=s,
+                             batch=False)
+    ours = dynloss.TverskyLoss(alpha, beta, mode="multilabel", smooth=smooth, per_image=True,
+                               backend=backend)
+    close(ours(logits, target), monai(logits, target))
+
+
+def test_smp_zeroes_empty_batches_and_we_do_not():
+    """Our documented difference: false positives on an all-empty batch cost (nearly) 1."""
+    logits = torch.full((2, 1, 4, 4), 3.0)  # confident foreground everywhere
+    target = torch.zeros(2, 1, 4, 4)
+    assert smp.losses.DiceLoss("binary")(logits, target).item() == 0.0
+    ours = dynloss.DiceLoss()(logits, target)
+    p_sum = torch.sigmoid(torch.tensor(3.0)).item() * 32
+    s = 1e-7
+    assert ours.item() == pytest.approx(1 - 2 * s / (p_sum + 2 * s), rel=1e-6)
+    assert ours.item() > 0.999
+    # and with smoothing the false positives get a gradient that lowers the logits
+    x = logits.clone().requires_grad_()
+    dynloss.DiceLoss(smooth=1.0)(x, target).backward()
+    assert (x.grad > 0).all()
+
+
+def test_smp_keeps_ignored_pixels_in_bce_mean_and_we_do_not():
+    logits = torch.tensor([[[[2.0, -1.0, 0.5, 4.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 255.0, 255.0]]]])
+    ours = dynloss.BCELoss(ignore_index=255)(logits, target)
+    kept = torch.nn.functional.binary_cross_entropy_with_logits(logits[..., :2], target[..., :2])
+    close(ours, kept, rtol=1e-6)
+    smp_value = smp.losses.SoftBCEWithLogitsLoss(ignore_index=255)(logits, target)
+    # smp averages over all 4 pixels, counting the two ignored ones as zeros
+    close(smp_value, kept / 2, rtol=1e-6)

@@ -1,0 +1,130 @@
+"""Robustness: extreme logits, empty and full targets, reduced precision, autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dynloss
+
+MODES = ["binary", "multilabel", "multiclass"]
+BACKENDS = ["torch", "reference"]
+ALL = list(dynloss.LOSSES.items())
+
+
+def target_for(mode, shape, kind, gen):
+    n, c, *spatial = shape
+    if mode == "multiclass":
+        if kind == "empty":
+            return torch.zeros((n, *spatial), dtype=torch.long)
+        if kind == "full":
+            return torch.full((n, *spatial), c - 1, dtype=torch.long)
+        return torch.randint(0, c, (n, *spatial), generator=gen)
+    if kind == "empty":
+        return torch.zeros(shape)
+    if kind == "full":
+        return torch.ones(shape)
+    return (torch.rand(shape, generator=gen) > 0.5).float()
+
+
+def assert_finite_loss_and_grad(loss_fn, x, target):
+    x = x.detach().clone().requires_grad_()
+    value = loss_fn(x, target)
+    value.backward()
+    assert torch.isfinite(value).all(), value
+    assert torch.isfinite(x.grad).all()
+    return value
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["empty", "full", "random"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@given(seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 1e2, 1e4]))
+def test_extreme_logits_give_finite_losses_and_gradients(mode, kind, backend, dtype, seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    c = 1 if mode == "binary" else 3
+    shape = (2, c, 4, 4)
+    logits = (torch.rand(shape, generator=gen) * 2 - 1).mul(scale).clamp(-1e4, 1e4)
+    logits.view(-1)[:2] = torch.tensor([1e4, -1e4])
+    logits = logits.to(dtype)
+    target = target_for(mode, shape, kind, gen)
+    for name, cls in ALL:
+        value = assert_finite_loss_and_grad(cls(mode=mode, backend=backend), logits, target)
+        assert value.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_matches_float32(mode, dtype):
+    gen = torch.Generator().manual_seed(0)
+    c = 1 if mode == "binary" else 3
+    logits = (torch.randn(2, c, 16, 16, generator=gen) * 3).to(dtype)
+    target = target_for(mode, (2, c, 16, 16), "random", gen)
+    for name, cls in ALL:
+        low = logits.clone().requires_grad_()
+        high = logits.float().requires_grad_()
+        cls(mode=mode)(low, target).backward()
+        cls(mode=mode)(high, target).backward()
+        torch.testing.assert_close(cls(mode=mode)(low, target), cls(mode=mode)(high, target),
+                                   msg=name)
+        assert low.grad.dtype == dtype
+        torch.testing.assert_close(low.grad.float(), high.grad.to(dtype).float(), msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_under_cpu_autocast(mode):
+    gen = torch.Generator().manual_seed(1)
+    c = 1 if mode == "binary" else 3
+    conv = torch.nn.Conv2d(3, c, 3, padding=1)
+    images = torch.randn(2, 3, 8, 8, generator=gen)
+    target = target_for(mode, (2, c, 8, 8), "random", gen)
+    for name, cls in ALL:
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = conv(images)
+            assert logits.dtype == torch.bfloat16
+            value = cls(mode=mode)(logits, target)
+        value.backward()
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        assert torch.isfinite(conv.weight.grad).all(), name
+        reference = cls(mode=mode)(logits.float(), target)
+        torch.testing.assert_close(value, reference, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+def test_under_cuda_autocast(mode):
+    gen = torch.Generator().manual_seed(1)
+    c = 1 if mode == "binary" else 3
+    conv = torch.nn.Conv2d(3, c, 3, padding=1).cuda()
+    images = torch.randn(2, 3, 8, 8, generator=gen).cuda()
+    target = target_for(mode, (2, c, 8, 8), "random", gen).cuda()
+    for name, cls in ALL:
+        with torch.autocast("cuda", dtype=torch.float16):
+            value = cls(mode=mode)(conv(images), target)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(conv.weight.grad).all(), name
+
+
+def test_probabilities_at_exactly_zero_and_one_stay_finite():
+    probs = torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])
+    for name, cls in ALL:
+        for backend in BACKENDS:
+            value = assert_finite_loss_and_grad(
+                cls(from_logits=False, backend=backend), probs, target)
+            assert value >= 0, name
+    # two wrong pixels out of four, each costing the clamp value 100
+    assert dynloss.BCELoss(from_logits=False)(probs, target).item() == pytest.approx(50.0)
+
+
+def test_bce_keeps_the_digits_of_tiny_losses():
+    """torch's BCEWithLogits formula cancels to 0 at very negative logits; ours does not."""
+    logits = torch.tensor([-20.0, -40.0, 30.0])
+    target = torch.tensor([0.0, 0.0, 1.0])
+    ours = dynloss.BCELoss(reduction="none")(logits.view(1, 3), target.view(1, 3))
+    exact = torch.log1p(torch.exp(-logits.abs().double()))
+    torch.testing.assert_close(ours.double().view(-1), exact, rtol=1e-6, atol=0)
