@@ -6,9 +6,10 @@
 # Runs from the repository root with PYTHONPATH=src (no install needed). Steps, each guarded
 # so one failure does not stop the others:
 #   1. environment report (GPU, driver, versions)                 -> gpu_env.txt
-#   2. in parallel: benchmarks/cuda_selfcheck.py (pytest-free) and
-#      tests/test_kernels_triton.py on CUDA in 4 pytest shards      -> cuda_selfcheck.log,
-#                                                                     cuda_tests_*.log
+#   2. in parallel: benchmarks/cuda_selfcheck.py (pytest-free), the benchmark's kernel
+#      compilation (bench_cuda.py --warm-only) and tests/test_kernels_triton.py on CUDA in 4
+#      pytest shards                               -> cuda_selfcheck.log, bench_warm_*.log,
+#                                                     cuda_tests_*.log
 #   3. benchmarks/bench_cuda.py (time budget BENCH_BUDGET s)       -> bench_<gpu>.{json,md,png}
 # Everything goes to benchmarks/results/ and is copied to $OUT when that is set. A summary of
 # every step is in benchmarks/results/gpu_run_summary.txt. Always exits 0.
@@ -76,10 +77,17 @@ note "environment: $(grep -E '^(torch|cuda available|triton|pytest|auto)' "$RES/
 pids=(); names=()
 timeout "$TEST_TIMEOUT" "$PY" benchmarks/cuda_selfcheck.py > "$RES/cuda_selfcheck.log" 2>&1 &
 pids+=($!); names+=("selfcheck")
+# compile the benchmark's kernel variants now (Triton's disk cache), not in the timed part
+for dt in float32 bfloat16; do
+    timeout "$TEST_TIMEOUT" "$PY" benchmarks/bench_cuda.py --warm-only --dtypes "$dt" \
+        > "$RES/bench_warm_$dt.log" 2>&1 &
+    pids+=($!); names+=("bench-warm-$dt")
+done
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
+    # --noconftest: tests/conftest.py needs hypothesis, which the GPU machine may lack.
     # 4 contiguous shards of the collected test ids (tests of one function stay together, so
     # each kernel variant is compiled by one process; Triton's disk cache serves the rest)
-    "$PY" -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_triton.py \
+    "$PY" -m pytest --collect-only -q -p no:cacheprovider --noconftest tests/test_kernels_triton.py \
         2>/dev/null | grep "::" > "$RES/cuda_test_ids.txt"
     total=$(wc -l < "$RES/cuda_test_ids.txt")
     note "pytest: $total CUDA test cases in 4 shards"
@@ -88,7 +96,7 @@ if "$PY" -c "import pytest" >/dev/null 2>&1; then
         mapfile -t ids < <(awk -v lo=$(( i * per )) -v hi=$(( (i + 1) * per )) \
             'NR > lo && NR <= hi' "$RES/cuda_test_ids.txt")
         [ "${#ids[@]}" -eq 0 ] && continue
-        timeout "$TEST_TIMEOUT" "$PY" -m pytest -v --tb=short -rfE -p no:cacheprovider \
+        timeout "$TEST_TIMEOUT" "$PY" -m pytest -v --tb=short -rfE -p no:cacheprovider --noconftest \
             "${ids[@]}" > "$RES/cuda_tests_$i.log" 2>&1 &
         pids+=($!); names+=("pytest-$i")
     done
@@ -99,6 +107,7 @@ for i in "${!pids[@]}"; do
     wait "${pids[$i]}"; rc=$?
     case "${names[$i]}" in
         selfcheck) log="$RES/cuda_selfcheck.log" ;;
+        bench-warm-*) log="$RES/bench_warm_${names[$i]#bench-warm-}.log" ;;
         *) log="$RES/cuda_tests_${names[$i]#pytest-}.log" ;;
     esac
     verdict="ok"
