@@ -124,3 +124,4 @@ def test_fused_path_saves_at_most_two_input_sized_tensors():
         bytes_kept = sum(t.numel() * t.element_size() for t in big)
         assert bytes_kept <= 2 * x.numel() * x.element_size() + x.numel(), name
         loss.backward()
+

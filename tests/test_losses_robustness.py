@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dynloss
@@ -42,6 +42,7 @@ def assert_finite_loss_and_grad(loss_fn, x, target):
 @pytest.mark.parametrize("kind", ["empty", "full", "random"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@settings(max_examples=6)
 @given(seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 1e2, 1e4]))
 def test_extreme_logits_give_finite_losses_and_gradients(mode, kind, backend, dtype, seed, scale):
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +72,7 @@ def test_reduced_precision_matches_float32(mode, dtype):
         torch.testing.assert_close(cls(mode=mode)(low, target), cls(mode=mode)(high, target),
                                    msg=name)
         assert low.grad.dtype == dtype
-        torch.testing.assert_close(low.grad.float(), high.grad.to(dtype).float(), msg=name)
+        torch.testing.assert_close(low.grad, high.grad.to(dtype), msg=name)  # half tolerances
 
 
 @pytest.mark.parametrize("mode", MODES)

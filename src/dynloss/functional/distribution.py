@@ -87,10 +87,31 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
 
 
 def focal_modulation(b: Tensor, gamma: float) -> Tensor:
-    r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``."""
+    r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``.
+
+    Works in place on its own temporaries when no gradient is recorded (the fused path).
+    """
     if gamma == 0:
         return b
-    return (-torch.expm1(-b)).pow(gamma) * b
+    q = -torch.expm1(-b)
+    if torch.is_grad_enabled() and b.requires_grad:
+        return q.pow(gamma) * b
+    q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
+    return q.mul_(b)
+
+
+def focal_modulation_and_slope(b: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    r""":func:`focal_modulation` and its derivative in ``b``, sharing their exponentials.
+
+    With :math:`q = 1 - e^{-b}`: :math:`\frac{d}{db}\, q^\gamma b = q^\gamma
+    (1 + \gamma e^{-b} b / q)`, where :math:`b / q \to 1` as :math:`b \to 0`, so the slope is
+    finite for every :math:`\gamma \ge 0`. For use without autograd (the fused kernels).
+    """
+    q = torch.expm1(-b).neg_()
+    ratio = torch.where(q > 0, b / q, 1.0)
+    ratio.mul_(torch.exp(-b)).mul_(gamma).add_(1)
+    q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
+    return q * b, ratio.mul_(q)
 
 
 def topk_count(k: float, kept: int) -> int:
@@ -112,10 +133,13 @@ def topk_mask(values: Tensor, n: int) -> Tensor:
     if n <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
     threshold = values.kthvalue(m - n + 1).values
-    greater = values > threshold
-    ties = values == threshold
-    missing = n - greater.sum()
-    return greater | (ties & (ties.cumsum(0) <= missing))
+    at_least = values >= threshold
+    if int(at_least.sum()) == n:  # no tie straddles the threshold: the common case
+        return at_least
+    selected = values > threshold
+    ties = (values == threshold).nonzero().squeeze(1)
+    selected[ties[: n - int(selected.sum())]] = True
+    return selected
 
 
 def _alpha_weights(layout: Layout, g_or_index: Tensor, alpha, dtype) -> Tensor | None:

@@ -1,0 +1,217 @@
+"""Forward+backward time and memory of every dynloss loss against smp, MONAI and plain torch.
+
+    python benchmarks/bench_cpu.py                       # (32, 1, 256, 256) float32, CPU
+    python benchmarks/bench_cpu.py --shape 8 1 128 128 --repeats 30
+
+Time: median (and minimum) of ``--repeats`` forward+backward runs after warm-up, all in one
+process, candidates interleaved round by round so that background load hits them alike.
+Memory: ``saved`` is what the loss keeps alive for backward (bytes of the tensors autograd
+saves, counted once per storage, in multiples of the input size); ``peak`` is the peak extra
+resident memory of one forward+backward, measured in a fresh subprocess with ``ru_maxrss``.
+Results go to ``benchmarks/results/cpu.json`` and ``cpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dynloss
+from competitors import HAVE_MONAI, HAVE_SMP, competitors
+
+LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_inputs(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=gen) * 3
+    target = (torch.rand(shape, generator=gen) > 0.9).float()  # ~10 % foreground, as the paper
+    return logits, target
+
+
+def run_once(fn, logits, target):
+    x = logits.detach().requires_grad_()
+    fn(x, target).backward()
+    return x.grad
+
+
+def saved_bytes(fn, logits, target):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = logits.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(x, target)
+    loss.backward()
+    storages.pop(target.untyped_storage().data_ptr(), None)  # the caller holds these anyway
+    storages.pop(x.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+def peak_extra_bytes(name, label, shape):
+    """Peak extra resident memory of one run, in a fresh process (ru_maxrss is a high-water
+    mark, so the run must be the first big allocation after the inputs)."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from competitors import competitors
+from bench_cpu import make_inputs, run_once
+torch.set_num_threads({torch.get_num_threads()})
+fn = competitors({name!r})[{label!r}]
+small = make_inputs((2, 1, 8, 8))
+run_once(fn, *small)
+logits, target = make_inputs({tuple(shape)!r})
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+before = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+run_once(fn, logits, target)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    try:
+        return max(0, int(out.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return None
+
+
+def time_candidates(candidates, logits, target, repeats, warmup):
+    for fn in candidates.values():
+        for _ in range(warmup):
+            run_once(fn, logits, target)
+    times = {label: [] for label in candidates}
+    for _ in range(repeats):
+        for label, fn in candidates.items():
+            start = time.perf_counter()
+            run_once(fn, logits, target)
+            times[label].append(time.perf_counter() - start)
+    return {label: (statistics.median(ts), min(ts)) for label, ts in times.items()}
+
+
+def sigmoid_pass(logits, repeats):
+    ts = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.sigmoid(logits)
+        ts.append(time.perf_counter() - start)
+    return statistics.median(ts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs="+", default=[32, 1, 256, 256])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
+    parser.add_argument("--no-peak", action="store_true", help="skip the subprocess peak memory")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu")
+    args = parser.parse_args(argv)
+
+    shape = tuple(args.shape)
+    logits, target = make_inputs(shape)
+    input_bytes = logits.numel() * logits.element_size()
+    sig = sigmoid_pass(logits, args.repeats)
+    meta = {
+        "device": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "shape": shape,
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "dynloss": dynloss.__version__,
+        "smp": _version("segmentation_models_pytorch") if HAVE_SMP else None,
+        "monai": _version("monai") if HAVE_MONAI else None,
+        "repeats": args.repeats,
+        "sigmoid_ms": sig * 1e3,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(f"CPU {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
+          f"shape {shape}; torch.sigmoid pass: {sig * 1e3:.2f} ms")
+    rows = []
+    for name in args.losses:
+        candidates = competitors(name)
+        timed = time_candidates(candidates, logits, target, args.repeats, args.warmup)
+        ours = timed["dynloss[auto]"][0]
+        libraries = [timed[k][0] for k in ("smp", "monai") if k in timed]
+        best_library = min(libraries) if libraries else None
+        for label, (median, minimum) in timed.items():
+            saved = saved_bytes(candidates[label], logits, target)
+            peak = None if args.no_peak else peak_extra_bytes(name, label, shape)
+            row = {
+                "loss": name, "implementation": label, "median_ms": median * 1e3,
+                "min_ms": minimum * 1e3, "speedup_of_dynloss": median / ours,
+                "saved_inputs": saved / input_bytes,
+                "peak_inputs": None if peak is None else peak / input_bytes,
+            }
+            rows.append(row)
+        summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
+        if best_library:
+            summary += f" | {best_library / ours:5.2f}x faster than the faster of smp/MONAI"
+        if "torch" in timed:
+            summary += f" | {timed['torch'][0] / ours:5.2f}x vs plain torch"
+        summary += f" | {ours / sig:5.2f}x a sigmoid pass"
+        print(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(to_markdown(meta, rows))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+
+
+def to_markdown(meta, rows):
+    lines = [
+        f"# CPU benchmark: forward + backward, shape {tuple(meta['shape'])} {meta['dtype']}",
+        "",
+        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
+        f"MONAI {meta['monai']}, dynloss {meta['dynloss']}; {meta['date']}.",
+        f"Median of {meta['repeats']} runs. One `torch.sigmoid` pass over the input: "
+        f"{meta['sigmoid_ms']:.2f} ms. *saved*: tensors kept for backward, *peak*: peak extra "
+        "resident memory, both in multiples of the input's size.",
+        "",
+        "| loss | implementation | median ms | min ms | dynloss speed-up | saved | peak |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        peak = "–" if r["peak_inputs"] is None else f"{r['peak_inputs']:.2f}"
+        lines.append(
+            f"| {r['loss']} | {r['implementation']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} "
+            f"| {r['speedup_of_dynloss']:.2f}x | {r['saved_inputs']:.2f} | {peak} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module):
+    import importlib
+
+    return getattr(importlib.import_module(module), "__version__", None)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
+    _ = resource  # used in the subprocess code

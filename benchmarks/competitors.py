@@ -1,0 +1,88 @@
+"""The implementations dynloss is compared with: smp, MONAI and plain PyTorch.
+
+Each factory returns ``{label: callable(logits, target) -> loss}`` for one loss in binary mode;
+a library that is not installed is left out (and reported as missing by the caller).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import dynloss
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+HAVE_SMP = importlib.util.find_spec("segmentation_models_pytorch") is not None
+HAVE_MONAI = importlib.util.find_spec("monai") is not None
+HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+def _plain_region(alpha: float, beta: float) -> Loss:
+    def loss(x, t):
+        p = torch.sigmoid(x)
+        tp = (p * t).sum()
+        fp = (p * (1 - t)).sum()
+        fn = ((1 - p) * t).sum()
+        return 1 - tp / (tp + alpha * fp + beta * fn).clamp_min(1e-7)
+
+    return loss
+
+
+def _plain_topk(k: float) -> Loss:
+    def loss(x, t):
+        per_pixel = F.binary_cross_entropy_with_logits(x, t, reduction="none").reshape(-1)
+        return per_pixel.topk(max(1, int(k * per_pixel.numel()))).values.mean()
+
+    return loss
+
+
+def competitors(name: str, backends: tuple[str, ...] = ("auto", "reference")) -> dict[str, Loss]:
+    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``), dynloss first."""
+    found: dict[str, Loss] = {}
+    for backend in backends:
+        found[f"dynloss[{backend}]"] = dynloss.LOSSES[name](backend=backend)
+    smp_losses = monai_losses = None
+    if HAVE_SMP:
+        import segmentation_models_pytorch.losses as smp_losses
+    if HAVE_MONAI:
+        import monai.losses as monai_losses
+    if name == "dice":
+        if smp_losses:
+            found["smp"] = smp_losses.DiceLoss("binary")
+        if monai_losses:
+            found["monai"] = monai_losses.DiceLoss(sigmoid=True, batch=True)
+        found["torch"] = _plain_region(0.5, 0.5)
+    elif name in ("iou", "jaccard"):
+        if smp_losses:
+            found["smp"] = smp_losses.JaccardLoss("binary")
+        if monai_losses:
+            found["monai"] = monai_losses.DiceLoss(sigmoid=True, batch=True, jaccard=True)
+        found["torch"] = _plain_region(1.0, 1.0)
+    elif name == "tversky":
+        if smp_losses:
+            found["smp"] = smp_losses.TverskyLoss("binary", alpha=0.3, beta=0.7)
+        if monai_losses:
+            found["monai"] = monai_losses.TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7,
+                                                      batch=True)
+        found["torch"] = _plain_region(0.3, 0.7)
+    elif name == "focal":
+        if smp_losses:
+            found["smp"] = smp_losses.FocalLoss("binary")
+        if monai_losses:
+            found["monai"] = monai_losses.FocalLoss(gamma=2.0)
+        if HAVE_TORCHVISION:
+            from torchvision.ops import sigmoid_focal_loss
+
+            found["torch"] = lambda x, t: sigmoid_focal_loss(x, t, alpha=-1, gamma=2.0,
+                                                             reduction="mean")
+    elif name == "bce":
+        if smp_losses:
+            found["smp"] = smp_losses.SoftBCEWithLogitsLoss()
+        found["torch"] = torch.nn.BCEWithLogitsLoss()
+    elif name == "topk":
+        found["torch"] = _plain_topk(0.6)
+    return found
