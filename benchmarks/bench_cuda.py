@@ -79,11 +79,46 @@ class Row:
 # ------------------------------------------------------------------------------ implementations
 
 
+VENDOR = Path(__file__).resolve().parent / ".vendor"
+"""Copies of smp's losses and MONAI made by ``vendor_competitors.sh`` (used when not installed)."""
+
+
+def _vendored_versions() -> dict[str, str]:
+    try:
+        lines = (VENDOR / "VERSIONS").read_text().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split(" ", 1) for line in lines if " " in line)
+
+
 def _optional(name: str):
+    """The module, or a string saying why it is unavailable.
+
+    Falls back to the copies in ``benchmarks/.vendor`` (smp: its ``losses`` subpackage as
+    ``smp_losses``; MONAI as is), appended to ``sys.path`` so installed packages win.
+    """
     try:
         return __import__(name)
     except Exception as exc:  # missing, or broken install
-        return f"{type(exc).__name__}: {exc}"
+        reason = f"{type(exc).__name__}: {exc}"
+    if not VENDOR.is_dir():
+        return reason
+    if str(VENDOR) not in sys.path:
+        sys.path.append(str(VENDOR))
+    version = _vendored_versions()
+    try:
+        if name == "segmentation_models_pytorch":
+            import types
+
+            losses = __import__("smp_losses")
+            return types.SimpleNamespace(
+                losses=losses, __version__=version.get("smp", "?") + " (vendored losses)"
+            )
+        module = __import__(name)
+        module.__version__ = f"{getattr(module, '__version__', '?')} (vendored)"
+        return module
+    except Exception as exc:
+        return f"{reason}; vendored copy failed too: {type(exc).__name__}: {exc}"
 
 
 def _plain_torch(loss: str, mode: str) -> Callable | None:

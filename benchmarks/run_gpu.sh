@@ -70,8 +70,9 @@ print("dynloss", dynloss.__version__, "triton_available", triton_available())
 if torch.cuda.is_available():
     print("auto backend on cuda ->", resolve_backend(torch.zeros(1, device="cuda"), "auto"))
 EOF
+    echo "vendored competitors (benchmarks/.vendor): $(cat benchmarks/.vendor/VERSIONS 2>/dev/null | tr '\n' ' ' || true)"
 } > "$RES/gpu_env.txt" 2>&1
-note "environment: $(grep -E '^(torch|cuda available|triton|pytest|auto)' "$RES/gpu_env.txt" | tr '\n' ';')"
+note "environment: $(grep -E '^(torch|cuda available|triton|pytest|auto|vendored)' "$RES/gpu_env.txt" | tr '\n' ';')"
 
 # 2. correctness on CUDA (parallel: Triton compilation is CPU-bound) ------------------------
 pids=(); names=()
