@@ -1,26 +1,130 @@
 """Backends and dispatch.
 
-``backend="auto"`` picks the fastest correct path for the tensor's device; ``"torch"`` forces
-the fused eager autograd Functions of :mod:`dynloss.kernels.torch_fused`; ``"reference"``
-(handled in :mod:`dynloss.functional`) runs the formulas as plain autograd code.
+``backend="auto"`` picks the fastest correct path for the tensor's device: the Triton kernels
+(:mod:`dynloss.kernels.triton_region`, :mod:`~dynloss.kernels.triton_pixel`) for CUDA tensors
+when Triton imports, else the fused eager autograd Functions of
+:mod:`dynloss.kernels.torch_fused`. ``"torch"`` forces the fused eager path, ``"triton"`` the
+Triton kernels (CUDA tensors; CPU tensors only under Triton's interpreter,
+``TRITON_INTERPRET=1`` set before Triton is first imported), and ``"reference"`` (handled in
+:mod:`dynloss.functional`) runs the formulas as plain autograd code.
+
+float64 inputs always take the ``"torch"`` path: the Triton kernels accumulate in float32.
+
+Importing :mod:`dynloss` never imports Triton; the Triton modules are imported on the first
+call that dispatches to them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from functools import lru_cache
 
+import torch
 from torch import Tensor
 
 from .._layout import Layout
+from .fused import RegionPixelLoss, region_pixel_loss
 from .torch_fused import PixelLossSum, RegionSums
 
-__all__ = ["pixel_loss_sum", "region_sums"]
+__all__ = [
+    "RegionPixelLoss",
+    "interpreter_active",
+    "pixel_loss_sum",
+    "region_pixel_loss",
+    "region_pixel_sums",
+    "region_sums",
+    "resolve_backend",
+    "triton_available",
+]
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether ``import triton`` works (cached; never raises)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter in this process.
+
+    True when ``TRITON_INTERPRET=1`` was set *before* Triton was first imported (Triton's own
+    library functions are decorated at import time, so setting it later does not work).
+    """
+    if not (_interpret_env() and triton_available()):
+        return False
+    import triton.language as tl
+
+    return type(tl.cumsum).__name__ == "InterpretedFunction"
+
+
+@lru_cache(maxsize=16)
+def _cuda_supported(index: int) -> bool:
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 7
+
+
+def _triton_refusal(x: Tensor) -> str | None:
+    """Why ``backend="triton"`` cannot run on ``x`` (``None`` if it can)."""
+    if not triton_available():
+        return "Triton is not installed (pip install triton)"
+    if x.device.type == "cuda":
+        if not _cuda_supported(x.device.index if x.device.index is not None
+                               else torch.cuda.current_device()):
+            return "the GPU's compute capability is below 7.0, which Triton does not support"
+        return None
+    if interpreter_active():
+        return None
+    if _interpret_env():
+        return (
+            "TRITON_INTERPRET=1 was set after Triton had been imported; set it before the "
+            "first 'import triton' (or anything that imports it)"
+        )
+    return (
+        f"it needs a CUDA tensor; got a tensor on {x.device.type} (to run the kernels on the "
+        "CPU in Triton's interpreter, e.g. in tests, set TRITON_INTERPRET=1 before Triton is "
+        "imported)"
+    )
+
+
+def resolve_backend(x: Tensor, backend: str) -> str:
+    """``"triton"`` or ``"torch"``: the implementation that runs for ``x`` and ``backend``.
+
+    Raises:
+        ValueError: ``backend="triton"`` where the Triton kernels cannot run.
+    """
+    if backend == "torch" or x.dtype == torch.float64:
+        return "torch"
+    if backend == "triton":
+        reason = _triton_refusal(x)
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run: {reason}; use backend='auto' or "
+                             "'torch'")
+        return "triton"
+    if backend == "auto" and x.device.type == "cuda" and _triton_refusal(x) is None:
+        return "triton"
+    return "torch"
 
 
 def region_sums(
     layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(I, P, G)`` of shape ``(N, C)`` with a fused backward."""
+    if resolve_backend(layout.x, backend) == "triton":
+        from .triton_region import TritonRegionSums
+
+        return TritonRegionSums.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index
+        )
     return RegionSums.apply(layout.x, layout.target, layout.mode, from_logits, ignore_index)
 
 
@@ -35,6 +139,41 @@ def pixel_loss_sum(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Sum of the per-element losses and the normaliser of their mean."""
+    if resolve_backend(layout.x, backend) == "triton":
+        from .triton_pixel import TritonPixelLossSum
+
+        return TritonPixelLossSum.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index, gamma, alpha, k
+        )
     return PixelLossSum.apply(
         layout.x, layout.target, layout.mode, from_logits, ignore_index, gamma, alpha, k
     )
+
+
+def region_pixel_sums(
+    layout: Layout,
+    *,
+    gamma: float,
+    alpha: float | Sequence[float] | None,
+    from_logits: bool,
+    ignore_index: int | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(I, P, G, S, count)``: region sums and pixel-loss sum in one pass where possible.
+
+    The Triton path runs one fused forward and one fused backward pass; the torch path runs
+    :class:`RegionSums` and :class:`PixelLossSum` one after the other.
+    """
+    if resolve_backend(layout.x, backend) == "triton":
+        from .triton_fused import TritonRegionPixel
+
+        return TritonRegionPixel.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index, gamma, alpha
+        )
+    intersection, prediction_sum, target_sum = RegionSums.apply(
+        layout.x, layout.target, layout.mode, from_logits, ignore_index
+    )
+    total, count = PixelLossSum.apply(
+        layout.x, layout.target, layout.mode, from_logits, ignore_index, gamma, alpha, None
+    )
+    return intersection, prediction_sum, target_sum, total, count

@@ -1,0 +1,100 @@
+"""Element-wise math shared by the Triton kernels (imported only when Triton is used).
+
+Every helper works on float32 blocks. Triton has no ``log1p``/``expm1``; the helpers below use
+Kahan's tricks so that small arguments keep full relative precision, which keeps the kernels
+within float32 rounding of the reference formulas in :mod:`dynloss.functional.distribution`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG_CLAMP = tl.constexpr(-100.0)
+
+
+@triton.jit
+def sigmoid(x):
+    """``1 / (1 + exp(-x))``; exact 0/1 at the extremes, no NaN."""
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def log1p(e):
+    """``log(1 + e)`` for ``e > -1``, accurate for small ``|e|`` (Kahan)."""
+    w = 1.0 + e
+    d = w - 1.0
+    exact = d == 0.0
+    return tl.where(exact, e, tl.log(w) * (e / tl.where(exact, 1.0, d)))
+
+
+@triton.jit
+def one_minus_exp_neg(b):
+    """``q = 1 - exp(-b) = -expm1(-b)`` for ``b >= 0``, accurate for small ``b`` (Kahan)."""
+    u = tl.exp(-b)
+    tiny = u == 1.0
+    big = u < 0.5
+    log_u = tl.log(tl.where(tiny | big, 0.5, u))
+    kahan = (1.0 - u) * b / tl.where(tiny | big, 1.0, -log_u)
+    return tl.where(tiny, b, tl.where(big, 1.0 - u, kahan))
+
+
+@triton.jit
+def clamped_log(p):
+    """``max(log p, -100)``, with ``log 0 = -100`` (``torch.nn.BCELoss``'s clamp)."""
+    return tl.maximum(tl.log(tl.where(p > 0.0, p, 0.0)), LOG_CLAMP)
+
+
+@triton.jit
+def clamped_log_slope(p):
+    """d/dp of :func:`clamped_log`: ``1/p``, and 0 where the log is clamped."""
+    unclamped = tl.log(p) > LOG_CLAMP
+    return tl.where(unclamped, 1.0 / tl.where(unclamped, p, 1.0), 0.0)
+
+
+@triton.jit
+def binary_bce(x, g, FROM_LOGITS: tl.constexpr):
+    """Per-element BCE ``b(x, g)`` of a logit (or probability) and a target in [0, 1].
+
+    Logits: ``(1-g) softplus(x) + g softplus(-x)``, two non-negative terms, so nothing cancels
+    (the reference's formulation). Probabilities: ``-(g clog(p) + (1-g) clog(1-p))``.
+    """
+    if FROM_LOGITS:
+        tail = log1p(tl.exp(-tl.abs(x)))
+        b = (1.0 - g) * (tl.maximum(x, 0.0) + tail) + g * (tl.maximum(-x, 0.0) + tail)
+    else:
+        b = -(g * clamped_log(x) + (1.0 - g) * clamped_log(1.0 - x))
+    return b
+
+
+@triton.jit
+def binary_bce_grad(x, g, FROM_LOGITS: tl.constexpr):
+    """``db/dx``: ``sigmoid(x) - g`` for logits; for probabilities the derivative of the
+    clamped logs, ``(1-g)/(1-p) - g/p`` with a term dropped where its log is clamped."""
+    if FROM_LOGITS:
+        d = sigmoid(x) - g
+    else:
+        d = (1.0 - g) * clamped_log_slope(1.0 - x) - g * clamped_log_slope(x)
+    return d
+
+
+@triton.jit
+def focal(b, gamma, FOCAL: tl.constexpr):
+    r"""``(1 - e^{-b})^\gamma b`` (``b`` itself when ``FOCAL`` is off, i.e. ``gamma == 0``)."""
+    if FOCAL:
+        q = one_minus_exp_neg(b)
+        qg = tl.where(q > 0.0, tl.exp(gamma * tl.log(tl.where(q > 0.0, q, 1.0))), 0.0)
+        out = qg * b
+    else:
+        out = b
+    return out
+
+
+@triton.jit
+def focal_grad(b, gamma):
+    r"""``d/db [(1 - e^{-b})^\gamma b] = q^\gamma (1 + \gamma e^{-b} b / q)``."""
+    q = one_minus_exp_neg(b)
+    pos = q > 0.0
+    ratio = tl.where(pos, b / tl.where(pos, q, 1.0), 1.0)
+    qg = tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), 0.0)
+    return qg * (1.0 + gamma * tl.exp(-b) * ratio)
