@@ -34,6 +34,7 @@ from ..functional.distribution import (
     topk_mask,
 )
 
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
