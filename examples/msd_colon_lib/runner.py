@@ -1,0 +1,215 @@
+"""Glue: data -> slice store -> splits -> the runs of a grid -> report (what the CLI calls)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import experiments, splits
+from .data import HU_WINDOW, SliceStore, build_slice_store
+from .training import (
+    BEST,
+    RESULT,
+    Dist,
+    RunConfig,
+    barrier,
+    benchmark,
+    broadcast,
+    maybe_destroy,
+    resolve_device,
+    setup_distributed,
+    train_run,
+)
+
+SYNTHETIC_BANNER = (
+    "NOTE: no --data-dir/--download given, so this runs on a SYNTHETIC phantom (generated "
+    "CT-like volumes in the Task10_Colon layout), not on patient data. The numbers show that the "
+    "pipeline works, not what the paper claims."
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the embedded default: runs in minutes on 2 CPU cores
+    "demo": {
+        "image_size": 64, "batch_size": 16, "lr": 1e-3, "epochs": 4, "long_epochs": 8,
+        "switch_epoch": 4, "experiment": "demo", "seeds": [0], "plateau_patience": 2,
+    },
+    # the paper's protocol
+    "paper": {
+        "image_size": 256, "batch_size": 32, "lr": 1e-4, "epochs": 50, "long_epochs": 100,
+        "switch_epoch": 50, "experiment": "all", "seeds": [0, 1, 2], "folds": 5,
+        "plateau_patience": 5,
+    },
+}
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option left unset (None) from the preset."""
+    preset = PRESETS[args.preset]
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    defaults = {"folds": 5, "plateau_patience": 5}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.switch_epoch is None:
+        args.switch_epoch = args.epochs
+    return args
+
+
+def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceStore, bool]:
+    """The slice store and whether the data are synthetic."""
+    synthetic = False
+    if args.download:
+        from .download import fetch_task10
+
+        root = Path(args.download_root or out / "data")
+        data_dir = fetch_task10(root, progress=d.main) if d.main else root / "Task10_Colon"
+        barrier(d)
+    elif args.data_dir:
+        data_dir = Path(args.data_dir)
+    else:
+        from .phantom import make_phantom
+
+        synthetic = True
+        data_dir = out / "phantom" / "Task10_Colon"
+        if d.main:
+            print(SYNTHETIC_BANNER, flush=True)
+            make_phantom(data_dir, n_patients=args.phantom_patients, seed=args.phantom_seed)
+        barrier(d)
+    window = tuple(args.hu_window) if args.hu_window else HU_WINDOW
+    cache = out / "cache" / f"store_{args.image_size}_{int(window[0])}_{int(window[1])}"
+    if synthetic:
+        cache = cache.with_name(cache.name + "_phantom")
+    if d.main:
+        store = build_slice_store(
+            data_dir, cache, size=args.image_size, hu_window=window,
+            max_cases=args.max_cases, progress=True,
+        )
+    barrier(d)
+    if not d.main:
+        store = build_slice_store(data_dir, cache, size=args.image_size, hu_window=window,
+                                  max_cases=args.max_cases, progress=False)
+    return store, synthetic
+
+
+def run_splits(args: argparse.Namespace, store: SliceStore, spec: experiments.RunSpec
+               ) -> dict[str, np.ndarray]:
+    if spec.fold is not None:
+        folds = splits.kfold(store.patients, args.folds, args.split, args.split_seed)
+        train, test = folds[spec.fold]
+    else:
+        train, test = splits.train_test_split(
+            store.patients, args.split, args.test_fraction, args.split_seed
+        )
+    train, val = splits.subset_split(train, store.patients, args.val_fraction, args.split,
+                                     args.split_seed + 1)
+    return {"train": train, "val": val, "test": test}
+
+
+def qualitative_slice(store: SliceStore, test: np.ndarray) -> int | None:
+    """The test slice with the most tumour pixels (the same for every run of a split)."""
+    pixels = np.asarray(store.meta["tumour_pixels"])[test]
+    return int(test[int(np.argmax(pixels))]) if len(test) and pixels.max() > 0 else None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    args = apply_preset(args)
+    d = setup_distributed(args.device)
+    out = Path(args.out)
+    with maybe_destroy(d):
+        t0 = time.perf_counter()
+        store, synthetic = prepare_data(args, d, out)
+        if args.benchmark:
+            return _benchmark(args, store, out, d)
+        losses = args.loss or None
+        grid = experiments.plan(
+            args.experiment, seeds=args.seeds, epochs=args.epochs, long_epochs=args.long_epochs,
+            switch_epoch=args.switch_epoch, folds=args.folds, losses=losses,
+        )
+        if d.main:
+            print(f"{len(grid)} runs, {len(store)} slices "
+                  f"({store.meta['n_tumour_slices']} with tumour), output: {out}", flush=True)
+        results = []
+        for spec in grid:
+            split = run_splits(args, store, spec)
+            cfg = RunConfig(
+                loss=spec.loss, epochs=spec.epochs, batch_size=args.batch_size, lr=args.lr,
+                seed=spec.seed, encoder_weights=args.encoder_weights, monitor=args.monitor,
+                plateau_patience=args.plateau_patience, amp=args.amp, workers=args.workers,
+                device=args.device,
+                extra={"split": args.split, "split_seed": args.split_seed, "fold": spec.fold,
+                       "image_size": args.image_size, "synthetic": synthetic},
+            )
+            run_dir = out / spec.name
+            keep = qualitative_slice(store, split["test"]) if spec.fold is None else None
+            res = train_run(
+                cfg, store, split, run_dir, resume=args.resume,
+                keep_slices=() if keep is None else (keep,), progress=not args.quiet,
+                dist_info=d,
+            )
+            res = {**res, "_dir": str(run_dir)}
+            results.append((spec, res))
+            if d.main and not args.quiet:
+                t = res["test"]
+                print(f"  {spec.name}: test Dice global {t['dice_global']:.4f}, per patient "
+                      f"{t['dice_patient']:.4f}, per slice {t['dice_slice']:.4f}", flush=True)
+        report_path = None
+        if d.main:
+            from .report import write_report
+
+            first = next((s for s, _ in results if s.fold is None), None)
+            keep = None
+            if first is not None:
+                keep = qualitative_slice(store, run_splits(args, store, first)["test"])
+            setup = {
+                "data": "SYNTHETIC phantom (not patient data)"
+                if synthetic
+                else str(args.data_dir or "downloaded Task10_Colon"),
+                "synthetic": synthetic,
+                "slices": f"{len(store)} ({store.meta['n_tumour_slices']} with tumour), "
+                          f"{len(store.patient_names)} patients",
+                "image size": args.image_size,
+                "HU window": list(args.hu_window or HU_WINDOW),
+                "split": f"{args.split} (test fraction {args.test_fraction}, validation "
+                         f"{args.val_fraction} of train, split seed {args.split_seed})",
+                "model": f"smp Unet(efficientnet-b0, in_channels=3, classes=1), encoder weights "
+                         f"{args.encoder_weights}",
+                "optimiser": f"Adam lr {args.lr}, ReduceLROnPlateau(max {args.monitor}, "
+                             f"patience {args.plateau_patience}) reset at the switch",
+                "batch size": args.batch_size,
+                "epochs": f"single {args.epochs}, composite/switching {args.long_epochs}, "
+                          f"switch at {args.switch_epoch}",
+                "seeds": args.seeds,
+                "device": str(resolve_device(args.device)),
+                "wall time (s)": round(time.perf_counter() - t0, 1),
+            }
+            report_path = write_report(out, results, setup=setup, store=store,
+                                       qualitative_slice=keep)
+            print(f"report: {report_path}", flush=True)
+            if synthetic:
+                print(SYNTHETIC_BANNER, flush=True)
+        return {"results": results, "report": report_path, "store": store}
+
+
+def _benchmark(args: argparse.Namespace, store: SliceStore, out: Path, d: Dist) -> dict[str, Any]:
+    spec = (args.loss or ["iou->bce@1"])[0]
+    cfg = RunConfig(loss=spec, epochs=1, batch_size=args.batch_size, lr=args.lr,
+                    encoder_weights=args.encoder_weights, amp=args.amp, workers=args.workers,
+                    device=args.device)
+    idx = np.arange(len(store))
+    result = benchmark(cfg, store, idx, steps=args.benchmark_steps)
+    result["synthetic"] = True
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1), flush=True)
+    return broadcast(d, result)
+
+
+__all__ = ["BEST", "PRESETS", "RESULT", "apply_preset", "run"]
