@@ -80,7 +80,9 @@ def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceSto
         data_dir = out / "phantom" / "Task10_Colon"
         if d.main:
             print(SYNTHETIC_BANNER, flush=True)
-            make_phantom(data_dir, n_patients=args.phantom_patients, seed=args.phantom_seed)
+            make_phantom(data_dir, n_patients=args.phantom_patients, seed=args.phantom_seed,
+                         shape=(args.phantom_size, args.phantom_size),
+                         slices=tuple(args.phantom_slices))
         barrier(d)
     window = tuple(args.hu_window) if args.hu_window else HU_WINDOW
     cache = out / "cache" / f"store_{args.image_size}_{int(window[0])}_{int(window[1])}"
@@ -120,6 +122,10 @@ def qualitative_slice(store: SliceStore, test: np.ndarray) -> int | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args = apply_preset(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     d = setup_distributed(args.device)
     out = Path(args.out)
     with maybe_destroy(d):

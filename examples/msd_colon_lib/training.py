@@ -161,6 +161,13 @@ def build_model(
     if is_path:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.encoder.load_state_dict(state)
+    # smp's EfficientNet encoder keeps the classifier's head conv and BN, which the U-Net never
+    # uses; freezing them changes nothing in training and lets DDP run without
+    # find_unused_parameters.
+    for name in ("_conv_head", "_bn1"):
+        module = getattr(model.encoder, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
     return model
 
 
