@@ -7,7 +7,7 @@
 0.3333
 """
 
-from . import functional
+from . import distributed, functional, schedules
 from .constants import BINARY_MODE, MULTICLASS_MODE, MULTILABEL_MODE
 from .losses import (
     LOSSES,
@@ -20,6 +20,24 @@ from .losses import (
     TopKLoss,
     TverskyLoss,
 )
+from .schedules import (
+    CompositeLoss,
+    Constant,
+    Cosine,
+    LinearRamp,
+    Milestone,
+    Plateau,
+    RampCosine,
+    RelativeImprovement,
+    SpecError,
+    Step,
+    SwitchEvent,
+    SwitchingLoss,
+    Trigger,
+    WeightSchedule,
+    build_loss,
+    reset_plateau_scheduler,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -29,13 +47,31 @@ __all__ = [
     "MULTICLASS_MODE",
     "MULTILABEL_MODE",
     "BCELoss",
+    "CompositeLoss",
+    "Constant",
+    "Cosine",
     "DiceLoss",
     "FocalLoss",
     "IoULoss",
     "JaccardLoss",
+    "LinearRamp",
+    "Milestone",
+    "Plateau",
+    "RampCosine",
+    "RelativeImprovement",
     "SegmentationLoss",
+    "SpecError",
+    "Step",
+    "SwitchEvent",
+    "SwitchingLoss",
     "TopKLoss",
+    "Trigger",
     "TverskyLoss",
+    "WeightSchedule",
     "__version__",
+    "build_loss",
+    "distributed",
     "functional",
+    "reset_plateau_scheduler",
+    "schedules",
 ]

@@ -90,3 +90,11 @@ def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:
         raise ValueError("smooth + eps must be > 0 so that an empty target scored against an "
                          f"empty prediction is defined; got smooth={smooth}, eps={eps}")
     return smooth, eps
+
+
+def check_ddp_pool(ddp_pool: object, per_image: bool) -> bool:
+    ddp_pool = check_bool("ddp_pool", ddp_pool)
+    if ddp_pool and per_image:
+        raise ValueError("ddp_pool=True pools the batch sums across ranks and needs "
+                         "per_image=False; per-image scores need no pooling")
+    return ddp_pool

@@ -17,6 +17,7 @@ from . import functional as F
 from ._checks import (
     check_backend,
     check_bool,
+    check_ddp_pool,
     check_fraction,
     check_ignore_index,
     check_mode,
@@ -244,13 +245,17 @@ _REGION_ARGS = """
         eps: numerical floor added to the smoothing (default 1e-7); empty target and empty
             prediction then score 1 (loss 0).
         per_image: one score per sample and class, then averaged (True; MONAI's default), or
-            sums pooled over the batch (False, default; smp's and the paper's)."""
+            sums pooled over the batch (False, default; smp's and the paper's).
+        ddp_pool: with ``per_image=False``, also pool the sums over all ``torch.distributed``
+            ranks, gradients flowing back to every rank, so the loss equals the single-process
+            loss on the concatenated batch (default False)."""
 
 
 class _RegionLoss(SegmentationLoss):
-    def _init_region(self, smooth: float, eps: float, per_image: bool) -> None:
+    def _init_region(self, smooth: float, eps: float, per_image: bool, ddp_pool: bool) -> None:
         self.smooth, self.eps = check_smoothing(smooth, eps)
         self.per_image = check_bool("per_image", per_image)
+        self.ddp_pool = check_ddp_pool(ddp_pool, self.per_image)
 
 
 class DiceLoss(_RegionLoss):
@@ -289,10 +294,11 @@ class DiceLoss(_RegionLoss):
         reduction: str = "mean",
         backend: str = "auto",
         check_values: bool | None = None,
+        ddp_pool: bool = False,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
-        self._init_region(smooth, eps, per_image)
+        self._init_region(smooth, eps, per_image, ddp_pool)
 
 
 class IoULoss(_RegionLoss):
@@ -328,10 +334,11 @@ class IoULoss(_RegionLoss):
         reduction: str = "mean",
         backend: str = "auto",
         check_values: bool | None = None,
+        ddp_pool: bool = False,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
-        self._init_region(smooth, eps, per_image)
+        self._init_region(smooth, eps, per_image, ddp_pool)
 
 
 JaccardLoss = IoULoss
@@ -379,12 +386,13 @@ class TverskyLoss(_RegionLoss):
         reduction: str = "mean",
         backend: str = "auto",
         check_values: bool | None = None,
+        ddp_pool: bool = False,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
         self.alpha = check_non_negative("alpha", alpha)
         self.beta = check_non_negative("beta", beta)
-        self._init_region(smooth, eps, per_image)
+        self._init_region(smooth, eps, per_image, ddp_pool)
 
 
 LOSSES: dict[str, type[SegmentationLoss]] = {

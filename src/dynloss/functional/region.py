@@ -41,6 +41,7 @@ from torch import Tensor
 from .._checks import (
     check_backend,
     check_bool,
+    check_ddp_pool,
     check_ignore_index,
     check_mode,
     check_non_negative,
@@ -50,6 +51,7 @@ from .._checks import (
 )
 from .._layout import Layout, compute_dtype, prepare
 from ..constants import MULTICLASS_MODE
+from ..distributed import pool_across_ranks
 from ._activation import probabilities
 
 __all__ = [
@@ -132,10 +134,11 @@ def _region_loss(
     reduction: str,
     backend: str,
     check_values: bool | None,
+    ddp_pool: bool,
 ) -> Tensor:
     mode = check_mode(mode)
     check_bool("from_logits", from_logits)
-    check_bool("per_image", per_image)
+    check_ddp_pool(ddp_pool, check_bool("per_image", per_image))
     smooth, eps = check_smoothing(smooth, eps)
     ignore_index = check_ignore_index(ignore_index)
     reduction = check_reduction(reduction)
@@ -153,6 +156,10 @@ def _region_loss(
             intersection, prediction_sum, target_sum = (
                 intersection.sum(0), prediction_sum.sum(0), target_sum.sum(0)
             )
+            if ddp_pool:
+                intersection, prediction_sum, target_sum = pool_across_ranks(
+                    intersection, prediction_sum, target_sum
+                )
         score = tversky_index(intersection, prediction_sum, target_sum, alpha, beta, smooth + eps)
         return _reduce(1.0 - score, reduction)
 
@@ -180,6 +187,10 @@ _SHARED_DOC = """
             ``"reference"`` (plain autograd).
         check_values: check target (and probability) values, which reads the data; ``None``
             (default) checks CPU tensors only, where that costs no device synchronisation.
+        ddp_pool: with ``per_image=False``, sum ``I, P, G`` over all ``torch.distributed``
+            ranks (differentiably) before the score, so the loss equals the single-process
+            loss on the concatenated batch (default False; no-op outside a process group).
+            Every rank must call the loss. See :mod:`dynloss.distributed`.
 
     Returns:
         The loss, a float32 (float64 for float64 input) tensor shaped by ``reduction``.
@@ -201,6 +212,7 @@ def tversky_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_values: bool | None = None,
+    ddp_pool: bool = False,
 ) -> Tensor:
     r"""Tversky loss :math:`1 - (TP + s) / (TP + \alpha FP + \beta FN + s)`, ``s = smooth + eps``.
 
@@ -223,7 +235,7 @@ def tversky_loss(
     return _region_loss(
         input, target, alpha=alpha, beta=beta, mode=mode, from_logits=from_logits, smooth=smooth,
         eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values,
+        backend=backend, check_values=check_values, ddp_pool=ddp_pool,
     )
 
 
@@ -240,6 +252,7 @@ def dice_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_values: bool | None = None,
+    ddp_pool: bool = False,
 ) -> Tensor:
     r"""Dice loss :math:`1 - (2I + 2s) / (P + G + 2s)`, ``s = smooth + eps``.
 
@@ -258,7 +271,7 @@ def dice_loss(
     return _region_loss(
         input, target, alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth,
         eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values,
+        backend=backend, check_values=check_values, ddp_pool=ddp_pool,
     )
 
 
@@ -275,6 +288,7 @@ def iou_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_values: bool | None = None,
+    ddp_pool: bool = False,
 ) -> Tensor:
     r"""IoU (Jaccard) loss :math:`1 - (I + s) / (P + G - I + s)`, ``s = smooth + eps``.
 
@@ -293,7 +307,7 @@ def iou_loss(
     return _region_loss(
         input, target, alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth,
         eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values,
+        backend=backend, check_values=check_values, ddp_pool=ddp_pool,
     )
 
 

@@ -1,0 +1,151 @@
+"""``torch.distributed`` helpers: differentiable all-reduce / all-gather and metric averaging.
+
+Everything here is a no-op in a single process (``torch.distributed`` not available, not
+initialised, or a world of size 1), so code written for DDP runs unchanged without it.
+
+Gradient convention (the one of nnU-Net's ``AllGatherGrad``): the backward of a collective
+*sums* the incoming gradients of all ranks. DDP then averages parameter gradients over the
+ranks, so that after ``loss.backward()`` every parameter gradient equals the gradient of the
+single-process loss on the concatenated batch. (Without DDP's averaging, the gradient that
+reaches a rank's own inputs is ``world_size`` times the single-process one.)
+
+Example (single process: the identity):
+    >>> import torch
+    >>> from dynloss.distributed import all_reduce_with_grad, is_distributed
+    >>> is_distributed()
+    False
+    >>> all_reduce_with_grad(torch.tensor([1.0, 2.0]))
+    tensor([1., 2.])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "all_gather_with_grad",
+    "all_reduce_with_grad",
+    "is_distributed",
+    "pool_across_ranks",
+    "reduce_mean",
+    "world_size",
+]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside an initialised process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: sum over ranks. Backward: sum of the ranks' incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class _AllGather(torch.autograd.Function):
+    """Forward: stack every rank's tensor. Backward: sum over ranks, keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank()]
+
+
+def all_reduce_with_grad(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over all ranks, differentiable (see the module's gradient convention).
+
+    Every rank must call it with a tensor of the same shape and dtype. Returns ``tensor``
+    itself in a single process.
+    """
+    if not is_distributed():
+        return tensor
+    return _AllReduceSum.apply(tensor)
+
+
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` stacked along a new leading dim, ``(world_size, *shape)``.
+
+    Differentiable: the gradient of each rank's slice flows back to that rank (summed over the
+    ranks that used it). In a single process returns ``tensor.unsqueeze(0)``.
+    """
+    if not is_distributed():
+        return tensor.unsqueeze(0)
+    return _AllGather.apply(tensor)
+
+
+def pool_across_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Sum each tensor over the ranks with one differentiable all-reduce.
+
+    Used by the region losses' ``ddp_pool=True``: the per-class sums ``I, P, G`` of every
+    rank's batch add up to those of the concatenated batch. The tensors must share shape and
+    dtype.
+    """
+    if not is_distributed():
+        return tensors
+    pooled = all_reduce_with_grad(torch.stack(tensors))
+    return tuple(pooled.unbind(0))
+
+
+def _collective_device(value: object) -> torch.device:
+    if isinstance(value, Tensor):
+        return value.device
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_mean(value: float | Tensor) -> float:
+    """The mean of a scalar over all ranks, as a Python float (identical on every rank).
+
+    Single process: ``float(value)``. Distributed: one all-reduce (on the tensor's device, on
+    the current CUDA device for NCCL, else on the CPU) in float64. Every rank must call it.
+
+    Raises:
+        ValueError: ``value`` is not a scalar.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"the monitored value must be a scalar; got shape {tuple(value.shape)}"
+            )
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"the monitored value must be a number or a scalar tensor; got {type(value).__name__}"
+        )
+    if not is_distributed():
+        return float(value.item() if isinstance(value, Tensor) else value)
+    device = _collective_device(value)
+    if isinstance(value, Tensor):
+        buffer = value.detach().reshape(1).to(device=device, dtype=torch.float64)
+    else:
+        buffer = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.item() / dist.get_world_size()

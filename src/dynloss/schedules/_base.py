@@ -1,0 +1,130 @@
+"""Shared pieces of the schedules package: argument checks, ``repr`` and state checks."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from .._checks import check_real
+
+__all__ = ["call_repr", "check_count", "check_state", "check_weight"]
+
+
+def check_count(name: str, value: object, minimum: int = 0) -> int:
+    """An integer counter argument (epochs or steps) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def check_weight(name: str, value: object) -> float:
+    """A finite weight >= 0."""
+    value = check_real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return value
+
+
+def call_repr(obj: object, order: list[str] | None = None) -> str:
+    """``Name(arg=value, ...)`` listing the constructor arguments that differ from their default.
+
+    Arguments without a default are always listed. The values are read from the attributes of
+    the same name, so the result is valid Python and a valid :func:`dynloss.build_loss` spec.
+    """
+    parameters = inspect.signature(type(obj).__init__).parameters
+    names = order or [name for name in parameters if name != "self"]
+    parts = []
+    for name in names:
+        value = getattr(obj, name)
+        default = parameters[name].default
+        if (
+            default is inspect.Parameter.empty
+            or value != default
+            or type(value) is not type(default)
+        ):
+            parts.append(f"{name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+def check_state(owner: str, state: object, keys: set[str]) -> Mapping[str, Any]:
+    """Check that ``state`` is a mapping with exactly ``keys``; a clear ValueError otherwise."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{owner}: a state must be a dict; got {type(state).__name__}")
+    if set(state) != keys:
+        missing = sorted(keys - set(state))
+        unexpected = sorted(set(state) - keys)
+        raise ValueError(
+            f"{owner}: the state does not fit (missing keys {missing}, unexpected keys "
+            f"{unexpected}); was it saved from a different object?"
+        )
+    return state
+
+
+def default_name(loss: object) -> str:
+    """Short name of a loss for logging: its spec name (``"dice"``) or its class name."""
+    name = getattr(type(loss), "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(loss).__name__.lower()
+
+
+def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool]:
+    """Names and modules from a sequence or a ``{name: module}`` mapping.
+
+    Returns ``(names, modules, explicit)``; ``explicit`` is True for a mapping. Names of a
+    sequence are the losses' short names, made unique with a ``_2``, ``_3``... suffix.
+    """
+    from torch import nn
+
+    if isinstance(losses, nn.Module):
+        raise TypeError(f"{owner}: losses must be a sequence or a mapping of losses; got one "
+                        f"{type(losses).__name__} (wrap it in a list)")
+    if isinstance(losses, Mapping):
+        names, modules = list(losses.keys()), list(losses.values())
+        explicit = True
+        for name in names:
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"{owner}: loss names must be non-empty strings without '.'; "
+                                 f"got {name!r}")
+    elif isinstance(losses, (list, tuple)):
+        modules = list(losses)
+        names, seen = [], {}
+        for module in modules:
+            base = default_name(module)
+            seen[base] = seen.get(base, 0) + 1
+            names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+        explicit = False
+    else:
+        raise TypeError(f"{owner}: losses must be a list or a dict of losses; got "
+                        f"{type(losses).__name__}")
+    if not modules:
+        raise ValueError(f"{owner}: needs at least one loss")
+    for name, module in zip(names, modules, strict=True):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{owner}: loss {name!r} must be an nn.Module (e.g. DiceLoss()); "
+                            f"got {type(module).__name__}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{owner}: loss names must be unique; got {names}")
+    return names, modules, explicit
+
+
+def losses_repr(names: list[str], modules: list[Any], explicit: bool) -> str:
+    """The ``losses`` argument as it was given: a list, or a dict for explicit names."""
+    if explicit:
+        return "{" + ", ".join(f"{n!r}: {m!r}" for n, m in zip(names, modules, strict=True)) + "}"
+    return "[" + ", ".join(repr(m) for m in modules) + "]"
+
+
+def step_child(module: object, metric: object, synced: bool) -> None:
+    """Advance a nested CompositeLoss / SwitchingLoss (anything with ``_dynloss_step``)."""
+    step = getattr(module, "_dynloss_step", None)
+    if step is not None:
+        step(metric, synced)
+
+
+def child_needs_metric(module: object) -> bool:
+    needs = getattr(module, "_needs_metric", None)
+    return bool(needs()) if needs is not None else False

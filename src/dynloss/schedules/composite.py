@@ -1,0 +1,202 @@
+r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._base import (
+    check_weight,
+    child_needs_metric,
+    losses_repr,
+    named_losses,
+    step_child,
+)
+from .weights import WeightSchedule
+
+__all__ = ["CompositeLoss"]
+
+Weight = float | WeightSchedule
+
+
+class CompositeLoss(nn.Module):
+    r"""Weighted sum of losses :math:`L = \sum_k w_k L_k`, each weight a constant or a schedule.
+
+    The paper's composites are :math:`L_A + L_B` (Dice+Focal, IoU+BCE, Tversky+BCE,
+    IoU+TopK); any number of terms works, and a term may itself be a
+    :class:`CompositeLoss` or a :class:`~dynloss.SwitchingLoss`.
+
+    Args:
+        losses: a sequence of loss modules (each called ``loss(input, target)``), or a
+            ``{name: module}`` mapping. Names of a sequence are the losses' short names
+            (``"dice"``, ``"bce"``; ``"dice_2"`` for a repeat).
+        weights: one weight per loss, in the same order (or a mapping by name): a number
+            >= 0 or a :class:`~dynloss.schedules.WeightSchedule`. Default: all 1.0.
+
+    After every call, :attr:`last_terms` maps each term's name to its *unweighted* value as a
+    detached tensor (nested composites add ``"outer.inner"`` entries), for logging without a
+    device synchronisation. :meth:`step` advances the weight schedules (and nested schedules);
+    call it once per epoch, or per optimizer step, like an LR scheduler. A weight of exactly 1.0
+    adds the term unchanged; every term is computed even when its weight is 0, so
+    ``last_terms`` is always complete.
+
+    ``state_dict()`` holds the counter and the schedules' counters; ``repr()`` is a
+    :func:`~dynloss.build_loss` spec of the same loss.
+
+    Example:
+        >>> import torch
+        >>> from dynloss import BCELoss, CompositeLoss, DiceLoss
+        >>> from dynloss.schedules import LinearRamp
+        >>> loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 2)])
+        >>> logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+        >>> round(loss(logits, target).item(), 4)  # weights 1 and 0
+        0.3333
+        >>> sorted(loss.last_terms)
+        ['bce', 'dice']
+        >>> loss.step(); loss.current_weights()
+        {'dice': 1.0, 'bce': 0.5}
+    """
+
+    def __init__(
+        self,
+        losses: Sequence[nn.Module] | Mapping[str, nn.Module],
+        weights: Sequence[Weight] | Mapping[str, Weight] | None = None,
+    ) -> None:
+        super().__init__()
+        names, modules, explicit = named_losses("CompositeLoss", losses)
+        self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
+        self._explicit_names = explicit
+        self.weights: list[Weight] = self._check_weights(names, weights)
+        self.count = 0
+        """Number of :meth:`step` calls so far."""
+        self.last_terms: dict[str, Tensor] = {}
+        """Unweighted value of every term at the last call, detached."""
+
+    @staticmethod
+    def _check_weights(names: list[str], weights: object) -> list[Weight]:
+        if weights is None:
+            return [1.0] * len(names)
+        if isinstance(weights, Mapping):
+            if set(weights) != set(names):
+                raise ValueError(
+                    f"CompositeLoss: weights must name the same terms as losses {names}; got "
+                    f"{sorted(weights)}"
+                )
+            weights = [weights[name] for name in names]
+        elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise TypeError(
+                "CompositeLoss: weights must be a list of numbers or schedules (one per loss); "
+                f"got {type(weights).__name__}"
+            )
+        if len(weights) != len(names):
+            raise ValueError(
+                f"CompositeLoss: got {len(weights)} weights for {len(names)} losses {names}"
+            )
+        checked: list[Weight] = []
+        for name, weight in zip(names, weights, strict=True):
+            if isinstance(weight, WeightSchedule):
+                if any(weight is other for other in checked):
+                    raise ValueError(
+                        "CompositeLoss: the same schedule object is used for two terms; it "
+                        "would be stepped twice. Pass a separate schedule per term."
+                    )
+                checked.append(weight)
+            else:
+                checked.append(check_weight(f"weight of {name!r}", weight))
+        return checked
+
+    @property
+    def names(self) -> list[str]:
+        """The terms' names, in order."""
+        return list(self.terms.keys())
+
+    def current_weights(self) -> dict[str, float]:
+        """Every term's weight at the current counter, as Python floats."""
+        return {
+            name: weight.value if isinstance(weight, WeightSchedule) else weight
+            for name, weight in zip(self.terms.keys(), self.weights, strict=True)
+        }
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """:math:`\\sum_k w_k L_k(\\text{input}, \\text{target})`; fills :attr:`last_terms`."""
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        weights = self.current_weights().values()
+        for (name, loss), weight in zip(self.terms.items(), weights, strict=True):
+            value = loss(input, target)
+            terms[name] = value.detach()
+            nested = getattr(loss, "last_terms", None)
+            if isinstance(nested, dict):
+                terms.update({f"{name}.{key}": term for key, term in nested.items()})
+            weighted = value if weight == 1.0 else value * weight
+            total = weighted if total is None else total + weighted
+        self.last_terms = terms
+        assert total is not None
+        return total
+
+    def step(self, metric: float | Tensor | None = None) -> None:
+        """Advance the weight schedules (and nested composite/switching losses) by one.
+
+        ``metric`` is passed on to nested :class:`~dynloss.SwitchingLoss` terms with adaptive
+        triggers; a CompositeLoss itself does not use it.
+        """
+        self._dynloss_step(metric, False)
+
+    def _dynloss_step(self, metric: object, synced: bool) -> None:
+        self.count += 1
+        for weight in self.weights:
+            if isinstance(weight, WeightSchedule):
+                weight.step()
+        for loss in self.terms.values():
+            step_child(loss, metric, synced)
+
+    def _needs_metric(self) -> bool:
+        return any(child_needs_metric(loss) for loss in self.terms.values())
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "names": self.names,
+            "schedules": [
+                weight.state_dict() if isinstance(weight, WeightSchedule) else None
+                for weight in self.weights
+            ],
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or set(state) != {"count", "names", "schedules"}:
+            raise ValueError("CompositeLoss: this state was not saved from a CompositeLoss")
+        names = list(state["names"])
+        if len(names) != len(self.weights):
+            raise ValueError(
+                f"CompositeLoss: the state has {len(names)} terms {names}, this loss has "
+                f"{len(self.weights)} {self.names}"
+            )
+        if names != self.names:
+            raise ValueError(
+                f"CompositeLoss: the state's terms {names} differ from this loss's {self.names}"
+            )
+        schedules = list(state["schedules"])
+        if len(schedules) != len(names):
+            raise ValueError("CompositeLoss: the state's schedules do not match its terms")
+        for name, weight, saved in zip(names, self.weights, schedules, strict=True):
+            if isinstance(weight, WeightSchedule) != (saved is not None):
+                raise ValueError(
+                    f"CompositeLoss: term {name!r} has a "
+                    f"{'schedule' if saved is not None else 'constant'} weight in the state but "
+                    f"a {'schedule' if isinstance(weight, WeightSchedule) else 'constant'} here"
+                )
+            if isinstance(weight, WeightSchedule):
+                weight.load_state_dict(saved)
+        count = state["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"CompositeLoss: invalid count {count!r} in the state")
+        self.count = count
+
+    def __repr__(self) -> str:
+        losses = losses_repr(self.names, list(self.terms.values()), self._explicit_names)
+        if all(not isinstance(w, WeightSchedule) and w == 1.0 for w in self.weights):
+            return f"CompositeLoss({losses})"
+        return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"

@@ -1,0 +1,454 @@
+r"""Spec strings: a loss from one line of a command line or a config file.
+
+Grammar (whitespace is ignored)::
+
+    spec     := sum ( "->" sum "@" switch )*     stages of a SwitchingLoss
+    sum      := product ( "+" product )*         terms of a CompositeLoss
+    product  := factor ( "*" factor )*           a weight times a loss
+    factor   := "-"? NUMBER | STRING | True | False | None
+              | NAME [ "(" [ arg ( "," arg )* ] ")" ]
+              | "[" values "]" | "{" key ":" value, ... "}" | "(" spec ")"
+    arg      := [ NAME "=" ] spec
+    switch   := INT | trigger call                e.g. 50, plateau(patience=5)
+
+Names are the losses' short names (``bce``, ``focal``, ``topk``, ``dice``, ``iou``, ``jaccard``,
+``tversky``) and class names (``DiceLoss``, ``CompositeLoss``, ``SwitchingLoss``, the weight
+schedules and triggers, in ``CamelCase`` or ``snake_case``: ``LinearRamp`` / ``linear_ramp``,
+``Plateau`` / ``plateau``, ...). A bare name is a call without arguments.
+
+- ``"dice"``, ``"tversky(alpha=0.3,beta=0.7)"``, ``"topk(k=0.1)"``: one loss.
+- ``"dice+focal"``, ``"0.5*dice+bce"``, ``"linear_ramp(0,10)*dice+bce"``: a
+  :class:`~dynloss.CompositeLoss`; ``+`` chains flatten into one composite, parentheses nest.
+- ``"iou->bce@50"``: a :class:`~dynloss.SwitchingLoss` that uses BCE from epoch 50 on;
+  ``"dice->focal@30->bce@60"``: three stages, milestones 30 and 60 (counted from the start);
+  ``"iou->bce@plateau(patience=5)"``: switch when the monitored value plateaus.
+
+The ``repr()`` of every dynloss loss, composite and switching loss is a spec of an equal loss,
+so ``build_loss(repr(loss))`` rebuilds it. Every error is a :class:`SpecError` (a
+``ValueError``) whose message shows the spec with a caret under the offending position.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..losses import LOSSES
+from .composite import CompositeLoss
+from .switching import SwitchingLoss
+from .triggers import Milestone, Plateau, RelativeImprovement, Trigger
+from .weights import Constant, Cosine, LinearRamp, RampCosine, Step, WeightSchedule
+
+__all__ = ["SpecError", "build_loss", "registry"]
+
+
+class SpecError(ValueError):
+    """A spec string that cannot be built; ``position`` is the 0-based offending offset."""
+
+    def __init__(self, message: str, spec: str, position: int) -> None:
+        self.message = message
+        self.spec = spec
+        self.position = position
+        super().__init__(
+            f"{message} (at position {position})\n    {spec}\n    {' ' * position}^"
+        )
+
+
+def registry() -> dict[str, Callable[..., Any]]:
+    """Every name a spec may call, mapped to the class it builds."""
+    names: dict[str, Callable[..., Any]] = {}
+    for short, cls in LOSSES.items():
+        names[short] = cls
+        names[cls.__name__] = cls
+    names["JaccardLoss"] = LOSSES["jaccard"]
+    for cls, snake in [
+        (CompositeLoss, "composite"),
+        (SwitchingLoss, "switching"),
+        (Constant, "constant"),
+        (Step, "step"),
+        (LinearRamp, "linear_ramp"),
+        (RampCosine, "ramp_cosine"),
+        (Cosine, "cosine"),
+        (Milestone, "milestone"),
+        (Plateau, "plateau"),
+        (RelativeImprovement, "relative_improvement"),
+    ]:
+        names[cls.__name__] = cls
+        names[snake] = cls
+    names["ramp"] = LinearRamp
+    names["relative"] = RelativeImprovement
+    return names
+
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>->|[-+*@()\[\]{},=:])
+    """,
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str
+    text: str
+    pos: int
+
+
+@dataclass
+class _Weighted:
+    """``weight * loss`` before it becomes a composite term."""
+
+    weight: float | WeightSchedule
+    loss: nn.Module
+
+
+def _tokenize(spec: str) -> list[_Token]:
+    tokens, pos = [], 0
+    while pos < len(spec):
+        match = _TOKEN.match(spec, pos)
+        if match is None:
+            quote = spec[pos] in "'\""
+            raise SpecError(
+                "unterminated string" if quote else f"unexpected character {spec[pos]!r}",
+                spec, pos,
+            )
+        kind = match.lastgroup
+        assert kind is not None
+        if kind != "space":
+            tokens.append(_Token(kind, match.group(), pos))
+        pos = match.end()
+    tokens.append(_Token("end", "", len(spec)))
+    return tokens
+
+
+def _describe(token: _Token) -> str:
+    return "the end of the spec" if token.kind == "end" else repr(token.text)
+
+
+class _Parser:
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.tokens = _tokenize(spec)
+        self.index = 0
+        self.names = registry()
+
+    # -- token helpers
+    @property
+    def token(self) -> _Token:
+        return self.tokens[self.index]
+
+    def error(self, message: str, pos: int | None = None) -> SpecError:
+        return SpecError(message, self.spec, self.token.pos if pos is None else pos)
+
+    def accept(self, text: str) -> _Token | None:
+        token = self.token
+        if token.kind == "op" and token.text == text:
+            self.index += 1
+            return token
+        return None
+
+    def expect(self, text: str, message: str) -> _Token:
+        token = self.accept(text)
+        if token is None:
+            raise self.error(f"{message}; found {_describe(self.token)}")
+        return token
+
+    # -- grammar
+    def parse(self) -> Any:
+        value = self.spec_expr()
+        if self.token.kind != "end":
+            hint = ""
+            if self.token.text == "@":
+                hint = " ('@' belongs after a stage that follows '->', as in 'iou->bce@50')"
+            raise self.error(f"unexpected {_describe(self.token)}{hint}")
+        return value
+
+    def spec_expr(self) -> Any:
+        start = self.token.pos
+        first = self.sum_expr()
+        if self.token.text != "->" or self.token.kind != "op":
+            return first
+        stages = [self.as_loss(first, start)]
+        switches: list[Trigger | int] = []
+        while self.accept("->"):
+            pos = self.token.pos
+            stages.append(self.as_loss(self.sum_expr(), pos))
+            self.expect(
+                "@", "expected '@' and a switch point after a stage that follows '->' (an epoch "
+                "as in 'iou->bce@50', or a trigger as in 'iou->bce@plateau(patience=5)')"
+            )
+            switches.append(self.switch_point())
+        try:
+            if all(isinstance(s, int) for s in switches):
+                return SwitchingLoss(stages, milestones=switches)  # type: ignore[arg-type]
+            return SwitchingLoss(stages, trigger=switches)
+        except (TypeError, ValueError) as err:
+            raise self.error(str(err), start) from err
+
+    def switch_point(self) -> Trigger | int:
+        token = self.token
+        if token.kind == "number":
+            self.index += 1
+            value = self.number(token)
+            if not isinstance(value, int) or value < 1:
+                raise self.error(
+                    f"the switch epoch must be an integer >= 1; got {token.text}", token.pos
+                )
+            return value
+        if token.kind != "name":
+            raise self.error(
+                f"expected a switch epoch (an integer) or a trigger such as plateau(patience=5) "
+                f"after '@'; found {_describe(token)}"
+            )
+        value = self.factor()
+        if not isinstance(value, Trigger):
+            raise self.error(
+                f"{token.text!r} is not a trigger; after '@' use an epoch or one of milestone, "
+                "plateau, relative_improvement", token.pos,
+            )
+        return value
+
+    def sum_expr(self) -> Any:
+        start = self.token.pos
+        terms = [(start, self.product())]
+        while self.accept("+"):
+            terms.append((self.token.pos, self.product()))
+        if len(terms) == 1:
+            return terms[0][1]
+        losses, weights = [], []
+        for pos, term in terms:
+            if isinstance(term, _Weighted):
+                losses.append(term.loss)
+                weights.append(term.weight)
+            else:
+                losses.append(self.as_loss(term, pos))
+                weights.append(1.0)
+        return self.composite(losses, weights, start)
+
+    def composite(self, losses: list[nn.Module], weights: list[Any], pos: int) -> CompositeLoss:
+        try:
+            if all(not isinstance(w, WeightSchedule) and w == 1.0 for w in weights):
+                return CompositeLoss(losses)
+            return CompositeLoss(losses, weights=weights)
+        except (TypeError, ValueError) as err:
+            raise self.error(str(err), pos) from err
+
+    def product(self) -> Any:
+        start = self.token.pos
+        factors = [(start, self.factor())]
+        while self.accept("*"):
+            factors.append((self.token.pos, self.factor()))
+        if len(factors) == 1:
+            return factors[0][1]
+        losses = [(p, f) for p, f in factors if isinstance(f, nn.Module)]
+        weights = [(p, f) for p, f in factors if not isinstance(f, nn.Module)]
+        if len(losses) != 1:
+            pos = losses[1][0] if len(losses) > 1 else factors[1][0]
+            raise self.error("a product must be one weight times one loss, as in '0.5*dice'", pos)
+        if len(weights) != 1:
+            raise self.error("a product must be one weight times one loss, as in '0.5*dice'",
+                             weights[1][0])
+        pos, weight = weights[0]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, WeightSchedule)):
+            raise self.error(
+                "a weight must be a number or a weight schedule such as linear_ramp(0, 10)", pos
+            )
+        if not isinstance(weight, WeightSchedule) and weight < 0:
+            raise self.error(f"a weight must be >= 0; got {weight}", pos)
+        return _Weighted(weight if isinstance(weight, WeightSchedule) else float(weight),
+                         losses[0][1])
+
+    def number(self, token: _Token) -> int | float:
+        text = token.text
+        return int(text) if text.isdigit() else float(text)
+
+    def factor(self) -> Any:
+        token = self.token
+        if token.kind == "number":
+            self.index += 1
+            return self.number(token)
+        if token.kind == "op" and token.text == "-":
+            self.index += 1
+            if self.token.kind != "number":
+                raise self.error(f"expected a number after '-'; found {_describe(self.token)}")
+            number = self.token
+            self.index += 1
+            return -self.number(number)
+        if token.kind == "string":
+            self.index += 1
+            return ast.literal_eval(token.text)
+        if token.kind == "name":
+            self.index += 1
+            if token.text in ("True", "False", "None"):
+                return {"True": True, "False": False, "None": None}[token.text]
+            return self.call(token)
+        if self.accept("("):
+            value = self.spec_expr()
+            self.expect(")", "expected ')' to close the '(' group")
+            return self.finish(value)
+        if self.accept("["):
+            return self.sequence("]")
+        if self.accept("{"):
+            return self.mapping()
+        raise self.error(f"expected a loss, a number or a value; found {_describe(token)}")
+
+    def sequence(self, close: str) -> list[Any]:
+        items: list[Any] = []
+        while not self.accept(close):
+            if items:
+                self.expect(",", f"expected ',' or '{close}' in the list")
+                if self.accept(close):
+                    break
+            items.append(self.finish(self.spec_expr()))
+        return items
+
+    def mapping(self) -> dict[Any, Any]:
+        items: dict[Any, Any] = {}
+        while not self.accept("}"):
+            if items:
+                self.expect(",", "expected ',' or '}' in the dict")
+                if self.accept("}"):
+                    break
+            key_token = self.token
+            key = self.factor()
+            if not isinstance(key, (str, int, float)) or isinstance(key, bool):
+                raise self.error("a dict key must be a string or a number", key_token.pos)
+            self.expect(":", "expected ':' after the dict key")
+            items[key] = self.finish(self.spec_expr())
+        return items
+
+    def call(self, name_token: _Token) -> Any:
+        name = name_token.text
+        factory = self.names.get(name)
+        if factory is None:
+            close = difflib.get_close_matches(name, list(self.names), n=3)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise self.error(
+                f"unknown name {name!r}{hint} (known losses: "
+                f"{', '.join(sorted(LOSSES))})", name_token.pos,
+            )
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        where: dict[str, int] = {}  # parameter name -> position of its value
+        if self.accept("("):
+            parameters = {
+                p.name: p for p in inspect.signature(factory).parameters.values()
+            }
+            positional = [
+                p for p in parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            while not self.accept(")"):
+                if args or kwargs:
+                    self.expect(",", f"expected ',' or ')' in the arguments of {name}")
+                    if self.accept(")"):
+                        break
+                token = self.token
+                if token.kind == "name" and self.tokens[self.index + 1].text == "=":
+                    self.index += 2
+                    if token.text not in parameters or (
+                        parameters[token.text].kind is inspect.Parameter.POSITIONAL_ONLY
+                    ):
+                        close = difflib.get_close_matches(token.text, list(parameters), n=2)
+                        hint = (f"did you mean {' or '.join(repr(c) for c in close)}? "
+                                if close else "")
+                        raise self.error(
+                            f"unknown parameter {token.text!r} for {name}; {hint}"
+                            f"{name} takes {', '.join(parameters)}", token.pos,
+                        )
+                    if token.text in kwargs:
+                        raise self.error(f"parameter {token.text!r} given twice", token.pos)
+                    where[token.text] = self.token.pos
+                    kwargs[token.text] = self.finish(self.spec_expr())
+                else:
+                    if kwargs:
+                        raise self.error("a positional argument cannot follow a keyword "
+                                         "argument", token.pos)
+                    if len(args) >= len(positional):
+                        raise self.error(
+                            f"{name} takes at most {len(positional)} positional argument"
+                            f"{'s' if len(positional) != 1 else ''}"
+                            + (f" ({', '.join(p.name for p in positional)})" if positional
+                               else "")
+                            + "; name the others, as in name=value", token.pos,
+                        )
+                    where[positional[len(args)].name] = token.pos
+                    args.append(self.finish(self.spec_expr()))
+        try:
+            return factory(*args, **kwargs)
+        except (TypeError, ValueError) as err:
+            # point at the argument the message names ("alpha must be >= 0"), else at the call
+            message = str(err)
+            pos = next(
+                (p for param, p in where.items() if re.match(rf"{param}\b", message)),
+                name_token.pos,
+            )
+            raise self.error(f"{name}: {message}", pos) from err
+
+    # -- conversions
+    def finish(self, value: Any) -> Any:
+        """A weighted loss used as a value becomes a one-term composite."""
+        if isinstance(value, _Weighted):
+            return CompositeLoss([value.loss], weights=[value.weight])
+        return value
+
+    def as_loss(self, value: Any, pos: int) -> nn.Module:
+        value = self.finish(value)
+        if not isinstance(value, nn.Module):
+            raise self.error(
+                f"expected a loss here, such as 'dice' or 'tversky(alpha=0.3)'; got "
+                f"{type(value).__name__} {value!r}", pos,
+            )
+        return value
+
+
+def build_loss(spec: str | nn.Module) -> nn.Module:
+    """Build a loss from a spec string (see :mod:`dynloss.schedules.spec` for the grammar).
+
+    Args:
+        spec: e.g. ``"dice"``, ``"tversky(alpha=0.3,beta=0.7)"``, ``"topk(k=0.1)"``,
+            ``"dice+focal"``, ``"0.5*dice+bce"``, ``"iou->bce@50"``,
+            ``"dice->focal@30->bce@60"``, ``"iou->bce@plateau(patience=5)"``, or the ``repr``
+            of any dynloss loss. An ``nn.Module`` is returned unchanged.
+
+    Returns:
+        A loss module: a single loss, a :class:`~dynloss.CompositeLoss` or a
+        :class:`~dynloss.SwitchingLoss`.
+
+    Raises:
+        SpecError: (a ``ValueError``) malformed spec, unknown name or parameter, or a value a
+            constructor rejects; the message points at the position with a caret.
+
+    Example:
+        >>> from dynloss import build_loss
+        >>> build_loss("0.5*dice+bce")
+        CompositeLoss([DiceLoss(), BCELoss()], weights=[0.5, 1.0])
+        >>> build_loss("iou->bce@plateau(patience=5)")
+        SwitchingLoss([IoULoss(), BCELoss()], trigger=Plateau(patience=5))
+        >>> build_loss("tversky(alpha=0.3, beta=0.7)")
+        TverskyLoss()
+        >>> build_loss("dice+focl")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        dynloss.schedules.spec.SpecError: unknown name 'focl'; did you mean 'focal'? ...
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"build_loss needs a spec string; got {type(spec).__name__}")
+    if not spec.strip():
+        raise SpecError("empty spec; expected a loss such as 'dice'", spec, 0)
+    parser = _Parser(spec)
+    return parser.as_loss(parser.parse(), 0)

@@ -1,0 +1,375 @@
+"""SwitchingLoss: train with one loss, then switch to the next (the paper's dynamic alteration)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .._checks import check_bool, check_choice
+from ..distributed import reduce_mean
+from ._base import child_needs_metric, losses_repr, named_losses, step_child
+from .triggers import Milestone, Trigger
+
+__all__ = ["SwitchEvent", "SwitchingLoss"]
+
+UNITS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class SwitchEvent:
+    """What an ``on_switch`` callback receives."""
+
+    old_index: int
+    """Index of the stage that ended."""
+    new_index: int
+    """Index of the stage that begins (``old_index + 1``)."""
+    old_name: str
+    new_name: str
+    old: nn.Module
+    """The loss of the stage that ended."""
+    new: nn.Module
+    """The loss used from now on."""
+    count: int
+    """The counter at the switch: the first epoch (or step) of the new stage."""
+    unit: str
+    """``"epoch"`` or ``"step"``."""
+    trigger: Trigger
+    """The trigger that fired."""
+
+
+SwitchCallback = Callable[[SwitchEvent], Any]
+
+
+class SwitchingLoss(nn.Module):
+    """A sequence of losses used one after the other: stage ``i`` uses ``losses[i]``.
+
+    The paper trains with a region loss (Dice, IoU, Tversky) for 50 epochs and then with a
+    distribution loss (BCE, Focal, TopK): ``SwitchingLoss([IoULoss(), BCELoss()],
+    milestones=[50])``. Call :meth:`step` once per epoch (``unit="epoch"``) or once per optimizer
+    step (``unit="step"``), like an LR scheduler; stage ``i`` ends when the trigger of stage
+    ``i`` fires, by default when the counter reaches ``milestones[i]``.
+
+    Args:
+        losses: two or more loss modules (a stage may be a :class:`~dynloss.CompositeLoss`), or
+            a ``{name: module}`` mapping.
+        milestones: strictly increasing counter values (ints >= 1) at which the next stage
+            begins, one per switch. Default ``[50]`` (the paper's) for two stages when no
+            ``trigger`` is given.
+        trigger: instead of ``milestones``: a :class:`~dynloss.schedules.Trigger` (copied for
+            each switch when there are more than two stages) or a list of one trigger per
+            switch (an int in the list means :class:`~dynloss.schedules.Milestone`). Adaptive
+            triggers (:class:`~dynloss.schedules.Plateau`,
+            :class:`~dynloss.schedules.RelativeImprovement`) read ``step(metric=...)``.
+        unit: ``"epoch"`` (default) or ``"step"``: documents what ``step()`` counts and is
+            checked when a state is loaded.
+        sync_metric: under ``torch.distributed``, average the metric over the ranks before a
+            trigger sees it (default True), so all ranks switch at the same step. Every rank
+            must then call ``step(metric=...)``.
+        on_switch: a callback, or a list of them, called with a :class:`SwitchEvent` at every
+            switch (see :meth:`on_switch` and :func:`~dynloss.schedules.reset_plateau_scheduler`).
+
+    Behaviour:
+        - :attr:`count` is the number of ``step()`` calls (0 before the first), the current
+          epoch; with ``milestones=[m]`` stage 0 runs for counts ``0..m-1`` and stage 1 from
+          ``m`` on. At most one switch happens per ``step()``.
+        - Only the active stage's trigger is consulted; it is reset when its stage begins, and
+          its ``min_epochs`` / ``max_epochs`` count from there. Milestones count from the start
+          of training.
+        - ``step()`` also advances every stage that has schedules (a CompositeLoss with
+          :mod:`~dynloss.schedules.weights`, a nested SwitchingLoss), active or not, so
+          schedules always see the global counter.
+        - :attr:`last_terms`: ``{stage_name: value}`` (detached) after each call, plus the
+          stage's own ``last_terms`` as ``"stage.term"`` entries.
+        - ``state_dict()`` holds the counters, the active stage, the switch history and the
+          triggers' history (``torch.load(weights_only=True)``-safe); loading it resumes the
+          exact sequence. Callbacks are not saved: register them again.
+
+    Example:
+        >>> import torch
+        >>> from dynloss import BCELoss, IoULoss, SwitchingLoss
+        >>> loss = SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])
+        >>> stages = []
+        >>> for epoch in range(4):
+        ...     stages.append(loss.active_name)  # ... train one epoch with loss(logits, target)
+        ...     _ = loss.step()
+        >>> stages
+        ['iou', 'iou', 'bce', 'bce']
+        >>> loss.switches
+        [(0, 1, 2)]
+    """
+
+    def __init__(
+        self,
+        losses: Sequence[nn.Module] | Mapping[str, nn.Module],
+        milestones: Sequence[int] | None = None,
+        *,
+        trigger: Trigger | Sequence[Trigger | int] | None = None,
+        unit: str = "epoch",
+        sync_metric: bool = True,
+        on_switch: SwitchCallback | Iterable[SwitchCallback] | None = None,
+    ) -> None:
+        super().__init__()
+        names, modules, explicit = named_losses("SwitchingLoss", losses)
+        if len(modules) < 2:
+            raise ValueError(
+                f"SwitchingLoss needs at least two stages; got {len(modules)} (use the loss "
+                "itself, or a CompositeLoss, for one)"
+            )
+        self.stages = nn.ModuleDict(dict(zip(names, modules, strict=True)))
+        self._explicit_names = explicit
+        self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
+        self.unit = check_choice("unit", unit, UNITS)
+        self.sync_metric = check_bool("sync_metric", sync_metric)
+        self.count = 0
+        """Number of :meth:`step` calls so far (the current epoch or optimizer step)."""
+        self.stage_count = 0
+        """Number of :meth:`step` calls since the active stage began."""
+        self.active_index = 0
+        """Index of the stage in use."""
+        self.switches: list[tuple[int, int, int]] = []
+        """``(old_index, new_index, count)`` of every switch so far."""
+        self.just_switched = False
+        """Whether the last :meth:`step` switched."""
+        self.last_terms: dict[str, Tensor] = {}
+        self._callbacks: list[SwitchCallback] = []
+        if on_switch is not None:
+            for callback in [on_switch] if callable(on_switch) else list(on_switch):
+                self.on_switch(callback)
+
+    # ----------------------------------------------------------------------------------- info
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def names(self) -> list[str]:
+        """The stages' names, in order."""
+        return list(self.stages.keys())
+
+    @property
+    def active(self) -> nn.Module:
+        """The loss of the active stage."""
+        return self.stages[self.active_name]
+
+    @property
+    def active_name(self) -> str:
+        return self.names[self.active_index]
+
+    @property
+    def milestones(self) -> list[int] | None:
+        """The switch counts when every trigger is a :class:`Milestone`, else None."""
+        if all(isinstance(t, Milestone) for t in self.triggers):
+            return [t.at for t in self.triggers]  # type: ignore[attr-defined]
+        return None
+
+    # ------------------------------------------------------------------------------ training
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """The active stage's loss; fills :attr:`last_terms`."""
+        name, loss = self.active_name, self.active
+        value = loss(input, target)
+        terms = {name: value.detach()}
+        nested = getattr(loss, "last_terms", None)
+        if isinstance(nested, dict):
+            terms.update({f"{name}.{key}": term for key, term in nested.items()})
+        self.last_terms = terms
+        return value
+
+    def on_switch(self, callback: SwitchCallback) -> SwitchCallback:
+        """Register ``callback(event)`` to run at every switch; returns it (usable as decorator).
+
+        Example:
+            >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
+            >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+            >>> @loss.on_switch
+            ... def report(event):
+            ...     print(f"epoch {event.count}: {event.old_name} -> {event.new_name}")
+            >>> _ = loss.step()
+            epoch 1: dice -> bce
+        """
+        if not callable(callback):
+            raise TypeError(f"on_switch needs a callable; got {type(callback).__name__}")
+        self._callbacks.append(callback)
+        return callback
+
+    def step(self, metric: float | Tensor | None = None) -> bool:
+        """Advance the counter by one (call after each epoch, or each optimizer step).
+
+        Args:
+            metric: the monitored value for adaptive triggers (e.g. the epoch's mean training
+                loss or a validation Dice); averaged over ``torch.distributed`` ranks when
+                ``sync_metric``. Required while the active trigger monitors a value.
+
+        Returns:
+            True if this call switched to the next stage.
+
+        Raises:
+            ValueError: the active trigger needs a metric and none was given.
+        """
+        return self._dynloss_step(metric, False)
+
+    def _needs_metric(self) -> bool:
+        return any(t.needs_metric for t in self.triggers) or any(
+            child_needs_metric(stage) for stage in self.stages.values()
+        )
+
+    def _dynloss_step(self, metric: Any, synced: bool) -> bool:
+        if metric is not None and self._needs_metric():
+            if self.sync_metric and not synced:
+                metric, synced = reduce_mean(metric), True
+            else:
+                metric = float(metric)
+        self.count += 1
+        self.stage_count += 1
+        for stage in self.stages.values():
+            step_child(stage, metric, synced)
+        self.just_switched = False
+        if self.active_index < len(self.triggers):
+            trigger = self.triggers[self.active_index]
+            value = metric if trigger.needs_metric else None
+            if trigger.update(self.count, self.stage_count, value):
+                self._switch(trigger)
+        return self.just_switched
+
+    def _switch(self, trigger: Trigger) -> None:
+        old = self.active_index
+        new = old + 1
+        self.active_index = new
+        self.stage_count = 0
+        if new < len(self.triggers):
+            self.triggers[new].reset()
+        self.switches.append((old, new, self.count))
+        self.just_switched = True
+        names = self.names
+        event = SwitchEvent(
+            old_index=old, new_index=new, old_name=names[old], new_name=names[new],
+            old=self.stages[names[old]], new=self.stages[names[new]], count=self.count,
+            unit=self.unit, trigger=trigger,
+        )
+        for callback in self._callbacks:
+            callback(event)
+
+    # --------------------------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "num_stages": self.num_stages,
+            "unit": self.unit,
+            "count": self.count,
+            "stage_count": self.stage_count,
+            "active_index": self.active_index,
+            "switches": [list(s) for s in self.switches],
+            "triggers": [t.state_dict() for t in self.triggers],
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        keys = {"num_stages", "unit", "count", "stage_count", "active_index", "switches",
+                "triggers"}
+        if not isinstance(state, Mapping) or set(state) != keys:
+            raise ValueError("SwitchingLoss: this state was not saved from a SwitchingLoss")
+        if state["num_stages"] != self.num_stages:
+            raise ValueError(
+                f"SwitchingLoss: the state was saved from a loss with {state['num_stages']} "
+                f"stages; this one has {self.num_stages} ({', '.join(self.names)})"
+            )
+        if state["unit"] != self.unit:
+            raise ValueError(
+                f"SwitchingLoss: the state counts unit={state['unit']!r}, this loss "
+                f"unit={self.unit!r}"
+            )
+        ints = {k: state[k] for k in ("count", "stage_count", "active_index")}
+        for key, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SwitchingLoss: invalid {key} {value!r} in the state")
+        if ints["active_index"] >= self.num_stages or ints["stage_count"] > ints["count"]:
+            raise ValueError(f"SwitchingLoss: inconsistent counters in the state: {ints}")
+        triggers = state["triggers"]
+        if len(triggers) != len(self.triggers):
+            raise ValueError(
+                f"SwitchingLoss: the state has {len(triggers)} triggers, this loss "
+                f"{len(self.triggers)}"
+            )
+        for trigger, saved in zip(self.triggers, triggers, strict=True):
+            trigger.load_state_dict(saved)
+        self.count = ints["count"]
+        self.stage_count = ints["stage_count"]
+        self.active_index = ints["active_index"]
+        self.switches = [(int(a), int(b), int(c)) for a, b, c in state["switches"]]
+        self.just_switched = False
+
+    def __repr__(self) -> str:
+        parts = [losses_repr(self.names, list(self.stages.values()), self._explicit_names)]
+        milestones = self.milestones
+        if milestones is not None:
+            parts.append(f"milestones={milestones!r}")
+        elif len(self.triggers) == 1:
+            parts.append(f"trigger={self.triggers[0]!r}")
+        else:
+            parts.append(f"trigger=[{', '.join(repr(t) for t in self.triggers)}]")
+        if self.unit != "epoch":
+            parts.append(f"unit={self.unit!r}")
+        if not self.sync_metric:
+            parts.append("sync_metric=False")
+        return f"SwitchingLoss({', '.join(parts)})"
+
+
+def _check_milestone_order(triggers: list[Trigger]) -> None:
+    ats = [t.at for t in triggers if isinstance(t, Milestone)]
+    if any(b <= a for a, b in itertools.pairwise(ats)):
+        raise ValueError(f"SwitchingLoss: milestones must be strictly increasing; got {ats}")
+
+
+def _make_triggers(num_stages: int, milestones: object, trigger: object) -> list[Trigger]:
+    switches = num_stages - 1
+    if milestones is not None and trigger is not None:
+        raise ValueError("SwitchingLoss: pass either milestones or trigger, not both")
+    if milestones is None and trigger is None:
+        if num_stages != 2:
+            raise ValueError(
+                f"SwitchingLoss with {num_stages} stages needs milestones=[...] ({switches} "
+                "switch points) or trigger=...; the default [50] is for two stages"
+            )
+        milestones = [50]
+    if milestones is not None:
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+            raise TypeError(
+                f"SwitchingLoss: milestones must be a list of ints; got {type(milestones).__name__}"
+            )
+        if len(milestones) != switches:
+            raise ValueError(
+                f"SwitchingLoss: {num_stages} stages need {switches} milestone"
+                f"{'s' if switches != 1 else ''} (one per switch); got {list(milestones)}"
+            )
+        triggers: list[Trigger] = [Milestone(m) for m in milestones]
+    elif isinstance(trigger, Trigger):
+        triggers = [trigger] + [copy.deepcopy(trigger) for _ in range(switches - 1)]
+    elif isinstance(trigger, Sequence) and not isinstance(trigger, (str, bytes)):
+        if len(trigger) != switches:
+            raise ValueError(
+                f"SwitchingLoss: {num_stages} stages need {switches} trigger"
+                f"{'s' if switches != 1 else ''} (one per switch); got {len(trigger)}"
+            )
+        triggers = []
+        for item in trigger:
+            if isinstance(item, Trigger):
+                if any(item is t for t in triggers):
+                    raise ValueError("SwitchingLoss: the same trigger object is used twice; "
+                                     "pass one trigger object per switch")
+                triggers.append(item)
+            elif isinstance(item, int) and not isinstance(item, bool):
+                triggers.append(Milestone(item))
+            else:
+                raise TypeError(
+                    f"SwitchingLoss: a trigger must be a Trigger or an int milestone; got "
+                    f"{type(item).__name__} {item!r}"
+                )
+    else:
+        raise TypeError(
+            f"SwitchingLoss: trigger must be a Trigger or a list of them; got "
+            f"{type(trigger).__name__}"
+        )
+    _check_milestone_order(triggers)
+    return triggers

@@ -1,0 +1,250 @@
+r"""Weight schedules: a loss weight :math:`w(t)` as a function of a step counter :math:`t`.
+
+A schedule counts the calls of its ``step()`` (``t = 0`` before the first one), like a
+``torch.optim.lr_scheduler``. Use it as a :class:`~dynloss.CompositeLoss` weight; the composite
+(or a :class:`~dynloss.SwitchingLoss` holding it) advances it with its own ``step()``, so the
+counter is the training epoch (or optimizer step, whatever ``step()`` is called per).
+
+All values are finite and >= 0; every schedule is a pure function of ``t`` (:meth:`value_at`),
+and its only state is the counter, so it resumes exactly from :meth:`state_dict`.
+
+Prior art: Taubert et al. (2020) "loss scheduling" moves weight from one loss to another,
+linearly (:class:`LinearRamp`, their *naive* schedule) or with a linear ramp followed by a
+sinusoidal decay (:class:`RampCosine`, their *alternating* schedule). A hard switch at epoch
+``m`` is the zero-width ramp ``LinearRamp(m, m)``.
+
+Example:
+    >>> from dynloss.schedules import LinearRamp
+    >>> ramp = LinearRamp(start=2, end=4)
+    >>> [ramp.value_at(t) for t in range(6)]
+    [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    >>> ramp.step(), ramp.step(), ramp.step()
+    (0.0, 0.0, 0.5)
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._base import call_repr, check_count, check_state, check_weight
+
+__all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
+
+
+class WeightSchedule:
+    """Base class: a weight ``value_at(t)`` and a counter ``t`` advanced by :meth:`step`.
+
+    Subclasses implement :meth:`value_at` (finite, >= 0, a pure function of ``t``) and store
+    each constructor argument under its own name (used by ``repr``).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        """Number of :meth:`step` calls so far (the current epoch or step)."""
+
+    def value_at(self, t: int) -> float:
+        """The weight at counter value ``t >= 0``."""
+        raise NotImplementedError
+
+    @property
+    def value(self) -> float:
+        """The current weight, ``value_at(count)``."""
+        return self.value_at(self.count)
+
+    def __call__(self) -> float:
+        return self.value
+
+    def step(self) -> float:
+        """Advance the counter by one; returns the new current weight."""
+        self.count += 1
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counter: ``{"count": t}``."""
+        return {"count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the counter saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state does not come from a schedule.
+        """
+        state = check_state(type(self).__name__, state, {"count"})
+        self.count = check_count("count", state["count"])
+
+    def __repr__(self) -> str:
+        return call_repr(self)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, min(low, high)), max(low, high))
+
+
+class Constant(WeightSchedule):
+    """The constant weight ``value`` (default 1.0).
+
+    Example:
+        >>> from dynloss.schedules import Constant
+        >>> Constant(0.5).value_at(100)
+        0.5
+    """
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.value_ = check_weight("value", value)
+
+    def value_at(self, t: int) -> float:
+        return self.value_
+
+    def __repr__(self) -> str:
+        return "Constant()" if self.value_ == 1.0 else f"Constant(value={self.value_!r})"
+
+
+class Step(WeightSchedule):
+    """Piecewise constant: ``values[i]`` where ``i`` = number of ``milestones <= t``.
+
+    ``values`` has one entry more than ``milestones`` (strictly increasing ints >= 0).
+
+    Example:
+        >>> from dynloss.schedules import Step
+        >>> s = Step(milestones=[2, 4], values=[1.0, 0.5, 0.0])
+        >>> [s.value_at(t) for t in range(6)]
+        [1.0, 1.0, 0.5, 0.5, 0.0, 0.0]
+    """
+
+    def __init__(self, milestones: Sequence[int], values: Sequence[float]) -> None:
+        super().__init__()
+        milestones = [check_count(f"milestones[{i}]", m) for i, m in enumerate(milestones)]
+        if any(b <= a for a, b in itertools.pairwise(milestones)):
+            raise ValueError(f"milestones must be strictly increasing; got {milestones}")
+        values = [check_weight(f"values[{i}]", v) for i, v in enumerate(values)]
+        if len(values) != len(milestones) + 1:
+            raise ValueError(
+                f"values needs one entry more than milestones (the weight before the first "
+                f"milestone); got {len(values)} values for {len(milestones)} milestones"
+            )
+        self.milestones = milestones
+        self.values = values
+
+    def value_at(self, t: int) -> float:
+        return self.values[bisect.bisect_right(self.milestones, t)]
+
+
+class LinearRamp(WeightSchedule):
+    r"""Linear ramp from ``initial`` to ``final`` between ``start`` and ``end`` (Taubert's naive).
+
+    .. math:: w(t) = \begin{cases} \text{initial} & t \le \text{start} \\
+              \text{initial} + (\text{final}-\text{initial})
+              \frac{t-\text{start}}{\text{end}-\text{start}} & \text{start} < t < \text{end} \\
+              \text{final} & t \ge \text{end} \end{cases}
+
+    ``start == end`` is a hard switch: ``initial`` before ``end``, ``final`` from ``end`` on.
+    Defaults ``initial=0.0``, ``final=1.0`` (the weight of the loss switched *to*; use
+    ``initial=1.0, final=0.0`` for the loss switched *from*).
+
+    Example:
+        >>> from dynloss.schedules import LinearRamp
+        >>> [LinearRamp(1, 3, initial=1.0, final=0.0).value_at(t) for t in range(5)]
+        [1.0, 1.0, 0.5, 0.0, 0.0]
+        >>> [LinearRamp(2, 2).value_at(t) for t in range(4)]
+        [0.0, 0.0, 1.0, 1.0]
+    """
+
+    def __init__(self, start: int, end: int, initial: float = 0.0, final: float = 1.0) -> None:
+        super().__init__()
+        self.start = check_count("start", start)
+        self.end = check_count("end", end)
+        if self.end < self.start:
+            raise ValueError(f"end must be >= start; got start={start}, end={end}")
+        self.initial = check_weight("initial", initial)
+        self.final = check_weight("final", final)
+
+    def value_at(self, t: int) -> float:
+        if t >= self.end:
+            return self.final
+        if t <= self.start:
+            return self.initial
+        fraction = (t - self.start) / (self.end - self.start)
+        return _clamp(self.initial + (self.final - self.initial) * fraction, self.initial,
+                      self.final)
+
+
+class Cosine(WeightSchedule):
+    r"""Half-cosine from ``initial`` to ``final`` between ``start`` and ``end``.
+
+    .. math:: w(t) = \text{final} + (\text{initial} - \text{final})
+              \tfrac12\bigl(1 + \cos(\pi \tfrac{t - \text{start}}{\text{end} - \text{start}})\bigr)
+
+    for ``start < t < end``; ``initial`` before, ``final`` after (defaults 1.0 -> 0.0, like
+    ``CosineAnnealingLR``). ``start == end`` is a hard switch.
+
+    Example:
+        >>> from dynloss.schedules import Cosine
+        >>> [round(Cosine(0, 4).value_at(t), 4) for t in range(5)]
+        [1.0, 0.8536, 0.5, 0.1464, 0.0]
+    """
+
+    def __init__(self, start: int, end: int, initial: float = 1.0, final: float = 0.0) -> None:
+        super().__init__()
+        self.start = check_count("start", start)
+        self.end = check_count("end", end)
+        if self.end < self.start:
+            raise ValueError(f"end must be >= start; got start={start}, end={end}")
+        self.initial = check_weight("initial", initial)
+        self.final = check_weight("final", final)
+
+    def value_at(self, t: int) -> float:
+        if t >= self.end:
+            return self.final
+        if t <= self.start:
+            return self.initial
+        fraction = (t - self.start) / (self.end - self.start)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * fraction))
+        value = self.final + (self.initial - self.final) * cosine
+        return _clamp(value, self.initial, self.final)
+
+
+class RampCosine(WeightSchedule):
+    r"""Linear ramp up, then cosine decay (Taubert's *alternating* schedule).
+
+    ``low`` before ``start``, linear up to ``high`` at ``peak``, then a half-cosine back down to
+    ``low`` at ``end``, and ``low`` from ``end`` on (defaults ``low=0.0``, ``high=1.0``).
+    Requires ``start <= peak <= end``.
+
+    .. math:: w(t) = \text{low} + (\text{high}-\text{low})
+              \tfrac12\bigl(1+\cos(\pi\tfrac{t-\text{peak}}{\text{end}-\text{peak}})\bigr),
+              \quad \text{peak} \le t < \text{end}
+
+    Example:
+        >>> from dynloss.schedules import RampCosine
+        >>> [round(RampCosine(0, 2, 6).value_at(t), 4) for t in range(8)]
+        [0.0, 0.5, 1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
+    """
+
+    def __init__(
+        self, start: int, peak: int, end: int, low: float = 0.0, high: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.start = check_count("start", start)
+        self.peak = check_count("peak", peak)
+        self.end = check_count("end", end)
+        if not self.start <= self.peak <= self.end:
+            raise ValueError(
+                f"need start <= peak <= end; got start={start}, peak={peak}, end={end}"
+            )
+        self.low = check_weight("low", low)
+        self.high = check_weight("high", high)
+
+    def value_at(self, t: int) -> float:
+        if t < self.start or t >= self.end:
+            return self.low
+        if t < self.peak:
+            fraction = (t - self.start) / (self.peak - self.start)
+            return _clamp(self.low + (self.high - self.low) * fraction, self.low, self.high)
+        fraction = (t - self.peak) / (self.end - self.peak)
+        value = self.low + (self.high - self.low) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+        return _clamp(value, self.low, self.high)

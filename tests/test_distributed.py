@@ -1,0 +1,229 @@
+"""torch.distributed: pooled region losses and rank-consistent switching, on 2 gloo CPU ranks.
+
+The two ranks run in processes started once per module (``torch.multiprocessing.spawn``); each
+check runs on both ranks and records "ok" or its traceback, and one test per check reads the
+result. Every check compares with the single-process computation on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dynloss import (
+    BCELoss,
+    CompositeLoss,
+    DiceLoss,
+    IoULoss,
+    Plateau,
+    RelativeImprovement,
+    SwitchingLoss,
+    TverskyLoss,
+)
+from dynloss.distributed import (
+    all_gather_with_grad,
+    all_reduce_with_grad,
+    is_distributed,
+    pool_across_ranks,
+    reduce_mean,
+    world_size,
+)
+
+WORLD = 2
+
+
+# ---------------------------------------------------------------------------- rank checks
+def _batch(mode: str, n: int = 4, c: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    channels = 1 if mode == "binary" else c
+    logits = torch.randn(n, channels, 5, 7, generator=generator, dtype=torch.float64)
+    if mode == "multiclass":
+        target = torch.randint(0, c, (n, 5, 7), generator=generator)
+    else:
+        target = (torch.rand(n, channels, 5, 7, generator=generator) > 0.7).to(torch.float64)
+    return logits, target
+
+
+def _shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    return tensor.chunk(WORLD)[rank]
+
+
+POOLED_CASES: list[tuple[str, Callable[..., torch.nn.Module], dict]] = [
+    ("binary", DiceLoss, {}),
+    ("binary", DiceLoss, {"backend": "reference", "smooth": 1.0}),
+    ("multiclass", IoULoss, {"mode": "multiclass", "reduction": "none"}),
+    ("multilabel", TverskyLoss, {"mode": "multilabel", "alpha": 0.3, "beta": 0.7}),
+    ("multiclass", TverskyLoss, {"mode": "multiclass", "ignore_index": 2, "backend": "reference"}),
+]
+
+
+def check_pooled_region_losses(rank: int) -> None:
+    for mode, cls, kwargs in POOLED_CASES:
+        logits, target = _batch(mode)
+        full = logits.clone().requires_grad_()
+        expected = cls(**kwargs)(full, target)
+        expected.sum().backward()
+        local = _shard(logits, rank).clone().requires_grad_()
+        value = cls(ddp_pool=True, **kwargs)(local, _shard(target, rank))
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+        value.sum().backward()
+        # the backward sums the ranks' gradients (DDP then averages): world_size x the slice
+        torch.testing.assert_close(local.grad, WORLD * _shard(full.grad, rank),
+                                   rtol=1e-10, atol=1e-12)
+        # without pooling, the local loss differs from the pooled one
+        unpooled = cls(**kwargs)(_shard(logits, rank), _shard(target, rank))
+        assert not torch.allclose(unpooled, expected.detach())
+
+
+def check_ddp_model_gradients_equal_single_process(rank: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 1, 3, padding=1).double()
+    reference = torch.nn.Conv2d(3, 1, 3, padding=1).double()
+    reference.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(4, 3, 6, 6, generator=generator, dtype=torch.float64)
+    masks = (torch.rand(4, 1, 6, 6, generator=generator) > 0.8).double()
+
+    CompositeLoss([DiceLoss(), BCELoss()])(reference(images), masks).backward()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    pooled = CompositeLoss([DiceLoss(ddp_pool=True), BCELoss()])
+    pooled(ddp(_shard(images, rank)), _shard(masks, rank)).backward()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+def check_all_gather_and_all_reduce_gradients(rank: int) -> None:
+    x = torch.tensor([rank + 1.0, 10.0 * (rank + 1)], dtype=torch.float64, requires_grad=True)
+    gathered = all_gather_with_grad(x)
+    torch.testing.assert_close(gathered, torch.tensor([[1.0, 10.0], [2.0, 20.0]],
+                                                      dtype=torch.float64))
+    weights = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    (gathered * weights).sum().backward()
+    torch.testing.assert_close(x.grad, WORLD * weights[rank])
+
+    y = torch.tensor([rank + 1.0], dtype=torch.float64, requires_grad=True)
+    total = all_reduce_with_grad(y)
+    assert total.item() == 3.0
+    (total * (rank + 1)).backward()  # rank 0 weighs 1, rank 1 weighs 2: sum 3 on both
+    assert y.grad.item() == 3.0
+    a, b = pool_across_ranks(torch.tensor([1.0 + rank]), torch.tensor([5.0]))
+    assert (a.item(), b.item()) == (3.0, 10.0)
+    assert is_distributed() and world_size() == WORLD
+
+
+def check_reduce_mean(rank: int) -> None:
+    assert reduce_mean(1.0 if rank == 0 else 2.0) == 1.5
+    assert reduce_mean(torch.tensor(4.0 * rank)) == 2.0
+    assert reduce_mean(rank) == 0.5
+
+
+def _gather(obj: object) -> list:
+    out: list = [None] * WORLD
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# Rank 0 keeps improving, rank 1 is flat: alone, rank 1 would switch at step 3 (patience 2).
+RANK_METRICS = [
+    [1.0, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2, 0.2, 0.2],
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+]
+
+
+def _history(loss: SwitchingLoss, metrics: list[float | torch.Tensor]) -> list[int]:
+    out = []
+    for metric in metrics:
+        loss.step(metric=metric)
+        out.append(loss.active_index)
+    return out
+
+
+def check_switching_is_consistent_across_ranks(rank: int) -> None:
+    mine = RANK_METRICS[rank]
+    mean = [(a + b) / 2 for a, b in zip(*RANK_METRICS, strict=True)]
+    for make in (lambda **kw: SwitchingLoss([DiceLoss(), BCELoss()],
+                                            trigger=Plateau(patience=2), **kw),
+                 lambda **kw: SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()],
+                                            trigger=[RelativeImprovement(0.05), 8], **kw)):
+        synced = _history(make(), [torch.tensor(m) for m in mine])
+        histories = _gather(synced)
+        assert histories[0] == histories[1], histories
+        # the decision is the one a single process takes on the mean of the ranks' metrics
+        assert synced == _history(make(sync_metric=False), mean)
+        # without synchronisation the ranks would train with different losses
+        unsynced = _gather(_history(make(sync_metric=False), mine))
+        assert unsynced[0] != unsynced[1], unsynced
+    plateau = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
+    assert _history(plateau, mine) == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+
+
+CHECKS = {
+    name: fn for name, fn in sorted(globals().items()) if name.startswith("check_")
+}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    results = {}
+    try:
+        for name, check in CHECKS.items():
+            try:
+                check(rank)
+                results[name] = "ok"
+            except Exception:
+                results[name] = traceback.format_exc()
+            dist.barrier()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp("gloo")
+    if os.path.exists("/sys/class/net/lo"):  # one machine: talk over loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_on_two_gloo_ranks(rank_results: list[dict[str, str]], check: str) -> None:
+    for rank, results in enumerate(rank_results):
+        assert results.get(check) == "ok", f"rank {rank}:\n{results.get(check)}"
+
+
+# ------------------------------------------------------------------------- single process
+def test_helpers_are_no_ops_in_a_single_process() -> None:
+    assert not is_distributed() and world_size() == 1
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert all_reduce_with_grad(x) is x
+    assert all_gather_with_grad(x).shape == (1, 2)
+    a, b = torch.ones(2), torch.zeros(2)
+    assert pool_across_ranks(a, b) == (a, b)
+    assert reduce_mean(torch.tensor(0.25)) == 0.25 and reduce_mean(3) == 3.0
+
+
+def test_reduce_mean_rejects_non_scalars() -> None:
+    with pytest.raises(ValueError, match=r"must be a scalar; got shape \(2,\)"):
+        reduce_mean(torch.ones(2))
+    with pytest.raises(ValueError, match="must be a number or a scalar tensor; got str"):
+        reduce_mean("0.5")
+
+
+def test_ddp_pool_is_exact_without_a_process_group() -> None:
+    logits, target = _batch("binary")
+    torch.testing.assert_close(DiceLoss(ddp_pool=True)(logits, target),
+                               DiceLoss()(logits, target), rtol=0, atol=0)

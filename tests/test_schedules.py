@@ -1,0 +1,252 @@
+"""Weight schedules and switch triggers: exact values, validation, state, properties."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynloss.schedules import (
+    Constant,
+    Cosine,
+    LinearRamp,
+    Milestone,
+    Plateau,
+    RampCosine,
+    RelativeImprovement,
+    Step,
+    WeightSchedule,
+)
+
+PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+# ------------------------------------------------------------------------------ weight values
+def test_constant() -> None:
+    assert [Constant().value_at(t) for t in (0, 7)] == [1.0, 1.0]
+    assert Constant(0.25).value_at(1000) == 0.25
+    assert repr(Constant()) == "Constant()"
+    assert repr(Constant(0.25)) == "Constant(value=0.25)"
+
+
+def test_step_values() -> None:
+    schedule = Step(milestones=[2, 4], values=[1.0, 0.5, 0.0])
+    assert [schedule.value_at(t) for t in range(6)] == [1.0, 1.0, 0.5, 0.5, 0.0, 0.0]
+    assert repr(schedule) == "Step(milestones=[2, 4], values=[1.0, 0.5, 0.0])"
+
+
+def test_linear_ramp_values() -> None:
+    up = LinearRamp(2, 6)
+    assert [up.value_at(t) for t in range(8)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    down = LinearRamp(0, 4, initial=1.0, final=0.0)
+    assert [down.value_at(t) for t in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert repr(down) == "LinearRamp(start=0, end=4, initial=1.0, final=0.0)"
+
+
+def test_zero_width_ramp_is_a_hard_switch() -> None:
+    assert [LinearRamp(3, 3).value_at(t) for t in range(6)] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert [Cosine(3, 3).value_at(t) for t in range(5)] == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_cosine_values() -> None:
+    schedule = Cosine(2, 6)
+    expected = [1.0, 1.0, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3)]
+    assert [schedule.value_at(t) for t in range(6)] == pytest.approx(expected, abs=1e-15)
+    assert schedule.value_at(6) == 0.0
+    assert Cosine(0, 2, initial=0.2, final=0.6).value_at(1) == pytest.approx(0.4)
+
+
+def test_ramp_cosine_values() -> None:
+    schedule = RampCosine(start=2, peak=4, end=8, low=0.1, high=0.9)
+    values = [schedule.value_at(t) for t in range(10)]
+    assert values[:5] == pytest.approx([0.1, 0.1, 0.1, 0.5, 0.9])
+    assert values[6] == pytest.approx(0.5)  # half-way down the cosine
+    assert values[5] == pytest.approx(0.1 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert values[8:] == [0.1, 0.1]
+    assert max(values) == 0.9
+
+
+def test_step_counts_calls() -> None:
+    schedule = LinearRamp(0, 4)
+    assert schedule.value == 0.0 and schedule.count == 0
+    assert [schedule.step() for _ in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert schedule() == 1.0 and schedule.count == 5
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LinearRamp(5, 4), "end must be >= start"),
+        (lambda: LinearRamp(-1, 4), "start must be >= 0"),
+        (lambda: LinearRamp(0, 4, initial=-0.5), "initial must be >= 0"),
+        (lambda: Cosine(0, 4, final=math.inf), "final must be finite"),
+        (lambda: RampCosine(3, 2, 5), "need start <= peak <= end"),
+        (lambda: Step([2, 2], [1.0, 0.5, 0.0]), "strictly increasing"),
+        (lambda: Step([2], [1.0]), "values needs one entry more than milestones"),
+        (lambda: Constant(-1.0), "value must be >= 0"),
+    ],
+)
+def test_schedule_validation(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_schedule_type_errors() -> None:
+    with pytest.raises(TypeError, match=r"start must be an int; got float 1\.5"):
+        LinearRamp(1.5, 4)
+    with pytest.raises(TypeError, match="must be a real number"):
+        Constant("1")
+
+
+def test_schedule_state_roundtrip() -> None:
+    schedule = RampCosine(0, 3, 9)
+    for _ in range(5):
+        schedule.step()
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = RampCosine(0, 3, 9)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.count == 5 and fresh.value == schedule.value
+    with pytest.raises(ValueError, match="missing keys"):
+        fresh.load_state_dict({})
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        fresh.load_state_dict({"count": -1})
+
+
+# ---------------------------------------------------------------------------------- property
+_counts = st.integers(0, 200)
+_weights = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def schedules(draw) -> WeightSchedule:
+    kind = draw(st.sampled_from(["constant", "step", "ramp", "cosine", "ramp_cosine"]))
+    if kind == "constant":
+        return Constant(draw(_weights))
+    if kind == "step":
+        milestones = sorted(draw(st.sets(_counts, max_size=4)))
+        values = draw(st.lists(_weights, min_size=len(milestones) + 1,
+                               max_size=len(milestones) + 1))
+        return Step(milestones, values)
+    a, b, c = sorted(draw(st.lists(_counts, min_size=3, max_size=3)))
+    if kind == "ramp":
+        return LinearRamp(a, b, draw(_weights), draw(_weights))
+    if kind == "cosine":
+        return Cosine(a, b, draw(_weights), draw(_weights))
+    return RampCosine(a, b, c, draw(_weights), draw(_weights))
+
+
+@PROPERTY
+@given(schedules(), st.lists(st.integers(0, 10_000), max_size=30))
+def test_any_schedule_weight_is_finite_and_non_negative(schedule, ts) -> None:
+    for t in [*ts, 0, 1, 10_000]:
+        value = schedule.value_at(t)
+        assert isinstance(value, float)
+        assert math.isfinite(value) and value >= 0.0
+
+
+@PROPERTY
+@given(schedules(), st.integers(0, 300))
+def test_schedule_stays_between_its_extremes(schedule, t) -> None:
+    names = ("initial", "final", "low", "high", "values", "value_")
+    bounds: list[float] = []
+    for name in names:
+        if hasattr(schedule, name):
+            attribute = getattr(schedule, name)
+            bounds += attribute if isinstance(attribute, list) else [attribute]
+    assert min(bounds) <= schedule.value_at(t) <= max(bounds)
+
+
+@PROPERTY
+@given(schedules(), st.integers(0, 250))
+def test_schedule_repr_rebuilds_an_equal_schedule(schedule, t) -> None:
+    import dynloss.schedules as S
+
+    rebuilt = eval(repr(schedule), vars(S))
+    assert repr(rebuilt) == repr(schedule)
+    assert rebuilt.value_at(t) == schedule.value_at(t)
+
+
+# ---------------------------------------------------------------------------------- triggers
+def test_milestone() -> None:
+    trigger = Milestone(3)
+    assert [trigger.update(t, t, None) for t in range(1, 6)] == [False, False, True, True, True]
+    assert repr(trigger) == "Milestone(3)"
+    with pytest.raises(ValueError, match="at must be >= 1"):
+        Milestone(0)
+
+
+def test_plateau_min_patience_and_delta() -> None:
+    trigger = Plateau(patience=2, min_delta=0.05)
+    metrics = [1.0, 0.9, 0.87, 0.86, 0.8, 0.79, 0.78]
+    fired = [trigger.update(t, t, m) for t, m in enumerate(metrics, start=1)]
+    # 0.87 and 0.86 are within min_delta of the best 0.9 -> 2 bad steps -> fires at step 4
+    assert fired == [False, False, False, True, False, False, True]
+    assert trigger.best == 0.8 and trigger.num_bad == 2
+
+
+def test_plateau_max_mode_and_nan() -> None:
+    trigger = Plateau(patience=1, mode="max")
+    assert trigger.update(1, 1, 0.5) is False
+    assert trigger.update(2, 2, 0.6) is False
+    assert trigger.update(3, 3, math.nan) is True  # NaN never improves
+
+
+def test_plateau_min_and_max_epochs() -> None:
+    trigger = Plateau(patience=0, min_epochs=3)
+    assert [trigger.update(t, t, 1.0) for t in range(1, 5)] == [False, False, True, True]
+    capped = Plateau(patience=100, max_epochs=3)
+    assert [capped.update(t, t, 1.0 / t) for t in range(1, 5)] == [False, False, True, True]
+    with pytest.raises(ValueError, match="max_epochs must be >= min_epochs"):
+        Plateau(min_epochs=5, max_epochs=2)
+    with pytest.raises(ValueError, match="mode must be one of 'min', 'max'; got 'mean'"):
+        Plateau(mode="mean")
+
+
+def test_plateau_needs_metric() -> None:
+    with pytest.raises(ValueError, match=r"Plateau\(patience=3\) monitors a value"):
+        Plateau(patience=3).update(1, 1, None)
+
+
+def test_relative_improvement() -> None:
+    trigger = RelativeImprovement(threshold=0.1)
+    metrics = [1.0, 0.5, 0.46, 0.3, 0.29]
+    # improvements: -, 50 %, 8 %, 34.8 %, 3.3 %
+    assert [trigger.update(t, t, m) for t, m in enumerate(metrics, 1)] == [
+        False, False, True, False, True,
+    ]
+
+
+def test_relative_improvement_window_patience_max_mode() -> None:
+    trigger = RelativeImprovement(threshold=0.2, window=2, patience=2, mode="max")
+    metrics = [0.5, 0.55, 0.61, 0.62, 0.64, 0.9]
+    # vs two steps back: 0.61/0.5=+22 % (not low), 0.62/0.55=+12.7 %, 0.64/0.61=+4.9 % -> fires
+    fired = [trigger.update(t, t, m) for t, m in enumerate(metrics, 1)]
+    assert fired == [False, False, False, False, True, False]
+    assert trigger.relative_improvement(0.0, 0.0) == 0.0
+
+
+def test_trigger_state_roundtrip_and_reset() -> None:
+    trigger = Plateau(patience=3)
+    for t, m in enumerate([0.5, 0.6, 0.7], 1):
+        trigger.update(t, t, m)
+    state = trigger.state_dict()
+    assert state == {"type": "Plateau", "best": 0.5, "num_bad": 2}
+    fresh = Plateau(patience=3)
+    fresh.load_state_dict(state)
+    assert fresh.update(4, 4, 0.55) is True
+    fresh.reset()
+    assert fresh.best is None and fresh.num_bad == 0
+    with pytest.raises(ValueError, match="cannot load the state of a Plateau trigger into a "
+                                         "RelativeImprovement trigger"):
+        RelativeImprovement().load_state_dict(state)
+    relative = RelativeImprovement(window=2)
+    relative.update(1, 1, 1.0)
+    copy = RelativeImprovement(window=2)
+    copy.load_state_dict(relative.state_dict())
+    assert copy.history == [1.0] and copy.num_low == 0

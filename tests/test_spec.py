@@ -1,0 +1,217 @@
+"""Spec strings: build_loss grammar, errors pointing at the position, repr round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dynloss
+from dynloss import (
+    LOSSES,
+    BCELoss,
+    CompositeLoss,
+    Cosine,
+    DiceLoss,
+    FocalLoss,
+    IoULoss,
+    LinearRamp,
+    Plateau,
+    RampCosine,
+    RelativeImprovement,
+    SpecError,
+    Step,
+    SwitchingLoss,
+    TopKLoss,
+    TverskyLoss,
+    build_loss,
+)
+
+PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("dice", "DiceLoss()"),
+        ("tversky(alpha=0.3,beta=0.7)", "TverskyLoss()"),
+        ("tversky(alpha=0.5, beta=0.5)", "TverskyLoss(alpha=0.5, beta=0.5)"),
+        ("tversky(0.2, 0.8)", "TverskyLoss(alpha=0.2, beta=0.8)"),
+        ("topk(k=0.1)", "TopKLoss(k=0.1)"),
+        ("jaccard", "IoULoss()"),
+        ("dice+focal", "CompositeLoss([DiceLoss(), FocalLoss()])"),
+        ("0.5*dice+bce", "CompositeLoss([DiceLoss(), BCELoss()], weights=[0.5, 1.0])"),
+        ("dice*2 + bce*0.5", "CompositeLoss([DiceLoss(), BCELoss()], weights=[2.0, 0.5])"),
+        ("iou->bce@50", "SwitchingLoss([IoULoss(), BCELoss()], milestones=[50])"),
+        ("dice->focal@30->bce@60",
+         "SwitchingLoss([DiceLoss(), FocalLoss(), BCELoss()], milestones=[30, 60])"),
+        ("iou->bce@plateau(patience=5)",
+         "SwitchingLoss([IoULoss(), BCELoss()], trigger=Plateau(patience=5))"),
+        ("iou -> bce @ relative(threshold=0.02)",
+         "SwitchingLoss([IoULoss(), BCELoss()], trigger=RelativeImprovement(threshold=0.02))"),
+        ("dice->focal@plateau->bce@60",
+         "SwitchingLoss([DiceLoss(), FocalLoss(), BCELoss()], trigger=[Plateau(), Milestone(60)])"),
+        ("dice+focal->bce@50",
+         "SwitchingLoss([CompositeLoss([DiceLoss(), FocalLoss()]), BCELoss()], milestones=[50])"),
+        ("(dice+bce)+focal",
+         "CompositeLoss([CompositeLoss([DiceLoss(), BCELoss()]), FocalLoss()])"),
+        ("linear_ramp(40, 60, 1.0, 0.0)*iou + linear_ramp(40, 60)*bce",
+         "CompositeLoss([IoULoss(), BCELoss()], weights=[LinearRamp(start=40, end=60, "
+         "initial=1.0, final=0.0), LinearRamp(start=40, end=60)])"),
+        ("0.5*dice", "CompositeLoss([DiceLoss()], weights=[0.5])"),
+        ("focal(gamma=1, alpha=[0.2, 0.8], mode='multiclass')",
+         "FocalLoss(gamma=1.0, alpha=[0.2, 0.8], mode='multiclass')"),
+        ('dice(mode="multilabel", ignore_index=-1, from_logits=False, check_values=None)',
+         "DiceLoss(mode='multilabel', from_logits=False, ignore_index=-1)"),
+    ],
+)
+def test_build_loss_examples(spec: str, expected: str) -> None:
+    assert repr(build_loss(spec)) == expected
+
+
+def test_build_loss_types_and_values() -> None:
+    loss = build_loss("dice->focal@30->bce@60")
+    assert isinstance(loss, SwitchingLoss) and loss.milestones == [30, 60]
+    assert [type(s) for s in loss.stages.values()] == [DiceLoss, FocalLoss, BCELoss]
+    tversky = build_loss("tversky(alpha=0.3,beta=0.7)")
+    assert isinstance(tversky, TverskyLoss) and (tversky.alpha, tversky.beta) == (0.3, 0.7)
+    assert build_loss("topk(k=0.1)").k == 0.1
+    composite = build_loss("0.5*dice+bce")
+    logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    expected = 0.5 * DiceLoss()(logits, target) + BCELoss()(logits, target)
+    torch.testing.assert_close(composite(logits, target), expected, rtol=0, atol=0)
+    module = DiceLoss()
+    assert build_loss(module) is module
+    with pytest.raises(TypeError, match="needs a spec string"):
+        build_loss(3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "position", "message"),
+    [
+        ("", 0, "empty spec"),
+        ("dice+", 5, "expected a loss, a number or a value; found the end of the spec"),
+        ("dice+focl", 5, "unknown name 'focl'; did you mean 'focal'?"),
+        ("tversky(alpah=0.3)", 8, "unknown parameter 'alpah' for tversky; did you mean 'alpha'?"),
+        ("topk(k=0.1, k=0.2)", 12, "parameter 'k' given twice"),
+        ("tversky(alpha=-1)", 14, "tversky: alpha must be >= 0; got -1.0"),
+        ("tversky(0.3, 0.7, 0.1)", 18, "tversky takes at most 2 positional arguments"),
+        ("dice(smooth=1, 'binary')", 15, "a positional argument cannot follow a keyword"),
+        ("iou->bce", 8, "expected '@' and a switch point"),
+        ("iou->bce@0", 9, "the switch epoch must be an integer >= 1; got 0"),
+        ("iou->bce@2.5", 9, "the switch epoch must be an integer >= 1; got 2.5"),
+        ("iou->bce@dice", 9, "'dice' is not a trigger"),
+        ("iou->bce@plateau(patience=-1)", 26, "plateau: patience must be >= 0"),
+        ("dice->bce@60->focal@30", 0, "milestones must be strictly increasing"),
+        ("dice*bce", 5, "a product must be one weight times one loss"),
+        ("0.5*2", 4, "a product must be one weight times one loss"),
+        ("-0.5*dice", 0, "a weight must be >= 0"),
+        ("0.5", 0, "expected a loss here"),
+        ("dice)", 4, "unexpected ')'"),
+        ("dice@50", 4, "'@' belongs after a stage that follows '->'"),
+        ("topk(k=0.1", 10, "expected ',' or ')' in the arguments of topk"),
+        ("dice $", 5, "unexpected character '$'"),
+        ("'abc", 0, "unterminated string"),
+        ("(dice", 5, "expected ')' to close the '(' group"),
+        ("dice(mode='x')", 10, "mode must be one of"),
+        ("CompositeLoss([dice], weights=[1, 2])", 0, "got 2 weights for 1 losses"),
+    ],
+)
+def test_errors_point_at_the_offending_position(spec: str, position: int, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        build_loss(spec)
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert message in error.message
+    assert error.position == position
+    assert str(error).endswith(f"\n    {spec}\n    {' ' * position}^")
+
+
+def test_error_lists_known_parameters() -> None:
+    with pytest.raises(ValueError, match=r"topk takes k, mode, from_logits, ignore_index"):
+        build_loss("topk(kk=1)")
+
+
+# ----------------------------------------------------------------------------- round trips
+ROUND_TRIP = [
+    BCELoss(),
+    BCELoss("multiclass", reduction="sum"),
+    FocalLoss(0.0, 0.25),
+    FocalLoss(alpha=[0.1, 0.2, 0.7], mode="multiclass", ignore_index=255),
+    TopKLoss(0.05, backend="reference"),
+    DiceLoss(smooth=1.0, eps=1e-05, per_image=True),
+    IoULoss("multilabel", from_logits=False, check_values=True),
+    TverskyLoss(0.1, 0.9, ddp_pool=True),
+    CompositeLoss([DiceLoss(), FocalLoss()]),
+    CompositeLoss({"region": IoULoss(), "pixel": BCELoss()}, weights=[0.25, 4.0]),
+    CompositeLoss([DiceLoss(), BCELoss()], weights=[Cosine(0, 10), Step([5], [0.0, 1.0])]),
+    CompositeLoss([TverskyLoss(), BCELoss()], weights=[1.0, RampCosine(0, 5, 10, 0.1, 0.9)]),
+    SwitchingLoss([IoULoss(), BCELoss()], milestones=[7]),
+    SwitchingLoss([DiceLoss(), TopKLoss(k=0.1)], trigger=Plateau(3, 0.001, "max", 5, 40),
+                  unit="step", sync_metric=False),
+    SwitchingLoss({"a": CompositeLoss([DiceLoss(), BCELoss()]), "b": FocalLoss()},
+                  trigger=[RelativeImprovement(threshold=0.02, window=3)]),
+    SwitchingLoss([DiceLoss(), FocalLoss(), BCELoss()], trigger=[Plateau(), 90]),
+    CompositeLoss([SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3]),
+                   IoULoss()], weights=[LinearRamp(0, 3), 2.0]),
+]
+
+
+@pytest.mark.parametrize("loss", ROUND_TRIP, ids=lambda loss: repr(loss)[:40])
+def test_repr_round_trips_through_build_loss(loss: torch.nn.Module) -> None:
+    rebuilt = build_loss(repr(loss))
+    assert type(rebuilt) is type(loss)
+    assert repr(rebuilt) == repr(loss)
+    # the repr is also valid Python
+    assert repr(eval(repr(loss), vars(dynloss))) == repr(loss)
+
+
+def test_repr_round_trip_keeps_behaviour() -> None:
+    loss = build_loss("iou->bce@plateau(patience=1)")
+    twin = build_loss(repr(loss))
+    for metric in [1.0, 0.8, 0.9]:
+        assert loss.step(metric) == twin.step(metric)
+    assert loss.active_index == twin.active_index == 1
+
+
+_number = st.floats(0.0, 1.0, allow_nan=False).map(lambda x: round(x, 3))
+_region = st.sampled_from(["dice", "iou", "tversky"])
+
+
+@st.composite
+def random_losses(draw, depth: int = 0):
+    kind = draw(st.sampled_from(["single", "single", "composite", "switching"]
+                                if depth < 2 else ["single"]))
+    if kind == "single":
+        name = draw(st.sampled_from(sorted(LOSSES)))
+        cls = LOSSES[name]
+        kwargs = {}
+        if name == "tversky":
+            kwargs = {"alpha": draw(_number), "beta": draw(_number)}
+        elif name == "focal":
+            kwargs = {"gamma": draw(st.sampled_from([0.0, 1.0, 2.0, 3.5]))}
+        elif name == "topk":
+            kwargs = {"k": draw(st.sampled_from([0.05, 0.1, 0.6, 1.0]))}
+        if name in ("dice", "iou", "tversky") and draw(st.booleans()):
+            kwargs["smooth"] = draw(_number)
+        if draw(st.booleans()):
+            kwargs["reduction"] = draw(st.sampled_from(["mean", "sum"]))
+        return cls(**kwargs)
+    parts = draw(st.lists(random_losses(depth + 1), min_size=2, max_size=3))
+    if kind == "composite":
+        weights = draw(st.one_of(st.none(), st.lists(
+            st.one_of(_number, st.builds(LinearRamp, st.integers(0, 5), st.integers(5, 9))),
+            min_size=len(parts), max_size=len(parts))))
+        return CompositeLoss(parts, weights=weights)
+    cuts = sorted(draw(st.sets(st.integers(1, 99), min_size=len(parts) - 1,
+                               max_size=len(parts) - 1)))
+    if draw(st.booleans()):
+        return SwitchingLoss(parts, milestones=cuts)
+    return SwitchingLoss(parts, trigger=[Plateau(patience=c % 7) for c in cuts])
+
+
+@PROPERTY
+@given(random_losses())
+def test_any_repr_round_trips(loss) -> None:
+    assert repr(build_loss(repr(loss))) == repr(loss)

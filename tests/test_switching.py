@@ -1,0 +1,436 @@
+"""CompositeLoss and SwitchingLoss: values, switching, callbacks, state and resume."""
+
+from __future__ import annotations
+
+import bisect
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynloss import (
+    BCELoss,
+    CompositeLoss,
+    DiceLoss,
+    FocalLoss,
+    IoULoss,
+    LinearRamp,
+    Milestone,
+    Plateau,
+    RelativeImprovement,
+    SwitchEvent,
+    SwitchingLoss,
+    TopKLoss,
+    TverskyLoss,
+    build_loss,
+    reset_plateau_scheduler,
+)
+
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 6, 6, generator=generator)
+    target = (torch.rand(2, 1, 6, 6, generator=generator) > 0.6).float()
+    return logits, target
+
+
+def _saved(module: torch.nn.Module) -> dict:
+    """state_dict through torch.save / torch.load(weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# ----------------------------------------------------------------------------- CompositeLoss
+def test_composite_is_the_weighted_sum_of_terms(batch) -> None:
+    logits, target = batch
+    dice, focal = DiceLoss(), FocalLoss()
+    loss = CompositeLoss([dice, focal], weights=[0.5, 2.0])
+    value = loss(logits, target)
+    expected = 0.5 * dice(logits, target) + 2.0 * focal(logits, target)
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    assert list(loss.last_terms) == ["dice", "focal"]
+    torch.testing.assert_close(loss.last_terms["dice"], dice(logits, target), rtol=0, atol=0)
+    assert not loss.last_terms["dice"].requires_grad
+
+
+def test_composite_paper_pairs_equal_plain_sum(batch) -> None:
+    logits, target = batch
+    for a, b in [(DiceLoss(), FocalLoss()), (IoULoss(), BCELoss()), (TverskyLoss(), BCELoss()),
+                 (IoULoss(), TopKLoss())]:
+        expected = a(logits, target) + b(logits, target)
+        torch.testing.assert_close(CompositeLoss([a, b])(logits, target), expected,
+                                   rtol=0, atol=0)
+
+
+def test_composite_gradients_flow(batch) -> None:
+    logits, target = batch
+    x = logits.clone().requires_grad_()
+    CompositeLoss([DiceLoss(), BCELoss()], weights=[0.0, 1.0])(x, target).backward()
+    y = logits.clone().requires_grad_()
+    BCELoss()(y, target).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_composite_names_nesting_and_mapping(batch) -> None:
+    logits, target = batch
+    inner = CompositeLoss({"a": DiceLoss(), "b": BCELoss()})
+    outer = CompositeLoss([DiceLoss(), inner, DiceLoss(smooth=1.0)])
+    assert outer.names == ["dice", "compositeloss", "dice_2"]
+    outer(logits, target)
+    assert sorted(outer.last_terms) == [
+        "compositeloss", "compositeloss.a", "compositeloss.b", "dice", "dice_2",
+    ]
+    torch.testing.assert_close(
+        outer.last_terms["compositeloss"],
+        outer.last_terms["compositeloss.a"] + outer.last_terms["compositeloss.b"],
+    )
+
+
+def test_composite_scheduled_weights_follow_step() -> None:
+    loss = CompositeLoss([DiceLoss(), BCELoss()],
+                         weights=[LinearRamp(0, 2, 1.0, 0.0), LinearRamp(0, 2)])
+    seen = []
+    for _ in range(4):
+        seen.append(loss.current_weights())
+        loss.step()
+    assert seen == [{"dice": 1.0, "bce": 0.0}, {"dice": 0.5, "bce": 0.5},
+                    {"dice": 0.0, "bce": 1.0}, {"dice": 0.0, "bce": 1.0}]
+    assert loss.count == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"losses": [DiceLoss()], "weights": [1.0, 2.0]}, ValueError, "got 2 weights for 1"),
+        ({"losses": [DiceLoss()], "weights": [-1.0]}, ValueError, "weight of 'dice' must be"),
+        ({"losses": [DiceLoss()], "weights": "1"}, TypeError, "weights must be a list"),
+        ({"losses": []}, ValueError, "needs at least one loss"),
+        ({"losses": DiceLoss()}, TypeError, "wrap it in a list"),
+        ({"losses": [DiceLoss, BCELoss()]}, TypeError, "must be an nn.Module"),
+        ({"losses": {"a.b": DiceLoss()}}, ValueError, "without '.'"),
+        ({"losses": {"a": DiceLoss()}, "weights": {"b": 1.0}}, ValueError, "same terms"),
+    ],
+)
+def test_composite_validation(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        CompositeLoss(**kwargs)
+
+
+def test_composite_shared_schedule_is_rejected() -> None:
+    ramp = LinearRamp(0, 3)
+    with pytest.raises(ValueError, match="same schedule object"):
+        CompositeLoss([DiceLoss(), BCELoss()], weights=[ramp, ramp])
+
+
+def test_composite_state_roundtrip_and_mismatch() -> None:
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)])
+    for _ in range(3):
+        loss.step()
+    state = _saved(loss)
+    fresh = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)])
+    fresh.load_state_dict(state)
+    assert fresh.count == 3 and fresh.current_weights() == {"dice": 1.0, "bce": 0.3}
+    with pytest.raises(ValueError, match=r"the state has 2 terms \['dice', 'bce'\], this loss "
+                                         r"has 3"):
+        CompositeLoss([DiceLoss(), BCELoss(), FocalLoss()]).load_state_dict(state)
+    with pytest.raises(ValueError, match="schedule weight in the state but a constant here"):
+        CompositeLoss([DiceLoss(), BCELoss()]).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- SwitchingLoss
+def test_switching_default_is_the_papers_epoch_50(batch) -> None:
+    logits, target = batch
+    loss = SwitchingLoss([IoULoss(), BCELoss()])
+    assert loss.milestones == [50] and loss.unit == "epoch"
+    for epoch in range(60):
+        expected = IoULoss() if epoch < 50 else BCELoss()
+        assert loss.active_index == (0 if epoch < 50 else 1)
+        if epoch in (0, 49, 50, 59):
+            torch.testing.assert_close(loss(logits, target), expected(logits, target),
+                                       rtol=0, atol=0)
+        switched = loss.step()
+        assert switched == (epoch == 49)
+    assert loss.switches == [(0, 1, 50)]
+    assert repr(loss) == "SwitchingLoss([IoULoss(), BCELoss()], milestones=[50])"
+
+
+def test_switching_three_stages_and_last_terms(batch) -> None:
+    logits, target = batch
+    loss = SwitchingLoss({"warm": CompositeLoss([DiceLoss(), FocalLoss()]), "bce": BCELoss(),
+                          "topk": TopKLoss()}, milestones=[1, 3], unit="step")
+    names = []
+    for _ in range(5):
+        names.append(loss.active_name)
+        loss(logits, target)
+        loss.step()
+    assert names == ["warm", "bce", "bce", "topk", "topk"]
+    loss2 = SwitchingLoss({"warm": CompositeLoss([DiceLoss(), FocalLoss()]), "bce": BCELoss(),
+                           "topk": TopKLoss()}, milestones=[1, 3], unit="step")
+    loss2(logits, target)
+    assert sorted(loss2.last_terms) == ["warm", "warm.dice", "warm.focal"]
+    assert repr(loss2) == (
+        "SwitchingLoss({'warm': CompositeLoss([DiceLoss(), FocalLoss()]), 'bce': BCELoss(), "
+        "'topk': TopKLoss()}, milestones=[1, 3], unit='step')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        ([[DiceLoss()]], {}, ValueError, "at least two stages"),
+        ([[DiceLoss(), BCELoss(), FocalLoss()]], {}, ValueError, "needs milestones"),
+        ([[DiceLoss(), BCELoss()], [10, 20]], {}, ValueError, r"2 stages need 1 milestone \("),
+        ([[DiceLoss(), BCELoss(), FocalLoss()], [20, 10]], {}, ValueError, "strictly increasing"),
+        ([[DiceLoss(), BCELoss()], [0]], {}, ValueError, "at must be >= 1"),
+        ([[DiceLoss(), BCELoss()], [5]], {"trigger": Plateau()}, ValueError, "not both"),
+        ([[DiceLoss(), BCELoss()]], {"unit": "iteration"}, ValueError, "unit must be one of"),
+        ([[DiceLoss(), BCELoss()]], {"trigger": "plateau"}, TypeError, "must be a Trigger"),
+        ([[DiceLoss(), BCELoss()], 50], {}, TypeError, "milestones must be a list of ints"),
+    ],
+)
+def test_switching_validation(args, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        SwitchingLoss(*args, **kwargs)
+
+
+def test_switching_trigger_forms() -> None:
+    shared = Plateau(patience=2)
+    loss = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=shared)
+    assert loss.triggers[0] is shared and loss.triggers[1] is not shared
+    assert repr(loss.triggers[1]) == "Plateau(patience=2)"
+    mixed = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=[Plateau(), 40])
+    assert isinstance(mixed.triggers[1], Milestone) and mixed.milestones is None
+    with pytest.raises(ValueError, match="same trigger object is used twice"):
+        SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=[shared, shared])
+
+
+def test_adaptive_switch_on_plateau_with_min_epochs() -> None:
+    loss = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()],
+                         trigger=[Plateau(patience=1, min_epochs=3), Plateau(patience=2)])
+    metrics = [1.0, 1.0, 1.0, 0.5, 0.4, 0.4, 0.4, 0.4]
+    indices = []
+    for metric in metrics:
+        loss.step(metric=metric)
+        indices.append(loss.active_index)
+    # stage 0: no improvement at step 2 but min_epochs=3 -> switch at step 3.
+    # stage 1 starts fresh: 0.5 best, 0.4 better, 0.4, 0.4 -> 2 bad steps at step 7.
+    assert indices == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert loss.switches == [(0, 1, 3), (1, 2, 7)]
+
+
+def test_adaptive_switch_accepts_a_tensor_metric_and_requires_one() -> None:
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=RelativeImprovement(threshold=0.5))
+    loss.step(torch.tensor(1.0))
+    assert loss.step(torch.tensor(0.9)) is True
+    fresh = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau())
+    with pytest.raises(ValueError, match=r"Plateau\(\) monitors a value: call step\(metric="):
+        fresh.step()
+
+
+def test_on_switch_callbacks_receive_the_event() -> None:
+    events: list[SwitchEvent] = []
+    dice, bce = DiceLoss(), BCELoss()
+    loss = SwitchingLoss([dice, bce], milestones=[2], on_switch=events.append)
+    order: list[str] = []
+    loss.on_switch(lambda event: order.append("second"))
+    for _ in range(4):
+        loss.step()
+    assert len(events) == 1 and order == ["second"]
+    event = events[0]
+    assert (event.old_index, event.new_index, event.count, event.unit) == (0, 1, 2, "epoch")
+    assert event.old is dice and event.new is bce
+    assert (event.old_name, event.new_name) == ("dice", "bce")
+    assert repr(event.trigger) == "Milestone(2)"
+    with pytest.raises(TypeError, match="needs a callable"):
+        loss.on_switch(3)
+
+
+def test_reset_plateau_scheduler_at_the_switch() -> None:
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=2, factor=0.5)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3])
+    loss.on_switch(reset_plateau_scheduler(scheduler))
+    for train_loss in [0.5, 0.4, 0.4]:  # region-loss scale
+        scheduler.step(train_loss)
+        loss.step()
+    assert loss.active_index == 1
+    assert scheduler.best == float("inf") and scheduler.num_bad_epochs == 0
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    restart = reset_plateau_scheduler(scheduler, lr=0.25)
+    restart(None)
+    assert optimizer.param_groups[0]["lr"] == 0.25 and scheduler.get_last_lr() == [0.25]
+    with pytest.raises(TypeError, match=r"needs a torch\.optim\.lr_scheduler\.ReduceLROnPlateau"):
+        reset_plateau_scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 3))
+    with pytest.raises(ValueError, match="got 2 values for 1 parameter groups"):
+        reset_plateau_scheduler(scheduler, lr=[0.1, 0.2])
+
+
+def test_without_reset_a_scale_jump_keeps_stale_plateau_state() -> None:
+    """Why the recipe exists: after the switch the stale best value is never beaten."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=1)
+    for dice in [0.7, 0.75]:  # validation Dice under the region loss
+        scheduler.step(dice)
+    scheduler.step(0.74)  # first epoch after the switch: a transient dip
+    assert scheduler.num_bad_epochs == 1
+    reset_plateau_scheduler(scheduler)(None)
+    scheduler.step(0.74)
+    assert scheduler.num_bad_epochs == 0 and scheduler.best == 0.74
+
+
+def test_switching_steps_nested_schedules_on_the_global_counter() -> None:
+    ramp = LinearRamp(2, 4)
+    composite = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    loss = SwitchingLoss([BCELoss(), composite], milestones=[1])
+    for _ in range(3):
+        loss.step()
+    assert ramp.count == 3 and composite.count == 3
+    assert composite.current_weights() == {"dice": 1.0, "bce": 0.5}
+
+
+# ------------------------------------------------------------------------------ properties
+@PROPERTY
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=4, unique=True),
+       st.sampled_from(["epoch", "step"]))
+def test_switch_happens_exactly_at_the_milestone(milestones, unit) -> None:
+    milestones = sorted(milestones)
+    stages = [DiceLoss(), BCELoss(), FocalLoss(), TopKLoss(), IoULoss()][: len(milestones) + 1]
+    loss = SwitchingLoss(stages, milestones=milestones, unit=unit)
+    for count in range(milestones[-1] + 3):
+        assert loss.count == count
+        assert loss.active_index == bisect.bisect_right(milestones, count)
+        assert loss.active is stages[loss.active_index]
+        loss.step()
+    assert [s[2] for s in loss.switches] == milestones
+
+
+@PROPERTY
+@given(st.integers(1, 30), st.integers(0, 40))
+def test_hard_switch_equals_a_ramp_of_zero_width(milestone, epochs) -> None:
+    logits = torch.linspace(-3, 3, 18).reshape(2, 1, 3, 3)
+    target = (torch.arange(18).reshape(2, 1, 3, 3) % 3 == 0).float()
+    first, second = IoULoss(), BCELoss()
+    switching = SwitchingLoss([first, second], milestones=[milestone])
+    ramped = CompositeLoss([first, second], weights=[
+        LinearRamp(milestone, milestone, initial=1.0, final=0.0),
+        LinearRamp(milestone, milestone, initial=0.0, final=1.0),
+    ])
+    for _ in range(epochs):
+        switching.step()
+        ramped.step()
+    weights = list(ramped.current_weights().values())
+    assert weights == ([1.0, 0.0] if switching.active_index == 0 else [0.0, 1.0])
+    assert torch.equal(switching(logits, target), ramped(logits, target))
+
+
+def _make_resumable(kind: str) -> SwitchingLoss:
+    composite = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(3, 9, 1.0, 0.0),
+                                                                LinearRamp(3, 9)])
+    if kind == "milestones":
+        return SwitchingLoss([composite, FocalLoss(), BCELoss()], milestones=[6, 14])
+    if kind == "plateau":
+        return SwitchingLoss([composite, FocalLoss(), BCELoss()],
+                             trigger=[Plateau(patience=2, min_delta=0.01), Plateau(patience=3)])
+    return SwitchingLoss([composite, FocalLoss(), BCELoss()],
+                         trigger=[RelativeImprovement(0.05, window=2), 18])
+
+
+def _trace(loss: SwitchingLoss, metrics: list[float]) -> list[tuple]:
+    composite = loss.stages[loss.names[0]]
+    out = []
+    for metric in metrics:
+        loss.step(metric=metric)
+        out.append((loss.count, loss.active_index, loss.stage_count,
+                    tuple(composite.current_weights().values()), tuple(loss.switches)))
+    return out
+
+
+@PROPERTY
+@given(st.sampled_from(["milestones", "plateau", "relative"]),
+       st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=30),
+       st.data())
+def test_resume_at_any_step_reproduces_the_uninterrupted_run(kind, metrics, data) -> None:
+    cut = data.draw(st.integers(0, len(metrics)))
+    uninterrupted = _trace(_make_resumable(kind), metrics)
+    first = _make_resumable(kind)
+    head = _trace(first, metrics[:cut])
+    resumed = _make_resumable(kind)
+    resumed.load_state_dict(_saved(first))
+    assert resumed.count == cut
+    assert head + _trace(resumed, metrics[cut:]) == uninterrupted
+
+
+def test_state_dict_contents_and_mismatch_errors() -> None:
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=1))
+    loss.step(0.5)
+    loss.step(0.6)
+    state = _saved(loss)
+    assert state["_extra_state"] == {
+        "num_stages": 2, "unit": "epoch", "count": 2, "stage_count": 0, "active_index": 1,
+        "switches": [[0, 1, 2]], "triggers": [{"type": "Plateau", "best": 0.5, "num_bad": 1}],
+    }
+    three = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], milestones=[2, 4])
+    with pytest.raises(ValueError, match="saved from a loss with 2 stages; this one has 3 "
+                                         r"\(dice, bce, focal\)"):
+        three.load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot load the state of a Plateau trigger into a "
+                                         "Milestone trigger"):
+        SwitchingLoss([DiceLoss(), BCELoss()], milestones=[5]).load_state_dict(state)
+    with pytest.raises(ValueError, match="the state counts unit='epoch', this loss unit='step'"):
+        SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(), unit="step").load_state_dict(
+            state)
+    with pytest.raises(ValueError, match="not saved from a SwitchingLoss"):
+        loss.load_state_dict({"_extra_state": {"count": 1}})
+
+
+def test_state_dict_nested_in_a_model_checkpoint() -> None:
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Conv2d(1, 1, 1)
+            self.loss = build_loss("dice+linear_ramp(0,4)*bce->focal@3")
+
+    model = Wrapper()
+    for _ in range(4):
+        model.loss.step()
+    state = _saved(model)
+    assert "loss._extra_state" in state and "loss.stages.compositeloss._extra_state" in state
+    fresh = Wrapper()
+    fresh.load_state_dict(state)
+    assert fresh.loss.active_index == 1 and fresh.loss.stages["compositeloss"].count == 4
+
+
+def test_region_loss_ddp_pool_validation() -> None:
+    with pytest.raises(ValueError, match="ddp_pool=True pools the batch sums across ranks and "
+                                         "needs per_image=False"):
+        DiceLoss(per_image=True, ddp_pool=True)
+    with pytest.raises(TypeError, match="ddp_pool must be a bool"):
+        TverskyLoss(ddp_pool=1)
+    assert repr(IoULoss(ddp_pool=True)) == "IoULoss(ddp_pool=True)"
+
+
+def test_mismatched_nested_state_is_a_value_error_not_a_key_error() -> None:
+    saved = _saved(build_loss("dice+bce->focal@3->bce@6"))
+    with pytest.raises(ValueError, match="saved from a loss with 3 stages; this one has 2"):
+        build_loss("dice+bce->focal@3").load_state_dict(saved)
+
+
+def test_public_exports() -> None:
+    import dynloss
+    from dynloss.functional import dice_loss
+
+    for name in ("CompositeLoss", "SwitchingLoss", "build_loss", "LinearRamp", "RampCosine",
+                 "Plateau", "RelativeImprovement", "Milestone", "reset_plateau_scheduler"):
+        assert name in dynloss.__all__ and getattr(dynloss, name) is getattr(dynloss.schedules,
+                                                                               name)
+    logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    assert dice_loss(logits, target, ddp_pool=True).item() == pytest.approx(1 / 3)
