@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="global batch size (paper: 32)")
     g.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-4)")
     g.add_argument("--plateau-patience", type=int, help="ReduceLROnPlateau patience")
+    g.add_argument("--precise-bn", type=int,
+                   help="recompute BatchNorm statistics over N training batches before each "
+                        "evaluation (demo: 8; paper: 0 = off)")
     g.add_argument("--monitor", default="dice_global",
                    help="validation metric for ReduceLROnPlateau and best.pt")
     g.add_argument("--encoder-weights", default="none",

@@ -60,7 +60,7 @@ def make_volume(
     t_start = int(rng.integers(1, max(2, n_slices - t_len - 1)))
     t_tube = int(rng.integers(n_tubes))
     t_angle = rng.uniform(0, 2 * np.pi)
-    t_radius = rng.uniform(0.05, 0.08) * min(h, w)
+    t_radius = rng.uniform(0.07, 0.1) * min(h, w)
 
     for z in range(n_slices):
         s = image[z]

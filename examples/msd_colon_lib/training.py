@@ -58,6 +58,7 @@ class RunConfig:
     workers: int = 0
     device: str = "auto"
     eval_batch_size: int = 64
+    precise_bn: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +172,40 @@ def build_model(
     return model
 
 
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, loader: DataLoader, *, device: torch.device,
+                   autocast_dtype: torch.dtype | None, channels_last: bool) -> None:
+    """"Precise BN": recompute every BatchNorm's running statistics for the current weights.
+
+    The running averages lag behind the weights early in training (a run of a few dozen
+    steps predicts garbage in eval mode). This replaces them by the exact population mean and
+    variance over ``loader`` (cumulative average, ``momentum=None``), with dropout and drop
+    connect off. Weights, gradients, optimizer and the global RNG are untouched, so training
+    itself is unchanged; only evaluation sees better statistics.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for images, _, _ in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                model(images)
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -179,6 +214,7 @@ DISTRIBUTION = {"bce", "focal", "topk"}
 
 
 def build_loss(spec: str) -> torch.nn.Module:
+    """A dynloss loss from its spec string (``"iou"``, ``"tversky+bce"``, ``"iou->bce@50"``)."""
     import dynloss
 
     return dynloss.build_loss(spec)
@@ -186,23 +222,27 @@ def build_loss(spec: str) -> torch.nn.Module:
 
 def stage_info(loss_fn: torch.nn.Module) -> tuple[int, str]:
     """``(active stage index, repr of the active loss)``; single/composite losses: stage 0."""
-    if hasattr(loss_fn, "active_index"):
-        return int(loss_fn.active_index), _short(loss_fn.active)
-    return 0, _short(loss_fn)
+    from dynloss import SwitchingLoss
 
-
-def _short(loss: torch.nn.Module) -> str:
-    return getattr(loss, "spec", None) or repr(loss)
+    if isinstance(loss_fn, SwitchingLoss):
+        return int(loss_fn.active_index), repr(loss_fn.active)
+    return 0, repr(loss_fn)
 
 
 def term_values(loss_fn: torch.nn.Module, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Detached, unweighted value of every term of the active loss (no device sync)."""
-    active = loss_fn.active if hasattr(loss_fn, "active") else loss_fn
-    terms = getattr(active, "last_terms", None)
-    if terms:
-        return {str(k): v.detach() for k, v in terms.items()}
-    name = getattr(active, "name", None) or type(active).__name__
-    return {str(name): value.detach()}
+    """Detached, unweighted value of every leaf term of the loss just computed (no sync).
+
+    ``CompositeLoss`` / ``SwitchingLoss`` expose ``last_terms`` with nested entries
+    (``"compositeloss.iou"``); only the leaves are kept, named by their last component, so a
+    run logs e.g. ``{"iou": ..., "bce": ...}`` whatever the nesting.
+    """
+    terms = getattr(loss_fn, "last_terms", None)
+    if not terms:
+        name = getattr(loss_fn, "name", None) or type(loss_fn).__name__.lower()
+        return {str(name): value.detach()}
+    keys = list(terms)
+    leaves = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]
+    return {k.rsplit(".", 1)[-1]: terms[k].detach() for k in leaves}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -308,7 +348,7 @@ def train_run(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    _attach_plateau_reset(loss_fn, scheduler)
+    _attach_plateau_reset(loss_fn, scheduler, cfg.lr)
 
     history: list[dict[str, Any]] = []
     best = -math.inf
@@ -377,6 +417,7 @@ def train_run(
         # ---- validation (rank 0), the same number on every rank
         metrics = None
         if d.main:
+            _precise_bn(cfg, model, store, splits["train"], device, amp_dtype, channels_last)
             counts, index, _ = predict_counts(
                 model, _loader(store, splits["val"], cfg.eval_batch_size, shuffle=False,
                                seed=0, epoch=0, workers=cfg.workers, d=Dist(),
@@ -391,7 +432,7 @@ def train_run(
         monitored = -1.0 if math.isnan(monitored) else monitored
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(monitored)
-        if hasattr(loss_fn, "step"):
+        if hasattr(loss_fn, "step"):  # the epoch's training loss feeds adaptive triggers
             loss_fn.step(metric=train_loss)
         record = {
             "epoch": epoch + 1, "stage": stage, "active": active, "lr": lr,
@@ -455,6 +496,17 @@ def train_run(
     return broadcast(d, result)
 
 
+def _precise_bn(cfg: RunConfig, model: torch.nn.Module, store: SliceStore, train: np.ndarray,
+                device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> None:
+    if cfg.precise_bn <= 0:
+        return
+    chosen = np.random.default_rng(cfg.seed).permutation(train)[: cfg.precise_bn * cfg.batch_size]
+    loader = _loader(store, np.sort(chosen), cfg.batch_size, shuffle=False, seed=0, epoch=0,
+                     workers=cfg.workers, d=Dist(), pin=device.type == "cuda")
+    recalibrate_bn(model, loader, device=device, autocast_dtype=amp_dtype,
+                   channels_last=channels_last)
+
+
 def _mean_across(d: Dist, total: torch.Tensor, n: int) -> float:
     if d.enabled:
         buf = torch.stack([total.detach().float(), torch.tensor(float(n), device=total.device)])
@@ -464,13 +516,16 @@ def _mean_across(d: Dist, total: torch.Tensor, n: int) -> float:
     return float(total) / max(n, 1)
 
 
-def _attach_plateau_reset(loss_fn: torch.nn.Module, scheduler: Any) -> None:
-    """Reset ReduceLROnPlateau's history (and restore the initial LR) at every loss switch."""
-    import dynloss
+def _attach_plateau_reset(loss_fn: torch.nn.Module, scheduler: Any, lr: float) -> None:
+    """At every loss switch: forget ReduceLROnPlateau's history and restore the initial LR.
 
-    helper = getattr(dynloss, "reset_plateau_on_switch", None)
-    if hasattr(loss_fn, "on_switch") and helper is not None:
-        helper(loss_fn, scheduler)
+    The new loss is a new objective; its first epochs should not be judged against the old
+    loss's best validation score, nor start at an LR the old loss had already decayed.
+    """
+    from dynloss import SwitchingLoss, reset_plateau_scheduler
+
+    if isinstance(loss_fn, SwitchingLoss):
+        loss_fn.on_switch(reset_plateau_scheduler(scheduler, lr=lr))
 
 
 # ----------------------------------------------------------------------------- benchmark
