@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--phantom-patients", type=int, default=10, help="phantom: number of volumes")
     g.add_argument("--phantom-seed", type=int, default=0)
     g.add_argument("--phantom-size", type=int, default=128, help="phantom: in-plane voxels")
-    g.add_argument("--phantom-slices", type=int, nargs=2, default=(28, 36), metavar=("MIN", "MAX"),
+    g.add_argument("--phantom-slices", type=int, nargs=2, default=(24, 32), metavar=("MIN", "MAX"),
                    help="phantom: slices per volume")
     g = p.add_argument_group("protocol")
     g.add_argument("--preset", choices=("demo", "paper"), default="demo",
@@ -78,8 +78,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--threads", type=int,
-                   help="torch CPU threads per process (default: torch's choice; 1 is much "
-                        "faster on a CPU shared with other jobs)")
+                   help="torch CPU threads per process (default: torch's choice, or 1 when "
+                        "the CPU is already busy: spinning threads then cost far more than "
+                        "they gain)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/msd_colon", help="output folder")
     g.add_argument("--resume", action="store_true",

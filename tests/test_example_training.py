@@ -125,3 +125,24 @@ def test_ddp_two_process_gloo_smoke(tmp_path):
     assert result["world_size"] == 2
     assert [h["stage"] for h in result["history"]] == [0, 1]
     assert (out / "report.md").exists()
+
+
+def test_precise_bn_recomputes_population_statistics():
+    from msd_colon_lib.training import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.01),
+                                torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 1, 1))
+    x = torch.randn(12, 3, 5, 5) * 3 + 1
+    data = [(x[i : i + 4], torch.zeros(4, 1, 5, 5), torch.arange(4)) for i in range(0, 12, 4)]
+    rng = torch.get_rng_state()
+    recalibrate_bn(model, data, device=torch.device("cpu"), autocast_dtype=None,
+                   channels_last=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    with torch.no_grad():
+        h = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, h.mean((0, 2, 3)))
+    # momentum=None: the plain average of the per-batch (unbiased) variances
+    per_batch = torch.stack([h[i : i + 4].var((0, 2, 3), unbiased=True) for i in (0, 4, 8)])
+    torch.testing.assert_close(model[1].running_var, per_batch.mean(0))
+    assert model[1].momentum == 0.01 and model.training

@@ -104,7 +104,7 @@ def make_phantom(
     *,
     n_patients: int = 10,
     shape: tuple[int, int] = (128, 128),
-    slices: tuple[int, int] = (28, 36),
+    slices: tuple[int, int] = (24, 32),
     tumour_fraction: float = 0.1,
     seed: int = 0,
 ) -> Path:

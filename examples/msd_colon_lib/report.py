@@ -232,6 +232,7 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     chosen: dict[str, tuple[RunSpec, dict]] = {}
     for spec, res in runs:
@@ -255,6 +256,8 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]])
         for ax in (top, bottom):
             for s in _switch_epochs(hist):
                 ax.axvline(s + 0.5, color="k", ls="--", lw=1, label="switch")
+            ax.set_xlim(0.5, len(hist) + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             if ax.lines:
@@ -267,14 +270,17 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]])
             bottom.set_yscale("log")
     ax = axes[0, n]
     seen = set()
+    styles = ["-", "--", ":", "-."]
     for spec, res in runs:
         if spec.loss in seen or spec.table == "table4":
             continue
-        seen.add(spec.loss)
         hist = res["history"]
         ax.plot([h["epoch"] for h in hist], [h.get("val_dice_global") for h in hist],
-                marker=".", label=spec.loss)
-    ax.set_title("validation Dice (global)", fontsize=10)
+                marker="os^vD<>"[len(seen) % 7], ms=6 - len(seen) % 3,
+                ls=styles[len(seen) % 4], label=spec.loss, alpha=0.85)
+        seen.add(spec.loss)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("validation Dice (global); same-seed runs\nshare their first stage", fontsize=9)
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -337,7 +343,7 @@ def plot_qualitative(
         ax.set_yticks([])
     pid = store.patient_names[int(store.patients[slice_index])]
     fig.suptitle(f"test slice {slice_index} ({pid}); green: ground-truth outline", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -179,7 +179,7 @@ def recalibrate_bn(model: torch.nn.Module, loader: DataLoader, *, device: torch.
 
     The running averages lag behind the weights early in training (a run of a few dozen
     steps predicts garbage in eval mode). This replaces them by the exact population mean and
-    variance over ``loader`` (cumulative average, ``momentum=None``), with dropout and drop
+    variance over ``loader`` (average over batches, ``momentum=None``), with dropout and drop
     connect off. Weights, gradients, optimizer and the global RNG are untouched, so training
     itself is unchanged; only evaluation sees better statistics.
     """
