@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
                    help="continue unfinished runs from their last.pt (finished runs are "
                         "always skipped)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--dry-run", action="store_true", help="print the runs of the grid and exit")
     g.add_argument("--benchmark", action="store_true",
                    help="time training steps (images/s, loss share) instead of training")
     g.add_argument("--benchmark-steps", type=int, default=30)

@@ -146,3 +146,21 @@ def test_precise_bn_recomputes_population_statistics():
     per_batch = torch.stack([h[i : i + 4].var((0, 2, 3), unbiased=True) for i in (0, 4, 8)])
     torch.testing.assert_close(model[1].running_var, per_batch.mean(0))
     assert model[1].momentum == 0.01 and model.training
+
+
+def test_paper_preset_plans_the_papers_grid():
+    out = msd_colon.main(["--preset", "paper", "--dry-run"])
+    grid, args = out["plan"], out["args"]
+    assert (args.image_size, args.batch_size, args.lr) == (256, 32, 1e-4)
+    tables = [spec.table for spec in grid]
+    assert tables.count("table1") == 6 * 3 and tables.count("table2") == 4 * 3
+    assert tables.count("table3") == 9 * 3 and tables.count("table4") == 4 * 5 * 2
+    assert {s.epochs for s in grid if s.table == "table1"} == {50}
+    assert {s.epochs for s in grid if s.table != "table1"} == {100}
+    assert {s.loss for s in grid if s.table == "table3"} >= {"iou->bce@50", "tversky->topk@50"}
+    assert len({s.name for s in grid}) == len(grid)  # every run has its own folder
+
+
+def test_default_is_the_scaled_down_demo_grid():
+    grid = msd_colon.main(["--dry-run"])["plan"]
+    assert [s.loss for s in grid] == ["iou", "bce", "iou+bce", "iou->bce@3"]

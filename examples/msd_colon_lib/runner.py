@@ -144,6 +144,16 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     args = apply_preset(args)
+    if args.dry_run:
+        grid = experiments.plan(
+            args.experiment, seeds=args.seeds, epochs=args.epochs, long_epochs=args.long_epochs,
+            switch_epoch=args.switch_epoch, folds=args.folds, losses=args.loss or None,
+        )
+        for spec in grid:
+            print(f"{spec.name}: loss {spec.loss!r}, {spec.epochs} epochs")
+        print(f"{len(grid)} runs; image size {args.image_size}, batch {args.batch_size}, "
+              f"lr {args.lr}, split {args.split}")
+        return {"plan": grid, "args": args}
     _set_threads(args)
     d = setup_distributed(args.device)
     out = Path(args.out)
