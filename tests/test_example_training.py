@@ -164,3 +164,17 @@ def test_paper_preset_plans_the_papers_grid():
 def test_default_is_the_scaled_down_demo_grid():
     grid = msd_colon.main(["--dry-run"])["plan"]
     assert [s.loss for s in grid] == ["iou", "bce", "iou+bce", "iou->bce@3"]
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    from msd_colon_lib.training import build_model
+
+    torch.manual_seed(1)
+    source = build_model()
+    path = tmp_path / "encoder.pt"
+    torch.save(source.encoder.state_dict(), path)
+    torch.manual_seed(2)
+    model = build_model(encoder_weights=str(path))
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(value, model.encoder.state_dict()[key]), key
+    assert not model.encoder._conv_head.weight.requires_grad  # unused by the U-Net: frozen
