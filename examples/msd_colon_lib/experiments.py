@@ -1,0 +1,180 @@
+"""The experiment grids of the paper's Tables 1-4, the paper's numbers, and the t-tests.
+
+- table1: the six single losses for ``epochs`` epochs;
+- table2: the four composites ``L_A + L_B`` for ``long_epochs`` epochs;
+- table3: the nine switches region -> distribution at ``switch_epoch``, ``long_epochs`` in all;
+- table4: k-fold cross-validation of four composite (CF) vs switching (DA) pairs, compared per
+  fold with a paired t-test *and* Student's two-sample t-test (equal variances), two-sided;
+- demo: the embedded default -- one region loss, one distribution loss, their composite and the
+  switch between them (laid out as rows of Tables 1-3).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SINGLE = ("focal", "topk", "bce", "dice", "iou", "tversky")
+COMPOSITE = ("tversky+bce", "iou+bce", "iou+topk", "dice+focal")
+REGION = ("dice", "iou", "tversky")
+DISTRIBUTION = ("focal", "topk", "bce")
+TABLE4_PAIRS = (("tversky", "bce"), ("iou", "bce"), ("iou", "topk"), ("dice", "focal"))
+EXPERIMENTS = ("demo", "table1", "table2", "table3", "table4", "all")
+
+# The paper's numbers: mean (std) Dice and IoU.
+PAPER_TABLE1 = {
+    "focal": (0.7538, 0.0062, 0.6342, 0.0060),
+    "topk": (0.7465, 0.0142, 0.6265, 0.0154),
+    "bce": (0.7462, 0.0111, 0.6324, 0.0140),
+    "dice": (0.6976, 0.0132, 0.5792, 0.0134),
+    "iou": (0.6759, 0.0151, 0.5582, 0.0164),
+    "tversky": (0.6740, 0.0290, 0.5469, 0.0329),
+}
+PAPER_TABLE2 = {
+    "tversky+bce": (0.7153, 0.5985),
+    "iou+bce": (0.7060, 0.5912),
+    "iou+topk": (0.7034, 0.5897),
+    "dice+focal": (0.6983, 0.5828),
+}
+PAPER_TABLE3 = {
+    "dice->focal": (0.7642, 0.6507), "dice->topk": (0.7734, 0.6608), "dice->bce": (0.7758, 0.6574),
+    "iou->focal": (0.7769, 0.6558), "iou->topk": (0.7851, 0.6689), "iou->bce": (0.7882, 0.6750),
+    "tversky->focal": (0.7583, 0.6426), "tversky->topk": (0.7842, 0.6667),
+    "tversky->bce": (0.7866, 0.6754),
+}
+# pair: (CF Dice, DA Dice, CF IoU, DA IoU); all p < 0.003 in the paper (test not stated)
+PAPER_TABLE4 = {
+    "tversky&bce": (0.66, 0.78, 0.54, 0.67),
+    "iou&bce": (0.65, 0.77, 0.56, 0.67),
+    "iou&topk": (0.63, 0.78, 0.54, 0.67),
+    "dice&focal": (0.67, 0.76, 0.57, 0.65),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a grid."""
+
+    table: str
+    loss: str
+    epochs: int
+    seed: int
+    fold: int | None = None
+    pair: str | None = None  # table4: "iou&bce"
+
+    @property
+    def name(self) -> str:
+        part = f"fold{self.fold}" if self.fold is not None else f"seed{self.seed}"
+        return f"{self.table}/{slug(self.loss)}/{part}"
+
+    @property
+    def key(self) -> str:
+        """The loss without its switch epoch, as the paper's tables name it."""
+        return base_spec(self.loss)
+
+
+def slug(spec: str) -> str:
+    """A folder name for a loss spec: ``iou->bce@50`` -> ``iou_to_bce_at_50``."""
+    s = spec.replace("->", "_to_").replace("+", "_plus_").replace("@", "_at_").replace("*", "x")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "", s)
+
+
+def base_spec(spec: str) -> str:
+    return re.sub(r"@[^-+>]*", "", spec)
+
+
+def kind(spec: str) -> str:
+    """``single``, ``composite`` or ``switch``."""
+    if "->" in spec:
+        return "switch"
+    return "composite" if "+" in spec else "single"
+
+
+def plan(
+    experiment: str,
+    *,
+    seeds: Sequence[int] = (0,),
+    epochs: int = 50,
+    long_epochs: int = 100,
+    switch_epoch: int = 50,
+    folds: int = 5,
+    demo_pair: tuple[str, str] = ("iou", "bce"),
+    losses: Sequence[str] | None = None,
+) -> list[RunSpec]:
+    """The runs of ``experiment``; ``losses`` replaces the grid by the given specs."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {EXPERIMENTS}, got {experiment!r}")
+    runs: list[RunSpec] = []
+    if losses:
+        for spec in losses:
+            table = {"single": "table1", "composite": "table2", "switch": "table3"}[kind(spec)]
+            n = epochs if kind(spec) == "single" else long_epochs
+            runs += [RunSpec(table, spec, n, s) for s in seeds]
+        return runs
+    wanted = {"table1", "table2", "table3", "table4"} if experiment == "all" else {experiment}
+    if "demo" in wanted:
+        region, distribution = demo_pair
+        for s in seeds:
+            runs.append(RunSpec("table1", region, epochs, s))
+            runs.append(RunSpec("table1", distribution, epochs, s))
+            runs.append(RunSpec("table2", f"{region}+{distribution}", long_epochs, s))
+            switch = f"{region}->{distribution}@{switch_epoch}"
+            runs.append(RunSpec("table3", switch, long_epochs, s))
+    if "table1" in wanted:
+        runs += [RunSpec("table1", spec, epochs, s) for spec in SINGLE for s in seeds]
+    if "table2" in wanted:
+        runs += [RunSpec("table2", spec, long_epochs, s) for spec in COMPOSITE for s in seeds]
+    if "table3" in wanted:
+        runs += [
+            RunSpec("table3", f"{r}->{d}@{switch_epoch}", long_epochs, s)
+            for r in REGION for d in DISTRIBUTION for s in seeds
+        ]
+    if "table4" in wanted:
+        for r, d in TABLE4_PAIRS:
+            for f in range(folds):
+                pair = f"{r}&{d}"
+                runs.append(RunSpec("table4", f"{r}+{d}", long_epochs, seeds[0], f, pair))
+                runs.append(
+                    RunSpec("table4", f"{r}->{d}@{switch_epoch}", long_epochs, seeds[0], f, pair)
+                )
+    return runs
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for a single value), NaNs ignored."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def compare(composite: Sequence[float], switching: Sequence[float]) -> dict[str, float]:
+    """Two-sided t-tests of per-fold scores, composite (CF) vs switching (DA).
+
+    ``paired_p``: paired t-test (``scipy.stats.ttest_rel``) -- the folds are shared, so this is
+    the appropriate test. ``student_p``: Student's two-sample t-test with equal variances
+    (``scipy.stats.ttest_ind(equal_var=True)``), which ignores the pairing.
+    """
+    from scipy import stats
+
+    a = np.asarray(composite, dtype=float)
+    b = np.asarray(switching, dtype=float)
+    if len(a) != len(b):
+        raise ValueError("composite and switching need one score per fold each")
+    out = {"n": len(a), "cf_mean": float(a.mean()), "da_mean": float(b.mean())}
+    if len(a) < 2:
+        return {**out, "paired_t": math.nan, "paired_p": math.nan,
+                "student_t": math.nan, "student_p": math.nan}
+    paired = stats.ttest_rel(a, b)
+    student = stats.ttest_ind(a, b, equal_var=True)
+    return {
+        **out,
+        "paired_t": float(paired.statistic),
+        "paired_p": float(paired.pvalue),
+        "student_t": float(student.statistic),
+        "student_p": float(student.pvalue),
+    }

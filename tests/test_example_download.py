@@ -1,0 +1,97 @@
+"""examples/msd_colon: download (file:// URL, md5 check) and safe tar extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+
+import _example_helpers  # noqa: F401
+from msd_colon_lib import download
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _task10_tar(path):
+    meta = json.dumps({"training": [], "labels": {"0": "background"}}).encode()
+    return _tar(path, [("Task10_Colon/dataset.json", meta),
+                       ("Task10_Colon/imagesTr/._colon_001.nii.gz", b"junk")])
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "Task10_Colon/../../evil.txt", "/tmp/evil.txt"])
+def test_safe_extract_refuses_path_traversal(tmp_path, name):
+    tar = _tar(tmp_path / "bad.tar", [("Task10_Colon/ok.txt", b"ok"), (name, b"evil")])
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match="outside"):
+        download.safe_extract(tar, target, progress=False)
+    assert not (tmp_path / "evil.txt").exists()
+    assert not (target / "Task10_Colon" / "ok.txt").exists()  # nothing extracted at all
+
+
+def test_safe_extract_refuses_links_out(tmp_path):
+    tar = tmp_path / "link.tar"
+    with tarfile.open(tar, "w") as archive:
+        info = tarfile.TarInfo("Task10_Colon/link")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "../../etc/passwd"
+        archive.addfile(info)
+    with pytest.raises(ValueError, match="outside"):
+        download.safe_extract(tar, tmp_path / "out", progress=False)
+
+
+def test_safe_extract_extracts_good_tar(tmp_path):
+    tar = _task10_tar(tmp_path / "good.tar")
+    out = download.safe_extract(tar, tmp_path / "out", progress=False)
+    assert (out / "Task10_Colon" / "dataset.json").exists()
+
+
+def test_download_file_url_with_md5(tmp_path):
+    src = _task10_tar(tmp_path / "src.tar")
+    dest = download.download(src.as_uri(), tmp_path / "dl" / "x.tar", md5=_md5(src),
+                             progress=False)
+    assert dest.read_bytes() == src.read_bytes()
+    assert not (tmp_path / "dl" / "x.tar.part").exists()
+
+
+def test_download_wrong_md5_raises_and_leaves_nothing(tmp_path):
+    src = _task10_tar(tmp_path / "src.tar")
+    dest = tmp_path / "dl" / "x.tar"
+    with pytest.raises(download.DownloadError, match="md5 mismatch"):
+        download.download(src.as_uri(), dest, md5="0" * 32, progress=False)
+    assert not dest.exists() and not (tmp_path / "dl" / "x.tar.part").exists()
+
+
+def test_download_failure_says_what_to_do(tmp_path):
+    with pytest.raises(download.DownloadError, match="--data-dir"):
+        download.download((tmp_path / "missing.tar").as_uri(), tmp_path / "x.tar", progress=False)
+
+
+def test_fetch_task10_end_to_end_from_local_mirror(tmp_path):
+    src = _task10_tar(tmp_path / "mirror.tar")
+    root = tmp_path / "data"
+    data_dir = download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert data_dir == root / "Task10_Colon" and (data_dir / "dataset.json").exists()
+    # second call: already there, no download
+    again = download.fetch_task10(root, url="file:///nonexistent", md5="x", progress=False)
+    assert again == data_dir
+    with pytest.raises(download.DownloadError):
+        download.fetch_task10(tmp_path / "other", url=src.as_uri(), md5="f" * 32, progress=False)
+
+
+def test_task10_constants():
+    assert download.TASK10_MD5 == "bad7a188931dc2f6acf72b08eb6202d0"
+    assert download.TASK10_URL.endswith("/Task10_Colon.tar")
