@@ -129,3 +129,16 @@ def test_bce_keeps_the_digits_of_tiny_losses():
     ours = dynloss.BCELoss(reduction="none")(logits.view(1, 3), target.view(1, 3))
     exact = torch.log1p(torch.exp(-logits.abs().double()))
     torch.testing.assert_close(ours.double().view(-1), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["bce", "focal", "topk"])
+def test_mean_losses_keep_the_digits_of_tiny_losses(backend, name):
+    """Confident, correct logits: every element's loss is ~1e-9 and the mean must say so."""
+    logits = torch.tensor([[[-20.0, 20.0, -25.0, 22.0]]])
+    target = torch.tensor([[[0.0, 1.0, 0.0, 1.0]]])
+    b = torch.log1p(torch.exp(-logits.abs().double())).view(-1)
+    expected = {"bce": b.mean(), "focal": ((1 - torch.exp(-b)) ** 2 * b).mean(),
+                "topk": b.sort(descending=True).values[:3].mean()}[name]
+    value = dynloss.LOSSES[name](backend=backend)(logits, target)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)

@@ -107,11 +107,14 @@ def focal_modulation_and_slope(b: Tensor, gamma: float) -> tuple[Tensor, Tensor]
     (1 + \gamma e^{-b} b / q)`, where :math:`b / q \to 1` as :math:`b \to 0`, so the slope is
     finite for every :math:`\gamma \ge 0`. For use without autograd (the fused kernels).
     """
-    q = torch.expm1(-b).neg_()
-    ratio = torch.where(q > 0, b / q, 1.0)
-    ratio.mul_(torch.exp(-b)).mul_(gamma).add_(1)
+    q = b.neg()
+    e = torch.exp(q)  # e^{-b}
+    q.expm1_().neg_()  # 1 - e^{-b}, computed directly (no cancellation at small b)
+    ratio = torch.div(b, q).nan_to_num_(nan=1.0)  # b / q, which is 1 at b = q = 0
+    ratio.mul_(e).mul_(gamma).add_(1)
     q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
-    return q * b, ratio.mul_(q)
+    ratio.mul_(q)
+    return q.mul_(b), ratio
 
 
 def topk_count(k: float, kept: int) -> int:

@@ -103,12 +103,15 @@ def region_sums_reference(layout: Layout, *, from_logits: bool, ignore_index: in
     return (p * g).sum(-1), p.sum(-1), g.sum(-1)
 
 
-def _region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str):
+def _region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str,
+                 pooled: bool):
+    """``(I, P, G)`` of shape ``(N, C)``, or ``(1, C)`` when ``pooled`` allows summing early."""
     if backend == "reference":
         return region_sums_reference(layout, from_logits=from_logits, ignore_index=ignore_index)
     from ..kernels import region_sums
 
-    return region_sums(layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend)
+    return region_sums(layout, from_logits=from_logits, ignore_index=ignore_index,
+                       backend=backend, pooled=pooled)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -150,7 +153,8 @@ def _region_loss(
     )
     with torch.autocast(device_type=input.device.type, enabled=False):
         intersection, prediction_sum, target_sum = _region_sums(
-            layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend
+            layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend,
+            pooled=not per_image,
         )
         if not per_image:
             intersection, prediction_sum, target_sum = (

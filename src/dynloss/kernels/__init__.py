@@ -116,16 +116,22 @@ def resolve_backend(x: Tensor, backend: str) -> str:
 
 
 def region_sums(
-    layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str
+    layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str,
+    pooled: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(I, P, G)`` of shape ``(N, C)`` with a fused backward."""
+    """``(I, P, G)`` of shape ``(N, C)`` with a fused backward.
+
+    ``pooled=True`` allows (not requires) sums already pooled over the batch, shape ``(1, C)``,
+    for callers that only need their sum over dim 0.
+    """
     if resolve_backend(layout.x, backend) == "triton":
         from .triton_region import TritonRegionSums
 
         return TritonRegionSums.apply(
             layout.x, layout.target, layout.mode, from_logits, ignore_index
         )
-    return RegionSums.apply(layout.x, layout.target, layout.mode, from_logits, ignore_index)
+    return RegionSums.apply(layout.x, layout.target, layout.mode, from_logits, ignore_index,
+                            pooled)
 
 
 def pixel_loss_sum(

@@ -79,7 +79,14 @@ def _probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- region sums
-def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None):
+def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, pooled: bool):
+    if pooled and p.shape[1] == 1 and p.is_contiguous():
+        # binary, batch-pooled: three whole-tensor reductions, no product temporary
+        pf = p.view(-1)
+        g, valid = _binary_target(target.reshape(-1), p.dtype, ignore_index)
+        prediction_sum = pf.sum() if valid is None else torch.dot(pf, valid.to(p.dtype))
+        sums = (torch.dot(pf, g), prediction_sum, g.sum())
+        return tuple(s.view(1, 1) for s in sums)
     rows = p.shape[0] * p.shape[1]
     p2 = p.reshape(rows, -1)
     g, valid = _binary_target(target.reshape(rows, -1), p.dtype, ignore_index)
@@ -100,7 +107,7 @@ def _binary_region_backward(p, target, gi, gp, from_logits, ignore_index):
     return grad
 
 
-def _multiclass_region_sums(p: Tensor, target: Tensor, ignore_index: int | None):
+def _multiclass_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, pooled: bool):
     n, c, _ = p.shape
     index, valid = _class_index(target, ignore_index)
     picked = p.gather(1, index.unsqueeze(1)).squeeze(1)
@@ -135,14 +142,17 @@ def _multiclass_region_backward(p, target, gi, gp, from_logits, ignore_index):
 
 
 class RegionSums(torch.autograd.Function):
-    """``(I, P, G)``, each ``(N, C)``, from ``x`` ``(N, C, M)`` and the target layout."""
+    """``(I, P, G)``, each ``(N, C)``, from ``x`` ``(N, C, M)`` and the target layout.
+
+    With ``pooled=True`` the sums may come back already summed over the batch, ``(1, C)``.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, mode: str, from_logits: bool,
-                ignore_index: int | None):
+                ignore_index: int | None, pooled: bool = False):
         p = _probabilities(x, mode, from_logits)
         sums = _multiclass_region_sums if mode == MULTICLASS_MODE else _binary_region_sums
-        intersection, prediction_sum, target_sum = sums(p, target, ignore_index)
+        intersection, prediction_sum, target_sum = sums(p, target, ignore_index, pooled)
         keep_probabilities = p.dtype == x.dtype  # else p is a float32 copy of half input
         ctx.save_for_backward(p if keep_probabilities else x, target)
         ctx.config = (mode, from_logits, ignore_index, keep_probabilities)
@@ -155,13 +165,13 @@ class RegionSums(torch.autograd.Function):
         saved, target = ctx.saved_tensors
         mode, from_logits, ignore_index, keep_probabilities = ctx.config
         p = saved if keep_probabilities else _probabilities(saved, mode, from_logits)
-        shape = p.shape[:2]
+        shape = (grad_intersection if grad_intersection is not None else grad_prediction_sum).shape
         gi = grad_intersection if grad_intersection is not None else p.new_zeros(shape)
         gp = grad_prediction_sum if grad_prediction_sum is not None else p.new_zeros(shape)
         backward = (_multiclass_region_backward if mode == MULTICLASS_MODE
                     else _binary_region_backward)
         grad = backward(p, target, gi, gp, from_logits, ignore_index)
-        return _as(grad, saved.dtype), None, None, None, None
+        return _as(grad, saved.dtype), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- pixel losses
@@ -169,7 +179,7 @@ def _binary_pixel_terms(x, target, dtype, from_logits, ignore_index, gamma, alph
     """Per-element losses, their derivatives in ``x``, and the kept mask (or None)."""
     xc = _as(x, dtype)
     g, valid = _binary_target(target, dtype, ignore_index)
-    loss = elementwise_bce(xc, g, from_logits)
+    loss = _bce_with_logits(xc, g) if from_logits else elementwise_bce(xc, g, from_logits)
     if from_logits:
         slope = torch.sigmoid(xc).sub_(g)  # d bce / dx
     else:
@@ -186,6 +196,19 @@ def _binary_pixel_terms(x, target, dtype, from_logits, ignore_index, gamma, alph
         loss.masked_fill_(~valid, 0)
         slope.masked_fill_(~valid, 0)
     return loss, slope, valid
+
+
+def _bce_with_logits(x: Tensor, g: Tensor) -> Tensor:
+    """The reference's BCE, ``(1-g) softplus(x) + g softplus(-x)``, rearranged for speed as
+    ``(max(x, 0) - g x) + softplus(-|x|)``: one softplus instead of two, two temporaries.
+
+    The bracket is formed first: for hard labels it is exactly 0, ``x`` or ``-x``, so adding the
+    small ``softplus(-|x|)`` last keeps every digit of a tiny loss, as the reference does.
+    """
+    loss = x.clamp_min(0).addcmul_(x, g, value=-1)
+    tail = x.abs()
+    torch._C._nn.softplus(tail, -1, 20, out=tail)  # beta=-1: -softplus(-|x|)
+    return loss.sub_(tail)
 
 
 def _multiclass_pixel_terms(x, target, dtype, from_logits, ignore_index, gamma, alpha):
