@@ -5,9 +5,10 @@
 
 Time: median (and minimum) of ``--repeats`` forward+backward runs after warm-up, all in one
 process, candidates interleaved round by round so that background load hits them alike.
-Memory: ``saved`` is what the loss keeps alive for backward (bytes of the tensors autograd
-saves, counted once per storage, in multiples of the input size); ``peak`` is the peak extra
-resident memory of one forward+backward, measured in a fresh subprocess with ``ru_maxrss``.
+Memory: ``saved`` is what the loss keeps alive for backward: the bytes of the tensors autograd
+saves (counted once per storage, the caller's input and target left out), in multiples of the
+input's size. (Peak memory is measured on CUDA by ``bench_cuda.py``; the CPU allocator offers no
+reliable peak counter.)
 Results go to ``benchmarks/results/cpu.json`` and ``cpu.md``.
 """
 
@@ -17,9 +18,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,33 +62,6 @@ def saved_bytes(fn, logits, target):
     return sum(storages.values())
 
 
-def peak_extra_bytes(name, label, shape):
-    """Peak extra resident memory of one run, in a fresh process (ru_maxrss is a high-water
-    mark, so the run must be the first big allocation after the inputs)."""
-    code = f"""
-import resource, sys, torch
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from competitors import competitors
-from bench_cpu import make_inputs, run_once
-torch.set_num_threads({torch.get_num_threads()})
-fn = competitors({name!r})[{label!r}]
-small = make_inputs((2, 1, 8, 8))
-run_once(fn, *small)
-logits, target = make_inputs({tuple(shape)!r})
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-before = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-run_once(fn, logits, target)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    try:
-        return max(0, int(out.stdout.strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return None
-
-
 def time_candidates(candidates, logits, target, repeats, warmup):
     for fn in candidates.values():
         for _ in range(warmup):
@@ -119,7 +91,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
-    parser.add_argument("--no-peak", action="store_true", help="skip the subprocess peak memory")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu")
     args = parser.parse_args(argv)
 
@@ -152,12 +123,10 @@ def main(argv=None):
         best_library = min(libraries) if libraries else None
         for label, (median, minimum) in timed.items():
             saved = saved_bytes(candidates[label], logits, target)
-            peak = None if args.no_peak else peak_extra_bytes(name, label, shape)
             row = {
                 "loss": name, "implementation": label, "median_ms": median * 1e3,
                 "min_ms": minimum * 1e3, "speedup_of_dynloss": median / ours,
                 "saved_inputs": saved / input_bytes,
-                "peak_inputs": None if peak is None else peak / input_bytes,
             }
             rows.append(row)
         summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
@@ -180,17 +149,17 @@ def to_markdown(meta, rows):
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
         f"MONAI {meta['monai']}, dynloss {meta['dynloss']}; {meta['date']}.",
         f"Median of {meta['repeats']} runs. One `torch.sigmoid` pass over the input: "
-        f"{meta['sigmoid_ms']:.2f} ms. *saved*: tensors kept for backward, *peak*: peak extra "
-        "resident memory, both in multiples of the input's size.",
+        f"{meta['sigmoid_ms']:.2f} ms. *dynloss speed-up*: this row's median over dynloss's. "
+        "*saved*: tensors kept for backward beyond the caller's input and target, in multiples "
+        "of the input's size.",
         "",
-        "| loss | implementation | median ms | min ms | dynloss speed-up | saved | peak |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| loss | implementation | median ms | min ms | dynloss speed-up | saved |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        peak = "–" if r["peak_inputs"] is None else f"{r['peak_inputs']:.2f}"
         lines.append(
             f"| {r['loss']} | {r['implementation']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} "
-            f"| {r['speedup_of_dynloss']:.2f}x | {r['saved_inputs']:.2f} | {peak} |"
+            f"| {r['speedup_of_dynloss']:.2f}x | {r['saved_inputs']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -214,4 +183,3 @@ def _version(module):
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
     main()
-    _ = resource  # used in the subprocess code
