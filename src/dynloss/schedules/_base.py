@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from .._checks import check_real
+from .._checks import check_non_negative
 
 __all__ = ["call_repr", "check_count", "check_state", "check_weight"]
 
@@ -22,10 +22,7 @@ def check_count(name: str, value: object, minimum: int = 0) -> int:
 
 def check_weight(name: str, value: object) -> float:
     """A finite weight >= 0."""
-    value = check_real(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0; got {value}")
-    return value
+    return check_non_negative(name, value)
 
 
 def call_repr(obj: object, order: list[str] | None = None) -> str:
