@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# examples/msd_colon_lib is imported by the example's tests as a top-level package
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 
 # CI: derandomized (same examples every run), no deadline (first calls compile/warm caches).
 settings.register_profile(

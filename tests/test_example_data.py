@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import _example_helpers  # noqa: F401
 from msd_colon_lib import data, splits
 from msd_colon_lib.phantom import make_phantom
 

@@ -9,7 +9,6 @@ import tarfile
 
 import pytest
 
-import _example_helpers  # noqa: F401
 from msd_colon_lib import download
 
 

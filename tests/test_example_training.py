@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import _example_helpers
 import msd_colon
 from msd_colon_lib import splits
 from msd_colon_lib.data import build_slice_store
 from msd_colon_lib.phantom import make_phantom
 from msd_colon_lib.training import LAST, RunConfig, train_run
+from tests import _example_helpers
 
 TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
         "--phantom-slices", "10", "12", "--batch-size", "8", "--device", "cpu", "--quiet",
