@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -36,23 +37,23 @@ from ._base import call_repr, check_count, check_state
 __all__ = ["Milestone", "Plateau", "RelativeImprovement", "Trigger"]
 
 
-class Trigger:
+class Trigger(ABC):
     """Base class of the switch triggers (see the module documentation for the protocol)."""
 
     needs_metric: ClassVar[bool] = False
     """Whether :meth:`update` needs the monitored value (``step(metric=...)``)."""
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027  (optional hook: no history by default)
         """Forget the history; called when the stage this trigger ends begins."""
 
+    @abstractmethod
     def update(self, count: int, stage_count: int, metric: float | None) -> bool:
         """Record one ``step()``; True means: switch to the next stage now."""
-        raise NotImplementedError
 
     def _state(self) -> dict[str, Any]:
         return {}
 
-    def _load(self, state: Mapping[str, Any]) -> None:
+    def _load(self, state: Mapping[str, Any]) -> None:  # noqa: B027  (no state by default)
         pass
 
     def state_dict(self) -> dict[str, Any]:

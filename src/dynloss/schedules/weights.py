@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from ._base import call_repr, check_count, check_state, check_weight
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
 
 
-class WeightSchedule:
+class WeightSchedule(ABC):
     """Base class: a weight ``value_at(t)`` and a counter ``t`` advanced by :meth:`step`.
 
     Subclasses implement :meth:`value_at` (finite, >= 0, a pure function of ``t``) and store
@@ -46,9 +47,9 @@ class WeightSchedule:
         self.count = 0
         """Number of :meth:`step` calls so far (the current epoch or step)."""
 
+    @abstractmethod
     def value_at(self, t: int) -> float:
         """The weight at counter value ``t >= 0``."""
-        raise NotImplementedError
 
     @property
     def value(self) -> float:
