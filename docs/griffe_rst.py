@@ -1,0 +1,92 @@
+"""A Griffe extension for the API reference: reST roles in dynloss's docstrings to Markdown.
+
+The docstrings are Google style, written to read well under ``help()``, and use a few reST
+constructs that Markdown does not know. Before mkdocstrings renders them this rewrites
+
+- ``:math:`x``` to ``$x$`` and ``.. math:: x`` (with its indented continuation lines) to a
+  ``$$ x $$`` block, which pymdownx.arithmatex hands to MathJax;
+- ``:class:`X```, ``:func:`~a.b.X``` and the other cross-reference roles to inline code
+  (``X``): plain text, so that a reference to a private module cannot fail the strict build;
+- and puts a blank line above a section header (``Examples:``) where an assembled docstring
+  has none, so that Griffe sees the section.
+
+The source docstrings are not changed. Registered in ``mkdocs.yml`` under the python
+handler's ``extensions``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import griffe
+
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
+_XREF_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`([^`]+)`")
+_SECTION = re.compile(
+    r"^[ \t]*(Args|Arguments|Parameters|Returns|Yields|Raises|Examples|Attributes|Shapes|Note|"
+    r"Notes|Warning|Warnings):[ \t]*$"
+)
+_MATH_DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<first>.*)$")
+
+
+def _xref(match: re.Match[str]) -> str:
+    text = match.group(1).strip()
+    explicit = re.fullmatch(r"(.+?)\s*<[^>]+>", text)  # :class:`Title <target>`
+    if explicit:
+        text = explicit.group(1)
+    elif text.startswith("~"):
+        text = text[1:].rsplit(".", 1)[-1]
+    return f"`{text}`"
+
+
+def _math_blocks(text: str) -> str:
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        match = _MATH_DIRECTIVE.match(lines[i])
+        if not match:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = match.group("indent")
+        body = [match.group("first").strip()] if match.group("first").strip() else []
+        i += 1
+        while i < len(lines):
+            line = lines[i]
+            if not line.strip():
+                if body:
+                    break
+                i += 1
+                continue
+            if len(line) - len(line.lstrip()) <= len(indent):
+                break
+            body.append(line.strip())
+            i += 1
+        out += ["", f"{indent}$$", *(f"{indent}{b}" for b in body), f"{indent}$$", ""]
+    return "\n".join(out)
+
+
+def _blank_before_sections(text: str) -> str:
+    """A Google section header needs a blank line above it (some assembled docstrings lack it)."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        if _SECTION.match(line) and out and out[-1].strip():
+            out.append("")
+        out.append(line)
+    return "\n".join(out)
+
+
+def rst_to_markdown(text: str) -> str:
+    text = _blank_before_sections(_math_blocks(text))
+    text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
+    return _XREF_ROLE.sub(_xref, text)
+
+
+class RstToMarkdown(griffe.Extension):
+    """Rewrite every docstring once the object tree is complete."""
+
+    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = rst_to_markdown(obj.docstring.value)
