@@ -7,6 +7,7 @@ constructs that Markdown does not know. Before mkdocstrings renders them this re
   ``$$ x $$`` block, which pymdownx.arithmatex hands to MathJax;
 - ``:class:`X```, ``:func:`~a.b.X``` and the other cross-reference roles to inline code
   (``X``): plain text, so that a reference to a private module cannot fail the strict build;
+- fences a doctest that stands outside an ``Examples:`` section (a module's) as code;
 - and puts a blank line above a section header (``Examples:``) where an assembled docstring
   has none, so that Griffe sees the section.
 
@@ -16,6 +17,8 @@ handler's ``extensions``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from typing import Any
 
@@ -78,15 +81,57 @@ def _blank_before_sections(text: str) -> str:
     return "\n".join(out)
 
 
+def _fence_bare_doctests(text: str) -> str:
+    """A doctest outside an ``Examples:`` section (at column 0) as a ``pycon`` code block."""
+    out: list[str] = []
+    in_block = False
+    for line in text.split("\n"):
+        if not in_block and line.startswith(">>> "):
+            out += ["", "```pycon"]
+            in_block = True
+        elif in_block and not line.strip():
+            out += ["```", ""]
+            in_block = False
+        out.append(line)
+    if in_block:
+        out.append("```")
+    return "\n".join(out)
+
+
 def rst_to_markdown(text: str) -> str:
-    text = _blank_before_sections(_math_blocks(text))
+    text = _fence_bare_doctests(_blank_before_sections(_math_blocks(text)))
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
     return _XREF_ROLE.sub(_xref, text)
+
+
+def _runtime_docstring(obj: griffe.Object) -> str | None:
+    """The docstring that Python sees at run time, for a class or function."""
+    try:
+        target: Any = importlib.import_module(obj.module.path)
+        for part in obj.path[len(obj.module.path) + 1:].split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        return None
+    doc = vars(target).get("__doc__") if isinstance(target, type) else target.__doc__
+    return inspect.cleandoc(doc) if isinstance(doc, str) else None
 
 
 class RstToMarkdown(griffe.Extension):
     """Rewrite every docstring once the object tree is complete."""
 
-    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+    def on_object(self, *, obj: griffe.Object, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        if obj.is_alias or not (obj.is_class or obj.is_function or obj.is_module):
+            if obj.docstring is not None:
+                obj.docstring.value = rst_to_markdown(obj.docstring.value)
+            return
+        # Static analysis reads the source; some docstrings are assembled in code (the
+        # arguments shared by a family of losses): take those from the imported object.
+        if obj.docstring is None or "{shared}" in obj.docstring.value:
+            runtime = _runtime_docstring(obj)
+            if runtime:
+                obj.docstring = griffe.Docstring(
+                    runtime, parent=obj, parser=loader.docstring_parser,
+                    parser_options=loader.docstring_options,
+                )
         if obj.docstring is not None:
             obj.docstring.value = rst_to_markdown(obj.docstring.value)
