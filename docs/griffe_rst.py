@@ -98,7 +98,13 @@ def _fence_bare_doctests(text: str) -> str:
     return "\n".join(out)
 
 
+def _no_stray_quotes(text: str) -> str:
+    """A wrapped line that starts with ``>`` (as in ``>= 0``) is text, not a block quote."""
+    return re.sub(r"^([ \t]*)>(?!>>)", r"\1\\>", text, flags=re.MULTILINE)
+
+
 def rst_to_markdown(text: str) -> str:
+    text = _no_stray_quotes(text)
     text = _fence_bare_doctests(_blank_before_sections(_math_blocks(text)))
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
     return _XREF_ROLE.sub(_xref, text)
@@ -118,6 +124,11 @@ def _runtime_docstring(obj: griffe.Object) -> str | None:
 
 class RstToMarkdown(griffe.Extension):
     """Rewrite every docstring once the object tree is complete."""
+
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        # on_object does not see the root package itself.
+        if pkg.docstring is not None:
+            pkg.docstring.value = rst_to_markdown(pkg.docstring.value)
 
     def on_object(self, *, obj: griffe.Object, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         if obj.is_alias or not (obj.is_class or obj.is_function or obj.is_module):
