@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import _example_helpers  # noqa: F401
+from tests import _example_helpers  # noqa: F401
+
+# isort: split
 from msd_colon_lib import data, splits
 from msd_colon_lib.phantom import make_phantom
 

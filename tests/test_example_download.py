@@ -9,7 +9,9 @@ import tarfile
 
 import pytest
 
-import _example_helpers  # noqa: F401
+from tests import _example_helpers  # noqa: F401
+
+# isort: split
 from msd_colon_lib import download
 
 

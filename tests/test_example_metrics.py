@@ -9,7 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-import _example_helpers  # noqa: F401
+from tests import _example_helpers  # noqa: F401
+
+# isort: split
 from msd_colon_lib.evaluation import METRIC_KEYS, confusion, summarize
 from msd_colon_lib.experiments import compare
 from msd_colon_lib.report import table4_rows

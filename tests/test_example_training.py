@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import _example_helpers
+from tests import _example_helpers
+
+# isort: split
 import msd_colon
 from msd_colon_lib import splits
 from msd_colon_lib.data import build_slice_store
