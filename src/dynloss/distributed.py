@@ -37,12 +37,24 @@ __all__ = [
 
 
 def is_distributed() -> bool:
-    """True when ``torch.distributed`` is initialised with more than one rank."""
+    """True when ``torch.distributed`` is initialised with more than one rank.
+
+    Examples:
+        >>> from dynloss.distributed import is_distributed
+        >>> is_distributed()  # a single process
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
-    """Number of ranks (1 outside an initialised process group)."""
+    """Number of ranks (1 outside an initialised process group).
+
+    Examples:
+        >>> from dynloss.distributed import world_size
+        >>> world_size()
+        1
+    """
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -84,6 +96,12 @@ def all_reduce_with_grad(tensor: Tensor) -> Tensor:
 
     Every rank must call it with a tensor of the same shape and dtype. Returns ``tensor``
     itself in a single process.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.distributed import all_reduce_with_grad
+        >>> all_reduce_with_grad(torch.tensor([1.0, 2.0]))  # a single process: unchanged
+        tensor([1., 2.])
     """
     if not is_distributed():
         return tensor
@@ -95,6 +113,12 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
 
     Differentiable: the gradient of each rank's slice flows back to that rank (summed over the
     ranks that used it). In a single process returns ``tensor.unsqueeze(0)``.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.distributed import all_gather_with_grad
+        >>> all_gather_with_grad(torch.tensor([1.0, 2.0])).shape  # (world_size, 2)
+        torch.Size([1, 2])
     """
     if not is_distributed():
         return tensor.unsqueeze(0)
@@ -107,6 +131,13 @@ def pool_across_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
     Used by the region losses' ``ddp_pool=True``: the per-class sums ``I, P, G`` of every
     rank's batch add up to those of the concatenated batch. The tensors must share shape and
     dtype.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.distributed import pool_across_ranks
+        >>> intersection, total = pool_across_ranks(torch.tensor([3.0]), torch.tensor([8.0]))
+        >>> intersection, total  # a single process: unchanged
+        (tensor([3.]), tensor([8.]))
     """
     if not is_distributed():
         return tensors
@@ -130,6 +161,12 @@ def reduce_mean(value: float | Tensor) -> float:
 
     Raises:
         ValueError: ``value`` is not a scalar.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.distributed import reduce_mean
+        >>> reduce_mean(torch.tensor(0.25))
+        0.25
     """
     if isinstance(value, Tensor):
         if value.numel() != 1:

@@ -119,7 +119,7 @@ class BCELoss(SegmentationLoss):
     """
         + _common_doc()
         + """
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import BCELoss
         >>> loss = BCELoss()
@@ -159,7 +159,7 @@ class FocalLoss(SegmentationLoss):
             sequence of C per-class weights (multiclass)."""
         )
         + """
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import FocalLoss
         >>> loss = FocalLoss(gamma=2.0)
@@ -211,7 +211,7 @@ class TopKLoss(SegmentationLoss):
         k: fraction of elements kept, 0 < k <= 1 (default 0.6, the paper's value)."""
         )
         + """
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import TopKLoss
         >>> loss = TopKLoss(k=0.5)
@@ -270,7 +270,7 @@ class DiceLoss(_RegionLoss):
     """
         + _common_doc(_REGION_ARGS)
         + """
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import DiceLoss
         >>> target = torch.zeros(2, 1, 8, 8); target[:, :, 2:6, 2:6] = 1
@@ -310,7 +310,7 @@ class IoULoss(_RegionLoss):
     """
         + _common_doc(_REGION_ARGS)
         + """
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import IoULoss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
@@ -360,7 +360,7 @@ class TverskyLoss(_RegionLoss):
             + _REGION_ARGS
         )
         + """
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import TverskyLoss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])

@@ -310,7 +310,7 @@ def bce_loss(
     ``torch.nn.CrossEntropyLoss(ignore_index=...)`` (multiclass).
 
     {shared}
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss.functional import bce_loss
         >>> logits = torch.tensor([[[[2.0, -1.0]]]])
@@ -350,7 +350,7 @@ def focal_loss(
     sigmoid focal losses instead.
 
     {shared}
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss.functional import focal_loss
         >>> logits = torch.tensor([[[[2.0, -1.0]]]])
@@ -387,7 +387,7 @@ def topk_loss(
     returns the sum of the selected losses.
 
     {shared}
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss.functional import topk_loss
         >>> logits = torch.tensor([[[[2.0, -1.0]]]])

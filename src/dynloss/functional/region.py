@@ -234,7 +234,7 @@ def tversky_loss(
     ``per_image=True``.
 
     {shared}
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss.functional import tversky_loss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
@@ -274,7 +274,7 @@ def dice_loss(
     equals MONAI's ``DiceLoss(smooth_nr=2s, smooth_dr=2s)``.
 
     {shared}
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss.functional import dice_loss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])
@@ -312,7 +312,7 @@ def iou_loss(
     not be the Jaccard index) and is not reproduced.
 
     {shared}
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss.functional import iou_loss
         >>> logits = torch.tensor([[[[4.0, -4.0], [4.0, -4.0]]]])

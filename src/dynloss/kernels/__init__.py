@@ -41,7 +41,13 @@ __all__ = [
 
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Whether ``import triton`` works (cached; never raises)."""
+    """Whether ``import triton`` works (cached; never raises).
+
+    Examples:
+        >>> from dynloss.kernels import triton_available
+        >>> isinstance(triton_available(), bool)
+        True
+    """
     try:
         import triton
         import triton.language  # noqa: F401
@@ -59,6 +65,11 @@ def interpreter_active() -> bool:
 
     True when ``TRITON_INTERPRET=1`` was set *before* Triton was first imported (Triton's own
     library functions are decorated at import time, so setting it later does not work).
+
+    Examples:
+        >>> from dynloss.kernels import interpreter_active
+        >>> isinstance(interpreter_active(), bool)
+        True
     """
     if not (_interpret_env() and triton_available()):
         return False
@@ -101,6 +112,14 @@ def resolve_backend(x: Tensor, backend: str) -> str:
 
     Raises:
         ValueError: ``backend="triton"`` where the Triton kernels cannot run.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.kernels import resolve_backend
+        >>> resolve_backend(torch.zeros(2, 1, 4, 4), "auto")  # a CPU tensor
+        'torch'
+        >>> resolve_backend(torch.zeros(2, 1, 4, 4, dtype=torch.float64), "triton")
+        'torch'
     """
     if backend == "torch" or x.dtype == torch.float64:
         return "torch"

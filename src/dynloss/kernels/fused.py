@@ -86,6 +86,14 @@ def region_pixel_loss(
     Returns:
         The weighted sum, a float32 scalar; with ``return_terms=True`` the tuple
         ``(total, region_term, pixel_term)`` (unweighted terms, for logging).
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.kernels import region_pixel_loss
+        >>> logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+        >>> total, dice, bce = region_pixel_loss(logits, target, return_terms=True)
+        >>> round(dice.item(), 4), round(bce.item(), 4)
+        (0.3333, 0.6931)
     """
     region = check_choice("region", region, REGION_TERMS)
     pixel = check_choice("pixel", pixel, PIXEL_TERMS)

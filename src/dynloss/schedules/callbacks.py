@@ -28,7 +28,7 @@ def reset_plateau_scheduler(
         scheduler: the ``torch.optim.lr_scheduler.ReduceLROnPlateau`` to reset.
         lr: optional learning rate(s) to restore at the switch (default None: keep).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
         >>> from dynloss.schedules import reset_plateau_scheduler

@@ -45,7 +45,7 @@ class CompositeLoss(nn.Module):
     ``state_dict()`` holds the counter and the schedules' counters; ``repr()`` is a
     :func:`~dynloss.build_loss` spec of the same loss.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import BCELoss, CompositeLoss, DiceLoss
         >>> from dynloss.schedules import LinearRamp

@@ -431,7 +431,7 @@ def build_loss(spec: str | nn.Module) -> nn.Module:
         SpecError: (a ``ValueError``) malformed spec, unknown name or parameter, or a value a
             constructor rejects; the message points at the position with a caret.
 
-    Example:
+    Examples:
         >>> from dynloss import build_loss
         >>> build_loss("0.5*dice+bce")
         CompositeLoss([DiceLoss(), BCELoss()], weights=[0.5, 1.0])

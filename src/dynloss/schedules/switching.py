@@ -89,7 +89,7 @@ class SwitchingLoss(nn.Module):
           triggers' history (``torch.load(weights_only=True)``-safe); loading it resumes the
           exact sequence. Callbacks are not saved: register them again.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dynloss import BCELoss, IoULoss, SwitchingLoss
         >>> loss = SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])
@@ -182,7 +182,7 @@ class SwitchingLoss(nn.Module):
     def on_switch(self, callback: SwitchCallback) -> SwitchCallback:
         """Register ``callback(event)`` to run at every switch; returns it (usable as decorator).
 
-        Example:
+        Examples:
             >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
             >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
             >>> @loss.on_switch

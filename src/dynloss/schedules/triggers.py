@@ -17,7 +17,7 @@ Write your own by subclassing :class:`Trigger`; set ``needs_metric = True`` if i
 metric. Counts are in the switching loss's ``unit`` (epochs or optimizer steps); the
 ``min_epochs`` / ``max_epochs`` arguments below count the same unit.
 
-Example:
+Examples:
     >>> from dynloss.schedules import Plateau
     >>> trigger = Plateau(patience=2)
     >>> [trigger.update(t, t, m) for t, m in enumerate([0.9, 0.5, 0.6, 0.5], start=1)]
@@ -83,7 +83,7 @@ class Milestone(Trigger):
     ``SwitchingLoss(losses, milestones=[50])`` is ``SwitchingLoss(losses,
     trigger=Milestone(50))``: stage 0 for epochs 0..49, stage 1 from epoch 50 on.
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import Milestone
         >>> [Milestone(3).update(t, t, None) for t in range(1, 5)]
         [False, False, True, True]
@@ -129,7 +129,7 @@ class Plateau(Trigger):
         min_epochs: the stage lasts at least this many steps (default 0).
         max_epochs: the stage lasts at most this many steps (default None: no bound).
 
-    Example:
+    Examples:
         >>> from dynloss import DiceLoss, BCELoss, SwitchingLoss
         >>> from dynloss.schedules import Plateau
         >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
@@ -206,7 +206,7 @@ class RelativeImprovement(Trigger):
         min_epochs: the stage lasts at least this many steps (default 0).
         max_epochs: the stage lasts at most this many steps (default None: no bound).
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import RelativeImprovement
         >>> trigger = RelativeImprovement(threshold=0.1)
         >>> [trigger.update(t, t, m) for t, m in enumerate([1.0, 0.5, 0.45, 0.42], start=1)]

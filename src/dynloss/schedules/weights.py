@@ -13,7 +13,7 @@ linearly (:class:`LinearRamp`, their *naive* schedule) or with a linear ramp fol
 sinusoidal decay (:class:`RampCosine`, their *alternating* schedule). A hard switch at epoch
 ``m`` is the zero-width ramp ``LinearRamp(m, m)``.
 
-Example:
+Examples:
     >>> from dynloss.schedules import LinearRamp
     >>> ramp = LinearRamp(start=2, end=4)
     >>> [ramp.value_at(t) for t in range(6)]
@@ -88,7 +88,7 @@ def _clamp(value: float, low: float, high: float) -> float:
 class Constant(WeightSchedule):
     """The constant weight ``value`` (default 1.0).
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import Constant
         >>> Constant(0.5).value_at(100)
         0.5
@@ -110,7 +110,7 @@ class Step(WeightSchedule):
 
     ``values`` has one entry more than ``milestones`` (strictly increasing ints >= 0).
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import Step
         >>> s = Step(milestones=[2, 4], values=[1.0, 0.5, 0.0])
         >>> [s.value_at(t) for t in range(6)]
@@ -147,7 +147,7 @@ class LinearRamp(WeightSchedule):
     Defaults ``initial=0.0``, ``final=1.0`` (the weight of the loss switched *to*; use
     ``initial=1.0, final=0.0`` for the loss switched *from*).
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import LinearRamp
         >>> [LinearRamp(1, 3, initial=1.0, final=0.0).value_at(t) for t in range(5)]
         [1.0, 1.0, 0.5, 0.0, 0.0]
@@ -183,7 +183,7 @@ class Cosine(WeightSchedule):
     for ``start < t < end``; ``initial`` before, ``final`` after (defaults 1.0 -> 0.0, like
     ``CosineAnnealingLR``). ``start == end`` is a hard switch.
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import Cosine
         >>> [round(Cosine(0, 4).value_at(t), 4) for t in range(5)]
         [1.0, 0.8536, 0.5, 0.1464, 0.0]
@@ -220,7 +220,7 @@ class RampCosine(WeightSchedule):
               \tfrac12\bigl(1+\cos(\pi\tfrac{t-\text{peak}}{\text{end}-\text{peak}})\bigr),
               \quad \text{peak} \le t < \text{end}
 
-    Example:
+    Examples:
         >>> from dynloss.schedules import RampCosine
         >>> [round(RampCosine(0, 2, 6).value_at(t), 4) for t in range(8)]
         [0.0, 0.5, 1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]

@@ -1,0 +1,194 @@
+"""Write docs/generated/comparison.md: dynloss, smp, MONAI and nnU-Net on the same inputs.
+
+The numbers on the Losses page come from this script, so they stay true: CI runs it with
+``--check`` (fails if the committed table differs from a fresh run) before building the site.
+
+    python docs/compare_table.py            # rewrite docs/generated/comparison.md
+    python docs/compare_table.py --check    # exit 1 if it is out of date
+
+Needs the ``test`` extra (segmentation-models-pytorch, MONAI). nnU-Net is not a dependency:
+its TopK loss is re-implemented below from its source (a few lines, quoted in the comment).
+Inputs are fixed float64 tensors, so the values do not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import sys
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from monai.losses import DiceLoss as MonaiDiceLoss
+
+import dynloss
+
+OUT = Path(__file__).resolve().parent / "generated" / "comparison.md"
+NA = "–"
+
+
+def fmt(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
+    value = float(value)
+    if value == 0.0 or abs(value) >= 1e-3:
+        return f"{value:.4f}".replace("-0.0000", "0.0000")
+    return f"{value:.1e}"
+
+
+def nnunet_topk(logits: torch.Tensor, labels: torch.Tensor, k: float) -> float:
+    """nnU-Net's ``TopKLoss(k)`` (nnunetv2/training/loss/robust_ce_loss.py), re-implemented.
+
+    It takes the per-voxel cross-entropy and keeps ``int(num_voxels * k / 100)`` of the
+    largest values: ``k`` is a percentage and the count is truncated, not rounded up.
+    """
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    count = int(ce.numel() * k / 100)
+    return torch.topk(ce.reshape(-1), count, sorted=False).values.mean().item()
+
+
+def topk_kept(m: int, k: float) -> str:
+    return f"{math.ceil(round(k * m, 9))} of {m}"
+
+
+def rows() -> list[tuple[str, str, str, str, str, str]]:
+    gen = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    out = []
+
+    # 1. Dice on a batch whose target is empty, with false positives (p = sigmoid(-1) = 0.27).
+    logits = torch.full((2, 1, 8, 8), -1.0, dtype=f64)
+    empty = torch.zeros(2, 1, 8, 8, dtype=f64)
+    out.append((
+        "Dice, empty target, p = 0.27 everywhere",
+        fmt(dynloss.DiceLoss()(logits, empty).item()),
+        fmt(smp.losses.DiceLoss("binary")(logits, empty).item()),
+        fmt(MonaiDiceLoss(sigmoid=True)(logits, empty).item()),
+        NA,
+        "smp scores a class absent from the batch as 0, so false positives on empty images "
+        "cost nothing; dynloss and MONAI give P/(P+s), near 1",
+    ))
+
+    # 2. Dice, empty target and (almost) empty prediction.
+    logits = torch.full((2, 1, 8, 8), -30.0, dtype=f64)
+    out.append((
+        "Dice, empty target, empty prediction",
+        fmt(dynloss.DiceLoss()(logits, empty).item()),
+        fmt(smp.losses.DiceLoss("binary")(logits, empty).item()),
+        fmt(MonaiDiceLoss(sigmoid=True)(logits, empty).item()),
+        NA,
+        "all near 0: a correct empty prediction costs (almost) nothing",
+    ))
+
+    # 3. BCE with ignore_index: half the pixels are 255.
+    logits = torch.randn(2, 1, 8, 8, generator=gen, dtype=f64)
+    target = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).to(f64)
+    target[..., :4] = 255
+    kept = target != 255
+    on_kept = torch.nn.functional.binary_cross_entropy_with_logits(logits[kept], target[kept])
+    out.append((
+        "BCE, `ignore_index=255` on half the pixels",
+        fmt(dynloss.BCELoss(ignore_index=255)(logits, target).item()),
+        fmt(smp.losses.SoftBCEWithLogitsLoss(ignore_index=255)(logits, target).item()),
+        NA,
+        NA,
+        f"dynloss = BCE over the kept pixels ({fmt(on_kept.item())}); smp counts ignored "
+        "pixels as zeros in the mean (half the value); MONAI has no BCE with ignore_index",
+    ))
+
+    # 4. Dice with soft labels (g = 0.3 everywhere), pooled over the batch.
+    logits = torch.randn(2, 1, 8, 8, generator=gen, dtype=f64)
+    soft = torch.full((2, 1, 8, 8), 0.3, dtype=f64)
+    out.append((
+        "Dice, soft labels g = 0.3 (batch-pooled)",
+        fmt(dynloss.DiceLoss()(logits, soft).item()),
+        fmt(smp.losses.DiceLoss("binary")(logits, soft).item()),
+        fmt(MonaiDiceLoss(sigmoid=True, batch=True)(logits, soft).item()),
+        NA,
+        "smp's intersection (P + G − ‖p − g‖₁)/2 equals Σpg only for hard labels; dynloss "
+        "and MONAI use Σpg",
+    ))
+
+    # 5-6. TopK: a fraction here, a truncated percentage in nnU-Net.
+    for shape in ((1, 2, 10, 10), (1, 2, 5, 19)):
+        m = shape[2] * shape[3]
+        logits = torch.randn(*shape, generator=gen, dtype=f64)
+        labels = torch.randint(0, 2, (shape[0], *shape[2:]), generator=gen)
+        ours = dynloss.TopKLoss(k=0.1, mode="multiclass")(logits, labels).item()
+        kept_nnunet = int(m * 10 / 100)
+        out.append((
+            f"TopK, M = {m} pixels: dynloss `k=0.1`, nnU-Net `k=10`",
+            fmt(ours),
+            NA,
+            NA,
+            fmt(nnunet_topk(logits, labels, 10)),
+            f"dynloss keeps ⌈0.1·M⌉ = {topk_kept(m, 0.1)}, nnU-Net int(M·10/100) = "
+            f"{kept_nnunet} of {m}" + (": the same loss" if m == 100 else ": they differ"),
+        ))
+
+    # 7. A percentage passed as dynloss's k is an error, not a silent 100 %.
+    try:
+        dynloss.TopKLoss(k=10)
+        refused = "accepted"
+    except ValueError:
+        refused = "`ValueError`"
+    out.append((
+        "TopK, `k=10` (nnU-Net's spelling)",
+        refused,
+        NA,
+        NA,
+        "10 %",
+        "dynloss's k is a fraction in (0, 1]; a percentage is refused rather than read as 1000 %",
+    ))
+    return out
+
+
+def render() -> str:
+    lines = [
+        "<!-- Generated by docs/compare_table.py; do not edit. CI checks it is up to date. -->",
+        "",
+        "| case | dynloss | smp 0.6 | MONAI | nnU-Net | why |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for case, ours, smp_value, monai_value, nnunet_value, why in rows():
+        lines.append(f"| {case} | {ours} | {smp_value} | {monai_value} | {nnunet_value} | {why} |")
+    lines += [
+        "",
+        "All losses are called with their defaults except where the row says otherwise "
+        "(binary mode for Dice and BCE; multiclass with C = 2 for TopK, as nnU-Net's TopK is a "
+        "softmax cross-entropy). smp: `segmentation_models_pytorch.losses.DiceLoss(\"binary\")`, "
+        "`SoftBCEWithLogitsLoss`. MONAI: `monai.losses.DiceLoss(sigmoid=True)` (per image, "
+        "its default) and `batch=True` for the soft-label row. nnU-Net: its `TopKLoss` "
+        "re-implemented from its source (`int(num_voxels * k / 100)` largest cross-entropy "
+        "values). Inputs are fixed float64 tensors; \"–\" means the library has no such option.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the committed table differs from a fresh run")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        old = OUT.read_text() if OUT.exists() else ""
+        if old != text:
+            sys.stdout.writelines(difflib.unified_diff(
+                old.splitlines(keepends=True), text.splitlines(keepends=True),
+                str(OUT), "fresh run"))
+            print(f"\n{OUT} is out of date: run python docs/compare_table.py", file=sys.stderr)
+            return 1
+        print(f"{OUT.name} is up to date")
+        return 0
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
