@@ -41,7 +41,7 @@ class Case:
 def read_cases(data_dir: str | os.PathLike[str]) -> list[Case]:
     """The labelled cases listed in ``dataset.json`` (never a directory listing).
 
-    The real tar holds macOS ``._colon_XXX.nii.gz`` AppleDouble files beside the volumes;
+    The real tar holds macOS ``._colon_NNN.nii.gz`` AppleDouble files beside the volumes;
     globbing ``imagesTr/*.nii.gz`` would pick them up, the dataset.json list does not.
     """
     data_dir = Path(data_dir)

@@ -3,8 +3,8 @@
 It is *not* patient data. It exists so that the whole pipeline (loader, splits, training,
 evaluation, report) runs anywhere in minutes, exactly as it runs on the real data:
 
-- ``dataset.json`` (MSD schema), ``imagesTr/colon_XXX.nii.gz`` (int16 HU) and
-  ``labelsTr/colon_XXX.nii.gz`` (uint8, 0 background / 1 tumour), axial slices along the last
+- ``dataset.json`` (MSD schema), ``imagesTr/colon_NNN.nii.gz`` (int16 HU) and
+  ``labelsTr/colon_NNN.nii.gz`` (uint8, 0 background / 1 tumour), axial slices along the last
   axis, plus a macOS ``._`` AppleDouble file beside the volumes like the real tar has;
 - HU-like intensities: air -1000, fat about -100, soft tissue about 40, bone about 700,
   gas-filled bowel lumen about -900 with a soft-tissue wall, image noise;
