@@ -34,6 +34,7 @@ from .triton_region import (
     ignore_args,
     multiclass_block,
     multiclass_pixel_grad,
+    multiclass_tile,
     stream_backward,
     stream_forward,
     target_for_kernel,
@@ -63,28 +64,11 @@ def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, 
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < total
     if MULTICLASS:
-        n = idx // M
+        n = idx // M  # a tile may span two samples: each pixel carries its own sample
         m = idx - n * M
-        # each tile row may span two samples: load per pixel with its own sample offset
-        cls = tl.arange(0, CP)
-        cmask = cls < C
-        ptrs = x_ptr + n[None, :] * C * M + cls[:, None].to(tl.int64) * M + m[None, :]
-        x = tl.load(ptrs, mask=cmask[:, None] & inside[None, :], other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + idx, mask=inside, other=0).to(tl.int32)
-        keep = inside
-        if HAS_IGNORE:
-            keep = keep & (t != ignore_value)
-        t = tl.where(keep, t, 0)
-        onehot = (cls[:, None] == t[None, :]) & keep[None, :]
-        if FROM_LOGITS:
-            x = tl.where(cmask[:, None], x, float("-inf"))
-            mx = tl.max(x, axis=0)
-            s = tl.sum(tl.exp(x - mx[None, :]), axis=0)
-            x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-            b = mx + tl.log(s) - x_t
-        else:
-            x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-            b = -tm.clamped_log(x_t)
+        _x, _p, b, t, keep, _onehot, _cmask = multiclass_tile(
+            x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
+        )
         loss = tm.focal(b, gamma, FOCAL)
         if HAS_ALPHA:
             loss = loss * tl.load(alpha_ptr + t)
@@ -208,27 +192,11 @@ def _topk_bwd_kernel(
     if MULTICLASS:
         n = idx // M
         m = idx - n * M
-        cls = tl.arange(0, CP)
-        cmask = cls < C
-        offs = n[None, :] * C * M + cls[:, None].to(tl.int64) * M + m[None, :]
+        x, p, b, t, _keep, onehot, cmask = multiclass_tile(
+            x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
+        )
+        offs = n[None, :] * C * M + tl.arange(0, CP)[:, None].to(tl.int64) * M + m[None, :]
         tmask = cmask[:, None] & inside[None, :]
-        x = tl.load(x_ptr + offs, mask=tmask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + idx, mask=inside, other=0).to(tl.int32)
-        t = tl.where(keep, t, 0)
-        onehot = (cls[:, None] == t[None, :]) & keep[None, :]
-        if FROM_LOGITS:
-            x = tl.where(cmask[:, None], x, float("-inf"))
-            mx = tl.max(x, axis=0)
-            e = tl.exp(x - mx[None, :])
-            s = tl.sum(e, axis=0)
-            p = e / s[None, :]
-            x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-            b = mx + tl.log(s) - x_t
-        else:
-            x = tl.where(cmask[:, None], x, 0.0)
-            p = x
-            x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-            b = -tm.clamped_log(x_t)
         grad = multiclass_pixel_grad(
             x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
         )
