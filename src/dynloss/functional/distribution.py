@@ -54,6 +54,7 @@ __all__ = [
     "focal_modulation",
     "pixel_cross_entropy",
     "pixel_losses_reference",
+    "positive_weight",
     "topk_count",
     "topk_loss",
     "topk_mask",
@@ -145,13 +146,18 @@ def topk_mask(values: Tensor, n: int) -> Tensor:
     return selected
 
 
+def positive_weight(g: Tensor, alpha: float) -> Tensor:
+    """Focal ``alpha`` weights :math:`\alpha g + (1-\alpha)(1-g)`, computed in one pass."""
+    return g.mul(2 * alpha - 1).add_(1 - alpha)
+
+
 def _alpha_weights(layout: Layout, g_or_index: Tensor, alpha, dtype) -> Tensor | None:
     if alpha is None:
         return None
     if layout.mode == MULTICLASS_MODE:
         table = torch.as_tensor(alpha, dtype=dtype, device=g_or_index.device)
         return table[g_or_index]
-    return alpha * g_or_index + (1 - alpha) * (1 - g_or_index)
+    return positive_weight(g_or_index, alpha)
 
 
 def pixel_losses_reference(

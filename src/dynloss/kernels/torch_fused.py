@@ -30,6 +30,7 @@ from ..functional.distribution import (
     elementwise_bce,
     focal_modulation_and_slope,
     pixel_cross_entropy,
+    positive_weight,
     topk_count,
     topk_mask,
 )
@@ -40,18 +41,15 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for 2-D tensors ``(rows, M)``, without a product temporary."""
+    """``(a * b).sum(-1)`` for 2-D tensors ``(rows, M)``; one row is a BLAS dot, no temporary."""
+    if a.shape[0] == 1:
+        return torch.dot(a[0], b[0]).view(1)
     return torch.linalg.vecdot(a, b)
 
 
 def _clamped_log_slope(p: Tensor) -> Tensor:
     """d/dp of ``max(log p, LOG_CLAMP)``: ``1/p``, and 0 where the log is clamped."""
     return torch.where(torch.log(p) > LOG_CLAMP, p.reciprocal(), 0.0)
-
-
-def _positive_weight(g: Tensor, alpha: float) -> Tensor:
-    """``alpha * g + (1 - alpha) * (1 - g)`` in one pass."""
-    return g.mul(2 * alpha - 1).add_(1 - alpha)
 
 
 def _binary_target(target: Tensor, dtype: torch.dtype, ignore_index: int | None):
@@ -80,20 +78,14 @@ def _probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
 
 # ----------------------------------------------------------------------------- region sums
 def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, pooled: bool):
-    if pooled and p.shape[1] == 1 and p.is_contiguous():
-        # binary, batch-pooled: three whole-tensor reductions, no product temporary
-        pf = p.view(-1)
-        g, valid = _binary_target(target.reshape(-1), p.dtype, ignore_index)
-        prediction_sum = pf.sum() if valid is None else torch.dot(pf, valid.to(p.dtype))
-        sums = (torch.dot(pf, g), prediction_sum, g.sum())
-        return tuple(s.view(1, 1) for s in sums)
-    rows = p.shape[0] * p.shape[1]
+    # batch-pooled binary sums need no split by sample: one row, whole-tensor reductions
+    rows = 1 if pooled and p.shape[1] == 1 else p.shape[0] * p.shape[1]
     p2 = p.reshape(rows, -1)
     g, valid = _binary_target(target.reshape(rows, -1), p.dtype, ignore_index)
     intersection = _row_dot(p2, g)
     prediction_sum = p2.sum(-1) if valid is None else _row_dot(p2, valid.to(p.dtype))
     sums = (intersection, prediction_sum, g.sum(-1))
-    return tuple(s.view(p.shape[:2]) for s in sums)
+    return tuple(s.view(-1, p.shape[1]) for s in sums)
 
 
 def _binary_region_backward(p, target, gi, gp, from_logits, ignore_index):
@@ -189,7 +181,7 @@ def _binary_pixel_terms(x, target, dtype, from_logits, ignore_index, gamma, alph
         loss, focal_slope = focal_modulation_and_slope(loss, gamma)
         slope.mul_(focal_slope)
     if alpha is not None:
-        weight = _positive_weight(g, alpha)
+        weight = positive_weight(g, alpha)
         loss.mul_(weight)
         slope.mul_(weight)
     if valid is not None:
