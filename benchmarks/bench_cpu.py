@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynloss
 from competitors import HAVE_MONAI, HAVE_SMP, competitors
+from dynloss.kernels import resolve_backend
 
 LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,6 +107,7 @@ def main(argv=None):
         "dtype": "float32",
         "torch": torch.__version__,
         "dynloss": dynloss.__version__,
+        "auto_backend": resolve_backend(logits, "auto"),
         "smp": _version("segmentation_models_pytorch") if HAVE_SMP else None,
         "monai": _version("monai") if HAVE_MONAI else None,
         "repeats": args.repeats,
@@ -113,7 +115,8 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     print(f"CPU {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
-          f"shape {shape}; torch.sigmoid pass: {sig * 1e3:.2f} ms")
+          f"shape {shape}; torch.sigmoid pass: {sig * 1e3:.2f} ms; dynloss[auto] runs "
+          f"backend {meta['auto_backend']!r}")
     rows = []
     for name in args.losses:
         candidates = competitors(name)
@@ -147,7 +150,8 @@ def to_markdown(meta, rows):
         f"# CPU benchmark: forward + backward, shape {tuple(meta['shape'])} {meta['dtype']}",
         "",
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
-        f"MONAI {meta['monai']}, dynloss {meta['dynloss']}; {meta['date']}.",
+        f"MONAI {meta['monai']}, dynloss {meta['dynloss']}; {meta['date']}. "
+        f"`dynloss[auto]` ran the `{meta.get('auto_backend', '?')}` backend.",
         f"Median of {meta['repeats']} runs. One `torch.sigmoid` pass over the input: "
         f"{meta['sigmoid_ms']:.2f} ms. *dynloss speed-up*: this row's median over dynloss's. "
         "*saved*: tensors kept for backward beyond the caller's input and target, in multiples "

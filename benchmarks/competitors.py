@@ -40,7 +40,8 @@ def _plain_topk(k: float) -> Loss:
     return loss
 
 
-def competitors(name: str, backends: tuple[str, ...] = ("auto", "reference")) -> dict[str, Loss]:
+def competitors(name: str, backends: tuple[str, ...] = ("auto", "torch", "reference"),
+                ) -> dict[str, Loss]:
     """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``), dynloss first."""
     found: dict[str, Loss] = {}
     for backend in backends:

@@ -10,7 +10,7 @@ where reading a value costs no device synchronisation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +29,8 @@ class Layout:
     mode: str
     elementwise_shape: torch.Size
     """Shape of the per-element loss that ``reduction="none"`` returns for BCE/Focal/TopK."""
+    deferred_value_check: bool = False
+    """Value checks are due but were left to the kernel's forward pass (the native backend)."""
 
     @property
     def num_classes(self) -> int:
@@ -203,11 +205,18 @@ def prepare(
     from_logits: bool,
     ignore_index: int | None,
     check_values: bool | None,
+    defer_value_checks: bool = False,
 ) -> Layout:
-    """Check ``input``/``target`` and return them in the canonical layout."""
+    """Check ``input``/``target`` and return them in the canonical layout.
+
+    With ``defer_value_checks`` (for kernels that check values in their own forward pass) due
+    value checks are not run here but flagged in :attr:`Layout.deferred_value_check`.
+    """
     _check_tensors(input, target)
     layout = _LAYOUTS[mode](input, target)
     if should_check_values(check_values, input):
+        if defer_value_checks:
+            return replace(layout, deferred_value_check=True)
         _check_target_values(layout, ignore_index)
         if not from_logits:
             _check_probabilities(layout)

@@ -22,12 +22,13 @@ MULTICLASS_MODE: Final = "multiclass"
 
 MODES: Final = (BINARY_MODE, MULTILABEL_MODE, MULTICLASS_MODE)
 REDUCTIONS: Final = ("mean", "sum", "none")
-BACKENDS: Final = ("auto", "torch", "triton", "reference")
+BACKENDS: Final = ("auto", "torch", "native", "triton", "reference")
 """``"reference"``: the formulas as plain autograd code; ``"torch"``: fused autograd Functions
-with analytic backward (any device); ``"triton"``: fused Triton kernels (CUDA tensors, or CPU
-under ``TRITON_INTERPRET=1``); ``"auto"``: the fastest correct path for the device (Triton on
-CUDA when it imports, else ``"torch"``)."""
+with analytic backward (any device); ``"native"``: C++ kernels compiled at first use (float32
+CPU tensors); ``"triton"``: fused Triton kernels (CUDA tensors, or CPU under
+``TRITON_INTERPRET=1``); ``"auto"``: the fastest correct path for the device (Triton on CUDA
+when it imports, native on CPU when it builds, else ``"torch"``)."""
 
 Mode = Literal["binary", "multilabel", "multiclass"]
 Reduction = Literal["mean", "sum", "none"]
-Backend = Literal["auto", "torch", "triton", "reference"]
+Backend = Literal["auto", "torch", "native", "triton", "reference"]

@@ -230,9 +230,14 @@ def _distribution_loss(
     backend = check_backend(backend)
     check_values = check_optional_bool("check_values", check_values)
     alpha = _check_alpha(alpha, mode)
+    native = False
+    if backend != "reference" and reduction != "none" and k is None and isinstance(input, Tensor):
+        from ..kernels import native_runs
+
+        native = native_runs(input, backend)
     layout = prepare(
         input, target, mode, from_logits=from_logits, ignore_index=ignore_index,
-        check_values=check_values,
+        check_values=check_values, defer_value_checks=native,
     )
     if alpha is not None and mode == MULTICLASS_MODE and len(alpha) != layout.num_classes:
         raise ValueError(

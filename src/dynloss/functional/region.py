@@ -114,6 +114,15 @@ def _region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None,
                        backend=backend, pooled=pooled)
 
 
+def _native_runs(input: object, backend: str) -> bool:
+    """Whether the native CPU kernels will compute the sums (they check values themselves)."""
+    if backend == "reference" or not isinstance(input, Tensor):
+        return False
+    from ..kernels import native_runs
+
+    return native_runs(input, backend)
+
+
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return loss.mean()
@@ -149,7 +158,7 @@ def _region_loss(
     check_values = check_optional_bool("check_values", check_values)
     layout = prepare(
         input, target, mode, from_logits=from_logits, ignore_index=ignore_index,
-        check_values=check_values,
+        check_values=check_values, defer_value_checks=_native_runs(input, backend),
     )
     with torch.autocast(device_type=input.device.type, enabled=False):
         intersection, prediction_sum, target_sum = _region_sums(

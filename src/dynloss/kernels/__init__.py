@@ -2,13 +2,17 @@
 
 ``backend="auto"`` picks the fastest correct path for the tensor's device: the Triton kernels
 (:mod:`dynloss.kernels.triton_region`, :mod:`~dynloss.kernels.triton_pixel`) for CUDA tensors
-when Triton imports, else the fused eager autograd Functions of
-:mod:`dynloss.kernels.torch_fused`. ``"torch"`` forces the fused eager path, ``"triton"`` the
-Triton kernels (CUDA tensors; CPU tensors only under Triton's interpreter,
-``TRITON_INTERPRET=1`` set before Triton is first imported), and ``"reference"`` (handled in
-:mod:`dynloss.functional`) runs the formulas as plain autograd code.
+when Triton imports; the compiled C++ kernels of :mod:`dynloss.kernels.native_cpu` for float32
+CPU tensors when they build (a C++ compiler is needed once); else the fused eager autograd
+Functions of :mod:`dynloss.kernels.torch_fused`. ``"torch"`` forces the fused eager path,
+``"native"`` the C++ kernels (float32 CPU tensors), ``"triton"`` the Triton kernels (CUDA
+tensors; CPU tensors only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton
+is first imported), and ``"reference"`` (handled in :mod:`dynloss.functional`) runs the
+formulas as plain autograd code.
 
-float64 inputs always take the ``"torch"`` path: the Triton kernels accumulate in float32.
+float64 inputs always take the ``"torch"`` path (the kernels accumulate in float32), and so do
+float16/bfloat16 CPU inputs under ``"native"``. TopK always runs on ``"torch"`` or
+``"triton"``: its selection has no native kernel.
 
 Importing :mod:`dynloss` never imports Triton; the Triton modules are imported on the first
 call that dispatches to them.
@@ -25,11 +29,15 @@ from torch import Tensor
 
 from .._layout import Layout
 from .fused import RegionPixelLoss, region_pixel_loss
+from .native_cpu import NativeLoss, native_available, native_status, native_supports
 from .torch_fused import PixelLossSum, RegionSums
 
 __all__ = [
     "RegionPixelLoss",
     "interpreter_active",
+    "native_available",
+    "native_runs",
+    "native_status",
     "pixel_loss_sum",
     "region_pixel_loss",
     "region_pixel_sums",
@@ -107,22 +115,40 @@ def _triton_refusal(x: Tensor) -> str | None:
     )
 
 
+def _native_refusal(x: Tensor) -> str | None:
+    """Why ``backend="native"`` cannot run on ``x`` (``None`` if it can)."""
+    if x.device.type != "cpu":
+        return f"it needs a CPU tensor; got a tensor on {x.device.type}"
+    if not native_available():
+        return native_status()
+    return None
+
+
 def resolve_backend(x: Tensor, backend: str) -> str:
-    """``"triton"`` or ``"torch"``: the implementation that runs for ``x`` and ``backend``.
+    """``"triton"``, ``"native"`` or ``"torch"``: what runs for ``x`` and ``backend``.
 
     Raises:
-        ValueError: ``backend="triton"`` where the Triton kernels cannot run.
+        ValueError: ``backend="triton"`` or ``"native"`` where those kernels cannot run.
 
     Examples:
         >>> import torch
-        >>> from dynloss.kernels import resolve_backend
-        >>> resolve_backend(torch.zeros(2, 1, 4, 4), "auto")  # a CPU tensor
+        >>> from dynloss.kernels import native_available, resolve_backend
+        >>> x = torch.zeros(2, 1, 4, 4)  # a float32 CPU tensor
+        >>> resolve_backend(x, "auto") == ("native" if native_available() else "torch")
+        True
+        >>> resolve_backend(x.double(), "triton")  # float64 always takes the torch path
         'torch'
-        >>> resolve_backend(torch.zeros(2, 1, 4, 4, dtype=torch.float64), "triton")
+        >>> resolve_backend(x.half(), "auto")
         'torch'
     """
     if backend == "torch" or x.dtype == torch.float64:
         return "torch"
+    if backend == "native":
+        reason = _native_refusal(x)
+        if reason is not None:
+            raise ValueError(f"backend='native' cannot run: {reason}; use backend='auto' or "
+                             "'torch'")
+        return "native" if native_supports(x) else "torch"
     if backend == "triton":
         reason = _triton_refusal(x)
         if reason is not None:
@@ -131,7 +157,23 @@ def resolve_backend(x: Tensor, backend: str) -> str:
         return "triton"
     if backend == "auto" and x.device.type == "cuda" and _triton_refusal(x) is None:
         return "triton"
+    if backend == "auto" and native_supports(x) and native_available():
+        return "native"
     return "torch"
+
+
+def native_runs(x: Tensor, backend: str) -> bool:
+    """Whether the native kernels compute a (non-TopK) loss of ``x`` under ``backend``.
+
+    The losses then leave the value checks to the kernels' forward pass.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.kernels import native_runs
+        >>> native_runs(torch.zeros(1, 1, 2, 2, dtype=torch.float64), "auto")
+        False
+    """
+    return backend in ("auto", "native") and resolve_backend(x, backend) == "native"
 
 
 def region_sums(
@@ -143,7 +185,14 @@ def region_sums(
     ``pooled=True`` allows (not requires) sums already pooled over the batch, shape ``(1, C)``,
     for callers that only need their sum over dim 0.
     """
-    if resolve_backend(layout.x, backend) == "triton":
+    resolved = resolve_backend(layout.x, backend)
+    if resolved == "native":
+        intersection, prediction_sum, target_sum, _, _ = NativeLoss.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index, 0.0, None, True,
+            False, layout.deferred_value_check,
+        )
+        return intersection, prediction_sum, target_sum
+    if resolved == "triton":
         from .triton_region import TritonRegionSums
 
         return TritonRegionSums.apply(
@@ -164,7 +213,14 @@ def pixel_loss_sum(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Sum of the per-element losses and the normaliser of their mean."""
-    if resolve_backend(layout.x, backend) == "triton":
+    resolved = resolve_backend(layout.x, backend)
+    if resolved == "native" and k is None:
+        _, _, _, total, count = NativeLoss.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index, gamma, alpha,
+            False, True, layout.deferred_value_check,
+        )
+        return total, count
+    if resolved == "triton":
         from .triton_pixel import TritonPixelLossSum
 
         return TritonPixelLossSum.apply(
@@ -186,10 +242,16 @@ def region_pixel_sums(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(I, P, G, S, count)``: region sums and pixel-loss sum in one pass where possible.
 
-    The Triton path runs one fused forward and one fused backward pass; the torch path runs
-    :class:`RegionSums` and :class:`PixelLossSum` one after the other.
+    The Triton and native paths run one fused forward and one fused backward pass; the torch
+    path runs :class:`RegionSums` and :class:`PixelLossSum` one after the other.
     """
-    if resolve_backend(layout.x, backend) == "triton":
+    resolved = resolve_backend(layout.x, backend)
+    if resolved == "native":
+        return NativeLoss.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index, gamma, alpha,
+            True, True, layout.deferred_value_check,
+        )
+    if resolved == "triton":
         from .triton_fused import TritonRegionPixel
 
         return TritonRegionPixel.apply(

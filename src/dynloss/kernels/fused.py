@@ -139,10 +139,12 @@ def region_pixel_loss(
                 ignore_index=ignore_index, backend=backend, check_values=False,
             )
     else:
-        from . import region_pixel_sums
+        from . import native_runs, region_pixel_sums
 
+        native = isinstance(input, Tensor) and native_runs(input, backend)
         layout = prepare(input, target, mode, from_logits=from_logits,
-                         ignore_index=ignore_index, check_values=check_values)
+                         ignore_index=ignore_index, check_values=check_values,
+                         defer_value_checks=native)
         if (focal_alpha is not None and mode == "multiclass"
                 and len(focal_alpha) != layout.num_classes):
             raise ValueError(

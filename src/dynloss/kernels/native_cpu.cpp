@@ -1,0 +1,601 @@
+// dynloss native CPU kernels: one streaming pass forward, one elementwise pass backward.
+//
+// Compiled at first use by dynloss/kernels/native_cpu.py (g++/clang++ -O3 -march=native
+// -fopenmp) and called through ctypes; no Python or torch headers are needed. The formulas
+// are those of dynloss.functional (the reference): every kernel is tested against it.
+//
+// Binary / multilabel: x and target are (rows, M), rows = N*C, contiguous. Multiclass: x is
+// (N, C, M), target (N, M) class indices. The forward pass returns, per row (binary) or per
+// (sample, class) (multiclass), the region sums I = sum p*g, P = sum p, G = sum g over kept
+// elements, and the sum S of the per-element (focal-modulated, alpha-weighted) cross-entropy
+// with the number of kept elements. It also writes what the backward pass needs, so that pass
+// is plain arithmetic: the probabilities p (region losses) and the slope d(loss)/dx of each
+// element (pixel losses, 0 where ignored). The backward pass writes
+//     dL/dx = [ (gp + gi*g) * dp/dx ] (0 where ignored)  +  gs * slope
+// for the upstream gradients gi = dL/dI, gp = dL/dP (per row / per (sample, class)) and
+// gs = dL/dS.
+//
+// Determinism: the work is cut into fixed chunks whatever the thread count; each chunk sums
+// in float over blocks of at most 512 elements (an OpenMP simd reduction), the block sums go
+// into a double per chunk, and chunks are added in order. Same input, same bits, for any
+// number of threads.
+//
+// Math: exp, log and expm1 are written out below (Cephes-style polynomials, < 2 ulp) so that
+// the loops vectorise without -ffast-math and keep IEEE semantics (inf, NaN, subnormals).
+
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#define DL_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr int64_t kChunk = 16384;     // binary: elements per task
+constexpr int64_t kBlock = 512;       // elements per float accumulation block
+constexpr int64_t kClassChunk = 1024; // multiclass: pixels per task (and per block)
+constexpr int64_t kParallelMin = 65536;  // smaller inputs run on the calling thread only
+constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabilities
+
+enum Pixel : int { kPixelNone = 0, kPixelBce = 1, kPixelFocal2 = 2, kPixelFocal = 3 };
+enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2 };
+
+DL_INLINE float as_float(uint32_t i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+DL_INLINE uint32_t as_bits(float f) { uint32_t i; std::memcpy(&i, &f, sizeof i); return i; }
+DL_INLINE float max_f(float a, float b) { return a > b ? a : b; }
+DL_INLINE float abs_f(float a) { return as_float(as_bits(a) & 0x7fffffffu); }
+
+// e^x. Overflows to inf above ~88.72, goes subnormal then 0 below ~-87.3; NaN stays NaN.
+DL_INLINE float exp_f(float x) {
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |n| < 2^22)
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  // 2^n as two normal factors, so subnormal and overflowing results come out right
+  int32_t ni = static_cast<int32_t>(n);
+  int32_t h = ni >> 1;
+  float s1 = as_float(static_cast<uint32_t>(h + 127) << 23);
+  float s2 = as_float(static_cast<uint32_t>(ni - h + 127) << 23);
+  return y * s1 * s2;
+}
+
+// log(x) for finite x > 0 (subnormals included). Callers handle x <= 0.
+DL_INLINE float log_f(float x) {
+  bool tiny = x < 1.17549435e-38f;
+  float xs = tiny ? x * 8388608.0f : x;  // scale subnormals by 2^23
+  uint32_t bits = as_bits(xs);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;  // xs = m 2^e, m in [0.5, 1)
+  float m = as_float((bits & 0x007fffffu) | 0x3f000000u);
+  bool small = m < 0.707106781186547524f;
+  float ef = static_cast<float>(e) - (tiny ? 23.0f : 0.0f) - (small ? 1.0f : 0.0f);
+  float f = small ? (m + m - 1.0f) : (m - 1.0f);
+  float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float r = f + y;
+  return r + ef * 0.693359375f;
+}
+
+// log(1 + y) for y in [0, 1], to full relative precision at tiny y.
+DL_INLINE float log1p_f(float y) {
+  float u = 1.0f + y;
+  float d = u - 1.0f;
+  return d == 0.0f ? y : log_f(u) * (y / d);
+}
+
+// 1 - e^{-b} for b >= 0, without cancellation at small b; also returns e^{-b}.
+DL_INLINE float one_minus_exp_neg(float b, float& e) {
+  e = exp_f(-b);
+  float t = -b;  // Taylor series of -expm1(t) for |t| < 0.35 (error < 2e-8 relative)
+  float s = 1.0f / 5040.0f;
+  s = s * t + 1.0f / 720.0f;
+  s = s * t + 1.0f / 120.0f;
+  s = s * t + 1.0f / 24.0f;
+  s = s * t + 1.0f / 6.0f;
+  s = s * t + 0.5f;
+  s = s * t + 1.0f;
+  float series = -(s * t);
+  return b < 0.35f ? series : 1.0f - e;
+}
+
+// max(log p, -100), the clamped log-probability of the reference (p in [0, 1]).
+DL_INLINE float clamped_log(float p) {
+  float l = p > 0.0f ? log_f(p > 0.0f ? p : 1.0f) : kLogClamp;
+  return max_f(l, kLogClamp);
+}
+
+// d/dp of clamped_log: 1/p, and 0 where the log is clamped.
+DL_INLINE float clamped_log_slope(float p) {
+  float l = p > 0.0f ? log_f(p > 0.0f ? p : 1.0f) : kLogClamp;
+  return l > kLogClamp ? 1.0f / p : 0.0f;
+}
+
+// q^gamma for q in [0, 1] and gamma > 0 (general exponent).
+DL_INLINE float pow_f(float q, float gamma) {
+  return q > 0.0f ? exp_f(gamma * log_f(q > 0.0f ? q : 1.0f)) : 0.0f;
+}
+
+// focal modulation q^gamma and its slope factor d/db (q^gamma b) / 1 = q^gamma (1 + gamma e b/q)
+template <int PIXEL>
+DL_INLINE float focal_power(float q, float gamma) {
+  if (PIXEL == kPixelFocal2) return q * q;
+  if (PIXEL == kPixelFocal) return pow_f(q, gamma);
+  return 1.0f;
+}
+
+// target == ignore_index, compared as torch compares a tensor with a Python int
+template <typename T>
+DL_INLINE bool is_ignored(T v, int64_t ignore) { return static_cast<int64_t>(v) == ignore; }
+template <>
+DL_INLINE bool is_ignored<float>(float v, int64_t ignore) {
+  return v == static_cast<float>(ignore);
+}
+
+// ------------------------------------------------------------------------------ arguments
+struct Args {
+  const float* x;
+  const void* target;
+  int64_t target_type;   // TargetType
+  int64_t n;             // samples
+  int64_t c;             // channels / classes
+  int64_t m;             // elements per (sample, channel)
+  int64_t logits;        // 1: x holds logits, 0: probabilities
+  int64_t has_ignore;
+  int64_t ignore_index;
+  int64_t want_region;
+  int64_t pixel;         // Pixel
+  int64_t has_alpha;
+  double gamma;
+  double alpha;          // binary/multilabel: weight of positives
+  const float* class_alpha;  // multiclass: C weights (when has_alpha)
+  int64_t threads;
+  // forward: written for backward (x's shape); backward: read
+  float* probabilities;  // p (region losses)
+  float* slope;          // d(per-element loss)/dx, 0 where ignored (pixel losses)
+  // backward
+  const float* grad_intersection;  // (N, C)
+  const float* grad_prediction;    // (N, C)
+  double grad_pixel;
+  float* grad;                      // x's shape
+  // forward outputs
+  double* region;     // (N*C, 3): I, P, G
+  double* pixel_out;  // 2: S, count
+  double* check;      // 2: targets out of range, inputs out of [0, 1] (probabilities)
+};
+
+// focal slope factor d/db (q^gamma b) = q^gamma (1 + gamma e b / q), b/q -> 1 at q = 0
+template <int PIXEL>
+DL_INLINE float focal_factor(float b, float gamma) {
+  if (PIXEL == kPixelBce) return 1.0f;
+  float eb;
+  const float q = one_minus_exp_neg(b, eb);
+  const float ratio = q > 0.0f ? b / q : 1.0f;
+  return focal_power<PIXEL>(q, gamma) * (1.0f + gamma * eb * ratio);
+}
+
+// focal loss q^gamma b (b itself for BCE)
+template <int PIXEL>
+DL_INLINE float focal_loss(float b, float gamma) {
+  if (PIXEL == kPixelBce) return b;
+  float eb;
+  const float q = one_minus_exp_neg(b, eb);
+  return focal_power<PIXEL>(q, gamma) * b;
+}
+
+constexpr int kPartBinary = 7;  // I P G S count badT badX
+
+// ------------------------------------------------------------------ binary / multilabel
+template <typename T, bool LOGITS, bool REGION, int PIXEL>
+static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end,
+                                 double* out) {
+  const float* x = a.x + row * a.m;
+  const T* t = static_cast<const T*>(a.target) + row * a.m;
+  float* save_p = REGION ? a.probabilities + row * a.m : nullptr;
+  float* save_slope = PIXEL != kPixelNone ? a.slope + row * a.m : nullptr;
+  const bool has_ignore = a.has_ignore != 0;
+  const int64_t ignore = a.ignore_index;
+  const float gamma = static_cast<float>(a.gamma);
+  const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
+  const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
+  double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0;
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
+    float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0;
+#pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx)
+    for (int64_t i = b0; i < b1; ++i) {
+      const float xv = x[i];
+      const T tv = t[i];
+      const bool keep = !(has_ignore & is_ignored(tv, ignore));
+      const float gv = static_cast<float>(tv);
+      const float g = keep ? gv : 0.0f;
+      bad += (keep & !((gv >= 0.0f) & (gv <= 1.0f))) ? 1.0f : 0.0f;
+      float p, e = 0.0f;
+      if (LOGITS) {
+        e = exp_f(-abs_f(xv));
+        const float inv = 1.0f / (1.0f + e);
+        p = xv >= 0.0f ? inv : e * inv;
+      } else {
+        p = xv;
+        badx += ((xv >= 0.0f) & (xv <= 1.0f)) ? 0.0f : 1.0f;
+      }
+      if (REGION) {
+        sI += p * g;
+        sP += keep ? p : 0.0f;
+        sG += g;
+        save_p[i] = p;
+      }
+      if (PIXEL != kPixelNone) {
+        float b, slope;
+        if (LOGITS) {
+          b = (max_f(xv, 0.0f) - xv * g) + log1p_f(e);
+          slope = p - g;
+        } else {
+          b = -(g * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p));
+          slope = (1.0f - g) * clamped_log_slope(1.0f - p) - g * clamped_log_slope(p);
+        }
+        const float w = g * w1 + w0;
+        const float loss = focal_loss<PIXEL>(b, gamma) * w;
+        slope = slope * (focal_factor<PIXEL>(b, gamma) * w);
+        sS += keep ? loss : 0.0f;
+        sN += keep ? 1.0f : 0.0f;
+        save_slope[i] = keep ? slope : 0.0f;
+      }
+    }
+    dI += sI; dP += sP; dG += sG; dS += sS; dN += sN; dBad += bad; dBadX += badx;
+  }
+  out[0] = dI; out[1] = dP; out[2] = dG; out[3] = dS; out[4] = dN; out[5] = dBad;
+  out[6] = dBadX;
+}
+
+template <typename T, bool LOGITS, bool REGION, int PIXEL>
+static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end) {
+  const T* t = static_cast<const T*>(a.target) + row * a.m;
+  const float* p = REGION ? a.probabilities + row * a.m : nullptr;
+  const float* slope = PIXEL != kPixelNone ? a.slope + row * a.m : nullptr;
+  float* grad = a.grad + row * a.m;
+  const bool has_ignore = a.has_ignore != 0;
+  const int64_t ignore = a.ignore_index;
+  const float gi = REGION ? a.grad_intersection[row] : 0.0f;
+  const float gp = REGION ? a.grad_prediction[row] : 0.0f;
+  const float gs = static_cast<float>(a.grad_pixel);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float total = 0.0f;
+    if (REGION) {
+      const T tv = t[i];
+      const bool keep = !(has_ignore & is_ignored(tv, ignore));
+      const float g = keep ? static_cast<float>(tv) : 0.0f;
+      const float upstream = gp + gi * g;
+      const float pv = p[i];
+      total = LOGITS ? upstream * (pv * (1.0f - pv)) : upstream;
+      total = keep ? total : 0.0f;
+    }
+    if (PIXEL != kPixelNone) total += gs * slope[i];
+    grad[i] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------ multiclass
+constexpr int kPartClassExtra = 4;  // S count badT badX
+
+// Per-pixel state of one chunk of one sample: class, kept flag, softmax statistics.
+template <typename T, bool LOGITS>
+struct ClassChunk {
+  int32_t cls[kClassChunk];
+  float keep[kClassChunk];
+  float mx[kClassChunk];
+  float inv[kClassChunk];   // 1 / sum_c exp(x_c - max)
+  float lse[kClassChunk];   // logsumexp
+  float xt[kClassChunk];    // the input at the target class
+  int64_t len;
+
+  // returns the number of kept pixels whose class index is out of range (they are dropped)
+  double load(const Args& a, int64_t sample, int64_t begin, int64_t end, bool softmax) {
+    len = end - begin;
+    const T* t = static_cast<const T*>(a.target) + sample * a.m + begin;
+    const float* x = a.x + sample * a.c * a.m + begin;
+    const bool has_ignore = a.has_ignore != 0;
+    const int64_t ignore = a.ignore_index;
+    const int64_t classes = a.c;
+    float bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (int64_t j = 0; j < len; ++j) {
+      const T tv = t[j];
+      const bool ignored = has_ignore & is_ignored(tv, ignore);
+      const int64_t v = static_cast<int64_t>(tv);
+      const bool in_range = (v >= 0) & (v < classes);
+      bad += (!ignored & !in_range) ? 1.0f : 0.0f;
+      cls[j] = (!ignored & in_range) ? static_cast<int32_t>(v) : 0;
+      keep[j] = (!ignored & in_range) ? 1.0f : 0.0f;
+    }
+    for (int64_t j = 0; j < len; ++j) xt[j] = x[cls[j] * a.m + j];
+    if (!LOGITS || !softmax) return bad;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) mx[j] = x[j];
+    for (int64_t c = 1; c < classes; ++c) {
+      const float* xc = x + c * a.m;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) mx[j] = xc[j] > mx[j] ? xc[j] : mx[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) inv[j] = 0.0f;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float* xc = x + c * a.m;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) inv[j] += exp_f(xc[j] - mx[j]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      lse[j] = mx[j] + log_f(inv[j]);
+      inv[j] = 1.0f / inv[j];
+    }
+    return bad;
+  }
+};
+
+template <typename T, bool LOGITS, bool REGION, int PIXEL>
+static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, int64_t end,
+                                double* out) {
+  ClassChunk<T, LOGITS> s;
+  const double bad = s.load(a, sample, begin, end, true);
+  const int64_t offset = sample * a.c * a.m + begin;
+  const float* x = a.x + offset;
+  const int64_t len = s.len;
+  const float gamma = static_cast<float>(a.gamma);
+  float coef[kClassChunk];  // pixel: alpha_t * d(focal)/db, 0 where not kept
+  float sS = 0, sN = 0;
+  if (PIXEL != kPixelNone) {
+    const float* alpha = a.class_alpha;
+    const bool has_alpha = a.has_alpha != 0;
+#pragma omp simd reduction(+ : sS, sN)
+    for (int64_t j = 0; j < len; ++j) {
+      const float b = LOGITS ? s.lse[j] - s.xt[j] : -clamped_log(s.xt[j]);
+      const float w = has_alpha ? alpha[s.cls[j]] : 1.0f;
+      float factor = focal_factor<PIXEL>(b, gamma) * w;
+      if (!LOGITS) factor = -factor * clamped_log_slope(s.xt[j]);
+      const bool kept = s.keep[j] != 0.0f;
+      sS += kept ? focal_loss<PIXEL>(b, gamma) * w : 0.0f;
+      sN += s.keep[j];
+      coef[j] = kept ? factor : 0.0f;
+    }
+  }
+  float badx = 0;
+  for (int64_t c = 0; c < a.c; ++c) {
+    const float* xc = x + c * a.m;
+    float* pc = REGION ? a.probabilities + offset + c * a.m : nullptr;
+    float* sc = PIXEL != kPixelNone ? a.slope + offset + c * a.m : nullptr;
+    const int32_t cc = static_cast<int32_t>(c);
+    float sI = 0, sP = 0, sG = 0;
+#pragma omp simd reduction(+ : sI, sP, sG, badx)
+    for (int64_t j = 0; j < len; ++j) {
+      float p;
+      if (LOGITS) {
+        p = exp_f(xc[j] - s.mx[j]) * s.inv[j];
+      } else {
+        p = xc[j];
+        badx += ((p >= 0.0f) & (p <= 1.0f)) ? 0.0f : 1.0f;
+      }
+      const bool on = s.cls[j] == cc;
+      if (REGION) {
+        sP += p * s.keep[j];
+        sI += on ? p * s.keep[j] : 0.0f;
+        sG += on ? s.keep[j] : 0.0f;
+        pc[j] = p;
+      }
+      if (PIXEL != kPixelNone) {
+        sc[j] = LOGITS ? coef[j] * (p - (on ? 1.0f : 0.0f)) : (on ? coef[j] : 0.0f);
+      }
+    }
+    if (REGION) {
+      out[3 * c] = sI; out[3 * c + 1] = sP; out[3 * c + 2] = sG;
+    }
+  }
+  double* extra = out + 3 * a.c;
+  extra[0] = sS; extra[1] = sN; extra[2] = bad; extra[3] = badx;
+}
+
+template <typename T, bool LOGITS, bool REGION, int PIXEL>
+static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, int64_t end) {
+  ClassChunk<T, LOGITS> s;
+  s.load(a, sample, begin, end, false);
+  const int64_t offset = sample * a.c * a.m + begin;
+  float* grad = a.grad + offset;
+  const int64_t len = s.len;
+  const int64_t classes = a.c;
+  const float gs = static_cast<float>(a.grad_pixel);
+  const float* gi = REGION ? a.grad_intersection + sample * classes : nullptr;
+  const float* gp = REGION ? a.grad_prediction + sample * classes : nullptr;
+  const float* p = REGION ? a.probabilities + offset : nullptr;
+  const float* slope = PIXEL != kPixelNone ? a.slope + offset : nullptr;
+  float mixed[kClassChunk];  // logits, region: sum_c p_c u_c with u_c = gp_c + gi_c [c == t]
+  if (REGION && LOGITS) {
+    for (int64_t j = 0; j < len; ++j) mixed[j] = p[s.cls[j] * a.m + j] * gi[s.cls[j]];
+    for (int64_t c = 0; c < classes; ++c) {
+      const float* pc = p + c * a.m;
+      const float gpc = gp[c];
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) mixed[j] += pc[j] * gpc;
+    }
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    float* gc = grad + c * a.m;
+    const int32_t cc = static_cast<int32_t>(c);
+    const float gic = REGION ? gi[c] : 0.0f;
+    const float gpc = REGION ? gp[c] : 0.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      float total = 0.0f;
+      if (REGION) {
+        const float u = gpc + (s.cls[j] == cc ? gic : 0.0f);
+        total = LOGITS ? p[c * a.m + j] * (u - mixed[j]) : u;
+        total = s.keep[j] != 0.0f ? total : 0.0f;
+      }
+      if (PIXEL != kPixelNone) total += gs * slope[c * a.m + j];
+      gc[j] = total;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ drivers
+template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+static void run_binary(const Args& a) {
+  constexpr bool backward = BACKWARD;
+  const int64_t rows = a.n * a.c;
+  const int64_t chunks = (a.m + kChunk - 1) / kChunk;
+  const int64_t tasks = rows * chunks;
+  std::vector<double> part(backward ? 0 : tasks * kPartBinary);
+  const bool parallel = tasks > 1 && rows * a.m >= kParallelMin;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a.threads)) if (parallel)
+  for (int64_t k = 0; k < tasks; ++k) {
+    const int64_t row = k / chunks;
+    const int64_t begin = (k % chunks) * kChunk;
+    const int64_t end = begin + kChunk < a.m ? begin + kChunk : a.m;
+    if constexpr (BACKWARD) {
+      binary_backward_chunk<T, LOGITS, REGION, PIXEL>(a, row, begin, end);
+    } else {
+      binary_forward_chunk<T, LOGITS, REGION, PIXEL>(a, row, begin, end, &part[k * kPartBinary]);
+    }
+  }
+  if constexpr (BACKWARD) return;
+  double S = 0, count = 0, bad = 0, badx = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double I = 0, P = 0, G = 0;
+    for (int64_t j = 0; j < chunks; ++j) {
+      const double* q = &part[(r * chunks + j) * kPartBinary];
+      I += q[0]; P += q[1]; G += q[2]; S += q[3]; count += q[4]; bad += q[5]; badx += q[6];
+    }
+    if (REGION) { a.region[3 * r] = I; a.region[3 * r + 1] = P; a.region[3 * r + 2] = G; }
+  }
+  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count; }
+  a.check[0] = bad; a.check[1] = badx;
+}
+
+template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+static void run_multiclass(const Args& a) {
+  constexpr bool backward = BACKWARD;
+  const int64_t chunks = (a.m + kClassChunk - 1) / kClassChunk;
+  const int64_t tasks = a.n * chunks;
+  const int64_t width = 3 * a.c + kPartClassExtra;
+  std::vector<double> part(backward ? 0 : tasks * width);
+  const bool parallel = tasks > 1 && a.n * a.c * a.m >= kParallelMin;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a.threads)) if (parallel)
+  for (int64_t k = 0; k < tasks; ++k) {
+    const int64_t sample = k / chunks;
+    const int64_t begin = (k % chunks) * kClassChunk;
+    const int64_t end = begin + kClassChunk < a.m ? begin + kClassChunk : a.m;
+    if constexpr (BACKWARD) {
+      class_backward_chunk<T, LOGITS, REGION, PIXEL>(a, sample, begin, end);
+    } else {
+      class_forward_chunk<T, LOGITS, REGION, PIXEL>(a, sample, begin, end, &part[k * width]);
+    }
+  }
+  if constexpr (BACKWARD) return;
+  double S = 0, count = 0, bad = 0, badx = 0;
+  for (int64_t n = 0; n < a.n; ++n) {
+    for (int64_t c = 0; c < a.c && REGION; ++c) {
+      double I = 0, P = 0, G = 0;
+      for (int64_t j = 0; j < chunks; ++j) {
+        const double* q = &part[(n * chunks + j) * width + 3 * c];
+        I += q[0]; P += q[1]; G += q[2];
+      }
+      double* r = a.region + 3 * (n * a.c + c);
+      r[0] = I; r[1] = P; r[2] = G;
+    }
+    for (int64_t j = 0; j < chunks; ++j) {
+      const double* q = &part[(n * chunks + j) * width + 3 * a.c];
+      S += q[0]; count += q[1]; bad += q[2]; badx += q[3];
+    }
+  }
+  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count; }
+  a.check[0] = bad; a.check[1] = badx;
+}
+
+template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+static int run(const Args& a, bool multiclass) {
+  if (multiclass) {
+    if constexpr (std::is_same_v<T, float>) return 2;  // class indices are never float
+    else run_multiclass<T, LOGITS, REGION, PIXEL, BACKWARD>(a);
+  } else {
+    run_binary<T, LOGITS, REGION, PIXEL, BACKWARD>(a);
+  }
+  return 0;
+}
+
+template <typename T, bool LOGITS, bool REGION, bool BACKWARD>
+static int pick_pixel(const Args& a, bool multiclass) {
+  if constexpr (BACKWARD) {  // backward reads the saved slope: the focal variant does not matter
+    if (a.pixel != kPixelNone) return run<T, LOGITS, REGION, kPixelBce, true>(a, multiclass);
+    if constexpr (REGION) return run<T, LOGITS, true, kPixelNone, true>(a, multiclass);
+    return 2;
+  } else {
+    switch (a.pixel) {
+      case kPixelBce: return run<T, LOGITS, REGION, kPixelBce, false>(a, multiclass);
+      case kPixelFocal2: return run<T, LOGITS, REGION, kPixelFocal2, false>(a, multiclass);
+      case kPixelFocal: return run<T, LOGITS, REGION, kPixelFocal, false>(a, multiclass);
+      case kPixelNone:
+        if constexpr (REGION) return run<T, LOGITS, true, kPixelNone, false>(a, multiclass);
+        return 2;
+      default:
+        return 2;
+    }
+  }
+}
+
+template <typename T, bool BACKWARD>
+static int pick_flags(const Args& a, bool multiclass) {
+  if (a.logits) {
+    return a.want_region ? pick_pixel<T, true, true, BACKWARD>(a, multiclass)
+                         : pick_pixel<T, true, false, BACKWARD>(a, multiclass);
+  }
+  return a.want_region ? pick_pixel<T, false, true, BACKWARD>(a, multiclass)
+                       : pick_pixel<T, false, false, BACKWARD>(a, multiclass);
+}
+
+template <bool BACKWARD>
+static int dispatch(const Args* a, bool multiclass) {
+  if (a == nullptr || a->n < 0 || a->c < 1 || a->m < 0 || a->threads < 1) return 2;
+  if (multiclass && a->target_type == kFloat32) return 2;
+  try {
+    switch (a->target_type) {
+      case kFloat32: return pick_flags<float, BACKWARD>(*a, multiclass);
+      case kUInt8: return pick_flags<uint8_t, BACKWARD>(*a, multiclass);
+      case kInt64: return pick_flags<int64_t, BACKWARD>(*a, multiclass);
+      default: return 2;
+    }
+  } catch (const std::bad_alloc&) {
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+// Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
+int dynloss_abi_version() { return 2; }  // bump with struct Args
+int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
+int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
+int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }
+int dynloss_multiclass_backward(const Args* a) { return dispatch<true>(a, true); }
+}

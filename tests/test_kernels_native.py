@@ -1,0 +1,338 @@
+"""The native CPU kernels (``backend="native"``) against the reference: values, gradients,
+value checks, determinism, memory, and the fallback when they cannot be built.
+
+CI sets ``DYNLOSS_REQUIRE_NATIVE=1`` so that a broken build fails the suite instead of
+skipping these tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+
+import dynloss
+import dynloss.functional as F
+from dynloss.kernels import native_available, native_status, region_pixel_loss, resolve_backend
+
+from .strategies import cases
+
+NATIVE = native_available()
+pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels unavailable: "
+                                f"{native_status() if not NATIVE else ''}")
+
+REGION = {"dice": F.dice_loss, "iou": F.iou_loss, "tversky": F.tversky_loss}
+PIXEL = {"bce": F.bce_loss, "focal": F.focal_loss}
+MODES = ["binary", "multilabel", "multiclass"]
+SRC = str(Path(dynloss.__file__).resolve().parents[1])
+
+
+def _inputs(mode: str, spatial: tuple[int, ...], *, n: int = 2, c: int = 3, seed: int = 0,
+            scale: float = 3.0):
+    gen = torch.Generator().manual_seed(seed)
+    channels = 1 if mode == "binary" else c
+    x = torch.randn((n, channels, *spatial), generator=gen) * scale
+    if mode == "multiclass":
+        t = torch.randint(0, c, (n, *spatial), generator=gen)
+    else:
+        t = (torch.rand((n, channels, *spatial), generator=gen) > 0.6).float()
+    return x, t
+
+
+def _run(fn, x, t, backend: str, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, t, backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def _compare(fn, x, t, *, rtol: float = 2e-5, **kw):
+    """The native path equals the reference (values and gradients) on float32 input."""
+    want, want_grad = _run(fn, x, t, "reference", **kw)
+    got, got_grad = _run(fn, x, t, "native", **kw)
+    assert got.dtype == want.dtype == torch.float32 and got_grad.dtype == torch.float32
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
+    scale = want_grad.abs().max().item() + 1e-12
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+    return got, got_grad
+
+
+def test_ci_requires_native():
+    """In CI the kernels must build: a broken build is a failure, not a skip."""
+    if os.environ.get("DYNLOSS_REQUIRE_NATIVE") == "1":
+        assert native_status() == ""
+
+
+def test_auto_picks_native_for_float32_cpu_only():
+    x = torch.zeros(2, 1, 4, 4)
+    assert resolve_backend(x, "auto") == "native"
+    assert resolve_backend(x, "native") == "native"
+    assert resolve_backend(x.double(), "native") == "torch"
+    assert resolve_backend(x.half(), "auto") == "torch"
+    assert resolve_backend(x.bfloat16(), "native") == "torch"
+    assert resolve_backend(x, "torch") == "torch"
+
+
+# ------------------------------------------------------------------------------ region losses
+@pytest.mark.parametrize("name", sorted(REGION))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)], ids=["2d", "3d"])
+def test_region_losses(name, mode, spatial):
+    x, t = _inputs(mode, spatial, seed=len(name) + len(mode))
+    _compare(REGION[name], x, t, mode=mode)
+
+
+@pytest.mark.parametrize("name", sorted(REGION))
+@pytest.mark.parametrize("mode", MODES)
+def test_region_per_image_smooth_probabilities(name, mode):
+    x, t = _inputs(mode, (4, 6), seed=3)
+    _compare(REGION[name], x, t, mode=mode, per_image=True, smooth=0.5)
+    p = torch.softmax(x, 1) if mode == "multiclass" else torch.sigmoid(x)
+    _compare(REGION[name], p, t, mode=mode, from_logits=False)
+    _compare(REGION[name], p, t, mode=mode, from_logits=False, per_image=True,
+             reduction="none")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(REGION))
+def test_region_ignore_index(name, mode):
+    x, t = _inputs(mode, (6, 5), seed=5)
+    t = t.long()
+    t[0, ..., :2] = 255
+    if mode != "multiclass":
+        t = t.to(torch.uint8)
+    _compare(REGION[name], x, t, mode=mode, ignore_index=255)
+
+
+def test_soft_labels():
+    x, _ = _inputs("multilabel", (7, 6), seed=9)
+    t = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    for fn in (*REGION.values(), *PIXEL.values()):
+        _compare(fn, x, t, mode="multilabel")
+    _compare(F.focal_loss, x, t, mode="multilabel", gamma=0.7, alpha=0.3)
+
+
+# ------------------------------------------------------------------------------- pixel losses
+@pytest.mark.parametrize("name", sorted(PIXEL))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)], ids=["2d", "3d"])
+def test_pixel_losses(name, mode, spatial):
+    x, t = _inputs(mode, spatial, seed=len(name) * 7 + len(mode))
+    _compare(PIXEL[name], x, t, mode=mode)
+    _compare(PIXEL[name], x, t, mode=mode, reduction="sum", rtol=5e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.5])
+def test_focal_gamma_alpha_ignore_probabilities(mode, gamma):
+    x, t = _inputs(mode, (6, 7), seed=int(gamma * 10))
+    alpha = (0.5, 2.0, 1.0) if mode == "multiclass" else 0.25
+    _compare(F.focal_loss, x, t, mode=mode, gamma=gamma, alpha=alpha)
+    p = torch.softmax(x, 1) if mode == "multiclass" else torch.sigmoid(x)
+    _compare(F.focal_loss, p, t, mode=mode, gamma=gamma, alpha=alpha, from_logits=False)
+    t = t.long()
+    t[..., 0] = -1
+    _compare(F.focal_loss, x, t, mode=mode, gamma=gamma, ignore_index=-1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pixel", ["bce", "focal"])
+@pytest.mark.parametrize("region", ["dice", "tversky"])
+def test_fused_composite(mode, pixel, region):
+    x, t = _inputs(mode, (5, 9), seed=11)
+    kw = dict(region=region, pixel=pixel, region_weight=0.7, pixel_weight=1.3, mode=mode)
+    want, want_grad = _run(region_pixel_loss, x, t, "reference", **kw)
+    got, got_grad = _run(region_pixel_loss, x, t, "native", **kw)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    scale = want_grad.abs().max().item()
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+# --------------------------------------------------------------------- inputs and robustness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bool,
+                                   torch.uint8, torch.int32, torch.int64])
+def test_binary_target_dtypes(dtype):
+    x, t = _inputs("binary", (6, 6), seed=2)
+    for fn in (F.dice_loss, F.focal_loss):
+        got = _compare(fn, x, t.to(dtype))[0]
+        torch.testing.assert_close(got, fn(x, t, backend="native"))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+def test_multiclass_target_dtypes(dtype):
+    x, t = _inputs("multiclass", (6, 6), seed=4)
+    for fn in (F.iou_loss, F.bce_loss):
+        _compare(fn, x, t.to(dtype), mode="multiclass")
+
+
+def test_extreme_logits_match_reference():
+    """Logits up to +-1e4: finite, and equal to the reference (BCE keeps tiny losses)."""
+    x = torch.tensor([-1e4, -100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, 1e4] * 4)
+    x = x.view(4, 1, 9)
+    t = torch.tensor([0.0, 1.0, 0.0, 1.0] * 9).view(4, 1, 9)
+    for fn in (*REGION.values(), *PIXEL.values()):
+        _compare(fn, x, t)
+    for mode, c in (("multiclass", 3), ("multilabel", 3)):
+        xm = x.view(4, 1, 9).repeat(1, c, 1) * torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1)
+        tm = (torch.arange(36).view(4, 9) % c if mode == "multiclass"
+              else (torch.arange(108).view(4, 3, 9) % 2).float())
+        for fn in (*REGION.values(), *PIXEL.values()):
+            _compare(fn, xm, tm, mode=mode)
+
+
+def test_tiny_losses_keep_their_digits():
+    x = torch.full((1, 1, 4), -90.0)
+    got = F.bce_loss(x, torch.zeros_like(x), backend="native")
+    assert got.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(-90.0)).item(),
+                                       rel=1e-5)
+
+
+def test_several_chunks_and_non_contiguous_input():
+    """Rows longer than one work chunk (16384 binary, 1024 multiclass), channels-last input."""
+    x, t = _inputs("multiclass", (130, 140), n=2, c=4, seed=6)
+    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # a non-contiguous view
+    for fn in (F.dice_loss, F.focal_loss):
+        _compare(fn, x, t, mode="multiclass")
+    xb, tb = _inputs("binary", (150, 150), n=3, seed=7)
+    for fn in (F.tversky_loss, F.bce_loss):
+        _compare(fn, xb, tb, rtol=5e-5)
+
+
+def test_empty_input():
+    x, t = torch.zeros(2, 1, 0, 3), torch.zeros(2, 1, 0, 3)
+    native = _run(F.dice_loss, x, t, "native")
+    torch.testing.assert_close(native[0], _run(F.dice_loss, x, t, "torch")[0])
+    assert native[0].item() == 0.0 and native[1].shape == x.shape
+
+
+def test_bitwise_identical_for_any_thread_count():
+    x, t = _inputs("binary", (128, 200), n=4, seed=8)
+    xm, tm = _inputs("multiclass", (64, 70), n=3, c=5, seed=8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append([_run(region_pixel_loss, x, t, "native", pixel="focal"),
+                            _run(F.iou_loss, xm, tm, "native", mode="multiclass")])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for (value, grad), (value0, grad0) in zip(other, results[0], strict=True):
+            assert torch.equal(value, value0) and torch.equal(grad, grad0)
+
+
+@given(cases("binary", soft=True))
+def test_property_binary_soft_targets(case):
+    x, t = case
+    _compare(F.tversky_loss, x, t, alpha=0.2, beta=0.9, smooth=0.3, rtol=5e-5)
+    _compare(F.focal_loss, x, t, rtol=5e-5)
+
+
+@given(cases("multiclass", max_classes=5))
+def test_property_multiclass(case):
+    x, t = case
+    _compare(F.dice_loss, x, t, mode="multiclass", rtol=5e-5)
+    _compare(F.bce_loss, x, t, mode="multiclass", rtol=5e-5)
+
+
+# ---------------------------------------------------------------------------- memory & checks
+def _saved_input_sized(fn, x, t, **kw):
+    sizes = []
+
+    def pack(tensor):
+        if tensor.numel() >= x.numel() and tensor.data_ptr() not in (x.data_ptr(),
+                                                                     t.data_ptr()):
+            sizes.append(tensor.numel())
+        return tensor
+
+    x = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(x, t, backend="native", **kw).backward()
+    return len(sizes)
+
+
+def test_saved_tensors():
+    x, t = _inputs("binary", (16, 16), seed=1)
+    assert _saved_input_sized(F.dice_loss, x, t) == 1  # the probabilities
+    assert _saved_input_sized(F.focal_loss, x, t) == 1  # the slopes
+    assert _saved_input_sized(region_pixel_loss, x, t, pixel="focal") == 2
+
+
+def test_value_checks_in_kernel():
+    x, t = _inputs("binary", (4, 4))
+    bad = t.clone()
+    bad[0, 0, 0, 0] = 2.0
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 1\].*to 2\.0"):
+        F.dice_loss(x, bad, backend="native")
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 1\]"):
+        F.focal_loss(x, bad.masked_fill(bad == 2.0, float("nan")), backend="native")
+    F.dice_loss(x, bad, backend="native", check_values=False)  # the switch turns it off
+    ignored = bad.long()
+    ignored[ignored == 2] = 255
+    F.dice_loss(x, ignored, backend="native", ignore_index=255)  # ignored pixels aside
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\].*from_logits=True"):
+        F.bce_loss(x, t, from_logits=False, backend="native")
+    xm, tm = _inputs("multiclass", (4, 4))
+    tm[0, 0, 0] = 3
+    for check in (None, False):  # an index out of range is always an error
+        with pytest.raises(ValueError, match=r"class indices must lie in \[0, 3\).*to 3"):
+            F.dice_loss(xm, tm, mode="multiclass", backend="native", check_values=check)
+
+
+# ------------------------------------------------------------------------------- the fallback
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": SRC, **env}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_disabled_by_environment_falls_back_to_torch():
+    code = (
+        "import torch, pytest\n"
+        "import dynloss.functional as F\n"
+        "from dynloss.kernels import native_status, resolve_backend\n"
+        "assert native_status() == 'disabled by DYNLOSS_NATIVE=0', native_status()\n"
+        "x = torch.zeros(1, 1, 2, 2)\n"
+        "assert resolve_backend(x, 'auto') == 'torch'\n"
+        "F.dice_loss(x, x)\n"
+        "try:\n"
+        "    F.dice_loss(x, x, backend='native')\n"
+        "except ValueError as e:\n"
+        "    assert 'DYNLOSS_NATIVE=0' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    result = _python(code, DYNLOSS_NATIVE="0")
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_compiler_falls_back_to_torch(tmp_path):
+    code = (
+        "import torch\n"
+        "from dynloss.kernels import native_status, resolve_backend\n"
+        "print(native_status())\n"
+        "assert resolve_backend(torch.zeros(1, 1, 2, 2), 'auto') == 'torch'\n"
+    )
+    result = _python(code, CXX="/nonexistent/c++", PATH=str(tmp_path),
+                     DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "no C++ compiler found" in result.stdout
+
+
+def test_failing_build_falls_back_with_the_compiler_message(tmp_path):
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = ("from dynloss.kernels import native_status\n"
+            "print(native_status())\n")
+    result = _python(code, CXX=str(fake), DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "could not be built" in result.stdout and "fake compiler: no" in result.stdout
+    assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left
