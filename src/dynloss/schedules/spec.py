@@ -191,8 +191,9 @@ class _Parser:
             )
             switches.append(self.switch_point())
         try:
-            if all(isinstance(s, int) for s in switches):
-                return SwitchingLoss(stages, milestones=switches)  # type: ignore[arg-type]
+            milestones = [s for s in switches if isinstance(s, int)]
+            if len(milestones) == len(switches):
+                return SwitchingLoss(stages, milestones=milestones)
             return SwitchingLoss(stages, trigger=switches)
         except (TypeError, ValueError) as err:
             raise self.error(str(err), start) from err

@@ -163,8 +163,9 @@ class SwitchingLoss(nn.Module):
     @property
     def milestones(self) -> list[int] | None:
         """The switch counts when every trigger is a :class:`Milestone`, else None."""
-        if all(isinstance(t, Milestone) for t in self.triggers):
-            return [t.at for t in self.triggers]  # type: ignore[attr-defined]
+        milestones = [t for t in self.triggers if isinstance(t, Milestone)]
+        if len(milestones) == len(self.triggers):
+            return [t.at for t in milestones]
         return None
 
     # ------------------------------------------------------------------------------ training
