@@ -9,9 +9,12 @@ module calls its function here, with the same arguments and defaults.
 >>> from dynloss.functional import bce_loss, dice_loss, iou_loss, tversky_loss
 >>> logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
 >>> target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
->>> round(dice_loss(logits, target).item(), 4), round(iou_loss(logits, target).item(), 4)
-(0.2129, 0.351)
->>> bool(tversky_loss(logits, target, alpha=0.5, beta=0.5) == dice_loss(logits, target))
+>>> round(dice_loss(logits, target).item(), 4)
+0.2129
+>>> round(iou_loss(logits, target).item(), 4)
+0.351
+>>> dice = dice_loss(logits, target)
+>>> bool(tversky_loss(logits, target, alpha=0.5, beta=0.5) == dice)
 True
 >>> round(bce_loss(logits, target).item(), 4)
 0.2407
