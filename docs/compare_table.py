@@ -1,10 +1,12 @@
-"""Write docs/generated/comparison.md: dynloss, smp, MONAI and nnU-Net on the same inputs.
+"""Write docs/generated/comparison_{region,distribution}.md: dynloss, smp, MONAI and nnU-Net
+on the same inputs, one table per loss family.
 
-The numbers on the Losses page come from this script, so they stay true: CI runs it with
-``--check`` (fails if the committed table differs from a fresh run) before building the site.
+The numbers on the two loss pages (docs/losses/region.md, docs/losses/distribution.md; each
+includes its table) come from this script, so they stay true: CI runs it with ``--check``
+(fails if a committed table differs from a fresh run) before building the site.
 
-    python docs/compare_table.py            # rewrite docs/generated/comparison.md
-    python docs/compare_table.py --check    # exit 1 if it is out of date
+    python docs/compare_table.py            # rewrite both tables
+    python docs/compare_table.py --check    # exit 1 if either is out of date
 
 Needs the ``test`` extra (segmentation-models-pytorch, MONAI). nnU-Net is not a dependency:
 its TopK loss is re-implemented below from its source (a few lines, quoted in the comment).
@@ -25,8 +27,30 @@ from monai.losses import DiceLoss as MonaiDiceLoss
 
 import dynloss
 
-OUT = Path(__file__).resolve().parent / "generated" / "comparison.md"
+GENERATED = Path(__file__).resolve().parent / "generated"
+FAMILIES = ("region", "distribution")
+OUT = {family: GENERATED / f"comparison_{family}.md" for family in FAMILIES}
 NA = "–"
+LIBRARIES = ("dynloss", "smp 0.6", "MONAI", "nnU-Net")
+
+# What each family's table calls and how, below the table.
+NOTES = {
+    "region": (
+        "All losses are called with their defaults in binary mode. smp: "
+        "`segmentation_models_pytorch.losses.DiceLoss(\"binary\")`. MONAI: "
+        "`monai.losses.DiceLoss(sigmoid=True)` (per image, its default) and `batch=True` for "
+        "the soft-label row. Inputs are fixed float64 tensors."
+    ),
+    "distribution": (
+        "All losses are called with their defaults except where the row says otherwise "
+        "(binary mode for BCE; multiclass with C = 2 for TopK, as nnU-Net's TopK is a "
+        "softmax cross-entropy). smp: `segmentation_models_pytorch.losses."
+        "SoftBCEWithLogitsLoss`. MONAI has no BCE, Focal or TopK loss with these options. "
+        "nnU-Net: its `TopKLoss` re-implemented from its source (`int(num_voxels * k / 100)` "
+        "largest cross-entropy values). Inputs are fixed float64 tensors; \"–\" means the "
+        "library has no such option."
+    ),
+}
 
 
 def fmt(value: float | str) -> str:
@@ -53,7 +77,11 @@ def topk_kept(m: int, k: float) -> str:
     return f"{math.ceil(round(k * m, 9))} of {m}"
 
 
-def rows() -> list[tuple[str, str, str, str, str, str]]:
+Row = tuple[str, str, str, str, str, str, str]  # family, case, 4 libraries, why
+
+
+def rows() -> list[Row]:
+    """Every row, in the order the inputs are drawn from one seeded generator."""
     gen = torch.Generator().manual_seed(0)
     f64 = torch.float64
     out = []
@@ -62,6 +90,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     logits = torch.full((2, 1, 8, 8), -1.0, dtype=f64)
     empty = torch.zeros(2, 1, 8, 8, dtype=f64)
     out.append((
+        "region",
         "Dice, empty target, p = 0.27 everywhere",
         fmt(dynloss.DiceLoss()(logits, empty).item()),
         fmt(smp.losses.DiceLoss("binary")(logits, empty).item()),
@@ -74,6 +103,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     # 2. Dice, empty target and (almost) empty prediction.
     logits = torch.full((2, 1, 8, 8), -30.0, dtype=f64)
     out.append((
+        "region",
         "Dice, empty target, empty prediction",
         fmt(dynloss.DiceLoss()(logits, empty).item()),
         fmt(smp.losses.DiceLoss("binary")(logits, empty).item()),
@@ -89,6 +119,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     kept = target != 255
     on_kept = torch.nn.functional.binary_cross_entropy_with_logits(logits[kept], target[kept])
     out.append((
+        "distribution",
         "BCE, `ignore_index=255` on half the pixels",
         fmt(dynloss.BCELoss(ignore_index=255)(logits, target).item()),
         fmt(smp.losses.SoftBCEWithLogitsLoss(ignore_index=255)(logits, target).item()),
@@ -102,6 +133,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     logits = torch.randn(2, 1, 8, 8, generator=gen, dtype=f64)
     soft = torch.full((2, 1, 8, 8), 0.3, dtype=f64)
     out.append((
+        "region",
         "Dice, soft labels g = 0.3 (batch-pooled)",
         fmt(dynloss.DiceLoss()(logits, soft).item()),
         fmt(smp.losses.DiceLoss("binary")(logits, soft).item()),
@@ -119,6 +151,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
         ours = dynloss.TopKLoss(k=0.1, mode="multiclass")(logits, labels).item()
         kept_nnunet = int(m * 10 / 100)
         out.append((
+            "distribution",
             f"TopK, M = {m} pixels: dynloss `k=0.1`, nnU-Net `k=10`",
             fmt(ours),
             NA,
@@ -135,6 +168,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     except ValueError:
         refused = "`ValueError`"
     out.append((
+        "distribution",
         "TopK, `k=10` (nnU-Net's spelling)",
         refused,
         NA,
@@ -145,26 +179,19 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     return out
 
 
-def render() -> str:
+def render(family: str, all_rows: list[Row] | None = None) -> str:
+    """The Markdown table of one family; a library column with no value in it is left out."""
+    mine = [row[1:] for row in (rows() if all_rows is None else all_rows) if row[0] == family]
+    shown = [i for i in range(len(LIBRARIES)) if any(row[1 + i] != NA for row in mine)]
     lines = [
         "<!-- Generated by docs/compare_table.py; do not edit. CI checks it is up to date. -->",
         "",
-        "| case | dynloss | smp 0.6 | MONAI | nnU-Net | why |",
-        "|---|---:|---:|---:|---:|---|",
+        "| case | " + " | ".join(LIBRARIES[i] for i in shown) + " | why |",
+        "|---|" + "---:|" * len(shown) + "---|",
     ]
-    for case, ours, smp_value, monai_value, nnunet_value, why in rows():
-        lines.append(f"| {case} | {ours} | {smp_value} | {monai_value} | {nnunet_value} | {why} |")
-    lines += [
-        "",
-        "All losses are called with their defaults except where the row says otherwise "
-        "(binary mode for Dice and BCE; multiclass with C = 2 for TopK, as nnU-Net's TopK is a "
-        "softmax cross-entropy). smp: `segmentation_models_pytorch.losses.DiceLoss(\"binary\")`, "
-        "`SoftBCEWithLogitsLoss`. MONAI: `monai.losses.DiceLoss(sigmoid=True)` (per image, "
-        "its default) and `batch=True` for the soft-label row. nnU-Net: its `TopKLoss` "
-        "re-implemented from its source (`int(num_voxels * k / 100)` largest cross-entropy "
-        "values). Inputs are fixed float64 tensors; \"–\" means the library has no such option.",
-        "",
-    ]
+    for case, *values, why in mine:
+        lines.append(f"| {case} | " + " | ".join(values[i] for i in shown) + f" | {why} |")
+    lines += ["", NOTES[family], ""]
     return "\n".join(lines)
 
 
@@ -173,20 +200,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if the committed table differs from a fresh run")
     args = parser.parse_args(argv)
-    text = render()
+    all_rows = rows()
+    texts = {family: render(family, all_rows) for family in FAMILIES}
     if args.check:
-        old = OUT.read_text() if OUT.exists() else ""
-        if old != text:
-            sys.stdout.writelines(difflib.unified_diff(
-                old.splitlines(keepends=True), text.splitlines(keepends=True),
-                str(OUT), "fresh run"))
-            print(f"\n{OUT} is out of date: run python docs/compare_table.py", file=sys.stderr)
-            return 1
-        print(f"{OUT.name} is up to date")
-        return 0
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
+        stale = 0
+        for family, text in texts.items():
+            out = OUT[family]
+            old = out.read_text() if out.exists() else ""
+            if old != text:
+                stale += 1
+                sys.stdout.writelines(difflib.unified_diff(
+                    old.splitlines(keepends=True), text.splitlines(keepends=True),
+                    str(out), "fresh run"))
+                print(f"\n{out} is out of date: run python docs/compare_table.py",
+                      file=sys.stderr)
+            else:
+                print(f"{out.name} is up to date")
+        return 1 if stale else 0
+    GENERATED.mkdir(exist_ok=True)
+    for family, text in texts.items():
+        OUT[family].write_text(text)
+        print(f"wrote {OUT[family]}")
     return 0
 
 

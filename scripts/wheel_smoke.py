@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -73,8 +74,20 @@ def main() -> int:
             assert torch.isfinite(value), (cls, mode)
         use(public_name)
         assert LOSSES[cls.name] in (cls, IoULoss)
+    from dynloss import constants
+    assert constants.MODES == (BINARY_MODE, MULTILABEL_MODE, MULTICLASS_MODE)
+    for values, alias in ((constants.MODES, constants.Mode),
+                          (constants.REDUCTIONS, constants.Reduction),
+                          (constants.BACKENDS, constants.Backend)):
+        assert typing.get_args(alias) == values, (alias, values)
+    for reduction in constants.REDUCTIONS:
+        assert torch.isfinite(DiceLoss(reduction=reduction)(x, y)).all()
+    for backend in ("auto", "torch", "reference"):
+        assert backend in constants.BACKENDS
+        assert torch.isfinite(BCELoss(backend=backend)(x, y))
     for name in ("BINARY_MODE", "MULTILABEL_MODE", "MULTICLASS_MODE", "LOSSES",
-                 "SegmentationLoss", "BACKENDS", "MODES", "REDUCTIONS"):
+                 "SegmentationLoss", "BACKENDS", "MODES", "REDUCTIONS", "Mode", "Reduction",
+                 "Backend"):
         use(name)
 
     from dynloss import functional as F

@@ -3,6 +3,14 @@
 Every loss is called as ``loss(input, target)``. Each module's ``repr`` lists the arguments
 that differ from their defaults, e.g. ``TverskyLoss(alpha=0.5, beta=0.5)``, and is valid Python
 given ``from dynloss import *``.
+
+:data:`LOSSES` maps the short names that spec strings use to the classes:
+
+>>> from dynloss import LOSSES, IoULoss
+>>> sorted(LOSSES)
+['bce', 'dice', 'focal', 'iou', 'jaccard', 'topk', 'tversky']
+>>> LOSSES["jaccard"] is LOSSES["iou"] is IoULoss
+True
 """
 
 from __future__ import annotations
@@ -43,7 +51,33 @@ __all__ = [
 
 
 class SegmentationLoss(nn.Module):
-    """Base class: stores the checked hyper-parameters and forwards them to the functional."""
+    """Base class of the six losses: checked hyper-parameters, then the functional form.
+
+    The constructor checks its arguments (``mode``, ``from_logits``, ``ignore_index``,
+    ``reduction``, ``backend``, ``check_values``; each subclass adds its own) and stores each
+    under its own name. ``forward(input, target)`` calls the loss's function in
+    :mod:`dynloss.functional` with :meth:`hyperparameters`, so a module and its functional
+    form give the same value. ``repr`` lists the arguments that differ from their defaults; it
+    is valid Python and a spec that :func:`~dynloss.build_loss` rebuilds.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss import DiceLoss, SegmentationLoss, build_loss
+        >>> from dynloss.functional import dice_loss
+        >>> loss = DiceLoss(mode="multiclass", ignore_index=255)
+        >>> isinstance(loss, SegmentationLoss), loss.name
+        (True, 'dice')
+        >>> loss
+        DiceLoss(mode='multiclass', ignore_index=255)
+        >>> loss.hyperparameters()["per_image"]  # a default, stored all the same
+        False
+        >>> build_loss(repr(loss)).hyperparameters() == loss.hyperparameters()
+        True
+        >>> logits, labels = torch.zeros(1, 3, 2, 2), torch.tensor([[[0, 1], [2, 255]]])
+        >>> bool(loss(logits, labels) == dice_loss(logits, labels, mode="multiclass",
+        ...                                       ignore_index=255))
+        True
+    """
 
     name: ClassVar[str]
     """Short name used in spec strings (``"dice"``, ``"bce"``, ...)."""

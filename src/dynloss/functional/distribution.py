@@ -239,7 +239,8 @@ def _distribution_loss(
         input, target, mode, from_logits=from_logits, ignore_index=ignore_index,
         check_values=check_values, defer_value_checks=native,
     )
-    if alpha is not None and mode == MULTICLASS_MODE and len(alpha) != layout.num_classes:
+    # _check_alpha gives a tuple of per-class weights in multiclass mode, else a float
+    if isinstance(alpha, tuple) and mode == MULTICLASS_MODE and len(alpha) != layout.num_classes:
         raise ValueError(
             f"alpha must hold one weight per class: {layout.num_classes} values for an input "
             f"with C={layout.num_classes}; got {len(alpha)}"
@@ -264,13 +265,13 @@ def _distribution_loss(
                 ~valid.reshape(-1), -math.inf
             )
             loss = torch.where(topk_mask(ranked, n), flat, 0.0).reshape(loss.shape)
-            count = max(n, 1)
+            denominator: int | Tensor = max(n, 1)
         else:
-            count = loss.numel() if valid is None else valid.sum().clamp_min(1)
+            denominator = loss.numel() if valid is None else valid.sum().clamp_min(1)
         if reduction == "none":
             return loss.reshape(layout.elementwise_shape)
         total = loss.sum()
-        return total / count if reduction == "mean" else total
+        return total / denominator if reduction == "mean" else total
 
 
 _SHARED_DOC = """

@@ -74,8 +74,29 @@ def tversky_index(
 ) -> Tensor:
     r"""The Tversky index from the three sums: :math:`(I + s) / (I + \alpha(P-I) + \beta(G-I) + s)`.
 
+    ``intersection`` (:math:`I`), ``prediction_sum`` (:math:`P`) and ``target_sum``
+    (:math:`G`) are tensors of any one (broadcastable) shape, e.g. ``(N, C)`` per sample and
+    class or ``(C,)`` pooled over the batch; the index has that shape. ``smoothing`` is
+    :math:`s = \text{smooth} + \text{eps}` of the losses. :math:`\alpha = \beta = 1/2` gives
+    the Dice index :math:`(2I + 2s)/(P + G + 2s)`, :math:`\alpha = \beta = 1` the IoU
+    :math:`(I + s)/(P + G - I + s)`. The losses are :math:`1 - T`.
+
     The denominator is written as :math:`(1-\alpha-\beta) I + \alpha P + \beta G + s`, which
     needs no subtraction of nearly equal sums for the usual :math:`\alpha + \beta \le 1`.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.functional import tversky_index
+        >>> i, p, g = torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([5.0])
+        >>> tversky_index(i, p, g, 0.5, 0.5, 0.0)  # Dice: 2I / (P + G) = 6 / 9
+        tensor([0.6667])
+        >>> tversky_index(i, p, g, 1.0, 1.0, 0.0)  # IoU: I / (P + G - I) = 3 / 6
+        tensor([0.5000])
+        >>> tversky_index(i, p, g, 0.3, 0.7, 0.0)  # 3 / (3 + 0.3 * 1 + 0.7 * 2)
+        tensor([0.6383])
+        >>> tversky_index(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]),
+        ...               0.5, 0.5, 1e-7)  # empty target, empty prediction: a perfect score
+        tensor([1.])
     """
     denominator = (1.0 - alpha - beta) * intersection + alpha * prediction_sum + beta * target_sum
     return (intersection + smoothing) / (denominator + smoothing)

@@ -16,6 +16,17 @@ float16/bfloat16 CPU inputs under ``"native"``. TopK always runs on ``"torch"`` 
 
 Importing :mod:`dynloss` never imports Triton; the Triton modules are imported on the first
 call that dispatches to them.
+
+The backends compute the same loss; only the speed and the memory kept for backward differ:
+
+>>> import torch
+>>> from dynloss import DiceLoss
+>>> logits = torch.linspace(-3, 3, 32, dtype=torch.float64).reshape(2, 1, 4, 4)
+>>> target = (logits > 0.5).double()
+>>> fused = DiceLoss(backend="torch")(logits, target)
+>>> reference = DiceLoss(backend="reference")(logits, target)
+>>> round(fused.item(), 6), torch.allclose(fused, reference, rtol=1e-12, atol=0.0)
+(0.245938, True)
 """
 
 from __future__ import annotations
@@ -180,10 +191,29 @@ def region_sums(
     layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str,
     pooled: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(I, P, G)`` of shape ``(N, C)`` with a fused backward.
+    r"""``(I, P, G)`` of shape ``(N, C)`` with a fused backward.
+
+    Per sample and class, over the kept elements (``ignore_index`` left out):
+    :math:`I = \sum_i p_i g_i`, :math:`P = \sum_i p_i`, :math:`G = \sum_i g_i`, where ``p`` is
+    the sigmoid (binary, multilabel) or softmax over classes (multiclass) of ``layout.x`` when
+    ``from_logits``, and ``g`` the target (one-hot of the class indices in multiclass mode).
+    Sums are float32 (float64 for float64 input). The backward is one elementwise pass and
+    keeps at most one input-sized tensor. ``backend`` is resolved by :func:`resolve_backend`.
 
     ``pooled=True`` allows (not requires) sums already pooled over the batch, shape ``(1, C)``,
     for callers that only need their sum over dim 0.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss._layout import prepare
+        >>> from dynloss.kernels import region_sums
+        >>> logits = torch.zeros(2, 1, 2, 2)  # p = 0.5 everywhere
+        >>> target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+        >>> layout = prepare(logits, target, "binary", from_logits=True, ignore_index=None,
+        ...                  check_values=True)
+        >>> i, p, g = region_sums(layout, from_logits=True, ignore_index=None, backend="torch")
+        >>> i.flatten().tolist(), p.flatten().tolist(), g.flatten().tolist()
+        ([0.5, 2.0], [2.0, 2.0], [1.0, 4.0])
     """
     resolved = resolve_backend(layout.x, backend)
     if resolved == "native":
@@ -212,7 +242,34 @@ def pixel_loss_sum(
     ignore_index: int | None,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Sum of the per-element losses and the normaliser of their mean."""
+    r"""Sum of the per-element losses and the normaliser of their mean: ``(S, count)``.
+
+    The per-element loss is the focal loss :math:`a\,(1 - e^{-b})^\gamma\, b` of the binary
+    (softmax in multiclass mode) cross-entropy :math:`b`, where :math:`a` is ``alpha`` for
+    positives and ``1 - alpha`` for negatives (binary, multilabel), the true class's weight
+    ``alpha[c]`` (multiclass), or 1 (``alpha=None``); ``gamma=0`` and ``alpha=None`` give BCE.
+    ``count`` is the number of kept (not ignored) elements. With ``k`` (a fraction in
+    (0, 1]) only the :math:`\lceil k \cdot count \rceil` largest losses are summed and
+    ``count`` is that number (TopK). Both are 0-dim float32 tensors (float64 for float64
+    input); the loss is ``S / count``.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss._layout import prepare
+        >>> from dynloss.kernels import pixel_loss_sum
+        >>> logits = torch.tensor([[[[-2.0, 0.0], [1.0, 3.0]]]])
+        >>> target = torch.tensor([[[[1.0, 255.0], [0.0, 1.0]]]])  # one pixel ignored
+        >>> layout = prepare(logits, target, "binary", from_logits=True, ignore_index=255,
+        ...                  check_values=True)
+        >>> args = dict(gamma=0.0, alpha=None, from_logits=True, ignore_index=255,
+        ...             backend="torch")
+        >>> total, count = pixel_loss_sum(layout, k=None, **args)  # BCE 2.1269 + 1.3133 + 0.0486
+        >>> round(total.item(), 4), count.item()
+        (3.4888, 3.0)
+        >>> total, count = pixel_loss_sum(layout, k=0.5, **args)  # the ceil(1.5) = 2 largest
+        >>> round(total.item(), 4), count.item()
+        (3.4402, 2.0)
+    """
     resolved = resolve_backend(layout.x, backend)
     if resolved == "native" and k is None:
         _, _, _, total, count = NativeLoss.apply(
@@ -242,8 +299,24 @@ def region_pixel_sums(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(I, P, G, S, count)``: region sums and pixel-loss sum in one pass where possible.
 
-    The Triton and native paths run one fused forward and one fused backward pass; the torch
-    path runs :class:`RegionSums` and :class:`PixelLossSum` one after the other.
+    ``(I, P, G)`` are those of :func:`region_sums` (shape ``(N, C)``), ``(S, count)`` those of
+    :func:`pixel_loss_sum` without TopK (0-dim). The Triton and native paths run one fused forward
+    and one fused backward pass; the torch path runs :class:`RegionSums` and
+    :class:`PixelLossSum` one after the other.
+
+    Examples:
+        >>> import torch
+        >>> from dynloss._layout import prepare
+        >>> from dynloss.kernels import region_pixel_sums
+        >>> logits = torch.zeros(2, 1, 2, 2)  # p = 0.5, BCE = log 2 everywhere
+        >>> target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+        >>> layout = prepare(logits, target, "binary", from_logits=True, ignore_index=None,
+        ...                  check_values=True)
+        >>> i, p, g, total, count = region_pixel_sums(
+        ...     layout, gamma=0.0, alpha=None, from_logits=True, ignore_index=None,
+        ...     backend="torch")
+        >>> i.flatten().tolist(), round(total.item(), 4), count.item()  # total = 8 log 2
+        ([0.5, 2.0], 5.5452, 8.0)
     """
     resolved = resolve_backend(layout.x, backend)
     if resolved == "native":

@@ -145,7 +145,8 @@ def region_pixel_loss(
         layout = prepare(input, target, mode, from_logits=from_logits,
                          ignore_index=ignore_index, check_values=check_values,
                          defer_value_checks=native)
-        if (focal_alpha is not None and mode == "multiclass"
+        # _check_alpha gives a tuple of per-class weights in multiclass mode, else a float
+        if (isinstance(focal_alpha, tuple) and mode == "multiclass"
                 and len(focal_alpha) != layout.num_classes):
             raise ValueError(
                 f"focal_alpha must hold one weight per class: {layout.num_classes} values; "
@@ -194,8 +195,9 @@ class RegionPixelLoss(torch.nn.Module):
         self.pixel_weight = pixel_weight
         self.kwargs = kwargs
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return region_pixel_loss(  # type: ignore[return-value]
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        # a tuple only if return_terms=True was passed to the constructor
+        return region_pixel_loss(
             input, target, region=self.region, pixel=self.pixel,
             region_weight=self.region_weight, pixel_weight=self.pixel_weight, **self.kwargs,
         )

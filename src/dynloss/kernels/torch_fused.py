@@ -199,7 +199,8 @@ def _bce_with_logits(x: Tensor, g: Tensor) -> Tensor:
     """
     loss = x.clamp_min(0).addcmul_(x, g, value=-1)
     tail = x.abs()
-    torch._C._nn.softplus(tail, -1, 20, out=tail)  # beta=-1: -softplus(-|x|)
+    # beta=-1: -softplus(-|x|); the stubs of torch._C._nn.softplus lack its out= argument
+    torch._C._nn.softplus(tail, -1, 20, out=tail)  # type: ignore[call-arg]
     return loss.sub_(tail)
 
 

@@ -430,7 +430,7 @@ def stream_backward(
 
     gi = _vec(grad_intersection) if do_region else dummy
     gp = _vec(grad_prediction_sum) if do_region else dummy
-    gt = grad_total.to(torch.float32).reshape(1).contiguous() if do_pixel else dummy
+    gt = grad_total.to(torch.float32).reshape(1).contiguous() if grad_total is not None else dummy
     focal_on = gamma != 0.0
     if mode == MULTICLASS_MODE:
         cp, block = multiclass_block(c)

@@ -10,6 +10,15 @@
 
 Everything is driven by one ``step()`` per epoch (or per optimizer step) and checkpointed by
 ``state_dict()``. See ``docs/schedules.md``.
+
+>>> from dynloss.schedules import build_loss
+>>> loss_fn = build_loss("iou->bce@2")
+>>> loss_fn
+SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])
+>>> [(loss_fn.active_name, loss_fn.step()) for epoch in range(3)]
+[('iou', False), ('iou', True), ('bce', False)]
+>>> build_loss("0.5*dice+bce")
+CompositeLoss([DiceLoss(), BCELoss()], weights=[0.5, 1.0])
 """
 
 from .callbacks import reset_plateau_scheduler

@@ -88,7 +88,8 @@ def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool
                                  f"got {name!r}")
     elif isinstance(losses, (list, tuple)):
         modules = list(losses)
-        names, seen = [], {}
+        names = []
+        seen: dict[str, int] = {}  # occurrences of each short name so far
         for module in modules:
             base = default_name(module)
             seen[base] = seen.get(base, 0) + 1

@@ -50,7 +50,25 @@ __all__ = ["SpecError", "build_loss", "registry"]
 
 
 class SpecError(ValueError):
-    """A spec string that cannot be built; ``position`` is the 0-based offending offset."""
+    """A spec string that cannot be built; ``position`` is the 0-based offending offset.
+
+    A :class:`ValueError`. Its message is ``message``, the position, and the ``spec`` with a
+    caret under the offending character.
+
+    Examples:
+        >>> from dynloss import SpecError, build_loss
+        >>> try:
+        ...     build_loss("dice+")
+        ... except SpecError as err:
+        ...     print(err.position)
+        ...     print(err)
+        5
+        expected a loss, a number or a value; found the end of the spec (at position 5)
+            dice+
+                 ^
+        >>> issubclass(SpecError, ValueError)
+        True
+    """
 
     def __init__(self, message: str, spec: str, position: int) -> None:
         self.message = message
@@ -191,8 +209,9 @@ class _Parser:
             )
             switches.append(self.switch_point())
         try:
-            if all(isinstance(s, int) for s in switches):
-                return SwitchingLoss(stages, milestones=switches)  # type: ignore[arg-type]
+            milestones = [s for s in switches if isinstance(s, int)]
+            if len(milestones) == len(switches):
+                return SwitchingLoss(stages, milestones=milestones)
             return SwitchingLoss(stages, trigger=switches)
         except (TypeError, ValueError) as err:
             raise self.error(str(err), start) from err

@@ -22,7 +22,21 @@ UNITS = ("epoch", "step")
 
 @dataclass(frozen=True)
 class SwitchEvent:
-    """What an ``on_switch`` callback receives."""
+    """What an ``on_switch`` callback receives (a frozen record of one switch).
+
+    Examples:
+        >>> from dynloss import BCELoss, IoULoss, SwitchEvent, SwitchingLoss
+        >>> loss_fn = SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])
+        >>> events: list[SwitchEvent] = []
+        >>> _ = loss_fn.on_switch(events.append)
+        >>> [loss_fn.step() for epoch in range(3)]
+        [False, True, False]
+        >>> event = events[0]
+        >>> event.old_index, event.new_index, event.old_name, event.new_name
+        (0, 1, 'iou', 'bce')
+        >>> event.count, event.unit, event.trigger, event.new is loss_fn.active
+        (2, 'epoch', Milestone(2), True)
+    """
 
     old_index: int
     """Index of the stage that ended."""
@@ -163,8 +177,9 @@ class SwitchingLoss(nn.Module):
     @property
     def milestones(self) -> list[int] | None:
         """The switch counts when every trigger is a :class:`Milestone`, else None."""
-        if all(isinstance(t, Milestone) for t in self.triggers):
-            return [t.at for t in self.triggers]  # type: ignore[attr-defined]
+        milestones = [t for t in self.triggers if isinstance(t, Milestone)]
+        if len(milestones) == len(self.triggers):
+            return [t.at for t in milestones]
         return None
 
     # ------------------------------------------------------------------------------ training

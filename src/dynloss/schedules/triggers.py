@@ -38,7 +38,35 @@ __all__ = ["Milestone", "Plateau", "RelativeImprovement", "Trigger"]
 
 
 class Trigger(ABC):
-    """Base class of the switch triggers (see the module documentation for the protocol)."""
+    """Base class of the switch triggers (see the module documentation for the protocol).
+
+    A subclass implements :meth:`update`; it sets ``needs_metric = True`` to receive the
+    value passed to ``step(metric=...)``, stores each constructor argument under its own name
+    (``repr`` reads them, so the repr is a valid spec argument), and overrides :meth:`reset`
+    and the private ``_state`` / ``_load`` if it keeps a history.
+
+    Examples:
+        A trigger that switches as soon as the monitored value falls below a threshold:
+
+        >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss, Trigger
+        >>> class Below(Trigger):
+        ...     needs_metric = True
+        ...
+        ...     def __init__(self, threshold: float) -> None:
+        ...         self.threshold = threshold
+        ...
+        ...     def update(self, count, stage_count, metric):
+        ...         if metric is None:
+        ...             raise ValueError("Below monitors a value: call step(metric=...)")
+        ...         return metric < self.threshold
+        >>> loss_fn = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Below(0.2))
+        >>> loss_fn
+        SwitchingLoss([DiceLoss(), BCELoss()], trigger=Below(threshold=0.2))
+        >>> [loss_fn.step(metric=m) for m in [0.5, 0.3, 0.1, 0.05]], loss_fn.active_name
+        ([False, False, True, False], 'bce')
+        >>> loss_fn.switches  # (old stage, new stage, epoch)
+        [(0, 1, 3)]
+    """
 
     needs_metric: ClassVar[bool] = False
     """Whether :meth:`update` needs the monitored value (``step(metric=...)``)."""

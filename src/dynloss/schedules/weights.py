@@ -40,7 +40,28 @@ class WeightSchedule(ABC):
     """Base class: a weight ``value_at(t)`` and a counter ``t`` advanced by :meth:`step`.
 
     Subclasses implement :meth:`value_at` (finite, >= 0, a pure function of ``t``) and store
-    each constructor argument under its own name (used by ``repr``).
+    each constructor argument under its own name (used by ``repr``). The counter starts at 0;
+    :class:`~dynloss.CompositeLoss` calls :meth:`step` on every scheduled weight once per
+    ``step()`` of its own.
+
+    Examples:
+        A weight that halves every epoch:
+
+        >>> from dynloss import BCELoss, CompositeLoss, DiceLoss, WeightSchedule
+        >>> class Halving(WeightSchedule):
+        ...     def __init__(self, start: float = 1.0) -> None:
+        ...         super().__init__()
+        ...         self.start = start
+        ...
+        ...     def value_at(self, t: int) -> float:
+        ...         return self.start / 2**t
+        >>> weight = Halving(4.0)
+        >>> weight.value, weight.step(), weight.step(), weight.count
+        (4.0, 2.0, 1.0, 2)
+        >>> weight, weight.state_dict()
+        (Halving(start=4.0), {'count': 2})
+        >>> CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, Halving(2.0)])
+        CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, Halving(start=2.0)])
     """
 
     def __init__(self) -> None:
