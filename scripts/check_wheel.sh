@@ -24,6 +24,7 @@ top = {n.split("/")[0] for n in names}
 unexpected = {t for t in top if t != "dynloss" and not t.endswith(".dist-info")}
 assert not unexpected, f"unexpected top-level entries in the wheel: {sorted(unexpected)}"
 assert "dynloss/py.typed" in names, "py.typed missing from the wheel"
+assert "dynloss/kernels/native_cpu.cpp" in names, "the native kernels' source is missing"
 PYEOF
 
 $PY -m venv "$work/venv"

@@ -8,6 +8,7 @@ dynloss wheel: it fails if dynloss is imported from a source tree, if a name in 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import typing
 from pathlib import Path
@@ -158,9 +159,18 @@ def main() -> int:
         use("SpecError")
     assert isinstance(build_loss("iou->bce@plateau(patience=5)"), SwitchingLoss)
 
-    # Kernels and dispatch (CPU: the fused eager path).
+    # Kernels and dispatch (CPU: the native C++ kernels, built from the wheel's source, or
+    # the fused eager path where no compiler is found).
     from dynloss import kernels
-    assert kernels.resolve_backend(x, "auto") == "torch"
+    status = kernels.native_status()
+    if os.environ.get("DYNLOSS_REQUIRE_NATIVE") == "1":
+        assert status == "", f"the native kernels did not build from the wheel: {status}"
+    assert kernels.native_available() == (status == "")
+    assert kernels.resolve_backend(x, "auto") == ("native" if status == "" else "torch")
+    assert kernels.native_runs(x, "auto") == (status == "")
+    assert kernels.resolve_backend(x.double(), "auto") == "torch"
+    for name in ("native_status", "native_available", "native_runs"):
+        use(name)
     assert isinstance(kernels.triton_available(), bool)
     assert isinstance(kernels.interpreter_active(), bool)
     fused = kernels.region_pixel_loss(x, y, region="dice", pixel="bce")

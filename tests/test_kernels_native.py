@@ -336,3 +336,20 @@ def test_failing_build_falls_back_with_the_compiler_message(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not be built" in result.stdout and "fake compiler: no" in result.stdout
     assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left
+
+
+@pytest.mark.parametrize("pixel", ["bce", "focal"])
+def test_retain_graph_backward_twice(pixel):
+    """The gradient reuses the saved buffer only when the graph is freed after backward."""
+    x, t = _inputs("multiclass", (9, 8), seed=12)
+    x.requires_grad_(True)
+    loss = region_pixel_loss(x, t, pixel=pixel, mode="multiclass", backend="native")
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    third = torch.autograd.grad(loss, x)[0]
+    assert torch.equal(first, second) and torch.equal(first, third)
+    want = torch.autograd.grad(
+        region_pixel_loss(x, t, pixel=pixel, mode="multiclass", backend="reference"), x)[0]
+    torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, x)

@@ -15,7 +15,7 @@ Every ``mode``, ``reduction`` and ``backend`` argument takes one of these tuples
 >>> MODES
 ('binary', 'multilabel', 'multiclass')
 >>> REDUCTIONS, BACKENDS
-(('mean', 'sum', 'none'), ('auto', 'torch', 'triton', 'reference'))
+(('mean', 'sum', 'none'), ('auto', 'torch', 'native', 'triton', 'reference'))
 >>> [typing.get_args(t) for t in (Mode, Reduction, Backend)] == [MODES, REDUCTIONS, BACKENDS]
 True
 """

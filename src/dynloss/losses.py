@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -103,8 +104,7 @@ class SegmentationLoss(nn.Module):
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every constructor argument and its current value."""
-        names = inspect.signature(type(self).__init__).parameters
-        return {name: getattr(self, name) for name in names if name != "self"}
+        return {name: getattr(self, name) for name in _constructor_arguments(type(self))}
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``."""
@@ -123,6 +123,12 @@ class SegmentationLoss(nn.Module):
         return f"{type(self).__name__}({', '.join(changed)})"
 
 
+@functools.cache
+def _constructor_arguments(cls: type) -> tuple[str, ...]:
+    """The names of ``cls.__init__``'s arguments (cached: ``forward`` needs them every call)."""
+    return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+
+
 def _common_doc(extra: str = "") -> str:
     return f"""
     Args:{extra}
@@ -133,7 +139,8 @@ def _common_doc(extra: str = "") -> str:
             the gradient (default None).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see the functional form for
             the shape).
-        backend: ``"auto"`` (default), ``"torch"`` or ``"reference"``.
+        backend: ``"auto"`` (default), ``"torch"``, ``"native"``, ``"triton"`` or
+            ``"reference"`` (see :mod:`dynloss.kernels`).
         check_values: check target/probability values (reads the data). Default None: only
             for CPU tensors, where it costs no device synchronisation.
 

@@ -288,8 +288,10 @@ _SHARED_DOC = """
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``: per-element losses of the
             input's shape (binary/multilabel) or ``(N, *spatial)`` (multiclass), 0 where
             ignored (and, for TopK, where not selected).
-        backend: ``"auto"`` (default), ``"torch"`` (fused autograd Function) or
-            ``"reference"`` (plain autograd). ``reduction="none"`` always uses the reference.
+        backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
+            tensors, else ``"torch"``), ``"torch"`` (fused autograd Function), ``"native"``
+            (compiled C++, CPU; not TopK), ``"triton"`` or ``"reference"`` (plain autograd);
+            see :mod:`dynloss.kernels`. ``reduction="none"`` always uses the reference.
         check_values: check target (and probability) values, which reads the data; ``None``
             (default) checks CPU tensors only, where that costs no device synchronisation.
 

@@ -217,8 +217,10 @@ _SHARED_DOC = """
         reduction: ``"mean"`` (default) over classes (and samples), ``"sum"``, or ``"none"``:
             shape ``(C,)`` with ``per_image=False``, ``(N, C)`` with ``per_image=True``
             (``C == 1`` in binary mode).
-        backend: ``"auto"`` (default), ``"torch"`` (fused autograd Function) or
-            ``"reference"`` (plain autograd).
+        backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
+            tensors, else ``"torch"``), ``"torch"`` (fused autograd Function), ``"native"``
+            (compiled C++, CPU), ``"triton"`` or ``"reference"`` (plain autograd); see
+            :mod:`dynloss.kernels`.
         check_values: check target (and probability) values, which reads the data; ``None``
             (default) checks CPU tensors only, where that costs no device synchronisation.
         ddp_pool: with ``per_image=False``, sum ``I, P, G`` over all ``torch.distributed``

@@ -6,8 +6,9 @@ modulation and class weights, with its normaliser) and writes what the gradient 
 probabilities (region losses) and each element's slope ``d loss / d x`` (pixel losses). The
 backward pass is then one elementwise pass of plain arithmetic, with nothing transcendental
 computed twice. A region or pixel loss keeps one input-sized tensor for backward, a fused
-region+pixel composite two. Target (and probability) value checks run inside the forward
-pass, at no extra cost.
+region+pixel composite two; the backward pass writes the gradient into one of them (unless the
+graph is retained), so a forward+backward allocates a single input-sized tensor. Target (and
+probability) value checks run inside the forward pass, at no extra cost.
 
 The source, ``native_cpu.cpp``, ships with the package. On first use it is compiled with the
 system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) with
@@ -241,6 +242,17 @@ def _call(name: str, args: _Args) -> None:
         raise RuntimeError(f"{name} rejected its arguments (code {code})")
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True if unknown."""
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if getter is None:  # pragma: no cover - older or newer torch without this hook
+        return True
+    try:
+        return bool(getter())
+    except RuntimeError:  # pragma: no cover - called outside a graph task
+        return True
+
+
 def _raise_for_values(check: list[float], x: Tensor, target: Tensor, mode: str,
                       ignore_index: int | None, check_values: bool, from_logits: bool) -> None:
     """Turn the kernel's counts of bad values into the errors the other paths raise."""
@@ -339,7 +351,11 @@ class NativeLoss(torch.autograd.Function):
             gi = (zeros if grad_intersection is None else grad_intersection).float().contiguous()
             gp = (zeros if grad_prediction_sum is None
                   else grad_prediction_sum).float().contiguous()
-        grad = torch.empty(n, c, m)
+        # The saved buffer becomes the gradient (each element is read, then overwritten): one
+        # input-sized allocation per forward+backward. Not when the graph is kept for another
+        # backward, which must find the buffer intact.
+        saved = probabilities if probabilities is not None else slope
+        grad = torch.empty(n, c, m) if saved is None or _graph_kept() else saved
         args = _Args(
             target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
             n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
