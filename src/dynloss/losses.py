@@ -15,7 +15,6 @@ True
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -123,10 +122,16 @@ class SegmentationLoss(nn.Module):
         return f"{type(self).__name__}({', '.join(changed)})"
 
 
-@functools.cache
+_CONSTRUCTOR_ARGUMENTS: dict[type, tuple[str, ...]] = {}
+
+
 def _constructor_arguments(cls: type) -> tuple[str, ...]:
-    """The names of ``cls.__init__``'s arguments (cached: ``forward`` needs them every call)."""
-    return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+    """The names of ``cls``'s constructor arguments (cached: ``forward`` needs them every call)."""
+    names = _CONSTRUCTOR_ARGUMENTS.get(cls)
+    if names is None:
+        names = tuple(inspect.signature(cls).parameters)
+        _CONSTRUCTOR_ARGUMENTS[cls] = names
+    return names
 
 
 def _common_doc(extra: str = "") -> str:
