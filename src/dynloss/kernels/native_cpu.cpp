@@ -71,6 +71,26 @@ DL_INLINE float exp_f(float x) {
   return y * s1 * s2;
 }
 
+// e^x for x <= 0 with results below 2^-126 (x < -87.33) flushed to 0: one clamp and one
+// scale factor fewer than exp_f. For probabilities only, where such values do not count.
+DL_INLINE float exp_nonpositive(float x) {
+  const bool flushed = x < -87.33f;
+  const float xc = flushed ? 0.0f : x;
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const float scale = as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return flushed ? 0.0f : y * scale;
+}
+
 // log(x) for finite x > 0 (subnormals included). Callers handle x <= 0.
 DL_INLINE float log_f(float x) {
   bool tiny = x < 1.17549435e-38f;
@@ -233,7 +253,9 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       bad += (keep & !((gv >= 0.0f) & (gv <= 1.0f))) ? 1.0f : 0.0f;
       float p, e = 0.0f;
       if (LOGITS) {
-        e = exp_f(-abs_f(xv));
+        // region sums only need p: probabilities below 2^-126 may be flushed to 0 there;
+        // the cross-entropy keeps them (softplus(-90) must keep its digits)
+        e = PIXEL == kPixelNone ? exp_nonpositive(-abs_f(xv)) : exp_f(-abs_f(xv));
         const float inv = 1.0f / (1.0f + e);
         p = xv >= 0.0f ? inv : e * inv;
       } else {
