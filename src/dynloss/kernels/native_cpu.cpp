@@ -201,7 +201,7 @@ struct Args {
   float* grad;                      // x's shape
   // forward outputs
   double* region;     // (N*C, 3): I, P, G
-  double* pixel_out;  // 2: S, count
+  double* pixel_out;  // 2: S, max(count, 1)
   double* check;      // 2: targets out of range, inputs out of [0, 1] (probabilities)
 };
 
@@ -510,7 +510,7 @@ static void run_binary(const Args& a) {
     }
     if (REGION) { a.region[3 * r] = I; a.region[3 * r + 1] = P; a.region[3 * r + 2] = G; }
   }
-  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count; }
+  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; }
   a.check[0] = bad; a.check[1] = badx;
 }
 
@@ -550,7 +550,7 @@ static void run_multiclass(const Args& a) {
       S += q[0]; count += q[1]; bad += q[2]; badx += q[3];
     }
   }
-  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count; }
+  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; }
   a.check[0] = bad; a.check[1] = badx;
 }
 

@@ -307,9 +307,9 @@ class NativeLoss(torch.autograd.Function):
             class_alpha = torch.tensor(alpha, dtype=torch.float32)
         probabilities = torch.empty_like(x) if want_region else None
         slope = torch.empty_like(x) if want_pixel else None
-        region = torch.zeros(n * c * 3, dtype=torch.float64)
-        pixel = torch.zeros(2, dtype=torch.float64)
-        check = torch.zeros(2, dtype=torch.float64)
+        # the kernel's outputs, one buffer: (N*C, 3) region sums, (S, max(count, 1)), 2 checks
+        out = torch.zeros(n * c * 3 + 4, dtype=torch.float64)
+        region, pixel, check = out.split([n * c * 3, 2, 2])
         args = _Args(
             x=_ptr(x), target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
             n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
@@ -324,10 +324,9 @@ class NativeLoss(torch.autograd.Function):
         _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
         _raise_for_values(check.tolist(), x, target, mode, ignore_index, check_values,
                           from_logits)
-        sums = region.view(n, c, 3).to(torch.float32)
-        intersection, prediction_sum, target_sum = sums.unbind(-1)
-        total = pixel[0].to(torch.float32)
-        count = pixel[1].clamp_min(1).to(torch.float32)
+        results = out[:-2].to(torch.float32)
+        intersection, prediction_sum, target_sum = results[:-2].view(n, c, 3).unbind(-1)
+        total, count = results[-2:].unbind(0)
         ctx.save_for_backward(target, probabilities, slope)
         ctx.config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m))
         ctx.mark_non_differentiable(target_sum, count)
