@@ -353,3 +353,17 @@ def test_retain_graph_backward_twice(pixel):
     torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(loss, x)
+
+
+def test_torch_compile_takes_the_torch_path(recwarn):
+    """Under torch.compile "auto" avoids the ctypes call (no graph break), same values."""
+    loss = dynloss.DiceLoss()
+    compiled = torch.compile(lambda x, t: loss(x, t))
+    x, t = _inputs("binary", (8, 8), seed=13)
+    xc = x.clone().requires_grad_(True)
+    value = compiled(xc, t)
+    value.backward()
+    want, want_grad = _run(F.dice_loss, x, t, "native")
+    torch.testing.assert_close(value.detach(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xc.grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert not [w for w in recwarn if "ctypes" in str(w.message)]

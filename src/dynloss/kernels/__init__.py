@@ -12,7 +12,9 @@ formulas as plain autograd code.
 
 float64 inputs always take the ``"torch"`` path (the kernels accumulate in float32), and so do
 float16/bfloat16 CPU inputs under ``"native"``. TopK always runs on ``"torch"`` or
-``"triton"``: its selection has no native kernel.
+``"triton"``: its selection has no native kernel. Inside ``torch.compile`` ``"auto"`` takes
+the ``"torch"`` path on CPU, which the compiler traces and fuses (it cannot trace the native
+kernels' ctypes call).
 
 Importing :mod:`dynloss` never imports Triton; the Triton modules are imported on the first
 call that dispatches to them.
@@ -168,9 +170,15 @@ def resolve_backend(x: Tensor, backend: str) -> str:
         return "triton"
     if backend == "auto" and x.device.type == "cuda" and _triton_refusal(x) is None:
         return "triton"
-    if backend == "auto" and native_supports(x) and native_available():
+    if backend == "auto" and native_supports(x) and not _compiling() and native_available():
         return "native"
     return "torch"
+
+
+def _compiling() -> bool:
+    """Whether ``torch.compile`` is tracing: it fuses the torch path, but cannot trace ctypes."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def native_runs(x: Tensor, backend: str) -> bool:
