@@ -20,6 +20,7 @@ import dynloss
 import dynloss.functional as F
 from dynloss.kernels import native_available, native_status, region_pixel_loss, resolve_backend
 
+from ._kernel_cases import kernel_inputs, run_loss
 from .strategies import cases
 
 NATIVE = native_available()
@@ -32,23 +33,8 @@ MODES = ["binary", "multilabel", "multiclass"]
 SRC = str(Path(dynloss.__file__).resolve().parents[1])
 
 
-def _inputs(mode: str, spatial: tuple[int, ...], *, n: int = 2, c: int = 3, seed: int = 0,
-            scale: float = 3.0):
-    gen = torch.Generator().manual_seed(seed)
-    channels = 1 if mode == "binary" else c
-    x = torch.randn((n, channels, *spatial), generator=gen) * scale
-    if mode == "multiclass":
-        t = torch.randint(0, c, (n, *spatial), generator=gen)
-    else:
-        t = (torch.rand((n, channels, *spatial), generator=gen) > 0.6).float()
-    return x, t
-
-
-def _run(fn, x, t, backend: str, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    loss = fn(x, t, backend=backend, **kw)
-    loss.sum().backward()
-    return loss.detach(), x.grad
+_inputs = kernel_inputs
+_run = run_loss
 
 
 def _compare(fn, x, t, *, rtol: float = 2e-5, **kw):

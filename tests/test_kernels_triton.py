@@ -37,6 +37,8 @@ from dynloss.kernels import (  # noqa: E402
     triton_available,
 )
 
+from ._kernel_cases import kernel_inputs, run_loss  # noqa: E402
+
 _SUBPROCESS_FLAG = "DYNLOSS_KERNEL_TESTS_SUBPROCESS"
 
 if not triton_available():
@@ -64,23 +66,8 @@ def device(request) -> str:
     return request.param
 
 
-def _inputs(mode: str, spatial: tuple[int, ...], *, n: int = 2, c: int = 3, seed: int = 0,
-            scale: float = 3.0):
-    gen = torch.Generator().manual_seed(seed)
-    channels = 1 if mode == "binary" else c
-    x = torch.randn((n, channels, *spatial), generator=gen) * scale
-    if mode == "multiclass":
-        t = torch.randint(0, c, (n, *spatial), generator=gen)
-    else:
-        t = (torch.rand((n, channels, *spatial), generator=gen) > 0.6).float()
-    return x, t
-
-
-def _run(fn, x, t, backend: str, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    loss = fn(x, t, backend=backend, **kw)
-    loss.backward()
-    return loss.detach(), x.grad
+_inputs = kernel_inputs
+_run = run_loss
 
 
 def _compare(fn, x, t, device: str, *, dtype=torch.float32, rtol: float | None = None, **kw):

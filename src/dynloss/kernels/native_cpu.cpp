@@ -481,6 +481,23 @@ static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, i
 }
 
 // ------------------------------------------------------------------------------ drivers
+// Cuts `rows` rows of `length` elements into chunks of `chunk` and runs
+// body(task, row, begin, end) for each, on a.threads OpenMP threads (static schedule; inputs
+// of fewer than kParallelMin `elements` in all stay on the calling thread). Task k is chunk
+// k % chunks of row k / chunks, so partial results indexed by k come out in a fixed order.
+template <typename Body>
+static void for_each_chunk(const Args& a, int64_t rows, int64_t length, int64_t chunk,
+                           int64_t elements, const Body& body) {
+  const int64_t chunks = (length + chunk - 1) / chunk;
+  const int64_t tasks = rows * chunks;
+  const bool parallel = tasks > 1 && elements >= kParallelMin;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a.threads)) if (parallel)
+  for (int64_t k = 0; k < tasks; ++k) {
+    const int64_t begin = (k % chunks) * chunk;
+    body(k, k / chunks, begin, begin + chunk < length ? begin + chunk : length);
+  }
+}
+
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_binary(const Args& a) {
   constexpr bool backward = BACKWARD;
@@ -488,18 +505,14 @@ static void run_binary(const Args& a) {
   const int64_t chunks = (a.m + kChunk - 1) / kChunk;
   const int64_t tasks = rows * chunks;
   std::vector<double> part(backward ? 0 : tasks * kPartBinary);
-  const bool parallel = tasks > 1 && rows * a.m >= kParallelMin;
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a.threads)) if (parallel)
-  for (int64_t k = 0; k < tasks; ++k) {
-    const int64_t row = k / chunks;
-    const int64_t begin = (k % chunks) * kChunk;
-    const int64_t end = begin + kChunk < a.m ? begin + kChunk : a.m;
+  for_each_chunk(a, rows, a.m, kChunk, rows * a.m,
+                 [&](int64_t k, int64_t row, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
       binary_backward_chunk<T, LOGITS, REGION, PIXEL>(a, row, begin, end);
     } else {
       binary_forward_chunk<T, LOGITS, REGION, PIXEL>(a, row, begin, end, &part[k * kPartBinary]);
     }
-  }
+  });
   if constexpr (BACKWARD) return;
   double S = 0, count = 0, bad = 0, badx = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -521,18 +534,14 @@ static void run_multiclass(const Args& a) {
   const int64_t tasks = a.n * chunks;
   const int64_t width = 3 * a.c + kPartClassExtra;
   std::vector<double> part(backward ? 0 : tasks * width);
-  const bool parallel = tasks > 1 && a.n * a.c * a.m >= kParallelMin;
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a.threads)) if (parallel)
-  for (int64_t k = 0; k < tasks; ++k) {
-    const int64_t sample = k / chunks;
-    const int64_t begin = (k % chunks) * kClassChunk;
-    const int64_t end = begin + kClassChunk < a.m ? begin + kClassChunk : a.m;
+  for_each_chunk(a, a.n, a.m, kClassChunk, a.n * a.c * a.m,
+                 [&](int64_t k, int64_t sample, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
       class_backward_chunk<T, LOGITS, REGION, PIXEL>(a, sample, begin, end);
     } else {
       class_forward_chunk<T, LOGITS, REGION, PIXEL>(a, sample, begin, end, &part[k * width]);
     }
-  }
+  });
   if constexpr (BACKWARD) return;
   double S = 0, count = 0, bad = 0, badx = 0;
   for (int64_t n = 0; n < a.n; ++n) {
