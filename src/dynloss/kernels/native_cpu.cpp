@@ -47,13 +47,15 @@ DL_INLINE uint32_t as_bits(float f) { uint32_t i; std::memcpy(&i, &f, sizeof i);
 DL_INLINE float max_f(float a, float b) { return a > b ? a : b; }
 DL_INLINE float abs_f(float a) { return as_float(as_bits(a) & 0x7fffffffu); }
 
-// e^x. Overflows to inf above ~88.72, goes subnormal then 0 below ~-87.3; NaN stays NaN.
-DL_INLINE float exp_f(float x) {
-  float xc = x < -104.0f ? -104.0f : x;
-  xc = xc > 89.0f ? 89.0f : xc;
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |n| < 2^22)
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
+// n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |n| < 2^22).
+DL_INLINE float round_to_log2(float x) {
+  return (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+}
+
+// e^(x - n ln 2) for n = round_to_log2(x): |x - n ln 2| <= ln2 / 2, where a degree-6
+// polynomial is exact to float precision (Cephes expf).
+DL_INLINE float exp_reduced(float x, float n) {
+  float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float z = r * r;
   float y = 1.9875691500e-4f;
@@ -62,13 +64,22 @@ DL_INLINE float exp_f(float x) {
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
+  return y * z + r + 1.0f;
+}
+
+// 2^n for integer-valued n in [-126, 127], built from its exponent bits.
+DL_INLINE float pow2(float n) {
+  return as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// e^x. Overflows to inf above ~88.72, goes subnormal then 0 below ~-87.3; NaN stays NaN.
+DL_INLINE float exp_f(float x) {
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float n = round_to_log2(xc);
   // 2^n as two normal factors, so subnormal and overflowing results come out right
-  int32_t ni = static_cast<int32_t>(n);
-  int32_t h = ni >> 1;
-  float s1 = as_float(static_cast<uint32_t>(h + 127) << 23);
-  float s2 = as_float(static_cast<uint32_t>(ni - h + 127) << 23);
-  return y * s1 * s2;
+  const float half = static_cast<float>(static_cast<int32_t>(n) >> 1);
+  return exp_reduced(xc, n) * pow2(half) * pow2(n - half);
 }
 
 // e^x for x <= 0 with results below 2^-126 (x < -87.33) flushed to 0: one clamp and one
@@ -76,19 +87,8 @@ DL_INLINE float exp_f(float x) {
 DL_INLINE float exp_nonpositive(float x) {
   const bool flushed = x < -87.33f;
   const float xc = flushed ? 0.0f : x;
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  const float scale = as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return flushed ? 0.0f : y * scale;
+  const float n = round_to_log2(xc);
+  return flushed ? 0.0f : exp_reduced(xc, n) * pow2(n);
 }
 
 // log(x) for finite x > 0 (subnormals included). Callers handle x <= 0.
