@@ -247,8 +247,28 @@ def _saved_input_sized(fn, x, t, **kw):
 def test_saved_tensors():
     x, t = _inputs("binary", (16, 16), seed=1)
     assert _saved_input_sized(F.dice_loss, x, t) == 1  # the probabilities
+    assert _saved_input_sized(F.dice_loss, x.sigmoid(), t, from_logits=False) == 1
+    assert _saved_input_sized(F.dice_loss, x.repeat(1, 3, 1, 1), t.squeeze(1).long() * 2,
+                              mode="multiclass") == 1
     assert _saved_input_sized(F.focal_loss, x, t) == 1  # the slopes
     assert _saved_input_sized(region_pixel_loss, x, t, pixel="focal") == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_gradient(mode):
+    """No gradient wanted (validation): nothing is saved, the values are the same."""
+    x, t = _inputs(mode, (7, 9), seed=14)
+    for fn in (F.iou_loss, F.focal_loss):
+        with torch.no_grad():
+            value = fn(x, t, mode=mode, backend="native")
+        torch.testing.assert_close(value, fn(x, t, mode=mode, backend="reference"),
+                                   rtol=2e-5, atol=1e-6)
+        assert fn(x, t, mode=mode, backend="native").grad_fn is None  # x needs no gradient
+    with torch.no_grad():
+        value = region_pixel_loss(x, t, mode=mode, pixel="focal", backend="native")
+    torch.testing.assert_close(
+        value, region_pixel_loss(x, t, mode=mode, pixel="focal", backend="reference"),
+        rtol=2e-5, atol=1e-6)
 
 
 def test_value_checks_in_kernel():

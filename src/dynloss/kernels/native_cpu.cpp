@@ -192,8 +192,8 @@ struct Args {
   const float* class_alpha;  // multiclass: C weights (when has_alpha)
   int64_t threads;
   // forward: written for backward (x's shape); backward: read
-  float* probabilities;  // p (region losses)
-  float* slope;          // d(per-element loss)/dx, 0 where ignored (pixel losses)
+  float* probabilities;  // p (region losses); null in forward: no gradient wanted
+  float* slope;          // d(per-element loss)/dx, 0 where ignored (pixel losses); ditto
   // backward
   const float* grad_intersection;  // (N, C)
   const float* grad_prediction;    // (N, C)
@@ -232,8 +232,11 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
                                  double* out) {
   const float* x = a.x + row * a.m;
   const T* t = static_cast<const T*>(a.target) + row * a.m;
-  float* save_p = REGION ? a.probabilities + row * a.m : nullptr;
-  float* save_slope = PIXEL != kPixelNone ? a.slope + row * a.m : nullptr;
+  // what backward needs goes to the caller's buffers; without them (no gradient wanted) to a
+  // scratch block, so the loop stays branch-free
+  float scratch_p[kBlock], scratch_slope[kBlock];
+  float* save_p = REGION && a.probabilities ? a.probabilities + row * a.m : nullptr;
+  float* save_slope = PIXEL != kPixelNone && a.slope ? a.slope + row * a.m : nullptr;
   const bool has_ignore = a.has_ignore != 0;
   const int64_t ignore = a.ignore_index;
   const float gamma = static_cast<float>(a.gamma);
@@ -242,6 +245,8 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
+    float* dst_p = save_p ? save_p + b0 : scratch_p;
+    float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
     float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx)
     for (int64_t i = b0; i < b1; ++i) {
@@ -266,7 +271,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         sI += p * g;
         sP += keep ? p : 0.0f;
         sG += g;
-        save_p[i] = p;
+        dst_p[i - b0] = p;
       }
       if (PIXEL != kPixelNone) {
         float b, slope;
@@ -282,7 +287,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         slope = slope * (focal_factor<PIXEL>(b, gamma) * w);
         sS += keep ? loss : 0.0f;
         sN += keep ? 1.0f : 0.0f;
-        save_slope[i] = keep ? slope : 0.0f;
+        dst_slope[i - b0] = keep ? slope : 0.0f;
       }
     }
     dI += sI; dP += sP; dG += sG; dS += sS; dN += sN; dBad += bad; dBadX += badx;
@@ -404,10 +409,11 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
     }
   }
   float badx = 0;
+  float scratch_p[kClassChunk], scratch_slope[kClassChunk];  // when no gradient is wanted
   for (int64_t c = 0; c < a.c; ++c) {
     const float* xc = x + c * a.m;
-    float* pc = REGION ? a.probabilities + offset + c * a.m : nullptr;
-    float* sc = PIXEL != kPixelNone ? a.slope + offset + c * a.m : nullptr;
+    float* pc = a.probabilities ? a.probabilities + offset + c * a.m : scratch_p;
+    float* sc = a.slope ? a.slope + offset + c * a.m : scratch_slope;
     const int32_t cc = static_cast<int32_t>(c);
     float sI = 0, sP = 0, sG = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, badx)
@@ -624,7 +630,7 @@ static int dispatch(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 2; }  // bump with struct Args
+int dynloss_abi_version() { return 3; }  // bump with struct Args
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }

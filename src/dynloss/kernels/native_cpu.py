@@ -6,8 +6,9 @@ modulation and class weights, with its normaliser) and writes what the gradient 
 probabilities (region losses) and each element's slope ``d loss / d x`` (pixel losses). The
 backward pass is then one elementwise pass of plain arithmetic, with nothing transcendental
 computed twice. A region or pixel loss keeps one input-sized tensor for backward, a fused
-region+pixel composite two; the backward pass writes the gradient into one of them (unless the
-graph is retained), so a forward+backward allocates a single input-sized tensor. Target (and
+region+pixel composite two, and the backward pass writes the gradient into one of them (unless
+the graph is retained), so a forward+backward allocates a single input-sized tensor, and a
+forward without gradient (validation) none. Target (and
 probability) value checks run inside the forward pass, at no extra cost.
 
 The source, ``native_cpu.cpp``, ships with the package. On first use it is compiled with the
@@ -54,7 +55,7 @@ __all__ = ["NativeLoss", "native_available", "native_status", "native_supports"]
 SOURCE = Path(__file__).with_name("native_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
          "-std=c++17", "-shared", "-fPIC")
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _PIXEL_NONE, _PIXEL_BCE, _PIXEL_FOCAL2, _PIXEL_FOCAL = 0, 1, 2, 3
 _TARGET_TYPES = {torch.float32: 0, torch.uint8: 1, torch.bool: 1, torch.int64: 2}
@@ -290,8 +291,9 @@ class NativeLoss(torch.autograd.Function):
     ``I, P, G``: ``(N, C)`` region sums (zeros unless ``want_region``); ``S``: the sum of the
     per-element losses (focal with ``gamma``, class weights ``alpha``; zero unless
     ``want_pixel``); ``count``: the number of kept elements (at least 1). All float32. ``G``
-    and ``count`` are not differentiable. Saved for backward: the probabilities (region) and
-    the per-element slopes (pixel), one input-sized float32 tensor each.
+    and ``count`` are not differentiable. Saved for backward, when ``x`` needs a gradient:
+    the probabilities (region terms) and the per-element slopes (pixel terms), one
+    input-sized float32 tensor each.
     """
 
     @staticmethod
@@ -305,8 +307,12 @@ class NativeLoss(torch.autograd.Function):
         class_alpha = None
         if alpha is not None and multiclass:
             class_alpha = torch.tensor(alpha, dtype=torch.float32)
-        probabilities = torch.empty_like(x) if want_region else None
-        slope = torch.empty_like(x) if want_pixel else None
+        # What backward needs, only when a gradient is wanted (not in validation). Saving
+        # the probabilities measured faster than recomputing them in backward: the gradient
+        # then goes into this buffer, and nothing transcendental runs twice.
+        needs_grad = ctx.needs_input_grad[0]
+        probabilities = torch.empty_like(x) if want_region and needs_grad else None
+        slope = torch.empty_like(x) if want_pixel and needs_grad else None
         # the kernel's outputs, one buffer: (N*C, 3) region sums, (S, max(count, 1)), 2 checks
         out = torch.zeros(n * c * 3 + 4, dtype=torch.float64)
         region, pixel, check = out.split([n * c * 3, 2, 2])
