@@ -156,7 +156,33 @@ class Step(WeightSchedule):
         return self.values[bisect.bisect_right(self.milestones, t)]
 
 
-class LinearRamp(WeightSchedule):
+class _Transition(WeightSchedule):
+    """``initial`` up to ``start``, ``final`` from ``end`` on, and ``_between(fraction)`` in
+    between, where ``fraction = (t - start) / (end - start)`` runs over (0, 1)."""
+
+    def __init__(self, start: int, end: int, initial: float, final: float) -> None:
+        super().__init__()
+        self.start = check_count("start", start)
+        self.end = check_count("end", end)
+        if self.end < self.start:
+            raise ValueError(f"end must be >= start; got start={start}, end={end}")
+        self.initial = check_weight("initial", initial)
+        self.final = check_weight("final", final)
+
+    def value_at(self, t: int) -> float:
+        if t >= self.end:
+            return self.final
+        if t <= self.start:
+            return self.initial
+        fraction = (t - self.start) / (self.end - self.start)
+        return _clamp(self._between(fraction), self.initial, self.final)
+
+    @abstractmethod
+    def _between(self, fraction: float) -> float:
+        """The weight at ``fraction`` of the way from ``start`` to ``end``."""
+
+
+class LinearRamp(_Transition):
     r"""Linear ramp from ``initial`` to ``final`` between ``start`` and ``end`` (Taubert's naive).
 
     .. math:: w(t) = \begin{cases} \text{initial} & t \le \text{start} \\
@@ -177,25 +203,13 @@ class LinearRamp(WeightSchedule):
     """
 
     def __init__(self, start: int, end: int, initial: float = 0.0, final: float = 1.0) -> None:
-        super().__init__()
-        self.start = check_count("start", start)
-        self.end = check_count("end", end)
-        if self.end < self.start:
-            raise ValueError(f"end must be >= start; got start={start}, end={end}")
-        self.initial = check_weight("initial", initial)
-        self.final = check_weight("final", final)
+        super().__init__(start, end, initial, final)
 
-    def value_at(self, t: int) -> float:
-        if t >= self.end:
-            return self.final
-        if t <= self.start:
-            return self.initial
-        fraction = (t - self.start) / (self.end - self.start)
-        return _clamp(self.initial + (self.final - self.initial) * fraction, self.initial,
-                      self.final)
+    def _between(self, fraction: float) -> float:
+        return self.initial + (self.final - self.initial) * fraction
 
 
-class Cosine(WeightSchedule):
+class Cosine(_Transition):
     r"""Half-cosine from ``initial`` to ``final`` between ``start`` and ``end``.
 
     .. math:: w(t) = \text{final} + (\text{initial} - \text{final})
@@ -211,23 +225,11 @@ class Cosine(WeightSchedule):
     """
 
     def __init__(self, start: int, end: int, initial: float = 1.0, final: float = 0.0) -> None:
-        super().__init__()
-        self.start = check_count("start", start)
-        self.end = check_count("end", end)
-        if self.end < self.start:
-            raise ValueError(f"end must be >= start; got start={start}, end={end}")
-        self.initial = check_weight("initial", initial)
-        self.final = check_weight("final", final)
+        super().__init__(start, end, initial, final)
 
-    def value_at(self, t: int) -> float:
-        if t >= self.end:
-            return self.final
-        if t <= self.start:
-            return self.initial
-        fraction = (t - self.start) / (self.end - self.start)
+    def _between(self, fraction: float) -> float:
         cosine = 0.5 * (1.0 + math.cos(math.pi * fraction))
-        value = self.final + (self.initial - self.final) * cosine
-        return _clamp(value, self.initial, self.final)
+        return self.final + (self.initial - self.final) * cosine
 
 
 class RampCosine(WeightSchedule):
