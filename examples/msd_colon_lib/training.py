@@ -307,6 +307,23 @@ def _loader(store: SliceStore, indices: np.ndarray, batch: int, *, shuffle: bool
     )
 
 
+def _training_setup(cfg: RunConfig, device: torch.device):
+    """Seeded model (channels-last on CUDA), loss, Adam and grad scaler for ``cfg``.
+
+    Returns ``(model, loss_fn, optimizer, scaler, amp_dtype, channels_last)``.
+    """
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    channels_last = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.encoder, cfg.encoder_weights).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return model, loss_fn, optimizer, scaler, amp_dtype, channels_last
+
+
 def train_run(
     cfg: RunConfig,
     store: SliceStore,
@@ -335,19 +352,10 @@ def train_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     device = resolve_device(cfg.device, d.local_rank)
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    channels_last = device.type == "cuda"
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.encoder, cfg.encoder_weights).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model, loss_fn, optimizer, scaler, amp_dtype, channels_last = _training_setup(cfg, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     _attach_plateau_reset(loss_fn, scheduler, cfg.lr)
 
     history: list[dict[str, Any]] = []
@@ -541,15 +549,7 @@ def benchmark(
     (forward, loss, backward, optimizer) measured without intermediate synchronisation.
     """
     device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    channels_last = device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.encoder, cfg.encoder_weights).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    model, loss_fn, optimizer, scaler, amp_dtype, channels_last = _training_setup(cfg, device)
     loader = _loader(store, indices, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0,
                      workers=cfg.workers, d=Dist(), pin=device.type == "cuda")
     batches = []
