@@ -8,6 +8,7 @@ skipping these tests.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -373,3 +374,29 @@ def test_torch_compile_takes_the_torch_path(recwarn):
     torch.testing.assert_close(value.detach(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xc.grad, want_grad, rtol=1e-4, atol=1e-6)
     assert not [w for w in recwarn if "ctypes" in str(w.message)]
+
+
+def test_compiler_without_openmp_builds_single_threaded(tmp_path):
+    """A compiler that rejects -fopenmp (Apple clang) still gets the kernels, via -fopenmp-simd."""
+    real = shutil.which("c++") or shutil.which("g++")
+    wrapper = tmp_path / "c++"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "no OpenMP here" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    code = (
+        "import torch\n"
+        "import dynloss.functional as F\n"
+        "from dynloss.kernels import native_status\n"
+        "assert native_status() == '', native_status()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(2, 1, 40, 50, generator=g)\n"
+        "t = (torch.rand(2, 1, 40, 50, generator=g) > 0.5).float()\n"
+        "a, b = F.dice_loss(x, t, backend='native'), F.dice_loss(x, t, backend='reference')\n"
+        "assert torch.allclose(a, b, rtol=2e-5), (a, b)\n"
+    )
+    result = _python(code, CXX=str(wrapper), DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "cache").glob("*.so"))) == 1

@@ -16,7 +16,9 @@ system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) with
 ``-O3 -march=native -fopenmp`` into a cache directory (``$DYNLOSS_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/dynloss``, else ``~/.cache/dynloss``); the file name hashes the source, the
 flags, the compiler and the CPU, so a new version or another machine gets its own build. The
-build takes about 20 seconds, once per machine. Set ``DYNLOSS_NATIVE=0`` to never build or
+build takes about 20-40 seconds, once per machine. Where that fails (e.g. a compiler without an
+OpenMP runtime, such as Apple clang) it is retried single-threaded with ``-fopenmp-simd``,
+then also without ``-march=native``. Set ``DYNLOSS_NATIVE=0`` to never build or
 load it.
 
 What runs here (``backend="auto"`` on CPU, or ``backend="native"``): float32 input on the CPU,
@@ -55,6 +57,13 @@ __all__ = ["NativeLoss", "native_available", "native_status", "native_supports"]
 SOURCE = Path(__file__).with_name("native_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
          "-std=c++17", "-shared", "-fPIC")
+FALLBACK_FLAGS = (
+    # no OpenMP runtime (e.g. Apple clang): one thread, the simd loops still vectorised
+    tuple("-fopenmp-simd" if f == "-fopenmp" else f for f in FLAGS),
+    # nor -march=native: the compiler's baseline instruction set
+    tuple("-fopenmp-simd" if f == "-fopenmp" else f for f in FLAGS if f != "-march=native"),
+)
+"""Tried in order after ``FLAGS`` fails; the first that builds is used (and cached)."""
 ABI_VERSION = 3
 
 _PIXEL_NONE, _PIXEL_BCE, _PIXEL_FOCAL2, _PIXEL_FOCAL = 0, 1, 2, 3
@@ -125,11 +134,22 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    """The compiled library: from the cache, else built with the first flag set that works."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
+    errors = []
+    for flags in (FLAGS, *FALLBACK_FLAGS):
+        try:
+            return _build_with(compiler, version, flags)
+        except RuntimeError as error:
+            errors.append(str(error))
+    raise RuntimeError(errors[0])  # the full-speed build's message says most
+
+
+def _build_with(compiler: str, version: str, flags: tuple[str, ...]) -> Path:
+    source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([
-        source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode(),
+        source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode(),
         sys.platform.encode(),
     ])).hexdigest()[:20]
     directory = _cache_dir()
@@ -140,7 +160,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=library.name + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp],
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
