@@ -338,11 +338,12 @@ struct ClassChunk {
   float xt[kClassChunk];    // the input at the target class
   int64_t len;
 
-  // returns the number of kept pixels whose class index is out of range (they are dropped)
-  double load(const Args& a, int64_t sample, int64_t begin, int64_t end, bool softmax) {
+  // Fills cls/keep; with `inputs` (forward) also xt and the softmax statistics, which read x
+  // (backward reads only the saved buffers: x is not passed then). Returns the number of kept
+  // pixels whose class index is out of range (they are dropped).
+  double load(const Args& a, int64_t sample, int64_t begin, int64_t end, bool inputs) {
     len = end - begin;
     const T* t = static_cast<const T*>(a.target) + sample * a.m + begin;
-    const float* x = a.x + sample * a.c * a.m + begin;
     const bool has_ignore = a.has_ignore != 0;
     const int64_t ignore = a.ignore_index;
     const int64_t classes = a.c;
@@ -357,8 +358,10 @@ struct ClassChunk {
       cls[j] = (!ignored & in_range) ? static_cast<int32_t>(v) : 0;
       keep[j] = (!ignored & in_range) ? 1.0f : 0.0f;
     }
+    if (!inputs) return bad;
+    const float* x = a.x + sample * a.c * a.m + begin;
     for (int64_t j = 0; j < len; ++j) xt[j] = x[cls[j] * a.m + j];
-    if (!LOGITS || !softmax) return bad;
+    if (!LOGITS) return bad;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) mx[j] = x[j];
     for (int64_t c = 1; c < classes; ++c) {
@@ -506,11 +509,10 @@ static void for_each_chunk(const Args& a, int64_t rows, int64_t length, int64_t 
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_binary(const Args& a) {
-  constexpr bool backward = BACKWARD;
   const int64_t rows = a.n * a.c;
   const int64_t chunks = (a.m + kChunk - 1) / kChunk;
   const int64_t tasks = rows * chunks;
-  std::vector<double> part(backward ? 0 : tasks * kPartBinary);
+  std::vector<double> part(BACKWARD ? 0 : tasks * kPartBinary);
   for_each_chunk(a, rows, a.m, kChunk, rows * a.m,
                  [&](int64_t k, int64_t row, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
@@ -535,11 +537,10 @@ static void run_binary(const Args& a) {
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_multiclass(const Args& a) {
-  constexpr bool backward = BACKWARD;
   const int64_t chunks = (a.m + kClassChunk - 1) / kClassChunk;
   const int64_t tasks = a.n * chunks;
   const int64_t width = 3 * a.c + kPartClassExtra;
-  std::vector<double> part(backward ? 0 : tasks * width);
+  std::vector<double> part(BACKWARD ? 0 : tasks * width);
   for_each_chunk(a, a.n, a.m, kClassChunk, a.n * a.c * a.m,
                  [&](int64_t k, int64_t sample, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
