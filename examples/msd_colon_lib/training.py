@@ -324,6 +324,20 @@ def _training_setup(cfg: RunConfig, device: torch.device):
     return model, loss_fn, optimizer, scaler, amp_dtype, channels_last
 
 
+def _optimizer_step(model, loss_fn, optimizer, scaler, images: torch.Tensor,
+                    masks: torch.Tensor, amp_dtype: torch.dtype | None):
+    """One training step: forward under autocast, the loss in full precision, scaled backward,
+    optimizer step. Returns ``(logits, loss)``."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)
+    loss = loss_fn(logits, masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
+
+
 def train_run(
     cfg: RunConfig,
     store: SliceStore,
@@ -411,13 +425,8 @@ def train_run(
             masks = masks.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = train_model(images)
-            loss = loss_fn(logits, masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            _, loss = _optimizer_step(train_model, loss_fn, optimizer, scaler, images, masks,
+                                      amp_dtype)
             total += loss.detach()
             for name, value in term_values(loss_fn, loss).items():
                 terms[name] = terms.get(name, torch.zeros((), device=device)) + value.float()
@@ -569,14 +578,7 @@ def benchmark(
 
     def step(i: int) -> torch.Tensor:
         x, y = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return logits
+        return _optimizer_step(model, loss_fn, optimizer, scaler, x, y, amp_dtype)[0]
 
     for i in range(warmup):
         step(i)
