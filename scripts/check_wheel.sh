@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Release check: build the sdist and the wheel, install the wheel into a fresh virtual
-# environment that has nothing but torch, and import and use every public name there, from a
-# folder outside the repository (python -I: neither the repository nor the script's folder is
+# environment that has nothing but torch (linked from this one unless FRESH_TORCH=1), and
+# import and use every public name there, from a folder outside the repository (python -I: neither the repository nor the script's folder is
 # on sys.path). Run from CI (.ci/run) or by hand: bash scripts/check_wheel.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,19 @@ assert "dynloss/kernels/native_cpu.cpp" in names, "the native kernels' source is
 PYEOF
 
 $PY -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$work/venv/bin/python" -m pip install --quiet "$wheel"
+if [ "${FRESH_TORCH:-0}" = 1 ]; then
+    # A second copy of torch (about 5.5 GB with its CUDA libraries): only where disk allows.
+    "$work/venv/bin/python" -m pip install --quiet "$TORCH_SPEC"
+else
+    # The torch this environment already has, and its requirements, linked in (not the
+    # extras): see scripts/torch_only_site.py.
+    $PY scripts/torch_only_site.py "$work/torch-site"
+    site=$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$work/torch-site" > "$site/torch_only.pth"
+    # venv's own old setuptools (Python < 3.12) would shadow the one torch requires.
+    "$work/venv/bin/python" -m pip uninstall --quiet --yes setuptools 2>/dev/null || true
+fi
+# --no-index: torch must already satisfy the wheel's requirements; nothing else is fetched.
+"$work/venv/bin/python" -m pip install --quiet --no-index "$wheel"
 cp scripts/wheel_smoke.py "$work/"
 (cd "$work" && "$work/venv/bin/python" -I wheel_smoke.py)

@@ -8,6 +8,7 @@ dynloss wheel: it fails if dynloss is imported from a source tree, if a name in 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import typing
@@ -25,6 +26,11 @@ def main() -> int:
     location = Path(dynloss.__file__).resolve()
     if "site-packages" not in location.parts:
         print(f"dynloss imported from {location}, not from an installed wheel", file=sys.stderr)
+        return 1
+    extras = [name for name in ("segmentation_models_pytorch", "monai", "hypothesis", "scipy")
+              if importlib.util.find_spec(name) is not None]
+    if extras:
+        print(f"not a torch-only environment: {extras} importable", file=sys.stderr)
         return 1
     if not (location.parent / "py.typed").is_file():
         print("py.typed is missing from the wheel", file=sys.stderr)
