@@ -105,6 +105,32 @@ def test_soft_labels():
     _compare(F.focal_loss, x, t, mode="multilabel", gamma=0.7, alpha=0.3)
 
 
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("one_soft", [False, True], ids=["hard", "one-soft-label"])
+def test_binary_backward_with_and_without_reading_the_target(one_soft, from_logits):
+    """Binary region backward reads only the saved signed slopes when every kept target is 0
+    or 1, and the target too when the forward counted a soft label: both equal the reference,
+    with ignored pixels (float target 255) getting no gradient."""
+    x, t = _inputs("multilabel", (9, 8), seed=21)
+    t = t.float()
+    t[0, 0, :3] = 255.0
+    if one_soft:
+        t[1, 1, 4, 4] = 0.25
+    x = x if from_logits else torch.sigmoid(x)
+    for fn, kw in ((F.dice_loss, {}), (F.tversky_loss, {"alpha": 0.2, "beta": 0.9})):
+        _, grad = _compare(fn, x, t, mode="multilabel", ignore_index=255,
+                           from_logits=from_logits, **kw)
+        assert (grad[0, 0, :3] == 0).all()
+    kw = dict(region="dice", pixel="bce", mode="multilabel", ignore_index=255,
+              from_logits=from_logits)
+    want, want_grad = _run(region_pixel_loss, x, t, "reference", **kw)
+    got, got_grad = _run(region_pixel_loss, x, t, "native", **kw)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    scale = want_grad.abs().max().item()
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+    assert (got_grad[0, 0, :3] == 0).all()
+
+
 # ------------------------------------------------------------------------------- pixel losses
 @pytest.mark.parametrize("name", sorted(PIXEL))
 @pytest.mark.parametrize("mode", MODES)

@@ -9,8 +9,10 @@
 // (sample, class) (multiclass), the region sums I = sum p*g, P = sum p, G = sum g over kept
 // elements, and the sum S of the per-element (focal-modulated, alpha-weighted) cross-entropy
 // with the number of kept elements. It also writes what the backward pass needs, so that pass
-// is plain arithmetic: the probabilities p (region losses) and the slope d(loss)/dx of each
-// element (pixel losses, 0 where ignored). The backward pass writes
+// is plain arithmetic: for region losses the probabilities p (multiclass) or, binary, the
+// slope dp/dx signed by the target (so that backward reads the target only for soft labels);
+// for pixel losses the slope d(loss)/dx of each element (0 where ignored). The backward pass
+// writes
 //     dL/dx = [ (gp + gi*g) * dp/dx ] (0 where ignored)  +  gs * slope
 // for the upstream gradients gi = dL/dI, gp = dL/dP (per row / per (sample, class)) and
 // gs = dL/dS.
@@ -202,7 +204,11 @@ struct Args {
   // forward outputs
   double* region;     // (N*C, 3): I, P, G
   double* pixel_out;  // 2: S, max(count, 1)
-  double* check;      // 2: targets out of range, inputs out of [0, 1] (probabilities)
+  double* check;      // 3: targets out of range, inputs out of [0, 1] (probabilities),
+                      //    kept binary targets other than 0 and 1 (soft labels)
+  // backward, binary: 1 when the forward counted no soft label (check[2] == 0), so the
+  // signed slopes it saved hold the targets and backward need not read them
+  int64_t hard_targets;
 };
 
 // focal slope factor d/db (q^gamma b) = q^gamma (1 + gamma e b / q), b/q -> 1 at q = 0
@@ -224,10 +230,12 @@ DL_INLINE float focal_loss(float b, float gamma) {
   return focal_power<PIXEL>(q, gamma) * b;
 }
 
-constexpr int kPartBinary = 7;  // I P G S count badT badX
+constexpr int kPartBinary = 8;  // I P G S count badT badX soft
 
 // ------------------------------------------------------------------ binary / multilabel
-template <typename T, bool LOGITS, bool REGION, int PIXEL>
+// IGNORE: whether ignore_index is set (without it, every element is kept and the loop does
+// not test for it).
+template <typename T, bool LOGITS, bool REGION, int PIXEL, bool IGNORE>
 static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end,
                                  double* out) {
   const float* x = a.x + row * a.m;
@@ -235,34 +243,40 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   // what backward needs goes to the caller's buffers; without them (no gradient wanted) to a
   // scratch block, so the loop stays branch-free
   float scratch_p[kBlock], scratch_slope[kBlock];
+  // region terms: the binary kernels save d = dp/dx (p (1 - p) from logits, 1 from
+  // probabilities; 0 where ignored) with the target in its sign bit (-d where the target is
+  // 1), so that backward reads one buffer, not the target too (when all targets are hard)
   float* save_p = REGION && a.probabilities ? a.probabilities + row * a.m : nullptr;
   float* save_slope = PIXEL != kPixelNone && a.slope ? a.slope + row * a.m : nullptr;
-  const bool has_ignore = a.has_ignore != 0;
   const int64_t ignore = a.ignore_index;
   const float gamma = static_cast<float>(a.gamma);
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
   const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
-  double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0;
+  double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
     float* dst_p = save_p ? save_p + b0 : scratch_p;
     float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
-    float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0;
-#pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx)
+    float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0, soft = 0;
+#pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx, soft)
     for (int64_t i = b0; i < b1; ++i) {
       const float xv = x[i];
       const T tv = t[i];
-      const bool keep = !(has_ignore & is_ignored(tv, ignore));
-      const float gv = static_cast<float>(tv);
-      const float g = keep ? gv : 0.0f;
-      bad += (keep & !((gv >= 0.0f) & (gv <= 1.0f))) ? 1.0f : 0.0f;
-      float p, e = 0.0f;
+      const bool keep = !(IGNORE && is_ignored(tv, ignore));
+      const float g = keep ? static_cast<float>(tv) : 0.0f;
+      // g (1 - g): negative or NaN for a target outside [0, 1], nonzero for a soft label
+      // (0 for ignored elements, which have g = 0)
+      const float spread = g - g * g;
+      bad += !(spread >= 0.0f) ? 1.0f : 0.0f;
+      float p, e = 0.0f, pq = 1.0f;  // pq: p (1 - p) = dp/dx from logits
       if (LOGITS) {
         // region sums only need p: probabilities below 2^-126 may be flushed to 0 there;
         // the cross-entropy keeps them (softplus(-90) must keep its digits)
         e = PIXEL == kPixelNone ? exp_nonpositive(-abs_f(xv)) : exp_f(-abs_f(xv));
         const float inv = 1.0f / (1.0f + e);
-        p = xv >= 0.0f ? inv : e * inv;
+        const float small = e * inv;  // min(p, 1 - p)
+        p = xv >= 0.0f ? inv : small;
+        pq = small * inv;  // no cancellation in 1 - p near p = 1
       } else {
         p = xv;
         badx += ((xv >= 0.0f) & (xv <= 1.0f)) ? 0.0f : 1.0f;
@@ -271,7 +285,9 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         sI += p * g;
         sP += keep ? p : 0.0f;
         sG += g;
-        dst_p[i - b0] = p;
+        const float d = keep ? pq : 0.0f;
+        dst_p[i - b0] = g == 1.0f ? -d : d;
+        soft += spread != 0.0f ? 1.0f : 0.0f;
       }
       if (PIXEL != kPixelNone) {
         float b, slope;
@@ -291,15 +307,19 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       }
     }
     dI += sI; dP += sP; dG += sG; dS += sS; dN += sN; dBad += bad; dBadX += badx;
+    dSoft += soft;
   }
   out[0] = dI; out[1] = dP; out[2] = dG; out[3] = dS; out[4] = dN; out[5] = dBad;
-  out[6] = dBadX;
+  out[6] = dBadX; out[7] = dSoft;
 }
 
-template <typename T, bool LOGITS, bool REGION, int PIXEL>
+// Region term: (gp + gi g) dp/dx, 0 where ignored, from the signed slopes d the forward saved
+// (see binary_forward_chunk). HARD: every kept target is 0 or 1, which the sign of d tells
+// (ignored elements saved d = 0); else the target is read for g and the kept mask.
+template <typename T, bool REGION, int PIXEL, bool HARD>
 static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end) {
   const T* t = static_cast<const T*>(a.target) + row * a.m;
-  const float* p = REGION ? a.probabilities + row * a.m : nullptr;
+  const float* d = REGION ? a.probabilities + row * a.m : nullptr;
   const float* slope = PIXEL != kPixelNone ? a.slope + row * a.m : nullptr;
   float* grad = a.grad + row * a.m;
   const bool has_ignore = a.has_ignore != 0;
@@ -311,13 +331,16 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
   for (int64_t i = begin; i < end; ++i) {
     float total = 0.0f;
     if (REGION) {
-      const T tv = t[i];
-      const bool keep = !(has_ignore & is_ignored(tv, ignore));
-      const float g = keep ? static_cast<float>(tv) : 0.0f;
-      const float upstream = gp + gi * g;
-      const float pv = p[i];
-      total = LOGITS ? upstream * (pv * (1.0f - pv)) : upstream;
-      total = keep ? total : 0.0f;
+      const float dv = d[i];
+      const float dpdx = abs_f(dv);
+      if (HARD) {
+        total = (gp + (as_bits(dv) >> 31 ? gi : 0.0f)) * dpdx;
+      } else {
+        const T tv = t[i];
+        const bool keep = !(has_ignore & is_ignored(tv, ignore));
+        const float g = keep ? static_cast<float>(tv) : 0.0f;
+        total = keep ? (gp + gi * g) * dpdx : 0.0f;
+      }
     }
     if (PIXEL != kPixelNone) total += gs * slope[i];
     grad[i] = total;
@@ -516,23 +539,30 @@ static void run_binary(const Args& a) {
   for_each_chunk(a, rows, a.m, kChunk, rows * a.m,
                  [&](int64_t k, int64_t row, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
-      binary_backward_chunk<T, LOGITS, REGION, PIXEL>(a, row, begin, end);
+      if (a.hard_targets) binary_backward_chunk<T, REGION, PIXEL, true>(a, row, begin, end);
+      else binary_backward_chunk<T, REGION, PIXEL, false>(a, row, begin, end);
     } else {
-      binary_forward_chunk<T, LOGITS, REGION, PIXEL>(a, row, begin, end, &part[k * kPartBinary]);
+      double* out = &part[k * kPartBinary];
+      if (a.has_ignore) {
+        binary_forward_chunk<T, LOGITS, REGION, PIXEL, true>(a, row, begin, end, out);
+      } else {
+        binary_forward_chunk<T, LOGITS, REGION, PIXEL, false>(a, row, begin, end, out);
+      }
     }
   });
   if constexpr (BACKWARD) return;
-  double S = 0, count = 0, bad = 0, badx = 0;
+  double S = 0, count = 0, bad = 0, badx = 0, soft = 0;
   for (int64_t r = 0; r < rows; ++r) {
     double I = 0, P = 0, G = 0;
     for (int64_t j = 0; j < chunks; ++j) {
       const double* q = &part[(r * chunks + j) * kPartBinary];
       I += q[0]; P += q[1]; G += q[2]; S += q[3]; count += q[4]; bad += q[5]; badx += q[6];
+      soft += q[7];
     }
     if (REGION) { a.region[3 * r] = I; a.region[3 * r + 1] = P; a.region[3 * r + 2] = G; }
   }
   if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; }
-  a.check[0] = bad; a.check[1] = badx;
+  a.check[0] = bad; a.check[1] = badx; a.check[2] = soft;
 }
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
@@ -567,7 +597,7 @@ static void run_multiclass(const Args& a) {
     }
   }
   if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; }
-  a.check[0] = bad; a.check[1] = badx;
+  a.check[0] = bad; a.check[1] = badx; a.check[2] = 0;
 }
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
@@ -631,7 +661,7 @@ static int dispatch(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 3; }  // bump with struct Args
+int dynloss_abi_version() { return 4; }  // bump with struct Args
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }

@@ -64,7 +64,7 @@ FALLBACK_FLAGS = (
     tuple("-fopenmp-simd" if f == "-fopenmp" else f for f in FLAGS if f != "-march=native"),
 )
 """Tried in order after ``FLAGS`` fails; the first that builds is used (and cached)."""
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _PIXEL_NONE, _PIXEL_BCE, _PIXEL_FOCAL2, _PIXEL_FOCAL = 0, 1, 2, 3
 _TARGET_TYPES = {torch.float32: 0, torch.uint8: 1, torch.bool: 1, torch.int64: 2}
@@ -99,6 +99,7 @@ class _Args(ctypes.Structure):
         ("region", ctypes.c_void_p),
         ("pixel_out", ctypes.c_void_p),
         ("check", ctypes.c_void_p),
+        ("hard_targets", ctypes.c_int64),
     ]
 
 
@@ -312,8 +313,10 @@ class NativeLoss(torch.autograd.Function):
     per-element losses (focal with ``gamma``, class weights ``alpha``; zero unless
     ``want_pixel``); ``count``: the number of kept elements (at least 1). All float32. ``G``
     and ``count`` are not differentiable. Saved for backward, when ``x`` needs a gradient:
-    the probabilities (region terms) and the per-element slopes (pixel terms), one
-    input-sized float32 tensor each.
+    for region terms the probabilities (multiclass) or, binary and multilabel, ``dp/dx``
+    with the target in its sign bit (backward then reads the target only where the forward
+    counted soft labels); for pixel terms the per-element slopes. One input-sized float32
+    tensor each.
     """
 
     @staticmethod
@@ -333,9 +336,10 @@ class NativeLoss(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0]
         probabilities = torch.empty_like(x) if want_region and needs_grad else None
         slope = torch.empty_like(x) if want_pixel and needs_grad else None
-        # the kernel's outputs, one buffer: (N*C, 3) region sums, (S, max(count, 1)), 2 checks
-        out = torch.zeros(n * c * 3 + 4, dtype=torch.float64)
-        region, pixel, check = out.split([n * c * 3, 2, 2])
+        # the kernel's outputs, one buffer: (N*C, 3) region sums, (S, max(count, 1)), and
+        # the counts of bad targets, bad inputs and soft labels
+        out = torch.zeros(n * c * 3 + 5, dtype=torch.float64)
+        region, pixel, check = out.split([n * c * 3, 2, 3])
         args = _Args(
             x=_ptr(x), target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
             n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
@@ -348,13 +352,15 @@ class NativeLoss(torch.autograd.Function):
             region=_ptr(region), pixel_out=_ptr(pixel), check=_ptr(check),
         )
         _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
-        _raise_for_values(check.tolist(), x, target, mode, ignore_index, check_values,
+        bad_target, bad_input, soft = check.tolist()
+        _raise_for_values([bad_target, bad_input], x, target, mode, ignore_index, check_values,
                           from_logits)
-        results = out[:-2].to(torch.float32)
+        results = out[:-3].to(torch.float32)
         intersection, prediction_sum, target_sum = results[:-2].view(n, c, 3).unbind(-1)
         total, count = results[-2:].unbind(0)
         ctx.save_for_backward(target, probabilities, slope)
-        ctx.config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m))
+        ctx.config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m),
+                      soft == 0)
         ctx.mark_non_differentiable(target_sum, count)
         return intersection, prediction_sum, target_sum, total, count
 
@@ -363,7 +369,7 @@ class NativeLoss(torch.autograd.Function):
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum, grad_total,
                  _grad_count):
         target, probabilities, slope = ctx.saved_tensors
-        mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m) = ctx.config
+        mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard = ctx.config
         multiclass = mode == MULTICLASS_MODE
         want_region = want_region and (grad_intersection is not None
                                        or grad_prediction_sum is not None)
@@ -391,6 +397,7 @@ class NativeLoss(torch.autograd.Function):
             slope=_ptr(slope) if want_pixel else None,
             grad_intersection=_ptr(gi), grad_prediction=_ptr(gp),
             grad_pixel=float(grad_total) if want_pixel else 0.0, grad=_ptr(grad),
+            hard_targets=int(hard),
         )
         _call("dynloss_multiclass_backward" if multiclass else "dynloss_binary_backward", args)
         return (grad,) + (None,) * 9
