@@ -39,10 +39,12 @@ _run = run_loss
 
 
 def _compare(fn, x, t, *, rtol: float = 2e-5, **kw):
-    """The native path equals the reference (values and gradients) on float32 input."""
-    want, want_grad = _run(fn, x, t, "reference", **kw)
+    """The native path on float32 input equals the reference (values and gradients), which
+    runs in float64: float32 autograd would itself be off where the sigmoid saturates (its
+    backward forms 1 - p, which loses digits as p nears 1; the kernels do not)."""
+    want, want_grad = (r.float() for r in _run(fn, x.double(), t, "reference", **kw))
     got, got_grad = _run(fn, x, t, "native", **kw)
-    assert got.dtype == want.dtype == torch.float32 and got_grad.dtype == torch.float32
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.float32
     assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
     torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
     scale = want_grad.abs().max().item() + 1e-12
@@ -84,6 +86,57 @@ def test_region_per_image_smooth_probabilities(name, mode):
     _compare(REGION[name], p, t, mode=mode, from_logits=False)
     _compare(REGION[name], p, t, mode=mode, from_logits=False, per_image=True,
              reduction="none")
+
+
+def _graph_nodes(loss: torch.Tensor) -> list[str]:
+    """The names of the autograd nodes from ``loss`` back to the leaves, depth first."""
+    names, stack = [], [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.append(type(node).__name__)
+            stack.extend(next_node for next_node, _ in reversed(node.next_functions))
+    return names
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("per_image", [False, True], ids=["pooled", "per-image"])
+@pytest.mark.parametrize("mode", MODES)
+def test_region_loss_is_one_node_with_the_reference_gradient(mode, per_image, reduction):
+    """The native region losses are one autograd node (kernels/native_region.py) whose
+    closed-form backward matches autograd through the reference, for any upstream gradient."""
+    x, t = _inputs(mode, (5, 6), seed=31)
+    for fn, kw in ((F.tversky_loss, {"alpha": 0.2, "beta": 0.9, "smooth": 0.3}),
+                   (F.iou_loss, {}), (F.dice_loss, {"smooth": 1.0})):
+        kw = dict(kw, mode=mode, per_image=per_image, reduction=reduction)
+        xs = [x.detach().clone().requires_grad_(True) for _ in range(2)]
+        want = fn(xs[0], t, backend="reference", **kw)
+        got = fn(xs[1], t, backend="native", **kw)
+        assert _graph_nodes(got) == ["NativeRegionLossBackward", "ViewBackward0",
+                                     "AccumulateGrad"]
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+        upstream = torch.rand(want.shape, generator=torch.Generator().manual_seed(4)) + 0.5
+        want.backward(upstream)
+        got.backward(upstream)
+        scale = xs[0].grad.abs().max().item()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_node_path_equals_the_generic_native_path(mode):
+    """``ddp_pool=True`` outside a process group takes the generic path (region sums node,
+    then torch operations): the same value, bitwise, and the same gradient."""
+    x, t = _inputs(mode, (7, 5), seed=8)
+    results = []
+    for ddp_pool in (False, True):
+        xi = x.detach().clone().requires_grad_(True)
+        loss = F.tversky_loss(xi, t, mode=mode, alpha=0.4, beta=0.8, backend="native",
+                              ddp_pool=ddp_pool)
+        loss.backward()
+        results.append((loss.detach(), xi.grad))
+    (fused, fused_grad), (generic, generic_grad) = results
+    assert torch.equal(fused, generic)
+    torch.testing.assert_close(fused_grad, generic_grad, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -129,6 +182,19 @@ def test_binary_backward_with_and_without_reading_the_target(one_soft, from_logi
     scale = want_grad.abs().max().item()
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
     assert (got_grad[0, 0, :3] == 0).all()
+
+
+def test_saturated_sigmoid_slope_keeps_its_digits():
+    """dp/dx = p (1 - p) is formed as e / (1 + e)^2 with e = exp(-|x|): at x = 15 it is
+    3.06e-7 to float precision, where float32 autograd's p * (1 - p) is 17 % off."""
+    x = torch.tensor([[[[15.0, -15.0, 0.5]]]])
+    t = torch.tensor([[[[1.0, 0.0, 0.0]]]])
+    want, want_grad = _run(F.dice_loss, x.double(), t, "reference")
+    got, got_grad = _run(F.dice_loss, x, t, "native")
+    torch.testing.assert_close(got, want.float())
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=0)
+    _, float32_grad = _run(F.dice_loss, x, t, "reference")
+    assert (float32_grad[..., 0].double() / want_grad[..., 0] - 1).abs() > 0.1
 
 
 # ------------------------------------------------------------------------------- pixel losses

@@ -177,10 +177,18 @@ def _region_loss(
     reduction = check_reduction(reduction)
     backend = check_backend(backend)
     check_values = check_optional_bool("check_values", check_values)
+    native = _native_runs(input, backend)
     layout = prepare(
         input, target, mode, from_logits=from_logits, ignore_index=ignore_index,
-        check_values=check_values, defer_value_checks=_native_runs(input, backend),
+        check_values=check_values, defer_value_checks=native,
     )
+    if native and not ddp_pool:  # the same formula, as one autograd node (kernels/native_region)
+        from ..kernels.native_region import NativeRegionLoss
+
+        return NativeRegionLoss.apply(
+            layout.x, layout.target, layout.mode, from_logits, ignore_index, alpha, beta,
+            smooth + eps, per_image, reduction, layout.deferred_value_check,
+        )
     with torch.autocast(device_type=input.device.type, enabled=False):
         intersection, prediction_sum, target_sum = _region_sums(
             layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend,

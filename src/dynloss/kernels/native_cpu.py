@@ -2,8 +2,9 @@
 
 One streaming pass computes everything a loss needs from the input (the region sums
 ``I, P, G`` per sample and class, and the sum of the per-element cross-entropy after the focal
-modulation and class weights, with its normaliser) and writes what the gradient needs: the
-probabilities (region losses) and each element's slope ``d loss / d x`` (pixel losses). The
+modulation and class weights, with its normaliser) and writes what the gradient needs: for
+region losses the sigmoid's slope ``dp/dx`` signed by the target (binary, multilabel) or the
+softmax probabilities (multiclass), and each element's slope ``d loss / d x`` (pixel losses). The
 backward pass is then one elementwise pass of plain arithmetic, with nothing transcendental
 computed twice. A region or pixel loss keeps one input-sized tensor for backward, a fused
 region+pixel composite two, and the backward pass writes the gradient into one of them (unless
@@ -52,7 +53,8 @@ from torch.autograd.function import once_differentiable
 
 from ..constants import MULTICLASS_MODE
 
-__all__ = ["NativeLoss", "native_available", "native_status", "native_supports"]
+__all__ = ["NativeLoss", "native_available", "native_backward", "native_forward", "native_status",
+           "native_supports"]
 
 SOURCE = Path(__file__).with_name("native_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
@@ -306,6 +308,103 @@ def _raise_for_values(check: list[float], x: Tensor, target: Tensor, mode: str,
         )
 
 
+class _Forward:
+    """What one forward kernel call returns, and what its backward call needs."""
+
+    __slots__ = ("config", "pixel", "probabilities", "slope", "sums", "target")
+
+    def __init__(self, sums: Tensor, pixel: tuple[float, float], target: Tensor,
+                 probabilities: Tensor | None, slope: Tensor | None, config: tuple) -> None:
+        self.sums = sums  # (N, C, 3) float64: I, P, G
+        self.pixel = pixel  # S, max(count, 1)
+        self.target = target
+        self.probabilities = probabilities
+        self.slope = slope
+        self.config = config
+
+
+def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
+                   ignore_index: int | None, gamma: float, alpha, want_region: bool,
+                   want_pixel: bool, check_values: bool, needs_grad: bool) -> _Forward:
+    """One forward pass of the kernels over ``x`` ``(N, C, M)`` float32 (see NativeLoss)."""
+    x = x.contiguous()
+    target = _native_target(target, mode)
+    n, c, m = x.shape
+    multiclass = mode == MULTICLASS_MODE
+    class_alpha = None
+    if alpha is not None and multiclass:
+        class_alpha = torch.tensor(alpha, dtype=torch.float32)
+    # What backward needs, only when a gradient is wanted (not in validation). Saving it
+    # measured faster than recomputing the probabilities in backward: the gradient then goes
+    # into this buffer, and nothing transcendental runs twice.
+    probabilities = torch.empty_like(x) if want_region and needs_grad else None
+    slope = torch.empty_like(x) if want_pixel and needs_grad else None
+    sums = torch.zeros(n, c, 3, dtype=torch.float64)
+    scalars = (ctypes.c_double * 5)()  # S, max(count, 1); bad targets, bad inputs, soft labels
+    base = ctypes.addressof(scalars)
+    args = _Args(
+        x=_ptr(x), target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
+        n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
+        ignore_index=0 if ignore_index is None else ignore_index,
+        want_region=int(want_region), pixel=_pixel_kind(want_pixel, gamma),
+        has_alpha=int(alpha is not None), gamma=float(gamma),
+        alpha=0.0 if alpha is None or multiclass else float(alpha),
+        class_alpha=_ptr(class_alpha), threads=max(1, torch.get_num_threads()),
+        probabilities=_ptr(probabilities), slope=_ptr(slope),
+        region=_ptr(sums), pixel_out=base, check=base + 2 * ctypes.sizeof(ctypes.c_double),
+    )
+    _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
+    total, count, bad_target, bad_input, soft = scalars
+    _raise_for_values([bad_target, bad_input], x, target, mode, ignore_index, check_values,
+                      from_logits)
+    config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0)
+    return _Forward(sums, (total, count), target, probabilities, slope, config)
+
+
+def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: tuple,
+                    grad_intersection: Tensor | None, grad_prediction_sum: Tensor | None,
+                    grad_total: float | Tensor | None) -> Tensor:
+    """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` ``(N, C)`` and ``S``.
+
+    ``saved`` is ``(target, probabilities, slope)`` of :func:`native_forward`, whose buffer
+    receives the gradient unless the running backward keeps the graph.
+    """
+    target, probabilities, slope = saved
+    mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard = config
+    multiclass = mode == MULTICLASS_MODE
+    want_region = want_region and (grad_intersection is not None
+                                   or grad_prediction_sum is not None)
+    want_pixel = want_pixel and grad_total is not None
+    if not (want_region or want_pixel):
+        return torch.zeros(n, c, m)
+    gi = gp = None
+    if want_region:
+        zeros = torch.zeros(n, c)
+        gi = (zeros if grad_intersection is None else grad_intersection).float().contiguous()
+        gp = (zeros if grad_prediction_sum is None
+              else grad_prediction_sum).float().contiguous()
+    # The saved buffer becomes the gradient (each element is read, then overwritten): one
+    # input-sized allocation per forward+backward. Not when the graph is kept for another
+    # backward, which must find the buffer intact.
+    buffer = probabilities if probabilities is not None else slope
+    grad = torch.empty(n, c, m) if buffer is None or _graph_kept() else buffer
+    args = _Args(
+        target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
+        n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
+        ignore_index=0 if ignore_index is None else ignore_index,
+        want_region=int(want_region), pixel=_PIXEL_BCE if want_pixel else _PIXEL_NONE,
+        threads=max(1, torch.get_num_threads()),
+        probabilities=_ptr(probabilities) if want_region else None,
+        slope=_ptr(slope) if want_pixel else None,
+        grad_intersection=_ptr(gi), grad_prediction=_ptr(gp),
+        grad_pixel=0.0 if grad_total is None or not want_pixel else float(grad_total),
+        grad=_ptr(grad),
+        hard_targets=int(hard),
+    )
+    _call("dynloss_multiclass_backward" if multiclass else "dynloss_binary_backward", args)
+    return grad
+
+
 class NativeLoss(torch.autograd.Function):
     """``(I, P, G, S, count)`` from ``x`` ``(N, C, M)`` float32 and the target layout.
 
@@ -323,44 +422,12 @@ class NativeLoss(torch.autograd.Function):
     def forward(ctx, x: Tensor, target: Tensor, mode: str, from_logits: bool,
                 ignore_index: int | None, gamma: float, alpha, want_region: bool,
                 want_pixel: bool, check_values: bool):
-        x = x.contiguous()
-        target = _native_target(target, mode)
-        n, c, m = x.shape
-        multiclass = mode == MULTICLASS_MODE
-        class_alpha = None
-        if alpha is not None and multiclass:
-            class_alpha = torch.tensor(alpha, dtype=torch.float32)
-        # What backward needs, only when a gradient is wanted (not in validation). Saving
-        # the probabilities measured faster than recomputing them in backward: the gradient
-        # then goes into this buffer, and nothing transcendental runs twice.
-        needs_grad = ctx.needs_input_grad[0]
-        probabilities = torch.empty_like(x) if want_region and needs_grad else None
-        slope = torch.empty_like(x) if want_pixel and needs_grad else None
-        # the kernel's outputs, one buffer: (N*C, 3) region sums, (S, max(count, 1)), and
-        # the counts of bad targets, bad inputs and soft labels
-        out = torch.zeros(n * c * 3 + 5, dtype=torch.float64)
-        region, pixel, check = out.split([n * c * 3, 2, 3])
-        args = _Args(
-            x=_ptr(x), target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
-            n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
-            ignore_index=0 if ignore_index is None else ignore_index,
-            want_region=int(want_region), pixel=_pixel_kind(want_pixel, gamma),
-            has_alpha=int(alpha is not None), gamma=float(gamma),
-            alpha=0.0 if alpha is None or multiclass else float(alpha),
-            class_alpha=_ptr(class_alpha), threads=max(1, torch.get_num_threads()),
-            probabilities=_ptr(probabilities), slope=_ptr(slope),
-            region=_ptr(region), pixel_out=_ptr(pixel), check=_ptr(check),
-        )
-        _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
-        bad_target, bad_input, soft = check.tolist()
-        _raise_for_values([bad_target, bad_input], x, target, mode, ignore_index, check_values,
-                          from_logits)
-        results = out[:-3].to(torch.float32)
-        intersection, prediction_sum, target_sum = results[:-2].view(n, c, 3).unbind(-1)
-        total, count = results[-2:].unbind(0)
-        ctx.save_for_backward(target, probabilities, slope)
-        ctx.config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m),
-                      soft == 0)
+        result = native_forward(x, target, mode, from_logits, ignore_index, gamma, alpha,
+                                want_region, want_pixel, check_values, ctx.needs_input_grad[0])
+        intersection, prediction_sum, target_sum = result.sums.float().unbind(-1)
+        total, count = torch.tensor(result.pixel, dtype=torch.float32).unbind(0)
+        ctx.save_for_backward(result.target, result.probabilities, result.slope)
+        ctx.config = result.config
         ctx.mark_non_differentiable(target_sum, count)
         return intersection, prediction_sum, target_sum, total, count
 
@@ -368,36 +435,6 @@ class NativeLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum, grad_total,
                  _grad_count):
-        target, probabilities, slope = ctx.saved_tensors
-        mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard = ctx.config
-        multiclass = mode == MULTICLASS_MODE
-        want_region = want_region and (grad_intersection is not None
-                                       or grad_prediction_sum is not None)
-        want_pixel = want_pixel and grad_total is not None
-        if not (want_region or want_pixel):
-            return (torch.zeros(n, c, m),) + (None,) * 9
-        gi = gp = None
-        if want_region:
-            zeros = torch.zeros(n, c)
-            gi = (zeros if grad_intersection is None else grad_intersection).float().contiguous()
-            gp = (zeros if grad_prediction_sum is None
-                  else grad_prediction_sum).float().contiguous()
-        # The saved buffer becomes the gradient (each element is read, then overwritten): one
-        # input-sized allocation per forward+backward. Not when the graph is kept for another
-        # backward, which must find the buffer intact.
-        saved = probabilities if probabilities is not None else slope
-        grad = torch.empty(n, c, m) if saved is None or _graph_kept() else saved
-        args = _Args(
-            target=_ptr(target), target_type=_TARGET_TYPES[target.dtype],
-            n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
-            ignore_index=0 if ignore_index is None else ignore_index,
-            want_region=int(want_region), pixel=_PIXEL_BCE if want_pixel else _PIXEL_NONE,
-            threads=max(1, torch.get_num_threads()),
-            probabilities=_ptr(probabilities) if want_region else None,
-            slope=_ptr(slope) if want_pixel else None,
-            grad_intersection=_ptr(gi), grad_prediction=_ptr(gp),
-            grad_pixel=float(grad_total) if want_pixel else 0.0, grad=_ptr(grad),
-            hard_targets=int(hard),
-        )
-        _call("dynloss_multiclass_backward" if multiclass else "dynloss_binary_backward", args)
+        grad = native_backward(ctx.saved_tensors, ctx.config, grad_intersection,
+                               grad_prediction_sum, grad_total)
         return (grad,) + (None,) * 9
