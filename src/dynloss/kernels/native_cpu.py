@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..constants import MULTICLASS_MODE
+from .buffer_pool import POOL
 
 __all__ = ["NativeLoss", "native_available", "native_backward", "native_forward", "native_status",
            "native_supports"]
@@ -337,8 +338,10 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     # What backward needs, only when a gradient is wanted (not in validation). Saving it
     # measured faster than recomputing the probabilities in backward: the gradient then goes
     # into this buffer, and nothing transcendental runs twice.
-    probabilities = torch.empty_like(x) if want_region and needs_grad else None
-    slope = torch.empty_like(x) if want_pixel and needs_grad else None
+    # Pooled (kernels/buffer_pool.py): a buffer whose gradient was consumed last step is
+    # reused, with its pages resident, instead of faulting in fresh memory every step.
+    probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
+    slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
     sums = torch.zeros(n, c, 3, dtype=torch.float64)
     scalars = (ctypes.c_double * 5)()  # S, max(count, 1); bad targets, bad inputs, soft labels
     base = ctypes.addressof(scalars)

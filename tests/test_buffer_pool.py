@@ -1,0 +1,107 @@
+"""The native kernels' buffer pool (kernels/buffer_pool.py): a saved buffer is reused once
+nothing refers to it, never while something does, and the pool stays within its bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynloss
+from dynloss.kernels import native_available
+from dynloss.kernels.buffer_pool import POOL, BufferPool, pool_enabled
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
+
+
+def _inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 1, 16, 16, generator=gen), (torch.rand(4, 1, 16, 16, generator=gen)
+                                                       > 0.7).float()
+
+
+def _gradient(loss_fn, logits, target):
+    x = logits.detach().clone().requires_grad_(True)
+    loss_fn(x, target).backward()
+    return x.grad
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool(monkeypatch):
+    monkeypatch.delenv("DYNLOSS_NATIVE_POOL", raising=False)
+    POOL.clear()
+    yield
+    POOL.clear()
+
+
+def test_buffer_is_reused_once_its_gradient_is_dropped():
+    logits, target = _inputs()
+    dice = dynloss.DiceLoss(backend="native")
+    first = _gradient(dice, logits, target)
+    address = first.data_ptr()
+    expected = first.clone()
+    del first  # the gradient was consumed: its storage is free again
+    second = _gradient(dice, logits, target)
+    assert second.data_ptr() == address
+    assert torch.equal(second, expected)
+    assert len(POOL) == 1
+
+
+def test_buffer_in_use_is_never_handed_out():
+    logits, target = _inputs()
+    dice = dynloss.DiceLoss(backend="native")
+    kept = _gradient(dice, logits, target)
+    snapshot = kept.clone()
+    other_logits, other_target = _inputs(seed=1)
+    other = _gradient(dice, other_logits, other_target)  # same shape, while `kept` lives
+    assert other.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, snapshot)  # untouched by the second step
+    want = _gradient(dynloss.DiceLoss(backend="reference"), other_logits, other_target)
+    torch.testing.assert_close(other, want, rtol=1e-4, atol=1e-9)
+
+
+def test_graph_kept_alive_keeps_its_buffer():
+    logits, target = _inputs()
+    x = logits.detach().clone().requires_grad_(True)
+    pending = dynloss.DiceLoss(backend="native")(x, target)  # not yet backpropagated
+    grad = _gradient(dynloss.DiceLoss(backend="native"), logits, target)
+    pending.backward()
+    torch.testing.assert_close(x.grad, grad)
+    assert x.grad.data_ptr() != grad.data_ptr()
+
+
+def test_composite_gets_two_distinct_buffers():
+    from dynloss.kernels import region_pixel_loss
+
+    logits, target = _inputs()
+    x = logits.detach().clone().requires_grad_(True)
+    saved = set()
+
+    def pack(t):
+        if t.numel() == x.numel() and t.dtype == torch.float32:
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = region_pixel_loss(x, target, region="dice", pixel="bce", backend="native")
+    saved -= {x.untyped_storage().data_ptr(), target.untyped_storage().data_ptr()}
+    assert len(saved) == 2  # probabilities' slopes and the cross-entropy slopes
+    loss.backward()
+    want = _gradient(lambda a, b: region_pixel_loss(a, b, backend="reference"), logits, target)
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-9)
+
+
+def test_pool_bounds():
+    pool = BufferPool(max_buffers=2, max_bytes=10_000)
+    kept = [pool.empty((n,)) for n in (100, 200, 300)]  # all in use: three allocations
+    assert len(pool) == 2
+    assert pool.empty((5_000,)).numel() == 5_000  # over max_bytes: not pooled at all
+    assert len(pool) == 2
+    del kept
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DYNLOSS_NATIVE_POOL", "0")
+    assert not pool_enabled()
+    logits, target = _inputs()
+    _gradient(dynloss.DiceLoss(backend="native"), logits, target)
+    assert len(POOL) == 0
