@@ -8,8 +8,8 @@ softmax probabilities (multiclass), and each element's slope ``d loss / d x`` (p
 backward pass is then one elementwise pass of plain arithmetic, with nothing transcendental
 computed twice. A region or pixel loss keeps one input-sized tensor for backward, a fused
 region+pixel composite two, and the backward pass writes the gradient into one of them (unless
-the graph is retained), so a forward+backward allocates a single input-sized tensor, and a
-forward without gradient (validation) none. Target (and
+the graph is retained), so a forward+backward needs a single input-sized tensor (from the
+reusing pool of ``buffer_pool.py``), and a forward without gradient (validation) none. Target (and
 probability) value checks run inside the forward pass, at no extra cost.
 
 The source, ``native_cpu.cpp``, ships with the package. On first use it is compiled with the
