@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Release check: build the sdist and the wheel, install the wheel into a fresh virtual
 # environment that has nothing but torch (linked from this one unless FRESH_TORCH=1), and
-# import and use every public name there, from a folder outside the repository (python -I: neither the repository nor the script's folder is
-# on sys.path). Run from CI (.ci/run) or by hand: bash scripts/check_wheel.sh
+# import and use every public name there, from a folder outside the repository (python -I:
+# neither the repository nor the script's folder is on sys.path). Run from CI (.ci/run) or by
+# hand: bash scripts/check_wheel.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -337,9 +337,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         class_alpha = torch.tensor(alpha, dtype=torch.float32)
     # What backward needs, only when a gradient is wanted (not in validation). Saving it
     # measured faster than recomputing the probabilities in backward: the gradient then goes
-    # into this buffer, and nothing transcendental runs twice.
-    # Pooled (kernels/buffer_pool.py): a buffer whose gradient was consumed last step is
-    # reused, with its pages resident, instead of faulting in fresh memory every step.
+    # into this buffer, and nothing transcendental runs twice. The buffers come from the pool
+    # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
     probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
     slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
     sums = torch.zeros(n, c, 3, dtype=torch.float64)
@@ -387,7 +386,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
         gp = (zeros if grad_prediction_sum is None
               else grad_prediction_sum).float().contiguous()
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
-    # input-sized allocation per forward+backward. Not when the graph is kept for another
+    # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
     buffer = probabilities if probabilities is not None else slope
     grad = torch.empty(n, c, m) if buffer is None or _graph_kept() else buffer

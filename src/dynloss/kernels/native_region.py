@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..functional.region import tversky_index
+from ..functional.region import _reduce, tversky_index
 from .native_cpu import native_backward, native_forward
 
 __all__ = ["NativeRegionLoss"]
@@ -49,19 +49,15 @@ class NativeRegionLoss(torch.autograd.Function):
         intersection, prediction_sum, target_sum = sums.unbind(-1)
         loss = 1.0 - tversky_index(intersection, prediction_sum, target_sum, alpha, beta,
                                    smoothing)
-        if reduction == "mean":
-            loss = loss.mean()
-        elif reduction == "sum":
-            loss = loss.sum()
         ctx.save_for_backward(result.target, result.probabilities, result.slope)
         ctx.native_config = result.config
-        ctx.region = (sums, alpha, beta, smoothing, per_image, reduction)
-        return loss
+        ctx.region = (sums, alpha, beta, smoothing, x.shape[:2], per_image, reduction)
+        return _reduce(loss, reduction)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        sums, alpha, beta, smoothing, per_image, reduction = ctx.region
+        sums, alpha, beta, smoothing, (n, c), per_image, reduction = ctx.region
         intersection, prediction_sum, target_sum = sums.unbind(-1)
         grad_score = -grad_loss  # d(1 - T)/dT = -1
         if reduction == "mean":
@@ -73,7 +69,6 @@ class NativeRegionLoss(torch.autograd.Function):
         grad_intersection = scale * (denominator - (1.0 - alpha - beta) * numerator)
         grad_prediction_sum = scale * (-alpha * numerator)
         if not per_image:
-            n, c, _ = ctx.native_config[5]
             grad_intersection = grad_intersection.expand(n, c)
             grad_prediction_sum = grad_prediction_sum.expand(n, c)
         grad = native_backward(ctx.saved_tensors, ctx.native_config, grad_intersection,
