@@ -605,8 +605,8 @@ static int run(const Args& a, bool multiclass) {
   if (multiclass) {
     if constexpr (std::is_same_v<T, float>) return 2;  // class indices are never float
     else run_multiclass<T, LOGITS, REGION, PIXEL, BACKWARD>(a);
-  } else {
-    run_binary<T, LOGITS, REGION, PIXEL, BACKWARD>(a);
+  } else {  // binary backward reads only saved slopes: one instantiation for logits or not
+    run_binary<T, BACKWARD || LOGITS, REGION, PIXEL, BACKWARD>(a);
   }
   return 0;
 }

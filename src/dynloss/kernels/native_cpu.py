@@ -380,10 +380,10 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     if not (want_region or want_pixel):
         return torch.zeros(n, c, m)
     gi = gp = None
-    if want_region:
-        zeros = torch.zeros(n, c)
-        gi = (zeros if grad_intersection is None else grad_intersection).float().contiguous()
-        gp = (zeros if grad_prediction_sum is None
+    if want_region:  # a missing one of the two is zero (at most one is missing here)
+        gi = (torch.zeros(n, c) if grad_intersection is None
+              else grad_intersection).float().contiguous()
+        gp = (torch.zeros(n, c) if grad_prediction_sum is None
               else grad_prediction_sum).float().contiguous()
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
     # input-sized buffer per forward+backward. Not when the graph is kept for another
