@@ -8,7 +8,7 @@ import torch
 
 import dynloss
 from dynloss.kernels import native_available
-from dynloss.kernels.buffer_pool import POOL, BufferPool, pool_enabled
+from dynloss.kernels.native.buffer_pool import POOL, BufferPool, pool_enabled
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
 

@@ -241,7 +241,8 @@ def test_topk_fractions(device, mode, k):
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
 def test_topk_ties_take_lowest_flat_index(device, mode, monkeypatch):
     """All losses equal: the selection is the first n elements in flat order, across blocks."""
-    from dynloss.kernels import triton_pixel, triton_region
+    from dynloss.kernels.triton import stream as triton_region
+    from dynloss.kernels.triton import topk as triton_pixel
 
     monkeypatch.setattr(triton_pixel, "BLOCK_TOPK", 16)
     monkeypatch.setattr(triton_region, "TILE_MULTICLASS", 64)  # 4 classes -> 16 pixels
@@ -263,7 +264,7 @@ def test_topk_ties_take_lowest_flat_index(device, mode, monkeypatch):
 
 
 def test_topk_partial_ties_with_ignore(device, monkeypatch):
-    from dynloss.kernels import triton_pixel
+    from dynloss.kernels.triton import topk as triton_pixel
 
     monkeypatch.setattr(triton_pixel, "BLOCK_TOPK", 16)
     gen = torch.Generator().manual_seed(29)
@@ -315,7 +316,7 @@ def test_fused_options(device, mode):
 
 def test_multi_tile_programs(device, monkeypatch):
     """Chunks of several tiles per program (the loop inside the streaming kernels)."""
-    from dynloss.kernels import triton_region
+    from dynloss.kernels.triton import stream as triton_region
 
     monkeypatch.setattr(triton_region, "TARGET_PROGRAMS", 1)
     monkeypatch.setattr(triton_region, "BLOCK_BINARY", 64)

@@ -111,10 +111,14 @@ def test_float32_fused_matches_float64_reference(name):
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_fused_path_saves_at_most_two_input_sized_tensors():
-    """What a loss keeps alive for backward, counted with saved-tensor hooks."""
+def test_fused_path_saves_one_input_sized_tensor_besides_input_and_target():
+    """What a loss keeps alive for backward, counted with saved-tensor hooks: the caller's
+    input and target (kept so that a ``create_graph=True`` backward can recompute through the
+    reference maths; they are the caller's tensors, no copy), plus at most one float32
+    tensor of the input's size and one byte per element."""
     x = torch.randn(4, 1, 64, 64, requires_grad=True)
     target = (torch.rand(4, 1, 64, 64) > 0.5).float()
+    callers = {x.untyped_storage().data_ptr(), target.untyped_storage().data_ptr()}
     for name, cls in dynloss.LOSSES.items():
         saved = []
 
@@ -124,8 +128,9 @@ def test_fused_path_saves_at_most_two_input_sized_tensors():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = cls()(x, target)
-        big = [t for t in saved if t.numel() >= x.numel()]
+        big = [t for t in saved if t.numel() >= x.numel()
+               and t.untyped_storage().data_ptr() not in callers]
         bytes_kept = sum(t.numel() * t.element_size() for t in big)
-        assert bytes_kept <= 2 * x.numel() * x.element_size() + x.numel(), name
+        assert bytes_kept <= x.numel() * x.element_size() + x.numel(), name
         loss.backward()
 

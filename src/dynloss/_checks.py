@@ -1,4 +1,13 @@
-"""Checks of scalar arguments: each error names the argument and what was expected."""
+"""Checks of scalar arguments: each error names the argument and what was expected.
+
+>>> from dynloss._checks import check_ignore_index
+>>> check_ignore_index(255)
+255
+>>> check_ignore_index(2**64 + 1)
+Traceback (most recent call last):
+...
+ValueError: ignore_index must lie in the int64 range [-2**63, 2**63 - 1]; got 18446744073709551617
+"""
 
 from __future__ import annotations
 
@@ -72,7 +81,11 @@ def check_optional_bool(name: str, value: object) -> bool | None:
     return check_bool(name, value)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def check_ignore_index(ignore_index: object) -> int | None:
+    """``None`` or an int in the int64 range (a bool is refused: ``True`` is not a label)."""
     if ignore_index is None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -80,7 +93,11 @@ def check_ignore_index(ignore_index: object) -> int | None:
             f"ignore_index must be an int or None; got {type(ignore_index).__name__} "
             f"{ignore_index!r}"
         )
-    return ignore_index
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(
+            f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1]; got {ignore_index}"
+        )
+    return int(ignore_index)
 
 
 def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:
@@ -98,3 +115,19 @@ def check_ddp_pool(ddp_pool: object, per_image: bool) -> bool:
         raise ValueError("ddp_pool=True pools the batch sums across ranks and needs "
                          "per_image=False; per-image scores need no pooling")
     return ddp_pool
+
+
+def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
+                      ) -> float | tuple[float, ...] | None:
+    """Focal ``alpha``: None, a weight in [0, 1] (binary/multilabel) or per-class weights
+    >= 0 (multiclass; their number is checked against ``C`` per call)."""
+    if alpha is None:
+        return None
+    if mode == "multiclass":
+        if isinstance(alpha, (str, bytes)) or not isinstance(alpha, Sequence):
+            raise TypeError(
+                f"{name} must be None or a sequence of per-class weights in mode='multiclass'; "
+                f"got {type(alpha).__name__} {alpha!r}"
+            )
+        return tuple(check_non_negative(f"{name}[{i}]", a) for i, a in enumerate(alpha))
+    return check_probability(name, alpha)

@@ -1,36 +1,62 @@
-"""Shape, dtype and (optionally) value checks, and the canonical ``(N, C, M)`` layout.
+"""Shape, dtype and value checks, and the canonical ``(N, C, M)`` layout.
 
 Every loss flattens the spatial dimensions: the input becomes ``x`` of shape ``(N, C, M)``
 (``C == 1`` in binary mode) and the target either ``(N, C, M)`` (binary, multilabel) or
 ``(N, M)`` class indices (multiclass). Shape and dtype checks read only metadata, so they
-never synchronise with a device. Value checks (target range, probabilities in [0, 1]) need the
-data; they run when ``check_values`` is True, and by default (``None``) only for CPU tensors,
-where reading a value costs no device synchronisation.
+never synchronise with a device.
+
+Value checks (target range, probabilities in [0, 1]) need the data. They take one of two
+forms:
+
+* **eager** (:func:`check_values`): read the extremes on the host and raise a ``ValueError``
+  naming the bad values. This runs when ``check_values`` is True, and by default (``None``)
+  for CPU tensors, where reading a value costs no device synchronisation;
+* **in the graph** (:func:`invalid_values`): a 0-dim bool tensor, True when a kept target is
+  out of range (or a probability outside [0, 1]); the loss is then multiplied by NaN. This
+  runs whenever the eager check does not (``check_values=False``, CUDA tensors by default,
+  and inside ``torch.compile``), so an invalid target never gives a finite, wrong loss and
+  nothing waits for the device.
+
+Multiclass class indices outside ``[0, C)`` are an error on the CPU even with
+``check_values=False`` (:func:`check_class_indices`; reading them costs no synchronisation
+there, and an index must never address memory out of its range); on other devices and inside
+``torch.compile`` they follow the rule above.
+
+The same tensor also flags a non-finite kept input (NaN or ±inf logits): the loss is then NaN
+on every backend, so a diverging run never looks like it is improving.
+
+>>> import torch
+>>> from dynloss._layout import prepare
+>>> layout = prepare(torch.zeros(2, 1, 4, 4), torch.ones(2, 4, 4), "binary")
+>>> tuple(layout.x.shape), tuple(layout.target.shape), layout.num_classes
+((2, 1, 16), (2, 1, 16), 1)
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .constants import BINARY_MODE, MULTICLASS_MODE, MULTILABEL_MODE
 
+__all__ = ["Layout", "check_class_indices", "check_values", "compute_dtype", "invalid_elements",
+           "invalid_values", "prepare", "should_check_values"]
 
-@dataclass(frozen=True)
+
 class Layout:
     """Input and target in the canonical layout, plus what is needed to undo it."""
 
-    x: Tensor
-    """``(N, C, M)`` logits or probabilities, in the caller's dtype."""
-    target: Tensor
-    """``(N, C, M)`` for binary/multilabel, ``(N, M)`` integer class indices for multiclass."""
-    mode: str
-    elementwise_shape: torch.Size
-    """Shape of the per-element loss that ``reduction="none"`` returns for BCE/Focal/TopK."""
-    deferred_value_check: bool = False
-    """Value checks are due but were left to the kernel's forward pass (the native backend)."""
+    __slots__ = ("elementwise_shape", "mode", "target", "x")
+
+    def __init__(self, x: Tensor, target: Tensor, mode: str, elementwise_shape: torch.Size
+                 ) -> None:
+        self.x = x
+        """``(N, C, M)`` logits or probabilities, in the caller's dtype."""
+        self.target = target
+        """``(N, C, M)`` for binary/multilabel, ``(N, M)`` integer class indices (multiclass)."""
+        self.mode = mode
+        self.elementwise_shape = elementwise_shape
+        """Shape of the per-element loss that ``reduction="none"`` returns for BCE/Focal/TopK."""
 
     @property
     def num_classes(self) -> int:
@@ -67,27 +93,31 @@ def _binary_layout(input: Tensor, target: Tensor) -> Layout:
             f"got {_shape(input)}"
         )
     n = input.shape[0]
-    same = target.shape == input.shape
-    without_channel = input.shape[:1] + input.shape[2:]
-    no_channel = input.dim() >= 3 and input.shape[1] == 1 and target.shape == without_channel
-    if not (same or no_channel):
-        hint = ""
-        if input.dim() >= 3 and input.shape[1] > 1 and target.shape == without_channel:
-            hint = (
-                f"; the input has {input.shape[1]} channels but mode='binary' needs 1 channel: "
-                "use mode='multiclass' for class-index targets or mode='multilabel'"
+    if target.shape != input.shape:
+        without_channel = input.shape[:1] + input.shape[2:]
+        no_channel = input.dim() >= 3 and input.shape[1] == 1 and target.shape == without_channel
+        if not no_channel:
+            hint = ""
+            if input.dim() >= 3 and input.shape[1] > 1 and target.shape == without_channel:
+                hint = (
+                    f"; the input has {input.shape[1]} channels but mode='binary' needs 1 "
+                    "channel: use mode='multiclass' for class-index targets or "
+                    "mode='multilabel'"
+                )
+            raise ValueError(
+                f"target shape {_shape(target)} does not match input shape {_shape(input)}: in "
+                "mode='binary' the target must have the input's shape, or the input's shape "
+                f"without its channel dimension of size 1{hint}"
             )
-        raise ValueError(
-            f"target shape {_shape(target)} does not match input shape {_shape(input)}: in "
-            "mode='binary' the target must have the input's shape, or the input's shape without "
-            f"its channel dimension of size 1{hint}"
-        )
-    return Layout(
-        x=input.reshape(n, 1, -1),
-        target=target.reshape(n, 1, -1),
-        mode=BINARY_MODE,
-        elementwise_shape=input.shape,
-    )
+    m = _spatial_size(input, 1)
+    return Layout(input.reshape(n, 1, m), target.reshape(n, 1, m), BINARY_MODE, input.shape)
+
+
+def _spatial_size(input: Tensor, start: int) -> int:
+    size = 1
+    for s in input.shape[start:]:
+        size *= s
+    return size
 
 
 def _multilabel_layout(input: Tensor, target: Tensor) -> Layout:
@@ -101,12 +131,8 @@ def _multilabel_layout(input: Tensor, target: Tensor) -> Layout:
             "mode='multilabel' the target must have the input's shape (N, C, *spatial)"
         )
     n, c = input.shape[:2]
-    return Layout(
-        x=input.reshape(n, c, -1),
-        target=target.reshape(n, c, -1),
-        mode=MULTILABEL_MODE,
-        elementwise_shape=input.shape,
-    )
+    m = _spatial_size(input, 2)
+    return Layout(input.reshape(n, c, m), target.reshape(n, c, m), MULTILABEL_MODE, input.shape)
 
 
 def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
@@ -135,12 +161,8 @@ def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
             f"mode='multiclass' the target must hold class indices of shape (N, *spatial) = "
             f"({', '.join(str(s) for s in expected)}){hint}"
         )
-    return Layout(
-        x=input.reshape(n, c, -1),
-        target=target.reshape(n, -1),
-        mode=MULTICLASS_MODE,
-        elementwise_shape=expected,
-    )
+    m = _spatial_size(input, 2)
+    return Layout(input.reshape(n, c, m), target.reshape(n, m), MULTICLASS_MODE, expected)
 
 
 _LAYOUTS = {
@@ -150,77 +172,102 @@ _LAYOUTS = {
 }
 
 
+def prepare(input: Tensor, target: Tensor, mode: str) -> Layout:
+    """Check ``input``/``target`` (types, device, shapes; no values) and return the layout."""
+    _check_tensors(input, target)
+    return _LAYOUTS[mode](input, target)
+
+
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:
-    """``None`` means: check where it is free (CPU tensors), skip on accelerators."""
+    """Whether the eager value checks run: ``None`` means where it is free (CPU tensors,
+    outside ``torch.compile``)."""
     if check_values is None:
-        return input.device.type == "cpu"
-    return check_values
+        return input.device.type == "cpu" and not torch.compiler.is_compiling()
+    return check_values and not torch.compiler.is_compiling()
 
 
-def _check_target_values(layout: Layout, ignore_index: int | None) -> None:
+def _kept_target(layout: Layout, ignore_index: int | None) -> Tensor:
     target = layout.target
-    if target.numel() == 0 or target.dtype == torch.bool:
-        return
-    kept = target if ignore_index is None else target[target != ignore_index]
-    if kept.numel() == 0:
-        return
-    lo, hi = torch.aminmax(kept)
-    lo_v, hi_v = lo.item(), hi.item()
+    return target if ignore_index is None else target[target != ignore_index]
+
+
+def check_values(layout: Layout, ignore_index: int | None, from_logits: bool) -> None:
+    """The eager value checks: raise a ``ValueError`` naming the range of bad values."""
+    target = layout.target
+    if target.numel() and target.dtype != torch.bool:
+        kept = _kept_target(layout, ignore_index)
+        if kept.numel():
+            lo, hi = torch.aminmax(kept)
+            raise_for_target_range(layout, ignore_index, lo.item(), hi.item())
+    if not from_logits and layout.x.numel():
+        lo, hi = torch.aminmax(layout.x)
+        raise_for_probability_range(lo.item(), hi.item())
+
+
+def check_class_indices(layout: Layout, ignore_index: int | None) -> None:
+    """Raise for kept multiclass labels outside ``[0, C)`` (an index is never used out of its
+    range on the CPU, whatever ``check_values`` says: reading it there costs no sync)."""
+    if layout.target.numel():
+        kept = _kept_target(layout, ignore_index)
+        if kept.numel():
+            lo, hi = torch.aminmax(kept)
+            raise_for_target_range(layout, ignore_index, lo.item(), hi.item())
+
+
+def raise_for_target_range(layout: Layout, ignore_index: int | None, lo: float, hi: float
+                           ) -> None:
+    """The error for kept targets whose values span ``[lo, hi]`` (nothing if that is valid)."""
     if layout.mode == MULTICLASS_MODE:
         c = layout.num_classes
-        if lo_v < 0 or hi_v >= c:
+        if lo < 0 or hi >= c:
             also = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
             raise ValueError(
                 f"target class indices must lie in [0, {c}) for an input with C={c} "
-                f"channels{also}; got values from {lo_v} to {hi_v}"
+                f"channels{also}; got values from {lo} to {hi}"
             )
-    elif not (0 <= lo_v and hi_v <= 1):  # also catches NaN
+    elif not (0 <= lo and hi <= 1):  # also catches NaN
         also = (
             "" if ignore_index is None else f" (pixels equal to ignore_index={ignore_index} aside)"
         )
         raise ValueError(
             f"target values must lie in [0, 1] in mode={layout.mode!r}{also}; got values from "
-            f"{lo_v} to {hi_v}"
+            f"{lo} to {hi}"
         )
 
 
-def _check_probabilities(layout: Layout) -> None:
-    x = layout.x
-    if x.numel() == 0:
-        return
-    lo, hi = torch.aminmax(x)
-    lo_v, hi_v = lo.item(), hi.item()
-    if not (0 <= lo_v and hi_v <= 1):
+def raise_for_probability_range(lo: float, hi: float) -> None:
+    """The error for probabilities spanning ``[lo, hi]`` (nothing if inside [0, 1])."""
+    if not (0 <= lo and hi <= 1):
         raise ValueError(
             "input must hold probabilities in [0, 1] when from_logits=False; got values from "
-            f"{lo_v} to {hi_v} (pass from_logits=True for logits)"
+            f"{lo} to {hi} (pass from_logits=True for logits)"
         )
 
 
-def prepare(
-    input: Tensor,
-    target: Tensor,
-    mode: str,
-    *,
-    from_logits: bool,
-    ignore_index: int | None,
-    check_values: bool | None,
-    defer_value_checks: bool = False,
-) -> Layout:
-    """Check ``input``/``target`` and return them in the canonical layout.
+def invalid_elements(layout: Layout, ignore_index: int | None, from_logits: bool,
+                     targets: bool) -> Tensor:
+    """Bool tensor of the per-element loss's shape (``(N, C, M)``, multiclass ``(N, M)``):
+    the kept input is not finite (for probabilities: outside [0, 1]) or, with ``targets``,
+    the kept target is out of range."""
+    x, target = layout.x, layout.target
+    multiclass = layout.mode == MULTICLASS_MODE
+    bad = ~torch.isfinite(x) if from_logits else ~((x >= 0) & (x <= 1))
+    if multiclass:
+        bad = bad.any(1)
+    if targets and target.dtype != torch.bool:
+        if multiclass:
+            bad = bad | (target < 0) | (target >= layout.num_classes)
+        else:
+            bad = bad | ~((target >= 0) & (target <= 1))
+    if ignore_index is not None:
+        bad = bad & (target != ignore_index)
+    return bad
 
-    With ``defer_value_checks`` (for kernels that check values in their own forward pass) due
-    value checks are not run here but flagged in :attr:`Layout.deferred_value_check`.
-    """
-    _check_tensors(input, target)
-    layout = _LAYOUTS[mode](input, target)
-    if should_check_values(check_values, input):
-        if defer_value_checks:
-            return replace(layout, deferred_value_check=True)
-        _check_target_values(layout, ignore_index)
-        if not from_logits:
-            _check_probabilities(layout)
-    return layout
+
+def invalid_values(layout: Layout, ignore_index: int | None, from_logits: bool,
+                   targets: bool) -> Tensor:
+    """0-dim bool tensor: :func:`invalid_elements` has a True. Nothing is read on the host."""
+    return invalid_elements(layout, ignore_index, from_logits, targets).any()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

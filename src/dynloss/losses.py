@@ -35,7 +35,9 @@ from ._checks import (
     check_reduction,
     check_smoothing,
 )
+from ._params import distribution_params, region_params
 from .constants import MULTICLASS_MODE
+from .functional import _call
 
 __all__ = [
     "LOSSES",
@@ -82,6 +84,9 @@ class SegmentationLoss(nn.Module):
     name: ClassVar[str]
     """Short name used in spec strings (``"dice"``, ``"bce"``, ...)."""
     _function: ClassVar[Callable[..., Tensor]]
+    """The functional form (same arguments, same value)."""
+    _prepared: tuple[Callable[..., Tensor], Any, Any] | None = None
+    """What ``forward`` calls, with the checked parameters; rebuilt after an argument is set."""
 
     def __init__(
         self,
@@ -101,13 +106,30 @@ class SegmentationLoss(nn.Module):
         self.backend = check_backend(backend)
         self.check_values = check_optional_bool("check_values", check_values)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _constructor_arguments(type(self)):
+            self.__dict__["_prepared"] = None  # checked again at the next call
+
     def hyperparameters(self) -> dict[str, Any]:
         """Every constructor argument and its current value."""
         return {name: getattr(self, name) for name in _constructor_arguments(type(self))}
 
+    def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
+        """``(function, params, need)`` for ``forward``: the arguments checked once."""
+        raise NotImplementedError  # pragma: no cover - every loss class defines it
+
+    def _checked(self) -> tuple[Callable[..., Tensor], Any, Any]:
+        """``(function, params, need)``: the checked arguments (built on first use)."""
+        prepared = self._prepared
+        if prepared is None:
+            prepared = self.__dict__["_prepared"] = self._prepare()
+        return prepared
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``."""
-        return type(self)._function(input, target, **self.hyperparameters())
+        function, params, need = self._checked()
+        return function(input, target, params, need)
 
     def __repr__(self) -> str:
         defaults = {
@@ -155,7 +177,18 @@ def _common_doc(extra: str = "") -> str:
     """
 
 
-class BCELoss(SegmentationLoss):
+class _DistributionLoss(SegmentationLoss):
+    def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
+        params = distribution_params(
+            gamma=getattr(self, "gamma", 0.0), alpha=getattr(self, "alpha", None),
+            k=getattr(self, "k", None), mode=self.mode, from_logits=self.from_logits,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            check_values=self.check_values,
+        )
+        return _call.distribution_loss, params, _call.distribution_need(params)
+
+
+class BCELoss(_DistributionLoss):
     __doc__ = (
         r"""Binary cross-entropy from logits; softmax cross-entropy in multiclass mode.
 
@@ -190,7 +223,7 @@ class BCELoss(SegmentationLoss):
                          reduction=reduction, backend=backend, check_values=check_values)
 
 
-class FocalLoss(SegmentationLoss):
+class FocalLoss(_DistributionLoss):
     __doc__ = (
         r"""Focal loss :math:`\frac1M \sum_i a_i (1 - p_{t,i})^\gamma (-\log p_{t,i})`.
 
@@ -244,7 +277,7 @@ class FocalLoss(SegmentationLoss):
         self.alpha = alpha
 
 
-class TopKLoss(SegmentationLoss):
+class TopKLoss(_DistributionLoss):
     __doc__ = (
         r"""TopK loss: mean cross-entropy over the ``k`` fraction of worst-scored elements.
 
@@ -298,10 +331,28 @@ _REGION_ARGS = """
 
 
 class _RegionLoss(SegmentationLoss):
+    _tversky_weights: ClassVar[tuple[float, float] | None] = None
+    """``(alpha, beta)`` of Dice (1/2, 1/2) and IoU (1, 1); Tversky reads its own."""
+
     def _init_region(self, smooth: float, eps: float, per_image: bool, ddp_pool: bool) -> None:
         self.smooth, self.eps = check_smoothing(smooth, eps)
         self.per_image = check_bool("per_image", per_image)
         self.ddp_pool = check_ddp_pool(ddp_pool, self.per_image)
+        self._prepare()  # every argument checked together, once
+
+    def _weights(self) -> tuple[float, float]:
+        assert self._tversky_weights is not None
+        return self._tversky_weights
+
+    def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
+        alpha, beta = self._weights()
+        params = region_params(
+            alpha=alpha, beta=beta, mode=self.mode, from_logits=self.from_logits,
+            smooth=self.smooth, eps=self.eps, per_image=self.per_image,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            check_values=self.check_values, ddp_pool=self.ddp_pool,
+        )
+        return _call.region_loss, params, _call.region_need(params)
 
 
 class DiceLoss(_RegionLoss):
@@ -327,6 +378,7 @@ class DiceLoss(_RegionLoss):
     )
     name = "dice"
     _function = staticmethod(F.dice_loss)
+    _tversky_weights = (0.5, 0.5)
 
     def __init__(
         self,
@@ -367,6 +419,7 @@ class IoULoss(_RegionLoss):
     )
     name = "iou"
     _function = staticmethod(F.iou_loss)
+    _tversky_weights = (1.0, 1.0)
 
     def __init__(
         self,
@@ -439,6 +492,9 @@ class TverskyLoss(_RegionLoss):
         self.alpha = check_non_negative("alpha", alpha)
         self.beta = check_non_negative("beta", beta)
         self._init_region(smooth, eps, per_image, ddp_pool)
+
+    def _weights(self) -> tuple[float, float]:
+        return self.alpha, self.beta
 
 
 LOSSES: dict[str, type[SegmentationLoss]] = {

@@ -35,24 +35,13 @@ targets down.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .._checks import (
-    check_backend,
-    check_bool,
-    check_ddp_pool,
-    check_ignore_index,
-    check_mode,
-    check_non_negative,
-    check_optional_bool,
-    check_reduction,
-    check_smoothing,
-)
-from .._layout import Layout, compute_dtype, prepare
-from ..constants import MULTICLASS_MODE
-from ..distributed import pool_across_ranks
-from ._activation import probabilities
+from .. import _math
+from .._layout import Layout
+from .._params import region_params
+from ..kernels import reference
+from ._call import region_loss
 
 __all__ = [
     "dice_loss",
@@ -98,112 +87,15 @@ def tversky_index(
         ...               0.5, 0.5, 1e-7)  # empty target, empty prediction: a perfect score
         tensor([1.])
     """
-    denominator = (1.0 - alpha - beta) * intersection + alpha * prediction_sum + beta * target_sum
-    return (intersection + smoothing) / (denominator + smoothing)
+    return _math.tversky_index(intersection, prediction_sum, target_sum, alpha, beta, smoothing)
 
 
 def region_sums_reference(layout: Layout, *, from_logits: bool, ignore_index: int | None):
-    """``(I, P, G)`` of shape ``(N, C)`` as plain autograd code: the reference for the kernels."""
-    dtype = compute_dtype(layout.x.dtype)
-    x = layout.x.to(dtype)
-    p = probabilities(x, layout.mode, from_logits)
-    target = layout.target
-    if layout.mode == MULTICLASS_MODE:
-        valid = None if ignore_index is None else target != ignore_index
-        index = target if valid is None else target.masked_fill(~valid, 0)
-        g = torch.nn.functional.one_hot(index.long(), layout.num_classes).permute(0, 2, 1).to(dtype)
-        if valid is not None:
-            g = g * valid.unsqueeze(1)
-            p = p * valid.unsqueeze(1)
-    else:
-        g = target.to(dtype)
-        if ignore_index is not None:
-            valid = target != ignore_index
-            g = g * valid
-            p = p * valid
-    return (p * g).sum(-1), p.sum(-1), g.sum(-1)
+    """``(I, P, G)`` of shape ``(N, C)`` as plain autograd code: the reference for the kernels.
 
-
-def _region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str,
-                 pooled: bool):
-    """``(I, P, G)`` of shape ``(N, C)``, or ``(1, C)`` when ``pooled`` allows summing early."""
-    if backend == "reference":
-        return region_sums_reference(layout, from_logits=from_logits, ignore_index=ignore_index)
-    from ..kernels import region_sums
-
-    return region_sums(layout, from_logits=from_logits, ignore_index=ignore_index,
-                       backend=backend, pooled=pooled)
-
-
-def _native_runs(input: object, backend: str) -> bool:
-    """Whether the native CPU kernels will compute the sums (they check values themselves)."""
-    if backend == "reference" or not isinstance(input, Tensor):
-        return False
-    from ..kernels import native_runs
-
-    return native_runs(input, backend)
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
-def _region_loss(
-    input: Tensor,
-    target: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    mode: str,
-    from_logits: bool,
-    smooth: float,
-    eps: float,
-    per_image: bool,
-    ignore_index: int | None,
-    reduction: str,
-    backend: str,
-    check_values: bool | None,
-    ddp_pool: bool,
-) -> Tensor:
-    mode = check_mode(mode)
-    check_bool("from_logits", from_logits)
-    check_ddp_pool(ddp_pool, check_bool("per_image", per_image))
-    smooth, eps = check_smoothing(smooth, eps)
-    ignore_index = check_ignore_index(ignore_index)
-    reduction = check_reduction(reduction)
-    backend = check_backend(backend)
-    check_values = check_optional_bool("check_values", check_values)
-    native = _native_runs(input, backend)
-    layout = prepare(
-        input, target, mode, from_logits=from_logits, ignore_index=ignore_index,
-        check_values=check_values, defer_value_checks=native,
-    )
-    if native and not ddp_pool:  # the same formula, as one autograd node (kernels/native_region)
-        from ..kernels.native_region import NativeRegionLoss
-
-        return NativeRegionLoss.apply(
-            layout.x, layout.target, layout.mode, from_logits, ignore_index, alpha, beta,
-            smooth + eps, per_image, reduction, layout.deferred_value_check,
-        )
-    with torch.autocast(device_type=input.device.type, enabled=False):
-        intersection, prediction_sum, target_sum = _region_sums(
-            layout, from_logits=from_logits, ignore_index=ignore_index, backend=backend,
-            pooled=not per_image,
-        )
-        if not per_image:
-            intersection, prediction_sum, target_sum = (
-                intersection.sum(0), prediction_sum.sum(0), target_sum.sum(0)
-            )
-            if ddp_pool:
-                intersection, prediction_sum, target_sum = pool_across_ranks(
-                    intersection, prediction_sum, target_sum
-                )
-        score = tversky_index(intersection, prediction_sum, target_sum, alpha, beta, smooth + eps)
-        return _reduce(1.0 - score, reduction)
+    ``layout`` is :func:`dynloss._layout.prepare`'s canonical layout of input and target.
+    """
+    return reference.region_sums(layout, from_logits, ignore_index)
 
 
 _SHARED_DOC = """
@@ -226,11 +118,14 @@ _SHARED_DOC = """
             shape ``(C,)`` with ``per_image=False``, ``(N, C)`` with ``per_image=True``
             (``C == 1`` in binary mode).
         backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
-            tensors, else ``"torch"``), ``"torch"`` (fused autograd Function), ``"native"``
-            (compiled C++, CPU), ``"triton"`` or ``"reference"`` (plain autograd); see
-            :mod:`dynloss.kernels`.
-        check_values: check target (and probability) values, which reads the data; ``None``
-            (default) checks CPU tensors only, where that costs no device synchronisation.
+            tensors, else ``"torch"``; the reference for what those cannot do), ``"torch"``
+            (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
+            ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.
+        check_values: raise a ``ValueError`` for target (or probability) values out of
+            range, which reads the data on the host; ``None`` (default): for CPU tensors,
+            where that costs no device synchronisation. Where the check does not run (CUDA
+            by default, ``False``, inside ``torch.compile``) such values make the loss NaN.
+            A NaN or infinite kept input makes the loss NaN everywhere.
         ddp_pool: with ``per_image=False``, sum ``I, P, G`` over all ``torch.distributed``
             ranks (differentiably) before the score, so the loss equals the single-process
             loss on the concatenated batch (default False; no-op outside a process group).
@@ -242,8 +137,10 @@ _SHARED_DOC = """
 
 
 def _with_shared_doc(function):
-    """Insert the arguments shared by this family into ``function``'s docstring."""
-    function.__doc__ = function.__doc__.replace("    {shared}\n", _SHARED_DOC.lstrip("\n"))
+    """Insert the arguments shared by this family into ``function``'s docstring (there is
+    none under ``python -OO``)."""
+    if function.__doc__ is not None:
+        function.__doc__ = function.__doc__.replace("    {shared}\n", _SHARED_DOC.lstrip("\n"))
     return function
 
 
@@ -282,13 +179,11 @@ def tversky_loss(
         >>> round(tversky_loss(logits, target).item(), 4)
         0.2659
     """
-    alpha = check_non_negative("alpha", alpha)
-    beta = check_non_negative("beta", beta)
-    return _region_loss(
-        input, target, alpha=alpha, beta=beta, mode=mode, from_logits=from_logits, smooth=smooth,
-        eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values, ddp_pool=ddp_pool,
-    )
+    return region_loss(input, target, region_params(
+        alpha=alpha, beta=beta, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
+        per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
+        check_values=check_values, ddp_pool=ddp_pool,
+    ))
 
 
 @_with_shared_doc
@@ -322,11 +217,11 @@ def dice_loss(
         >>> round(dice_loss(logits, target).item(), 4)
         0.2072
     """
-    return _region_loss(
-        input, target, alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth,
-        eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values, ddp_pool=ddp_pool,
-    )
+    return region_loss(input, target, region_params(
+        alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
+        per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
+        check_values=check_values, ddp_pool=ddp_pool,
+    ))
 
 
 @_with_shared_doc
@@ -360,11 +255,11 @@ def iou_loss(
         >>> round(iou_loss(logits, target).item(), 4)
         0.3433
     """
-    return _region_loss(
-        input, target, alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth,
-        eps=eps, per_image=per_image, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values, ddp_pool=ddp_pool,
-    )
+    return region_loss(input, target, region_params(
+        alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
+        per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
+        check_values=check_values, ddp_pool=ddp_pool,
+    ))
 
 
 jaccard_loss = iou_loss

@@ -7,6 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._params import CompositeParams, DistributionParams, RegionParams, composite_params
+from ..functional._call import composite_loss
+from ..losses import SegmentationLoss
 from ._base import (
     check_weight,
     child_needs_metric,
@@ -44,6 +47,13 @@ class CompositeLoss(nn.Module):
 
     ``state_dict()`` holds the counter and the schedules' counters; ``repr()`` is a
     :func:`~dynloss.build_loss` spec of the same loss.
+
+    **One pass for the paper's pairs.** When the composite has exactly two terms, a region
+    loss (Dice, IoU, Tversky) and BCE or Focal, that agree on ``mode``, ``from_logits``,
+    ``ignore_index``, ``backend`` and ``check_values`` and use ``reduction="mean"`` (and no
+    ``ddp_pool``), both terms come from one fused forward pass and one backward pass over the
+    input (native and Triton kernels); the value, the gradient and :attr:`last_terms` are those
+    of the separate terms.
 
     Examples:
         >>> import torch
@@ -119,11 +129,44 @@ class CompositeLoss(nn.Module):
             for name, weight in zip(self.terms.keys(), self.weights, strict=True)
         }
 
+    def _fused_params(self, weights: list[float]) -> tuple[CompositeParams, bool] | None:
+        """The parameters of the one-pass composite and whether the terms come in the order
+        (distribution, region); None when the terms do not allow it."""
+        if len(weights) != 2:
+            return None
+        modules = list(self.terms.values())
+        params = []
+        for module in modules:
+            if not isinstance(module, SegmentationLoss) or (
+                    type(module).forward is not SegmentationLoss.forward):
+                return None
+            params.append(module._checked()[1])
+        swapped = isinstance(params[0], DistributionParams)
+        region, distribution = (params[1], params[0]) if swapped else (params[0], params[1])
+        if not (isinstance(region, RegionParams) and isinstance(distribution, DistributionParams)
+                and region.reduction == "mean" and distribution.reduction == "mean"
+                and not region.ddp_pool and distribution.k is None
+                and (region.mode, region.from_logits, region.ignore_index, region.backend,
+                     region.check_values)
+                == (distribution.mode, distribution.from_logits, distribution.ignore_index,
+                    distribution.backend, distribution.check_values)):
+            return None
+        w_region, w_distribution = (weights[1], weights[0]) if swapped else weights
+        return composite_params(region, distribution, w_region, w_distribution), swapped
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """:math:`\\sum_k w_k L_k(\\text{input}, \\text{target})`; fills :attr:`last_terms`."""
+        weights = list(self.current_weights().values())
+        fused = self._fused_params(weights)
+        if fused is not None:
+            params, swapped = fused
+            combined, region, distribution = composite_loss(input, target, params)
+            values = (distribution, region) if swapped else (region, distribution)
+            self.last_terms = {name: value.detach()
+                               for name, value in zip(self.terms, values, strict=True)}
+            return combined
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
-        weights = self.current_weights().values()
         for (name, loss), weight in zip(self.terms.items(), weights, strict=True):
             value = loss(input, target)
             terms[name] = value.detach()

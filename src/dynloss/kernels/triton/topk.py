@@ -1,8 +1,8 @@
-"""Triton kernels for the per-pixel losses: BCE / cross-entropy, Focal, and TopK.
+"""Triton kernels for the distribution losses: BCE / cross-entropy, Focal, and TopK.
 
 BCE and Focal (any ``alpha``, ``ignore_index``) reuse the streaming kernels of
-:mod:`dynloss.kernels.triton_region` with only the pixel term switched on: one forward pass
-producing ``(sum, count)``, one elementwise backward pass.
+:mod:`dynloss.kernels.triton.stream` with only the distribution term switched on: one forward
+pass producing ``(sum, count)``, one elementwise backward pass.
 
 TopK keeps the ``n = ceil(k * kept)`` largest per-element losses. It never sorts: the loss
 values are non-negative float32, so their bit patterns order like the values, and a radix
@@ -15,7 +15,11 @@ pass sums the losses above the threshold, adds ``missing * threshold`` for the t
 taken, and counts the ties of each block; the exclusive prefix sum of those counts lets the
 backward pass take exactly the ties with the lowest flat index (the reference rule).
 
-Saved for backward: the inputs, plus ``O(num_blocks)`` int32 tie offsets and 3 scalars.
+Counts (histograms, ties, the number kept) are int64, so more than 2^31 elements are counted
+exactly. NaN losses rank above every other value (their bit patterns are the largest), so a
+NaN is always selected and shows in the loss.
+
+Saved for backward: the inputs, plus ``O(num_blocks)`` int64 tie offsets and 3 scalars.
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ..constants import MULTICLASS_MODE
-from ..functional.distribution import topk_count
-from . import _triton_math as tm
-from .triton_region import (
+from ... import _math
+from ..._layout import Layout
+from ..._params import DistributionParams
+from ...constants import MULTICLASS_MODE
+from .. import reference
+from .._recompute import recompute_backward
+from . import math as tm
+from .stream import (
     alpha_args,
     ignore_args,
+    kept_count,
     multiclass_block,
     multiclass_pixel_grad,
     multiclass_tile,
@@ -56,7 +64,8 @@ def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, 
                 MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
                 FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """Losses (clamped at 0), their int32 sort keys and the kept mask of flat block ``pid``.
+    """Losses (0 where not kept, NaN kept as a positive NaN), their int32 sort keys and the
+    kept mask of flat block ``pid``.
 
     Binary: elements ``pid*BLOCK ...`` of the flat ``(N, C, M)`` tensor; multiclass: pixels
     ``pid*BLOCK ...`` of the flat ``(N, M)`` pixel grid.
@@ -82,28 +91,30 @@ def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, 
         loss = tm.focal(tm.binary_bce(x, g, FROM_LOGITS), gamma, FOCAL)
         if HAS_ALPHA:
             loss = loss * (alpha * g + (1.0 - alpha) * (1.0 - g))
-    loss = tl.where(keep & (loss > 0.0), loss, 0.0)
+    # NaN as the positive quiet NaN, whose bit pattern ranks above +inf: always selected
+    loss = tl.where(loss == loss, loss, float("nan"))
+    loss = tl.where(keep & ~(loss <= 0.0), loss, 0.0)
     key = loss.to(tl.int32, bitcast=True)
     return loss, key, keep
 
 
 @triton.jit
 def _topk_resolve(hist_ptr, state_ptr, n_host, PASSES: tl.constexpr, N_FROM_HOST: tl.constexpr):
-    """Walk the first ``PASSES`` histograms: ``(prefix, remaining, n)``.
+    """Walk the first ``PASSES`` histograms: ``(prefix, remaining, n)``, all int64.
 
     ``prefix`` holds the top ``8*PASSES`` bits of the threshold key, ``remaining`` how many
     elements with exactly that prefix are still to be taken, ``n`` the number to keep.
     """
     bins = tl.arange(0, 256)
     if N_FROM_HOST:
-        n = n_host
+        n = n_host.to(tl.int64)
     else:
         # n = ceil(round(k * kept, 9)) clamped to [1, kept]; k (float64) sits in state_ptr
         kept = tl.sum(tl.load(hist_ptr + bins), axis=0)
-        k = tl.load(state_ptr.to(tl.pointer_type(tl.float64)))
+        k = tl.load(state_ptr)
         v = k * kept.to(tl.float64)
         v = tl.floor(v * 1e9 + 0.5) / 1e9
-        n = tl.ceil(v).to(tl.int32)
+        n = tl.ceil(v).to(tl.int64)
         n = tl.minimum(tl.maximum(n, 1), kept)
     remaining = n
     prefix = n * 0
@@ -111,7 +122,7 @@ def _topk_resolve(hist_ptr, state_ptr, n_host, PASSES: tl.constexpr, N_FROM_HOST
         h = tl.load(hist_ptr + p * 256 + bins)
         above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0)
         cond = (above < remaining) & (above + h >= remaining)
-        digit = tl.sum(tl.where(cond, bins, 0), axis=0)
+        digit = tl.sum(tl.where(cond, bins, 0), axis=0).to(tl.int64)
         remaining = remaining - tl.sum(tl.where(cond, above, 0), axis=0)
         prefix = (prefix << 8) | digit
     return prefix, remaining, n
@@ -133,9 +144,9 @@ def _topk_hist_kernel(
     match = keep
     if PASS > 0:
         prefix, _remaining, _n = _topk_resolve(hist_ptr, state_ptr, n_host, PASS, N_FROM_HOST)
-        match = match & ((key >> (32 - 8 * PASS)) == prefix)
+        match = match & ((key >> (32 - 8 * PASS)).to(tl.int64) == prefix)
     digit = (key >> (24 - 8 * PASS)) & 255
-    hist = tl.histogram(digit, 256, mask=match).to(tl.int32)
+    hist = tl.histogram(digit, 256, mask=match).to(tl.int64)
     # after the first pass most bins are empty: skip their atomics (less L2 contention)
     tl.atomic_add(hist_ptr + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0)
 
@@ -154,18 +165,20 @@ def _topk_final_kernel(
         MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP, BLOCK,
     )
     threshold, remaining, n = _topk_resolve(hist_ptr, state_ptr, n_host, 4, N_FROM_HOST)
-    above = keep & (key > threshold)
-    tie = keep & (key == threshold)
+    key64 = key.to(tl.int64)
+    above = keep & (key64 > threshold)
+    tie = keep & (key64 == threshold)
     part = tl.sum(tl.where(above, loss, 0.0), axis=0)
     if pid == 0:
         # the ties taken all equal the threshold value
-        part += remaining.to(tl.float32) * threshold.to(tl.float32, bitcast=True)
-        out = state_ptr.to(tl.pointer_type(tl.int32))
-        tl.store(out + 2, threshold)
-        tl.store(out + 3, remaining)
-        tl.store(out + 4, n)
+        value = threshold.to(tl.int32).to(tl.float32, bitcast=True)
+        part += tl.where(remaining > 0, remaining.to(tl.float32) * value, 0.0)
+        out = state_ptr.to(tl.pointer_type(tl.int64))
+        tl.store(out + 1, threshold)
+        tl.store(out + 2, remaining)
+        tl.store(out + 3, n)
     tl.store(partial_ptr + pid, part)
-    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int32), axis=0))
+    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int64), axis=0))
 
 
 @triton.jit
@@ -180,12 +193,13 @@ def _topk_bwd_kernel(
         x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, alpha,
         MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP, BLOCK,
     )
-    st = state_ptr.to(tl.pointer_type(tl.int32))
-    threshold = tl.load(st + 2)
-    remaining = tl.load(st + 3)
-    tie = keep & (key == threshold)
-    rank = tl.load(ties_ptr + pid) + tl.cumsum(tie.to(tl.int32), axis=0) - 1
-    selected = keep & ((key > threshold) | (tie & (rank < remaining)))
+    st = state_ptr.to(tl.pointer_type(tl.int64))
+    threshold = tl.load(st + 1)
+    remaining = tl.load(st + 2)
+    key64 = key.to(tl.int64)
+    tie = keep & (key64 == threshold)
+    rank = tl.load(ties_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - 1
+    selected = keep & ((key64 > threshold) | (tie & (rank < remaining)))
     coef = tl.where(selected, tl.load(gt_ptr), 0.0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < total
@@ -242,13 +256,14 @@ def topk_forward(
     has_ignore, ignore_value = ignore_args(ignore_index)
     dummy = x.new_empty(1, dtype=torch.float32)
     has_alpha, alpha_scalar, alpha_table = alpha_args(alpha, mode, dev, dummy)
+    # without ignore_index every element is kept (an out-of-range label makes the loss NaN)
     n_from_host = ignore_index is None
-    n_host = topk_count(k, total) if n_from_host else 0
-    hist = torch.zeros(RADIX_PASSES * 256, dtype=torch.int32, device=dev)
-    # state: float64 k in bytes 0..7, then int32 [threshold, remaining, n] at int32 slots 2..4
+    n_host = _math.topk_count(k, total) if n_from_host else 0
+    hist = torch.zeros(RADIX_PASSES * 256, dtype=torch.int64, device=dev)
+    # state: float64 k in slot 0, then int64 [threshold, remaining, n] in slots 1..3
     state = torch.full((4,), k, dtype=torch.float64, device=dev)
     partial = torch.empty(programs, dtype=torch.float32, device=dev)
-    ties = torch.empty(programs, dtype=torch.int32, device=dev)
+    ties = torch.empty(programs, dtype=torch.int64, device=dev)
     ignore_arg = ignore_value if multiclass else float(ignore_value)
     common = dict(
         MULTICLASS=multiclass, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore,
@@ -265,9 +280,9 @@ def topk_forward(
         float(gamma), alpha_scalar, N_FROM_HOST=n_from_host, **common,
     )
     loss_sum = partial.sum()
-    n_kept = state.view(torch.int32)[4]
+    n_kept = state.view(torch.int64)[3]
     count = n_kept.clamp_min(1).to(torch.float32)
-    tie_offsets = torch.cumsum(ties, 0, dtype=torch.int32) - ties
+    tie_offsets = torch.cumsum(ties, 0) - ties
     return loss_sum, count, state, tie_offsets
 
 
@@ -275,7 +290,7 @@ def topk_backward(
     x: Tensor, target: Tensor, mode: str, *, from_logits: bool, ignore_index: int | None,
     gamma: float, alpha, state: Tensor, tie_offsets: Tensor, grad_total: Tensor,
 ) -> Tensor:
-    """``dL/dx`` of TopK: the pixel-loss gradient on the selected elements only."""
+    """``dL/dx`` of TopK: the distribution loss's gradient on the selected elements only."""
     multiclass, total, cp, block, programs = _topk_geometry(x, mode)
     _, c, m = x.shape
     dev = x.device
@@ -294,61 +309,60 @@ def topk_backward(
     return grad
 
 
-class TritonPixelLossSum(torch.autograd.Function):
+class TritonDistributionSum(torch.autograd.Function):
     """``(S, count)`` by Triton; same contract as
-    :class:`dynloss.kernels.torch_fused.PixelLossSum` (``count`` is not differentiable).
+    :class:`dynloss.kernels.torch_backend.DistributionSum` (``count`` is not differentiable).
 
     ``k=None``: one streaming pass (BCE / Focal, ``alpha``, ``ignore_index``). ``k`` given:
     TopK by radix select (five passes forward, one backward).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, mode: str, from_logits: bool,
-                ignore_index: int | None, gamma: float, alpha, k: float | None):
-        x = x.contiguous()
+    def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
+        xk = x.contiguous()
         target_k = target_for_kernel(target)
-        if k is None:
-            _, pix = stream_forward(
-                x, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
-                do_region=False, do_pixel=True, gamma=gamma, alpha=alpha,
-            )
+        if params.k is None:
+            _, pix = stream_forward(xk, target_k, params.mode, from_logits=params.from_logits,
+                                    ignore_index=params.ignore_index, do_region=False,
+                                    do_pixel=True, gamma=params.gamma, alpha=params.alpha)
             assert pix is not None
             total, kept = pix
-            if ignore_index is None:  # known on the host: no reduction needed
-                numel = x.shape[0] * x.shape[2] * (1 if mode == MULTICLASS_MODE else x.shape[1])
-                count = torch.full((), float(numel), dtype=torch.float32, device=x.device)
-            else:
-                count = kept.clamp_min(1.0)
-            ctx.save_for_backward(x, target_k)
+            count = kept_count(xk, params.mode, params.ignore_index, kept)
+            ctx.save_for_backward(x, target, xk, target_k)
         else:
             total, count, state, tie_offsets = topk_forward(
-                x, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
-                gamma=gamma, alpha=alpha, k=k,
-            )
-            ctx.save_for_backward(x, target_k, state, tie_offsets)
-        ctx.config = (mode, from_logits, ignore_index, gamma, alpha, k)
+                xk, target_k, params.mode, from_logits=params.from_logits,
+                ignore_index=params.ignore_index, gamma=params.gamma, alpha=params.alpha,
+                k=params.k)
+            ctx.save_for_backward(x, target, xk, target_k, state, tie_offsets)
+        ctx.config = (params, checked)
         ctx.mark_non_differentiable(count)
         return total, count
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_total, _grad_count):
-        mode, from_logits, ignore_index, gamma, alpha, k = ctx.config
-        nones = (None,) * 7
+        params, checked = ctx.config
+        nones = (None,) * 3
         if grad_total is None:
             return (None, *nones)
-        if k is None:
-            x, target_k = ctx.saved_tensors
+        x, target, xk, target_k = ctx.saved_tensors[:4]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            def value(xs: Tensor) -> Tensor:
+                layout = Layout(xs, target, params.mode, xs.shape)
+                return reference.distribution_sum(layout, params, checked)[0]
+
+            (grad,) = recompute_backward(value, (x,), (grad_total,))
+            return (grad, *nones)
+        if params.k is None:
             grad = stream_backward(
-                x, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
-                grad_intersection=None, grad_prediction_sum=None, grad_total=grad_total,
-                gamma=gamma, alpha=alpha,
-            )
+                xk, target_k, params.mode, from_logits=params.from_logits,
+                ignore_index=params.ignore_index, grad_intersection=None,
+                grad_prediction_sum=None, grad_total=grad_total, gamma=params.gamma,
+                alpha=params.alpha)
         else:
-            x, target_k, state, tie_offsets = ctx.saved_tensors
+            state, tie_offsets = ctx.saved_tensors[4:]
             grad = topk_backward(
-                x, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
-                gamma=gamma, alpha=alpha, state=state, tie_offsets=tie_offsets,
-                grad_total=grad_total,
-            )
+                xk, target_k, params.mode, from_logits=params.from_logits,
+                ignore_index=params.ignore_index, gamma=params.gamma, alpha=params.alpha,
+                state=state, tie_offsets=tie_offsets, grad_total=grad_total)
         return (grad, *nones)

@@ -1,4 +1,4 @@
-"""Triton kernels for region sums (and, fused in the same pass, per-pixel losses).
+"""Triton streaming kernels: region sums and per-element losses in one pass, and backward.
 
 One streaming kernel reads the logits and the target once and produces, per program, float32
 partial sums of ``I = sum(p*g)``, ``P = sum(p)``, ``G = sum(g)`` (flag ``DO_REGION``) and/or
@@ -8,15 +8,19 @@ kernel writes ``dL/dx`` from the saved inputs and the ``(N, C)`` gradients of th
 the scalar gradient of the pixel-loss sum). The same two kernels serve:
 
 * :class:`TritonRegionSums` (``DO_REGION`` only): what Dice, IoU and Tversky need;
-* :class:`dynloss.kernels.triton_pixel.TritonPixelLossSum` (``DO_PIXEL`` only): BCE, Focal;
-* :class:`dynloss.kernels.triton_fused.TritonRegionPixel` (both): Dice+BCE and friends in
-  one forward and one backward pass.
+* :class:`dynloss.kernels.triton.topk.TritonDistributionSum` (``DO_PIXEL`` only): BCE, Focal;
+* :class:`TritonRegionDistribution` (both): Dice+BCE and friends in one forward and one
+  backward pass.
 
 Binary/multilabel inputs are ``(N, C, M)`` with a target of the same shape (any dtype);
 multiclass inputs are ``(N, C, M)`` with ``(N, M)`` integer class indices, the softmax over
 ``C`` is computed in-kernel and no one-hot tensor is ever materialised.
 
-This module imports Triton at import time; :mod:`dynloss.kernels` imports it lazily.
+Kept multiclass labels outside ``[0, C)`` are left out of every sum and every load (the
+caller makes the loss NaN for them), so no index is ever read past its table. Offsets are
+int64 when a row or the whole tensor can pass 2^31 elements (``INDEX_64``).
+
+This module imports Triton at import time; :mod:`dynloss.kernels.triton` imports it lazily.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ..constants import MULTICLASS_MODE
-from . import _triton_math as tm
+from ..._layout import Layout
+from ..._params import CompositeParams
+from ...constants import MULTICLASS_MODE
+from .. import reference
+from .._recompute import recompute_backward
+from . import math as tm
 
 BLOCK_BINARY = 1024
 """Elements per tile in the binary/multilabel kernels."""
@@ -38,7 +45,13 @@ TILE_MULTICLASS = 4096
 """Classes x pixels per tile in the multiclass kernels (pixels = TILE / next_pow2(C))."""
 TARGET_PROGRAMS = 1024
 """Aim for about this many programs in a streaming pass (a few waves on an H100's 132 SMs)."""
-MAX_CLASSES = 1024
+INDEX_64_FROM = 2**31 - 2**24
+"""Use int64 offsets for tensors of at least this many elements (tests lower it)."""
+
+
+def index_64(x: Tensor) -> bool:
+    """Whether offsets into ``x`` need int64 (an index may pass 2^31)."""
+    return x.numel() >= INDEX_64_FROM
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -57,12 +70,8 @@ def split_rows(rows: int, length: int, block: int) -> tuple[int, int]:
 
 
 def multiclass_block(num_classes: int) -> tuple[int, int]:
-    """``(CP, BLOCK_M)``: padded class count and pixels per tile for the multiclass kernels."""
-    if num_classes > MAX_CLASSES:
-        raise ValueError(
-            f"backend='triton' supports up to {MAX_CLASSES} classes; got C={num_classes} "
-            "(use backend='torch')"
-        )
+    """``(CP, BLOCK_M)``: padded class count and pixels per tile for the multiclass kernels
+    (dispatch sends at most :data:`dynloss.kernels.triton.MAX_CLASSES` classes here)."""
     cp = triton.next_power_of_2(num_classes)
     return cp, max(16, TILE_MULTICLASS // cp)
 
@@ -100,16 +109,27 @@ def ignore_args(ignore_index: int | None) -> tuple[bool, int]:
 
 
 @triton.jit
+def chunk_start(split, chunk, INDEX_64: tl.constexpr):
+    """First element of chunk ``split``: int64 when offsets may pass 2^31."""
+    if INDEX_64:
+        start = split.to(tl.int64) * chunk
+    else:
+        start = split * chunk
+    return start
+
+
+@triton.jit
 def _binary_fwd_kernel(
     x_ptr, t_ptr, region_ptr, pixel_ptr,
     M, chunk, splits, ignore_value, gamma, alpha,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
-    start = split * chunk
+    start = chunk_start(split, chunk, INDEX_64)
     acc_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc_p = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
@@ -155,11 +175,12 @@ def _binary_bwd_kernel(
     M, chunk, ignore_value, gamma, alpha,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
-    start = split * chunk
+    start = chunk_start(split, chunk, INDEX_64)
     if DO_REGION:
         gi = tl.load(gi_ptr + row)
         gp = tl.load(gp_ptr + row)
@@ -204,18 +225,19 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
 
     Returns ``(x, p, b, t, keep, onehot, cmask)``: logits (padded classes hold -inf when
     ``FROM_LOGITS``), probabilities (0 in padded classes), per-pixel cross-entropy ``b``,
-    class index ``t`` (0 where ignored), kept-pixel mask and the one-hot mask of ``t``.
+    class index ``t`` (0 where not kept), kept-pixel mask and the one-hot mask of ``t``. A
+    label outside ``[0, C)`` is compared in its own dtype (no truncation) and not kept.
     """
     cls = tl.arange(0, CP)
     cmask = cls < C
     n64 = n.to(tl.int64)
     ptrs = x_ptr + n64 * C * M + cls[:, None].to(tl.int64) * M + m[None, :]
     x = tl.load(ptrs, mask=cmask[:, None] & inside[None, :], other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + n64 * M + m, mask=inside, other=0).to(tl.int32)
-    keep = inside
+    label = tl.load(t_ptr + n64 * M + m, mask=inside, other=0)
+    keep = inside & (label >= 0) & (label < C)
     if HAS_IGNORE:
-        keep = keep & (t != ignore_index)
-    t = tl.where(keep, t, 0)
+        keep = keep & (label != ignore_index)
+    t = tl.where(keep, label, 0).to(tl.int32)
     onehot = (cls[:, None] == t[None, :]) & keep[None, :]
     if FROM_LOGITS:
         x = tl.where(cmask[:, None], x, float("-inf"))
@@ -241,7 +263,7 @@ def multiclass_pixel_grad(x, p, b, t, onehot, coef, alpha_ptr, gamma,
     if FOCAL:
         coef = coef * tm.focal_grad(b, gamma)
     if HAS_ALPHA:
-        coef = coef * tl.load(alpha_ptr + t)
+        coef = coef * tl.load(alpha_ptr + t)  # t is a kept class in [0, C), or 0
     if FROM_LOGITS:
         grad = coef[None, :] * (p - onehot.to(tl.float32))
     else:
@@ -257,11 +279,11 @@ def _multiclass_fwd_kernel(
     C, M, chunk, splits, ignore_index, gamma,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    CP: tl.constexpr, BLOCK: tl.constexpr,
+    CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     n = tl.program_id(0)
     split = tl.program_id(1)
-    start = split * chunk
+    start = chunk_start(split, chunk, INDEX_64)
     acc_i = tl.zeros([CP, BLOCK], dtype=tl.float32)
     acc_p = tl.zeros([CP, BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([CP, BLOCK], dtype=tl.float32)
@@ -302,11 +324,11 @@ def _multiclass_bwd_kernel(
     C, M, chunk, ignore_index, gamma,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    CP: tl.constexpr, BLOCK: tl.constexpr,
+    CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     n = tl.program_id(0)
     split = tl.program_id(1)
-    start = split * chunk
+    start = chunk_start(split, chunk, INDEX_64)
     cls = tl.arange(0, CP)
     cmask = cls < C
     if DO_REGION:
@@ -371,7 +393,7 @@ def stream_forward(
             x, target, region, pixel, alpha_table, c, m, chunk, splits, ignore_value,
             float(gamma), FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
             DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, CP=cp, BLOCK=block,
-            num_warps=8,
+            INDEX_64=index_64(x), num_warps=8,
         )
         sums = None
         if do_region:
@@ -388,7 +410,7 @@ def stream_forward(
             x, target, region, pixel, m, chunk, splits, float(ignore_value), float(gamma),
             alpha_scalar, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
             DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, BLOCK=BLOCK_BINARY,
-            num_warps=4,
+            INDEX_64=index_64(x), num_warps=4,
         )
         sums = None
         if do_region:
@@ -439,7 +461,7 @@ def stream_backward(
             x, target, grad, gi, gp, gt, alpha_table, c, m, chunk, ignore_value, float(gamma),
             FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
             DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, CP=cp, BLOCK=block,
-            num_warps=8,
+            INDEX_64=index_64(x), num_warps=8,
         )
     else:
         rows = n * c
@@ -448,42 +470,113 @@ def stream_backward(
             x, target, grad, gi, gp, gt, m, chunk, float(ignore_value), float(gamma),
             alpha_scalar, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
             DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, BLOCK=BLOCK_BINARY,
-            num_warps=4,
+            INDEX_64=index_64(x), num_warps=4,
         )
     return grad
 
 
+def _layout(x: Tensor, target: Tensor, mode: str) -> Layout:
+    return Layout(x, target, mode, x.shape)
+
+
+def kept_count(x: Tensor, mode: str, ignore_index: int | None, kept: Tensor) -> Tensor:
+    """The normaliser of the mean: the number of elements (known on the host, no reduction)
+    or, with ``ignore_index``, the kept count, at least 1."""
+    if ignore_index is None:
+        numel = x.shape[0] * x.shape[2] * (1 if mode == MULTICLASS_MODE else x.shape[1])
+        return torch.full((), float(max(numel, 1)), dtype=torch.float32, device=x.device)
+    return kept.clamp_min(1.0)
+
+
 class TritonRegionSums(torch.autograd.Function):
     """``(I, P, G)``, each ``(N, C)`` float32, by one Triton pass; same contract as
-    :class:`dynloss.kernels.torch_fused.RegionSums` (``G`` is not differentiable).
+    :class:`dynloss.kernels.torch_backend.RegionSums` (``G`` is not differentiable).
 
-    Saves only ``x`` and ``target`` for backward.
+    Saves only the inputs for backward.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, mode: str, from_logits: bool,
-                ignore_index: int | None):
-        x = x.contiguous()
+                ignore_index: int | None, checked: bool):
+        xk = x.contiguous()
         target_k = target_for_kernel(target)
-        sums, _ = stream_forward(x, target_k, mode, from_logits=from_logits,
+        sums, _ = stream_forward(xk, target_k, mode, from_logits=from_logits,
                                  ignore_index=ignore_index, do_region=True, do_pixel=False)
         assert sums is not None
         intersection, prediction_sum, target_sum = sums
-        ctx.save_for_backward(x, target_k)
-        ctx.config = (mode, from_logits, ignore_index)
+        ctx.save_for_backward(x, target, xk, target_k)
+        ctx.config = (mode, from_logits, ignore_index, checked)
         ctx.mark_non_differentiable(target_sum)
         return intersection, prediction_sum, target_sum
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
-        x, target_k = ctx.saved_tensors
-        mode, from_logits, ignore_index = ctx.config
+        x, target, xk, target_k = ctx.saved_tensors
+        mode, from_logits, ignore_index, checked = ctx.config
+        nones = (None,) * 5
         if grad_intersection is None and grad_prediction_sum is None:
-            return None, None, None, None, None
+            return (None, *nones)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            grads = recompute_backward(
+                lambda xs: reference.region_sums(_layout(xs, target, mode), from_logits,
+                                                 ignore_index, checked)[:2],
+                (x,), (grad_intersection, grad_prediction_sum))
+            return (grads[0], *nones)
         grad = stream_backward(
-            x, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
+            xk, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
             grad_intersection=grad_intersection, grad_prediction_sum=grad_prediction_sum,
             grad_total=None,
         )
-        return grad, None, None, None, None
+        return (grad, *nones)
+
+
+class TritonRegionDistribution(torch.autograd.Function):
+    """``(I, P, G, S, count)`` from one pass (a fused composite); ``G`` and ``count`` are not
+    differentiable. One elementwise backward pass for whatever combination the caller forms."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, params: CompositeParams, checked: bool):
+        region, dist = params.region, params.distribution
+        xk = x.contiguous()
+        target_k = target_for_kernel(target)
+        sums, pix = stream_forward(
+            xk, target_k, region.mode, from_logits=region.from_logits,
+            ignore_index=region.ignore_index, do_region=True, do_pixel=True, gamma=dist.gamma,
+            alpha=dist.alpha,
+        )
+        assert sums is not None and pix is not None
+        intersection, prediction_sum, target_sum = sums
+        total, kept = pix
+        count = kept_count(xk, region.mode, region.ignore_index, kept)
+        ctx.save_for_backward(x, target, xk, target_k)
+        ctx.config = (params, checked)
+        ctx.mark_non_differentiable(target_sum, count)
+        return intersection, prediction_sum, target_sum, total, count
+
+    @staticmethod
+    def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum, grad_total,
+                 _grad_count):
+        x, target, xk, target_k = ctx.saved_tensors
+        params, checked = ctx.config
+        region, dist = params.region, params.distribution
+        nones = (None,) * 3
+        if grad_intersection is None and grad_prediction_sum is None and grad_total is None:
+            return (None, *nones)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            def outputs(xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                layout = _layout(xs, target, region.mode)
+                i, p, _ = reference.region_sums(layout, region.from_logits,
+                                                region.ignore_index, checked)
+                total = reference.distribution_terms(layout, dist, checked)[0].sum()
+                return i, p, total
+
+            grads = recompute_backward(outputs, (x,),
+                                       (grad_intersection, grad_prediction_sum, grad_total))
+            return (grads[0], *nones)
+        grad = stream_backward(
+            xk, target_k, region.mode, from_logits=region.from_logits,
+            ignore_index=region.ignore_index, grad_intersection=grad_intersection,
+            grad_prediction_sum=grad_prediction_sum, grad_total=grad_total, gamma=dist.gamma,
+            alpha=dist.alpha,
+        )
+        return (grad, *nones)

@@ -1,8 +1,8 @@
 // dynloss native CPU kernels: one streaming pass forward, one elementwise pass backward.
 //
-// Compiled at first use by dynloss/kernels/native_cpu.py (g++/clang++ -O3 -march=native
+// Compiled at first use by dynloss/kernels/native/build.py (g++/clang++ -O3 -march=native
 // -fopenmp) and called through ctypes; no Python or torch headers are needed. The formulas
-// are those of dynloss.functional (the reference): every kernel is tested against it.
+// are those of dynloss._math (the reference backend): every kernel is tested against it.
 //
 // Binary / multilabel: x and target are (rows, M), rows = N*C, contiguous. Multiclass: x is
 // (N, C, M), target (N, M) class indices. The forward pass returns, per row (binary) or per
@@ -40,6 +40,7 @@ constexpr int64_t kBlock = 512;       // elements per float accumulation block
 constexpr int64_t kClassChunk = 1024; // multiclass: pixels per task (and per block)
 constexpr int64_t kParallelMin = 65536;  // smaller inputs run on the calling thread only
 constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabilities
+constexpr float kFloatMax = 3.40282347e38f;  // |x| <= kFloatMax: x is finite (false for NaN)
 
 enum Pixel : int { kPixelNone = 0, kPixelBce = 1, kPixelFocal2 = 2, kPixelFocal = 3 };
 enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2 };
@@ -204,8 +205,9 @@ struct Args {
   // forward outputs
   double* region;     // (N*C, 3): I, P, G
   double* pixel_out;  // 2: S, max(count, 1)
-  double* check;      // 3: targets out of range, inputs out of [0, 1] (probabilities),
-                      //    kept binary targets other than 0 and 1 (soft labels)
+  double* check;      // 3: kept targets out of range, kept inputs not finite (logits) or
+                      //    outside [0, 1] (probabilities), kept binary targets other than 0
+                      //    and 1 (soft labels)
   // backward, binary: 1 when the forward counted no soft label (check[2] == 0), so the
   // signed slopes it saved hold the targets and backward need not read them
   int64_t hard_targets;
@@ -268,6 +270,10 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       // (0 for ignored elements, which have g = 0)
       const float spread = g - g * g;
       bad += !(spread >= 0.0f) ? 1.0f : 0.0f;
+      // a kept input that is not finite (logits) or outside [0, 1] (probabilities) makes the
+      // loss NaN (counted here, applied by the caller)
+      const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax) : ((xv >= 0.0f) & (xv <= 1.0f));
+      badx += (keep & !valid_x) ? 1.0f : 0.0f;
       float p, e = 0.0f, pq = 1.0f;  // pq: p (1 - p) = dp/dx from logits
       if (LOGITS) {
         // region sums only need p: probabilities below 2^-126 may be flushed to 0 there;
@@ -279,7 +285,6 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         pq = small * inv;  // no cancellation in 1 - p near p = 1
       } else {
         p = xv;
-        badx += ((xv >= 0.0f) & (xv <= 1.0f)) ? 0.0f : 1.0f;
       }
       if (REGION) {
         sI += p * g;
@@ -444,13 +449,10 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
     float sI = 0, sP = 0, sG = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, badx)
     for (int64_t j = 0; j < len; ++j) {
-      float p;
-      if (LOGITS) {
-        p = exp_f(xc[j] - s.mx[j]) * s.inv[j];
-      } else {
-        p = xc[j];
-        badx += ((p >= 0.0f) & (p <= 1.0f)) ? 0.0f : 1.0f;
-      }
+      const float xv = xc[j];
+      const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax) : ((xv >= 0.0f) & (xv <= 1.0f));
+      badx += (s.keep[j] != 0.0f && !valid_x) ? 1.0f : 0.0f;
+      const float p = LOGITS ? exp_f(xv - s.mx[j]) * s.inv[j] : xv;
       const bool on = s.cls[j] == cc;
       if (REGION) {
         sP += p * s.keep[j];
@@ -661,7 +663,7 @@ static int dispatch(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 4; }  // bump with struct Args
+int dynloss_abi_version() { return 5; }  // bump with struct Args
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }

@@ -1,0 +1,279 @@
+r"""The element-wise formulas of every loss, written once in torch.
+
+The reference backend builds the losses from these functions with plain autograd; the fused
+backends (eager ``torch`` Functions, native C++, Triton) implement the same formulas in their
+own kernels and are tested against them, and fall back on them to recompute a differentiable
+gradient (``create_graph=True``). Nothing here checks arguments: callers pass checked values.
+
+Notation: ``x`` logits (or probabilities when ``from_logits=False``), ``p`` probabilities,
+``g`` binary targets in [0, 1], ``b`` the per-element cross-entropy.
+
+>>> import torch
+>>> from dynloss import _math
+>>> x, g = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+>>> _math.elementwise_bce(x, g, from_logits=True)  # softplus(-2), softplus(-1)
+tensor([0.1269, 0.3133])
+>>> _math.tversky_index(torch.tensor(3.0), torch.tensor(4.0), torch.tensor(5.0), 0.5, 0.5, 0.0)
+tensor(0.6667)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .constants import MULTICLASS_MODE
+
+__all__ = [
+    "LOG_CLAMP",
+    "bce_slope",
+    "clamped_log",
+    "clamped_log_slope",
+    "elementwise_bce",
+    "focal_modulation",
+    "focal_modulation_and_slope",
+    "non_finite_poison",
+    "pixel_cross_entropy",
+    "positive_weight",
+    "probabilities",
+    "reduce",
+    "topk_count",
+    "topk_count_tensor",
+    "topk_mask",
+    "tversky_index",
+    "tversky_index_grads",
+]
+
+LOG_CLAMP = -100.0
+"""Smallest log-probability used with ``from_logits=False`` (``torch.nn.BCELoss``'s)."""
+
+
+# ------------------------------------------------------------------------------ probabilities
+def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
+    """``x`` in layout ``(N, C, M)`` as probabilities: softmax over ``C`` (multiclass) or a
+    sigmoid per element; ``x`` itself when it already holds probabilities."""
+    if not from_logits:
+        return x
+    if mode == MULTICLASS_MODE:
+        return x.softmax(dim=1)
+    return x.sigmoid()
+
+
+# ------------------------------------------------------------------------------ cross-entropy
+def clamped_log(p: Tensor) -> Tensor:
+    """``max(log p, -100)``, with a finite gradient (0 where clamped) even at ``p == 0``.
+
+    >>> import torch
+    >>> from dynloss._math import clamped_log
+    >>> clamped_log(torch.tensor([1.0, 0.0, 1e-50], dtype=torch.float64))
+    tensor([   0., -100., -100.], dtype=torch.float64)
+    """
+    positive = p > 0
+    log_p = torch.log(torch.where(positive, p, 1.0))
+    return torch.where(positive, log_p, LOG_CLAMP).clamp_min(LOG_CLAMP)
+
+
+def clamped_log_slope(p: Tensor) -> Tensor:
+    """d/dp of :func:`clamped_log`: ``1/p``, and 0 where the log is clamped."""
+    return torch.where(torch.log(p) > LOG_CLAMP, p.reciprocal(), 0.0)
+
+
+def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
+    r"""Per-element binary cross-entropy of logits (or probabilities) ``x`` and targets ``g``.
+
+    Logits: :math:`(1-g)\,\mathrm{softplus}(x) + g\,\mathrm{softplus}(-x)`, two non-negative
+    terms (nothing cancels; ``lerp`` is exact for hard labels). Probabilities:
+    :math:`-(g \max(\log p, -100) + (1-g) \max(\log(1-p), -100))`.
+    """
+    if from_logits:
+        return torch.lerp(F.softplus(x), F.softplus(-x), g)
+    return -(g * clamped_log(x) + (1 - g) * clamped_log(1 - x))
+
+
+def bce_slope(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
+    """``d elementwise_bce / dx``: ``sigmoid(x) - g`` for logits, else the clamped logs' slope,
+    ``(1-g)/(1-p) - g/p`` with a term dropped where its log is clamped."""
+    if from_logits:
+        return torch.sigmoid(x) - g
+    return (1 - g) * clamped_log_slope(1 - x) - g * clamped_log_slope(x)
+
+
+def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
+    """Per-pixel cross-entropy of ``x`` ``(N, C, M)`` against class indices ``index`` ``(N, M)``."""
+    picked = x.gather(1, index.unsqueeze(1)).squeeze(1)
+    if from_logits:
+        return torch.logsumexp(x, dim=1) - picked
+    return -clamped_log(picked)
+
+
+# ------------------------------------------------------------------------------ focal and alpha
+def focal_modulation(b: Tensor, gamma: float) -> Tensor:
+    r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``.
+
+    Works in place on its own temporaries when no gradient is recorded (the fused path).
+    """
+    if gamma == 0:
+        return b
+    q = -torch.expm1(-b)
+    if torch.is_grad_enabled() and b.requires_grad:
+        return q.pow(gamma) * b
+    q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
+    return q.mul_(b)
+
+
+def focal_modulation_and_slope(b: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    r""":func:`focal_modulation` and its derivative in ``b``, sharing their exponentials.
+
+    With :math:`q = 1 - e^{-b}`: :math:`\frac{d}{db}\, q^\gamma b = q^\gamma
+    (1 + \gamma e^{-b} b / q)`, where :math:`b / q \to 1` as :math:`b \to 0`, so the slope is
+    finite for every :math:`\gamma \ge 0`. For use without autograd (the fused kernels).
+    """
+    q = b.neg()
+    e = torch.exp(q)  # e^{-b}
+    q.expm1_().neg_()  # 1 - e^{-b}, computed directly (no cancellation at small b)
+    ratio = torch.div(b, q)
+    ratio = torch.where(q == 0, 1.0, ratio)  # b / q is 1 at b = q = 0 (and NaN stays NaN)
+    ratio.mul_(e).mul_(gamma).add_(1)
+    q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
+    ratio.mul_(q)
+    return q.mul_(b), ratio
+
+
+def positive_weight(g: Tensor, alpha: float) -> Tensor:
+    r"""Focal ``alpha`` weights :math:`\alpha g + (1-\alpha)(1-g)`, computed in one pass."""
+    return g.mul(2 * alpha - 1).add_(1 - alpha)
+
+
+# ------------------------------------------------------------------------------ TopK
+def topk_count(k: float, kept: int) -> int:
+    """How many of ``kept`` elements TopK averages: ``ceil(k * kept)``, at least 1 (0 of 0).
+
+    >>> from dynloss._math import topk_count
+    >>> topk_count(0.6, 10), topk_count(0.01, 10), topk_count(0.5, 0)
+    (6, 1, 0)
+    """
+    if kept <= 0:
+        return 0
+    return max(1, min(kept, math.ceil(round(k * kept, 9))))
+
+
+def topk_count_tensor(k: float, kept: Tensor) -> Tensor:
+    """:func:`topk_count` of a 0-dim integer tensor ``kept``, without reading it on the host."""
+    v = kept.to(torch.float64) * k
+    v = torch.floor(v * 1e9 + 0.5) / 1e9  # round(k * kept, 9), as topk_count
+    n = torch.ceil(v).to(torch.int64)
+    return torch.minimum(n.clamp_min(1), kept.to(torch.int64))
+
+
+def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
+    """Boolean mask of the ``n`` largest entries of the flat tensor ``values``.
+
+    Ties at the threshold are taken by lowest flat index; NaN ranks above everything (so a
+    NaN loss is always selected and shows in the sum). ``n`` may be an int or a 0-dim integer
+    tensor; nothing is read on the host either way (no device synchronisation), so this also
+    runs inside ``torch.compile`` graphs.
+
+    >>> import torch
+    >>> from dynloss._math import topk_mask
+    >>> topk_mask(torch.tensor([1.0, 3.0, 2.0, 3.0]), 2).tolist()
+    [False, True, False, True]
+    >>> topk_mask(torch.tensor([2.0, 1.0, 2.0, 2.0]), torch.tensor(2)).tolist()
+    [True, False, True, False]
+    """
+    m = values.numel()
+    if isinstance(n, int):
+        if n >= m:
+            return torch.ones_like(values, dtype=torch.bool)
+        if n <= 0:
+            return torch.zeros_like(values, dtype=torch.bool)
+    ranked = torch.nan_to_num(values, nan=math.inf)
+    if isinstance(n, int):
+        threshold = ranked.kthvalue(m - n + 1).values
+        wanted: int | Tensor = n
+    else:
+        if m == 0:
+            return torch.zeros_like(values, dtype=torch.bool)
+        wanted = n.clamp(0, m)
+        descending = ranked.sort(descending=True).values
+        threshold = descending.gather(0, (wanted - 1).clamp_min(0).reshape(1)).squeeze(0)
+        # with n == 0 nothing is taken: a threshold above every value
+        threshold = torch.where(wanted > 0, threshold, math.inf)
+    above = ranked > threshold
+    ties = ranked == threshold
+    missing = wanted - above.sum()
+    # the ties with the lowest flat index fill the places left above the threshold
+    taken = ties & (torch.cumsum(ties, 0) <= missing)
+    return above | taken
+
+
+# ------------------------------------------------------------------------------ Tversky index
+def tversky_index(
+    intersection: Tensor,
+    prediction_sum: Tensor,
+    target_sum: Tensor,
+    alpha: float,
+    beta: float,
+    smoothing: float,
+) -> Tensor:
+    r"""The Tversky index from the three sums: :math:`(I + s) / (I + \alpha(P-I) + \beta(G-I) + s)`.
+
+    The denominator is written as :math:`(1-\alpha-\beta) I + \alpha P + \beta G + s`, which
+    needs no subtraction of nearly equal sums for the usual :math:`\alpha + \beta \le 1`.
+    """
+    denominator = (1.0 - alpha - beta) * intersection + alpha * prediction_sum + beta * target_sum
+    return (intersection + smoothing) / (denominator + smoothing)
+
+
+def tversky_index_grads(
+    intersection: Tensor,
+    prediction_sum: Tensor,
+    target_sum: Tensor,
+    alpha: float,
+    beta: float,
+    smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    r""":math:`(\partial T/\partial I, \partial T/\partial P)` of :func:`tversky_index`.
+
+    With :math:`D = (1-\alpha-\beta) I + \alpha P + \beta G`:
+    :math:`\partial T/\partial I = ((D + s) - (1-\alpha-\beta)(I + s)) / (D + s)^2` and
+    :math:`\partial T/\partial P = -\alpha (I + s) / (D + s)^2`.
+
+    >>> import torch
+    >>> from dynloss._math import tversky_index, tversky_index_grads
+    >>> i, p, g = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (3., 4., 5.))
+    >>> di, dp = torch.autograd.grad(tversky_index(i, p, g, 0.3, 0.7, 0.1), (i, p))
+    >>> closed = tversky_index_grads(i.detach(), p.detach(), g.detach(), 0.3, 0.7, 0.1)
+    >>> torch.allclose(torch.stack(closed), torch.stack([di, dp]), rtol=1e-14, atol=0)
+    True
+    """
+    numerator = intersection + smoothing
+    denominator = ((1.0 - alpha - beta) * intersection + alpha * prediction_sum
+                   + beta * target_sum + smoothing)
+    inverse_square = (denominator * denominator).reciprocal()
+    grad_intersection = (denominator - (1.0 - alpha - beta) * numerator) * inverse_square
+    grad_prediction_sum = (-alpha * numerator) * inverse_square
+    return grad_intersection, grad_prediction_sum
+
+
+# ------------------------------------------------------------------------------ reductions
+def reduce(loss: Tensor, reduction: str) -> Tensor:
+    """``loss.mean()`` (0 for an empty ``loss``), ``loss.sum()``, or ``loss`` (``"none"``)."""
+    if reduction == "mean":
+        if loss.numel() == 0:
+            return loss.sum()
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def non_finite_poison(bad: Tensor) -> Tensor:
+    """A factor that is 1 where ``bad`` is False and NaN where True (0-dim, float32).
+
+    Multiplying a loss by it makes the loss, and its gradient, NaN exactly when ``bad`` holds,
+    without reading ``bad`` on the host.
+    """
+    return torch.where(bad, math.nan, 1.0).to(torch.float32)

@@ -1,0 +1,142 @@
+"""Checked hyper-parameters of a loss, built once and passed down to the backends.
+
+A loss module builds its parameters at construction; a functional call builds them from its
+arguments. Either way every scalar check runs here, once, and a call then only checks what
+depends on the tensors (shapes, dtypes, devices, values).
+
+>>> from dynloss._params import region_params
+>>> params = region_params(alpha=0.5, beta=0.5, smooth=0.0, eps=1e-7)
+>>> params.smoothing, params.mode, params.reduction
+(1e-07, 'binary', 'mean')
+>>> region_params(alpha=-1.0, beta=0.5)
+Traceback (most recent call last):
+...
+ValueError: alpha must be >= 0; got -1.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._checks import (
+    check_backend,
+    check_bool,
+    check_ddp_pool,
+    check_focal_alpha,
+    check_fraction,
+    check_ignore_index,
+    check_mode,
+    check_non_negative,
+    check_optional_bool,
+    check_real,
+    check_reduction,
+    check_smoothing,
+)
+
+__all__ = [
+    "CompositeParams",
+    "DistributionParams",
+    "RegionParams",
+    "composite_params",
+    "distribution_params",
+    "region_params",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionParams:
+    """Dice, IoU and Tversky: the Tversky weights and everything else a call needs."""
+
+    alpha: float
+    beta: float
+    smoothing: float
+    """``smooth + eps``."""
+    per_image: bool
+    ddp_pool: bool
+    mode: str
+    from_logits: bool
+    ignore_index: int | None
+    reduction: str
+    backend: str
+    check_values: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class DistributionParams:
+    """BCE, Focal and TopK: focal ``gamma`` (0 for BCE/TopK), ``alpha``, TopK's ``k``."""
+
+    gamma: float
+    alpha: float | tuple[float, ...] | None
+    k: float | None
+    """The TopK fraction, or None (BCE, Focal)."""
+    mode: str
+    from_logits: bool
+    ignore_index: int | None
+    reduction: str
+    backend: str
+    check_values: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompositeParams:
+    """``region_weight * region + distribution_weight * distribution`` over one input."""
+
+    region: RegionParams
+    distribution: DistributionParams
+    region_weight: float
+    distribution_weight: float
+
+
+def _common(mode: object, from_logits: object, ignore_index: object, reduction: object,
+            backend: object, check_values: object
+            ) -> tuple[str, bool, int | None, str, str, bool | None]:
+    return (check_mode(mode), check_bool("from_logits", from_logits),
+            check_ignore_index(ignore_index), check_reduction(reduction),
+            check_backend(backend), check_optional_bool("check_values", check_values))
+
+
+def region_params(
+    *, alpha: object, beta: object, mode: object = "binary", from_logits: object = True,
+    smooth: object = 0.0, eps: object = 1e-7, per_image: object = False,
+    ignore_index: object = None, reduction: object = "mean", backend: object = "auto",
+    check_values: object = None, ddp_pool: object = False,
+) -> RegionParams:
+    """Check the arguments of a region loss; a clear ValueError/TypeError names a bad one."""
+    alpha = check_non_negative("alpha", alpha)
+    beta = check_non_negative("beta", beta)
+    mode, from_logits, ignore_index, reduction, backend, check_values = _common(
+        mode, from_logits, ignore_index, reduction, backend, check_values)
+    per_image = check_bool("per_image", per_image)
+    ddp_pool = check_ddp_pool(ddp_pool, per_image)
+    smooth, eps = check_smoothing(smooth, eps)
+    return RegionParams(alpha, beta, smooth + eps, per_image, ddp_pool, mode, from_logits,
+                        ignore_index, reduction, backend, check_values)
+
+
+def distribution_params(
+    *, gamma: object = 0.0, alpha: object = None, k: object = None, mode: object = "binary",
+    from_logits: object = True, ignore_index: object = None, reduction: object = "mean",
+    backend: object = "auto", check_values: object = None, alpha_name: str = "alpha",
+) -> DistributionParams:
+    """Check the arguments of a distribution loss (BCE: ``gamma=0``; TopK: ``k`` given)."""
+    mode, from_logits, ignore_index, reduction, backend, check_values = _common(
+        mode, from_logits, ignore_index, reduction, backend, check_values)
+    gamma = check_non_negative("gamma", gamma)
+    checked_alpha = check_focal_alpha(alpha, mode, alpha_name)
+    checked_k = None if k is None else check_fraction("k", k)
+    return DistributionParams(gamma, checked_alpha, checked_k, mode, from_logits, ignore_index,
+                              reduction, backend, check_values)
+
+
+def composite_params(region: RegionParams, distribution: DistributionParams,
+                     region_weight: object = 1.0, distribution_weight: object = 1.0
+                     ) -> CompositeParams:
+    """Two terms over the same input: they must agree on what the input and target are."""
+    for name in ("mode", "from_logits", "ignore_index", "backend", "check_values"):
+        if getattr(region, name) != getattr(distribution, name):
+            raise ValueError(
+                f"the two terms of a fused composite must share {name}; got "
+                f"{getattr(region, name)!r} and {getattr(distribution, name)!r}"
+            )
+    return CompositeParams(region, distribution, check_real("region_weight", region_weight),
+                           check_real("distribution_weight", distribution_weight))

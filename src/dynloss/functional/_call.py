@@ -1,0 +1,116 @@
+"""What every loss call does with its tensors: layout, backend choice, value checks, compute.
+
+Hyper-parameters arrive checked (:mod:`dynloss._params`); a call checks only what depends on
+the tensors. Loss modules call these functions directly with the parameters they built at
+construction; the public functions of this package build the parameters first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._layout import Layout, check_class_indices, check_values, prepare, should_check_values
+from .._params import CompositeParams, DistributionParams, RegionParams
+from ..constants import MULTICLASS_MODE
+from ..kernels.capabilities import Backend, Need
+from ..kernels.dispatch import select
+
+__all__ = ["composite_loss", "distribution_loss", "distribution_need", "region_loss",
+           "region_need"]
+
+
+def region_need(params: RegionParams) -> Need:
+    """What a region loss with ``params`` asks of its backend."""
+    return Need("region", params.mode, ddp_pool=params.ddp_pool)
+
+
+def distribution_need(params: DistributionParams) -> Need:
+    """What a distribution loss with ``params`` asks of its backend."""
+    return Need("distribution", params.mode, topk=params.k is not None,
+                reduction_none=params.reduction == "none")
+
+
+def _composite_need(params: CompositeParams) -> Need:
+    return Need("composite", params.region.mode)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (the losses then compute in float32)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else (
+            torch.is_autocast_cpu_enabled())
+
+
+def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: Need,
+             ignore_index: int | None, from_logits: bool, check: bool | None
+             ) -> tuple[Layout, Backend, bool]:
+    layout = prepare(input, target, mode)
+    backend = select(backend_name, layout.x, need, target.requires_grad)
+    checked = should_check_values(check, input)
+    if not backend.capabilities.checks_values:
+        if checked:
+            check_values(layout, ignore_index, from_logits)
+        elif (mode == MULTICLASS_MODE and input.device.type == "cpu"
+              and not torch.compiler.is_compiling()):
+            check_class_indices(layout, ignore_index)
+    return layout, backend, checked
+
+
+def _check_alpha_length(alpha: object, layout: Layout, name: str) -> None:
+    if isinstance(alpha, tuple) and layout.mode == MULTICLASS_MODE and (
+            len(alpha) != layout.num_classes):
+        raise ValueError(
+            f"{name} must hold one weight per class: {layout.num_classes} values for an input "
+            f"with C={layout.num_classes}; got {len(alpha)}"
+        )
+
+
+def region_loss(input: Tensor, target: Tensor, params: RegionParams,
+                need: Need | None = None) -> Tensor:
+    """Dice/IoU/Tversky of ``input`` and ``target`` with checked ``params``."""
+    layout, backend, checked = _prepare(
+        input, target, params.mode, params.backend, need or region_need(params),
+        params.ignore_index, params.from_logits, params.check_values)
+    if _autocast_on(input.device.type):
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return backend.region(layout, params, checked)
+    return backend.region(layout, params, checked)
+
+
+def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
+                      need: Need | None = None, alpha_name: str = "alpha") -> Tensor:
+    """BCE/Focal/TopK of ``input`` and ``target`` with checked ``params``."""
+    layout, backend, checked = _prepare(
+        input, target, params.mode, params.backend, need or distribution_need(params),
+        params.ignore_index, params.from_logits, params.check_values)
+    _check_alpha_length(params.alpha, layout, alpha_name)
+    if _autocast_on(input.device.type):
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return backend.distribution(layout, params, checked)
+    return backend.distribution(layout, params, checked)
+
+
+def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w_r * region + w_d * distribution, region, distribution)``, both terms reduced by
+    their mean, in one fused pass where the backend has one.
+
+    A TopK term has no fused pass: the two terms are then computed one after the other.
+    """
+    region, dist = params.region, params.distribution
+    if dist.k is not None:
+        region_value = region_loss(input, target, region)
+        dist_value = distribution_loss(input, target, dist)
+        total = params.region_weight * region_value + params.distribution_weight * dist_value
+        return total, region_value, dist_value
+    layout, backend, checked = _prepare(
+        input, target, region.mode, region.backend, _composite_need(params),
+        region.ignore_index, region.from_logits, region.check_values)
+    _check_alpha_length(dist.alpha, layout, "the distribution term's alpha")
+    if _autocast_on(input.device.type):
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return backend.composite(layout, params, checked)
+    return backend.composite(layout, params, checked)

@@ -1,0 +1,126 @@
+"""What a backend declares: its :class:`Capabilities`, and what a call needs (:class:`Need`).
+
+Shared by :mod:`dynloss.kernels.dispatch` (which compares the two) and the backends (which
+declare theirs); it imports nothing from either.
+
+>>> import torch
+>>> from dynloss.kernels.capabilities import Capabilities, Need
+>>> cpu_float32 = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
+>>> cpu_float32.missing(torch.zeros(1, 1, 4, dtype=torch.float64), Need("region"), False, False)
+'torch.float64 input'
+>>> cpu_float32.missing(torch.zeros(1, 1, 4), Need("distribution", topk=True), False, False)
+'TopK'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from ..constants import MODES
+
+if TYPE_CHECKING:
+    from .._layout import Layout
+    from .._params import CompositeParams, DistributionParams, RegionParams
+
+__all__ = ["OPS", "Backend", "Capabilities", "Need"]
+
+OPS = ("region", "distribution", "composite")
+"""``region``: Dice/IoU/Tversky; ``distribution``: BCE/Focal/TopK; ``composite``: a region and a
+distribution term over one input in one pass."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can compute. Dispatch never picks a backend for a call it does not cover."""
+
+    devices: frozenset[str] | None
+    """Device types (``"cpu"``, ``"cuda"``) it runs on; None: any."""
+    dtypes: frozenset[torch.dtype] | None
+    """Input dtypes it computes in (the target may have any dtype); None: any float dtype."""
+    ops: frozenset[str] = frozenset(OPS)
+    """Which of :data:`OPS` it implements."""
+    modes: frozenset[str] = frozenset(MODES)
+    topk: bool = False
+    """The TopK selection (``distribution`` with ``k``)."""
+    reduction_none: bool = False
+    """``reduction="none"`` of the distribution losses (per-element values)."""
+    target_grad: bool = False
+    """A gradient for a target that requires one (soft labels from a teacher)."""
+    double_backward: bool = True
+    """Its backward is differentiable (``create_graph=True``); required of every backend."""
+    ddp_pool: bool = False
+    """Region sums all-reduced across ranks before the score (``ddp_pool=True``)."""
+    compilable: bool = False
+    """Traced by ``torch.compile`` without a graph break."""
+    checks_values: bool = False
+    """Checks target (and probability) values in its own forward pass, at no extra cost."""
+    max_classes: int | None = None
+    """Largest ``C`` it handles (None: any)."""
+
+    def missing(self, x: Tensor, need: Need, target_grad: bool, compiling: bool) -> str | None:
+        """What this call needs that the backend cannot do (None when it covers the call)."""
+        if self.devices is not None and x.device.type not in self.devices:
+            return f"{x.device.type} tensors"
+        if self.dtypes is not None and x.dtype not in self.dtypes:
+            return f"{x.dtype} input"
+        if need.op not in self.ops:
+            return f"the {need.op} op"
+        if need.mode not in self.modes:
+            return f"mode={need.mode!r}"
+        if need.topk and not self.topk:
+            return "TopK"
+        if need.reduction_none and not self.reduction_none:
+            return "reduction='none'"
+        if need.ddp_pool and not self.ddp_pool:
+            return "ddp_pool=True"
+        if target_grad and not self.target_grad:
+            return "a gradient for the target"
+        if compiling and not self.compilable:
+            return "tracing by torch.compile"
+        if self.max_classes is not None and x.dim() > 1 and x.shape[1] > self.max_classes:
+            return f"more than {self.max_classes} classes"
+        return None
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a call asks of its backend, besides the tensors."""
+
+    op: str
+    mode: str = "binary"
+    topk: bool = False
+    reduction_none: bool = False
+    ddp_pool: bool = False
+
+
+class Backend(Protocol):
+    """A backend: its name, capabilities, availability and the three ops.
+
+    Each op receives the tensors in the canonical layout and checked parameters, computes in
+    float32 at least (float64 stays float64) and returns the reduced loss (region: ``(C,)`` /
+    ``(N, C)`` for ``reduction="none"``; distribution: per-element values for ``"none"``).
+    ``checked`` is True when the value checks are due on the host (CPU by default): a backend
+    that ``checks_values`` raises for bad targets, the others find them already checked.
+    Otherwise invalid targets and non-finite kept inputs make the loss NaN (no host read).
+    """
+
+    name: str
+    capabilities: Capabilities
+
+    def unavailable(self, x: Tensor) -> str | None:
+        """Why it cannot run on ``x``'s device in this process (None when it can)."""
+
+    def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
+        """Dice/IoU/Tversky ``1 - T``, reduced."""
+
+    def distribution(self, layout: Layout, params: DistributionParams, checked: bool
+                     ) -> Tensor:
+        """BCE/Focal/TopK, reduced."""
+
+    def composite(self, layout: Layout, params: CompositeParams, checked: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(weighted sum, region term, distribution term)``, both terms with ``"mean"``."""

@@ -1,0 +1,158 @@
+"""The one place that knows the backends: each declares what it can do, dispatch picks one.
+
+Four backends compute every loss (see :mod:`dynloss.kernels`): ``"reference"`` (plain
+autograd over :mod:`dynloss._math`), ``"torch"`` (eager autograd Functions with an analytic
+backward), ``"native"`` (C++ kernels compiled at first use, CPU) and ``"triton"`` (Triton
+kernels, CUDA; CPU under ``TRITON_INTERPRET=1``). Each declares its
+:class:`Capabilities`; :func:`select` looks at what a call needs (:class:`Need`: the op, TopK,
+``reduction="none"``, DDP pooling, a gradient for the target, whether ``torch.compile`` is
+tracing) and at the tensor (device, dtype, number of classes), and returns the first backend
+in the device's order of speed that can do all of it:
+
+* ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference; any other
+  device: torch, reference.
+* ``backend="native"`` / ``"triton"`` / ``"torch"``: that backend when it covers the call;
+  when it can run here but not this call (float64 input on native, a target that needs a
+  gradient, ...) the next capable one of the ``"auto"`` order, with a warning, once, naming
+  what is missing; when it cannot run on this tensor at all (no compiler, no GPU, Triton not
+  installed) a ``ValueError`` saying why.
+* ``backend="reference"``: always the reference.
+
+A backend that cannot do something simply does not claim it: a new loss written only in
+:mod:`dynloss._math` and :mod:`dynloss.functional` runs on the reference everywhere, with no
+kernel change. Every backend's backward is itself differentiable (``create_graph=True``):
+the kernels' backward recomputes the gradient through the reference maths then.
+
+>>> import torch
+>>> from dynloss.kernels.dispatch import Need, select
+>>> x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+>>> select("auto", x, Need("region")).name
+'torch'
+>>> select("auto", x, Need("region"), target_grad=True).name
+'reference'
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .capabilities import Backend, Capabilities, Need
+from .native import NATIVE
+from .reference import REFERENCE
+from .torch_backend import TORCH
+from .triton import TRITON
+
+__all__ = ["REGISTRY", "Backend", "Capabilities", "Need", "clear_cache", "select", "warn_once"]
+
+REGISTRY: dict[str, Backend] = {
+    "reference": REFERENCE,
+    "torch": TORCH,
+    "native": NATIVE,
+    "triton": TRITON,
+}
+"""Every backend by the name that ``backend=`` takes."""
+
+_AUTO_ORDER: dict[str, tuple[Backend, ...]] = {
+    "cuda": (TRITON, TORCH, REFERENCE),
+    "cpu": (NATIVE, TORCH, REFERENCE),
+}
+_OTHER_DEVICES: tuple[Backend, ...] = (TORCH, REFERENCE)
+
+for _backend in REGISTRY.values():
+    assert _backend.capabilities.double_backward, _backend.name  # every backward differentiable
+
+
+_CACHE: dict[tuple, Backend] = {}
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, compiling: bool
+            ) -> str | None:
+    missing = backend.capabilities.missing(x, need, target_grad, compiling)
+    if missing is not None:
+        return missing
+    return backend.unavailable(x)
+
+
+def _auto(x: Tensor, need: Need, target_grad: bool, compiling: bool) -> Backend:
+    order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
+    for backend in order:
+        if backend.capabilities.missing(x, need, target_grad, compiling) is not None:
+            continue
+        reason = backend.unavailable(x)
+        if reason is None:
+            return backend
+        # the device's fastest kernels exist but cannot run: say so once (not when the user
+        # turned them off)
+        if backend is order[0] and not reason.startswith("disabled"):
+            warn_once(f"auto:{backend.name}",
+                      f"dynloss: backend='auto' cannot use the {backend.name} kernels "
+                      f"({reason}); falling back to a slower backend")
+    return REFERENCE
+
+
+def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bool
+              ) -> Backend:
+    backend = REGISTRY[name]
+    reason = backend.unavailable(x)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run: {reason}; use backend='auto' or "
+                         "'torch'")
+    missing = backend.capabilities.missing(x, need, target_grad, compiling)
+    if missing is None:
+        return backend
+    order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
+    later = order[order.index(backend) + 1:] if backend in order else _OTHER_DEVICES
+    for fallback in later:
+        if _covers(fallback, x, need, target_grad, compiling) is None:
+            break
+    else:  # pragma: no cover - the reference covers every call
+        fallback = REFERENCE
+    warn_once(f"{name}:{missing}:{fallback.name}",
+              f"dynloss: backend={name!r} cannot compute {missing}; using the "
+              f"{fallback.name!r} backend for such calls")
+    return fallback
+
+
+def select(name: str, x: Tensor, need: Need, target_grad: bool = False) -> Backend:
+    """The backend that computes this call: ``name`` is the ``backend=`` argument.
+
+    ``target_grad``: the target requires a gradient. Cached per (name, device, dtype,
+    classes, need, target gradient), so a call costs one dictionary look-up; inside
+    ``torch.compile`` only compilable backends are considered.
+
+    Raises:
+        ValueError: ``name`` is ``"native"`` or ``"triton"`` and those kernels cannot run on
+            ``x`` at all (why is in the message).
+    """
+    compiling = torch.compiler.is_compiling()
+    target_grad = target_grad and torch.is_grad_enabled()
+    if compiling:
+        return _explicit(name, x, need, target_grad, True) if name != "auto" else _auto(
+            x, need, target_grad, True)
+    key = (name, x.device, x.dtype, x.shape[1] if x.dim() > 1 else 0, need, target_grad)
+    backend = _CACHE.get(key)
+    if backend is None:
+        if name == "auto":
+            backend = _auto(x, need, target_grad, False)
+        else:
+            backend = _explicit(name, x, need, target_grad, False)
+        _CACHE[key] = backend
+    return backend
+
+
+def clear_cache() -> None:
+    """Forget the cached choices (after an environment change, in tests)."""
+    _CACHE.clear()
+    _WARNED.clear()

@@ -1,0 +1,88 @@
+"""The ``"native"`` backend: C++ kernels for float32 CPU tensors, compiled at first use.
+
+Files: ``abi.py`` (the C struct and its version), ``build.py`` (compile, lock, cache, verify,
+load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per loss),
+``buffer_pool.py`` (the saved buffers, reused step to step) and ``native_cpu.cpp``.
+
+What it computes: float32 input on the CPU, every mode, logits or probabilities,
+``ignore_index``, soft labels: Dice/IoU/Tversky (also ``ddp_pool``, ``reduction="none"``),
+BCE and Focal (``"mean"``/``"sum"``) and their fused composites. TopK, per-element
+``reduction="none"`` of BCE/Focal, a target that needs a gradient, other dtypes and
+``torch.compile`` go to the next backend (see :mod:`dynloss.kernels.dispatch`). Targets of
+dtype float32, bool, uint8 and int64 are read as they are; others are converted first.
+
+Importing this package builds nothing: the first call that needs the kernels does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..._layout import Layout
+from ..._params import CompositeParams, DistributionParams, RegionParams
+from .. import reference
+from ..capabilities import Capabilities
+from .autograd import NativeCompositeLoss, NativeDistributionLoss, NativeRegionLoss, NativeSums
+from .build import library, status
+
+__all__ = ["NATIVE", "native_available", "native_status"]
+
+
+def native_status() -> str:
+    """``""`` when the native CPU kernels are loaded, else why not (builds them on first call).
+
+    Examples:
+        >>> from dynloss.kernels import native_available, native_status
+        >>> (native_status() == "") == native_available()
+        True
+    """
+    return status()
+
+
+def native_available() -> bool:
+    """Whether the native CPU kernels are built and loaded (builds them on first call).
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.kernels import native_available, resolve_backend
+        >>> resolve_backend(torch.zeros(1, 1, 4), "auto") == (
+        ...     "native" if native_available() else "torch")
+        True
+    """
+    return library() is not None
+
+
+class NativeBackend:
+    """The native backend (see the package documentation)."""
+
+    name = "native"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=False,
+        ddp_pool=True, double_backward=True, checks_values=True,
+    )
+
+    def unavailable(self, x: Tensor) -> str | None:
+        if x.device.type != "cpu":
+            return f"it needs a CPU tensor; got a tensor on {x.device.type}"
+        if library() is None:
+            return status()
+        return None
+
+    def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
+        if params.ddp_pool:  # the sums are all-reduced before the score: a node of sums
+            sums = NativeSums.apply(layout.x, layout.target, layout.mode, params, checked)
+            return reference.score_loss(sums, params)
+        return NativeRegionLoss.apply(layout.x, layout.target, layout.mode, params, checked)
+
+    def distribution(self, layout: Layout, params: DistributionParams, checked: bool
+                     ) -> Tensor:
+        return NativeDistributionLoss.apply(layout.x, layout.target, params, checked)
+
+    def composite(self, layout: Layout, params: CompositeParams, checked: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        return NativeCompositeLoss.apply(layout.x, layout.target, params, checked)
+
+
+NATIVE = NativeBackend()
+"""The native backend."""

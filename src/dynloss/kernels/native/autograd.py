@@ -1,0 +1,201 @@
+r"""The native kernels as autograd Functions: each loss is one node.
+
+* :class:`NativeRegionLoss`: Dice/IoU/Tversky. The forward kernel's sums go straight into the
+  reference score (:func:`dynloss.kernels.reference.score_loss`, in float32, with no graph
+  recorded); backward turns the upstream gradient into ``dL/dI`` and ``dL/dP`` with the closed
+  form of :func:`dynloss._math.tversky_index_grads` before one elementwise kernel pass.
+* :class:`NativeDistributionLoss`: BCE/Focal, the mean (or sum) formed on the host from the
+  kernel's float64 sum and count; backward is one pass ``grad * slope``.
+* :class:`NativeCompositeLoss`: a region and a distribution term from one forward pass, one
+  backward pass for both.
+* :class:`NativeSums`: the raw ``(I, P, G, S, count)`` for callers that combine them with
+  torch operations (``ddp_pool=True`` all-reduces the sums before the score).
+
+Each keeps at most one input-sized buffer per term for backward (from the reusing pool of
+``buffer_pool.py``), and the caller's input: when the backward pass is itself recorded
+(``create_graph=True``) the gradient is recomputed through the reference maths, so it is
+differentiable. An invalid value that was not raised for (see :mod:`dynloss._layout`) makes
+the loss and its gradient NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ... import _math
+from ..._layout import Layout
+from ..._params import CompositeParams, DistributionParams, RegionParams
+from .. import reference
+from .._recompute import recompute_backward
+from .ffi import Forward, native_backward, native_forward
+
+__all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
+
+
+def _layout(x: Tensor, target: Tensor, mode: str) -> Layout:
+    return Layout(x, target, mode, x.shape)
+
+
+def _region_value(fwd: Forward, params: RegionParams) -> tuple[Tensor, Tensor]:
+    """``(loss, sums)``: the reduced ``1 - T`` in float32 and the float32 sums the score was
+    formed from: ``(N, C, 3)`` per image, else pooled over the batch, ``(C, 3)``."""
+    sums = fwd.sums.float()  # float32 from here on, as on the generic path (bitwise the same)
+    with torch.no_grad():
+        loss = reference.score_loss(sums.unbind(-1), params)  # pools unless per_image
+    return loss, sums if params.per_image else sums.sum(0)
+
+
+def _region_grads(sums: Tensor, grad_loss: Tensor, params: RegionParams, n: int, c: int
+                  ) -> tuple[Tensor, Tensor]:
+    """``(dL/dI, dL/dP)``, each ``(N, C)``, from the gradient of the reduced ``1 - T``."""
+    intersection, prediction_sum, target_sum = sums.unbind(-1)
+    grad_score = -grad_loss  # d(1 - T)/dT = -1
+    if params.reduction == "mean" and intersection.numel():
+        grad_score = grad_score / intersection.numel()
+    di, dp = _math.tversky_index_grads(intersection, prediction_sum, target_sum, params.alpha,
+                                       params.beta, params.smoothing)
+    gi, gp = grad_score * di, grad_score * dp
+    if not params.per_image:
+        gi, gp = gi.expand(n, c), gp.expand(n, c)
+    return gi, gp
+
+
+def _scaled(grad: Tensor, invalid: bool) -> Tensor:
+    return grad * math.nan if invalid else grad
+
+
+class NativeRegionLoss(torch.autograd.Function):
+    """``1 - T`` reduced, from ``x`` ``(N, C, M)`` float32 and the target layout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, mode: str, params: RegionParams,
+                checked: bool):
+        fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
+                             None, True, False, checked, ctx.needs_input_grad[0])
+        loss, sums = _region_value(fwd, params)
+        ctx.save_for_backward(x, fwd.target, fwd.probabilities)
+        ctx.native = (fwd.config, sums, params, checked, fwd.invalid, mode)
+        return _scaled(loss, fwd.invalid)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, target, probabilities = ctx.saved_tensors
+        config, sums, params, checked, invalid, mode = ctx.native
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            (grad,) = recompute_backward(
+                lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
+                (x,), (_scaled(grad_loss, invalid),))
+            return grad, None, None, None, None
+        n, c, _ = config[5]
+        gi, gp = _region_grads(sums, _scaled(grad_loss, invalid), params, n, c)
+        grad = native_backward((target, probabilities, None), config, gi, gp, None)
+        return grad, None, None, None, None
+
+
+def _distribution_forward(ctx, x: Tensor, target: Tensor, params: DistributionParams,
+                          checked: bool, want_region: bool) -> Forward:
+    return native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
+                          params.gamma, params.alpha, want_region, True, checked,
+                          ctx.needs_input_grad[0])
+
+
+class NativeDistributionLoss(torch.autograd.Function):
+    """BCE/Focal with ``reduction`` ``"mean"`` or ``"sum"``: a 0-dim float32 loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
+        fwd = _distribution_forward(ctx, x, target, params, checked, False)
+        total, count = fwd.pixel
+        mean = params.reduction == "mean"
+        ctx.save_for_backward(x, fwd.target, fwd.slope)
+        ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid)
+        value = total / count if mean else total
+        return _scaled(torch.tensor(value, dtype=torch.float32), fwd.invalid)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, target, slope = ctx.saved_tensors
+        config, scale, params, checked, invalid = ctx.native
+        if torch.is_grad_enabled():
+            def value(xs: Tensor) -> Tensor:
+                total, count = reference.distribution_sum(_layout(xs, target, params.mode),
+                                                          params, checked)
+                return total / count if params.reduction == "mean" else total
+            (grad,) = recompute_backward(value, (x,), (_scaled(grad_loss, invalid),))
+            return grad, None, None, None
+        upstream = float(grad_loss) * scale
+        grad = native_backward((target, None, slope), config, None, None,
+                               math.nan if invalid else upstream)
+        return grad, None, None, None
+
+
+class NativeCompositeLoss(torch.autograd.Function):
+    """``(w_r * region + w_d * distribution, region, distribution)`` from one forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, params: CompositeParams, checked: bool):
+        fwd = _distribution_forward(ctx, x, target, params.distribution, checked, True)
+        region, sums = _region_value(fwd, params.region)
+        total, count = fwd.pixel
+        distribution = torch.tensor(total / count, dtype=torch.float32)
+        combined = params.region_weight * region + params.distribution_weight * distribution
+        combined, region, distribution = (
+            _scaled(t, fwd.invalid) for t in (combined, region, distribution))
+        ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
+        ctx.native = (fwd.config, sums, 1.0 / count, params, checked, fwd.invalid)
+        ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
+        return combined, region, distribution
+
+    @staticmethod
+    def backward(ctx, grad_combined, _grad_region, _grad_distribution):
+        x, target, probabilities, slope = ctx.saved_tensors
+        config, sums, inverse_count, params, checked, invalid = ctx.native
+        grad_combined = _scaled(grad_combined, invalid)
+        if torch.is_grad_enabled():
+            def value(xs: Tensor) -> Tensor:
+                layout = _layout(xs, target, params.region.mode)
+                total, count = reference.distribution_sum(layout, params.distribution, checked)
+                return (params.region_weight * reference.region_loss(layout, params.region,
+                                                                     checked)
+                        + params.distribution_weight * (total / count))
+            (grad,) = recompute_backward(value, (x,), (grad_combined,))
+            return grad, None, None, None
+        n, c, _ = config[5]
+        gi, gp = _region_grads(sums, grad_combined * params.region_weight, params.region, n, c)
+        upstream = float(grad_combined) * params.distribution_weight * inverse_count
+        grad = native_backward((target, probabilities, slope), config, gi, gp, upstream)
+        return grad, None, None, None
+
+
+class NativeSums(torch.autograd.Function):
+    """``(I, P, G)`` ``(N, C)`` float32 from ``x`` ``(N, C, M)`` float32; ``G`` is not
+    differentiable. For callers that combine the sums with torch ops (``ddp_pool=True``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, mode: str, params: RegionParams,
+                checked: bool):
+        fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
+                             None, True, False, checked, ctx.needs_input_grad[0])
+        intersection, prediction_sum, target_sum = fwd.sums.float().unbind(-1)
+        ctx.save_for_backward(x, fwd.target, fwd.probabilities)
+        ctx.native = (fwd.config, params, checked, mode)
+        ctx.mark_non_differentiable(target_sum)
+        nan = math.nan if fwd.invalid else 1.0
+        return intersection * nan, prediction_sum * nan, target_sum * nan
+
+    @staticmethod
+    def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
+        x, target, probabilities = ctx.saved_tensors
+        config, params, checked, mode = ctx.native
+        if torch.is_grad_enabled():
+            grads = recompute_backward(
+                lambda xs: reference.region_sums(_layout(xs, target, mode), params.from_logits,
+                                                 params.ignore_index, checked)[:2],
+                (x,), (grad_intersection, grad_prediction_sum))
+            return grads[0], None, None, None, None
+        grad = native_backward((target, probabilities, None), config, grad_intersection,
+                               grad_prediction_sum, None)
+        return grad, None, None, None, None

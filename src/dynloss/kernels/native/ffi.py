@@ -1,0 +1,199 @@
+"""Calls into the native kernels: one forward pass, one backward pass (ctypes).
+
+One streaming forward pass computes everything a loss needs from the input (the region sums
+``I, P, G`` per sample and class, and the sum of the per-element cross-entropy after the focal
+modulation and class weights, with its normaliser) and writes what the gradient needs: for
+region losses the sigmoid's slope ``dp/dx`` signed by the target (binary, multilabel) or the
+softmax probabilities (multiclass), and each element's slope ``d loss / d x`` (distribution
+losses). The backward pass is then one elementwise pass of plain arithmetic. The forward pass
+also counts invalid values (kept targets out of range, kept inputs that are not finite or, for
+probabilities, outside [0, 1]) at no extra cost: :func:`native_forward` raises for them when
+the value checks are due, else the caller makes the loss NaN.
+
+Work is cut into fixed chunks whose partial sums are added in a fixed order, so results are
+bitwise identical for any number of threads (``torch.get_num_threads()`` threads are used).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from ..._layout import Layout, raise_for_probability_range, raise_for_target_range
+from ...constants import MULTICLASS_MODE
+from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
+from .buffer_pool import POOL
+from .build import library, status
+
+__all__ = ["Forward", "native_backward", "native_forward"]
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _native_target(target: Tensor, mode: str) -> Tensor:
+    """The target in a dtype the kernels read (bool is read as uint8), contiguous."""
+    if target.dtype not in TARGET_TYPES:
+        integral = mode == MULTICLASS_MODE or not target.is_floating_point()
+        target = target.to(torch.int64 if integral else torch.float32)
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    return target.contiguous()
+
+
+def _pixel_kind(want_pixel: bool, gamma: float) -> int:
+    if not want_pixel:
+        return PIXEL_NONE
+    if gamma == 0:
+        return PIXEL_BCE
+    return PIXEL_FOCAL2 if gamma == 2 else PIXEL_FOCAL
+
+
+def _call(name: str, args: Args) -> None:
+    lib = library()
+    if lib is None:  # pragma: no cover - dispatch checks availability first
+        raise RuntimeError(f"native kernels unavailable: {status()}")
+    code = getattr(lib, name)(ctypes.byref(args))
+    if code == 1:
+        raise MemoryError("the native loss kernel ran out of memory")
+    if code != 0:  # pragma: no cover - arguments are validated in Python
+        raise RuntimeError(f"{name} rejected its arguments (code {code})")
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True if unknown."""
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if getter is None:  # pragma: no cover - older or newer torch without this hook
+        return True
+    try:
+        return bool(getter())
+    except RuntimeError:  # pragma: no cover - called outside a graph task
+        return True
+
+
+def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Tensor,
+                      mode: str, ignore_index: int | None, from_logits: bool) -> None:
+    """Turn the kernel's counts of bad values into the errors the other backends raise."""
+    if bad_target:
+        kept = target if ignore_index is None else target[target != ignore_index]
+        lo, hi = torch.aminmax(kept)
+        layout = Layout(x, target, mode, x.shape)
+        raise_for_target_range(layout, ignore_index, lo.item(), hi.item())
+    if bad_input and not from_logits:
+        lo, hi = torch.aminmax(x)
+        raise_for_probability_range(lo.item(), hi.item())
+
+
+class Forward:
+    """What one forward kernel call returns, and what its backward call needs."""
+
+    __slots__ = ("config", "invalid", "pixel", "probabilities", "slope", "sums", "target")
+
+    def __init__(self, sums: Tensor, pixel: tuple[float, float], target: Tensor,
+                 probabilities: Tensor | None, slope: Tensor | None, config: tuple,
+                 invalid: bool) -> None:
+        self.sums = sums  # (N, C, 3) float64: I, P, G
+        self.pixel = pixel  # S, max(count, 1)
+        self.target = target
+        self.probabilities = probabilities
+        self.slope = slope
+        self.config = config
+        self.invalid = invalid
+        """An invalid value was found and not raised for: the loss must be NaN."""
+
+
+def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
+                   ignore_index: int | None, gamma: float, alpha, want_region: bool,
+                   want_pixel: bool, checked: bool, needs_grad: bool) -> Forward:
+    """One forward pass of the kernels over ``x`` ``(N, C, M)`` float32.
+
+    ``checked``: raise a ``ValueError`` for an invalid kept target (or probability); else it
+    only sets :attr:`Forward.invalid`, as a non-finite kept input always does. A class index
+    out of range raises either way (see :func:`dynloss._layout.check_class_indices`).
+    """
+    if x.device.type != "cpu" or target.device.type != "cpu":  # a pointer must be host memory
+        raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
+                         f"target on {target.device}")
+    x = x.contiguous()
+    target = _native_target(target, mode)
+    n, c, m = x.shape
+    multiclass = mode == MULTICLASS_MODE
+    class_alpha = None
+    if alpha is not None and multiclass:
+        class_alpha = torch.tensor(alpha, dtype=torch.float32)
+    # What backward needs, only when a gradient is wanted (not in validation). Saving it
+    # measured faster than recomputing the probabilities in backward: the gradient then goes
+    # into this buffer, and nothing transcendental runs twice. The buffers come from the pool
+    # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
+    probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
+    slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
+    sums = torch.zeros(n, c, 3, dtype=torch.float64)
+    scalars = (ctypes.c_double * 5)()  # S, max(count, 1); bad targets, bad inputs, soft labels
+    base = ctypes.addressof(scalars)
+    args = Args(
+        x=_ptr(x), target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
+        n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
+        ignore_index=0 if ignore_index is None else ignore_index,
+        want_region=int(want_region), pixel=_pixel_kind(want_pixel, gamma),
+        has_alpha=int(alpha is not None), gamma=float(gamma),
+        alpha=0.0 if alpha is None or multiclass else float(alpha),
+        class_alpha=_ptr(class_alpha), threads=max(1, torch.get_num_threads()),
+        probabilities=_ptr(probabilities), slope=_ptr(slope),
+        region=_ptr(sums), pixel_out=base, check=base + 2 * ctypes.sizeof(ctypes.c_double),
+    )
+    _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
+    total, count, bad_target, bad_input, soft = scalars
+    if checked:
+        _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits)
+    elif multiclass and bad_target:  # an index out of range: an error on the CPU, always
+        _raise_for_values(bad_target, 0.0, x, target, mode, ignore_index, from_logits)
+    config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0)
+    return Forward(sums, (total, count), target, probabilities, slope, config,
+                   bool(bad_target or bad_input))
+
+
+def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: tuple,
+                    grad_intersection: Tensor | None, grad_prediction_sum: Tensor | None,
+                    grad_total: float | Tensor | None) -> Tensor:
+    """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` ``(N, C)`` and ``S``.
+
+    ``saved`` is ``(target, probabilities, slope)`` of :func:`native_forward`, whose buffer
+    receives the gradient unless the running backward keeps the graph.
+    """
+    target, probabilities, slope = saved
+    mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard = config
+    multiclass = mode == MULTICLASS_MODE
+    want_region = want_region and (grad_intersection is not None
+                                   or grad_prediction_sum is not None)
+    want_pixel = want_pixel and grad_total is not None
+    if not (want_region or want_pixel):
+        return torch.zeros(n, c, m)
+    gi = gp = None
+    if want_region:  # a missing one of the two is zero (at most one is missing here)
+        gi = (torch.zeros(n, c) if grad_intersection is None
+              else grad_intersection).float().contiguous()
+        gp = (torch.zeros(n, c) if grad_prediction_sum is None
+              else grad_prediction_sum).float().contiguous()
+    # The saved buffer becomes the gradient (each element is read, then overwritten): one
+    # input-sized buffer per forward+backward. Not when the graph is kept for another
+    # backward, which must find the buffer intact.
+    buffer = probabilities if probabilities is not None else slope
+    grad = torch.empty(n, c, m) if buffer is None or _graph_kept() else buffer
+    args = Args(
+        target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
+        n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
+        ignore_index=0 if ignore_index is None else ignore_index,
+        want_region=int(want_region), pixel=PIXEL_BCE if want_pixel else PIXEL_NONE,
+        threads=max(1, torch.get_num_threads()),
+        probabilities=_ptr(probabilities) if want_region else None,
+        slope=_ptr(slope) if want_pixel else None,
+        grad_intersection=_ptr(gi), grad_prediction=_ptr(gp),
+        grad_pixel=0.0 if grad_total is None or not want_pixel else float(grad_total),
+        grad=_ptr(grad),
+        hard_targets=int(hard),
+    )
+    _call("dynloss_multiclass_backward" if multiclass else "dynloss_binary_backward", args)
+    return grad

@@ -1,0 +1,203 @@
+"""The ``"reference"`` backend: every loss as plain autograd code over :mod:`dynloss._math`.
+
+Always correct, on every device and dtype, for every option: gradients for a target that
+requires one, second-order gradients, ``reduction="none"``, ``ddp_pool``, TopK without a
+host synchronisation, and ``torch.compile`` (it is what the compiler traces and fuses). The
+other backends are tested against it, and their backward passes recompute through
+:func:`region_sums`, :func:`distribution_terms` and :func:`region_loss` when a differentiable
+gradient is asked for (``create_graph=True``).
+
+>>> import torch
+>>> from dynloss._layout import prepare
+>>> from dynloss._params import region_params
+>>> from dynloss.kernels.reference import REFERENCE
+>>> layout = prepare(torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), "binary")
+>>> round(REFERENCE.region(layout, region_params(alpha=0.5, beta=0.5), True).item(), 4)
+0.3333
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _math
+from .._layout import Layout, compute_dtype, invalid_elements, invalid_values
+from .._params import CompositeParams, DistributionParams, RegionParams
+from ..constants import MULTICLASS_MODE
+from ..distributed import pool_across_ranks
+from .capabilities import Capabilities
+
+__all__ = ["REFERENCE", "distribution_terms", "region_loss", "region_sums"]
+
+
+def _class_index(layout: Layout, ignore_index: int | None, checked: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+    """Class indices as int64 (ignored -> 0; out of range clamped when not checked: the loss
+    is NaN then) and the kept mask (None when nothing is ignored)."""
+    index = layout.target.long()
+    valid = None if ignore_index is None else index != ignore_index
+    if valid is not None:
+        index = index.masked_fill(~valid, 0)
+    if not checked:
+        index = index.clamp(0, layout.num_classes - 1)
+    return index, valid
+
+
+def region_sums(layout: Layout, from_logits: bool, ignore_index: int | None,
+                checked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(I, P, G)``, each ``(N, C)``, over the kept elements, as plain autograd code."""
+    dtype = compute_dtype(layout.x.dtype)
+    p = _math.probabilities(layout.x.to(dtype), layout.mode, from_logits)
+    if layout.mode == MULTICLASS_MODE:
+        index, valid = _class_index(layout, ignore_index, checked)
+        classes = torch.arange(layout.num_classes, device=index.device).view(1, -1, 1)
+        g = (index.unsqueeze(1) == classes).to(dtype)
+        if valid is not None:
+            keep = valid.unsqueeze(1)
+            g = g * keep
+            p = torch.where(keep, p, 0.0)
+    else:
+        target = layout.target
+        g = target.to(dtype)
+        if ignore_index is not None:
+            keep = target != ignore_index
+            g = torch.where(keep, g, 0.0)
+            p = torch.where(keep, p, 0.0)
+    return (p * g).sum(-1), p.sum(-1), g.sum(-1)
+
+
+def score_loss(sums: Sequence[Tensor], params: RegionParams
+               ) -> Tensor:
+    """``1 - T`` from the ``(N, C)`` sums ``(I, P, G)``: pooled over the batch unless
+    ``per_image`` (and over the ranks with ``ddp_pool``), then reduced."""
+    intersection, prediction_sum, target_sum = sums
+    if not params.per_image:
+        intersection, prediction_sum, target_sum = (
+            intersection.sum(0), prediction_sum.sum(0), target_sum.sum(0))
+        if params.ddp_pool:
+            intersection, prediction_sum, target_sum = pool_across_ranks(
+                intersection, prediction_sum, target_sum)
+    score = _math.tversky_index(intersection, prediction_sum, target_sum, params.alpha,
+                                params.beta, params.smoothing)
+    return _math.reduce(1.0 - score, params.reduction)
+
+
+def region_loss(layout: Layout, params: RegionParams, checked: bool = True) -> Tensor:
+    """The region loss without the NaN of invalid values (see :meth:`Reference.region`)."""
+    return score_loss(region_sums(layout, params.from_logits, params.ignore_index, checked),
+                      params)
+
+
+def distribution_terms(layout: Layout, params: DistributionParams, checked: bool = True
+                       ) -> tuple[Tensor, Tensor | None]:
+    """Per-element losses (autograd) and the kept mask (``None`` when nothing is ignored).
+
+    Shapes: ``(N, C, M)`` in binary/multilabel mode, ``(N, M)`` in multiclass mode; ignored
+    elements hold 0.
+    """
+    dtype = compute_dtype(layout.x.dtype)
+    x = layout.x.to(dtype)
+    weight: Tensor | None = None
+    if layout.mode == MULTICLASS_MODE:
+        index, valid = _class_index(layout, params.ignore_index, checked)
+        b = _math.pixel_cross_entropy(x, index, params.from_logits)
+        if params.alpha is not None:
+            table = torch.as_tensor(params.alpha, dtype=dtype, device=index.device)
+            weight = table[index]
+    else:
+        target = layout.target
+        valid = None if params.ignore_index is None else target != params.ignore_index
+        g = target.to(dtype)
+        if valid is not None:
+            g = torch.where(valid, g, 0.0)
+        b = _math.elementwise_bce(x, g, params.from_logits)
+        if params.alpha is not None:
+            assert isinstance(params.alpha, float)
+            weight = _math.positive_weight(g, params.alpha)
+    loss = _math.focal_modulation(b, params.gamma)
+    if weight is not None:
+        loss = loss * weight
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
+    return loss, valid
+
+
+def distribution_sum(layout: Layout, params: DistributionParams, checked: bool = True
+                     ) -> tuple[Tensor, Tensor]:
+    """``(S, count)``: the sum of the per-element losses (of the TopK selection with ``k``) and
+    the number of terms of their mean (at least 1); no value read on the host."""
+    loss, valid = distribution_terms(layout, params, checked)
+    if params.k is not None:
+        loss = topk_selected(loss, valid, params.k)[0]
+        count = topk_number(loss, valid, params.k)
+    elif valid is None:
+        count = torch.tensor(float(loss.numel()), dtype=loss.dtype, device=loss.device)
+    else:
+        count = valid.sum().to(loss.dtype)
+    return loss.sum(), count.clamp_min(1)
+
+
+def topk_number(loss: Tensor, valid: Tensor | None, k: float) -> Tensor:
+    if valid is None:
+        n = _math.topk_count(k, loss.numel())
+        return torch.tensor(float(n), dtype=loss.dtype, device=loss.device)
+    return _math.topk_count_tensor(k, valid.sum()).to(loss.dtype)
+
+
+def topk_selected(loss: Tensor, valid: Tensor | None, k: float) -> tuple[Tensor, Tensor]:
+    """The per-element losses with the unselected ones zeroed, and the selection mask."""
+    flat = loss.reshape(-1)
+    ranked = flat.detach()
+    if valid is None:
+        n: int | Tensor = _math.topk_count(k, flat.numel())
+    else:
+        n = _math.topk_count_tensor(k, valid.sum())
+        ranked = ranked.masked_fill(~valid.reshape(-1), -math.inf)
+    selected = _math.topk_mask(ranked, n)
+    return torch.where(selected, flat, 0.0).reshape(loss.shape), selected.reshape(loss.shape)
+
+
+class Reference:
+    """The reference backend (see the module documentation)."""
+
+    name = "reference"
+    capabilities = Capabilities(
+        devices=None, dtypes=None, topk=True, reduction_none=True, target_grad=True,
+        double_backward=True, ddp_pool=True, compilable=True,
+    )
+
+    def unavailable(self, x: Tensor) -> str | None:
+        return None
+
+    def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
+        loss = region_loss(layout, params, checked)
+        invalid = invalid_values(layout, params.ignore_index, params.from_logits, not checked)
+        return loss * _math.non_finite_poison(invalid)
+
+    def distribution(self, layout: Layout, params: DistributionParams, checked: bool
+                     ) -> Tensor:
+        invalid = invalid_values(layout, params.ignore_index, params.from_logits, not checked)
+        if params.reduction != "none":
+            total, count = distribution_sum(layout, params, checked)
+            loss = total / count if params.reduction == "mean" else total
+            return loss * _math.non_finite_poison(invalid)
+        loss, valid = distribution_terms(layout, params, checked)
+        if params.k is not None:
+            loss = topk_selected(loss, valid, params.k)[0]
+        bad = invalid_elements(layout, params.ignore_index, params.from_logits, not checked)
+        return torch.where(bad, math.nan, loss).reshape(layout.elementwise_shape)
+
+    def composite(self, layout: Layout, params: CompositeParams, checked: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        region = self.region(layout, params.region, checked)
+        distribution = self.distribution(layout, params.distribution, checked)
+        total = params.region_weight * region + params.distribution_weight * distribution
+        return total, region, distribution
+
+
+REFERENCE = Reference()
+"""The reference backend."""

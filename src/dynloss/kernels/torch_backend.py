@@ -1,0 +1,345 @@
+"""The ``"torch"`` backend: fused autograd Functions in eager PyTorch, on any device.
+
+Each Function computes in one forward what the reference computes with a chain of autograd
+ops, and writes the gradient analytically, so autograd records no intermediate tensors:
+
+* :class:`RegionSums` returns the per-(sample, class) sums ``I = sum(p*g)``, ``P = sum(p)``,
+  ``G = sum(g)`` that every region loss needs. Its backward is one elementwise expression,
+  ``dL/dx = (dL/dP + dL/dI * g) * dp/dx``, whatever region formula consumed the sums. It saves
+  the probabilities (for float32/float64 input; half-precision input is saved as is and the
+  probabilities recomputed, which costs less memory).
+* :class:`DistributionSum` returns the sum of the per-element BCE / cross-entropy losses after
+  the focal modulation, class weights, ignore mask and TopK selection, and the normaliser of
+  their mean. Its forward also computes the derivative of that sum with respect to the input,
+  in the input's dtype, and saves only that: backward is one multiplication by the upstream
+  gradient, and nothing transcendental is computed twice.
+
+Either way one tensor the size of the input is kept for backward (besides the caller's input,
+which a differentiable backward, ``create_graph=True``, recomputes from through the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _math
+from .._layout import Layout, compute_dtype, invalid_values
+from .._params import CompositeParams, DistributionParams, RegionParams
+from ..constants import MULTICLASS_MODE
+from . import reference
+from ._recompute import recompute_backward
+from .capabilities import Capabilities
+
+__all__ = ["TORCH", "DistributionSum", "RegionSums"]
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for 2-D tensors ``(rows, M)``; one row is a BLAS dot, no temporary."""
+    if a.shape[0] == 1 and a.shape[1] > 0:
+        return torch.dot(a[0], b[0]).view(1)
+    return torch.linalg.vecdot(a, b)
+
+
+def _binary_target(target: Tensor, dtype: torch.dtype, ignore_index: int | None):
+    """The target as ``dtype`` (ignored entries zeroed) and the kept mask (or None)."""
+    g = _as(target, dtype)
+    if ignore_index is None:
+        return g, None
+    valid = target != ignore_index
+    return g.masked_fill(~valid, 0), valid
+
+
+def _class_index(target: Tensor, ignore_index: int | None, classes: int, checked: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+    index = target.long()
+    valid = None if ignore_index is None else index != ignore_index
+    if valid is not None:
+        index = index.masked_fill(~valid, 0)
+    if not checked:  # out-of-range labels: any valid index (the loss is NaN then)
+        index = index.clamp(0, classes - 1)
+    return index, valid
+
+
+def _probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
+    return _math.probabilities(_as(x, compute_dtype(x.dtype)), mode, from_logits)
+
+
+# ----------------------------------------------------------------------------- region sums
+def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, pooled: bool):
+    # batch-pooled binary sums need no split by sample: one row, whole-tensor reductions
+    rows = 1 if pooled and p.shape[1] == 1 else p.shape[0] * p.shape[1]
+    p2 = p.reshape(rows, -1) if rows else p.reshape(0, p.shape[-1])
+    g, valid = _binary_target(target.reshape(p2.shape), p.dtype, ignore_index)
+    if valid is not None:
+        p2 = p2.masked_fill(~valid, 0)
+    intersection = _row_dot(p2, g)
+    sums = (intersection, p2.sum(-1), g.sum(-1))
+    return tuple(s.view(-1, p.shape[1]) for s in sums)
+
+
+def _binary_region_backward(p, target, gi, gp, from_logits, ignore_index):
+    g, valid = _binary_target(target, p.dtype, ignore_index)
+    # dL/dp; expanding `self` keeps addcmul on its vectorised path (a (N, C, 1) self is 3x slower)
+    grad = torch.addcmul(gp.unsqueeze(-1).expand_as(g), gi.unsqueeze(-1), g)
+    if from_logits:
+        torch.ops.aten.sigmoid_backward.grad_input(grad, p, grad_input=grad)
+    if valid is not None:
+        grad.masked_fill_(~valid, 0)
+    return grad
+
+
+def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
+    n, c, _ = p.shape
+    picked = p.gather(1, index.unsqueeze(1)).squeeze(1)
+    if valid is None:
+        prediction_sum = p.sum(-1)
+        flat = index + torch.arange(n, device=p.device).unsqueeze(1) * c
+        target_sum = torch.bincount(flat.reshape(-1), minlength=n * c).view(n, c).to(p.dtype)
+    else:
+        weight = valid.to(p.dtype)
+        picked = picked * weight
+        prediction_sum = torch.einsum("ncm,nm->nc", torch.where(valid.unsqueeze(1), p, 0.0),
+                                      weight)
+        target_sum = p.new_zeros(n, c).scatter_add_(1, index, weight)
+    intersection = p.new_zeros(n, c).scatter_add_(1, index, picked)
+    return intersection, prediction_sum, target_sum
+
+
+def _multiclass_region_backward(p, index, valid, gi, gp, from_logits):
+    gi_picked = gi.gather(1, index)  # (N, M): dL/dI of each pixel's own class
+    if from_logits:
+        own = p.gather(1, index.unsqueeze(1)).squeeze(1) * gi_picked
+        # softmax backward of u = gp + gi * onehot: p * (u - sum_k p_k u_k)
+        mixed = torch.einsum("ncm,nc->nm", p, gp) + own
+        grad = p * (gp.unsqueeze(-1) - mixed.unsqueeze(1))
+        grad.scatter_add_(1, index.unsqueeze(1), own.unsqueeze(1))
+    else:
+        grad = gp.unsqueeze(-1).expand_as(p).clone()
+        grad.scatter_add_(1, index.unsqueeze(1), gi_picked.unsqueeze(1))
+    if valid is not None:
+        grad.masked_fill_(~valid.unsqueeze(1), 0)
+    return grad
+
+
+def _reference_sums(x: Tensor, target: Tensor, mode: str, from_logits: bool,
+                    ignore_index: int | None, pooled: bool, checked: bool):
+    layout = Layout(x, target, mode, x.shape)
+    sums = reference.region_sums(layout, from_logits, ignore_index, checked)
+    if pooled and x.shape[1] == 1:
+        return tuple(s.sum(0, keepdim=True) for s in sums)
+    return sums
+
+
+class RegionSums(torch.autograd.Function):
+    """``(I, P, G)``, each ``(N, C)``, from ``x`` ``(N, C, M)`` and the target layout.
+
+    With ``pooled=True`` the sums may come back already summed over the batch, ``(1, C)``.
+    ``G`` is not differentiable (the target gets no gradient here: dispatch sends a target
+    that needs one to the reference).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, mode: str, from_logits: bool,
+                ignore_index: int | None, pooled: bool, checked: bool):
+        p = _probabilities(x, mode, from_logits)
+        if mode == MULTICLASS_MODE:
+            index, valid = _class_index(target, ignore_index, x.shape[1], checked)
+            sums = _multiclass_region_sums(p, index, valid)
+        else:
+            sums = _binary_region_sums(p, target, ignore_index, pooled)
+        keep_probabilities = p.dtype == x.dtype  # else p is a float32 copy of half input
+        ctx.save_for_backward(x, target, p if keep_probabilities else None)
+        ctx.config = (mode, from_logits, ignore_index, pooled, checked)
+        ctx.mark_non_differentiable(sums[2])
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_intersection, grad_prediction_sum, grad_target_sum):
+        x, target, saved_p = ctx.saved_tensors
+        mode, from_logits, ignore_index, pooled, checked = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            grads = recompute_backward(
+                lambda xs: _reference_sums(xs, target, mode, from_logits, ignore_index, pooled,
+                                           checked)[:2],
+                (x,), (grad_intersection, grad_prediction_sum))
+            return grads[0], None, None, None, None, None, None
+        p = saved_p if saved_p is not None else _probabilities(x, mode, from_logits)
+        shape = (grad_intersection if grad_intersection is not None else grad_prediction_sum).shape
+        gi = grad_intersection if grad_intersection is not None else p.new_zeros(shape)
+        gp = grad_prediction_sum if grad_prediction_sum is not None else p.new_zeros(shape)
+        if mode == MULTICLASS_MODE:
+            index, valid = _class_index(target, ignore_index, x.shape[1], checked)
+            grad = _multiclass_region_backward(p, index, valid, gi, gp, from_logits)
+        else:
+            grad = _binary_region_backward(p, target, gi, gp, from_logits, ignore_index)
+        return _as(grad, x.dtype), None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- distribution
+def _bce_with_logits(x: Tensor, g: Tensor) -> Tensor:
+    """The reference's BCE, ``(1-g) softplus(x) + g softplus(-x)``, rearranged for speed as
+    ``(max(x, 0) - g x) + softplus(-|x|)``: one softplus instead of two, two temporaries.
+
+    The bracket is formed first: for hard labels it is exactly 0, ``x`` or ``-x``, so adding the
+    small ``softplus(-|x|)`` last keeps every digit of a tiny loss, as the reference does.
+    """
+    loss = x.clamp_min(0).addcmul_(x, g, value=-1)
+    tail = x.abs()
+    # beta=-1: -softplus(-|x|); the stubs of torch._C._nn.softplus lack its out= argument
+    torch._C._nn.softplus(tail, -1, 20, out=tail)  # type: ignore[call-arg]
+    return loss.sub_(tail)
+
+
+def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
+    """Per-element losses, their derivatives in ``x``, and the kept mask (or None)."""
+    xc = _as(x, dtype)
+    g, valid = _binary_target(target, dtype, params.ignore_index)
+    if params.from_logits:
+        loss = _bce_with_logits(xc, g)
+        slope = torch.sigmoid(xc).sub_(g)  # d bce / dx
+    else:
+        loss = _math.elementwise_bce(xc, g, False)
+        slope = _math.bce_slope(xc, g, False)
+    if params.gamma != 0:
+        loss, focal_slope = _math.focal_modulation_and_slope(loss, params.gamma)
+        slope.mul_(focal_slope)
+    if params.alpha is not None:
+        assert isinstance(params.alpha, float)
+        weight = _math.positive_weight(g, params.alpha)
+        loss.mul_(weight)
+        slope.mul_(weight)
+    if valid is not None:
+        loss.masked_fill_(~valid, 0)
+        slope.masked_fill_(~valid, 0)
+    return loss, slope, valid
+
+
+def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams, checked):
+    xc = _as(x, dtype)
+    index, valid = _class_index(target, params.ignore_index, x.shape[1], checked)
+    loss = _math.pixel_cross_entropy(xc, index, params.from_logits)  # (N, M)
+    if params.from_logits:  # d ce / dx_c = softmax_c - [c == t]
+        slope = torch.softmax(xc, dim=1)
+        slope.scatter_add_(1, index.unsqueeze(1), slope.new_full((1, 1, 1), -1.0).expand(
+            index.shape[0], 1, index.shape[1]))
+    else:  # d ce / dp_c = -[c == t] / p_t, zero where the log is clamped
+        picked = xc.gather(1, index.unsqueeze(1))
+        slope = torch.zeros_like(xc).scatter_(1, index.unsqueeze(1),
+                                              -_math.clamped_log_slope(picked))
+    coefficient = None
+    if params.gamma != 0:
+        loss, coefficient = _math.focal_modulation_and_slope(loss, params.gamma)
+    if params.alpha is not None:
+        weight = torch.as_tensor(params.alpha, dtype=dtype, device=x.device)[index]
+        loss.mul_(weight)
+        coefficient = weight if coefficient is None else coefficient.mul_(weight)
+    if valid is not None:
+        loss.masked_fill_(~valid, 0)
+        coefficient = valid.to(dtype) if coefficient is None else coefficient.mul_(valid)
+    if coefficient is not None:
+        slope.mul_(coefficient.unsqueeze(1))
+    return loss, slope, valid
+
+
+def _reference_distribution_sum(x: Tensor, target: Tensor, params: DistributionParams,
+                                checked: bool) -> Tensor:
+    layout = Layout(x, target, params.mode, x.shape)
+    return reference.distribution_sum(layout, params, checked)[0]
+
+
+class DistributionSum(torch.autograd.Function):
+    """``(S, count)``: the sum of per-element losses and the normaliser of their mean."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
+        dtype = compute_dtype(x.dtype)
+        if params.mode == MULTICLASS_MODE:
+            loss, slope, valid = _multiclass_distribution_terms(x, target, dtype, params,
+                                                                checked)
+        else:
+            loss, slope, valid = _binary_distribution_terms(x, target, dtype, params)
+        if params.k is not None:
+            loss, selected = reference.topk_selected(loss, valid, params.k)
+            total = loss.sum()
+            if params.mode == MULTICLASS_MODE:
+                selected = selected.unsqueeze(1)
+            slope.masked_fill_(~selected, 0)
+            count = reference.topk_number(loss, valid, params.k)
+        else:
+            total = loss.sum()
+            if valid is None:
+                count = torch.tensor(float(loss.numel()), dtype=dtype, device=x.device)
+            else:
+                count = valid.sum().to(dtype)
+        ctx.save_for_backward(x, target, _as(slope, x.dtype))
+        ctx.config = (params, checked)
+        ctx.mark_non_differentiable(count)
+        return total, count.clamp_min(1)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_count):
+        x, target, slope = ctx.saved_tensors
+        params, checked = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            (grad,) = recompute_backward(
+                lambda xs: _reference_distribution_sum(xs, target, params, checked),
+                (x,), (grad_total,))
+            return grad, None, None, None
+        # scale in the upstream gradient's precision (1/N underflows float16), then cast back
+        grad = _as(_as(slope, grad_total.dtype) * grad_total, slope.dtype)
+        return grad, None, None, None
+
+
+# ----------------------------------------------------------------------------- the backend
+def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked: bool
+            ) -> Tensor:
+    return _math.non_finite_poison(invalid_values(layout, ignore_index, from_logits,
+                                                  not checked))
+
+
+class TorchBackend:
+    """The torch backend (see the module documentation)."""
+
+    name = "torch"
+    capabilities = Capabilities(
+        devices=None,
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        topk=True, ddp_pool=True, double_backward=True,
+    )
+
+    def unavailable(self, x: Tensor) -> str | None:
+        return None
+
+    def region_sums(self, layout: Layout, params: RegionParams, checked: bool):
+        return RegionSums.apply(layout.x, layout.target, layout.mode, params.from_logits,
+                                params.ignore_index, not params.per_image, checked)
+
+    def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
+        loss = reference.score_loss(self.region_sums(layout, params, checked), params)
+        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+
+    def distribution(self, layout: Layout, params: DistributionParams, checked: bool
+                     ) -> Tensor:
+        total, count = DistributionSum.apply(layout.x, layout.target, params, checked)
+        loss = total / count if params.reduction == "mean" else total
+        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+
+    def composite(self, layout: Layout, params: CompositeParams, checked: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        poison = _poison(layout, params.region.ignore_index, params.region.from_logits, checked)
+        region = reference.score_loss(self.region_sums(layout, params.region, checked),
+                                      params.region) * poison
+        total, count = DistributionSum.apply(layout.x, layout.target, params.distribution,
+                                             checked)
+        distribution = total / count * poison
+        combined = params.region_weight * region + params.distribution_weight * distribution
+        return combined, region, distribution
+
+
+TORCH = TorchBackend()
+"""The torch backend."""

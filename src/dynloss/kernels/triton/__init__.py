@@ -1,0 +1,147 @@
+"""The ``"triton"`` backend: Triton kernels for CUDA tensors (CPU under Triton's interpreter).
+
+Files: ``math.py`` (element-wise helpers in Triton), ``stream.py`` (the streaming region and
+distribution kernels and their autograd Functions), ``topk.py`` (TopK by radix select, no
+sort, no host synchronisation).
+
+Importing this package does not import Triton: :func:`triton_available` tries it once, and
+the kernel modules are imported on the first call that runs them. On the CPU the kernels run
+only in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before Triton is first
+imported (tests use it; it is slow).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ... import _math
+from ..._layout import Layout, invalid_values
+from ..._params import CompositeParams, DistributionParams, RegionParams
+from .. import reference
+from ..capabilities import Capabilities
+
+__all__ = ["MAX_CLASSES", "TRITON", "interpreter_active", "triton_available"]
+
+MAX_CLASSES = 1024
+"""The multiclass kernels hold a tile of every class's logits: up to this many classes."""
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether ``import triton`` works (cached; never raises).
+
+    Examples:
+        >>> from dynloss.kernels import triton_available
+        >>> import importlib.util
+        >>> triton_available() == (importlib.util.find_spec("triton") is not None)
+        True
+    """
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter in this process.
+
+    True when ``TRITON_INTERPRET=1`` was set *before* Triton was first imported (Triton's own
+    library functions are decorated at import time, so setting it later does not work).
+
+    Examples:
+        >>> import os
+        >>> from dynloss.kernels import interpreter_active, triton_available
+        >>> interpreter_active() <= (os.environ.get("TRITON_INTERPRET") == "1"
+        ...                          and triton_available())
+        True
+    """
+    if not (_interpret_env() and triton_available()):
+        return False
+    import triton.language as tl
+
+    return type(tl.cumsum).__name__ == "InterpretedFunction"
+
+
+@lru_cache(maxsize=16)
+def _cuda_supported(index: int) -> bool:
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 7
+
+
+def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked: bool
+            ) -> Tensor:
+    return _math.non_finite_poison(invalid_values(layout, ignore_index, from_logits,
+                                                  not checked))
+
+
+class TritonBackend:
+    """The Triton backend (see the package documentation)."""
+
+    name = "triton"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        topk=True, ddp_pool=True, double_backward=True, max_classes=MAX_CLASSES,
+    )
+
+    def unavailable(self, x: Tensor) -> str | None:
+        if not triton_available():
+            return "Triton is not installed (pip install triton)"
+        if x.device.type == "cuda":
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            if not _cuda_supported(index):
+                return "the GPU's compute capability is below 7.0, which Triton does not support"
+            return None
+        if x.device.type == "cpu" and interpreter_active():
+            return None
+        if x.device.type == "cpu" and _interpret_env():
+            return ("TRITON_INTERPRET=1 was set after Triton had been imported; set it before "
+                    "the first 'import triton' (or anything that imports it)")
+        return (f"it needs a CUDA tensor; got a tensor on {x.device.type} (to run the kernels "
+                "on the CPU in Triton's interpreter, e.g. in tests, set TRITON_INTERPRET=1 "
+                "before Triton is imported)")
+
+    def region_sums(self, layout: Layout, params: RegionParams, checked: bool):
+        from .stream import TritonRegionSums
+
+        return TritonRegionSums.apply(layout.x, layout.target, layout.mode, params.from_logits,
+                                      params.ignore_index, checked)
+
+    def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
+        loss = reference.score_loss(self.region_sums(layout, params, checked), params)
+        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+
+    def distribution(self, layout: Layout, params: DistributionParams, checked: bool
+                     ) -> Tensor:
+        from .topk import TritonDistributionSum
+
+        total, count = TritonDistributionSum.apply(layout.x, layout.target, params, checked)
+        loss = total / count if params.reduction == "mean" else total
+        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+
+    def composite(self, layout: Layout, params: CompositeParams, checked: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        from .stream import TritonRegionDistribution
+
+        intersection, prediction_sum, target_sum, total, count = TritonRegionDistribution.apply(
+            layout.x, layout.target, params, checked)
+        poison = _poison(layout, params.region.ignore_index, params.region.from_logits, checked)
+        region = reference.score_loss((intersection, prediction_sum, target_sum),
+                                      params.region) * poison
+        distribution = total / count * poison
+        combined = params.region_weight * region + params.distribution_weight * distribution
+        return combined, region, distribution
+
+
+TRITON = TritonBackend()
+"""The Triton backend."""
