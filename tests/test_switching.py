@@ -434,3 +434,41 @@ def test_public_exports() -> None:
                                                                                name)
     logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
     assert dice_loss(logits, target, ddp_pool=True).item() == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------- issue #11: callbacks checked
+@pytest.mark.parametrize(("on_switch", "message"), [
+    (DiceLoss(), r"on_switch needs a callback that takes a SwitchEvent; got the loss DiceLoss\(\)"),
+    ([print, BCELoss()], r"got the loss BCELoss\(\) \(a further stage belongs in losses\)"),
+    (LinearRamp(0, 2), r"got the weight schedule LinearRamp\(start=0, end=2\)"),
+    (3, "on_switch must be a callable or a list of callables; got int"),
+    ("report", "on_switch needs a callable; got str 'report'"),
+    ([print, None], "on_switch needs a callable; got NoneType None"),
+])
+def test_on_switch_rejects_what_cannot_be_a_callback(on_switch, message) -> None:
+    with pytest.raises(TypeError, match=message):
+        SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2], on_switch=on_switch)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+    if not isinstance(on_switch, (int, list)):
+        with pytest.raises(TypeError, match=message):
+            loss.on_switch(on_switch)
+    assert repr(loss) == "SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])"
+
+
+def test_repr_names_the_registered_callbacks() -> None:
+    model = torch.nn.Linear(2, 1)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD(model.parameters()))
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
+    loss.on_switch(reset_plateau_scheduler(scheduler))
+    assert repr(loss) == ("SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2), "
+                          "on_switch=['reset_plateau_scheduler.<locals>.reset'])")
+
+    class Recorder:
+        def __call__(self, event: SwitchEvent) -> None:
+            pass
+
+    loss.on_switch(Recorder())
+    assert repr(loss).endswith(
+        "on_switch=['reset_plateau_scheduler.<locals>.reset', "
+        "'test_repr_names_the_registered_callbacks.<locals>.Recorder'])"
+    )

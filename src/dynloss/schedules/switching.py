@@ -14,6 +14,7 @@ from .._checks import check_bool, check_choice
 from ..distributed import reduce_mean
 from ._base import child_needs_metric, losses_repr, named_losses, step_child
 from .triggers import Milestone, Trigger
+from .weights import WeightSchedule
 
 __all__ = ["SwitchEvent", "SwitchingLoss"]
 
@@ -151,9 +152,19 @@ class SwitchingLoss(nn.Module):
         """Whether the last :meth:`step` switched."""
         self.last_terms: dict[str, Tensor] = {}
         self._callbacks: list[SwitchCallback] = []
-        if on_switch is not None:
-            for callback in [on_switch] if callable(on_switch) else list(on_switch):
-                self.on_switch(callback)
+        if on_switch is None:
+            callbacks: list[Any] = []
+        elif callable(on_switch) or isinstance(on_switch, (str, bytes)):
+            callbacks = [on_switch]
+        elif isinstance(on_switch, Iterable):
+            callbacks = list(on_switch)
+        else:
+            raise TypeError(
+                "on_switch must be a callable or a list of callables; got "
+                f"{type(on_switch).__name__}"
+            )
+        for callback in callbacks:
+            self.on_switch(callback)
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -197,6 +208,15 @@ class SwitchingLoss(nn.Module):
     def on_switch(self, callback: SwitchCallback) -> SwitchCallback:
         """Register ``callback(event)`` to run at every switch; returns it (usable as decorator).
 
+        Callbacks run in the order they were registered, inside the :meth:`step` that switches.
+        They are code, not state: ``state_dict()`` does not hold them, and ``repr()`` lists
+        their names (see :meth:`__repr__`).
+
+        Raises:
+            TypeError: ``callback`` is not callable, or is a loss module or a weight schedule
+                (callable, but not with a :class:`SwitchEvent`; a further stage belongs in
+                ``losses``).
+
         Examples:
             >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
             >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
@@ -206,8 +226,16 @@ class SwitchingLoss(nn.Module):
             >>> _ = loss.step()
             epoch 1: dice -> bce
         """
+        if isinstance(callback, (nn.Module, WeightSchedule)):
+            kind = "loss" if isinstance(callback, nn.Module) else "weight schedule"
+            raise TypeError(
+                f"on_switch needs a callback that takes a SwitchEvent; got the {kind} "
+                f"{callback!r} (a further stage belongs in losses)"
+            )
         if not callable(callback):
-            raise TypeError(f"on_switch needs a callable; got {type(callback).__name__}")
+            raise TypeError(
+                f"on_switch needs a callable; got {type(callback).__name__} {callback!r}"
+            )
         self._callbacks.append(callback)
         return callback
 
@@ -316,6 +344,29 @@ class SwitchingLoss(nn.Module):
         self.just_switched = False
 
     def __repr__(self) -> str:
+        """A :func:`~dynloss.build_loss` spec of this loss, unless callbacks are registered.
+
+        Without callbacks, ``build_loss(repr(loss))`` builds an equal loss (same stages,
+        triggers, ``unit`` and ``sync_metric``; the counters start at 0). Callbacks are Python
+        code that a spec cannot hold, so the repr does not drop them silently: it lists their
+        qualified names as ``on_switch=['name', ...]``, and :func:`~dynloss.build_loss` refuses
+        that spec with a :class:`~dynloss.SpecError` naming the callback (``eval`` refuses it
+        too: a name is not a callable). Build the loss from the repr of a copy without
+        callbacks, or from the original spec, and register them again with :meth:`on_switch`.
+
+        Examples:
+            >>> from dynloss import BCELoss, DiceLoss, SpecError, SwitchingLoss, build_loss
+            >>> def report(event):
+            ...     print(event.new_name)
+            >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3], on_switch=report)
+            >>> loss
+            SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3], on_switch=['report'])
+            >>> try:
+            ...     build_loss(repr(loss))
+            ... except SpecError as err:
+            ...     print(err.message)  # doctest: +ELLIPSIS
+            on_switch: the callback 'report' is Python code, which a spec cannot build; ...
+        """
         parts = [losses_repr(self.names, list(self.stages.values()), self._explicit_names)]
         milestones = self.milestones
         if milestones is not None:
@@ -328,7 +379,16 @@ class SwitchingLoss(nn.Module):
             parts.append(f"unit={self.unit!r}")
         if not self.sync_metric:
             parts.append("sync_metric=False")
+        if self._callbacks:
+            names = ", ".join(repr(_callback_name(c)) for c in self._callbacks)
+            parts.append(f"on_switch=[{names}]")
         return f"SwitchingLoss({', '.join(parts)})"
+
+
+def _callback_name(callback: object) -> str:
+    """The qualified name of a function or method, else of the callable's class."""
+    name = getattr(callback, "__qualname__", None)
+    return name if isinstance(name, str) else type(callback).__qualname__
 
 
 def _check_milestone_order(triggers: list[Trigger]) -> None:
