@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
 from ..distributed import reduce_mean
-from ._base import child_needs_metric, losses_repr, named_losses, step_child
+from ._base import child_needs_metric, losses_repr, named_losses, state_int, step_child
 from .triggers import Milestone, Trigger
 from .weights import WeightSchedule
 
@@ -102,7 +102,12 @@ class SwitchingLoss(nn.Module):
           stage's own ``last_terms`` as ``"stage.term"`` entries.
         - ``state_dict()`` holds the counters, the active stage, the switch history and the
           triggers' history (``torch.load(weights_only=True)``-safe); loading it resumes the
-          exact sequence. Callbacks are not saved: register them again.
+          exact sequence. A state that does not fit this loss, holds a wrong type or is
+          inconsistent is a ValueError, and a failed load changes nothing (see
+          :meth:`set_extra_state`). Callbacks are not saved: register them again.
+        - ``repr()`` is a :func:`~dynloss.build_loss` spec of an equal loss; with callbacks
+          registered it names them instead, and ``build_loss`` refuses it (see
+          :meth:`__repr__`).
 
     Examples:
         >>> import torch
@@ -309,38 +314,97 @@ class SwitchingLoss(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
+        """Load the state of :meth:`get_extra_state` (``load_state_dict`` calls this).
+
+        Everything is checked before anything changes, so a failed load leaves the loss and
+        its triggers exactly as they were (each trigger's state is first loaded into a deep
+        copy of it; a custom trigger's ``_load`` must be deterministic). Checked:
+
+        - the keys, and the type of every value (a wrong type is a ValueError naming the key);
+        - the saved loss matches this one: ``num_stages``, ``unit``, the number and kind of
+          triggers;
+        - consistency: ``active_index < num_stages``; ``active_index`` equals the number of
+          switches recorded; switch ``i`` is ``(i, i + 1, count_i)`` with
+          ``0 < count_0 < count_1 < ... <= count`` (at most one switch per step);
+          ``stage_count == count - count_last`` (``count`` before any switch); every trigger's
+          history is valid for it.
+
+        Raises:
+            ValueError: any of the above; the message names the key or the mismatch.
+
+        Examples:
+            >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
+            >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+            >>> state = loss.state_dict()
+            >>> state["_extra_state"]["active_index"] = 1  # but no switch recorded
+            >>> loss.load_state_dict(state)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: SwitchingLoss: inconsistent state: active_index is 1 but 0 switches are ...
+            >>> loss.active_index, loss.count
+            (0, 0)
+        """
+        owner = "SwitchingLoss"
         keys = {"num_stages", "unit", "count", "stage_count", "active_index", "switches",
                 "triggers"}
         if not isinstance(state, Mapping) or set(state) != keys:
-            raise ValueError("SwitchingLoss: this state was not saved from a SwitchingLoss")
-        if state["num_stages"] != self.num_stages:
+            detail = (
+                f"missing keys {sorted(keys - set(state))}, unexpected keys "
+                f"{sorted(map(str, set(state) - keys))}" if isinstance(state, Mapping)
+                else f"a state must be a dict; got {type(state).__name__}"
+            )
+            raise ValueError(f"{owner}: this state was not saved from a SwitchingLoss ({detail})")
+        num_stages = state_int(owner, "num_stages", state["num_stages"])
+        if num_stages != self.num_stages:
             raise ValueError(
-                f"SwitchingLoss: the state was saved from a loss with {state['num_stages']} "
+                f"{owner}: the state was saved from a loss with {num_stages} "
                 f"stages; this one has {self.num_stages} ({', '.join(self.names)})"
             )
-        if state["unit"] != self.unit:
+        unit = state["unit"]
+        if not (isinstance(unit, str) and unit == self.unit):
             raise ValueError(
-                f"SwitchingLoss: the state counts unit={state['unit']!r}, this loss "
-                f"unit={self.unit!r}"
+                f"{owner}: the state counts unit={unit!r}, this loss unit={self.unit!r}"
             )
-        ints = {k: state[k] for k in ("count", "stage_count", "active_index")}
-        for key, value in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"SwitchingLoss: invalid {key} {value!r} in the state")
-        if ints["active_index"] >= self.num_stages or ints["stage_count"] > ints["count"]:
-            raise ValueError(f"SwitchingLoss: inconsistent counters in the state: {ints}")
+        count = state_int(owner, "count", state["count"])
+        stage_count = state_int(owner, "stage_count", state["stage_count"])
+        active_index = state_int(owner, "active_index", state["active_index"])
+        if active_index >= self.num_stages:
+            raise ValueError(f"{owner}: active_index {active_index} in the state is out of range "
+                             f"for {self.num_stages} stages")
+        switches = _checked_switches(state["switches"], count)
+        if len(switches) != active_index:
+            recorded = f"{len(switches)} switch{' is' if len(switches) == 1 else 'es are'}"
+            raise ValueError(
+                f"{owner}: inconsistent state: active_index is {active_index} but {recorded} "
+                "recorded (each switch advances the active stage by one)"
+            )
+        last = switches[-1][2] if switches else 0
+        if stage_count != count - last:
+            raise ValueError(
+                f"{owner}: inconsistent state: stage_count is {stage_count} but count - the last "
+                f"switch's count = {count} - {last} = {count - last}"
+            )
         triggers = state["triggers"]
+        if not isinstance(triggers, (list, tuple)):
+            raise ValueError(f"{owner}: invalid triggers in the state: triggers must be a list of "
+                             f"trigger states; got {type(triggers).__name__}")
         if len(triggers) != len(self.triggers):
             raise ValueError(
-                f"SwitchingLoss: the state has {len(triggers)} triggers, this loss "
+                f"{owner}: the state has {len(triggers)} triggers, this loss "
                 f"{len(self.triggers)}"
             )
+        for index, (trigger, saved) in enumerate(zip(self.triggers, triggers, strict=True)):
+            try:
+                copy.deepcopy(trigger).load_state_dict(saved)  # a dry run: changes nothing
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{owner}: triggers[{index}]: {err}") from err
+        # -- all checked: assign
         for trigger, saved in zip(self.triggers, triggers, strict=True):
             trigger.load_state_dict(saved)
-        self.count = ints["count"]
-        self.stage_count = ints["stage_count"]
-        self.active_index = ints["active_index"]
-        self.switches = [(int(a), int(b), int(c)) for a, b, c in state["switches"]]
+        self.count = count
+        self.stage_count = stage_count
+        self.active_index = active_index
+        self.switches = switches
         self.just_switched = False
 
     def __repr__(self) -> str:
@@ -389,6 +453,38 @@ def _callback_name(callback: object) -> str:
     """The qualified name of a function or method, else of the callable's class."""
     name = getattr(callback, "__qualname__", None)
     return name if isinstance(name, str) else type(callback).__qualname__
+
+
+def _checked_switches(saved: object, count: int) -> list[tuple[int, int, int]]:
+    """The switch history of a state as tuples, checked (see ``set_extra_state``)."""
+    owner = "SwitchingLoss"
+    if not isinstance(saved, (list, tuple)):
+        raise ValueError(f"{owner}: invalid switches in the state: switches must be a list of "
+                         f"[old_index, new_index, count]; got {type(saved).__name__}")
+    switches: list[tuple[int, int, int]] = []
+    for index, entry in enumerate(saved):
+        if not (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
+        ):
+            raise ValueError(f"{owner}: invalid switches[{index}] in the state: must be "
+                             f"[old_index, new_index, count] (three ints); got {entry!r}")
+        old, new, at = entry
+        if (old, new) != (index, index + 1):
+            raise ValueError(
+                f"{owner}: inconsistent state: switches[{index}] goes from stage {old} to {new}; "
+                f"expected {index} -> {index + 1} (stages are visited in order)"
+            )
+        previous = switches[-1][2] if switches else 0
+        if not previous < at <= count:
+            raise ValueError(
+                f"{owner}: inconsistent state: switches[{index}] happened at count {at}; expected "
+                f"a count after {previous} (the previous switch, or the start) and not above "
+                f"count={count}"
+            )
+        switches.append((old, new, at))
+    return switches
 
 
 def _check_milestone_order(triggers: list[Trigger]) -> None:
