@@ -49,6 +49,7 @@ import difflib
 import inspect
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -602,7 +603,7 @@ class _Parser:
         return value
 
 
-_FLOAT_MAX = 1.7976931348623157e308
+_FLOAT_MAX = sys.float_info.max
 
 
 def _shorten(text: str, width: int = 40) -> str:
