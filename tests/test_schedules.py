@@ -250,3 +250,83 @@ def test_trigger_state_roundtrip_and_reset() -> None:
     copy = RelativeImprovement(window=2)
     copy.load_state_dict(relative.state_dict())
     assert copy.history == [1.0] and copy.num_low == 0
+
+
+# ------------------------------------------------- issue #11: validated, atomic state loading
+def _saved_round_trip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_relative_improvement_resumes_mid_patience_exactly() -> None:
+    metrics = [1.0, 0.9, 0.85, 0.84, 0.83, 0.8, 0.6, 0.59, 0.58, 0.575, 0.57]
+
+    def make() -> RelativeImprovement:
+        return RelativeImprovement(threshold=0.05, window=2, patience=3)
+
+    # improvements vs two steps back: 15 %, 6.7 %, 2.4 % (low 1), 4.8 % (low 2), 27.7 % (reset),
+    # 26 %, 3.3 % (low 1), 2.5 % (low 2), 1.7 % (low 3: fires)
+    uninterrupted = make()
+    expected = [uninterrupted.update(t, t, m) for t, m in enumerate(metrics, 1)]
+    assert expected == [False] * 10 + [True]
+    low_counts = []
+    for cut in range(len(metrics) + 1):
+        first = make()
+        head = [first.update(t, t, m) for t, m in enumerate(metrics[:cut], 1)]
+        low_counts.append(first.num_low)
+        resumed = make()
+        resumed.load_state_dict(_saved_round_trip(first.state_dict()))
+        assert (resumed.history, resumed.num_low) == (first.history, first.num_low)
+        tail = [resumed.update(t, t, m) for t, m in enumerate(metrics[cut:], cut + 1)]
+        assert head + tail == expected
+    assert low_counts == [0, 0, 0, 0, 0, 1, 2, 0, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("make", "state", "message"), [
+    (lambda: Plateau(), 5, r"Plateau: a trigger state must be a dict; got int"),
+    (lambda: Plateau(), {"best": 0.5, "num_bad": 0},
+     r"Plateau: the state does not fit \(missing keys \['type'\]"),
+    (lambda: Plateau(), {"type": "Plateau", "best": "0.5", "num_bad": 0},
+     r"Plateau: invalid best in the state: best must be a number or None; got str '0\.5'"),
+    (lambda: Plateau(), {"type": "Plateau", "best": 0.5, "num_bad": 1.5},
+     r"Plateau: invalid num_bad in the state: num_bad must be an int; got float 1\.5"),
+    (lambda: Plateau(), {"type": "Plateau", "best": 0.5, "num_bad": True},
+     r"invalid num_bad in the state: num_bad must be an int; got bool True"),
+    (lambda: Plateau(), {"type": "Plateau", "best": 0.5, "num_bad": -1},
+     r"invalid num_bad in the state: num_bad must be >= 0; got -1"),
+    (lambda: Plateau(), {"type": "Plateau", "best": math.nan, "num_bad": 0},
+     r"Plateau: invalid best in the state: a best value cannot be NaN"),
+    (lambda: RelativeImprovement(window=2), {"type": "RelativeImprovement", "history": 0.5,
+                                             "num_low": 0},
+     r"invalid history in the state: history must be a list of numbers; got float"),
+    (lambda: RelativeImprovement(window=2), {"type": "RelativeImprovement",
+                                             "history": [0.3, "x"], "num_low": 0},
+     r"invalid history\[1\] in the state: history\[1\] must be a number; got str 'x'"),
+    (lambda: RelativeImprovement(window=2), {"type": "RelativeImprovement",
+                                             "history": [0.3], "num_low": "x"},
+     r"invalid num_low in the state: num_low must be an int; got str 'x'"),
+    (lambda: RelativeImprovement(window=2), {"type": "RelativeImprovement",
+                                             "history": [0.3, 0.2, 0.1], "num_low": 0},
+     r"the saved history \[0\.3, 0\.2, 0\.1\] does not fit window=2"),
+    (lambda: RelativeImprovement(window=2), {"type": "RelativeImprovement",
+                                             "history": [0.3], "num_low": 1},
+     r"inconsistent state: num_low=1 but the history holds 1 of window=2 values"),
+    (lambda: LinearRamp(0, 4), {"count": "3"},
+     r"LinearRamp: invalid count in the state: count must be an int; got str '3'"),
+    (lambda: LinearRamp(0, 4), {"count": 2.0},
+     r"LinearRamp: invalid count in the state: count must be an int; got float 2\.0"),
+    (lambda: Constant(), [3], r"Constant: a state must be a dict; got list"),
+])
+def test_bad_states_are_value_errors_and_change_nothing(make, state, message: str) -> None:
+    target = make()
+    if isinstance(target, WeightSchedule):
+        target.step()
+    else:
+        for t, m in enumerate([1.0, 0.7, 0.65], 1):
+            target.update(t, t, m)
+    before = dict(vars(target))
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    assert vars(target) == before

@@ -215,3 +215,200 @@ def random_losses(draw, depth: int = 0):
 @given(random_losses())
 def test_any_repr_round_trips(loss) -> None:
     assert repr(build_loss(repr(loss))) == repr(loss)
+
+
+# ------------------------------------------------------------------ issue #11: every failure
+def _raises_spec_error(spec: str, position: int, message: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        build_loss(spec)
+    assert message in info.value.message, info.value.message
+    assert info.value.position == position
+    return info.value
+
+
+@pytest.mark.parametrize(("open_", "close", "inner"), [
+    ("(", ")", "dice"),
+    ("[", "]", ""),
+    ("{'a': ", "}", "1"),
+])
+def test_nesting_deeper_than_the_limit_is_a_spec_error(open_: str, close: str, inner: str) -> None:
+    assert dynloss.schedules.spec.MAX_DEPTH == 64
+    for depth in (65, 400, 10_000):
+        spec = open_ * depth + inner + close * depth
+        if open_ == "[":
+            spec = f"focal(alpha={spec})"
+        # the 65th level; in focal(alpha=[[...]]) the call's '(' is the first
+        position = 12 + 63 if open_ == "[" else 64 * len(open_)
+        _raises_spec_error(spec, position, "brackets nested more than 64 deep")
+
+
+def test_nesting_at_the_limit_builds() -> None:
+    assert repr(build_loss("(" * 64 + "dice" + ")" * 64)) == "DiceLoss()"
+    # a call's parentheses and a list's brackets count as one level each: 31 * 2 + 2 = 64
+    spec = "composite([" * 31 + "focal(alpha=[0.2, 0.8], mode='multiclass')" + "])" * 31 + "->bce@3"
+    loss = build_loss(spec)
+    assert isinstance(loss, SwitchingLoss) and loss.milestones == [3]
+    # its repr adds SwitchingLoss([...]): 66 levels, which build_loss refuses
+    text = repr(loss)
+    assert text.startswith("SwitchingLoss([CompositeLoss([CompositeLoss([")
+    _raises_spec_error(text, text.index("FocalLoss(") + len("FocalLoss"),
+                       "brackets nested more than 64 deep")
+    # 30 composites in a switching loss: the repr nests 63 levels and round-trips
+    shallower = build_loss(repr(build_loss("composite([" * 30 + "dice" + "])" * 30 + "->bce@3")))
+    assert repr(build_loss(repr(shallower))) == repr(shallower)
+    too_deep = "composite([" * 33 + "dice" + "])" * 33
+    _raises_spec_error(too_deep, 32 * 11 + 9, "brackets nested more than 64 deep")
+
+
+def _reference_string(literal: str) -> str:
+    import ast
+
+    return ast.literal_eval(literal)
+
+
+@pytest.mark.parametrize("literal", [
+    r"'a\tb'", r"'a\nb\r'", r"'it\'s'", r'"say \"hi\""', r"'back\\slash'", r"'\x41\x00z'",
+    r"'\u00e9t\u00e9'", r"'\U0001F600'", r"'\a\b\f\v'", "'\u00e9\u4e2d'", r"'\ud800'",
+])
+def test_string_escapes_decode_like_python(literal: str) -> None:
+    loss = build_loss(f"SwitchingLoss({{{literal}: dice, 'other': bce}}, milestones=[2])")
+    assert loss.names == [_reference_string(literal), "other"]
+    assert repr(build_loss(repr(loss))) == repr(loss)
+
+
+@pytest.mark.parametrize(("spec", "position", "message"), [
+    (r"dice(mode='\x')", 11, r"the escape '\x' needs 2 hex digits"),
+    (r"dice(mode='\x4')", 11, r"the escape '\x' needs 2 hex digits"),
+    (r"dice(mode='ab\xZZ')", 13, r"the escape '\x' needs 2 hex digits"),
+    (r"dice(mode='\u12')", 11, r"the escape '\u' needs 4 hex digits"),
+    (r"dice(mode='\U0011FFFF')", 11, r"'\U0011FFFF' is beyond U+10FFFF"),
+    (r"dice(mode='\N{DASH}')", 11, r"unknown escape '\N' in a string"),
+    (r"dice(mode='\d')", 11, r"unknown escape '\d' in a string"),
+    (r"dice(mode='\0')", 11, r"unknown escape '\0' in a string"),
+    ("dice(mode='a\\\nb')", 12, r"unknown escape a backslash followed by '\n'"),
+    ("dice(mode='a\x00b')", 12, r"a raw control character '\x00' in a string"),
+    ("dice(mode='a\nb')", 12, r"a raw control character '\n' in a string"),
+    ("dice(mode='abc\\'", 10, "unterminated string"),
+    ("dice(mode='abc\\", 10, "unterminated string"),
+    ("dice\x00", 4, r"unexpected character '\x00'"),
+])
+def test_bad_strings_are_spec_errors_at_their_position(spec: str, position: int,
+                                                       message: str) -> None:
+    _raises_spec_error(spec, position, message)
+
+
+def test_error_display_shows_control_characters_so_the_caret_lines_up() -> None:
+    error = _raises_spec_error("dice(mode='a\x00b')", 12, "raw control character")
+    assert str(error).endswith("\n    dice(mode='a\u2400b')\n                ^")
+    assert error.spec == "dice(mode='a\x00b')"
+    assert repr(build_loss("dice\n+\tbce")) == "CompositeLoss([DiceLoss(), BCELoss()])"
+
+
+@pytest.mark.parametrize(("spec", "position", "message"), [
+    ("dice(smooth=" + "9" * 5000 + ")", 12, "has too many digits"),
+    ("9" * 400 + "*dice", 0, "a weight must be finite"),
+    ("1e999*dice", 0, "a weight must be finite; got inf"),
+    ("iou->bce@plateau(min_delta=" + "9" * 400 + ")", 9, "plateau: int too large to convert"),
+    ("dice(smooth=\u0661)", 12, "unexpected character '\u0661'"),
+])
+def test_bad_numbers_are_spec_errors(spec: str, position: int, message: str) -> None:
+    _raises_spec_error(spec, position, message)
+
+
+_PIECES = ["dice", "bce", "focal", "tversky", "composite", "switching", "SwitchingLoss",
+           "linear_ramp", "step", "plateau", "relative", "milestone", "(", ")", "[", "]", "{",
+           "}", ",", "=", ":", "+", "*", "-", "->", "@", "0", "3", "0.5", "1e999", "9" * 400,
+           "'a'", "'multiclass'", "None", "True", "alpha", "weights", "milestones", "trigger",
+           "on_switch", "values", "mode", "unit", r"'\x'", "'\x00'", "\x00", "'", "\\", "$"]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=12))
+def test_any_spec_builds_a_module_or_raises_a_spec_error(pieces: list[str]) -> None:
+    spec = "".join(pieces)
+    try:
+        loss = build_loss(spec)
+    except SpecError as error:
+        assert 0 <= error.position <= len(spec)
+    else:
+        assert isinstance(loss, torch.nn.Module)
+
+
+def test_dice_to_focal_plus_bce_builds_a_composite_second_stage() -> None:
+    loss = build_loss("dice->focal+bce@30")
+    assert isinstance(loss, SwitchingLoss) and loss.milestones == [30]
+    first, second = loss.stages.values()
+    assert type(first) is DiceLoss
+    assert isinstance(second, CompositeLoss) and second.names == ["focal", "bce"]
+    assert [type(t) for t in second.terms.values()] == [FocalLoss, BCELoss]
+    assert second.weights == [1.0, 1.0]
+    logits = torch.linspace(-2.0, 2.0, 32).reshape(2, 1, 4, 4)
+    target = (torch.arange(32).reshape(2, 1, 4, 4) % 3 == 0).float()
+    for _ in range(29):
+        loss.step()
+    torch.testing.assert_close(loss(logits, target), DiceLoss()(logits, target), rtol=0, atol=0)
+    loss.step()
+    expected = FocalLoss()(logits, target) + BCELoss()(logits, target)
+    torch.testing.assert_close(loss(logits, target), expected, rtol=0, atol=0)
+    assert repr(loss) == ("SwitchingLoss([DiceLoss(), CompositeLoss([FocalLoss(), BCELoss()])], "
+                          "milestones=[30])")
+
+
+# ------------------------------------------------------------------------ on_switch in specs
+_SWITCH = "SwitchingLoss([dice, bce], milestones=[3], on_switch="
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("dice", "on_switch: DiceLoss() is a loss, not a callback"),
+    ("[bce]", "on_switch: BCELoss() is a loss, not a callback"),
+    ("3", "on_switch takes Python callables, which a spec cannot build; got int 3"),
+    ("linear_ramp(0, 1)", "on_switch takes Python callables, which a spec cannot build; got "
+                          "LinearRamp LinearRamp(start=0, end=1)"),
+    ("report", "on_switch: 'report' is not a name a spec knows; callbacks are Python code"),
+    ("[report]", "on_switch: 'report' is not a name a spec knows; callbacks are Python code"),
+    ("['report']", "on_switch: the callback 'report' is Python code, which a spec cannot build"),
+])
+def test_on_switch_in_a_spec_is_refused_at_build_time(value: str, message: str) -> None:
+    spec = f"{_SWITCH}{value})"
+    position = len(_SWITCH) + (1 if value == "[report]" else 0)
+    _raises_spec_error(spec, position, message)
+
+
+def test_on_switch_none_in_a_spec_means_no_callback() -> None:
+    for value in ("None", "[]"):
+        loss = build_loss(f"{_SWITCH}{value})")
+        assert repr(loss) == "SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3])"
+        assert loss._callbacks == []
+
+
+def test_repr_of_a_loss_with_callbacks_shows_them_and_build_loss_refuses_it() -> None:
+    def report(event) -> None:
+        pass
+
+    events: list = []
+    loss = SwitchingLoss([IoULoss(), BCELoss()], milestones=[5], on_switch=[report, events.append])
+    text = repr(loss)
+    assert text == ("SwitchingLoss([IoULoss(), BCELoss()], milestones=[5], on_switch=["
+                    "'test_repr_of_a_loss_with_callbacks_shows_them_and_build_loss_refuses_it."
+                    "<locals>.report', 'list.append'])")
+    error = _raises_spec_error(text, text.index("on_switch=") + len("on_switch="),
+                               "on_switch: the callback 'test_repr_of_a_loss_with_callbacks")
+    assert "register it again with loss.on_switch(callback)" in error.message
+    # not valid Python either: a name is not a callable
+    with pytest.raises(TypeError, match="on_switch needs a callable; got str"):
+        eval(text, vars(dynloss))
+    # nested in a composite: refused the same way
+    outer = CompositeLoss([loss, DiceLoss()])
+    with pytest.raises(SpecError, match="is Python code, which a spec cannot build"):
+        build_loss(repr(outer))
+    # without callbacks the repr is a spec again
+    assert repr(build_loss("iou->bce@5")) == "SwitchingLoss([IoULoss(), BCELoss()], milestones=[5])"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.text(min_size=1, max_size=12).filter(lambda name: "." not in name and name != "b"))
+def test_any_name_round_trips_through_its_repr(name: str) -> None:
+    loss = SwitchingLoss({name: DiceLoss(), "b": BCELoss()}, milestones=[2])
+    rebuilt = build_loss(repr(loss))
+    assert rebuilt.names == [name, "b"]
+    assert repr(rebuilt) == repr(loss)

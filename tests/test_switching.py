@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import copy
 import io
 
 import pytest
@@ -23,6 +24,7 @@ from dynloss import (
     SwitchEvent,
     SwitchingLoss,
     TopKLoss,
+    Trigger,
     TverskyLoss,
     build_loss,
     reset_plateau_scheduler,
@@ -434,3 +436,224 @@ def test_public_exports() -> None:
                                                                                name)
     logits, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
     assert dice_loss(logits, target, ddp_pool=True).item() == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------- issue #11: callbacks checked
+@pytest.mark.parametrize(("on_switch", "message"), [
+    (DiceLoss(), r"on_switch needs a callback that takes a SwitchEvent; got the loss DiceLoss\(\)"),
+    ([print, BCELoss()], r"got the loss BCELoss\(\) \(a further stage belongs in losses\)"),
+    (LinearRamp(0, 2), r"got the weight schedule LinearRamp\(start=0, end=2\)"),
+    (3, "on_switch must be a callable or a list of callables; got int"),
+    ("report", "on_switch needs a callable; got str 'report'"),
+    ([print, None], "on_switch needs a callable; got NoneType None"),
+])
+def test_on_switch_rejects_what_cannot_be_a_callback(on_switch, message) -> None:
+    with pytest.raises(TypeError, match=message):
+        SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2], on_switch=on_switch)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+    if not isinstance(on_switch, (int, list)):
+        with pytest.raises(TypeError, match=message):
+            loss.on_switch(on_switch)
+    assert repr(loss) == "SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])"
+
+
+def test_repr_names_the_registered_callbacks() -> None:
+    model = torch.nn.Linear(2, 1)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD(model.parameters()))
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
+    loss.on_switch(reset_plateau_scheduler(scheduler))
+    assert repr(loss) == ("SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2), "
+                          "on_switch=['reset_plateau_scheduler.<locals>.reset'])")
+
+    class Recorder:
+        def __call__(self, event: SwitchEvent) -> None:
+            pass
+
+    loss.on_switch(Recorder())
+    assert repr(loss).endswith(
+        "on_switch=['reset_plateau_scheduler.<locals>.reset', "
+        "'test_repr_names_the_registered_callbacks.<locals>.Recorder'])"
+    )
+
+
+# ----------------------------------------------------- issue #11: validated, atomic loading
+def _two_triggers() -> SwitchingLoss:
+    return SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=[
+        Plateau(patience=1), RelativeImprovement(threshold=0.5, window=2, patience=2)])
+
+
+def _snapshot(loss: SwitchingLoss) -> tuple:
+    return (loss.count, loss.stage_count, loss.active_index, list(loss.switches),
+            loss.just_switched, [copy.deepcopy(vars(t)) for t in loss.triggers])
+
+
+@pytest.fixture
+def target_and_saved() -> tuple[SwitchingLoss, dict]:
+    """A loss mid-run, and the (different) state of a twin that ran further."""
+    target = _two_triggers()
+    for metric in [1.0, 0.9, 0.95, 0.5]:  # Plateau fires at count 3
+        target.step(metric)
+    twin = _two_triggers()
+    for metric in [2.0, 1.0, 1.5, 0.8, 0.7, 0.69]:  # switch at 3; then one low improvement
+        twin.step(metric)
+    saved = _saved(twin)["_extra_state"]
+    assert saved == {
+        "num_stages": 3, "unit": "epoch", "count": 6, "stage_count": 3, "active_index": 1,
+        "switches": [[0, 1, 3]],
+        "triggers": [{"type": "Plateau", "best": 1.0, "num_bad": 1},
+                     {"type": "RelativeImprovement", "history": [0.7, 0.69], "num_low": 1}],
+    }
+    assert _snapshot(target) != _snapshot(twin)
+    return target, saved
+
+
+def test_a_consistent_state_loads(target_and_saved) -> None:
+    target, saved = target_and_saved
+    full = target.state_dict()
+    full["_extra_state"] = saved
+    target.load_state_dict(full)
+    assert (target.count, target.stage_count, target.active_index, target.switches) == (
+        6, 3, 1, [(0, 1, 3)])
+    assert target.triggers[1].history == [0.7, 0.69] and target.triggers[1].num_low == 1
+    assert target.step(0.68) is True  # second low step in a row: the twin would switch too
+
+
+def _set(**changes):
+    def change(state: dict) -> dict:
+        state.update(changes)
+        return state
+    return change
+
+
+def _set_trigger(index: int, value):
+    def change(state: dict) -> dict:
+        state["triggers"][index] = value(state["triggers"][index])
+        return state
+    return change
+
+
+_BAD_STATES = [
+    (lambda s: [s], r"not saved from a SwitchingLoss \(a state must be a dict; got list\)"),
+    (lambda s: {k: v for k, v in s.items() if k != "switches"},
+     r"not saved from a SwitchingLoss \(missing keys \['switches'\], unexpected keys \[\]\)"),
+    (_set(extra=1), r"missing keys \[\], unexpected keys \['extra'\]"),
+    (_set(num_stages="3"), r"invalid num_stages in the state: num_stages must be an int; got str"),
+    (_set(num_stages=2), r"saved from a loss with 2 stages; this one has 3"),
+    (_set(unit=3), r"the state counts unit=3, this loss unit='epoch'"),
+    (_set(count="6"), r"invalid count in the state: count must be an int; got str '6'"),
+    (_set(count=True), r"invalid count in the state: count must be an int; got bool True"),
+    (_set(count=-1), r"invalid count in the state: count must be >= 0; got -1"),
+    (_set(stage_count=3.0), r"invalid stage_count in the state: stage_count must be an int"),
+    (_set(active_index=None), r"invalid active_index in the state: active_index must be an int"),
+    (_set(active_index=3, switches=[[0, 1, 3], [1, 2, 4], [2, 3, 5]], stage_count=1),
+     r"active_index 3 in the state is out of range for 3 stages"),
+    (_set(active_index=2, switches=[], stage_count=6),
+     r"inconsistent state: active_index is 2 but 0 switches are recorded"),
+    (_set(active_index=0),
+     r"inconsistent state: active_index is 0 but 1 switch is recorded"),
+    (_set(switches=3), r"invalid switches in the state: switches must be a list of "
+                       r"\[old_index, new_index, count\]; got int"),
+    (_set(switches=[[0, 1]]), r"invalid switches\[0\] in the state: must be "
+                              r"\[old_index, new_index, count\] \(three ints\); got \[0, 1\]"),
+    (_set(switches=[[0, 1, "3"]]), r"invalid switches\[0\] in the state: must be"),
+    (_set(switches=[[0, 1, True]]), r"invalid switches\[0\] in the state: must be"),
+    (_set(switches=[[0, 2, 3]]),
+     r"inconsistent state: switches\[0\] goes from stage 0 to 2; expected 0 -> 1"),
+    (_set(switches=[[0, 1, 7]]),
+     r"inconsistent state: switches\[0\] happened at count 7; expected a count after 0 \(the "
+     r"previous switch, or the start\) and not above count=6"),
+    (_set(switches=[[0, 1, 0]], stage_count=6),
+     r"switches\[0\] happened at count 0; expected a count after 0"),
+    (_set(active_index=2, switches=[[0, 1, 4], [1, 2, 3]]),
+     r"switches\[1\] happened at count 3; expected a count after 4"),
+    (_set(active_index=2, switches=[[0, 1, 3], [1, 2, 3]], stage_count=3),
+     r"switches\[1\] happened at count 3; expected a count after 3"),
+    (_set(stage_count=6),
+     r"inconsistent state: stage_count is 6 but count - the last switch's count = 6 - 3 = 3"),
+    (_set(triggers=3), r"invalid triggers in the state: triggers must be a list of trigger "
+                       r"states; got int"),
+    (lambda s: {**s, "triggers": s["triggers"][:1]}, r"the state has 1 triggers, this loss 2"),
+    (_set_trigger(0, lambda t: 5),
+     r"triggers\[0\]: Plateau: a trigger state must be a dict; got int"),
+    (_set_trigger(1, lambda t: {"type": "Milestone"}),
+     r"triggers\[1\]: cannot load the state of a Milestone trigger into a RelativeImprovement"),
+    (_set_trigger(1, lambda t: {**t, "history": [0.7, "x"]}),
+     r"triggers\[1\]: RelativeImprovement: invalid history\[1\] in the state"),
+    (_set_trigger(1, lambda t: {**t, "num_low": "1"}),
+     r"triggers\[1\]: RelativeImprovement: invalid num_low in the state: num_low must be an int"),
+    (_set_trigger(1, lambda t: {**t, "history": [0.7]}),
+     r"triggers\[1\]: RelativeImprovement: inconsistent state: num_low=1 but the history "
+     r"holds 1 of window=2 values"),
+    (_set_trigger(0, lambda t: {**t, "best": float("nan")}),
+     r"triggers\[0\]: Plateau: invalid best in the state: a best value cannot be NaN"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "message"), _BAD_STATES)
+def test_an_inconsistent_state_is_rejected_and_changes_nothing(target_and_saved, corrupt,
+                                                               message: str) -> None:
+    target, saved = target_and_saved
+    before = _snapshot(target)
+    full = target.state_dict()
+    full["_extra_state"] = corrupt(copy.deepcopy(saved))
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(full)
+    assert _snapshot(target) == before
+    # the state itself was not changed by the failed attempt either
+    assert target.step(0.45) is False and target.count == 5
+
+
+class _CheckLate(Trigger):
+    """A custom trigger whose own _load changes itself before it checks (not atomic)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def update(self, count, stage_count, metric) -> bool:
+        self.seen += 1
+        return False
+
+    def _state(self) -> dict:
+        return {"seen": self.seen}
+
+    def _load(self, state) -> None:
+        self.loaded = True
+        self.seen = int(state["seen"])
+
+
+def test_loading_is_atomic_even_with_custom_triggers_that_are_not() -> None:
+    loss = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=[_CheckLate(), _CheckLate()])
+    loss.step()
+    before = _snapshot(loss)
+    state = loss.state_dict()
+    state["_extra_state"]["triggers"] = [{"type": "_CheckLate", "seen": 5},
+                                         {"type": "_CheckLate", "seen": [1]}]
+    with pytest.raises(ValueError, match=r"triggers\[1\]: int\(\) argument must be .*not 'list'"):
+        loss.load_state_dict(state)
+    assert _snapshot(loss) == before and not hasattr(loss.triggers[0], "loaded")
+    state["_extra_state"]["triggers"][1] = {"type": "_CheckLate", "seen": "x"}
+    with pytest.raises(ValueError, match=r"triggers\[1\]: invalid literal for int\(\)"):
+        loss.load_state_dict(state)
+    assert _snapshot(loss) == before
+    state["_extra_state"]["triggers"][1] = {"type": "_CheckLate", "seen": 2}
+    loss.load_state_dict(state)
+    assert [t.seen for t in loss.triggers] == [5, 2]
+
+
+def test_relative_improvement_resumes_mid_patience_inside_a_switching_loss() -> None:
+    metrics = [1.0, 0.9, 0.85, 0.84, 0.83, 0.8, 0.6, 0.59, 0.58, 0.575, 0.57, 0.5]
+
+    def make() -> SwitchingLoss:
+        return SwitchingLoss([DiceLoss(), BCELoss()], trigger=RelativeImprovement(
+            threshold=0.05, window=2, patience=3))
+
+    uninterrupted = make()
+    expected = [uninterrupted.step(m) for m in metrics]
+    assert uninterrupted.switches == [(0, 1, 11)] and expected.index(True) == 10
+    first = make()
+    head = [first.step(m) for m in metrics[:10]]
+    assert first.triggers[0].num_low == 2  # resumed between two low steps and the third
+    resumed = make()
+    resumed.load_state_dict(_saved(first))
+    assert head + [resumed.step(m) for m in metrics[10:]] == expected
+    assert resumed.switches == uninterrupted.switches and resumed.active_name == "bce"

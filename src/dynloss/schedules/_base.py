@@ -8,7 +8,7 @@ from typing import Any
 
 from .._checks import check_non_negative
 
-__all__ = ["call_repr", "check_count", "check_state", "check_weight"]
+__all__ = ["call_repr", "check_count", "check_state", "check_weight", "state_int", "state_real"]
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> int:
@@ -47,7 +47,12 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
 
 
 def check_state(owner: str, state: object, keys: set[str]) -> Mapping[str, Any]:
-    """Check that ``state`` is a mapping with exactly ``keys``; a clear ValueError otherwise."""
+    """Check that ``state`` is a mapping with exactly ``keys``; a clear ValueError otherwise.
+
+    Loading a state is validate-then-assign: every ``load_state_dict`` of the schedules
+    package checks the whole state (keys with this function, values with :func:`state_int`
+    and :func:`state_real`) before it changes anything, so a failed load changes nothing.
+    """
     if not isinstance(state, Mapping):
         raise ValueError(f"{owner}: a state must be a dict; got {type(state).__name__}")
     if set(state) != keys:
@@ -58,6 +63,43 @@ def check_state(owner: str, state: object, keys: set[str]) -> Mapping[str, Any]:
             f"{unexpected}); was it saved from a different object?"
         )
     return state
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:47]}...({len(text)} chars)"
+
+
+def state_int(owner: str, key: str, value: object, minimum: int = 0) -> int:
+    """An int >= ``minimum`` read from a saved state (not a bool).
+
+    Raises:
+        ValueError: naming ``key`` (a wrong type in a state is bad data, not a programming
+            error, so it is a ValueError, like every other problem with a state).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{owner}: invalid {key} in the state: {key} must be an int; got "
+                         f"{type(value).__name__} {_shown(value)}")
+    if value < minimum:
+        raise ValueError(f"{owner}: invalid {key} in the state: {key} must be >= {minimum}; got "
+                         f"{value}")
+    return value
+
+
+def state_real(owner: str, key: str, value: object) -> float:
+    """Any real number (int or float, not bool; inf and NaN included) read from a saved state.
+
+    Raises:
+        ValueError: naming ``key``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{owner}: invalid {key} in the state: {key} must be a number; got "
+                         f"{type(value).__name__} {_shown(value)}")
+    try:
+        return float(value)
+    except OverflowError as err:
+        raise ValueError(f"{owner}: invalid {key} in the state: {key} is too large for a "
+                         "float") from err
 
 
 def default_name(loss: object) -> str:

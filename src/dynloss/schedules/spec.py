@@ -23,17 +23,33 @@ schedules and triggers, in ``CamelCase`` or ``snake_case``: ``LinearRamp`` / ``l
   ``"dice->focal@30->bce@60"``: three stages, milestones 30 and 60 (counted from the start);
   ``"iou->bce@plateau(patience=5)"``: switch when the monitored value plateaus.
 
+Values: numbers (ASCII digits), ``True`` / ``False`` / ``None``, lists, dicts and strings in
+``'...'`` or ``"..."``. Strings are read like Python literals without a prefix: the escapes
+``\\ \' \" \a \b \f \n \r \t \v \xhh \uhhhh \Uhhhhhhhh`` (every escape ``repr`` writes);
+octal escapes, ``\N{...}``, unknown escapes and raw control characters (NUL, a line break,
+...) are refused. Brackets nest at most :data:`MAX_DEPTH` (64) levels.
+
+``on_switch`` callbacks are Python code, which a spec cannot build: ``on_switch=`` in a spec is
+refused (a loss given there, a number, a name); only ``None`` (or ``[]``) passes.
+
 The ``repr()`` of every dynloss loss, composite and switching loss is a spec of an equal loss,
-so ``build_loss(repr(loss))`` rebuilds it. Every error is a :class:`SpecError` (a
-``ValueError``) whose message shows the spec with a caret under the offending position.
+so ``build_loss(repr(loss))`` rebuilds it, with two exceptions that :func:`build_loss`
+refuses with a :class:`SpecError` rather than rebuild something else: a
+:class:`~dynloss.SwitchingLoss` with registered callbacks (its repr names them,
+``on_switch=['report']``) and a loss nested deeper than :data:`MAX_DEPTH` brackets.
+
+Every error is a :class:`SpecError` (a ``ValueError``) whose message shows the spec with a
+caret under the offending position; a string spec never raises ``SyntaxError``,
+``RecursionError`` or ``OverflowError``.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
 import inspect
+import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +62,16 @@ from .switching import SwitchingLoss
 from .triggers import Milestone, Plateau, RelativeImprovement, Trigger
 from .weights import Constant, Cosine, LinearRamp, RampCosine, Step, WeightSchedule
 
-__all__ = ["SpecError", "build_loss", "registry"]
+__all__ = ["MAX_DEPTH", "SpecError", "build_loss", "registry"]
+
+MAX_DEPTH = 64
+"""Most brackets a spec may nest: ``(``, ``[``, ``{`` and a call's ``(`` count one level each.
+
+Real specs nest a few levels (``CompositeLoss([...])`` in a ``repr`` takes two); 64 levels
+keep the recursive parser under 400 Python frames (about 5 per level), well inside the
+default recursion limit of 1000 even when :func:`build_loss` is called from deep inside a
+framework. Deeper specs are a :class:`SpecError`, never a ``RecursionError``.
+"""
 
 
 class SpecError(ValueError):
@@ -75,8 +100,22 @@ class SpecError(ValueError):
         self.spec = spec
         self.position = position
         super().__init__(
-            f"{message} (at position {position})\n    {spec}\n    {' ' * position}^"
+            f"{message} (at position {position})\n    {_printable(spec)}\n    {' ' * position}^"
         )
+
+
+def _printable(spec: str) -> str:
+    """The spec with each control character shown as one visible character (U+2400 block for
+    C0 and DEL, U+FFFD for C1), so that the caret below it stays aligned."""
+    return "".join(
+        (chr(0x2400 + ord(c)) if ord(c) < 0x20 else "\u2421" if c == "\x7f" else "\ufffd")
+        if _is_control(c) else c
+        for c in spec
+    )
+
+
+def _is_control(char: str) -> bool:
+    return ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F
 
 
 def registry() -> dict[str, Callable[..., Any]]:
@@ -108,8 +147,7 @@ def registry() -> dict[str, Callable[..., Any]]:
 _TOKEN = re.compile(
     r"""
     (?P<space>\s+)
-  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
-  | (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
+  | (?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op>->|[-+*@()\[\]{},=:])
     """,
@@ -122,6 +160,64 @@ class _Token:
     kind: str
     text: str
     pos: int
+    value: str = ""
+    """The decoded value of a string token."""
+
+
+# the escapes of Python string literals that a spec accepts: every escape ``repr(str)`` writes,
+# and the one-letter ones; octal, ``\N{...}`` and line continuations are refused
+_SIMPLE_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b", "f": "\f", "n": "\n",
+                   "r": "\r", "t": "\t", "v": "\v"}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _read_string(spec: str, start: int) -> tuple[str, int]:
+    r"""Decode the string literal opening at ``start``; returns ``(value, end)``.
+
+    Quotes and escapes are those of a Python literal without prefix (see ``_SIMPLE_ESCAPES``,
+    ``\xhh``, ``\uhhhh``, ``\Uhhhhhhhh``); raw control characters (NUL, newline, ...) must be
+    written as escapes. Every problem is a SpecError at the offending character.
+    """
+    quote, pos = spec[start], start + 1
+    chars: list[str] = []
+    while pos < len(spec):
+        char = spec[pos]
+        if char == quote:
+            return "".join(chars), pos + 1
+        if _is_control(char):
+            raise SpecError(
+                f"a raw control character {char!r} in a string; write it as the escape "
+                f"{ascii(char)[1:-1]}", spec, pos,
+            )
+        if char != "\\":
+            chars.append(char)
+            pos += 1
+            continue
+        if pos + 1 == len(spec):
+            break
+        code = spec[pos + 1]
+        if code in _SIMPLE_ESCAPES:
+            chars.append(_SIMPLE_ESCAPES[code])
+            pos += 2
+        elif code in _HEX_ESCAPES:
+            width = _HEX_ESCAPES[code]
+            digits = spec[pos + 2 : pos + 2 + width]
+            if len(digits) != width or not _HEX_DIGITS.issuperset(digits):
+                raise SpecError(f"the escape '\\{code}' needs {width} hex digits, as in "
+                                f"'\\{code}{'0' * (width - 2)}41'", spec, pos)
+            if int(digits, 16) > 0x10FFFF:
+                raise SpecError(f"'\\{code}{digits}' is beyond U+10FFFF, the last Unicode "
+                                "character", spec, pos)
+            chars.append(chr(int(digits, 16)))
+            pos += 2 + width
+        else:
+            escape = f"'\\{code}'" if code.isprintable() else f"a backslash followed by {code!r}"
+            raise SpecError(
+                f"unknown escape {escape} in a string; a spec accepts \\\\ \\' \\\" \\a \\b \\f "
+                "\\n \\r \\t \\v \\xhh \\uhhhh \\Uhhhhhhhh", spec, pos,
+            )
+    raise SpecError("unterminated string: no closing quote", spec, start)
 
 
 @dataclass
@@ -135,13 +231,14 @@ class _Weighted:
 def _tokenize(spec: str) -> list[_Token]:
     tokens, pos = [], 0
     while pos < len(spec):
+        if spec[pos] in "'\"":
+            value, end = _read_string(spec, pos)
+            tokens.append(_Token("string", spec[pos:end], pos, value))
+            pos = end
+            continue
         match = _TOKEN.match(spec, pos)
         if match is None:
-            quote = spec[pos] in "'\""
-            raise SpecError(
-                "unterminated string" if quote else f"unexpected character {spec[pos]!r}",
-                spec, pos,
-            )
+            raise SpecError(f"unexpected character {spec[pos]!r}", spec, pos)
         kind = match.lastgroup
         assert kind is not None
         if kind != "space":
@@ -161,6 +258,19 @@ class _Parser:
         self.tokens = _tokenize(spec)
         self.index = 0
         self.names = registry()
+        self.depth = 0  # brackets open at the current token
+
+    def open_bracket(self, token: _Token) -> None:
+        """Count one more level of nesting (``token`` is the opening bracket)."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(
+                f"brackets nested more than {MAX_DEPTH} deep; a spec allows {MAX_DEPTH} levels "
+                "(each '(', '[', '{' and each call's '(' counts one)", token.pos,
+            )
+
+    def close_bracket(self) -> None:
+        self.depth -= 1
 
     # -- token helpers
     @property
@@ -280,18 +390,28 @@ class _Parser:
             raise self.error("a product must be one weight times one loss, as in '0.5*dice'",
                              weights[1][0])
         pos, weight = weights[0]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float, WeightSchedule)):
+        if isinstance(weight, WeightSchedule):
+            return _Weighted(weight, losses[0][1])
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise self.error(
                 "a weight must be a number or a weight schedule such as linear_ramp(0, 10)", pos
             )
-        if not isinstance(weight, WeightSchedule) and weight < 0:
-            raise self.error(f"a weight must be >= 0; got {weight}", pos)
-        return _Weighted(weight if isinstance(weight, WeightSchedule) else float(weight),
-                         losses[0][1])
+        if weight < 0:
+            raise self.error(f"a weight must be >= 0; got {_shorten(str(weight))}", pos)
+        value = float(weight) if weight <= _FLOAT_MAX else math.inf  # float(10**400) overflows
+        if not math.isfinite(value):
+            raise self.error(f"a weight must be finite; got {_shorten(str(weight))}", pos)
+        return _Weighted(value, losses[0][1])
 
     def number(self, token: _Token) -> int | float:
         text = token.text
-        return int(text) if text.isdigit() else float(text)
+        if not text.isdigit():
+            return float(text)  # a decimal point or exponent; too large is inf
+        try:
+            return int(text)
+        except ValueError as err:  # beyond sys.get_int_max_str_digits()
+            raise self.error(f"the integer {_shorten(text)} has too many digits",
+                             token.pos) from err
 
     def factor(self) -> Any:
         token = self.token
@@ -307,20 +427,25 @@ class _Parser:
             return -self.number(number)
         if token.kind == "string":
             self.index += 1
-            return ast.literal_eval(token.text)
+            return token.value
         if token.kind == "name":
             self.index += 1
             if token.text in ("True", "False", "None"):
                 return {"True": True, "False": False, "None": None}[token.text]
             return self.call(token)
-        if self.accept("("):
-            value = self.spec_expr()
-            self.expect(")", "expected ')' to close the '(' group")
-            return self.finish(value)
-        if self.accept("["):
-            return self.sequence("]")
-        if self.accept("{"):
-            return self.mapping()
+        if token.kind == "op" and token.text in "([{":
+            self.index += 1
+            self.open_bracket(token)
+            if token.text == "(":
+                value = self.spec_expr()
+                self.expect(")", "expected ')' to close the '(' group")
+                value = self.finish(value)
+            elif token.text == "[":
+                value = self.sequence("]")
+            else:
+                value = self.mapping()
+            self.close_bracket()
+            return value
         raise self.error(f"expected a loss, a number or a value; found {_describe(token)}")
 
     def sequence(self, close: str) -> list[Any]:
@@ -361,7 +486,9 @@ class _Parser:
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         where: dict[str, int] = {}  # parameter name -> position of its value
+        open_token = self.token
         if self.accept("("):
+            self.open_bracket(open_token)
             parameters = {
                 p.name: p for p in inspect.signature(factory).parameters.values()
             }
@@ -390,6 +517,10 @@ class _Parser:
                     if token.text in kwargs:
                         raise self.error(f"parameter {token.text!r} given twice", token.pos)
                     where[token.text] = self.token.pos
+                    if factory is SwitchingLoss and token.text == "on_switch":
+                        self.no_callbacks()  # None or []: no callbacks
+                        kwargs["on_switch"] = None
+                        continue
                     kwargs[token.text] = self.finish(self.spec_expr())
                 else:
                     if kwargs:
@@ -405,9 +536,10 @@ class _Parser:
                         )
                     where[positional[len(args)].name] = token.pos
                     args.append(self.finish(self.spec_expr()))
+            self.close_bracket()
         try:
             return factory(*args, **kwargs)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, ArithmeticError) as err:  # float(10**400): OverflowError
             # point at the argument the message names ("alpha must be >= 0"), else at the call
             message = str(err)
             pos = next(
@@ -415,6 +547,44 @@ class _Parser:
                 name_token.pos,
             )
             raise self.error(f"{name}: {message}", pos) from err
+
+    def no_callbacks(self) -> None:
+        """Parse the value of ``on_switch=`` and refuse anything but ``None`` or ``[]``.
+
+        Callbacks are Python code; nothing a spec builds is one (a loss is callable, but a
+        callback receives a :class:`~dynloss.SwitchEvent`). The ``repr`` of a loss with
+        callbacks writes their names as strings, which land here too.
+        """
+        pos = self.token.pos
+        probe = self.tokens[self.index + (1 if self.token.text == "[" else 0)]
+        if probe.kind == "name" and probe.text not in self.names and probe.text not in (
+            "True", "False", "None"
+        ):
+            raise self.error(
+                f"on_switch: {probe.text!r} is not a name a spec knows; callbacks are Python code, "
+                "which a spec cannot build: build the loss without on_switch and register them "
+                "with loss.on_switch(callback)", probe.pos,
+            )
+        value = self.finish(self.spec_expr())
+        if value is None or value == []:
+            return None
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, nn.Module):
+                raise self.error(
+                    f"on_switch: {item!r} is a loss, not a callback; a further stage is written "
+                    "as in 'dice->focal@30->bce@60'", pos,
+                )
+            if isinstance(item, str):
+                raise self.error(
+                    f"on_switch: the callback {item!r} is Python code, which a spec cannot build; "
+                    "build the loss without on_switch and register it again with "
+                    "loss.on_switch(callback)", pos,
+                )
+        raise self.error(
+            f"on_switch takes Python callables, which a spec cannot build; got "
+            f"{type(value).__name__} {_shorten(repr(value))}; register callbacks with "
+            "loss.on_switch(callback) after build_loss", pos,
+        )
 
     # -- conversions
     def finish(self, value: Any) -> Any:
@@ -433,8 +603,15 @@ class _Parser:
         return value
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else f"{text[: width - 13]}...({len(text)} chars)"
+
+
 def build_loss(spec: str | nn.Module) -> nn.Module:
-    """Build a loss from a spec string (see :mod:`dynloss.schedules.spec` for the grammar).
+    r"""Build a loss from a spec string (see :mod:`dynloss.schedules.spec` for the grammar).
 
     Args:
         spec: e.g. ``"dice"``, ``"tversky(alpha=0.3,beta=0.7)"``, ``"topk(k=0.1)"``,
@@ -447,11 +624,15 @@ def build_loss(spec: str | nn.Module) -> nn.Module:
         :class:`~dynloss.SwitchingLoss`.
 
     Raises:
-        SpecError: (a ``ValueError``) malformed spec, unknown name or parameter, or a value a
-            constructor rejects; the message points at the position with a caret.
+        SpecError: (a ``ValueError``) malformed spec, unknown name or parameter, a bad string
+            (unknown or malformed escape, raw control character such as NUL), brackets nested
+            deeper than :data:`MAX_DEPTH`, an integer beyond Python's digit limit, a weight that
+            is not finite, ``on_switch=`` anything but ``None``, or a value a constructor
+            rejects; the message points at the position with a caret.
+        TypeError: ``spec`` is neither a string nor a module.
 
     Examples:
-        >>> from dynloss import build_loss
+        >>> from dynloss import SpecError, build_loss
         >>> build_loss("0.5*dice+bce")
         CompositeLoss([DiceLoss(), BCELoss()], weights=[0.5, 1.0])
         >>> build_loss("iou->bce@plateau(patience=5)")
@@ -462,6 +643,20 @@ def build_loss(spec: str | nn.Module) -> nn.Module:
         Traceback (most recent call last):
         ...
         dynloss.schedules.spec.SpecError: unknown name 'focl'; did you mean 'focal'? ...
+        >>> build_loss("SwitchingLoss({'a\\tb': dice, 'c\\u00e9': bce}, milestones=[5])").names
+        ['a\tb', 'cé']
+        >>> try:
+        ...     build_loss(r"dice(mode='\x')")
+        ... except SpecError as err:
+        ...     print(err)
+        the escape '\x' needs 2 hex digits, as in '\x41' (at position 11)
+            dice(mode='\x')
+                       ^
+        >>> try:
+        ...     build_loss("SwitchingLoss([dice, bce], milestones=[3], on_switch=dice)")
+        ... except SpecError as err:
+        ...     print(err.position, err.message)  # doctest: +ELLIPSIS
+        53 on_switch: DiceLoss() is a loss, not a callback; ...
     """
     if isinstance(spec, nn.Module):
         return spec

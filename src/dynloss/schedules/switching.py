@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
 from ..distributed import reduce_mean
-from ._base import child_needs_metric, losses_repr, named_losses, step_child
+from ._base import child_needs_metric, losses_repr, named_losses, state_int, step_child
 from .triggers import Milestone, Trigger
+from .weights import WeightSchedule
 
 __all__ = ["SwitchEvent", "SwitchingLoss"]
 
@@ -101,7 +102,12 @@ class SwitchingLoss(nn.Module):
           stage's own ``last_terms`` as ``"stage.term"`` entries.
         - ``state_dict()`` holds the counters, the active stage, the switch history and the
           triggers' history (``torch.load(weights_only=True)``-safe); loading it resumes the
-          exact sequence. Callbacks are not saved: register them again.
+          exact sequence. A state that does not fit this loss, holds a wrong type or is
+          inconsistent is a ValueError, and a failed load changes nothing (see
+          :meth:`set_extra_state`). Callbacks are not saved: register them again.
+        - ``repr()`` is a :func:`~dynloss.build_loss` spec of an equal loss; with callbacks
+          registered it names them instead, and ``build_loss`` refuses it (see
+          :meth:`__repr__`).
 
     Examples:
         >>> import torch
@@ -151,9 +157,19 @@ class SwitchingLoss(nn.Module):
         """Whether the last :meth:`step` switched."""
         self.last_terms: dict[str, Tensor] = {}
         self._callbacks: list[SwitchCallback] = []
-        if on_switch is not None:
-            for callback in [on_switch] if callable(on_switch) else list(on_switch):
-                self.on_switch(callback)
+        if on_switch is None:
+            callbacks: list[Any] = []
+        elif callable(on_switch) or isinstance(on_switch, (str, bytes)):
+            callbacks = [on_switch]
+        elif isinstance(on_switch, Iterable):
+            callbacks = list(on_switch)
+        else:
+            raise TypeError(
+                "on_switch must be a callable or a list of callables; got "
+                f"{type(on_switch).__name__}"
+            )
+        for callback in callbacks:
+            self.on_switch(callback)
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -197,6 +213,15 @@ class SwitchingLoss(nn.Module):
     def on_switch(self, callback: SwitchCallback) -> SwitchCallback:
         """Register ``callback(event)`` to run at every switch; returns it (usable as decorator).
 
+        Callbacks run in the order they were registered, inside the :meth:`step` that switches.
+        They are code, not state: ``state_dict()`` does not hold them, and ``repr()`` lists
+        their names (see :meth:`__repr__`).
+
+        Raises:
+            TypeError: ``callback`` is not callable, or is a loss module or a weight schedule
+                (callable, but not with a :class:`SwitchEvent`; a further stage belongs in
+                ``losses``).
+
         Examples:
             >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
             >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
@@ -206,8 +231,16 @@ class SwitchingLoss(nn.Module):
             >>> _ = loss.step()
             epoch 1: dice -> bce
         """
+        if isinstance(callback, (nn.Module, WeightSchedule)):
+            kind = "loss" if isinstance(callback, nn.Module) else "weight schedule"
+            raise TypeError(
+                f"on_switch needs a callback that takes a SwitchEvent; got the {kind} "
+                f"{callback!r} (a further stage belongs in losses)"
+            )
         if not callable(callback):
-            raise TypeError(f"on_switch needs a callable; got {type(callback).__name__}")
+            raise TypeError(
+                f"on_switch needs a callable; got {type(callback).__name__} {callback!r}"
+            )
         self._callbacks.append(callback)
         return callback
 
@@ -281,41 +314,123 @@ class SwitchingLoss(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
+        """Load the state of :meth:`get_extra_state` (``load_state_dict`` calls this).
+
+        Everything is checked before anything changes, so a failed load leaves the loss and
+        its triggers exactly as they were (each trigger's state is first loaded into a deep
+        copy of it; a custom trigger's ``_load`` must be deterministic). Checked:
+
+        - the keys, and the type of every value (a wrong type is a ValueError naming the key);
+        - the saved loss matches this one: ``num_stages``, ``unit``, the number and kind of
+          triggers;
+        - consistency: ``active_index < num_stages``; ``active_index`` equals the number of
+          switches recorded; switch ``i`` is ``(i, i + 1, count_i)`` with
+          ``0 < count_0 < count_1 < ... <= count`` (at most one switch per step);
+          ``stage_count == count - count_last`` (``count`` before any switch); every trigger's
+          history is valid for it.
+
+        Raises:
+            ValueError: any of the above; the message names the key or the mismatch.
+
+        Examples:
+            >>> from dynloss import BCELoss, DiceLoss, SwitchingLoss
+            >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+            >>> state = loss.state_dict()
+            >>> state["_extra_state"]["active_index"] = 1  # but no switch recorded
+            >>> loss.load_state_dict(state)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: SwitchingLoss: inconsistent state: active_index is 1 but 0 switches are ...
+            >>> loss.active_index, loss.count
+            (0, 0)
+        """
+        owner = "SwitchingLoss"
         keys = {"num_stages", "unit", "count", "stage_count", "active_index", "switches",
                 "triggers"}
         if not isinstance(state, Mapping) or set(state) != keys:
-            raise ValueError("SwitchingLoss: this state was not saved from a SwitchingLoss")
-        if state["num_stages"] != self.num_stages:
+            detail = (
+                f"missing keys {sorted(keys - set(state))}, unexpected keys "
+                f"{sorted(map(str, set(state) - keys))}" if isinstance(state, Mapping)
+                else f"a state must be a dict; got {type(state).__name__}"
+            )
+            raise ValueError(f"{owner}: this state was not saved from a SwitchingLoss ({detail})")
+        num_stages = state_int(owner, "num_stages", state["num_stages"])
+        if num_stages != self.num_stages:
             raise ValueError(
-                f"SwitchingLoss: the state was saved from a loss with {state['num_stages']} "
+                f"{owner}: the state was saved from a loss with {num_stages} "
                 f"stages; this one has {self.num_stages} ({', '.join(self.names)})"
             )
-        if state["unit"] != self.unit:
+        unit = state["unit"]
+        if not (isinstance(unit, str) and unit == self.unit):
             raise ValueError(
-                f"SwitchingLoss: the state counts unit={state['unit']!r}, this loss "
-                f"unit={self.unit!r}"
+                f"{owner}: the state counts unit={unit!r}, this loss unit={self.unit!r}"
             )
-        ints = {k: state[k] for k in ("count", "stage_count", "active_index")}
-        for key, value in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"SwitchingLoss: invalid {key} {value!r} in the state")
-        if ints["active_index"] >= self.num_stages or ints["stage_count"] > ints["count"]:
-            raise ValueError(f"SwitchingLoss: inconsistent counters in the state: {ints}")
+        count = state_int(owner, "count", state["count"])
+        stage_count = state_int(owner, "stage_count", state["stage_count"])
+        active_index = state_int(owner, "active_index", state["active_index"])
+        if active_index >= self.num_stages:
+            raise ValueError(f"{owner}: active_index {active_index} in the state is out of range "
+                             f"for {self.num_stages} stages")
+        switches = _checked_switches(state["switches"], count)
+        if len(switches) != active_index:
+            recorded = f"{len(switches)} switch{' is' if len(switches) == 1 else 'es are'}"
+            raise ValueError(
+                f"{owner}: inconsistent state: active_index is {active_index} but {recorded} "
+                "recorded (each switch advances the active stage by one)"
+            )
+        last = switches[-1][2] if switches else 0
+        if stage_count != count - last:
+            raise ValueError(
+                f"{owner}: inconsistent state: stage_count is {stage_count} but count - the last "
+                f"switch's count = {count} - {last} = {count - last}"
+            )
         triggers = state["triggers"]
+        if not isinstance(triggers, (list, tuple)):
+            raise ValueError(f"{owner}: invalid triggers in the state: triggers must be a list of "
+                             f"trigger states; got {type(triggers).__name__}")
         if len(triggers) != len(self.triggers):
             raise ValueError(
-                f"SwitchingLoss: the state has {len(triggers)} triggers, this loss "
+                f"{owner}: the state has {len(triggers)} triggers, this loss "
                 f"{len(self.triggers)}"
             )
+        for index, (trigger, saved) in enumerate(zip(self.triggers, triggers, strict=True)):
+            try:
+                copy.deepcopy(trigger).load_state_dict(saved)  # a dry run: changes nothing
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{owner}: triggers[{index}]: {err}") from err
+        # -- all checked: assign
         for trigger, saved in zip(self.triggers, triggers, strict=True):
             trigger.load_state_dict(saved)
-        self.count = ints["count"]
-        self.stage_count = ints["stage_count"]
-        self.active_index = ints["active_index"]
-        self.switches = [(int(a), int(b), int(c)) for a, b, c in state["switches"]]
+        self.count = count
+        self.stage_count = stage_count
+        self.active_index = active_index
+        self.switches = switches
         self.just_switched = False
 
     def __repr__(self) -> str:
+        """A :func:`~dynloss.build_loss` spec of this loss, unless callbacks are registered.
+
+        Without callbacks, ``build_loss(repr(loss))`` builds an equal loss (same stages,
+        triggers, ``unit`` and ``sync_metric``; the counters start at 0). Callbacks are Python
+        code that a spec cannot hold, so the repr does not drop them silently: it lists their
+        qualified names as ``on_switch=['name', ...]``, and :func:`~dynloss.build_loss` refuses
+        that spec with a :class:`~dynloss.SpecError` naming the callback (``eval`` refuses it
+        too: a name is not a callable). Build the loss from the repr of a copy without
+        callbacks, or from the original spec, and register them again with :meth:`on_switch`.
+
+        Examples:
+            >>> from dynloss import BCELoss, DiceLoss, SpecError, SwitchingLoss, build_loss
+            >>> def report(event):
+            ...     print(event.new_name)
+            >>> loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3], on_switch=report)
+            >>> loss
+            SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3], on_switch=['report'])
+            >>> try:
+            ...     build_loss(repr(loss))
+            ... except SpecError as err:
+            ...     print(err.message)  # doctest: +ELLIPSIS
+            on_switch: the callback 'report' is Python code, which a spec cannot build; ...
+        """
         parts = [losses_repr(self.names, list(self.stages.values()), self._explicit_names)]
         milestones = self.milestones
         if milestones is not None:
@@ -328,7 +443,48 @@ class SwitchingLoss(nn.Module):
             parts.append(f"unit={self.unit!r}")
         if not self.sync_metric:
             parts.append("sync_metric=False")
+        if self._callbacks:
+            names = ", ".join(repr(_callback_name(c)) for c in self._callbacks)
+            parts.append(f"on_switch=[{names}]")
         return f"SwitchingLoss({', '.join(parts)})"
+
+
+def _callback_name(callback: object) -> str:
+    """The qualified name of a function or method, else of the callable's class."""
+    name = getattr(callback, "__qualname__", None)
+    return name if isinstance(name, str) else type(callback).__qualname__
+
+
+def _checked_switches(saved: object, count: int) -> list[tuple[int, int, int]]:
+    """The switch history of a state as tuples, checked (see ``set_extra_state``)."""
+    owner = "SwitchingLoss"
+    if not isinstance(saved, (list, tuple)):
+        raise ValueError(f"{owner}: invalid switches in the state: switches must be a list of "
+                         f"[old_index, new_index, count]; got {type(saved).__name__}")
+    switches: list[tuple[int, int, int]] = []
+    for index, entry in enumerate(saved):
+        if not (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
+        ):
+            raise ValueError(f"{owner}: invalid switches[{index}] in the state: must be "
+                             f"[old_index, new_index, count] (three ints); got {entry!r}")
+        old, new, at = entry
+        if (old, new) != (index, index + 1):
+            raise ValueError(
+                f"{owner}: inconsistent state: switches[{index}] goes from stage {old} to {new}; "
+                f"expected {index} -> {index + 1} (stages are visited in order)"
+            )
+        previous = switches[-1][2] if switches else 0
+        if not previous < at <= count:
+            raise ValueError(
+                f"{owner}: inconsistent state: switches[{index}] happened at count {at}; expected "
+                f"a count after {previous} (the previous switch, or the start) and not above "
+                f"count={count}"
+            )
+        switches.append((old, new, at))
+    return switches
 
 
 def _check_milestone_order(triggers: list[Trigger]) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .._checks import check_choice, check_non_negative, check_real
-from ._base import call_repr, check_count, check_state
+from ._base import call_repr, check_count, check_state, state_int, state_real
 
 __all__ = ["Milestone", "Plateau", "RelativeImprovement", "Trigger"]
 
@@ -43,7 +43,11 @@ class Trigger(ABC):
     A subclass implements :meth:`update`; it sets ``needs_metric = True`` to receive the
     value passed to ``step(metric=...)``, stores each constructor argument under its own name
     (``repr`` reads them, so the repr is a valid spec argument), and overrides :meth:`reset`
-    and the private ``_state`` / ``_load`` if it keeps a history.
+    and the private ``_state`` / ``_load`` if it keeps a history. ``_load`` receives a mapping
+    with exactly the keys of ``_state()`` (and ``"type"``); it should check every value before
+    it assigns any (raising ValueError), so that a failed load changes nothing.
+    :class:`~dynloss.SwitchingLoss` loads its triggers atomically in any case: it first loads
+    the state into a deep copy of each trigger, and only when all succeed into the triggers.
 
     Examples:
         A trigger that switches as soon as the monitored value falls below a threshold:
@@ -91,15 +95,34 @@ class Trigger(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the history saved by :meth:`state_dict`.
 
+        The whole state is checked before anything changes: on an error the trigger is as it
+        was.
+
         Raises:
-            ValueError: the state comes from a different kind of trigger.
+            ValueError: the state is not a dict, comes from a different kind of trigger, lacks
+                or adds keys, or holds a value of the wrong type or out of range (the message
+                names the key), or an inconsistent history.
+
+        Examples:
+            >>> from dynloss.schedules import Plateau
+            >>> trigger = Plateau(patience=3)
+            >>> trigger.load_state_dict({"type": "Plateau", "best": 0.5, "num_bad": 2})
+            >>> trigger.best, trigger.num_bad
+            (0.5, 2)
+            >>> trigger.load_state_dict({"type": "Plateau", "best": 0.4, "num_bad": "1"})
+            Traceback (most recent call last):
+            ...
+            ValueError: Plateau: invalid num_bad in the state: num_bad must be an int; got str '1'
+            >>> trigger.best, trigger.num_bad
+            (0.5, 2)
         """
         name = type(self).__name__
-        if not isinstance(state, Mapping) or state.get("type") != name:
-            found = state.get("type") if isinstance(state, Mapping) else type(state).__name__
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{name}: a trigger state must be a dict; got {type(state).__name__}")
+        found = state.get("type", name)
+        if not (isinstance(found, str) and found == name):
             raise ValueError(f"cannot load the state of a {found} trigger into a {name} trigger")
-        state = check_state(name, state, {"type", *self._state()})
-        self._load(state)
+        self._load(check_state(name, state, {"type", *self._state()}))
 
     def __repr__(self) -> str:
         return call_repr(self)
@@ -210,9 +233,19 @@ class Plateau(Trigger):
         return {"best": self.best, "num_bad": self.num_bad}
 
     def _load(self, state: Mapping[str, Any]) -> None:
-        best = state["best"]
-        self.best = None if best is None else _real("best", best)
-        self.num_bad = check_count("num_bad", state["num_bad"])
+        owner, best = type(self).__name__, state["best"]
+        if best is not None:
+            if isinstance(best, bool) or not isinstance(best, (int, float)):
+                raise ValueError(
+                    f"{owner}: invalid best in the state: best must be a number or None; got "
+                    f"{type(best).__name__} {best!r}"
+                )
+            best = state_real(owner, "best", best)
+            if math.isnan(best):
+                raise ValueError(f"{owner}: invalid best in the state: a best value cannot be "
+                                 "NaN (a NaN never improves)")
+        num_bad = state_int(owner, "num_bad", state["num_bad"])
+        self.best, self.num_bad = best, num_bad
 
 
 class RelativeImprovement(Trigger):
@@ -286,21 +319,23 @@ class RelativeImprovement(Trigger):
         return {"history": list(self.history), "num_low": self.num_low}
 
     def _load(self, state: Mapping[str, Any]) -> None:
-        history = state["history"]
-        if not isinstance(history, (list, tuple)) or len(history) > self.window:
+        owner, history = type(self).__name__, state["history"]
+        if not isinstance(history, (list, tuple)):
+            raise ValueError(f"{owner}: invalid history in the state: history must be a list of "
+                             f"numbers; got {type(history).__name__}")
+        if len(history) > self.window:
             raise ValueError(
-                f"RelativeImprovement: the saved history {history!r} does not fit "
-                f"window={self.window}"
+                f"{owner}: the saved history {history!r} does not fit window={self.window}"
             )
-        self.history = [_real("history", v) for v in history]
-        self.num_low = check_count("num_low", state["num_low"])
-
-
-def _real(name: str, value: object) -> float:
-    """Any real number (inf and NaN included: they can be monitored values)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"the saved {name} must be a number; got {type(value).__name__}")
-    return float(value)
+        values = [state_real(owner, f"history[{i}]", v) for i, v in enumerate(history)]
+        num_low = state_int(owner, "num_low", state["num_low"])
+        if num_low and len(values) < self.window:
+            # low steps are counted only once the history is full, and it then stays full
+            raise ValueError(
+                f"{owner}: inconsistent state: num_low={num_low} but the history holds "
+                f"{len(values)} of window={self.window} values (no improvement was measured yet)"
+            )
+        self.history, self.num_low = values, num_low
 
 
 def _metric(trigger: Trigger, metric: float | None) -> float:

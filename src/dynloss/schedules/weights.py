@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._base import call_repr, check_count, check_state, check_weight
+from ._base import call_repr, check_count, check_state, check_weight, state_int
 
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
 
@@ -90,13 +90,26 @@ class WeightSchedule(ABC):
         return {"count": self.count}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counter saved by :meth:`state_dict`.
+        """Restore the counter saved by :meth:`state_dict`; on an error nothing changes.
 
         Raises:
-            ValueError: the state does not come from a schedule.
+            ValueError: the state is not ``{"count": t}`` with an int ``t >= 0`` (the message
+                names the key).
+
+        Examples:
+            >>> from dynloss.schedules import LinearRamp
+            >>> ramp = LinearRamp(0, 4)
+            >>> ramp.load_state_dict({"count": 3})
+            >>> ramp.count, ramp.value
+            (3, 0.75)
+            >>> ramp.load_state_dict({"count": 2.0})
+            Traceback (most recent call last):
+            ...
+            ValueError: LinearRamp: invalid count in the state: count must be an int; got float 2.0
         """
-        state = check_state(type(self).__name__, state, {"count"})
-        self.count = check_count("count", state["count"])
+        owner = type(self).__name__
+        state = check_state(owner, state, {"count"})
+        self.count = state_int(owner, "count", state["count"])
 
     def __repr__(self) -> str:
         return call_repr(self)
