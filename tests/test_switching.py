@@ -146,6 +146,28 @@ def test_composite_state_roundtrip_and_mismatch() -> None:
         CompositeLoss([DiceLoss(), BCELoss()]).load_state_dict(state)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("count", "4", r"invalid count in the state: count must be an int; got str"),
+    ("count", -1, r"invalid count in the state: count must be >= 0"),
+    ("names", 7, r"invalid names in the state: names must be a list of str; got int"),
+])
+def test_composite_failed_load_changes_nothing(key, value, message) -> None:
+    """Everything is checked before anything is assigned: the weight schedules keep their
+    counters when the state's count (checked last before) or names are bad."""
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(0, 10), LinearRamp(0, 4)])
+    for _ in range(3):
+        loss.step()
+    state = _saved(loss)
+    fresh = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(0, 10), LinearRamp(0, 4)])
+    extra = next(k for k in state if k.endswith("_extra_state"))
+    bad = dict(state)
+    bad[extra] = dict(state[extra], **{key: value})
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(bad)
+    assert fresh.count == 0 and fresh.current_weights() == {"dice": 0.0, "bce": 0.0}
+    assert [w.count for w in fresh.weights] == [0, 0]
+
+
 # ----------------------------------------------------------------------------- SwitchingLoss
 def test_switching_default_is_the_papers_epoch_50(batch) -> None:
     logits, target = batch

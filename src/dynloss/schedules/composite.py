@@ -2,6 +2,7 @@ r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from ._base import (
     child_needs_metric,
     losses_repr,
     named_losses,
+    state_int,
     step_child,
 )
 from .weights import WeightSchedule
@@ -209,9 +211,16 @@ class CompositeLoss(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
+        owner = "CompositeLoss"
         if not isinstance(state, Mapping) or set(state) != {"count", "names", "schedules"}:
             raise ValueError("CompositeLoss: this state was not saved from a CompositeLoss")
-        names = list(state["names"])
+        # check everything first: a failed load changes nothing
+        count = state_int(owner, "count", state["count"])
+        names = state["names"]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{owner}: invalid names in the state: names must be a list of "
+                             f"str; got {type(names).__name__}")
+        names = list(names)
         if len(names) != len(self.weights):
             raise ValueError(
                 f"CompositeLoss: the state has {len(names)} terms {names}, this loss has "
@@ -221,8 +230,8 @@ class CompositeLoss(nn.Module):
             raise ValueError(
                 f"CompositeLoss: the state's terms {names} differ from this loss's {self.names}"
             )
-        schedules = list(state["schedules"])
-        if len(schedules) != len(names):
+        schedules = state["schedules"]
+        if not isinstance(schedules, (list, tuple)) or len(schedules) != len(names):
             raise ValueError("CompositeLoss: the state's schedules do not match its terms")
         for name, weight, saved in zip(names, self.weights, schedules, strict=True):
             if isinstance(weight, WeightSchedule) != (saved is not None):
@@ -232,10 +241,14 @@ class CompositeLoss(nn.Module):
                     f"a {'schedule' if isinstance(weight, WeightSchedule) else 'constant'} here"
                 )
             if isinstance(weight, WeightSchedule):
+                try:
+                    copy.deepcopy(weight).load_state_dict(saved)  # a dry run: changes nothing
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{owner}: the weight of {name!r}: {err}") from err
+        # all checked: assign
+        for weight, saved in zip(self.weights, schedules, strict=True):
+            if isinstance(weight, WeightSchedule):
                 weight.load_state_dict(saved)
-        count = state["count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"CompositeLoss: invalid count {count!r} in the state")
         self.count = count
 
     def __repr__(self) -> str:
