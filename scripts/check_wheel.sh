@@ -13,6 +13,12 @@ trap 'rm -rf "$work"' EXIT
 
 $PY -m pip install --quiet build
 $PY -m build --outdir "$work/dist" . > "$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+# Packaging metadata is current: setuptools warns about nothing deprecated (e.g. a TOML-table
+# project.license instead of an SPDX string with license-files).
+if grep -E "DeprecationWarning|is deprecated|are deprecated" "$work/build.log"; then
+    echo "the build warns about deprecated packaging metadata (above)" >&2
+    exit 1
+fi
 wheel=$(ls "$work"/dist/dynloss-*.whl)
 sdist=$(ls "$work"/dist/dynloss-*.tar.gz)
 echo "built $(basename "$sdist") and $(basename "$wheel")"
@@ -25,7 +31,7 @@ top = {n.split("/")[0] for n in names}
 unexpected = {t for t in top if t != "dynloss" and not t.endswith(".dist-info")}
 assert not unexpected, f"unexpected top-level entries in the wheel: {sorted(unexpected)}"
 assert "dynloss/py.typed" in names, "py.typed missing from the wheel"
-assert "dynloss/kernels/native_cpu.cpp" in names, "the native kernels' source is missing"
+assert "dynloss/kernels/native/native_cpu.cpp" in names, "the native kernels' source is missing"
 PYEOF
 
 $PY -m venv "$work/venv"

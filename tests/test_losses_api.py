@@ -74,3 +74,24 @@ def test_losses_have_no_parameters_and_move_with_the_model():
     assert list(dynloss.DiceLoss().parameters()) == []
     model.to(torch.float64)
     assert model.loss.mode == "binary"
+
+
+def test_python_OO_imports_and_runs():
+    """Under ``python -OO`` docstrings are None: importing and using dynloss must not need
+    them (the functional forms used to insert shared text into theirs at import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, dynloss\n"
+        "assert dynloss.functional.dice_loss.__doc__ is None\n"
+        "x = torch.zeros(2, 1, 4, 4); t = torch.ones(2, 1, 4, 4)\n"
+        "print(round(dynloss.DiceLoss()(x, t).item(), 4), "
+        "round(dynloss.functional.bce_loss(x, t).item(), 4), "
+        "repr(dynloss.build_loss('iou->bce@2')))\n"
+    )
+    result = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == (
+        "0.3333 0.6931 SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])")

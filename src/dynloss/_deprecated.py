@@ -3,8 +3,10 @@
 ``dynloss.kernels.region_pixel_loss`` and ``dynloss.kernels.RegionPixelLoss`` were a second
 API for composites. :class:`~dynloss.CompositeLoss` now runs the same fused pass itself
 whenever its two terms allow it (a region loss and BCE or Focal over the same input), so
-``CompositeLoss([DiceLoss(), BCELoss()])`` is the way to write Dice+BCE. The old names still
-work and warn once.
+``CompositeLoss([DiceLoss(), BCELoss()])`` is the way to write Dice+BCE.
+``dynloss.kernels.region_sums``, ``pixel_loss_sum`` and ``region_pixel_sums`` exposed the
+backends' primitives on the internal layout; the backends now compute whole losses, chosen by
+:mod:`dynloss.kernels.dispatch`. The old names still work and warn once.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_choice
+from ._checks import check_backend, check_bool, check_choice
+from ._layout import Layout
 from ._params import composite_params, distribution_params, region_params
 from .functional._call import composite_loss
+from .kernels import reference
+from .kernels.torch_backend import DistributionSum, RegionSums
 
-__all__ = ["PIXEL_TERMS", "REGION_TERMS", "RegionPixelLoss", "region_pixel_loss"]
+__all__ = ["PIXEL_TERMS", "REGION_TERMS", "RegionPixelLoss", "pixel_loss_sum",
+           "region_pixel_loss", "region_pixel_sums", "region_sums"]
 
 REGION_TERMS = ("dice", "iou", "jaccard", "tversky")
 PIXEL_TERMS = ("bce", "focal", "topk")
@@ -27,14 +33,93 @@ PIXEL_TERMS = ("bce", "focal", "topk")
 _WARNED: set[str] = set()
 
 
-def _warn(name: str) -> None:
+def _warn(name: str, instead: str = "dynloss.CompositeLoss([DiceLoss(), BCELoss()]) (it "
+          "runs the same fused pass)") -> None:
     if name not in _WARNED:
         _WARNED.add(name)
-        warnings.warn(
-            f"dynloss.kernels.{name} is deprecated and will be removed: use "
-            "dynloss.CompositeLoss([DiceLoss(), BCELoss()]) (it runs the same fused pass)",
-            DeprecationWarning, stacklevel=3,
-        )
+        warnings.warn(f"dynloss.kernels.{name} is deprecated and will be removed: use {instead}",
+                      DeprecationWarning, stacklevel=3)
+
+
+def region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None, backend: str,
+                pooled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Deprecated: ``(I, P, G)``, each ``(N, C)``, of the canonical ``layout`` (``(1, C)``
+    may come back with ``pooled=True``); the losses of :mod:`dynloss.functional` instead.
+
+    Examples:
+        >>> import torch, warnings
+        >>> from dynloss._deprecated import region_sums
+        >>> from dynloss._layout import prepare
+        >>> layout = prepare(torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), "binary")
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     i, p, g = region_sums(layout, from_logits=True, ignore_index=None,
+        ...                           backend="torch")
+        >>> i.tolist(), g.tolist()
+        ([[2.0], [2.0]], [[4.0], [4.0]])
+    """
+    _warn("region_sums", "the losses (e.g. dynloss.functional.dice_loss)")
+    if check_backend(backend) == "reference":
+        return reference.region_sums(layout, from_logits, ignore_index)
+    return RegionSums.apply(layout.x, layout.target, layout.mode, from_logits, ignore_index,
+                            pooled, True)
+
+
+def pixel_loss_sum(layout: Layout, *, gamma: float, alpha: float | Sequence[float] | None,
+                   k: float | None, from_logits: bool, ignore_index: int | None, backend: str
+                   ) -> tuple[Tensor, Tensor]:
+    """Deprecated: ``(S, count)``, the sum of the per-element (focal) losses (of the TopK
+    selection with ``k``) and the normaliser of their mean; the losses instead.
+
+    Examples:
+        >>> import torch, warnings
+        >>> from dynloss._deprecated import pixel_loss_sum
+        >>> from dynloss._layout import prepare
+        >>> layout = prepare(torch.zeros(1, 1, 4), torch.ones(1, 1, 4), "binary")
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     total, count = pixel_loss_sum(layout, gamma=0.0, alpha=None, k=None,
+        ...                                   from_logits=True, ignore_index=None,
+        ...                                   backend="torch")
+        >>> round(total.item(), 4), count.item()  # 4 log 2
+        (2.7726, 4.0)
+    """
+    _warn("pixel_loss_sum", "the losses (e.g. dynloss.functional.bce_loss)")
+    params = distribution_params(gamma=gamma, alpha=alpha, k=k, mode=layout.mode,
+                                 from_logits=from_logits, ignore_index=ignore_index,
+                                 backend=backend)
+    if params.backend == "reference":
+        return reference.distribution_sum(layout, params)
+    return DistributionSum.apply(layout.x, layout.target, params, True)
+
+
+def region_pixel_sums(layout: Layout, *, gamma: float, alpha: float | Sequence[float] | None,
+                      from_logits: bool, ignore_index: int | None, backend: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Deprecated: ``(I, P, G, S, count)`` of :func:`region_sums` and :func:`pixel_loss_sum`
+    (no TopK); :class:`dynloss.CompositeLoss` instead.
+
+    Examples:
+        >>> import torch, warnings
+        >>> from dynloss._deprecated import region_pixel_sums
+        >>> from dynloss._layout import prepare
+        >>> layout = prepare(torch.zeros(1, 1, 4), torch.ones(1, 1, 4), "binary")
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     sums = region_pixel_sums(layout, gamma=0.0, alpha=None, from_logits=True,
+        ...                              ignore_index=None, backend="torch")
+        >>> [round(s.item(), 4) for s in sums]
+        [2.0, 2.0, 4.0, 2.7726, 4.0]
+    """
+    _warn("region_pixel_sums")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        i, p, g = region_sums(layout, from_logits=from_logits, ignore_index=ignore_index,
+                              backend=backend)
+        total, count = pixel_loss_sum(layout, gamma=gamma, alpha=alpha, k=None,
+                                      from_logits=from_logits, ignore_index=ignore_index,
+                                      backend=backend)
+    return i, p, g, total, count
 
 
 def region_pixel_loss(

@@ -89,8 +89,10 @@ def native_runs(x: Tensor, backend: str) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    """The deprecated composite API (``region_pixel_loss``, ``RegionPixelLoss``)."""
-    if name in ("region_pixel_loss", "RegionPixelLoss", "REGION_TERMS", "PIXEL_TERMS"):
+    """The deprecated names (``region_pixel_loss``, ``RegionPixelLoss``, ``region_sums``,
+    ``pixel_loss_sum``, ``region_pixel_sums``): see :mod:`dynloss._deprecated`."""
+    if name in ("region_pixel_loss", "RegionPixelLoss", "REGION_TERMS", "PIXEL_TERMS",
+                "region_sums", "pixel_loss_sum", "region_pixel_sums"):
         from .. import _deprecated
 
         return getattr(_deprecated, name)

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .._params import CompositeParams, DistributionParams, RegionParams, composite_params
@@ -81,6 +82,12 @@ class CompositeLoss(nn.Module):
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.weights: list[Weight] = self._check_weights(names, weights)
+        # the weights as a tensor, read inside torch.compile (a float would be a constant of
+        # the graph: every new scheduled value would recompile); refreshed by step() and
+        # load_state_dict(), not saved
+        self.register_buffer("_weight_values", torch.zeros(len(names), dtype=torch.float64),
+                             persistent=False)
+        self._refresh_weight_values()
         self.count = 0
         """Number of :meth:`step` calls so far."""
         self.last_terms: dict[str, Tensor] = {}
@@ -158,6 +165,8 @@ class CompositeLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """:math:`\\sum_k w_k L_k(\\text{input}, \\text{target})`; fills :attr:`last_terms`."""
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(input, target)
         weights = list(self.current_weights().values())
         fused = self._fused_params(weights)
         if fused is not None:
@@ -181,6 +190,29 @@ class CompositeLoss(nn.Module):
         assert total is not None
         return total
 
+    def _refresh_weight_values(self) -> None:
+        with torch.no_grad():
+            self._weight_values.copy_(torch.tensor(list(self.current_weights().values()),
+                                                   dtype=torch.float64))
+
+    def _compiled_forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """The weighted sum inside ``torch.compile``: weights from the buffer, so a schedule's
+        new value does not recompile the graph; the compiler fuses the terms itself."""
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        for (name, loss), weight in zip(self.terms.items(), self._weight_values.unbind(0),
+                                        strict=True):
+            value = loss(input, target)
+            terms[name] = value.detach()
+            nested = getattr(loss, "last_terms", None)
+            if isinstance(nested, dict):
+                terms.update({f"{name}.{key}": term for key, term in nested.items()})
+            weighted = value * weight.to(value.dtype)
+            total = weighted if total is None else total + weighted
+        self.last_terms = terms
+        assert total is not None
+        return total
+
     def step(self, metric: float | Tensor | None = None) -> None:
         """Advance the weight schedules (and nested composite/switching losses) by one.
 
@@ -196,6 +228,7 @@ class CompositeLoss(nn.Module):
                 weight.step()
         for loss in self.terms.values():
             step_child(loss, metric, synced)
+        self._refresh_weight_values()
 
     def _needs_metric(self) -> bool:
         return any(child_needs_metric(loss) for loss in self.terms.values())
@@ -250,6 +283,7 @@ class CompositeLoss(nn.Module):
             if isinstance(weight, WeightSchedule):
                 weight.load_state_dict(saved)
         self.count = count
+        self._refresh_weight_values()
 
     def __repr__(self) -> str:
         losses = losses_repr(self.names, list(self.terms.values()), self._explicit_names)
