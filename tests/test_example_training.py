@@ -75,6 +75,21 @@ def test_two_epoch_switching_run_end_to_end(tmp_path):
     assert (out / "runs.csv").read_text().count("\n") == 2
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert (out / "qualitative.png").stat().st_size > 5_000
+    # the report says how the qualitative slice was chosen
+    from msd_colon_lib.runner import qualitative_slice
+
+    store = result["store"]
+    _, test = splits.train_test_split(store.patients, "patient", 0.2, seed=0)  # the defaults
+    assert len(test) == res["n_test"]
+    k = qualitative_slice(store, test)
+    assert store.meta["tumour_pixels"][k] == max(store.meta["tumour_pixels"][i] for i in test)
+    assert (f"The qualitative slice is test slice {k} "
+            f"({store.patient_names[store.patients[k]]}): of the {res['n_test']} test slices, "
+            f"the one with the most tumour pixels in the ground truth "
+            f"({store.meta['tumour_pixels'][k]} at the stored size). It is chosen from the labels "
+            "alone") in report
+    assert "- preset: `demo` (the default for the synthetic phantom)" in report
+    assert "- LR at the switch (--switch-lr): **keep**" in report
     # a finished run is skipped: no retraining, same result
     mtime = (run_dir / LAST).stat().st_mtime_ns
     again = msd_colon.main(args)

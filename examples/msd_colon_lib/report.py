@@ -247,7 +247,7 @@ def _controls_section(runs: Runs) -> list[str]:
             if short and short[0][0].epochs != long_epochs:
                 rows.append((f"`{loss}` (Table 1)", short[0][0].epochs, [r for _, r in short],
                              []))
-        lines += [f"### {region} & {distribution}", "",
+        lines += [f"#### {region} & {distribution}", "",
                   *_results_table(rows, []), "", PAIRED_NOTE, "",
                   *_paired_table([
                       (f"`{switch}`", f"`{region}` ({long_epochs} ep)",
@@ -278,10 +278,11 @@ def _switchpoints_section(runs: Runs, switch_epoch: int) -> list[str]:
              _by_seed(runs, "switchpoints", reference))
             for loss in losses if reference is not None and loss != reference
         ]
-        lines += [f"### {pair.replace('&', ' -> ')}", "",
+        lines += [f"#### {pair.replace('&', ' -> ')}", "",
                   *_results_table(rows, ["switch epoch (of the budget)"]), "",
-                  f"Each switch point against the switch at epoch {switch_epoch} (the paper's "
-                  "fixed switch). " + PAIRED_NOTE, "", *_paired_table(comparisons), ""]
+                  f"Each switch point against the fixed switch at epoch {switch_epoch} "
+                  "(`--switch-epoch`; the paper switches at 50 of 100). " + PAIRED_NOTE, "",
+                  *_paired_table(comparisons), ""]
     return lines
 
 
@@ -302,7 +303,7 @@ def _adaptive_section(runs: Runs) -> list[str]:
             summary = f"{shown} (mean {_fmt(mean, std).replace('.0000', '')})" if len(at) > 1 \
                 else shown
             rows.append((f"`{loss}`", long_epochs, list(by_seed.values()), [summary]))
-        lines += [f"### {pair.replace('&', ' -> ')}", "",
+        lines += [f"#### {pair.replace('&', ' -> ')}", "",
                   *_results_table(rows, ["switched at epoch (per seed)"]), "",
                   "The adaptive run switches once its epoch's mean training loss has not improved "
                   "for `patience` epochs (within `min_epochs` .. `max_epochs` of the budget). "
@@ -396,7 +397,7 @@ def write_report(
     if warn:
         lines += ["## Warnings", "", *warn, ""]
     lines += ["## Setup", ""]
-    lines += [f"- {k}: {v}" for k, v in setup.items()]
+    lines += [f"- {k}: {v}" for k, v in setup.items() if k != "synthetic"]
     lines += [
         "",
         "Test-set metrics of the final (last-epoch) model at threshold 0.5, mean ± sample std "
@@ -424,11 +425,11 @@ def write_report(
     ]
     if any(body for _, body in beyond):
         lines += ["## Beyond the paper", "",
-                  "Experiments on the paper's own stated limitations and future work (see "
-                  "docs/example.md).", ""]
+                  "Experiments on the paper's own stated limitations and future work, with the "
+                  "same statistics (see docs/example.md).", ""]
         for section, body in beyond:
             if body:
-                lines += [f"## {SECTION_TITLES[section]}", "", *body]
+                lines += [f"### {SECTION_TITLES[section]}", "", *body]
     lines += ["## Figures", ""]
     for caption, name in figures:
         lines += [f"**{caption}**", ""] + ([f"![{caption}]({name})", ""] if name else [])
