@@ -165,3 +165,14 @@ def test_safe_extract_keeps_links_that_stay_inside(tmp_path, monkeypatch):
     assert (out / "T" / "alias").read_bytes() == b"payload"
     assert (out / "T" / "hard").read_bytes() == b"payload"
     assert (out / "T" / "latest").is_symlink()
+
+
+def test_fetch_task10_refuses_an_unsafe_tar_in_one_line(tmp_path):
+    src = _link_tar(tmp_path / "mirror.tar", [*CHAIN, ("Task10_Colon/dataset.json", "file",
+                                                       b"{}")])
+    root = tmp_path / "data"
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert str(info.value) == (f"{root / 'Task10_Colon.tar'}: refusing to extract link 'a/b' -> "
+                               f"'..': it points outside {root / '.extract-tmp'}")
+    assert not (root / ".extract-tmp").exists() and not (root / "Task10_Colon").exists()

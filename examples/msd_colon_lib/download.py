@@ -14,14 +14,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .errors import ExampleError
+
 TASK10_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task10_Colon.tar"
 TASK10_MD5 = "bad7a188931dc2f6acf72b08eb6202d0"
 
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
-    """The download failed or the file does not match its checksum."""
+class DownloadError(ExampleError, RuntimeError):
+    """The download failed, the file does not match its checksum, or the tar is unsafe."""
 
 
 def md5sum(path: str | os.PathLike[str], *, progress: bool = False) -> str:
@@ -234,7 +236,11 @@ def fetch_task10(
     tmp = root / ".extract-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    safe_extract(tar_path, tmp, progress=progress)
+    try:
+        safe_extract(tar_path, tmp, progress=progress)
+    except (ValueError, tarfile.TarError, OSError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{tar_path}: {error}") from error
     extracted = tmp / "Task10_Colon"
     if not (extracted / "dataset.json").exists():
         raise DownloadError(f"{tar_path} does not contain Task10_Colon/dataset.json")
