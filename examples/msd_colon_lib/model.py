@@ -99,10 +99,6 @@ def recalibrate_bn(model: torch.nn.Module, loader: DataLoader, *, device: torch.
 # ----------------------------------------------------------------------------- losses
 
 
-REGION = {"dice", "iou", "jaccard", "tversky"}
-DISTRIBUTION = {"bce", "focal", "topk"}
-
-
 def build_loss(spec: str) -> torch.nn.Module:
     """A dynloss loss from its spec string (``"iou"``, ``"tversky+bce"``, ``"iou->bce@50"``)."""
     import dynloss

@@ -146,16 +146,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def load_result(run_dir: Path, fingerprint: dict[str, Any] | None = None) -> dict | None:
-    """The finished run's result, or None (also when its fingerprint differs)."""
-    result = _read_json(Path(run_dir) / RESULT)
-    if result is None:
-        return None
-    if fingerprint is not None and differences(result.get("fingerprint"), fingerprint):
-        return None
-    return result
-
-
 def decide(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[str, Any]:
     """What to do with ``run_dir``: ``("reuse", result)``, ``("resume", None)``,
     ``("fresh", note or None)`` or ``("refuse", message)``."""
