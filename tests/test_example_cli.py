@@ -139,3 +139,25 @@ def test_training_on_every_training_slice(tmp_path):
     report = (out / "report.md").read_text()
     assert "- validation set: none (all training slices are trained on)" in report
     assert "ReduceLROnPlateau(min train_loss, patience 2, factor 0.1)" in report
+
+
+def test_switch_lr_restart_epoch_of_each_arm():
+    """restart: the runs without a switch restart at --switch-epoch when they are still
+    training then; a run that ends first (Table 1's single losses) is a plain keep run."""
+    from msd_colon_lib.experiments import RunSpec
+    from msd_colon_lib.runner import run_config
+
+    args = msd_colon.main(["--dry-run", "--switch-lr", "restart"])["args"]
+    assert args.switch_epoch == 3 and (args.epochs, args.long_epochs) == (3, 6)
+    cases = {
+        RunSpec("table1", "iou", 3, 0): ("keep", None),
+        RunSpec("controls", "iou", 6, 0): ("restart", 3),
+        RunSpec("table2", "iou+bce", 6, 0): ("restart", 3),
+        RunSpec("table3", "iou->bce@3", 6, 0): ("restart", None),  # at its own switch
+    }
+    for spec, expected in cases.items():
+        cfg = run_config(args, spec, synthetic=True)
+        assert (cfg.switch_lr, cfg.restart_at) == expected, spec
+    keep = msd_colon.main(["--dry-run"])["args"]
+    cfg = run_config(keep, RunSpec("table2", "iou+bce", 6, 0), synthetic=True)
+    assert (cfg.switch_lr, cfg.restart_at) == ("keep", None)

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from .errors import OptionsError
-from .experiments import DISTRIBUTION, REGION, SWITCH_FRACTIONS, default_trigger, expand, kind
+from .experiments import DISTRIBUTION, REGION, SWITCH_FRACTIONS, default_trigger, expand
 from .training import MONITORS, TRAIN_LOSS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -130,9 +130,7 @@ def validate(args: argparse.Namespace) -> None:
         wanted = expand(args.experiment)
     except ValueError as error:
         raise OptionsError(f"--experiment: {error}") from error
-    switching = any(kind(s) == "switch" for s in args.loss or []) or (
-        not args.loss and any(w not in ("table1",) for w in wanted))
-    if switching and not args.loss:
+    if not args.loss and any(w != "table1" for w in wanted):  # the grid switches losses
         need(1 <= args.switch_epoch < args.long_epochs,
              f"--switch-epoch must lie in 1 .. --long-epochs - 1 = {args.long_epochs - 1} (a "
              f"switch at {args.switch_epoch} of {args.long_epochs} epochs never happens)")

@@ -50,7 +50,7 @@ def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceSto
         from .download import fetch_task10
 
         root = Path(args.download_root or out / "data")
-        on_main(d, lambda: fetch_task10(root, progress=True))
+        on_main(d, lambda: fetch_task10(root, progress=not args.quiet))
         data_dir = root / "Task10_Colon"
     elif args.data_dir:
         data_dir = Path(args.data_dir)
@@ -111,9 +111,12 @@ def qualitative_slice(store: SliceStore, test: np.ndarray) -> int | None:
 def run_config(args: argparse.Namespace, spec: experiments.RunSpec, synthetic: bool
                ) -> RunConfig:
     """The :class:`RunConfig` of one run of the grid."""
-    restart_at = None
+    switch_lr, restart_at = args.switch_lr, None
     if args.switch_lr == "restart" and experiments.kind(spec.loss) != "switch":
-        restart_at = args.switch_epoch  # the same warm restart as the runs it is compared with
+        if args.switch_epoch < spec.epochs:  # the same warm restart as the switching runs
+            restart_at = args.switch_epoch
+        else:  # the run ends before the restart (Table 1's 50 of 100 epochs): nothing happens
+            switch_lr = "keep"
     extra: dict[str, Any] = {
         "split": args.split, "split_seed": args.split_seed, "test_fraction": args.test_fraction,
         "val_fraction": args.val_fraction, "fold": spec.fold, "image_size": args.image_size,
@@ -125,7 +128,7 @@ def run_config(args: argparse.Namespace, spec: experiments.RunSpec, synthetic: b
     return RunConfig(
         loss=spec.loss, epochs=spec.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=spec.seed, encoder_weights=args.encoder_weights, monitor=args.monitor,
-        plateau_patience=args.plateau_patience, switch_lr=args.switch_lr,
+        plateau_patience=args.plateau_patience, switch_lr=switch_lr,
         restart_at=restart_at, amp=args.amp, workers=args.workers, device=args.device,
         precise_bn=args.precise_bn, extra=extra,
     )

@@ -417,7 +417,7 @@ def train_run(
         if hasattr(loss_fn, "step"):  # the epoch's training loss feeds adaptive triggers
             loss_fn.step(metric=train_loss)
         if (cfg.switch_lr == "restart" and not switching and cfg.restart_at is not None
-                and epoch + 1 == cfg.restart_at):
+                and epoch + 1 == cfg.restart_at < cfg.epochs):
             restart(None)
             restarts.append(epoch + 1)
         record = {
@@ -461,6 +461,8 @@ def train_run(
 
     result: dict[str, Any] | None = None
     if d.main:
+        if not len(splits["val"]):  # no validation pass recalibrated BatchNorm: do it now
+            _precise_bn(cfg, model, store, splits["train"], device, amp_dtype, channels_last)
         keep = {int(k) for k in keep_slices}
         counts, index, kept = predict_counts(
             model, loader(store, splits["test"], cfg.eval_batch_size, shuffle=False, seed=0,
