@@ -1,14 +1,16 @@
 """The paper's colon U-Net experiment, end to end: switching losses on MSD Task10_Colon.
 
-    python examples/msd_colon.py                       # embedded SYNTHETIC phantom, ~5 min on CPU
-    python examples/msd_colon.py --download --preset paper          # the paper's protocol
-    python examples/msd_colon.py --data-dir PATH/Task10_Colon --experiment table3 --seeds 0 1 2
+    python examples/msd_colon.py                       # embedded SYNTHETIC phantom, minutes on CPU
+    python examples/msd_colon.py --download            # real data, the paper's protocol (preset)
+    python examples/msd_colon.py --data-dir PATH/Task10_Colon --experiment table3 controls
+    python examples/msd_colon.py --data-dir PATH/Task10_Colon --experiment all --seeds 0 1 2
     python examples/msd_colon.py --loss "iou->bce@50" --epochs 50 --long-epochs 100
     torchrun --nproc_per_node=2 examples/msd_colon.py ...     # DDP (gloo on CPU, nccl on CUDA)
 
 Without ``--data-dir``/``--download`` it generates a small synthetic CT phantom in the
 Task10_Colon layout and runs the same pipeline on a scaled-down grid (one region loss, one
-distribution loss, their composite, and the switch between them). See docs/example.md.
+distribution loss, their composite, and the switch between them); with real data the ``paper``
+preset is the default. Errors are reported in one line (exit status 2). See docs/example.md.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from msd_colon_lib.experiments import EXPERIMENTS
+from msd_colon_lib.experiments import DISTRIBUTION, EXPERIMENTS, REGION
 from msd_colon_lib.splits import SPLITS
 
 
@@ -44,23 +46,41 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--phantom-slices", type=int, nargs=2, default=(24, 32), metavar=("MIN", "MAX"),
                    help="phantom: slices per volume")
     g = p.add_argument_group("protocol")
-    g.add_argument("--preset", choices=("demo", "paper"), default="demo",
-                   help="demo: scaled-down embedded default; paper: the paper's protocol")
-    g.add_argument("--experiment", choices=EXPERIMENTS, help="which grid to run")
+    g.add_argument("--preset", choices=("demo", "paper"),
+                   help="demo: scaled-down embedded default; paper: the paper's protocol "
+                        "(default: paper with --data-dir/--download, demo on the phantom)")
+    g.add_argument("--experiment", nargs="+", choices=EXPERIMENTS, metavar="NAME",
+                   help=f"what to run, one or more of: {', '.join(EXPERIMENTS)} (paper = "
+                        "table1-4, beyond = controls switchpoints adaptive, all = both)")
     g.add_argument("--loss", action="append",
                    help='run these dynloss specs instead of a grid, e.g. "iou->bce@50" '
                         '(repeatable)')
     g.add_argument("--seeds", type=int, nargs="+", help="training seeds (mean ± std over them)")
     g.add_argument("--epochs", type=int, help="epochs of single-loss runs (paper: 50)")
     g.add_argument("--long-epochs", type=int,
-                   help="epochs of composite and switching runs (paper: 100)")
+                   help="epochs of composite and switching runs, and of the controls "
+                        "(paper: 100)")
     g.add_argument("--switch-epoch", type=int, help="epoch of the loss switch (paper: 50)")
+    g.add_argument("--switch-lr", choices=("keep", "restart"),
+                   help="at the switch: keep LR and scheduler (default, the paper's protocol) "
+                        "or restart the LR -- in every arm at the same epoch")
+    g.add_argument("--pair", nargs=2, metavar=("REGION", "DISTRIBUTION"),
+                   help=f"the pair of the demo, controls, switchpoints and adaptive "
+                        f"(default iou bce; REGION in {'/'.join(REGION)}, DISTRIBUTION in "
+                        f"{'/'.join(DISTRIBUTION)})")
+    g.add_argument("--switch-fractions", type=float, nargs="+", metavar="F",
+                   help="switchpoints: switch epochs as fractions of --long-epochs "
+                        "(default 0.1 0.25 0.5 0.75)")
+    g.add_argument("--adaptive-trigger", metavar="TRIGGER",
+                   help="adaptive: the trigger of the switch (default plateau(patience=5%%, "
+                        "min_epochs=10%%, max_epochs=75%% of --long-epochs))")
     g.add_argument("--split", choices=SPLITS, default="patient",
                    help="patient: no patient on both sides; slice: what the paper's counts imply")
     g.add_argument("--split-seed", type=int, default=0)
     g.add_argument("--test-fraction", type=float, default=0.2)
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="part of the training set held out for ReduceLROnPlateau/best.pt")
+    g.add_argument("--val-fraction", type=float,
+                   help="part of the training set held out for ReduceLROnPlateau/best.pt; 0: "
+                        "none, the scheduler monitors the training loss (demo: 0.1, paper: 0)")
     g.add_argument("--folds", type=int, help="folds of table4 (default 5)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, help="global batch size (paper: 32)")
@@ -69,10 +89,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--precise-bn", type=int,
                    help="recompute BatchNorm statistics over N training batches before each "
                         "evaluation (demo: 8; paper: 0 = off)")
-    g.add_argument("--monitor", default="dice_global",
-                   help="validation metric for ReduceLROnPlateau and best.pt")
-    g.add_argument("--encoder-weights", default="none",
-                   help="imagenet | none | PATH to an encoder state_dict")
+    g.add_argument("--monitor",
+                   help="what ReduceLROnPlateau and best.pt watch: a validation metric "
+                        "(dice_global, ...) or train_loss (default auto: dice_global with a "
+                        "validation set, else train_loss)")
+    g.add_argument("--encoder-weights",
+                   help="imagenet | none | PATH to an encoder state_dict (demo: none; paper: "
+                        "imagenet)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -84,8 +107,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/msd_colon", help="output folder")
     g.add_argument("--resume", action="store_true",
-                   help="continue unfinished runs from their last.pt (finished runs are "
-                        "always skipped)")
+                   help="continue unfinished runs from their last.pt; refused, naming the "
+                        "differences, for a run whose options, data or code changed")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--dry-run", action="store_true", help="print the runs of the grid and exit")
     g.add_argument("--benchmark", action="store_true",
@@ -95,10 +118,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the example; raises :class:`msd_colon_lib.errors.ExampleError` on bad input."""
     from msd_colon_lib.runner import run
 
     return run(parser().parse_args(argv))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` for the command line: bad input is one line on stderr and exit status 2."""
+    from msd_colon_lib.errors import ExampleError
+
+    try:
+        main(argv)
+    except ExampleError as error:
+        print(f"msd_colon.py: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("msd_colon.py: interrupted; rerun with --resume to continue the unfinished run",
+              file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -52,7 +54,7 @@ def test_case_list_comes_from_dataset_json_not_a_glob(phantom):
 
 
 def test_missing_dataset_json_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Task10_Colon folder"):
+    with pytest.raises(data.DataError, match="Task10_Colon folder"):
         data.read_cases(tmp_path)
 
 
@@ -138,3 +140,187 @@ def test_validation_subset_split_by_patient():
     inner, val = splits.subset_split(train, patients, 0.25, "patient", seed=1)
     assert set(patients[inner]).isdisjoint(patients[val])
     assert np.array_equal(np.sort(np.concatenate([inner, val])), train)
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+@pytest.mark.parametrize("affine", [
+    np.diag([-0.7, -0.8, 2.5, 1.0]),  # LPS, like the Decathlon
+    np.diag([0.7, 0.8, 2.5, 1.0]),  # RAS
+    np.array([[0, 0, 2.5, 3], [0.7, 0, 0, 1], [0, -0.8, 0, 2], [0, 0, 0, 1.0]]),  # permuted
+])
+def test_reoriented_grid_matches_nibabel(affine):
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    img = nib.Nifti1Image(np.zeros((5, 6, 7), np.float32), affine)
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(data.ORIENTATION))
+    expected = img.as_reoriented(ornt)
+    shape, new_affine = data.reoriented_grid(img.shape, img.affine)
+    assert shape == expected.shape
+    np.testing.assert_allclose(new_affine, expected.affine)
+    assert nib.aff2axcodes(new_affine) == data.ORIENTATION
+
+
+def _write_case(root, name, image, label, image_affine, label_affine=None):
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, image_affine), root / "imagesTr" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(label, image_affine if label_affine is None else label_affine),
+             root / "labelsTr" / f"{name}.nii.gz")
+    return data.Case(name, root / "imagesTr" / f"{name}.nii.gz",
+                     root / "labelsTr" / f"{name}.nii.gz", f"imagesTr/{name}.nii.gz",
+                     f"labelsTr/{name}.nii.gz")
+
+
+def _flip_x(affine, nx):
+    """The affine of the same grid stored in mirrored x order."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, nx - 1
+    return affine @ flip
+
+
+def _volume(shape=(6, 5, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    hu = rng.integers(-200, 300, size=shape).astype(np.int16)
+    label = np.zeros(shape, np.uint8)
+    label[:2, 1:3, 1] = 1  # asymmetric in x: a mirrored read would show
+    return hu, label
+
+
+LPS = np.diag([-0.7, -0.7, 2.5, 1.0])
+
+
+def test_mirrored_label_with_matching_affine_loads_aligned(tmp_path):
+    hu, label = _volume()
+    reference = data.load_case(_write_case(tmp_path / "a", "c", hu, label, LPS))
+    # the label stored in mirrored voxel order, its affine saying so
+    mirrored = _write_case(tmp_path / "b", "c", hu, label[::-1].copy(), LPS,
+                           _flip_x(LPS, hu.shape[0]))
+    image, mask = data.load_case(mirrored)
+    np.testing.assert_array_equal(mask, reference[1])
+    np.testing.assert_array_equal(image, reference[0])
+    assert mask.sum() == label.sum()
+
+
+def test_image_and_label_both_in_ras_read_like_lps(tmp_path):
+    hu, label = _volume()
+    reference = data.load_case(_write_case(tmp_path / "a", "c", hu, label, LPS))
+    ras = np.diag([0.7, 0.7, 2.5, 1.0])
+    ras[:3, 3] = [-(hu.shape[0] - 1) * 0.7, -(hu.shape[1] - 1) * 0.7, 0]
+    flipped = _write_case(tmp_path / "b", "c", hu[::-1, ::-1].copy(), label[::-1, ::-1].copy(),
+                          ras)
+    image, mask = data.load_case(flipped)
+    np.testing.assert_array_equal(image, reference[0])
+    np.testing.assert_array_equal(mask, reference[1])
+
+
+def test_label_on_another_grid_is_refused(tmp_path):
+    hu, label = _volume()
+    shifted = LPS.copy()
+    shifted[0, 3] += 5.0  # 5 mm off
+    case = _write_case(tmp_path, "c", hu, label, LPS, shifted)
+    with pytest.raises(data.DataError, match=r"labelsTr/c\.nii\.gz: label affine differs from "
+                                             r"its image's .* by up to 5 mm"):
+        data.check_case(case)
+    case = _write_case(tmp_path / "t", "c", hu, label.transpose(1, 0, 2).copy(), LPS)
+    with pytest.raises(data.DataError, match=r"label grid \(5, 6, 4\) differs from its image's "
+                                             r"\(6, 5, 4\)"):
+        data.check_case(case)
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def _copy_phantom(phantom, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(phantom, tmp_path / "Task10_Colon"))
+
+
+def test_truncated_volume_error_names_the_file(phantom, tmp_path):
+    root = _copy_phantom(phantom, tmp_path)
+    path = root / "labelsTr" / "colon_003.nii.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # the header survives, the voxels do not
+    with pytest.raises(data.DataError, match=rf"{path}: cannot read the voxels of the label of "
+                                             r"colon_003 \(EOFError: .*\); the file is damaged"):
+        data.build_slice_store(root, tmp_path / "store", size=32, progress=False)
+
+
+def test_missing_label_is_found_before_anything_is_built(phantom, tmp_path):
+    root = _copy_phantom(phantom, tmp_path)
+    (root / "labelsTr" / "colon_004.nii.gz").unlink()
+    (root / "imagesTr" / "colon_002.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(data.DataError) as info:
+        data.build_slice_store(root, tmp_path / "store", size=32, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'imagesTr' / 'colon_002.nii.gz'}: cannot read the NIfTI "
+                              "header of the image of colon_002")
+    assert message.endswith("(and 1 more case(s) with problems)") and "\n" not in message
+    assert not (tmp_path / "store").exists() and not (tmp_path / "store.tmp").exists()
+    (root / "imagesTr" / "colon_002.nii.gz").unlink()
+    with pytest.raises(data.DataError, match=r"the image of colon_002 .* is listed in "
+                                             r"dataset.json but does not exist"):
+        data.validate_cases(data.read_cases(root))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", r"dataset.json: not a readable JSON file"),
+    ('{"numTraining": 1}', r'dataset.json: no "training" list of cases'),
+    ('{"training": [{"image": "a.nii.gz"}]}', r'training entry 0 needs "image" and "label"'),
+    ('{"training": [{"image": "x/c.nii.gz", "label": "l/c.nii.gz"},'
+     ' {"image": "y/c.nii.gz", "label": "m/c.nii.gz"}]}',
+     r"case c is listed twice \(x/c.nii.gz and y/c.nii.gz\)"),
+])
+def test_bad_dataset_json_is_named(tmp_path, text, message):
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(data.DataError, match=message):
+        data.read_cases(tmp_path)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_store_rebuilt_when_a_label_is_edited_in_place(phantom, tmp_path):
+    root = _copy_phantom(phantom, tmp_path)
+    digests = tmp_path / "digests.json"
+    store = data.build_slice_store(root, tmp_path / "store", size=32, progress=False,
+                                   digest_cache=digests)
+    before = np.asarray(store.masks).copy()
+    path = root / "labelsTr" / "colon_002.nii.gz"
+    img = nib.load(path)
+    label = np.asarray(img.dataobj).copy()
+    label[...] = 0  # the tumour of colon_002 erased, same file name, same shape
+    stat = path.stat()
+    nib.save(nib.Nifti1Image(label, img.affine, img.header), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    lines = []
+    again = data.build_slice_store(root, tmp_path / "store", size=32, progress=False,
+                                   digest_cache=digests, log=lines.append)
+    assert lines == [f"slice store {tmp_path / 'store'}: rebuilding "
+                     "(data file labelsTr/colon_002.nii.gz changed)"]
+    rows = again.patients == 1
+    assert before[rows].sum() > 0 and np.asarray(again.masks)[rows].sum() == 0
+    np.testing.assert_array_equal(np.asarray(again.masks)[~rows], before[~rows])
+    # unchanged files: reused, nothing hashed again
+    third = []
+    data.build_slice_store(root, tmp_path / "store", size=32, progress=False,
+                           digest_cache=digests, log=third.append)
+    assert third == []
+
+
+def test_digest_cache_rehashes_a_file_edited_in_place(tmp_path):
+    from msd_colon_lib.fingerprint import DigestCache, sha256_file
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 100)
+    cache = DigestCache(tmp_path / "cache.json")
+    first = cache.digest(path)
+    cache.save()
+    stat = path.stat()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = DigestCache(tmp_path / "cache.json")
+    assert again.digest(path) == sha256_file(path) != first
+    assert again.hashed == [str(path.resolve())]

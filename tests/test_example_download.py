@@ -94,3 +94,85 @@ def test_fetch_task10_end_to_end_from_local_mirror(tmp_path):
 def test_task10_constants():
     assert download.TASK10_MD5 == "bad7a188931dc2f6acf72b08eb6202d0"
     assert download.TASK10_URL.endswith("/Task10_Colon.tar")
+
+
+def _link_tar(path, members):
+    """A tar of ``(name, kind, payload_or_linkname)`` with kind ``file``, ``sym``, ``hard``."""
+    with tarfile.open(path, "w") as archive:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                archive.addfile(info, io.BytesIO(value))
+            else:
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                info.linkname = value
+                archive.addfile(info)
+    return path
+
+
+CHAIN = [("a", "sym", "."), ("a/b", "sym", ".."), ("a/b/FILE", "file", b"escaped")]
+
+
+@pytest.mark.parametrize("data_filter", [True, False])
+def test_safe_extract_refuses_symlink_chains_before_writing(tmp_path, monkeypatch, data_filter):
+    """``a -> .``, ``a/b -> ..``, ``a/b/FILE``: every link looks harmless on its own, but
+    ``a/b`` is created *through* ``a`` and points one level above the target. The check must
+    follow the archive's own earlier links, with or without Python's ``data`` filter (absent on
+    Python 3.10.0-3.10.11 and 3.11.0-3.11.3)."""
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tar = _link_tar(tmp_path / "chain.tar", CHAIN)
+    target = tmp_path / "deep" / "out"
+    with pytest.raises(ValueError, match=r"refusing to extract link 'a/b' -> '\.\.'"):
+        download.safe_extract(tar, target, progress=False)
+    assert list(target.iterdir()) == []  # nothing written, not even the harmless first link
+    assert not (tmp_path / "deep" / "FILE").exists()
+
+
+@pytest.mark.parametrize("members, message", [
+    # a file written through a link to a directory outside
+    ([("d", "sym", "../.."), ("d/x", "file", b"x")], r"refusing to extract link 'd'"),
+    # a link to a link that leaves the target
+    ([("up", "sym", ".."), ("x", "sym", "up/y")], r"refusing to extract link 'up'"),
+    # a hard link through an earlier symlink
+    ([("s", "sym", "."), ("h", "hard", "s/../../etc/passwd")], r"refusing to extract link 'h'"),
+    # a hard link whose own name is an earlier link out (tarfile may copy the data through it)
+    ([("s", "sym", "."), ("s/h", "sym", "../x"), ("t", "file", b"t"), ("h", "hard", "t")],
+     r"refusing to extract link 's/h' -> '\.\./x'"),
+    # a file member under a name that an earlier member made a link pointing outside
+    ([("dir/", "sym", "sub/../.."), ("dir/f", "file", b"x")], r"refusing to extract link 'dir/'"),
+    # a link cycle: harmless until something is written through it
+    ([("p", "sym", "q"), ("q", "sym", "p"), ("p/f", "file", b"x")], r"'p/f': too many levels"),
+])
+def test_safe_extract_refuses_links_resolved_through_the_archive(tmp_path, monkeypatch, members,
+                                                                 message):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tar = _link_tar(tmp_path / "links.tar", members)
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        download.safe_extract(tar, target, progress=False)
+    assert list(target.iterdir()) == []
+
+
+def test_safe_extract_keeps_links_that_stay_inside(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tar = _link_tar(tmp_path / "ok.tar", [
+        ("T/v1/data.txt", "file", b"payload"), ("T/latest", "sym", "v1"),
+        ("T/alias", "sym", "latest/data.txt"), ("T/hard", "hard", "T/v1/data.txt"),
+    ])
+    out = download.safe_extract(tar, tmp_path / "out", progress=False)
+    assert (out / "T" / "alias").read_bytes() == b"payload"
+    assert (out / "T" / "hard").read_bytes() == b"payload"
+    assert (out / "T" / "latest").is_symlink()
+
+
+def test_fetch_task10_refuses_an_unsafe_tar_in_one_line(tmp_path):
+    src = _link_tar(tmp_path / "mirror.tar", [*CHAIN, ("Task10_Colon/dataset.json", "file",
+                                                       b"{}")])
+    root = tmp_path / "data"
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert str(info.value) == (f"{root / 'Task10_Colon.tar'}: refusing to extract link 'a/b' -> "
+                               f"'..': it points outside {root / '.extract-tmp'}")
+    assert not (root / ".extract-tmp").exists() and not (root / "Task10_Colon").exists()

@@ -1,4 +1,5 @@
-"""examples/msd_colon end to end on a tiny phantom: a switching run, resume, skip, benchmark, DDP.
+"""examples/msd_colon end to end on a tiny phantom: a switching run, resume, reuse, benchmark, DDP,
+the LR at the switch, the fingerprint of a run.
 
 The model is the real smp U-Net with an EfficientNet-B0 encoder; only the image size (32x32),
 the phantom and the number of epochs are shrunk so that this runs in seconds on a CPU.
@@ -18,8 +19,9 @@ import torch
 import msd_colon
 from msd_colon_lib import splits
 from msd_colon_lib.data import build_slice_store
+from msd_colon_lib.errors import MismatchError
 from msd_colon_lib.phantom import make_phantom
-from msd_colon_lib.training import LAST, RunConfig, train_run
+from msd_colon_lib.training import BEST, LAST, RunConfig, run_fingerprint, train_run
 from tests import _example_helpers
 
 TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
@@ -73,6 +75,21 @@ def test_two_epoch_switching_run_end_to_end(tmp_path):
     assert (out / "runs.csv").read_text().count("\n") == 2
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert (out / "qualitative.png").stat().st_size > 5_000
+    # the report says how the qualitative slice was chosen
+    from msd_colon_lib.runner import qualitative_slice
+
+    store = result["store"]
+    _, test = splits.train_test_split(store.patients, "patient", 0.2, seed=0)  # the defaults
+    assert len(test) == res["n_test"]
+    k = qualitative_slice(store, test)
+    assert store.meta["tumour_pixels"][k] == max(store.meta["tumour_pixels"][i] for i in test)
+    assert (f"The qualitative slice is test slice {k} "
+            f"({store.patient_names[store.patients[k]]}): of the {res['n_test']} test slices, "
+            f"the one with the most tumour pixels in the ground truth "
+            f"({store.meta['tumour_pixels'][k]} at the stored size). It is chosen from the labels "
+            "alone") in report
+    assert "- preset: `demo` (the default for the synthetic phantom)" in report
+    assert "- LR at the switch (--switch-lr): **keep**" in report
     # a finished run is skipped: no retraining, same result
     mtime = (run_dir / LAST).stat().st_mtime_ns
     again = msd_colon.main(args)
@@ -121,7 +138,7 @@ def test_ddp_two_process_gloo_smoke(tmp_path):
            "--loss", "iou->bce@1", "--long-epochs", "2", *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(next(out.glob("table3/*/seed0/result.json")).read_text())
+    result = json.loads(next(out.glob("runs/*/*/seed0/result.json")).read_text())
     assert result["world_size"] == 2
     assert [h["stage"] for h in result["history"]] == [0, 1]
     assert (out / "report.md").exists()
@@ -152,6 +169,11 @@ def test_paper_preset_plans_the_papers_grid():
     out = msd_colon.main(["--preset", "paper", "--dry-run"])
     grid, args = out["plan"], out["args"]
     assert (args.image_size, args.batch_size, args.lr) == (256, 32, 1e-4)
+    # smp's default encoder weights, which the paper kept; no validation set (the paper names a
+    # train/test split only), so the plateau scheduler watches the training loss; no LR restart
+    assert (args.encoder_weights, args.val_fraction, args.monitor) == ("imagenet", 0.0,
+                                                                       "train_loss")
+    assert args.switch_lr == "keep" and args.experiment == ["paper"]
     tables = [spec.table for spec in grid]
     assert tables.count("table1") == 6 * 3 and tables.count("table2") == 4 * 3
     assert tables.count("table3") == 9 * 3 and tables.count("table4") == 4 * 5 * 2
@@ -178,3 +200,181 @@ def test_encoder_weights_from_a_local_file(tmp_path):
     for key, value in source.encoder.state_dict().items():
         assert torch.equal(value, model.encoder.state_dict()[key]), key
     assert not model.encoder._conv_head.weight.requires_grad  # unused by the U-Net: frozen
+
+
+def test_real_data_without_preset_uses_the_paper_preset(tmp_path):
+    args = msd_colon.main(["--data-dir", str(tmp_path), "--dry-run"])["args"]
+    assert (args.preset, args.preset_reason) == ("paper", "the default for real data")
+    assert (args.image_size, args.epochs, args.long_epochs) == (256, 50, 100)
+    args = msd_colon.main(["--dry-run"])["args"]
+    assert (args.preset, args.preset_reason) == ("demo", "the default for the synthetic phantom")
+    args = msd_colon.main(["--data-dir", str(tmp_path), "--preset", "demo", "--dry-run"])["args"]
+    assert (args.preset, args.preset_reason, args.image_size) == ("demo", "--preset", 64)
+
+
+# ----------------------------------------------------------------------------- LR at the switch
+
+# A plateau scheduler that reduces the LR after *every* epoch: it watches the training loss
+# with a relative threshold of 1 (an improvement would need a loss below 0), patience 0.
+REDUCING = {"monitor": "train_loss", "plateau_patience": 0, "plateau_threshold": 1.0,
+            "batch_size": 8, "lr": 1e-3, "device": "cpu"}
+
+
+def _lrs(result):
+    return [h["lr"] for h in result["history"]]
+
+
+def test_resume_before_the_switch_equals_uninterrupted(store, split, tmp_path):
+    """Interrupted after epoch 1, before the switch at 2, with an LR restart at the switch and a
+    scheduler that reduces the LR every epoch: the resumed run must restart the LR at the switch
+    (the optimizer's parameter groups were replaced on resume) and end exactly like the
+    uninterrupted run -- history, weights, scheduler, best value, best.pt."""
+    cfg = RunConfig(loss="iou->bce@2", epochs=4, switch_lr="restart", **REDUCING)
+    full = train_run(cfg, store, split, tmp_path / "full", progress=False, log=None)
+    assert _lrs(full) == pytest.approx([1e-3, 1e-4, 1e-3, 1e-4])  # restarted at the switch
+    assert full["lr_restarts"] == [2] and full["switches"] == [[0, 1, 2]]
+    part = train_run(cfg, store, split, tmp_path / "part", progress=False, stop_after=1)
+    assert part == {"interrupted_at_epoch": 1}
+    resumed = train_run(cfg, store, split, tmp_path / "part", resume=True, progress=False)
+    assert _strip(resumed["history"]) == _strip(full["history"])
+    assert resumed["test"] == full["test"]
+    assert (resumed["best_val"], resumed["best_epoch"], resumed["lr_restarts"]) == (
+        full["best_val"], full["best_epoch"], full["lr_restarts"])
+    a = torch.load(tmp_path / "full" / LAST, map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "part" / LAST, map_location="cpu", weights_only=True)
+    assert a["scheduler"] == b["scheduler"]
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    best_a = torch.load(tmp_path / "full" / BEST, map_location="cpu", weights_only=True)
+    best_b = torch.load(tmp_path / "part" / BEST, map_location="cpu", weights_only=True)
+    assert best_a["epoch"] == best_b["epoch"] == full["best_epoch"]
+    for key, value in best_a["model"].items():
+        assert torch.equal(value, best_b["model"][key]), key
+
+
+def test_switch_lr_is_applied_the_same_way_to_every_arm(store, split, tmp_path):
+    """keep: no arm touches the LR at the switch; restart: the switching run at its switch and
+    the single/composite runs at the same epoch (restart_at) -- the same LR sequence in all."""
+    lrs = {}
+    for loss in ("iou", "iou+bce", "iou->bce@2"):
+        for mode in ("keep", "restart"):
+            restart_at = 2 if mode == "restart" and "->" not in loss else None
+            cfg = RunConfig(loss=loss, epochs=3, switch_lr=mode, restart_at=restart_at,
+                            **REDUCING)
+            res = train_run(cfg, store, split, tmp_path / f"{loss}-{mode}", progress=False)
+            lrs[loss, mode] = _lrs(res)
+            assert res["lr_restarts"] == ([2] if mode == "restart" else [])
+    for loss in ("iou", "iou+bce", "iou->bce@2"):
+        assert lrs[loss, "keep"] == pytest.approx([1e-3, 1e-4, 1e-5])
+        assert lrs[loss, "restart"] == pytest.approx([1e-3, 1e-4, 1e-3])
+
+
+def test_repair_best_after_a_crash_between_last_and_best(tmp_path):
+    from msd_colon_lib.training import _repair_best
+
+    model = torch.nn.Linear(2, 1)
+    stale = {"epoch": 1, "model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+             "dice_global": 0.1}
+    torch.save(stale, tmp_path / BEST)
+    state = {"epoch": 2, "best_epoch": 2, "best": 0.5, "model": model.state_dict()}
+    _repair_best(tmp_path, state, "dice_global")
+    best = torch.load(tmp_path / BEST, weights_only=True)
+    assert best["epoch"] == 2 and best["dice_global"] == 0.5
+    assert torch.equal(best["model"]["weight"], model.weight.detach())
+    torch.save(stale, tmp_path / BEST)
+    with pytest.raises(MismatchError, match=r"holds epoch 1, last\.pt says the best epoch is 3"):
+        _repair_best(tmp_path, {**state, "epoch": 4, "best_epoch": 3}, "dice_global")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_names_what_changed(store, split):
+    from msd_colon_lib.fingerprint import differences
+
+    base = RunConfig(loss="iou", epochs=2, extra={"test_fraction": 0.2, "hu_window": [-160, 240]})
+    fp = run_fingerprint(base, store, split)
+    assert differences(fp, run_fingerprint(base, store, split)) == []
+    # workers/device do not change a result
+    same = RunConfig(loss="iou", epochs=2, workers=2, device="cpu", eval_batch_size=7,
+                     extra=dict(base.extra))
+    assert differences(fp, run_fingerprint(same, store, split)) == []
+    changed = RunConfig(loss="iou", epochs=2, lr=2e-4,
+                        extra={"test_fraction": 0.3, "hu_window": [-100, 240]})
+    assert differences(fp, run_fingerprint(changed, store, split)) == [
+        "hu_window: [-160, 240] -> [-100, 240]", "lr: 0.0001 -> 0.0002",
+        "test_fraction: 0.2 -> 0.3"]
+    other_split = {**split, "train": split["train"][:-1]}
+    assert differences(fp, run_fingerprint(base, store, other_split))[0] == (
+        f"split: train.n: {len(split['train'])} -> {len(split['train']) - 1}")
+    assert differences(None, fp) == [
+        "no fingerprint (written by an older version of this example)"]
+
+
+def test_resume_refuses_a_run_started_with_other_options(store, split, tmp_path):
+    cfg = RunConfig(loss="iou->bce@1", epochs=2, batch_size=8, lr=1e-3, device="cpu")
+    assert train_run(cfg, store, split, tmp_path, progress=False, stop_after=1) == {
+        "interrupted_at_epoch": 1}
+    changed = RunConfig(loss="iou->bce@1", epochs=2, batch_size=8, lr=2e-3, device="cpu")
+    with pytest.raises(MismatchError, match=r"cannot --resume .*: it was started with other "
+                                            r"inputs \(lr: 0.001 -> 0.002\)"):
+        train_run(changed, store, split, tmp_path, resume=True, progress=False)
+    # without --resume it starts over, saying so
+    lines = []
+    res = train_run(changed, store, split, tmp_path, progress=False, log=lines.append)
+    assert lines == [f"{tmp_path}: starting over an unfinished run (--resume would continue it)"]
+    assert res["config"]["lr"] == 2e-3 and len(res["history"]) == 2
+
+
+def test_cli_reruns_finished_runs_whose_inputs_changed(tmp_path, capsys):
+    """--max-cases 3, then all cases into the same --out: the second run must retrain and the
+    report, runs.csv and result agree on the new data; --resume names what changed instead."""
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--loss", "iou", "--epochs", "1", *TINY]
+    first = msd_colon.main([*args, "--max-cases", "3"])
+    (_, res3), = first["results"]
+    assert len(first["store"]) == res3["n_train"] + res3["n_val"] + res3["n_test"]
+    capsys.readouterr()
+    second = msd_colon.main(args)
+    (spec, res4), = second["results"]
+    printed = capsys.readouterr().out
+    assert f"{out / spec.name}: recomputing, its inputs changed (max_cases: 3 -> null;" in printed
+    assert ("rebuilding (data file imagesTr/colon_004.nii.gz added; data file "
+            "labelsTr/colon_004.nii.gz added; data: cases: [") in printed
+    n = len(second["store"])
+    assert n > len(first["store"]) and res4["n_train"] + res4["n_val"] + res4["n_test"] == n
+    csv_row = (out / "runs.csv").read_text().splitlines()[1].split(",")
+    assert csv_row[7:10] == [str(res4["n_train"]), str(res4["n_val"]), str(res4["n_test"])]
+    assert f"{n} (" in (out / "report.md").read_text()
+    # a finished run with other options is refused under --resume, one line, exit status 2
+    code = msd_colon.cli([*args, "--resume", "--hu-window", "-100", "200"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("msd_colon.py: error: ")
+    assert "it finished with other inputs (hu_window: [-160.0, 240.0] -> [-100.0, 200.0];" in err
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_loader_never_forms_a_training_batch_of_one(store):
+    from msd_colon_lib.distributed import Dist
+    from msd_colon_lib.training import loader
+
+    def sizes(n, no_single=True):
+        batches = loader(store, np.arange(n), 8, shuffle=True, seed=0, epoch=0, workers=0,
+                         d=Dist(), pin=False, no_single=no_single)
+        return [len(images) for images, _, _ in batches]
+
+    assert sizes(17) == [8, 8]  # the single last slice sits this epoch out
+    assert sizes(18) == [8, 8, 2]
+    assert sizes(17, no_single=False) == [8, 8, 1]
+
+
+def test_training_with_a_last_batch_of_one(store, split, tmp_path):
+    """The BatchNorm of the 1x1 bottleneck cannot train on one sample ("Expected more than 1
+    value per channel"); a training set of k * batch + 1 slices must still train."""
+    batch = len(split["train"]) - 1
+    cfg = RunConfig(loss="bce", epochs=1, batch_size=batch, lr=1e-3, device="cpu", precise_bn=1)
+    res = train_run(cfg, store, split, tmp_path, progress=False)
+    assert len(res["history"]) == 1 and np.isfinite(res["history"][0]["train_loss"])

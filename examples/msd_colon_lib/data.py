@@ -1,12 +1,24 @@
-"""Task10_Colon loading: case list, NIfTI reading, HU window, a memory-mapped 2D slice store.
+"""Task10_Colon loading: case list, validation, orientation, HU window, a memory-mapped slice store.
 
-The store is built once per (data folder, image size, HU window) and reused by every run:
+Every volume is read in one orientation, whatever its voxel order on disk: image and label are
+both reoriented to the axis codes ``("L", "P", "S")`` (nibabel's closest orientation: an axis
+permutation and flips, no resampling). The Decathlon stores its volumes so already, so they are
+not touched, and an axial slice ``volume[:, :, k]``, transposed, displays radiologically
+(anterior up, the patient's right on the left). After reorientation the image's and the label's
+voxel grids (shape and affine) must agree; a label stored in mirrored voxel order with a matching
+affine is thereby read aligned, and a label on another grid is refused.
+
+Before anything is built, every case listed in ``dataset.json`` is checked from its headers:
+both files exist, are readable NIfTI, are 3D, and their grids agree. Errors name the file.
+
+The store is built once per fingerprint (the SHA-256 of every data file used, the image size,
+the HU window, the loading code) and reused by every run:
 
 - ``images.npy``   float16 ``(N, S, S)``, windowed to [0, 1], resized bilinearly
 - ``masks.npy``    uint8   ``(N, S, S)``, resized nearest-neighbour
 - ``patients.npy`` int32   ``(N,)`` index of the patient (case) every slice comes from
-- ``meta.json``    the case list, parameters and slice counts; written last, so a store whose
-  ``meta.json`` exists and matches the parameters is complete.
+- ``meta.json``    the parameters (the fingerprint), the case list and slice counts; written
+  last, so a store whose ``meta.json`` exists and matches the parameters is complete.
 
 Slices are read back with ``numpy.load(mmap_mode="r")``: the 13,486 real slices at 256x256 take
 about 1.8 GB on disk and next to nothing in memory.
@@ -17,16 +29,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import DataError
+from .fingerprint import DigestCache, data_code_version, describe, differences, sha256_json
+
 HU_WINDOW = (-160.0, 240.0)
-STORE_VERSION = 1
+STORE_VERSION = 2
+ORIENTATION = ("L", "P", "S")
+AFFINE_ATOL = 1e-3
+"""Largest difference (mm) between the image's and the label's affine entries, after both were
+reoriented; float32 headers of one grid agree to about 1e-5."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,14 @@ class Case:
     patient: str
     image: Path
     label: Path
+    image_name: str = ""
+    """The image's path relative to the dataset folder (``imagesTr/colon_001.nii.gz``)."""
+    label_name: str = ""
+
+
+def _relative(name: str) -> str:
+    """A listed path as a key: ``./imagesTr/x.nii.gz`` -> ``imagesTr/x.nii.gz``."""
+    return os.path.normpath(name).replace(os.sep, "/")
 
 
 def read_cases(data_dir: str | os.PathLike[str]) -> list[Case]:
@@ -47,22 +77,129 @@ def read_cases(data_dir: str | os.PathLike[str]) -> list[Case]:
     data_dir = Path(data_dir)
     meta_path = data_dir / "dataset.json"
     if not meta_path.exists():
-        raise FileNotFoundError(
+        raise DataError(
             f"{meta_path} not found: --data-dir must be the Task10_Colon folder "
             "(the one holding dataset.json, imagesTr/ and labelsTr/)"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{meta_path}: not a readable JSON file ({error})") from error
+    entries = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{meta_path}: no \"training\" list of cases")
     cases = []
-    for entry in meta["training"]:
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
+                and isinstance(entry.get("label"), str)):
+            raise DataError(f"{meta_path}: training entry {i} needs \"image\" and \"label\" "
+                            f"paths, got {entry!r}")
         image = (data_dir / entry["image"]).resolve()
         label = (data_dir / entry["label"]).resolve()
         if image.name.startswith("._") or label.name.startswith("._"):
             continue
         patient = image.name.split(".nii")[0]
-        cases.append(Case(patient, image, label))
+        cases.append(Case(patient, image, label, _relative(entry["image"]),
+                          _relative(entry["label"])))
     if not cases:
-        raise ValueError(f"{meta_path} lists no training cases")
+        raise DataError(f"{meta_path} lists no training cases")
+    seen: dict[str, str] = {}
+    for case in cases:
+        if case.patient in seen:
+            raise DataError(f"{meta_path}: case {case.patient} is listed twice "
+                            f"({seen[case.patient]} and {case.image_name})")
+        seen[case.patient] = case.image_name
     return cases
+
+
+# ----------------------------------------------------------------------------- NIfTI files
+
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zlib.error)
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    from nibabel.filebasedimages import ImageFileError
+
+    return (*_READ_ERRORS, ImageFileError)
+
+
+def _load_header(path: Path, what: str) -> Any:
+    """``nibabel.load`` (header only; the voxels are read lazily), errors naming the file."""
+    import nibabel as nib
+
+    if not path.exists():
+        raise DataError(f"{what} {path} is listed in dataset.json but does not exist")
+    try:
+        img = nib.load(str(path))
+    except _read_errors() as error:
+        raise DataError(f"{path}: cannot read the NIfTI header of {what} "
+                        f"({type(error).__name__}: {error})") from error
+    if len(img.shape) != 3:
+        raise DataError(f"{path}: {what} must be a 3D volume, got shape {tuple(img.shape)}")
+    return img
+
+
+def _orientation(affine: np.ndarray) -> np.ndarray:
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    return ornt_transform(io_orientation(affine), axcodes2ornt(ORIENTATION))
+
+
+def reoriented_grid(shape: tuple[int, ...], affine: np.ndarray
+                    ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of a volume once reoriented to :data:`ORIENTATION` (no voxel read).
+
+    Equal to ``img.as_reoriented(ornt)``'s shape and affine, computed from the header.
+    """
+    from nibabel.orientations import inv_ornt_aff
+
+    ornt = _orientation(affine)
+    order = np.argsort(ornt[:, 0])
+    new_shape = (int(shape[order[0]]), int(shape[order[1]]), int(shape[order[2]]))
+    return new_shape, affine @ inv_ornt_aff(ornt, shape)
+
+
+def check_case(case: Case) -> tuple[int, int, int]:
+    """Check one case from its headers; return its reoriented shape ``(X, Y, Z)``.
+
+    Raises :class:`DataError` naming the file when a file is missing or unreadable, not 3D, or
+    when image and label do not lie on the same voxel grid once both are reoriented.
+    """
+    img = _load_header(case.image, f"the image of {case.patient}")
+    lab = _load_header(case.label, f"the label of {case.patient}")
+    img_shape, img_affine = reoriented_grid(img.shape, img.affine)
+    lab_shape, lab_affine = reoriented_grid(lab.shape, lab.affine)
+    if img_shape != lab_shape:
+        raise DataError(
+            f"{case.label}: label grid {lab_shape} differs from its image's {img_shape} "
+            f"({case.image}) after both were reoriented to {''.join(ORIENTATION)}"
+        )
+    gap = float(np.abs(img_affine - lab_affine).max())
+    if gap > AFFINE_ATOL:
+        raise DataError(
+            f"{case.label}: label affine differs from its image's ({case.image}) by up to "
+            f"{gap:.4g} mm after both were reoriented to {''.join(ORIENTATION)}: they are not "
+            "on the same voxel grid"
+        )
+    return img_shape
+
+
+def validate_cases(cases: list[Case]) -> list[tuple[int, int, int]]:
+    """:func:`check_case` for every case, before anything is built; their reoriented shapes.
+
+    Raises one :class:`DataError` naming the first problem and how many cases have one.
+    """
+    shapes: list[tuple[int, int, int]] = []
+    problems: list[str] = []
+    for case in cases:
+        try:
+            shapes.append(check_case(case))
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        more = f" (and {len(problems) - 1} more case(s) with problems)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    return shapes
 
 
 def window(hu: np.ndarray, lo: float = HU_WINDOW[0], hi: float = HU_WINDOW[1]) -> np.ndarray:
@@ -83,22 +220,34 @@ def resize_slices(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.nd
     return img[:, 0].numpy(), (msk[:, 0].numpy() > 0.5).astype(np.uint8)
 
 
+def _voxels(img: Any, path: Path, what: str, dtype: Any = None) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except _read_errors() as error:
+        raise DataError(
+            f"{path}: cannot read the voxels of {what} ({type(error).__name__}: {error}); the "
+            "file is damaged or truncated: download or extract it again"
+        ) from error
+
+
 def load_case(
     case: Case, hu_window: tuple[float, float] = HU_WINDOW
 ) -> tuple[np.ndarray, np.ndarray]:
     """Axial slices of one case: ``(image [0,1] float32 (Z, H, W), mask uint8 (Z, H, W))``.
 
-    Task10 volumes are stored ``(X, Y, Z)``; slice ``k`` is ``volume[:, :, k]``, transposed so
-    that rows run along Y (the usual radiological display).
+    Both volumes are reoriented to :data:`ORIENTATION` (``(X, Y, Z)`` = towards the patient's
+    left, posterior, superior); slice ``k`` is ``volume[:, :, k]``, transposed so that rows run
+    along Y (radiological display). Any label value > 0 is tumour.
     """
-    import nibabel as nib
+    from nibabel.orientations import apply_orientation
 
-    img = nib.load(str(case.image))
-    lab = nib.load(str(case.label))
-    if img.shape != lab.shape:
-        raise ValueError(f"{case.patient}: image {img.shape} and label {lab.shape} differ")
-    hu = np.asarray(img.dataobj, dtype=np.float32)
-    mask = np.asarray(lab.dataobj) > 0
+    check_case(case)
+    img = _load_header(case.image, f"the image of {case.patient}")
+    lab = _load_header(case.label, f"the label of {case.patient}")
+    hu = apply_orientation(_voxels(img, case.image, f"the image of {case.patient}", np.float32),
+                           _orientation(img.affine))
+    mask = apply_orientation(_voxels(lab, case.label, f"the label of {case.patient}") > 0,
+                             _orientation(lab.affine))
     return window(hu.transpose(2, 1, 0), *hu_window), mask.transpose(2, 1, 0).astype(np.uint8)
 
 
@@ -130,6 +279,11 @@ class SliceStore:
         return len(self.patients)
 
     @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What the store was built from (see :func:`build_slice_store`)."""
+        return dict(self.meta["params"])
+
+    @property
     def has_tumour(self) -> np.ndarray:
         return np.asarray(self.meta["tumour_pixels"]) > 0
 
@@ -147,31 +301,56 @@ def build_slice_store(
     hu_window: tuple[float, float] = HU_WINDOW,
     max_cases: int | None = None,
     progress: bool = True,
+    digest_cache: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> SliceStore:
-    """Build (or reuse) the slice store of ``data_dir`` in ``cache_dir``."""
-    import nibabel as nib
+    """Build (or reuse) the slice store of ``data_dir`` in ``cache_dir``.
 
-    cases = read_cases(data_dir)
+    Every case of ``dataset.json`` is validated first (:func:`validate_cases`). The store is
+    reused only when its fingerprint (every data file's SHA-256, ``size``, ``hu_window``, the
+    loading code) matches; otherwise it is rebuilt and ``log`` is told what changed.
+    ``digest_cache``: a JSON file caching the files' digests (see
+    :class:`~.fingerprint.DigestCache`).
+    """
+    all_cases = read_cases(data_dir)
+    all_shapes = validate_cases(all_cases)
     if max_cases is not None:
-        cases = cases[:max_cases]
+        if max_cases < 1:
+            raise DataError(f"max_cases must be >= 1, got {max_cases}")
+        all_cases, all_shapes = all_cases[:max_cases], all_shapes[:max_cases]
+    cases, shapes = all_cases, all_shapes
     cache_dir = Path(cache_dir)
+    digests = DigestCache(digest_cache)
+    files: dict[str, str] = {}
+    for case in tqdm(cases, desc="data fingerprint", unit="case", disable=not progress):
+        files[case.image_name] = digests.digest(case.image)
+        files[case.label_name] = digests.digest(case.label)
+    digests.save()
     params = {
         "version": STORE_VERSION,
-        "data_dir": str(Path(data_dir).resolve()),
         "cases": [c.patient for c in cases],
+        "files": files,
         "size": size,
-        "hu_window": list(hu_window),
+        "hu_window": [float(v) for v in hu_window],
+        "orientation": "".join(ORIENTATION),
+        "code": data_code_version(),
     }
     meta_path = cache_dir / "meta.json"
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("params") == params:
-            return _open(cache_dir, meta)
+        try:
+            old = json.loads(meta_path.read_text()).get("params")
+        except (OSError, ValueError):
+            old = {}
+        if old == params:
+            return open_store(cache_dir)
+        if log is not None:
+            changes = describe(differences({"data": old}, {"data": params}))
+            log(f"slice store {cache_dir}: rebuilding ({changes})")
     tmp = cache_dir.with_name(cache_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    counts = [int(nib.load(str(c.image)).shape[2]) for c in cases]
+    counts = [shape[2] for shape in shapes]
     n = sum(counts)
     images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, (n, size, size))
     masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, size, size))
@@ -182,8 +361,8 @@ def build_slice_store(
     for index, case in enumerate(bar):
         image, mask = load_case(case, hu_window)
         if image.shape[0] != counts[index]:
-            raise ValueError(
-                f"{case.patient}: header says {counts[index]} slices, read {len(image)}"
+            raise DataError(
+                f"{case.image}: header says {counts[index]} slices, read {len(image)}"
             )
         image, mask = resize_slices(image, mask, size)
         k = len(image)
@@ -198,6 +377,8 @@ def build_slice_store(
     np.save(tmp / "patients.npy", patients)
     meta = {
         "params": params,
+        "fingerprint": sha256_json(params),
+        "data_dir": str(Path(data_dir).resolve()),
         "n_slices": n,
         "n_tumour_slices": int((tumour_pixels > 0).sum()),
         "slices_per_case": counts,
@@ -207,10 +388,13 @@ def build_slice_store(
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
     os.replace(tmp, cache_dir)
-    return _open(cache_dir, meta)
+    return open_store(cache_dir)
 
 
-def _open(root: Path, meta: dict) -> SliceStore:
+def open_store(root: str | os.PathLike[str]) -> SliceStore:
+    """Open a complete slice store (``meta.json`` present)."""
+    root = Path(root)
+    meta = json.loads((root / "meta.json").read_text())
     patients = np.load(root / "patients.npy")
     return SliceStore(root, patients, list(meta["params"]["cases"]), meta)
 

@@ -14,14 +14,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .errors import ExampleError
+
 TASK10_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task10_Colon.tar"
 TASK10_MD5 = "bad7a188931dc2f6acf72b08eb6202d0"
 
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
-    """The download failed or the file does not match its checksum."""
+class DownloadError(ExampleError, RuntimeError):
+    """The download failed, the file does not match its checksum, or the tar is unsafe."""
 
 
 def md5sum(path: str | os.PathLike[str], *, progress: bool = False) -> str:
@@ -92,12 +94,101 @@ def download(
     return dest
 
 
-def _is_within(base: Path, target: Path) -> bool:
-    try:
-        target.relative_to(base)
-    except ValueError:
-        return False
-    return True
+_MAX_LINK_HOPS = 40  # like the kernel's limit on symbolic links followed in one path
+
+
+class _Outside(ValueError):
+    """A path that leaves the extraction target."""
+
+
+class _ArchiveTree:
+    """The links an archive creates, to resolve member paths *before* anything is written.
+
+    A link can be harmless on its own and dangerous through an earlier one: ``a -> .`` and
+    ``a/b -> ..`` (created through ``a``, so it is ``b -> ..`` one level above the target), then
+    ``a/b/FILE``. Resolving each name on the real disk (as a plain ``Path.resolve`` check does)
+    misses this, because nothing is extracted yet when the members are checked. This resolves
+    every path through the links created by earlier members of the same archive (and links
+    already inside the target), like the kernel would, and writes nothing.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.links: dict[tuple[str, ...], str] = {}
+
+    def resolve(self, path: str, *, follow_last: bool = True, start: tuple[str, ...] = ()
+                ) -> tuple[str, ...]:
+        """``path`` (relative to ``start``) as components below the target, links followed.
+
+        Raises ``_Outside`` when it leaves the target and ``ValueError`` on a link loop.
+        """
+        if os.path.isabs(path):
+            raise _Outside(path)
+        pending = [p for p in reversed(path.split("/")) if p not in ("", ".")]
+        done = list(start)
+        hops = 0
+        while pending:
+            part = pending.pop()
+            if part == "..":
+                if not done:
+                    raise _Outside(path)
+                done.pop()
+                continue
+            candidate = (*done, part)
+            link = None
+            if pending or follow_last:
+                link = self.links.get(candidate)
+                disk = self.target.joinpath(*candidate)
+                if link is None and disk.is_symlink():
+                    link = os.readlink(disk)
+            if link is None:
+                done.append(part)
+                continue
+            hops += 1
+            if hops > _MAX_LINK_HOPS:
+                raise ValueError("too many levels of symbolic links")
+            if os.path.isabs(link):
+                raise _Outside(path)
+            # the link's target is relative to the folder holding the link: ``done``
+            pending.extend(p for p in reversed(link.split("/")) if p not in ("", "."))
+        return tuple(done)
+
+    def check(self, member: tarfile.TarInfo) -> None:
+        """Raise ``ValueError`` if extracting ``member`` would write or point outside."""
+        name = member.name
+        try:
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if os.path.isabs(name) or not parts:
+                raise _Outside(name)
+            parent = self.resolve("/".join(parts[:-1]))
+            final = (*parent, parts[-1])
+            if not member.issym():
+                # a file (or a hard link, which tarfile may fall back to copying) is written
+                # through a link already at its name
+                self.resolve("/".join(parts))
+        except _Outside:
+            raise ValueError(
+                f"refusing to extract {name!r}: it would land outside {self.target}"
+            ) from None
+        except ValueError as error:
+            raise ValueError(f"refusing to extract {name!r}: {error}") from None
+        if member.issym() or member.islnk():
+            try:
+                if member.issym():
+                    self.resolve(member.linkname, start=parent)
+                else:  # a hard link names its source relative to the archive root
+                    self.resolve(member.linkname)
+            except _Outside:
+                raise ValueError(
+                    f"refusing to extract link {name!r} -> {member.linkname!r}: it points "
+                    f"outside {self.target}"
+                ) from None
+            except ValueError as error:
+                raise ValueError(f"refusing to extract {name!r}: {error}") from None
+            if member.issym():  # tarfile replaces whatever was at that name
+                self.links[final] = member.linkname
+        if member.isdev() or member.isfifo():
+            raise ValueError(f"refusing to extract special file {name!r}")
 
 
 def safe_extract(
@@ -109,29 +200,19 @@ def safe_extract(
     """Extract ``tar_path`` into ``target``; refuse any member that would land outside it.
 
     Every member is checked *before* anything is written: absolute names, ``..`` components,
-    links pointing outside ``target`` and device/FIFO members raise ``ValueError`` and nothing
-    is extracted. On Python versions with tar extraction filters the ``"data"`` filter is
-    applied as a second line of defence.
+    links pointing outside ``target`` -- resolved through the links that earlier members of the
+    same archive create (``a -> .`` then ``a/b -> ..`` is refused), so this does not depend on
+    Python's extraction filters -- and device/FIFO members raise ``ValueError``, and nothing is
+    extracted. Where Python has tar extraction filters, the ``"data"`` filter is applied as a
+    second line of defence.
     """
     target = Path(target).resolve()
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tar_path) as archive:
         members = archive.getmembers()
+        tree = _ArchiveTree(target)
         for member in members:
-            name = member.name
-            dest = (target / name).resolve()
-            if os.path.isabs(name) or not _is_within(target, dest):
-                raise ValueError(f"refusing to extract {name!r}: it would land outside {target}")
-            if member.issym() or member.islnk():
-                link_base = dest.parent if member.issym() else target
-                link_dest = (link_base / member.linkname).resolve()
-                if os.path.isabs(member.linkname) or not _is_within(target, link_dest):
-                    raise ValueError(
-                        f"refusing to extract link {name!r} -> {member.linkname!r}: "
-                        f"it points outside {target}"
-                    )
-            if member.isdev() or member.isfifo():
-                raise ValueError(f"refusing to extract special file {name!r}")
+            tree.check(member)
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         for member in tqdm(members, desc="extract", unit="file", disable=not progress):
             archive.extract(member, target, **kwargs)
@@ -155,7 +236,11 @@ def fetch_task10(
     tmp = root / ".extract-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    safe_extract(tar_path, tmp, progress=progress)
+    try:
+        safe_extract(tar_path, tmp, progress=progress)
+    except (ValueError, tarfile.TarError, OSError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{tar_path}: {error}") from error
     extracted = tmp / "Task10_Colon"
     if not (extracted / "dataset.json").exists():
         raise DownloadError(f"{tar_path} does not contain Task10_Colon/dataset.json")

@@ -1,4 +1,6 @@
-"""The experiment grids of the paper's Tables 1-4, the paper's numbers, and the t-tests.
+"""The experiment grids: the paper's Tables 1-4, three experiments beyond it, the t-tests.
+
+The paper's:
 
 - table1: the six single losses for ``epochs`` epochs;
 - table2: the four composites ``L_A + L_B`` for ``long_epochs`` epochs;
@@ -7,6 +9,21 @@
   fold with a paired t-test *and* Student's two-sample t-test (equal variances), two-sided;
 - demo: the embedded default -- one region loss, one distribution loss, their composite and the
   switch between them (laid out as rows of Tables 1-3).
+
+Beyond the paper (its stated limitations and future work), for one ``pair`` (region,
+distribution), default IoU -> BCE (the paper's best switch):
+
+- controls: both single losses trained for ``long_epochs`` (the switching run's budget), beside
+  the switch, so that switching is compared with equal training length;
+- switchpoints: the switch epoch swept over ``SWITCH_FRACTIONS`` of ``long_epochs`` (10, 25,
+  50, 75 %) and ``switch_epoch``, each compared with the switch at ``switch_epoch``;
+- adaptive: the switch triggered when the training loss plateaus
+  (``iou->bce@plateau(...)``, see :func:`default_trigger`) against the fixed switch.
+
+Every comparison is paired by seed (or fold): mean ± sample std, and two-sided paired t-tests.
+A run needed by several experiments (e.g. the fixed switch of table3, controls and adaptive) is
+trained once: its folder ``runs/<loss>/e<epochs>/<seed|fold>`` depends on what it is, not on
+which table asked for it.
 """
 
 from __future__ import annotations
@@ -23,7 +40,12 @@ COMPOSITE = ("tversky+bce", "iou+bce", "iou+topk", "dice+focal")
 REGION = ("dice", "iou", "tversky")
 DISTRIBUTION = ("focal", "topk", "bce")
 TABLE4_PAIRS = (("tversky", "bce"), ("iou", "bce"), ("iou", "topk"), ("dice", "focal"))
-EXPERIMENTS = ("demo", "table1", "table2", "table3", "table4", "all")
+PAPER_TABLES = ("table1", "table2", "table3", "table4")
+BEYOND = ("controls", "switchpoints", "adaptive")
+SECTIONS = (*PAPER_TABLES, *BEYOND)
+GROUPS = {"paper": PAPER_TABLES, "beyond": BEYOND, "all": SECTIONS}
+EXPERIMENTS = ("demo", *SECTIONS, *GROUPS)
+SWITCH_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
 
 # The paper's numbers: mean (std) Dice and IoU.
 PAPER_TABLE1 = {
@@ -57,19 +79,20 @@ PAPER_TABLE4 = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a grid."""
+    """One run of a grid, as one section of the report (``table``) sees it."""
 
     table: str
     loss: str
     epochs: int
     seed: int
     fold: int | None = None
-    pair: str | None = None  # table4: "iou&bce"
+    pair: str | None = None  # table4 and the experiments beyond the paper: "iou&bce"
 
     @property
     def name(self) -> str:
+        """The run's folder under ``--out``; equal for equal runs of different sections."""
         part = f"fold{self.fold}" if self.fold is not None else f"seed{self.seed}"
-        return f"{self.table}/{slug(self.loss)}/{part}"
+        return f"runs/{slug(self.loss)}/e{self.epochs}/{part}"
 
     @property
     def key(self) -> str:
@@ -78,13 +101,24 @@ class RunSpec:
 
 
 def slug(spec: str) -> str:
-    """A folder name for a loss spec: ``iou->bce@50`` -> ``iou_to_bce_at_50``."""
+    """A folder name for a loss spec.
+
+    >>> slug("iou->bce@50"), slug("iou->bce@plateau(patience=5, max_epochs=75)")
+    ('iou_to_bce_at_50', 'iou_to_bce_at_plateau_patience=5_max_epochs=75')
+    """
     s = spec.replace("->", "_to_").replace("+", "_plus_").replace("@", "_at_").replace("*", "x")
+    s = s.replace("(", "_").replace(",", "_").replace(" ", "")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "", s)
 
 
 def base_spec(spec: str) -> str:
+    """The spec without its switch points: ``iou->bce@50`` -> ``iou->bce``."""
     return re.sub(r"@[^-+>]*", "", spec)
+
+
+def switch_at(spec: str) -> str:
+    """What follows the ``@`` of a two-stage switch: ``"50"``, ``"plateau(...)"`` or ``""``."""
+    return spec.split("@", 1)[1] if "@" in spec else ""
 
 
 def kind(spec: str) -> str:
@@ -94,8 +128,53 @@ def kind(spec: str) -> str:
     return "composite" if "+" in spec else "single"
 
 
+def _round(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def switch_points(long_epochs: int, switch_epoch: int,
+                  fractions: Sequence[float] = SWITCH_FRACTIONS) -> list[int]:
+    """The swept switch epochs: ``fractions`` of ``long_epochs`` (rounded half up, kept within
+    1 .. long_epochs - 1) and ``switch_epoch``, sorted and unique.
+
+    >>> switch_points(100, 50), switch_points(6, 3)
+    ([10, 25, 50, 75], [1, 2, 3, 5])
+    """
+    points = {min(max(1, _round(f * long_epochs)), long_epochs - 1) for f in fractions}
+    return sorted(points | {switch_epoch})
+
+
+def default_trigger(long_epochs: int) -> str:
+    """The adaptive switch's trigger: the training loss has not improved for ``patience`` epochs
+    (5 % of the budget, at least 1), not before 10 % and at the latest at 75 % of the budget (so
+    the distribution loss always gets a quarter of it).
+
+    >>> default_trigger(100)
+    'plateau(patience=5, min_epochs=10, max_epochs=75)'
+    >>> default_trigger(6)
+    'plateau(patience=1, min_epochs=1, max_epochs=5)'
+    """
+    patience = max(1, _round(0.05 * long_epochs))
+    low = max(1, _round(0.1 * long_epochs))
+    high = min(max(low, _round(0.75 * long_epochs)), max(1, long_epochs - 1))
+    return f"plateau(patience={patience}, min_epochs={low}, max_epochs={high})"
+
+
+def expand(experiments: str | Sequence[str]) -> list[str]:
+    """Experiment names with the groups (``paper``, ``beyond``, ``all``) expanded, in order."""
+    names = [experiments] if isinstance(experiments, str) else list(experiments)
+    out: list[str] = []
+    for name in names:
+        if name not in EXPERIMENTS:
+            raise ValueError(f"experiment must be one of {EXPERIMENTS}, got {name!r}")
+        for item in GROUPS.get(name, (name,)):
+            if item not in out:
+                out.append(item)
+    return out
+
+
 def plan(
-    experiment: str,
+    experiment: str | Sequence[str],
     *,
     seeds: Sequence[int] = (0,),
     epochs: int = 50,
@@ -104,10 +183,15 @@ def plan(
     folds: int = 5,
     demo_pair: tuple[str, str] = ("iou", "bce"),
     losses: Sequence[str] | None = None,
+    fractions: Sequence[float] = SWITCH_FRACTIONS,
+    trigger: str | None = None,
 ) -> list[RunSpec]:
-    """The runs of ``experiment``; ``losses`` replaces the grid by the given specs."""
-    if experiment not in EXPERIMENTS:
-        raise ValueError(f"experiment must be one of {EXPERIMENTS}, got {experiment!r}")
+    """The runs of ``experiment`` (a name or several); ``losses`` replaces the grid by the given
+    specs. ``demo_pair`` is the pair of the demo and of the experiments beyond the paper.
+
+    The same run may appear in several sections (as several specs with one :attr:`RunSpec.name`).
+    """
+    wanted = expand(experiment)
     runs: list[RunSpec] = []
     if losses:
         for spec in losses:
@@ -115,15 +199,15 @@ def plan(
             n = epochs if kind(spec) == "single" else long_epochs
             runs += [RunSpec(table, spec, n, s) for s in seeds]
         return runs
-    wanted = {"table1", "table2", "table3", "table4"} if experiment == "all" else {experiment}
+    region, distribution = demo_pair
+    pair = f"{region}&{distribution}"
+    fixed = f"{region}->{distribution}@{switch_epoch}"
     if "demo" in wanted:
-        region, distribution = demo_pair
         for s in seeds:
             runs.append(RunSpec("table1", region, epochs, s))
             runs.append(RunSpec("table1", distribution, epochs, s))
             runs.append(RunSpec("table2", f"{region}+{distribution}", long_epochs, s))
-            switch = f"{region}->{distribution}@{switch_epoch}"
-            runs.append(RunSpec("table3", switch, long_epochs, s))
+            runs.append(RunSpec("table3", fixed, long_epochs, s))
     if "table1" in wanted:
         runs += [RunSpec("table1", spec, epochs, s) for spec in SINGLE for s in seeds]
     if "table2" in wanted:
@@ -136,12 +220,31 @@ def plan(
     if "table4" in wanted:
         for r, d in TABLE4_PAIRS:
             for f in range(folds):
-                pair = f"{r}&{d}"
-                runs.append(RunSpec("table4", f"{r}+{d}", long_epochs, seeds[0], f, pair))
+                p = f"{r}&{d}"
+                runs.append(RunSpec("table4", f"{r}+{d}", long_epochs, seeds[0], f, p))
                 runs.append(
-                    RunSpec("table4", f"{r}->{d}@{switch_epoch}", long_epochs, seeds[0], f, pair)
+                    RunSpec("table4", f"{r}->{d}@{switch_epoch}", long_epochs, seeds[0], f, p)
                 )
+    if "controls" in wanted:
+        for spec in (region, distribution, fixed):
+            runs += [RunSpec("controls", spec, long_epochs, s, pair=pair) for s in seeds]
+    if "switchpoints" in wanted:
+        for e in switch_points(long_epochs, switch_epoch, fractions):
+            spec = f"{region}->{distribution}@{e}"
+            runs += [RunSpec("switchpoints", spec, long_epochs, s, pair=pair) for s in seeds]
+    if "adaptive" in wanted:
+        adaptive = f"{region}->{distribution}@{trigger or default_trigger(long_epochs)}"
+        for spec in (adaptive, fixed):
+            runs += [RunSpec("adaptive", spec, long_epochs, s, pair=pair) for s in seeds]
     return runs
+
+
+def unique_runs(specs: Sequence[RunSpec]) -> list[RunSpec]:
+    """One spec per run folder, in the order of first appearance."""
+    seen: dict[str, RunSpec] = {}
+    for spec in specs:
+        seen.setdefault(spec.name, spec)
+    return list(seen.values())
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,29 +1,40 @@
-"""report.md (tables laid out like the paper's Tables 1-4), runs.csv and the two figures."""
+"""report.md (the paper's Tables 1-4, the experiments beyond it, warnings), runs.csv, figures.
+
+The report warns, above the tables, about what could make its numbers misleading:
+
+- unequal training budgets (single losses trained for fewer epochs than the runs they are
+  compared with, as in the paper);
+- collapsed models: a run that predicted (almost) no tumour on the test set -- fewer foreground
+  pixels than :data:`COLLAPSE_FRACTION` of the true ones -- whose per-slice Dice is then just
+  the share of empty slices;
+- the tables and experiments that were not run.
+"""
 
 from __future__ import annotations
 
 import csv
-import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import PAPER_TITLE
 from .evaluation import CONVENTIONS, METRIC_KEYS
 from .experiments import (
+    BEYOND,
     PAPER_TABLE1,
     PAPER_TABLE2,
     PAPER_TABLE3,
     PAPER_TABLE4,
+    PAPER_TABLES,
     RunSpec,
     compare,
     kind,
     mean_std,
+    switch_at,
 )
+from .figures import plot_loss_curves, plot_qualitative, unique
 
 CONVENTION_TITLES = {
     "slice": "per slice (empty=1)",
@@ -31,12 +42,24 @@ CONVENTION_TITLES = {
     "global": "global (pixels)",
     "patient": "per patient 3D",
 }
-REGION = ("dice", "iou", "jaccard", "tversky")
 ORDER = {
     "table1": list(PAPER_TABLE1),
     "table2": list(PAPER_TABLE2),
     "table3": list(PAPER_TABLE3),
 }
+SECTION_TITLES = {
+    "table1": "Table 1 — single losses",
+    "table2": "Table 2 — composite losses (L = L_A + L_B)",
+    "table3": "Table 3 — switching (region loss, then distribution loss)",
+    "table4": "Table 4 — cross-validation, composite (CF) vs switching (DA)",
+    "controls": "Controls — single losses with the switching runs' budget",
+    "switchpoints": "Switch points — the switch epoch swept",
+    "adaptive": "Adaptive switching — switch when the training loss plateaus",
+}
+COLLAPSE_FRACTION = 0.01
+"""A run predicting fewer foreground pixels than this fraction of the true ones collapsed."""
+
+Runs = Sequence[tuple[RunSpec, dict[str, Any]]]
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -49,39 +72,80 @@ def _p(p: float) -> str:
     return "—" if p is None or math.isnan(p) else (f"{p:.2e}" if p < 1e-3 else f"{p:.4f}")
 
 
-def write_csv(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> None:
-    fields = ["run", "table", "loss", "kind", "seed", "fold", "epochs", "n_train", "n_val",
-              "n_test", *[f"test_{k}" for k in METRIC_KEYS], "best_val", "train_seconds"]
+def collapsed(res: dict[str, Any]) -> bool:
+    """Whether the run predicted (almost) no tumour: fewer foreground pixels on the test set than
+    :data:`COLLAPSE_FRACTION` of the true tumour pixels."""
+    c = res.get("test_counts")
+    if not c:
+        return False
+    truth, predicted = c["tp"] + c["fn"], c["tp"] + c["fp"]
+    return truth > 0 and predicted < COLLAPSE_FRACTION * truth
+
+
+def switched_at(res: dict[str, Any]) -> int | None:
+    """The epoch of the run's first loss switch (None: it never switched)."""
+    switches = res.get("switches") or []
+    return int(switches[0][2]) if switches else None
+
+
+def write_csv(path: Path, runs: Runs) -> None:
+    """One row per run and report section (a run serving two sections has two rows)."""
+    fields = ["run", "section", "loss", "kind", "seed", "fold", "epochs", "n_train", "n_val",
+              "n_test", *[f"test_{k}" for k in METRIC_KEYS], "predicted_pixels",
+              "tumour_pixels", "collapsed", "switched_at", "lr_restarts", "best_val",
+              "best_epoch", "train_seconds"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for spec, res in runs:
+            c = res.get("test_counts") or {}
             writer.writerow({
-                "run": spec.name, "table": spec.table, "loss": spec.loss, "kind": kind(spec.loss),
-                "seed": spec.seed, "fold": "" if spec.fold is None else spec.fold,
+                "run": spec.name, "section": spec.table, "loss": spec.loss,
+                "kind": kind(spec.loss), "seed": spec.seed,
+                "fold": "" if spec.fold is None else spec.fold,
                 "epochs": spec.epochs, "n_train": res["n_train"], "n_val": res["n_val"],
                 "n_test": res["n_test"],
                 **{f"test_{k}": res["test"][k] for k in METRIC_KEYS},
-                "best_val": res["best_val"],
+                "predicted_pixels": c.get("tp", 0) + c.get("fp", 0),
+                "tumour_pixels": c.get("tp", 0) + c.get("fn", 0),
+                "collapsed": collapsed(res),
+                "switched_at": "" if switched_at(res) is None else switched_at(res),
+                "lr_restarts": " ".join(map(str, res.get("lr_restarts") or [])),
+                "best_val": res["best_val"], "best_epoch": res.get("best_epoch", ""),
                 "train_seconds": round(sum(h["seconds"] for h in res["history"]), 2),
             })
 
 
-def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
-    head = ["Loss", "runs"]
+def _metric_head() -> list[str]:
+    head = []
     for c in CONVENTIONS:
         head += [f"Dice {CONVENTION_TITLES[c]}", f"IoU {CONVENTION_TITLES[c]}"]
-    head += ["paper Dice", "paper IoU"]
+    return head
+
+
+def _metric_cells(results: list[dict[str, Any]]) -> list[str]:
+    cells = []
+    for c in CONVENTIONS:
+        for m in ("dice", "iou"):
+            cells.append(_fmt(*mean_std([r["test"][f"{m}_{c}"] for r in results])))
+    return cells
+
+
+def _collapsed_cell(results: list[dict[str, Any]]) -> str:
+    n = sum(collapsed(r) for r in results)
+    return f"**{n} of {len(results)}**" if n else "0"
+
+
+def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
+    head = ["Loss", "runs", "collapsed", *_metric_head(), "paper Dice", "paper IoU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ORDER[table]
     keys = sorted(rows, key=lambda k: (order.index(k) if k in order else len(order), k))
+    paper = {"table1": PAPER_TABLE1, "table2": PAPER_TABLE2, "table3": PAPER_TABLE3}[table]
     for key in keys:
         results = rows[key]
-        cells = [f"`{results[0]['_spec'].loss}`", str(len(results))]
-        for c in CONVENTIONS:
-            for m in ("dice", "iou"):
-                cells.append(_fmt(*mean_std([r["test"][f"{m}_{c}"] for r in results])))
-        paper = {"table1": PAPER_TABLE1, "table2": PAPER_TABLE2, "table3": PAPER_TABLE3}[table]
+        cells = [f"`{results[0]['_spec'].loss}`", str(len(results)), _collapsed_cell(results),
+                 *_metric_cells(results)]
         if key in paper:
             p = paper[key]
             cells += ([_fmt(p[0], p[1]), _fmt(p[2], p[3])] if len(p) == 4
@@ -92,7 +156,7 @@ def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
     return lines
 
 
-def table4_rows(runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> list[dict[str, Any]]:
+def table4_rows(runs: Runs) -> list[dict[str, Any]]:
     """Per pair and convention: CF/DA means over folds and both t-tests (Dice and IoU)."""
     by_pair: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for spec, res in runs:
@@ -111,23 +175,208 @@ def table4_rows(runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> list[dict[str
     return out
 
 
+def paired_rows(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """``a`` vs ``b`` (results keyed by seed or fold), paired on the keys both have: per
+    convention, the means and the paired t-test of Dice and of IoU."""
+    keys = sorted(set(a) & set(b))
+    out = []
+    for c in CONVENTIONS:
+        row: dict[str, Any] = {"convention": c, "n": len(keys)}
+        for m in ("dice", "iou"):
+            xs = [a[k]["test"][f"{m}_{c}"] for k in keys]
+            ys = [b[k]["test"][f"{m}_{c}"] for k in keys]
+            row[m] = compare(xs, ys) if keys else None
+        out.append(row)
+    return out
+
+
+def _paired_table(comparisons: list[tuple[str, str, dict, dict]]) -> list[str]:
+    """``(label A, label B, results A by seed, results B by seed)`` -> markdown lines."""
+    lines = [
+        "| A | B | convention | pairs | Dice A | Dice B | paired p | IoU A | IoU B | paired p |",
+        "|" + "---|" * 10,
+    ]
+    for label_a, label_b, a, b in comparisons:
+        for row in paired_rows(a, b):
+            d, i = row["dice"], row["iou"]
+            if d is None:
+                continue
+            lines.append(
+                f"| {label_a} | {label_b} | {CONVENTION_TITLES[row['convention']]} | {row['n']} | "
+                f"{d['cf_mean']:.4f} | {d['da_mean']:.4f} | {_p(d['paired_p'])} | "
+                f"{i['cf_mean']:.4f} | {i['da_mean']:.4f} | {_p(i['paired_p'])} |"
+            )
+    return lines
+
+
+def _by_seed(runs: Runs, section: str, loss: str) -> dict[int, dict[str, Any]]:
+    return {s.seed: r for s, r in runs if s.table == section and s.loss == loss}
+
+
+def _results_table(rows: list[tuple[str, int, list[dict[str, Any]], list[str]]],
+                   extra_head: list[str]) -> list[str]:
+    head = ["Run", "epochs", "runs", "collapsed", *extra_head, *_metric_head()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, epochs, results, extra in rows:
+        lines.append("| " + " | ".join([label, str(epochs), str(len(results)),
+                                        _collapsed_cell(results), *extra,
+                                        *_metric_cells(results)]) + " |")
+    return lines
+
+
+PAIRED_NOTE = (
+    "Paired by seed: two-sided paired t-tests (`scipy.stats.ttest_rel`) of A against B per "
+    "averaging convention; a p-value needs at least two seeds (`--seeds 0 1 2`)."
+)
+
+
+def _controls_section(runs: Runs) -> list[str]:
+    specs = [(s, r) for s, r in runs if s.table == "controls"]
+    lines: list[str] = []
+    for pair in sorted({s.pair for s, _ in specs if s.pair}):
+        region, distribution = pair.split("&")
+        switch = next(s.loss for s, _ in specs if s.pair == pair and kind(s.loss) == "switch")
+        long_epochs = next(s.epochs for s, _ in specs if s.pair == pair)
+        rows = []
+        for loss in (region, distribution, switch):
+            results = list(_by_seed(runs, "controls", loss).values())
+            rows.append((f"`{loss}`", long_epochs, results, []))
+        for loss in (region, distribution):  # the paper's shorter single-loss budget, if run
+            short = [(s, r) for s, r in runs if s.table == "table1" and s.loss == loss]
+            if short and short[0][0].epochs != long_epochs:
+                rows.append((f"`{loss}` (Table 1)", short[0][0].epochs, [r for _, r in short],
+                             []))
+        lines += [f"#### {region} & {distribution}", "",
+                  *_results_table(rows, []), "", PAIRED_NOTE, "",
+                  *_paired_table([
+                      (f"`{switch}`", f"`{region}` ({long_epochs} ep)",
+                       _by_seed(runs, "controls", switch), _by_seed(runs, "controls", region)),
+                      (f"`{switch}`", f"`{distribution}` ({long_epochs} ep)",
+                       _by_seed(runs, "controls", switch),
+                       _by_seed(runs, "controls", distribution)),
+                  ]), ""]
+    return lines
+
+
+def _switchpoints_section(runs: Runs, switch_epoch: int) -> list[str]:
+    specs = [(s, r) for s, r in runs if s.table == "switchpoints"]
+    lines: list[str] = []
+    for pair in sorted({s.pair for s, _ in specs if s.pair}):
+        losses = sorted({s.loss for s, _ in specs if s.pair == pair},
+                        key=lambda spec: int(switch_at(spec)))
+        long_epochs = next(s.epochs for s, _ in specs if s.pair == pair)
+        reference = next((x for x in losses if int(switch_at(x)) == switch_epoch), None)
+        rows = []
+        for loss in losses:
+            e = int(switch_at(loss))
+            results = list(_by_seed(runs, "switchpoints", loss).values())
+            share = f"{e} ({100 * e / long_epochs:.0f} %)"
+            rows.append((f"`{loss}`", long_epochs, results, [share]))
+        comparisons = [
+            (f"`{loss}`", f"`{reference}`", _by_seed(runs, "switchpoints", loss),
+             _by_seed(runs, "switchpoints", reference))
+            for loss in losses if reference is not None and loss != reference
+        ]
+        lines += [f"#### {pair.replace('&', ' -> ')}", "",
+                  *_results_table(rows, ["switch epoch (of the budget)"]), "",
+                  f"Each switch point against the fixed switch at epoch {switch_epoch} "
+                  "(`--switch-epoch`; the paper switches at 50 of 100). " + PAIRED_NOTE, "",
+                  *_paired_table(comparisons), ""]
+    return lines
+
+
+def _adaptive_section(runs: Runs) -> list[str]:
+    specs = [(s, r) for s, r in runs if s.table == "adaptive"]
+    lines: list[str] = []
+    for pair in sorted({s.pair for s, _ in specs if s.pair}):
+        losses = {s.loss for s, _ in specs if s.pair == pair}
+        adaptive = next(x for x in losses if not switch_at(x).isdigit())
+        fixed = next(x for x in losses if switch_at(x).isdigit())
+        long_epochs = next(s.epochs for s, _ in specs if s.pair == pair)
+        rows = []
+        for loss in (adaptive, fixed):
+            by_seed = _by_seed(runs, "adaptive", loss)
+            at = [switched_at(r) for _, r in sorted(by_seed.items())]
+            shown = ", ".join("never" if e is None else str(e) for e in at)
+            mean, std = mean_std([e for e in at if e is not None])
+            summary = f"{shown} (mean {_fmt(mean, std).replace('.0000', '')})" if len(at) > 1 \
+                else shown
+            rows.append((f"`{loss}`", long_epochs, list(by_seed.values()), [summary]))
+        lines += [f"#### {pair.replace('&', ' -> ')}", "",
+                  *_results_table(rows, ["switched at epoch (per seed)"]), "",
+                  "The adaptive run switches once its epoch's mean training loss has not improved "
+                  "for `patience` epochs (within `min_epochs` .. `max_epochs` of the budget). "
+                  + PAIRED_NOTE, "",
+                  *_paired_table([(f"`{adaptive}`", f"`{fixed}`",
+                                   _by_seed(runs, "adaptive", adaptive),
+                                   _by_seed(runs, "adaptive", fixed))]), ""]
+    return lines
+
+
+def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
+    """The warnings above the tables (markdown bullet lines; empty: none)."""
+    out = []
+    sections = {s.table for s, _ in runs}
+    single = sorted({s.epochs for s, _ in runs if s.table == "table1"})
+    others = sorted({s.epochs for s, _ in runs if s.table in ("table2", "table3", "table4")})
+    if single and others and max(single) < max(others):
+        follow = ("the Controls section below trains them for the same budget"
+                  if "controls" in sections else
+                  "`--experiment controls` trains them for the same budget")
+        out.append(
+            f"- **Unequal training budgets.** The single losses (Table 1) trained for "
+            f"{'/'.join(map(str, single))} epochs, the composite and switching runs for "
+            f"{'/'.join(map(str, others))}: {min(single)} of {max(others)} epochs, as in the "
+            f"paper. Tables 1 and 3 are not a controlled comparison of the losses; {follow}."
+        )
+    for spec, res in unique(runs):
+        if collapsed(res):
+            c = res["test_counts"]
+            part = f"fold {spec.fold}" if spec.fold is not None else f"seed {spec.seed}"
+            out.append(
+                f"- **Collapsed model:** `{spec.loss}` ({part}, {spec.epochs} epochs) predicted "
+                f"{c['tp'] + c['fp']} tumour pixels on the test set, which holds "
+                f"{c['tp'] + c['fn']}. Its per-slice Dice {res['test']['dice_slice']:.4f} only "
+                "counts the slices without tumour (scored 1); read its global and per-patient "
+                "columns."
+            )
+    ran = context.get("experiments", [])
+    if ran != ["--loss"]:
+        missing = [s for s in (*PAPER_TABLES, *BEYOND) if s not in sections]
+        if missing:
+            names = ", ".join(SECTION_TITLES[s].split(" — ")[0] for s in missing)
+            out.append(f"- **Not run:** {names} (`--experiment {' '.join(missing)}`).")
+        if "demo" in ran:
+            out.append("- **Partial tables:** the demo runs one pair (Tables 1-3 hold only its "
+                       "losses); the paper's grids are `--experiment paper`.")
+    return out
+
+
 def write_report(
     out_dir: Path,
-    runs: Sequence[tuple[RunSpec, dict[str, Any]]],
+    runs: Runs,
     *,
     setup: dict[str, Any],
     store: Any = None,
-    qualitative_slice: int | None = None,
+    qualitative: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``report.md``, ``runs.csv``, ``loss_curves.png`` and ``qualitative.png``."""
+    """Write ``report.md``, ``runs.csv``, ``loss_curves.png`` and ``qualitative.png``.
+
+    ``qualitative``: the test slice of the qualitative figure (``slice``, ``patient``,
+    ``tumour_pixels``, ``test_slices``); ``context``: ``epochs``, ``long_epochs``,
+    ``switch_epoch``, ``experiments`` (what was asked for).
+    """
+    context = context or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "runs.csv", runs)
     figures = []
     try:
         if plot_loss_curves(out_dir / "loss_curves.png", runs):
             figures.append(("Training loss per term (the paper's Fig. 2)", "loss_curves.png"))
-        if store is not None and qualitative_slice is not None and plot_qualitative(
-            out_dir / "qualitative.png", runs, store, qualitative_slice
+        if store is not None and qualitative is not None and plot_qualitative(
+            out_dir / "qualitative.png", runs, store, qualitative["slice"]
         ):
             figures.append(("One test slice (the paper's Fig. 3)", "qualitative.png"))
     except ImportError as error:  # matplotlib missing: the tables are still written
@@ -140,71 +389,68 @@ def write_report(
             "(generated CT-like volumes in the Task10_Colon layout), not from patient data, on a "
             "scaled-down grid. They show that the pipeline runs; they say nothing about the "
             "paper's claims. Run with `--data-dir PATH/Task10_Colon` or `--download` for real "
-            "data and `--preset paper` for the paper's protocol.",
+            "data (the `paper` preset is then the default).",
             "",
         ]
-    lines += [f"Paper: {PAPER_TITLE}.", "", "## Setup", ""]
-    lines += [f"- {k}: {v}" for k, v in setup.items()]
+    lines += [f"Paper: {PAPER_TITLE}.", ""]
+    warn = warnings(runs, context)
+    if warn:
+        lines += ["## Warnings", "", *warn, ""]
+    lines += ["## Setup", ""]
+    lines += [f"- {k}: {v}" for k, v in setup.items() if k != "synthetic"]
     lines += [
         "",
         "Test-set metrics of the final (last-epoch) model at threshold 0.5, mean ± sample std "
         "over seeds (or folds). Four ways to average Dice/IoU (see docs/example.md): per slice "
         "with empty-vs-empty = 1, per slice over tumour slices only, global over all test "
         "pixels, per patient in 3D. The paper does not say which it used; its numbers are "
-        "shown beside ours.",
+        "shown beside ours. *collapsed*: runs that predicted fewer tumour pixels than "
+        f"{COLLAPSE_FRACTION:.0%} of the true ones.",
         "",
     ]
     by_table: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for spec, res in runs:
-        if spec.table != "table4":
+        if spec.table in ORDER:
             by_table[spec.table][spec.key].append({**res, "_spec": spec})
-    titles = {
-        "table1": "Table 1 — single losses",
-        "table2": "Table 2 — composite losses (L = L_A + L_B)",
-        "table3": "Table 3 — switching (region loss, then distribution loss)",
-    }
     for table in ("table1", "table2", "table3"):
         if table in by_table:
             epochs = sorted({r["_spec"].epochs for rs in by_table[table].values() for r in rs})
-            lines += [f"## {titles[table]} ({', '.join(map(str, epochs))} epochs)", ""]
+            lines += [f"## {SECTION_TITLES[table]} ({', '.join(map(str, epochs))} epochs)", ""]
             lines += [*_table(by_table[table], table), ""]
-    rows4 = table4_rows(runs)
-    if rows4:
-        lines += [
-            "## Table 4 — cross-validation, composite (CF) vs switching (DA)",
-            "",
-            "Per pair and averaging convention: mean over folds, and two-sided p-values of the "
-            "**paired t-test** (`scipy.stats.ttest_rel`; folds are shared, so this is the "
-            "appropriate test) and of **Student's two-sample t-test** with equal variances "
-            "(`scipy.stats.ttest_ind(equal_var=True)`; ignores the pairing). The paper reports "
-            "p < 0.003 for every pair without naming its test.",
-            "",
-            "| Pair | convention | folds | CF Dice | DA Dice | paired p | Student p | CF IoU | "
-            "DA IoU | paired p | Student p | paper Dice CF vs DA | paper IoU CF vs DA |",
-            "|" + "---|" * 13,
-        ]
-        for row in rows4:
-            p = PAPER_TABLE4.get(row["pair"])
-            d, i = row["dice"], row["iou"]
-            if d is None:
-                continue
-            lines.append(
-                f"| {row['pair'].replace('&', ' & ')} | {CONVENTION_TITLES[row['convention']]} | "
-                f"{row['folds']} | {d['cf_mean']:.4f} | {d['da_mean']:.4f} | {_p(d['paired_p'])} | "
-                f"{_p(d['student_p'])} | {i['cf_mean']:.4f} | {i['da_mean']:.4f} | "
-                f"{_p(i['paired_p'])} | {_p(i['student_p'])} | "
-                + (f"{p[0]:.2f} vs {p[1]:.2f} | {p[2]:.2f} vs {p[3]:.2f} |" if p else "— | — |")
-            )
-        lines.append("")
+    lines += _table4_section(runs)
+    beyond = [
+        ("controls", _controls_section(runs)),
+        ("switchpoints", _switchpoints_section(runs, int(context.get("switch_epoch", 0)))),
+        ("adaptive", _adaptive_section(runs)),
+    ]
+    if any(body for _, body in beyond):
+        lines += ["## Beyond the paper", "",
+                  "Experiments on the paper's own stated limitations and future work, with the "
+                  "same statistics (see docs/example.md).", ""]
+        for section, body in beyond:
+            if body:
+                lines += [f"### {SECTION_TITLES[section]}", "", *body]
     lines += ["## Figures", ""]
     for caption, name in figures:
         lines += [f"**{caption}**", ""] + ([f"![{caption}]({name})", ""] if name else [])
+    if qualitative is not None and any(name == "qualitative.png" for _, name in figures):
+        q = qualitative
+        lines += [
+            f"The qualitative slice is test slice {q['slice']} ({q['patient']}): of the "
+            f"{q['test_slices']} test slices, the one with the most tumour pixels in the ground "
+            f"truth ({q['tumour_pixels']} at the stored size). It is chosen from the labels alone, "
+            "before and independently of any prediction, and is the same for every run; each "
+            "panel is the first seed of one loss.",
+            "",
+        ]
     lines += [
         "## Files",
         "",
-        "- `runs.csv`: one row per run (all metrics).",
-        "- `<table>/<loss>/<seed|fold>/`: `config.json`, `log.jsonl` (per epoch: active stage, "
-        "each loss term, LR, validation metrics), `last.pt`, `best.pt`, `result.json`.",
+        "- `runs.csv`: one row per run and report section (all metrics, predicted and true "
+        "tumour pixels, switch epoch, LR restarts).",
+        "- `runs/<loss>/e<epochs>/<seed|fold>/`: `config.json` (options and fingerprint), "
+        "`log.jsonl` (per epoch: active stage, each loss term, LR, validation metrics), "
+        "`last.pt`, `best.pt`, `result.json`. A run used by several sections is trained once.",
         "",
     ]
     path = out_dir / "report.md"
@@ -212,138 +458,34 @@ def write_report(
     return path
 
 
-def _term_series(history: list[dict], name: str) -> np.ndarray:
-    return np.array([h["terms"].get(name, np.nan) if h["terms"].get(name) is not None else np.nan
-                     for h in history], dtype=float)
-
-
-def _switch_epochs(history: list[dict]) -> list[int]:
-    return [h["epoch"] - 1 for a, h in itertools.pairwise(history) if h["stage"] != a["stage"]]
-
-
-def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> bool:
-    """Per-term training loss of switching and composite runs (first seed/fold of each).
-
-    Region and distribution terms live on different scales (0.3-1 vs < 0.01), so they get
-    separate axes: region terms on the top row (linear), distribution terms on the bottom row
-    (log scale). The switch is marked by a dashed line. The last panel shows validation Dice.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    chosen: dict[str, tuple[RunSpec, dict]] = {}
-    for spec, res in runs:
-        if kind(spec.loss) in ("switch", "composite") and spec.loss not in chosen:
-            chosen[spec.loss] = (spec, res)
-    chosen_list = sorted(chosen.values(), key=lambda sr: kind(sr[0].loss) != "switch")[:4]
-    if not chosen_list:
-        return False
-    n = len(chosen_list)
-    fig, axes = plt.subplots(2, n + 1, figsize=(4.2 * (n + 1), 6.4), squeeze=False)
-    for j, (spec, res) in enumerate(chosen_list):
-        hist = res["history"]
-        epochs = np.array([h["epoch"] for h in hist])
-        names = sorted({k for h in hist for k in h["terms"]})
-        top, bottom = axes[0, j], axes[1, j]
-        for name in names:
-            y = _term_series(hist, name)
-            is_region = any(name.lower().startswith(r) for r in REGION)
-            ax = top if is_region else bottom
-            ax.plot(epochs, y, marker="o", ms=3, label=name)
-        for ax in (top, bottom):
-            for s in _switch_epochs(hist):
-                ax.axvline(s + 0.5, color="k", ls="--", lw=1, label="switch")
-            ax.set_xlim(0.5, len(hist) + 0.5)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
-        top.set_title(f"{spec.loss}", fontsize=10)
-        top.set_ylabel("region loss (linear)")
-        bottom.set_ylabel("distribution loss (log)")
-        if any(len(line.get_ydata()) and not np.all(np.isnan(line.get_ydata()))
-               for line in bottom.lines if line.get_label() != "switch"):
-            bottom.set_yscale("log")
-    ax = axes[0, n]
-    seen = set()
-    styles = ["-", "--", ":", "-."]
-    for spec, res in runs:
-        if spec.loss in seen or spec.table == "table4":
+def _table4_section(runs: Runs) -> list[str]:
+    rows4 = table4_rows(runs)
+    if not rows4:
+        return []
+    lines = [
+        f"## {SECTION_TITLES['table4']}",
+        "",
+        "Per pair and averaging convention: mean over folds, and two-sided p-values of the "
+        "**paired t-test** (`scipy.stats.ttest_rel`; folds are shared, so this is the "
+        "appropriate test) and of **Student's two-sample t-test** with equal variances "
+        "(`scipy.stats.ttest_ind(equal_var=True)`; ignores the pairing). The paper reports "
+        "p < 0.003 for every pair without naming its test.",
+        "",
+        "| Pair | convention | folds | CF Dice | DA Dice | paired p | Student p | CF IoU | "
+        "DA IoU | paired p | Student p | paper Dice CF vs DA | paper IoU CF vs DA |",
+        "|" + "---|" * 13,
+    ]
+    for row in rows4:
+        p = PAPER_TABLE4.get(row["pair"])
+        d, i = row["dice"], row["iou"]
+        if d is None:
             continue
-        hist = res["history"]
-        ax.plot([h["epoch"] for h in hist], [h.get("val_dice_global") for h in hist],
-                marker="os^vD<>"[len(seen) % 7], ms=6 - len(seen) % 3,
-                ls=styles[len(seen) % 4], label=spec.loss, alpha=0.85)
-        seen.add(spec.loss)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("validation Dice (global); same-seed runs\nshare their first stage", fontsize=9)
-    ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    axes[1, n].axis("off")
-    fig.suptitle("Training loss per term; region and distribution losses on separate axes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_qualitative(
-    path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]], store: Any, slice_index: int
-) -> bool:
-    """Image, ground truth and the predictions of single, composite and switching runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = []
-    seen = set()
-    order = {"single": 0, "composite": 1, "switch": 2}
-    for spec, _res in sorted(runs, key=lambda sr: order[kind(sr[0].loss)]):
-        if spec.table == "table4" or spec.loss in seen:
-            continue
-        file = Path(_res["_dir"]) / "predictions.npz" if "_dir" in _res else None
-        if file is None or not file.exists():
-            continue
-        with np.load(file) as z:
-            key = f"slice_{slice_index}"
-            if key not in z:
-                continue
-            panels.append((spec.loss, np.asarray(z[key], dtype=np.float32)))
-        seen.add(spec.loss)
-        if len(panels) == 6:
-            break
-    if not panels:
-        return False
-    image = np.asarray(store.images[slice_index], dtype=np.float32)
-    mask = np.asarray(store.masks[slice_index])
-    n = len(panels) + 2
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0))
-    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("image")
-    axes[1].imshow(image, cmap="gray", vmin=0, vmax=1)
-    axes[1].contour(mask, levels=[0.5], colors="lime", linewidths=1)
-    axes[1].imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.5)
-    axes[1].set_title("ground truth")
-    for ax, (name, prob) in zip(axes[2:], panels, strict=True):
-        pred = prob >= 0.5
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.imshow(np.ma.masked_where(~pred, pred), cmap="cool", alpha=0.6)
-        ax.contour(mask, levels=[0.5], colors="lime", linewidths=1)
-        tp = float((pred & (mask > 0)).sum())
-        dice = 2 * tp / max(pred.sum() + mask.sum(), 1)
-        ax.set_title(f"{name}\nDice {dice:.2f}", fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    pid = store.patient_names[int(store.patients[slice_index])]
-    fig.suptitle(f"test slice {slice_index} ({pid}); green: ground-truth outline", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        lines.append(
+            f"| {row['pair'].replace('&', ' & ')} | {CONVENTION_TITLES[row['convention']]} | "
+            f"{row['folds']} | {d['cf_mean']:.4f} | {d['da_mean']:.4f} | {_p(d['paired_p'])} | "
+            f"{_p(d['student_p'])} | {i['cf_mean']:.4f} | {i['da_mean']:.4f} | "
+            f"{_p(i['paired_p'])} | {_p(i['student_p'])} | "
+            + (f"{p[0]:.2f} vs {p[1]:.2f} | {p[2]:.2f} vs {p[3]:.2f} |" if p else "— | — |")
+        )
+    lines.append("")
+    return lines

@@ -1,31 +1,22 @@
-"""Glue: data -> slice store -> splits -> the runs of a grid -> report (what the CLI calls)."""
+"""Glue: options -> data -> slice store -> splits -> the runs of a grid -> report."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import experiments, splits
-from .data import HU_WINDOW, SliceStore, build_slice_store
-from .training import (
-    BEST,
-    RESULT,
-    Dist,
-    RunConfig,
-    barrier,
-    benchmark,
-    broadcast,
-    maybe_destroy,
-    resolve_device,
-    setup_distributed,
-    train_run,
-)
+from .data import HU_WINDOW, SliceStore, build_slice_store, open_store
+from .distributed import Dist, barrier, broadcast, maybe_destroy, resolve_device, setup_distributed
+from .errors import ExampleError, OptionsError
+from .options import PRESETS, apply_preset, validate
+from .training import RunConfig, train_run
 
 SYNTHETIC_BANNER = (
     "NOTE: no --data-dir/--download given, so this runs on a SYNTHETIC phantom (generated "
@@ -33,93 +24,114 @@ SYNTHETIC_BANNER = (
     "pipeline works, not what the paper claims."
 )
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # the embedded default: runs in minutes on 2 CPU cores
-    "demo": {
-        "image_size": 64, "batch_size": 8, "lr": 1e-3, "epochs": 3, "long_epochs": 6,
-        "switch_epoch": 3, "experiment": "demo", "seeds": [0], "plateau_patience": 2,
-        "precise_bn": 8,
-    },
-    # the paper's protocol
-    "paper": {
-        "image_size": 256, "batch_size": 32, "lr": 1e-4, "epochs": 50, "long_epochs": 100,
-        "switch_epoch": 50, "experiment": "all", "seeds": [0, 1, 2], "folds": 5,
-        "plateau_patience": 5, "precise_bn": 0,
-    },
-}
+T = TypeVar("T")
 
 
-def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every option left unset (None) from the preset."""
-    preset = PRESETS[args.preset]
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    defaults = {"folds": 5, "plateau_patience": 5, "precise_bn": 0}
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.switch_epoch is None:
-        args.switch_epoch = args.epochs
-    return args
+def on_main(d: Dist, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0; an :class:`ExampleError` there is raised on every rank (so the
+    other ranks do not wait at a barrier for a rank that has already given up)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if d.main:
+        try:
+            outcome = ("ok", fn())
+        except ExampleError as error:
+            outcome = ("error", (type(error), str(error)))
+    status, value = broadcast(d, (outcome[0], None if outcome[0] == "ok" else outcome[1]))
+    if status == "error":
+        cls, message = value
+        raise cls(message)
+    return outcome[1] if d.main else None
 
 
 def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceStore, bool]:
     """The slice store and whether the data are synthetic."""
-    synthetic = False
+    synthetic = not (args.download or args.data_dir)
     if args.download:
         from .download import fetch_task10
 
         root = Path(args.download_root or out / "data")
-        data_dir = fetch_task10(root, progress=d.main) if d.main else root / "Task10_Colon"
-        barrier(d)
+        on_main(d, lambda: fetch_task10(root, progress=not args.quiet))
+        data_dir = root / "Task10_Colon"
     elif args.data_dir:
         data_dir = Path(args.data_dir)
     else:
         from .phantom import make_phantom
 
-        synthetic = True
         data_dir = out / "phantom" / "Task10_Colon"
         if d.main:
             print(SYNTHETIC_BANNER, flush=True)
-            make_phantom(data_dir, n_patients=args.phantom_patients, seed=args.phantom_seed,
-                         shape=(args.phantom_size, args.phantom_size),
-                         slices=tuple(args.phantom_slices))
-        barrier(d)
+        on_main(d, lambda: make_phantom(
+            data_dir, n_patients=args.phantom_patients, seed=args.phantom_seed,
+            shape=(args.phantom_size, args.phantom_size), slices=tuple(args.phantom_slices)))
     window = tuple(args.hu_window) if args.hu_window else HU_WINDOW
-    cache = out / "cache" / f"store_{args.image_size}_{int(window[0])}_{int(window[1])}"
+    cache = out / "cache" / f"store_{args.image_size}"
     if synthetic:
         cache = cache.with_name(cache.name + "_phantom")
-    if d.main:
-        store = build_slice_store(
-            data_dir, cache, size=args.image_size, hu_window=window,
-            max_cases=args.max_cases, progress=True,
-        )
+    on_main(d, lambda: build_slice_store(
+        data_dir, cache, size=args.image_size, hu_window=window, max_cases=args.max_cases,
+        progress=not args.quiet, digest_cache=out / "cache" / "digests.json",
+        log=lambda line: print(line, flush=True),
+    ))
     barrier(d)
-    if not d.main:
-        store = build_slice_store(data_dir, cache, size=args.image_size, hu_window=window,
-                                  max_cases=args.max_cases, progress=False)
-    return store, synthetic
+    return open_store(cache), synthetic
 
 
 def run_splits(args: argparse.Namespace, store: SliceStore, spec: experiments.RunSpec
                ) -> dict[str, np.ndarray]:
-    if spec.fold is not None:
-        folds = splits.kfold(store.patients, args.folds, args.split, args.split_seed)
-        train, test = folds[spec.fold]
-    else:
-        train, test = splits.train_test_split(
-            store.patients, args.split, args.test_fraction, args.split_seed
-        )
-    train, val = splits.subset_split(train, store.patients, args.val_fraction, args.split,
-                                     args.split_seed + 1)
+    """Train / validation / test slice indices of ``spec`` (its fold, or the 80/20 split)."""
+    try:
+        if spec.fold is not None:
+            folds = splits.kfold(store.patients, args.folds, args.split, args.split_seed)
+            train, test = folds[spec.fold]
+        else:
+            train, test = splits.train_test_split(
+                store.patients, args.split, args.test_fraction, args.split_seed
+            )
+        train, val = splits.subset_split(train, store.patients, args.val_fraction, args.split,
+                                         args.split_seed + 1)
+    except ValueError as error:
+        raise OptionsError(f"cannot split {len(store.patient_names)} patients "
+                           f"({len(store)} slices) with --split {args.split}: {error}") from error
+    if len(train) < 2:
+        raise OptionsError(f"the training set of {spec.name} has {len(train)} slice(s); use more "
+                           "cases or a smaller --test-fraction / --val-fraction")
     return {"train": train, "val": val, "test": test}
 
 
 def qualitative_slice(store: SliceStore, test: np.ndarray) -> int | None:
-    """The test slice with the most tumour pixels (the same for every run of a split)."""
+    """The test slice with the most tumour pixels (the same for every run of a split).
+
+    Chosen from the ground truth alone, before and independently of any prediction; ties go to
+    the lowest slice index.
+    """
     pixels = np.asarray(store.meta["tumour_pixels"])[test]
     return int(test[int(np.argmax(pixels))]) if len(test) and pixels.max() > 0 else None
+
+
+def run_config(args: argparse.Namespace, spec: experiments.RunSpec, synthetic: bool
+               ) -> RunConfig:
+    """The :class:`RunConfig` of one run of the grid."""
+    switch_lr, restart_at = args.switch_lr, None
+    if args.switch_lr == "restart" and experiments.kind(spec.loss) != "switch":
+        if args.switch_epoch < spec.epochs:  # the same warm restart as the switching runs
+            restart_at = args.switch_epoch
+        else:  # the run ends before the restart (Table 1's 50 of 100 epochs): nothing happens
+            switch_lr = "keep"
+    extra: dict[str, Any] = {
+        "split": args.split, "split_seed": args.split_seed, "test_fraction": args.test_fraction,
+        "val_fraction": args.val_fraction, "fold": spec.fold, "image_size": args.image_size,
+        "hu_window": list(args.hu_window or HU_WINDOW), "max_cases": args.max_cases,
+        "synthetic": synthetic,
+    }
+    if spec.fold is not None:
+        extra["folds"] = args.folds
+    return RunConfig(
+        loss=spec.loss, epochs=spec.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=spec.seed, encoder_weights=args.encoder_weights, monitor=args.monitor,
+        plateau_patience=args.plateau_patience, switch_lr=switch_lr,
+        restart_at=restart_at, amp=args.amp, workers=args.workers, device=args.device,
+        precise_bn=args.precise_bn, extra=extra,
+    )
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -142,128 +154,150 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
+def _plan(args: argparse.Namespace) -> list[experiments.RunSpec]:
+    return experiments.plan(
+        args.experiment, seeds=args.seeds, epochs=args.epochs, long_epochs=args.long_epochs,
+        switch_epoch=args.switch_epoch, folds=args.folds, losses=args.loss or None,
+        demo_pair=tuple(args.pair), fractions=args.switch_fractions,
+        trigger=args.adaptive_trigger,
+    )
+
+
+def _check_encoder_weights(args: argparse.Namespace) -> None:
+    """Load the encoder weights once before the data (ImageNet: download or fail clearly)."""
+    if args.encoder_weights == "none":
+        return
+    from .model import build_model
+
+    build_model(encoder_weights=args.encoder_weights)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the CLI does: options, data, the runs of the grid, the report."""
     args = apply_preset(args)
+    validate(args)
+    grid = _plan(args)
+    unique = experiments.unique_runs(grid)
     if args.dry_run:
-        grid = experiments.plan(
-            args.experiment, seeds=args.seeds, epochs=args.epochs, long_epochs=args.long_epochs,
-            switch_epoch=args.switch_epoch, folds=args.folds, losses=args.loss or None,
-        )
-        for spec in grid:
-            print(f"{spec.name}: loss {spec.loss!r}, {spec.epochs} epochs")
-        print(f"{len(grid)} runs; image size {args.image_size}, batch {args.batch_size}, "
-              f"lr {args.lr}, split {args.split}")
+        for spec in unique:
+            sections = sorted({s.table for s in grid if s.name == spec.name})
+            print(f"{spec.name}: loss {spec.loss!r}, {spec.epochs} epochs "
+                  f"({', '.join(sections)})")
+        print(f"{len(unique)} runs; preset {args.preset}, image size {args.image_size}, batch "
+              f"{args.batch_size}, lr {args.lr}, split {args.split}, encoder weights "
+              f"{args.encoder_weights}, switch LR {args.switch_lr}")
         return {"plan": grid, "args": args}
     _set_threads(args)
     d = setup_distributed(args.device)
     out = Path(args.out)
     with maybe_destroy(d):
+        if args.batch_size // d.world < 2:
+            raise OptionsError(f"--batch-size {args.batch_size} over {d.world} processes leaves "
+                               "fewer than 2 slices per process; BatchNorm needs 2")
         t0 = time.perf_counter()
+        on_main(d, lambda: _check_encoder_weights(args))
         store, synthetic = prepare_data(args, d, out)
         if args.benchmark:
-            return _benchmark(args, store, out, d)
-        losses = args.loss or None
-        grid = experiments.plan(
-            args.experiment, seeds=args.seeds, epochs=args.epochs, long_epochs=args.long_epochs,
-            switch_epoch=args.switch_epoch, folds=args.folds, losses=losses,
-        )
+            from .benchmark import run_benchmark
+
+            return run_benchmark(args, store, out, d, synthetic)
         if d.main:
-            print(f"{len(grid)} runs, {len(store)} slices "
-                  f"({store.meta['n_tumour_slices']} with tumour), output: {out}", flush=True)
-        results = []
-        for spec in grid:
+            print(f"{len(unique)} runs, {len(store)} slices "
+                  f"({store.meta['n_tumour_slices']} with tumour), preset {args.preset}, "
+                  f"output: {out}", flush=True)
+        done: dict[str, dict[str, Any]] = {}
+        for spec in unique:
             split = run_splits(args, store, spec)
-            cfg = RunConfig(
-                loss=spec.loss, epochs=spec.epochs, batch_size=args.batch_size, lr=args.lr,
-                seed=spec.seed, encoder_weights=args.encoder_weights, monitor=args.monitor,
-                plateau_patience=args.plateau_patience, amp=args.amp, workers=args.workers,
-                device=args.device, precise_bn=args.precise_bn,
-                extra={"split": args.split, "split_seed": args.split_seed, "fold": spec.fold,
-                       "image_size": args.image_size, "synthetic": synthetic},
-            )
-            run_dir = out / spec.name
             keep = qualitative_slice(store, split["test"]) if spec.fold is None else None
             res = train_run(
-                cfg, store, split, run_dir, resume=args.resume,
-                keep_slices=() if keep is None else (keep,), progress=not args.quiet,
-                dist_info=d,
+                run_config(args, spec, synthetic), store, split, out / spec.name,
+                resume=args.resume, keep_slices=() if keep is None else (keep,),
+                progress=not args.quiet, dist_info=d,
+                log=(lambda line: print(line, flush=True)) if d.main else None,
             )
-            res = {**res, "_dir": str(run_dir)}
-            results.append((spec, res))
+            done[spec.name] = {**res, "_dir": str(out / spec.name)}
             if d.main and not args.quiet:
                 t = res["test"]
-                print(f"  {spec.name}: test Dice global {t['dice_global']:.4f}, per patient "
-                      f"{t['dice_patient']:.4f}, per slice {t['dice_slice']:.4f}", flush=True)
+                print(f"  {spec.name} ({spec.loss}): test Dice global {t['dice_global']:.4f}, "
+                      f"per patient {t['dice_patient']:.4f}, per slice {t['dice_slice']:.4f}",
+                      flush=True)
+        results = [(spec, done[spec.name]) for spec in grid]
         report_path = None
         if d.main:
-            from .report import write_report
-
-            first = next((s for s, _ in results if s.fold is None), None)
-            keep = None
-            if first is not None:
-                keep = qualitative_slice(store, run_splits(args, store, first)["test"])
-            setup = {
-                "data": "SYNTHETIC phantom (not patient data)"
-                if synthetic
-                else str(args.data_dir or "downloaded Task10_Colon"),
-                "synthetic": synthetic,
-                "slices": f"{len(store)} ({store.meta['n_tumour_slices']} with tumour), "
-                          f"{len(store.patient_names)} patients",
-                "image size": args.image_size,
-                "HU window": list(args.hu_window or HU_WINDOW),
-                "split": f"{args.split} (test fraction {args.test_fraction}, validation "
-                         f"{args.val_fraction} of train, split seed {args.split_seed})",
-                "model": f"smp Unet(efficientnet-b0, in_channels=3, classes=1), encoder weights "
-                         f"{args.encoder_weights}",
-                "optimiser": f"Adam lr {args.lr}, ReduceLROnPlateau(max {args.monitor}, "
-                             f"patience {args.plateau_patience}) reset at the switch",
-                "batch size": args.batch_size,
-                "BatchNorm": (
-                    f"precise BN over {args.precise_bn} training batches before each evaluation"
-                    if args.precise_bn else "running statistics (smp default)"
-                ),
-                "epochs": f"single {args.epochs}, composite/switching {args.long_epochs}, "
-                          f"switch at {args.switch_epoch}",
-                "seeds": args.seeds,
-                "device": str(resolve_device(args.device)),
-                "wall time (s)": round(time.perf_counter() - t0, 1),
-            }
-            report_path = write_report(out, results, setup=setup, store=store,
-                                       qualitative_slice=keep)
+            report_path = _write_report(args, out, results, store, synthetic, t0)
             print(f"report: {report_path}", flush=True)
             if synthetic:
                 print(SYNTHETIC_BANNER, flush=True)
         return {"results": results, "report": report_path, "store": store}
 
 
-def _benchmark(args: argparse.Namespace, store: SliceStore, out: Path, d: Dist) -> dict[str, Any]:
-    """Time training steps for every ``--loss`` (default: ``iou``, ``bce``, ``iou+bce``)."""
-    rows = []
-    for spec in args.loss or ["iou", "bce", "iou+bce"]:
-        cfg = RunConfig(loss=spec, epochs=1, batch_size=args.batch_size, lr=args.lr,
-                        encoder_weights=args.encoder_weights, amp=args.amp, workers=args.workers,
-                        device=args.device)
-        row = benchmark(cfg, store, np.arange(len(store)), steps=args.benchmark_steps)
-        rows.append({**row, "data": "synthetic phantom"})
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps(rows, indent=1))
-        head = ("| loss | device | size | batch | amp | images/s | step ms | loss fwd+bwd ms | "
-                "loss share |\n|---|---|---|---|---|---|---|---|---|\n")
-        body = "".join(
-            f"| `{r['loss']}` | {r['device']} | {r['image_size']} | {r['batch_size']} | "
-            f"{r['amp']} | {r['images_per_s']:.1f} | {r['step_ms']:.2f} | "
-            f"{r['loss_fwd_bwd_ms']:.3f} | {100 * r['loss_share_of_step']:.2f} % |\n"
-            for r in rows
-        )
-        (out / "benchmark.md").write_text(
-            "# examples/msd_colon.py --benchmark (synthetic phantom)\n\n"
-            "Full training step (U-Net EfficientNet-B0 forward, loss, backward, Adam) timed "
-            "without intermediate syncs; loss share = loss forward+backward on the step's "
-            "detached logits, timed separately, over the step time.\n\n" + head + body
-        )
-        print(head + body, flush=True)
-    return broadcast(d, {"rows": rows})
+def _qualitative_info(args: argparse.Namespace, store: SliceStore,
+                      results: list[tuple[experiments.RunSpec, dict[str, Any]]]
+                      ) -> dict[str, Any] | None:
+    first = next((s for s, _ in results if s.fold is None), None)
+    if first is None:
+        return None
+    test = run_splits(args, store, first)["test"]
+    k = qualitative_slice(store, test)
+    if k is None:
+        return None
+    return {
+        "slice": k,
+        "patient": store.patient_names[int(store.patients[k])],
+        "tumour_pixels": int(store.meta["tumour_pixels"][k]),
+        "test_slices": len(test),
+    }
 
 
-__all__ = ["BEST", "PRESETS", "RESULT", "apply_preset", "run"]
+def _write_report(args: argparse.Namespace, out: Path,
+                  results: list[tuple[experiments.RunSpec, dict[str, Any]]], store: SliceStore,
+                  synthetic: bool, t0: float) -> Path:
+    from .report import write_report
+
+    mode = "min" if args.monitor == "train_loss" else "max"
+    val = (f"{args.val_fraction} of the training set held out for validation"
+           if args.val_fraction else "none (all training slices are trained on)")
+    restart = ("**restart**: at the loss switch of a switching run, and at epoch "
+               f"{args.switch_epoch} of every other run, the LR returns to {args.lr} and the "
+               "plateau history is forgotten (the same warm restart in every arm)"
+               if args.switch_lr == "restart" else
+               "**keep**: nothing happens to the LR or the scheduler at the switch (the paper "
+               "describes no LR change)")
+    setup = {
+        "preset": f"`{args.preset}` ({args.preset_reason})",
+        "data": "SYNTHETIC phantom (not patient data)"
+        if synthetic else str(args.data_dir or "downloaded Task10_Colon"),
+        "synthetic": synthetic,
+        "slices": f"{len(store)} ({store.meta['n_tumour_slices']} with tumour), "
+                  f"{len(store.patient_names)} patients",
+        "image size": args.image_size,
+        "HU window": list(args.hu_window or HU_WINDOW),
+        "split": f"by {args.split} (test fraction {args.test_fraction}, split seed "
+                 f"{args.split_seed})",
+        "validation set": val,
+        "model": f"smp Unet(efficientnet-b0, in_channels=3, classes=1), encoder weights "
+                 f"{args.encoder_weights}",
+        "optimiser": f"Adam lr {args.lr}, ReduceLROnPlateau({mode} {args.monitor}, patience "
+                     f"{args.plateau_patience}, factor 0.1)",
+        "LR at the switch (--switch-lr)": restart,
+        "batch size": args.batch_size,
+        "BatchNorm": (
+            f"precise BN over {args.precise_bn} training batches before each evaluation"
+            if args.precise_bn else "running statistics (smp default)"
+        ),
+        "epochs": f"single {args.epochs}, composite/switching {args.long_epochs}, "
+                  f"switch at {args.switch_epoch}",
+        "seeds": args.seeds,
+        "device": str(resolve_device(args.device)),
+        "wall time (s)": round(time.perf_counter() - t0, 1),
+    }
+    context = {
+        "epochs": args.epochs, "long_epochs": args.long_epochs,
+        "switch_epoch": args.switch_epoch, "preset": args.preset,
+        "experiments": experiments.expand(args.experiment) if not args.loss else ["--loss"],
+    }
+    return write_report(out, results, setup=setup, store=store,
+                        qualitative=_qualitative_info(args, store, results), context=context)
+
+
+__all__ = ["PRESETS", "SYNTHETIC_BANNER", "apply_preset", "qualitative_slice", "run"]

@@ -74,8 +74,13 @@ def subset_split(
     mode: str = "patient",
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``indices`` (e.g. a training set) again, e.g. into train / validation."""
+    """Split ``indices`` (e.g. a training set) again, e.g. into train / validation.
+
+    ``fraction`` 0 keeps every index on the first side (no validation set).
+    """
     indices = np.asarray(indices)
+    if fraction == 0:
+        return indices, indices[:0]
     inner_train, inner_val = train_test_split(
         np.asarray(patients)[indices], mode=mode, test_fraction=fraction, seed=seed
     )

@@ -24,6 +24,10 @@ def reset_plateau_scheduler(
     ``patience`` before its first reduction. The learning rate itself is kept unless ``lr`` is
     given (one float for every parameter group, or one per group), which restarts it.
 
+    The callback acts on the parameter groups the optimizer has *at the switch*, so it keeps
+    working after ``optimizer.load_state_dict`` (which replaces the groups by new dicts) when a
+    run is resumed from a checkpoint before its switch.
+
     Args:
         scheduler: the ``torch.optim.lr_scheduler.ReduceLROnPlateau`` to reset.
         lr: optional learning rate(s) to restore at the switch (default None: keep).
@@ -43,21 +47,36 @@ def reset_plateau_scheduler(
             "reset_plateau_scheduler needs a torch.optim.lr_scheduler.ReduceLROnPlateau; got "
             f"{type(scheduler).__name__}"
         )
-    groups = scheduler.optimizer.param_groups
-    if lr is not None:
-        lrs = [float(lr)] * len(groups) if isinstance(lr, (int, float)) else [float(v) for v in lr]
-        if len(lrs) != len(groups):
-            raise ValueError(f"lr: got {len(lrs)} values for {len(groups)} parameter groups")
+    if lr is None:
+        lrs: list[float] | None = None
+    elif isinstance(lr, (int, float)):
+        lrs = [float(lr)] * len(scheduler.optimizer.param_groups)
     else:
-        lrs = None
+        lrs = [float(v) for v in lr]
+    if lrs is not None:
+        _check_groups(lrs, len(scheduler.optimizer.param_groups))
+    one_value = isinstance(lr, (int, float))
 
     def reset(event: SwitchEvent | Any = None) -> None:
+        # The optimizer's parameter groups are looked up now, not when the callback was made:
+        # ``optimizer.load_state_dict`` (resuming from a checkpoint) replaces them by new dicts.
+        groups = scheduler.optimizer.param_groups
+        values = None
+        if lrs is not None:
+            values = [lrs[0]] * len(groups) if one_value else lrs
+            _check_groups(values, len(groups))
         scheduler.best = scheduler.mode_worse
         scheduler.num_bad_epochs = 0
         scheduler.cooldown_counter = 0
-        if lrs is not None:
-            for group, value in zip(groups, lrs, strict=True):
+        if values is not None:
+            for group, value in zip(groups, values, strict=True):
                 group["lr"] = value
-            scheduler._last_lr = list(lrs)
+            scheduler._last_lr = list(values)
 
     return reset
+
+
+def _check_groups(lrs: Sequence[float], n_groups: int) -> None:
+    if len(lrs) != n_groups:
+        values = "value" if len(lrs) == 1 else "values"
+        raise ValueError(f"lr: got {len(lrs)} {values} for {n_groups} parameter groups")

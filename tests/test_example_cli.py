@@ -1,0 +1,163 @@
+"""examples/msd_colon.py on the command line: bad input is one line on stderr and exit status 2;
+presets; training on every training slice (--val-fraction 0)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import urllib.error
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import msd_colon
+from msd_colon_lib.phantom import make_phantom
+from msd_colon_lib.runner import run_splits
+
+TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
+        "--phantom-slices", "10", "12", "--batch-size", "8", "--device", "cpu", "--quiet",
+        "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def task10(tmp_path_factory):
+    return make_phantom(tmp_path_factory.mktemp("cli") / "Task10_Colon", n_patients=4,
+                        shape=(48, 48), slices=(10, 12))
+
+
+def _one_line_error(capsys, argv):
+    code = msd_colon.cli(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.startswith("msd_colon.py: error: ") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err[len("msd_colon.py: error: "):].strip()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-size", "48"], "--image-size must be a positive multiple of 32 (the U-Net halves "
+                             "it five times); got 48"),
+    (["--batch-size", "1"], "--batch-size must be at least 2 (BatchNorm cannot train on one "
+                            "sample); got 1"),
+    (["--loss", "iou->bcx@1"], "--loss 'iou->bcx@1': unknown name 'bcx'; did you mean 'bce'? "
+                               "(known losses: bce, dice, focal, iou, jaccard, topk, tversky)"),
+    (["--long-epochs", "3", "--switch-epoch", "3"],
+     "--switch-epoch must lie in 1 .. --long-epochs - 1 = 2 (a switch at 3 of 3 epochs never "
+     "happens)"),
+    (["--val-fraction", "0", "--monitor", "dice_global"],
+     "--monitor dice_global needs a validation set, but --val-fraction is 0: use --monitor "
+     "train_loss (or auto), or a --val-fraction above 0"),
+    (["--encoder-weights", "/nonexistent/encoder.pt"],
+     "--encoder-weights must be none, imagenet or the path of an encoder state_dict; "
+     "'/nonexistent/encoder.pt' is none of these"),
+    (["--adaptive-trigger", "5"], "--adaptive-trigger '5' is a fixed epoch: use --switch-epoch "
+                                  "for that, and a trigger such as plateau(patience=5) here"),
+    (["--pair", "bce", "iou"], "--pair: the first loss must be one of dice, iou, tversky; got "
+                               "'bce'"),
+])
+def test_bad_options_are_one_line_naming_the_option(capsys, tmp_path, extra, message):
+    assert _one_line_error(capsys, ["--out", str(tmp_path), *TINY, *extra]) == message
+
+
+def test_bad_data_is_one_line_naming_the_file(capsys, tmp_path, task10):
+    root = shutil.copytree(task10, tmp_path / "Task10_Colon")
+    base = ["--out", str(tmp_path / "out"), *TINY, "--encoder-weights", "none",
+            "--data-dir", str(root), "--loss", "iou", "--epochs", "1"]
+    assert _one_line_error(capsys, [*base[:-6], "--data-dir", str(tmp_path)]) == (
+        f"{tmp_path / 'dataset.json'} not found: --data-dir must be the Task10_Colon folder "
+        "(the one holding dataset.json, imagesTr/ and labelsTr/)")
+    label = root / "labelsTr" / "colon_002.nii.gz"
+    raw = label.read_bytes()
+    label.write_bytes(raw[: len(raw) // 2])
+    error = _one_line_error(capsys, base)
+    assert error.startswith(f"{label}: cannot read the voxels of the label of colon_002 "
+                            "(EOFError: ")
+    label.unlink()
+    assert _one_line_error(capsys, base) == (
+        f"the label of colon_002 {label} is listed in dataset.json but does not exist")
+
+
+def test_imagenet_weights_offline_say_what_to_do(capsys, tmp_path, monkeypatch):
+    """The paper preset loads ImageNet weights (smp's default); without network the CLI says
+    how to go on, before any data is prepared."""
+    import segmentation_models_pytorch as smp
+
+    def offline(*args, **kwargs):
+        if kwargs.get("encoder_weights") == "imagenet":
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        return original(*args, **kwargs)
+
+    original = smp.Unet
+    monkeypatch.setattr(smp, "Unet", offline)
+    error = _one_line_error(capsys, ["--out", str(tmp_path), *TINY, "--preset", "paper"])
+    assert error == (
+        "could not load 'imagenet' weights for efficientnet-b0 (URLError: <urlopen error [Errno "
+        "-3] Temporary failure in name resolution>). Without network access, pass "
+        "--encoder-weights none (train from scratch) or --encoder-weights PATH to an encoder "
+        "state_dict saved where the download works.")
+    assert not (tmp_path / "phantom").exists()  # failed before the data
+
+
+def test_slice_split_without_validation_has_the_papers_counts():
+    """13,486 slices by slice, no validation set: 10,788 train and 2,698 test, as in the paper
+    (a 10 % validation set would leave 9,709)."""
+    store = SimpleNamespace(patients=np.repeat(np.arange(126), 108)[:13486],
+                            patient_names=[f"colon_{i:03d}" for i in range(126)])
+    args = SimpleNamespace(split="slice", split_seed=0, test_fraction=0.2, val_fraction=0.0,
+                           folds=5)
+    spec = SimpleNamespace(fold=None, name="runs/iou/e50/seed0")
+    split = run_splits(args, store, spec)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [10788, 0, 2698]
+    args.val_fraction = 0.1
+    assert len(run_splits(args, store, spec)["train"]) == 9709
+
+
+def test_training_on_every_training_slice(tmp_path):
+    """--val-fraction 0: no validation set, ReduceLROnPlateau and best.pt watch the training
+    loss, and every training slice is trained on."""
+    out = tmp_path / "out"
+    result = msd_colon.main(["--out", str(out), *TINY, "--loss", "bce", "--epochs", "2",
+                             "--val-fraction", "0", "--split", "slice"])
+    (_, res), = result["results"]
+    n = len(result["store"])
+    assert (res["n_train"], res["n_val"], res["n_test"]) == (math.floor(0.8 * n), 0,
+                                                             n - math.floor(0.8 * n))
+    assert res["monitor"] == "train_loss" and res["config"]["monitor"] == "train_loss"
+    losses = [h["train_loss"] for h in res["history"]]
+    assert res["best_val"] == min(losses) and res["best_epoch"] == 1 + losses.index(min(losses))
+    assert not any(k.startswith("val_") for h in res["history"] for k in h)
+    report = (out / "report.md").read_text()
+    assert "- validation set: none (all training slices are trained on)" in report
+    assert "ReduceLROnPlateau(min train_loss, patience 2, factor 0.1)" in report
+
+
+def test_switch_lr_restart_epoch_of_each_arm():
+    """restart: the runs without a switch restart at --switch-epoch when they are still
+    training then; a run that ends first (Table 1's single losses) is a plain keep run."""
+    from msd_colon_lib.experiments import RunSpec
+    from msd_colon_lib.runner import run_config
+
+    args = msd_colon.main(["--dry-run", "--switch-lr", "restart"])["args"]
+    assert args.switch_epoch == 3 and (args.epochs, args.long_epochs) == (3, 6)
+    cases = {
+        RunSpec("table1", "iou", 3, 0): ("keep", None),
+        RunSpec("controls", "iou", 6, 0): ("restart", 3),
+        RunSpec("table2", "iou+bce", 6, 0): ("restart", 3),
+        RunSpec("table3", "iou->bce@3", 6, 0): ("restart", None),  # at its own switch
+    }
+    for spec, expected in cases.items():
+        cfg = run_config(args, spec, synthetic=True)
+        assert (cfg.switch_lr, cfg.restart_at) == expected, spec
+    keep = msd_colon.main(["--dry-run"])["args"]
+    cfg = run_config(keep, RunSpec("table2", "iou+bce", 6, 0), synthetic=True)
+    assert (cfg.switch_lr, cfg.restart_at) == ("keep", None)
