@@ -72,6 +72,8 @@ class CompositeLoss(nn.Module):
         {'dice': 1.0, 'bce': 0.5}
     """
 
+    _weight_values: Tensor
+
     def __init__(
         self,
         losses: Sequence[nn.Module] | Mapping[str, nn.Module],
