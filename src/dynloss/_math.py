@@ -20,12 +20,15 @@ tensor(0.6667)
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import MULTICLASS_MODE
+
+TensorOrFloat = TypeVar("TensorOrFloat", Tensor, float)
 
 __all__ = [
     "LOG_CLAMP",
@@ -211,33 +214,39 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------ Tversky index
 def tversky_index(
-    intersection: Tensor,
-    prediction_sum: Tensor,
-    target_sum: Tensor,
+    intersection: TensorOrFloat,
+    prediction_sum: TensorOrFloat,
+    target_sum: TensorOrFloat,
     alpha: float,
     beta: float,
     smoothing: float,
-) -> Tensor:
+) -> TensorOrFloat:
     r"""The Tversky index from the three sums: :math:`(I + s) / (I + \alpha(P-I) + \beta(G-I) + s)`.
 
-    The denominator is written as :math:`(1-\alpha-\beta) I + \alpha P + \beta G + s`, which
-    needs no subtraction of nearly equal sums for the usual :math:`\alpha + \beta \le 1`.
+    The denominator is formed as :math:`I + \alpha (P - I) + \beta (G - I)`: a perfect
+    prediction (:math:`P = G = I`) gives exactly :math:`T = 1` in any precision and for any
+    weights (``0.3 * P + 0.7 * G`` need not round to ``I``).
     """
-    denominator = (1.0 - alpha - beta) * intersection + alpha * prediction_sum + beta * target_sum
+    denominator = (intersection + alpha * (prediction_sum - intersection)
+                   + beta * (target_sum - intersection))
     return (intersection + smoothing) / (denominator + smoothing)
 
 
 def tversky_index_grads(
-    intersection: Tensor,
-    prediction_sum: Tensor,
-    target_sum: Tensor,
+    intersection: TensorOrFloat,
+    prediction_sum: TensorOrFloat,
+    target_sum: TensorOrFloat,
     alpha: float,
     beta: float,
     smoothing: float,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[TensorOrFloat, TensorOrFloat]:
     r""":math:`(\partial T/\partial I, \partial T/\partial P)` of :func:`tversky_index`.
 
-    With :math:`D = (1-\alpha-\beta) I + \alpha P + \beta G`:
+    The sums may be tensors or Python floats (the native backend forms the score of a few
+    classes in float64 on the host, without tensor operations).
+
+    With :math:`D = I + \alpha (P - I) + \beta (G - I) = (1-\alpha-\beta) I + \alpha P +
+    \beta G`:
     :math:`\partial T/\partial I = ((D + s) - (1-\alpha-\beta)(I + s)) / (D + s)^2` and
     :math:`\partial T/\partial P = -\alpha (I + s) / (D + s)^2`.
 
@@ -250,10 +259,10 @@ def tversky_index_grads(
     True
     """
     numerator = intersection + smoothing
-    denominator = ((1.0 - alpha - beta) * intersection + alpha * prediction_sum
-                   + beta * target_sum + smoothing)
-    inverse_square = (denominator * denominator).reciprocal()
-    grad_intersection = (denominator - (1.0 - alpha - beta) * numerator) * inverse_square
+    denominator = (intersection + alpha * (prediction_sum - intersection)
+                   + beta * (target_sum - intersection) + smoothing)
+    inverse_square = 1.0 / (denominator * denominator)
+    grad_intersection = (denominator - (1.0 - (alpha + beta)) * numerator) * inverse_square
     grad_prediction_sum = (-alpha * numerator) * inverse_square
     return grad_intersection, grad_prediction_sum
 

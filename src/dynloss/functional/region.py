@@ -70,8 +70,8 @@ def tversky_index(
     the Dice index :math:`(2I + 2s)/(P + G + 2s)`, :math:`\alpha = \beta = 1` the IoU
     :math:`(I + s)/(P + G - I + s)`. The losses are :math:`1 - T`.
 
-    The denominator is written as :math:`(1-\alpha-\beta) I + \alpha P + \beta G + s`, which
-    needs no subtraction of nearly equal sums for the usual :math:`\alpha + \beta \le 1`.
+    The denominator is formed as :math:`I + \alpha (P - I) + \beta (G - I) + s`, so a perfect
+    prediction (:math:`P = G = I`) scores exactly 1 in any precision.
 
     Examples:
         >>> import torch

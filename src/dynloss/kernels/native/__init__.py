@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..._layout import Layout
 from ..._params import CompositeParams, DistributionParams, RegionParams
+from ...distributed import is_distributed
 from .. import reference
 from ..capabilities import Capabilities
 from .autograd import NativeCompositeLoss, NativeDistributionLoss, NativeRegionLoss, NativeSums
@@ -70,9 +71,10 @@ class NativeBackend:
         return None
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
-        if params.ddp_pool:  # the sums are all-reduced before the score: a node of sums
+        if params.ddp_pool and is_distributed():  # sums all-reduced before the score
             sums = NativeSums.apply(layout.x, layout.target, layout.mode, params, checked)
             return reference.score_loss(sums, params)
+        # (one process: pooling over the ranks is the identity, the one-node loss is exact)
         return NativeRegionLoss.apply(layout.x, layout.target, layout.mode, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool

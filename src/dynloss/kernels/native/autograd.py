@@ -39,28 +39,80 @@ def _layout(x: Tensor, target: Tensor, mode: str) -> Layout:
     return Layout(x, target, mode, x.shape)
 
 
-def _region_value(fwd: Forward, params: RegionParams) -> tuple[Tensor, Tensor]:
-    """``(loss, sums)``: the reduced ``1 - T`` in float32 and the float32 sums the score was
-    formed from: ``(N, C, 3)`` per image, else pooled over the batch, ``(C, 3)``."""
-    sums = fwd.sums.float()  # float32 from here on, as on the generic path (bitwise the same)
-    with torch.no_grad():
-        loss = reference.score_loss(sums.unbind(-1), params)  # pools unless per_image
-    return loss, sums if params.per_image else sums.sum(0)
+HOST_SCORES = 1024
+"""Up to this many (sample, class) sums the score is formed in float64 on the host with plain
+Python arithmetic (a few microseconds); beyond, with float64 tensor operations."""
 
 
-def _region_grads(sums: Tensor, grad_loss: Tensor, params: RegionParams, n: int, c: int
-                  ) -> tuple[Tensor, Tensor]:
-    """``(dL/dI, dL/dP)``, each ``(N, C)``, from the gradient of the reduced ``1 - T``."""
-    intersection, prediction_sum, target_sum = sums.unbind(-1)
-    grad_score = -grad_loss  # d(1 - T)/dT = -1
-    if params.reduction == "mean" and intersection.numel():
-        grad_score = grad_score / intersection.numel()
-    di, dp = _math.tversky_index_grads(intersection, prediction_sum, target_sum, params.alpha,
-                                       params.beta, params.smoothing)
-    gi, gp = grad_score * di, grad_score * dp
-    if not params.per_image:
-        gi, gp = gi.expand(n, c), gp.expand(n, c)
-    return gi, gp
+def _cells(sums: Tensor, params: RegionParams) -> list[tuple[float, float, float]] | None:
+    """The ``(I, P, G)`` the scores are formed from, in float64: one per (sample, class) with
+    ``per_image``, else one per class pooled over the batch; None when there are too many."""
+    n, c, _ = sums.shape
+    if n * c > HOST_SCORES:
+        return None
+    rows = sums.tolist()
+    if params.per_image:
+        return [(i, p, g) for row in rows for i, p, g in row]
+    cells = []
+    for k in range(c):
+        i = p = g = 0.0
+        for row in rows:
+            i += row[k][0]
+            p += row[k][1]
+            g += row[k][2]
+        cells.append((i, p, g))
+    return cells
+
+
+def _region_value(fwd: Forward, params: RegionParams
+                  ) -> tuple[Tensor, list[tuple[float, float, float]] | None]:
+    """``(loss, cells)``: the reduced ``1 - T`` as float32 and the sums it was formed from
+    (None: formed with tensor operations from ``fwd.sums``)."""
+    cells = _cells(fwd.sums, params)
+    if cells is None:  # many scores: float64 tensor operations
+        with torch.no_grad():
+            return reference.score_loss(fwd.sums.unbind(-1), params).float(), None
+    a, b, s = params.alpha, params.beta, params.smoothing
+    scores = [1.0 - _math.tversky_index(i, p, g, a, b, s) for i, p, g in cells]
+    if params.reduction == "none":
+        shape = fwd.sums.shape[:2] if params.per_image else fwd.sums.shape[1:2]
+        return torch.tensor(scores, dtype=torch.float32).view(shape), cells
+    total = math.fsum(scores)
+    value = total / len(scores) if params.reduction == "mean" and scores else total
+    return torch.tensor(value, dtype=torch.float32), cells
+
+
+def _region_grads(fwd_sums: Tensor, cells: list[tuple[float, float, float]] | None,
+                  grad_loss: Tensor, params: RegionParams, n: int, c: int
+                  ) -> tuple[list[float] | Tensor, list[float] | Tensor]:
+    """``(dL/dI, dL/dP)`` per (sample, class), row-major ``(N, C)``, from the gradient of the
+    reduced ``1 - T``: float lists (host arithmetic) or float32 tensors."""
+    a, b, s = params.alpha, params.beta, params.smoothing
+    if cells is None:  # the tensor path of _region_value
+        sums = fwd_sums if params.per_image else fwd_sums.sum(0)
+        intersection, prediction_sum, target_sum = sums.unbind(-1)
+        grad_score = -grad_loss.double()  # d(1 - T)/dT = -1
+        if params.reduction == "mean" and intersection.numel():
+            grad_score = grad_score / intersection.numel()
+        di, dp = _math.tversky_index_grads(intersection, prediction_sum, target_sum, a, b, s)
+        gi, gp = grad_score * di, grad_score * dp
+        if not params.per_image:
+            gi, gp = gi.expand(n, c), gp.expand(n, c)
+        return gi.float(), gp.float()
+    if params.reduction == "none":
+        upstream = grad_loss.reshape(-1).tolist()
+    else:
+        scale = 1.0 / len(cells) if params.reduction == "mean" and cells else 1.0
+        upstream = [float(grad_loss) * scale] * len(cells)
+    grad_i: list[float] = []
+    grad_p: list[float] = []
+    for (i, p, g), up in zip(cells, upstream, strict=True):
+        slope_i, slope_p = _math.tversky_index_grads(i, p, g, a, b, s)
+        grad_i.append(-up * slope_i)
+        grad_p.append(-up * slope_p)
+    if not params.per_image:  # the pooled class gradient for every sample
+        grad_i, grad_p = grad_i * n, grad_p * n
+    return grad_i, grad_p
 
 
 def _scaled(grad: Tensor, invalid: bool) -> Tensor:
@@ -75,22 +127,22 @@ class NativeRegionLoss(torch.autograd.Function):
                 checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0])
-        loss, sums = _region_value(fwd, params)
+        loss, cells = _region_value(fwd, params)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
-        ctx.native = (fwd.config, sums, params, checked, fwd.invalid, mode)
+        ctx.native = (fwd.config, fwd.sums, cells, params, checked, fwd.invalid, mode)
         return _scaled(loss, fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, probabilities = ctx.saved_tensors
-        config, sums, params, checked, invalid, mode = ctx.native
+        config, sums, cells, params, checked, invalid, mode = ctx.native
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
             return grad, None, None, None, None
         n, c, _ = config[5]
-        gi, gp = _region_grads(sums, _scaled(grad_loss, invalid), params, n, c)
+        gi, gp = _region_grads(sums, cells, _scaled(grad_loss, invalid), params, n, c)
         grad = native_backward((target, probabilities, None), config, gi, gp, None)
         return grad, None, None, None, None
 
@@ -138,21 +190,21 @@ class NativeCompositeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, params: CompositeParams, checked: bool):
         fwd = _distribution_forward(ctx, x, target, params.distribution, checked, True)
-        region, sums = _region_value(fwd, params.region)
+        region, cells = _region_value(fwd, params.region)
         total, count = fwd.pixel
         distribution = torch.tensor(total / count, dtype=torch.float32)
         combined = params.region_weight * region + params.distribution_weight * distribution
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
-        ctx.native = (fwd.config, sums, 1.0 / count, params, checked, fwd.invalid)
+        ctx.native = (fwd.config, fwd.sums, cells, 1.0 / count, params, checked, fwd.invalid)
         ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
         return combined, region, distribution
 
     @staticmethod
     def backward(ctx, grad_combined, _grad_region, _grad_distribution):
         x, target, probabilities, slope = ctx.saved_tensors
-        config, sums, inverse_count, params, checked, invalid = ctx.native
+        config, sums, cells, inverse_count, params, checked, invalid = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
         if torch.is_grad_enabled():
             def value(xs: Tensor) -> Tensor:
@@ -164,7 +216,8 @@ class NativeCompositeLoss(torch.autograd.Function):
             (grad,) = recompute_backward(value, (x,), (grad_combined,))
             return grad, None, None, None
         n, c, _ = config[5]
-        gi, gp = _region_grads(sums, grad_combined * params.region_weight, params.region, n, c)
+        gi, gp = _region_grads(sums, cells, grad_combined * params.region_weight, params.region,
+                               n, c)
         upstream = float(grad_combined) * params.distribution_weight * inverse_count
         grad = native_backward((target, probabilities, slope), config, gi, gp, upstream)
         return grad, None, None, None

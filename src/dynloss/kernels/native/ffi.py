@@ -155,10 +155,24 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    bool(bad_target or bad_input))
 
 
+def _float_array(values: Tensor | list[float] | None, rows: int) -> tuple[object, int | None]:
+    """``(keep-alive, address)`` of ``rows`` float32 values: a tensor's data or a ctypes array
+    of a list; zeros for None."""
+    if values is None:
+        values = [0.0] * rows
+    if isinstance(values, Tensor):
+        values = values.float().contiguous()
+        return values, values.data_ptr()
+    array = (ctypes.c_float * rows)(*values)
+    return array, ctypes.addressof(array)
+
+
 def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: tuple,
-                    grad_intersection: Tensor | None, grad_prediction_sum: Tensor | None,
+                    grad_intersection: Tensor | list[float] | None,
+                    grad_prediction_sum: Tensor | list[float] | None,
                     grad_total: float | Tensor | None) -> Tensor:
-    """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` ``(N, C)`` and ``S``.
+    """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` (``N * C`` values,
+    row-major: an ``(N, C)`` tensor or a list of floats) and of ``S``.
 
     ``saved`` is ``(target, probabilities, slope)`` of :func:`native_forward`, whose buffer
     receives the gradient unless the running backward keeps the graph.
@@ -172,11 +186,10 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     if not (want_region or want_pixel):
         return torch.zeros(n, c, m)
     gi = gp = None
+    gi_ptr = gp_ptr = None
     if want_region:  # a missing one of the two is zero (at most one is missing here)
-        gi = (torch.zeros(n, c) if grad_intersection is None
-              else grad_intersection).float().contiguous()
-        gp = (torch.zeros(n, c) if grad_prediction_sum is None
-              else grad_prediction_sum).float().contiguous()
+        gi, gi_ptr = _float_array(grad_intersection, n * c)
+        gp, gp_ptr = _float_array(grad_prediction_sum, n * c)
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
@@ -190,7 +203,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
         threads=max(1, torch.get_num_threads()),
         probabilities=_ptr(probabilities) if want_region else None,
         slope=_ptr(slope) if want_pixel else None,
-        grad_intersection=_ptr(gi), grad_prediction=_ptr(gp),
+        grad_intersection=gi_ptr, grad_prediction=gp_ptr,
         grad_pixel=0.0 if grad_total is None or not want_pixel else float(grad_total),
         grad=_ptr(grad),
         hard_targets=int(hard),
