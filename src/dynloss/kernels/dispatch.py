@@ -34,6 +34,8 @@ the kernels' backward recomputes the gradient through the reference maths then.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -69,12 +71,25 @@ _CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside dynloss and torch (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_once(key: str, message: str) -> None:
-    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
+    """``warnings.warn(message, RuntimeWarning)`` the first time ``key`` is seen in this
+    process, pointing at the user's line that made the call."""
     if key in _WARNED or torch.compiler.is_compiling():
         return
     _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
 
 def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, compiling: bool

@@ -155,16 +155,18 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    bool(bad_target or bad_input))
 
 
-def _float_array(values: Tensor | list[float] | None, rows: int) -> tuple[object, int | None]:
-    """``(keep-alive, address)`` of ``rows`` float32 values: a tensor's data or a ctypes array
-    of a list; zeros for None."""
+def _float_array(values: Tensor | list[float] | None, rows: int) -> Tensor | ctypes.Array:
+    """``rows`` float32 values the kernels can read: a contiguous float32 tensor, or a ctypes
+    array of a list of floats; zeros for None."""
     if values is None:
         values = [0.0] * rows
     if isinstance(values, Tensor):
-        values = values.float().contiguous()
-        return values, values.data_ptr()
-    array = (ctypes.c_float * rows)(*values)
-    return array, ctypes.addressof(array)
+        return values.float().contiguous()
+    return (ctypes.c_float * rows)(*values)
+
+
+def _address(values: Tensor | ctypes.Array) -> int:
+    return values.data_ptr() if isinstance(values, Tensor) else ctypes.addressof(values)
 
 
 def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: tuple,
@@ -185,11 +187,10 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     want_pixel = want_pixel and grad_total is not None
     if not (want_region or want_pixel):
         return torch.zeros(n, c, m)
-    gi = gp = None
-    gi_ptr = gp_ptr = None
+    gi = gp = None  # kept alive until the kernel has read them
     if want_region:  # a missing one of the two is zero (at most one is missing here)
-        gi, gi_ptr = _float_array(grad_intersection, n * c)
-        gp, gp_ptr = _float_array(grad_prediction_sum, n * c)
+        gi = _float_array(grad_intersection, n * c)
+        gp = _float_array(grad_prediction_sum, n * c)
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
@@ -203,7 +204,8 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
         threads=max(1, torch.get_num_threads()),
         probabilities=_ptr(probabilities) if want_region else None,
         slope=_ptr(slope) if want_pixel else None,
-        grad_intersection=gi_ptr, grad_prediction=gp_ptr,
+        grad_intersection=None if gi is None else _address(gi),
+        grad_prediction=None if gp is None else _address(gp),
         grad_pixel=0.0 if grad_total is None or not want_pixel else float(grad_total),
         grad=_ptr(grad),
         hard_targets=int(hard),
