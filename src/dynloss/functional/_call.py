@@ -7,6 +7,8 @@ construction; the public functions of this package build the parameters first.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,7 @@ from ..kernels.capabilities import Backend, Need
 from ..kernels.dispatch import select
 
 __all__ = ["composite_loss", "distribution_loss", "distribution_need", "region_loss",
-           "region_need"]
+           "region_need", "run"]
 
 
 def region_need(params: RegionParams) -> Need:
@@ -114,3 +116,22 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.composite(layout, params, checked)
     return backend.composite(layout, params, checked)
+
+
+def run(op: str, input: Tensor, target: Tensor, params: Any, need: Need | None = None
+        ) -> Tensor:
+    """The loss of op ``op`` (a loss added after the six): ``backend.<op>(layout, params,
+    checked)`` on the backend dispatch picks for ``Need(op, params.mode)``.
+
+    ``params`` carries ``mode``, ``backend``, ``ignore_index``, ``from_logits`` and
+    ``check_values`` like the checked parameters of :mod:`dynloss._params`. Kernel backends
+    list their ops, so a new op runs on the reference until one declares it.
+    """
+    layout, backend, checked = _prepare(
+        input, target, params.mode, params.backend, need or Need(op, params.mode),
+        params.ignore_index, params.from_logits, params.check_values)
+    compute = getattr(backend, op)
+    if _autocast_on(input.device.type):
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return compute(layout, params, checked)
+    return compute(layout, params, checked)

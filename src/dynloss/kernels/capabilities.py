@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["OPS", "Backend", "Capabilities", "Need"]
 
 OPS = ("region", "distribution", "composite")
-"""``region``: Dice/IoU/Tversky; ``distribution``: BCE/Focal/TopK; ``composite``: a region and a
-distribution term over one input in one pass."""
+"""The ops of the six losses: ``region`` (Dice/IoU/Tversky), ``distribution``
+(BCE/Focal/TopK), ``composite`` (a region and a distribution term over one input in one
+pass). A new loss may add its own op (see the docs' "Adding a loss")."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ class Capabilities:
     """Device types (``"cpu"``, ``"cuda"``) it runs on; None: any."""
     dtypes: frozenset[torch.dtype] | None
     """Input dtypes it computes in (the target may have any dtype); None: any float dtype."""
-    ops: frozenset[str] = frozenset(OPS)
-    """Which of :data:`OPS` it implements."""
+    ops: frozenset[str] | None = frozenset(OPS)
+    """The ops it implements (a method of that name); None: every op, also one added later
+    (the reference). A loss whose op a kernel backend does not list never runs there."""
     modes: frozenset[str] = frozenset(MODES)
     topk: bool = False
     """The TopK selection (``distribution`` with ``k``)."""
@@ -67,7 +69,7 @@ class Capabilities:
             return f"{x.device.type} tensors"
         if self.dtypes is not None and x.dtype not in self.dtypes:
             return f"{x.dtype} input"
-        if need.op not in self.ops:
+        if self.ops is not None and need.op not in self.ops:
             return f"the {need.op} op"
         if need.mode not in self.modes:
             return f"mode={need.mode!r}"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 import torch
 from torch import Tensor
@@ -77,7 +78,8 @@ _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside dynloss and torch (the user's call)."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
         frame, level = frame.f_back, level + 1
     return level

@@ -166,7 +166,7 @@ class Reference:
 
     name = "reference"
     capabilities = Capabilities(
-        devices=None, dtypes=None, topk=True, reduction_none=True, target_grad=True,
+        devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, target_grad=True,
         double_backward=True, ddp_pool=True, compilable=True,
     )
 
