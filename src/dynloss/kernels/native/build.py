@@ -114,21 +114,29 @@ def loaded_openmp_runtime() -> Path | None:
     return None
 
 
+def _vector_flags() -> tuple[str, ...]:
+    """``-mprefer-vector-width=512`` on x86 CPUs with AVX-512: the compilers default to 256-bit
+    vectors there, and the kernels' polynomial exp/log run 1.3-1.8x faster at 512 bits."""
+    if platform.machine().lower() in ("x86_64", "amd64") and " avx512f" in _cpu_signature():
+        return ("-mprefer-vector-width=512",)
+    return ()
+
+
 def plans() -> list[Plan]:
     """The ways to build, fastest first."""
+    native = (*COMPILE_FLAGS, *_vector_flags())
     result = []
     runtime = loaded_openmp_runtime()
     if runtime is not None:
-        result.append(Plan((*COMPILE_FLAGS, "-fopenmp"),
+        result.append(Plan((*native, "-fopenmp"),
                            (str(runtime), f"-Wl,-rpath,{runtime.parent}"),
                            f"OpenMP ({runtime.name}, the runtime torch loaded)"))
-    result.append(Plan((*COMPILE_FLAGS, "-fopenmp"), ("-fopenmp",), "OpenMP (system runtime)"))
+    result.append(Plan((*native, "-fopenmp"), ("-fopenmp",), "OpenMP (system runtime)"))
     # no OpenMP runtime (e.g. Apple clang): one thread, the simd loops still vectorised
-    simd = (*COMPILE_FLAGS, "-fopenmp-simd")
-    result.append(Plan(simd, (), "single-threaded (-fopenmp-simd)"))
+    result.append(Plan((*native, "-fopenmp-simd"), (), "single-threaded (-fopenmp-simd)"))
     # nor -march=native: the compiler's baseline instruction set
-    result.append(Plan(tuple(f for f in simd if f != "-march=native"), (),
-                       "single-threaded, baseline instruction set"))
+    baseline = tuple(f for f in (*COMPILE_FLAGS, "-fopenmp-simd") if f != "-march=native")
+    result.append(Plan(baseline, (), "single-threaded, baseline instruction set"))
     return result
 
 
