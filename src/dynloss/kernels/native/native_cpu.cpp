@@ -19,8 +19,8 @@
 //
 // TopK: the forward pass also writes each element's loss (binary/multilabel per (N, C, M)
 // element, multiclass per (N, M) pixel; -inf where ignored), and a second call selects the n
-// largest by a two-pass radix select on their bit patterns (a histogram of the high 16 bits,
-// then of the low 16 bits inside the threshold's bin; no sort), sums them, and zeroes the
+// largest by a radix select on their bit patterns (histograms of 16, 8 and 8 bits, each over
+// the keys in the previous one's threshold bin; no sort), sums them, and zeroes the
 // saved slopes of the elements it did not select, so that backward stays one pass.
 //
 // Determinism: the work is cut into fixed chunks whatever the thread count; each chunk sums
@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -695,16 +696,16 @@ static int dispatch(const Args* a, bool multiclass) {
 // is NaN then anyway), ignored ones were saved as -inf: key 0 ranks them below every kept
 // loss, and n never exceeds the kept count, so they are never selected.
 // Selection (no sort): a histogram of the keys' high 16 bits finds the bin holding the n-th
-// largest key; a histogram of the low 16 bits of the keys in that bin finds the key T
-// itself. Every key above T is selected, and of the keys equal to T the `need` of lowest
+// largest key (a bin spans 1/128 of an octave, so on ordinary data it holds few keys), one of
+// the next 8 bits of the keys in that bin narrows it, and one of the last 8 bits finds the
+// key T itself. Every key above T is selected, and of the keys equal to T the `need` of lowest
 // flat index: when not all are needed, a pass counts them per chunk, and the chunks take
 // them in flat order (at most one chunk takes only some, in order within it).
 // Histograms count exactly (integers), and the sum of the selected losses is formed per
 // chunk (float blocks of at most kBlock, a double per chunk, chunks added in order), so the
 // result is bitwise the same for any number of threads.
 
-constexpr int64_t kHighBins = int64_t{1} << 15;  // key >> 16 <= 0x7f80 for every key
-constexpr int64_t kLowBins = int64_t{1} << 16;
+constexpr int64_t kCopies = 4;  // interleaved histograms per group
 constexpr uint32_t kNanKey = 0x7f800001u;  // key(+inf) = key(NaN)
 
 DL_INLINE uint32_t rank_key(float v) {
@@ -728,48 +729,81 @@ struct TopKLayout {
   int64_t row(int64_t k) const { return k / chunks; }
 };
 
-// body(group, task) for every task, the tasks cut into `groups` contiguous runs that run on
-// their own threads (a per-group histogram needs no atomics, and adds up exactly).
+// body(group, first, last) for the tasks [first, last) of each group: the tasks cut into
+// `groups` contiguous runs, each on its own thread (a group's histogram needs no atomics, and
+// the groups' integer counts add up exactly whatever the split).
 template <typename Body>
-static void for_each_group(const Args& a, const TopKLayout& s, int64_t groups,
-                           const Body& body) {
+static void for_each_group(const TopKLayout& s, int64_t groups, const Body& body) {
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(groups)) if (groups > 1)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t first = s.tasks * g / groups, last = s.tasks * (g + 1) / groups;
-    for (int64_t k = first; k < last; ++k) body(g, k);
-  }
-  (void)a;
+  for (int64_t g = 0; g < groups; ++g) body(g, s.tasks * g / groups, s.tasks * (g + 1) / groups);
 }
 
-// Histogram of (key >> shift) & mask over the keys whose high 16 bits equal `high` (all keys
-// when high < 0), one per group, then added into hist[0..bins).
-static void key_histogram(const Args& a, const TopKLayout& s, int64_t groups, int shift,
-                          uint32_t mask, int64_t high, int64_t bins, std::vector<int64_t>& hist) {
-  std::vector<int64_t> part(static_cast<size_t>(groups * bins), 0);
-  for_each_group(a, s, groups, [&](int64_t g, int64_t k) {
-    int64_t* h = &part[static_cast<size_t>(g * bins)];
-    const float* loss = a.loss + s.row(k) * s.length;
-    uint32_t keys[kBlock];
-    for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
-      const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
+// Counts of the digits (key >> shift) & (2^width - 1) of the keys whose bits above the digit
+// equal `prefix` (every key when prefix < 0), into hist[0..2^width). Each group counts in
+// kCopies interleaved uint32 histograms, so that a run of equal keys (a constant region, a
+// network at initialisation) is not one chain of increments of the same counter, and adds
+// them into its int64 totals before a count could overflow.
+static void digit_histogram(const Args& a, const TopKLayout& s, int64_t groups, int shift,
+                            int width, int64_t prefix, std::vector<int64_t>& hist) {
+  const int64_t bins = int64_t{1} << width;
+  const uint32_t mask = static_cast<uint32_t>(bins - 1);
+  const int top = shift + width;  // < 32 whenever a prefix is given
+  const uint32_t want = static_cast<uint32_t>(prefix);
+  // uninitialised: each group zeroes its own part, in parallel
+  std::unique_ptr<uint32_t[]> copies(new uint32_t[static_cast<size_t>(groups * kCopies * bins)]);
+  std::unique_ptr<int64_t[]> totals(new int64_t[static_cast<size_t>(groups * bins)]);
+  for_each_group(s, groups, [&](int64_t g, int64_t first, int64_t last) {
+    uint32_t* c = &copies[static_cast<size_t>(g * kCopies * bins)];
+    int64_t* total = &totals[static_cast<size_t>(g * bins)];
+    std::memset(c, 0, static_cast<size_t>(kCopies * bins) * sizeof(uint32_t));
+    std::memset(total, 0, static_cast<size_t>(bins) * sizeof(int64_t));
+    int64_t pending = 0;  // counted since the last flush into the totals
+    auto flush = [&]() {
+      for (int64_t j = 0; j < kCopies; ++j) {
+        for (int64_t b = 0; b < bins; ++b) { total[b] += c[j * bins + b]; c[j * bins + b] = 0; }
+      }
+      pending = 0;
+    };
+    uint32_t keys[kBlock], digits[kBlock];
+    for (int64_t k = first; k < last; ++k) {
+      const float* loss = a.loss + s.row(k) * s.length;
+      for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
+        const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
+        int64_t len = b1 - b0;
+        if (prefix < 0) {
 #pragma omp simd
-      for (int64_t i = b0; i < b1; ++i) keys[i - b0] = rank_key(loss[i]);
-      if (high < 0) {
-        for (int64_t i = 0; i < b1 - b0; ++i) ++h[(keys[i] >> shift) & mask];
-      } else {  // the threshold's bin is usually sparse: skip blocks without a key in it
-        const uint32_t want = static_cast<uint32_t>(high);
-        float hits = 0;
+          for (int64_t i = b0; i < b1; ++i) digits[i - b0] = (rank_key(loss[i]) >> shift) & mask;
+        } else {  // the keys in the threshold's bin, usually few: skip blocks without one
+          float hits = 0;
 #pragma omp simd reduction(+ : hits)
-        for (int64_t i = 0; i < b1 - b0; ++i) hits += (keys[i] >> 16) == want ? 1.0f : 0.0f;
-        for (int64_t i = 0; hits != 0.0f && i < b1 - b0; ++i) {
-          if ((keys[i] >> 16) == want) ++h[keys[i] & mask];
+          for (int64_t i = b0; i < b1; ++i) {
+            keys[i - b0] = rank_key(loss[i]);
+            hits += (keys[i - b0] >> top) == want ? 1.0f : 0.0f;
+          }
+          if (hits == 0.0f) continue;
+          len = 0;
+          for (int64_t i = 0; i < b1 - b0; ++i) {  // compress them (branch-free)
+            digits[len] = (keys[i] >> shift) & mask;
+            len += (keys[i] >> top) == want ? 1 : 0;
+          }
         }
+        if (pending > int64_t{0xffffffff} - kBlock) flush();
+        pending += len;
+        int64_t i = 0;
+        for (; i + kCopies <= len; i += kCopies) {
+          ++c[digits[i]];
+          ++c[bins + digits[i + 1]];
+          ++c[2 * bins + digits[i + 2]];
+          ++c[3 * bins + digits[i + 3]];
+        }
+        for (; i < len; ++i) ++c[digits[i]];
       }
     }
+    flush();
   });
   hist.assign(static_cast<size_t>(bins), 0);
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t b = 0; b < bins; ++b) hist[b] += part[static_cast<size_t>(g * bins + b)];
+    for (int64_t b = 0; b < bins; ++b) hist[b] += totals[static_cast<size_t>(g * bins + b)];
   }
 }
 
@@ -830,26 +864,29 @@ static void topk_select(const Args& a, const TopKLayout& s) {
   const int64_t n = a.topk;
   const bool parallel = s.tasks > 1 && elements >= kParallelMin;
   const int64_t groups = parallel ? (a.threads < s.tasks ? a.threads : s.tasks) : 1;
-  // the threshold key T and how many keys equal to T are selected (-1: all)
+  // the threshold key T, and per chunk how many of its keys equal to T are selected (-1: all)
   uint32_t threshold = 0;
-  int64_t need = -1;
-  std::vector<int64_t> take(static_cast<size_t>(s.tasks), -1);  // per chunk: ties taken
-  if (n <= 0) {  // nothing selected: no key is above this one
+  std::vector<int64_t> take(static_cast<size_t>(s.tasks), -1);
+  if (n <= 0) {  // nothing selected: no key is above this one, and no tie is taken
     threshold = 0xffffffffu;
-    need = 0;
     take.assign(static_cast<size_t>(s.tasks), 0);
   } else if (n < elements) {
     std::vector<int64_t> hist;
-    key_histogram(a, s, groups, 16, 0xffffu, -1, kHighBins, hist);
-    int64_t above = 0;
-    const int64_t high = bin_of_nth(hist, n, above);
-    key_histogram(a, s, groups, 0, 0xffffu, high, kLowBins, hist);
-    const int64_t low = bin_of_nth(hist, n, above);
-    threshold = static_cast<uint32_t>(high << 16 | low);
-    need = n - above;  // 1 <= need <= hist[low]
-    if (need < hist[static_cast<size_t>(low)]) {  // ties taken in part: count them per chunk
+    int64_t above = 0, prefix = -1;
+    // digits: key bits 30..16 (bit 31 is 0 in every key), 15..8, 7..0
+    constexpr int kShifts[3] = {16, 8, 0};
+    constexpr int kWidths[3] = {15, 8, 8};
+    for (int pass = 0; pass < 3; ++pass) {
+      digit_histogram(a, s, groups, kShifts[pass], kWidths[pass], prefix, hist);
+      const int64_t digit = bin_of_nth(hist, n, above);
+      prefix = (prefix < 0 ? 0 : prefix << kWidths[pass]) | digit;
+    }
+    threshold = static_cast<uint32_t>(prefix);
+    const int64_t need = n - above;  // 1 <= need <= hist[T's last digit]: keys equal to T
+    if (need < hist[static_cast<size_t>(threshold & 0xffu)]) {  // ties taken in part: per chunk
       std::vector<int64_t> ties(static_cast<size_t>(s.tasks), 0);
-      for_each_group(a, s, groups, [&](int64_t, int64_t k) {
+      for_each_chunk(a, s.rows, s.length, kChunk, elements,
+                     [&](int64_t k, int64_t, int64_t, int64_t) {
         const float* loss = a.loss + s.row(k) * s.length;
         int64_t count = 0;
         for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
@@ -870,7 +907,8 @@ static void topk_select(const Args& a, const TopKLayout& s) {
     }
   }  // else every element is selected: threshold 0, all ties
   std::vector<double> part(static_cast<size_t>(s.tasks), 0.0);
-  for_each_group(a, s, groups, [&](int64_t, int64_t k) {
+  for_each_chunk(a, s.rows, s.length, kChunk, elements,
+                 [&](int64_t k, int64_t, int64_t, int64_t) {
     part[static_cast<size_t>(k)] = select_chunk(a, s, k, threshold,
                                                 take[static_cast<size_t>(k)]);
   });
