@@ -1,7 +1,9 @@
-"""Forward+backward time and memory of every dynloss loss against smp, MONAI and plain torch.
+"""Forward+backward time and memory of every dynloss loss against smp, MONAI, nnU-Net and
+plain torch, each peer in its own formulation (see ``competitors.py``).
 
     python benchmarks/bench_cpu.py                       # (32, 1, 256, 256) float32, CPU
     python benchmarks/bench_cpu.py --shape 8 1 128 128 --repeats 30
+    python benchmarks/bench_cpu.py --losses topk --out /tmp/topk   # one loss, elsewhere
 
 Time: median (and minimum) of ``--repeats`` forward+backward runs after warm-up, all in one
 process, candidates interleaved round by round so that background load hits them alike.
@@ -9,7 +11,10 @@ Memory: ``saved`` is what the loss keeps alive for backward: the bytes of the te
 saves (counted once per storage, the caller's input and target left out), in multiples of the
 input's size. (Peak memory is measured on CUDA by ``bench_cuda.py``; the CPU allocator offers no
 reliable peak counter.)
-Results go to ``benchmarks/results/cpu.json`` and ``cpu.md``.
+Results go to ``benchmarks/results/cpu.json`` and ``cpu.md`` (with ``--losses`` naming a subset:
+``cpu_<losses>.json``/``.md``, so a partial run never replaces the full table), each with the
+speed-up of ``dynloss[auto]`` over every peer per loss (``summary``): the faster of smp/MONAI,
+plain torch, and for TopK nnU-Net's formulation.
 """
 
 from __future__ import annotations
@@ -92,8 +97,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
-    parser.add_argument("--out", type=Path, default=RESULTS / "cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output path without suffix (default: benchmarks/results/cpu, "
+                             "or cpu_<losses> for a subset of the losses)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        subset = [name for name in LOSSES if name in args.losses]
+        args.out = RESULTS / ("cpu" if subset == LOSSES else "cpu_" + "_".join(subset))
 
     shape = tuple(args.shape)
     logits, target = make_inputs(shape)
@@ -118,6 +128,7 @@ def main(argv=None):
           f"shape {shape}; torch.sigmoid pass: {sig * 1e3:.2f} ms; dynloss[auto] runs "
           f"backend {meta['auto_backend']!r}")
     rows = []
+    summaries = {}
     for name in args.losses:
         candidates = competitors(name)
         timed = time_candidates(candidates, logits, target, args.repeats, args.warmup)
@@ -132,20 +143,32 @@ def main(argv=None):
                 "saved_inputs": saved / input_bytes,
             }
             rows.append(row)
+        ratios = {"dynloss_ms": ours * 1e3, "sigmoid_passes": ours / sig}
         summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
         if best_library:
+            ratios["vs_smp_monai"] = best_library / ours
             summary += f" | {best_library / ours:5.2f}x faster than the faster of smp/MONAI"
         if "torch" in timed:
+            ratios["vs_torch"] = timed["torch"][0] / ours
             summary += f" | {timed['torch'][0] / ours:5.2f}x vs plain torch"
+        if "nnunet" in timed:
+            ratios["vs_nnunet"] = timed["nnunet"][0] / ours
+            summary += f" | {timed['nnunet'][0] / ours:5.2f}x vs nnU-Net (torch.topk unsorted)"
         summary += f" | {ours / sig:5.2f}x a sigmoid pass"
+        summaries[name] = ratios
         print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text(to_markdown(meta, rows))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "summary": summaries, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(to_markdown(meta, rows, summaries))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
 
 
-def to_markdown(meta, rows):
+PEERS = {"vs_smp_monai": "the faster of smp/MONAI", "vs_torch": "plain torch",
+         "vs_nnunet": "nnU-Net's formulation (`torch.topk(sorted=False)`)"}
+
+
+def to_markdown(meta, rows, summaries=None):
     lines = [
         f"# CPU benchmark: forward + backward, shape {tuple(meta['shape'])} {meta['dtype']}",
         "",
@@ -165,6 +188,12 @@ def to_markdown(meta, rows):
             f"| {r['loss']} | {r['implementation']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} "
             f"| {r['speedup_of_dynloss']:.2f}x | {r['saved_inputs']:.2f} |"
         )
+    if summaries:
+        lines += ["", "Speed-up of `dynloss[auto]` (median over median):", ""]
+        for name, ratios in summaries.items():
+            versus = [f"{ratios[key]:.2f}x over {label}" for key, label in PEERS.items()
+                      if key in ratios]
+            lines.append(f"- {name}: {ratios['dynloss_ms']:.2f} ms; " + ", ".join(versus))
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,9 @@
-"""The implementations dynloss is compared with: smp, MONAI and plain PyTorch.
+"""The implementations dynloss is compared with: smp, MONAI, nnU-Net and plain PyTorch.
 
 Each factory returns ``{label: callable(logits, target) -> loss}`` for one loss in binary mode;
-a library that is not installed is left out (and reported as missing by the caller).
+a library that is not installed is left out (and reported as missing by the caller). Every
+peer is that project's own formulation of the loss, not a weaker stand-in: TopK's is
+nnU-Net's (``torch.topk(..., sorted=False)``, see :func:`nnunet_topk`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,18 @@ def _plain_region(alpha: float, beta: float) -> Loss:
     return loss
 
 
-def _plain_topk(k: float) -> Loss:
+def nnunet_topk(k: float) -> Loss:
+    """nnU-Net's TopK formulation (``nnunet.training.loss_functions.TopK_loss.TopKLoss``) in
+    binary mode: the per-element cross-entropy (``reduction="none"``), then the mean of its
+    ``int(numel * k)`` largest values over the whole batch by
+    ``torch.topk(flat, count, sorted=False)``. nnU-Net's ``k`` is a percentage
+    (``k=10`` keeps 10 %); here a fraction, as dynloss's (``k=0.6`` keeps 60 %).
+    """
+
     def loss(x, t):
-        per_pixel = F.binary_cross_entropy_with_logits(x, t, reduction="none").reshape(-1)
-        return per_pixel.topk(max(1, int(k * per_pixel.numel()))).values.mean()
+        per_element = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+        count = int(per_element.numel() * k)
+        return torch.topk(per_element.view(-1), count, sorted=False).values.mean()
 
     return loss
 
@@ -85,5 +95,5 @@ def competitors(name: str, backends: tuple[str, ...] = ("auto", "torch", "refere
             found["smp"] = smp_losses.SoftBCEWithLogitsLoss()
         found["torch"] = torch.nn.BCEWithLogitsLoss()
     elif name == "topk":
-        found["torch"] = _plain_topk(0.6)
+        found["nnunet"] = nnunet_topk(0.6)
     return found

@@ -7,6 +7,7 @@ skipping these tests.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,14 @@ from hypothesis import given
 
 import dynloss
 import dynloss.functional as F
+from dynloss import _math
+from dynloss._layout import prepare
+from dynloss._params import distribution_params
 from dynloss.kernels import native_available, native_status, region_pixel_loss, resolve_backend
+from dynloss.kernels.capabilities import Need
+from dynloss.kernels.dispatch import select
+from dynloss.kernels.native import NATIVE as NATIVE_BACKEND
+from dynloss.kernels.reference import REFERENCE, distribution_terms, topk_selected
 
 from ._kernel_cases import kernel_inputs, run_loss
 from .strategies import cases
@@ -319,6 +327,369 @@ def test_property_multiclass(case):
     x, t = case
     _compare(F.dice_loss, x, t, mode="multiclass", rtol=5e-5)
     _compare(F.bce_loss, x, t, mode="multiclass", rtol=5e-5)
+
+
+# ------------------------------------------------------------------------------------- TopK
+TOPK_K = [1e-4, 0.1, 0.6, 1.0]  # 1e-4: a single element (n = 1)
+
+
+def _topk_reference_mask(x, t, mode, k, ignore_index=None, from_logits=True):
+    """The reference's TopK selection, ``(N, C, M)`` binary/multilabel or ``(N, M)``."""
+    layout = prepare(x, t, mode)
+    params = distribution_params(k=k, mode=mode, ignore_index=ignore_index,
+                                 from_logits=from_logits)
+    loss, valid = distribution_terms(layout, params)
+    return topk_selected(loss.detach(), valid, k)[1]
+
+
+def _selected_by_gradient(grad, mode):
+    """Which elements (binary/multilabel) or pixels (multiclass) have a nonzero gradient."""
+    n, c = grad.shape[:2]
+    grad = grad.reshape(n, c, -1)
+    return (grad != 0).any(1) if mode == "multiclass" else grad != 0
+
+
+def test_topk_runs_on_native_for_float32_cpu():
+    """TopK on float32 CPU tensors: "auto" picks the native kernels, one autograd node."""
+    x, t = _inputs("binary", (4, 4), seed=1)
+    need = Need("distribution", "binary", topk=True)
+    assert select("auto", x, need).name == "native"
+    assert select("native", x, need).name == "native"
+    assert select("auto", x.double(), need).name == "torch"
+    loss = F.topk_loss(x.requires_grad_(True), t, k=0.3)
+    assert _graph_nodes(loss) == ["NativeDistributionLossBackward", "ViewBackward0",
+                                  "AccumulateGrad"]
+
+
+@pytest.mark.parametrize("k", TOPK_K)
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_losses(mode, k):
+    x, t = _inputs(mode, (6, 7), seed=int(k * 1000) + len(mode))
+    _got, grad = _compare(F.topk_loss, x, t, mode=mode, k=k)
+    _compare(F.topk_loss, x, t, mode=mode, k=k, reduction="sum", rtol=5e-5)
+    # the gradient is nonzero exactly on the reference's selection (random logits: no ties)
+    want = _topk_reference_mask(x, t, mode, k)
+    assert torch.equal(_selected_by_gradient(grad, mode), want)
+    assert want.sum().item() == _math.topk_count(k, want.numel())
+
+
+@pytest.mark.parametrize("k", TOPK_K)
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_probabilities_and_soft_labels(mode, k):
+    x, t = _inputs(mode, (5, 6), seed=17)
+    p = torch.softmax(x, 1) if mode == "multiclass" else torch.sigmoid(x)
+    _compare(F.topk_loss, p, t, mode=mode, k=k, from_logits=False)
+    if mode != "multiclass":
+        soft = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+        _compare(F.topk_loss, x, soft, mode=mode, k=k)
+        _compare(F.topk_loss, p, soft, mode=mode, k=k, from_logits=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k", [0.05, 0.3, 0.6, 1.0])
+def test_topk_ignore_index(mode, k):
+    """Ignored elements are never selected and count neither in n nor in the mean."""
+    x, t = _inputs(mode, (6, 5), seed=23)
+    t = t.long()
+    t[0, ..., :3] = 255
+    t[1, ..., 4] = 255
+    if mode != "multiclass":
+        t = t.to(torch.uint8)
+    _, grad = _compare(F.topk_loss, x, t, mode=mode, k=k, ignore_index=255)
+    want = _topk_reference_mask(x, t, mode, k, ignore_index=255)
+    assert torch.equal(_selected_by_gradient(grad, mode), want)
+    kept = (t != 255).sum().item()
+    assert want.sum().item() == _math.topk_count(k, kept)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_all_ignored_is_zero(mode):
+    x, t = _inputs(mode, (4, 5), seed=2)
+    t = torch.full_like(t, 7, dtype=torch.long)
+    for reduction in ("mean", "sum"):
+        got, grad = _run(F.topk_loss, x, t, "native", mode=mode, k=0.5, ignore_index=7,
+                         reduction=reduction)
+        want, _ = _run(F.topk_loss, x, t, "reference", mode=mode, k=0.5, ignore_index=7,
+                       reduction=reduction)
+        assert got.item() == 0.0 == want.item()
+        assert not grad.any()
+
+
+def test_topk_empty_input():
+    x, t = torch.zeros(2, 1, 0, 3), torch.zeros(2, 1, 0, 3)
+    got, grad = _run(F.topk_loss, x, t, "native", k=0.5)
+    assert got.item() == 0.0 and grad.shape == x.shape
+
+
+def _tied_inputs(mode, shape, seed):
+    """Inputs whose losses take a few well-separated values, each shared by many elements
+    (the order of the losses is then the same in every implementation: only the tie rule
+    decides the selection). No logit is 0, where subgradients differ."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, *spatial = shape
+    x = torch.randint(-2, 3, shape, generator=gen).float() * 1.5 + 0.5
+    if mode == "multiclass":
+        t = torch.randint(0, c, (n, *spatial), generator=gen)
+    else:
+        t = (torch.rand(shape, generator=gen) > 0.5).float()
+    return x, t
+
+
+def _tie_straddling_ks(x, t, mode, ignore_index=None):
+    """Fractions k whose n falls inside a group of tied losses: at the group's first, middle
+    and last element (so ties are taken in part, across work chunks)."""
+    layout = prepare(x, t, mode)
+    params = distribution_params(mode=mode, ignore_index=ignore_index)
+    loss, valid = distribution_terms(layout, params)
+    flat = loss.detach().reshape(-1)
+    kept = flat.numel() if valid is None else int(valid.sum())
+    if valid is not None:
+        flat = flat[valid.reshape(-1)]
+    values, counts = torch.unique(flat, return_counts=True)
+    order = values.argsort(descending=True)
+    above = 0
+    ks = []
+    for index in order.tolist():
+        count = int(counts[index])
+        if count > 100 and above > 0:
+            for n in (above + 1, above + count // 2 + 7, above + count - 1):
+                k = n / kept
+                assert _math.topk_count(k, kept) == n
+                ks.append(k)
+            if len(ks) >= 6:
+                break
+        above += count
+    assert ks
+    return ks
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_ties_straddling_the_threshold_across_chunks(mode):
+    """Many equal losses at the threshold: those of lowest flat index are taken (flat index
+    of the (N, C, M) element; of the (N, M) pixel in multiclass mode), also when the tied
+    elements spread over several work chunks (16384 elements) and threads."""
+    shape = (4, 1, 150, 150) if mode == "binary" else (4, 3, 130, 140)
+    x, t = _tied_inputs(mode, shape, seed=41)
+    for k in _tie_straddling_ks(x, t, mode):
+        got, grad = _run(F.topk_loss, x, t, "native", mode=mode, k=k)
+        want_value, want_grad = _run(F.topk_loss, x, t, "reference", mode=mode, k=k)
+        want = _topk_reference_mask(x, t, mode, k)
+        assert torch.equal(_selected_by_gradient(grad, mode), want)
+        torch.testing.assert_close(got, want_value, rtol=1e-5, atol=0)
+        scale = want_grad.abs().max().item()
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_topk_ties_with_ignore_index(mode):
+    shape = (3, 1, 160, 150) if mode == "binary" else (3, 3, 160, 150)
+    x, t = _tied_inputs(mode, shape, seed=43)
+    t = t.long()
+    t[1, ..., 20:90, :] = -1
+    for k in _tie_straddling_ks(x, t, mode, ignore_index=-1)[:3]:
+        _, grad = _run(F.topk_loss, x, t, "native", mode=mode, k=k, ignore_index=-1)
+        want = _topk_reference_mask(x, t, mode, k, ignore_index=-1)
+        assert torch.equal(_selected_by_gradient(grad, mode), want)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_topk_zero_losses_rank_above_ignored_elements(mode):
+    """Probabilities equal to their targets give losses of exactly 0 (-0.0 in some formulas,
+    e.g. multiclass -log(1)): they are kept losses, tied with each other and ranked above
+    the ignored elements that precede them in flat order. Their slope is not 0, so the
+    gradient shows the selection."""
+    gen = torch.Generator().manual_seed(31)
+    if mode == "binary":
+        t = (torch.rand(2, 1, 8, 9, generator=gen) > 0.5).long()
+        p = torch.rand(2, 1, 8, 9, generator=gen) * 0.8 + 0.1
+        exact = torch.rand(2, 1, 8, 9, generator=gen) > 0.4
+        p = torch.where(exact, t.float(), p)  # loss exactly 0 where p == t
+        exact, ignored = exact[:, 0], t[:, 0]
+    else:
+        t = torch.randint(0, 3, (2, 8, 9), generator=gen)
+        p = torch.softmax(torch.randn(2, 3, 8, 9, generator=gen), 1)
+        exact = torch.rand(2, 8, 9, generator=gen) > 0.4
+        one_hot = torch.nn.functional.one_hot(t, 3).movedim(-1, 1).float()
+        p = torch.where(exact.unsqueeze(1), one_hot, p)  # -log(1) where p_t == 1
+        ignored = t
+    ignored[0, :2] = 5  # ignored, before most of the zero losses in flat order
+    kept = int((ignored != 5).sum())
+    zeros = int((exact & (ignored != 5)).sum())
+    kw = dict(mode=mode, from_logits=False, ignore_index=5)
+    for k in (1.0, (kept - zeros // 2) / kept, (kept - zeros + 1) / kept):
+        _, grad = _run(F.topk_loss, p, t, "native", k=k, **kw)
+        want = _topk_reference_mask(p, t, mode, k, ignore_index=5, from_logits=False)
+        assert torch.equal(_selected_by_gradient(grad, mode), want)
+        _compare(F.topk_loss, p, t, k=k, **kw)
+
+
+def test_topk_large_random_input_selects_exactly_n():
+    """Over several chunks of random losses the selection holds exactly n elements."""
+    x, t = _inputs("multilabel", (150, 160), n=2, c=2, seed=37)
+    for k in (0.013, 0.6):
+        _got, grad = _compare(F.topk_loss, x, t, mode="multilabel", k=k, rtol=5e-5)
+        assert int((grad != 0).sum()) == _math.topk_count(k, x.numel())
+
+
+def test_topk_all_losses_equal_takes_the_first_n():
+    x, t = torch.full((3, 1, 160, 170), 1.5), torch.ones(3, 1, 160, 170)
+    for k in (0.1, 0.37, 0.5, 0.999):
+        got, grad = _run(F.topk_loss, x, t, "native", k=k)
+        flat = grad.reshape(-1)
+        n = _math.topk_count(k, flat.numel())
+        assert bool((flat[:n] != 0).all()) and not flat[n:].any()
+        torch.testing.assert_close(got, F.bce_loss(x, t), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_nan_and_infinite_logits(mode):
+    """A NaN or infinite kept logit makes the loss and its whole gradient NaN, whether or
+    not it would be selected; in an ignored element it changes nothing."""
+    x, t = _inputs(mode, (6, 5), seed=5)
+    for bad in (math.nan, math.inf, -math.inf):
+        xb = x.clone()
+        xb[1, 0, 2, 3] = bad
+        for k in (1e-4, 0.6):
+            got, grad = _run(F.topk_loss, xb, t, "native", mode=mode, k=k)
+            want, _ = _run(F.topk_loss, xb, t, "reference", mode=mode, k=k)
+            assert got.isnan() and want.isnan()
+            assert grad.isnan().all()
+    t = t.long()
+    t[1, ..., 2, 3] = 9
+    xb = x.clone()
+    xb[1, :, 2, 3] = math.nan
+    got, grad = _run(F.topk_loss, xb, t, "native", mode=mode, k=0.3, ignore_index=9)
+    want, want_grad = _run(F.topk_loss, xb.double(), t, "reference", mode=mode, k=0.3,
+                           ignore_index=9)
+    torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=0)
+    assert torch.isfinite(grad).all() and not grad[1, :, 2, 3].any()
+    # (the reference's autograd leaves 0 * NaN = NaN at the ignored element itself)
+    keep = torch.ones_like(grad, dtype=torch.bool)
+    keep[1, :, 2, 3] = False
+    torch.testing.assert_close(grad[keep], want_grad.float()[keep], rtol=1e-4, atol=1e-7)
+
+
+def test_topk_infinite_and_nan_losses_rank_first():
+    """Finite logits can still give an infinite loss (logsumexp - x_t overflows float32), and
+    a class weight of 0 turns it into NaN: both rank above every finite loss, so a TopK of one
+    element is inf, or NaN."""
+    x, t = _inputs("multiclass", (4, 5), seed=7)
+    x[1, :, 2, 2] = torch.tensor([3e38, -3e38, 0.0])
+    t[1, 2, 2] = 1
+    for k in (1e-4, 0.3):
+        got = F.topk_loss(x, t, mode="multiclass", k=k, backend="native")
+        assert got.item() == math.inf == F.topk_loss(x, t, mode="multiclass", k=k,
+                                                     backend="reference").item()
+        params = distribution_params(alpha=(1.0, 0.0, 1.0), k=k, mode="multiclass")
+        layout = prepare(x, t, "multiclass")
+        assert NATIVE_BACKEND.distribution(layout, params, True).isnan()
+        assert REFERENCE.distribution(layout, params, True).isnan()
+
+
+def test_topk_invalid_target_unchecked_is_nan():
+    x, t = _inputs("binary", (5, 5), seed=6)
+    t[0, 0, 1, 1] = 2.0
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 1\]"):
+        F.topk_loss(x, t, k=0.5, backend="native")
+    assert F.topk_loss(x, t, k=0.5, backend="native", check_values=False).isnan()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_kernel_with_focal_gamma_and_alpha(mode):
+    """The TopK kernel takes the focal modulation and alpha weights too (TopK's own
+    parameters have gamma 0 and no alpha): the same value and gradient as the reference."""
+    x, t = _inputs(mode, (7, 6), seed=12)
+    alpha = (0.5, 2.0, 1.0) if mode == "multiclass" else 0.25
+    for gamma in (0.5, 2.0):
+        params = distribution_params(gamma=gamma, alpha=alpha, k=0.3, mode=mode)
+        results = []
+        for backend, xs in ((NATIVE_BACKEND, x), (REFERENCE, x.double())):
+            xs = xs.detach().clone().requires_grad_(True)
+            loss = backend.distribution(prepare(xs, t, mode), params, True)
+            loss.backward()
+            results.append((loss.detach().float(), xs.grad.float()))
+        (got, got_grad), (want, want_grad) = results
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+        scale = want_grad.abs().max().item()
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_topk_bitwise_identical_for_any_thread_count():
+    """Values and gradients do not depend on the number of threads, with ties taken in part
+    across chunks and an input large enough to run in parallel."""
+    x, t = _tied_inputs("binary", (4, 1, 150, 150), seed=47)
+    xr, tr = _inputs("multilabel", (120, 100), n=3, c=2, seed=48)
+    xm, tm = _tied_inputs("multiclass", (4, 3, 130, 140), seed=49)
+    k_tied = _tie_straddling_ks(x, t, "binary")[1]
+    k_tied_multiclass = _tie_straddling_ks(xm, tm, "multiclass")[1]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append([_run(F.topk_loss, x, t, "native", k=k_tied),
+                            _run(F.topk_loss, xr, tr, "native", mode="multilabel", k=0.6),
+                            _run(F.topk_loss, xm, tm, "native", mode="multiclass",
+                                 k=k_tied_multiclass)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for (value, grad), (value0, grad0) in zip(other, results[0], strict=True):
+            assert torch.equal(value, value0) and torch.equal(grad, grad0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_second_order_gradient(mode):
+    """create_graph=True recomputes through the reference: the gradient is differentiable,
+    and its gradient equals the reference's."""
+    x, t = _inputs(mode, (5, 6), seed=19)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for backend in ("native", "reference"):
+        xs = x.detach().clone().requires_grad_(True)
+        loss = F.topk_loss(xs, t, mode=mode, k=0.4, backend=backend)
+        (grad,) = torch.autograd.grad(loss, xs, create_graph=True)
+        assert grad.requires_grad
+        (second,) = torch.autograd.grad((grad * v).sum(), xs)
+        results.append((grad.detach(), second))
+    (grad, second), (want_grad, want_second) = results
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(second, want_second, rtol=1e-5, atol=1e-8)
+    assert second.abs().sum() > 0
+
+
+def test_topk_saves_one_buffer_and_works_without_gradient():
+    x, t = _inputs("binary", (16, 16), seed=1)
+    assert _saved_input_sized(F.topk_loss, x, t, k=0.3) == 1  # the slopes, zeroed off the top
+    xm, tm = _inputs("multiclass", (9, 8), seed=3)
+    for xs, ts, mode in ((x, t, "binary"), (xm, tm, "multiclass")):
+        with torch.no_grad():
+            value = F.topk_loss(xs, ts, mode=mode, k=0.3, backend="native")
+        torch.testing.assert_close(value, F.topk_loss(xs, ts, mode=mode, k=0.3,
+                                                      backend="reference"),
+                                   rtol=2e-5, atol=1e-6)
+
+
+def test_topk_retain_graph_backward_twice():
+    x, t = _inputs("multiclass", (9, 8), seed=12)
+    x.requires_grad_(True)
+    loss = F.topk_loss(x, t, mode="multiclass", k=0.3, backend="native")
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, x)[0]
+    assert torch.equal(first, second)
+
+
+@given(cases("binary", soft=True))
+def test_property_topk_binary_soft_targets(case):
+    x, t = case
+    for k in (0.05, 0.5, 1.0):
+        _compare(F.topk_loss, x, t, k=k, rtol=5e-5)
+
+
+@given(cases("multiclass", max_classes=5))
+def test_property_topk_multiclass(case):
+    x, t = case
+    _compare(F.topk_loss, x, t, mode="multiclass", k=0.3, rtol=5e-5)
 
 
 # ---------------------------------------------------------------------------- memory & checks

@@ -6,8 +6,9 @@ load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per los
 
 What it computes: float32 input on the CPU, every mode, logits or probabilities,
 ``ignore_index``, soft labels: Dice/IoU/Tversky (also ``ddp_pool``, ``reduction="none"``),
-BCE and Focal (``"mean"``/``"sum"``) and their fused composites. TopK, per-element
-``reduction="none"`` of BCE/Focal, a target that needs a gradient, other dtypes and
+BCE, Focal and TopK (``"mean"``/``"sum"``; TopK selects by a radix select in the kernels, no
+sort) and the fused composites of a region and BCE/Focal term. Per-element
+``reduction="none"`` of BCE/Focal/TopK, a target that needs a gradient, other dtypes and
 ``torch.compile`` go to the next backend (see :mod:`dynloss.kernels.dispatch`). Targets of
 dtype float32, bool, uint8 and int64 are read as they are; others are converted first.
 
@@ -59,7 +60,7 @@ class NativeBackend:
 
     name = "native"
     capabilities = Capabilities(
-        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=False,
+        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=True,
         ddp_pool=True, double_backward=True, checks_values=True,
     )
 

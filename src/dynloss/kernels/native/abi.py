@@ -7,7 +7,7 @@ cached library is never called with a struct it does not expect.
 >>> from dynloss.kernels.native.abi import ABI_VERSION, TARGET_TYPES, Args
 >>> import ctypes, torch
 >>> ABI_VERSION, TARGET_TYPES[torch.int64], ctypes.sizeof(Args) % 8
-(5, 2, 0)
+(6, 2, 0)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 __all__ = ["ABI_VERSION", "FUNCTIONS", "PIXEL_BCE", "PIXEL_FOCAL", "PIXEL_FOCAL2",
            "PIXEL_NONE", "TARGET_TYPES", "Args"]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 PIXEL_NONE, PIXEL_BCE, PIXEL_FOCAL2, PIXEL_FOCAL = 0, 1, 2, 3
 """``Args.pixel``: no distribution term, BCE, focal with gamma = 2, focal with any gamma."""
@@ -28,8 +28,10 @@ TARGET_TYPES = {torch.float32: 0, torch.uint8: 1, torch.bool: 1, torch.int64: 2}
 """Target dtypes the kernels read as they are (bool as uint8); others are converted."""
 
 FUNCTIONS = ("dynloss_binary_forward", "dynloss_binary_backward",
-             "dynloss_multiclass_forward", "dynloss_multiclass_backward")
-"""The kernels' entry points: ``int f(const Args*)``, 0 ok, 1 out of memory, 2 bad args."""
+             "dynloss_multiclass_forward", "dynloss_multiclass_backward",
+             "dynloss_binary_topk", "dynloss_multiclass_topk")
+"""The kernels' entry points: ``int f(const Args*)``, 0 ok, 1 out of memory, 2 bad args.
+``*_topk`` select ``Args.topk`` of the losses a forward pass saved in ``Args.loss``."""
 
 
 class Args(ctypes.Structure):
@@ -62,4 +64,6 @@ class Args(ctypes.Structure):
         ("pixel_out", ctypes.c_void_p),
         ("check", ctypes.c_void_p),
         ("hard_targets", ctypes.c_int64),
+        ("loss", ctypes.c_void_p),
+        ("topk", ctypes.c_int64),
     ]

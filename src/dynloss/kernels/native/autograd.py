@@ -4,8 +4,10 @@ r"""The native kernels as autograd Functions: each loss is one node.
   reference score (:func:`dynloss.kernels.reference.score_loss`, in float32, with no graph
   recorded); backward turns the upstream gradient into ``dL/dI`` and ``dL/dP`` with the closed
   form of :func:`dynloss._math.tversky_index_grads` before one elementwise kernel pass.
-* :class:`NativeDistributionLoss`: BCE/Focal, the mean (or sum) formed on the host from the
-  kernel's float64 sum and count; backward is one pass ``grad * slope``.
+* :class:`NativeDistributionLoss`: BCE/Focal/TopK, the mean (or sum) formed on the host from
+  the kernel's float64 sum and count; backward is one pass ``grad * slope``. For TopK the sum
+  and count are those of the ``n`` selected elements (mean ``= S / max(n, 1)``) and the
+  selection kernel has zeroed the slopes of the others.
 * :class:`NativeCompositeLoss`: a region and a distribution term from one forward pass, one
   backward pass for both.
 * :class:`NativeSums`: the raw ``(I, P, G, S, count)`` for callers that combine them with
@@ -151,11 +153,15 @@ def _distribution_forward(ctx, x: Tensor, target: Tensor, params: DistributionPa
                           checked: bool, want_region: bool) -> Forward:
     return native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
                           params.gamma, params.alpha, want_region, True, checked,
-                          ctx.needs_input_grad[0])
+                          ctx.needs_input_grad[0], params.k)
 
 
 class NativeDistributionLoss(torch.autograd.Function):
-    """BCE/Focal with ``reduction`` ``"mean"`` or ``"sum"``: a 0-dim float32 loss."""
+    """BCE/Focal/TopK with ``reduction`` ``"mean"`` or ``"sum"``: a 0-dim float32 loss.
+
+    TopK (``params.k``): the sum of the ``n = topk_count(k, kept)`` largest per-element losses
+    over the whole batch, divided by ``max(n, 1)`` for ``"mean"`` (0 when all are ignored).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):

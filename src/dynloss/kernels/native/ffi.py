@@ -10,6 +10,11 @@ also counts invalid values (kept targets out of range, kept inputs that are not 
 probabilities, outside [0, 1]) at no extra cost: :func:`native_forward` raises for them when
 the value checks are due, else the caller makes the loss NaN.
 
+TopK (``topk=k``): the forward pass also writes each element's loss to a pooled scratch
+buffer, and a second call selects the ``n = topk_count(k, kept)`` largest by a radix select
+on their bit patterns (no sort), returns their sum, and zeroes the saved slopes of the
+elements it did not select, so the backward pass is the same one pass as BCE's.
+
 Work is cut into fixed chunks whose partial sums are added in a fixed order, so results are
 bitwise identical for any number of threads (``torch.get_num_threads()`` threads are used).
 """
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..._layout import Layout, raise_for_probability_range, raise_for_target_range
+from ..._math import topk_count
 from ...constants import MULTICLASS_MODE
 from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
 from .buffer_pool import POOL
@@ -96,7 +102,7 @@ class Forward:
                  probabilities: Tensor | None, slope: Tensor | None, config: tuple,
                  invalid: bool) -> None:
         self.sums = sums  # (N, C, 3) float64: I, P, G
-        self.pixel = pixel  # S, max(count, 1)
+        self.pixel = pixel  # S, max(count, 1); TopK: of the selected elements
         self.target = target
         self.probabilities = probabilities
         self.slope = slope
@@ -107,12 +113,17 @@ class Forward:
 
 def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    ignore_index: int | None, gamma: float, alpha, want_region: bool,
-                   want_pixel: bool, checked: bool, needs_grad: bool) -> Forward:
+                   want_pixel: bool, checked: bool, needs_grad: bool,
+                   topk: float | None = None) -> Forward:
     """One forward pass of the kernels over ``x`` ``(N, C, M)`` float32.
 
     ``checked``: raise a ``ValueError`` for an invalid kept target (or probability); else it
     only sets :attr:`Forward.invalid`, as a non-finite kept input always does. A class index
     out of range raises either way (see :func:`dynloss._layout.check_class_indices`).
+    ``topk``: TopK's fraction ``k`` (with ``want_pixel``): :attr:`Forward.pixel` is then the
+    sum of the ``n = topk_count(k, kept)`` largest per-element losses (per ``(N, C, M)``
+    element, multiclass per ``(N, M)`` pixel; ties by lowest flat index, NaN above all) and
+    ``max(n, 1)``, and the saved slopes are 0 outside the selection.
     """
     if x.device.type != "cpu" or target.device.type != "cpu":  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
@@ -130,8 +141,11 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
     probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
     slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
+    # TopK: every element's loss, for the selection (a scratch buffer, not kept)
+    losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
     sums = torch.zeros(n, c, 3, dtype=torch.float64)
-    scalars = (ctypes.c_double * 5)()  # S, max(count, 1); bad targets, bad inputs, soft labels
+    # S, max(count, 1), count; bad targets, bad inputs, soft labels
+    scalars = (ctypes.c_double * 6)()
     base = ctypes.addressof(scalars)
     args = Args(
         x=_ptr(x), target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
@@ -142,14 +156,20 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         alpha=0.0 if alpha is None or multiclass else float(alpha),
         class_alpha=_ptr(class_alpha), threads=max(1, torch.get_num_threads()),
         probabilities=_ptr(probabilities), slope=_ptr(slope),
-        region=_ptr(sums), pixel_out=base, check=base + 2 * ctypes.sizeof(ctypes.c_double),
+        region=_ptr(sums), pixel_out=base, check=base + 3 * ctypes.sizeof(ctypes.c_double),
+        loss=_ptr(losses),
     )
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
-    total, count, bad_target, bad_input, soft = scalars
+    total, count, kept, bad_target, bad_input, soft = scalars
     if checked:
         _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits)
     elif multiclass and bad_target:  # an index out of range: an error on the CPU, always
         _raise_for_values(bad_target, 0.0, x, target, mode, ignore_index, from_logits)
+    if topk is not None:
+        selected = topk_count(topk, int(kept))
+        args.topk = selected
+        _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
+        total, count = scalars[0], float(max(selected, 1))
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0)
     return Forward(sums, (total, count), target, probabilities, slope, config,
                    bool(bad_target or bad_input))

@@ -17,6 +17,12 @@
 // for the upstream gradients gi = dL/dI, gp = dL/dP (per row / per (sample, class)) and
 // gs = dL/dS.
 //
+// TopK: the forward pass also writes each element's loss (binary/multilabel per (N, C, M)
+// element, multiclass per (N, M) pixel; -inf where ignored), and a second call selects the n
+// largest by a radix select on their bit patterns (histograms of 16, 8 and 8 bits, each over
+// the keys in the previous one's threshold bin; no sort), sums them, and zeroes the
+// saved slopes of the elements it did not select, so that backward stays one pass.
+//
 // Determinism: the work is cut into fixed chunks whatever the thread count; each chunk sums
 // in float over blocks of at most 512 elements (an OpenMP simd reduction), the block sums go
 // into a double per chunk, and chunks are added in order. Same input, same bits, for any
@@ -27,6 +33,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -41,6 +48,7 @@ constexpr int64_t kClassChunk = 1024; // multiclass: pixels per task (and per bl
 constexpr int64_t kParallelMin = 65536;  // smaller inputs run on the calling thread only
 constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabilities
 constexpr float kFloatMax = 3.40282347e38f;  // |x| <= kFloatMax: x is finite (false for NaN)
+constexpr uint32_t kNegInfBits = 0xff800000u;  // -inf: the loss saved for an ignored element
 
 enum Pixel : int { kPixelNone = 0, kPixelBce = 1, kPixelFocal2 = 2, kPixelFocal = 3 };
 enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2 };
@@ -204,13 +212,19 @@ struct Args {
   float* grad;                      // x's shape
   // forward outputs
   double* region;     // (N*C, 3): I, P, G
-  double* pixel_out;  // 2: S, max(count, 1)
+  double* pixel_out;  // 3: S, max(count, 1), count (kept elements); TopK selection: 1: the
+                      //    sum of the selected losses
   double* check;      // 3: kept targets out of range, kept inputs not finite (logits) or
                       //    outside [0, 1] (probabilities), kept binary targets other than 0
                       //    and 1 (soft labels)
   // backward, binary: 1 when the forward counted no soft label (check[2] == 0), so the
   // signed slopes it saved hold the targets and backward need not read them
   int64_t hard_targets;
+  // TopK, forward: each element's loss is written here (binary/multilabel (N, C, M),
+  // multiclass (N, M); -inf where ignored); null when not wanted. Selection: read.
+  float* loss;
+  // TopK, selection: how many of the losses to select (0 <= topk <= their number)
+  int64_t topk;
 };
 
 // focal slope factor d/db (q^gamma b) = q^gamma (1 + gamma e b / q), b/q -> 1 at q = 0
@@ -250,6 +264,9 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   // 1), so that backward reads one buffer, not the target too (when all targets are hard)
   float* save_p = REGION && a.probabilities ? a.probabilities + row * a.m : nullptr;
   float* save_slope = PIXEL != kPixelNone && a.slope ? a.slope + row * a.m : nullptr;
+  float scratch_loss[kBlock];
+  float* save_loss = PIXEL != kPixelNone && a.loss ? a.loss + row * a.m : nullptr;
+  const float ignored_loss = as_float(kNegInfBits);
   const int64_t ignore = a.ignore_index;
   const float gamma = static_cast<float>(a.gamma);
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
@@ -259,6 +276,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
     float* dst_p = save_p ? save_p + b0 : scratch_p;
     float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
+    float* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
     float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0, soft = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx, soft)
     for (int64_t i = b0; i < b1; ++i) {
@@ -309,6 +327,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         sS += keep ? loss : 0.0f;
         sN += keep ? 1.0f : 0.0f;
         dst_slope[i - b0] = keep ? slope : 0.0f;
+        dst_loss[i - b0] = keep ? loss : ignored_loss;
       }
     }
     dI += sI; dP += sP; dG += sG; dS += sS; dN += sN; dBad += bad; dBadX += badx;
@@ -427,6 +446,9 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   if (PIXEL != kPixelNone) {
     const float* alpha = a.class_alpha;
     const bool has_alpha = a.has_alpha != 0;
+    float scratch_loss[kClassChunk];
+    float* lo = a.loss ? a.loss + sample * a.m + begin : scratch_loss;
+    const float ignored_loss = as_float(kNegInfBits);
 #pragma omp simd reduction(+ : sS, sN)
     for (int64_t j = 0; j < len; ++j) {
       const float b = LOGITS ? s.lse[j] - s.xt[j] : -clamped_log(s.xt[j]);
@@ -434,9 +456,11 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       float factor = focal_factor<PIXEL>(b, gamma) * w;
       if (!LOGITS) factor = -factor * clamped_log_slope(s.xt[j]);
       const bool kept = s.keep[j] != 0.0f;
-      sS += kept ? focal_loss<PIXEL>(b, gamma) * w : 0.0f;
+      const float loss = focal_loss<PIXEL>(b, gamma) * w;
+      sS += kept ? loss : 0.0f;
       sN += s.keep[j];
       coef[j] = kept ? factor : 0.0f;
+      lo[j] = kept ? loss : ignored_loss;
     }
   }
   float badx = 0;
@@ -563,7 +587,9 @@ static void run_binary(const Args& a) {
     }
     if (REGION) { a.region[3 * r] = I; a.region[3 * r + 1] = P; a.region[3 * r + 2] = G; }
   }
-  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; }
+  if (PIXEL != kPixelNone) {
+    a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
+  }
   a.check[0] = bad; a.check[1] = badx; a.check[2] = soft;
 }
 
@@ -598,7 +624,9 @@ static void run_multiclass(const Args& a) {
       S += q[0]; count += q[1]; bad += q[2]; badx += q[3];
     }
   }
-  if (PIXEL != kPixelNone) { a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; }
+  if (PIXEL != kPixelNone) {
+    a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
+  }
   a.check[0] = bad; a.check[1] = badx; a.check[2] = 0;
 }
 
@@ -659,13 +687,263 @@ static int dispatch(const Args* a, bool multiclass) {
   }
 }
 
+// ------------------------------------------------------------------------------ TopK
+// The n largest of the losses the forward pass saved, as dynloss._math.topk_mask selects
+// them: ties at the threshold taken by lowest flat index, NaN ranked with +inf above every
+// finite loss. Each loss maps to an unsigned rank key that orders as the losses do:
+//     key(v) = bits(v) + 1 for v >= 0 (-0 read as +0), key(NaN) = key(+inf), key(v < 0) = 0.
+// Kept losses are >= 0 for valid inputs (an invalid target may make one negative; the loss
+// is NaN then anyway), ignored ones were saved as -inf: key 0 ranks them below every kept
+// loss, and n never exceeds the kept count, so they are never selected.
+// Selection (no sort): a histogram of the keys' high 16 bits finds the bin holding the n-th
+// largest key (a bin spans 1/128 of an octave, so on ordinary data it holds few keys), one of
+// the next 8 bits of the keys in that bin narrows it, and one of the last 8 bits finds the
+// key T itself. Every key above T is selected, and of the keys equal to T the `need` of lowest
+// flat index: when not all are needed, a pass counts them per chunk, and the chunks take
+// them in flat order (at most one chunk takes only some, in order within it).
+// Histograms count exactly (integers), and the sum of the selected losses is formed per
+// chunk (float blocks of at most kBlock, a double per chunk, chunks added in order), so the
+// result is bitwise the same for any number of threads.
+
+constexpr int64_t kCopies = 4;  // interleaved histograms per group
+constexpr uint32_t kNanKey = 0x7f800001u;  // key(+inf) = key(NaN)
+
+DL_INLINE uint32_t rank_key(float v) {
+  const uint32_t bits = as_bits(v + 0.0f);  // -0 + 0 = +0
+  return v >= 0.0f ? bits + 1u : (v == v ? 0u : kNanKey);
+}
+
+// The losses as rows x length (flat order), each with `classes` slopes at stride `length`
+// in the saved slope buffer: binary/multilabel one row of N*C*M, one slope each;
+// multiclass N rows of M pixels, C slopes each.
+struct TopKLayout {
+  int64_t rows, length, classes, chunks, tasks;
+  TopKLayout(int64_t r, int64_t len, int64_t c)
+      : rows(r), length(len), classes(c), chunks((len + kChunk - 1) / kChunk),
+        tasks(r * ((len + kChunk - 1) / kChunk)) {}
+  int64_t begin(int64_t k) const { return (k % chunks) * kChunk; }
+  int64_t end(int64_t k) const {
+    const int64_t b = begin(k) + kChunk;
+    return b < length ? b : length;
+  }
+  int64_t row(int64_t k) const { return k / chunks; }
+};
+
+// body(group, first, last) for the tasks [first, last) of each group: the tasks cut into
+// `groups` contiguous runs, each on its own thread (a group's histogram needs no atomics, and
+// the groups' integer counts add up exactly whatever the split).
+template <typename Body>
+static void for_each_group(const TopKLayout& s, int64_t groups, const Body& body) {
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(groups)) if (groups > 1)
+  for (int64_t g = 0; g < groups; ++g) body(g, s.tasks * g / groups, s.tasks * (g + 1) / groups);
+}
+
+// Counts of the digits (key >> shift) & (2^width - 1) of the keys whose bits above the digit
+// equal `prefix` (every key when prefix < 0), into hist[0..2^width). Each group counts in
+// kCopies interleaved uint32 histograms, so that a run of equal keys (a constant region, a
+// network at initialisation) is not one chain of increments of the same counter, and adds
+// them into its int64 totals before a count could overflow.
+static void digit_histogram(const Args& a, const TopKLayout& s, int64_t groups, int shift,
+                            int width, int64_t prefix, std::vector<int64_t>& hist) {
+  const int64_t bins = int64_t{1} << width;
+  const uint32_t mask = static_cast<uint32_t>(bins - 1);
+  const int top = shift + width;  // < 32 whenever a prefix is given
+  const uint32_t want = static_cast<uint32_t>(prefix);
+  // uninitialised: each group zeroes its own part, in parallel
+  std::unique_ptr<uint32_t[]> copies(new uint32_t[static_cast<size_t>(groups * kCopies * bins)]);
+  std::unique_ptr<int64_t[]> totals(new int64_t[static_cast<size_t>(groups * bins)]);
+  for_each_group(s, groups, [&](int64_t g, int64_t first, int64_t last) {
+    uint32_t* c = &copies[static_cast<size_t>(g * kCopies * bins)];
+    int64_t* total = &totals[static_cast<size_t>(g * bins)];
+    std::memset(c, 0, static_cast<size_t>(kCopies * bins) * sizeof(uint32_t));
+    std::memset(total, 0, static_cast<size_t>(bins) * sizeof(int64_t));
+    int64_t pending = 0;  // counted since the last flush into the totals
+    auto flush = [&]() {
+      for (int64_t j = 0; j < kCopies; ++j) {
+        for (int64_t b = 0; b < bins; ++b) { total[b] += c[j * bins + b]; c[j * bins + b] = 0; }
+      }
+      pending = 0;
+    };
+    uint32_t keys[kBlock], digits[kBlock];
+    for (int64_t k = first; k < last; ++k) {
+      const float* loss = a.loss + s.row(k) * s.length;
+      for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
+        const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
+        int64_t len = b1 - b0;
+        if (prefix < 0) {
+#pragma omp simd
+          for (int64_t i = b0; i < b1; ++i) digits[i - b0] = (rank_key(loss[i]) >> shift) & mask;
+        } else {  // the keys in the threshold's bin, usually few: skip blocks without one
+          float hits = 0;
+#pragma omp simd reduction(+ : hits)
+          for (int64_t i = b0; i < b1; ++i) {
+            keys[i - b0] = rank_key(loss[i]);
+            hits += (keys[i - b0] >> top) == want ? 1.0f : 0.0f;
+          }
+          if (hits == 0.0f) continue;
+          len = 0;
+          for (int64_t i = 0; i < b1 - b0; ++i) {  // compress them (branch-free)
+            digits[len] = (keys[i] >> shift) & mask;
+            len += (keys[i] >> top) == want ? 1 : 0;
+          }
+        }
+        if (pending > int64_t{0xffffffff} - kBlock) flush();
+        pending += len;
+        int64_t i = 0;
+        for (; i + kCopies <= len; i += kCopies) {
+          ++c[digits[i]];
+          ++c[bins + digits[i + 1]];
+          ++c[2 * bins + digits[i + 2]];
+          ++c[3 * bins + digits[i + 3]];
+        }
+        for (; i < len; ++i) ++c[digits[i]];
+      }
+    }
+    flush();
+  });
+  hist.assign(static_cast<size_t>(bins), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t b = 0; b < bins; ++b) hist[b] += totals[static_cast<size_t>(g * bins + b)];
+  }
+}
+
+// The highest bin b at which `above` plus the counts of bins >= b reach n (n > above);
+// `above` becomes the count of the bins above b.
+static int64_t bin_of_nth(const std::vector<int64_t>& hist, int64_t n, int64_t& above) {
+  for (int64_t b = static_cast<int64_t>(hist.size()) - 1; b > 0; --b) {
+    if (above + hist[b] >= n) return b;
+    above += hist[b];
+  }
+  return 0;
+}
+
+// One chunk of the final pass: selects key > T, and key == T for the first `take` such
+// keys in flat order (take < 0: all of them); returns the sum of the selected losses and
+// zeroes the slopes of the others.
+static double select_chunk(const Args& a, const TopKLayout& s, int64_t k, uint32_t threshold,
+                           int64_t take) {
+  const int64_t row = s.row(k);
+  const float* loss = a.loss + row * s.length;
+  float* slope = a.slope ? a.slope + row * s.classes * s.length : nullptr;
+  float chosen[kBlock];  // 1 selected, 0 not
+  double total = 0;
+  int64_t taken = 0;
+  const bool all_ties = take < 0;
+  for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
+    if (all_ties || take == 0) {
+#pragma omp simd
+      for (int64_t i = b0; i < b1; ++i) {
+        const uint32_t key = rank_key(loss[i]);
+        const bool on = all_ties ? key >= threshold : key > threshold;
+        chosen[i - b0] = on ? 1.0f : 0.0f;
+      }
+    } else {  // the one chunk whose ties are taken in part: in flat order
+      for (int64_t i = b0; i < b1; ++i) {
+        const uint32_t key = rank_key(loss[i]);
+        bool on = key > threshold;
+        if (key == threshold && taken < take) { on = true; ++taken; }
+        chosen[i - b0] = on ? 1.0f : 0.0f;
+      }
+    }
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = b0; i < b1; ++i) sum += chosen[i - b0] != 0.0f ? loss[i] : 0.0f;
+    total += sum;
+    for (int64_t c = 0; slope && c < s.classes; ++c) {
+      float* sc = slope + c * s.length;
+#pragma omp simd
+      for (int64_t i = b0; i < b1; ++i) sc[i] = chosen[i - b0] != 0.0f ? sc[i] : 0.0f;
+    }
+  }
+  return total;
+}
+
+static void topk_select(const Args& a, const TopKLayout& s) {
+  const int64_t elements = s.rows * s.length;
+  const int64_t n = a.topk;
+  const bool parallel = s.tasks > 1 && elements >= kParallelMin;
+  const int64_t groups = parallel ? (a.threads < s.tasks ? a.threads : s.tasks) : 1;
+  // the threshold key T, and per chunk how many of its keys equal to T are selected (-1: all)
+  uint32_t threshold = 0;
+  std::vector<int64_t> take(static_cast<size_t>(s.tasks), -1);
+  if (n <= 0) {  // nothing selected: no key is above this one, and no tie is taken
+    threshold = 0xffffffffu;
+    take.assign(static_cast<size_t>(s.tasks), 0);
+  } else if (n < elements) {
+    std::vector<int64_t> hist;
+    int64_t above = 0, prefix = -1;
+    // digits: key bits 30..16 (bit 31 is 0 in every key), 15..8, 7..0
+    constexpr int kShifts[3] = {16, 8, 0};
+    constexpr int kWidths[3] = {15, 8, 8};
+    for (int pass = 0; pass < 3; ++pass) {
+      digit_histogram(a, s, groups, kShifts[pass], kWidths[pass], prefix, hist);
+      const int64_t digit = bin_of_nth(hist, n, above);
+      prefix = (prefix < 0 ? 0 : prefix << kWidths[pass]) | digit;
+    }
+    threshold = static_cast<uint32_t>(prefix);
+    const int64_t need = n - above;  // 1 <= need <= hist[T's last digit]: keys equal to T
+    if (need < hist[static_cast<size_t>(threshold & 0xffu)]) {  // ties taken in part: per chunk
+      std::vector<int64_t> ties(static_cast<size_t>(s.tasks), 0);
+      for_each_chunk(a, s.rows, s.length, kChunk, elements,
+                     [&](int64_t k, int64_t, int64_t, int64_t) {
+        const float* loss = a.loss + s.row(k) * s.length;
+        int64_t count = 0;
+        for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
+          const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
+          float equal = 0;  // exact: a block holds at most kBlock < 2^24 elements
+#pragma omp simd reduction(+ : equal)
+          for (int64_t i = b0; i < b1; ++i) equal += rank_key(loss[i]) == threshold ? 1.0f : 0.0f;
+          count += static_cast<int64_t>(equal);
+        }
+        ties[static_cast<size_t>(k)] = count;
+      });
+      int64_t left = need;
+      for (int64_t k = 0; k < s.tasks; ++k) {
+        const int64_t t = ties[static_cast<size_t>(k)];
+        take[static_cast<size_t>(k)] = left >= t ? -1 : left;
+        left = left >= t ? left - t : 0;
+      }
+    }
+  }  // else every element is selected: threshold 0, all ties
+  std::vector<double> part(static_cast<size_t>(s.tasks), 0.0);
+  for_each_chunk(a, s.rows, s.length, kChunk, elements,
+                 [&](int64_t k, int64_t, int64_t, int64_t) {
+    part[static_cast<size_t>(k)] = select_chunk(a, s, k, threshold,
+                                                take[static_cast<size_t>(k)]);
+  });
+  double total = 0;
+  for (int64_t k = 0; k < s.tasks; ++k) total += part[static_cast<size_t>(k)];
+  a.pixel_out[0] = total;
+}
+
+static int topk_entry(const Args* a, bool multiclass) {
+  if (a == nullptr || a->n < 0 || a->c < 1 || a->m < 0 || a->threads < 1 || a->topk < 0 ||
+      a->pixel_out == nullptr) {
+    return 2;
+  }
+  const TopKLayout s = multiclass ? TopKLayout(a->n, a->m, a->c)
+                                  : TopKLayout(1, a->n * a->c * a->m, 1);
+  const int64_t elements = s.rows * s.length;
+  if (a->topk > elements || (a->loss == nullptr && elements > 0)) return 2;
+  try {
+    topk_select(*a, s);
+  } catch (const std::bad_alloc&) {
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 5; }  // bump with struct Args
+int dynloss_abi_version() { return 6; }  // bump with struct Args
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }
 int dynloss_multiclass_backward(const Args* a) { return dispatch<true>(a, true); }
+// TopK: select a.topk of the losses a forward pass saved in a.loss (see topk_select)
+int dynloss_binary_topk(const Args* a) { return topk_entry(a, false); }
+int dynloss_multiclass_topk(const Args* a) { return topk_entry(a, true); }
 }
