@@ -129,11 +129,12 @@ DL_INLINE float log_f(float x) {
   return r + ef * 0.693359375f;
 }
 
-// log(1 + y) for y in [0, 1], to full relative precision at tiny y.
-DL_INLINE float log1p_f(float y) {
-  float u = 1.0f + y;
-  float d = u - 1.0f;
-  return d == 0.0f ? y : log_f(u) * (y / d);
+// log(1 + y) for y in [0, 1] given inv = 1 / (1 + y) (which the caller has: the sigmoid),
+// to full relative precision at tiny y: log(u) of the rounded u = 1 + y, corrected by the
+// rounding error (y - (u - 1)) / u to first order; no division.
+DL_INLINE float log1p_f(float y, float inv) {
+  const float u = 1.0f + y;
+  return log_f(u) + (y - (u - 1.0f)) * inv;
 }
 
 // 1 - e^{-b} for b >= 0, without cancellation at small b; also returns e^{-b}.
@@ -227,23 +228,21 @@ struct Args {
   int64_t topk;
 };
 
-// focal slope factor d/db (q^gamma b) = q^gamma (1 + gamma e b / q), b/q -> 1 at q = 0
+// The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
+// slope factor d/db (q^gamma b) = q^gamma (1 + gamma e^{-b} b / q) (b/q -> 1 at q = 0; 1 for
+// BCE), sharing one exponential and one power.
 template <int PIXEL>
-DL_INLINE float focal_factor(float b, float gamma) {
-  if (PIXEL == kPixelBce) return 1.0f;
+DL_INLINE float focal_terms(float b, float gamma, float& factor) {
+  if (PIXEL == kPixelBce) {
+    factor = 1.0f;
+    return b;
+  }
   float eb;
   const float q = one_minus_exp_neg(b, eb);
+  const float power = focal_power<PIXEL>(q, gamma);
   const float ratio = q > 0.0f ? b / q : 1.0f;
-  return focal_power<PIXEL>(q, gamma) * (1.0f + gamma * eb * ratio);
-}
-
-// focal loss q^gamma b (b itself for BCE)
-template <int PIXEL>
-DL_INLINE float focal_loss(float b, float gamma) {
-  if (PIXEL == kPixelBce) return b;
-  float eb;
-  const float q = one_minus_exp_neg(b, eb);
-  return focal_power<PIXEL>(q, gamma) * b;
+  factor = power * (1.0f + gamma * eb * ratio);
+  return power * b;
 }
 
 constexpr int kPartBinary = 8;  // I P G S count badT badX soft
@@ -292,12 +291,12 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       // loss NaN (counted here, applied by the caller)
       const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax) : ((xv >= 0.0f) & (xv <= 1.0f));
       badx += (keep & !valid_x) ? 1.0f : 0.0f;
-      float p, e = 0.0f, pq = 1.0f;  // pq: p (1 - p) = dp/dx from logits
+      float p, e = 0.0f, pq = 1.0f, inv = 1.0f;  // pq: p (1 - p) = dp/dx from logits
       if (LOGITS) {
         // region sums only need p: probabilities below 2^-126 may be flushed to 0 there;
         // the cross-entropy keeps them (softplus(-90) must keep its digits)
         e = PIXEL == kPixelNone ? exp_nonpositive(-abs_f(xv)) : exp_f(-abs_f(xv));
-        const float inv = 1.0f / (1.0f + e);
+        inv = 1.0f / (1.0f + e);
         const float small = e * inv;  // min(p, 1 - p)
         p = xv >= 0.0f ? inv : small;
         pq = small * inv;  // no cancellation in 1 - p near p = 1
@@ -315,15 +314,16 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       if (PIXEL != kPixelNone) {
         float b, slope;
         if (LOGITS) {
-          b = (max_f(xv, 0.0f) - xv * g) + log1p_f(e);
+          b = (max_f(xv, 0.0f) - xv * g) + log1p_f(e, inv);
           slope = p - g;
         } else {
           b = -(g * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p));
           slope = (1.0f - g) * clamped_log_slope(1.0f - p) - g * clamped_log_slope(p);
         }
         const float w = g * w1 + w0;
-        const float loss = focal_loss<PIXEL>(b, gamma) * w;
-        slope = slope * (focal_factor<PIXEL>(b, gamma) * w);
+        float factor;
+        const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
+        slope = slope * (factor * w);
         sS += keep ? loss : 0.0f;
         sN += keep ? 1.0f : 0.0f;
         dst_slope[i - b0] = keep ? slope : 0.0f;
@@ -453,10 +453,11 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
     for (int64_t j = 0; j < len; ++j) {
       const float b = LOGITS ? s.lse[j] - s.xt[j] : -clamped_log(s.xt[j]);
       const float w = has_alpha ? alpha[s.cls[j]] : 1.0f;
-      float factor = focal_factor<PIXEL>(b, gamma) * w;
+      float factor;
+      const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
+      factor *= w;
       if (!LOGITS) factor = -factor * clamped_log_slope(s.xt[j]);
       const bool kept = s.keep[j] != 0.0f;
-      const float loss = focal_loss<PIXEL>(b, gamma) * w;
       sS += kept ? loss : 0.0f;
       sN += s.keep[j];
       coef[j] = kept ? factor : 0.0f;
