@@ -110,10 +110,10 @@ def _ignore_one_pixel(mode: str, x: torch.Tensor, target: torch.Tensor, value: f
 # kernels (native_cpu.cpp, not ours to edit) still sum the probability of an ignored pixel.
 NATIVE_SUMS_IGNORED_NAN = pytest.mark.xfail(
     strict=True,
-    reason="native_cpu.cpp: the region sums (I, P) take sigmoid/softmax of an ignored "
-           "pixel's logits and mask them by multiplication, so a NaN logit in an ignored "
-           "pixel (or +-inf in all of a multiclass pixel's logits) makes Dice/IoU/Tversky "
-           "and the fused Dice+BCE NaN; BCE/Focal are fine",
+    reason="native_cpu.cpp: the region sums (I, P) mask an ignored pixel's probability by "
+           "multiplying it by 0, so a NaN there (a NaN logit or probability, or +-inf in all "
+           "of a multiclass pixel's logits) makes Dice/IoU/Tversky and the fused Dice+BCE NaN; "
+           "BCE/Focal are fine",
 )
 
 
@@ -125,13 +125,13 @@ NATIVE_SLOPE_IGNORED_NAN = pytest.mark.xfail(
 )
 
 
-def _native_xfail(name: str, mode: str, backend: str, nan: bool = True):
+def _native_xfail(name: str, mode: str, backend: str, nan: bool = True, logits: bool = True):
     if backend != "native":
         return []
     # inf in every logit of a pixel: its softmax is NaN too (a sigmoid of inf is finite)
     if name in (*REGION_NAMES, "composite") and (nan or mode == "multiclass"):
         return [NATIVE_SUMS_IGNORED_NAN]
-    if mode == "multiclass" and name in ("focal", "bce"):
+    if logits and mode == "multiclass" and name in ("focal", "bce"):
         return [NATIVE_SLOPE_IGNORED_NAN]
     return []
 
@@ -169,6 +169,32 @@ def test_inf_in_an_ignored_pixel_changes_nothing(name, mode, backend, bad):
     got, got_grad = loss_and_grad(loss_fn, inf_x, ignored)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "backend"),
+    [pytest.param(n, m, b, marks=_native_xfail(n, m, b, logits=False))
+     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+)
+def test_bad_probability_in_an_ignored_pixel_changes_nothing(name, mode, backend):
+    """Checked eagerly (the CPU default) or not, as for logits: an ignored pixel's input
+    is not looked at (the eager check read every input, ignored or not)."""
+    x, target = seeded_case(mode, (2, 3, 5), seed=13)
+    p = x.softmax(1) if mode == "multiclass" else x.sigmoid()
+    clean_p, ignored = _ignore_one_pixel(mode, p, target, 0.25)
+    for bad, check in ((math.nan, None), (-0.5, None), (1.5, False)):  # None: checked
+        bad_p, _ = _ignore_one_pixel(mode, p, target, bad)
+        loss_fn = make_loss(name, mode, backend, ignore_index=255, from_logits=False,
+                            check_values=check)
+        want, want_grad = loss_and_grad(loss_fn, clean_p, ignored)
+        got, got_grad = loss_and_grad(loss_fn, bad_p, ignored)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{bad} {check}")
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0, msg=f"{bad} {check}")
+    # a kept pixel's bad probability is still an error
+    p[1, :, 0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"input must hold probabilities in \[0, 1\] when "
+                                         r"from_logits=False; got values from .* to 1\.5"):
+        make_loss(name, mode, backend, ignore_index=255, from_logits=False)(p, ignored)
 
 
 # --------------------------------------------------------------------------- empty and ignored
