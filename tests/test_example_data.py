@@ -33,7 +33,11 @@ def test_phantom_has_task10_layout(phantom):
     assert hu.dtype == np.int16 and hu.min() <= -900 and hu.max() >= 300
     labels = np.asarray(lab.dataobj)
     assert set(np.unique(labels)) == {0, 1}
-    assert 0 < (labels.sum((0, 1)) > 0).mean() < 0.35
+    # one tumour, on a run of max(2, round(10 % of the slices)) consecutive slices
+    tumour_slices = np.flatnonzero(labels.sum((0, 1)) > 0)
+    run = max(2, round(0.1 * labels.shape[2]))
+    np.testing.assert_array_equal(tumour_slices, np.arange(tumour_slices[0],
+                                                           tumour_slices[0] + run))
 
 
 def test_phantom_is_deterministic(tmp_path):
@@ -90,7 +94,11 @@ def test_slice_store_matches_direct_loading(phantom, tmp_path):
     at = counts[0]
     np.testing.assert_allclose(store.images[at : at + counts[1]], image, atol=1e-3)
     np.testing.assert_array_equal(store.masks[at : at + counts[1]], mask)
-    assert store.meta["n_tumour_slices"] == int(store.has_tumour.sum()) > 0
+    has_tumour = store.masks.reshape(len(store), -1).max(1) > 0
+    np.testing.assert_array_equal(store.has_tumour, has_tumour)
+    # every case's run of tumour slices survives the resize to 32 x 32
+    runs = [max(2, round(0.1 * n)) for n in counts]
+    assert store.meta["n_tumour_slices"] == int(store.has_tumour.sum()) == sum(runs)
     # reused, not rebuilt, when the parameters match
     mtime = (tmp_path / "store" / "images.npy").stat().st_mtime_ns
     again = data.build_slice_store(phantom, tmp_path / "store", size=32, progress=False)

@@ -69,11 +69,25 @@ def test_module_equals_functional():
 
 
 def test_losses_have_no_parameters_and_move_with_the_model():
+    """A loss holds no parameters, buffers or state, so a model that owns one keeps exactly
+    its own; ``model.to(float64)`` changes no setting of the loss, which then computes in
+    float64 from the model's float64 logits."""
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
-    model.loss = dynloss.DiceLoss()
-    assert list(dynloss.DiceLoss().parameters()) == []
+    model.loss = dynloss.DiceLoss(smooth=0.5)
+    assert [name for name, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+    assert list(model.loss.buffers()) == [] and model.loss.state_dict() == {}
+    settings = model.loss.hyperparameters()
     model.to(torch.float64)
-    assert model.loss.mode == "binary"
+    assert model.loss.hyperparameters() == settings
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+        model[0].bias.fill_(-1.0)
+    logits = model[0](torch.ones(1, 1, 2, 2, dtype=torch.float64))  # 2 * 1 - 1 = 1
+    loss = model.loss(logits, torch.ones(1, 1, 2, 2))
+    p, s = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64)), 0.5 + 1e-7
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, 1 - (2 * 4 * p + 2 * s) / (4 * p + 4 + 2 * s),
+                               rtol=1e-14, atol=0)
 
 
 def test_python_OO_imports_and_runs():

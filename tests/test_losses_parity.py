@@ -135,11 +135,14 @@ def test_smp_zeroes_empty_batches_and_we_do_not():
     p_sum = torch.sigmoid(torch.tensor(3.0)).item() * 32
     s = 1e-7
     assert ours.item() == pytest.approx(1 - 2 * s / (p_sum + 2 * s), rel=1e-6)
-    assert ours.item() > 0.999
-    # and with smoothing the false positives get a gradient that lowers the logits
+    # and with smoothing the false positives get a gradient that lowers the logits:
+    # d/dx_i (1 - 2s / (P + 2s)) = 2s / (P + 2s)^2 * p_i (1 - p_i), the same for every pixel
     x = logits.clone().requires_grad_()
     dynloss.DiceLoss(smooth=1.0)(x, target).backward()
-    assert (x.grad > 0).all()
+    p = torch.sigmoid(torch.tensor(3.0, dtype=torch.float64))
+    s = 1.0 + 1e-7
+    slope = 2 * s / (32 * p + 2 * s) ** 2 * p * (1 - p)
+    torch.testing.assert_close(x.grad, torch.full_like(x, slope.item()), rtol=1e-5, atol=0)
 
 
 def test_smp_keeps_ignored_pixels_in_bce_mean_and_we_do_not():

@@ -191,8 +191,22 @@ def _kept_target(layout: Layout, ignore_index: int | None) -> Tensor:
     return target if ignore_index is None else target[target != ignore_index]
 
 
+def _kept_input(layout: Layout, ignore_index: int | None) -> Tensor:
+    """The input's kept elements (all of ``x`` without ``ignore_index``), flattened."""
+    x = layout.x
+    if ignore_index is None:
+        return x
+    keep = layout.target != ignore_index
+    if layout.mode == MULTICLASS_MODE:  # (N, M) pixels -> (K, C) kept logits
+        return x.transpose(1, 2)[keep]
+    return x[keep]
+
+
 def check_values(layout: Layout, ignore_index: int | None, from_logits: bool) -> None:
-    """The eager value checks: raise a ``ValueError`` naming the range of bad values."""
+    """The eager value checks: raise a ``ValueError`` naming the range of bad values.
+
+    Like :func:`invalid_elements`, they look only at kept elements: an ignored pixel's target
+    and input (a NaN, a probability outside [0, 1]) are never read."""
     target = layout.target
     if target.numel() and target.dtype != torch.bool:
         kept = _kept_target(layout, ignore_index)
@@ -200,8 +214,10 @@ def check_values(layout: Layout, ignore_index: int | None, from_logits: bool) ->
             lo, hi = torch.aminmax(kept)
             raise_for_target_range(layout, ignore_index, lo.item(), hi.item())
     if not from_logits and layout.x.numel():
-        lo, hi = torch.aminmax(layout.x)
-        raise_for_probability_range(lo.item(), hi.item())
+        x = _kept_input(layout, ignore_index)
+        if x.numel():
+            lo, hi = torch.aminmax(x)
+            raise_for_probability_range(lo.item(), hi.item())
 
 
 def check_class_indices(layout: Layout, ignore_index: int | None) -> None:

@@ -47,24 +47,33 @@ def _class_index(layout: Layout, ignore_index: int | None, checked: bool
     return index, valid
 
 
+def _kept_input(x: Tensor, keep: Tensor | None) -> Tensor:
+    """``x`` with its ignored elements set to 0 (``keep``: broadcastable bool mask, None keeps
+    all): a NaN or infinite input there then reaches neither the loss nor the gradient (masking
+    after the sigmoid or softmax would leave ``0 * NaN`` in their backward)."""
+    return x if keep is None else torch.where(keep, x, 0.0)
+
+
 def region_sums(layout: Layout, from_logits: bool, ignore_index: int | None,
                 checked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(I, P, G)``, each ``(N, C)``, over the kept elements, as plain autograd code."""
     dtype = compute_dtype(layout.x.dtype)
-    p = _math.probabilities(layout.x.to(dtype), layout.mode, from_logits)
+    x = layout.x.to(dtype)
     if layout.mode == MULTICLASS_MODE:
         index, valid = _class_index(layout, ignore_index, checked)
         classes = torch.arange(layout.num_classes, device=index.device).view(1, -1, 1)
         g = (index.unsqueeze(1) == classes).to(dtype)
-        if valid is not None:
-            keep = valid.unsqueeze(1)
+        keep = None if valid is None else valid.unsqueeze(1)
+        p = _math.probabilities(_kept_input(x, keep), layout.mode, from_logits)
+        if keep is not None:
             g = g * keep
             p = torch.where(keep, p, 0.0)
     else:
         target = layout.target
         g = target.to(dtype)
-        if ignore_index is not None:
-            keep = target != ignore_index
+        keep = None if ignore_index is None else target != ignore_index
+        p = _math.probabilities(_kept_input(x, keep), layout.mode, from_logits)
+        if keep is not None:
             g = torch.where(keep, g, 0.0)
             p = torch.where(keep, p, 0.0)
     return (p * g).sum(-1), p.sum(-1), g.sum(-1)
@@ -104,6 +113,7 @@ def distribution_terms(layout: Layout, params: DistributionParams, checked: bool
     weight: Tensor | None = None
     if layout.mode == MULTICLASS_MODE:
         index, valid = _class_index(layout, params.ignore_index, checked)
+        x = _kept_input(x, None if valid is None else valid.unsqueeze(1))
         b = _math.pixel_cross_entropy(x, index, params.from_logits)
         if params.alpha is not None:
             table = torch.as_tensor(params.alpha, dtype=dtype, device=index.device)
@@ -114,7 +124,7 @@ def distribution_terms(layout: Layout, params: DistributionParams, checked: bool
         g = target.to(dtype)
         if valid is not None:
             g = torch.where(valid, g, 0.0)
-        b = _math.elementwise_bce(x, g, params.from_logits)
+        b = _math.elementwise_bce(_kept_input(x, valid), g, params.from_logits)
         if params.alpha is not None:
             assert isinstance(params.alpha, float)
             weight = _math.positive_weight(g, params.alpha)

@@ -102,7 +102,7 @@ def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
         target_sum = torch.bincount(flat.reshape(-1), minlength=n * c).view(n, c).to(p.dtype)
     else:
         weight = valid.to(p.dtype)
-        picked = picked * weight
+        picked = torch.where(valid, picked, 0.0)  # not * weight: an ignored NaN stays out
         prediction_sum = torch.einsum("ncm,nm->nc", torch.where(valid.unsqueeze(1), p, 0.0),
                                       weight)
         target_sum = p.new_zeros(n, c).scatter_add_(1, index, weight)
@@ -238,11 +238,11 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
         weight = torch.as_tensor(params.alpha, dtype=dtype, device=x.device)[index]
         loss.mul_(weight)
         coefficient = weight if coefficient is None else coefficient.mul_(weight)
-    if valid is not None:
-        loss.masked_fill_(~valid, 0)
-        coefficient = valid.to(dtype) if coefficient is None else coefficient.mul_(valid)
     if coefficient is not None:
         slope.mul_(coefficient.unsqueeze(1))
+    if valid is not None:  # filled, not multiplied by 0: an ignored NaN or inf stays out
+        loss.masked_fill_(~valid, 0)
+        slope.masked_fill_(~valid.unsqueeze(1), 0)
     return loss, slope, valid
 
 

@@ -11,12 +11,14 @@ so a new version or another machine gets its own build. What makes it safe to sh
 * **Messages.** One line (on the ``dynloss`` logger, which prints warnings to stderr by
   default) when a build starts, one with the time it took, and one while waiting for another
   process's build.
-* **A compiler timeout** (``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` seconds, default 300).
+* **A compiler timeout** (``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` seconds, default 300; the
+  ``--version`` probe gets at most 60 s). A compiler that runs past it is killed with every
+  process it started, and no other way to build is tried (each would wait as long again).
 * **Verified cache.** Beside the library a ``.sha256`` file holds its checksum, written after
   a complete build; a library whose checksum does not match (truncated, zeroed, half-written
   by a crash) or whose ABI version differs is deleted and rebuilt, never loaded.
 * **Failures remembered.** A failed build leaves a ``.failed`` note; for 60 seconds other
-  processes report the same failure instead of compiling again.
+  processes report the same failure (saying so) instead of compiling again.
 * **One OpenMP runtime.** The kernels link against the OpenMP runtime that torch has already
   loaded into the process (found in ``/proc/self/maps``), not the system's, so there is one
   thread pool. Where that is not possible the system runtime is used, then
@@ -41,6 +43,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -188,31 +191,70 @@ def _locked(lock: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _recent_failure(note: Path) -> str | None:
+class BuildTimeout(RuntimeError):
+    """The compiler ran past ``$DYNLOSS_NATIVE_BUILD_TIMEOUT``: no other plan is tried."""
+
+
+def _raise_recent_failure(note: Path) -> None:
+    """Raise the failure that ``note`` remembers, if it is younger than
+    :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale)."""
     try:
         data = json.loads(note.read_text())
-        if time.time() - float(data["time"]) < FAILURE_MEMORY_SECONDS:
-            return str(data["message"])
+        age = time.time() - float(data["time"])
+        message = str(data["message"])
+        timed_out = bool(data.get("timeout", False))
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+        return
+    if 0 <= age < FAILURE_MEMORY_SECONDS:
+        error = BuildTimeout if timed_out else RuntimeError
+        raise error(f"{message} (a build {age:.0f} s ago failed; not retried for "
+                    f"{FAILURE_MEMORY_SECONDS:.0f} s)")
 
 
 def _timeout() -> float:
+    """``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` in seconds; 300 when unset or not a positive number."""
     try:
-        return float(os.environ.get("DYNLOSS_NATIVE_BUILD_TIMEOUT", "300"))
+        value = float(os.environ.get("DYNLOSS_NATIVE_BUILD_TIMEOUT", "300"))
     except ValueError:
         return 300.0
+    return value if 0 < value < float("inf") else 300.0
 
 
-def _run(command: list[str]) -> None:
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill ``process`` and everything it started (a compiler driver's cc1plus, as)."""
+    with contextlib.suppress(OSError):
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        process.kill()
+
+
+def _run(command: list[str], *, what: str | None = None, timeout: float | None = None,
+         check: bool = True) -> str:
+    """Run ``command`` in a process group of its own and return its stdout.
+
+    Raises:
+        BuildTimeout: it ran past ``timeout`` (default :func:`_timeout`); the group is killed.
+        RuntimeError: it failed (with ``check``); the message ends with its stderr.
+    """
+    what = what or command[0]
+    limit = _timeout() if timeout is None else timeout
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=_timeout())
-    except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{command[0]} did not finish within {error.timeout:.0f} s "
-                           "(DYNLOSS_NATIVE_BUILD_TIMEOUT)") from None
-    if result.returncode != 0:
-        raise RuntimeError(f"{command[0]} failed: {result.stderr.strip()[-2000:]}")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+    except OSError as error:
+        raise RuntimeError(f"{what} could not be started: {error}") from None
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            process.wait()
+            raise BuildTimeout(f"{what} did not finish within {limit:g} s "
+                               "(DYNLOSS_NATIVE_BUILD_TIMEOUT)") from None
+    if check and process.returncode != 0:
+        raise RuntimeError(f"{what} failed: {stderr.strip()[-2000:]}")
+    return stdout
 
 
 def _compile(cxx: str, plan: Plan, target: Path) -> None:
@@ -239,16 +281,12 @@ def _build(cxx: str, plan: Plan, version: str) -> Path:
     if verified(path):
         return path
     note = directory / f"native_cpu-{key}.failed"
-    failure = _recent_failure(note)
-    if failure is not None:
-        raise RuntimeError(failure)
+    _raise_recent_failure(note)
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory / f"native_cpu-{key}.lock"):
         if verified(path):  # another process built it while this one waited
             return path
-        failure = _recent_failure(note)
-        if failure is not None:
-            raise RuntimeError(failure)
+        _raise_recent_failure(note)
         _discard(path)  # a corrupt or unverified leftover
         _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine; "
                      "about 30 s) into %s", cxx, plan.label, directory)
@@ -256,9 +294,11 @@ def _build(cxx: str, plan: Plan, version: str) -> Path:
         try:
             _compile(cxx, plan, path)
         except (RuntimeError, OSError) as error:
+            timed_out = isinstance(error, BuildTimeout)
             with contextlib.suppress(OSError):
-                note.write_text(json.dumps({"time": time.time(), "message": str(error)}))
-            raise RuntimeError(str(error)) from None
+                note.write_text(json.dumps({"time": time.time(), "message": str(error),
+                                            "timeout": timed_out}))
+            raise (BuildTimeout if timed_out else RuntimeError)(str(error)) from None
         _LOG.warning("dynloss: compiled the native CPU kernels in %.1f s",
                      time.perf_counter() - start)
         with contextlib.suppress(OSError):
@@ -290,12 +330,14 @@ def _load() -> ctypes.CDLL:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
+    version = _run([cxx, "--version"], what=f"{cxx} --version",
+                   timeout=min(_timeout(), 60.0), check=False)
     errors = []
     for plan in plans():
         try:
             path = _build(cxx, plan, version)
+        except BuildTimeout:
+            raise  # the next plan would wait as long again
         except RuntimeError as error:
             errors.append(str(error))
             continue

@@ -1,0 +1,384 @@
+"""Every backend computes the reference's loss, in every use (issue #11).
+
+* a soft target that requires a gradient gets the reference's gradient on every
+  ``backend=`` (a named backend says once, with a RuntimeWarning, that the reference computes
+  such calls; ``"auto"`` says nothing);
+* a hypothesis property test over the available backends: NaN/±inf inputs, empty and soft
+  targets, ignored pixels, non-contiguous and channels-last inputs, target gradients and (on
+  a subset) second-order gradients, against the float64 reference;
+* the gaps a mutation pass found: the log clamp of BCE on probabilities, a Triton row cut in
+  several chunks with a partial last one at the default settings, tensors on another device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+import dynloss.functional as F
+from dynloss.kernels.dispatch import clear_cache
+
+from ._backends import (
+    BACKENDS,
+    FUSED,
+    LOSS_NAMES,
+    MODES,
+    REGION_NAMES,
+    channels,
+    make_loss,
+    seeded_case,
+)
+
+NAMED = ("torch", "native", "triton")
+
+
+# ---------------------------------------------------------------------------- target gradients
+def _with_target_grad(loss_fn, x: torch.Tensor, target: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    target = target.detach().clone().requires_grad_(True)
+    loss = loss_fn(x, target)
+    loss.backward()
+    return loss.detach(), x.grad, target.grad
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-kept", "ignore"])
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("backend", ["auto", *(b for b in NAMED if b in FUSED)])
+def test_soft_target_gets_the_reference_gradient(backend, name, mode, ignore):
+    x, target = seeded_case(mode, (2, 3, 4), seed=len(name), soft=True)
+    kwargs = {}
+    if ignore:
+        target[0, 0, 1] = 255.0
+        kwargs["ignore_index"] = 255
+    want = _with_target_grad(make_loss(name, mode, "reference", **kwargs), x, target)
+    assert want[2].abs().sum().item() != 0.0
+    if ignore:
+        assert (want[2][0, 0, 1] == 0).all()
+    clear_cache()  # forget earlier choices and warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _with_target_grad(make_loss(name, mode, backend, **kwargs), x, target)
+        second = _with_target_grad(make_loss(name, mode, backend, **kwargs), x, target)
+    for got in (first, second):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # the reference computed it
+    messages = [str(w.message) for w in caught]
+    if backend == "auto":
+        assert messages == []
+    else:
+        missing = "TopK" if backend == "native" and name == "topk" else (
+            "a gradient for the target")
+        assert messages == [f"dynloss: backend={backend!r} cannot compute {missing}; using "
+                            "the 'reference' backend for such calls"]
+        assert all(w.category is RuntimeWarning for w in caught)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_target_that_needs_no_gradient_here_keeps_the_kernels(name):
+    """Under ``torch.no_grad()`` a target that requires a gradient gets none: the kernels
+    compute the call (no warning) and give the reference's value."""
+    x, target = seeded_case("binary", (2, 3, 4), seed=3, soft=True)
+    target.requires_grad_(True)
+    want = make_loss(name, "binary", "reference")(x, target)
+    clear_cache()
+    for backend in FUSED:
+        with warnings.catch_warnings():
+            if not (backend == "native" and name == "topk"):
+                warnings.simplefilter("error")
+            with torch.no_grad():
+                got = make_loss(name, "binary", backend)(x, target)
+        torch.testing.assert_close(got, want.detach(), rtol=2e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- property test
+LAYOUTS = ("contiguous", "channels_last", "transposed", "strided")
+
+
+def _as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t`` (4-D), stored another way."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # H and W swapped in memory
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":  # every other element of a wider tensor
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+@st.composite
+def property_cases(draw):
+    mode = draw(st.sampled_from(MODES))
+    name = draw(st.sampled_from(LOSS_NAMES))
+    n, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    empty = draw(st.sampled_from([None] * 6 + ["samples", "height"]))
+    n, h = (0 if empty == "samples" else n), (0 if empty == "height" else h)
+    case = {
+        "mode": mode, "name": name, "shape": (n, h, w),
+        "seed": draw(st.integers(0, 2**16)),
+        "layout": draw(st.sampled_from(LAYOUTS)),
+        "soft": mode != "multiclass" and draw(st.booleans()),
+        "ignore": draw(st.booleans()),
+        "from_logits": draw(st.booleans()),
+        "bad": draw(st.sampled_from([None, None, "nan", "+inf", "-inf"])),
+        "bad_ignored": draw(st.booleans()),
+        "classes": draw(st.integers(2, 4)),
+    }
+    case["target_grad"] = case["soft"] and draw(st.booleans())
+    kwargs = {}
+    if name in REGION_NAMES:
+        kwargs["per_image"] = draw(st.booleans())
+        kwargs["smooth"] = draw(st.sampled_from([0.0, 1.0]))
+    if name == "focal":
+        kwargs["gamma"] = draw(st.sampled_from([0.5, 2.0, 3.0]))
+    if name == "topk":
+        kwargs["k"] = draw(st.sampled_from([0.1, 0.5, 1.0]))
+    if name != "composite":
+        kwargs["reduction"] = draw(st.sampled_from(["mean", "sum", "none"]))
+    case["kwargs"] = kwargs
+    return case
+
+
+def _build(case):
+    mode = case["mode"]
+    x, target = seeded_case(mode, case["shape"], seed=case["seed"], classes=case["classes"],
+                            soft=case["soft"], dtype=torch.float64, scale=3.0)
+    kwargs = dict(case["kwargs"], from_logits=case["from_logits"])
+    n, h, w = case["shape"]
+    if case["ignore"]:
+        kwargs["ignore_index"] = 255
+        if n * h * w:
+            keep = torch.rand((n, h, w), generator=torch.Generator().manual_seed(case["seed"]))
+            keep = keep > 0.3
+            keep.view(-1)[0] = False
+            target = (target.masked_fill(~keep, 255) if mode == "multiclass"
+                      else target.masked_fill(~keep.unsqueeze(1), 255.0))
+    if not case["from_logits"]:
+        x = x.softmax(1) if mode == "multiclass" else x.sigmoid()
+    # the float64 reference sees the float32 input's values exactly (else 1 - p of a p near 1
+    # differs by the rounding of p alone)
+    x = x.float().double()
+    if target.is_floating_point():
+        target = target.float().double()
+    bad_ignored = False
+    if case["bad"] is not None and n * h * w:
+        value = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}[case["bad"]]
+        at = (0, 0, 0, 0) if case["ignore"] and case["bad_ignored"] else (-1, 0, -1, -1)
+        x[at] = value  # the first pixel is ignored, the last one may be
+        label = target[at[0], at[2], at[3]] if mode == "multiclass" else target[at]
+        bad_ignored = case["ignore"] and label.item() == 255
+    return x, target, kwargs, bad_ignored
+
+
+def _run(name, mode, backend, kwargs, x, target, layout, target_grad, dtype):
+    x = _as_layout(x.detach().to(dtype, copy=True), layout).requires_grad_(True)
+    if target.is_floating_point():
+        target = _as_layout(target.detach().to(dtype, copy=True), layout)
+        target.requires_grad_(target_grad)
+    loss = make_loss(name, mode, backend, **kwargs)(x, target)
+    loss.sum().backward()
+    t_grad = target.grad if target_grad else None
+    return loss.detach(), x.grad, t_grad
+
+
+def _native_known_bug(case, bad_ignored: bool) -> bool:
+    """The native kernels' bugs that ``test_nan_semantics`` marks xfail: a non-finite input
+    in an ignored pixel (region sums; multiclass BCE/Focal gradient)."""
+    if not bad_ignored:
+        return False
+    if case["name"] in (*REGION_NAMES, "composite"):
+        return True
+    return case["mode"] == "multiclass" and case["from_logits"] and case["name"] != "topk"
+
+
+def _close(got, want, what):
+    scale = want[torch.isfinite(want)].abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5 * scale + 1e-6,
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@settings(max_examples=80)
+@given(case=property_cases())
+def test_property_every_backend_equals_the_reference(case):
+    name, mode = case["name"], case["mode"]
+    x, target, kwargs, bad_ignored = _build(case)
+    event(f"{'empty' if x.numel() == 0 else 'non-empty'}, bad={case['bad']}, "
+          f"ignore={case['ignore']}")
+    try:
+        want = _run(name, mode, "reference", kwargs, x, target, "contiguous",
+                    case["target_grad"], torch.float64)
+    except ValueError as error:  # a probability outside [0, 1] on the CPU: checked eagerly
+        assert not case["from_logits"] and case["bad"] is not None
+        for backend in FUSED:
+            with pytest.raises(ValueError, match="input must hold probabilities in"):
+                _run(name, mode, backend, kwargs, x, target, case["layout"], False,
+                     torch.float32)
+        assert "from_logits=False" in str(error)
+        return
+    for backend in FUSED:
+        if backend == "native" and _native_known_bug(case, bad_ignored):
+            continue
+        got = _run(name, mode, backend, kwargs, x, target, case["layout"],
+                   case["target_grad"], torch.float32)
+        assert got[0].shape == want[0].shape and got[0].dtype == torch.float32, backend
+        assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0])), backend
+        if torch.isfinite(want[0]).all():
+            _close(got[0], want[0], f"{backend} loss")
+            _close(got[1], want[1], f"{backend} input gradient")
+            if case["target_grad"]:
+                _close(got[2], want[2], f"{backend} target gradient")
+        else:  # NaN: the gradient says so too
+            assert torch.isnan(got[1]).any() == torch.isnan(want[1]).any(), backend
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@settings(max_examples=15)
+@given(case=property_cases())
+def test_property_second_order_equals_the_reference(case):
+    name, mode = case["name"], case["mode"]
+    case = dict(case, bad=None)  # finite inputs: the second-order terms are compared
+    x, target, kwargs, _ = _build(case)
+    if not case["from_logits"]:  # probabilities away from 0 and 1 (the log clamp)
+        x = x * 0.9 + 0.05 if mode != "multiclass" else x * 0.9 + 0.1 / x.shape[1]
+    results = []
+    for backend, dtype in (("reference", torch.float64), *((b, torch.float32) for b in FUSED)):
+        xb = _as_layout(x.detach().to(dtype, copy=True),
+                        case["layout"] if backend != "reference" else "contiguous")
+        xb.requires_grad_(True)
+        t = target.to(dtype) if target.is_floating_point() else target
+        loss = make_loss(name, mode, backend, **kwargs)(xb, t)
+        (g,) = torch.autograd.grad(loss.sum(), xb, create_graph=True)
+        v = torch.linspace(-1.0, 1.0, xb.numel(), dtype=dtype).view_as(xb)
+        if not g.requires_grad:  # an empty input: nothing depends on it
+            assert xb.numel() == 0
+            results.append((g, torch.zeros_like(xb)))
+            continue
+        (hvp,) = torch.autograd.grad((g * v).sum(), xb, allow_unused=True)
+        results.append((g.detach(), torch.zeros_like(xb) if hvp is None else hvp))
+    (want_g, want_hvp), *others = results
+    for backend, (g, hvp) in zip(FUSED, others, strict=True):
+        _close(g, want_g, f"{backend} gradient")
+        _close(hvp, want_hvp, f"{backend} Hessian-vector product")
+
+
+# -------------------------------------------------------------------- gaps a mutation pass found
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_bce_of_probabilities_clamps_the_log_at_minus_100_in_float64(backend):
+    """p = 1e-50 is representable in float64 and log(p) = -115.1: the loss is exactly the
+    clamp, 100, with no gradient; p = 1e-40 (log -92.1) is below the clamp."""
+    p = torch.tensor([[[1e-50, 1e-40]]], dtype=torch.float64, requires_grad=True)
+    loss = F.bce_loss(p, torch.ones(1, 1, 2, dtype=torch.float64), from_logits=False,
+                      reduction="none", backend="reference" if backend == "reference"
+                      else "auto")
+    assert loss[0, 0, 0].item() == 100.0
+    assert loss[0, 0, 1].item() == pytest.approx(40 * math.log(10), rel=1e-15)
+    mean = F.bce_loss(p[..., :1], torch.ones(1, 1, 1, dtype=torch.float64), from_logits=False,
+                      backend=backend)
+    assert mean.dtype == torch.float64 and mean.item() == 100.0
+    (grad,) = torch.autograd.grad(mean, p)
+    assert grad.tolist() == [[[0.0, 0.0]]]
+    # the same at 1 - p for a negative target: 1 - 1e-50 rounds to 1, log(0) is clamped
+    q = torch.tensor([[[1.0]]], dtype=torch.float64)
+    zero = torch.zeros(1, 1, 1, dtype=torch.float64)
+    assert F.bce_loss(q, zero, from_logits=False, backend=backend).item() == 100.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bce_of_probabilities_at_zero_and_subnormal_is_exactly_100_in_float32(backend):
+    p = torch.tensor([[[0.0, 1e-44, 1.0, 0.5]]], requires_grad=True)
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    loss = F.bce_loss(p[..., :3], target[..., :3], from_logits=False, backend=backend)
+    assert loss.item() == 100.0
+    (grad,) = torch.autograd.grad(loss, p)
+    assert grad.tolist() == [[[0.0, 0.0, 0.0, 0.0]]]
+
+
+triton_only = pytest.mark.skipif("triton" not in FUSED, reason="Triton cannot run here")
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_rows_in_several_chunks_with_a_partial_last_one(mode):
+    """At the default settings a row of 1500 pixels is cut in two chunks of 1024, the second
+    holding 476 (nothing forced: no monkeypatched block or program count)."""
+    from dynloss.kernels.triton import stream, topk
+
+    c = channels(mode)
+    block = stream.BLOCK_BINARY if mode != "multiclass" else stream.multiclass_block(c)[1]
+    assert stream.split_rows(c, 1500, block) == (2, 1024)
+    x, target = seeded_case(mode, (1, 1500), seed=21)
+    if mode == "multiclass":
+        target[0, -3:] = 255  # ignored pixels in the partial chunk
+    else:
+        target[0, :, -3:] = 255.0
+    for name, kwargs in (("dice", {}), ("tversky", {"per_image": True}), ("bce", {}),
+                         ("focal", {"gamma": 2.0}), ("composite", {})):
+        for ignore in (None, 255):
+            kwargs = dict(kwargs, ignore_index=ignore)
+            t = target if ignore is not None else target.masked_fill(target == 255, 0)
+            want = _run(name, mode, "reference", kwargs, x, t, "contiguous", False,
+                        torch.float64)
+            got = _run(name, mode, "triton", kwargs, x, t, "contiguous", False, torch.float32)
+            _close(got[0], want[0], f"{name} loss")
+            _close(got[1], want[1], f"{name} gradient")
+    # TopK: 5000 pixels are programs of 2048 elements (multiclass: 1024 pixels), the last
+    # one partial
+    x, target = seeded_case(mode, (1, 5000), seed=22)
+    programs = {"binary": 3, "multilabel": 8, "multiclass": 5}[mode]
+    assert topk._topk_geometry(x.view(1, c, -1), mode)[-1] == programs
+    want = _run("topk", mode, "reference", {"k": 0.3}, x, target, "contiguous", False,
+                torch.float64)
+    got = _run("topk", mode, "triton", {"k": 0.3}, x, target, "contiguous", False,
+               torch.float32)
+    _close(got[0], want[0], "topk loss")
+    _close(got[1], want[1], "topk gradient")
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_a_target_on_another_device_is_a_value_error(backend):
+    x = torch.zeros(2, 1, 3)
+    meta = torch.zeros(2, 1, 3, device="meta")
+    message = r"input and target must be on the same device; got cpu and meta"
+    for name in LOSS_NAMES:
+        with pytest.raises(ValueError, match=message):
+            make_loss(name, "binary", backend)(x, meta)
+        with pytest.raises(ValueError, match=r"same device; got meta and cpu"):
+            make_loss(name, "binary", backend)(meta, x)
+
+
+@pytest.mark.skipif("native" not in FUSED, reason="the native kernels are not built")
+def test_the_native_ffi_refuses_tensors_off_the_cpu():
+    from dynloss.kernels.native.ffi import native_forward
+
+    cpu, meta = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4, device="meta")
+    for x, t, where in ((meta, meta, "meta and target on meta"),
+                        (cpu, meta, "cpu and target on meta"),
+                        (meta, cpu, "meta and target on cpu")):
+        with pytest.raises(ValueError, match=f"the native kernels need CPU tensors; got input "
+                                             f"on {where}"):
+            native_forward(x, t, "binary", True, None, 0.0, None, True, False, True, False)
+    for backend in ("native", "triton"):  # named kernels on a meta tensor: why they cannot run
+        with pytest.raises(ValueError, match=rf"backend='{backend}' cannot run: it needs a "
+                                             r"(CPU|CUDA) tensor; got a tensor on meta"):
+            F.dice_loss(meta, meta, backend=backend)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="functional/_call.py _autocast_on: torch.is_autocast_enabled('meta') "
+                          "raises RuntimeError('unknown device type for autocast'), caught only "
+                          "as TypeError, so every loss on meta tensors fails (backend 'torch' "
+                          "and the reference claim any device)")
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_meta_tensors_give_a_meta_loss(backend):
+    meta = torch.zeros(2, 1, 3, device="meta")
+    loss = F.dice_loss(meta, meta, backend=backend)
+    assert loss.device.type == "meta" and loss.shape == ()

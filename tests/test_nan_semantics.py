@@ -1,0 +1,364 @@
+"""The documented semantics of bad and degenerate inputs, on every backend (issue #11).
+
+From ``dynloss/_layout.py`` and the functional docstrings:
+
+* NaN or ±inf in a kept input makes the loss NaN (and its gradient), on every backend, for
+  every loss (TopK too, however many elements are NaN); a NaN in an *ignored* pixel changes
+  nothing (neither the loss nor the gradient);
+* an empty batch, a zero-size spatial dimension or a target that is all ``ignore_index``
+  gives a loss of 0 (``"mean"`` and ``"sum"``) and a zero gradient; ``reduction="none"``
+  keeps its shapes;
+* invalid target values where the eager check does not run (``check_values=False``) make
+  the loss NaN; a multiclass index out of ``[0, C)`` is a ValueError on the CPU always;
+* ``ignore_index`` is an int in the int64 range (a bool is refused).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dynloss
+import dynloss.functional as F
+
+from ._backends import BACKENDS, LOSS_NAMES, MODES, REGION_NAMES, channels, make_loss, seeded_case
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # native TopK -> torch
+
+DISTRIBUTION_NAMES = ("focal", "bce", "topk")
+
+
+def loss_and_grad(loss_fn, x: torch.Tensor, target: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    loss = loss_fn(x, target)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def _element_mask(mode: str, x: torch.Tensor, where) -> torch.Tensor:
+    """Bool mask of the per-element loss's shape marking the elements of ``x[where]``."""
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[where] = True
+    return mask.any(1) if mode == "multiclass" else mask
+
+
+# ------------------------------------------------------------------------- non-finite inputs
+BAD_VALUES = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("bad", sorted(BAD_VALUES))
+def test_a_non_finite_logit_makes_the_loss_nan(bad, name, mode, backend):
+    x, target = seeded_case(mode, (2, 3, 5), seed=1)
+    x[1, 0, 2, 3] = BAD_VALUES[bad]
+    loss, grad = loss_and_grad(make_loss(name, mode, backend), x, target)
+    assert loss.shape == () and math.isnan(loss.item())
+    if name == "topk":
+        # the selection keeps the NaN element's gradient NaN (others may be unselected: 0)
+        assert torch.isnan(grad).any()
+        if bad == "nan":
+            assert torch.isnan(grad[1, 0, 2, 3])
+    else:
+        assert torch.isnan(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_ninety_percent_nan_logits(name, mode, backend):
+    x, target = seeded_case(mode, (2, 4, 5), seed=2)
+    nan = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < 0.9
+    x[nan] = math.nan
+    for reduction in (("mean",) if name == "composite" else ("mean", "sum")):
+        kwargs = {} if name == "composite" else {"reduction": reduction}
+        loss, grad = loss_and_grad(make_loss(name, mode, backend, **kwargs), x, target)
+        assert math.isnan(loss.item()), reduction
+        assert torch.isnan(grad).any()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", DISTRIBUTION_NAMES)
+def test_reduction_none_marks_exactly_the_bad_elements(name, mode):
+    """Per-element losses: NaN exactly where a kept input is not finite (the reference
+    computes ``reduction="none"`` for every backend)."""
+    x, target = seeded_case(mode, (2, 3, 5), seed=4)
+    x[0, 0, 1, 1], x[1, -1, 2, 4] = math.nan, math.inf
+    want = _element_mask(mode, x, (0, 0, 1, 1)) | _element_mask(mode, x, (1, -1, 2, 4))
+    for backend in BACKENDS:
+        loss = make_loss(name, mode, backend, reduction="none")(x, target)
+        assert torch.equal(torch.isnan(loss), want), backend
+        assert torch.isfinite(loss[~want]).all()
+
+
+def _ignore_one_pixel(mode: str, x: torch.Tensor, target: torch.Tensor, value: float):
+    """Mark pixel (0, 1, 2) ignored (255) and put ``value`` in all its logits."""
+    target = target.clone()
+    x = x.clone()
+    if mode == "multiclass":
+        target[0, 1, 2] = 255
+    else:
+        target[0, :, 1, 2] = 255
+    x[0, :, 1, 2] = value
+    return x, target
+
+
+# Found by these tests; fixed in kernels/reference.py and kernels/torch_backend.py. The native
+# kernels (native_cpu.cpp, not ours to edit) still sum the probability of an ignored pixel.
+NATIVE_SUMS_IGNORED_NAN = pytest.mark.xfail(
+    strict=True,
+    reason="native_cpu.cpp: the region sums (I, P) mask an ignored pixel's probability by "
+           "multiplying it by 0, so a NaN there (a NaN logit or probability, or +-inf in all "
+           "of a multiclass pixel's logits) makes Dice/IoU/Tversky and the fused Dice+BCE NaN; "
+           "BCE/Focal are fine",
+)
+
+
+NATIVE_SLOPE_IGNORED_NAN = pytest.mark.xfail(
+    strict=True,
+    reason="native_cpu.cpp: the multiclass BCE/Focal backward multiplies the saved softmax "
+           "slope of an ignored pixel by 0 instead of writing 0, so a NaN or infinite logit in "
+           "an ignored pixel gives that pixel a NaN gradient (the loss is right)",
+)
+
+
+def _native_xfail(name: str, mode: str, backend: str, nan: bool = True, logits: bool = True):
+    if backend != "native":
+        return []
+    # inf in every logit of a pixel: its softmax is NaN too (a sigmoid of inf is finite)
+    if name in (*REGION_NAMES, "composite") and (nan or mode == "multiclass"):
+        return [NATIVE_SUMS_IGNORED_NAN]
+    if logits and mode == "multiclass" and name in ("focal", "bce"):
+        return [NATIVE_SLOPE_IGNORED_NAN]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "backend"),
+    [pytest.param(n, m, b, marks=_native_xfail(n, m, b))
+     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+)
+def test_nan_in_an_ignored_pixel_changes_nothing(name, mode, backend):
+    x, target = seeded_case(mode, (2, 3, 5), seed=5)
+    clean_x, ignored = _ignore_one_pixel(mode, x, target, 0.0)
+    nan_x, _ = _ignore_one_pixel(mode, x, target, math.nan)
+    loss_fn = make_loss(name, mode, backend, ignore_index=255)
+    want, want_grad = loss_and_grad(loss_fn, clean_x, ignored)
+    got, got_grad = loss_and_grad(loss_fn, nan_x, ignored)
+    assert torch.isfinite(want) and torch.isfinite(want_grad).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+    assert (got_grad[0, :, 1, 2] == 0).all()
+
+
+@pytest.mark.parametrize("bad", ["+inf", "-inf"])
+@pytest.mark.parametrize(
+    ("name", "mode", "backend"),
+    [pytest.param(n, m, b, marks=_native_xfail(n, m, b, nan=False))
+     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+)
+def test_inf_in_an_ignored_pixel_changes_nothing(name, mode, backend, bad):
+    x, target = seeded_case(mode, (2, 3, 5), seed=6)
+    clean_x, ignored = _ignore_one_pixel(mode, x, target, 0.0)
+    inf_x, _ = _ignore_one_pixel(mode, x, target, BAD_VALUES[bad])
+    loss_fn = make_loss(name, mode, backend, ignore_index=255)
+    want, want_grad = loss_and_grad(loss_fn, clean_x, ignored)
+    got, got_grad = loss_and_grad(loss_fn, inf_x, ignored)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "backend"),
+    [pytest.param(n, m, b, marks=_native_xfail(n, m, b, logits=False))
+     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+)
+def test_bad_probability_in_an_ignored_pixel_changes_nothing(name, mode, backend):
+    """Checked eagerly (the CPU default) or not, as for logits: an ignored pixel's input
+    is not looked at (the eager check read every input, ignored or not)."""
+    x, target = seeded_case(mode, (2, 3, 5), seed=13)
+    p = x.softmax(1) if mode == "multiclass" else x.sigmoid()
+    clean_p, ignored = _ignore_one_pixel(mode, p, target, 0.25)
+    for bad, check in ((math.nan, None), (-0.5, None), (1.5, False)):  # None: checked
+        bad_p, _ = _ignore_one_pixel(mode, p, target, bad)
+        loss_fn = make_loss(name, mode, backend, ignore_index=255, from_logits=False,
+                            check_values=check)
+        want, want_grad = loss_and_grad(loss_fn, clean_p, ignored)
+        got, got_grad = loss_and_grad(loss_fn, bad_p, ignored)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{bad} {check}")
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0, msg=f"{bad} {check}")
+    # a kept pixel's bad probability is still an error
+    p[1, :, 0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"input must hold probabilities in \[0, 1\] when "
+                                         r"from_logits=False; got values from .* to 1\.5"):
+        make_loss(name, mode, backend, ignore_index=255, from_logits=False)(p, ignored)
+
+
+# --------------------------------------------------------------------------- empty and ignored
+EMPTY_SHAPES = {"no-samples": (0, 3, 4), "zero-height": (2, 0, 4), "zero-width": (2, 3, 0)}
+
+
+def _empty_case(mode: str, shape: tuple[int, ...]):
+    n, *spatial = shape
+    c = channels(mode)
+    x = torch.randn(n, c, *spatial)
+    target = (torch.zeros(n, *spatial, dtype=torch.long) if mode == "multiclass"
+              else torch.zeros(n, c, *spatial))
+    return x, target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", list(EMPTY_SHAPES.values()), ids=list(EMPTY_SHAPES))
+def test_empty_inputs_give_zero(shape, mode, backend):
+    x, target = _empty_case(mode, shape)
+    c = channels(mode)
+    n = shape[0]
+    for name in LOSS_NAMES:
+        reductions = ("mean",) if name == "composite" else ("mean", "sum", "none")
+        for reduction in reductions:
+            kwargs = {} if name == "composite" else {"reduction": reduction}
+            loss, grad = loss_and_grad(make_loss(name, mode, backend, **kwargs), x, target)
+            what = (name, reduction)
+            assert loss.dtype == torch.float32, what
+            assert grad.shape == x.shape and not grad.any(), what
+            if reduction != "none":
+                assert loss.shape == () and loss.item() == 0.0, what
+            elif name in REGION_NAMES:
+                assert loss.shape == (c,) and not loss.any(), what
+            else:  # per-element losses: the input's shape, (N, *spatial) in multiclass mode
+                assert loss.shape == (x.shape if mode != "multiclass"
+                                      else x.shape[:1] + x.shape[2:]), what
+        for name in REGION_NAMES:  # one score per sample and class
+            loss = make_loss(name, mode, backend, per_image=True, reduction="none")(x, target)
+            assert loss.shape == (n, c) and not loss.any(), name
+            for reduction in ("mean", "sum"):
+                loss = make_loss(name, mode, backend, per_image=True,
+                                 reduction=reduction)(x, target)
+                assert loss.item() == 0.0, (name, reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_everything_ignored_gives_zero(mode, backend):
+    x, _ = seeded_case(mode, (2, 3, 4), seed=7)
+    target = (torch.full((2, 3, 4), 255) if mode == "multiclass"
+              else torch.full(x.shape, 255.0))
+    for name in LOSS_NAMES:
+        reductions = ("mean",) if name == "composite" else ("mean", "sum")
+        for reduction in reductions:
+            kwargs = {} if name == "composite" else {"reduction": reduction}
+            loss_fn = make_loss(name, mode, backend, ignore_index=255, **kwargs)
+            loss, grad = loss_and_grad(loss_fn, x, target)
+            assert loss.item() == 0.0 and not grad.any(), (name, reduction)
+
+
+# ------------------------------------------------------------------- invalid values, no checks
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_target_out_of_range_without_checks_is_nan(name, mode, backend):
+    x, target = seeded_case(mode, (2, 3, 4), seed=8)
+    target[1, 0, 2, 1] = 3.0
+    loss, grad = loss_and_grad(make_loss(name, mode, backend, check_values=False), x, target)
+    assert math.isnan(loss.item())
+    assert torch.isnan(grad).any()
+    with pytest.raises(ValueError, match=rf"target values must lie in \[0, 1\] in "
+                                         rf"mode='{mode}'; got values from 0\.0 to 3\.0"):
+        make_loss(name, mode, backend, check_values=True)(x, target)
+    with pytest.raises(ValueError, match=r"got values from 0\.0 to 3\.0"):
+        make_loss(name, mode, backend)(x, target)  # the default checks CPU tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_probability_out_of_range_without_checks_is_nan(name, backend):
+    x, target = seeded_case("binary", (2, 3, 4), seed=9)
+    p = x.sigmoid()
+    p[0, 0, 1, 1] = 1.5
+    loss = make_loss(name, "binary", backend, from_logits=False, check_values=False)(p, target)
+    assert math.isnan(loss.item())
+    with pytest.raises(ValueError, match=r"input must hold probabilities in \[0, 1\] when "
+                                         r"from_logits=False; got values from .* to 1\.5"):
+        make_loss(name, "binary", backend, from_logits=False)(p, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("label", [255, -1, 3])
+def test_multiclass_label_out_of_range_is_an_error_on_the_cpu(label, name, backend):
+    x, target = seeded_case("multiclass", (2, 3, 4), seed=10)
+    target[1, 2, 0] = label
+    lo, hi = min(0, label), max(2, label)
+    message = (r"target class indices must lie in \[0, 3\) for an input with C=3 channels; "
+               rf"got values from {lo} to {hi}")
+    for check in (None, False, True):
+        with pytest.raises(ValueError, match=message):
+            make_loss(name, "multiclass", backend, check_values=check)(x, target)
+    # with another ignore_index the message names it
+    with pytest.raises(ValueError, match=r"or equal ignore_index=7; got values"):
+        make_loss(name, "multiclass", backend, ignore_index=7)(x, target)
+    # as the ignore_index it is no error: the loss of the other pixels
+    kept = torch.ones(target.shape, dtype=torch.bool)
+    kept[1, 2, 0] = False
+    loss = make_loss(name, "multiclass", backend, ignore_index=label)(x, target)
+    want = make_loss(name, "multiclass", "reference", ignore_index=label)(
+        x.double(), torch.where(kept, target, label))
+    torch.testing.assert_close(loss.double(), want, rtol=2e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- ignore_index
+FUNCTIONS = [F.dice_loss, F.iou_loss, F.jaccard_loss, F.tversky_loss, F.bce_loss, F.focal_loss,
+             F.topk_loss]
+CLASSES = sorted(set(dynloss.LOSSES.values()), key=lambda cls: cls.__name__)
+RANGE = r"ignore_index must lie in the int64 range \[-2\*\*63, 2\*\*63 - 1\]; got "
+
+
+@pytest.mark.parametrize("value", [2**64 + 1, 2**63, -(2**63) - 1])
+def test_ignore_index_outside_int64_is_a_value_error(value):
+    for cls in CLASSES:
+        with pytest.raises(ValueError, match=RANGE + str(value).replace("-", r"\-")):
+            cls(ignore_index=value)
+    x = torch.zeros(1, 1, 2)
+    for fn in FUNCTIONS:
+        with pytest.raises(ValueError, match=RANGE + str(value).replace("-", r"\-")):
+            fn(x, x, ignore_index=value)
+
+
+@pytest.mark.parametrize("value", [True, False, 255.0, "255"])
+def test_ignore_index_must_be_an_int(value):
+    message = (rf"ignore_index must be an int or None; got {type(value).__name__} "
+               rf"{value!r}".replace(".", r"\."))
+    for cls in CLASSES:
+        with pytest.raises(TypeError, match=message):
+            cls(ignore_index=value)
+        loss = cls()
+        loss.ignore_index = value  # checked again at the next call
+        with pytest.raises(TypeError, match=message):
+            loss(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
+    x = torch.zeros(1, 1, 2)
+    for fn in FUNCTIONS:
+        with pytest.raises(TypeError, match=message):
+            fn(x, x, ignore_index=value)
+
+
+def test_dice_ignore_index_true_is_a_type_error():
+    with pytest.raises(TypeError, match="ignore_index must be an int or None; got bool True"):
+        dynloss.DiceLoss(ignore_index=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [2**63 - 1, -(2**63)])
+def test_ignore_index_at_the_int64_limits_works(value, backend):
+    """The extremes of int64 are valid labels to ignore, on every backend."""
+    x, target = seeded_case("multiclass", (2, 3, 4), seed=12)
+    ignored = target.clone()
+    ignored[0] = value
+    for name in LOSS_NAMES:
+        want = make_loss(name, "multiclass", "reference")(x[1:], target[1:])
+        got = make_loss(name, "multiclass", backend, ignore_index=value)(x, ignored)
+        # sample 0 left out of every sum and mean: the loss of sample 1 alone
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6, msg=name)

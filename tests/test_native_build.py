@@ -1,0 +1,388 @@
+"""The native build (``kernels/native/build.py``) in fresh processes, each with a cache
+directory of its own (``DYNLOSS_CACHE_DIR``).
+
+One real compile is shared: four processes start together on an empty cache
+(:func:`concurrent_build`), a wrapper ``$CXX`` logs every compiler call, and the library they
+build is copied into the caches of the other tests. Those use fake compilers (shell scripts)
+that fail, hang, or hand out that library, so that each runs in a few seconds:
+
+* four processes compile once and all load the result; the start and finish lines appear
+  once on stderr;
+* a cached library that is truncated, zeroed or empty fails its checksum, is rebuilt and
+  loaded, and the process does not crash;
+* a compiler that hangs hits ``DYNLOSS_NATIVE_BUILD_TIMEOUT``: the build stops there (no other
+  plan waits as long again), its processes are killed, and the fallback says why;
+* a failed build is remembered for 60 s (no compiler call from the next process; the note
+  names the message);
+* ``backend="auto"`` warns once when the kernels cannot be built, not when they are disabled;
+* one OpenMP runtime is mapped in the process after the kernels ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import dynloss
+from dynloss.kernels.native import build
+
+SRC = str(Path(dynloss.__file__).resolve().parents[1])
+REAL_CXX = build.compiler()
+_REQUIRED = os.environ.get("DYNLOSS_REQUIRE_NATIVE") == "1"
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux builds only"),
+    pytest.mark.skipif(REAL_CXX is None and not _REQUIRED, reason="no C++ compiler"),
+]
+
+START = "dynloss: compiling the native CPU kernels with"
+FINISH = "dynloss: compiled the native CPU kernels in"
+WAITING = "dynloss: waiting for another process that is compiling the native CPU kernels"
+
+# A process that loads the kernels (or says why not), computes a loss with them and reports.
+REPORT = textwrap.dedent("""
+    import json, sys, time, warnings
+    start = time.perf_counter()
+    import torch
+    import dynloss.functional as F
+    from dynloss.kernels import native_status
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = native_status()
+        x = torch.linspace(-3, 3, 60).view(2, 1, 5, 6)
+        t = (torch.arange(60).view(2, 1, 5, 6) % 3 == 0).float()
+        auto = [F.dice_loss(x, t).item(), F.bce_loss(x, t).item(), F.dice_loss(x, t).item()]
+        native = F.dice_loss(x, t, backend="native").item() if status == "" else None
+    reference = F.dice_loss(x, t, backend="reference").item()
+    print(json.dumps({"status": status, "native": native, "reference": reference,
+                      "auto": auto, "seconds": time.perf_counter() - start,
+                      "warnings": [[w.category.__name__, str(w.message)] for w in caught]}))
+""")
+
+
+def _environment(cache: Path, cxx: Path | str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DYNLOSS_NATIVE", "DYNLOSS_NATIVE_BUILD_TIMEOUT", "CXX")}
+    env.update(PYTHONPATH=SRC, DYNLOSS_CACHE_DIR=str(cache), **extra)
+    if cxx is not None:
+        env["CXX"] = str(cxx)
+    return env
+
+
+def _start(cache: Path, cxx, code: str = REPORT, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], env=_environment(cache, cxx, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[dict, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1]), stderr
+
+
+def _report(cache: Path, cxx, **extra: str) -> tuple[dict, str]:
+    return _finish(_start(cache, cxx, **extra))
+
+
+def _script(path: Path, body: str) -> Path:
+    """An executable shell script (a fake or wrapping compiler) that logs every call."""
+    log = path.with_suffix(".log")
+    path.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n{textwrap.dedent(body)}')
+    path.chmod(0o755)
+    return path
+
+
+def _calls(script: Path) -> list[str]:
+    log = script.with_suffix(".log")
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _compiles(script: Path) -> list[str]:
+    return [c for c in _calls(script) if " -c " in f" {c} "]
+
+
+def _libraries(cache: Path) -> list[Path]:
+    return sorted(cache.glob("native_cpu-*.so"))
+
+
+def test_the_kernels_are_built_here_or_say_why():
+    """CI sets ``DYNLOSS_REQUIRE_NATIVE=1``: there a broken build fails this test
+    (``test_kernels_native.py`` is skipped as a whole when the kernels are not built, so the
+    requirement lives here). Elsewhere the kernels compute the reference's value, or the
+    status says why they do not."""
+    import torch
+
+    import dynloss.functional as F
+    from dynloss.kernels import native_status
+
+    status = native_status()
+    if _REQUIRED:
+        assert status == ""
+    if status:
+        assert status.startswith(("disabled by DYNLOSS_NATIVE=0", "no C++ compiler found",
+                                  "the native kernels could not be built or loaded: ")), status
+        return
+    x = torch.linspace(-3, 3, 60).view(2, 1, 5, 6).requires_grad_(True)
+    t = (torch.arange(60).view(2, 1, 5, 6) % 3 == 0).float()
+    loss = F.dice_loss(x, t)  # "auto" takes the kernels
+    assert type(loss.grad_fn).__name__ == "NativeRegionLossBackward"
+    torch.testing.assert_close(loss, F.dice_loss(x, t, backend="reference"), rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------- one real build, shared
+@pytest.fixture(scope="module")
+def concurrent_build(tmp_path_factory):
+    """Four processes that start together on an empty cache, through a logging ``$CXX``."""
+    root = tmp_path_factory.mktemp("concurrent")
+    cxx = _script(root / "c++", f'exec "{REAL_CXX}" "$@"\n')
+    cache = root / "cache"
+    processes = [_start(cache, cxx) for _ in range(4)]
+    results = [_finish(p) for p in processes]
+    return {"cxx": cxx, "cache": cache, "results": results}
+
+
+@pytest.fixture
+def built_cache(concurrent_build, tmp_path) -> Path:
+    """A fresh cache directory holding a copy of the built library and its checksum."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (library,) = _libraries(concurrent_build["cache"])
+    for path in (library, library.with_name(library.name + ".sha256")):
+        shutil.copy2(path, cache / path.name)
+    return cache
+
+
+def test_four_processes_compile_once_and_all_load_it(concurrent_build):
+    cxx, cache = concurrent_build["cxx"], concurrent_build["cache"]
+    compiles = _compiles(cxx)
+    links = [c for c in _calls(cxx) if c.startswith("-shared ")]
+    assert len(compiles) == 1, _calls(cxx)
+    assert len(links) == 1, _calls(cxx)
+    assert _calls(cxx).count("--version") == 4
+    (library,) = _libraries(cache)
+    assert build.verified(library)
+    for report, _ in concurrent_build["results"]:
+        assert report["status"] == ""
+        assert report["native"] == pytest.approx(report["reference"], rel=1e-6)
+        assert report["warnings"] == []  # "auto" used the kernels: nothing to say
+
+
+def test_start_and_finish_lines_appear_once(concurrent_build):
+    lines = [line for _, stderr in concurrent_build["results"] for line in stderr.splitlines()]
+    assert sum(line.startswith(START) for line in lines) == 1, lines
+    assert sum(line.startswith(FINISH) for line in lines) == 1, lines
+    # the others waited (each said so once) or found the library built; nothing else is said
+    assert all(line.startswith((START, FINISH, WAITING)) for line in lines), lines
+    for _, stderr in concurrent_build["results"]:
+        assert stderr.count(WAITING) <= 1
+
+
+# ------------------------------------------------------------------------ a corrupted cache
+def _corrupt(library: Path, kind: str) -> None:
+    data = library.read_bytes()
+    library.write_bytes({"truncated": data[: len(data) // 2], "zeroed": bytes(len(data)),
+                         "empty": b""}[kind])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "zeroed", "empty"])
+def test_a_corrupted_library_is_detected_and_never_loaded(built_cache, kind):
+    (library,) = _libraries(built_cache)
+    assert build.verified(library)
+    _corrupt(library, kind)
+    assert not build.verified(library)
+    library.unlink()  # a checksum with no library
+    assert not build.verified(library)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "zeroed", "empty"])
+def test_a_corrupted_library_is_rebuilt(concurrent_build, built_cache, tmp_path, kind):
+    """The rebuild runs the whole path (lock, compile, checksum, load) with a compiler that
+    hands out the good library; the corrupted one is never loaded, the process lives."""
+    (library,) = _libraries(built_cache)
+    good = tmp_path / "good.so"
+    shutil.copy2(library, good)
+    _corrupt(library, kind)
+    real_version = subprocess.run([REAL_CXX, "--version"], capture_output=True, text=True,
+                                  check=True).stdout
+    version = tmp_path / "version.txt"
+    version.write_text(real_version)
+    cxx = _script(tmp_path / "c++", f"""
+        for a in "$@"; do out="$a"; done  # the last argument is the output
+        case "$*" in
+          --version) cat "{version}" ;;
+          *" -c "*) : > "$out" ;;
+          -shared*) cp "{good}" "$out" ;;
+        esac
+    """)
+    report, stderr = _report(built_cache, cxx)
+    assert report["status"] == ""
+    assert report["native"] == pytest.approx(report["reference"], rel=1e-6)
+    assert len(_compiles(cxx)) == 1
+    assert stderr.count(START) == 1 and stderr.count(FINISH) == 1
+    assert _libraries(built_cache) == [library] and build.verified(library)
+    assert library.read_bytes() == good.read_bytes()
+
+
+# ---------------------------------------------------------------------------- the timeout
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_hanging_compiler_hits_the_timeout_and_is_killed(tmp_path):
+    pids = tmp_path / "pids"
+    cxx = _script(tmp_path / "c++", f"""
+        case "$*" in --version) echo "hanging compiler 1.0"; exit 0 ;; esac
+        sleep 60 &
+        echo $! >> "{pids}"
+        wait
+    """)
+    start = time.perf_counter()
+    report, _ = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE_BUILD_TIMEOUT="2")
+    elapsed = time.perf_counter() - start
+    why = "did not finish within 2 s (DYNLOSS_NATIVE_BUILD_TIMEOUT)"
+    assert why in report["status"]
+    # one attempt: the other plans (no OpenMP, baseline) would wait as long again
+    assert len(_compiles(cxx)) == 1, _calls(cxx)
+    assert elapsed < 30, elapsed
+    # the compiler's own processes were killed with it
+    (pid,) = (int(p) for p in pids.read_text().split())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+    # and backend="auto" says why it falls back, once
+    (warning,) = report["warnings"]
+    assert warning[0] == "RuntimeWarning" and why in warning[1]
+    assert "backend='auto' cannot use the native kernels" in warning[1]
+    # the next process within 60 s does not wait again
+    report, _ = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE_BUILD_TIMEOUT="2")
+    assert why in report["status"] and len(_compiles(cxx)) == 1
+
+
+def test_a_compiler_that_hangs_on_everything_is_bounded_by_the_timeout(tmp_path):
+    cxx = _script(tmp_path / "c++", "exec sleep 60\n")
+    start = time.perf_counter()
+    report, _ = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE_BUILD_TIMEOUT="2")
+    assert time.perf_counter() - start < 30
+    assert "--version did not finish within 2 s (DYNLOSS_NATIVE_BUILD_TIMEOUT)" in (
+        report["status"])
+    assert _compiles(cxx) == []
+
+
+# ---------------------------------------------------------------------- failures remembered
+FAILING = """
+    case "$*" in --version) echo "failing compiler 1.0"; exit 0 ;; esac
+    echo "fake compiler: no" >&2
+    exit 1
+"""
+
+
+def test_a_failed_build_is_remembered(tmp_path):
+    cxx = _script(tmp_path / "c++", FAILING)
+    cache = tmp_path / "cache"
+    first, _ = _report(cache, cxx)
+    attempts = len(_compiles(cxx))
+    assert attempts == len(build.plans())  # every plan was tried once
+    assert "could not be built or loaded" in first["status"]
+    assert "fake compiler: no" in first["status"]
+    notes = sorted(cache.glob("*.failed"))
+    assert len(notes) == attempts
+    for note in notes:
+        assert "fake compiler: no" in json.loads(note.read_text())["message"]
+    second, second_err = _report(cache, cxx)
+    assert len(_compiles(cxx)) == attempts  # no compiler call from the second process
+    assert _calls(cxx).count("--version") == 2
+    assert "fake compiler: no" in second["status"]
+    assert "not retried" in second["status"]
+    assert START not in second_err  # no build started, nothing announced
+
+
+def _fail_once(tmp_path: Path, note_age: float) -> tuple[int, int]:
+    """Compiler calls of a build with a failure note ``note_age`` seconds old (negative: a
+    note from the future, e.g. another machine's clock), before and after."""
+    cxx = _script(tmp_path / "c++", FAILING)
+    plan = build.plans()[-1]
+    version = "failing compiler 1.0\n"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DYNLOSS_CACHE_DIR", str(tmp_path / "cache"))
+        with pytest.raises(RuntimeError, match="fake compiler: no"):
+            build._build(str(cxx), plan, version)
+        (note,) = (tmp_path / "cache").glob("*.failed")
+        data = json.loads(note.read_text())
+        note.write_text(json.dumps(dict(data, time=time.time() - note_age)))
+        before = len(_compiles(cxx))
+        with pytest.raises(RuntimeError, match="fake compiler: no"):
+            build._build(str(cxx), plan, version)
+    return before, len(_compiles(cxx))
+
+
+@pytest.mark.parametrize(("age", "retried"), [(30.0, False), (61.0, True), (-3600.0, True)],
+                         ids=["recent", "expired", "from-the-future"])
+def test_a_failure_note_is_trusted_for_60_seconds(tmp_path, age, retried):
+    before, after = _fail_once(tmp_path, age)
+    assert after == before + (1 if retried else 0)
+
+
+# ------------------------------------------------------------------------------ the fallback
+def test_auto_warns_once_when_the_kernels_cannot_be_built(tmp_path):
+    cxx = _script(tmp_path / "c++", FAILING)
+    report, _ = _report(tmp_path / "cache", cxx)
+    (warning,) = report["warnings"]  # three "auto" calls, one warning
+    assert warning[0] == "RuntimeWarning"
+    assert warning[1].startswith("dynloss: backend='auto' cannot use the native kernels (the "
+                                 "native kernels could not be built or loaded: ")
+    assert "fake compiler: no" in warning[1]
+    assert warning[1].endswith("); falling back to a slower backend")
+    assert report["auto"][0] == pytest.approx(report["reference"], rel=1e-6)
+
+
+def test_auto_does_not_warn_when_the_kernels_are_disabled(tmp_path):
+    cxx = _script(tmp_path / "c++", FAILING)
+    report, stderr = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE="0")
+    assert report["status"] == "disabled by DYNLOSS_NATIVE=0"
+    assert report["warnings"] == []
+    assert _calls(cxx) == [] and stderr == ""
+
+
+# ---------------------------------------------------------------------------------- OpenMP
+OPENMP = textwrap.dedent("""
+    import json, os, re
+    import torch
+    import dynloss.functional as F
+    from dynloss.kernels import native_status
+
+    def runtimes():
+        found = set()
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if re.search(r"/lib(gomp|omp|iomp5)[^/]*\\.so", path):
+                    found.add(os.path.realpath(path))
+        return sorted(found)
+
+    before = runtimes()
+    assert native_status() == "", native_status()
+    torch.set_num_threads(2)
+    x = torch.randn(4, 3, 64, 64)
+    t = torch.randint(0, 3, (4, 64, 64))
+    F.dice_loss(x, t, mode="multiclass", backend="native")
+    print(json.dumps({"before": before, "after": runtimes()}))
+""")
+
+
+def test_one_openmp_runtime_after_the_kernels_ran(concurrent_build, built_cache):
+    report, _ = _finish(_start(built_cache, concurrent_build["cxx"], code=OPENMP))
+    assert len(report["after"]) == 1, report
+    assert report["after"] == report["before"]  # torch's own runtime, no second one
