@@ -106,40 +106,13 @@ def _ignore_one_pixel(mode: str, x: torch.Tensor, target: torch.Tensor, value: f
     return x, target
 
 
-# Found by these tests; fixed in kernels/reference.py and kernels/torch_backend.py. The native
-# kernels (native_cpu.cpp, not ours to edit) still sum the probability of an ignored pixel.
-NATIVE_SUMS_IGNORED_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="native_cpu.cpp: the region sums (I, P) mask an ignored pixel's probability by "
-           "multiplying it by 0, so a NaN there (a NaN logit or probability, or +-inf in all "
-           "of a multiclass pixel's logits) makes Dice/IoU/Tversky and the fused Dice+BCE NaN; "
-           "BCE/Focal are fine",
-)
-
-
-NATIVE_SLOPE_IGNORED_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="native_cpu.cpp: the multiclass BCE/Focal backward multiplies the saved softmax "
-           "slope of an ignored pixel by 0 instead of writing 0, so a NaN or infinite logit in "
-           "an ignored pixel gives that pixel a NaN gradient (the loss is right)",
-)
-
-
-def _native_xfail(name: str, mode: str, backend: str, nan: bool = True, logits: bool = True):
-    if backend != "native":
-        return []
-    # inf in every logit of a pixel: its softmax is NaN too (a sigmoid of inf is finite)
-    if name in (*REGION_NAMES, "composite") and (nan or mode == "multiclass"):
-        return [NATIVE_SUMS_IGNORED_NAN]
-    if logits and mode == "multiclass" and name in ("focal", "bce"):
-        return [NATIVE_SLOPE_IGNORED_NAN]
-    return []
+# Found by these tests; fixed in kernels/reference.py, kernels/torch_backend.py and the native
+# kernels (ignored pixels are selected out, not multiplied by 0).
 
 
 @pytest.mark.parametrize(
     ("name", "mode", "backend"),
-    [pytest.param(n, m, b, marks=_native_xfail(n, m, b))
-     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+    [(n, m, b) for n in LOSS_NAMES for m in MODES for b in BACKENDS],
 )
 def test_nan_in_an_ignored_pixel_changes_nothing(name, mode, backend):
     x, target = seeded_case(mode, (2, 3, 5), seed=5)
@@ -157,8 +130,7 @@ def test_nan_in_an_ignored_pixel_changes_nothing(name, mode, backend):
 @pytest.mark.parametrize("bad", ["+inf", "-inf"])
 @pytest.mark.parametrize(
     ("name", "mode", "backend"),
-    [pytest.param(n, m, b, marks=_native_xfail(n, m, b, nan=False))
-     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+    [(n, m, b) for n in LOSS_NAMES for m in MODES for b in BACKENDS],
 )
 def test_inf_in_an_ignored_pixel_changes_nothing(name, mode, backend, bad):
     x, target = seeded_case(mode, (2, 3, 5), seed=6)
@@ -173,8 +145,7 @@ def test_inf_in_an_ignored_pixel_changes_nothing(name, mode, backend, bad):
 
 @pytest.mark.parametrize(
     ("name", "mode", "backend"),
-    [pytest.param(n, m, b, marks=_native_xfail(n, m, b, logits=False))
-     for n in LOSS_NAMES for m in MODES for b in BACKENDS],
+    [(n, m, b) for n in LOSS_NAMES for m in MODES for b in BACKENDS],
 )
 def test_bad_probability_in_an_ignored_pixel_changes_nothing(name, mode, backend):
     """Checked eagerly (the CPU default) or not, as for logits: an ignored pixel's input

@@ -44,6 +44,8 @@ def _autocast_on(device_type: str) -> bool:
     except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
         return torch.is_autocast_enabled() if device_type == "cuda" else (
             torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device without autocast (meta): nothing to switch off
+        return False
 
 
 def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: Need,

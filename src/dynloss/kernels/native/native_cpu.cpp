@@ -304,8 +304,9 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         p = xv;
       }
       if (REGION) {
-        sI += p * g;
-        sP += keep ? p : 0.0f;
+        const float pk = keep ? p : 0.0f;  // selected, not multiplied: a NaN there is ignored
+        sI += pk * g;
+        sP += pk;
         sG += g;
         const float d = keep ? pq : 0.0f;
         dst_p[i - b0] = g == 1.0f ? -d : d;
@@ -479,14 +480,18 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       badx += (s.keep[j] != 0.0f && !valid_x) ? 1.0f : 0.0f;
       const float p = LOGITS ? exp_f(xv - s.mx[j]) * s.inv[j] : xv;
       const bool on = s.cls[j] == cc;
+      // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
+      const bool kept = s.keep[j] != 0.0f;
       if (REGION) {
-        sP += p * s.keep[j];
-        sI += on ? p * s.keep[j] : 0.0f;
+        sP += kept ? p : 0.0f;
+        sI += (on & kept) ? p : 0.0f;
         sG += on ? s.keep[j] : 0.0f;
         pc[j] = p;
       }
       if (PIXEL != kPixelNone) {
-        sc[j] = LOGITS ? coef[j] * (p - (on ? 1.0f : 0.0f)) : (on ? coef[j] : 0.0f);
+        const float pixel_slope = LOGITS ? coef[j] * (p - (on ? 1.0f : 0.0f))
+                                         : (on ? coef[j] : 0.0f);
+        sc[j] = kept ? pixel_slope : 0.0f;
       }
     }
     if (REGION) {
