@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,14 +85,37 @@ def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked
                                                   not checked))
 
 
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernels() -> dict[str, Any]:
+    """The kernel modules, imported on first use (this imports Triton)."""
+    if not _KERNELS:
+        from . import stream, topk
+
+        _KERNELS.update(fused=stream.TritonFusedLoss.apply, sums=stream.TritonRegionSums.apply,
+                        topk=topk.TritonTopK.apply)
+    return _KERNELS
+
+
 class TritonBackend:
-    """The Triton backend (see the package documentation)."""
+    """The Triton backend (see the package documentation).
+
+    Every op is a few kernel launches and no host synchronisation: Dice/IoU/Tversky,
+    BCE/Focal and the fused composites are one streaming pass plus a one-program epilogue
+    forward and one pass backward (:mod:`~dynloss.kernels.triton.stream`); TopK is a radix
+    select (:mod:`~dynloss.kernels.triton.topk`). NaN or infinite kept inputs and invalid
+    targets are counted in the kernels and make the loss NaN. Inside ``torch.compile`` the
+    same kernels run as ``torch.library`` custom operators
+    (:mod:`~dynloss.kernels.triton.ops`). Empty inputs go to the reference.
+    """
 
     name = "triton"
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        topk=True, ddp_pool=True, double_backward=True, max_classes=MAX_CLASSES,
+        topk=True, ddp_pool=True, double_backward=True, compilable=True,
+        max_classes=MAX_CLASSES,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
@@ -111,36 +135,44 @@ class TritonBackend:
                 "on the CPU in Triton's interpreter, e.g. in tests, set TRITON_INTERPRET=1 "
                 "before Triton is imported)")
 
-    def region_sums(self, layout: Layout, params: RegionParams, checked: bool):
-        from .stream import TritonRegionSums
-
-        return TritonRegionSums.apply(layout.x, layout.target, layout.mode, params.from_logits,
-                                      params.ignore_index, checked)
-
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
-        loss = reference.score_loss(self.region_sums(layout, params, checked), params)
-        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+        if layout.x.numel() == 0:
+            return reference.REFERENCE.region(layout, params, checked)
+        if params.ddp_pool:
+            if torch.compiler.is_compiling():
+                return reference.REFERENCE.region(layout, params, checked)
+            sums = _kernels()["sums"](layout.x, layout.target, params, checked)
+            loss = reference.score_loss(sums, params)
+            return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+        if torch.compiler.is_compiling():
+            from . import ops, stream
+
+            return ops.fused(layout.x, layout.target, stream.spec_for(params))  # type: ignore[return-value]
+        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
-        from .topk import TritonDistributionSum
+        if layout.x.numel() == 0:
+            return reference.REFERENCE.distribution(layout, params, checked)
+        if torch.compiler.is_compiling():
+            from . import ops, stream, topk
 
-        total, count = TritonDistributionSum.apply(layout.x, layout.target, params, checked)
-        loss = total / count if params.reduction == "mean" else total
-        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+            if params.k is not None:
+                return ops.topk_loss(layout.x, layout.target, topk.topk_spec(params))
+            return ops.fused(layout.x, layout.target, stream.spec_for(params))  # type: ignore[return-value]
+        if params.k is not None:
+            return _kernels()["topk"](layout.x, layout.target, params, checked)
+        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        from .stream import TritonRegionDistribution
+        if layout.x.numel() == 0:
+            return reference.REFERENCE.composite(layout, params, checked)
+        if torch.compiler.is_compiling():
+            from . import ops, stream
 
-        intersection, prediction_sum, target_sum, total, count = TritonRegionDistribution.apply(
-            layout.x, layout.target, params, checked)
-        poison = _poison(layout, params.region.ignore_index, params.region.from_logits, checked)
-        region = reference.score_loss((intersection, prediction_sum, target_sum),
-                                      params.region) * poison
-        distribution = total / count * poison
-        combined = params.region_weight * region + params.distribution_weight * distribution
-        return combined, region, distribution
+            return ops.fused(layout.x, layout.target, stream.spec_for(params))  # type: ignore[return-value]
+        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
 
 TRITON = TritonBackend()
