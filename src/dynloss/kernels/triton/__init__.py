@@ -13,7 +13,6 @@ imported (tests use it; it is slow).
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -31,7 +30,9 @@ MAX_CLASSES = 1024
 """The multiclass kernels hold a tile of every class's logits: up to this many classes."""
 
 
-@lru_cache(maxsize=1)
+_AVAILABLE: list[bool] = []
+
+
 def triton_available() -> bool:
     """Whether ``import triton`` works (cached; never raises).
 
@@ -41,12 +42,15 @@ def triton_available() -> bool:
         >>> triton_available() == (importlib.util.find_spec("triton") is not None)
         True
     """
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    if not _AVAILABLE:  # a plain cache: torch.compile traces it without a warning
+        try:
+            import triton
+            import triton.language  # noqa: F401
+        except Exception:
+            _AVAILABLE.append(False)
+        else:
+            _AVAILABLE.append(True)
+    return _AVAILABLE[0]
 
 
 def _interpret_env() -> bool:
@@ -73,10 +77,14 @@ def interpreter_active() -> bool:
     return type(tl.cumsum).__name__ == "InterpretedFunction"
 
 
-@lru_cache(maxsize=16)
+_CUDA_SUPPORTED: dict[int, bool] = {}
+
+
 def _cuda_supported(index: int) -> bool:
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 7
+    supported = _CUDA_SUPPORTED.get(index)
+    if supported is None:
+        supported = _CUDA_SUPPORTED[index] = torch.cuda.get_device_capability(index)[0] >= 7
+    return supported
 
 
 def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked: bool
@@ -147,7 +155,7 @@ class TritonBackend:
         if torch.compiler.is_compiling():
             from . import ops, stream
 
-            return ops.fused(layout.x, layout.target, stream.spec_for(params))  # type: ignore[return-value]
+            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
         return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
@@ -158,8 +166,8 @@ class TritonBackend:
             from . import ops, stream, topk
 
             if params.k is not None:
-                return ops.topk_loss(layout.x, layout.target, topk.topk_spec(params))
-            return ops.fused(layout.x, layout.target, stream.spec_for(params))  # type: ignore[return-value]
+                return ops.topk_loss(layout.x, layout.target, topk.build_topk_spec(params))
+            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
         if params.k is not None:
             return _kernels()["topk"](layout.x, layout.target, params, checked)
         return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
@@ -171,7 +179,7 @@ class TritonBackend:
         if torch.compiler.is_compiling():
             from . import ops, stream
 
-            return ops.fused(layout.x, layout.target, stream.spec_for(params))  # type: ignore[return-value]
+            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
         return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
 

@@ -117,12 +117,11 @@ def _cached_alpha_table(alpha: tuple[float, ...], device: torch.device) -> Tenso
 
 
 def alpha_table(spec: FusedSpec, device: torch.device) -> Tensor | None:
-    """The per-class focal ``alpha`` table of a multiclass spec (cached per device: repeated
-    calls copy nothing; inside ``torch.compile`` a constant of the graph), else None."""
+    """The per-class focal ``alpha`` table of a multiclass spec, else None. Cached per device:
+    only the first call copies it to the device (so a CUDA graph captured after a warm-up
+    step, or by ``torch.compile(mode="reduce-overhead")``, copies nothing)."""
     if not (spec.multiclass and isinstance(spec.alpha, tuple)):
         return None
-    if torch.compiler.is_compiling():
-        return torch.tensor(spec.alpha, dtype=torch.float32, device=device)
     return _cached_alpha_table(spec.alpha, device)
 
 
@@ -209,8 +208,7 @@ _NO_REGION: dict[str, Any] = dict(c1=0.0, tversky_alpha=0.0, tversky_beta=0.0, s
                                   per_image=False)
 
 
-@lru_cache(maxsize=256)
-def spec_for(params: RegionParams | DistributionParams | CompositeParams) -> FusedSpec:
+def build_spec(params: RegionParams | DistributionParams | CompositeParams) -> FusedSpec:
     """The :class:`FusedSpec` of a region, distribution (no TopK) or composite call."""
     if isinstance(params, RegionParams):
         return FusedSpec(REGION, params.mode == MULTICLASS_MODE, params.from_logits,
@@ -227,6 +225,10 @@ def spec_for(params: RegionParams | DistributionParams | CompositeParams) -> Fus
                      region.ignore_index, True, True, reduction=_REDUCTIONS[region.reduction],
                      gamma=dist.gamma, alpha=dist.alpha, region_weight=params.region_weight,
                      distribution_weight=params.distribution_weight, **_region_fields(region))
+
+
+spec_for = lru_cache(maxsize=256)(build_spec)
+""":func:`build_spec`, cached per parameter object (the eager path)."""
 
 
 @dataclass(frozen=True)
@@ -382,7 +384,9 @@ def _binary_bwd_kernel(
 ):
     """``dL/dx`` of one chunk of row ``n * C + c``: ``(gP + gI * g) * dp/dx`` for the region
     term (``gI``, ``gP`` from ``state`` and the upstream gradient), plus the pixel term's
-    ``upstream / divisor * d loss/dx``; times the NaN factor of ``state[0]``."""
+    ``upstream / divisor * d loss/dx``. The NaN factor of ``state[0]`` multiplies the
+    upstream gradient, so what the loss depends on gets NaN and ignored elements 0 (as the
+    reference's autograd gives)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
@@ -393,11 +397,12 @@ def _binary_bwd_kernel(
             e = row
         else:
             e = row % C
-        g_region = upstream(gc_ptr, gr_ptr, e, w_region, HAS_GC, HAS_GR, GR_VECTOR)
+        g_region = upstream(gc_ptr, gr_ptr, e, w_region, HAS_GC, HAS_GR, GR_VECTOR) * poison
         gi = g_region * tl.load(state_ptr + 2 + e)
         gp = g_region * tl.load(state_ptr + 2 + E + e)
     if DO_PIXEL:
-        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) / tl.load(state_ptr + 1)
+        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
+            state_ptr + 1)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
@@ -421,7 +426,7 @@ def _binary_bwd_kernel(
             if HAS_ALPHA:
                 d = d * (alpha * g + (1.0 - alpha) * (1.0 - g))
             grad += gt * d
-        grad = tl.where(keep, grad, 0.0) * poison
+        grad = tl.where(keep, grad, 0.0)
         tl.store(grad_ptr + base + m, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -557,7 +562,8 @@ def _multiclass_bwd_kernel(
     CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """``dL/dx`` of one chunk of sample ``n``: the softmax backward of ``u = gP + gI * onehot``
-    for the region term plus the pixel term's gradient, times the NaN factor of ``state``."""
+    for the region term plus the pixel term's gradient; the NaN factor of ``state`` multiplies
+    the upstream gradient (ignored pixels get 0, as in the reference)."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     start = chunk_start(split, chunk, INDEX_64)
@@ -577,10 +583,12 @@ def _multiclass_bwd_kernel(
                 g_region += tl.load(gr_ptr + e, mask=cmask, other=0.0)
             else:
                 g_region += tl.load(gr_ptr)
+        g_region = g_region * poison
         gi = g_region * tl.load(state_ptr + 2 + e, mask=cmask, other=0.0)
         gp = g_region * tl.load(state_ptr + 2 + E + e, mask=cmask, other=0.0)
     if DO_PIXEL:
-        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) / tl.load(state_ptr + 1)
+        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
+            state_ptr + 1)
     n64 = n.to(tl.int64)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
@@ -603,7 +611,7 @@ def _multiclass_bwd_kernel(
             grad += multiclass_pixel_grad(
                 x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
             )
-        grad = tl.where(keep[None, :], grad, 0.0) * poison
+        grad = tl.where(keep[None, :], grad, 0.0)
         ptrs = grad_ptr + n64 * C * M + cls[:, None].to(tl.int64) * M + m[None, :]
         tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=cmask[:, None] & inside[None, :])
 

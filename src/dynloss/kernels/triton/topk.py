@@ -48,7 +48,6 @@ from .. import reference
 from .._recompute import recompute_backward
 from . import math as tm
 from .stream import (
-    TARGET_PROGRAMS,
     bad_input,
     multiclass_block,
     multiclass_pixel_grad,
@@ -60,6 +59,9 @@ __all__ = ["TopKSpec", "TritonTopK", "topk_backward", "topk_forward"]
 
 BLOCK_TOPK = 2048
 """Elements (binary) per tile in the TopK passes; multiclass uses the multiclass tile."""
+TOPK_PROGRAMS = 1024
+"""At most this many programs per TopK pass (each takes a contiguous chunk of tiles); the
+state saved for backward has this many tie offsets whatever the input's size."""
 HIST = 256
 """Slots per pass in the workspace (the last pass uses 128)."""
 BAD, TICKET, THRESHOLD, REMAINING = 4 * HIST, 4 * HIST + 1, 4 * HIST + 2, 4 * HIST + 3
@@ -153,7 +155,7 @@ def _topk_pass_kernel(
     PASS: tl.constexpr, SHIFT: tl.constexpr, BINS: tl.constexpr, PREV_SHIFT: tl.constexpr,
     N_FROM_HOST: tl.constexpr, MEAN: tl.constexpr, MULTICLASS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, FOCAL: tl.constexpr,
-    HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """Histogram of digit ``PASS`` of the keys matching the prefix of the earlier passes, over
     the chunk ``[pid * chunk, (pid + 1) * chunk)``. Pass 0 counts bad elements; pass 3 also
@@ -197,12 +199,12 @@ def _topk_pass_kernel(
         ticket = tl.atomic_add(ws_ptr + 4 * 256 + 1, 1, sem="acq_rel", scope="gpu")
         if ticket == P - 1:
             _topk_finish(ws_ptr, fstate_ptr, local_ptr, out_ptr, n_host, k_hi, k_mid, k_lo, P,
-                         N_FROM_HOST, MEAN)
+                         SLOTS, N_FROM_HOST, MEAN)
 
 
 @triton.jit
 def _topk_finish(ws_ptr, fstate_ptr, local_ptr, out_ptr, n_host, k_hi, k_mid, k_lo, P,
-                 N_FROM_HOST: tl.constexpr, MEAN: tl.constexpr):
+                 SLOTS: tl.constexpr, N_FROM_HOST: tl.constexpr, MEAN: tl.constexpr):
     """The loss, the NaN factor, the divisor and the tie offsets, in a fixed order."""
     threshold, remaining, n = _topk_resolve(ws_ptr, n_host, k_hi, k_mid, k_lo, 4, N_FROM_HOST)
     digit = threshold & 127
@@ -218,6 +220,9 @@ def _topk_finish(ws_ptr, fstate_ptr, local_ptr, out_ptr, n_host, k_hi, k_mid, k_
         tl.store(ws_ptr + 4 * 256 + 8 + pp, carry + tl.cumsum(ties, axis=0) - ties, mask=pm)
         carry += tl.sum(ties, axis=0)
     total = tl.sum(part, axis=0)
+    for p0 in range(P, SLOTS, 1024):  # the unused slots: a defined state whatever the input
+        pp = p0 + tl.arange(0, 1024)
+        tl.store(fstate_ptr + 2 + pp, tl.zeros([1024], dtype=tl.float32), mask=pp < SLOTS)
     # every key of a final-digit bin is the same value: count * value for the bins above
     b = tl.arange(0, 128)
     h = tl.load(ws_ptr + 3 * 256 + b, cache_modifier=".cg")
@@ -245,9 +250,9 @@ def _topk_bwd_kernel(
     MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``dL/dx``: ``upstream / divisor * d loss/dx`` on the selected elements (above the
-    threshold, or a tie ranked below ``remaining`` in flat order), 0 elsewhere; times the NaN
-    factor."""
+    """``dL/dx``: ``upstream / divisor * d loss/dx`` times the NaN factor on the selected
+    elements (above the threshold, or a tie ranked below ``remaining`` in flat order), 0
+    elsewhere (as the reference's autograd gives)."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * chunk
     threshold = tl.load(ws_ptr + 4 * 256 + 2)
@@ -267,7 +272,7 @@ def _topk_bwd_kernel(
         rank = rank0 + tl.cumsum(tie.to(tl.int64), axis=0) - 1
         rank0 += tl.sum(tie.to(tl.int64), axis=0)
         selected = keep & ((key64 > threshold) | (tie & (rank < remaining)))
-        coef = tl.where(selected, g, 0.0)
+        coef = tl.where(selected, g * poison, 0.0)
         if MULTICLASS:
             n = idx // M
             m = idx - n * M
@@ -278,7 +283,7 @@ def _topk_bwd_kernel(
             grad = multiclass_pixel_grad(
                 x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
             )
-            grad = tl.where(keep[None, :], grad, 0.0) * poison
+            grad = tl.where(keep[None, :], grad, 0.0)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty),
                      mask=cmask[:, None] & inside[None, :])
         else:
@@ -290,7 +295,7 @@ def _topk_bwd_kernel(
                 d = d * tm.focal_grad(tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
             if HAS_ALPHA:
                 d = d * (alpha * g_t + (1.0 - alpha) * (1.0 - g_t))
-            grad = tl.where(keep, coef * d, 0.0) * poison
+            grad = tl.where(keep, coef * d, 0.0)
             tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -346,11 +351,15 @@ class TopKSpec:
                         bool(mean), floats[0], alpha, floats[1])
 
 
-@lru_cache(maxsize=256)
-def topk_spec(params: DistributionParams) -> TopKSpec:
+def build_topk_spec(params: DistributionParams) -> TopKSpec:
+    """The :class:`TopKSpec` of a TopK call (``params.k`` given)."""
     assert params.k is not None
     return TopKSpec(params.mode == MULTICLASS_MODE, params.from_logits, params.ignore_index,
                     params.reduction == "mean", params.gamma, params.alpha, params.k)
+
+
+topk_spec = lru_cache(maxsize=256)(build_topk_spec)
+""":func:`build_topk_spec`, cached per parameter object (the eager path)."""
 
 
 @lru_cache(maxsize=512)
@@ -363,7 +372,7 @@ def topk_geometry(n: int, c: int, m: int, multiclass: bool) -> tuple[int, int, i
         cp, block = 1, BLOCK_TOPK
         total = n * c * m
     tiles = max(1, triton.cdiv(total, block))
-    programs = min(tiles, TARGET_PROGRAMS)
+    programs = min(tiles, TOPK_PROGRAMS)
     chunk = triton.cdiv(tiles, programs) * block
     return total, cp, block, max(1, triton.cdiv(max(total, 1), chunk)), chunk
 
@@ -378,6 +387,13 @@ def _alpha_args(spec: TopKSpec, alpha: Tensor | None, dummy: Tensor
     return True, float(spec.alpha), dummy  # type: ignore[arg-type]
 
 
+def new_state(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(workspace, fstate)``: the zeroed int64 workspace (one fill launch) and the float32
+    state, both of a fixed size (:data:`TOPK_PROGRAMS` slots whatever the input)."""
+    return (torch.zeros(TIES + TOPK_PROGRAMS, dtype=torch.int64, device=device),
+            torch.empty(2 + TOPK_PROGRAMS, dtype=torch.float32, device=device))
+
+
 def topk_forward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | None, out: Tensor
                  ) -> tuple[Tensor, Tensor]:
     """Launch the radix select; writes the loss to ``out`` (0-dim float32) and returns the
@@ -385,8 +401,7 @@ def topk_forward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | Non
     n, c, m = xk.shape
     total, cp, block, programs, chunk = topk_geometry(n, c, m, spec.multiclass)
     dev = xk.device
-    ws = torch.zeros(TIES + programs, dtype=torch.int64, device=dev)
-    fstate = torch.empty(2 + programs, dtype=torch.float32, device=dev)
+    ws, fstate = new_state(dev)
     local = torch.empty(programs * LAST_BINS, dtype=torch.int32, device=dev)
     has_alpha, alpha_scalar, alpha_ptr = _alpha_args(spec, alpha, fstate)
     # without ignore_index every element is kept (an invalid one makes the loss NaN)
@@ -402,7 +417,7 @@ def topk_forward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | Non
             PREV_SHIFT=_SHIFTS[p - 1] if p else 31, N_FROM_HOST=n_from_host, MEAN=spec.mean,
             MULTICLASS=spec.multiclass, FROM_LOGITS=spec.from_logits,
             HAS_IGNORE=not n_from_host, FOCAL=spec.gamma != 0.0, HAS_ALPHA=has_alpha, CP=cp,
-            BLOCK=block, num_warps=8 if spec.multiclass else 4,
+            BLOCK=block, SLOTS=TOPK_PROGRAMS, num_warps=8 if spec.multiclass else 4,
         )
     return fstate, ws
 
@@ -426,13 +441,12 @@ def topk_backward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | No
 
 
 def topk_alpha(spec: TopKSpec, device: torch.device) -> Tensor | None:
-    """The per-class ``alpha`` table (multiclass), as the streaming kernels use it."""
+    """The per-class ``alpha`` table (multiclass), cached per device as for the streaming
+    kernels."""
     from .stream import _cached_alpha_table
 
     if not (spec.multiclass and isinstance(spec.alpha, tuple)):
         return None
-    if torch.compiler.is_compiling():
-        return torch.tensor(spec.alpha, dtype=torch.float32, device=device)
     return _cached_alpha_table(spec.alpha, device)
 
 
