@@ -1,8 +1,12 @@
 """The ``"triton"`` backend: Triton kernels for CUDA tensors (CPU under Triton's interpreter).
 
-Files: ``math.py`` (element-wise helpers in Triton), ``stream.py`` (the streaming region and
-distribution kernels and their autograd Functions), ``topk.py`` (TopK by radix select, no
-sort, no host synchronisation).
+Files: ``math.py`` (element-wise helpers in Triton), ``stream.py`` (Dice/IoU/Tversky,
+BCE/Focal and fused composites: a streaming pass and a one-program epilogue forward, one pass
+backward), ``topk.py`` (TopK by radix select: a zero fill and four passes forward, one pass
+backward), ``ops.py`` (the same kernels as ``torch.library`` custom operators, which
+``torch.compile`` traces). No launch reads anything on the host and no torch operation runs
+between the launches (TopK's zero fill aside), so a step can be captured in a CUDA graph; NaN
+or infinite kept inputs and invalid targets are counted in the kernels and make the loss NaN.
 
 Importing this package does not import Triton: :func:`triton_available` tries it once, and
 the kernel modules are imported on the first call that runs them. On the CPU the kernels run
