@@ -26,9 +26,9 @@ mkdir -p "$RES"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-TEST_TIMEOUT="${TEST_TIMEOUT:-210}"
-BENCH_BUDGET="${BENCH_BUDGET:-150}"
-COMPILE_BUDGET="${COMPILE_BUDGET:-60}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
+BENCH_BUDGET="${BENCH_BUDGET:-130}"
+COMPILE_BUDGET="${COMPILE_BUDGET:-50}"
 START=$(date +%s)
 SUMMARY="$RES/gpu_run_summary.txt"
 : > "$SUMMARY"
@@ -110,7 +110,7 @@ for i in "${!pids[@]}"; do
 done
 
 # 3. benchmark (alone on the GPU) ----------------------------------------------------------
-timeout $(( BENCH_BUDGET + COMPILE_BUDGET + 90 )) "$PY" benchmarks/bench_cuda.py \
+timeout $(( BENCH_BUDGET + COMPILE_BUDGET + 60 )) "$PY" benchmarks/bench_cuda.py \
     --budget "$BENCH_BUDGET" --compile-budget "$COMPILE_BUDGET" --out "$RES" \
     > "$RES/bench_cuda.log" 2>&1
 rc=$?
