@@ -76,11 +76,6 @@ MEAN, SUM, NONE = 0, 1, 2
 _REDUCTIONS = {"mean": MEAN, "sum": SUM, "none": NONE}
 
 
-def index_64(x: Tensor) -> bool:
-    """Whether offsets into ``x`` need int64 (an index may pass 2^31)."""
-    return x.numel() >= INDEX_64_FROM
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -247,6 +242,7 @@ class Geometry:
     block_r: int
     """Partial rows per epilogue tile."""
     index_64: bool
+    """Offsets need int64 (the tensor has at least :data:`INDEX_64_FROM` elements)."""
 
 
 @lru_cache(maxsize=512)
