@@ -1,35 +1,57 @@
-"""Forward+backward time and peak memory of every loss and fused composite on a GPU.
+"""Forward+backward of every loss on a GPU: dynloss against smp, MONAI, plain torch, nnU-Net.
 
-For each shape and dtype this times ``loss(x, target).backward()`` for dynloss (each
-backend: ``triton``, ``torch``, ``reference``), segmentation-models-pytorch, MONAI and plain
-eager PyTorch, with CUDA events around every iteration (the median of ``--reps`` is reported,
-after ``--warmup`` untimed iterations), and the peak memory allocated beyond the inputs. It
-also times a device copy of the bytes of input + target and reports, for each row, the
-achieved bandwidth of an ideal one-pass forward + one-pass backward (read input and target
-twice, write the gradient once) as a fraction of the copy bandwidth. Packages that are not
-installed are skipped and named in the output. Each measurement is guarded: a failure is
-recorded in its row and the run goes on; ``--budget`` seconds bound the whole run.
+For each shape and dtype, every implementation of every loss is measured on
+``loss(x, target).backward()`` (the autograd seed is made once, outside the step):
 
-Outputs under ``--out`` (default ``benchmarks/results``): ``bench_<device>.json``,
-``bench_<device>.md`` and ``bench_<device>.png`` (when matplotlib is installed).
+* **eager**: wall time per step, CUDA events around each step, median of ``--reps`` after
+  ``--warmup`` steps (a step that the host cannot issue fast enough shows here);
+* **device**: the sum of the step's GPU activity (kernels, memsets, copies) from the
+  profiler, and the number of those **launches**;
+* **compiled**: the step time under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
+  measured for as many rows as ``--compile-budget`` seconds allow (dynloss first);
+* **peak extra memory**: the peak allocated during a step beyond what existed before it
+  (the gradient itself is one input's size);
+* the **copy fraction**: the bytes an ideal one-pass forward + one-pass backward moves (read
+  input and target twice, write the gradient once) per device second, as a fraction of a
+  device copy of input + target.
+
+Implementations: ``dynloss`` (``backend="auto"``: the Triton kernels on CUDA), ``smp``
+(segmentation-models-pytorch), ``monai``, ``torch`` (the loss written the obvious way in
+eager PyTorch) and, for TopK, ``nnunet`` (nnU-Net's formulation: per-pixel losses, then
+``torch.topk(..., sorted=False)``). A missing package is skipped and named. A separate table
+gives the **host time** per step (CPU time to issue forward+backward, at a small shape where
+the GPU keeps up). The goals of the issue are checked at the end of the report.
+
+Outputs under ``--out`` (default ``benchmarks/results``), named after the device:
+``bench_<device>.json``, ``bench_<device>.md``, ``bench_<device>.png`` (eager) and
+``bench_<device>_device.png`` (device time).
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/bench_cuda.py               # GPU, all shapes
-    PYTHONPATH=src python benchmarks/bench_cuda.py --device cpu --shapes small --reps 3
+    PYTHONPATH=src python benchmarks/bench_cuda.py                 # GPU, every shape
+    PYTHONPATH=src python benchmarks/bench_cuda.py --warm-only     # compile Triton kernels
+    PYTHONPATH=src python benchmarks/bench_cuda.py --cpu-smoke     # every code path, tiny
+                                                                   # shapes, CPU interpreter
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if "--cpu-smoke" in sys.argv and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
+
 import argparse
+import contextlib
 import json
 import math
 import platform
 import re
 import statistics
-import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,22 +60,26 @@ import torch
 import torch.nn.functional as TF
 
 import dynloss
-import dynloss.functional as DF
-from dynloss.kernels import region_pixel_loss
 
 SHAPES = {
     "full": [
         ("binary", (32, 1, 256, 256)),
         ("multiclass", (8, 4, 256, 256)),
         ("binary", (2, 1, 128, 128, 128)),
-        ("binary", (16, 1, 512, 512)),
+        ("binary", (32, 1, 1024, 1024)),  # 33.5M elements
     ],
     "small": [("binary", (4, 1, 32, 32)), ("multiclass", (2, 4, 16, 16))],
+    "smoke": [("binary", (2, 1, 8, 8)), ("multiclass", (2, 3, 6, 5))],
 }
-LOSSES = ["dice", "iou", "tversky", "bce", "focal", "topk"]
-COMPOSITES = ["dice+bce", "dice+focal", "iou+bce", "tversky+bce", "iou+topk"]
+HOST_SHAPE = {"binary": (2, 1, 64, 64), "multiclass": (2, 4, 32, 32)}
+LOSSES = ["dice", "iou", "tversky", "bce", "focal", "topk", "dice+bce", "dice+focal"]
+IMPLS = ["dynloss", "smp", "monai", "torch", "nnunet"]
 TVERSKY = (0.3, 0.7)
 TOPK = 0.6
+GOAL_SHAPE = (32, 1, 256, 256)
+GOAL_SPEEDUP = 5.0
+GOAL_COPY = 0.5
+GOAL_LARGE = 32 * 2**20
 
 
 @dataclass
@@ -66,10 +92,13 @@ class Row:
     ms: float | None = None
     ms_p20: float | None = None
     ms_p80: float | None = None
+    device_ms: float | None = None
+    launches: float | None = None
+    compiled_ms: float | None = None
+    compile_note: str | None = None
     peak_extra_mb: float | None = None
-    peak_extra_x_inputs: float | None = None
+    peak_extra_x_input: float | None = None
     ideal_bytes: int | None = None
-    gbs: float | None = None
     copy_fraction: float | None = None
     max_abs_diff_vs_reference: float | None = None
     error: str | None = None
@@ -92,13 +121,12 @@ def _vendored_versions() -> dict[str, str]:
 
 
 def _optional(name: str):
-    """The module, or a string saying why it is unavailable.
-
-    Falls back to the copies in ``benchmarks/.vendor`` (smp: its ``losses`` subpackage as
-    ``smp_losses``; MONAI as is), appended to ``sys.path`` so installed packages win.
-    """
+    """The module, or a string saying why it is unavailable (falls back to the copies in
+    ``benchmarks/.vendor``; installed packages win)."""
     try:
-        return __import__(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return __import__(name)
     except Exception as exc:  # missing, or broken install
         reason = f"{type(exc).__name__}: {exc}"
     if not VENDOR.is_dir():
@@ -112,8 +140,7 @@ def _optional(name: str):
 
             losses = __import__("smp_losses")
             return types.SimpleNamespace(
-                losses=losses, __version__=version.get("smp", "?") + " (vendored losses)"
-            )
+                losses=losses, __version__=version.get("smp", "?") + " (vendored losses)")
         module = __import__(name)
         module.__version__ = f"{getattr(module, '__version__', '?')} (vendored)"
         return module
@@ -121,30 +148,33 @@ def _optional(name: str):
         return f"{reason}; vendored copy failed too: {type(exc).__name__}: {exc}"
 
 
+def _probs(x, mode):
+    return x.float().softmax(1) if mode == "multiclass" else x.float().sigmoid()
+
+
+def _onehot(x, t, mode):
+    if mode == "multiclass":
+        return TF.one_hot(t, x.shape[1]).movedim(-1, 1).float()
+    return t.float()
+
+
+def _pixel_losses(x, t, mode):
+    if mode == "multiclass":
+        return TF.cross_entropy(x.float(), t, reduction="none")
+    return TF.binary_cross_entropy_with_logits(x.float(), t.float(), reduction="none")
+
+
 def _plain_torch(loss: str, mode: str) -> Callable | None:
     """Eager PyTorch written the obvious way (what a user would write by hand)."""
-    def probs(x):
-        return x.float().softmax(1) if mode == "multiclass" else x.float().sigmoid()
-
-    def onehot(x, t):
-        if mode == "multiclass":
-            return TF.one_hot(t, x.shape[1]).movedim(-1, 1).float()
-        return t.float()
-
     def region(a, b):
         def fn(x, t):
-            p, g = probs(x), onehot(x, t)
+            p, g = _probs(x, mode), _onehot(x, t, mode)
             dims = [0, *range(2, x.dim())]
             tp = (p * g).sum(dims)
             fp = (p * (1 - g)).sum(dims)
             fn_ = ((1 - p) * g).sum(dims)
             return (1 - (tp + 1e-7) / (tp + a * fp + b * fn_ + 1e-7)).mean()
         return fn
-
-    def bce_el(x, t):
-        if mode == "multiclass":
-            return TF.cross_entropy(x.float(), t, reduction="none")
-        return TF.binary_cross_entropy_with_logits(x.float(), t.float(), reduction="none")
 
     if loss == "dice":
         return region(0.5, 0.5)
@@ -153,18 +183,33 @@ def _plain_torch(loss: str, mode: str) -> Callable | None:
     if loss == "tversky":
         return region(*TVERSKY)
     if loss == "bce":
-        return lambda x, t: bce_el(x, t).mean()
+        return lambda x, t: _pixel_losses(x, t, mode).mean()
     if loss == "focal":
         def focal(x, t):
-            b = bce_el(x, t)
+            b = _pixel_losses(x, t, mode)
             return ((1 - torch.exp(-b)) ** 2 * b).mean()
         return focal
     if loss == "topk":
         def topk(x, t):
-            b = bce_el(x, t).flatten()
+            b = _pixel_losses(x, t, mode).flatten()
             return b.topk(math.ceil(TOPK * b.numel())).values.mean()
         return topk
     return None
+
+
+def _nnunet(loss: str, mode: str) -> Callable | None:
+    """nnU-Net's TopK formulation (``nnunetv2.training.loss.robust_ce_loss.TopKLoss``): the
+    per-pixel cross-entropy, then ``torch.topk(..., sorted=False)`` of ``k`` percent."""
+    if loss != "topk":
+        return None
+
+    def topk(x, t):
+        res = _pixel_losses(x, t, mode)
+        num_voxels = res.numel()
+        res, _ = torch.topk(res.view((-1,)), int(num_voxels * TOPK), sorted=False)
+        return res.mean()
+
+    return topk
 
 
 def _smp(smp, loss: str, mode: str) -> Callable | None:
@@ -208,16 +253,17 @@ def _monai(monai_losses, loss: str, mode: str) -> Callable | None:
 
 def _dynloss(loss: str, mode: str, backend: str) -> Callable:
     kw = dict(mode=mode, backend=backend, check_values=False)
+    single = {
+        "dice": lambda: dynloss.DiceLoss(**kw),
+        "iou": lambda: dynloss.IoULoss(**kw),
+        "tversky": lambda: dynloss.TverskyLoss(*TVERSKY, **kw),
+        "bce": lambda: dynloss.BCELoss(**kw),
+        "focal": lambda: dynloss.FocalLoss(gamma=2.0, **kw),
+        "topk": lambda: dynloss.TopKLoss(k=TOPK, **kw),
+    }
     if "+" in loss:
-        region, pixel = loss.split("+")
-        return lambda x, t: region_pixel_loss(x, t, region=region, pixel=pixel, **kw)
-    fn = {"dice": DF.dice_loss, "iou": DF.iou_loss, "tversky": DF.tversky_loss,
-          "bce": DF.bce_loss, "focal": DF.focal_loss, "topk": DF.topk_loss}[loss]
-    if loss == "tversky":
-        return lambda x, t: fn(x, t, *TVERSKY, **kw)
-    if loss == "topk":
-        return lambda x, t: fn(x, t, TOPK, **kw)
-    return lambda x, t: fn(x, t, **kw)
+        return dynloss.CompositeLoss([single[part]() for part in loss.split("+")])
+    return single[loss]()
 
 
 def _composite(parts: list[Callable | None]) -> Callable | None:
@@ -226,10 +272,32 @@ def _composite(parts: list[Callable | None]) -> Callable | None:
     return lambda x, t: sum(p(x, t) for p in parts)  # type: ignore[misc]
 
 
+def implementation(impl: str, loss: str, mode: str, smp, monai_losses, backend: str
+                   ) -> Callable | None:
+    """``loss(x, target)`` of ``impl``, or None where that library has no such loss."""
+    if impl == "dynloss":
+        return _dynloss(loss, mode, backend)
+    if impl == "torch":
+        return (_composite([_plain_torch(p, mode) for p in loss.split("+")]) if "+" in loss
+                else _plain_torch(loss, mode))
+    if impl == "nnunet":
+        return _nnunet(loss, mode)
+    if impl == "smp":
+        if isinstance(smp, str):
+            return None
+        return (_composite([_smp(smp, p, mode) for p in loss.split("+")]) if "+" in loss
+                else _smp(smp, loss, mode))
+    if impl == "monai":
+        return None if monai_losses is None else _monai(monai_losses, loss, mode)
+    raise ValueError(f"unknown implementation {impl}")
+
+
 # ---------------------------------------------------------------------------------- timing
 
 
-class Timer:
+class Device:
+    """Timing, profiling and memory on one device (CUDA, or the CPU for the smoke run)."""
+
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
@@ -238,26 +306,53 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def run(self, step: Callable[[], None], warmup: int, reps: int) -> list[float]:
+    def times(self, step: Callable[[], None], warmup: int, reps: int) -> list[float]:
         for _ in range(warmup):
             step()
         self.sync()
-        times = []
-        if self.cuda:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(reps)]
-            for start, end in events:
-                start.record()
-                step()
-                end.record()
-            self.sync()
-            times = [s.elapsed_time(e) for s, e in events]
-        else:
+        if not self.cuda:
+            out = []
             for _ in range(reps):
                 t0 = time.perf_counter()
                 step()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return times
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        self.sync()
+        return [s.elapsed_time(e) for s, e in events]
+
+    def profile(self, step: Callable[[], None], steps: int = 3) -> tuple[float, float] | None:
+        """``(device ms, launches)`` per step from the profiler (CUDA only)."""
+        if not self.cuda:
+            return None
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        step()
+        self.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            self.sync()
+        device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        total_us = sum(e.time_range.elapsed_us() for e in device_events)
+        return total_us / steps / 1e3, len(device_events) / steps
+
+    def peak_extra(self, step: Callable[[], None]) -> int | None:
+        if not self.cuda:
+            return None
+        self.sync()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        step()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device) - base
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -265,36 +360,20 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def measure(fn: Callable, x: torch.Tensor, t: torch.Tensor, timer: Timer, warmup: int,
-            reps: int) -> tuple[list[float], int | None]:
-    """Per-iteration times (ms) and peak bytes allocated beyond what existed before."""
+def make_step(fn: Callable, x: torch.Tensor, t: torch.Tensor) -> Callable[[], None]:
+    """One forward+backward; the seed of the backward pass is made once."""
     xg = x.detach().clone().requires_grad_(True)
+    seeds: dict[torch.dtype, torch.Tensor] = {}
 
     def step() -> None:
         xg.grad = None
-        fn(xg, t).backward()
+        loss = fn(xg, t)
+        seed = seeds.get(loss.dtype)
+        if seed is None:  # first step only: later steps launch nothing for it
+            seed = seeds[loss.dtype] = torch.ones((), device=x.device, dtype=loss.dtype)
+        loss.backward(seed)
 
-    step()  # compile / warm caches before measuring memory
-    xg.grad = None
-    peak = None
-    if timer.cuda:
-        timer.sync()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(timer.device)
-        torch.cuda.reset_peak_memory_stats(timer.device)
-        step()
-        timer.sync()
-        peak = torch.cuda.max_memory_allocated(timer.device) - base
-        xg.grad = None
-    times = timer.run(step, warmup, reps)
-    return times, peak
-
-
-def copy_ms(nbytes: int, timer: Timer, warmup: int, reps: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=timer.device)
-    dst = torch.empty_like(src)
-    times = timer.run(lambda: dst.copy_(src), warmup, reps)
-    return statistics.median(times)
+    return step
 
 
 def make_inputs(mode: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
@@ -305,6 +384,63 @@ def make_inputs(mode: str, shape: tuple[int, ...], dtype: torch.dtype, device: t
     else:
         t = (torch.rand(shape, generator=gen, device=device) > 0.9).to(dtype)
     return x, t
+
+
+def copy_ms(nbytes: int, dev: Device, warmup: int, reps: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev.device)
+    dst = torch.empty_like(src)
+    return statistics.median(dev.times(lambda: dst.copy_(src), warmup, reps))
+
+
+def count_interpreted_launches(step: Callable[[], None]) -> int:
+    """Launches of one step under Triton's interpreter: Triton kernels plus aten operations
+    that launch work (as ``tests/_launches.py`` counts them; the CPU smoke run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dynloss.kernels.triton import stream
+
+    launches: list[str] = []
+    paused = [0]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not paused[0] and not func.is_view and not name.startswith("empty") and (
+                    name not in ("new_empty", "new_empty_strided")):
+                launches.append(name)
+            return func(*args, **(kwargs or {}))
+
+    kernel_class = type(stream._binary_fwd_kernel)
+    original = kernel_class.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        paused[0] += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            paused[0] -= 1
+
+    kernel_class.run = run
+    try:
+        with Counter():
+            step()
+    finally:
+        kernel_class.run = original
+    return len(launches)
+
+
+def host_us(step: Callable[[], None], dev: Device, n: int) -> float:
+    """CPU time to issue one step (the GPU keeps up at the small host-table shape)."""
+    for _ in range(5 if dev.cuda else 1):
+        step()
+    dev.sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    elapsed = time.perf_counter() - t0
+    dev.sync()
+    return elapsed / n * 1e6
 
 
 # ------------------------------------------------------------------------------------ report
@@ -324,67 +460,114 @@ def versions(mods: dict) -> dict:
     return out
 
 
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _best_competitor(by: dict[str, Row], names=("smp", "monai")) -> Row | None:
+    rows = [by[i] for i in names if i in by and by[i].ms is not None]
+    return min(rows, key=lambda r: r.ms) if rows else None  # type: ignore[arg-type,return-value]
+
+
+def goals(rows: list[Row]) -> list[str]:
+    """The issue's measured goals, row by row: met / not met / not measured."""
+    groups: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault((tuple(r.shape), r.mode, r.dtype, r.loss), {})[r.impl] = r
+    lines = []
+    faster, speedup, copy = [], [], []
+    for (shape, mode, dtype, loss), by in groups.items():
+        ours = by.get("dynloss")
+        label = f"{loss} {mode} {shape} {dtype}"
+        if ours is None or ours.ms is None:
+            faster.append(f"- not measured: {label} (dynloss {ours.error if ours else 'missing'})")
+            continue
+        slower = [i for i, r in by.items() if i != "dynloss" and r.ms is not None
+                  and r.ms <= ours.ms]
+        faster.append(f"- {'MET' if not slower else 'NOT MET'}: {label}: dynloss "
+                      f"{ours.ms:.3f} ms" + (f"; as fast or faster: {', '.join(slower)}"
+                                             if slower else ""))
+        best = _best_competitor(by)
+        if shape == GOAL_SHAPE and best is not None:
+            ratio = best.ms / ours.ms  # type: ignore[operator]
+            speedup.append(f"- {'MET' if ratio >= GOAL_SPEEDUP else 'NOT MET'}: {label}: "
+                           f"{ratio:.1f}x the faster of smp/MONAI ({best.impl} {best.ms:.3f} ms)")
+        if math.prod(shape) >= GOAL_LARGE:
+            frac = ours.copy_fraction
+            verdict = ("not measured" if frac is None else "MET" if frac >= GOAL_COPY
+                       else "NOT MET")
+            copy.append(f"- {verdict}: {label}: device time at "
+                        f"{_fmt(frac and 100 * frac, '.0f')} % of copy bandwidth")
+    lines += ["### dynloss faster than smp, MONAI, plain torch (and nnU-Net) at every shape", "",
+              *faster, "", f"### >= {GOAL_SPEEDUP:.0f}x the faster of smp and MONAI at "
+              f"{GOAL_SHAPE} (eager)", "", *(speedup or ["- not measured"]), "",
+              f"### device time >= {GOAL_COPY:.0%} of copy bandwidth at >= 32M elements", "",
+              *(copy or ["- not measured"])]
+    return lines
+
+
+def _table(lines: list[str], present: list[str], by_loss: dict[str, dict[str, Row]],
+           title: str, extra: list[str], cell: Callable[[Row], str],
+           extra_cells: Callable[[dict[str, Row]], list[str]]) -> None:
+    lines.extend([f"{title}:", "", "| " + " | ".join(["loss", *present, *extra]) + " |",
+                  "|" + "---|" * (1 + len(present) + len(extra))])
+    for loss, by in by_loss.items():
+        cells = [loss] + ["–" if by.get(i) is None else cell(by[i]) for i in present]
+        lines.append("| " + " | ".join(cells + extra_cells(by)) + " |")
+    lines.append("")
+
+
+def _eager_extra(by: dict[str, Row]) -> list[str]:
+    ours, best = by.get("dynloss"), _best_competitor(by)
+    return [f"{best.ms / ours.ms:.1f}x" if ours and ours.ms and best and best.ms else "–",
+            _fmt(ours.peak_extra_x_input, ".2f") if ours else "–",
+            f"{ours.copy_fraction:.0%}" if ours and ours.copy_fraction else "–"]
+
+
 def markdown(meta: dict, rows: list[Row]) -> str:
     lines = [f"# dynloss benchmark on {meta['device']}", ""]
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    lines.append("")
-    lines.append(
-        "Forward+backward time in ms (median of {reps} after {warmup} warm-up), peak memory "
-        "beyond the inputs in multiples of the input's size (the gradient itself is 1.0), and "
-        "for dynloss the ideal traffic (read input+target twice, write the gradient once) per "
-        "second as a fraction of a device copy of input+target.".format(**meta["settings"])
-    )
+    lines += ["", meta["description"], ""]
     for note in meta["notes"]:
         lines.append(f"- {note}")
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((tuple(r.shape), r.mode, r.dtype), []).append(r)
-    impls = ["dynloss-triton", "dynloss-torch", "dynloss-reference", "smp", "monai", "torch"]
     for (shape, mode, dtype), grp in groups.items():
         copy = meta["copy"].get(f"{list(shape)}|{dtype}")
         lines += ["", f"## {mode} {tuple(shape)} {dtype}"
                   + (f" (copy of input+target: {copy['ms']:.3f} ms, {copy['gbs']:.0f} GB/s)"
                      if copy else ""), ""]
-        present = [i for i in impls if any(r.impl == i for r in grp)]
-        head = ["loss", *present, "best dynloss vs best smp/MONAI", "dynloss peak extra",
-                "dynloss BW / copy"]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        losses = list(dict.fromkeys(r.loss for r in grp))
-        for loss in losses:
-            by = {r.impl: r for r in grp if r.loss == loss}
-            cells = [loss]
-            for i in present:
-                r = by.get(i)
-                if r is None:
-                    cells.append("–")
-                elif r.error:
-                    cells.append("error")
-                else:
-                    cells.append(f"{r.ms:.3f}")
-            ours = [by[i] for i in ("dynloss-triton", "dynloss-torch")
-                    if i in by and by[i].ms is not None]
-            theirs = [by[i] for i in ("smp", "monai") if i in by and by[i].ms is not None]
-            best = min(ours, key=lambda r: r.ms) if ours else None
-            if best and theirs:
-                cells.append(f"{min(r.ms for r in theirs) / best.ms:.1f}x")
-            else:
-                cells.append("–")
-            if best and best.peak_extra_x_inputs is not None:
-                cells.append(f"{best.peak_extra_x_inputs:.2f}")
-            else:
-                cells.append("–")
-            cells.append(f"{best.copy_fraction:.0%}" if best and best.copy_fraction else "–")
-            lines.append("| " + " | ".join(cells) + " |")
+        present = [i for i in IMPLS if any(r.impl == i for r in grp)]
+        table_losses = list(dict.fromkeys(r.loss for r in grp))
+        by_loss = {loss: {r.impl: r for r in grp if r.loss == loss} for loss in table_losses}
+        _table(lines, present, by_loss, "Eager forward+backward, ms",
+               ["dynloss vs faster of smp/MONAI", "dynloss peak extra (x input)",
+                "dynloss device BW / copy"],
+               lambda r: "error" if r.error else _fmt(r.ms), _eager_extra)
+        _table(lines, present, by_loss, "Device time per step, ms / launches", [],
+               lambda r: ("error" if r.error else
+                          f"{_fmt(r.device_ms)} / {_fmt(r.launches, '.0f')}"), lambda by: [])
+        _table(lines, present, by_loss, "torch.compile(mode='reduce-overhead'), ms", [],
+               lambda r: _fmt(r.compiled_ms) if r.compiled_ms else (r.compile_note or "–"),
+               lambda by: [])
+    if meta.get("host"):
+        lines += ["", "## Host time per forward+backward (µs of CPU to issue one step)", "",
+                  "| loss | mode | " + " | ".join(IMPLS) + " |",
+                  "|" + "---|" * (len(IMPLS) + 2)]
+        for entry in meta["host"]:
+            lines.append(f"| {entry['loss']} | {entry['mode']} | " + " | ".join(
+                _fmt(entry.get(i), ".0f") for i in IMPLS) + " |")
+    lines += ["", "## Goals (issue #12)", "", *goals(rows)]
     errors = [r for r in rows if r.error]
     if errors:
-        lines += ["", "## Errors and skips", ""]
+        lines += ["", "## Errors", ""]
         for r in errors:
             lines.append(f"- {r.mode} {tuple(r.shape)} {r.dtype} {r.loss} {r.impl}: {r.error}")
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, meta: dict, rows: list[Row]) -> str | None:
+def plot(out: Path, slug: str, meta: dict, rows: list[Row]) -> str | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -397,24 +580,28 @@ def plot(path: Path, meta: dict, rows: list[Row]) -> str | None:
             groups.setdefault((tuple(r.shape), r.mode, r.dtype), []).append(r)
     if not groups:
         return "no plot: no measurements"
-    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3.2 * len(groups)), squeeze=False)
-    impls = ["dynloss-triton", "dynloss-torch", "dynloss-reference", "smp", "monai", "torch"]
-    for ax, ((shape, mode, dtype), grp) in zip(axes[:, 0], groups.items(), strict=False):
-        losses = list(dict.fromkeys(r.loss for r in grp))
-        present = [i for i in impls if any(r.impl == i for r in grp)]
-        width = 0.8 / max(1, len(present))
-        for j, impl in enumerate(present):
-            vals = [next((r.ms for r in grp if r.loss == loss and r.impl == impl), 0.0) or 0.0
-                    for loss in losses]
-            ax.bar([i + j * width for i in range(len(losses))], vals, width, label=impl)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(losses))], losses)
-        ax.set_yscale("log")
-        ax.set_ylabel("fwd+bwd ms")
-        ax.set_title(f"{mode} {shape} {dtype} on {meta['device']}")
-        ax.legend(fontsize=7, ncol=len(present))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for suffix, attr, label in (("", "ms", "eager fwd+bwd ms"),
+                                ("_device", "device_ms", "device ms per fwd+bwd")):
+        fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3.2 * len(groups)),
+                                 squeeze=False)
+        for ax, ((shape, mode, dtype), grp) in zip(axes[:, 0], groups.items(), strict=False):
+            losses = list(dict.fromkeys(r.loss for r in grp))
+            present = [i for i in IMPLS if any(r.impl == i for r in grp)]
+            width = 0.8 / max(1, len(present))
+            for j, impl in enumerate(present):
+                vals = [next((getattr(r, attr) for r in grp if r.loss == loss
+                              and r.impl == impl), None) or 0.0 for loss in losses]
+                ax.bar([i + j * width for i in range(len(losses))], vals, width, label=impl)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(losses))], losses)
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+            ax.set_title(f"{mode} {shape} {dtype} on {meta['device']} "
+                         f"(torch {meta['versions']['torch']}, triton "
+                         f"{meta['versions']['triton']})", fontsize=9)
+            ax.legend(fontsize=7, ncol=len(present))
+        fig.tight_layout()
+        fig.savefig(out / f"bench_{slug}{suffix}.png", dpi=100)
+        plt.close(fig)
     return None
 
 
@@ -422,21 +609,17 @@ def plot(path: Path, meta: dict, rows: list[Row]) -> str | None:
 
 
 def warm(device: torch.device, dtypes: list[torch.dtype], shapes: list) -> int:
-    """Compile every Triton kernel the benchmark will launch (on inputs of batch <= 2).
-
-    The kernels are specialised on argument properties (divisibility by 16, equality to 1),
-    not on sizes, so a smaller batch of the same shape compiles the same variants; run this in
-    parallel with other work to keep compilation out of the timed benchmark.
-    """
+    """Compile every Triton kernel the benchmark launches (on inputs of batch <= 2: the
+    kernels are specialised on argument properties, not on sizes); run it in parallel with
+    other work to keep compilation out of the timed benchmark."""
     started = time.monotonic()
     failures = 0
     for dtype in dtypes:
         for mode, shape in shapes:
             x, t = make_inputs(mode, (min(shape[0], 2), *shape[1:]), dtype, device)
-            for loss in LOSSES + COMPOSITES:
+            for loss in LOSSES:
                 try:
-                    xg = x.detach().clone().requires_grad_(True)
-                    _dynloss(loss, mode, "triton")(xg, t).backward()
+                    make_step(_dynloss(loss, mode, "triton"), x, t)()
                 except Exception as exc:
                     failures += 1
                     print(f"warm {mode} {shape} {dtype} {loss}: {type(exc).__name__}: {exc}")
@@ -446,34 +629,53 @@ def warm(device: torch.device, dtypes: list[torch.dtype], shapes: list) -> int:
     return 1 if failures else 0
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--host-losses", default="dice,focal,topk,dice+bce",
+                        help="losses of the host-time table")
+    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=150.0, help="seconds for the whole run")
+    parser.add_argument("--budget", type=float, default=200.0,
+                        help="seconds for the eager measurements")
+    parser.add_argument("--compile-budget", type=float, default=90.0,
+                        help="seconds for the torch.compile(mode='reduce-overhead') column")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--warm-only", action="store_true",
-                        help="only compile the Triton kernels of every configuration (batch "
-                             "cut to 2, same kernel specialisations), filling Triton's cache")
-    parser.add_argument("--impls", default="dynloss-triton,dynloss-torch,dynloss-reference,"
-                        "smp,monai,torch")
+                        help="only compile the Triton kernels of every configuration")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="every code path on tiny shapes on the CPU (Triton's interpreter;"
+                             " no timing worth reading), results to a temporary folder")
     args = parser.parse_args()
     started = time.monotonic()
+    backend = "auto"
+    if args.cpu_smoke:
+        args.device, args.shapes, args.reps, args.warmup = "cpu", "smoke", 2, 1
+        args.compile_budget = min(args.compile_budget, 60.0)
+        if args.dtypes == parser.get_default("dtypes"):
+            args.dtypes = "float32"
+        if args.host_losses == parser.get_default("host_losses"):
+            args.host_losses = "dice"
+        backend = "triton"
+        if args.out == parser.get_default("out"):
+            import tempfile
+
+            args.out = tempfile.mkdtemp(prefix="dynloss_bench_smoke_")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available; nothing to benchmark (use --device cpu)")
+        print("CUDA is not available; nothing to benchmark (use --cpu-smoke)")
         return 1
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    losses = [loss for loss in args.losses.split(",") if loss]
     if args.warm_only:
-        return warm(device, [getattr(torch, d) for d in args.dtypes.split(",") if d],
-                    SHAPES[args.shapes])
-    timer = Timer(device)
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()}, "
-                        f"{torch.get_num_threads()} threads)")
+        return warm(device, dtypes, SHAPES[args.shapes])
+    dev = Device(device)
+    device_name = (torch.cuda.get_device_name(device) if dev.cuda
+                   else f"cpu-smoke ({platform.machine()}, Triton interpreter)")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -486,21 +688,32 @@ def main() -> int:
             import monai.losses as monai_losses
         except Exception as exc:
             monai = f"{type(exc).__name__}: {exc}"
-    notes = []
+    notes: list[str] = []
     for name, mod in (("smp", smp), ("monai", monai)):
         if isinstance(mod, str):
-            notes.append(f"{name} comparison skipped: package not importable ({mod})")
+            notes.append(f"{name} skipped: not importable ({mod})")
+    if args.cpu_smoke:
+        notes.append("CPU smoke run: tiny shapes in Triton's interpreter; the times say "
+                     "nothing about GPU speed, the launch counts include the CPU-only host "
+                     "check of multiclass labels (3 operations)")
     impls = [i for i in args.impls.split(",") if i]
-    if device.type != "cuda" and "dynloss-triton" in impls:
-        impls.remove("dynloss-triton")
-        notes.append("dynloss-triton skipped: not a CUDA device")
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     meta = {
         "device": device_name,
         "versions": versions({"smp": smp, "monai": monai}),
-        "settings": {"reps": args.reps, "warmup": args.warmup, "budget_s": args.budget},
+        "settings": {"reps": args.reps, "warmup": args.warmup, "budget_s": args.budget,
+                     "compile_budget_s": args.compile_budget},
+        "description": (
+            f"Forward+backward per step: eager wall time (median of {args.reps} after "
+            f"{args.warmup} warm-up, CUDA events), device time and launches per step (the "
+            "profiler's GPU activity: kernels, memsets, copies), the step under "
+            "torch.compile(mode='reduce-overhead'), peak memory allocated beyond the inputs "
+            "in multiples of the input's size (the gradient itself is 1.0), and the ideal "
+            "traffic (read input+target twice, write the gradient once) per device second as "
+            "a fraction of a device copy of input+target. dynloss runs with backend='auto' "
+            "(the Triton kernels on CUDA) and check_values=False (its CUDA default)."),
         "notes": notes,
         "copy": {},
+        "host": [],
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "argv": sys.argv,
     }
@@ -510,11 +723,14 @@ def main() -> int:
 
     def write() -> None:
         meta["elapsed_s"] = round(time.monotonic() - started, 1)
-        data = {"meta": meta, "rows": [asdict(r) for r in rows]}
-        (out / f"bench_{slug}.json").write_text(json.dumps(data, indent=1))
+        (out / f"bench_{slug}.json").write_text(json.dumps(
+            {"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
         (out / f"bench_{slug}.md").write_text(markdown(meta, rows))
 
+    fns: dict[tuple, Callable] = {}
+    inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     over_budget = False
+    # -------------------------------------------------------------- eager, device, memory
     for dtype in dtypes:
         for mode, shape in SHAPES[args.shapes]:
             dname = str(dtype).replace("torch.", "")
@@ -532,69 +748,61 @@ def main() -> int:
             ideal = 2 * (x_bytes + t_bytes) + x_bytes
             copy_bw = None
             try:
-                ms = copy_ms(x_bytes + t_bytes, timer, args.warmup, max(args.reps, 10))
+                ms = copy_ms(x_bytes + t_bytes, dev, args.warmup, max(args.reps, 10))
                 copy_bw = 2 * (x_bytes + t_bytes) / (ms * 1e-3) / 1e9
                 meta["copy"][f"{list(shape)}|{dname}"] = {"ms": ms, "gbs": copy_bw,
                                                          "bytes": x_bytes + t_bytes}
             except Exception as exc:
                 notes.append(f"copy {shape} {dname}: {type(exc).__name__}: {exc}")
-            for loss in LOSSES + COMPOSITES:
-                reference_value = None
+            for loss in losses:
                 for impl in impls:
                     if time.monotonic() - started > args.budget:
                         over_budget = True
                         break
                     row = Row(list(shape), mode, dname, loss, impl, ideal_bytes=ideal)
                     try:
-                        if impl.startswith("dynloss-"):
-                            fn = _dynloss(loss, mode, impl.split("-", 1)[1])
-                        elif impl == "torch":
-                            fn = (_composite([_plain_torch(p, mode) for p in loss.split("+")])
-                                  if "+" in loss else _plain_torch(loss, mode))
-                        elif impl == "smp":
-                            fn = None if isinstance(smp, str) else (
-                                _composite([_smp(smp, p, mode) for p in loss.split("+")])
-                                if "+" in loss else _smp(smp, loss, mode))
-                        elif impl == "monai":
-                            fn = None if monai_losses is None else _monai(monai_losses, loss, mode)
-                        else:
-                            raise ValueError(f"unknown impl {impl}")
+                        fn = implementation(impl, loss, mode, smp, monai_losses, backend)
                         if fn is None:
                             continue  # no such loss in that library
-                        times, peak = measure(fn, x, t, timer, args.warmup, args.reps)
+                        step = make_step(fn, x, t)
+                        step()  # compile / warm caches
+                        peak = dev.peak_extra(step)
+                        times = dev.times(step, args.warmup, args.reps)
                         row.ms = statistics.median(times)
-                        row.ms_p20 = _quantile(times, 0.2)
-                        row.ms_p80 = _quantile(times, 0.8)
+                        row.ms_p20, row.ms_p80 = _quantile(times, 0.2), _quantile(times, 0.8)
                         if peak is not None:
                             row.peak_extra_mb = peak / 2**20
-                            row.peak_extra_x_inputs = peak / x_bytes
-                        row.gbs = ideal / (row.ms * 1e-3) / 1e9
-                        if copy_bw:
-                            row.copy_fraction = row.gbs / copy_bw
-                        if impl.startswith("dynloss"):
+                            row.peak_extra_x_input = peak / x_bytes
+                        profiled = dev.profile(step)
+                        if profiled is not None:
+                            row.device_ms, row.launches = profiled
+                            if copy_bw and row.device_ms:
+                                row.copy_fraction = ideal / (row.device_ms * 1e-3) / 1e9 / copy_bw
+                        elif args.cpu_smoke and impl == "dynloss":
+                            row.launches = count_interpreted_launches(step)
+                        if impl == "dynloss":
                             with torch.no_grad():
                                 value = fn(x, t).float()
-                            if impl == "dynloss-reference" or reference_value is None:
-                                ref = _dynloss(loss, mode, "reference")
-                                with torch.no_grad():
-                                    reference_value = ref(x, t).float()
-                            row.max_abs_diff_vs_reference = float(
-                                (value - reference_value).abs().max())
+                                want = _dynloss(loss, mode, "reference")(x, t).float()
+                            row.max_abs_diff_vs_reference = float((value - want).abs().max())
+                        fns[(tuple(shape), dname, loss, impl)] = fn
                     except Exception as exc:
                         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                        if impl == "dynloss-triton":
+                        if impl == "dynloss":
                             row.extra["traceback"] = traceback.format_exc()[-3000:]
                     rows.append(row)
                     status = row.error or (
-                        f"{row.ms:8.3f} ms  peak+{row.peak_extra_x_inputs or 0:5.2f}x  "
-                        f"{(row.copy_fraction or 0):5.0%} of copy  "
+                        f"{row.ms:8.3f} ms  device {_fmt(row.device_ms)} ms  launches "
+                        f"{_fmt(row.launches, '.0f')}  peak+{row.peak_extra_x_input or 0:5.2f}x "
+                        f" {(row.copy_fraction or 0):5.0%} of copy  "
                         f"diff {row.max_abs_diff_vs_reference}")
-                    print(f"{mode:10s} {shape!s:22s} {dname:9s} {loss:12s} {impl:18s} {status}",
+                    print(f"{mode:10s} {shape!s:22s} {dname:9s} {loss:11s} {impl:8s} {status}",
                           flush=True)
                 if over_budget:
                     break
+            inputs[(tuple(shape), dname)] = (x, t)
             del x, t
-            if device.type == "cuda":
+            if dev.cuda:
                 torch.cuda.empty_cache()
             write()
             if over_budget:
@@ -602,11 +810,64 @@ def main() -> int:
         if over_budget:
             break
     if over_budget:
-        notes.append(f"stopped early: the time budget of {args.budget:.0f} s was spent; "
+        notes.append(f"eager part stopped early: its budget of {args.budget:.0f} s was spent; "
                      "later shapes/dtypes are missing")
         print("NOTE:", notes[-1], flush=True)
+
+    # ----------------------------------------------------------------- host time per step
+    for mode in ("binary", "multiclass"):
+        x, t = make_inputs(mode, HOST_SHAPE[mode] if dev.cuda else SHAPES["smoke"][
+            mode == "multiclass"][1], dtypes[0], device)
+        for loss in [name for name in args.host_losses.split(",") if name]:
+            entry: dict = {"loss": loss, "mode": mode}
+            for impl in impls:
+                try:
+                    fn = implementation(impl, loss, mode, smp, monai_losses, backend)
+                    if fn is not None:
+                        entry[impl] = host_us(make_step(fn, x, t), dev, 200 if dev.cuda else 3)
+                except Exception as exc:
+                    notes.append(f"host time {loss} {mode} {impl}: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200]}")
+            meta["host"].append(entry)
+            print("host µs", entry, flush=True)
     write()
-    msg = plot(out / f"bench_{slug}.png", meta, rows)
+
+    # ------------------------------------------------- torch.compile(mode="reduce-overhead")
+    compile_started = time.monotonic()
+    priority = {"dynloss": 0, "torch": 1, "smp": 2, "monai": 3, "nnunet": 4}
+    order = sorted(rows, key=lambda r: (tuple(r.shape) != GOAL_SHAPE, r.dtype != "float32",
+                                        r.impl != "dynloss", priority.get(r.impl, 9)))
+    for row in order:
+        key = (tuple(row.shape), row.dtype, row.loss, row.impl)
+        if row.ms is None or key not in fns:
+            continue
+        x, t = inputs[(tuple(row.shape), row.dtype)]
+        if time.monotonic() - compile_started > args.compile_budget:
+            row.compile_note = "not measured (budget)"
+            continue
+        try:
+            torch._dynamo.reset()
+            options = ({"mode": "reduce-overhead"} if dev.cuda else {"backend": "aot_eager"})
+            compiled = torch.compile(fns[key], fullgraph=row.impl == "dynloss", **options)
+            inner = make_step(compiled, x, t)
+
+            def step(inner=inner) -> None:
+                if dev.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                inner()
+
+            for _ in range(3):  # compile, cudagraph warm-up and recording
+                step()
+            row.compiled_ms = statistics.median(dev.times(step, args.warmup, args.reps))
+        except Exception as exc:
+            row.compile_note = f"error: {type(exc).__name__}"
+            row.extra["compile_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        print(f"compiled {row.mode:10s} {row.shape!s:22s} {row.dtype:9s} {row.loss:11s} "
+              f"{row.impl:8s} {_fmt(row.compiled_ms)} ms {row.compile_note or ''}", flush=True)
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+    write()
+    msg = plot(out, slug, meta, rows)
     if msg:
         notes.append(msg)
         write()

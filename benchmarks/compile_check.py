@@ -2,9 +2,13 @@
 
 The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute but not that they
 compile. This script intercepts each kernel launch made by the dynloss Triton autograd
-Functions on CPU tensors, and instead of launching compiles the kernel ahead of time for
-``--arch`` (default sm_90, an H100) down to a cubin with Triton's bundled ``ptxas``. Outputs of
-the intercepted launches are left uninitialised; only compilation is checked.
+Functions on CPU tensors and, instead of launching, compiles the kernel ahead of time for
+``--arch`` (default sm_90: H100/H200) down to a cubin with Triton's bundled ``ptxas``.
+Outputs of the intercepted launches are left uninitialised; only compilation is checked.
+Every variant the losses can launch is covered: region (pooled, per image, every reduction),
+BCE/Focal (alpha, sum), composites, TopK (with and without ignore_index, alpha, sum), the
+``ddp_pool`` sums, for binary and multiclass inputs in float32/float16/bfloat16, logits and
+probabilities, several target dtypes.
 
 Usage::
 
@@ -27,10 +31,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dynloss.kernels import triton_pixel, triton_region
-from dynloss.kernels.triton_fused import TritonRegionPixel
-from dynloss.kernels.triton_pixel import TritonPixelLossSum
-from dynloss.kernels.triton_region import TritonRegionSums
+from dynloss._params import composite_params, distribution_params, region_params
+from dynloss.kernels.triton import stream, topk
 
 _TYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -49,7 +51,7 @@ class _Compiler:
         return self._compile
 
     def _compile(self, *args, **kwargs):
-        fn = self.fn.fn if hasattr(self.fn, "fn") and not hasattr(self.fn, "arg_names") else self.fn
+        fn = self.fn
         names = fn.arg_names
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         values = dict(zip(names, args, strict=False))
@@ -79,14 +81,39 @@ class _Compiler:
         self.seen[key] = time.perf_counter() - start
 
 
-def _exercise(x, t, mode, from_logits, ignore, gamma, alpha) -> None:
+def _patch(target: GPUTarget, seen: dict) -> None:
+    for module in (stream, topk):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if name.endswith("_kernel") and isinstance(obj, triton.runtime.jit.JITFunction):
+                setattr(module, name, _Compiler(obj, target, seen))
+
+
+def _exercise(x, t, mode: str, from_logits: bool, ignore, alpha) -> None:
     """Forward and backward of every Triton autograd Function for one configuration."""
-    sums = TritonRegionSums.apply(x, t, mode, from_logits, ignore)
+    common = dict(mode=mode, from_logits=from_logits, ignore_index=ignore)
+    for per_image, reduction in ((False, "mean"), (True, "mean"), (False, "none"),
+                                 (True, "sum")):
+        params = region_params(alpha=0.3, beta=0.7, per_image=per_image, reduction=reduction,
+                               **common)
+        loss = stream.TritonFusedLoss.apply(x, t, mode, params, False)
+        loss.sum().backward()
+    sums_params = region_params(alpha=0.5, beta=0.5, ddp_pool=True, **common)
+    sums = stream.TritonRegionSums.apply(x, t, sums_params, False)
     (sums[0].sum() + sums[1].sum()).backward()
-    TritonPixelLossSum.apply(x, t, mode, from_logits, ignore, gamma, alpha, None)[0].backward()
-    TritonPixelLossSum.apply(x, t, mode, from_logits, ignore, gamma, alpha, 0.6)[0].backward()
-    fused = TritonRegionPixel.apply(x, t, mode, from_logits, ignore, gamma, alpha)
-    (fused[0].sum() + fused[1].sum() + fused[3]).backward()
+    for gamma, reduction in ((0.0, "mean"), (2.0, "mean"), (2.0, "sum")):
+        dist = distribution_params(gamma=gamma, alpha=alpha if gamma else None,
+                                   reduction=reduction, **common)
+        stream.TritonFusedLoss.apply(x, t, mode, dist, False).backward()
+        composite = composite_params(region_params(alpha=0.5, beta=0.5, **common),
+                                     distribution_params(gamma=gamma, alpha=None, **common),
+                                     0.7, 1.3)
+        combined, _region, _dist = stream.TritonFusedLoss.apply(x, t, mode, composite, False)
+        combined.backward()
+    for gamma, reduction in ((0.0, "mean"), (2.0, "sum")):
+        dist = distribution_params(gamma=gamma, alpha=alpha if gamma else None, k=0.3,
+                                   reduction=reduction, **common)
+        topk.TritonTopK.apply(x, t, dist, False).backward()
 
 
 def main() -> int:
@@ -96,45 +123,42 @@ def main() -> int:
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     seen: dict = {}
-    for module in (triton_region, triton_pixel):
-        for name in dir(module):
-            obj = getattr(module, name)
-            if name.endswith("_kernel") and isinstance(obj, triton.runtime.jit.JITFunction):
-                setattr(module, name, _Compiler(obj, target, seen))
-
+    _patch(target, seen)
     dtypes = [torch.float32, torch.bfloat16] if args.quick else [
         torch.float32, torch.float16, torch.bfloat16]
     failures = 0
-    cases = itertools.product(
-        ["binary", "multiclass"], dtypes, [True, False], [None, 255], [(0.0, None), (2.0, "a")]
-    )
-    for mode, dtype, from_logits, ignore, (gamma, alpha) in cases:
+    started = time.perf_counter()
+    cases = itertools.product(["binary", "multiclass"], dtypes, [True, False], [None, 255])
+    for mode, dtype, from_logits, ignore in cases:
         c = 3 if mode == "multiclass" else 1
         x = torch.zeros(2, c, 40, dtype=dtype, requires_grad=True)
         if mode == "multiclass":
             t = torch.zeros(2, 40, dtype=torch.int64)
-            a = (1.0, 2.0, 3.0) if alpha else None
+            alpha = (1.0, 2.0, 3.0)
         else:
             t = torch.zeros(2, 1, 40, dtype=torch.uint8)
-            a = 0.25 if alpha else None
+            alpha = 0.25
         try:
-            _exercise(x, t, mode, from_logits, ignore, gamma, a)
+            _exercise(x, t, mode, from_logits, ignore, alpha)
         except Exception as exc:  # report and go on
             failures += 1
             root = exc
             while root.__cause__ is not None:
                 root = root.__cause__
-            print(f"FAIL {mode} {dtype} logits={from_logits} ignore={ignore} "
-                  f"gamma={gamma} alpha={a}: {type(root).__name__}: {root}", flush=True)
-    # other target dtypes (binary)
+            print(f"FAIL {mode} {dtype} logits={from_logits} ignore={ignore}: "
+                  f"{type(root).__name__}: {root}", flush=True)
+    # other target dtypes (binary) and a multilabel layout
     for tdtype in (torch.float32, torch.bool, torch.int64, torch.float16):
-        x = torch.zeros(2, 1, 40, requires_grad=True)
-        t = torch.zeros(2, 1, 40, dtype=tdtype)
-        TritonRegionPixel.apply(x, t, "binary", True, None, 2.0, None)[3].backward()
-        TritonPixelLossSum.apply(x, t, "binary", True, None, 0.0, None, 0.5)[0].backward()
+        x = torch.zeros(2, 2, 40, requires_grad=True)
+        t = torch.zeros(2, 2, 40, dtype=tdtype)
+        try:
+            _exercise(x, t, "multilabel", True, None, 0.25)
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL target {tdtype}: {type(exc).__name__}: {exc}", flush=True)
     total = sum(seen.values())
-    print(f"compiled {len(seen)} kernel variants for sm_{args.arch} in {total:.1f} s; "
-          f"{failures} failures")
+    print(f"compiled {len(seen)} kernel variants for sm_{args.arch} in {total:.1f} s "
+          f"({time.perf_counter() - started:.0f} s in all); {failures} failures")
     return 1 if failures else 0
 
 

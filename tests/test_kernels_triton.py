@@ -66,6 +66,21 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _fresh_geometry():
+    """Tests patch tile sizes and program counts: the cached launch geometry follows."""
+    if not DEVICES:
+        yield
+        return
+    from dynloss.kernels.triton import stream, topk
+
+    stream.geometry.cache_clear()
+    topk.topk_geometry.cache_clear()
+    yield
+    stream.geometry.cache_clear()
+    topk.topk_geometry.cache_clear()
+
+
 _inputs = kernel_inputs
 _run = run_loss
 
@@ -317,15 +332,265 @@ def test_fused_options(device, mode):
 def test_multi_tile_programs(device, monkeypatch):
     """Chunks of several tiles per program (the loop inside the streaming kernels)."""
     from dynloss.kernels.triton import stream as triton_region
+    from dynloss.kernels.triton import topk as triton_pixel
 
     monkeypatch.setattr(triton_region, "TARGET_PROGRAMS", 1)
     monkeypatch.setattr(triton_region, "BLOCK_BINARY", 64)
     monkeypatch.setattr(triton_region, "TILE_MULTICLASS", 64)
+    monkeypatch.setattr(triton_pixel, "TOPK_PROGRAMS", 3)
+    monkeypatch.setattr(triton_pixel, "BLOCK_TOPK", 32)
     for mode in ("binary", "multiclass"):
         x, t = _inputs(mode, (13, 17), seed=41)
-        for fn in (F.dice_loss, F.focal_loss):
+        assert triton_region.geometry(*x.reshape(2, x.shape[1], -1).shape,
+                                      mode == "multiclass").chunk > 64
+        for fn in (F.dice_loss, F.focal_loss, F.topk_loss):
             _compare(fn, x, t, device, mode=mode)
+        _compare(F.tversky_loss, x, t, device, mode=mode, per_image=True)
         _compare(region_pixel_loss, x, t, device, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_topk_ties_across_tiles_and_programs(device, mode, monkeypatch):
+    """Ties spread over several tiles of several programs: the rank carried from tile to tile
+    and the tie offsets of the earlier programs select the lowest flat indices."""
+    from dynloss.kernels.triton import stream as triton_region
+    from dynloss.kernels.triton import topk as triton_pixel
+
+    monkeypatch.setattr(triton_pixel, "BLOCK_TOPK", 16)
+    monkeypatch.setattr(triton_pixel, "TOPK_PROGRAMS", 3)
+    monkeypatch.setattr(triton_region, "TILE_MULTICLASS", 64)
+    if mode == "binary":
+        x, t = torch.full((2, 1, 7, 9), 1.5), torch.ones(2, 1, 7, 9)
+        x[1, 0, 3, 4] = 3.0  # one loss below the ties (a positive logit, target 1)
+    else:
+        x, t = torch.zeros(2, 3, 7, 9), torch.ones(2, 7, 9, dtype=torch.long)
+        x[:, 1] = 2.0
+        x[0, 1, 2, 2] = -1.0  # one loss above the ties
+    for k in (0.2, 0.45, 0.9):
+        _got, grad = _compare(F.topk_loss, x, t, device, mode=mode, k=k)
+        _, torch_grad = _run(F.topk_loss, x.to(device), t.to(device), "torch", mode=mode, k=k)
+        assert torch.equal(grad != 0, torch_grad != 0)
+
+
+def test_int64_offsets(device, monkeypatch):
+    """The int64-offset variants (tensors of 2^31 elements and more) compute the same."""
+    from dynloss.kernels.triton import stream as triton_region
+
+    monkeypatch.setattr(triton_region, "INDEX_64_FROM", 0)
+    for mode in ("binary", "multiclass"):
+        x, t = _inputs(mode, (5, 7), seed=42)
+        for fn in (F.dice_loss, F.bce_loss):
+            _compare(fn, x, t, device, mode=mode)
+        _compare(region_pixel_loss, x, t, device, mode=mode, pixel="focal")
+
+
+@pytest.mark.parametrize("mode", ["multilabel", "multiclass"])
+def test_epilogue_reads_partials_in_several_tiles(device, mode, monkeypatch):
+    """Small epilogue tiles and a low cap on multiclass partials: the one-program epilogue
+    loops over partial rows (pooled and per image)."""
+    from dynloss.kernels.triton import stream as triton_region
+
+    monkeypatch.setattr(triton_region, "EPILOGUE_TILE", 16)
+    monkeypatch.setattr(triton_region, "MAX_PARTIALS", 64)
+    monkeypatch.setattr(triton_region, "BLOCK_BINARY", 16)
+    monkeypatch.setattr(triton_region, "TILE_MULTICLASS", 64)
+    x, t = _inputs(mode, (9, 8), n=3, c=5, seed=43)
+    for per_image in (False, True):
+        _compare(F.dice_loss, x, t, device, mode=mode, per_image=per_image)
+    _compare(region_pixel_loss, x, t, device, mode=mode, pixel="focal")
+
+
+# -------------------------------------------------------------------------------- reductions
+
+
+@pytest.mark.parametrize("mode", ["binary", "multilabel", "multiclass"])
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_region_reductions(device, mode, per_image, reduction):
+    """``reduction="none"``/``"sum"`` in the epilogue; a non-uniform upstream gradient."""
+    x, t = _inputs(mode, (5, 6), seed=47)
+    kw = dict(mode=mode, per_image=per_image, reduction=reduction)
+    got, _ = _compare(F.tversky_loss, x, t, device, **kw)
+    assert got.shape == F.tversky_loss(x, t, **kw, backend="reference").shape
+    if reduction == "none":
+        weight = torch.linspace(-1.0, 2.0, got.numel()).reshape(got.shape).to(device)
+        grads = []
+        for backend in ("triton", "reference"):
+            xg = x.to(device).clone().requires_grad_(True)
+            value = F.tversky_loss(xg, t.to(device), backend=backend, **kw)
+            grads.append(torch.autograd.grad(value, xg, weight)[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4,
+                                   atol=1e-6 * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+@pytest.mark.parametrize("name", ["bce", "focal", "topk"])
+def test_distribution_sum(device, mode, name):
+    x, t = _inputs(mode, (5, 6), seed=53)
+    _compare(PIXEL[name], x, t, device, mode=mode, reduction="sum", rtol=5e-5)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_composite_terms_get_their_own_gradients(device, mode):
+    """Each output of the fused composite carries its own gradient (the others None)."""
+    x, t = _inputs(mode, (5, 6), seed=59)
+    xd, td = x.to(device), t.to(device)
+    kw = dict(mode=mode, pixel="focal", region="tversky", region_weight=0.7, pixel_weight=1.3,
+              return_terms=True)
+    grads = {}
+    for backend in ("triton", "reference"):
+        xg = xd.clone().requires_grad_(True)
+        total, region, pixel = region_pixel_loss(xg, td, backend=backend, **kw)
+        grads[backend] = [
+            torch.autograd.grad(out, xg, retain_graph=True)[0]
+            for out in (total, region, pixel, 2.0 * region - pixel + 0.5 * total)
+        ]
+    for got, want in zip(grads["triton"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["dice", "focal", "topk", "composite"])
+def test_create_graph_is_differentiable(device, name):
+    """``create_graph=True``: the gradient is itself differentiable (recomputed through the
+    reference), so Hessian-vector products match the reference's."""
+    x, t = _inputs("multiclass", (4, 5), seed=61)
+    xd, td = x.to(device), t.to(device)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    fn = {"dice": F.dice_loss, "focal": F.focal_loss, "topk": F.topk_loss,
+          "composite": region_pixel_loss}[name]
+    hvps = []
+    for backend in ("triton", "reference"):
+        xg = xd.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(xg, td, mode="multiclass", backend=backend), xg,
+                                      create_graph=True)
+        hvps.append(torch.autograd.grad((grad * v).sum(), xg)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-4,
+                               atol=1e-6 * hvps[1].abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 4, 4), (2, 1, 0, 4), (0, 3, 5)])
+def test_empty_inputs_match_the_reference(device, shape):
+    mode = "multiclass" if len(shape) == 3 else "binary"
+    x = torch.zeros(shape, device=device)
+    t = (torch.zeros((shape[0], *shape[2:]), dtype=torch.long) if mode == "multiclass"
+         else torch.zeros(shape)).to(device)
+    for fn in (F.dice_loss, F.bce_loss, F.topk_loss, region_pixel_loss):
+        want = fn(x, t, mode=mode, backend="reference")
+        got = fn(x, t, mode=mode, backend="triton")
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+# ----------------------------------------------------------------------- invalid values -> NaN
+
+NAN_CASES = {
+    "dice": (F.dice_loss, {}),
+    "tversky-per-image": (F.tversky_loss, {"per_image": True}),
+    "iou-none": (F.iou_loss, {"reduction": "none"}),
+    "bce": (F.bce_loss, {}),
+    "focal": (F.focal_loss, {"gamma": 2.0}),
+    "topk": (F.topk_loss, {"k": 0.3}),
+    "composite": (region_pixel_loss, {"pixel": "focal"}),
+}
+
+
+def _nan_run(name, x, t, device, backend, **kw):
+    fn, extra = NAN_CASES[name]
+    return _run(fn, x.to(device), t.to(device), backend, **extra, **kw)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")],
+                         ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(NAN_CASES))
+def test_non_finite_kept_input_gives_nan(device, mode, value, name):
+    """A NaN or infinite logit in a kept element: the loss is NaN and so is the gradient of
+    every element that the loss depends on (every kept one; TopK: every selected one), as in
+    the reference (the loss times a NaN factor), with or without value checks. In an ignored
+    element it changes nothing, and that element gets a zero gradient (the reference's
+    autograd leaks ``0 * sigmoid'(NaN) = NaN`` there)."""
+    x, t = _inputs(mode, (4, 5), seed=67)
+    x[1, 0, 2, 3] = value
+    for check in (None, False):
+        got, grad = _nan_run(name, x, t, device, "triton", mode=mode, check_values=check)
+        want, want_grad = _nan_run(name, x, t, device, "reference", mode=mode,
+                                   check_values=check)
+        assert torch.isnan(want).all() and torch.isnan(got).all()
+        assert torch.isnan(grad).any()
+        assert torch.equal(torch.isnan(grad), torch.isnan(want_grad))
+        torch.testing.assert_close(grad.nan_to_num(), want_grad.nan_to_num())
+    t = t.long()
+    t[1, ..., 2, 3] = 255
+    got, grad = _nan_run(name, x, t, device, "triton", mode=mode, ignore_index=255)
+    want, want_grad = _nan_run(name, x, t, device, "reference", mode=mode, ignore_index=255)
+    assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    assert (grad[1, :, 2, 3] == 0).all()
+    want_grad[1, :, 2, 3] = 0.0
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4,
+                               atol=1e-4 * want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")], ids=["2", "-0.5", "nan"])
+@pytest.mark.parametrize("name", sorted(NAN_CASES))
+def test_invalid_binary_target(device, bad, name):
+    """A binary target outside [0, 1]: NaN loss and gradient without value checks (no host
+    read), a ValueError with them."""
+    x, t = _inputs("binary", (4, 5), seed=71)
+    t[0, 0, 1, 1] = bad
+    got, grad = _nan_run(name, x, t, device, "triton", check_values=False)
+    want, want_grad = _nan_run(name, x, t, device, "reference", check_values=False)
+    assert torch.isnan(want).all() and torch.isnan(got).all() and torch.isnan(grad).any()
+    assert torch.equal(torch.isnan(grad), torch.isnan(want_grad))
+    with pytest.raises(ValueError, match="target values must lie in"):
+        _nan_run(name, x, t, device, "triton", check_values=True)
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+@pytest.mark.parametrize("name", ["dice", "bce", "topk", "composite"])
+def test_probabilities_outside_unit_interval(device, mode, name):
+    x, t = _inputs(mode, (4, 5), seed=73)
+    p = torch.softmax(x, 1) if mode == "multiclass" else torch.sigmoid(x)
+    p[0, 0, 1, 2] = 1.5
+    got, grad = _nan_run(name, p, t, device, "triton", mode=mode, from_logits=False,
+                         check_values=False)
+    want, want_grad = _nan_run(name, p, t, device, "reference", mode=mode, from_logits=False,
+                               check_values=False)
+    assert torch.isnan(got).all() and torch.isnan(want).all() and torch.isnan(grad).any()
+    assert torch.equal(torch.isnan(grad), torch.isnan(want_grad))
+    with pytest.raises(ValueError, match="probabilities in"):
+        _nan_run(name, p, t, device, "triton", mode=mode, from_logits=False,
+                 check_values=True)
+
+
+@pytest.mark.parametrize("name", sorted(NAN_CASES))
+def test_invalid_class_index_counted_in_kernel(device, name):
+    """A multiclass label outside ``[0, C)`` that no host check read (as on CUDA): the loss is
+    NaN, the gradient NaN, and no table or class row is read at that label (the per-class
+    alpha is given). Called below the dispatch, which checks CPU labels on the host."""
+    from dynloss._params import composite_params, distribution_params, region_params
+    from dynloss.kernels.triton import stream, topk
+
+    x, t = _inputs("multiclass", (4, 5), seed=79)
+    x3 = x.reshape(2, 3, -1).to(device).requires_grad_(True)
+    t3 = t.reshape(2, -1).clone()
+    t3[0, 3], t3[1, 7] = 3, -1
+    t3 = t3.to(device)
+    common = dict(mode="multiclass", ignore_index=255)
+    focal = distribution_params(gamma=2.0, alpha=(0.5, 1.0, 2.0), **common)
+    if name == "topk":
+        out = topk.TritonTopK.apply(x3, t3, distribution_params(k=0.3, **common), False)
+    elif name == "composite":
+        params = composite_params(region_params(alpha=0.5, beta=0.5, **common), focal)
+        out = stream.TritonFusedLoss.apply(x3, t3, "multiclass", params, False)[0]
+    elif name in ("bce", "focal"):
+        out = stream.TritonFusedLoss.apply(x3, t3, "multiclass", focal, False)
+    else:
+        _fn, extra = NAN_CASES[name]
+        a, b = {"dice": (0.5, 0.5), "iou-none": (1.0, 1.0)}.get(name, (0.3, 0.7))
+        params = region_params(alpha=a, beta=b, **extra, **common)
+        out = stream.TritonFusedLoss.apply(x3, t3, "multiclass", params, False)
+    (grad,) = torch.autograd.grad(out.sum(), x3)
+    assert torch.isnan(out).all() and torch.isnan(grad).any()
 
 
 def test_non_contiguous_input(device):
@@ -405,3 +670,15 @@ def test_interpreter_subprocess():
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_ddp_pool_sums_path(device, mode):
+    """``ddp_pool=True`` takes the raw sums (outside a process group pooling is a no-op)."""
+    x, t = _inputs(mode, (5, 6), seed=83)
+    _compare(F.dice_loss, x, t, device, mode=mode, ddp_pool=True)
+    _compare(F.tversky_loss, x, t, device, mode=mode, ddp_pool=True, ignore_index=1)
+    x[0, 0, 0, 0] = float("nan")
+    got, grad = _run(F.dice_loss, x.to(device), t.to(device), "triton", mode=mode,
+                     ddp_pool=True)
+    assert torch.isnan(got).all() and torch.isnan(grad).any()

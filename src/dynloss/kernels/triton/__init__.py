@@ -1,8 +1,12 @@
 """The ``"triton"`` backend: Triton kernels for CUDA tensors (CPU under Triton's interpreter).
 
-Files: ``math.py`` (element-wise helpers in Triton), ``stream.py`` (the streaming region and
-distribution kernels and their autograd Functions), ``topk.py`` (TopK by radix select, no
-sort, no host synchronisation).
+Files: ``math.py`` (element-wise helpers in Triton), ``stream.py`` (Dice/IoU/Tversky,
+BCE/Focal and fused composites: a streaming pass and a one-program epilogue forward, one pass
+backward), ``topk.py`` (TopK by radix select: a zero fill and four passes forward, one pass
+backward), ``ops.py`` (the same kernels as ``torch.library`` custom operators, which
+``torch.compile`` traces). No launch reads anything on the host and no torch operation runs
+between the launches (TopK's zero fill aside), so a step can be captured in a CUDA graph; NaN
+or infinite kept inputs and invalid targets are counted in the kernels and make the loss NaN.
 
 Importing this package does not import Triton: :func:`triton_available` tries it once, and
 the kernel modules are imported on the first call that runs them. On the CPU the kernels run
@@ -13,7 +17,7 @@ imported (tests use it; it is slow).
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +34,9 @@ MAX_CLASSES = 1024
 """The multiclass kernels hold a tile of every class's logits: up to this many classes."""
 
 
-@lru_cache(maxsize=1)
+_AVAILABLE: list[bool] = []
+
+
 def triton_available() -> bool:
     """Whether ``import triton`` works (cached; never raises).
 
@@ -40,12 +46,15 @@ def triton_available() -> bool:
         >>> triton_available() == (importlib.util.find_spec("triton") is not None)
         True
     """
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    if not _AVAILABLE:  # a plain cache: torch.compile traces it without a warning
+        try:
+            import triton
+            import triton.language  # noqa: F401
+        except Exception:
+            _AVAILABLE.append(False)
+        else:
+            _AVAILABLE.append(True)
+    return _AVAILABLE[0]
 
 
 def _interpret_env() -> bool:
@@ -72,10 +81,14 @@ def interpreter_active() -> bool:
     return type(tl.cumsum).__name__ == "InterpretedFunction"
 
 
-@lru_cache(maxsize=16)
+_CUDA_SUPPORTED: dict[int, bool] = {}
+
+
 def _cuda_supported(index: int) -> bool:
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 7
+    supported = _CUDA_SUPPORTED.get(index)
+    if supported is None:
+        supported = _CUDA_SUPPORTED[index] = torch.cuda.get_device_capability(index)[0] >= 7
+    return supported
 
 
 def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked: bool
@@ -84,14 +97,37 @@ def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked
                                                   not checked))
 
 
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernels() -> dict[str, Any]:
+    """The kernel modules, imported on first use (this imports Triton)."""
+    if not _KERNELS:
+        from . import stream, topk
+
+        _KERNELS.update(fused=stream.TritonFusedLoss.apply, sums=stream.TritonRegionSums.apply,
+                        topk=topk.TritonTopK.apply)
+    return _KERNELS
+
+
 class TritonBackend:
-    """The Triton backend (see the package documentation)."""
+    """The Triton backend (see the package documentation).
+
+    Every op is a few kernel launches and no host synchronisation: Dice/IoU/Tversky,
+    BCE/Focal and the fused composites are one streaming pass plus a one-program epilogue
+    forward and one pass backward (:mod:`~dynloss.kernels.triton.stream`); TopK is a radix
+    select (:mod:`~dynloss.kernels.triton.topk`). NaN or infinite kept inputs and invalid
+    targets are counted in the kernels and make the loss NaN. Inside ``torch.compile`` the
+    same kernels run as ``torch.library`` custom operators
+    (:mod:`~dynloss.kernels.triton.ops`). Empty inputs go to the reference.
+    """
 
     name = "triton"
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        topk=True, ddp_pool=True, double_backward=True, max_classes=MAX_CLASSES,
+        topk=True, ddp_pool=True, double_backward=True, compilable=True,
+        max_classes=MAX_CLASSES,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
@@ -111,36 +147,44 @@ class TritonBackend:
                 "on the CPU in Triton's interpreter, e.g. in tests, set TRITON_INTERPRET=1 "
                 "before Triton is imported)")
 
-    def region_sums(self, layout: Layout, params: RegionParams, checked: bool):
-        from .stream import TritonRegionSums
-
-        return TritonRegionSums.apply(layout.x, layout.target, layout.mode, params.from_logits,
-                                      params.ignore_index, checked)
-
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
-        loss = reference.score_loss(self.region_sums(layout, params, checked), params)
-        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+        if layout.x.numel() == 0:
+            return reference.REFERENCE.region(layout, params, checked)
+        if params.ddp_pool:
+            if torch.compiler.is_compiling():
+                return reference.REFERENCE.region(layout, params, checked)
+            sums = _kernels()["sums"](layout.x, layout.target, params, checked)
+            loss = reference.score_loss(sums, params)
+            return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+        if torch.compiler.is_compiling():
+            from . import ops, stream
+
+            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
+        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
-        from .topk import TritonDistributionSum
+        if layout.x.numel() == 0:
+            return reference.REFERENCE.distribution(layout, params, checked)
+        if torch.compiler.is_compiling():
+            from . import ops, stream, topk
 
-        total, count = TritonDistributionSum.apply(layout.x, layout.target, params, checked)
-        loss = total / count if params.reduction == "mean" else total
-        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+            if params.k is not None:
+                return ops.topk_loss(layout.x, layout.target, topk.build_topk_spec(params))
+            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
+        if params.k is not None:
+            return _kernels()["topk"](layout.x, layout.target, params, checked)
+        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        from .stream import TritonRegionDistribution
+        if layout.x.numel() == 0:
+            return reference.REFERENCE.composite(layout, params, checked)
+        if torch.compiler.is_compiling():
+            from . import ops, stream
 
-        intersection, prediction_sum, target_sum, total, count = TritonRegionDistribution.apply(
-            layout.x, layout.target, params, checked)
-        poison = _poison(layout, params.region.ignore_index, params.region.from_logits, checked)
-        region = reference.score_loss((intersection, prediction_sum, target_sum),
-                                      params.region) * poison
-        distribution = total / count * poison
-        combined = params.region_weight * region + params.distribution_weight * distribution
-        return combined, region, distribution
+            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
+        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
 
 
 TRITON = TritonBackend()

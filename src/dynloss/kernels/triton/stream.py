@@ -1,31 +1,45 @@
-"""Triton streaming kernels: region sums and per-element losses in one pass, and backward.
+"""Triton streaming kernels: a whole region / distribution / composite loss in three launches.
 
-One streaming kernel reads the logits and the target once and produces, per program, float32
-partial sums of ``I = sum(p*g)``, ``P = sum(p)``, ``G = sum(g)`` (flag ``DO_REGION``) and/or
-of the per-element BCE/focal loss and the kept count (flag ``DO_PIXEL``). The partials are
-reduced by a deterministic ``torch.sum`` over a few thousand values. One elementwise backward
-kernel writes ``dL/dx`` from the saved inputs and the ``(N, C)`` gradients of the sums (and
-the scalar gradient of the pixel-loss sum). The same two kernels serve:
+Forward is two launches, backward one; nothing is read on the host and no torch operation
+runs between them, so a training step can be captured in a CUDA graph.
 
-* :class:`TritonRegionSums` (``DO_REGION`` only): what Dice, IoU and Tversky need;
-* :class:`dynloss.kernels.triton.topk.TritonDistributionSum` (``DO_PIXEL`` only): BCE, Focal;
-* :class:`TritonRegionDistribution` (both): Dice+BCE and friends in one forward and one
-  backward pass.
+1. **Streaming forward** (``_binary_fwd_kernel`` / ``_multiclass_fwd_kernel``): grid
+   ``(rows, S)``; each program reads its chunk of the logits and the target once and writes
+   float32 partial sums to a work buffer: per (sample, split, class) ``I = sum(p*g)``,
+   ``P = sum(p)``, ``G = sum(g)`` (flag ``DO_REGION``), and per program the sum of the
+   per-element BCE/focal losses, the kept count (flag ``DO_PIXEL``) and the number of *bad*
+   kept elements (a NaN or infinite logit, a probability outside [0, 1], a binary target
+   outside [0, 1], a class index outside ``[0, C)``). Counts are int32 stored bit for bit in
+   the float32 buffer.
+2. **Epilogue** (``_epilogue_kernel``, one program): reduces the partials in a fixed order
+   (deterministic), forms the Tversky index of every class (pooled over the batch, or per
+   image), the reduction, the mean of the pixel term, the weighted composite, and writes the
+   loss(es) -- NaN when a bad element was counted -- plus a small ``state`` for backward: the
+   NaN factor, the pixel term's divisor and ``d loss / dI``, ``d loss / dP`` of every score
+   entry for a unit upstream gradient.
+3. **Backward** (``_binary_bwd_kernel`` / ``_multiclass_bwd_kernel``): reads the upstream
+   gradient(s) and ``state`` on the device and writes ``dL/dx`` elementwise; region and pixel
+   terms of a composite in the same pass.
 
 Binary/multilabel inputs are ``(N, C, M)`` with a target of the same shape (any dtype);
-multiclass inputs are ``(N, C, M)`` with ``(N, M)`` integer class indices, the softmax over
-``C`` is computed in-kernel and no one-hot tensor is ever materialised.
+multiclass inputs are ``(N, C, M)`` with ``(N, M)`` integer class indices: the softmax over
+``C`` is computed in-kernel and no one-hot tensor is ever materialised. Kept multiclass labels
+outside ``[0, C)`` are counted as bad and left out of every sum and every load (no index is
+read past its table). Offsets are int64 when a tensor can pass 2^31 elements (``INDEX_64``).
 
-Kept multiclass labels outside ``[0, C)`` are left out of every sum and every load (the
-caller makes the loss NaN for them), so no index is ever read past its table. Offsets are
-int64 when a row or the whole tensor can pass 2^31 elements (``INDEX_64``).
+:class:`TritonFusedLoss` is the autograd Function of the eager path; the same launchers serve
+the ``torch.library`` custom ops of :mod:`dynloss.kernels.triton.ops` (``torch.compile``).
+:class:`TritonRegionSums` returns the raw ``(N, C)`` sums (``ddp_pool=True`` all-reduces them
+before the score).
 
 This module imports Triton at import time; :mod:`dynloss.kernels.triton` imports it lazily.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import triton
@@ -33,11 +47,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ..._layout import Layout
-from ..._params import CompositeParams
+from ..._params import CompositeParams, DistributionParams, RegionParams
 from ...constants import MULTICLASS_MODE
 from .. import reference
 from .._recompute import recompute_backward
 from . import math as tm
+
+__all__ = ["FusedSpec", "TritonFusedLoss", "TritonRegionSums", "fused_backward",
+           "fused_forward"]
 
 BLOCK_BINARY = 1024
 """Elements per tile in the binary/multilabel kernels."""
@@ -45,26 +62,33 @@ TILE_MULTICLASS = 4096
 """Classes x pixels per tile in the multiclass kernels (pixels = TILE / next_pow2(C))."""
 TARGET_PROGRAMS = 1024
 """Aim for about this many programs in a streaming pass (a few waves on an H100's 132 SMs)."""
+MAX_PARTIALS = 1 << 16
+"""At most this many multiclass region partials per statistic (the epilogue reads them all)."""
+EPILOGUE_TILE = 2048
+"""Values per tile of the one-program epilogue."""
 INDEX_64_FROM = 2**31 - 2**24
 """Use int64 offsets for tensors of at least this many elements (tests lower it)."""
 
-
-def index_64(x: Tensor) -> bool:
-    """Whether offsets into ``x`` need int64 (an index may pass 2^31)."""
-    return x.numel() >= INDEX_64_FROM
+REGION, DISTRIBUTION, COMPOSITE = 0, 1, 2
+"""What a fused call returns: the region loss, the distribution loss, or both weighted."""
+MEAN, SUM, NONE = 0, 1, 2
+"""Reduction codes (``"none"`` only for the region loss)."""
+_REDUCTIONS = {"mean": MEAN, "sum": SUM, "none": NONE}
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_rows(rows: int, length: int, block: int) -> tuple[int, int]:
+def split_rows(rows: int, length: int, block: int, programs: int | None = None
+               ) -> tuple[int, int]:
     """``(splits, chunk)``: each of ``rows`` rows of ``length`` is cut in ``splits`` chunks.
 
     ``chunk`` is a multiple of ``block``; the grid is ``(rows, splits)``.
     """
+    target = TARGET_PROGRAMS if programs is None else programs
     tiles = max(1, _cdiv(length, block))
-    splits = max(1, min(tiles, _cdiv(TARGET_PROGRAMS, max(rows, 1))))
+    splits = max(1, min(tiles, _cdiv(target, max(rows, 1))))
     chunk = _cdiv(tiles, splits) * block
     return _cdiv(max(length, 1), chunk), chunk
 
@@ -83,24 +107,161 @@ def target_for_kernel(target: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _alpha_table(alpha: tuple[float, ...], device: torch.device) -> Tensor:
+def _cached_alpha_table(alpha: tuple[float, ...], device: torch.device) -> Tensor:
     return torch.tensor(alpha, dtype=torch.float32, device=device)
 
 
-def alpha_args(alpha, mode: str, device: torch.device, dummy: Tensor) -> tuple[bool, float, Tensor]:
-    """``(HAS_ALPHA, scalar alpha, per-class table)`` for the kernels.
+def alpha_table(spec: FusedSpec, device: torch.device) -> Tensor | None:
+    """The per-class focal ``alpha`` table of a multiclass spec, else None. Cached per device:
+    only the first call copies it to the device (so a CUDA graph captured after a warm-up
+    step, or by ``torch.compile(mode="reduce-overhead")``, copies nothing)."""
+    if not (spec.multiclass and isinstance(spec.alpha, tuple)):
+        return None
+    return _cached_alpha_table(spec.alpha, device)
 
-    The per-class table (multiclass) is cached per device, so repeated calls copy nothing.
+
+# --------------------------------------------------------------------------------------------
+# what a call computes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """Everything the fused kernels need to know about a call besides the tensors.
+
+    Built once per parameter object (:func:`spec_for`); :meth:`ints` / :meth:`floats` /
+    :meth:`from_lists` flatten it for the ``torch.library`` custom ops.
     """
-    if alpha is None:
-        return False, 0.0, dummy
-    if mode == MULTICLASS_MODE:
-        return True, 0.0, _alpha_table(tuple(float(a) for a in alpha), device)
-    return True, float(alpha), dummy
+
+    output: int
+    """:data:`REGION`, :data:`DISTRIBUTION` or :data:`COMPOSITE`."""
+    multiclass: bool
+    from_logits: bool
+    ignore_index: int | None
+    do_region: bool
+    do_pixel: bool
+    per_image: bool
+    reduction: int
+    """The reduction of the returned loss (:data:`MEAN`, :data:`SUM`, :data:`NONE`); a
+    composite's region term; a composite's pixel term is always the mean."""
+    c1: float
+    """``1 - alpha - beta`` of the Tversky index."""
+    tversky_alpha: float
+    tversky_beta: float
+    smoothing: float
+    gamma: float
+    alpha: float | tuple[float, ...] | None
+    """Focal ``alpha``: a float (binary/multilabel), a per-class tuple (multiclass) or None."""
+    region_weight: float
+    distribution_weight: float
+
+    @property
+    def focal(self) -> bool:
+        return self.gamma != 0.0
+
+    @property
+    def mode_code(self) -> int:
+        return 1 if self.multiclass else 0
+
+    def ints(self) -> list[int]:
+        return [self.output, int(self.multiclass), int(self.from_logits),
+                int(self.ignore_index is not None),
+                0 if self.ignore_index is None else int(self.ignore_index),
+                int(self.do_region), int(self.do_pixel), int(self.per_image), self.reduction,
+                -1 if self.alpha is None else (len(self.alpha) if isinstance(self.alpha, tuple)
+                                               else 0)]
+
+    def floats(self) -> list[float]:
+        alpha = list(self.alpha) if isinstance(self.alpha, tuple) else (
+            [] if self.alpha is None else [float(self.alpha)])
+        return [self.c1, self.tversky_alpha, self.tversky_beta, self.smoothing, self.gamma,
+                self.region_weight, self.distribution_weight, *alpha]
+
+    @staticmethod
+    def from_lists(ints: list[int], floats: list[float]) -> FusedSpec:
+        (output, multiclass, from_logits, has_ignore, ignore, do_region, do_pixel, per_image,
+         reduction, alpha_len) = ints
+        c1, ta, tb, smoothing, gamma, w_region, w_dist = floats[:7]
+        alpha: float | tuple[float, ...] | None = None
+        if alpha_len == 0:
+            alpha = floats[7]
+        elif alpha_len > 0:
+            alpha = tuple(floats[7:7 + alpha_len])
+        return FusedSpec(output, bool(multiclass), bool(from_logits),
+                         ignore if has_ignore else None, bool(do_region), bool(do_pixel),
+                         bool(per_image), reduction, c1, ta, tb, smoothing, gamma, alpha,
+                         w_region, w_dist)
 
 
-def ignore_args(ignore_index: int | None) -> tuple[bool, int]:
-    return (ignore_index is not None), (0 if ignore_index is None else int(ignore_index))
+def _region_fields(params: RegionParams) -> dict[str, Any]:
+    return dict(c1=1.0 - params.alpha - params.beta, tversky_alpha=params.alpha,
+                tversky_beta=params.beta, smoothing=params.smoothing,
+                per_image=params.per_image)
+
+
+_NO_REGION: dict[str, Any] = dict(c1=0.0, tversky_alpha=0.0, tversky_beta=0.0, smoothing=0.0,
+                                  per_image=False)
+
+
+def build_spec(params: RegionParams | DistributionParams | CompositeParams) -> FusedSpec:
+    """The :class:`FusedSpec` of a region, distribution (no TopK) or composite call."""
+    if isinstance(params, RegionParams):
+        return FusedSpec(REGION, params.mode == MULTICLASS_MODE, params.from_logits,
+                         params.ignore_index, True, False, reduction=_REDUCTIONS[
+                             params.reduction], gamma=0.0, alpha=None, region_weight=1.0,
+                         distribution_weight=0.0, **_region_fields(params))
+    if isinstance(params, DistributionParams):
+        return FusedSpec(DISTRIBUTION, params.mode == MULTICLASS_MODE, params.from_logits,
+                         params.ignore_index, False, True, reduction=_REDUCTIONS[
+                             params.reduction], gamma=params.gamma, alpha=params.alpha,
+                         region_weight=0.0, distribution_weight=1.0, **_NO_REGION)
+    region, dist = params.region, params.distribution
+    return FusedSpec(COMPOSITE, region.mode == MULTICLASS_MODE, region.from_logits,
+                     region.ignore_index, True, True, reduction=_REDUCTIONS[region.reduction],
+                     gamma=dist.gamma, alpha=dist.alpha, region_weight=params.region_weight,
+                     distribution_weight=params.distribution_weight, **_region_fields(region))
+
+
+spec_for = lru_cache(maxsize=256)(build_spec)
+""":func:`build_spec`, cached per parameter object (the eager path)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Launch geometry of one ``(N, C, M)`` shape (cached per shape, see :func:`geometry`)."""
+
+    rows: int
+    """Grid dimension 0: ``N * C`` (binary/multilabel) or ``N`` (multiclass)."""
+    splits: int
+    chunk: int
+    block: int
+    cp: int
+    programs: int
+    region_size: int
+    """Floats of region partials: ``N * splits * 3 * C``."""
+    block_r: int
+    """Partial rows per epilogue tile."""
+    index_64: bool
+    """Offsets need int64 (the tensor has at least :data:`INDEX_64_FROM` elements)."""
+
+
+@lru_cache(maxsize=512)
+def geometry(n: int, c: int, m: int, multiclass: bool) -> Geometry:
+    """The streaming kernels' grid for an ``(N, C, M)`` input."""
+    if multiclass:
+        cp, block = multiclass_block(c)
+        rows = n
+        # bound the partials the one-program epilogue reads: N * splits * C values per sum
+        cap = max(1, MAX_PARTIALS // max(n * c, 1))
+        splits, chunk = split_rows(n, m, block, min(TARGET_PROGRAMS, n * cap))
+    else:
+        cp, block = triton.next_power_of_2(c), BLOCK_BINARY
+        rows = n * c
+        splits, chunk = split_rows(rows, m, block)
+    block_r = max(1, EPILOGUE_TILE // cp)
+    numel = n * c * m
+    return Geometry(rows, splits, chunk, block, cp, rows * splits, n * splits * 3 * c, block_r,
+                    numel >= INDEX_64_FROM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,13 +280,26 @@ def chunk_start(split, chunk, INDEX_64: tl.constexpr):
 
 
 @triton.jit
+def bad_input(x, FROM_LOGITS: tl.constexpr):
+    """True where a logit is NaN or infinite, or a probability is outside [0, 1] (or NaN)."""
+    if FROM_LOGITS:
+        bad = ~(tl.abs(x) < float("inf"))
+    else:
+        bad = ~((x >= 0.0) & (x <= 1.0))
+    return bad
+
+
+@triton.jit
 def _binary_fwd_kernel(
-    x_ptr, t_ptr, region_ptr, pixel_ptr,
-    M, chunk, splits, ignore_value, gamma, alpha,
+    x_ptr, t_ptr, work_ptr,
+    M, C, chunk, S, misc_offset, ignore_value, gamma, alpha,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
+    """Partials of one chunk of row ``n * C + c``: region sums ``(I, P, G)`` at
+    ``work[((n * S + split) * 3 + k) * C + c]``; pixel-loss sum, kept count and bad count at
+    ``work[misc_offset + 3 * (row * S + split) + {0, 1, 2}]`` (counts as int32 bits)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
@@ -134,7 +308,8 @@ def _binary_fwd_kernel(
     acc_p = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_l = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_n = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
@@ -143,6 +318,8 @@ def _binary_fwd_kernel(
         keep = inside
         if HAS_IGNORE:
             keep = keep & (t != ignore_value)
+        bad = bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0))
+        acc_bad += (keep & bad).to(tl.int32)
         g = tl.where(keep, t, 0.0)
         if DO_REGION:
             if FROM_LOGITS:
@@ -158,34 +335,70 @@ def _binary_fwd_kernel(
             if HAS_ALPHA:
                 loss = loss * (alpha * g + (1.0 - alpha) * (1.0 - g))
             acc_l += tl.where(keep, loss, 0.0)
-            acc_n += keep.to(tl.float32)
-    slot = row * splits + split
+            if HAS_IGNORE:
+                acc_n += keep.to(tl.int32)
     if DO_REGION:
-        tl.store(region_ptr + slot * 3, tl.sum(acc_i, axis=0))
-        tl.store(region_ptr + slot * 3 + 1, tl.sum(acc_p, axis=0))
-        tl.store(region_ptr + slot * 3 + 2, tl.sum(acc_g, axis=0))
+        n = row // C
+        c = row - n * C
+        rbase = ((n * S + split) * 3) * C + c
+        tl.store(work_ptr + rbase, tl.sum(acc_i, axis=0))
+        tl.store(work_ptr + rbase + C, tl.sum(acc_p, axis=0))
+        tl.store(work_ptr + rbase + 2 * C, tl.sum(acc_g, axis=0))
+    misc = work_ptr + misc_offset + (row * S + split) * 3
     if DO_PIXEL:
-        tl.store(pixel_ptr + slot * 2, tl.sum(acc_l, axis=0))
-        tl.store(pixel_ptr + slot * 2 + 1, tl.sum(acc_n, axis=0))
+        tl.store(misc, tl.sum(acc_l, axis=0))
+        if HAS_IGNORE:
+            tl.store(misc + 1, tl.sum(acc_n, axis=0).to(tl.float32, bitcast=True))
+    tl.store(misc + 2, tl.sum(acc_bad, axis=0).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def upstream(gc_ptr, gx_ptr, index, weight, HAS_GC: tl.constexpr, HAS_GX: tl.constexpr,
+             GX_VECTOR: tl.constexpr):
+    """The gradient reaching one term: ``weight * d/d combined + d/d term`` (entry ``index``
+    of a per-entry gradient when ``GX_VECTOR``); 0 when neither was given."""
+    g = 0.0
+    if HAS_GC:
+        g = tl.load(gc_ptr) * weight
+    if HAS_GX:
+        if GX_VECTOR:
+            g = g + tl.load(gx_ptr + index)
+        else:
+            g = g + tl.load(gx_ptr)
+    return g
 
 
 @triton.jit
 def _binary_bwd_kernel(
-    x_ptr, t_ptr, grad_ptr, gi_ptr, gp_ptr, gt_ptr,
-    M, chunk, ignore_value, gamma, alpha,
+    x_ptr, t_ptr, grad_ptr, state_ptr, gc_ptr, gr_ptr, gd_ptr,
+    M, C, chunk, E, ignore_value, gamma, alpha, w_region, w_dist,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
-    DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
+    DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    PER_IMAGE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GR: tl.constexpr,
+    HAS_GD: tl.constexpr, GR_VECTOR: tl.constexpr, BLOCK: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
+    """``dL/dx`` of one chunk of row ``n * C + c``: ``(gP + gI * g) * dp/dx`` for the region
+    term (``gI``, ``gP`` from ``state`` and the upstream gradient), plus the pixel term's
+    ``upstream / divisor * d loss/dx``. The NaN factor of ``state[0]`` multiplies the
+    upstream gradient, so what the loss depends on gets NaN and ignored elements 0 (as the
+    reference's autograd gives)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
     start = chunk_start(split, chunk, INDEX_64)
+    poison = tl.load(state_ptr)
     if DO_REGION:
-        gi = tl.load(gi_ptr + row)
-        gp = tl.load(gp_ptr + row)
+        if PER_IMAGE:
+            e = row
+        else:
+            e = row % C
+        g_region = upstream(gc_ptr, gr_ptr, e, w_region, HAS_GC, HAS_GR, GR_VECTOR) * poison
+        gi = g_region * tl.load(state_ptr + 2 + e)
+        gp = g_region * tl.load(state_ptr + 2 + E + e)
     if DO_PIXEL:
-        gt = tl.load(gt_ptr)
+        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
+            state_ptr + 1)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
@@ -221,12 +434,15 @@ def _binary_bwd_kernel(
 @triton.jit
 def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
                     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, CP: tl.constexpr):
-    """Load one ``[CP, BLOCK]`` tile of sample ``n`` at pixels ``m``.
+    """Load one ``[CP, BLOCK]`` tile of sample ``n`` (a scalar, or one per pixel) at pixels
+    ``m``.
 
-    Returns ``(x, p, b, t, keep, onehot, cmask)``: logits (padded classes hold -inf when
+    Returns ``(x, p, b, t, keep, onehot, cmask, bad)``: logits (padded classes hold -inf when
     ``FROM_LOGITS``), probabilities (0 in padded classes), per-pixel cross-entropy ``b``,
-    class index ``t`` (0 where not kept), kept-pixel mask and the one-hot mask of ``t``. A
-    label outside ``[0, C)`` is compared in its own dtype (no truncation) and not kept.
+    class index ``t`` (0 where not kept), kept-pixel mask, the one-hot mask of ``t``, the
+    class mask and the bad pixels (not ignored, and a non-finite logit / probability outside
+    [0, 1] or a label outside ``[0, C)``). A label is compared in its own dtype (no
+    truncation); one outside ``[0, C)`` is not kept.
     """
     cls = tl.arange(0, CP)
     cmask = cls < C
@@ -234,9 +450,13 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
     ptrs = x_ptr + n64 * C * M + cls[:, None].to(tl.int64) * M + m[None, :]
     x = tl.load(ptrs, mask=cmask[:, None] & inside[None, :], other=0.0).to(tl.float32)
     label = tl.load(t_ptr + n64 * M + m, mask=inside, other=0)
-    keep = inside & (label >= 0) & (label < C)
+    counted = inside
     if HAS_IGNORE:
-        keep = keep & (label != ignore_index)
+        counted = counted & (label != ignore_index)
+    in_range = (label >= 0) & (label < C)
+    keep = counted & in_range
+    x_bad = tl.max((bad_input(x, FROM_LOGITS) & cmask[:, None]).to(tl.int32), axis=0) > 0
+    bad = counted & (x_bad | ~in_range)
     t = tl.where(keep, label, 0).to(tl.int32)
     onehot = (cls[:, None] == t[None, :]) & keep[None, :]
     if FROM_LOGITS:
@@ -252,7 +472,7 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
         p = x
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
         b = -tm.clamped_log(x_t)
-    return x, p, b, t, keep, onehot, cmask
+    return x, p, b, t, keep, onehot, cmask, bad
 
 
 @triton.jit
@@ -275,12 +495,15 @@ def multiclass_pixel_grad(x, p, b, t, onehot, coef, alpha_ptr, gamma,
 
 @triton.jit
 def _multiclass_fwd_kernel(
-    x_ptr, t_ptr, region_ptr, pixel_ptr, alpha_ptr,
-    C, M, chunk, splits, ignore_index, gamma,
+    x_ptr, t_ptr, work_ptr, alpha_ptr,
+    C, M, chunk, S, misc_offset, ignore_index, gamma,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
     CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
+    """Partials of one chunk of sample ``n``: region sums of every class at
+    ``work[((n * S + split) * 3 + k) * C + c]``; pixel-loss sum, kept and bad counts at
+    ``work[misc_offset + 3 * (n * S + split) + {0, 1, 2}]``."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     start = chunk_start(split, chunk, INDEX_64)
@@ -288,13 +511,15 @@ def _multiclass_fwd_kernel(
     acc_p = tl.zeros([CP, BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([CP, BLOCK], dtype=tl.float32)
     acc_l = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_n = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
-        _x, p, b, t, keep, onehot, cmask = multiclass_tile(
+        _x, p, b, t, keep, onehot, cmask, bad = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP
         )
+        acc_bad += bad.to(tl.int32)
         if DO_REGION:
             kept = keep[None, :] & cmask[:, None]
             acc_i += tl.where(onehot, p, 0.0)
@@ -305,42 +530,66 @@ def _multiclass_fwd_kernel(
             if HAS_ALPHA:
                 loss = loss * tl.load(alpha_ptr + t)
             acc_l += tl.where(keep, loss, 0.0)
-            acc_n += keep.to(tl.float32)
-    slot = n * splits + split
+            if HAS_IGNORE:
+                acc_n += keep.to(tl.int32)
+    slot = n * S + split
     if DO_REGION:
         cls = tl.arange(0, CP)
         cmask = cls < C
-        tl.store(region_ptr + (slot * 3) * C + cls, tl.sum(acc_i, axis=1), mask=cmask)
-        tl.store(region_ptr + (slot * 3 + 1) * C + cls, tl.sum(acc_p, axis=1), mask=cmask)
-        tl.store(region_ptr + (slot * 3 + 2) * C + cls, tl.sum(acc_g, axis=1), mask=cmask)
+        tl.store(work_ptr + (slot * 3) * C + cls, tl.sum(acc_i, axis=1), mask=cmask)
+        tl.store(work_ptr + (slot * 3 + 1) * C + cls, tl.sum(acc_p, axis=1), mask=cmask)
+        tl.store(work_ptr + (slot * 3 + 2) * C + cls, tl.sum(acc_g, axis=1), mask=cmask)
+    misc = work_ptr + misc_offset + slot * 3
     if DO_PIXEL:
-        tl.store(pixel_ptr + slot * 2, tl.sum(acc_l, axis=0))
-        tl.store(pixel_ptr + slot * 2 + 1, tl.sum(acc_n, axis=0))
+        tl.store(misc, tl.sum(acc_l, axis=0))
+        if HAS_IGNORE:
+            tl.store(misc + 1, tl.sum(acc_n, axis=0).to(tl.float32, bitcast=True))
+    tl.store(misc + 2, tl.sum(acc_bad, axis=0).to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def _multiclass_bwd_kernel(
-    x_ptr, t_ptr, grad_ptr, gi_ptr, gp_ptr, gt_ptr, alpha_ptr,
-    C, M, chunk, ignore_index, gamma,
+    x_ptr, t_ptr, grad_ptr, state_ptr, gc_ptr, gr_ptr, gd_ptr, alpha_ptr,
+    C, M, chunk, E, ignore_index, gamma, w_region, w_dist,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    PER_IMAGE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GR: tl.constexpr,
+    HAS_GD: tl.constexpr, GR_VECTOR: tl.constexpr,
     CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
+    """``dL/dx`` of one chunk of sample ``n``: the softmax backward of ``u = gP + gI * onehot``
+    for the region term plus the pixel term's gradient; the NaN factor of ``state`` multiplies
+    the upstream gradient (ignored pixels get 0, as in the reference)."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     start = chunk_start(split, chunk, INDEX_64)
     cls = tl.arange(0, CP)
     cmask = cls < C
+    poison = tl.load(state_ptr)
     if DO_REGION:
-        gi = tl.load(gi_ptr + n * C + cls, mask=cmask, other=0.0)
-        gp = tl.load(gp_ptr + n * C + cls, mask=cmask, other=0.0)
+        if PER_IMAGE:
+            e = n * C + cls
+        else:
+            e = cls
+        g_region = tl.zeros([CP], dtype=tl.float32)
+        if HAS_GC:
+            g_region += tl.load(gc_ptr) * w_region
+        if HAS_GR:
+            if GR_VECTOR:
+                g_region += tl.load(gr_ptr + e, mask=cmask, other=0.0)
+            else:
+                g_region += tl.load(gr_ptr)
+        g_region = g_region * poison
+        gi = g_region * tl.load(state_ptr + 2 + e, mask=cmask, other=0.0)
+        gp = g_region * tl.load(state_ptr + 2 + E + e, mask=cmask, other=0.0)
     if DO_PIXEL:
-        gt = tl.load(gt_ptr)
+        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
+            state_ptr + 1)
     n64 = n.to(tl.int64)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
-        x, p, b, t, keep, onehot, cmask = multiclass_tile(
+        x, p, b, t, keep, onehot, cmask, _bad = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP
         )
         grad = tl.zeros([CP, BLOCK], dtype=tl.float32)
@@ -364,219 +613,384 @@ def _multiclass_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# launchers
+# epilogue: partials -> loss(es) and the backward state, in one program
 # --------------------------------------------------------------------------------------------
 
 
-def stream_forward(
-    x: Tensor, target: Tensor, mode: str, *, from_logits: bool, ignore_index: int | None,
-    do_region: bool, do_pixel: bool, gamma: float = 0.0, alpha=None,
-) -> tuple[tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
-    """One streaming pass: ``((I, P, G) or None, (loss_sum, kept_count) or None)``.
+@triton.jit
+def tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing):
+    """``(1 - T, dT/dI, dT/dP)`` of the Tversky index ``T = (I + s) / (c1 I + a P + b G + s)``
+    (the reference's operation order)."""
+    num = i + smoothing
+    den = c1 * i + t_alpha * p + t_beta * g + smoothing
+    inv_sq = 1.0 / (den * den)
+    return 1.0 - num / den, (den - c1 * num) * inv_sq, -t_alpha * num * inv_sq
 
-    ``x``: ``(N, C, M)`` contiguous; ``target``: prepared by :func:`target_for_kernel`.
+
+@triton.jit
+def region_block_sums(work_ptr, first, count, C, cls, cmask, BLOCK_R: tl.constexpr,
+                      CP: tl.constexpr):
+    """``(I, P, G)`` over partial rows ``first .. first + count - 1`` (each ``3 * C`` floats),
+    summed tile by tile in a fixed order."""
+    acc_i = tl.zeros([BLOCK_R, CP], dtype=tl.float32)
+    acc_p = tl.zeros([BLOCK_R, CP], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_R, CP], dtype=tl.float32)
+    for r0 in range(0, count, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        msk = (r < count)[:, None] & cmask[None, :]
+        offs = (first + r)[:, None] * (3 * C) + cls[None, :]
+        acc_i += tl.load(work_ptr + offs, mask=msk, other=0.0)
+        acc_p += tl.load(work_ptr + offs + C, mask=msk, other=0.0)
+        acc_g += tl.load(work_ptr + offs + 2 * C, mask=msk, other=0.0)
+    return tl.sum(acc_i, axis=0), tl.sum(acc_p, axis=0), tl.sum(acc_g, axis=0)
+
+
+@triton.jit
+def _epilogue_kernel(
+    work_ptr, out_ptr, out_r_ptr, out_d_ptr, state_ptr,
+    N, C, S, P, misc_offset, count_host, c1, t_alpha, t_beta, smoothing, w_region, w_dist,
+    DO_REGION: tl.constexpr, DO_PIXEL: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    PER_IMAGE: tl.constexpr, REDUCTION: tl.constexpr, OUTPUT: tl.constexpr,
+    CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The loss from the partials (one program; fixed summation order).
+
+    Writes ``out`` (region: the reduced ``1 - T``, or every entry with ``REDUCTION == NONE``;
+    distribution: the mean or sum; composite: ``w_r * region + w_d * distribution`` with the
+    terms in ``out_r`` and ``out_d``), each times NaN when a bad element was counted, and
+    ``state = [NaN factor, pixel divisor, d loss/dI of each entry, d loss/dP of each entry]``
+    (entries: the ``C`` classes pooled over the batch, or the ``N * C`` (sample, class) pairs
+    with ``PER_IMAGE``).
     """
-    n, c, m = x.shape
-    dev = x.device
-    has_ignore, ignore_value = ignore_args(ignore_index)
-    dummy = x.new_empty(1, dtype=torch.float32)
-    has_alpha, alpha_scalar, alpha_table = alpha_args(alpha, mode, dev, dummy)
-    focal_on = gamma != 0.0
-    if mode == MULTICLASS_MODE:
-        cp, block = multiclass_block(c)
-        splits, chunk = split_rows(n, m, block)
-        region = torch.empty((n, splits, 3, c) if do_region else (1,), dtype=torch.float32,
-                             device=dev)
-        pixel = torch.empty((n * splits, 2) if do_pixel else (1,), dtype=torch.float32,
-                            device=dev)
-        _multiclass_fwd_kernel[(n, splits)](
-            x, target, region, pixel, alpha_table, c, m, chunk, splits, ignore_value,
-            float(gamma), FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
-            DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, CP=cp, BLOCK=block,
-            INDEX_64=index_64(x), num_warps=8,
-        )
-        sums = None
-        if do_region:
-            totals = region.sum(1)  # (N, 3, C)
-            sums = (totals[:, 0], totals[:, 1], totals[:, 2])
+    # pixel sums and bad counts of every program
+    lsum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    kept = tl.zeros([BLOCK_P], dtype=tl.int64)
+    bad = tl.zeros([BLOCK_P], dtype=tl.int64)
+    for p0 in range(0, P, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        pm = pp < P
+        misc = work_ptr + misc_offset + pp * 3
+        if DO_PIXEL:
+            lsum += tl.load(misc, mask=pm, other=0.0)
+            if HAS_IGNORE:
+                kept += tl.load(misc + 1, mask=pm, other=0.0).to(tl.int32, bitcast=True).to(
+                    tl.int64)
+        bad += tl.load(misc + 2, mask=pm, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    poison = tl.where(tl.sum(bad, axis=0) > 0, float("nan"), 1.0)
+    tl.store(state_ptr, poison)
+    if DO_PIXEL:
+        if HAS_IGNORE:
+            divisor = tl.maximum(tl.sum(kept, axis=0), 1).to(tl.float32)
+        else:
+            divisor = count_host
+        if OUTPUT == 1:
+            if REDUCTION == 1:
+                divisor = 1.0
+        tl.store(state_ptr + 1, divisor)
+        dist = tl.sum(lsum, axis=0) / divisor
     else:
-        rows = n * c
-        splits, chunk = split_rows(rows, m, BLOCK_BINARY)
-        region = torch.empty((n, c, splits, 3) if do_region else (1,), dtype=torch.float32,
-                             device=dev)
-        pixel = torch.empty((rows * splits, 2) if do_pixel else (1,), dtype=torch.float32,
-                            device=dev)
-        _binary_fwd_kernel[(rows, splits)](
-            x, target, region, pixel, m, chunk, splits, float(ignore_value), float(gamma),
-            alpha_scalar, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
-            DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, BLOCK=BLOCK_BINARY,
-            INDEX_64=index_64(x), num_warps=4,
-        )
-        sums = None
-        if do_region:
-            totals = region.sum(2)  # (N, C, 3)
-            sums = (totals[..., 0], totals[..., 1], totals[..., 2])
-    pix = None
-    if do_pixel:
-        # counts are exact integers per program; sum them in float64 so that totals above
-        # 2**24 stay exact
-        pix = (pixel[:, 0].sum(), pixel[:, 1].to(torch.float64).sum().to(torch.float32))
-    return sums, pix
+        tl.store(state_ptr + 1, 1.0)
+    if DO_REGION:
+        cls = tl.arange(0, CP)
+        cmask = cls < C
+        if PER_IMAGE:
+            E = N * C
+        else:
+            E = C
+        if REDUCTION == 0:
+            scale = 1.0 / E
+        else:
+            scale = 1.0
+        if PER_IMAGE:
+            total = tl.zeros([CP], dtype=tl.float32)
+            for n in range(0, N):
+                i, p, g = region_block_sums(work_ptr, n * S, S, C, cls, cmask, BLOCK_R, CP)
+                loss, d_i, d_p = tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing)
+                e = n * C + cls
+                tl.store(state_ptr + 2 + e, -scale * d_i, mask=cmask)
+                tl.store(state_ptr + 2 + E + e, -scale * d_p, mask=cmask)
+                if REDUCTION == 2:
+                    tl.store(out_ptr + e, loss * poison, mask=cmask)
+                total += tl.where(cmask, loss, 0.0)
+        else:
+            i, p, g = region_block_sums(work_ptr, 0, N * S, C, cls, cmask, BLOCK_R, CP)
+            loss, d_i, d_p = tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing)
+            tl.store(state_ptr + 2 + cls, -scale * d_i, mask=cmask)
+            tl.store(state_ptr + 2 + E + cls, -scale * d_p, mask=cmask)
+            if REDUCTION == 2:
+                tl.store(out_ptr + cls, loss * poison, mask=cmask)
+            total = tl.where(cmask, loss, 0.0)
+        region = tl.sum(total, axis=0) * 1.0
+        if REDUCTION == 0:
+            region = region / E
+    if OUTPUT == 0:
+        if REDUCTION != 2:
+            tl.store(out_ptr, region * poison)
+    elif OUTPUT == 1:
+        tl.store(out_ptr, dist * poison)
+    else:
+        region = region * poison
+        dist = dist * poison
+        tl.store(out_ptr, w_region * region + w_dist * dist)
+        tl.store(out_r_ptr, region)
+        tl.store(out_d_ptr, dist)
 
 
-def stream_backward(
-    x: Tensor, target: Tensor, mode: str, *, from_logits: bool, ignore_index: int | None,
-    grad_intersection: Tensor | None, grad_prediction_sum: Tensor | None,
-    grad_total: Tensor | None, gamma: float = 0.0, alpha=None,
-) -> Tensor:
-    """One elementwise pass: ``dL/dx`` in ``x.dtype`` from the gradients of the sums.
+# --------------------------------------------------------------------------------------------
+# launchers (shared by the eager autograd Functions and the torch.library custom ops)
+# --------------------------------------------------------------------------------------------
 
-    Region gradients are ``(N, C)`` tensors (``None`` means zero); ``grad_total`` is the
-    0-dim gradient of the pixel-loss sum (``None``: no pixel term).
+
+def _ignore(spec: FusedSpec) -> tuple[bool, int]:
+    return spec.ignore_index is not None, (0 if spec.ignore_index is None else
+                                            int(spec.ignore_index))
+
+
+def output_shape(spec: FusedSpec, n: int, c: int) -> tuple[int, ...]:
+    """Shape of the fused call's ``out``: ``(C,)`` / ``(N, C)`` for a region loss with
+    ``reduction="none"``, else 0-dim."""
+    if spec.output == REGION and spec.reduction == NONE:
+        return (n, c) if spec.per_image else (c,)
+    return ()
+
+
+def state_size(spec: FusedSpec, n: int, c: int) -> int:
+    """Floats of the backward state: NaN factor, divisor, 2 per score entry."""
+    if not spec.do_region:
+        return 2
+    return 2 + 2 * (n * c if spec.per_image else c)
+
+
+def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | None,
+                  out: Tensor, out_r: Tensor | None = None, out_d: Tensor | None = None
+                  ) -> Tensor:
+    """Launch the streaming forward and the epilogue; returns the backward ``state``.
+
+    ``xk``: ``(N, C, M)`` contiguous; ``target``: from :func:`target_for_kernel`; ``out``
+    (and for a composite ``out_r``, ``out_d``): float32 outputs of :func:`output_shape`.
     """
-    n, c, m = x.shape
-    dev = x.device
-    has_ignore, ignore_value = ignore_args(ignore_index)
-    dummy = x.new_empty(1, dtype=torch.float32)
-    has_alpha, alpha_scalar, alpha_table = alpha_args(alpha, mode, dev, dummy)
-    do_region = grad_intersection is not None or grad_prediction_sum is not None
-    do_pixel = grad_total is not None
-    grad = torch.empty_like(x)
-    if not (do_region or do_pixel):
-        return grad.zero_()
-
-    def _vec(t: Tensor | None) -> Tensor:
-        if t is None:
-            return torch.zeros((n, c), dtype=torch.float32, device=dev)
-        return t.to(torch.float32).expand(n, c).contiguous()
-
-    gi = _vec(grad_intersection) if do_region else dummy
-    gp = _vec(grad_prediction_sum) if do_region else dummy
-    gt = grad_total.to(torch.float32).reshape(1).contiguous() if grad_total is not None else dummy
-    focal_on = gamma != 0.0
-    if mode == MULTICLASS_MODE:
-        cp, block = multiclass_block(c)
-        splits, chunk = split_rows(n, m, block)
-        _multiclass_bwd_kernel[(n, splits)](
-            x, target, grad, gi, gp, gt, alpha_table, c, m, chunk, ignore_value, float(gamma),
-            FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
-            DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, CP=cp, BLOCK=block,
-            INDEX_64=index_64(x), num_warps=8,
+    n, c, m = xk.shape
+    geo = geometry(n, c, m, spec.multiclass)
+    has_ignore, ignore_value = _ignore(spec)
+    misc_offset = geo.region_size if spec.do_region else 0
+    work = torch.empty(misc_offset + 3 * geo.programs, dtype=torch.float32, device=xk.device)
+    state = torch.empty(state_size(spec, n, c), dtype=torch.float32, device=xk.device)
+    if spec.multiclass:
+        _multiclass_fwd_kernel[(geo.rows, geo.splits)](
+            xk, target, work, state if alpha is None else alpha, c, m, geo.chunk, geo.splits,
+            misc_offset, ignore_value, spec.gamma, FROM_LOGITS=spec.from_logits,
+            HAS_IGNORE=has_ignore, DO_REGION=spec.do_region, DO_PIXEL=spec.do_pixel,
+            FOCAL=spec.focal, HAS_ALPHA=alpha is not None, CP=geo.cp, BLOCK=geo.block,
+            INDEX_64=geo.index_64, num_warps=8,
         )
     else:
-        rows = n * c
-        splits, chunk = split_rows(rows, m, BLOCK_BINARY)
-        _binary_bwd_kernel[(rows, splits)](
-            x, target, grad, gi, gp, gt, m, chunk, float(ignore_value), float(gamma),
-            alpha_scalar, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore, DO_REGION=do_region,
-            DO_PIXEL=do_pixel, FOCAL=focal_on, HAS_ALPHA=has_alpha, BLOCK=BLOCK_BINARY,
-            INDEX_64=index_64(x), num_warps=4,
+        has_alpha = spec.alpha is not None
+        _binary_fwd_kernel[(geo.rows, geo.splits)](
+            xk, target, work, m, c, geo.chunk, geo.splits, misc_offset, float(ignore_value),
+            spec.gamma, float(spec.alpha) if has_alpha else 0.0,  # type: ignore[arg-type]
+            FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore, DO_REGION=spec.do_region,
+            DO_PIXEL=spec.do_pixel, FOCAL=spec.focal, HAS_ALPHA=has_alpha,
+            BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=4,
+        )
+    count = n * m if spec.multiclass else n * c * m
+    _epilogue_kernel[(1,)](
+        work, out, out if out_r is None else out_r, out if out_d is None else out_d, state,
+        n, c, geo.splits, geo.programs, misc_offset, float(max(count, 1)), spec.c1,
+        spec.tversky_alpha, spec.tversky_beta, spec.smoothing, spec.region_weight,
+        spec.distribution_weight, DO_REGION=spec.do_region, DO_PIXEL=spec.do_pixel,
+        HAS_IGNORE=has_ignore, PER_IMAGE=spec.per_image, REDUCTION=spec.reduction,
+        OUTPUT=spec.output, CP=geo.cp, BLOCK_R=geo.block_r, BLOCK_P=1024, num_warps=4,
+    )
+    return state
+
+
+def fused_backward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | None,
+                   state: Tensor, grad_combined: Tensor | None, grad_region: Tensor | None,
+                   grad_distribution: Tensor | None) -> Tensor:
+    """Launch the backward pass: ``dL/dx`` (``xk``'s shape and dtype) from the upstream
+    gradients (None: zero) of the combined loss, the region term and the pixel term."""
+    n, c, m = xk.shape
+    geo = geometry(n, c, m, spec.multiclass)
+    has_ignore, ignore_value = _ignore(spec)
+    grad = torch.empty_like(xk)
+    gr_vector = grad_region is not None and grad_region.dim() > 0
+    if gr_vector and not grad_region.is_contiguous():  # type: ignore[union-attr]
+        grad_region = grad_region.contiguous()  # type: ignore[union-attr]
+    entries = n * c if spec.per_image else c
+    flags = dict(
+        FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore, DO_REGION=spec.do_region,
+        DO_PIXEL=spec.do_pixel, FOCAL=spec.focal, PER_IMAGE=spec.per_image,
+        HAS_GC=grad_combined is not None, HAS_GR=grad_region is not None,
+        HAS_GD=grad_distribution is not None, GR_VECTOR=gr_vector, BLOCK=geo.block,
+        INDEX_64=geo.index_64,
+    )
+    gc = state if grad_combined is None else grad_combined
+    gr = state if grad_region is None else grad_region
+    gd = state if grad_distribution is None else grad_distribution
+    if spec.multiclass:
+        _multiclass_bwd_kernel[(geo.rows, geo.splits)](
+            xk, target, grad, state, gc, gr, gd, state if alpha is None else alpha, c, m,
+            geo.chunk, entries, ignore_value, spec.gamma, spec.region_weight,
+            spec.distribution_weight, HAS_ALPHA=alpha is not None, CP=geo.cp, num_warps=8,
+            **flags,
+        )
+    else:
+        has_alpha = spec.alpha is not None
+        _binary_bwd_kernel[(geo.rows, geo.splits)](
+            xk, target, grad, state, gc, gr, gd, m, c, geo.chunk, entries,
+            float(ignore_value), spec.gamma,
+            float(spec.alpha) if has_alpha else 0.0,  # type: ignore[arg-type]
+            spec.region_weight, spec.distribution_weight, HAS_ALPHA=has_alpha, num_warps=4,
+            **flags,
         )
     return grad
+
+
+def prepare_inputs(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` contiguous and the target as the kernels load it (no copy when already so)."""
+    return (x if x.is_contiguous() else x.contiguous()), target_for_kernel(target)
+
+
+def new_outputs(spec: FusedSpec, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Fresh float32 outputs of a fused call (three 0-dim tensors for a composite)."""
+    n, c, _ = x.shape
+    out = torch.empty(output_shape(spec, n, c), dtype=torch.float32, device=x.device)
+    if spec.output != COMPOSITE:
+        return out, None, None
+    return (out, torch.empty((), dtype=torch.float32, device=x.device),
+            torch.empty((), dtype=torch.float32, device=x.device))
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
 
 
 def _layout(x: Tensor, target: Tensor, mode: str) -> Layout:
     return Layout(x, target, mode, x.shape)
 
 
-def kept_count(x: Tensor, mode: str, ignore_index: int | None, kept: Tensor) -> Tensor:
-    """The normaliser of the mean: the number of elements (known on the host, no reduction)
-    or, with ``ignore_index``, the kept count, at least 1."""
-    if ignore_index is None:
-        numel = x.shape[0] * x.shape[2] * (1 if mode == MULTICLASS_MODE else x.shape[1])
-        return torch.full((), float(max(numel, 1)), dtype=torch.float32, device=x.device)
-    return kept.clamp_min(1.0)
+def reference_outputs(x: Tensor, target: Tensor, mode: str,
+                      params: RegionParams | DistributionParams | CompositeParams,
+                      checked: bool) -> tuple[Tensor, ...]:
+    """The same outputs as a fused call, through the reference backend (a differentiable
+    recomputation for ``create_graph=True``)."""
+    layout = _layout(x, target, mode)
+    if isinstance(params, RegionParams):
+        return (reference.REFERENCE.region(layout, params, checked),)
+    if isinstance(params, DistributionParams):
+        return (reference.REFERENCE.distribution(layout, params, checked),)
+    return reference.REFERENCE.composite(layout, params, checked)
+
+
+class TritonFusedLoss(torch.autograd.Function):
+    """A region, distribution (BCE/Focal) or composite loss in three launches.
+
+    ``forward(x, target, mode, params, checked)`` returns the loss (0-dim, or ``(C,)`` /
+    ``(N, C)`` for a region loss with ``reduction="none"``); a composite returns
+    ``(combined, region, distribution)``. Saves the inputs and a state of ``2 + 2 E`` floats.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, mode: str,
+                params: RegionParams | DistributionParams | CompositeParams, checked: bool):
+        spec = spec_for(params)
+        xk, target_k = prepare_inputs(x, target)
+        alpha = alpha_table(spec, x.device)
+        out, out_r, out_d = new_outputs(spec, xk)
+        state = fused_forward(xk, target_k, spec, alpha, out, out_r, out_d)
+        ctx.save_for_backward(x, target, xk, target_k, state)
+        ctx.config = (spec, alpha, mode, params, checked)
+        ctx.set_materialize_grads(False)
+        if out_r is None:
+            return out
+        return out, out_r, out_d
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, target, xk, target_k, state = ctx.saved_tensors
+        spec, alpha, mode, params, checked = ctx.config
+        nones = (None,) * 4
+        if all(g is None for g in grads):
+            return (None, *nones)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            grads_x = recompute_backward(
+                lambda xs: reference_outputs(xs, target, mode, params, checked), (x,), grads)
+            return (grads_x[0], *nones)
+        if spec.output == COMPOSITE:
+            g_c, g_r, g_d = grads
+        elif spec.output == REGION:
+            g_c, g_r, g_d = None, grads[0], None
+        else:
+            g_c, g_r, g_d = None, None, grads[0]
+        grad = fused_backward(xk, target_k, spec, alpha, state, g_c, g_r, g_d)
+        return (grad, *nones)
+
+
+def sums_forward(xk: Tensor, target: Tensor, spec: FusedSpec) -> Tensor:
+    """``(N, 3, C)`` float32 region sums (the streaming pass plus one torch sum)."""
+    n, c, m = xk.shape
+    geo = geometry(n, c, m, spec.multiclass)
+    has_ignore, ignore_value = _ignore(spec)
+    work = torch.empty(geo.region_size + 3 * geo.programs, dtype=torch.float32,
+                       device=xk.device)
+    if spec.multiclass:
+        _multiclass_fwd_kernel[(geo.rows, geo.splits)](
+            xk, target, work, work, c, m, geo.chunk, geo.splits, geo.region_size,
+            ignore_value, 0.0, FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore,
+            DO_REGION=True, DO_PIXEL=False, FOCAL=False, HAS_ALPHA=False, CP=geo.cp,
+            BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=8,
+        )
+    else:
+        _binary_fwd_kernel[(geo.rows, geo.splits)](
+            xk, target, work, m, c, geo.chunk, geo.splits, geo.region_size,
+            float(ignore_value), 0.0, 0.0, FROM_LOGITS=spec.from_logits,
+            HAS_IGNORE=has_ignore, DO_REGION=True, DO_PIXEL=False, FOCAL=False,
+            HAS_ALPHA=False, BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=4,
+        )
+    return work[:geo.region_size].view(n, geo.splits, 3, c).sum(1)
 
 
 class TritonRegionSums(torch.autograd.Function):
     """``(I, P, G)``, each ``(N, C)`` float32, by one Triton pass; same contract as
-    :class:`dynloss.kernels.torch_backend.RegionSums` (``G`` is not differentiable).
-
-    Saves only the inputs for backward.
+    :class:`dynloss.kernels.torch_backend.RegionSums` (``G`` is not differentiable). Used
+    where the sums are combined by torch operations (``ddp_pool=True``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, mode: str, from_logits: bool,
-                ignore_index: int | None, checked: bool):
-        xk = x.contiguous()
-        target_k = target_for_kernel(target)
-        sums, _ = stream_forward(xk, target_k, mode, from_logits=from_logits,
-                                 ignore_index=ignore_index, do_region=True, do_pixel=False)
-        assert sums is not None
-        intersection, prediction_sum, target_sum = sums
+    def forward(ctx, x: Tensor, target: Tensor, params: RegionParams, checked: bool):
+        spec = spec_for(params)
+        xk, target_k = prepare_inputs(x, target)
+        sums = sums_forward(xk, target_k, spec)
         ctx.save_for_backward(x, target, xk, target_k)
-        ctx.config = (mode, from_logits, ignore_index, checked)
+        ctx.config = (spec, params, checked)
+        intersection, prediction_sum, target_sum = sums.unbind(1)
         ctx.mark_non_differentiable(target_sum)
         return intersection, prediction_sum, target_sum
 
     @staticmethod
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
         x, target, xk, target_k = ctx.saved_tensors
-        mode, from_logits, ignore_index, checked = ctx.config
-        nones = (None,) * 5
+        spec, params, checked = ctx.config
+        nones = (None,) * 3
         if grad_intersection is None and grad_prediction_sum is None:
             return (None, *nones)
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             grads = recompute_backward(
-                lambda xs: reference.region_sums(_layout(xs, target, mode), from_logits,
-                                                 ignore_index, checked)[:2],
+                lambda xs: reference.region_sums(_layout(xs, target, params.mode),
+                                                 params.from_logits, params.ignore_index,
+                                                 checked)[:2],
                 (x,), (grad_intersection, grad_prediction_sum))
             return (grads[0], *nones)
-        grad = stream_backward(
-            xk, target_k, mode, from_logits=from_logits, ignore_index=ignore_index,
-            grad_intersection=grad_intersection, grad_prediction_sum=grad_prediction_sum,
-            grad_total=None,
-        )
-        return (grad, *nones)
-
-
-class TritonRegionDistribution(torch.autograd.Function):
-    """``(I, P, G, S, count)`` from one pass (a fused composite); ``G`` and ``count`` are not
-    differentiable. One elementwise backward pass for whatever combination the caller forms."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, params: CompositeParams, checked: bool):
-        region, dist = params.region, params.distribution
-        xk = x.contiguous()
-        target_k = target_for_kernel(target)
-        sums, pix = stream_forward(
-            xk, target_k, region.mode, from_logits=region.from_logits,
-            ignore_index=region.ignore_index, do_region=True, do_pixel=True, gamma=dist.gamma,
-            alpha=dist.alpha,
-        )
-        assert sums is not None and pix is not None
-        intersection, prediction_sum, target_sum = sums
-        total, kept = pix
-        count = kept_count(xk, region.mode, region.ignore_index, kept)
-        ctx.save_for_backward(x, target, xk, target_k)
-        ctx.config = (params, checked)
-        ctx.mark_non_differentiable(target_sum, count)
-        return intersection, prediction_sum, target_sum, total, count
-
-    @staticmethod
-    def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum, grad_total,
-                 _grad_count):
-        x, target, xk, target_k = ctx.saved_tensors
-        params, checked = ctx.config
-        region, dist = params.region, params.distribution
-        nones = (None,) * 3
-        if grad_intersection is None and grad_prediction_sum is None and grad_total is None:
-            return (None, *nones)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            def outputs(xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-                layout = _layout(xs, target, region.mode)
-                i, p, _ = reference.region_sums(layout, region.from_logits,
-                                                region.ignore_index, checked)
-                total = reference.distribution_terms(layout, dist, checked)[0].sum()
-                return i, p, total
-
-            grads = recompute_backward(outputs, (x,),
-                                       (grad_intersection, grad_prediction_sum, grad_total))
-            return (grads[0], *nones)
-        grad = stream_backward(
-            xk, target_k, region.mode, from_logits=region.from_logits,
-            ignore_index=region.ignore_index, grad_intersection=grad_intersection,
-            grad_prediction_sum=grad_prediction_sum, grad_total=grad_total, gamma=dist.gamma,
-            alpha=dist.alpha,
-        )
+        n, c, _ = xk.shape
+        zeros = xk.new_zeros((n, c), dtype=torch.float32)
+        gi = zeros if grad_intersection is None else grad_intersection.float()
+        gp = zeros if grad_prediction_sum is None else grad_prediction_sum.float()
+        # the state layout of a per-image region loss, with a unit upstream gradient
+        state = torch.cat([xk.new_tensor([1.0, 1.0], dtype=torch.float32),
+                           gi.expand(n, c).reshape(-1), gp.expand(n, c).reshape(-1)])
+        per_image = FusedSpec(REGION, spec.multiclass, spec.from_logits, spec.ignore_index,
+                              True, False, True, SUM, 0.0, 0.0, 0.0, 0.0, 0.0, None, 1.0, 0.0)
+        one = xk.new_ones((), dtype=torch.float32)
+        grad = fused_backward(xk, target_k, per_image, None, state, None, one, None)
         return (grad, *nones)

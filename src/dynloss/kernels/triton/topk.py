@@ -1,28 +1,39 @@
-"""Triton kernels for the distribution losses: BCE / cross-entropy, Focal, and TopK.
+"""TopK by radix select in Triton: five launches forward+backward plus one zero fill, no sort,
+no host synchronisation.
 
-BCE and Focal (any ``alpha``, ``ignore_index``) reuse the streaming kernels of
-:mod:`dynloss.kernels.triton.stream` with only the distribution term switched on: one forward
-pass producing ``(sum, count)``, one elementwise backward pass.
+TopK keeps the ``n = ceil(k * kept)`` largest per-element losses (BCE or focal, any ``alpha``,
+``ignore_index``). The losses are non-negative float32 (a NaN is made the positive quiet NaN),
+so their bit patterns, 31-bit keys, order like the values. A radix select finds the ``n``-th
+largest key, the *threshold*, 8 + 8 + 8 + 7 bits at a time:
 
-TopK keeps the ``n = ceil(k * kept)`` largest per-element losses. It never sorts: the loss
-values are non-negative float32, so their bit patterns order like the values, and a radix
-select finds the ``n``-th largest bit pattern (the threshold) with four histogram passes of
-8 bits each. Each pass recomputes the losses from the inputs (nothing input-sized is stored),
-histograms the ones that match the prefix found so far and adds the block histogram to a
-global one with integer atomics (deterministic). Every program re-derives the prefix from the
-previous histograms itself, so no host synchronisation and no extra launch is needed. A final
-pass sums the losses above the threshold, adds ``missing * threshold`` for the ties that are
-taken, and counts the ties of each block; the exclusive prefix sum of those counts lets the
-backward pass take exactly the ties with the lowest flat index (the reference rule).
+* one zero fill of a small int64 workspace (histograms, counters), the only torch operation;
+* four launches of ``_topk_pass_kernel``, one per digit. Each program takes a contiguous chunk
+  of the flat elements (of the ``(N, M)`` pixels in multiclass mode), recomputes the losses
+  from the inputs (nothing input-sized is stored), histograms the keys that match the prefix
+  found so far into a block histogram and adds it to the global one with integer atomics
+  (exact, deterministic). Every program re-derives the prefix from the earlier histograms
+  itself. The first pass also counts the *bad* kept elements (NaN/inf logits, invalid
+  targets), which make the loss NaN. The last pass also sums the losses strictly above the
+  threshold's 24-bit prefix and stores its block histogram; the last program to finish (an
+  atomic ticket) then forms the loss in a fixed order: those sums, plus ``count * value`` of
+  every final-digit bin above the threshold (all keys of such a bin are equal), plus
+  ``remaining * threshold`` for the ties that are taken; and the exclusive prefix sum of each
+  block's tie count, so that the backward pass takes exactly the ties with the lowest flat
+  index (the reference's rule);
+* one launch of ``_topk_bwd_kernel``: the distribution loss's gradient on the selected
+  elements only.
 
-Counts (histograms, ties, the number kept) are int64, so more than 2^31 elements are counted
-exactly. NaN losses rank above every other value (their bit patterns are the largest), so a
-NaN is always selected and shows in the loss.
+Counts are int64, so more than 2^31 elements are counted exactly. NaN losses rank above every
+other value, so a NaN is always selected and shows in the loss.
 
-Saved for backward: the inputs, plus ``O(num_blocks)`` int64 tie offsets and 3 scalars.
+Saved for backward: the inputs, ``O(programs)`` int64 tie offsets and a few scalars.
 """
 
 from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -37,45 +48,47 @@ from .. import reference
 from .._recompute import recompute_backward
 from . import math as tm
 from .stream import (
-    alpha_args,
-    ignore_args,
-    kept_count,
+    bad_input,
     multiclass_block,
     multiclass_pixel_grad,
     multiclass_tile,
-    stream_backward,
-    stream_forward,
-    target_for_kernel,
+    prepare_inputs,
 )
 
+__all__ = ["TopKSpec", "TritonTopK", "topk_backward", "topk_forward"]
+
 BLOCK_TOPK = 2048
-"""Elements (binary) per program in the TopK passes; multiclass uses pixels per tile."""
-RADIX_BITS = 8
-RADIX_PASSES = 4
+"""Elements (binary) per tile in the TopK passes; multiclass uses the multiclass tile."""
+TOPK_PROGRAMS = 1024
+"""At most this many programs per TopK pass (each takes a contiguous chunk of tiles); the
+state saved for backward has this many tie offsets whatever the input's size."""
+HIST = 256
+"""Slots per pass in the workspace (the last pass uses 128)."""
+BAD, TICKET, THRESHOLD, REMAINING = 4 * HIST, 4 * HIST + 1, 4 * HIST + 2, 4 * HIST + 3
+TIES = 4 * HIST + 8
+"""Workspace layout (int64): 4 histograms, counters, the threshold, then per-program tie
+offsets."""
+LAST_BINS = 128
+_SHIFTS = (23, 15, 7, 0)
+"""The passes histogram key bits 30-23, 22-15, 14-7 and 6-0."""
 
 
 # --------------------------------------------------------------------------------------------
-# per-block losses (shared by every TopK pass, so all passes see bit-identical values)
+# per-tile losses (shared by every pass, so all passes see bit-identical values)
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, alpha,
-                MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
-                FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Losses (0 where not kept, NaN kept as a positive NaN), their int32 sort keys and the
-    kept mask of flat block ``pid``.
-
-    Binary: elements ``pid*BLOCK ...`` of the flat ``(N, C, M)`` tensor; multiclass: pixels
-    ``pid*BLOCK ...`` of the flat ``(N, M)`` pixel grid.
-    """
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, alpha,
+               MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
+               FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr):
+    """Losses (0 where not kept, NaN kept as the positive NaN), their 31-bit keys, the kept
+    mask and the bad mask of the flat elements (binary) or pixels (multiclass) ``idx``."""
     inside = idx < total
     if MULTICLASS:
         n = idx // M  # a tile may span two samples: each pixel carries its own sample
         m = idx - n * M
-        _x, _p, b, t, keep, _onehot, _cmask = multiclass_tile(
+        _x, _p, b, t, keep, _onehot, _cmask, bad = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
         )
         loss = tm.focal(b, gamma, FOCAL)
@@ -87,6 +100,7 @@ def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, 
         keep = inside
         if HAS_IGNORE:
             keep = keep & (t != ignore_value)
+        bad = keep & (bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0)))
         g = tl.where(keep, t, 0.0)
         loss = tm.focal(tm.binary_bce(x, g, FROM_LOGITS), gamma, FOCAL)
         if HAS_ALPHA:
@@ -95,23 +109,24 @@ def _topk_block(x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, 
     loss = tl.where(loss == loss, loss, float("nan"))
     loss = tl.where(keep & ~(loss <= 0.0), loss, 0.0)
     key = loss.to(tl.int32, bitcast=True)
-    return loss, key, keep
+    return loss, key, keep, bad
 
 
 @triton.jit
-def _topk_resolve(hist_ptr, state_ptr, n_host, PASSES: tl.constexpr, N_FROM_HOST: tl.constexpr):
+def _topk_resolve(ws_ptr, n_host, k_hi, k_mid, k_lo, PASSES: tl.constexpr,
+                  N_FROM_HOST: tl.constexpr):
     """Walk the first ``PASSES`` histograms: ``(prefix, remaining, n)``, all int64.
 
-    ``prefix`` holds the top ``8*PASSES`` bits of the threshold key, ``remaining`` how many
-    elements with exactly that prefix are still to be taken, ``n`` the number to keep.
+    ``prefix`` holds the key bits resolved so far, ``remaining`` how many elements with
+    exactly that prefix are still to be taken, ``n`` the number to keep.
     """
     bins = tl.arange(0, 256)
     if N_FROM_HOST:
         n = n_host.to(tl.int64)
     else:
-        # n = ceil(round(k * kept, 9)) clamped to [1, kept]; k (float64) sits in state_ptr
-        kept = tl.sum(tl.load(hist_ptr + bins), axis=0)
-        k = tl.load(state_ptr)
+        # n = ceil(round(k * kept, 9)) clamped to [1, kept] (0 of 0), k = hi + mid + lo exactly
+        kept = tl.sum(tl.load(ws_ptr + bins, cache_modifier=".cg"), axis=0)
+        k = tl.cast(k_hi, tl.float64) + tl.cast(k_mid, tl.float64) + tl.cast(k_lo, tl.float64)
         v = k * kept.to(tl.float64)
         v = tl.floor(v * 1e9 + 0.5) / 1e9
         n = tl.ceil(v).to(tl.int64)
@@ -119,114 +134,169 @@ def _topk_resolve(hist_ptr, state_ptr, n_host, PASSES: tl.constexpr, N_FROM_HOST
     remaining = n
     prefix = n * 0
     for p in tl.static_range(PASSES):
-        h = tl.load(hist_ptr + p * 256 + bins)
+        # the last pass has 128 bins (bits 6-0), the others 256
+        h = tl.load(ws_ptr + p * 256 + bins, mask=(bins < 128) | (p < 3), other=0,
+                    cache_modifier=".cg")
         above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0)
         cond = (above < remaining) & (above + h >= remaining)
         digit = tl.sum(tl.where(cond, bins, 0), axis=0).to(tl.int64)
         remaining = remaining - tl.sum(tl.where(cond, above, 0), axis=0)
-        prefix = (prefix << 8) | digit
+        if p == 3:
+            prefix = (prefix << 7) | digit
+        else:
+            prefix = (prefix << 8) | digit
     return prefix, remaining, n
 
 
 @triton.jit(do_not_specialize=["n_host"])
-def _topk_hist_kernel(
-    x_ptr, t_ptr, alpha_ptr, hist_ptr, state_ptr, n_host,
-    total, C, M, ignore_value, gamma, alpha,
-    PASS: tl.constexpr, N_FROM_HOST: tl.constexpr, MULTICLASS: tl.constexpr,
+def _topk_pass_kernel(
+    x_ptr, t_ptr, alpha_ptr, ws_ptr, fstate_ptr, local_ptr, out_ptr,
+    n_host, k_hi, k_mid, k_lo, total, C, M, chunk, P, ignore_value, gamma, alpha,
+    PASS: tl.constexpr, SHIFT: tl.constexpr, BINS: tl.constexpr, PREV_SHIFT: tl.constexpr,
+    N_FROM_HOST: tl.constexpr, MEAN: tl.constexpr, MULTICLASS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, FOCAL: tl.constexpr,
-    HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr,
 ):
+    """Histogram of digit ``PASS`` of the keys matching the prefix of the earlier passes, over
+    the chunk ``[pid * chunk, (pid + 1) * chunk)``. Pass 0 counts bad elements; pass 3 also
+    writes this program's sum above the 24-bit prefix and its histogram, and its last program
+    finishes the loss (:func:`_topk_finish`)."""
     pid = tl.program_id(0)
-    _loss, key, keep = _topk_block(
-        x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, alpha,
-        MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP, BLOCK,
-    )
-    match = keep
+    start = pid.to(tl.int64) * chunk
     if PASS > 0:
-        prefix, _remaining, _n = _topk_resolve(hist_ptr, state_ptr, n_host, PASS, N_FROM_HOST)
-        match = match & ((key >> (32 - 8 * PASS)).to(tl.int64) == prefix)
-    digit = (key >> (24 - 8 * PASS)) & 255
-    hist = tl.histogram(digit, 256, mask=match).to(tl.int64)
-    # after the first pass most bins are empty: skip their atomics (less L2 contention)
-    tl.atomic_add(hist_ptr + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0)
+        prefix, _remaining, _n = _topk_resolve(ws_ptr, n_host, k_hi, k_mid, k_lo, PASS,
+                                               N_FROM_HOST)
+    hist = tl.zeros([BINS], dtype=tl.int32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    above = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        loss, key, keep, bad_now = _topk_tile(
+            x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, alpha,
+            MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP,
+        )
+        if PASS == 0:
+            bad += bad_now.to(tl.int32)
+            hist += tl.histogram((key >> SHIFT) & (BINS - 1), BINS, mask=keep)
+        else:
+            high = (key >> PREV_SHIFT).to(tl.int64)
+            match = keep & (high == prefix)
+            if PASS == 3:
+                above += tl.where(keep & (high > prefix), loss, 0.0)
+            if tl.max(match.to(tl.int32), axis=0) > 0:  # most tiles hold no candidate
+                hist += tl.histogram((key >> SHIFT) & (BINS - 1), BINS, mask=match)
+    slots = tl.arange(0, BINS)
+    tl.atomic_add(ws_ptr + PASS * 256 + slots, hist.to(tl.int64), mask=hist > 0)
+    if PASS == 0:
+        n_bad = tl.sum(bad, axis=0).to(tl.int64)
+        tl.atomic_add(ws_ptr + 4 * 256, n_bad, mask=n_bad > 0)
+    if PASS == 3:
+        tl.store(local_ptr + pid.to(tl.int64) * 128 + slots, hist)
+        tl.store(fstate_ptr + 2 + pid, tl.sum(above, axis=0))
+        # every store of this program is made before its ticket (release); the last ticket
+        # (acquire) sees every program's stores and atomics
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ws_ptr + 4 * 256 + 1, 1, sem="acq_rel", scope="gpu")
+        if ticket == P - 1:
+            _topk_finish(ws_ptr, fstate_ptr, local_ptr, out_ptr, n_host, k_hi, k_mid, k_lo, P,
+                         SLOTS, N_FROM_HOST, MEAN)
 
 
-@triton.jit(do_not_specialize=["n_host"])
-def _topk_final_kernel(
-    x_ptr, t_ptr, alpha_ptr, hist_ptr, state_ptr, n_host, partial_ptr, ties_ptr,
-    total, C, M, ignore_value, gamma, alpha,
-    N_FROM_HOST: tl.constexpr, MULTICLASS: tl.constexpr,
-    FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, FOCAL: tl.constexpr,
-    HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    loss, key, keep = _topk_block(
-        x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, alpha,
-        MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP, BLOCK,
-    )
-    threshold, remaining, n = _topk_resolve(hist_ptr, state_ptr, n_host, 4, N_FROM_HOST)
-    key64 = key.to(tl.int64)
-    above = keep & (key64 > threshold)
-    tie = keep & (key64 == threshold)
-    part = tl.sum(tl.where(above, loss, 0.0), axis=0)
-    if pid == 0:
-        # the ties taken all equal the threshold value
-        value = threshold.to(tl.int32).to(tl.float32, bitcast=True)
-        part += tl.where(remaining > 0, remaining.to(tl.float32) * value, 0.0)
-        out = state_ptr.to(tl.pointer_type(tl.int64))
-        tl.store(out + 1, threshold)
-        tl.store(out + 2, remaining)
-        tl.store(out + 3, n)
-    tl.store(partial_ptr + pid, part)
-    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int64), axis=0))
+@triton.jit
+def _topk_finish(ws_ptr, fstate_ptr, local_ptr, out_ptr, n_host, k_hi, k_mid, k_lo, P,
+                 SLOTS: tl.constexpr, N_FROM_HOST: tl.constexpr, MEAN: tl.constexpr):
+    """The loss, the NaN factor, the divisor and the tie offsets, in a fixed order."""
+    threshold, remaining, n = _topk_resolve(ws_ptr, n_host, k_hi, k_mid, k_lo, 4, N_FROM_HOST)
+    digit = threshold & 127
+    high = threshold >> 7
+    part = tl.zeros([1024], dtype=tl.float32)
+    carry = n * 0
+    for p0 in range(0, P, 1024):
+        pp = p0 + tl.arange(0, 1024)
+        pm = pp < P
+        part += tl.load(fstate_ptr + 2 + pp, mask=pm, other=0.0, cache_modifier=".cg")
+        ties = tl.load(local_ptr + pp.to(tl.int64) * 128 + digit, mask=pm, other=0,
+                       cache_modifier=".cg").to(tl.int64)
+        tl.store(ws_ptr + 4 * 256 + 8 + pp, carry + tl.cumsum(ties, axis=0) - ties, mask=pm)
+        carry += tl.sum(ties, axis=0)
+    total = tl.sum(part, axis=0)
+    for p0 in range(P, SLOTS, 1024):  # the unused slots: a defined state whatever the input
+        pp = p0 + tl.arange(0, 1024)
+        tl.store(fstate_ptr + 2 + pp, tl.zeros([1024], dtype=tl.float32), mask=pp < SLOTS)
+    # every key of a final-digit bin is the same value: count * value for the bins above
+    b = tl.arange(0, 128)
+    h = tl.load(ws_ptr + 3 * 256 + b, cache_modifier=".cg")
+    values = ((high << 7) | b).to(tl.int32).to(tl.float32, bitcast=True)
+    total += tl.sum(tl.where((b > digit) & (h > 0), h.to(tl.float32) * values, 0.0), axis=0)
+    value = threshold.to(tl.int32).to(tl.float32, bitcast=True)
+    total += tl.where(remaining > 0, remaining.to(tl.float32) * value, 0.0)
+    n_bad = tl.load(ws_ptr + 4 * 256, cache_modifier=".cg")
+    poison = tl.where(n_bad > 0, float("nan"), 1.0)
+    if MEAN:
+        divisor = tl.maximum(n, 1).to(tl.float32)
+    else:
+        divisor = n.to(tl.float32) * 0.0 + 1.0
+    tl.store(out_ptr, total / divisor * poison)
+    tl.store(fstate_ptr, poison)
+    tl.store(fstate_ptr + 1, divisor)
+    tl.store(ws_ptr + 4 * 256 + 2, threshold)
+    tl.store(ws_ptr + 4 * 256 + 3, remaining)
 
 
 @triton.jit
 def _topk_bwd_kernel(
-    x_ptr, t_ptr, alpha_ptr, grad_ptr, gt_ptr, state_ptr, ties_ptr,
-    total, C, M, ignore_value, gamma, alpha,
+    x_ptr, t_ptr, alpha_ptr, grad_ptr, gout_ptr, ws_ptr, fstate_ptr,
+    total, C, M, chunk, ignore_value, gamma, alpha,
     MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """``dL/dx``: ``upstream / divisor * d loss/dx`` times the NaN factor on the selected
+    elements (above the threshold, or a tie ranked below ``remaining`` in flat order), 0
+    elsewhere (as the reference's autograd gives)."""
     pid = tl.program_id(0)
-    _loss, key, keep = _topk_block(
-        x_ptr, t_ptr, alpha_ptr, pid, total, C, M, ignore_value, gamma, alpha,
-        MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP, BLOCK,
-    )
-    st = state_ptr.to(tl.pointer_type(tl.int64))
-    threshold = tl.load(st + 1)
-    remaining = tl.load(st + 2)
-    key64 = key.to(tl.int64)
-    tie = keep & (key64 == threshold)
-    rank = tl.load(ties_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - 1
-    selected = keep & ((key64 > threshold) | (tie & (rank < remaining)))
-    coef = tl.where(selected, tl.load(gt_ptr), 0.0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = idx < total
-    if MULTICLASS:
-        n = idx // M
-        m = idx - n * M
-        x, p, b, t, _keep, onehot, cmask = multiclass_tile(
-            x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
+    start = pid.to(tl.int64) * chunk
+    threshold = tl.load(ws_ptr + 4 * 256 + 2)
+    remaining = tl.load(ws_ptr + 4 * 256 + 3)
+    rank0 = tl.load(ws_ptr + 4 * 256 + 8 + pid)
+    poison = tl.load(fstate_ptr)
+    g = tl.load(gout_ptr) / tl.load(fstate_ptr + 1)
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        inside = idx < total
+        _loss, key, keep, _bad = _topk_tile(
+            x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, alpha,
+            MULTICLASS, FROM_LOGITS, HAS_IGNORE, FOCAL, HAS_ALPHA, CP,
         )
-        offs = n[None, :] * C * M + tl.arange(0, CP)[:, None].to(tl.int64) * M + m[None, :]
-        tmask = cmask[:, None] & inside[None, :]
-        grad = multiclass_pixel_grad(
-            x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
-        )
-        grad = tl.where(keep[None, :], grad, 0.0)
-        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=tmask)
-    else:
-        x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + idx, mask=inside, other=0).to(tl.float32)
-        g = tl.where(keep, t, 0.0)
-        d = tm.binary_bce_grad(x, g, FROM_LOGITS)
-        if FOCAL:
-            d = d * tm.focal_grad(tm.binary_bce(x, g, FROM_LOGITS), gamma)
-        if HAS_ALPHA:
-            d = d * (alpha * g + (1.0 - alpha) * (1.0 - g))
-        grad = tl.where(keep, coef * d, 0.0)
-        tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+        key64 = key.to(tl.int64)
+        tie = keep & (key64 == threshold)
+        rank = rank0 + tl.cumsum(tie.to(tl.int64), axis=0) - 1
+        rank0 += tl.sum(tie.to(tl.int64), axis=0)
+        selected = keep & ((key64 > threshold) | (tie & (rank < remaining)))
+        coef = tl.where(selected, g * poison, 0.0)
+        if MULTICLASS:
+            n = idx // M
+            m = idx - n * M
+            x, p, b, t, _keep, onehot, cmask, _bad2 = multiclass_tile(
+                x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
+            )
+            offs = n[None, :] * C * M + tl.arange(0, CP)[:, None].to(tl.int64) * M + m[None, :]
+            grad = multiclass_pixel_grad(
+                x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
+            )
+            grad = tl.where(keep[None, :], grad, 0.0)
+            tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty),
+                     mask=cmask[:, None] & inside[None, :])
+        else:
+            x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + idx, mask=inside, other=0).to(tl.float32)
+            g_t = tl.where(keep, t, 0.0)
+            d = tm.binary_bce_grad(x, g_t, FROM_LOGITS)
+            if FOCAL:
+                d = d * tm.focal_grad(tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
+            if HAS_ALPHA:
+                d = d * (alpha * g_t + (1.0 - alpha) * (1.0 - g_t))
+            grad = tl.where(keep, coef * d, 0.0)
+            tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,135 +304,182 @@ def _topk_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _topk_geometry(x: Tensor, mode: str) -> tuple[bool, int, int, int, int]:
-    """``(multiclass, total, CP, BLOCK, programs)`` of the flat TopK passes."""
-    n, c, m = x.shape
-    if mode == MULTICLASS_MODE:
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def split_k(k: float) -> tuple[float, float, float]:
+    """Three float32 values whose float64 sum is exactly ``k`` (the kernels take float32)."""
+    hi = _float32(k)
+    mid = _float32(k - hi)
+    return hi, mid, _float32(k - hi - mid)
+
+
+@dataclass(frozen=True)
+class TopKSpec:
+    """What the TopK kernels need besides the tensors; ``ints``/``floats`` flatten it for the
+    custom ops."""
+
+    multiclass: bool
+    from_logits: bool
+    ignore_index: int | None
+    mean: bool
+    gamma: float
+    alpha: float | tuple[float, ...] | None
+    k: float
+
+    def ints(self) -> list[int]:
+        return [int(self.multiclass), int(self.from_logits), int(self.ignore_index is not None),
+                0 if self.ignore_index is None else int(self.ignore_index), int(self.mean),
+                -1 if self.alpha is None else (len(self.alpha) if isinstance(self.alpha, tuple)
+                                               else 0)]
+
+    def floats(self) -> list[float]:
+        alpha = list(self.alpha) if isinstance(self.alpha, tuple) else (
+            [] if self.alpha is None else [float(self.alpha)])
+        return [self.gamma, self.k, *alpha]
+
+    @staticmethod
+    def from_lists(ints: list[int], floats: list[float]) -> TopKSpec:
+        multiclass, from_logits, has_ignore, ignore, mean, alpha_len = ints
+        alpha: float | tuple[float, ...] | None = None
+        if alpha_len == 0:
+            alpha = floats[2]
+        elif alpha_len > 0:
+            alpha = tuple(floats[2:2 + alpha_len])
+        return TopKSpec(bool(multiclass), bool(from_logits), ignore if has_ignore else None,
+                        bool(mean), floats[0], alpha, floats[1])
+
+
+def build_topk_spec(params: DistributionParams) -> TopKSpec:
+    """The :class:`TopKSpec` of a TopK call (``params.k`` given)."""
+    assert params.k is not None
+    return TopKSpec(params.mode == MULTICLASS_MODE, params.from_logits, params.ignore_index,
+                    params.reduction == "mean", params.gamma, params.alpha, params.k)
+
+
+topk_spec = lru_cache(maxsize=256)(build_topk_spec)
+""":func:`build_topk_spec`, cached per parameter object (the eager path)."""
+
+
+@lru_cache(maxsize=512)
+def topk_geometry(n: int, c: int, m: int, multiclass: bool) -> tuple[int, int, int, int, int]:
+    """``(total, CP, BLOCK, programs, chunk)`` of the flat TopK passes."""
+    if multiclass:
         cp, block = multiclass_block(c)
         total = n * m
-        return True, total, cp, block, max(1, triton.cdiv(total, block))
-    total = n * c * m
-    return False, total, 1, BLOCK_TOPK, max(1, triton.cdiv(total, BLOCK_TOPK))
+    else:
+        cp, block = 1, BLOCK_TOPK
+        total = n * c * m
+    tiles = max(1, triton.cdiv(total, block))
+    programs = min(tiles, TOPK_PROGRAMS)
+    chunk = triton.cdiv(tiles, programs) * block
+    return total, cp, block, max(1, triton.cdiv(max(total, 1), chunk)), chunk
 
 
-def topk_forward(
-    x: Tensor, target: Tensor, mode: str, *, from_logits: bool, ignore_index: int | None,
-    gamma: float, alpha, k: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(total, count, state, tie_offsets)`` of TopK by radix select; no host sync."""
-    multiclass, total, cp, block, programs = _topk_geometry(x, mode)
-    _, c, m = x.shape
-    dev = x.device
-    has_ignore, ignore_value = ignore_args(ignore_index)
-    dummy = x.new_empty(1, dtype=torch.float32)
-    has_alpha, alpha_scalar, alpha_table = alpha_args(alpha, mode, dev, dummy)
-    # without ignore_index every element is kept (an out-of-range label makes the loss NaN)
-    n_from_host = ignore_index is None
-    n_host = _math.topk_count(k, total) if n_from_host else 0
-    hist = torch.zeros(RADIX_PASSES * 256, dtype=torch.int64, device=dev)
-    # state: float64 k in slot 0, then int64 [threshold, remaining, n] in slots 1..3
-    state = torch.full((4,), k, dtype=torch.float64, device=dev)
-    partial = torch.empty(programs, dtype=torch.float32, device=dev)
-    ties = torch.empty(programs, dtype=torch.int64, device=dev)
-    ignore_arg = ignore_value if multiclass else float(ignore_value)
-    common = dict(
-        MULTICLASS=multiclass, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore,
-        FOCAL=gamma != 0.0, HAS_ALPHA=has_alpha, CP=cp, BLOCK=block,
-        num_warps=8 if multiclass else 4,
-    )
-    for p in range(RADIX_PASSES):
-        _topk_hist_kernel[(programs,)](
-            x, target, alpha_table, hist, state, n_host, total, c, m, ignore_arg,
-            float(gamma), alpha_scalar, PASS=p, N_FROM_HOST=n_from_host, **common,
+def _alpha_args(spec: TopKSpec, alpha: Tensor | None, dummy: Tensor
+                ) -> tuple[bool, float, Tensor]:
+    if spec.alpha is None:
+        return False, 0.0, dummy
+    if spec.multiclass:
+        assert alpha is not None
+        return True, 0.0, alpha
+    return True, float(spec.alpha), dummy  # type: ignore[arg-type]
+
+
+def new_state(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(workspace, fstate)``: the zeroed int64 workspace (one fill launch) and the float32
+    state, both of a fixed size (:data:`TOPK_PROGRAMS` slots whatever the input)."""
+    return (torch.zeros(TIES + TOPK_PROGRAMS, dtype=torch.int64, device=device),
+            torch.empty(2 + TOPK_PROGRAMS, dtype=torch.float32, device=device))
+
+
+def topk_forward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | None, out: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """Launch the radix select; writes the loss to ``out`` (0-dim float32) and returns the
+    backward state ``(fstate, workspace)``."""
+    n, c, m = xk.shape
+    total, cp, block, programs, chunk = topk_geometry(n, c, m, spec.multiclass)
+    dev = xk.device
+    ws, fstate = new_state(dev)
+    local = torch.empty(programs * LAST_BINS, dtype=torch.int32, device=dev)
+    has_alpha, alpha_scalar, alpha_ptr = _alpha_args(spec, alpha, fstate)
+    # without ignore_index every element is kept (an invalid one makes the loss NaN)
+    n_from_host = spec.ignore_index is None
+    n_host = _math.topk_count(spec.k, total) if n_from_host else 0
+    k_hi, k_mid, k_lo = split_k(spec.k)
+    ignore = 0 if spec.ignore_index is None else int(spec.ignore_index)
+    for p in range(4):
+        _topk_pass_kernel[(programs,)](
+            xk, target, alpha_ptr, ws, fstate, local, out, n_host, k_hi, k_mid, k_lo, total,
+            c, m, chunk, programs, ignore if spec.multiclass else float(ignore), spec.gamma,
+            alpha_scalar, PASS=p, SHIFT=_SHIFTS[p], BINS=LAST_BINS if p == 3 else HIST,
+            PREV_SHIFT=_SHIFTS[p - 1] if p else 31, N_FROM_HOST=n_from_host, MEAN=spec.mean,
+            MULTICLASS=spec.multiclass, FROM_LOGITS=spec.from_logits,
+            HAS_IGNORE=not n_from_host, FOCAL=spec.gamma != 0.0, HAS_ALPHA=has_alpha, CP=cp,
+            BLOCK=block, SLOTS=TOPK_PROGRAMS, num_warps=8 if spec.multiclass else 4,
         )
-    _topk_final_kernel[(programs,)](
-        x, target, alpha_table, hist, state, n_host, partial, ties, total, c, m, ignore_arg,
-        float(gamma), alpha_scalar, N_FROM_HOST=n_from_host, **common,
-    )
-    loss_sum = partial.sum()
-    n_kept = state.view(torch.int64)[3]
-    count = n_kept.clamp_min(1).to(torch.float32)
-    tie_offsets = torch.cumsum(ties, 0) - ties
-    return loss_sum, count, state, tie_offsets
+    return fstate, ws
 
 
-def topk_backward(
-    x: Tensor, target: Tensor, mode: str, *, from_logits: bool, ignore_index: int | None,
-    gamma: float, alpha, state: Tensor, tie_offsets: Tensor, grad_total: Tensor,
-) -> Tensor:
-    """``dL/dx`` of TopK: the distribution loss's gradient on the selected elements only."""
-    multiclass, total, cp, block, programs = _topk_geometry(x, mode)
-    _, c, m = x.shape
-    dev = x.device
-    has_ignore, ignore_value = ignore_args(ignore_index)
-    dummy = x.new_empty(1, dtype=torch.float32)
-    has_alpha, alpha_scalar, alpha_table = alpha_args(alpha, mode, dev, dummy)
-    grad = torch.empty_like(x)
-    gt = grad_total.to(torch.float32).reshape(1).contiguous()
+def topk_backward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | None,
+                  fstate: Tensor, ws: Tensor, grad_out: Tensor) -> Tensor:
+    """``dL/dx`` of TopK (``xk``'s shape and dtype)."""
+    n, c, m = xk.shape
+    total, cp, block, programs, chunk = topk_geometry(n, c, m, spec.multiclass)
+    has_alpha, alpha_scalar, alpha_ptr = _alpha_args(spec, alpha, fstate)
+    grad = torch.empty_like(xk)
+    ignore = 0 if spec.ignore_index is None else int(spec.ignore_index)
     _topk_bwd_kernel[(programs,)](
-        x, target, alpha_table, grad, gt, state, tie_offsets, total, c, m,
-        ignore_value if multiclass else float(ignore_value), float(gamma), alpha_scalar,
-        MULTICLASS=multiclass, FROM_LOGITS=from_logits, HAS_IGNORE=has_ignore,
-        FOCAL=gamma != 0.0, HAS_ALPHA=has_alpha, CP=cp, BLOCK=block,
-        num_warps=8 if multiclass else 4,
+        xk, target, alpha_ptr, grad, grad_out, ws, fstate, total, c, m, chunk,
+        ignore if spec.multiclass else float(ignore), spec.gamma, alpha_scalar,
+        MULTICLASS=spec.multiclass, FROM_LOGITS=spec.from_logits,
+        HAS_IGNORE=spec.ignore_index is not None, FOCAL=spec.gamma != 0.0,
+        HAS_ALPHA=has_alpha, CP=cp, BLOCK=block, num_warps=8 if spec.multiclass else 4,
     )
     return grad
 
 
-class TritonDistributionSum(torch.autograd.Function):
-    """``(S, count)`` by Triton; same contract as
-    :class:`dynloss.kernels.torch_backend.DistributionSum` (``count`` is not differentiable).
+def topk_alpha(spec: TopKSpec, device: torch.device) -> Tensor | None:
+    """The per-class ``alpha`` table (multiclass), cached per device as for the streaming
+    kernels."""
+    from .stream import _cached_alpha_table
 
-    ``k=None``: one streaming pass (BCE / Focal, ``alpha``, ``ignore_index``). ``k`` given:
-    TopK by radix select (five passes forward, one backward).
+    if not (spec.multiclass and isinstance(spec.alpha, tuple)):
+        return None
+    return _cached_alpha_table(spec.alpha, device)
+
+
+class TritonTopK(torch.autograd.Function):
+    """TopK (mean or sum of the selected per-element losses) by radix select: 0-dim float32.
+
+    ``forward(x, target, params, checked)``; NaN for bad kept elements (see the module
+    documentation). Six launches forward+backward, counting the zero fill.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
-        xk = x.contiguous()
-        target_k = target_for_kernel(target)
-        if params.k is None:
-            _, pix = stream_forward(xk, target_k, params.mode, from_logits=params.from_logits,
-                                    ignore_index=params.ignore_index, do_region=False,
-                                    do_pixel=True, gamma=params.gamma, alpha=params.alpha)
-            assert pix is not None
-            total, kept = pix
-            count = kept_count(xk, params.mode, params.ignore_index, kept)
-            ctx.save_for_backward(x, target, xk, target_k)
-        else:
-            total, count, state, tie_offsets = topk_forward(
-                xk, target_k, params.mode, from_logits=params.from_logits,
-                ignore_index=params.ignore_index, gamma=params.gamma, alpha=params.alpha,
-                k=params.k)
-            ctx.save_for_backward(x, target, xk, target_k, state, tie_offsets)
-        ctx.config = (params, checked)
-        ctx.mark_non_differentiable(count)
-        return total, count
+        spec = topk_spec(params)
+        xk, target_k = prepare_inputs(x, target)
+        alpha = topk_alpha(spec, x.device)
+        out = torch.empty((), dtype=torch.float32, device=x.device)
+        fstate, ws = topk_forward(xk, target_k, spec, alpha, out)
+        ctx.save_for_backward(x, target, xk, target_k, fstate, ws)
+        ctx.config = (spec, alpha, params, checked)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_count):
-        params, checked = ctx.config
+    def backward(ctx, grad_out):
+        x, target, xk, target_k, fstate, ws = ctx.saved_tensors
+        spec, alpha, params, checked = ctx.config
         nones = (None,) * 3
-        if grad_total is None:
+        if grad_out is None:
             return (None, *nones)
-        x, target, xk, target_k = ctx.saved_tensors[:4]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             def value(xs: Tensor) -> Tensor:
                 layout = Layout(xs, target, params.mode, xs.shape)
-                return reference.distribution_sum(layout, params, checked)[0]
+                return reference.REFERENCE.distribution(layout, params, checked)
 
-            (grad,) = recompute_backward(value, (x,), (grad_total,))
+            (grad,) = recompute_backward(value, (x,), (grad_out,))
             return (grad, *nones)
-        if params.k is None:
-            grad = stream_backward(
-                xk, target_k, params.mode, from_logits=params.from_logits,
-                ignore_index=params.ignore_index, grad_intersection=None,
-                grad_prediction_sum=None, grad_total=grad_total, gamma=params.gamma,
-                alpha=params.alpha)
-        else:
-            state, tie_offsets = ctx.saved_tensors[4:]
-            grad = topk_backward(
-                xk, target_k, params.mode, from_logits=params.from_logits,
-                ignore_index=params.ignore_index, gamma=params.gamma, alpha=params.alpha,
-                state=state, tie_offsets=tie_offsets, grad_total=grad_total)
-        return (grad, *nones)
+        return (topk_backward(xk, target_k, spec, alpha, fstate, ws, grad_out), *nones)

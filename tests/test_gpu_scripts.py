@@ -1,0 +1,70 @@
+"""The one-call GPU script and the CUDA benchmark, checked without a GPU.
+
+* ``benchmarks/run_all_gpu.sh`` and ``benchmarks/run_gpu.sh`` parse, and the preflight fails
+  loudly (exit 2, saying how to fetch them) when the carried wheels are missing.
+* ``benchmarks/bench_cuda.py --cpu-smoke`` runs every code path of the benchmark (eager and
+  compiled timing, launch counting, peak memory, host time, the report, the goals, the plots)
+  on tiny shapes under Triton's interpreter, and reports the kernels' launch counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [ROOT / "benchmarks" / "run_all_gpu.sh", ROOT / "benchmarks" / "run_gpu.sh"]
+WHEELS = ["segmentation_models_pytorch-0.6.0-py3-none-any.whl", "monai-1.6.1-py3-none-any.whl"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_gpu_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_preflight_fails_loudly_without_the_wheels():
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(SCRIPTS[0]), "--check"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    if all((ROOT / ".whl" / wheel).is_file() for wheel in WHEELS):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "preflight ok" in proc.stdout
+    else:
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "PREFLIGHT FAILED" in proc.stderr and "--fetch-wheels" in proc.stderr
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py"), "--cpu-smoke",
+         "--losses", "dice,topk,dice+focal", "--impls", "dynloss,torch,nnunet",
+         "--compile-budget", "20", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    reports = list(tmp_path.glob("bench_*.json"))
+    assert len(reports) == 1, list(tmp_path.iterdir())
+    data = json.loads(reports[0].read_text())
+    rows = [r for r in data["rows"] if r["impl"] == "dynloss"]
+    assert rows and not [r for r in rows if r["error"]], [r["error"] for r in rows]
+    for row in rows:
+        assert row["ms"] > 0 and row["max_abs_diff_vs_reference"] < 1e-5, row
+        # the CPU smoke counts the multiclass host-side index check as well
+        expected = 6 if row["loss"] == "topk" else 3
+        extra = 3 if row["mode"] == "multiclass" else 0
+        assert row["launches"] == expected + extra, row
+    assert any(r["compiled_ms"] for r in rows), "no compiled measurement"
+    assert {r["impl"] for r in data["rows"]} >= {"dynloss", "torch", "nnunet"}
+    report = reports[0].with_suffix(".md").read_text()
+    assert "## Goals (issue #12)" in report and "Host time" in report
+    assert list(tmp_path.glob("bench_*.png")), "no plot"
