@@ -15,15 +15,14 @@ import torch
 
 from ._backends import FUSED, LOSS_NAMES, MODES, make_loss, seeded_case
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # native TopK -> torch
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-# the autograd node each fused backend puts in the graph (TopK on native runs on "torch")
+# the autograd node each fused backend puts in the graph
 NODES = {
     "torch": ("RegionSumsBackward", "DistributionSumBackward"),
     "native": ("NativeRegionLossBackward", "NativeDistributionLossBackward",
                "NativeCompositeLossBackward", "NativeSumsBackward"),
-    "triton": ("TritonRegionSumsBackward", "TritonDistributionSumBackward",
-               "TritonRegionDistributionBackward"),
+    "triton": ("TritonFusedLossBackward", "TritonTopKBackward", "TritonRegionSumsBackward"),
 }
 
 

@@ -81,7 +81,7 @@ def _region_value(fwd: Forward, params: RegionParams
         return torch.tensor(scores, dtype=torch.float32).view(shape), cells
     total = math.fsum(scores)
     value = total / len(scores) if params.reduction == "mean" and scores else total
-    return torch.tensor(value, dtype=torch.float32), cells
+    return torch.scalar_tensor(value, dtype=torch.float32), cells
 
 
 def _region_grads(fwd_sums: Tensor, cells: list[tuple[float, float, float]] | None,
@@ -171,7 +171,7 @@ class NativeDistributionLoss(torch.autograd.Function):
         ctx.save_for_backward(x, fwd.target, fwd.slope)
         ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid)
         value = total / count if mean else total
-        return _scaled(torch.tensor(value, dtype=torch.float32), fwd.invalid)
+        return _scaled(torch.scalar_tensor(value, dtype=torch.float32), fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -198,7 +198,7 @@ class NativeCompositeLoss(torch.autograd.Function):
         fwd = _distribution_forward(ctx, x, target, params.distribution, checked, True)
         region, cells = _region_value(fwd, params.region)
         total, count = fwd.pixel
-        distribution = torch.tensor(total / count, dtype=torch.float32)
+        distribution = torch.scalar_tensor(total / count, dtype=torch.float32)
         combined = params.region_weight * region + params.distribution_weight * distribution
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))

@@ -143,7 +143,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
     # TopK: every element's loss, for the selection (a scratch buffer, not kept)
     losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
-    sums = torch.zeros(n, c, 3, dtype=torch.float64)
+    # every (sample, class) row is written when the region sums are wanted
+    sums = (torch.empty if want_region else torch.zeros)(n, c, 3, dtype=torch.float64)
     # S, max(count, 1), count; bad targets, bad inputs, soft labels
     scalars = (ctypes.c_double * 6)()
     base = ctypes.addressof(scalars)
