@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -68,13 +69,20 @@ def saved_bytes(fn, logits, target):
     return sum(storages.values())
 
 
-def time_candidates(candidates, logits, target, repeats, warmup):
+def time_candidates(candidates, logits, target, repeats, warmup, seed=0):
+    """Median and minimum seconds per forward+backward. Candidates are interleaved, in a new
+    (seeded) order every round: a call runs measurably slower right after some others (the
+    allocator's state after freeing their temporaries), so a fixed order would favour some."""
     for fn in candidates.values():
         for _ in range(warmup):
             run_once(fn, logits, target)
     times = {label: [] for label in candidates}
+    order = list(candidates)
+    shuffle = random.Random(seed).shuffle
     for _ in range(repeats):
-        for label, fn in candidates.items():
+        shuffle(order)
+        for label in order:
+            fn = candidates[label]
             start = time.perf_counter()
             run_once(fn, logits, target)
             times[label].append(time.perf_counter() - start)

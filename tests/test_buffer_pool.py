@@ -3,11 +3,16 @@ nothing refers to it, never while something does, and the pool stays within its 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import dynloss
 from dynloss.kernels import native_available
+from dynloss.kernels.native import buffer_pool
 from dynloss.kernels.native.buffer_pool import POOL, BufferPool, pool_enabled
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
@@ -27,7 +32,7 @@ def _gradient(loss_fn, logits, target):
 
 @pytest.fixture(autouse=True)
 def _fresh_pool(monkeypatch):
-    monkeypatch.delenv("DYNLOSS_NATIVE_POOL", raising=False)
+    monkeypatch.setattr(buffer_pool, "ENABLED", True)
     POOL.clear()
     yield
     POOL.clear()
@@ -100,7 +105,16 @@ def test_pool_bounds():
 
 
 def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("DYNLOSS_NATIVE_POOL", "0")
+    """``DYNLOSS_NATIVE_POOL=0`` is read when dynloss is imported (a fresh process), and
+    then no buffer is pooled."""
+    code = ("import dynloss.kernels.native.buffer_pool as b\n"
+            "print(b.ENABLED, b.pool_enabled())\n")
+    for value, want in (("0", "False False"), ("off", "False False"), ("1", "True True")):
+        env = {**os.environ, "DYNLOSS_NATIVE_POOL": value}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.stdout.strip() == want, result.stderr
+    monkeypatch.setattr(buffer_pool, "ENABLED", False)
     assert not pool_enabled()
     logits, target = _inputs()
     _gradient(dynloss.DiceLoss(backend="native"), logits, target)

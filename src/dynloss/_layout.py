@@ -44,23 +44,59 @@ __all__ = ["Layout", "check_class_indices", "check_values", "compute_dtype", "in
 
 
 class Layout:
-    """Input and target in the canonical layout, plus what is needed to undo it."""
+    """Input and target in the canonical layout, plus what is needed to undo it.
 
-    __slots__ = ("elementwise_shape", "mode", "target", "x")
+    ``x`` and ``target`` are views of the caller's ``input`` and target, reshaped when first
+    read: a backend that only needs the data pointers and ``dims`` (the native kernels) never
+    pays for the views, and its gradient keeps the input's shape.
+    """
+
+    __slots__ = ("_target", "_x", "dims", "elementwise_shape", "input", "mode", "target_dims",
+                 "target_input")
+    _x: Tensor | None
+    _target: Tensor | None
 
     def __init__(self, x: Tensor, target: Tensor, mode: str, elementwise_shape: torch.Size
                  ) -> None:
-        self.x = x
-        """``(N, C, M)`` logits or probabilities, in the caller's dtype."""
-        self.target = target
-        """``(N, C, M)`` for binary/multilabel, ``(N, M)`` integer class indices (multiclass)."""
+        self.input = self._x = x
+        self.target_input = self._target = target
+        self.dims: tuple[int, ...] = tuple(x.shape)
+        self.target_dims: tuple[int, ...] = tuple(target.shape)
         self.mode = mode
         self.elementwise_shape = elementwise_shape
         """Shape of the per-element loss that ``reduction="none"`` returns for BCE/Focal/TopK."""
 
+    @classmethod
+    def of(cls, input: Tensor, target: Tensor, mode: str, dims: tuple[int, ...],
+           target_dims: tuple[int, ...], elementwise_shape: torch.Size) -> Layout:
+        """The layout of the caller's tensors, reshaped to ``dims`` / ``target_dims`` when
+        :attr:`x` / :attr:`target` are first read."""
+        layout = cls.__new__(cls)
+        layout.input, layout.target_input = input, target
+        layout._x = layout._target = None
+        layout.dims, layout.target_dims = dims, target_dims
+        layout.mode, layout.elementwise_shape = mode, elementwise_shape
+        return layout
+
+    @property
+    def x(self) -> Tensor:
+        """``(N, C, M)`` logits or probabilities, in the caller's dtype."""
+        x = self._x
+        if x is None:
+            x = self._x = self.input.reshape(self.dims)
+        return x
+
+    @property
+    def target(self) -> Tensor:
+        """``(N, C, M)`` for binary/multilabel, ``(N, M)`` integer class indices (multiclass)."""
+        target = self._target
+        if target is None:
+            target = self._target = self.target_input.reshape(self.target_dims)
+        return target
+
     @property
     def num_classes(self) -> int:
-        return self.x.shape[1]
+        return self.dims[1]
 
 
 def _shape(t: Tensor) -> str:
@@ -110,7 +146,7 @@ def _binary_layout(input: Tensor, target: Tensor) -> Layout:
                 f"without its channel dimension of size 1{hint}"
             )
     m = _spatial_size(input, 1)
-    return Layout(input.reshape(n, 1, m), target.reshape(n, 1, m), BINARY_MODE, input.shape)
+    return Layout.of(input, target, BINARY_MODE, (n, 1, m), (n, 1, m), input.shape)
 
 
 def _spatial_size(input: Tensor, start: int) -> int:
@@ -132,7 +168,7 @@ def _multilabel_layout(input: Tensor, target: Tensor) -> Layout:
         )
     n, c = input.shape[:2]
     m = _spatial_size(input, 2)
-    return Layout(input.reshape(n, c, m), target.reshape(n, c, m), MULTILABEL_MODE, input.shape)
+    return Layout.of(input, target, MULTILABEL_MODE, (n, c, m), (n, c, m), input.shape)
 
 
 def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
@@ -162,7 +198,7 @@ def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
             f"({', '.join(str(s) for s in expected)}){hint}"
         )
     m = _spatial_size(input, 2)
-    return Layout(input.reshape(n, c, m), target.reshape(n, m), MULTICLASS_MODE, expected)
+    return Layout.of(input, target, MULTICLASS_MODE, (n, c, m), (n, m), expected)
 
 
 _LAYOUTS = {

@@ -85,8 +85,9 @@ class SegmentationLoss(nn.Module):
     """Short name used in spec strings (``"dice"``, ``"bce"``, ...)."""
     _function: ClassVar[Callable[..., Tensor]]
     """The functional form (same arguments, same value)."""
-    _prepared: tuple[Callable[..., Tensor], Any, Any] | None = None
-    """What ``forward`` calls, with the checked parameters; rebuilt after an argument is set."""
+    _prepared: tuple[Callable[..., Tensor], Any, Any, dict] | None = None
+    """What ``forward`` calls, with the checked parameters and the plans of recent calls
+    (:data:`dynloss.functional._call.Plans`); rebuilt after an argument is set, not saved."""
 
     def __init__(
         self,
@@ -119,17 +120,23 @@ class SegmentationLoss(nn.Module):
         """``(function, params, need)`` for ``forward``: the arguments checked once."""
         raise NotImplementedError  # pragma: no cover - every loss class defines it
 
-    def _checked(self) -> tuple[Callable[..., Tensor], Any, Any]:
-        """``(function, params, need)``: the checked arguments (built on first use)."""
+    def _checked(self) -> tuple[Callable[..., Tensor], Any, Any, dict]:
+        """``(function, params, need, plans)``: the checked arguments (built on first use)."""
         prepared = self._prepared
         if prepared is None:
-            prepared = self.__dict__["_prepared"] = self._prepare()
+            prepared = self.__dict__["_prepared"] = (*self._prepare(), {})
         return prepared
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``."""
-        function, params, need = self._checked()
-        return function(input, target, params, need)
+        function, params, need, plans = self._checked()
+        return function(input, target, params, need, plans)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the checked arguments and plans are rebuilt on first use (they hold backends)
+        state = dict(self.__dict__)
+        state.pop("_prepared", None)
+        return state
 
     def __repr__(self) -> str:
         defaults = {

@@ -48,18 +48,48 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+Plans = dict
+"""A loss module's memory of its recent calls: for each signature of the tensors (shapes,
+dtypes, devices, whether the target requires a gradient, grad mode) the backend dispatch chose,
+whether the value checks are due, and the layout's shapes. A call with a signature seen before
+skips the shape checks and the choice (its tensors' values are still checked)."""
+
+_MAX_PLANS = 8
+
+
 def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: Need,
-             ignore_index: int | None, from_logits: bool, check: bool | None
-             ) -> tuple[Layout, Backend, bool]:
+             ignore_index: int | None, from_logits: bool, check: bool | None,
+             plans: Plans | None = None) -> tuple[Layout, Backend, bool]:
+    key = None
+    if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)
+            and not torch.compiler.is_compiling()):
+        key = (input.shape, input.dtype, input.device, target.shape, target.dtype,
+               target.device, target.requires_grad, torch.is_grad_enabled())
+        plan = plans.get(key)
+        if plan is not None:
+            backend, checked, dims, target_dims, elementwise_shape, classes = plan
+            layout = Layout.of(input, target, mode, dims, target_dims, elementwise_shape)
+            if classes:  # the class indices are read on the host (see check_class_indices)
+                check_class_indices(layout, ignore_index)
+            elif checked and not backend.capabilities.checks_values:
+                check_values(layout, ignore_index, from_logits)
+            return layout, backend, checked
     layout = prepare(input, target, mode)
-    backend = select(backend_name, layout.x, need, target.requires_grad)
+    backend = select(backend_name, input, need, target.requires_grad, layout.num_classes)
     checked = should_check_values(check, input)
+    classes = False
     if not backend.capabilities.checks_values:
         if checked:
             check_values(layout, ignore_index, from_logits)
         elif (mode == MULTICLASS_MODE and input.device.type == "cpu"
               and not torch.compiler.is_compiling()):
+            classes = True
             check_class_indices(layout, ignore_index)
+    if key is not None and plans is not None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[key] = (backend, checked, layout.dims, layout.target_dims,
+                      layout.elementwise_shape, classes)
     return layout, backend, checked
 
 
@@ -73,11 +103,11 @@ def _check_alpha_length(alpha: object, layout: Layout, name: str) -> None:
 
 
 def region_loss(input: Tensor, target: Tensor, params: RegionParams,
-                need: Need | None = None) -> Tensor:
+                need: Need | None = None, plans: Plans | None = None) -> Tensor:
     """Dice/IoU/Tversky of ``input`` and ``target`` with checked ``params``."""
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or region_need(params),
-        params.ignore_index, params.from_logits, params.check_values)
+        params.ignore_index, params.from_logits, params.check_values, plans)
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.region(layout, params, checked)
@@ -85,11 +115,12 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
 
 
 def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
-                      need: Need | None = None, alpha_name: str = "alpha") -> Tensor:
+                      need: Need | None = None, plans: Plans | None = None,
+                      alpha_name: str = "alpha") -> Tensor:
     """BCE/Focal/TopK of ``input`` and ``target`` with checked ``params``."""
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or distribution_need(params),
-        params.ignore_index, params.from_logits, params.check_values)
+        params.ignore_index, params.from_logits, params.check_values, plans)
     _check_alpha_length(params.alpha, layout, alpha_name)
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):

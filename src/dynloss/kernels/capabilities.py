@@ -63,8 +63,10 @@ class Capabilities:
     max_classes: int | None = None
     """Largest ``C`` it handles (None: any)."""
 
-    def missing(self, x: Tensor, need: Need, target_grad: bool, compiling: bool) -> str | None:
-        """What this call needs that the backend cannot do (None when it covers the call)."""
+    def missing(self, x: Tensor, need: Need, target_grad: bool, compiling: bool,
+                classes: int = 1) -> str | None:
+        """What this call needs that the backend cannot do (None when it covers the call);
+        ``classes`` is the number of channels ``C``."""
         if self.devices is not None and x.device.type not in self.devices:
             return f"{x.device.type} tensors"
         if self.dtypes is not None and x.dtype not in self.dtypes:
@@ -83,7 +85,7 @@ class Capabilities:
             return "a gradient for the target"
         if compiling and not self.compilable:
             return "tracing by torch.compile"
-        if self.max_classes is not None and x.dim() > 1 and x.shape[1] > self.max_classes:
+        if self.max_classes is not None and classes > self.max_classes:
             return f"more than {self.max_classes} classes"
         return None
 

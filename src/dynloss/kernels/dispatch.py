@@ -94,18 +94,18 @@ def warn_once(key: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
 
-def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, compiling: bool
-            ) -> str | None:
-    missing = backend.capabilities.missing(x, need, target_grad, compiling)
+def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, compiling: bool,
+            classes: int) -> str | None:
+    missing = backend.capabilities.missing(x, need, target_grad, compiling, classes)
     if missing is not None:
         return missing
     return backend.unavailable(x)
 
 
-def _auto(x: Tensor, need: Need, target_grad: bool, compiling: bool) -> Backend:
+def _auto(x: Tensor, need: Need, target_grad: bool, compiling: bool, classes: int) -> Backend:
     order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
     for backend in order:
-        if backend.capabilities.missing(x, need, target_grad, compiling) is not None:
+        if backend.capabilities.missing(x, need, target_grad, compiling, classes) is not None:
             continue
         reason = backend.unavailable(x)
         if reason is None:
@@ -119,20 +119,20 @@ def _auto(x: Tensor, need: Need, target_grad: bool, compiling: bool) -> Backend:
     return REFERENCE
 
 
-def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bool
-              ) -> Backend:
+def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bool,
+              classes: int) -> Backend:
     backend = REGISTRY[name]
     reason = backend.unavailable(x)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run: {reason}; use backend='auto' or "
                          "'torch'")
-    missing = backend.capabilities.missing(x, need, target_grad, compiling)
+    missing = backend.capabilities.missing(x, need, target_grad, compiling, classes)
     if missing is None:
         return backend
     order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
     later = order[order.index(backend) + 1:] if backend in order else _OTHER_DEVICES
     for fallback in later:
-        if _covers(fallback, x, need, target_grad, compiling) is None:
+        if _covers(fallback, x, need, target_grad, compiling, classes) is None:
             break
     else:  # pragma: no cover - the reference covers every call
         fallback = REFERENCE
@@ -142,29 +142,34 @@ def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bo
     return fallback
 
 
-def select(name: str, x: Tensor, need: Need, target_grad: bool = False) -> Backend:
+def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
+           classes: int | None = None) -> Backend:
     """The backend that computes this call: ``name`` is the ``backend=`` argument.
 
-    ``target_grad``: the target requires a gradient. Cached per (name, device, dtype,
-    classes, need, target gradient), so a call costs one dictionary look-up; inside
-    ``torch.compile`` only compilable backends are considered.
+    ``x`` is the input (its device and dtype count), ``target_grad``: the target requires a
+    gradient, ``classes``: the number of channels ``C`` (default ``x.shape[1]``). Cached per
+    (name, device, dtype, classes, need, target gradient), so a call costs one dictionary
+    look-up; inside ``torch.compile`` only compilable backends are considered.
 
     Raises:
         ValueError: ``name`` is ``"native"`` or ``"triton"`` and those kernels cannot run on
             ``x`` at all (why is in the message).
     """
+    if classes is None:
+        classes = x.shape[1] if x.dim() > 1 else 1
     compiling = torch.compiler.is_compiling()
     target_grad = target_grad and torch.is_grad_enabled()
     if compiling:
-        return _explicit(name, x, need, target_grad, True) if name != "auto" else _auto(
-            x, need, target_grad, True)
-    key = (name, x.device, x.dtype, x.shape[1] if x.dim() > 1 else 0, need, target_grad)
+        if name == "auto":
+            return _auto(x, need, target_grad, True, classes)
+        return _explicit(name, x, need, target_grad, True, classes)
+    key = (name, x.device, x.dtype, classes, need, target_grad)
     backend = _CACHE.get(key)
     if backend is None:
         if name == "auto":
-            backend = _auto(x, need, target_grad, False)
+            backend = _auto(x, need, target_grad, False, classes)
         else:
-            backend = _explicit(name, x, need, target_grad, False)
+            backend = _explicit(name, x, need, target_grad, False, classes)
         _CACHE[key] = backend
     return backend
 

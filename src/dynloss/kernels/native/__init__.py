@@ -73,18 +73,22 @@ class NativeBackend:
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
         if params.ddp_pool and is_distributed():  # sums all-reduced before the score
-            sums = NativeSums.apply(layout.x, layout.target, layout.mode, params, checked)
+            sums = NativeSums.apply(layout.input, layout.target_input, layout.mode, layout.dims,
+                                    params, checked)
             return reference.score_loss(sums, params)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
-        return NativeRegionLoss.apply(layout.x, layout.target, layout.mode, params, checked)
+        return NativeRegionLoss.apply(layout.input, layout.target_input, layout.mode,
+                                      layout.dims, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
-        return NativeDistributionLoss.apply(layout.x, layout.target, params, checked)
+        return NativeDistributionLoss.apply(layout.input, layout.target_input, layout.dims,
+                                            params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        return NativeCompositeLoss.apply(layout.x, layout.target, params, checked)
+        return NativeCompositeLoss.apply(layout.input, layout.target_input, layout.dims, params,
+                                         checked)
 
 
 NATIVE = NativeBackend()

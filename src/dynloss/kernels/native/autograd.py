@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ... import _math
-from ..._layout import Layout
+from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
 from .._recompute import recompute_backward
@@ -38,7 +38,8 @@ __all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", 
 
 
 def _layout(x: Tensor, target: Tensor, mode: str) -> Layout:
-    return Layout(x, target, mode, x.shape)
+    """The canonical layout of the caller's tensors (for the reference, in a recompute)."""
+    return prepare(x, target, mode)
 
 
 HOST_SCORES = 1024
@@ -70,14 +71,16 @@ def _region_value(fwd: Forward, params: RegionParams
                   ) -> tuple[Tensor, list[tuple[float, float, float]] | None]:
     """``(loss, cells)``: the reduced ``1 - T`` as float32 and the sums it was formed from
     (None: formed with tensor operations from ``fwd.sums``)."""
-    cells = _cells(fwd.sums, params)
+    sums = fwd.sums
+    assert sums is not None  # the kernel ran with the region sums
+    cells = _cells(sums, params)
     if cells is None:  # many scores: float64 tensor operations
         with torch.no_grad():
-            return reference.score_loss(fwd.sums.unbind(-1), params).float(), None
+            return reference.score_loss(sums.unbind(-1), params).float(), None
     a, b, s = params.alpha, params.beta, params.smoothing
     scores = [1.0 - _math.tversky_index(i, p, g, a, b, s) for i, p, g in cells]
     if params.reduction == "none":
-        shape = fwd.sums.shape[:2] if params.per_image else fwd.sums.shape[1:2]
+        shape = sums.shape[:2] if params.per_image else sums.shape[1:2]
         return torch.tensor(scores, dtype=torch.float32).view(shape), cells
     total = math.fsum(scores)
     value = total / len(scores) if params.reduction == "mean" and scores else total
@@ -122,13 +125,14 @@ def _scaled(grad: Tensor, invalid: bool) -> Tensor:
 
 
 class NativeRegionLoss(torch.autograd.Function):
-    """``1 - T`` reduced, from ``x`` ``(N, C, M)`` float32 and the target layout."""
+    """``1 - T`` reduced, from the caller's float32 ``x`` and target read as ``dims``
+    ``(N, C, M)``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, mode: str, params: RegionParams,
-                checked: bool):
+    def forward(ctx, x: Tensor, target: Tensor, mode: str, dims: tuple[int, ...],
+                params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
-                             None, True, False, checked, ctx.needs_input_grad[0])
+                             None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
         loss, cells = _region_value(fwd, params)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         ctx.native = (fwd.config, fwd.sums, cells, params, checked, fwd.invalid, mode)
@@ -142,18 +146,19 @@ class NativeRegionLoss(torch.autograd.Function):
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
         n, c, _ = config[5]
         gi, gp = _region_grads(sums, cells, _scaled(grad_loss, invalid), params, n, c)
         grad = native_backward((target, probabilities, None), config, gi, gp, None)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def _distribution_forward(ctx, x: Tensor, target: Tensor, params: DistributionParams,
-                          checked: bool, want_region: bool) -> Forward:
+def _distribution_forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
+                          params: DistributionParams, checked: bool, want_region: bool
+                          ) -> Forward:
     return native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
                           params.gamma, params.alpha, want_region, True, checked,
-                          ctx.needs_input_grad[0], params.k)
+                          ctx.needs_input_grad[0], params.k, dims)
 
 
 class NativeDistributionLoss(torch.autograd.Function):
@@ -164,8 +169,9 @@ class NativeDistributionLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
-        fwd = _distribution_forward(ctx, x, target, params, checked, False)
+    def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
+                params: DistributionParams, checked: bool):
+        fwd = _distribution_forward(ctx, x, target, dims, params, checked, False)
         total, count = fwd.pixel
         mean = params.reduction == "mean"
         ctx.save_for_backward(x, fwd.target, fwd.slope)
@@ -183,19 +189,20 @@ class NativeDistributionLoss(torch.autograd.Function):
                                                           params, checked)
                 return total / count if params.reduction == "mean" else total
             (grad,) = recompute_backward(value, (x,), (_scaled(grad_loss, invalid),))
-            return grad, None, None, None
+            return grad, None, None, None, None
         upstream = float(grad_loss) * scale
         grad = native_backward((target, None, slope), config, None, None,
                                math.nan if invalid else upstream)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class NativeCompositeLoss(torch.autograd.Function):
     """``(w_r * region + w_d * distribution, region, distribution)`` from one forward pass."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, params: CompositeParams, checked: bool):
-        fwd = _distribution_forward(ctx, x, target, params.distribution, checked, True)
+    def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...], params: CompositeParams,
+                checked: bool):
+        fwd = _distribution_forward(ctx, x, target, dims, params.distribution, checked, True)
         region, cells = _region_value(fwd, params.region)
         total, count = fwd.pixel
         distribution = torch.scalar_tensor(total / count, dtype=torch.float32)
@@ -220,13 +227,13 @@ class NativeCompositeLoss(torch.autograd.Function):
                                                                      checked)
                         + params.distribution_weight * (total / count))
             (grad,) = recompute_backward(value, (x,), (grad_combined,))
-            return grad, None, None, None
+            return grad, None, None, None, None
         n, c, _ = config[5]
         gi, gp = _region_grads(sums, cells, grad_combined * params.region_weight, params.region,
                                n, c)
         upstream = float(grad_combined) * params.distribution_weight * inverse_count
         grad = native_backward((target, probabilities, slope), config, gi, gp, upstream)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class NativeSums(torch.autograd.Function):
@@ -234,10 +241,11 @@ class NativeSums(torch.autograd.Function):
     differentiable. For callers that combine the sums with torch ops (``ddp_pool=True``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, mode: str, params: RegionParams,
-                checked: bool):
+    def forward(ctx, x: Tensor, target: Tensor, mode: str, dims: tuple[int, ...],
+                params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
-                             None, True, False, checked, ctx.needs_input_grad[0])
+                             None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
+        assert fwd.sums is not None
         intersection, prediction_sum, target_sum = fwd.sums.float().unbind(-1)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         ctx.native = (fwd.config, params, checked, mode)
@@ -254,7 +262,7 @@ class NativeSums(torch.autograd.Function):
                 lambda xs: reference.region_sums(_layout(xs, target, mode), params.from_logits,
                                                  params.ignore_index, checked)[:2],
                 (x,), (grad_intersection, grad_prediction_sum))
-            return grads[0], None, None, None, None
+            return grads[0], None, None, None, None, None
         grad = native_backward((target, probabilities, None), config, grad_intersection,
                                grad_prediction_sum, None)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None

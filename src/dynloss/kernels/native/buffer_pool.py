@@ -12,7 +12,7 @@ its storage any more (the gradient it became was consumed and dropped), so in a 
 loop the same resident memory serves every step. A buffer still in use (the caller kept the
 gradient) is never handed out. At most :data:`MAX_BUFFERS` buffers and :data:`MAX_BYTES`
 bytes are kept; the least recently used beyond that are released to the allocator. Set
-``DYNLOSS_NATIVE_POOL=0`` to allocate afresh every time.
+``DYNLOSS_NATIVE_POOL=0`` (before importing dynloss) to allocate afresh every time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BUFFERS", "MAX_BYTES", "BufferPool", "pool_enabled"]
+__all__ = ["ENABLED", "MAX_BUFFERS", "MAX_BYTES", "BufferPool", "pool_enabled"]
 
 MAX_BUFFERS = 4
 MAX_BYTES = 512 * 2**20
@@ -31,16 +31,21 @@ MAX_BYTES = 512 * 2**20
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+ENABLED = _use_count is not None and os.environ.get(
+    "DYNLOSS_NATIVE_POOL", "1").strip().lower() not in ("0", "false", "off", "no")
+"""Whether buffers are reused: ``DYNLOSS_NATIVE_POOL`` was not ``0`` when dynloss was imported
+(read once: an environment look-up costs more than the rest of a pooled allocation), and this
+torch can tell when a storage is free."""
+
+
 def pool_enabled() -> bool:
-    """Whether buffers are reused (``DYNLOSS_NATIVE_POOL`` is not ``0``, and this torch can
-    tell when a storage is free)."""
-    flag = os.environ.get("DYNLOSS_NATIVE_POOL", "1").strip().lower()
-    return _use_count is not None and flag not in ("0", "false", "off", "no")
+    """Whether buffers are reused (:data:`ENABLED`)."""
+    return ENABLED
 
 
-def _references(buffer: Tensor) -> int:
+def _references(storage: torch.UntypedStorage) -> int:
     assert _use_count is not None
-    return int(_use_count(buffer.untyped_storage()._cdata))
+    return int(_use_count(storage._cdata))
 
 
 class BufferPool:
@@ -49,7 +54,9 @@ class BufferPool:
     def __init__(self, max_buffers: int = MAX_BUFFERS, max_bytes: int = MAX_BYTES) -> None:
         self.max_buffers = max_buffers
         self.max_bytes = max_bytes
-        self._entries: list[tuple[Tensor, int]] = []  # (buffer, its reference count when free)
+        # (buffer, its storage, the storage's reference count when the buffer is free); the
+        # storage object is kept so that a look-up creates no Python object
+        self._entries: list[tuple[Tensor, torch.UntypedStorage, int]] = []
         self._lock = threading.Lock()
 
     def empty(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -57,18 +64,22 @@ class BufferPool:
         numel = 1
         for size in shape:
             numel *= size
-        if not pool_enabled() or numel * 4 > self.max_bytes:
+        if not ENABLED or numel * 4 > self.max_bytes:
             return torch.empty(shape)
         with self._lock:
-            for index, (buffer, free) in enumerate(self._entries):
-                if buffer.numel() == numel and _references(buffer) == free:
-                    self._entries.append(self._entries.pop(index))  # most recently used last
+            entries = self._entries
+            for index, entry in enumerate(entries):
+                buffer, storage, free = entry
+                if buffer.numel() == numel and _references(storage) == free:
+                    if index != len(entries) - 1:  # most recently used last
+                        entries.append(entries.pop(index))
                     return buffer.view(shape)
             buffer = torch.empty(numel)
-            self._entries.append((buffer, _references(buffer)))
-            while (len(self._entries) > self.max_buffers
-                   or sum(b.numel() * 4 for b, _ in self._entries) > self.max_bytes):
-                self._entries.pop(0)
+            storage = buffer.untyped_storage()
+            entries.append((buffer, storage, _references(storage)))
+            while (len(entries) > self.max_buffers
+                   or sum(b.numel() * 4 for b, _, _ in entries) > self.max_bytes):
+                entries.pop(0)
             return buffer.view(shape)
 
     def clear(self) -> None:

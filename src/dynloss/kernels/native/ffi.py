@@ -81,12 +81,13 @@ def _graph_kept() -> bool:
 
 
 def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Tensor,
-                      mode: str, ignore_index: int | None, from_logits: bool) -> None:
+                      mode: str, ignore_index: int | None, from_logits: bool,
+                      dims: tuple[int, ...]) -> None:
     """Turn the kernel's counts of bad values into the errors the other backends raise."""
     if bad_target:
         kept = target if ignore_index is None else target[target != ignore_index]
         lo, hi = torch.aminmax(kept)
-        layout = Layout(x, target, mode, x.shape)
+        layout = Layout.of(x, target, mode, dims, dims, x.shape)
         raise_for_target_range(layout, ignore_index, lo.item(), hi.item())
     if bad_input and not from_logits:
         lo, hi = torch.aminmax(x)
@@ -98,10 +99,10 @@ class Forward:
 
     __slots__ = ("config", "invalid", "pixel", "probabilities", "slope", "sums", "target")
 
-    def __init__(self, sums: Tensor, pixel: tuple[float, float], target: Tensor,
+    def __init__(self, sums: Tensor | None, pixel: tuple[float, float], target: Tensor,
                  probabilities: Tensor | None, slope: Tensor | None, config: tuple,
                  invalid: bool) -> None:
-        self.sums = sums  # (N, C, 3) float64: I, P, G
+        self.sums = sums  # (N, C, 3) float64: I, P, G (None without region sums)
         self.pixel = pixel  # S, max(count, 1); TopK: of the selected elements
         self.target = target
         self.probabilities = probabilities
@@ -114,8 +115,10 @@ class Forward:
 def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    ignore_index: int | None, gamma: float, alpha, want_region: bool,
                    want_pixel: bool, checked: bool, needs_grad: bool,
-                   topk: float | None = None) -> Forward:
-    """One forward pass of the kernels over ``x`` ``(N, C, M)`` float32.
+                   topk: float | None = None, dims: tuple[int, ...] | None = None) -> Forward:
+    """One forward pass of the kernels over ``x`` float32, read as ``dims = (N, C, M)``
+    (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
+    that layout, so that no view is made and the gradient keeps the input's shape).
 
     ``checked``: raise a ``ValueError`` for an invalid kept target (or probability); else it
     only sets :attr:`Forward.invalid`, as a non-finite kept input always does. A class index
@@ -125,12 +128,12 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     element, multiclass per ``(N, M)`` pixel; ties by lowest flat index, NaN above all) and
     ``max(n, 1)``, and the saved slopes are 0 outside the selection.
     """
-    if x.device.type != "cpu" or target.device.type != "cpu":  # a pointer must be host memory
+    if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
     x = x.contiguous()
     target = _native_target(target, mode)
-    n, c, m = x.shape
+    n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
     class_alpha = None
     if alpha is not None and multiclass:
@@ -144,7 +147,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     # TopK: every element's loss, for the selection (a scratch buffer, not kept)
     losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
     # every (sample, class) row is written when the region sums are wanted
-    sums = (torch.empty if want_region else torch.zeros)(n, c, 3, dtype=torch.float64)
+    sums = torch.empty(n, c, 3, dtype=torch.float64) if want_region else None
     # S, max(count, 1), count; bad targets, bad inputs, soft labels
     scalars = (ctypes.c_double * 6)()
     base = ctypes.addressof(scalars)
@@ -163,15 +166,18 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
     total, count, kept, bad_target, bad_input, soft = scalars
     if checked:
-        _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits)
+        _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits,
+                          (n, c, m))
     elif multiclass and bad_target:  # an index out of range: an error on the CPU, always
-        _raise_for_values(bad_target, 0.0, x, target, mode, ignore_index, from_logits)
+        _raise_for_values(bad_target, 0.0, x, target, mode, ignore_index, from_logits,
+                          (n, c, m))
     if topk is not None:
         selected = topk_count(topk, int(kept))
         args.topk = selected
         _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
         total, count = scalars[0], float(max(selected, 1))
-    config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0)
+    config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
+              x.shape)
     return Forward(sums, (total, count), target, probabilities, slope, config,
                    bool(bad_target or bad_input))
 
@@ -201,13 +207,13 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     receives the gradient unless the running backward keeps the graph.
     """
     target, probabilities, slope = saved
-    mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard = config
+    mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard, shape = config
     multiclass = mode == MULTICLASS_MODE
     want_region = want_region and (grad_intersection is not None
                                    or grad_prediction_sum is not None)
     want_pixel = want_pixel and grad_total is not None
     if not (want_region or want_pixel):
-        return torch.zeros(n, c, m)
+        return torch.zeros(shape)
     gi = gp = None  # kept alive until the kernel has read them
     if want_region:  # a missing one of the two is zero (at most one is missing here)
         gi = _float_array(grad_intersection, n * c)
@@ -216,7 +222,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
     buffer = probabilities if probabilities is not None else slope
-    grad = torch.empty(n, c, m) if buffer is None or _graph_kept() else buffer
+    grad = torch.empty(shape) if buffer is None or _graph_kept() else buffer
     args = Args(
         target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
         n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),

@@ -45,7 +45,7 @@ namespace {
 constexpr int64_t kChunk = 16384;     // binary: elements per task
 constexpr int64_t kBlock = 512;       // elements per float accumulation block
 constexpr int64_t kClassChunk = 1024; // multiclass: pixels per task (and per block)
-constexpr int64_t kParallelMin = 65536;  // smaller inputs run on the calling thread only
+constexpr int64_t kParallelMin = 32768;  // smaller inputs run on the calling thread only
 constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabilities
 constexpr float kFloatMax = 3.40282347e38f;  // |x| <= kFloatMax: x is finite (false for NaN)
 constexpr uint32_t kNegInfBits = 0xff800000u;  // -inf: the loss saved for an ignored element
