@@ -63,8 +63,10 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
     key = None
     if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)
             and not torch.compiler.is_compiling()):
-        key = (input.shape, input.dtype, input.device, target.shape, target.dtype,
-               target.device, target.requires_grad, torch.is_grad_enabled())
+        # (``is_cpu`` stands for the device where it can: cheaper than a device object)
+        key = (input.shape, input.dtype, input.is_cpu or input.device, target.shape,
+               target.dtype, target.is_cpu or target.device, target.requires_grad,
+               torch.is_grad_enabled())
         plan = plans.get(key)
         if plan is not None:
             backend, checked, dims, target_dims, elementwise_shape, classes = plan

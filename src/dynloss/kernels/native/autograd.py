@@ -32,7 +32,7 @@ from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
 from .._recompute import recompute_backward
-from .ffi import Forward, native_backward, native_forward
+from .ffi import Forward, Sums, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
 
@@ -47,54 +47,48 @@ HOST_SCORES = 1024
 Python arithmetic (a few microseconds); beyond, with float64 tensor operations."""
 
 
-def _cells(sums: Tensor, params: RegionParams) -> list[tuple[float, float, float]] | None:
+def _cells(sums: Sums, params: RegionParams) -> list[tuple[float, float, float]] | None:
     """The ``(I, P, G)`` the scores are formed from, in float64: one per (sample, class) with
     ``per_image``, else one per class pooled over the batch; None when there are too many."""
-    n, c, _ = sums.shape
+    n, c, _ = sums.dims
     if n * c > HOST_SCORES:
         return None
-    rows = sums.tolist()
+    values = sums.as_list()
     if params.per_image:
-        return [(i, p, g) for row in rows for i, p, g in row]
-    cells = []
-    for k in range(c):
-        i = p = g = 0.0
-        for row in rows:
-            i += row[k][0]
-            p += row[k][1]
-            g += row[k][2]
-        cells.append((i, p, g))
-    return cells
+        return list(zip(values[0::3], values[1::3], values[2::3], strict=True))
+    step = 3 * c
+    return [(math.fsum(values[3 * k::step]), math.fsum(values[3 * k + 1::step]),
+             math.fsum(values[3 * k + 2::step])) for k in range(c)]
 
 
-def _region_value(fwd: Forward, params: RegionParams
+def _region_value(sums: Sums, params: RegionParams
                   ) -> tuple[Tensor, list[tuple[float, float, float]] | None]:
     """``(loss, cells)``: the reduced ``1 - T`` as float32 and the sums it was formed from
-    (None: formed with tensor operations from ``fwd.sums``)."""
-    sums = fwd.sums
-    assert sums is not None  # the kernel ran with the region sums
+    (None: formed with tensor operations from the sums)."""
     cells = _cells(sums, params)
     if cells is None:  # many scores: float64 tensor operations
         with torch.no_grad():
-            return reference.score_loss(sums.unbind(-1), params).float(), None
+            return reference.score_loss(sums.as_tensor().unbind(-1), params).float(), None
     a, b, s = params.alpha, params.beta, params.smoothing
     scores = [1.0 - _math.tversky_index(i, p, g, a, b, s) for i, p, g in cells]
     if params.reduction == "none":
-        shape = sums.shape[:2] if params.per_image else sums.shape[1:2]
+        n, c, _ = sums.dims
+        shape = (n, c) if params.per_image else (c,)
         return torch.tensor(scores, dtype=torch.float32).view(shape), cells
     total = math.fsum(scores)
     value = total / len(scores) if params.reduction == "mean" and scores else total
     return torch.scalar_tensor(value, dtype=torch.float32), cells
 
 
-def _region_grads(fwd_sums: Tensor, cells: list[tuple[float, float, float]] | None,
+def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None,
                   grad_loss: Tensor, params: RegionParams, n: int, c: int
                   ) -> tuple[list[float] | Tensor, list[float] | Tensor]:
     """``(dL/dI, dL/dP)`` per (sample, class), row-major ``(N, C)``, from the gradient of the
     reduced ``1 - T``: float lists (host arithmetic) or float32 tensors."""
     a, b, s = params.alpha, params.beta, params.smoothing
     if cells is None:  # the tensor path of _region_value
-        sums = fwd_sums if params.per_image else fwd_sums.sum(0)
+        sums = sums_out.as_tensor()
+        sums = sums if params.per_image else sums.sum(0)
         intersection, prediction_sum, target_sum = sums.unbind(-1)
         grad_score = -grad_loss.double()  # d(1 - T)/dT = -1
         if params.reduction == "mean" and intersection.numel():
@@ -133,15 +127,18 @@ class NativeRegionLoss(torch.autograd.Function):
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        loss, cells = _region_value(fwd, params)
+        sums = fwd.sums()
+        loss, cells = _region_value(sums, params)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
-        ctx.native = (fwd.config, fwd.sums, cells, params, checked, fwd.invalid, mode)
+        # no tensor here (the saved buffer becomes the gradient, which autograd then takes
+        # over only if nothing else refers to it)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells, params, checked, mode)
         return _scaled(loss, fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, probabilities = ctx.saved_tensors
-        config, sums, cells, params, checked, invalid, mode = ctx.native
+        config, invalid, sums, cells, params, checked, mode = ctx.native
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
@@ -203,21 +200,22 @@ class NativeCompositeLoss(torch.autograd.Function):
     def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...], params: CompositeParams,
                 checked: bool):
         fwd = _distribution_forward(ctx, x, target, dims, params.distribution, checked, True)
-        region, cells = _region_value(fwd, params.region)
+        sums = fwd.sums()
+        region, cells = _region_value(sums, params.region)
         total, count = fwd.pixel
         distribution = torch.scalar_tensor(total / count, dtype=torch.float32)
         combined = params.region_weight * region + params.distribution_weight * distribution
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
-        ctx.native = (fwd.config, fwd.sums, cells, 1.0 / count, params, checked, fwd.invalid)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells, 1.0 / count, params, checked)
         ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
         return combined, region, distribution
 
     @staticmethod
     def backward(ctx, grad_combined, _grad_region, _grad_distribution):
         x, target, probabilities, slope = ctx.saved_tensors
-        config, sums, cells, inverse_count, params, checked, invalid = ctx.native
+        config, invalid, sums, cells, inverse_count, params, checked = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
         if torch.is_grad_enabled():
             def value(xs: Tensor) -> Tensor:
@@ -245,8 +243,7 @@ class NativeSums(torch.autograd.Function):
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        assert fwd.sums is not None
-        intersection, prediction_sum, target_sum = fwd.sums.float().unbind(-1)
+        intersection, prediction_sum, target_sum = fwd.sums().as_tensor().float().unbind(-1)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         ctx.native = (fwd.config, params, checked, mode)
         ctx.mark_non_differentiable(target_sum)

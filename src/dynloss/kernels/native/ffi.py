@@ -33,7 +33,7 @@ from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES,
 from .buffer_pool import POOL
 from .build import library, status
 
-__all__ = ["Forward", "native_backward", "native_forward"]
+__all__ = ["Forward", "Sums", "native_backward", "native_forward"]
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -97,12 +97,12 @@ def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Te
 class Forward:
     """What one forward kernel call returns, and what its backward call needs."""
 
-    __slots__ = ("config", "invalid", "pixel", "probabilities", "slope", "sums", "target")
+    __slots__ = ("config", "invalid", "out", "pixel", "probabilities", "slope", "target")
 
-    def __init__(self, sums: Tensor | None, pixel: tuple[float, float], target: Tensor,
+    def __init__(self, out: ctypes.Array, pixel: tuple[float, float], target: Tensor,
                  probabilities: Tensor | None, slope: Tensor | None, config: tuple,
                  invalid: bool) -> None:
-        self.sums = sums  # (N, C, 3) float64: I, P, G (None without region sums)
+        self.out = out  # float64: 6 scalars, then the region sums (N, C, 3) if wanted
         self.pixel = pixel  # S, max(count, 1); TopK: of the selected elements
         self.target = target
         self.probabilities = probabilities
@@ -110,6 +110,33 @@ class Forward:
         self.config = config
         self.invalid = invalid
         """An invalid value was found and not raised for: the loss must be NaN."""
+
+    def sums(self) -> Sums:
+        """The region sums (no tensor: safe to keep on an autograd node)."""
+        return Sums(self.out, self.config[5])
+
+
+class Sums:
+    """The region sums ``I, P, G`` per (sample, class) of one forward call, in float64."""
+
+    __slots__ = ("dims", "out")
+
+    def __init__(self, out: ctypes.Array, dims: tuple[int, int, int]) -> None:
+        self.out = out
+        self.dims = dims
+
+    def as_list(self) -> list[float]:
+        """Row-major ``(N, C, 3)`` as floats."""
+        return self.out[_SCALARS:]
+
+    def as_tensor(self) -> Tensor:
+        """An ``(N, C, 3)`` float64 tensor (a view of the kernel's output)."""
+        n, c, _ = self.dims
+        return torch.frombuffer(self.out, dtype=torch.float64)[_SCALARS:].view(n, c, 3)
+
+
+_SCALARS = 6
+"""The kernel's scalar outputs: S, max(count, 1), count; bad targets, bad inputs, soft labels."""
 
 
 def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
@@ -146,11 +173,11 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
     # TopK: every element's loss, for the selection (a scratch buffer, not kept)
     losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
-    # every (sample, class) row is written when the region sums are wanted
-    sums = torch.empty(n, c, 3, dtype=torch.float64) if want_region else None
-    # S, max(count, 1), count; bad targets, bad inputs, soft labels
-    scalars = (ctypes.c_double * 6)()
-    base = ctypes.addressof(scalars)
+    # one float64 array for every result: the scalars, then (when wanted) the region sums,
+    # whose every (sample, class) row the kernel writes
+    out = (ctypes.c_double * (_SCALARS + (3 * n * c if want_region else 0)))()
+    base = ctypes.addressof(out)
+    double = ctypes.sizeof(ctypes.c_double)
     args = Args(
         x=_ptr(x), target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
         n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
@@ -160,11 +187,12 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         alpha=0.0 if alpha is None or multiclass else float(alpha),
         class_alpha=_ptr(class_alpha), threads=max(1, torch.get_num_threads()),
         probabilities=_ptr(probabilities), slope=_ptr(slope),
-        region=_ptr(sums), pixel_out=base, check=base + 3 * ctypes.sizeof(ctypes.c_double),
+        region=base + _SCALARS * double if want_region else None, pixel_out=base,
+        check=base + 3 * double,
         loss=_ptr(losses),
     )
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
-    total, count, kept, bad_target, bad_input, soft = scalars
+    total, count, kept, bad_target, bad_input, soft = out[:_SCALARS]
     if checked:
         _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits,
                           (n, c, m))
@@ -175,10 +203,10 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         selected = topk_count(topk, int(kept))
         args.topk = selected
         _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
-        total, count = scalars[0], float(max(selected, 1))
+        total, count = out[0], float(max(selected, 1))
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
               x.shape)
-    return Forward(sums, (total, count), target, probabilities, slope, config,
+    return Forward(out, (total, count), target, probabilities, slope, config,
                    bool(bad_target or bad_input))
 
 
