@@ -18,9 +18,11 @@ from dynloss.kernels.native.buffer_pool import POOL, BufferPool, pool_enabled
 pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
 
 
-def _inputs(seed: int = 0):
+def _inputs(seed: int = 0, size: int = 256):
+    """(4, 1, 256, 256) float32: 1 MiB, the smallest buffer the pool keeps."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 1, 16, 16, generator=gen), (torch.rand(4, 1, 16, 16, generator=gen)
+    return torch.randn(4, 1, size, size, generator=gen), (torch.rand(4, 1, size, size,
+                                                                       generator=gen)
                                                        > 0.7).float()
 
 
@@ -119,3 +121,18 @@ def test_disabled_by_environment(monkeypatch):
     logits, target = _inputs()
     _gradient(dynloss.DiceLoss(backend="native"), logits, target)
     assert len(POOL) == 0
+
+
+def test_small_buffers_are_allocated_afresh():
+    """Below MIN_BYTES a buffer is not pooled: the allocator serves it from memory it keeps,
+    and a fresh one costs less than a look-up in the pool."""
+    assert buffer_pool.MIN_BYTES == 2**20 and POOL.min_bytes == buffer_pool.MIN_BYTES
+    logits, target = _inputs(size=64)  # 64 KiB
+    dice = dynloss.DiceLoss(backend="native")
+    first = _gradient(dice, logits, target)
+    assert len(POOL) == 0
+    torch.testing.assert_close(first, _gradient(dynloss.DiceLoss(backend="reference"), logits,
+                                                target), rtol=1e-4, atol=1e-9)
+    big_logits, big_target = _inputs(size=256)
+    _gradient(dice, big_logits, big_target)
+    assert len(POOL) == 1

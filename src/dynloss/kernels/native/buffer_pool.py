@@ -27,6 +27,9 @@ __all__ = ["ENABLED", "MAX_BUFFERS", "MAX_BYTES", "BufferPool", "pool_enabled"]
 
 MAX_BUFFERS = 4
 MAX_BYTES = 512 * 2**20
+MIN_BYTES = 2**20
+"""Smaller buffers are allocated afresh: the allocator serves them from memory it keeps (no
+page faults), and taking one from the pool costs more than allocating it."""
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -51,9 +54,11 @@ def _references(storage: torch.UntypedStorage) -> int:
 class BufferPool:
     """Float32 CPU buffers by element count, each handed out again once it is free."""
 
-    def __init__(self, max_buffers: int = MAX_BUFFERS, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, max_buffers: int = MAX_BUFFERS, max_bytes: int = MAX_BYTES,
+                 min_bytes: int = 0) -> None:
         self.max_buffers = max_buffers
         self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
         # (buffer, its storage, the storage's reference count when the buffer is free); the
         # storage object is kept so that a look-up creates no Python object
         self._entries: list[tuple[Tensor, torch.UntypedStorage, int]] = []
@@ -64,7 +69,7 @@ class BufferPool:
         numel = 1
         for size in shape:
             numel *= size
-        if not ENABLED or numel * 4 > self.max_bytes:
+        if not ENABLED or numel * 4 > self.max_bytes or numel * 4 < self.min_bytes:
             return torch.empty(shape)
         with self._lock:
             entries = self._entries
@@ -91,5 +96,5 @@ class BufferPool:
         return len(self._entries)
 
 
-POOL = BufferPool()
+POOL = BufferPool(min_bytes=MIN_BYTES)
 """The pool of the native kernels' saved buffers."""

@@ -22,6 +22,7 @@ bitwise identical for any number of threads (``torch.get_num_threads()`` threads
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,11 +59,17 @@ def _pixel_kind(want_pixel: bool, gamma: float) -> int:
     return PIXEL_FOCAL2 if gamma == 2 else PIXEL_FOCAL
 
 
+_FUNCTIONS: dict[str, Any] = {}
+
+
 def _call(name: str, args: Args) -> None:
-    lib = library()
-    if lib is None:  # pragma: no cover - dispatch checks availability first
-        raise RuntimeError(f"native kernels unavailable: {status()}")
-    code = getattr(lib, name)(ctypes.byref(args))
+    function = _FUNCTIONS.get(name)
+    if function is None:
+        lib = library()
+        if lib is None:  # pragma: no cover - dispatch checks availability first
+            raise RuntimeError(f"native kernels unavailable: {status()}")
+        function = _FUNCTIONS[name] = getattr(lib, name)
+    code = function(args)  # argtypes POINTER(Args): ctypes passes the struct by reference
     if code == 1:
         raise MemoryError("the native loss kernel ran out of memory")
     if code != 0:  # pragma: no cover - arguments are validated in Python
@@ -193,7 +200,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     )
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
     total, count, kept, bad_target, bad_input, soft = out[:_SCALARS]
-    if checked:
+    if checked and (bad_target or bad_input):
         _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits,
                           (n, c, m))
     elif multiclass and bad_target:  # an index out of range: an error on the CPU, always

@@ -129,12 +129,22 @@ DL_INLINE float log_f(float x) {
   return r + ef * 0.693359375f;
 }
 
-// log(1 + y) for y in [0, 1] given inv = 1 / (1 + y) (which the caller has: the sigmoid),
-// to full relative precision at tiny y: log(u) of the rounded u = 1 + y, corrected by the
-// rounding error (y - (u - 1)) / u to first order; no division.
-DL_INLINE float log1p_f(float y, float inv) {
-  const float u = 1.0f + y;
-  return log_f(u) + (y - (u - 1.0f)) * inv;
+// log(1 + y) for y in [0, 1] (the softplus tail log(1 + e^{-|x|})) as y P(y), P of degree 10
+// fitted to log1p(y) / y on Chebyshev nodes of [0, 1]: under 3 ulp relative everywhere, full
+// relative precision at tiny y (subnormals included), ten FMAs and no log, no division.
+DL_INLINE float log1p_f(float y) {
+  float p = 0.0020376904867589474f;
+  p = p * y - 0.013444830663502216f;
+  p = p * y + 0.04155762121081352f;
+  p = p * y - 0.08253533393144608f;
+  p = p * y + 0.12425103038549423f;
+  p = p * y - 0.1610863208770752f;
+  p = p * y + 0.19891537725925446f;
+  p = p * y - 0.24987392127513885f;
+  p = p * y + 0.33332568407058716f;
+  p = p * y - 0.4999998211860657f;
+  p = p * y + 1.0f;
+  return y * p;
 }
 
 // 1 - e^{-b} for b >= 0, without cancellation at small b; also returns e^{-b}.
@@ -315,7 +325,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       if (PIXEL != kPixelNone) {
         float b, slope;
         if (LOGITS) {
-          b = (max_f(xv, 0.0f) - xv * g) + log1p_f(e, inv);
+          b = (max_f(xv, 0.0f) - xv * g) + log1p_f(e);
           slope = p - g;
         } else {
           b = -(g * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p));
