@@ -22,6 +22,7 @@ the loss and its gradient NaN.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -114,6 +115,22 @@ def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None
     return grad_i, grad_p
 
 
+def _coefficients(cells: list[tuple[float, float, float]] | None, params: RegionParams
+                  ) -> tuple[ctypes.Array, ctypes.Array] | None:
+    """``-(dT/dI, dT/dP)`` of every score as float32 arrays, divided by the number of scores
+    for ``"mean"``: the gradients of ``I, P`` per unit of the upstream gradient, formed in the
+    forward pass so that backward only scales them (None where the scores are not summed or
+    were formed with tensor operations)."""
+    if cells is None or params.reduction == "none":
+        return None
+    a, b, s = params.alpha, params.beta, params.smoothing
+    scale = -1.0 / len(cells) if params.reduction == "mean" and cells else -1.0
+    slopes = [_math.tversky_index_grads(i, p, g, a, b, s) for i, p, g in cells]
+    array = ctypes.c_float * len(slopes)
+    return (array(*(scale * di for di, _ in slopes)),
+            array(*(scale * dp for _, dp in slopes)))
+
+
 def _scaled(grad: Tensor, invalid: bool) -> Tensor:
     return grad * math.nan if invalid else grad
 
@@ -132,21 +149,28 @@ class NativeRegionLoss(torch.autograd.Function):
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         # no tensor here (the saved buffer becomes the gradient, which autograd then takes
         # over only if nothing else refers to it)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells, params, checked, mode)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells, _coefficients(cells, params),
+                      params, checked, mode)
         return _scaled(loss, fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, probabilities = ctx.saved_tensors
-        config, invalid, sums, cells, params, checked, mode = ctx.native
+        config, invalid, sums, cells, coefficients, params, checked, mode = ctx.native
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
             return grad, None, None, None, None, None
+        saved = (target, probabilities, None)
+        if coefficients is not None:  # the scores' mean or sum: scale what forward formed
+            scale = math.nan if invalid else float(grad_loss)
+            grad = native_backward(saved, config, *coefficients, None, scale,
+                                   pooled=not params.per_image)
+            return grad, None, None, None, None, None
         n, c, _ = config[5]
         gi, gp = _region_grads(sums, cells, _scaled(grad_loss, invalid), params, n, c)
-        grad = native_backward((target, probabilities, None), config, gi, gp, None)
+        grad = native_backward(saved, config, gi, gp, None)
         return grad, None, None, None, None, None
 
 
@@ -208,14 +232,15 @@ class NativeCompositeLoss(torch.autograd.Function):
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells, 1.0 / count, params, checked)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells,
+                      _coefficients(cells, params.region), 1.0 / count, params, checked)
         ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
         return combined, region, distribution
 
     @staticmethod
     def backward(ctx, grad_combined, _grad_region, _grad_distribution):
         x, target, probabilities, slope = ctx.saved_tensors
-        config, invalid, sums, cells, inverse_count, params, checked = ctx.native
+        config, invalid, sums, cells, coefficients, inverse_count, params, checked = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
         if torch.is_grad_enabled():
             def value(xs: Tensor) -> Tensor:
@@ -226,11 +251,18 @@ class NativeCompositeLoss(torch.autograd.Function):
                         + params.distribution_weight * (total / count))
             (grad,) = recompute_backward(value, (x,), (grad_combined,))
             return grad, None, None, None, None
+        upstream = float(grad_combined)
+        saved = (target, probabilities, slope)
+        pixel = upstream * params.distribution_weight * inverse_count
+        if coefficients is not None:
+            grad = native_backward(saved, config, *coefficients, pixel,
+                                   upstream * params.region_weight,
+                                   pooled=not params.region.per_image)
+            return grad, None, None, None, None
         n, c, _ = config[5]
         gi, gp = _region_grads(sums, cells, grad_combined * params.region_weight, params.region,
                                n, c)
-        upstream = float(grad_combined) * params.distribution_weight * inverse_count
-        grad = native_backward((target, probabilities, slope), config, gi, gp, upstream)
+        grad = native_backward(saved, config, gi, gp, pixel)
         return grad, None, None, None, None
 
 

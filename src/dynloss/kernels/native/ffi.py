@@ -217,13 +217,16 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    bool(bad_target or bad_input))
 
 
-def _float_array(values: Tensor | list[float] | None, rows: int) -> Tensor | ctypes.Array:
+def _float_array(values: Tensor | list[float] | ctypes.Array | None, rows: int
+                 ) -> Tensor | ctypes.Array:
     """``rows`` float32 values the kernels can read: a contiguous float32 tensor, or a ctypes
-    array of a list of floats; zeros for None."""
+    array (given, or of a list of floats); zeros for None."""
     if values is None:
         values = [0.0] * rows
     if isinstance(values, Tensor):
         return values.float().contiguous()
+    if isinstance(values, ctypes.Array):
+        return values
     return (ctypes.c_float * rows)(*values)
 
 
@@ -232,11 +235,15 @@ def _address(values: Tensor | ctypes.Array) -> int:
 
 
 def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: tuple,
-                    grad_intersection: Tensor | list[float] | None,
-                    grad_prediction_sum: Tensor | list[float] | None,
-                    grad_total: float | Tensor | None) -> Tensor:
-    """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` (``N * C`` values,
-    row-major: an ``(N, C)`` tensor or a list of floats) and of ``S``.
+                    grad_intersection: Tensor | list[float] | ctypes.Array | None,
+                    grad_prediction_sum: Tensor | list[float] | ctypes.Array | None,
+                    grad_total: float | Tensor | None, region_scale: float = 1.0,
+                    pooled: bool = False) -> Tensor:
+    """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` and of ``S``.
+
+    The gradients of ``I, P`` are ``region_scale`` times the given values: ``N * C`` of them
+    (row-major ``(N, C)``: a tensor, a list of floats or a ctypes float array), or ``C`` (one
+    per class, the same for every sample) with ``pooled``.
 
     ``saved`` is ``(target, probabilities, slope)`` of :func:`native_forward`, whose buffer
     receives the gradient unless the running backward keeps the graph.
@@ -251,8 +258,9 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
         return torch.zeros(shape)
     gi = gp = None  # kept alive until the kernel has read them
     if want_region:  # a missing one of the two is zero (at most one is missing here)
-        gi = _float_array(grad_intersection, n * c)
-        gp = _float_array(grad_prediction_sum, n * c)
+        rows = c if pooled else n * c
+        gi = _float_array(grad_intersection, rows)
+        gp = _float_array(grad_prediction_sum, rows)
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
@@ -270,7 +278,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
         grad_prediction=None if gp is None else _address(gp),
         grad_pixel=0.0 if grad_total is None or not want_pixel else float(grad_total),
         grad=_ptr(grad),
-        hard_targets=int(hard),
+        hard_targets=int(hard), region_scale=region_scale, pooled=int(pooled),
     )
     _call("dynloss_multiclass_backward" if multiclass else "dynloss_binary_backward", args)
     return grad

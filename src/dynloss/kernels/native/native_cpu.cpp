@@ -236,6 +236,11 @@ struct Args {
   float* loss;
   // TopK, selection: how many of the losses to select (0 <= topk <= their number)
   int64_t topk;
+  // backward: the region gradient is region_scale times the one of grad_intersection and
+  // grad_prediction, which hold C values (one per class, for every sample) when pooled is 1
+  // and N*C (one per (sample, class)) when it is 0
+  double region_scale;
+  int64_t pooled;
 };
 
 // The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
@@ -359,8 +364,10 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
   float* grad = a.grad + row * a.m;
   const bool has_ignore = a.has_ignore != 0;
   const int64_t ignore = a.ignore_index;
-  const float gi = REGION ? a.grad_intersection[row] : 0.0f;
-  const float gp = REGION ? a.grad_prediction[row] : 0.0f;
+  const int64_t at = a.pooled ? row % a.c : row;
+  const float scale = static_cast<float>(a.region_scale);
+  const float gi = REGION ? scale * a.grad_intersection[at] : 0.0f;
+  const float gp = REGION ? scale * a.grad_prediction[at] : 0.0f;
   const float gs = static_cast<float>(a.grad_pixel);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
@@ -521,8 +528,10 @@ static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, i
   const int64_t len = s.len;
   const int64_t classes = a.c;
   const float gs = static_cast<float>(a.grad_pixel);
-  const float* gi = REGION ? a.grad_intersection + sample * classes : nullptr;
-  const float* gp = REGION ? a.grad_prediction + sample * classes : nullptr;
+  const int64_t at = a.pooled ? 0 : sample * classes;
+  const float scale = static_cast<float>(a.region_scale);
+  const float* gi = REGION ? a.grad_intersection + at : nullptr;
+  const float* gp = REGION ? a.grad_prediction + at : nullptr;
   const float* p = REGION ? a.probabilities + offset : nullptr;
   const float* slope = PIXEL != kPixelNone ? a.slope + offset : nullptr;
   float mixed[kClassChunk];  // logits, region: sum_c p_c u_c with u_c = gp_c + gi_c [c == t]
@@ -545,7 +554,7 @@ static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, i
       float total = 0.0f;
       if (REGION) {
         const float u = gpc + (s.cls[j] == cc ? gic : 0.0f);
-        total = LOGITS ? p[c * a.m + j] * (u - mixed[j]) : u;
+        total = scale * (LOGITS ? p[c * a.m + j] * (u - mixed[j]) : u);
         total = s.keep[j] != 0.0f ? total : 0.0f;
       }
       if (PIXEL != kPixelNone) total += gs * slope[c * a.m + j];
@@ -954,7 +963,7 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 6; }  // bump with struct Args
+int dynloss_abi_version() { return 7; }  // bump with struct Args
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }
