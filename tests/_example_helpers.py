@@ -8,3 +8,8 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
+
+TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
+        "--phantom-slices", "10", "12", "--batch-size", "8", "--device", "cpu", "--quiet",
+        "--threads", "1"]
+"""Options of the smallest end-to-end runs of the example."""

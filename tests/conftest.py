@@ -37,3 +37,13 @@ def _seed_everything():
     random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, thread spinning costs more than it gains
+    (the example's end-to-end tests use it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,24 +6,15 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 from scipy import stats
 
 import msd_colon
 from msd_colon_lib import experiments
 from msd_colon_lib.report import CONVENTION_TITLES, _p
 
-TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
-        "--phantom-slices", "10", "12", "--batch-size", "8", "--device", "cpu", "--quiet",
-        "--threads", "1"]
+from ._example_helpers import TINY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_switch_points_and_default_trigger():

@@ -10,23 +10,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import msd_colon
 from msd_colon_lib.phantom import make_phantom
 from msd_colon_lib.runner import run_splits
 
-TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
-        "--phantom-slices", "10", "12", "--batch-size", "8", "--device", "cpu", "--quiet",
-        "--threads", "1"]
+from ._example_helpers import TINY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

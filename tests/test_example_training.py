@@ -24,18 +24,9 @@ from msd_colon_lib.phantom import make_phantom
 from msd_colon_lib.training import BEST, LAST, RunConfig, run_fingerprint, train_run
 from tests import _example_helpers
 
-TINY = ["--image-size", "32", "--phantom-patients", "4", "--phantom-size", "48",
-        "--phantom-slices", "10", "12", "--batch-size", "8", "--device", "cpu", "--quiet",
-        "--threads", "1"]
+from ._example_helpers import TINY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, thread spinning costs more than it gains."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -227,9 +227,15 @@ def tversky_index(
     prediction (:math:`P = G = I`) gives exactly :math:`T = 1` in any precision and for any
     weights (``0.3 * P + 0.7 * G`` need not round to ``I``).
     """
-    denominator = (intersection + alpha * (prediction_sum - intersection)
-                   + beta * (target_sum - intersection))
+    denominator = _tversky_denominator(intersection, prediction_sum, target_sum, alpha, beta)
     return (intersection + smoothing) / (denominator + smoothing)
+
+
+def _tversky_denominator(intersection: TensorOrFloat, prediction_sum: TensorOrFloat,
+                         target_sum: TensorOrFloat, alpha: float, beta: float) -> TensorOrFloat:
+    """:math:`TP + \alpha FP + \beta FN = I + \alpha (P - I) + \beta (G - I)`."""
+    return (intersection + alpha * (prediction_sum - intersection)
+            + beta * (target_sum - intersection))
 
 
 def tversky_index_grads(
@@ -259,8 +265,8 @@ def tversky_index_grads(
     True
     """
     numerator = intersection + smoothing
-    denominator = (intersection + alpha * (prediction_sum - intersection)
-                   + beta * (target_sum - intersection) + smoothing)
+    denominator = _tversky_denominator(intersection, prediction_sum, target_sum, alpha,
+                                       beta) + smoothing
     inverse_square = 1.0 / (denominator * denominator)
     grad_intersection = (denominator - (1.0 - (alpha + beta)) * numerator) * inverse_square
     grad_prediction_sum = (-alpha * numerator) * inverse_square
