@@ -43,7 +43,18 @@ def split(store):
     return {"train": train, "val": val, "test": test}
 
 
-def test_two_epoch_switching_run_end_to_end(tmp_path):
+def test_two_epoch_switching_run_end_to_end(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import matplotlib.image
+
+    figures = {}  # what each saved PNG shows, captured as it is saved
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(self, path, *args, **kwargs):
+        figures[os.path.basename(str(path))] = self
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
     out = tmp_path / "out"
     args = ["--out", str(out), "--loss", "iou->bce@1", "--long-epochs", "2", *TINY]
     result = msd_colon.main(args)
@@ -64,8 +75,28 @@ def test_two_epoch_switching_run_end_to_end(tmp_path):
     assert "SYNTHETIC" in report and "Table 3" in report and "iou->bce@1" in report
     assert "0.7882" in report  # the paper's number beside ours
     assert (out / "runs.csv").read_text().count("\n") == 2
-    assert (out / "loss_curves.png").stat().st_size > 10_000
-    assert (out / "qualitative.png").stat().st_size > 5_000
+    # the loss curves plot this run's terms: IoU in epoch 1 (top, linear), BCE in epoch 2
+    # (bottom), the switch between them, and the validation Dice
+    curves = figures["loss_curves.png"]
+    top, validation, bottom = curves.axes[0], curves.axes[1], curves.axes[2]
+    assert top.get_title() == "iou->bce@1"
+    lines = {line.get_label(): line for ax in (top, bottom) for line in ax.lines}
+    np.testing.assert_allclose(lines["iou"].get_ydata(), [hist[0]["terms"]["iou"], np.nan])
+    np.testing.assert_allclose(lines["bce"].get_ydata(), [np.nan, hist[1]["terms"]["bce"]])
+    assert bottom.get_yscale() == "log"
+    assert [line.get_xdata()[0] for line in top.lines if line.get_label() == "switch"] == [1.5]
+    (dice_line,) = validation.lines
+    np.testing.assert_allclose(dice_line.get_ydata(), [h["val_dice_global"] for h in hist])
+    # the PNG is that figure at 110 dpi
+    height, width = matplotlib.image.imread(out / "loss_curves.png").shape[:2]
+    assert (width, height) == tuple(round(v * 110) for v in curves.get_size_inches())
+    # the qualitative figure: image, ground truth, then this run's prediction with its Dice
+    qualitative = figures["qualitative.png"]
+    titles = [ax.get_title() for ax in qualitative.axes]
+    assert titles[:2] == ["image", "ground truth"] and len(titles) == 3
+    assert titles[2].startswith("iou->bce@1\nDice ")
+    height, width = matplotlib.image.imread(out / "qualitative.png").shape[:2]
+    assert (width, height) == tuple(round(v * 110) for v in qualitative.get_size_inches())
     # the report says how the qualitative slice was chosen
     from msd_colon_lib.runner import qualitative_slice
 

@@ -6,7 +6,8 @@ whenever its two terms allow it (a region loss and BCE or Focal over the same in
 ``CompositeLoss([DiceLoss(), BCELoss()])`` is the way to write Dice+BCE.
 ``dynloss.kernels.region_sums``, ``pixel_loss_sum`` and ``region_pixel_sums`` exposed the
 backends' primitives on the internal layout; the backends now compute whole losses, chosen by
-:mod:`dynloss.kernels.dispatch`. The old names still work and warn once.
+:mod:`dynloss.kernels.dispatch`. The old names still work (on the torch backend's autograd
+Functions, whatever ``backend`` says) and warn once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from ._checks import check_backend, check_bool, check_choice
 from ._layout import Layout
 from ._params import composite_params, distribution_params, region_params
 from .functional._call import composite_loss
-from .kernels import reference
 from .kernels.torch_backend import DistributionSum, RegionSums
 
 __all__ = ["PIXEL_TERMS", "REGION_TERMS", "RegionPixelLoss", "pixel_loss_sum",
@@ -59,8 +59,7 @@ def region_sums(layout: Layout, *, from_logits: bool, ignore_index: int | None, 
         ([[2.0], [2.0]], [[4.0], [4.0]])
     """
     _warn("region_sums", "the losses (e.g. dynloss.functional.dice_loss)")
-    if check_backend(backend) == "reference":
-        return reference.region_sums(layout, from_logits, ignore_index)
+    check_backend(backend)  # the sums are the reference's, with the torch backend's backward
     return RegionSums.apply(layout.x, layout.target, layout.mode, from_logits, ignore_index,
                             pooled, True)
 
@@ -88,8 +87,6 @@ def pixel_loss_sum(layout: Layout, *, gamma: float, alpha: float | Sequence[floa
     params = distribution_params(gamma=gamma, alpha=alpha, k=k, mode=layout.mode,
                                  from_logits=from_logits, ignore_index=ignore_index,
                                  backend=backend)
-    if params.backend == "reference":
-        return reference.distribution_sum(layout, params)
     return DistributionSum.apply(layout.x, layout.target, params, True)
 
 
