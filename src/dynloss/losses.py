@@ -118,7 +118,8 @@ class SegmentationLoss(nn.Module):
 
     def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
         """``(function, params, need)`` for ``forward``: the arguments checked once."""
-        raise NotImplementedError  # pragma: no cover - every loss class defines it
+        raise TypeError(f"{type(self).__name__} is not a loss: subclass one of the six losses "
+                        "(DiceLoss, IoULoss, TverskyLoss, BCELoss, FocalLoss, TopKLoss)")
 
     def _checked(self) -> tuple[Callable[..., Tensor], Any, Any, dict]:
         """``(function, params, need, plans)``: the checked arguments (built on first use)."""
