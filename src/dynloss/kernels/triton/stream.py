@@ -270,6 +270,22 @@ def geometry(n: int, c: int, m: int, multiclass: bool) -> Geometry:
 
 
 @triton.jit
+def binary_tile(x_ptr, t_ptr, base, first, M, ignore_value, HAS_IGNORE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One tile of a binary/multilabel row: ``(x, t, keep, m, inside)``, logits and targets as
+    float32 at offsets ``m = first + arange(BLOCK)`` of the row starting at ``base`` (0 past
+    its end), and the kept mask (inside the row and, with ``HAS_IGNORE``, not ignored)."""
+    m = first + tl.arange(0, BLOCK)
+    inside = m < M
+    x = tl.load(x_ptr + base + m, mask=inside, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + base + m, mask=inside, other=0).to(tl.float32)
+    keep = inside
+    if HAS_IGNORE:
+        keep = keep & (t != ignore_value)
+    return x, t, keep, m, inside
+
+
+@triton.jit
 def chunk_start(split, chunk, INDEX_64: tl.constexpr):
     """First element of chunk ``split``: int64 when offsets may pass 2^31."""
     if INDEX_64:
@@ -311,13 +327,8 @@ def _binary_fwd_kernel(
     acc_n = tl.zeros([BLOCK], dtype=tl.int32)
     acc_bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, chunk, BLOCK):
-        m = start + off + tl.arange(0, BLOCK)
-        inside = m < M
-        x = tl.load(x_ptr + base + m, mask=inside, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + base + m, mask=inside, other=0).to(tl.float32)
-        keep = inside
-        if HAS_IGNORE:
-            keep = keep & (t != ignore_value)
+        x, t, keep, _m, _inside = binary_tile(x_ptr, t_ptr, base, start + off, M,
+                                              ignore_value, HAS_IGNORE, BLOCK)
         bad = bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0))
         acc_bad += (keep & bad).to(tl.int32)
         g = tl.where(keep, t, 0.0)
@@ -400,13 +411,8 @@ def _binary_bwd_kernel(
         gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
             state_ptr + 1)
     for off in range(0, chunk, BLOCK):
-        m = start + off + tl.arange(0, BLOCK)
-        inside = m < M
-        x = tl.load(x_ptr + base + m, mask=inside, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + base + m, mask=inside, other=0).to(tl.float32)
-        keep = inside
-        if HAS_IGNORE:
-            keep = keep & (t != ignore_value)
+        x, t, keep, m, inside = binary_tile(x_ptr, t_ptr, base, start + off, M, ignore_value,
+                                            HAS_IGNORE, BLOCK)
         g = tl.where(keep, t, 0.0)
         grad = tl.zeros([BLOCK], dtype=tl.float32)
         if DO_REGION:
