@@ -306,6 +306,17 @@ def bad_input(x, FROM_LOGITS: tl.constexpr):
 
 
 @triton.jit
+def store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL: tl.constexpr, HAS_IGNORE: tl.constexpr):
+    """One program's pixel-loss sum, kept-pixel count and bad-input count (counts stored as int32
+    bits) at ``misc[0..2]``."""
+    if DO_PIXEL:
+        tl.store(misc, tl.sum(acc_l, axis=0))
+        if HAS_IGNORE:
+            tl.store(misc + 1, tl.sum(acc_n, axis=0).to(tl.float32, bitcast=True))
+    tl.store(misc + 2, tl.sum(acc_bad, axis=0).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _binary_fwd_kernel(
     x_ptr, t_ptr, work_ptr,
     M, C, chunk, S, misc_offset, ignore_value, gamma, alpha,
@@ -356,11 +367,7 @@ def _binary_fwd_kernel(
         tl.store(work_ptr + rbase + C, tl.sum(acc_p, axis=0))
         tl.store(work_ptr + rbase + 2 * C, tl.sum(acc_g, axis=0))
     misc = work_ptr + misc_offset + (row * S + split) * 3
-    if DO_PIXEL:
-        tl.store(misc, tl.sum(acc_l, axis=0))
-        if HAS_IGNORE:
-            tl.store(misc + 1, tl.sum(acc_n, axis=0).to(tl.float32, bitcast=True))
-    tl.store(misc + 2, tl.sum(acc_bad, axis=0).to(tl.float32, bitcast=True))
+    store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, HAS_IGNORE)
 
 
 @triton.jit
@@ -546,11 +553,7 @@ def _multiclass_fwd_kernel(
         tl.store(work_ptr + (slot * 3 + 1) * C + cls, tl.sum(acc_p, axis=1), mask=cmask)
         tl.store(work_ptr + (slot * 3 + 2) * C + cls, tl.sum(acc_g, axis=1), mask=cmask)
     misc = work_ptr + misc_offset + slot * 3
-    if DO_PIXEL:
-        tl.store(misc, tl.sum(acc_l, axis=0))
-        if HAS_IGNORE:
-            tl.store(misc + 1, tl.sum(acc_n, axis=0).to(tl.float32, bitcast=True))
-    tl.store(misc + 2, tl.sum(acc_bad, axis=0).to(tl.float32, bitcast=True))
+    store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, HAS_IGNORE)
 
 
 @triton.jit
