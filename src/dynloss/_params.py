@@ -17,6 +17,7 @@ ValueError: alpha must be >= 0; got -1.0
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ._checks import (
     check_backend,
@@ -34,6 +35,7 @@ from ._checks import (
 )
 
 __all__ = [
+    "CallParams",
     "CompositeParams",
     "DistributionParams",
     "RegionParams",
@@ -43,8 +45,20 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class RegionParams:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallParams:
+    """What every loss call states about its input, output and backend."""
+
+    mode: str
+    from_logits: bool
+    ignore_index: int | None
+    reduction: str
+    backend: str
+    check_values: bool | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegionParams(CallParams):
     """Dice, IoU and Tversky: the Tversky weights and everything else a call needs."""
 
     alpha: float
@@ -53,28 +67,16 @@ class RegionParams:
     """``smooth + eps``."""
     per_image: bool
     ddp_pool: bool
-    mode: str
-    from_logits: bool
-    ignore_index: int | None
-    reduction: str
-    backend: str
-    check_values: bool | None
 
 
-@dataclass(frozen=True, slots=True)
-class DistributionParams:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributionParams(CallParams):
     """BCE, Focal and TopK: focal ``gamma`` (0 for BCE/TopK), ``alpha``, TopK's ``k``."""
 
     gamma: float
     alpha: float | tuple[float, ...] | None
     k: float | None
     """The TopK fraction, or None (BCE, Focal)."""
-    mode: str
-    from_logits: bool
-    ignore_index: int | None
-    reduction: str
-    backend: str
-    check_values: bool | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +90,12 @@ class CompositeParams:
 
 
 def _common(mode: object, from_logits: object, ignore_index: object, reduction: object,
-            backend: object, check_values: object
-            ) -> tuple[str, bool, int | None, str, str, bool | None]:
-    return (check_mode(mode), check_bool("from_logits", from_logits),
-            check_ignore_index(ignore_index), check_reduction(reduction),
-            check_backend(backend), check_optional_bool("check_values", check_values))
+            backend: object, check_values: object) -> dict[str, Any]:
+    """The checked fields of :class:`CallParams`, by name."""
+    return {"mode": check_mode(mode), "from_logits": check_bool("from_logits", from_logits),
+            "ignore_index": check_ignore_index(ignore_index),
+            "reduction": check_reduction(reduction), "backend": check_backend(backend),
+            "check_values": check_optional_bool("check_values", check_values)}
 
 
 def region_params(
@@ -104,13 +107,12 @@ def region_params(
     """Check the arguments of a region loss; a clear ValueError/TypeError names a bad one."""
     alpha = check_non_negative("alpha", alpha)
     beta = check_non_negative("beta", beta)
-    mode, from_logits, ignore_index, reduction, backend, check_values = _common(
-        mode, from_logits, ignore_index, reduction, backend, check_values)
+    common = _common(mode, from_logits, ignore_index, reduction, backend, check_values)
     per_image = check_bool("per_image", per_image)
     ddp_pool = check_ddp_pool(ddp_pool, per_image)
     smooth, eps = check_smoothing(smooth, eps)
-    return RegionParams(alpha, beta, smooth + eps, per_image, ddp_pool, mode, from_logits,
-                        ignore_index, reduction, backend, check_values)
+    return RegionParams(alpha=alpha, beta=beta, smoothing=smooth + eps, per_image=per_image,
+                        ddp_pool=ddp_pool, **common)
 
 
 def distribution_params(
@@ -119,13 +121,11 @@ def distribution_params(
     backend: object = "auto", check_values: object = None, alpha_name: str = "alpha",
 ) -> DistributionParams:
     """Check the arguments of a distribution loss (BCE: ``gamma=0``; TopK: ``k`` given)."""
-    mode, from_logits, ignore_index, reduction, backend, check_values = _common(
-        mode, from_logits, ignore_index, reduction, backend, check_values)
+    common = _common(mode, from_logits, ignore_index, reduction, backend, check_values)
     gamma = check_non_negative("gamma", gamma)
-    checked_alpha = check_focal_alpha(alpha, mode, alpha_name)
+    checked_alpha = check_focal_alpha(alpha, common["mode"], alpha_name)
     checked_k = None if k is None else check_fraction("k", k)
-    return DistributionParams(gamma, checked_alpha, checked_k, mode, from_logits, ignore_index,
-                              reduction, backend, check_values)
+    return DistributionParams(gamma=gamma, alpha=checked_alpha, k=checked_k, **common)
 
 
 def composite_params(region: RegionParams, distribution: DistributionParams,
