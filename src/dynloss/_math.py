@@ -48,6 +48,7 @@ __all__ = [
     "topk_mask",
     "tversky_index",
     "tversky_index_grads",
+    "tversky_loss_terms",
 ]
 
 LOG_CLAMP = -100.0
@@ -236,6 +237,29 @@ def _tversky_denominator(intersection: TensorOrFloat, prediction_sum: TensorOrFl
     """:math:`TP + \alpha FP + \beta FN = I + \alpha (P - I) + \beta (G - I)`."""
     return (intersection + alpha * (prediction_sum - intersection)
             + beta * (target_sum - intersection))
+
+
+def tversky_loss_terms(intersection: float, prediction_sum: float, target_sum: float,
+                       alpha: float, beta: float, smoothing: float
+                       ) -> tuple[float, float, float]:
+    r"""``(1 - T, dT/dI, dT/dP)`` of one score from Python floats: :func:`tversky_index` and
+    :func:`tversky_index_grads` in one pass over the same intermediate values (the native
+    backend forms each (sample, class) score and its gradient on the host in float64), with
+    the same results as those two.
+
+    >>> from dynloss._math import tversky_index, tversky_index_grads, tversky_loss_terms
+    >>> terms = tversky_loss_terms(3.0, 4.0, 5.0, 0.3, 0.7, 0.1)
+    >>> terms == (1.0 - tversky_index(3.0, 4.0, 5.0, 0.3, 0.7, 0.1),
+    ...           *tversky_index_grads(3.0, 4.0, 5.0, 0.3, 0.7, 0.1))
+    True
+    """
+    numerator = intersection + smoothing
+    denominator = (intersection + alpha * (prediction_sum - intersection)
+                   + beta * (target_sum - intersection)) + smoothing
+    inverse_square = 1.0 / (denominator * denominator)
+    return (1.0 - numerator / denominator,
+            (denominator - (1.0 - (alpha + beta)) * numerator) * inverse_square,
+            (-alpha * numerator) * inverse_square)
 
 
 def tversky_index_grads(

@@ -63,22 +63,35 @@ def _cells(sums: Sums, params: RegionParams) -> list[tuple[float, float, float]]
 
 
 def _region_value(sums: Sums, params: RegionParams
-                  ) -> tuple[Tensor, list[tuple[float, float, float]] | None]:
-    """``(loss, cells)``: the reduced ``1 - T`` as float32 and the sums it was formed from
-    (None: formed with tensor operations from the sums)."""
+                  ) -> tuple[Tensor, list[tuple[float, float, float]] | None,
+                             tuple[ctypes.Array, ctypes.Array] | None]:
+    """``(loss, cells, coefficients)``: the reduced ``1 - T`` as float32, the sums it was
+    formed from (None: formed with tensor operations from the sums), and, where the scores
+    are summed or averaged from ``cells``, ``-(dT/dI, dT/dP)`` of every score as float32
+    arrays divided by the number of scores for ``"mean"``: the gradients of ``I, P`` per unit
+    of the upstream gradient, formed here so that backward only scales them."""
     cells = _cells(sums, params)
     if cells is None:  # many scores: float64 tensor operations
         with torch.no_grad():
-            return reference.score_loss(sums.as_tensor().unbind(-1), params).float(), None
+            return (reference.score_loss(sums.as_tensor().unbind(-1), params).float(), None,
+                    None)
     a, b, s = params.alpha, params.beta, params.smoothing
-    scores = [1.0 - _math.tversky_index(i, p, g, a, b, s) for i, p, g in cells]
+    terms = [_math.tversky_loss_terms(i, p, g, a, b, s) for i, p, g in cells]
     if params.reduction == "none":
         n, c, _ = sums.dims
         shape = (n, c) if params.per_image else (c,)
-        return torch.tensor(scores, dtype=torch.float32).view(shape), cells
-    total = math.fsum(scores)
-    value = total / len(scores) if params.reduction == "mean" and scores else total
-    return torch.scalar_tensor(value, dtype=torch.float32), cells
+        return torch.tensor([t[0] for t in terms], dtype=torch.float32).view(shape), cells, None
+    mean = params.reduction == "mean" and terms
+    if len(terms) == 1:
+        total = terms[0][0]
+    else:
+        total = math.fsum(t[0] for t in terms)
+        if mean:
+            total /= len(terms)
+    scale = -1.0 / len(terms) if mean else -1.0
+    array = ctypes.c_float * len(terms)
+    coefficients = (array(*(scale * t[1] for t in terms)), array(*(scale * t[2] for t in terms)))
+    return torch.scalar_tensor(total, dtype=torch.float32), cells, coefficients
 
 
 def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None,
@@ -115,22 +128,6 @@ def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None
     return grad_i, grad_p
 
 
-def _coefficients(cells: list[tuple[float, float, float]] | None, params: RegionParams
-                  ) -> tuple[ctypes.Array, ctypes.Array] | None:
-    """``-(dT/dI, dT/dP)`` of every score as float32 arrays, divided by the number of scores
-    for ``"mean"``: the gradients of ``I, P`` per unit of the upstream gradient, formed in the
-    forward pass so that backward only scales them (None where the scores are not summed or
-    were formed with tensor operations)."""
-    if cells is None or params.reduction == "none":
-        return None
-    a, b, s = params.alpha, params.beta, params.smoothing
-    scale = -1.0 / len(cells) if params.reduction == "mean" and cells else -1.0
-    slopes = [_math.tversky_index_grads(i, p, g, a, b, s) for i, p, g in cells]
-    array = ctypes.c_float * len(slopes)
-    return (array(*(scale * di for di, _ in slopes)),
-            array(*(scale * dp for _, dp in slopes)))
-
-
 def _scaled(grad: Tensor, invalid: bool) -> Tensor:
     return grad * math.nan if invalid else grad
 
@@ -145,12 +142,12 @@ class NativeRegionLoss(torch.autograd.Function):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
         sums = fwd.sums()
-        loss, cells = _region_value(sums, params)
+        loss, cells, coefficients = _region_value(sums, params)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         # no tensor here (the saved buffer becomes the gradient, which autograd then takes
         # over only if nothing else refers to it)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells, _coefficients(cells, params),
-                      params, checked, mode)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, params, checked,
+                      mode)
         return _scaled(loss, fwd.invalid)
 
     @staticmethod
@@ -225,15 +222,15 @@ class NativeCompositeLoss(torch.autograd.Function):
                 checked: bool):
         fwd = _distribution_forward(ctx, x, target, dims, params.distribution, checked, True)
         sums = fwd.sums()
-        region, cells = _region_value(sums, params.region)
+        region, cells, coefficients = _region_value(sums, params.region)
         total, count = fwd.pixel
         distribution = torch.scalar_tensor(total / count, dtype=torch.float32)
         combined = params.region_weight * region + params.distribution_weight * distribution
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells,
-                      _coefficients(cells, params.region), 1.0 / count, params, checked)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, 1.0 / count, params,
+                      checked)
         ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
         return combined, region, distribution
 

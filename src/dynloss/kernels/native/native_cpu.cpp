@@ -260,6 +260,20 @@ DL_INLINE float focal_terms(float b, float gamma, float& factor) {
   return power * b;
 }
 
+// Software prefetch of the streams a chunk reads: the hardware prefetcher alone leaves the
+// compute-heavy loops waiting on memory once the inputs are out of the cache (measured: the
+// forward pass over 8 MiB cold took twice as long as a dot product over the same data, 1.5x with
+// these prefetches). Each block asks for the block kPrefetch elements ahead; a chunk first
+// asks for its first kPrefetch elements.
+constexpr int64_t kPrefetch = 2048;
+
+template <typename T>
+DL_INLINE void prefetch_range(const T* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  const int64_t size = count * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
+}
+
 constexpr int kPartBinary = 8;  // I P G S count badT badX soft
 
 // ------------------------------------------------------------------ binary / multilabel
@@ -286,8 +300,12 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
   const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
   double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0;
+  prefetch_range(x + begin, kPrefetch);
+  prefetch_range(t + begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
+    prefetch_range(x + b0 + kPrefetch, kBlock);  // past the end: a prefetch never faults
+    prefetch_range(t + b0 + kPrefetch, kBlock);
     float* dst_p = save_p ? save_p + b0 : scratch_p;
     float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
     float* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
@@ -369,23 +387,31 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
   const float gi = REGION ? scale * a.grad_intersection[at] : 0.0f;
   const float gp = REGION ? scale * a.grad_prediction[at] : 0.0f;
   const float gs = static_cast<float>(a.grad_pixel);
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
+    const int64_t ahead = b0 == begin ? 0 : kPrefetch;  // the chunk's start, then ahead
+    const int64_t count = b0 == begin ? kPrefetch + kBlock : kBlock;
+    if (REGION) prefetch_range(d + b0 + ahead, count);
+    if (PIXEL != kPixelNone) prefetch_range(slope + b0 + ahead, count);
+    if (REGION && !HARD) prefetch_range(t + b0 + ahead, count);
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float total = 0.0f;
-    if (REGION) {
-      const float dv = d[i];
-      const float dpdx = abs_f(dv);
-      if (HARD) {
-        total = (gp + (as_bits(dv) >> 31 ? gi : 0.0f)) * dpdx;
-      } else {
-        const T tv = t[i];
-        const bool keep = !(has_ignore & is_ignored(tv, ignore));
-        const float g = keep ? static_cast<float>(tv) : 0.0f;
-        total = keep ? (gp + gi * g) * dpdx : 0.0f;
+    for (int64_t i = b0; i < b1; ++i) {
+      float total = 0.0f;
+      if (REGION) {
+        const float dv = d[i];
+        const float dpdx = abs_f(dv);
+        if (HARD) {
+          total = (gp + (as_bits(dv) >> 31 ? gi : 0.0f)) * dpdx;
+        } else {
+          const T tv = t[i];
+          const bool keep = !(has_ignore & is_ignored(tv, ignore));
+          const float g = keep ? static_cast<float>(tv) : 0.0f;
+          total = keep ? (gp + gi * g) * dpdx : 0.0f;
+        }
       }
+      if (PIXEL != kPixelNone) total += gs * slope[i];
+      grad[i] = total;
     }
-    if (PIXEL != kPixelNone) total += gs * slope[i];
-    grad[i] = total;
   }
 }
 
