@@ -33,7 +33,7 @@ from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
 from .._recompute import recompute_backward
-from .ffi import Forward, Sums, native_backward, native_forward
+from .ffi import _SCALARS, Forward, Sums, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
 
@@ -76,18 +76,20 @@ def _region_value(sums: Sums, params: RegionParams
             return (reference.score_loss(sums.as_tensor().unbind(-1), params).float(), None,
                     None)
     a, b, s = params.alpha, params.beta, params.smoothing
+    if len(cells) == 1 and params.reduction != "none":  # one score (binary, pooled batch)
+        loss, slope_i, slope_p = _math.tversky_loss_terms(*cells[0], a, b, s)
+        one = ctypes.c_float * 1
+        return (torch.scalar_tensor(loss, dtype=torch.float32), cells,
+                (one(-slope_i), one(-slope_p)))
     terms = [_math.tversky_loss_terms(i, p, g, a, b, s) for i, p, g in cells]
     if params.reduction == "none":
         n, c, _ = sums.dims
         shape = (n, c) if params.per_image else (c,)
         return torch.tensor([t[0] for t in terms], dtype=torch.float32).view(shape), cells, None
     mean = params.reduction == "mean" and terms
-    if len(terms) == 1:
-        total = terms[0][0]
-    else:
-        total = math.fsum(t[0] for t in terms)
-        if mean:
-            total /= len(terms)
+    total = math.fsum(t[0] for t in terms)
+    if mean:
+        total /= len(terms)
     scale = -1.0 / len(terms) if mean else -1.0
     array = ctypes.c_float * len(terms)
     coefficients = (array(*(scale * t[1] for t in terms)), array(*(scale * t[2] for t in terms)))
@@ -141,14 +143,26 @@ class NativeRegionLoss(torch.autograd.Function):
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        sums = fwd.sums()
-        loss, cells, coefficients = _region_value(sums, params)
+        # no tensor on ctx.native (the saved buffer becomes the gradient, which autograd then
+        # takes over only if nothing else refers to it)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
-        # no tensor here (the saved buffer becomes the gradient, which autograd then takes
-        # over only if nothing else refers to it)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, params, checked,
-                      mode)
-        return _scaled(loss, fwd.invalid)
+        c = dims[1]
+        if c == 1 and not params.per_image and params.reduction != "none":
+            # one score from the batch-pooled sums (binary): formed inline, the common case
+            values = fwd.out[_SCALARS:]
+            loss, slope_i, slope_p = _math.tversky_loss_terms(
+                math.fsum(values[0::3]), math.fsum(values[1::3]), math.fsum(values[2::3]),
+                params.alpha, params.beta, params.smoothing)
+            one = ctypes.c_float * 1
+            ctx.native = (fwd.config, fwd.invalid, None, None, (one(-slope_i), one(-slope_p)),
+                          params, checked, mode)
+            value = torch.scalar_tensor(loss, dtype=torch.float32)
+        else:
+            sums = fwd.sums()
+            value, cells, coefficients = _region_value(sums, params)
+            ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, params, checked,
+                          mode)
+        return value * math.nan if fwd.invalid else value
 
     @staticmethod
     def backward(ctx, grad_loss):

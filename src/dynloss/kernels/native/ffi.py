@@ -76,9 +76,12 @@ def _call(name: str, args: Args) -> None:
         raise RuntimeError(f"{name} rejected its arguments (code {code})")
 
 
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _graph_kept() -> bool:
     """Whether the running backward keeps the graph (``retain_graph=True``); True if unknown."""
-    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    getter = _KEEP_GRAPH
     if getter is None:  # pragma: no cover - older or newer torch without this hook
         return True
     try:
@@ -145,6 +148,31 @@ class Sums:
 _SCALARS = 6
 """The kernel's scalar outputs: S, max(count, 1), count; bad targets, bad inputs, soft labels."""
 
+_DOUBLE = ctypes.sizeof(ctypes.c_double)
+
+_TEMPLATES: dict[tuple, Args] = {}
+_MAX_TEMPLATES = 64
+
+
+def _arguments(target_dtype: torch.dtype, from_logits: bool, ignore_index: int | None,
+               want_region: bool, want_pixel: bool, gamma: float, alpha: float | None) -> Args:
+    """A fresh :class:`Args` holding what one loss configuration passes on every call (the
+    tensors' pointers and sizes are the caller's to set): a copy of a template made once per
+    configuration, cheaper than filling every field anew."""
+    key = (target_dtype, from_logits, ignore_index, want_region, want_pixel, gamma, alpha)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[key] = Args(
+            target_type=TARGET_TYPES[target_dtype], logits=int(from_logits),
+            has_ignore=int(ignore_index is not None),
+            ignore_index=0 if ignore_index is None else ignore_index,
+            want_region=int(want_region), pixel=_pixel_kind(want_pixel, gamma),
+            has_alpha=int(alpha is not None), gamma=float(gamma),
+            alpha=0.0 if alpha is None else float(alpha))
+    return Args.from_buffer_copy(template)
+
 
 def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    ignore_index: int | None, gamma: float, alpha, want_region: bool,
@@ -166,38 +194,44 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
     x = x.contiguous()
-    target = _native_target(target, mode)
+    if not (target.dtype is torch.float32 and target.is_contiguous()):
+        target = _native_target(target, mode)
     n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
-    class_alpha = None
-    if alpha is not None and multiclass:
-        class_alpha = torch.tensor(alpha, dtype=torch.float32)
     # What backward needs, only when a gradient is wanted (not in validation). Saving it
     # measured faster than recomputing the probabilities in backward: the gradient then goes
     # into this buffer, and nothing transcendental runs twice. The buffers come from the pool
     # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
-    probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
-    slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
+    empty = POOL.empty if 4 * x.numel() >= POOL.min_bytes else torch.empty
+    probabilities = empty(x.shape) if want_region and needs_grad else None
+    slope = empty(x.shape) if want_pixel and needs_grad else None
     # TopK: every element's loss, for the selection (a scratch buffer, not kept)
     losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
     # one float64 array for every result: the scalars, then (when wanted) the region sums,
     # whose every (sample, class) row the kernel writes
     out = (ctypes.c_double * (_SCALARS + (3 * n * c if want_region else 0)))()
     base = ctypes.addressof(out)
-    double = ctypes.sizeof(ctypes.c_double)
-    args = Args(
-        x=_ptr(x), target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
-        n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
-        ignore_index=0 if ignore_index is None else ignore_index,
-        want_region=int(want_region), pixel=_pixel_kind(want_pixel, gamma),
-        has_alpha=int(alpha is not None), gamma=float(gamma),
-        alpha=0.0 if alpha is None or multiclass else float(alpha),
-        class_alpha=_ptr(class_alpha), threads=max(1, torch.get_num_threads()),
-        probabilities=_ptr(probabilities), slope=_ptr(slope),
-        region=base + _SCALARS * double if want_region else None, pixel_out=base,
-        check=base + 3 * double,
-        loss=_ptr(losses),
-    )
+    args = _arguments(target.dtype, from_logits, ignore_index, want_region, want_pixel, gamma,
+                      None if multiclass else alpha)
+    args.x = x.data_ptr()
+    args.target = target.data_ptr()
+    args.n, args.c, args.m = n, c, m
+    class_alpha = None
+    if alpha is not None and multiclass:
+        class_alpha = torch.tensor(alpha, dtype=torch.float32)
+        args.has_alpha = 1
+        args.class_alpha = class_alpha.data_ptr()
+    args.threads = max(1, torch.get_num_threads())
+    if probabilities is not None:
+        args.probabilities = probabilities.data_ptr()
+    if slope is not None:
+        args.slope = slope.data_ptr()
+    if want_region:
+        args.region = base + _SCALARS * _DOUBLE
+    args.pixel_out = base
+    args.check = base + 3 * _DOUBLE
+    if losses is not None:
+        args.loss = losses.data_ptr()
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
     total, count, kept, bad_target, bad_input, soft = out[:_SCALARS]
     if checked and (bad_target or bad_input):
@@ -212,7 +246,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
         total, count = out[0], float(max(selected, 1))
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
-              x.shape)
+              x.shape, args)
     return Forward(out, (total, count), target, probabilities, slope, config,
                    bool(bad_target or bad_input))
 
@@ -249,36 +283,44 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     receives the gradient unless the running backward keeps the graph.
     """
     target, probabilities, slope = saved
-    mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), hard, shape = config
+    mode, _, _, want_region, want_pixel, (n, c, _), hard, shape, forward_args = config
     multiclass = mode == MULTICLASS_MODE
     want_region = want_region and (grad_intersection is not None
                                    or grad_prediction_sum is not None)
     want_pixel = want_pixel and grad_total is not None
     if not (want_region or want_pixel):
         return torch.zeros(shape)
+    # the forward call's arguments (the loss's configuration and sizes; its x and output
+    # pointers are not read by the backward kernels), then backward's own
+    args = Args.from_buffer_copy(forward_args)
+    args.want_region = int(want_region)
+    args.pixel = PIXEL_BCE if want_pixel else PIXEL_NONE
+    args.threads = max(1, torch.get_num_threads())
     gi = gp = None  # kept alive until the kernel has read them
     if want_region:  # a missing one of the two is zero (at most one is missing here)
         rows = c if pooled else n * c
         gi = _float_array(grad_intersection, rows)
         gp = _float_array(grad_prediction_sum, rows)
+        args.probabilities = _ptr(probabilities)
+        args.grad_intersection = _address(gi)
+        args.grad_prediction = _address(gp)
+    else:
+        args.probabilities = None
+    if want_pixel:
+        assert grad_total is not None
+        args.slope = _ptr(slope)
+        args.grad_pixel = float(grad_total)
+    else:
+        args.slope = None
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
     buffer = probabilities if probabilities is not None else slope
     grad = torch.empty(shape) if buffer is None or _graph_kept() else buffer
-    args = Args(
-        target=_ptr(target), target_type=TARGET_TYPES[target.dtype],
-        n=n, c=c, m=m, logits=int(from_logits), has_ignore=int(ignore_index is not None),
-        ignore_index=0 if ignore_index is None else ignore_index,
-        want_region=int(want_region), pixel=PIXEL_BCE if want_pixel else PIXEL_NONE,
-        threads=max(1, torch.get_num_threads()),
-        probabilities=_ptr(probabilities) if want_region else None,
-        slope=_ptr(slope) if want_pixel else None,
-        grad_intersection=None if gi is None else _address(gi),
-        grad_prediction=None if gp is None else _address(gp),
-        grad_pixel=0.0 if grad_total is None or not want_pixel else float(grad_total),
-        grad=_ptr(grad),
-        hard_targets=int(hard), region_scale=region_scale, pooled=int(pooled),
-    )
+    args.target = target.data_ptr()
+    args.grad = grad.data_ptr()
+    args.hard_targets = int(hard)
+    args.region_scale = region_scale
+    args.pooled = int(pooled)
     _call("dynloss_multiclass_backward" if multiclass else "dynloss_binary_backward", args)
     return grad
