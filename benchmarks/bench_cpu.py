@@ -11,8 +11,9 @@ Memory: ``saved`` is what the loss keeps alive for backward: the bytes of the te
 saves (counted once per storage, the caller's input and target left out), in multiples of the
 input's size. (Peak memory is measured on CUDA by ``bench_cuda.py``; the CPU allocator offers no
 reliable peak counter.)
-Results go to ``benchmarks/results/cpu.json`` and ``cpu.md`` (with ``--losses`` naming a subset:
-``cpu_<losses>.json``/``.md``, so a partial run never replaces the full table), each with the
+Results go to ``benchmarks/results/cpu.json`` and ``cpu.md`` (another ``--shape``:
+``cpu_8x1x64x64.*``; ``--losses`` naming a subset adds ``_<losses>``, so a partial run never
+replaces the full table; see :func:`default_name`), each with the
 speed-up of ``dynloss[auto]`` over every peer per loss (``summary``): the faster of smp/MONAI,
 plain torch, and for TopK nnU-Net's formulation.
 """
@@ -38,6 +39,18 @@ from dynloss.kernels import resolve_backend
 
 LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+DEFAULT_SHAPE = [32, 1, 256, 256]
+
+
+def default_name(shape, losses):
+    """The result files' name: ``cpu`` for every loss at the default shape, else suffixed by
+    the shape (``cpu_8x1x64x64``) and by the losses when they are a subset, so that no run
+    replaces another shape's or the full table."""
+    name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + "x".join(map(str, shape))
+    subset = [loss for loss in LOSSES if loss in losses]
+    return name if subset == LOSSES else name + "_" + "_".join(subset)
 
 
 def make_inputs(shape, seed=0):
@@ -101,7 +114,7 @@ def sigmoid_pass(logits, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs="+", default=[32, 1, 256, 256])
+    parser.add_argument("--shape", type=int, nargs="+", default=DEFAULT_SHAPE)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
@@ -110,8 +123,7 @@ def main(argv=None):
                              "or cpu_<losses> for a subset of the losses)")
     args = parser.parse_args(argv)
     if args.out is None:
-        subset = [name for name in LOSSES if name in args.losses]
-        args.out = RESULTS / ("cpu" if subset == LOSSES else "cpu_" + "_".join(subset))
+        args.out = RESULTS / default_name(args.shape, args.losses)
 
     shape = tuple(args.shape)
     logits, target = make_inputs(shape)

@@ -68,3 +68,20 @@ def test_benchmark_cpu_smoke(tmp_path):
     report = reports[0].with_suffix(".md").read_text()
     assert "## Goals (issue #12)" in report and "Host time" in report
     assert list(tmp_path.glob("bench_*.png")), "no plot"
+
+
+def test_cpu_benchmark_names_its_results_by_shape_and_losses():
+    """Each shape and each subset of losses writes its own result files: a run at another
+    shape never replaces the default table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    every = bench.LOSSES
+    assert bench.default_name([32, 1, 256, 256], every) == "cpu"
+    assert bench.default_name([8, 1, 64, 64], every) == "cpu_8x1x64x64"
+    assert bench.default_name([2, 1, 64, 64, 64], every) == "cpu_2x1x64x64x64"
+    assert bench.default_name([32, 1, 256, 256], ["topk"]) == "cpu_topk"
+    assert bench.default_name([8, 1, 64, 64], ["iou", "dice"]) == "cpu_8x1x64x64_dice_iou"

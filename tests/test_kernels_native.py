@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 import dynloss
 import dynloss.functional as F
@@ -159,6 +160,40 @@ def test_one_node_path_equals_the_generic_native_path(mode):
     (fused, fused_grad), (generic, generic_grad) = results
     assert torch.equal(fused, generic)
     torch.testing.assert_close(fused_grad, generic_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_argument_templates_do_not_leak_between_configurations():
+    """The kernels' argument struct is filled once per configuration (ffi._arguments) and the
+    backward call copies the forward's: configurations called in turn (target dtype, logits
+    or probabilities, ignore_index, region or pixel terms, focal gamma and alpha) each give
+    the reference's value and gradient, also on their second call."""
+    x, t = _inputs("binary", (6, 5), seed=12)
+    t_byte = t.to(torch.uint8)
+    t_ignored = t_byte.clone()
+    t_ignored[:, :, 0] = 7
+    probabilities = torch.sigmoid(x).clamp(0.01, 0.99)
+    calls = [
+        (F.dice_loss, x, t, {}),
+        (F.dice_loss, x, t_byte, {}),
+        (F.iou_loss, x, t_ignored, {"ignore_index": 7}),
+        (F.tversky_loss, probabilities, t, {"from_logits": False, "alpha": 0.3, "beta": 0.7}),
+        (F.focal_loss, x, t, {"gamma": 2.0, "alpha": 0.25}),
+        (F.focal_loss, x, t_ignored, {"gamma": 1.5, "ignore_index": 7}),
+        (F.bce_loss, probabilities, t, {"from_logits": False}),
+    ]
+    for _ in range(2):
+        for fn, xi, ti, kw in calls:
+            _compare(fn, xi, ti, mode="binary", **kw)
+
+
+@given(st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 2.0),
+       st.floats(0.0, 2.0), st.floats(1e-7, 10.0))
+def test_tversky_loss_terms_equal_the_index_and_its_gradient(i, p, g, alpha, beta, smoothing):
+    """The native backend's one-pass score and gradient (host floats) are exactly those of
+    ``tversky_index`` and ``tversky_index_grads``."""
+    want = (1.0 - _math.tversky_index(i, p, g, alpha, beta, smoothing),
+            *_math.tversky_index_grads(i, p, g, alpha, beta, smoothing))
+    assert _math.tversky_loss_terms(i, p, g, alpha, beta, smoothing) == want
 
 
 @pytest.mark.parametrize("mode", MODES)
