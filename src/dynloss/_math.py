@@ -239,13 +239,18 @@ def _tversky_denominator(intersection: TensorOrFloat, prediction_sum: TensorOrFl
             + beta * (target_sum - intersection))
 
 
-def tversky_loss_terms(intersection: float, prediction_sum: float, target_sum: float,
-                       alpha: float, beta: float, smoothing: float
-                       ) -> tuple[float, float, float]:
-    r"""``(1 - T, dT/dI, dT/dP)`` of one score from Python floats: :func:`tversky_index` and
-    :func:`tversky_index_grads` in one pass over the same intermediate values (the native
-    backend forms each (sample, class) score and its gradient on the host in float64), with
-    the same results as those two.
+def tversky_loss_terms(
+    intersection: TensorOrFloat,
+    prediction_sum: TensorOrFloat,
+    target_sum: TensorOrFloat,
+    alpha: float,
+    beta: float,
+    smoothing: float,
+) -> tuple[TensorOrFloat, TensorOrFloat, TensorOrFloat]:
+    r"""``(1 - T, dT/dI, dT/dP)`` of :func:`tversky_index` in one pass over the same
+    intermediate values (the native backend forms each (sample, class) score and its gradient
+    on the host from Python floats). The gradient's closed form is given at
+    :func:`tversky_index_grads`, which returns the last two.
 
     >>> from dynloss._math import tversky_index, tversky_index_grads, tversky_loss_terms
     >>> terms = tversky_loss_terms(3.0, 4.0, 5.0, 0.3, 0.7, 0.1)
@@ -254,8 +259,8 @@ def tversky_loss_terms(intersection: float, prediction_sum: float, target_sum: f
     True
     """
     numerator = intersection + smoothing
-    denominator = (intersection + alpha * (prediction_sum - intersection)
-                   + beta * (target_sum - intersection)) + smoothing
+    denominator = _tversky_denominator(intersection, prediction_sum, target_sum, alpha,
+                                       beta) + smoothing
     inverse_square = 1.0 / (denominator * denominator)
     return (1.0 - numerator / denominator,
             (denominator - (1.0 - (alpha + beta)) * numerator) * inverse_square,
@@ -288,12 +293,8 @@ def tversky_index_grads(
     >>> torch.allclose(torch.stack(closed), torch.stack([di, dp]), rtol=1e-14, atol=0)
     True
     """
-    numerator = intersection + smoothing
-    denominator = _tversky_denominator(intersection, prediction_sum, target_sum, alpha,
-                                       beta) + smoothing
-    inverse_square = 1.0 / (denominator * denominator)
-    grad_intersection = (denominator - (1.0 - (alpha + beta)) * numerator) * inverse_square
-    grad_prediction_sum = (-alpha * numerator) * inverse_square
+    _, grad_intersection, grad_prediction_sum = tversky_loss_terms(
+        intersection, prediction_sum, target_sum, alpha, beta, smoothing)
     return grad_intersection, grad_prediction_sum
 
 

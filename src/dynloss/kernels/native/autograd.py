@@ -33,7 +33,7 @@ from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
 from .._recompute import recompute_backward
-from .ffi import _SCALARS, Forward, Sums, native_backward, native_forward
+from .ffi import Forward, Sums, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
 
@@ -70,17 +70,21 @@ def _region_value(sums: Sums, params: RegionParams
     are summed or averaged from ``cells``, ``-(dT/dI, dT/dP)`` of every score as float32
     arrays divided by the number of scores for ``"mean"``: the gradients of ``I, P`` per unit
     of the upstream gradient, formed here so that backward only scales them."""
+    a, b, s = params.alpha, params.beta, params.smoothing
+    if sums.dims[1] == 1 and not params.per_image and params.reduction != "none":
+        # one score from the batch-pooled sums (binary, the default): the common case, formed
+        # without building the list of cells
+        values = sums.as_list()
+        cell = (math.fsum(values[0::3]), math.fsum(values[1::3]), math.fsum(values[2::3]))
+        loss, slope_i, slope_p = _math.tversky_loss_terms(*cell, a, b, s)
+        one = ctypes.c_float * 1
+        return (torch.scalar_tensor(loss, dtype=torch.float32), [cell],
+                (one(-slope_i), one(-slope_p)))
     cells = _cells(sums, params)
     if cells is None:  # many scores: float64 tensor operations
         with torch.no_grad():
             return (reference.score_loss(sums.as_tensor().unbind(-1), params).float(), None,
                     None)
-    a, b, s = params.alpha, params.beta, params.smoothing
-    if len(cells) == 1 and params.reduction != "none":  # one score (binary, pooled batch)
-        loss, slope_i, slope_p = _math.tversky_loss_terms(*cells[0], a, b, s)
-        one = ctypes.c_float * 1
-        return (torch.scalar_tensor(loss, dtype=torch.float32), cells,
-                (one(-slope_i), one(-slope_p)))
     terms = [_math.tversky_loss_terms(i, p, g, a, b, s) for i, p, g in cells]
     if params.reduction == "none":
         n, c, _ = sums.dims
@@ -143,25 +147,13 @@ class NativeRegionLoss(torch.autograd.Function):
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        # no tensor on ctx.native (the saved buffer becomes the gradient, which autograd then
-        # takes over only if nothing else refers to it)
+        sums = fwd.sums()
+        value, cells, coefficients = _region_value(sums, params)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
-        c = dims[1]
-        if c == 1 and not params.per_image and params.reduction != "none":
-            # one score from the batch-pooled sums (binary): formed inline, the common case
-            values = fwd.out[_SCALARS:]
-            loss, slope_i, slope_p = _math.tversky_loss_terms(
-                math.fsum(values[0::3]), math.fsum(values[1::3]), math.fsum(values[2::3]),
-                params.alpha, params.beta, params.smoothing)
-            one = ctypes.c_float * 1
-            ctx.native = (fwd.config, fwd.invalid, None, None, (one(-slope_i), one(-slope_p)),
-                          params, checked, mode)
-            value = torch.scalar_tensor(loss, dtype=torch.float32)
-        else:
-            sums = fwd.sums()
-            value, cells, coefficients = _region_value(sums, params)
-            ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, params, checked,
-                          mode)
+        # no tensor here (the saved buffer becomes the gradient, which autograd then takes
+        # over only if nothing else refers to it)
+        ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, params, checked,
+                      mode)
         return value * math.nan if fwd.invalid else value
 
     @staticmethod
