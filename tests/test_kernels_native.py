@@ -188,12 +188,24 @@ def test_argument_templates_do_not_leak_between_configurations():
 
 @given(st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 2.0),
        st.floats(0.0, 2.0), st.floats(1e-7, 10.0))
-def test_tversky_loss_terms_equal_the_index_and_its_gradient(i, p, g, alpha, beta, smoothing):
-    """The native backend's one-pass score and gradient (host floats) are exactly those of
-    ``tversky_index`` and ``tversky_index_grads``."""
-    want = (1.0 - _math.tversky_index(i, p, g, alpha, beta, smoothing),
-            *_math.tversky_index_grads(i, p, g, alpha, beta, smoothing))
-    assert _math.tversky_loss_terms(i, p, g, alpha, beta, smoothing) == want
+def test_tversky_loss_terms_are_the_index_and_its_autograd_gradient(i, p, g, alpha, beta,
+                                                                    smoothing):
+    """The native backend's one-pass score and gradient (host floats): ``1 - T`` exactly as
+    ``tversky_index`` forms it, and ``dT/dI, dT/dP`` equal to autograd through
+    ``tversky_index`` in float64."""
+    loss, grad_i, grad_p = _math.tversky_loss_terms(i, p, g, alpha, beta, smoothing)
+    assert loss == 1.0 - _math.tversky_index(i, p, g, alpha, beta, smoothing)
+    sums = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (i, p)]
+    score = _math.tversky_index(*sums, torch.tensor(g, dtype=torch.float64), alpha, beta,
+                                smoothing)
+    want_i, want_p = torch.autograd.grad(score, sums)
+    # both forms subtract terms of this size (dT/dI cancels when alpha + beta is near 0):
+    # their rounding is relative to it, not to the difference
+    numerator = i + smoothing
+    denominator = i + alpha * (p - i) + beta * (g - i) + smoothing
+    size = (abs(denominator) + abs(1.0 - alpha - beta) * numerator) / denominator**2
+    assert grad_i == pytest.approx(want_i.item(), rel=1e-12, abs=1e-12 * size)
+    assert grad_p == pytest.approx(want_p.item(), rel=1e-12, abs=1e-12 * size)
 
 
 @pytest.mark.parametrize("mode", MODES)
