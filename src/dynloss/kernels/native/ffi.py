@@ -43,6 +43,8 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _native_target(target: Tensor, mode: str) -> Tensor:
     """The target in a dtype the kernels read (bool is read as uint8), contiguous."""
+    if target.dtype is torch.float32 and target.is_contiguous():  # the common case, as it is
+        return target
     if target.dtype not in TARGET_TYPES:
         integral = mode == MULTICLASS_MODE or not target.is_floating_point()
         target = target.to(torch.int64 if integral else torch.float32)
@@ -194,17 +196,15 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
     x = x.contiguous()
-    if not (target.dtype is torch.float32 and target.is_contiguous()):
-        target = _native_target(target, mode)
+    target = _native_target(target, mode)
     n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
     # What backward needs, only when a gradient is wanted (not in validation). Saving it
     # measured faster than recomputing the probabilities in backward: the gradient then goes
     # into this buffer, and nothing transcendental runs twice. The buffers come from the pool
     # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
-    empty = POOL.empty if 4 * x.numel() >= POOL.min_bytes else torch.empty
-    probabilities = empty(x.shape) if want_region and needs_grad else None
-    slope = empty(x.shape) if want_pixel and needs_grad else None
+    probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
+    slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
     # TopK: every element's loss, for the selection (a scratch buffer, not kept)
     losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
     # one float64 array for every result: the scalars, then (when wanted) the region sums,
