@@ -70,15 +70,42 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert list(tmp_path.glob("bench_*.png")), "no plot"
 
 
-def test_cpu_benchmark_names_its_results_by_shape_and_losses():
-    """Each shape and each subset of losses writes its own result files: a run at another
-    shape never replaces the default table."""
+def _bench_cpu():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_cpu_benchmark_separates_calls_that_page_fault():
+    """The per-candidate summary: median, minimum, median page faults, and the median over
+    the calls without a page fault (None when every call faulted) with their number."""
+    bench = _bench_cpu()
+    times = [6.0, 3.5, 3.7, 6.2, 3.9]
+    faults = [2016, 0, 0, 4032, 0]
+    assert bench.summarize(times, faults) == (3.9, 3.5, 0, 3.7, 3)
+    assert bench.summarize([2.0, 4.0], [2016, 2016]) == (3.0, 2.0, 2016, None, 0)
+    table = bench.to_markdown(
+        {"shape": (1, 1, 4), "dtype": "float32", "cpu": "cpu", "threads": 1, "torch": "t",
+         "smp": None, "monai": None, "dynloss": "d", "date": "now", "repeats": 5,
+         "sigmoid_ms": 0.1},
+        [{"loss": "dice", "implementation": "monai", "median_ms": 3.9, "min_ms": 3.5,
+          "speedup_of_dynloss": 2.0, "saved_inputs": 1.0, "page_faults": 0,
+          "no_fault_median_ms": 3.7, "no_fault_calls": 3},
+         {"loss": "dice", "implementation": "smp", "median_ms": 3.0, "min_ms": 2.0,
+          "speedup_of_dynloss": 1.5, "saved_inputs": 3.0, "page_faults": 2016,
+          "no_fault_median_ms": None, "no_fault_calls": 0}])
+    assert "| dice | monai | 3.90 | 3.50 | 2.00x | 1.00 | 0 | 3.70 (3) |" in table
+    assert "| dice | smp | 3.00 | 2.00 | 1.50x | 3.00 | 2016 | – |" in table
+
+
+def test_cpu_benchmark_names_its_results_by_shape_and_losses():
+    """Each shape and each subset of losses writes its own result files: a run at another
+    shape never replaces the default table."""
+    bench = _bench_cpu()
     every = bench.LOSSES
     assert bench.default_name([32, 1, 256, 256], every) == "cpu"
     assert bench.default_name([8, 1, 64, 64], every) == "cpu_8x1x64x64"
