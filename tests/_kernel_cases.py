@@ -24,3 +24,24 @@ def run_loss(fn, x: torch.Tensor, t: torch.Tensor, backend: str, **kw):
     loss = fn(x, t, backend=backend, **kw)
     loss.sum().backward()
     return loss.detach(), x.grad
+
+
+def saturated_multiclass(*, n: int = 2, c: int = 4, m: int = 32, margin: float = 14.0,
+                         offset: float = 20.0, seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(n, c, m)`` whose every pixel has one class ``margin`` above the others (the
+    softmax there is within ``~c e^-margin`` of 1) on top of a large ``offset``, and the
+    target that class: where a well-trained network is, and where float32 loses the digits of
+    ``1 - p`` and of ``logsumexp - x_t`` unless they are formed from the other classes."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c, m), generator=gen) + offset
+    top = torch.randint(0, c, (n, m), generator=gen)
+    x.scatter_add_(1, top[:, None], torch.full((n, 1, m), margin))
+    return x, top
+
+
+def assert_elementwise_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Every element within ``rtol`` of ``want`` relative to itself (a tolerance of 1e-6 of
+    the largest only for elements that are nearly 0)."""
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=1e-6 * scale)

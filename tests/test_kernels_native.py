@@ -186,13 +186,16 @@ def test_argument_templates_do_not_leak_between_configurations():
             _compare(fn, xi, ti, mode="binary", **kw)
 
 
-@given(st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 2.0),
+@given(st.floats(0.0, 1.0), st.floats(0.0, 1e6), st.floats(0.0, 1e6), st.floats(0.0, 2.0),
        st.floats(0.0, 2.0), st.floats(1e-7, 10.0))
-def test_tversky_loss_terms_are_the_index_and_its_autograd_gradient(i, p, g, alpha, beta,
+def test_tversky_loss_terms_are_the_index_and_its_autograd_gradient(overlap, p, g, alpha, beta,
                                                                     smoothing):
     """The native backend's one-pass score and gradient (host floats): ``1 - T`` exactly as
     ``tversky_index`` forms it, and ``dT/dI, dT/dP`` equal to autograd through
-    ``tversky_index`` in float64."""
+    ``tversky_index`` in float64. The sums are ones a batch can have: ``I = sum p g`` is at
+    most ``P = sum p`` and ``G = sum g`` (so the denominator ``I + a (P - I) + b (G - I) + s``
+    is a sum of non-negative terms; sums with ``I > P`` made it cancel to nothing)."""
+    i = overlap * min(p, g)
     loss, grad_i, grad_p = _math.tversky_loss_terms(i, p, g, alpha, beta, smoothing)
     assert loss == 1.0 - _math.tversky_index(i, p, g, alpha, beta, smoothing)
     sums = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (i, p)]

@@ -118,6 +118,16 @@ def _multiclass_region_backward(p, index, valid, gi, gp, from_logits):
         mixed = torch.einsum("ncm,nc->nm", p, gp) + own
         grad = p * (gp.unsqueeze(-1) - mixed.unsqueeze(1))
         grad.scatter_add_(1, index.unsqueeze(1), own.unsqueeze(1))
+        # at the most probable class, u_top - sum_k p_k u_k = u_top (1 - p_top) - sum_{k != top}
+        # p_k u_k from the other classes' small p_k (as a difference of two nearly equal
+        # numbers it loses up to all its digits where the softmax saturates)
+        top, complement = _math.softmax_complement(p)
+        others = p.scatter(1, top, 0.0)
+        rest = torch.einsum("ncm,nc->nm", others, gp).unsqueeze(1) + torch.where(
+            index.unsqueeze(1) == top, 0.0, own.unsqueeze(1))
+        u_top = gp.gather(1, top.squeeze(1)).unsqueeze(1) + torch.where(
+            index.unsqueeze(1) == top, gi_picked.unsqueeze(1), 0.0)
+        grad.scatter_(1, top, p.gather(1, top) * (u_top * complement - rest))
     else:
         grad = gp.unsqueeze(-1).expand_as(p).clone()
         grad.scatter_add_(1, index.unsqueeze(1), gi_picked.unsqueeze(1))
@@ -225,8 +235,12 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
     loss = _math.pixel_cross_entropy(xc, index, params.from_logits)  # (N, M)
     if params.from_logits:  # d ce / dx_c = softmax_c - [c == t]
         slope = torch.softmax(xc, dim=1)
-        slope.scatter_add_(1, index.unsqueeze(1), slope.new_full((1, 1, 1), -1.0).expand(
-            index.shape[0], 1, index.shape[1]))
+        # p_t - 1 = -(1 - p_t), all its digits from the other classes where t is the most
+        # probable class (:func:`_math.softmax_complement`); p_t <= 1/2 elsewhere
+        top, complement = _math.softmax_complement(slope)
+        picked = slope.gather(1, index.unsqueeze(1))
+        at_target = torch.where(index.unsqueeze(1) == top, -complement, picked - 1.0)
+        slope.scatter_(1, index.unsqueeze(1), at_target)
     else:  # d ce / dp_c = -[c == t] / p_t, zero where the log is clamped
         picked = xc.gather(1, index.unsqueeze(1))
         slope = torch.zeros_like(xc).scatter_(1, index.unsqueeze(1),

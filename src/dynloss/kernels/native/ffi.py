@@ -4,11 +4,12 @@ One streaming forward pass computes everything a loss needs from the input (the 
 ``I, P, G`` per sample and class, and the sum of the per-element cross-entropy after the focal
 modulation and class weights, with its normaliser) and writes what the gradient needs: for
 region losses the sigmoid's slope ``dp/dx`` signed by the target (binary, multilabel) or the
-softmax probabilities (multiclass), and each element's slope ``d loss / d x`` (distribution
-losses). The backward pass is then one elementwise pass of plain arithmetic. The forward pass
-also counts invalid values (kept targets out of range, kept inputs that are not finite or, for
-probabilities, outside [0, 1]) at no extra cost: :func:`native_forward` raises for them when
-the value checks are due, else the caller makes the loss NaN.
+softmax probabilities (multiclass; at a pixel's one most probable class ``p - 1``, formed
+with all its digits from the other classes), and each element's slope ``d loss / d x``
+(distribution losses). The backward pass is then one elementwise pass of plain arithmetic.
+The forward pass also counts invalid values (kept targets out of range, kept inputs that are
+not finite or, for probabilities, outside [0, 1]) at no extra cost: :func:`native_forward`
+raises for them when the value checks are due, else the caller makes the loss NaN.
 
 TopK (``topk=k``): the forward pass also writes each element's loss to a pooled scratch
 buffer, and a second call selects the ``n = topk_count(k, kept)`` largest by a radix select

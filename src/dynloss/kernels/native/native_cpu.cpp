@@ -424,9 +424,16 @@ struct ClassChunk {
   int32_t cls[kClassChunk];
   float keep[kClassChunk];
   float mx[kClassChunk];
-  float inv[kClassChunk];   // 1 / sum_c exp(x_c - max)
-  float lse[kClassChunk];   // logsumexp
+  float oth[kClassChunk];   // sum_c exp(x_c - max) but for one class at the max (its exact 1):
+                            // 1 - p = oth inv at a class at the max
+  float inv[kClassChunk];   // 1 / sum_c exp(x_c - max) = 1 / (1 + oth)
+  float unique[kClassChunk];  // 1 where one class alone holds the max, else 0
+  float lg[kClassChunk];    // log(1 + oth) = logsumexp - max, from log1p: all its digits
   float xt[kClassChunk];    // the input at the target class
+  // forward with logits: exp(x_c - max) of every class, written by load() into the output
+  // buffer that the forward pass then overwrites (probabilities or slopes), so that the
+  // exponentials are not computed twice; null without such a buffer (no gradient wanted)
+  float* ecache;
   int64_t len;
 
   // Fills cls/keep; with `inputs` (forward) also xt and the softmax statistics, which read x
@@ -449,6 +456,7 @@ struct ClassChunk {
       cls[j] = (!ignored & in_range) ? static_cast<int32_t>(v) : 0;
       keep[j] = (!ignored & in_range) ? 1.0f : 0.0f;
     }
+    ecache = nullptr;
     if (!inputs) return bad;
     const float* x = a.x + sample * a.c * a.m + begin;
     for (int64_t j = 0; j < len; ++j) xt[j] = x[cls[j] * a.m + j];
@@ -460,17 +468,38 @@ struct ClassChunk {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) mx[j] = xc[j] > mx[j] ? xc[j] : mx[j];
     }
+    // The term exp(0) = 1 of one class at the max is left out of the sum and added as the
+    // exact 1 of log1p: 1 - p there and logsumexp - x there keep their digits where the
+    // softmax saturates (as a float32 sum 1 + oth would lose them). Classes below the max are
+    // summed; every further class at the max adds its exact 1 (ties - 1).
+    float* ties = lg;  // lg's storage counts them until lg is formed
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) inv[j] = 0.0f;
+    for (int64_t j = 0; j < len; ++j) {
+      oth[j] = 0.0f;
+      ties[j] = -1.0f;
+    }
+    float* saved = a.probabilities ? a.probabilities : a.slope;
+    ecache = saved ? saved + sample * a.c * a.m + begin : nullptr;
+    float scratch_e[kClassChunk];
     for (int64_t c = 0; c < classes; ++c) {
       const float* xc = x + c * a.m;
+      float* ec = ecache ? ecache + c * a.m : scratch_e;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) inv[j] += exp_f(xc[j] - mx[j]);
+      for (int64_t j = 0; j < len; ++j) {
+        const float xv = xc[j];
+        const float e = exp_f(xv - mx[j]);
+        ec[j] = e;
+        oth[j] += xv < mx[j] ? e : 0.0f;
+        ties[j] += xv == mx[j] ? 1.0f : 0.0f;
+      }
     }
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      lse[j] = mx[j] + log_f(inv[j]);
-      inv[j] = 1.0f / inv[j];
+      const float o = oth[j] + ties[j];  // ties is 0 but where logits tie at the max
+      unique[j] = ties[j] == 0.0f ? 1.0f : 0.0f;
+      oth[j] = o;
+      lg[j] = o <= 1.0f ? log1p_f(o) : log_f(1.0f + o);  // NaN: log_f, NaN
+      inv[j] = 1.0f / (1.0f + o);
     }
     return bad;
   }
@@ -495,7 +524,8 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
     const float ignored_loss = as_float(kNegInfBits);
 #pragma omp simd reduction(+ : sS, sN)
     for (int64_t j = 0; j < len; ++j) {
-      const float b = LOGITS ? s.lse[j] - s.xt[j] : -clamped_log(s.xt[j]);
+      // logsumexp - x_t = (max - x_t) + log(1 + oth): no large max added and taken away
+      const float b = LOGITS ? (s.mx[j] - s.xt[j]) + s.lg[j] : -clamped_log(s.xt[j]);
       const float w = has_alpha ? alpha[s.cls[j]] : 1.0f;
       float factor;
       const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
@@ -510,8 +540,12 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   }
   float badx = 0;
   float scratch_p[kClassChunk], scratch_slope[kClassChunk];  // when no gradient is wanted
+  // CACHED: the exponentials come from load()'s cache (see ClassChunk::ecache)
+  auto each_class = [&](auto cached) {
+  constexpr bool CACHED = decltype(cached)::value;
   for (int64_t c = 0; c < a.c; ++c) {
     const float* xc = x + c * a.m;
+    const float* ec = CACHED ? s.ecache + c * a.m : nullptr;
     float* pc = a.probabilities ? a.probabilities + offset + c * a.m : scratch_p;
     float* sc = a.slope ? a.slope + offset + c * a.m : scratch_slope;
     const int32_t cc = static_cast<int32_t>(c);
@@ -521,7 +555,8 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       const float xv = xc[j];
       const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax) : ((xv >= 0.0f) & (xv <= 1.0f));
       badx += (s.keep[j] != 0.0f && !valid_x) ? 1.0f : 0.0f;
-      const float p = LOGITS ? exp_f(xv - s.mx[j]) * s.inv[j] : xv;
+      const float e = CACHED ? ec[j] : exp_f(xv - s.mx[j]);
+      const float p = LOGITS ? e * s.inv[j] : xv;
       const bool on = s.cls[j] == cc;
       // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
       const bool kept = s.keep[j] != 0.0f;
@@ -529,11 +564,17 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
         sP += kept ? p : 0.0f;
         sI += (on & kept) ? p : 0.0f;
         sG += on ? s.keep[j] : 0.0f;
-        pc[j] = p;
+        // saved for backward: p, but p - 1 = -(1 - p) with all its digits (a negative
+        // number, or -0) at the class that alone holds the max (see class_backward_chunk)
+        const bool top = LOGITS && (xv == s.mx[j]) & (s.unique[j] != 0.0f);
+        pc[j] = top ? -(s.oth[j] * s.inv[j]) : p;
       }
       if (PIXEL != kPixelNone) {
-        const float pixel_slope = LOGITS ? coef[j] * (p - (on ? 1.0f : 0.0f))
-                                         : (on ? coef[j] : 0.0f);
+        // p - 1 at the target class: -(1 - p) = -oth inv where that class is the most
+        // probable (p near 1), else formed as it is (p <= 1/2 there)
+        const float p_minus_on = (on & (s.xt[j] == s.mx[j])) ? -(s.oth[j] * s.inv[j])
+                                                             : p - (on ? 1.0f : 0.0f);
+        const float pixel_slope = LOGITS ? coef[j] * p_minus_on : (on ? coef[j] : 0.0f);
         sc[j] = kept ? pixel_slope : 0.0f;
       }
     }
@@ -541,6 +582,9 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       out[3 * c] = sI; out[3 * c + 1] = sP; out[3 * c + 2] = sG;
     }
   }
+  };
+  if (LOGITS && s.ecache) each_class(std::true_type{});
+  else each_class(std::false_type{});
   double* extra = out + 3 * a.c;
   extra[0] = sS; extra[1] = sN; extra[2] = bad; extra[3] = badx;
 }
@@ -560,14 +604,33 @@ static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, i
   const float* gp = REGION ? a.grad_prediction + at : nullptr;
   const float* p = REGION ? a.probabilities + offset : nullptr;
   const float* slope = PIXEL != kPixelNone ? a.slope + offset : nullptr;
-  float mixed[kClassChunk];  // logits, region: sum_c p_c u_c with u_c = gp_c + gi_c [c == t]
+  // logits, region: the softmax backward p_c (u_c - sum_k p_k u_k) of u_c = gp_c + gi_c [c == t].
+  // At the class that alone holds the max (p near 1 where the softmax saturates), which the
+  // forward pass saved as v = p - 1 (sign bit set), u_c - sum_k p_k u_k is formed as
+  // -u v - sum_{k != top} p_k u_k from the other classes' small p_k: as a difference of two
+  // nearly equal float32 numbers it lost up to all its digits there.
+  float mixed[kClassChunk];   // sum_k p_k u_k
+  float below_u[kClassChunk];  // sum_{k != top} p_k u_k
   if (REGION && LOGITS) {
-    for (int64_t j = 0; j < len; ++j) mixed[j] = p[s.cls[j] * a.m + j] * gi[s.cls[j]];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      mixed[j] = 0.0f;
+      below_u[j] = 0.0f;
+    }
     for (int64_t c = 0; c < classes; ++c) {
       const float* pc = p + c * a.m;
       const float gpc = gp[c];
+      const float gic = gi[c];
+      const int32_t cc = static_cast<int32_t>(c);
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) mixed[j] += pc[j] * gpc;
+      for (int64_t j = 0; j < len; ++j) {
+        const float v = pc[j];
+        const bool top = as_bits(v) >> 31;
+        const float u = gpc + (s.cls[j] == cc ? gic : 0.0f);
+        const float pu = (top ? 1.0f + v : v) * u;
+        mixed[j] += pu;
+        below_u[j] += top ? 0.0f : pu;
+      }
     }
   }
   for (int64_t c = 0; c < classes; ++c) {
@@ -580,7 +643,10 @@ static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, i
       float total = 0.0f;
       if (REGION) {
         const float u = gpc + (s.cls[j] == cc ? gic : 0.0f);
-        total = scale * (LOGITS ? p[c * a.m + j] * (u - mixed[j]) : u);
+        const float v = p[c * a.m + j];
+        const bool top = LOGITS && (as_bits(v) >> 31);
+        const float spread = top ? -(u * v) - below_u[j] : u - mixed[j];
+        total = scale * (LOGITS ? (top ? 1.0f + v : v) * spread : u);
         total = s.keep[j] != 0.0f ? total : 0.0f;
       }
       if (PIXEL != kPixelNone) total += gs * slope[c * a.m + j];

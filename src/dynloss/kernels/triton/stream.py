@@ -450,12 +450,15 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
     """Load one ``[CP, BLOCK]`` tile of sample ``n`` (a scalar, or one per pixel) at pixels
     ``m``.
 
-    Returns ``(x, p, b, t, keep, onehot, cmask, bad)``: logits (padded classes hold -inf when
-    ``FROM_LOGITS``), probabilities (0 in padded classes), per-pixel cross-entropy ``b``,
-    class index ``t`` (0 where not kept), kept-pixel mask, the one-hot mask of ``t``, the
-    class mask and the bad pixels (not ignored, and a non-finite logit / probability outside
-    [0, 1] or a label outside ``[0, C)``). A label is compared in its own dtype (no
-    truncation); one outside ``[0, C)`` is not kept.
+    Returns ``(x, p, b, t, keep, onehot, cmask, bad, is_top, complement)``: logits (padded
+    classes hold -inf when ``FROM_LOGITS``), probabilities (0 in padded classes), per-pixel
+    cross-entropy ``b``, class index ``t`` (0 where not kept), kept-pixel mask, the one-hot
+    mask of ``t``, the class mask and the bad pixels (not ignored, and a non-finite logit /
+    probability outside [0, 1] or a label outside ``[0, C)``); with logits also the one-hot
+    mask of the first most probable class and ``1 - p`` there, summed from the other classes
+    (all its digits where the softmax saturates; ``b = (max - x_t) + log1p(rest)`` likewise),
+    else an empty mask and 0. A label is compared in its own dtype (no truncation); one
+    outside ``[0, C)`` is not kept.
     """
     cls = tl.arange(0, CP)
     cmask = cls < C
@@ -475,30 +478,37 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
     if FROM_LOGITS:
         x = tl.where(cmask[:, None], x, float("-inf"))
         mx = tl.max(x, axis=0)
+        is_top = cls[:, None] == tl.argmax(x, axis=0, tie_break_left=True)[None, :]
         e = tl.exp(x - mx[None, :])
-        s = tl.sum(e, axis=0)
+        rest = tl.sum(tl.where(is_top, 0.0, e), axis=0)  # the top class's e is exactly 1
+        s = 1.0 + rest
         p = e / s[None, :]
+        complement = rest / s
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-        b = mx + tl.log(s) - x_t
+        b = (mx - x_t) + tm.log1p(rest)
     else:
         x = tl.where(cmask[:, None], x, 0.0)
         p = x
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
         b = -tm.clamped_log(x_t)
-    return x, p, b, t, keep, onehot, cmask, bad
+        is_top = onehot & (x < 0.0)  # empty
+        complement = b * 0.0
+    return x, p, b, t, keep, onehot, cmask, bad, is_top, complement
 
 
 @triton.jit
-def multiclass_pixel_grad(x, p, b, t, onehot, coef, alpha_ptr, gamma,
+def multiclass_pixel_grad(x, p, b, t, onehot, is_top, complement, coef, alpha_ptr, gamma,
                           FROM_LOGITS: tl.constexpr, FOCAL: tl.constexpr,
                           HAS_ALPHA: tl.constexpr):
-    """``[CP, BLOCK]`` gradient of ``coef * a_t * focal(b)`` w.r.t. the logits/probabilities."""
+    """``[CP, BLOCK]`` gradient of ``coef * a_t * focal(b)`` w.r.t. the logits/probabilities
+    (``p_t - 1 = -complement`` where the target is the most probable class)."""
     if FOCAL:
         coef = coef * tm.focal_grad(b, gamma)
     if HAS_ALPHA:
         coef = coef * tl.load(alpha_ptr + t)  # t is a kept class in [0, C), or 0
     if FROM_LOGITS:
-        grad = coef[None, :] * (p - onehot.to(tl.float32))
+        slope = tl.where(onehot & is_top, -complement[None, :], p - onehot.to(tl.float32))
+        grad = coef[None, :] * slope
     else:
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
         d = -coef * tm.clamped_log_slope(x_t)
@@ -529,7 +539,7 @@ def _multiclass_fwd_kernel(
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
-        _x, p, b, t, keep, onehot, cmask, bad = multiclass_tile(
+        _x, p, b, t, keep, onehot, cmask, bad, _top, _complement = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP
         )
         acc_bad += bad.to(tl.int32)
@@ -598,23 +608,29 @@ def _multiclass_bwd_kernel(
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
-        x, p, b, t, keep, onehot, cmask, _bad = multiclass_tile(
+        x, p, b, t, keep, onehot, cmask, _bad, is_top, complement = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP
         )
         grad = tl.zeros([CP, BLOCK], dtype=tl.float32)
         if DO_REGION:
             if FROM_LOGITS:
-                gi_t = tl.sum(tl.where(onehot, gi[:, None], 0.0), axis=0)
-                p_t = tl.sum(tl.where(onehot, p, 0.0), axis=0)
-                own = p_t * gi_t
-                mixed = tl.sum(p * gp[:, None], axis=0) + own
-                grad += p * (gp[:, None] - mixed[None, :]) + tl.where(onehot, own[None, :], 0.0)
+                # p_c (u_c - sum_k p_k u_k) of u = gp + gi * onehot; at the most probable class
+                # u_top (1 - p_top) - sum_{k != top} p_k u_k, from the others' small p_k (as a
+                # difference of nearly equal numbers it loses its digits where p_top nears 1)
+                u = gp[:, None] + tl.where(onehot, gi[:, None], 0.0)
+                pu = p * u
+                mixed = tl.sum(pu, axis=0)
+                u_top = tl.sum(tl.where(is_top, u, 0.0), axis=0)
+                p_top = tl.sum(tl.where(is_top, p, 0.0), axis=0)
+                at_top = p_top * (u_top * complement - tl.sum(tl.where(is_top, 0.0, pu), axis=0))
+                grad += tl.where(is_top, at_top[None, :], p * (u - mixed[None, :]))
             else:
                 grad += gp[:, None] + tl.where(onehot, gi[:, None], 0.0)
         if DO_PIXEL:
             coef = tl.zeros([BLOCK], dtype=tl.float32) + gt
             grad += multiclass_pixel_grad(
-                x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
+                x, p, b, t, onehot, is_top, complement, coef, alpha_ptr, gamma, FROM_LOGITS,
+                FOCAL, HAS_ALPHA
             )
         grad = tl.where(keep[None, :], grad, 0.0)
         ptrs = grad_ptr + n64 * C * M + cls[:, None].to(tl.int64) * M + m[None, :]

@@ -88,7 +88,7 @@ def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, a
     if MULTICLASS:
         n = idx // M  # a tile may span two samples: each pixel carries its own sample
         m = idx - n * M
-        _x, _p, b, t, keep, _onehot, _cmask, bad = multiclass_tile(
+        _x, _p, b, t, keep, _onehot, _cmask, bad, _top, _complement = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
         )
         loss = tm.focal(b, gamma, FOCAL)
@@ -276,12 +276,13 @@ def _topk_bwd_kernel(
         if MULTICLASS:
             n = idx // M
             m = idx - n * M
-            x, p, b, t, _keep, onehot, cmask, _bad2 = multiclass_tile(
+            x, p, b, t, _keep, onehot, cmask, _bad2, is_top, complement = multiclass_tile(
                 x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
             )
             offs = n[None, :] * C * M + tl.arange(0, CP)[:, None].to(tl.int64) * M + m[None, :]
             grad = multiclass_pixel_grad(
-                x, p, b, t, onehot, coef, alpha_ptr, gamma, FROM_LOGITS, FOCAL, HAS_ALPHA
+                x, p, b, t, onehot, is_top, complement, coef, alpha_ptr, gamma, FROM_LOGITS,
+                FOCAL, HAS_ALPHA
             )
             grad = tl.where(keep[None, :], grad, 0.0)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty),
