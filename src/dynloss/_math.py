@@ -60,7 +60,12 @@ LOG_CLAMP = -100.0
 # ------------------------------------------------------------------------------ probabilities
 def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
     """``x`` in layout ``(N, C, M)`` as probabilities: softmax over ``C`` (multiclass) or a
-    sigmoid per element; ``x`` itself when it already holds probabilities."""
+    sigmoid per element; ``x`` itself when it already holds probabilities.
+
+    (Autograd through ``torch.softmax`` forms ``p (g - sum_k p_k g_k)``, which loses digits in
+    float32 where ``p`` nears 1, as torch does; the fused backends form that term from the
+    other classes, see :func:`softmax_complement`. The reference runs in float64 in the
+    tests.)"""
     if not from_logits:
         return x
     if mode == MULTICLASS_MODE:
@@ -141,8 +146,10 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
     Logits: :math:`\operatorname{logsumexp}_c x_c - x_t`, formed as
     :math:`(\max - x_t) + \log(1 + \text{rest})` (:func:`softmax_rest`): where the target
     class dominates, ``logsumexp(x) - x_t`` would be the difference of two nearly equal large
-    numbers (about 1 % off in float32 for a loss of 1e-5 at logits near 35). Probabilities:
-    :math:`-\max(\log p_t, -100)`.
+    numbers (about 1 % off in float32 for a loss of 1e-5 at logits near 35). Its autograd
+    gradient at the target is still ``p_t - 1`` formed as a difference (float32 loses digits
+    there, as with torch's own cross-entropy; the fused backends write it from the other
+    classes). Probabilities: :math:`-\max(\log p_t, -100)`.
 
     >>> import torch
     >>> from dynloss._math import pixel_cross_entropy
