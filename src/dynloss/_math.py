@@ -136,7 +136,7 @@ def softmax_complement(p: Tensor) -> tuple[Tensor, Tensor]:
     """``(top, 1 - p_top)`` of probabilities ``p`` ``(N, C, M)``, each ``(N, 1, M)``: the first
     most probable class and the sum of the others' probabilities (all the digits of
     ``1 - p_top``, which ``1 - p`` loses as ``p_top`` nears 1)."""
-    top = p.argmax(dim=1, keepdim=True)
+    top = p.max(dim=1, keepdim=True)[1]  # (argmax over this dimension: 30x slower on the CPU)
     return top, p.scatter(1, top, 0.0).sum(1, keepdim=True)
 
 

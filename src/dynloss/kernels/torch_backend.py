@@ -235,12 +235,9 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
     loss = _math.pixel_cross_entropy(xc, index, params.from_logits)  # (N, M)
     if params.from_logits:  # d ce / dx_c = softmax_c - [c == t]
         slope = torch.softmax(xc, dim=1)
-        # p_t - 1 = -(1 - p_t), all its digits from the other classes where t is the most
-        # probable class (:func:`_math.softmax_complement`); p_t <= 1/2 elsewhere
-        top, complement = _math.softmax_complement(slope)
-        picked = slope.gather(1, index.unsqueeze(1))
-        at_target = torch.where(index.unsqueeze(1) == top, -complement, picked - 1.0)
-        slope.scatter_(1, index.unsqueeze(1), at_target)
+        # p_t - 1 = -(sum of the other classes' p): all its digits as p_t nears 1
+        at = index.unsqueeze(1)
+        slope.scatter_(1, at, -slope.scatter(1, at, 0.0).sum(1, keepdim=True))
     else:  # d ce / dp_c = -[c == t] / p_t, zero where the log is clamped
         picked = xc.gather(1, index.unsqueeze(1))
         slope = torch.zeros_like(xc).scatter_(1, index.unsqueeze(1),
