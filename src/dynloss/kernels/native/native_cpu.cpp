@@ -542,46 +542,47 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   float scratch_p[kClassChunk], scratch_slope[kClassChunk];  // when no gradient is wanted
   // CACHED: the exponentials come from load()'s cache (see ClassChunk::ecache)
   auto each_class = [&](auto cached) {
-  constexpr bool CACHED = decltype(cached)::value;
-  for (int64_t c = 0; c < a.c; ++c) {
-    const float* xc = x + c * a.m;
-    const float* ec = CACHED ? s.ecache + c * a.m : nullptr;
-    float* pc = a.probabilities ? a.probabilities + offset + c * a.m : scratch_p;
-    float* sc = a.slope ? a.slope + offset + c * a.m : scratch_slope;
-    const int32_t cc = static_cast<int32_t>(c);
-    float sI = 0, sP = 0, sG = 0;
+    constexpr bool CACHED = decltype(cached)::value;
+    for (int64_t c = 0; c < a.c; ++c) {
+      const float* xc = x + c * a.m;
+      const float* ec = CACHED ? s.ecache + c * a.m : nullptr;
+      float* pc = a.probabilities ? a.probabilities + offset + c * a.m : scratch_p;
+      float* sc = a.slope ? a.slope + offset + c * a.m : scratch_slope;
+      const int32_t cc = static_cast<int32_t>(c);
+      float sI = 0, sP = 0, sG = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, badx)
-    for (int64_t j = 0; j < len; ++j) {
-      const float xv = xc[j];
-      const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax) : ((xv >= 0.0f) & (xv <= 1.0f));
-      badx += (s.keep[j] != 0.0f && !valid_x) ? 1.0f : 0.0f;
-      const float e = CACHED ? ec[j] : exp_f(xv - s.mx[j]);
-      const float p = LOGITS ? e * s.inv[j] : xv;
-      const bool on = s.cls[j] == cc;
-      // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
-      const bool kept = s.keep[j] != 0.0f;
+      for (int64_t j = 0; j < len; ++j) {
+        const float xv = xc[j];
+        const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax)
+                                    : ((xv >= 0.0f) & (xv <= 1.0f));
+        badx += (s.keep[j] != 0.0f && !valid_x) ? 1.0f : 0.0f;
+        const float e = CACHED ? ec[j] : exp_f(xv - s.mx[j]);
+        const float p = LOGITS ? e * s.inv[j] : xv;
+        const bool on = s.cls[j] == cc;
+        // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
+        const bool kept = s.keep[j] != 0.0f;
+        if (REGION) {
+          sP += kept ? p : 0.0f;
+          sI += (on & kept) ? p : 0.0f;
+          sG += on ? s.keep[j] : 0.0f;
+          // saved for backward: p, but p - 1 = -(1 - p) with all its digits (a negative
+          // number, or -0) at the class that alone holds the max (see class_backward_chunk)
+          const bool top = LOGITS && (xv == s.mx[j]) & (s.unique[j] != 0.0f);
+          pc[j] = top ? -(s.oth[j] * s.inv[j]) : p;
+        }
+        if (PIXEL != kPixelNone) {
+          // p - 1 at the target class: -(1 - p) = -oth inv where that class is the most
+          // probable (p near 1), else formed as it is (p <= 1/2 there)
+          const float p_minus_on = (on & (s.xt[j] == s.mx[j])) ? -(s.oth[j] * s.inv[j])
+                                                               : p - (on ? 1.0f : 0.0f);
+          const float pixel_slope = LOGITS ? coef[j] * p_minus_on : (on ? coef[j] : 0.0f);
+          sc[j] = kept ? pixel_slope : 0.0f;
+        }
+      }
       if (REGION) {
-        sP += kept ? p : 0.0f;
-        sI += (on & kept) ? p : 0.0f;
-        sG += on ? s.keep[j] : 0.0f;
-        // saved for backward: p, but p - 1 = -(1 - p) with all its digits (a negative
-        // number, or -0) at the class that alone holds the max (see class_backward_chunk)
-        const bool top = LOGITS && (xv == s.mx[j]) & (s.unique[j] != 0.0f);
-        pc[j] = top ? -(s.oth[j] * s.inv[j]) : p;
-      }
-      if (PIXEL != kPixelNone) {
-        // p - 1 at the target class: -(1 - p) = -oth inv where that class is the most
-        // probable (p near 1), else formed as it is (p <= 1/2 there)
-        const float p_minus_on = (on & (s.xt[j] == s.mx[j])) ? -(s.oth[j] * s.inv[j])
-                                                             : p - (on ? 1.0f : 0.0f);
-        const float pixel_slope = LOGITS ? coef[j] * p_minus_on : (on ? coef[j] : 0.0f);
-        sc[j] = kept ? pixel_slope : 0.0f;
+        out[3 * c] = sI; out[3 * c + 1] = sP; out[3 * c + 2] = sG;
       }
     }
-    if (REGION) {
-      out[3 * c] = sI; out[3 * c + 1] = sP; out[3 * c + 2] = sG;
-    }
-  }
   };
   if (LOGITS && s.ecache) each_class(std::true_type{});
   else each_class(std::false_type{});
