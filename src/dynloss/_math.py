@@ -43,8 +43,8 @@ __all__ = [
     "positive_weight",
     "probabilities",
     "reduce",
-    "softmax_complement",
     "softmax_rest",
+    "softmax_top",
     "topk_count",
     "topk_count_tensor",
     "topk_mask",
@@ -64,7 +64,7 @@ def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
 
     (Autograd through ``torch.softmax`` forms ``p (g - sum_k p_k g_k)``, which loses digits in
     float32 where ``p`` nears 1, as torch does; the fused backends form that term from the
-    other classes, see :func:`softmax_complement`. The reference runs in float64 in the
+    other classes, see :func:`softmax_top`. The reference runs in float64 in the
     tests.)"""
     if not from_logits:
         return x
@@ -112,9 +112,10 @@ def bce_slope(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
     return (1 - g) * clamped_log_slope(1 - x) - g * clamped_log_slope(x)
 
 
-def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(max, top, rest)`` of logits ``x`` ``(N, C, M)``, each ``(N, 1, M)``: the largest
-    logit, its first class and :math:`\text{rest} = \sum_{k \ne \text{top}} e^{x_k - \max}`.
+def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(max, rest)`` of logits ``x`` ``(N, C, M)``, each ``(N, 1, M)``: the largest logit
+    and :math:`\text{rest} = \sum_{k \ne \text{top}} e^{x_k - \max}` over every class but
+    the first at the max.
 
     Then :math:`\operatorname{logsumexp} x = \max + \log(1 + \text{rest})` and
     :math:`1 - p_\text{top} = \text{rest} / (1 + \text{rest})` keep every digit where the
@@ -123,21 +124,20 @@ def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     >>> import torch
     >>> from dynloss._math import softmax_rest
-    >>> mx, top, rest = softmax_rest(torch.tensor([[[0.0], [20.0], [2.0]]]))
-    >>> mx.item(), top.item(), f"{rest.item():.4e}"
-    (20.0, 1, '1.7291e-08')
+    >>> mx, rest = softmax_rest(torch.tensor([[[0.0], [20.0], [2.0]]]))
+    >>> mx.item(), f"{rest.item():.4e}"  # e^-20 + e^-18
+    (20.0, '1.7291e-08')
     """
     mx, top = x.max(dim=1, keepdim=True)
-    rest = torch.exp(x - mx).scatter(1, top, 0.0).sum(1, keepdim=True)
-    return mx, top, rest
+    return mx, torch.exp(x - mx).scatter(1, top, 0.0).sum(1, keepdim=True)
 
 
-def softmax_complement(p: Tensor) -> tuple[Tensor, Tensor]:
-    """``(top, 1 - p_top)`` of probabilities ``p`` ``(N, C, M)``, each ``(N, 1, M)``: the first
-    most probable class and the sum of the others' probabilities (all the digits of
-    ``1 - p_top``, which ``1 - p`` loses as ``p_top`` nears 1)."""
+def softmax_top(p: Tensor) -> tuple[Tensor, Tensor]:
+    """``(top, others)`` of probabilities ``p`` ``(N, C, M)``: the first most probable class
+    ``(N, 1, M)`` and ``p`` with that class zeroed, whose sum over ``C`` is ``1 - p_top`` with
+    all its digits (``1 - p`` loses them as ``p_top`` nears 1)."""
     top = p.max(dim=1, keepdim=True)[1]  # (argmax over this dimension: 30x slower on the CPU)
-    return top, p.scatter(1, top, 0.0).sum(1, keepdim=True)
+    return top, p.scatter(1, top, 0.0)
 
 
 def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
@@ -161,7 +161,7 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
     """
     picked = x.gather(1, index.unsqueeze(1)).squeeze(1)
     if from_logits:
-        mx, _, rest = softmax_rest(x)
+        mx, rest = softmax_rest(x)
         return (mx.squeeze(1) - picked) + torch.log1p(rest.squeeze(1))
     return -clamped_log(picked)
 

@@ -121,12 +121,13 @@ def _multiclass_region_backward(p, index, valid, gi, gp, from_logits):
         # at the most probable class, u_top - sum_k p_k u_k = u_top (1 - p_top) - sum_{k != top}
         # p_k u_k from the other classes' small p_k (as a difference of two nearly equal
         # numbers it loses up to all its digits where the softmax saturates)
-        top, complement = _math.softmax_complement(p)
-        others = p.scatter(1, top, 0.0)
+        top, others = _math.softmax_top(p)
+        top_is_target = index.unsqueeze(1) == top
         rest = torch.einsum("ncm,nc->nm", others, gp).unsqueeze(1) + torch.where(
-            index.unsqueeze(1) == top, 0.0, own.unsqueeze(1))
+            top_is_target, 0.0, own.unsqueeze(1))
         u_top = gp.gather(1, top.squeeze(1)).unsqueeze(1) + torch.where(
-            index.unsqueeze(1) == top, gi_picked.unsqueeze(1), 0.0)
+            top_is_target, gi_picked.unsqueeze(1), 0.0)
+        complement = others.sum(1, keepdim=True)
         grad.scatter_(1, top, p.gather(1, top) * (u_top * complement - rest))
     else:
         grad = gp.unsqueeze(-1).expand_as(p).clone()

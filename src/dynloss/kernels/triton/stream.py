@@ -477,8 +477,8 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
     onehot = (cls[:, None] == t[None, :]) & keep[None, :]
     if FROM_LOGITS:
         x = tl.where(cmask[:, None], x, float("-inf"))
-        mx = tl.max(x, axis=0)
-        is_top = cls[:, None] == tl.argmax(x, axis=0, tie_break_left=True)[None, :]
+        mx, top = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        is_top = cls[:, None] == top[None, :]
         e = tl.exp(x - mx[None, :])
         rest = tl.sum(tl.where(is_top, 0.0, e), axis=0)  # the top class's e is exactly 1
         s = 1.0 + rest
@@ -491,7 +491,7 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
         p = x
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
         b = -tm.clamped_log(x_t)
-        is_top = onehot & (x < 0.0)  # empty
+        is_top = onehot & (cls[:, None] < 0)  # empty (unused without logits)
         complement = b * 0.0
     return x, p, b, t, keep, onehot, cmask, bad, is_top, complement
 
