@@ -27,17 +27,25 @@ def run_loss(fn, x: torch.Tensor, t: torch.Tensor, backend: str, **kw):
 
 
 def saturated_multiclass(*, n: int = 2, c: int = 4, m: int = 32, margin: float = 14.0,
-                         offset: float = 20.0, seed: int = 0
+                         offset: float = 20.0, seed: int = 0, target: str = "top"
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(n, c, m)`` whose every pixel has one class ``margin`` above the others (the
     softmax there is within ``~c e^-margin`` of 1) on top of a large ``offset``, and the
-    target that class: where a well-trained network is, and where float32 loses the digits of
-    ``1 - p`` and of ``logsumexp - x_t`` unless they are formed from the other classes."""
+    target that class (``target="top"``): where a well-trained network is, and where float32
+    loses the digits of ``1 - p`` and of ``logsumexp - x_t`` unless they are formed from the
+    other classes. ``target="other"``: the next class is the target (a confidently wrong
+    network: the softmax Jacobian at the top class still loses its digits). ``target="tie"``:
+    the next class is ``margin`` above the rest too, exactly tied with the top (the softmax
+    is 1/2 there), and the target is the top."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n, c, m), generator=gen) + offset
     top = torch.randint(0, c, (n, m), generator=gen)
+    following = (top + 1) % c
+    if target == "tie":
+        x.scatter_(1, following[:, None], x.gather(1, top[:, None]))
+        x.scatter_add_(1, following[:, None], torch.full((n, 1, m), margin))
     x.scatter_add_(1, top[:, None], torch.full((n, 1, m), margin))
-    return x, top
+    return x, following if target == "other" else top
 
 
 def assert_elementwise_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:

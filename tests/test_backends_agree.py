@@ -367,9 +367,10 @@ def test_meta_tensors_give_a_meta_loss(backend):
 
 
 # ------------------------------------------------------------------- saturated softmax (issue #11)
+@pytest.mark.parametrize("target", ["top", "other", "tie"])
 @pytest.mark.parametrize("name", ["bce", "focal", "topk", "dice", "tversky", "composite"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_saturated_softmax_keeps_its_digits(backend, name):
+def test_saturated_softmax_keeps_its_digits(backend, name, target):
     """Where the softmax of the target class is within ~1e-6 of 1 (the pixels a trained
     network gets right), every gradient element and the cross-entropy's value keep float32's
     relative precision against the float64 reference: ``1 - p_t`` and ``logsumexp - x_t`` are
@@ -378,9 +379,12 @@ def test_saturated_softmax_keeps_its_digits(backend, name):
     float32 numbers they lost up to all their digits here (the cross-entropy 1.5 % of its
     value, single gradient elements 20 %). A region loss's value ``1 - T`` comes from float32
     sums of the probabilities: it is exact to float32's absolute precision (in every backend),
-    not relative to its own size (~1e-5 here)."""
+    not relative to its own size (~1e-5 here). The same where the network is confidently
+    wrong (``target="other"``: the top class's Jacobian) and where two classes tie exactly
+    for the max (``"tie"``: each backend's test for the most probable class must not take
+    both, nor neither)."""
     kwargs = {"k": 0.5} if name == "topk" else {}
-    x, t = saturated_multiclass()
+    x, t = saturated_multiclass(target=target)
 
     def run(b, xs):
         loss = make_loss(name, "multiclass", b, **kwargs)

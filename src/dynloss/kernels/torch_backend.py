@@ -113,22 +113,32 @@ def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
 def _multiclass_region_backward(p, index, valid, gi, gp, from_logits):
     gi_picked = gi.gather(1, index)  # (N, M): dL/dI of each pixel's own class
     if from_logits:
-        own = p.gather(1, index.unsqueeze(1)).squeeze(1) * gi_picked
+        p_t = p.gather(1, index.unsqueeze(1)).squeeze(1)
+        own = p_t * gi_picked
         # softmax backward of u = gp + gi * onehot: p * (u - sum_k p_k u_k)
-        mixed = torch.einsum("ncm,nc->nm", p, gp) + own
-        grad = p * (gp.unsqueeze(-1) - mixed.unsqueeze(1))
+        mixed = torch.einsum("ncm,nc->nm", p, gp).add_(own)
+        grad = torch.sub(gp.unsqueeze(-1), mixed.unsqueeze(1)).mul_(p)
         grad.scatter_add_(1, index.unsqueeze(1), own.unsqueeze(1))
         # at the most probable class, u_top - sum_k p_k u_k = u_top (1 - p_top) - sum_{k != top}
         # p_k u_k from the other classes' small p_k (as a difference of two nearly equal
-        # numbers it loses up to all its digits where the softmax saturates)
-        top, others = _math.softmax_top(p)
-        top_is_target = index.unsqueeze(1) == top
-        rest = torch.einsum("ncm,nc->nm", others, gp).unsqueeze(1) + torch.where(
-            top_is_target, 0.0, own.unsqueeze(1))
-        u_top = gp.gather(1, top.squeeze(1)).unsqueeze(1) + torch.where(
-            top_is_target, gi_picked.unsqueeze(1), 0.0)
-        complement = others.sum(1, keepdim=True)
-        grad.scatter_(1, top, p.gather(1, top) * (u_top * complement - rest))
+        # numbers it loses up to all its digits where the softmax saturates); at a tie for the
+        # max p_top <= 1/2, and the form above keeps its digits. In place where it can be:
+        # each temporary costs about as much as the arithmetic on the CPU.
+        top, below = _math.softmax_below_top(p)
+        top = top.squeeze(1)
+        gp_and_one = torch.stack((gp, torch.ones_like(gp)), dim=-1)  # (N, C, 2)
+        # sum_{k below the max} p_k (gp_k, 1), then sum_{k at the max} (gp_k, 1)
+        rest, complement = torch.einsum("ncm,nck->nkm", p * below, gp_and_one).unbind(1)
+        at_top = below.neg_().add_(1)  # 1 at the max, in place of `below`
+        u_top, at_count = torch.einsum("ncm,nck->nkm", at_top, gp_and_one).unbind(1)
+        target_below = torch.sub(top, p_t).sign_()  # 1 where the target is below the max
+        rest.addcmul_(own, target_below)
+        u_top.addcmul_(1 - target_below, gi_picked)
+        corrected = u_top.mul_(complement).sub_(rest).mul_(top)
+        # the corrected value where a single class is at the max (lerp: exactly one or the
+        # other for a weight of 1 or 0), the form above elsewhere
+        at_top.mul_(at_count.eq_(1).unsqueeze(1))
+        grad.lerp_(corrected.unsqueeze(1).expand_as(grad), at_top)
     else:
         grad = gp.unsqueeze(-1).expand_as(p).clone()
         grad.scatter_add_(1, index.unsqueeze(1), gi_picked.unsqueeze(1))
@@ -233,13 +243,18 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
 def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams, checked):
     xc = _as(x, dtype)
     index, valid = _class_index(target, params.ignore_index, x.shape[1], checked)
-    loss = _math.pixel_cross_entropy(xc, index, params.from_logits)  # (N, M)
     if params.from_logits:  # d ce / dx_c = softmax_c - [c == t]
-        slope = torch.softmax(xc, dim=1)
-        # p_t - 1 = -(sum of the other classes' p): all its digits as p_t nears 1
+        # ce = (max - x_t) + log(1 + rest) as in _math.pixel_cross_entropy, whose parts give
+        # the softmax e / (1 + rest) and p_t - 1 = -(sum of the other classes' e) / (1 + rest)
+        # = -((1 - e_t) + rest) / (1 + rest): all its digits as p_t nears 1 (e_t is then 1)
         at = index.unsqueeze(1)
-        slope.scatter_(1, at, -slope.scatter(1, at, 0.0).sum(1, keepdim=True))
+        mx, e, rest = _math.softmax_rest(xc)
+        loss = ((mx - xc.gather(1, at)) + torch.log1p(rest)).squeeze(1)  # (N, M)
+        total = rest + 1
+        others = (1 - e.gather(1, at)).add_(rest)
+        slope = e.div_(total).scatter_(1, at, others.div_(total).neg_())
     else:  # d ce / dp_c = -[c == t] / p_t, zero where the log is clamped
+        loss = _math.pixel_cross_entropy(xc, index, params.from_logits)  # (N, M)
         picked = xc.gather(1, index.unsqueeze(1))
         slope = torch.zeros_like(xc).scatter_(1, index.unsqueeze(1),
                                               -_math.clamped_log_slope(picked))

@@ -1,0 +1,78 @@
+"""The softmax helpers of :mod:`dynloss._math` that keep their digits where the softmax
+saturates: exact values against float64, ties, NaN, and autograd to the second order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynloss import _math
+
+from ._kernel_cases import saturated_multiclass
+
+
+def _rest_float64(x: torch.Tensor) -> torch.Tensor:
+    """sum over the classes of exp(x - max), less one: computed in float64 from the sorted
+    logits, an independent formulation."""
+    ordered = x.double().sort(dim=1, descending=True).values
+    return torch.exp(ordered[:, 1:] - ordered[:, :1]).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("target", ["top", "tie"])
+def test_softmax_rest_keeps_the_digits_of_the_other_classes(target):
+    x, _ = saturated_multiclass(target=target)
+    mx, e, rest = _math.softmax_rest(x)
+    want = _rest_float64(x)
+    torch.testing.assert_close(rest.double(), want, rtol=1e-6, atol=0)
+    assert torch.equal(mx, x.amax(1, keepdim=True))
+    torch.testing.assert_close(e, torch.exp(x - mx), rtol=0, atol=0)
+    if target == "top":  # 1 - p_top is 1e-6..1e-4 here: as a difference it loses digits
+        assert want.max() < 1e-4
+        assert not torch.allclose((1 - x.softmax(1).amax(1, keepdim=True)).double(),
+                                  want / (1 + want), rtol=1e-3, atol=0)
+
+
+def test_softmax_rest_counts_every_tie_but_one():
+    x = torch.tensor([[[3.0, 1.0, -2.0], [3.0, 1.0, 5.0], [3.0, 1.0, 5.0], [0.0, 1.0, 5.0]]])
+    _, _, rest = _math.softmax_rest(x)
+    want = torch.tensor([[[2 + torch.exp(torch.tensor(-3.0)).item(), 3.0,
+                           2 + torch.exp(torch.tensor(-7.0)).item()]]])
+    torch.testing.assert_close(rest, want, rtol=1e-7, atol=0)
+
+
+def test_softmax_rest_is_nan_for_a_nan_or_infinite_logit():
+    x = torch.tensor([[[0.0, 0.0, 1.0], [float("nan"), float("inf"), 2.0]]])
+    _, _, rest = _math.softmax_rest(x)
+    assert rest[0, 0, :2].isnan().all() and rest[0, 0, 2].isfinite()
+
+
+def _cross_entropy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _math.pixel_cross_entropy(x, t, from_logits=True).sum()
+
+
+@pytest.mark.parametrize("target", ["top", "other", "tie"])
+def test_pixel_cross_entropy_differentiates_as_logsumexp(target):
+    """max and the at-max mask are constants for autograd, yet the gradient is softmax - onehot
+    and the Hessian logsumexp's (gradcheck and gradgradcheck in float64, at ties too)."""
+    x, t = saturated_multiclass(n=1, m=5, margin=3.0, offset=0.0, target=target)
+    x = x.double().requires_grad_()
+    (grad,) = torch.autograd.grad(_cross_entropy(x, t), x)
+    want = torch.softmax(x.detach(), 1) - torch.nn.functional.one_hot(t, 4).movedim(-1, 1)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda a: _cross_entropy(a, t), (x,))
+    assert torch.autograd.gradgradcheck(lambda a: _cross_entropy(a, t), (x,))
+
+
+@pytest.mark.parametrize("target", ["top", "tie"])
+def test_softmax_below_top_marks_the_classes_below_the_max(target):
+    x, _ = saturated_multiclass(target=target)
+    p = x.softmax(1)
+    top, below = _math.softmax_below_top(p)
+    at_max = p == p.amax(1, keepdim=True)
+    assert torch.equal(top, p.amax(1, keepdim=True))
+    assert torch.equal(below, (~at_max).to(p.dtype))
+    assert (at_max.sum(1) == (2 if target == "tie" else 1)).all()
+    complement = (p * below).sum(1, keepdim=True).double()
+    want = _rest_float64(x) / (1 + _rest_float64(x))
+    if target == "top":
+        torch.testing.assert_close(complement, want, rtol=1e-5, atol=0)
