@@ -333,3 +333,45 @@ def test_ignore_index_at_the_int64_limits_works(value, backend):
         got = make_loss(name, "multiclass", backend, ignore_index=value)(x, ignored)
         # sample 0 left out of every sum and mean: the loss of sample 1 alone
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------- the in-graph flag from the extremes
+_SPECIAL = {"finite": None, "nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf"),
+            "big": 3.0e38, "negative": -0.25, "above_one": 1.5}
+
+
+@pytest.mark.parametrize("mode", ["binary", "multilabel", "multiclass"])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("in_input", sorted(_SPECIAL))
+@pytest.mark.parametrize("in_target", ["valid", "nan", "below", "above"])
+def test_invalid_values_from_the_extremes_equals_the_per_element_test(mode, from_logits,
+                                                                      in_input, in_target):
+    """Without ``ignore_index`` the 0-dim flag is formed from ``aminmax`` of the input and
+    of the target; it must say exactly what the per-element test says, for every kind of
+    bad value in either tensor (the per-element test is the definition)."""
+    from dynloss._layout import invalid_elements, invalid_values, prepare
+
+    gen = torch.Generator().manual_seed(0)
+    c = 1 if mode == "binary" else 3
+    x = torch.randn(2, c, 5, generator=gen)
+    if not from_logits:
+        x = x.sigmoid()
+    if _SPECIAL[in_input] is not None:
+        x[1, -1, 3] = _SPECIAL[in_input]
+    if mode == "multiclass":
+        target = torch.randint(0, c, (2, 5), generator=gen)
+        if in_target in ("below", "above"):
+            target[0, 2] = -1 if in_target == "below" else c
+    else:
+        target = (torch.rand(2, c, 5, generator=gen) > 0.5).float()
+        if in_target != "valid":
+            target[0, 0, 2] = {"nan": float("nan"), "below": -0.5, "above": 2.0}[in_target]
+    layout = prepare(x, target, mode)
+    for targets in (True, False):
+        want = invalid_elements(layout, None, from_logits, targets).any()
+        got = invalid_values(layout, None, from_logits, targets)
+        assert got.shape == () and got.dtype == torch.bool
+        assert bool(got) == bool(want), (targets, bool(got), bool(want))
+    expect_bad_input = (in_input in ("nan", "+inf", "-inf") if from_logits
+                        else in_input not in ("finite",))
+    assert bool(invalid_values(layout, None, from_logits, False)) == expect_bad_input

@@ -318,8 +318,34 @@ def invalid_elements(layout: Layout, ignore_index: int | None, from_logits: bool
 
 def invalid_values(layout: Layout, ignore_index: int | None, from_logits: bool,
                    targets: bool) -> Tensor:
-    """0-dim bool tensor: :func:`invalid_elements` has a True. Nothing is read on the host."""
-    return invalid_elements(layout, ignore_index, from_logits, targets).any()
+    """0-dim bool tensor: :func:`invalid_elements` has a True. Nothing is read on the host.
+
+    Without ``ignore_index`` every element is kept, and the answer comes from the extremes
+    (``torch.aminmax``: one pass, no temporary the size of the input, NaN propagated): a
+    non-finite logit makes the min or the max non-finite, a probability or target outside
+    its range (or NaN) puts the min or the max outside it. (Per element, as with an
+    ``ignore_index``, the same test costs ~10x more on the CPU.)
+
+    >>> import torch
+    >>> from dynloss._layout import invalid_values, prepare
+    >>> layout = prepare(torch.tensor([[0.5, float("inf")]]), torch.ones(1, 2), "binary")
+    >>> bool(invalid_values(layout, None, True, targets=True))
+    True
+    """
+    if ignore_index is not None:
+        return invalid_elements(layout, ignore_index, from_logits, targets).any()
+    x, target = layout.x, layout.target
+    bad = torch.zeros((), dtype=torch.bool, device=x.device)
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        bad = ~(lo.isfinite() & hi.isfinite()) if from_logits else ~((lo >= 0) & (hi <= 1))
+    if targets and target.dtype != torch.bool and target.numel():
+        lo, hi = torch.aminmax(target)
+        if layout.mode == MULTICLASS_MODE:
+            bad = bad | (lo < 0) | (hi >= layout.num_classes)
+        else:
+            bad = bad | ~((lo >= 0) & (hi <= 1))
+    return bad
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
