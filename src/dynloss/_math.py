@@ -35,6 +35,7 @@ __all__ = [
     "bce_slope",
     "clamped_log",
     "clamped_log_slope",
+    "cross_entropy_from_rest",
     "elementwise_bce",
     "focal_modulation",
     "focal_modulation_and_slope",
@@ -175,11 +176,17 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
     >>> f"{(torch.logsumexp(x, 1) - x[:, 1]).item():.6e}"  # as a difference: 0.8 % off
     '4.577637e-05'
     """
-    picked = x.gather(1, index.unsqueeze(1)).squeeze(1)
+    picked = x.gather(1, index.unsqueeze(1))
     if from_logits:
         mx, _, rest = softmax_rest(x)
-        return (mx.squeeze(1) - picked) + torch.log1p(rest.squeeze(1))
-    return -clamped_log(picked)
+        return cross_entropy_from_rest(mx, rest, picked).squeeze(1)
+    return -clamped_log(picked.squeeze(1))
+
+
+def cross_entropy_from_rest(mx: Tensor, rest: Tensor, picked: Tensor) -> Tensor:
+    """``(max - x_t) + log1p(rest)``: the cross-entropy from :func:`softmax_rest`'s parts and
+    the target's logit ``picked`` (all of one shape, e.g. ``(N, 1, M)``)."""
+    return (mx - picked) + torch.log1p(rest)
 
 
 # ------------------------------------------------------------------------------ focal and alpha

@@ -249,7 +249,7 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
         # = -((1 - e_t) + rest) / (1 + rest): all its digits as p_t nears 1 (e_t is then 1)
         at = index.unsqueeze(1)
         mx, e, rest = _math.softmax_rest(xc)
-        loss = ((mx - xc.gather(1, at)) + torch.log1p(rest)).squeeze(1)  # (N, M)
+        loss = _math.cross_entropy_from_rest(mx, rest, xc.gather(1, at)).squeeze(1)  # (N, M)
         total = rest + 1
         others = (1 - e.gather(1, at)).add_(rest)
         slope = e.div_(total).scatter_(1, at, others.div_(total).neg_())
