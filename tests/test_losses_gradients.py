@@ -134,3 +134,42 @@ def test_fused_path_saves_one_input_sized_tensor_besides_input_and_target():
         assert bytes_kept <= x.numel() * x.element_size() + x.numel(), name
         loss.backward()
 
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_focal_gradient_is_finite_where_the_loss_is_exactly_zero(gamma, mode, from_logits,
+                                                                 dtype):
+    """Where a pixel is classified with certainty (its cross-entropy ``b`` is exactly 0: a
+    probability of exactly 1, or logits so far apart that the other classes' exponentials
+    underflow), ``(1 - e^{-b})^gamma b`` has slope 0 for every ``gamma > 0``. Autograd through
+    ``q^gamma`` forms ``gamma q^(gamma - 1) = inf`` there for ``gamma < 1`` and the
+    reference's gradient was NaN (and with it every backend's under ``create_graph=True``,
+    which differentiates the reference maths); each backend must give the fused slope, 0."""
+    if mode == "multiclass":
+        x = torch.tensor([[[800.0, 0.0], [0.0, 1.0], [0.0, 2.0]]], dtype=dtype)
+        target = torch.tensor([[0, 1]])
+        if not from_logits:
+            x = x.softmax(1)
+    else:
+        x = torch.tensor([[[800.0, -800.0, 0.5]]], dtype=dtype)
+        target = torch.tensor([[[1.0, 0.0, 1.0]]], dtype=dtype)
+        if not from_logits:
+            x = x.sigmoid()
+    grads = {}
+    for backend in ["auto", "torch", "reference"]:
+        for create_graph in (False, True):
+            xs = x.clone().requires_grad_()
+            loss = dynloss.FocalLoss(mode=mode, gamma=gamma, from_logits=from_logits,
+                                     backend=backend)(xs, target)
+            (grad,) = torch.autograd.grad(loss, xs, create_graph=create_graph)
+            grads[backend, create_graph] = grad.detach()
+    want = grads["torch", False]
+    certain = (x == x.amax(1, keepdim=True)) if mode == "multiclass" else None
+    assert want.isfinite().all()
+    if certain is not None:  # the certain pixel: no slope at all
+        assert (want[..., 0] == 0).all()
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-30, msg=str(key))

@@ -8,7 +8,9 @@ gradient (``create_graph=True``). Nothing here checks arguments: callers pass ch
 Notation: ``x`` logits (or probabilities when ``from_logits=False``), ``p`` probabilities,
 ``g`` binary targets in [0, 1], ``b`` the per-element cross-entropy.
 
->>> import torch
+>>> import math
+
+import torch
 >>> from dynloss import _math
 >>> x, g = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
 >>> _math.elementwise_bce(x, g, from_logits=True)  # softplus(-2), softplus(-1)
@@ -126,11 +128,10 @@ def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     ``rest`` is :math:`\sum_k (e_k - a_k) + \sum_k a_k - 1` with ``a`` 1 at the max and 0
     below it: ``e_k - a_k`` is exactly 0 at the max (``e`` is exactly 1 there), so no digit is
-    lost, and as a function ``rest = sum(e) - 1``, so autograd differentiates
-    ``max + log1p(rest)`` as ``logsumexp`` to every order. ``max`` and ``a`` are constants
-    for autograd (``logsumexp`` does not depend on the shift). No class index is formed:
-    ``max`` with indices over the classes is 15x slower than ``amax`` on the CPU, and a
-    boolean mask 3x slower than ``sign``. A NaN or infinite logit makes ``rest`` NaN.
+    lost. No class index is formed: ``max`` with indices over the classes is 15x slower than
+    ``amax`` on the CPU, and a boolean mask 3x slower than ``sign``. A NaN or infinite logit
+    makes ``rest`` NaN. For backends that write their gradient themselves (the torch
+    backend); :func:`pixel_cross_entropy` is the form to differentiate.
 
     >>> import torch
     >>> from dynloss._math import softmax_rest
@@ -161,12 +162,18 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
     r"""Per-pixel cross-entropy of ``x`` ``(N, C, M)`` against class indices ``index`` ``(N, M)``.
 
     Logits: :math:`\operatorname{logsumexp}_c x_c - x_t`, formed as
-    :math:`(\max - x_t) + \log(1 + \text{rest})` (:func:`softmax_rest`): where the target
-    class dominates, ``logsumexp(x) - x_t`` would be the difference of two nearly equal large
-    numbers (about 1 % off in float32 for a loss of 1e-5 at logits near 35). Its autograd
-    gradient at the target is still ``p_t - 1`` formed as a difference (float32 loses digits
-    there, as with torch's own cross-entropy; the fused backends write it from the other
-    classes). Probabilities: :math:`-\max(\log p_t, -100)`.
+    :math:`(s - x_t) + \operatorname{log1p}(R + \operatorname{expm1}(x_t - s))` with
+    :math:`R = \sum_{k \ne t} e^{x_k - s}` and the shift ``s`` the target's own logit where
+    the target is the most probable class, the max elsewhere (so that no exponent is
+    positive). Where the target class dominates (the pixels a trained network gets right) the
+    loss is then ``log1p(R)``, every digit kept, where ``logsumexp(x) - x_t`` is the
+    difference of two nearly equal large numbers (about 1 % off in float32 for a loss of 1e-5
+    at logits near 35); and autograd's gradient at the target, ``p_t - 1``, comes out as
+    ``-R / (1 + R)`` from the other classes' terms (``s - x_t`` and ``expm1(x_t - s)``
+    contribute exact zeros there), not as a difference that float32 would lose. The max is a
+    constant for autograd (``logsumexp`` does not depend on the shift): the function is
+    ``logsumexp(x) - x_t`` everywhere, to every order. Probabilities:
+    :math:`-\max(\log p_t, -100)`.
 
     >>> import torch
     >>> from dynloss._math import pixel_cross_entropy
@@ -176,16 +183,21 @@ def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:
     >>> f"{(torch.logsumexp(x, 1) - x[:, 1]).item():.6e}"  # as a difference: 0.8 % off
     '4.577637e-05'
     """
-    picked = x.gather(1, index.unsqueeze(1))
-    if from_logits:
-        mx, _, rest = softmax_rest(x)
-        return cross_entropy_from_rest(mx, rest, picked).squeeze(1)
-    return -clamped_log(picked.squeeze(1))
+    at = index.unsqueeze(1)
+    picked = x.gather(1, at)
+    if not from_logits:
+        return -clamped_log(picked.squeeze(1))
+    mx = x.detach().amax(dim=1, keepdim=True)
+    shift = torch.where(picked.detach() == mx, picked, mx)
+    rest = torch.exp(x - shift).scatter(1, at, 0.0).sum(1, keepdim=True)  # k != t
+    return ((shift - picked) + torch.log1p(rest + torch.expm1(picked - shift))).squeeze(1)
 
 
 def cross_entropy_from_rest(mx: Tensor, rest: Tensor, picked: Tensor) -> Tensor:
     """``(max - x_t) + log1p(rest)``: the cross-entropy from :func:`softmax_rest`'s parts and
-    the target's logit ``picked`` (all of one shape, e.g. ``(N, 1, M)``)."""
+    the target's logit ``picked`` (all of one shape, e.g. ``(N, 1, M)``), for a backend that
+    writes its gradient itself (autograd through it would form ``p_t - 1`` as a difference:
+    :func:`pixel_cross_entropy` is the differentiable form)."""
     return (mx - picked) + torch.log1p(rest)
 
 
@@ -194,12 +206,26 @@ def focal_modulation(b: Tensor, gamma: float) -> Tensor:
     r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``.
 
     Works in place on its own temporaries when no gradient is recorded (the fused path).
+    Where ``b`` is exactly 0 (a pixel classified with certainty) the slope of ``q^\gamma b``
+    is 0 for every :math:`\gamma > 0`; for :math:`\gamma < 1` autograd through
+    ``q^\gamma`` would form :math:`\gamma q^{\gamma - 1} = \infty` there and a NaN gradient,
+    so the power is taken only where ``q`` is not 0 (0 elsewhere, with slope 0).
+
+    >>> import torch
+    >>> from dynloss._math import focal_modulation
+    >>> b = torch.tensor([0.0, 0.5], dtype=torch.float64, requires_grad=True)
+    >>> focal_modulation(b, 0.5).sum().backward()
+    >>> b.grad[0].item()
+    0.0
     """
     if gamma == 0:
         return b
     q = -torch.expm1(-b)
     if torch.is_grad_enabled() and b.requires_grad:
-        return q.pow(gamma) * b
+        if gamma >= 1:  # gamma q^(gamma - 1) is finite at q = 0
+            return q.pow(gamma) * b
+        certain = q == 0  # NaN is not: it stays NaN
+        return torch.where(certain, 0.0, torch.where(certain, 1.0, q).pow(gamma)) * b
     q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
     return q.mul_(b)
 
