@@ -369,9 +369,10 @@ def test_meta_tensors_give_a_meta_loss(backend):
 # ------------------------------------------------------------------- saturated softmax (issue #11)
 _SATURATED = [(backend, name) for backend in FUSED
               for name in ("bce", "focal", "topk", "dice", "tversky", "composite")]
-# the reference's cross-entropy keeps its digits through autograd too (its softmax Jacobian,
-# for the region losses, is autograd's and as lossy as torch's: see docs/kernels.md)
-_SATURATED += [("reference", name) for name in ("bce", "focal", "topk")]
+# the reference keeps them through autograd too (its cross-entropy's form, its softmax's
+# backward: _math.pixel_cross_entropy, _math.softmax_backward)
+_SATURATED += [("reference", name)
+               for name in ("bce", "focal", "topk", "dice", "tversky", "composite")]
 
 
 @pytest.mark.parametrize("target", ["top", "other", "tie"])

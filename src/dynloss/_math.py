@@ -46,6 +46,7 @@ __all__ = [
     "positive_weight",
     "probabilities",
     "reduce",
+    "softmax_backward",
     "softmax_below_top",
     "softmax_rest",
     "topk_count",
@@ -65,15 +66,64 @@ def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
     """``x`` in layout ``(N, C, M)`` as probabilities: softmax over ``C`` (multiclass) or a
     sigmoid per element; ``x`` itself when it already holds probabilities.
 
-    (Autograd through ``torch.softmax`` forms ``p (g - sum_k p_k g_k)``, which loses digits in
-    float32 where ``p`` nears 1, as torch does; the fused backends form that term from the
-    other classes, see :func:`softmax_below_top`. The reference runs in float64 in the
-    tests.)"""
+    The softmax's backward is :func:`softmax_backward` (under autograd): it keeps its digits
+    where the softmax saturates, where autograd through ``torch.softmax`` would not."""
     if not from_logits:
         return x
     if mode == MULTICLASS_MODE:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Softmax.apply(x)
         return x.softmax(dim=1)
     return x.sigmoid()
+
+
+def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
+    r"""The softmax's vector-Jacobian product over ``C`` of probabilities ``p`` and upstream
+    ``g`` ``(N, C, M)``: :math:`p_k (g_k - \sum_j p_j g_j)`.
+
+    Formed as :math:`p_k ((g_k - \bar g) + (\bar g\, C - R))` with, per pixel, the classes
+    at the max ``T``, :math:`\bar g` the mean of their ``g``, :math:`C = \sum_{j \notin T}
+    p_j` and :math:`R = \sum_{j \notin T} p_j g_j` (equal, as ``sum p = 1``): at a single
+    most probable class ``g_k - \bar g`` is exactly 0 and the product comes from the other
+    classes' small ``p_j`` alone, where ``g_top - sum_j p_j g_j``, a difference of two nearly
+    equal numbers, loses up to all its digits in float32 as the softmax saturates (what
+    ``torch.softmax``'s own backward does). In differentiable operations (the masks are
+    constants) under autograd, so that its gradient is the softmax's second derivative (at a
+    tie for the max, where ``p_top <= 1/2`` and nothing cancels, the plain form there); in
+    place otherwise.
+    """
+    below = softmax_below_top(p.detach())[1]  # 1 below the max, 0 at it
+    at_max = 1 - below
+    count = at_max.sum(1, keepdim=True)
+    if torch.is_grad_enabled():  # create_graph: a differentiable gradient
+        # (its own derivative in p must be the softmax's second one: at a tie the mean of
+        # the tied g would not vary as they do, so there the plain form, which keeps its
+        # digits for p_top <= 1/2)
+        single = at_max * (count == 1).to(p.dtype)
+        others = p * below
+        corrected = (g * at_max).sum(1, keepdim=True) * others.sum(1, keepdim=True) - (
+            others * g).sum(1, keepdim=True)
+        plain = g - (p * g).sum(1, keepdim=True)
+        return p * torch.lerp(plain, corrected.expand_as(plain), single)
+    g_ref = (g * at_max).sum(1, keepdim=True) / count
+    others = below.mul_(p)  # in place of `below` (no graph to record)
+    offset = g_ref * others.sum(1, keepdim=True) - others.mul_(g).sum(1, keepdim=True)
+    return torch.sub(g, g_ref).add_(offset).mul_(p)
+
+
+class _Softmax(torch.autograd.Function):
+    """``torch.softmax`` over dim 1 with :func:`softmax_backward` as its backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        p = x.softmax(dim=1)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        return softmax_backward(p, g)
 
 
 # ------------------------------------------------------------------------------ cross-entropy
