@@ -8,9 +8,7 @@ gradient (``create_graph=True``). Nothing here checks arguments: callers pass ch
 Notation: ``x`` logits (or probabilities when ``from_logits=False``), ``p`` probabilities,
 ``g`` binary targets in [0, 1], ``b`` the per-element cross-entropy.
 
->>> import math
-
-import torch
+>>> import torch
 >>> from dynloss import _math
 >>> x, g = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
 >>> _math.elementwise_bce(x, g, from_logits=True)  # softplus(-2), softplus(-1)
@@ -191,9 +189,9 @@ def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     >>> softmax_rest(torch.tensor([[[3.0], [3.0], [3.0]]]))[2].item()  # two ties: 1 + 1
     2.0
     """
-    mx = x.detach().amax(dim=1, keepdim=True)
+    mx = x.amax(dim=1, keepdim=True)
     shifted = x - mx
-    at_max = torch.sign(shifted.detach()).add_(1)  # 1 at the max, 0 below (NaN stays NaN)
+    at_max = torch.sign(shifted).add_(1)  # 1 at the max, 0 below (NaN stays NaN)
     ties = at_max.sum(1, keepdim=True) - 1
     e = shifted.exp_()
     return mx, e, at_max.neg_().add_(e).sum(1, keepdim=True) + ties  # e - at_max, in place

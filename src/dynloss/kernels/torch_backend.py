@@ -111,37 +111,12 @@ def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
 
 
 def _multiclass_region_backward(p, index, valid, gi, gp, from_logits):
-    gi_picked = gi.gather(1, index)  # (N, M): dL/dI of each pixel's own class
+    # dL/dp = u = gp + gi * onehot(target), then the softmax's backward (which keeps its
+    # digits where the softmax saturates)
+    grad = gp.unsqueeze(-1).expand_as(p).clone()
+    grad.scatter_add_(1, index.unsqueeze(1), gi.gather(1, index).unsqueeze(1))
     if from_logits:
-        p_t = p.gather(1, index.unsqueeze(1)).squeeze(1)
-        own = p_t * gi_picked
-        # softmax backward of u = gp + gi * onehot: p * (u - sum_k p_k u_k)
-        mixed = torch.einsum("ncm,nc->nm", p, gp).add_(own)
-        grad = torch.sub(gp.unsqueeze(-1), mixed.unsqueeze(1)).mul_(p)
-        grad.scatter_add_(1, index.unsqueeze(1), own.unsqueeze(1))
-        # at the most probable class, u_top - sum_k p_k u_k = u_top (1 - p_top) - sum_{k != top}
-        # p_k u_k from the other classes' small p_k (as a difference of two nearly equal
-        # numbers it loses up to all its digits where the softmax saturates); at a tie for the
-        # max p_top <= 1/2, and the form above keeps its digits. In place where it can be:
-        # each temporary costs about as much as the arithmetic on the CPU.
-        top, below = _math.softmax_below_top(p)
-        top = top.squeeze(1)
-        gp_and_one = torch.stack((gp, torch.ones_like(gp)), dim=-1)  # (N, C, 2)
-        # sum_{k below the max} p_k (gp_k, 1), then sum_{k at the max} (gp_k, 1)
-        rest, complement = torch.einsum("ncm,nck->nkm", p * below, gp_and_one).unbind(1)
-        at_top = below.neg_().add_(1)  # 1 at the max, in place of `below`
-        u_top, at_count = torch.einsum("ncm,nck->nkm", at_top, gp_and_one).unbind(1)
-        target_below = torch.sub(top, p_t).sign_()  # 1 where the target is below the max
-        rest.addcmul_(own, target_below)
-        u_top.addcmul_(1 - target_below, gi_picked)
-        corrected = u_top.mul_(complement).sub_(rest).mul_(top)
-        # the corrected value where a single class is at the max (lerp: exactly one or the
-        # other for a weight of 1 or 0), the form above elsewhere
-        at_top.mul_(at_count.eq_(1).unsqueeze(1))
-        grad.lerp_(corrected.unsqueeze(1).expand_as(grad), at_top)
-    else:
-        grad = gp.unsqueeze(-1).expand_as(p).clone()
-        grad.scatter_add_(1, index.unsqueeze(1), gi_picked.unsqueeze(1))
+        grad = _math.softmax_backward(p, grad)
     if valid is not None:
         grad.masked_fill_(~valid.unsqueeze(1), 0)
     return grad
