@@ -63,21 +63,6 @@ def test_pixel_cross_entropy_differentiates_as_logsumexp(target):
     assert torch.autograd.gradgradcheck(lambda a: _cross_entropy(a, t), (x,))
 
 
-@pytest.mark.parametrize("target", ["top", "tie"])
-def test_softmax_below_top_marks_the_classes_below_the_max(target):
-    x, _ = saturated_multiclass(target=target)
-    p = x.softmax(1)
-    top, below = _math.softmax_below_top(p)
-    at_max = p == p.amax(1, keepdim=True)
-    assert torch.equal(top, p.amax(1, keepdim=True))
-    assert torch.equal(below, (~at_max).to(p.dtype))
-    assert (at_max.sum(1) == (2 if target == "tie" else 1)).all()
-    complement = (p * below).sum(1, keepdim=True).double()
-    want = _rest_float64(x) / (1 + _rest_float64(x))
-    if target == "top":
-        torch.testing.assert_close(complement, want, rtol=1e-5, atol=0)
-
-
 @pytest.mark.parametrize("target", ["top", "other", "tie"])
 def test_pixel_cross_entropy_gradient_keeps_its_digits_in_float32(target):
     """Autograd's float32 gradient of the cross-entropy holds every element to 1e-4 of the

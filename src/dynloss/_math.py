@@ -45,7 +45,6 @@ __all__ = [
     "probabilities",
     "reduce",
     "softmax_backward",
-    "softmax_below_top",
     "softmax_rest",
     "topk_count",
     "topk_count_tensor",
@@ -90,7 +89,10 @@ def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
     tie for the max, where ``p_top <= 1/2`` and nothing cancels, the plain form there); in
     place otherwise.
     """
-    below = softmax_below_top(p.detach())[1]  # 1 below the max, 0 at it
+    # 1 below the max, 0 at it: a constant mask, by amax and sign (max with indices over the
+    # classes is 15x slower than amax on the CPU, a boolean mask 3x slower than sign)
+    p0 = p.detach()
+    below = torch.sub(p0.amax(dim=1, keepdim=True), p0).sign_()
     at_max = 1 - below
     count = at_max.sum(1, keepdim=True)
     if torch.is_grad_enabled():  # create_graph: a differentiable gradient
@@ -195,15 +197,6 @@ def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ties = at_max.sum(1, keepdim=True) - 1
     e = shifted.exp_()
     return mx, e, at_max.neg_().add_(e).sum(1, keepdim=True) + ties  # e - at_max, in place
-
-
-def softmax_below_top(p: Tensor) -> tuple[Tensor, Tensor]:
-    """``(top, below)`` of probabilities ``p`` ``(N, C, M)``: the largest probability
-    ``(N, 1, M)`` and ``below`` ``(N, C, M)``, 1 where a class is below it and 0 at it (for
-    every class at a tie), so that ``(p * below).sum(1)`` is ``1 - top`` with all its digits
-    where a single class is at the max (``1 - p`` loses them as ``top`` nears 1)."""
-    top = p.amax(dim=1, keepdim=True)
-    return top, torch.sub(top, p).sign_()
 
 
 def pixel_cross_entropy(x: Tensor, index: Tensor, from_logits: bool) -> Tensor:

@@ -219,8 +219,8 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
     xc = _as(x, dtype)
     index, valid = _class_index(target, params.ignore_index, x.shape[1], checked)
     if params.from_logits:  # d ce / dx_c = softmax_c - [c == t]
-        # ce = (max - x_t) + log(1 + rest) as in _math.pixel_cross_entropy, whose parts give
-        # the softmax e / (1 + rest) and p_t - 1 = -(sum of the other classes' e) / (1 + rest)
+        # ce = (max - x_t) + log1p(rest) (_math.cross_entropy_from_rest), whose parts give the
+        # softmax e / (1 + rest) and p_t - 1 = -(sum of the other classes' e) / (1 + rest)
         # = -((1 - e_t) + rest) / (1 + rest): all its digits as p_t nears 1 (e_t is then 1)
         at = index.unsqueeze(1)
         mx, e, rest = _math.softmax_rest(xc)
@@ -228,11 +228,11 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
         total = rest + 1
         others = (1 - e.gather(1, at)).add_(rest)
         slope = e.div_(total).scatter_(1, at, others.div_(total).neg_())
-    else:  # d ce / dp_c = -[c == t] / p_t, zero where the log is clamped
-        loss = _math.pixel_cross_entropy(xc, index, params.from_logits)  # (N, M)
-        picked = xc.gather(1, index.unsqueeze(1))
-        slope = torch.zeros_like(xc).scatter_(1, index.unsqueeze(1),
-                                              -_math.clamped_log_slope(picked))
+    else:  # ce = -max(log p_t, -100); d ce / dp_c = -[c == t] / p_t, 0 where clamped
+        at = index.unsqueeze(1)
+        picked = xc.gather(1, at)
+        loss = -_math.clamped_log(picked.squeeze(1))  # (N, M)
+        slope = torch.zeros_like(xc).scatter_(1, at, -_math.clamped_log_slope(picked))
     coefficient = None
     if params.gamma != 0:
         loss, coefficient = _math.focal_modulation_and_slope(loss, params.gamma)
