@@ -23,6 +23,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import dynloss.functional as F
+from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss
 from dynloss.kernels.dispatch import clear_cache
 
 from ._backends import (
@@ -285,6 +286,96 @@ def test_bce_of_probabilities_at_zero_and_subnormal_is_exactly_100_in_float32(ba
     assert loss.item() == 100.0
     (grad,) = torch.autograd.grad(loss, p)
     assert grad.tolist() == [[[0.0, 0.0, 0.0, 0.0]]]
+
+
+# Probabilities below ~2.9e-39 are subnormal in float32 (torch.sigmoid gives them for logits
+# below ~-88.7) and 1/p overflows there. Autograd divides the upstream gradient by p last, so a
+# term whose weight is 0 (the target's other class, an alpha of 0, a CompositeLoss weight of 0)
+# contributes 0, and a mean's 1/N can bring -1/p back into range; a backend that forms
+# weight * (1/p) gets 0 * inf = NaN, or inf.
+_SUBNORMAL = 1e-40
+
+
+def _subnormal_case(name: str):
+    """``(loss factory, p, target)``: float32 probabilities with subnormal entries whose exact
+    gradient is finite (the subnormal's term has weight 0, or the mean scales it into range)."""
+    p = torch.tensor([[[_SUBNORMAL, 0.5, 3e-39, 0.25]]])
+    binary = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])
+    if name == "bce":
+        return lambda b: BCELoss(from_logits=False, reduction="sum", backend=b), p, binary
+    if name == "focal":
+        return (lambda b: FocalLoss(gamma=2.0, alpha=0.25, from_logits=False, reduction="sum",
+                                    backend=b), p, binary)
+    if name == "focal-alpha-0":  # a positive of weight alpha = 0 at a subnormal probability
+        target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+        return (lambda b: FocalLoss(gamma=0.5, alpha=0.0, from_logits=False, reduction="sum",
+                                    backend=b), p, target)
+    if name == "multiclass-alpha-0":  # class 0 weighs 0 and its probability is subnormal
+        probs = torch.tensor([[[_SUBNORMAL, 0.5], [0.5, 0.25], [0.5, 0.25]]])
+        return (lambda b: FocalLoss(gamma=2.0, alpha=[0.0, 1.0, 1.0], mode="multiclass",
+                                    from_logits=False, reduction="sum", backend=b),
+                probs, torch.tensor([[0, 1]]))
+    if name == "mean-positive":  # -1/(64 p) = -7.8e36: in range, though -1/p is not
+        p = torch.full((1, 1, 64), 0.5)
+        p[0, 0, 0] = 2e-39
+        return lambda b: BCELoss(from_logits=False, backend=b), p, torch.ones(1, 1, 64)
+    assert name == "composite-weight-0"  # the BCE term weighs 0: a positive at p = 1e-40
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    return (lambda b: CompositeLoss([DiceLoss(from_logits=False, backend=b),
+                                     BCELoss(from_logits=False, backend=b)], weights=[1.0, 0.0]),
+            p, target)
+
+
+@pytest.mark.parametrize("name", ["bce", "focal", "focal-alpha-0", "multiclass-alpha-0",
+                                  "mean-positive", "composite-weight-0"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gradient_at_a_subnormal_probability_is_formed_as_autograd_forms_it(backend, name):
+    factory, p, target = _subnormal_case(name)
+    want_x = p.double().requires_grad_()
+    want = factory("reference")(want_x, target.double() if target.is_floating_point()
+                                else target)
+    (want_grad,) = torch.autograd.grad(want, want_x)
+    assert torch.isfinite(want_grad).all()
+    x = p.clone().requires_grad_()
+    loss = factory(backend)(x, target)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all(), grad
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bce", "dice", "composite"])
+@pytest.mark.parametrize("ignore_index", [256, 257, -1, 2**40])
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_an_ignore_index_the_target_dtype_cannot_hold_ignores_nothing(backend, ignore_index,
+                                                                     name):
+    """torch compares a uint8 tensor with 257 as with 1 (the value wraps): the reference and
+    torch backends dropped every positive pixel, the native kernels none."""
+    x = torch.tensor([[[2.0, -3.0, 1.0, 0.5]]])
+    target = torch.tensor([[[1, 0, 1, 0]]], dtype=torch.uint8)
+    want = make_loss(name, "binary", "reference")(x, target.float())
+    got = make_loss(name, "binary", backend, ignore_index=ignore_index)(x, target)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_a_class_index_that_an_unholdable_ignore_index_would_wrap_to_is_out_of_range(backend):
+    """uint8 255 is not -1: a class index out of range (it crashed in gather, or was NaN)."""
+    x = torch.zeros(1, 3, 2)
+    target = torch.tensor([[0, 255]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"target class indices must lie in \[0, 3\)"):
+        make_loss("bce", "multiclass", backend, ignore_index=-1)(x, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float16_target_is_ignored_only_where_it_equals_the_index(backend):
+    x = torch.tensor([[[2.0, -3.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0, 2048.0]]], dtype=torch.float16)
+    kept = make_loss("bce", "binary", backend, ignore_index=2048)(x, target)
+    torch.testing.assert_close(kept, make_loss("bce", "binary", "reference")(
+        x[..., :2], target[..., :2].float()))
+    with pytest.raises(ValueError, match="target"):  # 2049 is not 2048: a target out of range
+        make_loss("bce", "binary", backend, ignore_index=2049)(x, target)
 
 
 triton_only = pytest.mark.skipif("triton" not in FUSED, reason="Triton cannot run here")

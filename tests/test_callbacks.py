@@ -3,10 +3,12 @@ parameter groups, which ``optimizer.load_state_dict`` replaces by new dicts."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
-from dynloss import BCELoss, IoULoss, SwitchingLoss
+from dynloss import BCELoss, DiceLoss, IoULoss, SwitchingLoss
 from dynloss.schedules import reset_plateau_scheduler
 
 
@@ -83,3 +85,31 @@ def test_restart_checks_the_groups_of_the_current_optimizer() -> None:
     with pytest.raises(ValueError, match="lr: got 1 value for 2 parameter groups"):
         reset(None)
     assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0]  # nothing half-applied
+
+
+@pytest.mark.parametrize(("lr", "error", "message"), [
+    (float("nan"), ValueError, "lr must be finite; got nan"),
+    (-1.0, ValueError, r"lr must be >= 0; got -1.0"),
+    (True, TypeError, "lr must be a learning rate or one per parameter group; got bool True"),
+    ("0.1", TypeError, "got str '0.1'"),
+    ([0.1, -0.5], ValueError, r"lr\[1\] must be >= 0; got -0.5"),
+])
+def test_reset_plateau_scheduler_checks_lr(lr, error, message):
+    """A NaN, negative or boolean learning rate was set at the switch without a word."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1e-3)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    with pytest.raises(error, match=message):
+        reset_plateau_scheduler(scheduler, lr=lr)
+
+
+def test_a_loss_with_the_reset_callback_pickles_and_the_copy_resets_its_scheduler():
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1],
+                         on_switch=reset_plateau_scheduler(scheduler, lr=0.25))
+    copy = pickle.loads(pickle.dumps(loss))  # a closure could not be pickled
+    assert copy.step()  # the switch: the copy's callback resets the copy's scheduler
+    (callback,) = copy._callbacks
+    assert callback.scheduler.optimizer.param_groups[0]["lr"] == 0.25
+    assert optimizer.param_groups[0]["lr"] == 1e-3  # the original's is untouched

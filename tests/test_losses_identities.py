@@ -285,6 +285,23 @@ def test_binary_target_without_channel_dim_and_integer_or_bool_dtypes():
         torch.testing.assert_close(cls()(logits.squeeze(1), target.float()), expected)
 
 
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_binary_input_n_by_1_takes_a_target_n(backend):
+    """(N, 1) logits (one per sample, no spatial dims) with an (N,) target: the shape without
+    the channel dimension, as for (N, 1, H, W) and (N, H, W); it was refused."""
+    logits = torch.randn(5, 1)
+    target = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    for name, cls in dynloss.LOSSES.items():
+        x = logits.clone().requires_grad_()
+        got = cls(backend=backend)(x, target)
+        (grad,) = torch.autograd.grad(got, x)
+        xs = logits.clone().requires_grad_()
+        want = cls(backend=backend)(xs, target.unsqueeze(1))
+        (want_grad,) = torch.autograd.grad(want, xs)
+        torch.testing.assert_close(got, want, msg=name)
+        torch.testing.assert_close(grad, want_grad, msg=name)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @given(data=st.data())
 def test_probabilities_input_matches_logits_input(mode, data):

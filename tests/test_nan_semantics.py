@@ -88,10 +88,16 @@ def test_reduction_none_marks_exactly_the_bad_elements(name, mode):
     x, target = seeded_case(mode, (2, 3, 5), seed=4)
     x[0, 0, 1, 1], x[1, -1, 2, 4] = math.nan, math.inf
     want = _element_mask(mode, x, (0, 0, 1, 1)) | _element_mask(mode, x, (1, -1, 2, 4))
+    # the gradient too: NaN at exactly those elements (every class of a multiclass pixel),
+    # also at +-inf, whose slope alone is finite or 0
+    want_grad = (want.unsqueeze(1) if mode == "multiclass" else want).expand_as(x)
     for backend in BACKENDS:
-        loss = make_loss(name, mode, backend, reduction="none")(x, target)
+        xs = x.clone().requires_grad_()
+        loss = make_loss(name, mode, backend, reduction="none")(xs, target)
         assert torch.equal(torch.isnan(loss), want), backend
         assert torch.isfinite(loss[~want]).all()
+        (grad,) = torch.autograd.grad(loss.sum(), xs)
+        assert torch.equal(torch.isnan(grad), want_grad), backend
 
 
 def _ignore_one_pixel(mode: str, x: torch.Tensor, target: torch.Tensor, value: float):

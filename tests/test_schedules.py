@@ -330,3 +330,14 @@ def test_bad_states_are_value_errors_and_change_nothing(make, state, message: st
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(state)
     assert vars(target) == before
+
+
+@pytest.mark.parametrize(("milestones", "values", "message"), [
+    (5, [1.0, 0.5], "milestones must be a list; got int 5"),
+    ([1], 0.5, "values must be a list; got float 0.5"),
+    ("12", [1.0, 0.5, 0.0], "milestones must be a list; got str '12'"),
+])
+def test_step_needs_lists(milestones, values, message) -> None:
+    """It failed with "'int' object is not iterable", naming no argument."""
+    with pytest.raises(TypeError, match=message):
+        Step(milestones=milestones, values=values)

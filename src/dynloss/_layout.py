@@ -34,13 +34,16 @@ on every backend, so a diverging run never looks like it is improving.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .constants import BINARY_MODE, MULTICLASS_MODE, MULTILABEL_MODE
 
-__all__ = ["Layout", "check_class_indices", "check_values", "compute_dtype", "invalid_elements",
-           "invalid_values", "prepare", "should_check_values"]
+__all__ = ["Layout", "check_class_indices", "check_values", "compute_dtype", "ignore_index_for",
+           "invalid_elements", "invalid_values", "prepare", "should_check_values",
+           "target_can_equal"]
 
 
 class Layout:
@@ -131,10 +134,10 @@ def _binary_layout(input: Tensor, target: Tensor) -> Layout:
     n = input.shape[0]
     if target.shape != input.shape:
         without_channel = input.shape[:1] + input.shape[2:]
-        no_channel = input.dim() >= 3 and input.shape[1] == 1 and target.shape == without_channel
+        no_channel = input.shape[1] == 1 and target.shape == without_channel
         if not no_channel:
             hint = ""
-            if input.dim() >= 3 and input.shape[1] > 1 and target.shape == without_channel:
+            if input.shape[1] > 1 and target.shape == without_channel:
                 hint = (
                     f"; the input has {input.shape[1]} channels but mode='binary' needs 1 "
                     "channel: use mode='multiclass' for class-index targets or "
@@ -212,6 +215,43 @@ def prepare(input: Tensor, target: Tensor, mode: str) -> Layout:
     """Check ``input``/``target`` (types, device, shapes; no values) and return the layout."""
     _check_tensors(input, target)
     return _LAYOUTS[mode](input, target)
+
+
+def target_can_equal(dtype: torch.dtype, value: int) -> bool:
+    """Whether a target of ``dtype`` can hold the integer ``value`` exactly.
+
+    torch compares a tensor with a Python int in the tensor's dtype: a uint8 target compared
+    with 257 matches its 1s (257 wraps to 1), a float16 one compared with 2049 matches 2048.
+    An ``ignore_index`` that no element can equal ignores nothing; the losses then drop it
+    (:func:`ignore_index_for`).
+
+    >>> import torch
+    >>> from dynloss._layout import target_can_equal
+    >>> [target_can_equal(torch.uint8, v) for v in (255, 256, -1)]
+    [True, False, False]
+    >>> [target_can_equal(torch.float16, v) for v in (2048, 2049, -100, 70000)]
+    [True, False, True, False]
+    """
+    if dtype == torch.bool:
+        return value in (0, 1)
+    if not dtype.is_floating_point:
+        integers = torch.iinfo(dtype)
+        return integers.min <= value <= integers.max
+    floats = torch.finfo(dtype)
+    if value == 0:
+        return True
+    digits = 2 - math.frexp(floats.eps)[1]  # bits of the significand: 24 for float32
+    magnitude = abs(value)
+    odd = magnitude // (magnitude & -magnitude)  # the value without its trailing zero bits
+    return magnitude <= floats.max and odd.bit_length() <= digits
+
+
+def ignore_index_for(dtype: torch.dtype, ignore_index: int | None) -> int | None:
+    """``ignore_index`` if a target of ``dtype`` can equal it, else None (nothing is ignored),
+    so that every backend compares the values, not the values wrapped into the dtype."""
+    if ignore_index is None or target_can_equal(dtype, ignore_index):
+        return ignore_index
+    return None
 
 
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:

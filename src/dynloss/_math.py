@@ -34,7 +34,7 @@ __all__ = [
     "LOG_CLAMP",
     "bce_slope",
     "clamped_log",
-    "clamped_log_slope",
+    "clamped_log_ratio",
     "cross_entropy_from_rest",
     "elementwise_bce",
     "focal_modulation",
@@ -140,9 +140,19 @@ def clamped_log(p: Tensor) -> Tensor:
     return torch.where(positive, log_p, LOG_CLAMP).clamp_min(LOG_CLAMP)
 
 
-def clamped_log_slope(p: Tensor) -> Tensor:
-    """d/dp of :func:`clamped_log`: ``1/p``, and 0 where the log is clamped."""
-    return torch.where(torch.log(p) > LOG_CLAMP, p.reciprocal(), 0.0)
+def clamped_log_ratio(w: Tensor | float, p: Tensor) -> Tensor:
+    """``w`` times the slope of :func:`clamped_log`, formed as the quotient ``w / p`` (0 where
+    the log is clamped), as autograd forms it: a zero ``w`` gives 0 even where ``1/p``
+    overflows (float32 ``p`` below ~2.9e-39, the subnormals ``torch.sigmoid`` returns for
+    logits below ~-88.7), where ``w * (1/p)`` would be ``0 * inf = NaN``.
+
+    >>> import torch
+    >>> from dynloss._math import clamped_log_ratio
+    >>> clamped_log_ratio(torch.tensor([0.0, 2.0, 1.0]), torch.tensor([1e-40, 0.5, 0.0]))
+    tensor([0., 4., 0.])
+    """
+    unclamped = torch.log(p) > LOG_CLAMP
+    return torch.where(unclamped, w / torch.where(unclamped, p, 1.0), 0.0)
 
 
 def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
@@ -157,12 +167,16 @@ def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
     return -(g * clamped_log(x) + (1 - g) * clamped_log(1 - x))
 
 
-def bce_slope(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
-    """``d elementwise_bce / dx``: ``sigmoid(x) - g`` for logits, else the clamped logs' slope,
-    ``(1-g)/(1-p) - g/p`` with a term dropped where its log is clamped."""
+def bce_slope(x: Tensor, g: Tensor, from_logits: bool, weight: Tensor | None = None
+              ) -> Tensor:
+    """``weight * d elementwise_bce / dx``: ``weight (sigmoid(x) - g)`` for logits, else the
+    clamped logs' slope ``(weight (1-g))/(1-p) - (weight g)/p`` with a term dropped where its
+    log is clamped, each formed as a quotient (:func:`clamped_log_ratio`)."""
     if from_logits:
-        return torch.sigmoid(x) - g
-    return (1 - g) * clamped_log_slope(1 - x) - g * clamped_log_slope(x)
+        slope = torch.sigmoid(x) - g
+        return slope if weight is None else slope * weight
+    w = 1.0 if weight is None else weight
+    return clamped_log_ratio((1 - g) * w, 1 - x) - clamped_log_ratio(g * w, x)
 
 
 def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -20,6 +20,7 @@ Example (single process: the identity):
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ from torch import Tensor
 __all__ = [
     "all_gather_with_grad",
     "all_reduce_with_grad",
+    "check_metric",
     "is_distributed",
+    "metric_value",
     "pool_across_ranks",
     "reduce_mean",
     "world_size",
@@ -153,6 +156,44 @@ def _collective_device(value: object) -> torch.device:
     return torch.device("cpu")
 
 
+def check_metric(value: object) -> None:
+    """Raise unless ``value`` is a monitored value: a real number (a Python or NumPy int or
+    float, not a bool) or a one-element tensor.
+
+    Raises:
+        ValueError: anything else (a string, a bool, a tensor of several elements).
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"metric (the monitored value) must be a scalar; got shape "
+                f"{tuple(value.shape)}"
+            )
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"metric (the monitored value) must be a number or a scalar tensor; got "
+            f"{type(value).__name__} {value!r}"
+        )
+
+
+def metric_value(value: object) -> float:
+    """``value`` (see :func:`check_metric`) as a Python float.
+
+    >>> import torch
+    >>> from dynloss.distributed import metric_value
+    >>> metric_value(torch.tensor([0.5])), metric_value(3)
+    (0.5, 3.0)
+    """
+    check_metric(value)
+    try:
+        return float(value.item() if isinstance(value, Tensor) else value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(
+            f"metric (the monitored value) must be within the float range; got "
+            f"{type(value).__name__} beyond it"
+        ) from None
+
+
 def reduce_mean(value: float | Tensor) -> float:
     """The mean of a scalar over all ranks, as a Python float (identical on every rank).
 
@@ -168,17 +209,9 @@ def reduce_mean(value: float | Tensor) -> float:
         >>> reduce_mean(torch.tensor(0.25))
         0.25
     """
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"the monitored value must be a scalar; got shape {tuple(value.shape)}"
-            )
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"the monitored value must be a number or a scalar tensor; got {type(value).__name__}"
-        )
     if not is_distributed():
-        return float(value.item() if isinstance(value, Tensor) else value)
+        return metric_value(value)
+    check_metric(value)
     device = _collective_device(value)
     if isinstance(value, Tensor):
         buffer = value.detach().reshape(1).to(device=device, dtype=torch.float64)

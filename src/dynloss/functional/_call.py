@@ -7,12 +7,20 @@ construction; the public functions of this package build the parameters first.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from .._layout import Layout, check_class_indices, check_values, prepare, should_check_values
+from .._layout import (
+    Layout,
+    check_class_indices,
+    check_values,
+    ignore_index_for,
+    prepare,
+    should_check_values,
+)
 from .._params import CompositeParams, DistributionParams, RegionParams
 from ..constants import MULTICLASS_MODE
 from ..kernels.capabilities import Backend, Need
@@ -95,6 +103,27 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
     return layout, backend, checked
 
 
+_P = TypeVar("_P")
+
+
+def _matchable_ignore(params: _P, target: Tensor) -> _P:
+    """``params`` without its ``ignore_index`` where ``target``'s dtype cannot hold it (a uint8
+    target and 257, see :func:`dynloss._layout.target_can_equal`): nothing is ignored then,
+    on every backend, instead of the values it wraps to."""
+    ignore_index = getattr(params.region if isinstance(params, CompositeParams) else params,
+                           "ignore_index", None)
+    if ignore_index is None or not isinstance(target, Tensor):
+        return params
+    kept = ignore_index_for(target.dtype, ignore_index)
+    if kept is not None:
+        return params
+    if isinstance(params, CompositeParams):
+        return dataclasses.replace(
+            params, region=dataclasses.replace(params.region, ignore_index=kept),
+            distribution=dataclasses.replace(params.distribution, ignore_index=kept))
+    return dataclasses.replace(params, ignore_index=kept)  # type: ignore[type-var]
+
+
 def _check_alpha_length(alpha: object, layout: Layout, name: str) -> None:
     if isinstance(alpha, tuple) and layout.mode == MULTICLASS_MODE and (
             len(alpha) != layout.num_classes):
@@ -107,6 +136,7 @@ def _check_alpha_length(alpha: object, layout: Layout, name: str) -> None:
 def region_loss(input: Tensor, target: Tensor, params: RegionParams,
                 need: Need | None = None, plans: Plans | None = None) -> Tensor:
     """Dice/IoU/Tversky of ``input`` and ``target`` with checked ``params``."""
+    params = _matchable_ignore(params, target)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or region_need(params),
         params.ignore_index, params.from_logits, params.check_values, plans)
@@ -120,6 +150,7 @@ def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
                       need: Need | None = None, plans: Plans | None = None,
                       alpha_name: str = "alpha") -> Tensor:
     """BCE/Focal/TopK of ``input`` and ``target`` with checked ``params``."""
+    params = _matchable_ignore(params, target)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or distribution_need(params),
         params.ignore_index, params.from_logits, params.check_values, plans)
@@ -137,6 +168,7 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
 
     A TopK term has no fused pass: the two terms are then computed one after the other.
     """
+    params = _matchable_ignore(params, target)
     region, dist = params.region, params.distribution
     if dist.k is not None:
         region_value = region_loss(input, target, region)
@@ -162,6 +194,7 @@ def run(op: str, input: Tensor, target: Tensor, params: Any, need: Need | None =
     ``check_values`` like the checked parameters of :mod:`dynloss._params`. Kernel backends
     list their ops, so a new op runs on the reference until one declares it.
     """
+    params = _matchable_ignore(params, target)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or Need(op, params.mode),
         params.ignore_index, params.from_logits, params.check_values)

@@ -23,11 +23,14 @@ def recompute_backward(
     inputs: Sequence[Tensor],
     grad_outputs: Sequence[Tensor | None],
 ) -> tuple[Tensor | None, ...]:
-    """Gradients of ``function(*inputs)`` w.r.t. ``inputs`` for ``grad_outputs``, recorded.
+    """Gradients of ``function(*inputs)`` w.r.t. ``inputs`` for ``grad_outputs``, recorded
+    when the backward pass is (grad mode on), plain tensors otherwise (a Function's exact
+    fallback, e.g. where its saved slopes overflowed).
 
     ``inputs`` are the tensors the Function saved (the originals, still attached to the graph
     before the Function); ``None`` is returned for an input that needs no gradient.
     """
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         outputs = function(*inputs)
     if isinstance(outputs, Tensor):
@@ -38,7 +41,7 @@ def recompute_backward(
     grads: dict[int, Tensor | None] = {}
     if pairs and wanted:
         found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                    create_graph=True, allow_unused=True)
+                                    create_graph=create_graph, allow_unused=True)
         grads = {id(t): g for t, g in zip(wanted, found, strict=True)}
     result = []
     for t in inputs:

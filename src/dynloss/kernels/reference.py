@@ -199,7 +199,10 @@ class Reference:
         if params.k is not None:
             loss = topk_selected(loss, valid, params.k)[0]
         bad = invalid_elements(layout, params.ignore_index, params.from_logits, not checked)
-        return torch.where(bad, math.nan, loss).reshape(layout.elementwise_shape)
+        # multiplied, not selected: the element's gradient is NaN too (a selection would send
+        # it none, and +-inf has a finite or zero slope)
+        poison = torch.where(bad, math.nan, 1.0).to(loss.dtype)
+        return (loss * poison).reshape(layout.elementwise_shape)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:

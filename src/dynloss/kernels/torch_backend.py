@@ -195,20 +195,25 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
     """Per-element losses, their derivatives in ``x``, and the kept mask (or None)."""
     xc = _as(x, dtype)
     g, valid = _binary_target(target, dtype, params.ignore_index)
+    # d loss / dx = coefficient * d bce / dx, coefficient = (focal slope) * (alpha weight)
+    coefficient = None
     if params.from_logits:
         loss = _bce_with_logits(xc, g)
         slope = torch.sigmoid(xc).sub_(g)  # d bce / dx
     else:
         loss = _math.elementwise_bce(xc, g, False)
-        slope = _math.bce_slope(xc, g, False)
     if params.gamma != 0:
-        loss, focal_slope = _math.focal_modulation_and_slope(loss, params.gamma)
-        slope.mul_(focal_slope)
+        loss, coefficient = _math.focal_modulation_and_slope(loss, params.gamma)
     if params.alpha is not None:
         assert isinstance(params.alpha, float)
         weight = _math.positive_weight(g, params.alpha)
         loss.mul_(weight)
-        slope.mul_(weight)
+        coefficient = weight if coefficient is None else coefficient.mul_(weight)
+    if params.from_logits:
+        if coefficient is not None:
+            slope.mul_(coefficient)
+    else:  # the coefficient goes into the quotients' numerators (_math.clamped_log_ratio)
+        slope = _math.bce_slope(xc, g, False, coefficient)
     if valid is not None:
         loss.masked_fill_(~valid, 0)
         slope.masked_fill_(~valid, 0)
@@ -232,7 +237,6 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
         at = index.unsqueeze(1)
         picked = xc.gather(1, at)
         loss = -_math.clamped_log(picked.squeeze(1))  # (N, M)
-        slope = torch.zeros_like(xc).scatter_(1, at, -_math.clamped_log_slope(picked))
     coefficient = None
     if params.gamma != 0:
         loss, coefficient = _math.focal_modulation_and_slope(loss, params.gamma)
@@ -240,8 +244,13 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
         weight = torch.as_tensor(params.alpha, dtype=dtype, device=x.device)[index]
         loss.mul_(weight)
         coefficient = weight if coefficient is None else coefficient.mul_(weight)
-    if coefficient is not None:
-        slope.mul_(coefficient.unsqueeze(1))
+    if params.from_logits:
+        if coefficient is not None:
+            slope.mul_(coefficient.unsqueeze(1))
+    else:  # the coefficient goes into the quotient's numerator (_math.clamped_log_ratio)
+        numerator = 1.0 if coefficient is None else coefficient.unsqueeze(1)
+        slope = torch.zeros_like(xc).scatter_(
+            1, at, _math.clamped_log_ratio(numerator, picked).neg_())
     if valid is not None:  # filled, not multiplied by 0: an ignored NaN or inf stays out
         loss.masked_fill_(~valid, 0)
         slope.masked_fill_(~valid.unsqueeze(1), 0)
@@ -278,16 +287,24 @@ class DistributionSum(torch.autograd.Function):
                 count = torch.tensor(float(loss.numel()), dtype=dtype, device=x.device)
             else:
                 count = valid.sum().to(dtype)
-        ctx.save_for_backward(x, target, _as(slope, x.dtype))
-        ctx.config = (params, checked)
+        saved = _as(slope, x.dtype)
+        ctx.save_for_backward(x, target, saved)
+        # probabilities: where 1/p overflows the slope is +-inf (float32 p below ~2.9e-39;
+        # float16 ~1.5e-5), and upstream * inf is not what autograd forms, (upstream * w) / p:
+        # backward then recomputes through the reference maths (eagerly: the test is a host
+        # sync, which a compiled graph does without)
+        ctx.config = (params, checked,
+                      not params.from_logits and not torch.compiler.is_compiling()
+                      and bool(torch.isinf(saved).any()))
         ctx.mark_non_differentiable(count)
         return total, count.clamp_min(1)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_count):
         x, target, slope = ctx.saved_tensors
-        params, checked = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        params, checked, overflowed = ctx.config
+        # create_graph=True (a differentiable gradient), or slopes that overflowed
+        if torch.is_grad_enabled() or overflowed:
             (grad,) = recompute_backward(
                 lambda xs: _reference_distribution_sum(xs, target, params, checked),
                 (x,), (grad_total,))

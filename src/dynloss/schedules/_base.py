@@ -158,11 +158,33 @@ def losses_repr(names: list[str], modules: list[Any], explicit: bool) -> str:
     return "[" + ", ".join(repr(m) for m in modules) + "]"
 
 
-def step_child(module: object, metric: object, synced: bool) -> None:
-    """Advance a nested CompositeLoss / SwitchingLoss (anything with ``_dynloss_step``)."""
+def step_child(module: object, metric: object, synced: bool, seen: set[int]) -> None:
+    """Advance a nested CompositeLoss / SwitchingLoss (anything with ``_dynloss_step``) once
+    per top-level step: ``seen`` holds the ids of the modules this step has advanced, so a
+    loss shared by two stages or terms (stage 1 = stage 0 + a term) is not stepped twice."""
     step = getattr(module, "_dynloss_step", None)
-    if step is not None:
-        step(metric, synced)
+    if step is not None and id(module) not in seen:
+        step(metric, synced, seen)
+
+
+def metric_triggers(module: object) -> list:
+    """The triggers that the next step of ``module`` (a CompositeLoss / SwitchingLoss, nested
+    ones included) would ask for a monitored value: each SwitchingLoss's active one where it
+    monitors a value."""
+    triggers = getattr(module, "_metric_triggers", None)
+    return list(triggers()) if triggers is not None else []
+
+
+def require_metric(module: object, metric: object) -> None:
+    """Raise the ``ValueError`` a trigger raises without its metric, before a step changes
+    anything (counters, weight schedules, nested losses), so that a caller that catches it and
+    steps again with the metric gets one step, not two."""
+    if metric is None:
+        for trigger in metric_triggers(module):
+            raise ValueError(
+                f"{trigger!r} monitors a value: call step(metric=...) with the training loss or "
+                "a validation metric"
+            )
 
 
 def child_needs_metric(module: object) -> bool:

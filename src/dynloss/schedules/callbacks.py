@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from numbers import Real
 from typing import Any
 
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from .._checks import check_non_negative
 from .switching import SwitchEvent
 
 __all__ = ["reset_plateau_scheduler"]
@@ -47,23 +49,42 @@ def reset_plateau_scheduler(
             "reset_plateau_scheduler needs a torch.optim.lr_scheduler.ReduceLROnPlateau; got "
             f"{type(scheduler).__name__}"
         )
+    one_value = isinstance(lr, Real) and not isinstance(lr, bool)
     if lr is None:
         lrs: list[float] | None = None
-    elif isinstance(lr, (int, float)):
-        lrs = [float(lr)] * len(scheduler.optimizer.param_groups)
+    elif one_value:
+        lrs = [check_non_negative("lr", lr)] * len(scheduler.optimizer.param_groups)
+    elif isinstance(lr, (str, bytes)) or not isinstance(lr, Sequence):
+        raise TypeError(
+            f"lr must be a learning rate or one per parameter group; got {type(lr).__name__} "
+            f"{lr!r}"
+        )
     else:
-        lrs = [float(v) for v in lr]
+        lrs = [check_non_negative(f"lr[{i}]", v) for i, v in enumerate(lr)]
     if lrs is not None:
         _check_groups(lrs, len(scheduler.optimizer.param_groups))
-    one_value = isinstance(lr, (int, float))
+    return _PlateauReset(scheduler, lrs, one_value)
 
-    def reset(event: SwitchEvent | Any = None) -> None:
+
+class _PlateauReset:
+    """The callback :func:`reset_plateau_scheduler` returns: a class, not a closure, so that a
+    loss holding it pickles (``torch.save`` of the whole loss, ``copy.deepcopy``)."""
+
+    def __init__(self, scheduler: ReduceLROnPlateau, lrs: list[float] | None,
+                 one_value: bool) -> None:
+        self.scheduler = scheduler
+        self.lrs = lrs
+        self.one_value = one_value
+        self.__qualname__ = "reset_plateau_scheduler"  # how SwitchingLoss's repr names it
+
+    def __call__(self, event: SwitchEvent | Any = None) -> None:
+        scheduler = self.scheduler
         # The optimizer's parameter groups are looked up now, not when the callback was made:
         # ``optimizer.load_state_dict`` (resuming from a checkpoint) replaces them by new dicts.
         groups = scheduler.optimizer.param_groups
         values = None
-        if lrs is not None:
-            values = [lrs[0]] * len(groups) if one_value else lrs
+        if self.lrs is not None:
+            values = [self.lrs[0]] * len(groups) if self.one_value else self.lrs
             _check_groups(values, len(groups))
         scheduler.best = scheduler.mode_worse
         scheduler.num_bad_epochs = 0
@@ -73,7 +94,9 @@ def reset_plateau_scheduler(
                 group["lr"] = value
             scheduler._last_lr = list(values)
 
-    return reset
+    def __repr__(self) -> str:
+        lr = "" if self.lrs is None else f", lr={self.lrs[0] if self.one_value else self.lrs}"
+        return f"reset_plateau_scheduler({type(self.scheduler).__name__}{lr})"
 
 
 def _check_groups(lrs: Sequence[float], n_groups: int) -> None:

@@ -16,7 +16,9 @@ from ._base import (
     check_weight,
     child_needs_metric,
     losses_repr,
+    metric_triggers,
     named_losses,
+    require_metric,
     state_int,
     step_child,
 )
@@ -25,6 +27,21 @@ from .weights import WeightSchedule
 __all__ = ["CompositeLoss"]
 
 Weight = float | WeightSchedule
+
+
+def _check_term_shape(terms: dict[str, Tensor], name: str, value: Tensor) -> None:
+    """The terms are added: a term whose value has another shape than the first's (a
+    ``reduction="none"`` term beside a reduced one, or two unreduced terms of different
+    shapes, such as Dice's per-class scores and BCE's per-pixel map) would be broadcast into a
+    wrong number."""
+    if terms:
+        first, shape = next(iter(terms.items()))
+        if value.shape != shape.shape:
+            raise ValueError(
+                f"CompositeLoss adds its terms, so their values must have one shape: term "
+                f"{first!r} gave {tuple(shape.shape)} and term {name!r} gave "
+                f"{tuple(value.shape)} (check their reduction= arguments)"
+            )
 
 
 class CompositeLoss(nn.Module):
@@ -182,6 +199,7 @@ class CompositeLoss(nn.Module):
         terms: dict[str, Tensor] = {}
         for (name, loss), weight in zip(self.terms.items(), weights, strict=True):
             value = loss(input, target)
+            _check_term_shape(terms, name, value)
             terms[name] = value.detach()
             nested = getattr(loss, "last_terms", None)
             if isinstance(nested, dict):
@@ -205,6 +223,7 @@ class CompositeLoss(nn.Module):
         for (name, loss), weight in zip(self.terms.items(), self._weight_values.unbind(0),
                                         strict=True):
             value = loss(input, target)
+            _check_term_shape(terms, name, value)
             terms[name] = value.detach()
             nested = getattr(loss, "last_terms", None)
             if isinstance(nested, dict):
@@ -221,15 +240,20 @@ class CompositeLoss(nn.Module):
         ``metric`` is passed on to nested :class:`~dynloss.SwitchingLoss` terms with adaptive
         triggers; a CompositeLoss itself does not use it.
         """
-        self._dynloss_step(metric, False)
+        require_metric(self, metric)
+        self._dynloss_step(metric, False, set())
 
-    def _dynloss_step(self, metric: object, synced: bool) -> None:
+    def _metric_triggers(self) -> list:
+        return [t for loss in self.terms.values() for t in metric_triggers(loss)]
+
+    def _dynloss_step(self, metric: object, synced: bool, seen: set[int]) -> None:
+        seen.add(id(self))
         self.count += 1
         for weight in self.weights:
             if isinstance(weight, WeightSchedule):
                 weight.step()
         for loss in self.terms.values():
-            step_child(loss, metric, synced)
+            step_child(loss, metric, synced, seen)
         self._refresh_weight_values()
 
     def _needs_metric(self) -> bool:

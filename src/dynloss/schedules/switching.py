@@ -11,8 +11,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
-from ..distributed import reduce_mean
-from ._base import child_needs_metric, losses_repr, named_losses, state_int, step_child
+from ..distributed import metric_value, reduce_mean
+from ._base import (
+    check_count,
+    child_needs_metric,
+    losses_repr,
+    metric_triggers,
+    named_losses,
+    require_metric,
+    state_int,
+    step_child,
+)
 from .triggers import Milestone, Trigger
 from .weights import WeightSchedule
 
@@ -258,23 +267,32 @@ class SwitchingLoss(nn.Module):
         Raises:
             ValueError: the active trigger needs a metric and none was given.
         """
-        return self._dynloss_step(metric, False)
+        require_metric(self, metric)
+        return self._dynloss_step(metric, False, set())
+
+    def _metric_triggers(self) -> list[Trigger]:
+        active = self.triggers[self.active_index:self.active_index + 1]
+        found = [t for t in active if t.needs_metric]
+        for stage in self.stages.values():
+            found += metric_triggers(stage)
+        return found
 
     def _needs_metric(self) -> bool:
         return any(t.needs_metric for t in self.triggers) or any(
             child_needs_metric(stage) for stage in self.stages.values()
         )
 
-    def _dynloss_step(self, metric: Any, synced: bool) -> bool:
+    def _dynloss_step(self, metric: Any, synced: bool, seen: set[int]) -> bool:
+        seen.add(id(self))
         if metric is not None and self._needs_metric():
             if self.sync_metric and not synced:
                 metric, synced = reduce_mean(metric), True
             else:
-                metric = float(metric)
+                metric = metric_value(metric)
         self.count += 1
         self.stage_count += 1
         for stage in self.stages.values():
-            step_child(stage, metric, synced)
+            step_child(stage, metric, synced, seen)
         self.just_switched = False
         if self.active_index < len(self.triggers):
             trigger = self.triggers[self.active_index]
@@ -514,7 +532,10 @@ def _make_triggers(num_stages: int, milestones: object, trigger: object) -> list
                 f"SwitchingLoss: {num_stages} stages need {switches} milestone"
                 f"{'s' if switches != 1 else ''} (one per switch); got {list(milestones)}"
             )
-        triggers: list[Trigger] = [Milestone(m) for m in milestones]
+        triggers: list[Trigger] = [
+            Milestone(check_count(f"milestones[{i}]", m, minimum=1))
+            for i, m in enumerate(milestones)
+        ]
     elif isinstance(trigger, Trigger):
         triggers = [trigger] + [copy.deepcopy(trigger) for _ in range(switches - 1)]
     elif isinstance(trigger, Sequence) and not isinstance(trigger, (str, bytes)):

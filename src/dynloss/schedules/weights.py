@@ -153,6 +153,9 @@ class Step(WeightSchedule):
 
     def __init__(self, milestones: Sequence[int], values: Sequence[float]) -> None:
         super().__init__()
+        for name, given in (("milestones", milestones), ("values", values)):
+            if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+                raise TypeError(f"{name} must be a list; got {type(given).__name__} {given!r}")
         milestones = [check_count(f"milestones[{i}]", m) for i, m in enumerate(milestones)]
         if any(b <= a for a, b in itertools.pairwise(milestones)):
             raise ValueError(f"milestones must be strictly increasing; got {milestones}")

@@ -16,8 +16,10 @@ r"""The native kernels as autograd Functions: each loss is one node.
 Each keeps at most one input-sized buffer per term for backward (from the reusing pool of
 ``buffer_pool.py``), and the caller's input: when the backward pass is itself recorded
 (``create_graph=True``) the gradient is recomputed through the reference maths, so it is
-differentiable. An invalid value that was not raised for (see :mod:`dynloss._layout`) makes
-the loss and its gradient NaN.
+differentiable; so it is where a slope overflowed (a probability whose ``1/p`` is beyond
+float32: autograd forms ``(upstream * weight) / p``, which may be finite or 0 where
+``upstream * inf`` is not). An invalid value that was not raised for (see
+:mod:`dynloss._layout`) makes the loss and its gradient NaN.
 """
 
 from __future__ import annotations
@@ -200,15 +202,16 @@ class NativeDistributionLoss(torch.autograd.Function):
         total, count = fwd.pixel
         mean = params.reduction == "mean"
         ctx.save_for_backward(x, fwd.target, fwd.slope)
-        ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid)
+        ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid,
+                      fwd.overflowed)
         value = total / count if mean else total
         return _scaled(torch.scalar_tensor(value, dtype=torch.float32), fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, slope = ctx.saved_tensors
-        config, scale, params, checked, invalid = ctx.native
-        if torch.is_grad_enabled():
+        config, scale, params, checked, invalid, overflowed = ctx.native
+        if torch.is_grad_enabled() or overflowed:
             def value(xs: Tensor) -> Tensor:
                 total, count = reference.distribution_sum(_layout(xs, target, params.mode),
                                                           params, checked)
@@ -237,16 +240,17 @@ class NativeCompositeLoss(torch.autograd.Function):
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
         ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, 1.0 / count, params,
-                      checked)
+                      checked, fwd.overflowed)
         ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
         return combined, region, distribution
 
     @staticmethod
     def backward(ctx, grad_combined, _grad_region, _grad_distribution):
         x, target, probabilities, slope = ctx.saved_tensors
-        config, invalid, sums, cells, coefficients, inverse_count, params, checked = ctx.native
+        (config, invalid, sums, cells, coefficients, inverse_count, params, checked,
+         overflowed) = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or overflowed:
             def value(xs: Tensor) -> Tensor:
                 layout = _layout(xs, target, params.region.mode)
                 total, count = reference.distribution_sum(layout, params.distribution, checked)

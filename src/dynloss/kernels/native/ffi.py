@@ -110,12 +110,13 @@ def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Te
 class Forward:
     """What one forward kernel call returns, and what its backward call needs."""
 
-    __slots__ = ("config", "invalid", "out", "pixel", "probabilities", "slope", "target")
+    __slots__ = ("config", "invalid", "out", "overflowed", "pixel", "probabilities", "slope",
+                 "target")
 
     def __init__(self, out: ctypes.Array, pixel: tuple[float, float], target: Tensor,
                  probabilities: Tensor | None, slope: Tensor | None, config: tuple,
-                 invalid: bool) -> None:
-        self.out = out  # float64: 6 scalars, then the region sums (N, C, 3) if wanted
+                 invalid: bool, overflowed: bool = False) -> None:
+        self.out = out  # float64: 7 scalars, then the region sums (N, C, 3) if wanted
         self.pixel = pixel  # S, max(count, 1); TopK: of the selected elements
         self.target = target
         self.probabilities = probabilities
@@ -123,6 +124,9 @@ class Forward:
         self.config = config
         self.invalid = invalid
         """An invalid value was found and not raised for: the loss must be NaN."""
+        self.overflowed = overflowed
+        """A kept slope is +-inf (a probability whose 1/p is beyond float32): the gradient
+        must be formed as autograd forms it, ``(upstream * weight) / p``, not from it."""
 
     def sums(self) -> Sums:
         """The region sums (no tensor: safe to keep on an autograd node)."""
@@ -148,7 +152,7 @@ class Sums:
         return torch.frombuffer(self.out, dtype=torch.float64)[_SCALARS:].view(n, c, 3)
 
 
-_SCALARS = 6
+_SCALARS = 7
 """The kernel's scalar outputs: S, max(count, 1), count; bad targets, bad inputs, soft labels."""
 
 _DOUBLE = ctypes.sizeof(ctypes.c_double)
@@ -234,7 +238,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     if losses is not None:
         args.loss = losses.data_ptr()
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
-    total, count, kept, bad_target, bad_input, soft = out[:_SCALARS]
+    total, count, kept, bad_target, bad_input, soft, overflowed = out[:_SCALARS]
     if checked and (bad_target or bad_input):
         _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits,
                           (n, c, m))
@@ -249,7 +253,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
               x.shape, args)
     return Forward(out, (total, count), target, probabilities, slope, config,
-                   bool(bad_target or bad_input))
+                   bool(bad_target or bad_input), bool(overflowed))
 
 
 def _float_array(values: Tensor | list[float] | ctypes.Array | None, rows: int

@@ -168,10 +168,12 @@ DL_INLINE float clamped_log(float p) {
   return max_f(l, kLogClamp);
 }
 
-// d/dp of clamped_log: 1/p, and 0 where the log is clamped.
-DL_INLINE float clamped_log_slope(float p) {
+// w times the slope of clamped_log, formed as the quotient w / p (0 where the log is
+// clamped), as autograd forms it: a zero w gives 0 even where 1/p overflows (p below
+// ~2.9e-39), where w * (1/p) would be 0 * inf = NaN.
+DL_INLINE float clamped_log_ratio(float w, float p) {
   float l = p > 0.0f ? log_f(p > 0.0f ? p : 1.0f) : kLogClamp;
-  return l > kLogClamp ? 1.0f / p : 0.0f;
+  return l > kLogClamp ? w / p : 0.0f;
 }
 
 // q^gamma for q in [0, 1] and gamma > 0 (general exponent).
@@ -225,9 +227,10 @@ struct Args {
   double* region;     // (N*C, 3): I, P, G
   double* pixel_out;  // 3: S, max(count, 1), count (kept elements); TopK selection: 1: the
                       //    sum of the selected losses
-  double* check;      // 3: kept targets out of range, kept inputs not finite (logits) or
+  double* check;      // 4: kept targets out of range, kept inputs not finite (logits) or
                       //    outside [0, 1] (probabilities), kept binary targets other than 0
-                      //    and 1 (soft labels)
+                      //    and 1 (soft labels), kept slopes that overflowed (probabilities
+                      //    whose 1/p is beyond float32)
   // backward, binary: 1 when the forward counted no soft label (check[2] == 0), so the
   // signed slopes it saved hold the targets and backward need not read them
   int64_t hard_targets;
@@ -274,7 +277,7 @@ DL_INLINE void prefetch_range(const T* p, int64_t count) {
   for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-constexpr int kPartBinary = 8;  // I P G S count badT badX soft
+constexpr int kPartBinary = 9;  // I P G S count badT badX soft overflow
 
 // ------------------------------------------------------------------ binary / multilabel
 // IGNORE: whether ignore_index is set (without it, every element is kept and the loop does
@@ -299,7 +302,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   const float gamma = static_cast<float>(a.gamma);
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
   const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
-  double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0;
+  double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0, dOver = 0;
   prefetch_range(x + begin, kPrefetch);
   prefetch_range(t + begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
@@ -309,8 +312,8 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
     float* dst_p = save_p ? save_p + b0 : scratch_p;
     float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
     float* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
-    float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0, soft = 0;
-#pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx, soft)
+    float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0, soft = 0, over = 0;
+#pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx, soft, over)
     for (int64_t i = b0; i < b1; ++i) {
       const float xv = x[i];
       const T tv = t[i];
@@ -346,18 +349,19 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         soft += spread != 0.0f ? 1.0f : 0.0f;
       }
       if (PIXEL != kPixelNone) {
-        float b, slope;
-        if (LOGITS) {
-          b = (max_f(xv, 0.0f) - xv * g) + log1p_f(e);
-          slope = p - g;
-        } else {
-          b = -(g * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p));
-          slope = (1.0f - g) * clamped_log_slope(1.0f - p) - g * clamped_log_slope(p);
-        }
+        const float b = LOGITS ? (max_f(xv, 0.0f) - xv * g) + log1p_f(e)
+                               : -(g * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p));
         const float w = g * w1 + w0;
         float factor;
         const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
-        slope = slope * (factor * w);
+        const float coef = factor * w;
+        // probabilities: the coefficient goes into the quotients' numerators; where 1/p
+        // overflows the slope is +-inf, counted (the caller then forms the gradient as
+        // autograd does, (upstream * coef) / p, since upstream * inf is not that)
+        const float slope = LOGITS ? (p - g) * coef
+                                   : clamped_log_ratio((1.0f - g) * coef, 1.0f - p)
+                                         - clamped_log_ratio(g * coef, p);
+        if (!LOGITS) over += (keep & (abs_f(slope) > kFloatMax)) ? 1.0f : 0.0f;
         sS += keep ? loss : 0.0f;
         sN += keep ? 1.0f : 0.0f;
         dst_slope[i - b0] = keep ? slope : 0.0f;
@@ -365,10 +369,10 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
       }
     }
     dI += sI; dP += sP; dG += sG; dS += sS; dN += sN; dBad += bad; dBadX += badx;
-    dSoft += soft;
+    dSoft += soft; dOver += over;
   }
   out[0] = dI; out[1] = dP; out[2] = dG; out[3] = dS; out[4] = dN; out[5] = dBad;
-  out[6] = dBadX; out[7] = dSoft;
+  out[6] = dBadX; out[7] = dSoft; out[8] = dOver;
 }
 
 // Region term: (gp + gi g) dp/dx, 0 where ignored, from the signed slopes d the forward saved
@@ -416,7 +420,7 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
 }
 
 // ------------------------------------------------------------------------------ multiclass
-constexpr int kPartClassExtra = 4;  // S count badT badX
+constexpr int kPartClassExtra = 5;  // S count badT badX overflow
 
 // Per-pixel state of one chunk of one sample: class, kept flag, softmax statistics.
 template <typename T, bool LOGITS>
@@ -515,14 +519,14 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   const int64_t len = s.len;
   const float gamma = static_cast<float>(a.gamma);
   float coef[kClassChunk];  // pixel: alpha_t * d(focal)/db, 0 where not kept
-  float sS = 0, sN = 0;
+  float sS = 0, sN = 0, over = 0;
   if (PIXEL != kPixelNone) {
     const float* alpha = a.class_alpha;
     const bool has_alpha = a.has_alpha != 0;
     float scratch_loss[kClassChunk];
     float* lo = a.loss ? a.loss + sample * a.m + begin : scratch_loss;
     const float ignored_loss = as_float(kNegInfBits);
-#pragma omp simd reduction(+ : sS, sN)
+#pragma omp simd reduction(+ : sS, sN, over)
     for (int64_t j = 0; j < len; ++j) {
       // logsumexp - x_t = (max - x_t) + log(1 + oth): no large max added and taken away
       const float b = LOGITS ? (s.mx[j] - s.xt[j]) + s.lg[j] : -clamped_log(s.xt[j]);
@@ -530,8 +534,11 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       float factor;
       const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
       factor *= w;
-      if (!LOGITS) factor = -factor * clamped_log_slope(s.xt[j]);
+      // probabilities: -(factor / p_t), +-inf where 1/p_t overflows (counted, see the
+      // binary pass)
+      if (!LOGITS) factor = -clamped_log_ratio(factor, s.xt[j]);
       const bool kept = s.keep[j] != 0.0f;
+      if (!LOGITS) over += (kept & (abs_f(factor) > kFloatMax)) ? 1.0f : 0.0f;
       sS += kept ? loss : 0.0f;
       sN += s.keep[j];
       coef[j] = kept ? factor : 0.0f;
@@ -587,7 +594,7 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   if (LOGITS && s.ecache) each_class(std::true_type{});
   else each_class(std::false_type{});
   double* extra = out + 3 * a.c;
-  extra[0] = sS; extra[1] = sN; extra[2] = bad; extra[3] = badx;
+  extra[0] = sS; extra[1] = sN; extra[2] = bad; extra[3] = badx; extra[4] = over;
 }
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL>
@@ -695,20 +702,20 @@ static void run_binary(const Args& a) {
     }
   });
   if constexpr (BACKWARD) return;
-  double S = 0, count = 0, bad = 0, badx = 0, soft = 0;
+  double S = 0, count = 0, bad = 0, badx = 0, soft = 0, over = 0;
   for (int64_t r = 0; r < rows; ++r) {
     double I = 0, P = 0, G = 0;
     for (int64_t j = 0; j < chunks; ++j) {
       const double* q = &part[(r * chunks + j) * kPartBinary];
       I += q[0]; P += q[1]; G += q[2]; S += q[3]; count += q[4]; bad += q[5]; badx += q[6];
-      soft += q[7];
+      soft += q[7]; over += q[8];
     }
     if (REGION) { a.region[3 * r] = I; a.region[3 * r + 1] = P; a.region[3 * r + 2] = G; }
   }
   if (PIXEL != kPixelNone) {
     a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
   }
-  a.check[0] = bad; a.check[1] = badx; a.check[2] = soft;
+  a.check[0] = bad; a.check[1] = badx; a.check[2] = soft; a.check[3] = over;
 }
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
@@ -726,7 +733,7 @@ static void run_multiclass(const Args& a) {
     }
   });
   if constexpr (BACKWARD) return;
-  double S = 0, count = 0, bad = 0, badx = 0;
+  double S = 0, count = 0, bad = 0, badx = 0, over = 0;
   for (int64_t n = 0; n < a.n; ++n) {
     for (int64_t c = 0; c < a.c && REGION; ++c) {
       double I = 0, P = 0, G = 0;
@@ -739,13 +746,13 @@ static void run_multiclass(const Args& a) {
     }
     for (int64_t j = 0; j < chunks; ++j) {
       const double* q = &part[(n * chunks + j) * width + 3 * a.c];
-      S += q[0]; count += q[1]; bad += q[2]; badx += q[3];
+      S += q[0]; count += q[1]; bad += q[2]; badx += q[3]; over += q[4];
     }
   }
   if (PIXEL != kPixelNone) {
     a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
   }
-  a.check[0] = bad; a.check[1] = badx; a.check[2] = 0;
+  a.check[0] = bad; a.check[1] = badx; a.check[2] = 0; a.check[3] = over;
 }
 
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
@@ -1056,7 +1063,7 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 7; }  // bump with struct Args
+int dynloss_abi_version() { return 8; }  // bump with struct Args
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }

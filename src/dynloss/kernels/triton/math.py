@@ -46,10 +46,12 @@ def clamped_log(p):
 
 
 @triton.jit
-def clamped_log_slope(p):
-    """d/dp of :func:`clamped_log`: ``1/p``, and 0 where the log is clamped."""
+def clamped_log_ratio(w, p):
+    """``w`` times the slope of :func:`clamped_log`, formed as the quotient ``w / p`` (0 where
+    the log is clamped), as autograd forms it: a zero ``w`` gives 0 even where ``1/p``
+    overflows (``dynloss._math.clamped_log_ratio``)."""
     unclamped = tl.log(p) > LOG_CLAMP
-    return tl.where(unclamped, 1.0 / tl.where(unclamped, p, 1.0), 0.0)
+    return tl.where(unclamped, w / tl.where(unclamped, p, 1.0), 0.0)
 
 
 @triton.jit
@@ -68,13 +70,16 @@ def binary_bce(x, g, FROM_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def binary_bce_grad(x, g, FROM_LOGITS: tl.constexpr):
-    """``db/dx``: ``sigmoid(x) - g`` for logits; for probabilities the derivative of the
-    clamped logs, ``(1-g)/(1-p) - g/p`` with a term dropped where its log is clamped."""
+def binary_bce_grad(x, g, coef, FROM_LOGITS: tl.constexpr):
+    """``coef * db/dx``: ``coef (sigmoid(x) - g)`` for logits; for probabilities the
+    derivative of the clamped logs, ``(coef (1-g))/(1-p) - (coef g)/p`` with a term dropped
+    where its log is clamped, each a quotient (:func:`clamped_log_ratio`): the coefficient
+    (upstream gradient, focal slope, alpha weight) goes into the numerators, as autograd
+    forms it, so a zero weight gives 0 where ``1/p`` overflows."""
     if FROM_LOGITS:
-        d = sigmoid(x) - g
+        d = coef * (sigmoid(x) - g)
     else:
-        d = (1.0 - g) * clamped_log_slope(1.0 - x) - g * clamped_log_slope(x)
+        d = clamped_log_ratio((1.0 - g) * coef, 1.0 - x) - clamped_log_ratio(g * coef, x)
     return d
 
 

@@ -429,12 +429,12 @@ def _binary_bwd_kernel(
                 region = region * (p * (1.0 - p))
             grad += region
         if DO_PIXEL:
-            d = tm.binary_bce_grad(x, g, FROM_LOGITS)
+            coef = gt + tl.zeros([BLOCK], dtype=tl.float32)
             if FOCAL:
-                d = d * tm.focal_grad(tm.binary_bce(x, g, FROM_LOGITS), gamma)
+                coef = coef * tm.focal_grad(tm.binary_bce(x, g, FROM_LOGITS), gamma)
             if HAS_ALPHA:
-                d = d * (alpha * g + (1.0 - alpha) * (1.0 - g))
-            grad += gt * d
+                coef = coef * (alpha * g + (1.0 - alpha) * (1.0 - g))
+            grad += tm.binary_bce_grad(x, g, coef, FROM_LOGITS)
         grad = tl.where(keep, grad, 0.0)
         tl.store(grad_ptr + base + m, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
@@ -511,7 +511,7 @@ def multiclass_pixel_grad(x, p, b, t, onehot, is_top, complement, coef, alpha_pt
         grad = coef[None, :] * slope
     else:
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
-        d = -coef * tm.clamped_log_slope(x_t)
+        d = -tm.clamped_log_ratio(coef, x_t)
         grad = tl.where(onehot, d[None, :], 0.0)
     return grad
 

@@ -291,12 +291,12 @@ def _topk_bwd_kernel(
             x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float32)
             t = tl.load(t_ptr + idx, mask=inside, other=0).to(tl.float32)
             g_t = tl.where(keep, t, 0.0)
-            d = tm.binary_bce_grad(x, g_t, FROM_LOGITS)
+            c = coef + tl.zeros_like(x)
             if FOCAL:
-                d = d * tm.focal_grad(tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
+                c = c * tm.focal_grad(tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
             if HAS_ALPHA:
-                d = d * (alpha * g_t + (1.0 - alpha) * (1.0 - g_t))
-            grad = tl.where(keep, coef * d, 0.0)
+                c = c * (alpha * g_t + (1.0 - alpha) * (1.0 - g_t))
+            grad = tl.where(keep, tm.binary_bce_grad(x, g_t, c, FROM_LOGITS), 0.0)
             tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
