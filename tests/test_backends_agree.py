@@ -495,3 +495,41 @@ def test_saturated_softmax_keeps_its_digits(backend, name, target):
     else:
         assert_elementwise_close(got, want, rtol=1e-5)
     assert_elementwise_close(got_grad, want_grad, rtol=1e-4)
+
+
+def saturated_binary(mode: str, *, target: str, seed: int = 0):
+    """Logits ``(2, C, 32)`` of magnitude 12-30, where ``p`` is within float32's rounding of 1
+    (or of 0) and ``1 - p`` as a float32 difference loses its digits (all of them from ~17);
+    the target agrees with the sign (``"agree"``: a trained network) or not (``"disagree"``)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 1 if mode == "binary" else 3
+    size = torch.rand((2, c, 32), generator=gen) * 18 + 12
+    sign = torch.where(torch.rand((2, c, 32), generator=gen) > 0.5, 1.0, -1.0)
+    x = size * sign
+    positive = (sign > 0).float()
+    return x, positive if target == "agree" else 1 - positive
+
+
+@pytest.mark.parametrize("target", ["agree", "disagree"])
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+@pytest.mark.parametrize(("backend", "name"), _SATURATED)
+def test_saturated_sigmoid_keeps_its_digits(backend, name, mode, target):
+    """Where the sigmoid saturates, ``1 - p`` is ``sigmoid(-x)``, not a float32 difference:
+    the cross-entropy's slope ``p - g`` and the sigmoid's derivative ``p (1 - p)`` were formed
+    as differences (torch backend, Triton, the native BCE/Focal/TopK, the reference's region
+    losses through autograd's sigmoid backward): about 1 % off at |x| = 12, exactly 0 from
+    ~17 on, against the float64 reference."""
+    kwargs = {"k": 0.5} if name == "topk" else {}
+    x, t = saturated_binary(mode, target=target)
+
+    def run(b, xs):
+        loss = make_loss(name, mode, b, **kwargs)
+        return run_loss(lambda a, c, backend: loss(a, c), xs, t.to(xs.dtype), b)
+
+    want, want_grad = run("reference", x.double())
+    got, got_grad = run(backend, x)
+    if name in ("dice", "tversky", "composite"):
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)
+    else:
+        assert_elementwise_close(got, want, rtol=1e-5)
+    assert_elementwise_close(got_grad, want_grad, rtol=1e-4)

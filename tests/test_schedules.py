@@ -341,3 +341,17 @@ def test_step_needs_lists(milestones, values, message) -> None:
     """It failed with "'int' object is not iterable", naming no argument."""
     with pytest.raises(TypeError, match=message):
         Step(milestones=milestones, values=values)
+
+
+@pytest.mark.parametrize(("mode", "values", "fires"), [
+    ("min", [math.inf, 0.5], False),     # from an infinite loss to a finite one: improved
+    ("min", [1e308, 0.5], False),
+    ("min", [math.inf, math.inf], True),  # no change
+    ("min", [-math.inf, 0.5], True),     # worse
+    ("max", [-math.inf, 0.5], False),
+])
+def test_relative_improvement_from_an_infinite_value(mode, values, fires) -> None:
+    """inf -> 0.5 counted as no improvement (inf/inf is NaN) and fired, while 1e308 -> 0.5
+    did not."""
+    trigger = RelativeImprovement(threshold=0.1, mode=mode)
+    assert [trigger.update(t, t, m) for t, m in enumerate(values, start=1)] == [False, fires]

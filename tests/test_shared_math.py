@@ -109,3 +109,20 @@ def test_softmax_backward_keeps_its_digits_and_differentiates_twice(target):
         xs = x.clone().requires_grad_()
         (lossy,) = torch.autograd.grad(xs.softmax(1), xs, g.float())
         assert not torch.allclose(lossy.double(), grads[1], rtol=1e-2, atol=0)
+
+
+def test_sigmoid_backward_keeps_its_digits_and_differentiates_twice():
+    """``probabilities`` (binary) under autograd: ``p sigmoid(-x)`` as the derivative, to
+    float32's relative precision where the sigmoid saturates (autograd's own sigmoid backward
+    gives 0 from |x| ~17 on), and a second derivative that gradgradcheck accepts."""
+    x = torch.tensor([[[-30.0, -17.5, -9.0, -0.5, 0.0, 0.5, 9.0, 17.5, 30.0]]])
+    xs = x.clone().requires_grad_()
+    (got,) = torch.autograd.grad(_math.probabilities(xs, "binary", True).sum(), xs)
+    x64 = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(torch.sigmoid(x64).sum(), x64)
+    assert_elementwise_close(got, want, rtol=1e-6)
+    assert (got > 0).all()
+    x64 = (torch.randn(2, 1, 5, dtype=torch.float64) * 4).requires_grad_()
+    fn = lambda t: _math.probabilities(t, "multilabel", True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x64,))
+    assert torch.autograd.gradgradcheck(fn, (x64,))

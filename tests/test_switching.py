@@ -774,3 +774,44 @@ def test_a_bad_milestone_is_named_by_its_place(milestones, error, message):
     """The error said "at must be >= 1" (the Milestone trigger's argument), not milestones[i]."""
     with pytest.raises(error, match=message):
         SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], milestones=milestones)
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "to_float16"])
+def test_a_composite_cast_to_half_precision_keeps_its_exact_weights(cast):
+    """``model.to(torch.bfloat16)`` with the loss inside cast the weights' float64 buffer, so
+    the compiled forward (which reads it) used 0.3008 for 0.3."""
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[0.3, 0.1])
+    if cast == "to_float16":
+        loss.to(torch.float16)
+    else:
+        getattr(loss, cast)()
+    assert loss._weight_values.dtype == torch.float64
+    assert loss._weight_values.tolist() == [0.3, 0.1]
+    x = torch.randn(2, 1, 4, 4)
+    y = (torch.rand(2, 1, 4, 4) > 0.5).float()
+    assert loss._compiled_forward(x, y).item() == loss(x, y).item()
+
+
+def test_a_failed_load_into_a_nested_loss_changes_nothing():
+    """torch loads a module before its children: a state whose nested part fails (a key only
+    the saved loss has, a nested composite's bad state) left the parent loaded, as the docs
+    said it would not."""
+    saved = SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()]), BCELoss()], milestones=[3])
+    for _ in range(5):
+        saved.step()
+    other = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[3])
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        other.load_state_dict(saved.state_dict())
+    assert (other.count, other.active_index, other.switches) == (0, 0, [])
+    events = []
+    same = SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()]), BCELoss()], milestones=[3],
+                         on_switch=events.append)
+    state = saved.state_dict()
+    state["stages.compositeloss._extra_state"] = dict(
+        state["stages.compositeloss._extra_state"], count="5")
+    with pytest.raises(ValueError, match="count"):
+        same.load_state_dict(state)
+    assert (same.count, same.active_index) == (0, 0)
+    same.load_state_dict(saved.state_dict())
+    assert (same.count, same.active_index, same.switches) == (5, 1, [(0, 1, 3)])
+    assert same._callbacks == [events.append]  # shared, not copied, by the trial load

@@ -44,6 +44,7 @@ __all__ = [
     "positive_weight",
     "probabilities",
     "reduce",
+    "sigmoid_slope",
     "softmax_backward",
     "softmax_rest",
     "topk_count",
@@ -63,15 +64,46 @@ def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
     """``x`` in layout ``(N, C, M)`` as probabilities: softmax over ``C`` (multiclass) or a
     sigmoid per element; ``x`` itself when it already holds probabilities.
 
-    The softmax's backward is :func:`softmax_backward` (under autograd): it keeps its digits
-    where the softmax saturates, where autograd through ``torch.softmax`` would not."""
+    The softmax's backward is :func:`softmax_backward` (under autograd), the sigmoid's
+    :func:`sigmoid_slope`: they keep their digits where the softmax or sigmoid saturates,
+    where autograd through ``torch.softmax`` or ``torch.sigmoid`` would not."""
     if not from_logits:
         return x
+    tracked = torch.is_grad_enabled() and x.requires_grad
     if mode == MULTICLASS_MODE:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _Softmax.apply(x)
-        return x.softmax(dim=1)
-    return x.sigmoid()
+        return _Softmax.apply(x) if tracked else x.softmax(dim=1)
+    return _Sigmoid.apply(x) if tracked else x.sigmoid()
+
+
+def sigmoid_slope(x: Tensor) -> Tensor:
+    r"""The sigmoid's derivative :math:`\sigma(x)\,\sigma(-x)` (``p (1 - p)``), with
+    ``1 - p`` as ``sigmoid(-x)``: where the sigmoid saturates (``|x|`` above ~9 in float32)
+    ``1 - p`` as a float32 difference loses its digits, all of them from ~17 on (what
+    ``torch.sigmoid``'s own backward does).
+
+    >>> import torch
+    >>> from dynloss._math import sigmoid_slope
+    >>> sigmoid_slope(torch.tensor([0.0, 20.0, -20.0]))
+    tensor([2.5000e-01, 2.0612e-09, 2.0612e-09])
+    """
+    return torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+class _Sigmoid(torch.autograd.Function):
+    """``torch.sigmoid`` with :func:`sigmoid_slope` in its backward (differentiable again:
+    under ``create_graph`` the backward is recorded)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.sigmoid()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return g * sigmoid_slope(x)
+        return torch.sigmoid(x.neg()).mul_(torch.sigmoid(x)).mul_(g)
 
 
 def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
@@ -169,11 +201,13 @@ def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
 
 def bce_slope(x: Tensor, g: Tensor, from_logits: bool, weight: Tensor | None = None
               ) -> Tensor:
-    """``weight * d elementwise_bce / dx``: ``weight (sigmoid(x) - g)`` for logits, else the
-    clamped logs' slope ``(weight (1-g))/(1-p) - (weight g)/p`` with a term dropped where its
-    log is clamped, each formed as a quotient (:func:`clamped_log_ratio`)."""
+    """``weight * d elementwise_bce / dx``: ``weight (sigmoid(x) - g)`` for logits, formed as
+    ``(1-g) sigmoid(x) - g sigmoid(-x)`` (exact for hard labels where the sigmoid saturates:
+    ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``); else the clamped logs' slope
+    ``(weight (1-g))/(1-p) - (weight g)/p`` with a term dropped where its log is clamped, each
+    formed as a quotient (:func:`clamped_log_ratio`)."""
     if from_logits:
-        slope = torch.sigmoid(x) - g
+        slope = torch.lerp(torch.sigmoid(x), torch.sigmoid(-x).neg_(), g)
         return slope if weight is None else slope * weight
     w = 1.0 if weight is None else weight
     return clamped_log_ratio((1 - g) * w, 1 - x) - clamped_log_ratio(g * w, x)

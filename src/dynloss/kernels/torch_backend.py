@@ -82,12 +82,12 @@ def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, poo
     return tuple(s.view(-1, p.shape[1]) for s in sums)
 
 
-def _binary_region_backward(p, target, gi, gp, from_logits, ignore_index):
+def _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index):
     g, valid = _binary_target(target, p.dtype, ignore_index)
     # dL/dp; expanding `self` keeps addcmul on its vectorised path (a (N, C, 1) self is 3x slower)
     grad = torch.addcmul(gp.unsqueeze(-1).expand_as(g), gi.unsqueeze(-1), g)
-    if from_logits:
-        torch.ops.aten.sigmoid_backward.grad_input(grad, p, grad_input=grad)
+    if from_logits:  # dp/dx = p sigmoid(-x): 1 - p as a difference would lose its digits
+        grad.mul_(p).mul_(torch.sigmoid(_as(x, p.dtype).neg()))
     if valid is not None:
         grad.masked_fill_(~valid, 0)
     return grad
@@ -172,7 +172,7 @@ class RegionSums(torch.autograd.Function):
             index, valid = _class_index(target, ignore_index, x.shape[1], checked)
             grad = _multiclass_region_backward(p, index, valid, gi, gp, from_logits)
         else:
-            grad = _binary_region_backward(p, target, gi, gp, from_logits, ignore_index)
+            grad = _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index)
         return _as(grad, x.dtype), None, None, None, None, None, None
 
 
@@ -199,7 +199,9 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
     coefficient = None
     if params.from_logits:
         loss = _bce_with_logits(xc, g)
-        slope = torch.sigmoid(xc).sub_(g)  # d bce / dx
+        # d bce / dx = sigmoid(x) - g as (1-g) sigmoid(x) - g sigmoid(-x): exact for hard
+        # labels where the sigmoid saturates (lerp is exact at weights 0 and 1)
+        slope = torch.lerp(torch.sigmoid(xc), torch.sigmoid(xc.neg()).neg_(), g)
     else:
         loss = _math.elementwise_bce(xc, g, False)
     if params.gamma != 0:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from typing import Any
+
+from torch import nn
 
 from .._checks import check_non_negative
 
@@ -185,6 +188,21 @@ def require_metric(module: object, metric: object) -> None:
                 f"{trigger!r} monitors a value: call step(metric=...) with the training loss or "
                 "a validation metric"
             )
+
+
+def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
+                        assign: bool) -> Any:
+    """``nn.Module.load_state_dict`` of a CompositeLoss / SwitchingLoss that changes nothing
+    when it fails: torch loads a module before its children, so a nested loss's bad state (or
+    a key only the other loss has) was found after the parent had taken its own. The state is
+    first loaded into a copy (callbacks are shared, not copied: they may hold an optimizer)."""
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for callback in getattr(sub, "_callbacks", ()):
+            memo[id(callback)] = callback
+    trial = copy.deepcopy(module, memo)
+    nn.Module.load_state_dict(trial, state_dict, strict=strict, assign=assign)
+    return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
 
 
 def child_needs_metric(module: object) -> bool:

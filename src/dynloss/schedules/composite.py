@@ -15,6 +15,7 @@ from ..losses import SegmentationLoss
 from ._base import (
     check_weight,
     child_needs_metric,
+    load_all_or_nothing,
     losses_repr,
     metric_triggers,
     named_losses,
@@ -210,6 +211,16 @@ class CompositeLoss(nn.Module):
         assert total is not None
         return total
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CompositeLoss:
+        """``.to()``, ``.cuda()``, ``.half()``, ...: the weights' buffer follows the device but
+        stays float64 with the exact weights (``.to(torch.bfloat16)`` rounded 0.3 to 0.3008
+        in the compiled forward)."""
+        super()._apply(fn, recurse)
+        if self._weight_values.dtype != torch.float64:
+            self._weight_values = self._weight_values.to(torch.float64)
+            self._refresh_weight_values()
+        return self
+
     def _refresh_weight_values(self) -> None:
         with torch.no_grad():
             self._weight_values.copy_(torch.tensor(list(self.current_weights().values()),
@@ -268,6 +279,12 @@ class CompositeLoss(nn.Module):
                 for weight in self.weights
             ],
         }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a state that fails anywhere in the
+        tree (a nested loss's state, a missing or unexpected key) leaves this loss as it was."""
+        return load_all_or_nothing(self, state_dict, strict, assign)
 
     def set_extra_state(self, state: Any) -> None:
         owner = "CompositeLoss"

@@ -15,6 +15,7 @@ from ..distributed import metric_value, reduce_mean
 from ._base import (
     check_count,
     child_needs_metric,
+    load_all_or_nothing,
     losses_repr,
     metric_triggers,
     named_losses,
@@ -330,6 +331,12 @@ class SwitchingLoss(nn.Module):
             "switches": [list(s) for s in self.switches],
             "triggers": [t.state_dict() for t in self.triggers],
         }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a state that fails anywhere in the
+        tree (a nested loss's state, a missing or unexpected key) leaves this loss as it was."""
+        return load_all_or_nothing(self, state_dict, strict, assign)
 
     def set_extra_state(self, state: Any) -> None:
         """Load the state of :meth:`get_extra_state` (``load_state_dict`` calls this).

@@ -298,8 +298,12 @@ class RelativeImprovement(Trigger):
         self.num_low = 0
 
     def relative_improvement(self, reference: float, value: float) -> float:
-        """:math:`(reference - value)/|reference|` (``"max"``: the negative); inf if 0/0-like."""
+        """:math:`(reference - value)/|reference|` (``"max"``: the negative); +-inf from a
+        reference of 0 or +-inf to another value (a change from an infinite loss to a finite one
+        is an infinite improvement, not ``inf/inf = NaN``), 0 where the two are equal."""
         change = reference - value if self.mode == "min" else value - reference
+        if math.isinf(reference) and not math.isnan(value):
+            return 0.0 if value == reference else math.copysign(math.inf, change)
         if reference == 0.0:
             return 0.0 if change == 0.0 else math.copysign(math.inf, change)
         return change / abs(reference)

@@ -358,7 +358,11 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         // probabilities: the coefficient goes into the quotients' numerators; where 1/p
         // overflows the slope is +-inf, counted (the caller then forms the gradient as
         // autograd does, (upstream * coef) / p, since upstream * inf is not that)
-        const float slope = LOGITS ? (p - g) * coef
+        // logits: p - g as (1 - g) p - g (1 - p), 1 - p = min or max of (p, 1 - p) by the
+        // sign: exact for hard labels where the sigmoid saturates (p - 1 would lose the
+        // digits of 1 - p)
+        const float q = xv >= 0.0f ? e * inv : inv;  // 1 - p
+        const float slope = LOGITS ? ((1.0f - g) * p - g * q) * coef
                                    : clamped_log_ratio((1.0f - g) * coef, 1.0f - p)
                                          - clamped_log_ratio(g * coef, p);
         if (!LOGITS) over += (keep & (abs_f(slope) > kFloatMax)) ? 1.0f : 0.0f;

@@ -425,8 +425,9 @@ def _binary_bwd_kernel(
         if DO_REGION:
             region = gp + gi * g
             if FROM_LOGITS:
-                p = tm.sigmoid(x)
-                region = region * (p * (1.0 - p))
+                # p (1 - p) with 1 - p as sigmoid(-x): a difference loses its digits where
+                # the sigmoid saturates
+                region = region * (tm.sigmoid(x) * tm.sigmoid(-x))
             grad += region
         if DO_PIXEL:
             coef = gt + tl.zeros([BLOCK], dtype=tl.float32)
