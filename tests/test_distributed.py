@@ -227,3 +227,18 @@ def test_ddp_pool_is_exact_without_a_process_group() -> None:
     logits, target = _batch("binary")
     torch.testing.assert_close(DiceLoss(ddp_pool=True)(logits, target),
                                DiceLoss()(logits, target), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("backend", "value", "want"), [
+    ("nccl", torch.tensor(0.5), "cuda:0"),  # NCCL cannot reduce a CPU tensor
+    ("nccl", 0.5, "cuda:0"),
+    ("gloo", torch.tensor(0.5), "cpu"),
+    ("gloo", 0.5, "cpu"),
+])
+def test_the_metric_is_reduced_where_the_backend_can(monkeypatch, backend, value, want):
+    """A CPU metric tensor under NCCL was all-reduced on the CPU, which NCCL refuses (checked
+    by mocking: no two GPUs here)."""
+    from dynloss import distributed
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 0)
+    assert distributed._collective_device(value) == torch.device(want)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import dynloss
 from dynloss import functional as F
+from dynloss._math import topk_count, topk_count_tensor
 from tests import _references as ref
 from tests.strategies import cases
 
@@ -95,6 +96,14 @@ def test_topk_count_reads_k_as_a_fraction():
     assert F.distribution.topk_count(0.05, 10) == 1
     assert F.distribution.topk_count(1e-9, 3) == 1
     assert F.distribution.topk_count(1.0, 5) == 5
+
+
+@pytest.mark.parametrize("kept", [10, 7, 1001, 9_999_999, 9_697_018_125, 2**40 + 3])
+@pytest.mark.parametrize("k", [0.6, 0.7, 0.05, 1e-9, 0.123456789, 1.0])
+def test_topk_count_of_a_tensor_equals_the_host_count(k, kept):
+    """The in-graph count (ignore_index: the kept count is a tensor) was 1 above the host's
+    at ~5e9 kept elements (v * 1e9 beyond float64's exact integers)."""
+    assert int(topk_count_tensor(k, torch.tensor(kept))) == topk_count(k, kept)
 
 
 def test_topk_ties_are_taken_by_flat_index():

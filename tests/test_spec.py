@@ -412,3 +412,11 @@ def test_any_name_round_trips_through_its_repr(name: str) -> None:
     rebuilt = build_loss(repr(loss))
     assert rebuilt.names == [name, "b"]
     assert repr(rebuilt) == repr(loss)
+
+
+def test_a_message_that_names_its_call_is_not_prefixed_twice():
+    with pytest.raises(SpecError) as caught:
+        build_loss("SwitchingLoss([dice, bce], trigger=plateau, milestones=[3])")
+    message = str(caught.value)
+    assert message.startswith("SwitchingLoss: pass either milestones or trigger, not both")
+    assert "SwitchingLoss: SwitchingLoss" not in message

@@ -358,7 +358,10 @@ def topk_count(k: float, kept: int) -> int:
 def topk_count_tensor(k: float, kept: Tensor) -> Tensor:
     """:func:`topk_count` of a 0-dim integer tensor ``kept``, without reading it on the host."""
     v = kept.to(torch.float64) * k
-    v = torch.floor(v * 1e9 + 0.5) / 1e9  # round(k * kept, 9), as topk_count
+    # round(k * kept, 9), as topk_count: the fraction alone is scaled (v * 1e9 leaves float64's
+    # exact integers from v ~ 9e6 on, and ceil then went 1 above topk_count at ~5e9)
+    whole = torch.floor(v)
+    v = whole + torch.floor((v - whole) * 1e9 + 0.5) / 1e9
     n = torch.ceil(v).to(torch.int64)
     return torch.minimum(n.clamp_min(1), kept.to(torch.int64))
 

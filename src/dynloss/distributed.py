@@ -149,10 +149,13 @@ def pool_across_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _collective_device(value: object) -> torch.device:
-    if isinstance(value, Tensor):
-        return value.device
+    """Where the all-reduce of ``value`` runs: NCCL reduces CUDA tensors only (a CPU metric
+    tensor, as ``loss.item()``-free code passes, goes to the current CUDA device); other
+    backends reduce a tensor where it is and a number on the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
+    if isinstance(value, Tensor):
+        return value.device
     return torch.device("cpu")
 
 

@@ -546,7 +546,9 @@ class _Parser:
                 (p for param, p in where.items() if re.match(rf"{param}\b", message)),
                 name_token.pos,
             )
-            raise self.error(f"{name}: {message}", pos) from err
+            # (a message that already names the call, "SwitchingLoss: ...", keeps its one prefix)
+            prefix = "" if message.startswith(f"{name}: ") else f"{name}: "
+            raise self.error(f"{prefix}{message}", pos) from err
 
     def no_callbacks(self) -> None:
         """Parse the value of ``on_switch=`` and refuse anything but ``None`` or ``[]``.
