@@ -165,6 +165,15 @@ def check_metric(value: object) -> None:
 
     Raises:
         ValueError: anything else (a string, a bool, a tensor of several elements).
+
+    Examples:
+        >>> import torch
+        >>> from dynloss.distributed import check_metric
+        >>> check_metric(torch.tensor(0.5))
+        >>> check_metric("0.5")
+        Traceback (most recent call last):
+        ...
+        ValueError: metric (the monitored value) must be a number or a scalar tensor; got str '0.5'
     """
     if isinstance(value, Tensor):
         if value.numel() != 1:
