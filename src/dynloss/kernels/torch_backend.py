@@ -86,8 +86,11 @@ def _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index):
     g, valid = _binary_target(target, p.dtype, ignore_index)
     # dL/dp; expanding `self` keeps addcmul on its vectorised path (a (N, C, 1) self is 3x slower)
     grad = torch.addcmul(gp.unsqueeze(-1).expand_as(g), gi.unsqueeze(-1), g)
-    if from_logits:  # dp/dx = p sigmoid(-x): 1 - p as a difference would lose its digits
-        grad.mul_(p).mul_(torch.sigmoid(_as(x, p.dtype).neg()))
+    if from_logits:
+        # dp/dx = p (1 - p) = s (1 - s) with s = sigmoid(-|x|) <= 1/2, where 1 - s keeps its
+        # digits (1 - p near p = 1 would not); one fused op, as aten's sigmoid_backward is
+        small = torch.sigmoid(_as(x, p.dtype).abs().neg_())
+        torch.ops.aten.sigmoid_backward.grad_input(grad, small, grad_input=grad)
     if valid is not None:
         grad.masked_fill_(~valid, 0)
     return grad
