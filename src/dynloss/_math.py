@@ -104,7 +104,7 @@ class _Sigmoid(torch.autograd.Function):
         if torch.is_grad_enabled():
             return g * sigmoid_slope(x)
         # s (1 - s) with s = sigmoid(-|x|) <= 1/2 (1 - s keeps its digits), in one fused op
-        small = torch.sigmoid(x.abs().neg_())
+        small = x.abs().neg_().sigmoid_()  # one temporary
         return torch.ops.aten.sigmoid_backward(g, small)
 
 

@@ -89,7 +89,7 @@ def _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index):
     if from_logits:
         # dp/dx = p (1 - p) = s (1 - s) with s = sigmoid(-|x|) <= 1/2, where 1 - s keeps its
         # digits (1 - p near p = 1 would not); one fused op, as aten's sigmoid_backward is
-        small = torch.sigmoid(_as(x, p.dtype).abs().neg_())
+        small = _as(x, p.dtype).abs().neg_().sigmoid_()  # one temporary
         torch.ops.aten.sigmoid_backward.grad_input(grad, small, grad_input=grad)
     if valid is not None:
         grad.masked_fill_(~valid, 0)
