@@ -44,6 +44,7 @@ __all__ = [
     "positive_weight",
     "probabilities",
     "reduce",
+    "sigmoid_backward",
     "sigmoid_slope",
     "softmax_backward",
     "softmax_rest",
@@ -89,6 +90,16 @@ def sigmoid_slope(x: Tensor) -> Tensor:
     return torch.sigmoid(x) * torch.sigmoid(-x)
 
 
+def sigmoid_backward(g: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``g * sigmoid_slope(x)`` without autograd, as ``s (1 - s)`` with ``s = sigmoid(-|x|)
+    <= 1/2`` (where ``1 - s`` keeps its digits) in one fused op; into ``out`` if given (it may
+    be ``g`` itself). One temporary, ``s``."""
+    small = x.abs().neg_().sigmoid_()
+    if out is None:
+        return torch.ops.aten.sigmoid_backward(g, small)
+    return torch.ops.aten.sigmoid_backward.grad_input(g, small, grad_input=out)
+
+
 class _Sigmoid(torch.autograd.Function):
     """``torch.sigmoid`` with :func:`sigmoid_slope` in its backward (differentiable again:
     under ``create_graph`` the backward is recorded)."""
@@ -103,9 +114,7 @@ class _Sigmoid(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             return g * sigmoid_slope(x)
-        # s (1 - s) with s = sigmoid(-|x|) <= 1/2 (1 - s keeps its digits), in one fused op
-        small = x.abs().neg_().sigmoid_()  # one temporary
-        return torch.ops.aten.sigmoid_backward(g, small)
+        return sigmoid_backward(g, x)
 
 
 def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
@@ -208,9 +217,9 @@ def bce_slope(x: Tensor, g: Tensor, from_logits: bool, weight: Tensor | None = N
     ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``); else the clamped logs' slope
     ``(weight (1-g))/(1-p) - (weight g)/p`` with a term dropped where its log is clamped, each
     formed as a quotient (:func:`clamped_log_ratio`)."""
-    if from_logits:
+    if from_logits:  # lerp is exact at the weights 0 and 1
         slope = torch.lerp(torch.sigmoid(x), torch.sigmoid(-x).neg_(), g)
-        return slope if weight is None else slope * weight
+        return slope if weight is None else slope.mul_(weight)
     w = 1.0 if weight is None else weight
     return clamped_log_ratio((1 - g) * w, 1 - x) - clamped_log_ratio(g * w, x)
 

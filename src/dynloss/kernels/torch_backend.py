@@ -86,11 +86,8 @@ def _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index):
     g, valid = _binary_target(target, p.dtype, ignore_index)
     # dL/dp; expanding `self` keeps addcmul on its vectorised path (a (N, C, 1) self is 3x slower)
     grad = torch.addcmul(gp.unsqueeze(-1).expand_as(g), gi.unsqueeze(-1), g)
-    if from_logits:
-        # dp/dx = p (1 - p) = s (1 - s) with s = sigmoid(-|x|) <= 1/2, where 1 - s keeps its
-        # digits (1 - p near p = 1 would not); one fused op, as aten's sigmoid_backward is
-        small = _as(x, p.dtype).abs().neg_().sigmoid_()  # one temporary
-        torch.ops.aten.sigmoid_backward.grad_input(grad, small, grad_input=grad)
+    if from_logits:  # dp/dx with all its digits where the sigmoid saturates
+        _math.sigmoid_backward(grad, _as(x, p.dtype), out=grad)
     if valid is not None:
         grad.masked_fill_(~valid, 0)
     return grad
@@ -200,13 +197,7 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
     g, valid = _binary_target(target, dtype, params.ignore_index)
     # d loss / dx = coefficient * d bce / dx, coefficient = (focal slope) * (alpha weight)
     coefficient = None
-    if params.from_logits:
-        loss = _bce_with_logits(xc, g)
-        # d bce / dx = sigmoid(x) - g as (1-g) sigmoid(x) - g sigmoid(-x): exact for hard
-        # labels where the sigmoid saturates (lerp is exact at weights 0 and 1)
-        slope = torch.lerp(torch.sigmoid(xc), torch.sigmoid(xc.neg()).neg_(), g)
-    else:
-        loss = _math.elementwise_bce(xc, g, False)
+    loss = _bce_with_logits(xc, g) if params.from_logits else _math.elementwise_bce(xc, g, False)
     if params.gamma != 0:
         loss, coefficient = _math.focal_modulation_and_slope(loss, params.gamma)
     if params.alpha is not None:
@@ -214,11 +205,9 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
         weight = _math.positive_weight(g, params.alpha)
         loss.mul_(weight)
         coefficient = weight if coefficient is None else coefficient.mul_(weight)
-    if params.from_logits:
-        if coefficient is not None:
-            slope.mul_(coefficient)
-    else:  # the coefficient goes into the quotients' numerators (_math.clamped_log_ratio)
-        slope = _math.bce_slope(xc, g, False, coefficient)
+    # exact where the sigmoid saturates; probabilities: the coefficient goes into the
+    # quotients' numerators (_math.clamped_log_ratio)
+    slope = _math.bce_slope(xc, g, params.from_logits, coefficient)
     if valid is not None:
         loss.masked_fill_(~valid, 0)
         slope.masked_fill_(~valid, 0)
