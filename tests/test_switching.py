@@ -815,3 +815,30 @@ def test_a_failed_load_into_a_nested_loss_changes_nothing():
     same.load_state_dict(saved.state_dict())
     assert (same.count, same.active_index, same.switches) == (5, 1, [(0, 1, 3)])
     assert same._callbacks == [events.append]  # shared, not copied, by the trial load
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([DiceLoss(), BCELoss(mode="multiclass")],
+     r"losses: stage 'bce' takes class-index targets \(mode='multiclass'\) but stage 'dice' "
+     r"takes targets of the input's shape \(mode='binary'\)"),
+    ({"warmup": CompositeLoss([DiceLoss(mode="multiclass"), FocalLoss(mode="multiclass")]),
+      "fine": TverskyLoss(mode="multilabel")},
+     r"losses: stage 'fine' takes targets of the input's shape \(mode='multilabel'\) but "
+     r"stage 'warmup' takes class-index targets \(mode='multiclass'\)"),
+])
+def test_stages_that_cannot_take_the_same_target_are_refused_when_built(stages, message):
+    """Binary/multilabel and multiclass losses need different targets: a SwitchingLoss of
+    both failed only at the switch (epoch 50 by default), hours into a run."""
+    with pytest.raises(ValueError, match=message):
+        SwitchingLoss(stages)
+
+
+def test_binary_and_multilabel_stages_take_the_same_target_and_may_switch():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, 5, generator=generator)
+    target = (torch.rand(2, 3, 5, 5, generator=generator) > 0.5).float()
+    first, second = DiceLoss(mode="multilabel"), BCELoss(mode="binary")
+    loss = SwitchingLoss([first, second], milestones=[1])
+    assert torch.equal(loss(logits, target), first(logits, target))
+    loss.step()
+    assert torch.equal(loss(logits, target), second(logits, target))

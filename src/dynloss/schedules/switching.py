@@ -11,7 +11,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
+from ..constants import MULTICLASS_MODE
 from ..distributed import metric_value, reduce_mean
+from ..losses import SegmentationLoss
 from ._base import (
     check_count,
     child_needs_metric,
@@ -70,6 +72,42 @@ class SwitchEvent:
 SwitchCallback = Callable[[SwitchEvent], Any]
 
 
+_CLASS_INDEX = "class-index targets"
+_INPUT_SHAPED = "targets of the input's shape"
+
+
+def _target_kinds(stage: nn.Module) -> dict[str, str]:
+    """``{kind of target: mode}`` of the dynloss losses in ``stage`` (itself, or a composite's
+    or nested switch's terms): multiclass losses take class indices, binary and multilabel
+    ones targets of the input's shape."""
+    kinds: dict[str, str] = {}
+    for module in stage.modules():
+        if isinstance(module, SegmentationLoss):
+            kind = _CLASS_INDEX if module.mode == MULTICLASS_MODE else _INPUT_SHAPED
+            kinds.setdefault(kind, module.mode)
+    return kinds
+
+
+def _check_stage_targets(names: list[str], modules: list[Any]) -> None:
+    """Every stage is called with the same input and target, so a stage of multiclass losses
+    and one of binary/multilabel losses cannot both run: refuse them here rather than at the
+    switch, hours into training. (A stage mixing both fails at its own first call.)"""
+    first: tuple[str, str, str] | None = None  # (name, kind, mode) of the first typed stage
+    for name, module in zip(names, modules, strict=True):
+        kinds = _target_kinds(module)
+        if len(kinds) != 1:
+            continue
+        ((kind, mode),) = kinds.items()
+        if first is None:
+            first = (name, kind, mode)
+        elif kind != first[1]:
+            raise ValueError(
+                f"losses: stage {name!r} takes {kind} (mode={mode!r}) but stage {first[0]!r} "
+                f"takes {first[1]} (mode={first[2]!r}); every stage is called with the same "
+                "input and target (binary and multilabel stages may be mixed)"
+            )
+
+
 class SwitchingLoss(nn.Module):
     """A sequence of losses used one after the other: stage ``i`` uses ``losses[i]``.
 
@@ -81,7 +119,10 @@ class SwitchingLoss(nn.Module):
 
     Args:
         losses: two or more loss modules (a stage may be a :class:`~dynloss.CompositeLoss`), or
-            a ``{name: module}`` mapping.
+            a ``{name: module}`` mapping. Every stage is called with the same input and
+            target, so dynloss losses of ``mode="multiclass"`` (class-index targets) and of
+            ``"binary"``/``"multilabel"`` (targets of the input's shape) cannot be stages of
+            one switch: a ``ValueError`` at construction, not at the switch.
         milestones: strictly increasing counter values (ints >= 1) at which the next stage
             begins, one per switch. Default ``[50]`` (the paper's) for two stages when no
             ``trigger`` is given.
@@ -150,6 +191,7 @@ class SwitchingLoss(nn.Module):
                 f"SwitchingLoss needs at least two stages; got {len(modules)} (use the loss "
                 "itself, or a CompositeLoss, for one)"
             )
+        _check_stage_targets(names, modules)
         self.stages = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
