@@ -396,6 +396,10 @@ class SwitchingLoss(nn.Module):
           ``stage_count == count - count_last`` (``count`` before any switch); every trigger's
           history is valid for it.
 
+        Not checked: the stages' names, which are labels (a stage renamed between runs
+        resumes; a stage's own state, e.g. a CompositeLoss's, is under its name, so torch's
+        strict loading refuses it there).
+
         Raises:
             ValueError: any of the above; the message names the key or the mismatch.
 
