@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--long-epochs", type=int,
                    help="epochs of composite and switching runs, and of the controls "
                         "(paper: 100)")
-    g.add_argument("--switch-epoch", type=int, help="epoch of the loss switch (paper: 50)")
+    g.add_argument("--switch-epoch", type=int,
+                   help="epoch of the loss switch (default: --epochs; paper: 50)")
     g.add_argument("--switch-lr", choices=("keep", "restart"),
                    help="at the switch: keep LR and scheduler (default, the paper's protocol) "
                         "or restart the LR -- in every arm at the same epoch")

@@ -55,6 +55,19 @@ def _one_line_error(capsys, argv):
                                   "for that, and a trigger such as plateau(patience=5) here"),
     (["--pair", "bce", "iou"], "--pair: the first loss must be one of dice, iou, tversky; got "
                                "'bce'"),
+    # a --loss switch that its run never reaches (it trained one loss, reported as a switch)
+    (["--loss", "iou->bce@6"], "--loss 'iou->bce@6': a switch at 6 of 6 epochs never happens "
+                               "(a switching run trains for --long-epochs = 6)"),
+    (["--loss", "dice->bce@2->focal@9", "--long-epochs", "8"],
+     "--loss 'dice->bce@2->focal@9': a switch at 9 of 8 epochs never happens (a switching "
+     "run trains for --long-epochs = 8)"),
+    (["--download", "--data-dir", "/data/Task10_Colon"],
+     "--download and --data-dir exclude each other: --data-dir reads an extracted "
+     "Task10_Colon, --download fetches one (into --download-root)"),
+    (["--switch-lr", "restart", "--loss", "iou", "--loss", "iou->bce@2", "--loss",
+      "iou->bce@4"],
+     "--switch-lr restart: the runs without a switch restart where the switching runs switch, "
+     "but the --loss switches are at epochs 2 and 4: give one switch epoch per invocation"),
 ])
 def test_bad_options_are_one_line_naming_the_option(capsys, tmp_path, extra, message):
     assert _one_line_error(capsys, ["--out", str(tmp_path), *TINY, *extra]) == message
@@ -152,3 +165,26 @@ def test_switch_lr_restart_epoch_of_each_arm():
     keep = msd_colon.main(["--dry-run"])["args"]
     cfg = run_config(keep, RunSpec("table2", "iou+bce", 6, 0), synthetic=True)
     assert (cfg.switch_lr, cfg.restart_at) == ("keep", None)
+
+
+def test_the_switch_epoch_follows_the_single_loss_budget_unless_given():
+    """--switch-epoch defaults to --epochs (the paper: Table 1's 50 of 100); the presets' fixed
+    3 and 50 overrode that, so `--epochs 4 --long-epochs 8` still switched at 3."""
+    args = msd_colon.main(["--dry-run", "--epochs", "4", "--long-epochs", "8"])["args"]
+    assert args.switch_epoch == 4
+    assert msd_colon.main(["--dry-run"])["args"].switch_epoch == 3
+    given = msd_colon.main(["--dry-run", "--epochs", "4", "--long-epochs", "8",
+                            "--switch-epoch", "2"])["args"]
+    assert given.switch_epoch == 2
+
+
+def test_switch_lr_restart_with_loss_specs_restarts_where_they_switch():
+    """With --loss, the arms without a switch restart at the specs' own switch epoch (they
+    restarted at --switch-epoch, 3 here, while the switching arm restarted at 2)."""
+    from msd_colon_lib.experiments import RunSpec
+    from msd_colon_lib.runner import run_config
+
+    args = msd_colon.main(["--dry-run", "--switch-lr", "restart", "--loss", "iou+bce",
+                           "--loss", "iou->bce@2"])["args"]
+    cfg = run_config(args, RunSpec("table2", "iou+bce", 6, 0), synthetic=True)
+    assert (cfg.switch_lr, cfg.restart_at) == ("restart", 2)

@@ -56,6 +56,25 @@ def test_predicting_nothing_scores_high_only_per_slice():
 def test_no_tumour_slices_gives_nan_tumour_metric():
     m = summarize(np.array([[0, 0, 0, 5]]), np.array([0]))
     assert math.isnan(m["dice_tumour"]) and m["dice_slice"] == 1.0
+    assert math.isnan(m["dice_patient"]) and math.isnan(m["iou_patient"])
+
+
+def test_per_patient_leaves_out_empty_vs_empty_patients_as_nnunet_does():
+    """Under --split slice a patient's test slices may hold no tumour: such a patient with no
+    prediction scored 1 (a model predicting nothing got 0.7 per patient where it got 0
+    globally). nnU-Net's convention: empty vs empty is left out (NaN), false positives on a
+    patient without tumour score 0."""
+    counts = np.array([
+        [0, 0, 0, 50],  # patient 0: no tumour, nothing predicted -> left out
+        [0, 0, 0, 50],
+        [0, 4, 0, 46],  # patient 1: no tumour, 4 false positives -> 0
+        [3, 1, 1, 45],  # patient 2: Dice 6/8, IoU 3/5
+    ])
+    m = summarize(counts, np.array([0, 0, 1, 2]))
+    assert m["dice_patient"] == pytest.approx((0 + 6 / 8) / 2, abs=1e-6)
+    assert m["iou_patient"] == pytest.approx((0 + 3 / 5) / 2, abs=1e-6)
+    nothing = np.array([[0, 0, 0, 50]] * 7 + [[0, 0, 9, 41]] * 3)
+    assert summarize(nothing, np.arange(10))["dice_patient"] == 0.0
 
 
 CF = [0.66, 0.64, 0.67, 0.65, 0.68]

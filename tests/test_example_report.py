@@ -67,3 +67,40 @@ def test_report_puts_the_warnings_before_the_setup(tmp_path):
     assert text.index("## Warnings") < text.index("## Setup") < text.index("## Table 1")
     # the collapsed run is counted in its table row
     assert "| `bce` | 1 | **1 of 1** |" in text and "| `iou` | 1 | 0 |" in text
+
+
+def test_a_run_asked_for_twice_is_planned_and_counted_once(tmp_path):
+    """`--experiment demo table1` (and `demo paper`, `--loss iou --loss iou`) planned the demo's
+    table runs twice: the report showed one trained run as "2 runs" with a std of 0."""
+    from msd_colon_lib.experiments import plan
+
+    grid = plan(["demo", "table1", "table3"], seeds=[0], epochs=3, long_epochs=6,
+                switch_epoch=3)
+    assert len(grid) == len(set(grid))
+    assert grid.count(RunSpec("table1", "iou", 3, 0)) == 1
+    assert plan("demo", losses=["iou", "iou"], seeds=[0]) == [RunSpec("table1", "iou", 50, 0)]
+    path = write_report(tmp_path, [(spec, _res()) for spec in grid], setup={},
+                        context={"experiments": ["demo", "table1", "table3"]})
+    assert "| `iou` | 1 | 0 |" in path.read_text()
+
+
+def test_different_switch_specs_are_rows_of_their_own(tmp_path):
+    """`--loss iou->bce@2 --loss iou->bce@4` were one row (mean ± std over both) named after the
+    first; the paper's numbers stay beside each (its table names the pair)."""
+    runs = [(RunSpec("table3", spec, 6, seed), _res(dice_slice=dice))
+            for spec, dice in (("iou->bce@2", 0.2), ("iou->bce@4", 0.8)) for seed in (0, 1)]
+    text = write_report(tmp_path, runs, setup={}, context={"experiments": ["--loss"]}
+                        ).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `iou->bce@")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| `iou->bce@2` | 2 | 0 | 0.2000 ± 0.0000")
+    assert rows[1].startswith("| `iou->bce@4` | 2 | 0 | 0.8000 ± 0.0000")
+    assert all(row.endswith("| 0.7882 | 0.6750 |") for row in rows)
+
+
+def test_the_base_spec_drops_a_trigger_with_a_minus_sign():
+    from msd_colon_lib.experiments import base_spec
+
+    assert base_spec("iou->bce@plateau(threshold=1e-3, patience=2)") == "iou->bce"
+    assert base_spec("iou->bce@50") == "iou->bce"
+    assert base_spec("dice+bce->focal@10") == "dice+bce->focal"

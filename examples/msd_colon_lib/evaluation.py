@@ -8,7 +8,9 @@ about 90 % of the slices hold no tumour:
 - ``tumour``  per slice, mean over the slices that *contain* tumour only;
 - ``global``  one Dice over all pixels of the test set (TP, FP, FN summed over every slice);
 - ``patient`` per patient in 3D (counts summed over the patient's test slices), then the mean
-  over patients -- the convention of the Decathlon and nnU-Net.
+  over patients -- the convention of the Decathlon and nnU-Net: a patient with no tumour and
+  no prediction is left out (every real case holds tumour, but under ``--split slice`` a
+  patient's test slices may not), one with no tumour but false positives scores 0.
 
 Per-slice confusion counts come from ``segmentation_models_pytorch.metrics.get_stats`` and the
 scores from its ``f1_score`` / ``iou_score`` (``zero_division=1`` makes empty-vs-empty 1).
@@ -49,7 +51,8 @@ def summarize(counts: np.ndarray, patients: np.ndarray) -> dict[str, float]:
     """The eight numbers ``{dice,iou}_{slice,tumour,global,patient}`` from per-slice counts.
 
     ``counts``: ``(N, 4)`` ``[tp, fp, fn, tn]`` per slice; ``patients``: ``(N,)`` patient ids.
-    ``*_tumour`` is NaN when no slice contains tumour.
+    ``*_tumour`` is NaN when no slice contains tumour, ``*_patient`` when no patient has
+    tumour or a prediction.
     """
     counts = np.asarray(counts, dtype=np.int64).reshape(-1, 4)
     patients = np.asarray(patients)
@@ -67,8 +70,12 @@ def summarize(counts: np.ndarray, patients: np.ndarray) -> dict[str, float]:
     dice, iou = _scores(counts.sum(0), None)
     out["dice_global"], out["iou_global"] = float(dice[0]), float(iou[0])
     per_patient = np.stack([counts[patients == p].sum(0) for p in np.unique(patients)])
-    dice, iou = _scores(per_patient, None)
-    out["dice_patient"], out["iou_patient"] = float(dice.mean()), float(iou.mean())
+    scored = per_patient[per_patient[:, :3].sum(1) > 0]  # empty vs empty: left out (nnU-Net)
+    if len(scored):
+        dice, iou = _scores(scored, None)
+        out["dice_patient"], out["iou_patient"] = float(dice.mean()), float(iou.mean())
+    else:
+        out["dice_patient"] = out["iou_patient"] = float("nan")
     return {k: out[k] for k in METRIC_KEYS}
 
 

@@ -94,11 +94,6 @@ class RunSpec:
         part = f"fold{self.fold}" if self.fold is not None else f"seed{self.seed}"
         return f"runs/{slug(self.loss)}/e{self.epochs}/{part}"
 
-    @property
-    def key(self) -> str:
-        """The loss without its switch epoch, as the paper's tables name it."""
-        return base_spec(self.loss)
-
 
 def slug(spec: str) -> str:
     """A folder name for a loss spec.
@@ -112,8 +107,24 @@ def slug(spec: str) -> str:
 
 
 def base_spec(spec: str) -> str:
-    """The spec without its switch points: ``iou->bce@50`` -> ``iou->bce``."""
-    return re.sub(r"@[^-+>]*", "", spec)
+    """The spec without its switch points: each ``@...`` up to the next ``->`` or ``+`` outside
+    parentheses.
+
+    >>> base_spec("iou->bce@50"), base_spec("iou->bce@plateau(threshold=1e-3)")
+    ('iou->bce', 'iou->bce')
+    """
+    out, depth, skipping, i = [], 0, False, 0
+    while i < len(spec):
+        ch = spec[i]
+        depth += (ch == "(") - (ch == ")")
+        if ch == "@" and depth == 0:
+            skipping = True
+        elif depth == 0 and (spec.startswith("->", i) or ch == "+"):
+            skipping = False
+        if not skipping:
+            out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def switch_at(spec: str) -> str:
@@ -189,7 +200,9 @@ def plan(
     """The runs of ``experiment`` (a name or several); ``losses`` replaces the grid by the given
     specs. ``demo_pair`` is the pair of the demo and of the experiments beyond the paper.
 
-    The same run may appear in several sections (as several specs with one :attr:`RunSpec.name`).
+    The same run may appear in several sections (as several specs with one :attr:`RunSpec.name`),
+    but once per section: a spec that two experiments (or two ``losses``) ask for in one
+    section is planned once.
     """
     wanted = expand(experiment)
     runs: list[RunSpec] = []
@@ -198,7 +211,7 @@ def plan(
             table = {"single": "table1", "composite": "table2", "switch": "table3"}[kind(spec)]
             n = epochs if kind(spec) == "single" else long_epochs
             runs += [RunSpec(table, spec, n, s) for s in seeds]
-        return runs
+        return list(dict.fromkeys(runs))  # a spec given twice is one run
     region, distribution = demo_pair
     pair = f"{region}&{distribution}"
     fixed = f"{region}->{distribution}@{switch_epoch}"
@@ -236,7 +249,8 @@ def plan(
         adaptive = f"{region}->{distribution}@{trigger or default_trigger(long_epochs)}"
         for spec in (adaptive, fixed):
             runs += [RunSpec("adaptive", spec, long_epochs, s, pair=pair) for s in seeds]
-    return runs
+    # a run that two experiments put in one section (the demo's and table1's `iou`) is one run
+    return list(dict.fromkeys(runs))
 
 
 def unique_runs(specs: Sequence[RunSpec]) -> list[RunSpec]:

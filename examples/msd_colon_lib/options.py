@@ -20,20 +20,27 @@ import os
 from typing import Any
 
 from .errors import OptionsError
-from .experiments import DISTRIBUTION, REGION, SWITCH_FRACTIONS, default_trigger, expand
+from .experiments import (
+    DISTRIBUTION,
+    REGION,
+    SWITCH_FRACTIONS,
+    default_trigger,
+    expand,
+    kind,
+)
 from .training import MONITORS, TRAIN_LOSS
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the embedded default: runs in minutes on 2 CPU cores
     "demo": {
         "image_size": 64, "batch_size": 8, "lr": 1e-3, "epochs": 3, "long_epochs": 6,
-        "switch_epoch": 3, "experiment": ["demo"], "seeds": [0], "plateau_patience": 2,
+        "experiment": ["demo"], "seeds": [0], "plateau_patience": 2,
         "precise_bn": 8, "val_fraction": 0.1, "encoder_weights": "none",
     },
     # the paper's protocol
     "paper": {
         "image_size": 256, "batch_size": 32, "lr": 1e-4, "epochs": 50, "long_epochs": 100,
-        "switch_epoch": 50, "experiment": ["paper"], "seeds": [0, 1, 2], "folds": 5,
+        "experiment": ["paper"], "seeds": [0, 1, 2], "folds": 5,
         "plateau_patience": 5, "precise_bn": 0, "val_fraction": 0.0,
         "encoder_weights": "imagenet",
     },
@@ -59,7 +66,8 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
-    if args.switch_epoch is None:
+    args.switch_epoch_given = args.switch_epoch is not None
+    if args.switch_epoch is None:  # the paper: the single losses' 50 epochs of 100
         args.switch_epoch = args.epochs
     if args.monitor == "auto":
         args.monitor = TRAIN_LOSS if args.val_fraction == 0 else "dice_global"
@@ -73,13 +81,50 @@ def _spec_error(option: str, spec: str, error: Exception) -> OptionsError:
     return OptionsError(f"{option} {spec!r}: {message}")
 
 
-def _check_spec(option: str, spec: str) -> None:
+def _check_spec(option: str, spec: str) -> Any:
     import dynloss
 
     try:
-        dynloss.build_loss(spec)
+        return dynloss.build_loss(spec)
     except (ValueError, TypeError) as error:
         raise _spec_error(option, spec, error) from error
+
+
+def _milestones(loss: Any) -> list[int]:
+    """The fixed switch epochs (``@N``) of every SwitchingLoss in ``loss``, in order."""
+    from dynloss import Milestone, SwitchingLoss
+
+    return [trigger.at for module in loss.modules() if isinstance(module, SwitchingLoss)
+            for trigger in module.triggers if isinstance(trigger, Milestone)]
+
+
+def _check_loss_specs(args: argparse.Namespace, need: Any) -> None:
+    """``--loss``: valid specs whose fixed switches happen within their runs; with
+    ``--switch-lr restart`` the arms without a switch restart where the switching ones
+    switch (``args.switch_epoch`` becomes that epoch)."""
+    switches: set[int] = set()
+    plain = False
+    for spec in args.loss:
+        loss = _check_spec("--loss", spec)
+        epochs = args.epochs if kind(spec) == "single" else args.long_epochs
+        for at in _milestones(loss):
+            need(at < epochs, f"--loss {spec!r}: a switch at {at} of {epochs} epochs never "
+                              f"happens (a switching run trains for --long-epochs = {epochs})")
+        if kind(spec) == "switch":
+            switches.update(_milestones(loss)[:1])
+        else:
+            plain = True
+    if args.switch_lr != "restart" or not plain or not switches:
+        return
+    need(len(switches) == 1,
+         "--switch-lr restart: the runs without a switch restart where the switching runs "
+         f"switch, but the --loss switches are at epochs {' and '.join(map(str, sorted(switches)))}"
+         ": give one switch epoch per invocation")
+    (at,) = switches
+    need(not args.switch_epoch_given or args.switch_epoch == at,
+         f"--switch-epoch {args.switch_epoch} and the --loss switch at {at} disagree: with "
+         "--loss the switch is the spec's")
+    args.switch_epoch = at
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -134,8 +179,11 @@ def validate(args: argparse.Namespace) -> None:
         need(1 <= args.switch_epoch < args.long_epochs,
              f"--switch-epoch must lie in 1 .. --long-epochs - 1 = {args.long_epochs - 1} (a "
              f"switch at {args.switch_epoch} of {args.long_epochs} epochs never happens)")
-    for spec in args.loss or []:
-        _check_spec("--loss", spec)
+    need(not (args.download and args.data_dir),
+         "--download and --data-dir exclude each other: --data-dir reads an extracted "
+         "Task10_Colon, --download fetches one (into --download-root)")
+    if args.loss:
+        _check_loss_specs(args, need)
     trigger = args.adaptive_trigger
     need(not trigger.strip().isdigit(),
          f"--adaptive-trigger {trigger!r} is a fixed epoch: use --switch-epoch for that, and a "

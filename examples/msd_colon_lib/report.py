@@ -29,6 +29,7 @@ from .experiments import (
     PAPER_TABLE4,
     PAPER_TABLES,
     RunSpec,
+    base_spec,
     compare,
     kind,
     mean_std,
@@ -140,11 +141,16 @@ def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
     head = ["Loss", "runs", "collapsed", *_metric_head(), "paper Dice", "paper IoU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ORDER[table]
-    keys = sorted(rows, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+    def place(loss: str) -> tuple[int, str]:
+        key = base_spec(loss)
+        return (order.index(key) if key in order else len(order), loss)
+
     paper = {"table1": PAPER_TABLE1, "table2": PAPER_TABLE2, "table3": PAPER_TABLE3}[table]
-    for key in keys:
-        results = rows[key]
-        cells = [f"`{results[0]['_spec'].loss}`", str(len(results)), _collapsed_cell(results),
+    for loss in sorted(rows, key=place):  # one row per spec; the paper's row per pair
+        results = rows[loss]
+        key = base_spec(loss)
+        cells = [f"`{loss}`", str(len(results)), _collapsed_cell(results),
                  *_metric_cells(results)]
         if key in paper:
             p = paper[key]
@@ -411,7 +417,7 @@ def write_report(
     by_table: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for spec, res in runs:
         if spec.table in ORDER:
-            by_table[spec.table][spec.key].append({**res, "_spec": spec})
+            by_table[spec.table][spec.loss].append({**res, "_spec": spec})
     for table in ("table1", "table2", "table3"):
         if table in by_table:
             epochs = sorted({r["_spec"].epochs for rs in by_table[table].values() for r in rs})
