@@ -176,3 +176,50 @@ def test_fetch_task10_refuses_an_unsafe_tar_in_one_line(tmp_path):
     assert str(info.value) == (f"{root / 'Task10_Colon.tar'}: refusing to extract link 'a/b' -> "
                                f"'..': it points outside {root / '.extract-tmp'}")
     assert not (root / ".extract-tmp").exists() and not (root / "Task10_Colon").exists()
+
+
+@pytest.mark.parametrize("members, message", [
+    # `x -> y/..` is inside when checked (y is a folder then); `y -> .` later makes it `..`
+    ([("x", "sym", "y/.."), ("y", "sym", ".")],
+     r"refusing to extract link 'x' -> 'y/\.\.': through the archive's later links it "
+     r"points outside"),
+    ([("T/x", "sym", "y/../.."), ("T/y", "sym", "."), ("T/f", "file", b"f")],
+     r"refusing to extract link 'T/x' -> 'y/\.\./\.\.': through the archive's later links"),
+    # case aliases: on a case-insensitive file system `A/b` is created through the link `a`
+    ([("a", "sym", "."), ("A/b", "sym", ".."), ("A/b/FILE", "file", b"escaped")],
+     r"refusing to extract 'A/b': 'A' differs from the link 'a' only in case"),
+    # a backslash is a separator on Windows
+    ([("x\\..\\..\\evil", "file", b"evil")], r"refusing to extract 'x\\\\\.\.\\\\\.\.\\\\evil': "
+                                             r"a backslash in a name"),
+])
+def test_safe_extract_refuses_links_that_escape_later_or_on_other_file_systems(
+        tmp_path, monkeypatch, members, message):
+    """Found by review: the first two leave a link pointing outside in the extracted tree
+    (nothing is written outside during extraction; a later reader follows it); the last two
+    write outside on a case-insensitive file system or on Windows without the data filter."""
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tar = _link_tar(tmp_path / "links.tar", members)
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        download.safe_extract(tar, target, progress=False)
+    assert list(target.iterdir()) == []
+
+
+def test_fetch_task10_without_dataset_json_leaves_no_temporary_folder(tmp_path):
+    src = _tar(tmp_path / "mirror.tar", [("Task10_Colon/imagesTr/a.nii.gz", b"x")])
+    root = tmp_path / "data"
+    with pytest.raises(download.DownloadError, match="does not contain Task10_Colon/dataset"):
+        download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert sorted(p.name for p in root.iterdir()) == ["Task10_Colon.tar"]
+
+
+def test_fetch_task10_into_a_folder_that_holds_other_files_is_one_line(tmp_path):
+    src = _task10_tar(tmp_path / "mirror.tar")
+    root = tmp_path / "data"
+    (root / "Task10_Colon").mkdir(parents=True)
+    (root / "Task10_Colon" / "notes.txt").write_text("mine")
+    with pytest.raises(download.DownloadError, match=r"Task10_Colon exists without a "
+                                                     r"dataset\.json: move it away"):
+        download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert (root / "Task10_Colon" / "notes.txt").read_text() == "mine"
+    assert not (root / ".extract-tmp").exists()

@@ -405,3 +405,42 @@ def test_training_with_a_last_batch_of_one(store, split, tmp_path):
     cfg = RunConfig(loss="bce", epochs=1, batch_size=batch, lr=1e-3, device="cpu", precise_bn=1)
     res = train_run(cfg, store, split, tmp_path, progress=False)
     assert len(res["history"]) == 1 and np.isfinite(res["history"][0]["train_loss"])
+
+
+def test_fingerprint_holds_the_precision_the_device_resolves_to(store, split):
+    """`--amp auto` is bf16 + channels_last on CUDA and float32 on the CPU: a CPU result was
+    reused for a CUDA invocation (device is not in the fingerprint); `--amp bf16` and `auto`
+    that mean the same precision recomputed a valid result."""
+    from msd_colon_lib.fingerprint import differences
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = RunConfig(loss="iou", epochs=2, amp="auto")
+    off = RunConfig(loss="iou", epochs=2, amp="off")
+    bf16 = RunConfig(loss="iou", epochs=2, amp="bf16")
+    on_cpu = run_fingerprint(auto, store, split, device=cpu)
+    assert differences(on_cpu, run_fingerprint(off, store, split, device=cpu)) == []
+    assert differences(on_cpu, run_fingerprint(bf16, store, split, device=cpu)) == []
+    assert differences(on_cpu, run_fingerprint(bf16, store, split, device=cuda)) == [
+        "precision: autocast: float32 -> bfloat16", "precision: channels_last: false -> true"]
+
+
+def test_benchmark_under_torchrun_puts_each_rank_on_its_own_gpu(monkeypatch, tmp_path):
+    """`--benchmark` resolved "auto" without the local rank: every rank on cuda:0."""
+    from types import SimpleNamespace
+
+    from msd_colon_lib import benchmark
+    from msd_colon_lib.distributed import Dist
+
+    asked = []
+
+    def resolve_device(device, local_rank=0):
+        asked.append((device, local_rank))
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(benchmark, "resolve_device", resolve_device)
+    args = SimpleNamespace(loss=["iou"], batch_size=8, lr=1e-3, encoder_weights="none",
+                           amp="auto", workers=0, device="auto", benchmark_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_benchmark(args, [0], tmp_path, Dist(rank=3, world=4, local_rank=3),
+                                synthetic=True)
+    assert asked == [("auto", 3)]

@@ -17,7 +17,8 @@ from .training import RunConfig, loader, optimizer_step, training_setup
 
 
 def benchmark(
-    cfg: RunConfig, store: SliceStore, indices: np.ndarray, *, steps: int = 30, warmup: int = 5
+    cfg: RunConfig, store: SliceStore, indices: np.ndarray, *, steps: int = 30, warmup: int = 5,
+    local_rank: int = 0,
 ) -> dict[str, Any]:
     """Images/s of full training steps and the share of step time spent in the loss.
 
@@ -25,7 +26,7 @@ def benchmark(
     measured separately with device synchronisation, over the mean time of a full step
     (forward, loss, backward, optimizer) measured without intermediate synchronisation.
     """
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, local_rank)  # under torchrun: this rank's GPU
     model, loss_fn, optimizer, scaler, amp_dtype, channels_last = training_setup(cfg, device)
     source = loader(store, indices, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0,
                     workers=cfg.workers, d=Dist(), pin=device.type == "cuda")
@@ -94,7 +95,8 @@ def run_benchmark(args: Any, store: SliceStore, out: Path, d: Dist, synthetic: b
         cfg = RunConfig(loss=spec, epochs=1, batch_size=args.batch_size, lr=args.lr,
                         encoder_weights=args.encoder_weights, amp=args.amp, workers=args.workers,
                         device=args.device)
-        row = benchmark(cfg, store, np.arange(len(store)), steps=args.benchmark_steps)
+        row = benchmark(cfg, store, np.arange(len(store)), steps=args.benchmark_steps,
+                        local_rank=d.local_rank)
         rows.append({**row, "data": data})
     if d.main:
         out.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,7 @@ class _ArchiveTree:
     def __init__(self, target: Path) -> None:
         self.target = target
         self.links: dict[tuple[str, ...], str] = {}
+        self.folded: dict[tuple[str, ...], tuple[str, ...]] = {}  # casefolded -> link path
 
     def resolve(self, path: str, *, follow_last: bool = True, start: tuple[str, ...] = ()
                 ) -> tuple[str, ...]:
@@ -135,6 +136,12 @@ class _ArchiveTree:
                 done.pop()
                 continue
             candidate = (*done, part)
+            alias = self.folded.get(tuple(p.casefold() for p in candidate))
+            if alias is not None and alias != candidate:
+                raise ValueError(
+                    f"{'/'.join(candidate)!r} differs from the link {'/'.join(alias)!r} only in "
+                    "case (the same path on a case-insensitive file system)"
+                )
             link = None
             if pending or follow_last:
                 link = self.links.get(candidate)
@@ -156,6 +163,9 @@ class _ArchiveTree:
     def check(self, member: tarfile.TarInfo) -> None:
         """Raise ``ValueError`` if extracting ``member`` would write or point outside."""
         name = member.name
+        if "\\" in name or ((member.issym() or member.islnk()) and "\\" in member.linkname):
+            raise ValueError(f"refusing to extract {name!r}: a backslash in a name (a "
+                             "separator on Windows)")
         try:
             parts = [p for p in name.split("/") if p not in ("", ".")]
             if os.path.isabs(name) or not parts:
@@ -187,8 +197,24 @@ class _ArchiveTree:
                 raise ValueError(f"refusing to extract {name!r}: {error}") from None
             if member.issym():  # tarfile replaces whatever was at that name
                 self.links[final] = member.linkname
+                self.folded[tuple(p.casefold() for p in final)] = final
         if member.isdev() or member.isfifo():
             raise ValueError(f"refusing to extract special file {name!r}")
+
+    def check_final_links(self) -> None:
+        """Raise ``ValueError`` for a link that points outside through links created *after*
+        it (``x -> y/..``, then ``y -> .``): a link is followed when it is used, after the
+        whole archive is extracted, so each is resolved again through the final set."""
+        for final, linkname in self.links.items():
+            try:
+                self.resolve(linkname, start=final[:-1])
+            except _Outside:
+                raise ValueError(
+                    f"refusing to extract link {'/'.join(final)!r} -> {linkname!r}: through "
+                    f"the archive's later links it points outside {self.target}"
+                ) from None
+            except ValueError as error:
+                raise ValueError(f"refusing to extract {'/'.join(final)!r}: {error}") from None
 
 
 def safe_extract(
@@ -213,6 +239,7 @@ def safe_extract(
         tree = _ArchiveTree(target)
         for member in members:
             tree.check(member)
+        tree.check_final_links()
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         for member in tqdm(members, desc="extract", unit="file", disable=not progress):
             archive.extract(member, target, **kwargs)
@@ -243,7 +270,14 @@ def fetch_task10(
         raise DownloadError(f"{tar_path}: {error}") from error
     extracted = tmp / "Task10_Colon"
     if not (extracted / "dataset.json").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{tar_path} does not contain Task10_Colon/dataset.json")
+    if data_dir.exists() and any(data_dir.iterdir()):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{data_dir} exists without a dataset.json: move it away (or pass "
+                            "--data-dir for a complete Task10_Colon) and download again")
+    if data_dir.exists():
+        data_dir.rmdir()  # empty: os.replace cannot put a folder over it on every platform
     os.replace(extracted, data_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     if not keep_tar:

@@ -160,6 +160,7 @@ _LABELS = (
     ("code.example.", "code of msd_colon_lib/"),
     ("code.", "code: "),
     ("split.", "split: "),
+    ("precision.", "precision: "),
 )
 
 

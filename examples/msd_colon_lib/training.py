@@ -124,10 +124,17 @@ def _indices(indices: np.ndarray) -> dict[str, Any]:
 
 
 def run_fingerprint(cfg: RunConfig, store: SliceStore, splits: dict[str, np.ndarray],
-                    world: int = 1) -> dict[str, Any]:
-    """Everything that determines the result of ``cfg`` on ``splits`` of ``store``."""
+                    world: int = 1, device: torch.device | None = None) -> dict[str, Any]:
+    """Everything that determines the result of ``cfg`` on ``splits`` of ``store`` run on
+    ``device`` (default: ``cfg.device`` resolved): the precision ``cfg.amp`` resolves to there
+    (``auto`` is bf16 and channels_last on CUDA, float32 on the CPU) instead of ``amp``."""
+    device = device if device is not None else resolve_device(cfg.device)
+    autocast = autocast_dtype(cfg.amp, device)
+    options = {k: v for k, v in cfg.result_options().items() if k != "amp"}
     fp: dict[str, Any] = {
-        "config": cfg.result_options(),
+        "config": options,
+        "precision": {"autocast": str(autocast or torch.float32).removeprefix("torch."),
+                      "channels_last": device.type == "cuda"},
         "split": {k: _indices(v) for k, v in sorted(splits.items())},
         "data": store.fingerprint,
         "code": code_version(),
@@ -298,7 +305,8 @@ def train_run(
     d = dist_info or Dist()
     run_dir = Path(run_dir)
     check_config(cfg, len(splits["val"]))
-    fingerprint = run_fingerprint(cfg, store, splits, d.world)
+    device = resolve_device(cfg.device, d.local_rank)
+    fingerprint = run_fingerprint(cfg, store, splits, d.world, device)
     barrier(d)
     action, detail = broadcast(d, decide(run_dir, fingerprint, resume) if d.main else None)
     if action == "refuse":
@@ -313,7 +321,6 @@ def train_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG, json.dumps(
             {**cfg.to_dict(), "fingerprint": fingerprint}, indent=1))
-    device = resolve_device(cfg.device, d.local_rank)
     model, loss_fn, optimizer, scaler, amp_dtype, channels_last = training_setup(cfg, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=cfg.monitor_mode, factor=cfg.plateau_factor,
