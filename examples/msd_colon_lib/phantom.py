@@ -11,8 +11,8 @@ evaluation, report) runs anywhere in minutes, exactly as it runs on the real dat
 - bowel-like tubes that wander from slice to slice, and one tumour per patient: an ellipsoidal,
   slightly brighter (contrast-enhancing) blob on a bowel wall spanning about 10 % of the slices.
 
-Everything is drawn from ``numpy.random.default_rng(seed + patient)``, so the volumes are the
-same on every machine.
+Everything is drawn from ``numpy.random.default_rng([seed, patient])`` (a seed sequence: no
+two (seed, patient) pairs share a stream), so the volumes are the same on every machine.
 """
 
 from __future__ import annotations
