@@ -245,7 +245,8 @@ def test_nesting_deeper_than_the_limit_is_a_spec_error(open_: str, close: str, i
 def test_nesting_at_the_limit_builds() -> None:
     assert repr(build_loss("(" * 64 + "dice" + ")" * 64)) == "DiceLoss()"
     # a call's parentheses and a list's brackets count as one level each: 31 * 2 + 2 = 64
-    spec = "composite([" * 31 + "focal(alpha=[0.2, 0.8], mode='multiclass')" + "])" * 31 + "->bce@3"
+    spec = ("composite([" * 31 + "focal(alpha=[0.2, 0.8], mode='multiclass')" + "])" * 31
+            + "->bce(mode='multiclass')@3")
     loss = build_loss(spec)
     assert isinstance(loss, SwitchingLoss) and loss.milestones == [3]
     # its repr adds SwitchingLoss([...]): 66 levels, which build_loss refuses

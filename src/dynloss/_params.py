@@ -125,6 +125,8 @@ def distribution_params(
     gamma = check_non_negative("gamma", gamma)
     checked_alpha = check_focal_alpha(alpha, common["mode"], alpha_name)
     checked_k = None if k is None else check_fraction("k", k)
+    if checked_k == 1.0:  # every element is selected: TopK is BCE, formed as BCE, bit for bit
+        checked_k = None
     return DistributionParams(gamma=gamma, alpha=checked_alpha, k=checked_k, **common)
 
 
