@@ -22,7 +22,7 @@ def close(ours, theirs, rtol=RTOL, atol=1e-6):
 
 
 # smp 0.6 computes the intersection as (P + G - |p - g|_1) / 2, which equals sum(p * g) only
-# for hard labels and cancels badly in float32 (it returns -7e-7 for a perfect Tversky score).
+# for hard labels (and is formed from a difference of sums in float32).
 # Parity is therefore checked in float64, where both sides are exact to ~1e-12.
 
 

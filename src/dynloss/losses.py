@@ -370,7 +370,7 @@ class DiceLoss(_RegionLoss):
     :math:`I = \sum p g`, :math:`P = \sum p`, :math:`G = \sum g` per class (pooled over the
     batch unless ``per_image``). Equals smp's ``DiceLoss(mode)`` whenever every class has a
     positive pixel in the batch. smp scores a class absent from the batch as 0, so its false
-    positives go unpunished; here it scores ``P / (P + s)`` (use ``smooth > 0`` for a useful
+    positives go unpunished; here its loss is ``P / (P + 2s)`` (use ``smooth > 0`` for a useful
     gradient there).
     """
         + _common_doc(_REGION_ARGS)

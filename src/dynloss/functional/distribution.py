@@ -101,7 +101,7 @@ _SHARED_DOC = """
             where that costs no device synchronisation. Where the check does not run (CUDA
             by default, ``False``, inside ``torch.compile``) such values make the loss NaN
             (per element with ``reduction="none"``). A NaN or infinite kept input makes the
-            loss NaN everywhere.
+            loss NaN (with ``reduction="none"``, its own element).
 
     Returns:
         The loss, a float32 (float64 for float64 input) tensor shaped by ``reduction``.

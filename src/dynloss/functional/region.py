@@ -17,8 +17,10 @@ smoothing.
 
 ``eps`` (default 1e-7) sits in numerator and denominator, so an empty target scored against an
 empty prediction gives 1 (loss 0) instead of 0/0, and the loss never divides by zero. With
-``smooth=0`` the value differs from smp's (which clamps the denominator to ``eps`` instead) by
-a relative ``eps / (P + G)``: below 1e-7 for any image with a positive pixel.
+``smooth=0`` the loss differs from smp's (which clamps the denominator to ``eps`` instead) by a
+relative ``eps / (TP + alpha FP + beta FN + eps)`` (Dice ``2 eps / (P + G + 2 eps)``, IoU
+``eps / (P + G - I + eps)``): below 2e-7 for Dice and 1e-7 for IoU on any image with a
+positive pixel.
 
 Sums run over the pixels of each (sample, class). ``per_image=False`` (default; smp's and
 the paper's convention) pools them over the batch, giving one score per class;
@@ -26,9 +28,9 @@ the paper's convention) pools them over the batch, giving one score per class;
 averaged over classes (and samples).
 
 Where dynloss differs from smp: smp sets the loss of a class with no positive pixel in the
-batch to 0, so false positives on an empty batch cost nothing; dynloss keeps the Tversky value,
-which is ``P / (P + s)`` for an empty target: near 1 as soon as anything is predicted, 0 for an
-empty prediction. With ``smooth=0`` that value carries almost no gradient (the Dice index of an
+batch to 0, so false positives on an empty batch cost nothing; dynloss keeps the Tversky loss,
+which is ``alpha P / (alpha P + s)`` for an empty target (Dice ``P / (P + 2s)``, IoU
+``P / (P + s)``): near 1 as soon as anything is predicted, 0 for an empty prediction. With ``smooth=0`` that value carries almost no gradient (the Dice index of an
 empty target is flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty
 targets down.
 """
@@ -125,7 +127,8 @@ _SHARED_DOC = """
             range, which reads the data on the host; ``None`` (default): for CPU tensors,
             where that costs no device synchronisation. Where the check does not run (CUDA
             by default, ``False``, inside ``torch.compile``) such values make the loss NaN.
-            A NaN or infinite kept input makes the loss NaN everywhere.
+            A NaN or infinite kept input makes the loss NaN (with ``reduction="none"``, the
+            scores whose sums it enters).
         ddp_pool: with ``per_image=False``, sum ``I, P, G`` over all ``torch.distributed``
             ranks (differentiably) before the score, so the loss equals the single-process
             loss on the concatenated batch (default False; no-op outside a process group).
@@ -205,8 +208,9 @@ def dice_loss(
     r"""Dice loss :math:`1 - (2I + 2s) / (P + G + 2s)`, ``s = smooth + eps``.
 
     Equals smp's ``DiceLoss(mode)`` (``smooth=0``) whenever every class has a positive pixel in
-    the batch; smp's ``smooth=t`` corresponds to ours ``smooth=t/2``. With ``per_image=True`` it
-    equals MONAI's ``DiceLoss(smooth_nr=2s, smooth_dr=2s)``.
+    the batch; smp 0.6's ``smooth=t`` is ours ``smooth=t`` (it also adds ``2t``; the two differ
+    by ``eps`` only). With ``per_image=True`` it equals MONAI's ``DiceLoss(smooth_nr=2s,
+    smooth_dr=2s)``.
 
     {shared}
     Examples:
