@@ -281,7 +281,9 @@ class DistributionSum(torch.autograd.Function):
                 count = torch.tensor(float(loss.numel()), dtype=dtype, device=x.device)
             else:
                 count = valid.sum().to(dtype)
-        saved = _as(slope, x.dtype)
+        # kept in the compute dtype: rounded to a half-precision input's dtype before the
+        # upstream gradient and 1/M are applied, small slopes became subnormals or 0
+        saved = slope
         ctx.save_for_backward(x, target, saved)
         # probabilities: where 1/p overflows the slope is +-inf (float32 p below ~2.9e-39;
         # float16 ~1.5e-5), and upstream * inf is not what autograd forms, (upstream * w) / p:
@@ -305,8 +307,9 @@ class DistributionSum(torch.autograd.Function):
                 lambda xs: _reference_distribution_sum(xs, target, params, checked),
                 (x,), (grad_total,))
             return grad, None, None, None
-        # scale in the upstream gradient's precision (1/N underflows float16), then cast back
-        grad = _as(_as(slope, grad_total.dtype) * grad_total, slope.dtype)
+        # scaled in the compute dtype (the upstream's: 1/N underflows float16), rounded to the
+        # input's dtype once
+        grad = _as(_as(slope, grad_total.dtype) * grad_total, x.dtype)
         return grad, None, None, None
 
 
