@@ -529,3 +529,40 @@ def test_saturated_sigmoid_keeps_its_digits(backend, name, mode, target):
     kwargs = {"k": 0.5} if name == "topk" else {}
     x, t = saturated_binary(mode, target=target)
     _assert_keeps_its_digits(name, mode, backend, x, t, kwargs)
+
+
+# float64 targets whose float32 rounding would change the answer to "in [0, 1]?" or "ignored?"
+WIDE_TARGETS = [
+    # (values, ignore_index, valid): 1 + 1e-9 and -1e-50 lie outside [0, 1]; float32 rounds them
+    # onto 1 and -0
+    ([1 + 1e-9, 0.0, 1.0, 0.0], None, False),
+    ([-1e-50, 0.0, 1.0, 0.0], None, False),
+    # 16777216 is not ignore_index 16777217 (which float32 rounds onto it): kept, invalid
+    ([16777216.0, 0.0, 1.0, 16777217.0], 16777217, False),
+    # 1 - 1e-12 is not ignore_index 1: kept (float32 rounds it onto 1)
+    ([1 - 1e-12, 0.0, 1.0, 0.25], 1, True),
+    ([1e-50, 0.0, 1.0, 0.25], 0, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["dice", "bce", "composite"])
+@pytest.mark.parametrize("values, ignore_index, valid", WIDE_TARGETS)
+def test_a_float64_target_is_judged_by_its_own_values(backend, name, values, ignore_index,
+                                                      valid):
+    """The native and Triton kernels read a float64 target as float32: 1 + 1e-9 passed the
+    [0, 1] check (and gave a number where the reference gives NaN unchecked), and a value
+    next to ignore_index was ignored. Found by a dtype review."""
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.25]).view(1, 1, 2, 2)
+    target = torch.tensor(values, dtype=torch.float64).view(1, 1, 2, 2)
+    kw = {} if ignore_index is None else {"ignore_index": ignore_index}
+    for check_values in (True, False):
+        loss = make_loss(name, "binary", backend, check_values=check_values, **kw)
+        want = make_loss(name, "binary", "reference", check_values=check_values, **kw)
+        if check_values and not valid:
+            with pytest.raises(ValueError, match=r"target values must lie in \[0, 1\]"):
+                loss(logits, target)
+            continue
+        got, expected = loss(logits, target), want(logits, target)
+        torch.testing.assert_close(got, expected.to(got.dtype), equal_nan=True)
+        assert math.isnan(got.item()) != valid

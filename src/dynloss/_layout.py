@@ -211,9 +211,31 @@ _LAYOUTS = {
 }
 
 
+_FLOAT8 = frozenset(getattr(torch, name) for name in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, name))
+_WIDE_UNSIGNED = frozenset(getattr(torch, name) for name in ("uint16", "uint32", "uint64")
+                           if hasattr(torch, name))
+
+
+def readable(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Tensors of dtypes torch has little arithmetic for, as the same values in one it has:
+    float8 as float32 (input and target; the input's gradient returns in float8), uint16/32/64
+    targets (label maps as NIfTI files often hold them) as int64 (a uint64 above int64's range
+    wraps negative: an invalid label either way)."""
+    if input.dtype in _FLOAT8:
+        input = input.float()
+    if target.dtype in _FLOAT8:
+        target = target.float()
+    elif target.dtype in _WIDE_UNSIGNED:
+        target = target.long()
+    return input, target
+
+
 def prepare(input: Tensor, target: Tensor, mode: str) -> Layout:
     """Check ``input``/``target`` (types, device, shapes; no values) and return the layout."""
     _check_tensors(input, target)
+    input, target = readable(input, target)
     return _LAYOUTS[mode](input, target)
 
 
@@ -252,6 +274,30 @@ def ignore_index_for(dtype: torch.dtype, ignore_index: int | None) -> int | None
     if ignore_index is None or target_can_equal(dtype, ignore_index):
         return ignore_index
     return None
+
+
+def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
+    """A float64 binary/multilabel ``target`` as float32, for kernels that read float32, with
+    the float64 values' answers to "is it ``ignore_index``?" and "is it in [0, 1]?".
+
+    A kept value that float32 rounds onto 0, 1 or ``ignore_index`` (as a float32, which is how
+    the kernels compare) moves one float32 step back toward itself: ``1 + 1e-9`` stays above 1
+    (invalid), ``-1e-50`` below 0, and ``1 - 1e-12`` with ``ignore_index=1`` stays kept. Every
+    other value is float32's rounding of it.
+
+    >>> import torch
+    >>> from dynloss._layout import float32_target
+    >>> wide = torch.tensor([1 + 1e-9, -1e-50, 1 - 1e-12, 0.5], dtype=torch.float64)
+    >>> float32_target(wide, 1).tolist()
+    [1.0000001192092896, -1.401298464324817e-45, 0.9999999403953552, 0.5]
+    """
+    narrow = target.float()
+    rounded = narrow.double() != target
+    critical = rounded & ((narrow == 0) | (narrow == 1))
+    if ignore_index is not None:
+        critical |= (narrow == ignore_index) & (target != ignore_index)
+    toward = torch.where(target > narrow.double(), math.inf, -math.inf).float()
+    return torch.where(critical, torch.nextafter(narrow, toward), narrow)
 
 
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:

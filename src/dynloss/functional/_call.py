@@ -19,6 +19,7 @@ from .._layout import (
     check_values,
     ignore_index_for,
     prepare,
+    readable,
     should_check_values,
 )
 from .._params import CompositeParams, DistributionParams, RegionParams
@@ -69,6 +70,8 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
              ignore_index: int | None, from_logits: bool, check: bool | None,
              plans: Plans | None = None) -> tuple[Layout, Backend, bool]:
     key = None
+    if isinstance(input, Tensor) and isinstance(target, Tensor):
+        input, target = readable(input, target)  # float8, uint16/32/64: as int64 / float32
     if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)
             and not torch.compiler.is_compiling()):
         # (``is_cpu`` stands for the device where it can: cheaper than a device object)

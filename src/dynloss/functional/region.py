@@ -30,9 +30,9 @@ averaged over classes (and samples).
 Where dynloss differs from smp: smp sets the loss of a class with no positive pixel in the
 batch to 0, so false positives on an empty batch cost nothing; dynloss keeps the Tversky loss,
 which is ``alpha P / (alpha P + s)`` for an empty target (Dice ``P / (P + 2s)``, IoU
-``P / (P + s)``): near 1 as soon as anything is predicted, 0 for an empty prediction. With ``smooth=0`` that value carries almost no gradient (the Dice index of an
-empty target is flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty
-targets down.
+``P / (P + s)``): near 1 as soon as anything is predicted, 0 for an empty prediction. With
+``smooth=0`` that value carries almost no gradient (the Dice index of an empty target is
+flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty targets down.
 """
 
 from __future__ import annotations

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._layout import Layout, raise_for_probability_range, raise_for_target_range
+from ..._layout import (
+    Layout,
+    float32_target,
+    raise_for_probability_range,
+    raise_for_target_range,
+)
 from ..._math import topk_count
 from ...constants import MULTICLASS_MODE
 from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
@@ -42,10 +47,13 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _native_target(target: Tensor, mode: str) -> Tensor:
-    """The target in a dtype the kernels read (bool is read as uint8), contiguous."""
+def _native_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor:
+    """The target in a dtype the kernels read (bool is read as uint8), contiguous; a float64
+    one as float32 with its own answers to "ignored?" and "in [0, 1]?"."""
     if target.dtype is torch.float32 and target.is_contiguous():  # the common case, as it is
         return target
+    if target.dtype is torch.float64 and mode != MULTICLASS_MODE:
+        return float32_target(target, ignore_index).contiguous()
     if target.dtype not in TARGET_TYPES:
         integral = mode == MULTICLASS_MODE or not target.is_floating_point()
         target = target.to(torch.int64 if integral else torch.float32)
@@ -201,7 +209,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
     x = x.contiguous()
-    target = _native_target(target, mode)
+    target = _native_target(target, mode, ignore_index)
     n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
     # What backward needs, only when a gradient is wanted (not in validation). Saving it

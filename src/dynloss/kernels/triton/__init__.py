@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ... import _math
-from ..._layout import Layout, invalid_values
+from ..._layout import Layout, float32_target, invalid_values
 from ..._params import CompositeParams, DistributionParams, RegionParams
+from ...constants import MULTICLASS_MODE
 from .. import reference
 from ..capabilities import Capabilities
 
@@ -110,6 +111,14 @@ def _kernels() -> dict[str, Any]:
     return _KERNELS
 
 
+def _target(layout: Layout, ignore_index: int | None) -> Tensor:
+    """The target the kernels read: a float64 binary/multilabel one as float32 with its own
+    answers to "ignored?" and "in [0, 1]?" (the kernels compare in float32)."""
+    if layout.target.dtype is torch.float64 and layout.mode != MULTICLASS_MODE:
+        return float32_target(layout.target, ignore_index)
+    return layout.target
+
+
 class TritonBackend:
     """The Triton backend (see the package documentation).
 
@@ -150,41 +159,44 @@ class TritonBackend:
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
         if layout.x.numel() == 0:
             return reference.REFERENCE.region(layout, params, checked)
+        target = _target(layout, params.ignore_index)
         if params.ddp_pool:
             if torch.compiler.is_compiling():
                 return reference.REFERENCE.region(layout, params, checked)
-            sums = _kernels()["sums"](layout.x, layout.target, params, checked)
+            sums = _kernels()["sums"](layout.x, target, params, checked)
             loss = reference.score_loss(sums, params)
             return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
         if torch.compiler.is_compiling():
             from . import ops, stream
 
-            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
-        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
+            return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
+        return _kernels()["fused"](layout.x, target, layout.mode, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
         if layout.x.numel() == 0:
             return reference.REFERENCE.distribution(layout, params, checked)
+        target = _target(layout, params.ignore_index)
         if torch.compiler.is_compiling():
             from . import ops, stream, topk
 
             if params.k is not None:
-                return ops.topk_loss(layout.x, layout.target, topk.build_topk_spec(params))
-            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
+                return ops.topk_loss(layout.x, target, topk.build_topk_spec(params))
+            return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
         if params.k is not None:
-            return _kernels()["topk"](layout.x, layout.target, params, checked)
-        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
+            return _kernels()["topk"](layout.x, target, params, checked)
+        return _kernels()["fused"](layout.x, target, layout.mode, params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
         if layout.x.numel() == 0:
             return reference.REFERENCE.composite(layout, params, checked)
+        target = _target(layout, params.region.ignore_index)
         if torch.compiler.is_compiling():
             from . import ops, stream
 
-            return ops.fused(layout.x, layout.target, stream.build_spec(params))  # type: ignore[return-value]
-        return _kernels()["fused"](layout.x, layout.target, layout.mode, params, checked)
+            return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
+        return _kernels()["fused"](layout.x, target, layout.mode, params, checked)
 
 
 TRITON = TritonBackend()
