@@ -842,3 +842,24 @@ def test_binary_and_multilabel_stages_take_the_same_target_and_may_switch():
     assert torch.equal(loss(logits, target), first(logits, target))
     loss.step()
     assert torch.equal(loss(logits, target), second(logits, target))
+
+
+def test_no_collective_once_no_active_trigger_reads_the_metric(monkeypatch):
+    """After the last adaptive switch, step(metric=...) still all-reduced the metric (a
+    finished trigger counted): a rank that stepped without one then left the others waiting in
+    all_reduce until the timeout. Found by a DDP review."""
+    from dynloss.schedules import switching
+
+    reduced = []
+    monkeypatch.setattr(switching, "reduce_mean", lambda m: reduced.append(m) or float(m))
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=1))
+    loss.step(metric=1.0)
+    loss.step(metric=2.0)  # no improvement for one step: switches to the last stage
+    assert loss.active_index == 1 and reduced == [1.0, 2.0]
+    loss.step(metric=0.5)
+    loss.step()
+    assert reduced == [1.0, 2.0] and loss.count == 4
+    nested = CompositeLoss([SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=1)),
+                            FocalLoss()])
+    nested.step(metric=1.0)
+    assert reduced == [1.0, 2.0, 1.0]

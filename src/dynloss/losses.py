@@ -110,7 +110,23 @@ class SegmentationLoss(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name in _constructor_arguments(type(self)):
-            self.__dict__["_prepared"] = None  # checked again at the next call
+            self.__dict__["_prepared"] = None
+            if self.__dict__.get("_constructed"):  # a reassigned argument: checked again now,
+                self._ready(strict=False)  # or, if invalid for now, at the next call
+
+    def _ready(self, strict: bool = True) -> None:
+        """Check every argument together and keep the result (the end of a constructor).
+
+        Done here rather than at the first call, so that ``torch.compile`` never traces the
+        checks (with ``dynamic=True`` a check of a float argument broke the graph, and the
+        lazily filled state made every compiled loss trace twice). ``strict=False``: an
+        invalid combination (one argument of several reassigned) waits for the next call."""
+        self.__dict__["_constructed"] = True
+        try:
+            self.__dict__["_prepared"] = (*self._prepare(), {})
+        except (TypeError, ValueError):
+            if strict:
+                raise
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every constructor argument and its current value."""
@@ -134,10 +150,15 @@ class SegmentationLoss(nn.Module):
         return function(input, target, params, need, plans)
 
     def __getstate__(self) -> dict[str, Any]:
-        # the checked arguments and plans are rebuilt on first use (they hold backends)
+        # the checked arguments and plans are rebuilt (they hold backends)
         state = dict(self.__dict__)
         state.pop("_prepared", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if state.get("_constructed"):
+            self._ready(strict=False)
 
     def __repr__(self) -> str:
         defaults = {
@@ -229,6 +250,7 @@ class BCELoss(_DistributionLoss):
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
+        self._ready()
 
 
 class FocalLoss(_DistributionLoss):
@@ -283,6 +305,7 @@ class FocalLoss(_DistributionLoss):
             else:
                 alpha = check_probability("alpha", alpha)
         self.alpha = alpha
+        self._ready()
 
 
 class TopKLoss(_DistributionLoss):
@@ -325,6 +348,7 @@ class TopKLoss(_DistributionLoss):
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
         self.k = check_fraction("k", k)
+        self._ready()
 
 
 _REGION_ARGS = """
@@ -346,7 +370,7 @@ class _RegionLoss(SegmentationLoss):
         self.smooth, self.eps = check_smoothing(smooth, eps)
         self.per_image = check_bool("per_image", per_image)
         self.ddp_pool = check_ddp_pool(ddp_pool, self.per_image)
-        self._prepare()  # every argument checked together, once
+        self._ready()  # every argument checked together, once
 
     def _weights(self) -> tuple[float, float]:
         assert self._tversky_weights is not None

@@ -151,21 +151,35 @@ def distribution_sum(layout: Layout, params: DistributionParams, checked: bool =
     return loss.sum(), count.clamp_min(1)
 
 
+def _selected_count(k: float, loss: Tensor, valid: Tensor | None) -> int | Tensor:
+    """How many losses TopK selects: an int in eager mode, else a 0-dim tensor.
+
+    Inside ``torch.compile`` the size may be symbolic (after the batch size changed), and
+    :func:`~dynloss._math.topk_count`'s float arithmetic on a symbolic size gave 61 for
+    ``0.6 * 100`` where the selection kept 60 (dynamo treats the size as an int), so the
+    count is formed by :func:`~dynloss._math.topk_count_tensor` there."""
+    if valid is not None:
+        return _math.topk_count_tensor(k, valid.sum())
+    numel = loss.numel()
+    if not torch.compiler.is_compiling():
+        return _math.topk_count(k, numel)
+    return _math.topk_count_tensor(k, torch.full((), numel, dtype=torch.int64,
+                                                 device=loss.device))
+
+
 def topk_number(loss: Tensor, valid: Tensor | None, k: float) -> Tensor:
-    if valid is None:
-        n = _math.topk_count(k, loss.numel())
+    n = _selected_count(k, loss, valid)
+    if isinstance(n, int):
         return torch.tensor(float(n), dtype=loss.dtype, device=loss.device)
-    return _math.topk_count_tensor(k, valid.sum()).to(loss.dtype)
+    return n.to(loss.dtype)
 
 
 def topk_selected(loss: Tensor, valid: Tensor | None, k: float) -> tuple[Tensor, Tensor]:
     """The per-element losses with the unselected ones zeroed, and the selection mask."""
     flat = loss.reshape(-1)
     ranked = flat.detach()
-    if valid is None:
-        n: int | Tensor = _math.topk_count(k, flat.numel())
-    else:
-        n = _math.topk_count_tensor(k, valid.sum())
+    n = _selected_count(k, flat, valid)
+    if valid is not None:
         ranked = ranked.masked_fill(~valid.reshape(-1), -math.inf)
     selected = _math.topk_mask(ranked, n)
     return torch.where(selected, flat, 0.0).reshape(loss.shape), selected.reshape(loss.shape)

@@ -204,7 +204,3 @@ def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict
     nn.Module.load_state_dict(trial, state_dict, strict=strict, assign=assign)
     return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
 
-
-def child_needs_metric(module: object) -> bool:
-    needs = getattr(module, "_needs_metric", None)
-    return bool(needs()) if needs is not None else False

@@ -14,7 +14,6 @@ from ..functional._call import composite_loss
 from ..losses import SegmentationLoss
 from ._base import (
     check_weight,
-    child_needs_metric,
     load_all_or_nothing,
     losses_repr,
     metric_triggers,
@@ -266,9 +265,6 @@ class CompositeLoss(nn.Module):
         for loss in self.terms.values():
             step_child(loss, metric, synced, seen)
         self._refresh_weight_values()
-
-    def _needs_metric(self) -> bool:
-        return any(child_needs_metric(loss) for loss in self.terms.values())
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,6 @@ from ..distributed import metric_value, reduce_mean
 from ..losses import SegmentationLoss
 from ._base import (
     check_count,
-    child_needs_metric,
     load_all_or_nothing,
     losses_repr,
     metric_triggers,
@@ -320,14 +319,11 @@ class SwitchingLoss(nn.Module):
             found += metric_triggers(stage)
         return found
 
-    def _needs_metric(self) -> bool:
-        return any(t.needs_metric for t in self.triggers) or any(
-            child_needs_metric(stage) for stage in self.stages.values()
-        )
-
     def _dynloss_step(self, metric: Any, synced: bool, seen: set[int]) -> bool:
         seen.add(id(self))
-        if metric is not None and self._needs_metric():
+        # only while an active trigger (here or nested) reads it: a finished one must not
+        # make this rank wait in a collective that the others, asked for nothing, skip
+        if metric is not None and self._metric_triggers():
             if self.sync_metric and not synced:
                 metric, synced = reduce_mean(metric), True
             else:
