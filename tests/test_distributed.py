@@ -119,6 +119,25 @@ def check_all_gather_and_all_reduce_gradients(rank: int) -> None:
     assert is_distributed() and world_size() == WORLD
 
 
+def check_second_order_gradients_through_pooling(rank: int) -> None:
+    """create_graph=True through ddp_pool: the collectives' backward was an in-place
+    all_reduce, which autograd recorded as the identity, so a gradient penalty missed the
+    other ranks' terms. Correct: each rank gets the sum over ranks of their objectives'
+    derivatives, W^2 times the single-process one for ||grad||^2 (the gradient is W x)."""
+    for mode, cls, kwargs in POOLED_CASES[:3]:
+        logits, target = _batch(mode)
+        full = logits.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(cls(**kwargs)(full, target).sum(), full,
+                                      create_graph=True)
+        (grad ** 2).sum().backward()
+        local = _shard(logits, rank).clone().requires_grad_()
+        value = cls(ddp_pool=True, **kwargs)(local, _shard(target, rank))
+        (local_grad,) = torch.autograd.grad(value.sum(), local, create_graph=True)
+        (local_grad ** 2).sum().backward()
+        torch.testing.assert_close(local.grad, WORLD ** 2 * _shard(full.grad, rank),
+                                   rtol=1e-9, atol=1e-12)
+
+
 def check_reduce_mean(rank: int) -> None:
     assert reduce_mean(1.0 if rank == 0 else 2.0) == 1.5
     assert reduce_mean(torch.tensor(4.0 * rank)) == 2.0

@@ -72,9 +72,9 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        # the sum's adjoint is the sum again, through this Function, so that create_graph=True
+        # records it (an in-place all_reduce here was recorded as the identity)
+        return _AllReduceSum.apply(grad.contiguous())
 
 
 class _AllGather(torch.autograd.Function):
@@ -89,9 +89,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[dist.get_rank()]
+        return _AllReduceSum.apply(grad.contiguous())[dist.get_rank()]
 
 
 def all_reduce_with_grad(tensor: Tensor) -> Tensor:
