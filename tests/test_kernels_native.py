@@ -937,3 +937,37 @@ def test_compiler_without_openmp_builds_single_threaded(tmp_path):
     result = _python(code, CXX=str(wrapper), DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+
+
+FORKED = """
+import os, sys, torch, warnings
+import dynloss.functional as F
+torch.set_num_threads(2)
+x = torch.randn(8, 1, 128, 128, requires_grad=True)
+t = (torch.rand(8, 1, 128, 128) > 0.5).float()
+F.dice_loss(x, t, backend="native").backward()  # OpenMP's threads now exist in this process
+parent = F.dice_loss(x.detach(), t, backend="native").item()
+pid = os.fork()
+if pid == 0:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.set_num_threads(2)
+        child = F.dice_loss(x.detach(), t, backend="native").item()
+        F.dice_loss(x.detach(), t, backend="native")
+    ok = child == parent and len(caught) == 1 and "forked" in str(caught[0].message)
+    os._exit(0 if ok else 3)
+_, code = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(code))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_after_the_kernels_ran_on_threads_does_not_hang():
+    """OpenMP's thread pool does not survive fork: a child that ran the kernels on two threads
+    after its parent had waited forever in the team barrier (a multiprocessing "fork" pool, a
+    DataLoader worker that sets more threads). The child runs them on one thread, same bits,
+    saying so once. Found by a review."""
+    source = str(Path(dynloss.__file__).parents[1])
+    result = subprocess.run([sys.executable, "-c", FORKED], timeout=60,
+                            env={**os.environ, "PYTHONPATH": source})
+    assert result.returncode == 0

@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -186,6 +187,38 @@ def test_start_and_finish_lines_appear_once(concurrent_build):
 
 
 # ------------------------------------------------------------------------ a corrupted cache
+def _handing_out(tmp_path: Path, good: Path) -> Path:
+    """A fake ``$CXX`` whose builds (compile, then link) produce a copy of ``good``, and whose
+    ``--version`` is the real compiler's (so that the cache keys match the real build's)."""
+    real_version = subprocess.run([REAL_CXX, "--version"], capture_output=True, text=True,
+                                  check=True).stdout
+    version = tmp_path / "version.txt"
+    version.write_text(real_version)
+    return _script(tmp_path / "c++", f"""
+        for a in "$@"; do out="$a"; done  # the last argument is the output
+        case "$*" in
+          --version) cat "{version}" ;;
+          *" -c "*) : > "$out" ;;
+          -shared*) cp "{good}" "$out" ;;
+        esac
+    """)
+
+
+def _refusing_to_load(where: str) -> str:
+    """REPORT in a process whose dynamic loader refuses libraries ``where`` ("cache": in the
+    cache directory, as on a file system mounted noexec; "anywhere")."""
+    return textwrap.dedent(f"""
+        from pathlib import Path
+        from dynloss.kernels.native import build
+        real = build._open
+        def refusing(path):
+            if {where!r} == "anywhere" or Path(path).parent == build.cache_dir():
+                raise OSError(f"{{path}}: failed to map segment from shared object")
+            return real(path)
+        build._open = refusing
+    """) + REPORT
+
+
 def _corrupt(library: Path, kind: str) -> None:
     data = library.read_bytes()
     library.write_bytes({"truncated": data[: len(data) // 2], "zeroed": bytes(len(data)),
@@ -210,18 +243,7 @@ def test_a_corrupted_library_is_rebuilt(concurrent_build, built_cache, tmp_path,
     good = tmp_path / "good.so"
     shutil.copy2(library, good)
     _corrupt(library, kind)
-    real_version = subprocess.run([REAL_CXX, "--version"], capture_output=True, text=True,
-                                  check=True).stdout
-    version = tmp_path / "version.txt"
-    version.write_text(real_version)
-    cxx = _script(tmp_path / "c++", f"""
-        for a in "$@"; do out="$a"; done  # the last argument is the output
-        case "$*" in
-          --version) cat "{version}" ;;
-          *" -c "*) : > "$out" ;;
-          -shared*) cp "{good}" "$out" ;;
-        esac
-    """)
+    cxx = _handing_out(tmp_path, good)
     report, stderr = _report(built_cache, cxx)
     assert report["status"] == ""
     assert report["native"] == pytest.approx(report["reference"], rel=1e-6)
@@ -386,3 +408,76 @@ def test_one_openmp_runtime_after_the_kernels_ran(concurrent_build, built_cache)
     report, _ = _finish(_start(built_cache, concurrent_build["cxx"], code=OPENMP))
     assert len(report["after"]) == 1, report
     assert report["after"] == report["before"]  # torch's own runtime, no second one
+
+
+# ------------------------------------------------------------- a library that cannot be loaded
+def test_a_cache_on_a_noexec_file_system_loads_a_copy_without_rebuilding(built_cache, tmp_path):
+    """A cache directory whose files cannot be mapped (mounted noexec): each of the four plans
+    was built twice per process (compiled, refused, deleted, rebuilt, refused), a minute or
+    more per process, then the torch fallback. Found by a review; simulated here by a loader
+    that refuses the cache directory."""
+    (library,) = _libraries(built_cache)
+    cxx = _handing_out(tmp_path, library)
+    report, stderr = _finish(_start(built_cache, cxx, code=_refusing_to_load("cache")))
+    assert report["status"] == ""
+    assert report["native"] == pytest.approx(report["reference"], rel=1e-6)
+    assert _compiles(cxx) == []
+    assert stderr.count("could not be loaded there") == 1
+    assert f"loaded a copy from {tempfile.gettempdir()}" in stderr
+    assert _libraries(built_cache) == [library] and build.verified(library)
+
+
+def test_a_library_that_never_loads_is_rebuilt_once_and_remembered(built_cache, tmp_path):
+    (library,) = _libraries(built_cache)
+    good = tmp_path / "good.so"
+    shutil.copy2(library, good)
+    cxx = _handing_out(tmp_path, good)
+    first, stderr = _finish(_start(built_cache, cxx, code=_refusing_to_load("anywhere")))
+    assert "could not be loaded" in first["status"]
+    assert len(_compiles(cxx)) == 1  # one rebuild; no other plan (each would be refused)
+    assert stderr.count(START) == 1
+    notes = sorted(built_cache.glob("*.failed"))
+    assert len(notes) == 1 and json.loads(notes[0].read_text())["kind"] == "load"
+    second, second_err = _finish(_start(built_cache, cxx, code=_refusing_to_load("anywhere")))
+    assert len(_compiles(cxx)) == 1 and START not in second_err
+    assert "not retried" in second["status"]
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"DYNLOSS_CACHE_DIR": "~/dl"}, "{home}/dl"),  # was ./~/dl under the working directory
+    ({"XDG_CACHE_HOME": "relative/cache"}, "{home}/.cache/dynloss"),  # XDG: ignore relative
+    ({"XDG_CACHE_HOME": "/abs/cache"}, "/abs/cache/dynloss"),
+    ({}, "{home}/.cache/dynloss"),
+])
+def test_the_cache_directory_follows_the_conventions(monkeypatch, tmp_path, env, want):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("DYNLOSS_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert build.cache_dir() == Path(want.format(home=tmp_path))
+
+
+def test_an_interrupted_build_takes_its_compiler_with_it(monkeypatch):
+    """Ctrl-C during a build: Python exited, the compiler (in a session of its own, so that a
+    timeout can kill its whole group) ran on to the end of its compile."""
+    started = []
+    real = subprocess.Popen.communicate
+
+    def interrupted(self, *args, **kwargs):
+        started.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build._run(["sleep", "30"])
+    monkeypatch.setattr(subprocess.Popen, "communicate", real)
+    (process,) = started
+    assert process.wait(timeout=5) == -9  # killed, not left running
+
+
+@pytest.mark.parametrize("value, disabled", [("0", True), ("off", True), ("disabled", True),
+                                             ("none", True), ("1", False), ("", False)])
+def test_the_kernels_can_be_switched_off_in_the_usual_words(monkeypatch, value, disabled):
+    monkeypatch.setenv("DYNLOSS_NATIVE", value)
+    assert build._disabled() is disabled

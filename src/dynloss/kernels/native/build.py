@@ -19,6 +19,10 @@ so a new version or another machine gets its own build. What makes it safe to sh
   by a crash) or whose ABI version differs is deleted and rebuilt, never loaded.
 * **Failures remembered.** A failed build leaves a ``.failed`` note; for 60 seconds other
   processes report the same failure (saying so) instead of compiling again.
+* **Loading.** A library that cannot be mapped where it is (a cache on a ``noexec`` file
+  system) is loaded from a copy in the temporary directory (said once), not rebuilt; one that
+  cannot be loaded anywhere is rebuilt once, then remembered like a failed build, and no
+  other plan is tried.
 * **One OpenMP runtime.** The kernels link against the OpenMP runtime that torch has already
   loaded into the process (found in ``/proc/self/maps``), not the system's, so there is one
   thread pool. Where that is not possible the system runtime is used, then
@@ -76,10 +80,14 @@ class Plan:
 
 
 def cache_dir() -> Path:
-    """Where compiled libraries are kept."""
+    """Where compiled libraries are kept: ``$DYNLOSS_CACHE_DIR`` (``~`` expanded), else
+    ``$XDG_CACHE_HOME/dynloss`` (when absolute, as the XDG specification asks), else
+    ``~/.cache/dynloss``."""
     if os.environ.get("DYNLOSS_CACHE_DIR"):
-        return Path(os.environ["DYNLOSS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(os.path.expanduser(os.environ["DYNLOSS_CACHE_DIR"]))
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "dynloss"
 
 
@@ -195,6 +203,14 @@ class BuildTimeout(RuntimeError):
     """The compiler ran past ``$DYNLOSS_NATIVE_BUILD_TIMEOUT``: no other plan is tried."""
 
 
+class LoadFailure(RuntimeError):
+    """A library built here, rebuilt once, still cannot be loaded (nor a copy of it in the
+    temporary directory): no other plan is tried, each would be built and refused alike."""
+
+
+_STOPPING = {"timeout": BuildTimeout, "load": LoadFailure}
+
+
 def _raise_recent_failure(note: Path) -> None:
     """Raise the failure that ``note`` remembers, if it is younger than
     :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale)."""
@@ -202,13 +218,20 @@ def _raise_recent_failure(note: Path) -> None:
         data = json.loads(note.read_text())
         age = time.time() - float(data["time"])
         message = str(data["message"])
-        timed_out = bool(data.get("timeout", False))
+        kind = "timeout" if data.get("timeout", False) else str(data.get("kind", ""))
     except (OSError, ValueError, KeyError, TypeError):
         return
     if 0 <= age < FAILURE_MEMORY_SECONDS:
-        error = BuildTimeout if timed_out else RuntimeError
+        error = _STOPPING.get(kind, RuntimeError)
         raise error(f"{message} (a build {age:.0f} s ago failed; not retried for "
                     f"{FAILURE_MEMORY_SECONDS:.0f} s)")
+
+
+def _remember_failure(note: Path, error: BaseException) -> None:
+    kind = next((k for k, cls in _STOPPING.items() if isinstance(error, cls)), "")
+    with contextlib.suppress(OSError):
+        note.write_text(json.dumps({"time": time.time(), "message": str(error),
+                                    "timeout": kind == "timeout", "kind": kind}))
 
 
 def _timeout() -> float:
@@ -252,6 +275,9 @@ def _run(command: list[str], *, what: str | None = None, timeout: float | None =
             process.wait()
             raise BuildTimeout(f"{what} did not finish within {limit:g} s "
                                "(DYNLOSS_NATIVE_BUILD_TIMEOUT)") from None
+        except BaseException:  # Ctrl-C: the compiler's own session would outlive us
+            _kill_group(process)
+            raise
     if check and process.returncode != 0:
         raise RuntimeError(f"{what} failed: {stderr.strip()[-2000:]}")
     return stdout
@@ -273,14 +299,18 @@ def _compile(cxx: str, plan: Plan, target: Path) -> None:
     os.replace(tmp, sidecar)
 
 
+def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
+    """``(library, failure note)`` of ``plan`` in the cache."""
+    directory, key = cache_dir(), _key(plan, version)
+    return directory / f"native_cpu-{key}.so", directory / f"native_cpu-{key}.failed"
+
+
 def _build(cxx: str, plan: Plan, version: str) -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine)."""
-    directory = cache_dir()
-    key = _key(plan, version)
-    path = directory / f"native_cpu-{key}.so"
+    path, note = _paths(plan, version)
+    directory, key = path.parent, path.stem.removeprefix("native_cpu-")
     if verified(path):
         return path
-    note = directory / f"native_cpu-{key}.failed"
     _raise_recent_failure(note)
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory / f"native_cpu-{key}.lock"):
@@ -295,10 +325,12 @@ def _build(cxx: str, plan: Plan, version: str) -> Path:
             _compile(cxx, plan, path)
         except (RuntimeError, OSError) as error:
             timed_out = isinstance(error, BuildTimeout)
-            with contextlib.suppress(OSError):
-                note.write_text(json.dumps({"time": time.time(), "message": str(error),
-                                            "timeout": timed_out}))
-            raise (BuildTimeout if timed_out else RuntimeError)(str(error)) from None
+            failure = (BuildTimeout if timed_out else RuntimeError)(str(error))
+            _remember_failure(note, failure)
+            _LOG.warning("dynloss: compiling the native CPU kernels (%s) failed after %.1f s: "
+                         "%s", plan.label, time.perf_counter() - start,
+                         (str(error).splitlines() or [""])[0][:300])
+            raise failure from None
         _LOG.warning("dynloss: compiled the native CPU kernels in %.1f s",
                      time.perf_counter() - start)
         with contextlib.suppress(OSError):
@@ -317,13 +349,56 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _open_copy(path: Path, directory: Path) -> ctypes.CDLL:
+    """Open a copy of ``path`` under a fresh name in ``directory`` (the copy is removed once
+    mapped)."""
+    handle, name = tempfile.mkstemp(prefix=".dynloss-load-", suffix=".so", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(path.read_bytes())
+        return _open(Path(name))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def _open_anywhere(path: Path) -> ctypes.CDLL:
+    """Open ``path``; else a copy of it under a fresh name beside it (the dynamic loader hands
+    back what it already mapped for a path, so a library rebuilt at the same path must be
+    opened under another name); else a copy in the temporary directory (a cache directory on
+    a file system that does not allow mapping code, ``noexec``: said once).
+
+    Raises:
+        LoadFailure: none of them could be opened; the message gives each reason.
+    """
+    attempts = [("", lambda: _open(path)), ("", lambda: _open_copy(path, path.parent))]
+    temporary = Path(tempfile.gettempdir())
+    if temporary.resolve() != path.parent.resolve():
+        attempts.append((str(temporary), lambda: _open_copy(path, temporary)))
+    errors = []
+    for elsewhere, attempt in attempts:
+        try:
+            lib = attempt()
+        except (OSError, RuntimeError, AttributeError) as error:
+            errors.append(str(error))
+            continue
+        if elsewhere:
+            _LOG.warning("dynloss: the native CPU kernels in %s could not be loaded there (%s; "
+                         "a file system mounted noexec?); loaded a copy from %s instead (set "
+                         "DYNLOSS_CACHE_DIR to a directory that allows it)", path.parent,
+                         errors[0], elsewhere)
+        return lib
+    raise LoadFailure(f"{path} could not be loaded: {'; '.join(dict.fromkeys(errors))}")
+
+
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet; "" loaded; else why not
 
 
 def _disabled() -> bool:
-    return os.environ.get("DYNLOSS_NATIVE", "1").strip().lower() in ("0", "false", "off", "no")
+    return os.environ.get("DYNLOSS_NATIVE", "1").strip().lower() in (
+        "0", "false", "off", "no", "none", "disable", "disabled")
 
 
 def _load() -> ctypes.CDLL:
@@ -336,19 +411,21 @@ def _load() -> ctypes.CDLL:
     for plan in plans():
         try:
             path = _build(cxx, plan, version)
-        except BuildTimeout:
-            raise  # the next plan would wait as long again
+        except (BuildTimeout, LoadFailure):
+            raise  # the next plan would wait as long again, or be refused alike
         except RuntimeError as error:
             errors.append(str(error))
             continue
         try:
-            return _open(path)
-        except (OSError, RuntimeError, AttributeError):
-            _discard(path)  # unloadable: rebuild it once
-            try:
-                return _open(_build(cxx, plan, version))
-            except (OSError, RuntimeError, AttributeError) as error:
-                errors.append(str(error))
+            return _open_anywhere(path)
+        except LoadFailure:
+            _discard(path)  # unloadable (damaged, another ABI): rebuilt once
+        path = _build(cxx, plan, version)
+        try:
+            return _open_anywhere(path)
+        except LoadFailure as error:  # built here and still refused: where, not what
+            _remember_failure(_paths(plan, version)[1], error)
+            raise
     raise RuntimeError(errors[0])  # the full-speed build's message says most
 
 

@@ -17,12 +17,16 @@ on their bit patterns (no sort), returns their sum, and zeroes the saved slopes 
 elements it did not select, so the backward pass is the same one pass as BCE's.
 
 Work is cut into fixed chunks whose partial sums are added in a fixed order, so results are
-bitwise identical for any number of threads (``torch.get_num_threads()`` threads are used).
+bitwise identical for any number of threads (``torch.get_num_threads()`` threads are used,
+one in a process forked from another: OpenMP's threads do not survive ``fork``, and a team
+started in the child would wait for them forever; said once).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -41,6 +45,34 @@ from .buffer_pool import POOL
 from .build import library, status
 
 __all__ = ["Forward", "Sums", "native_backward", "native_forward"]
+
+
+_forked = False  # this process was forked from another (which may have run OpenMP teams)
+_forked_warned = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _threads() -> int:
+    """The kernels' thread count: torch's, but one in a forked process (said once)."""
+    global _forked_warned
+    wanted = max(1, torch.get_num_threads())
+    if not _forked or wanted == 1:
+        return wanted
+    if not _forked_warned:
+        _forked_warned = True
+        warnings.warn(
+            "dynloss: this process was forked from another, where OpenMP's threads do not "
+            f"survive: the native CPU kernels run on one thread here, not {wanted} (the "
+            "'spawn' or 'forkserver' start method keeps them)", RuntimeWarning, stacklevel=4)
+    return 1
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -234,7 +266,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         class_alpha = torch.tensor(alpha, dtype=torch.float32)
         args.has_alpha = 1
         args.class_alpha = class_alpha.data_ptr()
-    args.threads = max(1, torch.get_num_threads())
+    args.threads = _threads()
     if probabilities is not None:
         args.probabilities = probabilities.data_ptr()
     if slope is not None:
@@ -308,7 +340,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     args = Args.from_buffer_copy(forward_args)
     args.want_region = int(want_region)
     args.pixel = PIXEL_BCE if want_pixel else PIXEL_NONE
-    args.threads = max(1, torch.get_num_threads())
+    args.threads = _threads()
     gi = gp = None  # kept alive until the kernel has read them
     if want_region:  # a missing one of the two is zero (at most one is missing here)
         rows = c if pooled else n * c
