@@ -170,6 +170,9 @@ def main(argv=None):
         "repeats": args.repeats,
         "sigmoid_ms": sig * 1e3,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _commit(),
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg")
+        else None,
     }
     print(f"CPU {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
           f"shape {shape}; torch.sigmoid pass: {sig * 1e3:.2f} ms; dynloss[auto] runs "
@@ -229,7 +232,8 @@ def to_markdown(meta, rows, summaries=None):
         f"# CPU benchmark: forward + backward, shape {tuple(meta['shape'])} {meta['dtype']}",
         "",
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
-        f"MONAI {meta['monai']}, dynloss {meta['dynloss']}; {meta['date']}. "
+        f"MONAI {meta['monai']}, dynloss {meta['dynloss']} ({meta.get('commit') or '?'}); "
+        f"{meta['date']}, load average {meta.get('load_average')}. "
         f"`dynloss[auto]` ran the `{meta.get('auto_backend', '?')}` backend.",
         f"Median of {meta['repeats']} runs. One `torch.sigmoid` pass over the input: "
         f"{meta['sigmoid_ms']:.2f} ms. *dynloss speed-up*: this row's median over dynloss's. "
@@ -266,6 +270,21 @@ def _cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _commit():
+    """The checked-out commit (and ``+dirty`` with local changes), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def _version(module):

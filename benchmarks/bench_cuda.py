@@ -346,6 +346,9 @@ class Device:
     def peak_extra(self, step: Callable[[], None]) -> int | None:
         if not self.cuda:
             return None
+        reset = getattr(step, "reset", None)
+        if reset is not None:  # the last step's gradient is not part of the baseline
+            reset()
         self.sync()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(self.device)
@@ -373,6 +376,10 @@ def make_step(fn: Callable, x: torch.Tensor, t: torch.Tensor) -> Callable[[], No
             seed = seeds[loss.dtype] = torch.ones((), device=x.device, dtype=loss.dtype)
         loss.backward(seed)
 
+    def reset() -> None:
+        xg.grad = None
+
+    step.reset = reset  # type: ignore[attr-defined]
     return step
 
 
@@ -872,6 +879,11 @@ def main() -> int:
         notes.append(msg)
         write()
     print(f"wrote {out}/bench_{slug}.{{json,md,png}} in {time.monotonic() - started:.0f} s")
+    failed = [r for r in rows if r.impl == "dynloss" and r.error]
+    if failed:  # a partial result must not pass for a complete one
+        print(f"benchmark: {len(failed)} dynloss rows failed (see the Errors section)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

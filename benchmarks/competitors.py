@@ -24,12 +24,12 @@ HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
 def _plain_region(alpha: float, beta: float) -> Loss:
+    """The Tversky loss in the fewest eager operations: the three sums I, P, G (FP = P - I,
+    FN = G - I), no (1 - p) or (1 - t) temporaries."""
     def loss(x, t):
         p = torch.sigmoid(x)
-        tp = (p * t).sum()
-        fp = (p * (1 - t)).sum()
-        fn = ((1 - p) * t).sum()
-        return 1 - tp / (tp + alpha * fp + beta * fn).clamp_min(1e-7)
+        tp, ps, gs = (p * t).sum(), p.sum(), t.sum()
+        return 1 - tp / (tp + alpha * (ps - tp) + beta * (gs - tp)).clamp_min(1e-7)
 
     return loss
 

@@ -27,7 +27,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
-BENCH_BUDGET="${BENCH_BUDGET:-130}"
+BENCH_BUDGET="${BENCH_BUDGET:-110}"
 COMPILE_BUDGET="${COMPILE_BUDGET:-50}"
 START=$(date +%s)
 SUMMARY="$RES/gpu_run_summary.txt"
@@ -84,11 +84,18 @@ if "$PY" -c "import xdist" >/dev/null 2>&1; then
     pids+=($!); names+=("pytest-xdist"); logs+=("$RES/cuda_tests.log")
 else
     # shellcheck disable=SC2086
-    "$PY" -m pytest --collect-only -q -p no:cacheprovider $CONFTEST $TESTS 2>/dev/null \
-        | grep "::" > "$RES/cuda_test_ids.txt"
+    "$PY" -m pytest --collect-only -q -p no:cacheprovider $CONFTEST $TESTS \
+        > "$RES/cuda_collect.log" 2>&1
+    collect_rc=$?
+    grep "::" "$RES/cuda_collect.log" > "$RES/cuda_test_ids.txt"
     total=$(wc -l < "$RES/cuda_test_ids.txt")
     per=$(( (total + 3) / 4 ))
     note "pytest: $total CUDA test cases in 4 shards (no pytest-xdist)"
+    if [ "$collect_rc" -ne 0 ] || [ "$total" -eq 0 ]; then  # a partial run must not pass
+        FAILED=1
+        note "pytest collection: FAIL (rc=$collect_rc, $total cases) -- $(grep -E "ERROR|Error" \
+            "$RES/cuda_collect.log" | head -n 3 | tr '\n' ' ')"
+    fi
     for i in 0 1 2 3; do
         mapfile -t ids < <(awk -v lo=$(( i * per )) -v hi=$(( (i + 1) * per )) \
             'NR > lo && NR <= hi' "$RES/cuda_test_ids.txt")
@@ -110,7 +117,7 @@ for i in "${!pids[@]}"; do
 done
 
 # 3. benchmark (alone on the GPU) ----------------------------------------------------------
-timeout $(( BENCH_BUDGET + COMPILE_BUDGET + 60 )) "$PY" benchmarks/bench_cuda.py \
+timeout $(( BENCH_BUDGET + COMPILE_BUDGET + 30 )) "$PY" benchmarks/bench_cuda.py \
     --budget "$BENCH_BUDGET" --compile-budget "$COMPILE_BUDGET" --out "$RES" \
     > "$RES/bench_cuda.log" 2>&1
 rc=$?
