@@ -23,7 +23,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import dynloss.functional as F
-from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss
+from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss, TverskyLoss
 from dynloss.kernels.dispatch import clear_cache
 
 from ._backends import (
@@ -566,3 +566,19 @@ def test_a_float64_target_is_judged_by_its_own_values(backend, name, values, ign
         got, expected = loss(logits, target), want(logits, target)
         torch.testing.assert_close(got, expected.to(got.dtype), equal_nan=True)
         assert math.isnan(got.item()) != valid
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha, beta", [(0.9, 0.9), (0.3, 0.7), (2.0, 0.5)])
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+def test_a_perfect_prediction_scores_exactly_zero_for_any_weights(backend, alpha, beta, mode):
+    """The Triton epilogue formed the denominator as (1 - a - b) I + a P + b G: for a + b > 1 a
+    perfect prediction scored -2.4e-7 instead of 0 (the shared maths forms I + a (P - I) +
+    b (G - I), exact there). Found by a review of the Triton kernels."""
+    c = 1 if mode == "binary" else 3
+    target = (torch.arange(2 * c * 9).view(2, c, 3, 3) % 3 != 0).float()
+    loss = TverskyLoss(alpha=alpha, beta=beta, mode=mode, from_logits=False, backend=backend)
+    assert loss(target.clone(), target).item() == 0.0
+    per_image = TverskyLoss(alpha=alpha, beta=beta, mode=mode, from_logits=False,
+                            per_image=True, backend=backend)
+    assert per_image(target.clone(), target).item() == 0.0

@@ -682,3 +682,30 @@ def test_ddp_pool_sums_path(device, mode):
     got, grad = _run(F.dice_loss, x.to(device), t.to(device), "triton", mode=mode,
                      ddp_pool=True)
     assert torch.isnan(got).all() and torch.isnan(grad).any()
+
+
+if DEVICES:  # a jitted function resolves the names it calls among its module's globals
+    import triton
+    import triton.language as tl
+
+    from dynloss.kernels.triton.topk import topk_count_of
+
+    @triton.jit
+    def _count_kernel(kept_ptr, out_ptr, k_hi, k_mid, k_lo):
+        """Stores ``topk_count_of`` of each kept count."""
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, topk_count_of(tl.load(kept_ptr + i), k_hi, k_mid, k_lo))
+
+
+@pytest.mark.parametrize("k", [0.3, 0.6, 0.7, 0.05, 0.123456789, 1.0])
+def test_the_in_kernel_topk_count_equals_the_hosts(device, k):
+    """With ignore_index the kernels count the kept elements themselves: their count rounded
+    ``v * 1e9`` (beyond float64's exact integers) and kept one element too many at
+    15_448_544_170 kept elements (k = 0.3). Found by a review of the Triton kernels."""
+    from dynloss.kernels.triton import topk
+
+    kept = [0, 1, 7, 10, 1001, 9_999_999, 9_697_018_125, 15_448_544_170, 2**40 + 3]
+    values = torch.tensor(kept, dtype=torch.int64, device=device)
+    out = torch.empty_like(values)
+    _count_kernel[(len(kept),)](values, out, *topk.split_k(k))
+    assert out.tolist() == [topk_count(k, n) for n in kept]

@@ -645,10 +645,12 @@ def _multiclass_bwd_kernel(
 
 @triton.jit
 def tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing):
-    """``(1 - T, dT/dI, dT/dP)`` of the Tversky index ``T = (I + s) / (c1 I + a P + b G + s)``
-    (the reference's operation order)."""
+    """``(1 - T, dT/dI, dT/dP)`` of the Tversky index ``T = (I + s) / (I + a (P - I) +
+    b (G - I) + s)``, in the shared maths' operation order (a perfect prediction, ``P = G =
+    I``, scores exactly 1 for any weights); ``c1 = 1 - a - b`` is the denominator's slope in
+    ``I``."""
     num = i + smoothing
-    den = c1 * i + t_alpha * p + t_beta * g + smoothing
+    den = i + t_alpha * (p - i) + t_beta * (g - i) + smoothing
     inv_sq = 1.0 / (den * den)
     return 1.0 - num / den, (den - c1 * num) * inv_sq, -t_alpha * num * inv_sq
 

@@ -113,6 +113,20 @@ def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, a
 
 
 @triton.jit
+def topk_count_of(kept, k_hi, k_mid, k_lo):
+    """``ceil(round(k * kept, 9))`` clamped to ``[1, kept]`` (0 of 0), ``k = hi + mid + lo``
+    exactly, as :func:`dynloss._math.topk_count`: the fraction alone is rounded to 9 digits
+    (``v * 1e9`` leaves float64's exact integers from ``v`` ~ 9e6 on, and ``ceil`` then went
+    1 above the host's count at ~1e10 kept elements)."""
+    k = tl.cast(k_hi, tl.float64) + tl.cast(k_mid, tl.float64) + tl.cast(k_lo, tl.float64)
+    v = k * kept.to(tl.float64)
+    whole = tl.floor(v)
+    v = whole + tl.floor((v - whole) * 1e9 + 0.5) / 1e9
+    n = tl.ceil(v).to(tl.int64)
+    return tl.minimum(tl.maximum(n, 1), kept)
+
+
+@triton.jit
 def _topk_resolve(ws_ptr, n_host, k_hi, k_mid, k_lo, PASSES: tl.constexpr,
                   N_FROM_HOST: tl.constexpr):
     """Walk the first ``PASSES`` histograms: ``(prefix, remaining, n)``, all int64.
@@ -124,13 +138,8 @@ def _topk_resolve(ws_ptr, n_host, k_hi, k_mid, k_lo, PASSES: tl.constexpr,
     if N_FROM_HOST:
         n = n_host.to(tl.int64)
     else:
-        # n = ceil(round(k * kept, 9)) clamped to [1, kept] (0 of 0), k = hi + mid + lo exactly
         kept = tl.sum(tl.load(ws_ptr + bins, cache_modifier=".cg"), axis=0)
-        k = tl.cast(k_hi, tl.float64) + tl.cast(k_mid, tl.float64) + tl.cast(k_lo, tl.float64)
-        v = k * kept.to(tl.float64)
-        v = tl.floor(v * 1e9 + 0.5) / 1e9
-        n = tl.ceil(v).to(tl.int64)
-        n = tl.minimum(tl.maximum(n, 1), kept)
+        n = topk_count_of(kept.to(tl.int64), k_hi, k_mid, k_lo)
     remaining = n
     prefix = n * 0
     for p in tl.static_range(PASSES):
