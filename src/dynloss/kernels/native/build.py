@@ -218,7 +218,7 @@ def _raise_recent_failure(note: Path) -> None:
         data = json.loads(note.read_text())
         age = time.time() - float(data["time"])
         message = str(data["message"])
-        kind = "timeout" if data.get("timeout", False) else str(data.get("kind", ""))
+        kind = str(data.get("kind", ""))
     except (OSError, ValueError, KeyError, TypeError):
         return
     if 0 <= age < FAILURE_MEMORY_SECONDS:
@@ -230,8 +230,7 @@ def _raise_recent_failure(note: Path) -> None:
 def _remember_failure(note: Path, error: BaseException) -> None:
     kind = next((k for k, cls in _STOPPING.items() if isinstance(error, cls)), "")
     with contextlib.suppress(OSError):
-        note.write_text(json.dumps({"time": time.time(), "message": str(error),
-                                    "timeout": kind == "timeout", "kind": kind}))
+        note.write_text(json.dumps({"time": time.time(), "message": str(error), "kind": kind}))
 
 
 def _timeout() -> float:
@@ -308,12 +307,12 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
 def _build(cxx: str, plan: Plan, version: str) -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine)."""
     path, note = _paths(plan, version)
-    directory, key = path.parent, path.stem.removeprefix("native_cpu-")
+    directory = path.parent
     if verified(path):
         return path
     _raise_recent_failure(note)
     directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory / f"native_cpu-{key}.lock"):
+    with _locked(path.with_suffix(".lock")):
         if verified(path):  # another process built it while this one waited
             return path
         _raise_recent_failure(note)
