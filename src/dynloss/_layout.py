@@ -276,6 +276,14 @@ def ignore_index_for(dtype: torch.dtype, ignore_index: int | None) -> int | None
     return None
 
 
+def kernel_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor:
+    """``target`` for kernels that compare targets in float32 (native, Triton): a float64
+    binary/multilabel one through :func:`float32_target`, any other as it is."""
+    if target.dtype is torch.float64 and mode != MULTICLASS_MODE:
+        return float32_target(target, ignore_index)
+    return target
+
+
 def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
     """A float64 binary/multilabel ``target`` as float32, for kernels that read float32, with
     the float64 values' answers to "is it ``ignore_index``?" and "is it in [0, 1]?".
@@ -292,11 +300,11 @@ def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
     [1.0000001192092896, -1.401298464324817e-45, 0.9999999403953552, 0.5]
     """
     narrow = target.float()
-    rounded = narrow.double() != target
-    critical = rounded & ((narrow == 0) | (narrow == 1))
+    wide = narrow.double()
+    critical = (wide != target) & ((narrow == 0) | (narrow == 1))
     if ignore_index is not None:
         critical |= (narrow == ignore_index) & (target != ignore_index)
-    toward = torch.where(target > narrow.double(), math.inf, -math.inf).float()
+    toward = torch.where(target > wide, math.inf, -math.inf).float()
     return torch.where(critical, torch.nextafter(narrow, toward), narrow)
 
 

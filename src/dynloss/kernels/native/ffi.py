@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..._layout import (
     Layout,
-    float32_target,
+    kernel_target,
     raise_for_probability_range,
     raise_for_target_range,
 )
@@ -84,8 +84,7 @@ def _native_target(target: Tensor, mode: str, ignore_index: int | None) -> Tenso
     one as float32 with its own answers to "ignored?" and "in [0, 1]?"."""
     if target.dtype is torch.float32 and target.is_contiguous():  # the common case, as it is
         return target
-    if target.dtype is torch.float64 and mode != MULTICLASS_MODE:
-        return float32_target(target, ignore_index).contiguous()
+    target = kernel_target(target, mode, ignore_index)
     if target.dtype not in TARGET_TYPES:
         integral = mode == MULTICLASS_MODE or not target.is_floating_point()
         target = target.to(torch.int64 if integral else torch.float32)

@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from ... import _math
-from ..._layout import Layout, float32_target, invalid_values
+from ..._layout import Layout, invalid_values, kernel_target
 from ..._params import CompositeParams, DistributionParams, RegionParams
-from ...constants import MULTICLASS_MODE
 from .. import reference
 from ..capabilities import Capabilities
 
@@ -111,14 +110,6 @@ def _kernels() -> dict[str, Any]:
     return _KERNELS
 
 
-def _target(layout: Layout, ignore_index: int | None) -> Tensor:
-    """The target the kernels read: a float64 binary/multilabel one as float32 with its own
-    answers to "ignored?" and "in [0, 1]?" (the kernels compare in float32)."""
-    if layout.target.dtype is torch.float64 and layout.mode != MULTICLASS_MODE:
-        return float32_target(layout.target, ignore_index)
-    return layout.target
-
-
 class TritonBackend:
     """The Triton backend (see the package documentation).
 
@@ -159,7 +150,7 @@ class TritonBackend:
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
         if layout.x.numel() == 0:
             return reference.REFERENCE.region(layout, params, checked)
-        target = _target(layout, params.ignore_index)
+        target = kernel_target(layout.target, layout.mode, params.ignore_index)
         if params.ddp_pool:
             if torch.compiler.is_compiling():
                 return reference.REFERENCE.region(layout, params, checked)
@@ -176,7 +167,7 @@ class TritonBackend:
                      ) -> Tensor:
         if layout.x.numel() == 0:
             return reference.REFERENCE.distribution(layout, params, checked)
-        target = _target(layout, params.ignore_index)
+        target = kernel_target(layout.target, layout.mode, params.ignore_index)
         if torch.compiler.is_compiling():
             from . import ops, stream, topk
 
@@ -191,7 +182,8 @@ class TritonBackend:
                   ) -> tuple[Tensor, Tensor, Tensor]:
         if layout.x.numel() == 0:
             return reference.REFERENCE.composite(layout, params, checked)
-        target = _target(layout, params.region.ignore_index)
+        target = kernel_target(layout.target, layout.mode,
+                               params.region.ignore_index)
         if torch.compiler.is_compiling():
             from . import ops, stream
 
