@@ -582,3 +582,28 @@ def test_a_perfect_prediction_scores_exactly_zero_for_any_weights(backend, alpha
     per_image = TverskyLoss(alpha=alpha, beta=beta, mode=mode, from_logits=False,
                             per_image=True, backend=backend)
     assert per_image(target.clone(), target).item() == 0.0
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_torch_backend_keeps_no_probabilities_for_a_binary_region_loss(from_logits, dtype):
+    """Its binary backward forms dp/dx from x alone (exact where the sigmoid saturates), so
+    the probabilities it kept were an input-sized tensor held for nothing."""
+    x = torch.rand(2, 1, 8, 8, dtype=dtype, requires_grad=True)
+    target = (torch.rand(2, 1, 8, 8) > 0.5).to(dtype)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = DiceLoss(backend="torch", from_logits=from_logits)(x, target)
+    # input-sized tensors kept besides x and the target themselves (views of them are free)
+    extra = [t for t in kept if t.numel() == x.numel()
+             and t.data_ptr() not in (x.data_ptr(), target.data_ptr())]
+    assert extra == []
+    loss.backward()
+    want = x.detach().clone().requires_grad_()
+    DiceLoss(backend="reference", from_logits=from_logits)(want, target).backward()
+    torch.testing.assert_close(x.grad, want.grad)

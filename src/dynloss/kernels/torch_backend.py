@@ -82,12 +82,13 @@ def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, poo
     return tuple(s.view(-1, p.shape[1]) for s in sums)
 
 
-def _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index):
-    g, valid = _binary_target(target, p.dtype, ignore_index)
+def _binary_region_backward(x, dtype, target, gi, gp, from_logits, ignore_index):
+    # reads x and the target only: dp/dx comes from x, so forward keeps no probabilities
+    g, valid = _binary_target(target, dtype, ignore_index)
     # dL/dp; expanding `self` keeps addcmul on its vectorised path (a (N, C, 1) self is 3x slower)
     grad = torch.addcmul(gp.unsqueeze(-1).expand_as(g), gi.unsqueeze(-1), g)
     if from_logits:  # dp/dx with all its digits where the sigmoid saturates
-        _math.sigmoid_backward(grad, _as(x, p.dtype), out=grad)
+        _math.sigmoid_backward(grad, _as(x, dtype), out=grad)
     if valid is not None:
         grad.masked_fill_(~valid, 0)
     return grad
@@ -148,7 +149,9 @@ class RegionSums(torch.autograd.Function):
             sums = _multiclass_region_sums(p, index, valid)
         else:
             sums = _binary_region_sums(p, target, ignore_index, pooled)
-        keep_probabilities = p.dtype == x.dtype  # else p is a float32 copy of half input
+        # the softmax's backward reads p (kept unless it is a float32 copy of half input);
+        # the binary backward needs x alone
+        keep_probabilities = mode == MULTICLASS_MODE and p.dtype == x.dtype
         ctx.save_for_backward(x, target, p if keep_probabilities else None)
         ctx.config = (mode, from_logits, ignore_index, pooled, checked)
         ctx.mark_non_differentiable(sums[2])
@@ -164,15 +167,17 @@ class RegionSums(torch.autograd.Function):
                                            checked)[:2],
                 (x,), (grad_intersection, grad_prediction_sum))
             return grads[0], None, None, None, None, None, None
-        p = saved_p if saved_p is not None else _probabilities(x, mode, from_logits)
+        dtype = compute_dtype(x.dtype)
         shape = (grad_intersection if grad_intersection is not None else grad_prediction_sum).shape
-        gi = grad_intersection if grad_intersection is not None else p.new_zeros(shape)
-        gp = grad_prediction_sum if grad_prediction_sum is not None else p.new_zeros(shape)
+        zeros = torch.zeros(shape, dtype=dtype, device=x.device)
+        gi = grad_intersection if grad_intersection is not None else zeros
+        gp = grad_prediction_sum if grad_prediction_sum is not None else zeros
         if mode == MULTICLASS_MODE:
+            p = saved_p if saved_p is not None else _probabilities(x, mode, from_logits)
             index, valid = _class_index(target, ignore_index, x.shape[1], checked)
             grad = _multiclass_region_backward(p, index, valid, gi, gp, from_logits)
         else:
-            grad = _binary_region_backward(x, p, target, gi, gp, from_logits, ignore_index)
+            grad = _binary_region_backward(x, dtype, target, gi, gp, from_logits, ignore_index)
         return _as(grad, x.dtype), None, None, None, None, None, None
 
 
