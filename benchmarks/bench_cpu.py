@@ -273,14 +273,17 @@ def _cpu_name():
 
 
 def _commit():
-    """The checked-out commit (and ``+dirty`` with local changes), or None outside git."""
+    """The checked-out commit (and ``+dirty`` with local changes outside
+    ``benchmarks/results``), or None outside git."""
     import subprocess
 
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
                               capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # the result files this script writes do not count (a second run would see them)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/", ":(exclude,top)benchmarks/results"],
                                cwd=here, text=True, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
