@@ -197,3 +197,15 @@ def test_version_matches_the_changelog():
     assert changelog.index("## [Unreleased]") < changelog.index(f"## [{dynloss.__version__}]")
     if "\n[Unreleased]: " in changelog:  # link references at the bottom: one per release
         assert f"\n[{dynloss.__version__}]: " in changelog
+
+
+def test_changelog_has_one_section_of_each_kind_per_version():
+    """Keep a Changelog: within a version, each kind (Added, Changed, ...) is one section, in
+    the format's order, so a reader finds every addition of a release in one place."""
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    kinds = ["Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"]
+    for version in re.split(r"^## ", changelog, flags=re.M)[1:]:
+        name = version.splitlines()[0]
+        found = re.findall(r"^### (.+)$", version, re.M)
+        assert set(found) <= set(kinds), (name, found)
+        assert found == sorted(set(found), key=kinds.index), (name, found)
