@@ -113,3 +113,19 @@ def test_a_loss_with_the_reset_callback_pickles_and_the_copy_resets_its_schedule
     (callback,) = copy._callbacks
     assert callback.scheduler.optimizer.param_groups[0]["lr"] == 0.25
     assert optimizer.param_groups[0]["lr"] == 1e-3  # the original's is untouched
+
+
+def test_reset_plateau_scheduler_fills_a_tensor_learning_rate_in_place():
+    """An optimizer built with a tensor lr keeps that tensor (as ReduceLROnPlateau does): the
+    callback replaced it by a float, so anything holding the tensor (a capturable or compiled
+    optimizer step) kept the old rate."""
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    lr = torch.tensor(1e-2)
+    optimizer = torch.optim.Adam([parameter], lr=lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+    loss.on_switch(reset_plateau_scheduler(scheduler, lr=1e-4))
+    loss.step()
+    assert optimizer.param_groups[0]["lr"] is lr
+    assert lr.item() == pytest.approx(1e-4)
+    assert scheduler._last_lr == [pytest.approx(1e-4)]

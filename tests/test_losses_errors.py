@@ -202,3 +202,17 @@ def test_a_float8_input_is_computed_in_float32(cls, dtype):
     torch.testing.assert_close(value, want)
     assert x.grad.dtype == dtype
     torch.testing.assert_close(x.grad.float(), wide.grad.to(dtype).float())
+
+
+@pytest.mark.parametrize("make", [
+    lambda big: dynloss.FocalLoss(gamma=big),
+    lambda big: dynloss.DiceLoss(smooth=big),
+    lambda big: dynloss.TverskyLoss(alpha=big),
+    lambda big: dynloss.LinearRamp(0, 10, initial=big),
+    lambda big: dynloss.Plateau(min_delta=big),
+    lambda big: dynloss.CompositeLoss([dynloss.DiceLoss(), dynloss.BCELoss()], weights=[1, big]),
+])
+def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_argument(make):
+    """``float(10**400)`` raises OverflowError; the checks said nothing of the argument."""
+    with pytest.raises(ValueError, match="must be finite; got a number too large for a float"):
+        make(10**400)

@@ -116,6 +116,13 @@ def test_build_loss_types_and_values() -> None:
         ("(dice", 5, "expected ')' to close the '(' group"),
         ("dice(mode='x')", 10, "mode must be one of"),
         ("CompositeLoss([dice], weights=[1, 2])", 0, "got 2 weights for 1 losses"),
+        # a repeated dict key dropped a stage (Python keeps the last; a spec is a config)
+        ("SwitchingLoss({'a': dice, 'a': bce, 'b': focal}, milestones=[5])", 26,
+         "key 'a' given twice"),
+        ("CompositeLoss([dice, bce], weights={'bce': 1, 'bce': 2})", 46,
+         "key 'bce' given twice"),
+        ("focal(gamma=1" + "0" * 400 + ")", 12, "focal: gamma must be finite; got a number "
+         "too large for a float"),
     ],
 )
 def test_errors_point_at_the_offending_position(spec: str, position: int, message: str) -> None:
@@ -309,7 +316,8 @@ def test_error_display_shows_control_characters_so_the_caret_lines_up() -> None:
     ("dice(smooth=" + "9" * 5000 + ")", 12, "has too many digits"),
     ("9" * 400 + "*dice", 0, "a weight must be finite"),
     ("1e999*dice", 0, "a weight must be finite; got inf"),
-    ("iou->bce@plateau(min_delta=" + "9" * 400 + ")", 9, "plateau: int too large to convert"),
+    ("iou->bce@plateau(min_delta=" + "9" * 400 + ")", 27,
+     "plateau: min_delta must be finite; got a number too large for a float"),
     ("dice(smooth=\u0661)", 12, "unexpected character '\u0661'"),
 ])
 def test_bad_numbers_are_spec_errors(spec: str, position: int, message: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import copy
 import io
+import math
+import threading
 
 import pytest
 import torch
@@ -760,7 +762,12 @@ def test_the_metric_is_checked_alike_with_and_without_sync(sync_metric):
                                  r"scalar tensor; got str '0.5'"),
                          (True, "got bool True"),
                          (torch.tensor([0.1, 0.2]), r"must be a scalar; got shape \(2,\)"),
-                         (10**400, "must be within the float range; got int beyond it")]:
+                         (10**400, "must be within the float range; got int beyond it"),
+                         # tensors: a real number that can be read (a complex one crashed in
+                         # float(), a meta one in .item(); a bool one passed as 1.0)
+                         (torch.tensor(0.5 + 0j), "got a tensor of dtype torch.complex64"),
+                         (torch.tensor(True), "got a tensor of dtype torch.bool"),
+                         (torch.tensor(0.5, device="meta"), "got a tensor on the meta device")]:
         with pytest.raises(ValueError, match=message):
             loss.step(metric=bad)
     assert loss.count == 1
@@ -863,3 +870,95 @@ def test_no_collective_once_no_active_trigger_reads_the_metric(monkeypatch):
                             FocalLoss()])
     nested.step(metric=1.0)
     assert reduced == [1.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_relative_improvement_nan_after_a_zero_value_is_no_improvement(mode, sign) -> None:
+    """A NaN metric is no improvement whatever its sign bit (``float("nan")`` has it clear,
+    ``torch.tensor(0.) / 0`` on x86 set), also after a value of exactly 0 (a validation Dice
+    of 0 in the first epoch): it was an infinite improvement for a NaN with the bit clear."""
+    nan = math.copysign(math.nan, sign)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()],
+                         trigger=RelativeImprovement(threshold=0.01, mode=mode))
+    assert [loss.step(metric=m) for m in (0.0, nan)] == [False, True]
+
+
+def test_a_schedule_shared_by_two_composite_stages_steps_once_per_step() -> None:
+    """One weight schedule in two composites (two stages) follows the global counter: it was
+    stepped once per composite, so a 10-epoch ramp read 0.6 after 3 epochs."""
+    ramp = LinearRamp(0, 10)
+    first = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    second = CompositeLoss([FocalLoss(), BCELoss()], weights=[1.0, ramp])
+    loss = SwitchingLoss([first, second], milestones=[5])
+    for _ in range(3):
+        loss.step()
+    assert ramp.count == 3
+    assert first.current_weights()["bce"] == second.current_weights()["bce"] == 0.3
+    resumed_ramp = LinearRamp(0, 10)
+    resumed = SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, resumed_ramp]),
+                             CompositeLoss([FocalLoss(), BCELoss()], weights=[1.0, resumed_ramp])],
+                            milestones=[5])
+    resumed.load_state_dict(_saved(loss))
+    resumed.step()
+    assert resumed_ramp.count == 4
+
+
+def test_a_trigger_starts_fresh_in_a_new_switching_loss() -> None:
+    """The same trigger object given to a second loss (a sweep loop) starts with no history:
+    it kept the first run's best and bad-epoch count and switched on the first step."""
+    trigger = Plateau(patience=2)
+    first = SwitchingLoss([DiceLoss(), BCELoss()], trigger=trigger)
+    for metric in (0.5, 0.6):
+        first.step(metric=metric)
+    second = SwitchingLoss([DiceLoss(), BCELoss()], trigger=trigger)
+    assert [second.step(metric=m) for m in (0.9, 0.95, 0.99)] == [False, False, True]
+
+
+class _Locked(torch.nn.Module):
+    """A loss that cannot be deep-copied (a lock; a process group is the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.bce = BCELoss()
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.scale * self.bce(input, target)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_of_losses_that_cannot_be_copied(batch, assign) -> None:
+    """Loading rolls a failed load back without deep-copying the tree first: a stage holding a
+    lock or a process group failed to load at all (TypeError from copy.deepcopy)."""
+    trained = SwitchingLoss([DiceLoss(), CompositeLoss([_Locked(), IoULoss()])], milestones=[2])
+    for _ in range(3):
+        trained.step()
+    with torch.no_grad():
+        trained.stages["compositeloss"].terms["_locked"].scale.fill_(5.0)
+    state = _saved(trained)
+    fresh = SwitchingLoss([DiceLoss(), CompositeLoss([_Locked(), IoULoss()])], milestones=[2])
+    fresh.load_state_dict(state, assign=assign)
+    assert (fresh.active_index, fresh.count, fresh.stages["compositeloss"].count) == (1, 3, 3)
+    assert float(fresh.stages["compositeloss"].terms["_locked"].scale) == 5.0
+    # a failed load changes nothing: values, the parameter objects (an optimizer holds them)
+    # and the schedules' counters
+    target = SwitchingLoss([DiceLoss(), CompositeLoss([_Locked(), IoULoss()])], milestones=[2])
+    target.step()
+    parameter = target.stages["compositeloss"].terms["_locked"].scale
+    bad = dict(state)
+    bad["stages.compositeloss._extra_state"] = {**state["stages.compositeloss._extra_state"],
+                                                "names": ["x", "y"]}
+    with pytest.raises(ValueError, match="differ from this loss's"):
+        target.load_state_dict(bad, assign=assign)
+    assert target.stages["compositeloss"].terms["_locked"].scale is parameter
+    assert float(parameter) == 2.0
+    assert (target.active_index, target.count, target.stages["compositeloss"].count) == (0, 1, 1)
+
+
+def test_a_trigger_checks_the_metric_it_is_given_directly() -> None:
+    """``Trigger.update`` (called by a custom loop) took ``"0.5"`` as 0.5 through float()."""
+    with pytest.raises(ValueError, match=r"must be a number or a scalar tensor; got str '0\.5'"):
+        Plateau().update(1, 1, "0.5")  # type: ignore[arg-type]

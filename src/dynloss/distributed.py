@@ -162,7 +162,8 @@ def check_metric(value: object) -> None:
     float, not a bool) or a one-element tensor.
 
     Raises:
-        ValueError: anything else (a string, a bool, a tensor of several elements).
+        ValueError: anything else (a string, a bool, a tensor of several elements, of a bool
+            or complex dtype, or on the meta device).
 
     Examples:
         >>> import torch
@@ -179,6 +180,12 @@ def check_metric(value: object) -> None:
                 f"metric (the monitored value) must be a scalar; got shape "
                 f"{tuple(value.shape)}"
             )
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"metric (the monitored value) must be a real number; got a "
+                             f"tensor of dtype {value.dtype}")
+        if value.is_meta:
+            raise ValueError("metric (the monitored value) must hold a value; got a tensor on "
+                             "the meta device")
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"metric (the monitored value) must be a number or a scalar tensor; got "
@@ -226,6 +233,6 @@ def reduce_mean(value: float | Tensor) -> float:
     if isinstance(value, Tensor):
         buffer = value.detach().reshape(1).to(device=device, dtype=torch.float64)
     else:
-        buffer = torch.tensor([float(value)], device=device, dtype=torch.float64)
+        buffer = torch.tensor([metric_value(value)], device=device, dtype=torch.float64)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.item() / dist.get_world_size()

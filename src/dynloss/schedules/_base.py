@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._checks import check_non_negative
@@ -194,13 +194,49 @@ def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict
                         assign: bool) -> Any:
     """``nn.Module.load_state_dict`` of a CompositeLoss / SwitchingLoss that changes nothing
     when it fails: torch loads a module before its children, so a nested loss's bad state (or
-    a key only the other loss has) was found after the parent had taken its own. The state is
-    first loaded into a copy (callbacks are shared, not copied: they may hold an optimizer)."""
-    memo: dict[int, Any] = {}
-    for sub in module.modules():
-        for callback in getattr(sub, "_callbacks", ()):
-            memo[id(callback)] = callback
-    trial = copy.deepcopy(module, memo)
-    nn.Module.load_state_dict(trial, state_dict, strict=strict, assign=assign)
-    return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
+    a key only the other loss has) was found after the parent had taken its own. What a load
+    can change is kept first and put back on a failure: every module's parameter and buffer
+    objects (``assign=True`` replaces them) and their values, and every extra state. Nothing
+    else is copied: a loss holding a lock, a process group or a live graph loads as in torch.
+    """
+    kept = [_kept_state(sub) for sub in module.modules()]
+    try:
+        return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
+    except BaseException:
+        for entry in reversed(kept):
+            _put_back(*entry)
+        raise
 
+
+_NO_EXTRA_STATE = object()
+
+
+def _kept_state(module: nn.Module) -> tuple[nn.Module, dict, dict, dict, object]:
+    tensors = {**module._parameters, **module._buffers}
+    with torch.no_grad():
+        values = {name: t.detach().clone() for name, t in tensors.items() if t is not None}
+    extra: object = _NO_EXTRA_STATE
+    if type(module).get_extra_state is not nn.Module.get_extra_state:
+        extra = module.get_extra_state()
+    return module, dict(module._parameters), dict(module._buffers), values, extra
+
+
+def _put_back(module: nn.Module, parameters: dict, buffers: dict, values: dict,
+              extra: object) -> None:
+    module._parameters.clear()
+    module._parameters.update(parameters)
+    module._buffers.clear()
+    module._buffers.update(buffers)
+    with torch.no_grad():
+        for name, value in values.items():
+            tensor = parameters.get(name)
+            (tensor if tensor is not None else buffers[name]).copy_(value)
+    if extra is not _NO_EXTRA_STATE and not _equal(module.get_extra_state(), extra):
+        module.set_extra_state(extra)  # (only where the failed load changed it)
+
+
+def _equal(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. tensors in a custom extra state: put it back
+        return False

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Any
 
+import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .._checks import check_non_negative
@@ -91,7 +92,10 @@ class _PlateauReset:
         scheduler.cooldown_counter = 0
         if values is not None:
             for group, value in zip(groups, values, strict=True):
-                group["lr"] = value
+                if isinstance(group["lr"], torch.Tensor):  # kept, as torch's schedulers do
+                    group["lr"].fill_(value)
+                else:
+                    group["lr"] = value
             scheduler._last_lr = list(values)
 
     def __repr__(self) -> str:

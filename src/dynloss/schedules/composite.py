@@ -260,7 +260,9 @@ class CompositeLoss(nn.Module):
         seen.add(id(self))
         self.count += 1
         for weight in self.weights:
-            if isinstance(weight, WeightSchedule):
+            # a schedule shared with another composite (of another stage) steps once per step
+            if isinstance(weight, WeightSchedule) and id(weight) not in seen:
+                seen.add(id(weight))
                 weight.step()
         for loss in self.terms.values():
             step_child(loss, metric, synced, seen)

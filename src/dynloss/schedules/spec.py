@@ -469,6 +469,8 @@ class _Parser:
             key = self.factor()
             if not isinstance(key, (str, int, float)) or isinstance(key, bool):
                 raise self.error("a dict key must be a string or a number", key_token.pos)
+            if key in items:  # Python keeps the last; in a config that drops a stage or term
+                raise self.error(f"key {key!r} given twice", key_token.pos)
             self.expect(":", "expected ':' after the dict key")
             items[key] = self.finish(self.spec_expr())
         return items

@@ -194,6 +194,7 @@ class SwitchingLoss(nn.Module):
         self.stages = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
+        self.triggers[0].reset()  # stage 0 begins: no history from another loss's run
         self.unit = check_choice("unit", unit, UNITS)
         self.sync_metric = check_bool("sync_metric", sync_metric)
         self.count = 0

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .._checks import check_choice, check_non_negative, check_real
+from ..distributed import metric_value
 from ._base import call_repr, check_count, check_state, state_int, state_real
 
 __all__ = ["Milestone", "Plateau", "RelativeImprovement", "Trigger"]
@@ -300,7 +301,10 @@ class RelativeImprovement(Trigger):
     def relative_improvement(self, reference: float, value: float) -> float:
         """:math:`(reference - value)/|reference|` (``"max"``: the negative); +-inf from a
         reference of 0 or +-inf to another value (a change from an infinite loss to a finite one
-        is an infinite improvement, not ``inf/inf = NaN``), 0 where the two are equal."""
+        is an infinite improvement, not ``inf/inf = NaN``), 0 where the two are equal; NaN
+        where either is NaN (no improvement, whatever the NaN's sign bit)."""
+        if math.isnan(value) or math.isnan(reference):
+            return math.nan
         change = reference - value if self.mode == "min" else value - reference
         if math.isinf(reference) and not math.isnan(value):
             return 0.0 if value == reference else math.copysign(math.inf, change)
@@ -348,4 +352,4 @@ def _metric(trigger: Trigger, metric: float | None) -> float:
             f"{trigger!r} monitors a value: call step(metric=...) with the training loss or a "
             "validation metric"
         )
-    return float(metric)
+    return metric_value(metric)  # checked: a number or a scalar tensor, not a str
