@@ -8,6 +8,7 @@ with the shared maths and the reference backend's region sums.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -15,8 +16,19 @@ import pytest
 import torch
 from torch import Tensor
 
-from dynloss import _math
+import dynloss
+from dynloss import (
+    LOSSES,
+    BCELoss,
+    CompositeLoss,
+    SegmentationLoss,
+    SwitchingLoss,
+    _math,
+    build_loss,
+)
+from dynloss._checks import check_non_negative
 from dynloss._layout import Layout
+from dynloss._params import RegionParams
 from dynloss.functional import _call
 from dynloss.kernels import reference
 from dynloss.kernels.capabilities import Need
@@ -87,3 +99,73 @@ def test_new_loss_values_and_gradients(with_new_op, backend):
         lambda v: _call.run("focal_tversky", v, t, params), (xs,))
     (want_grad,) = torch.autograd.grad(_independent(xs, t, 0.3, 0.7, 0.75), xs)
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------- steps 2 and 4: parameters, module, specs, composite
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FocalTverskyRegionParams(RegionParams):
+    """The parameters as a loss that reuses the region losses' fields would write them."""
+
+    gamma: float
+
+
+class FocalTverskyLoss(SegmentationLoss):
+    """The module, as docs/adding-a-loss.md step 4 describes it."""
+
+    name = "focal_tversky"
+
+    def __init__(self, alpha: float = 0.3, beta: float = 0.7, gamma: float = 0.75, *,
+                 mode: str = "binary", from_logits: bool = True,
+                 ignore_index: int | None = None, reduction: str = "mean",
+                 backend: str = "auto", check_values: bool | None = None) -> None:
+        super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+                         reduction=reduction, backend=backend, check_values=check_values)
+        self.alpha, self.beta = check_non_negative("alpha", alpha), check_non_negative("beta", beta)
+        self.gamma = check_non_negative("gamma", gamma)
+        self._ready()
+
+    def _prepare(self):
+        params = FocalTverskyRegionParams(
+            alpha=self.alpha, beta=self.beta, gamma=self.gamma, smoothing=1e-7,
+            per_image=False, ddp_pool=False, mode=self.mode, from_logits=self.from_logits,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            check_values=self.check_values)
+        return (functools.partial(_call.run, "focal_tversky"), params,
+                Need("focal_tversky", params.mode))
+
+
+@pytest.fixture
+def registered(with_new_op, monkeypatch):
+    monkeypatch.setitem(LOSSES, "focal_tversky", FocalTverskyLoss)
+    monkeypatch.setattr(dynloss, "FocalTverskyLoss", FocalTverskyLoss, raising=False)
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 1, 5, 6, generator=gen) * 2
+    return x, (torch.rand(2, 1, 5, 6, generator=gen) > 0.5).float()
+
+
+def test_the_module_of_a_new_loss(registered):
+    """``_prepare`` returning ``functools.partial(_call.run, op)`` is a module's function (it
+    failed: ``run`` took no ``plans``); the value is the independent formula's."""
+    x, t = _batch()
+    loss = FocalTverskyLoss(gamma=0.5)
+    for _ in range(2):  # the second call takes the module's plan of the first
+        torch.testing.assert_close(loss(x, t).double(), _independent(x, t, 0.3, 0.7, 0.5),
+                                   rtol=1e-6, atol=0)
+    assert loss._checked()[3], "the call left no plan"
+
+
+def test_a_new_loss_in_spec_strings_and_composites(registered):
+    """A composite of the new loss and BCE is their weighted sum: the one-pass composite took
+    any ``RegionParams`` for a Tversky loss's (Tversky + BCE, silently)."""
+    x, t = _batch()
+    new = FocalTverskyLoss(gamma=2.0)
+    composite = CompositeLoss([new, BCELoss()], weights=[1.0, 0.5])
+    want = new(x, t) + 0.5 * BCELoss()(x, t)
+    torch.testing.assert_close(composite(x, t), want, rtol=1e-6, atol=0)
+    switching = build_loss("focal_tversky(gamma=2.0)->0.5*bce@3")
+    assert isinstance(switching, SwitchingLoss)
+    torch.testing.assert_close(switching(x, t), new(x, t), rtol=0, atol=0)
+    assert repr(build_loss(repr(new))) == repr(new) == "FocalTverskyLoss(gamma=2.0)"

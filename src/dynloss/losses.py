@@ -53,7 +53,7 @@ __all__ = [
 
 
 class SegmentationLoss(nn.Module):
-    """Base class of the six losses: checked hyper-parameters, then the functional form.
+    """Base class of the losses: checked hyper-parameters, then the functional form.
 
     The constructor checks its arguments (``mode``, ``from_logits``, ``ignore_index``,
     ``reduction``, ``backend``, ``check_values``; each subclass adds its own) and stores each
@@ -135,7 +135,8 @@ class SegmentationLoss(nn.Module):
     def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
         """``(function, params, need)`` for ``forward``: the arguments checked once."""
         raise TypeError(f"{type(self).__name__} is not a loss: subclass one of the six losses "
-                        "(DiceLoss, IoULoss, TverskyLoss, BCELoss, FocalLoss, TopKLoss)")
+                        "(DiceLoss, IoULoss, TverskyLoss, BCELoss, FocalLoss, TopKLoss), or "
+                        "define _prepare() as docs/adding-a-loss.md describes")
 
     def _checked(self) -> tuple[Callable[..., Tensor], Any, Any, dict]:
         """``(function, params, need, plans)``: the checked arguments (built on first use)."""

@@ -188,19 +188,21 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
     return backend.composite(layout, params, checked)
 
 
-def run(op: str, input: Tensor, target: Tensor, params: Any, need: Need | None = None
-        ) -> Tensor:
+def run(op: str, input: Tensor, target: Tensor, params: Any, need: Need | None = None,
+        plans: Plans | None = None) -> Tensor:
     """The loss of op ``op`` (a loss added after the six): ``backend.<op>(layout, params,
     checked)`` on the backend dispatch picks for ``Need(op, params.mode)``.
 
     ``params`` carries ``mode``, ``backend``, ``ignore_index``, ``from_logits`` and
     ``check_values`` like the checked parameters of :mod:`dynloss._params`. Kernel backends
-    list their ops, so a new op runs on the reference until one declares it.
+    list their ops, so a new op runs on the reference until one declares it. A module's
+    ``_prepare`` returns ``functools.partial(run, op)``: ``forward`` passes ``need`` and the
+    module's ``plans``.
     """
     params = _matchable_ignore(params, target)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or Need(op, params.mode),
-        params.ignore_index, params.from_logits, params.check_values)
+        params.ignore_index, params.from_logits, params.check_values, plans)
     compute = getattr(backend, op)
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):

@@ -108,7 +108,7 @@ _SHARED_DOC = """
             values in [0, 1] (soft labels allowed), float, bool or integer dtype. Multiclass:
             integer class indices ``(N, *spatial)`` in ``[0, C)``.
         mode: ``"binary"`` (C == 1, sigmoid), ``"multilabel"`` (sigmoid per channel) or
-            ``"multiclass"`` (C >= 2, softmax over dim 1).
+            ``"multiclass"`` (C >= 2, softmax over dim 1); default ``"binary"``.
         from_logits: whether ``input`` holds logits (default) or probabilities.
         smooth: additive smoothing ``s`` in numerator and denominator (default 0).
         eps: numerical floor added to the smoothing (default 1e-7); ``smooth + eps > 0``.

@@ -41,9 +41,14 @@ def reset_plateau_scheduler(
         >>> from dynloss.schedules import reset_plateau_scheduler
         >>> model = torch.nn.Conv2d(3, 1, 1)
         >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        >>> scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=5)
-        >>> loss_fn = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[50])
-        >>> _ = loss_fn.on_switch(reset_plateau_scheduler(scheduler))
+        >>> scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        >>> loss_fn = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+        >>> _ = loss_fn.on_switch(reset_plateau_scheduler(scheduler, lr=1e-4))
+        >>> for validation_loss in [0.5, 0.6]:  # 0.6: the scheduler divides the lr by 10
+        ...     scheduler.step(validation_loss)
+        ...     switched = loss_fn.step()
+        >>> switched, loss_fn.active_name, optimizer.param_groups[0]["lr"], scheduler.best
+        (True, 'bce', 0.0001, inf)
     """
     if not isinstance(scheduler, ReduceLROnPlateau):
         raise TypeError(

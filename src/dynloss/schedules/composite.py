@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import CompositeParams, DistributionParams, RegionParams, composite_params
-from ..functional._call import composite_loss
+from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
 from ._base import (
     check_weight,
@@ -168,7 +168,13 @@ class CompositeLoss(nn.Module):
             if not isinstance(module, SegmentationLoss) or (
                     type(module).forward is not SegmentationLoss.forward):
                 return None
-            params.append(module._checked()[1])
+            function, checked = module._checked()[:2]
+            # only the six losses' own functions and parameters: a loss added later may reuse
+            # RegionParams/DistributionParams (a subclass) for an op of its own
+            if not ((function is region_loss and type(checked) is RegionParams)
+                    or (function is distribution_loss and type(checked) is DistributionParams)):
+                return None
+            params.append(checked)
         swapped = isinstance(params[0], DistributionParams)
         region, distribution = (params[1], params[0]) if swapped else (params[0], params[1])
         if not (isinstance(region, RegionParams) and isinstance(distribution, DistributionParams)
