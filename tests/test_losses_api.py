@@ -109,3 +109,19 @@ def test_python_OO_imports_and_runs():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == (
         "0.3333 0.6931 SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])")
+
+
+def test_focal_alpha_edited_in_place_is_used():
+    """``loss.alpha[0] = 100`` changed the repr and what ``build_loss(repr(loss))`` computed,
+    while the module kept the old weights (and took 4 weights for 3 classes)."""
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(4))
+    loss = dynloss.FocalLoss(mode="multiclass", alpha=[1, 2, 3])
+    loss(logits, labels)
+    loss.alpha[0] = 100
+    want = dynloss.functional.focal_loss(logits, labels, mode="multiclass", alpha=[100, 2, 3])
+    assert loss(logits, labels) == want
+    assert dynloss.build_loss(repr(loss))(logits, labels) == want
+    loss.alpha.append(4)
+    with pytest.raises(ValueError, match="alpha"):
+        loss(logits, labels)

@@ -216,3 +216,31 @@ def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_argument(make)
     """``float(10**400)`` raises OverflowError; the checks said nothing of the argument."""
     with pytest.raises(ValueError, match="must be finite; got a number too large for a float"):
         make(10**400)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch", "native"])
+@pytest.mark.parametrize("loss", [dynloss.DiceLoss, dynloss.BCELoss, dynloss.TopKLoss])
+def test_multilabel_without_channels_is_a_value_error(loss, backend):
+    """C = 0 crashed in the native kernel (code 2) and the torch backend's reshape; the
+    reference returned 0."""
+    x, t = torch.zeros(2, 0, 4, 4), torch.zeros(2, 0, 4, 4)
+    with pytest.raises(ValueError, match=r"mode='multilabel' needs an input with C >= 1 "
+                                         r"channels; got C=0 in input shape \(2, 0, 4, 4\)"):
+        loss(mode="multilabel", backend=backend)(x, t)
+
+
+@pytest.mark.parametrize("check_values", [True, None])
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("loss", [dynloss.DiceLoss, dynloss.FocalLoss])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_meta_tensors_give_the_shape(loss, mode, backend, check_values):
+    """A meta tensor holds no values to check: ``check_values=True`` crashed in ``.item()``;
+    the torch backend's multiclass region sums crashed in ``bincount`` (no meta kernel)."""
+    x = torch.zeros(2, 3 if mode == "multiclass" else 1, 4, 4, device="meta",
+                    requires_grad=True)
+    t = (torch.zeros(2, 4, 4, dtype=torch.long) if mode == "multiclass"
+         else torch.zeros(2, 1, 4, 4)).to("meta")
+    value = loss(mode=mode, backend=backend, check_values=check_values)(x, t)
+    assert value.is_meta and value.shape == ()
+    (grad,) = torch.autograd.grad(value, x)
+    assert grad.is_meta and grad.shape == x.shape

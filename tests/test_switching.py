@@ -28,6 +28,7 @@ from dynloss import (
     TopKLoss,
     Trigger,
     TverskyLoss,
+    WeightSchedule,
     build_loss,
     reset_plateau_scheduler,
 )
@@ -962,3 +963,30 @@ def test_a_trigger_checks_the_metric_it_is_given_directly() -> None:
     """``Trigger.update`` (called by a custom loop) took ``"0.5"`` as 0.5 through float()."""
     with pytest.raises(ValueError, match=r"must be a number or a scalar tensor; got str '0\.5'"):
         Plateau().update(1, 1, "0.5")  # type: ignore[arg-type]
+
+
+class _Constantly(WeightSchedule):
+    """A custom schedule that breaks the contract (finite, >= 0) from some step on."""
+
+    def __init__(self, value: float, after: int = 0) -> None:
+        super().__init__()
+        self.bad, self.after = value, after
+
+    def value_at(self, t: int) -> float:
+        return self.bad if t >= self.after else 1.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+@pytest.mark.parametrize("other", [BCELoss, TopKLoss])
+def test_a_custom_schedule_outside_its_contract_is_named(bad, other) -> None:
+    """The fused path (Dice + BCE) said "distribution_weight must be finite", an argument the
+    user never gave; the unfused one (Dice + TopK) returned NaN/inf or a negative loss."""
+    x, t = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    message = (r"CompositeLoss: the weight of '\w+' \(a _Constantly at step \d\) must be finite "
+               r"and >= 0; got")
+    with pytest.raises(ValueError, match=message):
+        CompositeLoss([DiceLoss(), other()], weights=[1.0, _Constantly(bad)])
+    loss = CompositeLoss([DiceLoss(), other()], weights=[1.0, _Constantly(bad, after=1)])
+    loss(x, t)
+    with pytest.raises(ValueError, match=message):
+        loss.step()

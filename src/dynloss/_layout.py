@@ -170,6 +170,11 @@ def _multilabel_layout(input: Tensor, target: Tensor) -> Layout:
             "mode='multilabel' the target must have the input's shape (N, C, *spatial)"
         )
     n, c = input.shape[:2]
+    if c < 1:
+        raise ValueError(
+            f"mode='multilabel' needs an input with C >= 1 channels; got C={c} in input shape "
+            f"{_shape(input)}"
+        )
     m = _spatial_size(input, 2)
     return Layout.of(input, target, MULTILABEL_MODE, (n, c, m), (n, c, m), input.shape)
 
@@ -310,10 +315,10 @@ def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
 
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:
     """Whether the eager value checks run: ``None`` means where it is free (CPU tensors,
-    outside ``torch.compile``)."""
+    outside ``torch.compile``); never on meta tensors, which hold no values."""
     if check_values is None:
         return input.device.type == "cpu" and not torch.compiler.is_compiling()
-    return check_values and not torch.compiler.is_compiling()
+    return check_values and not input.is_meta and not torch.compiler.is_compiling()
 
 
 def _kept_target(layout: Layout, ignore_index: int | None) -> Tensor:

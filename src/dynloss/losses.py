@@ -308,6 +308,14 @@ class FocalLoss(_DistributionLoss):
         self.alpha = alpha
         self._ready()
 
+    def _checked(self) -> tuple[Callable[..., Tensor], Any, Any, dict]:
+        prepared = super()._checked()
+        alpha = self.__dict__.get("alpha")
+        if isinstance(alpha, list) and list(prepared[1].alpha) != alpha:  # edited in place
+            self.__dict__["_prepared"] = None
+            prepared = super()._checked()
+        return prepared
+
 
 class TopKLoss(_DistributionLoss):
     __doc__ = (

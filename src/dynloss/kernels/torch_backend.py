@@ -97,11 +97,13 @@ def _binary_region_backward(x, dtype, target, gi, gp, from_logits, ignore_index)
 def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
     n, c, _ = p.shape
     picked = p.gather(1, index.unsqueeze(1)).squeeze(1)
-    if valid is None:
+    if valid is None and not p.is_meta:  # (bincount has no meta kernel)
         prediction_sum = p.sum(-1)
         flat = index + torch.arange(n, device=p.device).unsqueeze(1) * c
         target_sum = torch.bincount(flat.reshape(-1), minlength=n * c).view(n, c).to(p.dtype)
     else:
+        if valid is None:
+            valid = torch.ones_like(index, dtype=torch.bool)
         weight = valid.to(p.dtype)
         picked = torch.where(valid, picked, 0.0)  # not * weight: an ignored NaN stays out
         prediction_sum = torch.einsum("ncm,nm->nc", torch.where(valid.unsqueeze(1), p, 0.0),

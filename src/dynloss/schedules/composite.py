@@ -3,6 +3,7 @@ r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,7 +154,7 @@ class CompositeLoss(nn.Module):
     def current_weights(self) -> dict[str, float]:
         """Every term's weight at the current counter, as Python floats."""
         return {
-            name: weight.value if isinstance(weight, WeightSchedule) else weight
+            name: _scheduled(name, weight) if isinstance(weight, WeightSchedule) else weight
             for name, weight in zip(self.terms.keys(), self.weights, strict=True)
         }
 
@@ -337,3 +338,12 @@ class CompositeLoss(nn.Module):
         if all(not isinstance(w, WeightSchedule) and w == 1.0 for w in self.weights):
             return f"CompositeLoss({losses})"
         return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"
+
+
+def _scheduled(name: str, schedule: WeightSchedule) -> float:
+    """A schedule's current value, checked: a custom ``value_at`` may break the contract."""
+    value = schedule.value
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"CompositeLoss: the weight of {name!r} (a {type(schedule).__name__} "
+                         f"at step {schedule.count}) must be finite and >= 0; got {value}")
+    return value
