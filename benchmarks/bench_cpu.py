@@ -149,6 +149,15 @@ def main(argv=None):
                         help="output path without suffix (default: benchmarks/results/cpu, "
                              "or cpu_<losses> for a subset of the losses)")
     args = parser.parse_args(argv)
+    missing = [name for name, have in (("segmentation-models-pytorch", HAVE_SMP),
+                                       ("monai", HAVE_MONAI)) if not have]
+    if missing:
+        what = f"{' and '.join(missing)} not installed (pip install -e \".[test]\")"
+        if args.out is None:  # the committed tables would lose their peers' rows
+            print(f"bench_cpu.py: error: {what}; the results would compare with no peer. "
+                  "Install them, or pass --out to write elsewhere.", file=sys.stderr)
+            return 2
+        print(f"not measured: {what}")
     if args.out is None:
         args.out = RESULTS / default_name(args.shape, args.losses)
 
@@ -298,4 +307,4 @@ def _version(module):
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    main()
+    sys.exit(main())

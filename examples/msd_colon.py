@@ -21,8 +21,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from msd_colon_lib.experiments import DISTRIBUTION, EXPERIMENTS, REGION
-from msd_colon_lib.splits import SPLITS
+
+def _missing_extra(error: ModuleNotFoundError) -> int:
+    """An ``[examples]`` requirement not installed: one line, as every error here (exit 2)."""
+    if error.name is None or error.name.split(".")[0] in ("msd_colon_lib", "dynloss"):
+        raise error
+    print(f"msd_colon.py: error: it needs {error.name.split('.')[0]!r}, which is not installed: "
+          'pip install -e ".[examples]" in the repository', file=sys.stderr, flush=True)
+    return 2
+
+
+try:
+    from msd_colon_lib.experiments import DISTRIBUTION, EXPERIMENTS, REGION
+    from msd_colon_lib.splits import SPLITS
+except ModuleNotFoundError as missing:
+    sys.exit(_missing_extra(missing))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -134,6 +147,8 @@ def cli(argv: list[str] | None = None) -> int:
     except ExampleError as error:
         print(f"msd_colon.py: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except ModuleNotFoundError as error:
+        return _missing_extra(error)
     except KeyboardInterrupt:
         print("msd_colon.py: interrupted; rerun with --resume to continue the unfinished run",
               file=sys.stderr, flush=True)

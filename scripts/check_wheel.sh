@@ -34,6 +34,18 @@ assert "dynloss/py.typed" in names, "py.typed missing from the wheel"
 assert "dynloss/kernels/native/native_cpu.cpp" in names, "the native kernels' source is missing"
 PYEOF
 
+# The sdist holds the package's source and no half of the test suite (tests/test_*.py
+# without their helpers did not even import).
+$PY - "$sdist" <<'PYEOF'
+import sys, tarfile
+names = tarfile.open(sys.argv[1]).getnames()
+root = names[0].split("/")[0]
+assert f"{root}/src/dynloss/kernels/native/native_cpu.cpp" in names, "the native source is missing"
+assert f"{root}/src/dynloss/py.typed" in names, "py.typed missing from the sdist"
+tests = [n for n in names if n.startswith(f"{root}/tests")]
+assert not tests, f"the sdist ships part of the tests: {tests[:3]}"
+PYEOF
+
 $PY -m venv "$work/venv"
 if [ "${FRESH_TORCH:-0}" = 1 ]; then
     # A second copy of torch (about 5.5 GB with its CUDA libraries): only where disk allows.

@@ -188,3 +188,21 @@ def test_switch_lr_restart_with_loss_specs_restarts_where_they_switch():
                            "--loss", "iou->bce@2"])["args"]
     cfg = run_config(args, RunSpec("table2", "iou+bce", 6, 0), synthetic=True)
     assert (cfg.switch_lr, cfg.restart_at) == ("restart", 2)
+
+
+@pytest.mark.parametrize("missing", ["tqdm", "numpy"])
+def test_a_missing_extra_is_one_line_naming_the_extra(missing):
+    """Without the ``[examples]`` extra the script ended in a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(msd_colon.__file__)
+    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = ['msd_colon.py', "
+            f"'--help']; runpy.run_path({str(script)!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"msd_colon.py: error: it needs {missing!r}, which is not installed: "
+        'pip install -e ".[examples]" in the repository']

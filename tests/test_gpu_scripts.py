@@ -112,3 +112,17 @@ def test_cpu_benchmark_names_its_results_by_shape_and_losses():
     assert bench.default_name([2, 1, 64, 64, 64], every) == "cpu_2x1x64x64x64"
     assert bench.default_name([32, 1, 256, 256], ["topk"]) == "cpu_topk"
     assert bench.default_name([8, 1, 64, 64], ["iou", "dice"]) == "cpu_8x1x64x64_dice_iou"
+
+
+def test_cpu_benchmark_without_its_peers_refuses_to_replace_the_tables(monkeypatch, capsys):
+    """Without smp/MONAI it overwrote the committed tables with no peer rows, silently."""
+    bench = _bench_cpu()
+    monkeypatch.setattr(bench, "HAVE_MONAI", False)
+    before = {path: path.read_bytes() for path in (ROOT / "benchmarks" / "results").glob("cpu*")}
+    assert bench.main(["--shape", "1", "1", "4", "4", "--repeats", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        'bench_cpu.py: error: monai not installed (pip install -e ".[test]"); the results would '
+        "compare with no peer. Install them, or pass --out to write elsewhere.")
+    assert before == {path: path.read_bytes()
+                      for path in (ROOT / "benchmarks" / "results").glob("cpu*")}

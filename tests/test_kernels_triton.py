@@ -709,3 +709,25 @@ def test_the_in_kernel_topk_count_equals_the_hosts(device, k):
     out = torch.empty_like(values)
     _count_kernel[(len(kept),)](values, out, *topk.split_k(k))
     assert out.tolist() == [topk_count(k, n) for n in kept]
+
+
+def test_a_triton_that_fails_to_import_is_not_called_missing():
+    """Triton installed but failing at import (its interpreter needs numpy) was reported as
+    "Triton is not installed"."""
+    pytest.importorskip("triton")
+    code = (
+        "import os, sys\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "sys.modules['numpy'] = None\n"
+        "import torch, dynloss.functional as F\n"
+        "x = torch.zeros(1, 1, 2, 2); t = torch.ones(1, 1, 2, 2)\n"
+        "try:\n"
+        "    F.dice_loss(x, t, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Triton is installed but could not be imported (" in proc.stdout, proc.stdout
+    assert "numpy" in proc.stdout and "not installed" not in proc.stdout

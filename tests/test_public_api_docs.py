@@ -184,8 +184,14 @@ def test_doctests_of_src_are_collected(pytestconfig):
     assert "src" in pytestconfig.getini("testpaths")
 
 
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def test_version_matches_the_changelog():
-    """``dynloss.__version__`` (which pyproject.toml reads) is the newest changelog release."""
+    """``dynloss.__version__`` (which pyproject.toml reads) is the newest changelog release, or,
+    while ``[Unreleased]`` lists changes, a ``.dev0`` of a later one: a build of main must not
+    carry the name of the release it differs from."""
     root = Path(__file__).resolve().parents[1]
     pyproject = (root / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject
@@ -193,10 +199,17 @@ def test_version_matches_the_changelog():
     changelog = (root / "CHANGELOG.md").read_text()
     released = re.findall(r"^## \[(\d[^\]]*)\] - (\d{4}-\d{2}-\d{2})$", changelog, re.M)
     assert released, "no released version in CHANGELOG.md"
-    assert released[0][0] == dynloss.__version__
-    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{dynloss.__version__}]")
+    newest = released[0][0]
+    unreleased = changelog.split("## [Unreleased]", 1)[1].split(f"## [{newest}]", 1)[0]
+    if re.search(r"^- ", unreleased, re.M):
+        version = re.fullmatch(r"(\d+\.\d+\.\d+)\.dev0", dynloss.__version__)
+        assert version, f"{dynloss.__version__}: [Unreleased] lists changes, so a .dev0"
+        assert _release(version[1]) > _release(newest)
+    else:
+        assert dynloss.__version__ == newest
+    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{newest}]")
     if "\n[Unreleased]: " in changelog:  # link references at the bottom: one per release
-        assert f"\n[{dynloss.__version__}]: " in changelog
+        assert f"\n[{newest}]: " in changelog
 
 
 def test_changelog_has_one_section_of_each_kind_per_version():

@@ -39,7 +39,7 @@ from .schedules import (
     reset_plateau_scheduler,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BINARY_MODE",

@@ -6,8 +6,10 @@ directory (``$DYNLOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/dynloss``, else
 ``~/.cache/dynloss``). The file name hashes the source, the flags, the compiler and the CPU,
 so a new version or another machine gets its own build. What makes it safe to share:
 
-* **One build per machine.** A build holds a file lock; processes that start together
-  (``torchrun`` ranks, DataLoader workers) wait for it and load the library it wrote.
+* **One build per machine and torch installation** (the link flags name that torch's
+  OpenMP runtime by its path, so they are part of the key). A build holds a file lock;
+  processes that start together (``torchrun`` ranks, DataLoader workers) wait for it and load
+  the library it wrote.
 * **Messages.** One line (on the ``dynloss`` logger, which prints warnings to stderr by
   default) when a build starts, one with the time it took, and one while waiting for another
   process's build.
@@ -305,20 +307,25 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
 
 
 def _build(cxx: str, plan: Plan, version: str) -> Path:
-    """The verified library for ``plan``: from the cache, or built now (once per machine)."""
+    """The verified library for ``plan``: from the cache, or built now (once per machine and
+    torch installation)."""
     path, note = _paths(plan, version)
     directory = path.parent
     if verified(path):
         return path
     _raise_recent_failure(note)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a read-only home
+        raise OSError(f"cannot create the cache directory {directory} ({error}); set "
+                      "DYNLOSS_CACHE_DIR (or XDG_CACHE_HOME) to a writable directory") from error
     with _locked(path.with_suffix(".lock")):
         if verified(path):  # another process built it while this one waited
             return path
         _raise_recent_failure(note)
         _discard(path)  # a corrupt or unverified leftover
-        _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine; "
-                     "about 30 s) into %s", cxx, plan.label, directory)
+        _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
+                     "and environment; about 30 s) into %s", cxx, plan.label, directory)
         start = time.perf_counter()
         try:
             _compile(cxx, plan, path)

@@ -35,6 +35,7 @@ MAX_CLASSES = 1024
 
 
 _AVAILABLE: list[bool] = []
+_IMPORT_ERROR: list[BaseException] = []
 
 
 def triton_available() -> bool:
@@ -50,8 +51,9 @@ def triton_available() -> bool:
         try:
             import triton
             import triton.language  # noqa: F401
-        except Exception:
+        except Exception as error:
             _AVAILABLE.append(False)
+            _IMPORT_ERROR.append(error)
         else:
             _AVAILABLE.append(True)
     return _AVAILABLE[0]
@@ -132,7 +134,13 @@ class TritonBackend:
 
     def unavailable(self, x: Tensor) -> str | None:
         if not triton_available():
-            return "Triton is not installed (pip install triton)"
+            error = _IMPORT_ERROR[0] if _IMPORT_ERROR else None
+            if error is None or (isinstance(error, ModuleNotFoundError)
+                                 and error.name == "triton"):
+                return "Triton is not installed (pip install triton)"
+            # installed, but its import failed (the interpreter needs numpy, for one)
+            return (f"Triton is installed but could not be imported "
+                    f"({type(error).__name__}: {error})")
         if x.device.type == "cuda":
             index = x.device.index if x.device.index is not None else torch.cuda.current_device()
             if not _cuda_supported(index):
