@@ -381,3 +381,25 @@ def test_invalid_values_from_the_extremes_equals_the_per_element_test(mode, from
     expect_bad_input = (in_input in ("nan", "+inf", "-inf") if from_logits
                         else in_input not in ("finite",))
     assert bool(invalid_values(layout, None, from_logits, False)) == expect_bad_input
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("ignore", [None, 255])
+def test_a_nan_input_gives_the_references_gradient_pattern(ignore, name, mode, backend):
+    """With a NaN among the kept inputs the gradient is NaN where the loss depends on the
+    element and 0 where it does not (ignored pixels, elements TopK did not select), as on the
+    reference: the torch backend and the native kernels made every element NaN."""
+    x, target = seeded_case(mode, (2, 4, 5), seed=6)
+    x = x.float()
+    if ignore is not None:
+        target[0, ..., 1, :2] = ignore
+    x[1, 0, 2, 3] = math.nan
+    kwargs = {} if ignore is None else {"ignore_index": ignore}
+    if name == "topk":
+        kwargs["k"] = 0.3
+    _, want = loss_and_grad(make_loss(name, mode, "reference", **kwargs), x, target)
+    _, got = loss_and_grad(make_loss(name, mode, backend, **kwargs), x, target)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)

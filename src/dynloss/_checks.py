@@ -112,6 +112,19 @@ def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:
     return smooth, eps
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_float32_range(name: str, value: float) -> float:
+    """A weight the region losses compute with in float32 (the kernels; the reference for
+    float32 input): above float32's largest number it would overflow to inf, NaN or 0 by
+    backend."""
+    if value > FLOAT32_MAX:
+        raise ValueError(f"{name} must be at most {FLOAT32_MAX!r} (float32's largest number, "
+                         f"the precision the losses compute in); got {value!r}")
+    return value
+
+
 def check_ddp_pool(ddp_pool: object, per_image: bool) -> bool:
     ddp_pool = check_bool("ddp_pool", ddp_pool)
     if ddp_pool and per_image:

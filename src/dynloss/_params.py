@@ -23,6 +23,7 @@ from ._checks import (
     check_backend,
     check_bool,
     check_ddp_pool,
+    check_float32_range,
     check_focal_alpha,
     check_fraction,
     check_ignore_index,
@@ -105,12 +106,13 @@ def region_params(
     check_values: object = None, ddp_pool: object = False,
 ) -> RegionParams:
     """Check the arguments of a region loss; a clear ValueError/TypeError names a bad one."""
-    alpha = check_non_negative("alpha", alpha)
-    beta = check_non_negative("beta", beta)
+    alpha = check_float32_range("alpha", check_non_negative("alpha", alpha))
+    beta = check_float32_range("beta", check_non_negative("beta", beta))
     common = _common(mode, from_logits, ignore_index, reduction, backend, check_values)
     per_image = check_bool("per_image", per_image)
     ddp_pool = check_ddp_pool(ddp_pool, per_image)
     smooth, eps = check_smoothing(smooth, eps)
+    check_float32_range("smooth + eps", smooth + eps)
     return RegionParams(alpha=alpha, beta=beta, smoothing=smooth + eps, per_image=per_image,
                         ddp_pool=ddp_pool, **common)
 

@@ -275,12 +275,15 @@ class DistributionSum(torch.autograd.Function):
                                                                 checked)
         else:
             loss, slope, valid = _binary_distribution_terms(x, target, dtype, params)
+        # the elements the loss does not depend on: their gradient is 0 even where the
+        # upstream gradient is NaN (a NaN input), as the reference's (not slope * NaN)
+        dropped = None if valid is None else ~valid
         if params.k is not None:
             loss, selected = reference.topk_selected(loss, valid, params.k)
             total = loss.sum()
-            if params.mode == MULTICLASS_MODE:
-                selected = selected.unsqueeze(1)
-            slope.masked_fill_(~selected, 0)
+            dropped = ~selected
+            slope.masked_fill_(dropped.unsqueeze(1) if params.mode == MULTICLASS_MODE
+                               else dropped, 0)
             count = reference.topk_number(loss, valid, params.k)
         else:
             total = loss.sum()
@@ -291,7 +294,9 @@ class DistributionSum(torch.autograd.Function):
         # kept in the compute dtype: rounded to a half-precision input's dtype before the
         # upstream gradient and 1/M are applied, small slopes became subnormals or 0
         saved = slope
-        ctx.save_for_backward(x, target, saved)
+        if dropped is not None and params.mode == MULTICLASS_MODE:
+            dropped = dropped.unsqueeze(1)
+        ctx.save_for_backward(x, target, saved, dropped)
         # probabilities: where 1/p overflows the slope is +-inf (float32 p below ~2.9e-39;
         # float16 ~1.5e-5), and upstream * inf is not what autograd forms, (upstream * w) / p:
         # backward then recomputes through the reference maths. Tested on the CPU only, where
@@ -306,7 +311,7 @@ class DistributionSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_count):
-        x, target, slope = ctx.saved_tensors
+        x, target, slope, dropped = ctx.saved_tensors
         params, checked, overflowed = ctx.config
         # create_graph=True (a differentiable gradient), or slopes that overflowed
         if torch.is_grad_enabled() or overflowed:
@@ -317,6 +322,8 @@ class DistributionSum(torch.autograd.Function):
         # scaled in the compute dtype (the upstream's: 1/N underflows float16), rounded to the
         # input's dtype once
         grad = _as(_as(slope, grad_total.dtype) * grad_total, x.dtype)
+        if dropped is not None:
+            grad = grad.masked_fill_(dropped, 0)
         return grad, None, None, None
 
 

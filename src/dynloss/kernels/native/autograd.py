@@ -163,7 +163,9 @@ class NativeRegionLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, target, probabilities = ctx.saved_tensors
         config, invalid, sums, cells, coefficients, params, checked, mode = ctx.native
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        # create_graph=True (a differentiable gradient), or a non-finite input: the reference's
+        # NaN exactly where the loss depends on an element (0 on ignored ones)
+        if torch.is_grad_enabled() or invalid:
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
@@ -211,7 +213,7 @@ class NativeDistributionLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, target, slope = ctx.saved_tensors
         config, scale, params, checked, invalid, overflowed = ctx.native
-        if torch.is_grad_enabled() or overflowed:
+        if torch.is_grad_enabled() or overflowed or invalid:  # (invalid: see the region loss)
             def value(xs: Tensor) -> Tensor:
                 total, count = reference.distribution_sum(_layout(xs, target, params.mode),
                                                           params, checked)
@@ -250,7 +252,7 @@ class NativeCompositeLoss(torch.autograd.Function):
         (config, invalid, sums, cells, coefficients, inverse_count, params, checked,
          overflowed) = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
-        if torch.is_grad_enabled() or overflowed:
+        if torch.is_grad_enabled() or overflowed or invalid:  # (invalid: see the region loss)
             def value(xs: Tensor) -> Tensor:
                 layout = _layout(xs, target, params.region.mode)
                 total, count = reference.distribution_sum(layout, params.distribution, checked)
@@ -285,7 +287,7 @@ class NativeSums(torch.autograd.Function):
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
         intersection, prediction_sum, target_sum = fwd.sums().as_tensor().float().unbind(-1)
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
-        ctx.native = (fwd.config, params, checked, mode)
+        ctx.native = (fwd.config, params, checked, mode, fwd.invalid)
         ctx.mark_non_differentiable(target_sum)
         nan = math.nan if fwd.invalid else 1.0
         return intersection * nan, prediction_sum * nan, target_sum * nan
@@ -293,8 +295,8 @@ class NativeSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
         x, target, probabilities = ctx.saved_tensors
-        config, params, checked, mode = ctx.native
-        if torch.is_grad_enabled():
+        config, params, checked, mode, invalid = ctx.native
+        if torch.is_grad_enabled() or invalid:  # (invalid: see the region loss)
             grads = recompute_backward(
                 lambda xs: reference.region_sums(_layout(xs, target, mode), params.from_logits,
                                                  params.ignore_index, checked)[:2],
