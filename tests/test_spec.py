@@ -98,6 +98,9 @@ def test_build_loss_types_and_values() -> None:
         ("tversky(alpha=-1)", 14, "tversky: alpha must be >= 0; got -1.0"),
         ("tversky(0.3, 0.7, 0.1)", 18, "tversky takes at most 2 positional arguments"),
         ("dice(smooth=1, 'binary')", 15, "a positional argument cannot follow a keyword"),
+        # it said "a positional argument cannot follow a keyword argument"
+        ("dice(smooth=1,,)", 14, "expected an argument or ')' in the arguments of dice"),
+        ("dice(,)", 5, "expected an argument or ')' in the arguments of dice"),
         ("iou->bce", 8, "expected '@' and a switch point"),
         ("iou->bce@0", 9, "the switch epoch must be an integer >= 1; got 0"),
         ("iou->bce@2.5", 9, "the switch epoch must be an integer >= 1; got 2.5"),

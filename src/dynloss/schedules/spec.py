@@ -525,6 +525,9 @@ class _Parser:
                         continue
                     kwargs[token.text] = self.finish(self.spec_expr())
                 else:
+                    if token.text == ",":  # (a positional argument would fail below)
+                        raise self.error(f"expected an argument or ')' in the arguments of "
+                                         f"{name}", token.pos)
                     if kwargs:
                         raise self.error("a positional argument cannot follow a keyword "
                                          "argument", token.pos)
