@@ -972,3 +972,39 @@ def test_a_process_forked_after_the_kernels_ran_on_threads_does_not_hang():
     result = subprocess.run([sys.executable, "-c", FORKED], timeout=60,
                             env={**os.environ, "PYTHONPATH": source})
     assert result.returncode == 0
+
+
+# ------------------------------------------- gaps a mutation review found (2026-12-05, sixth)
+@pytest.mark.parametrize("ignore_index", [0, 2])
+@pytest.mark.parametrize("name", ["dice", "tversky", "bce", "focal", "topk"])
+def test_multiclass_ignore_index_that_is_a_class(name, ignore_index):
+    """``ignore_index`` inside ``[0, C)`` (the background class left out): the kernels'
+    multiclass keep mask was tested only with indices outside the classes (a kernel that kept
+    such pixels passed every test)."""
+    fn = {**REGION, **PIXEL, "topk": F.topk_loss}[name]
+    kw = {"k": 0.3} if name == "topk" else {}
+    x, t = _inputs("multiclass", (7, 6), seed=12)
+    assert (t == ignore_index).any() and (t != ignore_index).any()
+    _compare(fn, x, t, mode="multiclass", ignore_index=ignore_index, **kw)
+
+
+@pytest.mark.parametrize("case", ["per_image", "many_classes"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_more_than_host_scores_region_scores(case, reduction):
+    """Past ``HOST_SCORES`` (N * C > 1024 scores) the region gradients are formed with
+    tensors, not on the host: a path no test reached (a gradient 1200x too large there went
+    unnoticed)."""
+    from dynloss.kernels.native.autograd import HOST_SCORES
+
+    if case == "per_image":
+        x, t = _inputs("multilabel", (2, 3), n=520, c=2, seed=13)
+        kw = {"mode": "multilabel", "per_image": True}
+        assert x.shape[0] * x.shape[1] > HOST_SCORES
+    else:
+        x, t = _inputs("multiclass", (3, 5), c=HOST_SCORES + 7, seed=13)
+        kw = {"mode": "multiclass"}
+    if reduction == "none":
+        fn = lambda *a, **k: F.dice_loss(*a, reduction="none", **k).sum()  # noqa: E731
+    else:
+        fn = lambda *a, **k: F.dice_loss(*a, reduction=reduction, **k)  # noqa: E731
+    _compare(fn, x, t, **kw)

@@ -731,3 +731,17 @@ def test_a_triton_that_fails_to_import_is_not_called_missing():
     assert proc.returncode == 0, proc.stderr
     assert "Triton is installed but could not be imported (" in proc.stdout, proc.stdout
     assert "numpy" in proc.stdout and "not installed" not in proc.stdout
+
+
+def test_the_class_limit_is_inclusive(device):
+    """The kernels take up to ``MAX_CLASSES`` classes, that many included (the bound was
+    untested: with ``>=`` a 1024-class call fell back to the torch backend, warning)."""
+    from dynloss.kernels.capabilities import Need
+    from dynloss.kernels.dispatch import select
+    from dynloss.kernels.triton import MAX_CLASSES
+
+    need = Need("region", "multiclass")
+    at = torch.zeros(1, MAX_CLASSES, 2, device=device)
+    assert select("triton", at, need, False, MAX_CLASSES).name == "triton"
+    over = torch.zeros(1, MAX_CLASSES + 1, 2, device=device)
+    assert select("triton", over, need, False, MAX_CLASSES + 1).name != "triton"

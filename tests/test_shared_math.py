@@ -126,3 +126,12 @@ def test_sigmoid_backward_keeps_its_digits_and_differentiates_twice():
     fn = lambda t: _math.probabilities(t, "multilabel", True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x64,))
     assert torch.autograd.gradgradcheck(fn, (x64,))
+
+
+def test_sigmoid_slope_keeps_its_digits_where_the_sigmoid_saturates():
+    """``p (1 - p)`` with ``1 - p`` as a float32 difference is 0 from ``|x|`` ~17 on: the slope
+    (the first-order gradient under ``create_graph=True``) is ``sigmoid(x) sigmoid(-x)``."""
+    x = torch.tensor([0.0, 5.0, 12.0, 20.0, -20.0, 40.0, -60.0])
+    want = (torch.sigmoid(x.double()) * torch.sigmoid(-x.double())).float()
+    assert (want[3:] > 0).all()
+    torch.testing.assert_close(_math.sigmoid_slope(x), want, rtol=1e-6, atol=0)

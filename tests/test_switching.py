@@ -990,3 +990,52 @@ def test_a_custom_schedule_outside_its_contract_is_named(bad, other) -> None:
     loss(x, t)
     with pytest.raises(ValueError, match=message):
         loss.step()
+
+
+# ------------------------------------------- gaps a mutation review found (2026-12-05, sixth)
+@pytest.mark.parametrize("backend", ["reference", "torch", "native"])
+def test_composite_with_the_distribution_term_first(batch, backend) -> None:
+    """``[BCE, Dice]`` with unequal weights: the one-pass composite swaps the terms into
+    (region, distribution) and back. Neither the swap of the weights nor of ``last_terms`` was
+    tested (an unswapped weight gave 1.43 for 1.86)."""
+    logits, target = batch
+    bce, dice = BCELoss(backend=backend), DiceLoss(backend=backend)
+    loss = CompositeLoss([bce, dice], weights=[2.0, 0.5])
+    value = loss(logits, target)
+    torch.testing.assert_close(value, 2.0 * bce(logits, target) + 0.5 * dice(logits, target),
+                               rtol=1e-6, atol=0)
+    assert list(loss.last_terms) == ["bce", "dice"]
+    torch.testing.assert_close(loss.last_terms["bce"], bce(logits, target), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.last_terms["dice"], dice(logits, target), rtol=1e-6, atol=0)
+
+
+def test_plateau_in_max_mode_needs_min_delta_more_than_the_best() -> None:
+    """``mode="max"``: an improvement is ``m > best + min_delta``; a value just below the best
+    is no improvement (untested with ``min_delta > 0``)."""
+    trigger = Plateau(patience=1, mode="max", min_delta=0.1)
+    assert [trigger.update(t, t, m) for t, m in enumerate([0.5, 0.45], start=1)] == [False, True]
+    trigger = Plateau(patience=1, mode="max", min_delta=0.1)
+    assert [trigger.update(t, t, m) for t, m in enumerate([0.5, 0.65, 0.7], start=1)] == [
+        False, False, True]
+
+
+def test_relative_improvement_at_the_threshold_is_enough() -> None:
+    """The trigger fires once ``r < threshold``: ``r == threshold`` is not low."""
+    trigger = RelativeImprovement(threshold=0.5)
+    assert [trigger.update(t, t, m) for t, m in enumerate([1.0, 0.5], start=1)] == [False, False]
+    trigger = RelativeImprovement(threshold=0.5)
+    assert [trigger.update(t, t, m) for t, m in enumerate([1.0, 0.5001], start=1)] == [
+        False, True]
+
+
+@pytest.mark.parametrize(("mode", "values", "want"), [
+    ("min", [0.0, 0.1], -math.inf),  # worse from exactly 0: an infinite loss of improvement
+    ("min", [0.0, -0.1], math.inf),
+    ("max", [0.0, 0.1], math.inf),
+    ("max", [0.0, -0.1], -math.inf),
+])
+def test_relative_improvement_from_exactly_zero(mode, values, want) -> None:
+    trigger = RelativeImprovement(threshold=0.01, mode=mode)
+    assert trigger.relative_improvement(*values) == want
+    fired = [trigger.update(t, t, m) for t, m in enumerate(values, start=1)]
+    assert fired == [False, want < 0]
