@@ -55,6 +55,16 @@ def test_extreme_logits_give_finite_losses_and_gradients(mode, kind, backend, dt
     for name, cls in ALL:
         value = assert_finite_loss_and_grad(cls(mode=mode, backend=backend), logits, target)
         assert value.dtype == torch.float32, name
+        # and the right numbers: the reference in float64 on the same (rounded) logits
+        exact = logits.double().requires_grad_()
+        want = cls(mode=mode, backend="reference")(exact, target)
+        (want_grad,) = torch.autograd.grad(want, exact)
+        torch.testing.assert_close(value.double(), want, rtol=2e-6, atol=1e-6, msg=name)
+        x = logits.detach().clone().requires_grad_()
+        (grad,) = torch.autograd.grad(cls(mode=mode, backend=backend)(x, target), x)
+        rtol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(grad.double(), want_grad.to(dtype).double(), rtol=rtol,
+                                   atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -113,13 +123,16 @@ def test_under_cuda_autocast(mode):
 def test_probabilities_at_exactly_zero_and_one_stay_finite():
     probs = torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]])
     target = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])
+    # two wrong pixels out of four, each costing the clamp value 100 (Focal: (1 - 0)^2 * 100;
+    # TopK's default k=0.6 keeps ceil(2.4) = 3 elements: the two wrong pixels and a 0);
+    # I = 1, P = G = 2: Dice 1 - 2/4, IoU 1 - 1/3, Tversky(0.3, 0.7) 1 - 1/(1 + 0.3 + 0.7)
+    want = {"bce": 50.0, "focal": 50.0, "topk": 200 / 3, "dice": 0.5, "iou": 2 / 3,
+            "jaccard": 2 / 3, "tversky": 0.5}
     for name, cls in ALL:
         for backend in BACKENDS:
             value = assert_finite_loss_and_grad(
                 cls(from_logits=False, backend=backend), probs, target)
-            assert value >= 0, name
-    # two wrong pixels out of four, each costing the clamp value 100
-    assert dynloss.BCELoss(from_logits=False)(probs, target).item() == pytest.approx(50.0)
+            assert value.item() == pytest.approx(want[name], rel=1e-6), (name, backend)
 
 
 def test_bce_keeps_the_digits_of_tiny_losses():
