@@ -65,7 +65,7 @@ def test_missing_dataset_json_says_what_to_pass(tmp_path):
 def test_hu_window():
     hu = np.array([-1000.0, -160.0, 40.0, 240.0, 1000.0])
     np.testing.assert_allclose(data.window(hu), [0.0, 0.0, 0.5, 1.0, 1.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"HU window must have hi > lo, got \[10, 10\]"):
         data.window(hu, 10, 10)
 
 

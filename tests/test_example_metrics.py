@@ -93,7 +93,7 @@ def test_ttests_match_scipy_on_fixed_numbers():
     # hand check of the paired statistic: mean difference over its standard error
     diff = np.subtract(CF, DA)
     assert r["paired_t"] == pytest.approx(diff.mean() / (diff.std(ddof=1) / np.sqrt(5)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need one score per fold each"):
         compare(CF, DA[:4])
 
 
