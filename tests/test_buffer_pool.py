@@ -136,3 +136,32 @@ def test_small_buffers_are_allocated_afresh():
     big_logits, big_target = _inputs(size=256)
     _gradient(dice, big_logits, big_target)
     assert len(POOL) == 1
+
+
+def test_a_kept_storage_object_keeps_its_buffer():
+    """``x.grad.untyped_storage()`` is the pool's own storage object: keeping it alone added no
+    count to the storage, so the next call wrote its gradient into it."""
+    logits, target = _inputs()
+    dice = dynloss.DiceLoss(backend="native")
+    first = _gradient(dice, logits, target)
+    storage = first.untyped_storage()
+    snapshot = first.clone()
+    del first
+    second = _gradient(dice, logits * 2, target)
+    assert second.untyped_storage().data_ptr() != storage.data_ptr()
+    kept = torch.empty(0).set_(storage, 0, snapshot.shape)
+    assert torch.equal(kept, snapshot)
+
+
+def test_a_buffer_moved_to_shared_memory_is_never_handed_out_again():
+    """A gradient sent to another process (a ``torch.multiprocessing`` queue moves its storage
+    to shared memory): the other process's hold is not counted here, so such a buffer leaves
+    the pool (the receiver's tensor was overwritten by the next training step)."""
+    logits, target = _inputs()
+    dice = dynloss.DiceLoss(backend="native")
+    first = _gradient(dice, logits, target)
+    first.share_memory_()
+    address = first.data_ptr()
+    del first
+    second = _gradient(dice, logits, target)
+    assert second.data_ptr() != address

@@ -1008,3 +1008,4 @@ def test_more_than_host_scores_region_scores(case, reduction):
     else:
         fn = lambda *a, **k: F.dice_loss(*a, reduction=reduction, **k)  # noqa: E731
     _compare(fn, x, t, **kw)
+

@@ -403,3 +403,22 @@ def test_a_nan_input_gives_the_references_gradient_pattern(ignore, name, mode, b
     _, got = loss_and_grad(make_loss(name, mode, backend, **kwargs), x, target)
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", DISTRIBUTION_NAMES)
+def test_a_nan_probability_gives_the_references_gradient_pattern(name, mode, backend):
+    """Probabilities (``from_logits=False``, unchecked) with a NaN: the torch backend made
+    every element's gradient NaN, where the reference (and the kernels) leave 0 at elements
+    the loss does not read (a multiclass pixel's other classes; the clamped log's constant)."""
+    x, target = seeded_case(mode, (2, 4, 5), seed=7)
+    x = (x.softmax(1) if mode == "multiclass" else x.sigmoid()).float()
+    x[1, -1, 2, 3] = math.nan
+    kwargs = {"from_logits": False, "check_values": False}
+    if name == "topk":
+        kwargs["k"] = 0.5
+    _, want = loss_and_grad(make_loss(name, mode, "reference", **kwargs), x, target)
+    _, got = loss_and_grad(make_loss(name, mode, backend, **kwargs), x, target)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)

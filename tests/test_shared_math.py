@@ -3,6 +3,8 @@ saturates: exact values against float64, ties, NaN, and autograd to the second o
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -135,3 +137,18 @@ def test_sigmoid_slope_keeps_its_digits_where_the_sigmoid_saturates():
     want = (torch.sigmoid(x.double()) * torch.sigmoid(-x.double())).float()
     assert (want[3:] > 0).all()
     torch.testing.assert_close(_math.sigmoid_slope(x), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("x", [-20.5, -25.0, -35.0, 20.5, 30.0])
+def test_float64_bce_keeps_its_digits_beyond_twenty(x):
+    """``F.softplus`` returns ``x`` itself beyond its threshold 20, exact in float32 but 1e-9
+    off in float64: the reference's float64 BCE (and Focal) at ``|x| > 20`` was wrong where
+    every other backend was right."""
+    g = 1.0 if x < 0 else 0.0  # the wrong label: softplus(|x|)
+    xs = torch.tensor([x], dtype=torch.float64, requires_grad=True)
+    value = _math.elementwise_bce(xs, torch.tensor([g], dtype=torch.float64), True)
+    (grad,) = torch.autograd.grad(value.sum(), xs)
+    a = abs(x)
+    assert value.item() == pytest.approx(a + math.log1p(math.exp(-a)), rel=1e-15, abs=0)
+    want_grad = math.copysign(1 / (1 + math.exp(-a)), x)  # -sigmoid(-x) or sigmoid(x)
+    assert grad.item() == pytest.approx(want_grad, rel=1e-15, abs=0)

@@ -1039,3 +1039,15 @@ def test_relative_improvement_from_exactly_zero(mode, values, want) -> None:
     assert trigger.relative_improvement(*values) == want
     fired = [trigger.update(t, t, m) for t, m in enumerate(values, start=1)]
     assert fired == [False, want < 0]
+
+
+def test_a_composite_built_on_meta_then_to_empty_keeps_its_weights() -> None:
+    """Deferred initialisation (built under ``torch.device("meta")``, then ``to_empty``) left
+    the weights' buffer, which the compiled forward reads, uninitialised (a compiled loss of
+    0.0 where the eager one was 0.73): it is refilled from the weights after every move."""
+    with torch.device("meta"):
+        loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[0.3, LinearRamp(0, 4)])
+    loss.step()
+    loss.to_empty(device="cpu")
+    assert loss._weight_values.device.type == "cpu"
+    assert loss._weight_values.tolist() == [0.3, 0.25]

@@ -206,7 +206,11 @@ def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
     :math:`-(g \max(\log p, -100) + (1-g) \max(\log(1-p), -100))`.
     """
     if from_logits:
-        return torch.lerp(F.softplus(x), F.softplus(-x), g)
+        # F.softplus returns x itself beyond its threshold: exact in float32 from 20 on, in
+        # float64 only from 40 on (exp(-40) is below half an ulp of 40, and 1 - sigmoid too)
+        threshold = 40.0 if x.dtype == torch.float64 else 20.0
+        return torch.lerp(F.softplus(x, threshold=threshold), F.softplus(-x, threshold=threshold),
+                          g)
     return -(g * clamped_log(x) + (1 - g) * clamped_log(1 - x))
 
 

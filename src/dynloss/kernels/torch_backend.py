@@ -313,8 +313,14 @@ class DistributionSum(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_count):
         x, target, slope, dropped = ctx.saved_tensors
         params, checked, overflowed = ctx.config
-        # create_graph=True (a differentiable gradient), or slopes that overflowed
-        if torch.is_grad_enabled() or overflowed:
+        # create_graph=True (a differentiable gradient), slopes that overflowed, or (on the
+        # CPU, where reading it is free) a NaN upstream gradient, i.e. a NaN input: the
+        # reference's gradient is then 0, not slope * NaN, wherever the loss does not read the
+        # element (beyond the ignored and unselected ones masked below, a multiclass pixel's
+        # other classes and a clamped log of a probability)
+        if torch.is_grad_enabled() or overflowed or (
+                grad_total.is_cpu and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(grad_total))):
             (grad,) = recompute_backward(
                 lambda xs: _reference_distribution_sum(xs, target, params, checked),
                 (x,), (grad_total,))

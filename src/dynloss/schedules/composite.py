@@ -220,10 +220,12 @@ class CompositeLoss(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> CompositeLoss:
         """``.to()``, ``.cuda()``, ``.half()``, ...: the weights' buffer follows the device but
         stays float64 with the exact weights (``.to(torch.bfloat16)`` rounded 0.3 to 0.3008
-        in the compiled forward)."""
+        in the compiled forward), refilled from the weights after every move (``to_empty``
+        leaves it uninitialised)."""
         super()._apply(fn, recurse)
         if self._weight_values.dtype != torch.float64:
             self._weight_values = self._weight_values.to(torch.float64)
+        if not self._weight_values.is_meta:
             self._refresh_weight_values()
         return self
 

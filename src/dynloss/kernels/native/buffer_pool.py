@@ -18,6 +18,7 @@ bytes are kept; the least recently used beyond that are released to the allocato
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import torch
@@ -59,9 +60,11 @@ class BufferPool:
         self.max_buffers = max_buffers
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes
-        # (buffer, its storage, the storage's reference count when the buffer is free); the
-        # storage object is kept so that a look-up creates no Python object
-        self._entries: list[tuple[Tensor, torch.UntypedStorage, int]] = []
+        # [buffer, its storage, the storage's reference count and its Python object's when the
+        # buffer is free]: the storage object is kept so that a look-up creates no Python
+        # object, and it is the one ``x.grad.untyped_storage()`` returns, so a caller that
+        # keeps only it holds no count on the storage, only on the object
+        self._entries: list[list] = []
         self._lock = threading.Lock()
 
     def empty(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -74,16 +77,22 @@ class BufferPool:
         with self._lock:
             entries = self._entries
             for index, entry in enumerate(entries):
-                buffer, storage, free = entry
-                if buffer.numel() == numel and _references(storage) == free:
+                buffer, storage, free, free_objects = entry
+                if (buffer.numel() == numel and _references(storage) == free
+                        and sys.getrefcount(storage) == free_objects):
+                    if storage.is_shared():  # sent to another process, whose hold is not
+                        entries.pop(index)   # counted here: never handed out again
+                        break
                     if index != len(entries) - 1:  # most recently used last
                         entries.append(entries.pop(index))
                     return buffer.view(shape)
             buffer = torch.empty(numel)
             storage = buffer.untyped_storage()
-            entries.append((buffer, storage, _references(storage)))
+            entry = [buffer, storage, _references(storage), 0]
+            entry[3] = sys.getrefcount(storage)  # (the same references as in the loop above)
+            entries.append(entry)
             while (len(entries) > self.max_buffers
-                   or sum(b.numel() * 4 for b, _, _ in entries) > self.max_bytes):
+                   or sum(e[0].numel() * 4 for e in entries) > self.max_bytes):
                 entries.pop(0)
             return buffer.view(shape)
 

@@ -71,7 +71,8 @@ def _threads() -> int:
         warnings.warn(
             "dynloss: this process was forked from another, where OpenMP's threads do not "
             f"survive: the native CPU kernels run on one thread here, not {wanted} (the "
-            "'spawn' or 'forkserver' start method keeps them)", RuntimeWarning, stacklevel=4)
+            "'spawn' start method keeps them, as does 'forkserver' unless dynloss is in its "
+            "preload list)", RuntimeWarning, stacklevel=4)
     return 1
 
 
