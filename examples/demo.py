@@ -11,6 +11,8 @@ synthetic and seeded; it runs on a CPU in well under a minute.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import nn
 
@@ -63,15 +65,24 @@ def train(loss_fn: nn.Module, epochs: int = 6, steps: int = 8) -> tuple[float, f
         return losses[0], losses[-1], dice_score(model(test_images), test_masks)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
+    parser.add_argument("--steps", type=int, default=8, choices=range(1, 9), metavar="1..8",
+                        help="batches of 8 blobs per epoch (default 8)")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    switch = max(1, args.epochs // 2)
     runs = {name: LOSSES[name]() for name in ("bce", "focal", "topk", "dice", "iou", "tversky")}
     runs["dice+focal"] = build_loss("dice+focal")
-    runs["iou->bce@3"] = build_loss("iou->bce@3")
-    print("synthetic blobs, tiny CNN, 6 epochs x 8 steps (data are random discs, not CT)")
+    runs[f"iou->bce@{switch}"] = build_loss(f"iou->bce@{switch}")
+    print(f"synthetic blobs, tiny CNN, {args.epochs} epochs x {args.steps} steps (data are "
+          "random discs, not CT)")
     print(f"{'loss':12s} {'first':>8s} {'last':>8s} {'test Dice':>10s}")
     for name, loss_fn in runs.items():
-        first, last, dice = train(loss_fn)
+        first, last, dice = train(loss_fn, args.epochs, args.steps)
         print(f"{name:12s} {first:8.4f} {last:8.4f} {dice:10.3f}")
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import dynloss
 import msd_colon
 from msd_colon_lib.phantom import make_phantom
 from msd_colon_lib.runner import run_splits
@@ -206,3 +207,23 @@ def test_a_missing_extra_is_one_line_naming_the_extra(missing):
     assert done.stderr.strip().splitlines() == [
         f"msd_colon.py: error: it needs {missing!r}, which is not installed: "
         'pip install -e ".[examples]" in the repository']
+
+
+def test_the_demo_trains_every_loss_and_reads_its_options(capsys):
+    """``examples/demo.py`` ran its whole minute whatever the arguments (``--help`` included)
+    and no test ran it."""
+    import demo
+
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--help"])
+    assert info.value.code == 0 and "usage: demo.py" in capsys.readouterr().out
+    demo.main(["--epochs", "2", "--steps", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("synthetic blobs, tiny CNN, 2 epochs x 1 steps")
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["bce", "focal", "topk", "dice", "iou", "tversky",
+                                        "dice+focal", "iou->bce@1"]
+    first_bce = demo.train(dynloss.BCELoss(), 2, 1)[0]
+    assert float(rows[0][1]) == pytest.approx(first_bce, abs=5e-5)  # the printed first loss
+    for row in rows:
+        assert 0.0 <= float(row[3]) <= 1.0
