@@ -111,17 +111,32 @@ def test_python_OO_imports_and_runs():
         "0.3333 0.6931 SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])")
 
 
-def test_focal_alpha_edited_in_place_is_used():
+def test_focal_alpha_cannot_be_edited_in_place():
     """``loss.alpha[0] = 100`` changed the repr and what ``build_loss(repr(loss))`` computed,
-    while the module kept the old weights (and took 4 weights for 3 classes)."""
+    while the module kept the old weights (and took 4 weights for 3 classes); then, rechecked
+    at the call, it broke a ``fullgraph`` compile. The list refuses in-place changes, naming
+    the remedy; a new list is checked and used."""
+    import copy
+    import pickle
+
     logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     labels = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(4))
     loss = dynloss.FocalLoss(mode="multiclass", alpha=[1, 2, 3])
-    loss(logits, labels)
-    loss.alpha[0] = 100
+    assert loss.alpha == [1.0, 2.0, 3.0] and repr(loss.alpha) == "[1.0, 2.0, 3.0]"
+    for edit in (lambda a: a.__setitem__(0, 100), lambda a: a.append(4),
+                 lambda a: a.__iadd__([4]), lambda a: a.sort(), lambda a: a.pop()):
+        with pytest.raises(TypeError, match=r"FocalLoss\.alpha cannot be changed in place; "
+                                            r"assign a new list: loss\.alpha = \[\.\.\.\]"):
+            edit(loss.alpha)
+    assert loss.alpha == [1.0, 2.0, 3.0]
+    loss.alpha = [100, 2, 3]
     want = dynloss.functional.focal_loss(logits, labels, mode="multiclass", alpha=[100, 2, 3])
     assert loss(logits, labels) == want
     assert dynloss.build_loss(repr(loss))(logits, labels) == want
-    loss.alpha.append(4)
+    for copied in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss))):
+        assert copied.alpha == [100.0, 2.0, 3.0] and copied(logits, labels) == want
+        with pytest.raises(TypeError, match="cannot be changed in place"):
+            copied.alpha[0] = 1
     with pytest.raises(ValueError, match="alpha"):
+        loss.alpha = [1, 2, 3, 4]
         loss(logits, labels)

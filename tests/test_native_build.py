@@ -483,14 +483,22 @@ def test_the_kernels_can_be_switched_off_in_the_usual_words(monkeypatch, value, 
     assert build._disabled() is disabled
 
 
-def test_a_cache_directory_that_cannot_be_made_says_how_to_choose_another(tmp_path):
+@pytest.mark.parametrize("case", ["cannot be made", "exists, not writable"])
+def test_a_cache_directory_that_cannot_be_written_says_how_to_choose_another(tmp_path, case):
     """A read-only home: the fallback's warning gave the OS error alone, not the setting that
-    moves the cache (simulated with a file where a parent directory should be: the tests may
-    run as root, whom permissions do not stop)."""
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    report, _ = _report(blocker / "cache", None)
+    moves the cache (simulated with a file where a parent directory should be, and with
+    /proc, where no file can be made: the tests may run as root, whom permissions do not
+    stop)."""
+    if case == "cannot be made":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        cache = blocker / "cache"
+    else:
+        cache = Path("/proc")
+        if not cache.is_dir():
+            pytest.skip("needs /proc")
+    report, _ = _report(cache, None)
     assert report["status"].startswith("the native kernels could not be built or loaded: ")
-    assert (f"cannot create the cache directory {blocker / 'cache'}" in report["status"]
+    assert (f"cannot write to the cache directory {cache}" in report["status"]
             and "set DYNLOSS_CACHE_DIR (or XDG_CACHE_HOME) to a writable directory"
             in report["status"]), report["status"]

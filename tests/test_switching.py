@@ -1051,3 +1051,65 @@ def test_a_composite_built_on_meta_then_to_empty_keeps_its_weights() -> None:
     loss.to_empty(device="cpu")
     assert loss._weight_values.device.type == "cpu"
     assert loss._weight_values.tolist() == [0.3, 0.25]
+
+
+@pytest.mark.parametrize("copyable", [True, False])
+def test_a_failed_load_keeps_just_switched(copyable) -> None:
+    """The rollback of a failed load put back the extra states but not ``just_switched``,
+    which ``set_extra_state`` resets: a failed load turned True into False."""
+    stages = [DiceLoss(), BCELoss() if copyable else _Locked()]
+    loss = SwitchingLoss(stages, milestones=[1])
+    assert loss.step() is True
+    state = loss.state_dict()
+    state["unexpected"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        loss.load_state_dict(state)
+    assert loss.just_switched is True and loss.active_index == 1
+
+
+def test_a_lazy_module_in_the_tree_loads() -> None:
+    """A term holding a lazy module (an uninitialised parameter): the rollback's copy of every
+    tensor raised on it, so even a good state did not load."""
+    class WithLazy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.LazyLinear(2)
+
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.head(input).sum()
+
+    loss = CompositeLoss({"dice": DiceLoss(), "lazy": WithLazy()})
+    assert str(loss.load_state_dict(loss.state_dict())) == "<All keys matched successfully>"
+
+
+class _Aliased(_Locked):
+    """Not deep-copyable, with an extra state the module updates in place, and a
+    non-persistent buffer that a pending backward saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = {"n": 0}
+        self.register_buffer("factor", torch.full((3,), 2.0), persistent=False)
+
+    def get_extra_state(self) -> dict:
+        return self.state
+
+    def set_extra_state(self, state: dict) -> None:
+        self.state.update(state)
+
+
+def test_the_in_place_rollback_puts_back_exactly_what_the_load_changed() -> None:
+    """A tree that cannot be copied is loaded in place and rolled back: an extra state the
+    module returns by reference was not kept (the failed value stayed), and every tensor was
+    written back (a pending backward then failed: "modified by an inplace operation")."""
+    loss = CompositeLoss({"dice": DiceLoss(), "a": _Aliased()})
+    x = torch.randn(3, requires_grad=True)
+    pending = (x * loss.terms["a"].factor).sum()
+    state = loss.state_dict()
+    state["terms.a._extra_state"] = {"n": 7}
+    state["unexpected"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        loss.load_state_dict(state)
+    assert loss.terms["a"].state == {"n": 0}
+    pending.backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))

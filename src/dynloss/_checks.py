@@ -145,5 +145,6 @@ def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
                 f"{name} must be None or a sequence of per-class weights in mode='multiclass'; "
                 f"got {type(alpha).__name__} {alpha!r}"
             )
-        return tuple(check_non_negative(f"{name}[{i}]", a) for i, a in enumerate(alpha))
+        return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", a))
+                     for i, a in enumerate(alpha))
     return check_probability(name, alpha)

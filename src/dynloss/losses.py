@@ -308,13 +308,28 @@ class FocalLoss(_DistributionLoss):
         self.alpha = alpha
         self._ready()
 
-    def _checked(self) -> tuple[Callable[..., Tensor], Any, Any, dict]:
-        prepared = super()._checked()
-        alpha = self.__dict__.get("alpha")
-        if isinstance(alpha, list) and list(prepared[1].alpha) != alpha:  # edited in place
-            self.__dict__["_prepared"] = None
-            prepared = super()._checked()
-        return prepared
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "alpha" and isinstance(value, list) and not isinstance(value, _Weights):
+            value = _Weights(value)  # checked once: an edit in place would go unseen
+        super().__setattr__(name, value)
+
+
+class _Weights(list):
+    """``FocalLoss.alpha``'s per-class weights: a list that refuses changes in place (the loss
+    checked and took the weights when they were set; it would not see an edit)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("FocalLoss.alpha cannot be changed in place; assign a new list: "
+                        "loss.alpha = [...]")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self) -> tuple:
+        return (_Weights, (list(self),))  # (pickle would rebuild it with append)
+
+    def __deepcopy__(self, memo: dict) -> _Weights:
+        return _Weights(self)
 
 
 class TopKLoss(_DistributionLoss):

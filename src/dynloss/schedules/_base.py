@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .._checks import check_non_negative
 
@@ -194,11 +196,31 @@ def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict
                         assign: bool) -> Any:
     """``nn.Module.load_state_dict`` of a CompositeLoss / SwitchingLoss that changes nothing
     when it fails: torch loads a module before its children, so a nested loss's bad state (or
-    a key only the other loss has) was found after the parent had taken its own. What a load
-    can change is kept first and put back on a failure: every module's parameter and buffer
-    objects (``assign=True`` replaces them) and their values, and every extra state. Nothing
-    else is copied: a loss holding a lock, a process group or a live graph loads as in torch.
-    """
+    a key only the other loss has) was found after the parent had taken its own. The state is
+    first loaded into a copy (callbacks are shared, not copied: they may hold an optimizer). A
+    tree that cannot be copied (a loss holding a lock, a process group, a kept graph) is loaded
+    in place instead, and what the load changed is put back on a failure (see
+    :func:`_load_in_place`)."""
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for callback in getattr(sub, "_callbacks", ()):
+            memo[id(callback)] = callback
+    try:
+        trial = copy.deepcopy(module, memo)
+    except Exception:
+        return _load_in_place(module, state_dict, strict, assign)
+    nn.Module.load_state_dict(trial, state_dict, strict=strict, assign=assign)
+    return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
+
+
+def _load_in_place(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,
+                   assign: bool) -> Any:
+    """Load, and on a failure put back what a load can change: every module's parameter and
+    buffer objects (``assign=True`` replaces them), the values of those written in place (and
+    only those: a tensor a pending backward saved keeps its version), every extra state, and
+    the plain attributes of the schedules' own modules (``set_extra_state`` resets
+    ``just_switched``). A custom ``_load_from_state_dict`` that changes other attributes is
+    not covered."""
     kept = [_kept_state(sub) for sub in module.modules()]
     try:
         return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
@@ -209,30 +231,42 @@ def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict
 
 
 _NO_EXTRA_STATE = object()
+_PLAIN = (bool, int, float, str, list, tuple, type(None))
 
 
-def _kept_state(module: nn.Module) -> tuple[nn.Module, dict, dict, dict, object]:
-    tensors = {**module._parameters, **module._buffers}
+def _kept_state(module: nn.Module) -> tuple:
+    tensors = {name: t for name, t in {**module._parameters, **module._buffers}.items()
+               if t is not None and not is_lazy(t)}
     with torch.no_grad():
-        values = {name: t.detach().clone() for name, t in tensors.items() if t is not None}
+        values = {name: (t._version, t.detach().clone()) for name, t in tensors.items()}
     extra: object = _NO_EXTRA_STATE
     if type(module).get_extra_state is not nn.Module.get_extra_state:
         extra = module.get_extra_state()
-    return module, dict(module._parameters), dict(module._buffers), values, extra
+        try:  # a module may return its own state and update it in place
+            extra = copy.deepcopy(extra)
+        except Exception:
+            pass
+    attributes = ({name: copy.copy(value) for name, value in vars(module).items()
+                   if isinstance(value, _PLAIN)}
+                  if hasattr(module, "_dynloss_step") else {})
+    return module, dict(module._parameters), dict(module._buffers), values, extra, attributes
 
 
 def _put_back(module: nn.Module, parameters: dict, buffers: dict, values: dict,
-              extra: object) -> None:
+              extra: object, attributes: dict) -> None:
     module._parameters.clear()
     module._parameters.update(parameters)
     module._buffers.clear()
     module._buffers.update(buffers)
     with torch.no_grad():
-        for name, value in values.items():
+        for name, (version, value) in values.items():
             tensor = parameters.get(name)
-            (tensor if tensor is not None else buffers[name]).copy_(value)
+            tensor = tensor if tensor is not None else buffers[name]
+            if tensor._version != version:  # written by the failed load
+                tensor.copy_(value)
     if extra is not _NO_EXTRA_STATE and not _equal(module.get_extra_state(), extra):
         module.set_extra_state(extra)  # (only where the failed load changed it)
+    module.__dict__.update(attributes)
 
 
 def _equal(a: object, b: object) -> bool:

@@ -316,8 +316,9 @@ def _build(cxx: str, plan: Plan, version: str) -> Path:
     _raise_recent_failure(note)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".lock").touch()
     except OSError as error:  # e.g. a read-only home
-        raise OSError(f"cannot create the cache directory {directory} ({error}); set "
+        raise OSError(f"cannot write to the cache directory {directory} ({error}); set "
                       "DYNLOSS_CACHE_DIR (or XDG_CACHE_HOME) to a writable directory") from error
     with _locked(path.with_suffix(".lock")):
         if verified(path):  # another process built it while this one waited
