@@ -129,3 +129,21 @@ def test_reset_plateau_scheduler_fills_a_tensor_learning_rate_in_place():
     assert optimizer.param_groups[0]["lr"] is lr
     assert lr.item() == pytest.approx(1e-4)
     assert scheduler._last_lr == [pytest.approx(1e-4)]
+
+
+def test_reset_plateau_scheduler_clears_the_cooldown_and_reaches_every_group():
+    """The switch ends a cooldown in progress, and one learning rate goes to every parameter
+    group the optimizer has then, including one added after the callback was made (the
+    callback refused: "got 1 value for 2 parameter groups")."""
+    first, second = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([first], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, cooldown=3)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+    loss.on_switch(reset_plateau_scheduler(scheduler, lr=0.25))
+    scheduler.step(1.0)
+    scheduler.step(2.0)
+    assert scheduler.cooldown_counter == 3
+    optimizer.add_param_group({"params": [second], "lr": 0.5})
+    loss.step()
+    assert scheduler.cooldown_counter == 0
+    assert [group["lr"] for group in optimizer.param_groups] == [0.25, 0.25]

@@ -83,6 +83,29 @@ def check_pooled_region_losses(rank: int) -> None:
         assert not torch.allclose(unpooled, expected.detach())
 
 
+def check_pooled_region_losses_on_the_native_kernels(rank: int) -> None:
+    """float32 CPU input takes the native kernels, whose pooled path no check reached (every
+    batch above is float64): a rank returned its own, unpooled loss there."""
+    from dynloss.kernels import native_available
+
+    if not native_available():
+        return
+    for mode, cls, kwargs in [("binary", DiceLoss, {}),
+                              ("multiclass", IoULoss, {"mode": "multiclass"})]:
+        logits, target = _batch(mode)
+        logits = logits.float()
+        target = target.float() if mode != "multiclass" else target
+        full = logits.clone().requires_grad_()
+        expected = cls(backend="reference", **kwargs)(full.double(), target)
+        expected.backward()
+        local = _shard(logits, rank).clone().requires_grad_()
+        value = cls(ddp_pool=True, backend="native", **kwargs)(local, _shard(target, rank))
+        torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-6, atol=1e-7)
+        value.backward()
+        torch.testing.assert_close(local.grad, WORLD * _shard(full.grad, rank),
+                                   rtol=1e-5, atol=1e-8)
+
+
 def check_ddp_model_gradients_equal_single_process(rank: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 1, 3, padding=1).double()

@@ -340,6 +340,24 @@ def test_fingerprint_names_what_changed(store, split):
         "no fingerprint (written by an older version of this example)"]
 
 
+def test_the_code_fingerprint_covers_every_module_that_computes_a_result(tmp_path):
+    """A cached result is reused only while the code that computed it is unchanged: every
+    example module that trains or scores (evaluation.py could be left out unnoticed), and
+    dynloss's source, its C++ kernels included (a ``.cpp`` edit would not count)."""
+    from msd_colon_lib import fingerprint
+
+    assert set(fingerprint.code_version()["example"]) == {
+        "training.py", "model.py", "evaluation.py", "splits.py", "distributed.py"}
+    package = tmp_path / "pkg"
+    (package / "kernels").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "kernels" / "k.cpp").write_text("int f() { return 1; }\n")
+    digest = fingerprint._package_digest.__wrapped__
+    before = digest(str(package))
+    (package / "kernels" / "k.cpp").write_text("int f() { return 2; }\n")
+    assert digest(str(package)) != before
+
+
 def test_resume_refuses_a_run_started_with_other_options(store, split, tmp_path):
     cfg = RunConfig(loss="iou->bce@1", epochs=2, batch_size=8, lr=1e-3, device="cpu")
     assert train_run(cfg, store, split, tmp_path, progress=False, stop_after=1) == {

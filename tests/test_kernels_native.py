@@ -1009,3 +1009,22 @@ def test_more_than_host_scores_region_scores(case, reduction):
         fn = lambda *a, **k: F.dice_loss(*a, reduction=reduction, **k)  # noqa: E731
     _compare(fn, x, t, **kw)
 
+
+
+def test_fused_composite_past_host_scores_keeps_the_region_weight():
+    """The one-pass composite past ``HOST_SCORES`` scores (per-image Dice of 33 x 32 scores):
+    its backward dropped the region term's weight there and no test reached it."""
+    x, t = _inputs("multilabel", (2, 2), n=33, c=32, seed=14)
+    terms = (dynloss.DiceLoss(mode="multilabel", per_image=True), dynloss.BCELoss(
+        mode="multilabel"))
+
+    def composite(input, target, backend):
+        for term in terms:
+            term.backend = backend
+        return dynloss.CompositeLoss(list(terms), weights=[0.5, 1.0])(input, target)
+
+    got, got_grad = _run(composite, x, t, "native")
+    want, want_grad = (r.float() for r in _run(composite, x.double(), t, "reference"))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    scale = want_grad.abs().max().item()
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)

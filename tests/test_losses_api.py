@@ -140,3 +140,53 @@ def test_focal_alpha_cannot_be_edited_in_place():
     with pytest.raises(ValueError, match="alpha"):
         loss.alpha = [1, 2, 3, 4]
         loss(logits, labels)
+
+
+# ------------------------------------ a module's memory of its calls (gaps a mutation review found)
+def test_a_module_call_with_a_target_that_needs_a_gradient_after_one_without():
+    """A module remembers its recent calls: a target that requires a gradient (first seen
+    after calls without, or first under ``no_grad``) must not reuse a plan that cannot give
+    it one (the target's gradient was silently None)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 1, 6, 6, generator=gen)
+    t = torch.rand(2, 1, 6, 6, generator=gen)
+    for name in ("dice", "bce"):
+        want_t = t.clone().requires_grad_()
+        dynloss.LOSSES[name]()(x, want_t).backward()
+        for first_without_grad in (False, True):
+            loss = dynloss.LOSSES[name]()
+            soft = t.clone().requires_grad_()
+            if first_without_grad:
+                with torch.no_grad():
+                    loss(x, soft)
+            else:
+                loss(x, t)
+            loss(x, soft).backward()
+            assert soft.grad is not None, (name, first_without_grad)
+            torch.testing.assert_close(soft.grad, want_t.grad)
+
+
+def test_a_module_checks_each_calls_target_dtype_and_class_indices():
+    """A call with the shapes of an earlier one reuses its plan, yet its target's dtype and
+    (multiclass, on the CPU, even with ``check_values=False``) its class indices are still
+    checked: a bool target passed, an index of 7 gave NaN."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(3))
+    for backend in ("torch", "reference", "native"):
+        loss = dynloss.DiceLoss(mode="multiclass", check_values=False, backend=backend)
+        loss(x, labels)
+        with pytest.raises(TypeError, match="target"):
+            loss(x, labels.bool())
+        bad = labels.clone()
+        bad[0, 0, 0] = 7
+        with pytest.raises(ValueError, match=r"\[0, 3\)"):
+            loss(x, bad)
+
+
+def test_a_module_remembers_a_bounded_number_of_calls():
+    """The memory of recent calls is cleared past 8 kinds of call (it grew with every new
+    shape)."""
+    loss = dynloss.DiceLoss()
+    for size in range(3, 23):
+        loss(torch.zeros(1, 1, size, 2), torch.ones(1, 1, size, 2))
+    assert 1 <= len(loss._checked()[3]) <= 8

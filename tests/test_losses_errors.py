@@ -259,3 +259,17 @@ def test_region_weights_beyond_float32_are_refused(make):
     with pytest.raises(ValueError, match=r"(smooth \+ eps|alpha|beta|alpha\[0\]) must be at most "
                                          r"3\.4028234663852886e\+38 \(float32's largest"):
         make()
+
+
+@pytest.mark.parametrize(("dtype", "ignore"), [(torch.bool, 1), (torch.bfloat16, 255),
+                                               (torch.float16, 2047)])
+def test_an_ignore_index_the_target_dtype_holds_exactly_is_honoured(dtype, ignore):
+    """An ignore_index a bool, bfloat16 or float16 target holds exactly (1; 255 with bfloat16's
+    8 significant bits; 2047 with float16's 11) ignores those pixels, as with a float32
+    target (bfloat16 and 255 was refused as out of [0, 1]; a bool 1 ignored nothing)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 4, 4, generator=gen)
+    target = (torch.rand(2, 1, 4, 4, generator=gen) > 0.5).float()
+    target[0, 0, :2] = ignore
+    for loss in (dynloss.BCELoss(ignore_index=ignore), dynloss.DiceLoss(ignore_index=ignore)):
+        torch.testing.assert_close(loss(x, target.to(dtype)), loss(x, target), rtol=0, atol=0)

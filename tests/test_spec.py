@@ -432,3 +432,18 @@ def test_a_message_that_names_its_call_is_not_prefixed_twice():
     message = str(caught.value)
     assert message.startswith("SwitchingLoss: pass either milestones or trigger, not both")
     assert "SwitchingLoss: SwitchingLoss" not in message
+
+
+
+def test_names_a_spec_knows_and_long_sums() -> None:
+    """Aliases and limits no test reached: ``JaccardLoss`` and ``ramp`` are names, the last
+    code point is a valid escape, and a call closes its bracket level (a sum of 70 calls was
+    refused as nested 64 deep)."""
+    assert repr(build_loss("JaccardLoss()")) == "IoULoss()"
+    ramped = build_loss("dice + ramp(0, 10)*bce")
+    assert repr(ramped) == ("CompositeLoss([DiceLoss(), BCELoss()], "
+                            "weights=[1.0, LinearRamp(start=0, end=10)])")
+    named = build_loss("SwitchingLoss({'\\U0010ffff': dice, 'b': bce}, milestones=[5])")
+    assert named.names == ["\U0010ffff", "b"]
+    long = build_loss("+".join(["dice()"] * 70))
+    assert len(long.terms) == 70

@@ -1113,3 +1113,17 @@ def test_the_in_place_rollback_puts_back_exactly_what_the_load_changed() -> None
     assert loss.terms["a"].state == {"n": 0}
     pending.backward()
     assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
+def test_each_stage_s_trigger_starts_fresh_when_its_stage_begins() -> None:
+    """One trigger for two switches is copied for the second; a trigger that has run before
+    (best 0.1, two bad steps) gives each stage a trigger that starts fresh when its stage
+    begins: the second stage waits ``patience`` steps of its own (its copy kept the old best
+    and bad-step count and switched at once)."""
+    plateau = Plateau(patience=2)
+    for t, value in enumerate([0.1, 0.2, 0.3], start=1):
+        plateau.update(t, t, value)
+    loss = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=plateau)
+    fired = [loss.step(metric=0.5) for _ in range(6)]
+    assert fired == [False, False, True, False, False, True]
+    assert loss.switches == [(0, 1, 3), (1, 2, 6)]
