@@ -22,6 +22,7 @@ import torch
 
 import dynloss
 import dynloss.functional as F
+from dynloss.kernels import torch_backend
 
 from ._backends import BACKENDS, LOSS_NAMES, MODES, REGION_NAMES, channels, make_loss, seeded_case
 
@@ -424,3 +425,23 @@ def test_a_nan_probability_gives_the_references_gradient_pattern(name, mode, bac
     if name == "topk":
         kwargs["k"] = 0.5
     _assert_the_references_gradient(name, mode, backend, x, target, kwargs)
+
+
+
+def test_the_torch_backend_without_host_reads_keeps_the_references_nan_pattern(monkeypatch):
+    """Where nothing may be read on the host (CUDA) the torch backend keeps the mask of the
+    elements the loss does not read for backward: an ignored pixel and an element TopK did
+    not select get 0, not slope * NaN. Simulated on the CPU (whose path reads the upstream
+    gradient instead) by declaring nothing readable."""
+    x, target = seeded_case("binary", (2, 4, 5), seed=6)
+    x = x.float()
+    target[0, ..., 1, :2] = 255
+    x[1, 0, 2, 3] = math.nan
+    for name, kwargs in (("focal", {"ignore_index": 255}),
+                         ("topk", {"ignore_index": 255, "k": 0.3})):
+        _, want = loss_and_grad(make_loss(name, "binary", "reference", **kwargs), x, target)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch_backend, "_host_readable", lambda t: False)
+            _, got = loss_and_grad(make_loss(name, "binary", "torch", **kwargs), x, target)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)

@@ -264,6 +264,11 @@ def _reference_distribution_sum(x: Tensor, target: Tensor, params: DistributionP
     return reference.distribution_sum(layout, params, checked)[0]
 
 
+def _host_readable(t: Tensor) -> bool:
+    """Whether reading ``t``'s value on the host is free: a CPU tensor outside a compile."""
+    return t.is_cpu and not torch.compiler.is_compiling()
+
+
 class DistributionSum(torch.autograd.Function):
     """``(S, count)``: the sum of per-element losses and the normaliser of their mean."""
 
@@ -276,14 +281,18 @@ class DistributionSum(torch.autograd.Function):
         else:
             loss, slope, valid = _binary_distribution_terms(x, target, dtype, params)
         # the elements the loss does not depend on: their gradient is 0 even where the
-        # upstream gradient is NaN (a NaN input), as the reference's (not slope * NaN)
-        dropped = None if valid is None else ~valid
+        # upstream gradient is NaN (a NaN input), as the reference's (not slope * NaN). Kept
+        # for backward only where it cannot read the upstream gradient on the host (CUDA):
+        # elsewhere backward recomputes for a NaN upstream
+        keep_dropped = not _host_readable(x)
+        dropped = ~valid if keep_dropped and valid is not None else None
         if params.k is not None:
             loss, selected = reference.topk_selected(loss, valid, params.k)
             total = loss.sum()
-            dropped = ~selected
-            slope.masked_fill_(dropped.unsqueeze(1) if params.mode == MULTICLASS_MODE
-                               else dropped, 0)
+            unselected = ~selected
+            slope.masked_fill_(unselected.unsqueeze(1) if params.mode == MULTICLASS_MODE
+                               else unselected, 0)
+            dropped = unselected if keep_dropped else None
             count = reference.topk_number(loss, valid, params.k)
         else:
             total = loss.sum()
@@ -319,8 +328,7 @@ class DistributionSum(torch.autograd.Function):
         # element (beyond the ignored and unselected ones masked below, a multiclass pixel's
         # other classes and a clamped log of a probability)
         if torch.is_grad_enabled() or overflowed or (
-                grad_total.is_cpu and not torch.compiler.is_compiling()
-                and not bool(torch.isfinite(grad_total))):
+                _host_readable(grad_total) and not bool(torch.isfinite(grad_total))):
             (grad,) = recompute_backward(
                 lambda xs: _reference_distribution_sum(xs, target, params, checked),
                 (x,), (grad_total,))
