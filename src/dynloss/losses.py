@@ -266,7 +266,8 @@ class FocalLoss(_DistributionLoss):
             """
         gamma: focusing exponent >= 0 (default 2.0, the paper's); 0 gives BCE.
         alpha: None (default), the weight in [0, 1] of positives (binary/multilabel), or a
-            sequence of C per-class weights (multiclass)."""
+            sequence of C per-class weights (multiclass), kept as a list that refuses
+            changes in place (assign a new list to change them)."""
         )
         + """
     Examples:
