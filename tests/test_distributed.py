@@ -237,7 +237,14 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str
     tmp = tmp_path_factory.mktemp("gloo")
     if os.path.exists("/sys/class/net/lo"):  # one machine: talk over loopback
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        # gloo's teardown (destroy_process_group) aborts now and then ("terminate called
+        # without an active exception", a few % of runs on this machine, also before these
+        # checks existed); a rank writes its results before it, so they are complete
+        if not all((tmp / f"rank{r}.json").exists() for r in range(WORLD)):
+            raise
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
