@@ -313,8 +313,8 @@ class DistributionSum(torch.autograd.Function):
         # graph); on the CPU "auto" sends float32 to the native kernels, which count such
         # slopes in their own pass
         ctx.config = (params, checked,
-                      not params.from_logits and saved.is_cpu
-                      and not torch.compiler.is_compiling() and bool(torch.isinf(saved).any()))
+                      not params.from_logits and _host_readable(saved)
+                      and bool(torch.isinf(saved).any()))
         ctx.mark_non_differentiable(count)
         return total, count.clamp_min(1)
 
