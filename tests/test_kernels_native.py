@@ -1028,3 +1028,151 @@ def test_fused_composite_past_host_scores_keeps_the_region_weight():
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
     scale = want_grad.abs().max().item()
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ------------------------------------------- the AVX-512 loop beside the portable one
+# The binary region forward pass from logits with float32 targets (no ignore_index) has a
+# hand-vectorised loop where the compiler targets AVX-512; every test above runs it on such a
+# machine. Here each of the two loops is compared with the reference, and with each other.
+LOOPS = ["fastest", "portable"]
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512f" in flags and "avx512dq" in flags
+
+
+@pytest.fixture(params=LOOPS)
+def loops(request, monkeypatch):
+    from dynloss.kernels.native import ffi
+    monkeypatch.setattr(ffi, "_PORTABLE_LOOPS", int(request.param == "portable"))
+    return request.param
+
+
+def test_the_avx512_loop_is_built_where_the_cpu_has_it():
+    """On an x86 CPU with AVX-512 F and DQ (this CI's) the -march=native build has the
+    hand-vectorised loop, so the tests that run the fastest loop run it."""
+    from dynloss.kernels.native import ffi
+    from dynloss.kernels.native.build import library
+    if not _cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 F and DQ")
+    assert library().dynloss_avx512_loops() in (0, 1)
+    assert ffi.avx512_loops()
+
+
+# lengths around the loop's 16 lanes, its 512-element blocks and the 16384-element chunks
+LENGTHS = [1, 5, 15, 16, 17, 511, 512, 513, 16384 + 33]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+def test_both_loops_equal_the_reference(loops, mode, length):
+    x, t = _inputs(mode, (length,), n=2, c=3, seed=length)
+    for name, fn in REGION.items():
+        kw = {"alpha": 0.3, "beta": 0.7} if name == "tversky" else {}
+        _compare(fn, x, t, mode=mode, **kw)
+        _compare(fn, x, t, mode=mode, per_image=True, **kw)
+    soft = torch.rand(t.shape, generator=torch.Generator().manual_seed(length))
+    _compare(F.dice_loss, x, soft, mode=mode)  # soft labels: backward reads the target
+
+
+def _loops_outputs(monkeypatch, fn, x, t, **kw):
+    from dynloss.kernels.native import ffi
+    got = {}
+    for loop in LOOPS:
+        monkeypatch.setattr(ffi, "_PORTABLE_LOOPS", int(loop == "portable"))
+        got[loop] = _run(fn, x, t, "native", **kw)
+    return got["fastest"], got["portable"]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_the_two_loops_agree_to_float_rounding(monkeypatch, length):
+    """Values and gradients of the two loops within a few float32 roundings of each other
+    (they sum in different lane orders), over the whole range of logits: saturated, the
+    flush of e^-|x| to 0 near |x| = 87.33, the largest floats, -0 and +0."""
+    x, t = _inputs("multilabel", (length,), n=2, c=3, seed=7 + length, scale=40.0)
+    edges = torch.tensor([0.0, -0.0, 87.3, -87.3, 87.4, -87.4, 88.0, -104.0, 3e38, -3e38,
+                          1e-30, -1e-30, 16.0, -16.0, 0.5, -0.5])
+    flat = x.view(-1)
+    flat[: min(flat.numel(), edges.numel())] = edges[: flat.numel()]
+    t.view(-1)[1::3] = -0.0  # a negative zero is a hard label 0
+    for fn in REGION.values():
+        (fast, fast_grad), (portable, portable_grad) = _loops_outputs(
+            monkeypatch, fn, x, t, mode="multilabel")
+        torch.testing.assert_close(fast, portable, rtol=1e-6, atol=0)
+        scale = portable_grad.abs().max().item()
+        torch.testing.assert_close(fast_grad, portable_grad, rtol=1e-6, atol=1e-7 * scale)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan"), float("inf")])
+def test_both_loops_refuse_a_target_outside_zero_one(loops, bad):
+    """Out of range, NaN or infinite, in the tail past the last whole 16 lanes."""
+    x, t = _inputs("binary", (40,))
+    t.view(-1)[37] = bad
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 1\]"):
+        F.dice_loss(x, t, backend="native")
+    # unchecked, an invalid target makes the loss NaN (as on every backend)
+    assert math.isnan(F.dice_loss(x, t, backend="native", check_values=False).item())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_both_loops_make_the_loss_nan_for_a_non_finite_logit(loops, bad):
+    """An infinite or NaN kept logit: the loss is NaN and the gradient the reference's (NaN
+    where the loss depends on the element), in either loop."""
+    x, t = _inputs("binary", (40,))
+    x.view(-1)[37] = bad
+    x = x.requires_grad_()
+    loss = F.dice_loss(x, t, backend="native")
+    assert math.isnan(loss.item())
+    loss.backward()
+    xr = x.detach().double().requires_grad_()
+    F.dice_loss(xr, t.double(), backend="reference").backward()
+    assert torch.equal(x.grad.isnan(), xr.grad.isnan())
+
+
+def test_both_loops_tell_soft_labels_from_hard_ones(loops):
+    """One soft label among hard ones, in the tail lanes: the forward pass reports it, so the
+    backward pass reads the target (the signed slopes alone would give a wrong gradient)."""
+    x, t = _inputs("binary", (40,), seed=3)
+    t.view(-1)[38] = 0.3
+    _, grad = _compare(F.iou_loss, x, t)
+    assert grad.view(-1)[38] != 0
+
+
+def test_both_loops_without_gradient_give_the_same_value(loops):
+    x, t = _inputs("multilabel", (513,), seed=4)
+    with torch.no_grad():
+        got = F.dice_loss(x, t, mode="multilabel", backend="native")
+    want = F.dice_loss(x.double(), t.double(), mode="multilabel", backend="reference")
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+
+
+def test_the_switch_selects_the_portable_loop(monkeypatch):
+    """What tells the loops apart: the portable one counts soft labels, the AVX-512 one only
+    says there are some (1 per chunk), so the comparisons above do run both."""
+    from dynloss.kernels.native import ffi
+    if not ffi.avx512_loops():
+        pytest.skip("no AVX-512 loop in this build")
+    x, t = _inputs("binary", (64,))
+    t.view(-1)[[3, 40, 41]] = 0.5
+    x, t = x.view(1, 1, -1), t.view(1, 1, -1)
+    soft = {}
+    for loop in LOOPS:
+        monkeypatch.setattr(ffi, "_PORTABLE_LOOPS", int(loop == "portable"))
+        fwd = ffi.native_forward(x, t, "binary", True, None, 0.0, None, True, False, True, True)
+        soft[loop] = fwd.out[5]
+    assert soft == {"fastest": 1.0, "portable": 3.0}
+
+
+def test_both_loops_keep_probabilities_down_to_the_flush(loops):
+    """Logits in [-87.3, -80]: p = e^x is a normal float32 (down to ~1.2e-38, where e^-|x| is
+    flushed to 0), and so is the gradient p (1 - p) times the Dice slope; both loops give the
+    reference's, not 0."""
+    x = torch.linspace(-87.3, -80.0, 100).view(1, 1, 100)
+    t = torch.zeros_like(x)
+    _, grad = _compare(F.dice_loss, x, t)
+    assert (grad != 0).all()

@@ -7,7 +7,7 @@ region losses the sigmoid's slope ``dp/dx`` signed by the target (binary, multil
 softmax probabilities (multiclass; at a pixel's one most probable class ``p - 1``, formed
 with all its digits from the other classes), and each element's slope ``d loss / d x``
 (distribution losses). The backward pass is then one elementwise pass of plain arithmetic.
-The forward pass also counts invalid values (kept targets out of range, kept inputs that are
+The forward pass also finds invalid values (kept targets out of range, kept inputs that are
 not finite or, for probabilities, outside [0, 1]) at no extra cost: :func:`native_forward`
 raises for them when the value checks are due, else the caller makes the loss NaN.
 
@@ -119,6 +119,18 @@ def _call(name: str, args: Args) -> None:
         raise RuntimeError(f"{name} rejected its arguments (code {code})")
 
 
+_PORTABLE_LOOPS = 0
+"""1: the kernels run their portable loops only, never a hand-vectorised one (the tests set it
+to compare the two; see :func:`avx512_loops`)."""
+
+
+def avx512_loops() -> bool:
+    """Whether the compiled kernels have their AVX-512 loop (the binary region forward pass
+    from logits with float32 targets; built where the compiler targets AVX-512 F and DQ)."""
+    lib = library()
+    return lib is not None and bool(lib.dynloss_avx512_loops())
+
+
 _KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 
 
@@ -193,7 +205,8 @@ class Sums:
 
 
 _SCALARS = 7
-"""The kernel's scalar outputs: S, max(count, 1), count; bad targets, bad inputs, soft labels."""
+"""The kernel's scalar outputs: S, max(count, 1), count; then bad targets, bad inputs, soft
+labels, overflowed slopes, each nonzero when there is any (not always a count)."""
 
 _DOUBLE = ctypes.sizeof(ctypes.c_double)
 
@@ -267,6 +280,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         args.has_alpha = 1
         args.class_alpha = class_alpha.data_ptr()
     args.threads = _threads()
+    args.portable_loops = _PORTABLE_LOOPS
     if probabilities is not None:
         args.probabilities = probabilities.data_ptr()
     if slope is not None:

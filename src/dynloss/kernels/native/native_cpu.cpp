@@ -38,6 +38,15 @@
 #include <type_traits>
 #include <vector>
 
+// AVX-512 (F and DQ): the binary region forward pass has a hand-vectorised loop (see
+// binary_region_logits_avx512); every other loop is portable C++ vectorised by the compiler.
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define DL_AVX512 1
+#else
+#define DL_AVX512 0
+#endif
+
 #define DL_INLINE inline __attribute__((always_inline))
 
 namespace {
@@ -227,10 +236,11 @@ struct Args {
   double* region;     // (N*C, 3): I, P, G
   double* pixel_out;  // 3: S, max(count, 1), count (kept elements); TopK selection: 1: the
                       //    sum of the selected losses
-  double* check;      // 4: kept targets out of range, kept inputs not finite (logits) or
-                      //    outside [0, 1] (probabilities), kept binary targets other than 0
-                      //    and 1 (soft labels), kept slopes that overflowed (probabilities
-                      //    whose 1/p is beyond float32)
+  double* check;      // 4, each nonzero when there is any (a count of elements, or of
+                      //    chunks where the AVX-512 loop ran): kept targets out of range,
+                      //    kept inputs not finite (logits) or outside [0, 1] (probabilities),
+                      //    kept binary targets other than 0 and 1 (soft labels), kept slopes
+                      //    that overflowed (probabilities whose 1/p is beyond float32)
   // backward, binary: 1 when the forward counted no soft label (check[2] == 0), so the
   // signed slopes it saved hold the targets and backward need not read them
   int64_t hard_targets;
@@ -244,6 +254,8 @@ struct Args {
   // and N*C (one per (sample, class)) when it is 0
   double region_scale;
   int64_t pooled;
+  // 1: only the portable loops, never a hand-vectorised one (tests compare the two)
+  int64_t portable_loops;
 };
 
 // The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
@@ -377,6 +389,117 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   }
   out[0] = dI; out[1] = dP; out[2] = dG; out[3] = dS; out[4] = dN; out[5] = dBad;
   out[6] = dBadX; out[7] = dSoft; out[8] = dOver;
+}
+
+#if DL_AVX512
+// binary_forward_chunk for the commonest call, by hand for AVX-512: region sums only, from
+// logits, float32 targets, no ignore_index (Dice, IoU and Tversky on a binary or multilabel
+// batch). The arithmetic is the portable loop's: e = e^-|x| (the same reduction and
+// polynomial, flushed to 0 below e^-87.33), p = 1/(1 + e) or e/(1 + e) by the sign of x,
+// the saved slope p (1 - p) negated where the target is 1. Only the 2^n of e is applied by
+// one scalef instead of building its exponent bits, and the three checks are maxima of bit
+// patterns instead of counts (check values are "nonzero: some"): 37 vector instructions per
+// 16 elements where the compiler's loop has 48 (GCC 12), measured ~10 % faster
+// forward+backward at (32, 1, 256, 256) with 2 threads (docs/kernels.md). Float sums per
+// block of kBlock elements in 16 lanes, then to double: deterministic, like the portable loop
+// (whose lanes sum in another order: the two agree to float rounding, not bit for bit).
+template <bool SAVE>
+static void binary_region_logits_avx512(const float* x, const float* t, float* save,
+                                        int64_t begin, int64_t end, double* out) {
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i spread_max = _mm512_setzero_si512(), x_max = _mm512_setzero_si512();
+  double dI = 0, dP = 0, dG = 0;
+  prefetch_range(x + begin, kPrefetch);
+  prefetch_range(t + begin, kPrefetch);
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
+    prefetch_range(x + b0 + kPrefetch, kBlock);  // past the end: a prefetch never faults
+    prefetch_range(t + b0 + kPrefetch, kBlock);
+    __m512 sI = zero, sP = zero, sG = zero;
+    for (int64_t i = b0; i < b1; i += 16) {
+      // the lanes inside [b0, b1); the others load 0 (x = 0, g = 0) and store nothing
+      const __mmask16 lane = i + 16 <= b1 ? static_cast<__mmask16>(0xffff)
+                                          : static_cast<__mmask16>((1u << (b1 - i)) - 1u);
+      const __m512 xv = _mm512_maskz_loadu_ps(lane, x + i);
+      const __m512 g = _mm512_maskz_loadu_ps(lane, t + i);
+      const __m512i ax_bits = _mm512_and_si512(_mm512_castps_si512(xv), abs_mask);
+      x_max = _mm512_max_epu32(x_max, ax_bits);  // above kFloatMax's bits: inf or NaN
+      const __m512 ax = _mm512_castsi512_ps(ax_bits);
+      // e^-|x| as exp_nonpositive: n = round(-|x| / ln 2), e^(-|x| - n ln 2) by
+      // exp_reduced's polynomial, times 2^n; 0 below -87.33 (and for NaN, flagged above)
+      const __mmask16 live = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(87.33f), _CMP_LE_OQ);
+      const __m512 y = _mm512_sub_ps(zero, ax);
+      const __m512 n = _mm512_roundscale_ps(
+          _mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+      r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+      const __m512 z = _mm512_mul_ps(r, r);
+      __m512 q = _mm512_set1_ps(1.9875691500e-4f);
+      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
+      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
+      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
+      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
+      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
+      q = _mm512_add_ps(_mm512_fmadd_ps(q, z, r), one);
+      const __m512 e = _mm512_maskz_scalef_ps(live, q, n);
+      const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+      const __m512 small = _mm512_mul_ps(e, inv);  // min(p, 1 - p)
+      // x < 0 by its sign bit: for x = -0 both choices are 1/2
+      const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(xv));
+      const __m512 p = _mm512_mask_blend_ps(negative, inv, small);
+      sI = _mm512_fmadd_ps(p, g, sI);
+      sP = _mm512_mask_add_ps(sP, lane, sP, p);  // lanes past the end hold p(0) = 1/2
+      sG = _mm512_add_ps(sG, g);
+      // g (1 - g), -0 made +0: its bits are 0 for a hard label, above those of +inf for a
+      // negative or NaN one (a target outside [0, 1]), in between for a soft label
+      const __m512 spread = _mm512_add_ps(_mm512_fnmadd_ps(g, g, g), zero);
+      spread_max = _mm512_max_epu32(spread_max, _mm512_castps_si512(spread));
+      if (SAVE) {
+        const __m512 d = _mm512_mul_ps(small, inv);  // p (1 - p)
+        const __mmask16 hot = _mm512_cmp_ps_mask(g, one, _CMP_EQ_OQ);
+        _mm512_mask_storeu_ps(save + i, lane, _mm512_mask_sub_ps(d, hot, zero, d));
+      }
+    }
+    dI += _mm512_reduce_add_ps(sI);
+    dP += _mm512_reduce_add_ps(sP);
+    dG += _mm512_reduce_add_ps(sG);
+  }
+  const uint32_t spread_bits = _mm512_reduce_max_epu32(spread_max);
+  const uint32_t x_bits = _mm512_reduce_max_epu32(x_max);
+  out[0] = dI; out[1] = dP; out[2] = dG; out[3] = 0; out[4] = 0;
+  out[5] = spread_bits > 0x7f800000u ? 1 : 0;  // a target outside [0, 1] or NaN
+  out[6] = x_bits > 0x7f7fffffu ? 1 : 0;       // an input that is not finite
+  out[7] = spread_bits != 0u ? 1 : 0;          // a target other than 0 and 1
+  out[8] = 0;
+}
+#endif
+
+// The forward pass of one binary chunk: the AVX-512 loop where it applies, else the
+// portable one.
+template <typename T, bool LOGITS, bool REGION, int PIXEL>
+static void binary_forward(const Args& a, int64_t row, int64_t begin, int64_t end,
+                           double* out) {
+#if DL_AVX512
+  if constexpr (std::is_same_v<T, float> && LOGITS && REGION && PIXEL == kPixelNone) {
+    if (!a.has_ignore && !a.portable_loops) {
+      const float* x = a.x + row * a.m;
+      const float* t = static_cast<const float*>(a.target) + row * a.m;
+      if (a.probabilities) {
+        binary_region_logits_avx512<true>(x, t, a.probabilities + row * a.m, begin, end, out);
+      } else {
+        binary_region_logits_avx512<false>(x, t, nullptr, begin, end, out);
+      }
+      return;
+    }
+  }
+#endif
+  if (a.has_ignore) {
+    binary_forward_chunk<T, LOGITS, REGION, PIXEL, true>(a, row, begin, end, out);
+  } else {
+    binary_forward_chunk<T, LOGITS, REGION, PIXEL, false>(a, row, begin, end, out);
+  }
 }
 
 // Region term: (gp + gi g) dp/dx, 0 where ignored, from the signed slopes d the forward saved
@@ -697,12 +820,7 @@ static void run_binary(const Args& a) {
       if (a.hard_targets) binary_backward_chunk<T, REGION, PIXEL, true>(a, row, begin, end);
       else binary_backward_chunk<T, REGION, PIXEL, false>(a, row, begin, end);
     } else {
-      double* out = &part[k * kPartBinary];
-      if (a.has_ignore) {
-        binary_forward_chunk<T, LOGITS, REGION, PIXEL, true>(a, row, begin, end, out);
-      } else {
-        binary_forward_chunk<T, LOGITS, REGION, PIXEL, false>(a, row, begin, end, out);
-      }
+      binary_forward<T, LOGITS, REGION, PIXEL>(a, row, begin, end, &part[k * kPartBinary]);
     }
   });
   if constexpr (BACKWARD) return;
@@ -1067,7 +1185,8 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 8; }  // bump with struct Args
+int dynloss_abi_version() { return 9; }  // bump with struct Args
+int dynloss_avx512_loops() { return DL_AVX512; }  // 1: binary_region_logits_avx512 built
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
 int dynloss_multiclass_forward(const Args* a) { return dispatch<false>(a, true); }
