@@ -1176,3 +1176,21 @@ def test_both_loops_keep_probabilities_down_to_the_flush(loops):
     t = torch.zeros_like(x)
     _, grad = _compare(F.dice_loss, x, t)
     assert (grad != 0).all()
+
+
+def test_both_loops_save_the_sign_of_a_zero_slope(monkeypatch):
+    """Where p (1 - p) is 0 (|x| above ~87) the slope saved for a target of 1 is -0, whose sign
+    bit backward reads as the target: the AVX-512 loop saved +0 (0 - 0), so under an upstream
+    gradient that overflows the gradient there was 0 where the portable loop's is NaN."""
+    x = torch.tensor([[[-200.0, -3.0]]])
+    t = torch.tensor([[[1.0, 0.0]]])
+    grads = {}
+    from dynloss.kernels.native import ffi
+    for loop in LOOPS:
+        monkeypatch.setattr(ffi, "_PORTABLE_LOOPS", int(loop == "portable"))
+        xs = x.clone().requires_grad_()
+        (F.dice_loss(xs, t, backend="native") * 3e38).backward()
+        grads[loop] = xs.grad
+    assert grads["portable"][0, 0, 0].isnan()  # 0 * (gp + gi), gi * 3e38 = inf
+    torch.testing.assert_close(grads["fastest"], grads["portable"], equal_nan=True,
+                               rtol=1e-6, atol=0)

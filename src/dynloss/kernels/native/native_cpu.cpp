@@ -459,7 +459,10 @@ static void binary_region_logits_avx512(const float* x, const float* t, float* s
       if (SAVE) {
         const __m512 d = _mm512_mul_ps(small, inv);  // p (1 - p)
         const __mmask16 hot = _mm512_cmp_ps_mask(g, one, _CMP_EQ_OQ);
-        _mm512_mask_storeu_ps(save + i, lane, _mm512_mask_sub_ps(d, hot, zero, d));
+        // -d by its sign bit, as the portable loop's -d: a slope of 0 is saved as -0 (0 - d
+        // would give +0 and lose the target)
+        const __m512 negated = _mm512_mask_xor_ps(d, hot, d, _mm512_set1_ps(-0.0f));
+        _mm512_mask_storeu_ps(save + i, lane, negated);
       }
     }
     dI += _mm512_reduce_add_ps(sI);
