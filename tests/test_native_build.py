@@ -21,7 +21,9 @@ that fail, hang, or hand out that library, so that each runs in a few seconds:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,7 +38,7 @@ import dynloss
 from dynloss.kernels.native import build
 
 SRC = str(Path(dynloss.__file__).resolve().parents[1])
-REAL_CXX = build.compiler()
+REAL_CXX = build.compiler_command()  # the program, then any words $CXX adds
 _REQUIRED = os.environ.get("DYNLOSS_REQUIRE_NATIVE") == "1"
 
 pytestmark = [
@@ -143,7 +145,7 @@ def test_the_kernels_are_built_here_or_say_why():
 def concurrent_build(tmp_path_factory):
     """Four processes that start together on an empty cache, through a logging ``$CXX``."""
     root = tmp_path_factory.mktemp("concurrent")
-    cxx = _script(root / "c++", f'exec "{REAL_CXX}" "$@"\n')
+    cxx = _script(root / "c++", f'exec {shlex.join(REAL_CXX)} "$@"\n')
     cache = root / "cache"
     processes = [_start(cache, cxx) for _ in range(4)]
     results = [_finish(p) for p in processes]
@@ -190,7 +192,7 @@ def test_start_and_finish_lines_appear_once(concurrent_build):
 def _handing_out(tmp_path: Path, good: Path) -> Path:
     """A fake ``$CXX`` whose builds (compile, then link) produce a copy of ``good``, and whose
     ``--version`` is the real compiler's (so that the cache keys match the real build's)."""
-    real_version = subprocess.run([REAL_CXX, "--version"], capture_output=True, text=True,
+    real_version = subprocess.run([*REAL_CXX, "--version"], capture_output=True, text=True,
                                   check=True).stdout
     version = tmp_path / "version.txt"
     version.write_text(real_version)
@@ -340,13 +342,13 @@ def _fail_once(tmp_path: Path, note_age: float) -> tuple[int, int]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DYNLOSS_CACHE_DIR", str(tmp_path / "cache"))
         with pytest.raises(RuntimeError, match="fake compiler: no"):
-            build._build(str(cxx), plan, version)
+            build._build([str(cxx)], plan, version)
         (note,) = (tmp_path / "cache").glob("*.failed")
         data = json.loads(note.read_text())
         note.write_text(json.dumps(dict(data, time=time.time() - note_age)))
         before = len(_compiles(cxx))
         with pytest.raises(RuntimeError, match="fake compiler: no"):
-            build._build(str(cxx), plan, version)
+            build._build([str(cxx)], plan, version)
     return before, len(_compiles(cxx))
 
 
@@ -502,3 +504,41 @@ def test_a_cache_directory_that_cannot_be_written_says_how_to_choose_another(tmp
     assert (f"cannot write to the cache directory {cache}" in report["status"]
             and "set DYNLOSS_CACHE_DIR (or XDG_CACHE_HOME) to a writable directory"
             in report["status"]), report["status"]
+
+
+def test_cxx_with_a_launcher_compiles_through_it(tmp_path):
+    """``CXX="ccache g++"`` (a launcher and its compiler, as make and CMake take it): the
+    build ran ``c++`` instead, silently, since no program is called "ccache g++"."""
+    compiler = _script(tmp_path / "fakecc", "echo 'fake compiler: no' >&2\nexit 1\n")
+    launcher = _script(tmp_path / "launcher", 'exec "$@"\n')
+    report, _ = _report(tmp_path / "cache", f"{launcher} {compiler} -DFROM_CXX")
+    assert "fake compiler: no" in report["status"]
+    compile_line = next(c for c in _calls(launcher) if " -c " in f" {c} ")
+    assert compile_line.startswith(f"{compiler} -DFROM_CXX ")
+    assert any(c.startswith("-DFROM_CXX ") for c in _calls(compiler))
+
+
+def test_cxx_naming_no_program_is_said_and_the_defaults_are_tried(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "/nonexistent/c++ -O2")
+    with caplog.at_level(logging.WARNING, logger="dynloss"):
+        command = build.compiler_command()
+    assert command is None or command[0] != "/nonexistent/c++"
+    assert "$CXX='/nonexistent/c++ -O2' names no program found" in caplog.text
+    monkeypatch.setenv("CXX", "'unbalanced")
+    with caplog.at_level(logging.WARNING, logger="dynloss"):
+        build.compiler_command()
+    assert "$CXX=\"'unbalanced\"" in caplog.text and "cannot be split" in caplog.text
+
+
+def test_cxx_an_unquoted_path_with_spaces_is_still_one_program(monkeypatch, tmp_path):
+    """``CXX=/opt/my tools/g++`` (no quotes) named the program before ``$CXX`` was split into
+    words; a value that is itself a program is taken whole."""
+    folder = tmp_path / "my tools"
+    folder.mkdir()
+    program = _script(folder / "g++", "exit 0\n")
+    monkeypatch.setenv("CXX", str(program))
+    assert build.compiler_command() == [str(program)]
+    monkeypatch.setenv("CXX", f"{program} -DX")  # not a program: split, which fails here
+    assert build.compiler_command() != [str(program), "-DX"]
+    monkeypatch.setenv("CXX", f"'{program}' -DX")
+    assert build.compiler_command() == [str(program), "-DX"]

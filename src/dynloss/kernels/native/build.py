@@ -1,7 +1,8 @@
 """Building, caching, verifying and loading the native CPU kernels (``native_cpu.cpp``).
 
 The source ships with the package. On first use it is compiled with the system C++ compiler
-(``$CXX``, else ``c++``/``g++``/``clang++``) with ``-O3 -march=native -fopenmp`` into a cache
+(``$CXX``, split as a shell splits it: ``ccache g++`` works; else ``c++``/``g++``/``clang++``)
+with ``-O3 -march=native -fopenmp`` into a cache
 directory (``$DYNLOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/dynloss``, else
 ``~/.cache/dynloss``). The file name hashes the source, the flags, the compiler and the CPU,
 so a new version or another machine gets its own build. What makes it safe to share:
@@ -48,6 +49,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -93,12 +95,41 @@ def cache_dir() -> Path:
     return Path(base) / "dynloss"
 
 
-def compiler() -> str | None:
-    """The C++ compiler: ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found."""
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+_CXX_SAID: set[str] = set()
+
+
+def compiler_command() -> list[str] | None:
+    """The C++ compiler as a command: ``$CXX`` (a program, or else split as a shell splits it:
+    a launcher and its compiler, ``ccache g++``, or a compiler with flags), its program found
+    on ``PATH``; else the first of ``c++``, ``g++``, ``clang++`` found. A ``$CXX`` that names no
+    program found is said (on the ``dynloss`` logger), and the others are tried."""
+    wanted = os.environ.get("CXX", "").strip()
+    whole = shutil.which(wanted) if wanted else None
+    if whole:  # a program's path, spaces and all (``/opt/my tools/g++``, unquoted)
+        return [whole]
+    if wanted:
+        try:
+            words = shlex.split(wanted)
+            problem = "names no program found"
+        except ValueError as error:
+            words, problem = [], f"cannot be split into words ({error})"
+        found = shutil.which(words[0]) if words else None
+        if found:
+            return [found, *words[1:]]
+        if wanted not in _CXX_SAID:  # once per value
+            _CXX_SAID.add(wanted)
+            _LOG.warning("dynloss: $CXX=%r %s; trying c++, g++ and clang++", wanted, problem)
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return [found]
     return None
+
+
+def compiler() -> str | None:
+    """The command of :func:`compiler_command` as one string (None: no compiler found)."""
+    command = compiler_command()
+    return None if command is None else shlex.join(command)
 
 
 def _cpu_signature() -> str:
@@ -284,14 +315,14 @@ def _run(command: list[str], *, what: str | None = None, timeout: float | None =
     return stdout
 
 
-def _compile(cxx: str, plan: Plan, target: Path) -> None:
+def _compile(cxx: list[str], plan: Plan, target: Path) -> None:
     """Compile and link ``SOURCE`` into ``target`` (written whole, then renamed)."""
     directory = target.parent
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as scratch:
         obj = Path(scratch) / "native_cpu.o"
         out = Path(scratch) / target.name
-        _run([cxx, *plan.compile_flags, "-c", str(SOURCE), "-o", str(obj)])
-        _run([cxx, "-shared", str(obj), *plan.link_flags, "-o", str(out)])
+        _run([*cxx, *plan.compile_flags, "-c", str(SOURCE), "-o", str(obj)])
+        _run([*cxx, "-shared", str(obj), *plan.link_flags, "-o", str(out)])
         checksum = _sha256(out)
         os.replace(out, target)  # atomic: nobody ever sees half a library
     sidecar = target.with_name(target.name + ".sha256")
@@ -306,7 +337,7 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
     return directory / f"native_cpu-{key}.so", directory / f"native_cpu-{key}.failed"
 
 
-def _build(cxx: str, plan: Plan, version: str) -> Path:
+def _build(cxx: list[str], plan: Plan, version: str) -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine and
     torch installation)."""
     path, note = _paths(plan, version)
@@ -326,7 +357,8 @@ def _build(cxx: str, plan: Plan, version: str) -> Path:
         _raise_recent_failure(note)
         _discard(path)  # a corrupt or unverified leftover
         _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
-                     "and environment; about 30 s) into %s", cxx, plan.label, directory)
+                     "and environment; about 30 s) into %s", shlex.join(cxx), plan.label,
+                     directory)
         start = time.perf_counter()
         try:
             _compile(cxx, plan, path)
@@ -409,11 +441,13 @@ def _disabled() -> bool:
 
 
 def _load() -> ctypes.CDLL:
-    cxx = compiler()
+    cxx = compiler_command()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
-    version = _run([cxx, "--version"], what=f"{cxx} --version",
+    version = _run([*cxx, "--version"], what=f"{shlex.join(cxx)} --version",
                    timeout=min(_timeout(), 60.0), check=False)
+    if len(cxx) > 1:  # the words after the program in $CXX (flags, a launcher's compiler)
+        version += "\n$CXX: " + shlex.join(cxx[1:])
     errors = []
     for plan in plans():
         try:
