@@ -984,8 +984,8 @@ def test_a_custom_schedule_outside_its_contract_is_named(bad, other) -> None:
     """The fused path (Dice + BCE) said "distribution_weight must be finite", an argument the
     user never gave; the unfused one (Dice + TopK) returned NaN/inf or a negative loss."""
     x, t = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
-    message = (r"CompositeLoss: the weight of '\w+' \(a _Constantly at step \d\) must be finite "
-               r"and >= 0; got")
+    message = (r"CompositeLoss: the weight of '\w+' \(a _Constantly at step \d(, the next "
+               r"step's)?\) must be finite and >= 0; got")
     with pytest.raises(ValueError, match=message):
         CompositeLoss([DiceLoss(), other()], weights=[1.0, _Constantly(bad)])
     loss = CompositeLoss([DiceLoss(), other()], weights=[1.0, _Constantly(bad, after=1)])
@@ -1129,3 +1129,65 @@ def test_each_stage_s_trigger_starts_fresh_when_its_stage_begins() -> None:
     fired = [loss.step(metric=0.5) for _ in range(6)]
     assert fired == [False, False, True, False, False, True]
     assert loss.switches == [(0, 1, 3), (1, 2, 6)]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["composite", "inside-a-switch"])
+def test_a_step_that_would_break_a_weights_contract_changes_nothing(nested) -> None:
+    """A custom schedule going negative at the next step: the error came after the counters
+    (the composite's, its schedules', a SwitchingLoss's around it) had advanced, so a caller
+    that caught it had skipped a step. Now every weight of the next step is checked first."""
+    schedule = _Constantly(-1.0, after=2)
+    composite = CompositeLoss([DiceLoss(), BCELoss()], weights=[schedule, 1.0])
+    loss = SwitchingLoss([composite, FocalLoss()], milestones=[10]) if nested else composite
+    loss.step()
+    message = (r"CompositeLoss: the weight of 'dice' \(a _Constantly at step 2, the next "
+               r"step's\) must be finite and >= 0; got -1\.0; the step was not taken")
+    with pytest.raises(ValueError, match=message):
+        loss.step()
+    assert (composite.count, schedule.count) == (1, 1)
+    assert composite.current_weights() == {"dice": 1.0, "bce": 1.0}
+    if nested:
+        assert (loss.count, loss.stage_count) == (1, 1)
+
+
+class _HoldsAtTheEnd(WeightSchedule):
+    """A custom schedule that overrides ``step`` to stay on the last of its values (its
+    ``value_at`` is defined only up to there)."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.values = values
+
+    def value_at(self, t: int) -> float:
+        return self.values[t]
+
+    def step(self) -> float:
+        self.count = min(self.count + 1, len(self.values) - 1)
+        return self.value
+
+
+def test_the_check_before_a_step_follows_a_schedules_own_step() -> None:
+    """The check of the next step's weights asked ``value_at(count + 1)``, past the end of a
+    schedule whose own ``step`` holds its counter there: an IndexError where the step itself
+    was fine."""
+    schedule = _HoldsAtTheEnd([1.0, 0.5])
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[schedule, 1.0])
+    for _ in range(3):
+        loss.step()
+    assert (loss.count, schedule.count) == (3, 1)
+    assert loss.current_weights() == {"dice": 0.5, "bce": 1.0}
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, 2.0]), "0.5", 10 ** 400],
+                         ids=["two-elements", "str", "beyond-float"])
+def test_a_bad_metric_for_a_nested_switch_changes_nothing(bad) -> None:
+    """A SwitchingLoss inside a CompositeLoss checked its metric after the composite and its
+    weight schedules had advanced."""
+    switch = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
+    ramp = LinearRamp(0, 10)
+    loss = CompositeLoss([switch, FocalLoss()], weights=[1.0, ramp])
+    with pytest.raises(ValueError, match="metric"):
+        loss.step(metric=bad)
+    assert (loss.count, ramp.count, switch.count) == (0, 0, 0)
+    loss.step(metric=0.5)
+    assert (loss.count, ramp.count, switch.count) == (1, 1, 1)

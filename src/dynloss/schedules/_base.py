@@ -8,10 +8,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from .._checks import check_non_negative
+from ..distributed import check_metric, metric_value
 
 __all__ = ["call_repr", "check_count", "check_state", "check_weight", "state_int", "state_real"]
 
@@ -172,6 +173,23 @@ def step_child(module: object, metric: object, synced: bool, seen: set[int]) -> 
         step(metric, synced, seen)
 
 
+def check_next_weights(module: object) -> None:
+    """Raise the ``ValueError`` that the next step of ``module`` (a CompositeLoss /
+    SwitchingLoss) would raise for a weight schedule's value (not finite, or negative: a
+    custom ``value_at`` may break the contract), before the step changes anything, so that a
+    failed step leaves every counter as it was. Visits what the step would advance: every
+    nested loss and every schedule once."""
+    check_next_weights_child(module, set())
+
+
+def check_next_weights_child(module: object, seen: set[int]) -> None:
+    """:func:`check_next_weights` of a nested loss not visited yet (``seen``: ids of the
+    losses and schedules visited, as in :func:`step_child`)."""
+    check = getattr(module, "_dynloss_check_next_weights", None)
+    if check is not None and id(module) not in seen:
+        check(seen)
+
+
 def metric_triggers(module: object) -> list:
     """The triggers that the next step of ``module`` (a CompositeLoss / SwitchingLoss, nested
     ones included) would ask for a monitored value: each SwitchingLoss's active one where it
@@ -181,15 +199,20 @@ def metric_triggers(module: object) -> list:
 
 
 def require_metric(module: object, metric: object) -> None:
-    """Raise the ``ValueError`` a trigger raises without its metric, before a step changes
-    anything (counters, weight schedules, nested losses), so that a caller that catches it and
-    steps again with the metric gets one step, not two."""
+    """Raise the ``ValueError`` a trigger raises without its metric, or for a metric that is
+    not a real scalar, before a step changes anything (counters, weight schedules, nested
+    losses), so that a caller that catches it and steps again gets one step, not two."""
     if metric is None:
         for trigger in metric_triggers(module):
             raise ValueError(
                 f"{trigger!r} monitors a value: call step(metric=...) with the training loss or "
                 "a validation metric"
             )
+    elif metric_triggers(module):  # a value a trigger will read: checked before any change
+        if isinstance(metric, Tensor):
+            check_metric(metric)  # (no host read of a device tensor here)
+        else:
+            metric_value(metric)  # a Python number: also within the float range
 
 
 def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,

@@ -14,6 +14,8 @@ from .._params import CompositeParams, DistributionParams, RegionParams, composi
 from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
 from ._base import (
+    check_next_weights,
+    check_next_weights_child,
     check_weight,
     load_all_or_nothing,
     losses_repr,
@@ -258,9 +260,24 @@ class CompositeLoss(nn.Module):
 
         ``metric`` is passed on to nested :class:`~dynloss.SwitchingLoss` terms with adaptive
         triggers; a CompositeLoss itself does not use it.
+
+        Raises:
+            ValueError: a nested trigger needs a metric and none was given, or a weight
+                schedule's value at the next step is not finite and >= 0 (a custom
+                ``value_at``); the step is then not taken: no counter changes.
         """
         require_metric(self, metric)
+        check_next_weights(self)
         self._dynloss_step(metric, False, set())
+
+    def _dynloss_check_next_weights(self, seen: set[int]) -> None:
+        seen.add(id(self))
+        for name, weight in zip(self.terms.keys(), self.weights, strict=True):
+            if isinstance(weight, WeightSchedule) and id(weight) not in seen:
+                seen.add(id(weight))
+                _scheduled(name, weight, upcoming=True)
+        for loss in self.terms.values():
+            check_next_weights_child(loss, seen)
 
     def _metric_triggers(self) -> list:
         return [t for loss in self.terms.values() for t in metric_triggers(loss)]
@@ -342,10 +359,24 @@ class CompositeLoss(nn.Module):
         return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"
 
 
-def _scheduled(name: str, schedule: WeightSchedule) -> float:
-    """A schedule's current value, checked: a custom ``value_at`` may break the contract."""
-    value = schedule.value
+def _scheduled(name: str, schedule: WeightSchedule, upcoming: bool = False) -> float:
+    """A schedule's value, checked: a custom ``value_at`` may break the contract. ``upcoming``:
+    the value after its next ``step()`` (checked before a step), taken from a copy stepped by
+    its own ``step`` (a subclass may override it); from ``value_at(count + 1)`` where the
+    schedule cannot be copied."""
+    if not upcoming:
+        value, at = schedule.value, schedule.count
+    else:
+        try:
+            probe = copy.deepcopy(schedule)
+        except (TypeError, copy.Error):  # holds something deep-copy refuses
+            value, at = schedule.value_at(schedule.count + 1), schedule.count + 1
+        else:
+            probe.step()
+            value, at = probe.value, probe.count
     if not (math.isfinite(value) and value >= 0):
+        when = f"at step {at}, the next step's" if upcoming else f"at step {at}"
         raise ValueError(f"CompositeLoss: the weight of {name!r} (a {type(schedule).__name__} "
-                         f"at step {schedule.count}) must be finite and >= 0; got {value}")
+                         f"{when}) must be finite and >= 0; got {value}"
+                         + ("; the step was not taken" if upcoming else ""))
     return value

@@ -16,6 +16,8 @@ from ..distributed import metric_value, reduce_mean
 from ..losses import SegmentationLoss
 from ._base import (
     check_count,
+    check_next_weights,
+    check_next_weights_child,
     load_all_or_nothing,
     losses_repr,
     metric_triggers,
@@ -308,10 +310,18 @@ class SwitchingLoss(nn.Module):
             True if this call switched to the next stage.
 
         Raises:
-            ValueError: the active trigger needs a metric and none was given.
+            ValueError: the active trigger needs a metric and none was given, or a weight
+                schedule of a nested CompositeLoss has no valid value (finite, >= 0) at the
+                next step; the step is then not taken: no counter changes.
         """
         require_metric(self, metric)
+        check_next_weights(self)
         return self._dynloss_step(metric, False, set())
+
+    def _dynloss_check_next_weights(self, seen: set[int]) -> None:
+        seen.add(id(self))
+        for stage in self.stages.values():
+            check_next_weights_child(stage, seen)
 
     def _metric_triggers(self) -> list[Trigger]:
         active = self.triggers[self.active_index:self.active_index + 1]
