@@ -161,3 +161,25 @@ def test_a_reassigned_argument_is_checked_outside_the_graph():
     loss.gamma = -1.0
     with pytest.raises(ValueError, match="gamma must be"):
         loss(x, t)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize(("loss", "target_shape", "message"), [
+    (DiceLoss(), (4, 1, 8, 9), r"target shape \(4, 1, 8, 9\) does not match"),
+    (BCELoss(), (4, 1, 8, 9), r"target shape \(4, 1, 8, 9\) does not match"),
+    (DiceLoss(mode="multiclass"), (4, 8, 9), r"target shape \(4, 8, 9\)"),
+], ids=["dice", "bce", "multiclass"])
+def test_a_shape_error_in_a_graph_carries_our_message(loss, target_shape, message, dynamic):
+    """A wrong target shape in a compiled call: with symbolic sizes (``dynamic=True``, or a
+    new batch size after a first call) the error was torch's "tp_repr_impl not implemented"
+    (our message formatted the symbolic sizes with ``str``), not our ``ValueError``'s text."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+    if loss.mode == "multiclass":
+        compiled(torch.randn(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long))
+        x, t = torch.randn(4, 3, 8, 8), torch.zeros(target_shape, dtype=torch.long)
+    else:
+        compiled(torch.randn(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+        x, t = torch.randn(4, 1, 8, 8), torch.zeros(target_shape)
+    with pytest.raises(Exception, match=message):
+        compiled(x, t)

@@ -103,7 +103,9 @@ class Layout:
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    # f"{size}", not str(size): torch.compile traces the formatting of a symbolic size only
+    # in an f-string (str() of one ends the trace with an error that loses this message)
+    return "(" + ", ".join(f"{s}" for s in t.shape) + ")"
 
 
 def _check_tensors(input: object, target: object) -> None:
@@ -203,7 +205,7 @@ def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
         raise ValueError(
             f"target shape {_shape(target)} does not fit input shape {_shape(input)}: in "
             f"mode='multiclass' the target must hold class indices of shape (N, *spatial) = "
-            f"({', '.join(str(s) for s in expected)}){hint}"
+            f"({', '.join(f'{s}' for s in expected)}){hint}"
         )
     m = _spatial_size(input, 2)
     return Layout.of(input, target, MULTICLASS_MODE, (n, c, m), (n, m), expected)
