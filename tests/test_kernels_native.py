@@ -1194,3 +1194,21 @@ def test_both_loops_save_the_sign_of_a_zero_slope(monkeypatch):
     assert grads["portable"][0, 0, 0].isnan()  # 0 * (gp + gi), gi * 3e38 = inf
     torch.testing.assert_close(grads["fastest"], grads["portable"], equal_nan=True,
                                rtol=1e-6, atol=0)
+
+
+def test_a_float64_target_is_reported_with_its_own_values():
+    """The native backend reads a float64 target as float32 (keeping its answers to "ignored?"
+    and "in [0, 1]?"), and its error named the converted values (1.0000001192092896 for
+    1.000000000001, 255.00001525878906 for an ignore_index neighbour): the caller's values,
+    as the other backends give, now."""
+    x = torch.zeros(1, 1, 2, 2)
+    t = torch.tensor([[[[1 + 1e-12, 0.0], [1.0, 0.0]]]], dtype=torch.float64)
+    messages = []
+    for backend in ("native", "reference"):
+        with pytest.raises(ValueError, match=r"target values must lie in \[0, 1\]") as error:
+            F.dice_loss(x, t, backend=backend)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "to 1.000000000001" in messages[0]
+    t[0, 0, 1, 1] = 255.0000000001
+    with pytest.raises(ValueError, match=r"to 255\.0000000001") as error:
+        F.dice_loss(x, t, backend="native", ignore_index=255)

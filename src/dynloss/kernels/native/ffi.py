@@ -254,6 +254,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
     x = x.contiguous()
+    given = target  # an error names the caller's values, not those of a converted copy
     target = _native_target(target, mode, ignore_index)
     n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
@@ -294,10 +295,10 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
     total, count, kept, bad_target, bad_input, soft, overflowed = out[:_SCALARS]
     if checked and (bad_target or bad_input):
-        _raise_for_values(bad_target, bad_input, x, target, mode, ignore_index, from_logits,
+        _raise_for_values(bad_target, bad_input, x, given, mode, ignore_index, from_logits,
                           (n, c, m))
     elif multiclass and bad_target:  # an index out of range: an error on the CPU, always
-        _raise_for_values(bad_target, 0.0, x, target, mode, ignore_index, from_logits,
+        _raise_for_values(bad_target, 0.0, x, given, mode, ignore_index, from_logits,
                           (n, c, m))
     if topk is not None:
         selected = topk_count(topk, int(kept))
