@@ -100,8 +100,9 @@ _SHARED_DOC = """
             range, which reads the data on the host; ``None`` (default): for CPU tensors,
             where that costs no device synchronisation. Where the check does not run (CUDA
             by default, ``False``, inside ``torch.compile``) such values make the loss NaN
-            (per element with ``reduction="none"``). A NaN or infinite kept input makes the
-            loss NaN (with ``reduction="none"``, its own element).
+            (per element with ``reduction="none"``); class indices outside ``[0, C)`` in CPU
+            tensors raise even with ``False``. A NaN or infinite kept input makes the loss
+            NaN (with ``reduction="none"``, its own element).
 
     Returns:
         The loss, a float32 (float64 for float64 input) tensor shaped by ``reduction``.

@@ -126,9 +126,10 @@ _SHARED_DOC = """
         check_values: raise a ``ValueError`` for target (or probability) values out of
             range, which reads the data on the host; ``None`` (default): for CPU tensors,
             where that costs no device synchronisation. Where the check does not run (CUDA
-            by default, ``False``, inside ``torch.compile``) such values make the loss NaN.
-            A NaN or infinite kept input makes the loss NaN (with ``reduction="none"``, the
-            scores whose sums it enters).
+            by default, ``False``, inside ``torch.compile``) such values make the loss NaN;
+            class indices outside ``[0, C)`` in CPU tensors raise even with ``False``. A NaN
+            or infinite kept input makes the loss NaN (with ``reduction="none"``, every
+            score: one test of the whole input decides).
         ddp_pool: with ``per_image=False``, sum ``I, P, G`` over all ``torch.distributed``
             ranks (differentiably) before the score, so the loss equals the single-process
             loss on the concatenated batch (default False; no-op outside a process group).

@@ -12,9 +12,10 @@ Grammar (whitespace is ignored)::
     switch   := INT | trigger call                e.g. 50, plateau(patience=5)
 
 Names are the losses' short names (``bce``, ``focal``, ``topk``, ``dice``, ``iou``, ``jaccard``,
-``tversky``) and class names (``DiceLoss``, ``CompositeLoss``, ``SwitchingLoss``, the weight
-schedules and triggers, in ``CamelCase`` or ``snake_case``: ``LinearRamp`` / ``linear_ramp``,
-``Plateau`` / ``plateau``, ...). A bare name is a call without arguments.
+``tversky``) and class names (``DiceLoss``, ``CompositeLoss``, ``SwitchingLoss``; the weight
+schedules and triggers in ``CamelCase`` or ``snake_case``: ``LinearRamp`` / ``linear_ramp``,
+``Plateau`` / ``plateau``, ...; the composites also as ``composite`` and ``switching``). A
+bare name is a call without arguments.
 
 - ``"dice"``, ``"tversky(alpha=0.3,beta=0.7)"``, ``"topk(k=0.1)"``: one loss.
 - ``"dice+focal"``, ``"0.5*dice+bce"``, ``"linear_ramp(0,10)*dice+bce"``: a
