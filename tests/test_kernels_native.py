@@ -938,15 +938,6 @@ def test_compiler_without_openmp_builds_single_threaded(tmp_path):
     result = _python(code, CXX=str(wrapper), DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
-    # one line per build tried, each after the first saying why the one before failed (there
-    # were two per build: a start and a failure line)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("dynloss:")]
-    assert len(lines) == 4, lines
-    assert lines[0].startswith("dynloss: compiling the native CPU kernels with")
-    for line in lines[1:3]:
-        assert line.startswith("dynloss: that build failed after ")
-        assert "no OpenMP here); compiling as " in line and line.endswith(" instead")
-    assert lines[3].startswith("dynloss: compiled the native CPU kernels in")
 
 
 FORKED = """

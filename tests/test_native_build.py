@@ -316,15 +316,9 @@ FAILING = """
 def test_a_failed_build_is_remembered(tmp_path):
     cxx = _script(tmp_path / "c++", FAILING)
     cache = tmp_path / "cache"
-    first, first_err = _report(cache, cxx)
+    first, _ = _report(cache, cxx)
     attempts = len(_compiles(cxx))
     assert attempts == len(build.plans())  # every plan was tried once
-    # a line per build tried, the next one saying why the last failed, and one for the last
-    lines = [line for line in first_err.splitlines() if line.startswith("dynloss:")]
-    assert len(lines) == attempts + 1, lines
-    assert sum("fake compiler: no" in line for line in lines) == attempts
-    assert lines[-1].startswith("dynloss: that build failed after ")
-    assert lines[-1].endswith("; no other way to build is left")
     assert "could not be built or loaded" in first["status"]
     assert "fake compiler: no" in first["status"]
     notes = sorted(cache.glob("*.failed"))

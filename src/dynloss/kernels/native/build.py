@@ -13,8 +13,7 @@ so a new version or another machine gets its own build. What makes it safe to sh
   the library it wrote.
 * **Messages.** One line (on the ``dynloss`` logger, which prints warnings to stderr by
   default) when a build starts, one with the time it took, and one while waiting for another
-  process's build. Where a build fails and a slower way is tried, one line says both (why
-  the last failed, which way is next); one more when no way is left.
+  process's build.
 * **A compiler timeout** (``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` seconds, default 300; the
   ``--version`` probe gets at most 60 s). A compiler that runs past it is killed with every
   process it started, and no other way to build is tried (each would wait as long again).
@@ -338,21 +337,9 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
     return directory / f"native_cpu-{key}.so", directory / f"native_cpu-{key}.failed"
 
 
-class _PlanFailed(RuntimeError):
-    """A build that failed in this process, with how it failed in one line (``summary``), for
-    the next build's announcement."""
-
-    def __init__(self, message: str, summary: str) -> None:
-        super().__init__(message)
-        self.summary = summary
-
-
-def _build(cxx: list[str], plan: Plan, version: str, after: str | None = None,
-           last: bool = True) -> Path:
+def _build(cxx: list[str], plan: Plan, version: str) -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine and
-    torch installation). ``after``: how the build tried before this one failed (said in this
-    one's announcement instead of a line of its own); ``last``: no other build follows, so a
-    failure is said here."""
+    torch installation)."""
     path, note = _paths(plan, version)
     directory = path.parent
     if verified(path):
@@ -369,27 +356,20 @@ def _build(cxx: list[str], plan: Plan, version: str, after: str | None = None,
             return path
         _raise_recent_failure(note)
         _discard(path)  # a corrupt or unverified leftover
-        if after is None:
-            _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per "
-                         "machine and environment; about 30 s) into %s", shlex.join(cxx),
-                         plan.label, directory)
-        else:
-            _LOG.warning("dynloss: that build failed %s; compiling as %s instead", after,
-                         plan.label)
+        _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
+                     "and environment; about 30 s) into %s", shlex.join(cxx), plan.label,
+                     directory)
         start = time.perf_counter()
         try:
             _compile(cxx, plan, path)
         except (RuntimeError, OSError) as error:
             timed_out = isinstance(error, BuildTimeout)
-            summary = (f"after {time.perf_counter() - start:.1f} s "
-                       f"({(str(error).splitlines() or [''])[0][:300]})")
-            _remember_failure(note, error)
-            if last or timed_out:  # no other build will say it
-                _LOG.warning("dynloss: that build failed %s; no other way to build is left",
-                             summary)
-            if timed_out:
-                raise BuildTimeout(str(error)) from None
-            raise _PlanFailed(str(error), summary) from None
+            failure = (BuildTimeout if timed_out else RuntimeError)(str(error))
+            _remember_failure(note, failure)
+            _LOG.warning("dynloss: compiling the native CPU kernels (%s) failed after %.1f s: "
+                         "%s", plan.label, time.perf_counter() - start,
+                         (str(error).splitlines() or [""])[0][:300])
+            raise failure from None
         _LOG.warning("dynloss: compiled the native CPU kernels in %.1f s",
                      time.perf_counter() - start)
         with contextlib.suppress(OSError):
@@ -469,16 +449,13 @@ def _load() -> ctypes.CDLL:
     if len(cxx) > 1:  # the words after the program in $CXX (flags, a launcher's compiler)
         version += "\n$CXX: " + shlex.join(cxx[1:])
     errors = []
-    ways = plans()
-    after = None  # how the last build tried in this process failed, for the next one to say
-    for index, plan in enumerate(ways):
+    for plan in plans():
         try:
-            path = _build(cxx, plan, version, after, last=index == len(ways) - 1)
+            path = _build(cxx, plan, version)
         except (BuildTimeout, LoadFailure):
             raise  # the next plan would wait as long again, or be refused alike
         except RuntimeError as error:
             errors.append(str(error))
-            after = getattr(error, "summary", after)
             continue
         try:
             return _open_anywhere(path)
