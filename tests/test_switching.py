@@ -1191,3 +1191,36 @@ def test_a_bad_metric_for_a_nested_switch_changes_nothing(bad) -> None:
     assert (loss.count, ramp.count, switch.count) == (0, 0, 0)
     loss.step(metric=0.5)
     assert (loss.count, ramp.count, switch.count) == (1, 1, 1)
+
+
+_STEPPED: list[int] = []
+
+
+class _Recording(WeightSchedule):
+    """A custom ``step`` with a side effect outside the schedule, holding a tensor that is
+    not a graph leaf (which ``copy.deepcopy`` refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = torch.ones(1, requires_grad=True) * 2
+
+    def value_at(self, t: int) -> float:
+        return 1.0
+
+    def step(self) -> float:
+        _STEPPED.append(self.count)
+        return super().step()
+
+
+def test_the_check_before_a_step_neither_copies_nor_steps_a_custom_schedule_twice() -> None:
+    """The check of the next weights stepped a deep copy of each schedule: a schedule that
+    holds what deep-copy refuses (a non-leaf tensor, a DataLoader iterator) made every step()
+    fail, and a custom step() ran twice per step (its side effects too: logging, the global
+    RNG). Schedules with their own step() or value are now checked after their step, as
+    before; those that define value_at alone, before."""
+    _STEPPED.clear()
+    schedule = _Recording()
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[schedule, 1.0])
+    loss.step()
+    loss.step()
+    assert _STEPPED == [0, 1] and schedule.count == 2

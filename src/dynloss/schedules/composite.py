@@ -275,7 +275,7 @@ class CompositeLoss(nn.Module):
         for name, weight in zip(self.terms.keys(), self.weights, strict=True):
             if isinstance(weight, WeightSchedule) and id(weight) not in seen:
                 seen.add(id(weight))
-                _scheduled(name, weight, upcoming=True)
+                _check_upcoming(name, weight)
         for loss in self.terms.values():
             check_next_weights_child(loss, seen)
 
@@ -359,24 +359,28 @@ class CompositeLoss(nn.Module):
         return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"
 
 
-def _scheduled(name: str, schedule: WeightSchedule, upcoming: bool = False) -> float:
-    """A schedule's value, checked: a custom ``value_at`` may break the contract. ``upcoming``:
-    the value after its next ``step()`` (checked before a step), taken from a copy stepped by
-    its own ``step`` (a subclass may override it); from ``value_at(count + 1)`` where the
-    schedule cannot be copied."""
-    if not upcoming:
-        value, at = schedule.value, schedule.count
-    else:
-        try:
-            probe = copy.deepcopy(schedule)
-        except (TypeError, copy.Error):  # holds something deep-copy refuses
-            value, at = schedule.value_at(schedule.count + 1), schedule.count + 1
-        else:
-            probe.step()
-            value, at = probe.value, probe.count
+def _scheduled(name: str, schedule: WeightSchedule) -> float:
+    """A schedule's current value, checked: a custom ``value_at`` may break the contract."""
+    return _checked_weight(name, schedule, schedule.value, f"at step {schedule.count}")
+
+
+def _check_upcoming(name: str, schedule: WeightSchedule) -> None:
+    """Before a step: raise if the schedule's value after its next ``step()``,
+    ``value_at(count + 1)``, breaks the contract. Not for a schedule with its own ``step`` or
+    ``value``, whose next value only its step can tell (stepping a copy would run its side
+    effects twice, and not every schedule can be copied): it is checked after its step, as
+    the step is taken."""
+    kind = type(schedule)
+    if kind.step is not WeightSchedule.step or kind.value is not WeightSchedule.value:
+        return
+    at = schedule.count + 1
+    _checked_weight(name, schedule, schedule.value_at(at), f"at step {at}, the next step's",
+                    "; the step was not taken")
+
+
+def _checked_weight(name: str, schedule: WeightSchedule, value: float, when: str,
+                    note: str = "") -> float:
     if not (math.isfinite(value) and value >= 0):
-        when = f"at step {at}, the next step's" if upcoming else f"at step {at}"
         raise ValueError(f"CompositeLoss: the weight of {name!r} (a {type(schedule).__name__} "
-                         f"{when}) must be finite and >= 0; got {value}"
-                         + ("; the step was not taken" if upcoming else ""))
+                         f"{when}) must be finite and >= 0; got {value}{note}")
     return value
