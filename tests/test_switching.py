@@ -1224,3 +1224,32 @@ def test_the_check_before_a_step_neither_copies_nor_steps_a_custom_schedule_twic
     loss.step()
     loss.step()
     assert _STEPPED == [0, 1] and schedule.count == 2
+
+
+class _HoldingTrigger(_CheckLate):
+    """A custom trigger holding a tensor that is not a graph leaf (deep-copy refuses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = torch.ones(1, requires_grad=True) * 2
+
+
+def test_a_checkpoint_loads_into_schedules_and_triggers_that_deep_copy_refuses() -> None:
+    """The state of each weight schedule and trigger was dry-run on a deep copy of it first,
+    and a copy that failed otherwise than with TypeError (a non-leaf tensor: RuntimeError) made
+    every load fail. Such a tree is loaded in place, with a failure rolled back (see
+    ``load_all_or_nothing``): the dry run is skipped where no copy can be made."""
+    composite = CompositeLoss([DiceLoss(), BCELoss()], weights=[_Recording(), 1.0])
+    switch = SwitchingLoss([composite, FocalLoss()], trigger=_HoldingTrigger())
+    state = copy.deepcopy(switch.state_dict())
+    switch.step()
+    switch.step()
+    switch.load_state_dict(state)
+    assert (switch.count, composite.count, composite.weights[0].count) == (0, 0, 0)
+    assert switch.triggers[0].seen == 0
+    bad = copy.deepcopy(state)
+    bad["_extra_state"]["triggers"] = [{"type": "_CheckLate", "seen": [1]}]
+    switch.step()
+    with pytest.raises(ValueError, match=r"triggers\[0\]"):
+        switch.load_state_dict(bad)
+    assert (switch.count, composite.count, switch.triggers[0].seen) == (1, 1, 1)

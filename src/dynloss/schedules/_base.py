@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -213,6 +214,29 @@ def require_metric(module: object, metric: object) -> None:
             check_metric(metric)  # (no host read of a device tensor here)
         else:
             metric_value(metric)  # a Python number: also within the float range
+
+
+def dry_run_load(target: Any, saved: Any) -> None:
+    """``target.load_state_dict(saved)`` on a deep copy of ``target`` (a weight schedule or a
+    trigger), to find a bad state before anything changes. Skipped where deep-copy refuses
+    ``target`` (a lock, a tensor that is not a graph leaf): the tree it is in cannot be copied
+    either, so :func:`load_all_or_nothing` loads it in place and puts back what a failed load
+    changed."""
+    try:
+        probe = copy.deepcopy(target)
+    except Exception:
+        return
+    probe.load_state_dict(saved)
+
+
+@contextlib.contextmanager
+def state_error(where: str) -> Iterator[None]:
+    """Re-raise a ``TypeError``/``ValueError`` of loading a part's state as a ``ValueError``
+    that names the part (``where``)."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 def load_all_or_nothing(module: nn.Module, state_dict: Mapping[str, Any], strict: bool,

@@ -2,7 +2,6 @@ r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,11 +16,13 @@ from ._base import (
     check_next_weights,
     check_next_weights_child,
     check_weight,
+    dry_run_load,
     load_all_or_nothing,
     losses_repr,
     metric_triggers,
     named_losses,
     require_metric,
+    state_error,
     state_int,
     step_child,
 )
@@ -341,14 +342,13 @@ class CompositeLoss(nn.Module):
                     f"a {'schedule' if isinstance(weight, WeightSchedule) else 'constant'} here"
                 )
             if isinstance(weight, WeightSchedule):
-                try:
-                    copy.deepcopy(weight).load_state_dict(saved)  # a dry run: changes nothing
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"{owner}: the weight of {name!r}: {err}") from err
+                with state_error(f"{owner}: the weight of {name!r}"):
+                    dry_run_load(weight, saved)
         # all checked: assign
-        for weight, saved in zip(self.weights, schedules, strict=True):
+        for name, weight, saved in zip(names, self.weights, schedules, strict=True):
             if isinstance(weight, WeightSchedule):
-                weight.load_state_dict(saved)
+                with state_error(f"{owner}: the weight of {name!r}"):
+                    weight.load_state_dict(saved)
         self.count = count
         self._refresh_weight_values()
 

@@ -18,11 +18,13 @@ from ._base import (
     check_count,
     check_next_weights,
     check_next_weights_child,
+    dry_run_load,
     load_all_or_nothing,
     losses_repr,
     metric_triggers,
     named_losses,
     require_metric,
+    state_error,
     state_int,
     step_child,
 )
@@ -472,13 +474,12 @@ class SwitchingLoss(nn.Module):
                 f"{len(self.triggers)}"
             )
         for index, (trigger, saved) in enumerate(zip(self.triggers, triggers, strict=True)):
-            try:
-                copy.deepcopy(trigger).load_state_dict(saved)  # a dry run: changes nothing
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{owner}: triggers[{index}]: {err}") from err
+            with state_error(f"{owner}: triggers[{index}]"):
+                dry_run_load(trigger, saved)
         # -- all checked: assign
-        for trigger, saved in zip(self.triggers, triggers, strict=True):
-            trigger.load_state_dict(saved)
+        for index, (trigger, saved) in enumerate(zip(self.triggers, triggers, strict=True)):
+            with state_error(f"{owner}: triggers[{index}]"):
+                trigger.load_state_dict(saved)
         self.count = count
         self.stage_count = stage_count
         self.active_index = active_index
