@@ -67,23 +67,29 @@ DL_INLINE uint32_t as_bits(float f) { uint32_t i; std::memcpy(&i, &f, sizeof i);
 DL_INLINE float max_f(float a, float b) { return a > b ? a : b; }
 DL_INLINE float abs_f(float a) { return as_float(as_bits(a) & 0x7fffffffu); }
 
+// The exponential's constants, shared by exp_reduced and the AVX-512 loop: 1 / ln 2, ln 2 in
+// two parts (Cody-Waite: n * kLn2High is exact), the degree-6 polynomial (Cephes expf), and
+// where exp_nonpositive flushes to 0 (below e^-87.33, under 2^-126).
+constexpr float kLog2E = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f;
+constexpr float kLn2Low = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kExpFlush = 87.33f;
+
 // n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |n| < 2^22).
 DL_INLINE float round_to_log2(float x) {
-  return (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  return (x * kLog2E + 12582912.0f) - 12582912.0f;
 }
 
 // e^(x - n ln 2) for n = round_to_log2(x): |x - n ln 2| <= ln2 / 2, where a degree-6
 // polynomial is exact to float precision (Cephes expf).
 DL_INLINE float exp_reduced(float x, float n) {
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  float r = x - n * kLn2High;
+  r = r - n * kLn2Low;
   float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
+  float y = kExpPoly[0];
+  for (int k = 1; k < 6; ++k) y = y * r + kExpPoly[k];
   return y * z + r + 1.0f;
 }
 
@@ -105,7 +111,7 @@ DL_INLINE float exp_f(float x) {
 // e^x for x <= 0 with results below 2^-126 (x < -87.33) flushed to 0: one clamp and one
 // scale factor fewer than exp_f. For probabilities only, where such values do not count.
 DL_INLINE float exp_nonpositive(float x) {
-  const bool flushed = x < -87.33f;
+  const bool flushed = x < -kExpFlush;
   const float xc = flushed ? 0.0f : x;
   const float n = round_to_log2(xc);
   return flushed ? 0.0f : exp_reduced(xc, n) * pow2(n);
@@ -289,6 +295,15 @@ DL_INLINE void prefetch_range(const T* p, int64_t count) {
   for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
+// The prefetches of a binary forward loop: the first kPrefetch elements of a chunk up front
+// (at = begin, count = kPrefetch), then each block's, kPrefetch ahead (at = b0 + kPrefetch,
+// count = kBlock; past the end: a prefetch never faults).
+template <typename T>
+DL_INLINE void prefetch_inputs(const float* x, const T* t, int64_t at, int64_t count) {
+  prefetch_range(x + at, count);
+  prefetch_range(t + at, count);
+}
+
 constexpr int kPartBinary = 9;  // I P G S count badT badX soft overflow
 
 // ------------------------------------------------------------------ binary / multilabel
@@ -315,12 +330,10 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
   const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
   double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0, dOver = 0;
-  prefetch_range(x + begin, kPrefetch);
-  prefetch_range(t + begin, kPrefetch);
+  prefetch_inputs(x, t, begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
-    prefetch_range(x + b0 + kPrefetch, kBlock);  // past the end: a prefetch never faults
-    prefetch_range(t + b0 + kPrefetch, kBlock);
+    prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
     float* dst_p = save_p ? save_p + b0 : scratch_p;
     float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
     float* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
@@ -410,12 +423,10 @@ static void binary_region_logits_avx512(const float* x, const float* t, float* s
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i spread_max = _mm512_setzero_si512(), x_max = _mm512_setzero_si512();
   double dI = 0, dP = 0, dG = 0;
-  prefetch_range(x + begin, kPrefetch);
-  prefetch_range(t + begin, kPrefetch);
+  prefetch_inputs(x, t, begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
-    prefetch_range(x + b0 + kPrefetch, kBlock);  // past the end: a prefetch never faults
-    prefetch_range(t + b0 + kPrefetch, kBlock);
+    prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
     __m512 sI = zero, sP = zero, sG = zero;
     for (int64_t i = b0; i < b1; i += 16) {
       // the lanes inside [b0, b1); the others load 0 (x = 0, g = 0) and store nothing
@@ -428,20 +439,16 @@ static void binary_region_logits_avx512(const float* x, const float* t, float* s
       const __m512 ax = _mm512_castsi512_ps(ax_bits);
       // e^-|x| as exp_nonpositive: n = round(-|x| / ln 2), e^(-|x| - n ln 2) by
       // exp_reduced's polynomial, times 2^n; 0 below -87.33 (and for NaN, flagged above)
-      const __mmask16 live = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(87.33f), _CMP_LE_OQ);
+      const __mmask16 live = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(kExpFlush), _CMP_LE_OQ);
       const __m512 y = _mm512_sub_ps(zero, ax);
       const __m512 n = _mm512_roundscale_ps(
-          _mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+          _mm512_mul_ps(y, _mm512_set1_ps(kLog2E)),
           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
-      r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+      __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), y);
+      r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
       const __m512 z = _mm512_mul_ps(r, r);
-      __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
-      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
-      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
-      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
-      q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
+      __m512 q = _mm512_set1_ps(kExpPoly[0]);
+      for (int k = 1; k < 6; ++k) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kExpPoly[k]));
       q = _mm512_add_ps(_mm512_fmadd_ps(q, z, r), one);
       const __m512 e = _mm512_maskz_scalef_ps(live, q, n);
       const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
