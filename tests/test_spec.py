@@ -106,7 +106,7 @@ def test_build_loss_types_and_values() -> None:
         ("iou->bce@2.5", 9, "the switch epoch must be an integer >= 1; got 2.5"),
         ("iou->bce@dice", 9, "'dice' is not a trigger"),
         ("iou->bce@plateau(patience=-1)", 26, "plateau: patience must be >= 0"),
-        ("dice->bce@60->focal@30", 0, "milestones must be strictly increasing"),
+        ("dice->bce@60->focal@30", 20, "milestones must be strictly increasing"),
         ("dice*bce", 5, "a product must be one weight times one loss"),
         ("0.5*2", 4, "a product must be one weight times one loss"),
         ("-0.5*dice", 0, "a weight must be >= 0"),
@@ -447,3 +447,12 @@ def test_names_a_spec_knows_and_long_sums() -> None:
     assert named.names == ["\U0010ffff", "b"]
     long = build_loss("+".join(["dice()"] * 70))
     assert len(long.terms) == 70
+
+
+@pytest.mark.parametrize("spec, at", [("dice->bce@30->focal@30", 20),
+                                      ("dice->bce@plateau->focal@5->iou@5", 32)])
+def test_milestones_out_of_order_point_at_the_later_one(spec: str, at: int) -> None:
+    """The caret was at position 0, the start of the whole spec."""
+    with pytest.raises(SpecError, match="milestones must be strictly increasing") as info:
+        build_loss(spec)
+    assert info.value.position == at

@@ -402,8 +402,9 @@ def test_state_dict_contents_and_mismatch_errors() -> None:
     loss.step(0.6)
     state = _saved(loss)
     assert state["_extra_state"] == {
-        "num_stages": 2, "unit": "epoch", "count": 2, "stage_count": 0, "active_index": 1,
-        "switches": [[0, 1, 2]], "triggers": [{"type": "Plateau", "best": 0.5, "num_bad": 1}],
+        "num_stages": 2, "unit": "epoch", "count": 2, "stage_count": 0, "idle_count": 0,
+        "active_index": 1, "switches": [[0, 1, 2]],
+        "triggers": [{"type": "Plateau", "best": 0.5, "num_bad": 1}],
     }
     three = SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], milestones=[2, 4])
     with pytest.raises(ValueError, match="saved from a loss with 2 stages; this one has 3 "
@@ -523,8 +524,8 @@ def target_and_saved() -> tuple[SwitchingLoss, dict]:
         twin.step(metric)
     saved = _saved(twin)["_extra_state"]
     assert saved == {
-        "num_stages": 3, "unit": "epoch", "count": 6, "stage_count": 3, "active_index": 1,
-        "switches": [[0, 1, 3]],
+        "num_stages": 3, "unit": "epoch", "count": 6, "stage_count": 3, "idle_count": 0,
+        "active_index": 1, "switches": [[0, 1, 3]],
         "triggers": [{"type": "Plateau", "best": 1.0, "num_bad": 1},
                      {"type": "RelativeImprovement", "history": [0.7, 0.69], "num_low": 1}],
     }
@@ -594,7 +595,8 @@ _BAD_STATES = [
     (_set(active_index=2, switches=[[0, 1, 3], [1, 2, 3]], stage_count=3),
      r"switches\[1\] happened at count 3; expected a count after 3"),
     (_set(stage_count=6),
-     r"inconsistent state: stage_count is 6 but count - the last switch's count = 6 - 3 = 3"),
+     r"inconsistent state: stage_count is 6 and idle_count 0, but count - the last switch's "
+     r"count = 6 - 3 = 3 \(their sum\)"),
     (_set(triggers=3), r"invalid triggers in the state: triggers must be a list of trigger "
                        r"states; got int"),
     (lambda s: {**s, "triggers": s["triggers"][:1]}, r"the state has 1 triggers, this loss 2"),
@@ -1253,3 +1255,197 @@ def test_a_checkpoint_loads_into_schedules_and_triggers_that_deep_copy_refuses()
     with pytest.raises(ValueError, match=r"triggers\[0\]"):
         switch.load_state_dict(bad)
     assert (switch.count, composite.count, switch.triggers[0].seen) == (1, 1, 1)
+
+
+# ------------------------------------------------- a nested SwitchingLoss in a later stage
+def _switch_count(trigger_factory, metrics) -> int:
+    """The count at which a top-level two-stage loss with this trigger switches."""
+    loss = SwitchingLoss([BCELoss(), FocalLoss()], trigger=trigger_factory())
+    for metric in metrics:
+        if loss.step(metric=metric):
+            return loss.count
+    raise AssertionError("no switch")
+
+
+def test_a_nested_switch_holds_its_stage_until_its_stage_begins() -> None:
+    """The outer loss stepped every stage with the metric: a Plateau nested in stage 1 switched
+    at count 3 while stage 0 trained, its callback ran then, and stage 1 began on focal."""
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=2))
+    events: list[int] = []
+    inner.on_switch(lambda event: events.append(event.count))
+    outer = SwitchingLoss([DiceLoss(), inner], milestones=[10])
+    for _ in range(10):
+        outer.step(metric=1.0)  # a plateau from the first step
+    assert (outer.active_index, inner.active_index, events) == (1, 0, [])
+    assert (inner.count, inner.stage_count) == (10, 0)  # counted, but not in use
+    fresh = _switch_count(lambda: Plateau(patience=2), [1.0] * 10)
+    for _ in range(fresh):
+        outer.step(metric=1.0)
+    assert events == [10 + fresh] and inner.switches == [(0, 1, 10 + fresh)]
+
+
+def test_a_nested_adaptive_trigger_needs_no_metric_before_its_stage() -> None:
+    """``build_loss("dice->(bce->focal@plateau)@10").step()`` raised "Plateau() monitors a
+    value" although the active trigger was the milestone."""
+    loss = build_loss("dice->(bce->focal@plateau(patience=2))@10")
+    for _ in range(10):
+        loss.step()
+    assert loss.active_index == 1
+    with pytest.raises(ValueError, match=r"Plateau\(patience=2\) monitors a value"):
+        loss.step()
+    assert loss.count == 10  # the refused step changed nothing
+
+
+def test_a_nested_stage_counts_its_stage_from_when_it_begins() -> None:
+    """``min_epochs`` of a nested trigger counts the steps its stage is in use."""
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=1, min_epochs=4))
+    outer = SwitchingLoss([DiceLoss(), inner], milestones=[6])
+    switched = [outer.step(metric=1.0) or inner.just_switched for _ in range(12)]
+    assert inner.switches == [(0, 1, 6 + 4)]
+    assert switched.index(True) == 5  # (the outer switch at count 6)
+
+
+def test_a_loss_used_as_two_stages_starts_fresh_in_the_second() -> None:
+    """The same nested loss as stages 0 and 2: its trigger and stage length start again when
+    stage 2 begins, as a top-level stage's do."""
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=2))
+    outer = SwitchingLoss([inner, DiceLoss(), inner], milestones=[2, 4])
+    for metric in (1.0, 0.5, 0.7, 0.7):  # inner in use at counts 1-2 (best 0.5), idle at 3-4
+        outer.step(metric=metric)
+    assert outer.active_index == 2 and inner.stage_count == 0
+    for _ in range(3):
+        outer.step(metric=0.9)  # fresh: best 0.9 at 5, no improvement at 6 and 7
+    assert inner.switches == [(0, 1, 7)]  # (with the old best 0.5: at 6)
+
+
+def test_a_checkpoint_of_a_nested_switch_resumes_the_same_sequence() -> None:
+    def build() -> SwitchingLoss:
+        return build_loss("dice->(bce->focal@plateau(patience=2, min_epochs=1))@4")
+
+    metrics = [1.0, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7]
+    straight = build()
+    for metric in metrics:
+        straight.step(metric=metric)
+    for cut in range(len(metrics)):
+        first = build()
+        for metric in metrics[:cut]:
+            first.step(metric=metric)
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)
+        buffer.seek(0)
+        resumed = build()
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
+        for metric in metrics[cut:]:
+            resumed.step(metric=metric)
+        assert resumed.state_dict() == straight.state_dict(), cut
+
+
+def test_a_state_saved_before_idle_steps_were_counted_still_loads() -> None:
+    """States saved by earlier versions have no ``idle_count``: 0."""
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+    for _ in range(3):
+        loss.step()
+    state = loss.state_dict()
+    assert state["_extra_state"]["idle_count"] == 0
+    del state["_extra_state"]["idle_count"]
+    other = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[2])
+    other.load_state_dict(state)
+    assert (other.count, other.stage_count, other.active_index) == (3, 1, 1)
+    state["_extra_state"]["idle_count"] = 1  # stage_count + idle_count != count - last
+    with pytest.raises(ValueError, match="inconsistent state: stage_count is 1 and "
+                                         "idle_count 1"):
+        other.load_state_dict(state)
+
+
+class _LockedTrigger(Trigger):
+    """A trigger deep-copy refuses (a lock), loading only a valid state (checks, then sets)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen = 0
+
+    def update(self, count: int, stage_count: int, metric: float | None) -> bool:
+        self.seen += 1
+        return False
+
+    def _state(self) -> dict:
+        return {"seen": self.seen}
+
+    def _load(self, state) -> None:
+        if not isinstance(state["seen"], int):
+            raise ValueError("seen must be an int")
+        self.seen = state["seen"]
+
+
+class _LockedSchedule(WeightSchedule):
+    """A weight schedule deep-copy refuses, with a state of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.level = 0
+
+    def value_at(self, t: int) -> float:
+        return 1.0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "level": self.level}
+
+    def load_state_dict(self, state) -> None:
+        if not isinstance(state["level"], int):
+            raise ValueError("level must be an int")
+        super().load_state_dict({"count": state["count"]})
+        self.level = state["level"]
+
+
+def test_a_failed_load_through_a_parent_module_leaves_the_triggers_as_they_were() -> None:
+    """A parent module's load_state_dict calls set_extra_state directly: with a trigger that
+    deep-copy refuses (no dry run), trigger 0 was loaded before trigger 1 failed."""
+    def build() -> SwitchingLoss:
+        return SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()],
+                             trigger=[Plateau(patience=9), _LockedTrigger()])
+
+    trained = build()
+    for metric in (1.0, 0.5, 0.7):
+        trained.step(metric=metric)
+    state = trained.state_dict()["_extra_state"]
+    state["triggers"][1] = {**state["triggers"][1], "seen": "bad"}
+    model = torch.nn.Module()
+    model.loss = build()
+    before = model.loss.triggers[0].state_dict()
+    with pytest.raises(ValueError, match="seen must be an int"):
+        model.load_state_dict({"loss._extra_state": state})
+    assert model.loss.triggers[0].state_dict() == before
+    assert model.loss.count == 0
+
+
+def test_a_failed_load_through_a_parent_module_leaves_the_schedules_as_they_were() -> None:
+    def build() -> CompositeLoss:
+        return CompositeLoss([DiceLoss(), BCELoss(), FocalLoss()],
+                             weights=[LinearRamp(0, 4), _LockedSchedule(), 1.0])
+
+    trained = build()
+    for _ in range(3):
+        trained.step()
+    state = trained.state_dict()["_extra_state"]
+    assert state["schedules"][0]["count"] == 3
+    state["schedules"][1] = {**state["schedules"][1], "level": "bad"}
+    model = torch.nn.Module()
+    model.loss = build()
+    with pytest.raises(ValueError, match="level must be an int"):
+        model.load_state_dict({"loss._extra_state": state})
+    assert model.loss.weights[0].count == 0 and model.loss.count == 0
+
+
+def test_an_int_trigger_below_one_is_named_as_given() -> None:
+    """``trigger=[0]`` said "at must be >= 1", an argument the user never wrote."""
+    with pytest.raises(ValueError, match=r"trigger\[1\] must be >= 1 \(an int is a milestone\); "
+                                         r"got 0"):
+        SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()], trigger=[Plateau(), 0])
+
+
+@pytest.mark.parametrize("weight", [lambda t: t, Plateau()], ids=["function", "trigger"])
+def test_a_weight_that_is_neither_a_number_nor_a_schedule_says_what_is(weight) -> None:
+    with pytest.raises(TypeError, match=r"weight of 'dice' must be a real number or a "
+                                        r"WeightSchedule \(.*LinearRamp.*\); got"):
+        CompositeLoss([DiceLoss(), BCELoss()], weights=[weight, 1.0])

@@ -165,13 +165,25 @@ def losses_repr(names: list[str], modules: list[Any], explicit: bool) -> str:
     return "[" + ", ".join(repr(m) for m in modules) + "]"
 
 
-def step_child(module: object, metric: object, synced: bool, seen: set[int]) -> None:
+def step_child(module: object, metric: object, synced: bool, seen: set[int],
+               active: bool = True) -> None:
     """Advance a nested CompositeLoss / SwitchingLoss (anything with ``_dynloss_step``) once
     per top-level step: ``seen`` holds the ids of the modules this step has advanced, so a
-    loss shared by two stages or terms (stage 1 = stage 0 + a term) is not stepped twice."""
+    loss shared by two stages or terms (stage 1 = stage 0 + a term) is not stepped twice.
+    ``active``: the module is in use (not in a stage of a SwitchingLoss that is not active);
+    a SwitchingLoss that is not consults no trigger."""
     step = getattr(module, "_dynloss_step", None)
     if step is not None and id(module) not in seen:
-        step(metric, synced, seen)
+        step(metric, synced, seen, active)
+
+
+def begin_child(module: object, seen: set[int]) -> None:
+    """Tell a nested CompositeLoss / SwitchingLoss that its stage of an enclosing SwitchingLoss
+    has just begun (each nested SwitchingLoss then starts its active trigger and its stage's
+    length afresh); ``seen``: ids already told."""
+    begin = getattr(module, "_dynloss_begin", None)
+    if begin is not None and id(module) not in seen:
+        begin(seen)
 
 
 def check_next_weights(module: object) -> None:
@@ -227,6 +239,25 @@ def dry_run_load(target: Any, saved: Any) -> None:
     except Exception:
         return
     probe.load_state_dict(saved)
+
+
+def load_parts(parts: list[tuple[str, Any, Any]]) -> None:
+    """``target.load_state_dict(saved)`` for each ``(where, target, saved)`` (a loss's triggers
+    or weight schedules), in order. When one fails, those before it and itself get back the
+    state they had, so that a failure changes none of them; its error is re-raised as by
+    :func:`state_error`. (:func:`dry_run_load` has found a bad state before wherever a part can
+    be copied; a parent module's ``load_state_dict`` reaches ``set_extra_state`` without the
+    rollback of :func:`load_all_or_nothing`.)"""
+    loaded: list[tuple[Any, Any]] = []
+    try:
+        for where, target, saved in parts:
+            loaded.append((target, target.state_dict()))
+            with state_error(where):
+                target.load_state_dict(saved)
+    except BaseException:
+        for target, before in reversed(loaded):
+            target.load_state_dict(before)
+        raise
 
 
 @contextlib.contextmanager

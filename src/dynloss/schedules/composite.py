@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -13,11 +14,13 @@ from .._params import CompositeParams, DistributionParams, RegionParams, composi
 from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
 from ._base import (
+    begin_child,
     check_next_weights,
     check_next_weights_child,
     check_weight,
     dry_run_load,
     load_all_or_nothing,
+    load_parts,
     losses_repr,
     metric_triggers,
     named_losses,
@@ -145,8 +148,14 @@ class CompositeLoss(nn.Module):
                         "would be stepped twice. Pass a separate schedule per term."
                     )
                 checked.append(weight)
-            else:
+            elif isinstance(weight, Real) and not isinstance(weight, bool):
                 checked.append(check_weight(f"weight of {name!r}", weight))
+            else:  # a function, a trigger, a string, ...
+                raise TypeError(
+                    f"weight of {name!r} must be a real number or a WeightSchedule (Constant, "
+                    "Step, LinearRamp, RampCosine, Cosine, or a subclass with value_at(t)); got "
+                    f"{type(weight).__name__} {weight!r}"
+                )
         return checked
 
     @property
@@ -283,7 +292,8 @@ class CompositeLoss(nn.Module):
     def _metric_triggers(self) -> list:
         return [t for loss in self.terms.values() for t in metric_triggers(loss)]
 
-    def _dynloss_step(self, metric: object, synced: bool, seen: set[int]) -> None:
+    def _dynloss_step(self, metric: object, synced: bool, seen: set[int],
+                      active: bool = True) -> None:
         seen.add(id(self))
         self.count += 1
         for weight in self.weights:
@@ -292,8 +302,13 @@ class CompositeLoss(nn.Module):
                 seen.add(id(weight))
                 weight.step()
         for loss in self.terms.values():
-            step_child(loss, metric, synced, seen)
+            step_child(loss, metric, synced, seen, active)
         self._refresh_weight_values()
+
+    def _dynloss_begin(self, seen: set[int]) -> None:
+        seen.add(id(self))
+        for loss in self.terms.values():
+            begin_child(loss, seen)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -345,10 +360,9 @@ class CompositeLoss(nn.Module):
                 with state_error(f"{owner}: the weight of {name!r}"):
                     dry_run_load(weight, saved)
         # all checked: assign
-        for name, weight, saved in zip(names, self.weights, schedules, strict=True):
-            if isinstance(weight, WeightSchedule):
-                with state_error(f"{owner}: the weight of {name!r}"):
-                    weight.load_state_dict(saved)
+        load_parts([(f"{owner}: the weight of {name!r}", weight, saved)
+                    for name, weight, saved in zip(names, self.weights, schedules, strict=True)
+                    if isinstance(weight, WeightSchedule)])
         self.count = count
         self._refresh_weight_values()
 

@@ -59,7 +59,7 @@ from torch import nn
 
 from ..losses import LOSSES
 from .composite import CompositeLoss
-from .switching import SwitchingLoss
+from .switching import SwitchingLoss, milestone_order_error, unordered_milestone
 from .triggers import Milestone, Plateau, RelativeImprovement, Trigger
 from .weights import Constant, Cosine, LinearRamp, RampCosine, Step, WeightSchedule
 
@@ -311,6 +311,7 @@ class _Parser:
             return first
         stages = [self.as_loss(first, start)]
         switches: list[Trigger | int] = []
+        points: list[int] = []  # where each switch point is
         while self.accept("->"):
             pos = self.token.pos
             stages.append(self.as_loss(self.sum_expr(), pos))
@@ -318,7 +319,11 @@ class _Parser:
                 "@", "expected '@' and a switch point after a stage that follows '->' (an epoch "
                 "as in 'iou->bce@50', or a trigger as in 'iou->bce@plateau(patience=5)')"
             )
+            points.append(self.token.pos)
             switches.append(self.switch_point())
+        unordered = unordered_milestone(switches)
+        if unordered is not None:
+            raise self.error(milestone_order_error(switches), points[unordered])
         try:
             milestones = [s for s in switches if isinstance(s, int)]
             if len(milestones) == len(switches):

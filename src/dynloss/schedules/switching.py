@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +14,13 @@ from ..constants import MULTICLASS_MODE
 from ..distributed import metric_value, reduce_mean
 from ..losses import SegmentationLoss
 from ._base import (
+    begin_child,
     check_count,
     check_next_weights,
     check_next_weights_child,
     dry_run_load,
     load_all_or_nothing,
+    load_parts,
     losses_repr,
     metric_triggers,
     named_losses,
@@ -151,7 +152,11 @@ class SwitchingLoss(nn.Module):
           of training.
         - ``step()`` also advances every stage that has schedules (a CompositeLoss with
           :mod:`~dynloss.schedules.weights`, a nested SwitchingLoss), active or not, so
-          schedules always see the global counter.
+          schedules always see the global counter. A SwitchingLoss nested in a stage that is
+          not active holds still: its counter advances, but none of its triggers is consulted
+          (nor needs a metric, nor calls back) until its stage begins; then its active trigger
+          starts afresh and its ``stage_count`` counts from there, as a top-level stage's do
+          (a milestone it passed meanwhile switches at its first step in use).
         - :attr:`last_terms`: ``{stage_name: value}`` (detached) after each call, plus the
           stage's own ``last_terms`` as ``"stage.term"`` entries.
         - ``state_dict()`` holds the counters, the active stage, the switch history and the
@@ -204,7 +209,12 @@ class SwitchingLoss(nn.Module):
         self.count = 0
         """Number of :meth:`step` calls so far (the current epoch or optimizer step)."""
         self.stage_count = 0
-        """Number of :meth:`step` calls since the active stage began."""
+        """Number of :meth:`step` calls since the active stage began in which this loss was in
+        use (a loss nested in a stage of another SwitchingLoss is not while that stage is not
+        active)."""
+        self.idle_count = 0
+        """Number of :meth:`step` calls since the active stage began (or the last switch) in
+        which this loss was not in use: ``stage_count + idle_count`` steps since then."""
         self.active_index = 0
         """Index of the stage in use."""
         self.switches: list[tuple[int, int, int]] = []
@@ -326,40 +336,63 @@ class SwitchingLoss(nn.Module):
             check_next_weights_child(stage, seen)
 
     def _metric_triggers(self) -> list[Trigger]:
+        """The triggers the next step consults that read the metric: the active stage's, and
+        those of the losses nested in the active stage (not those of a later stage)."""
         active = self.triggers[self.active_index:self.active_index + 1]
-        found = [t for t in active if t.needs_metric]
-        for stage in self.stages.values():
-            found += metric_triggers(stage)
-        return found
+        return [t for t in active if t.needs_metric] + metric_triggers(self.active)
 
-    def _dynloss_step(self, metric: Any, synced: bool, seen: set[int]) -> bool:
+    def _dynloss_step(self, metric: Any, synced: bool, seen: set[int],
+                      active: bool = True) -> bool:
+        """One step. ``active``: this loss is in use; False for a loss nested in a stage of
+        another SwitchingLoss that is not active, which counts the step (its milestones and
+        weight schedules see the global counter) but consults no trigger."""
         seen.add(id(self))
         # only while an active trigger (here or nested) reads it: a finished one must not
         # make this rank wait in a collective that the others, asked for nothing, skip
-        if metric is not None and self._metric_triggers():
+        if active and metric is not None and self._metric_triggers():
             if self.sync_metric and not synced:
                 metric, synced = reduce_mean(metric), True
             else:
                 metric = metric_value(metric)
         self.count += 1
-        self.stage_count += 1
-        for stage in self.stages.values():
-            step_child(stage, metric, synced, seen)
+        if active:
+            self.stage_count += 1
+        else:
+            self.idle_count += 1
+        names = self.names
+        for index in (self.active_index, *range(self.active_index),
+                      *range(self.active_index + 1, len(names))):  # a loss shared with the
+            # active stage is stepped as in use
+            step_child(self.stages[names[index]], metric, synced, seen,
+                       active and index == self.active_index)
         self.just_switched = False
-        if self.active_index < len(self.triggers):
+        if active and self.active_index < len(self.triggers):
             trigger = self.triggers[self.active_index]
             value = metric if trigger.needs_metric else None
             if trigger.update(self.count, self.stage_count, value):
                 self._switch(trigger)
         return self.just_switched
 
+    def _dynloss_begin(self, seen: set[int]) -> None:
+        """The stage of an enclosing SwitchingLoss that holds this loss has begun: the active
+        trigger and the stage's length start afresh, as a top-level stage's do when it
+        begins, and so do those of the losses nested in the active stage."""
+        seen.add(id(self))
+        if self.active_index < len(self.triggers):
+            self.triggers[self.active_index].reset()
+        self.idle_count += self.stage_count
+        self.stage_count = 0
+        begin_child(self.active, seen)
+
     def _switch(self, trigger: Trigger) -> None:
         old = self.active_index
         new = old + 1
         self.active_index = new
         self.stage_count = 0
+        self.idle_count = 0
         if new < len(self.triggers):
             self.triggers[new].reset()
+        begin_child(self.active, set())
         self.switches.append((old, new, self.count))
         self.just_switched = True
         names = self.names
@@ -378,6 +411,7 @@ class SwitchingLoss(nn.Module):
             "unit": self.unit,
             "count": self.count,
             "stage_count": self.stage_count,
+            "idle_count": self.idle_count,
             "active_index": self.active_index,
             "switches": [list(s) for s in self.switches],
             "triggers": [t.state_dict() for t in self.triggers],
@@ -402,7 +436,8 @@ class SwitchingLoss(nn.Module):
         - consistency: ``active_index < num_stages``; ``active_index`` equals the number of
           switches recorded; switch ``i`` is ``(i, i + 1, count_i)`` with
           ``0 < count_0 < count_1 < ... <= count`` (at most one switch per step);
-          ``stage_count == count - count_last`` (``count`` before any switch); every trigger's
+          ``stage_count + idle_count == count - count_last`` (``count`` before any switch;
+          ``idle_count`` may be missing, 0, in a state saved by dynloss 0.1); every trigger's
           history is valid for it.
 
         Not checked: the stages' names, which are labels (a stage renamed between runs
@@ -427,10 +462,12 @@ class SwitchingLoss(nn.Module):
         owner = "SwitchingLoss"
         keys = {"num_stages", "unit", "count", "stage_count", "active_index", "switches",
                 "triggers"}
-        if not isinstance(state, Mapping) or set(state) != keys:
+        optional = {"idle_count"}  # (0 in states saved before it was counted)
+        if not isinstance(state, Mapping) or not keys <= set(state) <= keys | optional:
             detail = (
                 f"missing keys {sorted(keys - set(state))}, unexpected keys "
-                f"{sorted(map(str, set(state) - keys))}" if isinstance(state, Mapping)
+                f"{sorted(map(str, set(state) - keys - optional))}"
+                if isinstance(state, Mapping)
                 else f"a state must be a dict; got {type(state).__name__}"
             )
             raise ValueError(f"{owner}: this state was not saved from a SwitchingLoss ({detail})")
@@ -447,6 +484,7 @@ class SwitchingLoss(nn.Module):
             )
         count = state_int(owner, "count", state["count"])
         stage_count = state_int(owner, "stage_count", state["stage_count"])
+        idle_count = state_int(owner, "idle_count", state.get("idle_count", 0))
         active_index = state_int(owner, "active_index", state["active_index"])
         if active_index >= self.num_stages:
             raise ValueError(f"{owner}: active_index {active_index} in the state is out of range "
@@ -459,10 +497,11 @@ class SwitchingLoss(nn.Module):
                 "recorded (each switch advances the active stage by one)"
             )
         last = switches[-1][2] if switches else 0
-        if stage_count != count - last:
+        if stage_count + idle_count != count - last:
             raise ValueError(
-                f"{owner}: inconsistent state: stage_count is {stage_count} but count - the last "
-                f"switch's count = {count} - {last} = {count - last}"
+                f"{owner}: inconsistent state: stage_count is {stage_count} and idle_count "
+                f"{idle_count}, but count - the last switch's count = {count} - {last} = "
+                f"{count - last} (their sum)"
             )
         triggers = state["triggers"]
         if not isinstance(triggers, (list, tuple)):
@@ -477,11 +516,12 @@ class SwitchingLoss(nn.Module):
             with state_error(f"{owner}: triggers[{index}]"):
                 dry_run_load(trigger, saved)
         # -- all checked: assign
-        for index, (trigger, saved) in enumerate(zip(self.triggers, triggers, strict=True)):
-            with state_error(f"{owner}: triggers[{index}]"):
-                trigger.load_state_dict(saved)
+        load_parts([(f"{owner}: triggers[{index}]", trigger, saved)
+                    for index, (trigger, saved) in enumerate(zip(self.triggers, triggers,
+                                                                 strict=True))])
         self.count = count
         self.stage_count = stage_count
+        self.idle_count = idle_count
         self.active_index = active_index
         self.switches = switches
         self.just_switched = False
@@ -566,10 +606,28 @@ def _checked_switches(saved: object, count: int) -> list[tuple[int, int, int]]:
     return switches
 
 
+def unordered_milestone(switches: Sequence[Trigger | int]) -> int | None:
+    """The index in ``switches`` (triggers, or ints for milestones) of the first milestone that
+    is not after the milestone before it; None when they increase strictly."""
+    previous = None
+    for index, switch in enumerate(switches):
+        at = switch.at if isinstance(switch, Milestone) else switch
+        if isinstance(at, int):
+            if previous is not None and at <= previous:
+                return index
+            previous = at
+    return None
+
+
+def milestone_order_error(switches: Sequence[Trigger | int]) -> str:
+    ats = [s.at if isinstance(s, Milestone) else s for s in switches
+           if isinstance(s, (Milestone, int))]
+    return f"SwitchingLoss: milestones must be strictly increasing; got {ats}"
+
+
 def _check_milestone_order(triggers: list[Trigger]) -> None:
-    ats = [t.at for t in triggers if isinstance(t, Milestone)]
-    if any(b <= a for a, b in itertools.pairwise(ats)):
-        raise ValueError(f"SwitchingLoss: milestones must be strictly increasing; got {ats}")
+    if unordered_milestone(triggers) is not None:
+        raise ValueError(milestone_order_error(triggers))
 
 
 def _make_triggers(num_stages: int, milestones: object, trigger: object) -> list[Trigger]:
@@ -613,6 +671,9 @@ def _make_triggers(num_stages: int, milestones: object, trigger: object) -> list
                                      "pass one trigger object per switch")
                 triggers.append(item)
             elif isinstance(item, int) and not isinstance(item, bool):
+                if item < 1:
+                    raise ValueError(f"SwitchingLoss: trigger[{len(triggers)}] must be >= 1 (an "
+                                     f"int is a milestone); got {item}")
                 triggers.append(Milestone(item))
             else:
                 raise TypeError(

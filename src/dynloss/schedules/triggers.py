@@ -6,7 +6,8 @@ the trigger of the active stage, once per ``step()``:
 
 ``update(count, stage_count, metric) -> bool``
     ``count``: ``step()`` calls since the start of training; ``stage_count``: calls since the
-    active stage began; ``metric``: the monitored value passed to ``step(metric=...)``
+    active stage began (for a nested SwitchingLoss, since its stage of the enclosing one
+    began); ``metric``: the monitored value passed to ``step(metric=...)``
     (averaged over the ranks under ``torch.distributed``), or None.
 ``reset()``
     called when the trigger's stage begins (clears its history).
@@ -175,7 +176,9 @@ class Plateau(Trigger):
     Dice (``mode="max"``).
 
     Args:
-        patience: non-improving steps before switching, int >= 0 (default 10).
+        patience: non-improving steps before switching, int >= 0 (default 10); 0 switches
+            at the first step once the stage has run ``min_epochs`` steps, whatever the
+            value (a stage of fixed length).
         min_delta: least change that counts as an improvement, >= 0 (default 0.0).
         mode: ``"min"`` (default) or ``"max"``.
         min_epochs: the stage lasts at least this many steps (default 0).
