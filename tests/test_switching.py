@@ -359,6 +359,32 @@ def test_hard_switch_equals_a_ramp_of_zero_width(milestone, epochs) -> None:
     assert torch.equal(switching(logits, target), ramped(logits, target))
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_composite_of_zero_weight_gives_the_other_term(backend) -> None:
+    """The one-pass composite of the kernels sums in another order than a single loss's pass:
+    the same value and gradient to float32 rounding (the docs said "exactly"); the
+    reference's composite is the separate terms, bit for bit."""
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(2, 1, 8, 8, generator=gen) * 3
+        target = (torch.rand(2, 1, 8, 8, generator=gen) > 0.7).float()
+        first, second = IoULoss(backend=backend), BCELoss(backend=backend)
+        x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        alone = first(x1, target)
+        alone.backward()
+        ramped = CompositeLoss([first, second], weights=[1.0, 0.0])
+        both = ramped(x2, target)
+        both.backward()
+        if backend == "reference":
+            assert torch.equal(both, alone) and torch.equal(x2.grad, x1.grad)
+            assert torch.equal(ramped.last_terms["iou"], alone)
+        else:
+            torch.testing.assert_close(both, alone, rtol=3e-7, atol=0)
+            torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(ramped.last_terms["iou"], alone.detach(), rtol=3e-7,
+                                       atol=0)
+
+
 def _make_resumable(kind: str) -> SwitchingLoss:
     composite = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(3, 9, 1.0, 0.0),
                                                                 LinearRamp(3, 9)])

@@ -15,8 +15,9 @@ Every loss is computed by one of four backends, chosen per call by
 
 ``backend="auto"`` takes, per call, the fastest that covers it: Triton on CUDA, native for
 float32 on the CPU, else ``"torch"``, else the reference (for example for a target that
-requires a gradient, ``reduction="none"`` of BCE/Focal/TopK, or inside ``torch.compile``,
-which traces and fuses the reference). Naming a backend uses it where it can and says once
+requires a gradient, ``reduction="none"`` of BCE/Focal/TopK, or inside ``torch.compile``
+on the CPU, which traces and fuses the reference; on CUDA a compiled call runs the Triton
+kernels as custom operators). Naming a backend uses it where it can and says once
 (a ``RuntimeWarning``) when a call needs something it lacks; ``"native"``/``"triton"`` where
 they cannot run at all is a ``ValueError``. Importing :mod:`dynloss` never imports Triton.
 

@@ -80,7 +80,8 @@ class CompositeLoss(nn.Module):
     ``ignore_index``, ``backend`` and ``check_values`` and use ``reduction="mean"`` (and no
     ``ddp_pool``), both terms come from one fused forward pass and one backward pass over the
     input (native and Triton kernels); the value, the gradient and :attr:`last_terms` are those
-    of the separate terms.
+    of the separate terms to float32 rounding (the pass sums in another order than a single
+    loss's).
 
     Examples:
         >>> import torch
