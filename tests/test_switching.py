@@ -1475,3 +1475,62 @@ def test_a_weight_that_is_neither_a_number_nor_a_schedule_says_what_is(weight) -
     with pytest.raises(TypeError, match=r"weight of 'dice' must be a real number or a "
                                         r"WeightSchedule \(.*LinearRamp.*\); got"):
         CompositeLoss([DiceLoss(), BCELoss()], weights=[weight, 1.0])
+
+
+def test_a_nested_switch_in_use_on_both_sides_of_a_switch_goes_on() -> None:
+    """Stage 1 = stage 0 + a term, stage 0 a SwitchingLoss: the outer switch restarted the
+    nested loss's Plateau and stage length although it never stopped being in use."""
+    def build() -> SwitchingLoss:
+        return SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=3, max_epochs=5))
+
+    alone = build()
+    for _ in range(7):
+        alone.step(metric=1.0)
+    inner = build()
+    outer = SwitchingLoss([inner, CompositeLoss([inner, DiceLoss()])], milestones=[3])
+    for _ in range(7):
+        outer.step(metric=1.0)
+    assert inner.switches == alone.switches == [(0, 1, 4)]
+    assert (inner.stage_count, inner.idle_count) == (alone.stage_count, 0)
+
+
+@pytest.mark.parametrize("order", ["held-first", "direct-first"])
+def test_a_switch_both_held_and_used_directly_is_in_use(order) -> None:
+    """S in M's inactive stage and also a term of the composite: whether S counted as in use
+    depended on the order of the terms, and with the held one first its trigger was never
+    consulted although a metric was required for it."""
+    held = SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=2))
+    holder = SwitchingLoss([DiceLoss(), held], milestones=[100])
+    terms = [holder, held] if order == "held-first" else [held, holder]
+    outer = SwitchingLoss([CompositeLoss(terms), IoULoss()], milestones=[50])
+    with pytest.raises(ValueError, match="monitors a value"):
+        outer.step()
+    for _ in range(5):
+        outer.step(metric=1.0)
+    assert held.switches == [(0, 1, 3)] and held.idle_count == 0
+
+
+class _Fussy(_LockedTrigger):
+    """Breaks the contract: loads no state with ``seen == 0``, its own first state."""
+
+    def _load(self, state) -> None:
+        self.seen = state["seen"]
+        if self.seen == 0 or not isinstance(self.seen, int):
+            raise ValueError("seen out of range")
+
+
+def test_a_rollback_that_fails_for_one_part_still_restores_the_others() -> None:
+    def build() -> SwitchingLoss:
+        return SwitchingLoss([DiceLoss(), BCELoss(), FocalLoss()],
+                             trigger=[_LockedTrigger(), _Fussy()])
+
+    trained = build()
+    for _ in range(3):
+        trained.step()
+    state = trained.state_dict()["_extra_state"]
+    state["triggers"][1] = {**state["triggers"][1], "seen": "bad"}
+    model = torch.nn.Module()
+    model.loss = build()
+    with pytest.raises(ValueError, match=r"SwitchingLoss: triggers\[1\]: seen out of range"):
+        model.load_state_dict({"loss._extra_state": state})
+    assert model.loss.triggers[0].seen == 0

@@ -166,24 +166,39 @@ def losses_repr(names: list[str], modules: list[Any], explicit: bool) -> str:
 
 
 def step_child(module: object, metric: object, synced: bool, seen: set[int],
-               active: bool = True) -> None:
+               used: Mapping[int, Any]) -> None:
     """Advance a nested CompositeLoss / SwitchingLoss (anything with ``_dynloss_step``) once
     per top-level step: ``seen`` holds the ids of the modules this step has advanced, so a
     loss shared by two stages or terms (stage 1 = stage 0 + a term) is not stepped twice.
-    ``active``: the module is in use (not in a stage of a SwitchingLoss that is not active);
-    a SwitchingLoss that is not consults no trigger."""
+    ``used``: the ids of the modules in use at this step (:func:`in_use` of the top-level
+    loss); a SwitchingLoss that is not consults no trigger."""
     step = getattr(module, "_dynloss_step", None)
     if step is not None and id(module) not in seen:
-        step(metric, synced, seen, active)
+        step(metric, synced, seen, used)
 
 
-def begin_child(module: object, seen: set[int]) -> None:
-    """Tell a nested CompositeLoss / SwitchingLoss that its stage of an enclosing SwitchingLoss
-    has just begun (each nested SwitchingLoss then starts its active trigger and its stage's
-    length afresh); ``seen``: ids already told."""
-    begin = getattr(module, "_dynloss_begin", None)
-    if begin is not None and id(module) not in seen:
-        begin(seen)
+def in_use(module: object, found: dict[int, Any] | None = None) -> dict[int, Any]:
+    """``{id: loss}`` of ``module`` and of the CompositeLoss / SwitchingLoss losses in use
+    under it: every term of a composite and the active stage of a switching loss (not its
+    other stages), recursively. Only the top-level loss's tree decides: a loss held in a stage
+    that is not active but also a term of a composite above is in use."""
+    found = {} if found is None else found
+    walk = getattr(module, "_dynloss_in_use", None)
+    if walk is not None and id(module) not in found:
+        found[id(module)] = module
+        walk(found)
+    return found
+
+
+def begin_unused(module: object, used: Mapping[int, Any]) -> None:
+    """Tell each SwitchingLoss in use under ``module`` (the stage an enclosing SwitchingLoss
+    has just switched to) that was not in use at this step (not in ``used``) that its stage
+    has begun: it then starts its active trigger and its stage's length afresh. One in use
+    before (in the stage left, or elsewhere in the tree) goes on as it was."""
+    for loss_id, loss in in_use(module).items():
+        begin = getattr(loss, "_dynloss_begin", None)
+        if begin is not None and loss_id not in used:
+            begin()
 
 
 def check_next_weights(module: object) -> None:
@@ -256,7 +271,8 @@ def load_parts(parts: list[tuple[str, Any, Any]]) -> None:
                 target.load_state_dict(saved)
     except BaseException:
         for target, before in reversed(loaded):
-            target.load_state_dict(before)
+            with contextlib.suppress(Exception):  # (a part that refuses its own state: the
+                target.load_state_dict(before)    # others are still put back)
         raise
 
 

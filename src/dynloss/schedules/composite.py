@@ -14,11 +14,11 @@ from .._params import CompositeParams, DistributionParams, RegionParams, composi
 from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
 from ._base import (
-    begin_child,
     check_next_weights,
     check_next_weights_child,
     check_weight,
     dry_run_load,
+    in_use,
     load_all_or_nothing,
     load_parts,
     losses_repr,
@@ -279,7 +279,7 @@ class CompositeLoss(nn.Module):
         """
         require_metric(self, metric)
         check_next_weights(self)
-        self._dynloss_step(metric, False, set())
+        self._dynloss_step(metric, False, set(), in_use(self))
 
     def _dynloss_check_next_weights(self, seen: set[int]) -> None:
         seen.add(id(self))
@@ -293,8 +293,14 @@ class CompositeLoss(nn.Module):
     def _metric_triggers(self) -> list:
         return [t for loss in self.terms.values() for t in metric_triggers(loss)]
 
+    def _dynloss_in_use(self, found: dict[int, Any]) -> None:
+        for loss in self.terms.values():
+            in_use(loss, found)
+
     def _dynloss_step(self, metric: object, synced: bool, seen: set[int],
-                      active: bool = True) -> None:
+                      used: Mapping[int, Any] | None = None) -> None:
+        if used is None:
+            used = in_use(self)
         seen.add(id(self))
         self.count += 1
         for weight in self.weights:
@@ -303,13 +309,8 @@ class CompositeLoss(nn.Module):
                 seen.add(id(weight))
                 weight.step()
         for loss in self.terms.values():
-            step_child(loss, metric, synced, seen, active)
+            step_child(loss, metric, synced, seen, used)
         self._refresh_weight_values()
-
-    def _dynloss_begin(self, seen: set[int]) -> None:
-        seen.add(id(self))
-        for loss in self.terms.values():
-            begin_child(loss, seen)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

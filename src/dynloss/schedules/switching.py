@@ -14,11 +14,12 @@ from ..constants import MULTICLASS_MODE
 from ..distributed import metric_value, reduce_mean
 from ..losses import SegmentationLoss
 from ._base import (
-    begin_child,
+    begin_unused,
     check_count,
     check_next_weights,
     check_next_weights_child,
     dry_run_load,
+    in_use,
     load_all_or_nothing,
     load_parts,
     losses_repr,
@@ -156,7 +157,9 @@ class SwitchingLoss(nn.Module):
           not active holds still: its counter advances, but none of its triggers is consulted
           (nor needs a metric, nor calls back) until its stage begins; then its active trigger
           starts afresh and its ``stage_count`` counts from there, as a top-level stage's do
-          (a milestone it passed meanwhile switches at its first step in use).
+          (milestones it passed meanwhile switch from its first step in use, one per step).
+          A loss also used elsewhere in the tree (a term of a composite above, or part of
+          both the stage left and the stage entered) is in use and goes on undisturbed.
         - :attr:`last_terms`: ``{stage_name: value}`` (detached) after each call, plus the
           stage's own ``last_terms`` as ``"stage.term"`` entries.
         - ``state_dict()`` holds the counters, the active stage, the switch history and the
@@ -328,7 +331,7 @@ class SwitchingLoss(nn.Module):
         """
         require_metric(self, metric)
         check_next_weights(self)
-        return self._dynloss_step(metric, False, set())
+        return self._dynloss_step(metric, False, set(), in_use(self))
 
     def _dynloss_check_next_weights(self, seen: set[int]) -> None:
         seen.add(id(self))
@@ -341,11 +344,18 @@ class SwitchingLoss(nn.Module):
         active = self.triggers[self.active_index:self.active_index + 1]
         return [t for t in active if t.needs_metric] + metric_triggers(self.active)
 
+    def _dynloss_in_use(self, found: dict[int, Any]) -> None:
+        in_use(self.active, found)
+
     def _dynloss_step(self, metric: Any, synced: bool, seen: set[int],
-                      active: bool = True) -> bool:
-        """One step. ``active``: this loss is in use; False for a loss nested in a stage of
-        another SwitchingLoss that is not active, which counts the step (its milestones and
-        weight schedules see the global counter) but consults no trigger."""
+                      used: Mapping[int, Any] | None = None) -> bool:
+        """One step. ``used``: the losses in use at this step (:func:`in_use` of the top-level
+        loss; None: this is the top level). One not in use (held in a stage of a SwitchingLoss
+        that is not active, and not used elsewhere) counts the step (its milestones and weight
+        schedules see the global counter) but consults no trigger."""
+        if used is None:
+            used = in_use(self)
+        active = id(self) in used
         seen.add(id(self))
         # only while an active trigger (here or nested) reads it: a finished one must not
         # make this rank wait in a collective that the others, asked for nothing, skip
@@ -359,32 +369,26 @@ class SwitchingLoss(nn.Module):
             self.stage_count += 1
         else:
             self.idle_count += 1
-        names = self.names
-        for index in (self.active_index, *range(self.active_index),
-                      *range(self.active_index + 1, len(names))):  # a loss shared with the
-            # active stage is stepped as in use
-            step_child(self.stages[names[index]], metric, synced, seen,
-                       active and index == self.active_index)
+        for stage in self.stages.values():
+            step_child(stage, metric, synced, seen, used)
         self.just_switched = False
         if active and self.active_index < len(self.triggers):
             trigger = self.triggers[self.active_index]
             value = metric if trigger.needs_metric else None
             if trigger.update(self.count, self.stage_count, value):
-                self._switch(trigger)
+                self._switch(trigger, used)
         return self.just_switched
 
-    def _dynloss_begin(self, seen: set[int]) -> None:
-        """The stage of an enclosing SwitchingLoss that holds this loss has begun: the active
-        trigger and the stage's length start afresh, as a top-level stage's do when it
-        begins, and so do those of the losses nested in the active stage."""
-        seen.add(id(self))
+    def _dynloss_begin(self) -> None:
+        """This loss was not in use and is from the next step on (the stage of an enclosing
+        SwitchingLoss that holds it has begun): its active trigger and its stage's length
+        start afresh, as a top-level stage's do when it begins."""
         if self.active_index < len(self.triggers):
             self.triggers[self.active_index].reset()
         self.idle_count += self.stage_count
         self.stage_count = 0
-        begin_child(self.active, seen)
 
-    def _switch(self, trigger: Trigger) -> None:
+    def _switch(self, trigger: Trigger, used: Mapping[int, Any]) -> None:
         old = self.active_index
         new = old + 1
         self.active_index = new
@@ -392,7 +396,7 @@ class SwitchingLoss(nn.Module):
         self.idle_count = 0
         if new < len(self.triggers):
             self.triggers[new].reset()
-        begin_child(self.active, set())
+        begin_unused(self.active, used)
         self.switches.append((old, new, self.count))
         self.just_switched = True
         names = self.names
