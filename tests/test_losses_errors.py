@@ -273,3 +273,102 @@ def test_an_ignore_index_the_target_dtype_holds_exactly_is_honoured(dtype, ignor
     target[0, 0, :2] = ignore
     for loss in (dynloss.BCELoss(ignore_index=ignore), dynloss.DiceLoss(ignore_index=ignore)):
         torch.testing.assert_close(loss(x, target.to(dtype)), loss(x, target), rtol=0, atol=0)
+
+
+def _warn_free(make):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (sparse CSR, quantization and nested tensors warn)
+        return make()
+
+
+_X = torch.randn(2, 1, 4, 4)
+_T = (torch.rand(2, 1, 4, 4) > 0.5).float()
+_NOT_DENSE = {
+    "target-sparse": (lambda: (_X, _T.to_sparse()), "target", "torch.sparse_coo"),
+    "input-sparse": (lambda: (_X.to_sparse(), _T), "input", "torch.sparse_coo"),
+    "input-mkldnn": (lambda: (_X.to_mkldnn(), _T), "input", "torch._mkldnn"),
+    "input-nested": (lambda: (torch.nested.nested_tensor([_X[0], _X[1]]), _T), "input",
+                     "nested"),
+    "target-nested": (lambda: (_X, torch.nested.nested_tensor([_T[0], _T[1]])), "target",
+                      "nested"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+@pytest.mark.parametrize("case", list(_NOT_DENSE))
+@pytest.mark.parametrize("planned", [False, True], ids=["first-call", "after-a-dense-call"])
+def test_a_tensor_that_is_not_dense_is_a_type_error_naming_it(case, backend, planned):
+    """Sparse, MKL-DNN and nested tensors failed with torch's RuntimeError from inside (and,
+    after a dense call of the same shape, skipped the checks of a planned signature)."""
+    make, name, what = _NOT_DENSE[case]
+    loss = dynloss.DiceLoss(backend=backend)
+    if planned:
+        loss(_X, _T)
+    x, t = _warn_free(make)
+    with raises(TypeError, f"re:{name} must be a dense tensor \\(torch.strided\\); got a "
+                           f"{re.escape(what)}"):
+        loss(x, t)
+
+
+@pytest.mark.parametrize("dtype", [d for d in ("uint4", "int2", "bits8", "quint8")
+                                   if hasattr(torch, d)])
+def test_a_target_dtype_torch_cannot_compute_with_is_a_type_error(dtype):
+    dt = getattr(torch, dtype)
+    if dtype == "quint8":
+        target = _warn_free(lambda: torch.quantize_per_tensor(_T, 1.0, 0, dt))
+    else:
+        target = torch.zeros(2, 1, 4, 4, dtype=torch.uint8).view(dt)
+    with raises(TypeError, f"target dtype {dt} is not supported"):
+        dynloss.DiceLoss()(_X, target)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="no float4 in this torch")
+def test_a_packed_float4_input_is_a_type_error():
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with raises(TypeError, "input dtype torch.float4_e2m1fn_x2 is not supported"):
+        dynloss.DiceLoss()(x, _T)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "reference"])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_the_range_of_bad_probabilities_leaves_out_ignored_pixels(backend, mode):
+    """The native kernels' error named the range over every pixel (7.0 of an ignored one)."""
+    if mode == "binary":
+        p = torch.full((1, 1, 2, 2), 0.5)
+        t = torch.tensor([[[[255.0, 1.0], [0.0, 1.0]]]])
+        p[0, 0, 0, 0] = 7.0  # ignored
+        p[0, 0, 1, 1] = 1.5  # kept, out of range
+        expected = "got values from 0.5 to 1.5"
+    else:
+        p = torch.full((1, 2, 2, 2), 0.5)
+        t = torch.tensor([[[255, 1], [0, 1]]])
+        p[0, :, 0, 0] = -3.0  # ignored
+        p[0, 1, 1, 1] = 1.25
+        expected = "got values from 0.5 to 1.25"
+    loss = dynloss.DiceLoss(mode=mode, from_logits=False, ignore_index=255, backend=backend)
+    with raises(ValueError, expected):
+        loss(p, t)
+
+
+def test_a_fallback_warning_says_why_the_fallback_was_taken():
+    """A float64 input with a target that requires a gradient said only "cannot compute
+    torch.float64 input" and named the reference, which float64 alone does not need."""
+    import warnings
+
+    from dynloss.kernels.dispatch import clear_cache
+    clear_cache()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dynloss.DiceLoss(backend="native")(x, t)
+        dynloss.DiceLoss(backend="native")(x, t.detach())
+    messages = [str(w.message) for w in caught if "backend='native'" in str(w.message)]
+    assert messages == [
+        "dynloss: backend='native' cannot compute torch.float64 input; using the 'reference' "
+        "backend for such calls (the 'torch' backend cannot compute a gradient for the "
+        "target)",
+        "dynloss: backend='native' cannot compute torch.float64 input; using the 'torch' "
+        "backend for such calls",
+    ]

@@ -456,3 +456,22 @@ def test_milestones_out_of_order_point_at_the_later_one(spec: str, at: int) -> N
     with pytest.raises(SpecError, match="milestones must be strictly increasing") as info:
         build_loss(spec)
     assert info.value.position == at
+
+
+def test_repr_after_reassigning_an_argument_is_still_a_spec() -> None:
+    """A reassigned argument was kept as given: ``smooth=np.float64(1.0)`` and a tuple of
+    class weights made a repr that ``build_loss`` refused; ``k=1`` rebuilt as ``k=1.0``."""
+    np = pytest.importorskip("numpy")
+    dice = dynloss.DiceLoss()
+    dice.smooth = np.float64(2.0)
+    focal = dynloss.FocalLoss(mode="multiclass")
+    focal.alpha = (1.0, 2.0, 3.0)
+    tversky = dynloss.TverskyLoss()
+    tversky.alpha = np.float32(0.25)
+    topk = dynloss.TopKLoss()
+    topk.k = 1
+    for loss, expected in [(dice, "DiceLoss(smooth=2.0)"),
+                           (focal, "FocalLoss(alpha=[1.0, 2.0, 3.0], mode='multiclass')"),
+                           (tversky, "TverskyLoss(alpha=0.25)"), (topk, "TopKLoss(k=1.0)")]:
+        assert repr(loss) == expected
+        assert repr(build_loss(repr(loss))) == expected

@@ -108,19 +108,35 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(f"{s}" for s in t.shape) + ")"
 
 
+def _check_dense(name: str, tensor: Tensor) -> None:
+    if tensor.is_nested or tensor.layout is not torch.strided:
+        what = "nested tensor" if tensor.is_nested else f"{tensor.layout} tensor"
+        raise TypeError(f"{name} must be a dense tensor (torch.strided); got a {what} "
+                        "(convert it with .to_dense(), or pad a nested batch to one shape)")
+
+
 def _check_tensors(input: object, target: object) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor; got {type(target).__name__}")
+    _check_dense("input", input)
+    _check_dense("target", target)
     if not input.is_floating_point():
         raise TypeError(
             f"input must be a floating-point tensor of logits or probabilities; got {input.dtype}"
         )
+    if input.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"input dtype {input.dtype} is not supported: use float16, bfloat16, "
+                        "float32, float64 or a float8 type")
     if target.is_complex():
         raise TypeError(
             f"target must be a real (float, integer or bool) tensor; got {target.dtype}"
         )
+    if target.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"target dtype {target.dtype} is not supported (torch computes little "
+                        "with quantized, packed or sub-byte types): convert it to an integer, "
+                        "bool or float type (a quantized tensor: .int_repr() or .dequantize())")
     if input.device != target.device:
         raise ValueError(
             f"input and target must be on the same device; got {input.device} and {target.device}"
@@ -223,6 +239,9 @@ _FLOAT8 = frozenset(getattr(torch, name) for name in (
     if hasattr(torch, name))
 _WIDE_UNSIGNED = frozenset(getattr(torch, name) for name in ("uint16", "uint32", "uint64")
                            if hasattr(torch, name))
+_INPUT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}) | _FLOAT8
+_TARGET_DTYPES = _INPUT_DTYPES | _WIDE_UNSIGNED | frozenset(
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
 def readable(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -113,6 +113,20 @@ class SegmentationLoss(nn.Module):
             self.__dict__["_prepared"] = None
             if self.__dict__.get("_constructed"):  # a reassigned argument: checked again now,
                 self._ready(strict=False)  # or, if invalid for now, at the next call
+                if self.__dict__["_prepared"] is not None:
+                    self._keep_as_constructed()
+
+    def _keep_as_constructed(self) -> None:
+        """Hold the arguments as the constructor holds them (a NumPy scalar as a float, a
+        tuple of class weights as a list), so that ``repr()`` stays a spec that rebuilds the
+        loss: the values of a loss constructed from them."""
+        try:
+            fresh = type(self)(**self.hyperparameters())
+        except (TypeError, ValueError):  # pragma: no cover - the arguments were just checked
+            return
+        for argument in _constructor_arguments(type(self)):
+            if argument in fresh.__dict__:
+                self.__dict__[argument] = fresh.__dict__[argument]
 
     def _ready(self, strict: bool = True) -> None:
         """Check every argument together and keep the result (the end of a constructor).

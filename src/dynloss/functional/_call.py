@@ -74,11 +74,15 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
         input, target = readable(input, target)  # float8, uint16/32/64: as int64 / float32
     if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)
             and not torch.compiler.is_compiling()):
-        # (``is_cpu`` stands for the device where it can: cheaper than a device object)
-        key = (input.shape, input.dtype, input.is_cpu or input.device, target.shape,
-               target.dtype, target.is_cpu or target.device, target.requires_grad,
-               torch.is_grad_enabled())
-        plan = plans.get(key)
+        # (``is_cpu`` stands for the device where it can: cheaper than a device object; a
+        # nested tensor has no shape: planned never, refused by prepare below)
+        try:
+            key = (input.shape, input.dtype, input.layout, input.is_cpu or input.device,
+                   target.shape, target.dtype, target.layout, target.is_cpu or target.device,
+                   target.requires_grad, torch.is_grad_enabled())
+        except RuntimeError:
+            key = None
+        plan = plans.get(key) if key is not None else None
         if plan is not None:
             backend, checked, dims, target_dims, elementwise_shape, classes = plan
             layout = Layout.of(input, target, mode, dims, target_dims, elementwise_shape)

@@ -131,14 +131,19 @@ def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bo
         return backend
     order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
     later = order[order.index(backend) + 1:] if backend in order else _OTHER_DEVICES
+    passed_over = []  # why a faster backend after the named one was not taken, if not that
     for fallback in later:
-        if _covers(fallback, x, need, target_grad, compiling, classes) is None:
+        reason = _covers(fallback, x, need, target_grad, compiling, classes)
+        if reason is None:
             break
+        if reason != missing:
+            passed_over.append(f"the {fallback.name!r} backend cannot compute {reason}")
     else:  # pragma: no cover - the reference covers every call
         fallback = REFERENCE
+    why = f" ({'; '.join(passed_over)})" if passed_over else ""
     warn_once(f"{name}:{missing}:{fallback.name}",
               f"dynloss: backend={name!r} cannot compute {missing}; using the "
-              f"{fallback.name!r} backend for such calls")
+              f"{fallback.name!r} backend for such calls{why}")
     return fallback
 
 

@@ -32,12 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._layout import (
-    Layout,
-    kernel_target,
-    raise_for_probability_range,
-    raise_for_target_range,
-)
+from ..._layout import Layout, check_values, kernel_target
 from ..._math import topk_count
 from ...constants import MULTICLASS_MODE
 from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
@@ -148,15 +143,13 @@ def _graph_kept() -> bool:
 def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Tensor,
                       mode: str, ignore_index: int | None, from_logits: bool,
                       dims: tuple[int, ...]) -> None:
-    """Turn the kernel's counts of bad values into the errors the other backends raise."""
-    if bad_target:
-        kept = target if ignore_index is None else target[target != ignore_index]
-        lo, hi = torch.aminmax(kept)
-        layout = Layout.of(x, target, mode, dims, dims, x.shape)
-        raise_for_target_range(layout, ignore_index, lo.item(), hi.item())
-    if bad_input and not from_logits:
-        lo, hi = torch.aminmax(x)
-        raise_for_probability_range(lo.item(), hi.item())
+    """Turn the kernel's counts of bad values into the errors the other backends raise: their
+    value checks, over the kept elements only (an ignored pixel's values are never read)."""
+    n, _, m = dims
+    target_dims = (n, m) if mode == MULTICLASS_MODE else dims
+    layout = Layout.of(x, target, mode, dims, target_dims, x.shape)
+    if bad_target or (bad_input and not from_logits):
+        check_values(layout, ignore_index, from_logits)
 
 
 class Forward:
