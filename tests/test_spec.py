@@ -475,3 +475,25 @@ def test_repr_after_reassigning_an_argument_is_still_a_spec() -> None:
                            (tversky, "TverskyLoss(alpha=0.25)"), (topk, "TopKLoss(k=1.0)")]:
         assert repr(loss) == expected
         assert repr(build_loss(repr(loss))) == expected
+
+
+def test_reassigning_an_argument_of_a_subclass_keeps_its_constructor_alone() -> None:
+    """Reassigned arguments are not re-normalised by building a fresh loss (a subclass that
+    sets an argument after ``super().__init__`` recursed, one with ``**kwargs`` failed, one that
+    transforms an argument had it transformed again)."""
+    class WeightedDice(dynloss.DiceLoss):
+        def __init__(self, mode: str = "binary", weight: float = 1.0) -> None:
+            super().__init__(mode)
+            self.weight = weight
+
+    class PercentTopK(dynloss.TopKLoss):
+        def __init__(self, k: float = 10.0, *, mode: str = "binary") -> None:
+            super().__init__(k=k / 100, mode=mode)
+
+    weighted = WeightedDice(weight=2.0)
+    weighted.weight = 3.0
+    assert weighted.weight == 3.0
+    percent = PercentTopK(k=60.0)
+    percent.mode = "binary"
+    percent.mode = "binary"
+    assert percent.k == pytest.approx(0.6)

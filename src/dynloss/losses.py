@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from numbers import Integral, Real
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -50,6 +51,20 @@ __all__ = [
     "TopKLoss",
     "TverskyLoss",
 ]
+
+
+def _as_spec_value(value: Any, default: Any) -> Any:
+    """``value`` as a spec writes it, the way a constructor keeps it: a number (a NumPy scalar,
+    or an int for a float argument) as a Python int or float, a sequence (a tuple of class
+    weights, reassigned) as a list. A constructor normalises its arguments; a reassigned one is
+    kept as given, and its repr must still be a spec."""
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return float(value) if isinstance(default, float) else int(value)
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_as_spec_value(item, 0.0) for item in value]  # (weights: floats)
+    return value
 
 
 class SegmentationLoss(nn.Module):
@@ -113,20 +128,6 @@ class SegmentationLoss(nn.Module):
             self.__dict__["_prepared"] = None
             if self.__dict__.get("_constructed"):  # a reassigned argument: checked again now,
                 self._ready(strict=False)  # or, if invalid for now, at the next call
-                if self.__dict__["_prepared"] is not None:
-                    self._keep_as_constructed()
-
-    def _keep_as_constructed(self) -> None:
-        """Hold the arguments as the constructor holds them (a NumPy scalar as a float, a
-        tuple of class weights as a list), so that ``repr()`` stays a spec that rebuilds the
-        loss: the values of a loss constructed from them."""
-        try:
-            fresh = type(self)(**self.hyperparameters())
-        except (TypeError, ValueError):  # pragma: no cover - the arguments were just checked
-            return
-        for argument in _constructor_arguments(type(self)):
-            if argument in fresh.__dict__:
-                self.__dict__[argument] = fresh.__dict__[argument]
 
     def _ready(self, strict: bool = True) -> None:
         """Check every argument together and keep the result (the end of a constructor).
@@ -180,11 +181,11 @@ class SegmentationLoss(nn.Module):
             name: parameter.default
             for name, parameter in inspect.signature(type(self).__init__).parameters.items()
         }
-        changed = [
-            f"{name}={value!r}"
-            for name, value in self.hyperparameters().items()
-            if value != defaults[name] or type(value) is not type(defaults[name])
-        ]
+        changed = []
+        for name, value in self.hyperparameters().items():
+            value = _as_spec_value(value, defaults[name])
+            if value != defaults[name] or type(value) is not type(defaults[name]):
+                changed.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(changed)})"
 
 

@@ -141,7 +141,7 @@ def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bo
     else:  # pragma: no cover - the reference covers every call
         fallback = REFERENCE
     why = f" ({'; '.join(passed_over)})" if passed_over else ""
-    warn_once(f"{name}:{missing}:{fallback.name}",
+    warn_once(f"{name}:{missing}:{fallback.name}:{why}",
               f"dynloss: backend={name!r} cannot compute {missing}; using the "
               f"{fallback.name!r} backend for such calls{why}")
     return fallback
