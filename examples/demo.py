@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8, choices=range(1, 9), metavar="1..8",
                         help="batches of 8 blobs per epoch (default 8)")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+    if args.epochs < 2:
+        parser.error(f"--epochs must be >= 2 (the switching run switches at epochs // 2); got "
+                     f"{args.epochs}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    switch = max(1, args.epochs // 2)
+    switch = args.epochs // 2
     runs = {name: LOSSES[name]() for name in ("bce", "focal", "topk", "dice", "iou", "tversky")}
     runs["dice+focal"] = build_loss("dice+focal")
     runs[f"iou->bce@{switch}"] = build_loss(f"iou->bce@{switch}")

@@ -65,6 +65,17 @@ def _one_line_error(capsys, argv):
     (["--download", "--data-dir", "/data/Task10_Colon"],
      "--download and --data-dir exclude each other: --data-dir reads an extracted "
      "Task10_Colon, --download fetches one (into --download-root)"),
+    (["--phantom-slices", "8", "6"], "--phantom-slices needs LOW <= HIGH, both at least 1; "
+                                     "got 8 6"),
+    (["--workers", "-1"], "--workers must be >= 0; got -1"),
+    # accepted and ignored with --loss: the report then gave --switch-epoch as the switch
+    (["--loss", "iou->bce@2", "--switch-epoch", "1"],
+     "--switch-epoch does not apply with --loss: a spec's own @N is its switch (only "
+     "--switch-lr restart reads it, for the runs without a switch)"),
+    (["--loss", "iou", "--experiment", "table4"],
+     "--experiment does not apply with --loss: --loss runs exactly the given specs"),
+    (["--loss", "iou", "--pair", "dice", "focal"],
+     "--pair does not apply with --loss: --loss runs exactly the given specs"),
     (["--switch-lr", "restart", "--loss", "iou", "--loss", "iou->bce@2", "--loss",
       "iou->bce@4"],
      "--switch-lr restart: the runs without a switch restart where the switching runs switch, "
@@ -227,3 +238,91 @@ def test_the_demo_trains_every_loss_and_reads_its_options(capsys):
     assert float(rows[0][1]) == pytest.approx(first_bce, abs=5e-5)  # the printed first loss
     for row in rows:
         assert 0.0 <= float(row[3]) <= 1.0
+
+
+def test_a_missing_metric_is_printed_as_na():
+    """A test set without tumour and a run that predicts none: the per-patient Dice is NaN,
+    saved as None, and the summary line crashed formatting it."""
+    from msd_colon_lib.runner import summary_line
+
+    line = summary_line("runs/bce/e3/seed0", "bce",
+                        {"dice_global": 0.5, "dice_patient": None, "dice_slice": float("nan")})
+    assert line == ("  runs/bce/e3/seed0 (bce): test Dice global 0.5000, per patient n/a, per "
+                    "slice n/a")
+
+
+def test_a_rerun_that_fails_leaves_no_report_of_the_previous_run(tmp_path, monkeypatch):
+    """report.md, runs.csv and the figures were rewritten only at the end: a rerun killed
+    midway left the previous run's complete-looking report beside its new results."""
+    from msd_colon_lib import runner
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("report.md", "runs.csv", "loss_curves.png", "qualitative.png"):
+        (out / name).write_text("previous run")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        msd_colon.main(["--out", str(out), *TINY, "--loss", "bce", "--epochs", "1"])
+    assert not [p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".csv",
+                                                                               ".png")]
+
+
+def test_a_phantom_given_as_data_dir_is_reported_as_synthetic(tmp_path, task10, capsys,
+                                                              monkeypatch):
+    """The banner and the preset followed the flags, not the data: a phantom passed with
+    --data-dir was reported as real data, with the paper preset."""
+    from msd_colon_lib import runner
+
+    args = msd_colon.main(["--dry-run", "--data-dir", str(task10)])["args"]
+    assert args.preset == "demo" and "synthetic" in args.preset_reason
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        msd_colon.main(["--out", str(tmp_path), *TINY, "--data-dir", str(task10), "--loss",
+                        "bce", "--epochs", "1"])
+    assert (f"NOTE: --data-dir {task10} holds a SYNTHETIC phantom"
+            in capsys.readouterr().out)
+
+
+def test_the_thread_count_is_part_of_a_runs_configuration():
+    """Results depend on torch's thread count (chosen by the machine's load when --threads is
+    not given), and a rerun with another count reused them."""
+    import torch
+
+    from msd_colon_lib.experiments import RunSpec
+    from msd_colon_lib.runner import run_config
+
+    args = msd_colon.main(["--dry-run"])["args"]
+    spec = RunSpec("table1", "iou", 3, 0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_config(args, spec, synthetic=True)
+        torch.set_num_threads(2)
+        two = run_config(args, spec, synthetic=True)
+    finally:
+        torch.set_num_threads(before)
+    assert (one.extra["threads"], two.extra["threads"]) == (1, 2)
+
+
+def test_the_report_lists_the_seeds_that_ran():
+    """Table 4 (5-fold cross-validation) trains seed 0 only; the report listed every --seeds."""
+    from msd_colon_lib.runner import trained_seeds
+
+    args = msd_colon.main(["--dry-run", "--experiment", "table4", "--seeds", "0", "1", "2"])
+    assert trained_seeds(args["plan"]) == [0]
+
+
+def test_the_demo_refuses_a_run_too_short_to_switch(capsys):
+    """With --epochs 1 the iou->bce@1 row never switched: it was IoU, labelled a switch."""
+    import demo
+
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--epochs", "1"])
+    assert info.value.code == 2
+    assert "--epochs must be >= 2 (the switching run switches at epochs // 2); got 1" in (
+        capsys.readouterr().err)

@@ -332,3 +332,42 @@ def test_digest_cache_rehashes_a_file_edited_in_place(tmp_path):
     again = DigestCache(tmp_path / "cache.json")
     assert again.digest(path) == sha256_file(path) != first
     assert again.hashed == [str(path.resolve())]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_an_interrupted_rebuild_of_the_phantom_is_never_reused(tmp_path, monkeypatch):
+    """The stamp of the old phantom stayed while its volumes were overwritten: a run killed
+    during a rebuild with another seed left a mix that the next run took as complete."""
+    from msd_colon_lib import phantom as phantom_module
+
+    kwargs = dict(n_patients=3, shape=(32, 32), slices=(6, 8))
+    clean = _files(make_phantom(tmp_path / "clean", seed=0, **kwargs))
+    root = tmp_path / "Task10_Colon"
+    make_phantom(root, seed=0, **kwargs)
+    made = []
+    real = phantom_module.make_volume
+
+    def dies_on_the_second(*args, **kw):
+        if len(made) == 1:
+            raise KeyboardInterrupt  # the run is killed here
+        made.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(phantom_module, "make_volume", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_phantom(root, seed=1, **kwargs)
+    monkeypatch.setattr(phantom_module, "make_volume", real)
+    make_phantom(root, seed=0, **kwargs)
+    assert _files(root) == clean
+
+
+def test_a_smaller_phantom_leaves_no_volumes_of_the_larger_one(tmp_path):
+    root = tmp_path / "Task10_Colon"
+    make_phantom(root, n_patients=3, shape=(32, 32), slices=(6, 8), seed=0)
+    make_phantom(root, n_patients=2, shape=(32, 32), slices=(6, 8), seed=0)
+    names = sorted(p.name for p in (root / "labelsTr").iterdir())
+    assert names == ["colon_001.nii.gz", "colon_002.nii.gz"]

@@ -28,6 +28,7 @@ from .experiments import (
     expand,
     kind,
 )
+from .phantom import is_phantom
 from .training import MONITORS, TRAIN_LOSS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,6 +46,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder_weights": "imagenet",
     },
 }
+GRID_OPTIONS = (("--experiment", "experiment"), ("--pair", "pair"),
+                ("--switch-fractions", "switch_fractions"), ("--folds", "folds"))
+"""Options that choose the runs of the grid: --loss replaces the grid, so they do not apply."""
 DEFAULTS: dict[str, Any] = {
     "folds": 5, "plateau_patience": 5, "precise_bn": 0, "monitor": "auto", "switch_lr": "keep",
     "pair": ["iou", "bce"], "switch_fractions": list(SWITCH_FRACTIONS),
@@ -53,13 +57,18 @@ DEFAULTS: dict[str, Any] = {
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Choose the preset (when not given) and fill every option left unset (None) from it."""
-    real = bool(getattr(args, "data_dir", None) or getattr(args, "download", False))
+    data_dir = getattr(args, "data_dir", None)
+    real = bool(data_dir or getattr(args, "download", False)) and not (
+        data_dir and is_phantom(data_dir))
     if getattr(args, "preset", None) is None:
         args.preset = "paper" if real else "demo"
         args.preset_reason = ("the default for real data" if real
                               else "the default for the synthetic phantom")
     else:
         args.preset_reason = "--preset"
+    # the grid's options that --loss replaces, as given (before the presets fill them)
+    args.grid_options_given = [option for option, key in GRID_OPTIONS
+                               if getattr(args, key, None) is not None]
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
@@ -150,6 +159,10 @@ def validate(args: argparse.Namespace) -> None:
     need(args.plateau_patience >= 0,
          f"--plateau-patience must be >= 0; got {args.plateau_patience}")
     need(args.precise_bn >= 0, f"--precise-bn must be >= 0; got {args.precise_bn}")
+    low, high = args.phantom_slices
+    need(1 <= low <= high, f"--phantom-slices needs LOW <= HIGH, both at least 1; got {low} "
+                           f"{high}")
+    need(args.workers >= 0, f"--workers must be >= 0; got {args.workers}")
     need(args.max_cases is None or args.max_cases >= 1,
          f"--max-cases must be at least 1; got {args.max_cases}")
     if args.hu_window is not None:
@@ -183,6 +196,12 @@ def validate(args: argparse.Namespace) -> None:
          "--download and --data-dir exclude each other: --data-dir reads an extracted "
          "Task10_Colon, --download fetches one (into --download-root)")
     if args.loss:
+        for option in getattr(args, "grid_options_given", ()):
+            raise OptionsError(f"{option} does not apply with --loss: --loss runs exactly the "
+                               "given specs")
+        need(not args.switch_epoch_given or args.switch_lr == "restart",
+             "--switch-epoch does not apply with --loss: a spec's own @N is its switch (only "
+             "--switch-lr restart reads it, for the runs without a switch)")
         _check_loss_specs(args, need)
     trigger = args.adaptive_trigger
     need(not trigger.strip().isdigit(),

@@ -17,8 +17,11 @@ two (seed, patient) pairs share a stream), so the volumes are the same on every 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,19 @@ def make_volume(
     )
 
 
+def is_phantom(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` holds a phantom (complete or not) that :func:`make_phantom` wrote: its
+    ``phantom.json``, or a ``dataset.json`` that says SYNTHETIC."""
+    root = Path(root)
+    if (root / "phantom.json").is_file():
+        return True
+    try:
+        description = json.loads((root / "dataset.json").read_text()).get("description", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(description, str) and description.startswith("SYNTHETIC")
+
+
 def make_phantom(
     root: str | os.PathLike[str],
     *,
@@ -110,10 +126,11 @@ def make_phantom(
 ) -> Path:
     """Write the phantom dataset to ``root`` (the ``Task10_Colon`` folder) and return it.
 
-    An existing, complete phantom written with the same parameters is reused.
+    An existing, complete phantom written with the same parameters by the same generator (this
+    module's source) is reused. Otherwise the phantom is written whole into a folder beside
+    ``root`` and moved into its place, so that a run killed while writing leaves either the
+    old phantom or none, never a mix, and a smaller phantom leaves no volumes of a larger one.
     """
-    import nibabel as nib
-
     root = Path(root)
     params = {
         "n_patients": n_patients,
@@ -121,11 +138,33 @@ def make_phantom(
         "slices": list(slices),
         "tumour_fraction": tumour_fraction,
         "seed": seed,
-        "version": 1,
+        "generator": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
     }
     stamp = root / "phantom.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        return root
+    try:
+        if json.loads(stamp.read_text()) == params:
+            return root
+    except (OSError, ValueError):
+        pass
+    if root.is_dir() and any(root.iterdir()) and not is_phantom(root):
+        raise ValueError(f"{root} holds data that this example did not write as a phantom; "
+                         "not overwritten (choose another --out)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    try:
+        _write_phantom(building, params, n_patients, shape, slices, tumour_fraction, seed)
+        if root.exists():
+            shutil.rmtree(root)
+        building.rename(root)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return root
+
+
+def _write_phantom(root: Path, params: dict, n_patients: int, shape: tuple[int, int],
+                   slices: tuple[int, int], tumour_fraction: float, seed: int) -> None:
+    import nibabel as nib
+
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     training = []
@@ -153,5 +192,4 @@ def make_phantom(
         "test": [],
     }
     (root / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    stamp.write_text(json.dumps(params))
-    return root
+    (root / "phantom.json").write_text(json.dumps(params))

@@ -16,6 +16,7 @@ from .data import HU_WINDOW, SliceStore, build_slice_store, open_store
 from .distributed import Dist, barrier, broadcast, maybe_destroy, resolve_device, setup_distributed
 from .errors import ExampleError, OptionsError
 from .options import PRESETS, apply_preset, validate
+from .phantom import is_phantom
 from .training import RunConfig, train_run
 
 SYNTHETIC_BANNER = (
@@ -44,7 +45,8 @@ def on_main(d: Dist, fn: Callable[[], T]) -> T | None:
 
 
 def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceStore, bool]:
-    """The slice store and whether the data are synthetic."""
+    """The slice store and whether the data are synthetic (the phantom, generated here or
+    given with --data-dir)."""
     synthetic = not (args.download or args.data_dir)
     if args.download:
         from .download import fetch_task10
@@ -54,6 +56,12 @@ def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceSto
         data_dir = root / "Task10_Colon"
     elif args.data_dir:
         data_dir = Path(args.data_dir)
+        if is_phantom(data_dir):
+            synthetic = True
+            if d.main:
+                print(f"NOTE: --data-dir {data_dir} holds a SYNTHETIC phantom (its dataset.json "
+                      "says so), not patient data: the numbers show that the pipeline works, "
+                      "not what the paper claims.", flush=True)
     else:
         from .phantom import make_phantom
 
@@ -111,6 +119,8 @@ def qualitative_slice(store: SliceStore, test: np.ndarray) -> int | None:
 def run_config(args: argparse.Namespace, spec: experiments.RunSpec, synthetic: bool
                ) -> RunConfig:
     """The :class:`RunConfig` of one run of the grid."""
+    import torch
+
     switch_lr, restart_at = args.switch_lr, None
     if args.switch_lr == "restart" and experiments.kind(spec.loss) != "switch":
         if args.switch_epoch < spec.epochs:  # the same warm restart as the switching runs
@@ -122,6 +132,8 @@ def run_config(args: argparse.Namespace, spec: experiments.RunSpec, synthetic: b
         "val_fraction": args.val_fraction, "fold": spec.fold, "image_size": args.image_size,
         "hu_window": list(args.hu_window or HU_WINDOW), "max_cases": args.max_cases,
         "synthetic": synthetic,
+        # torch's intra-op thread count changes the numbers (the order of float sums)
+        "threads": torch.get_num_threads(),
     }
     if spec.fold is not None:
         extra["folds"] = args.folds
@@ -195,6 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise OptionsError(f"--batch-size {args.batch_size} over {d.world} processes leaves "
                                "fewer than 2 slices per process; BatchNorm needs 2")
         t0 = time.perf_counter()
+        if d.main:
+            _remove_previous_report(out)
         on_main(d, lambda: _check_encoder_weights(args))
         store, synthetic = prepare_data(args, d, out)
         if args.benchmark:
@@ -217,10 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             done[spec.name] = {**res, "_dir": str(out / spec.name)}
             if d.main and not args.quiet:
-                t = res["test"]
-                print(f"  {spec.name} ({spec.loss}): test Dice global {t['dice_global']:.4f}, "
-                      f"per patient {t['dice_patient']:.4f}, per slice {t['dice_slice']:.4f}",
-                      flush=True)
+                print(summary_line(spec.name, spec.loss, res["test"]), flush=True)
         results = [(spec, done[spec.name]) for spec in grid]
         report_path = None
         if d.main:
@@ -229,6 +240,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if synthetic:
                 print(SYNTHETIC_BANNER, flush=True)
         return {"results": results, "report": report_path, "store": store}
+
+
+def summary_line(name: str, loss: str, test: dict[str, Any]) -> str:
+    """The one line printed after a run; a metric that is NaN or None (no tumour in the test
+    set and none predicted: the per-patient Dice has no patient to average) reads n/a."""
+    def shown(value: Any) -> str:
+        return "n/a" if value is None or value != value else f"{value:.4f}"
+
+    return (f"  {name} ({loss}): test Dice global {shown(test['dice_global'])}, per patient "
+            f"{shown(test['dice_patient'])}, per slice {shown(test['dice_slice'])}")
+
+
+REPORT_FILES = ("report.md", "runs.csv", "loss_curves.png", "qualitative.png")
+"""What :func:`_write_report` writes under --out at the end of a run."""
+
+
+def _remove_previous_report(out: Path) -> None:
+    """Remove the report of an earlier run in ``out`` before anything runs: it is written
+    again only at the end, and a run that fails or is killed midway must not leave the old one
+    beside its new results, looking complete."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def trained_seeds(grid: list[experiments.RunSpec]) -> list[int]:
+    """The seeds the grid's runs train with (Table 4's cross-validation: seed 0 only)."""
+    return sorted({spec.seed for spec in grid})
 
 
 def _qualitative_info(args: argparse.Namespace, store: SliceStore,
@@ -286,8 +324,9 @@ def _write_report(args: argparse.Namespace, out: Path,
             if args.precise_bn else "running statistics (smp default)"
         ),
         "epochs": f"single {args.epochs}, composite/switching {args.long_epochs}, "
-                  f"switch at {args.switch_epoch}",
-        "seeds": args.seeds,
+                  + ("switches as the --loss specs give them" if args.loss
+                     else f"switch at {args.switch_epoch}"),
+        "seeds": trained_seeds([spec for spec, _ in results]),
         "device": str(resolve_device(args.device)),
         "wall time (s)": round(time.perf_counter() - t0, 1),
     }
