@@ -165,3 +165,106 @@ def test_a_buffer_moved_to_shared_memory_is_never_handed_out_again():
     del first
     second = _gradient(dice, logits, target)
     assert second.data_ptr() != address
+
+
+@pytest.mark.parametrize("size", [0, 64], ids=["freed", "shrunk"])
+def test_a_buffer_whose_storage_was_resized_is_never_handed_out(size):
+    """Code that frees a gradient's memory in place (FSDP/ZeRO-style: ``resize_(0)``) left a
+    pooled buffer of the right element count over no memory: the next forward wrote 1 MiB
+    into 64 bytes, or backward read a null pointer (a crash)."""
+    logits, target = _inputs()
+    dice = dynloss.DiceLoss(backend="native")
+    expected = _gradient(dice, logits, target).clone()
+    gradient = _gradient(dice, logits, target)
+    gradient.untyped_storage().resize_(size)
+    del gradient
+    again = _gradient(dice, logits, target)
+    assert torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("loss", ["dice", "bce", "composite"])
+def test_a_forward_without_gradient_takes_no_buffer(mode, loss):
+    """Under no_grad/inference_mode an input that requires grad still had its slopes written
+    into a pooled input-sized buffer, thrown away (the docs: validation needs none)."""
+    logits, target = _inputs()
+    make = {"dice": lambda: dynloss.DiceLoss(backend="native"),
+            "bce": lambda: dynloss.BCELoss(backend="native"),
+            "composite": lambda: dynloss.CompositeLoss([dynloss.DiceLoss(backend="native"),
+                                                        dynloss.BCELoss(backend="native")])}
+    x = logits.clone().requires_grad_(True)
+    with getattr(torch, mode)():
+        value = make[loss]()(x, target)
+    assert len(POOL) == 0
+    assert torch.equal(value, make[loss]()(logits, target))
+
+
+def _runs_in_a_fork(child) -> int:
+    """Fork, run ``child`` there (exit 0 if it returns), and return the child's exit status;
+    a child still running after 30 s is killed (-9)."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            torch.set_num_threads(1)  # (torch's own OpenMP team does not survive a fork)
+            child()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -9
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_another_thread_holds_the_pools_lock_does_not_deadlock():
+    """A thread inside ``POOL.empty`` (which releases the GIL in torch.empty) when another
+    forked left the child's copy of the lock held for ever: its first loss call hung."""
+    logits, target = _inputs()
+    dynloss.DiceLoss(backend="native")(logits, target)  # the kernels loaded in the parent
+    with POOL._lock:  # what the other thread holds at the fork
+        status = _runs_in_a_fork(
+            lambda: _gradient(dynloss.DiceLoss(backend="native"), logits, target))
+    assert status == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_another_thread_loads_the_kernels_does_not_deadlock(monkeypatch):
+    from dynloss.kernels.native import build
+
+    logits, target = _inputs()
+    dynloss.DiceLoss(backend="native")(logits, target)
+    monkeypatch.setattr(build, "_status", None)  # the parent's other thread is loading them
+    with build._lock:
+        status = _runs_in_a_fork(lambda: build.library())
+    assert status == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_the_fork_warning_points_at_the_users_line():
+    """It pointed into dynloss (``kernels/native/__init__.py``), a fixed stacklevel."""
+    import warnings
+
+    logits, target = _inputs()
+    dynloss.DiceLoss(backend="native")(logits, target)
+
+    def child():
+        from dynloss.kernels.native import ffi
+
+        ffi._forked_warned = False
+        # two threads asked for, one running (torch's own team does not survive a fork)
+        torch.get_num_threads = lambda: 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dynloss.DiceLoss(backend="native")(logits, target)
+        files = [w.filename for w in caught if "was forked" in str(w.message)]
+        assert files == [__file__], files
+
+    assert _runs_in_a_fork(child) == 0

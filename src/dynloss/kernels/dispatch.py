@@ -34,14 +34,12 @@ the kernels' backward recomputes the gradient through the reference maths then.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
-from types import FrameType
 
 import torch
 from torch import Tensor
 
+from .._warn import caller_stacklevel
 from .capabilities import Backend, Capabilities, Need
 from .native import NATIVE
 from .reference import REFERENCE
@@ -72,26 +70,13 @@ _CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside dynloss and torch (the user's call)."""
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def warn_once(key: str, message: str) -> None:
     """``warnings.warn(message, RuntimeWarning)`` the first time ``key`` is seen in this
     process, pointing at the user's line that made the call."""
     if key in _WARNED or torch.compiler.is_compiling():
         return
     _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
+    warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, compiling: bool,

@@ -73,22 +73,30 @@ class NativeBackend:
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
         if params.ddp_pool and is_distributed():  # sums all-reduced before the score
-            sums = NativeSums.apply(layout.input, layout.target_input, layout.mode, layout.dims,
-                                    params, checked)
+            sums = NativeSums.apply(_input(layout), layout.target_input, layout.mode,
+                                    layout.dims, params, checked)
             return reference.score_loss(sums, params)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
-        return NativeRegionLoss.apply(layout.input, layout.target_input, layout.mode,
+        return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
                                       layout.dims, params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
-        return NativeDistributionLoss.apply(layout.input, layout.target_input, layout.dims,
+        return NativeDistributionLoss.apply(_input(layout), layout.target_input, layout.dims,
                                             params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        return NativeCompositeLoss.apply(layout.input, layout.target_input, layout.dims, params,
-                                         checked)
+        return NativeCompositeLoss.apply(_input(layout), layout.target_input, layout.dims,
+                                         params, checked)
+
+
+def _input(layout: Layout) -> Tensor:
+    """The caller's input, detached where no gradient will be formed (``torch.no_grad``,
+    ``inference_mode``: an autograd Function's ``needs_input_grad`` follows ``requires_grad``
+    alone), so that the forward pass writes no slopes into an input-sized buffer for it."""
+    x = layout.input
+    return x.detach() if x.requires_grad and not torch.is_grad_enabled() else x
 
 
 NATIVE = NativeBackend()

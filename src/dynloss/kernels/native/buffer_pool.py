@@ -10,7 +10,9 @@ here at ~1.6 us each, ~3 ms, against a ~1.6 ms forward pass).
 The pool keeps the buffers it handed out and hands one out again once nothing else refers to
 its storage any more (the gradient it became was consumed and dropped), so in a training
 loop the same resident memory serves every step. A buffer still in use (the caller kept the
-gradient) is never handed out. At most :data:`MAX_BUFFERS` buffers and :data:`MAX_BYTES`
+gradient) is never handed out, nor is one whose storage was resized in place (``resize_(0)``,
+as FSDP/ZeRO-style code frees a gradient): it is dropped. A forked child starts with an empty
+pool and a new lock. At most :data:`MAX_BUFFERS` buffers and :data:`MAX_BYTES`
 bytes are kept; the least recently used beyond that are released to the allocator. Set
 ``DYNLOSS_NATIVE_POOL=0`` (before importing dynloss) to allocate afresh every time.
 """
@@ -61,11 +63,17 @@ class BufferPool:
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes
         # [buffer, its storage, the storage's reference count and its Python object's when the
-        # buffer is free]: the storage object is kept so that a look-up creates no Python
-        # object, and it is the one ``x.grad.untyped_storage()`` returns, so a caller that
-        # keeps only it holds no count on the storage, only on the object
+        # buffer is free, its data pointer]: the storage object is kept so that a look-up
+        # creates no Python object, and it is the one ``x.grad.untyped_storage()`` returns, so
+        # a caller that keeps only it holds no count on the storage, only on the object
         self._entries: list[list] = []
         self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):  # (a lock another thread held at a fork stays
+            os.register_at_fork(after_in_child=self._after_fork)  # held in the child)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._entries = []
 
     def empty(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """An uninitialised float32 CPU tensor of ``shape`` (a free pooled one if any)."""
@@ -77,9 +85,12 @@ class BufferPool:
         with self._lock:
             entries = self._entries
             for index, entry in enumerate(entries):
-                buffer, storage, free, free_objects = entry
+                buffer, storage, free, free_objects, address = entry
                 if (buffer.numel() == numel and _references(storage) == free
                         and sys.getrefcount(storage) == free_objects):
+                    if storage.data_ptr() != address or storage.nbytes() != numel * 4:
+                        entries.pop(index)  # resized in place (freed, as FSDP does): its
+                        break               # memory is gone or another
                     if storage.is_shared():  # sent to another process, whose hold is not
                         entries.pop(index)   # counted here: never handed out again
                         break
@@ -88,7 +99,7 @@ class BufferPool:
                     return buffer.view(shape)
             buffer = torch.empty(numel)
             storage = buffer.untyped_storage()
-            entry = [buffer, storage, _references(storage), 0]
+            entry = [buffer, storage, _references(storage), 0, storage.data_ptr()]
             entry[3] = sys.getrefcount(storage)  # (the same references as in the loop above)
             entries.append(entry)
             while (len(entries) > self.max_buffers

@@ -435,6 +435,17 @@ _library: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet; "" loaded; else why not
 
 
+def _after_fork_in_child() -> None:
+    """A fork while another thread loaded the kernels left the child's copy of the lock held
+    for ever (its first loss call hung): the child gets a new one, and loads them itself."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _disabled() -> bool:
     return os.environ.get("DYNLOSS_NATIVE", "1").strip().lower() in (
         "0", "false", "off", "no", "none", "disable", "disabled")

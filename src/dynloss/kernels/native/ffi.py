@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..._layout import Layout, check_values, kernel_target
 from ..._math import topk_count
+from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
 from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
 from .buffer_pool import POOL
@@ -67,7 +68,7 @@ def _threads() -> int:
             "dynloss: this process was forked from another, where OpenMP's threads do not "
             f"survive: the native CPU kernels run on one thread here, not {wanted} (the "
             "'spawn' start method keeps them, as does 'forkserver' unless dynloss is in its "
-            "preload list)", RuntimeWarning, stacklevel=4)
+            "preload list)", RuntimeWarning, stacklevel=caller_stacklevel())
     return 1
 
 
