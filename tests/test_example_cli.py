@@ -326,3 +326,15 @@ def test_the_demo_refuses_a_run_too_short_to_switch(capsys):
     assert info.value.code == 2
     assert "--epochs must be >= 2 (the switching run switches at epochs // 2); got 1" in (
         capsys.readouterr().err)
+
+
+def test_a_benchmark_keeps_the_report_of_the_grid(tmp_path, monkeypatch):
+    """--benchmark writes benchmark.md only: it must not remove the grid's report."""
+    from msd_colon_lib import benchmark
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("the grid's report")
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args, **kwargs: {})
+    msd_colon.main(["--out", str(out), *TINY, "--benchmark"])
+    assert (out / "report.md").read_text() == "the grid's report"

@@ -371,3 +371,37 @@ def test_a_smaller_phantom_leaves_no_volumes_of_the_larger_one(tmp_path):
     make_phantom(root, n_patients=2, shape=(32, 32), slices=(6, 8), seed=0)
     names = sorted(p.name for p in (root / "labelsTr").iterdir())
     assert names == ["colon_001.nii.gz", "colon_002.nii.gz"]
+
+
+def test_a_phantom_left_without_its_stamp_by_an_older_version_is_rebuilt(tmp_path):
+    """An older version wrote the volumes first and its stamp last: a first build killed under
+    it leaves volumes and no stamp nor dataset.json, which must be rebuilt, not refused."""
+    root = tmp_path / "Task10_Colon"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "imagesTr" / "colon_001.nii.gz").write_bytes(b"half")
+    make_phantom(root, n_patients=2, shape=(32, 32), slices=(6, 8), seed=0)
+    assert _files(root) == _files(make_phantom(tmp_path / "clean", n_patients=2,
+                                               shape=(32, 32), slices=(6, 8), seed=0))
+
+
+def test_a_real_dataset_is_never_overwritten_by_the_phantom(tmp_path):
+    from msd_colon_lib.errors import DataError
+
+    root = tmp_path / "Task10_Colon"
+    root.mkdir()
+    (root / "dataset.json").write_text('{"description": "Colon cancer segmentation"}')
+    with pytest.raises(DataError, match="not overwritten"):
+        make_phantom(root, n_patients=2, shape=(32, 32), slices=(6, 8), seed=0)
+    assert (root / "dataset.json").exists()
+
+
+def test_a_phantom_behind_a_symlink_is_rebuilt_where_the_link_points(tmp_path):
+    target = tmp_path / "elsewhere"
+    make_phantom(target, n_patients=2, shape=(32, 32), slices=(6, 8), seed=0)
+    link = tmp_path / "Task10_Colon"
+    link.symlink_to(target)
+    make_phantom(link, n_patients=2, shape=(32, 32), slices=(6, 8), seed=1)
+    assert link.is_symlink()
+    assert _files(link) == _files(make_phantom(tmp_path / "clean", n_patients=2,
+                                               shape=(32, 32), slices=(6, 8), seed=1))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

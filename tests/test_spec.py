@@ -497,3 +497,13 @@ def test_reassigning_an_argument_of_a_subclass_keeps_its_constructor_alone() -> 
     percent.mode = "binary"
     percent.mode = "binary"
     assert percent.k == pytest.approx(0.6)
+
+
+def test_repr_of_a_subclass_leaves_its_unchanged_tuple_default_out() -> None:
+    class Sub(dynloss.DiceLoss):
+        def __init__(self, mode: str = "binary", classes: tuple = (1, 2)) -> None:
+            super().__init__(mode)
+            self.classes = classes
+
+    assert repr(Sub()) == "Sub()"
+    assert repr(Sub(classes=(1, 3))) == "Sub(classes=[1, 3])"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+
 APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
 
 
@@ -146,18 +148,23 @@ def make_phantom(
             return root
     except (OSError, ValueError):
         pass
-    if root.is_dir() and any(root.iterdir()) and not is_phantom(root):
-        raise ValueError(f"{root} holds data that this example did not write as a phantom; "
-                         "not overwritten (choose another --out)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    if (root / "dataset.json").exists() and not is_phantom(root):
+        raise DataError(f"{root} holds a dataset that this example did not write as a "
+                        "phantom; not overwritten (choose another --out)")
+    place = root.resolve()  # (a symlink: the phantom goes where it points)
+    place.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in place.parent.glob(f".{place.name}.*-*"):  # of a killed earlier build
+        shutil.rmtree(leftover, ignore_errors=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{place.name}.building-", dir=place.parent))
+    old = place.parent / f".{place.name}.old-{os.getpid()}"
     try:
         _write_phantom(building, params, n_patients, shape, slices, tumour_fraction, seed)
-        if root.exists():
-            shutil.rmtree(root)
-        building.rename(root)
+        if place.exists():  # two renames: a kill between them leaves no phantom, not a mix
+            place.rename(old)
+        building.rename(place)
     finally:
         shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return root
 
 

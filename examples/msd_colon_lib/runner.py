@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise OptionsError(f"--batch-size {args.batch_size} over {d.world} processes leaves "
                                "fewer than 2 slices per process; BatchNorm needs 2")
         t0 = time.perf_counter()
-        if d.main:
+        if d.main and not args.benchmark:  # (a benchmark writes benchmark.md only)
             _remove_previous_report(out)
         on_main(d, lambda: _check_encoder_weights(args))
         store, synthetic = prepare_data(args, d, out)

@@ -63,7 +63,7 @@ def _as_spec_value(value: Any, default: Any) -> Any:
     if isinstance(value, Real) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, (list, tuple)):
-        return [_as_spec_value(item, 0.0) for item in value]  # (weights: floats)
+        return [_as_spec_value(item, None) for item in value]
     return value
 
 
@@ -184,7 +184,8 @@ class SegmentationLoss(nn.Module):
         changed = []
         for name, value in self.hyperparameters().items():
             value = _as_spec_value(value, defaults[name])
-            if value != defaults[name] or type(value) is not type(defaults[name]):
+            default = _as_spec_value(defaults[name], defaults[name])
+            if value != default or type(value) is not type(default):
                 changed.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(changed)})"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -54,6 +55,19 @@ def _references(storage: torch.UntypedStorage) -> int:
     return int(_use_count(storage._cdata))
 
 
+_POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+"""Every pool, renewed in a forked child (:func:`_after_fork_in_child`)."""
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class BufferPool:
     """Float32 CPU buffers by element count, each handed out again once it is free."""
 
@@ -68,8 +82,7 @@ class BufferPool:
         # a caller that keeps only it holds no count on the storage, only on the object
         self._entries: list[list] = []
         self._lock = threading.Lock()
-        if hasattr(os, "register_at_fork"):  # (a lock another thread held at a fork stays
-            os.register_at_fork(after_in_child=self._after_fork)  # held in the child)
+        _POOLS.add(self)  # (a lock another thread held at a fork stays held in the child)
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
