@@ -197,3 +197,33 @@ def test_a_composite_under_cpu_autocast_computes_in_float32(mode):
         value = loss(logits, target)
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, loss(logits.float(), target), rtol=1e-6, atol=1e-7)
+
+
+def test_fake_tensors_are_traced_not_read():
+    """Under ``FakeTensorMode`` (tensors with shapes and no data, as tracing tools use) the
+    native kernels read a null pointer (a crash), a call after a real call of the same shape
+    reused the module's plan for native, and the value checks raised torch's
+    DataDependentOutputException. Run in a subprocess: the old code crashed the interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, dynloss\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "losses = [dynloss.DiceLoss(), dynloss.DiceLoss(check_values=False), dynloss.BCELoss(),"
+        " dynloss.TopKLoss(), dynloss.CompositeLoss([dynloss.DiceLoss(), dynloss.BCELoss()])]\n"
+        "x, t = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()\n"
+        "for loss in losses: loss(x, t)\n"  # a plan for real tensors of this signature first
+        "with FakeTensorMode():\n"
+        "    fx = torch.randn(2, 1, 8, 8, requires_grad=True)\n"
+        "    ft = (torch.rand(2, 1, 8, 8) > 0.5).float()\n"
+        "    for loss in losses:\n"
+        "        value = loss(fx, ft)\n"
+        "        value.backward()\n"
+        "        assert value.shape == () and fx.grad.shape == fx.shape\n"
+        "        fx.grad = None\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -38,6 +38,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .constants import BINARY_MODE, MULTICLASS_MODE, MULTILABEL_MODE
 
@@ -334,12 +335,20 @@ def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
     return torch.where(critical, torch.nextafter(narrow, toward), narrow)
 
 
+def is_fake(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a FakeTensor (``FakeTensorMode``: a shape, a dtype, a device and
+    no data, as tracing tools use): traced like a call under ``torch.compile``, never read."""
+    return isinstance(tensor, FakeTensor)
+
+
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:
     """Whether the eager value checks run: ``None`` means where it is free (CPU tensors,
-    outside ``torch.compile``); never on meta tensors, which hold no values."""
+    outside ``torch.compile``); never on meta or fake tensors, which hold no values."""
+    if torch.compiler.is_compiling() or is_fake(input):
+        return False
     if check_values is None:
-        return input.device.type == "cpu" and not torch.compiler.is_compiling()
-    return check_values and not input.is_meta and not torch.compiler.is_compiling()
+        return input.device.type == "cpu"
+    return check_values and not input.is_meta
 
 
 def _kept_target(layout: Layout, ignore_index: int | None) -> Tensor:

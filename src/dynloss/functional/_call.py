@@ -77,9 +77,10 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
         # (``is_cpu`` stands for the device where it can: cheaper than a device object; a
         # nested tensor has no shape: planned never, refused by prepare below)
         try:
-            key = (input.shape, input.dtype, input.layout, input.is_cpu or input.device,
-                   target.shape, target.dtype, target.layout, target.is_cpu or target.device,
-                   target.requires_grad, torch.is_grad_enabled())
+            key = (type(input), input.shape, input.dtype, input.layout,
+                   input.is_cpu or input.device, target.shape, target.dtype, target.layout,
+                   target.is_cpu or target.device, target.requires_grad,
+                   torch.is_grad_enabled())
         except RuntimeError:
             key = None
         plan = plans.get(key) if key is not None else None

@@ -39,6 +39,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from .._layout import is_fake
 from .._warn import caller_stacklevel
 from .capabilities import Backend, Capabilities, Need
 from .native import NATIVE
@@ -139,7 +140,8 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     ``x`` is the input (its device and dtype count), ``target_grad``: the target requires a
     gradient, ``classes``: the number of channels ``C`` (default ``x.shape[1]``). Cached per
     (name, device, dtype, classes, need, target gradient), so a call costs one dictionary
-    look-up; inside ``torch.compile`` only compilable backends are considered.
+    look-up; inside ``torch.compile`` and for fake tensors only compilable backends are
+    considered.
 
     Raises:
         ValueError: ``name`` is ``"native"`` or ``"triton"`` and those kernels cannot run on
@@ -147,7 +149,7 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     """
     if classes is None:
         classes = x.shape[1] if x.dim() > 1 else 1
-    compiling = torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling() or is_fake(x)  # (fake tensors: traced alike)
     target_grad = target_grad and torch.is_grad_enabled()
     if compiling:
         if name == "auto":
