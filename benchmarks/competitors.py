@@ -39,7 +39,10 @@ def nnunet_topk(k: float) -> Loss:
     binary mode: the per-element cross-entropy (``reduction="none"``), then the mean of its
     ``int(numel * k)`` largest values over the whole batch by
     ``torch.topk(flat, count, sorted=False)``. nnU-Net's ``k`` is a percentage
-    (``k=10`` keeps 10 %); here a fraction, as dynloss's (``k=0.6`` keeps 60 %).
+    (``k=10`` keeps 10 %); here a fraction, as dynloss's (``k=0.6`` keeps 60 %). nnU-Net rounds
+    the count down, dynloss up (``ceil(k * numel)``): where ``k * numel`` is not an integer
+    dynloss averages one element more, so the values differ by that element's share (4e-5
+    relative at (8, 1, 64, 64), 6e-7 at (32, 1, 256, 256)); the work timed is the same.
     """
 
     def loss(x, t):

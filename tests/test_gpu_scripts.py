@@ -126,3 +126,15 @@ def test_cpu_benchmark_without_its_peers_refuses_to_replace_the_tables(monkeypat
         "compare with no peer. Install them, or pass --out to write elsewhere.")
     assert before == {path: path.read_bytes()
                       for path in (ROOT / "benchmarks" / "results").glob("cpu*")}
+
+
+def test_cpu_benchmark_compares_fault_free_calls_only_when_every_peer_has_them():
+    """The ratio over calls without a page fault took the faster of the peers that had such
+    calls: where MONAI (the faster) never had one, it was measured against smp, the slower
+    peer, and came out above the median ratio (Tversky 12.70x against 7.60x)."""
+    bench = _bench_cpu()
+    timed = {"smp": (17.71, 15.0, 2016, 15.34, 5), "monai": (9.18, 5.0, 2016, None, 0)}
+    assert bench.no_fault_ratio(timed, 1.0) is None
+    timed["monai"] = (9.18, 5.0, 0, 8.0, 12)
+    assert bench.no_fault_ratio(timed, 2.0) == 4.0
+    assert bench.no_fault_ratio(timed, None) is None
