@@ -26,7 +26,8 @@ of the gradient. smp keeps them in BCE's mean (as zeros); dynloss does not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -109,7 +110,10 @@ _SHARED_DOC = """
 """
 
 
-def _with_shared_doc(function):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _with_shared_doc(function: _F) -> _F:
     """Insert the arguments shared by this family into ``function``'s docstring (there is
     none under ``python -OO``)."""
     if function.__doc__ is not None:

@@ -37,6 +37,9 @@ flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty targets d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from torch import Tensor
 
 from .. import _math
@@ -140,7 +143,10 @@ _SHARED_DOC = """
 """
 
 
-def _with_shared_doc(function):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _with_shared_doc(function: _F) -> _F:
     """Insert the arguments shared by this family into ``function``'s docstring (there is
     none under ``python -OO``)."""
     if function.__doc__ is not None:
