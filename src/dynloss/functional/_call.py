@@ -8,6 +8,7 @@ construction; the public functions of this package build the parameters first.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -112,6 +113,18 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
 
 
 _P = TypeVar("_P")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def shared_doc(text: str) -> Callable[[_F], _F]:
+    """A decorator that puts ``text`` (the arguments a family of losses shares) where a
+    function's docstring says ``{shared}``; the function keeps its signature for type
+    checkers, and under ``python -OO`` (no docstrings) nothing is done."""
+    def insert(function: _F) -> _F:
+        if function.__doc__ is not None:
+            function.__doc__ = function.__doc__.replace("    {shared}\n", text.lstrip("\n"))
+        return function
+    return insert
 
 
 def _matchable_ignore(params: _P, target: Tensor) -> _P:

@@ -26,8 +26,7 @@ of the gradient. smp keeps them in BCE's mean (as zeros); dynloss does not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -43,7 +42,7 @@ from .._math import (
 )
 from .._params import distribution_params
 from ..kernels import reference
-from ._call import distribution_loss
+from ._call import distribution_loss, shared_doc
 
 __all__ = [
     "LOG_CLAMP",
@@ -110,15 +109,7 @@ _SHARED_DOC = """
 """
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _with_shared_doc(function: _F) -> _F:
-    """Insert the arguments shared by this family into ``function``'s docstring (there is
-    none under ``python -OO``)."""
-    if function.__doc__ is not None:
-        function.__doc__ = function.__doc__.replace("    {shared}\n", _SHARED_DOC.lstrip("\n"))
-    return function
+_with_shared_doc = shared_doc(_SHARED_DOC)
 
 
 @_with_shared_doc

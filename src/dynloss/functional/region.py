@@ -37,16 +37,13 @@ flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty targets d
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 from torch import Tensor
 
 from .. import _math
 from .._layout import Layout
 from .._params import region_params
 from ..kernels import reference
-from ._call import region_loss
+from ._call import region_loss, shared_doc
 
 __all__ = [
     "dice_loss",
@@ -143,15 +140,7 @@ _SHARED_DOC = """
 """
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _with_shared_doc(function: _F) -> _F:
-    """Insert the arguments shared by this family into ``function``'s docstring (there is
-    none under ``python -OO``)."""
-    if function.__doc__ is not None:
-        function.__doc__ = function.__doc__.replace("    {shared}\n", _SHARED_DOC.lstrip("\n"))
-    return function
+_with_shared_doc = shared_doc(_SHARED_DOC)
 
 
 @_with_shared_doc

@@ -298,9 +298,7 @@ class CompositeLoss(nn.Module):
             in_use(loss, found)
 
     def _dynloss_step(self, metric: object, synced: bool, seen: set[int],
-                      used: Mapping[int, Any] | None = None) -> None:
-        if used is None:
-            used = in_use(self)
+                      used: Mapping[int, Any]) -> None:
         seen.add(id(self))
         self.count += 1
         for weight in self.weights:

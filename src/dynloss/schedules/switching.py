@@ -348,13 +348,11 @@ class SwitchingLoss(nn.Module):
         in_use(self.active, found)
 
     def _dynloss_step(self, metric: Any, synced: bool, seen: set[int],
-                      used: Mapping[int, Any] | None = None) -> bool:
+                      used: Mapping[int, Any]) -> bool:
         """One step. ``used``: the losses in use at this step (:func:`in_use` of the top-level
-        loss; None: this is the top level). One not in use (held in a stage of a SwitchingLoss
-        that is not active, and not used elsewhere) counts the step (its milestones and weight
-        schedules see the global counter) but consults no trigger."""
-        if used is None:
-            used = in_use(self)
+        loss). One not in use (held in a stage of a SwitchingLoss that is not active, and not
+        used elsewhere) counts the step (its milestones and weight schedules see the global
+        counter) but consults no trigger."""
         active = id(self) in used
         seen.add(id(self))
         # only while an active trigger (here or nested) reads it: a finished one must not

@@ -146,11 +146,12 @@ def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Te
                       dims: tuple[int, ...]) -> None:
     """Turn the kernel's counts of bad values into the errors the other backends raise: their
     value checks, over the kept elements only (an ignored pixel's values are never read)."""
+    if not (bad_target or (bad_input and not from_logits)):
+        return  # (a non-finite logit: the loss is NaN, not an error)
     n, _, m = dims
     target_dims = (n, m) if mode == MULTICLASS_MODE else dims
-    layout = Layout.of(x, target, mode, dims, target_dims, x.shape)
-    if bad_target or (bad_input and not from_logits):
-        check_values(layout, ignore_index, from_logits)
+    check_values(Layout.of(x, target, mode, dims, target_dims, x.shape), ignore_index,
+                 from_logits)
 
 
 class Forward:
