@@ -92,6 +92,21 @@ def saved_bytes(fn, logits, target):
     return sum(storages.values())
 
 
+def kept_bytes(fn, logits, target):
+    """The bytes dynloss keeps allocated between calls after one forward+backward whose
+    gradient was dropped: the native backend's pooled buffers (0 for every peer)."""
+    from dynloss.kernels.native import buffer_pool
+
+    pools = list(buffer_pool._POOLS)
+    for pool in pools:
+        pool.clear()
+    run_once(fn, logits, target)  # the gradient it returns is dropped here
+    kept = sum(pool.nbytes() for pool in pools)
+    for pool in pools:
+        pool.clear()
+    return kept
+
+
 def _minor_faults() -> int:
     """This process's minor page faults so far (0 where ``resource`` is missing)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
@@ -207,10 +222,12 @@ def main(argv=None):
         clean_ratio = no_fault_ratio(timed, ours_clean)
         for label, (median, minimum, faults, clean, clean_count) in timed.items():
             saved = saved_bytes(candidates[label], logits, target)
+            kept = kept_bytes(candidates[label], logits, target)
             row = {
                 "loss": name, "implementation": label, "median_ms": median * 1e3,
                 "min_ms": minimum * 1e3, "speedup_of_dynloss": median / ours,
-                "saved_inputs": saved / input_bytes, "page_faults": faults,
+                "saved_inputs": saved / input_bytes, "kept_inputs": kept / input_bytes,
+                "page_faults": faults,
                 "no_fault_median_ms": None if clean is None else clean * 1e3,
                 "no_fault_calls": clean_count,
             }
@@ -256,19 +273,23 @@ def to_markdown(meta, rows, summaries=None):
         f"Median of {meta['repeats']} runs. One `torch.sigmoid` pass over the input: "
         f"{meta['sigmoid_ms']:.2f} ms. *dynloss speed-up*: this row's median over dynloss's. "
         "*saved*: tensors kept for backward beyond the caller's input and target, in multiples "
-        "of the input's size. *faults*: median minor page faults per call; *no-fault ms*: "
+        "of the input's size. *kept*: memory dynloss keeps allocated between calls once the "
+        "gradient is dropped (the native backend's pooled buffers, reused by the next call), "
+        "in the same unit. *faults*: median minor page faults per call; *no-fault ms*: "
         "median over the calls without a page fault (how many of them in brackets).",
         "",
-        "| loss | implementation | median ms | min ms | dynloss speed-up | saved | faults "
-        "| no-fault ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| loss | implementation | median ms | min ms | dynloss speed-up | saved | kept "
+        "| faults | no-fault ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         clean = r.get("no_fault_median_ms")
         clean_cell = "–" if clean is None else f"{clean:.2f} ({r['no_fault_calls']})"
+        kept = r.get("kept_inputs")  # (results written before the column existed: –)
+        kept_cell = "–" if kept is None else f"{kept:.2f}"
         lines.append(
             f"| {r['loss']} | {r['implementation']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} "
-            f"| {r['speedup_of_dynloss']:.2f}x | {r['saved_inputs']:.2f} "
+            f"| {r['speedup_of_dynloss']:.2f}x | {r['saved_inputs']:.2f} | {kept_cell} "
             f"| {r.get('page_faults', 0):.0f} | {clean_cell} |"
         )
     if summaries:

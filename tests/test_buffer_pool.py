@@ -268,3 +268,14 @@ def test_the_fork_warning_points_at_the_users_line():
         assert files == [__file__], files
 
     assert _runs_in_a_fork(child) == 0
+
+
+def test_nbytes_counts_the_buffers_the_pool_keeps():
+    pool = BufferPool(max_buffers=4, max_bytes=2**30)
+    assert pool.nbytes() == 0
+    first = pool.empty((2, 300))
+    pool.empty((1000,))
+    assert pool.nbytes() == ((600 + 1000) * 4 if pool_enabled() else 0)
+    del first
+    pool.clear()
+    assert pool.nbytes() == 0

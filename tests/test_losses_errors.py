@@ -184,6 +184,22 @@ def test_targets_of_every_integer_and_float_dtype_are_read_as_their_values(mode,
             loss(logits, (labels * 2).to(dtype))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_a_uint64_label_above_int64_is_named_as_too_large(mode, backend):
+    """A uint64 label above int64's range wrapped negative when read as int64: the error
+    said "got values from -9223372036854775803" for a label 2**63 + 5. Such labels now read
+    as 2**63 - 1, too large for any mode, and the error says so."""
+    x = torch.randn(1, 3 if mode == "multiclass" else 1, 2, 2)
+    labels = torch.tensor([0, 1, 1 if mode == "binary" else 2, 2**63 + 5], dtype=torch.uint64)
+    labels = labels.view(1, 2, 2) if mode == "multiclass" else labels.view(1, 1, 2, 2)
+    for cls in ALL:
+        with pytest.raises(ValueError, match=r"got values from 0 to 9223372036854775807"):
+            cls(mode=mode, backend=backend)(x, labels)
+        with pytest.raises(ValueError, match=r"got values from 0 to 9223372036854775807"):
+            cls(mode=mode, backend=backend, ignore_index=-1)(x, labels)
+
+
 @pytest.mark.parametrize("dtype", FLOAT8)
 @pytest.mark.parametrize("cls", ALL)
 def test_a_float8_input_is_computed_in_float32(cls, dtype):

@@ -323,6 +323,31 @@ def test_ignore_index_must_be_an_int(value):
             fn(x, x, ignore_index=value)
 
 
+def test_a_numpy_integer_ignore_index_is_an_int():
+    """``ignore_index=np.int64(255)`` (a value read from a NumPy array or config) was refused
+    by the constructor; reassigned, its ``repr`` read ``ignore_index=255`` while the next call
+    refused it. A NumPy integer is an int; a NumPy bool is not."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3, 4)
+    labels = torch.tensor([[0, 1, 255, 2], [255, 2, 1, 0]])
+    for cls in CLASSES:
+        want = cls(mode="multiclass", ignore_index=255)(x, labels)
+        for value in (np.int64(255), np.uint8(255), np.int16(255)):
+            loss = cls(mode="multiclass", ignore_index=value)
+            assert type(loss.ignore_index) is int
+            assert repr(loss) == f"{cls.__name__}(mode='multiclass', ignore_index=255)"
+            torch.testing.assert_close(loss(x, labels), want, rtol=0, atol=0)
+            reassigned = cls(mode="multiclass")
+            reassigned.ignore_index = value
+            torch.testing.assert_close(reassigned(x, labels), want, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="ignore_index must be an int or None; got bool"):
+            cls(ignore_index=np.bool_(True))
+    for fn in FUNCTIONS:
+        want = fn(x, labels, mode="multiclass", ignore_index=255)
+        torch.testing.assert_close(fn(x, labels, mode="multiclass", ignore_index=np.int64(255)),
+                                   want, rtol=0, atol=0)
+
+
 def test_dice_ignore_index_true_is_a_type_error():
     with pytest.raises(TypeError, match="ignore_index must be an int or None; got bool True"):
         dynloss.DiceLoss(ignore_index=True)

@@ -477,6 +477,21 @@ def test_repr_after_reassigning_an_argument_is_still_a_spec() -> None:
         assert repr(build_loss(repr(loss))) == expected
 
 
+def test_repr_writes_a_reassigned_number_as_the_argument_s_type() -> None:
+    """An int reassigned to a float argument whose default is None read ``alpha=1`` where the
+    loss rebuilt from that repr read ``alpha=1.0`` (equal losses, different text); multiclass
+    weights alike."""
+    binary = dynloss.FocalLoss()
+    binary.alpha = 1
+    multiclass = dynloss.FocalLoss(mode="multiclass")
+    multiclass.alpha = [1, 2, 0]
+    for loss, expected in [(binary, "FocalLoss(alpha=1.0)"),
+                           (multiclass, "FocalLoss(alpha=[1.0, 2.0, 0.0], mode='multiclass')")]:
+        assert repr(loss) == expected
+        assert repr(build_loss(repr(loss))) == expected
+        assert repr(eval(repr(loss), vars(dynloss))) == expected
+
+
 def test_reassigning_an_argument_of_a_subclass_keeps_its_constructor_alone() -> None:
     """Reassigned arguments are not re-normalised by building a fresh loss (a subclass that
     sets an argument after ``super().__init__`` recursed, one with ``**kwargs`` failed, one that

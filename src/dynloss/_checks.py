@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 
 from .constants import BACKENDS, MODES, REDUCTIONS
 
@@ -88,19 +88,21 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
-    """``None`` or an int in the int64 range (a bool is refused: ``True`` is not a label)."""
+    """``None`` or an int in the int64 range, returned as a Python int (a NumPy integer is an
+    int; a bool is refused: ``True`` is not a label)."""
     if ignore_index is None:
         return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
         raise TypeError(
             f"ignore_index must be an int or None; got {type(ignore_index).__name__} "
             f"{ignore_index!r}"
         )
-    if not INT64_MIN <= ignore_index <= INT64_MAX:
+    value = int(ignore_index)
+    if not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(
-            f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1]; got {ignore_index}"
+            f"ignore_index must lie in the int64 range [-2**63, 2**63 - 1]; got {value}"
         )
-    return int(ignore_index)
+    return value
 
 
 def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:

@@ -248,12 +248,16 @@ _TARGET_DTYPES = _INPUT_DTYPES | _WIDE_UNSIGNED | frozenset(
 def readable(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Tensors of dtypes torch has little arithmetic for, as the same values in one it has:
     float8 as float32 (input and target; the input's gradient returns in float8), uint16/32/64
-    targets (label maps as NIfTI files often hold them) as int64 (a uint64 above int64's range
-    wraps negative: an invalid label either way)."""
+    targets (label maps as NIfTI files often hold them) as int64, a uint64 above int64's range
+    as ``2**63 - 1`` (too large for a label in every mode, and so named by the value checks,
+    where wrapping would read it as a negative number; ``ignore_index=2**63 - 1`` ignores it)."""
     if input.dtype in _FLOAT8:
         input = input.float()
     if target.dtype in _FLOAT8:
         target = target.float()
+    elif target.dtype == getattr(torch, "uint64", None):
+        signed = target.view(torch.int64)  # the same bits: above 2**63 - 1 they read negative
+        target = signed.masked_fill(signed < 0, torch.iinfo(torch.int64).max)
     elif target.dtype in _WIDE_UNSIGNED:
         target = target.long()
     return input, target

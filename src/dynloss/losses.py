@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import Any, ClassVar
@@ -53,18 +54,53 @@ __all__ = [
 ]
 
 
-def _as_spec_value(value: Any, default: Any) -> Any:
+def _as_spec_value(value: Any, as_float: bool) -> Any:
     """``value`` as a spec writes it, the way a constructor keeps it: a number (a NumPy scalar,
-    or an int for a float argument) as a Python int or float, a sequence (a tuple of class
-    weights, reassigned) as a list. A constructor normalises its arguments; a reassigned one is
-    kept as given, and its repr must still be a spec."""
+    or an int for a float argument: ``as_float``) as a Python int or float, a sequence (a tuple
+    of class weights, reassigned) as a list. A constructor normalises its arguments; a
+    reassigned one is kept as given, and its repr must still be a spec."""
     if isinstance(value, Integral) and not isinstance(value, bool):
-        return float(value) if isinstance(default, float) else int(value)
+        return float(value) if as_float else int(value)
     if isinstance(value, Real) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, (list, tuple)):
-        return [_as_spec_value(item, None) for item in value]
+        return [_as_spec_value(item, as_float) for item in value]
     return value
+
+
+def _annotated_types(annotation: Any) -> set[Any]:
+    """The classes an annotation names, through unions and containers
+    (``float | Sequence[float] | None`` -> ``{float, Sequence, NoneType}``)."""
+    arguments = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    found = {annotation} if origin is None else ({origin} if isinstance(origin, type) else set())
+    for argument in arguments:
+        found |= _annotated_types(argument)
+    return found
+
+
+_FLOAT_ARGUMENTS: dict[type[SegmentationLoss], frozenset[str]] = {}
+
+
+def _float_arguments(cls: type[SegmentationLoss]) -> frozenset[str]:
+    """The constructor arguments of ``cls`` whose numbers are floats: annotated with ``float``
+    and not ``int`` (``FocalLoss``'s ``alpha``, default None), or, where the annotations cannot
+    be read, with a float default."""
+    names = _FLOAT_ARGUMENTS.get(cls)
+    if names is None:
+        parameters = inspect.signature(cls.__init__).parameters
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # a subclass's annotation naming what its module cannot resolve
+            hints = {}
+        floats = set()
+        for name, parameter in parameters.items():
+            types = _annotated_types(hints[name]) if name in hints else set()
+            if (float in types and int not in types) or (
+                    not types and isinstance(parameter.default, float)):
+                floats.add(name)
+        names = _FLOAT_ARGUMENTS[cls] = frozenset(floats)
+    return names
 
 
 class SegmentationLoss(nn.Module):
@@ -181,10 +217,11 @@ class SegmentationLoss(nn.Module):
             name: parameter.default
             for name, parameter in inspect.signature(type(self).__init__).parameters.items()
         }
+        floats = _float_arguments(type(self))
         changed = []
         for name, value in self.hyperparameters().items():
-            value = _as_spec_value(value, defaults[name])
-            default = _as_spec_value(defaults[name], defaults[name])
+            value = _as_spec_value(value, name in floats)
+            default = _as_spec_value(defaults[name], name in floats)
             if value != default or type(value) is not type(default):
                 changed.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(changed)})"

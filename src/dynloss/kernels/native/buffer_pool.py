@@ -125,6 +125,12 @@ class BufferPool:
         with self._lock:
             self._entries.clear()
 
+    def nbytes(self) -> int:
+        """The bytes of the buffers the pool keeps (in use or free): resident memory that stays
+        allocated between calls."""
+        with self._lock:
+            return sum(entry[0].numel() * 4 for entry in self._entries)
+
     def __len__(self) -> int:
         return len(self._entries)
 
