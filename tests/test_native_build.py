@@ -333,6 +333,43 @@ def test_a_failed_build_is_remembered(tmp_path):
     assert START not in second_err  # no build started, nothing announced
 
 
+def test_a_broken_compiler_says_so_in_two_lines(tmp_path):
+    """Each of the four build configurations announced itself and its failure: nine lines
+    for one broken compiler. Now one line starts the build and one gives the failure and what
+    is tried next; configurations that fail alike add nothing."""
+    cxx = _script(tmp_path / "c++", FAILING)
+    report, stderr = _report(tmp_path / "cache", cxx)
+    assert len(_compiles(cxx)) == len(build.plans())
+    lines = stderr.splitlines()
+    first = build.plans()[0].label
+    assert lines[0].startswith(f"{START} {cxx}, {first} (once per machine"), lines
+    more = len(build.plans()) - 1
+    assert lines[1:] == [
+        f"dynloss: compiling the native CPU kernels ({first}) failed after "
+        f"{lines[1].split('failed after ')[1].split(' s:')[0]} s: {cxx} failed: fake compiler: "
+        f"no; trying {more} other configuration{'s' if more > 1 else ''}"], lines
+    assert report["status"].endswith(f"({len(build.plans())} configurations tried)")
+
+
+def test_a_later_configuration_that_builds_says_which(tmp_path):
+    """A compiler without OpenMP: the single-threaded build works, and the finish line says
+    it is the one in use."""
+    assert REAL_CXX is not None
+    cxx = _script(tmp_path / "c++", f"""
+        case "$*" in *"-fopenmp "*|*-fopenmp) echo "no omp.h" >&2; exit 1 ;; esac
+        exec {' '.join(REAL_CXX)} "$@"
+    """)
+    report, stderr = _report(tmp_path / "cache", cxx)
+    assert report["status"] == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 3, lines
+    assert "failed after" in lines[1] and lines[1].endswith("no omp.h; trying "
+                                                           f"{len(build.plans()) - 1} other "
+                                                           "configurations")
+    assert lines[2].startswith(FINISH) and lines[2].endswith(
+        "(single-threaded (-fopenmp-simd))"), lines
+
+
 def _fail_once(tmp_path: Path, note_age: float) -> tuple[int, int]:
     """Compiler calls of a build with a failure note ``note_age`` seconds old (negative: a
     note from the future, e.g. another machine's clock), before and after."""

@@ -12,8 +12,9 @@ so a new version or another machine gets its own build. What makes it safe to sh
   processes that start together (``torchrun`` ranks, DataLoader workers) wait for it and load
   the library it wrote.
 * **Messages.** One line (on the ``dynloss`` logger, which prints warnings to stderr by
-  default) when a build starts, one with the time it took, and one while waiting for another
-  process's build.
+  default) when a build starts, one with the time it took (and the configuration, where a
+  faster one failed), and one while waiting for another process's build. A configuration that
+  fails says why and what is tried next in one line; the next ones that fail alike add none.
 * **A compiler timeout** (``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` seconds, default 300; the
   ``--version`` probe gets at most 60 s). A compiler that runs past it is killed with every
   process it started, and no other way to build is tried (each would wait as long again).
@@ -57,7 +58,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,9 +338,17 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
     return directory / f"native_cpu-{key}.so", directory / f"native_cpu-{key}.failed"
 
 
-def _build(cxx: list[str], plan: Plan, version: str) -> Path:
+def _announce(cxx: list[str], plan: Plan, directory: Path) -> None:
+    _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
+                 "and environment; about 30 s) into %s", shlex.join(cxx), plan.label,
+                 directory)
+
+
+def _build(cxx: list[str], plan: Plan, version: str,
+           announce: Callable[[Plan, Path], None] | None = None) -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine and
-    torch installation)."""
+    torch installation). ``announce(plan, directory)`` is called before compiling (default:
+    the start line); a failure raises, and the caller says it."""
     path, note = _paths(plan, version)
     directory = path.parent
     if verified(path):
@@ -356,22 +365,19 @@ def _build(cxx: list[str], plan: Plan, version: str) -> Path:
             return path
         _raise_recent_failure(note)
         _discard(path)  # a corrupt or unverified leftover
-        _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
-                     "and environment; about 30 s) into %s", shlex.join(cxx), plan.label,
-                     directory)
+        (announce or (lambda plan, where: _announce(cxx, plan, where)))(plan, directory)
         start = time.perf_counter()
         try:
             _compile(cxx, plan, path)
         except (RuntimeError, OSError) as error:
             timed_out = isinstance(error, BuildTimeout)
             failure = (BuildTimeout if timed_out else RuntimeError)(str(error))
+            failure.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
             _remember_failure(note, failure)
-            _LOG.warning("dynloss: compiling the native CPU kernels (%s) failed after %.1f s: "
-                         "%s", plan.label, time.perf_counter() - start,
-                         (str(error).splitlines() or [""])[0][:300])
             raise failure from None
-        _LOG.warning("dynloss: compiled the native CPU kernels in %.1f s",
-                     time.perf_counter() - start)
+        later = "" if plan == plans()[0] else f" ({plan.label})"  # a faster one failed
+        _LOG.warning("dynloss: compiled the native CPU kernels in %.1f s%s",
+                     time.perf_counter() - start, later)
         with contextlib.suppress(OSError):
             note.unlink()
     return path
@@ -459,14 +465,26 @@ def _load() -> ctypes.CDLL:
                    timeout=min(_timeout(), 60.0), check=False)
     if len(cxx) > 1:  # the words after the program in $CXX (flags, a launcher's compiler)
         version += "\n$CXX: " + shlex.join(cxx[1:])
-    errors = []
-    for plan in plans():
+    errors: list[str] = []
+    said: list[str] = []  # "" once a build started here, then each failure said
+
+    def announce(plan: Plan, directory: Path) -> None:
+        if not said:
+            _announce(cxx, plan, directory)
+            said.append("")
+
+    every = plans()
+    for index, plan in enumerate(every):
         try:
-            path = _build(cxx, plan, version)
-        except (BuildTimeout, LoadFailure):
-            raise  # the next plan would wait as long again, or be refused alike
+            path = _build(cxx, plan, version, announce)
+        except BuildTimeout as error:
+            _say_failure(plan, error, said, 0)
+            raise  # the next plan would wait as long again
+        except LoadFailure:
+            raise  # the next plan would be refused alike
         except RuntimeError as error:
             errors.append(str(error))
+            _say_failure(plan, error, said, len(every) - index - 1)
             continue
         try:
             return _open_anywhere(path)
@@ -478,7 +496,22 @@ def _load() -> ctypes.CDLL:
         except LoadFailure as error:  # built here and still refused: where, not what
             _remember_failure(_paths(plan, version)[1], error)
             raise
-    raise RuntimeError(errors[0])  # the full-speed build's message says most
+    # the full-speed build's message says most
+    raise RuntimeError(errors[0] + (f" ({len(errors)} configurations tried)"
+                                    if len(errors) > 1 else ""))
+
+
+def _say_failure(plan: Plan, error: BaseException, said: list[str], left: int) -> None:
+    """One line for a configuration that failed to compile here (none for a failure another
+    process's note remembers, nor for one like the last said) and what is tried next."""
+    seconds = getattr(error, "seconds", None)
+    first = (str(error).splitlines() or [""])[0][:300]
+    if seconds is None or not said or first in said:
+        return
+    said.append(first)
+    then = f"; trying {left} other configuration{'s' if left > 1 else ''}" if left else ""
+    _LOG.warning("dynloss: compiling the native CPU kernels (%s) failed after %.1f s: %s%s",
+                 plan.label, seconds, first, then)
 
 
 def library() -> ctypes.CDLL | None:
