@@ -417,6 +417,40 @@ def test_repr_of_a_loss_with_callbacks_shows_them_and_build_loss_refuses_it() ->
     assert repr(build_loss("iou->bce@5")) == "SwitchingLoss([IoULoss(), BCELoss()], milestones=[5])"
 
 
+def test_a_shared_stateful_loss_is_marked_in_the_repr_and_build_loss_refuses_it() -> None:
+    """Stage 1 = stage 0 + a term, with stage 0 a SwitchingLoss: the repr printed the shared
+    loss twice, and the loss ``build_loss`` made of it held two independent copies (its stage-1
+    copy started afresh at the outer switch: Focal from epoch 6 instead of 4), while both
+    reprs read alike. Found by a review of the schedules."""
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=100, max_epochs=4))
+    loss = SwitchingLoss([inner, CompositeLoss([inner, DiceLoss()])], milestones=[2])
+    text = repr(loss)
+    assert text == ("SwitchingLoss([SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau("
+                    "patience=100, max_epochs=4)), CompositeLoss([shared("
+                    "'stages.switchingloss'), DiceLoss()])], milestones=[2])")
+    assert loss.get_submodule("stages.switchingloss") is inner
+    error = _raises_spec_error(text, text.index("shared("),
+                               "is the loss at 'stages.switchingloss' once more")
+    assert "build the loss in Python" in error.message
+    with pytest.raises(NameError):
+        eval(text, vars(dynloss))
+    # a scheduled composite shared by two stages alike; a stateless loss shared is no matter
+    ramp = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(0, 4), 1.0])
+    dice = DiceLoss()
+    two = SwitchingLoss({"a": ramp, "b": CompositeLoss({"r": ramp, "d": dice}), "c": dice},
+                        milestones=[2, 4])
+    assert repr(two) == ("SwitchingLoss({'a': CompositeLoss([DiceLoss(), BCELoss()], weights=["
+                         "LinearRamp(start=0, end=4), 1.0]), 'b': CompositeLoss({'r': "
+                         "shared('stages.a'), 'd': DiceLoss()}), 'c': DiceLoss()}, "
+                         "milestones=[2, 4])")
+    plain = SwitchingLoss([dice, CompositeLoss([dice, BCELoss()])], milestones=[1])
+    assert repr(build_loss(repr(plain))) == repr(plain)
+    # each repr starts afresh: the marks of one never leak into the next
+    assert repr(inner) == "SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(" \
+        "patience=100, max_epochs=4))"
+    assert repr(loss) == text
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.text(min_size=1, max_size=12).filter(lambda name: "." not in name and name != "b"))
 def test_any_name_round_trips_through_its_repr(name: str) -> None:

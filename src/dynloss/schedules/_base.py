@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -158,11 +159,53 @@ def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool
     return names, modules, explicit
 
 
-def losses_repr(names: list[str], modules: list[Any], explicit: bool) -> str:
-    """The ``losses`` argument as it was given: a list, or a dict for explicit names."""
+_REPR = threading.local()
+"""``first``: ``{id: path}`` of the stateful losses written so far by the repr in progress in
+this thread (None between reprs); ``path``: the module path of the loss being written."""
+
+
+def holds_schedule_state(module: object) -> bool:
+    """Whether ``module`` carries schedule state that a copy would not share: a SwitchingLoss
+    (its stage and counters), a CompositeLoss with a scheduled weight (its count)."""
+    holds = getattr(module, "_dynloss_holds_state", None)
+    return bool(holds()) if callable(holds) else False
+
+
+def losses_repr(names: list[str], modules: list[Any], explicit: bool, field: str) -> str:
+    """The ``losses`` argument as it was given: a list, or a dict for explicit names.
+
+    A loss that holds schedule state and was written before in the same repr (one object
+    shared by two stages or terms, as in "stage 1 = stage 0 + a term") is written
+    ``shared('<module path of its first occurrence>')``: a spec builds each occurrence anew,
+    so it cannot express the sharing, and :func:`~dynloss.build_loss` refuses the mark (``eval``
+    too: ``shared`` is no name). ``field`` is the attribute holding ``modules`` (``stages``,
+    ``terms``), for those paths."""
+    first = getattr(_REPR, "first", None)
+    outermost = first is None
+    if outermost:
+        first = _REPR.first = {}
+        _REPR.path = ""
+    base = _REPR.path
+    try:
+        written = []
+        for name, module in zip(names, modules, strict=True):
+            path = f"{base}.{field}.{name}" if base else f"{field}.{name}"
+            if holds_schedule_state(module) and id(module) in first:
+                written.append(f"shared({first[id(module)]!r})")
+                continue
+            if holds_schedule_state(module):
+                first[id(module)] = path
+            _REPR.path = path
+            try:
+                written.append(repr(module))
+            finally:
+                _REPR.path = base
+    finally:
+        if outermost:
+            _REPR.first = _REPR.path = None
     if explicit:
-        return "{" + ", ".join(f"{n!r}: {m!r}" for n, m in zip(names, modules, strict=True)) + "}"
-    return "[" + ", ".join(repr(m) for m in modules) + "]"
+        return "{" + ", ".join(f"{n!r}: {w}" for n, w in zip(names, written, strict=True)) + "}"
+    return "[" + ", ".join(written) + "]"
 
 
 def step_child(module: object, metric: object, synced: bool, seen: set[int],

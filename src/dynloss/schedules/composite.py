@@ -366,8 +366,13 @@ class CompositeLoss(nn.Module):
         self.count = count
         self._refresh_weight_values()
 
+    def _dynloss_holds_state(self) -> bool:
+        """A composite with a scheduled weight holds its count (see ``losses_repr``)."""
+        return any(isinstance(weight, WeightSchedule) for weight in self.weights)
+
     def __repr__(self) -> str:
-        losses = losses_repr(self.names, list(self.terms.values()), self._explicit_names)
+        losses = losses_repr(self.names, list(self.terms.values()), self._explicit_names,
+                             "terms")
         if all(not isinstance(w, WeightSchedule) and w == 1.0 for w in self.weights):
             return f"CompositeLoss({losses})"
         return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"

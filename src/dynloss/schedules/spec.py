@@ -34,10 +34,14 @@ octal escapes, ``\N{...}``, unknown escapes and raw control characters (NUL, a l
 refused (a loss given there, a number, a name); only ``None`` (or ``[]``) passes.
 
 The ``repr()`` of every dynloss loss, composite and switching loss is a spec of an equal loss,
-so ``build_loss(repr(loss))`` rebuilds it, with two exceptions that :func:`build_loss`
+so ``build_loss(repr(loss))`` rebuilds it, with three exceptions that :func:`build_loss`
 refuses with a :class:`SpecError` rather than rebuild something else: a
 :class:`~dynloss.SwitchingLoss` with registered callbacks (its repr names them,
-``on_switch=['report']``) and a loss nested deeper than :data:`MAX_DEPTH` brackets.
+``on_switch=['report']``), a loss nested deeper than :data:`MAX_DEPTH` brackets, and one
+object with schedule state (a SwitchingLoss, a CompositeLoss with a scheduled weight) held by
+two stages or terms: the repr writes it in full once, then ``shared('stages.a')`` (the module
+path of the first), since a spec builds each loss anew. A stateless loss held twice is written
+twice: two copies behave as one.
 
 Every error is a :class:`SpecError` (a ``ValueError``) whose message shows the spec with a
 caret under the offending position; a string spec never raises ``SyntaxError``,
@@ -481,9 +485,22 @@ class _Parser:
             items[key] = self.finish(self.spec_expr())
         return items
 
+    def shared_error(self, name_token: _Token) -> SpecError:
+        """The error for ``shared('path')``, the mark a repr writes for a stateful loss that
+        a stage or term holds once more (see ``losses_repr``)."""
+        self.accept("(")
+        path = self.token.value if self.token.kind == "string" else "?"
+        return self.error(
+            f"shared({path!r}) is the loss at {path!r} once more: one object that two stages "
+            "or terms share, with its schedule state (stage, counters); a spec builds every "
+            "loss it names anew and cannot express sharing: build the loss in Python, passing "
+            "the same object twice", name_token.pos)
+
     def call(self, name_token: _Token) -> Any:
         name = name_token.text
         factory = self.names.get(name)
+        if factory is None and name == "shared" and self.tokens[self.index].text == "(":
+            raise self.shared_error(name_token)
         if factory is None:
             close = difflib.get_close_matches(name, list(self.names), n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -528,6 +528,10 @@ class SwitchingLoss(nn.Module):
         self.switches = switches
         self.just_switched = False
 
+    def _dynloss_holds_state(self) -> bool:
+        """A switching loss holds its stage and counters (see ``losses_repr``)."""
+        return True
+
     def __repr__(self) -> str:
         """A :func:`~dynloss.build_loss` spec of this loss, unless callbacks are registered.
 
@@ -538,6 +542,8 @@ class SwitchingLoss(nn.Module):
         that spec with a :class:`~dynloss.SpecError` naming the callback (``eval`` refuses it
         too: a name is not a callable). Build the loss from the repr of a copy without
         callbacks, or from the original spec, and register them again with :meth:`on_switch`.
+        A loss with schedule state that two stages or terms share is written once, then
+        ``shared('<its module path>')``, which :func:`~dynloss.build_loss` refuses alike.
 
         Examples:
             >>> from dynloss import BCELoss, DiceLoss, SpecError, SwitchingLoss, build_loss
@@ -552,7 +558,8 @@ class SwitchingLoss(nn.Module):
             ...     print(err.message)  # doctest: +ELLIPSIS
             on_switch: the callback 'report' is Python code, which a spec cannot build; ...
         """
-        parts = [losses_repr(self.names, list(self.stages.values()), self._explicit_names)]
+        parts = [losses_repr(self.names, list(self.stages.values()), self._explicit_names,
+                             "stages")]
         milestones = self.milestones
         if milestones is not None:
             parts.append(f"milestones={milestones!r}")
