@@ -180,11 +180,10 @@ def losses_repr(names: list[str], modules: list[Any], explicit: bool, field: str
     so it cannot express the sharing, and :func:`~dynloss.build_loss` refuses the mark (``eval``
     too: ``shared`` is no name). ``field`` is the attribute holding ``modules`` (``stages``,
     ``terms``), for those paths."""
-    first = getattr(_REPR, "first", None)
-    outermost = first is None
+    outermost = getattr(_REPR, "first", None) is None
     if outermost:
-        first = _REPR.first = {}
-        _REPR.path = ""
+        _REPR.first, _REPR.path = {}, ""
+    first: dict[int, str] = _REPR.first
     base = _REPR.path
     try:
         written = []
