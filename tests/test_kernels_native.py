@@ -1208,3 +1208,53 @@ def test_a_float64_target_is_reported_with_its_own_values():
     t[0, 0, 1, 1] = 255.0000000001
     with pytest.raises(ValueError, match=r"to 255\.0000000001") as error:
         F.dice_loss(x, t, backend="native", ignore_index=255)
+
+
+DEFAULT_DTYPE_SCRIPT = """
+import sys, torch, dynloss
+from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss, TopKLoss, TverskyLoss
+torch.set_default_dtype(getattr(torch, sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for mode, channels in (("binary", 1), ("multiclass", 3)):
+    x = torch.randn(2, channels, 96, 96, generator=g, dtype=torch.float32)  # 1.7 Mi: pooled
+    if mode == "binary":
+        t = (torch.rand(2, 1, 96, 96, generator=g) > 0.5).float()
+        t[0, 0, :4] = 255
+    else:
+        t = torch.randint(0, 3, (2, 96, 96), generator=g)
+        t[0, :4] = 255
+    for make in (DiceLoss, TverskyLoss, BCELoss, FocalLoss, TopKLoss):
+        for losses in ([make(mode=mode, ignore_index=255, backend="{backend}")],
+                       [CompositeLoss([DiceLoss(mode=mode, ignore_index=255, backend="{backend}"),
+                                       make(mode=mode, ignore_index=255, backend="{backend}")])]):
+            got = []
+            for backend in ("{backend}", "reference"):
+                loss = losses[0]
+                for module in loss.modules():
+                    if hasattr(module, "backend"):
+                        module.backend = backend
+                for _ in range(2):  # the second call takes a pooled buffer
+                    leaf = x.clone().requires_grad_()
+                    value = loss(leaf, t)
+                    value.backward()
+                assert value.dtype == leaf.grad.dtype == torch.float32, (value, leaf.grad)
+                got.append((value.detach().double(), leaf.grad.double()))
+            assert got[0][0].isfinite()
+            worst = max(worst, (got[0][0] - got[1][0]).abs().item(),
+                        (got[0][1] - got[1][1]).abs().max().item() * 1e3)
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("default", ["float64", "float16", "bfloat16"])
+def test_a_float32_input_under_another_default_dtype_gets_the_reference_gradient(default):
+    """The native backend allocated its saved slopes and gradients with the default dtype:
+    under ``torch.set_default_dtype(torch.float64)`` a float32 input got a zero or infinite
+    gradient, under float16/bfloat16 the kernel wrote past the buffer (a segfault). Found by
+    a review of the backends."""
+    code = DEFAULT_DTYPE_SCRIPT.replace("{backend}", "native")
+    proc = subprocess.run([sys.executable, "-c", code, default], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-4

@@ -94,7 +94,7 @@ class BufferPool:
         for size in shape:
             numel *= size
         if not ENABLED or numel * 4 > self.max_bytes or numel * 4 < self.min_bytes:
-            return torch.empty(shape)
+            return torch.empty(shape, dtype=torch.float32)
         with self._lock:
             entries = self._entries
             for index, entry in enumerate(entries):
@@ -110,7 +110,7 @@ class BufferPool:
                     if index != len(entries) - 1:  # most recently used last
                         entries.append(entries.pop(index))
                     return buffer.view(shape)
-            buffer = torch.empty(numel)
+            buffer = torch.empty(numel, dtype=torch.float32)
             storage = buffer.untyped_storage()
             entry = [buffer, storage, _references(storage), 0, storage.data_ptr()]
             entry[3] = sys.getrefcount(storage)  # (the same references as in the loop above)

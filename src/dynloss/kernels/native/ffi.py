@@ -344,7 +344,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
                                    or grad_prediction_sum is not None)
     want_pixel = want_pixel and grad_total is not None
     if not (want_region or want_pixel):
-        return torch.zeros(shape)
+        return torch.zeros(shape, dtype=torch.float32)
     # the forward call's arguments (the loss's configuration and sizes; its x and output
     # pointers are not read by the backward kernels), then backward's own
     args = Args.from_buffer_copy(forward_args)
@@ -371,7 +371,8 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
     buffer = probabilities if probabilities is not None else slope
-    grad = torch.empty(shape) if buffer is None or _graph_kept() else buffer
+    grad = (torch.empty(shape, dtype=torch.float32) if buffer is None or _graph_kept()
+            else buffer)
     args.target = target.data_ptr()
     args.grad = grad.data_ptr()
     args.hard_targets = int(hard)
