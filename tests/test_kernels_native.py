@@ -1258,3 +1258,16 @@ def test_a_float32_input_under_another_default_dtype_gets_the_reference_gradient
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+def test_topk_ranks_a_nan_loss_above_an_infinite_one():
+    """Pixel 0's cross-entropy overflows to inf (class weight 1); pixel 1's too, times a class
+    weight of 0: NaN. A TopK of one pixel selects the NaN, as the reference does (NaN > +inf >
+    finite); the native kernels ranked NaN with +inf and took pixel 0, the lower index."""
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([[[big, -big], [-big, big]]])  # (N=1, C=2, M=2)
+    t = torch.tensor([[1, 0]])
+    params = distribution_params(alpha=(0.0, 1.0), k=0.5, mode="multiclass")
+    layout = prepare(x, t, "multiclass")
+    assert REFERENCE.distribution(layout, params, True).isnan()
+    assert NATIVE_BACKEND.distribution(layout, params, True).isnan()

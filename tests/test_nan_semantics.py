@@ -470,3 +470,39 @@ def test_the_torch_backend_without_host_reads_keeps_the_references_nan_pattern(m
             _, got = loss_and_grad(make_loss(name, "binary", "torch", **kwargs), x, target)
         assert torch.equal(torch.isnan(got), torch.isnan(want)), name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_topk_mask_ranks_nan_above_inf_above_every_finite_value():
+    """The reference turned +inf into float32's largest finite value (``nan_to_num``'s
+    default), so an infinite loss tied with a loss of exactly that value and went by flat
+    index; the native kernels tied NaN with +inf. Every backend now ranks NaN > +inf > finite,
+    as the docs say."""
+    from dynloss._math import topk_mask
+
+    big = torch.finfo(torch.float32).max
+    cases = [([big, math.inf], 1, [False, True]),
+             ([math.inf, math.nan, 1.0], 1, [False, True, False]),
+             ([math.inf, math.nan, math.inf, math.nan], 3, [True, True, False, True]),
+             ([1.0, math.inf, big, math.nan, -math.inf], 3, [False, True, True, True, False])]
+    for values, n, want in cases:
+        values = torch.tensor(values)
+        assert topk_mask(values, n).tolist() == want
+        assert topk_mask(values, torch.tensor(n)).tolist() == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_selects_an_infinite_loss_above_the_largest_finite_one(backend):
+    """Finite logits whose cross-entropy is exactly float32's largest value (pixel 0) and one
+    that overflows to inf (pixel 1): TopK of one pixel is inf, with the gradient on pixel 1.
+    The reference and torch backends selected pixel 0. Found by a review of TopK."""
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([[[2.0**127, big], [-(big - 2.0**127), -big]]])  # (N=1, C=2, M=2)
+    t = torch.tensor([[1, 1]])
+    losses = F.topk_loss(x, t, mode="multiclass", k=1.0, reduction="none", backend="reference")
+    assert losses.tolist() == [[big, math.inf]]
+    leaf = x.clone().requires_grad_()
+    value = F.topk_loss(leaf, t, mode="multiclass", k=0.5, backend=backend)
+    value.backward()
+    assert value.item() == math.inf
+    assert (leaf.grad != 0).any(1).view(-1).tolist() == [False, True]
+

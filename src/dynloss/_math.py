@@ -384,8 +384,8 @@ def topk_count_tensor(k: float, kept: Tensor) -> Tensor:
 def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
     """Boolean mask of the ``n`` largest entries of the flat tensor ``values``.
 
-    Ties at the threshold are taken by lowest flat index; NaN ranks above everything (so a
-    NaN loss is always selected and shows in the sum). ``n`` may be an int or a 0-dim integer
+    Ties at the threshold are taken by lowest flat index; NaN ranks above +inf, and +inf
+    above every finite value (so a NaN loss is always selected and shows in the sum). ``n`` may be an int or a 0-dim integer
     tensor; nothing is read on the host either way (no device synchronisation), so this also
     runs inside ``torch.compile`` graphs.
 
@@ -402,7 +402,8 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
             return torch.ones_like(values, dtype=torch.bool)
         if n <= 0:
             return torch.zeros_like(values, dtype=torch.bool)
-    ranked = torch.nan_to_num(values, nan=math.inf)
+    nan = values.isnan()
+    ranked = values.masked_fill(nan, math.inf)  # NaN with +inf here; first among the ties
     if isinstance(n, int):
         threshold = ranked.kthvalue(m - n + 1).values
         wanted: int | Tensor = n
@@ -417,9 +418,13 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
     above = ranked > threshold
     ties = ranked == threshold
     missing = wanted - above.sum()
-    # the ties with the lowest flat index fill the places left above the threshold
-    taken = ties & (torch.cumsum(ties, 0) <= missing)
-    return above | taken
+    # the ties fill the places left above the threshold: NaN first (they tie only at +inf),
+    # then the others, each by lowest flat index
+    nan_ties = ties & nan
+    taken_nan = nan_ties & (torch.cumsum(nan_ties, 0) <= missing)
+    others = ties & ~nan
+    taken = others & (torch.cumsum(others, 0) <= missing - nan_ties.sum())
+    return above | taken_nan | taken
 
 
 # ------------------------------------------------------------------------------ Tversky index

@@ -946,9 +946,10 @@ static int dispatch(const Args* a, bool multiclass) {
 
 // ------------------------------------------------------------------------------ TopK
 // The n largest of the losses the forward pass saved, as dynloss._math.topk_mask selects
-// them: ties at the threshold taken by lowest flat index, NaN ranked with +inf above every
-// finite loss. Each loss maps to an unsigned rank key that orders as the losses do:
-//     key(v) = bits(v) + 1 for v >= 0 (-0 read as +0), key(NaN) = key(+inf), key(v < 0) = 0.
+// them: ties at the threshold taken by lowest flat index, NaN ranked above +inf, +inf above
+// every finite loss. Each loss maps to an unsigned rank key that orders as the losses do:
+//     key(v) = bits(v) + 1 for v >= 0 (-0 read as +0), key(NaN) = key(+inf) + 1,
+//     key(v < 0) = 0.
 // Kept losses are >= 0 for valid inputs (an invalid target may make one negative; the loss
 // is NaN then anyway), ignored ones were saved as -inf: key 0 ranks them below every kept
 // loss, and n never exceeds the kept count, so they are never selected.
@@ -963,7 +964,7 @@ static int dispatch(const Args* a, bool multiclass) {
 // result is bitwise the same for any number of threads.
 
 constexpr int64_t kCopies = 4;  // interleaved histograms per group
-constexpr uint32_t kNanKey = 0x7f800001u;  // key(+inf) = key(NaN)
+constexpr uint32_t kNanKey = 0x7f800002u;  // key(+inf) + 1: NaN ranks above +inf
 
 DL_INLINE uint32_t rank_key(float v) {
   const uint32_t bits = as_bits(v + 0.0f);  // -0 + 0 = +0
