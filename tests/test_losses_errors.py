@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -388,3 +389,59 @@ def test_a_fallback_warning_says_why_the_fallback_was_taken():
         "dynloss: backend='native' cannot compute torch.float64 input; using the 'torch' "
         "backend for such calls",
     ]
+
+
+def test_topk_k_none_is_a_type_error_not_bce():
+    """``topk_loss(k=None)`` and a ``TopKLoss`` whose ``k`` was set to None computed BCE
+    silently (None meant "not TopK" inside). Found by a review of TopK."""
+    x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    with pytest.raises(TypeError, match="k must be a real number; got NoneType None"):
+        F.topk_loss(x, t, k=None)
+    loss = dynloss.TopKLoss()
+    loss.k = None
+    with pytest.raises(TypeError, match="k must be a real number; got NoneType None"):
+        loss(x, t)
+
+
+def test_an_attribute_that_is_not_an_argument_never_changes_a_loss():
+    """``BCELoss`` has no ``gamma`` and ``TopKLoss`` no ``alpha``, but the losses read them
+    if set: ``bce.gamma = 2.0`` made a BCELoss compute focal once it was rebuilt (a copy, or
+    another argument reassigned), with its repr still ``BCELoss()``."""
+    import copy
+
+    x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    for loss, stray in [(dynloss.BCELoss(), {"gamma": 2.0, "alpha": 0.9, "k": 0.1}),
+                        (dynloss.TopKLoss(k=0.5), {"alpha": 0.9, "gamma": 3.0}),
+                        (dynloss.FocalLoss(), {"k": 0.1})]:
+        want = loss(x, t)
+        for name, value in stray.items():
+            setattr(loss, name, value)
+        loss.reduction = "mean"  # rebuilt
+        torch.testing.assert_close(loss(x, t), want, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(loss)(x, t), want, rtol=0, atol=0)
+
+
+def test_tversky_index_checks_its_arguments_like_the_losses():
+    """The public ``tversky_index`` took ``alpha=-1`` (index 1), NaN, ``True``, a negative
+    smoothing, and crashed inside torch on a string or on shapes that do not broadcast."""
+    i, p, g = torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([5.0])
+    for name, position in (("alpha", 3), ("beta", 4), ("smoothing", 5)):
+        for bad, error, message in [(-1.0, ValueError, f"{name} must be >= 0; got -1.0"),
+                                    (math.nan, ValueError, f"{name} must be finite; got nan"),
+                                    (True, TypeError, f"{name} must be a real number; got bool"),
+                                    ("0.5", TypeError, f"{name} must be a real number; got str"),
+                                    (None, TypeError,
+                                     f"{name} must be a real number; got NoneType")]:
+            args = [i, p, g, 0.5, 0.5, 0.0]
+            args[position] = bad
+            with pytest.raises(error, match=re.escape(message)):
+                F.tversky_index(*args)
+    with pytest.raises(TypeError, match="prediction_sum must be a tensor or a real number; "
+                                        "got str"):
+        F.tversky_index(i, "4", g, 0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match=re.escape(
+            "intersection, prediction_sum and target_sum must broadcast to one shape; got "
+            "(2,), (3,) and (1,)")):
+        F.tversky_index(torch.ones(2), torch.ones(3), g, 0.5, 0.5, 0.0)
+    assert F.tversky_index(3.0, 4.0, 5.0, 0.5, 0.5, 0.0) == pytest.approx(6 / 9)
+    torch.testing.assert_close(F.tversky_index(i, p, g, 1, 1, 0), torch.tensor([0.5]))

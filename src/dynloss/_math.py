@@ -385,9 +385,9 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
     """Boolean mask of the ``n`` largest entries of the flat tensor ``values``.
 
     Ties at the threshold are taken by lowest flat index; NaN ranks above +inf, and +inf
-    above every finite value (so a NaN loss is always selected and shows in the sum). ``n`` may be an int or a 0-dim integer
-    tensor; nothing is read on the host either way (no device synchronisation), so this also
-    runs inside ``torch.compile`` graphs.
+    above every finite value (so a NaN loss is always selected and shows in the sum). ``n``
+    may be an int or a 0-dim integer tensor; nothing is read on the host either way (no
+    device synchronisation), so this also runs inside ``torch.compile`` graphs.
 
     >>> import torch
     >>> from dynloss._math import topk_mask

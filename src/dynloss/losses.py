@@ -261,10 +261,16 @@ def _common_doc(extra: str = "") -> str:
 
 
 class _DistributionLoss(SegmentationLoss):
+    _own_arguments: ClassVar[tuple[str, ...]] = ()
+    """The arguments of this loss beyond the common ones (``gamma``/``alpha``, ``k``): only
+    these are read, so an attribute of another loss's name set on it changes nothing."""
+
     def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
+        own = {name: getattr(self, name) for name in self._own_arguments}
+        if "k" in own:  # TopK: None would mean "not TopK" below
+            own["k"] = check_fraction("k", own["k"])
         params = distribution_params(
-            gamma=getattr(self, "gamma", 0.0), alpha=getattr(self, "alpha", None),
-            k=getattr(self, "k", None), mode=self.mode, from_logits=self.from_logits,
+            **own, mode=self.mode, from_logits=self.from_logits,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
             check_values=self.check_values,
         )
@@ -308,6 +314,7 @@ class BCELoss(_DistributionLoss):
 
 
 class FocalLoss(_DistributionLoss):
+    _own_arguments = ("gamma", "alpha")
     __doc__ = (
         r"""Focal loss :math:`\frac1M \sum_i a_i (1 - p_{t,i})^\gamma (-\log p_{t,i})`.
 
@@ -387,6 +394,7 @@ class _Weights(list):
 
 
 class TopKLoss(_DistributionLoss):
+    _own_arguments = ("k",)
     __doc__ = (
         r"""TopK loss: mean cross-entropy over the ``k`` fraction of worst-scored elements.
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .._checks import check_fraction
 from .._layout import Layout
 from .._math import (
     LOG_CLAMP,
@@ -214,6 +215,6 @@ def topk_loss(
         0.3133
     """
     return distribution_loss(input, target, distribution_params(
-        k=k, mode=mode, from_logits=from_logits, ignore_index=ignore_index,
+        k=check_fraction("k", k), mode=mode, from_logits=from_logits, ignore_index=ignore_index,
         reduction=reduction, backend=backend, check_values=check_values,
     ))

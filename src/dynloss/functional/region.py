@@ -37,9 +37,13 @@ flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty targets d
 
 from __future__ import annotations
 
+from numbers import Real
+
+import torch
 from torch import Tensor
 
 from .. import _math
+from .._checks import check_non_negative
 from .._layout import Layout
 from .._params import region_params
 from ..kernels import reference
@@ -56,24 +60,26 @@ __all__ = [
 
 
 def tversky_index(
-    intersection: Tensor,
-    prediction_sum: Tensor,
-    target_sum: Tensor,
+    intersection: Tensor | float,
+    prediction_sum: Tensor | float,
+    target_sum: Tensor | float,
     alpha: float,
     beta: float,
     smoothing: float,
-) -> Tensor:
+) -> Tensor | float:
     r"""The Tversky index from the three sums: :math:`(I + s) / (I + \alpha(P-I) + \beta(G-I) + s)`.
 
     ``intersection`` (:math:`I`), ``prediction_sum`` (:math:`P`) and ``target_sum``
     (:math:`G`) are tensors of any one (broadcastable) shape, e.g. ``(N, C)`` per sample and
-    class or ``(C,)`` pooled over the batch; the index has that shape. ``smoothing`` is
-    :math:`s = \text{smooth} + \text{eps}` of the losses. :math:`\alpha = \beta = 1/2` gives
-    the Dice index :math:`(2I + 2s)/(P + G + 2s)`, :math:`\alpha = \beta = 1` the IoU
-    :math:`(I + s)/(P + G - I + s)`. The losses are :math:`1 - T`.
+    class or ``(C,)`` pooled over the batch (or Python numbers); the index has that shape.
+    ``smoothing`` is :math:`s = \text{smooth} + \text{eps}` of the losses.
+    :math:`\alpha = \beta = 1/2` gives the Dice index :math:`(2I + 2s)/(P + G + 2s)`,
+    :math:`\alpha = \beta = 1` the IoU :math:`(I + s)/(P + G - I + s)`. The losses are
+    :math:`1 - T`.
 
     The denominator is formed as :math:`I + \alpha (P - I) + \beta (G - I) + s`, so a perfect
-    prediction (:math:`P = G = I`) scores exactly 1 in any precision.
+    prediction (:math:`P = G = I`) scores exactly 1 in any precision. ``alpha``, ``beta`` and
+    ``smoothing`` must be finite and >= 0 (a ``ValueError``/``TypeError`` naming the argument).
 
     Examples:
         >>> import torch
@@ -89,7 +95,25 @@ def tversky_index(
         ...               0.5, 0.5, 1e-7)  # empty target, empty prediction: a perfect score
         tensor([1.])
     """
-    return _math.tversky_index(intersection, prediction_sum, target_sum, alpha, beta, smoothing)
+    sums = {"intersection": intersection, "prediction_sum": prediction_sum,
+            "target_sum": target_sum}
+    for name, value in sums.items():
+        if not isinstance(value, Tensor) and (isinstance(value, bool)
+                                              or not isinstance(value, Real)):
+            raise TypeError(f"{name} must be a tensor or a real number; got "
+                            f"{type(value).__name__} {value!r}")
+    shapes = [value.shape for value in sums.values() if isinstance(value, Tensor)]
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        named = [tuple(value.shape) if isinstance(value, Tensor) else "a number"
+                 for value in sums.values()]
+        raise ValueError("intersection, prediction_sum and target_sum must broadcast to one "
+                         f"shape; got {named[0]}, {named[1]} and {named[2]}") from None
+    return _math.tversky_index(intersection, prediction_sum, target_sum,  # type: ignore[type-var]
+                               check_non_negative("alpha", alpha),
+                               check_non_negative("beta", beta),
+                               check_non_negative("smoothing", smoothing))
 
 
 def region_sums_reference(layout: Layout, *, from_logits: bool, ignore_index: int | None):
