@@ -506,3 +506,35 @@ def test_topk_selects_an_infinite_loss_above_the_largest_finite_one(backend):
     assert value.item() == math.inf
     assert (leaf.grad != 0).any(1).view(-1).tolist() == [False, True]
 
+
+
+@pytest.mark.parametrize("upstream", [math.nan, math.inf])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_upstream_gradient_leaves_unread_elements_at_zero(backend, upstream):
+    """``loss * nan`` (or inf) upstream: the reference gives 0 to the elements the loss does
+    not read (ignored pixels, TopK's unselected ones) and NaN/inf elsewhere; the native
+    backend multiplied the upstream value into every element. Found by a review of the
+    backends. (Under an infinite upstream gradient the reference's chain of operations gives
+    NaN where the product is +-inf, as the fused kernels give: either is non-finite.)"""
+    x0 = torch.randn(1, 1, 2, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([[[[1.0, 0.0, 255.0, 1.0], [0.0, 255.0, 1.0, 0.0]]]])
+    cases = [
+        lambda x, b: F.bce_loss(x, t, ignore_index=255, backend=b),
+        lambda x, b: F.focal_loss(x, t, ignore_index=255, backend=b),
+        lambda x, b: F.topk_loss(x, t.clamp(max=1), k=0.25, backend=b),
+        lambda x, b: F.dice_loss(x, t, ignore_index=255, backend=b),
+        lambda x, b: dynloss.CompositeLoss([dynloss.DiceLoss(ignore_index=255, backend=b),
+                                            dynloss.BCELoss(ignore_index=255, backend=b)])(x, t),
+        lambda x, b: F.dice_loss(x, t, ignore_index=255, backend=b, ddp_pool=True),
+    ]
+    for case in cases:
+        grads = []
+        for b in (backend, "reference"):
+            x = x0.clone().requires_grad_()
+            (case(x, b) * upstream).backward()
+            grads.append(x.grad)
+        if math.isnan(upstream):
+            torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
+        assert torch.equal(grads[0] == 0, grads[1] == 0)
+        assert torch.equal(grads[0].isfinite(), grads[1].isfinite())
+        assert (grads[1] == 0).sum() >= 2  # the ignored (or unselected) elements

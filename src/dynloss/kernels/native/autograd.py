@@ -141,6 +141,21 @@ def _scaled(grad: Tensor, invalid: bool) -> Tensor:
     return grad * math.nan if invalid else grad
 
 
+def _non_finite(*grads: Tensor | None) -> bool:
+    """Whether an upstream gradient (small, on the CPU: free to read) holds a NaN or inf.
+    Backward then goes through the reference, which leaves 0 where the loss does not read an
+    element (ignored, unselected), where the kernels would multiply the NaN into every one."""
+    for grad in grads:
+        if grad is None:
+            continue
+        if grad.numel() == 1:
+            if not math.isfinite(grad.item()):
+                return True
+        elif not bool(torch.isfinite(grad).all()):
+            return True
+    return False
+
+
 class NativeRegionLoss(torch.autograd.Function):
     """``1 - T`` reduced, from the caller's float32 ``x`` and target read as ``dims``
     ``(N, C, M)``."""
@@ -165,7 +180,7 @@ class NativeRegionLoss(torch.autograd.Function):
         config, invalid, sums, cells, coefficients, params, checked, mode = ctx.native
         # create_graph=True (a differentiable gradient), or a non-finite input: the reference's
         # NaN exactly where the loss depends on an element (0 on ignored ones)
-        if torch.is_grad_enabled() or invalid:
+        if torch.is_grad_enabled() or invalid or _non_finite(grad_loss):
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
@@ -213,7 +228,8 @@ class NativeDistributionLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, target, slope = ctx.saved_tensors
         config, scale, params, checked, invalid, overflowed = ctx.native
-        if torch.is_grad_enabled() or overflowed or invalid:  # (invalid: see the region loss)
+        if (torch.is_grad_enabled() or overflowed or invalid  # (invalid: see the region loss)
+                or _non_finite(grad_loss)):
             def value(xs: Tensor) -> Tensor:
                 total, count = reference.distribution_sum(_layout(xs, target, params.mode),
                                                           params, checked)
@@ -252,7 +268,8 @@ class NativeCompositeLoss(torch.autograd.Function):
         (config, invalid, sums, cells, coefficients, inverse_count, params, checked,
          overflowed) = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
-        if torch.is_grad_enabled() or overflowed or invalid:  # (invalid: see the region loss)
+        if (torch.is_grad_enabled() or overflowed or invalid  # (invalid: see the region loss)
+                or _non_finite(grad_combined)):
             def value(xs: Tensor) -> Tensor:
                 layout = _layout(xs, target, params.region.mode)
                 total, count = reference.distribution_sum(layout, params.distribution, checked)
@@ -296,7 +313,8 @@ class NativeSums(torch.autograd.Function):
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
         x, target, probabilities = ctx.saved_tensors
         config, params, checked, mode, invalid = ctx.native
-        if torch.is_grad_enabled() or invalid:  # (invalid: see the region loss)
+        if (torch.is_grad_enabled() or invalid  # (invalid: see the region loss)
+                or _non_finite(grad_intersection, grad_prediction_sum)):
             grads = recompute_backward(
                 lambda xs: reference.region_sums(_layout(xs, target, mode), params.from_logits,
                                                  params.ignore_index, checked)[:2],
