@@ -538,3 +538,18 @@ def test_a_non_finite_upstream_gradient_leaves_unread_elements_at_zero(backend, 
         assert torch.equal(grads[0] == 0, grads[1] == 0)
         assert torch.equal(grads[0].isfinite(), grads[1].isfinite())
         assert (grads[1] == 0).sum() >= 2  # the ignored (or unselected) elements
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_an_integer_label_that_float32_rounds_onto_ignore_index_is_not_ignored(dtype, backend):
+    """Triton compared binary targets with ``ignore_index`` in float32: the invalid label
+    2**24 + 1 rounds onto ``ignore_index=2**24`` and was ignored (a finite loss) where every
+    other backend keeps it (NaN, unchecked). Found by a review of the backends."""
+    x = torch.tensor([[[0.5, -1.0, 2.0, 0.3]]])
+    t = torch.tensor([[[1, 0, 2**24 + 1, 2**24]]], dtype=dtype)
+    for fn in (F.dice_loss, F.bce_loss, F.topk_loss):
+        assert fn(x, t, ignore_index=2**24, check_values=False, backend=backend).isnan()
+        ok = t.clone()
+        ok[0, 0, 2] = 1
+        assert fn(x, ok, ignore_index=2**24, check_values=False, backend=backend).isfinite()

@@ -35,6 +35,7 @@ on every backend, so a diverging run never looks like it is improving.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from torch import Tensor
@@ -307,11 +308,28 @@ def ignore_index_for(dtype: torch.dtype, ignore_index: int | None) -> int | None
     return None
 
 
+_FLOAT32_EXACT = 2**24
+"""Every integer of at most this magnitude is a float32; above it some round onto this one
+or others (2**24 + 1 onto 2**24)."""
+
+
 def kernel_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor:
     """``target`` for kernels that compare targets in float32 (native, Triton): a float64
-    binary/multilabel one through :func:`float32_target`, any other as it is."""
-    if target.dtype is torch.float64 and mode != MULTICLASS_MODE:
+    binary/multilabel one through :func:`float32_target`; an int32/int64 one, with an
+    ``ignore_index`` beyond float32's exact integers, as float32 with the labels that round
+    onto it moved one float32 step back toward themselves (kept: invalid labels, which the
+    kernels then see); any other as it is."""
+    if mode == MULTICLASS_MODE:
+        return target
+    if target.dtype is torch.float64:
         return float32_target(target, ignore_index)
+    if (ignore_index is not None and abs(ignore_index) >= _FLOAT32_EXACT
+            and target.dtype in (torch.int32, torch.int64)):
+        narrow = target.float()
+        as_float32 = struct.unpack("f", struct.pack("f", float(ignore_index)))[0]
+        onto = (narrow == as_float32) & (target != ignore_index)
+        toward = torch.where(target > ignore_index, math.inf, -math.inf).float()
+        return torch.where(onto, torch.nextafter(narrow, toward), narrow)
     return target
 
 
