@@ -445,3 +445,49 @@ def test_tversky_index_checks_its_arguments_like_the_losses():
         F.tversky_index(torch.ones(2), torch.ones(3), g, 0.5, 0.5, 0.0)
     assert F.tversky_index(3.0, 4.0, 5.0, 0.5, 0.5, 0.0) == pytest.approx(6 / 9)
     torch.testing.assert_close(F.tversky_index(i, p, g, 1, 1, 0), torch.tensor([0.5]))
+
+
+def test_tversky_index_takes_tensor_weights_and_compiles_with_changing_ones():
+    """The checks of the previous fix refused a learnable (tensor) ``alpha`` and broke
+    ``torch.compile(fullgraph=True)`` when a float weight changed between calls (a symbolic
+    float). Found by a review of that fix."""
+    i, p, g = torch.tensor([3.0, 1.0]), torch.tensor([4.0, 2.0]), torch.tensor([5.0, 1.0])
+    alpha = torch.tensor(0.3, requires_grad=True)
+    value = F.tversky_index(i, p, g, alpha, 0.7, 0.0)
+    value.sum().backward()
+    torch.testing.assert_close(value, F.tversky_index(i, p, g, 0.3, 0.7, 0.0))
+    assert alpha.grad is not None and alpha.grad < 0
+
+    compiled = torch.compile(F.tversky_index, fullgraph=True, backend="eager")
+    for a in (0.3, 0.4, 0.5):
+        torch.testing.assert_close(compiled(i, p, g, a, 1 - a, 0.0),
+                                   F.tversky_index(i, p, g, a, 1 - a, 0.0))
+
+
+def test_a_numpy_scalar_under_compile_is_named_with_a_hint():
+    """Dynamo traces a NumPy scalar argument as a tensor: the checks' error then failed on
+    the tensor's repr ("Unsupported repr() on tensor"); it now says what to pass."""
+    np = pytest.importorskip("numpy")
+    x, labels = torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 2], [1, 2, 1, 0]])
+    for kwargs in ({"smooth": np.float64(1.0)}, {"ignore_index": np.int64(255)}):
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            lambda a, t, kw=kwargs: F.dice_loss(a, t, mode="multiclass", **kw),
+            fullgraph=True, backend="eager")
+        with pytest.raises(Exception, match="pass a Python number"):
+            compiled(x, labels)
+    torch._dynamo.reset()
+
+
+def test_a_subclass_that_declares_alpha_reads_it():
+    """Each loss reads only its own arguments (the previous fix), and those its subclass's
+    constructor declares: a class-balanced BCE with its own ``alpha`` lost it."""
+    class BalancedBCE(dynloss.BCELoss):
+        def __init__(self, alpha: float = 0.25, *, mode: str = "binary") -> None:
+            super().__init__(mode=mode, backend="reference")
+            self.alpha = alpha
+            self._ready()
+
+    x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    torch.testing.assert_close(BalancedBCE(alpha=0.9)(x, t),
+                               F.focal_loss(x, t, gamma=0.0, alpha=0.9, backend="reference"))

@@ -556,3 +556,50 @@ def test_repr_of_a_subclass_leaves_its_unchanged_tuple_default_out() -> None:
 
     assert repr(Sub()) == "Sub()"
     assert repr(Sub(classes=(1, 3))) == "Sub(classes=[1, 3])"
+
+
+def test_shared_marks_name_real_paths_and_stay_inside_their_own_repr() -> None:
+    """The mark's path left out the attribute of a custom module on the way (not a path
+    ``get_submodule`` finds), and a loss written by a custom module's repr, outside the tree,
+    took the outer repr's marks. Found by a review of the fix."""
+    from torch import nn
+
+    class Wrap(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], milestones=[1])
+    loss = SwitchingLoss({"wrap": Wrap(CompositeLoss([inner, DiceLoss()])),
+                          "later": CompositeLoss([inner, DiceLoss()])}, milestones=[2])
+    text = repr(loss)
+    assert "shared('stages.wrap.inner.terms.switchingloss')" in text
+    assert loss.get_submodule("stages.wrap.inner.terms.switchingloss") is inner
+
+    other_inner = SwitchingLoss([BCELoss(), FocalLoss()], milestones=[1])
+    other = SwitchingLoss([other_inner, CompositeLoss([other_inner, DiceLoss()])],
+                          milestones=[3])
+
+    class Note(nn.Module):
+        def __repr__(self) -> str:
+            return f"Note(see={other!r})"
+
+    outer = SwitchingLoss([other_inner, Note()], milestones=[1])
+    assert repr(outer) == (f"SwitchingLoss([{other_inner!r}, Note(see={other!r})], "
+                           "milestones=[1])")
+    assert "shared('stages.switchingloss')" in repr(other)
+    _raises_spec_error("shared()", 0, "shared(...) marks a loss written before")
+
+
+def test_repr_of_a_subclass_with_an_unresolvable_annotation_keeps_the_float_arguments() -> None:
+    """One annotation naming a type only imported for type checkers made every argument's
+    annotation unreadable, and ``alpha = 1`` read ``alpha=1`` again. Found by a review."""
+    class TaggedFocal(FocalLoss):
+        def __init__(self, gamma: float = 2.0, alpha: float | None = None,
+                     tag: NotImportedHere | None = None) -> None:  # type: ignore[name-defined]  # noqa: F821
+            super().__init__(gamma=gamma, alpha=alpha)
+            self.tag = tag
+
+    loss = TaggedFocal()
+    loss.alpha = 1
+    assert repr(loss) == "TaggedFocal(alpha=1.0)"

@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 
+import torch
+
 from .constants import BACKENDS, MODES, REDUCTIONS
 
 
@@ -37,9 +39,19 @@ def check_backend(backend: object) -> str:
     return check_choice("backend", backend, BACKENDS)
 
 
+def _shown(value: object) -> str:
+    """``value`` for an error message: its type and repr; under ``torch.compile``, where a
+    NumPy scalar argument is traced as an array whose repr cannot be formed, its type and a
+    hint."""
+    if torch.compiler.is_compiling():
+        return (f"{type(value).__name__} (under torch.compile a NumPy scalar argument is "
+                "traced as an array: pass a Python number)")
+    return f"{type(value).__name__} {value!r}"
+
+
 def check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a real number; got {_shown(value)}")
     try:
         value = float(value)
     except OverflowError:  # an int (or Fraction) beyond float's range
@@ -94,8 +106,7 @@ def check_ignore_index(ignore_index: object) -> int | None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
         raise TypeError(
-            f"ignore_index must be an int or None; got {type(ignore_index).__name__} "
-            f"{ignore_index!r}"
+            f"ignore_index must be an int or None; got {_shown(ignore_index)}"
         )
     value = int(ignore_index)
     if not INT64_MIN <= value <= INT64_MAX:

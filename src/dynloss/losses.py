@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
@@ -88,19 +89,32 @@ def _float_arguments(cls: type[SegmentationLoss]) -> frozenset[str]:
     be read, with a float default."""
     names = _FLOAT_ARGUMENTS.get(cls)
     if names is None:
-        parameters = inspect.signature(cls.__init__).parameters
+        init = cls.__init__
+        parameters = inspect.signature(init).parameters
         try:
-            hints = typing.get_type_hints(cls.__init__)
-        except Exception:  # a subclass's annotation naming what its module cannot resolve
+            hints = typing.get_type_hints(init)
+        except Exception:  # an annotation its module cannot resolve: each on its own below
             hints = {}
         floats = set()
         for name, parameter in parameters.items():
-            types = _annotated_types(hints[name]) if name in hints else set()
+            if name in hints:
+                types = _annotated_types(hints[name])
+            else:
+                types = _words_of(parameter.annotation)
             if (float in types and int not in types) or (
                     not types and isinstance(parameter.default, float)):
                 floats.add(name)
         names = _FLOAT_ARGUMENTS[cls] = frozenset(floats)
     return names
+
+
+def _words_of(annotation: Any) -> set[Any]:
+    """``float`` and ``int`` as an annotation that could not be resolved names them (the
+    string ``"float | Tag"``: ``{float}``); nothing for no annotation."""
+    if annotation is inspect.Parameter.empty:
+        return set()
+    words = set(re.findall(r"[A-Za-z_][A-Za-z_0-9.]*", str(annotation)))
+    return {kind for kind in (float, int) if kind.__name__ in words} or {object}
 
 
 class SegmentationLoss(nn.Module):
@@ -262,11 +276,15 @@ def _common_doc(extra: str = "") -> str:
 
 class _DistributionLoss(SegmentationLoss):
     _own_arguments: ClassVar[tuple[str, ...]] = ()
-    """The arguments of this loss beyond the common ones (``gamma``/``alpha``, ``k``): only
-    these are read, so an attribute of another loss's name set on it changes nothing."""
+    """The arguments of this loss beyond the common ones (``gamma``/``alpha``, ``k``): these
+    and those a subclass's constructor declares are read, so an attribute of another loss's
+    argument name merely set on it changes nothing."""
 
     def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
-        own = {name: getattr(self, name) for name in self._own_arguments}
+        declared = _constructor_arguments(type(self))
+        own: dict[str, Any] = {name: getattr(self, name, default)
+               for name, default in (("gamma", 0.0), ("alpha", None), ("k", None))
+               if name in self._own_arguments or name in declared}
         if "k" in own:  # TopK: None would mean "not TopK" below
             own["k"] = check_fraction("k", own["k"])
         params = distribution_params(

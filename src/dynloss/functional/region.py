@@ -79,7 +79,9 @@ def tversky_index(
 
     The denominator is formed as :math:`I + \alpha (P - I) + \beta (G - I) + s`, so a perfect
     prediction (:math:`P = G = I`) scores exactly 1 in any precision. ``alpha``, ``beta`` and
-    ``smoothing`` must be finite and >= 0 (a ``ValueError``/``TypeError`` naming the argument).
+    ``smoothing`` are numbers, finite and >= 0 (a ``ValueError``/``TypeError`` naming the
+    argument), or tensors (a learnable weight; not checked); nothing is checked inside
+    ``torch.compile``.
 
     Examples:
         >>> import torch
@@ -95,6 +97,9 @@ def tversky_index(
         ...               0.5, 0.5, 1e-7)  # empty target, empty prediction: a perfect score
         tensor([1.])
     """
+    if torch.compiler.is_compiling():  # (a scheduled weight is a symbolic float there)
+        return _math.tversky_index(intersection, prediction_sum, target_sum,  # type: ignore[type-var]
+                                   alpha, beta, smoothing)
     sums = {"intersection": intersection, "prediction_sum": prediction_sum,
             "target_sum": target_sum}
     for name, value in sums.items():
@@ -110,10 +115,10 @@ def tversky_index(
                  for value in sums.values()]
         raise ValueError("intersection, prediction_sum and target_sum must broadcast to one "
                          f"shape; got {named[0]}, {named[1]} and {named[2]}") from None
+    weights = [value if isinstance(value, Tensor) else check_non_negative(name, value)
+               for name, value in (("alpha", alpha), ("beta", beta), ("smoothing", smoothing))]
     return _math.tversky_index(intersection, prediction_sum, target_sum,  # type: ignore[type-var]
-                               check_non_negative("alpha", alpha),
-                               check_non_negative("beta", beta),
-                               check_non_negative("smoothing", smoothing))
+                               *weights)
 
 
 def region_sums_reference(layout: Layout, *, from_logits: bool, ignore_index: int | None):

@@ -160,8 +160,19 @@ def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool
 
 
 _REPR = threading.local()
-"""``first``: ``{id: path}`` of the stateful losses written so far by the repr in progress in
-this thread (None between reprs); ``path``: the module path of the loss being written."""
+"""``scope``: the :class:`_ReprScope` of the repr in progress in this thread (None between)."""
+
+
+class _ReprScope:
+    """The module paths of every module under ``owner`` (the outermost loss being written;
+    for a module reached by several paths, the first in ``named_modules`` order: any is its
+    path) and the ids of the stateful losses written so far."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.paths: dict[int, str] = {}
+        for path, module in owner.named_modules(remove_duplicate=False):
+            self.paths.setdefault(id(module), path)
+        self.written: set[int] = set()
 
 
 def holds_schedule_state(module: object) -> bool:
@@ -171,37 +182,31 @@ def holds_schedule_state(module: object) -> bool:
     return bool(holds()) if callable(holds) else False
 
 
-def losses_repr(names: list[str], modules: list[Any], explicit: bool, field: str) -> str:
-    """The ``losses`` argument as it was given: a list, or a dict for explicit names.
+def losses_repr(owner: nn.Module, names: list[str], modules: list[Any], explicit: bool) -> str:
+    """The ``losses`` argument of ``owner`` as it was given: a list, or a dict for explicit
+    names.
 
     A loss that holds schedule state and was written before in the same repr (one object
     shared by two stages or terms, as in "stage 1 = stage 0 + a term") is written
-    ``shared('<module path of its first occurrence>')``: a spec builds each occurrence anew,
-    so it cannot express the sharing, and :func:`~dynloss.build_loss` refuses the mark (``eval``
-    too: ``shared`` is no name). ``field`` is the attribute holding ``modules`` (``stages``,
-    ``terms``), for those paths."""
-    outermost = getattr(_REPR, "first", None) is None
-    if outermost:
-        _REPR.first, _REPR.path = {}, ""
-    first: dict[int, str] = _REPR.first
-    base = _REPR.path
+    ``shared('<its module path>')``: a spec builds each occurrence anew, so it cannot express
+    the sharing, and :func:`~dynloss.build_loss` refuses the mark (``eval`` too: ``shared`` is
+    no name). Paths are taken from the outermost loss being written; a loss outside its tree
+    (written by a custom module's repr, say) is written on its own."""
+    outer = getattr(_REPR, "scope", None)
+    fresh = outer is None or id(owner) not in outer.paths
+    scope: _ReprScope = _ReprScope(owner) if fresh or outer is None else outer
+    _REPR.scope = scope
     try:
         written = []
-        for name, module in zip(names, modules, strict=True):
-            path = f"{base}.{field}.{name}" if base else f"{field}.{name}"
-            if holds_schedule_state(module) and id(module) in first:
-                written.append(f"shared({first[id(module)]!r})")
-                continue
+        for module in modules:
             if holds_schedule_state(module):
-                first[id(module)] = path
-            _REPR.path = path
-            try:
-                written.append(repr(module))
-            finally:
-                _REPR.path = base
+                if id(module) in scope.written:
+                    written.append(f"shared({scope.paths[id(module)]!r})")
+                    continue
+                scope.written.add(id(module))
+            written.append(repr(module))
     finally:
-        if outermost:
-            _REPR.first = _REPR.path = None
+        _REPR.scope = outer
     if explicit:
         return "{" + ", ".join(f"{n!r}: {w}" for n, w in zip(names, written, strict=True)) + "}"
     return "[" + ", ".join(written) + "]"

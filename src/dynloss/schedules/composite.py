@@ -371,8 +371,7 @@ class CompositeLoss(nn.Module):
         return any(isinstance(weight, WeightSchedule) for weight in self.weights)
 
     def __repr__(self) -> str:
-        losses = losses_repr(self.names, list(self.terms.values()), self._explicit_names,
-                             "terms")
+        losses = losses_repr(self, self.names, list(self.terms.values()), self._explicit_names)
         if all(not isinstance(w, WeightSchedule) and w == 1.0 for w in self.weights):
             return f"CompositeLoss({losses})"
         return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"

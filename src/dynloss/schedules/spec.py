@@ -489,12 +489,12 @@ class _Parser:
         """The error for ``shared('path')``, the mark a repr writes for a stateful loss that
         a stage or term holds once more (see ``losses_repr``)."""
         self.accept("(")
-        path = self.token.value if self.token.kind == "string" else "?"
+        what = (f"shared({self.token.value!r}) is the loss at {self.token.value!r} once more"
+                if self.token.kind == "string" else "shared(...) marks a loss written before")
         return self.error(
-            f"shared({path!r}) is the loss at {path!r} once more: one object that two stages "
-            "or terms share, with its schedule state (stage, counters); a spec builds every "
-            "loss it names anew and cannot express sharing: build the loss in Python, passing "
-            "the same object twice", name_token.pos)
+            f"{what}: one object that two stages or terms share, with its schedule state "
+            "(stage, counters); a spec builds every loss it names anew and cannot express "
+            "sharing: build the loss in Python, passing the same object twice", name_token.pos)
 
     def call(self, name_token: _Token) -> Any:
         name = name_token.text

@@ -558,8 +558,7 @@ class SwitchingLoss(nn.Module):
             ...     print(err.message)  # doctest: +ELLIPSIS
             on_switch: the callback 'report' is Python code, which a spec cannot build; ...
         """
-        parts = [losses_repr(self.names, list(self.stages.values()), self._explicit_names,
-                             "stages")]
+        parts = [losses_repr(self, self.names, list(self.stages.values()), self._explicit_names)]
         milestones = self.milestones
         if milestones is not None:
             parts.append(f"milestones={milestones!r}")
