@@ -491,3 +491,29 @@ def test_a_subclass_that_declares_alpha_reads_it():
     x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
     torch.testing.assert_close(BalancedBCE(alpha=0.9)(x, t),
                                F.focal_loss(x, t, gamma=0.0, alpha=0.9, backend="reference"))
+
+
+def test_a_subclass_that_declares_k_is_bce_or_topk_as_given():
+    """A BCE subclass with its own optional ``k`` crashed when built (``k`` was checked
+    while its base constructor ran, before the subclass set it). Found by a review."""
+    class MaybeTopK(dynloss.BCELoss):
+        def __init__(self, k: float | None = None) -> None:
+            super().__init__(backend="reference")
+            self.k = k
+            self._ready()
+
+    x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    torch.testing.assert_close(MaybeTopK(0.5)(x, t), F.topk_loss(x, t, k=0.5))
+    torch.testing.assert_close(MaybeTopK()(x, t), F.bce_loss(x, t))
+
+
+def test_under_compile_a_wrong_python_value_is_still_shown():
+    """The NumPy hint replaced every value under ``torch.compile``: ``ignore_index=2.5``
+    read "got float (... pass a Python number)" though it was one."""
+    x, labels = torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 2], [1, 2, 1, 0]])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, t: F.dice_loss(a, t, mode="multiclass", ignore_index=2.5),
+                             fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"ignore_index must be an int or None; got float 2\.5"):
+        compiled(x, labels)
+    torch._dynamo.reset()

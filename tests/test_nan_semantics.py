@@ -553,3 +553,16 @@ def test_an_integer_label_that_float32_rounds_onto_ignore_index_is_not_ignored(d
         ok = t.clone()
         ok[0, 0, 2] = 1
         assert fn(x, ok, ignore_index=2**24, check_values=False, backend=backend).isfinite()
+
+
+def test_topk_mask_reads_no_data_so_vmap_and_tracing_work():
+    """A fast path read ``nan.any()`` on the host: ``torch.func.vmap`` refused the
+    data-dependent branch and ``torch.jit.trace`` froze the branch of its example input.
+    Found by a review."""
+    from dynloss._math import topk_mask
+
+    rows = torch.tensor([[1.0, 3.0, 2.0, 3.0], [math.nan, 0.0, math.inf, 5.0]])
+    got = torch.func.vmap(lambda row: topk_mask(row, 2))(rows)
+    assert got.tolist() == [[False, True, False, True], [True, False, True, False]]
+    traced = torch.jit.trace(lambda v: topk_mask(v, 1), (torch.tensor([1.0, 2.0, 3.0]),))
+    assert traced(torch.tensor([1.0, math.nan, 3.0])).tolist() == [False, True, False]

@@ -603,3 +603,33 @@ def test_repr_of_a_subclass_with_an_unresolvable_annotation_keeps_the_float_argu
     loss = TaggedFocal()
     loss.alpha = 1
     assert repr(loss) == "TaggedFocal(alpha=1.0)"
+
+
+def test_repr_of_deeply_nested_shared_losses_walks_each_module_once(monkeypatch) -> None:
+    """Module paths were gathered over every path through shared subtrees: 18 levels of
+    ``x = SwitchingLoss([x, CompositeLoss([x, dice])])`` took seconds, doubling per level.
+    Counted here as the modules the repr walks (12 levels: 2**12 paths), not timed."""
+    walked = []
+    depth = [0]  # named_modules recurses through itself: count the outermost walks' items
+    original = torch.nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        depth[0] += 1
+        try:
+            for item in original(self, *args, **kwargs):
+                if depth[0] == 1:
+                    walked.append(item)
+                depth[0] -= 1
+                yield item
+                depth[0] += 1
+        finally:
+            depth[0] -= 1
+
+    x: torch.nn.Module = DiceLoss()
+    for _ in range(12):
+        x = SwitchingLoss([x, CompositeLoss([x, DiceLoss()])], milestones=[1])
+    unique = len({id(m) for m in x.modules()})
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+    text = repr(x)
+    assert len(walked) <= 2 * unique
+    assert text.count("shared(") == 11  # every level but the first, whose dice is stateless

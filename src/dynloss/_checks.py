@@ -39,11 +39,15 @@ def check_backend(backend: object) -> str:
     return check_choice("backend", backend, BACKENDS)
 
 
+_PLAIN = (bool, int, float, complex, str, bytes, list, tuple, dict, set, type(None))
+"""Values whose repr ``torch.compile`` traces (a NumPy scalar or a tensor it does not)."""
+
+
 def _shown(value: object) -> str:
     """``value`` for an error message: its type and repr; under ``torch.compile``, where a
     NumPy scalar argument is traced as an array whose repr cannot be formed, its type and a
     hint."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and type(value) not in _PLAIN:
         return (f"{type(value).__name__} (under torch.compile a NumPy scalar argument is "
                 "traced as an array: pass a Python number)")
     return f"{type(value).__name__} {value!r}"

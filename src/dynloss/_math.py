@@ -25,7 +25,6 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .constants import MULTICLASS_MODE
 
@@ -403,13 +402,8 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
             return torch.ones_like(values, dtype=torch.bool)
         if n <= 0:
             return torch.zeros_like(values, dtype=torch.bool)
-    nan: Tensor | None = values.isnan()
-    assert nan is not None
-    if (values.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not isinstance(values, FakeTensor) and not bool(nan.any())):
-        nan, ranked = None, values  # (read where it is free) no NaN: the ties by index alone
-    else:
-        ranked = values.masked_fill(nan, math.inf)  # NaN with +inf; first among the ties
+    nan = values.isnan()
+    ranked = values.masked_fill(nan, math.inf)  # NaN with +inf here; first among the ties
     if isinstance(n, int):
         threshold = ranked.kthvalue(m - n + 1).values
         wanted: int | Tensor = n
@@ -426,8 +420,6 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
     missing = wanted - above.sum()
     # the ties fill the places left above the threshold: NaN first (they tie only at +inf),
     # then the others, each by lowest flat index
-    if nan is None:
-        return above | (ties & (torch.cumsum(ties, 0) <= missing))
     nan_ties = ties & nan
     taken_nan = nan_ties & (torch.cumsum(nan_ties, 0) <= missing)
     others = ties & ~nan

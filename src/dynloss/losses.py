@@ -285,8 +285,8 @@ class _DistributionLoss(SegmentationLoss):
         own: dict[str, Any] = {name: getattr(self, name, default)
                for name, default in (("gamma", 0.0), ("alpha", None), ("k", None))
                if name in self._own_arguments or name in declared}
-        if "k" in own:  # TopK: None would mean "not TopK" below
-            own["k"] = check_fraction("k", own["k"])
+        if "k" in self._own_arguments:  # TopK's k: None would mean "not TopK" below (a
+            own["k"] = check_fraction("k", own["k"])  # subclass's own k may be None: BCE)
         params = distribution_params(
             **own, mode=self.mode, from_logits=self.from_logits,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,

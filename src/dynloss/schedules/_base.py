@@ -165,13 +165,16 @@ _REPR = threading.local()
 
 class _ReprScope:
     """The module paths of every module under ``owner`` (the outermost loss being written;
-    for a module reached by several paths, the first in ``named_modules`` order: any is its
-    path) and the ids of the stateful losses written so far."""
+    for a module reached by several paths, the first in ``named_modules`` order: any of them
+    finds it) and the ids of the stateful losses written so far."""
 
     def __init__(self, owner: nn.Module) -> None:
         self.paths: dict[int, str] = {}
-        for path, module in owner.named_modules(remove_duplicate=False):
-            self.paths.setdefault(id(module), path)
+        # each module once, at its first path (pre-order: a shared module's descendants are
+        # reached under its first occurrence); every path through shared subtrees would be
+        # exponential in the depth of the sharing
+        for path, module in owner.named_modules():
+            self.paths[id(module)] = path
         self.written: set[int] = set()
 
 
