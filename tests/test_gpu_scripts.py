@@ -70,6 +70,12 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert list(tmp_path.glob("bench_*.png")), "no plot"
 
 
+TABLE_META = {"shape": (1, 1, 4), "dtype": "float32", "cpu": "cpu", "threads": 1, "torch": "t",
+              "smp": None, "monai": None, "dynloss": "d", "date": "now", "repeats": 5,
+              "sigmoid_ms": 0.1}
+"""The run description of the tables the tests render."""
+
+
 def _bench_cpu():
     import importlib.util
 
@@ -89,9 +95,7 @@ def test_cpu_benchmark_separates_calls_that_page_fault():
     assert bench.summarize(times, faults) == (3.9, 3.5, 0, 3.7, 3)
     assert bench.summarize([2.0, 4.0], [2016, 2016]) == (3.0, 2.0, 2016, None, 0)
     table = bench.to_markdown(
-        {"shape": (1, 1, 4), "dtype": "float32", "cpu": "cpu", "threads": 1, "torch": "t",
-         "smp": None, "monai": None, "dynloss": "d", "date": "now", "repeats": 5,
-         "sigmoid_ms": 0.1},
+        TABLE_META,
         [{"loss": "dice", "implementation": "monai", "median_ms": 3.9, "min_ms": 3.5,
           "speedup_of_dynloss": 2.0, "saved_inputs": 1.0, "page_faults": 0,
           "no_fault_median_ms": 3.7, "no_fault_calls": 3},
@@ -155,9 +159,7 @@ def test_cpu_benchmark_counts_the_memory_dynloss_keeps_between_calls():
     assert bench.kept_bytes(candidates["torch"], logits, target) == 0
     assert bench.kept_bytes(candidates["dynloss[reference]"], logits, target) == 0
     table = bench.to_markdown(
-        {"shape": (1, 1, 4), "dtype": "float32", "cpu": "cpu", "threads": 1, "torch": "t",
-         "smp": None, "monai": None, "dynloss": "d", "date": "now", "repeats": 5,
-         "sigmoid_ms": 0.1},
+        TABLE_META,
         [{"loss": "dice", "implementation": "dynloss[auto]", "median_ms": 1.0, "min_ms": 0.9,
           "speedup_of_dynloss": 1.0, "saved_inputs": 1.0, "kept_inputs": 1.0,
           "page_faults": 0, "no_fault_median_ms": 1.0, "no_fault_calls": 5}])
