@@ -85,8 +85,8 @@ _FLOAT_ARGUMENTS: dict[type[SegmentationLoss], frozenset[str]] = {}
 
 def _float_arguments(cls: type[SegmentationLoss]) -> frozenset[str]:
     """The constructor arguments of ``cls`` whose numbers are floats: annotated with ``float``
-    and not ``int`` (``FocalLoss``'s ``alpha``, default None), or, where the annotations cannot
-    be read, with a float default."""
+    and not ``int`` (``FocalLoss``'s ``alpha``, default None; an annotation that cannot be
+    resolved is read for those two words), or unannotated with a float default."""
     names = _FLOAT_ARGUMENTS.get(cls)
     if names is None:
         init = cls.__init__
