@@ -256,6 +256,62 @@ def test_truncated_volume_error_names_the_file(phantom, tmp_path):
         data.build_slice_store(root, tmp_path / "store", size=32, progress=False)
 
 
+def _one_case(tmp_path, image, label, affine=LPS):
+    root = tmp_path / "Task10_Colon"
+    case = _write_case(root, "colon_001", image, label, affine)
+    (root / "dataset.json").write_text(json.dumps({"training": [
+        {"image": "./imagesTr/colon_001.nii.gz", "label": "./labelsTr/colon_001.nii.gz"}]}))
+    return root, case
+
+
+@pytest.mark.parametrize("kind", ["zero_slices", "rgb", "singular_affine", "nan_voxels"])
+def test_a_volume_the_store_cannot_use_is_a_one_line_error_naming_it(tmp_path, kind):
+    """Found by a review of the example: a volume of 0 slices and an RGB volume crashed inside
+    nibabel/numpy, a singular affine in the header check, and NaN voxels went into the store
+    and trained a NaN network that the report called "collapsed"."""
+    hu, label = _volume(shape=(8, 8, 4))
+    affine = LPS
+    if kind == "zero_slices":
+        hu, label = hu[:, :, :0], label[:, :, :0]
+    elif kind == "rgb":
+        hu = np.zeros(hu.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    elif kind == "nan_voxels":
+        hu = hu.astype(np.float32)
+        hu[2, 3, 1] = np.nan
+    root, case = _one_case(tmp_path, hu, label, affine)
+    if kind == "singular_affine":  # a header whose sform maps every x to one point
+        for path in (case.image, case.label):
+            volume = np.asanyarray(nib.load(path).dataobj)
+            broken = nib.Nifti1Image(volume, None)
+            broken.header.set_qform(None, code=0)
+            broken.header.set_sform(np.diag([0.0, 1.0, 1.0, 1.0]), code=1)
+            nib.save(broken, path)
+    with pytest.raises(data.DataError) as info:
+        data.build_slice_store(root, tmp_path / "store", size=8, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "colon_001" in message, message
+    expected = {"zero_slices": "must be a 3D volume with at least one voxel along each axis",
+                "rgb": "voxels of type", "singular_affine": "cannot be oriented",
+                "nan_voxels": "1 voxel(s) that are not finite"}[kind]
+    assert expected in message, message
+
+
+def test_a_damaged_file_is_named_in_one_line(phantom, tmp_path):
+    """nibabel's message for a truncated uncompressed file spans two lines; the error kept
+    both (the example's errors are one line)."""
+    hu, label = _volume(shape=(8, 8, 4))
+    root, case = _one_case(tmp_path, hu, label)
+    path = root / "imagesTr" / "colon_001.nii"
+    nib.save(nib.load(case.image), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 40])
+    (root / "dataset.json").write_text(json.dumps({"training": [
+        {"image": "./imagesTr/colon_001.nii", "label": "./labelsTr/colon_001.nii.gz"}]}))
+    with pytest.raises(data.DataError) as info:
+        data.build_slice_store(root, tmp_path / "store", size=8, progress=False)
+    assert "\n" not in str(info.value) and "colon_001.nii" in str(info.value), str(info.value)
+
+
 def test_missing_label_is_found_before_anything_is_built(phantom, tmp_path):
     root = _copy_phantom(phantom, tmp_path)
     (root / "labelsTr" / "colon_004.nii.gz").unlink()
@@ -316,6 +372,32 @@ def test_store_rebuilt_when_a_label_is_edited_in_place(phantom, tmp_path):
     data.build_slice_store(root, tmp_path / "store", size=32, progress=False,
                            digest_cache=digests, log=third.append)
     assert third == []
+
+
+def test_store_rebuilt_when_dataset_json_pairs_images_with_other_labels(tmp_path):
+    """Two labels swapped in ``dataset.json`` (same files, same digests, same case names):
+    the store and every run on it were reused with the old pairing. Found by a review of the
+    example."""
+    root = tmp_path / "Task10_Colon"
+    hu, label = _volume(shape=(16, 16, 6))
+    _write_case(root, "colon_001", hu, label, LPS)
+    _write_case(root, "colon_002", hu, np.zeros_like(label), LPS)
+    training = [{"image": f"./imagesTr/colon_00{i}.nii.gz",
+                 "label": f"./labelsTr/colon_00{i}.nii.gz"} for i in (1, 2)]
+    (root / "dataset.json").write_text(json.dumps({"training": training}))
+    store = data.build_slice_store(root, tmp_path / "store", size=16, progress=False)
+    masks = np.asarray(store.masks)
+    first = np.asarray(store.patients) == 0
+    assert masks[first].sum() > 0 and masks[~first].sum() == 0
+    training[0]["label"], training[1]["label"] = training[1]["label"], training[0]["label"]
+    (root / "dataset.json").write_text(json.dumps({"training": training}))
+    lines = []
+    again = data.build_slice_store(root, tmp_path / "store", size=16, progress=False,
+                                   log=lines.append)
+    assert len(lines) == 1 and "rebuilding" in lines[0], lines
+    swapped = np.asarray(again.masks)
+    assert swapped[first].sum() == 0 and swapped[~first].sum() > 0
+    assert again.fingerprint != store.fingerprint
 
 
 def test_digest_cache_rehashes_a_file_edited_in_place(tmp_path):

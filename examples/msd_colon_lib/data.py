@@ -133,9 +133,14 @@ def _load_header(path: Path, what: str) -> Any:
         img = nib.load(str(path))
     except _read_errors() as error:
         raise DataError(f"{path}: cannot read the NIfTI header of {what} "
-                        f"({type(error).__name__}: {error})") from error
-    if len(img.shape) != 3:
-        raise DataError(f"{path}: {what} must be a 3D volume, got shape {tuple(img.shape)}")
+                        f"({type(error).__name__}: {_first_line(error)})") from error
+    if len(img.shape) != 3 or 0 in img.shape:
+        raise DataError(f"{path}: {what} must be a 3D volume with at least one voxel along "
+                        f"each axis, got shape {tuple(img.shape)}")
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "biuf":
+        raise DataError(f"{path}: {what} holds voxels of type {dtype} (a CT volume or label "
+                        "map holds real numbers)")
     return img
 
 
@@ -159,6 +164,21 @@ def reoriented_grid(shape: tuple[int, ...], affine: np.ndarray
     return new_shape, affine @ inv_ornt_aff(ornt, shape)
 
 
+def _grid(img: Any, path: Path, what: str) -> tuple[tuple[int, int, int], np.ndarray]:
+    """:func:`reoriented_grid` of a loaded header, a header whose affine has no orientation
+    (a singular sform) named as the file's problem."""
+    try:
+        return reoriented_grid(img.shape, img.affine)
+    except (ValueError, np.linalg.LinAlgError) as error:
+        raise DataError(f"{path}: the affine of {what} cannot be oriented "
+                        f"({type(error).__name__}: {_first_line(error)}); its header's "
+                        "sform/qform is broken") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def check_case(case: Case) -> tuple[int, int, int]:
     """Check one case from its headers; return its reoriented shape ``(X, Y, Z)``.
 
@@ -167,8 +187,8 @@ def check_case(case: Case) -> tuple[int, int, int]:
     """
     img = _load_header(case.image, f"the image of {case.patient}")
     lab = _load_header(case.label, f"the label of {case.patient}")
-    img_shape, img_affine = reoriented_grid(img.shape, img.affine)
-    lab_shape, lab_affine = reoriented_grid(lab.shape, lab.affine)
+    img_shape, img_affine = _grid(img, case.image, f"the image of {case.patient}")
+    lab_shape, lab_affine = _grid(lab, case.label, f"the label of {case.patient}")
     if img_shape != lab_shape:
         raise DataError(
             f"{case.label}: label grid {lab_shape} differs from its image's {img_shape} "
@@ -225,8 +245,9 @@ def _voxels(img: Any, path: Path, what: str, dtype: Any = None) -> np.ndarray:
         return np.asarray(img.dataobj, dtype=dtype)
     except _read_errors() as error:
         raise DataError(
-            f"{path}: cannot read the voxels of {what} ({type(error).__name__}: {error}); the "
-            "file is damaged or truncated: download or extract it again"
+            f"{path}: cannot read the voxels of {what} ({type(error).__name__}: "
+            f"{_first_line(error)}); the file is damaged or truncated: download or extract it "
+            "again"
         ) from error
 
 
@@ -246,6 +267,10 @@ def load_case(
     lab = _load_header(case.label, f"the label of {case.patient}")
     hu = apply_orientation(_voxels(img, case.image, f"the image of {case.patient}", np.float32),
                            _orientation(img.affine))
+    bad = int(np.count_nonzero(~np.isfinite(hu)))
+    if bad:  # windowing keeps NaN: it would reach the store and the network
+        raise DataError(f"{case.image}: the image of {case.patient} holds {bad} voxel(s) that "
+                        "are not finite (NaN or inf); a CT volume holds Hounsfield units")
     mask = apply_orientation(_voxels(lab, case.label, f"the label of {case.patient}") > 0,
                              _orientation(lab.affine))
     return window(hu.transpose(2, 1, 0), *hu_window), mask.transpose(2, 1, 0).astype(np.uint8)
@@ -328,7 +353,8 @@ def build_slice_store(
     digests.save()
     params = {
         "version": STORE_VERSION,
-        "cases": [c.patient for c in cases],
+        # each case with its files: dataset.json may pair the same files otherwise
+        "cases": [[c.patient, c.image_name, c.label_name] for c in cases],
         "files": files,
         "size": size,
         "hu_window": [float(v) for v in hu_window],
