@@ -647,7 +647,9 @@ def build_loss(spec: str | nn.Module) -> nn.Module:
         spec: e.g. ``"dice"``, ``"tversky(alpha=0.3,beta=0.7)"``, ``"topk(k=0.1)"``,
             ``"dice+focal"``, ``"0.5*dice+bce"``, ``"iou->bce@50"``,
             ``"dice->focal@30->bce@60"``, ``"iou->bce@plateau(patience=5)"``, or the ``repr``
-            of any dynloss loss. An ``nn.Module`` is returned unchanged.
+            of a dynloss loss made of its own losses, triggers and weight schedules (a custom
+            trigger or schedule class is not a name a spec knows). An ``nn.Module`` is
+            returned unchanged.
 
     Returns:
         A loss module: a single loss, a :class:`~dynloss.CompositeLoss` or a
