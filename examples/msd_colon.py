@@ -48,16 +48,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="the Task10_Colon folder (holding dataset.json)")
     g.add_argument("--download", action="store_true",
                    help="download, md5-verify and extract the MSD tar first")
-    g.add_argument("--download-root", help="where to put the tar (default: OUT/data)")
+    g.add_argument("--download-root",
+                   help="with --download: where to put the tar (default: OUT/data)")
     g.add_argument("--image-size", type=int, help="slice size (paper: 256; demo: 64)")
     g.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="HU window scaled to [0, 1] (default -160 240)")
     g.add_argument("--max-cases", type=int, help="use only the first N cases (quick looks)")
-    g.add_argument("--phantom-patients", type=int, default=10, help="phantom: number of volumes")
-    g.add_argument("--phantom-seed", type=int, default=0)
-    g.add_argument("--phantom-size", type=int, default=128, help="phantom: in-plane voxels")
-    g.add_argument("--phantom-slices", type=int, nargs=2, default=(24, 32), metavar=("MIN", "MAX"),
-                   help="phantom: slices per volume")
+    # the phantom's options default to None: given with --data-dir/--download, they are refused
+    g.add_argument("--phantom-patients", type=int,
+                   help="phantom (without --data-dir/--download): number of volumes (default 10)")
+    g.add_argument("--phantom-seed", type=int, help="phantom: seed of the volumes (default 0)")
+    g.add_argument("--phantom-size", type=int, help="phantom: in-plane voxels (default 128)")
+    g.add_argument("--phantom-slices", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="phantom: slices per volume (default 24 32)")
     g = p.add_argument_group("protocol")
     g.add_argument("--preset", choices=("demo", "paper"),
                    help="demo: scaled-down embedded default; paper: the paper's protocol "
@@ -115,9 +118,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--threads", type=int,
-                   help="torch CPU threads per process (default: torch's choice, or 1 when "
-                        "the CPU is already busy: spinning threads then cost far more than "
-                        "they gain)")
+                   help="torch CPU threads per process, at least 1 (default: torch's choice, "
+                        "or 1 when the CPU is already busy: spinning threads then cost far "
+                        "more than they gain)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/msd_colon", help="output folder")
     g.add_argument("--resume", action="store_true",
@@ -127,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the runs of the grid and exit")
     g.add_argument("--benchmark", action="store_true",
                    help="time training steps (images/s, loss share) instead of training")
-    g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--benchmark-steps", type=int, default=30,
+                   help="--benchmark: timed steps per loss (at least 1)")
     return p
 
 

@@ -16,7 +16,7 @@ import msd_colon
 from msd_colon_lib.phantom import make_phantom
 from msd_colon_lib.runner import run_splits
 
-from ._example_helpers import TINY
+from ._example_helpers import TINY, TINY_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +80,41 @@ def _one_line_error(capsys, argv):
       "iou->bce@4"],
      "--switch-lr restart: the runs without a switch restart where the switching runs switch, "
      "but the --loss switches are at epochs 2 and 4: give one switch epoch per invocation"),
+    # tracebacks (or silently ignored) before these were checked
+    (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N; got 'foo'"),
+    (["--threads", "-1"], "--threads must be at least 1; got -1"),
+    (["--threads", "0"], "--threads must be at least 1; got 0"),
+    (["--benchmark", "--benchmark-steps", "0"], "--benchmark-steps must be at least 1; got 0"),
+    (["--phantom-size", "0"], "--phantom-size must be at least 1; got 0"),
+    (["--phantom-patients", "0"], "--phantom-patients must be at least 1; got 0"),
+    (["--phantom-seed", "-1"], "--phantom-seed must be >= 0; got -1"),
+    (["--seeds", "0", "-1"], "--seeds must be >= 0; got [0, -1]"),
+    (["--split-seed", "-1"], "--split-seed must be >= 0; got -1"),
+    # a trigger that cannot fire within the run: reported as a switch that never happened
+    (["--loss", "iou->bce@plateau(patience=1, min_epochs=5)", "--long-epochs", "2"],
+     "--loss 'iou->bce@plateau(patience=1, min_epochs=5)': its trigger Plateau(patience=1, "
+     "min_epochs=5) cannot switch before epoch 5 (min_epochs=5) of 2 epochs, so the switch "
+     "never happens (a switching run trains for --long-epochs = 2)"),
+    (["--loss", "iou->bce@plateau(min_epochs=5)", "--long-epochs", "6"],  # patience 10
+     "--loss 'iou->bce@plateau(min_epochs=5)': its trigger Plateau(min_epochs=5) cannot switch "
+     "before epoch 10 (patience=10) of 6 epochs, so the switch never happens (a switching run "
+     "trains for --long-epochs = 6)"),
+    (["--loss", "iou->bce@1->focal@plateau(min_epochs=2, patience=0)", "--long-epochs", "3"],
+     "--loss 'iou->bce@1->focal@plateau(min_epochs=2, patience=0)': its trigger "
+     "Plateau(patience=0, min_epochs=2) cannot switch before epoch 3 (its stage begins at epoch "
+     "1 at the earliest, then min_epochs=2) of 3 epochs, so the switch never happens (a "
+     "switching run trains for --long-epochs = 3)"),
+    (["--experiment", "adaptive", "--long-epochs", "4", "--adaptive-trigger",
+      "relative_improvement(window=2, patience=2)"],
+     "--adaptive-trigger 'relative_improvement(window=2, patience=2)': its trigger "
+     "RelativeImprovement(window=2, patience=2) cannot switch before epoch 4 (window=2 + "
+     "patience=2) of 4 epochs, so the switch never happens (the adaptive runs train for "
+     "--long-epochs = 4)"),
+    # accepted and silently ignored
+    (["--loss", "iou", "--adaptive-trigger", "plateau(patience=2)"],
+     "--adaptive-trigger does not apply with --loss: --loss runs exactly the given specs"),
+    (["--download-root", "/nonexistent/msd"],
+     "--download-root applies only with --download (it is where the tar is downloaded to)"),
 ])
 def test_bad_options_are_one_line_naming_the_option(capsys, tmp_path, extra, message):
     assert _one_line_error(capsys, ["--out", str(tmp_path), *TINY, *extra]) == message
@@ -87,7 +122,7 @@ def test_bad_options_are_one_line_naming_the_option(capsys, tmp_path, extra, mes
 
 def test_bad_data_is_one_line_naming_the_file(capsys, tmp_path, task10):
     root = shutil.copytree(task10, tmp_path / "Task10_Colon")
-    base = ["--out", str(tmp_path / "out"), *TINY, "--encoder-weights", "none",
+    base = ["--out", str(tmp_path / "out"), *TINY_DATA, "--encoder-weights", "none",
             "--data-dir", str(root), "--loss", "iou", "--epochs", "1"]
     assert _one_line_error(capsys, [*base[:-6], "--data-dir", str(tmp_path)]) == (
         f"{tmp_path / 'dataset.json'} not found: --data-dir must be the Task10_Colon folder "
@@ -282,7 +317,7 @@ def test_a_phantom_given_as_data_dir_is_reported_as_synthetic(tmp_path, task10, 
     monkeypatch.setattr(runner, "train_run", lambda *a, **k: (_ for _ in ()).throw(
         KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        msd_colon.main(["--out", str(tmp_path), *TINY, "--data-dir", str(task10), "--loss",
+        msd_colon.main(["--out", str(tmp_path), *TINY_DATA, "--data-dir", str(task10), "--loss",
                         "bce", "--epochs", "1"])
     assert (f"NOTE: --data-dir {task10} holds a SYNTHETIC phantom"
             in capsys.readouterr().out)
@@ -338,3 +373,80 @@ def test_a_benchmark_keeps_the_report_of_the_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "run_benchmark", lambda *args, **kwargs: {})
     msd_colon.main(["--out", str(out), *TINY, "--benchmark"])
     assert (out / "report.md").read_text() == "the grid's report"
+
+
+@pytest.mark.parametrize("source", ["--data-dir", "--download"])
+@pytest.mark.parametrize("option, value", [
+    ("--phantom-patients", ["50"]), ("--phantom-size", ["64"]), ("--phantom-seed", ["3"]),
+    ("--phantom-slices", ["4", "6"]),
+])
+def test_phantom_options_with_given_data_are_refused(capsys, tmp_path, task10, monkeypatch,
+                                                     source, option, value):
+    """The phantom's options were accepted and ignored with --data-dir (or --download)."""
+    from msd_colon_lib import download
+
+    monkeypatch.setattr(download, "fetch_task10", lambda *a, **k: pytest.fail("downloads"))
+    data = ["--data-dir", str(task10)] if source == "--data-dir" else ["--download"]
+    error = _one_line_error(capsys, ["--out", str(tmp_path), *TINY_DATA, *data, option, *value,
+                                     "--loss", "iou", "--epochs", "1"])
+    assert error == (f"{option} applies only to the generated phantom; with {source} the data "
+                     "are given")
+    assert not any(tmp_path.iterdir())
+
+
+def test_too_many_folds_for_the_patients_are_refused_before_any_run(capsys, tmp_path,
+                                                                    monkeypatch):
+    """5-fold by patient on 4 patients was refused only when Table 4 came to train, after
+    every run of Table 1 had trained."""
+    from msd_colon_lib import runner
+
+    trained = []
+
+    def train_run(*args, **kwargs):
+        trained.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_run", train_run)
+    error = _one_line_error(capsys, ["--out", str(tmp_path), *TINY, "--epochs", "1",
+                                     "--long-epochs", "2", "--experiment", "table1", "table4"])
+    assert error.startswith("cannot split 4 patients (") and error.endswith(
+        " slices) into --folds 5 with --split patient: 5-fold by patient needs at least 5 "
+        "patients, got 4")
+    assert trained == [] and not (tmp_path / "runs").exists()
+    # --folds 4 fits the 4 patients: it gets to the runs
+    with pytest.raises(KeyboardInterrupt):
+        msd_colon.main(["--out", str(tmp_path), *TINY, "--epochs", "1", "--long-epochs", "2",
+                        "--experiment", "table4", "--folds", "4"])
+    assert len(trained) == 1
+
+
+@pytest.mark.parametrize("device, count, message", [
+    ("cuda", 0, "--device cuda: CUDA is not available on this machine; use --device cpu (or "
+                "auto)"),
+    ("cuda:1", 0, "--device cuda:1: CUDA is not available on this machine; use --device cpu "
+                  "(or auto)"),
+    ("cuda:1", 1, "--device cuda:1: this machine has 1 CUDA device(s), cuda:0 .. cuda:0"),
+])
+def test_an_unavailable_cuda_device_is_one_line_before_any_work(capsys, tmp_path, monkeypatch,
+                                                                device, count, message):
+    """--device cuda on a CPU-only machine ended in torch's "Found no NVIDIA driver" traceback
+    (after the phantom was written)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    argv = ["--out", str(tmp_path), *TINY, "--loss", "iou", "--epochs", "1"]
+    assert _one_line_error(capsys, [*argv, "--device", device]) == message
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_closing_note_of_a_phantom_data_dir_names_the_data_dir(capsys, tmp_path, task10):
+    """With --data-dir <a phantom> the last line said "no --data-dir/--download given"."""
+    msd_colon.main(["--out", str(tmp_path), *TINY_DATA, "--data-dir", str(task10), "--loss",
+                    "iou", "--epochs", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    note = (f"NOTE: --data-dir {task10} holds a SYNTHETIC phantom (its dataset.json says so), "
+            "not patient data: the numbers show that the pipeline works, not what the paper "
+            "claims.")
+    assert lines[0] == lines[-1] == note
+    assert not any("no --data-dir/--download given" in line for line in lines)

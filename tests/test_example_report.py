@@ -8,14 +8,14 @@ from msd_colon_lib.experiments import RunSpec
 from msd_colon_lib.report import collapsed, warnings, write_report
 
 
-def _res(dice_slice=0.5, tp=50, fp=10, fn=50, epochs=1):
+def _res(dice_slice=0.5, tp=50, fp=10, fn=50, epochs=1, switches=None):
     test = {k: 0.3 for k in METRIC_KEYS}
     test["dice_slice"] = dice_slice
     history = [{"epoch": e + 1, "stage": 0, "terms": {"bce": 0.1}, "train_loss": 0.1,
                 "seconds": 1.0} for e in range(epochs)]
     return {"test": test, "test_counts": {"tp": tp, "fp": fp, "fn": fn, "tn": 1000},
             "n_train": 10, "n_val": 2, "n_test": 5, "best_val": 0.3, "best_epoch": 1,
-            "history": history}
+            "history": history, **({} if switches is None else {"switches": switches})}
 
 
 def test_collapsed_means_almost_no_predicted_tumour():
@@ -29,7 +29,7 @@ DEMO = [
     (RunSpec("table1", "iou", 3, 0), _res()),
     (RunSpec("table1", "bce", 3, 0), _res(dice_slice=0.8912, tp=0, fp=0, fn=321)),
     (RunSpec("table2", "iou+bce", 6, 0), _res()),
-    (RunSpec("table3", "iou->bce@3", 6, 0), _res()),
+    (RunSpec("table3", "iou->bce@3", 6, 0), _res(switches=[[0, 1, 3]])),
 ]
 
 
@@ -87,8 +87,9 @@ def test_a_run_asked_for_twice_is_planned_and_counted_once(tmp_path):
 def test_different_switch_specs_are_rows_of_their_own(tmp_path):
     """`--loss iou->bce@2 --loss iou->bce@4` were one row (mean ± std over both) named after the
     first; the paper's numbers stay beside each (its table names the pair)."""
-    runs = [(RunSpec("table3", spec, 6, seed), _res(dice_slice=dice))
-            for spec, dice in (("iou->bce@2", 0.2), ("iou->bce@4", 0.8)) for seed in (0, 1)]
+    runs = [(RunSpec("table3", spec, 6, seed), _res(dice_slice=dice, switches=[[0, 1, at]]))
+            for spec, dice, at in (("iou->bce@2", 0.2, 2), ("iou->bce@4", 0.8, 4))
+            for seed in (0, 1)]
     text = write_report(tmp_path, runs, setup={}, context={"experiments": ["--loss"]}
                         ).read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `iou->bce@")]
@@ -104,3 +105,55 @@ def test_the_base_spec_drops_a_trigger_with_a_minus_sign():
     assert base_spec("iou->bce@plateau(threshold=1e-3, patience=2)") == "iou->bce"
     assert base_spec("iou->bce@50") == "iou->bce"
     assert base_spec("dice+bce->focal@10") == "dice+bce->focal"
+
+
+def test_no_partial_tables_warning_when_the_papers_tables_ran_too():
+    """`--experiment demo table1 table2 table3` ran all of Tables 1-3, and the report still said
+    the demo's tables hold only its pair's losses."""
+    partial = [w for w in warnings(DEMO, {"experiments": ["demo", "table1", "table2",
+                                                          "table3"]}) if "Partial" in w]
+    assert partial == []
+    assert [w for w in warnings(DEMO, {"experiments": ["demo", "table1"]}) if "Partial" in w] == [
+        "- **Partial tables:** the demo runs one pair (Tables 2 and 3 hold only its losses); the "
+        "paper's grids are `--experiment paper`."]
+    assert [w for w in warnings(DEMO, {"experiments": ["demo", "table1", "table3"]})
+            if "Partial" in w] == [
+        "- **Partial tables:** the demo runs one pair (Table 2 holds only its losses); the "
+        "paper's grids are `--experiment paper`."]
+
+
+def test_a_switching_run_that_never_switched_is_not_presented_as_a_switch(tmp_path):
+    """A --loss switch whose trigger never fired within the run trained its first loss alone,
+    and the report showed it as a Table 3 switch beside the paper's switching numbers."""
+    import csv
+
+    never = "iou->bce@plateau(min_epochs=5)"
+    late = "iou->bce@plateau(patience=1, max_epochs=2)"  # fired after the last epoch
+    runs = [
+        (RunSpec("table3", never, 2, 0), {**_res(epochs=2), "switches": []}),
+        (RunSpec("table3", late, 2, 0), {**_res(epochs=2), "switches": [[0, 1, 2]]}),
+        (RunSpec("table3", "iou->bce@1", 2, 0), {**_res(epochs=2), "switches": [[0, 1, 1]]}),
+    ]
+    text = write_report(tmp_path, runs, setup={}, context={"experiments": ["--loss"]}
+                        ).read_text()
+    rows = {line.split(" | ")[0]: line for line in text.splitlines()
+            if line.startswith("| `iou->bce@")}
+    assert set(rows) == {f"| `{never}` (**never switched**: 1 of 1)",
+                         f"| `{late}` (**never switched**: 1 of 1)", "| `iou->bce@1`"}
+    assert rows[f"| `{never}` (**never switched**: 1 of 1)"].endswith("| — | — |")
+    assert rows[f"| `{late}` (**never switched**: 1 of 1)"].endswith("| — | — |")
+    assert rows["| `iou->bce@1`"].endswith("| 0.7882 | 0.6750 |")
+    assert warnings(runs, {"experiments": ["--loss"]}) == [
+        f"- **Never switched:** `{never}` (seed 0, 2 epochs) trained `iou` alone: its switch "
+        "did not happen within its 2 epochs. It is marked *never switched* (runs.csv: "
+        "`switched_at` never) and not set beside the paper's switching numbers.",
+        f"- **Never switched:** `{late}` (seed 0, 2 epochs) trained `iou` alone: its switch "
+        "did not happen within its 2 epochs. It is marked *never switched* (runs.csv: "
+        "`switched_at` never) and not set beside the paper's switching numbers.",
+    ]
+    rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
+    assert [r["switched_at"] for r in rows] == ["never", "never", "1"]
+    text = write_report(tmp_path, DEMO, setup={}, context={"experiments": ["demo"]}).read_text()
+    assert "never switched" not in text.lower()  # a single loss does not switch
+    assert {r["switched_at"] for r in csv.DictReader((tmp_path / "runs.csv").open())
+            if r["kind"] != "switch"} == {""}

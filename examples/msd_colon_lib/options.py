@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any
 
 from .errors import OptionsError
@@ -47,12 +48,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 GRID_OPTIONS = (("--experiment", "experiment"), ("--pair", "pair"),
-                ("--switch-fractions", "switch_fractions"), ("--folds", "folds"))
+                ("--switch-fractions", "switch_fractions"), ("--folds", "folds"),
+                ("--adaptive-trigger", "adaptive_trigger"))
 """Options that choose the runs of the grid: --loss replaces the grid, so they do not apply."""
+PHANTOM_OPTIONS = (("--phantom-patients", "phantom_patients"), ("--phantom-size", "phantom_size"),
+                   ("--phantom-slices", "phantom_slices"), ("--phantom-seed", "phantom_seed"))
+"""Options of the generated phantom: given data (--data-dir, --download) do not read them."""
 DEFAULTS: dict[str, Any] = {
     "folds": 5, "plateau_patience": 5, "precise_bn": 0, "monitor": "auto", "switch_lr": "keep",
     "pair": ["iou", "bce"], "switch_fractions": list(SWITCH_FRACTIONS),
+    "phantom_patients": 10, "phantom_size": 128, "phantom_slices": [24, 32], "phantom_seed": 0,
 }
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+"""The values of --device."""
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
@@ -69,6 +77,8 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     # the grid's options that --loss replaces, as given (before the presets fill them)
     args.grid_options_given = [option for option, key in GRID_OPTIONS
                                if getattr(args, key, None) is not None]
+    args.phantom_options_given = [option for option, key in PHANTOM_OPTIONS
+                                  if getattr(args, key, None) is not None]
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
@@ -107,6 +117,55 @@ def _milestones(loss: Any) -> list[int]:
             for trigger in module.triggers if isinstance(trigger, Milestone)]
 
 
+def _earliest(trigger: Any) -> tuple[int, str]:
+    """The fewest steps of its stage after which ``trigger`` can fire (a lower bound), and the
+    argument that sets it (``"patience=10"``)."""
+    from dynloss.schedules import Plateau, RelativeImprovement
+
+    if isinstance(trigger, Plateau):  # num_bad counts at most one per step, from the first
+        bounds = [(trigger.patience, f"patience={trigger.patience}")]
+    elif isinstance(trigger, RelativeImprovement):  # no decision in the first `window` steps
+        bounds = [(trigger.window + trigger.patience,
+                   f"window={trigger.window} + patience={trigger.patience}")]
+    else:  # a trigger of unknown kind: it may fire at its first step
+        return 1, "its first step"
+    soonest, why = max([*bounds, (trigger.min_epochs, f"min_epochs={trigger.min_epochs}"),
+                        (1, "its first step")], key=lambda bound: bound[0])
+    if trigger.max_epochs is not None and trigger.max_epochs < soonest:
+        return trigger.max_epochs, f"max_epochs={trigger.max_epochs}"
+    return soonest, why
+
+
+def _never_switching(loss: Any, epochs: int) -> str | None:
+    """Why the first adaptive trigger of ``loss`` that cannot fire within ``epochs`` epochs
+    never does (None: every one can fire).
+
+    A switching loss consults a trigger from the start of its stage, which begins at the
+    earliest when the previous trigger could fire (a nested one: at the start of training, a
+    lower bound); at most one switch happens per epoch. The training loop steps the loss after
+    each epoch, so a switch at epoch ``epochs`` (after the last) trains no epoch of the next
+    stage.
+    """
+    from dynloss import Milestone, SwitchingLoss
+
+    for module in loss.modules():
+        if not isinstance(module, SwitchingLoss):
+            continue
+        start = 0
+        for trigger in module.triggers:
+            if isinstance(trigger, Milestone):
+                start = max(trigger.at, start + 1)
+                continue
+            steps, why = _earliest(trigger)
+            if start:
+                why = f"its stage begins at epoch {start} at the earliest, then {why}"
+            start += steps
+            if start >= epochs:
+                return (f"its trigger {trigger!r} cannot switch before epoch {start} ({why}) "
+                        f"of {epochs} epochs, so the switch never happens")
+    return None
+
+
 def _check_loss_specs(args: argparse.Namespace, need: Any) -> None:
     """``--loss``: valid specs whose fixed switches happen within their runs; with
     ``--switch-lr restart`` the arms without a switch restart where the switching ones
@@ -119,6 +178,9 @@ def _check_loss_specs(args: argparse.Namespace, need: Any) -> None:
         for at in _milestones(loss):
             need(at < epochs, f"--loss {spec!r}: a switch at {at} of {epochs} epochs never "
                               f"happens (a switching run trains for --long-epochs = {epochs})")
+        never = _never_switching(loss, epochs)
+        need(never is None, f"--loss {spec!r}: {never} (a switching run trains for "
+                            f"--long-epochs = {epochs})")
         if kind(spec) == "switch":
             switches.update(_milestones(loss)[:1])
         else:
@@ -153,6 +215,8 @@ def validate(args: argparse.Namespace) -> None:
     need(args.long_epochs >= 1, f"--long-epochs must be at least 1; got {args.long_epochs}")
     need(len(args.seeds) >= 1 and len(set(args.seeds)) == len(args.seeds),
          f"--seeds must be distinct; got {args.seeds}")
+    need(min(args.seeds) >= 0, f"--seeds must be >= 0; got {args.seeds}")
+    need(args.split_seed >= 0, f"--split-seed must be >= 0; got {args.split_seed}")
     need(args.folds >= 2, f"--folds must be at least 2; got {args.folds}")
     need(0 < args.test_fraction < 1, f"--test-fraction must be in (0, 1); got {args.test_fraction}")
     need(0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1); got {args.val_fraction}")
@@ -162,7 +226,17 @@ def validate(args: argparse.Namespace) -> None:
     low, high = args.phantom_slices
     need(1 <= low <= high, f"--phantom-slices needs LOW <= HIGH, both at least 1; got {low} "
                            f"{high}")
+    need(args.phantom_patients >= 1,
+         f"--phantom-patients must be at least 1; got {args.phantom_patients}")
+    need(args.phantom_size >= 1, f"--phantom-size must be at least 1; got {args.phantom_size}")
+    need(args.phantom_seed >= 0, f"--phantom-seed must be >= 0; got {args.phantom_seed}")
     need(args.workers >= 0, f"--workers must be >= 0; got {args.workers}")
+    need(args.threads is None or args.threads >= 1,
+         f"--threads must be at least 1; got {args.threads}")
+    need(args.benchmark_steps >= 1,
+         f"--benchmark-steps must be at least 1; got {args.benchmark_steps}")
+    need(DEVICE.fullmatch(args.device) is not None,
+         f"--device must be auto, cpu, cuda or cuda:N; got {args.device!r}")
     need(args.max_cases is None or args.max_cases >= 1,
          f"--max-cases must be at least 1; got {args.max_cases}")
     if args.hu_window is not None:
@@ -195,6 +269,12 @@ def validate(args: argparse.Namespace) -> None:
     need(not (args.download and args.data_dir),
          "--download and --data-dir exclude each other: --data-dir reads an extracted "
          "Task10_Colon, --download fetches one (into --download-root)")
+    need(args.download or args.download_root is None,
+         "--download-root applies only with --download (it is where the tar is downloaded to)")
+    source = "--data-dir" if args.data_dir else "--download" if args.download else None
+    for option in getattr(args, "phantom_options_given", ()) if source else ():
+        raise OptionsError(f"{option} applies only to the generated phantom; with {source} the "
+                           "data are given")
     if args.loss:
         for option in getattr(args, "grid_options_given", ()):
             raise OptionsError(f"{option} does not apply with --loss: --loss runs exactly the "
@@ -207,4 +287,25 @@ def validate(args: argparse.Namespace) -> None:
     need(not trigger.strip().isdigit(),
          f"--adaptive-trigger {trigger!r} is a fixed epoch: use --switch-epoch for that, and a "
          "trigger such as plateau(patience=5) here")
-    _check_spec("--adaptive-trigger", f"{region}->{distribution}@{trigger}")
+    adaptive = _check_spec("--adaptive-trigger", f"{region}->{distribution}@{trigger}")
+    never = _never_switching(adaptive, args.long_epochs)
+    need(args.loss or "adaptive" not in wanted or never is None,
+         f"--adaptive-trigger {trigger!r}: {never} (the adaptive runs train for --long-epochs "
+         f"= {args.long_epochs})")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """``--device`` names a device this machine has (checked before any work, after
+    ``--dry-run``, which only lists the runs: they may be meant for another machine)."""
+    import torch
+
+    if not args.device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise OptionsError(f"--device {args.device}: CUDA is not available on this machine; use "
+                           "--device cpu (or auto)")
+    count = torch.cuda.device_count()
+    index = int(args.device.partition(":")[2] or 0)
+    if index >= count:
+        raise OptionsError(f"--device {args.device}: this machine has {count} CUDA device(s), "
+                           f"cuda:0 .. cuda:{count - 1}")

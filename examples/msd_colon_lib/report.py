@@ -7,6 +7,8 @@ The report warns, above the tables, about what could make its numbers misleading
 - collapsed models: a run that predicted (almost) no tumour on the test set -- fewer foreground
   pixels than :data:`COLLAPSE_FRACTION` of the true ones -- whose per-slice Dice is then just
   the share of empty slices;
+- switching runs that never switched (their trigger did not fire within their epochs): they
+  trained their first loss alone, and are not set beside the paper's switching numbers;
 - the tables and experiments that were not run.
 """
 
@@ -89,6 +91,18 @@ def switched_at(res: dict[str, Any]) -> int | None:
     return int(switches[0][2]) if switches else None
 
 
+def switched_within(spec: RunSpec, res: dict[str, Any]) -> int | None:
+    """:func:`switched_at`, None also for a switch after the run's last epoch (the loss is
+    stepped after every epoch, the last one included: the next stage then trained no epoch)."""
+    at = switched_at(res)
+    return at if at is not None and at < spec.epochs else None
+
+
+def never_switched(spec: RunSpec, res: dict[str, Any]) -> bool:
+    """Whether a switching run trained its first loss alone (its switch never came in time)."""
+    return kind(spec.loss) == "switch" and switched_within(spec, res) is None
+
+
 def write_csv(path: Path, runs: Runs) -> None:
     """One row per run and report section (a run serving two sections has two rows)."""
     fields = ["run", "section", "loss", "kind", "seed", "fold", "epochs", "n_train", "n_val",
@@ -110,7 +124,8 @@ def write_csv(path: Path, runs: Runs) -> None:
                 "predicted_pixels": c.get("tp", 0) + c.get("fp", 0),
                 "tumour_pixels": c.get("tp", 0) + c.get("fn", 0),
                 "collapsed": collapsed(res),
-                "switched_at": "" if switched_at(res) is None else switched_at(res),
+                "switched_at": "never" if never_switched(spec, res)
+                else "" if switched_at(res) is None else switched_at(res),
                 "lr_restarts": " ".join(map(str, res.get("lr_restarts") or [])),
                 "best_val": res["best_val"], "best_epoch": res.get("best_epoch", ""),
                 "train_seconds": round(sum(h["seconds"] for h in res["history"]), 2),
@@ -150,9 +165,11 @@ def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
     for loss in sorted(rows, key=place):  # one row per spec; the paper's row per pair
         results = rows[loss]
         key = base_spec(loss)
-        cells = [f"`{loss}`", str(len(results)), _collapsed_cell(results),
-                 *_metric_cells(results)]
-        if key in paper:
+        never = sum(never_switched(r["_spec"], r) for r in results)
+        label = f"`{loss}`" + (f" (**never switched**: {never} of {len(results)})" if never
+                               else "")
+        cells = [label, str(len(results)), _collapsed_cell(results), *_metric_cells(results)]
+        if key in paper and not never:  # a run that never switched is no switch of the paper's
             p = paper[key]
             cells += ([_fmt(p[0], p[1]), _fmt(p[2], p[3])] if len(p) == 4
                       else [f"{p[0]:.4f}", f"{p[1]:.4f}"])
@@ -303,7 +320,8 @@ def _adaptive_section(runs: Runs) -> list[str]:
         rows = []
         for loss in (adaptive, fixed):
             by_seed = _by_seed(runs, "adaptive", loss)
-            at = [switched_at(r) for _, r in sorted(by_seed.items())]
+            spec = next(s for s, _ in specs if s.pair == pair and s.loss == loss)
+            at = [switched_within(spec, r) for _, r in sorted(by_seed.items())]
             shown = ", ".join("never" if e is None else str(e) for e in at)
             mean, std = mean_std([e for e in at if e is not None])
             summary = f"{shown} (mean {_fmt(mean, std).replace('.0000', '')})" if len(at) > 1 \
@@ -347,14 +365,28 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
                 "counts the slices without tumour (scored 1); read its global and per-patient "
                 "columns."
             )
+    for spec, res in unique(runs):
+        if never_switched(spec, res):
+            part = f"fold {spec.fold}" if spec.fold is not None else f"seed {spec.seed}"
+            first = base_spec(spec.loss).split("->")[0]
+            out.append(
+                f"- **Never switched:** `{spec.loss}` ({part}, {spec.epochs} epochs) trained "
+                f"`{first}` alone: its switch did not happen within its {spec.epochs} epochs. It "
+                "is marked *never switched* (runs.csv: `switched_at` never) and not set beside "
+                "the paper's switching numbers."
+            )
     ran = context.get("experiments", [])
     if ran != ["--loss"]:
         missing = [s for s in (*PAPER_TABLES, *BEYOND) if s not in sections]
         if missing:
             names = ", ".join(SECTION_TITLES[s].split(" — ")[0] for s in missing)
             out.append(f"- **Not run:** {names} (`--experiment {' '.join(missing)}`).")
-        if "demo" in ran:
-            out.append("- **Partial tables:** the demo runs one pair (Tables 1-3 hold only its "
+        partial = [t[-1] for t in ("table1", "table2", "table3") if t not in ran]
+        if "demo" in ran and partial:  # the tables that hold only the demo's pair
+            tables = ("Tables 1-3 hold" if len(partial) == 3 else
+                      f"Tables {' and '.join(partial)} hold" if len(partial) == 2 else
+                      f"Table {partial[0]} holds")
+            out.append(f"- **Partial tables:** the demo runs one pair ({tables} only its "
                        "losses); the paper's grids are `--experiment paper`.")
     return out
 

@@ -15,7 +15,7 @@ from . import experiments, splits
 from .data import HU_WINDOW, SliceStore, build_slice_store, open_store
 from .distributed import Dist, barrier, broadcast, maybe_destroy, resolve_device, setup_distributed
 from .errors import ExampleError, OptionsError
-from .options import PRESETS, apply_preset, validate
+from .options import PRESETS, apply_preset, check_device, validate
 from .phantom import is_phantom
 from .training import RunConfig, train_run
 
@@ -26,6 +26,19 @@ SYNTHETIC_BANNER = (
 )
 
 T = TypeVar("T")
+
+
+def data_dir_note(data_dir: str | os.PathLike[str]) -> str:
+    """The note on a ``--data-dir`` that holds this example's phantom."""
+    return (f"NOTE: --data-dir {data_dir} holds a SYNTHETIC phantom (its dataset.json says so), "
+            "not patient data: the numbers show that the pipeline works, not what the paper "
+            "claims.")
+
+
+def synthetic_note(args: argparse.Namespace) -> str:
+    """What the run says, first and last, about its synthetic data: the generated phantom, or a
+    phantom given with ``--data-dir``."""
+    return data_dir_note(args.data_dir) if args.data_dir else SYNTHETIC_BANNER
 
 
 def on_main(d: Dist, fn: Callable[[], T]) -> T | None:
@@ -59,15 +72,13 @@ def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceSto
         if is_phantom(data_dir):
             synthetic = True
             if d.main:
-                print(f"NOTE: --data-dir {data_dir} holds a SYNTHETIC phantom (its dataset.json "
-                      "says so), not patient data: the numbers show that the pipeline works, "
-                      "not what the paper claims.", flush=True)
+                print(data_dir_note(data_dir), flush=True)
     else:
         from .phantom import make_phantom
 
         data_dir = out / "phantom" / "Task10_Colon"
         if d.main:
-            print(SYNTHETIC_BANNER, flush=True)
+            print(synthetic_note(args), flush=True)
         on_main(d, lambda: make_phantom(
             data_dir, n_patients=args.phantom_patients, seed=args.phantom_seed,
             shape=(args.phantom_size, args.phantom_size), slices=tuple(args.phantom_slices)))
@@ -87,6 +98,7 @@ def prepare_data(args: argparse.Namespace, d: Dist, out: Path) -> tuple[SliceSto
 def run_splits(args: argparse.Namespace, store: SliceStore, spec: experiments.RunSpec
                ) -> dict[str, np.ndarray]:
     """Train / validation / test slice indices of ``spec`` (its fold, or the 80/20 split)."""
+    into = "" if spec.fold is None else f" into --folds {args.folds}"
     try:
         if spec.fold is not None:
             folds = splits.kfold(store.patients, args.folds, args.split, args.split_seed)
@@ -99,7 +111,8 @@ def run_splits(args: argparse.Namespace, store: SliceStore, spec: experiments.Ru
                                          args.split_seed + 1)
     except ValueError as error:
         raise OptionsError(f"cannot split {len(store.patient_names)} patients "
-                           f"({len(store)} slices) with --split {args.split}: {error}") from error
+                           f"({len(store)} slices){into} with --split {args.split}: "
+                           f"{error}") from error
     if len(train) < 2:
         raise OptionsError(f"the training set of {spec.name} has {len(train)} slice(s); use more "
                            "cases or a smaller --test-fraction / --val-fraction")
@@ -199,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{args.batch_size}, lr {args.lr}, split {args.split}, encoder weights "
               f"{args.encoder_weights}, switch LR {args.switch_lr}")
         return {"plan": grid, "args": args}
+    check_device(args)
     _set_threads(args)
     d = setup_distributed(args.device)
     out = Path(args.out)
@@ -215,13 +229,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from .benchmark import run_benchmark
 
             return run_benchmark(args, store, out, d, synthetic)
+        # every run's split (the k folds need k patients) before the first run trains
+        run_split = {spec.name: run_splits(args, store, spec) for spec in unique}
         if d.main:
             print(f"{len(unique)} runs, {len(store)} slices "
                   f"({store.meta['n_tumour_slices']} with tumour), preset {args.preset}, "
                   f"output: {out}", flush=True)
         done: dict[str, dict[str, Any]] = {}
         for spec in unique:
-            split = run_splits(args, store, spec)
+            split = run_split[spec.name]
             keep = qualitative_slice(store, split["test"]) if spec.fold is None else None
             res = train_run(
                 run_config(args, spec, synthetic), store, split, out / spec.name,
@@ -238,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report_path = _write_report(args, out, results, store, synthetic, t0)
             print(f"report: {report_path}", flush=True)
             if synthetic:
-                print(SYNTHETIC_BANNER, flush=True)
+                print(synthetic_note(args), flush=True)
         return {"results": results, "report": report_path, "store": store}
 
 
