@@ -11,8 +11,8 @@ affine is thereby read aligned, and a label on another grid is refused.
 Before anything is built, every case listed in ``dataset.json`` is checked from its headers:
 both files exist, are readable NIfTI, are 3D, and their grids agree. Errors name the file.
 
-The store is built once per fingerprint (the SHA-256 of every data file used, the image size,
-the HU window, the loading code) and reused by every run:
+The store is built once per fingerprint (the SHA-256 of every data file used, each case's
+image and label, the image size, the HU window, the loading code) and reused by every run:
 
 - ``images.npy``   float16 ``(N, S, S)``, windowed to [0, 1], resized bilinearly
 - ``masks.npy``    uint8   ``(N, S, S)``, resized nearest-neighbour
