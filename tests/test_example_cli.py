@@ -115,6 +115,18 @@ def _one_line_error(capsys, argv):
      "--adaptive-trigger does not apply with --loss: --loss runs exactly the given specs"),
     (["--download-root", "/nonexistent/msd"],
      "--download-root applies only with --download (it is where the tar is downloaded to)"),
+    # a grid option that none of the chosen experiments reads
+    (["--folds", "3"], "--folds applies only to --experiment table4; the chosen experiments "
+                       "(demo) do not read it"),
+    (["--experiment", "table1", "table4", "--switch-fractions", "0.5"],
+     "--switch-fractions applies only to --experiment switchpoints; the chosen experiments "
+     "(table1 table4) do not read it"),
+    (["--experiment", "switchpoints", "--adaptive-trigger", "plateau(patience=1)"],
+     "--adaptive-trigger applies only to --experiment adaptive; the chosen experiments "
+     "(switchpoints) do not read it"),
+    (["--experiment", "table2", "--pair", "dice", "focal"],
+     "--pair applies only to --experiment demo, controls, switchpoints or adaptive; the chosen "
+     "experiments (table2) do not read it"),
 ])
 def test_bad_options_are_one_line_naming_the_option(capsys, tmp_path, extra, message):
     assert _one_line_error(capsys, ["--out", str(tmp_path), *TINY, *extra]) == message

@@ -51,6 +51,10 @@ GRID_OPTIONS = (("--experiment", "experiment"), ("--pair", "pair"),
                 ("--switch-fractions", "switch_fractions"), ("--folds", "folds"),
                 ("--adaptive-trigger", "adaptive_trigger"))
 """Options that choose the runs of the grid: --loss replaces the grid, so they do not apply."""
+READERS = {"--folds": ("table4",), "--switch-fractions": ("switchpoints",),
+           "--adaptive-trigger": ("adaptive",),
+           "--pair": ("demo", "controls", "switchpoints", "adaptive")}
+"""The experiments that read each grid option: given without any of them, it is refused."""
 PHANTOM_OPTIONS = (("--phantom-patients", "phantom_patients"), ("--phantom-size", "phantom_size"),
                    ("--phantom-slices", "phantom_slices"), ("--phantom-seed", "phantom_seed"))
 """Options of the generated phantom: given data (--data-dir, --download) do not read them."""
@@ -292,6 +296,13 @@ def validate(args: argparse.Namespace) -> None:
     need(args.loss or "adaptive" not in wanted or never is None,
          f"--adaptive-trigger {trigger!r}: {never} (the adaptive runs train for --long-epochs "
          f"= {args.long_epochs})")
+    for option in () if args.loss else getattr(args, "grid_options_given", ()):
+        readers = READERS.get(option, ())
+        if readers and not set(readers) & set(wanted):
+            named = (readers[0] if len(readers) == 1
+                     else f"{', '.join(readers[:-1])} or {readers[-1]}")
+            raise OptionsError(f"{option} applies only to --experiment {named}; the chosen "
+                               f"experiments ({' '.join(wanted)}) do not read it")
 
 
 def check_device(args: argparse.Namespace) -> None:
