@@ -633,3 +633,43 @@ def test_repr_of_deeply_nested_shared_losses_walks_each_module_once(monkeypatch)
     text = repr(x)
     assert len(walked) <= 2 * unique
     assert text.count("shared(") == 11  # every level but the first, whose dice is stateless
+
+
+def test_build_loss_takes_the_names_of_custom_triggers_and_schedules() -> None:
+    """A loss holding a custom ``Trigger`` or ``WeightSchedule`` (both documented extension
+    points) printed a repr that ``build_loss`` refused ("unknown name"), with no way to teach
+    it the name. ``names=`` does. Found by a review of the docs."""
+    from dynloss.schedules import Trigger, WeightSchedule
+
+    class Below(Trigger):
+        needs_metric = True
+
+        def __init__(self, threshold: float = 0.1) -> None:
+            self.threshold = threshold
+
+        def update(self, count: int, stage_count: int, metric: float | None) -> bool:
+            return metric is not None and metric < self.threshold
+
+    class Halving(WeightSchedule):
+        def __init__(self, start: float = 1.0) -> None:
+            super().__init__()
+            self.start = start
+
+        def value_at(self, step: int) -> float:
+            return self.start / 2**step
+
+    loss = CompositeLoss([SwitchingLoss([DiceLoss(), BCELoss()], trigger=Below(threshold=0.2)),
+                          FocalLoss()], weights=[1.0, Halving(start=2.0)])
+    text = repr(loss)
+    with pytest.raises(SpecError, match="unknown name 'Below'"):
+        build_loss(text)
+    rebuilt = build_loss(text, names={"Below": Below, "Halving": Halving})
+    assert repr(rebuilt) == text
+    assert build_loss("dice->bce@below(threshold=0.5)", names={"below": Below}).triggers[0] \
+        .threshold == 0.5
+    with pytest.raises(ValueError, match="names: 'dice' is a built-in name"):
+        build_loss("dice", names={"dice": Below})
+    with pytest.raises(TypeError, match="names: 'x' must map to a class; got int"):
+        build_loss("dice", names={"x": 3})
+    with pytest.raises(ValueError, match="names: '1a' is not a name a spec can call"):
+        build_loss("dice", names={"1a": Below})

@@ -55,7 +55,7 @@ import inspect
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,12 +257,33 @@ def _describe(token: _Token) -> str:
     return "the end of the spec" if token.kind == "end" else repr(token.text)
 
 
+def _with_names(extra: Mapping[str, Any] | None) -> dict[str, Callable[..., Any]]:
+    """:func:`registry` and the caller's ``names`` (checked: identifiers, classes, no
+    built-in name redefined)."""
+    names = registry()
+    if extra is None:
+        return names
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"names must be a mapping of names to classes; got "
+                        f"{type(extra).__name__}")
+    for name, cls in extra.items():
+        if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+            raise ValueError(f"names: {name!r} is not a name a spec can call (an ASCII "
+                             "identifier)")
+        if name in names or name == "shared":  # (shared(...): the mark of a shared loss)
+            raise ValueError(f"names: {name!r} is a built-in name of the spec language")
+        if not isinstance(cls, type):
+            raise TypeError(f"names: {name!r} must map to a class; got {type(cls).__name__}")
+        names[name] = cls
+    return names
+
+
 class _Parser:
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, names: Mapping[str, Any] | None = None) -> None:
         self.spec = spec
         self.tokens = _tokenize(spec)
         self.index = 0
-        self.names = registry()
+        self.names = _with_names(names)
         self.depth = 0  # brackets open at the current token
 
     def open_bracket(self, token: _Token) -> None:
@@ -640,7 +661,8 @@ def _shorten(text: str, width: int = 40) -> str:
     return text if len(text) <= width else f"{text[: width - 13]}...({len(text)} chars)"
 
 
-def build_loss(spec: str | nn.Module) -> nn.Module:
+def build_loss(spec: str | nn.Module, *, names: Mapping[str, type] | None = None
+               ) -> nn.Module:
     r"""Build a loss from a spec string (see :mod:`dynloss.schedules.spec` for the grammar).
 
     Args:
@@ -648,8 +670,12 @@ def build_loss(spec: str | nn.Module) -> nn.Module:
             ``"dice+focal"``, ``"0.5*dice+bce"``, ``"iou->bce@50"``,
             ``"dice->focal@30->bce@60"``, ``"iou->bce@plateau(patience=5)"``, or the ``repr``
             of a dynloss loss made of its own losses, triggers and weight schedules (a custom
-            trigger or schedule class is not a name a spec knows). An ``nn.Module`` is
-            returned unchanged.
+            trigger or schedule class is not a name a spec knows, unless ``names`` gives
+            it). An ``nn.Module`` is returned unchanged.
+        names: further names a spec may call, each mapped to its class: a custom
+            :class:`~dynloss.schedules.Trigger`, :class:`~dynloss.WeightSchedule` or loss
+            module (``{"Below": Below}`` rebuilds the repr of a loss holding ``Below(...)``).
+            A name must be an ASCII identifier and must not redefine a built-in one.
 
     Returns:
         A loss module: a single loss, a :class:`~dynloss.CompositeLoss` or a
@@ -696,5 +722,5 @@ def build_loss(spec: str | nn.Module) -> nn.Module:
         raise TypeError(f"build_loss needs a spec string; got {type(spec).__name__}")
     if not spec.strip():
         raise SpecError("empty spec; expected a loss such as 'dice'", spec, 0)
-    parser = _Parser(spec)
+    parser = _Parser(spec, names)
     return parser.as_loss(parser.parse(), 0)

@@ -44,9 +44,8 @@ class Trigger(ABC):
 
     A subclass implements :meth:`update`; it sets ``needs_metric = True`` to receive the
     value passed to ``step(metric=...)``, stores each constructor argument under its own name
-    (``repr`` reads them and writes valid Python; :func:`~dynloss.build_loss` knows only
-    dynloss's own triggers, so a loss holding a custom one is rebuilt in Python, not from its
-    repr), and overrides :meth:`reset`
+    (``repr`` reads them and writes valid Python, which ``build_loss(text, names={"Below":
+    Below})`` rebuilds), and overrides :meth:`reset`
     and the private ``_state`` / ``_load`` if it keeps a history. ``_load`` receives a mapping
     with exactly the keys of ``_state()`` (and ``"type"``); it should check every value before
     it assigns any (raising ValueError), so that a failed load changes nothing.
