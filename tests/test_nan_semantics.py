@@ -24,7 +24,16 @@ import dynloss
 import dynloss.functional as F
 from dynloss.kernels import torch_backend
 
-from ._backends import BACKENDS, LOSS_NAMES, MODES, REGION_NAMES, channels, make_loss, seeded_case
+from ._backends import (
+    BACKENDS,
+    FUSED,
+    LOSS_NAMES,
+    MODES,
+    REGION_NAMES,
+    channels,
+    make_loss,
+    seeded_case,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # native TopK -> torch
 
@@ -566,3 +575,51 @@ def test_topk_mask_reads_no_data_so_vmap_and_tracing_work():
     assert got.tolist() == [[False, True, False, True], [True, False, True, False]]
     traced = torch.jit.trace(lambda v: topk_mask(v, 1), (torch.tensor([1.0, 2.0, 3.0]),))
     assert traced(torch.tensor([1.0, math.nan, 3.0])).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_selects_the_references_elements_among_infinite_logits(mode, backend):
+    """Several +-inf logits, with targets of both values, and a TopK smaller than their
+    number: the loss is NaN on every backend and the gradient is NaN exactly on the elements
+    the reference selects. The reference's per-element loss (``lerp`` of two softplus terms)
+    is NaN at every infinite logit, so all of them tie and go by flat index; Triton's was
+    +inf where the target's own term was infinite (``x = +inf, g = 0``) and NaN elsewhere,
+    so it ranked them differently and put the NaN gradient on other elements. Found by a
+    review of TopK."""
+    x, target = seeded_case(mode, (2, 4, 4), seed=11)
+    flat = x.view(-1)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    where = torch.arange(3, flat.numel(), max(flat.numel() // 9, 1))[:8]
+    flat[where] = signs[: where.numel()] * math.inf
+    if mode != "multiclass":
+        target.view(-1)[where] = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0])[
+            : where.numel()]
+    for k in (0.05, 0.1, 0.2):
+        _, want = loss_and_grad(make_loss("topk", mode, "reference", k=k), x, target)
+        loss, got = loss_and_grad(make_loss("topk", mode, backend, k=k), x, target)
+        assert math.isnan(loss.item())
+        assert torch.equal(got.isnan(), want.isnan()), k
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_gradient_is_nan_where_the_references_is(mode, backend):
+    """Random NaN/+-inf logits (a few, or many), some pixels ignored, several k: the loss is
+    NaN and the gradient NaN at the same elements as the reference's, equal elsewhere."""
+    gen = torch.Generator().manual_seed(3)
+    for case in range(12):
+        x, target = seeded_case(mode, (2, 3, 3), seed=100 + case)
+        hit = torch.rand(x.shape, generator=gen) < (0.05, 0.2, 0.5)[case % 3]
+        pick = torch.randint(0, 3, (int(hit.sum()),), generator=gen)
+        x[hit] = torch.tensor([math.nan, math.inf, -math.inf])[pick]
+        kwargs = {"k": (0.05, 0.2, 0.5, 1.0)[case % 4]}
+        if case % 2:
+            target[0, ..., 0, :] = 7
+            kwargs["ignore_index"] = 7
+        want_loss, want = loss_and_grad(make_loss("topk", mode, "reference", **kwargs), x,
+                                        target)
+        loss, got = loss_and_grad(make_loss("topk", mode, backend, **kwargs), x, target)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert torch.equal(got.isnan(), want.isnan()), case
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, equal_nan=True)

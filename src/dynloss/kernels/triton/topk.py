@@ -79,6 +79,15 @@ _SHIFTS = (23, 15, 7, 0)
 
 
 @triton.jit
+def _nan_softmax(x, cmask):
+    """Pixels of a ``[CP, BLOCK]`` logit tile where a class logit is NaN or +inf: there the
+    reference's softmax (a shifted exponential of ``inf - inf``) and so its cross-entropy and
+    its every class's gradient are NaN, whichever class the target is (-inf alone is not)."""
+    hot = ((x != x) | (x == float("inf"))) & cmask[:, None]
+    return tl.max(hot.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, alpha,
                MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
                FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr):
@@ -88,9 +97,11 @@ def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, a
     if MULTICLASS:
         n = idx // M  # a tile may span two samples: each pixel carries its own sample
         m = idx - n * M
-        _x, _p, b, t, keep, _onehot, _cmask, bad, _top, _complement = multiclass_tile(
+        x, _p, b, t, keep, _onehot, cmask, bad, _top, _complement = multiclass_tile(
             x_ptr, t_ptr, n, m, inside, C, M, ignore_value, FROM_LOGITS, HAS_IGNORE, CP
         )
+        if FROM_LOGITS:
+            b = tl.where(_nan_softmax(x, cmask), float("nan"), b)
         loss = tm.focal(b, gamma, FOCAL)
         if HAS_ALPHA:
             loss = loss * tl.load(alpha_ptr + t)
@@ -102,7 +113,12 @@ def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, a
             keep = keep & (t != ignore_value)
         bad = keep & (bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0)))
         g = tl.where(keep, t, 0.0)
-        loss = tm.focal(tm.binary_bce(x, g, FROM_LOGITS), gamma, FOCAL)
+        b = tm.binary_bce(x, g, FROM_LOGITS)
+        if FROM_LOGITS:
+            # as the reference's lerp of the two softplus terms: NaN at an infinite logit
+            # (here +inf where the other term is 0, which would rank it after a NaN)
+            b = tl.where(tl.abs(x) == float("inf"), float("nan"), b)
+        loss = tm.focal(b, gamma, FOCAL)
         if HAS_ALPHA:
             loss = loss * (alpha * g + (1.0 - alpha) * (1.0 - g))
     # NaN as the positive quiet NaN, whose bit pattern ranks above +inf: always selected
@@ -293,6 +309,9 @@ def _topk_bwd_kernel(
                 x, p, b, t, onehot, is_top, complement, coef, alpha_ptr, gamma, FROM_LOGITS,
                 FOCAL, HAS_ALPHA
             )
+            if FROM_LOGITS:
+                # an unselected pixel too: the reference's autograd gives 0 * NaN there
+                grad = tl.where(_nan_softmax(x, cmask)[None, :], float("nan"), grad)
             grad = tl.where(keep[None, :], grad, 0.0)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty),
                      mask=cmask[:, None] & inside[None, :])
