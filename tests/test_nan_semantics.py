@@ -523,8 +523,8 @@ def test_a_non_finite_upstream_gradient_leaves_unread_elements_at_zero(backend, 
     """``loss * nan`` (or inf) upstream: the reference gives 0 to the elements the loss does
     not read (ignored pixels, TopK's unselected ones) and NaN/inf elsewhere; the native
     backend multiplied the upstream value into every element. Found by a review of the
-    backends. (Under an infinite upstream gradient the reference's chain of operations gives
-    NaN where the product is +-inf, as the fused kernels give: either is non-finite.)"""
+    backends. Under an infinite upstream gradient every backend gives the reference's NaN
+    and +-inf (below)."""
     x0 = torch.randn(1, 1, 2, 4, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([[[[1.0, 0.0, 255.0, 1.0], [0.0, 255.0, 1.0, 0.0]]]])
     cases = [
@@ -542,8 +542,7 @@ def test_a_non_finite_upstream_gradient_leaves_unread_elements_at_zero(backend, 
             x = x0.clone().requires_grad_()
             (case(x, b) * upstream).backward()
             grads.append(x.grad)
-        if math.isnan(upstream):
-            torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
+        torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
         assert torch.equal(grads[0] == 0, grads[1] == 0)
         assert torch.equal(grads[0].isfinite(), grads[1].isfinite())
         assert (grads[1] == 0).sum() >= 2  # the ignored (or unselected) elements
@@ -623,3 +622,33 @@ def test_topk_gradient_is_nan_where_the_references_is(mode, backend):
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
         assert torch.equal(got.isnan(), want.isnan()), case
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("upstream", [math.inf, -math.inf])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_infinite_upstream_gradient_gives_the_references_nan_and_inf(mode, backend,
+                                                                         from_logits, upstream):
+    """``loss * inf`` upstream of every loss and a fused composite: the gradient is NaN exactly
+    where the reference's chain of operations makes it ``0 * inf`` or ``inf - inf`` (every
+    kept element of a BCE term from logits; the target class of a multiclass pixel; every
+    class of a multiclass region term from probabilities, ``gI * onehot``), +-inf where the
+    reference's is. Triton (and the torch backend's fused multiclass region term) formed
+    those as one product or a selection and gave +-inf there. Found by a review of the
+    backends."""
+    x, target = seeded_case(mode, (2, 3, 4), seed=21)
+    if not from_logits:
+        x = torch.softmax(x, 1) if mode == "multiclass" else torch.sigmoid(x)
+    kwargs = {"from_logits": from_logits, "ignore_index": 7}
+    target[0, ..., 1, :] = 7
+    for name in LOSS_NAMES:
+        grads = []
+        for b in ("reference", backend):
+            leaf = x.clone().requires_grad_()
+            loss = make_loss(name, mode, b, **kwargs)(leaf, target)
+            grads.append(torch.autograd.grad(loss, leaf, torch.tensor(upstream))[0])
+        want, got = grads
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert torch.equal(got.isinf(), want.isinf()), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)

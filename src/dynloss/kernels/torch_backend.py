@@ -115,9 +115,10 @@ def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
 
 def _multiclass_region_backward(p, index, valid, gi, gp, from_logits):
     # dL/dp = u = gp + gi * onehot(target), then the softmax's backward (which keeps its
-    # digits where the softmax saturates)
-    grad = gp.unsqueeze(-1).expand_as(p).clone()
-    grad.scatter_add_(1, index.unsqueeze(1), gi.gather(1, index).unsqueeze(1))
+    # digits where the softmax saturates); gp + 0 * gi off the target: NaN where gi is
+    # infinite, as the reference's sum(p * onehot) gives
+    grad = (gp + gi * 0).unsqueeze(-1).expand_as(p).clone()
+    grad.scatter_(1, index.unsqueeze(1), (gp + gi).gather(1, index).unsqueeze(1))
     if from_logits:
         grad = _math.softmax_backward(p, grad)
     if valid is not None:

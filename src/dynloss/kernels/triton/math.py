@@ -72,14 +72,17 @@ def binary_bce(x, g, FROM_LOGITS: tl.constexpr):
 @triton.jit
 def binary_bce_grad(x, g, coef, FROM_LOGITS: tl.constexpr):
     """``coef * db/dx``: ``coef (sigmoid(x) - g)`` for logits, formed as
-    ``(1-g) sigmoid(x) - g sigmoid(-x)`` (exact for hard labels where the sigmoid saturates,
-    where ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``); for probabilities the
+    ``(coef (1-g)) sigmoid(x) - (coef g) sigmoid(-x)`` (exact for hard labels where the
+    sigmoid saturates, where ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``;
+    NaN for an infinite ``coef``, as the reference's autograd); for probabilities the
     derivative of the clamped logs, ``(coef (1-g))/(1-p) - (coef g)/p`` with a term dropped
     where its log is clamped, each a quotient (:func:`clamped_log_ratio`): the coefficient
     (upstream gradient, focal slope, alpha weight) goes into the numerators, as autograd
     forms it, so a zero weight gives 0 where ``1/p`` overflows."""
     if FROM_LOGITS:
-        d = coef * ((1.0 - g) * sigmoid(x) - g * sigmoid(-x))
+        # the reference's order, (coef (1-g)) s(x) - (coef g) s(-x): an infinite coefficient
+        # gives NaN (0 * inf, inf - inf) as there, not +-inf
+        d = (coef * (1.0 - g)) * sigmoid(x) - (coef * g) * sigmoid(-x)
     else:
         d = clamped_log_ratio((1.0 - g) * coef, 1.0 - x) - clamped_log_ratio(g * coef, x)
     return d

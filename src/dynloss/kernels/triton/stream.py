@@ -498,6 +498,14 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
 
 
 @triton.jit
+def region_slope(gi, gp, onehot):
+    """``[CP, BLOCK]`` ``dL/dp = gP + gI * onehot`` of a multiclass region term: ``gP + gI`` at
+    the target class, ``gP + 0 * gI`` elsewhere (NaN there where ``gI`` is infinite, as the
+    reference's ``sum(p * onehot)`` gives, not ``gP``)."""
+    return tl.where(onehot, (gp + gi)[:, None], (gp + gi * 0.0)[:, None])
+
+
+@triton.jit
 def multiclass_pixel_grad(x, p, b, t, onehot, is_top, complement, coef, alpha_ptr, gamma,
                           FROM_LOGITS: tl.constexpr, FOCAL: tl.constexpr,
                           HAS_ALPHA: tl.constexpr):
@@ -510,6 +518,9 @@ def multiclass_pixel_grad(x, p, b, t, onehot, is_top, complement, coef, alpha_pt
     if FROM_LOGITS:
         slope = tl.where(onehot & is_top, -complement[None, :], p - onehot.to(tl.float32))
         grad = coef[None, :] * slope
+        # the reference's target class sums two products of the coefficient (inf - inf when
+        # it is infinite), not one
+        grad = tl.where(onehot & (tl.abs(coef) == float("inf"))[None, :], float("nan"), grad)
     else:
         x_t = tl.sum(tl.where(onehot, x, 0.0), axis=0)
         d = -tm.clamped_log_ratio(coef, x_t)
@@ -618,7 +629,7 @@ def _multiclass_bwd_kernel(
                 # p_c (u_c - sum_k p_k u_k) of u = gp + gi * onehot; at the most probable class
                 # u_top (1 - p_top) - sum_{k != top} p_k u_k, from the others' small p_k (as a
                 # difference of nearly equal numbers it loses its digits where p_top nears 1)
-                u = gp[:, None] + tl.where(onehot, gi[:, None], 0.0)
+                u = region_slope(gi, gp, onehot)
                 pu = p * u
                 mixed = tl.sum(pu, axis=0)
                 u_top = tl.sum(tl.where(is_top, u, 0.0), axis=0)
@@ -626,7 +637,7 @@ def _multiclass_bwd_kernel(
                 at_top = p_top * (u_top * complement - tl.sum(tl.where(is_top, 0.0, pu), axis=0))
                 grad += tl.where(is_top, at_top[None, :], p * (u - mixed[None, :]))
             else:
-                grad += gp[:, None] + tl.where(onehot, gi[:, None], 0.0)
+                grad += region_slope(gi, gp, onehot)
         if DO_PIXEL:
             coef = tl.zeros([BLOCK], dtype=tl.float32) + gt
             grad += multiclass_pixel_grad(
