@@ -106,6 +106,28 @@ def check_pooled_region_losses_on_the_native_kernels(rank: int) -> None:
                                    rtol=1e-5, atol=1e-8)
 
 
+def check_native_pooled_sums_leave_ignored_elements_at_zero_under_a_nan_gradient(
+        rank: int) -> None:
+    """``loss * nan`` through ``ddp_pool=True`` on the native backend (its pooled sums): NaN
+    where the loss reads an element, 0 at the ignored ones, as the reference's autograd gives
+    (the kernels would multiply the NaN into every element)."""
+    from dynloss.kernels import native_available
+
+    if not native_available():
+        return
+    x = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(rank))
+    t = torch.tensor([[[1.0, 0.0, 255.0, 1.0, 0.0, 255.0, 1.0, 0.0]]])
+    grads = []
+    for backend in ("native", "reference"):
+        leaf = x.clone().requires_grad_()
+        (DiceLoss(ignore_index=255, ddp_pool=True, backend=backend)(leaf, t)
+         * float("nan")).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0].isnan(), grads[1].isnan()), grads
+    assert grads[1][0, 0, [2, 5]].tolist() == [0.0, 0.0] and grads[1].isnan().sum() == 6
+    assert torch.equal(grads[0] == 0, grads[1] == 0), grads
+
+
 def check_ddp_model_gradients_equal_single_process(rank: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 1, 3, padding=1).double()

@@ -82,6 +82,7 @@ def _one_line_error(capsys, argv):
      "but the --loss switches are at epochs 2 and 4: give one switch epoch per invocation"),
     # tracebacks (or silently ignored) before these were checked
     (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N; got 'foo'"),
+    (["--device", "cuda:"], "--device must be auto, cpu, cuda or cuda:N; got 'cuda:'"),
     (["--threads", "-1"], "--threads must be at least 1; got -1"),
     (["--threads", "0"], "--threads must be at least 1; got 0"),
     (["--benchmark", "--benchmark-steps", "0"], "--benchmark-steps must be at least 1; got 0"),

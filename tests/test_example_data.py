@@ -264,7 +264,8 @@ def _one_case(tmp_path, image, label, affine=LPS):
     return root, case
 
 
-@pytest.mark.parametrize("kind", ["zero_slices", "rgb", "singular_affine", "nan_voxels"])
+@pytest.mark.parametrize("kind", ["zero_slices", "rgb", "complex", "singular_affine",
+                                  "nan_voxels"])
 def test_a_volume_the_store_cannot_use_is_a_one_line_error_naming_it(tmp_path, kind):
     """Found by a review of the example: a volume of 0 slices and an RGB volume crashed inside
     nibabel/numpy, a singular affine in the header check, and NaN voxels went into the store
@@ -275,6 +276,8 @@ def test_a_volume_the_store_cannot_use_is_a_one_line_error_naming_it(tmp_path, k
         hu, label = hu[:, :, :0], label[:, :, :0]
     elif kind == "rgb":
         hu = np.zeros(hu.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    elif kind == "complex":
+        hu = hu.astype(np.complex64)
     elif kind == "nan_voxels":
         hu = hu.astype(np.float32)
         hu[2, 3, 1] = np.nan
@@ -291,7 +294,8 @@ def test_a_volume_the_store_cannot_use_is_a_one_line_error_naming_it(tmp_path, k
     message = str(info.value)
     assert "\n" not in message and "colon_001" in message, message
     expected = {"zero_slices": "must be a 3D volume with at least one voxel along each axis",
-                "rgb": "voxels of type", "singular_affine": "cannot be oriented",
+                "rgb": "voxels of type", "complex": "holds voxels of type complex64",
+                "singular_affine": "cannot be oriented",
                 "nan_voxels": "1 voxel(s) that are not finite"}[kind]
     assert expected in message, message
 

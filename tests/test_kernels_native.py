@@ -1217,12 +1217,13 @@ torch.set_default_dtype(getattr(torch, sys.argv[1]))
 g = torch.Generator().manual_seed(0)
 worst = 0.0
 for mode, channels in (("binary", 1), ("multiclass", 3)):
-    x = torch.randn(2, channels, 96, 96, generator=g, dtype=torch.float32)  # 1.7 Mi: pooled
+    # 1.2 MB of float32 in binary mode: above the pool's 1 MiB, so its buffers are pooled
+    x = torch.randn(2, channels, 384, 384, generator=g, dtype=torch.float32)
     if mode == "binary":
-        t = (torch.rand(2, 1, 96, 96, generator=g) > 0.5).float()
+        t = (torch.rand(2, 1, 384, 384, generator=g) > 0.5).float()
         t[0, 0, :4] = 255
     else:
-        t = torch.randint(0, 3, (2, 96, 96), generator=g)
+        t = torch.randint(0, 3, (2, 384, 384), generator=g)
         t[0, :4] = 255
     for make in (DiceLoss, TverskyLoss, BCELoss, FocalLoss, TopKLoss):
         for losses in ([make(mode=mode, ignore_index=255, backend="{backend}")],
@@ -1234,10 +1235,10 @@ for mode, channels in (("binary", 1), ("multiclass", 3)):
                 for module in loss.modules():
                     if hasattr(module, "backend"):
                         module.backend = backend
-                for _ in range(2):  # the second call takes a pooled buffer
-                    leaf = x.clone().requires_grad_()
+                for keep in (False, True):  # the second call takes a pooled buffer, and
+                    leaf = x.clone().requires_grad_()  # keeps the graph (a fresh gradient)
                     value = loss(leaf, t)
-                    value.backward()
+                    value.backward(retain_graph=keep)
                 assert value.dtype == leaf.grad.dtype == torch.float32, (value, leaf.grad)
                 got.append((value.detach().double(), leaf.grad.double()))
             assert got[0][0].isfinite()

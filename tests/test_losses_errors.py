@@ -439,6 +439,9 @@ def test_tversky_index_checks_its_arguments_like_the_losses():
     with pytest.raises(TypeError, match="prediction_sum must be a tensor or a real number; "
                                         "got str"):
         F.tversky_index(i, "4", g, 0.5, 0.5, 0.0)
+    with pytest.raises(TypeError, match="intersection must be a tensor or a real number; "
+                                        "got bool True"):
+        F.tversky_index(True, 2.0, 2.0, 0.5, 0.5, 0.0)
     with pytest.raises(ValueError, match=re.escape(
             "intersection, prediction_sum and target_sum must broadcast to one shape; got "
             "(2,), (3,) and (1,)")):

@@ -548,6 +548,25 @@ def test_a_non_finite_upstream_gradient_leaves_unread_elements_at_zero(backend, 
         assert (grads[1] == 0).sum() >= 2  # the ignored (or unselected) elements
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_nan_in_a_per_image_upstream_gradient_stays_in_its_image(backend):
+    """``reduction="none"`` with ``per_image=True`` gives a loss per image; a NaN in one
+    image's upstream gradient gives NaN to the elements that image's loss reads, 0 to its
+    ignored ones and the finite gradient to the other image, as the reference's."""
+    x0 = torch.randn(2, 1, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([[[1.0, 0.0, 255.0, 1.0]], [[0.0, 255.0, 1.0, 0.0]]])
+    upstream = torch.tensor([[math.nan], [1.0]])
+    grads = []
+    for b in (backend, "reference"):
+        x = x0.clone().requires_grad_()
+        F.dice_loss(x, t, ignore_index=255, reduction="none", per_image=True,
+                    backend=b).backward(upstream)
+        grads.append(x.grad)
+    assert grads[1][0, 0].isnan().tolist() == [True, True, False, True]
+    assert grads[1][0, 0, 2] == 0 and grads[1][1].isfinite().all()
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_an_integer_label_that_float32_rounds_onto_ignore_index_is_not_ignored(dtype, backend):

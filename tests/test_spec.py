@@ -605,6 +605,27 @@ def test_repr_of_a_subclass_with_an_unresolvable_annotation_keeps_the_float_argu
     assert repr(loss) == "TaggedFocal(alpha=1.0)"
 
 
+def test_repr_of_a_subclass_writes_each_argument_as_its_annotation_or_default_says() -> None:
+    """A number reassigned to a subclass's own argument is written as the argument takes it:
+    an ``int | float`` argument keeps an int (``scale=2``, not ``2.0``), an unannotated one
+    with a float default takes a float (``gamma=3.0``, not ``3``)."""
+    class ScaledFocal(FocalLoss):
+        def __init__(self, scale: int | float = 1, gamma: float = 2.0) -> None:
+            super().__init__(gamma=gamma)
+            self.scale = scale
+
+    class LooseFocal(FocalLoss):
+        def __init__(self, gamma=2.0):  # type: ignore[no-untyped-def]
+            super().__init__(gamma=gamma)
+
+    scaled = ScaledFocal()
+    scaled.scale = 2
+    assert repr(scaled) == "ScaledFocal(scale=2)"
+    loose = LooseFocal()
+    loose.gamma = 3
+    assert repr(loose) == "LooseFocal(gamma=3.0)"
+
+
 def test_repr_of_deeply_nested_shared_losses_walks_each_module_once(monkeypatch) -> None:
     """Module paths were gathered over every path through shared subtrees: 18 levels of
     ``x = SwitchingLoss([x, CompositeLoss([x, dice])])`` took seconds, doubling per level.
@@ -673,3 +694,7 @@ def test_build_loss_takes_the_names_of_custom_triggers_and_schedules() -> None:
         build_loss("dice", names={"x": 3})
     with pytest.raises(ValueError, match="names: '1a' is not a name a spec can call"):
         build_loss("dice", names={"1a": Below})
+    with pytest.raises(ValueError, match="names: 'é' is not a name a spec can call"):
+        build_loss("dice", names={"é": Below})
+    with pytest.raises(ValueError, match="names: 'shared' is a built-in name"):
+        build_loss("dice", names={"shared": Below})
