@@ -18,10 +18,42 @@ def kernel_inputs(mode: str, spatial: tuple[int, ...], *, n: int = 2, c: int = 3
     return x, t
 
 
-def run_loss(fn, x: torch.Tensor, t: torch.Tensor, backend: str, **kw):
-    """``(loss, d sum(loss) / d x)`` of ``fn(x, t, backend=backend, **kw)`` on a copy of ``x``."""
+NODES = {
+    "torch": ("RegionSumsBackward", "DistributionSumBackward"),
+    "native": ("NativeRegionLossBackward", "NativeDistributionLossBackward",
+               "NativeCompositeLossBackward", "NativeSumsBackward"),
+    "triton": ("TritonFusedLossBackward", "TritonTopKBackward", "TritonRegionSumsBackward"),
+}
+"""The autograd nodes each fused backend puts in the graph of a loss it computes."""
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes in ``t``'s graph."""
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def assert_ran_on(loss: torch.Tensor, backend: str) -> None:
+    """``backend``'s kernels computed ``loss``: not a fallback to another backend (which
+    dispatch announces once, with a warning that tests filter)."""
+    found = graph_nodes(loss)
+    assert found & set(NODES[backend]), f"{backend} did not run: the graph holds {found}"
+
+
+def run_loss(fn, x: torch.Tensor, t: torch.Tensor, backend: str, *, ran: bool = False, **kw):
+    """``(loss, d sum(loss) / d x)`` of ``fn(x, t, backend=backend, **kw)`` on a copy of ``x``;
+    with ``ran``, assert that ``backend`` computed it (:func:`assert_ran_on`)."""
     x = x.detach().clone().requires_grad_(True)
     loss = fn(x, t, backend=backend, **kw)
+    if ran:
+        assert_ran_on(loss, backend)
     loss.sum().backward()
     return loss.detach(), x.grad
 

@@ -36,7 +36,13 @@ from ._backends import (
     make_loss,
     seeded_case,
 )
-from ._kernel_cases import assert_elementwise_close, run_loss, saturated_multiclass
+from ._kernel_cases import (
+    NODES,
+    assert_elementwise_close,
+    graph_nodes,
+    run_loss,
+    saturated_multiclass,
+)
 
 NAMED = ("torch", "native", "triton")
 
@@ -182,9 +188,21 @@ def _run(name, mode, backend, kwargs, x, target, layout, target_grad, dtype):
         target = _as_layout(target.detach().to(dtype, copy=True), layout)
         target.requires_grad_(target_grad)
     loss = make_loss(name, mode, backend, **kwargs)(x, target)
+    nodes = graph_nodes(loss)
     loss.sum().backward()
     t_grad = target.grad if target_grad else None
-    return loss.detach(), x.grad, t_grad
+    return loss.detach(), x.grad, t_grad, nodes
+
+
+def _fused_computes(case) -> bool:
+    """Whether every fused backend computes ``case`` itself: a call that needs no gradient
+    for the target, a reduced distribution loss (``reduction="none"`` is the reference's), a
+    non-empty input. Independent of what the backends declare, so that a capability dropped
+    by mistake (the call then quietly computed by another backend) fails here."""
+    n, h, w = case["shape"]
+    elementwise = (case["name"] in ("focal", "bce", "topk")
+                   and case["kwargs"].get("reduction") == "none")
+    return not case["target_grad"] and not elementwise and n * h * w > 0
 
 
 def _close(got, want, what):
@@ -216,6 +234,8 @@ def test_property_every_backend_equals_the_reference(case):
         got = _run(name, mode, backend, kwargs, x, target, case["layout"],
                    case["target_grad"], torch.float32)
         assert got[0].shape == want[0].shape and got[0].dtype == torch.float32, backend
+        if _fused_computes(case):
+            assert got[3] & set(NODES[backend]), (backend, got[3])
         assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0])), backend
         if torch.isfinite(want[0]).all():
             _close(got[0], want[0], f"{backend} loss")

@@ -281,7 +281,10 @@ def test_helpers_are_no_ops_in_a_single_process() -> None:
     assert not is_distributed() and world_size() == 1
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     assert all_reduce_with_grad(x) is x
-    assert all_gather_with_grad(x).shape == (1, 2)
+    gathered = all_gather_with_grad(x)
+    assert torch.equal(gathered, torch.tensor([[1.0, 2.0]]))
+    (gathered * torch.tensor([[3.0, 5.0]])).sum().backward()
+    assert x.grad.tolist() == [3.0, 5.0]
     a, b = torch.ones(2), torch.zeros(2)
     assert pool_across_ranks(a, b) == (a, b)
     assert reduce_mean(torch.tensor(0.25)) == 0.25 and reduce_mean(3) == 3.0

@@ -90,7 +90,7 @@ def _compare(fn, x, t, device: str, *, dtype=torch.float32, rtol: float | None =
     x = x.to(device=device, dtype=dtype)
     t = t.to(device)
     want, want_grad = _run(fn, x, t, "reference", **kw)
-    got, got_grad = _run(fn, x, t, "triton", **kw)
+    got, got_grad = _run(fn, x, t, "triton", ran=True, **kw)
     assert got.dtype == want.dtype and got_grad.dtype == x.dtype
     assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
     low = dtype in LOW_PRECISION
@@ -241,6 +241,8 @@ def test_float64_falls_back_to_torch(device):
     x, _t = _inputs("binary", (3, 3))
     assert resolve_backend(x.double().to(device), "triton") == "torch"
     assert resolve_backend(x.to(device), "triton") == "triton"
+    for dtype in LOW_PRECISION:  # computed by the kernels (in float32), not handed on
+        assert resolve_backend(x.to(device, dtype), "triton") == "triton"
 
 
 # ---------------------------------------------------------------------------- topk selection

@@ -114,10 +114,23 @@ def test_under_cuda_autocast(mode):
     images = torch.randn(2, 3, 8, 8, generator=gen).cuda()
     target = target_for(mode, (2, c, 8, 8), "random", gen).cuda()
     for name, cls in ALL:
+        conv.zero_grad()
         with torch.autocast("cuda", dtype=torch.float16):
-            value = cls(mode=mode)(conv(images), target)
+            logits = conv(images)
+            assert logits.dtype == torch.float16
+            value = cls(mode=mode)(logits, target)
         value.backward()
-        assert torch.isfinite(value) and torch.isfinite(conv.weight.grad).all(), name
+        assert value.dtype == torch.float32, name
+        half_grad = conv.weight.grad.clone()
+        # the same float16 logits in float32 arithmetic: the value the loss must give
+        leaf = logits.detach().float().requires_grad_()
+        reference = cls(mode=mode)(leaf, target)
+        torch.testing.assert_close(value, reference, msg=name)
+        # and the weight gradient of a float32 step, to float16's precision
+        conv.zero_grad()
+        cls(mode=mode)(conv(images), target).backward()
+        torch.testing.assert_close(half_grad, conv.weight.grad, rtol=2e-2, atol=2e-3,
+                                   msg=name)
 
 
 def test_probabilities_at_exactly_zero_and_one_stay_finite():

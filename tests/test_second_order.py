@@ -14,28 +14,9 @@ import pytest
 import torch
 
 from ._backends import FUSED, LOSS_NAMES, MODES, make_loss, seeded_case
+from ._kernel_cases import NODES, graph_nodes
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-# the autograd node each fused backend puts in the graph
-NODES = {
-    "torch": ("RegionSumsBackward", "DistributionSumBackward"),
-    "native": ("NativeRegionLossBackward", "NativeDistributionLossBackward",
-               "NativeCompositeLossBackward", "NativeSumsBackward"),
-    "triton": ("TritonFusedLossBackward", "TritonTopKBackward", "TritonRegionSumsBackward"),
-}
-
-
-def graph_nodes(t: torch.Tensor) -> set[str]:
-    names, stack, seen = set(), [t.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 def second_order(loss_fn, x: torch.Tensor, target: torch.Tensor, backend: str | None = None):

@@ -342,8 +342,14 @@ def test_any_spec_builds_a_module_or_raises_a_spec_error(pieces: list[str]) -> N
         loss = build_loss(spec)
     except SpecError as error:
         assert 0 <= error.position <= len(spec)
-    else:
+    else:  # a loss that computes, and whose repr builds the same loss again
         assert isinstance(loss, torch.nn.Module)
+        assert repr(build_loss(repr(loss))) == repr(loss)
+        x = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
+        t = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+        if "multiclass" not in spec:
+            value = loss(x, t)
+            assert value.shape == () and torch.isfinite(value)
 
 
 def test_dice_to_focal_plus_bce_builds_a_composite_second_stage() -> None:

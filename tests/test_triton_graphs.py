@@ -273,8 +273,17 @@ def test_every_loss_runs_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_cuda_flag_consistent():
-    assert CUDA == torch.cuda.is_available()
+def test_the_kernels_run_on_the_device_the_environment_names():
+    """``DEVICE`` (where every test here runs the kernels) is where they do run: the loss of
+    a tensor there is the Triton kernels' (not a fallback), on the same device."""
+    if DEVICE is None:  # Triton imported before the interpreter was switched on: a fresh
+        assert not CUDA  # process runs this module (test_interpreter_subprocess)
+        return
+    x = torch.tensor([[[2.0, -1.0, 0.5]]], device=DEVICE, requires_grad=True)
+    t = torch.tensor([[[1.0, 0.0, 1.0]]], device=DEVICE)
+    loss = dynloss.functional.dice_loss(x, t, backend="triton")
+    assert type(loss.grad_fn).__name__ == "TritonFusedLossBackward"
+    assert loss.device.type == DEVICE
 
 
 @pytest.mark.skipif(not needs_subprocess(_SUBPROCESS_FLAG),
