@@ -623,11 +623,14 @@ def test_topk_selects_the_references_elements_among_infinite_logits(mode, backen
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("mode", MODES)
 def test_topk_gradient_is_nan_where_the_references_is(mode, backend):
-    """Random NaN/+-inf logits (a few, or many), some pixels ignored, several k: the loss is
-    NaN and the gradient NaN at the same elements as the reference's, equal elsewhere."""
+    """Random NaN/+-inf logits (a few, or many), hard and soft targets, some pixels ignored,
+    several k: the loss is NaN and the gradient NaN at the same elements as the reference's,
+    equal elsewhere."""
     gen = torch.Generator().manual_seed(3)
-    for case in range(12):
-        x, target = seeded_case(mode, (2, 3, 3), seed=100 + case)
+    for case in range(16):  # soft targets too: lerp's per-element loss of an infinite logit
+        # is +inf for some (x = -inf, 0 < g < 1/2; x = +inf, 1/2 <= g < 1), NaN for the others
+        soft = mode != "multiclass" and case >= 8
+        x, target = seeded_case(mode, (2, 3, 3), seed=100 + case, soft=soft)
         hit = torch.rand(x.shape, generator=gen) < (0.05, 0.2, 0.5)[case % 3]
         pick = torch.randint(0, 3, (int(hit.sum()),), generator=gen)
         x[hit] = torch.tensor([math.nan, math.inf, -math.inf])[pick]
@@ -671,3 +674,82 @@ def test_an_infinite_upstream_gradient_gives_the_references_nan_and_inf(mode, ba
         assert torch.equal(got.isnan(), want.isnan()), name
         assert torch.equal(got.isinf(), want.isinf()), name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_topk_ranks_an_infinite_logit_as_the_reference_s_lerp_does_for_soft_targets():
+    """The reference's per-element BCE is ``lerp(softplus(x), softplus(-x), g)``, whose two
+    formulas (below and above ``g = 1/2``) give +inf at ``x = -inf`` for ``0 < g < 1/2`` and
+    at ``x = +inf`` for ``1/2 <= g < 1``, NaN at the other infinite logits: a NaN logit
+    (pixel 2) ranks above such a +inf (pixel 0). Triton ranked every infinite logit as NaN.
+    Found by a review of the change that made it NaN (it had been +inf or NaN by its own
+    formula)."""
+    for x0, g0 in ((-math.inf, 0.3), (math.inf, 0.7), (math.inf, 0.5)):
+        x = torch.tensor([[[x0, 0.0, math.nan, 1.0]]])
+        t = torch.tensor([[[g0, 1.0, 0.0, 0.0]]])
+        grads = []
+        for b in ("reference", *FUSED):
+            leaf = x.clone().requires_grad_()
+            F.topk_loss(leaf, t, k=0.25, backend=b).backward()
+            grads.append(leaf.grad)
+        assert grads[0][0, 0].isnan().tolist() == [False, False, True, False], x0
+        for got in grads[1:]:
+            assert torch.equal(got.isnan(), grads[0].isnan()), (x0, g0, got)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("backend", FUSED)
+def test_an_infinite_upstream_gradient_through_a_saturated_focal_term(backend, from_logits):
+    """Multiclass Focal where a pixel's cross-entropy is large enough that ``1 - e^-b``
+    rounds to 1 in float32 (pixel 0, ``b`` about 20.5): the reference's chain multiplies the
+    infinite upstream gradient by the exact 0 of ``d(-expm1(-b))/db`` there, NaN in every
+    class of the pixel from logits (at its target class from probabilities); Triton's slope,
+    formed from ``e^-b`` itself, gave +-inf. Found by a review of the backends."""
+    x = torch.tensor([[[-20.0, 0.0], [0.5, 0.0]]])  # (N=1, C=2, M=2)
+    if not from_logits:
+        x = torch.softmax(x, 1)
+    t = torch.tensor([[0, 0]])
+    grads = []
+    for b in ("reference", backend):
+        leaf = x.clone().requires_grad_()
+        loss = F.focal_loss(leaf, t, gamma=2.0, mode="multiclass", from_logits=from_logits,
+                            backend=b)
+        grads.append(torch.autograd.grad(loss, leaf, torch.tensor(math.inf))[0])
+    assert grads[0][0, 0, 0].isnan()  # the target class of pixel 0 (from logits: every one)
+    assert torch.equal(grads[1].isnan(), grads[0].isnan()), grads
+    assert torch.equal(grads[1].isinf(), grads[0].isinf()), grads
+    if from_logits:
+        return
+    # binary: a probability of 0 (its log clamped at -100) with a soft target of 0.3, b = 30
+    x, t = torch.tensor([[[0.0, 0.5]]]), torch.tensor([[[0.3, 1.0]]])
+    for loss_fn in (F.focal_loss, F.topk_loss):
+        grads = []
+        for b in ("reference", backend):
+            leaf = x.clone().requires_grad_()
+            kwargs = {"gamma": 2.0} if loss_fn is F.focal_loss else {"k": 1.0}
+            loss = loss_fn(leaf, t, from_logits=False, backend=b, **kwargs)
+            grads.append(torch.autograd.grad(loss, leaf, torch.tensor(math.inf))[0])
+        assert torch.equal(grads[1].isnan(), grads[0].isnan()), grads
+        assert torch.equal(grads[1].isinf(), grads[0].isinf()), grads
+
+
+@pytest.mark.parametrize("name", REGION_NAMES)
+@pytest.mark.parametrize("mode", MODES)
+def test_infinite_probabilities_of_both_signs_unchecked_make_the_region_loss_nan(mode, name):
+    """``check_values=False`` with a probability of +inf in one sample and -inf in another:
+    the native backend's float64 sums of the per-sample partial sums (``math.fsum``) raised
+    ``ValueError: -inf + inf in fsum``; the loss is NaN, as on every backend. Found by a
+    review of the backends."""
+    c = channels(mode)
+    x = torch.full((2, c, 4), 0.3)
+    x[0, 0, 0] = math.inf
+    x[1, 0, 1] = -math.inf
+    if mode == "multiclass":
+        t = torch.tensor([[0, 1, 2, 0], [1, 1, 0, 2]])
+    else:
+        t = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]).unsqueeze(1).expand(
+            2, c, 4).contiguous()
+    for backend in BACKENDS:
+        for per_image in (False, True):
+            loss = make_loss(name, mode, backend, from_logits=False, check_values=False,
+                             per_image=per_image)(x, t)
+            assert loss.isnan(), (backend, per_image)

@@ -50,6 +50,15 @@ HOST_SCORES = 1024
 Python arithmetic (a few microseconds); beyond, with float64 tensor operations."""
 
 
+def _fsum(values: list[float]) -> float:
+    """``math.fsum``, or NaN where it meets both infinities (unchecked infinite probabilities
+    of both signs), as float arithmetic gives (``fsum`` raises ``ValueError`` there)."""
+    try:
+        return math.fsum(values)
+    except ValueError:
+        return math.nan
+
+
 def _cells(sums: Sums, params: RegionParams) -> list[tuple[float, float, float]] | None:
     """The ``(I, P, G)`` the scores are formed from, in float64: one per (sample, class) with
     ``per_image``, else one per class pooled over the batch; None when there are too many."""
@@ -60,8 +69,8 @@ def _cells(sums: Sums, params: RegionParams) -> list[tuple[float, float, float]]
     if params.per_image:
         return list(zip(values[0::3], values[1::3], values[2::3], strict=True))
     step = 3 * c
-    return [(math.fsum(values[3 * k::step]), math.fsum(values[3 * k + 1::step]),
-             math.fsum(values[3 * k + 2::step])) for k in range(c)]
+    return [(_fsum(values[3 * k::step]), _fsum(values[3 * k + 1::step]),
+             _fsum(values[3 * k + 2::step])) for k in range(c)]
 
 
 def _region_value(sums: Sums, params: RegionParams
@@ -78,7 +87,7 @@ def _region_value(sums: Sums, params: RegionParams
         # general path below, without building the lists (measured ~7 us less per call at
         # (8, 1, 64, 64) in the interleaved benchmark, where a call is ~160 us)
         values = sums.as_list()
-        cell = (math.fsum(values[0::3]), math.fsum(values[1::3]), math.fsum(values[2::3]))
+        cell = (_fsum(values[0::3]), _fsum(values[1::3]), _fsum(values[2::3]))
         loss, slope_i, slope_p = _math.tversky_loss_terms(*cell, a, b, s)
         one = ctypes.c_float * 1
         return (torch.scalar_tensor(loss, dtype=torch.float32), [cell],
@@ -94,7 +103,7 @@ def _region_value(sums: Sums, params: RegionParams
         shape = (n, c) if params.per_image else (c,)
         return torch.tensor([t[0] for t in terms], dtype=torch.float32).view(shape), cells, None
     mean = params.reduction == "mean" and terms
-    total = math.fsum(t[0] for t in terms)
+    total = _fsum([t[0] for t in terms])
     if mean:
         total /= len(terms)
     scale = -1.0 / len(terms) if mean else -1.0

@@ -108,3 +108,13 @@ def focal_grad(b, gamma):
     ratio = tl.where(pos, b / tl.where(pos, q, 1.0), 1.0)
     qg = tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), 0.0)
     return qg * (1.0 + gamma * tl.exp(-b) * ratio)
+
+
+@triton.jit
+def focal_coef(coef, b, gamma):
+    r"""``coef`` times :func:`focal_grad`: the chain rule through the focal modulation. An
+    infinite ``coef`` meets the reference's exact 0 of :math:`d(1 - e^{-b})/db` where
+    :math:`1 - e^{-b}` rounds to 1 (its autograd forms that slope from ``-expm1(-b)``): NaN
+    there, as the reference's ``inf * 0``, not +-inf."""
+    saturated = (tl.abs(coef) == float("inf")) & (one_minus_exp_neg(b) == 1.0)
+    return tl.where(saturated, float("nan"), coef * focal_grad(b, gamma))

@@ -432,7 +432,7 @@ def _binary_bwd_kernel(
         if DO_PIXEL:
             coef = gt + tl.zeros([BLOCK], dtype=tl.float32)
             if FOCAL:
-                coef = coef * tm.focal_grad(tm.binary_bce(x, g, FROM_LOGITS), gamma)
+                coef = tm.focal_coef(coef, tm.binary_bce(x, g, FROM_LOGITS), gamma)
             if HAS_ALPHA:
                 coef = coef * (alpha * g + (1.0 - alpha) * (1.0 - g))
             grad += tm.binary_bce_grad(x, g, coef, FROM_LOGITS)
@@ -512,7 +512,7 @@ def multiclass_pixel_grad(x, p, b, t, onehot, is_top, complement, coef, alpha_pt
     """``[CP, BLOCK]`` gradient of ``coef * a_t * focal(b)`` w.r.t. the logits/probabilities
     (``p_t - 1 = -complement`` where the target is the most probable class)."""
     if FOCAL:
-        coef = coef * tm.focal_grad(b, gamma)
+        coef = tm.focal_coef(coef, b, gamma)
     if HAS_ALPHA:
         coef = coef * tl.load(alpha_ptr + t)  # t is a kept class in [0, C), or 0
     if FROM_LOGITS:

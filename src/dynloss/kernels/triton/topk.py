@@ -88,6 +88,19 @@ def _nan_softmax(x, cmask):
 
 
 @triton.jit
+def _lerp_at_infinity(x, g):
+    """The reference's per-element BCE of an infinite logit, ``lerp(softplus(x),
+    softplus(-x), g)`` with lerp's two formulas (``a + g (e - a)`` below ``g = 1/2``, ``e -
+    (e - a)(1 - g)`` from it on): +inf at ``x = -inf`` for ``0 < g < 1/2`` and at ``x = +inf``
+    for ``1/2 <= g < 1``, NaN (``0 * inf``, ``inf - inf``) for the other targets in [0, 1]."""
+    # softplus(x) and softplus(-x); both 0 at a finite x, whose result is not used (no
+    # invalid operation there)
+    a = tl.where(x == float("inf"), float("inf"), 0.0)
+    e = tl.where(x == float("-inf"), float("inf"), 0.0)
+    return tl.where(g < 0.5, a + g * (e - a), e - (e - a) * (1.0 - g))
+
+
+@triton.jit
 def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, alpha,
                MULTICLASS: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr,
                FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, CP: tl.constexpr):
@@ -115,9 +128,7 @@ def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, a
         g = tl.where(keep, t, 0.0)
         b = tm.binary_bce(x, g, FROM_LOGITS)
         if FROM_LOGITS:
-            # as the reference's lerp of the two softplus terms: NaN at an infinite logit
-            # (here +inf where the other term is 0, which would rank it after a NaN)
-            b = tl.where(tl.abs(x) == float("inf"), float("nan"), b)
+            b = tl.where(tl.abs(x) == float("inf"), _lerp_at_infinity(x, g), b)
         loss = tm.focal(b, gamma, FOCAL)
         if HAS_ALPHA:
             loss = loss * (alpha * g + (1.0 - alpha) * (1.0 - g))
@@ -321,7 +332,7 @@ def _topk_bwd_kernel(
             g_t = tl.where(keep, t, 0.0)
             c = coef + tl.zeros_like(x)
             if FOCAL:
-                c = c * tm.focal_grad(tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
+                c = tm.focal_coef(c, tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
             if HAS_ALPHA:
                 c = c * (alpha * g_t + (1.0 - alpha) * (1.0 - g_t))
             grad = tl.where(keep, tm.binary_bce_grad(x, g_t, c, FROM_LOGITS), 0.0)
