@@ -32,6 +32,7 @@ TensorOrFloat = TypeVar("TensorOrFloat", Tensor, float)
 
 __all__ = [
     "LOG_CLAMP",
+    "batched",
     "bce_slope",
     "clamped_log",
     "clamped_log_ratio",
@@ -90,6 +91,24 @@ def sigmoid_slope(x: Tensor) -> Tensor:
     return torch.sigmoid(x) * torch.sigmoid(-x)
 
 
+_FUNCTORCH = torch._C._functorch
+_BATCHED = tuple(getattr(_FUNCTORCH, name) for name in (
+    "is_legacy_batchedtensor",  # autograd's own vmap (is_grads_batched, vectorized jacobian)
+    "is_batchedtensor",  # torch.func.vmap's
+) if hasattr(_FUNCTORCH, name))
+
+
+def batched(grad: Tensor) -> bool:
+    """Whether ``grad`` is batched by ``vmap``: a backward pass run for several upstream
+    gradients at once (``torch.autograd.grad(..., is_grads_batched=True)``, the vectorized
+    ``torch.autograd.functional.jacobian``, ``gradcheck(check_batched_grad=True)``). In-place
+    operations on unbatched temporaries, reads on the host and kernels cannot take it.
+    False inside ``torch.compile`` (which traces a backward unbatched)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(check(grad) for check in _BATCHED)
+
+
 def sigmoid_backward(g: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     """``g * sigmoid_slope(x)`` without autograd, as ``s (1 - s)`` with ``s = sigmoid(-|x|)
     <= 1/2`` (where ``1 - s`` keeps its digits) in one fused op; into ``out`` if given (it may
@@ -138,10 +157,11 @@ def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
     below = torch.sub(p0.amax(dim=1, keepdim=True), p0).sign_()
     at_max = 1 - below
     count = at_max.sum(1, keepdim=True)
-    if torch.is_grad_enabled():  # create_graph: a differentiable gradient
-        # (its own derivative in p must be the softmax's second one: at a tie the mean of
-        # the tied g would not vary as they do, so there the plain form, which keeps its
-        # digits for p_top <= 1/2)
+    if torch.is_grad_enabled() or batched(g):  # create_graph (a differentiable gradient),
+        # or a batched g (out of place: in-place ops on unbatched temporaries cannot take it).
+        # Its own derivative in p must be the softmax's second one: at a tie the mean of the
+        # tied g would not vary as they do, so there the plain form, which keeps its digits
+        # for p_top <= 1/2
         single = at_max * (count == 1).to(p.dtype)
         others = p * below
         corrected = (g * at_max).sum(1, keepdim=True) * others.sum(1, keepdim=True) - (

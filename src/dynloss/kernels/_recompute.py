@@ -5,7 +5,8 @@ cannot differentiate. When the backward pass itself is recorded (``create_graph=
 gradient penalties, MAML, Hessian-vector products), their ``backward`` calls
 :func:`recompute_backward` instead: it runs the same computation through the reference
 maths with autograd and returns ``autograd.grad`` of it with ``create_graph=True``, so the
-gradient is itself differentiable (and equals the reference's to rounding).
+gradient is itself differentiable (and equals the reference's to rounding). So it does when
+the upstream gradient is batched (:func:`must_recompute`), which the kernels cannot take.
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["recompute_backward"]
+from .._math import batched
+
+__all__ = ["must_recompute", "recompute_backward"]
+
+
+def must_recompute(*grads: Tensor | None) -> bool:
+    """Whether a fused Function's backward must go through :func:`recompute_backward`: the
+    backward pass is recorded (grad mode on: ``create_graph=True``), or an upstream gradient
+    is batched (``torch.autograd.grad(..., is_grads_batched=True)``, the vectorized
+    ``torch.autograd.functional.jacobian``, ``gradcheck(check_batched_grad=True)``: torch runs
+    the backward pass under ``vmap``), which a kernel cannot read on the host or by pointer."""
+    if torch.is_grad_enabled():
+        return True
+    return any(g is not None and batched(g) for g in grads)
 
 
 def recompute_backward(

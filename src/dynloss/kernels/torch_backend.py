@@ -28,7 +28,7 @@ from .._layout import Layout, compute_dtype, invalid_values
 from .._params import CompositeParams, DistributionParams, RegionParams
 from ..constants import MULTICLASS_MODE
 from . import reference
-from ._recompute import recompute_backward
+from ._recompute import must_recompute, recompute_backward
 from .capabilities import Capabilities
 
 __all__ = ["TORCH", "DistributionSum", "RegionSums"]
@@ -164,7 +164,7 @@ class RegionSums(torch.autograd.Function):
     def backward(ctx, grad_intersection, grad_prediction_sum, grad_target_sum):
         x, target, saved_p = ctx.saved_tensors
         mode, from_logits, ignore_index, pooled, checked = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if must_recompute(grad_intersection, grad_prediction_sum):  # (create_graph=True)
             grads = recompute_backward(
                 lambda xs: _reference_sums(xs, target, mode, from_logits, ignore_index, pooled,
                                            checked)[:2],
@@ -328,7 +328,7 @@ class DistributionSum(torch.autograd.Function):
         # reference's gradient is then 0, not slope * NaN, wherever the loss does not read the
         # element (beyond the ignored and unselected ones masked below, a multiclass pixel's
         # other classes and a clamped log of a probability)
-        if torch.is_grad_enabled() or overflowed or (
+        if must_recompute(grad_total) or overflowed or (
                 _host_readable(grad_total) and not bool(torch.isfinite(grad_total))):
             (grad,) = recompute_backward(
                 lambda xs: _reference_distribution_sum(xs, target, params, checked),

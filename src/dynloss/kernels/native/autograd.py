@@ -34,7 +34,7 @@ from ... import _math
 from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
-from .._recompute import recompute_backward
+from .._recompute import must_recompute, recompute_backward
 from .ffi import Forward, Sums, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
@@ -189,7 +189,7 @@ class NativeRegionLoss(torch.autograd.Function):
         config, invalid, sums, cells, coefficients, params, checked, mode = ctx.native
         # create_graph=True (a differentiable gradient), or a non-finite input: the reference's
         # NaN exactly where the loss depends on an element (0 on ignored ones)
-        if torch.is_grad_enabled() or invalid or _non_finite(grad_loss):
+        if must_recompute(grad_loss) or invalid or _non_finite(grad_loss):
             (grad,) = recompute_backward(
                 lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
@@ -237,7 +237,7 @@ class NativeDistributionLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, target, slope = ctx.saved_tensors
         config, scale, params, checked, invalid, overflowed = ctx.native
-        if (torch.is_grad_enabled() or overflowed or invalid  # (invalid: see the region loss)
+        if (must_recompute(grad_loss) or overflowed or invalid  # (invalid: see the region loss)
                 or _non_finite(grad_loss)):
             def value(xs: Tensor) -> Tensor:
                 total, count = reference.distribution_sum(_layout(xs, target, params.mode),
@@ -277,7 +277,7 @@ class NativeCompositeLoss(torch.autograd.Function):
         (config, invalid, sums, cells, coefficients, inverse_count, params, checked,
          overflowed) = ctx.native
         grad_combined = _scaled(grad_combined, invalid)
-        if (torch.is_grad_enabled() or overflowed or invalid  # (invalid: see the region loss)
+        if (must_recompute(grad_combined) or overflowed or invalid  # (invalid: see the region loss)
                 or _non_finite(grad_combined)):
             def value(xs: Tensor) -> Tensor:
                 layout = _layout(xs, target, params.region.mode)
@@ -322,7 +322,7 @@ class NativeSums(torch.autograd.Function):
     def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
         x, target, probabilities = ctx.saved_tensors
         config, params, checked, mode, invalid = ctx.native
-        if (torch.is_grad_enabled() or invalid  # (invalid: see the region loss)
+        if (must_recompute(grad_intersection, grad_prediction_sum) or invalid  # (invalid: above)
                 or _non_finite(grad_intersection, grad_prediction_sum)):
             grads = recompute_backward(
                 lambda xs: reference.region_sums(_layout(xs, target, mode), params.from_logits,

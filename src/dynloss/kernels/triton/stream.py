@@ -50,7 +50,7 @@ from ..._layout import Layout
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from ...constants import MULTICLASS_MODE
 from .. import reference
-from .._recompute import recompute_backward
+from .._recompute import must_recompute, recompute_backward
 from . import math as tm
 
 __all__ = ["FusedSpec", "TritonFusedLoss", "TritonRegionSums", "fused_backward",
@@ -952,7 +952,7 @@ class TritonFusedLoss(torch.autograd.Function):
         nones = (None,) * 4
         if all(g is None for g in grads):
             return (None, *nones)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if must_recompute(*grads):  # create_graph=True, or batched: through the reference
             grads_x = recompute_backward(
                 lambda xs: reference_outputs(xs, target, mode, params, checked), (x,), grads)
             return (grads_x[0], *nones)
@@ -1014,7 +1014,7 @@ class TritonRegionSums(torch.autograd.Function):
         nones = (None,) * 3
         if grad_intersection is None and grad_prediction_sum is None:
             return (None, *nones)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if must_recompute(grad_intersection, grad_prediction_sum):  # (create_graph=True)
             grads = recompute_backward(
                 lambda xs: reference.region_sums(_layout(xs, target, params.mode),
                                                  params.from_logits, params.ignore_index,

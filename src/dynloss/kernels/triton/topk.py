@@ -45,7 +45,7 @@ from ..._layout import Layout
 from ..._params import DistributionParams
 from ...constants import MULTICLASS_MODE
 from .. import reference
-from .._recompute import recompute_backward
+from .._recompute import must_recompute, recompute_backward
 from . import math as tm
 from .stream import (
     bad_input,
@@ -515,7 +515,7 @@ class TritonTopK(torch.autograd.Function):
         nones = (None,) * 3
         if grad_out is None:
             return (None, *nones)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if must_recompute(grad_out):  # create_graph=True, or batched: through the reference
             def value(xs: Tensor) -> Tensor:
                 layout = Layout(xs, target, params.mode, xs.shape)
                 return reference.REFERENCE.distribution(layout, params, checked)
