@@ -308,6 +308,11 @@ def ignore_index_for(dtype: torch.dtype, ignore_index: int | None) -> int | None
     return None
 
 
+def float32_value(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python float)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 _FLOAT32_EXACT = 2**24
 """Every integer of at most this magnitude is a float32; above it some round onto this one
 or others (2**24 + 1 onto 2**24)."""
@@ -326,8 +331,7 @@ def kernel_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor
     if (ignore_index is not None and abs(ignore_index) >= _FLOAT32_EXACT
             and target.dtype in (torch.int32, torch.int64)):
         narrow = target.float()
-        as_float32 = struct.unpack("f", struct.pack("f", float(ignore_index)))[0]
-        onto = (narrow == as_float32) & (target != ignore_index)
+        onto = (narrow == float32_value(float(ignore_index))) & (target != ignore_index)
         toward = torch.where(target > ignore_index, math.inf, -math.inf).float()
         return torch.where(onto, torch.nextafter(narrow, toward), narrow)
     return target

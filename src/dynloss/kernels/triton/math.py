@@ -101,20 +101,16 @@ def focal(b, gamma, FOCAL: tl.constexpr):
 
 
 @triton.jit
-def focal_grad(b, gamma):
-    r"""``d/db [(1 - e^{-b})^\gamma b] = q^\gamma (1 + \gamma e^{-b} b / q)``."""
+def focal_coef(coef, b, gamma):
+    r"""``coef`` times :math:`\frac{d}{db} [(1 - e^{-b})^\gamma b] = q^\gamma (1 + \gamma
+    e^{-b} b / q)` with :math:`q = 1 - e^{-b}`: the chain rule through the focal modulation.
+    An infinite ``coef`` meets the reference's exact 0 of :math:`d(1 - e^{-b})/db` where
+    :math:`q` rounds to 1 (its autograd forms that slope from ``-expm1(-b)``): NaN there, as
+    the reference's ``inf * 0``, not +-inf."""
     q = one_minus_exp_neg(b)
     pos = q > 0.0
     ratio = tl.where(pos, b / tl.where(pos, q, 1.0), 1.0)
     qg = tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), 0.0)
-    return qg * (1.0 + gamma * tl.exp(-b) * ratio)
-
-
-@triton.jit
-def focal_coef(coef, b, gamma):
-    r"""``coef`` times :func:`focal_grad`: the chain rule through the focal modulation. An
-    infinite ``coef`` meets the reference's exact 0 of :math:`d(1 - e^{-b})/db` where
-    :math:`1 - e^{-b}` rounds to 1 (its autograd forms that slope from ``-expm1(-b)``): NaN
-    there, as the reference's ``inf * 0``, not +-inf."""
-    saturated = (tl.abs(coef) == float("inf")) & (one_minus_exp_neg(b) == 1.0)
-    return tl.where(saturated, float("nan"), coef * focal_grad(b, gamma))
+    slope = qg * (1.0 + gamma * tl.exp(-b) * ratio)
+    saturated = (tl.abs(coef) == float("inf")) & (q == 1.0)
+    return tl.where(saturated, float("nan"), coef * slope)

@@ -31,7 +31,6 @@ Saved for backward: the inputs, ``O(programs)`` int64 tie offsets and a few scal
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -41,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ... import _math
-from ..._layout import Layout
+from ..._layout import Layout, float32_value
 from ..._params import DistributionParams
 from ...constants import MULTICLASS_MODE
 from .. import reference
@@ -344,15 +343,11 @@ def _topk_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
 def split_k(k: float) -> tuple[float, float, float]:
     """Three float32 values whose float64 sum is exactly ``k`` (the kernels take float32)."""
-    hi = _float32(k)
-    mid = _float32(k - hi)
-    return hi, mid, _float32(k - hi - mid)
+    hi = float32_value(k)
+    mid = float32_value(k - hi)
+    return hi, mid, float32_value(k - hi - mid)
 
 
 @dataclass(frozen=True)
