@@ -24,7 +24,10 @@ from dynloss import (
     TverskyLoss,
     build_loss,
 )
+from dynloss.kernels import dispatch
 from dynloss.schedules import LinearRamp
+
+from ._backends import FUSED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -183,3 +186,48 @@ def test_a_shape_error_in_a_graph_carries_our_message(loss, target_shape, messag
         x, t = torch.randn(4, 1, 8, 8), torch.zeros(target_shape)
     with pytest.raises(Exception, match=message):
         compiled(x, t)
+
+
+# torch.jit.trace records the aten ops one call runs: dispatch treats it like torch.compile
+# (only compilable backends), so a traced loss replays on new inputs with the eager values.
+_TRACED = [
+    (DiceLoss(), "binary"),
+    (IoULoss(mode="multilabel"), "multilabel"),
+    (TverskyLoss(mode="multiclass", ignore_index=2), "multiclass"),
+    (FocalLoss(mode="multiclass"), "multiclass"),
+    (BCELoss(), "binary"),
+    (TopKLoss(k=0.3, mode="multilabel"), "multilabel"),
+    (CompositeLoss([DiceLoss(), BCELoss()], [0.5, 1.0]), "binary"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize(("loss", "mode"), _TRACED, ids=lambda v: type(v).__name__
+                         if isinstance(v, torch.nn.Module) else v)
+def test_jit_trace_replays_the_eager_values_and_gradients(loss, mode):
+    traced = torch.jit.trace(loss, _inputs(mode, seed=1), check_trace=False)
+    x, t = _inputs(mode, seed=2)
+    xt, xe = (x.clone().requires_grad_() for _ in range(2))
+    got, want = traced(xt, t), loss(xe, t)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("name", ["dice", "focal", "topk"])
+def test_jit_trace_of_a_named_kernel_backend_records_the_reference(backend, name):
+    dispatch.clear_cache()
+    loss = dynloss.LOSSES[name](mode="multilabel", backend=backend)
+    with pytest.warns(RuntimeWarning, match=f"backend='{backend}' cannot compute recording by "
+                      r"torch.jit.trace; using the 'reference' backend"):
+        traced = torch.jit.trace(loss, _inputs("multilabel", seed=1), check_trace=False)
+    x, t = _inputs("multilabel", seed=3)
+    xt, xe = (x.clone().requires_grad_() for _ in range(2))
+    got, want = traced(xt, t), dynloss.LOSSES[name](mode="multilabel", backend="reference")(xe, t)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-5, atol=1e-7)

@@ -6,10 +6,12 @@ declare theirs); it imports nothing from either.
 >>> import torch
 >>> from dynloss.kernels.capabilities import Capabilities, Need
 >>> cpu_float32 = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
->>> cpu_float32.missing(torch.zeros(1, 1, 4, dtype=torch.float64), Need("region"), False, False)
+>>> cpu_float32.missing(torch.zeros(1, 1, 4, dtype=torch.float64), Need("region"), False, None)
 'torch.float64 input'
->>> cpu_float32.missing(torch.zeros(1, 1, 4), Need("distribution", topk=True), False, False)
+>>> cpu_float32.missing(torch.zeros(1, 1, 4), Need("distribution", topk=True), False, None)
 'TopK'
+>>> cpu_float32.missing(torch.zeros(1, 1, 4), Need("region"), False, "torch.jit.trace")
+'recording by torch.jit.trace'
 """
 
 from __future__ import annotations
@@ -58,15 +60,18 @@ class Capabilities:
     """Region sums all-reduced across ranks before the score (``ddp_pool=True``)."""
     compilable: bool = False
     """Traced by ``torch.compile`` without a graph break."""
+    traceable: bool = False
+    """Recorded by ``torch.jit.trace`` (plain aten ops that replay on new inputs)."""
     checks_values: bool = False
     """Checks target (and probability) values in its own forward pass, at no extra cost."""
     max_classes: int | None = None
     """Largest ``C`` it handles (None: any)."""
 
-    def missing(self, x: Tensor, need: Need, target_grad: bool, compiling: bool,
+    def missing(self, x: Tensor, need: Need, target_grad: bool, tracing: str | None,
                 classes: int = 1) -> str | None:
         """What this call needs that the backend cannot do (None when it covers the call);
-        ``classes`` is the number of channels ``C``."""
+        ``tracing``: ``"torch.compile"`` or ``"torch.jit.trace"`` while one traces the call
+        (None otherwise), ``classes``: the number of channels ``C``."""
         if self.devices is not None and x.device.type not in self.devices:
             return f"{x.device.type} tensors"
         if self.dtypes is not None and x.dtype not in self.dtypes:
@@ -83,8 +88,10 @@ class Capabilities:
             return "ddp_pool=True"
         if target_grad and not self.target_grad:
             return "a gradient for the target"
-        if compiling and not self.compilable:
+        if tracing == "torch.compile" and not self.compilable:
             return "tracing by torch.compile"
+        if tracing == "torch.jit.trace" and not self.traceable:
+            return "recording by torch.jit.trace"
         if self.max_classes is not None and classes > self.max_classes:
             return f"more than {self.max_classes} classes"
         return None

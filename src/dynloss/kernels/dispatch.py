@@ -5,9 +5,9 @@ autograd over :mod:`dynloss._math`), ``"torch"`` (eager autograd Functions with 
 backward), ``"native"`` (C++ kernels compiled at first use, CPU) and ``"triton"`` (Triton
 kernels, CUDA; CPU under ``TRITON_INTERPRET=1``). Each declares its
 :class:`Capabilities`; :func:`select` looks at what a call needs (:class:`Need`: the op, TopK,
-``reduction="none"``, DDP pooling, a gradient for the target, whether ``torch.compile`` is
-tracing) and at the tensor (device, dtype, number of classes), and returns the first backend
-in the device's order of speed that can do all of it:
+``reduction="none"``, DDP pooling, a gradient for the target, whether ``torch.compile`` or
+``torch.jit.trace`` is tracing) and at the tensor (device, dtype, number of classes), and
+returns the first backend in the device's order of speed that can do all of it:
 
 * ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference; any other
   device: torch, reference.
@@ -80,18 +80,18 @@ def warn_once(key: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
 
 
-def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, compiling: bool,
+def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, tracing: str | None,
             classes: int) -> str | None:
-    missing = backend.capabilities.missing(x, need, target_grad, compiling, classes)
+    missing = backend.capabilities.missing(x, need, target_grad, tracing, classes)
     if missing is not None:
         return missing
     return backend.unavailable(x)
 
 
-def _auto(x: Tensor, need: Need, target_grad: bool, compiling: bool, classes: int) -> Backend:
+def _auto(x: Tensor, need: Need, target_grad: bool, tracing: str | None, classes: int) -> Backend:
     order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
     for backend in order:
-        if backend.capabilities.missing(x, need, target_grad, compiling, classes) is not None:
+        if backend.capabilities.missing(x, need, target_grad, tracing, classes) is not None:
             continue
         reason = backend.unavailable(x)
         if reason is None:
@@ -105,21 +105,21 @@ def _auto(x: Tensor, need: Need, target_grad: bool, compiling: bool, classes: in
     return REFERENCE
 
 
-def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bool,
+def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, tracing: str | None,
               classes: int) -> Backend:
     backend = REGISTRY[name]
     reason = backend.unavailable(x)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run: {reason}; use backend='auto' or "
                          "'torch'")
-    missing = backend.capabilities.missing(x, need, target_grad, compiling, classes)
+    missing = backend.capabilities.missing(x, need, target_grad, tracing, classes)
     if missing is None:
         return backend
     order = _AUTO_ORDER.get(x.device.type, _OTHER_DEVICES)
     later = order[order.index(backend) + 1:] if backend in order else _OTHER_DEVICES
     passed_over = []  # why a faster backend after the named one was not taken, if not that
     for fallback in later:
-        reason = _covers(fallback, x, need, target_grad, compiling, classes)
+        reason = _covers(fallback, x, need, target_grad, tracing, classes)
         if reason is None:
             break
         if reason != missing:
@@ -133,6 +133,15 @@ def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, compiling: bo
     return fallback
 
 
+def _tracer(x: Tensor) -> str | None:
+    """The tracer recording this call, if any (fake tensors are traced as by torch.compile)."""
+    if torch.compiler.is_compiling() or is_fake(x):
+        return "torch.compile"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    return None
+
+
 def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
            classes: int | None = None) -> Backend:
     """The backend that computes this call: ``name`` is the ``backend=`` argument.
@@ -141,7 +150,7 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     gradient, ``classes``: the number of channels ``C`` (default ``x.shape[1]``). Cached per
     (name, device, dtype, classes, need, target gradient), so a call costs one dictionary
     look-up; inside ``torch.compile`` and for fake tensors only compilable backends are
-    considered.
+    considered, under ``torch.jit.trace`` only traceable ones (the reference).
 
     Raises:
         ValueError: ``name`` is ``"native"`` or ``"triton"`` and those kernels cannot run on
@@ -149,19 +158,19 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     """
     if classes is None:
         classes = x.shape[1] if x.dim() > 1 else 1
-    compiling = torch.compiler.is_compiling() or is_fake(x)  # (fake tensors: traced alike)
+    tracing = _tracer(x)
     target_grad = target_grad and torch.is_grad_enabled()
-    if compiling:
+    if tracing is not None:
         if name == "auto":
-            return _auto(x, need, target_grad, True, classes)
-        return _explicit(name, x, need, target_grad, True, classes)
+            return _auto(x, need, target_grad, tracing, classes)
+        return _explicit(name, x, need, target_grad, tracing, classes)
     key = (name, x.device, x.dtype, classes, need, target_grad)
     backend = _CACHE.get(key)
     if backend is None:
         if name == "auto":
-            backend = _auto(x, need, target_grad, False, classes)
+            backend = _auto(x, need, target_grad, None, classes)
         else:
-            backend = _explicit(name, x, need, target_grad, False, classes)
+            backend = _explicit(name, x, need, target_grad, None, classes)
         _CACHE[key] = backend
     return backend
 

@@ -160,8 +160,8 @@ def _selected_count(k: float, loss: Tensor, valid: Tensor | None) -> int | Tenso
     count is formed by :func:`~dynloss._math.topk_count_tensor` there."""
     if valid is not None:
         return _math.topk_count_tensor(k, valid.sum())
-    numel = loss.numel()
-    if not torch.compiler.is_compiling():
+    numel = loss.numel()  # (a 0-dim tensor under torch.jit.trace)
+    if isinstance(numel, int) and not torch.compiler.is_compiling():
         return _math.topk_count(k, numel)
     return _math.topk_count_tensor(k, torch.full((), numel, dtype=torch.int64,
                                                  device=loss.device))
@@ -191,7 +191,7 @@ class Reference:
     name = "reference"
     capabilities = Capabilities(
         devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, target_grad=True,
-        double_backward=True, ddp_pool=True, compilable=True,
+        double_backward=True, ddp_pool=True, compilable=True, traceable=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
