@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from dynloss import (
     BCELoss,
     CompositeLoss,
+    Constant,
     DiceLoss,
     FocalLoss,
     IoULoss,
@@ -32,6 +33,7 @@ from dynloss import (
     build_loss,
     reset_plateau_scheduler,
 )
+from dynloss.schedules import SpecError
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -1534,3 +1536,156 @@ def test_a_rollback_that_fails_for_one_part_still_restores_the_others() -> None:
     with pytest.raises(ValueError, match=r"SwitchingLoss: triggers\[1\]: seen out of range"):
         model.load_state_dict({"loss._extra_state": state})
     assert model.loss.triggers[0].seen == 0
+
+
+# ------------------------------------------------------ one schedule or trigger, one loss
+def test_a_schedule_reused_in_a_new_composite_starts_at_zero() -> None:
+    """A sweep loop that builds a new composite per run around one schedule object: the
+    second run began with the ramp finished (weight 1 at count 0)."""
+    ramp = LinearRamp(0, 10)
+    first = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    for _ in range(10):
+        first.step()
+    second = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    assert (second.count, ramp.count, second.current_weights()["bce"]) == (0, 0, 0.0)
+    second.step()
+    assert second.current_weights()["bce"] == 0.1
+
+
+def test_a_schedule_given_to_two_live_losses_is_refused_at_the_step() -> None:
+    """One ramp in two losses (one per output head) was stepped by each: 0.6 after 3 epochs
+    of a 10-epoch ramp. The second step names it; the step is not taken."""
+    ramp = LinearRamp(0, 10)
+    heads = [CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp]) for _ in range(2)]
+    heads[0].step()
+    with pytest.raises(ValueError, match=r"CompositeLoss: the weight schedule of 'bce' "
+                       r"\(LinearRamp\(start=0, end=10\)\) has count 1 where this loss left "
+                       r"it at 0: .*give each loss its own schedule. The step was not taken"):
+        heads[1].step()
+    assert (heads[1].count, ramp.count) == (0, 1)
+
+
+def test_a_schedule_stepped_directly_is_refused_at_the_composites_step() -> None:
+    """The composite steps its schedules: a schedule stepped (or loaded) directly as well
+    was ahead of the composite, and under torch.compile the weight stayed the composite's."""
+    ramp = LinearRamp(0, 4)
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    loss.step()
+    ramp.step()
+    with pytest.raises(ValueError, match="has count 2 where this loss left it at 1"):
+        loss.step()
+    ramp.load_state_dict({"count": 1})  # back in line: the composite steps again
+    loss.step()
+    assert (loss.count, ramp.count) == (2, 2)
+
+
+def test_a_schedule_of_a_copied_or_reloaded_composite_is_its_own() -> None:
+    ramp = LinearRamp(0, 4)
+    loss = SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp]),
+                          CompositeLoss([FocalLoss(), BCELoss()], weights=[1.0, ramp])],
+                         milestones=[3])
+    loss.step()
+    twin = copy.deepcopy(loss)
+    twin.step()
+    loss.step()
+    state = _saved(loss)
+    fresh_ramp = LinearRamp(0, 4)
+    fresh = SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, fresh_ramp]),
+                           CompositeLoss([FocalLoss(), BCELoss()], weights=[1.0, fresh_ramp])],
+                          milestones=[3])
+    fresh.load_state_dict(state)
+    for resumed in (loss, fresh, twin):
+        resumed.step()
+    assert ramp.count == fresh_ramp.count == 3
+
+
+def test_a_trigger_given_to_two_live_losses_is_refused_at_the_step() -> None:
+    """One Plateau in two losses (one per head) recorded each metric twice: both switched
+    after 3 epochs where one loss alone with patience 2 had not."""
+    trigger = Plateau(patience=2)
+    heads = [SwitchingLoss([DiceLoss(), BCELoss()], trigger=trigger) for _ in range(2)]
+    heads[0].step(metric=1.0)
+    with pytest.raises(ValueError, match=r"SwitchingLoss: the trigger of stage 'dice' "
+                       r"\(Plateau\(patience=2\)\) was consulted by another loss: .*give each "
+                       "loss its own trigger. The step was not taken"):
+        heads[1].step(metric=1.0)
+    assert heads[1].count == 0
+
+
+def test_a_milestone_or_constant_may_serve_two_losses() -> None:
+    """Without state they answer alike however often they are asked."""
+    at, half = Milestone(2), Constant(0.5)
+    heads = [SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, half]),
+                            BCELoss()], trigger=at) for _ in range(2)]
+    assert [[head.step() for head in heads] for _ in range(2)] == [[False, False], [True, True]]
+    assert heads[0].stages["compositeloss"].current_weights()["bce"] == 0.5
+
+
+def test_a_trigger_of_a_copied_or_reloaded_switch_is_its_own() -> None:
+    loss = SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()], trigger=Plateau(patience=2))
+    loss.step(metric=1.0)
+    twin = copy.deepcopy(loss)
+    fresh = SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()], trigger=Plateau(patience=2))
+    fresh.load_state_dict(_saved(loss))
+    for resumed in (loss, twin, fresh):
+        assert [resumed.step(metric=1.0) for _ in range(4)] == [False, True, False, False]
+
+
+class _Below(Milestone):
+    """A milestone that also needs the metric below ``limit``."""
+
+    needs_metric = True
+
+    def __init__(self, at: int, limit: float = 0.5) -> None:
+        super().__init__(at)
+        self.limit = limit
+
+    def update(self, count: int, stage_count: int, metric: float | None) -> bool:
+        return count >= self.at and metric is not None and metric < self.limit
+
+
+class _Doubled(Constant):
+    def value_at(self, t: int) -> float:
+        return 2 * self.value_
+
+
+def test_a_subclass_of_milestone_or_constant_is_written_by_its_own_name() -> None:
+    """Written as the base class, a logged repr rebuilt a loss that switched and weighed
+    otherwise."""
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=_Below(3, limit=0.25))
+    assert loss.milestones is None
+    assert repr(loss) == "SwitchingLoss([DiceLoss(), BCELoss()], trigger=_Below(at=3, limit=0.25))"
+    composite = CompositeLoss([DiceLoss(), BCELoss()], weights=[_Doubled(0.5), 1.0])
+    assert repr(composite) == ("CompositeLoss([DiceLoss(), BCELoss()], "
+                               "weights=[_Doubled(value=0.5), 1.0])")
+    rebuilt = build_loss(repr(composite), names={"_Doubled": _Doubled})
+    assert rebuilt.current_weights() == composite.current_weights() == {"dice": 1.0, "bce": 1.0}
+    assert type(build_loss(repr(loss), names={"_Below": _Below}).triggers[0]) is _Below
+    assert repr(Milestone(3)) == "Milestone(3)" and repr(Constant(0.5)) == "Constant(value=0.5)"
+
+
+@pytest.mark.parametrize("owner", ["SwitchingLoss", "CompositeLoss"])
+@pytest.mark.parametrize("name", ["update", "keys", "training", "forward", "_modules"])
+def test_a_loss_named_after_a_module_dict_attribute_is_a_value_error(owner, name) -> None:
+    cls = SwitchingLoss if owner == "SwitchingLoss" else CompositeLoss
+    message = (rf"{owner}: a loss cannot be named {name!r}, the name of an attribute of "
+               r"torch.nn.ModuleDict")
+    with pytest.raises(ValueError, match=message):
+        cls({name: DiceLoss(), "bce": BCELoss()})
+    spec = f"{owner}({{{name!r}: DiceLoss(), 'bce': BCELoss()}})"
+    with pytest.raises(SpecError, match=message):
+        build_loss(spec)
+
+
+def test_a_nested_switch_counting_another_unit_is_refused() -> None:
+    """A nested loss's counter follows the outer one: milestones=[1000] with unit="step"
+    inside an epoch-counted switch switched after 1000 epochs, its event saying 'step'."""
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], milestones=[1000], unit="step")
+    message = (r"SwitchingLoss: stage 'switchingloss' holds a SwitchingLoss with unit='step'; "
+               r"this loss counts unit='epoch' and steps the losses it holds")
+    with pytest.raises(ValueError, match=message):
+        SwitchingLoss([DiceLoss(), inner], milestones=[5])
+    with pytest.raises(ValueError, match=message.replace("stage 'switchingloss'",
+                                                         "stage 'compositeloss'")):
+        SwitchingLoss([DiceLoss(), CompositeLoss([IoULoss(), inner])], milestones=[5])
+    SwitchingLoss([DiceLoss(), inner], milestones=[5], unit="step")  # the same unit: fine

@@ -54,6 +54,19 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 
+_CONSULTED = "_dynloss_consulted"
+
+
+def consulted(trigger: object) -> int:
+    """How many times a SwitchingLoss has consulted ``trigger`` (called its ``update``)."""
+    return getattr(trigger, _CONSULTED, 0)
+
+
+def count_consulted(trigger: object) -> None:
+    """Count one consultation of ``trigger`` (on the trigger: a copy of it counts its own)."""
+    setattr(trigger, _CONSULTED, consulted(trigger) + 1)
+
+
 def check_state(owner: str, state: object, keys: set[str]) -> Mapping[str, Any]:
     """Check that ``state`` is a mapping with exactly ``keys``; a clear ValueError otherwise.
 
@@ -156,6 +169,12 @@ def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool
                             f"got {type(module).__name__}")
     if len(set(names)) != len(names):
         raise ValueError(f"{owner}: loss names must be unique; got {names}")
+    taken = nn.ModuleDict()  # the losses are kept in one, whose attributes no key may shadow
+    for name in names:
+        if hasattr(taken, name):
+            raise ValueError(f"{owner}: a loss cannot be named {name!r}, the name of an "
+                             "attribute of torch.nn.ModuleDict (which holds the losses); "
+                             "choose another name")
     return names, modules, explicit
 
 

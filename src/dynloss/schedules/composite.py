@@ -29,7 +29,7 @@ from ._base import (
     state_int,
     step_child,
 )
-from .weights import WeightSchedule
+from .weights import Constant, WeightSchedule
 
 __all__ = ["CompositeLoss"]
 
@@ -109,6 +109,10 @@ class CompositeLoss(nn.Module):
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.weights: list[Weight] = self._check_weights(names, weights)
+        for weight in self.weights:
+            if isinstance(weight, WeightSchedule) and weight.count:
+                weight.count = 0  # a schedule reused from another run begins again, as we do
+        self._record_schedules()
         # the weights as a tensor, read inside torch.compile (a float would be a constant of
         # the graph: every new scheduled value would recompile); refreshed by step() and
         # load_state_dict(), not saved
@@ -158,6 +162,32 @@ class CompositeLoss(nn.Module):
                     f"{type(weight).__name__} {weight!r}"
                 )
         return checked
+
+    def _record_schedules(self) -> None:
+        """Remember each schedule's count as this loss left it (after building, stepping or
+        loading), to find a schedule that something else stepped (see
+        :meth:`_check_own_schedules`)."""
+        self._schedule_counts = [(weight, weight.count) for weight in self.weights
+                                 if isinstance(weight, WeightSchedule)]
+
+    def _check_own_schedules(self) -> None:
+        """Raise if a schedule's count is not where this loss left it: one schedule object
+        given to two live losses (one per output head) was stepped by each, and a schedule
+        stepped directly ran ahead of the composite (and of its weights under torch.compile).
+        A schedule shared by two composites of one tree is stepped once per step (``seen``)
+        and recorded by both. A :class:`~dynloss.schedules.Constant` has the same value at
+        every count."""
+        for schedule, count in getattr(self, "_schedule_counts", ()):  # (pickled before 0.2)
+            name = next((name for name, weight in zip(self.terms, self.weights, strict=True)
+                         if weight is schedule), None)
+            if (name is not None and schedule.count != count
+                    and type(schedule).value_at is not Constant.value_at):
+                raise ValueError(
+                    f"CompositeLoss: the weight schedule of {name!r} ({schedule!r}) has count "
+                    f"{schedule.count} where this loss left it at {count}: a schedule given to "
+                    "two losses is stepped by each, and a composite steps (and loads) its "
+                    "schedules itself; give each loss its own schedule. The step was not taken"
+                )
 
     @property
     def names(self) -> list[str]:
@@ -273,9 +303,11 @@ class CompositeLoss(nn.Module):
         triggers; a CompositeLoss itself does not use it.
 
         Raises:
-            ValueError: a nested trigger needs a metric and none was given, or a weight
+            ValueError: a nested trigger needs a metric and none was given, a weight
                 schedule's value at the next step is not finite and >= 0 (a custom
-                ``value_at``); the step is then not taken: no counter changes.
+                ``value_at``), or a schedule (a trigger of a nested switch) was stepped by
+                another loss or directly since this loss last did; the step is then not taken:
+                no counter changes.
         """
         require_metric(self, metric)
         check_next_weights(self)
@@ -283,6 +315,7 @@ class CompositeLoss(nn.Module):
 
     def _dynloss_check_next_weights(self, seen: set[int]) -> None:
         seen.add(id(self))
+        self._check_own_schedules()
         for name, weight in zip(self.terms.keys(), self.weights, strict=True):
             if isinstance(weight, WeightSchedule) and id(weight) not in seen:
                 seen.add(id(weight))
@@ -308,6 +341,7 @@ class CompositeLoss(nn.Module):
                 weight.step()
         for loss in self.terms.values():
             step_child(loss, metric, synced, seen, used)
+        self._record_schedules()
         self._refresh_weight_values()
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -364,6 +398,7 @@ class CompositeLoss(nn.Module):
                     for name, weight, saved in zip(names, self.weights, schedules, strict=True)
                     if isinstance(weight, WeightSchedule)])
         self.count = count
+        self._record_schedules()
         self._refresh_weight_values()
 
     def _dynloss_holds_state(self) -> bool:

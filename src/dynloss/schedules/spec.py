@@ -525,9 +525,12 @@ class _Parser:
         if factory is None:
             close = difflib.get_close_matches(name, list(self.names), n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            # a capitalised name is likely a class of the user's (a trigger, a schedule)
+            own = (f"; a class of your own is named with build_loss(spec, names={{{name!r}: "
+                   f"{name}}})" if name[:1].isupper() else "")
             raise self.error(
                 f"unknown name {name!r}{hint} (known losses: "
-                f"{', '.join(sorted(LOSSES))})", name_token.pos,
+                f"{', '.join(sorted(LOSSES))}){own}", name_token.pos,
             )
         args: list[Any] = []
         kwargs: dict[str, Any] = {}

@@ -18,6 +18,8 @@ from ._base import (
     check_count,
     check_next_weights,
     check_next_weights_child,
+    consulted,
+    count_consulted,
     dry_run_load,
     in_use,
     load_all_or_nothing,
@@ -207,7 +209,16 @@ class SwitchingLoss(nn.Module):
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
         self.triggers[0].reset()  # stage 0 begins: no history from another loss's run
+        self._record_triggers()
         self.unit = check_choice("unit", unit, UNITS)
+        for name, stage in self.stages.items():
+            for nested in stage.modules():
+                if isinstance(nested, SwitchingLoss) and nested.unit != self.unit:
+                    raise ValueError(
+                        f"SwitchingLoss: stage {name!r} holds a SwitchingLoss with "
+                        f"unit={nested.unit!r}; this loss counts unit={self.unit!r} and steps "
+                        "the losses it holds, so they count the same (give them one unit)"
+                    )
         self.sync_metric = check_bool("sync_metric", sync_metric)
         self.count = 0
         """Number of :meth:`step` calls so far (the current epoch or optimizer step)."""
@@ -261,8 +272,9 @@ class SwitchingLoss(nn.Module):
 
     @property
     def milestones(self) -> list[int] | None:
-        """The switch counts when every trigger is a :class:`Milestone`, else None."""
-        milestones = [t for t in self.triggers if isinstance(t, Milestone)]
+        """The switch counts when every trigger is a :class:`Milestone` (not a subclass), else
+        None."""
+        milestones = [t for t in self.triggers if type(t) is Milestone]  # (not a subclass)
         if len(milestones) == len(self.triggers):
             return [t.at for t in milestones]
         return None
@@ -325,16 +337,36 @@ class SwitchingLoss(nn.Module):
             True if this call switched to the next stage.
 
         Raises:
-            ValueError: the active trigger needs a metric and none was given, or a weight
+            ValueError: the active trigger needs a metric and none was given, a weight
                 schedule of a nested CompositeLoss has no valid value (finite, >= 0) at the
-                next step; the step is then not taken: no counter changes.
+                next step, or a trigger (a nested schedule) was consulted (stepped) by another
+                loss since this loss last did; the step is then not taken: no counter changes.
         """
         require_metric(self, metric)
         check_next_weights(self)
         return self._dynloss_step(metric, False, set(), in_use(self))
 
+    def _record_triggers(self) -> None:
+        """Remember how often each trigger had been consulted when this loss last built,
+        stepped or loaded it (see :meth:`_check_own_triggers`)."""
+        self._trigger_updates = [(trigger, consulted(trigger)) for trigger in self.triggers]
+
+    def _check_own_triggers(self) -> None:
+        """Raise if a trigger was consulted since this loss last did: one trigger object given
+        to two live losses (one per output head) recorded every metric twice. One without
+        state (a :class:`Milestone`) answers alike however often it is asked."""
+        for trigger, updates in getattr(self, "_trigger_updates", ()):  # (pickled before 0.2)
+            index = next((i for i, t in enumerate(self.triggers) if t is trigger), None)
+            if index is not None and consulted(trigger) != updates and trigger._state():
+                raise ValueError(
+                    f"SwitchingLoss: the trigger of stage {self.names[index]!r} ({trigger!r}) "
+                    "was consulted by another loss: a trigger given to two losses records "
+                    "each loss's steps; give each loss its own trigger. The step was not taken"
+                )
+
     def _dynloss_check_next_weights(self, seen: set[int]) -> None:
         seen.add(id(self))
+        self._check_own_triggers()
         for stage in self.stages.values():
             check_next_weights_child(stage, seen)
 
@@ -373,7 +405,10 @@ class SwitchingLoss(nn.Module):
         if active and self.active_index < len(self.triggers):
             trigger = self.triggers[self.active_index]
             value = metric if trigger.needs_metric else None
-            if trigger.update(self.count, self.stage_count, value):
+            fired = trigger.update(self.count, self.stage_count, value)
+            count_consulted(trigger)
+            self._record_triggers()
+            if fired:
                 self._switch(trigger, used)
         return self.just_switched
 
@@ -527,6 +562,7 @@ class SwitchingLoss(nn.Module):
         self.active_index = active_index
         self.switches = switches
         self.just_switched = False
+        self._record_triggers()
 
     def _dynloss_holds_state(self) -> bool:
         """A switching loss holds its stage and counters (see ``losses_repr``)."""

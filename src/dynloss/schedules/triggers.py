@@ -150,6 +150,8 @@ class Milestone(Trigger):
         return count >= self.at
 
     def __repr__(self) -> str:
+        if type(self) is not Milestone:  # a subclass: its own name and arguments
+            return call_repr(self)
         return f"Milestone({self.at})"
 
 
@@ -275,7 +277,7 @@ class RelativeImprovement(Trigger):
     Examples:
         >>> from dynloss.schedules import RelativeImprovement
         >>> trigger = RelativeImprovement(threshold=0.1)
-        >>> [trigger.update(t, t, m) for t, m in enumerate([1.0, 0.5, 0.45, 0.42], start=1)]
+        >>> [trigger.update(t, t, m) for t, m in enumerate([1.0, 0.5, 0.46, 0.44], start=1)]
         [False, False, True, True]
     """
 

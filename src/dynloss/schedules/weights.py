@@ -136,7 +136,10 @@ class Constant(WeightSchedule):
         return self.value_
 
     def __repr__(self) -> str:
-        return "Constant()" if self.value_ == 1.0 else f"Constant(value={self.value_!r})"
+        if type(self).__init__ is not Constant.__init__:  # a subclass with its own arguments
+            return call_repr(self)
+        name = type(self).__name__
+        return f"{name}()" if self.value_ == 1.0 else f"{name}(value={self.value_!r})"
 
 
 class Step(WeightSchedule):
