@@ -134,6 +134,13 @@ def test_hyperparameter_ranges():
             cls(eps=-1e-7)
         with raises(ValueError, "smooth + eps must be > 0"):
             cls(smooth=0.0, eps=0.0)
+        # below float32's smallest normal number the backends disagreed (native 0 and inf
+        # where the reference gave NaN) and native divided by zero on the host (1e-300)
+        for eps in (1e-40, 1e-300):
+            with raises(ValueError, "smooth + eps must be at least 1.1754943508222875e-38 "
+                                    "(float32's smallest normal number"):
+                cls(smooth=0.0, eps=eps)
+        cls(smooth=0.0, eps=1.1754943508222875e-38)  # the smallest accepted
         with raises(TypeError, "per_image must be a bool; got int 1"):
             cls(per_image=1)
 

@@ -409,10 +409,12 @@ def test_auto_warns_once_when_the_kernels_cannot_be_built(tmp_path):
     assert report["auto"][0] == pytest.approx(report["reference"], rel=1e-6)
 
 
-def test_auto_does_not_warn_when_the_kernels_are_disabled(tmp_path):
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_auto_does_not_warn_when_the_kernels_are_disabled(tmp_path, value):
+    """The status names the value that switched them off (it said "=0" for "off")."""
     cxx = _script(tmp_path / "c++", FAILING)
-    report, stderr = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE="0")
-    assert report["status"] == "disabled by DYNLOSS_NATIVE=0"
+    report, stderr = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE=value)
+    assert report["status"] == f"disabled by DYNLOSS_NATIVE={value}"
     assert report["warnings"] == []
     assert _calls(cxx) == [] and stderr == ""
 

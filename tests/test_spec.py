@@ -688,7 +688,8 @@ def test_build_loss_takes_the_names_of_custom_triggers_and_schedules() -> None:
     loss = CompositeLoss([SwitchingLoss([DiceLoss(), BCELoss()], trigger=Below(threshold=0.2)),
                           FocalLoss()], weights=[1.0, Halving(start=2.0)])
     text = repr(loss)
-    with pytest.raises(SpecError, match="unknown name 'Below'"):
+    with pytest.raises(SpecError, match=r"unknown name 'Below' \(known losses: .*\); a class "
+                       r"of your own is named with build_loss\(spec, names=\{'Below': Below\}\)"):
         build_loss(text)
     rebuilt = build_loss(text, names={"Below": Below, "Halving": Halving})
     assert repr(rebuilt) == text

@@ -126,10 +126,16 @@ def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:
     if smooth + eps <= 0:
         raise ValueError("smooth + eps must be > 0 so that an empty target scored against an "
                          f"empty prediction is defined; got smooth={smooth}, eps={eps}")
+    if smooth + eps < FLOAT32_TINY:
+        raise ValueError(f"smooth + eps must be at least {FLOAT32_TINY!r} (float32's smallest "
+                         "normal number, the precision the losses compute in: below it the "
+                         "score of an empty target is not defined in float32); got "
+                         f"smooth={smooth}, eps={eps}")
     return smooth, eps
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def check_float32_range(name: str, value: float) -> float:

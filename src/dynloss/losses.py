@@ -299,9 +299,11 @@ class BCELoss(_DistributionLoss):
     __doc__ = (
         r"""Binary cross-entropy from logits; softmax cross-entropy in multiclass mode.
 
-    :math:`\frac1M \sum_i \max(x_i,0) - x_i g_i + \log(1+e^{-|x_i|})` over the :math:`M` kept
-    elements. Equals ``torch.nn.BCEWithLogitsLoss`` (and ``torch.nn.CrossEntropyLoss`` in
-    multiclass mode); unlike smp, ignored pixels are not counted in the mean.
+    :math:`\frac1M \sum_i (1-g_i)\,\mathrm{softplus}(x_i) + g_i\,\mathrm{softplus}(-x_i)` over
+    the :math:`M` kept elements (the form that keeps the digits of tiny losses; algebraically
+    :math:`\max(x,0) - x g + \log(1+e^{-|x|})`). Equals ``torch.nn.BCEWithLogitsLoss`` (and
+    ``torch.nn.CrossEntropyLoss`` in multiclass mode); unlike smp, ignored pixels are not
+    counted in the mean.
     """
         + _common_doc()
         + """

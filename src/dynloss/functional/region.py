@@ -140,7 +140,8 @@ _SHARED_DOC = """
             ``"multiclass"`` (C >= 2, softmax over dim 1); default ``"binary"``.
         from_logits: whether ``input`` holds logits (default) or probabilities.
         smooth: additive smoothing ``s`` in numerator and denominator (default 0).
-        eps: numerical floor added to the smoothing (default 1e-7); ``smooth + eps > 0``.
+        eps: numerical floor added to the smoothing (default 1e-7); ``smooth + eps`` at least
+            float32's smallest normal number, 1.18e-38.
         per_image: one score per sample and class (True) or per class over the pooled batch
             (False, default).
         ignore_index: pixels whose target equals it are left out of all sums and get no
@@ -195,8 +196,9 @@ def tversky_loss(
     ``alpha`` weighs false positives, ``beta`` false negatives (defaults 0.3 / 0.7, the paper's).
     ``alpha = beta = 0.5`` is :func:`dice_loss`, ``alpha = beta = 1`` is :func:`iou_loss`.
     Equals smp's ``TverskyLoss("binary", alpha=a, beta=b)`` for ``smooth=0`` whenever the batch
-    has a positive pixel, and MONAI's ``TverskyLoss(smooth_nr=s, smooth_dr=s)`` with
-    ``per_image=True``.
+    has a positive pixel, and MONAI's ``TverskyLoss(sigmoid=True, alpha=a, beta=b,
+    smooth_nr=s, smooth_dr=s)`` (with the same ``alpha``, ``beta``; MONAI's defaults are
+    0.5 / 0.5) with ``per_image=True``.
 
     {shared}
     Examples:

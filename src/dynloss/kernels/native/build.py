@@ -523,7 +523,7 @@ def library() -> ctypes.CDLL | None:
         if _status is not None:
             return _library
         if _disabled():
-            _status = "disabled by DYNLOSS_NATIVE=0"
+            _status = f"disabled by DYNLOSS_NATIVE={os.environ.get('DYNLOSS_NATIVE', '').strip()}"
             return None
         try:
             lib = _load()
