@@ -358,6 +358,33 @@ def test_the_code_fingerprint_covers_every_module_that_computes_a_result(tmp_pat
     assert digest(str(package)) != before
 
 
+def test_the_code_fingerprint_is_the_code_this_process_imported(tmp_path):
+    """A module edited while a long grid runs: the runs after the edit still ran the code
+    imported at the start, but were fingerprinted with the edited file's hash (read anew for
+    every run), so the next invocation reused them as results of the new code."""
+    import shutil
+
+    from msd_colon_lib import fingerprint
+
+    shutil.copytree(fingerprint.HERE, tmp_path / "msd_colon_lib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from pathlib import Path\n"
+        "from msd_colon_lib import fingerprint, evaluation\n"
+        "before = fingerprint.code_version()['example']['evaluation.py']\n"
+        "edited = Path(sys.argv[1]) / 'msd_colon_lib' / 'evaluation.py'\n"
+        "edited.write_text(edited.read_text() + '\\n# edited while running\\n')\n"
+        "after = fingerprint.code_version()['example']['evaluation.py']\n"
+        "new = fingerprint.sha256_file(edited)[:16]\n"
+        "print(before == after, after != new)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
+
+
 def test_resume_refuses_a_run_started_with_other_options(store, split, tmp_path):
     cfg = RunConfig(loss="iou->bce@1", epochs=2, batch_size=8, lr=1e-3, device="cpu")
     assert train_run(cfg, store, split, tmp_path, progress=False, stop_after=1) == {
@@ -398,6 +425,38 @@ def test_cli_reruns_finished_runs_whose_inputs_changed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("msd_colon.py: error: ")
     assert "it finished with other inputs (hu_window: [-160.0, 240.0] -> [-100.0, 200.0];" in err
+
+
+def test_an_automatic_thread_count_stays_the_one_out_was_started_with(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Without --threads the count follows the load (1 on a busy CPU), and it is part of a
+    run's inputs: a run started on a busy CPU was refused by --resume (and retrained by a
+    plain rerun) once the load had dropped. The automatic choice is now kept per --out."""
+    import torch
+
+    tiny = [a for i, a in enumerate(TINY) if "--threads" not in TINY[max(i - 1, 0):i + 1]]
+    assert "--threads" not in tiny and len(tiny) == len(TINY) - 2
+    args = ["--out", str(tmp_path / "out"), "--loss", "iou", "--epochs", "1", *tiny]
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))  # busy: 1 thread
+        (_, first), = msd_colon.main(args)["results"]
+        assert first["config"]["extra"]["threads"] == 1
+        assert json.loads((tmp_path / "out" / "threads.json").read_text()) == {"threads": 1}
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle now
+        capsys.readouterr()
+        (_, again), = msd_colon.main([*args, "--resume"])["results"]
+        printed = capsys.readouterr().out
+        assert ("using 1 torch thread, the count the runs in this --out were started with "
+                "(--threads N overrides)") in printed
+        assert "recomputing" not in printed and again["history"] == first["history"]
+        torch.set_num_threads(2)
+        (_, explicit), = msd_colon.main([*args, "--threads", "2"])["results"]
+        assert explicit["config"]["extra"]["threads"] == 2
+        assert json.loads((tmp_path / "out" / "threads.json").read_text()) == {"threads": 1}
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -11,7 +11,9 @@ key; :func:`differences` names what changed in words a user recognises (``lr: 0.
   modification time, change time and inode: editing a file in place changes its change time
   (``st_ctime_ns``, which no user tool can set back), so the file is hashed again.
 - Code: the SHA-256 of the example modules that compute a result and of the installed dynloss
-  package's source, and the versions of torch, segmentation-models-pytorch, nibabel and numpy.
+  package's source, hashed once when this module is imported (the code the process runs, not
+  what the files hold later), and the versions of torch, segmentation-models-pytorch, nibabel
+  and numpy.
 """
 
 from __future__ import annotations
@@ -108,17 +110,36 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def _dynloss_root() -> str:
+    import dynloss
+
+    return str(Path(dynloss.__file__).resolve().parent)
+
+
+# The code this process runs, hashed once as it is imported (this module is imported with the
+# others, at start-up): a file edited while a long grid runs must not be taken for the code
+# of the runs that start after the edit, which still run what was imported.
+_IMPORTED_CODE = {name: sha256_file(HERE / name)[:16] for name in RESULT_MODULES + DATA_MODULES}
+_IMPORTED_DYNLOSS = _package_digest(_dynloss_root())[:16]
+
+
+def _imported(name: str) -> str:
+    digest = _IMPORTED_CODE.get(name)
+    return digest if digest is not None else sha256_file(HERE / name)[:16]
+
+
 def code_version(modules: Iterable[str] = RESULT_MODULES) -> dict[str, Any]:
-    """The code that computes a result: example modules, dynloss, library versions."""
+    """The code that computes a result: example modules and dynloss's source as this process
+    imported them, library versions."""
     import numpy
     import torch
 
     import dynloss
 
     return {
-        "example": {name: sha256_file(HERE / name)[:16] for name in modules},
+        "example": {name: _imported(name) for name in modules},
         "dynloss": dynloss.__version__,
-        "dynloss_source": _package_digest(str(Path(dynloss.__file__).resolve().parent))[:16],
+        "dynloss_source": _IMPORTED_DYNLOSS,
         "torch": torch.__version__,
         "segmentation_models_pytorch": _version("segmentation-models-pytorch"),
         "numpy": numpy.__version__,
@@ -132,7 +153,7 @@ def data_code_version() -> dict[str, Any]:
     import torch
 
     return {
-        "example": {name: sha256_file(HERE / name)[:16] for name in DATA_MODULES},
+        "example": {name: _imported(name) for name in DATA_MODULES},
         "nibabel": nibabel.__version__,
         "numpy": numpy.__version__,
         "torch": torch.__version__,
