@@ -527,3 +527,17 @@ def test_under_compile_a_wrong_python_value_is_still_shown():
     with pytest.raises(Exception, match=r"ignore_index must be an int or None; got float 2\.5"):
         compiled(x, labels)
     torch._dynamo.reset()
+
+
+def test_a_numpy_float32_hyperparameter_is_read_as_its_shortest_decimal():
+    """np.float32(0.1) is 0.10000000149...: TopK's ceil(k * M) then kept 11 of 100 elements
+    where k=0.1 keeps 10."""
+    np = pytest.importorskip("numpy")
+    x, t = torch.linspace(-3, 3, 100).reshape(1, 1, 100), torch.zeros(1, 1, 100)
+    for dtype in (np.float32, np.float16):
+        loss = dynloss.TopKLoss(k=dtype(0.1))
+        assert loss.k == 0.1 and type(loss.k) is float
+        torch.testing.assert_close(loss(x, t), dynloss.TopKLoss(k=0.1)(x, t), rtol=0, atol=0)
+    assert dynloss.FocalLoss(gamma=np.float64(0.1)).gamma == 0.1  # float64: as it is
+    with raises(ValueError, "k must be finite; got inf"):
+        dynloss.TopKLoss(k=np.float32("inf"))

@@ -53,11 +53,22 @@ def _shown(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _as_float(value: Real) -> float:
+    """``float(value)``; a NumPy float16/float32 scalar as the shortest decimal that rounds to
+    it (``np.float32(0.1)`` is 0.1, not 0.10000000149...: TopK's ``ceil(k * M)`` kept one
+    element more)."""
+    dtype = getattr(value, "dtype", None)
+    if (type(value).__module__ == "numpy" and getattr(dtype, "kind", None) == "f"
+            and dtype.itemsize < 8):  # type: ignore[union-attr]
+        return float(str(value))
+    return float(value)
+
+
 def check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number; got {_shown(value)}")
     try:
-        value = float(value)
+        value = _as_float(value)
     except OverflowError:  # an int (or Fraction) beyond float's range
         raise ValueError(f"{name} must be finite; got a number too large for a float") from None
     if not math.isfinite(value):
