@@ -68,6 +68,13 @@ def _one_line_error(capsys, argv):
     (["--phantom-slices", "8", "6"], "--phantom-slices needs LOW <= HIGH, both at least 1; "
                                      "got 8 6"),
     (["--workers", "-1"], "--workers must be >= 0; got -1"),
+    # an infinite learning rate was accepted (and trained on NaN from the first step)
+    (["--lr", "inf"], "--lr must be positive and finite; got inf"),
+    (["--lr", "nan"], "--lr must be positive and finite; got nan"),
+    (["--lr", "0"], "--lr must be positive and finite; got 0.0"),
+    # an infinite HU window turned every voxel into NaN (inf / inf)
+    (["--hu-window", "-160", "inf"], "--hu-window needs finite LO < HI; got -160.0 inf"),
+    (["--hu-window", "100", "-100"], "--hu-window needs finite LO < HI; got 100.0 -100.0"),
     # accepted and ignored with --loss: the report then gave --switch-epoch as the switch
     (["--loss", "iou->bce@2", "--switch-epoch", "1"],
      "--switch-epoch does not apply with --loss: a spec's own @N is its switch (only "

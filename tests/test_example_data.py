@@ -491,3 +491,13 @@ def test_a_phantom_behind_a_symlink_is_rebuilt_where_the_link_points(tmp_path):
     assert _files(link) == _files(make_phantom(tmp_path / "clean", n_patients=2,
                                                shape=(32, 32), slices=(6, 8), seed=1))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_store_names_its_patients(phantom, tmp_path):
+    """``patient_names`` held each case's [patient, image, label] entry, which the report and
+    the qualitative figure printed as the patient."""
+    store = data.build_slice_store(phantom, tmp_path / "store", size=32, progress=False)
+    names = [f"colon_{i:03d}" for i in range(1, 5)]
+    assert store.patient_names == names
+    assert data.open_store(tmp_path / "store").patient_names == names
+    assert [store.patient_names[p] for p in np.unique(store.patients)] == names

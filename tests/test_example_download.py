@@ -212,3 +212,56 @@ def test_fetch_task10_into_a_folder_that_holds_other_files_is_one_line(tmp_path)
         download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
     assert (root / "Task10_Colon" / "notes.txt").read_text() == "mine"
     assert not (root / ".extract-tmp").exists()
+
+
+def test_fetch_task10_refuses_a_task10_folder_without_dataset_json_before_downloading(tmp_path):
+    """A Task10_Colon folder without dataset.json was refused only after the 5.8 GB download
+    and its extraction."""
+    root = tmp_path / "data"
+    (root / "Task10_Colon").mkdir(parents=True)
+    (root / "Task10_Colon" / "notes.txt").write_text("mine")
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root, url="file:///nonexistent/Task10_Colon.tar", md5="0" * 32,
+                              progress=False)
+    assert str(info.value) == (f"{root / 'Task10_Colon'} exists without a dataset.json: move it "
+                               "away (or pass --data-dir for a complete Task10_Colon) and "
+                               "download again")
+    assert sorted(p.name for p in root.iterdir()) == ["Task10_Colon"]  # nothing downloaded
+
+
+def test_fetch_task10_refuses_a_task10_file_before_downloading(tmp_path):
+    """ROOT/Task10_Colon as a plain file ended in NotADirectoryError after the download."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "Task10_Colon").write_text("mine")
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root, url="file:///nonexistent/Task10_Colon.tar", md5="0" * 32,
+                              progress=False)
+    assert str(info.value) == (f"{root / 'Task10_Colon'} is a file, not the Task10_Colon "
+                               "folder: move it away and download again")
+    assert sorted(p.name for p in root.iterdir()) == ["Task10_Colon"]
+    assert (root / "Task10_Colon").read_text() == "mine"
+
+
+def test_fetch_task10_into_a_root_that_is_a_file_is_one_line(tmp_path):
+    """A download folder that is a file ended in FileExistsError."""
+    root = tmp_path / "data"
+    root.write_text("mine")
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root, url="file:///nonexistent/Task10_Colon.tar", md5="0" * 32,
+                              progress=False)
+    assert str(info.value) == (f"the download folder {root} is a file: --download-root must be "
+                               "a folder (it is created if missing)")
+    assert root.read_text() == "mine"
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root / "below", url="file:///nonexistent/Task10_Colon.tar",
+                              md5="0" * 32, progress=False)
+    assert str(info.value).startswith(f"cannot create the download folder {root / 'below'} (")
+
+
+def test_an_empty_task10_folder_is_filled(tmp_path):
+    src = _task10_tar(tmp_path / "mirror.tar")
+    root = tmp_path / "data"
+    (root / "Task10_Colon").mkdir(parents=True)
+    data_dir = download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert (data_dir / "dataset.json").exists()

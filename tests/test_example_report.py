@@ -3,6 +3,8 @@ not run) on hand-made results."""
 
 from __future__ import annotations
 
+import pytest
+
 from msd_colon_lib.evaluation import METRIC_KEYS
 from msd_colon_lib.experiments import RunSpec
 from msd_colon_lib.report import collapsed, warnings, write_report
@@ -157,3 +159,129 @@ def test_a_switching_run_that_never_switched_is_not_presented_as_a_switch(tmp_pa
     assert "never switched" not in text.lower()  # a single loss does not switch
     assert {r["switched_at"] for r in csv.DictReader((tmp_path / "runs.csv").open())
             if r["kind"] != "switch"} == {""}
+
+
+# ----------------------------------------------------------------------------- missing metrics
+
+
+def _with(res, **test):
+    return {**res, "test": {**res["test"], **test}}
+
+
+def _controls(tumour_a, tumour_b):
+    """Controls of iou & bce over seeds 0-2: the switch (per-seed tumour Dice ``tumour_a``)
+    against iou (``tumour_b``); every other metric 0.3."""
+    runs = []
+    for seed, (x, y) in enumerate(zip(tumour_a, tumour_b, strict=True)):
+        runs += [(RunSpec("controls", "iou->bce@3", 6, seed, pair="iou&bce"),
+                  _with(_res(), dice_tumour=x, iou_tumour=x)),
+                 (RunSpec("controls", "iou", 6, seed, pair="iou&bce"),
+                  _with(_res(), dice_tumour=y, iou_tumour=y)),
+                 (RunSpec("controls", "bce", 6, seed, pair="iou&bce"), _res())]
+    return runs
+
+
+def _line(text, start, convention):
+    (line,) = [row for row in text.splitlines() if row.startswith(start)
+               and f"| {convention} |" in row]
+    return line
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # equal scores: p is NaN
+def test_paired_rows_leave_out_pairs_with_a_missing_metric(tmp_path):
+    """A NaN (saved as None: no tumour slice in a test set) reached the t-test, and the paired
+    table printed nan where the results table above it, skipping NaNs, printed a mean."""
+    from msd_colon_lib.report import paired_rows
+
+    a = {s.seed: r for s, r in _controls([0.5, None, 0.7], [0.4, 0.6, float("nan")])
+         if s.loss == "iou->bce@3"}
+    b = {s.seed: r for s, r in _controls([0.5, None, 0.7], [0.4, 0.6, float("nan")])
+         if s.loss == "iou"}
+    rows = {row["convention"]: row for row in paired_rows(a, b)}
+    assert (rows["tumour"]["n"], rows["tumour"]["of"]) == (1, 3)  # seed 0 only
+    assert rows["tumour"]["dice"]["cf_mean"] == 0.5 and rows["tumour"]["dice"]["da_mean"] == 0.4
+    assert (rows["global"]["n"], rows["global"]["of"]) == (3, 3)
+    text = write_report(tmp_path, _controls([0.5, None, 0.7], [0.4, 0.6, float("nan")]),
+                        setup={}, context={"experiments": ["controls"]}).read_text()
+    assert "nan" not in text
+    start = "| `iou->bce@3` | `iou` (6 ep) |"
+    assert _line(text, start, "tumour slices") == (
+        f"{start} tumour slices | 1 of 3 | 0.5000 | 0.4000 | — | 0.5000 | 0.4000 | — |")
+    assert _line(text, start, "global (pixels)") == (
+        f"{start} global (pixels) | 3 | 0.3000 | 0.3000 | — | 0.3000 | 0.3000 | — |")
+    assert "pairs with a metric missing (NaN) on either side are left out" in text
+    # no pair with the metric on both sides: the row says so instead of printing nan
+    text = write_report(tmp_path, _controls([None, 0.5, 0.6], [0.4, None, None]), setup={},
+                        context={"experiments": ["controls"]}).read_text()
+    assert "nan" not in text
+    assert _line(text, start, "tumour slices") == (
+        f"{start} tumour slices | 0 of 3 | — | — | — | — | — | — |")
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # no loss terms
+def test_table4_leaves_out_folds_with_a_missing_metric(tmp_path):
+    from msd_colon_lib.report import table4_rows
+
+    def fold(loss, k, value):
+        return (RunSpec("table4", loss, 6, 0, fold=k, pair="iou&bce"),
+                _with(_res(), dice_patient=value, iou_patient=value))
+
+    runs = [fold("iou+bce", 0, 0.2), fold("iou->bce@3", 0, 0.3),
+            fold("iou+bce", 1, None), fold("iou->bce@3", 1, 0.9),
+            fold("iou+bce", 2, 0.4), fold("iou->bce@3", 2, 0.5)]
+    rows = {row["convention"]: row for row in table4_rows(runs)}
+    assert (rows["patient"]["folds"], rows["patient"]["of"]) == (2, 3)
+    d = rows["patient"]["dice"]
+    assert abs(d["cf_mean"] - 0.3) < 1e-12
+    assert abs(d["da_mean"] - 0.4) < 1e-12 and d["paired_p"] == d["paired_p"]  # not NaN
+    assert (rows["global"]["folds"], rows["global"]["of"]) == (3, 3)
+    text = write_report(tmp_path, runs, setup={}, context={"experiments": ["table4"]}
+                        ).read_text()
+    assert "nan" not in text
+    line = _line(text, "| iou & bce |", "per patient 3D")
+    assert line.startswith("| iou & bce | per patient 3D | 2 of 3 | 0.3000 | 0.4000 | ")
+    assert "folds with a metric missing (NaN) on either side are left out" in text
+
+
+def test_the_qualitative_slice_is_named_by_its_patient(tmp_path, monkeypatch):
+    """The report and the figure printed the store's case entry, a list
+    ``['colon_003', 'imagesTr/colon_003.nii.gz', 'labelsTr/colon_003.nii.gz']``, as the
+    patient."""
+    from types import SimpleNamespace
+
+    import matplotlib.figure
+    import numpy as np
+
+    from msd_colon_lib.data import build_slice_store
+    from msd_colon_lib.phantom import make_phantom
+    from msd_colon_lib.runner import _qualitative_info
+
+    titles = []
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(self, path, *args, **kwargs):
+        if self._suptitle is not None:
+            titles.append(self._suptitle.get_text())
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    data = make_phantom(tmp_path / "Task10_Colon", n_patients=4, shape=(48, 48), slices=(10, 12))
+    store = build_slice_store(data, tmp_path / "store", size=32, progress=False)
+    spec = RunSpec("table1", "iou", 3, 0)
+    args = SimpleNamespace(split="patient", split_seed=0, test_fraction=0.2, val_fraction=0.0,
+                           folds=5)
+    q = _qualitative_info(args, store, [(spec, {})])
+    k = q["slice"]
+    patient = f"colon_{int(store.patients[k]) + 1:03d}"
+    assert q["patient"] == patient
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    np.savez_compressed(run_dir / "predictions.npz",
+                        **{f"slice_{k}": np.zeros((32, 32), np.float16)})
+    text = write_report(tmp_path / "out", [(spec, {**_res(), "_dir": str(run_dir)})], setup={},
+                        store=store, qualitative=q, context={"experiments": ["--loss"]}
+                        ).read_text()
+    assert f"The qualitative slice is test slice {k} ({patient}): of the " in text
+    assert titles[-1].startswith(f"test slice {k} ({patient}), the test slice with the most "
+                                 "tumour")

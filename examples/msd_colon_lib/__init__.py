@@ -17,6 +17,7 @@ One job per module:
 - :mod:`.benchmark`   -- ``--benchmark``: images/s and the loss's share of a step
 - :mod:`.experiments` -- the grids of Tables 1-4 and beyond the paper, the t-tests
 - :mod:`.runner`      -- glue: options -> data -> runs -> report
+- :mod:`.outlock`     -- one invocation per ``--out`` at a time (``OUT/.lock``)
 - :mod:`.report`      -- report.md (warnings, tables, sections) and runs.csv
 - :mod:`.figures`     -- loss curves and the qualitative slice
 """

@@ -282,7 +282,9 @@ class SliceStore:
 
     root: Path
     patients: np.ndarray
+    """``(N,)``: the index into :attr:`patient_names` of each slice's patient."""
     patient_names: list[str]
+    """The patients (cases) in store order: ``colon_001``, ..."""
     meta: dict
 
     _images: np.ndarray | None = None
@@ -422,7 +424,9 @@ def open_store(root: str | os.PathLike[str]) -> SliceStore:
     root = Path(root)
     meta = json.loads((root / "meta.json").read_text())
     patients = np.load(root / "patients.npy")
-    return SliceStore(root, patients, list(meta["params"]["cases"]), meta)
+    # (the cases are [patient, image, label] entries: the fingerprint pairs files with names)
+    names = [str(case[0]) for case in meta["params"]["cases"]]
+    return SliceStore(root, patients, names, meta)
 
 
 class SliceDataset(torch.utils.data.Dataset):

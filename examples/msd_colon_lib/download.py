@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import ExampleError
+from .errors import ExampleError, first_line
 
 TASK10_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task10_Colon.tar"
 TASK10_MD5 = "bad7a188931dc2f6acf72b08eb6202d0"
@@ -246,6 +246,29 @@ def safe_extract(
     return target
 
 
+def _occupied(data_dir: Path) -> DownloadError:
+    return DownloadError(f"{data_dir} exists without a dataset.json: move it away (or pass "
+                         "--data-dir for a complete Task10_Colon) and download again")
+
+
+def _check_destination(root: Path, data_dir: Path) -> None:
+    """Raise :class:`DownloadError` unless ``root`` is (or can be made) a folder and
+    ``data_dir`` is missing or an empty folder: the extracted tar can then be put there."""
+    if root.exists() and not root.is_dir():
+        raise DownloadError(f"the download folder {root} is a file: --download-root must be a "
+                            "folder (it is created if missing)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DownloadError(f"cannot create the download folder {root} ({first_line(error)})"
+                            ) from error
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DownloadError(f"{data_dir} is a file, not the Task10_Colon folder: move it away "
+                            "and download again")
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        raise _occupied(data_dir)
+
+
 def fetch_task10(
     root: str | os.PathLike[str],
     *,
@@ -254,11 +277,16 @@ def fetch_task10(
     progress: bool = True,
     keep_tar: bool = True,
 ) -> Path:
-    """Download + verify + extract Task10_Colon under ``root``; return ``root/Task10_Colon``."""
+    """Download + verify + extract Task10_Colon under ``root``; return ``root/Task10_Colon``.
+
+    A ``root`` that is a file, and a ``root/Task10_Colon`` that is a file or a folder holding
+    files but no ``dataset.json`` (an empty one is filled), are refused before the download.
+    """
     root = Path(root)
     data_dir = root / "Task10_Colon"
     if (data_dir / "dataset.json").exists():
         return data_dir
+    _check_destination(root, data_dir)  # before the 5.8 GB download, not after it
     tar_path = download(url, root / "Task10_Colon.tar", md5=md5, progress=progress)
     tmp = root / ".extract-tmp"
     if tmp.exists():
@@ -272,10 +300,9 @@ def fetch_task10(
     if not (extracted / "dataset.json").exists():
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{tar_path} does not contain Task10_Colon/dataset.json")
-    if data_dir.exists() and any(data_dir.iterdir()):
+    if data_dir.exists() and any(data_dir.iterdir()):  # (appeared during the download)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DownloadError(f"{data_dir} exists without a dataset.json: move it away (or pass "
-                            "--data-dir for a complete Task10_Colon) and download again")
+        raise _occupied(data_dir)
     if data_dir.exists():
         data_dir.rmdir()  # empty: os.replace cannot put a folder over it on every platform
     os.replace(extracted, data_dir)

@@ -26,6 +26,10 @@ class WeightsError(ExampleError, RuntimeError):
     """Encoder weights could not be loaded (typically: ImageNet weights without network)."""
 
 
+class OutInUseError(ExampleError, RuntimeError):
+    """Another invocation is running on the same ``--out`` now (see :mod:`.outlock`)."""
+
+
 def first_line(error: BaseException) -> str:
     """``"TypeName: first line of the message"`` (for one-line reports of a caught error)."""
     lines = str(error).strip().splitlines()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+from collections.abc import Mapping
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -44,14 +48,7 @@ def build_model(
             "--encoder-weights PATH to an encoder state_dict saved where the download works."
         ) from error
     if is_path:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.encoder.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError, KeyError) as error:
-            raise WeightsError(
-                f"--encoder-weights {weights}: not an {encoder} encoder state_dict "
-                f"({first_line(error)})"
-            ) from error
+        _load_encoder_state(model.encoder, weights, encoder)
     # smp's EfficientNet encoder keeps the classifier's head conv and BN, which the U-Net never
     # uses; freezing them changes nothing in training and lets DDP run without
     # find_unused_parameters.
@@ -60,6 +57,36 @@ def build_model(
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
     return model
+
+
+def _load_encoder_state(module: torch.nn.Module, path: str, encoder: str) -> None:
+    """Load the encoder ``state_dict`` file ``path`` into ``module``; anything else in the file
+    (a whole pickled module, an empty file, a tensor, another model's weights) is a
+    :class:`WeightsError` naming it."""
+    def refuse(reason: str) -> WeightsError:
+        return WeightsError(f"--encoder-weights {path}: not an {encoder} encoder state_dict "
+                            f"({reason})")
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise refuse(first_line(error)) from error
+        raise refuse("it holds pickled objects other than tensors, such as a whole module saved "
+                     "by torch.save(model, path); save model.encoder.state_dict() instead"
+                     ) from error
+    except EOFError as error:
+        empty = os.path.getsize(path) == 0
+        raise refuse("the file is empty" if empty else "the file is truncated") from error
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise refuse(first_line(error)) from error
+    if not isinstance(state, Mapping):
+        raise refuse(f"it holds a {type(state).__name__}, not a state_dict of parameter names "
+                     "and tensors")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise refuse(first_line(error)) from error
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ uses ``demo``; the report names the preset and why it was chosen.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from typing import Any
@@ -214,7 +215,8 @@ def validate(args: argparse.Namespace) -> None:
     need(args.batch_size >= 2,
          f"--batch-size must be at least 2 (BatchNorm cannot train on one sample); "
          f"got {args.batch_size}")
-    need(args.lr > 0, f"--lr must be positive; got {args.lr}")
+    need(math.isfinite(args.lr) and args.lr > 0,
+         f"--lr must be positive and finite; got {args.lr}")
     need(args.epochs >= 1, f"--epochs must be at least 1; got {args.epochs}")
     need(args.long_epochs >= 1, f"--long-epochs must be at least 1; got {args.long_epochs}")
     need(len(args.seeds) >= 1 and len(set(args.seeds)) == len(args.seeds),
@@ -245,7 +247,8 @@ def validate(args: argparse.Namespace) -> None:
          f"--max-cases must be at least 1; got {args.max_cases}")
     if args.hu_window is not None:
         lo, hi = args.hu_window
-        need(hi > lo, f"--hu-window needs LO < HI; got {lo} {hi}")
+        need(math.isfinite(lo) and math.isfinite(hi) and hi > lo,
+             f"--hu-window needs finite LO < HI; got {lo} {hi}")
     need(args.monitor in MONITORS,
          f"--monitor must be auto or one of {', '.join(MONITORS)}; got {args.monitor!r}")
     need(args.monitor == TRAIN_LOSS or args.val_fraction > 0,

@@ -179,8 +179,31 @@ def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
     return lines
 
 
+def _missing(value: Any) -> bool:
+    """A metric that is not there: None (as saved) or NaN (e.g. the tumour-slice Dice of a test
+    set without tumour)."""
+    return value is None or value != value  # NaN is the one value unequal to itself
+
+
+def _paired_metrics(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]],
+                    keys: list[Any], convention: str) -> tuple[int, dict[str, Any]]:
+    """:func:`compare` of Dice and of IoU of ``convention`` over the ``keys`` (seeds or folds)
+    whose metrics are there on both sides; a pair with a metric missing on either side is left
+    out, as :func:`mean_std` leaves out missing values. Returns the number of pairs used and
+    ``{"dice": ..., "iou": ...}`` (None: no pair left)."""
+    names = [f"{m}_{convention}" for m in ("dice", "iou")]
+    used = [k for k in keys if not any(_missing(side[k][n]) for side in (a, b) for n in names)]
+    return len(used), {
+        m: compare([a[k][n] for k in used], [b[k][n] for k in used]) if used else None
+        for m, n in zip(("dice", "iou"), names, strict=True)
+    }
+
+
 def table4_rows(runs: Runs) -> list[dict[str, Any]]:
-    """Per pair and convention: CF/DA means over folds and both t-tests (Dice and IoU)."""
+    """Per pair and convention: CF/DA means over folds and both t-tests (Dice and IoU).
+
+    ``folds``: the folds used (those with the metrics on both sides), of ``of`` that both ran.
+    """
     by_pair: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for spec, res in runs:
         if spec.table == "table4":
@@ -189,29 +212,38 @@ def table4_rows(runs: Runs) -> list[dict[str, Any]]:
     for pair, groups in by_pair.items():
         folds = sorted(set(groups["composite"]) & set(groups["switch"]))
         for c in CONVENTIONS:
-            row: dict[str, Any] = {"pair": pair, "convention": c, "folds": len(folds)}
-            for m in ("dice", "iou"):
-                cf = [groups["composite"][f][f"{m}_{c}"] for f in folds]
-                da = [groups["switch"][f][f"{m}_{c}"] for f in folds]
-                row[m] = compare(cf, da) if folds else None
-            out.append(row)
+            used, metrics = _paired_metrics(groups["composite"], groups["switch"], folds, c)
+            out.append({"pair": pair, "convention": c, "folds": used, "of": len(folds),
+                        **metrics})
     return out
 
 
 def paired_rows(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]
                 ) -> list[dict[str, Any]]:
     """``a`` vs ``b`` (results keyed by seed or fold), paired on the keys both have: per
-    convention, the means and the paired t-test of Dice and of IoU."""
+    convention, the means and the paired t-test of Dice and of IoU over the pairs whose
+    metrics are there on both sides (``n`` of ``of``)."""
     keys = sorted(set(a) & set(b))
+    tests_a = {k: a[k]["test"] for k in keys}
+    tests_b = {k: b[k]["test"] for k in keys}
     out = []
     for c in CONVENTIONS:
-        row: dict[str, Any] = {"convention": c, "n": len(keys)}
-        for m in ("dice", "iou"):
-            xs = [a[k]["test"][f"{m}_{c}"] for k in keys]
-            ys = [b[k]["test"][f"{m}_{c}"] for k in keys]
-            row[m] = compare(xs, ys) if keys else None
-        out.append(row)
+        used, metrics = _paired_metrics(tests_a, tests_b, keys, c)
+        out.append({"convention": c, "n": used, "of": len(keys), **metrics})
     return out
+
+
+def _used(n: int, of: int) -> str:
+    """How many pairs (or folds) a row used: ``3``, or ``2 of 3`` when some were left out."""
+    return str(n) if n == of else f"{n} of {of}"
+
+
+def _cells(result: dict[str, Any] | None, *keys: str) -> list[str]:
+    """The means (``*_mean`` keys, 4 decimals) and p-values of a :func:`compare` result; a
+    dash each where no pair was left."""
+    if result is None:
+        return ["—"] * len(keys)
+    return [_p(result[k]) if k.endswith("_p") else f"{result[k]:.4f}" for k in keys]
 
 
 def _paired_table(comparisons: list[tuple[str, str, dict, dict]]) -> list[str]:
@@ -222,14 +254,13 @@ def _paired_table(comparisons: list[tuple[str, str, dict, dict]]) -> list[str]:
     ]
     for label_a, label_b, a, b in comparisons:
         for row in paired_rows(a, b):
-            d, i = row["dice"], row["iou"]
-            if d is None:
+            if not row["of"]:  # no seed of A is a seed of B
                 continue
-            lines.append(
-                f"| {label_a} | {label_b} | {CONVENTION_TITLES[row['convention']]} | {row['n']} | "
-                f"{d['cf_mean']:.4f} | {d['da_mean']:.4f} | {_p(d['paired_p'])} | "
-                f"{i['cf_mean']:.4f} | {i['da_mean']:.4f} | {_p(i['paired_p'])} |"
-            )
+            cells = [label_a, label_b, CONVENTION_TITLES[row["convention"]],
+                     _used(row["n"], row["of"])]
+            for m in ("dice", "iou"):
+                cells += _cells(row[m], "cf_mean", "da_mean", "paired_p")
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -250,7 +281,9 @@ def _results_table(rows: list[tuple[str, int, list[dict[str, Any]], list[str]]],
 
 PAIRED_NOTE = (
     "Paired by seed: two-sided paired t-tests (`scipy.stats.ttest_rel`) of A against B per "
-    "averaging convention; a p-value needs at least two seeds (`--seeds 0 1 2`)."
+    "averaging convention; a p-value needs at least two seeds (`--seeds 0 1 2`); pairs with a "
+    "metric missing (NaN) on either side are left out of that convention's row (*pairs*: "
+    "those used)."
 )
 
 
@@ -506,24 +539,24 @@ def _table4_section(runs: Runs) -> list[str]:
         "Per pair and averaging convention: mean over folds, and two-sided p-values of the "
         "**paired t-test** (`scipy.stats.ttest_rel`; folds are shared, so this is the "
         "appropriate test) and of **Student's two-sample t-test** with equal variances "
-        "(`scipy.stats.ttest_ind(equal_var=True)`; ignores the pairing). The paper reports "
-        "p < 0.003 for every pair without naming its test.",
+        "(`scipy.stats.ttest_ind(equal_var=True)`; ignores the pairing); folds with a metric "
+        "missing (NaN) on either side are left out of that row (*folds*: those used). The "
+        "paper reports p < 0.003 for every pair without naming its test.",
         "",
         "| Pair | convention | folds | CF Dice | DA Dice | paired p | Student p | CF IoU | "
         "DA IoU | paired p | Student p | paper Dice CF vs DA | paper IoU CF vs DA |",
         "|" + "---|" * 13,
     ]
     for row in rows4:
-        p = PAPER_TABLE4.get(row["pair"])
-        d, i = row["dice"], row["iou"]
-        if d is None:
+        if not row["of"]:  # no fold ran both arms
             continue
-        lines.append(
-            f"| {row['pair'].replace('&', ' & ')} | {CONVENTION_TITLES[row['convention']]} | "
-            f"{row['folds']} | {d['cf_mean']:.4f} | {d['da_mean']:.4f} | {_p(d['paired_p'])} | "
-            f"{_p(d['student_p'])} | {i['cf_mean']:.4f} | {i['da_mean']:.4f} | "
-            f"{_p(i['paired_p'])} | {_p(i['student_p'])} | "
-            + (f"{p[0]:.2f} vs {p[1]:.2f} | {p[2]:.2f} vs {p[3]:.2f} |" if p else "— | — |")
-        )
+        p = PAPER_TABLE4.get(row["pair"])
+        cells = [row["pair"].replace("&", " & "), CONVENTION_TITLES[row["convention"]],
+                 _used(row["folds"], row["of"])]
+        for m in ("dice", "iou"):
+            cells += _cells(row[m], "cf_mean", "da_mean", "paired_p", "student_p")
+        cells += ([f"{p[0]:.2f} vs {p[1]:.2f}", f"{p[2]:.2f} vs {p[3]:.2f}"] if p
+                  else ["—", "—"])
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import experiments, splits
+from . import experiments, outlock, splits
 from .data import HU_WINDOW, SliceStore, build_slice_store, open_store
 from .distributed import Dist, barrier, broadcast, maybe_destroy, resolve_device, setup_distributed
 from .errors import ExampleError, OptionsError
@@ -108,11 +109,23 @@ def run_splits(args: argparse.Namespace, store: SliceStore, spec: experiments.Ru
             train, test = splits.train_test_split(
                 store.patients, args.split, args.test_fraction, args.split_seed
             )
-        train, val = splits.subset_split(train, store.patients, args.val_fraction, args.split,
-                                         args.split_seed + 1)
     except ValueError as error:
         raise OptionsError(f"cannot split {len(store.patient_names)} patients "
                            f"({len(store)} slices){into} with --split {args.split}: "
+                           f"{error}") from error
+    left = len(np.unique(np.asarray(store.patients)[train]))
+    if args.val_fraction and args.split == "patient" and left < 2:
+        # the validation split is a patient split of the training patients
+        where = ("the test split" if spec.fold is None
+                 else f"fold {spec.fold} of --folds {args.folds}")
+        raise OptionsError(f"--val-fraction {args.val_fraction} needs at least 2 training "
+                           f"patients; {where} left {left}: use --val-fraction 0 or more cases")
+    try:
+        train, val = splits.subset_split(train, store.patients, args.val_fraction, args.split,
+                                         args.split_seed + 1)
+    except ValueError as error:
+        raise OptionsError(f"cannot split the {len(train)} training slices{into} with "
+                           f"--val-fraction {args.val_fraction}, --split {args.split}: "
                            f"{error}") from error
     if len(train) < 2:
         raise OptionsError(f"the training set of {spec.name} has {len(train)} slice(s); use more "
@@ -239,10 +252,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{args.encoder_weights}, switch LR {args.switch_lr}")
         return {"plan": grid, "args": args}
     check_device(args)
-    _set_threads(args)
     d = setup_distributed(args.device)
     out = Path(args.out)
-    with maybe_destroy(d):
+    with maybe_destroy(d), contextlib.ExitStack() as held:
+        # one invocation per --out at a time, from before anything is written there (rank 0
+        # holds it for all; a refusal stops every rank)
+        on_main(d, lambda: held.enter_context(outlock.hold(out)))
+        _set_threads(args)
         if args.batch_size // d.world < 2:
             raise OptionsError(f"--batch-size {args.batch_size} over {d.world} processes leaves "
                                "fewer than 2 slices per process; BatchNorm needs 2")
