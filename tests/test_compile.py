@@ -206,13 +206,7 @@ _TRACED = [
                          if isinstance(v, torch.nn.Module) else v)
 def test_jit_trace_replays_the_eager_values_and_gradients(loss, mode):
     traced = torch.jit.trace(loss, _inputs(mode, seed=1), check_trace=False)
-    x, t = _inputs(mode, seed=2)
-    xt, xe = (x.clone().requires_grad_() for _ in range(2))
-    got, want = traced(xt, t), loss(xe, t)
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-4, atol=1e-6)
+    _compare(loss, *_inputs(mode, seed=2), compiled=traced)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
@@ -224,10 +218,5 @@ def test_jit_trace_of_a_named_kernel_backend_records_the_reference(backend, name
     with pytest.warns(RuntimeWarning, match=f"backend='{backend}' cannot compute recording by "
                       r"torch.jit.trace; using the 'reference' backend"):
         traced = torch.jit.trace(loss, _inputs("multilabel", seed=1), check_trace=False)
-    x, t = _inputs("multilabel", seed=3)
-    xt, xe = (x.clone().requires_grad_() for _ in range(2))
-    got, want = traced(xt, t), dynloss.LOSSES[name](mode="multilabel", backend="reference")(xe, t)
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-5, atol=1e-7)
+    reference = dynloss.LOSSES[name](mode="multilabel", backend="reference")
+    _compare(reference, *_inputs("multilabel", seed=3), compiled=traced)
