@@ -220,3 +220,22 @@ def test_jit_trace_of_a_named_kernel_backend_records_the_reference(backend, name
         traced = torch.jit.trace(loss, _inputs("multilabel", seed=1), check_trace=False)
     reference = dynloss.LOSSES[name](mode="multilabel", backend="reference")
     _compare(reference, *_inputs("multilabel", seed=3), compiled=traced)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_traced_composite_reads_its_scheduled_weights_at_each_replay():
+    """Traced through the eager path, the weights were constants of the trace: after four
+    steps the replay still weighed BCE 0."""
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, LinearRamp(0, 4)])
+    traced = torch.jit.trace(loss, _inputs("binary", seed=1), check_trace=False)
+    for _ in range(3):
+        loss.step()
+    _compare(loss, *_inputs("binary", seed=2), compiled=traced)
+
+
+def test_tracing_a_switching_loss_says_the_trace_keeps_its_stage():
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+    with pytest.warns(RuntimeWarning, match=r"SwitchingLoss: torch.jit.trace records the "
+                      r"active stage \('dice'\) only: the traced module keeps computing it after "
+                      r"a switch \(torch.compile follows the switch\)"):
+        torch.jit.trace(loss, _inputs("binary", seed=1), check_trace=False)

@@ -451,10 +451,16 @@ def test_an_automatic_thread_count_stays_the_one_out_was_started_with(tmp_path, 
         assert ("using 1 torch thread, the count the runs in this --out were started with "
                 "(--threads N overrides)") in printed
         assert "recomputing" not in printed and again["history"] == first["history"]
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)
         (_, explicit), = msd_colon.main([*args, "--threads", "2"])["results"]
         assert explicit["config"]["extra"]["threads"] == 2
-        assert json.loads((tmp_path / "out" / "threads.json").read_text()) == {"threads": 1}
+        # an explicit count is the one the next invocation without --threads keeps
+        assert json.loads((tmp_path / "out" / "threads.json").read_text()) == {"threads": 2}
+        capsys.readouterr()
+        torch.set_num_threads(1)
+        (_, kept), = msd_colon.main([*args, "--resume"])["results"]
+        assert "using 2 torch threads, the count" in capsys.readouterr().out
+        assert kept["history"] == explicit["history"]
     finally:
         torch.set_num_threads(before)
 

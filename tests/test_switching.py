@@ -1539,17 +1539,39 @@ def test_a_rollback_that_fails_for_one_part_still_restores_the_others() -> None:
 
 
 # ------------------------------------------------------ one schedule or trigger, one loss
-def test_a_schedule_reused_in_a_new_composite_starts_at_zero() -> None:
+def test_a_schedule_reused_in_a_new_composite_says_where_it_goes_on_from() -> None:
     """A sweep loop that builds a new composite per run around one schedule object: the
-    second run began with the ramp finished (weight 1 at count 0)."""
+    second run began with the ramp finished, silently. A schedule is state (a validation loss
+    may share the training loss's on purpose): building says so."""
     ramp = LinearRamp(0, 10)
     first = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
     for _ in range(10):
         first.step()
-    second = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
-    assert (second.count, ramp.count, second.current_weights()["bce"]) == (0, 0, 0.0)
-    second.step()
-    assert second.current_weights()["bce"] == 0.1
+    with pytest.warns(RuntimeWarning, match=r"CompositeLoss: the weight schedule of 'bce' "
+                      r"\(LinearRamp\(start=0, end=10\)\) is at count 10, where another loss "
+                      r"left it; this loss goes on from there \(a schedule is state: pass a new "
+                      r"one, or load_state_dict\(\{'count': 0\}\), to begin at 0\)"):
+        second = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    assert (second.count, ramp.count, second.current_weights()["bce"]) == (0, 10, 1.0)
+
+
+def test_a_validation_loss_may_share_the_training_losss_schedules() -> None:
+    """Built around a live loss's schedules after a resume, a composite rewound them (the
+    training loss then trained with the wrong weights until its next step)."""
+    train = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)])
+    train.load_state_dict(_saved(_stepped(CompositeLoss(
+        [DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)]), 5)))
+    with pytest.warns(RuntimeWarning, match="is at count 5"):
+        val = CompositeLoss([DiceLoss(), BCELoss()], weights=train.weights)
+    assert train.current_weights() == val.current_weights() == {"dice": 1.0, "bce": 0.5}
+    train.step()
+    assert val.current_weights()["bce"] == 0.6
+
+
+def _stepped(loss, steps: int):
+    for _ in range(steps):
+        loss.step()
+    return loss
 
 
 def test_a_schedule_given_to_two_live_losses_is_refused_at_the_step() -> None:
@@ -1559,8 +1581,9 @@ def test_a_schedule_given_to_two_live_losses_is_refused_at_the_step() -> None:
     heads = [CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp]) for _ in range(2)]
     heads[0].step()
     with pytest.raises(ValueError, match=r"CompositeLoss: the weight schedule of 'bce' "
-                       r"\(LinearRamp\(start=0, end=10\)\) has count 1 where this loss left "
-                       r"it at 0: .*give each loss its own schedule. The step was not taken"):
+                       r"\(LinearRamp\(start=0, end=10\)\) moved since this loss last stepped it "
+                       r"\(\{'count': 0\} -> \{'count': 1\}\): an object given to two losses "
+                       r"is stepped by each.*The step was not taken"):
         heads[1].step()
     assert (heads[1].count, ramp.count) == (0, 1)
 
@@ -1572,11 +1595,38 @@ def test_a_schedule_stepped_directly_is_refused_at_the_composites_step() -> None
     loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
     loss.step()
     ramp.step()
-    with pytest.raises(ValueError, match="has count 2 where this loss left it at 1"):
+    with pytest.raises(ValueError, match=r"\(\{'count': 1\} -> \{'count': 2\}\)"):
         loss.step()
     ramp.load_state_dict({"count": 1})  # back in line: the composite steps again
     loss.step()
     assert (loss.count, ramp.count) == (2, 2)
+
+
+@pytest.mark.parametrize("holder", ["composite", "switch"])
+def test_a_nested_loss_held_by_two_live_losses_is_refused_at_the_step(holder) -> None:
+    """A warm-up composite (or a nested switch) in two heads' losses was stepped by each: its
+    ramp read 0.6 after 3 epochs, its plateau switched after 2 flat epochs of patience 3."""
+    warm = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)])
+    if holder == "composite":
+        heads = [CompositeLoss([warm, IoULoss()]) for _ in range(2)]
+        label = "term 'compositeloss'"
+    else:
+        heads = [SwitchingLoss([warm, loss], milestones=[20]) for loss in (BCELoss(), FocalLoss())]
+        label = "stage 'compositeloss'"
+    heads[0].step()
+    with pytest.raises(ValueError, match=rf"{label} \(CompositeLoss\(.*\)\) moved since this "
+                       r"loss last stepped it \(count 0 -> count 1\)"):
+        heads[1].step()
+    assert warm.count == 1
+
+
+def test_a_nested_loss_stepped_directly_as_well_is_refused() -> None:
+    inner = SwitchingLoss([BCELoss(), FocalLoss()], trigger=Plateau(patience=3))
+    outer = SwitchingLoss([DiceLoss(), inner], milestones=[1])
+    outer.step()
+    inner.step(metric=1.0)
+    with pytest.raises(ValueError, match=r"stage 'switchingloss' .* \(count 1 -> count 2\)"):
+        outer.step(metric=1.0)
 
 
 def test_a_schedule_of_a_copied_or_reloaded_composite_is_its_own() -> None:
@@ -1606,10 +1656,40 @@ def test_a_trigger_given_to_two_live_losses_is_refused_at_the_step() -> None:
     heads = [SwitchingLoss([DiceLoss(), BCELoss()], trigger=trigger) for _ in range(2)]
     heads[0].step(metric=1.0)
     with pytest.raises(ValueError, match=r"SwitchingLoss: the trigger of stage 'dice' "
-                       r"\(Plateau\(patience=2\)\) was consulted by another loss: .*give each "
-                       "loss its own trigger. The step was not taken"):
+                       r"\(Plateau\(patience=2\)\) moved since this loss last stepped it "
+                       r"\(\{'type': 'Plateau', 'best': None, 'num_bad': 0\} -> \{'type': "
+                       r"'Plateau', 'best': 1.0, 'num_bad': 0\}\).*The step was not taken"):
         heads[1].step(metric=1.0)
     assert heads[1].count == 0
+
+
+def test_a_live_losss_trigger_reset_by_building_another_loss_is_refused() -> None:
+    """Building a second loss around a live loss's trigger reset its history (2 bad epochs
+    forgotten: no switch at the 4th flat epoch of patience 3), silently."""
+    trigger = Plateau(patience=3)
+    live = SwitchingLoss([DiceLoss(), BCELoss()], trigger=trigger)
+    for _ in range(3):
+        live.step(metric=1.0)
+    SwitchingLoss([IoULoss(), BCELoss()], trigger=trigger)
+    with pytest.raises(ValueError, match=r"'best': 1.0, 'num_bad': 2\} -> \{'type': 'Plateau', "
+                       r"'best': None, 'num_bad': 0\}"):
+        live.step(metric=1.0)
+
+
+def test_a_frozen_dataclass_trigger_works() -> None:
+    """The check once wrote a counter onto the trigger: a frozen dataclass refused it in the
+    middle of a step (counters moved, no switch ever)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class At(Trigger):
+        at: int
+
+        def update(self, count: int, stage_count: int, metric: float | None) -> bool:
+            return count >= self.at
+
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=At(2))
+    assert [loss.step() for _ in range(3)] == [False, True, False]
 
 
 def test_a_milestone_or_constant_may_serve_two_losses() -> None:
@@ -1689,3 +1769,48 @@ def test_a_nested_switch_counting_another_unit_is_refused() -> None:
                                                          "stage 'compositeloss'")):
         SwitchingLoss([DiceLoss(), CompositeLoss([IoULoss(), inner])], milestones=[5])
     SwitchingLoss([DiceLoss(), inner], milestones=[5], unit="step")  # the same unit: fine
+
+
+class _DeepSupervision(torch.nn.Module):
+    """A user's wrapper: the outer loss does not step what it holds (the user does)."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs, target):
+        return sum(self.loss(output, target) for output in outputs)
+
+
+def test_a_switch_inside_a_users_wrapper_may_count_another_unit() -> None:
+    """Only the losses a step reaches (stages, terms) count the outer loss's steps: one in a
+    wrapper of the user's, stepped by the user, was refused."""
+    inner = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1000], unit="step")
+    outer = SwitchingLoss([FocalLoss(), _DeepSupervision(inner)], milestones=[5])
+    outer.step()
+    assert (outer.count, inner.count) == (1, 0)
+
+
+def test_a_nested_loss_loaded_through_a_parent_module_is_recorded_after_its_load() -> None:
+    """torch loads a module before its children: what a switch recorded of its nested
+    composite at its own set_extra_state was the count before the composite loaded. Also
+    for a loss pickled before the record existed (no hook, no record)."""
+    def build():
+        return torch.nn.ModuleDict({"loss": SwitchingLoss(
+            [CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 4)]),
+             BCELoss()], milestones=[6])})
+
+    saved = build()
+    for _ in range(3):
+        saved["loss"].step()
+    for legacy in (False, True):
+        model = build()
+        if legacy:
+            for module in model.modules():
+                if hasattr(module, "_recorded"):
+                    del module._recorded
+                    module._load_state_dict_post_hooks.clear()
+            model["loss"].step()
+        model.load_state_dict(saved.state_dict())
+        model["loss"].step()
+        assert model["loss"].stages["compositeloss"].current_weights()["bce"] == 1.0

@@ -174,44 +174,43 @@ def run_config(args: argparse.Namespace, spec: experiments.RunSpec, synthetic: b
 
 
 THREADS_FILE = "threads.json"
-"""In ``--out``: the thread count chosen automatically for the first runs there."""
+"""In ``--out``: the thread count of the last invocation there."""
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    """``--threads``, else the count the runs in ``--out`` were started with, else on a CPU
-    run of a busy machine (load >= half the cores) 1 thread.
+    """``--threads``, else the count the last invocation on ``--out`` used, else on a CPU run
+    of a busy machine (load >= half the cores) 1 thread.
 
     On a shared CPU, intra-op threads wait for each other at every one of the thousands of
     small operations of an EfficientNet step; measured on a loaded 2-core machine, one thread
     ran a training step 5-10x faster than two. The count is one of a run's inputs (it orders
-    the float sums), so an automatic choice is written to ``OUT/threads.json`` and kept by the
-    next invocation: a run started on a busy CPU resumes, and is reused, once the load drops.
+    the float sums), so it is written to ``OUT/threads.json`` and kept by the next invocation
+    that does not say ``--threads``: a run started on a busy CPU resumes, and is reused, once
+    the load drops.
     """
     import torch
 
+    recorded = Path(args.out) / THREADS_FILE
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-        return
-    recorded = Path(args.out) / THREADS_FILE
-    try:
-        threads = json.loads(recorded.read_text())["threads"]
-    except (OSError, ValueError, KeyError, TypeError):
-        threads = None
-    if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
-        torch.set_num_threads(threads)
-        print(f"using {threads} torch thread{'s' if threads > 1 else ''}, the count the runs "
-              "in this --out were started with (--threads N overrides)", flush=True)
-        return
-    if args.device in ("auto", "cpu") and not torch.cuda.is_available():
-        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-        if busy:
+    else:
+        try:
+            threads = json.loads(recorded.read_text())["threads"]
+        except (OSError, ValueError, KeyError, TypeError):
+            threads = None
+        if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+            torch.set_num_threads(threads)
+            print(f"using {threads} torch thread{'s' if threads > 1 else ''}, the count the "
+                  "runs in this --out were started with (--threads N overrides)", flush=True)
+        elif args.device in ("auto", "cpu") and not torch.cuda.is_available() and (
+                hasattr(os, "getloadavg")
+                and os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)):
             torch.set_num_threads(1)
             print("CPU busy (load average >= half the cores): using 1 torch thread "
                   "(--threads N overrides)", flush=True)
     if os.environ.get("RANK", "0") == "0":  # (one writer under torchrun)
         tmp = recorded.with_name(f".{THREADS_FILE}.{os.getpid()}.tmp")
         try:
-            recorded.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"threads": torch.get_num_threads()}))
             os.replace(tmp, recorded)
         except OSError:  # an unusable --out is reported by the checks that follow

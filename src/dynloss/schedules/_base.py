@@ -54,17 +54,57 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 
-_CONSULTED = "_dynloss_consulted"
+def _progress(part: object) -> str:
+    """What shows that ``part`` moved: a nested loss's counter, a weight schedule's or a
+    trigger's state (as text: a NaN in a trigger's history equals itself)."""
+    if hasattr(part, "_dynloss_children"):
+        return f"count {part.count}"  # type: ignore[attr-defined]
+    return repr(part.state_dict())  # type: ignore[attr-defined]
 
 
-def consulted(trigger: object) -> int:
-    """How many times a SwitchingLoss has consulted ``trigger`` (called its ``update``)."""
-    return getattr(trigger, _CONSULTED, 0)
+def record_parts(parts: list[tuple[str, object]]) -> list[tuple[str, object, str]]:
+    """``(label, part, progress)`` of each part a loss steps (its weight schedules, triggers,
+    nested losses), as the loss leaves them after building, stepping or loading: see
+    :func:`check_parts`."""
+    return [(label, part, _progress(part)) for label, part in parts]
 
 
-def count_consulted(trigger: object) -> None:
-    """Count one consultation of ``trigger`` (on the trigger: a copy of it counts its own)."""
-    setattr(trigger, _CONSULTED, consulted(trigger) + 1)
+def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
+    """Record ``parts`` on ``module`` (see :func:`check_parts`), and make sure a load records
+    them again (a loss pickled before the hook existed gets it here)."""
+    module._recorded = record_parts(parts)  # type: ignore[assignment]
+    if record_after_load not in module._load_state_dict_post_hooks.values():
+        module.register_load_state_dict_post_hook(record_after_load)
+
+
+def record_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """A ``load_state_dict`` post-hook of every CompositeLoss / SwitchingLoss: torch loads a
+    module before its children, so what it recorded of a nested loss at its own
+    ``set_extra_state`` was the nested loss's count before that loaded; this runs once the
+    whole subtree has loaded (through a parent module's load too)."""
+    module._dynloss_record()  # type: ignore[operator]
+
+
+def check_parts(owner: str, recorded: list[tuple[str, object, str]],
+                current: list[tuple[str, object]]) -> None:
+    """Raise if a part the loss still holds moved since the loss recorded it: one object given
+    to two live losses (one per output head) is stepped by each (a trigger is also reset when
+    built into another loss), and a nested loss or schedule stepped directly as well runs
+    ahead. Parts shared inside one loss are stepped once per step and recorded by every
+    holder, so they agree."""
+    held = {id(part) for _, part in current}
+    for label, part, then in recorded:
+        if id(part) not in held:  # (replaced since)
+            continue
+        now = _progress(part)
+        if now != then:
+            raise ValueError(
+                f"{owner}: {label} ({part!r}) moved since this loss last stepped it ({then} -> "
+                f"{now}): an object given to two losses is stepped by each (a trigger is also "
+                "reset when built into another), and a nested loss or schedule stepped "
+                "directly runs ahead; give each loss its own and step only the outermost. "
+                "The step was not taken"
+            )
 
 
 def check_state(owner: str, state: object, keys: set[str]) -> Mapping[str, Any]:
@@ -244,6 +284,22 @@ def step_child(module: object, metric: object, synced: bool, seen: set[int],
     step = getattr(module, "_dynloss_step", None)
     if step is not None and id(module) not in seen:
         step(metric, synced, seen, used)
+
+
+def stepped_losses(module: object) -> Iterator[Any]:
+    """``module`` and every loss its step reaches through stages and terms (a loss held by a
+    module of the user's is stepped by the user, not by the losses around it), each once."""
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        children = getattr(current, "_dynloss_children", None)
+        if children is not None:
+            stack.extend(reversed(children()))
 
 
 def in_use(module: object, found: dict[int, Any] | None = None) -> dict[int, Any]:

@@ -3,6 +3,7 @@ r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -16,6 +17,7 @@ from ..losses import SegmentationLoss
 from ._base import (
     check_next_weights,
     check_next_weights_child,
+    check_parts,
     check_weight,
     dry_run_load,
     in_use,
@@ -24,6 +26,7 @@ from ._base import (
     losses_repr,
     metric_triggers,
     named_losses,
+    record,
     require_metric,
     state_error,
     state_int,
@@ -109,10 +112,14 @@ class CompositeLoss(nn.Module):
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.weights: list[Weight] = self._check_weights(names, weights)
-        for weight in self.weights:
+        for name, weight in zip(names, self.weights, strict=True):
             if isinstance(weight, WeightSchedule) and weight.count:
-                weight.count = 0  # a schedule reused from another run begins again, as we do
-        self._record_schedules()
+                warnings.warn(
+                    f"CompositeLoss: the weight schedule of {name!r} ({weight!r}) is at count "
+                    f"{weight.count}, where another loss left it; this loss goes on from there "
+                    "(a schedule is state: pass a new one, or load_state_dict({'count': 0}), "
+                    "to begin at 0)", RuntimeWarning, stacklevel=2)
+        self._dynloss_record()
         # the weights as a tensor, read inside torch.compile (a float would be a constant of
         # the graph: every new scheduled value would recompile); refreshed by step() and
         # load_state_dict(), not saved
@@ -163,31 +170,25 @@ class CompositeLoss(nn.Module):
                 )
         return checked
 
-    def _record_schedules(self) -> None:
-        """Remember each schedule's count as this loss left it (after building, stepping or
-        loading), to find a schedule that something else stepped (see
-        :meth:`_check_own_schedules`)."""
-        self._schedule_counts = [(weight, weight.count) for weight in self.weights
-                                 if isinstance(weight, WeightSchedule)]
+    def _parts(self) -> list[tuple[str, object]]:
+        """What this loss steps and another must not (see :func:`check_parts`): its weight
+        schedules (a :class:`~dynloss.schedules.Constant` has one value at every count) and
+        nested losses."""
+        parts: list[tuple[str, object]] = [
+            (f"the weight schedule of {name!r}", weight)
+            for name, weight in zip(self.terms, self.weights, strict=True)
+            if isinstance(weight, WeightSchedule)
+            and type(weight).value_at is not Constant.value_at]
+        parts += [(f"term {name!r}", loss) for name, loss in self.terms.items()
+                  if hasattr(loss, "_dynloss_children")]
+        return parts
 
-    def _check_own_schedules(self) -> None:
-        """Raise if a schedule's count is not where this loss left it: one schedule object
-        given to two live losses (one per output head) was stepped by each, and a schedule
-        stepped directly ran ahead of the composite (and of its weights under torch.compile).
-        A schedule shared by two composites of one tree is stepped once per step (``seen``)
-        and recorded by both. A :class:`~dynloss.schedules.Constant` has the same value at
-        every count."""
-        for schedule, count in getattr(self, "_schedule_counts", ()):  # (pickled before 0.2)
-            name = next((name for name, weight in zip(self.terms, self.weights, strict=True)
-                         if weight is schedule), None)
-            if (name is not None and schedule.count != count
-                    and type(schedule).value_at is not Constant.value_at):
-                raise ValueError(
-                    f"CompositeLoss: the weight schedule of {name!r} ({schedule!r}) has count "
-                    f"{schedule.count} where this loss left it at {count}: a schedule given to "
-                    "two losses is stepped by each, and a composite steps (and loads) its "
-                    "schedules itself; give each loss its own schedule. The step was not taken"
-                )
+    def _dynloss_children(self) -> list[nn.Module]:
+        """The losses a step of this one steps in turn (see ``stepped_losses``)."""
+        return list(self.terms.values())
+
+    def _dynloss_record(self) -> None:
+        record(self, self._parts())
 
     @property
     def names(self) -> list[str]:
@@ -234,7 +235,7 @@ class CompositeLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """:math:`\\sum_k w_k L_k(\\text{input}, \\text{target})`; fills :attr:`last_terms`."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._compiled_forward(input, target)
         weights = list(self.current_weights().values())
         fused = self._fused_params(weights)
@@ -278,8 +279,9 @@ class CompositeLoss(nn.Module):
                                                    dtype=torch.float64))
 
     def _compiled_forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """The weighted sum inside ``torch.compile``: weights from the buffer, so a schedule's
-        new value does not recompile the graph; the compiler fuses the terms itself."""
+        """The weighted sum inside ``torch.compile`` (and ``torch.jit.trace``): weights from
+        the buffer, so a schedule's new value does not recompile the graph (a trace replays
+        with it); the compiler fuses the terms itself."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
         for (name, loss), weight in zip(self.terms.items(), self._weight_values.unbind(0),
@@ -315,7 +317,7 @@ class CompositeLoss(nn.Module):
 
     def _dynloss_check_next_weights(self, seen: set[int]) -> None:
         seen.add(id(self))
-        self._check_own_schedules()
+        check_parts("CompositeLoss", getattr(self, "_recorded", []), self._parts())
         for name, weight in zip(self.terms.keys(), self.weights, strict=True):
             if isinstance(weight, WeightSchedule) and id(weight) not in seen:
                 seen.add(id(weight))
@@ -341,7 +343,7 @@ class CompositeLoss(nn.Module):
                 weight.step()
         for loss in self.terms.values():
             step_child(loss, metric, synced, seen, used)
-        self._record_schedules()
+        self._dynloss_record()
         self._refresh_weight_values()
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -398,7 +400,7 @@ class CompositeLoss(nn.Module):
                     for name, weight, saved in zip(names, self.weights, schedules, strict=True)
                     if isinstance(weight, WeightSchedule)])
         self.count = count
-        self._record_schedules()
+        self._dynloss_record()
         self._refresh_weight_values()
 
     def _dynloss_holds_state(self) -> bool:

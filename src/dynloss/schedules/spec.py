@@ -527,7 +527,7 @@ class _Parser:
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             # a capitalised name is likely a class of the user's (a trigger, a schedule)
             own = (f"; a class of your own is named with build_loss(spec, names={{{name!r}: "
-                   f"{name}}})" if name[:1].isupper() else "")
+                   f"{name}}})" if name[:1].isupper() and not close else "")
             raise self.error(
                 f"unknown name {name!r}{hint} (known losses: "
                 f"{', '.join(sorted(LOSSES))}){own}", name_token.pos,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
+from .._warn import caller_stacklevel
 from ..constants import MULTICLASS_MODE
 from ..distributed import metric_value, reduce_mean
 from ..losses import SegmentationLoss
@@ -18,8 +21,7 @@ from ._base import (
     check_count,
     check_next_weights,
     check_next_weights_child,
-    consulted,
-    count_consulted,
+    check_parts,
     dry_run_load,
     in_use,
     load_all_or_nothing,
@@ -27,10 +29,12 @@ from ._base import (
     losses_repr,
     metric_triggers,
     named_losses,
+    record,
     require_metric,
     state_error,
     state_int,
     step_child,
+    stepped_losses,
 )
 from .triggers import Milestone, Trigger
 from .weights import WeightSchedule
@@ -209,10 +213,9 @@ class SwitchingLoss(nn.Module):
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
         self.triggers[0].reset()  # stage 0 begins: no history from another loss's run
-        self._record_triggers()
         self.unit = check_choice("unit", unit, UNITS)
         for name, stage in self.stages.items():
-            for nested in stage.modules():
+            for nested in stepped_losses(stage):
                 if isinstance(nested, SwitchingLoss) and nested.unit != self.unit:
                     raise ValueError(
                         f"SwitchingLoss: stage {name!r} holds a SwitchingLoss with "
@@ -250,6 +253,7 @@ class SwitchingLoss(nn.Module):
             )
         for callback in callbacks:
             self.on_switch(callback)
+        self._dynloss_record()
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -283,6 +287,11 @@ class SwitchingLoss(nn.Module):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The active stage's loss; fills :attr:`last_terms`."""
         name, loss = self.active_name, self.active
+        if torch.jit.is_tracing():
+            warnings.warn(f"SwitchingLoss: torch.jit.trace records the active stage ({name!r}) "
+                          "only: the traced module keeps computing it after a switch "
+                          "(torch.compile follows the switch)", RuntimeWarning,
+                          stacklevel=caller_stacklevel())
         value = loss(input, target)
         terms = {name: value.detach()}
         nested = getattr(loss, "last_terms", None)
@@ -346,27 +355,27 @@ class SwitchingLoss(nn.Module):
         check_next_weights(self)
         return self._dynloss_step(metric, False, set(), in_use(self))
 
-    def _record_triggers(self) -> None:
-        """Remember how often each trigger had been consulted when this loss last built,
-        stepped or loaded it (see :meth:`_check_own_triggers`)."""
-        self._trigger_updates = [(trigger, consulted(trigger)) for trigger in self.triggers]
+    def _parts(self) -> list[tuple[str, object]]:
+        """What this loss steps and another must not (see :func:`check_parts`): its triggers
+        (one without state, a :class:`Milestone`, never moves) and nested losses."""
+        names = self.names
+        parts: list[tuple[str, object]] = [
+            (f"the trigger of stage {names[index]!r}", trigger)
+            for index, trigger in enumerate(self.triggers)]
+        parts += [(f"stage {name!r}", stage) for name, stage in self.stages.items()
+                  if hasattr(stage, "_dynloss_children")]
+        return parts
 
-    def _check_own_triggers(self) -> None:
-        """Raise if a trigger was consulted since this loss last did: one trigger object given
-        to two live losses (one per output head) recorded every metric twice. One without
-        state (a :class:`Milestone`) answers alike however often it is asked."""
-        for trigger, updates in getattr(self, "_trigger_updates", ()):  # (pickled before 0.2)
-            index = next((i for i, t in enumerate(self.triggers) if t is trigger), None)
-            if index is not None and consulted(trigger) != updates and trigger._state():
-                raise ValueError(
-                    f"SwitchingLoss: the trigger of stage {self.names[index]!r} ({trigger!r}) "
-                    "was consulted by another loss: a trigger given to two losses records "
-                    "each loss's steps; give each loss its own trigger. The step was not taken"
-                )
+    def _dynloss_children(self) -> list[nn.Module]:
+        """The losses a step of this one steps in turn (see :func:`stepped_losses`)."""
+        return list(self.stages.values())
+
+    def _dynloss_record(self) -> None:
+        record(self, self._parts())
 
     def _dynloss_check_next_weights(self, seen: set[int]) -> None:
         seen.add(id(self))
-        self._check_own_triggers()
+        check_parts("SwitchingLoss", getattr(self, "_recorded", []), self._parts())
         for stage in self.stages.values():
             check_next_weights_child(stage, seen)
 
@@ -405,11 +414,9 @@ class SwitchingLoss(nn.Module):
         if active and self.active_index < len(self.triggers):
             trigger = self.triggers[self.active_index]
             value = metric if trigger.needs_metric else None
-            fired = trigger.update(self.count, self.stage_count, value)
-            count_consulted(trigger)
-            self._record_triggers()
-            if fired:
+            if trigger.update(self.count, self.stage_count, value):
                 self._switch(trigger, used)
+        self._dynloss_record()
         return self.just_switched
 
     def _dynloss_begin(self) -> None:
@@ -420,6 +427,7 @@ class SwitchingLoss(nn.Module):
             self.triggers[self.active_index].reset()
         self.idle_count += self.stage_count
         self.stage_count = 0
+        self._dynloss_record()
 
     def _switch(self, trigger: Trigger, used: Mapping[int, Any]) -> None:
         old = self.active_index
@@ -562,7 +570,7 @@ class SwitchingLoss(nn.Module):
         self.active_index = active_index
         self.switches = switches
         self.just_switched = False
-        self._record_triggers()
+        self._dynloss_record()
 
     def _dynloss_holds_state(self) -> bool:
         """A switching loss holds its stage and counters (see ``losses_repr``)."""
