@@ -62,17 +62,13 @@ def _progress(part: object) -> str:
     return repr(part.state_dict())  # type: ignore[attr-defined]
 
 
-def record_parts(parts: list[tuple[str, object]]) -> list[tuple[str, object, str]]:
-    """``(label, part, progress)`` of each part a loss steps (its weight schedules, triggers,
-    nested losses), as the loss leaves them after building, stepping or loading: see
-    :func:`check_parts`."""
-    return [(label, part, _progress(part)) for label, part in parts]
-
-
 def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
-    """Record ``parts`` on ``module`` (see :func:`check_parts`), and make sure a load records
-    them again (a loss pickled before the hook existed gets it here)."""
-    module._recorded = record_parts(parts)  # type: ignore[assignment]
+    """Record on ``module`` the ``(label, part, progress)`` of each part it steps (its weight
+    schedules, triggers, nested losses) as it leaves them after building, stepping or loading
+    (see :func:`check_parts`), and make sure a load records them again (a loss pickled before
+    the hook existed gets it here)."""
+    module._recorded = [(label, part, _progress(part))  # type: ignore[assignment]
+                        for label, part in parts]
     if record_after_load not in module._load_state_dict_post_hooks.values():
         module.register_load_state_dict_post_hook(record_after_load)
 
