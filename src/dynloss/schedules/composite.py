@@ -307,9 +307,9 @@ class CompositeLoss(nn.Module):
         Raises:
             ValueError: a nested trigger needs a metric and none was given, a weight
                 schedule's value at the next step is not finite and >= 0 (a custom
-                ``value_at``), or a schedule (a trigger of a nested switch) was stepped by
-                another loss or directly since this loss last did; the step is then not taken:
-                no counter changes.
+                ``value_at``), or something this loss steps (a schedule, a nested loss)
+                moved since it last stepped it (given to another live loss too, or stepped
+                directly); the step is then not taken: no counter changes.
         """
         require_metric(self, metric)
         check_next_weights(self)

@@ -348,8 +348,9 @@ class SwitchingLoss(nn.Module):
         Raises:
             ValueError: the active trigger needs a metric and none was given, a weight
                 schedule of a nested CompositeLoss has no valid value (finite, >= 0) at the
-                next step, or a trigger (a nested schedule) was consulted (stepped) by another
-                loss since this loss last did; the step is then not taken: no counter changes.
+                next step, or something this loss steps (a trigger, a nested loss) moved since
+                it last stepped it (given to another live loss too, reset by building another,
+                or stepped directly); the step is then not taken: no counter changes.
         """
         require_metric(self, metric)
         check_next_weights(self)
