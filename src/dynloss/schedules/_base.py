@@ -6,6 +6,7 @@ import contextlib
 import copy
 import inspect
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -54,52 +55,55 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 
-def _progress(part: object) -> str:
-    """What shows that ``part`` moved: a nested loss's counter, a weight schedule's or a
-    trigger's state (as text: a NaN in a trigger's history equals itself)."""
-    if hasattr(part, "_dynloss_children"):
-        return f"count {part.count}"  # type: ignore[attr-defined]
-    return repr(part.state_dict())  # type: ignore[attr-defined]
+_STEPS: dict[int, int] = {}
+"""How many times a loss has stepped each part (a weight schedule, a trigger, a nested loss)
+while it lives, by ``id``; an entry goes when its part is collected (a part that takes no
+weak reference is not tracked). Only the losses' steps count: loading a part's state, or a
+copy of it (a new object, tracked from its first step), is not a step."""
+
+
+def _steps(part: object) -> int | None:
+    """:data:`_STEPS` of ``part``, tracked from now on (None: it cannot be)."""
+    key = id(part)
+    if key not in _STEPS:
+        try:
+            weakref.finalize(part, _STEPS.pop, key, None)
+        except TypeError:  # no weak reference
+            return None
+        _STEPS[key] = 0
+    return _STEPS[key]
+
+
+def count_step(part: object) -> None:
+    """A loss steps ``part`` (a schedule's ``step``, a trigger's ``update``, a nested loss's
+    step)."""
+    if _steps(part) is not None:
+        _STEPS[id(part)] += 1
 
 
 def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
-    """Record on ``module`` the ``(label, part, progress)`` of each part it steps (its weight
-    schedules, triggers, nested losses) as it leaves them after building, stepping or loading
-    (see :func:`check_parts`), and make sure a load records them again (a loss pickled before
-    the hook existed gets it here)."""
-    module._recorded = [(label, part, _progress(part))  # type: ignore[assignment]
+    """Record on ``module`` how many times a loss had stepped each part it steps (``(label,
+    part)``) when it built or last stepped them (see :func:`check_parts`)."""
+    module._recorded = [(label, part, _steps(part))  # type: ignore[assignment]
                         for label, part in parts]
-    if record_after_load not in module._load_state_dict_post_hooks.values():
-        module.register_load_state_dict_post_hook(record_after_load)
 
 
-def record_after_load(module: nn.Module, incompatible_keys: object) -> None:
-    """A ``load_state_dict`` post-hook of every CompositeLoss / SwitchingLoss: torch loads a
-    module before its children, so what it recorded of a nested loss at its own
-    ``set_extra_state`` was the nested loss's count before that loaded; this runs once the
-    whole subtree has loaded (through a parent module's load too)."""
-    module._dynloss_record()  # type: ignore[operator]
-
-
-def check_parts(owner: str, recorded: list[tuple[str, object, str]],
-                current: list[tuple[str, object]]) -> None:
-    """Raise if a part the loss still holds moved since the loss recorded it: one object given
-    to two live losses (one per output head) is stepped by each (a trigger is also reset when
-    built into another loss), and a nested loss or schedule stepped directly as well runs
-    ahead. Parts shared inside one loss are stepped once per step and recorded by every
-    holder, so they agree."""
-    held = {id(part) for _, part in current}
-    for label, part, then in recorded:
-        if id(part) not in held:  # (replaced since)
-            continue
-        now = _progress(part)
-        if now != then:
+def check_parts(owner: str, module: nn.Module, parts: list[tuple[str, object]]) -> None:
+    """Raise if another loss stepped a part ``module`` still steps since ``module`` recorded
+    it: one object given to two live losses (one per output head) is stepped by each, and a
+    nested loss stepped directly as well runs ahead. Parts shared inside one loss are stepped
+    once per step and recorded by every holder, so they agree; a copied loss's parts are new
+    objects, checked from its first step on."""
+    held = {id(part) for _, part in parts}
+    for label, part, then in getattr(module, "_recorded", ()):  # (pickled before 0.2)
+        now = _STEPS.get(id(part))
+        if id(part) in held and then is not None and now is not None and now != then:
             raise ValueError(
-                f"{owner}: {label} ({part!r}) moved since this loss last stepped it ({then} -> "
-                f"{now}): an object given to two losses is stepped by each (a trigger is also "
-                "reset when built into another), and a nested loss or schedule stepped "
-                "directly runs ahead; give each loss its own and step only the outermost. "
-                "The step was not taken"
+                f"{owner}: {label} ({part!r}) was stepped by another loss since this loss "
+                f"was built or last stepped it ({now - then} more step(s)): an object "
+                "given to two live losses is stepped by each, and a nested loss stepped "
+                "directly as well runs ahead; give each loss its own and step only the "
+                "outermost. The step was not taken"
             )
 
 
@@ -322,21 +326,22 @@ def begin_unused(module: object, used: Mapping[int, Any]) -> None:
             begin()
 
 
-def check_next_weights(module: object) -> None:
+def check_next_weights(module: object, used: Mapping[int, Any]) -> None:
     """Raise the ``ValueError`` that the next step of ``module`` (a CompositeLoss /
     SwitchingLoss) would raise for a weight schedule's value (not finite, or negative: a
     custom ``value_at`` may break the contract), before the step changes anything, so that a
     failed step leaves every counter as it was. Visits what the step would advance: every
-    nested loss and every schedule once."""
-    check_next_weights_child(module, set())
+    nested loss and every schedule once; also what :func:`check_parts` finds (``used``: as in
+    :func:`step_child`)."""
+    check_next_weights_child(module, set(), used)
 
 
-def check_next_weights_child(module: object, seen: set[int]) -> None:
+def check_next_weights_child(module: object, seen: set[int], used: Mapping[int, Any]) -> None:
     """:func:`check_next_weights` of a nested loss not visited yet (``seen``: ids of the
     losses and schedules visited, as in :func:`step_child`)."""
     check = getattr(module, "_dynloss_check_next_weights", None)
     if check is not None and id(module) not in seen:
-        check(seen)
+        check(seen, used)
 
 
 def metric_triggers(module: object) -> list:

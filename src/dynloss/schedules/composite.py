@@ -19,6 +19,7 @@ from ._base import (
     check_next_weights_child,
     check_parts,
     check_weight,
+    count_step,
     dry_run_load,
     in_use,
     load_all_or_nothing,
@@ -113,12 +114,13 @@ class CompositeLoss(nn.Module):
         self._explicit_names = explicit
         self.weights: list[Weight] = self._check_weights(names, weights)
         for name, weight in zip(names, self.weights, strict=True):
-            if isinstance(weight, WeightSchedule) and weight.count:
+            if (isinstance(weight, WeightSchedule) and weight.count
+                    and type(weight).value_at is not Constant.value_at):
                 warnings.warn(
                     f"CompositeLoss: the weight schedule of {name!r} ({weight!r}) is at count "
-                    f"{weight.count}, where another loss left it; this loss goes on from there "
-                    "(a schedule is state: pass a new one, or load_state_dict({'count': 0}), "
-                    "to begin at 0)", RuntimeWarning, stacklevel=2)
+                    f"{weight.count}, where another loss left it; this loss shares it and goes "
+                    "on from there (pass a new schedule, or load_state_dict({'count': 0}), to "
+                    "begin at 0)", RuntimeWarning, stacklevel=2)
         self._dynloss_record()
         # the weights as a tensor, read inside torch.compile (a float would be a constant of
         # the graph: every new scheduled value would recompile); refreshed by step() and
@@ -307,23 +309,25 @@ class CompositeLoss(nn.Module):
         Raises:
             ValueError: a nested trigger needs a metric and none was given, a weight
                 schedule's value at the next step is not finite and >= 0 (a custom
-                ``value_at``), or something this loss steps (a schedule, a nested loss)
-                moved since it last stepped it (given to another live loss too, or stepped
-                directly); the step is then not taken: no counter changes.
+                ``value_at``), or another loss stepped something this loss steps (a schedule,
+                a nested loss) since it was built or last stepped (one given to two live
+                losses, a nested loss stepped directly as well); the step is then not taken:
+                no counter changes.
         """
+        used = in_use(self)
         require_metric(self, metric)
-        check_next_weights(self)
-        self._dynloss_step(metric, False, set(), in_use(self))
+        check_next_weights(self, used)
+        self._dynloss_step(metric, False, set(), used)
 
-    def _dynloss_check_next_weights(self, seen: set[int]) -> None:
+    def _dynloss_check_next_weights(self, seen: set[int], used: Mapping[int, Any]) -> None:
         seen.add(id(self))
-        check_parts("CompositeLoss", getattr(self, "_recorded", []), self._parts())
+        check_parts("CompositeLoss", self, self._parts())
         for name, weight in zip(self.terms.keys(), self.weights, strict=True):
             if isinstance(weight, WeightSchedule) and id(weight) not in seen:
                 seen.add(id(weight))
                 _check_upcoming(name, weight)
         for loss in self.terms.values():
-            check_next_weights_child(loss, seen)
+            check_next_weights_child(loss, seen, used)
 
     def _metric_triggers(self) -> list:
         return [t for loss in self.terms.values() for t in metric_triggers(loss)]
@@ -335,16 +339,21 @@ class CompositeLoss(nn.Module):
     def _dynloss_step(self, metric: object, synced: bool, seen: set[int],
                       used: Mapping[int, Any]) -> None:
         seen.add(id(self))
+        count_step(self)
         self.count += 1
-        for weight in self.weights:
-            # a schedule shared with another composite (of another stage) steps once per step
-            if isinstance(weight, WeightSchedule) and id(weight) not in seen:
-                seen.add(id(weight))
-                weight.step()
-        for loss in self.terms.values():
-            step_child(loss, metric, synced, seen, used)
-        self._dynloss_record()
-        self._refresh_weight_values()
+        try:
+            for weight in self.weights:
+                # a schedule shared with another composite (of another stage) steps once per
+                # step
+                if isinstance(weight, WeightSchedule) and id(weight) not in seen:
+                    seen.add(id(weight))
+                    count_step(weight)
+                    weight.step()
+            for loss in self.terms.values():
+                step_child(loss, metric, synced, seen, used)
+        finally:  # (a callback or a custom schedule that raised: what moved, moved)
+            self._dynloss_record()
+            self._refresh_weight_values()
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -400,7 +409,6 @@ class CompositeLoss(nn.Module):
                     for name, weight, saved in zip(names, self.weights, schedules, strict=True)
                     if isinstance(weight, WeightSchedule)])
         self.count = count
-        self._dynloss_record()
         self._refresh_weight_values()
 
     def _dynloss_holds_state(self) -> bool:

@@ -22,6 +22,7 @@ from ._base import (
     check_next_weights,
     check_next_weights_child,
     check_parts,
+    count_step,
     dry_run_load,
     in_use,
     load_all_or_nothing,
@@ -348,23 +349,29 @@ class SwitchingLoss(nn.Module):
         Raises:
             ValueError: the active trigger needs a metric and none was given, a weight
                 schedule of a nested CompositeLoss has no valid value (finite, >= 0) at the
-                next step, or something this loss steps (a trigger, a nested loss) moved since
-                it last stepped it (given to another live loss too, reset by building another,
-                or stepped directly); the step is then not taken: no counter changes.
+                next step, or another loss stepped something this loss steps (its active
+                trigger, a nested loss) since it was built or last stepped (one given to two
+                live losses, a nested loss stepped directly as well); the step is then not
+                taken: no counter changes.
         """
+        used = in_use(self)
         require_metric(self, metric)
-        check_next_weights(self)
-        return self._dynloss_step(metric, False, set(), in_use(self))
+        check_next_weights(self, used)
+        return self._dynloss_step(metric, False, set(), used)
 
-    def _parts(self) -> list[tuple[str, object]]:
-        """What this loss steps and another must not (see :func:`check_parts`): its triggers
-        (one without state, a :class:`Milestone`, never moves) and nested losses."""
-        names = self.names
+    def _parts(self, used: Mapping[int, Any] | None = None) -> list[tuple[str, object]]:
+        """What this loss steps and another must not (see :func:`check_parts`): its nested
+        losses and its active trigger (consulted only while this loss is in use: with
+        ``used``, only then; a trigger serving two nested switches one after the other is
+        consulted by one at a time). A trigger without state (a :class:`Milestone`) answers
+        alike however often it is asked."""
         parts: list[tuple[str, object]] = [
-            (f"the trigger of stage {names[index]!r}", trigger)
-            for index, trigger in enumerate(self.triggers)]
-        parts += [(f"stage {name!r}", stage) for name, stage in self.stages.items()
-                  if hasattr(stage, "_dynloss_children")]
+            (f"stage {name!r}", stage) for name, stage in self.stages.items()
+            if hasattr(stage, "_dynloss_children")]
+        if self.active_index < len(self.triggers) and (used is None or id(self) in used):
+            trigger = self.triggers[self.active_index]
+            if trigger._state():
+                parts.append((f"the trigger of stage {self.active_name!r}", trigger))
         return parts
 
     def _dynloss_children(self) -> list[nn.Module]:
@@ -374,11 +381,11 @@ class SwitchingLoss(nn.Module):
     def _dynloss_record(self) -> None:
         record(self, self._parts())
 
-    def _dynloss_check_next_weights(self, seen: set[int]) -> None:
+    def _dynloss_check_next_weights(self, seen: set[int], used: Mapping[int, Any]) -> None:
         seen.add(id(self))
-        check_parts("SwitchingLoss", getattr(self, "_recorded", []), self._parts())
+        check_parts("SwitchingLoss", self, self._parts(used))
         for stage in self.stages.values():
-            check_next_weights_child(stage, seen)
+            check_next_weights_child(stage, seen, used)
 
     def _metric_triggers(self) -> list[Trigger]:
         """The triggers the next step consults that read the metric: the active stage's, and
@@ -404,20 +411,24 @@ class SwitchingLoss(nn.Module):
                 metric, synced = reduce_mean(metric), True
             else:
                 metric = metric_value(metric)
+        count_step(self)
         self.count += 1
         if active:
             self.stage_count += 1
         else:
             self.idle_count += 1
-        for stage in self.stages.values():
-            step_child(stage, metric, synced, seen, used)
-        self.just_switched = False
-        if active and self.active_index < len(self.triggers):
-            trigger = self.triggers[self.active_index]
-            value = metric if trigger.needs_metric else None
-            if trigger.update(self.count, self.stage_count, value):
-                self._switch(trigger, used)
-        self._dynloss_record()
+        try:
+            for stage in self.stages.values():
+                step_child(stage, metric, synced, seen, used)
+            self.just_switched = False
+            if active and self.active_index < len(self.triggers):
+                trigger = self.triggers[self.active_index]
+                value = metric if trigger.needs_metric else None
+                count_step(trigger)
+                if trigger.update(self.count, self.stage_count, value):
+                    self._switch(trigger, used)
+        finally:  # (a callback that raised: what moved, moved)
+            self._dynloss_record()
         return self.just_switched
 
     def _dynloss_begin(self) -> None:
@@ -571,7 +582,6 @@ class SwitchingLoss(nn.Module):
         self.active_index = active_index
         self.switches = switches
         self.just_switched = False
-        self._dynloss_record()
 
     def _dynloss_holds_state(self) -> bool:
         """A switching loss holds its stage and counters (see ``losses_repr``)."""
