@@ -1818,7 +1818,7 @@ def test_a_switch_inside_a_users_wrapper_may_count_another_unit() -> None:
 def test_a_nested_loss_loaded_through_a_parent_module_is_recorded_after_its_load() -> None:
     """torch loads a module before its children: what a switch recorded of its nested
     composite at its own set_extra_state was the count before the composite loaded. Also
-    for a loss pickled before the record existed (no hook, no record)."""
+    for a loss pickled before the record existed (no record)."""
     def build():
         return torch.nn.ModuleDict({"loss": SwitchingLoss(
             [CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 4)]),
