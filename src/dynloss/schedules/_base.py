@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -55,54 +56,72 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 
-_STEPS: dict[int, int] = {}
-"""How many times a loss has stepped each part (a weight schedule, a trigger, a nested loss)
-while it lives, by ``id``; an entry goes when its part is collected (a part that takes no
-weak reference is not tracked). Only the losses' steps count: loading a part's state, or a
-copy of it (a new object, tracked from its first step), is not a step."""
+_TOKENS = itertools.count(1)
+_STEPS: dict[int, list[int]] = {}
+"""``[token, steps]`` by ``id`` of each part a loss steps (a weight schedule, a trigger, a nested
+loss): how many times a loss stepped it while it lives; the entry goes when the part is
+collected (the token tells a later object at the same address, or a copy's part, from it; a
+part that takes no weak reference is not tracked). Only the losses' steps count: loading a
+part's state is not a step."""
 
 
-def _steps(part: object) -> int | None:
+def _entry(part: object) -> list[int] | None:
     """:data:`_STEPS` of ``part``, tracked from now on (None: it cannot be)."""
     key = id(part)
-    if key not in _STEPS:
+    entry = _STEPS.get(key)
+    if entry is None:
         try:
             weakref.finalize(part, _STEPS.pop, key, None)
         except TypeError:  # no weak reference
             return None
-        _STEPS[key] = 0
-    return _STEPS[key]
+        entry = _STEPS[key] = [next(_TOKENS), 0]
+    return entry
 
 
 def count_step(part: object) -> None:
     """A loss steps ``part`` (a schedule's ``step``, a trigger's ``update``, a nested loss's
     step)."""
-    if _steps(part) is not None:
-        _STEPS[id(part)] += 1
+    entry = _entry(part)
+    if entry is not None:
+        entry[1] += 1
 
 
 def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
     """Record on ``module`` how many times a loss had stepped each part it steps (``(label,
-    part)``) when it built or last stepped them (see :func:`check_parts`)."""
-    module._recorded = [(label, part, _steps(part))  # type: ignore[assignment]
-                        for label, part in parts]
+    part)``), as :func:`record_tree` finds them (see :func:`check_parts`)."""
+    recorded = []
+    for label, part in parts:
+        entry = _entry(part)
+        if entry is not None:
+            recorded.append((label, part, entry[0], entry[1]))
+    module._recorded = recorded  # type: ignore[assignment]
+
+
+def record_tree(root: object) -> None:
+    """After ``root`` (a CompositeLoss / SwitchingLoss) was built or stepped, also by a step
+    that raised half-way: every loss its steps reach records its parts as they are now, a
+    switch its active trigger only while it is in use."""
+    used = in_use(root)
+    for loss in stepped_losses(root):
+        if hasattr(loss, "_dynloss_record"):
+            loss._dynloss_record(used)
 
 
 def check_parts(owner: str, module: nn.Module, parts: list[tuple[str, object]]) -> None:
-    """Raise if another loss stepped a part ``module`` still steps since ``module`` recorded
-    it: one object given to two live losses (one per output head) is stepped by each, and a
-    nested loss stepped directly as well runs ahead. Parts shared inside one loss are stepped
-    once per step and recorded by every holder, so they agree; a copied loss's parts are new
-    objects, checked from its first step on."""
+    """Raise if another loss stepped a part ``module`` steps (``parts``) since
+    :func:`record_tree` last recorded it: one object given to two live losses (one per output
+    head) is stepped by each, and a nested loss stepped directly as well runs ahead. Parts
+    shared inside one loss are stepped once per step and recorded by every holder, so they
+    agree; a copied loss's parts are new objects, checked once it has stepped."""
     held = {id(part) for _, part in parts}
-    for label, part, then in getattr(module, "_recorded", ()):  # (pickled before 0.2)
-        now = _STEPS.get(id(part))
-        if id(part) in held and then is not None and now is not None and now != then:
+    for label, part, token, then in getattr(module, "_recorded", ()):  # (pickled before 0.2)
+        entry = _STEPS.get(id(part))
+        if id(part) in held and entry is not None and entry[0] == token and entry[1] != then:
             raise ValueError(
-                f"{owner}: {label} ({part!r}) was stepped by another loss since this loss "
-                f"was built or last stepped it ({now - then} more step(s)): an object "
-                "given to two live losses is stepped by each, and a nested loss stepped "
-                "directly as well runs ahead; give each loss its own and step only the "
+                f"{owner}: {label} ({type(part).__name__}) was stepped by another loss since "
+                f"this loss was built or last stepped it ({entry[1] - then} more step(s)): an "
+                "object given to two live losses is stepped by each, and a nested loss "
+                "stepped directly as well runs ahead; give each loss its own and step only the "
                 "outermost. The step was not taken"
             )
 
@@ -333,6 +352,14 @@ def check_next_weights(module: object, used: Mapping[int, Any]) -> None:
     failed step leaves every counter as it was. Visits what the step would advance: every
     nested loss and every schedule once; also what :func:`check_parts` finds (``used``: as in
     :func:`step_child`)."""
+    active: dict[int, Any] = {}  # the triggers this step consults: each once
+    for loss in stepped_losses(module):
+        trigger = getattr(loss, "_dynloss_active_trigger", lambda used: None)(used)
+        if trigger is not None and active.setdefault(id(trigger), loss) is not loss:
+            raise ValueError(
+                f"SwitchingLoss: one {type(trigger).__name__} object is the active trigger of "
+                "two switches in use in this loss: each step would consult it twice; give "
+                "each switch its own trigger. The step was not taken")
     check_next_weights_child(module, set(), used)
 
 

@@ -28,6 +28,7 @@ from ._base import (
     metric_triggers,
     named_losses,
     record,
+    record_tree,
     require_metric,
     state_error,
     state_int,
@@ -121,7 +122,6 @@ class CompositeLoss(nn.Module):
                     f"{weight.count}, where another loss left it; this loss shares it and goes "
                     "on from there (pass a new schedule, or load_state_dict({'count': 0}), to "
                     "begin at 0)", RuntimeWarning, stacklevel=2)
-        self._dynloss_record()
         # the weights as a tensor, read inside torch.compile (a float would be a constant of
         # the graph: every new scheduled value would recompile); refreshed by step() and
         # load_state_dict(), not saved
@@ -132,6 +132,7 @@ class CompositeLoss(nn.Module):
         """Number of :meth:`step` calls so far."""
         self.last_terms: dict[str, Tensor] = {}
         """Unweighted value of every term at the last call, detached."""
+        record_tree(self)
 
     @staticmethod
     def _check_weights(names: list[str], weights: object) -> list[Weight]:
@@ -189,7 +190,7 @@ class CompositeLoss(nn.Module):
         """The losses a step of this one steps in turn (see ``stepped_losses``)."""
         return list(self.terms.values())
 
-    def _dynloss_record(self) -> None:
+    def _dynloss_record(self, used: Mapping[int, Any]) -> None:
         record(self, self._parts())
 
     @property
@@ -317,7 +318,10 @@ class CompositeLoss(nn.Module):
         used = in_use(self)
         require_metric(self, metric)
         check_next_weights(self, used)
-        self._dynloss_step(metric, False, set(), used)
+        try:
+            self._dynloss_step(metric, False, set(), used)
+        finally:  # (also after a callback or custom schedule that raised: what moved, moved)
+            record_tree(self)
 
     def _dynloss_check_next_weights(self, seen: set[int], used: Mapping[int, Any]) -> None:
         seen.add(id(self))
@@ -351,8 +355,7 @@ class CompositeLoss(nn.Module):
                     weight.step()
             for loss in self.terms.values():
                 step_child(loss, metric, synced, seen, used)
-        finally:  # (a callback or a custom schedule that raised: what moved, moved)
-            self._dynloss_record()
+        finally:
             self._refresh_weight_values()
 
     def get_extra_state(self) -> dict[str, Any]:

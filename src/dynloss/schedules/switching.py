@@ -31,6 +31,7 @@ from ._base import (
     metric_triggers,
     named_losses,
     record,
+    record_tree,
     require_metric,
     state_error,
     state_int,
@@ -254,7 +255,7 @@ class SwitchingLoss(nn.Module):
             )
         for callback in callbacks:
             self.on_switch(callback)
-        self._dynloss_record()
+        record_tree(self)
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -357,29 +358,39 @@ class SwitchingLoss(nn.Module):
         used = in_use(self)
         require_metric(self, metric)
         check_next_weights(self, used)
-        return self._dynloss_step(metric, False, set(), used)
+        try:
+            return self._dynloss_step(metric, False, set(), used)
+        finally:  # (also after a callback that raised: what moved, moved)
+            record_tree(self)
 
-    def _parts(self, used: Mapping[int, Any] | None = None) -> list[tuple[str, object]]:
+    def _dynloss_active_trigger(self, used: Mapping[int, Any]) -> Trigger | None:
+        """The trigger the next step consults: the active one while this loss is in use (a
+        trigger serving two nested switches one after the other is consulted by one at a
+        time); None for one without state (a :class:`Milestone` answers alike however often
+        it is asked)."""
+        if id(self) in used and self.active_index < len(self.triggers):
+            trigger = self.triggers[self.active_index]
+            if trigger._state():
+                return trigger
+        return None
+
+    def _parts(self, used: Mapping[int, Any]) -> list[tuple[str, object]]:
         """What this loss steps and another must not (see :func:`check_parts`): its nested
-        losses and its active trigger (consulted only while this loss is in use: with
-        ``used``, only then; a trigger serving two nested switches one after the other is
-        consulted by one at a time). A trigger without state (a :class:`Milestone`) answers
-        alike however often it is asked."""
+        losses and the trigger its next step consults."""
         parts: list[tuple[str, object]] = [
             (f"stage {name!r}", stage) for name, stage in self.stages.items()
             if hasattr(stage, "_dynloss_children")]
-        if self.active_index < len(self.triggers) and (used is None or id(self) in used):
-            trigger = self.triggers[self.active_index]
-            if trigger._state():
-                parts.append((f"the trigger of stage {self.active_name!r}", trigger))
+        trigger = self._dynloss_active_trigger(used)
+        if trigger is not None:
+            parts.append((f"the trigger of stage {self.active_name!r}", trigger))
         return parts
 
     def _dynloss_children(self) -> list[nn.Module]:
         """The losses a step of this one steps in turn (see :func:`stepped_losses`)."""
         return list(self.stages.values())
 
-    def _dynloss_record(self) -> None:
-        record(self, self._parts())
+    def _dynloss_record(self, used: Mapping[int, Any]) -> None:
+        record(self, self._parts(used))
 
     def _dynloss_check_next_weights(self, seen: set[int], used: Mapping[int, Any]) -> None:
         seen.add(id(self))
@@ -417,18 +428,15 @@ class SwitchingLoss(nn.Module):
             self.stage_count += 1
         else:
             self.idle_count += 1
-        try:
-            for stage in self.stages.values():
-                step_child(stage, metric, synced, seen, used)
-            self.just_switched = False
-            if active and self.active_index < len(self.triggers):
-                trigger = self.triggers[self.active_index]
-                value = metric if trigger.needs_metric else None
-                count_step(trigger)
-                if trigger.update(self.count, self.stage_count, value):
-                    self._switch(trigger, used)
-        finally:  # (a callback that raised: what moved, moved)
-            self._dynloss_record()
+        for stage in self.stages.values():
+            step_child(stage, metric, synced, seen, used)
+        self.just_switched = False
+        if active and self.active_index < len(self.triggers):
+            trigger = self.triggers[self.active_index]
+            value = metric if trigger.needs_metric else None
+            count_step(trigger)
+            if trigger.update(self.count, self.stage_count, value):
+                self._switch(trigger, used)
         return self.just_switched
 
     def _dynloss_begin(self) -> None:
@@ -439,7 +447,6 @@ class SwitchingLoss(nn.Module):
             self.triggers[self.active_index].reset()
         self.idle_count += self.stage_count
         self.stage_count = 0
-        self._dynloss_record()
 
     def _switch(self, trigger: Trigger, used: Mapping[int, Any]) -> None:
         old = self.active_index
