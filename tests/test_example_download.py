@@ -250,13 +250,14 @@ def test_fetch_task10_into_a_root_that_is_a_file_is_one_line(tmp_path):
     with pytest.raises(download.DownloadError) as info:
         download.fetch_task10(root, url="file:///nonexistent/Task10_Colon.tar", md5="0" * 32,
                               progress=False)
-    assert str(info.value) == (f"the download folder {root} is a file: --download-root must be "
+    assert str(info.value) == (f"--download-root {root} is a file; --download-root must be "
                                "a folder (it is created if missing)")
     assert root.read_text() == "mine"
     with pytest.raises(download.DownloadError) as info:
         download.fetch_task10(root / "below", url="file:///nonexistent/Task10_Colon.tar",
                               md5="0" * 32, progress=False)
-    assert str(info.value).startswith(f"cannot create the download folder {root / 'below'} (")
+    assert str(info.value).startswith(f"--download-root {root / 'below'}: cannot create the "
+                                      "folder (")
 
 
 def test_an_empty_task10_folder_is_filled(tmp_path):

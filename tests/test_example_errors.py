@@ -254,7 +254,7 @@ def test_download_root_that_is_a_file_is_one_line(capsys, tmp_path, monkeypatch)
     error = _one_line_error(capsys, ["--out", str(tmp_path / "out"), *TINY_DATA,
                                      "--encoder-weights", "none", "--download",
                                      "--download-root", str(root), "--loss", "iou"])
-    assert error == (f"the download folder {root} is a file: --download-root must be a folder "
+    assert error == (f"--download-root {root} is a file; --download-root must be a folder "
                      "(it is created if missing)")
     assert root.read_text() == "mine"
 

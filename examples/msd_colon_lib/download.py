@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import ExampleError, first_line
+from .errors import ExampleError, make_folder
 
 TASK10_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task10_Colon.tar"
 TASK10_MD5 = "bad7a188931dc2f6acf72b08eb6202d0"
@@ -254,14 +254,7 @@ def _occupied(data_dir: Path) -> DownloadError:
 def _check_destination(root: Path, data_dir: Path) -> None:
     """Raise :class:`DownloadError` unless ``root`` is (or can be made) a folder and
     ``data_dir`` is missing or an empty folder: the extracted tar can then be put there."""
-    if root.exists() and not root.is_dir():
-        raise DownloadError(f"the download folder {root} is a file: --download-root must be a "
-                            "folder (it is created if missing)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DownloadError(f"cannot create the download folder {root} ({first_line(error)})"
-                            ) from error
+    make_folder(root, "--download-root", DownloadError)
     if data_dir.exists() and not data_dir.is_dir():
         raise DownloadError(f"{data_dir} is a file, not the Task10_Colon folder: move it away "
                             "and download again")

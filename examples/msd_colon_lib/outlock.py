@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import OptionsError, OutInUseError, first_line
+from .errors import OptionsError, OutInUseError, first_line, make_folder
 
 try:
     import fcntl
@@ -77,17 +77,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _make_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OptionsError(f"--out {out} is a file; --out must be a folder (it is created if "
-                           "missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OptionsError(f"--out {out}: cannot create the folder ({first_line(error)})"
-                           ) from error
 
 
 def _cannot_lock(out: Path, error: OSError) -> OptionsError:
@@ -172,7 +161,7 @@ def hold(out: str | os.PathLike[str]) -> Iterator[None]:
     :class:`OutInUseError` at once if another process holds it, and
     :class:`~.errors.OptionsError` if ``out`` is not a folder that can be created."""
     out = Path(out)
-    _make_out(out)
+    make_folder(out, "--out", OptionsError)
     handle = _flock(out) if fcntl is not None else None
     if handle is None:
         with _pid_file(out, LOCK_NAME if fcntl is None else NO_FLOCK_NAME):
