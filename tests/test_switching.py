@@ -776,7 +776,8 @@ def test_a_loss_shared_by_two_stages_is_stepped_once_per_step():
         loss.step()
     assert (loss.count, base.count) == (3, 3)
     assert base.current_weights() == {"dice": 1.0, "bce": pytest.approx(0.3)}
-    nested = CompositeLoss([base, SwitchingLoss([base, FocalLoss()], milestones=[1])])
+    with pytest.warns(RuntimeWarning, match="'compositeloss' \\(CompositeLoss\\) is at count 3"):
+        nested = CompositeLoss([base, SwitchingLoss([base, FocalLoss()], milestones=[1])])
     nested.step()
     assert base.count == 4
 
@@ -1548,9 +1549,9 @@ def test_a_schedule_reused_in_a_new_composite_says_where_it_goes_on_from() -> No
     for _ in range(10):
         first.step()
     with pytest.warns(RuntimeWarning, match=r"CompositeLoss: the weight schedule of 'bce' "
-                      r"\(LinearRamp\(start=0, end=10\)\) is at count 10, where another loss "
-                      r"left it; this loss shares it and goes on from there \(pass a new "
-                      r"schedule, or load_state_dict\(\{'count': 0\}\), to begin at 0\)"):
+                      r"\(LinearRamp\) is at count 10, where another loss left it; this loss "
+                      r"goes on from there \(a schedule is shared state: pass a new one, or "
+                      r"load_state_dict\(\{'count': 0\}\), to begin at 0\)"):
         second = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
     assert (second.count, ramp.count, second.current_weights()["bce"]) == (0, 10, 1.0)
 
@@ -1562,7 +1563,7 @@ def test_a_validation_loss_may_share_the_training_losss_schedules() -> None:
     train.load_state_dict(_saved(_stepped(CompositeLoss(
         [DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)]), 5)))
     with pytest.warns(RuntimeWarning, match="is at count 5, where another loss left it; this "
-                      "loss shares it"):
+                      "loss goes on from there"):
         val = CompositeLoss([DiceLoss(), BCELoss()], weights=train.weights)
     assert train.current_weights() == val.current_weights() == {"dice": 1.0, "bce": 0.5}
     train.step()
@@ -1586,9 +1587,9 @@ def test_a_schedule_given_to_two_live_losses_is_refused_at_the_step() -> None:
     heads = [CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp]) for _ in range(2)]
     heads[0].step()
     with pytest.raises(ValueError, match=r"CompositeLoss: the weight schedule of 'bce' "
-                       r"\(LinearRamp\) was stepped by another loss since "
-                       r"this loss was built or last stepped it \(1 more step\(s\)\): an object "
-                       r"given to two live losses is stepped by each.*The step was not taken"):
+                       r"\(LinearRamp\) was stepped elsewhere since this loss was built or last "
+                       r"stepped it \(1 more step\(s\)\): by another live loss that holds it "
+                       r"too, or by hand.*The step was not taken"):
         heads[1].step()
     assert (heads[1].count, ramp.count) == (0, 1)
 
@@ -1626,9 +1627,8 @@ def test_a_nested_loss_held_by_two_live_losses_is_refused_at_the_step(holder) ->
         heads = [SwitchingLoss([warm, loss], milestones=[20]) for loss in (BCELoss(), FocalLoss())]
         label = "stage 'compositeloss'"
     heads[0].step()
-    with pytest.raises(ValueError, match=rf"{label} \(CompositeLoss\) was stepped by "
-                       r"another loss since this loss was built or last stepped it \(1 more "
-                       r"step\(s\)\)"):
+    with pytest.raises(ValueError, match=rf"{label} \(CompositeLoss\) was stepped elsewhere "
+                       r"since this loss was built or last stepped it \(1 more step\(s\)\)"):
         heads[1].step()
     assert warm.count == 1
 
@@ -1670,7 +1670,7 @@ def test_a_trigger_given_to_two_live_losses_is_refused_at_the_step() -> None:
     heads = [SwitchingLoss([DiceLoss(), BCELoss()], trigger=trigger) for _ in range(2)]
     heads[0].step(metric=1.0)
     with pytest.raises(ValueError, match=r"SwitchingLoss: the trigger of stage 'dice' "
-                       r"\(Plateau\) was stepped by another loss since this loss "
+                       r"\(Plateau\) was stepped elsewhere since this loss "
                        r"was built or last stepped it \(1 more step\(s\)\).*The step was not "
                        "taken"):
         heads[1].step(metric=1.0)
@@ -1912,3 +1912,34 @@ def test_a_trigger_serving_two_switches_in_turn_survives_reloading_an_earlier_st
         loss.step(metric=1.0)
     loss.load_state_dict(early)
     assert [loss.step(metric=0.5) for _ in range(3)] == [True, False, False]
+
+
+def test_a_schedule_stepped_by_hand_is_refused_at_the_composites_step() -> None:
+    """The composite steps its schedules: one stepped by hand as well ran ahead of the
+    composite (and of the weight a compiled composite reads)."""
+    ramp = LinearRamp(0, 4)
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, ramp])
+    loss.step()
+    ramp.step()
+    with pytest.raises(ValueError, match=r"CompositeLoss: the weight schedule of 'bce' "
+                       r"\(LinearRamp\) was stepped elsewhere since this loss was built or last "
+                       r"stepped it \(1 more step\(s\)\): by another live loss that holds it too, "
+                       r"or by hand; give each loss its own and step only the outermost loss\. "
+                       r"The step was not taken"):
+        loss.step()
+    assert (loss.count, ramp.count) == (1, 2)
+
+
+@pytest.mark.parametrize("owner", ["SwitchingLoss", "CompositeLoss"])
+def test_a_nested_loss_reused_at_a_count_says_where_it_goes_on_from(owner) -> None:
+    """A sweep loop reusing one nested loss in each run's new loss: the second run's nested
+    loss began at the first run's count (its ramp finished), without a word."""
+    mix = _stepped(CompositeLoss([DiceLoss(), BCELoss()], weights=[1.0, LinearRamp(0, 10)]), 12)
+    kind = "stage" if owner == "SwitchingLoss" else "term"
+    with pytest.warns(RuntimeWarning, match=rf"{owner}: {kind} 'compositeloss' \(CompositeLoss\) "
+                      r"is at count 12, where another loss left it; this loss goes on from "
+                      r"there \(build a new one, or load a state, to begin at 0\)"):
+        if owner == "SwitchingLoss":
+            SwitchingLoss([mix, FocalLoss()], milestones=[5])
+        else:
+            CompositeLoss([mix, FocalLoss()])

@@ -7,6 +7,7 @@ import copy
 import inspect
 import itertools
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from .._checks import check_non_negative
+from .._warn import caller_stacklevel
 from ..distributed import check_metric, metric_value
 
 __all__ = ["call_repr", "check_count", "check_state", "check_weight", "state_int", "state_real"]
@@ -79,11 +81,26 @@ def _entry(part: object) -> list[int] | None:
 
 
 def count_step(part: object) -> None:
-    """A loss steps ``part`` (a schedule's ``step``, a trigger's ``update``, a nested loss's
-    step)."""
+    """``part`` is stepped: a schedule's ``step`` (counted by the schedule itself, so also by
+    hand), a trigger's ``update`` or a nested loss's step (counted by the loss)."""
     entry = _entry(part)
     if entry is not None:
         entry[1] += 1
+
+
+def warn_if_started(owner: str, parts: list[tuple[str, object]]) -> None:
+    """Say so (``RuntimeWarning``) for each part (a weight schedule, a nested loss) that is
+    not at count 0 when built into a new loss: it goes on from there (a sweep loop reusing one
+    object for every run began each run where the last had left it)."""
+    for label, part in parts:
+        count = getattr(part, "count", 0)
+        if count:
+            advice = ("build a new one, or load a state, to begin at 0"
+                      if hasattr(part, "_dynloss_children") else "a schedule is shared state: "
+                      "pass a new one, or load_state_dict({'count': 0}), to begin at 0")
+            warnings.warn(f"{owner}: {label} ({type(part).__name__}) is at count {count}, where "
+                          f"another loss left it; this loss goes on from there ({advice})",
+                          RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
@@ -118,11 +135,10 @@ def check_parts(owner: str, module: nn.Module, parts: list[tuple[str, object]]) 
         entry = _STEPS.get(id(part))
         if id(part) in held and entry is not None and entry[0] == token and entry[1] != then:
             raise ValueError(
-                f"{owner}: {label} ({type(part).__name__}) was stepped by another loss since "
-                f"this loss was built or last stepped it ({entry[1] - then} more step(s)): an "
-                "object given to two live losses is stepped by each, and a nested loss "
-                "stepped directly as well runs ahead; give each loss its own and step only the "
-                "outermost. The step was not taken"
+                f"{owner}: {label} ({type(part).__name__}) was stepped elsewhere since this "
+                f"loss was built or last stepped it ({entry[1] - then} more step(s)): by another "
+                "live loss that holds it too, or by hand; give each loss its own and step only "
+                "the outermost loss. The step was not taken"
             )
 
 

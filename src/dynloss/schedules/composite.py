@@ -3,7 +3,6 @@ r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -33,6 +32,7 @@ from ._base import (
     state_error,
     state_int,
     step_child,
+    warn_if_started,
 )
 from .weights import Constant, WeightSchedule
 
@@ -114,14 +114,7 @@ class CompositeLoss(nn.Module):
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.weights: list[Weight] = self._check_weights(names, weights)
-        for name, weight in zip(names, self.weights, strict=True):
-            if (isinstance(weight, WeightSchedule) and weight.count
-                    and type(weight).value_at is not Constant.value_at):
-                warnings.warn(
-                    f"CompositeLoss: the weight schedule of {name!r} ({weight!r}) is at count "
-                    f"{weight.count}, where another loss left it; this loss shares it and goes "
-                    "on from there (pass a new schedule, or load_state_dict({'count': 0}), to "
-                    "begin at 0)", RuntimeWarning, stacklevel=2)
+        warn_if_started("CompositeLoss", self._parts())
         # the weights as a tensor, read inside torch.compile (a float would be a constant of
         # the graph: every new scheduled value would recompile); refreshed by step() and
         # load_state_dict(), not saved
@@ -351,7 +344,8 @@ class CompositeLoss(nn.Module):
                 # step
                 if isinstance(weight, WeightSchedule) and id(weight) not in seen:
                     seen.add(id(weight))
-                    count_step(weight)
+                    if type(weight).step is not WeightSchedule.step:
+                        count_step(weight)  # (its own step may not count itself)
                     weight.step()
             for loss in self.terms.values():
                 step_child(loss, metric, synced, seen, used)

@@ -37,6 +37,7 @@ from ._base import (
     state_int,
     step_child,
     stepped_losses,
+    warn_if_started,
 )
 from .triggers import Milestone, Trigger
 from .weights import WeightSchedule
@@ -215,6 +216,9 @@ class SwitchingLoss(nn.Module):
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
         self.triggers[0].reset()  # stage 0 begins: no history from another loss's run
+        warn_if_started("SwitchingLoss", [
+            (f"stage {name!r}", stage) for name, stage in self.stages.items()
+            if hasattr(stage, "_dynloss_children")])
         self.unit = check_choice("unit", unit, UNITS)
         for name, stage in self.stages.items():
             for nested in stepped_losses(stage):

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._base import call_repr, check_count, check_state, check_weight, state_int
+from ._base import call_repr, check_count, check_state, check_weight, count_step, state_int
 
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
 
@@ -82,6 +82,7 @@ class WeightSchedule(ABC):
 
     def step(self) -> float:
         """Advance the counter by one; returns the new current weight."""
+        count_step(self)  # (a composite holding it finds a step it did not take)
         self.count += 1
         return self.value
 
