@@ -74,7 +74,7 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
     if isinstance(input, Tensor) and isinstance(target, Tensor):
         input, target = readable(input, target)  # float8, uint16/32/64: as int64 / float32
     if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         # (``is_cpu`` stands for the device where it can: cheaper than a device object; a
         # nested tensor has no shape: planned never, refused by prepare below)
         try:

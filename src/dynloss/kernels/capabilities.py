@@ -66,6 +66,8 @@ class Capabilities:
     """Checks target (and probability) values in its own forward pass, at no extra cost."""
     max_classes: int | None = None
     """Largest ``C`` it handles (None: any)."""
+    max_rows: int | None = None
+    """Largest ``N x C`` (rows of per-sample, per-class sums) it handles (None: any)."""
 
     def missing(self, x: Tensor, need: Need, target_grad: bool, tracing: str | None,
                 classes: int = 1) -> str | None:
@@ -94,6 +96,9 @@ class Capabilities:
             return "recording by torch.jit.trace"
         if self.max_classes is not None and classes > self.max_classes:
             return f"more than {self.max_classes} classes"
+        if (self.max_rows is not None and x.dim()
+                and x.shape[0] * classes > self.max_rows):
+            return f"more than {self.max_rows} rows (N x C)"
         return None
 
 

@@ -66,6 +66,10 @@ _OTHER_DEVICES: tuple[Backend, ...] = (TORCH, REFERENCE)
 for _backend in REGISTRY.values():
     assert _backend.capabilities.double_backward, _backend.name  # every backward differentiable
 
+_ROW_LIMITS = tuple(sorted({b.capabilities.max_rows for b in REGISTRY.values()
+                            if b.capabilities.max_rows is not None}))
+"""The backends' ``max_rows``: which of them a call passes is part of the cache key."""
+
 
 _CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
@@ -148,9 +152,10 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
 
     ``x`` is the input (its device and dtype count), ``target_grad``: the target requires a
     gradient, ``classes``: the number of channels ``C`` (default ``x.shape[1]``). Cached per
-    (name, device, dtype, classes, need, target gradient), so a call costs one dictionary
-    look-up; inside ``torch.compile`` and for fake tensors only compilable backends are
-    considered, under ``torch.jit.trace`` only traceable ones (the reference).
+    (name, device, dtype, classes, need, target gradient, rows above a backend's
+    ``max_rows``), so a call costs one dictionary look-up; inside ``torch.compile`` and for
+    fake tensors only compilable backends are considered, under ``torch.jit.trace`` only
+    traceable ones (the reference).
 
     Raises:
         ValueError: ``name`` is ``"native"`` or ``"triton"`` and those kernels cannot run on
@@ -164,7 +169,9 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
         if name == "auto":
             return _auto(x, need, target_grad, tracing, classes)
         return _explicit(name, x, need, target_grad, tracing, classes)
-    key = (name, x.device, x.dtype, classes, need, target_grad)
+    rows = x.shape[0] * classes if x.dim() else 0
+    key = (name, x.device, x.dtype, classes, need, target_grad,
+           tuple(rows > limit for limit in _ROW_LIMITS))
     backend = _CACHE.get(key)
     if backend is None:
         if name == "auto":

@@ -38,11 +38,6 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for 2-D tensors ``(rows, M)``; one row is a BLAS dot, no temporary."""
-    if a.shape[0] == 1 and a.shape[1] > 0:
-        return torch.dot(a[0], b[0]).view(1)
-    return torch.linalg.vecdot(a, b)
 
 
 def _binary_target(target: Tensor, dtype: torch.dtype, ignore_index: int | None):
@@ -77,7 +72,9 @@ def _binary_region_sums(p: Tensor, target: Tensor, ignore_index: int | None, poo
     g, valid = _binary_target(target.reshape(p2.shape), p.dtype, ignore_index)
     if valid is not None:
         p2 = p2.masked_fill(~valid, 0)
-    intersection = _row_dot(p2, g)
+    # (vecdot sums pairwise, as torch.sum: a BLAS dot added 4 Mi float32 products in a few
+    # running sums, 3 % off; scatter_add_ and einsum below alike)
+    intersection = torch.linalg.vecdot(p2, g)
     sums = (intersection, p2.sum(-1), g.sum(-1))
     return tuple(s.view(-1, p.shape[1]) for s in sums)
 
@@ -95,8 +92,12 @@ def _binary_region_backward(x, dtype, target, gi, gp, from_logits, ignore_index)
 
 
 def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
+    # each pixel's probability of its class, added into its class in float64: scatter_add_
+    # adds one value after another, and in float32 a confident model's intersection of
+    # (4, 3, 2**18) came out 60 % low (counts stop at 2**24 in float32)
     n, c, _ = p.shape
     picked = p.gather(1, index.unsqueeze(1)).squeeze(1)
+    wide = torch.float64 if p.device.type != "mps" else torch.float32  # (mps has no float64)
     if valid is None and not p.is_meta:  # (bincount has no meta kernel)
         prediction_sum = p.sum(-1)
         flat = index + torch.arange(n, device=p.device).unsqueeze(1) * c
@@ -104,12 +105,12 @@ def _multiclass_region_sums(p: Tensor, index: Tensor, valid: Tensor | None):
     else:
         if valid is None:
             valid = torch.ones_like(index, dtype=torch.bool)
-        weight = valid.to(p.dtype)
         picked = torch.where(valid, picked, 0.0)  # not * weight: an ignored NaN stays out
-        prediction_sum = torch.einsum("ncm,nm->nc", torch.where(valid.unsqueeze(1), p, 0.0),
-                                      weight)
-        target_sum = p.new_zeros(n, c).scatter_add_(1, index, weight)
-    intersection = p.new_zeros(n, c).scatter_add_(1, index, picked)
+        prediction_sum = torch.where(valid.unsqueeze(1), p, 0.0).sum(-1)
+        target_sum = p.new_zeros(n, c, dtype=wide).scatter_add_(
+            1, index, valid.to(wide)).to(p.dtype)
+    intersection = p.new_zeros(n, c, dtype=wide).scatter_add_(
+        1, index, picked.to(wide)).to(p.dtype)
     return intersection, prediction_sum, target_sum
 
 

@@ -28,10 +28,15 @@ from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
 from ..capabilities import Capabilities
 
-__all__ = ["MAX_CLASSES", "TRITON", "interpreter_active", "triton_available"]
+__all__ = ["MAX_CLASSES", "MAX_ROWS", "TRITON", "interpreter_active", "triton_available"]
 
 MAX_CLASSES = 1024
 """The multiclass kernels hold a tile of every class's logits: up to this many classes."""
+
+MAX_ROWS = 2**28
+"""The kernels address their partial sums (a few per row of ``N x C``) with int32 offsets,
+which would wrap from about 3.6e8 rows on: up to this many rows (more go to another
+backend)."""
 
 
 _AVAILABLE: list[bool] = []
@@ -129,7 +134,7 @@ class TritonBackend:
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         topk=True, ddp_pool=True, double_backward=True, compilable=True,
-        max_classes=MAX_CLASSES,
+        max_classes=MAX_CLASSES, max_rows=MAX_ROWS,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
