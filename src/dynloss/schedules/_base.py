@@ -61,7 +61,7 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
 _TOKENS = itertools.count(1)
 _STEPS: dict[int, list[int]] = {}
 """``[token, steps]`` by ``id`` of each part a loss steps (a weight schedule, a trigger, a nested
-loss): how many times a loss stepped it while it lives; the entry goes when the part is
+loss): how many times it was stepped while it lives; the entry goes when the part is
 collected (the token tells a later object at the same address, or a copy's part, from it; a
 part that takes no weak reference is not tracked). Only the losses' steps count: loading a
 part's state is not a step."""
@@ -125,9 +125,9 @@ def record_tree(root: object) -> None:
 
 
 def check_parts(owner: str, module: nn.Module, parts: list[tuple[str, object]]) -> None:
-    """Raise if another loss stepped a part ``module`` steps (``parts``) since
+    """Raise if a part ``module`` steps (``parts``) was stepped elsewhere since
     :func:`record_tree` last recorded it: one object given to two live losses (one per output
-    head) is stepped by each, and a nested loss stepped directly as well runs ahead. Parts
+    head) is stepped by each, and a schedule or nested loss stepped by hand runs ahead. Parts
     shared inside one loss are stepped once per step and recorded by every holder, so they
     agree; a copied loss's parts are new objects, checked once it has stepped."""
     held = {id(part) for _, part in parts}
