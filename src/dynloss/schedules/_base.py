@@ -361,6 +361,19 @@ def begin_unused(module: object, used: Mapping[int, Any]) -> None:
             begin()
 
 
+def top_level_step(module: Any, metric: object) -> Any:
+    """``module.step(metric)`` (a CompositeLoss / SwitchingLoss): check everything the step
+    would refuse before anything changes, take it, and record what it stepped, also when it
+    raised half-way (a callback, a custom schedule: what moved, moved)."""
+    used = in_use(module)
+    require_metric(module, metric)
+    check_next_weights(module, used)
+    try:
+        return module._dynloss_step(metric, False, set(), used)
+    finally:
+        record_tree(module)
+
+
 def check_next_weights(module: object, used: Mapping[int, Any]) -> None:
     """Raise the ``ValueError`` that the next step of ``module`` (a CompositeLoss /
     SwitchingLoss) would raise for a weight schedule's value (not finite, or negative: a

@@ -14,7 +14,6 @@ from .._params import CompositeParams, DistributionParams, RegionParams, composi
 from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
 from ._base import (
-    check_next_weights,
     check_next_weights_child,
     check_parts,
     check_weight,
@@ -28,10 +27,10 @@ from ._base import (
     named_losses,
     record,
     record_tree,
-    require_metric,
     state_error,
     state_int,
     step_child,
+    top_level_step,
     warn_if_started,
 )
 from .weights import Constant, WeightSchedule
@@ -303,18 +302,11 @@ class CompositeLoss(nn.Module):
         Raises:
             ValueError: a nested trigger needs a metric and none was given, a weight
                 schedule's value at the next step is not finite and >= 0 (a custom
-                ``value_at``), or another loss stepped something this loss steps (a schedule,
-                a nested loss) since it was built or last stepped (one given to two live
-                losses, a nested loss stepped directly as well); the step is then not taken:
-                no counter changes.
+                ``value_at``), or something this loss steps (a schedule, a nested loss) was
+                stepped elsewhere since it was built or last stepped (by another live loss that
+                holds it too, or by hand); the step is then not taken: no counter changes.
         """
-        used = in_use(self)
-        require_metric(self, metric)
-        check_next_weights(self, used)
-        try:
-            self._dynloss_step(metric, False, set(), used)
-        finally:  # (also after a callback or custom schedule that raised: what moved, moved)
-            record_tree(self)
+        top_level_step(self, metric)
 
     def _dynloss_check_next_weights(self, seen: set[int], used: Mapping[int, Any]) -> None:
         seen.add(id(self))

@@ -19,7 +19,6 @@ from ..losses import SegmentationLoss
 from ._base import (
     begin_unused,
     check_count,
-    check_next_weights,
     check_next_weights_child,
     check_parts,
     count_step,
@@ -32,11 +31,11 @@ from ._base import (
     named_losses,
     record,
     record_tree,
-    require_metric,
     state_error,
     state_int,
     step_child,
     stepped_losses,
+    top_level_step,
     warn_if_started,
 )
 from .triggers import Milestone, Trigger
@@ -216,9 +215,6 @@ class SwitchingLoss(nn.Module):
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
         self.triggers[0].reset()  # stage 0 begins: no history from another loss's run
-        warn_if_started("SwitchingLoss", [
-            (f"stage {name!r}", stage) for name, stage in self.stages.items()
-            if hasattr(stage, "_dynloss_children")])
         self.unit = check_choice("unit", unit, UNITS)
         for name, stage in self.stages.items():
             for nested in stepped_losses(stage):
@@ -259,6 +255,7 @@ class SwitchingLoss(nn.Module):
             )
         for callback in callbacks:
             self.on_switch(callback)
+        warn_if_started("SwitchingLoss", self._parts({}))  # (its stages: no trigger in use)
         record_tree(self)
 
     # ----------------------------------------------------------------------------------- info
@@ -354,18 +351,12 @@ class SwitchingLoss(nn.Module):
         Raises:
             ValueError: the active trigger needs a metric and none was given, a weight
                 schedule of a nested CompositeLoss has no valid value (finite, >= 0) at the
-                next step, or another loss stepped something this loss steps (its active
-                trigger, a nested loss) since it was built or last stepped (one given to two
-                live losses, a nested loss stepped directly as well); the step is then not
-                taken: no counter changes.
+                next step, or something this loss steps (its active trigger, a nested loss)
+                was stepped elsewhere since it was built or last stepped (by another live loss
+                that holds it too, or by hand); the step is then not taken: no counter
+                changes.
         """
-        used = in_use(self)
-        require_metric(self, metric)
-        check_next_weights(self, used)
-        try:
-            return self._dynloss_step(metric, False, set(), used)
-        finally:  # (also after a callback that raised: what moved, moved)
-            record_tree(self)
+        return bool(top_level_step(self, metric))
 
     def _dynloss_active_trigger(self, used: Mapping[int, Any]) -> Trigger | None:
         """The trigger the next step consults: the active one while this loss is in use (a
