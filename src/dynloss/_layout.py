@@ -14,13 +14,13 @@ forms:
 * **in the graph** (:func:`invalid_values`): a 0-dim bool tensor, True when a kept target is
   out of range (or a probability outside [0, 1]); the loss is then multiplied by NaN. This
   runs whenever the eager check does not (``check_values=False``, CUDA tensors by default,
-  and inside ``torch.compile``), so an invalid target never gives a finite, wrong loss and
-  nothing waits for the device.
+  inside ``torch.compile`` and the :mod:`torch.func` transforms), so an invalid target never
+  gives a finite, wrong loss and nothing waits for the device.
 
 Multiclass class indices outside ``[0, C)`` are an error on the CPU even with
 ``check_values=False`` (:func:`check_class_indices`; reading them costs no synchronisation
-there, and an index must never address memory out of its range); on other devices and inside
-``torch.compile`` they follow the rule above.
+there, and an index must never address memory out of its range); on other devices, inside
+``torch.compile`` and the :mod:`torch.func` transforms they follow the rule above.
 
 The same tensor also flags a non-finite kept input (NaN or ±inf logits): the loss is then NaN
 on every backend, so a diverging run never looks like it is improving.
@@ -39,8 +39,8 @@ import struct
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
+from ._recorder import CHECKED_IN_GRAPH, recorder
 from .constants import BINARY_MODE, MULTICLASS_MODE, MULTILABEL_MODE
 
 __all__ = ["Layout", "check_class_indices", "check_values", "compute_dtype", "ignore_index_for",
@@ -361,16 +361,11 @@ def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
     return torch.where(critical, torch.nextafter(narrow, toward), narrow)
 
 
-def is_fake(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a FakeTensor (``FakeTensorMode``: a shape, a dtype, a device and
-    no data, as tracing tools use): traced like a call under ``torch.compile``, never read."""
-    return isinstance(tensor, FakeTensor)
-
-
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:
-    """Whether the eager value checks run: ``None`` means where it is free (CPU tensors,
-    outside ``torch.compile``); never on meta or fake tensors, which hold no values."""
-    if torch.compiler.is_compiling() or is_fake(input):
+    """Whether the eager value checks run: ``None`` means where it is free (CPU tensors);
+    never inside ``torch.compile`` or a :mod:`torch.func` transform (:data:`CHECKED_IN_GRAPH`),
+    nor on meta or fake tensors, which hold no values."""
+    if recorder(input) in CHECKED_IN_GRAPH:
         return False
     if check_values is None:
         return input.device.type == "cpu"

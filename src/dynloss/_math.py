@@ -20,12 +20,13 @@ tensor(0.6667)
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._recorder import FORWARD_DERIVATIVES, recorder
 from .constants import MULTICLASS_MODE
 
 TensorOrFloat = TypeVar("TensorOrFloat", Tensor, float)
@@ -45,6 +46,7 @@ __all__ = [
     "positive_weight",
     "probabilities",
     "reduce",
+    "scaled",
     "sigmoid_backward",
     "sigmoid_slope",
     "softmax_backward",
@@ -68,13 +70,17 @@ def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
 
     The softmax's backward is :func:`softmax_backward` (under autograd), the sigmoid's
     :func:`sigmoid_slope`: they keep their digits where the softmax or sigmoid saturates,
-    where autograd through ``torch.softmax`` or ``torch.sigmoid`` would not."""
+    where autograd through ``torch.softmax`` or ``torch.sigmoid`` would not. So are their
+    forward-mode derivatives, under :mod:`torch.func` and forward-mode AD (Functions with a
+    ``jvp``, which ``torch.compile`` cannot trace, are used there only)."""
     if not from_logits:
         return x
-    tracked = torch.is_grad_enabled() and x.requires_grad
+    forward = recorder(x) in FORWARD_DERIVATIVES
+    if not (forward or (torch.is_grad_enabled() and x.requires_grad)):
+        return x.softmax(dim=1) if mode == MULTICLASS_MODE else x.sigmoid()
     if mode == MULTICLASS_MODE:
-        return _Softmax.apply(x) if tracked else x.softmax(dim=1)
-    return _Sigmoid.apply(x) if tracked else x.sigmoid()
+        return (_SoftmaxWithJvp if forward else _Softmax).apply(x)
+    return (_SigmoidWithJvp if forward else _Sigmoid).apply(x)
 
 
 def sigmoid_slope(x: Tensor) -> Tensor:
@@ -121,19 +127,36 @@ def sigmoid_backward(g: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
 
 class _Sigmoid(torch.autograd.Function):
     """``torch.sigmoid`` with :func:`sigmoid_slope` in its backward (differentiable again:
-    under ``create_graph`` the backward is recorded)."""
+    under ``create_graph`` the backward is recorded); runs under the :mod:`torch.func`
+    transforms (its vmap rule generated from these ops)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         return x.sigmoid()
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             return g * sigmoid_slope(x)
         return sigmoid_backward(g, x)
+
+
+
+class _SigmoidWithJvp(_Sigmoid):
+    """:class:`_Sigmoid` with its forward-mode derivative."""
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return tangent * sigmoid_slope(x)
 
 
 def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
@@ -175,18 +198,35 @@ def softmax_backward(p: Tensor, g: Tensor) -> Tensor:
 
 
 class _Softmax(torch.autograd.Function):
-    """``torch.softmax`` over dim 1 with :func:`softmax_backward` as its backward."""
+    """``torch.softmax`` over dim 1 with :func:`softmax_backward` as its backward; runs under
+    the :mod:`torch.func` transforms (its vmap rule generated from these ops)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        p = x.softmax(dim=1)
-        ctx.save_for_backward(p)
-        return p
+    def forward(x: Tensor) -> Tensor:
+        return x.softmax(dim=1)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         (p,) = ctx.saved_tensors
         return softmax_backward(p, g)
+
+
+
+class _SoftmaxWithJvp(_Softmax):
+    """:class:`_Softmax` with its forward-mode derivative: the softmax's Jacobian is
+    symmetric, so it is :func:`softmax_backward` of the tangent."""
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        return softmax_backward(p, tangent)
 
 
 # ------------------------------------------------------------------------------ cross-entropy
@@ -551,3 +591,23 @@ def non_finite_poison(bad: Tensor) -> Tensor:
     without reading ``bad`` on the host.
     """
     return torch.where(bad, math.nan, 1.0).to(torch.float32)
+
+
+def scaled(weight: float, value: Tensor) -> Tensor:
+    """``weight * value`` (a composite's weighted term): ``value`` itself for a weight of 1;
+    a 0-dim ``value`` times the weight as a 0-dim tensor of its dtype, since torch's
+    forward-mode derivative of a 0-dim tensor times a Python float is float64 whatever the
+    tensor's dtype (pytorch/pytorch#90065: ``torch.func.jvp`` of a float32 composite gave a
+    float64 tangent). The same product either way (float32 and float64; other dtypes as
+    ``value * weight``).
+
+    >>> import torch
+    >>> from dynloss._math import scaled
+    >>> scaled(0.25, torch.tensor(2.0))
+    tensor(0.5000)
+    """
+    if weight == 1.0:
+        return value
+    if value.dim() or value.dtype not in (torch.float32, torch.float64):
+        return value * weight  # (a 16-bit product is formed in float32 from the float)
+    return value * torch.full((), weight, dtype=value.dtype, device=value.device)

@@ -23,7 +23,9 @@ from .._layout import (
     readable,
     should_check_values,
 )
+from .._math import scaled
 from .._params import CompositeParams, DistributionParams, RegionParams
+from .._recorder import CHECKED_IN_GRAPH, recorder
 from ..constants import MULTICLASS_MODE
 from ..kernels.capabilities import Backend, Need
 from ..kernels.dispatch import select
@@ -74,7 +76,7 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
     if isinstance(input, Tensor) and isinstance(target, Tensor):
         input, target = readable(input, target)  # float8, uint16/32/64: as int64 / float32
     if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            and recorder(input) is None):
         # (``is_cpu`` stands for the device where it can: cheaper than a device object; a
         # nested tensor has no shape: planned never, refused by prepare below)
         try:
@@ -101,7 +103,7 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
         if checked:
             check_values(layout, ignore_index, from_logits)
         elif (mode == MULTICLASS_MODE and input.device.type == "cpu"
-              and not torch.compiler.is_compiling()):
+              and recorder(input) not in CHECKED_IN_GRAPH):
             classes = True
             check_class_indices(layout, ignore_index)
     if key is not None and plans is not None:
@@ -194,7 +196,8 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
     if dist.k is not None:
         region_value = region_loss(input, target, region)
         dist_value = distribution_loss(input, target, dist)
-        total = params.region_weight * region_value + params.distribution_weight * dist_value
+        total = (scaled(params.region_weight, region_value)
+                 + scaled(params.distribution_weight, dist_value))
         return total, region_value, dist_value
     layout, backend, checked = _prepare(
         input, target, region.mode, region.backend, _composite_need(params),

@@ -62,6 +62,11 @@ class Capabilities:
     """Traced by ``torch.compile`` without a graph break."""
     traceable: bool = False
     """Recorded by ``torch.jit.trace`` (plain aten ops that replay on new inputs)."""
+    func_transforms: bool = False
+    """Runs under the transforms of :mod:`torch.func` (``grad``, ``vmap``, ``jvp``,
+    ``jacrev``, ``hessian``, ...): plain aten ops, or Functions with the rules they need."""
+    forward_ad: bool = False
+    """Runs under forward-mode AD (:mod:`torch.autograd.forward_ad`): a tangent for the loss."""
     checks_values: bool = False
     """Checks target (and probability) values in its own forward pass, at no extra cost."""
     max_classes: int | None = None
@@ -72,8 +77,9 @@ class Capabilities:
     def missing(self, x: Tensor, need: Need, target_grad: bool, tracing: str | None,
                 classes: int = 1) -> str | None:
         """What this call needs that the backend cannot do (None when it covers the call);
-        ``tracing``: ``"torch.compile"`` or ``"torch.jit.trace"`` while one traces the call
-        (None otherwise), ``classes``: the number of channels ``C``."""
+        ``tracing``: what records or transforms the call, as
+        :func:`dynloss._recorder.recorder` names it (None: an eager call), ``classes``: the
+        number of channels ``C``."""
         if self.devices is not None and x.device.type not in self.devices:
             return f"{x.device.type} tensors"
         if self.dtypes is not None and x.dtype not in self.dtypes:
@@ -94,6 +100,10 @@ class Capabilities:
             return "tracing by torch.compile"
         if tracing == "torch.jit.trace" and not self.traceable:
             return "recording by torch.jit.trace"
+        if tracing == "torch.func" and not self.func_transforms:
+            return "a torch.func transform (grad, vmap, jvp, ...)"
+        if tracing == "forward-mode AD" and not self.forward_ad:
+            return "forward-mode AD"
         if self.max_classes is not None and classes > self.max_classes:
             return f"more than {self.max_classes} classes"
         if (self.max_rows is not None and x.dim()

@@ -5,9 +5,10 @@ autograd over :mod:`dynloss._math`), ``"torch"`` (eager autograd Functions with 
 backward), ``"native"`` (C++ kernels compiled at first use, CPU) and ``"triton"`` (Triton
 kernels, CUDA; CPU under ``TRITON_INTERPRET=1``). Each declares its
 :class:`Capabilities`; :func:`select` looks at what a call needs (:class:`Need`: the op, TopK,
-``reduction="none"``, DDP pooling, a gradient for the target, whether ``torch.compile`` or
-``torch.jit.trace`` is tracing) and at the tensor (device, dtype, number of classes), and
-returns the first backend in the device's order of speed that can do all of it:
+``reduction="none"``, DDP pooling, a gradient for the target, whether ``torch.compile``,
+``torch.jit.trace``, a :mod:`torch.func` transform or forward-mode AD records the call) and at
+the tensor (device, dtype, number of classes), and returns the first backend in the device's
+order of speed that can do all of it:
 
 * ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference; any other
   device: torch, reference.
@@ -39,7 +40,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._layout import is_fake
+from .._recorder import recorder
 from .._warn import caller_stacklevel
 from .capabilities import Backend, Capabilities, Need
 from .native import NATIVE
@@ -137,15 +138,6 @@ def _explicit(name: str, x: Tensor, need: Need, target_grad: bool, tracing: str 
     return fallback
 
 
-def _tracer(x: Tensor) -> str | None:
-    """The tracer recording this call, if any (fake tensors are traced as by torch.compile)."""
-    if torch.compiler.is_compiling() or is_fake(x):
-        return "torch.compile"
-    if torch.jit.is_tracing():
-        return "torch.jit.trace"
-    return None
-
-
 def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
            classes: int | None = None) -> Backend:
     """The backend that computes this call: ``name`` is the ``backend=`` argument.
@@ -154,8 +146,9 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     gradient, ``classes``: the number of channels ``C`` (default ``x.shape[1]``). Cached per
     (name, device, dtype, classes, need, target gradient, rows above a backend's
     ``max_rows``), so a call costs one dictionary look-up; inside ``torch.compile`` and for
-    fake tensors only compilable backends are considered, under ``torch.jit.trace`` only
-    traceable ones (the reference).
+    fake tensors only compilable backends are considered, under ``torch.jit.trace``, a
+    :mod:`torch.func` transform or forward-mode AD only those that declare it (the
+    reference).
 
     Raises:
         ValueError: ``name`` is ``"native"`` or ``"triton"`` and those kernels cannot run on
@@ -163,7 +156,7 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     """
     if classes is None:
         classes = x.shape[1] if x.dim() > 1 else 1
-    tracing = _tracer(x)
+    tracing = recorder(x)
     target_grad = target_grad and torch.is_grad_enabled()
     if tracing is not None:
         if name == "auto":

@@ -192,6 +192,7 @@ class Reference:
     capabilities = Capabilities(
         devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, target_grad=True,
         double_backward=True, ddp_pool=True, compilable=True, traceable=True,
+        func_transforms=True, forward_ad=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
@@ -222,7 +223,8 @@ class Reference:
                   ) -> tuple[Tensor, Tensor, Tensor]:
         region = self.region(layout, params.region, checked)
         distribution = self.distribution(layout, params.distribution, checked)
-        total = params.region_weight * region + params.distribution_weight * distribution
+        total = (_math.scaled(params.region_weight, region)
+                 + _math.scaled(params.distribution_weight, distribution))
         return total, region, distribution
 
 

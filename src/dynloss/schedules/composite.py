@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._math import scaled
 from .._params import CompositeParams, DistributionParams, RegionParams, composite_params
 from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
@@ -250,7 +251,7 @@ class CompositeLoss(nn.Module):
             nested = getattr(loss, "last_terms", None)
             if isinstance(nested, dict):
                 terms.update({f"{name}.{key}": term for key, term in nested.items()})
-            weighted = value if weight == 1.0 else value * weight
+            weighted = scaled(weight, value)
             total = weighted if total is None else total + weighted
         self.last_terms = terms
         assert total is not None

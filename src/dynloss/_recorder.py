@@ -1,0 +1,57 @@
+"""What records or transforms a loss call instead of running it once, eagerly, on plain tensors.
+
+Dispatch (:mod:`dynloss.kernels.dispatch`) picks only backends that declare they run under
+the recorder it names; the value checks (:mod:`dynloss._layout`) read nothing on the host
+under the recorders of :data:`CHECKED_IN_GRAPH`; the shared maths (:mod:`dynloss._math`) use
+their Functions' forward-mode rules only where forward derivatives are formed.
+
+>>> import torch
+>>> from dynloss._recorder import recorder
+>>> recorder(torch.zeros(2)) is None
+True
+>>> torch.func.grad(lambda x: torch.tensor(float(recorder(x) == "torch.func")) + x.sum())(
+...     torch.zeros(2))
+tensor([1., 1.])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
+from torch._C._functorch import maybe_current_level as _functorch_level
+from torch._subclasses.fake_tensor import FakeTensor
+
+__all__ = ["CHECKED_IN_GRAPH", "FORWARD_DERIVATIVES", "is_fake", "recorder"]
+
+CHECKED_IN_GRAPH = ("torch.compile", "torch.func")
+"""The recorders (:func:`recorder`) under which no value is read on the host: a graph or a
+``vmap`` cannot branch on one, so the values are checked in the graph (the loss is NaN)."""
+
+
+def recorder(tensor: Tensor) -> str | None:
+    """What records or transforms this call instead of running it once, eagerly, on plain
+    tensors (None when nothing does): ``"torch.compile"`` (also for a FakeTensor),
+    ``"torch.jit.trace"``, ``"torch.func"`` (a transform of :mod:`torch.func`: ``grad``,
+    ``vmap``, ``jvp``, ``jacrev``, ...) or ``"forward-mode AD"`` (a
+    :func:`torch.autograd.forward_ad.dual_level` is open)."""
+    if torch.compiler.is_compiling() or is_fake(tensor):
+        return "torch.compile"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if _functorch_level() is not None:
+        return "torch.func"
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD"
+    return None
+
+
+FORWARD_DERIVATIVES = ("torch.func", "forward-mode AD")
+"""The recorders under which forward-mode derivatives may be formed (``jvp``, ``jacfwd``,
+``hessian``, dual tensors)."""
+
+
+def is_fake(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a FakeTensor (``FakeTensorMode``: a shape, a dtype, a device and
+    no data, as tracing tools use): traced like a call under ``torch.compile``, never read."""
+    return isinstance(tensor, FakeTensor)
