@@ -1272,3 +1272,74 @@ def test_topk_ranks_a_nan_loss_above_an_infinite_one():
     layout = prepare(x, t, "multiclass")
     assert REFERENCE.distribution(layout, params, True).isnan()
     assert NATIVE_BACKEND.distribution(layout, params, True).isnan()
+
+
+# Batches of short rows (a few pixels per (sample, class), many samples: (N, 1) logits of a
+# classifier, thin patches): one task per row cost seconds at (8e6, 1, 1) and nine doubles of
+# partial sums per row (1.2 GB). Where nothing is wanted per row (BCE/Focal/TopK; a region
+# loss of one class pooled over the batch) the rows are read as one; otherwise a task takes
+# whole rows, kChunk elements' worth.
+_SHORT_ROWS = [((3000,), 1), ((700, 2), 3), ((5, 7), 2), ((1,), 3), ((40,), 1)]
+
+
+@pytest.mark.parametrize(("spatial", "n_factor"), _SHORT_ROWS, ids=str)
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+def test_short_rows_match_the_reference(mode, spatial, n_factor):
+    """Rows of 1 to 14 elements, from 40 to 9000 rows: every region and pixel loss, pooled and
+    per image, with ignore_index, against the float64 reference."""
+    x, t = _inputs(mode, spatial[1:] or (1,), n=spatial[0] * n_factor, c=3, seed=21)
+    for fn in REGION.values():
+        for per_image in (False, True):
+            _compare(fn, x, t, mode=mode, per_image=per_image, rtol=5e-5)
+        ignored = t.clone()
+        ignored.view(-1)[::7] = 2
+        _compare(fn, x, ignored, mode=mode, ignore_index=2, rtol=5e-5)
+    for fn in PIXEL.values():
+        _compare(fn, x, t, mode=mode, rtol=5e-5)
+    _compare(region_pixel_loss, x, t, mode=mode, pixel="focal", rtol=5e-5)
+
+
+def test_rows_are_read_as_one_where_nothing_is_wanted_per_row(monkeypatch):
+    from dynloss.kernels.native import autograd, ffi
+
+    seen = []
+    original = ffi.native_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dims") if "dims" in kwargs else args[12])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "native_forward", spy)
+    x, t = _inputs("multilabel", (1,), n=500, c=3, seed=22)
+    xb, tb = _inputs("binary", (2,), n=500, seed=22)
+    for fn, xi, ti, kw in [(F.focal_loss, x, t, {"mode": "multilabel"}),
+                           (F.bce_loss, xb, tb, {}),
+                           (F.dice_loss, xb, tb, {}),
+                           (region_pixel_loss, xb, tb, {"pixel": "bce"})]:
+        seen.clear()
+        _run(fn, xi, ti, "native", ran=True, **kw)
+        assert seen == [(1, 1, xi.numel())], fn
+    for fn, xi, ti, kw in [(F.dice_loss, x, t, {"mode": "multilabel"}),
+                           (F.dice_loss, xb, tb, {"per_image": True})]:
+        seen.clear()
+        _run(fn, xi, ti, "native", ran=True, **kw)
+        assert seen == [tuple(xi.reshape(xi.shape[0], xi.shape[1], -1).shape)], fn
+
+
+def test_short_rows_bitwise_identical_for_any_thread_count():
+    """Whole rows per task: the same bits for 1, 2 and 3 threads (above the parallel
+    threshold: 40000 rows of 3 elements)."""
+    x, t = _inputs("multilabel", (3,), n=20000, c=2, seed=23)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append([_run(F.dice_loss, x, t, "native", mode="multilabel"),
+                            _run(region_pixel_loss, x, t, "native", mode="multilabel",
+                                 pixel="focal", per_image=True)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for (value, grad), (value0, grad0) in zip(other, results[0], strict=True):
+            assert torch.equal(value, value0) and torch.equal(grad, grad0)

@@ -818,9 +818,55 @@ static void for_each_chunk(const Args& a, int64_t rows, int64_t length, int64_t 
   }
 }
 
+// Rows shorter than kChunk: each task takes `group` whole rows (kChunk / m of them), so that a
+// task does as much work as a chunk of a long row whatever the shape (one task per row of
+// (8e6, 1, 1) cost seconds and 9 doubles of partial sums per row). The rows' region sums go
+// straight to a.region; a task's S, count and checks are summed over its rows in order, and
+// tasks are added in order: deterministic for any number of threads, like the chunks.
+template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+static void run_binary_short_rows(const Args& a, int64_t rows) {
+  const int64_t group = kChunk / a.m;
+  const int64_t tasks = (rows + group - 1) / group;
+  std::vector<double> part(BACKWARD ? 0 : tasks * kPartBinary);
+  const bool parallel = tasks > 1 && rows * a.m >= kParallelMin;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a.threads)) if (parallel)
+  for (int64_t k = 0; k < tasks; ++k) {
+    const int64_t first = k * group, last = first + group < rows ? first + group : rows;
+    if constexpr (BACKWARD) {
+      for (int64_t r = first; r < last; ++r) {
+        if (a.hard_targets) binary_backward_chunk<T, REGION, PIXEL, true>(a, r, 0, a.m);
+        else binary_backward_chunk<T, REGION, PIXEL, false>(a, r, 0, a.m);
+      }
+    } else {
+      double sum[kPartBinary] = {0};
+      for (int64_t r = first; r < last; ++r) {
+        double q[kPartBinary];
+        binary_forward<T, LOGITS, REGION, PIXEL>(a, r, 0, a.m, q);
+        if (REGION) { a.region[3 * r] = q[0]; a.region[3 * r + 1] = q[1]; a.region[3 * r + 2] = q[2]; }
+        for (int j = 3; j < kPartBinary; ++j) sum[j] += q[j];
+      }
+      std::memcpy(&part[k * kPartBinary], sum, sizeof sum);
+    }
+  }
+  if constexpr (BACKWARD) return;
+  double S = 0, count = 0, bad = 0, badx = 0, soft = 0, over = 0;
+  for (int64_t k = 0; k < tasks; ++k) {
+    const double* q = &part[k * kPartBinary];
+    S += q[3]; count += q[4]; bad += q[5]; badx += q[6]; soft += q[7]; over += q[8];
+  }
+  if (PIXEL != kPixelNone) {
+    a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
+  }
+  a.check[0] = bad; a.check[1] = badx; a.check[2] = soft; a.check[3] = over;
+}
+
 template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_binary(const Args& a) {
   const int64_t rows = a.n * a.c;
+  if (a.m > 0 && a.m <= kChunk / 2 && rows > 1) {
+    run_binary_short_rows<T, LOGITS, REGION, PIXEL, BACKWARD>(a, rows);
+    return;
+  }
   const int64_t chunks = (a.m + kChunk - 1) / kChunk;
   const int64_t tasks = rows * chunks;
   std::vector<double> part(BACKWARD ? 0 : tasks * kPartBinary);
