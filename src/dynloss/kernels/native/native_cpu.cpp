@@ -285,8 +285,10 @@ DL_INLINE float focal_terms(float b, float gamma, float& factor) {
 // compute-heavy loops waiting on memory once the inputs are out of the cache (measured: the
 // forward pass over 8 MiB cold took twice as long as a dot product over the same data, 1.5x with
 // these prefetches). Each block asks for the block kPrefetch elements ahead; a chunk first
-// asks for its first kPrefetch elements.
+// asks for its first kPrefetch elements. Not for a short range (a short row's, where a task
+// takes whole rows): its ~300 prefetches, mostly of the next rows, cost more than the row.
 constexpr int64_t kPrefetch = 2048;
+DL_INLINE bool prefetching(int64_t begin, int64_t end) { return end - begin > kChunk / 2; }
 
 template <typename T>
 DL_INLINE void prefetch_range(const T* p, int64_t count) {
@@ -330,10 +332,11 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
   const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
   double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0, dOver = 0;
-  prefetch_inputs(x, t, begin, kPrefetch);
+  const bool prefetch = prefetching(begin, end);
+  if (prefetch) prefetch_inputs(x, t, begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
-    prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
+    if (prefetch) prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
     float* dst_p = save_p ? save_p + b0 : scratch_p;
     float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
     float* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
@@ -423,10 +426,11 @@ static void binary_region_logits_avx512(const float* x, const float* t, float* s
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i spread_max = _mm512_setzero_si512(), x_max = _mm512_setzero_si512();
   double dI = 0, dP = 0, dG = 0;
-  prefetch_inputs(x, t, begin, kPrefetch);
+  const bool prefetch = prefetching(begin, end);
+  if (prefetch) prefetch_inputs(x, t, begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
-    prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
+    if (prefetch) prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
     __m512 sI = zero, sP = zero, sG = zero;
     for (int64_t i = b0; i < b1; i += 16) {
       // the lanes inside [b0, b1); the others load 0 (x = 0, g = 0) and store nothing
@@ -528,13 +532,14 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
   const float gi = REGION ? scale * a.grad_intersection[at] : 0.0f;
   const float gp = REGION ? scale * a.grad_prediction[at] : 0.0f;
   const float gs = static_cast<float>(a.grad_pixel);
+  const bool prefetch = prefetching(begin, end);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
     const int64_t ahead = b0 == begin ? 0 : kPrefetch;  // the chunk's start, then ahead
     const int64_t count = b0 == begin ? kPrefetch + kBlock : kBlock;
-    if (REGION) prefetch_range(d + b0 + ahead, count);
-    if (PIXEL != kPixelNone) prefetch_range(slope + b0 + ahead, count);
-    if (REGION && !HARD) prefetch_range(t + b0 + ahead, count);
+    if (REGION && prefetch) prefetch_range(d + b0 + ahead, count);
+    if (PIXEL != kPixelNone && prefetch) prefetch_range(slope + b0 + ahead, count);
+    if (REGION && !HARD && prefetch) prefetch_range(t + b0 + ahead, count);
 #pragma omp simd
     for (int64_t i = b0; i < b1; ++i) {
       float total = 0.0f;
