@@ -72,8 +72,10 @@ def test_composite_paper_pairs_equal_plain_sum(batch) -> None:
     for a, b in [(DiceLoss(), FocalLoss()), (IoULoss(), BCELoss()), (TverskyLoss(), BCELoss()),
                  (IoULoss(), TopKLoss())]:
         expected = a(logits, target) + b(logits, target)
+        # to float32 rounding, as documented: the fused pass sums in another order (the
+        # native region-only pass has a hand-vectorised loop of its own)
         torch.testing.assert_close(CompositeLoss([a, b])(logits, target), expected,
-                                   rtol=0, atol=0)
+                                   rtol=2.0**-22, atol=0)
 
 
 def test_composite_gradients_flow(batch) -> None:
@@ -358,7 +360,10 @@ def test_hard_switch_equals_a_ramp_of_zero_width(milestone, epochs) -> None:
         ramped.step()
     weights = list(ramped.current_weights().values())
     assert weights == ([1.0, 0.0] if switching.active_index == 0 else [0.0, 1.0])
-    assert torch.equal(switching(logits, target), ramped(logits, target))
+    # to float32 rounding: the composite's one pass sums in another order than a single loss's
+    # (see test_a_composite_of_zero_weight_gives_the_other_term)
+    torch.testing.assert_close(switching(logits, target), ramped(logits, target),
+                               rtol=2.0**-22, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])

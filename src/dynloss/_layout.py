@@ -485,6 +485,18 @@ def invalid_values(layout: Layout, ignore_index: int | None, from_logits: bool,
     if ignore_index is not None:
         return invalid_elements(layout, ignore_index, from_logits, targets).any()
     x, target = layout.x, layout.target
+    if torch.compiler.is_compiling():
+        # in a graph, reductions that are defined on empty tensors (the compiler fuses them):
+        # a branch on the size is baked in by torch.export, and aminmax of an empty batch
+        # then raised in the exported program
+        bad = ~(x.isfinite().all() if from_logits else ((x >= 0) & (x <= 1)).all())
+        if targets and target.dtype != torch.bool:
+            if layout.mode == MULTICLASS_MODE:
+                in_range = (target >= 0) & (target < layout.num_classes)
+            else:
+                in_range = (target >= 0) & (target <= 1)
+            bad = bad | ~in_range.all()
+        return bad
     bad = torch.zeros((), dtype=torch.bool, device=x.device)
     if x.numel():
         lo, hi = torch.aminmax(x)

@@ -468,10 +468,16 @@ def topk_mask(values: Tensor, n: int | Tensor) -> Tensor:
         threshold = ranked.kthvalue(m - n + 1).values
         wanted: int | Tensor = n
     else:
-        if m == 0:
+        if torch.compiler.is_compiling():  # no branch on a size a graph may bake in (export):
+            # one -inf past the end (last in the descending order below, so no index before
+            # it moves), so that the gather has an element to read in an empty batch
+            ranked_or_inf = torch.cat((ranked, ranked.new_full((1,), -math.inf)))
+        elif m == 0:
             return torch.zeros_like(values, dtype=torch.bool)
+        else:
+            ranked_or_inf = ranked
         wanted = n.clamp(0, m)
-        descending = ranked.sort(descending=True).values
+        descending = ranked_or_inf.sort(descending=True).values
         threshold = descending.gather(0, (wanted - 1).clamp_min(0).reshape(1)).squeeze(0)
         # with n == 0 nothing is taken: a threshold above every value
         threshold = torch.where(wanted > 0, threshold, math.inf)
@@ -576,6 +582,10 @@ def tversky_index_grads(
 def reduce(loss: Tensor, reduction: str) -> Tensor:
     """``loss.mean()`` (0 for an empty ``loss``), ``loss.sum()``, or ``loss`` (``"none"``)."""
     if reduction == "mean":
+        if torch.compiler.is_compiling():  # no branch on a size a graph may bake in, nor a
+            # max of sizes, which export simplifies on its assumption that a size is >= 2
+            count = torch.full((), loss.numel(), dtype=loss.dtype, device=loss.device)
+            return loss.sum() / count.clamp_min(1)
         if loss.numel() == 0:
             return loss.sum()
         return loss.mean()

@@ -145,7 +145,8 @@ def distribution_sum(layout: Layout, params: DistributionParams, checked: bool =
         loss = topk_selected(loss, valid, params.k)[0]
         count = topk_number(loss, valid, params.k)
     elif valid is None:
-        count = torch.tensor(float(loss.numel()), dtype=loss.dtype, device=loss.device)
+        # (a size, not float() of it: that fixed a symbolic size under torch.export)
+        count = torch.full((), loss.numel(), dtype=loss.dtype, device=loss.device)
     else:
         count = valid.sum().to(loss.dtype)
     return loss.sum(), count.clamp_min(1)

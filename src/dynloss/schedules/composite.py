@@ -2,6 +2,7 @@ r"""CompositeLoss: a weighted sum of losses, :math:`L = \sum_k w_k L_k`."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
@@ -113,7 +114,7 @@ class CompositeLoss(nn.Module):
         names, modules, explicit = named_losses("CompositeLoss", losses)
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
-        self.weights: list[Weight] = self._check_weights(names, weights)
+        self._weights = _Weights(self._check_weights(names, weights))
         warn_if_started("CompositeLoss", self._parts())
         # the weights as a tensor, read inside torch.compile (a float would be a constant of
         # the graph: every new scheduled value would recompile); refreshed by step() and
@@ -126,6 +127,32 @@ class CompositeLoss(nn.Module):
         self.last_terms: dict[str, Tensor] = {}
         """Unweighted value of every term at the last call, detached."""
         record_tree(self)
+
+    @property
+    def weights(self) -> list[Weight]:
+        """The weights, one per term in order (numbers and schedules). Read-only in place;
+        assign new ones (a list, or a mapping by name), which are checked as the
+        constructor's are and read by a compiled loss from then on: ``loss.weights = [1.0,
+        0.25]``."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, weights: Sequence[Weight] | Mapping[str, Weight] | None) -> None:
+        checked = _Weights(self._check_weights(self.names, weights))
+        old = self._weights
+        self._weights = checked
+        try:
+            warn_if_started("CompositeLoss", [
+                part for part in self._parts() if not any(part[1] is w for w in old)])
+        finally:
+            self._refresh_weight_values()
+            record_tree(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "weights" in state and "_weights" not in state:  # pickled by dynloss 0.1.0
+            state = dict(state)
+            state["_weights"] = _Weights(state.pop("weights"))
+        super().__setstate__(state)
 
     @staticmethod
     def _check_weights(names: list[str], weights: object) -> list[Weight]:
@@ -410,6 +437,31 @@ class CompositeLoss(nn.Module):
         if all(not isinstance(w, WeightSchedule) and w == 1.0 for w in self.weights):
             return f"CompositeLoss({losses})"
         return f"CompositeLoss({losses}, weights=[{', '.join(repr(w) for w in self.weights)}])"
+
+
+class _Weights(list):
+    """A composite's weights: a list that refuses changes in place (a change goes through
+    :attr:`CompositeLoss.weights`' setter, which checks it and refreshes what
+    ``torch.compile`` reads)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError("CompositeLoss.weights cannot be changed in place: assign a new list "
+                        "(loss.weights = [...]), which is checked and read by a compiled loss "
+                        "too")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Weights, (list(self),))
+
+    def __copy__(self) -> _Weights:
+        return _Weights(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Weights:
+        return _Weights(copy.deepcopy(list(self), memo))
 
 
 def _scheduled(name: str, schedule: WeightSchedule) -> float:

@@ -1,0 +1,105 @@
+"""``CompositeLoss.weights`` after construction: assigning new weights is checked as the
+constructor checks them and is what ``torch.compile`` reads; changing the list in place is a
+``TypeError`` that says how to change it.
+
+Found by a review under torch.compile: ``loss.weights[1] = 0.0`` (or ``loss.weights = [...]``)
+changed the eager loss but not a compiled one (it reads the weights from a buffer that only
+``step()`` and ``load_state_dict()`` refreshed), and a negative weight was taken silently
+(the constructor refuses it)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from dynloss import BCELoss, CompositeLoss, DiceLoss
+from dynloss.schedules import LinearRamp
+
+
+def _case():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((2, 1, 6, 6), generator=gen), (
+        torch.rand((2, 1, 6, 6), generator=gen) > 0.5).float()
+
+
+def _weighted(weights):
+    x, t = _case()
+    return weights[0] * DiceLoss()(x, t) + weights[1] * BCELoss()(x, t)
+
+
+def test_assigned_weights_are_what_a_compiled_loss_uses():
+    loss = CompositeLoss([DiceLoss(), BCELoss()])
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    x, t = _case()
+    torch.testing.assert_close(compiled(x, t), _weighted([1.0, 1.0]))
+    loss.weights = [1.0, 0.25]
+    torch.testing.assert_close(loss(x, t), _weighted([1.0, 0.25]))
+    torch.testing.assert_close(compiled(x, t), _weighted([1.0, 0.25]))
+    loss.weights = {"dice": 0.5, "bce": LinearRamp(0, 2)}
+    assert loss.current_weights() == {"dice": 0.5, "bce": 0.0}
+    torch.testing.assert_close(compiled(x, t), _weighted([0.5, 0.0]))
+    loss.step()
+    torch.testing.assert_close(compiled(x, t), _weighted([0.5, 0.5]))
+    assert repr(loss) == ("CompositeLoss([DiceLoss(), BCELoss()], "
+                          "weights=[0.5, LinearRamp(start=0, end=2)])")
+
+
+def test_assigned_weights_are_checked_and_a_refused_one_changes_nothing():
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, 0.5])
+    with pytest.raises(ValueError, match="weight of 'bce'"):
+        loss.weights = [1.0, -3.0]
+    with pytest.raises(ValueError, match="weight of 'dice'"):
+        loss.weights = [float("nan"), 1.0]
+    with pytest.raises(ValueError, match="got 3 weights for 2 losses"):
+        loss.weights = [1.0, 1.0, 1.0]
+    with pytest.raises(TypeError, match="weight of 'bce' must be a real number"):
+        loss.weights = [1.0, "0.5"]
+    assert loss.weights == [1.0, 0.5]
+    torch.testing.assert_close(loss(*_case()), _weighted([1.0, 0.5]))
+
+
+def test_changing_the_weights_in_place_says_how_to_change_them():
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, 0.5])
+    message = r"CompositeLoss.weights cannot be changed in place: assign a new list"
+    with pytest.raises(TypeError, match=message):
+        loss.weights[1] = 0.0
+    for change in (lambda w: w.append(1.0), lambda w: w.pop(), lambda w: w.clear(),
+                   lambda w: w.extend([1.0]), lambda w: w.sort(), lambda w: w.__delitem__(0),
+                   lambda w: w.__iadd__([1.0])):
+        with pytest.raises(TypeError, match=message):
+            change(loss.weights)
+    assert loss.weights == [1.0, 0.5] and list(loss.weights) == [1.0, 0.5]
+    torch.testing.assert_close(loss(*_case()), _weighted([1.0, 0.5]))
+
+
+def test_weights_survive_copies_and_pickles():
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, LinearRamp(0, 4)])
+    loss.step()
+    for other in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss))):
+        assert other.current_weights() == {"dice": 1.0, "bce": 0.25}
+        with pytest.raises(TypeError, match="cannot be changed in place"):
+            other.weights[0] = 2.0
+        other.step()
+        assert other.current_weights() == {"dice": 1.0, "bce": 0.5}
+    buffer = io.BytesIO()
+    torch.save(loss, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(*_case()), loss(*_case()))
+
+
+def test_a_module_pickled_with_a_plain_weights_list_loads():
+    """A CompositeLoss pickled by 0.1.0 held ``weights`` in its ``__dict__``."""
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, 0.5])
+    state = loss.__dict__.copy()
+    state["weights"] = list(state.pop("_weights"))
+    old = CompositeLoss.__new__(CompositeLoss)
+    old.__setstate__(state)
+    assert old.weights == [1.0, 0.5]
+    torch.testing.assert_close(old(*_case()), loss(*_case()))
+    with pytest.raises(TypeError, match="cannot be changed in place"):
+        old.weights[0] = 2.0
