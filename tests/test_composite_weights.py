@@ -103,3 +103,40 @@ def test_a_module_pickled_with_a_plain_weights_list_loads():
     torch.testing.assert_close(old(*_case()), loss(*_case()))
     with pytest.raises(TypeError, match="cannot be changed in place"):
         old.weights[0] = 2.0
+
+
+def test_a_copy_sent_to_another_process_has_a_buffer_of_its_own():
+    """torch.multiprocessing moves a module's buffers to shared memory: a loss sent to a worker
+    (a sweep, mp.spawn) shared the buffer a compiled loss reads its weights from, so the
+    worker's steps changed the parent's compiled loss (found by a review of losses across
+    processes). Pickled as torch.multiprocessing pickles, in one process."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # (registers torch's reductions)
+
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, LinearRamp(0, 4)])
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    x, t = _case()
+    child = pickle.loads(ForkingPickler.dumps(loss))
+    for _ in range(4):
+        child.step()
+    assert child.current_weights() == {"dice": 1.0, "bce": 1.0}
+    torch.testing.assert_close(compiled(x, t), _weighted([1.0, 0.0]))
+    torch.testing.assert_close(torch.compile(child, backend="aot_eager")(x, t),
+                               _weighted([1.0, 1.0]))
+    loss.step()  # and the other way round
+    torch.testing.assert_close(torch.compile(child, backend="aot_eager")(x, t),
+                               _weighted([1.0, 1.0]))
+
+
+def test_a_loss_built_under_inference_mode_steps():
+    """Its weights' buffer was an inference tensor: every step() raised after the counters had
+    moved (a retry then stepped twice)."""
+    with torch.inference_mode():
+        loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, LinearRamp(0, 4)])
+    loss.step()
+    assert loss.count == 1 and loss.current_weights() == {"dice": 1.0, "bce": 0.25}
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*_case()), _weighted([1.0, 0.25]))
+    loss.weights = [0.5, 0.5]
+    torch.testing.assert_close(compiled(*_case()), _weighted([0.5, 0.5]))

@@ -73,10 +73,11 @@ class CompositeLoss(nn.Module):
 
     After every call, :attr:`last_terms` maps each term's name to its *unweighted* value as a
     detached tensor (nested composites add ``"outer.inner"`` entries), for logging without a
-    device synchronisation. :meth:`step` advances the weight schedules (and nested schedules);
-    call it once per epoch, or per optimizer step, like an LR scheduler. A weight of exactly 1.0
-    adds the term unchanged; every term is computed even when its weight is 0, so
-    ``last_terms`` is always complete.
+    device synchronisation; it is the module's, so one module called from several threads at
+    once holds the terms of whichever call ended last. :meth:`step` advances the weight
+    schedules (and nested schedules); call it once per epoch, or per optimizer step, like an LR
+    scheduler. A weight of exactly 1.0 adds the term unchanged; every term is computed even
+    when its weight is 0, so ``last_terms`` is always complete.
 
     ``state_dict()`` holds the counter and the schedules' counters; ``repr()`` is a
     :func:`~dynloss.build_loss` spec of the same loss.
@@ -153,6 +154,12 @@ class CompositeLoss(nn.Module):
             state = dict(state)
             state["_weights"] = _Weights(state.pop("weights"))
         super().__setstate__(state)
+        # a buffer of its own: torch.multiprocessing hands a module's buffers over in shared
+        # memory, and this one is written in place at every step (another process's steps
+        # would change the weights a compiled loss reads here)
+        self._weight_values = self._weight_values.clone()
+        if not self._weight_values.is_meta:
+            self._refresh_weight_values()
 
     @staticmethod
     def _check_weights(names: list[str], weights: object) -> list[Weight]:
@@ -297,9 +304,15 @@ class CompositeLoss(nn.Module):
         return self
 
     def _refresh_weight_values(self) -> None:
+        values = torch.tensor(list(self.current_weights().values()), dtype=torch.float64)
+        buffer = self._weight_values
+        if buffer.is_inference() and not torch.is_inference_mode_enabled():
+            # built under torch.inference_mode: an inference tensor is not written in place
+            # outside it (the step would raise after its counters moved)
+            self._weight_values = values.to(buffer.device)
+            return
         with torch.no_grad():
-            self._weight_values.copy_(torch.tensor(list(self.current_weights().values()),
-                                                   dtype=torch.float64))
+            buffer.copy_(values)
 
     def _compiled_forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The weighted sum inside ``torch.compile`` (and ``torch.jit.trace``): weights from

@@ -169,7 +169,8 @@ class SwitchingLoss(nn.Module):
           A loss also used elsewhere in the tree (a term of a composite above, or part of
           both the stage left and the stage entered) is in use and goes on undisturbed.
         - :attr:`last_terms`: ``{stage_name: value}`` (detached) after each call, plus the
-          stage's own ``last_terms`` as ``"stage.term"`` entries.
+          stage's own ``last_terms`` as ``"stage.term"`` entries (the module's: with calls
+          from several threads at once, those of the call that ended last).
         - ``state_dict()`` holds the counters, the active stage, the switch history and the
           triggers' history (``torch.load(weights_only=True)``-safe); loading it resumes the
           exact sequence. A state that does not fit this loss, holds a wrong type or is
