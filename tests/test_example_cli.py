@@ -470,3 +470,14 @@ def test_the_closing_note_of_a_phantom_data_dir_names_the_data_dir(capsys, tmp_p
             "claims.")
     assert lines[0] == lines[-1] == note
     assert not any("no --data-dir/--download given" in line for line in lines)
+
+
+def test_the_help_gives_each_default_once_and_never_none():
+    """``--help`` added "(default: None)" after every option whose default comes from the
+    preset, also after help that states the real one ("(default 10) (default: None)")."""
+    text = msd_colon.parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    flat = " ".join(text.split())
+    assert "number of volumes (default 10)" in flat
+    for line in flat.split(" --")[1:]:
+        assert line.count("(default") <= 1, line

@@ -581,3 +581,47 @@ def test_cxx_an_unquoted_path_with_spaces_is_still_one_program(monkeypatch, tmp_
     assert build.compiler_command() != [str(program), "-DX"]
     monkeypatch.setenv("CXX", f"'{program}' -DX")
     assert build.compiler_command() == [str(program), "-DX"]
+
+
+# ------------------------------------------------------------ found by a review as a new user
+def test_a_cached_library_loads_without_a_usable_temporary_directory(built_cache, tmp_path):
+    """A read-only root file system (a container) with a writable cache: the temporary
+    directory, only needed for the last way of opening a library, was looked up first, and its
+    FileNotFoundError turned a valid cached build into the torch fallback."""
+    (library,) = _libraries(built_cache)
+    cxx = _handing_out(tmp_path, library)
+    code = textwrap.dedent("""
+        import tempfile
+        import torch
+        def nowhere():
+            raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp']")
+        tempfile.gettempdir = nowhere
+    """) + REPORT
+    report, _ = _finish(_start(built_cache, cxx, code=code))
+    assert report["status"] == ""
+    assert report["native"] == pytest.approx(report["reference"], rel=1e-6)
+    assert _compiles(cxx) == []
+
+
+def test_without_a_home_directory_the_cache_says_how_to_choose_one(monkeypatch, tmp_path):
+    """No $HOME and no passwd entry (an arbitrary-UID container): the cache went to a folder
+    named "~" under the working directory. A relative DYNLOSS_CACHE_DIR is taken from the
+    working directory once, as an absolute path."""
+    for name in ("HOME", "DYNLOSS_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
+    with pytest.raises(RuntimeError, match=r"no home directory to keep the native build in "
+                       r"\(\$HOME is not set\): set DYNLOSS_CACHE_DIR"):
+        build.cache_dir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DYNLOSS_CACHE_DIR", "relative/cache")
+    assert build.cache_dir() == tmp_path / "relative" / "cache"
+
+
+@pytest.mark.parametrize("value", ["flase", "garbage", "2"])
+def test_an_unknown_dynloss_native_value_is_said(monkeypatch, value):
+    monkeypatch.setenv("DYNLOSS_NATIVE", value)
+    with pytest.warns(RuntimeWarning, match=f"DYNLOSS_NATIVE={value!r} is neither on "
+                      r"\(1, true, on, yes\) nor off \(0, false, off, no\): the native kernels "
+                      "stay on"):
+        assert build._disabled() is False

@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,23 @@ class Plan:
 
 
 def cache_dir() -> Path:
-    """Where compiled libraries are kept: ``$DYNLOSS_CACHE_DIR`` (``~`` expanded), else
-    ``$XDG_CACHE_HOME/dynloss`` (when absolute, as the XDG specification asks), else
-    ``~/.cache/dynloss``."""
+    """Where compiled libraries are kept: ``$DYNLOSS_CACHE_DIR`` (``~`` expanded; a relative
+    path from the working directory), else ``$XDG_CACHE_HOME/dynloss`` (when absolute, as the
+    XDG specification asks), else ``~/.cache/dynloss``.
+
+    Raises:
+        RuntimeError: none is set and there is no home directory (no ``$HOME``, no passwd
+            entry: an arbitrary-UID container), where ``~`` stayed a folder named ``~``.
+    """
     if os.environ.get("DYNLOSS_CACHE_DIR"):
-        return Path(os.path.expanduser(os.environ["DYNLOSS_CACHE_DIR"]))
+        return Path(os.path.expanduser(os.environ["DYNLOSS_CACHE_DIR"])).absolute()
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), ".cache")
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):
+            raise RuntimeError("no home directory to keep the native build in ($HOME is not "
+                               "set): set DYNLOSS_CACHE_DIR to a writable directory")
+        base = os.path.join(home, ".cache")
     return Path(base) / "dynloss"
 
 
@@ -416,14 +426,20 @@ def _open_anywhere(path: Path) -> ctypes.CDLL:
     Raises:
         LoadFailure: none of them could be opened; the message gives each reason.
     """
-    attempts = [("", lambda: _open(path)), ("", lambda: _open_copy(path, path.parent))]
-    temporary = Path(tempfile.gettempdir())
-    if temporary.resolve() != path.parent.resolve():
-        attempts.append((str(temporary), lambda: _open_copy(path, temporary)))
+    def in_temporary() -> tuple[str, ctypes.CDLL]:
+        # looked up only now: a read-only root file system has no temporary directory
+        # (FileNotFoundError), which must not stop the cache's own library from loading
+        temporary = Path(tempfile.gettempdir())
+        if temporary.resolve() == path.parent.resolve():
+            raise OSError("the temporary directory is the cache directory")
+        return str(temporary), _open_copy(path, temporary)
+
+    attempts = [lambda: ("", _open(path)), lambda: ("", _open_copy(path, path.parent)),
+                in_temporary]
     errors = []
-    for elsewhere, attempt in attempts:
+    for attempt in attempts:
         try:
-            lib = attempt()
+            elsewhere, lib = attempt()
         except (OSError, RuntimeError, AttributeError) as error:
             errors.append(str(error))
             continue
@@ -452,9 +468,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_OFF = ("0", "false", "off", "no", "none", "disable", "disabled")
+_ON = ("", "1", "true", "on", "yes", "enable", "enabled")
+
+
 def _disabled() -> bool:
-    return os.environ.get("DYNLOSS_NATIVE", "1").strip().lower() in (
-        "0", "false", "off", "no", "none", "disable", "disabled")
+    """Whether ``DYNLOSS_NATIVE`` turns the kernels off; a value that is neither on nor off
+    (a typo: ``flase``) leaves them on and says so."""
+    value = os.environ.get("DYNLOSS_NATIVE", "1").strip()
+    if value.lower() in _OFF:
+        return True
+    if value.lower() not in _ON:
+        warnings.warn(f"dynloss: DYNLOSS_NATIVE={value!r} is neither on (1, true, on, yes) nor "
+                      "off (0, false, off, no): the native kernels stay on", RuntimeWarning,
+                      stacklevel=2)
+    return False
 
 
 def _load() -> ctypes.CDLL:
