@@ -140,3 +140,40 @@ def test_a_loss_built_under_inference_mode_steps():
     torch.testing.assert_close(compiled(*_case()), _weighted([1.0, 0.25]))
     loss.weights = [0.5, 0.5]
     torch.testing.assert_close(compiled(*_case()), _weighted([0.5, 0.5]))
+
+
+def test_a_refused_schedule_leaves_the_weights_as_they_were():
+    """A custom schedule whose value is no weight (NaN) was assigned before its value was
+    checked: the setter raised, yet the loss held it and every later call raised."""
+    from dynloss.schedules import WeightSchedule
+
+    class Broken(WeightSchedule):
+        def value_at(self, t: int) -> float:
+            return float("nan")
+
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, 0.5])
+    with pytest.raises(ValueError, match="weight of 'dice'"):
+        loss.weights = [Broken(), 1.0]
+    assert loss.weights == [1.0, 0.5]
+    torch.testing.assert_close(loss(*_case()), _weighted([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("stepped", ["schedule", "nested loss"])
+def test_assigning_weights_does_not_excuse_a_part_stepped_elsewhere(stepped):
+    """The setter recorded every part's count anew: a schedule or nested loss stepped by hand
+    (or by another loss) before the assignment went unnoticed at the next step."""
+    from dynloss import SwitchingLoss
+
+    switch = SwitchingLoss([BCELoss(), DiceLoss()], milestones=[3])
+    ramp = LinearRamp(0, 4)
+    loss = CompositeLoss([switch, BCELoss()], [ramp, 0.5])
+    loss.step()
+    (ramp if stepped == "schedule" else switch).step()
+    loss.weights = [ramp, 0.25]
+    with pytest.raises(ValueError, match="was stepped elsewhere"):
+        loss.step()
+    fresh = LinearRamp(0, 4)
+    loss.weights = [fresh, 0.25]  # a new schedule is recorded as it is
+    if stepped == "schedule":
+        loss.step()
+        assert fresh.count == 1

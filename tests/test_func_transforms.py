@@ -185,3 +185,48 @@ def test_the_recorder_names_what_transforms_a_call():
         seen.append(recorder(fwAD.make_dual(x, x)))
     assert seen == ["torch.func", "torch.func", "forward-mode AD"]
     assert recorder(x) is None
+
+
+@pytest.mark.parametrize("backend", ["auto", *FUSED])
+def test_torch_compile_around_a_transform_gives_the_reference_derivative(backend):
+    """Under torch.compile around torch.func.jvp (or a dual level) the call is traced under
+    both: dispatch asked "compiling?" first and took the compilable Triton kernels, which have
+    no forward-mode rule: a tangent of 0 (jvp) or None (dual level), silently."""
+    x, target = seeded_case("binary", (2, 4, 4), seed=18)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    for name in ("dice", "focal"):
+        loss = make_loss(name, "binary", backend)
+        want = (_eager_grad(make_loss(name, "binary", "reference"), x, target) * direction).sum()
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda v, loss=loss: jvp(lambda u: loss(u, target), (v,),
+                                                          (direction,)), backend="aot_eager")
+        torch.testing.assert_close(compiled(x)[1], want, rtol=1e-5, atol=1e-6)
+
+        def dual(v, loss=loss):
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(loss(fwAD.make_dual(v, direction), target)).tangent
+
+        torch._dynamo.reset()
+        tangent = torch.compile(dual, backend="aot_eager")(x)
+        assert tangent is not None, name
+        torch.testing.assert_close(tangent, want, rtol=1e-5, atol=1e-6)
+
+
+def test_last_terms_are_empty_after_a_call_under_a_transform():
+    """Under vmap the terms are batched tensors of the transform: kept in last_terms, every
+    later use of them raised ("tensor may have escaped from inside a function being
+    vmapped", an internal assert in torch.stack). An eager call fills them again."""
+    x, target = seeded_case("binary", (3, 4, 4), seed=19)
+    switch = SwitchingLoss([CompositeLoss([DiceLoss(), BCELoss()]), DiceLoss()],
+                           milestones=[5])
+    for loss in (CompositeLoss([DiceLoss(), BCELoss()], [0.5, 1.0]),
+                 CompositeLoss([DiceLoss(), FocalLoss(), BCELoss()]), switch):
+        loss(x, target)
+        names = sorted(loss.last_terms)
+        vmap(lambda v, t, loss=loss: loss(v[None], t[None]))(x, target)
+        assert loss.last_terms == {}
+        grad(lambda v, loss=loss: loss(v, target))(x)
+        assert loss.last_terms == {}
+        loss(x, target)
+        assert sorted(loss.last_terms) == names
+        assert torch.stack(list(loss.last_terms.values())).isfinite().all()

@@ -75,7 +75,9 @@ def probabilities(x: Tensor, mode: str, from_logits: bool) -> Tensor:
     ``jvp``, which ``torch.compile`` cannot trace, are used there only)."""
     if not from_logits:
         return x
-    forward = recorder(x) in FORWARD_DERIVATIVES
+    # (Functions with a jvp only outside torch.compile, which cannot trace one and forms the
+    # forward derivative of these Functions itself)
+    forward = recorder(x) in FORWARD_DERIVATIVES and not torch.compiler.is_compiling()
     if not (forward or (torch.is_grad_enabled() and x.requires_grad)):
         return x.softmax(dim=1) if mode == MULTICLASS_MODE else x.sigmoid()
     if mode == MULTICLASS_MODE:

@@ -34,15 +34,20 @@ def recorder(tensor: Tensor) -> str | None:
     tensors (None when nothing does): ``"torch.compile"`` (also for a FakeTensor),
     ``"torch.jit.trace"``, ``"torch.func"`` (a transform of :mod:`torch.func`: ``grad``,
     ``vmap``, ``jvp``, ``jacrev``, ...) or ``"forward-mode AD"`` (a
-    :func:`torch.autograd.forward_ad.dual_level` is open)."""
-    if torch.compiler.is_compiling() or is_fake(tensor):
-        return "torch.compile"
-    if torch.jit.is_tracing():
-        return "torch.jit.trace"
+    :func:`torch.autograd.forward_ad.dual_level` is open: torch's dual levels are the
+    process's, so a level open in another thread counts too; the answer is then the
+    reference's, only slower). A transform is named before ``torch.compile``, which may trace
+    one."""
+    # the transforms first: torch.compile around a torch.func.jvp traces the call under both,
+    # and a compilable backend without forward-mode rules gave a tangent of 0 there
     if _functorch_level() is not None:
         return "torch.func"
     if getattr(_forward_ad, "_current_level", -1) >= 0:
         return "forward-mode AD"
+    if torch.compiler.is_compiling() or is_fake(tensor):
+        return "torch.compile"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
     return None
 
 

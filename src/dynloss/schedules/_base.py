@@ -17,10 +17,18 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from .._checks import check_non_negative
+from .._recorder import recorder
 from .._warn import caller_stacklevel
 from ..distributed import check_metric, metric_value
 
 __all__ = ["call_repr", "check_count", "check_state", "check_weight", "state_int", "state_real"]
+
+
+def loggable(terms: dict[str, Tensor], input: Tensor) -> dict[str, Tensor]:
+    """A call's ``last_terms``: ``terms``, or nothing under a :mod:`torch.func` transform,
+    whose values (batched under ``vmap``) must not leave it: kept, they broke every later use
+    ("tensor may have escaped from inside a function being vmapped")."""
+    return {} if recorder(input) == "torch.func" else terms
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> int:
@@ -108,6 +116,23 @@ def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
     part)``), as :func:`record_tree` finds them (see :func:`check_parts`)."""
     recorded = []
     for label, part in parts:
+        entry = _entry(part)
+        if entry is not None:
+            recorded.append((label, part, entry[0], entry[1]))
+    module._recorded = recorded  # type: ignore[assignment]
+
+
+def record_added(module: nn.Module, parts: list[tuple[str, object]]) -> None:
+    """:func:`record` for the parts ``module`` had not recorded (a schedule assigned by hand),
+    keeping what it recorded of the others: a new record would excuse the steps they were
+    given elsewhere since."""
+    before = {id(part): (token, then)
+              for _, part, token, then in getattr(module, "_recorded", ())}
+    recorded = []
+    for label, part in parts:
+        if id(part) in before:
+            recorded.append((label, part, *before[id(part)]))
+            continue
         entry = _entry(part)
         if entry is not None:
             recorded.append((label, part, entry[0], entry[1]))

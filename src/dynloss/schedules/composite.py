@@ -24,10 +24,12 @@ from ._base import (
     in_use,
     load_all_or_nothing,
     load_parts,
+    loggable,
     losses_repr,
     metric_triggers,
     named_losses,
     record,
+    record_added,
     record_tree,
     state_error,
     state_int,
@@ -140,14 +142,17 @@ class CompositeLoss(nn.Module):
     @weights.setter
     def weights(self, weights: Sequence[Weight] | Mapping[str, Weight] | None) -> None:
         checked = _Weights(self._check_weights(self.names, weights))
-        old = self._weights
+        added: list[tuple[str, object]] = []
+        for name, weight in zip(self.names, checked, strict=True):
+            if isinstance(weight, WeightSchedule):
+                _scheduled(name, weight)  # its value now: refused before anything changes
+                if not any(weight is old for old in self._weights):
+                    added.append((f"the weight schedule of {name!r}", weight))
+        warn_if_started("CompositeLoss", added)
         self._weights = checked
-        try:
-            warn_if_started("CompositeLoss", [
-                part for part in self._parts() if not any(part[1] is w for w in old)])
-        finally:
-            self._refresh_weight_values()
-            record_tree(self)
+        self._refresh_weight_values()
+        # the schedules kept keep their record: a step taken elsewhere is still refused
+        record_added(self, self._parts())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "weights" in state and "_weights" not in state:  # pickled by dynloss 0.1.0
@@ -273,8 +278,8 @@ class CompositeLoss(nn.Module):
             params, swapped = fused
             combined, region, distribution = composite_loss(input, target, params)
             values = (distribution, region) if swapped else (region, distribution)
-            self.last_terms = {name: value.detach()
-                               for name, value in zip(self.terms, values, strict=True)}
+            self.last_terms = loggable({name: value.detach() for name, value
+                                        in zip(self.terms, values, strict=True)}, input)
             return combined
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
@@ -287,7 +292,7 @@ class CompositeLoss(nn.Module):
                 terms.update({f"{name}.{key}": term for key, term in nested.items()})
             weighted = scaled(weight, value)
             total = weighted if total is None else total + weighted
-        self.last_terms = terms
+        self.last_terms = loggable(terms, input)
         assert total is not None
         return total
 
@@ -330,7 +335,7 @@ class CompositeLoss(nn.Module):
                 terms.update({f"{name}.{key}": term for key, term in nested.items()})
             weighted = value * weight.to(value.dtype)
             total = weighted if total is None else total + weighted
-        self.last_terms = terms
+        self.last_terms = loggable(terms, input)
         assert total is not None
         return total
 

@@ -26,6 +26,7 @@ from ._base import (
     in_use,
     load_all_or_nothing,
     load_parts,
+    loggable,
     losses_repr,
     metric_triggers,
     named_losses,
@@ -301,7 +302,7 @@ class SwitchingLoss(nn.Module):
         nested = getattr(loss, "last_terms", None)
         if isinstance(nested, dict):
             terms.update({f"{name}.{key}": term for key, term in nested.items()})
-        self.last_terms = terms
+        self.last_terms = loggable(terms, input)
         return value
 
     def on_switch(self, callback: SwitchCallback) -> SwitchCallback:
