@@ -625,3 +625,24 @@ def test_an_unknown_dynloss_native_value_is_said(monkeypatch, value):
                       r"\(1, true, on, yes\) nor off \(0, false, off, no\): the native kernels "
                       "stay on"):
         assert build._disabled() is False
+
+
+def test_without_a_home_directory_the_fallback_says_so_once(tmp_path):
+    """The status names the setting, and no configuration is compiled or reported as failed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOME", "DYNLOSS_CACHE_DIR", "XDG_CACHE_HOME", "DYNLOSS_NATIVE")}
+    env["PYTHONPATH"] = SRC
+    code = textwrap.dedent("""
+        import json, os, warnings
+        os.path.expanduser = lambda path: path  # no $HOME, no passwd entry
+        from dynloss.kernels import native_status
+        print(json.dumps({"status": native_status()}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout.strip().splitlines()[-1])["status"]
+    assert status.endswith("no home directory to keep the native build in ($HOME is not set): "
+                           "set DYNLOSS_CACHE_DIR to a writable directory"), status
+    assert "failed" not in done.stderr and START not in done.stderr, done.stderr
+    assert not (tmp_path / "~").exists()

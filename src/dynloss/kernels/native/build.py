@@ -489,6 +489,7 @@ def _load() -> ctypes.CDLL:
     cxx = compiler_command()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+    cache_dir()  # no cache directory to be had (no home): said once, not once per configuration
     version = _run([*cxx, "--version"], what=f"{shlex.join(cxx)} --version",
                    timeout=min(_timeout(), 60.0), check=False)
     if len(cxx) > 1:  # the words after the program in $CXX (flags, a launcher's compiler)
