@@ -94,15 +94,22 @@ def test_weights_survive_copies_and_pickles():
 
 def test_a_module_pickled_with_a_plain_weights_list_loads():
     """A CompositeLoss pickled by 0.1.0 held ``weights`` in its ``__dict__``."""
-    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, 0.5])
+    loss = CompositeLoss([DiceLoss(), BCELoss()], [1.0, LinearRamp(0, 4)])
+    loss.step()
     state = loss.__dict__.copy()
     state["weights"] = list(state.pop("_weights"))
+    state["_buffers"] = {}  # 0.1.0 had no weights buffer (step() then failed on it)
+    for key in ("_recorded", "_explicit_names"):
+        state.pop(key, None)
     old = CompositeLoss.__new__(CompositeLoss)
     old.__setstate__(state)
-    assert old.weights == [1.0, 0.5]
-    torch.testing.assert_close(old(*_case()), loss(*_case()))
+    assert old.current_weights() == {"dice": 1.0, "bce": 0.25}
+    torch.testing.assert_close(old(*_case()), _weighted([1.0, 0.25]))
     with pytest.raises(TypeError, match="cannot be changed in place"):
         old.weights[0] = 2.0
+    old.step()
+    compiled = torch.compile(old, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*_case()), _weighted([1.0, 0.5]))
 
 
 def test_a_copy_sent_to_another_process_has_a_buffer_of_its_own():
@@ -177,3 +184,19 @@ def test_assigning_weights_does_not_excuse_a_part_stepped_elsewhere(stepped):
     if stepped == "schedule":
         loss.step()
         assert fresh.count == 1
+
+
+def test_an_assigned_constant_schedule_is_not_said_to_be_started():
+    """The constructor says nothing of a Constant at a count other than 0 (it has one value at
+    every count); the setter warned."""
+    import warnings
+
+    from dynloss.schedules import Constant
+
+    constant = Constant(0.5)
+    constant.step()
+    loss = CompositeLoss([DiceLoss(), BCELoss()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompositeLoss([DiceLoss(), BCELoss()], [1.0, constant])
+        loss.weights = [1.0, constant]

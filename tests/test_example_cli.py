@@ -479,5 +479,6 @@ def test_the_help_gives_each_default_once_and_never_none():
     assert "(default: None)" not in text and "(default: False)" not in text
     flat = " ".join(text.split())
     assert "number of volumes (default 10)" in flat
+    assert "DataLoader worker processes (default: 0)" in flat  # a default of 0 is one
     for line in flat.split(" --")[1:]:
         assert line.count("(default") <= 1, line

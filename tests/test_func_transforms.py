@@ -207,9 +207,22 @@ def test_torch_compile_around_a_transform_gives_the_reference_derivative(backend
                 return fwAD.unpack_dual(loss(fwAD.make_dual(v, direction), target)).tangent
 
         torch._dynamo.reset()
-        tangent = torch.compile(dual, backend="aot_eager")(x)
+        tangent = torch.compile(dual, backend="aot_eager", fullgraph=True)(x)
         assert tangent is not None, name
         torch.testing.assert_close(tangent, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_loss_called_while_a_dual_level_is_open_stays_one_graph():
+    """A dual level is the process's: with one open (here, or in another thread) a compiled
+    loss on plain tensors read the values on the host, a graph break (an error with
+    fullgraph=True)."""
+    x, target = seeded_case("multiclass", (2, 4, 4), seed=20)
+    loss = CompositeLoss([DiceLoss(mode="multiclass"), FocalLoss(mode="multiclass")])
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    with fwAD.dual_level():
+        value = compiled(x, target)
+    torch.testing.assert_close(value, loss(x, target))
 
 
 def test_last_terms_are_empty_after_a_call_under_a_transform():

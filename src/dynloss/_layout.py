@@ -40,7 +40,7 @@ import struct
 import torch
 from torch import Tensor
 
-from ._recorder import CHECKED_IN_GRAPH, recorder
+from ._recorder import checked_in_graph
 from .constants import BINARY_MODE, MULTICLASS_MODE, MULTILABEL_MODE
 
 __all__ = ["Layout", "check_class_indices", "check_values", "compute_dtype", "ignore_index_for",
@@ -363,9 +363,10 @@ def float32_target(target: Tensor, ignore_index: int | None) -> Tensor:
 
 def should_check_values(check_values: bool | None, input: Tensor) -> bool:
     """Whether the eager value checks run: ``None`` means where it is free (CPU tensors);
-    never inside ``torch.compile`` or a :mod:`torch.func` transform (:data:`CHECKED_IN_GRAPH`),
-    nor on meta or fake tensors, which hold no values."""
-    if recorder(input) in CHECKED_IN_GRAPH:
+    never inside ``torch.compile`` or a :mod:`torch.func` transform
+    (:func:`~dynloss._recorder.checked_in_graph`), nor on meta or fake tensors, which hold no
+    values."""
+    if checked_in_graph(input):
         return False
     if check_values is None:
         return input.device.type == "cpu"

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch._C._functorch import maybe_current_level as _functorch_level
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["CHECKED_IN_GRAPH", "FORWARD_DERIVATIVES", "is_fake", "recorder"]
+__all__ = ["CHECKED_IN_GRAPH", "FORWARD_DERIVATIVES", "checked_in_graph", "is_fake", "recorder"]
 
 CHECKED_IN_GRAPH = ("torch.compile", "torch.func")
 """The recorders (:func:`recorder`) under which no value is read on the host: a graph or a
@@ -49,6 +49,15 @@ def recorder(tensor: Tensor) -> str | None:
     if torch.jit.is_tracing():
         return "torch.jit.trace"
     return None
+
+
+def checked_in_graph(tensor: Tensor) -> bool:
+    """Whether no value may be read on the host for this call: under a recorder of
+    :data:`CHECKED_IN_GRAPH`, and whenever ``torch.compile`` traces (also while a transform
+    or a dual level, which :func:`recorder` names first, is open: a host read there broke the
+    graph)."""
+    return (torch.compiler.is_compiling() or is_fake(tensor)
+            or recorder(tensor) in CHECKED_IN_GRAPH)
 
 
 FORWARD_DERIVATIVES = ("torch.func", "forward-mode AD")

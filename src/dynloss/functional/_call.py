@@ -25,7 +25,7 @@ from .._layout import (
 )
 from .._math import scaled
 from .._params import CompositeParams, DistributionParams, RegionParams
-from .._recorder import CHECKED_IN_GRAPH, recorder
+from .._recorder import checked_in_graph, recorder
 from ..constants import MULTICLASS_MODE
 from ..kernels.capabilities import Backend, Need
 from ..kernels.dispatch import select
@@ -103,7 +103,7 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
         if checked:
             check_values(layout, ignore_index, from_logits)
         elif (mode == MULTICLASS_MODE and input.device.type == "cpu"
-              and recorder(input) not in CHECKED_IN_GRAPH):
+              and not checked_in_graph(input)):
             classes = True
             check_class_indices(layout, ignore_index)
     if key is not None and plans is not None:

@@ -146,7 +146,8 @@ class CompositeLoss(nn.Module):
         for name, weight in zip(self.names, checked, strict=True):
             if isinstance(weight, WeightSchedule):
                 _scheduled(name, weight)  # its value now: refused before anything changes
-                if not any(weight is old for old in self._weights):
+                if (not any(weight is old for old in self._weights)
+                        and type(weight).value_at is not Constant.value_at):
                     added.append((f"the weight schedule of {name!r}", weight))
         warn_if_started("CompositeLoss", added)
         self._weights = checked
@@ -161,8 +162,14 @@ class CompositeLoss(nn.Module):
         super().__setstate__(state)
         # a buffer of its own: torch.multiprocessing hands a module's buffers over in shared
         # memory, and this one is written in place at every step (another process's steps
-        # would change the weights a compiled loss reads here)
-        self._weight_values = self._weight_values.clone()
+        # would change the weights a compiled loss reads here); 0.1.0 had none
+        buffer = self._buffers.get("_weight_values")
+        if buffer is None:
+            self.register_buffer("_weight_values",
+                                 torch.zeros(len(self._weights), dtype=torch.float64),
+                                 persistent=False)
+        else:
+            self._weight_values = buffer.clone()
         if not self._weight_values.is_meta:
             self._refresh_weight_values()
 

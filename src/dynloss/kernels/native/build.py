@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..._warn import caller_stacklevel
 from .abi import ABI_VERSION, FUNCTIONS, Args
 
 __all__ = ["SOURCE", "library", "status"]
@@ -481,7 +482,7 @@ def _disabled() -> bool:
     if value.lower() not in _ON:
         warnings.warn(f"dynloss: DYNLOSS_NATIVE={value!r} is neither on (1, true, on, yes) nor "
                       "off (0, false, off, no): the native kernels stay on", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=caller_stacklevel())
     return False
 
 
