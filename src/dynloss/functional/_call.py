@@ -36,7 +36,7 @@ __all__ = ["composite_loss", "distribution_loss", "distribution_need", "region_l
 
 def region_need(params: RegionParams) -> Need:
     """What a region loss with ``params`` asks of its backend."""
-    return Need("region", params.mode, ddp_pool=params.ddp_pool)
+    return Need("region", params.mode, ddp_pool=params.ddp_pool, per_image=params.per_image)
 
 
 def distribution_need(params: DistributionParams) -> Need:
@@ -46,7 +46,7 @@ def distribution_need(params: DistributionParams) -> Need:
 
 
 def _composite_need(params: CompositeParams) -> Need:
-    return Need("composite", params.region.mode)
+    return Need("composite", params.region.mode, per_image=params.region.per_image)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from ..constants import MODES
+from ..constants import MODES, MULTICLASS_MODE
 
 if TYPE_CHECKING:
     from .._layout import Layout
@@ -73,6 +73,10 @@ class Capabilities:
     """Largest ``C`` it handles (None: any)."""
     max_rows: int | None = None
     """Largest ``N x C`` (rows of per-sample, per-class sums) it handles (None: any)."""
+    min_row_length: int | None = None
+    """Shortest rows (``M`` pixels per sample and class) it is the fastest for, in the calls
+    whose sums it keeps per row (:meth:`short_rows`): ``backend="auto"`` passes it over for
+    shorter ones (a speed choice: a backend named explicitly still runs them)."""
 
     def missing(self, x: Tensor, need: Need, target_grad: bool, tracing: str | None,
                 classes: int = 1) -> str | None:
@@ -112,6 +116,19 @@ class Capabilities:
         return None
 
 
+    def short_rows(self, x: Tensor, need: Need, classes: int = 1) -> bool:
+        """Whether this call's rows are shorter than :attr:`min_row_length` where the sums are
+        kept per row: a region loss per image or of several classes, any multiclass loss (a
+        binary or multilabel pixel loss and a one-class region loss pooled over the batch read
+        their rows as one)."""
+        if self.min_row_length is None or x.dim() < 2:
+            return False
+        per_row = need.mode == MULTICLASS_MODE or (
+            need.op != "distribution" and (need.per_image or classes > 1))
+        rows = x.shape[0] * classes
+        return per_row and rows > 0 and x.numel() // rows < self.min_row_length
+
+
 @dataclass(frozen=True)
 class Need:
     """What a call asks of its backend, besides the tensors."""
@@ -121,6 +138,8 @@ class Need:
     topk: bool = False
     reduction_none: bool = False
     ddp_pool: bool = False
+    per_image: bool = False
+    """A region term's scores per image (its sums kept per sample and class)."""
 
 
 class Backend(Protocol):

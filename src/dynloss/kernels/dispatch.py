@@ -72,6 +72,11 @@ _ROW_LIMITS = tuple(sorted({b.capabilities.max_rows for b in REGISTRY.values()
 """The backends' ``max_rows``: which of them a call passes is part of the cache key."""
 
 
+_ROW_LENGTHS = tuple(sorted({b.capabilities.min_row_length for b in REGISTRY.values()
+                              if b.capabilities.min_row_length is not None}))
+"""The backends' ``min_row_length``: which of them a call's rows reach is part of the key."""
+
+
 _CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
 
@@ -98,6 +103,8 @@ def _auto(x: Tensor, need: Need, target_grad: bool, tracing: str | None, classes
     for backend in order:
         if backend.capabilities.missing(x, need, target_grad, tracing, classes) is not None:
             continue
+        if backend.capabilities.short_rows(x, need, classes):
+            continue  # a faster one follows (the reference covers every call)
         reason = backend.unavailable(x)
         if reason is None:
             return backend
@@ -145,7 +152,8 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
     ``x`` is the input (its device and dtype count), ``target_grad``: the target requires a
     gradient, ``classes``: the number of channels ``C`` (default ``x.shape[1]``). Cached per
     (name, device, dtype, classes, need, target gradient, rows above a backend's
-    ``max_rows``), so a call costs one dictionary look-up; inside ``torch.compile`` and for
+    ``max_rows``, rows shorter than its ``min_row_length``), so a call costs one dictionary
+    look-up; inside ``torch.compile`` and for
     fake tensors only compilable backends are considered, under ``torch.jit.trace``, a
     :mod:`torch.func` transform or forward-mode AD only those that declare it (the
     reference).
@@ -163,8 +171,10 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
             return _auto(x, need, target_grad, tracing, classes)
         return _explicit(name, x, need, target_grad, tracing, classes)
     rows = x.shape[0] * classes if x.dim() else 0
+    length = x.numel() // rows if rows else 0
     key = (name, x.device, x.dtype, classes, need, target_grad,
-           tuple(rows > limit for limit in _ROW_LIMITS))
+           tuple(rows > limit for limit in _ROW_LIMITS),
+           tuple(length < limit for limit in _ROW_LENGTHS))
     backend = _CACHE.get(key)
     if backend is None:
         if name == "auto":

@@ -63,6 +63,9 @@ class NativeBackend:
     capabilities = Capabilities(
         devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=True,
         ddp_pool=True, double_backward=True, checks_values=True,
+        # per-row work of the kernels: below 16 pixels per row the torch backend is faster
+        # where the sums are kept per row (docs/kernels.md, "Short rows")
+        min_row_length=16,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
