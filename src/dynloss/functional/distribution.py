@@ -93,7 +93,8 @@ _SHARED_DOC = """
             input's shape (binary/multilabel) or ``(N, *spatial)`` (multiclass), 0 where
             ignored (and, for TopK, where not selected).
         backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
-            tensors, else ``"torch"``; the reference for what those cannot do), ``"torch"``
+            tensors but rows of fewer than 16 pixels kept per row, else ``"torch"``; the
+            reference for what those cannot do), ``"torch"``
             (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
             ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.
             ``reduction="none"`` is computed by the reference.

@@ -150,7 +150,8 @@ _SHARED_DOC = """
             shape ``(C,)`` with ``per_image=False``, ``(N, C)`` with ``per_image=True``
             (``C == 1`` in binary mode).
         backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
-            tensors, else ``"torch"``; the reference for what those cannot do), ``"torch"``
+            tensors but rows of fewer than 16 pixels kept per row, else ``"torch"``; the
+            reference for what those cannot do), ``"torch"``
             (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
             ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.
         check_values: raise a ``ValueError`` for target (or probability) values out of

@@ -14,7 +14,8 @@ Every loss is computed by one of four backends, chosen per call by
   only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton is first imported).
 
 ``backend="auto"`` takes, per call, the fastest that covers it: Triton on CUDA, native for
-float32 on the CPU, else ``"torch"``, else the reference (for example for a target that
+float32 on the CPU (but for rows of fewer than 16 pixels whose sums are kept per row), else
+``"torch"``, else the reference (for example for a target that
 requires a gradient, ``reduction="none"`` of BCE/Focal/TopK, or inside ``torch.compile``
 on the CPU, which traces and fuses the reference; on CUDA a compiled call runs the Triton
 kernels as custom operators). Naming a backend uses it where it can and says once
