@@ -1385,3 +1385,21 @@ def test_a_named_native_backend_runs_short_rows():
     target = (torch.rand(500, 20, 4) > 0.5).float()
     value = dynloss.DiceLoss(mode="multilabel", backend="native")(x, target)
     assert "NativeRegionLossBackward" in {type(value.grad_fn).__name__}
+
+
+def test_an_empty_batch_does_not_choose_for_later_short_rows():
+    """The cache key counted an empty batch's rows as short while the backend's own test did
+    not: the native choice made for N = 0 was then taken for every later short-row call with
+    that configuration (found by a review)."""
+    from dynloss.kernels import dispatch
+
+    from ._kernel_cases import graph_nodes
+
+    dispatch.clear_cache()
+    loss = dynloss.FocalLoss(mode="multiclass")
+    loss(torch.randn(0, 4, 4, requires_grad=True), torch.zeros(0, 4, dtype=torch.long))
+    x = torch.randn(500, 4, 4, requires_grad=True)
+    value = dynloss.FocalLoss(mode="multiclass")(x, torch.randint(0, 4, (500, 4)))
+    assert "DistributionSumBackward" in graph_nodes(value)
+    assert dynloss.kernels.resolve_backend(torch.zeros(300, 3, 2, 2), "auto") == (
+        "native" if NATIVE else "torch")  # binary mode, pooled: one row, never short

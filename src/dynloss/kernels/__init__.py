@@ -56,7 +56,9 @@ __all__ = [
 
 
 def resolve_backend(x: Tensor, backend: str) -> str:
-    """The name of the backend that computes a region loss of ``x`` under ``backend``.
+    """The name of the backend that computes a region loss of ``x`` under ``backend``, in
+    binary mode pooled over the batch (``DiceLoss()``'s defaults: ``x`` is ``(N, 1,
+    *spatial)`` or ``(N, *spatial)``).
 
     Raises:
         ValueError: ``backend="triton"`` or ``"native"`` where those kernels cannot run.
@@ -75,7 +77,7 @@ def resolve_backend(x: Tensor, backend: str) -> str:
     from .._checks import check_backend
 
     check_backend(backend)
-    return select(backend, x, Need("region")).name
+    return select(backend, x, Need("region"), classes=1).name
 
 
 def native_runs(x: Tensor, backend: str) -> bool:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .._layout import Layout
     from .._params import CompositeParams, DistributionParams, RegionParams
 
-__all__ = ["OPS", "Backend", "Capabilities", "Need"]
+__all__ = ["OPS", "Backend", "Capabilities", "Need", "row_length"]
 
 OPS = ("region", "distribution", "composite")
 """The ops of the six losses: ``region`` (Dice/IoU/Tversky), ``distribution``
@@ -121,12 +121,19 @@ class Capabilities:
         kept per row: a region loss per image or of several classes, any multiclass loss (a
         binary or multilabel pixel loss and a one-class region loss pooled over the batch read
         their rows as one)."""
-        if self.min_row_length is None or x.dim() < 2:
+        if self.min_row_length is None:
             return False
         per_row = need.mode == MULTICLASS_MODE or (
             need.op != "distribution" and (need.per_image or classes > 1))
-        rows = x.shape[0] * classes
-        return per_row and rows > 0 and x.numel() // rows < self.min_row_length
+        length = row_length(x, classes)
+        return per_row and length is not None and length < self.min_row_length
+
+
+def row_length(x: Tensor, classes: int) -> int | None:
+    """``M``, the pixels per sample and class of the input ``x`` with ``classes`` channels
+    (None for an empty batch or a 0-dim tensor: no rows)."""
+    rows = x.shape[0] * classes if x.dim() else 0
+    return x.numel() // rows if rows else None
 
 
 @dataclass(frozen=True)

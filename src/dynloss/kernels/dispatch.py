@@ -10,8 +10,9 @@ kernels, CUDA; CPU under ``TRITON_INTERPRET=1``). Each declares its
 the tensor (device, dtype, number of classes), and returns the first backend in the device's
 order of speed that can do all of it:
 
-* ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference; any other
-  device: torch, reference.
+* ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference (native
+  passed over for rows of fewer than 16 pixels whose sums are kept per row: its
+  ``min_row_length``); any other device: torch, reference.
 * ``backend="native"`` / ``"triton"`` / ``"torch"``: that backend when it covers the call;
   when it can run here but not this call (float64 input on native, a target that needs a
   gradient, ...) the next capable one of the ``"auto"`` order, with a warning, once, naming
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from .._recorder import recorder
 from .._warn import caller_stacklevel
-from .capabilities import Backend, Capabilities, Need
+from .capabilities import Backend, Capabilities, Need, row_length
 from .native import NATIVE
 from .reference import REFERENCE
 from .torch_backend import TORCH
@@ -171,10 +172,10 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
             return _auto(x, need, target_grad, tracing, classes)
         return _explicit(name, x, need, target_grad, tracing, classes)
     rows = x.shape[0] * classes if x.dim() else 0
-    length = x.numel() // rows if rows else 0
+    length = row_length(x, classes)  # (as Capabilities.short_rows reads it)
     key = (name, x.device, x.dtype, classes, need, target_grad,
            tuple(rows > limit for limit in _ROW_LIMITS),
-           tuple(length < limit for limit in _ROW_LENGTHS))
+           tuple(length is not None and length < limit for limit in _ROW_LENGTHS))
     backend = _CACHE.get(key)
     if backend is None:
         if name == "auto":
