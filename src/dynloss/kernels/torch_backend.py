@@ -313,8 +313,7 @@ class DistributionSum(torch.autograd.Function):
         # backward then recomputes through the reference maths. Tested on the CPU only, where
         # reading the answer costs no device synchronisation (and not inside a compiled
         # graph); on the CPU "auto" sends float32 to the native kernels (but for short rows
-        # kept per row), which count such
-        # slopes in their own pass
+        # kept per row), which count such slopes in their own pass
         ctx.config = (params, checked,
                       not params.from_logits and _host_readable(saved)
                       and bool(torch.isinf(saved).any()))
