@@ -2,7 +2,7 @@
 
 Dispatch (:mod:`dynloss.kernels.dispatch`) picks only backends that declare they run under
 the recorder it names; the value checks (:mod:`dynloss._layout`) read nothing on the host
-under the recorders of :data:`CHECKED_IN_GRAPH`; the shared maths (:mod:`dynloss._math`) use
+where :func:`checked_in_graph` says so; the shared maths (:mod:`dynloss._math`) use
 their Functions' forward-mode rules only where forward derivatives are formed.
 
 >>> import torch
@@ -22,12 +22,7 @@ from torch import Tensor
 from torch._C._functorch import maybe_current_level as _functorch_level
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["CHECKED_IN_GRAPH", "FORWARD_DERIVATIVES", "checked_in_graph", "is_fake", "recorder"]
-
-CHECKED_IN_GRAPH = ("torch.compile", "torch.func")
-"""The recorders (:func:`recorder`) under which no value is read on the host: a graph or a
-``vmap`` cannot branch on one, so the values are checked in the graph (the loss is NaN)."""
-
+__all__ = ["FORWARD_DERIVATIVES", "checked_in_graph", "is_fake", "recorder"]
 
 def recorder(tensor: Tensor) -> str | None:
     """What records or transforms this call instead of running it once, eagerly, on plain
@@ -52,12 +47,12 @@ def recorder(tensor: Tensor) -> str | None:
 
 
 def checked_in_graph(tensor: Tensor) -> bool:
-    """Whether no value may be read on the host for this call: under a recorder of
-    :data:`CHECKED_IN_GRAPH`, and whenever ``torch.compile`` traces (also while a transform
-    or a dual level, which :func:`recorder` names first, is open: a host read there broke the
-    graph)."""
+    """Whether no value may be read on the host for this call, so that the values are checked
+    in the graph (an invalid one makes the loss NaN): while ``torch.compile`` traces (also a
+    FakeTensor's call, and inside a dual level: a host read broke the graph) and under a
+    :mod:`torch.func` transform (``vmap`` cannot branch on a value)."""
     return (torch.compiler.is_compiling() or is_fake(tensor)
-            or recorder(tensor) in CHECKED_IN_GRAPH)
+            or _functorch_level() is not None)
 
 
 FORWARD_DERIVATIVES = ("torch.func", "forward-mode AD")

@@ -114,12 +114,8 @@ def warn_if_started(owner: str, parts: list[tuple[str, object]]) -> None:
 def record(module: nn.Module, parts: list[tuple[str, object]]) -> None:
     """Record on ``module`` how many times a loss had stepped each part it steps (``(label,
     part)``), as :func:`record_tree` finds them (see :func:`check_parts`)."""
-    recorded = []
-    for label, part in parts:
-        entry = _entry(part)
-        if entry is not None:
-            recorded.append((label, part, entry[0], entry[1]))
-    module._recorded = recorded  # type: ignore[assignment]
+    module._recorded = []  # type: ignore[assignment]
+    record_added(module, parts)
 
 
 def record_added(module: nn.Module, parts: list[tuple[str, object]]) -> None:
