@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .._layout import Layout
     from .._params import CompositeParams, DistributionParams, RegionParams
 
-__all__ = ["OPS", "Backend", "Capabilities", "Need", "row_length"]
+__all__ = ["OPS", "Backend", "Capabilities", "Need", "row_length", "sums_per_row"]
 
 OPS = ("region", "distribution", "composite")
 """The ops of the six losses: ``region`` (Dice/IoU/Tversky), ``distribution``
@@ -123,10 +123,16 @@ class Capabilities:
         their rows as one)."""
         if self.min_row_length is None:
             return False
-        per_row = need.mode == MULTICLASS_MODE or (
-            need.op != "distribution" and (need.per_image or classes > 1))
         length = row_length(x, classes)
-        return per_row and length is not None and length < self.min_row_length
+        return (sums_per_row(need.mode, need.op, need.per_image, classes)
+                and length is not None and length < self.min_row_length)
+
+
+def sums_per_row(mode: str, op: str, per_image: bool, classes: int) -> bool:
+    """Whether a call's sums are kept per row (per sample and class): a region term per image
+    or of several classes, and any multiclass loss. The others (a binary or multilabel pixel
+    loss, a one-class region loss pooled over the batch) may read all rows as one."""
+    return mode == MULTICLASS_MODE or (op != "distribution" and (per_image or classes > 1))
 
 
 def row_length(x: Tensor, classes: int) -> int | None:

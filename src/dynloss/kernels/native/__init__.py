@@ -22,10 +22,9 @@ from torch import Tensor
 
 from ..._layout import Layout
 from ..._params import CompositeParams, DistributionParams, RegionParams
-from ...constants import MULTICLASS_MODE
 from ...distributed import is_distributed
 from .. import reference
-from ..capabilities import Capabilities
+from ..capabilities import Capabilities, sums_per_row
 from .autograd import NativeCompositeLoss, NativeDistributionLoss, NativeRegionLoss, NativeSums
 from .build import library, status
 
@@ -82,28 +81,27 @@ class NativeBackend:
             return reference.score_loss(sums, params)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
         return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
-                                      _rows(layout, params.per_image), params, checked)
+                                      _rows(layout, "region", params.per_image), params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
         return NativeDistributionLoss.apply(_input(layout), layout.target_input,
-                                            _rows(layout, None), params, checked)
+                                            _rows(layout, "distribution", False), params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
         return NativeCompositeLoss.apply(_input(layout), layout.target_input,
-                                         _rows(layout, params.region.per_image), params,
-                                         checked)
+                                         _rows(layout, "composite", params.region.per_image),
+                                         params, checked)
 
 
-def _rows(layout: Layout, per_image: bool | None) -> tuple[int, ...]:
-    """The ``(N, C, M)`` the kernels read the caller's tensors as: binary and multilabel rows
-    merged into one, ``(1, 1, N*C*M)``, where nothing is wanted per row (a pixel loss:
-    ``per_image`` None; a region loss of one class pooled over the batch): the same sums, in
-    one pass cut into chunks, where a row each took a task of its own (a batch of
+def _rows(layout: Layout, op: str, per_image: bool) -> tuple[int, ...]:
+    """The ``(N, C, M)`` the kernels read the caller's tensors as: all rows as one,
+    ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`): the same sums,
+    in one pass cut into chunks, where a row each took a task of its own (a batch of
     single-pixel rows, ``(1e6, 1)``, ran 100x slower than the torch backend)."""
     n, c, m = layout.dims
-    if layout.mode == MULTICLASS_MODE or per_image or (per_image is not None and c != 1):
+    if sums_per_row(layout.mode, op, per_image, c):
         return layout.dims
     return (1, 1, n * c * m)
 
