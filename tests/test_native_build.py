@@ -484,6 +484,43 @@ def test_a_library_that_never_loads_is_rebuilt_once_and_remembered(built_cache, 
     assert "not retried" in second["status"]
 
 
+
+def _missing_from_libstdcxx() -> str:
+    """REPORT in a process whose dynamic loader refuses every library as it refuses one that a
+    C compiler driver linked (``CXX=gcc``): without the C++ standard library."""
+    return textwrap.dedent("""
+        from dynloss.kernels.native import build
+        def refusing(path):
+            raise OSError(f"{path}: undefined symbol: _ZTISt9bad_alloc")
+        build._open = refusing
+    """) + REPORT
+
+
+def test_a_library_linked_without_the_cxx_runtime_says_to_set_cxx(built_cache, tmp_path):
+    """``CXX=gcc`` (a C driver: compiles the .cpp, links without libstdc++) compiled twice,
+    about a minute, then said only "undefined symbol: _ZTISt9bad_alloc". The rebuild would be
+    refused alike: none, and the status says what to do."""
+    (library,) = _libraries(built_cache)
+    good = tmp_path / "good.so"
+    shutil.copy2(library, good)
+    cxx = _handing_out(tmp_path, good)
+    first, _ = _finish(_start(built_cache, cxx, code=_missing_from_libstdcxx()))
+    assert "undefined symbol: _ZTISt9bad_alloc" in first["status"]
+    assert ("linked it without the C++ standard library (a C compiler?): set CXX to a C++ "
+            "compiler such as g++ or clang++") in first["status"], first["status"]
+    assert _compiles(cxx) == []  # the cached library was refused: no rebuild either
+    assert _libraries(built_cache) == [library]
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_cxx_naming_a_c_compiler_is_said_after_one_build(tmp_path):
+    gcc = _script(tmp_path / "gcc", f'exec {shutil.which("gcc")} "$@"\n')
+    report, stderr = _report(tmp_path / "cache", gcc)
+    assert "set CXX to a C++ compiler such as g++ or clang++" in report["status"]
+    assert len(_compiles(gcc)) == 1 and stderr.count(START) == 1, _calls(gcc)
+    assert report["auto"][0] == pytest.approx(report["reference"], rel=1e-6)
+
+
 @pytest.mark.parametrize("env, want", [
     ({"DYNLOSS_CACHE_DIR": "~/dl"}, "{home}/dl"),  # was ./~/dl under the working directory
     ({"XDG_CACHE_HOME": "relative/cache"}, "{home}/.cache/dynloss"),  # XDG: ignore relative

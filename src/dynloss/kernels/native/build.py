@@ -26,7 +26,8 @@ so a new version or another machine gets its own build. What makes it safe to sh
 * **Loading.** A library that cannot be mapped where it is (a cache on a ``noexec`` file
   system) is loaded from a copy in the temporary directory (said once), not rebuilt; one that
   cannot be loaded anywhere is rebuilt once, then remembered like a failed build, and no
-  other plan is tried.
+  other plan is tried; one that lacks the C++ runtime (a C compiler driver as ``$CXX``) is
+  not rebuilt, and the failure says to set ``CXX`` to a C++ compiler.
 * **One OpenMP runtime.** The kernels link against the OpenMP runtime that torch has already
   loaded into the process (found in ``/proc/self/maps``), not the system's, so there is one
   thread pool. Where that is not possible the system runtime is used, then
@@ -453,6 +454,20 @@ def _open_anywhere(path: Path) -> ctypes.CDLL:
     raise LoadFailure(f"{path} could not be loaded: {'; '.join(dict.fromkeys(errors))}")
 
 
+# What a library needs from the C++ runtime (Itanium ABI names): type info and vtables of
+# std classes, std functions, operator new/delete, exception support. A C compiler driver as
+# $CXX (gcc, clang) compiles the .cpp as C++ but links without that runtime.
+_CXX_RUNTIME_SYMBOL = re.compile(
+    r"undefined symbol: ((?:_ZT[ISV]St|_ZNSt|_ZSt|_ZTVN10__cxxabiv1|_Zn[wa][jm]|_Zd[la]Pv"
+    r"|__cxa_|__gxx_personality_v0)\w*)")
+
+
+def _missing_cxx_runtime(message: str) -> str:
+    """The first C++ runtime symbol that ``message`` (a loader's error) says is undefined."""
+    found = _CXX_RUNTIME_SYMBOL.search(message)
+    return found.group(1) if found else ""
+
+
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet; "" loaded; else why not
@@ -518,7 +533,15 @@ def _load() -> ctypes.CDLL:
             continue
         try:
             return _open_anywhere(path)
-        except LoadFailure:
+        except LoadFailure as error:
+            runtime = _missing_cxx_runtime(str(error))
+            if runtime:  # each rebuild would lack it alike: the library stays, said why
+                failure = LoadFailure(
+                    f"{path} could not be loaded: undefined symbol: {runtime}; "
+                    f"{shlex.join(cxx)} linked it without the C++ standard library (a C "
+                    "compiler?): set CXX to a C++ compiler such as g++ or clang++")
+                _remember_failure(_paths(plan, version)[1], failure)
+                raise failure from None
             _discard(path)  # unloadable (damaged, another ABI): rebuilt once
         path = _build(cxx, plan, version)
         try:
