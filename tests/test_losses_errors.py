@@ -85,6 +85,35 @@ def test_multiclass_target_outside_class_range_and_float_target(cls):
         cls(mode="multiclass")(logits, torch.tensor([[True, False]]))
 
 
+
+@pytest.mark.parametrize("cls", ALL)
+def test_float_class_index_targets_get_a_hint_that_keeps_the_classes(cls):
+    """A float label map ((N, 1, *spatial), nnU-Net's) was told to take ``.argmax(1)``, which
+    makes it all zeros: a silently wrong target for whoever follows the hint."""
+    logits = torch.zeros(2, 3, 4, 4)
+    labels = torch.randint(0, 3, (2, 1, 4, 4)).float()
+    with raises(TypeError, "got torch.float32 (class indices stored as floats: pass "
+                           "target[:, 0].long())"):
+        cls(mode="multiclass")(logits, labels)
+    with raises(TypeError, "(class indices stored as floats: pass target.long())"):
+        cls(mode="multiclass")(logits, labels[:, 0])
+    with raises(TypeError, "(a one-hot or probability target: pass target.argmax(1))"):
+        cls(mode="multiclass")(logits, torch.zeros(2, 3, 4, 4))
+    with raises(ValueError, "has a channel dimension of size 1: pass target[:, 0]"):
+        cls(mode="multiclass")(logits, labels.long())
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_a_mode_passed_in_the_place_of_a_number_says_mode_is_a_keyword(cls):
+    """smp's order, ``FocalLoss("multiclass")``, said only "gamma must be a real number"."""
+    try:
+        cls("multiclass")
+    except TypeError as error:
+        assert "pass the mode by keyword: mode='multiclass'" in str(error), str(error)
+    else:  # the losses whose first argument is the mode
+        assert cls("multiclass").mode == "multiclass"
+
+
 @pytest.mark.parametrize("cls", ALL)
 def test_input_types(cls):
     with raises(TypeError, "input must be a floating-point tensor of logits or probabilities; "

@@ -154,3 +154,29 @@ def test_smp_keeps_ignored_pixels_in_bce_mean_and_we_do_not():
     smp_value = smp.losses.SoftBCEWithLogitsLoss(ignore_index=255)(logits, target)
     # smp averages over all 4 pixels, counting the two ignored ones as zeros
     close(smp_value, kept / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("multiclass", dtype=torch.float64))
+def test_smp_multiclass_focal_is_our_multilabel_focal_on_the_one_hot_target(backend, case):
+    """The docs' mapping: smp averages one-vs-rest sigmoid focal losses over the classes (the
+    docs said it summed them)."""
+    logits, target = case
+    one_hot = torch.movedim(torch.nn.functional.one_hot(target, logits.shape[1]), -1, 1)
+    ours = dynloss.FocalLoss(mode="multilabel", backend=backend)(logits, one_hot.double())
+    close(ours, smp.losses.FocalLoss("multiclass")(logits, target), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [1.0, 1e-5, 1e-9])
+def test_monai_smoothing_maps_with_eps_zero_for_any_t(t):
+    """The docs' recipe ``smooth=t/2, eps=0`` (Dice), ``smooth=t, eps=0`` (Tversky): the old
+    one, ``smooth=t/2 - eps``, is a ValueError below t = 2e-7."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 1, 6, 6, generator=g, dtype=torch.float64)
+    target = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).double()
+    close(dynloss.DiceLoss(per_image=True, smooth=t / 2, eps=0.0)(logits, target),
+          MonaiDiceLoss(sigmoid=True, smooth_nr=t, smooth_dr=t)(logits, target),
+          rtol=1e-12, atol=1e-15)
+    close(dynloss.TverskyLoss(0.3, 0.7, per_image=True, smooth=t, eps=0.0)(logits, target),
+          MonaiTverskyLoss(sigmoid=True, alpha=0.3, beta=0.7, smooth_nr=t, smooth_dr=t)(
+              logits, target), rtol=1e-12, atol=1e-15)

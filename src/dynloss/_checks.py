@@ -66,7 +66,9 @@ def _as_float(value: Real) -> float:
 
 def check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number; got {_shown(value)}")
+        hint = (f" (pass the mode by keyword: mode={value!r})"
+                if isinstance(value, str) and value in MODES else "")
+        raise TypeError(f"{name} must be a real number; got {_shown(value)}{hint}")
     try:
         value = _as_float(value)
     except OverflowError:  # an int (or Fraction) beyond float's range

@@ -210,16 +210,28 @@ def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
             f"mode='multiclass' needs an input with C >= 2 channels; got C={c} in input shape "
             f"{_shape(input)} (use mode='binary' for one foreground channel)"
         )
+    expected = input.shape[:1] + input.shape[2:]
+    with_channel = (*input.shape[:1], 1, *input.shape[2:])
     if target.is_floating_point() or target.dtype == torch.bool:
+        if target.shape == input.shape:
+            hint = "a one-hot or probability target: pass target.argmax(1)"
+        elif target.shape == with_channel and target.is_floating_point():
+            hint = "class indices stored as floats: pass target[:, 0].long()"
+        elif target.shape == expected and target.is_floating_point():
+            hint = "class indices stored as floats: pass target.long()"
+        else:
+            hint = ("class indices as an integer tensor; a one-hot or probability target: "
+                    "pass target.argmax(1)")
         raise TypeError(
             "target must be an integer tensor of class indices in mode='multiclass'; got "
-            f"{target.dtype} (convert a one-hot or probability target with .argmax(1))"
+            f"{target.dtype} ({hint})"
         )
-    expected = input.shape[:1] + input.shape[2:]
     if target.shape != expected:
         hint = ""
         if target.shape == input.shape:
             hint = "; it has the input's shape, which looks one-hot: pass target.argmax(1)"
+        elif target.shape == with_channel:
+            hint = "; it has a channel dimension of size 1: pass target[:, 0]"
         raise ValueError(
             f"target shape {_shape(target)} does not fit input shape {_shape(input)}: in "
             f"mode='multiclass' the target must hold class indices of shape (N, *spatial) = "

@@ -339,8 +339,10 @@ class FocalLoss(_DistributionLoss):
         r"""Focal loss :math:`\frac1M \sum_i a_i (1 - p_{t,i})^\gamma (-\log p_{t,i})`.
 
     :math:`p_t = e^{-b}` with :math:`b` the per-element cross-entropy (smp's form, also defined
-    for soft labels). Equals smp's ``FocalLoss("binary")``; in multiclass mode uses the softmax
-    probability of the true class (smp sums one-vs-rest sigmoid focal losses instead).
+    for soft labels). Equals smp's ``FocalLoss("binary")`` (for probabilities, where they lie in
+    smp's clip range [1e-7, 1 - 1e-7]); in multiclass mode uses the softmax probability of the
+    true class (smp averages one-vs-rest sigmoid focal losses over the classes instead: that
+    is ``mode="multilabel"`` on the one-hot target).
     """
         + _common_doc(
             """

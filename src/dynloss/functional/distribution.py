@@ -166,9 +166,11 @@ def focal_loss(
     None): in binary/multilabel mode the weight of positives in [0, 1] (negatives get
     ``1 - alpha``); in multiclass mode a sequence of ``C`` per-class weights.
 
-    Equals smp's ``FocalLoss("binary")`` (binary mode). In multiclass mode dynloss uses the
-    softmax probability of the true class; smp's multiclass focal loss sums one-vs-rest
-    sigmoid focal losses instead.
+    Equals smp's ``FocalLoss("binary")`` (binary mode; for probabilities, where they lie in
+    smp's clip range [1e-7, 1 - 1e-7]). In multiclass mode dynloss uses the softmax
+    probability of the true class; smp's multiclass focal loss averages one-vs-rest sigmoid
+    focal losses over the classes instead, which is ``mode="multilabel"`` on the one-hot
+    target (without ``ignore_index``).
 
     {shared}
     Examples:
@@ -203,8 +205,9 @@ def topk_loss(
 
     ``k`` is a *fraction* in (0, 1] (default 0.6, the paper's value read as 60 %);
     nnU-Net's ``TopKLoss(k=10)`` means 10 %, which is ``k=0.1`` here. The selection pools the
-    whole batch (all samples and channels), as nnU-Net does. ``k=1`` is BCE. ``reduction="sum"``
-    returns the sum of the selected losses.
+    whole batch (all samples and channels), as nnU-Net does, and counts only the elements kept
+    (nnU-Net's ``ignore_label`` counts the ignored ones too, at loss 0). ``k=1`` is BCE.
+    ``reduction="sum"`` returns the sum of the selected losses.
 
     {shared}
     Examples:
