@@ -169,6 +169,14 @@ def check_ddp_pool(ddp_pool: object, per_image: bool) -> bool:
     return ddp_pool
 
 
+def check_include_background(include_background: object, mode: str) -> bool:
+    include_background = check_bool("include_background", include_background)
+    if not include_background and mode not in ("multiclass", "multilabel"):
+        raise ValueError(f"include_background=False needs mode='multiclass' or 'multilabel'; "
+                         f"got mode={mode!r}, whose one channel is the foreground")
+    return include_background
+
+
 def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
                       ) -> float | tuple[float, ...] | None:
     """Focal ``alpha``: None, a weight in [0, 1] (binary/multilabel) or per-class weights

@@ -27,6 +27,7 @@ from ._checks import (
     check_focal_alpha,
     check_fraction,
     check_ignore_index,
+    check_include_background,
     check_mode,
     check_non_negative,
     check_optional_bool,
@@ -68,6 +69,8 @@ class RegionParams(CallParams):
     """``smooth + eps``."""
     per_image: bool
     ddp_pool: bool
+    include_background: bool = True
+    """False: the score of class 0 is left out of the reduction (computed, then dropped)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,7 +106,7 @@ def region_params(
     *, alpha: object, beta: object, mode: object = "binary", from_logits: object = True,
     smooth: object = 0.0, eps: object = 1e-7, per_image: object = False,
     ignore_index: object = None, reduction: object = "mean", backend: object = "auto",
-    check_values: object = None, ddp_pool: object = False,
+    check_values: object = None, ddp_pool: object = False, include_background: object = True,
 ) -> RegionParams:
     """Check the arguments of a region loss; a clear ValueError/TypeError names a bad one."""
     alpha = check_float32_range("alpha", check_non_negative("alpha", alpha))
@@ -113,8 +116,9 @@ def region_params(
     ddp_pool = check_ddp_pool(ddp_pool, per_image)
     smooth, eps = check_smoothing(smooth, eps)
     check_float32_range("smooth + eps", smooth + eps)
+    include_background = check_include_background(include_background, common["mode"])
     return RegionParams(alpha=alpha, beta=beta, smoothing=smooth + eps, per_image=per_image,
-                        ddp_pool=ddp_pool, **common)
+                        ddp_pool=ddp_pool, include_background=include_background, **common)
 
 
 def distribution_params(

@@ -31,6 +31,7 @@ from ._checks import (
     check_ddp_pool,
     check_fraction,
     check_ignore_index,
+    check_include_background,
     check_mode,
     check_non_negative,
     check_optional_bool,
@@ -467,17 +468,24 @@ _REGION_ARGS = """
             sums pooled over the batch (False, default; smp's and the paper's).
         ddp_pool: with ``per_image=False``, also pool the sums over all ``torch.distributed``
             ranks, gradients flowing back to every rank, so the loss equals the single-process
-            loss on the concatenated batch (default False)."""
+            loss on the concatenated batch (default False).
+        include_background: False leaves class 0's score out (MONAI's
+            ``include_background=False``, nnU-Net's ``do_bg=False``; multiclass and multilabel
+            mode, C >= 2; default True)."""
 
 
 class _RegionLoss(SegmentationLoss):
     _tversky_weights: ClassVar[tuple[float, float] | None] = None
     """``(alpha, beta)`` of Dice (1/2, 1/2) and IoU (1, 1); Tversky reads its own."""
+    include_background: bool = True
+    """(A class default as well: a loss pickled before the argument existed keeps class 0.)"""
 
-    def _init_region(self, smooth: float, eps: float, per_image: bool, ddp_pool: bool) -> None:
+    def _init_region(self, smooth: float, eps: float, per_image: bool, ddp_pool: bool,
+                     include_background: bool) -> None:
         self.smooth, self.eps = check_smoothing(smooth, eps)
         self.per_image = check_bool("per_image", per_image)
         self.ddp_pool = check_ddp_pool(ddp_pool, self.per_image)
+        self.include_background = check_include_background(include_background, self.mode)
         self._ready()  # every argument checked together, once
 
     def _weights(self) -> tuple[float, float]:
@@ -491,6 +499,7 @@ class _RegionLoss(SegmentationLoss):
             smooth=self.smooth, eps=self.eps, per_image=self.per_image,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
             check_values=self.check_values, ddp_pool=self.ddp_pool,
+            include_background=self.include_background,
         )
         return _call.region_loss, params, _call.region_need(params)
 
@@ -533,10 +542,11 @@ class DiceLoss(_RegionLoss):
         backend: str = "auto",
         check_values: bool | None = None,
         ddp_pool: bool = False,
+        include_background: bool = True,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
-        self._init_region(smooth, eps, per_image, ddp_pool)
+        self._init_region(smooth, eps, per_image, ddp_pool, include_background)
 
 
 class IoULoss(_RegionLoss):
@@ -574,10 +584,11 @@ class IoULoss(_RegionLoss):
         backend: str = "auto",
         check_values: bool | None = None,
         ddp_pool: bool = False,
+        include_background: bool = True,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
-        self._init_region(smooth, eps, per_image, ddp_pool)
+        self._init_region(smooth, eps, per_image, ddp_pool, include_background)
 
 
 JaccardLoss = IoULoss
@@ -626,12 +637,13 @@ class TverskyLoss(_RegionLoss):
         backend: str = "auto",
         check_values: bool | None = None,
         ddp_pool: bool = False,
+        include_background: bool = True,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
         self.alpha = check_non_negative("alpha", alpha)
         self.beta = check_non_negative("beta", beta)
-        self._init_region(smooth, eps, per_image, ddp_pool)
+        self._init_region(smooth, eps, per_image, ddp_pool, include_background)
 
     def _weights(self) -> tuple[float, float]:
         return self.alpha, self.beta

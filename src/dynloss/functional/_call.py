@@ -23,7 +23,7 @@ from .._layout import (
     readable,
     should_check_values,
 )
-from .._math import scaled
+from .._math import reduce, scaled
 from .._params import CompositeParams, DistributionParams, RegionParams
 from .._recorder import checked_in_graph, recorder
 from ..constants import MULTICLASS_MODE
@@ -160,6 +160,8 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
                 need: Need | None = None, plans: Plans | None = None) -> Tensor:
     """Dice/IoU/Tversky of ``input`` and ``target`` with checked ``params``."""
     params = _matchable_ignore(params, target)
+    if not params.include_background:
+        return _without_background(input, target, params, need, plans)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or region_need(params),
         params.ignore_index, params.from_logits, params.check_values, plans)
@@ -167,6 +169,19 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.region(layout, params, checked)
     return backend.region(layout, params, checked)
+
+
+def _without_background(input: Tensor, target: Tensor, params: RegionParams,
+                        need: Need | None, plans: Plans | None) -> Tensor:
+    """Every class's score from the backend (``reduction="none"``), class 0's left out, then
+    ``params.reduction``: the backends need not know of ``include_background``."""
+    every = dataclasses.replace(params, reduction="none", include_background=True)
+    scores = region_loss(input, target, every, need, plans)  # (C,) or (N, C)
+    if scores.shape[-1] < 2:
+        raise ValueError(
+            "include_background=False leaves no class to score in an input with C="
+            f"{scores.shape[-1]} channel; it needs C >= 2 (class 0 is the background)")
+    return reduce(scores[..., 1:], params.reduction)
 
 
 def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
@@ -189,11 +204,12 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
     """``(w_r * region + w_d * distribution, region, distribution)``, both terms reduced by
     their mean, in one fused pass where the backend has one.
 
-    A TopK term has no fused pass: the two terms are then computed one after the other.
+    A TopK term has no fused pass, nor a region term with ``include_background=False``: the
+    two terms are then computed one after the other.
     """
     params = _matchable_ignore(params, target)
     region, dist = params.region, params.distribution
-    if dist.k is not None:
+    if dist.k is not None or not region.include_background:  # no fused pass for these
         region_value = region_loss(input, target, region)
         dist_value = distribution_loss(input, target, dist)
         total = (scaled(params.region_weight, region_value)

@@ -165,6 +165,11 @@ _SHARED_DOC = """
             ranks (differentiably) before the score, so the loss equals the single-process
             loss on the concatenated batch (default False; no-op outside a process group).
             Every rank must call the loss. See :mod:`dynloss.distributed`.
+        include_background: False leaves the score of class 0 (the background) out of the
+            mean and of ``reduction="none"``'s scores, ``(C - 1,)`` or ``(N, C - 1)``
+            (MONAI's ``include_background=False``, nnU-Net's ``do_bg=False``); multiclass
+            and multilabel mode only, ``C >= 2``. Class 0 still takes part in the softmax.
+            Default True.
 
     Returns:
         The loss, a float32 (float64 for float64 input) tensor shaped by ``reduction``.
@@ -191,6 +196,7 @@ def tversky_loss(
     backend: str = "auto",
     check_values: bool | None = None,
     ddp_pool: bool = False,
+    include_background: bool = True,
 ) -> Tensor:
     r"""Tversky loss :math:`1 - (TP + s) / (TP + \alpha FP + \beta FN + s)`, ``s = smooth + eps``.
 
@@ -213,7 +219,7 @@ def tversky_loss(
     return region_loss(input, target, region_params(
         alpha=alpha, beta=beta, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
         per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
-        check_values=check_values, ddp_pool=ddp_pool,
+        check_values=check_values, ddp_pool=ddp_pool, include_background=include_background,
     ))
 
 
@@ -232,6 +238,7 @@ def dice_loss(
     backend: str = "auto",
     check_values: bool | None = None,
     ddp_pool: bool = False,
+    include_background: bool = True,
 ) -> Tensor:
     r"""Dice loss :math:`1 - (2I + 2s) / (P + G + 2s)`, ``s = smooth + eps``.
 
@@ -252,7 +259,7 @@ def dice_loss(
     return region_loss(input, target, region_params(
         alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
         per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
-        check_values=check_values, ddp_pool=ddp_pool,
+        check_values=check_values, ddp_pool=ddp_pool, include_background=include_background,
     ))
 
 
@@ -271,6 +278,7 @@ def iou_loss(
     backend: str = "auto",
     check_values: bool | None = None,
     ddp_pool: bool = False,
+    include_background: bool = True,
 ) -> Tensor:
     r"""IoU (Jaccard) loss :math:`1 - (I + s) / (P + G - I + s)`, ``s = smooth + eps``.
 
@@ -290,7 +298,7 @@ def iou_loss(
     return region_loss(input, target, region_params(
         alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
         per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
-        check_values=check_values, ddp_pool=ddp_pool,
+        check_values=check_values, ddp_pool=ddp_pool, include_background=include_background,
     ))
 
 
