@@ -199,6 +199,31 @@ def test_a_forward_without_gradient_takes_no_buffer(mode, loss):
     assert torch.equal(value, make[loss]()(logits, target))
 
 
+
+@pytest.mark.parametrize("loss", ["topk", "composite-topk", "dice-after-topk"])
+def test_a_validation_under_inference_mode_leaves_the_pool_usable_for_training(loss):
+    """TopK's scratch buffer, taken from the pool under inference_mode (Lightning's sanity
+    check), was an inference tensor that the pool kept and handed to every later training
+    call of that size: "Inference tensors cannot be saved for backward", at every step.
+    Found by a review of training loops."""
+    logits, target = _inputs()
+    make = {"topk": lambda: dynloss.TopKLoss(backend="native"),
+            "composite-topk": lambda: dynloss.CompositeLoss(
+                [dynloss.IoULoss(backend="native"), dynloss.TopKLoss(backend="native")]),
+            "dice-after-topk": lambda: dynloss.DiceLoss(backend="native")}
+    with torch.inference_mode():
+        dynloss.TopKLoss(backend="native")(logits, target)
+    reference = {"topk": dynloss.TopKLoss(backend="reference"),
+                 "composite-topk": dynloss.CompositeLoss(
+                     [dynloss.IoULoss(backend="reference"),
+                      dynloss.TopKLoss(backend="reference")]),
+                 "dice-after-topk": dynloss.DiceLoss(backend="reference")}[loss]
+    for _ in range(2):
+        got = _gradient(make[loss](), logits, target)
+        torch.testing.assert_close(got, _gradient(reference, logits, target),
+                                   rtol=1e-4, atol=1e-9)
+
+
 def _runs_in_a_fork(child) -> int:
     """Fork, run ``child`` there (exit 0 if it returns), and return the child's exit status;
     a child still running after 30 s is killed (-9)."""

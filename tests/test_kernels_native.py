@@ -1261,6 +1261,42 @@ def test_a_float32_input_under_another_default_dtype_gets_the_reference_gradient
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-4
 
 
+
+@pytest.mark.parametrize("make", [
+    lambda b, m: dynloss.DiceLoss(mode=m, backend=b),
+    lambda b, m: dynloss.TverskyLoss(mode=m, per_image=True, reduction="none", backend=b),
+    lambda b, m: dynloss.BCELoss(mode=m, backend=b),
+    lambda b, m: dynloss.FocalLoss(mode=m, alpha=[0.2, 0.3, 0.5] if m == "multiclass" else 0.25,
+                                   backend=b),
+    lambda b, m: dynloss.TopKLoss(k=0.3, mode=m, backend=b),
+    lambda b, m: dynloss.CompositeLoss([dynloss.DiceLoss(mode=m, backend=b),
+                                        dynloss.FocalLoss(mode=m, backend=b)]),
+], ids=["dice", "tversky-none", "bce", "focal-alpha", "topk", "composite"])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_cpu_tensors_under_another_default_device_stay_on_the_cpu(make, mode):
+    """The native backend allocated its outputs, saved buffers, gradients and class weights on
+    torch's default device: under ``torch.set_default_device`` (here "meta", standing in for
+    "cuda") a CPU call returned a meta loss, and TopK's kernel refused its arguments. Found by
+    a review of training loops. Large enough for the buffer pool (1 MiB)."""
+    gen = torch.Generator().manual_seed(0)
+    c = 3 if mode == "multiclass" else 1
+    x = torch.randn(4, c, 256, 256, generator=gen)
+    t = (torch.randint(0, 3, (4, 256, 256), generator=gen) if mode == "multiclass"
+         else (torch.rand(4, 1, 256, 256, generator=gen) > 0.7).float())
+    results = []
+    for backend in ("native", "reference"):
+        leaf = x.clone().requires_grad_(True)
+        with torch.device("meta"):
+            value = make(backend, mode)(leaf, t)
+            assert value.device.type == "cpu"
+            value.sum().backward()
+        results.append((value.detach(), leaf.grad))
+    (value, grad), (want, want_grad) = results
+    assert grad.device.type == "cpu"
+    torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-9)
+
+
 def test_topk_ranks_a_nan_loss_above_an_infinite_one():
     """Pixel 0's cross-entropy overflows to inf (class weight 1); pixel 1's too, times a class
     weight of 0: NaN. A TopK of one pixel selects the NaN, as the reference does (NaN > +inf >

@@ -317,8 +317,9 @@ class CompositeLoss(nn.Module):
         return self
 
     def _refresh_weight_values(self) -> None:
-        values = torch.tensor(list(self.current_weights().values()), dtype=torch.float64)
         buffer = self._weight_values
+        values = torch.tensor(list(self.current_weights().values()), dtype=torch.float64,
+                              device=buffer.device)
         if buffer.is_inference() and not torch.is_inference_mode_enabled():
             # built under torch.inference_mode: an inference tensor is not written in place
             # outside it (the step would raise after its counters moved)

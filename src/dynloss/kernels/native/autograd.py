@@ -35,6 +35,7 @@ from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from .. import reference
 from .._recompute import must_recompute, recompute_backward
+from .buffer_pool import CPU
 from .ffi import Forward, Sums, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
@@ -90,7 +91,7 @@ def _region_value(sums: Sums, params: RegionParams
         cell = (_fsum(values[0::3]), _fsum(values[1::3]), _fsum(values[2::3]))
         loss, slope_i, slope_p = _math.tversky_loss_terms(*cell, a, b, s)
         one = ctypes.c_float * 1
-        return (torch.scalar_tensor(loss, dtype=torch.float32), [cell],
+        return (torch.scalar_tensor(loss, dtype=torch.float32, device=CPU), [cell],
                 (one(-slope_i), one(-slope_p)))
     cells = _cells(sums, params)
     if cells is None:  # many scores: float64 tensor operations
@@ -101,7 +102,8 @@ def _region_value(sums: Sums, params: RegionParams
     if params.reduction == "none":
         n, c, _ = sums.dims
         shape = (n, c) if params.per_image else (c,)
-        return torch.tensor([t[0] for t in terms], dtype=torch.float32).view(shape), cells, None
+        scores = torch.tensor([t[0] for t in terms], dtype=torch.float32, device=CPU)
+        return scores.view(shape), cells, None
     mean = params.reduction == "mean" and terms
     total = _fsum([t[0] for t in terms])
     if mean:
@@ -109,7 +111,7 @@ def _region_value(sums: Sums, params: RegionParams
     scale = -1.0 / len(terms) if mean else -1.0
     array = ctypes.c_float * len(terms)
     coefficients = (array(*(scale * t[1] for t in terms)), array(*(scale * t[2] for t in terms)))
-    return torch.scalar_tensor(total, dtype=torch.float32), cells, coefficients
+    return torch.scalar_tensor(total, dtype=torch.float32, device=CPU), cells, coefficients
 
 
 def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None,
@@ -231,7 +233,7 @@ class NativeDistributionLoss(torch.autograd.Function):
         ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid,
                       fwd.overflowed)
         value = total / count if mean else total
-        return _scaled(torch.scalar_tensor(value, dtype=torch.float32), fwd.invalid)
+        return _scaled(torch.scalar_tensor(value, dtype=torch.float32, device=CPU), fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -261,7 +263,7 @@ class NativeCompositeLoss(torch.autograd.Function):
         sums = fwd.sums()
         region, cells, coefficients = _region_value(sums, params.region)
         total, count = fwd.pixel
-        distribution = torch.scalar_tensor(total / count, dtype=torch.float32)
+        distribution = torch.scalar_tensor(total / count, dtype=torch.float32, device=CPU)
         combined = params.region_weight * region + params.distribution_weight * distribution
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))

@@ -68,6 +68,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+CPU = torch.device("cpu")
+"""Where every tensor of the native kernels lives, whatever torch's default device."""
+
+
 class BufferPool:
     """Float32 CPU buffers by element count, each handed out again once it is free."""
 
@@ -89,12 +93,17 @@ class BufferPool:
         self._entries = []
 
     def empty(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        """An uninitialised float32 CPU tensor of ``shape`` (a free pooled one if any)."""
+        """An uninitialised float32 CPU tensor of ``shape`` (a free pooled one if any).
+
+        On the CPU whatever torch's default device (``torch.set_default_device``). Under
+        ``torch.inference_mode`` a fresh one, not pooled: an inference tensor cannot be saved
+        for a later training call's backward, to which the pool would hand it."""
         numel = 1
         for size in shape:
             numel *= size
-        if not ENABLED or numel * 4 > self.max_bytes or numel * 4 < self.min_bytes:
-            return torch.empty(shape, dtype=torch.float32)
+        if (not ENABLED or numel * 4 > self.max_bytes or numel * 4 < self.min_bytes
+                or torch.is_inference_mode_enabled()):
+            return torch.empty(shape, dtype=torch.float32, device=CPU)
         with self._lock:
             entries = self._entries
             for index, entry in enumerate(entries):
@@ -110,7 +119,7 @@ class BufferPool:
                     if index != len(entries) - 1:  # most recently used last
                         entries.append(entries.pop(index))
                     return buffer.view(shape)
-            buffer = torch.empty(numel, dtype=torch.float32)
+            buffer = torch.empty(numel, dtype=torch.float32, device=CPU)
             storage = buffer.untyped_storage()
             entry = [buffer, storage, _references(storage), 0, storage.data_ptr()]
             entry[3] = sys.getrefcount(storage)  # (the same references as in the loop above)

@@ -37,7 +37,7 @@ from ..._math import topk_count
 from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
 from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
-from .buffer_pool import POOL
+from .buffer_pool import CPU, POOL
 from .build import library, status
 
 __all__ = ["Forward", "Sums", "native_backward", "native_forward"]
@@ -272,7 +272,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     args.n, args.c, args.m = n, c, m
     class_alpha = None
     if alpha is not None and multiclass:
-        class_alpha = torch.tensor(alpha, dtype=torch.float32)
+        class_alpha = torch.tensor(alpha, dtype=torch.float32, device=CPU)
         args.has_alpha = 1
         args.class_alpha = class_alpha.data_ptr()
     args.threads = _threads()
@@ -344,7 +344,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
                                    or grad_prediction_sum is not None)
     want_pixel = want_pixel and grad_total is not None
     if not (want_region or want_pixel):
-        return torch.zeros(shape, dtype=torch.float32)
+        return torch.zeros(shape, dtype=torch.float32, device=CPU)
     # the forward call's arguments (the loss's configuration and sizes; its x and output
     # pointers are not read by the backward kernels), then backward's own
     args = Args.from_buffer_copy(forward_args)
@@ -371,7 +371,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact.
     buffer = probabilities if probabilities is not None else slope
-    grad = (torch.empty(shape, dtype=torch.float32) if buffer is None or _graph_kept()
+    grad = (torch.empty(shape, dtype=torch.float32, device=CPU) if buffer is None or _graph_kept()
             else buffer)
     args.target = target.data_ptr()
     args.grad = grad.data_ptr()
