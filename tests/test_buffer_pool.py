@@ -123,6 +123,21 @@ def test_disabled_by_environment(monkeypatch):
     assert len(POOL) == 0
 
 
+def test_the_pool_switch_takes_dynloss_natives_words_and_says_an_unknown_one():
+    """``DYNLOSS_NATIVE_POOL=none``/``disabled`` (off for DYNLOSS_NATIVE) and a typo ``of``
+    silently left the pool on. Found by a review of the environment variables."""
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import dynloss.kernels.native.buffer_pool as b\nprint(b.ENABLED)\n")
+    for value, want, said in (("none", "False", False), ("disabled", "False", False),
+                              ("enabled", "True", False), ("of", "True", True)):
+        env = {**os.environ, "DYNLOSS_NATIVE_POOL": value}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.stdout.strip() == want, result.stderr
+        assert (f"DYNLOSS_NATIVE_POOL={value!r} is neither on" in result.stderr) == said, (
+            result.stderr)
+
+
 def test_small_buffers_are_allocated_afresh():
     """Below MIN_BYTES a buffer is not pooled: the allocator serves it from memory it keeps,
     and a fresh one costs less than a look-up in the pool."""

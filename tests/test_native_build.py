@@ -485,6 +485,43 @@ def test_a_library_that_never_loads_is_rebuilt_once_and_remembered(built_cache, 
 
 
 
+
+def _another_openmp_runtime() -> str | None:
+    """A system OpenMP runtime that is not the one torch loaded (another file), if any."""
+    import glob
+
+    torch_runtime = build.loaded_openmp_runtime()
+    for path in sorted(glob.glob("/usr/lib*/lib*omp*.so*") + glob.glob("/usr/lib/*/lib*omp*.so*")):
+        if (build._OPENMP.search(path) and torch_runtime is not None
+                and os.path.realpath(path) != os.path.realpath(torch_runtime)):
+            return path
+    return None
+
+
+@pytest.mark.skipif(_another_openmp_runtime() is None, reason="no second OpenMP runtime here")
+def test_the_runtime_linked_is_torchs_also_after_another_was_loaded():
+    """The runtime was the first OpenMP library in /proc/self/maps, which is ordered by
+    address, not by load: after `import torch` another package's runtime (scikit-learn's
+    bundled libgomp) came first, and the kernels were rebuilt against it, a second thread
+    pool, under a line that called it "the runtime torch loaded". Found by a review."""
+    code = textwrap.dedent(f"""
+        import ctypes, torch
+        from dynloss.kernels.native import build
+        before = build.loaded_openmp_runtime()
+        ctypes.CDLL({_another_openmp_runtime()!r})
+        for line in (before, build.loaded_openmp_runtime(), build.plans()[0].label):
+            print(line)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": SRC}, check=True).stdout
+    before, after, label = out.strip().splitlines()
+    assert after == before, out
+    import torch
+
+    assert Path(before).resolve().is_relative_to(Path(torch.__file__).resolve().parents[1]), out
+    assert f"OpenMP ({Path(before).name}, the runtime torch loaded)" == label
+
+
 def _missing_from_libstdcxx() -> str:
     """REPORT in a process whose dynamic loader refuses every library as it refuses one that a
     C compiler driver linked (``CXX=gcc``): without the C++ standard library."""
@@ -659,9 +696,20 @@ def test_without_a_home_directory_the_cache_says_how_to_choose_one(monkeypatch, 
 def test_an_unknown_dynloss_native_value_is_said(monkeypatch, value):
     monkeypatch.setenv("DYNLOSS_NATIVE", value)
     with pytest.warns(RuntimeWarning, match=f"DYNLOSS_NATIVE={value!r} is neither on "
-                      r"\(1, true, on, yes\) nor off \(0, false, off, no\): the native kernels "
-                      "stay on"):
+                      r"\(1, true, on, yes, enable, enabled\) nor off \(0, false, off, no, "
+                      r"none, disable, disabled\): the native kernels stay on"):
         assert build._disabled() is False
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "inf", "0"])
+def test_a_build_timeout_that_is_no_positive_number_is_said(monkeypatch, value):
+    """It silently became 300 s (the docs did not say)."""
+    monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", value)
+    with pytest.warns(RuntimeWarning, match=f"DYNLOSS_NATIVE_BUILD_TIMEOUT={value!r} is not a "
+                      "positive number of seconds: the build gets 300"):
+        assert build._timeout() == 300.0
+    monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", "12.5")
+    assert build._timeout() == 12.5
 
 
 def test_without_a_home_directory_the_fallback_says_so_once(tmp_path):

@@ -27,6 +27,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from ._env import switched_on
+
 __all__ = ["ENABLED", "MAX_BUFFERS", "MAX_BYTES", "BufferPool", "pool_enabled"]
 
 MAX_BUFFERS = 4
@@ -38,8 +40,7 @@ page faults), and taking one from the pool costs more than allocating it."""
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-ENABLED = _use_count is not None and os.environ.get(
-    "DYNLOSS_NATIVE_POOL", "1").strip().lower() not in ("0", "false", "off", "no")
+ENABLED = _use_count is not None and switched_on("DYNLOSS_NATIVE_POOL", "the buffer pool")
 """Whether buffers are reused: ``DYNLOSS_NATIVE_POOL`` was not ``0`` when dynloss was imported
 (read once: an environment look-up costs more than the rest of a pooled allocation), and this
 torch can tell when a storage is free."""

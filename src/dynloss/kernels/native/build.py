@@ -48,6 +48,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -65,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..._warn import caller_stacklevel
+from ._env import switched_on
 from .abi import ABI_VERSION, FUNCTIONS, Args
 
 __all__ = ["SOURCE", "library", "status"]
@@ -159,16 +161,61 @@ _OPENMP = re.compile(r"/lib(gomp|omp|iomp5)[^/]*\.(so[^/]*|dylib)$")
 
 
 def loaded_openmp_runtime() -> Path | None:
-    """The OpenMP runtime already mapped into this process (torch's), or None."""
+    """The OpenMP runtime torch uses in this process, or None (none mapped).
+
+    The library that defines ``omp_get_max_threads`` as torch's own extension module finds
+    it (among its dependencies, as the dynamic loader does); else the mapped runtime that lies
+    in torch's installation; else the first one mapped. Not simply the first in
+    ``/proc/self/maps``: that list is ordered by address, and a runtime another package
+    loaded later (scikit-learn's bundled libgomp) comes first."""
+    mapped: list[Path] = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
                 path = line.rstrip("\n").split(maxsplit=5)[-1]
-                if _OPENMP.search(path) and os.path.exists(path):
-                    return Path(path)
+                if _OPENMP.search(path) and os.path.exists(path) and Path(path) not in mapped:
+                    mapped.append(Path(path))
     except OSError:
-        pass
-    return None
+        return None
+    if len(mapped) < 2:
+        return mapped[0] if mapped else None
+    torch_module = sys.modules.get("torch")
+    extension = getattr(getattr(torch_module, "_C", None), "__file__", None)
+    found = _defining_library(extension, "omp_get_max_threads") if extension else None
+    same = [path for path in mapped if found is not None and _same_file(found, path)]
+    if same:  # (named as the maps name it, as when it is the only one: the same cache key)
+        return same[0]
+    home = Path(getattr(torch_module, "__file__", "") or "/").resolve().parents[1]
+    inside = [path for path in mapped if path.resolve().is_relative_to(home)]
+    return (inside or mapped)[0]
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _defining_library(library: str, symbol: str) -> Path | None:
+    """The file of the library that defines ``symbol`` for the loaded ``library`` (itself or
+    one of its dependencies: ``dlsym`` on its handle, then ``dladdr``); None if not known.
+    Loads nothing (``RTLD_NOLOAD``)."""
+    try:
+        handle = ctypes.CDLL(library, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        address = ctypes.cast(getattr(handle, symbol), ctypes.c_void_p).value
+        info = _DlInfo()
+        if not address or not ctypes.CDLL(None).dladdr(ctypes.c_void_p(address),
+                                                       ctypes.byref(info)):
+            return None
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
+    return Path(os.fsdecode(info.dli_fname)) if info.dli_fname else None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _vector_flags() -> tuple[str, ...]:
@@ -280,12 +327,20 @@ def _remember_failure(note: Path, error: BaseException) -> None:
 
 
 def _timeout() -> float:
-    """``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` in seconds; 300 when unset or not a positive number."""
-    try:
-        value = float(os.environ.get("DYNLOSS_NATIVE_BUILD_TIMEOUT", "300"))
-    except ValueError:
+    """``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` in seconds; 300 when unset, and when not a positive
+    number (said)."""
+    text = os.environ.get("DYNLOSS_NATIVE_BUILD_TIMEOUT", "").strip()
+    if not text:
         return 300.0
-    return value if 0 < value < float("inf") else 300.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value < math.inf:
+        return value
+    warnings.warn(f"dynloss: DYNLOSS_NATIVE_BUILD_TIMEOUT={text!r} is not a positive number of "
+                  "seconds: the build gets 300", RuntimeWarning, stacklevel=caller_stacklevel())
+    return 300.0
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -484,21 +539,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_OFF = ("0", "false", "off", "no", "none", "disable", "disabled")
-_ON = ("", "1", "true", "on", "yes", "enable", "enabled")
 
 
 def _disabled() -> bool:
     """Whether ``DYNLOSS_NATIVE`` turns the kernels off; a value that is neither on nor off
     (a typo: ``flase``) leaves them on and says so."""
-    value = os.environ.get("DYNLOSS_NATIVE", "1").strip()
-    if value.lower() in _OFF:
-        return True
-    if value.lower() not in _ON:
-        warnings.warn(f"dynloss: DYNLOSS_NATIVE={value!r} is neither on (1, true, on, yes) nor "
-                      "off (0, false, off, no): the native kernels stay on", RuntimeWarning,
-                      stacklevel=caller_stacklevel())
-    return False
+    return not switched_on("DYNLOSS_NATIVE", "the native kernels")
 
 
 def _load() -> ctypes.CDLL:
