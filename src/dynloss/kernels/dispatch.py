@@ -187,6 +187,7 @@ def select(name: str, x: Tensor, need: Need, target_grad: bool = False,
 
 
 def clear_cache() -> None:
-    """Forget the cached choices (after an environment change, in tests)."""
+    """Forget the cached choices and the warnings said (tests). Not a way to take up a new
+    ``DYNLOSS_NATIVE``: whether the native kernels load is decided once per process."""
     _CACHE.clear()
     _WARNED.clear()
