@@ -396,6 +396,24 @@ def test_a_failure_note_is_trusted_for_60_seconds(tmp_path, age, retried):
     assert after == before + (1 if retried else 0)
 
 
+
+@pytest.mark.parametrize(("failed_under", "now", "trusted"), [
+    ("1", "300", False), ("300", "300", True), ("300", "1", True)])
+def test_a_timed_out_build_is_retried_by_a_process_with_more_time(monkeypatch, tmp_path,
+                                                                  failed_under, now, trusted):
+    """A build killed at DYNLOSS_NATIVE_BUILD_TIMEOUT=1 kept a process that allows 300 s from
+    building for 60 s (it used the torch backend instead). Found by a review."""
+    note = tmp_path / "x.failed"
+    monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", failed_under)
+    build._remember_failure(note, build.BuildTimeout("the compiler ran past 1 s"))
+    monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", now)
+    if trusted:
+        with pytest.raises(build.BuildTimeout, match="not retried for 60 s"):
+            build._raise_recent_failure(note)
+    else:
+        build._raise_recent_failure(note)
+
+
 # ------------------------------------------------------------------------------ the fallback
 def test_auto_warns_once_when_the_kernels_cannot_be_built(tmp_path):
     cxx = _script(tmp_path / "c++", FAILING)

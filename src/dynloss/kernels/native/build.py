@@ -306,13 +306,17 @@ _STOPPING = {"timeout": BuildTimeout, "load": LoadFailure}
 
 def _raise_recent_failure(note: Path) -> None:
     """Raise the failure that ``note`` remembers, if it is younger than
-    :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale)."""
+    :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale) and,
+    for a build that ran out of time, this process allows no more time than it had."""
     try:
         data = json.loads(note.read_text())
         age = time.time() - float(data["time"])
         message = str(data["message"])
         kind = str(data.get("kind", ""))
+        had = float(data.get("timeout", math.inf))
     except (OSError, ValueError, KeyError, TypeError):
+        return
+    if kind == "timeout" and _timeout() > had:
         return
     if 0 <= age < FAILURE_MEMORY_SECONDS:
         error = _STOPPING.get(kind, RuntimeError)
@@ -322,8 +326,11 @@ def _raise_recent_failure(note: Path) -> None:
 
 def _remember_failure(note: Path, error: BaseException) -> None:
     kind = next((k for k, cls in _STOPPING.items() if isinstance(error, cls)), "")
+    data = {"time": time.time(), "message": str(error), "kind": kind}
+    if kind == "timeout":
+        data["timeout"] = _timeout()
     with contextlib.suppress(OSError):
-        note.write_text(json.dumps({"time": time.time(), "message": str(error), "kind": kind}))
+        note.write_text(json.dumps(data))
 
 
 def _timeout() -> float:
