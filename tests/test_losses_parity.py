@@ -180,3 +180,19 @@ def test_monai_smoothing_maps_with_eps_zero_for_any_t(t):
     close(dynloss.TverskyLoss(0.3, 0.7, per_image=True, smooth=t, eps=0.0)(logits, target),
           MonaiTverskyLoss(sigmoid=True, alpha=0.3, beta=0.7, smooth_nr=t, smooth_dr=t)(
               logits, target), rtol=1e-12, atol=1e-15)
+
+
+def test_class_subsets_and_weights_from_reduction_none_as_the_docs_say():
+    """The docs' one-liners for smp's ``classes=`` and MONAI's ``weight=``."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 4, (2, 6, 6), generator=g)
+    scores = dynloss.DiceLoss("multiclass", reduction="none")(x, t)
+    close(scores[[1, 3]].mean(), smp.losses.DiceLoss("multiclass", classes=[1, 3])(x, t),
+          rtol=1e-7, atol=1e-8)  # (smp clamps its denominator to eps, we add eps: ~1e-9)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    per_image = dynloss.DiceLoss("multiclass", per_image=True, reduction="none",
+                                 smooth=0.5e-5, eps=0.0)(x, t)
+    monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, weight=w, smooth_nr=1e-5,
+                          smooth_dr=1e-5)(x, t.unsqueeze(1))
+    close((per_image * w).mean(), monai, rtol=1e-12, atol=1e-14)
