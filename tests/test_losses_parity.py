@@ -196,3 +196,13 @@ def test_class_subsets_and_weights_from_reduction_none_as_the_docs_say():
     monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, weight=w, smooth_nr=1e-5,
                           smooth_dr=1e-5)(x, t.unsqueeze(1))
     close((per_image * w).mean(), monai, rtol=1e-12, atol=1e-14)
+
+
+def test_weighted_cross_entropy_from_focal_sum_as_the_docs_say():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 3, (2, 5, 5), generator=g)
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    total = dynloss.FocalLoss(gamma=0, alpha=w.tolist(), mode="multiclass", reduction="sum")(x, t)
+    close(total / w[t].sum(), torch.nn.functional.cross_entropy(x, t, weight=w), rtol=1e-12,
+          atol=1e-14)
