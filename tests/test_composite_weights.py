@@ -200,3 +200,14 @@ def test_an_assigned_constant_schedule_is_not_said_to_be_started():
         warnings.simplefilter("error")
         CompositeLoss([DiceLoss(), BCELoss()], [1.0, constant])
         loss.weights = [1.0, constant]
+
+
+def test_a_cpu_composite_steps_under_another_default_device():
+    """The weights written at a step were formed on torch's default device: under
+    ``torch.set_default_device("meta")`` (standing in for "cuda") a CPU composite's step
+    raised "Cannot copy out of meta tensor". Found by a review of the diff."""
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(0, 4), 1.0])
+    with torch.device("meta"):
+        loss.step()
+    assert loss._weight_values.device.type == "cpu"
+    assert loss._weight_values.tolist() == [0.25, 1.0]

@@ -101,6 +101,13 @@ def test_float_class_index_targets_get_a_hint_that_keeps_the_classes(cls):
         cls(mode="multiclass")(logits, torch.zeros(2, 3, 4, 4))
     with raises(ValueError, "has a channel dimension of size 1: pass target[:, 0]"):
         cls(mode="multiclass")(logits, labels.long())
+    # bool targets: argmax refuses bool, and a mask of indices wants .long()
+    one_hot = torch.nn.functional.one_hot(labels[:, 0].long(), 3).movedim(-1, 1).bool()
+    with raises(TypeError, "(a one-hot target: pass target.long().argmax(1))"):
+        cls(mode="multiclass")(logits, one_hot)
+    assert torch.equal(one_hot.long().argmax(1), labels[:, 0].long())
+    with raises(TypeError, "got torch.bool (class indices stored as bool: pass target.long())"):
+        cls(mode="multiclass")(logits, labels[:, 0] > 0)
 
 
 @pytest.mark.parametrize("cls", ALL)

@@ -213,12 +213,14 @@ def _multiclass_layout(input: Tensor, target: Tensor) -> Layout:
     expected = input.shape[:1] + input.shape[2:]
     with_channel = (*input.shape[:1], 1, *input.shape[2:])
     if target.is_floating_point() or target.dtype == torch.bool:
+        stored = "bool" if target.dtype == torch.bool else "floats"
         if target.shape == input.shape:
-            hint = "a one-hot or probability target: pass target.argmax(1)"
-        elif target.shape == with_channel and target.is_floating_point():
-            hint = "class indices stored as floats: pass target[:, 0].long()"
-        elif target.shape == expected and target.is_floating_point():
-            hint = "class indices stored as floats: pass target.long()"
+            hint = ("a one-hot target: pass target.long().argmax(1)" if stored == "bool" else
+                    "a one-hot or probability target: pass target.argmax(1)")
+        elif target.shape == with_channel:
+            hint = f"class indices stored as {stored}: pass target[:, 0].long()"
+        elif target.shape == expected:
+            hint = f"class indices stored as {stored}: pass target.long()"
         else:
             hint = ("class indices as an integer tensor; a one-hot or probability target: "
                     "pass target.argmax(1)")

@@ -12,13 +12,22 @@ __all__ = ["caller_stacklevel"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+_SKIPPED = (_PACKAGE, _TORCH, "<frozen importlib")
+"""dynloss, torch, and the import machinery (a warning at import points at the import)."""
 
 
 def caller_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` in the function that calls this one: that of
-    the first frame outside dynloss and torch (the user's call)."""
+    the first frame outside dynloss, torch and the import machinery (the user's call, or the
+    user's ``import`` for a warning while dynloss is imported)."""
     frame: FrameType | None = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
-        frame, level = frame.f_back, level + 1
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED):
+        frame = frame.f_back
+        if frame is not None and not _import_machinery(frame.f_code.co_filename):
+            level += 1  # (warnings.warn does not count the import machinery's frames)
     return level
+
+
+def _import_machinery(filename: str) -> bool:
+    return "importlib" in filename and "_bootstrap" in filename

@@ -342,8 +342,8 @@ class FocalLoss(_DistributionLoss):
     :math:`p_t = e^{-b}` with :math:`b` the per-element cross-entropy (smp's form, also defined
     for soft labels). Equals smp's ``FocalLoss("binary")`` (for probabilities, where they lie in
     smp's clip range [1e-7, 1 - 1e-7]); in multiclass mode uses the softmax probability of the
-    true class (smp averages one-vs-rest sigmoid focal losses over the classes instead: that
-    is ``mode="multilabel"`` on the one-hot target).
+    true class (smp 0.6 averages one-vs-rest sigmoid focal losses over the classes instead:
+    that is ``mode="multilabel"`` on the one-hot target, from logits).
     """
         + _common_doc(
             """
@@ -481,7 +481,7 @@ class _RegionLoss(SegmentationLoss):
     """(A class default as well: a loss pickled before the argument existed keeps class 0.)"""
 
     def _init_region(self, smooth: float, eps: float, per_image: bool, ddp_pool: bool,
-                     include_background: bool) -> None:
+                     include_background: bool = True) -> None:
         self.smooth, self.eps = check_smoothing(smooth, eps)
         self.per_image = check_bool("per_image", per_image)
         self.ddp_pool = check_ddp_pool(ddp_pool, self.per_image)

@@ -204,12 +204,11 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
     """``(w_r * region + w_d * distribution, region, distribution)``, both terms reduced by
     their mean, in one fused pass where the backend has one.
 
-    A TopK term has no fused pass, nor a region term with ``include_background=False``: the
-    two terms are then computed one after the other.
+    A TopK term has no fused pass: the two terms are then computed one after the other.
     """
     params = _matchable_ignore(params, target)
     region, dist = params.region, params.distribution
-    if dist.k is not None or not region.include_background:  # no fused pass for these
+    if dist.k is not None:
         region_value = region_loss(input, target, region)
         dist_value = distribution_loss(input, target, dist)
         total = (scaled(params.region_weight, region_value)

@@ -168,9 +168,9 @@ def focal_loss(
 
     Equals smp's ``FocalLoss("binary")`` (binary mode; for probabilities, where they lie in
     smp's clip range [1e-7, 1 - 1e-7]). In multiclass mode dynloss uses the softmax
-    probability of the true class; smp's multiclass focal loss averages one-vs-rest sigmoid
-    focal losses over the classes instead, which is ``mode="multilabel"`` on the one-hot
-    target (without ``ignore_index``).
+    probability of the true class; smp 0.6's multiclass focal loss averages one-vs-rest
+    sigmoid focal losses over the classes instead (earlier smp summed them), which is
+    ``mode="multilabel"`` on the one-hot target (from logits, without ``ignore_index``).
 
     {shared}
     Examples:

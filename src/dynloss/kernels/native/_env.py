@@ -4,10 +4,10 @@
 >>> import os
 >>> from dynloss.kernels.native._env import switched_on
 >>> os.environ["DYNLOSS_EXAMPLE"] = "Off"
->>> switched_on("DYNLOSS_EXAMPLE", "the example")
+>>> switched_on("DYNLOSS_EXAMPLE", "the example stays on")
 False
 >>> del os.environ["DYNLOSS_EXAMPLE"]
->>> switched_on("DYNLOSS_EXAMPLE", "the example")  # unset: on
+>>> switched_on("DYNLOSS_EXAMPLE", "the example stays on")  # unset: on
 True
 """
 
@@ -23,14 +23,14 @@ OFF = ("0", "false", "off", "no", "none", "disable", "disabled")
 
 
 def switched_on(name: str, what: str) -> bool:
-    """Whether ``$name`` leaves ``what`` on: unset, empty or one of :data:`ON` (any case);
-    one of :data:`OFF` turns it off; anything else leaves it on and warns (a typo, ``flase``,
-    must not pass silently)."""
+    """Whether ``$name`` is on: unset, empty or one of :data:`ON` (any case); one of
+    :data:`OFF` turns it off; anything else leaves it on and warns, ending with ``what``
+    ("the buffer pool stays on"): a typo, ``flase``, must not pass silently."""
     value = os.environ.get(name, "").strip()
     if value.lower() in OFF:
         return False
     if value and value.lower() not in ON:
         warnings.warn(f"dynloss: {name}={value!r} is neither on ({', '.join(ON)}) nor off "
-                      f"({', '.join(OFF)}): {what} stay on", RuntimeWarning,
+                      f"({', '.join(OFF)}): {what}", RuntimeWarning,
                       stacklevel=caller_stacklevel())
     return True

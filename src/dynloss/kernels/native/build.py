@@ -165,18 +165,11 @@ def loaded_openmp_runtime() -> Path | None:
 
     The library that defines ``omp_get_max_threads`` as torch's own extension module finds
     it (among its dependencies, as the dynamic loader does); else the mapped runtime that lies
-    in torch's installation; else the first one mapped. Not simply the first in
+    in torch's package folder (or auditwheel's ``torch.libs``); else the first one mapped. Not
+    simply the first in
     ``/proc/self/maps``: that list is ordered by address, and a runtime another package
     loaded later (scikit-learn's bundled libgomp) comes first."""
-    mapped: list[Path] = []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                path = line.rstrip("\n").split(maxsplit=5)[-1]
-                if _OPENMP.search(path) and os.path.exists(path) and Path(path) not in mapped:
-                    mapped.append(Path(path))
-    except OSError:
-        return None
+    mapped = _mapped_openmp_runtimes()
     if len(mapped) < 2:
         return mapped[0] if mapped else None
     torch_module = sys.modules.get("torch")
@@ -185,9 +178,25 @@ def loaded_openmp_runtime() -> Path | None:
     same = [path for path in mapped if found is not None and _same_file(found, path)]
     if same:  # (named as the maps name it, as when it is the only one: the same cache key)
         return same[0]
-    home = Path(getattr(torch_module, "__file__", "") or "/").resolve().parents[1]
-    inside = [path for path in mapped if path.resolve().is_relative_to(home)]
+    package = Path(getattr(torch_module, "__file__", "") or "/").resolve().parent
+    torchs = (package, package.with_name("torch.libs"))  # (torch.libs: auditwheel's copies)
+    inside = [path for path in mapped
+              if any(path.resolve().is_relative_to(folder) for folder in torchs)]
     return (inside or mapped)[0]
+
+
+def _mapped_openmp_runtimes() -> list[Path]:
+    """The OpenMP runtimes in ``/proc/self/maps``, each once, in its (address) order."""
+    mapped: list[Path] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if _OPENMP.search(path) and os.path.exists(path) and Path(path) not in mapped:
+                    mapped.append(Path(path))
+    except OSError:
+        pass
+    return mapped
 
 
 class _DlInfo(ctypes.Structure):
@@ -520,7 +529,7 @@ def _open_anywhere(path: Path) -> ctypes.CDLL:
 # std classes, std functions, operator new/delete, exception support. A C compiler driver as
 # $CXX (gcc, clang) compiles the .cpp as C++ but links without that runtime.
 _CXX_RUNTIME_SYMBOL = re.compile(
-    r"undefined symbol: ((?:_ZT[ISV]St|_ZNSt|_ZSt|_ZTVN10__cxxabiv1|_Zn[wa][jm]|_Zd[la]Pv"
+    r"undefined symbol: ((?:_ZT[ISV]St|_ZNK?St|_ZSt|_ZTVN10__cxxabiv1|_Zn[wa][jm]|_Zd[la]Pv"
     r"|__cxa_|__gxx_personality_v0)\w*)")
 
 
@@ -546,12 +555,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-
-
 def _disabled() -> bool:
     """Whether ``DYNLOSS_NATIVE`` turns the kernels off; a value that is neither on nor off
     (a typo: ``flase``) leaves them on and says so."""
-    return not switched_on("DYNLOSS_NATIVE", "the native kernels")
+    return not switched_on("DYNLOSS_NATIVE", "the native kernels stay on")
 
 
 def _load() -> ctypes.CDLL:
@@ -588,7 +595,8 @@ def _load() -> ctypes.CDLL:
             return _open_anywhere(path)
         except LoadFailure as error:
             runtime = _missing_cxx_runtime(str(error))
-            if runtime:  # each rebuild would lack it alike: the library stays, said why
+            if runtime:  # a rebuild here would lack it alike: none now, said why; the library
+                _discard(path)  # goes (another $CXX may share its key: the same --version)
                 failure = LoadFailure(
                     f"{path} could not be loaded: undefined symbol: {runtime}; "
                     f"{shlex.join(cxx)} linked it without the C++ standard library (a C "
