@@ -64,6 +64,7 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("loss, mode", [
     (DiceLoss(), "binary"),
     (IoULoss(mode="multiclass"), "multiclass"),
+    (DiceLoss(mode="multiclass", include_background=False), "multiclass"),
     (TverskyLoss(mode="multilabel", per_image=True), "multilabel"),
     (FocalLoss(mode="multiclass", alpha=[0.2, 0.3, 0.5]), "multiclass"),
     (BCELoss(mode="multilabel"), "multilabel"),
