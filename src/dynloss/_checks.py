@@ -17,7 +17,7 @@ from numbers import Integral, Real
 
 import torch
 
-from .constants import BACKENDS, MODES, REDUCTIONS
+from .constants import BACKENDS, MODES, MULTICLASS_MODE, MULTILABEL_MODE, REDUCTIONS
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -171,7 +171,7 @@ def check_ddp_pool(ddp_pool: object, per_image: bool) -> bool:
 
 def check_include_background(include_background: object, mode: str) -> bool:
     include_background = check_bool("include_background", include_background)
-    if not include_background and mode not in ("multiclass", "multilabel"):
+    if not include_background and mode not in (MULTICLASS_MODE, MULTILABEL_MODE):
         raise ValueError(f"include_background=False needs mode='multiclass' or 'multilabel'; "
                          f"got mode={mode!r}, whose one channel is the foreground")
     return include_background

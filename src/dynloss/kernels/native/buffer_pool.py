@@ -42,10 +42,9 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 ENABLED = _use_count is not None and switched_on("DYNLOSS_NATIVE_POOL",
                                                  "the buffer pool stays on")
-"""Whether buffers are reused: ``DYNLOSS_NATIVE_POOL`` was not off (``0``, ``off``, ...)
-when dynloss was imported
-(read once: an environment look-up costs more than the rest of a pooled allocation), and this
-torch can tell when a storage is free."""
+"""Whether buffers are reused: ``DYNLOSS_NATIVE_POOL`` was not off (``0``, ``off``, ...) when
+dynloss was imported (read once: an environment look-up costs more than the rest of a pooled
+allocation), and this torch can tell when a storage is free."""
 
 
 def pool_enabled() -> bool:
