@@ -196,6 +196,12 @@ def test_class_subsets_and_weights_from_reduction_none_as_the_docs_say():
     monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, weight=w, smooth_nr=1e-5,
                           smooth_dr=1e-5)(x, t.unsqueeze(1))
     close((per_image * w).mean(), monai, rtol=1e-12, atol=1e-14)
+    weights = [0.1, 0.2, 0.3, 0.4]
+    close((scores * w).sum() / w.sum(),
+          smp.losses.DiceLoss("multiclass", class_weights=weights)(x, t), rtol=1e-6, atol=1e-7)
+    tversky = dynloss.TverskyLoss(0.3, 0.7, mode="multiclass")(x, t)
+    close(tversky ** 1.5, smp.losses.TverskyLoss("multiclass", alpha=0.3, beta=0.7, gamma=1.5)(
+        x, t), rtol=1e-7, atol=1e-8)
 
 
 def test_weighted_cross_entropy_from_focal_sum_as_the_docs_say():
