@@ -139,6 +139,12 @@ def test_the_pool_switch_takes_dynloss_natives_words_and_says_an_unknown_one(tmp
                 "on (1, true, on, yes, enable, enabled) nor off (0, false, off, no, none, "
                 "disable, disabled): the buffer pool stays on")
         assert (line in result.stderr) == said, result.stderr
+    script.write_text("import importlib, warnings; warnings.simplefilter('always')\n"
+                      "importlib.import_module('dynloss')\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env={**os.environ, "DYNLOSS_NATIVE_POOL": "of"}, timeout=300)
+    assert f"{script}:2: RuntimeWarning: dynloss: DYNLOSS_NATIVE_POOL='of'" in result.stderr, (
+        result.stderr)
 
 
 def test_small_buffers_are_allocated_afresh():

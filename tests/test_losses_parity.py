@@ -183,7 +183,9 @@ def test_monai_smoothing_maps_with_eps_zero_for_any_t(t):
 
 
 def test_class_subsets_and_weights_from_reduction_none_as_the_docs_say():
-    """The docs' one-liners for smp's ``classes=`` and MONAI's ``weight=``."""
+    """The docs' one-liners for smp's ``classes=``, ``class_weights=`` and Tversky ``gamma``
+    and MONAI's ``weight=``; smp's only where each class has a positive pixel (as the docs
+    say: smp scores an absent class 0)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
     t = torch.randint(0, 4, (2, 6, 6), generator=g)
@@ -199,6 +201,11 @@ def test_class_subsets_and_weights_from_reduction_none_as_the_docs_say():
     weights = [0.1, 0.2, 0.3, 0.4]
     close((scores * w).sum() / w.sum(),
           smp.losses.DiceLoss("multiclass", class_weights=weights)(x, t), rtol=1e-6, atol=1e-7)
+    absent = t.clamp_max(2)  # class 3 has no pixel: smp's loss for it is 0, ours ~1
+    ours = dynloss.DiceLoss("multiclass", reduction="none")(x, absent)
+    theirs = smp.losses.DiceLoss("multiclass", classes=[1, 3])(x, absent)
+    close(ours[1] / 2, theirs, rtol=1e-7, atol=1e-8)
+    assert ours[3] > 0.5
     tversky = dynloss.TverskyLoss(0.3, 0.7, mode="multiclass")(x, t)
     close(tversky ** 1.5, smp.losses.TverskyLoss("multiclass", alpha=0.3, beta=0.7, gamma=1.5)(
         x, t), rtol=1e-7, atol=1e-8)

@@ -409,9 +409,9 @@ def test_a_timed_out_build_is_retried_by_a_process_with_more_time(monkeypatch, t
     monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", now)
     if trusted:
         with pytest.raises(build.BuildTimeout, match="not retried for 60 s"):
-            build._raise_recent_failure(note)
+            build._raise_recent_failure(note, "c++")
     else:
-        build._raise_recent_failure(note)
+        build._raise_recent_failure(note, "c++")
 
 
 # ------------------------------------------------------------------------------ the fallback
@@ -579,6 +579,13 @@ def test_a_library_linked_without_the_cxx_runtime_says_to_set_cxx(built_cache, t
     # nor kept: CXX=clang and clang++ print the same --version, so share the cache key, and a
     # kept library kept clang++ refused for good (found by a review of the diff)
     assert _libraries(built_cache) == []
+    # the C++ driver the status asks for, at once (clang++ after clang: the same --version,
+    # so the same cache key): not refused by the note the C driver's failure left
+    (tmp_path / "cxx").mkdir()
+    other = _handing_out(tmp_path / "cxx", good)
+    second, _ = _finish(_start(built_cache, other))
+    assert second["status"] == "", second["status"]
+    assert len(_compiles(other)) == 1
     assert "undefined symbol: _ZNKSt9bad_alloc4whatEv" in (
         "x: undefined symbol: " + build._missing_cxx_runtime(
             "x: undefined symbol: _ZNKSt9bad_alloc4whatEv"))  # const members of std classes
@@ -738,11 +745,18 @@ def test_an_unknown_dynloss_native_value_is_said(monkeypatch, value):
 
 @pytest.mark.parametrize("value", ["abc", "-5", "inf", "0"])
 def test_a_build_timeout_that_is_no_positive_number_is_said(monkeypatch, value):
-    """It silently became 300 s (the docs did not say)."""
+    """It silently became 300 s (the docs did not say); said once (a build reads it several
+    times)."""
+    import warnings
+
+    monkeypatch.setattr(build, "_TIMEOUTS_SAID", set())
     monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", value)
-    with pytest.warns(RuntimeWarning, match=f"DYNLOSS_NATIVE_BUILD_TIMEOUT={value!r} is not a "
-                      "positive number of seconds: the build gets 300"):
-        assert build._timeout() == 300.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [build._timeout() for _ in range(3)] == [300.0] * 3
+    assert [str(w.message) for w in caught] == [
+        f"dynloss: DYNLOSS_NATIVE_BUILD_TIMEOUT={value!r} is not a positive number of seconds: "
+        "the build gets 300"]
     monkeypatch.setenv("DYNLOSS_NATIVE_BUILD_TIMEOUT", "12.5")
     assert build._timeout() == 12.5
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from types import FrameType
@@ -12,8 +13,9 @@ __all__ = ["caller_stacklevel"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-_SKIPPED = (_PACKAGE, _TORCH, "<frozen importlib")
-"""dynloss, torch, and the import machinery (a warning at import points at the import)."""
+_SKIPPED = (_PACKAGE, _TORCH, "<frozen importlib", os.path.dirname(importlib.__file__))
+"""dynloss, torch, and the import machinery (a warning at import points at the import, also
+through ``importlib.import_module``)."""
 
 
 def caller_stacklevel() -> int:

@@ -313,19 +313,21 @@ class LoadFailure(RuntimeError):
 _STOPPING = {"timeout": BuildTimeout, "load": LoadFailure}
 
 
-def _raise_recent_failure(note: Path) -> None:
+def _raise_recent_failure(note: Path, compiler: str) -> None:
     """Raise the failure that ``note`` remembers, if it is younger than
-    :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale) and,
-    for a build that ran out of time, this process allows no more time than it had."""
+    :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale), for
+    a build that ran out of time, this process allows no more time than it had, and for a
+    failure that names its compiler, ``compiler`` (the command) is that one."""
     try:
         data = json.loads(note.read_text())
         age = time.time() - float(data["time"])
         message = str(data["message"])
         kind = str(data.get("kind", ""))
         had = float(data.get("timeout", math.inf))
+        failed_with = str(data.get("compiler", compiler))
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if kind == "timeout" and _timeout() > had:
+    if (kind == "timeout" and _timeout() > had) or failed_with != compiler:
         return
     if 0 <= age < FAILURE_MEMORY_SECONDS:
         error = _STOPPING.get(kind, RuntimeError)
@@ -333,13 +335,20 @@ def _raise_recent_failure(note: Path) -> None:
                     f"{FAILURE_MEMORY_SECONDS:.0f} s)")
 
 
-def _remember_failure(note: Path, error: BaseException) -> None:
+def _remember_failure(note: Path, error: BaseException, compiler: str = "") -> None:
+    """Write ``note``; ``compiler``: the failure is this compiler command's own (another one
+    with the same ``--version``, clang++ after clang, shares the note's path)."""
     kind = next((k for k, cls in _STOPPING.items() if isinstance(error, cls)), "")
-    data = {"time": time.time(), "message": str(error), "kind": kind}
+    data: dict[str, object] = {"time": time.time(), "message": str(error), "kind": kind}
     if kind == "timeout":
         data["timeout"] = _timeout()
+    if compiler:
+        data["compiler"] = compiler
     with contextlib.suppress(OSError):
         note.write_text(json.dumps(data))
+
+
+_TIMEOUTS_SAID: set[str] = set()
 
 
 def _timeout() -> float:
@@ -354,6 +363,9 @@ def _timeout() -> float:
         value = math.nan
     if 0 < value < math.inf:
         return value
+    if text in _TIMEOUTS_SAID:
+        return 300.0
+    _TIMEOUTS_SAID.add(text)
     warnings.warn(f"dynloss: DYNLOSS_NATIVE_BUILD_TIMEOUT={text!r} is not a positive number of "
                   "seconds: the build gets 300", RuntimeWarning, stacklevel=caller_stacklevel())
     return 300.0
@@ -436,7 +448,7 @@ def _build(cxx: list[str], plan: Plan, version: str,
     directory = path.parent
     if verified(path):
         return path
-    _raise_recent_failure(note)
+    _raise_recent_failure(note, shlex.join(cxx))
     try:
         directory.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".lock").touch()
@@ -446,7 +458,7 @@ def _build(cxx: list[str], plan: Plan, version: str,
     with _locked(path.with_suffix(".lock")):
         if verified(path):  # another process built it while this one waited
             return path
-        _raise_recent_failure(note)
+        _raise_recent_failure(note, shlex.join(cxx))
         _discard(path)  # a corrupt or unverified leftover
         (announce or (lambda plan, where: _announce(cxx, plan, where)))(plan, directory)
         start = time.perf_counter()
@@ -601,7 +613,7 @@ def _load() -> ctypes.CDLL:
                     f"{path} could not be loaded: undefined symbol: {runtime}; "
                     f"{shlex.join(cxx)} linked it without the C++ standard library (a C "
                     "compiler?): set CXX to a C++ compiler such as g++ or clang++")
-                _remember_failure(_paths(plan, version)[1], failure)
+                _remember_failure(_paths(plan, version)[1], failure, shlex.join(cxx))
                 raise failure from None
             _discard(path)  # unloadable (damaged, another ABI): rebuilt once
         path = _build(cxx, plan, version)
