@@ -206,16 +206,17 @@ def _handing_out(tmp_path: Path, good: Path) -> Path:
     """)
 
 
-def _refusing_to_load(where: str) -> str:
+def _refusing_to_load(where: str,
+                      reason: str = "failed to map segment from shared object") -> str:
     """REPORT in a process whose dynamic loader refuses libraries ``where`` ("cache": in the
-    cache directory, as on a file system mounted noexec; "anywhere")."""
+    cache directory, as on a file system mounted noexec; "anywhere") for ``reason``."""
     return textwrap.dedent(f"""
         from pathlib import Path
         from dynloss.kernels.native import build
         real = build._open
         def refusing(path):
             if {where!r} == "anywhere" or Path(path).parent == build.cache_dir():
-                raise OSError(f"{{path}}: failed to map segment from shared object")
+                raise OSError(f"{{path}}: {reason}")
             return real(path)
         build._open = refusing
     """) + REPORT
@@ -552,17 +553,6 @@ def test_without_dladdr_the_runtime_in_torchs_own_folders_is_taken(monkeypatch, 
         assert build.loaded_openmp_runtime() == torchs
 
 
-def _missing_from_libstdcxx() -> str:
-    """REPORT in a process whose dynamic loader refuses every library as it refuses one that a
-    C compiler driver linked (``CXX=gcc``): without the C++ standard library."""
-    return textwrap.dedent("""
-        from dynloss.kernels.native import build
-        def refusing(path):
-            raise OSError(f"{path}: undefined symbol: _ZTISt9bad_alloc")
-        build._open = refusing
-    """) + REPORT
-
-
 def test_a_library_linked_without_the_cxx_runtime_says_to_set_cxx(built_cache, tmp_path):
     """``CXX=gcc`` (a C driver: compiles the .cpp, links without libstdc++) compiled twice,
     about a minute, then said only "undefined symbol: _ZTISt9bad_alloc". The rebuild would be
@@ -571,7 +561,9 @@ def test_a_library_linked_without_the_cxx_runtime_says_to_set_cxx(built_cache, t
     good = tmp_path / "good.so"
     shutil.copy2(library, good)
     cxx = _handing_out(tmp_path, good)
-    first, _ = _finish(_start(built_cache, cxx, code=_missing_from_libstdcxx()))
+    # every library refused as the loader refuses one a C compiler driver linked (CXX=gcc)
+    missing = _refusing_to_load("anywhere", "undefined symbol: _ZTISt9bad_alloc")
+    first, _ = _finish(_start(built_cache, cxx, code=missing))
     assert "undefined symbol: _ZTISt9bad_alloc" in first["status"]
     assert ("linked it without the C++ standard library (a C compiler?): set CXX to a C++ "
             "compiler such as g++ or clang++") in first["status"], first["status"]

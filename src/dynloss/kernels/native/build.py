@@ -166,16 +166,15 @@ def loaded_openmp_runtime() -> Path | None:
     The library that defines ``omp_get_max_threads`` as torch's own extension module finds
     it (among its dependencies, as the dynamic loader does); else the mapped runtime that lies
     in torch's package folder (or auditwheel's ``torch.libs``); else the first one mapped. Not
-    simply the first in
-    ``/proc/self/maps``: that list is ordered by address, and a runtime another package
-    loaded later (scikit-learn's bundled libgomp) comes first."""
+    simply the first in ``/proc/self/maps``: that list is ordered by address, and a runtime
+    another package loaded later (scikit-learn's bundled libgomp) comes first."""
     mapped = _mapped_openmp_runtimes()
     if len(mapped) < 2:
         return mapped[0] if mapped else None
     torch_module = sys.modules.get("torch")
     extension = getattr(getattr(torch_module, "_C", None), "__file__", None)
     found = _defining_library(extension, "omp_get_max_threads") if extension else None
-    same = [path for path in mapped if found is not None and _same_file(found, path)]
+    same = [path for path in mapped if _same_file(found, path)] if found is not None else []
     if same:  # (named as the maps name it, as when it is the only one: the same cache key)
         return same[0]
     package = Path(getattr(torch_module, "__file__", "") or "/").resolve().parent
