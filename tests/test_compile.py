@@ -68,6 +68,7 @@ def _fresh_dynamo():
     (TverskyLoss(mode="multilabel", per_image=True), "multilabel"),
     (FocalLoss(mode="multiclass", alpha=[0.2, 0.3, 0.5]), "multiclass"),
     (BCELoss(mode="multilabel"), "multilabel"),
+    (BCELoss(mode="multilabel", pos_weight=[2.0, 0.5, 3.0]), "multilabel"),
     (TopKLoss(k=0.3), "binary"),
     (TopKLoss(k=0.5, mode="multiclass", ignore_index=2), "multiclass"),
 ], ids=lambda v: v if isinstance(v, str) else repr(v))

@@ -192,3 +192,34 @@ def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
         return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", a))
                      for i, a in enumerate(alpha))
     return check_probability(name, alpha)
+
+
+def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
+                     ) -> float | tuple[float, ...] | None:
+    """BCE's ``pos_weight``: None, a weight >= 0 of every channel's positives, or one weight per
+    channel (its number is checked against ``C`` per call); a tensor (``BCEWithLogitsLoss``'s
+    form, ``(C,)`` or ``(C, 1, 1)``) is read as its values. Binary and multilabel mode only."""
+    if pos_weight is None:
+        return None
+    if mode == MULTICLASS_MODE:
+        raise ValueError(
+            f"{name} weighs the positives of binary and multilabel targets; mode='multiclass' "
+            "has none (per-class weights of the cross-entropy: FocalLoss(gamma=0, alpha=[...], "
+            "mode='multiclass'), see the docs)")
+    if isinstance(pos_weight, torch.Tensor):
+        if sum(size != 1 for size in pos_weight.shape) > 1:
+            raise ValueError(
+                f"{name} must hold one weight per channel: a tensor of shape (C,) (or (C, 1, "
+                f"1) as BCEWithLogitsLoss takes it); got shape {tuple(pos_weight.shape)}")
+        pos_weight = (pos_weight.item() if pos_weight.dim() == 0
+                      else pos_weight.detach().reshape(-1).tolist())
+    if isinstance(pos_weight, Sequence) and not isinstance(pos_weight, (str, bytes)):
+        if len(pos_weight) == 0:
+            raise ValueError(f"{name} must not be empty: one weight per channel, or one number")
+        return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", w))
+                     for i, w in enumerate(pos_weight))
+    if isinstance(pos_weight, bool) or not isinstance(pos_weight, Real):
+        raise TypeError(f"{name} must be a real number or a sequence of per-channel weights; "
+                        f"got {_shown(pos_weight)}")
+    return check_float32_range(name, check_non_negative(name, pos_weight))
+

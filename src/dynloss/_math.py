@@ -260,34 +260,51 @@ def clamped_log_ratio(w: Tensor | float, p: Tensor) -> Tensor:
     return torch.where(unclamped, w / torch.where(unclamped, p, 1.0), 0.0)
 
 
-def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool) -> Tensor:
-    r"""Per-element binary cross-entropy of logits (or probabilities) ``x`` and targets ``g``.
+def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool,
+                    pos_weight: Tensor | float | None = None) -> Tensor:
+    r"""Per-element binary cross-entropy of logits (or probabilities) ``x`` and targets ``g``,
+    the positives' term weighed by ``pos_weight`` :math:`w` (None: 1; a tensor broadcasts
+    against ``x``, e.g. ``(1, C, 1)`` for one weight per channel).
 
-    Logits: :math:`(1-g)\,\mathrm{softplus}(x) + g\,\mathrm{softplus}(-x)`, two non-negative
-    terms (nothing cancels; ``lerp`` is exact for hard labels). Probabilities:
-    :math:`-(g \max(\log p, -100) + (1-g) \max(\log(1-p), -100))`.
+    Logits: :math:`(1-g)\,\mathrm{softplus}(x) + w g\,\mathrm{softplus}(-x)`, two
+    non-negative terms (nothing cancels; ``lerp`` is exact for hard labels). Probabilities:
+    :math:`-(w g \max(\log p, -100) + (1-g) \max(\log(1-p), -100))`.
+
+    >>> import torch
+    >>> from dynloss._math import elementwise_bce
+    >>> x, g = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])
+    >>> elementwise_bce(x, g, True, pos_weight=2.0)  # 2 log 2 and log 2
+    tensor([1.3863, 0.6931])
     """
     if from_logits:
         # F.softplus returns x itself beyond its threshold: exact in float32 from 20 on, in
         # float64 only from 40 on (exp(-40) is below half an ulp of 40, and 1 - sigmoid too)
         threshold = 40.0 if x.dtype == torch.float64 else 20.0
-        return torch.lerp(F.softplus(x, threshold=threshold), F.softplus(-x, threshold=threshold),
-                          g)
-    return -(g * clamped_log(x) + (1 - g) * clamped_log(1 - x))
+        positive = F.softplus(-x, threshold=threshold)
+        if pos_weight is not None:
+            positive = positive * pos_weight
+        return torch.lerp(F.softplus(x, threshold=threshold), positive, g)
+    log_p = clamped_log(x) if pos_weight is None else pos_weight * clamped_log(x)
+    return -(g * log_p + (1 - g) * clamped_log(1 - x))
 
 
-def bce_slope(x: Tensor, g: Tensor, from_logits: bool, weight: Tensor | None = None
-              ) -> Tensor:
-    """``weight * d elementwise_bce / dx``: ``weight (sigmoid(x) - g)`` for logits, formed as
-    ``(1-g) sigmoid(x) - g sigmoid(-x)`` (exact for hard labels where the sigmoid saturates:
-    ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``); else the clamped logs' slope
-    ``(weight (1-g))/(1-p) - (weight g)/p`` with a term dropped where its log is clamped, each
-    formed as a quotient (:func:`clamped_log_ratio`)."""
+def bce_slope(x: Tensor, g: Tensor, from_logits: bool, weight: Tensor | None = None,
+              pos_weight: Tensor | float | None = None) -> Tensor:
+    """``weight * d elementwise_bce / dx`` (``pos_weight`` as there): ``weight (sigmoid(x) -
+    g)`` for logits (``weight ((1-g) sigmoid(x) - w g sigmoid(-x))`` with a ``pos_weight``
+    ``w``), formed as ``(1-g) sigmoid(x) - g sigmoid(-x)`` (exact for hard labels where the
+    sigmoid saturates: ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``); else the
+    clamped logs' slope ``(weight (1-g))/(1-p) - (weight w g)/p`` with a term dropped where its
+    log is clamped, each formed as a quotient (:func:`clamped_log_ratio`)."""
     if from_logits:  # lerp is exact at the weights 0 and 1
-        slope = torch.lerp(torch.sigmoid(x), torch.sigmoid(-x).neg_(), g)
+        positive = torch.sigmoid(-x).neg_()
+        if pos_weight is not None:
+            positive = positive.mul_(pos_weight)
+        slope = torch.lerp(torch.sigmoid(x), positive, g)
         return slope if weight is None else slope.mul_(weight)
     w = 1.0 if weight is None else weight
-    return clamped_log_ratio((1 - g) * w, 1 - x) - clamped_log_ratio(g * w, x)
+    positive = g * w if pos_weight is None else g * w * pos_weight
+    return clamped_log_ratio((1 - g) * w, 1 - x) - clamped_log_ratio(positive, x)
 
 
 def softmax_rest(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -31,6 +31,7 @@ from ._checks import (
     check_mode,
     check_non_negative,
     check_optional_bool,
+    check_pos_weight,
     check_real,
     check_reduction,
     check_smoothing,
@@ -81,6 +82,8 @@ class DistributionParams(CallParams):
     alpha: float | tuple[float, ...] | None
     k: float | None
     """The TopK fraction, or None (BCE, Focal)."""
+    pos_weight: float | tuple[float, ...] | None = None
+    """BCE's weight of the positives' term (one, or one per channel); None: 1 (unweighted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ def distribution_params(
     *, gamma: object = 0.0, alpha: object = None, k: object = None, mode: object = "binary",
     from_logits: object = True, ignore_index: object = None, reduction: object = "mean",
     backend: object = "auto", check_values: object = None, alpha_name: str = "alpha",
+    pos_weight: object = None,
 ) -> DistributionParams:
     """Check the arguments of a distribution loss (BCE: ``gamma=0``; TopK: ``k`` given)."""
     common = _common(mode, from_logits, ignore_index, reduction, backend, check_values)
@@ -133,18 +137,27 @@ def distribution_params(
     checked_k = None if k is None else check_fraction("k", k)
     if checked_k == 1.0:  # every element is selected: TopK is BCE, formed as BCE, bit for bit
         checked_k = None
-    return DistributionParams(gamma=gamma, alpha=checked_alpha, k=checked_k, **common)
+    checked_weight = check_pos_weight(pos_weight, common["mode"])
+    if checked_weight == 1.0 or (isinstance(checked_weight, tuple)
+                                 and all(w == 1.0 for w in checked_weight)):
+        checked_weight = None  # the unweighted loss, bit for bit (and on every backend)
+    return DistributionParams(gamma=gamma, alpha=checked_alpha, k=checked_k,
+                              pos_weight=checked_weight, **common)
 
 
 def composite_params(region: RegionParams, distribution: DistributionParams,
                      region_weight: object = 1.0, distribution_weight: object = 1.0
                      ) -> CompositeParams:
     """Two terms over the same input: they must agree on what the input and target are. The
-    fused pass scores every class: a region term with ``include_background=False`` is
-    refused (``CompositeLoss`` computes such a term on its own)."""
+    fused pass scores every class and weighs no positives: a region term with
+    ``include_background=False`` and a distribution term with ``pos_weight`` are refused
+    (``CompositeLoss`` computes such a term on its own)."""
     if not region.include_background:
         raise ValueError("a fused composite scores every class: its region term cannot leave "
                          "out the background (include_background=False)")
+    if distribution.pos_weight is not None:
+        raise ValueError("a fused composite's distribution term is unweighted: it cannot weigh "
+                         "the positives (pos_weight)")
     for name in ("mode", "from_logits", "ignore_index", "backend", "check_values"):
         if getattr(region, name) != getattr(distribution, name):
             raise ValueError(

@@ -35,12 +35,13 @@ from ._checks import (
     check_mode,
     check_non_negative,
     check_optional_bool,
+    check_pos_weight,
     check_probability,
     check_reduction,
     check_smoothing,
 )
 from ._params import distribution_params, region_params
-from .constants import MULTICLASS_MODE
+from .constants import MULTICLASS_MODE, MULTILABEL_MODE
 from .functional import _call
 
 __all__ = [
@@ -284,7 +285,8 @@ class _DistributionLoss(SegmentationLoss):
     def _prepare(self) -> tuple[Callable[..., Tensor], Any, Any]:
         declared = _constructor_arguments(type(self))
         own: dict[str, Any] = {name: getattr(self, name, default)
-               for name, default in (("gamma", 0.0), ("alpha", None), ("k", None))
+               for name, default in (("gamma", 0.0), ("alpha", None), ("k", None),
+                                     ("pos_weight", None))
                if name in self._own_arguments or name in declared}
         if "k" in self._own_arguments:  # TopK's k: None would mean "not TopK" below (a
             own["k"] = check_fraction("k", own["k"])  # subclass's own k may be None: BCE)
@@ -297,16 +299,27 @@ class _DistributionLoss(SegmentationLoss):
 
 
 class BCELoss(_DistributionLoss):
+    _own_arguments = ("pos_weight",)
+    pos_weight: float | list[float] | None = None
+    """(A class default: a BCELoss pickled before ``pos_weight`` existed has none.)"""
     __doc__ = (
         r"""Binary cross-entropy from logits; softmax cross-entropy in multiclass mode.
 
-    :math:`\frac1M \sum_i (1-g_i)\,\mathrm{softplus}(x_i) + g_i\,\mathrm{softplus}(-x_i)` over
-    the :math:`M` kept elements (the form that keeps the digits of tiny losses; algebraically
-    :math:`\max(x,0) - x g + \log(1+e^{-|x|})`). Equals ``torch.nn.BCEWithLogitsLoss`` (and
-    ``torch.nn.CrossEntropyLoss`` in multiclass mode); unlike smp, ignored pixels are not
-    counted in the mean.
+    :math:`\frac1M \sum_i (1-g_i)\,\mathrm{softplus}(x_i) + w\,g_i\,\mathrm{softplus}(-x_i)`
+    over the :math:`M` kept elements (the form that keeps the digits of tiny losses;
+    algebraically :math:`\max(x,0) - x g + \log(1+e^{-|x|})` for :math:`w = 1`), :math:`w`
+    the ``pos_weight`` of the element's channel. Equals ``torch.nn.BCEWithLogitsLoss``, also
+    with its ``pos_weight`` (and ``torch.nn.CrossEntropyLoss`` in multiclass mode); unlike smp,
+    ignored pixels are not counted in the mean.
     """
-        + _common_doc()
+        + _common_doc(
+            """
+        pos_weight: None (default: 1), the weight >= 0 of the positives' term (binary and
+            multilabel mode), one number for every channel or a sequence of ``C``
+            per-channel weights, kept as a list that refuses changes in place; a tensor
+            (``(C,)`` or ``(C, 1, 1)``, as ``BCEWithLogitsLoss`` takes it) is read as its
+            values. Computed by the torch backend (or the reference)."""
+        )
         + """
     Examples:
         >>> import torch
@@ -314,6 +327,9 @@ class BCELoss(_DistributionLoss):
         >>> loss = BCELoss()
         >>> round(loss(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)).item(), 4)
         0.6931
+        >>> weighted = BCELoss(pos_weight=3.0)  # 3 log 2
+        >>> round(weighted(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)).item(), 4)
+        2.0794
     """
     )
     name = "bce"
@@ -324,6 +340,7 @@ class BCELoss(_DistributionLoss):
         mode: str = "binary",
         *,
         from_logits: bool = True,
+        pos_weight: float | Sequence[float] | Tensor | None = None,
         ignore_index: int | None = None,
         reduction: str = "mean",
         backend: str = "auto",
@@ -331,7 +348,17 @@ class BCELoss(_DistributionLoss):
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
+        checked = check_pos_weight(pos_weight, self.mode)
+        self.pos_weight = list(checked) if isinstance(checked, tuple) else checked
         self._ready()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "pos_weight":
+            if isinstance(value, Tensor):  # read once, as the constructor does
+                value = check_pos_weight(value, MULTILABEL_MODE)
+            if isinstance(value, (list, tuple)) and not isinstance(value, _Weights):
+                value = _Weights(value, "BCELoss.pos_weight")
+        super().__setattr__(name, value)
 
 
 class FocalLoss(_DistributionLoss):
@@ -399,21 +426,27 @@ class FocalLoss(_DistributionLoss):
 
 
 class _Weights(list):
-    """``FocalLoss.alpha``'s per-class weights: a list that refuses changes in place (the loss
-    checked and took the weights when they were set; it would not see an edit)."""
+    """Per-class weights (``FocalLoss.alpha``, ``BCELoss.pos_weight``): a list that refuses
+    changes in place (the loss checked and took the weights when they were set; it would not
+    see an edit). ``owner`` names the attribute in the error."""
+
+    def __init__(self, values: Any = (), owner: str = "FocalLoss.alpha") -> None:
+        super().__init__(values)
+        self._owner = owner
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("FocalLoss.alpha cannot be changed in place; assign a new list: "
-                        "loss.alpha = [...]")
+        attribute = self._owner.rsplit(".", 1)[-1]
+        raise TypeError(f"{self._owner} cannot be changed in place; assign a new list: "
+                        f"loss.{attribute} = [...]")
 
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
     def __reduce__(self) -> tuple:
-        return (_Weights, (list(self),))  # (pickle would rebuild it with append)
+        return (_Weights, (list(self), self._owner))  # (pickle would rebuild it with append)
 
     def __deepcopy__(self, memo: dict) -> _Weights:
-        return _Weights(self)
+        return _Weights(self, self._owner)
 
 
 class TopKLoss(_DistributionLoss):

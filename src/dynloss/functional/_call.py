@@ -42,7 +42,8 @@ def region_need(params: RegionParams) -> Need:
 def distribution_need(params: DistributionParams) -> Need:
     """What a distribution loss with ``params`` asks of its backend."""
     return Need("distribution", params.mode, topk=params.k is not None,
-                reduction_none=params.reduction == "none")
+                reduction_none=params.reduction == "none",
+                pos_weight=params.pos_weight is not None)
 
 
 def _composite_need(params: CompositeParams) -> Need:
@@ -147,13 +148,18 @@ def _matchable_ignore(params: _P, target: Tensor) -> _P:
     return dataclasses.replace(params, ignore_index=kept)  # type: ignore[type-var]
 
 
-def _check_alpha_length(alpha: object, layout: Layout, name: str) -> None:
-    if isinstance(alpha, tuple) and layout.mode == MULTICLASS_MODE and (
-            len(alpha) != layout.num_classes):
-        raise ValueError(
-            f"{name} must hold one weight per class: {layout.num_classes} values for an input "
-            f"with C={layout.num_classes}; got {len(alpha)}"
-        )
+def _check_weights_length(params: DistributionParams, layout: Layout, alpha_name: str
+                          ) -> None:
+    """Focal's per-class ``alpha`` (multiclass) and BCE's per-channel ``pos_weight``: one
+    weight for each of the input's ``C`` channels."""
+    for name, weights, per in ((alpha_name, params.alpha, "class"),
+                               ("pos_weight", params.pos_weight, "channel")):
+        if isinstance(weights, tuple) and len(weights) != layout.num_classes and (
+                per == "channel" or layout.mode == MULTICLASS_MODE):
+            raise ValueError(
+                f"{name} must hold one weight per {per}: {layout.num_classes} values for an "
+                f"input with C={layout.num_classes}; got {len(weights)}"
+            )
 
 
 def region_loss(input: Tensor, target: Tensor, params: RegionParams,
@@ -192,7 +198,7 @@ def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or distribution_need(params),
         params.ignore_index, params.from_logits, params.check_values, plans)
-    _check_alpha_length(params.alpha, layout, alpha_name)
+    _check_weights_length(params, layout, alpha_name)
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.distribution(layout, params, checked)
@@ -217,7 +223,7 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
     layout, backend, checked = _prepare(
         input, target, region.mode, region.backend, _composite_need(params),
         region.ignore_index, region.from_logits, region.check_values)
-    _check_alpha_length(dist.alpha, layout, "the distribution term's alpha")
+    _check_weights_length(dist, layout, "the distribution term's alpha")
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.composite(layout, params, checked)

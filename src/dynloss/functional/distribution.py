@@ -121,6 +121,7 @@ def bce_loss(
     *,
     mode: str = "binary",
     from_logits: bool = True,
+    pos_weight: float | Sequence[float] | Tensor | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
     backend: str = "auto",
@@ -128,8 +129,16 @@ def bce_loss(
 ) -> Tensor:
     r"""Binary cross-entropy (softmax cross-entropy in multiclass mode), mean over kept elements.
 
-    Equals ``torch.nn.BCEWithLogitsLoss`` (binary, multilabel) and
+    Equals ``torch.nn.BCEWithLogitsLoss`` (binary, multilabel; with its ``pos_weight``) and
     ``torch.nn.CrossEntropyLoss(ignore_index=...)`` (multiclass).
+
+    ``pos_weight`` (default None: 1) weighs the positives' term, per element
+    :math:`(1-g)\,\mathrm{softplus}(x) + w\,g\,\mathrm{softplus}(-x)` (with probabilities
+    :math:`-(w\,g \log p + (1-g) \log(1-p))`), still averaged over the :math:`M` kept
+    elements: one number >= 0 for every channel, or a sequence of ``C`` per-channel weights
+    (a tensor of shape ``(C,)`` or ``(C, 1, 1)``, as ``BCEWithLogitsLoss`` takes it, is read
+    as its values). Binary and multilabel mode only. Computed by the torch backend (or the
+    reference); a weight of 1 is the unweighted loss, on any backend.
 
     {shared}
     Examples:
@@ -139,10 +148,12 @@ def bce_loss(
         >>> target = torch.tensor([[[[1.0, 0.0]]]])
         >>> round(bce_loss(logits, target).item(), 4)
         0.2201
+        >>> round(bce_loss(logits, target, pos_weight=3.0).item(), 4)  # (3 * 0.1269 + 0.3133) / 2
+        0.347
     """
     return distribution_loss(input, target, distribution_params(
         mode=mode, from_logits=from_logits, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values,
+        backend=backend, check_values=check_values, pos_weight=pos_weight,
     ))
 
 

@@ -52,6 +52,8 @@ class Capabilities:
     """The TopK selection (``distribution`` with ``k``)."""
     reduction_none: bool = False
     """``reduction="none"`` of the distribution losses (per-element values)."""
+    pos_weight: bool = False
+    """BCE's ``pos_weight``: the positives' term of the cross-entropy weighed."""
     target_grad: bool = False
     """A gradient for a target that requires one (soft labels from a teacher)."""
     double_backward: bool = True
@@ -96,6 +98,8 @@ class Capabilities:
             return "TopK"
         if need.reduction_none and not self.reduction_none:
             return "reduction='none'"
+        if need.pos_weight and not self.pos_weight:
+            return "pos_weight"
         if need.ddp_pool and not self.ddp_pool:
             return "ddp_pool=True"
         if target_grad and not self.target_grad:
@@ -150,6 +154,7 @@ class Need:
     mode: str = "binary"
     topk: bool = False
     reduction_none: bool = False
+    pos_weight: bool = False
     ddp_pool: bool = False
     per_image: bool = False
     """A region term's scores per image (its sums kept per sample and class)."""

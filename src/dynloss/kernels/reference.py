@@ -31,7 +31,7 @@ from ..constants import MULTICLASS_MODE
 from ..distributed import pool_across_ranks
 from .capabilities import Capabilities
 
-__all__ = ["REFERENCE", "distribution_terms", "region_loss", "region_sums"]
+__all__ = ["REFERENCE", "distribution_terms", "pos_weight_of", "region_loss", "region_sums"]
 
 
 def _class_index(layout: Layout, ignore_index: int | None, checked: bool
@@ -101,6 +101,15 @@ def region_loss(layout: Layout, params: RegionParams, checked: bool = True) -> T
                       params)
 
 
+def pos_weight_of(params: DistributionParams, x: Tensor) -> Tensor | float | None:
+    """``params.pos_weight`` as :func:`dynloss._math.elementwise_bce` takes it for ``x`` in
+    layout ``(N, C, M)``: a float, or one weight per channel ``(1, C, 1)`` in ``x``'s dtype."""
+    weight = params.pos_weight
+    if isinstance(weight, tuple):
+        return torch.tensor(weight, dtype=x.dtype, device=x.device).view(1, -1, 1)
+    return weight
+
+
 def distribution_terms(layout: Layout, params: DistributionParams, checked: bool = True
                        ) -> tuple[Tensor, Tensor | None]:
     """Per-element losses (autograd) and the kept mask (``None`` when nothing is ignored).
@@ -124,7 +133,8 @@ def distribution_terms(layout: Layout, params: DistributionParams, checked: bool
         g = target.to(dtype)
         if valid is not None:
             g = torch.where(valid, g, 0.0)
-        b = _math.elementwise_bce(_kept_input(x, valid), g, params.from_logits)
+        b = _math.elementwise_bce(_kept_input(x, valid), g, params.from_logits,
+                                  pos_weight_of(params, x))
         if params.alpha is not None:
             assert isinstance(params.alpha, float)
             weight = _math.positive_weight(g, params.alpha)
@@ -191,7 +201,8 @@ class Reference:
 
     name = "reference"
     capabilities = Capabilities(
-        devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, target_grad=True,
+        devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, pos_weight=True,
+        target_grad=True,
         double_backward=True, ddp_pool=True, compilable=True, traceable=True,
         func_transforms=True, forward_ad=True,
     )

@@ -206,7 +206,11 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
     g, valid = _binary_target(target, dtype, params.ignore_index)
     # d loss / dx = coefficient * d bce / dx, coefficient = (focal slope) * (alpha weight)
     coefficient = None
-    loss = _bce_with_logits(xc, g) if params.from_logits else _math.elementwise_bce(xc, g, False)
+    pos_weight = reference.pos_weight_of(params, xc)
+    if params.from_logits and pos_weight is None:
+        loss = _bce_with_logits(xc, g)
+    else:
+        loss = _math.elementwise_bce(xc, g, params.from_logits, pos_weight)
     if params.gamma != 0:
         loss, coefficient = _math.focal_modulation_and_slope(loss, params.gamma)
     if params.alpha is not None:
@@ -216,7 +220,7 @@ def _binary_distribution_terms(x, target, dtype, params: DistributionParams):
         coefficient = weight if coefficient is None else coefficient.mul_(weight)
     # exact where the sigmoid saturates; probabilities: the coefficient goes into the
     # quotients' numerators (_math.clamped_log_ratio)
-    slope = _math.bce_slope(xc, g, params.from_logits, coefficient)
+    slope = _math.bce_slope(xc, g, params.from_logits, coefficient, pos_weight)
     if valid is not None:
         loss.masked_fill_(~valid, 0)
         slope.masked_fill_(~valid, 0)
@@ -357,7 +361,7 @@ class TorchBackend:
     capabilities = Capabilities(
         devices=None,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        topk=True, ddp_pool=True, double_backward=True,
+        topk=True, pos_weight=True, ddp_pool=True, double_backward=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:

@@ -1,0 +1,256 @@
+"""``pos_weight`` on BCE: the positives' term weighed, as ``torch.nn.BCEWithLogitsLoss`` does.
+
+Against torch's own loss (values and gradients) and an independent float64 formula, on every
+backend this process runs; ``pos_weight=1`` is the unweighted loss bit for bit; the errors; the
+dispatch; ``reduction``, ``ignore_index``, a composite, a spec, ``repr`` and pickling.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import dynloss.functional as F
+from dynloss import BCELoss, CompositeLoss, DiceLoss, build_loss
+from dynloss.kernels.dispatch import Need, clear_cache, select
+
+from ._backends import BACKENDS, seeded_case
+
+
+def _independent(logits, target, pos_weight, from_logits=True, kept=None):
+    """Per-element ``-(w g log p + (1-g) log(1-p))`` in float64 (logs clamped at -100)."""
+    x, g = logits.double(), target.double()
+    c = x.shape[1]
+    w = torch.as_tensor(pos_weight, dtype=torch.float64).reshape(
+        (1, -1) + (1,) * (x.dim() - 2)).expand(1, c, *(1,) * (x.dim() - 2))
+    if from_logits:
+        log_p, log_q = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
+    else:
+        log_p, log_q = torch.log(x).clamp_min(-100), torch.log1p(-x).clamp_min(-100)
+    loss = -(w * g * log_p + (1 - g) * log_q)
+    if kept is not None:
+        loss = loss * kept
+    return loss
+
+
+def _torch_weight(pos_weight, c, spatial_dims):
+    """``pos_weight`` shaped as ``BCEWithLogitsLoss`` broadcasts it along the channels."""
+    ones = (1,) * spatial_dims
+    return torch.as_tensor(pos_weight, dtype=torch.float32).reshape(-1, *ones).expand(c, *ones)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize(("mode", "pos_weight"), [
+    ("binary", 3.0), ("binary", [0.25]), ("multilabel", 2.5), ("multilabel", [0.5, 4.0, 1.0]),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_torch_bce_with_logits(backend, mode, pos_weight, soft):
+    logits, target = seeded_case(mode, (2, 7, 5), seed=3, soft=soft, scale=4.0)
+    c = logits.shape[1]
+    torch_loss = torch.nn.BCEWithLogitsLoss(pos_weight=_torch_weight(pos_weight, c, 2))
+    loss = BCELoss(mode, pos_weight=pos_weight, backend=backend)
+    x, xt = (logits.clone().requires_grad_() for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # native/triton: the fallback's note
+        got = loss(x, target)
+    want = torch_loss(xt, target)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got.double(), _independent(logits, target, pos_weight).mean(),
+                               rtol=1e-6, atol=1e-8)
+    got.backward()
+    want.backward()
+    # torch forms sigmoid(x) - 1, which loses digits where the sigmoid saturates
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-4, atol=1e-8)
+    xd = logits.double().requires_grad_()
+    _independent(xd, target, pos_weight).mean().backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=2e-9)  # float32 ulps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probabilities_clamped_logs(backend):
+    logits, target = seeded_case("multilabel", (2, 4, 3), seed=5, soft=True, scale=6.0)
+    p = torch.sigmoid(logits)
+    p[0, 0, 0, 0], p[1, 2, 1, 1] = 0.0, 1.0  # clamped logs: a term of -100
+    weights = [2.0, 0.5, 3.0]
+    reference = BCELoss("multilabel", from_logits=False, pos_weight=weights, backend="reference")
+    loss = BCELoss("multilabel", from_logits=False, pos_weight=weights, backend=backend)
+    x, xr = (p.clone().requires_grad_() for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = loss(x, target)
+    want = _independent(p, target, weights, from_logits=False).mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
+    got.backward()
+    reference(xr, target).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-9)
+    # the independent gradient: -(w g / p - (1 - g) / (1 - p)) / M, 0 where a log is clamped
+    w = torch.tensor(weights).view(1, 3, 1, 1)
+    slope = -(w * target * torch.where(p > 0, 1 / p, 0.0)
+              - (1 - target) * torch.where(p < 1, 1 / (1 - p), 0.0))
+    torch.testing.assert_close(x.grad, slope / p.numel(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_and_reductions(backend):
+    logits, target = seeded_case("multilabel", (2, 6, 4), seed=7, classes=2)
+    target[0, 1, :3] = 255
+    kept = (target != 255).double()
+    g = torch.where(target == 255, 0.0, target)
+    per_element = _independent(logits, g, [3.0, 0.5], kept=kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for reduction, want in (("mean", per_element.sum() / kept.sum()),
+                                ("sum", per_element.sum()), ("none", per_element)):
+            got = F.bce_loss(logits, target, mode="multilabel", pos_weight=[3.0, 0.5],
+                             ignore_index=255, reduction=reduction, backend=backend)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_weight_of_one_is_the_unweighted_loss_bit_for_bit(backend):
+    logits, target = seeded_case("multilabel", (2, 8, 8), seed=2, soft=True)
+    plain = BCELoss("multilabel", backend=backend)
+    for weight in (1.0, 1, [1.0, 1.0, 1.0]):
+        x, xp = (logits.clone().requires_grad_() for _ in range(2))
+        got = BCELoss("multilabel", pos_weight=weight, backend=backend)(x, target)
+        want = plain(xp, target)
+        assert torch.equal(got, want)
+        got.backward()
+        want.backward()
+        assert torch.equal(x.grad, xp.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_input_and_target(backend):
+    logits, target = seeded_case("multilabel", (2, 3, 2), seed=1, classes=2, soft=True,
+                                 dtype=torch.float64)
+    x = logits.requires_grad_()
+    g = target.clone().requires_grad_(backend == "reference")  # torch: no target gradient
+    for from_logits in (True, False):
+        inp = x if from_logits else torch.sigmoid(x.detach()).requires_grad_()
+
+        def fn(a, b, from_logits=from_logits):
+            return F.bce_loss(a, b, mode="multilabel", pos_weight=[2.0, 0.3],
+                              from_logits=from_logits, backend=backend)
+
+        assert torch.autograd.gradcheck(fn, (inp, g))
+        assert torch.autograd.gradgradcheck(fn, (inp, g))
+
+
+def test_target_gradient_matches_torch():
+    logits, target = seeded_case("binary", (2, 5, 5), seed=9, soft=True, dtype=torch.float64)
+    g, gt = (target.clone().requires_grad_() for _ in range(2))
+    F.bce_loss(logits, g, pos_weight=4.0).backward()
+    torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0], dtype=torch.float64))(
+        logits, gt).backward()
+    torch.testing.assert_close(g.grad, gt.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_dispatch_passes_over_the_kernels_without_it():
+    clear_cache()
+    x = torch.zeros(2, 1, 64, 64)
+    weighted = Need("distribution", "binary", pos_weight=True)
+    assert select("auto", x, weighted).name == "torch"
+    assert select("auto", x, weighted, target_grad=True).name == "reference"
+    if "native" in BACKENDS:  # named, it says once that it falls back
+        with pytest.warns(RuntimeWarning, match="backend='native' cannot compute pos_weight"):
+            assert select("native", x, weighted).name == "torch"
+    assert BCELoss(pos_weight=2.0)._checked()[2] == weighted
+    assert BCELoss(pos_weight=1.0)._checked()[2] == Need("distribution", "binary")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"pos_weight": -1.0}, ValueError, "pos_weight must be >= 0; got -1.0"),
+    ({"pos_weight": float("nan")}, ValueError, "pos_weight must be finite"),
+    ({"pos_weight": "3"}, TypeError, "pos_weight must be a real number or a sequence"),
+    ({"pos_weight": [1.0, -2.0], "mode": "multilabel"}, ValueError,
+     r"pos_weight\[1\] must be >= 0; got -2.0"),
+    ({"pos_weight": [], "mode": "multilabel"}, ValueError, "pos_weight must not be empty"),
+    ({"pos_weight": torch.ones(2, 3), "mode": "multilabel"}, ValueError,
+     r"pos_weight must hold one weight per channel: a tensor of shape \(C,\)"),
+    ({"pos_weight": 2.0, "mode": "multiclass"}, ValueError,
+     "pos_weight weighs the positives of binary and multilabel targets"),
+])
+def test_bad_pos_weight_is_refused_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        BCELoss(**kwargs)
+    with pytest.raises(error, match=message):
+        F.bce_loss(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), **kwargs)
+
+
+def test_a_weight_per_channel_must_match_the_channels():
+    logits, target = seeded_case("multilabel", (1, 2, 2), classes=3)
+    with pytest.raises(ValueError, match="pos_weight must hold one weight per channel: 3 "
+                                         "values for an input with C=3; got 2"):
+        BCELoss("multilabel", pos_weight=[1.0, 2.0])(logits, target)
+
+
+def test_a_tensor_is_read_as_its_values():
+    """``BCEWithLogitsLoss`` users pass a tensor, of shape (C,) or (C, 1, 1): the loss takes its
+    values (it is a hyper-parameter, read once) as a list."""
+    loss = BCELoss("multilabel", pos_weight=torch.tensor([2.0, 3.0]).view(2, 1, 1))
+    assert loss.pos_weight == [2.0, 3.0]
+    assert BCELoss(pos_weight=torch.tensor(4.0)).pos_weight == 4.0
+    logits, target = seeded_case("multilabel", (2, 3, 3), classes=2)
+    want = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 3.0]).view(2, 1, 1))(
+        logits, target)
+    torch.testing.assert_close(loss(logits, target), want, rtol=2e-6, atol=1e-7)
+
+
+def test_module_repr_spec_pickle_and_state():
+    loss = BCELoss("multilabel", pos_weight=[2, 0.5])
+    assert repr(loss) == "BCELoss(mode='multilabel', pos_weight=[2.0, 0.5])"
+    rebuilt = build_loss(repr(loss))
+    assert rebuilt.hyperparameters() == loss.hyperparameters()
+    spec = build_loss("bce(pos_weight=3)")
+    assert spec.pos_weight == 3.0 and repr(spec) == "BCELoss(pos_weight=3.0)"
+    copy = pickle.loads(pickle.dumps(loss))
+    logits, target = seeded_case("multilabel", (2, 3, 3), classes=2)
+    assert torch.equal(copy(logits, target), loss(logits, target))
+    with pytest.raises(TypeError, match=r"BCELoss.pos_weight cannot be changed in place"):
+        loss.pos_weight[0] = 5.0
+    loss.pos_weight = [5.0, 0.5]  # reassigned: taken at once
+    want = F.bce_loss(logits, target, mode="multilabel", pos_weight=[5.0, 0.5])
+    assert torch.equal(loss(logits, target), want)
+    with pytest.raises(ValueError, match="pos_weight must be >= 0"):
+        loss.pos_weight = -1.0
+        loss(logits, target)
+
+
+def test_composite_with_a_weighted_bce_term():
+    logits, target = seeded_case("binary", (2, 6, 6), seed=4)
+    composite = CompositeLoss([DiceLoss(), BCELoss(pos_weight=3.0)], weights=[0.5, 2.0])
+    x, xs = (logits.clone().requires_grad_() for _ in range(2))
+    got = composite(x, target)
+    want = 0.5 * DiceLoss()(xs, target) + 2.0 * BCELoss(pos_weight=3.0)(xs, target)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, xs.grad, rtol=1e-5, atol=1e-9)
+    spec = build_loss("dice + bce(pos_weight=3)")
+    torch.testing.assert_close(spec(logits, target), DiceLoss()(logits, target)
+                               + BCELoss(pos_weight=3.0)(logits, target), rtol=1e-6, atol=1e-8)
+    assert set(composite.last_terms) == {"dice", "bce"}
+
+
+def test_the_fused_pass_refuses_a_weighted_term():
+    from dynloss._params import composite_params, distribution_params, region_params
+    with pytest.raises(ValueError, match="cannot weigh the positives"):
+        composite_params(region_params(alpha=0.5, beta=0.5),
+                         distribution_params(pos_weight=2.0))
+
+
+def test_a_loss_pickled_before_pos_weight_existed_loads_unweighted():
+    loss = BCELoss("multilabel")
+    state = loss.__getstate__()
+    del state["pos_weight"]  # as a BCELoss of 0.1 pickled it
+    old = BCELoss.__new__(BCELoss)
+    old.__setstate__(state)
+    assert old.hyperparameters()["pos_weight"] is None
+    assert repr(old) == "BCELoss(mode='multilabel')"
+    logits, target = seeded_case("multilabel", (2, 3, 3))
+    assert torch.equal(old(logits, target), loss(logits, target))
+
