@@ -241,3 +241,60 @@ def test_tracing_a_switching_loss_says_the_trace_keeps_its_stage():
                       r"active stage \('dice'\) only: the traced module keeps computing it after "
                       r"a switch \(torch.compile follows the switch\)"):
         torch.jit.trace(loss, _inputs("binary", seed=1), check_trace=False)
+
+
+def test_a_compiled_composite_follows_schedules_moved_elsewhere():
+    """A validation loss sharing the training loss's schedules (docs/schedules.md), a schedule
+    loaded or set by hand: the compiled forward reads the weights they have now (it read a
+    buffer that only the composite's own step or load refreshed: stale weights, silently)."""
+    x, t = _inputs("binary", seed=5)
+    first, second = LinearRamp(0, 4, 1.0, 0.0), LinearRamp(0, 4)
+    train = CompositeLoss([IoULoss(), BCELoss()], weights=[first, second])
+    val = CompositeLoss([IoULoss(), BCELoss()], weights=[first, second])
+    compiled = torch.compile(val, fullgraph=True)
+    iou, bce = IoULoss()(x, t).item(), BCELoss()(x, t).item()
+    for epoch in range(5):
+        weight = epoch / 4
+        want = (1 - weight) * iou + weight * bce
+        assert compiled(x, t).item() == pytest.approx(want, rel=1e-6)
+        assert val(x, t).item() == pytest.approx(want, rel=1e-6)
+        train.step()
+    ramp = LinearRamp(0, 4)
+    alone = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, ramp])
+    compiled = torch.compile(alone, fullgraph=True)
+    assert compiled(x, t).item() == pytest.approx(iou, rel=1e-6)
+    ramp.load_state_dict({"count": 4})
+    assert compiled(x, t).item() == pytest.approx(iou + bce, rel=1e-6)
+    ramp.count = 2  # by hand
+    assert compiled(x, t).item() == pytest.approx(iou + bce / 2, rel=1e-6)
+    ramp.end = 2  # an argument reassigned: value_at(2) is now 1
+    assert compiled(x, t).item() == pytest.approx(iou + bce, rel=1e-6)
+
+
+@pytest.mark.parametrize("warm_up", [False, True], ids=["cold", "stepped-eagerly-first"])
+def test_stepping_a_composite_inside_a_compiled_training_step(warm_up):
+    """``unit="step"``: ``loss.step()`` once per optimiser step, inside the compiled step. It
+    crashed in dynamo (a guard on the step registry's finalizers) or, after an eager step,
+    recompiled at every call (a guard on the step count)."""
+    from torch._dynamo.testing import CompileCounter
+
+    x, t = _inputs("binary", seed=6)
+    loss = build_loss("iou + linear_ramp(0, 20)*bce")
+    eager = build_loss("iou + linear_ramp(0, 20)*bce")
+    if warm_up:
+        loss.step()
+        eager.step()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def step(x, t):
+        value = loss(x, t)
+        loss.step()
+        return value
+
+    for _ in range(6):
+        want = eager(x, t)
+        eager.step()
+        torch.testing.assert_close(step(x, t), want, rtol=1e-6, atol=1e-7)
+    assert loss.count == eager.count and loss.current_weights() == eager.current_weights()
+    assert counter.frame_count <= 2

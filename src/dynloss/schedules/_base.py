@@ -382,10 +382,15 @@ def begin_unused(module: object, used: Mapping[int, Any]) -> None:
             begin()
 
 
+@torch.compiler.disable
 def top_level_step(module: Any, metric: object) -> Any:
     """``module.step(metric)`` (a CompositeLoss / SwitchingLoss): check everything the step
     would refuse before anything changes, take it, and record what it stepped, also when it
-    raised half-way (a callback, a custom schedule: what moved, moved)."""
+    raised half-way (a callback, a custom schedule: what moved, moved).
+
+    Host bookkeeping (counters, records, a metric read as a number): inside a compiled
+    function it runs eagerly, a graph break (tracing it crashed in dynamo, or recompiled the
+    function at every step on the guards of its counters)."""
     used = in_use(module)
     require_metric(module, metric)
     check_next_weights(module, used)

@@ -37,7 +37,7 @@ from ._base import (
     top_level_step,
     warn_if_started,
 )
-from .weights import Constant, WeightSchedule
+from .weights import Constant, WeightSchedule, hold
 
 __all__ = ["CompositeLoss"]
 
@@ -316,7 +316,17 @@ class CompositeLoss(nn.Module):
             self._refresh_weight_values()
         return self
 
+    def _dynloss_weights_changed(self) -> None:
+        """A schedule it holds changed (stepped by another loss that shares it, loaded, set by
+        hand): the buffer a compiled forward reads takes the new weights."""
+        buffer = self._buffers.get("_weight_values")
+        if buffer is not None and not buffer.is_meta:
+            self._refresh_weight_values()
+
     def _refresh_weight_values(self) -> None:
+        for weight in self._weights:  # told of their changes from now on
+            if isinstance(weight, WeightSchedule):
+                hold(weight, self)
         buffer = self._weight_values
         values = torch.tensor(list(self.current_weights().values()), dtype=torch.float64,
                               device=buffer.device)

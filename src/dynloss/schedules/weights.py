@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,27 @@ from typing import Any
 from ._base import call_repr, check_count, check_state, check_weight, count_step, state_int
 
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
+
+_HOLDERS: dict[int, weakref.WeakSet[Any]] = {}
+"""By ``id`` of a schedule: the live losses that keep its value in a buffer (a
+:class:`~dynloss.CompositeLoss`, whose compiled forward reads the buffer), told through
+``_dynloss_weights_changed()`` whenever an attribute of the schedule is set (its count by a
+step of any loss that holds it, by ``load_state_dict`` or by hand). The entry goes with the
+schedule."""
+
+
+def hold(schedule: WeightSchedule, holder: Any) -> None:
+    """Tell ``holder`` of every change of ``schedule`` from now on (see :data:`_HOLDERS`); a
+    schedule that takes no weak reference is not followed."""
+    key = id(schedule)
+    holders = _HOLDERS.get(key)
+    if holders is None:
+        try:
+            weakref.finalize(schedule, _HOLDERS.pop, key, None)
+        except TypeError:  # no weak reference
+            return
+        holders = _HOLDERS[key] = weakref.WeakSet()
+    holders.add(holder)
 
 
 class WeightSchedule(ABC):
@@ -79,6 +101,13 @@ class WeightSchedule(ABC):
 
     def __call__(self) -> float:
         return self.value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        holders = _HOLDERS.get(id(self))
+        if holders:  # a loss that holds it reads the new value (also a compiled one)
+            for holder in list(holders):
+                holder._dynloss_weights_changed()
 
     def step(self) -> float:
         """Advance the counter by one; returns the new current weight."""
