@@ -141,7 +141,12 @@ def test_probabilities_at_exactly_zero_and_one_stay_finite():
     # I = 1, P = G = 2: Dice 1 - 2/4, IoU 1 - 1/3, Tversky(0.3, 0.7) 1 - 1/(1 + 0.3 + 0.7)
     want = {"bce": 50.0, "focal": 50.0, "topk": 200 / 3, "dice": 0.5, "iou": 2 / 3,
             "jaccard": 2 / 3, "tversky": 0.5}
+    # the six losses (a loss added to LOSSES later has no value here: docs/adding-a-loss.md
+    # asks for no change to this file)
+    assert set(want) <= dict(ALL).keys()
     for name, cls in ALL:
+        if name not in want:
+            continue
         for backend in BACKENDS:
             value = assert_finite_loss_and_grad(
                 cls(from_logits=False, backend=backend), probs, target)
