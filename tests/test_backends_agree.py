@@ -630,3 +630,34 @@ def test_the_torch_backend_keeps_no_probabilities_for_a_binary_region_loss(from_
     want = x.detach().clone().requires_grad_()
     DiceLoss(backend="reference", from_logits=from_logits)(want, target).backward()
     torch.testing.assert_close(x.grad, want.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_binary_input_of_shape_n_is_n_one_pixel_samples(backend, name, reduction):
+    """``(N,)`` is ``(N, *spatial)`` without spatial dims, as ``BCEWithLogitsLoss`` takes it
+    (an image-level head): the loss of ``(N, 1)``; it was refused, by a message that named
+    the shape it had."""
+    if name == "composite" and reduction != "mean":
+        pytest.skip("a composite reduces by the mean")
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(9, generator=gen) * 3
+    target = (torch.rand(9, generator=gen) > 0.5).float()
+    kwargs = {} if name == "composite" else {"reduction": reduction}
+    loss = make_loss(name, "binary", backend, **kwargs)
+    x, x2 = (logits.clone().requires_grad_() for _ in range(2))
+    got = loss(x, target)
+    want = loss(x2.view(9, 1), target.view(9, 1))
+    if reduction == "none" and name not in REGION_NAMES:
+        want = want.view(9)
+    assert torch.equal(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_a_zero_dim_input_is_refused():
+    with pytest.raises(ValueError, match=r"input must have shape \(N, 1, \*spatial\) or "
+                                         r"\(N, \*spatial\) in mode='binary'; got \(\)"):
+        DiceLoss()(torch.tensor(0.5), torch.tensor(1.0))

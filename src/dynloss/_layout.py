@@ -146,7 +146,7 @@ def _check_tensors(input: object, target: object) -> None:
 
 
 def _binary_layout(input: Tensor, target: Tensor) -> Layout:
-    if input.dim() < 2:
+    if input.dim() < 1:  # (N,) is (N, *spatial) without spatial dims: N one-pixel samples
         raise ValueError(
             f"input must have shape (N, 1, *spatial) or (N, *spatial) in mode='binary'; "
             f"got {_shape(input)}"
@@ -154,7 +154,7 @@ def _binary_layout(input: Tensor, target: Tensor) -> Layout:
     n = input.shape[0]
     if target.shape != input.shape:
         without_channel = input.shape[:1] + input.shape[2:]
-        no_channel = input.shape[1] == 1 and target.shape == without_channel
+        no_channel = input.dim() > 1 and input.shape[1] == 1 and target.shape == without_channel
         if not no_channel:
             hint = ""
             if input.shape[1] > 1 and target.shape == without_channel:
