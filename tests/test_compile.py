@@ -298,3 +298,79 @@ def test_stepping_a_composite_inside_a_compiled_training_step(warm_up):
         torch.testing.assert_close(step(x, t), want, rtol=1e-6, atol=1e-7)
     assert loss.count == eager.count and loss.current_weights() == eager.current_weights()
     assert counter.frame_count <= 2
+
+
+class _Table(LinearRamp):
+    """A custom schedule whose ``step`` moves its count before the table ``value_at`` reads
+    (its state is whole only when ``step`` returns), and whose ``value_at`` memoises."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 4)
+        self.table = [0.0]
+
+    def value_at(self, t: int) -> float:
+        self.last = self.table[t]  # an attribute set while the value is read
+        return self.last
+
+    def step(self) -> float:
+        self.count += 1
+        self.table.append(min(self.count / 4, 1.0))
+        return self.value
+
+
+def test_custom_schedules_are_read_when_their_state_is_whole():
+    """Told of every attribute set, a composite read a custom schedule half-way through its
+    own ``step`` (an IndexError that left the loss broken) and, for a ``value_at`` that sets an
+    attribute, recursed without end at construction."""
+    x, t = _inputs("binary", seed=7)
+    shared = _Table()
+    train = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, shared])
+    val = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, shared])
+    compiled = torch.compile(val, fullgraph=True)
+    iou, bce = IoULoss()(x, t).item(), BCELoss()(x, t).item()
+    for step in range(4):
+        assert compiled(x, t).item() == pytest.approx(iou + step / 4 * bce, rel=1e-6)
+        train.step()
+    state = train.state_dict()
+    fresh = _Table()
+    rebuilt = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, fresh])
+    fresh.table = [0.0, 0.25, 0.5, 0.75, 1.0]
+    rebuilt.load_state_dict(state)
+    assert rebuilt.current_weights()["bce"] == 1.0
+
+
+def test_attributes_set_by_hand_one_after_the_other():
+    """Two attributes of a held schedule set one after the other (milestones, then values):
+    the first alone was refused at once (an IndexError, the attribute already set); an
+    invalid value is refused by the next step or eager call, as before. In between, a compiled
+    loss is NaN, not computed with the old weights."""
+    from dynloss.schedules import Step
+
+    x, t = _inputs("binary", seed=8)
+    schedule = Step([2], [1.0, 0.5])
+    loss = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, schedule])
+    compiled = torch.compile(loss, fullgraph=True)
+    schedule.count = 3
+    schedule.milestones = [1, 2]  # three values needed: the weights cannot be formed yet
+    assert torch.isnan(compiled(x, t))
+    schedule.values = [1.0, 0.5, 0.25]
+    iou, bce = IoULoss()(x, t).item(), BCELoss()(x, t).item()
+    assert compiled(x, t).item() == pytest.approx(iou + 0.25 * bce, rel=1e-6)
+    ramp = LinearRamp(0, 4)
+    ramped = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, ramp])
+    ramp.initial = -1.0  # not refused here
+    with pytest.raises(ValueError, match="must be"):
+        ramped(x, t)
+
+
+def test_a_composite_subclass_with_eq_holds_schedules():
+    class Named(CompositeLoss):
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Named) and self.names == other.names
+
+    # (unhashable: torch.compile itself cannot take such a module, whose named_modules()
+    # fills a set; the buffer the compiled forward would read still follows the schedule)
+    ramp = LinearRamp(0, 2)
+    loss = Named([IoULoss(), BCELoss()], weights=[1.0, ramp])
+    ramp.load_state_dict({"count": 2})
+    assert loss._weight_values.tolist() == [1.0, 1.0]

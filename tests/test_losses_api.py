@@ -111,6 +111,25 @@ def test_python_OO_imports_and_runs():
         "0.3333 0.6931 SwitchingLoss([IoULoss(), BCELoss()], milestones=[2])")
 
 
+def test_importing_and_stepping_loads_no_compiler():
+    """``import dynloss`` and an eager training step leave ``torch._dynamo`` unimported (a
+    ``torch.compiler.disable`` made at import took a second of every user's start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, dynloss\n"
+        "loss = dynloss.build_loss('iou + linear_ramp(0, 2)*bce')\n"
+        "loss(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)).item(); loss.step()\n"
+        "switch = dynloss.build_loss('dice->bce@1'); switch.step()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_focal_alpha_cannot_be_edited_in_place():
     """``loss.alpha[0] = 100`` changed the repr and what ``build_loss(repr(loss))`` computed,
     while the module kept the old weights (and took 4 weights for 3 classes); then, rechecked

@@ -382,7 +382,6 @@ def begin_unused(module: object, used: Mapping[int, Any]) -> None:
             begin()
 
 
-@torch.compiler.disable
 def top_level_step(module: Any, metric: object) -> Any:
     """``module.step(metric)`` (a CompositeLoss / SwitchingLoss): check everything the step
     would refuse before anything changes, take it, and record what it stepped, also when it
@@ -391,6 +390,24 @@ def top_level_step(module: Any, metric: object) -> Any:
     Host bookkeeping (counters, records, a metric read as a number): inside a compiled
     function it runs eagerly, a graph break (tracing it crashed in dynamo, or recompiled the
     function at every step on the guards of its counters)."""
+    if torch.compiler.is_compiling():
+        return _eager(_take_step)(module, metric)
+    return _take_step(module, metric)
+
+
+_EAGER: dict[Any, Any] = {}
+
+
+def _eager(function: Any) -> Any:
+    """``torch.compiler.disable(function)``, made at the first use inside a compile: made at
+    import it imported ``torch._dynamo`` (a second) for every user, compiling or not."""
+    disabled = _EAGER.get(function)
+    if disabled is None:
+        disabled = _EAGER[function] = torch.compiler.disable(function)
+    return disabled
+
+
+def _take_step(module: Any, metric: object) -> Any:
     used = in_use(module)
     require_metric(module, metric)
     check_next_weights(module, used)

@@ -318,10 +318,21 @@ class CompositeLoss(nn.Module):
 
     def _dynloss_weights_changed(self) -> None:
         """A schedule it holds changed (stepped by another loss that shares it, loaded, set by
-        hand): the buffer a compiled forward reads takes the new weights."""
+        hand): the buffer a compiled forward reads takes the new weights. Where they cannot
+        be formed now (a custom schedule's value, or one of two attributes set by hand, in
+        between) the buffer holds NaN until they can: a compiled loss is NaN, never computed
+        with stale weights; the eager forward and ``step()`` raise as they did."""
         buffer = self._buffers.get("_weight_values")
-        if buffer is not None and not buffer.is_meta:
+        if buffer is None or buffer.is_meta or id(self) in _REFRESHING:
+            return  # (a schedule whose value_at sets an attribute: told while read)
+        _REFRESHING.add(id(self))
+        try:
             self._refresh_weight_values()
+        except Exception:
+            with torch.no_grad():
+                self._weight_values.fill_(math.nan)
+        finally:
+            _REFRESHING.discard(id(self))
 
     def _refresh_weight_values(self) -> None:
         for weight in self._weights:  # told of their changes from now on
@@ -499,6 +510,10 @@ class _Weights(list):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Weights:
         return _Weights(copy.deepcopy(list(self), memo))
+
+
+_REFRESHING: set[int] = set()
+"""The ``id`` of each composite filling its weights' buffer when told of a change."""
 
 
 def _scheduled(name: str, schedule: WeightSchedule) -> float:

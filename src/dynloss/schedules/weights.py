@@ -25,6 +25,7 @@ Examples:
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import weakref
@@ -36,12 +37,15 @@ from ._base import call_repr, check_count, check_state, check_weight, count_step
 
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
 
-_HOLDERS: dict[int, weakref.WeakSet[Any]] = {}
-"""By ``id`` of a schedule: the live losses that keep its value in a buffer (a
-:class:`~dynloss.CompositeLoss`, whose compiled forward reads the buffer), told through
-``_dynloss_weights_changed()`` whenever an attribute of the schedule is set (its count by a
-step of any loss that holds it, by ``load_state_dict`` or by hand). The entry goes with the
-schedule."""
+_HOLDERS: dict[int, dict[int, weakref.ref[Any]]] = {}
+"""By ``id`` of a schedule: the live losses (by ``id``, weakly) that keep its value in a
+buffer — a :class:`~dynloss.CompositeLoss`, whose compiled forward reads the buffer — told
+through ``_dynloss_weights_changed()`` of each change of the schedule: after its ``step()`` or
+``load_state_dict()`` returns (a subclass's own too: its state is whole then), and when an
+attribute is set outside them (by hand). The entry goes with the schedule."""
+
+_BUSY: set[int] = set()
+"""The ``id`` of each schedule inside its own ``step()`` or ``load_state_dict()``."""
 
 
 def hold(schedule: WeightSchedule, holder: Any) -> None:
@@ -54,8 +58,40 @@ def hold(schedule: WeightSchedule, holder: Any) -> None:
             weakref.finalize(schedule, _HOLDERS.pop, key, None)
         except TypeError:  # no weak reference
             return
-        holders = _HOLDERS[key] = weakref.WeakSet()
-    holders.add(holder)
+        holders = _HOLDERS[key] = {}
+    if id(holder) not in holders:
+        holders[id(holder)] = weakref.ref(holder)
+
+
+def _notify(schedule: WeightSchedule) -> None:
+    holders = _HOLDERS.get(id(schedule))
+    if not holders:
+        return
+    for key, ref in list(holders.items()):
+        holder = ref()
+        if holder is None:
+            holders.pop(key, None)
+        else:
+            holder._dynloss_weights_changed()
+
+
+def _notifying(method: Any) -> Any:
+    """``method`` (a schedule's ``step`` or ``load_state_dict``), then its holders told, once,
+    when the outermost such call returns or raises."""
+    @functools.wraps(method)
+    def call(self: WeightSchedule, *args: Any, **kwargs: Any) -> Any:
+        key = id(self)
+        if key in _BUSY:  # (super().step() inside a subclass's step)
+            return method(self, *args, **kwargs)
+        _BUSY.add(key)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _BUSY.discard(key)
+            _notify(self)
+
+    call._dynloss_notifying = True  # type: ignore[attr-defined]
+    return call
 
 
 class WeightSchedule(ABC):
@@ -102,13 +138,19 @@ class WeightSchedule(ABC):
     def __call__(self) -> float:
         return self.value
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("step", "load_state_dict"):  # a subclass's own: its holders told after
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_dynloss_notifying", False):
+                setattr(cls, name, _notifying(method))
+
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        holders = _HOLDERS.get(id(self))
-        if holders:  # a loss that holds it reads the new value (also a compiled one)
-            for holder in list(holders):
-                holder._dynloss_weights_changed()
+        if id(self) not in _BUSY:  # set by hand: a loss that holds it reads the new value
+            _notify(self)
 
+    @_notifying
     def step(self) -> float:
         """Advance the counter by one; returns the new current weight."""
         count_step(self)  # (a composite holding it finds a step it did not take)
@@ -119,6 +161,7 @@ class WeightSchedule(ABC):
         """The counter: ``{"count": t}``."""
         return {"count": self.count}
 
+    @_notifying
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the counter saved by :meth:`state_dict`; on an error nothing changes.
 
