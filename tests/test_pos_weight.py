@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dynloss.functional as F
-from dynloss import BCELoss, CompositeLoss, DiceLoss, build_loss
+from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss, build_loss
 from dynloss.kernels.dispatch import Need, clear_cache, select
 
 from ._backends import BACKENDS, seeded_case
@@ -149,15 +149,17 @@ def test_target_gradient_matches_torch():
     torch.testing.assert_close(g.grad, gt.grad, rtol=1e-10, atol=1e-14)
 
 
-def test_dispatch_passes_over_the_kernels_without_it():
+def test_dispatch_takes_the_backends_that_have_it():
     clear_cache()
     x = torch.zeros(2, 1, 64, 64)
     weighted = Need("distribution", "binary", pos_weight=True)
-    assert select("auto", x, weighted).name == "torch"
+    if "native" in BACKENDS:  # the C++ kernels weigh the positives
+        assert select("auto", x, weighted).name == "native"
+    assert select("auto", x.double(), weighted).name == "torch"
     assert select("auto", x, weighted, target_grad=True).name == "reference"
-    if "native" in BACKENDS:  # named, it says once that it falls back
-        with pytest.warns(RuntimeWarning, match="backend='native' cannot compute pos_weight"):
-            assert select("native", x, weighted).name == "torch"
+    if "triton" in BACKENDS:  # named, it says once that it falls back
+        with pytest.warns(RuntimeWarning, match="backend='triton' cannot compute pos_weight"):
+            assert select("triton", x, weighted).name == "torch"
     assert BCELoss(pos_weight=2.0)._checked()[2] == weighted
     assert BCELoss(pos_weight=1.0)._checked()[2] == Need("distribution", "binary")
 
@@ -253,4 +255,54 @@ def test_a_loss_pickled_before_pos_weight_existed_loads_unweighted():
     assert repr(old) == "BCELoss(mode='multilabel')"
     logits, target = seeded_case("multilabel", (2, 3, 3))
     assert torch.equal(old(logits, target), loss(logits, target))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 40, 40), (1, 300, 300)],
+                         ids=["short-rows", "rows", "chunks"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_native_weighs_each_row_by_its_channel(shape, soft):
+    """The kernels read a row's channel for its weight: rows kept apart (not read as one), of
+    every length the kernels cut differently (short rows grouped, rows, chunks of long rows);
+    ignore_index and probabilities too."""
+    if "native" not in BACKENDS:
+        pytest.skip("no native kernels here")
+    logits, target = seeded_case("multilabel", shape, seed=8, classes=3, soft=soft)
+    target[0, 1, 0] = 255
+    weights = [0.5, 7.0, 2.0]
+    for from_logits in (True, False):
+        x = logits if from_logits else torch.sigmoid(logits)
+        got_x, want_x = (x.clone().requires_grad_() for _ in range(2))
+        got = F.bce_loss(got_x, target, mode="multilabel", pos_weight=weights, ignore_index=255,
+                         from_logits=from_logits, backend="native")
+        want = F.bce_loss(want_x, target, mode="multilabel", pos_weight=weights,
+                          ignore_index=255, from_logits=from_logits, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("weight", [[2.0], torch.tensor([2.0]), torch.full((1, 1, 1), 2.0)],
+                         ids=["list", "(1,)", "(1, 1, 1)"])
+def test_one_weight_in_a_sequence_serves_every_channel(weight):
+    """As torch broadcasts a one-element ``pos_weight``; it was refused in multilabel mode
+    ("3 values for an input with C=3; got 1")."""
+    logits, target = seeded_case("multilabel", (2, 4, 4), seed=12)
+    loss = BCELoss("multilabel", pos_weight=weight)
+    assert loss.pos_weight == 2.0
+    want = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))(logits, target)
+    torch.testing.assert_close(loss(logits, target), want, rtol=2e-6, atol=1e-7)
+
+
+def test_focal_weights_pickle_as_an_older_dynloss_reads_them():
+    """A FocalLoss's alpha list pickles as dynloss 0.1 wrote it (one argument), so that an
+    older dynloss still loads a FocalLoss pickled by this one."""
+    from dynloss.losses import _Weights
+
+    alpha = FocalLoss(mode="multiclass", alpha=[0.2, 0.8]).alpha
+    assert alpha.__reduce__() == (_Weights, ([0.2, 0.8],))
+    weights = BCELoss("multilabel", pos_weight=[1.0, 2.0]).pos_weight
+    copy = pickle.loads(pickle.dumps(weights))
+    with pytest.raises(TypeError, match=r"BCELoss\.pos_weight cannot be changed in place"):
+        copy.append(3.0)
 

@@ -196,9 +196,11 @@ def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
 
 def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
                      ) -> float | tuple[float, ...] | None:
-    """BCE's ``pos_weight``: None, a weight >= 0 of every channel's positives, or one weight per
-    channel (its number is checked against ``C`` per call); a tensor (``BCEWithLogitsLoss``'s
-    form, ``(C,)`` or ``(C, 1, 1)``) is read as its values. Binary and multilabel mode only."""
+    """BCE's ``pos_weight``: None, a weight >= 0 of every channel's positives (also given as
+    one value in a sequence or tensor, as torch broadcasts it), or one weight per channel (its
+    number is checked against ``C`` per call); a tensor (``(C, 1, 1)`` as
+    ``BCEWithLogitsLoss`` takes per-channel weights of images, or ``(C,)``) is read as its
+    values. Binary and multilabel mode only."""
     if pos_weight is None:
         return None
     if mode == MULTICLASS_MODE:
@@ -216,6 +218,9 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
     if isinstance(pos_weight, Sequence) and not isinstance(pos_weight, (str, bytes)):
         if len(pos_weight) == 0:
             raise ValueError(f"{name} must not be empty: one weight per channel, or one number")
+        if len(pos_weight) == 1:  # one weight for every channel
+            return check_float32_range(f"{name}[0]",
+                                       check_non_negative(f"{name}[0]", pos_weight[0]))
         return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", w))
                      for i, w in enumerate(pos_weight))
     if isinstance(pos_weight, bool) or not isinstance(pos_weight, Real):

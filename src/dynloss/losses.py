@@ -317,8 +317,9 @@ class BCELoss(_DistributionLoss):
         pos_weight: None (default: 1), the weight >= 0 of the positives' term (binary and
             multilabel mode), one number for every channel or a sequence of ``C``
             per-channel weights, kept as a list that refuses changes in place; a tensor
-            (``(C,)`` or ``(C, 1, 1)``, as ``BCEWithLogitsLoss`` takes it) is read as its
-            values. Computed by the torch backend (or the reference)."""
+            (``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights of images, or
+            ``(C,)``) is read as its values; one value serves every channel. Computed by
+            the native kernels and the torch backend (and the reference)."""
         )
         + """
     Examples:
@@ -443,7 +444,11 @@ class _Weights(list):
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
     def __reduce__(self) -> tuple:
-        return (_Weights, (list(self), self._owner))  # (pickle would rebuild it with append)
+        # (pickle would rebuild it with append); FocalLoss's as dynloss 0.1 wrote them, so
+        # that an older dynloss reads a FocalLoss pickled by this one
+        if self._owner == "FocalLoss.alpha":
+            return (_Weights, (list(self),))
+        return (_Weights, (list(self), self._owner))
 
     def __deepcopy__(self, memo: dict) -> _Weights:
         return _Weights(self, self._owner)

@@ -136,9 +136,10 @@ def bce_loss(
     :math:`(1-g)\,\mathrm{softplus}(x) + w\,g\,\mathrm{softplus}(-x)` (with probabilities
     :math:`-(w\,g \log p + (1-g) \log(1-p))`), still averaged over the :math:`M` kept
     elements: one number >= 0 for every channel, or a sequence of ``C`` per-channel weights
-    (a tensor of shape ``(C,)`` or ``(C, 1, 1)``, as ``BCEWithLogitsLoss`` takes it, is read
-    as its values). Binary and multilabel mode only. Computed by the torch backend (or the
-    reference); a weight of 1 is the unweighted loss, on any backend.
+    (a tensor, ``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights of images, or
+    ``(C,)``, is read as its values; one value serves every channel). Binary and multilabel
+    mode only. Computed by the native kernels and the torch backend (and the reference), not
+    the Triton kernels; a weight of 1 is the unweighted loss, on any backend.
 
     {shared}
     Examples:

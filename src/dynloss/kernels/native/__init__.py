@@ -61,7 +61,7 @@ class NativeBackend:
     name = "native"
     capabilities = Capabilities(
         devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=True,
-        ddp_pool=True, double_backward=True, checks_values=True,
+        pos_weight=True, ddp_pool=True, double_backward=True, checks_values=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
         # where the sums are kept per row (docs/kernels.md, "Short rows")
         min_row_length=16,
@@ -85,8 +85,10 @@ class NativeBackend:
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
-        return NativeDistributionLoss.apply(_input(layout), layout.target_input,
-                                            _rows(layout, "distribution", False), params, checked)
+        # per-channel pos_weight: the kernels read a row's channel (row % C)
+        return NativeDistributionLoss.apply(
+            _input(layout), layout.target_input,
+            _rows(layout, "distribution", isinstance(params.pos_weight, tuple)), params, checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,13 +97,14 @@ class NativeBackend:
                                          params, checked)
 
 
-def _rows(layout: Layout, op: str, per_image: bool) -> tuple[int, ...]:
+def _rows(layout: Layout, op: str, per_row: bool) -> tuple[int, ...]:
     """The ``(N, C, M)`` the kernels read the caller's tensors as: all rows as one,
-    ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`): the same sums,
-    in one pass cut into chunks, where a row each took a task of its own (a batch of
-    single-pixel rows, ``(1e6, 1)``, ran 100x slower than the torch backend)."""
+    ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`; ``per_row``: a
+    region term per image, or a weight per channel): the same sums, in one pass cut into
+    chunks, where a row each took a task of its own (a batch of single-pixel rows, ``(1e6,
+    1)``, ran 100x slower than the torch backend)."""
     n, c, m = layout.dims
-    if sums_per_row(layout.mode, op, per_image, c):
+    if per_row or sums_per_row(layout.mode, op, per_row, c):
         return layout.dims
     return (1, 1, n * c * m)
 

@@ -232,7 +232,8 @@ def _arguments(target_dtype: torch.dtype, from_logits: bool, ignore_index: int |
 def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    ignore_index: int | None, gamma: float, alpha, want_region: bool,
                    want_pixel: bool, checked: bool, needs_grad: bool,
-                   topk: float | None = None, dims: tuple[int, ...] | None = None) -> Forward:
+                   topk: float | None = None, dims: tuple[int, ...] | None = None,
+                   pos_weight: float | tuple[float, ...] | None = None) -> Forward:
     """One forward pass of the kernels over ``x`` float32, read as ``dims = (N, C, M)``
     (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
     that layout, so that no view is made and the gradient keeps the input's shape).
@@ -243,7 +244,9 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     ``topk``: TopK's fraction ``k`` (with ``want_pixel``): :attr:`Forward.pixel` is then the
     sum of the ``n = topk_count(k, kept)`` largest per-element losses (per ``(N, C, M)``
     element, multiclass per ``(N, M)`` pixel; ties by lowest flat index, NaN above all) and
-    ``max(n, 1)``, and the saved slopes are 0 outside the selection.
+    ``max(n, 1)``, and the saved slopes are 0 outside the selection. ``pos_weight``
+    (binary/multilabel pixel losses): BCE's weight of the positives' term, one, or one per
+    channel ``C`` of ``dims`` (whose rows the kernels read as ``(sample, channel)``).
     """
     if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
@@ -275,6 +278,14 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         class_alpha = torch.tensor(alpha, dtype=torch.float32, device=CPU)
         args.has_alpha = 1
         args.class_alpha = class_alpha.data_ptr()
+    weights = None
+    if pos_weight is not None and want_pixel and not multiclass:
+        per_channel = pos_weight if isinstance(pos_weight, tuple) else (pos_weight,) * c
+        if len(per_channel) != c:
+            raise ValueError(f"pos_weight holds {len(per_channel)} weights for C={c} rows per "
+                             "sample")
+        weights = (ctypes.c_float * c)(*per_channel)
+        args.pos_weight = ctypes.addressof(weights)
     args.threads = _threads()
     args.portable_loops = _PORTABLE_LOOPS
     if probabilities is not None:
@@ -300,6 +311,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         args.topk = selected
         _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
         total, count = out[0], float(max(selected, 1))
+    args.pos_weight = None  # (backward reads the saved slopes, not the weights freed here)
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
               x.shape, args)
     return Forward(out, (total, count), target, probabilities, slope, config,

@@ -262,6 +262,9 @@ struct Args {
   int64_t pooled;
   // 1: only the portable loops, never a hand-vectorised one (tests compare the two)
   int64_t portable_loops;
+  // binary/multilabel pixel losses: BCE's pos_weight, the weight of the positives' term, one
+  // per channel (C values, read at row % c); null: 1 (unweighted)
+  const float* pos_weight;
 };
 
 // The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
@@ -310,8 +313,9 @@ constexpr int kPartBinary = 9;  // I P G S count badT badX soft overflow
 
 // ------------------------------------------------------------------ binary / multilabel
 // IGNORE: whether ignore_index is set (without it, every element is kept and the loop does
-// not test for it).
-template <typename T, bool LOGITS, bool REGION, int PIXEL, bool IGNORE>
+// not test for it). WEIGHTED: a.pos_weight is set (the positives' term of the cross-entropy
+// weighed by the row's channel's weight w: (1 - g) softplus(x) + w g softplus(-x)).
+template <typename T, bool LOGITS, bool REGION, int PIXEL, bool IGNORE, bool WEIGHTED>
 static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end,
                                  double* out) {
   const float* x = a.x + row * a.m;
@@ -331,6 +335,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   const float gamma = static_cast<float>(a.gamma);
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
   const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
+  const float pos_weight = WEIGHTED ? a.pos_weight[row % a.c] : 1.0f;
   double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0, dOver = 0;
   const bool prefetch = prefetching(begin, end);
   if (prefetch) prefetch_inputs(x, t, begin, kPrefetch);
@@ -377,8 +382,12 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         soft += spread != 0.0f ? 1.0f : 0.0f;
       }
       if (PIXEL != kPixelNone) {
-        const float b = LOGITS ? (max_f(xv, 0.0f) - xv * g) + log1p_f(e)
-                               : -(g * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p));
+        // gw: the positives' share, weighed (g itself unweighted: the same expressions)
+        const float gw = WEIGHTED ? pos_weight * g : g;
+        const float b = !LOGITS ? -(gw * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p))
+                        : WEIGHTED ? (1.0f - g) * (max_f(xv, 0.0f) + log1p_f(e))
+                                         + gw * (max_f(-xv, 0.0f) + log1p_f(e))
+                                   : (max_f(xv, 0.0f) - xv * g) + log1p_f(e);
         const float w = g * w1 + w0;
         float factor;
         const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
@@ -390,9 +399,9 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
         // sign: exact for hard labels where the sigmoid saturates (p - 1 would lose the
         // digits of 1 - p)
         const float q = xv >= 0.0f ? e * inv : inv;  // 1 - p
-        const float slope = LOGITS ? ((1.0f - g) * p - g * q) * coef
+        const float slope = LOGITS ? ((1.0f - g) * p - gw * q) * coef
                                    : clamped_log_ratio((1.0f - g) * coef, 1.0f - p)
-                                         - clamped_log_ratio(g * coef, p);
+                                         - clamped_log_ratio(gw * coef, p);
         if (!LOGITS) over += (keep & (abs_f(slope) > kFloatMax)) ? 1.0f : 0.0f;
         sS += keep ? loss : 0.0f;
         sN += keep ? 1.0f : 0.0f;
@@ -509,10 +518,20 @@ static void binary_forward(const Args& a, int64_t row, int64_t begin, int64_t en
     }
   }
 #endif
+  if constexpr (PIXEL != kPixelNone) {
+    if (a.pos_weight) {
+      if (a.has_ignore) {
+        binary_forward_chunk<T, LOGITS, REGION, PIXEL, true, true>(a, row, begin, end, out);
+      } else {
+        binary_forward_chunk<T, LOGITS, REGION, PIXEL, false, true>(a, row, begin, end, out);
+      }
+      return;
+    }
+  }
   if (a.has_ignore) {
-    binary_forward_chunk<T, LOGITS, REGION, PIXEL, true>(a, row, begin, end, out);
+    binary_forward_chunk<T, LOGITS, REGION, PIXEL, true, false>(a, row, begin, end, out);
   } else {
-    binary_forward_chunk<T, LOGITS, REGION, PIXEL, false>(a, row, begin, end, out);
+    binary_forward_chunk<T, LOGITS, REGION, PIXEL, false, false>(a, row, begin, end, out);
   }
 }
 
@@ -1247,7 +1266,7 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 9; }  // bump with struct Args
+int dynloss_abi_version() { return 10; }  // bump with struct Args
 int dynloss_avx512_loops() { return DL_AVX512; }  // 1: binary_region_logits_avx512 built
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
