@@ -48,6 +48,8 @@ from competitors import HAVE_MONAI, HAVE_SMP, competitors
 from dynloss.kernels import resolve_backend
 
 LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
+EXTRA_LOSSES = ["bce_pos_weight"]
+"""Cases run only when named (``--losses bce_pos_weight``): BCE with ``pos_weight=3``."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -59,7 +61,7 @@ def default_name(shape, losses):
     the shape (``cpu_8x1x64x64``) and by the losses when they are a subset, so that no run
     replaces another shape's or the full table."""
     name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + "x".join(map(str, shape))
-    subset = [loss for loss in LOSSES if loss in losses]
+    subset = [loss for loss in LOSSES + EXTRA_LOSSES if loss in losses]
     return name if subset == LOSSES else name + "_" + "_".join(subset)
 
 
@@ -169,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs="+", default=DEFAULT_SHAPE)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
+    parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES + EXTRA_LOSSES)
     parser.add_argument("--out", type=Path, default=None,
                         help="output path without suffix (default: benchmarks/results/cpu, "
                              "or cpu_<losses> for a subset of the losses)")

@@ -53,12 +53,19 @@ def nnunet_topk(k: float) -> Loss:
     return loss
 
 
+POS_WEIGHT = 3.0
+"""``bce_pos_weight``'s weight of the positives."""
+
+
 def competitors(name: str, backends: tuple[str, ...] = ("auto", "torch", "reference"),
                 ) -> dict[str, Loss]:
-    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``), dynloss first."""
+    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``, or ``"bce_pos_weight"``:
+    BCE with ``pos_weight=3``), dynloss first."""
     found: dict[str, Loss] = {}
     for backend in backends:
-        found[f"dynloss[{backend}]"] = dynloss.LOSSES[name](backend=backend)
+        found[f"dynloss[{backend}]"] = (
+            dynloss.BCELoss(pos_weight=POS_WEIGHT, backend=backend) if name == "bce_pos_weight"
+            else dynloss.LOSSES[name](backend=backend))
     smp_losses = monai_losses = None
     if HAVE_SMP:
         import segmentation_models_pytorch.losses as smp_losses
@@ -93,6 +100,11 @@ def competitors(name: str, backends: tuple[str, ...] = ("auto", "torch", "refere
 
             found["torch"] = lambda x, t: sigmoid_focal_loss(x, t, alpha=-1, gamma=2.0,
                                                              reduction="mean")
+    elif name == "bce_pos_weight":
+        weight = torch.tensor([POS_WEIGHT])
+        if smp_losses:
+            found["smp"] = smp_losses.SoftBCEWithLogitsLoss(pos_weight=weight)
+        found["torch"] = torch.nn.BCEWithLogitsLoss(pos_weight=weight)
     elif name == "bce":
         if smp_losses:
             found["smp"] = smp_losses.SoftBCEWithLogitsLoss()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "benchmarks" / "run_all_gpu.sh", ROOT / "benchmarks" / "run_gpu.sh"]
@@ -116,6 +117,22 @@ def test_cpu_benchmark_names_its_results_by_shape_and_losses():
     assert bench.default_name([2, 1, 64, 64, 64], every) == "cpu_2x1x64x64x64"
     assert bench.default_name([32, 1, 256, 256], ["topk"]) == "cpu_topk"
     assert bench.default_name([8, 1, 64, 64], ["iou", "dice"]) == "cpu_8x1x64x64_dice_iou"
+    assert bench.default_name([32, 1, 256, 256], ["bce_pos_weight"]) == "cpu_bce_pos_weight"
+    assert bench.default_name([32, 1, 256, 256], [*every, "bce_pos_weight"]) == (
+        "cpu_dice_iou_tversky_focal_bce_topk_bce_pos_weight")
+
+
+def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
+    """``bce_pos_weight``: BCE with ``pos_weight=3`` against torch's and smp's own weighted
+    BCE, every candidate the same value."""
+    bench = _bench_cpu()
+    logits, target = bench.make_inputs((2, 1, 8, 8))
+    candidates = bench.competitors("bce_pos_weight")
+    assert {"dynloss[auto]", "torch"} <= set(candidates)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=torch.tensor([3.0]))
+    for label, fn in candidates.items():
+        torch.testing.assert_close(fn(logits, target), want, rtol=2e-6, atol=1e-7, msg=label)
 
 
 def test_cpu_benchmark_without_its_peers_refuses_to_replace_the_tables(monkeypatch, capsys):
