@@ -8,6 +8,8 @@ a buffer, so a new value does not recompile the graph.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch._dynamo.utils
@@ -374,3 +376,74 @@ def test_a_composite_subclass_with_eq_holds_schedules():
     loss = Named([IoULoss(), BCELoss()], weights=[1.0, ramp])
     ramp.load_state_dict({"count": 2})
     assert loss._weight_values.tolist() == [1.0, 1.0]
+
+
+def test_a_composite_at_a_dead_holders_address_is_told():
+    """Holders are kept by id: a new composite at the address of a dead one (a validation
+    loss rebuilt every epoch around the training loss's schedule) was skipped while the dead
+    one's entry stayed, and then never told of a change."""
+    import weakref
+
+    from dynloss.schedules import weights
+
+    class Gone:
+        pass
+
+    ramp = LinearRamp(0, 2)
+    loss = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, ramp])
+    gone = Gone()
+    dead = weakref.ref(gone)
+    del gone
+    weights._HOLDERS[id(ramp)][id(loss)] = dead  # as a dead holder at its address left it
+    weights.hold(ramp, loss)
+    ramp.load_state_dict({"count": 1})
+    assert loss._weight_values.tolist() == [1.0, 0.5]
+    with pytest.warns(RuntimeWarning, match="at count 1"):
+        holder = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, ramp])
+    key = id(holder)
+    del holder  # its entry goes with it
+    assert key not in weights._HOLDERS[id(ramp)]
+
+
+def test_a_composite_built_under_inference_mode_takes_a_half_set_schedule():
+    """Its buffer is an inference tensor: NaN written in place outside inference mode raised
+    from the user's assignment."""
+    from dynloss.schedules import Step
+
+    schedule = Step([2], [1.0, 0.5])
+    schedule.count = 3
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="at count 3"):
+        loss = CompositeLoss([IoULoss(), BCELoss()], weights=[1.0, schedule])
+    schedule.milestones = [1, 2]  # three values needed: not yet
+    assert math.isnan(loss._weight_values.tolist()[1])
+    schedule.values = [1.0, 0.5, 0.25]
+    assert loss._weight_values.tolist() == [1.0, 0.25]
+
+
+def test_a_change_from_another_thread_waits_for_a_refresh_in_progress():
+    """Thread A refreshes a composite while reading a slow schedule; thread B loads another of
+    its schedules meanwhile. B's news was dropped (A was "refreshing"), and A had read the old
+    value: the buffer kept it."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(LinearRamp):
+        def value_at(self, t: int) -> float:
+            if threading.current_thread().name == "A":
+                started.set()
+                release.wait(5)
+            return super().value_at(t)
+
+    slow, other = Slow(0, 2), LinearRamp(0, 2, 1.0, 0.0)
+    loss = CompositeLoss([IoULoss(), BCELoss(), DiceLoss()], weights=[other, 1.0, slow])
+    a = threading.Thread(target=lambda: slow.load_state_dict({"count": 1}), name="A")
+    a.start()
+    assert started.wait(5)
+    b = threading.Thread(target=lambda: other.load_state_dict({"count": 2}), name="B")
+    b.start()
+    b.join(0.2)
+    release.set()
+    a.join(5)
+    b.join(5)
+    assert loss._weight_values.tolist() == [0.0, 1.0, 0.5]

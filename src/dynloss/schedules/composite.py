@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -323,16 +324,22 @@ class CompositeLoss(nn.Module):
         between) the buffer holds NaN until they can: a compiled loss is NaN, never computed
         with stale weights; the eager forward and ``step()`` raise as they did."""
         buffer = self._buffers.get("_weight_values")
-        if buffer is None or buffer.is_meta or id(self) in _REFRESHING:
+        refreshing = _REFRESHING.__dict__.setdefault("ids", set())
+        if buffer is None or buffer.is_meta or id(self) in refreshing:
             return  # (a schedule whose value_at sets an attribute: told while read)
-        _REFRESHING.add(id(self))
-        try:
-            self._refresh_weight_values()
-        except Exception:
-            with torch.no_grad():
-                self._weight_values.fill_(math.nan)
-        finally:
-            _REFRESHING.discard(id(self))
+        with _REFRESH_LOCK:  # another thread's news waits for a refresh in progress
+            refreshing.add(id(self))
+            try:
+                self._refresh_weight_values()
+            except Exception:
+                buffer = self._weight_values
+                if buffer.is_inference() and not torch.is_inference_mode_enabled():
+                    self._weight_values = torch.full_like(buffer, math.nan)  # (built there)
+                else:
+                    with torch.no_grad():
+                        buffer.fill_(math.nan)
+            finally:
+                refreshing.discard(id(self))
 
     def _refresh_weight_values(self) -> None:
         for weight in self._weights:  # told of their changes from now on
@@ -512,8 +519,10 @@ class _Weights(list):
         return _Weights(copy.deepcopy(list(self), memo))
 
 
-_REFRESHING: set[int] = set()
-"""The ``id`` of each composite filling its weights' buffer when told of a change."""
+_REFRESHING = threading.local()
+"""``ids``: the ``id`` of each composite this thread is filling the weights' buffer of, when
+told of a change."""
+_REFRESH_LOCK = threading.RLock()
 
 
 def _scheduled(name: str, schedule: WeightSchedule) -> float:

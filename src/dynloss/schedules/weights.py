@@ -59,8 +59,17 @@ def hold(schedule: WeightSchedule, holder: Any) -> None:
         except TypeError:  # no weak reference
             return
         holders = _HOLDERS[key] = {}
-    if id(holder) not in holders:
-        holders[id(holder)] = weakref.ref(holder)
+    key = id(holder)
+    known = holders.get(key)
+    if known is None or known() is not holder:  # (a dead holder's at this address: replaced)
+        holders[key] = weakref.ref(holder, functools.partial(_forget, holders, key))
+
+
+def _forget(holders: dict[int, weakref.ref[Any]], key: int, _: object = None) -> None:
+    """A holder died: its entry goes (unless a new holder at its address took it already)."""
+    known = holders.get(key)
+    if known is not None and known() is None:
+        holders.pop(key, None)
 
 
 def _notify(schedule: WeightSchedule) -> None:
