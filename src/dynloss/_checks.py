@@ -213,8 +213,9 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
             raise ValueError(
                 f"{name} must hold one weight per channel: a tensor of shape (C,) (or (C, 1, "
                 f"1) as BCEWithLogitsLoss takes it); got shape {tuple(pos_weight.shape)}")
-        pos_weight = (pos_weight.item() if pos_weight.dim() == 0
-                      else pos_weight.detach().reshape(-1).tolist())
+        pos_weight = tensor_values(pos_weight)
+        if len(pos_weight) == 1:
+            pos_weight = pos_weight[0]
     if isinstance(pos_weight, Sequence) and not isinstance(pos_weight, (str, bytes)):
         if len(pos_weight) == 0:
             raise ValueError(f"{name} must not be empty: one weight per channel, or one number")
@@ -227,4 +228,40 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
         raise TypeError(f"{name} must be a real number or a sequence of per-channel weights; "
                         f"got {_shown(pos_weight)}")
     return check_float32_range(name, check_non_negative(name, pos_weight))
+
+
+def check_class_weight(weight: object, mode: str, name: str = "weight"
+                       ) -> tuple[float, ...] | None:
+    """The multiclass cross-entropy's per-class ``weight`` (``CrossEntropyLoss(weight=...)``):
+    None or ``C`` weights >= 0 (their number is checked against ``C`` per call); a tensor is
+    read as its values."""
+    if weight is None:
+        return None
+    if mode != MULTICLASS_MODE:
+        raise ValueError(
+            f"{name} is the per-class weight of multiclass mode's cross-entropy "
+            "(CrossEntropyLoss(weight=...)); binary and multilabel mode weigh the positives "
+            "with pos_weight (or FocalLoss(gamma=0, alpha=...) for both terms)")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        weight = tensor_values(weight)
+    checked = check_focal_alpha(weight, mode, name)
+    assert isinstance(checked, tuple)
+    return checked
+
+
+def tensor_values(values: torch.Tensor) -> list[float]:
+    """A weights tensor's values as Python numbers, each float as the shortest decimal that
+    rounds to it in the tensor's dtype (``torch.tensor([0.2])`` gives 0.2, not
+    0.20000000298...: the same float32, and a readable ``repr``)."""
+    flat = values.detach().reshape(-1).cpu()
+    if not flat.is_floating_point():
+        return flat.tolist()
+    shortest = []
+    for value in flat.tolist():
+        for digits in range(1, 18):
+            text = float(f"{value:.{digits}g}")
+            if torch.tensor(text, dtype=flat.dtype).item() == value:
+                break
+        shortest.append(text)
+    return shortest
 

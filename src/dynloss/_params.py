@@ -22,6 +22,7 @@ from typing import Any
 from ._checks import (
     check_backend,
     check_bool,
+    check_class_weight,
     check_ddp_pool,
     check_float32_range,
     check_focal_alpha,
@@ -84,6 +85,9 @@ class DistributionParams(CallParams):
     """The TopK fraction, or None (BCE, Focal)."""
     pos_weight: float | tuple[float, ...] | None = None
     """BCE's weight of the positives' term (one, or one per channel); None: 1 (unweighted)."""
+    weighted_mean: bool = False
+    """The mean divides by the kept elements' ``alpha`` (the multiclass cross-entropy's class
+    ``weight``), not their number: ``CrossEntropyLoss(weight=...)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +132,19 @@ def distribution_params(
     *, gamma: object = 0.0, alpha: object = None, k: object = None, mode: object = "binary",
     from_logits: object = True, ignore_index: object = None, reduction: object = "mean",
     backend: object = "auto", check_values: object = None, alpha_name: str = "alpha",
-    pos_weight: object = None,
+    pos_weight: object = None, weight: object = None,
 ) -> DistributionParams:
-    """Check the arguments of a distribution loss (BCE: ``gamma=0``; TopK: ``k`` given)."""
+    """Check the arguments of a distribution loss (BCE: ``gamma=0``; TopK: ``k`` given; BCE's
+    multiclass ``weight`` becomes ``alpha`` with a weighted mean)."""
     common = _common(mode, from_logits, ignore_index, reduction, backend, check_values)
     gamma = check_non_negative("gamma", gamma)
     checked_alpha = check_focal_alpha(alpha, common["mode"], alpha_name)
+    class_weight = check_class_weight(weight, common["mode"])
+    weighted_mean = False
+    if class_weight is not None and any(w != 1.0 for w in class_weight):
+        if checked_alpha is not None or k is not None:
+            raise ValueError("weight (the cross-entropy's class weights) is for BCELoss alone")
+        checked_alpha, weighted_mean = class_weight, True
     checked_k = None if k is None else check_fraction("k", k)
     if checked_k == 1.0:  # every element is selected: TopK is BCE, formed as BCE, bit for bit
         checked_k = None
@@ -142,7 +153,7 @@ def distribution_params(
                                  and all(w == 1.0 for w in checked_weight)):
         checked_weight = None  # the unweighted loss, bit for bit (and on every backend)
     return DistributionParams(gamma=gamma, alpha=checked_alpha, k=checked_k,
-                              pos_weight=checked_weight, **common)
+                              pos_weight=checked_weight, weighted_mean=weighted_mean, **common)
 
 
 def composite_params(region: RegionParams, distribution: DistributionParams,
@@ -155,9 +166,9 @@ def composite_params(region: RegionParams, distribution: DistributionParams,
     if not region.include_background:
         raise ValueError("a fused composite scores every class: its region term cannot leave "
                          "out the background (include_background=False)")
-    if distribution.pos_weight is not None:
+    if distribution.pos_weight is not None or distribution.weighted_mean:
         raise ValueError("a fused composite's distribution term is unweighted: it cannot weigh "
-                         "the positives (pos_weight)")
+                         "the positives (pos_weight) or the classes (weight)")
     for name in ("mode", "from_logits", "ignore_index", "backend", "check_values"):
         if getattr(region, name) != getattr(distribution, name):
             raise ValueError(

@@ -28,6 +28,7 @@ from . import functional as F
 from ._checks import (
     check_backend,
     check_bool,
+    check_class_weight,
     check_ddp_pool,
     check_fraction,
     check_ignore_index,
@@ -286,7 +287,7 @@ class _DistributionLoss(SegmentationLoss):
         declared = _constructor_arguments(type(self))
         own: dict[str, Any] = {name: getattr(self, name, default)
                for name, default in (("gamma", 0.0), ("alpha", None), ("k", None),
-                                     ("pos_weight", None))
+                                     ("pos_weight", None), ("weight", None))
                if name in self._own_arguments or name in declared}
         if "k" in self._own_arguments:  # TopK's k: None would mean "not TopK" below (a
             own["k"] = check_fraction("k", own["k"])  # subclass's own k may be None: BCE)
@@ -299,9 +300,11 @@ class _DistributionLoss(SegmentationLoss):
 
 
 class BCELoss(_DistributionLoss):
-    _own_arguments = ("pos_weight",)
+    _own_arguments = ("pos_weight", "weight")
     pos_weight: float | list[float] | None = None
-    """(A class default: a BCELoss pickled before ``pos_weight`` existed has none.)"""
+    weight: list[float] | None = None
+    """(Class defaults: a BCELoss pickled before ``pos_weight`` and ``weight`` existed has
+    neither.)"""
     __doc__ = (
         r"""Binary cross-entropy from logits; softmax cross-entropy in multiclass mode.
 
@@ -319,7 +322,10 @@ class BCELoss(_DistributionLoss):
             per-channel weights, kept as a list that refuses changes in place; a tensor
             (``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights of images, or
             ``(C,)``) is read as its values; one value serves every channel. Computed by
-            the native kernels and the torch backend (and the reference)."""
+            the native kernels and the torch backend (and the reference).
+        weight: None (default), or ``C`` per-class weights >= 0 of the cross-entropy
+            (multiclass mode), as ``CrossEntropyLoss(weight=...)``: the mean divides by the
+            kept pixels' class weights; kept as a list that refuses changes in place."""
         )
         + """
     Examples:
@@ -342,6 +348,7 @@ class BCELoss(_DistributionLoss):
         *,
         from_logits: bool = True,
         pos_weight: float | Sequence[float] | Tensor | None = None,
+        weight: Sequence[float] | Tensor | None = None,
         ignore_index: int | None = None,
         reduction: str = "mean",
         backend: str = "auto",
@@ -351,14 +358,17 @@ class BCELoss(_DistributionLoss):
                          reduction=reduction, backend=backend, check_values=check_values)
         checked = check_pos_weight(pos_weight, self.mode)
         self.pos_weight = list(checked) if isinstance(checked, tuple) else checked
+        classes = check_class_weight(weight, self.mode)
+        self.weight = None if classes is None else list(classes)
         self._ready()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "pos_weight":
+        if name in ("pos_weight", "weight"):
             if isinstance(value, Tensor):  # read once, as the constructor does
-                value = check_pos_weight(value, MULTILABEL_MODE)
+                value = (check_pos_weight(value, MULTILABEL_MODE) if name == "pos_weight"
+                         else check_class_weight(value, MULTICLASS_MODE))
             if isinstance(value, (list, tuple)) and not isinstance(value, _Weights):
-                value = _Weights(value, "BCELoss.pos_weight")
+                value = _Weights(value, f"BCELoss.{name}")
         super().__setattr__(name, value)
 
 

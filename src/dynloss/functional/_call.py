@@ -43,7 +43,7 @@ def distribution_need(params: DistributionParams) -> Need:
     """What a distribution loss with ``params`` asks of its backend."""
     return Need("distribution", params.mode, topk=params.k is not None,
                 reduction_none=params.reduction == "none",
-                pos_weight=params.pos_weight is not None)
+                pos_weight=params.pos_weight is not None, weighted_mean=params.weighted_mean)
 
 
 def _composite_need(params: CompositeParams) -> Need:
@@ -150,6 +150,8 @@ def _matchable_ignore(params: _P, target: Tensor) -> _P:
 
 def _check_weights_length(params: DistributionParams, layout: Layout, alpha_name: str
                           ) -> None:
+    if params.weighted_mean:
+        alpha_name = "weight"
     """Focal's per-class ``alpha`` (multiclass) and BCE's per-channel ``pos_weight``: one
     weight for each of the input's ``C`` channels."""
     for name, weights, per in ((alpha_name, params.alpha, "class"),

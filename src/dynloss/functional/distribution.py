@@ -122,6 +122,7 @@ def bce_loss(
     mode: str = "binary",
     from_logits: bool = True,
     pos_weight: float | Sequence[float] | Tensor | None = None,
+    weight: Sequence[float] | Tensor | None = None,
     ignore_index: int | None = None,
     reduction: str = "mean",
     backend: str = "auto",
@@ -141,6 +142,12 @@ def bce_loss(
     mode only. Computed by the native kernels and the torch backend (and the reference), not
     the Triton kernels; a weight of 1 is the unweighted loss, on any backend.
 
+    ``weight`` (default None; multiclass mode only): ``C`` per-class weights >= 0 of the
+    cross-entropy, as ``torch.nn.CrossEntropyLoss(weight=w)``: per pixel :math:`w_t\,b`, and
+    the mean divides by the kept pixels' :math:`\sum w_t` (not their number; a loss of 0
+    where that sum is 0, where torch gives NaN). A 1-D tensor is read as its values. Computed
+    by the native kernels and the torch backend (and the reference), not the Triton kernels.
+
     {shared}
     Examples:
         >>> import torch
@@ -154,7 +161,7 @@ def bce_loss(
     """
     return distribution_loss(input, target, distribution_params(
         mode=mode, from_logits=from_logits, ignore_index=ignore_index, reduction=reduction,
-        backend=backend, check_values=check_values, pos_weight=pos_weight,
+        backend=backend, check_values=check_values, pos_weight=pos_weight, weight=weight,
     ))
 
 

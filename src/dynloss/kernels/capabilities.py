@@ -54,6 +54,8 @@ class Capabilities:
     """``reduction="none"`` of the distribution losses (per-element values)."""
     pos_weight: bool = False
     """BCE's ``pos_weight``: the positives' term of the cross-entropy weighed."""
+    weighted_mean: bool = False
+    """BCE's multiclass ``weight``: a mean divided by the kept pixels' class weights."""
     target_grad: bool = False
     """A gradient for a target that requires one (soft labels from a teacher)."""
     double_backward: bool = True
@@ -100,6 +102,8 @@ class Capabilities:
             return "reduction='none'"
         if need.pos_weight and not self.pos_weight:
             return "pos_weight"
+        if need.weighted_mean and not self.weighted_mean:
+            return "class weights (weight=)"
         if need.ddp_pool and not self.ddp_pool:
             return "ddp_pool=True"
         if target_grad and not self.target_grad:
@@ -155,6 +159,7 @@ class Need:
     topk: bool = False
     reduction_none: bool = False
     pos_weight: bool = False
+    weighted_mean: bool = False
     ddp_pool: bool = False
     per_image: bool = False
     """A region term's scores per image (its sums kept per sample and class)."""

@@ -146,11 +146,26 @@ def distribution_terms(layout: Layout, params: DistributionParams, checked: bool
     return loss, valid
 
 
+def class_weight_sum(layout: Layout, params: DistributionParams, checked: bool,
+                     dtype: torch.dtype) -> Tensor:
+    """The sum of the kept pixels' class weights (``params.alpha``), the normaliser of a
+    weighted mean; 1 where it is 0 (a loss of 0 then, as when every pixel is ignored)."""
+    index, valid = _class_index(layout, params.ignore_index, checked)
+    table = torch.as_tensor(params.alpha, dtype=dtype, device=index.device)
+    weights = table[index]
+    if valid is not None:
+        weights = torch.where(valid, weights, 0.0)
+    total = weights.sum()
+    return torch.where(total > 0, total, 1.0)
+
+
 def distribution_sum(layout: Layout, params: DistributionParams, checked: bool = True
                      ) -> tuple[Tensor, Tensor]:
     """``(S, count)``: the sum of the per-element losses (of the TopK selection with ``k``) and
     the number of terms of their mean (at least 1); no value read on the host."""
     loss, valid = distribution_terms(layout, params, checked)
+    if params.weighted_mean:  # CrossEntropyLoss(weight=...): the kept pixels' class weights
+        return loss.sum(), class_weight_sum(layout, params, checked, loss.dtype)
     if params.k is not None:
         loss = topk_selected(loss, valid, params.k)[0]
         count = topk_number(loss, valid, params.k)
@@ -202,7 +217,7 @@ class Reference:
     name = "reference"
     capabilities = Capabilities(
         devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, pos_weight=True,
-        target_grad=True,
+        weighted_mean=True, target_grad=True,
         double_backward=True, ddp_pool=True, compilable=True, traceable=True,
         func_transforms=True, forward_ad=True,
     )

@@ -302,7 +302,10 @@ class DistributionSum(torch.autograd.Function):
             count = reference.topk_number(loss, valid, params.k)
         else:
             total = loss.sum()
-            if valid is None:
+            if params.weighted_mean:  # the kept pixels' class weights (1 where 0)
+                count = reference.class_weight_sum(Layout(x, target, params.mode, x.shape),
+                                                   params, checked, dtype)
+            elif valid is None:
                 count = torch.tensor(float(loss.numel()), dtype=dtype, device=x.device)
             else:
                 count = valid.sum().to(dtype)
@@ -322,7 +325,7 @@ class DistributionSum(torch.autograd.Function):
                       not params.from_logits and _host_readable(saved)
                       and bool(torch.isinf(saved).any()))
         ctx.mark_non_differentiable(count)
-        return total, count.clamp_min(1)
+        return total, torch.where(count > 0, count, 1.0)  # (a class weights' sum may be < 1)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_count):
@@ -361,7 +364,7 @@ class TorchBackend:
     capabilities = Capabilities(
         devices=None,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        topk=True, pos_weight=True, ddp_pool=True, double_backward=True,
+        topk=True, pos_weight=True, weighted_mean=True, ddp_pool=True, double_backward=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:

@@ -213,7 +213,8 @@ def _distribution_forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
                           ) -> Forward:
     return native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
                           params.gamma, params.alpha, want_region, True, checked,
-                          ctx.needs_input_grad[0], params.k, dims, params.pos_weight)
+                          ctx.needs_input_grad[0], params.k, dims, params.pos_weight,
+                          params.weighted_mean)
 
 
 class NativeDistributionLoss(torch.autograd.Function):

@@ -233,7 +233,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    ignore_index: int | None, gamma: float, alpha, want_region: bool,
                    want_pixel: bool, checked: bool, needs_grad: bool,
                    topk: float | None = None, dims: tuple[int, ...] | None = None,
-                   pos_weight: float | tuple[float, ...] | None = None) -> Forward:
+                   pos_weight: float | tuple[float, ...] | None = None,
+                   weighted_mean: bool = False) -> Forward:
     """One forward pass of the kernels over ``x`` float32, read as ``dims = (N, C, M)``
     (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
     that layout, so that no view is made and the gradient keeps the input's shape).
@@ -247,7 +248,12 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     ``max(n, 1)``, and the saved slopes are 0 outside the selection. ``pos_weight``
     (binary/multilabel pixel losses): BCE's weight of the positives' term, one, or one per
     channel ``C`` of ``dims`` (whose rows the kernels read as ``(sample, channel)``).
+    ``weighted_mean`` (multiclass, per-class ``alpha``): the count (:attr:`Forward.pixel`'s
+    second value) is the sum of the kept pixels' class weights, as
+    ``CrossEntropyLoss(weight=...)`` divides by (1 where it is 0).
     """
+    if weighted_mean and (topk is not None or alpha is None or mode != MULTICLASS_MODE):
+        raise ValueError("weighted_mean needs per-class weights in multiclass mode, not TopK")
     if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
@@ -278,6 +284,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         class_alpha = torch.tensor(alpha, dtype=torch.float32, device=CPU)
         args.has_alpha = 1
         args.class_alpha = class_alpha.data_ptr()
+        args.weighted_count = int(weighted_mean)
     weights = None
     if pos_weight is not None and want_pixel and not multiclass:
         per_channel = pos_weight if isinstance(pos_weight, tuple) else (pos_weight,) * c

@@ -265,6 +265,9 @@ struct Args {
   // binary/multilabel pixel losses: BCE's pos_weight, the weight of the positives' term, one
   // per channel (C values, read at row % c); null: 1 (unweighted)
   const float* pos_weight;
+  // multiclass pixel losses with class_alpha: 1: the count is the sum of the kept pixels'
+  // class weights (the normaliser of CrossEntropyLoss(weight=...)'s mean), not their number
+  int64_t weighted_count;
 };
 
 // The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
@@ -684,6 +687,7 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   if (PIXEL != kPixelNone) {
     const float* alpha = a.class_alpha;
     const bool has_alpha = a.has_alpha != 0;
+    const bool weighted_count = has_alpha && a.weighted_count != 0;
     float scratch_loss[kClassChunk];
     float* lo = a.loss ? a.loss + sample * a.m + begin : scratch_loss;
     const float ignored_loss = as_float(kNegInfBits);
@@ -701,7 +705,7 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       const bool kept = s.keep[j] != 0.0f;
       if (!LOGITS) over += (kept & (abs_f(factor) > kFloatMax)) ? 1.0f : 0.0f;
       sS += kept ? loss : 0.0f;
-      sN += s.keep[j];
+      sN += weighted_count ? (kept ? w : 0.0f) : s.keep[j];
       coef[j] = kept ? factor : 0.0f;
       lo[j] = kept ? loss : ignored_loss;
     }
@@ -879,7 +883,7 @@ static void run_binary_short_rows(const Args& a, int64_t rows) {
     S += q[3]; count += q[4]; bad += q[5]; badx += q[6]; soft += q[7]; over += q[8];
   }
   if (PIXEL != kPixelNone) {
-    a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
+    a.pixel_out[0] = S; a.pixel_out[1] = count > 0 ? count : 1; a.pixel_out[2] = count;
   }
   a.check[0] = bad; a.check[1] = badx; a.check[2] = soft; a.check[3] = over;
 }
@@ -915,7 +919,7 @@ static void run_binary(const Args& a) {
     if (REGION) { a.region[3 * r] = I; a.region[3 * r + 1] = P; a.region[3 * r + 2] = G; }
   }
   if (PIXEL != kPixelNone) {
-    a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
+    a.pixel_out[0] = S; a.pixel_out[1] = count > 0 ? count : 1; a.pixel_out[2] = count;
   }
   a.check[0] = bad; a.check[1] = badx; a.check[2] = soft; a.check[3] = over;
 }
@@ -952,7 +956,7 @@ static void run_multiclass(const Args& a) {
     }
   }
   if (PIXEL != kPixelNone) {
-    a.pixel_out[0] = S; a.pixel_out[1] = count > 1 ? count : 1; a.pixel_out[2] = count;
+    a.pixel_out[0] = S; a.pixel_out[1] = count > 0 ? count : 1; a.pixel_out[2] = count;
   }
   a.check[0] = bad; a.check[1] = badx; a.check[2] = 0; a.check[3] = over;
 }
@@ -1266,7 +1270,7 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 10; }  // bump with struct Args
+int dynloss_abi_version() { return 11; }  // bump with struct Args
 int dynloss_avx512_loops() { return DL_AVX512; }  // 1: binary_region_logits_avx512 built
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
