@@ -9,7 +9,7 @@ import itertools
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -75,16 +75,24 @@ part that takes no weak reference is not tracked). Only the losses' steps count:
 part's state is not a step."""
 
 
-def _entry(part: object) -> list[int] | None:
-    """:data:`_STEPS` of ``part``, tracked from now on (None: it cannot be)."""
+def per_object(registry: dict[int, Any], part: object, new: Callable[[], Any]) -> Any:
+    """``registry``'s entry for ``part`` (by ``id``): made by ``new()`` the first time, and
+    removed when ``part`` is collected (so a later object at its address gets its own); None
+    for an object that takes no weak reference (it is not tracked)."""
     key = id(part)
-    entry = _STEPS.get(key)
+    entry = registry.get(key)
     if entry is None:
         try:
-            weakref.finalize(part, _STEPS.pop, key, None)
+            weakref.finalize(part, registry.pop, key, None)
         except TypeError:  # no weak reference
             return None
-        entry = _STEPS[key] = [next(_TOKENS), 0]
+        entry = registry[key] = new()
+    return entry
+
+
+def _entry(part: object) -> list[int] | None:
+    """:data:`_STEPS` of ``part``, tracked from now on (None: it cannot be)."""
+    entry: list[int] | None = per_object(_STEPS, part, lambda: [next(_TOKENS), 0])
     return entry
 
 

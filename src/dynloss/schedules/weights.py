@@ -33,7 +33,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._base import call_repr, check_count, check_state, check_weight, count_step, state_int
+from ._base import (
+    call_repr,
+    check_count,
+    check_state,
+    check_weight,
+    count_step,
+    per_object,
+    state_int,
+)
 
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
 
@@ -51,14 +59,9 @@ _BUSY: set[int] = set()
 def hold(schedule: WeightSchedule, holder: Any) -> None:
     """Tell ``holder`` of every change of ``schedule`` from now on (see :data:`_HOLDERS`); a
     schedule that takes no weak reference is not followed."""
-    key = id(schedule)
-    holders = _HOLDERS.get(key)
+    holders: dict[int, weakref.ref[Any]] | None = per_object(_HOLDERS, schedule, dict)
     if holders is None:
-        try:
-            weakref.finalize(schedule, _HOLDERS.pop, key, None)
-        except TypeError:  # no weak reference
-            return
-        holders = _HOLDERS[key] = {}
+        return
     key = id(holder)
     known = holders.get(key)
     if known is None or known() is not holder:  # (a dead holder's at this address: replaced)
