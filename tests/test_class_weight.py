@@ -158,3 +158,39 @@ def test_dice_ce_composite():
     got.backward()
     want.backward()
     torch.testing.assert_close(x.grad, xs.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("weight", [[1.0, 1.0], [], [1.0] * 5], ids=["two-ones", "empty", "five"])
+def test_ones_or_none_of_the_wrong_number_are_refused(weight):
+    """Weights of 1 (or none) became the unweighted loss before their number was checked: a
+    wrong number passed silently (torch: "weight tensor should be defined either for all or
+    no classes")."""
+    logits, target = seeded_case("multiclass", (1, 2, 2), classes=3)
+    with pytest.raises(ValueError, match="weight must hold one weight per class: 3 values"):
+        BCELoss("multiclass", weight=weight)(logits, target)
+
+
+def test_weights_of_one_are_the_unweighted_loss():
+    logits, target = seeded_case("multiclass", (2, 6, 6), seed=9)
+    for backend in BACKENDS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = F.bce_loss(logits, target, mode="multiclass", weight=[1.0] * 3,
+                             backend=backend)
+            want = F.bce_loss(logits, target, mode="multiclass", backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=backend)
+
+
+def test_a_weights_tensor_keeps_its_values():
+    """float32: the shortest decimals (the same float32); half precision: the exact values
+    (0.2 in bfloat16 is 0.2001953125: rounding it to 0.2 changed the loss); float32's
+    largest number stays allowed."""
+    from dynloss._checks import tensor_values
+
+    assert tensor_values(torch.tensor([0.2, 1.5])) == [0.2, 1.5]
+    half = torch.tensor([0.2, 1.1], dtype=torch.bfloat16)
+    assert tensor_values(half) == [0.2001953125, 1.1015625]
+    assert BCELoss("multiclass", weight=half).weight == [0.2001953125, 1.1015625]
+    largest = torch.finfo(torch.float32).max
+    assert BCELoss(pos_weight=torch.tensor([largest])).pos_weight == largest
+    assert tensor_values(torch.tensor([3, 4])) == [3, 4]

@@ -250,18 +250,25 @@ def check_class_weight(weight: object, mode: str, name: str = "weight"
 
 
 def tensor_values(values: torch.Tensor) -> list[float]:
-    """A weights tensor's values as Python numbers, each float as the shortest decimal that
-    rounds to it in the tensor's dtype (``torch.tensor([0.2])`` gives 0.2, not
-    0.20000000298...: the same float32, and a readable ``repr``)."""
+    """A weights tensor's values as Python numbers; a float32 one's each as the shortest
+    decimal that rounds to it (``torch.tensor([0.2])`` gives 0.2, not 0.20000000298...: the
+    same float32, and a readable ``repr``). Other dtypes keep their exact values (a half
+    precision weight rounded to a short decimal would be another float32 weight), as do
+    float32 values beyond 1e30 (float32's largest, 3.4028235e38 as the shortest decimal,
+    lies above it)."""
     flat = values.detach().reshape(-1).cpu()
-    if not flat.is_floating_point():
-        return flat.tolist()
+    exact = flat.tolist()
+    if flat.dtype != torch.float32:
+        return exact
     shortest = []
-    for value in flat.tolist():
-        for digits in range(1, 18):
-            text = float(f"{value:.{digits}g}")
-            if torch.tensor(text, dtype=flat.dtype).item() == value:
-                break
+    for value in exact:
+        text = value
+        if math.isfinite(value) and abs(value) <= 1e30:
+            for digits in range(1, 10):
+                candidate = float(f"{value:.{digits}g}")
+                if torch.tensor(candidate, dtype=torch.float32).item() == value:
+                    text = candidate
+                    break
         shortest.append(text)
     return shortest
 

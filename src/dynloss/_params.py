@@ -141,7 +141,7 @@ def distribution_params(
     checked_alpha = check_focal_alpha(alpha, common["mode"], alpha_name)
     class_weight = check_class_weight(weight, common["mode"])
     weighted_mean = False
-    if class_weight is not None and any(w != 1.0 for w in class_weight):
+    if class_weight is not None:  # (all ones too: their number is checked against C)
         if checked_alpha is not None or k is not None:
             raise ValueError("weight (the cross-entropy's class weights) is for BCELoss alone")
         checked_alpha, weighted_mean = class_weight, True

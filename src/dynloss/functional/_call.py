@@ -150,10 +150,10 @@ def _matchable_ignore(params: _P, target: Tensor) -> _P:
 
 def _check_weights_length(params: DistributionParams, layout: Layout, alpha_name: str
                           ) -> None:
+    """Focal's per-class ``alpha`` and BCE's class ``weight`` (multiclass) and BCE's
+    per-channel ``pos_weight``: one weight for each of the input's ``C`` channels."""
     if params.weighted_mean:
         alpha_name = "weight"
-    """Focal's per-class ``alpha`` (multiclass) and BCE's per-channel ``pos_weight``: one
-    weight for each of the input's ``C`` channels."""
     for name, weights, per in ((alpha_name, params.alpha, "class"),
                                ("pos_weight", params.pos_weight, "channel")):
         if isinstance(weights, tuple) and len(weights) != layout.num_classes and (

@@ -705,7 +705,8 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
       const bool kept = s.keep[j] != 0.0f;
       if (!LOGITS) over += (kept & (abs_f(factor) > kFloatMax)) ? 1.0f : 0.0f;
       sS += kept ? loss : 0.0f;
-      sN += weighted_count ? (kept ? w : 0.0f) : s.keep[j];
+      // (the selects inside kept's: the loop stays vectorised, the sums in their order)
+      sN += kept ? (weighted_count ? w : 1.0f) : 0.0f;
       coef[j] = kept ? factor : 0.0f;
       lo[j] = kept ? loss : ignored_loss;
     }
