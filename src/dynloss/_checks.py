@@ -206,8 +206,8 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
     if mode == MULTICLASS_MODE:
         raise ValueError(
             f"{name} weighs the positives of binary and multilabel targets; mode='multiclass' "
-            "has none (per-class weights of the cross-entropy: FocalLoss(gamma=0, alpha=[...], "
-            "mode='multiclass'), see the docs)")
+            "has none (per-class weights of the cross-entropy, as CrossEntropyLoss(weight=...): "
+            "BCELoss(mode='multiclass', weight=[...]))")
     if isinstance(pos_weight, torch.Tensor):
         if sum(size != 1 for size in pos_weight.shape) > 1:
             raise ValueError(

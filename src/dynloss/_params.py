@@ -160,9 +160,9 @@ def composite_params(region: RegionParams, distribution: DistributionParams,
                      region_weight: object = 1.0, distribution_weight: object = 1.0
                      ) -> CompositeParams:
     """Two terms over the same input: they must agree on what the input and target are. The
-    fused pass scores every class and weighs no positives: a region term with
-    ``include_background=False`` and a distribution term with ``pos_weight`` are refused
-    (``CompositeLoss`` computes such a term on its own)."""
+    fused pass scores every class and weighs neither positives nor classes: a region term
+    with ``include_background=False`` and a distribution term with ``pos_weight`` or a class
+    ``weight`` are refused (``CompositeLoss`` computes such a term on its own)."""
     if not region.include_background:
         raise ValueError("a fused composite scores every class: its region term cannot leave "
                          "out the background (include_background=False)")
