@@ -261,7 +261,10 @@ def _multiclass_distribution_terms(x, target, dtype, params: DistributionParams,
     if valid is not None:  # filled, not multiplied by 0: an ignored NaN or inf stays out
         loss.masked_fill_(~valid, 0)
         slope.masked_fill_(~valid.unsqueeze(1), 0)
-    return loss, slope, valid
+    weight_sum = None  # CrossEntropyLoss(weight=...)'s normaliser: the kept pixels' weights
+    if params.weighted_mean:
+        weight_sum = (weight if valid is None else weight.masked_fill(~valid, 0)).sum()
+    return loss, slope, valid, weight_sum
 
 
 def _reference_distribution_sum(x: Tensor, target: Tensor, params: DistributionParams,
@@ -282,10 +285,11 @@ class DistributionSum(torch.autograd.Function):
     def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
         dtype = compute_dtype(x.dtype)
         if params.mode == MULTICLASS_MODE:
-            loss, slope, valid = _multiclass_distribution_terms(x, target, dtype, params,
-                                                                checked)
+            loss, slope, valid, weight_sum = _multiclass_distribution_terms(
+                x, target, dtype, params, checked)
         else:
             loss, slope, valid = _binary_distribution_terms(x, target, dtype, params)
+            weight_sum = None
         # the elements the loss does not depend on: their gradient is 0 even where the
         # upstream gradient is NaN (a NaN input), as the reference's (not slope * NaN). Kept
         # for backward only where it cannot read the upstream gradient on the host (CUDA):
@@ -302,9 +306,8 @@ class DistributionSum(torch.autograd.Function):
             count = reference.topk_number(loss, valid, params.k)
         else:
             total = loss.sum()
-            if params.weighted_mean:  # the kept pixels' class weights (1 where 0)
-                count = reference.class_weight_sum(Layout(x, target, params.mode, x.shape),
-                                                   params, checked, dtype)
+            if weight_sum is not None:  # the kept pixels' class weights (1 where 0, below)
+                count = weight_sum
             elif valid is None:
                 count = torch.tensor(float(loss.numel()), dtype=dtype, device=x.device)
             else:
