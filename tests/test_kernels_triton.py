@@ -174,6 +174,51 @@ def test_focal_gamma_alpha(device, mode, gamma):
     _compare(F.focal_loss, x, t, device, mode=mode, gamma=gamma, alpha=alpha)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize(("mode", "pos_weight"), [
+    ("binary", 3.0), ("multilabel", 0.5), ("multilabel", [2.0, 0.25, 4.0]),
+], ids=["binary", "multilabel-one", "multilabel-per-channel"])
+def test_bce_pos_weight(device, mode, pos_weight, from_logits, dtype):
+    """BCE's ``pos_weight`` (one, or one per channel) in the kernels, on hard and soft targets,
+    with ignored elements and both reductions."""
+    x, t = _inputs(mode, (5, 7), seed=29)
+    if not from_logits:
+        x = torch.sigmoid(x).clamp(1e-4, 1 - 1e-4)
+    soft = torch.rand(t.shape, generator=torch.Generator().manual_seed(3))
+    kw = dict(mode=mode, pos_weight=pos_weight, from_logits=from_logits)
+    _compare(F.bce_loss, x, t, device, dtype=dtype, **kw)
+    _compare(F.bce_loss, x, soft, device, dtype=dtype, **kw)
+    ignored = t.clone()
+    ignored[0, ..., 1:3, :] = 7.0
+    for reduction in ("mean", "sum"):
+        _compare(F.bce_loss, x, ignored, device, dtype=dtype, ignore_index=7,
+                 reduction=reduction, rtol=5e-5, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("ignore_index", [None, 1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bce_class_weight(device, reduction, ignore_index, from_logits, dtype):
+    """The multiclass cross-entropy's class ``weight``: the mean divides by the kept pixels'
+    weights, as ``CrossEntropyLoss(weight=...)``."""
+    x, t = _inputs("multiclass", (5, 7), seed=31)
+    if not from_logits:
+        x = torch.softmax(x, 1).clamp(1e-4, 1 - 1e-4)
+    _compare(F.bce_loss, x, t, device, dtype=dtype, mode="multiclass", weight=[0.2, 1.5, 3.0],
+             ignore_index=ignore_index, reduction=reduction, from_logits=from_logits,
+             rtol=5e-5)
+
+
+def test_bce_class_weight_of_nothing_kept_is_zero(device):
+    """Every kept pixel of a class of weight 0: a loss of 0 and no gradient (not 0/0)."""
+    x, t = _inputs("multiclass", (3, 3), seed=37)
+    t = torch.zeros_like(t)
+    got, grad = _compare(F.bce_loss, x, t, device, mode="multiclass", weight=[0.0, 1.0, 1.0])
+    assert got.item() == 0.0 and grad.abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
 @pytest.mark.parametrize("name", ["bce", "focal", "topk"])
 def test_pixel_probabilities(device, mode, name):

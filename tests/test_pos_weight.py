@@ -157,9 +157,10 @@ def test_dispatch_takes_the_backends_that_have_it():
         assert select("auto", x, weighted).name == "native"
     assert select("auto", x.double(), weighted).name == "torch"
     assert select("auto", x, weighted, target_grad=True).name == "reference"
-    if "triton" in BACKENDS:  # named, it says once that it falls back
-        with pytest.warns(RuntimeWarning, match="backend='triton' cannot compute pos_weight"):
-            assert select("triton", x, weighted).name == "torch"
+    if "triton" in BACKENDS:  # the Triton kernels weigh the positives and the classes
+        assert select("triton", x, weighted).name == "triton"
+        class_weighted = Need("distribution", "multiclass", weighted_mean=True)
+        assert select("triton", x, class_weighted).name == "triton"
     assert BCELoss(pos_weight=2.0)._checked()[2] == weighted
     assert BCELoss(pos_weight=1.0)._checked()[2] == Need("distribution", "binary")
 

@@ -38,6 +38,8 @@ def _loss(name: str, mode: str):
         "tversky-per-image": dynloss.TverskyLoss(per_image=True, smooth=1.0, **kw),
         "iou-none": dynloss.IoULoss(reduction="none", **kw),
         "bce": dynloss.BCELoss(**kw),
+        "bce-weighted": (dynloss.BCELoss(weight=[0.5, 1.0, 2.0], **kw) if mode == "multiclass"
+                         else dynloss.BCELoss(pos_weight=2.5, **kw)),
         "focal-alpha": dynloss.FocalLoss(gamma=2.0, alpha=alpha, **kw),
         "topk": dynloss.TopKLoss(k=0.3, **kw),
         "topk-ignore": dynloss.TopKLoss(k=0.3, ignore_index=2, **kw),
@@ -49,8 +51,8 @@ def _loss(name: str, mode: str):
     return lambda x, t: module(x, t)
 
 
-LOSSES = ("dice", "tversky-per-image", "iou-none", "bce", "focal-alpha", "topk", "topk-ignore",
-          "dice+focal")
+LOSSES = ("dice", "tversky-per-image", "iou-none", "bce", "bce-weighted", "focal-alpha", "topk",
+          "topk-ignore", "dice+focal")
 
 
 def _inputs(mode: str, seed: int, spatial=(6, 7), n: int = 2):

@@ -106,6 +106,19 @@ def test_per_image_and_sum_launch_three_times(name, mode):
 
 @needs_triton
 @pytest.mark.parametrize("mode", MODES)
+def test_weighted_bce_launches_three_times(mode):
+    """``pos_weight`` and the class ``weight``: the same three launches (their tables are
+    copied to the device once, in the warm-up call)."""
+    kw = {"multiclass": {"weight": [0.5, 1.0, 2.0]}, "multilabel": {"pos_weight": [2.0, 0.5, 3.0]},
+          "binary": {"pos_weight": 2.0}}[mode]
+    forward, backward = _count("bce", mode, **kw)
+    assert len(forward) + len(backward) == EXPECTED["stream"], _kinds(forward + backward)
+    assert all(launch.startswith("triton.") for launch in forward + backward), (
+        _kinds(forward + backward))
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kw", [{}, {"ignore_index": 2, "k": 0.3}],
                          ids=["plain", "ignore"])
 def test_topk_launches_six_times(mode, kw):

@@ -133,8 +133,8 @@ class TritonBackend:
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        topk=True, ddp_pool=True, double_backward=True, compilable=True,
-        max_classes=MAX_CLASSES, max_rows=MAX_ROWS,
+        topk=True, pos_weight=True, weighted_mean=True, ddp_pool=True, double_backward=True,
+        compilable=True, max_classes=MAX_CLASSES, max_rows=MAX_ROWS,
     )
 
     def unavailable(self, x: Tensor) -> str | None:

@@ -55,24 +55,28 @@ def clamped_log_ratio(w, p):
 
 
 @triton.jit
-def binary_bce(x, g, FROM_LOGITS: tl.constexpr):
-    """Per-element BCE ``b(x, g)`` of a logit (or probability) and a target in [0, 1].
+def binary_bce(x, g, gw, FROM_LOGITS: tl.constexpr):
+    """Per-element BCE ``b(x, g)`` of a logit (or probability) and a target in [0, 1], the
+    positives' term weighed by ``gw = w g`` (``g`` itself unweighted; ``w`` is BCE's
+    ``pos_weight``).
 
-    Logits: ``(1-g) softplus(x) + g softplus(-x)``, two non-negative terms, so nothing cancels
-    (the reference's formulation). Probabilities: ``-(g clog(p) + (1-g) clog(1-p))``.
+    Logits: ``(1-g) softplus(x) + w g softplus(-x)``, two non-negative terms, so nothing
+    cancels (the reference's formulation). Probabilities: ``-(w g clog(p) + (1-g)
+    clog(1-p))``.
     """
     if FROM_LOGITS:
         tail = log1p(tl.exp(-tl.abs(x)))
-        b = (1.0 - g) * (tl.maximum(x, 0.0) + tail) + g * (tl.maximum(-x, 0.0) + tail)
+        b = (1.0 - g) * (tl.maximum(x, 0.0) + tail) + gw * (tl.maximum(-x, 0.0) + tail)
     else:
-        b = -(g * clamped_log(x) + (1.0 - g) * clamped_log(1.0 - x))
+        b = -(gw * clamped_log(x) + (1.0 - g) * clamped_log(1.0 - x))
     return b
 
 
 @triton.jit
-def binary_bce_grad(x, g, coef, FROM_LOGITS: tl.constexpr):
-    """``coef * db/dx``: ``coef (sigmoid(x) - g)`` for logits, formed as
-    ``(coef (1-g)) sigmoid(x) - (coef g) sigmoid(-x)`` (exact for hard labels where the
+def binary_bce_grad(x, g, gw, coef, FROM_LOGITS: tl.constexpr):
+    """``coef * db/dx`` (``gw = w g`` as in :func:`binary_bce`): ``coef ((1-g) sigmoid(x) -
+    w g sigmoid(-x))`` for logits, formed as
+    ``(coef (1-g)) sigmoid(x) - (coef w g) sigmoid(-x)`` (exact for hard labels where the
     sigmoid saturates, where ``sigmoid(x) - 1`` would lose the digits of ``-sigmoid(-x)``;
     NaN for an infinite ``coef``, as the reference's autograd); for probabilities the
     derivative of the clamped logs, ``(coef (1-g))/(1-p) - (coef g)/p`` with a term dropped
@@ -82,9 +86,9 @@ def binary_bce_grad(x, g, coef, FROM_LOGITS: tl.constexpr):
     if FROM_LOGITS:
         # the reference's order, (coef (1-g)) s(x) - (coef g) s(-x): an infinite coefficient
         # gives NaN (0 * inf, inf - inf) as there, not +-inf
-        d = (coef * (1.0 - g)) * sigmoid(x) - (coef * g) * sigmoid(-x)
+        d = (coef * (1.0 - g)) * sigmoid(x) - (coef * gw) * sigmoid(-x)
     else:
-        d = clamped_log_ratio((1.0 - g) * coef, 1.0 - x) - clamped_log_ratio(g * coef, x)
+        d = clamped_log_ratio((1.0 - g) * coef, 1.0 - x) - clamped_log_ratio(gw * coef, x)
     return d
 
 

@@ -107,17 +107,27 @@ def target_for_kernel(target: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _cached_alpha_table(alpha: tuple[float, ...], device: torch.device) -> Tensor:
-    return torch.tensor(alpha, dtype=torch.float32, device=device)
+def _cached_table(values: tuple[float, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def alpha_table(spec: FusedSpec, device: torch.device) -> Tensor | None:
-    """The per-class focal ``alpha`` table of a multiclass spec, else None. Cached per device:
-    only the first call copies it to the device (so a CUDA graph captured after a warm-up
-    step, or by ``torch.compile(mode="reduce-overhead")``, copies nothing)."""
+    """The per-class ``alpha`` table of a multiclass spec (focal ``alpha`` or the
+    cross-entropy's class ``weight``), else None. Cached per device: only the first call
+    copies it to the device (so a CUDA graph captured after a warm-up step, or by
+    ``torch.compile(mode="reduce-overhead")``, copies nothing)."""
     if not (spec.multiclass and isinstance(spec.alpha, tuple)):
         return None
-    return _cached_alpha_table(spec.alpha, device)
+    return _cached_table(spec.alpha, device)
+
+
+def pos_weight_table(spec: FusedSpec, device: torch.device, channels: int) -> Tensor | None:
+    """BCE's ``pos_weight`` as a table of one weight per channel (one weight repeated), else
+    None; cached per device as :func:`alpha_table`."""
+    weight = spec.pos_weight
+    if weight is None:
+        return None
+    return _cached_table(weight if isinstance(weight, tuple) else (weight,) * channels, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +164,10 @@ class FusedSpec:
     """Focal ``alpha``: a float (binary/multilabel), a per-class tuple (multiclass) or None."""
     region_weight: float
     distribution_weight: float
+    pos_weight: float | tuple[float, ...] | None = None
+    """BCE's ``pos_weight``: one weight, one per channel, or None (binary/multilabel)."""
+    weighted_mean: bool = False
+    """The pixel mean divides by the kept pixels' ``alpha`` (multiclass class ``weight``)."""
 
     @property
     def focal(self) -> bool:
@@ -168,29 +182,45 @@ class FusedSpec:
                 int(self.ignore_index is not None),
                 0 if self.ignore_index is None else int(self.ignore_index),
                 int(self.do_region), int(self.do_pixel), int(self.per_image), self.reduction,
-                -1 if self.alpha is None else (len(self.alpha) if isinstance(self.alpha, tuple)
-                                               else 0)]
+                _table_length(self.alpha), _table_length(self.pos_weight),
+                int(self.weighted_mean)]
 
     def floats(self) -> list[float]:
-        alpha = list(self.alpha) if isinstance(self.alpha, tuple) else (
-            [] if self.alpha is None else [float(self.alpha)])
         return [self.c1, self.tversky_alpha, self.tversky_beta, self.smoothing, self.gamma,
-                self.region_weight, self.distribution_weight, *alpha]
+                self.region_weight, self.distribution_weight, *_table_values(self.alpha),
+                *_table_values(self.pos_weight)]
 
     @staticmethod
     def from_lists(ints: list[int], floats: list[float]) -> FusedSpec:
         (output, multiclass, from_logits, has_ignore, ignore, do_region, do_pixel, per_image,
-         reduction, alpha_len) = ints
+         reduction, alpha_len, pos_weight_len, weighted_mean) = ints
         c1, ta, tb, smoothing, gamma, w_region, w_dist = floats[:7]
-        alpha: float | tuple[float, ...] | None = None
-        if alpha_len == 0:
-            alpha = floats[7]
-        elif alpha_len > 0:
-            alpha = tuple(floats[7:7 + alpha_len])
+        alpha, rest = _table_from(alpha_len, floats[7:])
+        pos_weight, _ = _table_from(pos_weight_len, rest)
         return FusedSpec(output, bool(multiclass), bool(from_logits),
                          ignore if has_ignore else None, bool(do_region), bool(do_pixel),
                          bool(per_image), reduction, c1, ta, tb, smoothing, gamma, alpha,
-                         w_region, w_dist)
+                         w_region, w_dist, pos_weight, bool(weighted_mean))
+
+
+def _table_length(value: float | tuple[float, ...] | None) -> int:
+    """How :meth:`FusedSpec.ints` encodes a weight: -1 None, 0 one float, else the length."""
+    return -1 if value is None else (len(value) if isinstance(value, tuple) else 0)
+
+
+def _table_values(value: float | tuple[float, ...] | None) -> list[float]:
+    return list(value) if isinstance(value, tuple) else ([] if value is None else [value])
+
+
+def _table_from(length: int, floats: list[float]
+                ) -> tuple[float | tuple[float, ...] | None, list[float]]:
+    """The weight :func:`_table_length` encoded, read off the front of ``floats``, and the
+    rest."""
+    if length < 0:
+        return None, floats
+    if length == 0:
+        return floats[0], floats[1:]
+    return tuple(floats[:length]), floats[length:]
 
 
 def _region_fields(params: RegionParams) -> dict[str, Any]:
@@ -214,7 +244,9 @@ def build_spec(params: RegionParams | DistributionParams | CompositeParams) -> F
         return FusedSpec(DISTRIBUTION, params.mode == MULTICLASS_MODE, params.from_logits,
                          params.ignore_index, False, True, reduction=_REDUCTIONS[
                              params.reduction], gamma=params.gamma, alpha=params.alpha,
-                         region_weight=0.0, distribution_weight=1.0, **_NO_REGION)
+                         region_weight=0.0, distribution_weight=1.0,
+                         pos_weight=params.pos_weight, weighted_mean=params.weighted_mean,
+                         **_NO_REGION)
     region, dist = params.region, params.distribution
     return FusedSpec(COMPOSITE, region.mode == MULTICLASS_MODE, region.from_logits,
                      region.ignore_index, True, True, reduction=_REDUCTIONS[region.reduction],
@@ -318,19 +350,22 @@ def store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL: tl.constexpr, HAS_IGNORE: 
 
 @triton.jit
 def _binary_fwd_kernel(
-    x_ptr, t_ptr, work_ptr,
+    x_ptr, t_ptr, work_ptr, pw_ptr,
     M, C, chunk, S, misc_offset, ignore_value, gamma, alpha,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
-    DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    HAS_POS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """Partials of one chunk of row ``n * C + c``: region sums ``(I, P, G)`` at
     ``work[((n * S + split) * 3 + k) * C + c]``; pixel-loss sum, kept count and bad count at
-    ``work[misc_offset + 3 * (row * S + split) + {0, 1, 2}]`` (counts as int32 bits)."""
+    ``work[misc_offset + 3 * (row * S + split) + {0, 1, 2}]`` (counts as int32 bits). With
+    ``HAS_POS_WEIGHT`` the positives' BCE term is weighed by ``pw_ptr[c]``."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
     start = chunk_start(split, chunk, INDEX_64)
+    if HAS_POS_WEIGHT:
+        pos_weight = tl.load(pw_ptr + row % C)
     acc_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc_p = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
@@ -353,7 +388,10 @@ def _binary_fwd_kernel(
             acc_p += p
             acc_g += g
         if DO_PIXEL:
-            loss = tm.focal(tm.binary_bce(x, g, FROM_LOGITS), gamma, FOCAL)
+            gw = g
+            if HAS_POS_WEIGHT:
+                gw = g * pos_weight
+            loss = tm.focal(tm.binary_bce(x, g, gw, FROM_LOGITS), gamma, FOCAL)
             if HAS_ALPHA:
                 loss = loss * (alpha * g + (1.0 - alpha) * (1.0 - g))
             acc_l += tl.where(keep, loss, 0.0)
@@ -388,10 +426,11 @@ def upstream(gc_ptr, gx_ptr, index, weight, HAS_GC: tl.constexpr, HAS_GX: tl.con
 
 @triton.jit
 def _binary_bwd_kernel(
-    x_ptr, t_ptr, grad_ptr, state_ptr, gc_ptr, gr_ptr, gd_ptr,
+    x_ptr, t_ptr, grad_ptr, state_ptr, gc_ptr, gr_ptr, gd_ptr, pw_ptr,
     M, C, chunk, E, ignore_value, gamma, alpha, w_region, w_dist,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    HAS_POS_WEIGHT: tl.constexpr,
     PER_IMAGE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GR: tl.constexpr,
     HAS_GD: tl.constexpr, GR_VECTOR: tl.constexpr, BLOCK: tl.constexpr,
     INDEX_64: tl.constexpr,
@@ -417,6 +456,8 @@ def _binary_bwd_kernel(
     if DO_PIXEL:
         gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
             state_ptr + 1)
+        if HAS_POS_WEIGHT:
+            pos_weight = tl.load(pw_ptr + row % C)
     for off in range(0, chunk, BLOCK):
         x, t, keep, m, inside = binary_tile(x_ptr, t_ptr, base, start + off, M, ignore_value,
                                             HAS_IGNORE, BLOCK)
@@ -430,12 +471,15 @@ def _binary_bwd_kernel(
                 region = region * (tm.sigmoid(x) * tm.sigmoid(-x))
             grad += region
         if DO_PIXEL:
+            gw = g
+            if HAS_POS_WEIGHT:
+                gw = g * pos_weight
             coef = gt + tl.zeros([BLOCK], dtype=tl.float32)
             if FOCAL:
-                coef = tm.focal_coef(coef, tm.binary_bce(x, g, FROM_LOGITS), gamma)
+                coef = tm.focal_coef(coef, tm.binary_bce(x, g, gw, FROM_LOGITS), gamma)
             if HAS_ALPHA:
                 coef = coef * (alpha * g + (1.0 - alpha) * (1.0 - g))
-            grad += tm.binary_bce_grad(x, g, coef, FROM_LOGITS)
+            grad += tm.binary_bce_grad(x, g, gw, coef, FROM_LOGITS)
         grad = tl.where(keep, grad, 0.0)
         tl.store(grad_ptr + base + m, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
@@ -534,11 +578,13 @@ def _multiclass_fwd_kernel(
     C, M, chunk, S, misc_offset, ignore_index, gamma,
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+    WEIGHTED_MEAN: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """Partials of one chunk of sample ``n``: region sums of every class at
     ``work[((n * S + split) * 3 + k) * C + c]``; pixel-loss sum, kept and bad counts at
-    ``work[misc_offset + 3 * (n * S + split) + {0, 1, 2}]``."""
+    ``work[misc_offset + 3 * (n * S + split) + {0, 1, 2}]`` (``WEIGHTED_MEAN``: the kept
+    pixels' ``alpha`` summed, a float, in place of the kept count)."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     start = chunk_start(split, chunk, INDEX_64)
@@ -547,6 +593,7 @@ def _multiclass_fwd_kernel(
     acc_g = tl.zeros([CP, BLOCK], dtype=tl.float32)
     acc_l = tl.zeros([BLOCK], dtype=tl.float32)
     acc_n = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
@@ -563,7 +610,10 @@ def _multiclass_fwd_kernel(
         if DO_PIXEL:
             loss = tm.focal(b, gamma, FOCAL)
             if HAS_ALPHA:
-                loss = loss * tl.load(alpha_ptr + t)
+                weight = tl.load(alpha_ptr + t)
+                loss = loss * weight
+                if WEIGHTED_MEAN:
+                    acc_w += tl.where(keep, weight, 0.0)
             acc_l += tl.where(keep, loss, 0.0)
             if HAS_IGNORE:
                 acc_n += keep.to(tl.int32)
@@ -575,7 +625,11 @@ def _multiclass_fwd_kernel(
         tl.store(work_ptr + (slot * 3 + 1) * C + cls, tl.sum(acc_p, axis=1), mask=cmask)
         tl.store(work_ptr + (slot * 3 + 2) * C + cls, tl.sum(acc_g, axis=1), mask=cmask)
     misc = work_ptr + misc_offset + slot * 3
-    store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, HAS_IGNORE)
+    if WEIGHTED_MEAN:
+        store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, False)
+        tl.store(misc + 1, tl.sum(acc_w, axis=0))
+    else:
+        store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, HAS_IGNORE)
 
 
 @triton.jit
@@ -689,8 +743,8 @@ def _epilogue_kernel(
     work_ptr, out_ptr, out_r_ptr, out_d_ptr, state_ptr,
     N, C, S, P, misc_offset, count_host, c1, t_alpha, t_beta, smoothing, w_region, w_dist,
     DO_REGION: tl.constexpr, DO_PIXEL: tl.constexpr, HAS_IGNORE: tl.constexpr,
-    PER_IMAGE: tl.constexpr, REDUCTION: tl.constexpr, OUTPUT: tl.constexpr,
-    CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    WEIGHTED_MEAN: tl.constexpr, PER_IMAGE: tl.constexpr, REDUCTION: tl.constexpr,
+    OUTPUT: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The loss from the partials (one program; fixed summation order).
 
@@ -704,6 +758,7 @@ def _epilogue_kernel(
     # pixel sums and bad counts of every program
     lsum = tl.zeros([BLOCK_P], dtype=tl.float32)
     kept = tl.zeros([BLOCK_P], dtype=tl.int64)
+    wsum = tl.zeros([BLOCK_P], dtype=tl.float32)
     bad = tl.zeros([BLOCK_P], dtype=tl.int64)
     for p0 in range(0, P, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
@@ -711,14 +766,19 @@ def _epilogue_kernel(
         misc = work_ptr + misc_offset + pp * 3
         if DO_PIXEL:
             lsum += tl.load(misc, mask=pm, other=0.0)
-            if HAS_IGNORE:
+            if WEIGHTED_MEAN:
+                wsum += tl.load(misc + 1, mask=pm, other=0.0)
+            elif HAS_IGNORE:
                 kept += tl.load(misc + 1, mask=pm, other=0.0).to(tl.int32, bitcast=True).to(
                     tl.int64)
         bad += tl.load(misc + 2, mask=pm, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
     poison = tl.where(tl.sum(bad, axis=0) > 0, float("nan"), 1.0)
     tl.store(state_ptr, poison)
     if DO_PIXEL:
-        if HAS_IGNORE:
+        if WEIGHTED_MEAN:  # the kept pixels' class weights; 1 where they sum to 0 (a loss of 0)
+            total_weight = tl.sum(wsum, axis=0)
+            divisor = tl.where(total_weight > 0.0, total_weight, 1.0)
+        elif HAS_IGNORE:
             divisor = tl.maximum(tl.sum(kept, axis=0), 1).to(tl.float32)
         else:
             divisor = count_host
@@ -819,17 +879,20 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
             xk, target, work, state if alpha is None else alpha, c, m, geo.chunk, geo.splits,
             misc_offset, ignore_value, spec.gamma, FROM_LOGITS=spec.from_logits,
             HAS_IGNORE=has_ignore, DO_REGION=spec.do_region, DO_PIXEL=spec.do_pixel,
-            FOCAL=spec.focal, HAS_ALPHA=alpha is not None, CP=geo.cp, BLOCK=geo.block,
-            INDEX_64=geo.index_64, num_warps=8,
+            FOCAL=spec.focal, HAS_ALPHA=alpha is not None, WEIGHTED_MEAN=spec.weighted_mean,
+            CP=geo.cp, BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=8,
         )
     else:
         has_alpha = spec.alpha is not None
+        pos_weight = pos_weight_table(spec, xk.device, c)
         _binary_fwd_kernel[(geo.rows, geo.splits)](
-            xk, target, work, m, c, geo.chunk, geo.splits, misc_offset, float(ignore_value),
-            spec.gamma, float(spec.alpha) if has_alpha else 0.0,  # type: ignore[arg-type]
+            xk, target, work, state if pos_weight is None else pos_weight, m, c, geo.chunk,
+            geo.splits, misc_offset, float(ignore_value), spec.gamma,
+            float(spec.alpha) if has_alpha else 0.0,  # type: ignore[arg-type]
             FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore, DO_REGION=spec.do_region,
             DO_PIXEL=spec.do_pixel, FOCAL=spec.focal, HAS_ALPHA=has_alpha,
-            BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=4,
+            HAS_POS_WEIGHT=pos_weight is not None, BLOCK=geo.block, INDEX_64=geo.index_64,
+            num_warps=4,
         )
     count = n * m if spec.multiclass else n * c * m
     _epilogue_kernel[(1,)](
@@ -837,7 +900,8 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
         n, c, geo.splits, geo.programs, misc_offset, float(max(count, 1)), spec.c1,
         spec.tversky_alpha, spec.tversky_beta, spec.smoothing, spec.region_weight,
         spec.distribution_weight, DO_REGION=spec.do_region, DO_PIXEL=spec.do_pixel,
-        HAS_IGNORE=has_ignore, PER_IMAGE=spec.per_image, REDUCTION=spec.reduction,
+        HAS_IGNORE=has_ignore, WEIGHTED_MEAN=spec.weighted_mean, PER_IMAGE=spec.per_image,
+        REDUCTION=spec.reduction,
         OUTPUT=spec.output, CP=geo.cp, BLOCK_R=geo.block_r, BLOCK_P=1024, num_warps=4,
     )
     return state
@@ -875,12 +939,13 @@ def fused_backward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | 
         )
     else:
         has_alpha = spec.alpha is not None
+        pos_weight = pos_weight_table(spec, xk.device, c)
         _binary_bwd_kernel[(geo.rows, geo.splits)](
-            xk, target, grad, state, gc, gr, gd, m, c, geo.chunk, entries,
-            float(ignore_value), spec.gamma,
+            xk, target, grad, state, gc, gr, gd, state if pos_weight is None else pos_weight,
+            m, c, geo.chunk, entries, float(ignore_value), spec.gamma,
             float(spec.alpha) if has_alpha else 0.0,  # type: ignore[arg-type]
-            spec.region_weight, spec.distribution_weight, HAS_ALPHA=has_alpha, num_warps=4,
-            **flags,
+            spec.region_weight, spec.distribution_weight, HAS_ALPHA=has_alpha,
+            HAS_POS_WEIGHT=pos_weight is not None, num_warps=4, **flags,
         )
     return grad
 
@@ -977,15 +1042,16 @@ def sums_forward(xk: Tensor, target: Tensor, spec: FusedSpec) -> Tensor:
         _multiclass_fwd_kernel[(geo.rows, geo.splits)](
             xk, target, work, work, c, m, geo.chunk, geo.splits, geo.region_size,
             ignore_value, 0.0, FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore,
-            DO_REGION=True, DO_PIXEL=False, FOCAL=False, HAS_ALPHA=False, CP=geo.cp,
-            BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=8,
+            DO_REGION=True, DO_PIXEL=False, FOCAL=False, HAS_ALPHA=False, WEIGHTED_MEAN=False,
+            CP=geo.cp, BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=8,
         )
     else:
         _binary_fwd_kernel[(geo.rows, geo.splits)](
-            xk, target, work, m, c, geo.chunk, geo.splits, geo.region_size,
+            xk, target, work, work, m, c, geo.chunk, geo.splits, geo.region_size,
             float(ignore_value), 0.0, 0.0, FROM_LOGITS=spec.from_logits,
             HAS_IGNORE=has_ignore, DO_REGION=True, DO_PIXEL=False, FOCAL=False,
-            HAS_ALPHA=False, BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=4,
+            HAS_ALPHA=False, HAS_POS_WEIGHT=False, BLOCK=geo.block, INDEX_64=geo.index_64,
+            num_warps=4,
         )
     return work[:geo.region_size].view(n, geo.splits, 3, c).sum(1)
 

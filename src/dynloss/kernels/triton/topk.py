@@ -125,7 +125,7 @@ def _topk_tile(x_ptr, t_ptr, alpha_ptr, idx, total, C, M, ignore_value, gamma, a
             keep = keep & (t != ignore_value)
         bad = keep & (bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0)))
         g = tl.where(keep, t, 0.0)
-        b = tm.binary_bce(x, g, FROM_LOGITS)
+        b = tm.binary_bce(x, g, g, FROM_LOGITS)
         if FROM_LOGITS:
             b = tl.where(tl.abs(x) == float("inf"), _lerp_at_infinity(x, g), b)
         loss = tm.focal(b, gamma, FOCAL)
@@ -331,10 +331,10 @@ def _topk_bwd_kernel(
             g_t = tl.where(keep, t, 0.0)
             c = coef + tl.zeros_like(x)
             if FOCAL:
-                c = tm.focal_coef(c, tm.binary_bce(x, g_t, FROM_LOGITS), gamma)
+                c = tm.focal_coef(c, tm.binary_bce(x, g_t, g_t, FROM_LOGITS), gamma)
             if HAS_ALPHA:
                 c = c * (alpha * g_t + (1.0 - alpha) * (1.0 - g_t))
-            grad = tl.where(keep, tm.binary_bce_grad(x, g_t, c, FROM_LOGITS), 0.0)
+            grad = tl.where(keep, tm.binary_bce_grad(x, g_t, g_t, c, FROM_LOGITS), 0.0)
             tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -478,11 +478,11 @@ def topk_backward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | No
 def topk_alpha(spec: TopKSpec, device: torch.device) -> Tensor | None:
     """The per-class ``alpha`` table (multiclass), cached per device as for the streaming
     kernels."""
-    from .stream import _cached_alpha_table
+    from .stream import _cached_table
 
     if not (spec.multiclass and isinstance(spec.alpha, tuple)):
         return None
-    return _cached_alpha_table(spec.alpha, device)
+    return _cached_table(spec.alpha, device)
 
 
 class TritonTopK(torch.autograd.Function):
