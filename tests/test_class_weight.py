@@ -16,6 +16,7 @@ import dynloss.functional as F
 from dynloss import BCELoss, CompositeLoss, DiceLoss, build_loss
 
 from ._backends import BACKENDS, seeded_case
+from ._kernel_cases import graph_nodes
 
 WEIGHTS = [0.2, 1.5, 3.0]
 
@@ -158,6 +159,34 @@ def test_dice_ce_composite():
     got.backward()
     want.backward()
     torch.testing.assert_close(x.grad, xs.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dice_ce_composite_is_one_pass(backend, from_logits):
+    """DiceCE with class weights fused (one pass where the backend has one): the terms
+    computed apart, term by term, values and gradients, with ignored pixels."""
+    logits, target = seeded_case("multiclass", (2, 6, 5), seed=9, scale=3.0)
+    x0 = logits if from_logits else torch.softmax(logits, 1)
+    target[1, 2:4, 1] = 2  # (2 is ignored below)
+    kw = dict(mode="multiclass", backend=backend, ignore_index=2, from_logits=from_logits)
+    composite = CompositeLoss([BCELoss(weight=WEIGHTS, **kw), DiceLoss(**kw)])
+    assert composite._fused_params([1.0, 1.0]) is not None
+    x, xs = (x0.clone().requires_grad_() for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = composite(x, target)
+        want = BCELoss(weight=WEIGHTS, **kw)(xs, target) + DiceLoss(**kw)(xs, target)
+    fused = {"native": "NativeCompositeLossBackward", "triton": "TritonFusedLossBackward"}
+    if backend in fused:
+        assert fused[backend] in graph_nodes(got)
+    terms, w = _independent(x0, target, WEIGHTS, 2, from_logits=from_logits)
+    torch.testing.assert_close(composite.last_terms["bce"].double(), terms.sum() / w.sum(),
+                               rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, xs.grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("weight", [[1.0, 1.0], [], [1.0] * 5], ids=["two-ones", "empty", "five"])

@@ -18,6 +18,7 @@ from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss, build_loss
 from dynloss.kernels.dispatch import Need, clear_cache, select
 
 from ._backends import BACKENDS, seeded_case
+from ._kernel_cases import graph_nodes
 
 
 def _independent(logits, target, pos_weight, from_logits=True, kept=None):
@@ -239,11 +240,37 @@ def test_composite_with_a_weighted_bce_term():
     assert set(composite.last_terms) == {"dice", "bce"}
 
 
-def test_the_fused_pass_refuses_a_weighted_term():
-    from dynloss._params import composite_params, distribution_params, region_params
-    with pytest.raises(ValueError, match="cannot weigh the positives"):
-        composite_params(region_params(alpha=0.5, beta=0.5),
-                         distribution_params(pos_weight=2.0))
+FUSED_NODES = {"native": "NativeCompositeLossBackward", "triton": "TritonFusedLossBackward"}
+"""The autograd node of a backend's one-pass composite (the torch backend's is two sums)."""
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize(("mode", "pos_weight"), [
+    ("binary", 3.0), ("multilabel", [0.5, 4.0, 2.0]),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_fused_pass_weighs_the_positives(backend, mode, pos_weight, soft):
+    """Dice + BCE(pos_weight) in one pass: the two terms computed apart, term by term, values
+    and gradients, with ignored elements."""
+    logits, target = seeded_case(mode, (2, 6, 5), seed=8, soft=soft, scale=3.0)
+    target[0, 0, :2] = 7
+    kw = dict(mode=mode, backend=backend, ignore_index=7)
+    composite = CompositeLoss([DiceLoss(**kw), BCELoss(pos_weight=pos_weight, **kw)],
+                              weights=[0.5, 2.0])
+    assert composite._fused_params([0.5, 2.0]) is not None
+    x, xs = (logits.clone().requires_grad_() for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = composite(x, target)
+        dice = DiceLoss(**kw)(xs, target)
+        bce = BCELoss(pos_weight=pos_weight, **kw)(xs, target)
+    if backend in FUSED_NODES:
+        assert FUSED_NODES[backend] in graph_nodes(got)
+    torch.testing.assert_close(composite.last_terms["bce"], bce.detach(), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got, 0.5 * dice + 2.0 * bce, rtol=2e-6, atol=1e-7)
+    got.backward()
+    (0.5 * dice + 2.0 * bce).backward()
+    torch.testing.assert_close(x.grad, xs.grad, rtol=1e-4, atol=1e-8)
 
 
 def test_a_loss_pickled_before_pos_weight_existed_loads_unweighted():

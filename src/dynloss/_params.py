@@ -160,15 +160,11 @@ def composite_params(region: RegionParams, distribution: DistributionParams,
                      region_weight: object = 1.0, distribution_weight: object = 1.0
                      ) -> CompositeParams:
     """Two terms over the same input: they must agree on what the input and target are. The
-    fused pass scores every class and weighs neither positives nor classes: a region term
-    with ``include_background=False`` and a distribution term with ``pos_weight`` or a class
-    ``weight`` are refused (``CompositeLoss`` computes such a term on its own)."""
+    fused pass scores every class: a region term with ``include_background=False`` is refused
+    (``CompositeLoss`` computes such a term on its own)."""
     if not region.include_background:
         raise ValueError("a fused composite scores every class: its region term cannot leave "
                          "out the background (include_background=False)")
-    if distribution.pos_weight is not None or distribution.weighted_mean:
-        raise ValueError("a fused composite's distribution term is unweighted: it cannot weigh "
-                         "the positives (pos_weight) or the classes (weight)")
     for name in ("mode", "from_logits", "ignore_index", "backend", "check_values"):
         if getattr(region, name) != getattr(distribution, name):
             raise ValueError(

@@ -47,7 +47,9 @@ def distribution_need(params: DistributionParams) -> Need:
 
 
 def _composite_need(params: CompositeParams) -> Need:
-    return Need("composite", params.region.mode, per_image=params.region.per_image)
+    dist = params.distribution
+    return Need("composite", params.region.mode, per_image=params.region.per_image,
+                pos_weight=dist.pos_weight is not None, weighted_mean=dist.weighted_mean)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -251,7 +251,9 @@ def build_spec(params: RegionParams | DistributionParams | CompositeParams) -> F
     return FusedSpec(COMPOSITE, region.mode == MULTICLASS_MODE, region.from_logits,
                      region.ignore_index, True, True, reduction=_REDUCTIONS[region.reduction],
                      gamma=dist.gamma, alpha=dist.alpha, region_weight=params.region_weight,
-                     distribution_weight=params.distribution_weight, **_region_fields(region))
+                     distribution_weight=params.distribution_weight,
+                     pos_weight=dist.pos_weight, weighted_mean=dist.weighted_mean,
+                     **_region_fields(region))
 
 
 spec_for = lru_cache(maxsize=256)(build_spec)
