@@ -177,6 +177,23 @@ def check_include_background(include_background: object, mode: str) -> bool:
     return include_background
 
 
+def check_region_weight(weight: object, mode: str, name: str = "weight"
+                        ) -> tuple[float, ...] | None:
+    """Dice/IoU/Tversky's per-class ``weight`` (MONAI's): None or one weight >= 0 per class
+    (multiclass and multilabel mode; their number is checked against ``C`` per call); a 1-D
+    tensor is read as its values."""
+    if weight is None:
+        return None
+    if mode not in (MULTICLASS_MODE, MULTILABEL_MODE):
+        raise ValueError(f"{name} needs mode='multiclass' or 'multilabel' (one weight per "
+                         f"class); got mode={mode!r}, whose one class a weight would only scale")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        weight = tensor_values(weight)
+    checked = check_focal_alpha(weight, MULTICLASS_MODE, name)
+    assert isinstance(checked, tuple)
+    return checked
+
+
 def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
                       ) -> float | tuple[float, ...] | None:
     """Focal ``alpha``: None, a weight in [0, 1] (binary/multilabel) or per-class weights

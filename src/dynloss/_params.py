@@ -35,6 +35,7 @@ from ._checks import (
     check_pos_weight,
     check_real,
     check_reduction,
+    check_region_weight,
     check_smoothing,
 )
 
@@ -73,6 +74,9 @@ class RegionParams(CallParams):
     ddp_pool: bool
     include_background: bool = True
     """False: the score of class 0 is left out of the reduction (computed, then dropped)."""
+    class_weight: tuple[float, ...] | None = None
+    """One weight per class multiplying its loss before the reduction (MONAI's ``weight``);
+    ``C`` values, or ``C - 1`` (classes 1..C-1) without the background; None: unweighted."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +118,7 @@ def region_params(
     smooth: object = 0.0, eps: object = 1e-7, per_image: object = False,
     ignore_index: object = None, reduction: object = "mean", backend: object = "auto",
     check_values: object = None, ddp_pool: object = False, include_background: object = True,
+    weight: object = None,
 ) -> RegionParams:
     """Check the arguments of a region loss; a clear ValueError/TypeError names a bad one."""
     alpha = check_float32_range("alpha", check_non_negative("alpha", alpha))
@@ -124,8 +129,10 @@ def region_params(
     smooth, eps = check_smoothing(smooth, eps)
     check_float32_range("smooth + eps", smooth + eps)
     include_background = check_include_background(include_background, common["mode"])
+    class_weight = check_region_weight(weight, common["mode"])
     return RegionParams(alpha=alpha, beta=beta, smoothing=smooth + eps, per_image=per_image,
-                        ddp_pool=ddp_pool, include_background=include_background, **common)
+                        ddp_pool=ddp_pool, include_background=include_background,
+                        class_weight=class_weight, **common)
 
 
 def distribution_params(
@@ -160,11 +167,12 @@ def composite_params(region: RegionParams, distribution: DistributionParams,
                      region_weight: object = 1.0, distribution_weight: object = 1.0
                      ) -> CompositeParams:
     """Two terms over the same input: they must agree on what the input and target are. The
-    fused pass scores every class: a region term with ``include_background=False`` is refused
-    (``CompositeLoss`` computes such a term on its own)."""
-    if not region.include_background:
-        raise ValueError("a fused composite scores every class: its region term cannot leave "
-                         "out the background (include_background=False)")
+    fused pass scores every class alike: a region term with ``include_background=False`` or
+    a class ``weight`` is refused (``CompositeLoss`` computes such a term on its own)."""
+    if not region.include_background or region.class_weight is not None:
+        raise ValueError("a fused composite scores every class alike: its region term cannot "
+                         "leave out the background (include_background=False) or weigh the "
+                         "classes (weight)")
     for name in ("mode", "from_logits", "ignore_index", "backend", "check_values"):
         if getattr(region, name) != getattr(distribution, name):
             raise ValueError(

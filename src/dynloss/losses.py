@@ -39,6 +39,7 @@ from ._checks import (
     check_pos_weight,
     check_probability,
     check_reduction,
+    check_region_weight,
     check_smoothing,
 )
 from ._params import distribution_params, region_params
@@ -519,7 +520,11 @@ _REGION_ARGS = """
             loss on the concatenated batch (default False).
         include_background: False leaves class 0's score out (MONAI's
             ``include_background=False``, nnU-Net's ``do_bg=False``; multiclass and multilabel
-            mode, C >= 2; default True)."""
+            mode, C >= 2; default True).
+        weight: None (default), or one weight >= 0 per class multiplying each class's loss
+            before the reduction, as MONAI's ``weight`` (multiclass and multilabel mode;
+            ``C`` values, or MONAI's ``C - 1`` with ``include_background=False``); kept as a
+            list that refuses changes in place; a 1-D tensor is read as its values."""
 
 
 class _RegionLoss(SegmentationLoss):
@@ -527,14 +532,27 @@ class _RegionLoss(SegmentationLoss):
     """``(alpha, beta)`` of Dice (1/2, 1/2) and IoU (1, 1); Tversky reads its own."""
     include_background: bool = True
     """(A class default as well: a loss pickled before the argument existed keeps class 0.)"""
+    weight: list[float] | None = None
+    """(Class default: a loss pickled before the argument existed is unweighted.)"""
 
     def _init_region(self, smooth: float, eps: float, per_image: bool, ddp_pool: bool,
-                     include_background: bool = True) -> None:
+                     include_background: bool = True,
+                     weight: Sequence[float] | Tensor | None = None) -> None:
         self.smooth, self.eps = check_smoothing(smooth, eps)
         self.per_image = check_bool("per_image", per_image)
         self.ddp_pool = check_ddp_pool(ddp_pool, self.per_image)
         self.include_background = check_include_background(include_background, self.mode)
+        classes = check_region_weight(weight, self.mode)
+        self.weight = None if classes is None else list(classes)
         self._ready()  # every argument checked together, once
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            if isinstance(value, Tensor):  # read once, as the constructor does
+                value = check_region_weight(value, MULTILABEL_MODE)
+            if isinstance(value, (list, tuple)) and not isinstance(value, _Weights):
+                value = _Weights(value, f"{type(self).__name__}.weight")
+        super().__setattr__(name, value)
 
     def _weights(self) -> tuple[float, float]:
         assert self._tversky_weights is not None
@@ -547,7 +565,7 @@ class _RegionLoss(SegmentationLoss):
             smooth=self.smooth, eps=self.eps, per_image=self.per_image,
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
             check_values=self.check_values, ddp_pool=self.ddp_pool,
-            include_background=self.include_background,
+            include_background=self.include_background, weight=self.weight,
         )
         return _call.region_loss, params, _call.region_need(params)
 
@@ -591,10 +609,11 @@ class DiceLoss(_RegionLoss):
         check_values: bool | None = None,
         ddp_pool: bool = False,
         include_background: bool = True,
+        weight: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
-        self._init_region(smooth, eps, per_image, ddp_pool, include_background)
+        self._init_region(smooth, eps, per_image, ddp_pool, include_background, weight)
 
 
 class IoULoss(_RegionLoss):
@@ -633,10 +652,11 @@ class IoULoss(_RegionLoss):
         check_values: bool | None = None,
         ddp_pool: bool = False,
         include_background: bool = True,
+        weight: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
-        self._init_region(smooth, eps, per_image, ddp_pool, include_background)
+        self._init_region(smooth, eps, per_image, ddp_pool, include_background, weight)
 
 
 JaccardLoss = IoULoss
@@ -686,12 +706,13 @@ class TverskyLoss(_RegionLoss):
         check_values: bool | None = None,
         ddp_pool: bool = False,
         include_background: bool = True,
+        weight: Sequence[float] | Tensor | None = None,
     ) -> None:
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
         self.alpha = check_non_negative("alpha", alpha)
         self.beta = check_non_negative("beta", beta)
-        self._init_region(smooth, eps, per_image, ddp_pool, include_background)
+        self._init_region(smooth, eps, per_image, ddp_pool, include_background, weight)
 
     def _weights(self) -> tuple[float, float]:
         return self.alpha, self.beta

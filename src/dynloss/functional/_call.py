@@ -8,6 +8,7 @@ construction; the public functions of this package build the parameters first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -170,8 +171,8 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
                 need: Need | None = None, plans: Plans | None = None) -> Tensor:
     """Dice/IoU/Tversky of ``input`` and ``target`` with checked ``params``."""
     params = _matchable_ignore(params, target)
-    if not params.include_background:
-        return _without_background(input, target, params, need, plans)
+    if not params.include_background or params.class_weight is not None:
+        return _chosen_classes(input, target, params, need, plans)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or region_need(params),
         params.ignore_index, params.from_logits, params.check_values, plans)
@@ -181,17 +182,46 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
     return backend.region(layout, params, checked)
 
 
-def _without_background(input: Tensor, target: Tensor, params: RegionParams,
-                        need: Need | None, plans: Plans | None) -> Tensor:
-    """Every class's score from the backend (``reduction="none"``), class 0's left out, then
-    ``params.reduction``: the backends need not know of ``include_background``."""
-    every = dataclasses.replace(params, reduction="none", include_background=True)
+def _chosen_classes(input: Tensor, target: Tensor, params: RegionParams,
+                    need: Need | None, plans: Plans | None) -> Tensor:
+    """Every class's score from the backend (``reduction="none"``), each class's loss times
+    its ``class_weight``, class 0's left out without the background, then
+    ``params.reduction``: the backends need not know of either."""
+    every = dataclasses.replace(params, reduction="none", include_background=True,
+                                class_weight=None)
     scores = region_loss(input, target, every, need, plans)  # (C,) or (N, C)
-    if scores.shape[-1] < 2:
+    classes = scores.shape[-1]
+    if not params.include_background and classes < 2:
         raise ValueError(
             "include_background=False leaves no class to score in an input with C="
-            f"{scores.shape[-1]} channel; it needs C >= 2 (class 0 is the background)")
-    return reduce(scores[..., 1:], params.reduction)
+            f"{classes} channel; it needs C >= 2 (class 0 is the background)")
+    first = 0 if params.include_background else 1
+    weights = params.class_weight
+    if weights is not None:
+        if len(weights) == classes - 1 and first == 1:  # MONAI's: classes 1..C-1 only
+            weights = (0.0, *weights)
+        if len(weights) != classes:
+            also = "" if first == 0 else f" (or {classes - 1}, of classes 1..{classes - 1})"
+            raise ValueError(f"weight must hold one weight per class: {classes} values for an "
+                             f"input with C={classes}{also}; got {len(weights)}")
+        scores = scores * _class_weights(weights, scores.device, scores.dtype)
+    return reduce(scores[..., first:], params.reduction)
+
+
+def _class_weights(weights: tuple[float, ...], device: torch.device, dtype: torch.dtype
+                   ) -> Tensor:
+    """``weights`` as a tensor, cached per device and dtype outside a compile (a CUDA graph
+    captured after a warm-up step copies nothing)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(weights, dtype=dtype, device=device)
+    return _cached_class_weights(weights, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_class_weights(weights: tuple[float, ...], device: torch.device,
+                          dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):  # (made in inference mode, autograd could not save it)
+        return torch.tensor(weights, dtype=dtype, device=device)
 
 
 def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,

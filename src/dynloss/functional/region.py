@@ -37,6 +37,7 @@ flat); pass ``smooth > 0`` (e.g. 1.0) to push false positives on empty targets d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from numbers import Real
 
 import torch
@@ -170,6 +171,13 @@ _SHARED_DOC = """
             (MONAI's ``include_background=False``, nnU-Net's ``do_bg=False``); multiclass
             and multilabel mode only, ``C >= 2``. Class 0 still takes part in the softmax.
             Default True.
+        weight: None (default), or one weight >= 0 per class (multiclass and multilabel
+            mode) multiplying each class's loss ``1 - T_c`` (each sample's too with
+            ``per_image``) before the reduction: ``"mean"`` is then
+            the mean of ``w_c (1 - T)`` over the scores (not divided by the weights'
+            sum), as MONAI's ``DiceLoss(weight=w)``; ``C`` values, or with
+            ``include_background=False`` also MONAI's ``C - 1`` (classes ``1 .. C-1``); a
+            1-D tensor is read as its values.
 
     Returns:
         The loss, a float32 (float64 for float64 input) tensor shaped by ``reduction``.
@@ -197,6 +205,7 @@ def tversky_loss(
     check_values: bool | None = None,
     ddp_pool: bool = False,
     include_background: bool = True,
+    weight: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     r"""Tversky loss :math:`1 - (TP + s) / (TP + \alpha FP + \beta FN + s)`, ``s = smooth + eps``.
 
@@ -220,6 +229,7 @@ def tversky_loss(
         alpha=alpha, beta=beta, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
         per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
         check_values=check_values, ddp_pool=ddp_pool, include_background=include_background,
+        weight=weight,
     ))
 
 
@@ -239,6 +249,7 @@ def dice_loss(
     check_values: bool | None = None,
     ddp_pool: bool = False,
     include_background: bool = True,
+    weight: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     r"""Dice loss :math:`1 - (2I + 2s) / (P + G + 2s)`, ``s = smooth + eps``.
 
@@ -260,6 +271,7 @@ def dice_loss(
         alpha=0.5, beta=0.5, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
         per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
         check_values=check_values, ddp_pool=ddp_pool, include_background=include_background,
+        weight=weight,
     ))
 
 
@@ -279,6 +291,7 @@ def iou_loss(
     check_values: bool | None = None,
     ddp_pool: bool = False,
     include_background: bool = True,
+    weight: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     r"""IoU (Jaccard) loss :math:`1 - (I + s) / (P + G - I + s)`, ``s = smooth + eps``.
 
@@ -299,6 +312,7 @@ def iou_loss(
         alpha=1.0, beta=1.0, mode=mode, from_logits=from_logits, smooth=smooth, eps=eps,
         per_image=per_image, ignore_index=ignore_index, reduction=reduction, backend=backend,
         check_values=check_values, ddp_pool=ddp_pool, include_background=include_background,
+        weight=weight,
     ))
 
 
