@@ -177,3 +177,64 @@ def test_focal_gradient_is_finite_where_the_loss_is_exactly_zero(gamma, mode, fr
         assert (want[..., 0] == 0).all()
     for key, grad in grads.items():
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-30, msg=str(key))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("gamma", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_focal_gradient_is_finite_where_the_loss_is_subnormal(gamma, mode, dtype):
+    """A confident, right pixel whose cross-entropy ``b`` is tiny but not 0 (float32: a
+    subnormal, logits about 100 apart; float64: about 740): autograd's ``gamma q^(gamma - 1)``
+    overflowed there for small ``gamma`` and the reference's gradient was NaN -- also every
+    backend's with ``create_graph=True`` or ``reduction="none"``, and the gradient of a soft
+    target. The slope in ``b`` is ``q^gamma (1 + gamma e^{-b} b / q)``, finite: every backend
+    and path agrees with the fused one."""
+    far = 740.0 if dtype == torch.float64 else 100.0
+    if mode == "multiclass":
+        x = torch.tensor([[[far, 0.0], [0.0, 1.0], [0.0, 2.0]]], dtype=dtype)
+        target = torch.tensor([[0, 1]])
+    else:
+        x = torch.tensor([[[far, -far, 0.5]]], dtype=dtype)
+        target = torch.tensor([[[1.0, 0.0, 1.0]]], dtype=dtype)
+    grads = {}
+    for backend in ("auto", *EVERY_BACKEND):
+        for create_graph, reduction in ((False, "mean"), (True, "mean"), (False, "none")):
+            xs = x.clone().requires_grad_()
+            loss = dynloss.FocalLoss(mode=mode, gamma=gamma, backend=backend,
+                                     reduction=reduction)(xs, target)
+            scale = 1.0 / target.numel() if reduction == "none" else 1.0
+            (grad,) = torch.autograd.grad(loss.sum() * scale, xs, create_graph=create_graph)
+            grads[backend, create_graph, reduction] = grad.detach()
+    want = grads["torch", False, "mean"]
+    assert want.isfinite().all()
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # (bfloat16: an ulp of the gradient)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, want, rtol=rtol, atol=1e-30, msg=str(key))
+    if mode == "binary":  # a soft target's gradient (the reference's autograd) is finite too
+        soft = torch.tensor([[[0.9, 0.1, 0.7]]], dtype=dtype, requires_grad=True)
+        xs = x.clone().requires_grad_()
+        loss = dynloss.FocalLoss(gamma=gamma)(xs, soft)
+        grad_x, grad_t = torch.autograd.grad(loss, (xs, soft))
+        assert grad_x.isfinite().all() and grad_t.isfinite().all()
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5])
+def test_focal_modulation_slope_below_the_smallest_normal(gamma):
+    """``_math.focal_modulation``'s autograd slope equals the closed form of
+    ``focal_modulation_and_slope`` for subnormal and tiny ``b`` (float32 and float64)."""
+    from dynloss import _math
+
+    for dtype in (torch.float32, torch.float64):
+        tiny = torch.finfo(dtype).tiny
+        b = torch.tensor([tiny / 64, tiny, tiny * 1e10, 1e-5, 0.5, 3.0], dtype=dtype)
+        value, slope = _math.focal_modulation_and_slope(b.clone(), gamma)
+        bs = b.clone().requires_grad_()
+        got = _math.focal_modulation(bs, gamma)
+        (grad,) = torch.autograd.grad(got.sum(), bs)
+        # a subnormal result holds fewer digits (an absolute tolerance of the smallest
+        # normal); autograd's slope of b^(1 + gamma) is b^((1 + gamma) - 1), an exponent
+        # rounded in float64, which moves b^gamma by up to |log b| ulps (1e-13 at 1e-310)
+        rtol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(got, value, rtol=rtol, atol=tiny)
+        torch.testing.assert_close(grad, slope, rtol=rtol, atol=tiny)

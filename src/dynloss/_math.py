@@ -385,6 +385,12 @@ def cross_entropy_from_rest(mx: Tensor, rest: Tensor, picked: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ focal and alpha
+_SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny)
+              for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+"""Per dtype, the square root of its smallest normal number: below it ``1 - e^{-b}`` is ``b``
+to every digit, and ``gamma q^(gamma - 1)`` may overflow (:func:`focal_modulation`)."""
+
+
 def focal_modulation(b: Tensor, gamma: float) -> Tensor:
     r""":math:`(1 - e^{-b})^\gamma \, b`; ``1 - e^{-b}`` is computed as ``-expm1(-b)``.
 
@@ -392,7 +398,12 @@ def focal_modulation(b: Tensor, gamma: float) -> Tensor:
     Where ``b`` is exactly 0 (a pixel classified with certainty) the slope of ``q^\gamma b``
     is 0 for every :math:`\gamma > 0`; for :math:`\gamma < 1` autograd through
     ``q^\gamma`` would form :math:`\gamma q^{\gamma - 1} = \infty` there and a NaN gradient,
-    so the power is taken only where ``q`` is not 0 (0 elsewhere, with slope 0).
+    so the power is taken only where ``q`` is not 0 (0 elsewhere, with slope 0). Where ``q``
+    is tiny but not 0 (a subnormal ``b``: logits about 100 apart in float32) that factor
+    overflows too: below the square root of the dtype's smallest normal number, where
+    ``q = b`` to every digit, the value is formed as :math:`b^{1+\gamma}`, whose slope
+    :math:`(1+\gamma)\,b^\gamma` is finite (the closed form's
+    :math:`q^\gamma (1 + \gamma e^{-b} b/q)` there).
 
     >>> import torch
     >>> from dynloss._math import focal_modulation
@@ -408,7 +419,10 @@ def focal_modulation(b: Tensor, gamma: float) -> Tensor:
         if gamma >= 1:  # gamma q^(gamma - 1) is finite at q = 0
             return q.pow(gamma) * b
         certain = q == 0  # NaN is not: it stays NaN
-        return torch.where(certain, 0.0, torch.where(certain, 1.0, q).pow(gamma)) * b
+        tiny = (q < _SQRT_TINY[b.dtype]) & ~certain
+        small = torch.where(tiny, b, 1.0).pow(1 + gamma)
+        large = torch.where(certain | tiny, 1.0, q).pow(gamma) * b
+        return torch.where(certain, 0.0, torch.where(tiny, small, large))
     q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
     return q.mul_(b)
 
