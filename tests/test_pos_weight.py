@@ -334,3 +334,18 @@ def test_focal_weights_pickle_as_an_older_dynloss_reads_them():
     with pytest.raises(TypeError, match=r"BCELoss\.pos_weight cannot be changed in place"):
         copy.append(3.0)
 
+
+
+@pytest.mark.parametrize("weight", [[1.0] * 5, [1.0, 1.0], torch.ones(2)],
+                         ids=["five", "two", "tensor"])
+def test_ones_of_the_wrong_number_are_refused(weight):
+    """Weights of 1 are the unweighted loss, but their number is still checked against C
+    (they became None before the check, and a wrong number passed silently)."""
+    logits, target = seeded_case("multilabel", (2, 3, 3))
+    count = len(weight)
+    with pytest.raises(ValueError, match=f"pos_weight must hold one weight per channel: 3 "
+                                         f"values for an input with C=3; got {count}"):
+        F.bce_loss(logits, target, mode="multilabel", pos_weight=weight)
+    with pytest.raises(ValueError, match="one weight per channel"):
+        CompositeLoss([DiceLoss("multilabel"), BCELoss("multilabel", pos_weight=weight)])(
+            logits, target)

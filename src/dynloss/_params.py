@@ -89,6 +89,9 @@ class DistributionParams(CallParams):
     """The TopK fraction, or None (BCE, Focal)."""
     pos_weight: float | tuple[float, ...] | None = None
     """BCE's weight of the positives' term (one, or one per channel); None: 1 (unweighted)."""
+    pos_weight_count: int | None = None
+    """How many per-channel ``pos_weight`` values were given (checked against ``C`` per
+    call), also where they were all 1 and ``pos_weight`` is None; None: not per channel."""
     weighted_mean: bool = False
     """The mean divides by the kept elements' ``alpha`` (the multiclass cross-entropy's class
     ``weight``), not their number: ``CrossEntropyLoss(weight=...)``."""
@@ -156,11 +159,13 @@ def distribution_params(
     if checked_k == 1.0:  # every element is selected: TopK is BCE, formed as BCE, bit for bit
         checked_k = None
     checked_weight = check_pos_weight(pos_weight, common["mode"])
+    count = len(checked_weight) if isinstance(checked_weight, tuple) else None
     if checked_weight == 1.0 or (isinstance(checked_weight, tuple)
                                  and all(w == 1.0 for w in checked_weight)):
         checked_weight = None  # the unweighted loss, bit for bit (and on every backend)
     return DistributionParams(gamma=gamma, alpha=checked_alpha, k=checked_k,
-                              pos_weight=checked_weight, weighted_mean=weighted_mean, **common)
+                              pos_weight=checked_weight, pos_weight_count=count,
+                              weighted_mean=weighted_mean, **common)
 
 
 def composite_params(region: RegionParams, distribution: DistributionParams,

@@ -157,13 +157,14 @@ def _check_weights_length(params: DistributionParams, layout: Layout, alpha_name
     per-channel ``pos_weight``: one weight for each of the input's ``C`` channels."""
     if params.weighted_mean:
         alpha_name = "weight"
-    for name, weights, per in ((alpha_name, params.alpha, "class"),
-                               ("pos_weight", params.pos_weight, "channel")):
-        if isinstance(weights, tuple) and len(weights) != layout.num_classes and (
+    alpha_count = len(params.alpha) if isinstance(params.alpha, tuple) else None
+    for name, count, per in ((alpha_name, alpha_count, "class"),
+                             ("pos_weight", params.pos_weight_count, "channel")):
+        if count is not None and count != layout.num_classes and (
                 per == "channel" or layout.mode == MULTICLASS_MODE):
             raise ValueError(
                 f"{name} must hold one weight per {per}: {layout.num_classes} values for an "
-                f"input with C={layout.num_classes}; got {len(weights)}"
+                f"input with C={layout.num_classes}; got {count}"
             )
 
 
