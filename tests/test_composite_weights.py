@@ -211,3 +211,43 @@ def test_a_cpu_composite_steps_under_another_default_device():
         loss.step()
     assert loss._weight_values.device.type == "cpu"
     assert loss._weight_values.tolist() == [0.25, 1.0]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (torch.tensor(0.5), "must be a real number; got Tensor"),
+    ("1", "must be a real number; got str"),
+    (True, "must be a real number; got bool"),
+])
+def test_a_custom_schedule_returning_no_real_number_is_refused_naming_the_term(value, message):
+    """A custom ``value_at`` returning a 0-d tensor passed construction and ``step()`` and
+    failed at the first forward of a fused pair naming an internal parameter
+    (``region_weight``); one returning a string raised a bare ``TypeError`` from ``math``."""
+    from dynloss.schedules import WeightSchedule
+
+    class Custom(WeightSchedule):
+        def value_at(self, t):
+            return value
+
+    with pytest.raises(TypeError, match=r"CompositeLoss: the weight of 'dice' \(a Custom at "
+                                        r"step 0\) " + message):
+        CompositeLoss([DiceLoss(), BCELoss()], weights=[Custom(), 1.0])
+
+
+def test_a_custom_schedule_may_return_any_real_number():
+    """numpy scalars and ints are real numbers: read as Python floats."""
+    import numpy as np
+
+    from dynloss.schedules import WeightSchedule
+
+    class Custom(WeightSchedule):
+        def value_at(self, t):
+            return np.float32(0.5) if t == 0 else 2
+
+    loss = CompositeLoss([DiceLoss(), BCELoss()], weights=[Custom(), 1.0])
+    assert loss.current_weights() == {"dice": 0.5, "bce": 1.0}
+    assert type(loss.current_weights()["dice"]) is float
+    loss.step()
+    assert loss.current_weights() == {"dice": 2.0, "bce": 1.0}
+    assert type(loss.current_weights()["dice"]) is float
+    x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    torch.testing.assert_close(loss(x, t), 2.0 * DiceLoss()(x, t) + BCELoss()(x, t))

@@ -544,8 +544,18 @@ def _check_upcoming(name: str, schedule: WeightSchedule) -> None:
                     "; the step was not taken")
 
 
-def _checked_weight(name: str, schedule: WeightSchedule, value: float, when: str,
+def _checked_weight(name: str, schedule: WeightSchedule, value: object, when: str,
                     note: str = "") -> float:
+    """A custom schedule's value as a Python float: a real number (numpy's too), finite and
+    >= 0; anything else is refused naming the term."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"CompositeLoss: the weight of {name!r} (a {type(schedule).__name__} "
+                        f"{when}) must be a real number; got {type(value).__name__} "
+                        f"{value!r}{note}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"CompositeLoss: the weight of {name!r} (a {type(schedule).__name__} "
                          f"{when}) must be finite and >= 0; got {value}{note}")
