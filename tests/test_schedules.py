@@ -355,3 +355,54 @@ def test_relative_improvement_from_an_infinite_value(mode, values, fires) -> Non
     did not."""
     trigger = RelativeImprovement(threshold=0.1, mode=mode)
     assert [trigger.update(t, t, m) for t, m in enumerate(values, start=1)] == [False, fires]
+
+
+def test_numpy_integers_are_counts():
+    """Counts given as numpy integers (read from a config or an array) are ints, as the loss
+    arguments take them; they were refused ("must be an int; got int64")."""
+    import numpy as np
+
+    from dynloss import BCELoss, DiceLoss, SwitchingLoss
+    from dynloss.schedules import LinearRamp, Milestone, Plateau
+
+    three = np.int64(3)
+    by_milestones = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[three])
+    by_trigger = SwitchingLoss([DiceLoss(), BCELoss()], trigger=[np.int32(3)])
+    for loss in (by_milestones, by_trigger):
+        assert loss.milestones == [3] and type(loss.milestones[0]) is int
+        assert "milestones=[3]" in repr(loss)
+    assert type(Milestone(three).at) is int
+    plateau = Plateau(patience=np.int64(5), mode="min")
+    assert plateau.patience == 5 and type(plateau.patience) is int
+    ramp = LinearRamp(np.int64(2), np.int16(6))
+    assert (ramp.start, ramp.end) == (2, 6) and type(ramp.start) is int
+    assert ramp.value_at(4) == 0.5
+    with pytest.raises(TypeError, match="must be an int; got float64"):
+        Milestone(np.float64(3.0))
+    with pytest.raises(TypeError, match="must be an int; got bool"):
+        Milestone(np.bool_(True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(patience=st.integers(1, 4), min_delta=st.sampled_from([0.0, 0.01, 0.05]),
+       mode=st.sampled_from(["min", "max"]),
+       values=st.lists(st.sampled_from([0.5, 0.1, 0.2, 0.45, 0.5, 0.52, 0.9]), max_size=14))
+def test_plateau_is_reduce_lr_on_plateau_with_one_step_less_patience(patience, min_delta, mode,
+                                                                     values):
+    """The docstring's mapping: ``Plateau(patience=p, min_delta=d)`` fires at the step where
+    ``ReduceLROnPlateau(patience=p - 1, threshold=d, threshold_mode="abs")`` first cuts."""
+    from dynloss import BCELoss, DiceLoss, SwitchingLoss
+
+    loss = SwitchingLoss([DiceLoss(), BCELoss()],
+                         trigger=Plateau(patience=patience, min_delta=min_delta, mode=mode))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, patience=patience - 1, threshold=min_delta,
+        threshold_mode="abs", factor=0.5)
+    for value in values:
+        loss.step(metric=value)
+        scheduler.step(value)
+        cut = optimizer.param_groups[0]["lr"] < 1.0
+        assert (loss.active_index == 1) == cut
+        if cut:
+            break

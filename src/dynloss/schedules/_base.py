@@ -10,6 +10,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -32,9 +33,11 @@ def loggable(terms: dict[str, Tensor], input: Tensor) -> dict[str, Tensor]:
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> int:
-    """An integer counter argument (epochs or steps) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer counter argument (epochs or steps) >= ``minimum``, as an ``int`` (numpy's
+    integers too; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
     return value

@@ -6,6 +6,7 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -737,11 +738,11 @@ def _make_triggers(num_stages: int, milestones: object, trigger: object) -> list
                     raise ValueError("SwitchingLoss: the same trigger object is used twice; "
                                      "pass one trigger object per switch")
                 triggers.append(item)
-            elif isinstance(item, int) and not isinstance(item, bool):
+            elif isinstance(item, Integral) and not isinstance(item, bool):
                 if item < 1:
                     raise ValueError(f"SwitchingLoss: trigger[{len(triggers)}] must be >= 1 (an "
                                      f"int is a milestone); got {item}")
-                triggers.append(Milestone(item))
+                triggers.append(Milestone(int(item)))
             else:
                 raise TypeError(
                     f"SwitchingLoss: a trigger must be a Trigger or an int milestone; got "
