@@ -70,3 +70,33 @@ def test_an_exported_loss_gives_0_on_an_empty_batch(loss, strict):
     assert program(x, t).item() == 0.0
     x, t = _case(5, 8, 8, seed=2)
     torch.testing.assert_close(program(x, t), loss(x, t))
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_exporting_a_switching_loss_warns_that_it_keeps_the_active_stage(strict):
+    """An exported SwitchingLoss computes the stage active when it was exported, after any
+    later switch (as torch.jit.trace's, which warned): export says so too. Neither it nor a
+    CompositeLoss leaves ``last_terms`` tensors behind during export (torch warned of a
+    tensor attribute assigned during export)."""
+    import warnings
+
+    from dynloss import SwitchingLoss
+
+    switching = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+    x, t = _case(2, 8, 8, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(_Wrapped(switching), (x, t), strict=strict).module()
+    said = [w for w in caught if "torch.export records the active stage ('dice') only"
+            in str(w.message)]
+    assert len(said) == (0 if strict else 1)  # (strict export's tracer drops warnings)
+    assert not [w for w in caught if "last_terms" in str(w.message)]
+    switching.step()
+    torch.testing.assert_close(program(x, t), DiceLoss()(x, t))
+
+    composite = CompositeLoss([DiceLoss(), BCELoss()], [0.5, 1.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(_Wrapped(composite), (x, t), strict=strict).module()
+    assert not [w for w in caught if "last_terms" in str(w.message)]
+    torch.testing.assert_close(program(x, t), composite(x, t))

@@ -25,11 +25,15 @@ from ..distributed import check_metric, metric_value
 __all__ = ["call_repr", "check_count", "check_state", "check_weight", "state_int", "state_real"]
 
 
-def loggable(terms: dict[str, Tensor], input: Tensor) -> dict[str, Tensor]:
-    """A call's ``last_terms``: ``terms``, or nothing under a :mod:`torch.func` transform,
-    whose values (batched under ``vmap``) must not leave it: kept, they broke every later use
-    ("tensor may have escaped from inside a function being vmapped")."""
-    return {} if recorder(input) == "torch.func" else terms
+def set_last_terms(module: Any, terms: dict[str, Tensor], input: Tensor) -> None:
+    """Keep a call's terms as ``module.last_terms``: nothing under a :mod:`torch.func`
+    transform, whose values (batched under ``vmap``) must not leave it (kept, they broke
+    every later use: "tensor may have escaped from inside a function being vmapped"); left
+    as it was under ``torch.export``, whose program could not update it (torch warned of a
+    tensor attribute assigned during export)."""
+    if torch.compiler.is_exporting():
+        return
+    module.last_terms = {} if recorder(input) == "torch.func" else terms
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> int:

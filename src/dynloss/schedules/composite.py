@@ -25,13 +25,13 @@ from ._base import (
     in_use,
     load_all_or_nothing,
     load_parts,
-    loggable,
     losses_repr,
     metric_triggers,
     named_losses,
     record,
     record_added,
     record_tree,
+    set_last_terms,
     state_error,
     state_int,
     step_child,
@@ -287,8 +287,8 @@ class CompositeLoss(nn.Module):
             params, swapped = fused
             combined, region, distribution = composite_loss(input, target, params)
             values = (distribution, region) if swapped else (region, distribution)
-            self.last_terms = loggable({name: value.detach() for name, value
-                                        in zip(self.terms, values, strict=True)}, input)
+            set_last_terms(self, {name: value.detach() for name, value
+                                  in zip(self.terms, values, strict=True)}, input)
             return combined
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
@@ -301,7 +301,7 @@ class CompositeLoss(nn.Module):
                 terms.update({f"{name}.{key}": term for key, term in nested.items()})
             weighted = scaled(weight, value)
             total = weighted if total is None else total + weighted
-        self.last_terms = loggable(terms, input)
+        set_last_terms(self, terms, input)
         assert total is not None
         return total
 
@@ -372,7 +372,7 @@ class CompositeLoss(nn.Module):
                 terms.update({f"{name}.{key}": term for key, term in nested.items()})
             weighted = value * weight.to(value.dtype)
             total = weighted if total is None else total + weighted
-        self.last_terms = loggable(terms, input)
+        set_last_terms(self, terms, input)
         assert total is not None
         return total
 

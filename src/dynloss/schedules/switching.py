@@ -27,12 +27,12 @@ from ._base import (
     in_use,
     load_all_or_nothing,
     load_parts,
-    loggable,
     losses_repr,
     metric_triggers,
     named_losses,
     record,
     record_tree,
+    set_last_terms,
     state_error,
     state_int,
     step_child,
@@ -293,17 +293,19 @@ class SwitchingLoss(nn.Module):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The active stage's loss; fills :attr:`last_terms`."""
         name, loss = self.active_name, self.active
-        if torch.jit.is_tracing():
-            warnings.warn(f"SwitchingLoss: torch.jit.trace records the active stage ({name!r}) "
+        tracer = ("torch.jit.trace" if torch.jit.is_tracing() else
+                  "torch.export" if torch.compiler.is_exporting() else None)
+        if tracer is not None:
+            warnings.warn(f"SwitchingLoss: {tracer} records the active stage ({name!r}) "
                           "only: the traced module keeps computing it after a switch "
                           "(torch.compile follows the switch)", RuntimeWarning,
-                          stacklevel=caller_stacklevel())
+                          stacklevel=2 if torch.compiler.is_compiling() else caller_stacklevel())
         value = loss(input, target)
         terms = {name: value.detach()}
         nested = getattr(loss, "last_terms", None)
         if isinstance(nested, dict):
             terms.update({f"{name}.{key}": term for key, term in nested.items()})
-        self.last_terms = loggable(terms, input)
+        set_last_terms(self, terms, input)
         return value
 
     def on_switch(self, callback: SwitchCallback) -> SwitchCallback:
