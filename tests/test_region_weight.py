@@ -192,3 +192,30 @@ def test_compile_fullgraph_matches_eager():
 def test_every_region_loss_takes_it():
     for cls in (DiceLoss, IoULoss, TverskyLoss, dynloss.JaccardLoss):
         assert cls(mode="multilabel", weight=[1.0, 2.0]).weight == [1.0, 2.0]
+
+
+def test_fake_tensors_and_export_before_any_eager_call():
+    """A first call under FakeTensorMode (as tracing tools make it) or a non-strict export
+    must not leave a fake weights tensor behind for the eager calls, nor mix a real one into
+    the fake call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logits, target = seeded_case("multiclass", (2, 4, 4), seed=4)
+    loss = DiceLoss("multiclass", weight=[0.25, 1.0, 3.0])
+    x64 = logits.double()
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = loss(mode.from_tensor(x64), mode.from_tensor(target))
+    assert fake.shape == () and fake.dtype == torch.float64
+    want = (DiceLoss("multiclass", reduction="none")(x64, target)
+            * torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)).mean()
+    torch.testing.assert_close(loss(x64, target), want)
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, x, t):
+            return IoULoss("multilabel", weight=[0.5, 2.0, 1.0])(x, t)
+
+    ml_logits, ml_target = seeded_case("multilabel", (2, 4, 4), seed=5)
+    half = ml_logits.half()  # (a dtype no call has used yet)
+    program = torch.export.export(Wrapped(), (half, ml_target), strict=False).module()
+    eager = Wrapped()(half, ml_target)
+    torch.testing.assert_close(program(half, ml_target), eager)

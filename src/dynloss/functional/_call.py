@@ -205,17 +205,18 @@ def _chosen_classes(input: Tensor, target: Tensor, params: RegionParams,
             also = "" if first == 0 else f" (or {classes - 1}, of classes 1..{classes - 1})"
             raise ValueError(f"weight must hold one weight per class: {classes} values for an "
                              f"input with C={classes}{also}; got {len(weights)}")
-        scores = scores * _class_weights(weights, scores.device, scores.dtype)
+        scores = scores * _class_weights(weights, scores)
     return reduce(scores[..., first:], params.reduction)
 
 
-def _class_weights(weights: tuple[float, ...], device: torch.device, dtype: torch.dtype
-                   ) -> Tensor:
-    """``weights`` as a tensor, cached per device and dtype outside a compile (a CUDA graph
-    captured after a warm-up step copies nothing)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(weights, dtype=dtype, device=device)
-    return _cached_class_weights(weights, device, dtype)
+def _class_weights(weights: tuple[float, ...], like: Tensor) -> Tensor:
+    """``weights`` as a tensor of ``like``'s dtype and device: cached for eager calls on plain
+    tensors (a CUDA graph captured after a warm-up step copies nothing), made anew where a
+    tool records or transforms the call (a fake tensor's, a compile's, an export's: a cached
+    real tensor does not mix with fake ones, nor a fake one with later eager calls)."""
+    if recorder(like) is not None or torch.compiler.is_exporting():
+        return like.new_tensor(weights)
+    return _cached_class_weights(weights, like.device, like.dtype)
 
 
 @functools.lru_cache(maxsize=64)
