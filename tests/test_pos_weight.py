@@ -7,12 +7,14 @@ dispatch; ``reduction``, ``ignore_index``, a composite, a spec, ``repr`` and pic
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 
 import pytest
 import torch
 
+import dynloss
 import dynloss.functional as F
 from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss, build_loss
 from dynloss.kernels.dispatch import Need, clear_cache, select
@@ -349,3 +351,29 @@ def test_ones_of_the_wrong_number_are_refused(weight):
     with pytest.raises(ValueError, match="one weight per channel"):
         CompositeLoss([DiceLoss("multilabel"), BCELoss("multilabel", pos_weight=weight)])(
             logits, target)
+
+
+class _WeightedTopK(dynloss.TopKLoss):
+    """TopK of BCE with ``pos_weight``: a subclass declaring the argument (the mechanism
+    ``_DistributionLoss._own_arguments`` documents)."""
+
+    _own_arguments = ("k", "pos_weight")
+
+    def __init__(self, k=0.3, pos_weight=None, **kwargs):
+        self.pos_weight = pos_weight
+        super().__init__(k, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_with_pos_weight_is_weighted_on_every_backend(backend):
+    """TopK's per-element losses weighed by ``pos_weight``: the Triton TopK kernels do not
+    weigh them, so dispatch must not choose them (they were chosen, silently unweighted)."""
+    logits, target = seeded_case("multilabel", (2, 6, 5), seed=12, scale=3.0)
+    weights = [4.0, 0.5, 2.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = _WeightedTopK(0.3, weights, mode="multilabel", backend=backend)(logits, target)
+    per_element = _independent(logits, target, weights).flatten()
+    count = math.ceil(0.3 * per_element.numel())
+    want = per_element.topk(count).values.mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)

@@ -108,8 +108,8 @@ def test_weights_of_one_are_the_unweighted_loss():
 def test_ddp_pool_single_process_is_the_loss():
     logits, target = seeded_case("multiclass", (2, 5, 5), seed=3, classes=4)
     pooled = DiceLoss("multiclass", weight=CLASS_WEIGHTS, ddp_pool=True)(logits, target)
-    plain = DiceLoss("multiclass", weight=CLASS_WEIGHTS)(logits, target)
-    torch.testing.assert_close(pooled, plain)
+    scores = DiceLoss("multiclass", reduction="none")(logits, target)
+    torch.testing.assert_close(pooled, (scores * torch.tensor(CLASS_WEIGHTS)).mean())
 
 
 def test_functional_and_gradcheck():
@@ -136,6 +136,10 @@ def test_functional_and_gradcheck():
      r"weight\[1\] must be finite"),
     ({"mode": "multiclass", "weight": 2.0}, TypeError, "weight must be None or a sequence"),
     ({"mode": "multiclass", "weight": "ab"}, TypeError, "weight must be None or a sequence"),
+    ({"mode": "multilabel", "weight": 2.0}, TypeError,
+     "weight must be None or a sequence of per-class weights in mode='multilabel'; got float"),
+    ({"mode": "multilabel", "weight": torch.ones(2, 2)}, TypeError,
+     "weight must be None or a sequence of per-class weights in mode='multilabel'; got Tensor"),
 ])
 def test_bad_weight_is_refused_at_construction(kwargs, error, message):
     with pytest.raises(error, match=message):

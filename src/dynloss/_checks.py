@@ -187,11 +187,18 @@ def check_region_weight(weight: object, mode: str, name: str = "weight"
     if mode not in (MULTICLASS_MODE, MULTILABEL_MODE):
         raise ValueError(f"{name} needs mode='multiclass' or 'multilabel' (one weight per "
                          f"class); got mode={mode!r}, whose one class a weight would only scale")
+    return _per_class_weights(weight, mode, name)
+
+
+def _per_class_weights(weight: object, mode: str, name: str) -> tuple[float, ...]:
+    """A sequence (or 1-D tensor, read as its values) of weights >= 0, one per class."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
         weight = tensor_values(weight)
-    checked = check_focal_alpha(weight, MULTICLASS_MODE, name)
-    assert isinstance(checked, tuple)
-    return checked
+    if isinstance(weight, (str, bytes)) or not isinstance(weight, Sequence):
+        raise TypeError(f"{name} must be None or a sequence of per-class weights in "
+                        f"mode={mode!r}; got {_shown(weight)}")
+    return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", w))
+                 for i, w in enumerate(weight))
 
 
 def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
@@ -259,11 +266,7 @@ def check_class_weight(weight: object, mode: str, name: str = "weight"
             f"{name} is the per-class weight of multiclass mode's cross-entropy "
             "(CrossEntropyLoss(weight=...)); binary and multilabel mode weigh the positives "
             "with pos_weight (or FocalLoss(gamma=0, alpha=...) for both terms)")
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        weight = tensor_values(weight)
-    checked = check_focal_alpha(weight, mode, name)
-    assert isinstance(checked, tuple)
-    return checked
+    return _per_class_weights(weight, mode, name)
 
 
 def tensor_values(values: torch.Tensor) -> list[float]:

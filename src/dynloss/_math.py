@@ -385,10 +385,11 @@ def cross_entropy_from_rest(mx: Tensor, rest: Tensor, picked: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ focal and alpha
-_SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny)
-              for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-"""Per dtype, the square root of its smallest normal number: below it ``1 - e^{-b}`` is ``b``
-to every digit, and ``gamma q^(gamma - 1)`` may overflow (:func:`focal_modulation`)."""
+_SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny) for dtype in (torch.float32,
+                                                                     torch.float64)}
+"""Per dtype the losses compute in (half precision is computed in float32), the square root
+of its smallest normal number: below it ``1 - e^{-b}`` is ``b`` to every digit, and
+``gamma q^(gamma - 1)`` may overflow (:func:`focal_modulation`)."""
 
 
 def focal_modulation(b: Tensor, gamma: float) -> Tensor:
@@ -419,7 +420,8 @@ def focal_modulation(b: Tensor, gamma: float) -> Tensor:
         if gamma >= 1:  # gamma q^(gamma - 1) is finite at q = 0
             return q.pow(gamma) * b
         certain = q == 0  # NaN is not: it stays NaN
-        tiny = (q < _SQRT_TINY[b.dtype]) & ~certain
+        limit = _SQRT_TINY.get(b.dtype) or math.sqrt(torch.finfo(b.dtype).tiny)
+        tiny = (q < limit) & ~certain
         small = torch.where(tiny, b, 1.0).pow(1 + gamma)
         large = torch.where(certain | tiny, 1.0, q).pow(gamma) * b
         return torch.where(certain, 0.0, torch.where(tiny, small, large))

@@ -522,9 +522,10 @@ _REGION_ARGS = """
             ``include_background=False``, nnU-Net's ``do_bg=False``; multiclass and multilabel
             mode, C >= 2; default True).
         weight: None (default), or one weight >= 0 per class multiplying each class's loss
-            before the reduction, as MONAI's ``weight`` (multiclass and multilabel mode;
-            ``C`` values, or MONAI's ``C - 1`` with ``include_background=False``); kept as a
-            list that refuses changes in place; a 1-D tensor is read as its values."""
+            before the reduction, as MONAI's ``weight`` where it scores two classes or more
+            (multiclass and multilabel mode; ``C`` values, or MONAI's ``C - 1`` with
+            ``include_background=False``); kept as a list that refuses changes in place; a
+            1-D tensor is read as its values."""
 
 
 class _RegionLoss(SegmentationLoss):

@@ -175,7 +175,8 @@ _SHARED_DOC = """
             mode) multiplying each class's loss ``1 - T_c`` (each sample's too with
             ``per_image``) before the reduction: ``"mean"`` is then
             the mean of ``w_c (1 - T)`` over the scores (not divided by the weights'
-            sum), as MONAI's ``DiceLoss(weight=w)``; ``C`` values, or with
+            sum), as MONAI's ``DiceLoss(weight=w)`` where it scores two classes or more
+            (MONAI ignores its weight where it scores one); ``C`` values, or with
             ``include_background=False`` also MONAI's ``C - 1`` (classes ``1 .. C-1``); a
             1-D tensor is read as its values.
 

@@ -54,6 +54,9 @@ class Capabilities:
     """``reduction="none"`` of the distribution losses (per-element values)."""
     pos_weight: bool = False
     """BCE's ``pos_weight``: the positives' term of the cross-entropy weighed."""
+    topk_pos_weight: bool = False
+    """``pos_weight`` in the TopK selection's per-element losses too (with :attr:`topk` and
+    :attr:`pos_weight`)."""
     weighted_mean: bool = False
     """BCE's multiclass ``weight``: a mean divided by the kept pixels' class weights."""
     target_grad: bool = False
@@ -100,8 +103,8 @@ class Capabilities:
             return "TopK"
         if need.reduction_none and not self.reduction_none:
             return "reduction='none'"
-        if need.pos_weight and not self.pos_weight:
-            return "pos_weight"
+        if need.pos_weight and not (self.topk_pos_weight if need.topk else self.pos_weight):
+            return "pos_weight" + (" with TopK" if need.topk else "")
         if need.weighted_mean and not self.weighted_mean:
             return "class weights (weight=)"
         if need.ddp_pool and not self.ddp_pool:

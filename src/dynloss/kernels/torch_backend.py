@@ -367,7 +367,8 @@ class TorchBackend:
     capabilities = Capabilities(
         devices=None,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        topk=True, pos_weight=True, weighted_mean=True, ddp_pool=True, double_backward=True,
+        topk=True, pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
+        double_backward=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:

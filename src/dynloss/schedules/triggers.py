@@ -176,8 +176,9 @@ class Plateau(Trigger):
     an improvement resets it; the trigger fires once the counter reaches ``patience`` and the
     stage has run at least ``min_epochs`` steps, or unconditionally when the stage has run
     ``max_epochs`` steps. ``ReduceLROnPlateau`` acts once its counter *exceeds* its patience:
-    ``Plateau(patience=p, min_delta=d)`` fires at the step where ``ReduceLROnPlateau(
-    patience=p - 1, threshold=d, threshold_mode="abs")`` first cuts the learning rate.
+    ``Plateau(patience=p, min_delta=d)`` (``p >= 1``) fires at the step where
+    ``ReduceLROnPlateau(patience=p - 1, threshold=d, threshold_mode="abs")`` first cuts the
+    learning rate.
     Monitor the training loss (``"min"``) or a validation metric such as
     Dice (``mode="max"``).
 

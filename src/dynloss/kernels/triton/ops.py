@@ -17,7 +17,8 @@ values and gradients are bitwise those of eager mode; nothing is read on the hos
 
 ``ints`` / ``floats`` are the flattened :class:`~dynloss.kernels.triton.stream.FusedSpec` /
 :class:`~dynloss.kernels.triton.topk.TopKSpec` (constants of the traced graph; a per-class
-focal ``alpha`` among them, whose device table is cached as on the eager path). The operators
+focal ``alpha`` or class ``weight`` and BCE's ``pos_weight`` among them, whose device tables
+are cached as on the eager path). The operators
 are opaque to Inductor (they run as extern calls) and are registered when this module is
 first imported.
 """
