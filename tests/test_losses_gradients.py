@@ -238,3 +238,32 @@ def test_focal_modulation_slope_below_the_smallest_normal(gamma):
         rtol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
         torch.testing.assert_close(got, value, rtol=rtol, atol=tiny)
         torch.testing.assert_close(grad, slope, rtol=rtol, atol=tiny)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("eps", [1e-20, 1e-30, 1e-37])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_region_gradient_is_finite_for_the_smallest_allowed_smoothing(mode, eps):
+    """``smooth + eps`` may be as small as float32's smallest normal number; where a class is
+    absent and predicted absent, the score's denominator is about that small, and its square
+    underflowed to 0 in the Triton kernels (an infinite ``1 / D^2`` and NaN gradients) where
+    ``(N / D) / D`` stays finite. Every backend agrees with the reference."""
+    if mode == "multiclass":
+        x = torch.tensor([[[0.0] * 4, [-50.0] * 4, [-1e4] * 4]])
+        target = torch.zeros(1, 4, dtype=torch.long)
+    else:
+        x = torch.tensor([[[-1e4, -1e4, -60.0, -50.0]]])
+        target = torch.zeros(1, 1, 4)
+    grads = {}
+    for backend in ("auto", *EVERY_BACKEND):
+        for per_image in (False, True):
+            xs = x.clone().requires_grad_()
+            loss = dynloss.DiceLoss(mode=mode, eps=eps, per_image=per_image,
+                                    backend=backend)(xs, target)
+            (grad,) = torch.autograd.grad(loss, xs)
+            grads[backend, per_image] = (loss.detach(), grad)
+    want_loss, want = grads["reference", False]
+    assert want.isfinite().all()
+    for key, (loss, grad) in grads.items():
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7, msg=str(key))
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-30, msg=str(key))

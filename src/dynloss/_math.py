@@ -576,10 +576,11 @@ def tversky_loss_terms(
     numerator = intersection + smoothing
     denominator = _tversky_denominator(intersection, prediction_sum, target_sum, alpha,
                                        beta) + smoothing
-    inverse_square = 1.0 / (denominator * denominator)
-    return (1.0 - numerator / denominator,
-            (denominator - (1.0 - (alpha + beta)) * numerator) * inverse_square,
-            (-alpha * numerator) * inverse_square)
+    # each slope divides twice by the denominator D: 1 / D^2 overflows in float32 for a D
+    # near the smallest smoothing allowed (a class absent and predicted absent)
+    ratio = numerator / denominator
+    return (1.0 - ratio, (1.0 - (1.0 - (alpha + beta)) * ratio) / denominator,
+            (-alpha * ratio) / denominator)
 
 
 def tversky_index_grads(

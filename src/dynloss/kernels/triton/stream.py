@@ -715,11 +715,13 @@ def tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing):
     """``(1 - T, dT/dI, dT/dP)`` of the Tversky index ``T = (I + s) / (I + a (P - I) +
     b (G - I) + s)``, in the shared maths' operation order (a perfect prediction, ``P = G =
     I``, scores exactly 1 for any weights); ``c1 = 1 - a - b`` is the denominator's slope in
-    ``I``."""
+    ``I``. The slopes divide twice by the denominator ``D`` (``(1 - c1 N/D) / D`` and ``-a
+    (N/D) / D``): ``1 / D^2`` would overflow for a ``D`` near the smallest smoothing allowed
+    (a class absent and predicted absent), and the gradient turn NaN."""
     num = i + smoothing
     den = i + t_alpha * (p - i) + t_beta * (g - i) + smoothing
-    inv_sq = 1.0 / (den * den)
-    return 1.0 - num / den, (den - c1 * num) * inv_sq, -t_alpha * num * inv_sq
+    ratio = num / den
+    return 1.0 - ratio, (1.0 - c1 * ratio) / den, -t_alpha * ratio / den
 
 
 @triton.jit
