@@ -62,6 +62,11 @@ POOLED_CASES: list[tuple[str, Callable[..., torch.nn.Module], dict]] = [
     ("multiclass", IoULoss, {"mode": "multiclass", "reduction": "none"}),
     ("multilabel", TverskyLoss, {"mode": "multilabel", "alpha": 0.3, "beta": 0.7}),
     ("multiclass", TverskyLoss, {"mode": "multiclass", "ignore_index": 2, "backend": "reference"}),
+    # per-class weights and no background: formed from the pooled scores
+    ("multiclass", DiceLoss, {"mode": "multiclass", "weight": [0.0, 2.0, 0.5],
+                              "include_background": False}),
+    ("multilabel", IoULoss, {"mode": "multilabel", "weight": [3.0, 1.0, 0.25],
+                             "reduction": "none"}),
 ]
 
 
