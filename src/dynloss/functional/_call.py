@@ -188,9 +188,7 @@ def _chosen_classes(input: Tensor, target: Tensor, params: RegionParams,
     """Every class's score from the backend (``reduction="none"``), each class's loss times
     its ``class_weight``, class 0's left out without the background, then
     ``params.reduction``: the backends need not know of either."""
-    every = dataclasses.replace(params, reduction="none", include_background=True,
-                                class_weight=None)
-    scores = region_loss(input, target, every, need, plans)  # (C,) or (N, C)
+    scores = region_loss(input, target, _every_class(params), need, plans)  # (C,) or (N, C)
     classes = scores.shape[-1]
     if not params.include_background and classes < 2:
         raise ValueError(
@@ -207,6 +205,22 @@ def _chosen_classes(input: Tensor, target: Tensor, params: RegionParams,
                              f"input with C={classes}{also}; got {len(weights)}")
         scores = scores * _class_weights(weights, scores)
     return reduce(scores[..., first:], params.reduction)
+
+
+def _every_class(params: RegionParams) -> RegionParams:
+    """``params`` scoring every class, unweighted and unreduced (cached outside a compile,
+    whose tracer would warn of the cache: a call's parameters are built once per loss)."""
+    if torch.compiler.is_compiling():
+        return _scoring_every_class(params)
+    return _cached_every_class(params)
+
+
+def _scoring_every_class(params: RegionParams) -> RegionParams:
+    return dataclasses.replace(params, reduction="none", include_background=True,
+                               class_weight=None)
+
+
+_cached_every_class = functools.lru_cache(maxsize=256)(_scoring_every_class)
 
 
 def _class_weights(weights: tuple[float, ...], like: Tensor) -> Tensor:
