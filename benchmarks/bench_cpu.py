@@ -126,7 +126,7 @@ def time_candidates(candidates, logits, target, repeats, warmup, seed=0):
     """Per candidate, :func:`summarize` of its forward+backward calls. Candidates are
     interleaved, in a new (seeded) order every round: a call runs measurably slower right
     after some others (the allocator's state after freeing their temporaries), so a fixed
-    order would favour some."""
+    order would favour some; each run draws its seed (``main``)."""
     for fn in candidates.values():
         for _ in range(warmup):
             run_once(fn, logits, target)
@@ -172,6 +172,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES + EXTRA_LOSSES)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the candidates' order in each round (default: drawn "
+                             "afresh and recorded, so that runs see different orders)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output path without suffix (default: benchmarks/results/cpu, "
                              "or cpu_<losses> for a subset of the losses)")
@@ -188,6 +191,7 @@ def main(argv=None):
     if args.out is None:
         args.out = RESULTS / default_name(args.shape, args.losses)
 
+    seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     shape = tuple(args.shape)
     logits, target = make_inputs(shape)
     input_bytes = logits.numel() * logits.element_size()
@@ -204,6 +208,7 @@ def main(argv=None):
         "smp": _version("segmentation_models_pytorch") if HAVE_SMP else None,
         "monai": _version("monai") if HAVE_MONAI else None,
         "repeats": args.repeats,
+        "order_seed": seed,
         "sigmoid_ms": sig * 1e3,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": _commit(),
@@ -217,9 +222,11 @@ def main(argv=None):
     summaries = {}
     for name in args.losses:
         candidates = competitors(name)
-        timed = time_candidates(candidates, logits, target, args.repeats, args.warmup)
+        timed = time_candidates(candidates, logits, target, args.repeats, args.warmup,
+                                seed=seed)
         ours, _, _, ours_clean, _ = timed["dynloss[auto]"]
-        libraries = [timed[k][0] for k in ("smp", "monai") if k in timed]
+        peers = [k for k in ("smp", "monai") if k in timed]
+        libraries = [timed[k][0] for k in peers]
         best_library = min(libraries) if libraries else None
         clean_ratio = no_fault_ratio(timed, ours_clean)
         for label, (median, minimum, faults, clean, clean_count) in timed.items():
@@ -238,7 +245,8 @@ def main(argv=None):
         summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
         if best_library:
             ratios["vs_smp_monai"] = best_library / ours
-            summary += f" | {best_library / ours:5.2f}x faster than the faster of smp/MONAI"
+            ratios["peers"] = peers
+            summary += f" | {best_library / ours:5.2f}x faster than {_peers_label(peers)}"
         if clean_ratio is not None:
             ratios["vs_smp_monai_no_faults"] = clean_ratio
             summary += f" ({clean_ratio:.2f}x on calls without page faults)"
@@ -264,6 +272,22 @@ PEERS = {"vs_smp_monai": "the faster of smp/MONAI",
          "vs_nnunet": "nnU-Net's formulation (`torch.topk(sorted=False)`)"}
 
 
+def _peers_label(peers):
+    """"smp" where only smp has the loss, else "the faster of smp/MONAI"."""
+    names = {"smp": "smp", "monai": "MONAI"}
+    if len(peers) == 1:
+        return names[peers[0]]
+    return "the faster of " + "/".join(names[p] for p in peers)
+
+
+def _versus_label(key, ratios):
+    label = PEERS[key]
+    peers = ratios.get("peers")  # (summaries written before it: smp and MONAI)
+    if peers and key.startswith("vs_smp_monai"):
+        label = label.replace("the faster of smp/MONAI", _peers_label(peers))
+    return label
+
+
 def to_markdown(meta, rows, summaries=None):
     lines = [
         f"# CPU benchmark: forward + backward, shape {tuple(meta['shape'])} {meta['dtype']}",
@@ -272,7 +296,10 @@ def to_markdown(meta, rows, summaries=None):
         f"MONAI {meta['monai']}, dynloss {meta['dynloss']} ({meta.get('commit') or '?'}); "
         f"{meta['date']}, load average {meta.get('load_average')}. "
         f"`dynloss[auto]` ran the `{meta.get('auto_backend', '?')}` backend.",
-        f"Median of {meta['repeats']} runs. One `torch.sigmoid` pass over the input: "
+        f"Median of {meta['repeats']} runs"
+        + (f", candidates in a new order every round (order seed {meta['order_seed']})"
+           if meta.get("order_seed") is not None else "")
+        + ". One `torch.sigmoid` pass over the input: "
         f"{meta['sigmoid_ms']:.2f} ms. *dynloss speed-up*: this row's median over dynloss's. "
         "*saved*: tensors kept for backward beyond the caller's input and target, in multiples "
         "of the input's size. *kept*: memory dynloss keeps allocated between calls once the "
@@ -297,7 +324,7 @@ def to_markdown(meta, rows, summaries=None):
     if summaries:
         lines += ["", "Speed-up of `dynloss[auto]` (median over median):", ""]
         for name, ratios in summaries.items():
-            versus = [f"{ratios[key]:.2f}x over {label}" for key, label in PEERS.items()
+            versus = [f"{ratios[key]:.2f}x over {_versus_label(key, ratios)}" for key in PEERS
                       if key in ratios]
             lines.append(f"- {name}: {ratios['dynloss_ms']:.2f} ms; " + ", ".join(versus))
     return "\n".join(lines) + "\n"

@@ -221,7 +221,8 @@ def _smp(smp, loss: str, mode: str) -> Callable | None:
     if loss == "tversky":
         return L.TverskyLoss(mode, alpha=TVERSKY[0], beta=TVERSKY[1])
     if loss == "focal":
-        return L.FocalLoss(mode)
+        # smp's multiclass FocalLoss is a one-vs-rest sigmoid focal: another loss, not timed
+        return None if mode == "multiclass" else L.FocalLoss(mode)
     if loss == "bce":
         if mode == "multiclass":
             return L.SoftCrossEntropyLoss(smooth_factor=0.0)
@@ -243,6 +244,8 @@ def _monai(monai_losses, loss: str, mode: str) -> Callable | None:
     elif loss == "dice+bce":
         fn = monai_losses.DiceCELoss(batch=True, **kw)
     elif loss == "dice+focal":
+        if mc:  # its focal term is the sigmoid one-vs-rest one whatever softmax says: another
+            return None  # loss (its FocalLoss(use_softmax=True) above is the same terms)
         fn = monai_losses.DiceFocalLoss(batch=True, gamma=2.0, **kw)
     else:
         return None  # no BCE/TopK of its own (BCE is torch's)

@@ -182,3 +182,83 @@ def test_cpu_benchmark_counts_the_memory_dynloss_keeps_between_calls():
           "page_faults": 0, "no_fault_median_ms": 1.0, "no_fault_calls": 5}])
     assert "| dice | dynloss[auto] | 1.00 | 0.90 | 1.00x | 1.00 | 1.00 | 0 | 1.00 (5) |" in table
     assert "*kept*:" in table
+
+
+def _bench_cuda():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cuda",
+                                                  ROOT / "benchmarks" / "bench_cuda.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_cuda"] = bench  # (its dataclasses look their module up)
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_cuda"]
+    return bench
+
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_cuda_benchmark_peers_compute_the_same_loss(mode):
+    """Every peer the GPU benchmark times computes dynloss's loss (MONAI's multiclass focal:
+    the same terms averaged over the one-hot tensor, 1/C of it; nnU-Net's TopK: its count
+    rounded down): a library without the loss is not timed for it. smp's multiclass
+    FocalLoss (one-vs-rest sigmoid focal) and MONAI's multiclass DiceFocalLoss (whose focal
+    term is the sigmoid one whatever ``softmax`` says) are other losses and were timed as
+    if they were the same."""
+    import monai.losses
+    import segmentation_models_pytorch as smp
+
+    bench = _bench_cuda()
+    shape = (2, 4, 16, 16) if mode == "multiclass" else (2, 1, 16, 16)
+    x, t = bench.make_inputs(mode, shape, torch.float32, torch.device("cpu"))
+    timed = []
+    for loss in bench.LOSSES:
+        want = bench._dynloss(loss, mode, "reference")(x, t).item()
+        for impl in ("torch", "smp", "monai", "nnunet"):
+            fn = bench.implementation(impl, loss, mode, smp, monai.losses, "reference")
+            if fn is None:
+                continue
+            got = fn(x, t).item()
+            if impl == "monai" and loss == "focal" and mode == "multiclass":
+                got *= shape[1]
+            rtol = 1e-2 if impl == "nnunet" else 1e-5  # (a count of 307 or 308 of 512)
+            assert got == pytest.approx(want, rel=rtol), (loss, impl, got, want)
+            timed.append((loss, impl))
+    assert ("focal", "smp") in timed or mode == "multiclass"
+    assert ("dice", "monai") in timed and ("topk", "nnunet") in timed
+
+
+def test_cpu_benchmark_names_the_peers_it_compared_with():
+    """BCE has no MONAI loss: its ratio is against smp alone, and the table says so (it read
+    "the faster of smp/MONAI")."""
+    bench = _bench_cpu()
+    summaries = {"bce": {"dynloss_ms": 1.0, "vs_smp_monai": 3.0, "peers": ["smp"]},
+                 "dice": {"dynloss_ms": 1.0, "vs_smp_monai": 2.5, "peers": ["smp", "monai"]}}
+    table = bench.to_markdown(dict(TABLE_META), [], summaries)
+    assert "- bce: 1.00 ms; 3.00x over smp" in table
+    assert "- dice: 1.00 ms; 2.50x over the faster of smp/MONAI" in table
+
+
+def test_cpu_benchmark_draws_and_records_its_order_seed(tmp_path, monkeypatch):
+    """Every run drew the same orders of the candidates (seed 0), so the ranges over runs
+    never saw another order; a run now draws a seed, records it, and ``--seed`` replays it."""
+    bench = _bench_cpu()
+    seeds = []
+    real = bench.time_candidates
+
+    def spy(*args, seed, **kwargs):
+        seeds.append(seed)
+        return real(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(bench, "time_candidates", spy)
+    common = ["--shape", "1", "1", "4", "4", "--repeats", "2", "--warmup", "0", "--losses",
+              "bce"]
+    for run in range(2):
+        assert bench.main([*common, "--out", str(tmp_path / f"run{run}")]) in (None, 0)
+    assert bench.main([*common, "--seed", "123", "--out", str(tmp_path / "fixed")]) in (None, 0)
+    assert seeds[0] != seeds[1] and seeds[2] == 123
+    meta = json.loads((tmp_path / "fixed.json").read_text())["meta"]
+    assert meta["order_seed"] == 123
+    assert "order seed 123" in (tmp_path / "fixed.md").read_text()
