@@ -46,6 +46,7 @@ preflight() {
     command -v "$PY" >/dev/null 2>&1 || fail "no $PY"
     "$PY" -c "import torch, triton" 2>/dev/null || fail "$PY cannot import torch and triton"
     "$PY" -c "import pytest" 2>/dev/null || fail "$PY has no pytest"
+    "$PY" -m pip --version >/dev/null 2>&1 || fail "$PY has no pip (it installs the wheels)"
     if [ "$gpu" = 1 ]; then
         command -v nvidia-smi >/dev/null 2>&1 || fail "no nvidia-smi: not an NVIDIA GPU machine"
         "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
@@ -65,9 +66,15 @@ rm -rf /tmp/site
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/*.whl || fail "installing the wheels from .whl/ failed"
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import segmentation_models_pytorch, monai.losses" 2>&1 | tail -n 3
-"$PY" -c "import segmentation_models_pytorch, monai.losses" >/dev/null 2>&1 \
-    || fail "smp or MONAI does not import from /tmp/site (a dependency missing on this image?)"
+# a peer that does not import (a dependency missing on this image) is not fatal: the GPU time
+# is scarce, and bench_cuda.py then takes the copies in benchmarks/.vendor or leaves that
+# peer out, saying so in its report
+for module in segmentation_models_pytorch monai.losses; do
+    "$PY" -c "import $module" >/dev/null 2>&1 || {
+        echo "run_all_gpu: WARNING: $module does not import from /tmp/site:" >&2
+        "$PY" -c "import $module" 2>&1 | tail -n 3 >&2
+    }
+done
 mkdir -p benchmarks/results
 PYTHON="$PY" bash benchmarks/run_gpu.sh
 rc=$?
