@@ -6,7 +6,7 @@
 #   bash benchmarks/run_all_gpu.sh --check         # preflight only (works without a GPU)
 #
 # 1. Preflight, failing loudly and early: an NVIDIA GPU, a python3 with torch (CUDA) and
-#    Triton, pytest, the source tree, and the competitors' wheels in .whl/ (smp 0.6.0 and
+#    Triton, pytest, pip, the source tree, and the competitors' wheels in .whl/ (smp 0.6.0 and
 #    MONAI 1.6.1: the GPU machine has no registry and neither package); git-ignored, carry
 #    it: the device tool's `carry: [".whl"]`). Their dependencies (numpy, timm, torchvision,
 #    huggingface_hub, safetensors, pillow, tqdm) are on the GPU image.
