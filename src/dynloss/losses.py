@@ -550,7 +550,7 @@ class _RegionLoss(SegmentationLoss):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "weight":
             if isinstance(value, Tensor):  # read once, as the constructor does
-                value = check_region_weight(value, MULTILABEL_MODE)
+                value = check_region_weight(value, getattr(self, "mode", MULTILABEL_MODE))
             if isinstance(value, (list, tuple)) and not isinstance(value, _Weights):
                 value = _Weights(value, f"{type(self).__name__}.weight")
         super().__setattr__(name, value)
