@@ -135,6 +135,25 @@ def _one_line_error(capsys, argv):
     (["--experiment", "table2", "--pair", "dice", "focal"],
      "--pair applies only to --experiment demo, controls, switchpoints or adaptive; the chosen "
      "experiments (table2) do not read it"),
+    # --benchmark times training steps of each --loss: the grid's options were ignored
+    (["--benchmark", "--pair", "dice", "focal"],
+     "--pair does not apply with --benchmark: it times training steps of each --loss (default "
+     "iou, bce and iou+bce)"),
+    (["--benchmark", "--experiment", "table3"],
+     "--experiment does not apply with --benchmark: it times training steps of each --loss "
+     "(default iou, bce and iou+bce)"),
+    (["--benchmark", "--loss", "iou->bce@2", "--switch-epoch", "2"],
+     "--switch-epoch does not apply with --benchmark: it times training steps of each --loss "
+     "(default iou, bce and iou+bce)"),
+    (["--benchmark", "--seeds", "1", "2"],
+     "--seeds does not apply with --benchmark: it times training steps of each --loss (default "
+     "iou, bce and iou+bce)"),
+    (["--benchmark", "--epochs", "3"],
+     "--epochs does not apply with --benchmark: it times training steps of each --loss (default "
+     "iou, bce and iou+bce)"),
+    (["--benchmark", "--resume"],
+     "--resume does not apply with --benchmark: it times training steps of each --loss "
+     "(default iou, bce and iou+bce)"),
 ])
 def test_bad_options_are_one_line_naming_the_option(capsys, tmp_path, extra, message):
     assert _one_line_error(capsys, ["--out", str(tmp_path), *TINY, *extra]) == message

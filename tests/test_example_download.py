@@ -266,3 +266,35 @@ def test_an_empty_task10_folder_is_filled(tmp_path):
     (root / "Task10_Colon").mkdir(parents=True)
     data_dir = download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
     assert (data_dir / "dataset.json").exists()
+
+
+@pytest.mark.parametrize(("members", "message"), [
+    # a link inside Task10_Colon to a sibling of it: inside the extraction folder, outside the
+    # dataset once Task10_Colon is moved up
+    ([("Task10_Colon/dataset.json", "file", b"{}"), ("sibling", "file", b"x"),
+      ("Task10_Colon/link", "sym", "../sibling")],
+     "refusing the link 'Task10_Colon/link' -> '../sibling': it points outside Task10_Colon"),
+    # Task10_Colon itself a link to another folder of the archive (deleted with the temporary
+    # folder: the dataset would be a dangling link)
+    ([("real/dataset.json", "file", b"{}"), ("Task10_Colon", "sym", "real")],
+     "Task10_Colon is a link, not a folder"),
+])
+def test_fetch_task10_checks_links_against_the_dataset_folder(tmp_path, members, message):
+    """Links were checked against the temporary extraction folder, then Task10_Colon was
+    moved up a level: a link to its sibling (or the downloaded tar) then led outside the
+    dataset, and a Task10_Colon that was itself a link was returned as a success."""
+    src = _link_tar(tmp_path / "mirror.tar", members)
+    root = tmp_path / "data"
+    with pytest.raises(download.DownloadError) as info:
+        download.fetch_task10(root, url=src.as_uri(), md5=_md5(src), progress=False)
+    assert str(info.value) == f"{root / 'Task10_Colon.tar'}: {message}"
+    assert not (root / ".extract-tmp").exists() and not (root / "Task10_Colon").exists()
+
+
+def test_fetch_task10_keeps_links_inside_the_dataset(tmp_path):
+    src = _link_tar(tmp_path / "mirror.tar", [
+        ("Task10_Colon/dataset.json", "file", b"{}"), ("Task10_Colon/a/x", "file", b"x"),
+        ("Task10_Colon/latest", "sym", "a/x")])
+    data_dir = download.fetch_task10(tmp_path / "data", url=src.as_uri(), md5=_md5(src),
+                                     progress=False)
+    assert (data_dir / "latest").is_symlink() and (data_dir / "latest").read_bytes() == b"x"

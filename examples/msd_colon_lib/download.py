@@ -246,6 +246,30 @@ def safe_extract(
     return target
 
 
+def _check_dataset_links(extracted: Path) -> None:
+    """Raise ``ValueError`` if ``extracted`` (the Task10_Colon folder, to be moved out of the
+    extraction folder) is a link, or holds a link that leads outside it: :func:`safe_extract`
+    checked the links against the whole extraction folder, which also holds its siblings."""
+    if extracted.is_symlink():
+        raise ValueError("Task10_Colon is a link, not a folder")
+    if not extracted.is_dir():
+        return  # (the caller says that dataset.json is missing)
+    tree = _ArchiveTree(extracted.resolve())
+    for folder, names, files in os.walk(extracted):  # (links to folders are not entered)
+        here = Path(folder).relative_to(extracted).parts
+        for name in (*names, *files):
+            path = Path(folder, name)
+            if not path.is_symlink():
+                continue
+            linkname = os.readlink(path)
+            try:
+                tree.resolve(linkname, start=here)
+            except _Outside:
+                shown = "/".join(("Task10_Colon", *here, name))
+                raise ValueError(f"refusing the link {shown!r} -> {linkname!r}: it points "
+                                 "outside Task10_Colon") from None
+
+
 def _occupied(data_dir: Path) -> DownloadError:
     return DownloadError(f"{data_dir} exists without a dataset.json: move it away (or pass "
                          "--data-dir for a complete Task10_Colon) and download again")
@@ -290,6 +314,11 @@ def fetch_task10(
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{tar_path}: {error}") from error
     extracted = tmp / "Task10_Colon"
+    try:  # what is moved up is Task10_Colon: its links must stay inside it, not the tar's
+        _check_dataset_links(extracted)
+    except ValueError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{tar_path}: {error}") from None
     if not (extracted / "dataset.json").exists():
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{tar_path} does not contain Task10_Colon/dataset.json")

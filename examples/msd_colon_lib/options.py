@@ -56,6 +56,9 @@ READERS = {"--folds": ("table4",), "--switch-fractions": ("switchpoints",),
            "--adaptive-trigger": ("adaptive",),
            "--pair": ("demo", "controls", "switchpoints", "adaptive")}
 """The experiments that read each grid option: given without any of them, it is refused."""
+RUN_OPTIONS = (("--seeds", "seeds"), ("--epochs", "epochs"), ("--long-epochs", "long_epochs"),
+               ("--switch-epoch", "switch_epoch"), ("--switch-lr", "switch_lr"))
+"""Options of the training runs that ``--benchmark`` (which times steps) does not read."""
 PHANTOM_OPTIONS = (("--phantom-patients", "phantom_patients"), ("--phantom-size", "phantom_size"),
                    ("--phantom-slices", "phantom_slices"), ("--phantom-seed", "phantom_seed"))
 """Options of the generated phantom: given data (--data-dir, --download) do not read them."""
@@ -84,6 +87,8 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
                                if getattr(args, key, None) is not None]
     args.phantom_options_given = [option for option, key in PHANTOM_OPTIONS
                                   if getattr(args, key, None) is not None]
+    args.run_options_given = [option for option, key in RUN_OPTIONS
+                              if getattr(args, key, None) is not None]
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
@@ -282,6 +287,13 @@ def validate(args: argparse.Namespace) -> None:
     for option in getattr(args, "phantom_options_given", ()) if source else ():
         raise OptionsError(f"{option} applies only to the generated phantom; with {source} the "
                            "data are given")
+    if getattr(args, "benchmark", False):
+        ignored = [*getattr(args, "grid_options_given", ()),
+                   *getattr(args, "run_options_given", ()),
+                   *(["--resume"] if getattr(args, "resume", False) else [])]
+        for option in ignored:
+            raise OptionsError(f"{option} does not apply with --benchmark: it times training "
+                               "steps of each --loss (default iou, bce and iou+bce)")
     if args.loss:
         for option in getattr(args, "grid_options_given", ()):
             raise OptionsError(f"{option} does not apply with --loss: --loss runs exactly the "
