@@ -3,6 +3,7 @@ presets; training on every training slice (--val-fraction 0)."""
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 import urllib.error
@@ -501,3 +502,17 @@ def test_the_help_gives_each_default_once_and_never_none():
     assert "DataLoader worker processes (default: 0)" in flat  # a default of 0 is one
     for line in flat.split(" --")[1:]:
         assert line.count("(default") <= 1, line
+
+
+def test_the_report_says_which_runs_restarted_and_what_best_val_monitors(tmp_path):
+    """--switch-lr restart with runs that end before the restart epoch: the report claimed "at
+    epoch 1 of every other run, the LR returns to ..." though no run restarted; runs.csv's
+    best_val held the lowest training loss without saying that it monitors train_loss."""
+    out = tmp_path / "out"
+    msd_colon.main(["--out", str(out), *TINY, "--loss", "iou", "--loss", "bce", "--epochs",
+                    "1", "--switch-lr", "restart", "--val-fraction", "0"])
+    report = (out / "report.md").read_text()
+    assert "; 0 of 2 runs restarted here)" in report
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [row["monitor"] for row in rows] == ["train_loss", "train_loss"]
+    assert all(row["lr_restarts"] == "" for row in rows)

@@ -285,3 +285,20 @@ def test_the_qualitative_slice_is_named_by_its_patient(tmp_path, monkeypatch):
     assert f"The qualitative slice is test slice {k} ({patient}): of the " in text
     assert titles[-1].startswith(f"test slice {k} ({patient}), the test slice with the most "
                                  "tumour")
+
+
+def test_the_figures_show_every_kind_of_run_of_the_papers_grid():
+    """The figures of the paper's grid (Tables 1-3) showed single losses only in the
+    qualitative panels (six singles sorted first, then a stop at six) and switching runs only
+    in the loss curves (four, switches first): Fig. 3's stand-in held no switching run."""
+    from msd_colon_lib import experiments, figures
+
+    grid = experiments.plan(["table1", "table2", "table3"], seeds=[0], epochs=2,
+                            long_epochs=4, switch_epoch=2)
+    runs = [(spec, {}) for spec in grid]
+    panels = [experiments.kind(spec.loss) for spec in figures.qualitative_runs(runs)]
+    assert len(panels) == figures.QUALITATIVE_PANELS
+    assert {"single", "composite", "switch"} <= set(panels)
+    curves = [experiments.kind(spec.loss) for spec in figures.loss_curve_runs(runs)]
+    assert len(curves) == figures.LOSS_CURVE_PANELS
+    assert {"composite", "switch"} == set(curves)

@@ -12,6 +12,10 @@ import numpy as np
 from .experiments import RunSpec, kind
 
 REGION = ("dice", "iou", "jaccard", "tversky")
+LOSS_CURVE_PANELS = 6
+"""Switching and composite losses in the loss-curve figure (one panel each, kinds in turn)."""
+QUALITATIVE_PANELS = 6
+"""Predictions in the qualitative figure (single, composite and switching losses in turn)."""
 
 
 def unique(runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> list[tuple[RunSpec, dict[str, Any]]]:
@@ -20,6 +24,43 @@ def unique(runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> list[tuple[RunSpec
     for spec, res in runs:
         seen.setdefault(spec.name, (spec, res))
     return list(seen.values())
+
+
+def _in_turn(runs: Sequence[tuple[RunSpec, dict[str, Any]]], kinds: Sequence[str],
+             limit: int) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """Up to ``limit`` runs, the first of each loss, taken from ``kinds`` in turn (so that
+    every kind the grid ran is shown, however many losses one kind has)."""
+    queues: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {k: [] for k in kinds}
+    seen = set()
+    for spec, res in unique(runs):
+        if kind(spec.loss) in queues and spec.loss not in seen:
+            seen.add(spec.loss)
+            queues[kind(spec.loss)].append((spec, res))
+    chosen = []
+    for group in itertools.zip_longest(*queues.values()):
+        chosen.extend(run for run in group if run is not None)
+    return chosen[:limit]
+
+
+def loss_curve_runs(runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> list[RunSpec]:
+    """The runs whose loss curves are drawn (:func:`plot_loss_curves`)."""
+    return [spec for spec, _ in _in_turn(runs, ("switch", "composite"), LOSS_CURVE_PANELS)]
+
+
+def qualitative_runs(runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> list[RunSpec]:
+    """The runs whose predictions are shown (:func:`plot_qualitative`), Table 4's aside."""
+    runs = [(spec, res) for spec, res in runs if spec.table != "table4"]
+    return [spec for spec, _ in _in_turn(runs, ("single", "composite", "switch"),
+                                         QUALITATIVE_PANELS)]
+
+
+def _has_slice(res: dict[str, Any], slice_index: int) -> bool:
+    """Whether the run saved its prediction of test slice ``slice_index``."""
+    file = Path(res["_dir"]) / "predictions.npz" if "_dir" in res else None
+    if file is None or not file.exists():
+        return False
+    with np.load(file) as z:
+        return f"slice_{slice_index}" in z
 
 
 def _term_series(history: list[dict], name: str) -> np.ndarray:
@@ -32,7 +73,8 @@ def _switch_epochs(history: list[dict]) -> list[int]:
 
 
 def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]]) -> bool:
-    """Per-term training loss of switching and composite runs (first seed/fold of each).
+    """Per-term training loss of switching and composite runs (first seed/fold of each; up to
+    :data:`LOSS_CURVE_PANELS`, the two kinds in turn).
 
     Region and distribution terms live on different scales (0.3-1 vs < 0.01), so they get
     separate axes: region terms on the top row (linear), distribution terms on the bottom row
@@ -44,12 +86,7 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]])
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = unique(runs)
-    chosen: dict[str, tuple[RunSpec, dict]] = {}
-    for spec, res in runs:
-        if kind(spec.loss) in ("switch", "composite") and spec.loss not in chosen:
-            chosen[spec.loss] = (spec, res)
-    chosen_list = sorted(chosen.values(), key=lambda sr: kind(sr[0].loss) != "switch")[:4]
+    chosen_list = _in_turn(runs, ("switch", "composite"), LOSS_CURVE_PANELS)
     if not chosen_list:
         return False
     n = len(chosen_list)
@@ -113,29 +150,21 @@ def plot_loss_curves(path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]])
 def plot_qualitative(
     path: Path, runs: Sequence[tuple[RunSpec, dict[str, Any]]], store: Any, slice_index: int
 ) -> bool:
-    """Image, ground truth and the predictions of single, composite and switching runs."""
+    """Image, ground truth and the predictions of single, composite and switching runs (up to
+    :data:`QUALITATIVE_PANELS`, the kinds in turn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = []
-    seen = set()
-    order = {"single": 0, "composite": 1, "switch": 2}
-    for spec, res in sorted(unique(runs), key=lambda sr: order[kind(sr[0].loss)]):
-        if spec.table == "table4" or spec.loss in seen:
-            continue
-        file = Path(res["_dir"]) / "predictions.npz" if "_dir" in res else None
-        if file is None or not file.exists():
-            continue
-        with np.load(file) as z:
-            key = f"slice_{slice_index}"
-            if key not in z:
-                continue
-            panels.append((spec.loss, np.asarray(z[key], dtype=np.float32)))
-        seen.add(spec.loss)
-        if len(panels) == 6:
-            break
+    # runs whose predictions file lacks the slice are passed over (the next of their kind)
+    with_slice = [(spec, res) for spec, res in runs if spec.table != "table4"
+                  and _has_slice(res, slice_index)]
+    for spec, res in _in_turn(with_slice, ("single", "composite", "switch"),
+                              QUALITATIVE_PANELS):
+        with np.load(Path(res["_dir"]) / "predictions.npz") as z:
+            panels.append((spec.loss, np.asarray(z[f"slice_{slice_index}"], dtype=np.float32)))
     if not panels:
         return False
     image = np.asarray(store.images[slice_index], dtype=np.float32)

@@ -107,8 +107,8 @@ def write_csv(path: Path, runs: Runs) -> None:
     """One row per run and report section (a run serving two sections has two rows)."""
     fields = ["run", "section", "loss", "kind", "seed", "fold", "epochs", "n_train", "n_val",
               "n_test", *[f"test_{k}" for k in METRIC_KEYS], "predicted_pixels",
-              "tumour_pixels", "collapsed", "switched_at", "lr_restarts", "best_val",
-              "best_epoch", "train_seconds"]
+              "tumour_pixels", "collapsed", "switched_at", "lr_restarts", "monitor",
+              "best_val", "best_epoch", "train_seconds"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -127,6 +127,7 @@ def write_csv(path: Path, runs: Runs) -> None:
                 "switched_at": "never" if never_switched(spec, res)
                 else "" if switched_at(res) is None else switched_at(res),
                 "lr_restarts": " ".join(map(str, res.get("lr_restarts") or [])),
+                "monitor": res.get("monitor", ""),  # what best_val is the best of
                 "best_val": res["best_val"], "best_epoch": res.get("best_epoch", ""),
                 "train_seconds": round(sum(h["seconds"] for h in res["history"]), 2),
             })
@@ -518,7 +519,7 @@ def write_report(
         "## Files",
         "",
         "- `runs.csv`: one row per run and report section (all metrics, predicted and true "
-        "tumour pixels, switch epoch, LR restarts).",
+        "tumour pixels, switch epoch, LR restarts, the monitored value and its best).",
         "- `runs/<loss>/e<epochs>/<seed|fold>/`: `config.json` (options and fingerprint), "
         "`log.jsonl` (per epoch: active stage, each loss term, LR, validation metrics), "
         "`last.pt`, `best.pt`, `result.json`. A run used by several sections is trained once.",

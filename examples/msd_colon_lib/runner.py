@@ -322,7 +322,8 @@ def _remove_previous_report(out: Path) -> None:
 
 
 def trained_seeds(grid: list[experiments.RunSpec]) -> list[int]:
-    """The seeds the grid's runs train with (Table 4's cross-validation: seed 0 only)."""
+    """The seeds the grid's runs train with (Table 4's cross-validation: the first of
+    ``--seeds`` only, its folds being its repeats)."""
     return sorted({spec.seed for spec in grid})
 
 
@@ -352,9 +353,11 @@ def _write_report(args: argparse.Namespace, out: Path,
     mode = "min" if args.monitor == "train_loss" else "max"
     val = (f"{args.val_fraction} of the training set held out for validation"
            if args.val_fraction else "none (all training slices are trained on)")
+    restarted = sum(1 for _, res in results if res.get("lr_restarts"))
     restart = ("**restart**: at the loss switch of a switching run, and at epoch "
-               f"{args.switch_epoch} of every other run, the LR returns to {args.lr} and the "
-               "plateau history is forgotten (the same warm restart in every arm)"
+               f"{args.switch_epoch} of every other run that trains beyond it, the LR returns "
+               f"to {args.lr} and the plateau history is forgotten (the same warm restart in "
+               f"every arm; {restarted} of {len(results)} runs restarted here)"
                if args.switch_lr == "restart" else
                "**keep**: nothing happens to the LR or the scheduler at the switch (the paper "
                "describes no LR change)")
