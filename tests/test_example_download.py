@@ -298,3 +298,17 @@ def test_fetch_task10_keeps_links_inside_the_dataset(tmp_path):
     data_dir = download.fetch_task10(tmp_path / "data", url=src.as_uri(), md5=_md5(src),
                                      progress=False)
     assert (data_dir / "latest").is_symlink() and (data_dir / "latest").read_bytes() == b"x"
+
+
+def test_a_cached_tar_that_fails_its_md5_is_downloaded_again_saying_why(tmp_path, capsys):
+    """A damaged tar left from an earlier download was replaced by a new 5.8 GB download
+    without a word."""
+    src = _task10_tar(tmp_path / "mirror.tar")
+    dest = tmp_path / "data" / "Task10_Colon.tar"
+    dest.parent.mkdir()
+    dest.write_bytes(b"half a download")
+    got = download.download(src.as_uri(), dest, md5=_md5(src), progress=False)
+    assert got.read_bytes() == src.read_bytes()
+    err = capsys.readouterr().err
+    assert err.strip() == (f"{dest} does not match its md5 (a damaged or partial download): "
+                           "downloading it again")

@@ -224,6 +224,9 @@ def encoder_files(tmp_path_factory):
     torch.save(encoder, root / "module.pt")  # the whole module, not its state_dict
     (root / "empty.pt").write_bytes(b"")
     torch.save(torch.zeros(3), root / "tensor.pt")
+    (root / "notes.txt").write_text("encoder weights: see the wiki\n")
+    other = smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=1).encoder
+    torch.save(other.state_dict(), root / "resnet18.pt")  # another encoder's state_dict
     return root
 
 
@@ -232,6 +235,11 @@ def encoder_files(tmp_path_factory):
                   "torch.save(model, path); save model.encoder.state_dict() instead"),
     ("empty.pt", "the file is empty"),
     ("tensor.pt", "it holds a Tensor, not a state_dict of parameter names and tensors"),
+    # a text file was "KeyError: 101"; another encoder's weights were cut to "Error(s) in
+    # loading state_dict for EfficientNetEncoder:", without the keys
+    ("notes.txt", "not a file saved by torch.save"),
+    ("resnet18.pt", "its keys are another model's: 358 of the encoder's are missing (e.g. "
+                    "'_conv_stem.weight') and 120 are not the encoder's (e.g. 'conv1.weight')"),
 ])
 def test_encoder_weights_that_are_no_state_dict_are_one_line(capsys, tmp_path, encoder_files,
                                                               name, reason):

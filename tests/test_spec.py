@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -709,3 +711,11 @@ def test_build_loss_takes_the_names_of_custom_triggers_and_schedules() -> None:
         build_loss("dice", names={"é": Below})
     with pytest.raises(ValueError, match="names: 'shared' is a built-in name"):
         build_loss("dice", names={"shared": Below})
+
+
+def test_an_unknown_trigger_is_named_among_the_triggers():
+    """A misspelt trigger after '@' listed the known *losses*."""
+    with pytest.raises(SpecError, match=re.escape(
+            "unknown trigger 'platoo'; did you mean 'plateau'? (after '@': an epoch, or one of "
+            "milestone, plateau, relative_improvement) (at position 9)")):
+        build_loss("iou->bce@platoo(patience=2)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -56,8 +57,11 @@ def download(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and (md5 is None or md5sum(dest, progress=progress) == md5):
-        return dest
+    if dest.exists():
+        if md5 is None or md5sum(dest, progress=progress) == md5:
+            return dest
+        print(f"{dest} does not match its md5 (a damaged or partial download): downloading it "
+              "again", file=sys.stderr)
     part = dest.with_name(dest.name + ".part")
     digest = hashlib.md5(usedforsecurity=False)
     try:

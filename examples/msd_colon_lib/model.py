@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -78,15 +79,32 @@ def _load_encoder_state(module: torch.nn.Module, path: str, encoder: str) -> Non
     except EOFError as error:
         empty = os.path.getsize(path) == 0
         raise refuse("the file is empty" if empty else "the file is truncated") from error
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise refuse(first_line(error)) from error
+    except (OSError, RuntimeError, ValueError, LookupError, TypeError, AttributeError) as error:
+        # (torch's unpickler meets a text file, say, with an IndexError or a KeyError)
+        saved = zipfile.is_zipfile(path)
+        raise refuse(first_line(error) if saved else "not a file saved by torch.save"
+                     ) from error
     if not isinstance(state, Mapping):
         raise refuse(f"it holds a {type(state).__name__}, not a state_dict of parameter names "
                      "and tensors")
+    own = module.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if missing or unexpected:
+        raise refuse(f"its keys are another model's: {len(missing)} of the encoder's are "
+                     f"missing{_example(missing)} and {len(unexpected)} are not the "
+                     f"encoder's{_example(unexpected)}")
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise refuse(first_line(error)) from error
+        # torch's message opens with "Error(s) in loading state_dict for ...:", then the
+        # mismatches (a parameter's shape, say): the first of those says what is wrong
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise refuse(details[0] if details else first_line(error)) from error
+
+
+def _example(keys: list[str]) -> str:
+    return f" (e.g. {keys[0]!r})" if keys else ""
 
 
 @torch.no_grad()

@@ -372,6 +372,8 @@ class _Parser:
                 f"expected a switch epoch (an integer) or a trigger such as plateau(patience=5) "
                 f"after '@'; found {_describe(token)}"
             )
+        if token.text not in self.names and token.text != "shared":
+            raise self.unknown_trigger(token)
         value = self.factor()
         if not isinstance(value, Trigger):
             raise self.error(
@@ -379,6 +381,17 @@ class _Parser:
                 "plateau, relative_improvement", token.pos,
             )
         return value
+
+    def unknown_trigger(self, token: _Token) -> SpecError:
+        """The error for an unknown name after '@': among the triggers, not the losses."""
+        triggers = ("milestone", "plateau", "relative_improvement")
+        close = difflib.get_close_matches(
+            token.text, [*triggers, "Milestone", "Plateau", "RelativeImprovement"], n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        own = (f"; a class of your own is named with build_loss(spec, names={{{token.text!r}: "
+               f"{token.text}}})" if token.text[:1].isupper() and not close else "")
+        return self.error(f"unknown trigger {token.text!r}{hint} (after '@': an epoch, or one "
+                          f"of {', '.join(triggers)}){own}", token.pos)
 
     def sum_expr(self) -> Any:
         start = self.token.pos
