@@ -516,3 +516,21 @@ def test_the_report_says_which_runs_restarted_and_what_best_val_monitors(tmp_pat
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert [row["monitor"] for row in rows] == ["train_loss", "train_loss"]
     assert all(row["lr_restarts"] == "" for row in rows)
+
+
+def test_a_missing_data_dir_is_named_before_the_encoder_weights_load(capsys, tmp_path,
+                                                                     monkeypatch):
+    """With real data the preset loads ImageNet weights; offline, a mistyped --data-dir was
+    reported as the weights' network error (they loaded before the folder was read)."""
+    from msd_colon_lib import model
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the weights were loaded before --data-dir was checked")
+
+    monkeypatch.setattr(model, "build_model", offline)
+    missing = tmp_path / "Task10_Colon"
+    error = _one_line_error(capsys, ["--out", str(tmp_path / "out"), *TINY_DATA,
+                                     "--data-dir", str(missing)])
+    assert error == (f"{missing / 'dataset.json'} not found: --data-dir must be the "
+                     "Task10_Colon folder (the one holding dataset.json, imagesTr/ and "
+                     "labelsTr/)")

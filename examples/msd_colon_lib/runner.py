@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import experiments, outlock, splits
-from .data import HU_WINDOW, SliceStore, build_slice_store, open_store
+from .data import HU_WINDOW, SliceStore, build_slice_store, open_store, read_cases
 from .distributed import Dist, barrier, broadcast, maybe_destroy, resolve_device, setup_distributed
 from .errors import ExampleError, OptionsError
 from .options import PRESETS, apply_preset, check_device, validate
@@ -264,6 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         if d.main and not args.benchmark:  # (a benchmark writes benchmark.md only)
             _remove_previous_report(out)
+        if args.data_dir:  # a mistyped folder, named before the weights' download can fail
+            on_main(d, lambda: read_cases(args.data_dir))
         on_main(d, lambda: _check_encoder_weights(args))
         store, synthetic = prepare_data(args, d, out)
         if args.benchmark:
