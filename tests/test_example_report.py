@@ -38,9 +38,9 @@ DEMO = [
 def test_warnings_of_the_demo_grid():
     assert warnings(DEMO, {"experiments": ["demo"]}) == [
         "- **Unequal training budgets.** The single losses (Table 1) trained for 3 epochs, the "
-        "composite and switching runs for 6: 3 of 6 epochs, as in the paper. Tables 1 and 3 are "
-        "not a controlled comparison of the losses; `--experiment controls` trains them for the "
-        "same budget.",
+        "composite and switching runs for 6: 3 of 6 epochs, as in the paper. Tables 1, 2 and 3 "
+        "are not a controlled comparison of the losses; `--experiment controls` trains them for "
+        "the same budget.",
         "- **Collapsed model:** `bce` (seed 0, 3 epochs) predicted 0 tumour pixels on the test "
         "set, which holds 321. Its per-slice Dice 0.8912 only counts the slices without tumour "
         "(scored 1); read its global and per-patient columns.",
@@ -60,6 +60,12 @@ def test_no_budget_warning_for_equal_budgets_and_controls_named_when_run():
         with_controls, {"experiments": ["demo", "controls"]})[0]
     # --loss runs: no "not run" list (nothing was asked for but these specs)
     assert not any("Not run" in w for w in warnings(DEMO, {"experiments": ["--loss"]}))
+    # the tables that ran are named; with --loss (which refuses --experiment) the control is
+    # a single loss trained as long
+    composite_only = [DEMO[0], DEMO[2]]
+    assert warnings(composite_only, {"experiments": ["--loss"]})[0].endswith(
+        "Tables 1 and 2 are not a controlled comparison of the losses; a single loss trained "
+        "for 6 epochs too (`--loss iou --epochs 6`) is the control.")
 
 
 def test_report_puts_the_warnings_before_the_setup(tmp_path):

@@ -379,14 +379,22 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
     single = sorted({s.epochs for s, _ in runs if s.table == "table1"})
     others = sorted({s.epochs for s, _ in runs if s.table in ("table2", "table3", "table4")})
     if single and others and max(single) < max(others):
-        follow = ("the Controls section below trains them for the same budget"
-                  if "controls" in sections else
-                  "`--experiment controls` trains them for the same budget")
+        if "controls" in sections:
+            follow = "the Controls section below trains them for the same budget"
+        elif context.get("experiments") == ["--loss"]:  # (--experiment is refused with it)
+            first = next(s.loss for s, _ in runs if s.table == "table1")
+            follow = (f"a single loss trained for {max(others)} epochs too (`--loss {first} "
+                      f"--epochs {max(others)}`) is the control")
+        else:
+            follow = "`--experiment controls` trains them for the same budget"
+        numbers = ["1", *sorted({s.table[-1] for s, _ in runs
+                                 if s.table in ("table2", "table3", "table4")})]
+        named = f"{', '.join(numbers[:-1])} and {numbers[-1]}"
         out.append(
             f"- **Unequal training budgets.** The single losses (Table 1) trained for "
             f"{'/'.join(map(str, single))} epochs, the composite and switching runs for "
             f"{'/'.join(map(str, others))}: {min(single)} of {max(others)} epochs, as in the "
-            f"paper. Tables 1 and 3 are not a controlled comparison of the losses; {follow}."
+            f"paper. Tables {named} are not a controlled comparison of the losses; {follow}."
         )
     for spec, res in unique(runs):
         if collapsed(res):
