@@ -308,3 +308,36 @@ def test_the_figures_show_every_kind_of_run_of_the_papers_grid():
     curves = [experiments.kind(spec.loss) for spec in figures.loss_curve_runs(runs)]
     assert len(curves) == figures.LOSS_CURVE_PANELS
     assert {"composite", "switch"} == set(curves)
+
+
+def test_a_paper_preset_with_other_settings_says_so():
+    """A `paper` run with overrides (32x32 images, one epoch) printed the paper's 50-epoch
+    numbers beside its own with no word that its protocol differs."""
+    context = {"experiments": ["table1"], "preset": "paper",
+               "deviations": ["--image-size 32 (the paper's 256)", "--epochs 1 (50)"]}
+    equal = [(RunSpec("table1", "iou", 1, 0), _res())]
+    assert warnings(equal, context)[0] == (
+        "- **Not the paper's protocol:** --image-size 32 (the paper's 256), --epochs 1 (50): "
+        "the paper's numbers beside these runs are not a like-for-like comparison.")
+    assert not any("protocol" in w for w in warnings(equal, {**context, "deviations": []}))
+
+
+def test_the_deviations_from_the_paper_preset_are_the_options_changed():
+    import argparse
+
+    from msd_colon_lib.options import apply_preset
+    from msd_colon_lib.runner import paper_deviations
+
+    args = argparse.Namespace(
+        data_dir="x", download=False, preset="paper", image_size=32, batch_size=None,
+        lr=None, epochs=1, long_epochs=None, experiment=None, seeds=None, folds=None,
+        plateau_patience=None, precise_bn=None, val_fraction=None, encoder_weights="none",
+        switch_epoch=None, switch_lr=None, monitor=None, pair=None, switch_fractions=None,
+        phantom_patients=None, phantom_size=None, phantom_slices=None, phantom_seed=None,
+        adaptive_trigger="plateau(patience=5)")
+    apply_preset(args)
+    assert paper_deviations(args) == ["--image-size 32 (the paper's 256)",
+                                      "--epochs 1 (the paper's 50)",
+                                      "--encoder-weights none (the paper's imagenet)"]
+    args.preset = "demo"
+    assert paper_deviations(args) == []

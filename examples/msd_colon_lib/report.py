@@ -375,6 +375,10 @@ def _adaptive_section(runs: Runs) -> list[str]:
 def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
     """The warnings above the tables (markdown bullet lines; empty: none)."""
     out = []
+    deviations = context.get("deviations")
+    if deviations:
+        out.append(f"- **Not the paper's protocol:** {', '.join(deviations)}: the paper's "
+                   "numbers beside these runs are not a like-for-like comparison.")
     sections = {s.table for s, _ in runs}
     single = sorted({s.epochs for s, _ in runs if s.table == "table1"})
     others = sorted({s.epochs for s, _ in runs if s.table in ("table2", "table3", "table4")})

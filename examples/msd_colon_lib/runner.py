@@ -323,6 +323,26 @@ def _remove_previous_report(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def paper_deviations(args: argparse.Namespace) -> list[str]:
+    """With the ``paper`` preset, the options whose values differ from the paper's protocol
+    (``--image-size 32 (the paper's 256)``, ...); the experiments chosen are not one."""
+    if args.preset != "paper":
+        return []
+    out = []
+    for key, paper in PRESETS["paper"].items():
+        value = getattr(args, key, paper)
+        if key == "experiment" or value == paper:
+            continue
+        out.append(f"--{key.replace('_', '-')} {_as_option(value)} (the paper's "
+                   f"{_as_option(paper)})")
+    return out
+
+
+def _as_option(value: Any) -> str:
+    """An option's value as it is typed (a list: its items separated by spaces)."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def trained_seeds(grid: list[experiments.RunSpec]) -> list[int]:
     """The seeds the grid's runs train with (Table 4's cross-validation: the first of
     ``--seeds`` only, its folds being its repeats)."""
@@ -395,6 +415,7 @@ def _write_report(args: argparse.Namespace, out: Path,
     context = {
         "epochs": args.epochs, "long_epochs": args.long_epochs,
         "switch_epoch": args.switch_epoch, "preset": args.preset,
+        "deviations": paper_deviations(args),
         "experiments": experiments.expand(args.experiment) if not args.loss else ["--loss"],
     }
     return write_report(out, results, setup=setup, store=store,
