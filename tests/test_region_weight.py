@@ -70,6 +70,11 @@ def test_equals_monai(batch, include_background):
                           smooth_nr=1e-5, smooth_dr=1e-5)
     ours = DiceLoss("multiclass", weight=weights, per_image=not batch, smooth=0.5e-5, eps=0.0,
                     include_background=include_background)
+    _assert_equals_monai(ours, monai, logits, target)
+
+
+def _assert_equals_monai(ours, monai, logits, target):
+    """Values and gradients of ``ours(x, target)`` and MONAI's ``monai(x, target[:, None])``."""
     x, xm = (logits.clone().requires_grad_() for _ in range(2))
     got, want = ours(x, target), monai(xm, target.unsqueeze(1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -85,12 +90,7 @@ def test_monai_dice_ce_with_weight():
     monai = MonaiDiceCELoss(softmax=True, to_onehot_y=True, weight=torch.tensor(w))
     ours = CompositeLoss([DiceLoss("multiclass", weight=w, per_image=True, smooth=0.5e-5, eps=0),
                           BCELoss("multiclass", weight=w)])
-    x, xm = (logits.clone().requires_grad_() for _ in range(2))
-    got, want = ours(x, target), monai(xm, target.unsqueeze(1))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(x.grad, xm.grad, rtol=1e-4, atol=1e-8)
+    _assert_equals_monai(ours, monai, logits, target)
     # a weighted region term is computed on its own (no fused pass)
     assert ours._fused_params([1.0, 1.0]) is None
 

@@ -185,9 +185,8 @@ def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
 def _papers_switch_point(spec: Any) -> bool:
     """Whether a switching run switches where the paper's Table 3 runs do: at one fixed epoch,
     half of the run (50 of 100; the demo's 3 of 6), not by a trigger nor elsewhere."""
-    points = [part.split("->")[0].split("+")[0] for part in spec.loss.split("@")[1:]]
-    return (len(points) == 1 and points[0].strip().isdigit()
-            and 2 * int(points[0]) == spec.epochs)
+    at = switch_at(spec.loss)  # (of several stages: not digits alone)
+    return at.isdigit() and 2 * int(at) == spec.epochs
 
 
 def _missing(value: Any) -> bool:
