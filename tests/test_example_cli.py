@@ -480,6 +480,33 @@ def test_an_unavailable_cuda_device_is_one_line_before_any_work(capsys, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("device, local_rank, count, message", [
+    ("cuda:1", 0, 2, "--device cuda:1 under torchrun (WORLD_SIZE=2) would put every rank on "
+                     "cuda:1; use --device cuda (rank LOCAL_RANK takes cuda:LOCAL_RANK) and "
+                     "choose the GPUs with CUDA_VISIBLE_DEVICES"),
+    ("cuda", 1, 1, "--device cuda under torchrun: LOCAL_RANK=1 but this machine has 1 CUDA "
+                   "device(s); start at most 1 process(es) per node (torchrun "
+                   "--nproc-per-node)"),
+    ("auto", 1, 1, "--device auto under torchrun: LOCAL_RANK=1 but this machine has 1 CUDA "
+                   "device(s); start at most 1 process(es) per node (torchrun "
+                   "--nproc-per-node)"),
+])
+def test_a_torchrun_launch_refuses_a_device_every_rank_would_share(
+        capsys, tmp_path, monkeypatch, device, local_rank, count, message):
+    """Under torchrun, --device cuda:1 put every rank on cuda:1 (the index won over
+    LOCAL_RANK), and a LOCAL_RANK past the last GPU failed deep in NCCL's set-up."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    argv = ["--out", str(tmp_path), *TINY, "--loss", "iou", "--epochs", "1"]
+    assert _one_line_error(capsys, [*argv, "--device", device]) == message
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_closing_note_of_a_phantom_data_dir_names_the_data_dir(capsys, tmp_path, task10):
     """With --data-dir <a phantom> the last line said "no --data-dir/--download given"."""
     msd_colon.main(["--out", str(tmp_path), *TINY_DATA, "--data-dir", str(task10), "--loss",

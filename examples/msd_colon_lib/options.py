@@ -323,9 +323,20 @@ def validate(args: argparse.Namespace) -> None:
 def check_device(args: argparse.Namespace) -> None:
     """``--device`` names a device this machine has (checked before any work, after
     ``--dry-run``, which only lists the runs: they may be meant for another machine)."""
+    import os
+
     import torch
 
-    if not args.device.startswith("cuda"):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.device.startswith("cuda:"):
+        # torchrun gives each rank its GPU by LOCAL_RANK; an index would be every rank's
+        raise OptionsError(f"--device {args.device} under torchrun (WORLD_SIZE={world}) would "
+                           f"put every rank on {args.device}; use --device cuda (rank "
+                           "LOCAL_RANK takes cuda:LOCAL_RANK) and choose the GPUs with "
+                           "CUDA_VISIBLE_DEVICES")
+    wants_cuda = args.device.startswith("cuda") or (
+        args.device == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
         return
     if not torch.cuda.is_available():
         raise OptionsError(f"--device {args.device}: CUDA is not available on this machine; use "
@@ -335,3 +346,8 @@ def check_device(args: argparse.Namespace) -> None:
     if index >= count:
         raise OptionsError(f"--device {args.device}: this machine has {count} CUDA device(s), "
                            f"cuda:0 .. cuda:{count - 1}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and local_rank >= count:
+        raise OptionsError(f"--device {args.device} under torchrun: LOCAL_RANK={local_rank} but "
+                           f"this machine has {count} CUDA device(s); start at most {count} "
+                           "process(es) per node (torchrun --nproc-per-node)")
