@@ -302,6 +302,26 @@ def test_reduce_mean_rejects_non_scalars() -> None:
         reduce_mean("0.5")
 
 
+def test_a_numpy_array_of_one_real_value_is_a_metric() -> None:
+    """A 0-d NumPy array (``np.asarray(score)``, what some metric libraries return) was
+    refused as "not a number", while a one-element tensor was accepted."""
+    np = pytest.importorskip("numpy")
+    from dynloss import SwitchingLoss
+    from dynloss.distributed import metric_value
+    from dynloss.schedules import Plateau
+
+    assert metric_value(np.array(0.25)) == 0.25 and reduce_mean(np.array([3])) == 3.0
+    assert metric_value(np.array([[1.5]], dtype=np.float32)) == 1.5
+    for bad, words in [(np.array(True), "bool"), (np.array([0.5, 1.0]), r"shape \(2,\)"),
+                       (np.array(1 + 2j), "complex128"), (np.array("0.5"), "<U3")]:
+        with pytest.raises(ValueError, match=f"metric \\(the monitored value\\).*{words}"):
+            metric_value(bad)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=1))
+    for value in (1.0, 1.0, 1.0):
+        loss.step(metric=np.array(value))
+    assert loss.active_index == 1
+
+
 def test_ddp_pool_is_exact_without_a_process_group() -> None:
     logits, target = _batch("binary")
     torch.testing.assert_close(DiceLoss(ddp_pool=True)(logits, target),

@@ -159,11 +159,11 @@ def _collective_device(value: object) -> torch.device:
 
 def check_metric(value: object) -> None:
     """Raise unless ``value`` is a monitored value: a real number (a Python or NumPy int or
-    float, not a bool) or a one-element tensor.
+    float, not a bool), a one-element tensor or a one-element NumPy array of ints or floats.
 
     Raises:
-        ValueError: anything else (a string, a bool, a tensor of several elements, of a bool
-            or complex dtype, or on the meta device).
+        ValueError: anything else (a string, a bool, a tensor or array of several elements,
+            of a bool, complex or other dtype, or on the meta device).
 
     Examples:
         >>> import torch
@@ -186,11 +186,26 @@ def check_metric(value: object) -> None:
         if value.is_meta:
             raise ValueError("metric (the monitored value) must hold a value; got a tensor on "
                              "the meta device")
+    elif _is_numpy_array(value):
+        size, dtype = value.size, value.dtype  # type: ignore[attr-defined]
+        if size != 1:
+            raise ValueError(f"metric (the monitored value) must be a scalar; got shape "
+                             f"{tuple(value.shape)}")  # type: ignore[attr-defined]
+        if dtype.kind not in "iuf":
+            raise ValueError(f"metric (the monitored value) must be a real number; got an "
+                             f"array of dtype {dtype}")
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"metric (the monitored value) must be a number or a scalar tensor; got "
             f"{type(value).__name__} {value!r}"
         )
+
+
+def _is_numpy_array(value: object) -> bool:
+    """Whether ``value`` is a NumPy ndarray (without importing NumPy, an optional
+    dependency)."""
+    kind = type(value)
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
 
 
 def metric_value(value: object) -> float:
@@ -203,7 +218,9 @@ def metric_value(value: object) -> float:
     """
     check_metric(value)
     try:
-        return float(value.item() if isinstance(value, Tensor) else value)  # type: ignore[arg-type]
+        if isinstance(value, Tensor) or _is_numpy_array(value):
+            value = value.item()  # type: ignore[attr-defined]
+        return float(value)  # type: ignore[arg-type]
     except OverflowError:
         raise ValueError(
             f"metric (the monitored value) must be within the float range; got "
