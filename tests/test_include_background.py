@@ -180,16 +180,6 @@ def test_a_composite_term_without_background_is_not_fused_into_a_wrong_value(bac
     torch.testing.assert_close(composite.last_terms["dice"], dice(logits, target))
 
 
-def test_the_fused_composite_parameters_refuse_such_a_region_term():
-    """The fused pass scores every class: its parameters cannot carry the argument (the
-    backends would ignore it)."""
-    from dynloss._params import composite_params, distribution_params, region_params
-
-    region = region_params(alpha=0.5, beta=0.5, mode="multiclass", include_background=False)
-    with pytest.raises(ValueError, match="a fused composite scores every class"):
-        composite_params(region, distribution_params(mode="multiclass"))
-
-
 def test_repr_and_spec_round_trip():
     loss = TverskyLoss(mode="multiclass", include_background=False)
     assert repr(loss) == "TverskyLoss(mode='multiclass', include_background=False)"

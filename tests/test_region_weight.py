@@ -3,7 +3,7 @@ MONAI's ``DiceLoss(weight=w)`` (and the Dice term of its ``DiceCELoss(weight=w)`
 
 Against an independent float64 formula and MONAI, on every backend this process runs, values
 and gradients; with ``include_background=False`` (C weights, or MONAI's C - 1); the errors; a
-composite (no fused pass), a spec, ``repr``, pickling and ``torch.compile``.
+composite (one fused pass), a spec, ``repr``, pickling and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def test_monai_dice_ce_with_weight():
     ours = CompositeLoss([DiceLoss("multiclass", weight=w, per_image=True, smooth=0.5e-5, eps=0),
                           BCELoss("multiclass", weight=w)])
     _assert_equals_monai(ours, monai, logits, target)
-    # a weighted region term is computed on its own (no fused pass)
-    assert ours._fused_params([1.0, 1.0]) is None
+    # both terms in one fused pass (tests/test_class_choice_pass.py)
+    assert ours._fused_params([1.0, 1.0]) is not None
 
 
 def test_weights_of_one_are_the_unweighted_loss():

@@ -171,13 +171,7 @@ def distribution_params(
 def composite_params(region: RegionParams, distribution: DistributionParams,
                      region_weight: object = 1.0, distribution_weight: object = 1.0
                      ) -> CompositeParams:
-    """Two terms over the same input: they must agree on what the input and target are. The
-    fused pass scores every class alike: a region term with ``include_background=False`` or
-    a class ``weight`` is refused (``CompositeLoss`` computes such a term on its own)."""
-    if not region.include_background or region.class_weight is not None:
-        raise ValueError("a fused composite scores every class alike: its region term cannot "
-                         "leave out the background (include_background=False) or weigh the "
-                         "classes (weight)")
+    """Two terms over the same input: they must agree on what the input and target are."""
     for name in ("mode", "from_logits", "ignore_index", "backend", "check_values"):
         if getattr(region, name) != getattr(distribution, name):
             raise ValueError(

@@ -28,6 +28,7 @@ from .._math import reduce, scaled
 from .._params import CompositeParams, DistributionParams, RegionParams
 from .._recorder import checked_in_graph, recorder
 from ..constants import MULTICLASS_MODE
+from ..kernels import reference
 from ..kernels.capabilities import Backend, Need
 from ..kernels.dispatch import select
 
@@ -172,11 +173,13 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
                 need: Need | None = None, plans: Plans | None = None) -> Tensor:
     """Dice/IoU/Tversky of ``input`` and ``target`` with checked ``params``."""
     params = _matchable_ignore(params, target)
-    if not params.include_background or params.class_weight is not None:
-        return _chosen_classes(input, target, params, need, plans)
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or region_need(params),
         params.ignore_index, params.from_logits, params.check_values, plans)
+    if not params.include_background or params.class_weight is not None:
+        if not backend.capabilities.class_choice:
+            return _chosen_classes(input, target, params, need, plans)
+        params = _class_choice(params, layout.num_classes)
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.region(layout, params, checked)
@@ -185,26 +188,42 @@ def region_loss(input: Tensor, target: Tensor, params: RegionParams,
 
 def _chosen_classes(input: Tensor, target: Tensor, params: RegionParams,
                     need: Need | None, plans: Plans | None) -> Tensor:
-    """Every class's score from the backend (``reduction="none"``), each class's loss times
-    its ``class_weight``, class 0's left out without the background, then
-    ``params.reduction``: the backends need not know of either."""
+    """For a backend without ``class_choice``: every class's score from it
+    (``reduction="none"``), each class's loss times its ``class_weight``, class 0's left out
+    without the background, then ``params.reduction``."""
     scores = region_loss(input, target, _every_class(params), need, plans)  # (C,) or (N, C)
-    classes = scores.shape[-1]
+    chosen = _class_choice(params, scores.shape[-1])
+    return reduce(reference.chosen_classes(scores, chosen), params.reduction)
+
+
+def _class_choice(params: RegionParams, classes: int) -> RegionParams:
+    """``params`` with ``C`` class weights (MONAI's ``C - 1`` of classes ``1..C-1`` get a 0
+    for class 0, which is left out) for an input of ``classes`` channels, checked: the
+    weights' number, and a class besides the background (cached outside a compile)."""
+    if torch.compiler.is_compiling():
+        return _checked_class_choice(params, classes)
+    return _cached_class_choice(params, classes)
+
+
+def _checked_class_choice(params: RegionParams, classes: int) -> RegionParams:
     if not params.include_background and classes < 2:
         raise ValueError(
             "include_background=False leaves no class to score in an input with C="
             f"{classes} channel; it needs C >= 2 (class 0 is the background)")
-    first = 0 if params.include_background else 1
     weights = params.class_weight
-    if weights is not None:
-        if len(weights) == classes - 1 and first == 1:  # MONAI's: classes 1..C-1 only
-            weights = (0.0, *weights)
-        if len(weights) != classes:
-            also = "" if first == 0 else f" (or {classes - 1}, of classes 1..{classes - 1})"
-            raise ValueError(f"weight must hold one weight per class: {classes} values for an "
-                             f"input with C={classes}{also}; got {len(weights)}")
-        scores = scores * _class_weights(weights, scores)
-    return reduce(scores[..., first:], params.reduction)
+    if weights is None:
+        return params
+    first = 0 if params.include_background else 1
+    if len(weights) == classes - 1 and first == 1:  # MONAI's: classes 1..C-1 only
+        return dataclasses.replace(params, class_weight=(0.0, *weights))
+    if len(weights) != classes:
+        also = "" if first == 0 else f" (or {classes - 1}, of classes 1..{classes - 1})"
+        raise ValueError(f"weight must hold one weight per class: {classes} values for an "
+                         f"input with C={classes}{also}; got {len(weights)}")
+    return params
+
+
+_cached_class_choice = functools.lru_cache(maxsize=256)(_checked_class_choice)
 
 
 def _every_class(params: RegionParams) -> RegionParams:
@@ -221,23 +240,6 @@ def _scoring_every_class(params: RegionParams) -> RegionParams:
 
 
 _cached_every_class = functools.lru_cache(maxsize=256)(_scoring_every_class)
-
-
-def _class_weights(weights: tuple[float, ...], like: Tensor) -> Tensor:
-    """``weights`` as a tensor of ``like``'s dtype and device: cached for eager calls on plain
-    tensors (a CUDA graph captured after a warm-up step copies nothing), made anew where a
-    tool records or transforms the call (a fake tensor's, a compile's, an export's: a cached
-    real tensor does not mix with fake ones, nor a fake one with later eager calls)."""
-    if recorder(like) is not None or torch.compiler.is_exporting():
-        return like.new_tensor(weights)
-    return _cached_class_weights(weights, like.device, like.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_class_weights(weights: tuple[float, ...], device: torch.device,
-                          dtype: torch.dtype) -> Tensor:
-    with torch.inference_mode(False):  # (made in inference mode, autograd could not save it)
-        return torch.tensor(weights, dtype=dtype, device=device)
 
 
 def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
@@ -260,24 +262,35 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
     """``(w_r * region + w_d * distribution, region, distribution)``, both terms reduced by
     their mean, in one fused pass where the backend has one.
 
-    A TopK term has no fused pass: the two terms are then computed one after the other.
+    A TopK term has no fused pass, nor a region term that chooses or weighs its classes on
+    a backend without ``class_choice``: the two terms are then computed one after the other.
     """
     params = _matchable_ignore(params, target)
     region, dist = params.region, params.distribution
     if dist.k is not None:
-        region_value = region_loss(input, target, region)
-        dist_value = distribution_loss(input, target, dist)
-        total = (scaled(params.region_weight, region_value)
-                 + scaled(params.distribution_weight, dist_value))
-        return total, region_value, dist_value
+        return _one_after_the_other(input, target, params)
     layout, backend, checked = _prepare(
         input, target, region.mode, region.backend, _composite_need(params),
         region.ignore_index, region.from_logits, region.check_values)
+    if not region.include_background or region.class_weight is not None:
+        if not backend.capabilities.class_choice:
+            return _one_after_the_other(input, target, params)
+        params = dataclasses.replace(params, region=_class_choice(region, layout.num_classes))
     _check_weights_length(dist, layout, "the distribution term's alpha")
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
             return backend.composite(layout, params, checked)
     return backend.composite(layout, params, checked)
+
+
+def _one_after_the_other(input: Tensor, target: Tensor, params: CompositeParams
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`composite_loss` as its two terms, each computed on its own."""
+    region_value = region_loss(input, target, params.region)
+    dist_value = distribution_loss(input, target, params.distribution)
+    total = (scaled(params.region_weight, region_value)
+             + scaled(params.distribution_weight, dist_value))
+    return total, region_value, dist_value
 
 
 def run(op: str, input: Tensor, target: Tensor, params: Any, need: Need | None = None,

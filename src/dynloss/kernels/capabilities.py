@@ -59,6 +59,11 @@ class Capabilities:
     :attr:`pos_weight`)."""
     weighted_mean: bool = False
     """BCE's multiclass ``weight``: a mean divided by the kept pixels' class weights."""
+    class_choice: bool = False
+    """A region term that leaves out class 0 (``include_background=False``) or weighs its
+    classes (``weight=``), in its ``region`` and ``composite`` ops. Not a reason to pass a
+    backend over: for one without it, every class's score comes from it
+    (``reduction="none"``) and :mod:`dynloss.functional` weighs and cuts them."""
     target_grad: bool = False
     """A gradient for a target that requires one (soft labels from a teacher)."""
     double_backward: bool = True

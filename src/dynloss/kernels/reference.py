@@ -18,6 +18,7 @@ gradient is asked for (``create_graph=True``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -27,11 +28,13 @@ from torch import Tensor
 from .. import _math
 from .._layout import Layout, compute_dtype, invalid_elements, invalid_values
 from .._params import CompositeParams, DistributionParams, RegionParams
+from .._recorder import recorder
 from ..constants import MULTICLASS_MODE
 from ..distributed import pool_across_ranks
 from .capabilities import Capabilities
 
-__all__ = ["REFERENCE", "distribution_terms", "pos_weight_of", "region_loss", "region_sums"]
+__all__ = ["REFERENCE", "chosen_classes", "class_multipliers", "class_weights",
+           "distribution_terms", "pos_weight_of", "region_loss", "region_sums"]
 
 
 def _class_index(layout: Layout, ignore_index: int | None, checked: bool
@@ -79,10 +82,46 @@ def region_sums(layout: Layout, from_logits: bool, ignore_index: int | None,
     return (p * g).sum(-1), p.sum(-1), g.sum(-1)
 
 
+def class_multipliers(params: RegionParams, classes: int) -> tuple[float, ...] | None:
+    """What each class's loss is multiplied by before the reduction: its ``class_weight``
+    (``C`` values, see :func:`dynloss.functional._call.region_loss`), 0 for class 0 without
+    the background; None where every class counts once."""
+    if params.class_weight is None and params.include_background:
+        return None
+    weights = params.class_weight or (1.0,) * classes
+    return weights if params.include_background else (0.0, *weights[1:])
+
+
+def chosen_classes(loss: Tensor, params: RegionParams) -> Tensor:
+    """``loss`` ``(C,)`` or ``(N, C)``, each class's times its ``class_weight``, class 0 left
+    out without the background (``include_background=False``): what is reduced."""
+    if params.class_weight is not None:
+        loss = loss * class_weights(params.class_weight, loss)
+    return loss if params.include_background else loss[..., 1:]
+
+
+def class_weights(weights: tuple[float, ...], like: Tensor) -> Tensor:
+    """``weights`` as a tensor of ``like``'s dtype and device: cached for eager calls on plain
+    tensors (a CUDA graph captured after a warm-up step copies nothing), made anew where a
+    tool records or transforms the call (a fake tensor's, a compile's, an export's: a cached
+    real tensor does not mix with fake ones, nor a fake one with later eager calls)."""
+    if recorder(like) is not None or torch.compiler.is_exporting():
+        return like.new_tensor(weights)
+    return _cached_class_weights(weights, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_class_weights(weights: tuple[float, ...], device: torch.device,
+                          dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):  # (made in inference mode, autograd could not save it)
+        return torch.tensor(weights, dtype=dtype, device=device)
+
+
 def score_loss(sums: Sequence[Tensor], params: RegionParams
                ) -> Tensor:
     """``1 - T`` from the ``(N, C)`` sums ``(I, P, G)``: pooled over the batch unless
-    ``per_image`` (and over the ranks with ``ddp_pool``), then reduced."""
+    ``per_image`` (and over the ranks with ``ddp_pool``), the chosen classes weighed
+    (:func:`chosen_classes`), then reduced."""
     intersection, prediction_sum, target_sum = sums
     if not params.per_image:
         intersection, prediction_sum, target_sum = (
@@ -92,7 +131,7 @@ def score_loss(sums: Sequence[Tensor], params: RegionParams
                 intersection, prediction_sum, target_sum)
     score = _math.tversky_index(intersection, prediction_sum, target_sum, params.alpha,
                                 params.beta, params.smoothing)
-    return _math.reduce(1.0 - score, params.reduction)
+    return _math.reduce(chosen_classes(1.0 - score, params), params.reduction)
 
 
 def region_loss(layout: Layout, params: RegionParams, checked: bool = True) -> Tensor:
@@ -217,7 +256,7 @@ class Reference:
     name = "reference"
     capabilities = Capabilities(
         devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, pos_weight=True,
-        topk_pos_weight=True, weighted_mean=True, target_grad=True,
+        topk_pos_weight=True, weighted_mean=True, class_choice=True, target_grad=True,
         double_backward=True, ddp_pool=True, compilable=True, traceable=True,
         func_transforms=True, forward_ad=True,
     )

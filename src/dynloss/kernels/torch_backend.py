@@ -368,7 +368,7 @@ class TorchBackend:
         devices=None,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         topk=True, pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
-        double_backward=True,
+        class_choice=True, double_backward=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:

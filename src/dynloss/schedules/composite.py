@@ -268,7 +268,6 @@ class CompositeLoss(nn.Module):
         if not (isinstance(region, RegionParams) and isinstance(distribution, DistributionParams)
                 and region.reduction == "mean" and distribution.reduction == "mean"
                 and not region.ddp_pool and distribution.k is None
-                and region.include_background and region.class_weight is None
                 and (region.mode, region.from_logits, region.ignore_index, region.backend,
                      region.check_values)
                 == (distribution.mode, distribution.from_logits, distribution.ignore_index,

@@ -62,7 +62,7 @@ class NativeBackend:
     capabilities = Capabilities(
         devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
-        double_backward=True, checks_values=True,
+        class_choice=True, double_backward=True, checks_values=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
         # where the sums are kept per row (docs/kernels.md, "Short rows")
         min_row_length=16,
