@@ -261,6 +261,11 @@ class SwitchingLoss(nn.Module):
         warn_if_started("SwitchingLoss", self._parts({}))  # (its stages: no trigger in use)
         record_tree(self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "idle_count" not in state:  # pickled by dynloss 0.1.0, which did not count it
+            state = {**state, "idle_count": 0}
+        super().__setstate__(state)
+
     # ----------------------------------------------------------------------------------- info
     @property
     def num_stages(self) -> int:
