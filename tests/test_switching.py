@@ -1801,6 +1801,24 @@ def test_a_nested_switch_counting_another_unit_is_refused() -> None:
     SwitchingLoss([DiceLoss(), inner], milestones=[5], unit="step")  # the same unit: fine
 
 
+def test_a_composite_of_switches_counting_different_units_is_refused() -> None:
+    """A composite steps every switch it holds with one step(): a step-counted and an
+    epoch-counted switch in it built (the same tree in a SwitchingLoss was refused), and the
+    step-counted one then counted epochs."""
+    by_step = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[500], unit="step")
+    by_epoch = SwitchingLoss([IoULoss(), FocalLoss()], milestones=[5])
+    message = (r"CompositeLoss: term 'switchingloss_2' holds a SwitchingLoss with unit='epoch' "
+               r"and term 'switchingloss' one with unit='step'; one step\(\) steps them all, so "
+               r"they count the same \(give them one unit\)")
+    with pytest.raises(ValueError, match=message):
+        CompositeLoss([by_step, by_epoch])
+    with pytest.raises(ValueError, match=message.replace("switchingloss_2", "switchingloss")
+                       .replace("term 'switchingloss' one", "term 'compositeloss' one")):
+        CompositeLoss([CompositeLoss([IoULoss(), by_step]), by_epoch])
+    both = CompositeLoss([by_step, SwitchingLoss([IoULoss(), FocalLoss()], [5], unit="step")])
+    assert [m.unit for m in both.terms.values()] == ["step", "step"]  # one unit: fine
+
+
 class _DeepSupervision(torch.nn.Module):
     """A user's wrapper: the outer loss does not step what it holds (the user does)."""
 
@@ -1948,3 +1966,37 @@ def test_a_nested_loss_reused_at_a_count_says_where_it_goes_on_from(owner) -> No
             SwitchingLoss([mix, FocalLoss()], milestones=[5])
         else:
             CompositeLoss([mix, FocalLoss()])
+
+
+@pytest.mark.parametrize("spec", ["dice->bce@plateau(patience=2)",
+                                  "dice->(bce->focal@plateau(patience=1))@2"])
+def test_a_switching_loss_pickled_by_0_1_0_checkpoints_and_steps(spec):
+    """A SwitchingLoss pickled whole by 0.1.0 (``torch.save(loss)``) had no ``idle_count``:
+    its ``state_dict()`` raised AttributeError, and so did ``step()`` where it was nested."""
+    from dynloss import build_loss
+
+    def old_pickle(loss):
+        loss.step(metric=1.0)
+        for module in loss.modules():  # what a 0.1.0 pickle holds
+            module.__dict__.pop("idle_count", None)
+            module.__dict__.pop("_recorded", None)
+        buffer = io.BytesIO()
+        torch.save(loss, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    def uncounted(state):  # a nested loss's idle steps, which 0.1.0 did not count
+        return {key: {k: v for k, v in value.items() if k != "idle_count"}
+                for key, value in state.items()}
+
+    old, fresh = old_pickle(build_loss(spec)), build_loss(spec)
+    fresh.step(metric=1.0)
+    assert uncounted(old.state_dict()) == uncounted(fresh.state_dict())
+    for metric in (0.9, 0.95, 0.97, 0.99):
+        assert old.step(metric=metric) == fresh.step(metric=metric)
+    assert uncounted(old.state_dict()) == uncounted(fresh.state_dict())
+    assert [m.switches for m in old.modules() if hasattr(m, "switches")] == [
+        m.switches for m in fresh.modules() if hasattr(m, "switches")]
+    rebuilt = build_loss(spec)
+    rebuilt.load_state_dict(old.state_dict())
+    assert rebuilt.state_dict() == old.state_dict()

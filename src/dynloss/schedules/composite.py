@@ -35,6 +35,7 @@ from ._base import (
     state_error,
     state_int,
     step_child,
+    stepped_losses,
     top_level_step,
     warn_if_started,
 )
@@ -43,6 +44,24 @@ from .weights import Constant, WeightSchedule, hold
 __all__ = ["CompositeLoss"]
 
 Weight = float | WeightSchedule
+
+
+def _check_one_unit(terms: nn.ModuleDict) -> None:
+    """Raise ``ValueError`` where the SwitchingLosses that the composite's ``step()`` reaches
+    count different units (``step`` and ``epoch``): one step steps them all."""
+    first: tuple[str, str] | None = None
+    for name, term in terms.items():
+        for nested in stepped_losses(term):
+            unit = getattr(nested, "unit", None)
+            if not isinstance(unit, str):
+                continue
+            if first is None:
+                first = (name, unit)
+            elif unit != first[1]:
+                raise ValueError(
+                    f"CompositeLoss: term {name!r} holds a SwitchingLoss with unit={unit!r} "
+                    f"and term {first[0]!r} one with unit={first[1]!r}; one step() steps them "
+                    "all, so they count the same (give them one unit)")
 
 
 def _check_term_shape(terms: dict[str, Tensor], name: str, value: Tensor) -> None:
@@ -117,6 +136,7 @@ class CompositeLoss(nn.Module):
         super().__init__()
         names, modules, explicit = named_losses("CompositeLoss", losses)
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
+        _check_one_unit(self.terms)
         self._explicit_names = explicit
         self._weights = _Weights(self._check_weights(names, weights))
         warn_if_started("CompositeLoss", self._parts())
