@@ -440,7 +440,7 @@ def test_a_shared_stateful_loss_is_marked_in_the_repr_and_build_loss_refuses_it(
     error = _raises_spec_error(text, text.index("shared("),
                                "is the loss at 'stages.switchingloss' once more")
     assert "build the loss in Python" in error.message
-    with pytest.raises(NameError):
+    with pytest.raises(NameError, match="name 'shared' is not defined"):
         eval(text, vars(dynloss))
     # a scheduled composite shared by two stages alike; a stateless loss shared is no matter
     ramp = CompositeLoss([DiceLoss(), BCELoss()], weights=[LinearRamp(0, 4), 1.0])
@@ -719,3 +719,27 @@ def test_an_unknown_trigger_is_named_among_the_triggers():
             "unknown trigger 'platoo'; did you mean 'plateau'? (after '@': an epoch, or one of "
             "milestone, plateau, relative_improvement) (at position 9)")):
         build_loss("iou->bce@platoo(patience=2)")
+
+
+class _Wrapped(torch.nn.Module):
+    """A user's wrapper that hands every argument on (``*args, **kwargs``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.inner = DiceLoss(*args, **kwargs)
+
+    def forward(self, input, target):
+        return self.inner(input, target)
+
+
+def test_a_constructor_with_args_and_kwargs_takes_what_it_is_given():
+    """A class of the user's taking ``*args, **kwargs`` was refused every argument ("unknown
+    parameter 'smooth' for Wrapped; Wrapped takes args, kwargs")."""
+    names = {"Wrapped": _Wrapped}
+    loss = build_loss("Wrapped(smooth=0.5, per_image=True) + bce", names=names)
+    assert loss.terms["_wrapped"].inner.smooth == 0.5
+    assert loss.terms["_wrapped"].inner.per_image is True
+    assert build_loss("Wrapped('multiclass', smooth=0.25)", names=names).inner.mode == "multiclass"
+    # what the wrapped constructor refuses is still an error at its argument
+    with pytest.raises(SpecError, match=r"unexpected keyword argument 'smoth'"):
+        build_loss("Wrapped(smoth=0.5)", names=names)

@@ -558,6 +558,9 @@ class _Parser:
                 p for p in parameters.values()
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ]
+            # a constructor taking **kwargs / *args (a user's wrapper) takes any name / number
+            any_name = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+            any_number = any(p.kind is p.VAR_POSITIONAL for p in parameters.values())
             while not self.accept(")"):
                 if args or kwargs:
                     self.expect(",", f"expected ',' or ')' in the arguments of {name}")
@@ -566,8 +569,12 @@ class _Parser:
                 token = self.token
                 if token.kind == "name" and self.tokens[self.index + 1].text == "=":
                     self.index += 2
-                    if token.text not in parameters or (
-                        parameters[token.text].kind is inspect.Parameter.POSITIONAL_ONLY
+                    if (token.text not in parameters and not any_name) or (
+                        token.text in parameters
+                        and parameters[token.text].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                            inspect.Parameter.VAR_POSITIONAL,
+                                                            inspect.Parameter.VAR_KEYWORD)
+                        and not any_name
                     ):
                         close = difflib.get_close_matches(token.text, list(parameters), n=2)
                         hint = (f"did you mean {' or '.join(repr(c) for c in close)}? "
@@ -591,7 +598,7 @@ class _Parser:
                     if kwargs:
                         raise self.error("a positional argument cannot follow a keyword "
                                          "argument", token.pos)
-                    if len(args) >= len(positional):
+                    if len(args) >= len(positional) and not any_number:
                         raise self.error(
                             f"{name} takes at most {len(positional)} positional argument"
                             f"{'s' if len(positional) != 1 else ''}"
@@ -599,7 +606,8 @@ class _Parser:
                                else "")
                             + "; name the others, as in name=value", token.pos,
                         )
-                    where[positional[len(args)].name] = token.pos
+                    if len(args) < len(positional):
+                        where[positional[len(args)].name] = token.pos
                     args.append(self.finish(self.spec_expr()))
             self.close_bracket()
         try:
