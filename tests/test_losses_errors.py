@@ -64,7 +64,8 @@ def test_binary_target_outside_unit_interval(cls):
 @pytest.mark.parametrize("cls", ALL)
 def test_value_checks_are_behind_a_switch(cls):
     bad = torch.tensor([[[0.0, 3.0]]])
-    cls(check_values=False)(torch.zeros(1, 1, 2), bad)  # no error, no device sync
+    unchecked = cls(check_values=False)(torch.zeros(1, 1, 2), bad)  # no error, no sync
+    assert unchecked.isnan(), unchecked  # an invalid target makes the loss NaN (documented)
     with raises(ValueError, "target values must lie in [0, 1]"):
         cls(check_values=True)(torch.zeros(1, 1, 2), bad)
 
@@ -577,3 +578,26 @@ def test_a_numpy_float32_hyperparameter_is_read_as_its_shortest_decimal():
     assert dynloss.FocalLoss(gamma=np.float64(0.1)).gamma == 0.1  # float64: as it is
     with raises(ValueError, "k must be finite; got inf"):
         dynloss.TopKLoss(k=np.float32("inf"))
+
+
+def test_focal_multiclass_alpha_may_be_a_tensor():
+    """``FocalLoss(alpha=torch.tensor([...]), mode="multiclass")`` raised TypeError, where
+    BCE's ``weight``/``pos_weight`` and Dice's ``weight`` take a 1-D tensor (MONAI's and
+    torch's weights are tensors): its values are the weights."""
+    import dynloss.functional as F
+
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    listed = dynloss.FocalLoss(2.0, [0.2, 1.0, 3.0], mode="multiclass")
+    given = dynloss.FocalLoss(2.0, torch.tensor([0.2, 1.0, 3.0]), mode="multiclass")
+    assert given.alpha == [0.2, 1.0, 3.0] and repr(given) == repr(listed)
+    assert torch.equal(given(logits, target), listed(logits, target))
+    assert torch.equal(F.focal_loss(logits, target, alpha=torch.tensor([0.2, 1.0, 3.0]),
+                                    mode="multiclass"), listed(logits, target))
+    given.alpha = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
+    assert given.alpha == [1.0, 1.0, 0.5]
+    with raises(ValueError, "alpha[1] must be >= 0; got -1.0"):
+        dynloss.FocalLoss(2.0, torch.tensor([1.0, -1.0, 1.0]), mode="multiclass")
+    with raises(TypeError, "alpha must be None or a sequence of per-class weights in "
+                           "mode='multiclass'; got Tensor tensor([[1., 1., 1.]])"):
+        dynloss.FocalLoss(2.0, torch.ones(1, 3), mode="multiclass")

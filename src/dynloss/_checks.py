@@ -207,14 +207,8 @@ def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
     >= 0 (multiclass; their number is checked against ``C`` per call)."""
     if alpha is None:
         return None
-    if mode == "multiclass":
-        if isinstance(alpha, (str, bytes)) or not isinstance(alpha, Sequence):
-            raise TypeError(
-                f"{name} must be None or a sequence of per-class weights in mode='multiclass'; "
-                f"got {type(alpha).__name__} {alpha!r}"
-            )
-        return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", a))
-                     for i, a in enumerate(alpha))
+    if mode == "multiclass":  # (a 1-D tensor is read as its values)
+        return _per_class_weights(alpha, mode, name)
     return check_probability(name, alpha)
 
 

@@ -30,6 +30,7 @@ from ._checks import (
     check_bool,
     check_class_weight,
     check_ddp_pool,
+    check_focal_alpha,
     check_fraction,
     check_ignore_index,
     check_include_background,
@@ -37,7 +38,6 @@ from ._checks import (
     check_non_negative,
     check_optional_bool,
     check_pos_weight,
-    check_probability,
     check_reduction,
     check_region_weight,
     check_smoothing,
@@ -388,8 +388,8 @@ class FocalLoss(_DistributionLoss):
             """
         gamma: focusing exponent >= 0 (default 2.0, the paper's); 0 gives BCE.
         alpha: None (default), the weight in [0, 1] of positives (binary/multilabel), or a
-            sequence of C per-class weights (multiclass), kept as a list that refuses
-            changes in place (assign a new list to change them)."""
+            sequence (or 1-D tensor) of C per-class weights (multiclass), kept as a list
+            that refuses changes in place (assign a new list to change them)."""
         )
         + """
     Examples:
@@ -406,7 +406,7 @@ class FocalLoss(_DistributionLoss):
     def __init__(
         self,
         gamma: float = 2.0,
-        alpha: float | Sequence[float] | None = None,
+        alpha: float | Sequence[float] | Tensor | None = None,
         *,
         mode: str = "binary",
         from_logits: bool = True,
@@ -418,20 +418,13 @@ class FocalLoss(_DistributionLoss):
         super().__init__(mode=mode, from_logits=from_logits, ignore_index=ignore_index,
                          reduction=reduction, backend=backend, check_values=check_values)
         self.gamma = check_non_negative("gamma", gamma)
-        if alpha is not None:
-            if self.mode == MULTICLASS_MODE:
-                if isinstance(alpha, (str, bytes)) or not isinstance(alpha, Sequence):
-                    raise TypeError(
-                        "alpha must be None or a sequence of per-class weights in "
-                        f"mode='multiclass'; got {type(alpha).__name__} {alpha!r}"
-                    )
-                alpha = [check_non_negative(f"alpha[{i}]", a) for i, a in enumerate(alpha)]
-            else:
-                alpha = check_probability("alpha", alpha)
-        self.alpha = alpha
+        checked = check_focal_alpha(alpha, self.mode)
+        self.alpha = list(checked) if isinstance(checked, tuple) else checked
         self._ready()
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "alpha" and isinstance(value, Tensor) and value.dim() == 1:
+            value = list(check_focal_alpha(value, MULTICLASS_MODE))  # type: ignore[arg-type]
         if name == "alpha" and isinstance(value, list) and not isinstance(value, _Weights):
             value = _Weights(value)  # checked once: an edit in place would go unseen
         super().__setattr__(name, value)

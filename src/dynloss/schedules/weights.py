@@ -341,7 +341,10 @@ class RampCosine(WeightSchedule):
 
     ``low`` before ``start``, linear up to ``high`` at ``peak``, then a half-cosine back down to
     ``low`` at ``end``, and ``low`` from ``end`` on (defaults ``low=0.0``, ``high=1.0``).
-    Requires ``start <= peak <= end``.
+    Requires ``start <= peak <= end``. With ``start == peak`` it jumps to ``high`` at
+    ``start``; with ``peak == end`` it ramps up and drops to ``low`` at ``end`` without
+    taking ``high`` (``low`` from ``end`` on wins; a ramp that stays up is
+    :class:`LinearRamp`).
 
     .. math:: w(t) = \text{low} + (\text{high}-\text{low})
               \tfrac12\bigl(1+\cos(\pi\tfrac{t-\text{peak}}{\text{end}-\text{peak}})\bigr),
@@ -351,6 +354,8 @@ class RampCosine(WeightSchedule):
         >>> from dynloss.schedules import RampCosine
         >>> [round(RampCosine(0, 2, 6).value_at(t), 4) for t in range(8)]
         [0.0, 0.5, 1.0, 0.8536, 0.5, 0.1464, 0.0, 0.0]
+        >>> [RampCosine(0, 4, 4).value_at(t) for t in range(6)]
+        [0.0, 0.25, 0.5, 0.75, 0.0, 0.0]
     """
 
     def __init__(
