@@ -97,8 +97,7 @@ def test_target_that_needs_no_gradient_here_keeps_the_kernels(name):
     clear_cache()
     for backend in FUSED:
         with warnings.catch_warnings():
-            if not (backend == "native" and name == "topk"):
-                warnings.simplefilter("error")
+            warnings.simplefilter("error")  # a fallback would say so: the kernels ran
             with torch.no_grad():
                 got = make_loss(name, "binary", backend)(x, target)
         torch.testing.assert_close(got, want.detach(), rtol=2e-5, atol=1e-6)
@@ -122,11 +121,13 @@ def _as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 @st.composite
-def property_cases(draw):
-    mode = draw(st.sampled_from(MODES))
-    name = draw(st.sampled_from(LOSS_NAMES))
+def property_cases(draw, mode: str, name: str):
+    """One case of loss ``name`` in ``mode`` (each pair is a test of its own: drawn from one
+    strategy, the derandomized CI draws left some pairs out and compared Focal on no finite,
+    non-empty input). Mostly non-empty and finite: an empty input or a non-finite value is
+    one case in six, resp. three in seven."""
     n, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
-    empty = draw(st.sampled_from([None] * 6 + ["samples", "height"]))
+    empty = draw(st.sampled_from([None] * 10 + ["samples", "height"]))
     n, h = (0 if empty == "samples" else n), (0 if empty == "height" else h)
     case = {
         "mode": mode, "name": name, "shape": (n, h, w),
@@ -135,7 +136,7 @@ def property_cases(draw):
         "soft": mode != "multiclass" and draw(st.booleans()),
         "ignore": draw(st.booleans()),
         "from_logits": draw(st.booleans()),
-        "bad": draw(st.sampled_from([None, None, "nan", "+inf", "-inf"])),
+        "bad": draw(st.sampled_from([None] * 4 + ["nan", "+inf", "-inf"])),
         "bad_ignored": draw(st.booleans()),
         "classes": draw(st.integers(2, 4)),
     }
@@ -212,10 +213,12 @@ def _close(got, want, what):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@settings(max_examples=80)
-@given(case=property_cases())
-def test_property_every_backend_equals_the_reference(case):
-    name, mode = case["name"], case["mode"]
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@settings(max_examples=8)
+@given(data=st.data())
+def test_property_every_backend_equals_the_reference(name, mode, data):
+    case = data.draw(property_cases(mode, name), label="case")
     x, target, kwargs = _build(case)
     event(f"{'empty' if x.numel() == 0 else 'non-empty'}, bad={case['bad']}, "
           f"ignore={case['ignore']}")
@@ -247,10 +250,12 @@ def test_property_every_backend_equals_the_reference(case):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@settings(max_examples=15)
-@given(case=property_cases())
-def test_property_second_order_equals_the_reference(case):
-    name, mode = case["name"], case["mode"]
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@settings(max_examples=3)
+@given(data=st.data())
+def test_property_second_order_equals_the_reference(name, mode, data):
+    case = data.draw(property_cases(mode, name), label="case")
     case = dict(case, bad=None)  # finite inputs: the second-order terms are compared
     x, target, kwargs = _build(case)
     if not case["from_logits"]:  # probabilities away from 0 and 1 (the log clamp)

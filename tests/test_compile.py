@@ -420,13 +420,32 @@ def test_a_composite_built_under_inference_mode_takes_a_half_set_schedule():
     assert loss._weight_values.tolist() == [1.0, 0.25]
 
 
-def test_a_change_from_another_thread_waits_for_a_refresh_in_progress():
+def test_a_change_from_another_thread_waits_for_a_refresh_in_progress(monkeypatch):
     """Thread A refreshes a composite while reading a slow schedule; thread B loads another of
     its schedules meanwhile. B's news was dropped (A was "refreshing"), and A had read the old
-    value: the buffer kept it."""
+    value: the buffer kept it. (A is released once B is at the refresh lock, not after a
+    time: on a slow machine B might otherwise come after A.)"""
     import threading
 
-    started, release = threading.Event(), threading.Event()
+    from dynloss.schedules import composite
+
+    started, release, b_waits = threading.Event(), threading.Event(), threading.Event()
+
+    class Announcing:
+        """The refresh lock, which says when thread B comes to it."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if threading.current_thread().name == "B":
+                b_waits.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(composite, "_REFRESH_LOCK", Announcing(composite._REFRESH_LOCK))
 
     class Slow(LinearRamp):
         def value_at(self, t: int) -> float:
@@ -442,7 +461,8 @@ def test_a_change_from_another_thread_waits_for_a_refresh_in_progress():
     assert started.wait(5)
     b = threading.Thread(target=lambda: other.load_state_dict({"count": 2}), name="B")
     b.start()
-    b.join(0.2)
+    assert b_waits.wait(5)  # B's news is at the lock A holds
+    b.join(0.1)
     release.set()
     a.join(5)
     b.join(5)

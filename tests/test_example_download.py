@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -87,7 +88,8 @@ def test_fetch_task10_end_to_end_from_local_mirror(tmp_path):
     # second call: already there, no download
     again = download.fetch_task10(root, url="file:///nonexistent", md5="x", progress=False)
     assert again == data_dir
-    with pytest.raises(download.DownloadError):
+    with pytest.raises(download.DownloadError, match=f"md5 mismatch for {re.escape(src.as_uri())}: "
+                       f"expected {'f' * 32}, got {_md5(src)}; the partial file was deleted"):
         download.fetch_task10(tmp_path / "other", url=src.as_uri(), md5="f" * 32, progress=False)
 
 
