@@ -601,3 +601,21 @@ def test_focal_multiclass_alpha_may_be_a_tensor():
     with raises(TypeError, "alpha must be None or a sequence of per-class weights in "
                            "mode='multiclass'; got Tensor tensor([[1., 1., 1.]])"):
         dynloss.FocalLoss(2.0, torch.ones(1, 3), mode="multiclass")
+
+
+def test_a_nan_value_is_named_as_such():
+    """One NaN among valid targets (or probabilities) was reported as "got values from nan to
+    nan", as if every value were NaN: torch.aminmax gives NaN for both ends."""
+    x = torch.full((1, 1, 4), 0.5)
+    target = torch.tensor([[[0.0, 1.0, 1.0, 0.0]]])
+    bad_x, bad_target = x.clone(), target.clone()
+    bad_x[0, 0, 1] = bad_target[0, 0, 2] = float("nan")
+    with raises(ValueError, "target values must lie in [0, 1] in mode='binary'; got NaN"):
+        dynloss.DiceLoss()(x, bad_target)
+    with raises(ValueError, "input must hold probabilities in [0, 1] when from_logits=False; "
+                            "got NaN (pass from_logits=True for logits)"):
+        dynloss.BCELoss(from_logits=False)(bad_x, target)
+    with raises(ValueError, "target values must lie in [0, 1] in mode='multilabel'; got values "
+                            "from -1.0 to 1.0"):  # (a range without NaN as before)
+        dynloss.DiceLoss("multilabel")(torch.zeros(1, 2, 2), torch.tensor([[[0.0, -1.0],
+                                                                          [1.0, 0.0]]]))

@@ -447,8 +447,8 @@ def raise_for_target_range(layout: Layout, ignore_index: int | None, lo: float, 
             "" if ignore_index is None else f" (pixels equal to ignore_index={ignore_index} aside)"
         )
         raise ValueError(
-            f"target values must lie in [0, 1] in mode={layout.mode!r}{also}; got values from "
-            f"{lo} to {hi}"
+            f"target values must lie in [0, 1] in mode={layout.mode!r}{also}; got "
+            f"{_value_range(lo, hi)}"
         )
 
 
@@ -456,9 +456,17 @@ def raise_for_probability_range(lo: float, hi: float) -> None:
     """The error for probabilities spanning ``[lo, hi]`` (nothing if inside [0, 1])."""
     if not (0 <= lo and hi <= 1):
         raise ValueError(
-            "input must hold probabilities in [0, 1] when from_logits=False; got values from "
-            f"{lo} to {hi} (pass from_logits=True for logits)"
+            "input must hold probabilities in [0, 1] when from_logits=False; got "
+            f"{_value_range(lo, hi)} (pass from_logits=True for logits)"
         )
+
+
+def _value_range(lo: float, hi: float) -> str:
+    """``values from lo to hi`` for an error message; ``NaN`` where a NaN made both ends NaN
+    (``torch.aminmax`` of values holding one)."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "NaN"
+    return f"values from {lo} to {hi}"
 
 
 def invalid_elements(layout: Layout, ignore_index: int | None, from_logits: bool,
