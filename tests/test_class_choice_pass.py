@@ -20,7 +20,6 @@ from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss
 from dynloss.kernels.native.autograd import HOST_SCORES
 
 from ._backends import BACKENDS, seeded_case
-from ._kernel_cases import graph_nodes
 from .test_include_background import WEIGHTS as TVERSKY
 from .test_include_background import _independent, _make
 
@@ -111,10 +110,9 @@ def test_the_native_kernels_score_the_chosen_classes_themselves(per_image, choic
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_composite_with_such_a_region_term_is_one_pass(backend, choice, per_image,
                                                          from_logits):
-    """Dice (a class choice) + weighted BCE, or + Focal: one fused pass on the backends that
-    score the chosen classes themselves, two passes on the others; both give the terms
-    computed apart and the formula, term by term, values and gradients, with ignored
-    pixels."""
+    """Dice (a class choice) + weighted BCE, or + Focal: one fused pass on the kernel
+    backends (one kernel node in the graph), the terms computed apart and the formula, term
+    by term, values and gradients, with ignored pixels."""
     logits, target = seeded_case("multiclass", (2, 6, 5), seed=9, classes=4, scale=3.0)
     x0 = logits if from_logits else torch.softmax(logits, 1)
     target[1, 2:4, 1] = 3  # (3 is ignored below)
@@ -126,12 +124,12 @@ def test_a_composite_with_such_a_region_term_is_one_pass(backend, choice, per_im
         x, xs = (x0.clone().requires_grad_() for _ in range(2))
         got = _quiet(composite, x, target)
         want = _quiet(lambda: 0.7 * dice(xs, target) + 0.3 * other(xs, target))
-        nodes = graph_nodes(got)
-        if backend == "native":  # one pass, not the region kernels' own
-            assert "NativeCompositeLossBackward" in nodes
-            assert "NativeRegionLossBackward" not in nodes
-        elif backend == "triton":  # it cannot: each term on its own (the generic path)
-            assert "TritonFusedLossBackward" in nodes
+        kernel_nodes = {"native": ("NativeCompositeLossBackward", "NativeRegionLossBackward",
+                                   "NativeDistributionLossBackward"),
+                        "triton": ("TritonFusedLossBackward",)}.get(backend, ())
+        if kernel_nodes:  # one pass: one kernel node, the composite's
+            found = _count_nodes(got, kernel_nodes)
+            assert found == {kernel_nodes[0]: 1}, found
         formula = _want(logits.double(), target, "multiclass", "dice", per_image, "mean",
                         choice, ignore_index=3)
         torch.testing.assert_close(composite.last_terms["dice"].double(), formula,
@@ -140,6 +138,21 @@ def test_a_composite_with_such_a_region_term_is_one_pass(backend, choice, per_im
         got.backward()
         want.backward()
         torch.testing.assert_close(x.grad, xs.grad, rtol=1e-4, atol=1e-7)
+
+
+def _count_nodes(t: torch.Tensor, names: tuple[str, ...]) -> dict[str, int]:
+    """How many autograd nodes of each of ``names`` ``t``'s graph holds."""
+    counts: dict[str, int] = {}
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in names:
+            counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return counts
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,3 +189,41 @@ def test_second_order_gradients_are_the_reference(backend, choice):
         torch.testing.assert_close(grad_of_grad_norm(lambda: make(backend)),
                                    grad_of_grad_norm(lambda: make("reference")),
                                    rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("choice", sorted(CHOICES))
+def test_a_backend_without_class_choice_gets_every_class_and_the_same_loss(monkeypatch,
+                                                                           choice):
+    """A backend that does not declare ``class_choice`` (a backend added later; every one
+    here declares it) is asked for every class's score and the caller weighs and cuts them:
+    the same values and gradients, the composite's terms one after the other."""
+    import dataclasses
+
+    from dynloss.kernels.torch_backend import TORCH
+
+    logits, target = seeded_case("multiclass", (2, 5, 4), seed=6, classes=4)
+    asked = []
+    region = TORCH.region
+
+    def every_class_only(layout, params, checked):
+        asked.append((params.include_background, params.class_weight, params.reduction))
+        return region(layout, params, checked)
+
+    kw = dict(mode="multiclass", backend="torch", smooth=0.5, **CHOICES[choice])
+    results = []
+    for declared in (True, False):
+        asked.clear()
+        monkeypatch.setattr(TORCH, "capabilities",
+                            dataclasses.replace(TORCH.capabilities, class_choice=declared))
+        monkeypatch.setattr(TORCH, "region", every_class_only)
+        for make in (lambda: DiceLoss(per_image=True, reduction="none", **kw),
+                     lambda: CompositeLoss([DiceLoss(**kw),
+                                            BCELoss(mode="multiclass", backend="torch")])):
+            x = logits.clone().requires_grad_()
+            value = make()(x, target)
+            value.sum().backward()
+            results.append((value.detach(), x.grad))
+    assert asked == [(True, None, "none")] * 2  # every class, unweighted, unreduced
+    for got, want in zip(results[2:], results[:2], strict=True):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)

@@ -341,6 +341,7 @@ def test_a_numpy_array_of_one_real_value_is_a_metric() -> None:
 
     assert metric_value(np.array(0.25)) == 0.25 and reduce_mean(np.array([3])) == 3.0
     assert metric_value(np.array([[1.5]], dtype=np.float32)) == 1.5
+    assert metric_value(np.array([2.5]).view(np.recarray)) == 2.5  # (a subclass)
     for bad, words in [(np.array(True), "bool"), (np.array([0.5, 1.0]), r"shape \(2,\)"),
                        (np.array(1 + 2j), "complex128"), (np.array("0.5"), "<U3")]:
         with pytest.raises(ValueError, match=f"metric \\(the monitored value\\).*{words}"):

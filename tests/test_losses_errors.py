@@ -596,6 +596,10 @@ def test_focal_multiclass_alpha_may_be_a_tensor():
                                     mode="multiclass"), listed(logits, target))
     given.alpha = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
     assert given.alpha == [1.0, 1.0, 0.5]
+    binary = dynloss.FocalLoss(2.0, 0.25)  # one weight in [0, 1]: a tensor is no number
+    binary.alpha = torch.tensor([0.5])
+    with raises(TypeError, "alpha must be a real number; got Tensor tensor([0.5000])"):
+        binary(torch.zeros(1, 1, 2), torch.ones(1, 1, 2))
     with raises(ValueError, "alpha[1] must be >= 0; got -1.0"):
         dynloss.FocalLoss(2.0, torch.tensor([1.0, -1.0, 1.0]), mode="multiclass")
     with raises(TypeError, "alpha must be None or a sequence of per-class weights in "

@@ -446,6 +446,41 @@ def test_a_nan_input_gives_the_references_gradient_pattern(ignore, name, mode, b
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("chosen", ["no-background", "weights"])
+@pytest.mark.parametrize("name", ["dice", "composite"])
+def test_a_class_choice_keeps_the_references_gradient_pattern(name, chosen, mode, from_logits,
+                                                              backend):
+    """A region term that leaves class 0 out or weighs the classes, with a non-finite kept
+    input (in class 0's channel or another's): the gradient is NaN where the reference's is.
+    With the class choice formed in the backends, the torch backend (and the reference, in
+    multilabel mode) left class 0's channel at 0 where every backend had given NaN."""
+    choice = ({"include_background": False} if chosen == "no-background"
+              else {"weight": [0.0, 2.0, 0.5]})
+    for where, bad in (((1, 0, 2, 3), math.inf), ((1, 1, 2, 3), math.nan)):
+        x, target = seeded_case(mode, (2, 4, 5), seed=8)
+        if not from_logits:
+            x = x.softmax(1) if mode == "multiclass" else x.sigmoid()
+        x = x.float()
+        if mode == "multiclass":
+            target[1, 2, 3] = 2  # (the bad pixel's class is not class 0)
+        x[where] = bad
+        common = dict(mode=mode, from_logits=from_logits, check_values=False)
+
+        def make(on, common=common):
+            dice = dynloss.DiceLoss(backend=on, **choice, **common)
+            if name == "dice":
+                return dice
+            return dynloss.CompositeLoss([dice, dynloss.BCELoss(backend=on, **common)])
+
+        _, want = loss_and_grad(make("reference"), x, target)
+        _, got = loss_and_grad(make(backend), x, target)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (where, got, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", DISTRIBUTION_NAMES)
 def test_a_nan_probability_gives_the_references_gradient_pattern(name, mode, backend):

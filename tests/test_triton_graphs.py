@@ -47,12 +47,21 @@ def _loss(name: str, mode: str):
                                              dynloss.FocalLoss(gamma=2.0, **kw)],
                                             weights=[0.7, 1.3]),
     }
+    if mode != "binary":  # a class choice (no background, class weights), in the epilogue
+        cases["iou-chosen-none"] = dynloss.IoULoss(reduction="none", per_image=True,
+                                                   weight=[2.0, 0.5], include_background=False,
+                                                   **kw)
+        cases["dice-chosen+bce"] = dynloss.CompositeLoss([
+            dynloss.DiceLoss(weight=[0.5, 2.0, 1.0], include_background=False, **kw),
+            dynloss.BCELoss(**kw)])
     module = cases[name]
     return lambda x, t: module(x, t)
 
 
 LOSSES = ("dice", "tversky-per-image", "iou-none", "bce", "bce-weighted", "focal-alpha", "topk",
           "topk-ignore", "dice+focal")
+CHOSEN = ("iou-chosen-none", "dice-chosen+bce")
+"""Losses with a class choice (multiclass and multilabel mode only)."""
 
 
 def _inputs(mode: str, seed: int, spatial=(6, 7), n: int = 2):
@@ -114,7 +123,9 @@ def test_custom_ops_pass_opcheck(mode):
     focal = distribution_params(gamma=2.0, alpha=(0.5, 1.0, 2.0) if mode == "multiclass"
                                 else 0.25, **common)
     composite = composite_params(region_params(alpha=0.5, beta=0.5, **common), focal, 0.7, 1.3)
-    for params in (region, focal, composite):
+    chosen = [region_params(alpha=0.5, beta=0.5, weight=[0.0, 2.0, 0.5], reduction="none",
+                            include_background=False, **common)] if mode != "binary" else []
+    for params in (region, focal, composite, *chosen):
         spec = stream.build_spec(params)
         torch.library.opcheck(torch.ops.dynloss.triton_fused.default,
                               (x3, t3, spec.ints(), spec.floats()))
@@ -166,6 +177,16 @@ def test_compile_fullgraph_matches_eager(name, mode):
         x, t = _inputs(mode, seed)
         _close(_step(compiled, x, t), _step(fn, x, t))
     assert any("dynloss.triton" in target for target in recorder.targets), recorder.targets
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("name", CHOSEN)
+def test_compile_fullgraph_with_a_class_choice_matches_eager(name, mode):
+    """A region term leaving class 0 out and weighing the others, alone and fused with BCE:
+    the custom operator's class weights and first class, with eager's values and
+    gradients."""
+    test_compile_fullgraph_matches_eager(name, mode)
 
 
 @needs_triton

@@ -118,6 +118,44 @@ def test_weighted_bce_launches_three_times(mode):
 
 
 @needs_triton
+@pytest.mark.parametrize("mode", ["multilabel", "multiclass"])
+@pytest.mark.parametrize("name", ["dice", "dice+bce", "tversky+focal"])
+@pytest.mark.parametrize("kw", [{"include_background": False},
+                                {"weight": [0.5, 2.0, 1.0], "per_image": True},
+                                {"weight": [2.0, 1.0], "include_background": False}],
+                         ids=["no-background", "weights", "both"])
+def test_a_class_choice_launches_three_times(name, mode, kw):
+    """A region term leaving class 0 out or weighing its classes, alone or fused with a
+    distribution term: the same three launches (the composite ran its terms apart: six)."""
+    x, t = (v.to(DEVICE) for v in kernel_inputs(mode, (6, 5), seed=3))
+    common = dict(mode=mode, backend="triton", check_values=False)
+    region, _, pixel = name.partition("+")
+    loss = {"dice": dynloss.DiceLoss, "tversky": dynloss.TverskyLoss}[region](**kw, **common)
+    if pixel:
+        loss = dynloss.CompositeLoss([loss, {"bce": dynloss.BCELoss,
+                                             "focal": dynloss.FocalLoss}[pixel](**common)])
+    loss(x, t)  # warm up: compilation, the class weights' table
+    forward, backward = count_step(lambda xs: loss(xs, t), x, _kernel_class())
+    assert len(forward) + len(backward) == EXPECTED["stream"], _kinds(forward + backward)
+    assert all(launch.startswith("triton.") for launch in forward + backward), (
+        _kinds(forward + backward))
+
+
+@needs_triton
+def test_unreduced_scores_without_the_background_add_one_copy():
+    """``reduction="none"`` without class 0: its scores are cut from the kernels' every-class
+    output, whose gradient is one zero-padded copy besides the three launches."""
+    x, t = (v.to(DEVICE) for v in kernel_inputs("multiclass", (6, 5), seed=3))
+    loss = dynloss.DiceLoss(mode="multiclass", backend="triton", check_values=False,
+                            include_background=False, reduction="none", per_image=True)
+    loss(x, t)
+    forward, backward = count_step(lambda xs: loss(xs, t), x, _kernel_class())
+    assert forward + backward == ["triton._multiclass_fwd_kernel", "triton._epilogue_kernel",
+                                  "aten.slice_backward", "triton._multiclass_bwd_kernel"], (
+        _kinds(forward + backward))
+
+
+@needs_triton
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kw", [{}, {"ignore_index": 2, "k": 0.3}],
                          ids=["plain", "ignore"])

@@ -204,8 +204,8 @@ def check_metric(value: object) -> None:
 def _is_numpy_array(value: object) -> bool:
     """Whether ``value`` is a NumPy ndarray (without importing NumPy, an optional
     dependency)."""
-    kind = type(value)
-    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+    return any(kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+               for kind in type(value).__mro__)  # (a subclass too: np.memmap, ...)
 
 
 def metric_value(value: object) -> float:

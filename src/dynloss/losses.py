@@ -423,7 +423,8 @@ class FocalLoss(_DistributionLoss):
         self._ready()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "alpha" and isinstance(value, Tensor) and value.dim() == 1:
+        if (name == "alpha" and isinstance(value, Tensor) and value.dim() == 1
+                and getattr(self, "mode", None) == MULTICLASS_MODE):
             value = list(check_focal_alpha(value, MULTICLASS_MODE))  # type: ignore[arg-type]
         if name == "alpha" and isinstance(value, list) and not isinstance(value, _Weights):
             value = _Weights(value)  # checked once: an edit in place would go unseen

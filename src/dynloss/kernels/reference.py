@@ -117,11 +117,12 @@ def _cached_class_weights(weights: tuple[float, ...], device: torch.device,
         return torch.tensor(weights, dtype=dtype, device=device)
 
 
-def score_loss(sums: Sequence[Tensor], params: RegionParams
+def score_loss(sums: Sequence[Tensor], params: RegionParams, poison: Tensor | None = None
                ) -> Tensor:
     """``1 - T`` from the ``(N, C)`` sums ``(I, P, G)``: pooled over the batch unless
-    ``per_image`` (and over the ranks with ``ddp_pool``), the chosen classes weighed
-    (:func:`chosen_classes`), then reduced."""
+    ``per_image`` (and over the ranks with ``ddp_pool``), times ``poison`` (NaN for invalid
+    values: every class's score then, also one left out, so that its gradient is NaN as the
+    others'), the chosen classes weighed (:func:`chosen_classes`), then reduced."""
     intersection, prediction_sum, target_sum = sums
     if not params.per_image:
         intersection, prediction_sum, target_sum = (
@@ -131,13 +132,16 @@ def score_loss(sums: Sequence[Tensor], params: RegionParams
                 intersection, prediction_sum, target_sum)
     score = _math.tversky_index(intersection, prediction_sum, target_sum, params.alpha,
                                 params.beta, params.smoothing)
-    return _math.reduce(chosen_classes(1.0 - score, params), params.reduction)
+    loss = 1.0 - score if poison is None else (1.0 - score) * poison
+    return _math.reduce(chosen_classes(loss, params), params.reduction)
 
 
-def region_loss(layout: Layout, params: RegionParams, checked: bool = True) -> Tensor:
-    """The region loss without the NaN of invalid values (see :meth:`Reference.region`)."""
+def region_loss(layout: Layout, params: RegionParams, checked: bool = True,
+                poison: Tensor | None = None) -> Tensor:
+    """The region loss, without the NaN of invalid values unless given their ``poison`` (see
+    :meth:`Reference.region`)."""
     return score_loss(region_sums(layout, params.from_logits, params.ignore_index, checked),
-                      params)
+                      params, poison)
 
 
 def pos_weight_of(params: DistributionParams, x: Tensor) -> Tensor | float | None:
@@ -265,9 +269,8 @@ class Reference:
         return None
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
-        loss = region_loss(layout, params, checked)
         invalid = invalid_values(layout, params.ignore_index, params.from_logits, not checked)
-        return loss * _math.non_finite_poison(invalid)
+        return region_loss(layout, params, checked, _math.non_finite_poison(invalid))
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:

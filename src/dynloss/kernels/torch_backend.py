@@ -379,8 +379,8 @@ class TorchBackend:
                                 params.ignore_index, not params.per_image, checked)
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
-        loss = reference.score_loss(self.region_sums(layout, params, checked), params)
-        return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+        poison = _poison(layout, params.ignore_index, params.from_logits, checked)
+        return reference.score_loss(self.region_sums(layout, params, checked), params, poison)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
@@ -392,7 +392,7 @@ class TorchBackend:
                   ) -> tuple[Tensor, Tensor, Tensor]:
         poison = _poison(layout, params.region.ignore_index, params.region.from_logits, checked)
         region = reference.score_loss(self.region_sums(layout, params.region, checked),
-                                      params.region) * poison
+                                      params.region, poison)
         total, count = DistributionSum.apply(layout.x, layout.target, params.distribution,
                                              checked)
         distribution = total / count * poison

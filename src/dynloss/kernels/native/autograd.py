@@ -217,7 +217,7 @@ class NativeRegionLoss(torch.autograd.Function):
         # NaN exactly where the loss depends on an element (0 on ignored ones)
         if must_recompute(grad_loss) or invalid or _non_finite(grad_loss):
             (grad,) = recompute_backward(
-                lambda xs: reference.region_loss(_layout(xs, target, mode), params, checked),
+                lambda xs: reference.REFERENCE.region(_layout(xs, target, mode), params, checked),
                 (x,), (_scaled(grad_loss, invalid),))
             return grad, None, None, None, None, None
         saved = (target, probabilities, None)
@@ -309,8 +309,8 @@ class NativeCompositeLoss(torch.autograd.Function):
             def value(xs: Tensor) -> Tensor:
                 layout = _layout(xs, target, params.region.mode)
                 total, count = reference.distribution_sum(layout, params.distribution, checked)
-                return (params.region_weight * reference.region_loss(layout, params.region,
-                                                                     checked)
+                return (params.region_weight * reference.REFERENCE.region(layout, params.region,
+                                                                          checked)
                         + params.distribution_weight * (total / count))
             (grad,) = recompute_backward(value, (x,), (grad_combined,))
             return grad, None, None, None, None

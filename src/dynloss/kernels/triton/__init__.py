@@ -133,8 +133,8 @@ class TritonBackend:
     capabilities = Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        topk=True, pos_weight=True, weighted_mean=True, ddp_pool=True, double_backward=True,
-        compilable=True, max_classes=MAX_CLASSES, max_rows=MAX_ROWS,
+        topk=True, pos_weight=True, weighted_mean=True, ddp_pool=True, class_choice=True,
+        double_backward=True, compilable=True, max_classes=MAX_CLASSES, max_rows=MAX_ROWS,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
@@ -168,13 +168,18 @@ class TritonBackend:
             if torch.compiler.is_compiling():
                 return reference.REFERENCE.region(layout, params, checked)
             sums = _kernels()["sums"](layout.x, target, params, checked)
-            loss = reference.score_loss(sums, params)
-            return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
+            return reference.score_loss(sums, params, _poison(layout, params.ignore_index,
+                                                              params.from_logits, checked))
         if torch.compiler.is_compiling():
             from . import ops, stream
 
-            return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
-        return _kernels()["fused"](layout.x, target, layout.mode, params, checked)
+            scores = ops.fused(layout.x, target, stream.build_spec(params))
+        else:
+            scores = _kernels()["fused"](layout.x, target, layout.mode, params, checked)
+        assert isinstance(scores, Tensor)  # (a region op: one output)
+        if params.reduction == "none" and not params.include_background:
+            return scores[..., 1:]  # (the kernels score class 0 as 0)
+        return scores
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:

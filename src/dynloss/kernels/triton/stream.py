@@ -37,6 +37,7 @@ This module imports Triton at import time; :mod:`dynloss.kernels.triton` imports
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -121,6 +122,14 @@ def alpha_table(spec: FusedSpec, device: torch.device) -> Tensor | None:
     return _cached_table(spec.alpha, device)
 
 
+def class_weight_table(spec: FusedSpec, device: torch.device) -> Tensor | None:
+    """A region term's class weights as a table (None without), cached per device as
+    :func:`alpha_table`."""
+    if spec.class_weight is None:
+        return None
+    return _cached_table(spec.class_weight, device)
+
+
 def pos_weight_table(spec: FusedSpec, device: torch.device, channels: int) -> Tensor | None:
     """BCE's ``pos_weight`` as a table of one weight per channel (one weight repeated), else
     None; cached per device as :func:`alpha_table`."""
@@ -168,6 +177,13 @@ class FusedSpec:
     """BCE's ``pos_weight``: one weight, one per channel, or None (binary/multilabel)."""
     weighted_mean: bool = False
     """The pixel mean divides by the kept pixels' ``alpha`` (multiclass class ``weight``)."""
+    class_weight: tuple[float, ...] | None = None
+    """A region term's class weights (``C`` values, each class's ``1 - T`` multiplied by its
+    own), or None."""
+    first_class: int = 0
+    """1 where a region term leaves class 0 out (``include_background=False``): its score
+    is multiplied by 0 and not counted in the mean (the caller cuts it from
+    ``reduction="none"``'s scores)."""
 
     @property
     def focal(self) -> bool:
@@ -183,24 +199,27 @@ class FusedSpec:
                 0 if self.ignore_index is None else int(self.ignore_index),
                 int(self.do_region), int(self.do_pixel), int(self.per_image), self.reduction,
                 _table_length(self.alpha), _table_length(self.pos_weight),
-                int(self.weighted_mean)]
+                int(self.weighted_mean), _table_length(self.class_weight), self.first_class]
 
     def floats(self) -> list[float]:
         return [self.c1, self.tversky_alpha, self.tversky_beta, self.smoothing, self.gamma,
                 self.region_weight, self.distribution_weight, *_table_values(self.alpha),
-                *_table_values(self.pos_weight)]
+                *_table_values(self.pos_weight), *_table_values(self.class_weight)]
 
     @staticmethod
     def from_lists(ints: list[int], floats: list[float]) -> FusedSpec:
         (output, multiclass, from_logits, has_ignore, ignore, do_region, do_pixel, per_image,
-         reduction, alpha_len, pos_weight_len, weighted_mean) = ints
+         reduction, alpha_len, pos_weight_len, weighted_mean, class_weight_len,
+         first_class) = ints
         c1, ta, tb, smoothing, gamma, w_region, w_dist = floats[:7]
         alpha, rest = _table_from(alpha_len, floats[7:])
-        pos_weight, _ = _table_from(pos_weight_len, rest)
+        pos_weight, rest = _table_from(pos_weight_len, rest)
+        class_weight, _ = _table_from(class_weight_len, rest)
         return FusedSpec(output, bool(multiclass), bool(from_logits),
                          ignore if has_ignore else None, bool(do_region), bool(do_pixel),
                          bool(per_image), reduction, c1, ta, tb, smoothing, gamma, alpha,
-                         w_region, w_dist, pos_weight, bool(weighted_mean))
+                         w_region, w_dist, pos_weight, bool(weighted_mean),
+                         class_weight, first_class)  # type: ignore[arg-type]
 
 
 def _table_length(value: float | tuple[float, ...] | None) -> int:
@@ -224,9 +243,12 @@ def _table_from(length: int, floats: list[float]
 
 
 def _region_fields(params: RegionParams) -> dict[str, Any]:
+    """A region term's fields of the spec; ``params`` with its class weights checked against
+    ``C`` (:func:`dynloss.functional._call.region_loss` gives ``C`` of them)."""
     return dict(c1=1.0 - params.alpha - params.beta, tversky_alpha=params.alpha,
                 tversky_beta=params.beta, smoothing=params.smoothing,
-                per_image=params.per_image)
+                per_image=params.per_image, class_weight=params.class_weight,
+                first_class=0 if params.include_background else 1)
 
 
 _NO_REGION: dict[str, Any] = dict(c1=0.0, tversky_alpha=0.0, tversky_beta=0.0, smoothing=0.0,
@@ -744,11 +766,13 @@ def region_block_sums(work_ptr, first, count, C, cls, cmask, BLOCK_R: tl.constex
 
 @triton.jit
 def _epilogue_kernel(
-    work_ptr, out_ptr, out_r_ptr, out_d_ptr, state_ptr,
-    N, C, S, P, misc_offset, count_host, c1, t_alpha, t_beta, smoothing, w_region, w_dist,
+    work_ptr, out_ptr, out_r_ptr, out_d_ptr, state_ptr, cw_ptr,
+    N, C, S, P, misc_offset, count_host, counted, c1, t_alpha, t_beta, smoothing, w_region,
+    w_dist,
     DO_REGION: tl.constexpr, DO_PIXEL: tl.constexpr, HAS_IGNORE: tl.constexpr,
     WEIGHTED_MEAN: tl.constexpr, PER_IMAGE: tl.constexpr, REDUCTION: tl.constexpr,
-    OUTPUT: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    OUTPUT: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, FIRST_CLASS: tl.constexpr,
+    CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The loss from the partials (one program; fixed summation order).
 
@@ -757,7 +781,9 @@ def _epilogue_kernel(
     terms in ``out_r`` and ``out_d``), each times NaN when a bad element was counted, and
     ``state = [NaN factor, pixel divisor, d loss/dI of each entry, d loss/dP of each entry]``
     (entries: the ``C`` classes pooled over the batch, or the ``N * C`` (sample, class) pairs
-    with ``PER_IMAGE``).
+    with ``PER_IMAGE``). A class's entries are multiplied by its weight (``cw_ptr``, with
+    ``HAS_CLASS_WEIGHT``) and by 0 below ``FIRST_CLASS``; ``counted``: the entries the mean
+    divides by (those from ``FIRST_CLASS`` on).
     """
     # pixel sums and bad counts of every program
     lsum = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -796,12 +822,18 @@ def _epilogue_kernel(
     if DO_REGION:
         cls = tl.arange(0, CP)
         cmask = cls < C
+        if HAS_CLASS_WEIGHT:
+            mult = tl.load(cw_ptr + cls, mask=cmask, other=0.0)
+        else:
+            mult = tl.where(cmask, 1.0, 0.0)
+        if FIRST_CLASS > 0:
+            mult = tl.where(cls >= FIRST_CLASS, mult, 0.0)
         if PER_IMAGE:
             E = N * C
         else:
             E = C
         if REDUCTION == 0:
-            scale = 1.0 / E
+            scale = 1.0 / counted
         else:
             scale = 1.0
         if PER_IMAGE:
@@ -810,22 +842,22 @@ def _epilogue_kernel(
                 i, p, g = region_block_sums(work_ptr, n * S, S, C, cls, cmask, BLOCK_R, CP)
                 loss, d_i, d_p = tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing)
                 e = n * C + cls
-                tl.store(state_ptr + 2 + e, -scale * d_i, mask=cmask)
-                tl.store(state_ptr + 2 + E + e, -scale * d_p, mask=cmask)
+                tl.store(state_ptr + 2 + e, -scale * mult * d_i, mask=cmask)
+                tl.store(state_ptr + 2 + E + e, -scale * mult * d_p, mask=cmask)
                 if REDUCTION == 2:
-                    tl.store(out_ptr + e, loss * poison, mask=cmask)
-                total += tl.where(cmask, loss, 0.0)
+                    tl.store(out_ptr + e, loss * mult * poison, mask=cmask)
+                total += tl.where(cmask, loss * mult, 0.0)
         else:
             i, p, g = region_block_sums(work_ptr, 0, N * S, C, cls, cmask, BLOCK_R, CP)
             loss, d_i, d_p = tversky_terms(i, p, g, c1, t_alpha, t_beta, smoothing)
-            tl.store(state_ptr + 2 + cls, -scale * d_i, mask=cmask)
-            tl.store(state_ptr + 2 + E + cls, -scale * d_p, mask=cmask)
+            tl.store(state_ptr + 2 + cls, -scale * mult * d_i, mask=cmask)
+            tl.store(state_ptr + 2 + E + cls, -scale * mult * d_p, mask=cmask)
             if REDUCTION == 2:
-                tl.store(out_ptr + cls, loss * poison, mask=cmask)
-            total = tl.where(cmask, loss, 0.0)
+                tl.store(out_ptr + cls, loss * mult * poison, mask=cmask)
+            total = tl.where(cmask, loss * mult, 0.0)
         region = tl.sum(total, axis=0) * 1.0
         if REDUCTION == 0:
-            region = region / E
+            region = region / counted
     if OUTPUT == 0:
         if REDUCTION != 2:
             tl.store(out_ptr, region * poison)
@@ -899,14 +931,19 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
             num_warps=4,
         )
     count = n * m if spec.multiclass else n * c * m
+    class_weight = class_weight_table(spec, xk.device)
+    counted = (n if spec.per_image else 1) * (c - spec.first_class)  # the region mean's
     _epilogue_kernel[(1,)](
         work, out, out if out_r is None else out_r, out if out_d is None else out_d, state,
-        n, c, geo.splits, geo.programs, misc_offset, float(max(count, 1)), spec.c1,
+        state if class_weight is None else class_weight,
+        n, c, geo.splits, geo.programs, misc_offset, float(max(count, 1)),
+        float(max(counted, 1)), spec.c1,
         spec.tversky_alpha, spec.tversky_beta, spec.smoothing, spec.region_weight,
         spec.distribution_weight, DO_REGION=spec.do_region, DO_PIXEL=spec.do_pixel,
         HAS_IGNORE=has_ignore, WEIGHTED_MEAN=spec.weighted_mean, PER_IMAGE=spec.per_image,
-        REDUCTION=spec.reduction,
-        OUTPUT=spec.output, CP=geo.cp, BLOCK_R=geo.block_r, BLOCK_P=1024, num_warps=4,
+        REDUCTION=spec.reduction, OUTPUT=spec.output,
+        HAS_CLASS_WEIGHT=class_weight is not None, FIRST_CLASS=spec.first_class,
+        CP=geo.cp, BLOCK_R=geo.block_r, BLOCK_P=1024, num_warps=4,
     )
     return state
 
@@ -985,6 +1022,11 @@ def reference_outputs(x: Tensor, target: Tensor, mode: str,
     recomputation for ``create_graph=True``)."""
     layout = _layout(x, target, mode)
     if isinstance(params, RegionParams):
+        if params.reduction == "none" and not params.include_background:
+            # the kernels' every-class scores: class 0's times 0 (the caller cuts it)
+            multipliers = reference.class_multipliers(params, layout.num_classes)
+            params = dataclasses.replace(params, include_background=True,
+                                         class_weight=multipliers)
         return (reference.REFERENCE.region(layout, params, checked),)
     if isinstance(params, DistributionParams):
         return (reference.REFERENCE.distribution(layout, params, checked),)
