@@ -163,6 +163,20 @@ def main() -> int:
             case(f"{region}+{pixel} {mode}",
                  lambda x=x, t=t, mode=mode, region=region, pixel=pixel: check(
                      composite(region, pixel, mode=mode), x, t))
+    # a region term without class 0 and with class weights, fused with BCE (the epilogue's
+    # class choice)
+    for mode, shape, tdtype in modes[1:]:
+        x, t = inputs(mode, shape, torch.float32, tdtype, device, seed=4)
+
+        def chosen(x, t, backend=None, mode=mode, c=shape[1]):
+            kw = dict(mode=mode, backend=backend or "auto")
+            return dynloss.CompositeLoss([
+                dynloss.DiceLoss(include_background=False,
+                                 weight=[0.5 + i for i in range(c - 1)], **kw),
+                dynloss.BCELoss(**kw)])(x, t)
+
+        case(f"dice(no background, weights)+bce {mode}",
+             lambda x=x, t=t, fn=chosen: check(fn, x, t))
     # TopK ties: constant logits, selection = lowest flat indices
     x = torch.full((3, 1, 50, 70), 1.5, device=device)
     t = torch.ones_like(x)
