@@ -8,6 +8,7 @@ result. Every check compares with the single-process computation on the concaten
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -136,6 +137,42 @@ def check_pooled_region_losses_on_the_triton_kernels(rank: int) -> None:
         value.backward()
         torch.testing.assert_close(local.grad, WORLD * _shard(full.grad, rank),
                                    rtol=1e-5, atol=1e-8)
+
+
+def check_a_non_finite_input_on_one_rank_is_that_ranks_nan_on_every_backend(
+        rank: int) -> None:
+    """``ddp_pool=True`` with a -inf logit on rank 0 (finite probabilities, finite sums): the
+    loss is NaN on rank 0 and the pooled loss on rank 1, as the reference gives; the native
+    kernels' pooled sums carried the NaN to every rank. (A NaN logit makes the sums NaN: the
+    loss of every rank.)"""
+    from dynloss.kernels import native_available
+
+    backends = ["torch", *(["native"] if native_available() else [])]
+    results = {}  # every collective first (an assertion on one rank would leave the other
+    cases = [(mode, cls, kwargs, bad) for bad in (-math.inf, math.nan)  # waiting in its
+             for mode, cls, kwargs in [("binary", DiceLoss, {}),         # all-reduce)
+                                       ("multiclass", IoULoss, {"mode": "multiclass",
+                                                                "include_background": False})]]
+    for mode, cls, kwargs, bad in cases:
+        logits, target = _batch(mode)
+        x = _shard(logits, rank).float().clone()
+        if rank == 0:
+            x[0, 0, 1, 1] = bad
+        t = _shard(target, rank)
+        t = t.float() if mode != "multiclass" else t
+        for backend in ("reference", *backends):
+            leaf = x.clone().requires_grad_()
+            value = cls(ddp_pool=True, backend=backend, check_values=False, **kwargs)(leaf, t)
+            value.backward()
+            results[mode, bad, backend] = (value.detach(), leaf.grad)
+    for mode, _, _, bad in cases:
+        want, want_grad = results[mode, bad, "reference"]
+        assert want.isnan().item() == (rank == 0 or math.isnan(bad)), want
+        for backend in backends:
+            got, got_grad = results[mode, bad, backend]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m, b=backend: f"{b}: {m}")
+            assert torch.equal(got_grad.isnan(), want_grad.isnan()), backend
 
 
 def check_native_pooled_sums_leave_ignored_elements_at_zero_under_a_nan_gradient(

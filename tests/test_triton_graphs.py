@@ -161,6 +161,26 @@ def test_fake_implementations_give_the_real_shapes():
     assert tuple(real[1][0].shape) == (4,) and tuple(real[3][0].shape) == (3, 4)
 
 
+@needs_triton
+@pytest.mark.parametrize("name", ["dice", "iou-none", "bce-weighted", "topk", "dice+focal",
+                                  "dice-chosen+bce"])
+def test_fake_tensors_take_the_custom_operators(name):
+    """Under FakeTensorMode (a tracer's, export's) the Triton backend launched its eager
+    kernels on fake tensors ("Attempted to set the storage of a tensor on device 'meta'"):
+    the custom operators' fake implementations give the real shapes, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn = _loss(name, "multiclass")
+    x, t = _inputs("multiclass", seed=2)
+    want = fn(x, t)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        xf = mode.from_tensor(x).requires_grad_(True)
+        got = fn(xf, mode.from_tensor(t))
+        got.sum().backward()
+        assert tuple(xf.grad.shape) == tuple(x.shape)
+    assert (tuple(got.shape), got.dtype) == (tuple(want.shape), want.dtype)
+
+
 # -------------------------------------------------------------------------------- compile
 
 

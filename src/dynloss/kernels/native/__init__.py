@@ -77,9 +77,9 @@ class NativeBackend:
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
         if params.ddp_pool and is_distributed():  # sums all-reduced before the score
-            sums = NativeSums.apply(_input(layout), layout.target_input, layout.mode,
-                                    layout.dims, params, checked)
-            return reference.score_loss(sums, params)
+            *sums, poison = NativeSums.apply(_input(layout), layout.target_input, layout.mode,
+                                             layout.dims, params, checked)
+            return reference.score_loss(sums, params, poison)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
         return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
                                       _rows(layout, "region", params.per_image), params, checked)

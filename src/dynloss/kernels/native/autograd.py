@@ -330,23 +330,34 @@ class NativeCompositeLoss(torch.autograd.Function):
 
 
 class NativeSums(torch.autograd.Function):
-    """``(I, P, G)`` ``(N, C)`` float32 from ``x`` ``(N, C, M)`` float32; ``G`` is not
-    differentiable. For callers that combine the sums with torch ops (``ddp_pool=True``)."""
+    """``(I, P, G, poison)``: the sums ``(N, C)`` float32 from ``x`` ``(N, C, M)`` float32 and
+    a 0-dim NaN factor (NaN where a kept value is invalid, else 1) for the loss formed from
+    them; ``G`` and the factor are not differentiable. For callers that combine the sums with
+    torch ops (``ddp_pool=True``: the factor stays on this rank, as the reference's, where
+    NaN sums would reach every rank's loss through the all-reduce)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, mode: str, dims: tuple[int, ...],
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        intersection, prediction_sum, target_sum = fwd.sums().as_tensor().float().unbind(-1)
+        if fwd.invalid:  # the reference's sums, pooled as they are (a NaN input's are NaN,
+            with torch.no_grad():  # a -inf logit's finite: every rank's loss, or this one's)
+                intersection, prediction_sum, target_sum = (s.float() for s in (
+                    reference.region_sums(_layout(x, target, mode), params.from_logits,
+                                          params.ignore_index, checked)))
+        else:
+            intersection, prediction_sum, target_sum = (
+                fwd.sums().as_tensor().float().unbind(-1))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         ctx.native = (fwd.config, params, checked, mode, fwd.invalid)
-        ctx.mark_non_differentiable(target_sum)
-        nan = math.nan if fwd.invalid else 1.0
-        return intersection * nan, prediction_sum * nan, target_sum * nan
+        poison = torch.scalar_tensor(math.nan if fwd.invalid else 1.0, dtype=torch.float32,
+                                     device=CPU)
+        ctx.mark_non_differentiable(target_sum, poison)
+        return intersection, prediction_sum, target_sum, poison
 
     @staticmethod
-    def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum):
+    def backward(ctx, grad_intersection, grad_prediction_sum, _grad_target_sum, _grad_poison):
         x, target, probabilities = ctx.saved_tensors
         config, params, checked, mode, invalid = ctx.native
         if (must_recompute(grad_intersection, grad_prediction_sum) or invalid  # (invalid: above)

@@ -25,6 +25,7 @@ from torch import Tensor
 from ... import _math
 from ..._layout import Layout, invalid_values, kernel_target
 from ..._params import CompositeParams, DistributionParams, RegionParams
+from ..._recorder import is_fake
 from .. import reference
 from ..capabilities import Capabilities
 
@@ -104,6 +105,13 @@ def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked
                                                   not checked))
 
 
+def _traced(x: Tensor) -> bool:
+    """Whether the call is traced (``torch.compile``) or runs on fake tensors
+    (``FakeTensorMode``, non-strict ``torch.export``): the custom operators then, whose fake
+    implementations give the shapes (the eager kernels cannot run on fake tensors)."""
+    return torch.compiler.is_compiling() or is_fake(x)
+
+
 _KERNELS: dict[str, Any] = {}
 
 
@@ -165,12 +173,12 @@ class TritonBackend:
             return reference.REFERENCE.region(layout, params, checked)
         target = kernel_target(layout.target, layout.mode, params.ignore_index)
         if params.ddp_pool:
-            if torch.compiler.is_compiling():
+            if _traced(layout.x):  # (the sums' eager kernels; the reference traces)
                 return reference.REFERENCE.region(layout, params, checked)
             sums = _kernels()["sums"](layout.x, target, params, checked)
             return reference.score_loss(sums, params, _poison(layout, params.ignore_index,
                                                               params.from_logits, checked))
-        if torch.compiler.is_compiling():
+        if _traced(layout.x):
             from . import ops, stream
 
             scores = ops.fused(layout.x, target, stream.build_spec(params))
@@ -186,7 +194,7 @@ class TritonBackend:
         if layout.x.numel() == 0:
             return reference.REFERENCE.distribution(layout, params, checked)
         target = kernel_target(layout.target, layout.mode, params.ignore_index)
-        if torch.compiler.is_compiling():
+        if _traced(layout.x):
             from . import ops, stream, topk
 
             if params.k is not None:
@@ -202,7 +210,7 @@ class TritonBackend:
             return reference.REFERENCE.composite(layout, params, checked)
         target = kernel_target(layout.target, layout.mode,
                                params.region.ignore_index)
-        if torch.compiler.is_compiling():
+        if _traced(layout.x):
             from . import ops, stream
 
             return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
