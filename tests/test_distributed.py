@@ -145,9 +145,10 @@ def check_a_non_finite_input_on_one_rank_is_that_ranks_nan_on_every_backend(
     loss is NaN on rank 0 and the pooled loss on rank 1, as the reference gives; the native
     kernels' pooled sums carried the NaN to every rank. (A NaN logit makes the sums NaN: the
     loss of every rank.)"""
-    from dynloss.kernels import native_available
+    from dynloss.kernels import interpreter_active, native_available
 
-    backends = ["torch", *(["native"] if native_available() else [])]
+    backends = ["torch", *(["native"] if native_available() else []),
+                *(["triton"] if interpreter_active() else [])]
     results = {}  # every collective first (an assertion on one rank would leave the other
     cases = [(mode, cls, kwargs, bad) for bad in (-math.inf, math.nan)  # waiting in its
              for mode, cls, kwargs in [("binary", DiceLoss, {}),         # all-reduce)
