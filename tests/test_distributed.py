@@ -90,15 +90,10 @@ def check_pooled_region_losses(rank: int) -> None:
         assert not torch.allclose(unpooled, expected.detach())
 
 
-def check_pooled_region_losses_on_the_native_kernels(rank: int) -> None:
-    """float32 CPU input takes the native kernels, whose pooled path no check reached (every
-    batch above is float64): a rank returned its own, unpooled loss there."""
-    from dynloss.kernels import native_available
-
-    if not native_available():
-        return
-    for mode, cls, kwargs in [("binary", DiceLoss, {}),
-                              ("multiclass", IoULoss, {"mode": "multiclass"})]:
+def _pooled_float32_on(backend: str, rank: int, cases: list) -> None:
+    """float32 CPU inputs, ``ddp_pool=True`` on ``backend``: the reference's loss of the
+    whole batch (float64) and ``WORLD`` times its gradient of this rank's slice."""
+    for mode, cls, kwargs in cases:
         logits, target = _batch(mode)
         logits = logits.float()
         target = target.float() if mode != "multiclass" else target
@@ -106,11 +101,21 @@ def check_pooled_region_losses_on_the_native_kernels(rank: int) -> None:
         expected = cls(backend="reference", **kwargs)(full.double(), target)
         expected.backward()
         local = _shard(logits, rank).clone().requires_grad_()
-        value = cls(ddp_pool=True, backend="native", **kwargs)(local, _shard(target, rank))
+        value = cls(ddp_pool=True, backend=backend, **kwargs)(local, _shard(target, rank))
         torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-6, atol=1e-7)
         value.backward()
         torch.testing.assert_close(local.grad, WORLD * _shard(full.grad, rank),
                                    rtol=1e-5, atol=1e-8)
+
+
+def check_pooled_region_losses_on_the_native_kernels(rank: int) -> None:
+    """float32 CPU input takes the native kernels, whose pooled path no check reached (every
+    batch above is float64): a rank returned its own, unpooled loss there."""
+    from dynloss.kernels import native_available
+
+    if native_available():
+        _pooled_float32_on("native", rank, [("binary", DiceLoss, {}),
+                                            ("multiclass", IoULoss, {"mode": "multiclass"})])
 
 
 def check_pooled_region_losses_on_the_triton_kernels(rank: int) -> None:
@@ -122,21 +127,9 @@ def check_pooled_region_losses_on_the_triton_kernels(rank: int) -> None:
     if not triton_available():
         return
     assert interpreter_active(), "the worker imported Triton before TRITON_INTERPRET=1"
-    for mode, cls, kwargs in [("binary", DiceLoss, {}),
-                              ("multiclass", IoULoss, {"mode": "multiclass",
-                                                       "ignore_index": 2})]:
-        logits, target = _batch(mode)
-        logits = logits.float()
-        target = target.float() if mode != "multiclass" else target
-        full = logits.clone().requires_grad_()
-        expected = cls(backend="reference", **kwargs)(full.double(), target)
-        expected.backward()
-        local = _shard(logits, rank).clone().requires_grad_()
-        value = cls(ddp_pool=True, backend="triton", **kwargs)(local, _shard(target, rank))
-        torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-6, atol=1e-7)
-        value.backward()
-        torch.testing.assert_close(local.grad, WORLD * _shard(full.grad, rank),
-                                   rtol=1e-5, atol=1e-8)
+    _pooled_float32_on("triton", rank, [("binary", DiceLoss, {}),
+                                        ("multiclass", IoULoss, {"mode": "multiclass",
+                                                                 "ignore_index": 2})])
 
 
 def check_a_non_finite_input_on_one_rank_is_that_ranks_nan_on_every_backend(
