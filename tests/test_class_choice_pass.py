@@ -22,6 +22,7 @@ from dynloss.kernels.native.autograd import HOST_SCORES
 from ._backends import BACKENDS, seeded_case
 from .test_include_background import WEIGHTS as TVERSKY
 from .test_include_background import _independent, _make
+from .test_region_weight import assert_like_the_formula
 
 CHOICES = {
     "no-background": dict(include_background=False),
@@ -74,12 +75,7 @@ def test_many_scores_take_the_tensor_path(backend, mode, choice, per_image, redu
     x, xd = logits.clone().requires_grad_(), logits.double().requires_grad_()
     got = _quiet(loss, x, target)
     want = _want(xd, target, mode, "tversky", per_image, reduction, choice, ignore)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(2))
-    got.backward(upstream)
-    want.backward(upstream.double())
-    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)
+    assert_like_the_formula(got, x, want, xd, seed=2, value_atol=1e-6)
 
 
 @pytest.mark.parametrize("choice", sorted(CHOICES))
@@ -97,11 +93,7 @@ def test_the_native_kernels_score_the_chosen_classes_themselves(per_image, choic
         got = loss(x, target)
         assert type(got.grad_fn).__name__ == "NativeRegionLossBackward", reduction
         want = _want(xd, target, "multiclass", "dice", per_image, reduction, choice)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
-        upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(3))
-        got.backward(upstream)
-        want.backward(upstream.double())
-        torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)
+        assert_like_the_formula(got, x, want, xd, seed=3)
 
 
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])

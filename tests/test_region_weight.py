@@ -50,9 +50,15 @@ def test_each_class_loss_is_weighed(backend, name, mode, per_image, reduction,
     if not include_background:
         entries = entries[..., 1:]
     want = {"mean": entries.mean(), "sum": entries.sum(), "none": entries}[reduction]
+    assert_like_the_formula(got, x, want, xd, seed=1)
+
+
+def assert_like_the_formula(got, x, want, xd, seed, value_atol=1e-7):
+    """``got`` (of input ``x``) is the float64 ``want`` (of ``xd``) in shape, value and
+    gradient, for a seeded random upstream gradient of every entry."""
     assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
-    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=value_atol)
+    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(seed))
     got.backward(upstream)
     want.backward(upstream.double())
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)
