@@ -97,6 +97,13 @@ def _one_line_error(capsys, argv):
     (["--phantom-size", "0"], "--phantom-size must be at least 1; got 0"),
     (["--phantom-patients", "0"], "--phantom-patients must be at least 1; got 0"),
     (["--phantom-seed", "-1"], "--phantom-seed must be >= 0; got -1"),
+    # accepted when only table1 ran: the report's Setup then gave a restart "at epoch -5"
+    (["--experiment", "table1", "--switch-epoch", "-5", "--switch-lr", "restart"],
+     "--switch-epoch must lie in 1 .. --long-epochs - 1 = 5 (a switch at -5 of 6 epochs never "
+     "happens)"),
+    (["--experiment", "table1", "--switch-epoch", "2"],
+     "--switch-epoch applies only to the experiments that switch, or with --switch-lr restart; "
+     "the chosen experiments (table1) do not read it"),
     (["--seeds", "0", "-1"], "--seeds must be >= 0; got [0, -1]"),
     (["--split-seed", "-1"], "--split-seed must be >= 0; got -1"),
     # a trigger that cannot fire within the run: reported as a switch that never happened
@@ -561,3 +568,45 @@ def test_a_missing_data_dir_is_named_before_the_encoder_weights_load(capsys, tmp
     assert error == (f"{missing / 'dataset.json'} not found: --data-dir must be the "
                      "Task10_Colon folder (the one holding dataset.json, imagesTr/ and "
                      "labelsTr/)")
+
+
+def test_different_losses_never_share_a_run_folder():
+    """`(iou+bce)*2` and `(iou+bce*2)` were both named `_iou_plus_bcex2`: only the first was
+    trained, and the report gave its numbers to both."""
+    from msd_colon_lib import experiments
+
+    a, b = "(iou+bce)*2", "(iou+bce*2)"
+    assert experiments.slug(a) != experiments.slug(b)
+    grid = experiments.plan("table1", losses=[a, b], epochs=2, long_epochs=4, switch_epoch=2)
+    assert sorted(s.loss for s in experiments.unique_runs(grid)) == sorted([a, b])
+    # the same spec spelled with other spaces is the same run; plain specs keep their names
+    assert experiments.slug("iou + bce") == experiments.slug("iou+bce") == "iou_plus_bce"
+    assert experiments.slug("iou->bce@50") == "iou_to_bce_at_50"
+    assert experiments.slug("iou->bce@plateau(patience=5, max_epochs=75)") == experiments.slug(
+        "iou->bce@plateau(patience=5,max_epochs=75)")
+
+
+def test_two_losses_on_one_run_folder_are_refused(monkeypatch):
+    """The safety net under the names: whatever maps two losses to one folder is an error, never
+    one run reported twice."""
+    from msd_colon_lib import experiments
+
+    monkeypatch.setattr(experiments, "slug", lambda spec: "same")
+    specs = [experiments.RunSpec("table1", "iou", 2, 0), experiments.RunSpec("table1", "bce", 2, 0)]
+    with pytest.raises(ValueError, match="'iou' and 'bce' would share the run folder "
+                                         "runs/same/e2/seed0"):
+        experiments.unique_runs(specs)
+    same = [experiments.RunSpec("table1", "iou+bce", 2, 0),
+            experiments.RunSpec("table2", "iou + bce", 2, 0)]
+    assert experiments.unique_runs(same) == same[:1]
+
+
+def test_a_dry_run_benchmark_lists_the_losses_it_times(capsys):
+    """`--dry-run --benchmark` printed the training grid (4 runs, table3's among them), which a
+    benchmark never trains."""
+    msd_colon.main(["--dry-run", "--benchmark"])
+    assert capsys.readouterr().out.splitlines() == [
+        "benchmark: 30 timed training steps of each loss: 'iou', 'bce', 'iou+bce'"]
+    msd_colon.main(["--dry-run", "--benchmark", "--loss", "dice", "--benchmark-steps", "5"])
+    assert capsys.readouterr().out.splitlines() == [
+        "benchmark: 5 timed training steps of each loss: 'dice'"]

@@ -360,3 +360,51 @@ def test_the_papers_numbers_stand_only_beside_the_papers_switch_point(tmp_path):
     assert not rows["| `iou->bce@3`"].endswith("| — | — |")
     assert rows["| `dice->bce@2`"].endswith("| — | — |")
     assert rows["| `iou->focal@plateau(patience=1)`"].endswith("| — | — |")
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # no loss terms
+def test_table4_sets_the_papers_numbers_only_beside_the_papers_switch_point(tmp_path):
+    """Table 4's switching arm at 2 of 6 epochs (the paper's: half of the run) was printed beside
+    the paper's "0.65 vs 0.77", as Table 3's was before it checked the switch point."""
+    def fold(loss, k, value):
+        return (RunSpec("table4", loss, 6, 0, fold=k, pair="iou&bce"),
+                _with(_res(epochs=6), dice_global=value, iou_global=value))
+
+    def paper_cells(switch):
+        runs = [fold(loss, k, 0.3 + 0.1 * k + 0.05 * (loss != "iou+bce"))
+                for k in range(3) for loss in ("iou+bce", switch)]
+        text = write_report(tmp_path, runs, setup={}, context={"experiments": ["table4"]}
+                            ).read_text()
+        return _line(text, "| iou & bce |", "global (pixels)").split(" | ")[-2:]
+
+    assert paper_cells("iou->bce@3") == ["0.65 vs 0.77", "0.56 vs 0.67 |"]
+    assert paper_cells("iou->bce@2") == ["—", "— |"]
+    assert paper_cells("iou->bce@plateau(patience=1)") == ["—", "— |"]
+
+
+@pytest.mark.parametrize("extra, deviation", [
+    (["--switch-epoch", "30"], "--switch-epoch 30 (the paper's 50)"),
+    (["--switch-lr", "restart"], "--switch-lr restart (the paper's keep)"),
+    (["--max-cases", "5"], "--max-cases 5 (the paper's all 126 cases)"),
+    (["--test-fraction", "0.5"], "--test-fraction 0.5 (the paper's 0.2)"),
+])
+def test_the_paper_preset_names_every_protocol_option_changed(extra, deviation):
+    """Only the preset's own keys were compared: a `paper` run switching at epoch 30, restarting
+    its LR, on 5 cases or on another split had no warning, and Tables 3-4 printed the paper's
+    numbers beside it."""
+    import msd_colon
+    from msd_colon_lib.options import apply_preset, validate
+    from msd_colon_lib.runner import paper_deviations
+
+    def deviations(more):
+        args = msd_colon.parser().parse_args(["--data-dir", "x", "--preset", "paper", *more])
+        apply_preset(args)
+        validate(args)
+        return paper_deviations(args)
+
+    assert deviations([]) == []
+    assert deviations(extra) == [deviation]
+    # the paper's own values are no deviation, given or not
+    assert deviations(["--switch-epoch", "50", "--switch-lr", "keep",
+                       "--test-fraction", "0.2"]) == []

@@ -13,6 +13,7 @@ import torch
 from .data import SliceStore
 from .distributed import Dist, broadcast, resolve_device
 from .errors import OptionsError
+from .options import BENCHMARK_LOSSES
 from .training import RunConfig, loader, optimizer_step, training_setup
 
 
@@ -91,7 +92,7 @@ def run_benchmark(args: Any, store: SliceStore, out: Path, d: Dist, synthetic: b
     write ``benchmark.json`` and ``benchmark.md``."""
     data = "synthetic phantom" if synthetic else "Task10_Colon"
     rows = []
-    for spec in args.loss or ["iou", "bce", "iou+bce"]:
+    for spec in args.loss or BENCHMARK_LOSSES:
         cfg = RunConfig(loss=spec, epochs=1, batch_size=args.batch_size, lr=args.lr,
                         encoder_weights=args.encoder_weights, amp=args.amp, workers=args.workers,
                         device=args.device)

@@ -28,12 +28,15 @@ which table asked for it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import OptionsError
 
 SINGLE = ("focal", "topk", "bce", "dice", "iou", "tversky")
 COMPOSITE = ("tversky+bce", "iou+bce", "iou+topk", "dice+focal")
@@ -96,14 +99,19 @@ class RunSpec:
 
 
 def slug(spec: str) -> str:
-    """A folder name for a loss spec.
+    """A folder name for a loss spec: the spec in words, and where that drops or merges some of
+    its characters (parentheses, commas), the first 8 hex digits of its SHA-1 (spaces aside),
+    so that different losses never share a folder.
 
     >>> slug("iou->bce@50"), slug("iou->bce@plateau(patience=5, max_epochs=75)")
-    ('iou_to_bce_at_50', 'iou_to_bce_at_plateau_patience=5_max_epochs=75')
+    ('iou_to_bce_at_50', 'iou_to_bce_at_plateau_patience=5_max_epochs=75-7ee212fa')
     """
+    spec = spec.replace(" ", "")
     s = spec.replace("->", "_to_").replace("+", "_plus_").replace("@", "_at_").replace("*", "x")
-    s = s.replace("(", "_").replace(",", "_").replace(" ", "")
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "", s)
+    words = re.sub(r"[^A-Za-z0-9_.=-]+", "", s.replace("(", "_").replace(",", "_"))
+    if words == s:
+        return words
+    return f"{words}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
 def base_spec(spec: str) -> str:
@@ -254,10 +262,14 @@ def plan(
 
 
 def unique_runs(specs: Sequence[RunSpec]) -> list[RunSpec]:
-    """One spec per run folder, in the order of first appearance."""
+    """One spec per run folder, in the order of first appearance (specs that differ in spaces
+    alone are one run); two different losses for one folder are refused (:class:`OptionsError`)."""
     seen: dict[str, RunSpec] = {}
     for spec in specs:
-        seen.setdefault(spec.name, spec)
+        first = seen.setdefault(spec.name, spec)
+        if first.loss.replace(" ", "") != spec.loss.replace(" ", ""):
+            raise OptionsError(f"the losses {first.loss!r} and {spec.loss!r} would share the run "
+                             f"folder {spec.name}")
     return list(seen.values())
 
 

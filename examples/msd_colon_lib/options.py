@@ -48,6 +48,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder_weights": "imagenet",
     },
 }
+PAPER_PROTOCOL: dict[str, Any] = {
+    "switch_epoch": 50, "switch_lr": "keep", "max_cases": None, "test_fraction": 0.2,
+}
+"""The paper's values of the protocol's options that no preset sets (../shared/PAPER.md: the
+switch at epoch 50 of 100 with the LR left to its scheduler, all 126 labelled cases, 10,788 /
+2,698 = a fifth of the slices for testing)."""
+BENCHMARK_LOSSES = ("iou", "bce", "iou+bce")
+"""The losses ``--benchmark`` times when no ``--loss`` is given."""
 GRID_OPTIONS = (("--experiment", "experiment"), ("--pair", "pair"),
                 ("--switch-fractions", "switch_fractions"), ("--folds", "folds"),
                 ("--adaptive-trigger", "adaptive_trigger"))
@@ -274,7 +282,11 @@ def validate(args: argparse.Namespace) -> None:
         wanted = expand(args.experiment)
     except ValueError as error:
         raise OptionsError(f"--experiment: {error}") from error
-    if not args.loss and any(w != "table1" for w in wanted):  # the grid switches losses
+    switching = not args.loss and any(w != "table1" for w in wanted)  # the grid switches
+    need(not args.switch_epoch_given or args.loss or switching or args.switch_lr == "restart",
+         "--switch-epoch applies only to the experiments that switch, or with --switch-lr "
+         f"restart; the chosen experiments ({' '.join(wanted)}) do not read it")
+    if switching or args.switch_epoch_given:
         need(1 <= args.switch_epoch < args.long_epochs,
              f"--switch-epoch must lie in 1 .. --long-epochs - 1 = {args.long_epochs - 1} (a "
              f"switch at {args.switch_epoch} of {args.long_epochs} epochs never happens)")

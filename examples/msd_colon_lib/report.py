@@ -183,7 +183,7 @@ def _table(rows: dict[str, list[dict]], table: str) -> list[str]:
 
 
 def _papers_switch_point(spec: Any) -> bool:
-    """Whether a switching run switches where the paper's Table 3 runs do: at one fixed epoch,
+    """Whether a switching run switches where the paper's Tables 3-4 runs do: at one fixed epoch,
     half of the run (50 of 100; the demo's 3 of 6), not by a trigger nor elsewhere."""
     at = switch_at(spec.loss)  # (of several stages: not digits alone)
     return at.isdigit() and 2 * int(at) == spec.epochs
@@ -212,19 +212,23 @@ def _paired_metrics(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]],
 def table4_rows(runs: Runs) -> list[dict[str, Any]]:
     """Per pair and convention: CF/DA means over folds and both t-tests (Dice and IoU).
 
-    ``folds``: the folds used (those with the metrics on both sides), of ``of`` that both ran.
+    ``folds``: the folds used (those with the metrics on both sides), of ``of`` that both ran;
+    ``papers_switch``: whether every switching run switches where the paper's do.
     """
     by_pair: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    papers_switch: dict[str, bool] = defaultdict(lambda: True)
     for spec, res in runs:
         if spec.table == "table4":
             by_pair[spec.pair][kind(spec.loss)][spec.fold] = res["test"]
+            if kind(spec.loss) == "switch" and not _papers_switch_point(spec):
+                papers_switch[spec.pair] = False
     out = []
     for pair, groups in by_pair.items():
         folds = sorted(set(groups["composite"]) & set(groups["switch"]))
         for c in CONVENTIONS:
             used, metrics = _paired_metrics(groups["composite"], groups["switch"], folds, c)
             out.append({"pair": pair, "convention": c, "folds": used, "of": len(folds),
-                        **metrics})
+                        "papers_switch": papers_switch[pair], **metrics})
     return out
 
 
@@ -572,7 +576,7 @@ def _table4_section(runs: Runs) -> list[str]:
     for row in rows4:
         if not row["of"]:  # no fold ran both arms
             continue
-        p = PAPER_TABLE4.get(row["pair"])
+        p = PAPER_TABLE4.get(row["pair"]) if row["papers_switch"] else None
         cells = [row["pair"].replace("&", " & "), CONVENTION_TITLES[row["convention"]],
                  _used(row["folds"], row["of"])]
         for m in ("dice", "iou"):

@@ -17,7 +17,14 @@ from . import experiments, outlock, splits
 from .data import HU_WINDOW, SliceStore, build_slice_store, open_store, read_cases
 from .distributed import Dist, barrier, broadcast, maybe_destroy, resolve_device, setup_distributed
 from .errors import ExampleError, OptionsError
-from .options import PRESETS, apply_preset, check_device, validate
+from .options import (
+    BENCHMARK_LOSSES,
+    PAPER_PROTOCOL,
+    PRESETS,
+    apply_preset,
+    check_device,
+    validate,
+)
 from .phantom import is_phantom
 from .training import RunConfig, train_run
 
@@ -241,6 +248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     validate(args)
     grid = _plan(args)
     unique = experiments.unique_runs(grid)
+    if args.dry_run and args.benchmark:
+        losses = ", ".join(map(repr, args.loss or BENCHMARK_LOSSES))
+        print(f"benchmark: {args.benchmark_steps} timed training steps of each loss: {losses}")
+        return {"plan": [], "args": args}
     if args.dry_run:
         for spec in unique:
             sections = sorted({s.table for s in grid if s.name == spec.name})
@@ -328,13 +339,16 @@ def paper_deviations(args: argparse.Namespace) -> list[str]:
     (``--image-size 32 (the paper's 256)``, ...); the experiments chosen are not one."""
     if args.preset != "paper":
         return []
+    protocol = {key: value for key, value in PRESETS["paper"].items() if key != "experiment"}
+    protocol.update(PAPER_PROTOCOL)
+    if not getattr(args, "switch_epoch_given", True):  # it follows --epochs, compared above
+        del protocol["switch_epoch"]
     out = []
-    for key, paper in PRESETS["paper"].items():
+    for key, paper in protocol.items():
         value = getattr(args, key, paper)
-        if key == "experiment" or value == paper:
-            continue
-        out.append(f"--{key.replace('_', '-')} {_as_option(value)} (the paper's "
-                   f"{_as_option(paper)})")
+        if value != paper:
+            said = "all 126 cases" if key == "max_cases" else _as_option(paper)
+            out.append(f"--{key.replace('_', '-')} {_as_option(value)} (the paper's {said})")
     return out
 
 
