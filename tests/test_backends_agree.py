@@ -104,7 +104,7 @@ def test_target_that_needs_no_gradient_here_keeps_the_kernels(name):
 
 
 # ------------------------------------------------------------------------------- property test
-LAYOUTS = ("contiguous", "channels_last", "transposed", "strided")
+LAYOUTS = ("contiguous", "channels_last", "transposed", "strided", "negated")
 
 
 def _as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -117,6 +117,8 @@ def _as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
         wide[..., ::2] = t
         return wide[..., ::2]
+    if layout == "negated":  # contiguous, the memory holding -t and the negative bit set
+        return torch._neg_view(-t)
     return t
 
 
@@ -666,3 +668,26 @@ def test_a_zero_dim_input_is_refused():
     with pytest.raises(ValueError, match=r"input must have shape \(N, 1, \*spatial\) or "
                                          r"\(N, \*spatial\) in mode='binary'; got \(\)"):
         DiceLoss()(torch.tensor(0.5), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_a_tensor_with_the_negative_bit_is_read_as_its_values(name, mode, backend):
+    """A contiguous tensor whose memory holds ``-x`` and whose negative bit is set (what
+    ``z.conj().imag`` gives) is ``x``: the kernels read the raw memory and computed the loss of
+    ``-x`` (BCE 0.20 instead of 1.70 for a logit of -1.5, with ``backend="auto"`` too), and of
+    a target ``-1`` (NaN)."""
+    x, target = seeded_case(mode, (2, 3, 5))
+    want = _run(name, mode, "reference", {}, x.double(), target.double()
+                if target.is_floating_point() else target, "contiguous", False, torch.float64)
+    negated = _as_layout(x, "negated")
+    assert negated.is_neg() and negated.is_contiguous() and torch.equal(negated, x)
+    got = _run(name, mode, backend, {}, x, target, "negated", False, torch.float32)
+    assert got[3] & set(NODES[backend]), (backend, got[3])  # the kernels ran
+    _close(got[0], want[0], f"{backend} loss")
+    _close(got[1], want[1], f"{backend} input gradient")
+    if not target.is_floating_point():  # a class index with the bit set
+        got = _run(name, mode, backend, {}, x, _as_layout(target, "negated"), "contiguous",
+                   False, torch.float32)
+        _close(got[0], want[0], f"{backend} loss, negated class indices")

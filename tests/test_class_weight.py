@@ -216,10 +216,10 @@ def test_a_weights_tensor_keeps_its_values():
     largest number stays allowed."""
     from dynloss._checks import tensor_values
 
-    assert tensor_values(torch.tensor([0.2, 1.5])) == [0.2, 1.5]
+    assert tensor_values("weight", torch.tensor([0.2, 1.5])) == [0.2, 1.5]
     half = torch.tensor([0.2, 1.1], dtype=torch.bfloat16)
-    assert tensor_values(half) == [0.2001953125, 1.1015625]
+    assert tensor_values("weight", half) == [0.2001953125, 1.1015625]
     assert BCELoss("multiclass", weight=half).weight == [0.2001953125, 1.1015625]
     largest = torch.finfo(torch.float32).max
     assert BCELoss(pos_weight=torch.tensor([largest])).pos_weight == largest
-    assert tensor_values(torch.tensor([3, 4])) == [3, 4]
+    assert tensor_values("weight", torch.tensor([3, 4])) == [3, 4]

@@ -494,6 +494,18 @@ def test_tversky_index_checks_its_arguments_like_the_losses():
     torch.testing.assert_close(F.tversky_index(i, p, g, 1, 1, 0), torch.tensor([0.5]))
 
 
+def test_tversky_index_of_numbers_divides_as_a_tensor_does():
+    """Python numbers with a zero denominator raised ZeroDivisionError where tensors give NaN
+    (0/0) or inf: a number is divided as a tensor of it would be."""
+    for sums, weights in [((0.0, 0.0, 0.0), (0.5, 0.5, 0.0)), ((1.0, 0.0, 1.0), (1.0, 0.0, 0.0)),
+                          ((-1.0, 0.0, -1.0), (1.0, 0.0, 0.0)), ((3.0, 4.0, 5.0), (0.3, 0.7, 0))]:
+        want = F.tversky_index(*(torch.tensor([v], dtype=torch.float64) for v in sums), *weights)
+        got = F.tversky_index(*sums, *weights)
+        assert isinstance(got, float)
+        torch.testing.assert_close(torch.tensor([got], dtype=torch.float64), want,
+                                   equal_nan=True, rtol=0, atol=0)
+
+
 def test_tversky_index_takes_tensor_weights_and_compiles_with_changing_ones():
     """The checks of the previous fix refused a learnable (tensor) ``alpha`` and broke
     ``torch.compile(fullgraph=True)`` when a float weight changed between calls (a symbolic
@@ -623,3 +635,24 @@ def test_a_nan_value_is_named_as_such():
                             "from -1.0 to 1.0"):  # (a range without NaN as before)
         dynloss.DiceLoss("multilabel")(torch.zeros(1, 2, 2), torch.tensor([[[0.0, -1.0],
                                                                           [1.0, 0.0]]]))
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda w: dynloss.DiceLoss("multiclass", weight=w), "weight"),
+    (lambda w: dynloss.TverskyLoss(mode="multilabel", weight=w), "weight"),
+    (lambda w: dynloss.BCELoss("multiclass", weight=w), "weight"),
+    (lambda w: dynloss.FocalLoss(mode="multiclass", alpha=w), "alpha"),
+    (lambda w: dynloss.BCELoss("multilabel", pos_weight=w), "pos_weight"),
+    (lambda w: dynloss.BCELoss(pos_weight=w[:1]), "pos_weight"),
+])
+def test_weights_on_the_meta_device_are_refused_naming_the_argument(build, name):
+    """Weights built under ``torch.device("meta")`` crashed the constructors with
+    NotImplementedError ("Cannot copy out of meta tensor") where every other bad weight gets
+    a ValueError naming it."""
+    with torch.device("meta"):
+        weights = torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{name} is a tensor on the meta device, which holds no values to read: create it "
+            "on the CPU (or give numbers)")):
+        build(weights)
+    build(torch.tensor([1.0, 2.0, 3.0]))  # the same weights on the CPU are taken

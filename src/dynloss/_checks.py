@@ -193,7 +193,7 @@ def check_region_weight(weight: object, mode: str, name: str = "weight"
 def _per_class_weights(weight: object, mode: str, name: str) -> tuple[float, ...]:
     """A sequence (or 1-D tensor, read as its values) of weights >= 0, one per class."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        weight = tensor_values(weight)
+        weight = tensor_values(name, weight)
     if isinstance(weight, (str, bytes)) or not isinstance(weight, Sequence):
         raise TypeError(f"{name} must be None or a sequence of per-class weights in "
                         f"mode={mode!r}; got {_shown(weight)}")
@@ -231,7 +231,7 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
             raise ValueError(
                 f"{name} must hold one weight per channel: a tensor of shape (C,) (or (C, 1, "
                 f"1) as BCEWithLogitsLoss takes it); got shape {tuple(pos_weight.shape)}")
-        pos_weight = tensor_values(pos_weight)
+        pos_weight = tensor_values(name, pos_weight)
         if len(pos_weight) == 1:
             pos_weight = pos_weight[0]
     if isinstance(pos_weight, Sequence) and not isinstance(pos_weight, (str, bytes)):
@@ -263,13 +263,16 @@ def check_class_weight(weight: object, mode: str, name: str = "weight"
     return _per_class_weights(weight, mode, name)
 
 
-def tensor_values(values: torch.Tensor) -> list[float]:
+def tensor_values(name: str, values: torch.Tensor) -> list[float]:
     """A weights tensor's values as Python numbers; a float32 one's each as the shortest
     decimal that rounds to it (``torch.tensor([0.2])`` gives 0.2, not 0.20000000298...: the
     same float32, and a readable ``repr``). Other dtypes keep their exact values (a half
     precision weight rounded to a short decimal would be another float32 weight), as do
     float32 values beyond 1e30 (float32's largest, 3.4028235e38 as the shortest decimal,
-    lies above it)."""
+    lies above it). A meta tensor, which holds none, is refused naming ``name``."""
+    if values.is_meta:
+        raise ValueError(f"{name} is a tensor on the meta device, which holds no values to "
+                         "read: create it on the CPU (or give numbers)")
     flat = values.detach().reshape(-1).cpu()
     exact = flat.tolist()
     if flat.dtype != torch.float32:

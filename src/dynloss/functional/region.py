@@ -118,8 +118,12 @@ def tversky_index(
                          f"shape; got {named[0]}, {named[1]} and {named[2]}") from None
     weights = [value if isinstance(value, Tensor) else check_non_negative(name, value)
                for name, value in (("alpha", alpha), ("beta", beta), ("smoothing", smoothing))]
-    return _math.tversky_index(intersection, prediction_sum, target_sum,  # type: ignore[type-var]
-                               *weights)
+    try:
+        return _math.tversky_index(intersection, prediction_sum,  # type: ignore[type-var]
+                                   target_sum, *weights)
+    except ZeroDivisionError:  # numbers only: divided as float64 tensors of them (0/0: NaN)
+        as_tensors = (torch.tensor(float(v), dtype=torch.float64) for v in sums.values())
+        return _math.tversky_index(*as_tensors, *weights).item()  # type: ignore[arg-type]
 
 
 def region_sums_reference(layout: Layout, *, from_logits: bool, ignore_index: int | None):

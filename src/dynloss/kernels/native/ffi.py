@@ -77,8 +77,10 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _native_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor:
-    """The target in a dtype the kernels read (bool is read as uint8), contiguous; a float64
-    one as float32 with its own answers to "ignored?" and "in [0, 1]?"."""
+    """The target in a dtype the kernels read (bool is read as uint8), contiguous and in memory
+    as it reads (not negated); a float64 one as float32 with its own answers to "ignored?" and
+    "in [0, 1]?"."""
+    target = target.resolve_neg()
     if target.dtype is torch.float32 and target.is_contiguous():  # the common case, as it is
         return target
     target = kernel_target(target, mode, ignore_index)
@@ -257,7 +259,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
-    x = x.contiguous()
+    x = x.resolve_neg().contiguous()  # (a negative bit: memory holding -x; no copy without)
     given = target  # an error names the caller's values, not those of a converted copy
     target = _native_target(target, mode, ignore_index)
     n, c, m = x.shape if dims is None else dims

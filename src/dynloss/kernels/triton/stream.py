@@ -102,8 +102,9 @@ def multiclass_block(num_classes: int) -> tuple[int, int]:
 
 
 def target_for_kernel(target: Tensor) -> Tensor:
-    """A contiguous target that Triton can load (bool is viewed as uint8)."""
-    target = target.contiguous()
+    """A contiguous target that Triton can load, in memory as it reads (not negated; bool is
+    viewed as uint8)."""
+    target = target.resolve_neg().contiguous()
     return target.view(torch.uint8) if target.dtype == torch.bool else target
 
 
@@ -992,7 +993,9 @@ def fused_backward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | 
 
 
 def prepare_inputs(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` contiguous and the target as the kernels load it (no copy when already so)."""
+    """``x`` contiguous and in memory as it reads (a tensor with the negative bit set holds
+    ``-x``), and the target as the kernels load it (no copy when already so)."""
+    x = x.resolve_neg()
     return (x if x.is_contiguous() else x.contiguous()), target_for_kernel(target)
 
 
