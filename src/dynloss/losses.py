@@ -323,7 +323,7 @@ class BCELoss(_DistributionLoss):
             per-channel weights, kept as a list that refuses changes in place; a tensor
             (``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights of images, or
             ``(C,)``) is read as its values; one value serves every channel. Computed by
-            the native kernels and the torch backend (and the reference).
+            every backend.
         weight: None (default), or ``C`` per-class weights >= 0 of the cross-entropy
             (multiclass mode), as ``CrossEntropyLoss(weight=...)``: the mean divides by the
             kept pixels' class weights; kept as a list that refuses changes in place."""

@@ -139,14 +139,14 @@ def bce_loss(
     elements: one number >= 0 for every channel, or a sequence of ``C`` per-channel weights
     (a tensor, ``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights of images, or
     ``(C,)``, is read as its values; one value serves every channel). Binary and multilabel
-    mode only. Computed by the native kernels and the torch backend (and the reference), not
-    the Triton kernels; a weight of 1 is the unweighted loss, on any backend.
+    mode only. Computed by every backend (the native and Triton kernels weigh each row by its
+    channel's weight); a weight of 1 is the unweighted loss, on any backend.
 
     ``weight`` (default None; multiclass mode only): ``C`` per-class weights >= 0 of the
     cross-entropy, as ``torch.nn.CrossEntropyLoss(weight=w)``: per pixel :math:`w_t\,b`, and
     the mean divides by the kept pixels' :math:`\sum w_t` (not their number; a loss of 0
     where that sum is 0, where torch gives NaN). A 1-D tensor is read as its values. Computed
-    by the native kernels and the torch backend (and the reference), not the Triton kernels.
+    by every backend.
 
     {shared}
     Examples:
