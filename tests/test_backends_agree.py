@@ -691,3 +691,34 @@ def test_a_tensor_with_the_negative_bit_is_read_as_its_values(name, mode, backen
         got = _run(name, mode, backend, {}, x, _as_layout(target, "negated"), "contiguous",
                    False, torch.float32)
         _close(got[0], want[0], f"{backend} loss, negated class indices")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", MODES)
+def test_the_fused_composite_terms_carry_their_gradients(mode, backend):
+    """The fused pass returns ``(total, region, distribution)``; the native one marked the two
+    terms non-differentiable, so a gradient through a term alone (the deprecated
+    ``region_pixel_loss(return_terms=True)``, ``RegionPixelLoss``) was 0 or an error, where
+    the other backends give the reference's."""
+    from dynloss._params import composite_params, distribution_params, region_params
+    from dynloss.functional._call import composite_loss
+
+    x, target = seeded_case(mode, (2, 3, 5))
+
+    def terms(backend, x):
+        common = dict(mode=mode, backend=backend, ignore_index=None)
+        params = composite_params(region_params(alpha=0.3, beta=0.7, **common),
+                                  distribution_params(gamma=2.0, **common), 0.7, 1.3)
+        return composite_loss(x, target, params)
+
+    for weights in [(0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, -2.0, 3.0)]:
+        got, want = [], []
+        for name, out in (("backend", got), ("reference", want)):
+            xs = x.double().detach().requires_grad_(True) if name == "reference" else (
+                x.detach().clone().requires_grad_(True))
+            values = terms(backend if name == "backend" else "reference", xs)
+            sum(w * v for w, v in zip(weights, values, strict=True)).backward()
+            out += [*(v.detach() for v in values), xs.grad]
+        for what, g, w in zip(("total", "region", "distribution", "gradient"), got, want,
+                              strict=True):
+            _close(g, w, f"{backend} {what} for weights {weights}")

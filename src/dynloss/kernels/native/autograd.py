@@ -295,35 +295,37 @@ class NativeCompositeLoss(torch.autograd.Function):
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
         ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, 1.0 / count, params,
                       checked, fwd.overflowed)
-        ctx.mark_non_differentiable(region, distribution)  # the terms are for logging
         return combined, region, distribution
 
     @staticmethod
-    def backward(ctx, grad_combined, _grad_region, _grad_distribution):
+    def backward(ctx, grad_combined, grad_region, grad_distribution):
         x, target, probabilities, slope = ctx.saved_tensors
         (config, invalid, sums, cells, coefficients, inverse_count, params, checked,
          overflowed) = ctx.native
-        grad_combined = _scaled(grad_combined, invalid)
-        if (must_recompute(grad_combined) or overflowed or invalid  # (invalid: see the region loss)
-                or _non_finite(grad_combined)):
-            def value(xs: Tensor) -> Tensor:
+        grads = tuple(_scaled(g, invalid) for g in (grad_combined, grad_region,
+                                                     grad_distribution))
+        if (must_recompute(*grads) or overflowed or invalid  # (invalid: see the region loss)
+                or _non_finite(*grads)):
+            def value(xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                 layout = _layout(xs, target, params.region.mode)
                 total, count = reference.distribution_sum(layout, params.distribution, checked)
-                return (params.region_weight * reference.REFERENCE.region(layout, params.region,
-                                                                          checked)
-                        + params.distribution_weight * (total / count))
-            (grad,) = recompute_backward(value, (x,), (grad_combined,))
+                region = reference.REFERENCE.region(layout, params.region, checked)
+                distribution = total / count
+                return (params.region_weight * region
+                        + params.distribution_weight * distribution, region, distribution)
+            (grad,) = recompute_backward(value, (x,), grads)
             return grad, None, None, None, None
-        upstream = float(grad_combined)
+        # each term's upstream gradient: its own and its weight's share of the combined one's
+        upstream = float(grads[0])
+        region_upstream = upstream * params.region_weight + float(grads[1])
+        pixel = (upstream * params.distribution_weight + float(grads[2])) * inverse_count
         saved = (target, probabilities, slope)
-        pixel = upstream * params.distribution_weight * inverse_count
         if coefficients is not None:
-            grad = native_backward(saved, config, *coefficients, pixel,
-                                   upstream * params.region_weight,
+            grad = native_backward(saved, config, *coefficients, pixel, region_upstream,
                                    pooled=not params.region.per_image)
             return grad, None, None, None, None
         n, c, _ = config[5]
-        gi, gp = _region_grads(sums, cells, grad_combined * params.region_weight, params.region,
+        gi, gp = _region_grads(sums, cells, torch.scalar_tensor(region_upstream), params.region,
                                n, c)
         grad = native_backward(saved, config, gi, gp, pixel)
         return grad, None, None, None, None
