@@ -722,3 +722,31 @@ def test_the_fused_composite_terms_carry_their_gradients(mode, backend):
         for what, g, w in zip(("total", "region", "distribution", "gradient"), got, want,
                               strict=True):
             _close(g, w, f"{backend} {what} for weights {weights}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_focal_slope_stays_finite_where_the_cross_entropy_overflows(backend, gamma, dtype):
+    """Finite logits whose gap exceeds the dtype's range give a cross-entropy ``b = inf`` (and
+    an infinite loss, as torch's); the focal slope ``q^g (1 + g e^{-b} b / q)`` tends to 1
+    there, but ``e^{-b} b`` was formed as ``0 * inf``: a NaN gradient on every backend, where
+    BCE's and torch's cross-entropy gradient is finite."""
+    if backend in ("native", "triton") and dtype == torch.float64:
+        pytest.skip("the kernels take float32 (float64 goes to another backend)")
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[[-big], [big]], [[0.5], [-0.25]]], dtype=dtype).reshape(2, 2, 1)
+    x.requires_grad_(True)
+    target = torch.tensor([[0], [0]])
+    loss = FocalLoss(mode="multiclass", gamma=gamma, backend=backend)(x, target)
+    loss.backward()
+    assert loss.item() == math.inf
+    # pixel 0: the slope's limit 1 times d b / d x = softmax - one-hot = (-1, 1), over 2 pixels
+    torch.testing.assert_close(x.grad[0, :, 0], torch.tensor([-0.5, 0.5], dtype=dtype))
+    # pixel 1: the float64 formula (b = softplus(x_1 - x_0) of two classes)
+    b = torch.nn.functional.softplus(torch.tensor(-0.75, dtype=torch.float64))
+    q = -torch.expm1(-b)
+    slope = q ** gamma * (1 + gamma * torch.exp(-b) * b / q)
+    p1 = torch.sigmoid(torch.tensor(-0.75, dtype=torch.float64))
+    want = (slope * torch.stack([-p1, p1]) / 2).to(dtype)
+    torch.testing.assert_close(x.grad[1, :, 0], want)

@@ -390,6 +390,11 @@ _SQRT_TINY = {dtype: math.sqrt(torch.finfo(dtype).tiny) for dtype in (torch.floa
 """Per dtype the losses compute in (half precision is computed in float32), the square root
 of its smallest normal number: below it ``1 - e^{-b}`` is ``b`` to every digit, and
 ``gamma q^(gamma - 1)`` may overflow (:func:`focal_modulation`)."""
+SATURATED_B = 100.0
+"""A cross-entropy ``b`` beyond which ``e^{-b} b`` (at most 3.8e-42) is 0 against 1 in every
+dtype: the focal slope's ``e^{-b} b / q`` is formed with ``b`` clamped to it, so that an
+infinite ``b`` (finite logits whose gap overflows) gives the slope's limit, not ``0 * inf``.
+The native and Triton kernels clamp at the same value."""
 
 
 def focal_modulation(b: Tensor, gamma: float) -> Tensor:
@@ -415,8 +420,9 @@ def focal_modulation(b: Tensor, gamma: float) -> Tensor:
     """
     if gamma == 0:
         return b
-    q = -torch.expm1(-b)
     if torch.is_grad_enabled() and b.requires_grad:
+        # q's slope e^{-b} is 0 from SATURATED_B on: no 0 * inf where b is infinite
+        q = -torch.expm1(-b.clamp(max=SATURATED_B))
         if gamma >= 1:  # gamma q^(gamma - 1) is finite at q = 0
             return q.pow(gamma) * b
         certain = q == 0  # NaN is not: it stays NaN
@@ -425,6 +431,7 @@ def focal_modulation(b: Tensor, gamma: float) -> Tensor:
         small = torch.where(tiny, b, 1.0).pow(1 + gamma)
         large = torch.where(certain | tiny, 1.0, q).pow(gamma) * b
         return torch.where(certain, 0.0, torch.where(tiny, small, large))
+    q = -torch.expm1(-b)
     q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
     return q.mul_(b)
 
@@ -439,7 +446,7 @@ def focal_modulation_and_slope(b: Tensor, gamma: float) -> tuple[Tensor, Tensor]
     q = b.neg()
     e = torch.exp(q)  # e^{-b}
     q.expm1_().neg_()  # 1 - e^{-b}, computed directly (no cancellation at small b)
-    ratio = torch.div(b, q)
+    ratio = b.clamp(max=SATURATED_B).div_(q)  # (e^{-b} b: 0, not 0 * inf, at an infinite b)
     ratio = torch.where(q == 0, 1.0, ratio)  # b / q is 1 at b = q = 0 (and NaN stays NaN)
     ratio.mul_(e).mul_(gamma).add_(1)
     q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)

@@ -270,6 +270,8 @@ struct Args {
   int64_t weighted_count;
 };
 
+constexpr float kSaturatedB = 100.0f;
+
 // The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
 // slope factor d/db (q^gamma b) = q^gamma (1 + gamma e^{-b} b / q) (b/q -> 1 at q = 0; 1 for
 // BCE), sharing one exponential and one power.
@@ -282,7 +284,8 @@ DL_INLINE float focal_terms(float b, float gamma, float& factor) {
   float eb;
   const float q = one_minus_exp_neg(b, eb);
   const float power = focal_power<PIXEL>(q, gamma);
-  const float ratio = q > 0.0f ? b / q : 1.0f;
+  // b clamped to kSaturatedB (dynloss._math.SATURATED_B): e^{-b} b is 0, not 0 * inf, at b = inf
+  const float ratio = q > 0.0f ? (b < kSaturatedB ? b : kSaturatedB) / q : 1.0f;
   factor = power * (1.0f + gamma * eb * ratio);
   return power * b;
 }

@@ -113,7 +113,8 @@ def focal_coef(coef, b, gamma):
     the reference's ``inf * 0``, not +-inf."""
     q = one_minus_exp_neg(b)
     pos = q > 0.0
-    ratio = tl.where(pos, b / tl.where(pos, q, 1.0), 1.0)
+    # b clamped to dynloss._math.SATURATED_B: e^{-b} b is 0, not 0 * inf, at an infinite b
+    ratio = tl.where(pos, tl.minimum(b, 100.0) / tl.where(pos, q, 1.0), 1.0)
     qg = tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), 0.0)
     slope = qg * (1.0 + gamma * tl.exp(-b) * ratio)
     saturated = (tl.abs(coef) == float("inf")) & (q == 1.0)
