@@ -51,9 +51,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 PAPER_PROTOCOL: dict[str, Any] = {
     "switch_epoch": 50, "switch_lr": "keep", "max_cases": None, "test_fraction": 0.2,
 }
-"""The paper's values of the protocol's options that no preset sets (../shared/PAPER.md: the
-switch at epoch 50 of 100 with the LR left to its scheduler, all 126 labelled cases, 10,788 /
-2,698 = a fifth of the slices for testing)."""
+"""The paper's values of the protocol's options that no preset sets (the switch at epoch 50 of
+100 with the LR left to its scheduler, all 126 labelled cases, 10,788 / 2,698 = a fifth of the
+slices for testing; docs/example.md)."""
 BENCHMARK_LOSSES = ("iou", "bce", "iou+bce")
 """The losses ``--benchmark`` times when no ``--loss`` is given."""
 GRID_OPTIONS = (("--experiment", "experiment"), ("--pair", "pair"),
