@@ -79,6 +79,25 @@ def test_losses_compile_fullgraph(loss, mode):
     _compare(loss, x, t)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("name", ["dice", "bce", "composite"])
+def test_a_named_kernel_backend_compiles_fullgraph(name, backend, monkeypatch):
+    """``backend="native"`` named inside ``torch.compile(fullgraph=True)`` in a process whose
+    first call it was failed ("Unsupported context manager": loading the kernels takes a lock)
+    where ``"auto"`` compiled; a backend that cannot run in a graph gives way to one that can,
+    as documented."""
+    from dynloss.kernels.native import build
+
+    dispatch.clear_cache()
+    monkeypatch.setattr(build, "_status", None)  # as in a new process: not loaded yet
+    monkeypatch.setattr(build, "_library", None)
+    if name == "composite":
+        loss = CompositeLoss([DiceLoss(backend=backend), BCELoss(backend=backend)])
+    else:
+        loss = dynloss.LOSSES[name](backend=backend)
+    _compare(loss, *_inputs("binary"))
+
+
 def test_composite_with_a_schedule_compiles_once():
     """Ten steps of a ramped weight: the value changes every step, the graph does not."""
     loss = CompositeLoss([DiceLoss(), FocalLoss()], weights=[1.0, LinearRamp(0, 10)])

@@ -71,6 +71,8 @@ class NativeBackend:
     def unavailable(self, x: Tensor) -> str | None:
         if x.device.type != "cpu":
             return f"it needs a CPU tensor; got a tensor on {x.device.type}"
+        if torch.compiler.is_compiling():  # never chosen in a graph (not compilable), and the
+            return None  # first load, behind a lock, cannot be traced
         if library() is None:
             return status()
         return None
