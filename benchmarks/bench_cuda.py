@@ -47,6 +47,7 @@ import contextlib
 import json
 import math
 import platform
+import random
 import re
 import statistics
 import time
@@ -77,6 +78,9 @@ IMPLS = ["dynloss", "smp", "monai", "torch", "nnunet"]
 TVERSKY = (0.3, 0.7)
 TOPK = 0.6
 GOAL_SHAPE = (32, 1, 256, 256)
+ROUNDS = 5
+"""Rounds of the eager timing: each times a block of ``--reps / ROUNDS`` steps of every
+implementation, in a new random order."""
 GOAL_SPEEDUP = 5.0
 GOAL_COPY = 0.5
 GOAL_LARGE = 32 * 2**20
@@ -241,6 +245,8 @@ def _monai(monai_losses, loss: str, mode: str) -> Callable | None:
         fn = monai_losses.TverskyLoss(alpha=TVERSKY[0], beta=TVERSKY[1], batch=True, **kw)
     elif loss == "focal":
         fn = monai_losses.FocalLoss(gamma=2.0, use_softmax=mc, to_onehot_y=mc)
+        if mc:  # its mean is over N*C*H*W (one nonzero term per pixel): ours over N*H*W
+            return lambda x, t: fn(x, t.unsqueeze(1)) * x.shape[1]
     elif loss == "dice+bce":
         fn = monai_losses.DiceCELoss(batch=True, **kw)
     elif loss == "dice+focal":
@@ -713,14 +719,18 @@ def main() -> int:
         "settings": {"reps": args.reps, "warmup": args.warmup, "budget_s": args.budget,
                      "compile_budget_s": args.compile_budget},
         "description": (
-            f"Forward+backward per step: eager wall time (median of {args.reps} after "
-            f"{args.warmup} warm-up, CUDA events), device time and launches per step (the "
-            "profiler's GPU activity: kernels, memsets, copies), the step under "
+            f"Forward+backward per step: eager wall time (median of {ROUNDS} rounds of "
+            f"{max(1, math.ceil(args.reps / ROUNDS))} steps after {args.warmup} warm-up, every "
+            "implementation in a new random order each round; CUDA events), device time "
+            "and launches per step (the profiler's GPU activity: kernels, memsets, copies), "
+            "the step under "
             "torch.compile(mode='reduce-overhead'), peak memory allocated beyond the inputs "
             "in multiples of the input's size (the gradient itself is 1.0), and the ideal "
             "traffic (read input+target twice, write the gradient once) per device second as "
             "a fraction of a device copy of input+target. dynloss runs with backend='auto' "
-            "(the Triton kernels on CUDA) and check_values=False (its CUDA default)."),
+            "(the Triton kernels on CUDA) and check_values=False (its CUDA default); every "
+            "row's value is compared with dynloss's reference (a dynloss row that differs is "
+            "an error; MONAI's multiclass Focal, a mean over the classes too, is times C)."),
         "notes": notes,
         "copy": {},
         "host": [],
@@ -730,6 +740,7 @@ def main() -> int:
     for note in notes:
         print("NOTE:", note, flush=True)
     rows: list[Row] = []
+    rng = random.Random(0)  # the order of the implementations in each timing round
 
     def write() -> None:
         meta["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -765,21 +776,29 @@ def main() -> int:
             except Exception as exc:
                 notes.append(f"copy {shape} {dname}: {type(exc).__name__}: {exc}")
             for loss in losses:
+                if time.monotonic() - started > args.budget:
+                    over_budget = True
+                    break
+                with torch.no_grad():
+                    want = _dynloss(loss, mode, "reference")(x, t).float()
+                steps: dict[str, tuple[Row, Callable[[], None]]] = {}
+                made: list[Row] = []
                 for impl in impls:
-                    if time.monotonic() - started > args.budget:
-                        over_budget = True
-                        break
                     row = Row(list(shape), mode, dname, loss, impl, ideal_bytes=ideal)
                     try:
                         fn = implementation(impl, loss, mode, smp, monai_losses, backend)
                         if fn is None:
                             continue  # no such loss in that library
+                        with torch.no_grad():  # every row's value against the reference's
+                            value = fn(x, t).float()
+                        row.max_abs_diff_vs_reference = float((value - want).abs().max())
+                        if impl == "dynloss" and not torch.allclose(value, want, rtol=1e-4,
+                                                                    atol=1e-5):
+                            raise ValueError(f"its value differs from the reference's by "
+                                             f"{row.max_abs_diff_vs_reference:.3g}")
                         step = make_step(fn, x, t)
                         step()  # compile / warm caches
                         peak = dev.peak_extra(step)
-                        times = dev.times(step, args.warmup, args.reps)
-                        row.ms = statistics.median(times)
-                        row.ms_p20, row.ms_p80 = _quantile(times, 0.2), _quantile(times, 0.8)
                         if peak is not None:
                             row.peak_extra_mb = peak / 2**20
                             row.peak_extra_x_input = peak / x_bytes
@@ -790,24 +809,40 @@ def main() -> int:
                                 row.copy_fraction = ideal / (row.device_ms * 1e-3) / 1e9 / copy_bw
                         elif args.cpu_smoke and impl == "dynloss":
                             row.launches = count_interpreted_launches(step)
-                        if impl == "dynloss":
-                            with torch.no_grad():
-                                value = fn(x, t).float()
-                                want = _dynloss(loss, mode, "reference")(x, t).float()
-                            row.max_abs_diff_vs_reference = float((value - want).abs().max())
+                        dev.times(step, args.warmup, 0)  # its warm-up before the rounds
+                        steps[impl] = (row, step)
                         fns[(tuple(shape), dname, loss, impl)] = fn
                     except Exception as exc:
                         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                         if impl == "dynloss":
                             row.extra["traceback"] = traceback.format_exc()[-3000:]
                     rows.append(row)
+                    made.append(row)
+                # timed side by side: ROUNDS rounds, each a block of reps of every
+                # implementation in a new random order (drift of clocks, temperature or the
+                # allocator then falls on all of them alike)
+                times: dict[str, list[float]] = {impl: [] for impl in steps}
+                block = max(1, math.ceil(args.reps / ROUNDS))
+                for _ in range(ROUNDS):
+                    for impl in rng.sample(list(steps), len(steps)):
+                        try:
+                            times[impl] += dev.times(steps[impl][1], 0, block)
+                        except Exception as exc:
+                            steps[impl][0].error = f"{type(exc).__name__}: {exc}"[:300]
+                for impl, (row, _step) in steps.items():
+                    if row.error:
+                        continue
+                    row.ms = statistics.median(times[impl])
+                    row.ms_p20, row.ms_p80 = (_quantile(times[impl], 0.2),
+                                              _quantile(times[impl], 0.8))
+                for row in made:
                     status = row.error or (
                         f"{row.ms:8.3f} ms  device {_fmt(row.device_ms)} ms  launches "
                         f"{_fmt(row.launches, '.0f')}  peak+{row.peak_extra_x_input or 0:5.2f}x "
                         f" {(row.copy_fraction or 0):5.0%} of copy  "
                         f"diff {row.max_abs_diff_vs_reference}")
-                    print(f"{mode:10s} {shape!s:22s} {dname:9s} {loss:11s} {impl:8s} {status}",
-                          flush=True)
+                    print(f"{mode:10s} {shape!s:22s} {dname:9s} {loss:11s} {row.impl:8s} "
+                          f"{status}", flush=True)
                 if over_budget:
                     break
             inputs[(tuple(shape), dname)] = (x, t)

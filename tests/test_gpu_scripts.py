@@ -71,6 +71,41 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert list(tmp_path.glob("bench_*.png")), "no plot"
 
 
+def test_benchmark_refuses_a_dynloss_row_whose_value_is_wrong(tmp_path):
+    """bench_cuda.py printed the dynloss row's difference from the reference but timed and
+    published the row whatever it was (a loss twice the right one exited 0); every row's value
+    is now compared, and a dynloss row that differs is an error (exit status 1)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    script = ROOT / "benchmarks" / "bench_cuda.py"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['bench_cuda.py', '--cpu-smoke', '--losses', 'dice', '--impls', "
+        f"'dynloss,torch', '--host-losses', '', '--compile-budget', '0', '--out', "
+        f"{str(tmp_path)!r}]\n"
+        f"g = runpy.run_path({str(script)!r}, run_name='bench')['main'].__globals__\n"
+        "right = g['implementation']\n"
+        "def doubled(impl, *args):\n"
+        "    fn = right(impl, *args)\n"
+        "    return (lambda x, t: 2 * fn(x, t)) if impl == 'dynloss' else fn\n"
+        "g['implementation'] = doubled\n"
+        "sys.exit(g['main']())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (report,) = tmp_path.glob("bench_*.json")
+    rows = json.loads(report.read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "dynloss"]
+    assert ours and all(r["error"].startswith("ValueError: its value differs from the "
+                                              "reference's by ") and r["ms"] is None
+                        for r in ours), ours
+    peers = [r for r in rows if r["impl"] == "torch"]
+    assert peers and all(r["max_abs_diff_vs_reference"] < 1e-5 and r["ms"] > 0
+                         for r in peers), peers
+
+
 TABLE_META = {"shape": (1, 1, 4), "dtype": "float32", "cpu": "cpu", "threads": 1, "torch": "t",
               "smp": None, "monai": None, "dynloss": "d", "date": "now", "repeats": 5,
               "sigmoid_ms": 0.1}
@@ -201,9 +236,10 @@ def _bench_cuda():
 
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
 def test_cuda_benchmark_peers_compute_the_same_loss(mode):
-    """Every peer the GPU benchmark times computes dynloss's loss (MONAI's multiclass focal:
-    the same terms averaged over the one-hot tensor, 1/C of it; nnU-Net's TopK: its count
-    rounded down): a library without the loss is not timed for it. smp's multiclass
+    """Every peer the GPU benchmark times computes dynloss's loss (MONAI's multiclass focal,
+    which averages the same terms over the one-hot tensor, times C: it was timed at 1/C of
+    ours; nnU-Net's TopK: its count rounded down): a library without the loss is not timed
+    for it. smp's multiclass
     FocalLoss (one-vs-rest sigmoid focal) and MONAI's multiclass DiceFocalLoss (whose focal
     term is the sigmoid one whatever ``softmax`` says) are other losses and were timed as
     if they were the same."""
@@ -221,8 +257,6 @@ def test_cuda_benchmark_peers_compute_the_same_loss(mode):
             if fn is None:
                 continue
             got = fn(x, t).item()
-            if impl == "monai" and loss == "focal" and mode == "multiclass":
-                got *= shape[1]
             rtol = 1e-2 if impl == "nnunet" else 1e-5  # (a count of 307 or 308 of 512)
             assert got == pytest.approx(want, rel=rtol), (loss, impl, got, want)
             timed.append((loss, impl))
