@@ -185,3 +185,59 @@ def test_no_host_read(name):
 def test_interpreter_subprocess():
     """Triton was imported without the interpreter here: run this file in a fresh process."""
     run_file_in_interpreter(__file__, _SUBPROCESS_FLAG)
+
+
+@needs_triton
+@pytest.mark.parametrize("name, mode", [("dice", "binary"), ("dice+focal", "multiclass"),
+                                        ("bce", "multilabel"), ("topk", "multiclass")])
+def test_every_launch_runs_on_the_inputs_device(name, mode, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': with the batch on
+    ``cuda:1`` and the current device 0, the kernels would be refused ("cannot be accessed
+    from Triton") or race device 1's stream. Every launch (forward and backward) must run
+    inside the guard that makes the input's device current."""
+    import contextlib
+
+    from dynloss.kernels.triton import stream
+
+    entered: list[object] = []
+    outside: list[str] = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(device)
+        try:
+            yield
+        finally:
+            entered.append(None)
+
+    monkeypatch.setattr(stream, "launch_device", guard)
+    kernel_class = _kernel_class()
+    original = kernel_class.run
+
+    def run(self, *args, **kwargs):
+        if not entered or entered[-1] is None:
+            outside.append(getattr(self, "__name__", repr(self)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", run)
+    x, t = kernel_inputs(mode, (6, 5), seed=3)
+    x = x.to(DEVICE).requires_grad_(True)
+    _loss(name, mode)(x, t.to(DEVICE)).backward()
+    assert not outside, outside
+    assert entered and {d for d in entered if d is not None} == {x.device}
+
+
+def test_the_launch_guard_makes_a_cuda_device_current(monkeypatch):
+    import contextlib
+
+    import torch
+
+    from dynloss.kernels.triton import stream
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: made.append(d) or contextlib.nullcontext())
+    with stream.launch_device(torch.device("cuda", 1)):
+        pass
+    with stream.launch_device(torch.device("cpu")):  # the interpreter: nothing to switch
+        pass
+    assert made == [torch.device("cuda", 1)]

@@ -37,10 +37,13 @@ This module imports Triton at import time; :mod:`dynloss.kernels.triton` imports
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import triton
@@ -75,6 +78,26 @@ REGION, DISTRIBUTION, COMPOSITE = 0, 1, 2
 MEAN, SUM, NONE = 0, 1, 2
 """Reduction codes (``"none"`` only for the region loss)."""
 _REDUCTIONS = {"mean": MEAN, "sum": SUM, "none": NONE}
+
+
+_Launcher = TypeVar("_Launcher", bound=Callable[..., Any])
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The context in which a launch runs on ``device``: Triton launches on the current CUDA
+    device and its stream, not on the tensors' (a batch on ``cuda:1`` while device 0 is
+    current would be refused, or race device 1's stream). Nothing to switch for the
+    interpreter's CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_input_device(launcher: _Launcher) -> _Launcher:
+    """``launcher(xk, ...)`` run with ``xk``'s device current (:func:`launch_device`)."""
+    @functools.wraps(launcher)
+    def launch(xk: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with launch_device(xk.device):
+            return launcher(xk, *args, **kwargs)
+    return launch  # type: ignore[return-value]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -897,6 +920,7 @@ def state_size(spec: FusedSpec, n: int, c: int) -> int:
     return 2 + 2 * (n * c if spec.per_image else c)
 
 
+@on_input_device
 def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | None,
                   out: Tensor, out_r: Tensor | None = None, out_d: Tensor | None = None
                   ) -> Tensor:
@@ -949,6 +973,7 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
     return state
 
 
+@on_input_device
 def fused_backward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | None,
                    state: Tensor, grad_combined: Tensor | None, grad_region: Tensor | None,
                    grad_distribution: Tensor | None) -> Tensor:
@@ -1080,6 +1105,7 @@ class TritonFusedLoss(torch.autograd.Function):
         return (grad, *nones)
 
 
+@on_input_device
 def sums_forward(xk: Tensor, target: Tensor, spec: FusedSpec) -> Tensor:
     """``(N, 3, C)`` float32 region sums (the streaming pass plus one torch sum)."""
     n, c, m = xk.shape

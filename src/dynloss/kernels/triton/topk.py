@@ -51,6 +51,7 @@ from .stream import (
     multiclass_block,
     multiclass_pixel_grad,
     multiclass_tile,
+    on_input_device,
     prepare_inputs,
 )
 
@@ -429,6 +430,7 @@ def new_state(device: torch.device) -> tuple[Tensor, Tensor]:
             torch.empty(2 + TOPK_PROGRAMS, dtype=torch.float32, device=device))
 
 
+@on_input_device
 def topk_forward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | None, out: Tensor
                  ) -> tuple[Tensor, Tensor]:
     """Launch the radix select; writes the loss to ``out`` (0-dim float32) and returns the
@@ -457,6 +459,7 @@ def topk_forward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | Non
     return fstate, ws
 
 
+@on_input_device
 def topk_backward(xk: Tensor, target: Tensor, spec: TopKSpec, alpha: Tensor | None,
                   fstate: Tensor, ws: Tensor, grad_out: Tensor) -> Tensor:
     """``dL/dx`` of TopK (``xk``'s shape and dtype)."""
