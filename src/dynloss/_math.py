@@ -446,8 +446,9 @@ def focal_modulation_and_slope(b: Tensor, gamma: float) -> tuple[Tensor, Tensor]
     q = b.neg()
     e = torch.exp(q)  # e^{-b}
     q.expm1_().neg_()  # 1 - e^{-b}, computed directly (no cancellation at small b)
-    ratio = b.clamp(max=SATURATED_B).div_(q)  # (e^{-b} b: 0, not 0 * inf, at an infinite b)
-    ratio = torch.where(q == 0, 1.0, ratio)  # b / q is 1 at b = q = 0 (and NaN stays NaN)
+    # b / q is 1 at b = q = 0 (0/0; a NaN b still makes e, and so the slope, NaN), and b at
+    # most SATURATED_B where b is infinite (e^{-b} b is then 0, not 0 * inf)
+    ratio = torch.div(b, q).nan_to_num_(nan=1.0, posinf=SATURATED_B)
     ratio.mul_(e).mul_(gamma).add_(1)
     q = q if gamma == 1 else q.square_() if gamma == 2 else q.pow_(gamma)
     ratio.mul_(q)

@@ -304,8 +304,11 @@ class NativeCompositeLoss(torch.autograd.Function):
          overflowed) = ctx.native
         grads = tuple(_scaled(g, invalid) for g in (grad_combined, grad_region,
                                                      grad_distribution))
-        if (must_recompute(*grads) or overflowed or invalid  # (invalid: see the region loss)
-                or _non_finite(*grads)):
+        # the three upstream gradients are 0-dim CPU tensors, read once (free); a recorded or
+        # non-finite one, or an invalid input (see the region loss), goes through the reference
+        upstreams = (None if must_recompute(*grads) or overflowed or invalid
+                     else [float(g) for g in grads])
+        if upstreams is None or not all(map(math.isfinite, upstreams)):
             def value(xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                 layout = _layout(xs, target, params.region.mode)
                 total, count = reference.distribution_sum(layout, params.distribution, checked)
@@ -316,9 +319,9 @@ class NativeCompositeLoss(torch.autograd.Function):
             (grad,) = recompute_backward(value, (x,), grads)
             return grad, None, None, None, None
         # each term's upstream gradient: its own and its weight's share of the combined one's
-        upstream = float(grads[0])
-        region_upstream = upstream * params.region_weight + float(grads[1])
-        pixel = (upstream * params.distribution_weight + float(grads[2])) * inverse_count
+        upstream, own_region, own_distribution = upstreams
+        region_upstream = upstream * params.region_weight + own_region
+        pixel = (upstream * params.distribution_weight + own_distribution) * inverse_count
         saved = (target, probabilities, slope)
         if coefficients is not None:
             grad = native_backward(saved, config, *coefficients, pixel, region_upstream,
