@@ -250,6 +250,10 @@ def check_reduce_mean(rank: int) -> None:
     assert reduce_mean(1.0 if rank == 0 else 2.0) == 1.5
     assert reduce_mean(torch.tensor(4.0 * rank)) == 2.0
     assert reduce_mean(rank) == 0.5
+    # A float64 tensor on the collective's device is the caller's: it keeps its value.
+    metric = torch.tensor(0.5 + rank, dtype=torch.float64)
+    metric_mean = reduce_mean(metric)
+    assert (metric_mean, metric.item()) == (1.0, 0.5 + rank)
 
 
 def _gather(obj: object) -> list:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dynloss.schedules import (
@@ -386,7 +386,10 @@ def test_numpy_integers_are_counts():
 @settings(max_examples=60, deadline=None)
 @given(patience=st.integers(1, 4), min_delta=st.sampled_from([0.0, 0.01, 0.05]),
        mode=st.sampled_from(["min", "max"]),
-       values=st.lists(st.sampled_from([0.5, 0.1, 0.2, 0.45, 0.5, 0.52, 0.9]), max_size=14))
+       values=st.lists(st.sampled_from([0.5, 0.1, 0.2, 0.45, 0.5, 0.52, 0.9, math.inf,
+                                        -math.inf, math.nan]), max_size=14))
+@example(patience=2, min_delta=0.0, mode="min", values=[math.inf] * 4)
+@example(patience=2, min_delta=0.0, mode="max", values=[-math.inf, math.nan, 0.2, 0.4, 0.2, 0.1])
 def test_plateau_is_reduce_lr_on_plateau_with_one_step_less_patience(patience, min_delta, mode,
                                                                      values):
     """The docstring's mapping: ``Plateau(patience=p, min_delta=d)`` fires at the step where

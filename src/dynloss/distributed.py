@@ -248,7 +248,8 @@ def reduce_mean(value: float | Tensor) -> float:
     check_metric(value)
     device = _collective_device(value)
     if isinstance(value, Tensor):
-        buffer = value.detach().reshape(1).to(device=device, dtype=torch.float64)
+        # A copy: the all-reduce writes in place, and the caller's tensor keeps its value.
+        buffer = value.detach().reshape(1).to(device=device, dtype=torch.float64, copy=True)
     else:
         buffer = torch.tensor([metric_value(value)], device=device, dtype=torch.float64)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)

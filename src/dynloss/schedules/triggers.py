@@ -172,7 +172,8 @@ class Plateau(Trigger):
 
     Like ``ReduceLROnPlateau`` with an absolute threshold: with mode ``"min"`` a value ``m``
     improves on the best so far if ``m < best - min_delta`` (``"max"``: ``m > best +
-    min_delta``; NaN never improves). Each ``step()`` without improvement increments a counter,
+    min_delta``; NaN never improves, and the first value improves unless it is the worst
+    infinity, ``inf`` for ``"min"``). Each ``step()`` without improvement increments a counter,
     an improvement resets it; the trigger fires once the counter reaches ``patience`` and the
     stage has run at least ``min_epochs`` steps, or unconditionally when the stage has run
     ``max_epochs`` steps. ``ReduceLROnPlateau`` acts once its counter *exceeds* its patience:
@@ -223,11 +224,13 @@ class Plateau(Trigger):
         self.num_bad = 0
 
     def _improves(self, value: float) -> bool:
-        if self.best is None:
-            return not math.isnan(value)
+        # No best yet is the worst value (as ReduceLROnPlateau starts): an infinity the wrong
+        # way is no improvement on it.
         if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+            best = math.inf if self.best is None else self.best
+            return value < best - self.min_delta
+        best = -math.inf if self.best is None else self.best
+        return value > best + self.min_delta
 
     def update(self, count: int, stage_count: int, metric: float | None) -> bool:
         value = _metric(self, metric)
