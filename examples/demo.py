@@ -3,7 +3,7 @@
     python examples/demo.py
 
 Each of the six losses trains the same small fully convolutional network for a few steps on
-random discs (about 10 % foreground, like the paper's colon data); then a composite and a
+random discs (about 6 % of the pixels foreground); then a composite and a
 switching loss (region loss first, distribution loss after) do the same. It prints each
 run's first and last loss and the Dice of its predictions on held-out blobs. Everything is
 synthetic and seeded; it runs on a CPU in well under a minute.
