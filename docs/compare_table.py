@@ -24,6 +24,7 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import torch
 from monai.losses import DiceLoss as MonaiDiceLoss
+from monai.losses import FocalLoss as MonaiFocalLoss
 
 import dynloss
 
@@ -45,7 +46,9 @@ NOTES = {
         "All losses are called with their defaults except where the row says otherwise "
         "(binary mode for BCE; multiclass with C = 2 for TopK, as nnU-Net's TopK is a "
         "softmax cross-entropy). smp: `segmentation_models_pytorch.losses."
-        "SoftBCEWithLogitsLoss`. MONAI has no BCE, Focal or TopK loss with these options. "
+        "SoftBCEWithLogitsLoss` and `FocalLoss`. MONAI: `monai.losses.FocalLoss` (sigmoid; "
+        "`use_softmax=True, to_onehot_y=True` in multiclass mode); it has no BCE or TopK "
+        "loss with these options. "
         "nnU-Net: its `TopKLoss` re-implemented from its source (`int(num_voxels * k / 100)` "
         "largest cross-entropy values). Inputs are fixed float64 tensors; \"–\" means the "
         "library has no such option."
@@ -175,6 +178,54 @@ def rows() -> list[Row]:
         NA,
         "10 %",
         "dynloss's k is a fraction in (0, 1]; a percentage is refused rather than read as 1000 %",
+    ))
+
+    # 8. nnU-Net's k=1 is 1 %; dynloss's k=1 is every pixel (a valid fraction, not refused).
+    logits = torch.randn(1, 2, 10, 10, generator=gen, dtype=f64)
+    labels = torch.randint(0, 2, (1, 10, 10), generator=gen)
+    out.append((
+        "distribution",
+        "TopK, `k=1` (nnU-Net's 1 %), M = 100 pixels",
+        fmt(dynloss.TopKLoss(k=1, mode="multiclass")(logits, labels).item()),
+        NA,
+        NA,
+        fmt(nnunet_topk(logits, labels, 1)),
+        "dynloss's `k=1` keeps every pixel (the cross-entropy); nnU-Net's 1 % is `k=0.01` "
+        f"here ({fmt(dynloss.TopKLoss(k=0.01, mode='multiclass')(logits, labels).item())})",
+    ))
+
+    # 9. Focal in binary mode with alpha and ignore_index: the same in all three.
+    logits = torch.randn(2, 1, 8, 8, generator=gen, dtype=f64)
+    target = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).to(f64)
+    target[..., :3] = 255
+    out.append((
+        "distribution",
+        "Focal, binary, `alpha=0.25`, `ignore_index=255` on 3 of 8 columns",
+        fmt(dynloss.FocalLoss(alpha=0.25, ignore_index=255)(logits, target).item()),
+        fmt(smp.losses.FocalLoss("binary", alpha=0.25, ignore_index=255)(logits,
+                                                                          target).item()),
+        fmt(MonaiFocalLoss(alpha=0.25, ignore_index=255)(logits, target).item()),
+        NA,
+        "the same loss: the mean over the kept pixels",
+    ))
+
+    # 10. Focal in multiclass mode: softmax here, sigmoids in smp, a mean over C in MONAI.
+    logits = torch.randn(2, 4, 8, 8, generator=gen, dtype=f64)
+    labels = torch.randint(0, 4, (2, 8, 8), generator=gen)
+    one_hot = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).to(f64)
+    multilabel = dynloss.FocalLoss(mode="multilabel")(logits, one_hot).item()
+    out.append((
+        "distribution",
+        "Focal, multiclass, C = 4",
+        fmt(dynloss.FocalLoss(mode="multiclass")(logits, labels).item()),
+        fmt(smp.losses.FocalLoss("multiclass")(logits, labels).item()),
+        fmt(MonaiFocalLoss(use_softmax=True, to_onehot_y=True)(logits,
+                                                               labels.unsqueeze(1)).item()),
+        NA,
+        "dynloss: the softmax probability of the true class, a mean over pixels; smp: "
+        f"sigmoid focal on each class of the one-hot target (dynloss's multilabel, "
+        f"{fmt(multilabel)}); MONAI: softmax like dynloss but a mean over pixels and classes, "
+        "the other classes adding 0 (dynloss's value / C)",
     ))
     return out
 

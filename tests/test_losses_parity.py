@@ -219,3 +219,70 @@ def test_weighted_cross_entropy_from_focal_sum_as_the_docs_say():
     total = dynloss.FocalLoss(gamma=0, alpha=w.tolist(), mode="multiclass", reduction="sum")(x, t)
     close(total / w[t].sum(), torch.nn.functional.cross_entropy(x, t, weight=w), rtol=1e-12,
           atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("multilabel", dtype=torch.float64), alpha=st.sampled_from([None, 0.25, 0.8]))
+def test_monai_sigmoid_focal_is_our_multilabel_focal(backend, case, alpha):
+    """docs/losses/distribution.md: MONAI's FocalLoss (sigmoid) is our binary/multilabel one,
+    ``alpha`` included, and ``ignore_index`` in binary mode."""
+    from monai.losses import FocalLoss as MonaiFocalLoss
+
+    logits, target = case
+    ours = dynloss.FocalLoss(alpha=alpha, mode="multilabel", backend=backend)
+    close(ours(logits, target), MonaiFocalLoss(alpha=alpha)(logits, target))
+    binary_logits, binary_target = logits[:, :1], target[:, :1].clone()
+    binary_target.reshape(-1)[::3] = 255  # every third pixel ignored
+    ours = dynloss.FocalLoss(alpha=alpha, ignore_index=255, backend=backend)
+    close(ours(binary_logits, binary_target),
+          MonaiFocalLoss(alpha=alpha, ignore_index=255)(binary_logits, binary_target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("multiclass", dtype=torch.float64))
+def test_monai_softmax_focal_is_our_multiclass_focal_over_the_classes(backend, case):
+    """docs/losses/distribution.md: MONAI's ``use_softmax=True, to_onehot_y=True`` averages
+    over N·C·pixels (our value / C); its ``reduction="sum"`` is our sum / pixels per image."""
+    from monai.losses import FocalLoss as MonaiFocalLoss
+
+    logits, target = case
+    classes, pixels = logits.shape[1], logits[0, 0].numel()
+    for reduction, scale in (("mean", 1 / classes), ("sum", 1 / pixels)):
+        ours = dynloss.FocalLoss(mode="multiclass", reduction=reduction, backend=backend)
+        theirs = MonaiFocalLoss(use_softmax=True, to_onehot_y=True, reduction=reduction)
+        close(ours(logits, target) * scale, theirs(logits, target.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases("binary", soft=True, dtype=torch.float64), t=st.floats(1e-3, 2))
+def test_monai_jaccard_is_our_per_image_iou_with_half_the_smoothing(backend, case, t):
+    """docs/losses/region.md: MONAI's ``DiceLoss(jaccard=True, smooth_nr=t, smooth_dr=t)`` is
+    our ``IoULoss(per_image=True, smooth=t/2, eps=0)``."""
+    logits, target = case
+    if logits.dim() == 2:
+        logits, target = logits.unsqueeze(1), target.unsqueeze(1)
+    theirs = MonaiDiceLoss(sigmoid=True, jaccard=True, smooth_nr=t, smooth_dr=t, batch=False)
+    ours = dynloss.IoULoss(per_image=True, smooth=t / 2, eps=0.0, backend=backend)
+    close(ours(logits, target), theirs(logits, target), rtol=1e-9, atol=1e-12)
+
+
+def test_smp_tversky_defaults_are_dice_and_ours_the_papers():
+    """The docstrings: smp's TverskyLoss defaults to 0.5 / 0.5 (Dice), ours to 0.3 / 0.7."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    target = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).double()
+    theirs = smp.losses.TverskyLoss("binary", smooth=0.0)(logits, target)
+    close(dynloss.TverskyLoss(0.5, 0.5, smooth=0.0)(logits, target), theirs)
+    close(dynloss.DiceLoss(smooth=0.0)(logits, target), theirs)
+    assert abs(dynloss.TverskyLoss(smooth=0.0)(logits, target).item() - theirs.item()) > 1e-3
+
+
+def test_topk_reads_k_1_as_every_pixel_not_one_percent():
+    """docs/losses/distribution.md: nnU-Net's ``k=1`` (1 %) is ``k=0.01`` here; ``k=1`` is the
+    cross-entropy over every pixel."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 10, 10, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 2, (1, 10, 10), generator=gen)
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    close(dynloss.TopKLoss(k=1, mode="multiclass")(logits, labels), ce.mean())
+    close(dynloss.TopKLoss(k=0.01, mode="multiclass")(logits, labels), ce.max())

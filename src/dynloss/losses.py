@@ -466,7 +466,7 @@ class TopKLoss(_DistributionLoss):
 
     The :math:`\lceil kM \rceil` largest per-element losses of the whole batch are averaged
     (ties at the threshold taken by flat index, deterministically). ``k`` is a fraction:
-    nnU-Net's ``k=10`` (percent) is ``k=0.1`` here.
+    nnU-Net's ``k=10`` (percent) is ``k=0.1`` here, its ``k=1`` (1 %) is ``k=0.01``.
     """
         + _common_doc(
             """
@@ -664,7 +664,8 @@ class TverskyLoss(_RegionLoss):
     :math:`TP = \sum pg`, :math:`FP = \sum p(1-g)`, :math:`FN = \sum (1-p)g`, :math:`s` =
     smooth + eps. ``alpha`` weighs false positives, ``beta`` false negatives. (0.5, 0.5) is
     :class:`DiceLoss`, (1, 1) is :class:`IoULoss`, exactly. Equals smp's
-    ``TverskyLoss("binary", alpha=a, beta=b)`` when the batch has a positive pixel.
+    ``TverskyLoss("binary", alpha=a, beta=b)`` when the batch has a positive pixel (smp's
+    defaults are 0.5 / 0.5, the paper's and ours 0.3 / 0.7: name them when porting).
     """
         + _common_doc(
             """

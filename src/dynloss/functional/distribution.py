@@ -223,7 +223,8 @@ def topk_loss(
     r"""TopK loss: the mean cross-entropy of the ``k`` fraction of elements that score worst.
 
     ``k`` is a *fraction* in (0, 1] (default 0.6, the paper's value read as 60 %);
-    nnU-Net's ``TopKLoss(k=10)`` means 10 %, which is ``k=0.1`` here. The selection pools the
+    nnU-Net's ``TopKLoss(k=10)`` means 10 %, which is ``k=0.1`` here (and its ``k=1``, 1 %,
+    is ``k=0.01``: ``k=1`` keeps every element). The selection pools the
     whole batch (all samples and channels), as nnU-Net does, and counts only the elements kept
     (nnU-Net's ``ignore_label`` counts the ignored ones too, at loss 0). ``k=1`` is BCE.
     ``reduction="sum"`` returns the sum of the selected losses.

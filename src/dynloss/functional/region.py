@@ -218,8 +218,8 @@ def tversky_loss(
     ``alpha = beta = 0.5`` is :func:`dice_loss`, ``alpha = beta = 1`` is :func:`iou_loss`.
     Equals smp's ``TverskyLoss("binary", alpha=a, beta=b)`` for ``smooth=0`` whenever the batch
     has a positive pixel, and MONAI's ``TverskyLoss(sigmoid=True, alpha=a, beta=b,
-    smooth_nr=s, smooth_dr=s)`` (with the same ``alpha``, ``beta``; MONAI's defaults are
-    0.5 / 0.5) with ``per_image=True``.
+    smooth_nr=s, smooth_dr=s)`` with ``per_image=True`` (with the same ``alpha``, ``beta``:
+    smp's and MONAI's defaults are 0.5 / 0.5).
 
     {shared}
     Examples:
