@@ -81,3 +81,11 @@ def test_triton_is_not_chosen_for_more_rows_than_its_int32_offsets_reach(name):
         f"dynloss: backend='triton' cannot compute more than {rows - 1} rows (N x C); "
         "using the 'torch' backend for such calls"]
     assert dispatch.select("triton", x[:-1], need, classes=1).name == "triton"
+    # The rows are N x C: C classes of a batch within the limit still exceed it.
+    classes = 4
+    batch = torch.zeros(1, 1, 1).expand(rows // classes + 1, classes, 1)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert dispatch.select("triton", batch, need, classes=classes).name == "torch"
+    fits = torch.zeros(1, 1, 1).expand((rows - 1) // classes, classes, 1)
+    assert dispatch.select("triton", fits, need, classes=classes).name == "triton"

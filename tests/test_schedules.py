@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -197,6 +198,22 @@ def test_plateau_max_mode_and_nan() -> None:
     assert trigger.update(3, 3, math.nan) is True  # NaN never improves
 
 
+def test_plateau_a_nan_first_value_is_no_improvement() -> None:
+    """A diverged first validation pass: NaN is not the best, so the falling values after it
+    improve, and the state (NaN-free) still loads."""
+    from dynloss import BCELoss, DiceLoss, SwitchingLoss
+
+    trigger = Plateau(patience=2)
+    assert [trigger.update(t, t, m) for t, m in enumerate([math.nan, 0.9, 0.8, 0.7], 1)] == [
+        False] * 4
+    assert (trigger.best, trigger.num_bad) == (0.7, 0)
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
+    loss.step(metric=math.nan)
+    resumed = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=2))
+    resumed.load_state_dict(loss.state_dict())
+    assert (resumed.triggers[0].best, resumed.triggers[0].num_bad) == (None, 1)
+
+
 def test_plateau_min_and_max_epochs() -> None:
     trigger = Plateau(patience=0, min_epochs=3)
     assert [trigger.update(t, t, 1.0) for t in range(1, 5)] == [False, False, True, True]
@@ -250,6 +267,19 @@ def test_trigger_state_roundtrip_and_reset() -> None:
     copy = RelativeImprovement(window=2)
     copy.load_state_dict(relative.state_dict())
     assert copy.history == [1.0] and copy.num_low == 0
+    # A state is a snapshot: later steps do not rewrite a checkpoint kept in memory.
+    from dynloss import BCELoss, DiceLoss, SwitchingLoss
+
+    saved = relative.state_dict()
+    module = SwitchingLoss([DiceLoss(), BCELoss()], trigger=RelativeImprovement(window=2))
+    module.step(metric=1.0)
+    module_saved = deepcopy(module.state_dict())
+    kept = module.state_dict()
+    for value in (0.9, 0.8):
+        relative.update(2, 2, value)
+        module.step(metric=value)
+    assert saved["history"] == [1.0]
+    assert repr(kept) == repr(module_saved)
 
 
 # ------------------------------------------------- issue #11: validated, atomic state loading
