@@ -20,7 +20,7 @@ import re
 import typing
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -161,12 +161,12 @@ class SegmentationLoss(nn.Module):
     def __init__(
         self,
         *,
-        mode: str,
-        from_logits: bool,
-        ignore_index: int | None,
-        reduction: str,
-        backend: str,
-        check_values: bool | None,
+        mode: str = "binary",
+        from_logits: bool = True,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_values: bool | None = None,
     ) -> None:
         super().__init__()
         self.mode = check_mode(mode)
@@ -213,6 +213,9 @@ class SegmentationLoss(nn.Module):
         if prepared is None:
             prepared = self.__dict__["_prepared"] = (*self._prepare(), {})
         return prepared
+
+    if TYPE_CHECKING:  # nn.Module types its call as returning Any; a loss returns a Tensor
+        def __call__(self, input: Tensor, target: Tensor) -> Tensor: ...
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Loss of ``input`` (logits or probabilities) against ``target``."""

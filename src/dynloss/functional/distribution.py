@@ -170,7 +170,7 @@ def focal_loss(
     input: Tensor,
     target: Tensor,
     gamma: float = 2.0,
-    alpha: float | Sequence[float] | None = None,
+    alpha: float | Sequence[float] | Tensor | None = None,
     *,
     mode: str = "binary",
     from_logits: bool = True,

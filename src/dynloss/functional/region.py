@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from numbers import Real
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -60,13 +61,20 @@ __all__ = [
 ]
 
 
+@overload
+def tversky_index(intersection: float, prediction_sum: float, target_sum: float,  # type: ignore[overload-overlap]
+                  alpha: float, beta: float, smoothing: float) -> float: ...
+@overload
+def tversky_index(intersection: Tensor | float, prediction_sum: Tensor | float,
+                  target_sum: Tensor | float, alpha: float | Tensor, beta: float | Tensor,
+                  smoothing: float | Tensor) -> Tensor: ...
 def tversky_index(
     intersection: Tensor | float,
     prediction_sum: Tensor | float,
     target_sum: Tensor | float,
-    alpha: float,
-    beta: float,
-    smoothing: float,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    smoothing: float | Tensor,
 ) -> Tensor | float:
     r"""The Tversky index from the three sums: :math:`(I + s) / (I + \alpha(P-I) + \beta(G-I) + s)`.
 
@@ -100,7 +108,7 @@ def tversky_index(
     """
     if torch.compiler.is_compiling():  # (a scheduled weight is a symbolic float there)
         return _math.tversky_index(intersection, prediction_sum, target_sum,  # type: ignore[type-var]
-                                   alpha, beta, smoothing)
+                                   alpha, beta, smoothing)  # type: ignore[arg-type]
     sums = {"intersection": intersection, "prediction_sum": prediction_sum,
             "target_sum": target_sum}
     for name, value in sums.items():
@@ -120,7 +128,7 @@ def tversky_index(
                for name, value in (("alpha", alpha), ("beta", beta), ("smoothing", smoothing))]
     try:
         return _math.tversky_index(intersection, prediction_sum,  # type: ignore[type-var]
-                                   target_sum, *weights)
+                                   target_sum, *weights)  # type: ignore[arg-type]
     except ZeroDivisionError:  # numbers only: divided as float64 tensors of them (0/0: NaN)
         as_tensors = (torch.tensor(float(v), dtype=torch.float64) for v in sums.values())
         return _math.tversky_index(*as_tensors, *weights).item()  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import math
 import threading
 from collections.abc import Mapping, Sequence
 from numbers import Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -295,6 +295,9 @@ class CompositeLoss(nn.Module):
             return None
         w_region, w_distribution = (weights[1], weights[0]) if swapped else weights
         return composite_params(region, distribution, w_region, w_distribution), swapped
+
+    if TYPE_CHECKING:  # nn.Module types its call as returning Any; a loss returns a Tensor
+        def __call__(self, input: Tensor, target: Tensor) -> Tensor: ...
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """:math:`\\sum_k w_k L_k(\\text{input}, \\text{target})`; fills :attr:`last_terms`."""

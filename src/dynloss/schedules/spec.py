@@ -57,11 +57,11 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from torch import nn
 
-from ..losses import LOSSES
+from ..losses import LOSSES, SegmentationLoss
 from .composite import CompositeLoss
 from .switching import SwitchingLoss, milestone_order_error, unordered_milestone
 from .triggers import Milestone, Plateau, RelativeImprovement, Trigger
@@ -685,6 +685,16 @@ def _shorten(text: str, width: int = 40) -> str:
     return text if len(text) <= width else f"{text[: width - 13]}...({len(text)} chars)"
 
 
+_Module = TypeVar("_Module", bound=nn.Module)
+
+
+@overload
+def build_loss(spec: str, *, names: None = None
+               ) -> SegmentationLoss | CompositeLoss | SwitchingLoss: ...
+@overload
+def build_loss(spec: str, *, names: Mapping[str, type]) -> nn.Module: ...
+@overload
+def build_loss(spec: _Module, *, names: Mapping[str, type] | None = None) -> _Module: ...
 def build_loss(spec: str | nn.Module, *, names: Mapping[str, type] | None = None
                ) -> nn.Module:
     r"""Build a loss from a spec string (see :mod:`dynloss.schedules.spec` for the grammar).
@@ -703,7 +713,8 @@ def build_loss(spec: str | nn.Module, *, names: Mapping[str, type] | None = None
 
     Returns:
         A loss module: a single loss, a :class:`~dynloss.CompositeLoss` or a
-        :class:`~dynloss.SwitchingLoss`.
+        :class:`~dynloss.SwitchingLoss` (typed as that union: narrow it with ``isinstance``
+        before calling ``step()`` or ``on_switch()``; with ``names``, any module).
 
     Raises:
         SpecError: (a ``ValueError``) malformed spec, unknown name or parameter, a bad string

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -295,6 +295,9 @@ class SwitchingLoss(nn.Module):
         return None
 
     # ------------------------------------------------------------------------------ training
+    if TYPE_CHECKING:  # nn.Module types its call as returning Any; a loss returns a Tensor
+        def __call__(self, input: Tensor, target: Tensor) -> Tensor: ...
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """The active stage's loss; fills :attr:`last_terms`."""
         name, loss = self.active_name, self.active
