@@ -486,3 +486,44 @@ def test_a_change_from_another_thread_waits_for_a_refresh_in_progress(monkeypatc
     a.join(5)
     b.join(5)
     assert loss._weight_values.tolist() == [0.0, 1.0, 0.5]
+
+
+def test_eager_calls_between_compiled_ones_do_not_recompile():
+    """Compiled training, eager validation on images of their own sizes: the module's memory of
+    its eager calls (its plans) was read inside the graph and guarded on, so each new eager
+    signature recompiled the training graph, until torch's recompile limit (8) failed a
+    ``fullgraph=True`` run. The training input never changes: one graph."""
+    for loss in (DiceLoss(), CompositeLoss([DiceLoss(), TopKLoss(k=0.1)])):
+        torch._dynamo.reset()
+        x, t = _inputs("binary")
+        loss(*_inputs("binary", seed=1))  # a sanity-check call before the first compiled one
+        compiled = torch.compile(loss, fullgraph=True, backend="eager")
+        torch._dynamo.utils.counters.clear()
+        for epoch in range(10):
+            torch.testing.assert_close(compiled(x, t), loss(x, t), rtol=1e-6, atol=1e-7)
+            size = 4 + epoch
+            loss(torch.randn(1, 1, size, size), torch.zeros(1, 1, size, size))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, repr(loss)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_named_backend_that_gives_way_in_a_graph_says_so_once(backend):
+    """A named backend that cannot run inside a graph hands the call to the reference: said
+    once, as in eager calls and under torch.jit.trace (the warning was dropped while tracing),
+    pointing at the user's line, and without breaking ``fullgraph=True``."""
+    import warnings
+
+    dispatch.clear_cache()
+    loss = DiceLoss(backend=backend)
+    x, t = _inputs("binary")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(loss, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x, t), DiceLoss(backend="reference")(x, t))
+        compiled(x * 2, t)
+    said = [w for w in caught if issubclass(w.category, RuntimeWarning)
+            and f"backend={backend!r}" in str(w.message)]
+    assert [str(w.message) for w in said] == [
+        f"dynloss: backend={backend!r} cannot compute tracing by torch.compile; using the "
+        "'reference' backend for such calls"]
+    assert said[0].filename == __file__

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from types import FrameType
 
 import torch
 
-__all__ = ["caller_stacklevel"]
+__all__ = ["caller_stacklevel", "warn_at_caller"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
@@ -33,3 +34,13 @@ def caller_stacklevel() -> int:
 
 def _import_machinery(filename: str) -> bool:
     return "importlib" in filename and "_bootstrap" in filename
+
+
+@torch.compiler.assume_constant_result
+def warn_at_caller(message: str) -> bool:
+    """``warnings.warn(message, RuntimeWarning)`` at the user's line (:func:`caller_stacklevel`),
+    also while ``torch.compile`` or a strict ``torch.export`` traces the caller: there it runs
+    once, as the graph is traced, a constant to the graph (a plain ``warnings.warn`` breaks a
+    ``fullgraph`` compile and is dropped by strict export). Returns True."""
+    warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+    return True

@@ -78,6 +78,10 @@ def _prepare(input: Tensor, target: Tensor, mode: str, backend_name: str, need: 
              ignore_index: int | None, from_logits: bool, check: bool | None,
              plans: Plans | None = None) -> tuple[Layout, Backend, bool]:
     key = None
+    if torch.compiler.is_compiling():
+        # The plans serve eager calls: read in a graph, the dict would be guarded on, and each
+        # new signature of an eager call (validation) would recompile the traced one.
+        plans = None
     if isinstance(input, Tensor) and isinstance(target, Tensor):
         input, target = readable(input, target)  # float8, uint16/32/64: as int64 / float32
     if (plans is not None and isinstance(input, Tensor) and isinstance(target, Tensor)

@@ -36,13 +36,11 @@ the kernels' backward recomputes the gradient through the reference maths then.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from .._recorder import recorder
-from .._warn import caller_stacklevel
+from .._warn import warn_at_caller
 from .capabilities import Backend, Capabilities, Need, row_length
 from .native import NATIVE
 from .reference import REFERENCE
@@ -82,13 +80,17 @@ _CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
 
 
-def warn_once(key: str, message: str) -> None:
+@torch.compiler.assume_constant_result
+def warn_once(key: str, message: str) -> bool:
     """``warnings.warn(message, RuntimeWarning)`` the first time ``key`` is seen in this
-    process, pointing at the user's line that made the call."""
-    if key in _WARNED or torch.compiler.is_compiling():
-        return
+    process, pointing at the user's line that made the call; True if it was said now.
+
+    Inside ``torch.compile`` it runs once, while the graph is traced (a constant to the graph:
+    ``warnings.warn`` itself would break it)."""
+    if key in _WARNED:
+        return False
     _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+    return warn_at_caller(message)
 
 
 def _covers(backend: Backend, x: Tensor, need: Need, target_grad: bool, tracing: str | None,

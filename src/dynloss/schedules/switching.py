@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -13,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
-from .._warn import caller_stacklevel
+from .._warn import warn_at_caller
 from ..constants import MULTICLASS_MODE
 from ..distributed import metric_value, reduce_mean
 from ..losses import SegmentationLoss
@@ -304,10 +303,9 @@ class SwitchingLoss(nn.Module):
         tracer = ("torch.jit.trace" if torch.jit.is_tracing() else
                   "torch.export" if torch.compiler.is_exporting() else None)
         if tracer is not None:
-            warnings.warn(f"SwitchingLoss: {tracer} records the active stage ({name!r}) "
-                          "only: the traced module keeps computing it after a switch "
-                          "(torch.compile follows the switch)", RuntimeWarning,
-                          stacklevel=2 if torch.compiler.is_compiling() else caller_stacklevel())
+            warn_at_caller(f"SwitchingLoss: {tracer} records the active stage ({name!r}) "
+                           "only: the traced module keeps computing it after a switch "
+                           "(torch.compile follows the switch)")
         value = loss(input, target)
         terms = {name: value.detach()}
         nested = getattr(loss, "last_terms", None)
