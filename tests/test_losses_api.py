@@ -209,3 +209,74 @@ def test_a_module_remembers_a_bounded_number_of_calls():
     for size in range(3, 23):
         loss(torch.zeros(1, 1, size, 2), torch.ones(1, 1, size, 2))
     assert 1 <= len(loss._checked()[3]) <= 8
+
+
+_SETTINGS = {  # every argument away from its default somewhere (multiclass, C = 3)
+    "dice": [dict(smooth=0.5, eps=1e-5, per_image=True, weight=[1.0, 2.0, 0.5]),
+             dict(include_background=False, smooth=0.25)],
+    "iou": [dict(smooth=0.5, eps=1e-5, per_image=True, weight=[1.0, 2.0, 0.5]),
+            dict(include_background=False)],
+    "tversky": [dict(alpha=0.2, beta=0.9, smooth=0.5, per_image=True, weight=[2.0, 1.0, 1.0]),
+                dict(alpha=0.6, beta=0.1, include_background=False, eps=1e-4)],
+    "bce": [dict(weight=[1.0, 2.0, 0.5]), dict()],
+    "focal": [dict(gamma=3.0, alpha=[0.2, 0.3, 0.5]), dict(gamma=0.5)],
+    "topk": [dict(k=0.3), dict(k=0.05)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SETTINGS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_every_module_argument_reaches_the_function(name, reduction, from_logits):
+    """``Loss(**kw)(x, t)`` is ``functional.<name>_loss(x, t, **kw)`` for every argument the
+    module stores, every reduction among them (a function that dropped its ``reduction`` gave
+    the mean for ``"sum"`` and ``"none"``), with an ignored label."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+    if not from_logits:
+        x = x.softmax(1)
+    t = torch.randint(0, 3, (2, 5, 5), generator=gen)
+    t[0, 0, :3] = 255
+    function = getattr(F, f"{name}_loss")
+    for settings in _SETTINGS[name]:
+        module = dynloss.LOSSES[name](mode="multiclass", reduction=reduction, ignore_index=255,
+                                      from_logits=from_logits, **settings)
+        arguments = module.hyperparameters()
+        assert {k: arguments[k] for k in settings} == settings
+        for backend in ("reference", "torch"):
+            arguments["backend"] = backend
+            module.backend = backend
+            xm, xf = (x.clone().requires_grad_() for _ in range(2))
+            got, want = module(xm, t), function(xf, t, **arguments)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            got.sum().backward()
+            want.sum().backward()
+            torch.testing.assert_close(xm.grad, xf.grad, rtol=0, atol=0)
+        if reduction == "none":
+            assert got.dim() > 0
+
+
+@pytest.mark.parametrize("pixel", ["bce", "focal", "topk"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_the_deprecated_region_pixel_loss_weighs_both_terms(pixel, backend):
+    """``region_pixel_loss`` is ``region_weight * region + pixel_weight * pixel`` with each
+    term the single loss's value, for every pixel term (TopK goes another way than the fused
+    pass, and its ``pixel_weight`` was not checked)."""
+    import warnings
+
+    from dynloss.kernels import region_pixel_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 6, 6, generator=gen)
+    t = (torch.rand(2, 1, 6, 6, generator=gen) > 0.5).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        total, region, term = region_pixel_loss(x, t, pixel=pixel, region_weight=0.7,
+                                                pixel_weight=0.5, k=0.3, backend=backend,
+                                                return_terms=True)
+    single = {"bce": dynloss.BCELoss(), "focal": dynloss.FocalLoss(),
+              "topk": dynloss.TopKLoss(k=0.3)}[pixel]
+    torch.testing.assert_close(region, dynloss.DiceLoss()(x, t))
+    torch.testing.assert_close(term, single(x, t))
+    torch.testing.assert_close(total, 0.7 * region + 0.5 * term)
