@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,52 @@ def test_a_new_loss_in_spec_strings_and_composites(registered):
     assert isinstance(switching, SwitchingLoss)
     torch.testing.assert_close(switching(x, t), new(x, t), rtol=0, atol=0)
     assert repr(build_loss(repr(new))) == repr(new) == "FocalTverskyLoss(gamma=2.0)"
+
+
+def test_an_op_the_reference_lacks_names_the_missing_step():
+    """Step 3 skipped (no method for the op on the reference backend): a TypeError that names
+    the op and points at the page, as a missing ``_prepare`` does, not a bare AttributeError."""
+    params = FocalTverskyParams(alpha=0.5, beta=0.5, gamma=1.0)
+    with pytest.raises(TypeError, match=r"the 'reference' backend has no op 'focal_tversky'.*"
+                                        r"docs/adding-a-loss\.md"):
+        _call.run("focal_tversky", torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4), params)
+
+
+def test_a_distribution_op_with_its_own_parameters_runs_in_every_mode():
+    """Step 3 lets a per-element loss give its own parameters the fields
+    ``reference.distribution_terms`` reads (not subclass ``DistributionParams``): binary and
+    multilabel mode also read ``pos_weight``, which the page now names."""
+
+    @dataclass(frozen=True)
+    class PolyParams:
+        epsilon: float
+        gamma: float = 0.0
+        alpha: float | None = None
+        pos_weight: float | None = None
+        mode: str = "binary"
+        from_logits: bool = True
+        ignore_index: int | None = None
+        backend: str = "auto"
+        check_values: bool | None = None
+
+    def poly(self, layout: Layout, params: PolyParams, checked: bool) -> Tensor:
+        b, _ = reference.distribution_terms(layout, params, checked)
+        return (b + params.epsilon * (1 - torch.exp(-b))).mean()
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    cases = {"binary": (x[:, :1], (x[:, :1] > 0).double()),
+             "multilabel": (x, (torch.rand(2, 3, 4, 4, generator=gen) > 0.5).double()),
+             "multiclass": (x, torch.randint(0, 3, (2, 4, 4), generator=gen))}
+    try:
+        type(reference.REFERENCE).poly = poly
+        clear_cache()
+        for mode, (logits, target) in cases.items():
+            bce = BCELoss(mode)(logits, target)
+            got = _call.run("poly", logits, target, PolyParams(0.0, mode=mode))
+            torch.testing.assert_close(got, bce)
+    finally:
+        del type(reference.REFERENCE).poly
+        clear_cache()
+    doc = (Path(__file__).parents[1] / "docs" / "adding-a-loss.md").read_text()
+    assert "`params.pos_weight`" in doc

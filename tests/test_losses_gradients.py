@@ -120,7 +120,8 @@ def test_fused_path_saves_one_input_sized_tensor_besides_input_and_target():
     x = torch.randn(4, 1, 64, 64, requires_grad=True)
     target = (torch.rand(4, 1, 64, 64) > 0.5).float()
     callers = {x.untyped_storage().data_ptr(), target.untyped_storage().data_ptr()}
-    for name, cls in dynloss.LOSSES.items():
+    for name in ("bce", "focal", "topk", "dice", "iou", "tversky"):  # (a loss added later
+        cls = dynloss.LOSSES[name]  # runs on the reference: docs/adding-a-loss.md)
         saved = []
 
         def pack(t, saved=saved):

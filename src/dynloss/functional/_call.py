@@ -312,7 +312,10 @@ def run(op: str, input: Tensor, target: Tensor, params: Any, need: Need | None =
     layout, backend, checked = _prepare(
         input, target, params.mode, params.backend, need or Need(op, params.mode),
         params.ignore_index, params.from_logits, params.check_values, plans)
-    compute = getattr(backend, op)
+    compute = getattr(backend, op, None)
+    if compute is None:
+        raise TypeError(f"the {backend.name!r} backend has no op {op!r}: a new loss defines it "
+                        "on the reference backend (docs/adding-a-loss.md, step 3)")
     if _autocast_on(input.device.type):
         with torch.autocast(device_type=input.device.type, enabled=False):
             return compute(layout, params, checked)
