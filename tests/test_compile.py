@@ -527,3 +527,17 @@ def test_a_named_backend_that_gives_way_in_a_graph_says_so_once(backend):
         f"dynloss: backend={backend!r} cannot compute tracing by torch.compile; using the "
         "'reference' backend for such calls"]
     assert said[0].filename == __file__
+
+
+def test_our_constant_mark_is_torchs_assume_constant_result():
+    """``_warn.constant_in_graphs`` marks a function as ``torch.compiler.assume_constant_result``
+    does (without importing torch._dynamo at ``import dynloss``): the same attributes."""
+    from dynloss._warn import constant_in_graphs
+
+    def ours() -> None: ...
+
+    def theirs() -> None: ...
+
+    constant_in_graphs(ours)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(ours) == vars(theirs) != {}

@@ -6,11 +6,13 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["caller_stacklevel", "warn_at_caller"]
+__all__ = ["caller_stacklevel", "constant_in_graphs", "warn_at_caller"]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
@@ -36,7 +38,20 @@ def _import_machinery(filename: str) -> bool:
     return "importlib" in filename and "_bootstrap" in filename
 
 
-@torch.compiler.assume_constant_result
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def constant_in_graphs(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (which
+    imports Triton: about a second at ``import dynloss``): the same mark on ``fn``, which
+    torch.compile reads when it traces a call of ``fn`` (it then runs ``fn`` once, for real,
+    and takes its result as a constant). tests/test_compile.py checks that torch's decorator
+    sets exactly this mark."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@constant_in_graphs
 def warn_at_caller(message: str) -> bool:
     """``warnings.warn(message, RuntimeWarning)`` at the user's line (:func:`caller_stacklevel`),
     also while ``torch.compile`` or a strict ``torch.export`` traces the caller: there it runs

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .._recorder import recorder
-from .._warn import warn_at_caller
+from .._warn import constant_in_graphs, warn_at_caller
 from .capabilities import Backend, Capabilities, Need, row_length
 from .native import NATIVE
 from .reference import REFERENCE
@@ -80,7 +80,7 @@ _CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
 
 
-@torch.compiler.assume_constant_result
+@constant_in_graphs
 def warn_once(key: str, message: str) -> bool:
     """``warnings.warn(message, RuntimeWarning)`` the first time ``key`` is seen in this
     process, pointing at the user's line that made the call; True if it was said now.
