@@ -192,7 +192,10 @@ def _run(name, mode, backend, kwargs, x, target, layout, target_grad, dtype):
         target.requires_grad_(target_grad)
     loss = make_loss(name, mode, backend, **kwargs)(x, target)
     nodes = graph_nodes(loss)
-    loss.sum().backward()
+    # An upstream gradient that is not 1 (a weighted or accumulated loss): each backend's
+    # backward must scale by it (its sign and, for ``reduction="none"``, each element's).
+    upstream = torch.linspace(-1.5, 2.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * upstream).sum().backward()
     t_grad = target.grad if target_grad else None
     return loss.detach(), x.grad, t_grad, nodes
 

@@ -106,6 +106,18 @@ def test_pool_bounds():
     del kept
 
 
+def test_the_least_recently_used_buffer_is_the_one_released():
+    """The module's promise: beyond ``max_buffers`` the least recently used buffers go back
+    to the allocator, and the ones used last stay for the next step."""
+    pool = BufferPool(max_buffers=2, max_bytes=10**6)
+    for n in (1000, 2000, 3000):
+        pool.empty((n,))  # each dropped at once: free again
+    assert sorted(entry[0].numel() for entry in pool._entries) == [2000, 3000]
+    assert pool.empty((2000,)).numel() == 2000  # taken from the pool: the most recent
+    pool.empty((4000,))
+    assert sorted(entry[0].numel() for entry in pool._entries) == [2000, 4000]
+
+
 def test_disabled_by_environment(monkeypatch):
     """``DYNLOSS_NATIVE_POOL=0`` is read when dynloss is imported (a fresh process), and
     then no buffer is pooled."""

@@ -501,3 +501,22 @@ def test_the_store_names_its_patients(phantom, tmp_path):
     assert store.patient_names == names
     assert data.open_store(tmp_path / "store").patient_names == names
     assert [store.patient_names[p] for p in np.unique(store.patients)] == names
+
+
+@pytest.mark.parametrize(("n", "fraction", "train"), [(10, 0.9, 1), (90, 0.3, 63), (170, 0.3, 119),
+                                                      (10, 0.2, 8)])
+def test_slice_split_is_floor_of_the_train_fraction(n, fraction, train):
+    """``floor((1 - f) N)`` train slices as the docstring says, where ``(1 - f) N`` is an
+    integer that float arithmetic puts just below it (``(1 - 0.3) * 90 = 62.99999999999999``)."""
+    got_train, got_test = splits.train_test_split(np.arange(n), "slice", fraction, seed=0)
+    assert (len(got_train), len(got_test)) == (train, n - train)
+    assert sorted([*got_train, *got_test]) == list(range(n))
+
+
+def test_patient_split_keeps_a_training_patient():
+    """``round(f P)`` test patients, at least one and at most ``P - 1``: a large fraction of
+    two patients still trains on one."""
+    patients = np.array(["a", "a", "b", "b"])
+    train, test = splits.train_test_split(patients, "patient", 0.8, seed=0)
+    assert len(train) == 2 and len(test) == 2
+    assert len(set(patients[train])) == 1 and set(patients[train]).isdisjoint(patients[test])

@@ -113,3 +113,21 @@ def test_table4_rows_from_runs():
     assert rows["global"]["dice"]["paired_p"] == pytest.approx(stats.ttest_rel(CF, DA).pvalue)
     assert rows["global"]["dice"]["student_p"] == pytest.approx(
         stats.ttest_ind(CF, DA, equal_var=True).pvalue)
+
+
+def test_predict_counts_scores_the_models_probabilities():
+    """The model gives logits: the counts threshold their sigmoid (not the logits at 0.5) and
+    the kept maps are probabilities. An identity model on hand-picked logits."""
+    from msd_colon_lib.evaluation import predict_counts
+
+    logits = torch.tensor([[[[-2.0, 0.25], [3.0, -0.1]]], [[[0.3, 0.6], [-0.4, 5.0]]]])
+    masks = torch.tensor([[[[0, 1], [1, 0]]], [[[1, 1], [0, 1]]]])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(logits, masks, torch.tensor([7, 9])), batch_size=2)
+    counts, index, kept = predict_counts(torch.nn.Identity(), loader, device=torch.device("cpu"),
+                                         keep={9})
+    # p > 0.5 where the logit is > 0: slice 7 predicts (0, 1, 1, 0) against (0, 1, 1, 0);
+    # slice 9 predicts (1, 1, 0, 1) against (1, 1, 0, 1): every pixel right
+    assert counts.tolist() == [[2, 0, 0, 2], [3, 0, 0, 1]]
+    assert index.tolist() == [7, 9]
+    np.testing.assert_allclose(kept[9], torch.sigmoid(logits[1, 0]).numpy(), rtol=1e-6)

@@ -141,3 +141,19 @@ def test_gradgradcheck_float64(name, kwargs, mode, backend):
     loss = make_loss(name, mode, backend, **kwargs)
     assert torch.autograd.gradgradcheck(lambda inp: loss(inp, target), (x,), eps=1e-6,
                                         atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("kwargs", [{"reduction": "none"}, {"reduction": "none", "per_image": True},
+                                    {"weight": [0.5, 2.0]}], ids=["none", "none-per-image",
+                                                                   "weight"])
+def test_second_order_without_the_background(kwargs, mode, backend):
+    """``include_background=False``: the kernels' second-order path recomputes through the
+    reference with the background left out, ``reduction="none"`` included (its scores' shape
+    must be the chosen classes')."""
+    kwargs = {"include_background": False, **kwargs}
+    x, target = seeded_case(mode, (2, 3, 4), seed=11)
+    want = _float64_reference("dice", mode, x, target, **kwargs)
+    got = second_order(make_loss("dice", mode, backend, **kwargs), x, target, backend)
+    assert_same(got, want)

@@ -28,7 +28,7 @@ def train_test_split(
     """Sorted slice indices ``(train, test)``.
 
     ``slice``: ``floor((1 - f) N)`` train slices, the rest test (13,486 -> 10,788 / 2,698).
-    ``patient``: ``round(f P)`` (at least 1) test patients drawn at random.
+    ``patient``: ``round(f P)`` (at least 1, at most ``P - 1``) test patients drawn at random.
     """
     _check(mode)
     if not 0.0 < test_fraction < 1.0:
