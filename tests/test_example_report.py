@@ -408,3 +408,16 @@ def test_the_paper_preset_names_every_protocol_option_changed(extra, deviation):
     # the paper's own values are no deviation, given or not
     assert deviations(["--switch-epoch", "50", "--switch-lr", "keep",
                        "--test-fraction", "0.2"]) == []
+
+
+def test_report_numbers_small_helpers():
+    """The sweep never switches at the last epoch (the second stage would train none); the
+    tables' ± is the sample standard deviation; p-values below 1e-3 in scientific notation."""
+    from msd_colon_lib.experiments import mean_std, switch_points
+    from msd_colon_lib.report import _p
+
+    assert switch_points(2, 1) == [1]
+    assert max(switch_points(4, 3, fractions=(0.9, 1.0))) == 3
+    mean, std = mean_std([0.8, 0.9])
+    assert mean == pytest.approx(0.85) and std == pytest.approx(0.1 / 2**0.5)
+    assert (_p(5e-4), _p(2e-3)) == ("5.00e-04", "0.0020")

@@ -788,3 +788,20 @@ def test_infinite_probabilities_of_both_signs_unchecked_make_the_region_loss_nan
             loss = make_loss(name, mode, backend, from_logits=False, check_values=False,
                              per_image=per_image)(x, t)
             assert loss.isnan(), (backend, per_image)
+
+
+@pytest.mark.parametrize("backend", sorted({"reference", "torch", *FUSED}))
+def test_a_fused_composites_terms_are_nan_like_the_single_losses(backend):
+    """An invalid probability with ``check_values=False``: each term a fused composite logs in
+    ``last_terms`` is NaN exactly where the single loss is (the torch backend's fused pass
+    left its distribution term finite)."""
+    x = torch.tensor([[[[0.2, 1.5], [0.7, 0.4]]]])
+    t = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    common = dict(from_logits=False, check_values=False, backend=backend)
+    composite = dynloss.CompositeLoss([dynloss.DiceLoss(**common), dynloss.BCELoss(**common)])
+    total = composite(x, t)
+    singles = {"dice": dynloss.DiceLoss(**common)(x, t), "bce": dynloss.BCELoss(**common)(x, t)}
+    assert torch.isnan(total)
+    for name, single in singles.items():
+        assert torch.isnan(single), name
+        assert torch.isnan(composite.last_terms[name]), name

@@ -743,3 +743,14 @@ def test_a_constructor_with_args_and_kwargs_takes_what_it_is_given():
     # what the wrapped constructor refuses is still an error at its argument
     with pytest.raises(SpecError, match=r"unexpected keyword argument 'smoth'"):
         build_loss("Wrapped(smoth=0.5)", names=names)
+
+
+def test_a_weight_of_zero_is_a_weight() -> None:
+    """``0*bce`` keeps the term with weight 0 (a term logged in ``last_terms`` but not
+    trained on); only a negative weight is refused."""
+    from dynloss import CompositeLoss, build_loss
+
+    loss = build_loss("dice + 0*bce")
+    assert isinstance(loss, CompositeLoss) and loss.weights == [1.0, 0.0]
+    with pytest.raises(ValueError, match="a weight must be >= 0"):
+        build_loss("dice + -1*bce")
