@@ -248,6 +248,16 @@ def test_relative_improvement_window_patience_max_mode() -> None:
     assert trigger.relative_improvement(0.0, 0.0) == 0.0
 
 
+def test_relative_improvement_max_epochs_below_window_ends_the_stage() -> None:
+    """The docstring: no decision on the improvement in the first ``window`` steps, but a
+    ``max_epochs`` below ``window`` still ends the stage (found by a docstring review)."""
+    trigger = RelativeImprovement(threshold=0.01, window=5, max_epochs=2)
+    assert [trigger.update(t, t, 1.0) for t in (1, 2)] == [False, True]
+    # without max_epochs, a flat metric decides only once the window is full
+    trigger = RelativeImprovement(threshold=0.01, window=5)
+    assert [trigger.update(t, t, 1.0) for t in range(1, 7)] == [False] * 5 + [True]
+
+
 def test_trigger_state_roundtrip_and_reset() -> None:
     trigger = Plateau(patience=3)
     for t, m in enumerate([0.5, 0.6, 0.7], 1):

@@ -43,9 +43,10 @@ two stages or terms: the repr writes it in full once, then ``shared('stages.a')`
 path of the first), since a spec builds each loss anew. A stateless loss held twice is written
 twice: two copies behave as one.
 
-Every error is a :class:`SpecError` (a ``ValueError``) whose message shows the spec with a
-caret under the offending position; a string spec never raises ``SyntaxError``,
-``RecursionError`` or ``OverflowError``.
+Every error in a spec string is a :class:`SpecError` (a ``ValueError``) whose message shows the
+spec with a caret under the offending position (a bad ``names=`` argument, which is not part of
+the string, raises a plain ``ValueError`` or ``TypeError`` naming ``names``); a string spec
+never raises ``SyntaxError``, ``RecursionError`` or ``OverflowError``.
 """
 
 from __future__ import annotations
@@ -722,7 +723,11 @@ def build_loss(spec: str | nn.Module, *, names: Mapping[str, type] | None = None
             deeper than :data:`MAX_DEPTH`, an integer beyond Python's digit limit, a weight that
             is not finite, ``on_switch=`` anything but ``None``, or a value a constructor
             rejects; the message points at the position with a caret.
-        TypeError: ``spec`` is neither a string nor a module.
+        TypeError: ``spec`` is neither a string nor a module, ``names`` is not a mapping, or one
+            of its values is not a class.
+        ValueError: a key of ``names`` is a built-in name of the spec language or not an ASCII
+            identifier (the message names ``names``; not a :class:`SpecError`, as there is no
+            position in the spec to point at).
 
     Examples:
         >>> from dynloss import SpecError, build_loss

@@ -269,7 +269,9 @@ class RelativeImprovement(Trigger):
     is :math:`r_t = (m_{t-w} - m_t) / |m_{t-w}|` (mode ``"min"``; negated for ``"max"``). The
     trigger fires once :math:`r_t < \text{threshold}` for ``patience`` consecutive steps and the
     stage has run at least ``min_epochs`` steps, or when it has run ``max_epochs`` steps. No
-    decision is made during the first ``window`` steps of the stage. Scale-free, so it suits
+    decision on the improvement is made during the first ``window`` steps of the stage (a
+    ``max_epochs`` below ``window`` still ends the stage at ``max_epochs``: the improvement
+    then never decides). Scale-free, so it suits
     a training loss whose scale is unknown in advance.
 
     Args:
