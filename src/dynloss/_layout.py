@@ -157,7 +157,7 @@ def _binary_layout(input: Tensor, target: Tensor) -> Layout:
         no_channel = input.dim() > 1 and input.shape[1] == 1 and target.shape == without_channel
         if not no_channel:
             hint = ""
-            if input.shape[1] > 1 and target.shape == without_channel:
+            if input.dim() > 1 and input.shape[1] > 1 and target.shape == without_channel:
                 hint = (
                     f"; the input has {input.shape[1]} channels but mode='binary' needs 1 "
                     "channel: use mode='multiclass' for class-index targets or "
