@@ -141,6 +141,20 @@ def test_invalid_target_is_nan_inside_a_graph():
     assert torch.isnan(compiled(x, t))
 
 
+@pytest.mark.parametrize("cls", [dynloss.DiceLoss, dynloss.BCELoss])
+def test_a_class_index_equal_to_c_is_nan_inside_a_graph(cls):
+    """C itself is out of [0, C): inside a graph, where the eager check cannot run, the loss
+    is NaN, not a finite value from a one-hot without that pixel (mutation review)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    t = torch.randint(0, 3, (2, 4, 4), generator=gen)
+    loss = cls(mode="multiclass", backend="reference")
+    compiled = torch.compile(loss, fullgraph=True)
+    assert torch.isfinite(compiled(x, t))
+    t[0, 0, 0] = 3
+    assert torch.isnan(compiled(x, t))
+
+
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
 def test_topk_keeps_its_mean_when_the_batch_size_becomes_symbolic(mode):
     """A third batch size makes torch recompile with a symbolic batch size: TopK divided the

@@ -21,6 +21,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PREFIX = "msd_colon.py: error: "
 
 
+def test_first_line_reports_the_first_line_of_a_long_message():
+    """The one-line reports quote a caught error by its first line (where torch and nibabel
+    put what failed; the rest is detail), with its type (mutation review)."""
+    from msd_colon_lib.errors import first_line
+
+    error = RuntimeError("could not load the weights\n  missing keys: a, b\n\nlast line")
+    assert first_line(error) == "RuntimeError: could not load the weights"
+    assert first_line(OSError("  \n")) == "OSError"
+
+
 def _one_line_error(capsys, argv):
     code = msd_colon.cli(argv)
     captured = capsys.readouterr()

@@ -131,3 +131,22 @@ def test_predict_counts_scores_the_models_probabilities():
     assert counts.tolist() == [[2, 0, 0, 2], [3, 0, 0, 1]]
     assert index.tolist() == [7, 9]
     np.testing.assert_allclose(kept[9], torch.sigmoid(logits[1, 0]).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_predict_counts_gives_the_model_back_in_its_mode(training):
+    """Evaluation runs in eval mode and leaves the model as it found it: a model left in
+    eval mode would train on with frozen BatchNorm statistics (mutation review)."""
+    from msd_colon_lib.evaluation import predict_counts
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+    modes = []
+    model.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(4, 1, 3, 3),
+                                       (torch.rand(4, 1, 3, 3) > 0.5).long(), torch.arange(4)),
+        batch_size=2)
+    model.train(training)
+    predict_counts(model, loader, device=torch.device("cpu"))
+    assert modes == [False, False] and model.training is training

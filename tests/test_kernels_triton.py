@@ -731,6 +731,18 @@ def test_ddp_pool_sums_path(device, mode):
     assert torch.isnan(got).all() and torch.isnan(grad).any()
 
 
+def test_ddp_pool_sums_path_without_value_checks_poisons_an_invalid_target(device):
+    """``check_values=False`` on the ``ddp_pool`` path: a binary target of 2 makes the loss NaN
+    on Triton as on the reference (a mutant that poisoned only when checked gave a finite
+    value; mutation review)."""
+    x, t = _inputs("binary", (5, 6), seed=84)
+    t[0, 0, 0, 0] = 2.0
+    for backend in ("reference", "triton"):
+        got, _ = _run(F.dice_loss, x.to(device), t.to(device), backend,
+                      ran=backend == "triton", ddp_pool=True, check_values=False)
+        assert torch.isnan(got), backend
+
+
 if DEVICES:  # a jitted function resolves the names it calls among its module's globals
     import triton
     import triton.language as tl

@@ -377,3 +377,19 @@ def test_topk_with_pos_weight_is_weighted_on_every_backend(backend):
     count = math.ceil(0.3 * per_element.numel())
     want = per_element.topk(count).values.mean()
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native kernels are not built here")
+def test_the_native_kernels_weigh_topk_themselves():
+    """The native kernels declare TopK with ``pos_weight`` and compute it: ``backend="native"``
+    runs them without a fallback warning (the test above silences warnings, so a declaration
+    turned off survived it; mutation review)."""
+    from ._kernel_cases import assert_ran_on
+
+    logits, target = seeded_case("multilabel", (2, 6, 5), seed=12, scale=3.0)
+    logits = logits.float().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _WeightedTopK(0.3, [4.0, 0.5, 2.0], mode="multilabel", backend="native")(
+            logits, target)
+    assert_ran_on(got, "native")

@@ -221,6 +221,10 @@ def test_plateau_min_and_max_epochs() -> None:
     assert [capped.update(t, t, 1.0 / t) for t in range(1, 5)] == [False, False, True, True]
     with pytest.raises(ValueError, match="max_epochs must be >= min_epochs"):
         Plateau(min_epochs=5, max_epochs=2)
+    # the bound is inclusive: min_epochs == max_epochs is a fixed stage length (mutation review)
+    for trigger in (Plateau(min_epochs=3, max_epochs=3),
+                    RelativeImprovement(min_epochs=3, max_epochs=3)):
+        assert [trigger.update(t, t, 1.0 / t) for t in range(1, 5)] == [False, False, True, True]
     with pytest.raises(ValueError, match="mode must be one of 'min', 'max'; got 'mean'"):
         Plateau(mode="mean")
 
@@ -256,6 +260,20 @@ def test_relative_improvement_max_epochs_below_window_ends_the_stage() -> None:
     # without max_epochs, a flat metric decides only once the window is full
     trigger = RelativeImprovement(threshold=0.01, window=5)
     assert [trigger.update(t, t, 1.0) for t in range(1, 7)] == [False] * 5 + [True]
+
+
+@pytest.mark.parametrize(("mode", "values", "improvement"), [
+    ("min", [-1.0, -2.0], 1.0),   # a negative loss (a log-likelihood, say) falling: +100 %
+    ("min", [-2.0, -1.0], -0.5),
+    ("max", [-2.0, -1.0], 0.5),   # a negative score rising
+])
+def test_relative_improvement_of_a_negative_value_keeps_its_sign(mode, values, improvement):
+    """The improvement divides by |m_{t-w}|: with ``m/ref`` instead, a negative value that
+    improves counted as a fall and switched (mutation review)."""
+    trigger = RelativeImprovement(threshold=0.1, mode=mode)
+    assert trigger.relative_improvement(*values) == improvement
+    fired = [trigger.update(t, t, m) for t, m in enumerate(values, 1)]
+    assert fired == [False, improvement < 0.1]
 
 
 def test_trigger_state_roundtrip_and_reset() -> None:

@@ -281,7 +281,8 @@ def _reference_string(literal: str) -> str:
 
 @pytest.mark.parametrize("literal", [
     r"'a\tb'", r"'a\nb\r'", r"'it\'s'", r'"say \"hi\""', r"'back\\slash'", r"'\x41\x00z'",
-    r"'\u00e9t\u00e9'", r"'\U0001F600'", r"'\a\b\f\v'", "'\u00e9\u4e2d'", r"'\ud800'",
+    r"'\u00e9t\u00e9'", r"'\U0001F600'", r"'\U0010FFFF'", r"'\a\b\f\v'", "'\u00e9\u4e2d'",
+    r"'\ud800'",
 ])
 def test_string_escapes_decode_like_python(literal: str) -> None:
     loss = build_loss(f"SwitchingLoss({{{literal}: dice, 'other': bce}}, milestones=[2])")
@@ -295,6 +296,7 @@ def test_string_escapes_decode_like_python(literal: str) -> None:
     (r"dice(mode='ab\xZZ')", 13, r"the escape '\x' needs 2 hex digits"),
     (r"dice(mode='\u12')", 11, r"the escape '\u' needs 4 hex digits"),
     (r"dice(mode='\U0011FFFF')", 11, r"'\U0011FFFF' is beyond U+10FFFF"),
+    (r"dice(mode='\U00110000')", 11, r"'\U00110000' is beyond U+10FFFF"),
     (r"dice(mode='\N{DASH}')", 11, r"unknown escape '\N' in a string"),
     (r"dice(mode='\d')", 11, r"unknown escape '\d' in a string"),
     (r"dice(mode='\0')", 11, r"unknown escape '\0' in a string"),
@@ -315,6 +317,19 @@ def test_error_display_shows_control_characters_so_the_caret_lines_up() -> None:
     assert str(error).endswith("\n    dice(mode='a\u2400b')\n                ^")
     assert error.spec == "dice(mode='a\x00b')"
     assert repr(build_loss("dice\n+\tbce")) == "CompositeLoss([DiceLoss(), BCELoss()])"
+
+
+def test_a_trailing_comma_closes_a_list_as_in_python() -> None:
+    """``[a, b,]`` is Python's list: the spec language reads it so (mutation review)."""
+    assert repr(build_loss("CompositeLoss([dice, bce,])")) == \
+        "CompositeLoss([DiceLoss(), BCELoss()])"
+    _raises_spec_error("CompositeLoss([dice, bce,,])", 25, "expected")
+
+
+def test_a_bool_dict_key_is_refused_at_the_key() -> None:
+    """``True`` is not a stage name: the error points at the key, not at the whole spec."""
+    _raises_spec_error("SwitchingLoss({True: dice, 'b': bce}, milestones=[5])", 15,
+                       "a dict key must be a string or a number")
 
 
 @pytest.mark.parametrize(("spec", "position", "message"), [

@@ -1105,6 +1105,16 @@ def test_a_failed_load_keeps_just_switched(copyable) -> None:
     assert loss.just_switched is True and loss.active_index == 1
 
 
+def test_a_successful_load_clears_just_switched() -> None:
+    """``just_switched`` says whether the last ``step()`` switched; a loaded state has taken
+    no step here, so it reads False (a mutant that kept True survived the suite)."""
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+    fresh = SwitchingLoss([DiceLoss(), BCELoss()], milestones=[1])
+    assert loss.step() is True and loss.just_switched is True
+    loss.load_state_dict(fresh.state_dict())
+    assert loss.just_switched is False and loss.active_index == 0
+
+
 def test_a_lazy_module_in_the_tree_loads() -> None:
     """A term holding a lazy module (an uninitialised parameter): the rollback's copy of every
     tensor raised on it, so even a good state did not load."""
