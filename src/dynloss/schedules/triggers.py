@@ -271,8 +271,8 @@ class RelativeImprovement(Trigger):
     stage has run at least ``min_epochs`` steps, or when it has run ``max_epochs`` steps. No
     decision on the improvement is made during the first ``window`` steps of the stage (a
     ``max_epochs`` below ``window`` still ends the stage at ``max_epochs``: the improvement
-    then never decides). Scale-free, so it suits
-    a training loss whose scale is unknown in advance.
+    then never decides). Scale-free, so it suits a training loss whose scale is unknown in
+    advance.
 
     Args:
         threshold: relative improvement below which the loss counts as converged (default
