@@ -251,3 +251,27 @@ def test_a_custom_schedule_may_return_any_real_number():
     assert type(loss.current_weights()["dice"]) is float
     x, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
     torch.testing.assert_close(loss(x, t), 2.0 * DiceLoss()(x, t) + BCELoss()(x, t))
+
+
+def test_a_term_that_sums_is_not_fused_as_a_mean():
+    """The fused Dice+BCE pass forms the mean of the pixel term; a BCE term with another
+    reduction keeps its own (a mutant fusing it anyway gave the mean: 1.2 for 25.5;
+    mutation review)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 4, generator=gen)
+    t = torch.randint(0, 2, (2, 1, 4, 4), generator=gen).float()
+    bce = BCELoss(reduction="sum")
+    want = DiceLoss()(x, t) + bce(x, t)
+    torch.testing.assert_close(CompositeLoss([DiceLoss(), bce])(x, t), want,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_a_weights_mapping_must_name_exactly_the_terms():
+    """A misspelled name among the weights is refused, not silently dropped."""
+    losses = {"dice": DiceLoss(), "bce": BCELoss()}
+    with pytest.raises(ValueError, match=r"weights must name the same terms as losses "
+                                         r"\['dice', 'bce'\]; got \['bce', 'bec', 'dice'\]"):
+        CompositeLoss(losses, weights={"dice": 1.0, "bce": 0.5, "bec": 2.0})
+    with pytest.raises(ValueError, match=r"weights must name the same terms"):
+        CompositeLoss(losses, weights={"dice": 1.0})
+    assert CompositeLoss(losses, weights={"bce": 0.5, "dice": 1.0}).weights == [1.0, 0.5]

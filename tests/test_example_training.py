@@ -400,6 +400,26 @@ def test_resume_refuses_a_run_started_with_other_options(store, split, tmp_path)
     assert res["config"]["lr"] == 2e-3 and len(res["history"]) == 2
 
 
+def test_resume_refuses_a_run_started_on_another_number_of_ranks(tmp_path):
+    """The number of ranks changes the effective batch and the data each rank sees: a run
+    started on 2 ranks is not resumed on 1 (mutation review: the fingerprint's world size was
+    untested)."""
+    import types
+
+    from msd_colon_lib import training
+
+    cfg = training.RunConfig(loss="dice", epochs=1, seed=0, device="cpu")
+    store = types.SimpleNamespace(fingerprint={"files": {}})
+    parts = {"train": np.arange(4), "val": np.arange(2), "test": np.arange(2)}
+    on_two = training.run_fingerprint(cfg, store, parts, world=2, device=torch.device("cpu"))
+    on_one = training.run_fingerprint(cfg, store, parts, world=1, device=torch.device("cpu"))
+    (tmp_path / training.LAST).write_bytes(b"x")
+    (tmp_path / training.CONFIG).write_text(json.dumps({"fingerprint": on_two}))
+    action, message = training.decide(tmp_path, on_one, resume=True)
+    assert action == "refuse" and "(world_size: 2 -> 1)" in message
+    assert training.decide(tmp_path, on_two, resume=True) == ("resume", None)
+
+
 def test_cli_reruns_finished_runs_whose_inputs_changed(tmp_path, capsys):
     """--max-cases 3, then all cases into the same --out: the second run must retrain and the
     report, runs.csv and result agree on the new data; --resume names what changed instead."""

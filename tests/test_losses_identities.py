@@ -108,12 +108,15 @@ def test_topk_count_reads_k_as_a_fraction():
 
 
 @pytest.mark.parametrize("kept", [10, 7, 1001, 9_999_999, 9_697_018_125, 2**40 + 3])
-@pytest.mark.parametrize("k", [0.6, 0.7, 0.05, 1e-9, 0.123456789, 1.0, 0.07, 0.10000000007])
+@pytest.mark.parametrize("k", [0.6, 0.7, 0.05, 1e-9, 0.123456789, 1.0, 0.07, 0.10000000007,
+                               1e-12])
 def test_topk_count_of_a_tensor_equals_the_host_count(k, kept):
     """The in-graph count (ignore_index: the kept count is a tensor) was 1 above the host's
     at ~5e9 kept elements (v * 1e9 beyond float64's exact integers). 0.10000000007 * 10
     rounds *up* at the ninth decimal (to 1.000000001: 2 kept)."""
     assert int(topk_count_tensor(k, torch.tensor(kept))) == topk_count(k, kept)
+    if k == 1e-12 and kept < 10**9:  # k * kept rounds to 0 at the 9th decimal: one is kept
+        assert topk_count(k, kept) == 1
     if (k, kept) == (0.10000000007, 10):
         assert topk_count(k, kept) == 2
 
