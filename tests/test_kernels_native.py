@@ -1397,7 +1397,7 @@ def test_short_rows_bitwise_identical_for_any_thread_count():
     (lambda: dynloss.TopKLoss(mode="multiclass", k=0.3), (500, 3, 2), "torch"),
     (lambda: dynloss.CompositeLoss([dynloss.DiceLoss(mode="multilabel"),
                                     dynloss.BCELoss(mode="multilabel")]), (500, 4, 3), "torch"),
-], ids=str)
+], ids=lambda value: repr(value()) if callable(value) else str(value))
 def test_auto_takes_the_torch_backend_for_short_rows_kept_per_row(make, shape, want):
     from ._kernel_cases import NODES, graph_nodes
 

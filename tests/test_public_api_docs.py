@@ -179,7 +179,8 @@ def test_the_check_can_fail(tmp_path, monkeypatch):
 
 
 def test_doctests_of_src_are_collected(pytestconfig):
-    """The README's test command (``python -m pytest -q``) runs the docstring examples."""
+    """The README's test command (``python -m pytest -q -n auto ...``) runs the docstring
+    examples."""
     assert pytestconfig.getoption("doctestmodules")
     assert "src" in pytestconfig.getini("testpaths")
 
