@@ -434,7 +434,7 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
 
 def _announce(cxx: list[str], plan: Plan, directory: Path) -> None:
     _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
-                 "and environment; about 30 s) into %s", shlex.join(cxx), plan.label,
+                 "and environment; 20-50 s) into %s", shlex.join(cxx), plan.label,
                  directory)
 
 
