@@ -185,6 +185,18 @@ def test_doctests_of_src_are_collected(pytestconfig):
     assert "src" in pytestconfig.getini("testpaths")
 
 
+def test_ci_runs_the_readmes_test_command():
+    """``.ci/run`` runs pytest with the README's arguments and environment (CI is what the
+    README promises: a change to one must reach the other)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if "-m pytest" in line]
+    env, args = re.fullmatch(r".*&& (\S+=\S+) \.venv/bin/python -m pytest (.*)", command).groups()
+    ci = (root / ".ci" / "run").read_text()
+    assert re.findall(r"^python -m pytest (.*)$", ci, re.M) == [args]
+    assert re.findall(r"^export (\S+=\S+)$", ci, re.M)[0] == env  # the one the README sets
+
+
 def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
