@@ -197,6 +197,18 @@ def test_ci_runs_the_readmes_test_command():
     assert re.findall(r"^export (\S+=\S+)$", ci, re.M)[0] == env  # the one the README sets
 
 
+def test_the_docs_give_the_build_time_the_build_announces():
+    """The native build's start line gives its duration; the README and the two docs pages
+    that mention the first build give the same range (a measured change reaches every page)."""
+    root = Path(__file__).resolve().parents[1]
+    build = (root / "src" / "dynloss" / "kernels" / "native" / "build.py").read_text()
+    (said,) = re.findall(r"; (\d+-\d+) s\)", build)
+    for page in ("README.md", "docs/index.md", "docs/kernels.md"):
+        text = " ".join((root / page).read_text().split())
+        ranges = re.findall(r"(\d+)[-\u2013](\d+) (?:s|seconds)\b", text)
+        assert ranges == [tuple(said.split("-"))], (page, ranges)
+
+
 def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
