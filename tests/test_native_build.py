@@ -20,11 +20,13 @@ that fail, hang, or hand out that library, so that each runs in a few seconds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -369,6 +371,52 @@ def test_a_broken_compiler_says_so_in_two_lines(tmp_path):
     assert report["status"].endswith(f"({len(build.plans())} configurations tried)")
 
 
+def test_a_process_that_waits_through_every_failing_configuration_says_so_once(tmp_path):
+    """Two processes start together (torchrun ranks) with a compiler that fails: the one that
+    waited for the other's build said it waited once per configuration (a lock each), four
+    lines where the module promises one. Found by a review."""
+    log = tmp_path / "c++.log"
+    cxx = _script(tmp_path / "c++", f"""
+        case "$*" in --version) echo "slowly failing compiler 1.0"; exit 0 ;; esac
+        i=0
+        while [ "$(grep -c -- --version "{log}")" -lt 2 ] && [ $i -lt 600 ]; do
+          sleep 0.1; i=$((i + 1))
+        done
+        sleep 1.5
+        echo "fake compiler: no" >&2
+        exit 1
+    """)
+    processes = [_start(tmp_path / "cache", cxx) for _ in range(2)]
+    waited = [stderr.count(WAITING) for _, stderr in (_finish(p) for p in processes)]
+    assert len(_compiles(cxx)) == len(build.plans())  # each configuration failed once
+    assert max(waited) == 1 and sum(waited) >= 1, waited
+
+
+def test_a_compiler_that_fails_without_a_word_is_said_to_by_its_exit_status(tmp_path):
+    """``CXX=false``: the failure read "/usr/bin/false failed: " and gave no reason."""
+    cxx = _script(tmp_path / "c++", """
+        case "$*" in --version) echo "silent compiler 1.0"; exit 0 ;; esac
+        exit 3
+    """)
+    report, stderr = _report(tmp_path / "cache", cxx)
+    assert f"{cxx} failed with exit status 3 and printed nothing" in report["status"]
+    assert len(stderr.splitlines()) == 2, stderr  # the start, one failure: the others alike
+
+
+def test_a_compiler_that_succeeds_without_writing_its_output_says_so(tmp_path):
+    """``CXX=true`` exits 0 and writes nothing: the failure named a missing file in a random
+    scratch folder (gone by then), one line per configuration since no two were alike."""
+    cxx = _script(tmp_path / "c++", """
+        case "$*" in --version) echo "idle compiler 1.0"; exit 0 ;; esac
+        exit 0
+    """)
+    report, stderr = _report(tmp_path / "cache", cxx)
+    assert f"{cxx} exited with status 0 but wrote no native_cpu.o" in report["status"]
+    assert ".build-" not in report["status"]
+    assert len(stderr.splitlines()) == 2, stderr
+    assert len(_compiles(cxx)) == len(build.plans())
+
+
 def test_a_later_configuration_that_builds_says_which(tmp_path):
     """A compiler without OpenMP: the single-threaded build works, and the finish line says
     it is the one in use."""
@@ -640,6 +688,61 @@ def test_an_interrupted_build_takes_its_compiler_with_it(monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "communicate", real)
     (process,) = started
     assert process.wait(timeout=5) == -9  # killed, not left running
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_process_ended_by_a_signal_during_a_build_takes_its_compiler_with_it(tmp_path, name):
+    """torchrun and job schedulers stop a rank with SIGTERM: the process ended, but its
+    compiler (in a session of its own) ran on as an orphan, and the build's scratch folder
+    stayed in the cache. The process still ends by the signal. Found by a review."""
+    pids = tmp_path / "pids"
+    cxx = _script(tmp_path / "c++", f"""
+        case "$*" in --version) echo "slow compiler 1.0"; exit 0 ;; esac
+        sleep 60 &
+        echo $! >> "{pids}"
+        wait
+    """)
+    cache = tmp_path / "cache"
+    process = _start(cache, cxx)
+    deadline = time.monotonic() + 60
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (pid,) = (int(p) for p in pids.read_text().split())
+    try:
+        process.send_signal(getattr(signal, name))
+        process.communicate(timeout=30)
+        assert process.returncode == -getattr(signal, name)
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+        assert list(cache.glob(".build-*")) == []
+    finally:  # no orphan left behind by a failure here
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_with_a_handler_of_the_users_is_left_to_it(monkeypatch):
+    """Where the program handles SIGTERM itself (a graceful shutdown), the build leaves the
+    handler alone."""
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    seen = []
+    real = subprocess.Popen.communicate
+
+    def communicate(self, *args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", communicate)
+    try:
+        build._run(["true"])
+        assert seen == [mine]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 @pytest.mark.parametrize("value, disabled", [("0", True), ("off", True), ("disabled", True),

@@ -13,11 +13,14 @@ so a new version or another machine gets its own build. What makes it safe to sh
   the library it wrote.
 * **Messages.** One line (on the ``dynloss`` logger, which prints warnings to stderr by
   default) when a build starts, one with the time it took (and the configuration, where a
-  faster one failed), and one while waiting for another process's build. A configuration that
-  fails says why and what is tried next in one line; the next ones that fail alike add none.
+  faster one failed), and one while waiting for another process's build (however many
+  configurations it waits for). A configuration that fails says why and what is tried next
+  in one line; the next ones that fail alike add none.
 * **A compiler timeout** (``$DYNLOSS_NATIVE_BUILD_TIMEOUT`` seconds, default 300; the
   ``--version`` probe gets at most 60 s). A compiler that runs past it is killed with every
   process it started, and no other way to build is tried (each would wait as long again).
+  So is one whose build is interrupted (Ctrl-C), or whose process a SIGTERM or SIGHUP with
+  its default action ends (then the process ends by that signal, as it would have).
 * **Verified cache.** Beside the library a ``.sha256`` file holds its checksum, written after
   a complete build; a library whose checksum does not match (truncated, zeroed, half-written
   by a crash) or whose ABI version differs is deleted and rebuilt, never loaded.
@@ -279,9 +282,15 @@ def _discard(path: Path) -> None:
             p.unlink()
 
 
+def _say_waiting(lock: Path) -> None:
+    _LOG.warning("dynloss: waiting for another process that is compiling the native CPU "
+                 "kernels (%s)", lock)
+
+
 @contextlib.contextmanager
-def _locked(lock: Path) -> Iterator[None]:
-    """An exclusive lock on ``lock`` across processes (a no-op where ``fcntl`` is missing)."""
+def _locked(lock: Path, waiting: Callable[[Path], None] = _say_waiting) -> Iterator[None]:
+    """An exclusive lock on ``lock`` across processes (a no-op where ``fcntl`` is missing);
+    ``waiting(lock)`` is called when another process holds it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -291,8 +300,7 @@ def _locked(lock: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _LOG.warning("dynloss: waiting for another process that is compiling the native "
-                         "CPU kernels (%s)", lock)
+            waiting(lock)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -379,6 +387,45 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.kill()
 
 
+class _Ended(BaseException):
+    """A signal that ends the process (SIGTERM, SIGHUP) arrived while a compiler ran: the
+    compiler's group is killed, the build's scratch folder and lock are left as an exception
+    leaves them, then :func:`library` ends the process by the signal, as it would have."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                        if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _ended_with(process: subprocess.Popen) -> Iterator[None]:
+    """While ``process`` runs in a session of its own (out of reach of the signals that stop
+    this process's group: torchrun's, a job scheduler's), a SIGTERM or SIGHUP whose action is
+    the default one (to end the process at once) kills it first, then raises :class:`_Ended`.
+    A handler of the program's own is left alone; Python handles signals in the main thread
+    only, so elsewhere nothing changes."""
+    def ended(signum: int, frame: object) -> None:
+        if process.returncode is None:
+            _kill_group(process)
+        raise _Ended(signum)
+
+    replaced = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in _ENDING_SIGNALS:
+            with contextlib.suppress(ValueError, OSError):  # (another interpreter's thread)
+                if signal.getsignal(number) == signal.SIG_DFL:
+                    replaced[number] = signal.signal(number, ended)
+    try:
+        yield
+    finally:
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
+
+
 def _run(command: list[str], *, what: str | None = None, timeout: float | None = None,
          check: bool = True) -> str:
     """Run ``command`` in a process group of its own and return its stdout.
@@ -394,7 +441,7 @@ def _run(command: list[str], *, what: str | None = None, timeout: float | None =
                                    text=True, start_new_session=True)
     except OSError as error:
         raise RuntimeError(f"{what} could not be started: {error}") from None
-    with process:
+    with process, _ended_with(process):
         try:
             stdout, stderr = process.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -406,8 +453,27 @@ def _run(command: list[str], *, what: str | None = None, timeout: float | None =
             _kill_group(process)
             raise
     if check and process.returncode != 0:
-        raise RuntimeError(f"{what} failed: {stderr.strip()[-2000:]}")
+        said = stderr.strip()[-2000:]
+        raise RuntimeError(f"{what} failed: {said}" if said else
+                           f"{what} failed with {_ending(process.returncode)} and printed "
+                           "nothing")
     return stdout
+
+
+def _ending(returncode: int) -> str:
+    """How a process ended, from its ``returncode`` (negative: the signal that killed it)."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-returncode).name}"
+        return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _wrote(cxx: list[str], output: Path) -> None:
+    """Raise where a compiler step that exited 0 left no ``output`` (``CXX=true``): the
+    message names the file, not the scratch folder, so every configuration says it alike."""
+    if not output.is_file():
+        raise RuntimeError(f"{shlex.join(cxx)} exited with status 0 but wrote no {output.name}")
 
 
 def _compile(cxx: list[str], plan: Plan, target: Path) -> None:
@@ -417,7 +483,9 @@ def _compile(cxx: list[str], plan: Plan, target: Path) -> None:
         obj = Path(scratch) / "native_cpu.o"
         out = Path(scratch) / target.name
         _run([*cxx, *plan.compile_flags, "-c", str(SOURCE), "-o", str(obj)])
+        _wrote(cxx, obj)
         _run([*cxx, "-shared", str(obj), *plan.link_flags, "-o", str(out)])
+        _wrote(cxx, out)
         checksum = _sha256(out)
         os.replace(out, target)  # atomic: nobody ever sees half a library
     sidecar = target.with_name(target.name + ".sha256")
@@ -439,10 +507,12 @@ def _announce(cxx: list[str], plan: Plan, directory: Path) -> None:
 
 
 def _build(cxx: list[str], plan: Plan, version: str,
-           announce: Callable[[Plan, Path], None] | None = None) -> Path:
+           announce: Callable[[Plan, Path], None] | None = None,
+           waiting: Callable[[Path], None] = _say_waiting) -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine and
     torch installation). ``announce(plan, directory)`` is called before compiling (default:
-    the start line); a failure raises, and the caller says it."""
+    the start line), ``waiting(lock)`` before waiting for another process's build (default:
+    the waiting line); a failure raises, and the caller says it."""
     path, note = _paths(plan, version)
     directory = path.parent
     if verified(path):
@@ -454,7 +524,7 @@ def _build(cxx: list[str], plan: Plan, version: str,
     except OSError as error:  # e.g. a read-only home
         raise OSError(f"cannot write to the cache directory {directory} ({error}); set "
                       "DYNLOSS_CACHE_DIR (or XDG_CACHE_HOME) to a writable directory") from error
-    with _locked(path.with_suffix(".lock")):
+    with _locked(path.with_suffix(".lock"), waiting):
         if verified(path):  # another process built it while this one waited
             return path
         _raise_recent_failure(note, shlex.join(cxx))
@@ -589,10 +659,17 @@ def _load() -> ctypes.CDLL:
             _announce(cxx, plan, directory)
             said.append("")
 
+    waited: list[Path] = []  # one line for this process, however many locks it waits for
+
+    def waiting(lock: Path) -> None:
+        if not waited:
+            _say_waiting(lock)
+        waited.append(lock)
+
     every = plans()
     for index, plan in enumerate(every):
         try:
-            path = _build(cxx, plan, version, announce)
+            path = _build(cxx, plan, version, announce, waiting)
         except BuildTimeout as error:
             _say_failure(plan, error, said, 0)
             raise  # the next plan would wait as long again
@@ -615,7 +692,7 @@ def _load() -> ctypes.CDLL:
                 _remember_failure(_paths(plan, version)[1], failure, shlex.join(cxx))
                 raise failure from None
             _discard(path)  # unloadable (damaged, another ABI): rebuilt once
-        path = _build(cxx, plan, version)
+        path = _build(cxx, plan, version, waiting=waiting)
         try:
             return _open_anywhere(path)
         except LoadFailure as error:  # built here and still refused: where, not what
@@ -652,6 +729,9 @@ def library() -> ctypes.CDLL | None:
             return None
         try:
             lib = _load()
+        except _Ended as ended:  # the compiler killed, its scratch folder removed: now the
+            signal.raise_signal(ended.signum)  # signal's default action, as it would have
+            raise
         except Exception as error:  # a missing or failing compiler must not break the library
             _status = (f"the native kernels could not be built or loaded: {error}"
                        if compiler() is not None else str(error))
