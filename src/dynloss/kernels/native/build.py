@@ -389,8 +389,9 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 class _Ended(BaseException):
     """A signal that ends the process (SIGTERM, SIGHUP) arrived while a compiler ran: the
-    compiler's group is killed, the build's scratch folder and lock are left as an exception
-    leaves them, then :func:`library` ends the process by the signal, as it would have."""
+    compiler's group is killed, the exception unwinds the build (its scratch folder removed,
+    its lock released), then :func:`library` ends the process by the signal, as it would
+    have."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
