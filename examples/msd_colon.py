@@ -138,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue unfinished runs from their last.pt; refused, naming the "
                         "differences, for a run whose options, data or code changed")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars, no line per finished run (the report has them)")
     g.add_argument("--dry-run", action="store_true", help="print the runs of the grid and exit")
     g.add_argument("--benchmark", action="store_true",
                    help="time training steps (images/s, loss share) instead of training")

@@ -262,6 +262,27 @@ def test_encoder_weights_that_are_no_state_dict_are_one_line(capsys, tmp_path, e
                      f"({reason})")
 
 
+@pytest.mark.parametrize("refusal", ["data-dir", "encoder-weights", "split"])
+def test_an_invocation_refused_before_any_run_keeps_the_previous_report(
+        capsys, tmp_path, monkeypatch, encoder_files, refusal):
+    """The previous report went as soon as the lock was taken: a mistyped --data-dir, an
+    encoder file that is no state_dict, or a split that cannot be made (each refused before
+    anything trains, in one line) deleted a finished run's report.md, runs.csv and figures.
+    Found by a review."""
+    trained = _stop_at_the_first_run(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("report.md", "runs.csv", "loss_curves.png", "qualitative.png"):
+        (out / name).write_text("the finished run's")
+    argv = {"data-dir": [*TINY_DATA, "--data-dir", str(tmp_path / "Task10_Colon")],
+            "encoder-weights": [*TINY, "--encoder-weights", str(encoder_files / "empty.pt")],
+            "split": [*TINY, "--phantom-patients", "2"]}[refusal]
+    _one_line_error(capsys, ["--out", str(out), *argv, "--loss", "iou", "--epochs", "1"])
+    assert trained == []
+    for name in ("report.md", "runs.csv", "loss_curves.png", "qualitative.png"):
+        assert (out / name).read_text() == "the finished run's"
+
+
 def test_download_root_that_is_a_file_is_one_line(capsys, tmp_path, monkeypatch):
     """--download --download-root FILE ended in FileExistsError."""
     import urllib.request

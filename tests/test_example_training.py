@@ -385,6 +385,39 @@ def test_the_code_fingerprint_is_the_code_this_process_imported(tmp_path):
     assert proc.stdout.split() == ["True", "True"]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
+def test_resume_of_a_damaged_checkpoint_names_it(store, split, tmp_path, damage):
+    """A damaged last.pt under --resume ended in torch.load's "PytorchStreamReader failed
+    reading zip archive" traceback; it is one error naming the file and the way out. Found
+    by a review."""
+    cfg = RunConfig(loss="iou", epochs=2, batch_size=8, lr=1e-3, device="cpu")
+    assert train_run(cfg, store, split, tmp_path, progress=False, stop_after=1) == {
+        "interrupted_at_epoch": 1}
+    last = tmp_path / LAST
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        torch.save({"epoch": 1}, last)  # a checkpoint of something else
+    with pytest.raises(MismatchError) as caught:
+        train_run(cfg, store, split, tmp_path, resume=True, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"{last}: not a checkpoint of this example's runs (")
+    assert message.endswith(f"); run without --resume to start {tmp_path} over")
+    assert "\n" not in message
+
+
+def test_resume_with_a_damaged_best_checkpoint_names_it(tmp_path):
+    from msd_colon_lib.training import _repair_best
+
+    (tmp_path / BEST).write_bytes(b"PK\x03\x04 half a zip")
+    state = {"epoch": 3, "best_epoch": 2, "best": 0.5, "model": {}}
+    with pytest.raises(MismatchError, match=r"best\.pt: not a checkpoint of this example's "
+                                            r"runs \(.*\); run without --resume to start .* over$"):
+        _repair_best(tmp_path, state, "dice_global")
+
+
 def test_resume_refuses_a_run_started_with_other_options(store, split, tmp_path):
     cfg = RunConfig(loss="iou->bce@1", epochs=2, batch_size=8, lr=1e-3, device="cpu")
     assert train_run(cfg, store, split, tmp_path, progress=False, stop_after=1) == {

@@ -273,8 +273,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise OptionsError(f"--batch-size {args.batch_size} over {d.world} processes leaves "
                                "fewer than 2 slices per process; BatchNorm needs 2")
         t0 = time.perf_counter()
-        if d.main and not args.benchmark:  # (a benchmark writes benchmark.md only)
-            _remove_previous_report(out)
         if args.data_dir:  # a mistyped folder, named before the weights' download can fail
             on_main(d, lambda: read_cases(args.data_dir))
         on_main(d, lambda: _check_encoder_weights(args))
@@ -285,7 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return run_benchmark(args, store, out, d, synthetic)
         # every run's split (the k folds need k patients) before the first run trains
         run_split = {spec.name: run_splits(args, store, spec) for spec in unique}
-        if d.main:
+        if d.main:  # (not before: an invocation refused above trained nothing, changed no run)
+            _remove_previous_report(out)
             print(f"{len(unique)} runs, {len(store)} slices "
                   f"({store.meta['n_tumour_slices']} with tumour), preset {args.preset}, "
                   f"output: {out}", flush=True)
@@ -327,9 +326,10 @@ REPORT_FILES = ("report.md", "runs.csv", "loss_curves.png", "qualitative.png")
 
 
 def _remove_previous_report(out: Path) -> None:
-    """Remove the report of an earlier run in ``out`` before anything runs: it is written
-    again only at the end, and a run that fails or is killed midway must not leave the old one
-    beside its new results, looking complete."""
+    """Remove the report of an earlier run in ``out`` before the first run trains: it is
+    written again only at the end, and a run that fails or is killed midway must not leave the
+    old one beside its new results, looking complete. (An invocation refused before that, a
+    mistyped option or folder, keeps it: no run changed.)"""
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .data import SliceDataset, SliceStore
 from .distributed import Dist, barrier, broadcast, mean_across, resolve_device
-from .errors import MismatchError, OptionsError
+from .errors import MismatchError, OptionsError, first_line
 from .evaluation import METRIC_KEYS, predict_counts, summarize
 from .fingerprint import code_version, describe, differences, sha256_file, sha256_json
 from .model import autocast_dtype, build_loss, build_model, recalibrate_bn, stage_info, term_values
@@ -346,7 +346,7 @@ def train_run(
     last_path = run_dir / LAST
     barrier(d)
     if action == "resume":
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        state = _checkpoint(last_path, run_dir, LAST_KEYS)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -504,6 +504,29 @@ def train_run(
     return broadcast(d, result)
 
 
+LAST_KEYS = ("model", "optimizer", "scheduler", "scaler", "history", "best", "best_epoch",
+             "restarts", "epoch", "rng_cpu")
+"""What --resume reads from ``last.pt`` (also ``loss`` and ``rng_cuda``, where saved)."""
+
+
+def _checkpoint(path: Path, run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``path`` (a checkpoint of the run in ``run_dir``) as --resume reads it; a damaged file
+    (truncated, empty) or one that lacks ``keys`` is a :class:`MismatchError` naming it and
+    the way out, not torch's traceback."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}")
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise ValueError(f"it has no {', '.join(map(repr, missing))}")
+    except Exception as error:
+        raise MismatchError(f"{path}: not a checkpoint of this example's runs "
+                            f"({first_line(error)}); run without --resume to start {run_dir} "
+                            "over") from error
+    return state
+
+
 def _repair_best(run_dir: Path, state: dict[str, Any], monitor: str) -> None:
     """``best.pt`` as ``last.pt`` says it is: rewritten from ``last.pt``'s weights when the
     process died between writing the two in the best epoch."""
@@ -511,7 +534,7 @@ def _repair_best(run_dir: Path, state: dict[str, Any], monitor: str) -> None:
     if best_epoch == 0:
         return
     path = run_dir / BEST
-    saved = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    saved = _checkpoint(path, run_dir, ("epoch",)) if path.exists() else None
     if saved is not None and int(saved["epoch"]) == best_epoch:
         return
     if best_epoch != int(state["epoch"]):
