@@ -16,6 +16,7 @@ preset is the default. Errors are reported in one line (exit status 2). See docs
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     return run(parser().parse_args(argv))
 
 
+FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+"""The errors of a full disk or quota: one line, like bad input."""
+
+
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` for the command line: bad input is one line on stderr and exit status 2."""
     from msd_colon_lib.errors import ExampleError
@@ -166,6 +171,13 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as error:
         return _missing_extra(error)
+    except OSError as error:
+        if error.errno not in FULL:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"msd_colon.py: error: {error.strerror}{where}; free some space (or choose another "
+              "--out) and rerun: --resume continues a run cut short", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print("msd_colon.py: interrupted; rerun with --resume to continue the unfinished run",
               file=sys.stderr, flush=True)

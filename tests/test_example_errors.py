@@ -283,6 +283,26 @@ def test_an_invocation_refused_before_any_run_keeps_the_previous_report(
         assert (out / name).read_text() == "the finished run's"
 
 
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_is_one_line_that_says_how_to_go_on(capsys, tmp_path, monkeypatch, code):
+    """A full disk (or quota) under --out ended in a traceback (from the lock file's flush, or
+    from writing a checkpoint). Found by a review."""
+    import errno
+
+    from msd_colon_lib import runner
+
+    full = str(tmp_path / "out" / "runs" / "iou" / "last.pt")
+
+    def train_run(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), full)
+
+    monkeypatch.setattr(runner, "train_run", train_run)
+    error = _one_line_error(capsys, ["--out", str(tmp_path / "out"), *TINY, "--loss", "iou",
+                                     "--epochs", "1"])
+    assert error == (f"{os.strerror(getattr(errno, code))}: {full}; free some space (or choose "
+                     "another --out) and rerun: --resume continues a run cut short")
+
+
 def test_download_root_that_is_a_file_is_one_line(capsys, tmp_path, monkeypatch):
     """--download --download-root FILE ended in FileExistsError."""
     import urllib.request

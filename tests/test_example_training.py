@@ -298,6 +298,28 @@ def test_switch_lr_is_applied_the_same_way_to_every_arm(store, split, tmp_path):
         assert lrs[loss, "restart"] == pytest.approx([1e-3, 1e-4, 1e-3])
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("what", ["checkpoint", "text"])
+def test_a_full_disk_while_saving_is_an_oserror_naming_the_file(tmp_path, what):
+    """A full disk while last.pt was written came out of torch's writer as
+    "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 2782784 vs
+    2782680"; it is ENOSPC naming the file, which the command line reports in one line, and
+    no partial file is left. (/dev/full answers every write with ENOSPC.) Found by a review."""
+    import errno
+
+    from msd_colon_lib.training import atomic_save, atomic_write_text
+
+    path = tmp_path / LAST
+    (tmp_path / f".{LAST}.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        if what == "checkpoint":
+            atomic_save({"weight": torch.zeros(100_000)}, path)
+        else:
+            atomic_write_text(path, "x" * 100_000)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_repair_best_after_a_crash_between_last_and_best(tmp_path):
     from msd_colon_lib.training import _repair_best
 

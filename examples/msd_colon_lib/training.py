@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -192,14 +193,29 @@ def _clear(run_dir: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save(obj, path)``, written whole or not at all (see :func:`atomic_write`).
+    Serialised in memory first: torch's file writer reports a full disk as "unexpected pos",
+    Python's write as the ``OSError`` it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it there: a process
+    killed midway leaves the old file. A failed write (a full disk: ``ENOSPC``) removes the
+    temporary file and raises the ``OSError`` naming ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from error
     os.replace(tmp, path)
 
 
