@@ -4,7 +4,7 @@
     python examples/msd_colon.py --download            # real data, the paper's protocol (preset)
     python examples/msd_colon.py --data-dir PATH/Task10_Colon --experiment table3 controls
     python examples/msd_colon.py --data-dir PATH/Task10_Colon --experiment all --seeds 0 1 2
-    python examples/msd_colon.py --loss "iou->bce@50" --epochs 50 --long-epochs 100
+    python examples/msd_colon.py --loss "iou->bce@50" --long-epochs 100
     torchrun --nproc_per_node=2 examples/msd_colon.py ...     # DDP (gloo on CPU, nccl on CUDA)
 
 Without ``--data-dir``/``--download`` it generates a small synthetic CT phantom in the

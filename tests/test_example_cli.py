@@ -126,6 +126,19 @@ def _one_line_error(capsys, argv):
      "RelativeImprovement(window=2, patience=2) cannot switch before epoch 4 (window=2 + "
      "patience=2) of 4 epochs, so the switch never happens (the adaptive runs train for "
      "--long-epochs = 4)"),
+    # accepted with --loss though no run read them, and stated in the report's Setup as if
+    # they had been (found by a review)
+    (["--loss", "iou->bce@1", "--epochs", "7"],
+     "--epochs does not apply to the --loss specs given: a single loss trains for --epochs "
+     "(a composite or switch for --long-epochs), and none of them ('iou->bce@1') is one"),
+    (["--loss", "iou", "--loss", "bce", "--long-epochs", "9"],
+     "--long-epochs does not apply to the --loss specs given: a composite or switch trains for "
+     "--long-epochs (a single loss for --epochs), and none of them ('iou', 'bce') is one"),
+    (["--loss", "iou->bce@1", "--long-epochs", "3", "--switch-lr", "restart", "--switch-epoch",
+      "2"],
+     "--switch-epoch does not apply to the --loss specs given: with --switch-lr restart it is "
+     "the epoch where the runs without a switch restart, and every one of them switches at its "
+     "own"),
     # accepted and silently ignored
     (["--loss", "iou", "--adaptive-trigger", "plateau(patience=2)"],
      "--adaptive-trigger does not apply with --loss: --loss runs exactly the given specs"),

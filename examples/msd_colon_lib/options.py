@@ -184,6 +184,32 @@ def _never_switching(loss: Any, epochs: int) -> str | None:
     return None
 
 
+def _check_loss_run_options(args: argparse.Namespace, need: Any) -> None:
+    """``--loss``: the run options given are read by some run (a single loss trains for
+    ``--epochs``, a composite or switch for ``--long-epochs``; ``--switch-epoch`` is where the
+    runs without a switch restart under ``--switch-lr restart``); else the report's Setup
+    would state what no run did. (A restart that no run reaches is run, and the report says
+    how many runs restarted.)"""
+    given = set(getattr(args, "run_options_given", ()))
+    plain = [spec for spec in args.loss if kind(spec) != "switch"]
+    singles = [spec for spec in args.loss if kind(spec) == "single"]
+    restarting = args.switch_lr == "restart" and bool(plain)
+    named = ", ".join(map(repr, args.loss))
+    # --epochs is also the default restart epoch of runs without a switch, where none switches
+    restart_default = (restarting and not args.switch_epoch_given
+                       and len(plain) == len(args.loss))
+    need("--epochs" not in given or singles or restart_default,
+         "--epochs does not apply to the --loss specs given: a single loss trains for --epochs "
+         f"(a composite or switch for --long-epochs), and none of them ({named}) is one")
+    need("--long-epochs" not in given or len(singles) < len(args.loss),
+         "--long-epochs does not apply to the --loss specs given: a composite or switch trains "
+         f"for --long-epochs (a single loss for --epochs), and none of them ({named}) is one")
+    need(not args.switch_epoch_given or bool(plain),
+         "--switch-epoch does not apply to the --loss specs given: with --switch-lr restart it "
+         "is the epoch where the runs without a switch restart, and every one of them switches "
+         "at its own")
+
+
 def _check_loss_specs(args: argparse.Namespace, need: Any) -> None:
     """``--loss``: valid specs whose fixed switches happen within their runs; with
     ``--switch-lr restart`` the arms without a switch restart where the switching ones
@@ -314,6 +340,7 @@ def validate(args: argparse.Namespace) -> None:
              "--switch-epoch does not apply with --loss: a spec's own @N is its switch (only "
              "--switch-lr restart reads it, for the runs without a switch)")
         _check_loss_specs(args, need)
+        _check_loss_run_options(args, need)
     trigger = args.adaptive_trigger
     need(not trigger.strip().isdigit(),
          f"--adaptive-trigger {trigger!r} is a fixed epoch: use --switch-epoch for that, and a "
