@@ -284,7 +284,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_hanging_compiler_hits_the_timeout_and_is_killed(tmp_path):
+def _hanging(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake ``$CXX`` that answers ``--version`` and otherwise waits for a child of its own
+    (``sleep 60``), whose pid it writes to the file returned second."""
     pids = tmp_path / "pids"
     cxx = _script(tmp_path / "c++", f"""
         case "$*" in --version) echo "hanging compiler 1.0"; exit 0 ;; esac
@@ -292,6 +294,11 @@ def test_a_hanging_compiler_hits_the_timeout_and_is_killed(tmp_path):
         echo $! >> "{pids}"
         wait
     """)
+    return cxx, pids
+
+
+def test_a_hanging_compiler_hits_the_timeout_and_is_killed(tmp_path):
+    cxx, pids = _hanging(tmp_path)
     start = time.perf_counter()
     report, _ = _report(tmp_path / "cache", cxx, DYNLOSS_NATIVE_BUILD_TIMEOUT="2")
     elapsed = time.perf_counter() - start
@@ -695,13 +702,7 @@ def test_a_process_ended_by_a_signal_during_a_build_takes_its_compiler_with_it(t
     """torchrun and job schedulers stop a rank with SIGTERM: the process ended, but its
     compiler (in a session of its own) ran on as an orphan, and the build's scratch folder
     stayed in the cache. The process still ends by the signal. Found by a review."""
-    pids = tmp_path / "pids"
-    cxx = _script(tmp_path / "c++", f"""
-        case "$*" in --version) echo "slow compiler 1.0"; exit 0 ;; esac
-        sleep 60 &
-        echo $! >> "{pids}"
-        wait
-    """)
+    cxx, pids = _hanging(tmp_path)
     cache = tmp_path / "cache"
     process = _start(cache, cxx)
     deadline = time.monotonic() + 60
