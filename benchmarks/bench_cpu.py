@@ -5,6 +5,8 @@ plain torch, each peer in its own formulation (see ``competitors.py``).
     python benchmarks/bench_cpu.py --shape 8 1 128 128 --repeats 30
     python benchmarks/bench_cpu.py --losses topk --out /tmp/topk   # one loss, elsewhere
 
+Before anything is timed, every candidate's value and gradient on a small input of the same
+rank are checked against dynloss's reference (:func:`check_candidates`).
 Time: median (and minimum) of ``--repeats`` forward+backward runs after warm-up, all in one
 process, candidates interleaved round by round so that background load hits them alike.
 Page faults: the minor page faults of each timed call (``getrusage``; Unix only). A call whose
@@ -70,6 +72,43 @@ def make_inputs(shape, seed=0):
     logits = torch.randn(shape, generator=gen) * 3
     target = (torch.rand(shape, generator=gen) > 0.9).float()  # ~10 % foreground, as the paper
     return logits, target
+
+
+PROBE_SIDE = 5
+"""The spatial size of the probe on which the candidates are checked before timing."""
+
+
+def probe_shape(shape):
+    """A small input of ``shape``'s rank and channels, two samples of side
+    :data:`PROBE_SIDE`: ``2 * C * 5**d`` elements, of which 60 % (TopK's ``k``) is a whole
+    number, so that nnU-Net's count (rounded down) and dynloss's (up) agree exactly."""
+    return (2, *shape[1:2], *[PROBE_SIDE] * (len(shape) - 2))
+
+
+def check_candidates(name, candidates, shape):
+    """Raise ``ValueError`` where a candidate's value or input gradient on a
+    :func:`probe_shape` input differs from ``dynloss[reference]``'s: a peer given other
+    arguments (another smoothing, pooling or weight) would be timed as the same loss."""
+    probe = probe_shape(shape)
+    logits, target = make_inputs(probe, seed=1)
+    target.view(2, -1)[:, 0] = 1  # a positive in each sample: smp scores no empty class
+
+    def value_and_gradient(fn):
+        x = logits.detach().clone().requires_grad_()
+        value = fn(x, target)
+        (gradient,) = torch.autograd.grad(value, x)
+        return value.detach(), gradient
+
+    want = value_and_gradient(candidates["dynloss[reference]"])
+    for label, fn in candidates.items():
+        got = value_and_gradient(fn)
+        for what, a, b, rtol in (("value", got[0], want[0], 1e-5),
+                                 ("gradient", got[1], want[1], 1e-4)):
+            if not torch.allclose(a, b, rtol=rtol, atol=1e-7):
+                difference = (a - b).abs().max().item()
+                raise ValueError(
+                    f"{name}: {label}'s {what} on a {probe} probe differs from dynloss's "
+                    f"reference (by up to {difference:.3g}): it would be timed as another loss")
 
 
 def run_once(fn, logits, target):
@@ -193,6 +232,13 @@ def main(argv=None):
 
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     shape = tuple(args.shape)
+    every = {name: competitors(name) for name in args.losses}
+    try:  # all before the first timing: a wrong peer stops the run at once
+        for name, candidates in every.items():
+            check_candidates(name, candidates, shape)
+    except ValueError as error:
+        print(f"bench_cpu.py: error: {error}", file=sys.stderr)
+        return 2
     logits, target = make_inputs(shape)
     input_bytes = logits.numel() * logits.element_size()
     sig = sigmoid_pass(logits, args.repeats)
@@ -220,8 +266,7 @@ def main(argv=None):
           f"backend {meta['auto_backend']!r}")
     rows = []
     summaries = {}
-    for name in args.losses:
-        candidates = competitors(name)
+    for name, candidates in every.items():
         timed = time_candidates(candidates, logits, target, args.repeats, args.warmup,
                                 seed=seed)
         ours, _, _, ours_clean, _ = timed["dynloss[auto]"]
@@ -280,9 +325,12 @@ def _peers_label(peers):
     return "the faster of " + "/".join(names[p] for p in peers)
 
 
-def _versus_label(key, ratios):
+def _versus_label(key, ratios, timed=()):
+    """How the summary names the peers of ratio ``key``; ``timed``: the peers with a row
+    (summaries written before ``peers`` was recorded said smp/MONAI also where only smp
+    was timed)."""
     label = PEERS[key]
-    peers = ratios.get("peers")  # (summaries written before it: smp and MONAI)
+    peers = ratios.get("peers") or list(timed)
     if peers and key.startswith("vs_smp_monai"):
         label = label.replace("the faster of smp/MONAI", _peers_label(peers))
     return label
@@ -324,8 +372,10 @@ def to_markdown(meta, rows, summaries=None):
     if summaries:
         lines += ["", "Speed-up of `dynloss[auto]` (median over median):", ""]
         for name, ratios in summaries.items():
-            versus = [f"{ratios[key]:.2f}x over {_versus_label(key, ratios)}" for key in PEERS
-                      if key in ratios]
+            timed = [peer for peer in ("smp", "monai")
+                     if any(r["loss"] == name and r["implementation"] == peer for r in rows)]
+            versus = [f"{ratios[key]:.2f}x over {_versus_label(key, ratios, timed)}"
+                      for key in PEERS if key in ratios]
             lines.append(f"- {name}: {ratios['dynloss_ms']:.2f} ms; " + ", ".join(versus))
     return "\n".join(lines) + "\n"
 

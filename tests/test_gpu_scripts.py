@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -168,6 +169,66 @@ def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
         logits, target, pos_weight=torch.tensor([3.0]))
     for label, fn in candidates.items():
         torch.testing.assert_close(fn(logits, target), want, rtol=2e-6, atol=1e-7, msg=label)
+
+
+@pytest.mark.parametrize("shape", [(32, 1, 256, 256), (2, 1, 64, 64, 64), (8, 1, 64)])
+def test_cpu_benchmark_checks_every_candidate_against_the_reference(shape):
+    """Before timing, every candidate's value and gradient on a probe of the shape's rank are
+    dynloss's reference's (nnU-Net's TopK too: the probe's count 60 % is an integer), so a
+    peer given other arguments cannot be timed as the same loss. The CPU benchmark timed its
+    peers unchecked (the GPU one checked). Found by a review."""
+    bench = _bench_cpu()
+    probe = bench.probe_shape(shape)
+    assert probe[0] == 2 and probe[1] == shape[1] and len(probe) == len(shape)
+    assert (math.prod(probe) * 0.6) % 1 == 0
+    for name in [*bench.LOSSES, *bench.EXTRA_LOSSES]:
+        candidates = bench.competitors(name)
+        assert len(candidates) > 3 or name == "topk", sorted(candidates)  # the peers are there
+        bench.check_candidates(name, candidates, shape)
+
+
+@pytest.mark.parametrize("wrong", ["value", "gradient"])
+def test_cpu_benchmark_refuses_a_peer_that_computes_another_loss(monkeypatch, capsys, tmp_path,
+                                                                 wrong):
+    bench = _bench_cpu()
+    real = bench.competitors
+
+    def competitors(name):
+        found = real(name)
+        smp = found["smp"]
+        if wrong == "value":
+            found["smp"] = lambda x, t: smp(x, t) * 1.001
+        else:  # the same value, the gradient of the detached sigmoid's sum added
+            found["smp"] = lambda x, t: smp(x, t) + (x - x.detach()).sum() * 1e-3
+        return found
+
+    monkeypatch.setattr(bench, "competitors", competitors)
+    out = tmp_path / "results"
+    argv = ["--shape", "2", "1", "8", "8", "--repeats", "1", "--warmup", "0", "--losses",
+            "dice", "--out", str(out)]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bench_cpu.py: error: dice: smp's {wrong} on a (2, 1, 5, 5) probe "
+                          "differs from dynloss's reference ("), err
+    assert err.endswith("): it would be timed as another loss"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cpu_benchmark_tables_written_before_the_peers_were_recorded_name_the_peer_timed():
+    """Summaries written before they recorded which peers were timed said "over the faster of
+    smp/MONAI" for BCE, where MONAI has no loss and only smp was timed; the rows say which
+    were. Found by a review."""
+    bench = _bench_cpu()
+    row = {"median_ms": 2.0, "min_ms": 2.0, "speedup_of_dynloss": 2.0, "saved_inputs": 1.0,
+           "page_faults": 0, "no_fault_median_ms": 2.0, "no_fault_calls": 5}
+    rows = [{**row, "loss": "bce", "implementation": "smp"},
+            {**row, "loss": "dice", "implementation": "smp"},
+            {**row, "loss": "dice", "implementation": "monai"}]
+    summaries = {name: {"dynloss_ms": 1.0, "vs_smp_monai": 2.0, "vs_torch": 1.5}
+                 for name in ("bce", "dice")}
+    table = bench.to_markdown(TABLE_META, rows, summaries)
+    assert "- bce: 1.00 ms; 2.00x over smp, 1.50x over plain torch" in table
+    assert "- dice: 1.00 ms; 2.00x over the faster of smp/MONAI, 1.50x over plain torch" in table
 
 
 def test_cpu_benchmark_without_its_peers_refuses_to_replace_the_tables(monkeypatch, capsys):
