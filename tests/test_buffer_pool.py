@@ -189,6 +189,26 @@ def test_a_kept_storage_object_keeps_its_buffer():
     assert torch.equal(kept, snapshot)
 
 
+def test_a_kept_base_tensor_keeps_its_buffer():
+    """A gradient is a view of the pool's own flat tensor (``x.grad._base``): keeping that
+    tensor alone added no count to the storage nor to its object, so the next call wrote its
+    gradient into it. Found by a review."""
+    logits, target = _inputs()
+    dice = dynloss.DiceLoss(backend="native")
+    x = logits.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(dice(x, target), x)
+    base = first._base
+    assert base is not None
+    snapshot = base.clone()
+    del first
+    second = _gradient(dice, logits * 2, target)
+    assert second.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    assert torch.equal(base, snapshot)
+    del base, second  # then it is free again
+    third = _gradient(dice, logits, target)
+    assert len(POOL) == 2 and torch.equal(third.view(-1), snapshot)
+
+
 def test_a_buffer_moved_to_shared_memory_is_never_handed_out_again():
     """A gradient sent to another process (a ``torch.multiprocessing`` queue moves its storage
     to shared memory): the other process's hold is not counted here, so such a buffer leaves

@@ -83,9 +83,11 @@ class BufferPool:
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes
         # [buffer, its storage, the storage's reference count and its Python object's when the
-        # buffer is free, its data pointer]: the storage object is kept so that a look-up
-        # creates no Python object, and it is the one ``x.grad.untyped_storage()`` returns, so
-        # a caller that keeps only it holds no count on the storage, only on the object
+        # buffer is free, its data pointer, the buffer's Python object's count when free]: the
+        # storage object is kept so that a look-up creates no Python object, and it is the one
+        # ``x.grad.untyped_storage()`` returns, so a caller that keeps only it holds no count
+        # on the storage, only on the object; the same for the flat buffer, a gradient's
+        # ``_base``
         self._entries: list[list] = []
         self._lock = threading.Lock()
         _POOLS.add(self)  # (a lock another thread held at a fork stays held in the child)
@@ -109,9 +111,10 @@ class BufferPool:
         with self._lock:
             entries = self._entries
             for index, entry in enumerate(entries):
-                buffer, storage, free, free_objects, address = entry
+                buffer, storage, free, free_objects, address, free_buffers = entry
                 if (buffer.numel() == numel and _references(storage) == free
-                        and sys.getrefcount(storage) == free_objects):
+                        and sys.getrefcount(storage) == free_objects
+                        and sys.getrefcount(buffer) == free_buffers):
                     if storage.data_ptr() != address or storage.nbytes() != numel * 4:
                         entries.pop(index)  # resized in place (freed, as FSDP does): its
                         break               # memory is gone or another
@@ -123,8 +126,9 @@ class BufferPool:
                     return buffer.view(shape)
             buffer = torch.empty(numel, dtype=torch.float32, device=CPU)
             storage = buffer.untyped_storage()
-            entry = [buffer, storage, _references(storage), 0, storage.data_ptr()]
+            entry = [buffer, storage, _references(storage), 0, storage.data_ptr(), 0]
             entry[3] = sys.getrefcount(storage)  # (the same references as in the loop above)
+            entry[5] = sys.getrefcount(buffer)
             entries.append(entry)
             while (len(entries) > self.max_buffers
                    or sum(e[0].numel() * 4 for e in entries) > self.max_bytes):
