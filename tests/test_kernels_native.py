@@ -793,6 +793,33 @@ def test_saved_tensors():
     assert _saved_input_sized(region_pixel_loss, x, t, pixel="focal") == 2
 
 
+@pytest.mark.parametrize("loss", ["dice", "focal", "composite"])
+def test_a_saved_tensor_a_hook_keeps_is_not_overwritten_by_backward(loss):
+    """The backward writes the gradient into its saved buffer (one input-sized buffer per
+    step): a ``saved_tensors_hooks`` pack hook that kept the saved tensor (an inspection
+    tool) found the gradient in it afterwards. Under such hooks the gradient gets a buffer
+    of its own; torch's own operations never change what they saved. Found by a review."""
+    x0, t = _inputs("binary", (64, 64), seed=3)
+    fn = {"dice": F.dice_loss, "focal": F.focal_loss,
+          "composite": lambda x, t, backend: dynloss.CompositeLoss(
+              [dynloss.DiceLoss(backend=backend), dynloss.BCELoss(backend=backend)])(x, t)}[loss]
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor)
+        return tensor
+
+    x = x0.detach().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        value = fn(x, t, backend="native")
+    before = [tensor.clone() for tensor in kept]
+    value.backward()
+    assert all(torch.equal(a, b) for a, b in zip(kept, before, strict=True))
+    y = x0.detach().clone().requires_grad_(True)
+    fn(y, t, backend="reference").backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_without_gradient(mode):
     """No gradient wanted (validation): nothing is saved, the values are the same."""

@@ -130,6 +130,15 @@ def avx512_loops() -> bool:
 
 
 _KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_for_hooks() -> bool:
+    """Whether a ``saved_tensors_hooks`` pack hook sees what this forward saves (it may keep
+    it: the backward must then not write the gradient into it); True if unknown."""
+    if _SAVED_TENSOR_HOOKS is None:  # pragma: no cover - a torch without this query
+        return True
+    return _SAVED_TENSOR_HOOKS(False) is not None
 
 
 def _graph_kept() -> bool:
@@ -322,7 +331,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         total, count = out[0], float(max(selected, 1))
     args.pos_weight = None  # (backward reads the saved slopes, not the weights freed here)
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
-              x.shape, args)
+              x.shape, args, needs_grad and _saved_for_hooks())
     return Forward(out, (total, count), target, probabilities, slope, config,
                    bool(bad_target or bad_input), bool(overflowed))
 
@@ -359,7 +368,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     receives the gradient unless the running backward keeps the graph.
     """
     target, probabilities, slope = saved
-    mode, _, _, want_region, want_pixel, (n, c, _), hard, shape, forward_args = config
+    mode, _, _, want_region, want_pixel, (n, c, _), hard, shape, forward_args, hooked = config
     multiclass = mode == MULTICLASS_MODE
     want_region = want_region and (grad_intersection is not None
                                    or grad_prediction_sum is not None)
@@ -390,10 +399,10 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
         args.slope = None
     # The saved buffer becomes the gradient (each element is read, then overwritten): one
     # input-sized buffer per forward+backward. Not when the graph is kept for another
-    # backward, which must find the buffer intact.
+    # backward, which must find the buffer intact, nor where a saved-tensor hook saw it.
     buffer = probabilities if probabilities is not None else slope
-    grad = (torch.empty(shape, dtype=torch.float32, device=CPU) if buffer is None or _graph_kept()
-            else buffer)
+    grad = (torch.empty(shape, dtype=torch.float32, device=CPU)
+            if buffer is None or hooked or _graph_kept() else buffer)
     args.target = target.data_ptr()
     args.grad = grad.data_ptr()
     args.hard_targets = int(hard)
