@@ -430,6 +430,23 @@ def test_resume_of_a_damaged_checkpoint_names_it(store, split, tmp_path, damage)
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_resume_without_the_runs_config_says_so(tmp_path, damage):
+    """An unfinished run whose config.json was gone was refused as "started with other
+    inputs (no fingerprint (written by an older version of this example))". Found by a
+    review."""
+    from msd_colon_lib import training
+
+    (tmp_path / LAST).write_bytes(b"")
+    if damage == "unreadable":
+        (tmp_path / training.CONFIG).write_text("{half")
+    action, message = training.decide(tmp_path, {"config": {}}, resume=True)
+    assert (action, message) == ("refuse", (
+        f"cannot --resume {tmp_path}: its {training.CONFIG} is missing or unreadable, so the "
+        "inputs it was started with are unknown; run without --resume to start it over"))
+    assert training.decide(tmp_path, {"config": {}}, resume=False)[0] == "fresh"
+
+
 def test_resume_with_a_damaged_best_checkpoint_names_it(tmp_path):
     from msd_colon_lib.training import _repair_best
 

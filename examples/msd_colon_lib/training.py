@@ -169,11 +169,16 @@ def decide(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> tuple[st
             )
         return "fresh", f"{run_dir}: recomputing, its inputs changed ({describe(changes)})"
     if (run_dir / LAST).exists():
-        config = _read_json(run_dir / CONFIG) or {}
-        changes = differences(config.get("fingerprint"), fingerprint)
+        config = _read_json(run_dir / CONFIG)
         if not resume:
             return "fresh", (f"{run_dir}: starting over an unfinished run (--resume would "
                              "continue it)")
+        if config is None:  # deleted or damaged (one without a fingerprint: differences())
+            return "refuse", (
+                f"cannot --resume {run_dir}: its {CONFIG} is missing or unreadable, so the "
+                "inputs it was started with are unknown; run without --resume to start it over"
+            )
+        changes = differences(config.get("fingerprint"), fingerprint)
         if changes:
             return "refuse", (
                 f"cannot --resume {run_dir}: it was started with other inputs "
