@@ -610,6 +610,9 @@ struct ClassChunk {
   // Fills cls/keep; with `inputs` (forward) also xt and the softmax statistics, which read x
   // (backward reads only the saved buffers: x is not passed then). Returns the number of kept
   // pixels whose class index is out of range (they are dropped).
+  // PIXEL_STATS: also xt and lg, which only the pixel losses read (a region loss alone
+  // skips the gather and the logarithm).
+  template <bool PIXEL_STATS>
   double load(const Args& a, int64_t sample, int64_t begin, int64_t end, bool inputs) {
     len = end - begin;
     const T* t = static_cast<const T*>(a.target) + sample * a.m + begin;
@@ -630,7 +633,9 @@ struct ClassChunk {
     ecache = nullptr;
     if (!inputs) return bad;
     const float* x = a.x + sample * a.c * a.m + begin;
-    for (int64_t j = 0; j < len; ++j) xt[j] = x[cls[j] * a.m + j];
+    if (PIXEL_STATS) {
+      for (int64_t j = 0; j < len; ++j) xt[j] = x[cls[j] * a.m + j];
+    }
     if (!LOGITS) return bad;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) mx[j] = x[j];
@@ -669,8 +674,14 @@ struct ClassChunk {
       const float o = oth[j] + ties[j];  // ties is 0 but where logits tie at the max
       unique[j] = ties[j] == 0.0f ? 1.0f : 0.0f;
       oth[j] = o;
-      lg[j] = o <= 1.0f ? log1p_f(o) : log_f(1.0f + o);  // NaN: log_f, NaN
       inv[j] = 1.0f / (1.0f + o);
+    }
+    if (PIXEL_STATS) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float o = oth[j];
+        lg[j] = o <= 1.0f ? log1p_f(o) : log_f(1.0f + o);  // NaN: log_f, NaN
+      }
     }
     return bad;
   }
@@ -680,7 +691,7 @@ template <typename T, bool LOGITS, bool REGION, int PIXEL>
 static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, int64_t end,
                                 double* out) {
   ClassChunk<T, LOGITS> s;
-  const double bad = s.load(a, sample, begin, end, true);
+  const double bad = s.template load<PIXEL != kPixelNone>(a, sample, begin, end, true);
   const int64_t offset = sample * a.c * a.m + begin;
   const float* x = a.x + offset;
   const int64_t len = s.len;
@@ -769,7 +780,7 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
 template <typename T, bool LOGITS, bool REGION, int PIXEL>
 static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, int64_t end) {
   ClassChunk<T, LOGITS> s;
-  s.load(a, sample, begin, end, false);
+  s.template load<false>(a, sample, begin, end, false);
   const int64_t offset = sample * a.c * a.m + begin;
   float* grad = a.grad + offset;
   const int64_t len = s.len;
