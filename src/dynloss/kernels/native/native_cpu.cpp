@@ -66,6 +66,12 @@ DL_INLINE float as_float(uint32_t i) { float f; std::memcpy(&f, &i, sizeof f); r
 DL_INLINE uint32_t as_bits(float f) { uint32_t i; std::memcpy(&i, &f, sizeof i); return i; }
 DL_INLINE float max_f(float a, float b) { return a > b ? a : b; }
 DL_INLINE float abs_f(float a) { return as_float(as_bits(a) & 0x7fffffffu); }
+// c ? a : b as a bit select: both arms formed, nothing loaded or stored under a mask (GCC
+// turns some conditional expressions in `omp simd` reduction loops into masked moves)
+DL_INLINE float pick(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return as_float((as_bits(a) & m) | (as_bits(b) & ~m));
+}
 
 // The exponential's constants, shared by exp_reduced and the AVX-512 loop: 1 / ln 2, ln 2 in
 // two parts (Cody-Waite: n * kLn2High is exact), the degree-6 polynomial (Cephes expf), and
@@ -742,28 +748,30 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
         const float xv = xc[j];
         const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax)
                                     : ((xv >= 0.0f) & (xv <= 1.0f));
-        badx += (s.keep[j] != 0.0f && !valid_x) ? 1.0f : 0.0f;
+        badx += ((s.keep[j] != 0.0f) & !valid_x) ? 1.0f : 0.0f;
         const float e = CACHED ? ec[j] : exp_f(xv - s.mx[j]);
         const float p = LOGITS ? e * s.inv[j] : xv;
         const bool on = s.cls[j] == cc;
         // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
         const bool kept = s.keep[j] != 0.0f;
+        // -(1 - p) = -oth inv, read unconditionally (selected below, not loaded under a mask)
+        const float minus_q = -(s.oth[j] * s.inv[j]);
         if (REGION) {
-          sP += kept ? p : 0.0f;
-          sI += (on & kept) ? p : 0.0f;
-          sG += on ? s.keep[j] : 0.0f;
+          sP += pick(kept, p, 0.0f);
+          sI += pick(on & kept, p, 0.0f);
+          sG += pick(on, s.keep[j], 0.0f);
           // saved for backward: p, but p - 1 = -(1 - p) with all its digits (a negative
           // number, or -0) at the class that alone holds the max (see class_backward_chunk)
-          const bool top = LOGITS && (xv == s.mx[j]) & (s.unique[j] != 0.0f);
-          pc[j] = top ? -(s.oth[j] * s.inv[j]) : p;
+          const bool top = LOGITS & (xv == s.mx[j]) & (s.unique[j] != 0.0f);
+          pc[j] = pick(top, minus_q, p);
         }
         if (PIXEL != kPixelNone) {
           // p - 1 at the target class: -(1 - p) = -oth inv where that class is the most
           // probable (p near 1), else formed as it is (p <= 1/2 there)
-          const float p_minus_on = (on & (s.xt[j] == s.mx[j])) ? -(s.oth[j] * s.inv[j])
-                                                               : p - (on ? 1.0f : 0.0f);
-          const float pixel_slope = LOGITS ? coef[j] * p_minus_on : (on ? coef[j] : 0.0f);
-          sc[j] = kept ? pixel_slope : 0.0f;
+          const float p_minus_on = pick(on & (s.xt[j] == s.mx[j]), minus_q,
+                                        p - pick(on, 1.0f, 0.0f));
+          const float pixel_slope = LOGITS ? coef[j] * p_minus_on : pick(on, coef[j], 0.0f);
+          sc[j] = pick(kept, pixel_slope, 0.0f);
         }
       }
       if (REGION) {
