@@ -1,9 +1,16 @@
 """Forward+backward time and memory of every dynloss loss against smp, MONAI, nnU-Net and
-plain torch, each peer in its own formulation (see ``competitors.py``).
+plain torch, each peer in its own formulation (see ``competitors.py``; multiclass: ``peers.py``).
 
     python benchmarks/bench_cpu.py                       # (32, 1, 256, 256) float32, CPU
     python benchmarks/bench_cpu.py --shape 8 1 128 128 --repeats 30
     python benchmarks/bench_cpu.py --losses topk --out /tmp/topk   # one loss, elsewhere
+    python benchmarks/bench_cpu.py --mode multiclass     # (8, 4, 256, 256), class-index target
+
+``--mode multiclass``: the target holds class indices (int64, ``(N, *spatial)``, drawn
+uniformly from ``[0, C)``, ``C = shape[1] >= 2``); the losses are dynloss's multiclass ones
+(``bce`` is the cross-entropy; no ``bce_pos_weight``), the peers those of ``peers.py`` (the
+GPU benchmark's), each only where it computes the same loss (no smp Focal, no MONAI BCE/TopK;
+MONAI's Focal times C); the yardstick is a ``torch.softmax`` pass over the classes.
 
 Before anything is timed, every candidate's value and gradient on a small input of the same
 rank are checked against dynloss's reference (:func:`check_candidates`).
@@ -19,10 +26,10 @@ saves (counted once per storage, the caller's input and target left out), in mul
 input's size. (Peak memory is measured on CUDA by ``bench_cuda.py``; the CPU allocator offers no
 reliable peak counter.)
 Results go to ``benchmarks/results/cpu.json`` and ``cpu.md`` (another ``--shape``:
-``cpu_8x1x64x64.*``; ``--losses`` naming a subset adds ``_<losses>``, so a partial run never
-replaces the full table; see :func:`default_name`), each with the
-speed-up of ``dynloss[auto]`` over every peer per loss (``summary``): the faster of smp/MONAI,
-plain torch, and for TopK nnU-Net's formulation.
+``cpu_8x1x64x64.*``; multiclass: ``cpu_multiclass_8x4x256x256.*``; ``--losses`` naming a subset
+adds ``_<losses>``, so a partial run never replaces the full table; see :func:`default_name`),
+each with the speed-up of ``dynloss[auto]`` over every peer per loss (``summary``): the faster
+of smp/MONAI (or the one that has the loss), plain torch, and for TopK nnU-Net's formulation.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynloss
 from competitors import HAVE_MONAI, HAVE_SMP, competitors
 from dynloss.kernels import resolve_backend
+from peers import implementation
 
 LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
 EXTRA_LOSSES = ["bce_pos_weight"]
@@ -56,22 +64,57 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 DEFAULT_SHAPE = [32, 1, 256, 256]
+MODES = ["binary", "multiclass"]
+DEFAULT_MULTICLASS_SHAPE = [8, 4, 256, 256]
+MULTICLASS_PEERS = ["smp", "monai", "torch", "nnunet"]
+"""The peers of ``--mode multiclass``, from ``peers.py`` where it has the loss."""
+PASS = {"binary": "sigmoid", "multiclass": "softmax"}
+"""The yardstick of each mode: one pass of this activation over the input."""
 
 
-def default_name(shape, losses):
+def default_name(shape, losses, mode="binary"):
     """The result files' name: ``cpu`` for every loss at the default shape, else suffixed by
     the shape (``cpu_8x1x64x64``) and by the losses when they are a subset, so that no run
-    replaces another shape's or the full table."""
-    name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + "x".join(map(str, shape))
+    replaces another shape's or the full table; multiclass runs are ``cpu_multiclass_`` and
+    the shape at every shape (``cpu_multiclass_8x4x256x256``), never a binary run's name."""
+    dims = "x".join(map(str, shape))
+    if mode == "multiclass":
+        name = "cpu_multiclass_" + dims
+    else:
+        name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + dims
     subset = [loss for loss in LOSSES + EXTRA_LOSSES if loss in losses]
     return name if subset == LOSSES else name + "_" + "_".join(subset)
 
 
-def make_inputs(shape, seed=0):
+def make_inputs(shape, seed=0, mode="binary"):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(shape, generator=gen) * 3
-    target = (torch.rand(shape, generator=gen) > 0.9).float()  # ~10 % foreground, as the paper
+    if mode == "multiclass":  # class indices, uniform over the C = shape[1] classes
+        target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
+    else:
+        target = (torch.rand(shape, generator=gen) > 0.9).float()  # ~10 % foreground, as the paper
     return logits, target
+
+
+def multiclass_competitors(name, backends=("auto", "torch", "reference")):
+    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``) in multiclass mode, dynloss
+    first: ``dynloss.LOSSES[name](mode="multiclass")`` with its default hyper-parameters
+    (those of ``peers.py``: Tversky ``(0.3, 0.7)``, TopK ``k=0.6``, Focal ``gamma=2``, as in
+    binary mode), then each peer of :data:`MULTICLASS_PEERS` that ``peers.py`` gives for the
+    loss (a library that is not installed is left out, as in ``competitors.py``)."""
+    found = {f"dynloss[{backend}]": dynloss.LOSSES[name](mode="multiclass", backend=backend)
+             for backend in backends}
+    smp = "not installed"
+    monai_losses = None
+    if HAVE_SMP:
+        import segmentation_models_pytorch as smp
+    if HAVE_MONAI:
+        import monai.losses as monai_losses
+    for peer in MULTICLASS_PEERS:
+        fn = implementation(peer, name, "multiclass", smp, monai_losses, "auto")
+        if fn is not None:
+            found[peer] = fn
+    return found
 
 
 PROBE_SIDE = 5
@@ -81,17 +124,27 @@ PROBE_SIDE = 5
 def probe_shape(shape):
     """A small input of ``shape``'s rank and channels, two samples of side
     :data:`PROBE_SIDE`: ``2 * C * 5**d`` elements, of which 60 % (TopK's ``k``) is a whole
-    number, so that nnU-Net's count (rounded down) and dynloss's (up) agree exactly."""
-    return (2, *shape[1:2], *[PROBE_SIDE] * (len(shape) - 2))
+    number, so that nnU-Net's count (rounded down) and dynloss's (up) agree exactly. Where
+    the ``2 * 5**d`` pixels cannot hold each of ``C`` classes once (multiclass), the side is
+    the smallest multiple of :data:`PROBE_SIDE` whose pixels can (60 % stays whole)."""
+    dims = len(shape) - 2
+    side = PROBE_SIDE
+    while dims > 0 and 2 * side**dims < shape[1]:
+        side += PROBE_SIDE
+    return (2, *shape[1:2], *[side] * dims)
 
 
-def check_candidates(name, candidates, shape):
+def check_candidates(name, candidates, shape, mode="binary"):
     """Raise ``ValueError`` where a candidate's value or input gradient on a
     :func:`probe_shape` input differs from ``dynloss[reference]``'s: a peer given other
     arguments (another smoothing, pooling or weight) would be timed as the same loss."""
     probe = probe_shape(shape)
-    logits, target = make_inputs(probe, seed=1)
-    target.view(2, -1)[:, 0] = 1  # a positive in each sample: smp scores no empty class
+    logits, target = make_inputs(probe, seed=1, mode=mode)
+    if mode == "multiclass":  # every class present: smp's loss for an absent class is 0
+        classes = probe[1]  # (dynloss's 1), another loss where a class is missing
+        target.view(-1)[:classes] = torch.arange(classes)
+    else:
+        target.view(2, -1)[:, 0] = 1  # a positive in each sample: smp scores no empty class
 
     def value_and_gradient(fn):
         x = logits.detach().clone().requires_grad_()
@@ -195,11 +248,14 @@ def no_fault_ratio(timed, ours_clean):
     return min(peers) / ours_clean
 
 
-def sigmoid_pass(logits, repeats):
+def sigmoid_pass(logits, repeats, mode="binary"):
+    """The median seconds of the yardstick :data:`PASS`: ``torch.sigmoid`` of the input
+    (binary), ``torch.softmax`` over its classes (multiclass)."""
+    activation = torch.sigmoid if mode == "binary" else lambda x: torch.softmax(x, 1)
     ts = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.sigmoid(logits)
+        activation(logits)
         ts.append(time.perf_counter() - start)
     return statistics.median(ts)
 
@@ -207,7 +263,10 @@ def sigmoid_pass(logits, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs="+", default=DEFAULT_SHAPE)
+    parser.add_argument("--mode", choices=MODES, default="binary",
+                        help="multiclass: a class-index target over C = shape[1] >= 2 classes")
+    parser.add_argument("--shape", type=int, nargs="+", default=None,
+                        help="N C *spatial (default: 32 1 256 256; multiclass: 8 4 256 256)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES + EXTRA_LOSSES)
@@ -218,6 +277,15 @@ def main(argv=None):
                         help="output path without suffix (default: benchmarks/results/cpu, "
                              "or cpu_<losses> for a subset of the losses)")
     args = parser.parse_args(argv)
+    multiclass = args.mode == "multiclass"
+    if args.shape is None:
+        args.shape = list(DEFAULT_MULTICLASS_SHAPE if multiclass else DEFAULT_SHAPE)
+    if multiclass and (len(args.shape) < 2 or args.shape[1] < 2):
+        parser.error(f"--mode multiclass needs C = shape[1] >= 2 classes, got --shape "
+                     f"{' '.join(map(str, args.shape))} (one channel is --mode binary)")
+    if multiclass and any(loss in EXTRA_LOSSES for loss in args.losses):
+        parser.error("bce_pos_weight is binary only (it weighs a binary target's positives): "
+                     "not with --mode multiclass")
     missing = [name for name, have in (("segmentation-models-pytorch", HAVE_SMP),
                                        ("monai", HAVE_MONAI)) if not have]
     if missing:
@@ -228,24 +296,27 @@ def main(argv=None):
             return 2
         print(f"not measured: {what}")
     if args.out is None:
-        args.out = RESULTS / default_name(args.shape, args.losses)
+        args.out = RESULTS / default_name(args.shape, args.losses, args.mode)
 
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     shape = tuple(args.shape)
-    every = {name: competitors(name) for name in args.losses}
+    every = {name: multiclass_competitors(name) if multiclass else competitors(name)
+             for name in args.losses}
     try:  # all before the first timing: a wrong peer stops the run at once
         for name, candidates in every.items():
-            check_candidates(name, candidates, shape)
+            check_candidates(name, candidates, shape, args.mode)
     except ValueError as error:
         print(f"bench_cpu.py: error: {error}", file=sys.stderr)
         return 2
-    logits, target = make_inputs(shape)
+    logits, target = make_inputs(shape, mode=args.mode)
     input_bytes = logits.numel() * logits.element_size()
-    sig = sigmoid_pass(logits, args.repeats)
+    activation = PASS[args.mode]
+    sig = sigmoid_pass(logits, args.repeats, args.mode)
     meta = {
         "device": platform.processor() or platform.machine(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
+        "mode": args.mode,
         "shape": shape,
         "dtype": "float32",
         "torch": torch.__version__,
@@ -255,15 +326,15 @@ def main(argv=None):
         "monai": _version("monai") if HAVE_MONAI else None,
         "repeats": args.repeats,
         "order_seed": seed,
-        "sigmoid_ms": sig * 1e3,
+        f"{activation}_ms": sig * 1e3,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": _commit(),
         "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg")
         else None,
     }
     print(f"CPU {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
-          f"shape {shape}; torch.sigmoid pass: {sig * 1e3:.2f} ms; dynloss[auto] runs "
-          f"backend {meta['auto_backend']!r}")
+          f"{'multiclass ' if multiclass else ''}shape {shape}; torch.{activation} pass: "
+          f"{sig * 1e3:.2f} ms; dynloss[auto] runs backend {meta['auto_backend']!r}")
     rows = []
     summaries = {}
     for name, candidates in every.items():
@@ -286,7 +357,7 @@ def main(argv=None):
                 "no_fault_calls": clean_count,
             }
             rows.append(row)
-        ratios = {"dynloss_ms": ours * 1e3, "sigmoid_passes": ours / sig}
+        ratios = {"dynloss_ms": ours * 1e3, f"{activation}_passes": ours / sig}
         summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
         if best_library:
             ratios["vs_smp_monai"] = best_library / ours
@@ -301,7 +372,7 @@ def main(argv=None):
         if "nnunet" in timed:
             ratios["vs_nnunet"] = timed["nnunet"][0] / ours
             summary += f" | {timed['nnunet'][0] / ours:5.2f}x vs nnU-Net (torch.topk unsorted)"
-        summary += f" | {ours / sig:5.2f}x a sigmoid pass"
+        summary += f" | {ours / sig:5.2f}x a {activation} pass"
         summaries[name] = ratios
         print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -336,9 +407,21 @@ def _versus_label(key, ratios, timed=()):
     return label
 
 
+MULTICLASS_NOTE = (
+    "Multiclass: the target holds class indices, drawn uniformly from the {classes} classes; "
+    "`bce` is dynloss's multiclass BCE, the cross-entropy. The peers are `peers.py`'s (the GPU "
+    "benchmark's), each only where it computes the same loss: smp's Dice/IoU/Tversky and "
+    "`SoftCrossEntropyLoss`; MONAI's Dice/IoU/Tversky and its softmax `FocalLoss` times C "
+    "(its mean is over the classes too); plain torch for every loss; nnU-Net's TopK. smp's "
+    "multiclass `FocalLoss` (one-vs-rest sigmoid) is another loss and is not timed.")
+
+
 def to_markdown(meta, rows, summaries=None):
+    multiclass = meta.get("mode") == "multiclass"
+    activation = "softmax" if "softmax_ms" in meta else "sigmoid"
     lines = [
-        f"# CPU benchmark: forward + backward, shape {tuple(meta['shape'])} {meta['dtype']}",
+        f"# CPU benchmark: forward + backward, {'multiclass, ' if multiclass else ''}"
+        f"shape {tuple(meta['shape'])} {meta['dtype']}",
         "",
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
         f"MONAI {meta['monai']}, dynloss {meta['dynloss']} ({meta.get('commit') or '?'}); "
@@ -347,13 +430,16 @@ def to_markdown(meta, rows, summaries=None):
         f"Median of {meta['repeats']} runs"
         + (f", candidates in a new order every round (order seed {meta['order_seed']})"
            if meta.get("order_seed") is not None else "")
-        + ". One `torch.sigmoid` pass over the input: "
-        f"{meta['sigmoid_ms']:.2f} ms. *dynloss speed-up*: this row's median over dynloss's. "
+        + f". One `torch.{activation}` pass over the input"
+        + (" (over its classes)" if activation == "softmax" else "")
+        + f": {meta[activation + '_ms']:.2f} ms. "
+        "*dynloss speed-up*: this row's median over dynloss's. "
         "*saved*: tensors kept for backward beyond the caller's input and target, in multiples "
         "of the input's size. *kept*: memory dynloss keeps allocated between calls once the "
         "gradient is dropped (the native backend's pooled buffers, reused by the next call), "
         "in the same unit. *faults*: median minor page faults per call; *no-fault ms*: "
         "median over the calls without a page fault (how many of them in brackets).",
+        *(["", MULTICLASS_NOTE.format(classes=meta["shape"][1])] if multiclass else []),
         "",
         "| loss | implementation | median ms | min ms | dynloss speed-up | saved | kept "
         "| faults | no-fault ms |",
@@ -376,7 +462,8 @@ def to_markdown(meta, rows, summaries=None):
                      if any(r["loss"] == name and r["implementation"] == peer for r in rows)]
             versus = [f"{ratios[key]:.2f}x over {_versus_label(key, ratios, timed)}"
                       for key in PEERS if key in ratios]
-            lines.append(f"- {name}: {ratios['dynloss_ms']:.2f} ms; " + ", ".join(versus))
+            label = f"{name} (cross-entropy)" if multiclass and name == "bce" else name
+            lines.append(f"- {label}: {ratios['dynloss_ms']:.2f} ms; " + ", ".join(versus))
     return "\n".join(lines) + "\n"
 
 

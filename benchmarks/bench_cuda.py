@@ -18,9 +18,10 @@ For each shape and dtype, every implementation of every loss is measured on
 Implementations: ``dynloss`` (``backend="auto"``: the Triton kernels on CUDA), ``smp``
 (segmentation-models-pytorch), ``monai``, ``torch`` (the loss written the obvious way in
 eager PyTorch) and, for TopK, ``nnunet`` (nnU-Net's formulation: per-pixel losses, then
-``torch.topk(..., sorted=False)``). A missing package is skipped and named. A separate table
-gives the **host time** per step (CPU time to issue forward+backward, at a small shape where
-the GPU keeps up). The goals of the issue are checked at the end of the report.
+``torch.topk(..., sorted=False)``); their formulations are in ``peers.py``. A missing
+package is skipped and named. A separate table gives the **host time** per step (CPU time to
+issue forward+backward, at a small shape where the GPU keeps up). The goals of the issue are
+checked at the end of the report.
 
 Outputs under ``--out`` (default ``benchmarks/results``), named after the device:
 ``bench_<device>.json``, ``bench_<device>.md``, ``bench_<device>.png`` (eager) and
@@ -58,9 +59,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as TF
 
 import dynloss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py, however it is loaded
+from peers import _dynloss, implementation  # the peers' formulations
 
 SHAPES = {
     "full": [
@@ -75,8 +78,6 @@ SHAPES = {
 HOST_SHAPE = {"binary": (2, 1, 64, 64), "multiclass": (2, 4, 32, 32)}
 LOSSES = ["dice", "iou", "tversky", "bce", "focal", "topk", "dice+bce", "dice+focal"]
 IMPLS = ["dynloss", "smp", "monai", "torch", "nnunet"]
-TVERSKY = (0.3, 0.7)
-TOPK = 0.6
 GOAL_SHAPE = (32, 1, 256, 256)
 ROUNDS = 5
 """Rounds of the eager timing: each times a block of ``--reps / ROUNDS`` steps of every
@@ -150,155 +151,6 @@ def _optional(name: str):
         return module
     except Exception as exc:
         return f"{reason}; vendored copy failed too: {type(exc).__name__}: {exc}"
-
-
-def _probs(x, mode):
-    return x.float().softmax(1) if mode == "multiclass" else x.float().sigmoid()
-
-
-def _onehot(x, t, mode):
-    if mode == "multiclass":
-        return TF.one_hot(t, x.shape[1]).movedim(-1, 1).float()
-    return t.float()
-
-
-def _pixel_losses(x, t, mode):
-    if mode == "multiclass":
-        return TF.cross_entropy(x.float(), t, reduction="none")
-    return TF.binary_cross_entropy_with_logits(x.float(), t.float(), reduction="none")
-
-
-def _plain_torch(loss: str, mode: str) -> Callable | None:
-    """Eager PyTorch written the obvious way (what a user would write by hand)."""
-    def region(a, b):
-        def fn(x, t):
-            p, g = _probs(x, mode), _onehot(x, t, mode)
-            dims = [0, *range(2, x.dim())]
-            tp = (p * g).sum(dims)
-            fp = (p * (1 - g)).sum(dims)
-            fn_ = ((1 - p) * g).sum(dims)
-            return (1 - (tp + 1e-7) / (tp + a * fp + b * fn_ + 1e-7)).mean()
-        return fn
-
-    if loss == "dice":
-        return region(0.5, 0.5)
-    if loss == "iou":
-        return region(1.0, 1.0)
-    if loss == "tversky":
-        return region(*TVERSKY)
-    if loss == "bce":
-        return lambda x, t: _pixel_losses(x, t, mode).mean()
-    if loss == "focal":
-        def focal(x, t):
-            b = _pixel_losses(x, t, mode)
-            return ((1 - torch.exp(-b)) ** 2 * b).mean()
-        return focal
-    if loss == "topk":
-        def topk(x, t):
-            b = _pixel_losses(x, t, mode).flatten()
-            return b.topk(math.ceil(TOPK * b.numel())).values.mean()
-        return topk
-    return None
-
-
-def _nnunet(loss: str, mode: str) -> Callable | None:
-    """nnU-Net's TopK formulation (``nnunetv2.training.loss.robust_ce_loss.TopKLoss``): the
-    per-pixel cross-entropy, then ``torch.topk(..., sorted=False)`` of ``k`` percent."""
-    if loss != "topk":
-        return None
-
-    def topk(x, t):
-        res = _pixel_losses(x, t, mode)
-        num_voxels = res.numel()
-        res, _ = torch.topk(res.view((-1,)), int(num_voxels * TOPK), sorted=False)
-        return res.mean()
-
-    return topk
-
-
-def _smp(smp, loss: str, mode: str) -> Callable | None:
-    L = smp.losses
-    if loss == "dice":
-        return L.DiceLoss(mode)
-    if loss == "iou":
-        return L.JaccardLoss(mode)
-    if loss == "tversky":
-        return L.TverskyLoss(mode, alpha=TVERSKY[0], beta=TVERSKY[1])
-    if loss == "focal":
-        # smp's multiclass FocalLoss is a one-vs-rest sigmoid focal: another loss, not timed
-        return None if mode == "multiclass" else L.FocalLoss(mode)
-    if loss == "bce":
-        if mode == "multiclass":
-            return L.SoftCrossEntropyLoss(smooth_factor=0.0)
-        return L.SoftBCEWithLogitsLoss()
-    return None  # smp has no TopK
-
-
-def _monai(monai_losses, loss: str, mode: str) -> Callable | None:
-    mc = mode == "multiclass"
-    kw = dict(softmax=True, to_onehot_y=True) if mc else dict(sigmoid=True)
-    if loss == "dice":
-        fn = monai_losses.DiceLoss(batch=True, **kw)
-    elif loss == "iou":
-        fn = monai_losses.DiceLoss(batch=True, jaccard=True, **kw)
-    elif loss == "tversky":
-        fn = monai_losses.TverskyLoss(alpha=TVERSKY[0], beta=TVERSKY[1], batch=True, **kw)
-    elif loss == "focal":
-        fn = monai_losses.FocalLoss(gamma=2.0, use_softmax=mc, to_onehot_y=mc)
-        if mc:  # its mean is over N*C*H*W (one nonzero term per pixel): ours over N*H*W
-            return lambda x, t: fn(x, t.unsqueeze(1)) * x.shape[1]
-    elif loss == "dice+bce":
-        fn = monai_losses.DiceCELoss(batch=True, **kw)
-    elif loss == "dice+focal":
-        if mc:  # its focal term is the sigmoid one-vs-rest one whatever softmax says: another
-            return None  # loss (its FocalLoss(use_softmax=True) above is the same terms)
-        fn = monai_losses.DiceFocalLoss(batch=True, gamma=2.0, **kw)
-    else:
-        return None  # no BCE/TopK of its own (BCE is torch's)
-    if mc:  # MONAI wants a channel dim on class-index targets
-        return lambda x, t: fn(x, t.unsqueeze(1))
-    return fn
-
-
-def _dynloss(loss: str, mode: str, backend: str) -> Callable:
-    kw = dict(mode=mode, backend=backend, check_values=False)
-    single = {
-        "dice": lambda: dynloss.DiceLoss(**kw),
-        "iou": lambda: dynloss.IoULoss(**kw),
-        "tversky": lambda: dynloss.TverskyLoss(*TVERSKY, **kw),
-        "bce": lambda: dynloss.BCELoss(**kw),
-        "focal": lambda: dynloss.FocalLoss(gamma=2.0, **kw),
-        "topk": lambda: dynloss.TopKLoss(k=TOPK, **kw),
-    }
-    if "+" in loss:
-        return dynloss.CompositeLoss([single[part]() for part in loss.split("+")])
-    return single[loss]()
-
-
-def _composite(parts: list[Callable | None]) -> Callable | None:
-    if any(p is None for p in parts):
-        return None
-    return lambda x, t: sum(p(x, t) for p in parts)  # type: ignore[misc]
-
-
-def implementation(impl: str, loss: str, mode: str, smp, monai_losses, backend: str
-                   ) -> Callable | None:
-    """``loss(x, target)`` of ``impl``, or None where that library has no such loss."""
-    if impl == "dynloss":
-        return _dynloss(loss, mode, backend)
-    if impl == "torch":
-        return (_composite([_plain_torch(p, mode) for p in loss.split("+")]) if "+" in loss
-                else _plain_torch(loss, mode))
-    if impl == "nnunet":
-        return _nnunet(loss, mode)
-    if impl == "smp":
-        if isinstance(smp, str):
-            return None
-        return (_composite([_smp(smp, p, mode) for p in loss.split("+")]) if "+" in loss
-                else _smp(smp, loss, mode))
-    if impl == "monai":
-        return None if monai_losses is None else _monai(monai_losses, loss, mode)
-    raise ValueError(f"unknown implementation {impl}")
 
 
 # ---------------------------------------------------------------------------------- timing

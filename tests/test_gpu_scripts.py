@@ -357,3 +357,111 @@ def test_cpu_benchmark_draws_and_records_its_order_seed(tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "fixed.json").read_text())["meta"]
     assert meta["order_seed"] == 123
     assert "order seed 123" in (tmp_path / "fixed.md").read_text()
+
+
+MULTICLASS_PEERS = {"dice": {"smp", "monai", "torch"}, "iou": {"smp", "monai", "torch"},
+                    "tversky": {"smp", "monai", "torch"}, "bce": {"smp", "torch"},
+                    "focal": {"monai", "torch"}, "topk": {"torch", "nnunet"}}
+"""The peers ``bench_cpu.py --mode multiclass`` times per loss: those that compute dynloss's
+multiclass loss (smp's multiclass Focal is a one-vs-rest sigmoid focal; MONAI has no
+cross-entropy or TopK of its own, smp no TopK)."""
+DYNLOSS_CANDIDATES = {"dynloss[auto]", "dynloss[torch]", "dynloss[reference]"}
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 256, 256), (2, 3, 16, 16, 16), (4, 2, 64),
+                                   (1, 64, 32, 32)])
+def test_cpu_benchmark_checks_every_multiclass_candidate_against_the_reference(shape):
+    """``--mode multiclass``: dynloss's multiclass losses against the GPU benchmark's peers
+    (``peers.py``, the one copy of their formulations), every candidate's value and gradient
+    on a class-index probe dynloss's reference's. The probe holds every class (smp's loss for
+    a class absent from the target is 0, dynloss's 1), with more pixels where C needs them."""
+    bench = _bench_cpu()
+    assert bench.implementation is _bench_cuda().implementation  # one copy of the peers
+    probe = bench.probe_shape(shape)
+    assert probe[:2] == (2, shape[1]) and len(probe) == len(shape)
+    assert 2 * math.prod(probe[2:]) >= shape[1] and (math.prod(probe[2:]) * 2 * 0.6) % 1 == 0
+    logits, target = bench.make_inputs(probe, mode="multiclass")
+    assert logits.shape == probe and target.dtype == torch.int64
+    assert target.shape == (2, *probe[2:])
+    assert 0 <= int(target.min()) and int(target.max()) < shape[1]
+    for name in bench.LOSSES:
+        candidates = bench.multiclass_competitors(name)
+        assert set(candidates) == DYNLOSS_CANDIDATES | MULTICLASS_PEERS[name], sorted(candidates)
+        bench.check_candidates(name, candidates, shape, "multiclass")
+
+
+def test_cpu_benchmark_refuses_smps_multiclass_focal():
+    """smp's multiclass FocalLoss is a one-vs-rest sigmoid focal: the check stops it."""
+    import segmentation_models_pytorch.losses as smp_losses
+
+    bench = _bench_cpu()
+    candidates = bench.multiclass_competitors("focal")
+    candidates["smp"] = smp_losses.FocalLoss("multiclass")
+    with pytest.raises(ValueError, match=r"^focal: smp's value on a \(2, 4, 5, 5\) probe "):
+        bench.check_candidates("focal", candidates, (8, 4, 256, 256), "multiclass")
+
+
+def test_cpu_benchmark_names_multiclass_results_apart_from_the_binary_ones():
+    bench = _bench_cpu()
+    every = bench.LOSSES
+    assert bench.default_name([8, 4, 256, 256], every, "multiclass") == (
+        "cpu_multiclass_8x4x256x256")
+    assert bench.default_name([2, 3, 64, 64, 64], every, "multiclass") == (
+        "cpu_multiclass_2x3x64x64x64")
+    assert bench.default_name([8, 4, 256, 256], ["topk", "dice"], "multiclass") == (
+        "cpu_multiclass_8x4x256x256_dice_topk")
+    assert bench.default_name([32, 2, 256, 256], every, "multiclass") != bench.default_name(
+        [32, 2, 256, 256], every)
+    assert bench.default_name([32, 1, 256, 256], every, "binary") == "cpu"
+
+
+def test_cpu_benchmark_multiclass_smoke_run(tmp_path, monkeypatch, capsys):
+    """A multiclass run end to end on a tiny shape: its files are named for multiclass (the
+    default folder, here ``tmp_path``), its rows are each loss's dynloss backends and exactly
+    the peers that compute that loss, its summary names them (BCE, the cross-entropy: smp and
+    torch; Focal: MONAI; TopK: torch and nnU-Net)."""
+    bench = _bench_cpu()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    argv = ["--mode", "multiclass", "--shape", "2", "3", "8", "8", "--repeats", "2",
+            "--warmup", "0", "--seed", "1"]
+    assert bench.main(argv) in (None, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu_multiclass_2x3x8x8.json", "cpu_multiclass_2x3x8x8.md"]
+    data = json.loads((tmp_path / "cpu_multiclass_2x3x8x8.json").read_text())
+    assert data["meta"]["mode"] == "multiclass" and data["meta"]["shape"] == [2, 3, 8, 8]
+    assert data["meta"]["softmax_ms"] > 0 and "sigmoid_ms" not in data["meta"]
+    for name, peers in MULTICLASS_PEERS.items():
+        timed = [r["implementation"] for r in data["rows"] if r["loss"] == name]
+        assert sorted(timed) == sorted(DYNLOSS_CANDIDATES | peers), (name, timed)
+        assert all(r["median_ms"] > 0 for r in data["rows"] if r["loss"] == name)
+        summary = data["summary"][name]
+        assert summary.get("peers", []) == [p for p in ("smp", "monai") if p in peers], summary
+        assert ("vs_nnunet" in summary) == (name == "topk") and "vs_torch" in summary
+    report = (tmp_path / "cpu_multiclass_2x3x8x8.md").read_text()
+    assert report.startswith("# CPU benchmark: forward + backward, multiclass, shape "
+                             "(2, 3, 8, 8) float32\n")
+    assert "One `torch.softmax` pass over the input (over its classes)" in report
+    lines = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
+    assert set(lines) == {"- dice", "- iou", "- tversky", "- focal", "- bce (cross-entropy)",
+                          "- topk"}
+    assert "x over the faster of smp/MONAI, " in lines["- dice"]
+    assert "x over smp, " in lines["- bce (cross-entropy)"]
+    assert "x over MONAI, " in lines["- focal"]
+    assert "smp" not in lines["- topk"] and "x over nnU-Net's formulation" in lines["- topk"]
+    assert all("x over plain torch" in line for line in lines.values())
+    assert "a softmax pass" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "2", "1", "8", "8"],
+     "--mode multiclass needs C = shape[1] >= 2 classes, got --shape 2 1 8 8"),
+    (["--shape", "2", "3", "8", "8", "--losses", "bce", "bce_pos_weight"],
+     "bce_pos_weight is binary only"),
+], ids=["one-class", "bce_pos_weight"])
+def test_cpu_benchmark_refuses_what_multiclass_cannot_run(tmp_path, capsys, argv, message):
+    bench = _bench_cpu()
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--mode", "multiclass", *argv, "--out", str(tmp_path / "results")])
+    assert exit_.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
