@@ -1466,3 +1466,24 @@ def test_an_empty_batch_does_not_choose_for_later_short_rows():
     assert "DistributionSumBackward" in graph_nodes(value)
     assert dynloss.kernels.resolve_backend(torch.zeros(300, 3, 2, 2), "auto") == (
         "native" if NATIVE else "torch")  # binary mode, pooled: one row, never short
+
+
+@pytest.mark.parametrize("mode", ["multilabel", "multiclass"])
+def test_the_arguments_saved_for_backward_point_at_nothing_freed(mode):
+    """The forward's argument struct is kept for backward (its sizes and configuration); the
+    pointers into memory the forward frees (the input's contiguous copy, the class weights,
+    TopK's scratch losses, the positives' weights) or that outlives it only with the caller's
+    results (the results array) are cleared, so that no later reader of the struct can follow
+    one (they pointed at freed memory, unread by today's backward). Backward sets its own."""
+    from dynloss.kernels.native import ffi
+    x, t = _inputs(mode, (6, 5), n=2, c=3, seed=11)
+    x = x.transpose(-1, -2)  # not contiguous: the kernels read a copy made in the forward
+    multiclass = mode == "multiclass"
+    fwd = ffi.native_forward(x, t.transpose(-1, -2), mode, True, None, 2.0,
+                             (0.5, 2.0, 1.0) if multiclass else 0.25, True, True, True, True,
+                             topk=0.5, dims=(2, 3, 30), pos_weight=None if multiclass else 2.0)
+    saved = fwd.config[8]
+    freed = {name: getattr(saved, name) for name in
+             ("x", "class_alpha", "loss", "region", "pixel_out", "check", "pos_weight")}
+    assert freed == dict.fromkeys(freed)
+    assert (saved.n, saved.c, saved.m) == (2, 3, 30)

@@ -329,7 +329,12 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         args.topk = selected
         _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
         total, count = out[0], float(max(selected, 1))
-    args.pos_weight = None  # (backward reads the saved slopes, not the weights freed here)
+    # The struct is kept for backward (sizes and configuration): clear what points at memory
+    # that this function frees (the input's copy, the weights, the scratch losses) or that
+    # lives only while the caller keeps the results (the results array); backward reads the
+    # saved slopes and sets its own buffers.
+    args.x = args.class_alpha = args.pos_weight = args.loss = None
+    args.region = args.pixel_out = args.check = None
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
               x.shape, args, needs_grad and _saved_for_hooks())
     return Forward(out, (total, count), target, probabilities, slope, config,
