@@ -1,16 +1,29 @@
 """Forward+backward time and memory of every dynloss loss against smp, MONAI, nnU-Net and
-plain torch, each peer in its own formulation (see ``competitors.py``; multiclass: ``peers.py``).
+plain torch, each peer in its own formulation (see ``competitors.py``; multiclass and
+multilabel: ``peers.py``).
 
     python benchmarks/bench_cpu.py                       # (32, 1, 256, 256) float32, CPU
     python benchmarks/bench_cpu.py --shape 8 1 128 128 --repeats 30
     python benchmarks/bench_cpu.py --losses topk --out /tmp/topk   # one loss, elsewhere
     python benchmarks/bench_cpu.py --mode multiclass     # (8, 4, 256, 256), class-index target
+    python benchmarks/bench_cpu.py --mode multilabel     # (8, 3, 256, 256), 0/1 per channel
 
 ``--mode multiclass``: the target holds class indices (int64, ``(N, *spatial)``, drawn
 uniformly from ``[0, C)``, ``C = shape[1] >= 2``); the losses are dynloss's multiclass ones
 (``bce`` is the cross-entropy; no ``bce_pos_weight``), the peers those of ``peers.py`` (the
 GPU benchmark's), each only where it computes the same loss (no smp Focal, no MONAI BCE/TopK;
 MONAI's Focal times C); the yardstick is a ``torch.softmax`` pass over the classes.
+
+``--mode multilabel``: the target is a 0/1 float tensor of the input's shape ``(N, C,
+*spatial)``, ``C = shape[1] >= 2``, each channel its own binary problem (the channels overlap,
+as BraTS's three regions do; ~10 % foreground per channel, drawn independently as in binary
+mode); the losses are dynloss's multilabel ones (sigmoid per channel; Dice/IoU/Tversky score
+each channel over the pooled batch, then average the channels; BCE/Focal/TopK average over
+every element), the peers those of ``peers.py`` that compute them (smp's multilabel losses,
+MONAI's sigmoid ones with ``batch=True``, plain torch, nnU-Net's TopK; MONAI has no BCE/TopK of
+its own, smp no TopK); ``bce_pos_weight`` (the weight 3 for every channel) against smp's and
+torch's BCE with ``pos_weight=[3]`` (``competitors.py``'s, which broadcast it over the
+channels); the yardstick is a ``torch.sigmoid`` pass.
 
 Before anything is timed, every candidate's value and gradient on a small input of the same
 rank are checked against dynloss's reference (:func:`check_candidates`).
@@ -26,7 +39,8 @@ saves (counted once per storage, the caller's input and target left out), in mul
 input's size. (Peak memory is measured on CUDA by ``bench_cuda.py``; the CPU allocator offers no
 reliable peak counter.)
 Results go to ``benchmarks/results/cpu.json`` and ``cpu.md`` (another ``--shape``:
-``cpu_8x1x64x64.*``; multiclass: ``cpu_multiclass_8x4x256x256.*``; ``--losses`` naming a subset
+``cpu_8x1x64x64.*``; multiclass: ``cpu_multiclass_8x4x256x256.*``, multilabel:
+``cpu_multilabel_8x3x256x256.*``; ``--losses`` naming a subset
 adds ``_<losses>``, so a partial run never replaces the full table; see :func:`default_name`),
 each with the speed-up of ``dynloss[auto]`` over every peer per loss (``summary``): the faster
 of smp/MONAI (or the one that has the loss), plain torch, and for TopK nnU-Net's formulation.
@@ -53,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynloss
-from competitors import HAVE_MONAI, HAVE_SMP, competitors
+from competitors import HAVE_MONAI, HAVE_SMP, POS_WEIGHT, competitors
 from dynloss.kernels import resolve_backend
 from peers import implementation
 
@@ -64,11 +78,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 DEFAULT_SHAPE = [32, 1, 256, 256]
-MODES = ["binary", "multiclass"]
+MODES = ["binary", "multiclass", "multilabel"]
 DEFAULT_MULTICLASS_SHAPE = [8, 4, 256, 256]
+DEFAULT_MULTILABEL_SHAPE = [8, 3, 256, 256]
 MULTICLASS_PEERS = ["smp", "monai", "torch", "nnunet"]
 """The peers of ``--mode multiclass``, from ``peers.py`` where it has the loss."""
-PASS = {"binary": "sigmoid", "multiclass": "softmax"}
+MULTILABEL_PEERS = MULTICLASS_PEERS
+"""The peers of ``--mode multilabel``, from ``peers.py`` where it has the loss."""
+PASS = {"binary": "sigmoid", "multiclass": "softmax", "multilabel": "sigmoid"}
 """The yardstick of each mode: one pass of this activation over the input."""
 
 
@@ -76,10 +93,11 @@ def default_name(shape, losses, mode="binary"):
     """The result files' name: ``cpu`` for every loss at the default shape, else suffixed by
     the shape (``cpu_8x1x64x64``) and by the losses when they are a subset, so that no run
     replaces another shape's or the full table; multiclass runs are ``cpu_multiclass_`` and
-    the shape at every shape (``cpu_multiclass_8x4x256x256``), never a binary run's name."""
+    the shape at every shape (``cpu_multiclass_8x4x256x256``), never a binary run's name;
+    multilabel runs likewise ``cpu_multilabel_`` and the shape."""
     dims = "x".join(map(str, shape))
-    if mode == "multiclass":
-        name = "cpu_multiclass_" + dims
+    if mode in ("multiclass", "multilabel"):
+        name = f"cpu_{mode}_" + dims
     else:
         name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + dims
     subset = [loss for loss in LOSSES + EXTRA_LOSSES if loss in losses]
@@ -91,18 +109,19 @@ def make_inputs(shape, seed=0, mode="binary"):
     logits = torch.randn(shape, generator=gen) * 3
     if mode == "multiclass":  # class indices, uniform over the C = shape[1] classes
         target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
-    else:
+    else:  # binary, multilabel: each element drawn alone, so multilabel channels overlap
         target = (torch.rand(shape, generator=gen) > 0.9).float()  # ~10 % foreground, as the paper
     return logits, target
 
 
-def multiclass_competitors(name, backends=("auto", "torch", "reference")):
-    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``) in multiclass mode, dynloss
-    first: ``dynloss.LOSSES[name](mode="multiclass")`` with its default hyper-parameters
-    (those of ``peers.py``: Tversky ``(0.3, 0.7)``, TopK ``k=0.6``, Focal ``gamma=2``, as in
-    binary mode), then each peer of :data:`MULTICLASS_PEERS` that ``peers.py`` gives for the
-    loss (a library that is not installed is left out, as in ``competitors.py``)."""
-    found = {f"dynloss[{backend}]": dynloss.LOSSES[name](mode="multiclass", backend=backend)
+def mode_competitors(name, mode, backends=("auto", "torch", "reference")):
+    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``) in ``mode`` (``multiclass``
+    or ``multilabel``), dynloss first: ``dynloss.LOSSES[name](mode=mode)`` with its default
+    hyper-parameters (those of ``peers.py``: Tversky ``(0.3, 0.7)``, TopK ``k=0.6``, Focal
+    ``gamma=2``, as in binary mode), then each peer of :data:`MULTICLASS_PEERS`
+    (:data:`MULTILABEL_PEERS`) that ``peers.py`` gives for the loss in that mode (a library
+    that is not installed is left out, as in ``competitors.py``)."""
+    found = {f"dynloss[{backend}]": dynloss.LOSSES[name](mode=mode, backend=backend)
              for backend in backends}
     smp = "not installed"
     monai_losses = None
@@ -110,11 +129,40 @@ def multiclass_competitors(name, backends=("auto", "torch", "reference")):
         import segmentation_models_pytorch as smp
     if HAVE_MONAI:
         import monai.losses as monai_losses
-    for peer in MULTICLASS_PEERS:
-        fn = implementation(peer, name, "multiclass", smp, monai_losses, "auto")
+    for peer in MULTICLASS_PEERS if mode == "multiclass" else MULTILABEL_PEERS:
+        fn = implementation(peer, name, mode, smp, monai_losses, "auto")
         if fn is not None:
             found[peer] = fn
     return found
+
+
+def multiclass_competitors(name, backends=("auto", "torch", "reference")):
+    """:func:`mode_competitors` in multiclass mode."""
+    return mode_competitors(name, "multiclass", backends)
+
+
+def multilabel_competitors(name, backends=("auto", "torch", "reference")):
+    """:func:`mode_competitors` in multilabel mode; ``"bce_pos_weight"``: dynloss's
+    multilabel BCE with ``pos_weight=3`` (one weight for every channel), then the peers of
+    ``competitors.py``'s binary case (smp's ``SoftBCEWithLogitsLoss`` and torch's
+    ``BCEWithLogitsLoss`` with ``pos_weight=[3]``, which broadcasts over the channels: the same
+    loss on a multilabel target; ``peers.py`` has no weighted BCE)."""
+    if name != "bce_pos_weight":
+        return mode_competitors(name, "multilabel", backends)
+    found = {f"dynloss[{backend}]": dynloss.BCELoss(mode="multilabel", pos_weight=POS_WEIGHT,
+                                                    backend=backend)
+             for backend in backends}
+    found.update(competitors(name, backends=()))  # (its peers alone)
+    return found
+
+
+def candidates_of(name, mode):
+    """Every candidate for loss ``name`` in ``mode``, dynloss first."""
+    if mode == "multiclass":
+        return multiclass_competitors(name)
+    if mode == "multilabel":
+        return multilabel_competitors(name)
+    return competitors(name)
 
 
 PROBE_SIDE = 5
@@ -143,6 +191,8 @@ def check_candidates(name, candidates, shape, mode="binary"):
     if mode == "multiclass":  # every class present: smp's loss for an absent class is 0
         classes = probe[1]  # (dynloss's 1), another loss where a class is missing
         target.view(-1)[:classes] = torch.arange(classes)
+    elif mode == "multilabel":  # a positive in each sample's every channel: smp scores an
+        target.view(2, probe[1], -1)[:, :, 0] = 1  # empty channel 0 (dynloss 1)
     else:
         target.view(2, -1)[:, 0] = 1  # a positive in each sample: smp scores no empty class
 
@@ -250,8 +300,8 @@ def no_fault_ratio(timed, ours_clean):
 
 def sigmoid_pass(logits, repeats, mode="binary"):
     """The median seconds of the yardstick :data:`PASS`: ``torch.sigmoid`` of the input
-    (binary), ``torch.softmax`` over its classes (multiclass)."""
-    activation = torch.sigmoid if mode == "binary" else lambda x: torch.softmax(x, 1)
+    (binary, multilabel), ``torch.softmax`` over its classes (multiclass)."""
+    activation = (lambda x: torch.softmax(x, 1)) if mode == "multiclass" else torch.sigmoid
     ts = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -264,9 +314,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=MODES, default="binary",
-                        help="multiclass: a class-index target over C = shape[1] >= 2 classes")
+                        help="multiclass: a class-index target over C = shape[1] >= 2 classes; "
+                             "multilabel: a 0/1 target of the input's shape, C >= 2 channels")
     parser.add_argument("--shape", type=int, nargs="+", default=None,
-                        help="N C *spatial (default: 32 1 256 256; multiclass: 8 4 256 256)")
+                        help="N C *spatial (default: 32 1 256 256; multiclass: 8 4 256 256; "
+                             "multilabel: 8 3 256 256)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES + EXTRA_LOSSES)
@@ -279,9 +331,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     multiclass = args.mode == "multiclass"
     if args.shape is None:
-        args.shape = list(DEFAULT_MULTICLASS_SHAPE if multiclass else DEFAULT_SHAPE)
-    if multiclass and (len(args.shape) < 2 or args.shape[1] < 2):
-        parser.error(f"--mode multiclass needs C = shape[1] >= 2 classes, got --shape "
+        args.shape = list({"multiclass": DEFAULT_MULTICLASS_SHAPE,
+                           "multilabel": DEFAULT_MULTILABEL_SHAPE}.get(args.mode, DEFAULT_SHAPE))
+    if args.mode != "binary" and (len(args.shape) < 2 or args.shape[1] < 2):
+        parser.error(f"--mode {args.mode} needs C = shape[1] >= 2 "
+                     f"{'classes' if multiclass else 'channels'}, got --shape "
                      f"{' '.join(map(str, args.shape))} (one channel is --mode binary)")
     if multiclass and any(loss in EXTRA_LOSSES for loss in args.losses):
         parser.error("bce_pos_weight is binary only (it weighs a binary target's positives): "
@@ -300,8 +354,7 @@ def main(argv=None):
 
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     shape = tuple(args.shape)
-    every = {name: multiclass_competitors(name) if multiclass else competitors(name)
-             for name in args.losses}
+    every = {name: candidates_of(name, args.mode) for name in args.losses}
     try:  # all before the first timing: a wrong peer stops the run at once
         for name, candidates in every.items():
             check_candidates(name, candidates, shape, args.mode)
@@ -333,7 +386,8 @@ def main(argv=None):
         else None,
     }
     print(f"CPU {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
-          f"{'multiclass ' if multiclass else ''}shape {shape}; torch.{activation} pass: "
+          f"{'' if args.mode == 'binary' else args.mode + ' '}shape {shape}; "
+          f"torch.{activation} pass: "
           f"{sig * 1e3:.2f} ms; dynloss[auto] runs backend {meta['auto_backend']!r}")
     rows = []
     summaries = {}
@@ -414,13 +468,30 @@ MULTICLASS_NOTE = (
     "`SoftCrossEntropyLoss`; MONAI's Dice/IoU/Tversky and its softmax `FocalLoss` times C "
     "(its mean is over the classes too); plain torch for every loss; nnU-Net's TopK. smp's "
     "multiclass `FocalLoss` (one-vs-rest sigmoid) is another loss and is not timed.")
+MULTILABEL_NOTE = (
+    "Multilabel: the target is a 0/1 float tensor of the input's shape, each of the {channels} "
+    "channels its own binary problem (sigmoid per channel), drawn independently with ~10 % "
+    "foreground per channel, so that the channels overlap (as BraTS's regions do). Dice/IoU/"
+    "Tversky score each channel over the pooled batch, then average the channels; BCE, Focal "
+    "and TopK average over every element. The peers are `peers.py`'s (the GPU benchmark's), "
+    "each only where it computes the same loss: smp's multilabel Dice/Jaccard/Tversky/Focal "
+    "and `SoftBCEWithLogitsLoss`; MONAI's sigmoid Dice/IoU/Tversky (`batch=True`: per channel "
+    "over the batch, then the mean) and its sigmoid `FocalLoss`; plain torch for every loss; "
+    "nnU-Net's TopK. Not timed: MONAI has no BCE or TopK of its own (its BCE is torch's), smp "
+    "no TopK. `bce_pos_weight` (weight 3 for every channel): smp's and torch's BCE with "
+    "`pos_weight=[3]`. smp scores a channel without positives as 0 (dynloss 1): every channel "
+    "of these random targets has positives.")
 
 
 def to_markdown(meta, rows, summaries=None):
     multiclass = meta.get("mode") == "multiclass"
+    multilabel = meta.get("mode") == "multilabel"
     activation = "softmax" if "softmax_ms" in meta else "sigmoid"
+    note = (MULTICLASS_NOTE.format(classes=meta["shape"][1]) if multiclass
+            else MULTILABEL_NOTE.format(channels=meta["shape"][1]) if multilabel else None)
     lines = [
-        f"# CPU benchmark: forward + backward, {'multiclass, ' if multiclass else ''}"
+        f"# CPU benchmark: forward + backward, "
+        f"{meta['mode'] + ', ' if multiclass or multilabel else ''}"
         f"shape {tuple(meta['shape'])} {meta['dtype']}",
         "",
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
@@ -439,7 +510,7 @@ def to_markdown(meta, rows, summaries=None):
         "gradient is dropped (the native backend's pooled buffers, reused by the next call), "
         "in the same unit. *faults*: median minor page faults per call; *no-fault ms*: "
         "median over the calls without a page fault (how many of them in brackets).",
-        *(["", MULTICLASS_NOTE.format(classes=meta["shape"][1])] if multiclass else []),
+        *(["", note] if note else []),
         "",
         "| loss | implementation | median ms | min ms | dynloss speed-up | saved | kept "
         "| faults | no-fault ms |",

@@ -1,14 +1,16 @@
-"""The peers dynloss is timed against, in binary and multiclass mode: smp, MONAI, nnU-Net and
-plain PyTorch.
+"""The peers dynloss is timed against, in binary, multiclass and multilabel mode: smp, MONAI,
+nnU-Net and plain PyTorch.
 
 :func:`implementation` returns ``loss(x, target)`` of one implementation (``dynloss``,
 ``smp``, ``monai``, ``torch``, ``nnunet``) for one loss (``dice``, ``iou``, ``tversky``,
 ``bce``, ``focal``, ``topk`` and the composites ``dice+bce``, ``dice+focal``) in one mode, or
 None where that library has no such loss. ``x`` is the logits ``(N, C, *spatial)``; the
 target is ``(N, 1, *spatial)`` of 0/1 in binary mode, class indices ``(N, *spatial)`` (int64)
-in multiclass mode, where BCE is the cross-entropy. ``bench_cuda.py`` times every one of them
-on a GPU, ``bench_cpu.py --mode multiclass`` on the CPU (its binary peers are in
-``competitors.py``).
+in multiclass mode, where BCE is the cross-entropy, and 0/1 of the input's shape in multilabel
+mode (a sigmoid per channel, as binary mode: the region losses score each channel over the
+batch, then average the channels). ``bench_cuda.py`` times every one of them on a GPU,
+``bench_cpu.py --mode multiclass`` and ``--mode multilabel`` on the CPU (its binary peers are
+in ``competitors.py``).
 
 Every peer is that project's own formulation of the loss with the hyper-parameters of
 dynloss's (:data:`TVERSKY`, :data:`TOPK`, focal ``gamma=2``), not a weaker stand-in: smp's and
@@ -25,7 +27,11 @@ mode these are left out:
 
 smp's multiclass Dice/IoU/Tversky score a class absent from the target as 0 where dynloss
 scores it 1: they compute the same loss where every class is present (a benchmark's random
-targets; ``bench_cpu.py`` checks on a probe that holds every class).
+targets; ``bench_cpu.py`` checks on a probe that holds every class). In multilabel mode every
+peer here computes dynloss's loss (smp's multilabel losses, MONAI's sigmoid ones with
+``batch=True``, whose Focal averages over every element as dynloss's does), smp's region losses
+again where every channel has a positive; none has a TopK but torch and nnU-Net, none a BCE
+but torch and smp.
 """
 
 from __future__ import annotations

@@ -465,3 +465,166 @@ def test_cpu_benchmark_refuses_what_multiclass_cannot_run(tmp_path, capsys, argv
     assert exit_.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+MULTILABEL_PEERS = {"dice": {"smp", "monai", "torch"}, "iou": {"smp", "monai", "torch"},
+                    "tversky": {"smp", "monai", "torch"}, "focal": {"smp", "monai", "torch"},
+                    "bce": {"smp", "torch"}, "topk": {"torch", "nnunet"}}
+"""The peers ``bench_cpu.py --mode multilabel`` times per loss: those that compute dynloss's
+multilabel loss (smp's multilabel losses, MONAI's sigmoid ones with ``batch=True``; MONAI has
+no BCE or TopK of its own, smp no TopK)."""
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 256, 256), (2, 3, 16, 16, 16), (4, 2, 64),
+                                   (1, 4, 32, 32)])
+def test_cpu_benchmark_checks_every_multilabel_candidate_against_the_reference(shape):
+    """``--mode multilabel``: dynloss's multilabel losses (a sigmoid per channel; Dice, IoU,
+    Tversky per channel over the pooled batch, then the mean over the channels) against
+    ``peers.py``'s multilabel peers, every candidate's value and gradient on a probe with a
+    positive in each sample's every channel dynloss's reference's; ``bce_pos_weight`` (3 for
+    every channel) against smp's and torch's weighted BCE."""
+    bench = _bench_cpu()
+    assert bench.implementation is _bench_cuda().implementation  # one copy of the peers
+    probe = bench.probe_shape(shape)
+    assert probe[:2] == (2, shape[1]) and len(probe) == len(shape)
+    assert (math.prod(probe) * 0.6) % 1 == 0
+    logits, target = bench.make_inputs(probe, mode="multilabel")
+    assert logits.shape == target.shape == probe and target.dtype == torch.float32
+    assert set(target.unique().tolist()) <= {0.0, 1.0}
+    for name in bench.LOSSES:
+        candidates = bench.multilabel_competitors(name)
+        assert set(candidates) == DYNLOSS_CANDIDATES | MULTILABEL_PEERS[name], sorted(candidates)
+        assert all(fn.mode == "multilabel" for label, fn in candidates.items()
+                   if label.startswith("dynloss"))
+        bench.check_candidates(name, candidates, shape, "multilabel")
+    candidates = bench.multilabel_competitors("bce_pos_weight")
+    assert set(candidates) == DYNLOSS_CANDIDATES | {"smp", "torch"}, sorted(candidates)
+    bench.check_candidates("bce_pos_weight", candidates, shape, "multilabel")
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=torch.tensor([3.0]))
+    for label, fn in candidates.items():
+        torch.testing.assert_close(fn(logits, target), want, rtol=2e-6, atol=1e-7, msg=label)
+
+
+def test_cpu_benchmark_draws_a_multilabel_target_per_channel():
+    """At the default multilabel shape, (8, 3, 256, 256) (BraTS's three regions), each channel
+    its own ~10 % foreground, drawn independently: the channels overlap."""
+    bench = _bench_cpu()
+    assert bench.DEFAULT_MULTILABEL_SHAPE == [8, 3, 256, 256]
+    logits, target = bench.make_inputs(tuple(bench.DEFAULT_MULTILABEL_SHAPE), mode="multilabel")
+    assert target.shape == logits.shape == (8, 3, 256, 256) and target.dtype == torch.float32
+    share = target.mean((0, 2, 3))
+    assert ((share > 0.08) & (share < 0.12)).all(), share
+    assert ((target[:, 0] * target[:, 1]) > 0).any()  # overlapping, not one class per pixel
+
+
+@pytest.mark.parametrize("peer", ["smp binary Dice", "torch pooled Dice", "MONAI per image",
+                                  "smp with an empty channel"])
+def test_cpu_benchmark_refuses_a_multilabel_peer_that_computes_another_loss(peer):
+    """Peers that score the channels otherwise: one score over every channel pooled (smp's
+    binary mode, the binary benchmark's plain torch), per sample (MONAI ``batch=False``), or a
+    channel without positives as 0 (smp's multilabel Dice, dynloss: 1); the last is why the
+    probe has a positive in every channel."""
+    import monai.losses
+    import segmentation_models_pytorch.losses as smp_losses
+
+    bench = _bench_cpu()
+    candidates = bench.multilabel_competitors("dice")
+    if peer == "smp binary Dice":
+        candidates["smp"] = smp_losses.DiceLoss("binary")
+    elif peer == "torch pooled Dice":
+        from competitors import _plain_region  # (bench_cpu put benchmarks/ on the path)
+
+        candidates["torch"] = _plain_region(0.5, 0.5)
+    elif peer == "MONAI per image":
+        candidates["monai"] = monai.losses.DiceLoss(sigmoid=True, batch=False)
+    else:
+        smp = candidates["smp"]
+        candidates["smp"] = lambda x, t: smp(x, torch.cat([t[:, :1] * 0, t[:, 1:]], 1))
+    label = {"t": "torch", "M": "monai"}.get(peer[0], "smp")
+    with pytest.raises(ValueError, match=rf"^dice: {label}'s value on a \(2, 3, 5, 5\) probe "):
+        bench.check_candidates("dice", candidates, (8, 3, 256, 256), "multilabel")
+
+
+def test_cpu_benchmark_names_multilabel_results_apart_from_the_others():
+    bench = _bench_cpu()
+    every = bench.LOSSES
+    assert bench.default_name([8, 3, 256, 256], every, "multilabel") == (
+        "cpu_multilabel_8x3x256x256")
+    assert bench.default_name([2, 3, 64, 64, 64], every, "multilabel") == (
+        "cpu_multilabel_2x3x64x64x64")
+    assert bench.default_name([8, 3, 256, 256], ["topk", "dice"], "multilabel") == (
+        "cpu_multilabel_8x3x256x256_dice_topk")
+    assert bench.default_name([8, 3, 256, 256], ["bce_pos_weight"], "multilabel") == (
+        "cpu_multilabel_8x3x256x256_bce_pos_weight")
+    names = {bench.default_name([8, 4, 256, 256], every, mode) for mode in bench.MODES}
+    assert len(names) == 3
+
+
+def test_cpu_benchmark_multilabel_smoke_run(tmp_path, monkeypatch, capsys):
+    """A multilabel run end to end on a tiny shape: its files are named for multilabel (the
+    default folder, here ``tmp_path``), its rows are each loss's dynloss backends and exactly
+    the peers that compute that loss, its summary names them, its table says what multilabel
+    means and which peers were left out."""
+    bench = _bench_cpu()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    argv = ["--mode", "multilabel", "--shape", "2", "3", "8", "8", "--repeats", "2",
+            "--warmup", "0", "--seed", "1"]
+    assert bench.main(argv) in (None, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu_multilabel_2x3x8x8.json", "cpu_multilabel_2x3x8x8.md"]
+    data = json.loads((tmp_path / "cpu_multilabel_2x3x8x8.json").read_text())
+    assert data["meta"]["mode"] == "multilabel" and data["meta"]["shape"] == [2, 3, 8, 8]
+    assert data["meta"]["sigmoid_ms"] > 0 and "softmax_ms" not in data["meta"]
+    assert [r["loss"] for r in data["rows"]] == sorted(
+        (r["loss"] for r in data["rows"]), key=bench.LOSSES.index)
+    for name, peers in MULTILABEL_PEERS.items():
+        timed = [r["implementation"] for r in data["rows"] if r["loss"] == name]
+        assert sorted(timed) == sorted(DYNLOSS_CANDIDATES | peers), (name, timed)
+        assert all(r["median_ms"] > 0 for r in data["rows"] if r["loss"] == name)
+        summary = data["summary"][name]
+        assert summary.get("peers", []) == [p for p in ("smp", "monai") if p in peers], summary
+        assert ("vs_nnunet" in summary) == (name == "topk") and "vs_torch" in summary
+        assert summary["sigmoid_passes"] > 0
+    report = (tmp_path / "cpu_multilabel_2x3x8x8.md").read_text()
+    assert report.startswith("# CPU benchmark: forward + backward, multilabel, shape "
+                             "(2, 3, 8, 8) float32\n")
+    assert "One `torch.sigmoid` pass over the input: " in report
+    assert ("\nMultilabel: the target is a 0/1 float tensor of the input's shape, each of the 3 "
+            "channels its own binary problem") in report
+    assert "Not timed: MONAI has no BCE or TopK of its own" in report
+    lines = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
+    assert set(lines) == {"- dice", "- iou", "- tversky", "- focal", "- bce", "- topk"}
+    for name in ("dice", "iou", "tversky", "focal"):
+        assert "x over the faster of smp/MONAI, " in lines[f"- {name}"]
+    assert "x over smp, " in lines["- bce"] and "MONAI" not in lines["- bce"]
+    assert "smp" not in lines["- topk"] and "x over nnU-Net's formulation" in lines["- topk"]
+    assert all("x over plain torch" in line for line in lines.values())
+    out = capsys.readouterr().out
+    assert "multilabel shape (2, 3, 8, 8); torch.sigmoid pass" in out and "a sigmoid pass" in out
+
+
+def test_cpu_benchmark_multilabel_weighs_every_channels_positives(tmp_path):
+    """``--mode multilabel --losses bce_pos_weight``: the weight 3 for every channel, timed
+    against smp's and torch's BCE with ``pos_weight=[3]`` (the same loss: checked first)."""
+    bench = _bench_cpu()
+    out = tmp_path / "weighted"
+    argv = ["--mode", "multilabel", "--shape", "2", "2", "8", "8", "--repeats", "1",
+            "--warmup", "0", "--losses", "bce_pos_weight", "--out", str(out)]
+    assert bench.main(argv) in (None, 0)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(r["implementation"] for r in data["rows"]) == sorted(
+        DYNLOSS_CANDIDATES | {"smp", "torch"})
+    assert data["summary"]["bce_pos_weight"]["peers"] == ["smp"]
+
+
+@pytest.mark.parametrize("shape", [["2", "1", "8", "8"], ["2"]], ids=["one-channel", "1-D"])
+def test_cpu_benchmark_refuses_a_multilabel_input_of_one_channel(tmp_path, capsys, shape):
+    bench = _bench_cpu()
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--mode", "multilabel", "--shape", *shape, "--out",
+                    str(tmp_path / "results")])
+    assert exit_.value.code == 2
+    assert (f"error: --mode multilabel needs C = shape[1] >= 2 channels, got --shape "
+            f"{' '.join(shape)} (one channel is --mode binary)") in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
