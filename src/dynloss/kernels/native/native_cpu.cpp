@@ -754,22 +754,24 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
         const bool on = s.cls[j] == cc;
         // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
         const bool kept = s.keep[j] != 0.0f;
-        // -(1 - p) = -oth inv, read unconditionally (selected below, not loaded under a mask)
-        const float minus_q = -(s.oth[j] * s.inv[j]);
+        // -(1 - p) = -oth inv, read unconditionally (selected below, not loaded under a mask);
+        // probabilities in: no softmax statistics (oth, inv, mx, unique are not filled), and
+        // the constant LOGITS keeps them unread
+        const float minus_q = LOGITS ? -(s.oth[j] * s.inv[j]) : 0.0f;
         if (REGION) {
           sP += pick(kept, p, 0.0f);
           sI += pick(on & kept, p, 0.0f);
           sG += pick(on, s.keep[j], 0.0f);
           // saved for backward: p, but p - 1 = -(1 - p) with all its digits (a negative
           // number, or -0) at the class that alone holds the max (see class_backward_chunk)
-          const bool top = LOGITS & (xv == s.mx[j]) & (s.unique[j] != 0.0f);
+          const bool top = LOGITS ? (xv == s.mx[j]) & (s.unique[j] != 0.0f) : false;
           pc[j] = pick(top, minus_q, p);
         }
         if (PIXEL != kPixelNone) {
           // p - 1 at the target class: -(1 - p) = -oth inv where that class is the most
           // probable (p near 1), else formed as it is (p <= 1/2 there)
-          const float p_minus_on = pick(on & (s.xt[j] == s.mx[j]), minus_q,
-                                        p - pick(on, 1.0f, 0.0f));
+          const bool at_max = LOGITS ? s.xt[j] == s.mx[j] : false;
+          const float p_minus_on = pick(on & at_max, minus_q, p - pick(on, 1.0f, 0.0f));
           const float pixel_slope = LOGITS ? coef[j] * p_minus_on : pick(on, coef[j], 0.0f);
           sc[j] = pick(kept, pixel_slope, 0.0f);
         }
