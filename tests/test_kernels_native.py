@@ -1487,3 +1487,32 @@ def test_the_arguments_saved_for_backward_point_at_nothing_freed(mode):
              ("x", "class_alpha", "loss", "region", "pixel_out", "check", "pos_weight")}
     assert freed == dict.fromkeys(freed)
     assert (saved.n, saved.c, saved.m) == (2, 3, 30)
+
+
+def test_multiclass_region_probabilities_down_to_the_flush():
+    """A multiclass region loss (no pixel term) flushes a class's probability below 2^-126 to
+    0, as the binary region pass does (a logit more than ~87.3 below the pixel's maximum):
+    above it, p is a normal float32 and its gradient the reference's; below, p and its
+    gradient are 0 where the reference's are subnormal, a difference under 1e-37 that leaves
+    the loss unchanged. A pixel loss keeps those values (its log-sum-exp reads them)."""
+    gaps = torch.tensor([-80.0, -87.0, -87.3, -88.0, -100.0, -150.0])
+    x = torch.stack([torch.zeros(6), gaps, torch.zeros(6) - 1.0]).view(1, 3, 6)
+    t = torch.tensor([[0, 1, 2, 1, 0, 1]])
+    xs = x.clone().requires_grad_()
+    loss = F.dice_loss(xs, t, mode="multiclass", backend="native")
+    loss.backward()
+    xr = x.double().requires_grad_()
+    want = F.dice_loss(xr, t, mode="multiclass", backend="reference")
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    kept, flushed = gaps > -87.33, gaps < -87.33
+    grad, want_grad = xs.grad[0, 1], xr.grad[0, 1].float()
+    torch.testing.assert_close(grad[kept], want_grad[kept], rtol=1e-4, atol=0)
+    assert (grad[kept] != 0).all() and (grad[flushed] == 0).all()
+    assert (want_grad[flushed].abs() < 1e-37).all() and (want_grad[flushed] != 0).any()
+    # the pixel losses keep them: cross-entropy's gradient there is the reference's
+    xs.grad = None
+    F.bce_loss(xs, t, mode="multiclass", backend="native").backward()
+    xr.grad = None
+    F.bce_loss(xr, t, mode="multiclass", backend="reference").backward()
+    torch.testing.assert_close(xs.grad[0, 1], xr.grad[0, 1].float(), rtol=1e-4, atol=0)

@@ -669,7 +669,10 @@ struct ClassChunk {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const float xv = xc[j];
-        const float e = exp_f(xv - mx[j]);
+        // x - max <= 0; a region loss alone reads only probabilities, whose values below
+        // 2^-126 do not count (flushed to 0, as the binary region pass does); the pixel
+        // losses' log(sum exp) and 1 - p keep them
+        const float e = PIXEL_STATS ? exp_f(xv - mx[j]) : exp_nonpositive(xv - mx[j]);
         ec[j] = e;
         oth[j] += xv < mx[j] ? e : 0.0f;
         ties[j] += xv == mx[j] ? 1.0f : 0.0f;
