@@ -275,3 +275,49 @@ def test_a_weights_mapping_must_name_exactly_the_terms():
     with pytest.raises(ValueError, match=r"weights must name the same terms"):
         CompositeLoss(losses, weights={"dice": 1.0})
     assert CompositeLoss(losses, weights={"bce": 0.5, "dice": 1.0}).weights == [1.0, 0.5]
+
+
+def test_a_fused_composite_plans_its_calls_as_a_single_loss_does(monkeypatch):
+    """A fused composite (Dice + CE, one pass) prepares the layout and chooses the backend
+    once per signature of its tensors, as a single loss does with its plans (it did both at
+    every call); a new shape, a term's reassigned argument, new weights and a copy are
+    honoured, each value the sum of the terms computed alone."""
+    import dynloss.functional._call as call
+
+    prepared = []
+    real_prepare = call.prepare
+    monkeypatch.setattr(call, "prepare", lambda *a: prepared.append(a[2]) or real_prepare(*a))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((2, 3, 5, 4), generator=gen)
+    t = torch.randint(0, 3, (2, 5, 4), generator=gen)
+
+    def alone(dice, bce, weights, x=x, t=t):
+        return weights[0] * dice(x, t) + weights[1] * bce(x, t)
+
+    loss = CompositeLoss([DiceLoss(mode="multiclass"), BCELoss(mode="multiclass")])
+    want = alone(DiceLoss(mode="multiclass"), BCELoss(mode="multiclass"), [1.0, 1.0])
+    prepared.clear()
+    for _ in range(3):
+        torch.testing.assert_close(loss(x, t), want)
+    assert prepared == ["multiclass"]  # once, then planned
+    wide = torch.randn((2, 3, 5, 6), generator=gen)
+    wide_t = torch.randint(0, 3, (2, 5, 6), generator=gen)
+    want = alone(DiceLoss(mode="multiclass"), BCELoss(mode="multiclass"), [1.0, 1.0], wide,
+                 wide_t)
+    prepared.clear()
+    torch.testing.assert_close(loss(wide, wide_t), want)
+    assert prepared == ["multiclass"]  # another signature: planned anew
+    loss.terms["dice"].smooth = 1.0  # a term's argument: its plans start afresh
+    want = alone(DiceLoss(mode="multiclass", smooth=1.0), BCELoss(mode="multiclass"),
+                 [1.0, 1.0])
+    prepared.clear()
+    torch.testing.assert_close(loss(x, t), want)
+    loss(x, t)
+    assert prepared == ["multiclass"]
+    loss.weights = [0.5, 2.0]
+    torch.testing.assert_close(loss(x, t), alone(
+        DiceLoss(mode="multiclass", smooth=1.0), BCELoss(mode="multiclass"), [0.5, 2.0]))
+    twin = copy.deepcopy(loss)
+    torch.testing.assert_close(twin(x, t), loss(x, t))
+    restored = pickle.loads(pickle.dumps(loss))
+    torch.testing.assert_close(restored(x, t), loss(x, t))

@@ -261,13 +261,15 @@ def distribution_loss(input: Tensor, target: Tensor, params: DistributionParams,
     return backend.distribution(layout, params, checked)
 
 
-def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+def composite_loss(input: Tensor, target: Tensor, params: CompositeParams,
+                   plans: Plans | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(w_r * region + w_d * distribution, region, distribution)``, both terms reduced by
     their mean, in one fused pass where the backend has one.
 
     A TopK term has no fused pass, nor a region term that chooses or weighs its classes on
     a backend without ``class_choice``: the two terms are then computed one after the other.
+    ``plans``: the caller's memory of recent calls (see :data:`Plans`), for these ``params``
+    but for their weights, which a plan does not depend on.
     """
     params = _matchable_ignore(params, target)
     region, dist = params.region, params.distribution
@@ -275,7 +277,7 @@ def composite_loss(input: Tensor, target: Tensor, params: CompositeParams
         return _one_after_the_other(input, target, params)
     layout, backend, checked = _prepare(
         input, target, region.mode, region.backend, _composite_need(params),
-        region.ignore_index, region.from_logits, region.check_values)
+        region.ignore_index, region.from_logits, region.check_values, plans)
     if not region.include_background or region.class_weight is not None:
         if not backend.capabilities.class_choice:
             return _one_after_the_other(input, target, params)

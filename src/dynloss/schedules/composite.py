@@ -176,6 +176,12 @@ class CompositeLoss(nn.Module):
         # the schedules kept keep their record: a step taken elsewhere is still refused
         record_added(self, self._parts())
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the fused pass's plans are rebuilt (they hold backends), as a single loss's are
+        state = dict(super().__getstate__())
+        state.pop("_fused", None)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "weights" in state and "_weights" not in state:  # pickled by dynloss 0.1.0
             state = dict(state)
@@ -265,6 +271,26 @@ class CompositeLoss(nn.Module):
             for name, weight in zip(self.terms.keys(), self.weights, strict=True)
         }
 
+    def _fused_plan(self, weights: list[float]
+                    ) -> tuple[CompositeParams, bool, dict] | None:
+        """:meth:`_fused_params` and the plans of its recent calls
+        (:data:`dynloss.functional._call.Plans`), kept while the weights, the terms and
+        their checked arguments (rebuilt when one is reassigned) stay the same objects."""
+        modules = tuple(self.terms.values())
+        kept = self.__dict__.get("_fused")
+        if (kept is not None and kept[0] == weights and len(kept[1]) == len(modules)
+                and all(a is b for a, b in zip(kept[1], modules, strict=True))
+                and all(getattr(m, "_prepared", None) is p
+                        for m, p in zip(modules, kept[2], strict=True))):
+            return kept[3]
+        fused = self._fused_params(weights)
+        plan: tuple[CompositeParams, bool, dict] | None = (
+            None if fused is None else (*fused, {}))
+        # (after _fused_params, which builds the terms' checked arguments where missing)
+        self.__dict__["_fused"] = (list(weights), modules,
+                                   tuple(getattr(m, "_prepared", None) for m in modules), plan)
+        return plan
+
     def _fused_params(self, weights: list[float]) -> tuple[CompositeParams, bool] | None:
         """The parameters of the one-pass composite and whether the terms come in the order
         (distribution, region); None when the terms do not allow it."""
@@ -304,10 +330,10 @@ class CompositeLoss(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._compiled_forward(input, target)
         weights = list(self.current_weights().values())
-        fused = self._fused_params(weights)
+        fused = self._fused_plan(weights)
         if fused is not None:
-            params, swapped = fused
-            combined, region, distribution = composite_loss(input, target, params)
+            params, swapped, plans = fused
+            combined, region, distribution = composite_loss(input, target, params, plans)
             values = (distribution, region) if swapped else (region, distribution)
             set_last_terms(self, {name: value.detach() for name, value
                                   in zip(self.terms, values, strict=True)}, input)
