@@ -274,21 +274,27 @@ class CompositeLoss(nn.Module):
     def _fused_plan(self, weights: list[float]
                     ) -> tuple[CompositeParams, bool, dict] | None:
         """:meth:`_fused_params` and the plans of its recent calls
-        (:data:`dynloss.functional._call.Plans`), kept while the weights, the terms and
-        their checked arguments (rebuilt when one is reassigned) stay the same objects."""
+        (:data:`dynloss.functional._call.Plans`). The parameters are kept while the weights,
+        the terms and their checked arguments (rebuilt when one is reassigned) stay the same
+        objects, the plans while the terms and their arguments do (a plan does not depend on
+        the weights, which a schedule may change at every step)."""
         modules = tuple(self.terms.values())
         kept = self.__dict__.get("_fused")
-        if (kept is not None and kept[0] == weights and len(kept[1]) == len(modules)
-                and all(a is b for a, b in zip(kept[1], modules, strict=True))
+        plans: dict = {}
+        if (kept is not None and len(kept[0]) == len(modules)
+                and all(a is b for a, b in zip(kept[0], modules, strict=True))
                 and all(getattr(m, "_prepared", None) is p
-                        for m, p in zip(modules, kept[2], strict=True))):
-            return kept[3]
+                        for m, p in zip(modules, kept[1], strict=True))):
+            if kept[2] == weights:
+                return kept[3]
+            if kept[3] is not None:
+                plans = kept[3][2]
         fused = self._fused_params(weights)
         plan: tuple[CompositeParams, bool, dict] | None = (
-            None if fused is None else (*fused, {}))
+            None if fused is None else (*fused, plans))
         # (after _fused_params, which builds the terms' checked arguments where missing)
-        self.__dict__["_fused"] = (list(weights), modules,
-                                   tuple(getattr(m, "_prepared", None) for m in modules), plan)
+        self.__dict__["_fused"] = (modules, tuple(getattr(m, "_prepared", None)
+                                                  for m in modules), list(weights), plan)
         return plan
 
     def _fused_params(self, weights: list[float]) -> tuple[CompositeParams, bool] | None:
