@@ -401,54 +401,70 @@ def test_cpu_benchmark_refuses_smps_multiclass_focal():
         bench.check_candidates("focal", candidates, (8, 4, 256, 256), "multiclass")
 
 
-def test_cpu_benchmark_names_multiclass_results_apart_from_the_binary_ones():
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
+def test_cpu_benchmark_names_the_results_of_each_mode_apart(mode):
     bench = _bench_cpu()
     every = bench.LOSSES
-    assert bench.default_name([8, 4, 256, 256], every, "multiclass") == (
-        "cpu_multiclass_8x4x256x256")
-    assert bench.default_name([2, 3, 64, 64, 64], every, "multiclass") == (
-        "cpu_multiclass_2x3x64x64x64")
-    assert bench.default_name([8, 4, 256, 256], ["topk", "dice"], "multiclass") == (
-        "cpu_multiclass_8x4x256x256_dice_topk")
-    assert bench.default_name([32, 2, 256, 256], every, "multiclass") != bench.default_name(
+    assert bench.default_name([8, 4, 256, 256], every, mode) == f"cpu_{mode}_8x4x256x256"
+    assert bench.default_name([2, 3, 64, 64, 64], every, mode) == f"cpu_{mode}_2x3x64x64x64"
+    assert bench.default_name([8, 4, 256, 256], ["topk", "dice"], mode) == (
+        f"cpu_{mode}_8x4x256x256_dice_topk")
+    assert bench.default_name([32, 2, 256, 256], every, mode) != bench.default_name(
         [32, 2, 256, 256], every)
     assert bench.default_name([32, 1, 256, 256], every, "binary") == "cpu"
+    assert bench.default_name([8, 3, 256, 256], ["bce_pos_weight"], "multilabel") == (
+        "cpu_multilabel_8x3x256x256_bce_pos_weight")
+    names = {bench.default_name([8, 4, 256, 256], every, m) for m in bench.MODES}
+    assert len(names) == 3
+
+
+def _mode_smoke_run(tmp_path, monkeypatch, mode, peers, activation):
+    """``bench_cpu.main`` in ``mode`` on a (2, 3, 8, 8) input into ``tmp_path`` (its default
+    folder there): the files named for the mode, a row for each of dynloss's backends and
+    exactly each peer that computes the loss, in the losses' order, the summary naming the
+    library peers, the yardstick ``activation``'s pass; ``(data, report, summary lines)``."""
+    bench = _bench_cpu()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    argv = ["--mode", mode, "--shape", "2", "3", "8", "8", "--repeats", "2", "--warmup", "0",
+            "--seed", "1"]
+    assert bench.main(argv) in (None, 0)
+    stem = f"cpu_{mode}_2x3x8x8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.md"]
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["meta"]["mode"] == mode and data["meta"]["shape"] == [2, 3, 8, 8]
+    other = "sigmoid" if activation == "softmax" else "softmax"
+    assert data["meta"][f"{activation}_ms"] > 0 and f"{other}_ms" not in data["meta"]
+    assert [r["loss"] for r in data["rows"]] == sorted(
+        (r["loss"] for r in data["rows"]), key=bench.LOSSES.index)
+    for name, expected in peers.items():
+        timed = [r["implementation"] for r in data["rows"] if r["loss"] == name]
+        assert sorted(timed) == sorted(DYNLOSS_CANDIDATES | expected), (name, timed)
+        assert all(r["median_ms"] > 0 for r in data["rows"] if r["loss"] == name)
+        summary = data["summary"][name]
+        assert summary.get("peers", []) == [p for p in ("smp", "monai") if p in expected]
+        assert ("vs_nnunet" in summary) == (name == "topk") and "vs_torch" in summary
+        assert summary[f"{activation}_passes"] > 0
+    report = (tmp_path / f"{stem}.md").read_text()
+    assert report.startswith(f"# CPU benchmark: forward + backward, {mode}, shape "
+                             "(2, 3, 8, 8) float32\n")
+    lines = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
+    assert all("x over plain torch" in line for line in lines.values())
+    assert "smp" not in lines["- topk"] and "x over nnU-Net's formulation" in lines["- topk"]
+    return data, report, lines
 
 
 def test_cpu_benchmark_multiclass_smoke_run(tmp_path, monkeypatch, capsys):
-    """A multiclass run end to end on a tiny shape: its files are named for multiclass (the
-    default folder, here ``tmp_path``), its rows are each loss's dynloss backends and exactly
-    the peers that compute that loss, its summary names them (BCE, the cross-entropy: smp and
-    torch; Focal: MONAI; TopK: torch and nnU-Net)."""
-    bench = _bench_cpu()
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    argv = ["--mode", "multiclass", "--shape", "2", "3", "8", "8", "--repeats", "2",
-            "--warmup", "0", "--seed", "1"]
-    assert bench.main(argv) in (None, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cpu_multiclass_2x3x8x8.json", "cpu_multiclass_2x3x8x8.md"]
-    data = json.loads((tmp_path / "cpu_multiclass_2x3x8x8.json").read_text())
-    assert data["meta"]["mode"] == "multiclass" and data["meta"]["shape"] == [2, 3, 8, 8]
-    assert data["meta"]["softmax_ms"] > 0 and "sigmoid_ms" not in data["meta"]
-    for name, peers in MULTICLASS_PEERS.items():
-        timed = [r["implementation"] for r in data["rows"] if r["loss"] == name]
-        assert sorted(timed) == sorted(DYNLOSS_CANDIDATES | peers), (name, timed)
-        assert all(r["median_ms"] > 0 for r in data["rows"] if r["loss"] == name)
-        summary = data["summary"][name]
-        assert summary.get("peers", []) == [p for p in ("smp", "monai") if p in peers], summary
-        assert ("vs_nnunet" in summary) == (name == "topk") and "vs_torch" in summary
-    report = (tmp_path / "cpu_multiclass_2x3x8x8.md").read_text()
-    assert report.startswith("# CPU benchmark: forward + backward, multiclass, shape "
-                             "(2, 3, 8, 8) float32\n")
+    """A multiclass run end to end on a tiny shape (see :func:`_mode_smoke_run`); the
+    summary names the peers each loss has (BCE, the cross-entropy: smp and torch; Focal:
+    MONAI; TopK: torch and nnU-Net)."""
+    _, report, lines = _mode_smoke_run(tmp_path, monkeypatch, "multiclass", MULTICLASS_PEERS,
+                                       "softmax")
     assert "One `torch.softmax` pass over the input (over its classes)" in report
-    lines = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
     assert set(lines) == {"- dice", "- iou", "- tversky", "- focal", "- bce (cross-entropy)",
                           "- topk"}
     assert "x over the faster of smp/MONAI, " in lines["- dice"]
     assert "x over smp, " in lines["- bce (cross-entropy)"]
     assert "x over MONAI, " in lines["- focal"]
-    assert "smp" not in lines["- topk"] and "x over nnU-Net's formulation" in lines["- topk"]
-    assert all("x over plain torch" in line for line in lines.values())
     assert "a softmax pass" in capsys.readouterr().out
 
 
@@ -546,60 +562,19 @@ def test_cpu_benchmark_refuses_a_multilabel_peer_that_computes_another_loss(peer
         bench.check_candidates("dice", candidates, (8, 3, 256, 256), "multilabel")
 
 
-def test_cpu_benchmark_names_multilabel_results_apart_from_the_others():
-    bench = _bench_cpu()
-    every = bench.LOSSES
-    assert bench.default_name([8, 3, 256, 256], every, "multilabel") == (
-        "cpu_multilabel_8x3x256x256")
-    assert bench.default_name([2, 3, 64, 64, 64], every, "multilabel") == (
-        "cpu_multilabel_2x3x64x64x64")
-    assert bench.default_name([8, 3, 256, 256], ["topk", "dice"], "multilabel") == (
-        "cpu_multilabel_8x3x256x256_dice_topk")
-    assert bench.default_name([8, 3, 256, 256], ["bce_pos_weight"], "multilabel") == (
-        "cpu_multilabel_8x3x256x256_bce_pos_weight")
-    names = {bench.default_name([8, 4, 256, 256], every, mode) for mode in bench.MODES}
-    assert len(names) == 3
-
-
 def test_cpu_benchmark_multilabel_smoke_run(tmp_path, monkeypatch, capsys):
-    """A multilabel run end to end on a tiny shape: its files are named for multilabel (the
-    default folder, here ``tmp_path``), its rows are each loss's dynloss backends and exactly
-    the peers that compute that loss, its summary names them, its table says what multilabel
-    means and which peers were left out."""
-    bench = _bench_cpu()
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    argv = ["--mode", "multilabel", "--shape", "2", "3", "8", "8", "--repeats", "2",
-            "--warmup", "0", "--seed", "1"]
-    assert bench.main(argv) in (None, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cpu_multilabel_2x3x8x8.json", "cpu_multilabel_2x3x8x8.md"]
-    data = json.loads((tmp_path / "cpu_multilabel_2x3x8x8.json").read_text())
-    assert data["meta"]["mode"] == "multilabel" and data["meta"]["shape"] == [2, 3, 8, 8]
-    assert data["meta"]["sigmoid_ms"] > 0 and "softmax_ms" not in data["meta"]
-    assert [r["loss"] for r in data["rows"]] == sorted(
-        (r["loss"] for r in data["rows"]), key=bench.LOSSES.index)
-    for name, peers in MULTILABEL_PEERS.items():
-        timed = [r["implementation"] for r in data["rows"] if r["loss"] == name]
-        assert sorted(timed) == sorted(DYNLOSS_CANDIDATES | peers), (name, timed)
-        assert all(r["median_ms"] > 0 for r in data["rows"] if r["loss"] == name)
-        summary = data["summary"][name]
-        assert summary.get("peers", []) == [p for p in ("smp", "monai") if p in peers], summary
-        assert ("vs_nnunet" in summary) == (name == "topk") and "vs_torch" in summary
-        assert summary["sigmoid_passes"] > 0
-    report = (tmp_path / "cpu_multilabel_2x3x8x8.md").read_text()
-    assert report.startswith("# CPU benchmark: forward + backward, multilabel, shape "
-                             "(2, 3, 8, 8) float32\n")
+    """A multilabel run end to end on a tiny shape (see :func:`_mode_smoke_run`); its table
+    says what multilabel means and which peers were left out."""
+    _, report, lines = _mode_smoke_run(tmp_path, monkeypatch, "multilabel", MULTILABEL_PEERS,
+                                       "sigmoid")
     assert "One `torch.sigmoid` pass over the input: " in report
     assert ("\nMultilabel: the target is a 0/1 float tensor of the input's shape, each of the 3 "
             "channels its own binary problem") in report
     assert "Not timed: MONAI has no BCE or TopK of its own" in report
-    lines = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
     assert set(lines) == {"- dice", "- iou", "- tversky", "- focal", "- bce", "- topk"}
     for name in ("dice", "iou", "tversky", "focal"):
         assert "x over the faster of smp/MONAI, " in lines[f"- {name}"]
     assert "x over smp, " in lines["- bce"] and "MONAI" not in lines["- bce"]
-    assert "smp" not in lines["- topk"] and "x over nnU-Net's formulation" in lines["- topk"]
-    assert all("x over plain torch" in line for line in lines.values())
     out = capsys.readouterr().out
     assert "multilabel shape (2, 3, 8, 8); torch.sigmoid pass" in out and "a sigmoid pass" in out
 
