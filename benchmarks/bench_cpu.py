@@ -81,10 +81,9 @@ DEFAULT_SHAPE = [32, 1, 256, 256]
 MODES = ["binary", "multiclass", "multilabel"]
 DEFAULT_MULTICLASS_SHAPE = [8, 4, 256, 256]
 DEFAULT_MULTILABEL_SHAPE = [8, 3, 256, 256]
-MULTICLASS_PEERS = ["smp", "monai", "torch", "nnunet"]
-"""The peers of ``--mode multiclass``, from ``peers.py`` where it has the loss."""
-MULTILABEL_PEERS = MULTICLASS_PEERS
-"""The peers of ``--mode multilabel``, from ``peers.py`` where it has the loss."""
+MODE_PEERS = ["smp", "monai", "torch", "nnunet"]
+"""The peers of ``--mode multiclass`` and ``multilabel``, from ``peers.py`` where it has the
+loss."""
 PASS = {"binary": "sigmoid", "multiclass": "softmax", "multilabel": "sigmoid"}
 """The yardstick of each mode: one pass of this activation over the input."""
 
@@ -118,9 +117,9 @@ def mode_competitors(name, mode, backends=("auto", "torch", "reference")):
     """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``) in ``mode`` (``multiclass``
     or ``multilabel``), dynloss first: ``dynloss.LOSSES[name](mode=mode)`` with its default
     hyper-parameters (those of ``peers.py``: Tversky ``(0.3, 0.7)``, TopK ``k=0.6``, Focal
-    ``gamma=2``, as in binary mode), then each peer of :data:`MULTICLASS_PEERS`
-    (:data:`MULTILABEL_PEERS`) that ``peers.py`` gives for the loss in that mode (a library
-    that is not installed is left out, as in ``competitors.py``)."""
+    ``gamma=2``, as in binary mode), then each peer of :data:`MODE_PEERS` that ``peers.py``
+    gives for the loss in that mode (a library that is not installed is left out, as in
+    ``competitors.py``)."""
     found = {f"dynloss[{backend}]": dynloss.LOSSES[name](mode=mode, backend=backend)
              for backend in backends}
     smp = "not installed"
@@ -129,7 +128,7 @@ def mode_competitors(name, mode, backends=("auto", "torch", "reference")):
         import segmentation_models_pytorch as smp
     if HAVE_MONAI:
         import monai.losses as monai_losses
-    for peer in MULTICLASS_PEERS if mode == "multiclass" else MULTILABEL_PEERS:
+    for peer in MODE_PEERS:
         fn = implementation(peer, name, mode, smp, monai_losses, "auto")
         if fn is not None:
             found[peer] = fn
