@@ -64,7 +64,39 @@ def _as_float(value: Real) -> float:
     return float(value)
 
 
+def as_array(value: object) -> torch.Tensor | None:
+    """``value`` if it is a tensor; a NumPy array (anything with ``__array__`` that is not a
+    number or a string) as a tensor; otherwise, or where it converts to none (an array of
+    objects) or under ``torch.compile`` (which traces a NumPy argument), None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if (isinstance(value, (Real, str, bytes)) or not hasattr(type(value), "__array__")
+            or torch.compiler.is_compiling()):
+        return None
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _zero_dim_value(name: str, value: object, integral: bool) -> int | float | None:
+    """A 0-d tensor or NumPy array of a real (``integral``: an integer) dtype as a Python
+    number (a float32 one as its shortest decimal, as :func:`tensor_values` reads it); None
+    for anything else (a bool is not a number here either)."""
+    if torch.compiler.is_compiling():
+        return None
+    array = as_array(value)
+    if (array is None or array.dim() != 0 or array.dtype == torch.bool or array.is_complex()
+            or (integral and array.dtype.is_floating_point)):
+        return None
+    return tensor_values(name, array)[0]
+
+
 def check_real(name: str, value: object) -> float:
+    """A finite real number: a Python or NumPy one, or a 0-d tensor or array holding one."""
+    if (isinstance(value, bool) or not isinstance(value, Real)) and (
+            number := _zero_dim_value(name, value, integral=False)) is not None:
+        value = number
     if isinstance(value, bool) or not isinstance(value, Real):
         hint = (f" (pass the mode by keyword: mode={value!r})"
                 if isinstance(value, str) and value in MODES else "")
@@ -117,10 +149,13 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
-    """``None`` or an int in the int64 range, returned as a Python int (a NumPy integer is an
-    int; a bool is refused: ``True`` is not a label)."""
+    """``None`` or an int in the int64 range, returned as a Python int (a NumPy integer, or a
+    0-d integer tensor or array, is an int; a bool is refused: ``True`` is not a label)."""
     if ignore_index is None:
         return None
+    if (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)) and (
+            number := _zero_dim_value("ignore_index", ignore_index, integral=True)) is not None:
+        ignore_index = number
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
         raise TypeError(
             f"ignore_index must be an int or None; got {_shown(ignore_index)}"
@@ -191,9 +226,11 @@ def check_region_weight(weight: object, mode: str, name: str = "weight"
 
 
 def _per_class_weights(weight: object, mode: str, name: str) -> tuple[float, ...]:
-    """A sequence (or 1-D tensor, read as its values) of weights >= 0, one per class."""
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        weight = tensor_values(name, weight)
+    """A sequence (or 1-D tensor or NumPy array, read as its values) of weights >= 0, one per
+    class."""
+    array = as_array(weight)
+    if array is not None and array.dim() == 1:
+        weight = tensor_values(name, array)
     if isinstance(weight, (str, bytes)) or not isinstance(weight, Sequence):
         raise TypeError(f"{name} must be None or a sequence of per-class weights in "
                         f"mode={mode!r}; got {_shown(weight)}")
@@ -216,11 +253,14 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
                      ) -> float | tuple[float, ...] | None:
     """BCE's ``pos_weight``: None, a weight >= 0 of every channel's positives (also given as
     one value in a sequence or tensor, as torch broadcasts it), or one weight per channel (its
-    number is checked against ``C`` per call); a tensor (``(C, 1, 1)`` as
+    number is checked against ``C`` per call); a tensor or NumPy array (``(C, 1, 1)`` as
     ``BCEWithLogitsLoss`` takes per-channel weights of images, or ``(C,)``) is read as its
     values. Binary and multilabel mode only."""
     if pos_weight is None:
         return None
+    array = as_array(pos_weight)  # (a NumPy array is read as a tensor is)
+    if array is not None:
+        pos_weight = array
     if mode == MULTICLASS_MODE:
         raise ValueError(
             f"{name} weighs the positives of binary and multilabel targets; mode='multiclass' "

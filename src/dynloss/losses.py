@@ -324,12 +324,13 @@ class BCELoss(_DistributionLoss):
         pos_weight: None (default: 1), the weight >= 0 of the positives' term (binary and
             multilabel mode), one number for every channel or a sequence of ``C``
             per-channel weights, kept as a list that refuses changes in place; a tensor
-            (``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights of images, or
-            ``(C,)``) is read as its values; one value serves every channel. Computed by
-            every backend.
+            or NumPy array (``(C, 1, 1)`` as ``BCEWithLogitsLoss`` takes per-channel weights
+            of images, or ``(C,)``) is read as its values; one value serves every channel.
+            Computed by every backend.
         weight: None (default), or ``C`` per-class weights >= 0 of the cross-entropy
             (multiclass mode), as ``CrossEntropyLoss(weight=...)``: the mean divides by the
-            kept pixels' class weights; kept as a list that refuses changes in place."""
+            kept pixels' class weights; kept as a list that refuses changes in place; a 1-D
+            tensor or NumPy array is read as its values."""
         )
         + """
     Examples:
@@ -391,8 +392,9 @@ class FocalLoss(_DistributionLoss):
             """
         gamma: focusing exponent >= 0 (default 2.0, the paper's); 0 gives BCE.
         alpha: None (default), the weight in [0, 1] of positives (binary/multilabel), or a
-            sequence (or 1-D tensor) of C per-class weights (multiclass), kept as a list
-            that refuses changes in place (assign a new list to change them)."""
+            sequence (or 1-D tensor or NumPy array) of C per-class weights (multiclass),
+            kept as a list that refuses changes in place (assign a new list to change
+            them)."""
         )
         + """
     Examples:
@@ -522,7 +524,7 @@ _REGION_ARGS = """
             before the reduction, as MONAI's ``weight`` where it scores two classes or more
             (multiclass and multilabel mode; ``C`` values, or MONAI's ``C - 1`` with
             ``include_background=False``); kept as a list that refuses changes in place; a
-            1-D tensor is read as its values."""
+            1-D tensor or NumPy array is read as its values."""
 
 
 class _RegionLoss(SegmentationLoss):

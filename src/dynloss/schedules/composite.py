@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import as_array, tensor_values
 from .._math import scaled
 from .._params import CompositeParams, DistributionParams, RegionParams, composite_params
 from ..functional._call import composite_loss, distribution_loss, region_loss
@@ -91,7 +92,8 @@ class CompositeLoss(nn.Module):
             ``{name: module}`` mapping. Names of a sequence are the losses' short names
             (``"dice"``, ``"bce"``; ``"dice_2"`` for a repeat).
         weights: one weight per loss, in the same order (or a mapping by name): a number
-            >= 0 or a :class:`~dynloss.schedules.WeightSchedule`. Default: all 1.0.
+            >= 0 or a :class:`~dynloss.schedules.WeightSchedule`; a 1-D tensor or NumPy
+            array is read as its numbers. Default: all 1.0.
 
     After every call, :attr:`last_terms` maps each term's name to its *unweighted* value as a
     detached tensor (nested composites add ``"outer.inner"`` entries), for logging without a
@@ -131,7 +133,7 @@ class CompositeLoss(nn.Module):
     def __init__(
         self,
         losses: Sequence[nn.Module] | Mapping[str, nn.Module],
-        weights: Sequence[Weight] | Mapping[str, Weight] | None = None,
+        weights: Sequence[Weight] | Mapping[str, Weight] | Tensor | None = None,
     ) -> None:
         super().__init__()
         names, modules, explicit = named_losses("CompositeLoss", losses)
@@ -161,7 +163,7 @@ class CompositeLoss(nn.Module):
         return self._weights
 
     @weights.setter
-    def weights(self, weights: Sequence[Weight] | Mapping[str, Weight] | None) -> None:
+    def weights(self, weights: Sequence[Weight] | Mapping[str, Weight] | Tensor | None) -> None:
         checked = _Weights(self._check_weights(self.names, weights))
         added: list[tuple[str, object]] = []
         for name, weight in zip(self.names, checked, strict=True):
@@ -211,6 +213,8 @@ class CompositeLoss(nn.Module):
                     f"{sorted(weights)}"
                 )
             weights = [weights[name] for name in names]
+        elif (array := as_array(weights)) is not None and array.dim() == 1:
+            weights = tensor_values("weights", array)  # a 1-D tensor or NumPy array
         elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
             raise TypeError(
                 "CompositeLoss: weights must be a list of numbers or schedules (one per loss); "
@@ -229,8 +233,9 @@ class CompositeLoss(nn.Module):
                         "would be stepped twice. Pass a separate schedule per term."
                     )
                 checked.append(weight)
-            elif isinstance(weight, Real) and not isinstance(weight, bool):
-                checked.append(check_weight(f"weight of {name!r}", weight))
+            elif ((isinstance(weight, Real) and not isinstance(weight, bool))
+                  or ((array := as_array(weight)) is not None and array.dim() == 0)):
+                checked.append(check_weight(f"weight of {name!r}", weight))  # (0-d: its value)
             else:  # a function, a trigger, a string, ...
                 raise TypeError(
                     f"weight of {name!r} must be a real number or a WeightSchedule (Constant, "
