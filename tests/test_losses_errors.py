@@ -326,11 +326,15 @@ def test_meta_tensors_give_the_shape(loss, mode, backend, check_values):
     lambda: dynloss.TverskyLoss(beta=3.5e38),
     lambda: F.iou_loss(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), eps=1e39),
     lambda: dynloss.FocalLoss(mode="multiclass", alpha=[1e39, 1.0, 1.0]),
+    lambda: dynloss.FocalLoss(gamma=1e39),
+    lambda: F.focal_loss(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), gamma=3.5e38),
 ])
-def test_region_weights_beyond_float32_are_refused(make):
+def test_arguments_beyond_float32_are_refused(make):
     """A finite argument above float32's largest number (1e39) gave NaN on the reference and
-    torch backends (it overflowed to inf in float32) and 0 on the native kernels."""
-    with pytest.raises(ValueError, match=r"(smooth \+ eps|alpha|beta|alpha\[0\]) must be at most "
+    torch backends (it overflowed to inf in float32) and 0 on the native kernels; a Focal
+    ``gamma`` of 1e39 gave 7.5 on the reference and NaN on the native kernels (found by a
+    review of unusual inputs)."""
+    with pytest.raises(ValueError, match=r"(smooth \+ eps|alpha|beta|alpha\[0\]|gamma) must be at most "
                                          r"3\.4028234663852886e\+38 \(float32's largest"):
         make()
 

@@ -147,7 +147,7 @@ def distribution_params(
     """Check the arguments of a distribution loss (BCE: ``gamma=0``; TopK: ``k`` given; BCE's
     multiclass ``weight`` becomes ``alpha`` with a weighted mean)."""
     common = _common(mode, from_logits, ignore_index, reduction, backend, check_values)
-    gamma = check_non_negative("gamma", gamma)
+    gamma = check_float32_range("gamma", check_non_negative("gamma", gamma))
     checked_alpha = check_focal_alpha(alpha, common["mode"], alpha_name)
     class_weight = check_class_weight(weight, common["mode"])
     weighted_mean = False
