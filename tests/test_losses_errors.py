@@ -334,8 +334,9 @@ def test_arguments_beyond_float32_are_refused(make):
     torch backends (it overflowed to inf in float32) and 0 on the native kernels; a Focal
     ``gamma`` of 1e39 gave 7.5 on the reference and NaN on the native kernels (found by a
     review of unusual inputs)."""
-    with pytest.raises(ValueError, match=r"(smooth \+ eps|alpha|beta|alpha\[0\]|gamma) must be at most "
-                                         r"3\.4028234663852886e\+38 \(float32's largest"):
+    with pytest.raises(ValueError, match=r"(smooth \+ eps|alpha|beta|alpha\[0\]|gamma) must be "
+                                         r"at most 3\.4028234663852886e\+38 \(float32's "
+                                         r"largest"):
         make()
 
 

@@ -339,6 +339,12 @@ def test_a_bool_dict_key_is_refused_at_the_key() -> None:
     ("iou->bce@plateau(min_delta=" + "9" * 400 + ")", 27,
      "plateau: min_delta must be finite; got a number too large for a float"),
     ("dice(smooth=\u0661)", 12, "unexpected character '\u0661'"),
+    # a number run into letters: the error named the 0 of 0x10 as the switch epoch (found by
+    # a review of unusual inputs), and 1x10 as "unexpected 'x10'"
+    ("dice->bce@0x10", 11, "a number must not run into letters: '0' is followed by 'x10' "
+                           "(write decimal numbers: 16, 1000, 1e-4)"),
+    ("dice->bce@1_000", 11, "'1' is followed by '_000'"),
+    ("2dice", 1, "'2' is followed by 'dice'"),
 ])
 def test_bad_numbers_are_spec_errors(spec: str, position: int, message: str) -> None:
     _raises_spec_error(spec, position, message)

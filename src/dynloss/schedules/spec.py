@@ -247,6 +247,11 @@ def _tokenize(spec: str) -> list[_Token]:
             raise SpecError(f"unexpected character {spec[pos]!r}", spec, pos)
         kind = match.lastgroup
         assert kind is not None
+        if kind == "number" and (glued := _TOKEN.match(spec, match.end())) is not None \
+                and glued.lastgroup == "name":  # 0x10, 1_000, 2abc: not a number of a spec
+            raise SpecError(f"a number must not run into letters: {match.group()!r} is "
+                            f"followed by {glued.group()!r} (write decimal numbers: 16, "
+                            "1000, 1e-4)", spec, match.end())
         if kind != "space":
             tokens.append(_Token(kind, match.group(), pos))
         pos = match.end()
