@@ -734,6 +734,38 @@ def test_build_loss_takes_the_names_of_custom_triggers_and_schedules() -> None:
         build_loss("dice", names={"shared": Below})
 
 
+def test_the_repr_of_a_custom_trigger_without_arguments_or_a_stored_one() -> None:
+    """A ``Trigger`` subclass with no ``__init__`` of its own (a trigger without arguments, as
+    the schedules page describes one: ``update`` alone) made ``repr(loss)``, and so
+    ``print(loss)``, raise AttributeError: 'AfterTwo' object has no attribute 'args' (the
+    signature read was ``object.__init__``'s). Found by a review of the docs. An argument the
+    subclass does not store under its own name is written as a mark ``build_loss`` refuses,
+    where repr raised AttributeError too."""
+    from dynloss.schedules import Trigger
+
+    class AfterTwo(Trigger):
+        def update(self, count: int, stage_count: int, metric: float | None) -> bool:
+            return stage_count >= 2
+
+    class Forgetful(Trigger):
+        def __init__(self, after: int = 2) -> None:
+            self.limit = after
+
+        def update(self, count: int, stage_count: int, metric: float | None) -> bool:
+            return stage_count >= self.limit
+
+    loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=AfterTwo())
+    assert [loss.step() for _ in range(3)] == [False, True, False]
+    assert repr(loss) == str(loss) == "SwitchingLoss([DiceLoss(), BCELoss()], trigger=AfterTwo())"
+    assert repr(build_loss(repr(loss), names={"AfterTwo": AfterTwo})) == repr(loss)
+    forgetful = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Forgetful(3))
+    text = repr(forgetful)
+    assert text == ("SwitchingLoss([DiceLoss(), BCELoss()], trigger=Forgetful(after=<not "
+                    "stored as .after>))")
+    with pytest.raises(SpecError, match=r"unexpected character '<' \(at position 63\)"):
+        build_loss(text, names={"Forgetful": Forgetful})
+
+
 def test_an_unknown_trigger_is_named_among_the_triggers():
     """A misspelt trigger after '@' listed the known *losses*."""
     with pytest.raises(SpecError, match=re.escape(

@@ -57,11 +57,20 @@ def call_repr(obj: object, order: list[str] | None = None) -> str:
 
     Arguments without a default are always listed. The values are read from the attributes of
     the same name, so the result is valid Python and a valid :func:`dynloss.build_loss` spec.
+    A class without an ``__init__`` of its own (``object.__init__``'s ``*args, **kwargs``) has
+    no arguments to list; an argument not stored under its own name is written as a mark
+    (``<not stored as .name>``) that ``build_loss`` refuses: a ``repr`` that raised would break
+    ``print(loss)`` and every log line.
     """
     parameters = inspect.signature(type(obj).__init__).parameters
-    names = order or [name for name in parameters if name != "self"]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = order or [name for name, parameter in parameters.items()
+                      if name != "self" and parameter.kind in named]
     parts = []
     for name in names:
+        if not hasattr(obj, name):
+            parts.append(f"{name}=<not stored as .{name}>")
+            continue
         value = getattr(obj, name)
         default = parameters[name].default
         if (

@@ -45,7 +45,8 @@ class Trigger(ABC):
     A subclass implements :meth:`update`; it sets ``needs_metric = True`` to receive the
     value passed to ``step(metric=...)``, stores each constructor argument under its own name
     (``repr`` reads them and writes valid Python, which ``build_loss(text, names={"Below":
-    Below})`` rebuilds), and overrides :meth:`reset`
+    Below})`` rebuilds; one not stored is written as a mark ``build_loss`` refuses; a trigger
+    without arguments needs no ``__init__``), and overrides :meth:`reset`
     and the private ``_state`` / ``_load`` if it keeps a history. ``_load`` receives a mapping
     with exactly the keys of ``_state()`` (and ``"type"``); it should check every value before
     it assigns any (raising ValueError), so that a failed load changes nothing.
