@@ -87,6 +87,11 @@ def test_a_run_asked_for_twice_is_planned_and_counted_once(tmp_path):
     assert len(grid) == len(set(grid))
     assert grid.count(RunSpec("table1", "iou", 3, 0)) == 1
     assert plan("demo", losses=["iou", "iou"], seeds=[0]) == [RunSpec("table1", "iou", 50, 0)]
+    # specs that differ in spaces alone are one run (one folder): they were two rows of one
+    # section with the same numbers, and counted twice (found by a review of the example)
+    assert plan("demo", losses=["iou->bce@2", "iou -> bce@2", "iou+bce"], seeds=[0],
+                long_epochs=3) == [RunSpec("table3", "iou->bce@2", 3, 0),
+                                   RunSpec("table2", "iou+bce", 3, 0)]
     path = write_report(tmp_path, [(spec, _res()) for spec in grid], setup={},
                         context={"experiments": ["demo", "table1", "table3"]})
     assert "| `iou` | 1 | 0 |" in path.read_text()

@@ -219,7 +219,7 @@ def plan(
             table = {"single": "table1", "composite": "table2", "switch": "table3"}[kind(spec)]
             n = epochs if kind(spec) == "single" else long_epochs
             runs += [RunSpec(table, spec, n, s) for s in seeds]
-        return list(dict.fromkeys(runs))  # a spec given twice is one run
+        return _once_per_section(runs)  # a spec given twice is one run
     region, distribution = demo_pair
     pair = f"{region}&{distribution}"
     fixed = f"{region}->{distribution}@{switch_epoch}"
@@ -258,7 +258,16 @@ def plan(
         for spec in (adaptive, fixed):
             runs += [RunSpec("adaptive", spec, long_epochs, s, pair=pair) for s in seeds]
     # a run that two experiments put in one section (the demo's and table1's `iou`) is one run
-    return list(dict.fromkeys(runs))
+    return _once_per_section(runs)
+
+
+def _once_per_section(runs: Sequence[RunSpec]) -> list[RunSpec]:
+    """``runs`` without repeats of a run within a section, the first kept: equal specs, or
+    specs that differ in spaces alone (one folder, as :func:`unique_runs` sees them)."""
+    kept: dict[tuple[str, str, str, str | None], RunSpec] = {}
+    for run in runs:  # (two losses that share a folder are refused by unique_runs)
+        kept.setdefault((run.table, run.name, run.loss.replace(" ", ""), run.pair), run)
+    return list(kept.values())
 
 
 def unique_runs(specs: Sequence[RunSpec]) -> list[RunSpec]:

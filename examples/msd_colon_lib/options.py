@@ -127,6 +127,38 @@ def _check_spec(option: str, spec: str) -> Any:
         raise _spec_error(option, spec, error) from error
 
 
+def _check_trains(option: str, spec: str, loss: Any) -> None:
+    """``loss`` takes what the training gives it, the U-Net's one channel of logits per pixel
+    and a 0/1 float mask, and gives one number per batch: each of its losses (every stage of a
+    switch, every term of a composite) is called once on a small batch of that form on the
+    CPU (on the reference backend: checking options compiles nothing, and the backend a spec
+    names is the device's matter). A spec that parses but
+    cannot train (``mode='multiclass'``, ``from_logits=False``, ``reduction='none'``) failed
+    with a traceback at the first training step."""
+    import torch
+
+    from dynloss import SegmentationLoss
+
+    leaves = [module for module in loss.modules() if isinstance(module, SegmentationLoss)]
+    shown = {id(module): repr(module) for module in [*leaves, loss]}  # (as the spec gave it)
+    for module in leaves:  # (a backend is the device's matter: triton on CUDA, say)
+        module.backend = "reference"
+    logits = torch.linspace(-3.0, 3.0, 2 * 32 * 32).reshape(2, 1, 32, 32)
+    masks = (torch.arange(2 * 32 * 32).reshape(2, 1, 32, 32) % 3 == 0).float()
+    for module in [*leaves, loss]:
+        try:
+            value = module(logits, masks)
+        except (ValueError, TypeError) as error:
+            raise OptionsError(f"{option} {spec!r} cannot train the U-Net (one channel of "
+                               f"logits per pixel, a 0/1 mask): {str(error).splitlines()[0]}"
+                               ) from error
+        if value.dim() != 0:
+            shape = tuple(value.shape)
+            raise OptionsError(f"{option} {spec!r}: the loss must give one number per batch, "
+                               f"and {shown[id(module)]} gives a tensor of shape {shape} "
+                               "(reduction='none' is for inspection)")
+
+
 def _milestones(loss: Any) -> list[int]:
     """The fixed switch epochs (``@N``) of every SwitchingLoss in ``loss``, in order."""
     from dynloss import Milestone, SwitchingLoss
@@ -218,6 +250,7 @@ def _check_loss_specs(args: argparse.Namespace, need: Any) -> None:
     plain = False
     for spec in args.loss:
         loss = _check_spec("--loss", spec)
+        _check_trains("--loss", spec, loss)
         epochs = args.epochs if kind(spec) == "single" else args.long_epochs
         for at in _milestones(loss):
             need(at < epochs, f"--loss {spec!r}: a switch at {at} of {epochs} epochs never "
@@ -308,13 +341,16 @@ def validate(args: argparse.Namespace) -> None:
         wanted = expand(args.experiment)
     except ValueError as error:
         raise OptionsError(f"--experiment: {error}") from error
-    switching = not args.loss and any(w != "table1" for w in wanted)  # the grid switches
+    # the grid switches (Table 1's single losses and Table 2's composites do not)
+    switching = not args.loss and any(w not in ("table1", "table2") for w in wanted)
     need(not args.switch_epoch_given or args.loss or switching or args.switch_lr == "restart",
          "--switch-epoch applies only to the experiments that switch, or with --switch-lr "
          f"restart; the chosen experiments ({' '.join(wanted)}) do not read it")
     if switching or args.switch_epoch_given:
+        named = ("--switch-epoch" if args.switch_epoch_given
+                 else f"--switch-epoch (default: --epochs = {args.epochs})")
         need(1 <= args.switch_epoch < args.long_epochs,
-             f"--switch-epoch must lie in 1 .. --long-epochs - 1 = {args.long_epochs - 1} (a "
+             f"{named} must lie in 1 .. --long-epochs - 1 = {args.long_epochs - 1} (a "
              f"switch at {args.switch_epoch} of {args.long_epochs} epochs never happens)")
     need(not (args.download and args.data_dir),
          "--download and --data-dir exclude each other: --data-dir reads an extracted "

@@ -381,6 +381,13 @@ def _qualitative_info(args: argparse.Namespace, store: SliceStore,
     }
 
 
+def restart_count(results: list[tuple[experiments.RunSpec, dict[str, Any]]]) -> tuple[int, int]:
+    """How many runs restarted their LR, and how many runs there are: a run that serves
+    several sections of the report (one folder) counts once."""
+    by_run = {spec.name: res for spec, res in results}
+    return sum(1 for res in by_run.values() if res.get("lr_restarts")), len(by_run)
+
+
 def _write_report(args: argparse.Namespace, out: Path,
                   results: list[tuple[experiments.RunSpec, dict[str, Any]]], store: SliceStore,
                   synthetic: bool, t0: float) -> Path:
@@ -389,11 +396,11 @@ def _write_report(args: argparse.Namespace, out: Path,
     mode = "min" if args.monitor == "train_loss" else "max"
     val = (f"{args.val_fraction} of the training set held out for validation"
            if args.val_fraction else "none (all training slices are trained on)")
-    restarted = sum(1 for _, res in results if res.get("lr_restarts"))
+    restarted, trained = restart_count(results)
     restart = ("**restart**: at the loss switch of a switching run, and at epoch "
                f"{args.switch_epoch} of every other run that trains beyond it, the LR returns "
                f"to {args.lr} and the plateau history is forgotten (the same warm restart in "
-               f"every arm; {restarted} of {len(results)} runs restarted here)"
+               f"every arm; {restarted} of {trained} runs restarted here)"
                if args.switch_lr == "restart" else
                "**keep**: nothing happens to the LR or the scheduler at the switch (the paper "
                "describes no LR change)")
