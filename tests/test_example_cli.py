@@ -393,7 +393,8 @@ def test_a_rerun_that_fails_leaves_no_report_of_the_previous_run(tmp_path, monke
     for name in ("report.md", "runs.csv", "loss_curves.png", "qualitative.png"):
         (out / name).write_text("previous run")
 
-    def killed(*args, **kwargs):
+    def killed(*args, before_change, **kwargs):  # killed once the run has started training
+        before_change()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "train_run", killed)

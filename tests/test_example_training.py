@@ -513,10 +513,14 @@ def test_cli_reruns_finished_runs_whose_inputs_changed(tmp_path, capsys):
     assert csv_row[7:10] == [str(res4["n_train"]), str(res4["n_val"]), str(res4["n_test"])]
     assert f"{n} (" in (out / "report.md").read_text()
     # a finished run with other options is refused under --resume, one line, exit status 2
+    report = {name: (out / name).read_bytes() for name in ("report.md", "runs.csv")}
     code = msd_colon.cli([*args, "--resume", "--hu-window", "-100", "200"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("msd_colon.py: error: ")
     assert "it finished with other inputs (hu_window: [-160.0, 240.0] -> [-100.0, 200.0];" in err
+    # ... and, as nothing trained, the report stays (it was removed before the refusal; found
+    # by a review of the example)
+    assert {name: (out / name).read_bytes() for name in report} == report
 
 
 def test_an_automatic_thread_count_stays_the_one_out_was_started_with(tmp_path, capsys,
@@ -534,6 +538,11 @@ def test_an_automatic_thread_count_stays_the_one_out_was_started_with(tmp_path, 
         monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))  # busy: 1 thread
         (_, first), = msd_colon.main(args)["results"]
         assert first["config"]["extra"]["threads"] == 1
+        assert json.loads((tmp_path / "out" / "threads.json").read_text()) == {"threads": 1}
+        # a refused invocation records nothing: it wrote its count, and the plain --resume
+        # after it claimed the runs were started with 2 threads and was refused in turn
+        assert msd_colon.cli([*args, "--resume", "--threads", "2"]) == 2
+        assert "(threads: 1 -> 2)" in capsys.readouterr().err
         assert json.loads((tmp_path / "out" / "threads.json").read_text()) == {"threads": 1}
         torch.set_num_threads(2)
         monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle now

@@ -215,13 +215,18 @@ def _set_threads(args: argparse.Namespace) -> None:
             torch.set_num_threads(1)
             print("CPU busy (load average >= half the cores): using 1 torch thread "
                   "(--threads N overrides)", flush=True)
-    if os.environ.get("RANK", "0") == "0":  # (one writer under torchrun)
-        tmp = recorded.with_name(f".{THREADS_FILE}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"threads": torch.get_num_threads()}))
-            os.replace(tmp, recorded)
-        except OSError:  # an unusable --out is reported by the checks that follow
-            pass
+
+
+def _record_threads(out: Path) -> None:
+    """Write this invocation's thread count to ``OUT/threads.json`` (see :func:`_set_threads`):
+    when a run is about to train, not before, so that an invocation refused before any run
+    changed (a mismatched ``--resume``) leaves the count its runs were started with."""
+    import torch
+
+    recorded = out / THREADS_FILE
+    tmp = recorded.with_name(f".{THREADS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"threads": torch.get_num_threads()}))
+    os.replace(tmp, recorded)
 
 
 def _plan(args: argparse.Namespace) -> list[experiments.RunSpec]:
@@ -283,11 +288,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return run_benchmark(args, store, out, d, synthetic)
         # every run's split (the k folds need k patients) before the first run trains
         run_split = {spec.name: run_splits(args, store, spec) for spec in unique}
-        if d.main:  # (not before: an invocation refused above trained nothing, changed no run)
-            _remove_previous_report(out)
+        if d.main:
             print(f"{len(unique)} runs, {len(store)} slices "
                   f"({store.meta['n_tumour_slices']} with tumour), preset {args.preset}, "
                   f"output: {out}", flush=True)
+        changing: list[bool] = []
+
+        def before_change() -> None:
+            """The first run that trains (not one reused or refused: an invocation that stops
+            before changes no run, and keeps the report and the recorded thread count)."""
+            if not changing:
+                changing.append(True)
+                _remove_previous_report(out)
+                _record_threads(out)
+
         done: dict[str, dict[str, Any]] = {}
         for spec in unique:
             split = run_split[spec.name]
@@ -297,6 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 resume=args.resume, keep_slices=() if keep is None else (keep,),
                 progress=not args.quiet, dist_info=d,
                 log=(lambda line: print(line, flush=True)) if d.main else None,
+                before_change=before_change,
             )
             done[spec.name] = {**res, "_dir": str(out / spec.name)}
             if d.main and not args.quiet:
@@ -304,6 +319,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = [(spec, done[spec.name]) for spec in grid]
         report_path = None
         if d.main:
+            if not changing:  # every run reused: no figure of the last report stays beside it
+                _remove_previous_report(out)
             report_path = _write_report(args, out, results, store, synthetic, t0)
             print(f"report: {report_path}", flush=True)
             if synthetic:
@@ -329,7 +346,8 @@ def _remove_previous_report(out: Path) -> None:
     """Remove the report of an earlier run in ``out`` before the first run trains: it is
     written again only at the end, and a run that fails or is killed midway must not leave the
     old one beside its new results, looking complete. (An invocation refused before that, a
-    mistyped option or folder, keeps it: no run changed.)"""
+    mistyped option or folder or a ``--resume`` of a run with other inputs, keeps it: no run
+    changed.)"""
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
 

@@ -313,6 +313,7 @@ def train_run(
     dist_info: Dist | None = None,
     stop_after: int | None = None,
     log: Callable[[str], None] | None = print,
+    before_change: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train one run and evaluate it on ``splits["test"]``; return (and save) its result.
 
@@ -321,7 +322,8 @@ def train_run(
     training; one whose fingerprint differs is recomputed (``log`` says why), or, with
     ``resume``, refused (:class:`MismatchError`). ``resume`` continues an unfinished run from
     ``last.pt``. ``stop_after``: stop after that many epochs of this call *without* finishing
-    (used to test resuming).
+    (used to test resuming). ``before_change`` is called (on the main process) before the run
+    folder is written to, when the run is neither reused nor refused.
     """
     d = dist_info or Dist()
     run_dir = Path(run_dir)
@@ -335,6 +337,8 @@ def train_run(
     if action == "reuse":
         return detail
     if d.main:
+        if before_change is not None:
+            before_change()
         if action == "fresh":
             if detail and log is not None:
                 log(detail)
