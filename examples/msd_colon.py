@@ -104,10 +104,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--adaptive-trigger", metavar="TRIGGER",
                    help="adaptive: the trigger of the switch (default plateau(patience=5%%, "
                         "min_epochs=10%%, max_epochs=75%% of --long-epochs))")
-    g.add_argument("--split", choices=SPLITS, default="patient",
-                   help="patient: no patient on both sides; slice: what the paper's counts imply")
-    g.add_argument("--split-seed", type=int, default=0)
-    g.add_argument("--test-fraction", type=float, default=0.2)
+    # (defaults None, filled in later: --benchmark refuses them as given)
+    g.add_argument("--split", choices=SPLITS,
+                   help="patient: no patient on both sides; slice: what the paper's counts imply "
+                        "(default patient)")
+    g.add_argument("--split-seed", type=int, help="(default 0)")
+    g.add_argument("--test-fraction", type=float, help="(default 0.2)")
     g.add_argument("--val-fraction", type=float,
                    help="part of the training set held out for ReduceLROnPlateau/best.pt; 0: "
                         "none, the scheduler monitors the training loss (demo: 0.1, paper: 0)")

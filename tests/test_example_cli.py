@@ -200,6 +200,21 @@ def _one_line_error(capsys, argv):
     (["--benchmark", "--epochs", "3"],
      "--epochs does not apply with --benchmark: it times training steps of each --loss (default "
      "iou, bce and iou+bce)"),
+    # options of the splits and of the LR schedule that the benchmark's steps never read
+    # (accepted and ignored; found by a review of the example)
+    *[(["--benchmark", *option],
+       f"{option[0]} does not apply with --benchmark: it times training steps of each --loss "
+       "(default iou, bce and iou+bce)")
+      for option in (["--split", "slice"], ["--split-seed", "3"], ["--test-fraction", "0.5"],
+                     ["--val-fraction", "0.3"], ["--plateau-patience", "7"],
+                     ["--precise-bn", "3"], ["--monitor", "train_loss"])],
+    # a run option that none of the chosen experiments reads (refused with --loss already)
+    (["--experiment", "table1", "--long-epochs", "30"],
+     "--long-epochs applies only to the experiments with composite or switching runs; the "
+     "chosen experiments (table1) do not read it"),
+    (["--experiment", "table2", "--epochs", "7"],
+     "--epochs applies only to the experiments with single-loss runs or a switch (whose epoch "
+     "it sets by default); the chosen experiments (table2) do not read it"),
     (["--benchmark", "--resume"],
      "--resume does not apply with --benchmark: it times training steps of each --loss "
      "(default iou, bce and iou+bce)"),
@@ -284,7 +299,7 @@ def test_table2_alone_needs_no_switch_epoch(capsys, tmp_path):
     """`--experiment table2 --long-epochs 3` (composites, no switch) was refused: "--switch-epoch
     must lie in 1 .. 2 (a switch at 3 of 3 epochs never happens)", an option not given."""
     result = msd_colon.main(["--dry-run", "--out", str(tmp_path), "--experiment", "table2",
-                             "--epochs", "3", "--long-epochs", "3"])
+                             "--long-epochs", "3"])  # (the switch epoch would be --epochs = 3)
     assert [spec.loss for spec in result["plan"]] == ["tversky+bce", "iou+bce", "iou+topk",
                                                       "dice+focal"]
 

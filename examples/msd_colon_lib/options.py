@@ -67,10 +67,17 @@ READERS = {"--folds": ("table4",), "--switch-fractions": ("switchpoints",),
 RUN_OPTIONS = (("--seeds", "seeds"), ("--epochs", "epochs"), ("--long-epochs", "long_epochs"),
                ("--switch-epoch", "switch_epoch"), ("--switch-lr", "switch_lr"))
 """Options of the training runs that ``--benchmark`` (which times steps) does not read."""
+SPLIT_OPTIONS = (("--split", "split"), ("--split-seed", "split_seed"),
+                 ("--test-fraction", "test_fraction"), ("--val-fraction", "val_fraction"),
+                 ("--plateau-patience", "plateau_patience"), ("--precise-bn", "precise_bn"),
+                 ("--monitor", "monitor"))
+"""Options of the splits and of the LR schedule: ``--benchmark`` (steps on every slice, no
+evaluation) does not read them."""
 PHANTOM_OPTIONS = (("--phantom-patients", "phantom_patients"), ("--phantom-size", "phantom_size"),
                    ("--phantom-slices", "phantom_slices"), ("--phantom-seed", "phantom_seed"))
 """Options of the generated phantom: given data (--data-dir, --download) do not read them."""
 DEFAULTS: dict[str, Any] = {
+    "split": "patient", "split_seed": 0, "test_fraction": 0.2,
     "folds": 5, "plateau_patience": 5, "precise_bn": 0, "monitor": "auto", "switch_lr": "keep",
     "pair": ["iou", "bce"], "switch_fractions": list(SWITCH_FRACTIONS),
     "phantom_patients": 10, "phantom_size": 128, "phantom_slices": [24, 32], "phantom_seed": 0,
@@ -97,6 +104,8 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
                                   if getattr(args, key, None) is not None]
     args.run_options_given = [option for option, key in RUN_OPTIONS
                               if getattr(args, key, None) is not None]
+    args.split_options_given = [option for option, key in SPLIT_OPTIONS
+                                if getattr(args, key, None) is not None]
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
@@ -364,6 +373,7 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "benchmark", False):
         ignored = [*getattr(args, "grid_options_given", ()),
                    *getattr(args, "run_options_given", ()),
+                   *getattr(args, "split_options_given", ()),
                    *(["--resume"] if getattr(args, "resume", False) else [])]
         for option in ignored:
             raise OptionsError(f"{option} does not apply with --benchmark: it times training "
@@ -386,6 +396,16 @@ def validate(args: argparse.Namespace) -> None:
     need(args.loss or "adaptive" not in wanted or never is None,
          f"--adaptive-trigger {trigger!r}: {never} (the adaptive runs train for --long-epochs "
          f"= {args.long_epochs})")
+    given = set(getattr(args, "run_options_given", ()))
+    if not args.loss and not getattr(args, "benchmark", False):
+        need("--long-epochs" not in given or bool(set(wanted) - {"table1"}),
+             "--long-epochs applies only to the experiments with composite or switching runs; "
+             f"the chosen experiments ({' '.join(wanted)}) do not read it")
+        need("--epochs" not in given or bool(set(wanted) - {"table2"})
+             or args.switch_lr == "restart",
+             "--epochs applies only to the experiments with single-loss runs or a switch "
+             "(whose epoch it sets by default); the chosen experiments "
+             f"({' '.join(wanted)}) do not read it")
     for option in () if args.loss else getattr(args, "grid_options_given", ()):
         readers = READERS.get(option, ())
         if readers and not set(readers) & set(wanted):
