@@ -178,6 +178,15 @@ def _one_line_error(capsys, argv):
     (["--experiment", "table1", "table4", "--switch-fractions", "0.5"],
      "--switch-fractions applies only to --experiment switchpoints; the chosen experiments "
      "(table1 table4) do not read it"),
+    # a "trigger" that adds a stage: the adaptive run became iou->bce@plateau(...)->dice@2
+    (["--experiment", "adaptive", "--adaptive-trigger", "plateau(patience=1)->dice@2"],
+     "--adaptive-trigger 'plateau(patience=1)->dice@2' is not one trigger: the adaptive run "
+     "would be 'iou->bce@plateau(patience=1)->dice@2', a switch of 3 stages"),
+    # every swept point falls on the switch epoch: one row, an empty comparison
+    (["--experiment", "switchpoints", "--long-epochs", "3", "--switch-epoch", "2",
+      "--switch-fractions", "0.5", "0.9"],
+     "--switch-fractions 0.5 0.9 of --long-epochs 3 all fall on the switch epoch 2 (rounded, "
+     "within 1 .. 2): the switch points have nothing to compare"),
     (["--experiment", "switchpoints", "--adaptive-trigger", "plateau(patience=1)"],
      "--adaptive-trigger applies only to --experiment adaptive; the chosen experiments "
      "(switchpoints) do not read it"),
@@ -417,6 +426,24 @@ def test_a_rerun_that_fails_leaves_no_report_of_the_previous_run(tmp_path, monke
         msd_colon.main(["--out", str(out), *TINY, "--loss", "bce", "--epochs", "1"])
     assert not [p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".csv",
                                                                                ".png")]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_asked_for_on_the_cpu_is_said_to_do_nothing(tmp_path, monkeypatch, capsys, amp):
+    """`--amp bf16 --device cpu` trained in float32 without a word (found by a review of the
+    example): mixed precision is used on CUDA only."""
+    from msd_colon_lib import runner
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        msd_colon.main(["--out", str(tmp_path), *TINY, "--loss", "bce", "--epochs", "1",
+                        "--device", "cpu", "--amp", amp])
+    note = (f"--amp {amp}: mixed precision is used on CUDA only; the runs on the CPU train in "
+            "float32")
+    assert capsys.readouterr().out.splitlines().count(note) == 1
 
 
 def test_a_phantom_given_as_data_dir_is_reported_as_synthetic(tmp_path, task10, capsys,

@@ -426,3 +426,36 @@ def test_report_numbers_small_helpers():
     mean, std = mean_std([0.8, 0.9])
     assert mean == pytest.approx(0.85) and std == pytest.approx(0.1 / 2**0.5)
     assert (_p(5e-4), _p(2e-3)) == ("5.00e-04", "0.0020")
+
+
+def test_one_epoch_is_singular_and_the_control_hint_pastes_into_a_shell(tmp_path):
+    """"(seed 0, 1 epochs)" and "## Table 1 ... (1 epochs)"; the hint `--loss
+    TverskyLoss(alpha=0.2) --epochs 2` could not be pasted into a shell as it stood (found by
+    a review of the example)."""
+    runs = [(RunSpec("table1", "TverskyLoss(alpha=0.2)", 1, 0), _res(tp=0, fp=0, fn=321)),
+            (RunSpec("table3", "iou->bce@1", 2, 0), _res(epochs=2, switches=[[0, 1, 1]]))]
+    lines = warnings(runs, {"experiments": ["--loss"]})
+    assert ("a single loss trained for 2 epochs too (`--loss 'TverskyLoss(alpha=0.2)' --epochs "
+            "2`) is the control.") in lines[0]
+    assert lines[0].startswith("- **Unequal training budgets.** The single losses (Table 1) "
+                               "trained for 1 epoch, the composite and switching runs for 2:")
+    assert lines[1].startswith("- **Collapsed model:** `TverskyLoss(alpha=0.2)` (seed 0, "
+                               "1 epoch) predicted 0 tumour pixels")
+    text = write_report(tmp_path, runs, setup={}, context={"experiments": ["--loss"]}
+                        ).read_text()
+    assert "(1 epoch)\n" in text and "(2 epochs)\n" in text and "1 epochs" not in text
+
+
+def test_the_loss_curves_of_table4_alone_draw_without_a_warning(tmp_path):
+    """A table4-only run printed matplotlib's "No artists with labels found to put in legend"
+    to stderr: its summary panel (runs outside Table 4) was empty (found by a review)."""
+    import warnings as python_warnings
+
+    from msd_colon_lib.figures import plot_loss_curves
+
+    runs = [(RunSpec("table4", spec, 2, 0, fold, "iou&bce"), _res(epochs=2))
+            for spec in ("iou+bce", "iou->bce@1") for fold in (0, 1)]
+    with python_warnings.catch_warnings():
+        python_warnings.simplefilter("error")
+        assert plot_loss_curves(tmp_path / "curves.png", runs)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

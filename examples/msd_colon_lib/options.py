@@ -29,6 +29,7 @@ from .experiments import (
     default_trigger,
     expand,
     kind,
+    switch_points,
 )
 from .phantom import is_phantom
 from .training import MONITORS, TRAIN_LOSS
@@ -355,6 +356,13 @@ def validate(args: argparse.Namespace) -> None:
     need(not args.switch_epoch_given or args.loss or switching or args.switch_lr == "restart",
          "--switch-epoch applies only to the experiments that switch, or with --switch-lr "
          f"restart; the chosen experiments ({' '.join(wanted)}) do not read it")
+    if "switchpoints" in wanted and 1 <= args.switch_epoch < args.long_epochs:
+        points = switch_points(args.long_epochs, args.switch_epoch, args.switch_fractions)
+        shown = " ".join(f"{f:g}" for f in args.switch_fractions)
+        need(points != [args.switch_epoch],
+             f"--switch-fractions {shown} of --long-epochs {args.long_epochs} all fall on the "
+             f"switch epoch {args.switch_epoch} (rounded, within 1 .. {args.long_epochs - 1}): "
+             "the switch points have nothing to compare")
     if switching or args.switch_epoch_given:
         named = ("--switch-epoch" if args.switch_epoch_given
                  else f"--switch-epoch (default: --epochs = {args.epochs})")
@@ -391,7 +399,11 @@ def validate(args: argparse.Namespace) -> None:
     need(not trigger.strip().isdigit(),
          f"--adaptive-trigger {trigger!r} is a fixed epoch: use --switch-epoch for that, and a "
          "trigger such as plateau(patience=5) here")
-    adaptive = _check_spec("--adaptive-trigger", f"{region}->{distribution}@{trigger}")
+    adaptive_spec = f"{region}->{distribution}@{trigger}"
+    adaptive = _check_spec("--adaptive-trigger", adaptive_spec)
+    stages = len(adaptive.stages)
+    need(stages == 2, f"--adaptive-trigger {trigger!r} is not one trigger: the adaptive run "
+                      f"would be {adaptive_spec!r}, a switch of {stages} stages")
     never = _never_switching(adaptive, args.long_epochs)
     need(args.loss or "adaptive" not in wanted or never is None,
          f"--adaptive-trigger {trigger!r}: {never} (the adaptive runs train for --long-epochs "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,16 @@ COLLAPSE_FRACTION = 0.01
 """A run predicting fewer foreground pixels than this fraction of the true ones collapsed."""
 
 Runs = Sequence[tuple[RunSpec, dict[str, Any]]]
+
+
+def _epochs_word(counts: Sequence[int]) -> str:
+    """"epoch" after a list of epoch counts that is just 1, else "epochs"."""
+    return "epoch" if list(counts) == [1] else "epochs"
+
+
+def _epochs(count: int) -> str:
+    """``3 epochs``, ``1 epoch``."""
+    return f"{count} {_epochs_word([count])}"
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -400,8 +411,8 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
             follow = "the Controls section below trains them for the same budget"
         elif context.get("experiments") == ["--loss"]:  # (--experiment is refused with it)
             first = next(s.loss for s, _ in runs if s.table == "table1")
-            follow = (f"a single loss trained for {max(others)} epochs too (`--loss {first} "
-                      f"--epochs {max(others)}`) is the control")
+            follow = (f"a single loss trained for {max(others)} epochs too (`--loss "
+                      f"{shlex.quote(first)} --epochs {max(others)}`) is the control")
         else:
             follow = "`--experiment controls` trains them for the same budget"
         numbers = ["1", *sorted({s.table[-1] for s, _ in runs
@@ -409,7 +420,8 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
         named = f"{', '.join(numbers[:-1])} and {numbers[-1]}"
         out.append(
             f"- **Unequal training budgets.** The single losses (Table 1) trained for "
-            f"{'/'.join(map(str, single))} epochs, the composite and switching runs for "
+            f"{'/'.join(map(str, single))} {_epochs_word(single)}, the composite and switching "
+            f"runs for "
             f"{'/'.join(map(str, others))}: {min(single)} of {max(others)} epochs, as in the "
             f"paper. Tables {named} are not a controlled comparison of the losses; {follow}."
         )
@@ -418,7 +430,7 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
             c = res["test_counts"]
             part = f"fold {spec.fold}" if spec.fold is not None else f"seed {spec.seed}"
             out.append(
-                f"- **Collapsed model:** `{spec.loss}` ({part}, {spec.epochs} epochs) predicted "
+                f"- **Collapsed model:** `{spec.loss}` ({part}, {_epochs(spec.epochs)}) predicted "
                 f"{c['tp'] + c['fp']} tumour pixels on the test set, which holds "
                 f"{c['tp'] + c['fn']}. Its per-slice Dice {res['test']['dice_slice']:.4f} only "
                 "counts the slices without tumour (scored 1); read its global and per-patient "
@@ -429,8 +441,9 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
             part = f"fold {spec.fold}" if spec.fold is not None else f"seed {spec.seed}"
             first = base_spec(spec.loss).split("->")[0]
             out.append(
-                f"- **Never switched:** `{spec.loss}` ({part}, {spec.epochs} epochs) trained "
-                f"`{first}` alone: its switch did not happen within its {spec.epochs} epochs. It "
+                f"- **Never switched:** `{spec.loss}` ({part}, {_epochs(spec.epochs)}) trained "
+                f"`{first}` alone: its switch did not happen within its "
+                f"{_epochs(spec.epochs)}. It "
                 "is marked *never switched* (runs.csv: `switched_at` never) and not set beside "
                 "the paper's switching numbers."
             )
@@ -512,7 +525,8 @@ def write_report(
     for table in ("table1", "table2", "table3"):
         if table in by_table:
             epochs = sorted({r["_spec"].epochs for rs in by_table[table].values() for r in rs})
-            lines += [f"## {SECTION_TITLES[table]} ({', '.join(map(str, epochs))} epochs)", ""]
+            lines += [f"## {SECTION_TITLES[table]} ({', '.join(map(str, epochs))} "
+                      f"{_epochs_word(epochs)})", ""]
             lines += [*_table(by_table[table], table), ""]
     lines += _table4_section(runs)
     beyond = [

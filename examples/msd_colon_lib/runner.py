@@ -274,6 +274,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # holds it for all; a refusal stops every rank)
         on_main(d, lambda: held.enter_context(outlock.hold(out)))
         _set_threads(args)
+        if d.main and args.amp in ("bf16", "fp16") and resolve_device(
+                args.device, d.local_rank).type != "cuda":
+            print(f"--amp {args.amp}: mixed precision is used on CUDA only; the runs on the CPU "
+                  "train in float32", flush=True)
         if args.batch_size // d.world < 2:
             raise OptionsError(f"--batch-size {args.batch_size} over {d.world} processes leaves "
                                "fewer than 2 slices per process; BatchNorm needs 2")
