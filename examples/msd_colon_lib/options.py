@@ -142,9 +142,9 @@ def _check_trains(option: str, spec: str, loss: Any) -> None:
     and a 0/1 float mask, and gives one number per batch: each of its losses (every stage of a
     switch, every term of a composite) is called once on a small batch of that form on the
     CPU (on the reference backend: checking options compiles nothing, and the backend a spec
-    names is the device's matter). A spec that parses but
-    cannot train (``mode='multiclass'``, ``from_logits=False``, ``reduction='none'``) failed
-    with a traceback at the first training step."""
+    names is the device's matter). A spec that parses but cannot train
+    (``mode='multiclass'``, ``from_logits=False``, ``reduction='none'``) failed with a
+    traceback at the first training step."""
     import torch
 
     from dynloss import SegmentationLoss

@@ -191,9 +191,9 @@ def _set_threads(args: argparse.Namespace) -> None:
     On a shared CPU, intra-op threads wait for each other at every one of the thousands of
     small operations of an EfficientNet step; measured on a loaded 2-core machine, one thread
     ran a training step 5-10x faster than two. The count is one of a run's inputs (it orders
-    the float sums), so it is written to ``OUT/threads.json`` and kept by the next invocation
-    that does not say ``--threads``: a run started on a busy CPU resumes, and is reused, once
-    the load drops.
+    the float sums), so it is written to ``OUT/threads.json`` (by :func:`_record_threads`, when
+    the first run trains) and kept by the next invocation that does not say ``--threads``: a
+    run started on a busy CPU resumes, and is reused, once the load drops.
     """
     import torch
 
