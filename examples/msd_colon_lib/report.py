@@ -422,8 +422,8 @@ def warnings(runs: Runs, context: dict[str, Any]) -> list[str]:
             f"- **Unequal training budgets.** The single losses (Table 1) trained for "
             f"{'/'.join(map(str, single))} {_epochs_word(single)}, the composite and switching "
             f"runs for {'/'.join(map(str, others))}: {min(single)} of {max(others)} epochs, as "
-            f"in the "
-            f"paper. Tables {named} are not a controlled comparison of the losses; {follow}."
+            f"in the paper. Tables {named} are not a controlled comparison of the losses; "
+            f"{follow}."
         )
     for spec, res in unique(runs):
         if collapsed(res):
