@@ -187,6 +187,7 @@ def check_candidates(name, candidates, shape, mode="binary"):
     arguments (another smoothing, pooling or weight) would be timed as the same loss."""
     probe = probe_shape(shape)
     logits, target = make_inputs(probe, seed=1, mode=mode)
+    logits[1:] *= 0.25  # samples of other scales: a per-sample TopK keeps other elements
     if mode == "multiclass":  # every class present: smp's loss for an absent class is 0
         classes = probe[1]  # (dynloss's 1), another loss where a class is missing
         target.view(-1)[:classes] = torch.arange(classes)
@@ -211,6 +212,38 @@ def check_candidates(name, candidates, shape, mode="binary"):
                 raise ValueError(
                     f"{name}: {label}'s {what} on a {probe} probe differs from dynloss's "
                     f"reference (by up to {difference:.3g}): it would be timed as another loss")
+
+
+REGION_LOSSES = ("dice", "iou", "tversky")
+"""The losses smp scores 0 for a class (channel) absent from the whole batch, dynloss and
+MONAI 1."""
+
+
+def check_timed_target(name, candidates, target, mode, channels):
+    """Raise ``ValueError`` where smp is timed for a region loss on a target in which a class
+    (multiclass) or a channel's positives (binary, multilabel) is absent from the whole batch:
+    smp scores it 0, dynloss and MONAI 1, so smp would be timed computing another loss (the
+    candidates were checked on a probe that holds every class)."""
+    if name not in REGION_LOSSES or "smp" not in candidates:
+        return
+    if mode == "multiclass":
+        absent = sorted(set(range(channels)) - set(target.unique().tolist()))
+        what = "pixel of class"
+    else:
+        counts = target.transpose(0, 1).reshape(channels, -1).sum(1)
+        absent = [c for c in range(channels) if counts[c] == 0]
+        what = "positive of channel"
+    if absent:
+        shown = ", ".join(map(str, absent[:8])) + (", ..." if len(absent) > 8 else "")
+        raise ValueError(f"{name}: the timed target has no {what} {shown}: smp scores it 0 "
+                         "where dynloss and MONAI score 1, so smp would be timed computing "
+                         "another loss; a larger --shape holds every one")
+
+
+def output_paths(out):
+    """The result files of ``--out`` (a path without suffix; a dot in its name is kept)."""
+    out = Path(out)
+    return out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
 
 
 def run_once(fn, logits, target):
@@ -329,13 +362,23 @@ def main(argv=None):
                              "or cpu_<losses> for a subset of the losses)")
     args = parser.parse_args(argv)
     multiclass = args.mode == "multiclass"
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; got {args.repeats}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0; got {args.warmup}")
     if args.shape is None:
         args.shape = list({"multiclass": DEFAULT_MULTICLASS_SHAPE,
                            "multilabel": DEFAULT_MULTILABEL_SHAPE}.get(args.mode, DEFAULT_SHAPE))
+    shown = " ".join(map(str, args.shape))
+    if args.mode == "binary" and len(args.shape) >= 2 and args.shape[1] != 1:
+        parser.error(f"--mode binary needs C = shape[1] = 1 channel, got --shape {shown} "
+                     "(several channels are --mode multilabel)")
     if args.mode != "binary" and (len(args.shape) < 2 or args.shape[1] < 2):
         parser.error(f"--mode {args.mode} needs C = shape[1] >= 2 "
                      f"{'classes' if multiclass else 'channels'}, got --shape "
-                     f"{' '.join(map(str, args.shape))} (one channel is --mode binary)")
+                     f"{shown} (one channel is --mode binary)")
+    if len(args.shape) < 3:
+        parser.error(f"--shape needs N, C and at least one spatial size, got --shape {shown}")
     if multiclass and any(loss in EXTRA_LOSSES for loss in args.losses):
         parser.error("bce_pos_weight is binary only (it weighs a binary target's positives): "
                      "not with --mode multiclass")
@@ -361,6 +404,12 @@ def main(argv=None):
         print(f"bench_cpu.py: error: {error}", file=sys.stderr)
         return 2
     logits, target = make_inputs(shape, mode=args.mode)
+    try:
+        for name, candidates in every.items():
+            check_timed_target(name, candidates, target, args.mode, shape[1])
+    except ValueError as error:
+        print(f"bench_cpu.py: error: {error}", file=sys.stderr)
+        return 2
     input_bytes = logits.numel() * logits.element_size()
     activation = PASS[args.mode]
     sig = sigmoid_pass(logits, args.repeats, args.mode)
@@ -429,10 +478,11 @@ def main(argv=None):
         summaries[name] = ratios
         print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "summary": summaries, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text(to_markdown(meta, rows, summaries))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    json_path, md_path = output_paths(args.out)
+    json_path.write_text(json.dumps({"meta": meta, "summary": summaries, "rows": rows},
+                                    indent=2))
+    md_path.write_text(to_markdown(meta, rows, summaries))
+    print(f"wrote {json_path} and {md_path}")
 
 
 PEERS = {"vs_smp_monai": "the faster of smp/MONAI",

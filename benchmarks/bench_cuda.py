@@ -25,7 +25,8 @@ checked at the end of the report.
 
 Outputs under ``--out`` (default ``benchmarks/results``), named after the device:
 ``bench_<device>.json``, ``bench_<device>.md``, ``bench_<device>.png`` (eager) and
-``bench_<device>_device.png`` (device time).
+``bench_<device>_device.png`` (device time). Exit status: 0 complete; 1 a dynloss row failed;
+2 a usage error; 3 the eager part's ``--budget`` ran out (a partial result).
 
 Usage::
 
@@ -497,8 +498,29 @@ def warm(device: torch.device, dtypes: list[torch.dtype], shapes: list) -> int:
     return 1 if failures else 0
 
 
+def device_label(cuda_name: str | None, cpu_smoke: bool, machine: str) -> str:
+    """What ran, as the result files name it: the GPU's name; on the CPU, the smoke run's
+    Triton interpreter or dynloss's default backend (the native kernels)."""
+    if cuda_name is not None:
+        return cuda_name
+    return f"cpu-smoke ({machine}, Triton interpreter)" if cpu_smoke else (
+        f"cpu ({machine}, backend auto)")
+
+
+def _check_names(parser: argparse.ArgumentParser, option: str, given: str,
+                 known: list[str]) -> None:
+    """Each comma-separated name of ``given`` is one of ``known``, else a usage error."""
+    for name in (part for part in given.split(",") if part):
+        if name not in known:
+            parser.error(f"{option}: unknown {name!r} (one of {', '.join(known)})")
+
+
+SMOKE = {"device": "cpu", "shapes": "smoke", "reps": 2, "warmup": 1}
+"""What ``--cpu-smoke`` runs."""
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -519,10 +541,21 @@ def main() -> int:
                         help="every code path on tiny shapes on the CPU (Triton's interpreter;"
                              " no timing worth reading), results to a temporary folder")
     args = parser.parse_args()
+    _check_names(parser, "--losses", args.losses, LOSSES)
+    _check_names(parser, "--host-losses", args.host_losses, LOSSES)
+    _check_names(parser, "--impls", args.impls, IMPLS)
+    for name in (part for part in args.dtypes.split(",") if part):
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            parser.error(f"--dtypes: unknown {name!r} (torch dtype names: float32, bfloat16, "
+                         "float16)")
     started = time.monotonic()
     backend = "auto"
     if args.cpu_smoke:
-        args.device, args.shapes, args.reps, args.warmup = "cpu", "smoke", 2, 1
+        for key, value in SMOKE.items():
+            if getattr(args, key) != parser.get_default(key):
+                parser.error("--cpu-smoke runs " + " ".join(
+                    f"--{k} {v}" for k, v in SMOKE.items()) + f": not with --{key}")
+            setattr(args, key, value)
         args.compile_budget = min(args.compile_budget, 60.0)
         if args.dtypes == parser.get_default("dtypes"):
             args.dtypes = "float32"
@@ -542,8 +575,8 @@ def main() -> int:
     if args.warm_only:
         return warm(device, dtypes, SHAPES[args.shapes])
     dev = Device(device)
-    device_name = (torch.cuda.get_device_name(device) if dev.cuda
-                   else f"cpu-smoke ({platform.machine()}, Triton interpreter)")
+    device_name = device_label(torch.cuda.get_device_name(device) if dev.cuda else None,
+                               args.cpu_smoke, platform.machine())
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -713,9 +746,10 @@ def main() -> int:
                 break
         if over_budget:
             break
+    notes_budget = (f"eager part stopped early: its budget of {args.budget:.0f} s was spent; "
+                    "later shapes/dtypes are missing")
     if over_budget:
-        notes.append(f"eager part stopped early: its budget of {args.budget:.0f} s was spent; "
-                     "later shapes/dtypes are missing")
+        notes.append(notes_budget)
         print("NOTE:", notes[-1], flush=True)
 
     # ----------------------------------------------------------------- host time per step
@@ -781,6 +815,9 @@ def main() -> int:
         print(f"benchmark: {len(failed)} dynloss rows failed (see the Errors section)",
               file=sys.stderr)
         return 1
+    if over_budget:  # (nor one its budget cut short: exit status 3)
+        print(f"benchmark: incomplete: {notes_budget}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -123,6 +123,9 @@ timeout $(( BENCH_BUDGET + COMPILE_BUDGET + 30 )) "$PY" benchmarks/bench_cuda.py
 rc=$?
 if [ "$rc" -eq 0 ]; then
     note "benchmark: ok -- $(tail -n 1 "$RES/bench_cuda.log")"
+elif [ "$rc" -eq 3 ]; then  # stopped by its budget: a partial result, not a complete one
+    FAILED=1
+    note "benchmark: INCOMPLETE (rc=3) -- $(grep -m 1 'incomplete' "$RES/bench_cuda.log")"
 else
     FAILED=1
     note "benchmark: FAIL (rc=$rc) -- $(tail -n 3 "$RES/bench_cuda.log" | tr '\n' ' ')"

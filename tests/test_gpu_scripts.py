@@ -603,3 +603,138 @@ def test_cpu_benchmark_refuses_a_multilabel_input_of_one_channel(tmp_path, capsy
     assert (f"error: --mode multilabel needs C = shape[1] >= 2 channels, got --shape "
             f"{' '.join(shape)} (one channel is --mode binary)") in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "2", "3", "16", "16"],
+     "--mode binary needs C = shape[1] = 1 channel, got --shape 2 3 16 16 (several channels "
+     "are --mode multilabel)"),
+    (["--shape", "4", "1"], "--shape needs N, C and at least one spatial size, got --shape 4 1"),
+    (["--shape", "16"], "--shape needs N, C and at least one spatial size, got --shape 16"),
+    (["--shape", "2", "1", "8", "8", "--repeats", "0"], "--repeats must be at least 1; got 0"),
+    (["--shape", "2", "1", "8", "8", "--warmup", "-1"], "--warmup must be >= 0; got -1"),
+], ids=["binary-channels", "no-spatial", "1-d", "repeats", "warmup"])
+def test_cpu_benchmark_refuses_a_shape_or_count_it_cannot_run(tmp_path, capsys, argv, message):
+    """Tracebacks (StatisticsError, smp's IndexError) or a peer blamed for a wrong shape
+    ("monai's value on a (2, 3, 5, 5) probe differs") before; found by a review."""
+    bench = _bench_cpu()
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*argv, "--out", str(tmp_path / "results")])
+    assert exit_.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode, shape, absent", [
+    ("multiclass", (2, 60, 4, 4), "class"), ("multilabel", (1, 3, 2, 2), "channel"),
+    ("binary", (1, 1, 2, 2), "channel"),
+], ids=["multiclass", "multilabel", "binary"])
+def test_cpu_benchmark_refuses_a_timed_target_smp_scores_otherwise(mode, shape, absent):
+    """The peers were checked on a probe holding every class, but timed on the benchmark's
+    own input: at (2, 60, 4, 4) 26 of the 60 classes appear, and smp (an absent class scores
+    0, dynloss's and MONAI's 1) was timed computing another loss (Dice 0.43 against 0.9989);
+    found by a review of the benchmarks."""
+    bench = _bench_cpu()
+    _, target = bench.make_inputs(shape, mode=mode)
+    if mode == "binary":
+        target.zero_()
+    with pytest.raises(ValueError, match=rf"dice: the timed target has no (pixel|positive) of "
+                                         rf"{absent}"):
+        bench.check_timed_target("dice", bench.candidates_of("dice", mode), target, mode,
+                                 shape[1])
+    bench.check_timed_target("bce", bench.candidates_of("bce", mode), target, mode, shape[1])
+    full = bench.make_inputs((2, 3, 8, 8), mode="multilabel")[1]  # (a positive per channel)
+    bench.check_timed_target("dice", bench.candidates_of("dice", "multilabel"), full,
+                             "multilabel", 3)
+
+
+def test_cpu_benchmark_probe_tells_a_per_sample_topk_from_a_batch_wide_one():
+    """At 3D the probe's two samples split nnU-Net's batch-wide top 60 % evenly, so a TopK
+    taken per sample passed the check (found by a review): its samples now differ in scale."""
+    import torch
+
+    bench = _bench_cpu()
+
+    def per_sample_topk(x, t):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(x, t.float(),
+                                                                   reduction="none")
+        flat = bce.reshape(x.shape[0], -1)
+        return flat.topk(int(flat.shape[1] * 0.6), dim=1, sorted=False).values.mean()
+
+    for shape in ((2, 1, 16, 16), (2, 1, 8, 8, 8)):
+        candidates = {**bench.competitors("topk"), "per-sample": per_sample_topk}
+        with pytest.raises(ValueError, match="topk: per-sample's value on a"):
+            bench.check_candidates("topk", candidates, shape)
+
+
+def test_cpu_benchmark_keeps_every_dot_of_its_output_name(tmp_path):
+    """``--out run.v2`` wrote run.json and run.md (``with_suffix``): runs named run.1 and
+    run.2 overwrote each other (found by a review)."""
+    bench = _bench_cpu()
+    assert bench.output_paths(tmp_path / "cpu_2026.12.07") == (
+        tmp_path / "cpu_2026.12.07.json", tmp_path / "cpu_2026.12.07.md")
+
+
+def _bench_cuda_run(tmp_path, *argv, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py"), *argv,
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # argparse took --cpu for --cpu-smoke, but the interpreter was set only for the full name:
+    # every dynloss row failed
+    (["--cpu"], "unrecognized arguments: --cpu"),
+    (["--cpu-smoke", "--losses", "dise"],
+     "--losses: unknown 'dise' (one of dice, iou, tversky, bce, focal, topk, dice+bce, "
+     "dice+focal)"),
+    (["--cpu-smoke", "--impls", "dynloss,smpp"],
+     "--impls: unknown 'smpp' (one of dynloss, smp, monai, torch, nnunet)"),
+    (["--cpu-smoke", "--host-losses", "dise"],
+     "--host-losses: unknown 'dise' (one of dice, iou, tversky, bce, focal, topk, dice+bce, "
+     "dice+focal)"),
+    (["--cpu-smoke", "--dtypes", "fp32"],
+     "--dtypes: unknown 'fp32' (torch dtype names: float32, bfloat16, float16)"),
+    # --cpu-smoke replaced these without a word
+    (["--cpu-smoke", "--shapes", "small"],
+     "--cpu-smoke runs --device cpu --shapes smoke --reps 2 --warmup 1: not with --shapes"),
+    (["--cpu-smoke", "--reps", "10"],
+     "--cpu-smoke runs --device cpu --shapes smoke --reps 2 --warmup 1: not with --reps"),
+], ids=["abbreviation", "losses", "impls", "host-losses", "dtypes", "smoke-shapes",
+        "smoke-reps"])
+def test_cuda_benchmark_refuses_options_it_would_misread(tmp_path, argv, message):
+    """Found by a review of the benchmarks: each ran (a row error per loss, a traceback, or
+    the smoke settings in place of the user's) instead of a usage error."""
+    pytest.importorskip("triton")
+    proc = _bench_cuda_run(tmp_path, *argv)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"error: {message}" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_benchmark_stopped_by_its_budget_does_not_pass_for_complete(tmp_path):
+    """`--budget 0` measured nothing and exited 0 (run_gpu.sh then reported "benchmark: ok");
+    a run its budget cut short exits 3 (found by a review of the benchmarks)."""
+    pytest.importorskip("triton")
+    proc = _bench_cuda_run(tmp_path, "--cpu-smoke", "--budget", "0", "--losses", "dice",
+                           "--impls", "dynloss", "--host-losses", "", "--compile-budget", "0")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ("benchmark: incomplete: eager part stopped early: its budget of 0 s was spent"
+            in proc.stderr)
+
+
+def test_cuda_benchmark_names_the_device_and_backend_it_ran():
+    """`--device cpu` (without --cpu-smoke) runs dynloss's default backend, the native
+    kernels, but its results were named "cpu-smoke (x86_64, Triton interpreter)"."""
+    import runpy
+
+    label = runpy.run_path(str(ROOT / "benchmarks" / "bench_cuda.py"),
+                           run_name="bench")["device_label"]
+    assert label(None, cpu_smoke=True, machine="x86_64") == (
+        "cpu-smoke (x86_64, Triton interpreter)")
+    assert label(None, cpu_smoke=False, machine="x86_64") == "cpu (x86_64, backend auto)"
+    assert label("NVIDIA H100 80GB HBM3", cpu_smoke=False, machine="x86_64") == (
+        "NVIDIA H100 80GB HBM3")
