@@ -380,7 +380,7 @@ def main(argv=None):
     if len(args.shape) < 3:
         parser.error(f"--shape needs N, C and at least one spatial size, got --shape {shown}")
     if multiclass and any(loss in EXTRA_LOSSES for loss in args.losses):
-        parser.error("bce_pos_weight is binary only (it weighs a binary target's positives): "
+        parser.error("bce_pos_weight weighs the positives of binary and multilabel targets: "
                      "not with --mode multiclass")
     missing = [name for name, have in (("segmentation-models-pytorch", HAVE_SMP),
                                        ("monai", HAVE_MONAI)) if not have]
@@ -464,7 +464,9 @@ def main(argv=None):
         if best_library:
             ratios["vs_smp_monai"] = best_library / ours
             ratios["peers"] = peers
-            summary += f" | {best_library / ours:5.2f}x faster than {_peers_label(peers)}"
+            ratio = best_library / ours  # (below 1: dynloss is the slower)
+            summary += (f" | {ratio:5.2f}x faster than {_peers_label(peers)}" if ratio >= 1
+                        else f" | {1 / ratio:5.2f}x slower than {_peers_label(peers)}")
         if clean_ratio is not None:
             ratios["vs_smp_monai_no_faults"] = clean_ratio
             summary += f" ({clean_ratio:.2f}x on calls without page faults)"

@@ -472,7 +472,8 @@ def test_cpu_benchmark_multiclass_smoke_run(tmp_path, monkeypatch, capsys):
     (["--shape", "2", "1", "8", "8"],
      "--mode multiclass needs C = shape[1] >= 2 classes, got --shape 2 1 8 8"),
     (["--shape", "2", "3", "8", "8", "--losses", "bce", "bce_pos_weight"],
-     "bce_pos_weight is binary only"),
+     "bce_pos_weight weighs the positives of binary and multilabel targets: not with --mode "
+     "multiclass"),
 ], ids=["one-class", "bce_pos_weight"])
 def test_cpu_benchmark_refuses_what_multiclass_cannot_run(tmp_path, capsys, argv, message):
     bench = _bench_cpu()
