@@ -393,6 +393,18 @@ def _eager_extra(by: dict[str, Row]) -> list[str]:
             f"{ours.copy_fraction:.0%}" if ours and ours.copy_fraction else "–"]
 
 
+def differs(row: Row) -> bool:
+    """A peer's value differs from dynloss's reference beyond its dtype's rounding: it
+    computes another loss (nnU-Net's TopK keeps ``int(k * n)`` elements, dynloss
+    ``ceil``), marked in the tables (a dynloss row that differs is an error)."""
+    tolerance = 1e-4 if row.dtype == "float32" else 2e-2
+    return row.impl != "dynloss" and (row.max_abs_diff_vs_reference or 0.0) > tolerance
+
+
+def _eager_cell(row: Row) -> str:
+    return "error" if row.error else _fmt(row.ms) + ("†" if differs(row) else "")
+
+
 def markdown(meta: dict, rows: list[Row]) -> str:
     lines = [f"# dynloss benchmark on {meta['device']}", ""]
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
@@ -413,7 +425,12 @@ def markdown(meta: dict, rows: list[Row]) -> str:
         _table(lines, present, by_loss, "Eager forward+backward, ms",
                ["dynloss vs faster of smp/MONAI", "dynloss peak extra (x input)",
                 "dynloss device BW / copy"],
-               lambda r: "error" if r.error else _fmt(r.ms), _eager_extra)
+               _eager_cell, _eager_extra)
+        lines += [f"† {r.impl} {r.loss}: its value differs from dynloss's reference by "
+                  f"{r.max_abs_diff_vs_reference:.3g} (another loss)" for r in grp
+                  if differs(r) and not r.error]
+        if any(differs(r) and not r.error for r in grp):
+            lines.append("")
         _table(lines, present, by_loss, "Device time per step, ms / launches", [],
                lambda r: ("error" if r.error else
                           f"{_fmt(r.device_ms)} / {_fmt(r.launches, '.0f')}"), lambda by: [])
