@@ -82,7 +82,7 @@ def test_a_zero_dimensional_scalar_is_its_value(make):
         torch.testing.assert_close(loss(logits, target), cls(**{name: value})(logits, target),
                                    rtol=0, atol=0)
     # float32's 0.1 is read as 0.1, as a float32 NumPy scalar is
-    assert dynloss.TopKLoss(k=make(0.1) if make is np.array else torch.tensor(0.1)).k == 0.1
+    assert dynloss.TopKLoss(k=make(0.1)).k == 0.1
     assert dynloss.DiceLoss("multiclass", ignore_index=make(255)).ignore_index == 255
     assert F.dice_loss(logits, target, smooth=make(1.0)).item() == pytest.approx(
         F.dice_loss(logits, target, smooth=1.0).item(), rel=0, abs=0)

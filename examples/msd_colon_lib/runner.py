@@ -296,13 +296,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{len(unique)} runs, {len(store)} slices "
                   f"({store.meta['n_tumour_slices']} with tumour), preset {args.preset}, "
                   f"output: {out}", flush=True)
-        changing: list[bool] = []
+        changing = False
 
         def before_change() -> None:
             """The first run that trains (not one reused or refused: an invocation that stops
             before changes no run, and keeps the report and the recorded thread count)."""
+            nonlocal changing
             if not changing:
-                changing.append(True)
+                changing = True
                 _remove_previous_report(out)
                 _record_threads(out)
 
