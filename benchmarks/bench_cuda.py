@@ -18,15 +18,18 @@ For each shape and dtype, every implementation of every loss is measured on
 Implementations: ``dynloss`` (``backend="auto"``: the Triton kernels on CUDA), ``smp``
 (segmentation-models-pytorch), ``monai``, ``torch`` (the loss written the obvious way in
 eager PyTorch) and, for TopK, ``nnunet`` (nnU-Net's formulation: per-pixel losses, then
-``torch.topk(..., sorted=False)``); their formulations are in ``peers.py``. A missing
+``torch.topk(..., sorted=False)``); their formulations are in ``peers.py``. Every row's
+value and input gradient are compared with dynloss's reference before it is timed: a dynloss
+row that differs is an error, a peer's is marked ``†`` in the tables. A missing
 package is skipped and named. A separate table gives the **host time** per step (CPU time to
 issue forward+backward, at a small shape where the GPU keeps up). The goals of the issue are
 checked at the end of the report.
 
 Outputs under ``--out`` (default ``benchmarks/results``), named after the device:
-``bench_<device>.json``, ``bench_<device>.md``, ``bench_<device>.png`` (eager) and
-``bench_<device>_device.png`` (device time). Exit status: 0 complete; 1 a dynloss row failed;
-2 a usage error; 3 the eager part's ``--budget`` ran out (a partial result).
+``bench_<device>.json``, ``bench_<device>.md``, ``bench_<device>.png`` (eager) and, where
+the profiler measured device time (CUDA), ``bench_<device>_device.png``. Exit status: 0
+complete; 1 a dynloss row failed; 2 a usage error; 3 the eager part's ``--budget`` ran out (a
+partial result).
 
 Usage::
 
@@ -107,6 +110,9 @@ class Row:
     ideal_bytes: int | None = None
     copy_fraction: float | None = None
     max_abs_diff_vs_reference: float | None = None
+    max_rel_grad_diff_vs_reference: float | None = None
+    """The largest difference of the input's gradient from the reference's, as a fraction of
+    the reference gradient's largest element."""
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -243,6 +249,22 @@ def make_step(fn: Callable, x: torch.Tensor, t: torch.Tensor) -> Callable[[], No
 
     step.reset = reset  # type: ignore[attr-defined]
     return step
+
+
+def value_and_grad(fn: Callable, x: torch.Tensor, t: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(x, t)`` in float32 and its gradient for ``x`` (the target needs none)."""
+    xg = x.detach().requires_grad_(True)
+    value = fn(xg, t)
+    (grad,) = torch.autograd.grad(value, xg)
+    return value.detach().float(), grad
+
+
+def relative_difference(grad: torch.Tensor, want: torch.Tensor) -> float:
+    """``max |grad - want| / max |want|`` in float32 (0 where both are zero)."""
+    scale = float(want.float().abs().max())
+    diff = float((grad.float() - want.float()).abs().max())
+    return diff / scale if scale > 0 else diff
 
 
 def make_inputs(mode: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
@@ -393,12 +415,38 @@ def _eager_extra(by: dict[str, Row]) -> list[str]:
             f"{ours.copy_fraction:.0%}" if ours and ours.copy_fraction else "–"]
 
 
+def _tolerance(dtype: str) -> float:
+    """How far a value, or a gradient relative to its largest element, may move by rounding."""
+    return 1e-4 if dtype == "float32" else 2e-2
+
+
+def _value_differs(row: Row) -> bool:
+    return (row.max_abs_diff_vs_reference or 0.0) > _tolerance(row.dtype)
+
+
+def _gradient_differs(row: Row) -> bool:
+    return (row.max_rel_grad_diff_vs_reference or 0.0) > _tolerance(row.dtype)
+
+
 def differs(row: Row) -> bool:
-    """A peer's value differs from dynloss's reference beyond its dtype's rounding: it
-    computes another loss (nnU-Net's TopK keeps ``int(k * n)`` elements, dynloss
+    """A peer's value or input gradient differs from dynloss's reference beyond its dtype's
+    rounding: it computes another loss (nnU-Net's TopK keeps ``int(k * n)`` elements, dynloss
     ``ceil``), marked in the tables (a dynloss row that differs is an error)."""
-    tolerance = 1e-4 if row.dtype == "float32" else 2e-2
-    return row.impl != "dynloss" and (row.max_abs_diff_vs_reference or 0.0) > tolerance
+    return row.impl != "dynloss" and (_value_differs(row) or _gradient_differs(row))
+
+
+def _difference(row: Row) -> str:
+    """The footnote of a row that :func:`differs`: what differs, and by how much."""
+    value = f"{row.max_abs_diff_vs_reference:.3g}"
+    gradient = f"{row.max_rel_grad_diff_vs_reference:.3g} of its largest element"
+    if _value_differs(row) and _gradient_differs(row):
+        said = f"its value differs from dynloss's reference by {value} and its gradient by " \
+               f"{gradient}"
+    elif _value_differs(row):
+        said = f"its value differs from dynloss's reference by {value}"
+    else:
+        said = f"its gradient differs from dynloss's reference by {gradient}"
+    return f"† {row.impl} {row.loss}: {said} (another loss)"
 
 
 def _eager_cell(row: Row) -> str:
@@ -426,9 +474,7 @@ def markdown(meta: dict, rows: list[Row]) -> str:
                ["dynloss vs faster of smp/MONAI", "dynloss peak extra (x input)",
                 "dynloss device BW / copy"],
                _eager_cell, _eager_extra)
-        lines += [f"† {r.impl} {r.loss}: its value differs from dynloss's reference by "
-                  f"{r.max_abs_diff_vs_reference:.3g} (another loss)" for r in grp
-                  if differs(r) and not r.error]
+        lines += [_difference(r) for r in grp if differs(r) and not r.error]
         if any(differs(r) and not r.error for r in grp):
             lines.append("")
         _table(lines, present, by_loss, "Device time per step, ms / launches", [],
@@ -466,8 +512,10 @@ def plot(out: Path, slug: str, meta: dict, rows: list[Row]) -> str | None:
             groups.setdefault((tuple(r.shape), r.mode, r.dtype), []).append(r)
     if not groups:
         return "no plot: no measurements"
-    for suffix, attr, label in (("", "ms", "eager fwd+bwd ms"),
-                                ("_device", "device_ms", "device ms per fwd+bwd")):
+    figures = [("", "ms", "eager fwd+bwd ms")]
+    if any(r.device_ms is not None for r in rows):  # (only the profiler on CUDA measures it)
+        figures.append(("_device", "device_ms", "device ms per fwd+bwd"))
+    for suffix, attr, label in figures:
         fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3.2 * len(groups)),
                                  squeeze=False)
         for ax, ((shape, mode, dtype), grp) in zip(axes[:, 0], groups.items(), strict=False):
@@ -631,8 +679,9 @@ def main() -> int:
             "traffic (read input+target twice, write the gradient once) per device second as "
             "a fraction of a device copy of input+target. dynloss runs with backend='auto' "
             "(the Triton kernels on CUDA) and check_values=False (its CUDA default); every "
-            "row's value is compared with dynloss's reference (a dynloss row that differs is "
-            "an error; MONAI's multiclass Focal, a mean over the classes too, is times C)."),
+            "row's value and input gradient are compared with dynloss's reference (a dynloss "
+            "row that differs is an error; MONAI's multiclass Focal, a mean over the classes "
+            "too, is times C)."),
         "notes": notes,
         "copy": {},
         "host": [],
@@ -681,11 +730,12 @@ def main() -> int:
                 if time.monotonic() - started > args.budget:
                     over_budget = True
                     break
+                want: torch.Tensor | None = None
+                want_grad: torch.Tensor | None = None
                 try:
-                    with torch.no_grad():
-                        want: torch.Tensor | None = _dynloss(loss, mode, "reference")(x, t)
+                    want, want_grad = value_and_grad(_dynloss(loss, mode, "reference"), x, t)
                 except Exception as exc:  # e.g. out of memory: the rows say it, unchecked
-                    want = None
+                    want = want_grad = None
                     notes.append(f"reference {loss} {mode} {shape} {dname}: "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 steps: dict[str, tuple[Row, Callable[[], None]]] = {}
@@ -696,15 +746,22 @@ def main() -> int:
                         fn = implementation(impl, loss, mode, smp, monai_losses, backend)
                         if fn is None:
                             continue  # no such loss in that library
-                        if want is not None:  # every row's value against the reference's
-                            with torch.no_grad():
-                                value = fn(x, t).float()
-                            row.max_abs_diff_vs_reference = float((value - want.float())
-                                                                  .abs().max())
-                        if want is not None and impl == "dynloss" and not torch.allclose(
-                                value, want.float(), rtol=1e-4, atol=1e-5):
-                            raise ValueError(f"its value differs from the reference's by "
-                                             f"{row.max_abs_diff_vs_reference:.3g}")
+                        if want is not None and want_grad is not None:
+                            # every row's value and input gradient against the reference's
+                            value, grad = value_and_grad(fn, x, t)
+                            row.max_abs_diff_vs_reference = float((value - want).abs().max())
+                            row.max_rel_grad_diff_vs_reference = relative_difference(
+                                grad, want_grad)
+                            del grad
+                            if impl == "dynloss" and not torch.allclose(
+                                    value, want, rtol=1e-4, atol=1e-5):
+                                raise ValueError(f"its value differs from the reference's by "
+                                                 f"{row.max_abs_diff_vs_reference:.3g}")
+                            if impl == "dynloss" and _gradient_differs(row):
+                                raise ValueError(
+                                    "its gradient differs from the reference's by "
+                                    f"{row.max_rel_grad_diff_vs_reference:.3g} (a fraction "
+                                    "of the largest element)")
                         step = make_step(fn, x, t)
                         step()  # compile / warm caches
                         peak = dev.peak_extra(step)
@@ -749,12 +806,14 @@ def main() -> int:
                         f"{row.ms:8.3f} ms  device {_fmt(row.device_ms)} ms  launches "
                         f"{_fmt(row.launches, '.0f')}  peak+{row.peak_extra_x_input or 0:5.2f}x "
                         f" {(row.copy_fraction or 0):5.0%} of copy  "
-                        f"diff {row.max_abs_diff_vs_reference}")
+                        f"diff {row.max_abs_diff_vs_reference} "
+                        f"grad {row.max_rel_grad_diff_vs_reference}")
                     print(f"{mode:10s} {shape!s:22s} {dname:9s} {loss:11s} {row.impl:8s} "
                           f"{status}", flush=True)
                 if over_budget:
                     break
             inputs[(tuple(shape), dname)] = (x, t)
+            want = want_grad = None  # (not kept into the next shape's measurements)
             del x, t
             if dev.cuda:
                 torch.cuda.empty_cache()

@@ -61,6 +61,7 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert rows and not [r for r in rows if r["error"]], [r["error"] for r in rows]
     for row in rows:
         assert row["ms"] > 0 and row["max_abs_diff_vs_reference"] < 1e-5, row
+        assert row["max_rel_grad_diff_vs_reference"] < 1e-5, row  # the input's gradient too
         # the CPU smoke counts the multiclass host-side index check as well
         expected = 6 if row["loss"] == "topk" else 3
         extra = 3 if row["mode"] == "multiclass" else 0
@@ -73,13 +74,19 @@ def test_benchmark_cpu_smoke(tmp_path):
     # row (nnU-Net's TopK keeps int(0.6 * 128) = 76 elements where dynloss keeps 77; found by
     # a review of the benchmarks: only the JSON and the console gave the difference)
     differing = [r for r in data["rows"] if r["impl"] != "dynloss"
-                 and (r["max_abs_diff_vs_reference"] or 0) > 1e-4]
+                 and ((r["max_abs_diff_vs_reference"] or 0) > 1e-4
+                      or (r["max_rel_grad_diff_vs_reference"] or 0) > 1e-4)]
     assert {(r["impl"], r["loss"], r["mode"]) for r in differing} == {
         ("nnunet", "topk", "binary")}, differing
     assert "| topk | " in report and report.count("†") == 2  # the cell and its footnote
     assert ("† nnunet topk: its value differs from dynloss's reference by "
-            f"{differing[0]['max_abs_diff_vs_reference']:.3g} (another loss)") in report
-    assert list(tmp_path.glob("bench_*.png")), "no plot"
+            f"{differing[0]['max_abs_diff_vs_reference']:.3g} and its gradient by "
+            f"{differing[0]['max_rel_grad_diff_vs_reference']:.3g} of its largest element "
+            "(another loss)") in report
+    # the eager plot; no device-time plot where nothing measured device time (on the CPU it
+    # was drawn all the same: empty axes, found by a review of the benchmarks)
+    assert [p.name for p in tmp_path.glob("bench_*.png")] == [
+        reports[0].with_suffix(".png").name], list(tmp_path.iterdir())
 
 
 def test_benchmark_refuses_a_dynloss_row_whose_value_is_wrong(tmp_path):
@@ -115,6 +122,72 @@ def test_benchmark_refuses_a_dynloss_row_whose_value_is_wrong(tmp_path):
     peers = [r for r in rows if r["impl"] == "torch"]
     assert peers and all(r["max_abs_diff_vs_reference"] < 1e-5 and r["ms"] > 0
                          for r in peers), peers
+
+
+def test_benchmark_refuses_a_dynloss_row_whose_gradient_is_wrong(tmp_path):
+    """bench_cuda.py compared every row's value with the reference but not its gradient: a
+    dynloss loss with the right value and a gradient twice the right one was timed and
+    published (found by a review of the benchmarks). Its row is now an error (exit status 1);
+    a peer's gradient is compared as well and recorded."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    script = ROOT / "benchmarks" / "bench_cuda.py"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['bench_cuda.py', '--cpu-smoke', '--losses', 'dice', '--impls', "
+        f"'dynloss,torch', '--host-losses', '', '--compile-budget', '0', '--out', "
+        f"{str(tmp_path)!r}]\n"
+        f"g = runpy.run_path({str(script)!r}, run_name='bench')['main'].__globals__\n"
+        "right = g['implementation']\n"
+        "def steeper(impl, *args):\n"
+        "    fn = right(impl, *args)\n"
+        "    def twice_the_slope(x, t):\n"
+        "        value = fn(x, t)\n"
+        "        return 2 * value - value.detach()\n"
+        "    return twice_the_slope if impl == 'dynloss' else fn\n"
+        "g['implementation'] = steeper\n"
+        "sys.exit(g['main']())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (report,) = tmp_path.glob("bench_*.json")
+    rows = json.loads(report.read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "dynloss"]
+    assert ours and all(
+        r["error"].startswith("ValueError: its gradient differs from the reference's by ")
+        and r["error"].endswith(" of the largest element)") and r["ms"] is None
+        and r["max_abs_diff_vs_reference"] < 1e-5
+        and r["max_rel_grad_diff_vs_reference"] == pytest.approx(1.0, rel=1e-4)
+        for r in ours), ours
+    peers = [r for r in rows if r["impl"] == "torch"]
+    assert peers and all(r["max_rel_grad_diff_vs_reference"] < 1e-5 and r["ms"] > 0
+                         for r in peers), peers
+
+
+def test_cuda_benchmark_marks_a_peer_whose_gradient_differs():
+    """A peer whose value is the reference's but whose gradient is not (a detached term, a
+    clamp that cuts the slope) computes another loss for training: the tables mark it as they
+    mark a differing value, and the footnote says which of the two differs."""
+    bench = _bench_cuda()
+    row = bench.Row([2, 1, 8, 8], "binary", "float32", "dice", "smp", ms=1.0,
+                    max_abs_diff_vs_reference=0.0, max_rel_grad_diff_vs_reference=0.5)
+    same = bench.Row([2, 1, 8, 8], "binary", "float32", "dice", "monai", ms=1.0,
+                     max_abs_diff_vs_reference=0.0, max_rel_grad_diff_vs_reference=1e-6)
+    ours = bench.Row([2, 1, 8, 8], "binary", "float32", "dice", "dynloss", ms=0.5,
+                     max_abs_diff_vs_reference=0.0, max_rel_grad_diff_vs_reference=0.0)
+    assert bench.differs(row) and not bench.differs(same) and not bench.differs(ours)
+    meta = {"device": "cpu", "versions": {"torch": "t"}, "description": "d", "notes": [],
+            "copy": {}}
+    report = bench.markdown(meta, [ours, row, same])
+    assert "| dice | 0.500 | 1.000† | 1.000 |" in report, report
+    assert ("† smp dice: its gradient differs from dynloss's reference by 0.5 of its largest "
+            "element (another loss)") in report, report
+    both = bench.Row([2, 1, 8, 8], "binary", "float32", "dice", "smp", ms=1.0,
+                     max_abs_diff_vs_reference=0.25, max_rel_grad_diff_vs_reference=0.5)
+    assert ("† smp dice: its value differs from dynloss's reference by 0.25 and its gradient "
+            "by 0.5 of its largest element (another loss)") in bench.markdown(meta, [ours, both])
 
 
 TABLE_META = {"shape": (1, 1, 4), "dtype": "float32", "cpu": "cpu", "threads": 1, "torch": "t",
