@@ -453,6 +453,71 @@ def test_state_dict_contents_and_mismatch_errors() -> None:
         loss.load_state_dict({"_extra_state": {"count": 1}})
 
 
+def _built_and_stepped(spec: str, steps: int) -> SwitchingLoss:
+    loss = build_loss(spec)
+    for _ in range(steps):
+        loss.step()
+    return loss
+
+
+@pytest.mark.parametrize(("saved", "target", "message"), [
+    # a switch at 2 that this loss's Milestone(5) could not have made (found by a review of
+    # the schedules: it loaded, and the loss sat in stage 'bce' from a switch at count 2)
+    (("iou->bce@2", 3), "iou->bce@5",
+     r"SwitchingLoss: the state switched from stage 0 \('iou'\) at count 2, but this loss's "
+     r"trigger Milestone\(5\) cannot fire before count 5: the state was saved from a loss with "
+     r"other milestones"),
+    # still in stage 0 at count 7, which this loss would have left at 5 (it loaded, and the
+    # loss then switched at 8)
+    (("iou->bce@10", 7), "iou->bce@5",
+     r"SwitchingLoss: the state is in stage 0 \('iou'\) at count 7, but this loss's trigger "
+     r"Milestone\(5\) would have switched at count 5: the state was saved from a loss with "
+     r"other milestones"),
+    (("dice->bce@2->focal@9", 7), "dice->bce@2->focal@6",
+     r"the state is in stage 1 \('bce'\) at count 7, but this loss's trigger Milestone\(6\) "
+     r"would have switched at count 6"),
+    (("dice->bce@2->focal@4", 5), "dice->bce@3->focal@4",
+     r"the state switched from stage 0 \('dice'\) at count 2, but this loss's trigger "
+     r"Milestone\(3\) cannot fire before count 3"),
+])
+def test_a_state_that_contradicts_the_milestones_is_refused(saved, target, message) -> None:
+    loss = build_loss(target)
+    before = loss.state_dict()["_extra_state"]
+    with pytest.raises(ValueError, match=message):
+        loss.load_state_dict(_built_and_stepped(*saved).state_dict())
+    assert loss.state_dict()["_extra_state"] == before
+
+
+@pytest.mark.parametrize(("saved", "target", "active"), [
+    (("iou->bce@5", 3), "iou->bce@8", "iou"),  # a milestone moved, still ahead: resumes
+    (("iou->bce@5", 3), "iou->bce@4", "iou"),
+    (("iou->bce@2", 3), "iou->bce@1", "bce"),  # (a switch after the milestone: not refused,
+    (("dice->bce@2->focal@9", 7), "dice->bce@2->focal@8", "bce"),  # a nested loss switches so)
+    (("dice->bce@4", 4), "dice->bce@4", "bce"),
+])
+def test_a_state_the_milestones_allow_loads(saved, target, active) -> None:
+    loss = build_loss(target)
+    loss.load_state_dict(_built_and_stepped(*saved).state_dict())
+    assert loss.active_name == active and loss.count == saved[1]
+
+
+def test_a_nested_loss_idle_past_its_milestone_resumes() -> None:
+    """A nested switch's Milestone is consulted only while it is in use: a state past its
+    milestone with idle steps is what an uninterrupted run holds, and loads."""
+    outer = SwitchingLoss([BCELoss(), SwitchingLoss([DiceLoss(), IoULoss()], milestones=[3])],
+                          milestones=[5])
+    for _ in range(5):
+        outer.step()
+    inner = outer.stages["switchingloss"]
+    assert (inner.count, inner.active_index, inner.idle_count) == (5, 0, 5)
+    twin = SwitchingLoss([BCELoss(), SwitchingLoss([DiceLoss(), IoULoss()], milestones=[3])],
+                         milestones=[5])
+    twin.load_state_dict(outer.state_dict())
+    twin.step()
+    outer.step()
+    assert twin.stages["switchingloss"].switches == inner.switches == [(0, 1, 6)]
+
+
 def test_state_dict_nested_in_a_model_checkpoint() -> None:
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:

@@ -508,7 +508,10 @@ class SwitchingLoss(nn.Module):
           ``0 < count_0 < count_1 < ... <= count`` (at most one switch per step);
           ``stage_count + idle_count == count - count_last`` (``count`` before any switch;
           ``idle_count`` may be missing, 0, in a state saved by dynloss 0.1); every trigger's
-          history is valid for it.
+          history is valid for it;
+        - this loss's ``Milestone`` triggers: no switch recorded before its stage's milestone,
+          and the active stage not at or past the count where its milestone switches (a
+          milestone moved but still ahead resumes with the new milestone).
 
         Not checked: the stages' names, which are labels (a stage renamed between runs
         resumes; a stage's own state, e.g. a CompositeLoss's, is under its name, so torch's
@@ -585,6 +588,7 @@ class SwitchingLoss(nn.Module):
         for index, (trigger, saved) in enumerate(zip(self.triggers, triggers, strict=True)):
             with state_error(f"{owner}: triggers[{index}]"):
                 dry_run_load(trigger, saved)
+        _check_milestones(self, switches, count, idle_count)
         # -- all checked: assign
         load_parts([(f"{owner}: triggers[{index}]", trigger, saved)
                     for index, (trigger, saved) in enumerate(zip(self.triggers, triggers,
@@ -648,6 +652,36 @@ def _callback_name(callback: object) -> str:
     """The qualified name of a function or method, else of the callable's class."""
     name = getattr(callback, "__qualname__", None)
     return name if isinstance(name, str) else type(callback).__qualname__
+
+
+def _check_milestones(loss: SwitchingLoss, switches: list[tuple[int, int, int]], count: int,
+                      idle_count: int) -> None:
+    """Refuse a state that ``loss``'s own :class:`Milestone` triggers contradict (one saved
+    from a loss with other milestones): a switch recorded before its stage's milestone, or the
+    active stage at or past the count where its milestone switches. A milestone moved that is
+    still ahead is not a contradiction: the loss resumes with it. A switch after its milestone
+    is not refused, nor an active stage past it with steps not in use (``idle_count``): a
+    nested loss consults its trigger only while in use."""
+    owner = "SwitchingLoss"
+    for index, trigger in enumerate(loss.triggers[:len(switches) + 1]):
+        if type(trigger) is not Milestone:  # (a subclass may fire otherwise)
+            continue
+        stage = f"stage {index} ({loss.names[index]!r})"
+        if index < len(switches):
+            at = switches[index][2]
+            if at < trigger.at:
+                raise ValueError(
+                    f"{owner}: the state switched from {stage} at count {at}, but this loss's "
+                    f"trigger {trigger!r} cannot fire before count {trigger.at}: the state was "
+                    "saved from a loss with other milestones")
+            continue
+        entered = switches[-1][2] if switches else 0
+        due = max(trigger.at, entered + 1)  # (at most one switch per step)
+        if idle_count == 0 and count >= due:
+            raise ValueError(
+                f"{owner}: the state is in {stage} at count {count}, but this loss's trigger "
+                f"{trigger!r} would have switched at count {due}: the state was saved from a "
+                "loss with other milestones")
 
 
 def _checked_switches(saved: object, count: int) -> list[tuple[int, int, int]]:
