@@ -127,3 +127,57 @@ def test_composite_weights_as_an_array(make):
     with pytest.raises(TypeError, match="CompositeLoss: weights must be a list of numbers or "
                                         "schedules"):
         dynloss.CompositeLoss(terms, weights=make([[0.25, 2.0]]))
+
+
+@pytest.mark.parametrize("cls, mode, name", PER_CLASS)
+def test_per_class_weights_reassigned_as_an_array_are_read_as_the_constructor_reads_them(
+        cls, mode, name):
+    """An array assigned to a loss's per-class weights was kept as the array itself: an edit
+    of the array in place showed in ``loss.weight`` but not in the loss (which had read the
+    old values), and ``repr`` raised numpy's "truth value of an array is ambiguous" (found by
+    a review of bad input). It is read as its values now, as the constructor reads it."""
+    values = np.array([1.0, 1.0, 1.0])
+    loss = cls(mode=mode)
+    setattr(loss, name, values)
+    values[:] = [0.0, 0.5, 5.0]  # the caller's array, edited after the assignment
+    assert getattr(loss, name) == [1.0, 1.0, 1.0]
+    want = cls(mode=mode, **{name: [1.0, 1.0, 1.0]})
+    torch.testing.assert_close(loss(*inputs(mode)), want(*inputs(mode)), rtol=0, atol=0)
+    assert repr(loss) == repr(want)
+    assert repr(dynloss.CompositeLoss([loss])) == repr(dynloss.CompositeLoss([want]))
+    with pytest.raises(TypeError, match="cannot be changed in place"):
+        getattr(loss, name)[0] = 2.0
+    setattr(loss, name, torch.tensor([0.0, 0.5, 5.0]))  # a tensor was read so already
+    assert getattr(loss, name) == [0.0, 0.5, 5.0]
+
+
+@pytest.mark.parametrize("make", [torch.tensor, np.array], ids=["tensor", "ndarray"])
+def test_a_scalar_reassigned_as_a_zero_dimensional_array_is_its_value(make):
+    """A 0-d tensor assigned to a scalar hyper-parameter was kept as the tensor: the loss read
+    its value when assigned, so an edit in place (``fill_``) showed in ``loss.gamma`` but not
+    in the loss, and ``repr`` wrote ``alpha=tensor(0.4000)``, which ``build_loss`` refuses
+    (found by a review of bad input). It is read as its number now, as the constructor reads
+    it."""
+    logits, target = BINARY
+    cases = [(dynloss.DiceLoss, "smooth", 1.0), (dynloss.TverskyLoss, "alpha", 0.4),
+             (dynloss.FocalLoss, "gamma", 1.5), (dynloss.FocalLoss, "alpha", 0.25),
+             (dynloss.TopKLoss, "k", 0.25), (dynloss.BCELoss, "pos_weight", 4.0)]
+    for cls, name, value in cases:
+        loss = cls()
+        given = make(value)
+        setattr(loss, name, given)
+        if isinstance(given, torch.Tensor):
+            given.fill_(3.0)
+        else:
+            given.fill(3.0)
+        assert getattr(loss, name) == value and type(getattr(loss, name)) is float, name
+        want = cls(**{name: value})
+        torch.testing.assert_close(loss(logits, target), want(logits, target), rtol=0, atol=0)
+        assert repr(loss) == repr(want) and repr(dynloss.build_loss(repr(loss))) == repr(want)
+    loss = dynloss.DiceLoss("multiclass")
+    loss.ignore_index = make(255)
+    assert loss.ignore_index == 255 and type(loss.ignore_index) is int
+    loss = dynloss.FocalLoss()  # what no number is stays refused at the next call, as when built
+    loss.gamma = make(True)
+    with pytest.raises(TypeError, match=r"gamma must be a real number; got (Tensor|ndarray)"):
+        loss(logits, target)

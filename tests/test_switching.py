@@ -6,6 +6,7 @@ import bisect
 import copy
 import io
 import math
+import sys
 import threading
 
 import pytest
@@ -130,6 +131,40 @@ def test_composite_scheduled_weights_follow_step() -> None:
 def test_composite_validation(kwargs, error, message) -> None:
     with pytest.raises(error, match=message):
         CompositeLoss(**kwargs)
+
+
+class _Returns(torch.nn.Module):
+    """A term whose forward returns ``value`` (not a tensor)."""
+
+    def __init__(self, value) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, input, target):
+        return self.value
+
+
+@pytest.mark.parametrize("value", [0.5, None, (1.0, 2.0)], ids=["float", "None", "tuple"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_term_that_returns_no_tensor_is_named(batch, value, compiled) -> None:
+    """A term whose forward returned a float, None or a tuple crashed with "AttributeError:
+    'float' object has no attribute 'shape'", which named no term (found by a review of bad
+    input): a TypeError names the term and what it returned (under torch.compile, the
+    compiler's error carries its message, as with our other refusals in a graph)."""
+    got = type(value).__name__
+    cases = [
+        (CompositeLoss([DiceLoss(), _Returns(value)]),
+         rf"CompositeLoss: term '_returns' \(_Returns\) returned {got}, not a tensor"),
+        (CompositeLoss({"first": _Returns(value), "dice": DiceLoss()}),
+         rf"CompositeLoss: term 'first' \(_Returns\) returned {got}, not a tensor"),
+        (SwitchingLoss([_Returns(value), DiceLoss()], milestones=[3]),
+         rf"SwitchingLoss: stage '_returns' \(_Returns\) returned {got}, not a tensor"),
+    ]
+    for loss, message in cases:
+        call = torch.compile(loss, backend="eager", fullgraph=True) if compiled else loss
+        with pytest.raises(Exception if compiled else TypeError,
+                           match=message + r": a loss must return its value as a tensor"):
+            call(*batch)
 
 
 def test_composite_shared_schedule_is_rejected() -> None:
@@ -942,6 +977,77 @@ def test_stages_that_cannot_take_the_same_target_are_refused_when_built(stages, 
     both failed only at the switch (epoch 50 by default), hours into a run."""
     with pytest.raises(ValueError, match=message):
         SwitchingLoss(stages)
+
+
+@pytest.mark.parametrize("terms, message", [
+    ([DiceLoss(mode="multiclass"), BCELoss()],
+     r"losses: term 'bce' takes targets of the input's shape \(mode='binary'\) "
+     r"but term 'dice' takes class-index targets \(mode='multiclass'\); every term is called "
+     r"with the same input and target \(binary and multilabel terms may be mixed\)"),
+    ({"region": CompositeLoss([DiceLoss(mode="multilabel"), IoULoss(mode="multilabel")]),
+      "ce": SwitchingLoss([BCELoss(mode="multiclass"), FocalLoss(mode="multiclass")],
+                          milestones=[2])},
+     r"term 'ce' takes class-index targets \(mode='multiclass'\) but term 'region' takes "
+     r"targets of the input's shape \(mode='multilabel'\)"),
+])
+def test_terms_that_cannot_take_the_same_target_are_refused_when_built(terms, message):
+    """A CompositeLoss of multiclass and binary terms was built (a SwitchingLoss of the same
+    pair is refused), then failed at its first call with a shape error that named no term
+    (found by a review of bad input)."""
+    with pytest.raises(ValueError, match=message):
+        CompositeLoss(terms)
+
+
+def test_an_error_in_a_term_names_the_term():
+    """Two terms each with a wrong number of class weights gave the same message, which named
+    no term (found by a review of bad input): the error carries a note naming the term (shown
+    under the message in a traceback; Python >= 3.11), nested composites each theirs."""
+    if sys.version_info < (3, 11):
+        pytest.skip("exception notes need Python 3.11")
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 4, 4, generator=generator)
+    target = torch.randint(0, 3, (2, 4, 4), generator=generator)
+    loss = CompositeLoss([DiceLoss(mode="multiclass", weight=[1.0, 2.0, 3.0]),
+                          BCELoss(mode="multiclass", weight=[1.0, 2.0])])
+    with pytest.raises(ValueError, match="3 values for an input with C=3; got 2") as info:
+        loss(logits, target)
+    assert info.value.__notes__ == ["in term 'bce' of the CompositeLoss of terms dice, bce"]
+    outer = CompositeLoss({"inner": CompositeLoss([DiceLoss(mode="multiclass"),
+                                                   IoULoss(mode="multiclass", weight=[1.0])]),
+                           "bce": BCELoss(mode="multiclass")})
+    with pytest.raises(ValueError, match="got 1") as info:
+        outer(logits, target)
+    assert info.value.__notes__ == ["in term 'iou' of the CompositeLoss of terms dice, iou",
+                                    "in term 'inner' of the CompositeLoss of terms inner, bce"]
+
+
+class _OneHot(torch.nn.Module):
+    """A user's module: a multilabel loss on the one-hot encoded class-index target."""
+
+    def __init__(self, loss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, input, target):
+        one_hot = torch.nn.functional.one_hot(target, input.shape[1]).movedim(-1, 1)
+        return self.loss(input, one_hot.to(input.dtype))
+
+
+def test_a_loss_inside_a_users_module_is_not_judged_by_its_own_mode():
+    """What a module of the user's passes to a loss it holds is the user's: a multilabel loss
+    inside a wrapper that one-hot encodes a class-index target mixes with multiclass terms
+    and stages (the check of the targets looked into every submodule)."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, 5, generator=generator)
+    target = torch.randint(0, 3, (2, 5, 5), generator=generator)
+    wrapped = _OneHot(BCELoss(mode="multilabel"))
+    composite = CompositeLoss({"dice": DiceLoss(mode="multiclass"), "bce": wrapped})
+    assert torch.equal(composite(logits, target),
+                       DiceLoss(mode="multiclass")(logits, target) + wrapped(logits, target))
+    switching = SwitchingLoss({"dice": DiceLoss(mode="multiclass"), "bce": wrapped},
+                              milestones=[1])
+    switching.step()
+    assert torch.equal(switching(logits, target), wrapped(logits, target))
 
 
 def test_binary_and_multilabel_stages_take_the_same_target_and_may_switch():

@@ -92,6 +92,23 @@ def _zero_dim_value(name: str, value: object, integral: bool) -> int | float | N
     return tensor_values(name, array)[0]
 
 
+def assigned_value(name: str, value: object) -> object:
+    """A hyper-parameter assigned to a built loss, read as its constructor reads it: a 0-d
+    tensor or NumPy array holding a number as that number, a NumPy array of higher rank as a
+    tensor (which the loss reads per-class weights from); anything else, and what holds no
+    number (a bool or complex array, a meta tensor), as it is: the loss's next call refuses it
+    as its constructor would. Kept as given, an array's later edits in place would show in the
+    attribute but not in the loss, which read its values when it was assigned."""
+    array = as_array(value)
+    if array is None:
+        return value
+    if array.dim() != 0:
+        return array
+    if array.dtype == torch.bool or array.is_complex() or array.is_meta:
+        return value
+    return tensor_values(name, array)[0]
+
+
 def check_real(name: str, value: object) -> float:
     """A finite real number: a Python or NumPy one, or a 0-d tensor or array holding one."""
     if (isinstance(value, bool) or not isinstance(value, Real)) and (

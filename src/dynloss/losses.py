@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._checks import (
+    assigned_value,
     check_backend,
     check_bool,
     check_class_weight,
@@ -177,11 +178,20 @@ class SegmentationLoss(nn.Module):
         self.check_values = check_optional_bool("check_values", check_values)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        argument = name in _constructor_arguments(type(self))
+        if argument:
+            value = self._assigned(name, assigned_value(name, value))
         super().__setattr__(name, value)
-        if name in _constructor_arguments(type(self)):
+        if argument:
             self.__dict__["_prepared"] = None
             if self.__dict__.get("_constructed"):  # a reassigned argument: checked again now,
                 self._ready(strict=False)  # or, if invalid for now, at the next call
+
+    def _assigned(self, name: str, value: Any) -> Any:
+        """The constructor argument ``name`` as this loss keeps it (after
+        :func:`~dynloss._checks.assigned_value`): subclasses keep per-class weights as a list
+        that refuses changes in place."""
+        return value
 
     def _ready(self, strict: bool = True) -> None:
         """Check every argument together and keep the result (the end of a constructor).
@@ -367,14 +377,14 @@ class BCELoss(_DistributionLoss):
         self.weight = None if classes is None else list(classes)
         self._ready()
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def _assigned(self, name: str, value: Any) -> Any:
         if name in ("pos_weight", "weight"):
             if isinstance(value, Tensor):  # read once, as the constructor does
                 value = (check_pos_weight(value, MULTILABEL_MODE) if name == "pos_weight"
                          else check_class_weight(value, MULTICLASS_MODE))
             if isinstance(value, (list, tuple)) and not isinstance(value, _Weights):
                 value = _Weights(value, f"BCELoss.{name}")
-        super().__setattr__(name, value)
+        return value
 
 
 class FocalLoss(_DistributionLoss):
@@ -427,13 +437,13 @@ class FocalLoss(_DistributionLoss):
         self.alpha = list(checked) if isinstance(checked, tuple) else checked
         self._ready()
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def _assigned(self, name: str, value: Any) -> Any:
         if (name == "alpha" and isinstance(value, Tensor) and value.dim() == 1
                 and getattr(self, "mode", None) == MULTICLASS_MODE):
             value = list(check_focal_alpha(value, MULTICLASS_MODE))  # type: ignore[arg-type]
         if name == "alpha" and isinstance(value, list) and not isinstance(value, _Weights):
             value = _Weights(value)  # checked once: an edit in place would go unseen
-        super().__setattr__(name, value)
+        return value
 
 
 class _Weights(list):
@@ -546,13 +556,13 @@ class _RegionLoss(SegmentationLoss):
         self.weight = None if classes is None else list(classes)
         self._ready()  # every argument checked together, once
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def _assigned(self, name: str, value: Any) -> Any:
         if name == "weight":
             if isinstance(value, Tensor):  # read once, as the constructor does
                 value = check_region_weight(value, getattr(self, "mode", MULTILABEL_MODE))
             if isinstance(value, (list, tuple)) and not isinstance(value, _Weights):
                 value = _Weights(value, f"{type(self).__name__}.weight")
-        super().__setattr__(name, value)
+        return value
 
     def _weights(self) -> tuple[float, float]:
         assert self._tversky_weights is not None

@@ -20,7 +20,9 @@ from torch.nn.parameter import is_lazy
 from .._checks import check_non_negative
 from .._recorder import recorder
 from .._warn import caller_stacklevel
+from ..constants import MULTICLASS_MODE
 from ..distributed import check_metric, metric_value
+from ..losses import SegmentationLoss
 
 __all__ = ["call_repr", "check_count", "check_state", "check_weight", "state_int", "state_real"]
 
@@ -34,6 +36,17 @@ def set_last_terms(module: Any, terms: dict[str, Tensor], input: Tensor) -> None
     if torch.compiler.is_exporting():
         return
     module.last_terms = {} if recorder(input) == "torch.func" else terms
+
+
+def term_value(owner: str, part: str, loss: object, value: object) -> Tensor:
+    """``value``, what the term or stage ``part`` (e.g. ``"term 'dice'"``) returned, if it is
+    a tensor; a TypeError naming the part otherwise (an AttributeError from inside followed,
+    which named no term)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{owner}: {part} ({type(loss).__name__}) returned "
+                        f"{type(value).__name__}, not a tensor: a loss must return its value as "
+                        "a tensor")
+    return value
 
 
 def check_count(name: str, value: object, minimum: int = 0) -> int:
@@ -364,6 +377,40 @@ def step_child(module: object, metric: object, synced: bool, seen: set[int],
     step = getattr(module, "_dynloss_step", None)
     if step is not None and id(module) not in seen:
         step(metric, synced, seen, used)
+
+
+def _target_kinds(module: object) -> dict[str, str]:
+    """``{kind of target: mode}`` of the dynloss losses ``module`` calls with its own input and
+    target: itself, or the terms and stages of a CompositeLoss / SwitchingLoss, recursively.
+    Multiclass losses take class indices, binary and multilabel ones targets of the input's
+    shape. A loss held by a module of the user's is not counted: what the user's module
+    passes it (a one-hot encoded target, say) is the user's."""
+    kinds: dict[str, str] = {}
+    for part in stepped_losses(module):
+        if isinstance(part, SegmentationLoss):
+            kind = ("class-index targets" if part.mode == MULTICLASS_MODE
+                    else "targets of the input's shape")
+            kinds.setdefault(kind, part.mode)
+    return kinds
+
+
+def check_same_targets(part: str, names: list[str], modules: list[Any]) -> None:
+    """Every ``part`` (``"stage"``, ``"term"``) is called with the same input and target, so
+    multiclass losses and binary/multilabel ones cannot be mixed: refuse them when built
+    rather than at the first call (or at the switch, hours into training)."""
+    first: tuple[str, str, str] | None = None  # (name, kind, mode) of the first typed part
+    for name, module in zip(names, modules, strict=True):
+        kinds = _target_kinds(module)
+        for kind, mode in kinds.items():
+            if first is None:
+                first = (name, kind, mode)
+            elif kind != first[1]:
+                raise ValueError(
+                    f"losses: {part} {name!r} takes {kind} (mode={mode!r}) but {part} "
+                    f"{first[0]!r} takes {first[1]} (mode={first[2]!r}); every {part} is "
+                    f"called with the same input and target (binary and multilabel {part}s may "
+                    "be mixed)"
+                )
 
 
 def stepped_losses(module: object) -> Iterator[Any]:

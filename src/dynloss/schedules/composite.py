@@ -20,6 +20,7 @@ from ..losses import SegmentationLoss
 from ._base import (
     check_next_weights_child,
     check_parts,
+    check_same_targets,
     check_weight,
     count_step,
     dry_run_load,
@@ -37,6 +38,7 @@ from ._base import (
     state_int,
     step_child,
     stepped_losses,
+    term_value,
     top_level_step,
     warn_if_started,
 )
@@ -137,6 +139,7 @@ class CompositeLoss(nn.Module):
     ) -> None:
         super().__init__()
         names, modules, explicit = named_losses("CompositeLoss", losses)
+        check_same_targets("term", names, modules)
         self.terms = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         _check_one_unit(self.terms)
         self._explicit_names = explicit
@@ -344,15 +347,32 @@ class CompositeLoss(nn.Module):
         fused = self._fused_plan(weights)
         if fused is not None:
             params, swapped, plans = fused
-            combined, region, distribution = composite_loss(input, target, params, plans)
+            try:
+                combined, region, distribution = composite_loss(input, target, params, plans)
+            except (ValueError, TypeError):  # the terms one by one: the error names its term
+                self._sum_of_terms(input, target, weights)
+                raise
             values = (distribution, region) if swapped else (region, distribution)
             set_last_terms(self, {name: value.detach() for name, value
                                   in zip(self.terms, values, strict=True)}, input)
             return combined
+        return self._sum_of_terms(input, target, weights)
+
+    def _sum_of_terms(self, input: Tensor, target: Tensor, weights: list[float]) -> Tensor:
+        """The weighted sum of the terms, each called in turn (an error raised by a term
+        carries a note naming it: two terms may refuse an input alike)."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
         for (name, loss), weight in zip(self.terms.items(), weights, strict=True):
-            value = loss(input, target)
+            try:
+                value = loss(input, target)
+            except (ValueError, TypeError) as error:  # (two terms may refuse alike)
+                add_note = getattr(error, "add_note", None)  # (Python >= 3.11)
+                if add_note is not None:
+                    add_note(f"in term {name!r} of the CompositeLoss of terms "
+                             f"{', '.join(self.terms)}")
+                raise
+            value = term_value("CompositeLoss", f"term {name!r}", loss, value)
             _check_term_shape(terms, name, value)
             terms[name] = value.detach()
             nested = getattr(loss, "last_terms", None)
@@ -423,7 +443,7 @@ class CompositeLoss(nn.Module):
         terms: dict[str, Tensor] = {}
         for (name, loss), weight in zip(self.terms.items(), self._weight_values.unbind(0),
                                         strict=True):
-            value = loss(input, target)
+            value = term_value("CompositeLoss", f"term {name!r}", loss, loss(input, target))
             _check_term_shape(terms, name, value)
             terms[name] = value.detach()
             nested = getattr(loss, "last_terms", None)

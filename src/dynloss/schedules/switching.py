@@ -13,14 +13,13 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
 from .._warn import warn_at_caller
-from ..constants import MULTICLASS_MODE
 from ..distributed import metric_value, reduce_mean
-from ..losses import SegmentationLoss
 from ._base import (
     begin_unused,
     check_count,
     check_next_weights_child,
     check_parts,
+    check_same_targets,
     count_step,
     dry_run_load,
     in_use,
@@ -36,6 +35,7 @@ from ._base import (
     state_int,
     step_child,
     stepped_losses,
+    term_value,
     top_level_step,
     warn_if_started,
 )
@@ -84,42 +84,6 @@ class SwitchEvent:
 
 
 SwitchCallback = Callable[[SwitchEvent], Any]
-
-
-_CLASS_INDEX = "class-index targets"
-_INPUT_SHAPED = "targets of the input's shape"
-
-
-def _target_kinds(stage: nn.Module) -> dict[str, str]:
-    """``{kind of target: mode}`` of the dynloss losses in ``stage`` (itself, or a composite's
-    or nested switch's terms): multiclass losses take class indices, binary and multilabel
-    ones targets of the input's shape."""
-    kinds: dict[str, str] = {}
-    for module in stage.modules():
-        if isinstance(module, SegmentationLoss):
-            kind = _CLASS_INDEX if module.mode == MULTICLASS_MODE else _INPUT_SHAPED
-            kinds.setdefault(kind, module.mode)
-    return kinds
-
-
-def _check_stage_targets(names: list[str], modules: list[Any]) -> None:
-    """Every stage is called with the same input and target, so a stage of multiclass losses
-    and one of binary/multilabel losses cannot both run: refuse them here rather than at the
-    switch, hours into training. (A stage mixing both fails at its own first call.)"""
-    first: tuple[str, str, str] | None = None  # (name, kind, mode) of the first typed stage
-    for name, module in zip(names, modules, strict=True):
-        kinds = _target_kinds(module)
-        if len(kinds) != 1:
-            continue
-        ((kind, mode),) = kinds.items()
-        if first is None:
-            first = (name, kind, mode)
-        elif kind != first[1]:
-            raise ValueError(
-                f"losses: stage {name!r} takes {kind} (mode={mode!r}) but stage {first[0]!r} "
-                f"takes {first[1]} (mode={first[2]!r}); every stage is called with the same "
-                "input and target (binary and multilabel stages may be mixed)"
-            )
 
 
 class SwitchingLoss(nn.Module):
@@ -212,7 +176,7 @@ class SwitchingLoss(nn.Module):
                 f"SwitchingLoss needs at least two stages; got {len(modules)} (use the loss "
                 "itself, or a CompositeLoss, for one)"
             )
-        _check_stage_targets(names, modules)
+        check_same_targets("stage", names, modules)
         self.stages = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
         self.triggers: list[Trigger] = _make_triggers(len(modules), milestones, trigger)
@@ -306,7 +270,7 @@ class SwitchingLoss(nn.Module):
             warn_at_caller(f"SwitchingLoss: {tracer} records the active stage ({name!r}) "
                            "only: the traced module keeps computing it after a switch "
                            "(torch.compile follows the switch)")
-        value = loss(input, target)
+        value = term_value("SwitchingLoss", f"stage {name!r}", loss, loss(input, target))
         terms = {name: value.detach()}
         nested = getattr(loss, "last_terms", None)
         if isinstance(nested, dict):
