@@ -87,6 +87,57 @@ def test_soft_target_gets_the_reference_gradient(backend, name, mode, ignore):
         assert all(w.category is RuntimeWarning for w in caught)
 
 
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-kept", "ignore"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("backend", ["auto", *FUSED])
+def test_a_target_made_in_inference_mode_gets_the_reference_answer(backend, name, mode, ignore):
+    """Pseudo-labels made under ``torch.inference_mode`` (``teacher(x).argmax(1)``): the
+    reference, which converts the target, trained on them; every fused backend saved the
+    caller's target for backward and raised "Inference tensors cannot be saved for backward"
+    (found by a review of autograd uses): with ``ignore_index``, a uint8 target, or multiclass
+    region losses, also on the default backend."""
+    x, target = seeded_case(mode, (2, 3, 4), seed=len(name) + len(mode))
+    kwargs = {}
+    if ignore:
+        target[0, ..., 1] = 255
+        kwargs["ignore_index"] = 255
+    if mode == "multilabel":  # (binary: float32; multiclass: int64)
+        target = target.to(torch.uint8)
+    with torch.inference_mode():
+        labels = target.clone()
+    assert labels.is_inference()
+    want_x = x.detach().clone().requires_grad_(True)
+    want = make_loss(name, mode, "reference", **kwargs)(want_x, target)
+    want.backward()
+    got_x = x.detach().clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a named backend's fallback notes)
+        got = make_loss(name, mode, backend, **kwargs)(got_x, labels)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_an_input_made_in_inference_mode_with_a_target_that_needs_a_gradient():
+    """The other way round (distilling into the target, the input fixed): the reference
+    gives the target its gradient; the fused backends must not fail on the saved input."""
+    x, target = seeded_case("binary", (2, 3, 4), soft=True)
+    with torch.inference_mode():
+        frozen = x.clone()
+    want_t = target.detach().clone().requires_grad_(True)
+    want = DiceLoss(backend="reference")(x, want_t)
+    want.backward()
+    for backend in ("auto", *FUSED):
+        got_t = target.detach().clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = DiceLoss(backend=backend)(frozen, got_t)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got_t.grad, want_t.grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_target_that_needs_no_gradient_here_keeps_the_kernels(name):
     """Under ``torch.no_grad()`` a target that requires a gradient gets none: the kernels

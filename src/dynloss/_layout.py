@@ -265,7 +265,9 @@ def readable(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     float8 as float32 (input and target; the input's gradient returns in float8), uint16/32/64
     targets (label maps as NIfTI files often hold them) as int64, a uint64 above int64's range
     as ``2**63 - 1`` (too large for a label in every mode, and so named by the value checks,
-    where wrapping would read it as a negative number; ``ignore_index=2**63 - 1`` ignores it)."""
+    where wrapping would read it as a negative number; ``ignore_index=2**63 - 1`` ignores it);
+    and a tensor made under ``torch.inference_mode``, where a gradient is to be taken, as a
+    copy that autograd may save."""
     if input.dtype in _FLOAT8:
         input = input.float()
     if target.dtype in _FLOAT8:
@@ -275,6 +277,15 @@ def readable(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         target = signed.masked_fill(signed < 0, torch.iinfo(torch.int64).max)
     elif target.dtype in _WIDE_UNSIGNED:
         target = target.long()
+    if (torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+            and not torch.compiler.is_compiling()):  # (a graph cannot ask: Dynamo refuses)
+        # A tensor made under torch.inference_mode (pseudo-labels of a teacher) cannot be
+        # saved for backward, which the kernels do with the caller's tensors: a copy is an
+        # ordinary tensor (the reference, which converts the target first, never saved it).
+        if target.is_inference():
+            target = target.clone()
+        if input.is_inference():
+            input = input.clone()
     return input, target
 
 
