@@ -514,6 +514,17 @@ def test_tversky_index_checks_its_arguments_like_the_losses():
         F.tversky_index(torch.ones(2), torch.ones(3), g, 0.5, 0.5, 0.0)
     assert F.tversky_index(3.0, 4.0, 5.0, 0.5, 0.5, 0.0) == pytest.approx(6 / 9)
     torch.testing.assert_close(F.tversky_index(i, p, g, 1, 1, 0), torch.tensor([0.5]))
+    # found by a review of bad input: an int beyond float's range was an OverflowError, and
+    # sums on two devices torch's RuntimeError, where the shapes had a ValueError naming them
+    with pytest.raises(ValueError, match=re.escape(
+            "prediction_sum must be finite; got a number too large for a float")):
+        F.tversky_index(3, 10**400, 5, 0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match=re.escape(
+            "intersection, prediction_sum and target_sum must be on one device; got meta, cpu "
+            "and cpu")):
+        F.tversky_index(torch.ones(2, device="meta"), torch.ones(2), g, 0.5, 0.5, 0.0)
+    torch.testing.assert_close(  # a 0-d CPU tensor goes with any device, as in torch
+        F.tversky_index(torch.tensor(3.0), p, g, 0.5, 0.5, 0.0), torch.tensor([6 / 9]))
 
 
 def test_tversky_index_of_numbers_divides_as_a_tensor_does():
@@ -678,3 +689,17 @@ def test_weights_on_the_meta_device_are_refused_naming_the_argument(build, name)
             "on the CPU (or give numbers)")):
         build(weights)
     build(torch.tensor([1.0, 2.0, 3.0]))  # the same weights on the CPU are taken
+
+
+def test_a_reassigned_list_is_named_a_list_in_the_error():
+    """``FocalLoss().alpha = [0.1, 0.2]`` in binary mode was refused as "got _Weights [0.1,
+    0.2]", a private class's name (the loss keeps per-class weights in a list that refuses
+    changes in place); the constructor says "list" (found by a review of bad input)."""
+    import dynloss
+
+    loss = dynloss.FocalLoss()
+    loss.alpha = [0.1, 0.2]
+    with pytest.raises(TypeError, match=r"^alpha must be a real number; got list \[0\.1, 0\.2\]$"):
+        loss(torch.randn(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
+    with pytest.raises(TypeError, match=r"^alpha must be a real number; got list \[0\.1, 0\.2\]$"):
+        dynloss.FocalLoss(alpha=[0.1, 0.2])

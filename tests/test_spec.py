@@ -497,6 +497,25 @@ def test_a_message_that_names_its_call_is_not_prefixed_twice():
     assert "SwitchingLoss: SwitchingLoss" not in message
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ("SwitchingLoss([dice])", "SwitchingLoss: needs at least two stages; got 1 (use the loss "
+                              "itself, or a CompositeLoss, for one)"),
+    ("SwitchingLoss([])", "SwitchingLoss: needs at least two stages; got 0"),
+    ("CompositeLoss([])", "CompositeLoss: needs at least one loss"),
+])
+def test_too_few_losses_are_counted_right_and_named_once(spec, message):
+    """``SwitchingLoss([dice])`` said "SwitchingLoss: SwitchingLoss needs..." through
+    build_loss, and ``SwitchingLoss([])`` "needs at least one loss", where two are needed
+    (found by a review of bad input)."""
+    with pytest.raises(SpecError) as caught:
+        build_loss(spec)
+    assert caught.value.message.startswith(message), caught.value.message
+    with pytest.raises(ValueError) as direct:
+        eval(spec, {"SwitchingLoss": SwitchingLoss, "CompositeLoss": CompositeLoss,
+                    "dice": DiceLoss()})
+    assert str(direct.value).startswith(message)
+
+
 
 def test_names_a_spec_knows_and_long_sums() -> None:
     """Aliases and limits no test reached: ``JaccardLoss`` and ``ramp`` are names, the last

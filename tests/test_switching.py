@@ -887,6 +887,26 @@ def test_a_loss_shared_by_two_stages_is_stepped_once_per_step():
     assert base.count == 4
 
 
+@pytest.mark.parametrize("spec", ["iou->bce@5", "dice+bce", "iou->bce@plateau(patience=5)",
+                                  "linear_ramp(0, 4)*dice+bce"])
+def test_a_metric_that_is_no_number_is_refused_whether_or_not_a_trigger_reads_it(spec):
+    """``step(metric="val_loss")`` (a name where its value was meant) was refused by a
+    Plateau trigger but accepted without a word by a milestone switch and a composite, where
+    the mistake shows only once an adaptive stage starts, if ever (found by a review of bad
+    input). Every step checks a metric it is given; nothing changes on a refused one."""
+    loss = build_loss(spec)
+    with pytest.raises(ValueError, match=r"metric \(the monitored value\) must be a number or a "
+                                         r"scalar tensor; got str 'val_loss'"):
+        loss.step(metric="val_loss")
+    with pytest.raises(ValueError, match=r"metric \(the monitored value\) must be a scalar; "
+                                         r"got shape \(3,\)"):
+        loss.step(metric=torch.tensor([0.5, 0.6, 0.7]))
+    assert loss.count == 0
+    loss.step(metric=torch.tensor(0.5))
+    loss.step(metric=0.4)
+    assert loss.count == 2
+
+
 @pytest.mark.parametrize("sync_metric", [True, False])
 def test_the_metric_is_checked_alike_with_and_without_sync(sync_metric):
     """A NumPy float is a number on both paths (it was refused with sync_metric=True), a

@@ -50,7 +50,10 @@ def _shown(value: object) -> str:
     if torch.compiler.is_compiling() and type(value) not in _PLAIN:
         return (f"{type(value).__name__} (under torch.compile a NumPy scalar argument is "
                 "traced as an array: pass a Python number)")
-    return f"{type(value).__name__} {value!r}"
+    kind = type(value).__name__
+    if isinstance(value, list) and kind.startswith("_"):  # the losses' own list of weights
+        kind = "list"
+    return f"{kind} {value!r}"
 
 
 def _as_float(value: Real) -> float:

@@ -275,7 +275,9 @@ def _common_doc(extra: str = "") -> str:
     Args:{extra}
         mode: ``"binary"`` (default; C == 1, sigmoid), ``"multilabel"`` (sigmoid per channel) or
             ``"multiclass"`` (C >= 2, softmax; the target holds class indices).
-        from_logits: input holds logits (default True) or probabilities.
+        from_logits: input holds logits (default True) or probabilities (multiclass: each
+            pixel's class probabilities, a softmax output; their sum over the classes is not
+            checked, as torch's ``NLLLoss`` does not check it).
         ignore_index: target value whose pixels are left out of the loss, its normaliser and
             the gradient (default None).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (see the functional form for

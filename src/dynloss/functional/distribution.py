@@ -86,7 +86,9 @@ _SHARED_DOC = """
             values in [0, 1] (soft labels allowed), float, bool or integer dtype. Multiclass:
             integer class indices ``(N, *spatial)`` in ``[0, C)``.
         mode: ``"binary"`` (default), ``"multilabel"`` or ``"multiclass"`` (softmax).
-        from_logits: whether ``input`` holds logits (default) or probabilities.
+        from_logits: whether ``input`` holds logits (default) or probabilities (multiclass:
+            each pixel's class probabilities, a softmax output; their sum over the classes
+            is not checked, as torch's ``NLLLoss`` does not check it).
         ignore_index: elements whose target equals it are left out of the loss, its normaliser
             and the gradient.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``: per-element losses of the

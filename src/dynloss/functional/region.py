@@ -116,6 +116,18 @@ def tversky_index(
                                               or not isinstance(value, Real)):
             raise TypeError(f"{name} must be a tensor or a real number; got "
                             f"{type(value).__name__} {value!r}")
+        if not isinstance(value, Tensor):
+            try:
+                float(value)
+            except OverflowError:  # an int beyond float's range
+                raise ValueError(f"{name} must be finite; got a number too large for a "
+                                 "float") from None
+    if len({value.device for value in sums.values()  # (a 0-d tensor goes with any, as in
+            if isinstance(value, Tensor) and value.dim()}) > 1:  # torch)
+        where = [str(value.device) if isinstance(value, Tensor) else "a number"
+                 for value in sums.values()]
+        raise ValueError("intersection, prediction_sum and target_sum must be on one device; "
+                         f"got {where[0]}, {where[1]} and {where[2]}")
     shapes = [value.shape for value in sums.values() if isinstance(value, Tensor)]
     try:
         torch.broadcast_shapes(*shapes)
@@ -151,7 +163,9 @@ _SHARED_DOC = """
             integer class indices ``(N, *spatial)`` in ``[0, C)``.
         mode: ``"binary"`` (C == 1, sigmoid), ``"multilabel"`` (sigmoid per channel) or
             ``"multiclass"`` (C >= 2, softmax over dim 1); default ``"binary"``.
-        from_logits: whether ``input`` holds logits (default) or probabilities.
+        from_logits: whether ``input`` holds logits (default) or probabilities (multiclass:
+            each pixel's class probabilities, a softmax output; their sum over the classes
+            is not checked, as torch's ``NLLLoss`` does not check it).
         smooth: additive smoothing ``s`` in numerator and denominator (default 0).
         eps: numerical floor added to the smoothing (default 1e-7); ``smooth + eps`` at least
             float32's smallest normal number, 1.18e-38.

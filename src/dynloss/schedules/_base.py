@@ -264,8 +264,10 @@ def default_name(loss: object) -> str:
     return type(loss).__name__.lower()
 
 
-def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool]:
-    """Names and modules from a sequence or a ``{name: module}`` mapping.
+def named_losses(owner: str, losses: object, minimum: int = 1
+                 ) -> tuple[list[str], list[Any], bool]:
+    """Names and modules from a sequence or a ``{name: module}`` mapping of at least
+    ``minimum`` losses: 1 (a composite's terms) or 2 (a switching loss's stages).
 
     Returns ``(names, modules, explicit)``; ``explicit`` is True for a mapping. Names of a
     sequence are the losses' short names, made unique with a ``_2``, ``_3``... suffix.
@@ -294,8 +296,10 @@ def named_losses(owner: str, losses: object) -> tuple[list[str], list[Any], bool
     else:
         raise TypeError(f"{owner}: losses must be a list or a dict of losses; got "
                         f"{type(losses).__name__}")
-    if not modules:
-        raise ValueError(f"{owner}: needs at least one loss")
+    if len(modules) < minimum:
+        raise ValueError(f"{owner}: needs at least one loss" if minimum == 1 else
+                         f"{owner}: needs at least two stages; got {len(modules)} (use the "
+                         "loss itself, or a CompositeLoss, for one)")
     for name, module in zip(names, modules, strict=True):
         if not isinstance(module, nn.Module):
             raise TypeError(f"{owner}: loss {name!r} must be an nn.Module (e.g. DiceLoss()); "
@@ -532,7 +536,8 @@ def require_metric(module: object, metric: object) -> None:
                 f"{trigger!r} monitors a value: call step(metric=...) with the training loss or "
                 "a validation metric"
             )
-    elif metric_triggers(module):  # a value a trigger will read: checked before any change
+    else:  # checked before any change, also where no trigger reads it now (a name passed
+        # for its value would show only once an adaptive stage starts)
         if isinstance(metric, Tensor):
             check_metric(metric)  # (no host read of a device tensor here)
         else:

@@ -459,10 +459,12 @@ class CompositeLoss(nn.Module):
         """Advance the weight schedules (and nested composite/switching losses) by one.
 
         ``metric`` is passed on to nested :class:`~dynloss.SwitchingLoss` terms with adaptive
-        triggers; a CompositeLoss itself does not use it.
+        triggers; a CompositeLoss itself does not use it, but checks it whenever given (a
+        number, or a one-element tensor or array).
 
         Raises:
-            ValueError: a nested trigger needs a metric and none was given, a weight
+            ValueError: a nested trigger needs a metric and none was given, the metric given
+                is not a number or a one-element tensor or array, a weight
                 schedule's value at the next step is not finite and >= 0 (a custom
                 ``value_at``), or something this loss steps (a schedule, a nested loss) was
                 stepped elsewhere since it was built or last stepped (by another live loss that

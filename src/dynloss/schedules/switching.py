@@ -170,12 +170,7 @@ class SwitchingLoss(nn.Module):
         on_switch: SwitchCallback | Iterable[SwitchCallback] | None = None,
     ) -> None:
         super().__init__()
-        names, modules, explicit = named_losses("SwitchingLoss", losses)
-        if len(modules) < 2:
-            raise ValueError(
-                f"SwitchingLoss needs at least two stages; got {len(modules)} (use the loss "
-                "itself, or a CompositeLoss, for one)"
-            )
+        names, modules, explicit = named_losses("SwitchingLoss", losses, minimum=2)
         check_same_targets("stage", names, modules)
         self.stages = nn.ModuleDict(dict(zip(names, modules, strict=True)))
         self._explicit_names = explicit
@@ -318,13 +313,15 @@ class SwitchingLoss(nn.Module):
         Args:
             metric: the monitored value for adaptive triggers (e.g. the epoch's mean training
                 loss or a validation Dice); averaged over ``torch.distributed`` ranks when
-                ``sync_metric``. Required while the active trigger monitors a value.
+                ``sync_metric``. Required while the active trigger monitors a value; checked
+                whenever given (a number, or a one-element tensor or array).
 
         Returns:
             True if this call switched to the next stage.
 
         Raises:
-            ValueError: the active trigger needs a metric and none was given, a weight
+            ValueError: the active trigger needs a metric and none was given, the metric
+                given is not a number or a one-element tensor or array, a weight
                 schedule of a nested CompositeLoss has no valid value (finite, >= 0) at the
                 next step, or something this loss steps (its active trigger, a nested loss)
                 was stepped elsewhere since it was built or last stepped (by another live loss
