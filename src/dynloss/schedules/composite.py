@@ -18,27 +18,25 @@ from .._params import CompositeParams, DistributionParams, RegionParams, composi
 from ..functional._call import composite_loss, distribution_loss, region_loss
 from ..losses import SegmentationLoss
 from ._base import (
-    check_next_weights_child,
-    check_parts,
     check_same_targets,
     check_weight,
-    count_step,
-    dry_run_load,
-    in_use,
-    load_all_or_nothing,
-    load_parts,
     losses_repr,
-    metric_triggers,
     named_losses,
+    set_last_terms,
+    term_value,
+)
+from ._state import dry_run_load, load_all_or_nothing, load_parts, state_error, state_int
+from ._steps import (
+    check_next_weights_child,
+    check_parts,
+    count_step,
+    in_use,
+    metric_triggers,
     record,
     record_added,
     record_tree,
-    set_last_terms,
-    state_error,
-    state_int,
     step_child,
     stepped_losses,
-    term_value,
     top_level_step,
     warn_if_started,
 )

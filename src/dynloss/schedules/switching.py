@@ -15,27 +15,25 @@ from .._checks import check_bool, check_choice
 from .._warn import warn_at_caller
 from ..distributed import metric_value, reduce_mean
 from ._base import (
-    begin_unused,
     check_count,
+    check_same_targets,
+    losses_repr,
+    named_losses,
+    set_last_terms,
+    term_value,
+)
+from ._state import dry_run_load, load_all_or_nothing, load_parts, state_error, state_int
+from ._steps import (
+    begin_unused,
     check_next_weights_child,
     check_parts,
-    check_same_targets,
     count_step,
-    dry_run_load,
     in_use,
-    load_all_or_nothing,
-    load_parts,
-    losses_repr,
     metric_triggers,
-    named_losses,
     record,
     record_tree,
-    set_last_terms,
-    state_error,
-    state_int,
     step_child,
     stepped_losses,
-    term_value,
     top_level_step,
     warn_if_started,
 )

@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 
 from .._checks import check_choice, check_non_negative, check_real
 from ..distributed import metric_value
-from ._base import call_repr, check_count, check_state, state_int, state_real
+from ._base import call_repr, check_count
+from ._state import check_state, state_int, state_real
 
 __all__ = ["Milestone", "Plateau", "RelativeImprovement", "Trigger"]
 

@@ -33,15 +33,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._base import (
-    call_repr,
-    check_count,
-    check_state,
-    check_weight,
-    count_step,
-    per_object,
-    state_int,
-)
+from ._base import call_repr, check_count, check_weight
+from ._state import check_state, state_int
+from ._steps import count_step, per_object
 
 __all__ = ["Constant", "Cosine", "LinearRamp", "RampCosine", "Step", "WeightSchedule"]
 
