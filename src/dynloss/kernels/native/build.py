@@ -24,13 +24,16 @@ so a new version or another machine gets its own build. What makes it safe to sh
 * **Verified cache.** Beside the library a ``.sha256`` file holds its checksum, written after
   a complete build; a library whose checksum does not match (truncated, zeroed, half-written
   by a crash) or whose ABI version differs is deleted and rebuilt, never loaded.
-* **Failures remembered.** A failed build leaves a ``.failed`` note; for 60 seconds other
-  processes report the same failure (saying so) instead of compiling again.
+* **Failures remembered.** A failed build leaves a ``.failed`` note; for a day (a build that
+  ran out of time: 60 seconds) other processes report the same failure (saying so, and which
+  note to delete to retry sooner) instead of compiling again.
 * **Loading.** A library that cannot be mapped where it is (a cache on a ``noexec`` file
   system) is loaded from a copy in the temporary directory (said once), not rebuilt; one that
   cannot be loaded anywhere is rebuilt once, then remembered like a failed build, and no
   other plan is tried; one that lacks the C++ runtime (a C compiler driver as ``$CXX``) is
-  not rebuilt, and the failure says to set ``CXX`` to a C++ compiler.
+  not rebuilt, and the failure says to set ``CXX`` to a C++ compiler; one that calls another
+  OpenMP runtime's entry points (clang++'s code against torch's libgomp) is not rebuilt, and
+  the next plan is tried. A rebuild says why in its start line.
 * **One OpenMP runtime.** The kernels link against the OpenMP runtime that torch has already
   loaded into the process (found in ``/proc/self/maps``), not the system's, so there is one
   thread pool. Where that is not possible the system runtime is used, then
@@ -77,8 +80,11 @@ __all__ = ["SOURCE", "library", "status"]
 SOURCE = Path(__file__).with_name("native_cpu.cpp")
 COMPILE_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17",
                  "-fPIC")
-FAILURE_MEMORY_SECONDS = 60.0
-"""How long a failed build is reported from its note instead of being retried."""
+FAILURE_MEMORY_SECONDS = 86400.0
+"""How long a failed build is reported from its note instead of being retried: a day (the
+note's name holds the source, flags, compiler and CPU, so a change of any is a new build)."""
+TIMEOUT_MEMORY_SECONDS = 60.0
+"""How long a build that ran out of time is (a busy machine may have been the cause)."""
 
 _LOG = logging.getLogger("dynloss")
 
@@ -322,7 +328,8 @@ _STOPPING = {"timeout": BuildTimeout, "load": LoadFailure}
 
 def _raise_recent_failure(note: Path, compiler: str) -> None:
     """Raise the failure that ``note`` remembers, if it is younger than
-    :data:`FAILURE_MEMORY_SECONDS` (a note from the future, another clock's, is stale), for
+    :data:`FAILURE_MEMORY_SECONDS` (:data:`TIMEOUT_MEMORY_SECONDS` for a build that ran out
+    of time; a note from the future, another clock's, is stale), for
     a build that ran out of time, this process allows no more time than it had, and for a
     failure that names its compiler, ``compiler`` (the command) is that one."""
     try:
@@ -336,10 +343,12 @@ def _raise_recent_failure(note: Path, compiler: str) -> None:
         return
     if (kind == "timeout" and _timeout() > had) or failed_with != compiler:
         return
-    if 0 <= age < FAILURE_MEMORY_SECONDS:
+    memory = TIMEOUT_MEMORY_SECONDS if kind == "timeout" else FAILURE_MEMORY_SECONDS
+    if 0 <= age < memory:
         error = _STOPPING.get(kind, RuntimeError)
-        raise error(f"{message} (a build {age:.0f} s ago failed; not retried for "
-                    f"{FAILURE_MEMORY_SECONDS:.0f} s)")
+        how_long = ("60 s" if kind == "timeout" else
+                    f"a day: delete {note} to try again sooner")
+        raise error(f"{message} (a build {age:.0f} s ago failed; not retried for {how_long})")
 
 
 def _remember_failure(note: Path, error: BaseException, compiler: str = "") -> None:
@@ -501,19 +510,21 @@ def _paths(plan: Plan, version: str) -> tuple[Path, Path]:
     return directory / f"native_cpu-{key}.so", directory / f"native_cpu-{key}.failed"
 
 
-def _announce(cxx: list[str], plan: Plan, directory: Path) -> None:
+def _announce(cxx: list[str], plan: Plan, directory: Path, reason: str = "") -> None:
+    """The start line; ``reason``: why a build that was cached is built again."""
     _LOG.warning("dynloss: compiling the native CPU kernels with %s, %s (once per machine "
-                 "and environment; 20-50 s) into %s", shlex.join(cxx), plan.label,
-                 directory)
+                 "and environment; 20-50 s) into %s%s", shlex.join(cxx), plan.label,
+                 directory, f"; rebuilding: {reason}" if reason else "")
 
 
 def _build(cxx: list[str], plan: Plan, version: str,
-           announce: Callable[[Plan, Path], None] | None = None,
-           waiting: Callable[[Path], None] = _say_waiting) -> Path:
+           announce: Callable[[Plan, Path, str], None] | None = None,
+           waiting: Callable[[Path], None] = _say_waiting, reason: str = "") -> Path:
     """The verified library for ``plan``: from the cache, or built now (once per machine and
-    torch installation). ``announce(plan, directory)`` is called before compiling (default:
-    the start line), ``waiting(lock)`` before waiting for another process's build (default:
-    the waiting line); a failure raises, and the caller says it."""
+    torch installation). ``announce(plan, directory, reason)`` is called before compiling
+    (default: the start line; ``reason``: why a cached build is built again, this one or a
+    damaged leftover's), ``waiting(lock)`` before waiting for another process's build
+    (default: the waiting line); a failure raises, and the caller says it."""
     path, note = _paths(plan, version)
     directory = path.parent
     if verified(path):
@@ -529,8 +540,11 @@ def _build(cxx: list[str], plan: Plan, version: str,
         if verified(path):  # another process built it while this one waited
             return path
         _raise_recent_failure(note, shlex.join(cxx))
+        if not reason and path.exists():
+            reason = "the cached build did not match its checksum (damaged or half-written)"
         _discard(path)  # a corrupt or unverified leftover
-        (announce or (lambda plan, where: _announce(cxx, plan, where)))(plan, directory)
+        (announce or (lambda plan, where, why: _announce(cxx, plan, where, why)))(
+            plan, directory, reason)
         start = time.perf_counter()
         try:
             _compile(cxx, plan, path)
@@ -615,6 +629,18 @@ _CXX_RUNTIME_SYMBOL = re.compile(
     r"|__cxa_|__gxx_personality_v0)\w*)")
 
 
+# What code compiled with another compiler's -fopenmp calls in its runtime: LLVM's (clang)
+# ``__kmpc_*``, GNU's (gcc) ``GOMP_*``.
+_OPENMP_ENTRY = re.compile(r"undefined symbol: ((?:__kmpc_|GOMP_)\w*)")
+
+
+def _missing_openmp_entry(message: str) -> str:
+    """The first OpenMP runtime entry point that ``message`` (a loader's error) says is
+    undefined: the library was linked against a runtime its compiler's code does not call."""
+    found = _OPENMP_ENTRY.search(message)
+    return found.group(1) if found else ""
+
+
 def _missing_cxx_runtime(message: str) -> str:
     """The first C++ runtime symbol that ``message`` (a loader's error) says is undefined."""
     found = _CXX_RUNTIME_SYMBOL.search(message)
@@ -655,9 +681,9 @@ def _load() -> ctypes.CDLL:
     errors: list[str] = []
     said: list[str] = []  # "" once a build started here, then each failure said
 
-    def announce(plan: Plan, directory: Path) -> None:
+    def announce(plan: Plan, directory: Path, reason: str) -> None:
         if not said:
-            _announce(cxx, plan, directory)
+            _announce(cxx, plan, directory, reason)
             said.append("")
 
     waited: list[Path] = []  # one line for this process, however many locks it waits for
@@ -684,6 +710,22 @@ def _load() -> ctypes.CDLL:
             return _open_anywhere(path)
         except LoadFailure as error:
             runtime = _missing_cxx_runtime(str(error))
+            openmp = _missing_openmp_entry(str(error))
+            if openmp:  # built against a runtime the compiler's code does not call (clang++
+                # and torch's libgomp): this configuration cannot work, the next may
+                _discard(path)
+                failure = RuntimeError(
+                    f"{path} could not be loaded: undefined symbol: {openmp} (the compiler "
+                    "calls another OpenMP runtime's entry points)")
+                _remember_failure(_paths(plan, version)[1], failure, shlex.join(cxx))
+                errors.append(str(failure))
+                left = len(every) - index - 1
+                then = (f"; trying {left} other configuration{'s' if left > 1 else ''}"
+                        if left else "")
+                _LOG.warning("dynloss: the native CPU kernels built with %s cannot be loaded: "
+                             "undefined symbol: %s (the compiler calls another OpenMP "
+                             "runtime's entry points)%s", plan.label, openmp, then)
+                continue
             if runtime:  # a rebuild here would lack it alike: none now, said why; the library
                 _discard(path)  # goes (another $CXX may share its key: the same --version)
                 failure = LoadFailure(
@@ -693,7 +735,9 @@ def _load() -> ctypes.CDLL:
                 _remember_failure(_paths(plan, version)[1], failure, shlex.join(cxx))
                 raise failure from None
             _discard(path)  # unloadable (damaged, another ABI): rebuilt once
-        path = _build(cxx, plan, version, waiting=waiting)
+            why = str(error).split(" could not be loaded: ", 1)[-1].splitlines()[0][:200]
+        path = _build(cxx, plan, version, waiting=waiting,
+                      reason=f"the cached build could not be loaded ({why})")
         try:
             return _open_anywhere(path)
         except LoadFailure as error:  # built here and still refused: where, not what
