@@ -820,6 +820,33 @@ def test_a_signal_with_a_handler_of_the_users_is_left_to_it(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_signal_handler_installed_in_c_is_left_to_it():
+    """A SIGTERM handler installed by C code (torch's DataLoader workers install one) is not
+    Python's: ``signal.getsignal`` reports the default action for it, so the build replaced
+    it for the compiler's run and then "restored" the default, which ended the handler. A
+    persistent worker computing a loss then died by SIGTERM at the program's exit ("DataLoader
+    worker is killed by signal: Terminated"; found by a review of training loops)."""
+    code = textwrap.dedent("""
+        import signal, torch
+        from dynloss.kernels.native import build
+
+        def caught():
+            with open("/proc/self/status") as status:
+                mask = next(line for line in status if line.startswith("SigCgt:"))
+            return bool(int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not caught()
+        torch._C._set_worker_signal_handlers()  # C's own handler: Python still says SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and caught()
+        build._run(["true"])
+        print(caught())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_environment(Path(tempfile.gettempdir()), None), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
 @pytest.mark.parametrize("value, disabled", [("0", True), ("off", True), ("disabled", True),
                                              ("none", True), ("1", False), ("", False)])
 def test_the_kernels_can_be_switched_off_in_the_usual_words(monkeypatch, value, disabled):

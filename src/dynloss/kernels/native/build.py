@@ -411,13 +411,32 @@ _ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
                         if hasattr(signal, name))
 
 
+def _default_action(number: int) -> bool:
+    """Whether signal ``number`` has its default action for the kernel, not only for Python:
+    a handler installed in C (torch's DataLoader workers install one for SIGTERM) is not
+    Python's, and ``signal.getsignal`` reports ``SIG_DFL`` for it. Asked with ``sigaction``
+    (the handler is the first member of ``struct sigaction`` on Linux and macOS); where that
+    cannot be asked, False (the handler is left alone)."""
+    if signal.getsignal(number) != signal.SIG_DFL:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        action = ctypes.create_string_buffer(512)  # larger than any struct sigaction
+        if libc.sigaction(number, None, action) != 0:
+            return False
+    except (OSError, AttributeError, TypeError):
+        return False
+    handler = ctypes.c_void_p.from_buffer(action).value
+    return not handler  # SIG_DFL is 0
+
+
 @contextlib.contextmanager
 def _ended_with(process: subprocess.Popen) -> Iterator[None]:
     """While ``process`` runs in a session of its own (out of reach of the signals that stop
     this process's group: torchrun's, a job scheduler's), a SIGTERM or SIGHUP whose action is
     the default one (to end the process at once) kills it first, then raises :class:`_Ended`.
-    A handler of the program's own is left alone; Python handles signals in the main thread
-    only, so elsewhere nothing changes."""
+    A handler of the program's own, in Python or in C, is left alone; Python handles signals
+    in the main thread only, so elsewhere nothing changes."""
     def ended(signum: int, frame: object) -> None:
         if process.returncode is None:
             _kill_group(process)
@@ -427,7 +446,7 @@ def _ended_with(process: subprocess.Popen) -> Iterator[None]:
     if threading.current_thread() is threading.main_thread():
         for number in _ENDING_SIGNALS:
             with contextlib.suppress(ValueError, OSError):  # (another interpreter's thread)
-                if signal.getsignal(number) == signal.SIG_DFL:
+                if _default_action(number):
                     replaced[number] = signal.signal(number, ended)
     try:
         yield
