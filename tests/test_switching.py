@@ -526,8 +526,9 @@ def test_a_state_that_contradicts_the_milestones_is_refused(saved, target, messa
 @pytest.mark.parametrize(("saved", "target", "active"), [
     (("iou->bce@5", 3), "iou->bce@8", "iou"),  # a milestone moved, still ahead: resumes
     (("iou->bce@5", 3), "iou->bce@4", "iou"),
-    (("iou->bce@2", 3), "iou->bce@1", "bce"),  # (a switch after the milestone: not refused,
-    (("dice->bce@2->focal@9", 7), "dice->bce@2->focal@8", "bce"),  # a nested loss switches so)
+    (("dice->bce@2->focal@9", 7), "dice->bce@2->focal@8", "bce"),
+    # a switch after its milestone is not refused (a nested loss not in use switches so)
+    (("iou->bce@2", 3), "iou->bce@1", "bce"),
     (("dice->bce@4", 4), "dice->bce@4", "bce"),
 ])
 def test_a_state_the_milestones_allow_loads(saved, target, active) -> None:

@@ -84,7 +84,8 @@ FAILURE_MEMORY_SECONDS = 86400.0
 """How long a failed build is reported from its note instead of being retried: a day (the
 note's name holds the source, flags, compiler and CPU, so a change of any is a new build)."""
 TIMEOUT_MEMORY_SECONDS = 60.0
-"""How long a build that ran out of time is (a busy machine may have been the cause)."""
+"""How long a build that ran out of time is remembered (a busy machine may have been the
+cause)."""
 
 _LOG = logging.getLogger("dynloss")
 
@@ -346,7 +347,7 @@ def _raise_recent_failure(note: Path, compiler: str) -> None:
     memory = TIMEOUT_MEMORY_SECONDS if kind == "timeout" else FAILURE_MEMORY_SECONDS
     if 0 <= age < memory:
         error = _STOPPING.get(kind, RuntimeError)
-        how_long = ("60 s" if kind == "timeout" else
+        how_long = (f"{TIMEOUT_MEMORY_SECONDS:.0f} s" if kind == "timeout" else
                     f"a day: delete {note} to try again sooner")
         raise error(f"{message} (a build {age:.0f} s ago failed; not retried for {how_long})")
 
