@@ -89,10 +89,10 @@ def test_benchmark_cpu_smoke(tmp_path):
         reports[0].with_suffix(".png").name], list(tmp_path.iterdir())
 
 
-def test_benchmark_refuses_a_dynloss_row_whose_value_is_wrong(tmp_path):
-    """bench_cuda.py printed the dynloss row's difference from the reference but timed and
-    published the row whatever it was (a loss twice the right one exited 0); every row's value
-    is now compared, and a dynloss row that differs is an error (exit status 1)."""
+def _bench_cuda_with_dynloss_as(tmp_path, wrapper: str) -> list[dict]:
+    """The rows of a CPU smoke run of bench_cuda.py (Dice; dynloss and plain torch) in which
+    dynloss's loss ``fn`` is replaced by ``wrapper``'s ``wrong(fn)`` (Python source); the run
+    must fail (exit status 1)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
@@ -105,16 +105,25 @@ def test_benchmark_refuses_a_dynloss_row_whose_value_is_wrong(tmp_path):
         f"{str(tmp_path)!r}]\n"
         f"g = runpy.run_path({str(script)!r}, run_name='bench')['main'].__globals__\n"
         "right = g['implementation']\n"
-        "def doubled(impl, *args):\n"
+        f"{wrapper}\n"
+        "def swapped(impl, *args):\n"
         "    fn = right(impl, *args)\n"
-        "    return (lambda x, t: 2 * fn(x, t)) if impl == 'dynloss' else fn\n"
-        "g['implementation'] = doubled\n"
+        "    return wrong(fn) if impl == 'dynloss' else fn\n"
+        "g['implementation'] = swapped\n"
         "sys.exit(g['main']())\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     (report,) = tmp_path.glob("bench_*.json")
-    rows = json.loads(report.read_text())["rows"]
+    return json.loads(report.read_text())["rows"]
+
+
+def test_benchmark_refuses_a_dynloss_row_whose_value_is_wrong(tmp_path):
+    """bench_cuda.py printed the dynloss row's difference from the reference but timed and
+    published the row whatever it was (a loss twice the right one exited 0); every row's value
+    is now compared, and a dynloss row that differs is an error (exit status 1)."""
+    rows = _bench_cuda_with_dynloss_as(
+        tmp_path, "def wrong(fn):\n    return lambda x, t: 2 * fn(x, t)")
     ours = [r for r in rows if r["impl"] == "dynloss"]
     assert ours and all(r["error"].startswith("ValueError: its value differs from the "
                                               "reference's by ") and r["ms"] is None
@@ -129,31 +138,12 @@ def test_benchmark_refuses_a_dynloss_row_whose_gradient_is_wrong(tmp_path):
     dynloss loss with the right value and a gradient twice the right one was timed and
     published (found by a review of the benchmarks). Its row is now an error (exit status 1);
     a peer's gradient is compared as well and recorded."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    script = ROOT / "benchmarks" / "bench_cuda.py"
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['bench_cuda.py', '--cpu-smoke', '--losses', 'dice', '--impls', "
-        f"'dynloss,torch', '--host-losses', '', '--compile-budget', '0', '--out', "
-        f"{str(tmp_path)!r}]\n"
-        f"g = runpy.run_path({str(script)!r}, run_name='bench')['main'].__globals__\n"
-        "right = g['implementation']\n"
-        "def steeper(impl, *args):\n"
-        "    fn = right(impl, *args)\n"
+    rows = _bench_cuda_with_dynloss_as(tmp_path, (
+        "def wrong(fn):\n"
         "    def twice_the_slope(x, t):\n"
         "        value = fn(x, t)\n"
         "        return 2 * value - value.detach()\n"
-        "    return twice_the_slope if impl == 'dynloss' else fn\n"
-        "g['implementation'] = steeper\n"
-        "sys.exit(g['main']())\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
-    (report,) = tmp_path.glob("bench_*.json")
-    rows = json.loads(report.read_text())["rows"]
+        "    return twice_the_slope"))
     ours = [r for r in rows if r["impl"] == "dynloss"]
     assert ours and all(
         r["error"].startswith("ValueError: its gradient differs from the reference's by ")
