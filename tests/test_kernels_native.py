@@ -895,7 +895,27 @@ def test_no_compiler_falls_back_to_torch(tmp_path):
     result = _python(code, CXX="/nonexistent/c++", PATH=str(tmp_path),
                      DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr
-    assert "no C++ compiler found" in result.stdout
+    # the status names the $CXX that named no program (it said "set $CXX", which was set;
+    # found by a review of the native build)
+    assert ("no C++ compiler found ($CXX='/nonexistent/c++' names no program found, and no "
+            "c++, g++ or clang++ is on PATH: install one, or set CXX to one)") in result.stdout
+    result = _python(code, CXX="", PATH=str(tmp_path), DYNLOSS_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert ("no C++ compiler found (no c++, g++ or clang++ on PATH: install one, or set CXX to "
+            "one)") in result.stdout
+
+
+def test_a_cache_directory_given_with_spaces_around_it_is_the_directory(monkeypatch, tmp_path):
+    """``DYNLOSS_CACHE_DIR=" /path "`` made a folder named with the spaces (a blank value one
+    named " " in the working directory), where ``CXX`` and ``DYNLOSS_NATIVE`` are stripped."""
+    from dynloss.kernels.native import build
+
+    monkeypatch.setenv("DYNLOSS_CACHE_DIR", f"  {tmp_path}\n")
+    assert build.cache_dir() == tmp_path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("DYNLOSS_CACHE_DIR", " ")
+    assert build.cache_dir() == tmp_path / ".cache" / "dynloss"
 
 
 def test_failing_build_falls_back_with_the_compiler_message(tmp_path):

@@ -108,8 +108,9 @@ def cache_dir() -> Path:
         RuntimeError: none is set and there is no home directory (no ``$HOME``, no passwd
             entry: an arbitrary-UID container), where ``~`` stayed a folder named ``~``.
     """
-    if os.environ.get("DYNLOSS_CACHE_DIR"):
-        return Path(os.path.expanduser(os.environ["DYNLOSS_CACHE_DIR"])).absolute()
+    given = os.environ.get("DYNLOSS_CACHE_DIR", "").strip()  # (as CXX: spaces are no name)
+    if given:
+        return Path(os.path.expanduser(given)).absolute()
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):
         home = os.path.expanduser("~")
@@ -692,7 +693,12 @@ def _disabled() -> bool:
 def _load() -> ctypes.CDLL:
     cxx = compiler_command()
     if cxx is None:
-        raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+        wanted = os.environ.get("CXX", "").strip()
+        raise RuntimeError(
+            f"no C++ compiler found ($CXX={wanted!r} names no program found, and no c++, g++ "
+            "or clang++ is on PATH: install one, or set CXX to one)" if wanted else
+            "no C++ compiler found (no c++, g++ or clang++ on PATH: install one, or set CXX to "
+            "one)")
     cache_dir()  # no cache directory to be had (no home): said once, not once per configuration
     version = _run([*cxx, "--version"], what=f"{shlex.join(cxx)} --version",
                    timeout=min(_timeout(), 60.0), check=False)
