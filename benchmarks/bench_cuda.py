@@ -19,8 +19,10 @@ Implementations: ``dynloss`` (``backend="auto"``: the Triton kernels on CUDA), `
 (segmentation-models-pytorch), ``monai``, ``torch`` (the loss written the obvious way in
 eager PyTorch) and, for TopK, ``nnunet`` (nnU-Net's formulation: per-pixel losses, then
 ``torch.topk(..., sorted=False)``); their formulations are in ``peers.py``. Every row's
-value and input gradient are compared with dynloss's reference before it is timed: a dynloss
-row that differs is an error, a peer's is marked ``†`` in the tables. A missing
+value and input gradient are compared with dynloss's reference before it is timed (TopK's
+gradient in float32 only: in 16 bits many losses tie at its threshold, and each implementation
+keeps other elements among the ties): a dynloss row that differs is an error, a peer's is
+marked ``†`` in the tables. A missing
 package is skipped and named. A separate table gives the **host time** per step (CPU time to
 issue forward+backward, at a small shape where the GPU keeps up). The goals of the issue are
 checked at the end of the report.
@@ -258,6 +260,13 @@ def value_and_grad(fn: Callable, x: torch.Tensor, t: torch.Tensor
     value = fn(xg, t)
     (grad,) = torch.autograd.grad(value, xg)
     return value.detach().float(), grad
+
+
+def compares_gradient(loss: str, dtype: str) -> bool:
+    """Whether the rows' gradients of ``loss`` in ``dtype`` are compared with the reference's:
+    not TopK's in 16 bits, where many per-pixel losses tie at the selection threshold and each
+    implementation keeps other elements among the ties (the same value, another gradient)."""
+    return dtype == "float32" or "topk" not in loss.split("+")
 
 
 def relative_difference(grad: torch.Tensor, want: torch.Tensor) -> float:
@@ -750,8 +759,9 @@ def main() -> int:
                             # every row's value and input gradient against the reference's
                             value, grad = value_and_grad(fn, x, t)
                             row.max_abs_diff_vs_reference = float((value - want).abs().max())
-                            row.max_rel_grad_diff_vs_reference = relative_difference(
-                                grad, want_grad)
+                            if compares_gradient(loss, dname):
+                                row.max_rel_grad_diff_vs_reference = relative_difference(
+                                    grad, want_grad)
                             del grad
                             if impl == "dynloss" and not torch.allclose(
                                     value, want, rtol=1e-4, atol=1e-5):

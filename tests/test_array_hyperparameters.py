@@ -181,3 +181,26 @@ def test_a_scalar_reassigned_as_a_zero_dimensional_array_is_its_value(make):
     loss.gamma = make(True)
     with pytest.raises(TypeError, match=r"gamma must be a real number; got (Tensor|ndarray)"):
         loss(logits, target)
+
+
+def test_a_subclass_keeps_its_own_tensor_arguments_as_it_stores_them():
+    """Reading a reassigned 0-d tensor as a number (the built-in losses' hyper-parameters)
+    reached a subclass's own arguments: a learnable ``nn.Parameter`` temperature became a
+    float (no longer learned) and a buffer argument refused a tensor (found by a review of the
+    change). Only the built-in losses' own arguments are read so."""
+    from torch import nn
+
+    class Tempered(dynloss.DiceLoss):
+        def __init__(self, temperature: float = 1.0, scale: float = 1.0,
+                     smooth: float = 0.0) -> None:
+            super().__init__(smooth=smooth)
+            self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+            self.register_buffer("scale", torch.tensor(scale))
+
+    loss = Tempered()
+    assert isinstance(loss.temperature, nn.Parameter)
+    assert [name for name, _ in loss.named_parameters()] == ["temperature"]
+    loss.scale = torch.tensor(2.0)
+    assert isinstance(loss.scale, torch.Tensor) and loss.scale.item() == 2.0
+    loss.smooth = torch.tensor(1.0)  # a built-in argument still reads as its number
+    assert loss.smooth == 1.0 and type(loss.smooth) is float

@@ -156,6 +156,24 @@ def test_benchmark_refuses_a_dynloss_row_whose_gradient_is_wrong(tmp_path):
                          for r in peers), peers
 
 
+def test_cuda_benchmark_compares_no_16_bit_topk_gradient():
+    """In bfloat16 many per-pixel losses tie at TopK's threshold, and torch.topk breaks the
+    ties otherwise than dynloss (the lowest index): plain torch's TopK, with the same value,
+    was 0.38 of its largest gradient element away and would have been marked "another loss"
+    (found by a review of the change). TopK's gradient is compared in float32 only."""
+    bench = _bench_cuda()
+    assert bench.compares_gradient("topk", "float32")
+    assert not bench.compares_gradient("topk", "bfloat16")
+    assert not bench.compares_gradient("dice+topk", "float16")
+    assert bench.compares_gradient("dice", "bfloat16")
+    x, t = bench.make_inputs("binary", (4, 1, 64, 64), torch.bfloat16, torch.device("cpu"))
+    want, want_grad = bench.value_and_grad(bench._dynloss("topk", "binary", "reference"), x, t)
+    got, grad = bench.value_and_grad(bench.implementation("torch", "topk", "binary", None,
+                                                          None, "reference"), x, t)
+    assert float((got - want).abs()) == 0.0  # the same loss ...
+    assert bench.relative_difference(grad, want_grad) > 2e-2  # ... other elements at the ties
+
+
 def test_cuda_benchmark_marks_a_peer_whose_gradient_differs():
     """A peer whose value is the reference's but whose gradient is not (a detached term, a
     clamp that cuts the slope) computes another loss for training: the tables mark it as they

@@ -525,6 +525,10 @@ def test_tversky_index_checks_its_arguments_like_the_losses():
         F.tversky_index(torch.ones(2, device="meta"), torch.ones(2), g, 0.5, 0.5, 0.0)
     torch.testing.assert_close(  # a 0-d CPU tensor goes with any device, as in torch
         F.tversky_index(torch.tensor(3.0), p, g, 0.5, 0.5, 0.0), torch.tensor([6 / 9]))
+    with pytest.raises(ValueError, match=re.escape(  # a 0-d tensor elsewhere does not
+            "intersection, prediction_sum and target_sum must be on one device; got meta, cpu "
+            "and cpu")):
+        F.tversky_index(torch.tensor(3.0, device="meta"), p, g, 0.5, 0.5, 0.0)
 
 
 def test_tversky_index_of_numbers_divides_as_a_tensor_does():

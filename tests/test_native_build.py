@@ -492,6 +492,31 @@ def test_a_timed_out_build_is_trusted_for_60_seconds(monkeypatch, tmp_path, age,
         build._raise_recent_failure(note, "c++")
 
 
+@pytest.mark.parametrize("message", [
+    "c++ failed with signal SIGKILL and printed nothing",
+    "c++ failed: c++: fatal error: Killed signal terminated program cc1plus",
+    "c++ failed: /tmp/x.o: No space left on device",
+    "c++ failed: virtual memory exhausted: Cannot allocate memory",
+])
+def test_a_failure_of_the_machine_is_remembered_for_60_seconds(tmp_path, message):
+    """A compiler killed by a signal (the OOM killer), a full disk or exhausted memory is the
+    machine's state, not the build's: remembered for a day, they kept the full-speed build
+    away for a day (found by a review of the change). Trusted for 60 s, as a timeout."""
+    note = tmp_path / "x.failed"
+    build._remember_failure(note, build._failure(RuntimeError(message)))
+    data = json.loads(note.read_text())
+    assert data["kind"] == "transient"
+    note.write_text(json.dumps(dict(data, time=time.time() - 30)))
+    with pytest.raises(RuntimeError, match="not retried for 60 s"):
+        build._raise_recent_failure(note, "")
+    note.write_text(json.dumps(dict(data, time=time.time() - 61)))
+    build._raise_recent_failure(note, "")
+    build._remember_failure(note, build._failure(OSError(28, "No space left on device")))
+    assert json.loads(note.read_text())["kind"] == "transient"
+    build._remember_failure(note, build._failure(RuntimeError("c++ failed: no omp.h")))
+    assert json.loads(note.read_text())["kind"] == ""
+
+
 def test_a_remembered_failure_says_how_to_retry_sooner(tmp_path):
     note = tmp_path / "x.failed"
     build._remember_failure(note, RuntimeError("fake compiler: no"))

@@ -277,8 +277,9 @@ def readable(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         target = signed.masked_fill(signed < 0, torch.iinfo(torch.int64).max)
     elif target.dtype in _WIDE_UNSIGNED:
         target = target.long()
-    if (torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
-            and not torch.compiler.is_compiling()):  # (a graph cannot ask: Dynamo refuses)
+    if (not torch.compiler.is_compiling()  # (a graph cannot ask: Dynamo refuses)
+            and (target.is_inference() or input.is_inference())
+            and torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)):
         # A tensor made under torch.inference_mode (pseudo-labels of a teacher) cannot be
         # saved for backward, which the kernels do with the caller's tensors: a copy is an
         # ordinary tensor (the reference, which converts the target first, never saved it).

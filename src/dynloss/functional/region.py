@@ -122,8 +122,9 @@ def tversky_index(
             except OverflowError:  # an int beyond float's range
                 raise ValueError(f"{name} must be finite; got a number too large for a "
                                  "float") from None
-    if len({value.device for value in sums.values()  # (a 0-d tensor goes with any, as in
-            if isinstance(value, Tensor) and value.dim()}) > 1:  # torch)
+    if len({value.device for value in sums.values()  # (a 0-d CPU tensor goes with any
+            if isinstance(value, Tensor)  # device, as in torch)
+            and (value.dim() or not value.is_cpu)}) > 1:
         where = [str(value.device) if isinstance(value, Tensor) else "a number"
                  for value in sums.values()]
         raise ValueError("intersection, prediction_sum and target_sum must be on one device; "

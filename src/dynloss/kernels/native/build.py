@@ -25,8 +25,9 @@ so a new version or another machine gets its own build. What makes it safe to sh
   a complete build; a library whose checksum does not match (truncated, zeroed, half-written
   by a crash) or whose ABI version differs is deleted and rebuilt, never loaded.
 * **Failures remembered.** A failed build leaves a ``.failed`` note; for a day (a build that
-  ran out of time: 60 seconds) other processes report the same failure (saying so, and which
-  note to delete to retry sooner) instead of compiling again.
+  ran out of time or failed for the machine's state, a killed compiler, a full disk: 60
+  seconds) other processes report the same failure (saying so, and which note to delete to
+  retry sooner) instead of compiling again.
 * **Loading.** A library that cannot be mapped where it is (a cache on a ``noexec`` file
   system) is loaded from a copy in the temporary directory (said once), not rebuilt; one that
   cannot be loaded anywhere is rebuilt once, then remembered like a failed build, and no
@@ -84,8 +85,15 @@ FAILURE_MEMORY_SECONDS = 86400.0
 """How long a failed build is reported from its note instead of being retried: a day (the
 note's name holds the source, flags, compiler and CPU, so a change of any is a new build)."""
 TIMEOUT_MEMORY_SECONDS = 60.0
-"""How long a build that ran out of time is remembered (a busy machine may have been the
-cause)."""
+"""How long a build that ran out of time, or failed for the machine's state (a compiler killed
+by a signal, the OOM killer's; a full disk; exhausted memory), is remembered."""
+
+# A compiler's words for a failure of the machine rather than of the build (gcc's driver
+# exits 1, not by the signal, when the OOM killer ends cc1plus).
+_MACHINE_FAILURE = re.compile(r"failed with signal|signal terminated program|"
+                              r"No space left on device|"
+                              r"Cannot allocate memory|virtual memory exhausted|out of memory",
+                              re.IGNORECASE)
 
 _LOG = logging.getLogger("dynloss")
 
@@ -345,18 +353,31 @@ def _raise_recent_failure(note: Path, compiler: str) -> None:
         return
     if (kind == "timeout" and _timeout() > had) or failed_with != compiler:
         return
-    memory = TIMEOUT_MEMORY_SECONDS if kind == "timeout" else FAILURE_MEMORY_SECONDS
-    if 0 <= age < memory:
+    short = kind in ("timeout", "transient")
+    if 0 <= age < (TIMEOUT_MEMORY_SECONDS if short else FAILURE_MEMORY_SECONDS):
         error = _STOPPING.get(kind, RuntimeError)
-        how_long = (f"{TIMEOUT_MEMORY_SECONDS:.0f} s" if kind == "timeout" else
+        how_long = (f"{TIMEOUT_MEMORY_SECONDS:.0f} s" if short else
                     f"a day: delete {note} to try again sooner")
         raise error(f"{message} (a build {age:.0f} s ago failed; not retried for {how_long})")
+
+
+def _failure(error: BaseException) -> RuntimeError:
+    """A failed build's ``error`` (from :func:`_run` or the file system) as the error a build
+    raises: a :class:`BuildTimeout`, or a RuntimeError, marked ``transient`` where the machine's
+    state caused it (an OSError, a compiler killed by a signal, no disk or memory left)."""
+    if isinstance(error, BuildTimeout):
+        return BuildTimeout(str(error))
+    failure = RuntimeError(str(error))
+    failure.transient = (isinstance(error, OSError) or getattr(error, "signalled", False)  # type: ignore[attr-defined]
+                         or bool(_MACHINE_FAILURE.search(str(error))))
+    return failure
 
 
 def _remember_failure(note: Path, error: BaseException, compiler: str = "") -> None:
     """Write ``note``; ``compiler``: the failure is this compiler command's own (another one
     with the same ``--version``, clang++ after clang, shares the note's path)."""
-    kind = next((k for k, cls in _STOPPING.items() if isinstance(error, cls)), "")
+    kind = next((k for k, cls in _STOPPING.items() if isinstance(error, cls)),
+                "transient" if getattr(error, "transient", False) else "")
     data: dict[str, object] = {"time": time.time(), "message": str(error), "kind": kind}
     if kind == "timeout":
         data["timeout"] = _timeout()
@@ -485,9 +506,11 @@ def _run(command: list[str], *, what: str | None = None, timeout: float | None =
             raise
     if check and process.returncode != 0:
         said = stderr.strip()[-2000:]
-        raise RuntimeError(f"{what} failed: {said}" if said else
-                           f"{what} failed with {_ending(process.returncode)} and printed "
-                           "nothing")
+        failed = RuntimeError(f"{what} failed: {said}" if said else
+                              f"{what} failed with {_ending(process.returncode)} and printed "
+                              "nothing")
+        failed.signalled = process.returncode < 0  # type: ignore[attr-defined]
+        raise failed
     return stdout
 
 
@@ -570,8 +593,7 @@ def _build(cxx: list[str], plan: Plan, version: str,
         try:
             _compile(cxx, plan, path)
         except (RuntimeError, OSError) as error:
-            timed_out = isinstance(error, BuildTimeout)
-            failure = (BuildTimeout if timed_out else RuntimeError)(str(error))
+            failure = _failure(error)
             failure.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
             _remember_failure(note, failure)
             raise failure from None
