@@ -179,7 +179,7 @@ class SegmentationLoss(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         argument = name in _constructor_arguments(type(self))
-        if argument and name in _built_in_arguments():  # (a subclass's own: as it stores it)
+        if argument and name in _BUILT_IN_ARGUMENTS:  # (a subclass's own: as it stores it)
             value = self._assigned(name, assigned_value(name, value))
         super().__setattr__(name, value)
         if argument:
@@ -268,20 +268,6 @@ def _constructor_arguments(cls: type) -> tuple[str, ...]:
         names = tuple(inspect.signature(cls).parameters)
         _CONSTRUCTOR_ARGUMENTS[cls] = names
     return names
-
-
-_BUILT_IN_ARGUMENTS: frozenset[str] = frozenset()
-
-
-def _built_in_arguments() -> frozenset[str]:
-    """The constructor arguments of the six losses (read as their constructors read them when
-    reassigned); a subclass's own arguments are not among them."""
-    global _BUILT_IN_ARGUMENTS
-    if not _BUILT_IN_ARGUMENTS:
-        _BUILT_IN_ARGUMENTS = frozenset().union(*(
-            _constructor_arguments(cls) for cls in (DiceLoss, IoULoss, TverskyLoss, BCELoss,
-                                                    FocalLoss, TopKLoss)))
-    return _BUILT_IN_ARGUMENTS
 
 
 def _common_doc(extra: str = "") -> str:
@@ -755,3 +741,7 @@ LOSSES: dict[str, type[SegmentationLoss]] = {
     "tversky": TverskyLoss,
 }
 """Spec-string names of the losses (``"jaccard"`` is an alias of ``"iou"``)."""
+
+_BUILT_IN_ARGUMENTS = frozenset().union(*map(_constructor_arguments, LOSSES.values()))
+"""The constructor arguments of the six losses (read as their constructors read them when
+reassigned); a subclass's own arguments are not among them."""

@@ -677,17 +677,21 @@ _CXX_RUNTIME_SYMBOL = re.compile(
 _OPENMP_ENTRY = re.compile(r"undefined symbol: ((?:__kmpc_|GOMP_)\w*)")
 
 
-def _missing_openmp_entry(message: str) -> str:
-    """The first OpenMP runtime entry point that ``message`` (a loader's error) says is
-    undefined: the library was linked against a runtime its compiler's code does not call."""
-    found = _OPENMP_ENTRY.search(message)
+def _first_undefined(symbols: re.Pattern[str], message: str) -> str:
+    """The first of ``symbols`` that ``message`` (a loader's error) says is undefined."""
+    found = symbols.search(message)
     return found.group(1) if found else ""
+
+
+def _missing_openmp_entry(message: str) -> str:
+    """The first OpenMP runtime entry point ``message`` says is undefined: the library was
+    linked against a runtime its compiler's code does not call."""
+    return _first_undefined(_OPENMP_ENTRY, message)
 
 
 def _missing_cxx_runtime(message: str) -> str:
-    """The first C++ runtime symbol that ``message`` (a loader's error) says is undefined."""
-    found = _CXX_RUNTIME_SYMBOL.search(message)
-    return found.group(1) if found else ""
+    """The first C++ runtime symbol ``message`` says is undefined."""
+    return _first_undefined(_CXX_RUNTIME_SYMBOL, message)
 
 
 _lock = threading.Lock()
@@ -767,12 +771,10 @@ def _load() -> ctypes.CDLL:
                     "calls another OpenMP runtime's entry points)")
                 _remember_failure(_paths(plan, version)[1], failure, shlex.join(cxx))
                 errors.append(str(failure))
-                left = len(every) - index - 1
-                then = (f"; trying {left} other configuration{'s' if left > 1 else ''}"
-                        if left else "")
                 _LOG.warning("dynloss: the native CPU kernels built with %s cannot be loaded: "
                              "undefined symbol: %s (the compiler calls another OpenMP "
-                             "runtime's entry points)%s", plan.label, openmp, then)
+                             "runtime's entry points)%s", plan.label, openmp,
+                             _trying(len(every) - index - 1))
                 continue
             if runtime:  # a rebuild here would lack it alike: none now, said why; the library
                 _discard(path)  # goes (another $CXX may share its key: the same --version)
@@ -804,9 +806,13 @@ def _say_failure(plan: Plan, error: BaseException, said: list[str], left: int) -
     if seconds is None or not said or first in said:
         return
     said.append(first)
-    then = f"; trying {left} other configuration{'s' if left > 1 else ''}" if left else ""
     _LOG.warning("dynloss: compiling the native CPU kernels (%s) failed after %.1f s: %s%s",
-                 plan.label, seconds, first, then)
+                 plan.label, seconds, first, _trying(left))
+
+
+def _trying(left: int) -> str:
+    """What a failed configuration's line says comes next: the ``left`` ones still to try."""
+    return f"; trying {left} other configuration{'s' if left > 1 else ''}" if left else ""
 
 
 def library() -> ctypes.CDLL | None:
