@@ -94,16 +94,16 @@ def _float_arguments(cls: type[SegmentationLoss]) -> frozenset[str]:
     resolved is read for those two words), or unannotated with a float default."""
     names = _FLOAT_ARGUMENTS.get(cls)
     if names is None:
-        init = cls.__init__
-        parameters = inspect.signature(init).parameters
-        try:
-            hints = typing.get_type_hints(init)
-        except Exception:  # an annotation its module cannot resolve: each on its own below
-            hints = {}
+        hints: dict[type, dict[str, Any]] = {}
         floats = set()
-        for name, parameter in parameters.items():
-            if name in hints:
-                types = _annotated_types(hints[name])
+        for name, (parameter, owner) in _constructor_parameters(cls).items():
+            if owner not in hints:
+                try:
+                    hints[owner] = typing.get_type_hints(vars(owner)["__init__"])
+                except Exception:  # an annotation its module cannot resolve: each on its own
+                    hints[owner] = {}
+            if name in hints[owner]:
+                types = _annotated_types(hints[owner][name])
             else:
                 types = _words_of(parameter.annotation)
             if (float in types and int not in types) or (
@@ -244,10 +244,8 @@ class SegmentationLoss(nn.Module):
             self._ready(strict=False)
 
     def __repr__(self) -> str:
-        defaults = {
-            name: parameter.default
-            for name, parameter in inspect.signature(type(self).__init__).parameters.items()
-        }
+        defaults = {name: parameter.default
+                    for name, (parameter, _) in _constructor_parameters(type(self)).items()}
         floats = _float_arguments(type(self))
         changed = []
         for name, value in self.hyperparameters().items():
@@ -258,15 +256,44 @@ class SegmentationLoss(nn.Module):
         return f"{type(self).__name__}({', '.join(changed)})"
 
 
+_CONSTRUCTOR_PARAMETERS: dict[type, dict[str, tuple[inspect.Parameter, type]]] = {}
+
+
+def _constructor_parameters(cls: type) -> dict[str, tuple[inspect.Parameter, type]]:
+    """``{name: (parameter, owner)}`` of ``cls``'s constructor arguments, ``owner`` the class
+    whose ``__init__`` declares it.
+
+    A constructor that forwards ``*args``/``**kwargs`` to its base (``def __init__(self,
+    scale=2.0, **kwargs): super().__init__(**kwargs)``) takes the base's arguments too: they
+    follow its own named ones, so that a reassigned ``smooth`` is read again and ``repr``
+    lists it."""
+    found = _CONSTRUCTOR_PARAMETERS.get(cls)
+    if found is None:
+        owner = next((c for c in cls.__mro__ if "__init__" in vars(c)), cls)
+        found = {}
+        forwards = False
+        for name, parameter in inspect.signature(cls).parameters.items():
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                forwards = True
+            else:
+                found[name] = (parameter, owner)
+        base = owner.__mro__[1] if len(owner.__mro__) > 1 else object
+        if forwards and owner is not SegmentationLoss and issubclass(base, SegmentationLoss):
+            for name, inherited in _constructor_parameters(base).items():
+                found.setdefault(name, inherited)
+        _CONSTRUCTOR_PARAMETERS[cls] = found
+    return found
+
+
 _CONSTRUCTOR_ARGUMENTS: dict[type, tuple[str, ...]] = {}
 
 
 def _constructor_arguments(cls: type) -> tuple[str, ...]:
-    """The names of ``cls``'s constructor arguments (cached: ``forward`` needs them every call)."""
+    """The names of ``cls``'s constructor arguments (:func:`_constructor_parameters`; cached:
+    ``forward`` needs them every call)."""
     names = _CONSTRUCTOR_ARGUMENTS.get(cls)
     if names is None:
-        names = tuple(inspect.signature(cls).parameters)
-        _CONSTRUCTOR_ARGUMENTS[cls] = names
+        names = _CONSTRUCTOR_ARGUMENTS[cls] = tuple(_constructor_parameters(cls))
     return names
 
 
