@@ -296,6 +296,43 @@ def check_switching_is_consistent_across_ranks(rank: int) -> None:
     assert _history(plateau, mine) == [0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
+
+def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int) -> None:
+    """Resuming, a rank that alone loaded the checkpoint's loss state (``if rank == 0:
+    loss.load_state_dict(...)``, trusting DDP's broadcast, which covers the model only) is at
+    another step than the others: their switch decisions then differ in silence. The metric's
+    all-reduce carries each rank's counters, so every rank raises at that step, naming it."""
+    def make() -> SwitchingLoss:
+        return SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=5))
+
+    trained = make()
+    for metric in (1.0, 0.9, 0.8):
+        trained.step(metric=metric)
+    loss = make()
+    if rank == 0:
+        loss.load_state_dict(trained.state_dict())
+    with pytest.raises(RuntimeError, match=r"SwitchingLoss\.step: the ranks' switch states "
+                       r"differ .*count [03] here.*load the loss's state on every rank"):
+        loss.step(metric=0.5)
+    if rank == 1:  # the same state everywhere: the step is taken (and the ranks agree)
+        loss.load_state_dict(trained.state_dict())
+    loss.step(metric=0.5)
+    assert _gather(loss.count) == [4, 4]
+    # the same count, another stage (rank 1 switched on its own metrics, unsynced)
+    three = [make3(sync_metric=False) for _ in range(2)]
+    for metric in (1.0, 0.9, 0.8) if rank == 0 else (1.0, 1.0, 1.0):
+        three[0].step(metric=metric)
+    assert _gather(three[0].active_index) == [0, 1]
+    three[1].load_state_dict(three[0].state_dict())
+    three[1].sync_metric = True
+    with pytest.raises(RuntimeError, match=r"differ .*stage '(dice|bce)' here"):
+        three[1].step(metric=0.5)
+
+
+def make3(**kwargs: object) -> SwitchingLoss:
+    return SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()], trigger=Plateau(patience=1),
+                         **kwargs)
+
 CHECKS = {
     name: fn for name, fn in sorted(globals().items()) if name.startswith("check_")
 }

@@ -1089,7 +1089,8 @@ def test_no_collective_once_no_active_trigger_reads_the_metric(monkeypatch):
     from dynloss.schedules import switching
 
     reduced = []
-    monkeypatch.setattr(switching, "reduce_mean", lambda m: reduced.append(m) or float(m))
+    monkeypatch.setattr(switching, "reduce_mean_comparing",
+                        lambda m, counters: reduced.append(m) or (float(m), (True,) * 3))
     loss = SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=1))
     loss.step(metric=1.0)
     loss.step(metric=2.0)  # no improvement for one step: switches to the last stage

@@ -21,6 +21,7 @@ Example (single process: the identity):
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "metric_value",
     "pool_across_ranks",
     "reduce_mean",
+    "reduce_mean_comparing",
     "world_size",
 ]
 
@@ -243,14 +245,46 @@ def reduce_mean(value: float | Tensor) -> float:
         >>> reduce_mean(torch.tensor(0.25))
         0.25
     """
+    return reduce_mean_comparing(value, ())[0]
+
+
+_RESIDUES = 1 << 20
+"""Counters are compared by their residues modulo 2**20: the sums of their squares over up to
+:data:`_MOST_RANKS_COMPARED` ranks are exact in float64."""
+_MOST_RANKS_COMPARED = 1 << 13
+
+
+def reduce_mean_comparing(value: float | Tensor, counters: Sequence[int]
+                          ) -> tuple[float, tuple[bool, ...]]:
+    """:func:`reduce_mean` of ``value``, and for each of ``counters`` (integers, the same
+    number on every rank) whether every rank holds the same, in the same all-reduce.
+
+    Each counter ``c`` travels as ``r = c mod 2**20`` and ``r**2``: the ranks agree where
+    ``W * sum(r**2) == sum(r)**2`` over the ``W`` ranks (equality holds only for equal
+    values), exactly in float64 for up to 8192 ranks (beyond, counters are not compared:
+    True). Every rank gets the same answer. Single process: every counter agrees.
+
+    Examples:
+        >>> from dynloss.distributed import reduce_mean_comparing
+        >>> reduce_mean_comparing(0.5, (3, 0))
+        (0.5, (True, True))
+    """
     if not is_distributed():
-        return metric_value(value)
+        return metric_value(value), (True,) * len(counters)
     check_metric(value)
     device = _collective_device(value)
+    residues = [float(int(count) % _RESIDUES) for count in counters]
     if isinstance(value, Tensor):
         # A copy: the all-reduce writes in place, and the caller's tensor keeps its value.
-        buffer = value.detach().reshape(1).to(device=device, dtype=torch.float64, copy=True)
+        metric = value.detach().reshape(1).to(device=device, dtype=torch.float64, copy=True)
     else:
-        buffer = torch.tensor([metric_value(value)], device=device, dtype=torch.float64)
+        metric = torch.tensor([metric_value(value)], device=device, dtype=torch.float64)
+    buffer = metric if not residues else torch.cat([metric, torch.tensor(
+        [x for r in residues for x in (r, r * r)], device=device, dtype=torch.float64)])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer.item() / dist.get_world_size()
+    total, *sums = buffer.tolist()
+    world = dist.get_world_size()
+    agree = tuple(
+        world > _MOST_RANKS_COMPARED or world * int(sums[2 * i + 1]) == int(sums[2 * i]) ** 2
+        for i in range(len(residues)))
+    return total / world, agree

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
 from .._warn import warn_at_caller
-from ..distributed import metric_value, reduce_mean
+from ..distributed import metric_value, reduce_mean_comparing
 from ._base import (
     check_count,
     check_same_targets,
@@ -111,7 +111,8 @@ class SwitchingLoss(nn.Module):
             checked when a state is loaded.
         sync_metric: under ``torch.distributed``, average the metric over the ranks before a
             trigger sees it (default True), so all ranks switch at the same step. Every rank
-            must then call ``step(metric=...)``.
+            must then call ``step(metric=...)``; ranks whose step counts or stages differ
+            (one alone loaded the loss's state) raise a ``RuntimeError`` there.
         on_switch: a callback, or a list of them, called with a :class:`SwitchEvent` at every
             switch (see :meth:`on_switch` and :func:`~dynloss.schedules.reset_plateau_scheduler`).
 
@@ -325,6 +326,9 @@ class SwitchingLoss(nn.Module):
                 was stepped elsewhere since it was built or last stepped (by another live loss
                 that holds it too, or by hand); the step is then not taken: no counter
                 changes.
+            RuntimeError: under ``torch.distributed`` with ``sync_metric``, the ranks' step
+                counts or stages differ at a step that reduces the metric (raised on every
+                rank).
         """
         return bool(top_level_step(self, metric))
 
@@ -384,7 +388,7 @@ class SwitchingLoss(nn.Module):
         # make this rank wait in a collective that the others, asked for nothing, skip
         if active and metric is not None and self._metric_triggers():
             if self.sync_metric and not synced:
-                metric, synced = reduce_mean(metric), True
+                metric, synced = self._reduce_metric(metric), True
             else:
                 metric = metric_value(metric)
         count_step(self)
@@ -403,6 +407,24 @@ class SwitchingLoss(nn.Module):
             if trigger.update(self.count, self.stage_count, value):
                 self._switch(trigger, used)
         return self.just_switched
+
+    def _reduce_metric(self, metric: Any) -> float:
+        """The mean of ``metric`` over the ranks; raises, on every rank alike, where the ranks'
+        counters differ (they travel in the same all-reduce): one rank that alone loaded the
+        loss's state would take other switch decisions than the others, in silence."""
+        here = (self.count, self.active_index, self.stage_count)
+        mean, agree = reduce_mean_comparing(metric, here)
+        if not all(agree):
+            differ = ", ".join(name for name, same in zip(
+                ("the step count", "the stage", "the steps into the stage"), agree,
+                strict=True) if not same)
+            raise RuntimeError(
+                f"SwitchingLoss.step: the ranks' switch states differ ({differ}; count "
+                f"{self.count} here, stage {self.active_name!r} here, {self.stage_count} "
+                f"step(s) into it): load the loss's state on every rank when resuming "
+                f"(DDP broadcasts the model's parameters, not the loss's state). Every rank "
+                f"raised this at this step")
+        return mean
 
     def _dynloss_begin(self) -> None:
         """This loss was not in use and is from the next step on (the stage of an enclosing
