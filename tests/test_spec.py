@@ -734,7 +734,7 @@ def test_build_loss_takes_the_names_of_custom_triggers_and_schedules() -> None:
                        r"of your own is named with build_loss\(spec, names=\{'Below': Below\}\)"):
         build_loss(text)
     with pytest.raises(SpecError, match=r"unknown name 'Dice'; did you mean 'dice' or "
-                       r"'DiceLoss'\? \(known losses: [a-z, ]*\) \(at position 0\)"):
+                       r"'DiceLoss'\? \(known losses: [a-z_, ]*\) \(at position 0\)"):
         # a typo of a built-in name: no hint about classes of your own
         build_loss("Dice+bce")
     rebuilt = build_loss(text, names={"Below": Below, "Halving": Halving})
