@@ -804,3 +804,27 @@ def test_focal_slope_stays_finite_where_the_cross_entropy_overflows(backend, gam
     p1 = torch.sigmoid(torch.tensor(-0.75, dtype=torch.float64))
     want = (slope * torch.stack([-p1, p1]) / 2).to(dtype)
     torch.testing.assert_close(x.grad[1, :, 0], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_a_16_bit_input_gets_the_reference_answer_from_every_backend(name, mode, dtype):
+    """A float16/bfloat16 input (a network under ``torch.autocast``): each fused backend
+    computes it (on the CPU the native kernels read a float32 copy: they had left such inputs
+    to the torch backend, 2-3x slower than the peers) and gives the reference's float32 loss
+    and its input gradient, in the input's dtype."""
+    x, target = seeded_case(mode, (2, 5, 7), seed=3, dtype=torch.float64, scale=3.0)
+    x = x.to(dtype).double()  # values the 16-bit input holds exactly
+    want = _run(name, mode, "reference", {}, x, target, "contiguous", False, dtype)
+    for backend in FUSED:
+        got = _run(name, mode, backend, {}, x, target, "contiguous", False, dtype)
+        assert got[3] & set(NODES[backend]), (backend, got[3])  # the kernels ran
+        assert got[0].dtype == torch.float32 and got[1].dtype == dtype, backend
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, b=backend: f"{b} loss: {m}")
+        # gradients in the input's dtype, from float32 values that agree to float32 rounding:
+        # within two of the dtype's units in the last place
+        torch.testing.assert_close(got[1].float(), want[1].float(),
+                                   rtol=2 * torch.finfo(dtype).eps, atol=1e-6,
+                                   msg=lambda m, b=backend: f"{b} gradient: {m}")

@@ -71,8 +71,8 @@ def resolve_backend(x: Tensor, backend: str) -> str:
         True
         >>> resolve_backend(x.double(), "auto")  # the kernels compute in float32
         'torch'
-        >>> resolve_backend(x.half(), "auto")
-        'torch'
+        >>> resolve_backend(x.half(), "auto") == resolve_backend(x, "auto")  # a float32 copy
+        True
     """
     from .._checks import check_backend
 

@@ -60,7 +60,10 @@ class NativeBackend:
 
     name = "native"
     capabilities = Capabilities(
-        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), topk=True,
+        # 16-bit inputs are read as a float32 copy made for the forward pass (ffi.py's
+        # native_forward; backward's float32 gradient autograd casts to the input's dtype)
+        devices=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster

@@ -246,7 +246,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    topk: float | None = None, dims: tuple[int, ...] | None = None,
                    pos_weight: float | tuple[float, ...] | None = None,
                    weighted_mean: bool = False) -> Forward:
-    """One forward pass of the kernels over ``x`` float32, read as ``dims = (N, C, M)``
+    """One forward pass of the kernels over ``x`` (float32; float16 and bfloat16 read as a
+    float32 copy), read as ``dims = (N, C, M)``
     (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
     that layout, so that no view is made and the gradient keeps the input's shape).
 
@@ -268,7 +269,11 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
-    x = x.resolve_neg().contiguous()  # (a negative bit: memory holding -x; no copy without)
+    x = x.resolve_neg()  # (a negative bit: memory holding -x; no copy without)
+    # float16/bfloat16: a float32 copy, freed after this pass (the caller keeps its input for
+    # backward, whose float32 gradient autograd casts to the input's dtype)
+    x = (x.contiguous() if x.dtype == torch.float32
+         else x.to(torch.float32, memory_format=torch.contiguous_format))
     given = target  # an error names the caller's values, not those of a converted copy
     target = _native_target(target, mode, ignore_index)
     n, c, m = x.shape if dims is None else dims
