@@ -599,6 +599,24 @@ def test_topk_large_random_input_selects_exactly_n():
         assert int((grad != 0).sum()) == _math.topk_count(k, x.numel())
 
 
+
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+@pytest.mark.parametrize("elements", [2 ** 16 - 1, 2 ** 16], ids=["below", "at"])
+def test_topk_selects_exactly_on_both_sides_of_the_small_input_digits(mode, elements):
+    """Below 2^16 elements the selection counts four 8-bit digits (7 for the first) rather
+    than 15, 8 and 8 bits, so as not to clear and scan 2^15 bins for a small input (0.3 ms,
+    most of a (1, 1, 64, 64) call). Both find the same threshold: logits on a coarse grid make
+    many ties that the first digit cannot tell apart and a split of them at the threshold."""
+    gen = torch.Generator().manual_seed(41)
+    pixels = elements  # (multiclass: TopK ranks the pixels)
+    x = (torch.randn(1, 3 if mode == "multiclass" else 1, pixels, generator=gen) * 4).round() / 4
+    t = (torch.randint(0, 3, (1, pixels), generator=gen) if mode == "multiclass"
+         else (torch.rand(1, 1, pixels, generator=gen) > 0.7).float())
+    for k in (0.013, 0.37, 0.6):
+        _, grad = _run(F.topk_loss, x, t, "native", mode=mode, k=k)
+        assert torch.equal(_selected_by_gradient(grad, mode), _topk_reference_mask(x, t, mode, k))
+        _compare(F.topk_loss, x, t, mode=mode, k=k, rtol=5e-5)
+
 def test_topk_all_losses_equal_takes_the_first_n():
     x, t = torch.full((3, 1, 160, 170), 1.5), torch.ones(3, 1, 160, 170)
     for k in (0.1, 0.37, 0.5, 0.999):
