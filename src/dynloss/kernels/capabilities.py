@@ -52,6 +52,9 @@ class Capabilities:
     """The TopK selection (``distribution`` with ``k``)."""
     reduction_none: bool = False
     """``reduction="none"`` of the distribution losses (per-element values)."""
+    reduction_none_devices: frozenset[str] | None = None
+    """The device types on which it computes :attr:`reduction_none` (None: every device it
+    runs on)."""
     pos_weight: bool = False
     """BCE's ``pos_weight``: the positives' term of the cross-entropy weighed."""
     topk_pos_weight: bool = False
@@ -106,8 +109,11 @@ class Capabilities:
             return f"mode={need.mode!r}"
         if need.topk and not self.topk:
             return "TopK"
-        if need.reduction_none and not self.reduction_none:
-            return "reduction='none'"
+        if need.reduction_none and not (
+                self.reduction_none and (self.reduction_none_devices is None
+                                         or x.device.type in self.reduction_none_devices)):
+            return "reduction='none'" + ("" if not self.reduction_none
+                                         else f" on {x.device.type} tensors")
         if need.pos_weight and not (self.topk_pos_weight if need.topk else self.pos_weight):
             return "pos_weight" + (" with TopK" if need.topk else "")
         if need.weighted_mean and not self.weighted_mean:

@@ -13,6 +13,8 @@ ops, and writes the gradient analytically, so autograd records no intermediate t
   their mean. Its forward also computes the derivative of that sum with respect to the input,
   in the input's dtype, and saves only that: backward is one multiplication by the upstream
   gradient, and nothing transcendental is computed twice.
+* :class:`DistributionElements` returns the same per-element losses unreduced
+  (``reduction="none"``, on the CPU), its backward the saved slopes times the upstream one.
 
 Either way one tensor the size of the input is kept for backward (besides the caller's input,
 which a differentiable backward, ``create_graph=True``, recomputes from through the reference).
@@ -20,18 +22,20 @@ which a differentiable backward, ``create_graph=True``, recomputes from through 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _math
-from .._layout import Layout, compute_dtype, invalid_values
+from .._layout import Layout, compute_dtype, invalid_elements, invalid_values
 from .._params import CompositeParams, DistributionParams, RegionParams
 from ..constants import MULTICLASS_MODE
 from . import reference
 from ._recompute import must_recompute, recompute_backward
 from .capabilities import Capabilities
 
-__all__ = ["TORCH", "DistributionSum", "RegionSums"]
+__all__ = ["TORCH", "DistributionElements", "DistributionSum", "RegionSums"]
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -353,6 +357,56 @@ class DistributionSum(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _reference_elements(x: Tensor, target: Tensor, params: DistributionParams,
+                        checked: bool) -> Tensor:
+    layout = Layout(x, target, params.mode, x.shape)
+    loss, valid = reference.distribution_terms(layout, params, checked)
+    return loss if params.k is None else reference.topk_selected(loss, valid, params.k)[0]
+
+
+class DistributionElements(torch.autograd.Function):
+    """The per-element losses of ``reduction="none"`` (``(N, C, M)``, multiclass ``(N, M)``),
+    after the focal modulation, class weights, ignore mask and TopK selection (0 outside it).
+    Its forward also computes their derivatives in the input, and saves only those: backward
+    multiplies them by the upstream gradient. On the CPU only (see the backend's
+    capabilities): an upstream gradient that is not finite everywhere (the caller's weights,
+    a NaN loss) goes through the reference, whose gradient is 0 wherever the loss does not
+    read an element whatever the upstream; reading that elsewhere would cost a device
+    synchronisation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, params: DistributionParams, checked: bool):
+        dtype = compute_dtype(x.dtype)
+        multiclass = params.mode == MULTICLASS_MODE
+        if multiclass:
+            loss, slope, valid, _ = _multiclass_distribution_terms(x, target, dtype, params,
+                                                                   checked)
+        else:
+            loss, slope, valid = _binary_distribution_terms(x, target, dtype, params)
+        if params.k is not None:
+            loss, selected = reference.topk_selected(loss, valid, params.k)
+            slope.masked_fill_(~selected.unsqueeze(1) if multiclass else ~selected, 0)
+        ctx.save_for_backward(x, target, slope)
+        # probabilities whose slope overflowed: formed as autograd forms it (DistributionSum)
+        ctx.config = (params, checked,
+                      not params.from_logits and bool(torch.isinf(slope).any()))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, target, slope = ctx.saved_tensors
+        params, checked, overflowed = ctx.config
+        # (a finite sum: every element finite, read in one pass; one that overflowed only
+        # takes the exact path for nothing)
+        if (must_recompute(grad) or overflowed or not _host_readable(grad)
+                or not math.isfinite(grad.sum())):
+            (grad_x,) = recompute_backward(
+                lambda xs: _reference_elements(xs, target, params, checked), (x,), (grad,))
+            return grad_x, None, None, None
+        upstream = grad.unsqueeze(1) if params.mode == MULTICLASS_MODE else grad
+        return _as(_as(slope, grad.dtype) * upstream, x.dtype), None, None, None
+
+
 # ----------------------------------------------------------------------------- the backend
 def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked: bool
             ) -> Tensor:
@@ -369,6 +423,8 @@ class TorchBackend:
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         topk=True, pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True,
+        # per-element losses on the CPU, where backward reads its upstream gradient for free
+        reduction_none=True, reduction_none_devices=frozenset({"cpu"}),
     )
 
     def unavailable(self, x: Tensor) -> str | None:
@@ -384,6 +440,16 @@ class TorchBackend:
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
+        if params.reduction == "none":
+            loss = DistributionElements.apply(layout.x, layout.target, params, checked)
+            # NaN where an element is invalid, its gradient too (multiplied, not selected);
+            # which ones is asked only where one is (a CPU tensor: read for free)
+            if bool(invalid_values(layout, params.ignore_index, params.from_logits,
+                                   not checked)):
+                bad = invalid_elements(layout, params.ignore_index, params.from_logits,
+                                       not checked)
+                loss = loss * torch.where(bad, math.nan, 1.0).to(loss.dtype)
+            return loss.reshape(layout.elementwise_shape)
         total, count = DistributionSum.apply(layout.x, layout.target, params, checked)
         loss = total / count if params.reduction == "mean" else total
         return loss * _poison(layout, params.ignore_index, params.from_logits, checked)
