@@ -90,6 +90,33 @@ def test_ninety_percent_nan_logits(name, mode, backend):
         assert torch.isnan(grad).any()
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("mode", ["binary", "multiclass"])
+def test_a_nan_focal_loss_leaves_a_certain_elements_gradient_as_the_reference(mode, gamma,
+                                                                           backend):
+    """A NaN input makes the Focal loss NaN and the gradient NaN wherever the loss reads an
+    element; at an element classified with certainty (cross-entropy exactly 0: a logit of
+    -200 with target 0, a class at -inf that the pixel does not target) the reference takes
+    no power for 0 < gamma < 1 and its gradient stays 0. The Triton kernels formed the slope
+    there and multiplied it by the NaN (found by a review that fuzzed every backend)."""
+    if mode == "binary":
+        x = torch.tensor([[[-200.0, math.nan, 0.3]]])
+        target = torch.tensor([[[0.0, 1.0, 1.0]]])
+    else:
+        x = torch.tensor([[[-1.7319, -math.inf, math.nan], [0.1255, -0.2193, 0.5]]])
+        target = torch.tensor([[0, 1, 1]])
+    loss_fn = dynloss.FocalLoss(gamma=gamma, mode=mode, backend=backend)
+    got, grad = loss_and_grad(loss_fn, x, target)
+    want, want_grad = loss_and_grad(dynloss.FocalLoss(gamma=gamma, mode=mode,
+                                                      backend="reference"), x, target)
+    assert got.isnan() and want.isnan()
+    assert torch.equal(grad.isnan(), want_grad.isnan()), (grad, want_grad)
+    certain = (0, 0, 0) if mode == "binary" else (0, slice(None), 1)  # (multiclass: pixel 1)
+    if gamma < 1:
+        assert not want_grad[certain].any() and not grad[certain].any()
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", DISTRIBUTION_NAMES)
 def test_reduction_none_marks_exactly_the_bad_elements(name, mode):

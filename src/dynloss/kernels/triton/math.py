@@ -110,7 +110,10 @@ def focal_coef(coef, b, gamma):
     e^{-b} b / q)` with :math:`q = 1 - e^{-b}`: the chain rule through the focal modulation.
     An infinite ``coef`` meets the reference's exact 0 of :math:`d(1 - e^{-b})/db` where
     :math:`q` rounds to 1 (its autograd forms that slope from ``-expm1(-b)``): NaN there, as
-    the reference's ``inf * 0``, not +-inf."""
+    the reference's ``inf * 0``, not +-inf. Where ``b`` is exactly 0 (an element classified
+    with certainty) and ``gamma < 1`` the reference takes no power (its value there is the
+    constant 0: :func:`dynloss._math.focal_modulation`), so its gradient is 0 whatever
+    ``coef``, also a NaN one (a NaN loss)."""
     q = one_minus_exp_neg(b)
     pos = q > 0.0
     # b clamped to dynloss._math.SATURATED_B: e^{-b} b is 0, not 0 * inf, at an infinite b
@@ -118,4 +121,5 @@ def focal_coef(coef, b, gamma):
     qg = tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, q, 1.0))), 0.0)
     slope = qg * (1.0 + gamma * tl.exp(-b) * ratio)
     saturated = (tl.abs(coef) == float("inf")) & (q == 1.0)
-    return tl.where(saturated, float("nan"), coef * slope)
+    certain = (q == 0.0) & (gamma < 1.0)
+    return tl.where(certain, 0.0, tl.where(saturated, float("nan"), coef * slope))
