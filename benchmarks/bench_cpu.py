@@ -7,6 +7,7 @@ multilabel: ``peers.py``).
     python benchmarks/bench_cpu.py --losses topk --out /tmp/topk   # one loss, elsewhere
     python benchmarks/bench_cpu.py --mode multiclass     # (8, 4, 256, 256), class-index target
     python benchmarks/bench_cpu.py --mode multilabel     # (8, 3, 256, 256), 0/1 per channel
+    python benchmarks/bench_cpu.py --dtype bfloat16 --shape 16 1 128 128   # autocast logits
 
 ``--mode multiclass``: the target holds class indices (int64, ``(N, *spatial)``, drawn
 uniformly from ``[0, C)``, ``C = shape[1] >= 2``); the losses are dynloss's multiclass ones
@@ -88,17 +89,24 @@ PASS = {"binary": "sigmoid", "multiclass": "softmax", "multilabel": "sigmoid"}
 """The yardstick of each mode: one pass of this activation over the input."""
 
 
-def default_name(shape, losses, mode="binary"):
+DTYPES = ("float32", "float16", "bfloat16")
+"""The logits' dtypes ``--dtype`` times (``float32`` the default)."""
+
+
+def default_name(shape, losses, mode="binary", dtype="float32"):
     """The result files' name: ``cpu`` for every loss at the default shape, else suffixed by
     the shape (``cpu_8x1x64x64``) and by the losses when they are a subset, so that no run
     replaces another shape's or the full table; multiclass runs are ``cpu_multiclass_`` and
     the shape at every shape (``cpu_multiclass_8x4x256x256``), never a binary run's name;
-    multilabel runs likewise ``cpu_multilabel_`` and the shape."""
+    multilabel runs likewise ``cpu_multilabel_`` and the shape; a 16-bit input adds its
+    dtype (``cpu_8x1x64x64_bfloat16``)."""
     dims = "x".join(map(str, shape))
     if mode in ("multiclass", "multilabel"):
         name = f"cpu_{mode}_" + dims
     else:
         name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + dims
+    if dtype != "float32":
+        name += "_" + dtype
     subset = [loss for loss in LOSSES + EXTRA_LOSSES if loss in losses]
     return name if subset == LOSSES else name + "_" + "_".join(subset)
 
@@ -354,6 +362,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES + EXTRA_LOSSES)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="the logits' dtype (float16/bfloat16: a network under "
+                             "torch.autocast); the target is as in float32")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the candidates' order in each round (default: drawn "
                              "afresh and recorded, so that runs see different orders)")
@@ -392,7 +403,7 @@ def main(argv=None):
             return 2
         print(f"not measured: {what}")
     if args.out is None:
-        args.out = RESULTS / default_name(args.shape, args.losses, args.mode)
+        args.out = RESULTS / default_name(args.shape, args.losses, args.mode, args.dtype)
 
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     shape = tuple(args.shape)
@@ -404,6 +415,7 @@ def main(argv=None):
         print(f"bench_cpu.py: error: {error}", file=sys.stderr)
         return 2
     logits, target = make_inputs(shape, mode=args.mode)
+    logits = logits.to(getattr(torch, args.dtype))
     try:
         for name, candidates in every.items():
             check_timed_target(name, candidates, target, args.mode, shape[1])
@@ -419,7 +431,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "mode": args.mode,
         "shape": shape,
-        "dtype": "float32",
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "dynloss": dynloss.__version__,
         "auto_backend": resolve_backend(logits, "auto"),
@@ -434,7 +446,8 @@ def main(argv=None):
         else None,
     }
     print(f"CPU {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
-          f"{'' if args.mode == 'binary' else args.mode + ' '}shape {shape}; "
+          f"{'' if args.mode == 'binary' else args.mode + ' '}shape {shape}"
+          f"{'' if args.dtype == 'float32' else ' ' + args.dtype}; "
           f"torch.{activation} pass: "
           f"{sig * 1e3:.2f} ms; dynloss[auto] runs backend {meta['auto_backend']!r}")
     rows = []

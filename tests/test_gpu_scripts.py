@@ -249,6 +249,29 @@ def test_cpu_benchmark_names_its_results_by_shape_and_losses():
         "cpu_dice_iou_tversky_focal_bce_topk_bce_pos_weight")
 
 
+
+def test_cpu_benchmark_times_16_bit_inputs_under_their_own_name(tmp_path, capsys):
+    """``--dtype bfloat16``/``float16``: the logits in that dtype (a network under
+    ``torch.autocast``), every candidate given the same tensor, the dtype in the results'
+    name and header."""
+    bench = _bench_cpu()
+    assert bench.default_name([8, 1, 64, 64], bench.LOSSES, dtype="bfloat16") == (
+        "cpu_8x1x64x64_bfloat16")
+    assert bench.default_name([32, 1, 256, 256], ["dice"], dtype="float16") == (
+        "cpu_float16_dice")
+    assert bench.default_name([32, 1, 256, 256], bench.LOSSES, dtype="float32") == "cpu"
+    out = tmp_path / "bf16"
+    assert bench.main(["--shape", "2", "1", "8", "8", "--repeats", "2", "--warmup", "0",
+                       "--losses", "dice", "bce", "--dtype", "bfloat16", "--out", str(out)]
+                      ) is None  # (main returns an exit status only for an error)
+    assert "shape (2, 1, 8, 8) bfloat16;" in capsys.readouterr().out
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["meta"]["dtype"] == "bfloat16"
+    assert results["meta"]["auto_backend"] == bench.resolve_backend(
+        torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16), "auto")
+    assert {row["implementation"] for row in results["rows"]} >= {"dynloss[auto]", "monai"}
+    assert "shape (2, 1, 8, 8) bfloat16" in out.with_suffix(".md").read_text()
+
 def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
     """``bce_pos_weight``: BCE with ``pos_weight=3`` against torch's and smp's own weighted
     BCE, every candidate the same value."""
