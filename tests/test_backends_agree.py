@@ -861,7 +861,7 @@ def test_reduction_none_on_the_torch_backend_gives_the_references_answer(name, m
     weights = torch.rand(x.shape if mode != "multiclass" else (2, 5, 7), generator=gen)
     odd = weights.clone()
     odd.view(-1)[7] = math.nan
-    odd.view(-1)[5] = math.inf  # (2, 5, 7) or (2, C, 5, 7): element 5 is in the ignored row
+    odd.view(-1)[5] = math.inf  # a kept element; element 7 is ignored (with ignore_index)
     bad = x.clone()
     bad[1, 0, 2, 3] = math.nan
     for inputs, upstream in ((x, weights), (x, odd), (bad, weights)):
@@ -876,3 +876,27 @@ def test_reduction_none_on_the_torch_backend_gives_the_references_answer(name, m
         (got, got_grad), (want, want_grad) = results["torch"], results["reference"]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["bce", "focal", "topk"])
+def test_reduction_none_on_the_torch_backend_passes_gradcheck(name, mode):
+    """The torch backend's per-element losses (their slopes formed in the forward pass),
+    first and second order, in float64 against finite differences."""
+    x, target = seeded_case(mode, (2, 3, 4), seed=13, dtype=torch.float64)
+    kwargs = dict(reduction="none", backend="torch", ignore_index=255,
+                  **({"k": 0.4} if name == "topk" else {"gamma": 1.5} if name == "focal"
+                     else {}))
+    target = target.clone()
+    target.view(-1)[0] = 255
+    loss_fn = make_loss(name, mode, **kwargs)
+
+    def loss(x):
+        out = loss_fn(x, target)
+        assert "DistributionElementsBackward" in graph_nodes(out)
+        return out
+
+    x = x.requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (x,), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(loss, (x,))

@@ -327,6 +327,12 @@ def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int
     three[1].sync_metric = True
     with pytest.raises(RuntimeError, match=r"differ .*stage '(dice|bce)' here"):
         three[1].step(metric=0.5)
+    # counts 2^20 apart (their residues modulo 2^20 were equal) and far beyond 2^53
+    for far in (2**20, 2**40 + 3, 2**62):
+        apart = make()
+        apart.count = 5 + (far if rank == 1 else 0)
+        with pytest.raises(RuntimeError, match=r"differ \(the step count;"):
+            apart.step(metric=0.5)
 
 
 def make3(**kwargs: object) -> SwitchingLoss:

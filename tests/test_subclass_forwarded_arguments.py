@@ -89,3 +89,55 @@ def test_a_pickled_subclass_reads_its_forwarded_arguments() -> None:
     copied = pickle.loads(pickle.dumps(loss))
     torch.testing.assert_close(copied(LOGITS, TARGET),
                                2.0 * F.dice_loss(LOGITS, TARGET, smooth=4.0), rtol=0, atol=0)
+
+
+class Tag:
+    """A class of the user's that is not a loss, before the loss in the bases."""
+
+
+class Forwarding:
+    """A mixin whose constructor forwards everything to the next class of the MRO."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+
+
+class TaggedDice(Tag, dynloss.DiceLoss):
+    def __init__(self, scale: float = 1.0, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.scale = scale
+
+
+class MixedDice(Forwarding, dynloss.DiceLoss):
+    pass
+
+
+@pytest.mark.parametrize("cls", [TaggedDice, MixedDice])
+def test_a_forwarding_subclass_with_other_bases_has_the_losss_arguments(cls) -> None:
+    """The base whose arguments a forwarding constructor takes is the next class of the
+    subclass's own MRO that defines one, past a user's mixin (it was the owner's direct base,
+    and no argument was found behind a class that is not a loss: a reassigned ``smooth`` was
+    ignored and the repr lost the mode). Found by a review of the change."""
+    loss = cls(smooth=3.0, mode="multilabel")
+    loss.smooth = 5.0
+    torch.testing.assert_close(loss(LOGITS, TARGET),
+                               F.dice_loss(LOGITS, TARGET, mode="multilabel", smooth=5.0),
+                               rtol=0, atol=0)
+    assert "mode='multilabel'" in repr(loss) and "smooth=5.0" in repr(loss)
+
+
+class MultilabelDice(dynloss.DiceLoss):
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(mode="multilabel", **kwargs)
+
+
+def test_the_repr_of_a_subclass_that_fixes_an_argument_rebuilds_it() -> None:
+    """A forwarded argument is written where it differs from what the subclass builds by
+    default, not from the base's default: ``MultilabelDice(mode='multilabel')`` (its own
+    fixed mode compared with DiceLoss's "binary") could not be rebuilt ("got multiple values
+    for keyword argument 'mode'"). Found by a review of the change."""
+    loss = MultilabelDice(smooth=2.0)
+    assert repr(loss) == "MultilabelDice(smooth=2.0)"
+    rebuilt = dynloss.build_loss(repr(loss), names={"MultilabelDice": MultilabelDice})
+    assert rebuilt.hyperparameters() == loss.hyperparameters()
+    assert repr(MultilabelDice()) == "MultilabelDice()"

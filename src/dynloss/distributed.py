@@ -248,21 +248,22 @@ def reduce_mean(value: float | Tensor) -> float:
     return reduce_mean_comparing(value, ())[0]
 
 
-_RESIDUES = 1 << 20
-"""Counters are compared by their residues modulo 2**20: the sums of their squares over up to
-:data:`_MOST_RANKS_COMPARED` ranks are exact in float64."""
-_MOST_RANKS_COMPARED = 1 << 13
+def _digit_bits(world: int) -> int:
+    """Bits per digit of a compared counter over ``world`` ranks: the largest ``b`` for which
+    the ranks' sum of squared digits, below ``world * 2**(2b)``, is exact in float64."""
+    return (53 - max(world - 1, 1).bit_length()) // 2
 
 
 def reduce_mean_comparing(value: float | Tensor, counters: Sequence[int]
                           ) -> tuple[float, tuple[bool, ...]]:
-    """:func:`reduce_mean` of ``value``, and for each of ``counters`` (integers, the same
-    number on every rank) whether every rank holds the same, in the same all-reduce.
+    """:func:`reduce_mean` of ``value``, and for each of ``counters`` (integers in
+    ``[0, 2**64)``, as many on every rank) whether every rank holds the same, in the same
+    all-reduce.
 
-    Each counter ``c`` travels as ``r = c mod 2**20`` and ``r**2``: the ranks agree where
-    ``W * sum(r**2) == sum(r)**2`` over the ``W`` ranks (equality holds only for equal
-    values), exactly in float64 for up to 8192 ranks (beyond, counters are not compared:
-    True). Every rank gets the same answer. Single process: every counter agrees.
+    Each counter travels as its digits ``d`` in base ``2**b`` (``b`` from the world size
+    ``W``: 26 bits for 2 ranks, 20 for 8192) and their squares: the ranks agree where ``W *
+    sum(d**2) == sum(d)**2`` for every digit (equality holds only for equal digits), sums
+    exact in float64. Every rank gets the same answer. Single process: every counter agrees.
 
     Examples:
         >>> from dynloss.distributed import reduce_mean_comparing
@@ -273,18 +274,21 @@ def reduce_mean_comparing(value: float | Tensor, counters: Sequence[int]
         return metric_value(value), (True,) * len(counters)
     check_metric(value)
     device = _collective_device(value)
-    residues = [float(int(count) % _RESIDUES) for count in counters]
+    world = dist.get_world_size()
+    bits = _digit_bits(world)
+    per_counter = -(-64 // bits)
+    digits = [float((int(count) >> (bits * i)) & ((1 << bits) - 1))
+              for count in counters for i in range(per_counter)]
     if isinstance(value, Tensor):
         # A copy: the all-reduce writes in place, and the caller's tensor keeps its value.
         metric = value.detach().reshape(1).to(device=device, dtype=torch.float64, copy=True)
     else:
         metric = torch.tensor([metric_value(value)], device=device, dtype=torch.float64)
-    buffer = metric if not residues else torch.cat([metric, torch.tensor(
-        [x for r in residues for x in (r, r * r)], device=device, dtype=torch.float64)])
+    buffer = metric if not digits else torch.cat([metric, torch.tensor(
+        [x for d in digits for x in (d, d * d)], device=device, dtype=torch.float64)])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     total, *sums = buffer.tolist()
-    world = dist.get_world_size()
-    agree = tuple(
-        world > _MOST_RANKS_COMPARED or world * int(sums[2 * i + 1]) == int(sums[2 * i]) ** 2
-        for i in range(len(residues)))
+    same = [world * int(sums[2 * i + 1]) == int(sums[2 * i]) ** 2 for i in range(len(digits))]
+    agree = tuple(all(same[i * per_counter:(i + 1) * per_counter])
+                  for i in range(len(counters)))
     return total / world, agree

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -244,8 +245,7 @@ class SegmentationLoss(nn.Module):
             self._ready(strict=False)
 
     def __repr__(self) -> str:
-        defaults = {name: parameter.default
-                    for name, (parameter, _) in _constructor_parameters(type(self)).items()}
+        defaults = _repr_defaults(type(self))
         floats = _float_arguments(type(self))
         changed = []
         for name, value in self.hyperparameters().items():
@@ -263,25 +263,56 @@ def _constructor_parameters(cls: type) -> dict[str, tuple[inspect.Parameter, typ
     """``{name: (parameter, owner)}`` of ``cls``'s constructor arguments, ``owner`` the class
     whose ``__init__`` declares it.
 
-    A constructor that forwards ``*args``/``**kwargs`` to its base (``def __init__(self,
-    scale=2.0, **kwargs): super().__init__(**kwargs)``) takes the base's arguments too: they
-    follow its own named ones, so that a reassigned ``smooth`` is read again and ``repr``
-    lists it."""
+    A constructor that forwards ``**kwargs`` to the next one (``def __init__(self,
+    scale=2.0, **kwargs): super().__init__(**kwargs)``) takes that one's arguments too,
+    after its own: the next class of ``cls``'s MRO that defines ``__init__``, past mixins
+    that forward everything (a mixin's own named arguments are its own business), up to the
+    first loss constructor that does not forward. So a reassigned ``smooth`` is read again
+    and ``repr`` lists it."""
     found = _CONSTRUCTOR_PARAMETERS.get(cls)
     if found is None:
-        owner = next((c for c in cls.__mro__ if "__init__" in vars(c)), cls)
         found = {}
-        forwards = False
-        for name, parameter in inspect.signature(cls).parameters.items():
-            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                forwards = True
-            else:
-                found[name] = (parameter, owner)
-        base = owner.__mro__[1] if len(owner.__mro__) > 1 else object
-        if forwards and owner is not SegmentationLoss and issubclass(base, SegmentationLoss):
-            for name, inherited in _constructor_parameters(base).items():
-                found.setdefault(name, inherited)
+        mro = cls.__mro__
+        owners = [c for c in mro if "__init__" in vars(c)
+                  and c not in (nn.Module, object)]
+        for index, owner in enumerate(owners):
+            parameters = list(inspect.signature(vars(owner)["__init__"]).parameters.items())
+            forwards = any(p.kind is p.VAR_KEYWORD for _, p in parameters)
+            if index == 0 or issubclass(owner, SegmentationLoss):
+                for name, parameter in parameters[1:]:  # (self)
+                    if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                        found.setdefault(name, (parameter, owner))
+            if not forwards or owner is SegmentationLoss:
+                break
         _CONSTRUCTOR_PARAMETERS[cls] = found
+    return found
+
+
+_REPR_DEFAULTS: dict[type, dict[str, Any]] = {}
+
+
+def _repr_defaults(cls: type) -> dict[str, Any]:
+    """The value of each constructor argument that ``repr`` leaves out: its default; for an
+    argument a constructor forwards (:func:`_constructor_parameters`), the value a
+    default-built ``cls()`` holds (cached), since a subclass may fix it
+    (``super().__init__(mode="multilabel", **kwargs)``: its repr must not write that mode,
+    which it cannot take again), or the base's default where ``cls()`` cannot be built."""
+    found = _REPR_DEFAULTS.get(cls)
+    if found is None:
+        parameters = _constructor_parameters(cls)
+        found = {name: parameter.default for name, (parameter, _) in parameters.items()}
+        own = next(c for c in cls.__mro__ if "__init__" in vars(c))
+        forwarded = [name for name, (_, owner) in parameters.items() if owner is not own]
+        if forwarded:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    built = cls()
+            except Exception:  # arguments without defaults, or a constructor that refuses
+                built = None
+            for name in forwarded if built is not None else ():
+                found[name] = getattr(built, name, found[name])
+        _REPR_DEFAULTS[cls] = found
     return found
 
 

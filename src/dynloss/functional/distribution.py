@@ -95,11 +95,13 @@ _SHARED_DOC = """
             input's shape (binary/multilabel) or ``(N, *spatial)`` (multiclass), 0 where
             ignored (and, for TopK, where not selected).
         backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
-            tensors but rows of fewer than 16 pixels kept per row, else ``"torch"``; the
+            tensors (16-bit ones as a float32 copy) but rows of fewer than 16 pixels kept
+            per row, else ``"torch"``; the
             reference for what those cannot do), ``"torch"``
             (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
             ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.
-            ``reduction="none"`` is computed by the reference.
+            ``reduction="none"`` is computed by the torch backend on the CPU, by the
+            reference elsewhere.
         check_values: raise a ``ValueError`` for target (or probability) values out of
             range, which reads the data on the host; ``None`` (default): for CPU tensors,
             where that costs no device synchronisation. Where the check does not run (CUDA

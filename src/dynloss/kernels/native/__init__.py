@@ -1,4 +1,5 @@
-"""The ``"native"`` backend: C++ kernels for float32 CPU tensors, compiled at first use.
+"""The ``"native"`` backend: C++ kernels for float32 CPU tensors (float16 and bfloat16 read
+as a float32 copy), compiled at first use.
 
 Files: ``abi.py`` (the C struct and its version), ``build.py`` (compile, lock, cache, verify,
 load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per loss),
