@@ -301,6 +301,7 @@ def _repr_defaults(cls: type) -> dict[str, Any]:
     if found is None:
         parameters = _constructor_parameters(cls)
         found = {name: parameter.default for name, (parameter, _) in parameters.items()}
+        _REPR_DEFAULTS[cls] = found  # (a repr while cls() is built, below, reads these)
         own = next(c for c in cls.__mro__ if "__init__" in vars(c))
         forwarded = [name for name, (_, owner) in parameters.items() if owner is not own]
         if forwarded:
@@ -312,7 +313,6 @@ def _repr_defaults(cls: type) -> dict[str, Any]:
                 built = None
             for name in forwarded if built is not None else ():
                 found[name] = getattr(built, name, found[name])
-        _REPR_DEFAULTS[cls] = found
     return found
 
 
