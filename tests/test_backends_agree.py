@@ -878,7 +878,6 @@ def test_reduction_none_on_the_torch_backend_gives_the_references_answer(name, m
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["bce", "focal", "topk"])
 def test_reduction_none_on_the_torch_backend_passes_gradcheck(name, mode):

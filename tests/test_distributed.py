@@ -296,7 +296,6 @@ def check_switching_is_consistent_across_ranks(rank: int) -> None:
     assert _history(plateau, mine) == [0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
-
 def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int) -> None:
     """Resuming, a rank that alone loaded the checkpoint's loss state (``if rank == 0:
     loss.load_state_dict(...)``, trusting DDP's broadcast, which covers the model only) is at
@@ -327,7 +326,7 @@ def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int
     three[1].sync_metric = True
     with pytest.raises(RuntimeError, match=r"differ .*stage '(dice|bce)' here"):
         three[1].step(metric=0.5)
-    # counts 2^20 apart (their residues modulo 2^20 were equal) and far beyond 2^53
+    # counts 2^20, 2^40 and 2^62 apart: every digit of a count is compared
     for far in (2**20, 2**40 + 3, 2**62):
         apart = make()
         apart.count = 5 + (far if rank == 1 else 0)
@@ -338,6 +337,7 @@ def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int
 def make3(**kwargs: object) -> SwitchingLoss:
     return SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()], trigger=Plateau(patience=1),
                          **kwargs)
+
 
 CHECKS = {
     name: fn for name, fn in sorted(globals().items()) if name.startswith("check_")

@@ -249,7 +249,6 @@ def test_cpu_benchmark_names_its_results_by_shape_and_losses():
         "cpu_dice_iou_tversky_focal_bce_topk_bce_pos_weight")
 
 
-
 def test_cpu_benchmark_times_16_bit_inputs_under_their_own_name(tmp_path, capsys):
     """``--dtype bfloat16``/``float16``: the logits in that dtype (a network under
     ``torch.autocast``), every candidate given the same tensor, the dtype in the results'
@@ -271,6 +270,7 @@ def test_cpu_benchmark_times_16_bit_inputs_under_their_own_name(tmp_path, capsys
         torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16), "auto")
     assert {row["implementation"] for row in results["rows"]} >= {"dynloss[auto]", "monai"}
     assert "shape (2, 1, 8, 8) bfloat16" in out.with_suffix(".md").read_text()
+
 
 def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
     """``bce_pos_weight``: BCE with ``pos_weight=3`` against torch's and smp's own weighted

@@ -599,7 +599,6 @@ def test_topk_large_random_input_selects_exactly_n():
         assert int((grad != 0).sum()) == _math.topk_count(k, x.numel())
 
 
-
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
 @pytest.mark.parametrize("elements", [2 ** 16 - 1, 2 ** 16], ids=["below", "at"])
 def test_topk_selects_exactly_on_both_sides_of_the_small_input_digits(mode, elements):
@@ -616,6 +615,7 @@ def test_topk_selects_exactly_on_both_sides_of_the_small_input_digits(mode, elem
         _, grad = _run(F.topk_loss, x, t, "native", mode=mode, k=k)
         assert torch.equal(_selected_by_gradient(grad, mode), _topk_reference_mask(x, t, mode, k))
         _compare(F.topk_loss, x, t, mode=mode, k=k, rtol=5e-5)
+
 
 def test_topk_all_losses_equal_takes_the_first_n():
     x, t = torch.full((3, 1, 160, 170), 1.5), torch.ones(3, 1, 160, 170)
@@ -1075,7 +1075,6 @@ def test_more_than_host_scores_region_scores(case, reduction):
     _compare(fn, x, t, **kw)
 
 
-
 def test_fused_composite_past_host_scores_keeps_the_region_weight():
     """The one-pass composite past ``HOST_SCORES`` scores (per-image Dice of 33 x 32 scores):
     its backward dropped the region term's weight there and no test reached it."""
@@ -1324,7 +1323,6 @@ def test_a_float32_input_under_another_default_dtype_gets_the_reference_gradient
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-4
-
 
 
 @pytest.mark.parametrize("make", [

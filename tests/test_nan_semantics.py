@@ -90,7 +90,6 @@ def test_ninety_percent_nan_logits(name, mode, backend):
         assert torch.isnan(grad).any()
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 @pytest.mark.parametrize("mode", ["binary", "multiclass"])
@@ -116,6 +115,7 @@ def test_a_nan_focal_loss_leaves_a_certain_elements_gradient_as_the_reference(mo
     certain = (0, 0, 0) if mode == "binary" else (0, slice(None), 1)  # (multiclass: pixel 1)
     if gamma < 1:
         assert not want_grad[certain].any() and not grad[certain].any()
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", DISTRIBUTION_NAMES)
@@ -523,7 +523,6 @@ def test_a_nan_probability_gives_the_references_gradient_pattern(name, mode, bac
     _assert_the_references_gradient(name, mode, backend, x, target, kwargs)
 
 
-
 def test_the_torch_backend_without_host_reads_keeps_the_references_nan_pattern(monkeypatch):
     """Where nothing may be read on the host (CUDA) the torch backend keeps the mask of the
     elements the loss does not read for backward: an ignored pixel and an element TopK did
@@ -576,7 +575,6 @@ def test_topk_selects_an_infinite_loss_above_the_largest_finite_one(backend):
     value.backward()
     assert value.item() == math.inf
     assert (leaf.grad != 0).any(1).view(-1).tolist() == [False, True]
-
 
 
 @pytest.mark.parametrize("upstream", [math.nan, math.inf])
