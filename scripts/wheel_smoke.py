@@ -208,6 +208,7 @@ def main() -> int:
     assert torch.equal(distributed.all_gather_with_grad(t), t.unsqueeze(0))
     assert torch.equal(distributed.pool_across_ranks(t)[0], t)
     assert distributed.reduce_mean(2.0) == 2.0
+    assert distributed.reduce_mean_comparing(2.0, (3, 0)) == (2.0, (True, True))
     assert distributed.metric_value(torch.tensor([0.5])) == 0.5
     distributed.check_metric(1.0)
     try:
@@ -217,7 +218,8 @@ def main() -> int:
     else:
         raise AssertionError("check_metric accepted a string")
     for name in ("is_distributed", "world_size", "all_reduce_with_grad", "all_gather_with_grad",
-                 "pool_across_ranks", "reduce_mean", "metric_value", "check_metric"):
+                 "pool_across_ranks", "reduce_mean", "reduce_mean_comparing", "metric_value",
+                 "check_metric"):
         use(name)
 
     for name in ("__version__", "distributed", "functional", "schedules"):
