@@ -236,6 +236,14 @@ def _selected_count(k: float, loss: Tensor, valid: Tensor | None) -> int | Tenso
                                                  device=loss.device))
 
 
+def distribution_elements(layout: Layout, params: DistributionParams, checked: bool = True
+                          ) -> Tensor:
+    """The per-element losses of ``reduction="none"`` before invalid elements are marked NaN:
+    :func:`distribution_terms`, 0 outside a TopK selection."""
+    loss, valid = distribution_terms(layout, params, checked)
+    return loss if params.k is None else topk_selected(loss, valid, params.k)[0]
+
+
 def topk_number(loss: Tensor, valid: Tensor | None, k: float) -> Tensor:
     n = _selected_count(k, loss, valid)
     if isinstance(n, int):
@@ -279,9 +287,7 @@ class Reference:
             total, count = distribution_sum(layout, params, checked)
             loss = total / count if params.reduction == "mean" else total
             return loss * _math.non_finite_poison(invalid)
-        loss, valid = distribution_terms(layout, params, checked)
-        if params.k is not None:
-            loss = topk_selected(loss, valid, params.k)[0]
+        loss = distribution_elements(layout, params, checked)
         bad = invalid_elements(layout, params.ignore_index, params.from_logits, not checked)
         # multiplied, not selected: the element's gradient is NaN too (a selection would send
         # it none, and +-inf has a finite or zero slope)

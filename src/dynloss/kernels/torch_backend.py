@@ -359,9 +359,8 @@ class DistributionSum(torch.autograd.Function):
 
 def _reference_elements(x: Tensor, target: Tensor, params: DistributionParams,
                         checked: bool) -> Tensor:
-    layout = Layout(x, target, params.mode, x.shape)
-    loss, valid = reference.distribution_terms(layout, params, checked)
-    return loss if params.k is None else reference.topk_selected(loss, valid, params.k)[0]
+    return reference.distribution_elements(Layout(x, target, params.mode, x.shape), params,
+                                           checked)
 
 
 class DistributionElements(torch.autograd.Function):
