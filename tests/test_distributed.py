@@ -334,6 +334,43 @@ def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int
             apart.step(metric=0.5)
 
 
+def check_ranks_whose_switch_states_differ_are_told_before_a_later_adaptive_stage(
+        rank: int) -> None:
+    """A milestone stage before an adaptive one (``trigger=[5, Plateau(...)]``), rank 0 alone
+    resumed at count 3: the ranks reached their first metric all-reduce at different steps
+    (rank 0's met rank 1's gradient all-reduce under DDP: gloo aborted; without other
+    collectives the two paired and, the counts then equal, nothing was raised). While an
+    adaptive trigger is still to come, here or nested, every ``step(metric=...)`` compares
+    the states, so the first step after resuming raises on every rank. Found by a review."""
+    def make() -> SwitchingLoss:
+        return SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()], trigger=[5, Plateau(2)])
+
+    def nested() -> CompositeLoss:  # the adaptive trigger in a loss nested in a later stage
+        inner = SwitchingLoss([BCELoss(), IoULoss()], trigger=Plateau(2))
+        return CompositeLoss([SwitchingLoss([DiceLoss(), inner], milestones=[4]), BCELoss()])
+
+    for build in (make, nested):
+        trained = build()
+        for _ in range(3):
+            trained.step(metric=1.0)
+        loss = build()
+        if rank == 0:
+            loss.load_state_dict(trained.state_dict())
+        with pytest.raises(RuntimeError, match=r"the ranks' switch states differ \(the step "
+                           r"count.*count [03] here"):
+            loss.step(metric=0.5)
+    # in step, the ranks reduce at every step until the last adaptive switch, and the
+    # decision is the mean metric's
+    loss = make()
+    history = []
+    for epoch in range(12):
+        loss.step(metric=1.0 if rank == 0 or epoch < 6 else 0.5 - 0.01 * epoch)
+        history.append(loss.active_index)
+    histories = _gather(history)
+    assert histories[0] == histories[1]
+    assert history == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]  # the mean improves from 6 on
+
+
 def make3(**kwargs: object) -> SwitchingLoss:
     return SwitchingLoss([DiceLoss(), BCELoss(), IoULoss()], trigger=Plateau(patience=1),
                          **kwargs)

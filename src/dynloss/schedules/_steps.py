@@ -248,6 +248,14 @@ def metric_triggers(module: object) -> list:
     return list(triggers()) if triggers is not None else []
 
 
+def reads_metric_later(module: object) -> bool:
+    """Whether a trigger of ``module`` (a CompositeLoss / SwitchingLoss, nested ones
+    included) reads a monitored value now or at a later step: one of a SwitchingLoss's active
+    stage or of a stage after it."""
+    later = getattr(module, "_dynloss_reads_metric_later", None)
+    return bool(later()) if later is not None else False
+
+
 def require_metric(module: object, metric: object) -> None:
     """Raise the ``ValueError`` a trigger raises without its metric, or for a metric that is
     not a real scalar, before a step changes anything (counters, weight schedules, nested

@@ -32,6 +32,7 @@ from ._steps import (
     count_step,
     in_use,
     metric_triggers,
+    reads_metric_later,
     record,
     record_added,
     record_tree,
@@ -482,6 +483,11 @@ class CompositeLoss(nn.Module):
 
     def _metric_triggers(self) -> list:
         return [t for loss in self.terms.values() for t in metric_triggers(loss)]
+
+    def _dynloss_reads_metric_later(self) -> bool:
+        """Whether a term's trigger reads the metric now or later (see
+        :func:`~dynloss.schedules._steps.reads_metric_later`)."""
+        return any(reads_metric_later(loss) for loss in self.terms.values())
 
     def _dynloss_in_use(self, found: dict[int, Any]) -> None:
         for loss in self.terms.values():

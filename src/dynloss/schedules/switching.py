@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice
 from .._warn import warn_at_caller
-from ..distributed import metric_value, reduce_mean_comparing
+from ..distributed import is_distributed, metric_value, reduce_mean_comparing
 from ._base import (
     check_count,
     check_same_targets,
@@ -30,6 +30,7 @@ from ._steps import (
     count_step,
     in_use,
     metric_triggers,
+    reads_metric_later,
     record,
     record_tree,
     step_child,
@@ -112,7 +113,9 @@ class SwitchingLoss(nn.Module):
         sync_metric: under ``torch.distributed``, average the metric over the ranks before a
             trigger sees it (default True), so all ranks switch at the same step. Every rank
             must then call ``step(metric=...)``; ranks whose step counts or stages differ
-            (one alone loaded the loss's state) raise a ``RuntimeError`` there.
+            (one alone loaded the loss's state) raise a ``RuntimeError`` there. A metric
+            passed while an adaptive trigger is still to come (after a milestone stage) is
+            reduced too, so the ranks are compared from the first step.
         on_switch: a callback, or a list of them, called with a :class:`SwitchEvent` at every
             switch (see :meth:`on_switch` and :func:`~dynloss.schedules.reset_plateau_scheduler`).
 
@@ -373,6 +376,15 @@ class SwitchingLoss(nn.Module):
         active = self.triggers[self.active_index:self.active_index + 1]
         return [t for t in active if t.needs_metric] + metric_triggers(self.active)
 
+    def _dynloss_reads_metric_later(self) -> bool:
+        """Whether a trigger of the active stage or a later one (here or nested) reads the
+        metric: until the last of them has fired, the ranks compare their states at every
+        ``step(metric=...)`` (see :meth:`_dynloss_step`)."""
+        if any(t.needs_metric for t in self.triggers[self.active_index:]):
+            return True
+        later = list(self.stages.values())[self.active_index:]
+        return any(reads_metric_later(stage) for stage in later)
+
     def _dynloss_in_use(self, found: dict[int, Any]) -> None:
         in_use(self.active, found)
 
@@ -384,12 +396,18 @@ class SwitchingLoss(nn.Module):
         counter) but consults no trigger."""
         active = id(self) in used
         seen.add(id(self))
-        # only while an active trigger (here or nested) reads it: a finished one must not
-        # make this rank wait in a collective that the others, asked for nothing, skip
-        if active and metric is not None and self._metric_triggers():
-            if self.sync_metric and not synced:
+        # reduced while an active trigger (here or nested) reads it, and, under
+        # torch.distributed, at every step before a later one does: the ranks' states are
+        # compared in that all-reduce, so a rank that alone resumed is told at its first
+        # step, not when the ranks meet in different collectives (a milestone stage first).
+        # Never after the last adaptive switch: a finished trigger must not make this rank
+        # wait in a collective that the others, asked for nothing, skip.
+        if active and metric is not None:
+            if self.sync_metric and not synced and (
+                    self._metric_triggers()
+                    or (is_distributed() and self._dynloss_reads_metric_later())):
                 metric, synced = self._reduce_metric(metric), True
-            else:
+            elif self._metric_triggers():
                 metric = metric_value(metric)
         count_step(self)
         self.count += 1
