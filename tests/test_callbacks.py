@@ -128,7 +128,10 @@ def test_reset_plateau_scheduler_fills_a_tensor_learning_rate_in_place():
     loss.step()
     assert optimizer.param_groups[0]["lr"] is lr
     assert lr.item() == pytest.approx(1e-4)
-    assert scheduler._last_lr == [pytest.approx(1e-4)]
+    # get_last_lr() as torch's schedulers leave it: a copy of the tensor (was a float)
+    (last,) = scheduler.get_last_lr()
+    assert isinstance(last, torch.Tensor) and last is not lr
+    assert last.item() == pytest.approx(1e-4)
 
 
 def test_reset_plateau_scheduler_clears_the_cooldown_and_reaches_every_group():

@@ -101,7 +101,9 @@ class _PlateauReset:
                     group["lr"].fill_(value)
                 else:
                     group["lr"] = value
-            scheduler._last_lr = list(values)
+            # as torch's schedulers keep it: each group's lr, a tensor one copied
+            scheduler._last_lr = [group["lr"].clone() if isinstance(group["lr"], torch.Tensor)
+                                  else group["lr"] for group in groups]
 
     def __repr__(self) -> str:
         lr = "" if self.lrs is None else f", lr={self.lrs[0] if self.one_value else self.lrs}"
