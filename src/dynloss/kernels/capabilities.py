@@ -55,6 +55,9 @@ class Capabilities:
     reduction_none_devices: frozenset[str] | None = None
     """The device types on which it computes :attr:`reduction_none` (None: every device it
     runs on)."""
+    topk_reduction_none: bool = False
+    """:attr:`reduction_none` of TopK too (its per-element losses, 0 outside the selection;
+    with :attr:`topk` and :attr:`reduction_none`)."""
     pos_weight: bool = False
     """BCE's ``pos_weight``: the positives' term of the cross-entropy weighed."""
     topk_pos_weight: bool = False
@@ -114,6 +117,8 @@ class Capabilities:
                                          or x.device.type in self.reduction_none_devices)):
             return "reduction='none'" + ("" if not self.reduction_none
                                          else f" on {x.device.type} tensors")
+        if need.reduction_none and need.topk and not self.topk_reduction_none:
+            return "reduction='none' with TopK"
         if need.pos_weight and not (self.topk_pos_weight if need.topk else self.pos_weight):
             return "pos_weight" + (" with TopK" if need.topk else "")
         if need.weighted_mean and not self.weighted_mean:

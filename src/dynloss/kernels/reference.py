@@ -267,7 +267,8 @@ class Reference:
 
     name = "reference"
     capabilities = Capabilities(
-        devices=None, dtypes=None, ops=None, topk=True, reduction_none=True, pos_weight=True,
+        devices=None, dtypes=None, ops=None, topk=True, reduction_none=True,
+        topk_reduction_none=True, pos_weight=True,
         topk_pos_weight=True, weighted_mean=True, class_choice=True, target_grad=True,
         double_backward=True, ddp_pool=True, compilable=True, traceable=True,
         func_transforms=True, forward_ad=True,

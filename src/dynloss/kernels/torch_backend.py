@@ -424,6 +424,7 @@ class TorchBackend:
         class_choice=True, double_backward=True,
         # per-element losses on the CPU, where backward reads its upstream gradient for free
         reduction_none=True, reduction_none_devices=frozenset({"cpu"}),
+        topk_reduction_none=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:

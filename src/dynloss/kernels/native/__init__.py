@@ -7,9 +7,9 @@ load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per los
 
 What it computes: float32 input on the CPU, every mode, logits or probabilities,
 ``ignore_index``, soft labels: Dice/IoU/Tversky (also ``ddp_pool``, ``reduction="none"``),
-BCE, Focal and TopK (``"mean"``/``"sum"``; TopK selects by a radix select in the kernels, no
-sort) and the fused composites of a region and BCE/Focal term. Per-element
-``reduction="none"`` of BCE/Focal/TopK, a target that needs a gradient, other dtypes and
+BCE and Focal (``"mean"``/``"sum"``/``"none"``), TopK (``"mean"``/``"sum"``; selected by a
+radix select in the kernels, no sort) and the fused composites of a region and BCE/Focal term.
+TopK's ``reduction="none"``, a target that needs a gradient, other dtypes and
 ``torch.compile`` go to the next backend (see :mod:`dynloss.kernels.dispatch`). Targets of
 dtype float32, bool, uint8 and int64 are read as they are; others are converted first.
 
@@ -18,15 +18,23 @@ Importing this package builds nothing: the first call that needs the kernels doe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ..._layout import Layout
+from ..._layout import Layout, invalid_elements
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from ...distributed import is_distributed
 from .. import reference
 from ..capabilities import Capabilities, sums_per_row
-from .autograd import NativeCompositeLoss, NativeDistributionLoss, NativeRegionLoss, NativeSums
+from .autograd import (
+    NativeCompositeLoss,
+    NativeDistributionElements,
+    NativeDistributionLoss,
+    NativeRegionLoss,
+    NativeSums,
+)
 from .build import library, status
 
 __all__ = ["NATIVE", "native_available", "native_status"]
@@ -67,6 +75,8 @@ class NativeBackend:
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
+        # BCE/Focal per element; TopK's zeros outside the selection go to the torch backend
+        reduction_none=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
         # where the sums are kept per row (docs/kernels.md, "Short rows")
         min_row_length=16,
@@ -93,9 +103,17 @@ class NativeBackend:
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
         # per-channel pos_weight: the kernels read a row's channel (row % C)
-        return NativeDistributionLoss.apply(
-            _input(layout), layout.target_input,
-            _rows(layout, "distribution", isinstance(params.pos_weight, tuple)), params, checked)
+        dims = _rows(layout, "distribution", isinstance(params.pos_weight, tuple))
+        if params.reduction == "none":
+            loss, invalid = NativeDistributionElements.apply(
+                _input(layout), layout.target_input, dims, params, checked)
+            if invalid:  # NaN where an element is invalid, its gradient too (multiplied)
+                bad = invalid_elements(layout, params.ignore_index, params.from_logits,
+                                       not checked)
+                loss = loss.reshape(bad.shape) * torch.where(bad, math.nan, 1.0)
+            return loss.reshape(layout.elementwise_shape)
+        return NativeDistributionLoss.apply(_input(layout), layout.target_input, dims, params,
+                                            checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,7 +7,7 @@ cached library is never called with a struct it does not expect.
 >>> from dynloss.kernels.native.abi import ABI_VERSION, TARGET_TYPES, Args
 >>> import ctypes, torch
 >>> ABI_VERSION, TARGET_TYPES[torch.int64], ctypes.sizeof(Args) % 8
-(11, 2, 0)
+(12, 2, 0)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 __all__ = ["ABI_VERSION", "FUNCTIONS", "PIXEL_BCE", "PIXEL_FOCAL", "PIXEL_FOCAL2",
            "PIXEL_NONE", "TARGET_TYPES", "Args"]
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 
 PIXEL_NONE, PIXEL_BCE, PIXEL_FOCAL2, PIXEL_FOCAL = 0, 1, 2, 3
 """``Args.pixel``: no distribution term, BCE, focal with gamma = 2, focal with any gamma."""
@@ -71,4 +71,5 @@ class Args(ctypes.Structure):
         ("portable_loops", ctypes.c_int64),
         ("pos_weight", ctypes.c_void_p),
         ("weighted_count", ctypes.c_int64),
+        ("ignored_loss", ctypes.c_double),
     ]

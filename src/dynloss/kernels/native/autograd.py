@@ -33,12 +33,14 @@ from torch import Tensor
 from ... import _math
 from ..._layout import Layout, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
+from ...constants import MULTICLASS_MODE
 from .. import reference
 from .._recompute import must_recompute, recompute_backward
 from .buffer_pool import CPU
-from .ffi import Forward, Sums, native_backward, native_forward
+from .ffi import Forward, Sums, graph_kept, native_backward, native_forward
 
-__all__ = ["NativeCompositeLoss", "NativeDistributionLoss", "NativeRegionLoss", "NativeSums"]
+__all__ = ["NativeCompositeLoss", "NativeDistributionElements", "NativeDistributionLoss",
+           "NativeRegionLoss", "NativeSums"]
 
 
 def _layout(x: Tensor, target: Tensor, mode: str) -> Layout:
@@ -276,6 +278,51 @@ class NativeDistributionLoss(torch.autograd.Function):
         grad = native_backward((target, None, slope), config, None, None,
                                math.nan if invalid else upstream)
         return grad, None, None, None, None
+
+
+class NativeDistributionElements(torch.autograd.Function):
+    """BCE/Focal with ``reduction="none"``: ``(losses, invalid)``, every element's loss
+    (float32, ``dims``, multiclass ``(N, M)``; 0 where ignored) and whether an invalid value
+    was found and not raised for (the caller marks those elements NaN).
+
+    The forward pass writes the losses and their slopes ``d loss / d x`` in one pass; backward
+    multiplies the slopes by the upstream gradient (into the slopes' buffer unless the graph
+    is kept). An upstream gradient that is not finite everywhere (the caller's weights, a NaN
+    loss: its sum, read on the host, is not finite) goes through the reference, whose
+    gradient is 0 wherever the loss does not read an element whatever the upstream; so does
+    a recorded backward (``create_graph=True``) and one after an overflowed slope.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
+                params: DistributionParams, checked: bool):
+        fwd = native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
+                             params.gamma, params.alpha, False, True, checked,
+                             ctx.needs_input_grad[0], None, dims, params.pos_weight,
+                             elements=True)
+        ctx.save_for_backward(x, fwd.target, fwd.slope)
+        ctx.native = (fwd.config, params, checked, fwd.overflowed)
+        return fwd.losses, fwd.invalid
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _invalid: None):
+        x, target, slope = ctx.saved_tensors
+        config, params, checked, overflowed = ctx.native
+        if (must_recompute(grad) or overflowed or slope is None
+                or not math.isfinite(grad.sum())):
+            (grad_x,) = recompute_backward(
+                lambda xs: reference.distribution_elements(_layout(xs, target, params.mode),
+                                                           params, checked).reshape(grad.shape),
+                (x,), (grad,))
+            return grad_x, None, None, None, None
+        n, c, m = config[5]
+        multiclass = params.mode == MULTICLASS_MODE
+        upstream = grad.reshape(n, 1, m) if multiclass else grad.reshape(n, c, m)
+        rows = slope.view(n, c, m)
+        hooked = config[-1]
+        if hooked or graph_kept():  # the saved slopes must stay as they are
+            return (rows * upstream).view(x.shape), None, None, None, None
+        return rows.mul_(upstream).view(x.shape), None, None, None, None
 
 
 class NativeCompositeLoss(torch.autograd.Function):

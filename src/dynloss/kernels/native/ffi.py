@@ -25,6 +25,7 @@ started in the child would wait for them forever; said once).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import warnings
 from typing import Any
@@ -40,7 +41,7 @@ from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES,
 from .buffer_pool import CPU, POOL
 from .build import library, status
 
-__all__ = ["Forward", "Sums", "native_backward", "native_forward"]
+__all__ = ["Forward", "Sums", "graph_kept", "native_backward", "native_forward"]
 
 
 _forked = False  # this process was forked from another (which may have run OpenMP teams)
@@ -141,7 +142,7 @@ def _saved_for_hooks() -> bool:
     return _SAVED_TENSOR_HOOKS(False) is not None
 
 
-def _graph_kept() -> bool:
+def graph_kept() -> bool:
     """Whether the running backward keeps the graph (``retain_graph=True``); True if unknown."""
     getter = _KEEP_GRAPH
     if getter is None:  # pragma: no cover - older or newer torch without this hook
@@ -168,12 +169,13 @@ def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Te
 class Forward:
     """What one forward kernel call returns, and what its backward call needs."""
 
-    __slots__ = ("config", "invalid", "out", "overflowed", "pixel", "probabilities", "slope",
-                 "target")
+    __slots__ = ("config", "invalid", "losses", "out", "overflowed", "pixel", "probabilities",
+                 "slope", "target")
 
     def __init__(self, out: ctypes.Array, pixel: tuple[float, float], target: Tensor,
                  probabilities: Tensor | None, slope: Tensor | None, config: tuple,
-                 invalid: bool, overflowed: bool = False) -> None:
+                 invalid: bool, overflowed: bool = False, losses: Tensor | None = None
+                 ) -> None:
         self.out = out  # float64: 7 scalars, then the region sums (N, C, 3) if wanted
         self.pixel = pixel  # S, max(count, 1); TopK: of the selected elements
         self.target = target
@@ -185,6 +187,8 @@ class Forward:
         self.overflowed = overflowed
         """A kept slope is +-inf (a probability whose 1/p is beyond float32): the gradient
         must be formed as autograd forms it, ``(upstream * weight) / p``, not from it."""
+        self.losses = losses
+        """Every element's loss (``elements=True``), else None."""
 
     def sums(self) -> Sums:
         """The region sums (no tensor: safe to keep on an autograd node)."""
@@ -245,7 +249,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    want_pixel: bool, checked: bool, needs_grad: bool,
                    topk: float | None = None, dims: tuple[int, ...] | None = None,
                    pos_weight: float | tuple[float, ...] | None = None,
-                   weighted_mean: bool = False) -> Forward:
+                   weighted_mean: bool = False, elements: bool = False) -> Forward:
     """One forward pass of the kernels over ``x`` (float32; float16 and bfloat16 read as a
     float32 copy), read as ``dims = (N, C, M)``
     (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
@@ -263,9 +267,14 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     ``weighted_mean`` (multiclass, per-class ``alpha``): the count (:attr:`Forward.pixel`'s
     second value) is the sum of the kept pixels' class weights, as
     ``CrossEntropyLoss(weight=...)`` divides by (1 where it is 0).
+    ``elements`` (``reduction="none"``, with ``want_pixel``, not TopK): :attr:`Forward.losses`
+    is a new float32 tensor of every element's loss (``dims``, multiclass ``(N, M)``; 0 where
+    ignored; an invalid element's value is whatever the formula gives: the caller marks it).
     """
     if weighted_mean and (topk is not None or alpha is None or mode != MULTICLASS_MODE):
         raise ValueError("weighted_mean needs per-class weights in multiclass mode, not TopK")
+    if elements and (topk is not None or not want_pixel):
+        raise ValueError("elements needs a pixel loss without TopK")
     if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
@@ -284,8 +293,12 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
     probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
     slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
-    # TopK: every element's loss, for the selection (a scratch buffer, not kept)
-    losses = POOL.empty((n, m) if multiclass else (n, c, m)) if topk is not None else None
+    # TopK: every element's loss, for the selection (a scratch buffer, not kept);
+    # reduction="none": the caller's result
+    loss_shape = (n, m) if multiclass else (n, c, m)
+    losses = (POOL.empty(loss_shape) if topk is not None
+              else torch.empty(loss_shape, dtype=torch.float32, device=CPU) if elements
+              else None)
     # one float64 array for every result: the scalars, then (when wanted) the region sums,
     # whose every (sample, class) row the kernel writes
     out = (ctypes.c_double * (_SCALARS + (3 * n * c if want_region else 0)))()
@@ -321,6 +334,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     args.check = base + 3 * _DOUBLE
     if losses is not None:
         args.loss = losses.data_ptr()
+        args.ignored_loss = -math.inf if topk is not None else 0.0
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
     total, count, kept, bad_target, bad_input, soft, overflowed = out[:_SCALARS]
     if checked and (bad_target or bad_input):
@@ -343,7 +357,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     config = (mode, from_logits, ignore_index, want_region, want_pixel, (n, c, m), soft == 0,
               x.shape, args, needs_grad and _saved_for_hooks())
     return Forward(out, (total, count), target, probabilities, slope, config,
-                   bool(bad_target or bad_input), bool(overflowed))
+                   bool(bad_target or bad_input), bool(overflowed),
+                   losses if elements else None)
 
 
 def _float_array(values: Tensor | list[float] | ctypes.Array | None, rows: int
@@ -412,7 +427,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     # backward, which must find the buffer intact, nor where a saved-tensor hook saw it.
     buffer = probabilities if probabilities is not None else slope
     grad = (torch.empty(shape, dtype=torch.float32, device=CPU)
-            if buffer is None or hooked or _graph_kept() else buffer)
+            if buffer is None or hooked or graph_kept() else buffer)
     args.target = target.data_ptr()
     args.grad = grad.data_ptr()
     args.hard_targets = int(hard)

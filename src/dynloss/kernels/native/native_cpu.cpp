@@ -57,7 +57,6 @@ constexpr int64_t kClassChunk = 1024; // multiclass: pixels per task (and per bl
 constexpr int64_t kParallelMin = 32768;  // smaller inputs run on the calling thread only
 constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabilities
 constexpr float kFloatMax = 3.40282347e38f;  // |x| <= kFloatMax: x is finite (false for NaN)
-constexpr uint32_t kNegInfBits = 0xff800000u;  // -inf: the loss saved for an ignored element
 
 enum Pixel : int { kPixelNone = 0, kPixelBce = 1, kPixelFocal2 = 2, kPixelFocal = 3 };
 enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2 };
@@ -256,8 +255,9 @@ struct Args {
   // backward, binary: 1 when the forward counted no soft label (check[2] == 0), so the
   // signed slopes it saved hold the targets and backward need not read them
   int64_t hard_targets;
-  // TopK, forward: each element's loss is written here (binary/multilabel (N, C, M),
-  // multiclass (N, M); -inf where ignored); null when not wanted. Selection: read.
+  // forward: each element's loss is written here (binary/multilabel (N, C, M), multiclass
+  // (N, M); ignored_loss where ignored); null when not wanted. TopK's selection reads them;
+  // reduction="none" returns them.
   float* loss;
   // TopK, selection: how many of the losses to select (0 <= topk <= their number)
   int64_t topk;
@@ -274,6 +274,9 @@ struct Args {
   // multiclass pixel losses with class_alpha: 1: the count is the sum of the kept pixels'
   // class weights (the normaliser of CrossEntropyLoss(weight=...)'s mean), not their number
   int64_t weighted_count;
+  // forward with loss: the value written for an ignored element (-inf for TopK's selection,
+  // which never picks it; 0 for reduction="none")
+  double ignored_loss;
 };
 
 constexpr float kSaturatedB = 100.0f;
@@ -342,7 +345,7 @@ static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int6
   float* save_slope = PIXEL != kPixelNone && a.slope ? a.slope + row * a.m : nullptr;
   float scratch_loss[kBlock];
   float* save_loss = PIXEL != kPixelNone && a.loss ? a.loss + row * a.m : nullptr;
-  const float ignored_loss = as_float(kNegInfBits);
+  const float ignored_loss = static_cast<float>(a.ignored_loss);
   const int64_t ignore = a.ignore_index;
   const float gamma = static_cast<float>(a.gamma);
   const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
@@ -713,7 +716,7 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
     const bool weighted_count = has_alpha && a.weighted_count != 0;
     float scratch_loss[kClassChunk];
     float* lo = a.loss ? a.loss + sample * a.m + begin : scratch_loss;
-    const float ignored_loss = as_float(kNegInfBits);
+    const float ignored_loss = static_cast<float>(a.ignored_loss);
 #pragma omp simd reduction(+ : sS, sN, over)
     for (int64_t j = 0; j < len; ++j) {
       // logsumexp - x_t = (max - x_t) + log(1 + oth): no large max added and taken away
@@ -1306,7 +1309,7 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 11; }  // bump with struct Args
+int dynloss_abi_version() { return 12; }  // bump with struct Args
 int dynloss_avx512_loops() { return DL_AVX512; }  // 1: binary_region_logits_avx512 built
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }

@@ -1,0 +1,201 @@
+"""``reduction="none"`` of BCE and Focal on the native kernels: one forward pass writes every
+element's loss and slope, backward multiplies the slopes by the upstream gradient.
+
+Each case runs the native backend and the reference in the same test and compares the
+per-element values and the gradients under a weight map (the reason to ask for ``"none"``),
+also where the map is NaN or infinite, where an input is NaN, with ``ignore_index``,
+``pos_weight`` (one or per channel), ``alpha``, ``gamma``, probabilities, 16-bit and
+non-contiguous inputs, a kept graph, saved-tensor hooks and a recorded backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dynloss
+from dynloss.kernels import native_available, resolve_backend
+from dynloss.kernels.capabilities import Need
+from dynloss.kernels.dispatch import clear_cache, select
+
+from ._backends import MODES, make_loss, seeded_case
+from ._kernel_cases import graph_nodes
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
+
+NODE = "NativeDistributionElementsBackward"
+
+
+def _case(mode: str, from_logits: bool, ignore: bool, seed: int = 3):
+    x, target = seeded_case(mode, (2, 5, 7), seed=seed, dtype=torch.float64, scale=3.0,
+                            classes=4)
+    if not from_logits:
+        x = x.softmax(1) if mode == "multiclass" else x.sigmoid()
+    x = x.float()
+    if ignore:
+        target = target.clone()
+        if mode == "multiclass":
+            target[0, 1, :3] = 255
+        else:
+            target[0, :, 1, :3] = 255.0
+    return x, target
+
+
+def _weights(x: torch.Tensor, mode: str, seed: int = 5) -> torch.Tensor:
+    shape = (x.shape[0], *x.shape[2:]) if mode == "multiclass" else x.shape
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(loss_fn, x, target, upstream, *, native: bool):
+    leaf = x.clone().requires_grad_(True)
+    loss = loss_fn(leaf, target)
+    assert (NODE in graph_nodes(loss)) == native
+    (loss * upstream).sum().backward()
+    return loss.detach(), leaf.grad
+
+
+def _compare(name, mode, x, target, upstream, **kwargs):
+    native = _run(make_loss(name, mode, "native", reduction="none", **kwargs), x, target,
+                  upstream, native=True)
+    want = _run(make_loss(name, mode, "reference", reduction="none", **kwargs), x, target,
+                upstream, native=False)
+    assert native[0].shape == want[0].shape and native[0].dtype == want[0].dtype
+    torch.testing.assert_close(native[0], want[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(native[1], want[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+    return native
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+@pytest.mark.parametrize("ignore", [False, True], ids=["all", "ignore"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,kwargs", [("bce", {}), ("focal", {}),
+                                         ("focal", {"gamma": 0.5}),
+                                         ("focal", {"gamma": 1.5, "alpha": "weights"})],
+                         ids=["bce", "focal", "focal-0.5", "focal-alpha"])
+def test_values_and_gradients_are_the_references(name, kwargs, mode, ignore, from_logits):
+    x, target = _case(mode, from_logits, ignore)
+    if kwargs.get("alpha") == "weights":
+        kwargs = dict(kwargs, alpha=(0.1, 0.2, 0.3, 0.4) if mode == "multiclass" else 0.25)
+    kwargs = dict(kwargs, from_logits=from_logits)
+    if ignore:
+        kwargs["ignore_index"] = 255
+    weights = _weights(x, mode)
+    odd = weights.clone()
+    odd.view(-1)[7] = math.nan  # ignored with ignore_index (its gradient then 0)
+    odd.view(-1)[5] = math.inf
+    for upstream in (weights, odd, torch.ones_like(weights)):
+        loss, _ = _compare(name, mode, x, target, upstream, **kwargs)
+    if ignore:  # an ignored element's loss is 0
+        at = (0, 1, slice(0, 3)) if mode == "multiclass" else (0, slice(None), 1, slice(0, 3))
+        assert loss[at].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["bce", "focal"])
+def test_an_invalid_element_is_nan_alone_and_so_is_its_gradient(name, mode):
+    x, target = _case(mode, True, False)
+    x[1, 0, 2, 3] = math.nan
+    x[0, 0, 4, 4] = math.inf
+    loss, grad = _compare(name, mode, x, target, _weights(x, mode))
+    assert torch.isnan(loss).sum().item() == 2
+    assert torch.isnan(grad).any()
+
+
+def test_unchecked_invalid_targets_are_nan_as_the_references():
+    x, target = _case("binary", True, False)
+    target[0, 0, 0, 0] = 2.0
+    loss, _ = _compare("bce", "binary", x, target, _weights(x, "binary"), check_values=False)
+    assert math.isnan(loss[0, 0, 0, 0].item()) and torch.isnan(loss).sum().item() == 1
+    with pytest.raises(ValueError, match="target"):
+        make_loss("bce", "binary", "native", reduction="none")(x, target)
+
+
+@pytest.mark.parametrize("pos_weight", [2.5, (0.5, 1.0, 3.0, 2.0)], ids=["one", "per-channel"])
+@pytest.mark.parametrize("mode", ["binary", "multilabel"])
+def test_pos_weight(mode, pos_weight):
+    if mode == "binary" and isinstance(pos_weight, tuple):
+        pos_weight = pos_weight[:1]
+    x, target = _case(mode, True, True)
+    _compare("bce", mode, x, target, _weights(x, mode), pos_weight=pos_weight,
+             ignore_index=255)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(dtype):
+    x, target = _case("multilabel", True, False)
+    x = x.to(dtype)
+    loss, grad = _compare("focal", "multilabel", x, target, _weights(x, "multilabel"))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+
+
+def test_non_contiguous_and_channels_last_inputs():
+    x, target = _case("multiclass", True, False)
+    for view in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)):
+        t = target if view.shape[2:] == target.shape[1:] else target.transpose(1, 2)
+        _compare("bce", "multiclass", view, t, _weights(view, "multiclass"))
+
+
+def test_a_kept_graph_gives_the_same_gradient_twice():
+    """``retain_graph=True``: the first backward must leave the saved slopes as they were."""
+    x, target = _case("binary", True, False)
+    weights = _weights(x, "binary")
+    leaf = x.clone().requires_grad_(True)
+    loss = make_loss("bce", "binary", "native", reduction="none")(leaf, target)
+    (first,) = torch.autograd.grad((loss * weights).sum(), leaf, retain_graph=True)
+    (second,) = torch.autograd.grad((loss * weights).sum(), leaf)
+    assert torch.equal(first, second)
+    _, want = _run(make_loss("bce", "binary", "reference", reduction="none"), x, target,
+                   weights, native=False)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_tensor_hooks_see_the_slopes_unchanged():
+    x, target = _case("binary", True, False)
+    kept = []
+    leaf = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = make_loss("focal", "binary", "native", reduction="none")(leaf, target)
+    assert NODE in graph_nodes(loss)
+    before = [t.clone() for t in kept]
+    (loss * _weights(x, "binary")).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(kept, before, strict=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_second_order_is_the_references(mode):
+    """A recorded backward (``create_graph=True``) goes through the reference maths."""
+    x, target = _case(mode, True, False)
+    weights = _weights(x, mode)
+    results = []
+    for backend in ("native", "reference"):
+        leaf = x.clone().requires_grad_(True)
+        loss = make_loss("focal", mode, backend, reduction="none", gamma=1.5)(leaf, target)
+        (g,) = torch.autograd.grad((loss * weights).sum(), leaf, create_graph=True)
+        (h,) = torch.autograd.grad((g * g).sum(), leaf)
+        results.append((g.detach(), h))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_no_gradient_wanted():
+    x, target = _case("binary", True, False)
+    with torch.no_grad():
+        loss = dynloss.BCELoss(reduction="none", backend="native")(x, target)
+    want = dynloss.BCELoss(reduction="none", backend="reference")(x, target)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bce", "focal", "topk"])
+def test_auto_picks_native_for_bce_and_focal_and_torch_for_topk(name):
+    """TopK's per-element losses (0 outside the selection) stay on the torch backend."""
+    x = torch.zeros(2, 1, 8, 8)
+    need = Need("distribution", "binary", topk=name == "topk", reduction_none=True)
+    assert select("auto", x, need).name == ("torch" if name == "topk" else "native")
+    assert resolve_backend(x, "auto") == "native"
+    if name == "topk":  # named: said once, then the torch backend
+        clear_cache()
+        with pytest.warns(RuntimeWarning, match="cannot compute reduction='none' with TopK; "
+                          "using the 'torch' backend"):
+            assert select("native", x, need).name == "torch"
