@@ -8,6 +8,7 @@ multilabel: ``peers.py``).
     python benchmarks/bench_cpu.py --mode multiclass     # (8, 4, 256, 256), class-index target
     python benchmarks/bench_cpu.py --mode multilabel     # (8, 3, 256, 256), 0/1 per channel
     python benchmarks/bench_cpu.py --dtype bfloat16 --shape 16 1 128 128   # autocast logits
+    python benchmarks/bench_cpu.py --losses bce_weight_map focal_weight_map  # weight maps
 
 ``--mode multiclass``: the target holds class indices (int64, ``(N, *spatial)``, drawn
 uniformly from ``[0, C)``, ``C = shape[1] >= 2``); the losses are dynloss's multiclass ones
@@ -68,13 +69,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynloss
-from competitors import HAVE_MONAI, HAVE_SMP, POS_WEIGHT, competitors
+from competitors import HAVE_MONAI, HAVE_SMP, POS_WEIGHT, WEIGHT_MAPS, competitors
 from dynloss.kernels import resolve_backend
 from peers import implementation
 
 LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
-EXTRA_LOSSES = ["bce_pos_weight"]
-"""Cases run only when named (``--losses bce_pos_weight``): BCE with ``pos_weight=3``."""
+EXTRA_LOSSES = ["bce_pos_weight", *WEIGHT_MAPS]
+"""Cases run only when named (``--losses bce_pos_weight``): BCE with ``pos_weight=3``; BCE
+and Focal with a per-pixel weight map (``reduction="none"``, binary mode; see
+``competitors.py``)."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -390,9 +393,12 @@ def main(argv=None):
                      f"{shown} (one channel is --mode binary)")
     if len(args.shape) < 3:
         parser.error(f"--shape needs N, C and at least one spatial size, got --shape {shown}")
-    if multiclass and any(loss in EXTRA_LOSSES for loss in args.losses):
+    if multiclass and "bce_pos_weight" in args.losses:
         parser.error("bce_pos_weight weighs the positives of binary and multilabel targets: "
                      "not with --mode multiclass")
+    maps = [loss for loss in args.losses if loss in WEIGHT_MAPS]
+    if maps and args.mode != "binary":
+        parser.error(f"{maps[0]} is measured in binary mode only: not with --mode {args.mode}")
     missing = [name for name, have in (("segmentation-models-pytorch", HAVE_SMP),
                                        ("monai", HAVE_MONAI)) if not have]
     if missing:
@@ -478,11 +484,10 @@ def main(argv=None):
             ratios["vs_smp_monai"] = best_library / ours
             ratios["peers"] = peers
             ratio = best_library / ours  # (below 1: dynloss is the slower)
-            summary += (f" | {ratio:5.2f}x faster than {_peers_label(peers)}" if ratio >= 1
-                        else f" | {1 / ratio:5.2f}x slower than {_peers_label(peers)}")
+            summary += f" | {_speed(ratio, 5)} than {_peers_label(peers)}"
         if clean_ratio is not None:
             ratios["vs_smp_monai_no_faults"] = clean_ratio
-            summary += f" ({clean_ratio:.2f}x on calls without page faults)"
+            summary += f" ({_speed(clean_ratio)} on calls without page faults)"
         if "torch" in timed:
             ratios["vs_torch"] = timed["torch"][0] / ours
             summary += f" | {timed['torch'][0] / ours:5.2f}x vs plain torch"
@@ -504,6 +509,13 @@ PEERS = {"vs_smp_monai": "the faster of smp/MONAI",
          "vs_smp_monai_no_faults": "the faster of smp/MONAI on calls without page faults",
          "vs_torch": "plain torch",
          "vs_nnunet": "nnU-Net's formulation (`torch.topk(sorted=False)`)"}
+
+
+def _speed(ratio, width=0):
+    """A peer's time over dynloss's as words: ``"2.50x faster"``, or ``"1.52x slower"`` below
+    1 (the printed summary says both the same way)."""
+    return (f"{ratio:{width}.2f}x faster" if ratio >= 1
+            else f"{1 / ratio:{width}.2f}x slower")
 
 
 def _peers_label(peers):

@@ -56,16 +56,50 @@ def nnunet_topk(k: float) -> Loss:
 POS_WEIGHT = 3.0
 """``bce_pos_weight``'s weight of the positives."""
 
+WEIGHT_MAPS = ("bce_weight_map", "focal_weight_map")
+"""BCE and Focal (``gamma=2``) with a per-pixel weight map: the mean of the per-element
+losses (``reduction="none"``) times :func:`weight_map`, as U-Net's border weights are used.
+Plain torch passes the map as ``binary_cross_entropy_with_logits``'s own ``weight=``."""
+
+_WEIGHT_MAPS: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def weight_map(target: torch.Tensor) -> torch.Tensor:
+    """The weight map of :data:`WEIGHT_MAPS` for ``target``'s shape: values drawn uniformly
+    from [1, 5) (seeded), made once per shape, so that no candidate pays for making it."""
+    shape = tuple(target.shape)
+    found = _WEIGHT_MAPS.get(shape)
+    if found is None:
+        gen = torch.Generator().manual_seed(7)
+        found = _WEIGHT_MAPS[shape] = 1.0 + 4.0 * torch.rand(shape, generator=gen)
+    return found
+
+
+def weighted(per_element: Loss) -> Loss:
+    """``mean(per_element(x, t) * weight_map(t))``; per-element losses of any shape with the
+    target's number of elements (smp's Focal returns them flattened)."""
+    def loss(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (per_element(x, t).reshape(-1) * weight_map(t).reshape(-1)).mean()
+
+    return loss
+
+
+def _dynloss(name: str, backend: str) -> Loss:
+    if name == "bce_pos_weight":
+        return dynloss.BCELoss(pos_weight=POS_WEIGHT, backend=backend)
+    if name in WEIGHT_MAPS:
+        loss = dynloss.BCELoss if name == "bce_weight_map" else dynloss.FocalLoss
+        return weighted(loss(reduction="none", backend=backend))
+    return dynloss.LOSSES[name](backend=backend)
+
 
 def competitors(name: str, backends: tuple[str, ...] = ("auto", "torch", "reference"),
                 ) -> dict[str, Loss]:
-    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``, or ``"bce_pos_weight"``:
-    BCE with ``pos_weight=3``), dynloss first."""
+    """Candidates for loss ``name`` (a key of ``dynloss.LOSSES``, ``"bce_pos_weight"``: BCE
+    with ``pos_weight=3``, or one of :data:`WEIGHT_MAPS`), dynloss first."""
     found: dict[str, Loss] = {}
     for backend in backends:
-        found[f"dynloss[{backend}]"] = (
-            dynloss.BCELoss(pos_weight=POS_WEIGHT, backend=backend) if name == "bce_pos_weight"
-            else dynloss.LOSSES[name](backend=backend))
+        found[f"dynloss[{backend}]"] = _dynloss(name, backend)
     smp_losses = monai_losses = None
     if HAVE_SMP:
         import segmentation_models_pytorch.losses as smp_losses
@@ -105,6 +139,21 @@ def competitors(name: str, backends: tuple[str, ...] = ("auto", "torch", "refere
         if smp_losses:
             found["smp"] = smp_losses.SoftBCEWithLogitsLoss(pos_weight=weight)
         found["torch"] = torch.nn.BCEWithLogitsLoss(pos_weight=weight)
+    elif name == "bce_weight_map":
+        if smp_losses:
+            found["smp"] = weighted(smp_losses.SoftBCEWithLogitsLoss(reduction="none"))
+        found["torch"] = lambda x, t: F.binary_cross_entropy_with_logits(x, t,
+                                                                         weight=weight_map(t))
+    elif name == "focal_weight_map":
+        if smp_losses:
+            found["smp"] = weighted(smp_losses.FocalLoss("binary", reduction="none"))
+        if monai_losses:
+            found["monai"] = weighted(monai_losses.FocalLoss(gamma=2.0, reduction="none"))
+        if HAVE_TORCHVISION:
+            from torchvision.ops import sigmoid_focal_loss
+
+            found["torch"] = weighted(lambda x, t: sigmoid_focal_loss(x, t, alpha=-1, gamma=2.0,
+                                                                      reduction="none"))
     elif name == "bce":
         if smp_losses:
             found["smp"] = smp_losses.SoftBCEWithLogitsLoss()

@@ -285,6 +285,37 @@ def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
         torch.testing.assert_close(fn(logits, target), want, rtol=2e-6, atol=1e-7, msg=label)
 
 
+def test_cpu_benchmark_says_every_ratio_in_words_of_one_convention():
+    """The printed summary gave a slower dynloss as "1.52x slower than smp (0.66x on calls
+    without page faults)": two conventions in one line. Both ratios now read alike."""
+    bench = _bench_cpu()
+    assert bench._speed(2.5) == "2.50x faster" and bench._speed(0.66) == "1.52x slower"
+    assert bench._speed(1.0, 5) == " 1.00x faster"
+
+
+@pytest.mark.parametrize("name", ["bce_weight_map", "focal_weight_map"])
+def test_cpu_benchmark_weight_maps_are_each_peers_own_weighted_mean(name):
+    """``*_weight_map``: the mean of the per-element losses times one map (values in [1, 5),
+    the same tensor for every candidate), torch's BCE by its own ``weight=``; every candidate
+    the value of a float64 formula."""
+    bench = _bench_cpu()
+    logits, target = bench.make_inputs((2, 1, 8, 8))
+    weight_map = sys.modules[bench.competitors.__module__].weight_map
+    weights = weight_map(target)
+    assert weights is weight_map(target.clone())  # made once per shape
+    assert weights.min() >= 1 and weights.max() < 5 and weights.std() > 0.5
+    x, t = logits.double(), target.double()
+    bce = torch.nn.functional.softplus(x) - x * t
+    p_t = torch.where(t == 1, torch.sigmoid(x), 1 - torch.sigmoid(x))
+    per_element = bce if name == "bce_weight_map" else (1 - p_t) ** 2 * bce
+    want = (per_element * weights.double()).mean().float()
+    candidates = bench.competitors(name)
+    assert {"dynloss[auto]", "smp", "torch"} <= set(candidates)
+    assert ("monai" in candidates) == (name == "focal_weight_map")
+    for label, fn in candidates.items():
+        torch.testing.assert_close(fn(logits, target), want, rtol=2e-6, atol=1e-7, msg=label)
+
+
 @pytest.mark.parametrize("shape", [(32, 1, 256, 256), (2, 1, 64, 64, 64), (8, 1, 64)])
 def test_cpu_benchmark_checks_every_candidate_against_the_reference(shape):
     """Before timing, every candidate's value and gradient on a probe of the shape's rank are
@@ -588,7 +619,9 @@ def test_cpu_benchmark_multiclass_smoke_run(tmp_path, monkeypatch, capsys):
     (["--shape", "2", "3", "8", "8", "--losses", "bce", "bce_pos_weight"],
      "bce_pos_weight weighs the positives of binary and multilabel targets: not with --mode "
      "multiclass"),
-], ids=["one-class", "bce_pos_weight"])
+    (["--shape", "2", "3", "8", "8", "--losses", "focal_weight_map"],
+     "focal_weight_map is measured in binary mode only: not with --mode multiclass"),
+], ids=["one-class", "bce_pos_weight", "weight_map"])
 def test_cpu_benchmark_refuses_what_multiclass_cannot_run(tmp_path, capsys, argv, message):
     bench = _bench_cpu()
     with pytest.raises(SystemExit) as exit_:
