@@ -683,9 +683,9 @@ def test_a_nan_value_is_named_as_such():
 
 
 @pytest.mark.parametrize("build, name", [
-    (lambda w: dynloss.DiceLoss("multiclass", weight=w), "weight"),
+    (lambda w: dynloss.DiceLoss(mode="multiclass", weight=w), "weight"),
     (lambda w: dynloss.TverskyLoss(mode="multilabel", weight=w), "weight"),
-    (lambda w: dynloss.BCELoss("multiclass", weight=w), "weight"),
+    (lambda w: dynloss.BCELoss(mode="multiclass", weight=w), "weight"),
     (lambda w: dynloss.FocalLoss(mode="multiclass", alpha=w), "alpha"),
     (lambda w: dynloss.BCELoss("multilabel", pos_weight=w), "pos_weight"),
     (lambda w: dynloss.BCELoss(pos_weight=w[:1]), "pos_weight"),
@@ -715,3 +715,53 @@ def test_a_reassigned_list_is_named_a_list_in_the_error():
         loss(torch.randn(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
     with pytest.raises(TypeError, match=r"^alpha must be a real number; got list \[0\.1, 0\.2\]$"):
         dynloss.FocalLoss(alpha=[0.1, 0.2])
+
+
+@pytest.mark.parametrize("make, name, scalar", [
+    (lambda w: dynloss.DiceLoss(mode="multiclass", weight=w), "weight", False),
+    (lambda w: dynloss.TverskyLoss(mode="multilabel", weight=w), "weight", False),
+    (lambda w: dynloss.BCELoss(mode="multiclass", weight=w), "weight", False),
+    (lambda w: dynloss.FocalLoss(mode="multiclass", alpha=w), "alpha", False),
+    (lambda w: dynloss.BCELoss(pos_weight=w), "pos_weight", False),
+    (lambda w: dynloss.TverskyLoss(alpha=w, beta=0.5), "alpha", True),
+    (lambda w: dynloss.CompositeLoss([dynloss.DiceLoss(), dynloss.BCELoss()],
+                                     weights=[w, 1.0]), "weight of 'dice'", True),
+], ids=["dice", "tversky", "bce", "focal", "pos_weight", "tversky-alpha", "composite"])
+def test_a_sparse_tensor_hyperparameter_is_a_type_error_naming_it(make, name, scalar):
+    """A sparse tensor of weights raised torch's "reshape is not implemented for sparse
+    tensors" (a RuntimeError). Found by a review."""
+    number = torch.tensor(0.5).to_sparse()
+    given = (number,) if scalar else (torch.tensor([1.0, 0.5, 0.25]).to_sparse(), [number] * 3)
+    for sparse in given:
+        with pytest.raises(TypeError, match=rf"{name}.* must be a dense tensor \(torch\.strided"
+                                            r"\); got a torch\.sparse_coo tensor"):
+            make(sparse)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: dynloss.DiceLoss(mode="multiclass", weight=w),
+    lambda w: dynloss.BCELoss(mode="multiclass", weight=w),
+    lambda w: dynloss.FocalLoss(mode="multiclass", alpha=w),
+], ids=["dice", "bce", "focal"])
+def test_per_class_weights_whose_sum_overflows_float32_are_refused(make):
+    """Weights each within float32 whose sum is not: the native backend raised torch's
+    "value cannot be converted to type float without overflow" forming a Dice sum, and gave
+    a finite mean where the reference gave inf. Found by a review."""
+    with pytest.raises(ValueError, match=r"weight|alpha"):
+        make([2e38, 2e38, 1.0])
+    with pytest.raises(ValueError, match=r"the sum of .* is .*beyond float32's largest"):
+        make([2e38, 2e38, 1.0])
+    make([1e38, 1e38, 1.0])  # (a sum within float32 stays allowed)
+
+
+def test_a_subnormal_class_weight_is_refused():
+    """``BCELoss("multiclass", weight=[1e-40, 0, 0])``: a finite loss with a NaN gradient
+    (the weighted mean divides by the weights' sum, whose reciprocal overflows float32). A
+    weight is 0 or at least float32's smallest normal number. Found by a review."""
+    with pytest.raises(ValueError, match=r"weight\[0\]=1e-40 is below float32's smallest "
+                                         r"normal number 1\.1754944e-38: use 0 or a larger"):
+        dynloss.BCELoss(mode="multiclass", weight=[1e-40, 0.0, 0.0])
+    x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    t = torch.randint(0, 3, (2, 5, 4), generator=torch.Generator().manual_seed(1))
+    dynloss.BCELoss(mode="multiclass", weight=[1.2e-38, 0.0, 0.0])(x, t).backward()
+    assert torch.isfinite(x.grad).all()

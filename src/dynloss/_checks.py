@@ -204,6 +204,8 @@ def check_smoothing(smooth: object, eps: object) -> tuple[float, float]:
 
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_TINY_TEXT = "1.1754944e-38"
+"""float32's smallest normal number as its shortest decimal (``FLOAT32_TINY`` rounded)."""
 
 
 def check_float32_range(name: str, value: float) -> float:
@@ -254,8 +256,18 @@ def _per_class_weights(weight: object, mode: str, name: str) -> tuple[float, ...
     if isinstance(weight, (str, bytes)) or not isinstance(weight, Sequence):
         raise TypeError(f"{name} must be None or a sequence of per-class weights in "
                         f"mode={mode!r}; got {_shown(weight)}")
-    return tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", w))
-                 for i, w in enumerate(weight))
+    weights = tuple(check_float32_range(f"{name}[{i}]", check_non_negative(f"{name}[{i}]", w))
+                    for i, w in enumerate(weight))
+    for i, w in enumerate(weights):
+        if 0 < w < FLOAT32_TINY:  # (a weighted mean divides by their sum: 1/w overflows)
+            raise ValueError(f"{name}[{i}]={w!r} is below float32's smallest normal number "
+                             f"{FLOAT32_TINY_TEXT}: use 0 or a larger weight")
+    total = math.fsum(weights)
+    if total > FLOAT32_MAX:  # (a weighted sum or mean of the classes would overflow)
+        raise ValueError(f"{name}: the sum of the per-class weights is {total:.7g}, beyond "
+                         f"float32's largest number {FLOAT32_MAX!r} (the precision the losses "
+                         "compute in): scale them down (a weighted mean is unchanged)")
+    return weights
 
 
 def check_focal_alpha(alpha: object, mode: str, name: str = "alpha"
@@ -330,6 +342,10 @@ def tensor_values(name: str, values: torch.Tensor) -> list[float]:
     precision weight rounded to a short decimal would be another float32 weight), as do
     float32 values beyond 1e30 (float32's largest, 3.4028235e38 as the shortest decimal,
     lies above it). A meta tensor, which holds none, is refused naming ``name``."""
+    if values.is_nested or values.layout is not torch.strided:
+        what = "nested tensor" if values.is_nested else f"{values.layout} tensor"
+        raise TypeError(f"{name} must be a dense tensor (torch.strided); got a {what} "
+                        "(convert it with .to_dense(), or give numbers)")
     if values.is_meta:
         raise ValueError(f"{name} is a tensor on the meta device, which holds no values to "
                          "read: create it on the CPU (or give numbers)")
