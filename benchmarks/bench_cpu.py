@@ -490,10 +490,11 @@ def main(argv=None):
             summary += f" ({_speed(clean_ratio)} on calls without page faults)"
         if "torch" in timed:
             ratios["vs_torch"] = timed["torch"][0] / ours
-            summary += f" | {timed['torch'][0] / ours:5.2f}x vs plain torch"
+            summary += f" | {_speed(timed['torch'][0] / ours, 5)} than plain torch"
         if "nnunet" in timed:
             ratios["vs_nnunet"] = timed["nnunet"][0] / ours
-            summary += f" | {timed['nnunet'][0] / ours:5.2f}x vs nnU-Net (torch.topk unsorted)"
+            summary += (f" | {_speed(timed['nnunet'][0] / ours, 5)} than nnU-Net "
+                        "(torch.topk unsorted)")
         summary += f" | {ours / sig:5.2f}x a {activation} pass"
         summaries[name] = ratios
         print(summary)

@@ -199,3 +199,20 @@ def test_auto_picks_native_for_bce_and_focal_and_torch_for_topk(name):
         with pytest.warns(RuntimeWarning, match="cannot compute reduction='none' with TopK; "
                           "using the 'torch' backend"):
             assert select("native", x, need).name == "torch"
+
+
+def test_the_losses_keep_float32_under_a_float64_default_dtype():
+    """The NaN marks of invalid elements were formed in torch's default dtype: with float64
+    as the default, a batch holding a NaN came back float64 (float32 without one). Found by
+    a review."""
+    x, target = _case("binary", True, False)
+    x[0, 0, 0, 0] = math.nan
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for backend in ("native", "reference"):
+            loss = make_loss("bce", "binary", backend, reduction="none")(x, target)
+            assert loss.dtype == torch.float32, backend
+            assert torch.isnan(loss).sum().item() == 1
+    finally:
+        torch.set_default_dtype(before)

@@ -110,7 +110,7 @@ class NativeBackend:
             if invalid:  # NaN where an element is invalid, its gradient too (multiplied)
                 bad = invalid_elements(layout, params.ignore_index, params.from_logits,
                                        not checked)
-                loss = loss.reshape(bad.shape) * torch.where(bad, math.nan, 1.0)
+                loss = loss.reshape(bad.shape) * torch.where(bad, math.nan, 1.0).to(loss.dtype)
             return loss.reshape(layout.elementwise_shape)
         return NativeDistributionLoss.apply(_input(layout), layout.target_input, dims, params,
                                             checked)
