@@ -41,6 +41,9 @@ def _loss(name: str, mode: str):
         "bce-weighted": (dynloss.BCELoss(weight=[0.5, 1.0, 2.0], **kw) if mode == "multiclass"
                          else dynloss.BCELoss(pos_weight=2.5, **kw)),
         "focal-alpha": dynloss.FocalLoss(gamma=2.0, alpha=alpha, **kw),
+        "focal-none": dynloss.FocalLoss(gamma=2.0, alpha=alpha, reduction="none",
+                                        ignore_index=2, **kw),
+        "bce-none": dynloss.BCELoss(reduction="none", **kw),
         "topk": dynloss.TopKLoss(k=0.3, **kw),
         "topk-ignore": dynloss.TopKLoss(k=0.3, ignore_index=2, **kw),
         "dice+focal": dynloss.CompositeLoss([dynloss.DiceLoss(**kw),
@@ -58,8 +61,8 @@ def _loss(name: str, mode: str):
     return lambda x, t: module(x, t)
 
 
-LOSSES = ("dice", "tversky-per-image", "iou-none", "bce", "bce-weighted", "focal-alpha", "topk",
-          "topk-ignore", "dice+focal")
+LOSSES = ("dice", "tversky-per-image", "iou-none", "bce", "bce-weighted", "focal-alpha",
+          "focal-none", "bce-none", "topk", "topk-ignore", "dice+focal")
 CHOSEN = ("iou-chosen-none", "dice-chosen+bce")
 """Losses with a class choice (multiclass and multilabel mode only)."""
 
@@ -122,10 +125,11 @@ def test_custom_ops_pass_opcheck(mode):
     region = region_params(alpha=0.3, beta=0.7, per_image=True, reduction="none", **common)
     focal = distribution_params(gamma=2.0, alpha=(0.5, 1.0, 2.0) if mode == "multiclass"
                                 else 0.25, **common)
+    focal_none = distribution_params(gamma=2.0, reduction="none", **common)
     composite = composite_params(region_params(alpha=0.5, beta=0.5, **common), focal, 0.7, 1.3)
     chosen = [region_params(alpha=0.5, beta=0.5, weight=[0.0, 2.0, 0.5], reduction="none",
                             include_background=False, **common)] if mode != "binary" else []
-    for params in (region, focal, composite, *chosen):
+    for params in (region, focal, focal_none, composite, *chosen):
         spec = stream.build_spec(params)
         torch.library.opcheck(torch.ops.dynloss.triton_fused.default,
                               (x3, t3, spec.ints(), spec.floats()))
@@ -148,6 +152,8 @@ def test_fake_implementations_give_the_real_shapes():
                                              per_image=per_image, reduction=reduction))
              for per_image in (False, True) for reduction in ("mean", "none")]
     specs.append(stream.build_spec(distribution_params(gamma=1.0, mode="multiclass")))
+    specs.append(stream.build_spec(distribution_params(gamma=1.0, mode="multiclass",
+                                                       reduction="none")))
     real = [torch.ops.dynloss.triton_fused(x, t, s.ints(), s.floats()) for s in specs]
     spec_k = topk.build_topk_spec(distribution_params(k=0.5, mode="multiclass"))
     real_k = torch.ops.dynloss.triton_topk(x, t, spec_k.ints(), spec_k.floats())
@@ -159,6 +165,7 @@ def test_fake_implementations_give_the_real_shapes():
         assert [tuple(g.shape) for g in got] == [tuple(w.shape) for w in want]
         assert [g.dtype for g in got] == [w.dtype for w in want]
     assert tuple(real[1][0].shape) == (4,) and tuple(real[3][0].shape) == (3, 4)
+    assert tuple(real[5][0].shape) == (3, 10)  # reduction="none": one loss per pixel
 
 
 @needs_triton

@@ -15,10 +15,10 @@ Every loss is computed by one of four backends, chosen per call by
 
 ``backend="auto"`` takes, per call, the fastest that covers it: Triton on CUDA, native for
 float32, float16 and bfloat16 on the CPU (but for rows of fewer than 16 pixels whose sums are
-kept per row; also ``reduction="none"`` of BCE and Focal), else ``"torch"`` (also TopK's
-``reduction="none"`` on the CPU),
+kept per row; both also ``reduction="none"`` of BCE and Focal), else ``"torch"`` (also
+TopK's ``reduction="none"`` on the CPU),
 else the reference (for example for a target that requires a gradient,
-``reduction="none"`` off the CPU, or inside ``torch.compile``
+TopK's ``reduction="none"`` off the CPU, or inside ``torch.compile``
 on the CPU, which traces and fuses the reference; on CUDA a compiled call runs the Triton
 kernels as custom operators). Naming a backend uses it where it can and says once
 (a ``RuntimeWarning``) when a call needs something it lacks; ``"native"``/``"triton"`` where

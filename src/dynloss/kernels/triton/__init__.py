@@ -130,7 +130,8 @@ class TritonBackend:
 
     Every op is a few kernel launches and no host synchronisation: Dice/IoU/Tversky,
     BCE/Focal and the fused composites are one streaming pass plus a one-program epilogue
-    forward and one pass backward (:mod:`~dynloss.kernels.triton.stream`); TopK is a radix
+    forward and one pass backward (:mod:`~dynloss.kernels.triton.stream`; BCE/Focal with
+    ``reduction="none"`` one pass each way, no epilogue); TopK is a radix
     select (:mod:`~dynloss.kernels.triton.topk`). NaN or infinite kept inputs and invalid
     targets are counted in the kernels and make the loss NaN. Inside ``torch.compile`` the
     same kernels run as ``torch.library`` custom operators
@@ -143,6 +144,8 @@ class TritonBackend:
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         topk=True, pos_weight=True, weighted_mean=True, ddp_pool=True, class_choice=True,
         double_backward=True, compilable=True, max_classes=MAX_CLASSES, max_rows=MAX_ROWS,
+        # BCE/Focal per element (one pass each way); TopK's go to another backend
+        reduction_none=True,
     )
 
     def unavailable(self, x: Tensor) -> str | None:
@@ -199,10 +202,15 @@ class TritonBackend:
 
             if params.k is not None:
                 return ops.topk_loss(layout.x, target, topk.build_topk_spec(params))
-            return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
+            traced = ops.fused(layout.x, target, stream.build_spec(params))
+            assert isinstance(traced, Tensor)  # (a distribution op: one output)
+            return (traced.reshape(layout.elementwise_shape) if params.reduction == "none"
+                    else traced)
         if params.k is not None:
             return _kernels()["topk"](layout.x, target, params, checked)
-        return _kernels()["fused"](layout.x, target, layout.mode, params, checked)
+        loss = _kernels()["fused"](layout.x, target, layout.mode, params, checked)
+        # reduction="none": the kernels' (N, C, M) / (N, M) losses in the caller's shape
+        return loss.reshape(layout.elementwise_shape) if params.reduction == "none" else loss
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:

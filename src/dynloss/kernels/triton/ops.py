@@ -52,7 +52,7 @@ def _fused(x: Tensor, target: Tensor, ints: list[int], floats: list[float]
         out = torch.empty(3, dtype=torch.float32, device=x.device)
         state = stream.fused_forward(xk, target_k, spec, alpha, out[0], out[1], out[2])
     else:
-        out = torch.empty(stream.output_shape(spec, n, c), dtype=torch.float32,
+        out = torch.empty(stream.output_shape(spec, n, c, xk.shape[2]), dtype=torch.float32,
                           device=x.device)
         state = stream.fused_forward(xk, target_k, spec, alpha, out)
     return out, state
@@ -61,8 +61,8 @@ def _fused(x: Tensor, target: Tensor, ints: list[int], floats: list[float]
 @_fused.register_fake
 def _fused_fake(x, target, ints, floats):
     spec = FusedSpec.from_lists(ints, floats)
-    n, c, _ = _as_ncm(x)
-    shape = (3,) if spec.output == stream.COMPOSITE else stream.output_shape(spec, n, c)
+    n, c, m = _as_ncm(x)
+    shape = (3,) if spec.output == stream.COMPOSITE else stream.output_shape(spec, n, c, m)
     return (x.new_empty(shape, dtype=torch.float32),
             x.new_empty(stream.state_size(spec, n, c), dtype=torch.float32))
 

@@ -403,11 +403,14 @@ def _binary_fwd_kernel(
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
     HAS_POS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+    ELEMENTS: tl.constexpr = False,
 ):
     """Partials of one chunk of row ``n * C + c``: region sums ``(I, P, G)`` at
     ``work[((n * S + split) * 3 + k) * C + c]``; pixel-loss sum, kept count and bad count at
     ``work[misc_offset + 3 * (row * S + split) + {0, 1, 2}]`` (counts as int32 bits). With
-    ``HAS_POS_WEIGHT`` the positives' BCE term is weighed by ``pw_ptr[c]``."""
+    ``HAS_POS_WEIGHT`` the positives' BCE term is weighed by ``pw_ptr[c]``. ``ELEMENTS``
+    (``reduction="none"`` of the pixel loss alone): every element's loss goes to
+    ``work[row * M + m]`` instead (0 where ignored, NaN where a kept value is bad)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
@@ -421,8 +424,8 @@ def _binary_fwd_kernel(
     acc_n = tl.zeros([BLOCK], dtype=tl.int32)
     acc_bad = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(0, chunk, BLOCK):
-        x, t, keep, _m, _inside = binary_tile(x_ptr, t_ptr, base, start + off, M,
-                                              ignore_value, HAS_IGNORE, BLOCK)
+        x, t, keep, m, inside = binary_tile(x_ptr, t_ptr, base, start + off, M,
+                                            ignore_value, HAS_IGNORE, BLOCK)
         bad = bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0))
         acc_bad += (keep & bad).to(tl.int32)
         g = tl.where(keep, t, 0.0)
@@ -442,9 +445,13 @@ def _binary_fwd_kernel(
             loss = tm.focal(tm.binary_bce(x, g, gw, FROM_LOGITS), gamma, FOCAL)
             if HAS_ALPHA:
                 loss = loss * (alpha * g + (1.0 - alpha) * (1.0 - g))
-            acc_l += tl.where(keep, loss, 0.0)
-            if HAS_IGNORE:
-                acc_n += keep.to(tl.int32)
+            if ELEMENTS:
+                value = tl.where(keep & bad, float("nan"), tl.where(keep, loss, 0.0))
+                tl.store(work_ptr + base + m, value, mask=inside)
+            else:
+                acc_l += tl.where(keep, loss, 0.0)
+                if HAS_IGNORE:
+                    acc_n += keep.to(tl.int32)
     if DO_REGION:
         n = row // C
         c = row - n * C
@@ -452,8 +459,9 @@ def _binary_fwd_kernel(
         tl.store(work_ptr + rbase, tl.sum(acc_i, axis=0))
         tl.store(work_ptr + rbase + C, tl.sum(acc_p, axis=0))
         tl.store(work_ptr + rbase + 2 * C, tl.sum(acc_g, axis=0))
-    misc = work_ptr + misc_offset + (row * S + split) * 3
-    store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, HAS_IGNORE)
+    if not ELEMENTS:
+        misc = work_ptr + misc_offset + (row * S + split) * 3
+        store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, HAS_IGNORE)
 
 
 @triton.jit
@@ -481,18 +489,21 @@ def _binary_bwd_kernel(
     HAS_POS_WEIGHT: tl.constexpr,
     PER_IMAGE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GR: tl.constexpr,
     HAS_GD: tl.constexpr, GR_VECTOR: tl.constexpr, BLOCK: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    INDEX_64: tl.constexpr, ELEMENTS: tl.constexpr = False,
 ):
     """``dL/dx`` of one chunk of row ``n * C + c``: ``(gP + gI * g) * dp/dx`` for the region
     term (``gI``, ``gP`` from ``state`` and the upstream gradient), plus the pixel term's
     ``upstream / divisor * d loss/dx``. The NaN factor of ``state[0]`` multiplies the
     upstream gradient, so what the loss depends on gets NaN and ignored elements 0 (as the
-    reference's autograd gives)."""
+    reference's autograd gives). ``ELEMENTS`` (per-element losses): each element's own
+    upstream gradient ``gd[row * M + m]``, no state; NaN instead where a value is bad (the
+    reference multiplies a NaN into that element's loss)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = row.to(tl.int64) * M
     start = chunk_start(split, chunk, INDEX_64)
-    poison = tl.load(state_ptr)
+    if not ELEMENTS:
+        poison = tl.load(state_ptr)
     if DO_REGION:
         if PER_IMAGE:
             e = row
@@ -502,13 +513,17 @@ def _binary_bwd_kernel(
         gi = g_region * tl.load(state_ptr + 2 + e)
         gp = g_region * tl.load(state_ptr + 2 + E + e)
     if DO_PIXEL:
-        gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
-            state_ptr + 1)
+        if not ELEMENTS:
+            gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
+                state_ptr + 1)
         if HAS_POS_WEIGHT:
             pos_weight = tl.load(pw_ptr + row % C)
     for off in range(0, chunk, BLOCK):
         x, t, keep, m, inside = binary_tile(x_ptr, t_ptr, base, start + off, M, ignore_value,
                                             HAS_IGNORE, BLOCK)
+        if ELEMENTS:  # the reference's NaN mark of a bad element multiplies its upstream
+            bad = bad_input(x, FROM_LOGITS) | ~((t >= 0.0) & (t <= 1.0))
+            gt = tl.where(bad, float("nan"), tl.load(gd_ptr + base + m, mask=inside, other=0.0))
         g = tl.where(keep, t, 0.0)
         grad = tl.zeros([BLOCK], dtype=tl.float32)
         if DO_REGION:
@@ -539,7 +554,8 @@ def _binary_bwd_kernel(
 
 @triton.jit
 def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
-                    FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, CP: tl.constexpr):
+                    FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, CP: tl.constexpr,
+                    CLAMP: tl.constexpr = False):
     """Load one ``[CP, BLOCK]`` tile of sample ``n`` (a scalar, or one per pixel) at pixels
     ``m``.
 
@@ -551,7 +567,8 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
     mask of the first most probable class and ``1 - p`` there, summed from the other classes
     (all its digits where the softmax saturates; ``b = (max - x_t) + log1p(rest)`` likewise),
     else an empty mask and 0. A label is compared in its own dtype (no truncation); one
-    outside ``[0, C)`` is not kept.
+    outside ``[0, C)`` is not kept, or with ``CLAMP`` (per-pixel losses, as the reference
+    forms them unchecked) kept as the nearest class (and still bad).
     """
     cls = tl.arange(0, CP)
     cmask = cls < C
@@ -563,10 +580,14 @@ def multiclass_tile(x_ptr, t_ptr, n, m, inside, C, M, ignore_index,
     if HAS_IGNORE:
         counted = counted & (label != ignore_index)
     in_range = (label >= 0) & (label < C)
-    keep = counted & in_range
     x_bad = tl.max((bad_input(x, FROM_LOGITS) & cmask[:, None]).to(tl.int32), axis=0) > 0
     bad = counted & (x_bad | ~in_range)
-    t = tl.where(keep, label, 0).to(tl.int32)
+    if CLAMP:
+        keep = counted
+        t = tl.where(keep, tl.minimum(tl.maximum(label, 0), C - 1), 0).to(tl.int32)
+    else:
+        keep = counted & in_range
+        t = tl.where(keep, label, 0).to(tl.int32)
     onehot = (cls[:, None] == t[None, :]) & keep[None, :]
     if FROM_LOGITS:
         x = tl.where(cmask[:, None], x, float("-inf"))
@@ -627,12 +648,14 @@ def _multiclass_fwd_kernel(
     FROM_LOGITS: tl.constexpr, HAS_IGNORE: tl.constexpr, DO_REGION: tl.constexpr,
     DO_PIXEL: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
     WEIGHTED_MEAN: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    INDEX_64: tl.constexpr, ELEMENTS: tl.constexpr = False,
 ):
     """Partials of one chunk of sample ``n``: region sums of every class at
     ``work[((n * S + split) * 3 + k) * C + c]``; pixel-loss sum, kept and bad counts at
     ``work[misc_offset + 3 * (n * S + split) + {0, 1, 2}]`` (``WEIGHTED_MEAN``: the kept
-    pixels' ``alpha`` summed, a float, in place of the kept count)."""
+    pixels' ``alpha`` summed, a float, in place of the kept count). ``ELEMENTS``
+    (``reduction="none"`` of the pixel loss alone): every pixel's loss goes to
+    ``work[n * M + m]`` instead (0 where ignored, NaN where a counted value is bad)."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     start = chunk_start(split, chunk, INDEX_64)
@@ -647,7 +670,8 @@ def _multiclass_fwd_kernel(
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
         _x, p, b, t, keep, onehot, cmask, bad, _top, _complement = multiclass_tile(
-            x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP
+            x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP,
+            ELEMENTS
         )
         acc_bad += bad.to(tl.int32)
         if DO_REGION:
@@ -662,9 +686,13 @@ def _multiclass_fwd_kernel(
                 loss = loss * weight
                 if WEIGHTED_MEAN:
                     acc_w += tl.where(keep, weight, 0.0)
-            acc_l += tl.where(keep, loss, 0.0)
-            if HAS_IGNORE:
-                acc_n += keep.to(tl.int32)
+            if ELEMENTS:
+                value = tl.where(bad, float("nan"), tl.where(keep, loss, 0.0))
+                tl.store(work_ptr + n.to(tl.int64) * M + m, value, mask=inside)
+            else:
+                acc_l += tl.where(keep, loss, 0.0)
+                if HAS_IGNORE:
+                    acc_n += keep.to(tl.int32)
     slot = n * S + split
     if DO_REGION:
         cls = tl.arange(0, CP)
@@ -673,7 +701,9 @@ def _multiclass_fwd_kernel(
         tl.store(work_ptr + (slot * 3 + 1) * C + cls, tl.sum(acc_p, axis=1), mask=cmask)
         tl.store(work_ptr + (slot * 3 + 2) * C + cls, tl.sum(acc_g, axis=1), mask=cmask)
     misc = work_ptr + misc_offset + slot * 3
-    if WEIGHTED_MEAN:
+    if ELEMENTS:
+        pass
+    elif WEIGHTED_MEAN:
         store_misc(misc, acc_l, acc_n, acc_bad, DO_PIXEL, False)
         tl.store(misc + 1, tl.sum(acc_w, axis=0))
     else:
@@ -689,16 +719,20 @@ def _multiclass_bwd_kernel(
     PER_IMAGE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GR: tl.constexpr,
     HAS_GD: tl.constexpr, GR_VECTOR: tl.constexpr,
     CP: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+    ELEMENTS: tl.constexpr = False,
 ):
     """``dL/dx`` of one chunk of sample ``n``: the softmax backward of ``u = gP + gI * onehot``
     for the region term plus the pixel term's gradient; the NaN factor of ``state`` multiplies
-    the upstream gradient (ignored pixels get 0, as in the reference)."""
+    the upstream gradient (ignored pixels get 0, as in the reference). ``ELEMENTS``
+    (per-pixel losses): each pixel's own upstream gradient ``gd[n * M + m]``, no state; NaN
+    instead where a value is bad (the reference multiplies a NaN into that pixel's loss)."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     start = chunk_start(split, chunk, INDEX_64)
     cls = tl.arange(0, CP)
     cmask = cls < C
-    poison = tl.load(state_ptr)
+    if not ELEMENTS:
+        poison = tl.load(state_ptr)
     if DO_REGION:
         if PER_IMAGE:
             e = n * C + cls
@@ -715,16 +749,20 @@ def _multiclass_bwd_kernel(
         g_region = g_region * poison
         gi = g_region * tl.load(state_ptr + 2 + e, mask=cmask, other=0.0)
         gp = g_region * tl.load(state_ptr + 2 + E + e, mask=cmask, other=0.0)
-    if DO_PIXEL:
+    if DO_PIXEL and not ELEMENTS:
         gt = upstream(gc_ptr, gd_ptr, 0, w_dist, HAS_GC, HAS_GD, False) * poison / tl.load(
             state_ptr + 1)
     n64 = n.to(tl.int64)
     for off in range(0, chunk, BLOCK):
         m = start + off + tl.arange(0, BLOCK)
         inside = m < M
-        x, p, b, t, keep, onehot, cmask, _bad, is_top, complement = multiclass_tile(
-            x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP
+        x, p, b, t, keep, onehot, cmask, bad, is_top, complement = multiclass_tile(
+            x_ptr, t_ptr, n, m, inside, C, M, ignore_index, FROM_LOGITS, HAS_IGNORE, CP,
+            ELEMENTS
         )
+        if ELEMENTS:  # the reference's NaN mark of a bad pixel multiplies its upstream
+            gt = tl.where(bad, float("nan"), tl.load(gd_ptr + n64 * M + m, mask=inside,
+                                                     other=0.0))
         grad = tl.zeros([CP, BLOCK], dtype=tl.float32)
         if DO_REGION:
             if FROM_LOGITS:
@@ -905,11 +943,19 @@ def _ignore(spec: FusedSpec) -> tuple[bool, int]:
                                             int(spec.ignore_index))
 
 
-def output_shape(spec: FusedSpec, n: int, c: int) -> tuple[int, ...]:
+def elementwise(spec: FusedSpec) -> bool:
+    """A distribution loss with ``reduction="none"``: per-element losses, no epilogue."""
+    return spec.output == DISTRIBUTION and spec.reduction == NONE
+
+
+def output_shape(spec: FusedSpec, n: int, c: int, m: int = 1) -> tuple[int, ...]:
     """Shape of the fused call's ``out``: ``(C,)`` / ``(N, C)`` for a region loss with
-    ``reduction="none"``, else 0-dim."""
+    ``reduction="none"``, ``(N, C, M)`` (multiclass ``(N, M)``) for a distribution loss with
+    it, else 0-dim."""
     if spec.output == REGION and spec.reduction == NONE:
         return (n, c) if spec.per_image else (c,)
+    if elementwise(spec):
+        return (n, m) if spec.multiclass else (n, c, m)
     return ()
 
 
@@ -933,15 +979,18 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
     geo = geometry(n, c, m, spec.multiclass)
     has_ignore, ignore_value = _ignore(spec)
     misc_offset = geo.region_size if spec.do_region else 0
-    work = torch.empty(misc_offset + 3 * geo.programs, dtype=torch.float32, device=xk.device)
     state = torch.empty(state_size(spec, n, c), dtype=torch.float32, device=xk.device)
+    elements = elementwise(spec)
+    # per-element losses: written into out (no partials, no epilogue; the state unread)
+    work = out if elements else torch.empty(misc_offset + 3 * geo.programs,
+                                            dtype=torch.float32, device=xk.device)
     if spec.multiclass:
         _multiclass_fwd_kernel[(geo.rows, geo.splits)](
             xk, target, work, state if alpha is None else alpha, c, m, geo.chunk, geo.splits,
             misc_offset, ignore_value, spec.gamma, FROM_LOGITS=spec.from_logits,
             HAS_IGNORE=has_ignore, DO_REGION=spec.do_region, DO_PIXEL=spec.do_pixel,
             FOCAL=spec.focal, HAS_ALPHA=alpha is not None, WEIGHTED_MEAN=spec.weighted_mean,
-            CP=geo.cp, BLOCK=geo.block, INDEX_64=geo.index_64, num_warps=8,
+            CP=geo.cp, BLOCK=geo.block, INDEX_64=geo.index_64, ELEMENTS=elements, num_warps=8,
         )
     else:
         has_alpha = spec.alpha is not None
@@ -953,8 +1002,10 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
             FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore, DO_REGION=spec.do_region,
             DO_PIXEL=spec.do_pixel, FOCAL=spec.focal, HAS_ALPHA=has_alpha,
             HAS_POS_WEIGHT=pos_weight is not None, BLOCK=geo.block, INDEX_64=geo.index_64,
-            num_warps=4,
+            ELEMENTS=elements, num_warps=4,
         )
+    if elements:
+        return state
     count = n * m if spec.multiclass else n * c * m
     class_weight = class_weight_table(spec, xk.device)
     counted = (n if spec.per_image else 1) * (c - spec.first_class)  # the region mean's
@@ -986,13 +1037,16 @@ def fused_backward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | 
     gr_vector = grad_region is not None and grad_region.dim() > 0
     if gr_vector and not grad_region.is_contiguous():  # type: ignore[union-attr]
         grad_region = grad_region.contiguous()  # type: ignore[union-attr]
+    elements = elementwise(spec)
+    if elements and grad_distribution is not None:  # one upstream value per element
+        grad_distribution = grad_distribution.to(torch.float32).contiguous()
     entries = n * c if spec.per_image else c
     flags = dict(
         FROM_LOGITS=spec.from_logits, HAS_IGNORE=has_ignore, DO_REGION=spec.do_region,
         DO_PIXEL=spec.do_pixel, FOCAL=spec.focal, PER_IMAGE=spec.per_image,
         HAS_GC=grad_combined is not None, HAS_GR=grad_region is not None,
         HAS_GD=grad_distribution is not None, GR_VECTOR=gr_vector, BLOCK=geo.block,
-        INDEX_64=geo.index_64,
+        INDEX_64=geo.index_64, ELEMENTS=elements,
     )
     gc = state if grad_combined is None else grad_combined
     gr = state if grad_region is None else grad_region
@@ -1026,8 +1080,8 @@ def prepare_inputs(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 def new_outputs(spec: FusedSpec, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Fresh float32 outputs of a fused call (three 0-dim tensors for a composite)."""
-    n, c, _ = x.shape
-    out = torch.empty(output_shape(spec, n, c), dtype=torch.float32, device=x.device)
+    n, c, m = x.shape
+    out = torch.empty(output_shape(spec, n, c, m), dtype=torch.float32, device=x.device)
     if spec.output != COMPOSITE:
         return out, None, None
     return (out, torch.empty((), dtype=torch.float32, device=x.device),
@@ -1057,6 +1111,9 @@ def reference_outputs(x: Tensor, target: Tensor, mode: str,
                                          class_weight=multipliers)
         return (reference.REFERENCE.region(layout, params, checked),)
     if isinstance(params, DistributionParams):
+        if params.reduction == "none":  # the kernels' shape: (N, C, M), multiclass (N, M)
+            layout = Layout(x, target, mode, target.shape if mode == MULTICLASS_MODE
+                            else x.shape)
         return (reference.REFERENCE.distribution(layout, params, checked),)
     return reference.REFERENCE.composite(layout, params, checked)
 
