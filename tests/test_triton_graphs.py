@@ -166,6 +166,7 @@ def test_fake_implementations_give_the_real_shapes():
         assert [g.dtype for g in got] == [w.dtype for w in want]
     assert tuple(real[1][0].shape) == (4,) and tuple(real[3][0].shape) == (3, 4)
     assert tuple(real[5][0].shape) == (3, 10)  # reduction="none": one loss per pixel
+    assert real[5][1].numel() == 0  # and no state (an unwritten one failed opcheck by chance)
 
 
 @needs_triton

@@ -960,7 +960,10 @@ def output_shape(spec: FusedSpec, n: int, c: int, m: int = 1) -> tuple[int, ...]
 
 
 def state_size(spec: FusedSpec, n: int, c: int) -> int:
-    """Floats of the backward state: NaN factor, divisor, 2 per score entry."""
+    """Floats of the backward state: NaN factor, divisor, 2 per score entry; none for
+    per-element losses (their backward reads only the inputs and the upstream gradient)."""
+    if elementwise(spec):
+        return 0
     if not spec.do_region:
         return 2
     return 2 + 2 * (n * c if spec.per_image else c)
@@ -981,7 +984,7 @@ def fused_forward(xk: Tensor, target: Tensor, spec: FusedSpec, alpha: Tensor | N
     misc_offset = geo.region_size if spec.do_region else 0
     state = torch.empty(state_size(spec, n, c), dtype=torch.float32, device=xk.device)
     elements = elementwise(spec)
-    # per-element losses: written into out (no partials, no epilogue; the state unread)
+    # per-element losses: written into out (no partials, no epilogue, an empty state)
     work = out if elements else torch.empty(misc_offset + 3 * geo.programs,
                                             dtype=torch.float32, device=xk.device)
     if spec.multiclass:
