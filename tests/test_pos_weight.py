@@ -393,3 +393,26 @@ def test_the_native_kernels_weigh_topk_themselves():
         got = _WeightedTopK(0.3, [4.0, 0.5, 2.0], mode="multilabel", backend="native")(
             logits, target)
     assert_ran_on(got, "native")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities"])
+def test_a_large_weight_leaves_the_negatives_finite(backend, from_logits):
+    """The positives' term weighed by a large ``pos_weight`` overflows float32 (``w *
+    softplus(-x)``, ``w * log(p)``), but a negative element does not read it: its loss is
+    ``softplus(x)`` (``-log(1 - p)``), whatever the weight. The reference and torch backends
+    gave NaN there (``lerp(a, inf, 0)``, ``0 * -inf``) where the native kernels gave the
+    value. A positive element's loss is +inf on every backend. Found by a review."""
+    x = torch.tensor([[[-2.0, 3.0, -1e37, -2.0]]])
+    if not from_logits:
+        x = torch.tensor([[[0.25, 0.75, 0.0, 0.25]]])
+    target = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]])
+    loss = BCELoss(pos_weight=3e38, reduction="none", from_logits=from_logits,
+                   backend=backend)(x, target)
+    negatives = (torch.nn.functional.softplus(x[..., :3]) if from_logits
+                 else -torch.log1p(-x[..., :3]))
+    torch.testing.assert_close(loss[..., :3], negatives, rtol=1e-6, atol=0.0)
+    assert loss[..., 3].item() == math.inf
+    mean = BCELoss(pos_weight=100.0, from_logits=from_logits, backend=backend)(
+        x[..., :3], target[..., :3])
+    torch.testing.assert_close(mean, negatives.mean(), rtol=1e-6, atol=0.0)

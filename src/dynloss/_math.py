@@ -268,7 +268,8 @@ def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool,
 
     Logits: :math:`(1-g)\,\mathrm{softplus}(x) + w g\,\mathrm{softplus}(-x)`, two
     non-negative terms (nothing cancels; ``lerp`` is exact for hard labels). Probabilities:
-    :math:`-(w g \max(\log p, -100) + (1-g) \max(\log(1-p), -100))`.
+    :math:`-(w g \max(\log p, -100) + (1-g) \max(\log(1-p), -100))`. The weight multiplies
+    ``g`` first: a negative element reads nothing of a weighted term that overflows.
 
     >>> import torch
     >>> from dynloss._math import elementwise_bce
@@ -281,11 +282,12 @@ def elementwise_bce(x: Tensor, g: Tensor, from_logits: bool,
         # float64 only from 40 on (exp(-40) is below half an ulp of 40, and 1 - sigmoid too)
         threshold = 40.0 if x.dtype == torch.float64 else 20.0
         positive = F.softplus(-x, threshold=threshold)
-        if pos_weight is not None:
-            positive = positive * pos_weight
-        return torch.lerp(F.softplus(x, threshold=threshold), positive, g)
-    log_p = clamped_log(x) if pos_weight is None else pos_weight * clamped_log(x)
-    return -(g * log_p + (1 - g) * clamped_log(1 - x))
+        if pos_weight is None:
+            return torch.lerp(F.softplus(x, threshold=threshold), positive, g)
+        # (g w) first: w softplus(-x) may overflow where g = 0 reads none of it
+        return (1 - g) * F.softplus(x, threshold=threshold) + (g * pos_weight) * positive
+    weighted = g if pos_weight is None else g * pos_weight
+    return -(weighted * clamped_log(x) + (1 - g) * clamped_log(1 - x))
 
 
 def bce_slope(x: Tensor, g: Tensor, from_logits: bool, weight: Tensor | None = None,
