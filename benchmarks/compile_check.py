@@ -105,6 +105,10 @@ def _exercise(x, t, mode: str, from_logits: bool, ignore, alpha) -> None:
         dist = distribution_params(gamma=gamma, alpha=alpha if gamma else None,
                                    reduction=reduction, **common)
         stream.TritonFusedLoss.apply(x, t, mode, dist, False).backward()
+    for gamma in (0.0, 2.0):  # per-element losses (the ELEMENTS and CLAMP variants)
+        dist = distribution_params(gamma=gamma, alpha=alpha if gamma else None,
+                                   reduction="none", **common)
+        stream.TritonFusedLoss.apply(x, t, mode, dist, False).sum().backward()
         composite = composite_params(region_params(alpha=0.5, beta=0.5, **common),
                                      distribution_params(gamma=gamma, alpha=None, **common),
                                      0.7, 1.3)

@@ -11,6 +11,7 @@
 #      - the CUDA tests: tests/test_kernels_triton.py (values, gradients, NaN semantics, no
 #        host sync), tests/test_triton_launches.py (launch counts), tests/test_triton_graphs.py
 #        (CUDA graph capture and replay, torch.compile fullgraph and reduce-overhead, opcheck),
+#        tests/test_triton_reduction_none.py (per-element losses against the reference),
 #        with pytest-xdist when present, else in 4 shards              -> cuda_tests*.log
 #      - benchmarks/cuda_selfcheck.py (pytest-free: values, no host sync, capture, compile,
 #        launches counted by the profiler)                              -> cuda_selfcheck.log
@@ -69,7 +70,7 @@ EOF
 note "environment: $(grep -E '^(torch|cuda available|triton|pytest|xdist|auto|segmentation|monai)' "$RES/gpu_env.txt" | tr '\n' ';')"
 
 # 2. correctness, launches, graphs (parallel) ----------------------------------------------
-TESTS="tests/test_kernels_triton.py tests/test_triton_launches.py tests/test_triton_graphs.py"
+TESTS="tests/test_kernels_triton.py tests/test_triton_launches.py tests/test_triton_graphs.py tests/test_triton_reduction_none.py"
 CONFTEST=""
 "$PY" -c "import hypothesis" >/dev/null 2>&1 || CONFTEST="--noconftest"
 pids=(); names=(); logs=()

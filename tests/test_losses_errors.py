@@ -765,3 +765,17 @@ def test_a_subnormal_class_weight_is_refused():
     t = torch.randint(0, 3, (2, 5, 4), generator=torch.Generator().manual_seed(1))
     dynloss.BCELoss(mode="multiclass", weight=[1.2e-38, 0.0, 0.0])(x, t).backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda w: dynloss.DiceLoss(mode="multiclass", weight=w), "weight"),
+    (lambda w: dynloss.BCELoss(mode="multiclass", weight=w), "weight"),
+    (lambda w: dynloss.FocalLoss(mode="multiclass", alpha=w), "alpha"),
+    (lambda w: dynloss.BCELoss(mode="multilabel", pos_weight=w), "pos_weight"),
+], ids=["dice", "bce", "focal", "pos_weight"])
+def test_a_nested_tensor_hyperparameter_is_a_type_error_naming_it(make, name):
+    """``pos_weight`` read the nested tensor's shape first: torch's "NestedTensorImpl doesn't
+    support sizes" (a RuntimeError). Found by a review."""
+    with pytest.raises(TypeError, match=rf"^{name} must be a dense tensor \(torch\.strided\); "
+                                        r"got a nested tensor"):
+        make(torch.nested.nested_tensor([torch.ones(3)]))

@@ -251,6 +251,8 @@ def _per_class_weights(weight: object, mode: str, name: str) -> tuple[float, ...
     """A sequence (or 1-D tensor or NumPy array, read as its values) of weights >= 0, one per
     class."""
     array = as_array(weight)
+    if array is not None:
+        check_dense(name, array)
     if array is not None and array.dim() == 1:
         weight = tensor_values(name, array)
     if isinstance(weight, (str, bytes)) or not isinstance(weight, Sequence):
@@ -292,6 +294,7 @@ def check_pos_weight(pos_weight: object, mode: str, name: str = "pos_weight"
         return None
     array = as_array(pos_weight)  # (a NumPy array is read as a tensor is)
     if array is not None:
+        check_dense(name, array)
         pos_weight = array
     if mode == MULTICLASS_MODE:
         raise ValueError(
@@ -335,6 +338,15 @@ def check_class_weight(weight: object, mode: str, name: str = "weight"
     return _per_class_weights(weight, mode, name)
 
 
+def check_dense(name: str, values: torch.Tensor) -> None:
+    """Refuse a sparse or nested tensor of hyper-parameter values (a ``TypeError`` naming
+    ``name``): their values are read as a dense tensor's."""
+    if values.is_nested or values.layout is not torch.strided:
+        what = "nested tensor" if values.is_nested else f"{values.layout} tensor"
+        raise TypeError(f"{name} must be a dense tensor (torch.strided); got a {what} "
+                        "(convert it with .to_dense(), or give numbers)")
+
+
 def tensor_values(name: str, values: torch.Tensor) -> list[float]:
     """A weights tensor's values as Python numbers; a float32 one's each as the shortest
     decimal that rounds to it (``torch.tensor([0.2])`` gives 0.2, not 0.20000000298...: the
@@ -342,10 +354,7 @@ def tensor_values(name: str, values: torch.Tensor) -> list[float]:
     precision weight rounded to a short decimal would be another float32 weight), as do
     float32 values beyond 1e30 (float32's largest, 3.4028235e38 as the shortest decimal,
     lies above it). A meta tensor, which holds none, is refused naming ``name``."""
-    if values.is_nested or values.layout is not torch.strided:
-        what = "nested tensor" if values.is_nested else f"{values.layout} tensor"
-        raise TypeError(f"{name} must be a dense tensor (torch.strided); got a {what} "
-                        "(convert it with .to_dense(), or give numbers)")
+    check_dense(name, values)
     if values.is_meta:
         raise ValueError(f"{name} is a tensor on the meta device, which holds no values to "
                          "read: create it on the CPU (or give numbers)")

@@ -100,7 +100,8 @@ _SHARED_DOC = """
             reference for what those cannot do), ``"torch"``
             (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
             ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.
-            ``reduction="none"`` is computed by the torch backend on the CPU, by the
+            ``reduction="none"`` of BCE and Focal runs on the native kernels (CPU) and the
+            Triton kernels (CUDA) too; TopK's on the torch backend on the CPU, on the
             reference elsewhere.
         check_values: raise a ``ValueError`` for target (or probability) values out of
             range, which reads the data on the host; ``None`` (default): for CPU tensors,

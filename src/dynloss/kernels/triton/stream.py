@@ -76,7 +76,8 @@ INDEX_64_FROM = 2**31 - 2**24
 REGION, DISTRIBUTION, COMPOSITE = 0, 1, 2
 """What a fused call returns: the region loss, the distribution loss, or both weighted."""
 MEAN, SUM, NONE = 0, 1, 2
-"""Reduction codes (``"none"`` only for the region loss)."""
+"""Reduction codes (``"none"``: the region loss's scores, or the distribution loss's
+per-element losses)."""
 _REDUCTIONS = {"mean": MEAN, "sum": SUM, "none": NONE}
 
 
@@ -1122,11 +1123,14 @@ def reference_outputs(x: Tensor, target: Tensor, mode: str,
 
 
 class TritonFusedLoss(torch.autograd.Function):
-    """A region, distribution (BCE/Focal) or composite loss in three launches.
+    """A region, distribution (BCE/Focal) or composite loss in three launches (two for
+    per-element losses).
 
-    ``forward(x, target, mode, params, checked)`` returns the loss (0-dim, or ``(C,)`` /
-    ``(N, C)`` for a region loss with ``reduction="none"``); a composite returns
-    ``(combined, region, distribution)``. Saves the inputs and a state of ``2 + 2 E`` floats.
+    ``forward(x, target, mode, params, checked)`` returns the loss (0-dim; ``(C,)`` /
+    ``(N, C)`` for a region loss with ``reduction="none"``, ``(N, C, M)`` (multiclass
+    ``(N, M)``) for a distribution loss with it); a composite returns ``(combined, region,
+    distribution)``. Saves the inputs and a state of ``2 + 2 E`` floats (none for
+    per-element losses).
     """
 
     @staticmethod
