@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import sys
@@ -56,6 +57,9 @@ class _Compiler:
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         values = dict(zip(names, args, strict=False))
         values.update(kwargs)
+        for param in fn.params:  # a parameter left to its default (a defaulted constexpr)
+            if param.name not in values and param.default is not inspect.Parameter.empty:
+                values[param.name] = param.default
         signature, constexprs = {}, {}
         for i, name in enumerate(names):
             value = values[name]
