@@ -296,6 +296,18 @@ def check_switching_is_consistent_across_ranks(rank: int) -> None:
     assert _history(plateau, mine) == [0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
+def _resumed_on_rank_0(build: Callable[[], torch.nn.Module], rank: int,
+                       trained: torch.nn.Module, metrics: tuple[float, ...]) -> torch.nn.Module:
+    """A fresh ``build()`` into which rank 0 alone loads ``trained``'s state after stepping
+    it with ``metrics`` (``if rank == 0: loss.load_state_dict(...)``)."""
+    for metric in metrics:
+        trained.step(metric=metric)
+    loss = build()
+    if rank == 0:
+        loss.load_state_dict(trained.state_dict())
+    return loss
+
+
 def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int) -> None:
     """Resuming, a rank that alone loaded the checkpoint's loss state (``if rank == 0:
     loss.load_state_dict(...)``, trusting DDP's broadcast, which covers the model only) is at
@@ -305,11 +317,7 @@ def check_ranks_whose_switch_states_differ_are_told_at_the_metric_step(rank: int
         return SwitchingLoss([DiceLoss(), BCELoss()], trigger=Plateau(patience=5))
 
     trained = make()
-    for metric in (1.0, 0.9, 0.8):
-        trained.step(metric=metric)
-    loss = make()
-    if rank == 0:
-        loss.load_state_dict(trained.state_dict())
+    loss = _resumed_on_rank_0(make, rank, trained, (1.0, 0.9, 0.8))
     with pytest.raises(RuntimeError, match=r"SwitchingLoss\.step: the ranks' switch states "
                        r"differ .*count [03] here.*load the loss's state on every rank"):
         loss.step(metric=0.5)
@@ -350,12 +358,7 @@ def check_ranks_whose_switch_states_differ_are_told_before_a_later_adaptive_stag
         return CompositeLoss([SwitchingLoss([DiceLoss(), inner], milestones=[4]), BCELoss()])
 
     for build in (make, nested):
-        trained = build()
-        for _ in range(3):
-            trained.step(metric=1.0)
-        loss = build()
-        if rank == 0:
-            loss.load_state_dict(trained.state_dict())
+        loss = _resumed_on_rank_0(build, rank, build(), (1.0, 1.0, 1.0))
         with pytest.raises(RuntimeError, match=r"the ranks' switch states differ \(the step "
                            r"count.*count [03] here"):
             loss.step(metric=0.5)

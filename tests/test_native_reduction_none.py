@@ -20,7 +20,15 @@ from dynloss.kernels import native_available, resolve_backend
 from dynloss.kernels.capabilities import Need
 from dynloss.kernels.dispatch import clear_cache, select
 
-from ._backends import MODES, make_loss, seeded_case
+from ._backends import (
+    MODES,
+    assert_second_order_is_the_references,
+    elementwise_case,
+    elementwise_options,
+    make_loss,
+    weight_map,
+    with_nan_and_inf,
+)
 from ._kernel_cases import graph_nodes
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
@@ -28,24 +36,11 @@ pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels u
 NODE = "NativeDistributionElementsBackward"
 
 
-def _case(mode: str, from_logits: bool, ignore: bool, seed: int = 3):
-    x, target = seeded_case(mode, (2, 5, 7), seed=seed, dtype=torch.float64, scale=3.0,
-                            classes=4)
-    if not from_logits:
-        x = x.softmax(1) if mode == "multiclass" else x.sigmoid()
-    x = x.float()
-    if ignore:
-        target = target.clone()
-        if mode == "multiclass":
-            target[0, 1, :3] = 255
-        else:
-            target[0, :, 1, :3] = 255.0
-    return x, target
+def _case(mode: str, from_logits: bool, ignore: bool):
+    return elementwise_case(mode, from_logits, ignore)
 
 
-def _weights(x: torch.Tensor, mode: str, seed: int = 5) -> torch.Tensor:
-    shape = (x.shape[0], *x.shape[2:]) if mode == "multiclass" else x.shape
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+_weights = weight_map
 
 
 def _run(loss_fn, x, target, upstream, *, native: bool):
@@ -76,16 +71,9 @@ def _compare(name, mode, x, target, upstream, **kwargs):
                          ids=["bce", "focal", "focal-0.5", "focal-alpha"])
 def test_values_and_gradients_are_the_references(name, kwargs, mode, ignore, from_logits):
     x, target = _case(mode, from_logits, ignore)
-    if kwargs.get("alpha") == "weights":
-        kwargs = dict(kwargs, alpha=(0.1, 0.2, 0.3, 0.4) if mode == "multiclass" else 0.25)
-    kwargs = dict(kwargs, from_logits=from_logits)
-    if ignore:
-        kwargs["ignore_index"] = 255
+    kwargs = elementwise_options(kwargs, mode, from_logits, ignore)
     weights = _weights(x, mode)
-    odd = weights.clone()
-    odd.view(-1)[7] = math.nan  # ignored with ignore_index (its gradient then 0)
-    odd.view(-1)[5] = math.inf
-    for upstream in (weights, odd, torch.ones_like(weights)):
+    for upstream in (weights, with_nan_and_inf(weights), torch.ones_like(weights)):
         loss, _ = _compare(name, mode, x, target, upstream, **kwargs)
     if ignore:  # an ignored element's loss is 0
         at = (0, 1, slice(0, 3)) if mode == "multiclass" else (0, slice(None), 1, slice(0, 3))
@@ -167,16 +155,7 @@ def test_saved_tensor_hooks_see_the_slopes_unchanged():
 def test_second_order_is_the_references(mode):
     """A recorded backward (``create_graph=True``) goes through the reference maths."""
     x, target = _case(mode, True, False)
-    weights = _weights(x, mode)
-    results = []
-    for backend in ("native", "reference"):
-        leaf = x.clone().requires_grad_(True)
-        loss = make_loss("focal", mode, backend, reduction="none", gamma=1.5)(leaf, target)
-        (g,) = torch.autograd.grad((loss * weights).sum(), leaf, create_graph=True)
-        (h,) = torch.autograd.grad((g * g).sum(), leaf)
-        results.append((g.detach(), h))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+    assert_second_order_is_the_references("native", mode, x, target, _weights(x, mode))
 
 
 def test_no_gradient_wanted():

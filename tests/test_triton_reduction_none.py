@@ -17,7 +17,15 @@ import torch
 
 from dynloss.functional import _call
 
-from ._backends import MODES, make_loss, seeded_case
+from ._backends import (
+    MODES,
+    assert_second_order_is_the_references,
+    elementwise_case,
+    elementwise_options,
+    make_loss,
+    weight_map,
+    with_nan_and_inf,
+)
 from ._launches import count_step, not_counted
 
 # nothing above imports Triton; _triton_env sets TRITON_INTERPRET before anything does
@@ -29,27 +37,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _case(mode: str, from_logits: bool, ignore: bool, seed: int = 3):
-    x, target = seeded_case(mode, (2, 4, 5), seed=seed, dtype=torch.float64, scale=3.0,
-                            classes=4)
-    if not from_logits:
-        x = x.softmax(1) if mode == "multiclass" else x.sigmoid()
-    x = x.float()
-    if mode != "multiclass":
-        target = target.float()  # (a float64 target is converted first: launches of its own)
-    if ignore:
-        target = target.clone()
-        if mode == "multiclass":
-            target[0, 1, :3] = 255
-        else:
-            target[0, :, 1, :3] = 255.0
-    return x.to(DEVICE), target.to(DEVICE)
+def _case(mode: str, from_logits: bool, ignore: bool):
+    # (float32 targets: a float64 one is converted first, launches of its own)
+    return elementwise_case(mode, from_logits, ignore, spatial=(4, 5), device=DEVICE or "cpu")
 
 
-def _weights(x: torch.Tensor, mode: str, seed: int = 5) -> torch.Tensor:
-    shape = (x.shape[0], *x.shape[2:]) if mode == "multiclass" else x.shape
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=gen).to(x.device)
+_weights = weight_map
 
 
 def _run(loss_fn, x, target, upstream):
@@ -82,18 +75,11 @@ def _compare(name, mode, x, target, upstream, **kwargs):
                          ids=["bce", "focal-0.5", "focal-alpha"])
 def test_values_and_gradients_are_the_references(name, kwargs, mode, ignore, from_logits):
     x, target = _case(mode, from_logits, ignore)
-    if kwargs.get("alpha") == "weights":
-        kwargs = dict(kwargs, alpha=(0.1, 0.2, 0.3, 0.4) if mode == "multiclass" else 0.25)
-    kwargs = dict(kwargs, from_logits=from_logits, check_values=False)
-    if ignore:
-        kwargs["ignore_index"] = 255
+    kwargs = elementwise_options(kwargs, mode, from_logits, ignore, check_values=False)
     weights = _weights(x, mode)
-    odd = weights.clone()
-    odd.view(-1)[7] = math.nan  # ignored with ignore_index (its gradient then 0)
-    odd.view(-1)[5] = math.inf
     bad = x.clone()
     bad[1, 0, 2, 3] = math.nan  # that element's (multiclass: pixel's) loss alone is NaN
-    for inputs, upstream in ((x, weights), (x, odd), (bad, weights)):
+    for inputs, upstream in ((x, weights), (x, with_nan_and_inf(weights)), (bad, weights)):
         loss, _ = _compare(name, mode, inputs, target, upstream, **kwargs)
     assert torch.isnan(loss).sum().item() == 1
     if ignore:  # an ignored element's loss is 0
@@ -151,16 +137,7 @@ def test_non_contiguous_input_and_upstream():
 def test_second_order_is_the_references(mode):
     """A recorded backward (``create_graph=True``) goes through the reference maths."""
     x, target = _case(mode, True, False)
-    weights = _weights(x, mode)
-    results = []
-    for backend in ("triton", "reference"):
-        leaf = x.clone().requires_grad_(True)
-        loss = make_loss("focal", mode, backend, reduction="none", gamma=1.5)(leaf, target)
-        (g,) = torch.autograd.grad((loss * weights).sum(), leaf, create_graph=True)
-        (h,) = torch.autograd.grad((g * g).sum(), leaf)
-        results.append((g.detach(), h))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+    assert_second_order_is_the_references("triton", mode, x, target, _weights(x, mode))
 
 
 @needs_triton
