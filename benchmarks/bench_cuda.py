@@ -25,7 +25,9 @@ keeps other elements among the ties): a dynloss row that differs is an error, a 
 marked ``†`` in the tables. A missing
 package is skipped and named. A separate table gives the **host time** per step (CPU time to
 issue forward+backward, at a small shape where the GPU keeps up). The goals of the issue are
-checked at the end of the report.
+checked at the end of the report. ``--losses bce_weight_map,focal_weight_map`` (not in the
+default set) times BCE and Focal under a per-pixel weight map (``reduction="none"``, each peer
+its own per-element losses times the same map; torch's binary BCE by its fused ``weight=``).
 
 Outputs under ``--out`` (default ``benchmarks/results``), named after the device:
 ``bench_<device>.json``, ``bench_<device>.md``, ``bench_<device>.png`` (eager) and, where
@@ -38,6 +40,7 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_cuda.py                 # GPU, every shape
     PYTHONPATH=src python benchmarks/bench_cuda.py --warm-only     # compile Triton kernels
     PYTHONPATH=src python benchmarks/bench_cuda.py --cpu-smoke     # every code path, tiny
+    PYTHONPATH=src python benchmarks/bench_cuda.py --losses bce_weight_map,focal_weight_map
                                                                    # shapes, CPU interpreter
 """
 
@@ -69,7 +72,7 @@ import torch
 import dynloss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py, however it is loaded
-from peers import _dynloss, implementation  # the peers' formulations
+from peers import WEIGHT_MAPS, _dynloss, implementation  # the peers' formulations
 
 SHAPES = {
     "full": [
@@ -83,6 +86,9 @@ SHAPES = {
 }
 HOST_SHAPE = {"binary": (2, 1, 64, 64), "multiclass": (2, 4, 32, 32)}
 LOSSES = ["dice", "iou", "tversky", "bce", "focal", "topk", "dice+bce", "dice+focal"]
+EXTRA_LOSSES = list(WEIGHT_MAPS)
+"""Timed only when named (``--losses bce_weight_map,focal_weight_map``): BCE and Focal under a
+per-pixel weight map (``reduction="none"``; see ``peers.py``)."""
 IMPLS = ["dynloss", "smp", "monai", "torch", "nnunet"]
 GOAL_SHAPE = (32, 1, 256, 256)
 ROUNDS = 5
@@ -560,7 +566,7 @@ def warm(device: torch.device, dtypes: list[torch.dtype], shapes: list) -> int:
     for dtype in dtypes:
         for mode, shape in shapes:
             x, t = make_inputs(mode, (min(shape[0], 2), *shape[1:]), dtype, device)
-            for loss in LOSSES:
+            for loss in LOSSES + EXTRA_LOSSES:
                 try:
                     make_step(_dynloss(loss, mode, "triton"), x, t)()
                 except Exception as exc:
@@ -615,8 +621,8 @@ def main() -> int:
                         help="every code path on tiny shapes on the CPU (Triton's interpreter;"
                              " no timing worth reading), results to a temporary folder")
     args = parser.parse_args()
-    _check_names(parser, "--losses", args.losses, LOSSES)
-    _check_names(parser, "--host-losses", args.host_losses, LOSSES)
+    _check_names(parser, "--losses", args.losses, LOSSES + EXTRA_LOSSES)
+    _check_names(parser, "--host-losses", args.host_losses, LOSSES + EXTRA_LOSSES)
     _check_names(parser, "--impls", args.impls, IMPLS)
     for name in (part for part in args.dtypes.split(",") if part):
         if not isinstance(getattr(torch, name, None), torch.dtype):

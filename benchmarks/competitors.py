@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dynloss
+from peers import WEIGHT_MAPS, weight_map, weighted
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,34 +56,6 @@ def nnunet_topk(k: float) -> Loss:
 
 POS_WEIGHT = 3.0
 """``bce_pos_weight``'s weight of the positives."""
-
-WEIGHT_MAPS = ("bce_weight_map", "focal_weight_map")
-"""BCE and Focal (``gamma=2``) with a per-pixel weight map: the mean of the per-element
-losses (``reduction="none"``) times :func:`weight_map`, as U-Net's border weights are used.
-Plain torch passes the map as ``binary_cross_entropy_with_logits``'s own ``weight=``."""
-
-_WEIGHT_MAPS: dict[tuple[int, ...], torch.Tensor] = {}
-
-
-def weight_map(target: torch.Tensor) -> torch.Tensor:
-    """The weight map of :data:`WEIGHT_MAPS` for ``target``'s shape: values drawn uniformly
-    from [1, 5) (seeded), made once per shape, so that no candidate pays for making it."""
-    shape = tuple(target.shape)
-    found = _WEIGHT_MAPS.get(shape)
-    if found is None:
-        gen = torch.Generator().manual_seed(7)
-        found = _WEIGHT_MAPS[shape] = 1.0 + 4.0 * torch.rand(shape, generator=gen)
-    return found
-
-
-def weighted(per_element: Loss) -> Loss:
-    """``mean(per_element(x, t) * weight_map(t))``; per-element losses of any shape with the
-    target's number of elements (smp's Focal returns them flattened)."""
-    def loss(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (per_element(x, t).reshape(-1) * weight_map(t).reshape(-1)).mean()
-
-    return loss
-
 
 def _dynloss(name: str, backend: str) -> Loss:
     if name == "bce_pos_weight":

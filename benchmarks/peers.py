@@ -3,7 +3,8 @@ nnU-Net and plain PyTorch.
 
 :func:`implementation` returns ``loss(x, target)`` of one implementation (``dynloss``,
 ``smp``, ``monai``, ``torch``, ``nnunet``) for one loss (``dice``, ``iou``, ``tversky``,
-``bce``, ``focal``, ``topk`` and the composites ``dice+bce``, ``dice+focal``) in one mode, or
+``bce``, ``focal``, ``topk``, the composites ``dice+bce``, ``dice+focal`` and the weight maps
+of :data:`WEIGHT_MAPS`) in one mode, or
 None where that library has no such loss. ``x`` is the logits ``(N, C, *spatial)``; the
 target is ``(N, 1, *spatial)`` of 0/1 in binary mode, class indices ``(N, *spatial)`` (int64)
 in multiclass mode, where BCE is the cross-entropy, and 0/1 of the input's shape in multilabel
@@ -46,6 +47,36 @@ import dynloss
 
 TVERSKY = (0.3, 0.7)
 TOPK = 0.6
+
+WEIGHT_MAPS = ("bce_weight_map", "focal_weight_map")
+"""BCE (multiclass: the cross-entropy) and Focal (``gamma=2``) under a per-pixel weight map:
+the mean of the per-element losses (``reduction="none"``) times :func:`weight_map`, as
+U-Net's border weights are used. Plain torch's binary BCE takes the map as
+``binary_cross_entropy_with_logits``'s own ``weight=``."""
+
+_WEIGHT_MAPS: dict[tuple, torch.Tensor] = {}
+
+
+def weight_map(target: torch.Tensor) -> torch.Tensor:
+    """The weight map of :data:`WEIGHT_MAPS` for ``target`` (one weight per element of a
+    binary or multilabel target, per pixel of a class-index one): values drawn uniformly
+    from [1, 5) (seeded), made once per shape and device, so that no candidate pays for it."""
+    key = (tuple(target.shape), str(target.device))
+    found = _WEIGHT_MAPS.get(key)
+    if found is None:
+        gen = torch.Generator().manual_seed(7)
+        found = _WEIGHT_MAPS[key] = (1.0 + 4.0 * torch.rand(key[0], generator=gen)).to(
+            target.device)
+    return found
+
+
+def weighted(per_element: Callable) -> Callable:
+    """``mean(per_element(x, t) * weight_map(t))``; per-element losses of any shape with the
+    target's number of elements (smp's Focal returns them flattened)."""
+    def loss(x, t):
+        return (per_element(x, t).reshape(-1) * weight_map(t).reshape(-1)).mean()
+
+    return loss
 
 
 def _probs(x, mode):
@@ -94,6 +125,16 @@ def _plain_torch(loss: str, mode: str) -> Callable | None:
             b = _pixel_losses(x, t, mode).flatten()
             return b.topk(math.ceil(TOPK * b.numel())).values.mean()
         return topk
+    if loss == "bce_weight_map":
+        if mode == "multiclass":
+            return weighted(lambda x, t: _pixel_losses(x, t, mode))
+        return lambda x, t: TF.binary_cross_entropy_with_logits(x.float(), t.float(),
+                                                                weight=weight_map(t))
+    if loss == "focal_weight_map":
+        def focal_elements(x, t):
+            b = _pixel_losses(x, t, mode)
+            return (1 - torch.exp(-b)) ** 2 * b
+        return weighted(focal_elements)
     return None
 
 
@@ -127,6 +168,10 @@ def _smp(smp, loss: str, mode: str) -> Callable | None:
         if mode == "multiclass":
             return L.SoftCrossEntropyLoss(smooth_factor=0.0)
         return L.SoftBCEWithLogitsLoss()
+    if loss in WEIGHT_MAPS and mode != "multiclass":  # its per-element losses, weighed
+        per_element = (L.SoftBCEWithLogitsLoss(reduction="none") if loss == "bce_weight_map"
+                       else L.FocalLoss(mode, reduction="none"))
+        return weighted(per_element)
     return None  # smp has no TopK
 
 
@@ -143,6 +188,11 @@ def _monai(monai_losses, loss: str, mode: str) -> Callable | None:
         fn = monai_losses.FocalLoss(gamma=2.0, use_softmax=mc, to_onehot_y=mc)
         if mc:  # its mean is over N*C*H*W (one nonzero term per pixel): ours over N*H*W
             return lambda x, t: fn(x, t.unsqueeze(1)) * x.shape[1]
+    elif loss == "focal_weight_map":  # its per-element (multiclass: per-class) terms, weighed
+        fn = monai_losses.FocalLoss(gamma=2.0, use_softmax=mc, to_onehot_y=mc, reduction="none")
+        if mc:  # one nonzero term per pixel, at its class: their sum is the pixel's loss
+            return weighted(lambda x, t: fn(x, t.unsqueeze(1)).sum(1))
+        return weighted(fn)
     elif loss == "dice+bce":
         fn = monai_losses.DiceCELoss(batch=True, **kw)
     elif loss == "dice+focal":
@@ -166,6 +216,9 @@ def _dynloss(loss: str, mode: str, backend: str) -> Callable:
         "focal": lambda: dynloss.FocalLoss(gamma=2.0, **kw),
         "topk": lambda: dynloss.TopKLoss(k=TOPK, **kw),
     }
+    if loss in WEIGHT_MAPS:
+        per_element = dynloss.BCELoss if loss == "bce_weight_map" else dynloss.FocalLoss
+        return weighted(per_element(reduction="none", **kw))
     if "+" in loss:
         return dynloss.CompositeLoss([single[part]() for part in loss.split("+")])
     return single[loss]()

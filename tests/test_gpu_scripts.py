@@ -456,7 +456,7 @@ def test_cuda_benchmark_peers_compute_the_same_loss(mode):
     shape = (2, 4, 16, 16) if mode == "multiclass" else (2, 1, 16, 16)
     x, t = bench.make_inputs(mode, shape, torch.float32, torch.device("cpu"))
     timed = []
-    for loss in bench.LOSSES:
+    for loss in bench.LOSSES + bench.EXTRA_LOSSES:
         want = bench._dynloss(loss, mode, "reference")(x, t).item()
         for impl in ("torch", "smp", "monai", "nnunet"):
             fn = bench.implementation(impl, loss, mode, smp, monai.losses, "reference")
@@ -468,6 +468,10 @@ def test_cuda_benchmark_peers_compute_the_same_loss(mode):
             timed.append((loss, impl))
     assert ("focal", "smp") in timed or mode == "multiclass"
     assert ("dice", "monai") in timed and ("topk", "nnunet") in timed
+    # the weight maps (timed when named): each peer's own per-element losses times one map
+    assert {("bce_weight_map", "torch"), ("focal_weight_map", "torch"),
+            ("focal_weight_map", "monai")} <= set(timed)
+    assert (("bce_weight_map", "smp") in timed) == (mode != "multiclass")
 
 
 def test_cpu_benchmark_names_the_peers_it_compared_with():
