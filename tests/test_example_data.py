@@ -520,3 +520,22 @@ def test_patient_split_keeps_a_training_patient():
     train, test = splits.train_test_split(patients, "patient", 0.8, seed=0)
     assert len(train) == 2 and len(test) == 2
     assert len(set(patients[train])) == 1 and set(patients[train]).isdisjoint(patients[test])
+
+
+def test_a_damaged_slice_store_is_rebuilt_and_refused_when_opened_alone(phantom, tmp_path):
+    """A truncated ``images.npy`` (a full disk, a copy cut short) under an intact
+    ``meta.json``: the next run crashed with numpy's "mmap length is greater than file size"
+    at its first batch, and never rebuilt the store. It is rebuilt now, saying why; opened
+    alone it is a DataError naming the store. Found by a review."""
+    cache = tmp_path / "store"
+    store = data.build_slice_store(phantom, cache, size=32, progress=False)
+    want = np.asarray(store.images[3], dtype=np.float32)
+    with open(cache / "images.npy", "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(data.DataError, match=rf"{cache}: the slice store is damaged \(.*\); "
+                       r"delete it and run again"):
+        data.open_store(cache)
+    said = []
+    rebuilt = data.build_slice_store(phantom, cache, size=32, progress=False, log=said.append)
+    assert np.array_equal(np.asarray(rebuilt.images[3], dtype=np.float32), want)
+    assert len(said) == 1 and said[0].startswith(f"slice store {cache}: rebuilding (damaged:")

@@ -314,3 +314,15 @@ def test_a_cached_tar_that_fails_its_md5_is_downloaded_again_saying_why(tmp_path
     err = capsys.readouterr().err
     assert err.strip() == (f"{dest} does not match its md5 (a damaged or partial download): "
                            "downloading it again")
+
+
+def test_fetch_task10_refuses_the_examples_phantom_as_downloaded_data(tmp_path):
+    """``--download --download-root R`` where ``R/Task10_Colon`` is this example's phantom:
+    the folder was taken as the verified download (no SYNTHETIC note, the paper preset, "data:
+    downloaded Task10_Colon" in the report). Found by a review."""
+    from msd_colon_lib.phantom import make_phantom
+
+    make_phantom(tmp_path / "Task10_Colon", n_patients=2, seed=0, shape=(16, 16), slices=(4, 5))
+    with pytest.raises(download.DownloadError, match=r"Task10_Colon holds this example's "
+                       r"synthetic phantom, not the downloaded data: pass it as --data-dir"):
+        download.fetch_task10(tmp_path, url="file:///nonexistent", md5="x", progress=False)

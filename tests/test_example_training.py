@@ -346,10 +346,14 @@ def test_fingerprint_names_what_changed(store, split):
     base = RunConfig(loss="iou", epochs=2, extra={"test_fraction": 0.2, "hu_window": [-160, 240]})
     fp = run_fingerprint(base, store, split)
     assert differences(fp, run_fingerprint(base, store, split)) == []
-    # workers/device do not change a result
-    same = RunConfig(loss="iou", epochs=2, workers=2, device="cpu", eval_batch_size=7,
+    # the device and the evaluation batch do not change a result
+    same = RunConfig(loss="iou", epochs=2, device="cpu", eval_batch_size=7,
                      extra=dict(base.extra))
     assert differences(fp, run_fingerprint(same, store, split)) == []
+    # --workers does: a review trained other numbers with 0 and 2 workers on the same
+    # options, and a run with 2 then reused the results of one with 0 in silence
+    workers = RunConfig(loss="iou", epochs=2, workers=2, extra=dict(base.extra))
+    assert differences(fp, run_fingerprint(workers, store, split)) == ["workers: 0 -> 2"]
     changed = RunConfig(loss="iou", epochs=2, lr=2e-4,
                         extra={"test_fraction": 0.3, "hu_window": [-100, 240]})
     assert differences(fp, run_fingerprint(changed, store, split)) == [

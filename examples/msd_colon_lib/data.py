@@ -370,10 +370,15 @@ def build_slice_store(
             old = json.loads(meta_path.read_text()).get("params")
         except (OSError, ValueError):
             old = {}
+        damaged = None
         if old == params:
-            return open_store(cache_dir)
+            try:
+                return open_store(cache_dir)
+            except DataError as error:  # (a file cut short under an intact meta.json)
+                damaged = error.__cause__ or error
         if log is not None:
-            changes = describe(differences({"data": old}, {"data": params}))
+            changes = (f"damaged: {damaged}" if damaged is not None
+                       else describe(differences({"data": old}, {"data": params})))
             log(f"slice store {cache_dir}: rebuilding ({changes})")
     tmp = cache_dir.with_name(cache_dir.name + ".tmp")
     if tmp.exists():
@@ -421,10 +426,21 @@ def build_slice_store(
 
 
 def open_store(root: str | os.PathLike[str]) -> SliceStore:
-    """Open a complete slice store (``meta.json`` present)."""
+    """Open a complete slice store (``meta.json`` present); a :class:`DataError` where one
+    of its files cannot be read whole (its arrays are checked here, then opened lazily)."""
     root = Path(root)
-    meta = json.loads((root / "meta.json").read_text())
-    patients = np.load(root / "patients.npy")
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        patients = np.load(root / "patients.npy")
+        for name in ("images.npy", "masks.npy"):
+            array = np.load(root / name, mmap_mode="r")
+            if len(array) != len(patients) or len(array) != meta["n_slices"]:
+                raise ValueError(f"{name} holds {len(array)} slices, patients.npy "
+                                 f"{len(patients)}, meta.json {meta['n_slices']}")
+            del array
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise DataError(f"{root}: the slice store is damaged ({error}); delete it and run "
+                        "again") from error
     # (the cases are [patient, image, label] entries: the fingerprint pairs files with names)
     names = [str(case[0]) for case in meta["params"]["cases"]]
     return SliceStore(root, patients, names, meta)

@@ -301,11 +301,18 @@ def fetch_task10(
     """Download + verify + extract Task10_Colon under ``root``; return ``root/Task10_Colon``.
 
     A ``root`` that is a file, and a ``root/Task10_Colon`` that is a file or a folder holding
-    files but no ``dataset.json`` (an empty one is filled), are refused before the download.
+    files but no ``dataset.json`` (an empty one is filled), are refused before the download;
+    so is one holding this example's phantom (taken as downloaded, it was reported as real).
     """
     root = Path(root)
     data_dir = root / "Task10_Colon"
     if (data_dir / "dataset.json").exists():
+        from .phantom import is_phantom
+
+        if is_phantom(data_dir):  # (never the download: its report would call it real data)
+            raise DownloadError(
+                f"{data_dir} holds this example's synthetic phantom, not the downloaded data: "
+                "pass it as --data-dir, or choose another --download-root")
         return data_dir
     _check_destination(root, data_dir)  # before the 5.8 GB download, not after it
     tar_path = download(url, root / "Task10_Colon.tar", md5=md5, progress=progress)

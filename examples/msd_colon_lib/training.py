@@ -87,14 +87,15 @@ class RunConfig:
     precise_bn: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    # how a result is computed, not what it is: not part of the fingerprint
-    NOT_IN_FINGERPRINT = ("workers", "device", "eval_batch_size")
+    # how a result is computed, not what it is: not part of the fingerprint (--workers is:
+    # runs with 0 and 2 loader processes were seen to train other numbers)
+    NOT_IN_FINGERPRINT = ("device", "eval_batch_size")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def result_options(self) -> dict[str, Any]:
-        """The options that change the result (all but workers, device, eval batch size)."""
+        """The options that change the result (all but the device and eval batch size)."""
         return {k: v for k, v in self.to_dict().items() if k not in self.NOT_IN_FINGERPRINT}
 
     @property
