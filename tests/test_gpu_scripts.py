@@ -842,12 +842,12 @@ def _bench_cuda_run(tmp_path, *argv, timeout=300):
     (["--cpu"], "unrecognized arguments: --cpu"),
     (["--cpu-smoke", "--losses", "dise"],
      "--losses: unknown 'dise' (one of dice, iou, tversky, bce, focal, topk, dice+bce, "
-     "dice+focal)"),
+     "dice+focal, bce_weight_map, focal_weight_map)"),
     (["--cpu-smoke", "--impls", "dynloss,smpp"],
      "--impls: unknown 'smpp' (one of dynloss, smp, monai, torch, nnunet)"),
     (["--cpu-smoke", "--host-losses", "dise"],
      "--host-losses: unknown 'dise' (one of dice, iou, tversky, bce, focal, topk, dice+bce, "
-     "dice+focal)"),
+     "dice+focal, bce_weight_map, focal_weight_map)"),
     (["--cpu-smoke", "--dtypes", "fp32"],
      "--dtypes: unknown 'fp32' (torch dtype names: float32, bfloat16, float16)"),
     # --cpu-smoke replaced these without a word
