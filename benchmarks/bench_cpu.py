@@ -8,6 +8,7 @@ multilabel: ``peers.py``).
     python benchmarks/bench_cpu.py --mode multiclass     # (8, 4, 256, 256), class-index target
     python benchmarks/bench_cpu.py --mode multilabel     # (8, 3, 256, 256), 0/1 per channel
     python benchmarks/bench_cpu.py --dtype bfloat16 --shape 16 1 128 128   # autocast logits
+    python benchmarks/bench_cpu.py --dtype float64       # float64 input and target
     python benchmarks/bench_cpu.py --losses bce_weight_map focal_weight_map  # weight maps
 
 ``--mode multiclass``: the target holds class indices (int64, ``(N, *spatial)``, drawn
@@ -92,8 +93,9 @@ PASS = {"binary": "sigmoid", "multiclass": "softmax", "multilabel": "sigmoid"}
 """The yardstick of each mode: one pass of this activation over the input."""
 
 
-DTYPES = ("float32", "float16", "bfloat16")
-"""The logits' dtypes ``--dtype`` times (``float32`` the default)."""
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""The logits' dtypes ``--dtype`` times (``float32`` the default; ``float64``: a float64 target
+too, as a float64 pipeline has)."""
 
 
 def default_name(shape, losses, mode="binary", dtype="float32"):
@@ -367,7 +369,8 @@ def main(argv=None):
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES + EXTRA_LOSSES)
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="the logits' dtype (float16/bfloat16: a network under "
-                             "torch.autocast); the target is as in float32")
+                             "torch.autocast, the target as in float32; float64: a float64 "
+                             "target too, class indices as they are)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the candidates' order in each round (default: drawn "
                              "afresh and recorded, so that runs see different orders)")
@@ -422,6 +425,8 @@ def main(argv=None):
         return 2
     logits, target = make_inputs(shape, mode=args.mode)
     logits = logits.to(getattr(torch, args.dtype))
+    if args.dtype == "float64" and target.is_floating_point():
+        target = target.double()
     try:
         for name, candidates in every.items():
             check_timed_target(name, candidates, target, args.mode, shape[1])

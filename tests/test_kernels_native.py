@@ -81,11 +81,12 @@ def test_ci_requires_native():
     torch.testing.assert_close(logits.grad.double(), want, rtol=1e-5, atol=1e-7)
 
 
-def test_auto_picks_native_for_float32_and_16_bit_cpu_inputs():
+def test_auto_picks_native_for_float32_float64_and_16_bit_cpu_inputs():
     x = torch.zeros(2, 1, 4, 4)
     assert resolve_backend(x, "auto") == "native"
     assert resolve_backend(x, "native") == "native"
-    assert resolve_backend(x.double(), "native") == "torch"  # computed in float64 elsewhere
+    assert resolve_backend(x.double(), "auto") == "native"  # computed in double
+    assert select("auto", x.double(), Need("distribution", topk=True)).name == "native"
     assert resolve_backend(x.half(), "auto") == "native"  # read as a float32 copy
     assert resolve_backend(x.bfloat16(), "native") == "native"
     assert resolve_backend(x, "torch") == "torch"
@@ -418,15 +419,17 @@ def _selected_by_gradient(grad, mode):
     return (grad != 0).any(1) if mode == "multiclass" else grad != 0
 
 
-def test_topk_runs_on_native_for_float32_cpu():
-    """TopK on float32 CPU tensors: "auto" picks the native kernels, one autograd node."""
+def test_topk_runs_on_native_for_float32_and_float64_cpu():
+    """TopK on float32 and float64 CPU tensors: "auto" picks the native kernels, one autograd
+    node."""
     x, t = _inputs("binary", (4, 4), seed=1)
     need = Need("distribution", "binary", topk=True)
     assert select("auto", x, need).name == "native"
     assert select("native", x, need).name == "native"
-    assert select("auto", x.double(), need).name == "torch"
-    loss = F.topk_loss(x.requires_grad_(True), t, k=0.3)
-    assert _graph_nodes(loss) == ["NativeDistributionLossBackward", "AccumulateGrad"]
+    assert select("auto", x.double(), need).name == "native"
+    for xs in (x, x.double()):
+        loss = F.topk_loss(xs.clone().requires_grad_(True), t, k=0.3)
+        assert _graph_nodes(loss) == ["NativeDistributionLossBackward", "AccumulateGrad"]
 
 
 @pytest.mark.parametrize("k", TOPK_K)

@@ -71,7 +71,9 @@ def resolve_backend(x: Tensor, backend: str) -> str:
         >>> x = torch.zeros(2, 1, 4, 4)  # a float32 CPU tensor
         >>> resolve_backend(x, "auto") == ("native" if native_available() else "torch")
         True
-        >>> resolve_backend(x.double(), "auto")  # the kernels compute in float32
+        >>> resolve_backend(x.double(), "auto") == resolve_backend(x, "auto")  # in double
+        True
+        >>> resolve_backend(x, "torch")
         'torch'
         >>> resolve_backend(x.half(), "auto") == resolve_backend(x, "auto")  # a float32 copy
         True
@@ -88,7 +90,7 @@ def native_runs(x: Tensor, backend: str) -> bool:
     Examples:
         >>> import torch
         >>> from dynloss.kernels import native_runs
-        >>> native_runs(torch.zeros(1, 1, 2, 2, dtype=torch.float64), "auto")
+        >>> native_runs(torch.zeros(1, 1, 2, 2), "torch")
         False
     """
     return resolve_backend(x, backend) == "native"

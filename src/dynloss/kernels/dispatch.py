@@ -14,10 +14,10 @@ order of speed that can do all of it:
   passed over for rows of fewer than 16 pixels whose sums are kept per row: its
   ``min_row_length``); any other device: torch, reference.
 * ``backend="native"`` / ``"triton"`` / ``"torch"``: that backend when it covers the call;
-  when it can run here but not this call (float64 input on native, a target that needs a
-  gradient, ...) the next capable one of the ``"auto"`` order, with a warning, once, naming
-  what is missing; when it cannot run on this tensor at all (no compiler, no GPU, Triton not
-  installed) a ``ValueError`` saying why.
+  when it can run here but not this call (TopK's ``reduction="none"`` on native, a target
+  that needs a gradient, ...) the next capable one of the ``"auto"`` order, with a warning,
+  once, naming what is missing; when it cannot run on this tensor at all (no compiler, no
+  GPU, Triton not installed) a ``ValueError`` saying why.
 * ``backend="reference"``: always the reference.
 
 A backend that cannot do something simply does not claim it: a new loss written only in
@@ -27,7 +27,7 @@ the kernels' backward recomputes the gradient through the reference maths then.
 
 >>> import torch
 >>> from dynloss.kernels.dispatch import Need, select
->>> x = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+>>> x = torch.zeros(2, 1, 4, 4, device="meta")  # a device without kernels
 >>> select("auto", x, Need("region")).name
 'torch'
 >>> select("auto", x, Need("region"), target_grad=True).name

@@ -1,17 +1,19 @@
-"""The ``"native"`` backend: C++ kernels for float32 CPU tensors (float16 and bfloat16 read
-as a float32 copy), compiled at first use.
+"""The ``"native"`` backend: C++ kernels for float32 and float64 CPU tensors (float64 computed
+in double; float16 and bfloat16 read as a float32 copy), compiled at first use.
 
 Files: ``abi.py`` (the C struct and its version), ``build.py`` (compile, lock, cache, verify,
 load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per loss),
 ``buffer_pool.py`` (the saved buffers, reused step to step) and ``native_cpu.cpp``.
 
-What it computes: float32 input on the CPU, every mode, logits or probabilities,
+What it computes: float32 and float64 input on the CPU, every mode, logits or probabilities,
 ``ignore_index``, soft labels: Dice/IoU/Tversky (also ``ddp_pool``, ``reduction="none"``),
 BCE and Focal (``"mean"``/``"sum"``/``"none"``), TopK (``"mean"``/``"sum"``; selected by a
 radix select in the kernels, no sort) and the fused composites of a region and BCE/Focal term.
-TopK's ``reduction="none"``, a target that needs a gradient, other dtypes and
-``torch.compile`` go to the next backend (see :mod:`dynloss.kernels.dispatch`). Targets of
-dtype float32, bool, uint8 and int64 are read as they are; others are converted first.
+TopK's ``reduction="none"``, a target that needs a gradient, other devices and
+``torch.compile`` go to the next backend (see :mod:`dynloss.kernels.dispatch`). With float32
+input, targets of dtype float32, bool, uint8 and int64 are read as they are; with float64
+input, float64 targets (binary/multilabel) and int64 class indices; others are converted
+first.
 
 Importing this package builds nothing: the first call that needs the kernels does.
 """
@@ -72,7 +74,9 @@ class NativeBackend:
         # 16-bit inputs are read as a float32 copy made for the forward pass (ffi.py's
         # native_forward; backward's float32 gradient autograd casts to the input's dtype)
         devices=frozenset({"cpu"}),
-        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}), topk=True,
+        # float64 is computed in double
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
+        topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
         # BCE/Focal per element; TopK's zeros outside the selection go to the torch backend

@@ -7,7 +7,7 @@ cached library is never called with a struct it does not expect.
 >>> from dynloss.kernels.native.abi import ABI_VERSION, TARGET_TYPES, Args
 >>> import ctypes, torch
 >>> ABI_VERSION, TARGET_TYPES[torch.int64], ctypes.sizeof(Args) % 8
-(12, 2, 0)
+(13, 2, 0)
 """
 
 from __future__ import annotations
@@ -17,15 +17,23 @@ import ctypes
 import torch
 
 __all__ = ["ABI_VERSION", "FUNCTIONS", "PIXEL_BCE", "PIXEL_FOCAL", "PIXEL_FOCAL2",
-           "PIXEL_NONE", "TARGET_TYPES", "Args"]
+           "PIXEL_NONE", "REAL_TYPES", "TARGET_TYPES", "Args"]
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 
 PIXEL_NONE, PIXEL_BCE, PIXEL_FOCAL2, PIXEL_FOCAL = 0, 1, 2, 3
 """``Args.pixel``: no distribution term, BCE, focal with gamma = 2, focal with any gamma."""
 
-TARGET_TYPES = {torch.float32: 0, torch.uint8: 1, torch.bool: 1, torch.int64: 2}
-"""Target dtypes the kernels read as they are (bool as uint8); others are converted."""
+TARGET_TYPES = {torch.float32: 0, torch.uint8: 1, torch.bool: 1, torch.int64: 2,
+                torch.float64: 3}
+"""Target dtypes the kernels read as they are (bool as uint8); others are converted. A
+floating-point target has the type the input is computed in (float32 with float32 input,
+float64 with float64 input)."""
+
+REAL_TYPES = {torch.float32: 0, torch.float64: 1}
+"""``Args.real``: the type the kernels compute in, of the input and of every buffer of its
+elements (saved slopes, gradient, per-element losses) and of per-class or per-channel
+values (class weights, ``pos_weight``, the gradients of the region sums)."""
 
 FUNCTIONS = ("dynloss_binary_forward", "dynloss_binary_backward",
              "dynloss_multiclass_forward", "dynloss_multiclass_backward",
@@ -72,4 +80,5 @@ class Args(ctypes.Structure):
         ("pos_weight", ctypes.c_void_p),
         ("weighted_count", ctypes.c_int64),
         ("ignored_loss", ctypes.c_double),
+        ("real", ctypes.c_int64),
     ]

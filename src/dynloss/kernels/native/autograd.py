@@ -37,7 +37,7 @@ from ...constants import MULTICLASS_MODE
 from .. import reference
 from .._recompute import must_recompute, recompute_backward
 from .buffer_pool import CPU
-from .ffi import Forward, Sums, graph_kept, native_backward, native_forward
+from .ffi import Forward, Sums, c_real, graph_kept, native_backward, native_forward, real_dtype
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionElements", "NativeDistributionLoss",
            "NativeRegionLoss", "NativeSums"]
@@ -76,14 +76,15 @@ def _cells(sums: Sums, params: RegionParams) -> list[tuple[float, float, float]]
              _fsum(values[3 * k + 2::step])) for k in range(c)]
 
 
-def _region_value(sums: Sums, params: RegionParams
+def _region_value(sums: Sums, params: RegionParams, real: torch.dtype
                   ) -> tuple[Tensor, list[tuple[float, float, float]] | None,
                              tuple[ctypes.Array, ctypes.Array] | None]:
-    """``(loss, cells, coefficients)``: the reduced ``1 - T`` as float32, the sums it was
-    formed from (None: formed with tensor operations from the sums), and, where the scores
-    are summed or averaged from ``cells``, ``-(dT/dI, dT/dP)`` of every score as float32
-    arrays divided by the number of scores for ``"mean"``: the gradients of ``I, P`` per unit
-    of the upstream gradient, formed here so that backward only scales them."""
+    """``(loss, cells, coefficients)``: the reduced ``1 - T`` as ``real`` (the dtype the
+    kernels computed in), the sums it was formed from (None: formed with tensor operations
+    from the sums), and, where the scores are summed or averaged from ``cells``,
+    ``-(dT/dI, dT/dP)`` of every score as arrays of ``real``'s C type divided by the number
+    of scores for ``"mean"``: the gradients of ``I, P`` per unit of the upstream gradient,
+    formed here so that backward only scales them."""
     a, b, s = params.alpha, params.beta, params.smoothing
     n, c, _ = sums.dims
     multipliers = reference.class_multipliers(params, c)
@@ -95,13 +96,13 @@ def _region_value(sums: Sums, params: RegionParams
         values = sums.as_list()
         cell = (_fsum(values[0::3]), _fsum(values[1::3]), _fsum(values[2::3]))
         loss, slope_i, slope_p = _math.tversky_loss_terms(*cell, a, b, s)
-        one = ctypes.c_float * 1
-        return (torch.scalar_tensor(loss, dtype=torch.float32, device=CPU), [cell],
+        one = c_real(real) * 1
+        return (torch.scalar_tensor(loss, dtype=real, device=CPU), [cell],
                 (one(-slope_i), one(-slope_p)))
     cells = _cells(sums, params)
     if cells is None:  # many scores: float64 tensor operations
         with torch.no_grad():
-            return (reference.score_loss(sums.as_tensor().unbind(-1), params).float(), None,
+            return (reference.score_loss(sums.as_tensor().unbind(-1), params).to(real), None,
                     None)
     terms = [_math.tversky_loss_terms(i, p, g, a, b, s) for i, p, g in cells]
     # each score's factor (its class's weight, 0 for a class left out) and how many count
@@ -110,24 +111,24 @@ def _region_value(sums: Sums, params: RegionParams
     if params.reduction == "none":
         shape = (n, c) if params.per_image else (c,)
         scores = torch.tensor([f * t[0] for f, t in zip(factors, terms, strict=True)],
-                              dtype=torch.float32, device=CPU).view(shape)
+                              dtype=real, device=CPU).view(shape)
         return (scores if params.include_background else scores[..., 1:].clone()), cells, None
     mean = params.reduction == "mean" and counted
     total = _fsum([f * t[0] for f, t in zip(factors, terms, strict=True) if f])
     if mean:
         total /= counted
     scale = -1.0 / counted if mean else -1.0
-    array = ctypes.c_float * len(terms)
+    array = c_real(real) * len(terms)
     coefficients = (array(*(scale * f * t[1] for f, t in zip(factors, terms, strict=True))),
                     array(*(scale * f * t[2] for f, t in zip(factors, terms, strict=True))))
-    return torch.scalar_tensor(total, dtype=torch.float32, device=CPU), cells, coefficients
+    return torch.scalar_tensor(total, dtype=real, device=CPU), cells, coefficients
 
 
 def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None,
                   grad_loss: Tensor, params: RegionParams, n: int, c: int
                   ) -> tuple[list[float] | Tensor, list[float] | Tensor]:
     """``(dL/dI, dL/dP)`` per (sample, class), row-major ``(N, C)``, from the gradient of the
-    reduced ``1 - T``: float lists (host arithmetic) or float32 tensors."""
+    reduced ``1 - T``: float lists (host arithmetic) or float64 tensors."""
     a, b, s = params.alpha, params.beta, params.smoothing
     if cells is None:  # the tensor path of _region_value
         sums = sums_out.as_tensor()
@@ -138,7 +139,7 @@ def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None
         gi, gp = grad_score * di, grad_score * dp
         if not params.per_image:
             gi, gp = gi.expand(n, c), gp.expand(n, c)
-        return gi.float(), gp.float()
+        return gi, gp
     shape = (n, c) if params.per_image else (c,)
     upstream = _every_score_grad(grad_loss, params, torch.empty(shape)).reshape(-1).tolist()
     grad_i: list[float] = []
@@ -194,7 +195,7 @@ def _non_finite(*grads: Tensor | None) -> bool:
 
 
 class NativeRegionLoss(torch.autograd.Function):
-    """``1 - T`` reduced, from the caller's float32 ``x`` and target read as ``dims``
+    """``1 - T`` reduced, from the caller's ``x`` (float32 or float64) and target read as ``dims``
     ``(N, C, M)``."""
 
     @staticmethod
@@ -203,7 +204,7 @@ class NativeRegionLoss(torch.autograd.Function):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
         sums = fwd.sums()
-        value, cells, coefficients = _region_value(sums, params)
+        value, cells, coefficients = _region_value(sums, params, real_dtype(x))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         # no tensor here (the saved buffer becomes the gradient, which autograd then takes
         # over only if nothing else refers to it)
@@ -244,7 +245,8 @@ def _distribution_forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
 
 
 class NativeDistributionLoss(torch.autograd.Function):
-    """BCE/Focal/TopK with ``reduction`` ``"mean"`` or ``"sum"``: a 0-dim float32 loss.
+    """BCE/Focal/TopK with ``reduction`` ``"mean"`` or ``"sum"``: a 0-dim float32 loss (float64
+    for float64 input).
 
     TopK (``params.k``): the sum of the ``n = topk_count(k, kept)`` largest per-element losses
     over the whole batch, divided by ``max(n, 1)`` for ``"mean"`` (0 when all are ignored).
@@ -260,7 +262,7 @@ class NativeDistributionLoss(torch.autograd.Function):
         ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid,
                       fwd.overflowed)
         value = total / count if mean else total
-        return _scaled(torch.scalar_tensor(value, dtype=torch.float32, device=CPU), fwd.invalid)
+        return _scaled(torch.scalar_tensor(value, dtype=real_dtype(x), device=CPU), fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -282,8 +284,9 @@ class NativeDistributionLoss(torch.autograd.Function):
 
 class NativeDistributionElements(torch.autograd.Function):
     """BCE/Focal with ``reduction="none"``: ``(losses, invalid)``, every element's loss
-    (float32, ``dims``, multiclass ``(N, M)``; 0 where ignored) and whether an invalid value
-    was found and not raised for (the caller marks those elements NaN).
+    (float32, float64 for float64 input; ``dims``, multiclass ``(N, M)``; 0 where ignored)
+    and whether an invalid value was found and not raised for (the caller marks those
+    elements NaN).
 
     The forward pass writes the losses and their slopes ``d loss / d x`` in one pass; backward
     multiplies the slopes by the upstream gradient (into the slopes' buffer unless the graph
@@ -333,9 +336,10 @@ class NativeCompositeLoss(torch.autograd.Function):
                 checked: bool):
         fwd = _distribution_forward(ctx, x, target, dims, params.distribution, checked, True)
         sums = fwd.sums()
-        region, cells, coefficients = _region_value(sums, params.region)
+        real = real_dtype(x)
+        region, cells, coefficients = _region_value(sums, params.region, real)
         total, count = fwd.pixel
-        distribution = torch.scalar_tensor(total / count, dtype=torch.float32, device=CPU)
+        distribution = torch.scalar_tensor(total / count, dtype=real, device=CPU)
         combined = params.region_weight * region + params.distribution_weight * distribution
         combined, region, distribution = (
             _scaled(t, fwd.invalid) for t in (combined, region, distribution))
@@ -382,7 +386,8 @@ class NativeCompositeLoss(torch.autograd.Function):
 
 
 class NativeSums(torch.autograd.Function):
-    """``(I, P, G, poison)``: the sums ``(N, C)`` float32 from ``x`` ``(N, C, M)`` float32 and
+    """``(I, P, G, poison)``: the sums ``(N, C)`` from ``x`` ``(N, C, M)`` (float32, or float64
+    for float64 input, as ``x``) and
     a 0-dim NaN factor (NaN where a kept value is invalid, else 1) for the loss formed from
     them; ``G`` and the factor are not differentiable. For callers that combine the sums with
     torch ops (``ddp_pool=True``: the factor stays on this rank, as the reference's, where
@@ -393,18 +398,18 @@ class NativeSums(torch.autograd.Function):
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
+        real = real_dtype(x)
         if fwd.invalid:  # the reference's sums, pooled as they are (a NaN input's are NaN,
             with torch.no_grad():  # a -inf logit's finite: every rank's loss, or this one's)
-                intersection, prediction_sum, target_sum = (s.float() for s in (
+                intersection, prediction_sum, target_sum = (s.to(real) for s in (
                     reference.region_sums(_layout(x, target, mode), params.from_logits,
                                           params.ignore_index, checked)))
         else:
             intersection, prediction_sum, target_sum = (
-                fwd.sums().as_tensor().float().unbind(-1))
+                fwd.sums().as_tensor().to(real).unbind(-1))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         ctx.native = (fwd.config, params, checked, mode, fwd.invalid)
-        poison = torch.scalar_tensor(math.nan if fwd.invalid else 1.0, dtype=torch.float32,
-                                     device=CPU)
+        poison = torch.scalar_tensor(math.nan if fwd.invalid else 1.0, dtype=real, device=CPU)
         ctx.mark_non_differentiable(target_sum, poison)
         return intersection, prediction_sum, target_sum, poison
 

@@ -1,4 +1,4 @@
-"""Input-sized float32 buffers for the native kernels, reused from step to step.
+"""Input-sized float32 (float64) buffers for the native kernels, reused from step to step.
 
 Each native forward pass that needs a gradient writes one input-sized buffer (the saved
 slopes), which the backward pass then turns into the gradient. A fresh ``torch.empty`` of that
@@ -96,8 +96,10 @@ class BufferPool:
         self._lock = threading.Lock()
         self._entries = []
 
-    def empty(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        """An uninitialised float32 CPU tensor of ``shape`` (a free pooled one if any).
+    def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
+              ) -> Tensor:
+        """An uninitialised ``dtype`` CPU tensor of ``shape`` (a free pooled one of that dtype
+        if any).
 
         On the CPU whatever torch's default device (``torch.set_default_device``). Under
         ``torch.inference_mode`` a fresh one, not pooled: an inference tensor cannot be saved
@@ -105,17 +107,19 @@ class BufferPool:
         numel = 1
         for size in shape:
             numel *= size
-        if (not ENABLED or numel * 4 > self.max_bytes or numel * 4 < self.min_bytes
+        nbytes = numel * dtype.itemsize
+        if (not ENABLED or nbytes > self.max_bytes or nbytes < self.min_bytes
                 or torch.is_inference_mode_enabled()):
-            return torch.empty(shape, dtype=torch.float32, device=CPU)
+            return torch.empty(shape, dtype=dtype, device=CPU)
         with self._lock:
             entries = self._entries
             for index, entry in enumerate(entries):
                 buffer, storage, free, free_objects, address, free_buffers = entry
-                if (buffer.numel() == numel and _references(storage) == free
+                if (buffer.numel() == numel and buffer.dtype == dtype
+                        and _references(storage) == free
                         and sys.getrefcount(storage) == free_objects
                         and sys.getrefcount(buffer) == free_buffers):
-                    if storage.data_ptr() != address or storage.nbytes() != numel * 4:
+                    if storage.data_ptr() != address or storage.nbytes() != nbytes:
                         entries.pop(index)  # resized in place (freed, as FSDP does): its
                         break               # memory is gone or another
                     if storage.is_shared():  # sent to another process, whose hold is not
@@ -124,14 +128,14 @@ class BufferPool:
                     if index != len(entries) - 1:  # most recently used last
                         entries.append(entries.pop(index))
                     return buffer.view(shape)
-            buffer = torch.empty(numel, dtype=torch.float32, device=CPU)
+            buffer = torch.empty(numel, dtype=dtype, device=CPU)
             storage = buffer.untyped_storage()
             entry = [buffer, storage, _references(storage), 0, storage.data_ptr(), 0]
             entry[3] = sys.getrefcount(storage)  # (the same references as in the loop above)
             entry[5] = sys.getrefcount(buffer)
             entries.append(entry)
             while (len(entries) > self.max_buffers
-                   or sum(e[0].numel() * 4 for e in entries) > self.max_bytes):
+                   or sum(e[0].nbytes for e in entries) > self.max_bytes):
                 entries.pop(0)
             return buffer.view(shape)
 
@@ -144,7 +148,7 @@ class BufferPool:
         """The bytes of the buffers the pool keeps (in use or free): resident memory that stays
         allocated between calls."""
         with self._lock:
-            return sum(entry[0].numel() * 4 for entry in self._entries)
+            return sum(entry[0].nbytes for entry in self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -37,11 +37,12 @@ from ..._layout import Layout, check_values, kernel_target
 from ..._math import topk_count
 from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
-from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, TARGET_TYPES, Args
+from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, REAL_TYPES, TARGET_TYPES, Args
 from .buffer_pool import CPU, POOL
 from .build import library, status
 
-__all__ = ["Forward", "Sums", "graph_kept", "native_backward", "native_forward"]
+__all__ = ["Forward", "Sums", "c_real", "graph_kept", "native_backward", "native_forward",
+           "real_dtype"]
 
 
 _forked = False  # this process was forked from another (which may have run OpenMP teams)
@@ -77,15 +78,32 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _native_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor:
+def real_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the kernels compute ``x`` in: float64 for float64, else float32 (float16 and
+    bfloat16 are read as a float32 copy)."""
+    return torch.float64 if x.dtype is torch.float64 else torch.float32
+
+
+def c_real(real: torch.dtype) -> type[ctypes.c_float] | type[ctypes.c_double]:
+    """The C type of ``real`` (:func:`real_dtype`), for arrays the kernels read."""
+    return ctypes.c_double if real is torch.float64 else ctypes.c_float
+
+
+def _native_target(target: Tensor, mode: str, ignore_index: int | None,
+                   real: torch.dtype = torch.float32) -> Tensor:
     """The target in a dtype the kernels read (bool is read as uint8), contiguous and in memory
-    as it reads (not negated); a float64 one as float32 with its own answers to "ignored?" and
-    "in [0, 1]?"."""
+    as it reads (not negated). With float32 input (``real``) a floating-point target as
+    float32, a float64 one with its own answers to "ignored?" and "in [0, 1]?"; with float64
+    input as float64 (binary/multilabel) or int64 (multiclass), whatever its dtype."""
     target = target.resolve_neg()
-    if target.dtype is torch.float32 and target.is_contiguous():  # the common case, as it is
+    if target.dtype is real and target.is_contiguous():  # the common case, as it is
         return target
-    target = kernel_target(target, mode, ignore_index)
-    if target.dtype not in TARGET_TYPES:
+    if real is torch.float64:  # float64 targets (binary/multilabel) or int64 class indices
+        wanted = torch.int64 if mode == MULTICLASS_MODE else torch.float64
+        return target.to(wanted, memory_format=torch.contiguous_format)
+    else:
+        target = kernel_target(target, mode, ignore_index)
+    if target.dtype not in TARGET_TYPES or target.dtype is torch.float64:
         integral = mode == MULTICLASS_MODE or not target.is_floating_point()
         target = target.to(torch.int64 if integral else torch.float32)
     if target.dtype == torch.bool:
@@ -250,8 +268,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    topk: float | None = None, dims: tuple[int, ...] | None = None,
                    pos_weight: float | tuple[float, ...] | None = None,
                    weighted_mean: bool = False, elements: bool = False) -> Forward:
-    """One forward pass of the kernels over ``x`` (float32; float16 and bfloat16 read as a
-    float32 copy), read as ``dims = (N, C, M)``
+    """One forward pass of the kernels over ``x`` (float32 or float64, computed in its own
+    dtype; float16 and bfloat16 read as a float32 copy), read as ``dims = (N, C, M)``
     (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
     that layout, so that no view is made and the gradient keeps the input's shape).
 
@@ -268,8 +286,9 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     second value) is the sum of the kept pixels' class weights, as
     ``CrossEntropyLoss(weight=...)`` divides by (1 where it is 0).
     ``elements`` (``reduction="none"``, with ``want_pixel``, not TopK): :attr:`Forward.losses`
-    is a new float32 tensor of every element's loss (``dims``, multiclass ``(N, M)``; 0 where
-    ignored; an invalid element's value is whatever the formula gives: the caller marks it).
+    is a new tensor (float32; float64 for float64 input) of every element's loss (``dims``,
+    multiclass ``(N, M)``; 0 where ignored; an invalid element's value is whatever the
+    formula gives: the caller marks it).
     """
     if weighted_mean and (topk is not None or alpha is None or mode != MULTICLASS_MODE):
         raise ValueError("weighted_mean needs per-class weights in multiclass mode, not TopK")
@@ -281,23 +300,24 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     x = x.resolve_neg()  # (a negative bit: memory holding -x; no copy without)
     # float16/bfloat16: a float32 copy, freed after this pass (the caller keeps its input for
     # backward, whose float32 gradient autograd casts to the input's dtype)
-    x = (x.contiguous() if x.dtype == torch.float32
-         else x.to(torch.float32, memory_format=torch.contiguous_format))
+    real = real_dtype(x)
+    x = (x.contiguous() if x.dtype is real
+         else x.to(real, memory_format=torch.contiguous_format))
     given = target  # an error names the caller's values, not those of a converted copy
-    target = _native_target(target, mode, ignore_index)
+    target = _native_target(target, mode, ignore_index, real)
     n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
     # What backward needs, only when a gradient is wanted (not in validation). Saving it
     # measured faster than recomputing the probabilities in backward: the gradient then goes
     # into this buffer, and nothing transcendental runs twice. The buffers come from the pool
     # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
-    probabilities = POOL.empty(x.shape) if want_region and needs_grad else None
-    slope = POOL.empty(x.shape) if want_pixel and needs_grad else None
+    probabilities = POOL.empty(x.shape, real) if want_region and needs_grad else None
+    slope = POOL.empty(x.shape, real) if want_pixel and needs_grad else None
     # TopK: every element's loss, for the selection (a scratch buffer, not kept);
     # reduction="none": the caller's result
     loss_shape = (n, m) if multiclass else (n, c, m)
-    losses = (POOL.empty(loss_shape) if topk is not None
-              else torch.empty(loss_shape, dtype=torch.float32, device=CPU) if elements
+    losses = (POOL.empty(loss_shape, real) if topk is not None
+              else torch.empty(loss_shape, dtype=real, device=CPU) if elements
               else None)
     # one float64 array for every result: the scalars, then (when wanted) the region sums,
     # whose every (sample, class) row the kernel writes
@@ -305,12 +325,13 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     base = ctypes.addressof(out)
     args = _arguments(target.dtype, from_logits, ignore_index, want_region, want_pixel, gamma,
                       None if multiclass else alpha)
+    args.real = REAL_TYPES[real]
     args.x = x.data_ptr()
     args.target = target.data_ptr()
     args.n, args.c, args.m = n, c, m
     class_alpha = None
     if alpha is not None and multiclass:
-        class_alpha = torch.tensor(alpha, dtype=torch.float32, device=CPU)
+        class_alpha = torch.tensor(alpha, dtype=real, device=CPU)
         args.has_alpha = 1
         args.class_alpha = class_alpha.data_ptr()
         args.weighted_count = int(weighted_mean)
@@ -320,7 +341,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
         if len(per_channel) != c:
             raise ValueError(f"pos_weight holds {len(per_channel)} weights for C={c} rows per "
                              "sample")
-        weights = (ctypes.c_float * c)(*per_channel)
+        weights = (c_real(real) * c)(*per_channel)
         args.pos_weight = ctypes.addressof(weights)
     args.threads = _threads()
     args.portable_loops = _PORTABLE_LOOPS
@@ -361,17 +382,19 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    losses if elements else None)
 
 
-def _float_array(values: Tensor | list[float] | ctypes.Array | None, rows: int
-                 ) -> Tensor | ctypes.Array:
-    """``rows`` float32 values the kernels can read: a contiguous float32 tensor, or a ctypes
-    array (given, or of a list of floats); zeros for None."""
+def _float_array(values: Tensor | list[float] | ctypes.Array | None, rows: int,
+                 real: torch.dtype) -> Tensor | ctypes.Array:
+    """``rows`` values of dtype ``real`` the kernels can read: a contiguous tensor, or a ctypes
+    array (given, of :func:`c_real`'s type, or of a list of floats); zeros for None."""
     if values is None:
         values = [0.0] * rows
     if isinstance(values, Tensor):
-        return values.float().contiguous()
+        return values.to(real).contiguous()
     if isinstance(values, ctypes.Array):
+        if values._type_ is not c_real(real):  # pragma: no cover - a caller's mistake
+            raise TypeError(f"a {values._type_.__name__} array for {real} kernels")
         return values
-    return (ctypes.c_float * rows)(*values)
+    return (c_real(real) * rows)(*values)
 
 
 def _address(values: Tensor | ctypes.Array) -> int:
@@ -386,7 +409,8 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     """``dL/dx`` ``(N, C, M)`` from the upstream gradients of ``I, P`` and of ``S``.
 
     The gradients of ``I, P`` are ``region_scale`` times the given values: ``N * C`` of them
-    (row-major ``(N, C)``: a tensor, a list of floats or a ctypes float array), or ``C`` (one
+    (row-major ``(N, C)``: a tensor, a list of floats or a ctypes array of :func:`c_real`'s
+    type for the input's dtype), or ``C`` (one
     per class, the same for every sample) with ``pooled``.
 
     ``saved`` is ``(target, probabilities, slope)`` of :func:`native_forward`, whose buffer
@@ -398,8 +422,9 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     want_region = want_region and (grad_intersection is not None
                                    or grad_prediction_sum is not None)
     want_pixel = want_pixel and grad_total is not None
+    real = torch.float64 if forward_args.real else torch.float32
     if not (want_region or want_pixel):
-        return torch.zeros(shape, dtype=torch.float32, device=CPU)
+        return torch.zeros(shape, dtype=real, device=CPU)
     # the forward call's arguments (the loss's configuration and sizes; its x and output
     # pointers are not read by the backward kernels), then backward's own
     args = Args.from_buffer_copy(forward_args)
@@ -409,8 +434,8 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     gi = gp = None  # kept alive until the kernel has read them
     if want_region:  # a missing one of the two is zero (at most one is missing here)
         rows = c if pooled else n * c
-        gi = _float_array(grad_intersection, rows)
-        gp = _float_array(grad_prediction_sum, rows)
+        gi = _float_array(grad_intersection, rows, real)
+        gp = _float_array(grad_prediction_sum, rows, real)
         args.probabilities = _ptr(probabilities)
         args.grad_intersection = _address(gi)
         args.grad_prediction = _address(gp)
@@ -426,7 +451,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact, nor where a saved-tensor hook saw it.
     buffer = probabilities if probabilities is not None else slope
-    grad = (torch.empty(shape, dtype=torch.float32, device=CPU)
+    grad = (torch.empty(shape, dtype=real, device=CPU)
             if buffer is None or hooked or graph_kept() else buffer)
     args.target = target.data_ptr()
     args.grad = grad.data_ptr()

@@ -23,16 +23,23 @@
 // the keys in the previous one's threshold bin; no sort), sums them, and zeroes the
 // saved slopes of the elements it did not select, so that backward stays one pass.
 //
+// Precision: every kernel is a template over F, the type the input is computed in: float
+// for float32 input (and the float32 copy of a 16-bit one), double for float64 input (Args.real;
+// its buffers, per-class values and upstream gradients are double too; TopK's selection
+// keys double losses by 64-bit patterns).
+//
 // Determinism: the work is cut into fixed chunks whatever the thread count; each chunk sums
-// in float over blocks of at most 512 elements (an OpenMP simd reduction), the block sums go
+// in F over blocks of at most 512 elements (an OpenMP simd reduction), the block sums go
 // into a double per chunk, and chunks are added in order. Same input, same bits, for any
 // number of threads.
 //
-// Math: exp, log and expm1 are written out below (Cephes-style polynomials, < 2 ulp) so that
-// the loops vectorise without -ffast-math and keep IEEE semantics (inf, NaN, subnormals).
+// Math: exp, log and expm1 are written out below (Cephes-style polynomials, < 2 ulp; for
+// double, Taylor and atanh series to double precision) so that the loops vectorise without
+// -ffast-math and keep IEEE semantics (inf, NaN, subnormals).
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -59,7 +66,8 @@ constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabi
 constexpr float kFloatMax = 3.40282347e38f;  // |x| <= kFloatMax: x is finite (false for NaN)
 
 enum Pixel : int { kPixelNone = 0, kPixelBce = 1, kPixelFocal2 = 2, kPixelFocal = 3 };
-enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2 };
+enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2, kFloat64 = 3 };
+enum RealType : int { kReal32 = 0, kReal64 = 1 };
 
 DL_INLINE float as_float(uint32_t i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 DL_INLINE uint32_t as_bits(float f) { uint32_t i; std::memcpy(&i, &f, sizeof i); return i; }
@@ -71,6 +79,22 @@ DL_INLINE float pick(bool c, float a, float b) {
   const uint32_t m = 0u - static_cast<uint32_t>(c);
   return as_float((as_bits(a) & m) | (as_bits(b) & ~m));
 }
+DL_INLINE bool sign_bit(float a) { return as_bits(a) >> 31; }
+
+// The same for double (float64 inputs: every loop is instantiated for float and double; F
+// names the type an input is computed in)
+DL_INLINE double as_double(uint64_t i) { double f; std::memcpy(&f, &i, sizeof f); return f; }
+DL_INLINE uint64_t as_bits(double f) { uint64_t i; std::memcpy(&i, &f, sizeof i); return i; }
+DL_INLINE double max_f(double a, double b) { return a > b ? a : b; }
+DL_INLINE double abs_f(double a) { return as_double(as_bits(a) & 0x7fffffffffffffffu); }
+DL_INLINE double pick(bool c, double a, double b) {
+  const uint64_t m = 0u - static_cast<uint64_t>(c);
+  return as_double((as_bits(a) & m) | (as_bits(b) & ~m));
+}
+DL_INLINE bool sign_bit(double a) { return as_bits(a) >> 63; }
+
+// |x| <= kFinite<F>: x is finite (false for NaN)
+template <typename F> constexpr F kFinite = std::numeric_limits<F>::max();
 
 // The exponential's constants, shared by exp_reduced and the AVX-512 loop: 1 / ln 2, ln 2 in
 // two parts (Cody-Waite: n * kLn2High is exact), the degree-6 polynomial (Cephes expf), and
@@ -201,12 +225,132 @@ DL_INLINE float pow_f(float q, float gamma) {
   return q > 0.0f ? exp_f(gamma * log_f(q > 0.0f ? q : 1.0f)) : 0.0f;
 }
 
+// ------------------------------------------------------------------- double precision
+// The same functions for float64 inputs, to double precision (< 2 ulp, measured against
+// 120-bit arithmetic): exp by the same reduction with Taylor terms to r^13; log by
+// log(1 + f) = 2 atanh(f / (2 + f)) with the atanh series to s^21; log1p as log(1 + y) plus
+// the rounding of 1 + y divided by it; 1 - e^-b by its Taylor series below 0.35.
+constexpr double kLog2ED = 0x1.71547652b82fep0;
+constexpr double kLn2HighD = 0x1.62e42fee00000p-1;   // 32 significant bits
+constexpr double kLn2LowD = 0x1.a39ef35793c76p-33;
+constexpr double kShifterD = 0x1.8p52;               // 1.5 * 2^52
+constexpr double kExpFlushD = 708.39;
+
+DL_INLINE double round_to_integer(double x) { return (x + kShifterD) - kShifterD; }
+// 2^n for integer-valued n in [-1022, 1023]: its integer from the shifter's low bits
+DL_INLINE double pow2(double n) {
+  const uint64_t k = as_bits(n + kShifterD) - as_bits(kShifterD);  // n, two's complement
+  return as_double((k + 1023u) << 52);
+}
+DL_INLINE double exp_reduced(double x, double n) {
+  double r = x - n * kLn2HighD;
+  r = r - n * kLn2LowD;
+  const double z = r * r;
+  // e^r = 1 + r + r^2 (1/2 + r/6 + ...): Taylor terms to r^13 (|r| <= ln2/2: the first term
+  // left out, r^14/14!, is below 2^-60)
+  double y = 1.0 / 6227020800.0;  // 1/13!
+  y = y * r + 1.0 / 479001600.0;
+  y = y * r + 1.0 / 39916800.0;
+  y = y * r + 1.0 / 3628800.0;
+  y = y * r + 1.0 / 362880.0;
+  y = y * r + 1.0 / 40320.0;
+  y = y * r + 1.0 / 5040.0;
+  y = y * r + 1.0 / 720.0;
+  y = y * r + 1.0 / 120.0;
+  y = y * r + 1.0 / 24.0;
+  y = y * r + 1.0 / 6.0;
+  y = y * r + 0.5;
+  return y * z + r + 1.0;
+}
+DL_INLINE double exp_f(double x) {
+  double xc = x < -1100.0 ? -1100.0 : x;
+  xc = xc > 710.0 ? 710.0 : xc;
+  const double n = round_to_integer(xc * kLog2ED);
+  const double half = round_to_integer(n * 0.5);
+  return exp_reduced(xc, n) * pow2(half) * pow2(n - half);
+}
+DL_INLINE double exp_nonpositive(double x) {
+  const bool flushed = x < -kExpFlushD;
+  const double xc = flushed ? 0.0 : x;
+  const double n = round_to_integer(xc * kLog2ED);
+  return flushed ? 0.0 : exp_reduced(xc, n) * pow2(n);
+}
+// log(x) for finite x > 0 (subnormals included)
+DL_INLINE double log_f(double x) {
+  const bool tiny = x < 0x1p-1022;
+  const double xs = tiny ? x * 0x1p52 : x;
+  const uint64_t bits = as_bits(xs);
+  const double e = static_cast<double>(static_cast<int64_t>((bits >> 52) & 0x7ffu)) - 1022.0;
+  const double m = as_double((bits & 0x000fffffffffffffu) | 0x3fe0000000000000u);  // [0.5, 1)
+  const bool small = m < 0.70710678118654752440;
+  const double ef = e - (tiny ? 52.0 : 0.0) - (small ? 1.0 : 0.0);
+  const double f = small ? (m + m - 1.0) : (m - 1.0);  // in [sqrt(1/2) - 1, sqrt(2) - 1)
+  // log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716: 2s + s R(s^2),
+  // R(z) = sum_{k>=1} 2 z^k / (2k + 1) to z^10 (the next term is below 2^-62 of the result)
+  const double s = f / (2.0 + f);
+  const double z = s * s;
+  double R = 2.0 / 21.0;
+  R = R * z + 2.0 / 19.0;
+  R = R * z + 2.0 / 17.0;
+  R = R * z + 2.0 / 15.0;
+  R = R * z + 2.0 / 13.0;
+  R = R * z + 2.0 / 11.0;
+  R = R * z + 2.0 / 9.0;
+  R = R * z + 2.0 / 7.0;
+  R = R * z + 2.0 / 5.0;
+  R = R * z + 2.0 / 3.0;
+  R = R * z;
+  const double hfsq = 0.5 * f * f;
+  // 2s + s R = f - (hfsq - s (hfsq + R)) (2s = f - s f and s f = hfsq (1 - s))
+  const double log1pf = f - (hfsq - s * (hfsq + R));
+  return ef * kLn2HighD + (log1pf + ef * kLn2LowD);
+}
+// log(1 + y) for y >= 0: log(u) of u = 1 + y, plus the rounding of u divided by u
+DL_INLINE double log1p_f(double y) {
+  const double u = 1.0 + y;
+  return log_f(u) + (y - (u - 1.0)) / u;
+}
+DL_INLINE double one_minus_exp_neg(double b, double& e) {
+  e = exp_f(-b);
+  const double t = -b;  // -expm1(t) for |t| < 0.35 by its Taylor series to t^15
+  double s = 1.0 / 20922789888000.0;  // 1/16!
+  s = s * t + 1.0 / 1307674368000.0;
+  s = s * t + 1.0 / 87178291200.0;
+  s = s * t + 1.0 / 6227020800.0;
+  s = s * t + 1.0 / 479001600.0;
+  s = s * t + 1.0 / 39916800.0;
+  s = s * t + 1.0 / 3628800.0;
+  s = s * t + 1.0 / 362880.0;
+  s = s * t + 1.0 / 40320.0;
+  s = s * t + 1.0 / 5040.0;
+  s = s * t + 1.0 / 720.0;
+  s = s * t + 1.0 / 120.0;
+  s = s * t + 1.0 / 24.0;
+  s = s * t + 1.0 / 6.0;
+  s = s * t + 0.5;
+  s = s * t + 1.0;
+  const double series = -(s * t);
+  return b < 0.35 ? series : 1.0 - e;
+}
+
+DL_INLINE double clamped_log(double p) {
+  double l = p > 0.0 ? log_f(p > 0.0 ? p : 1.0) : static_cast<double>(kLogClamp);
+  return max_f(l, static_cast<double>(kLogClamp));
+}
+DL_INLINE double clamped_log_ratio(double w, double p) {
+  double l = p > 0.0 ? log_f(p > 0.0 ? p : 1.0) : static_cast<double>(kLogClamp);
+  return l > kLogClamp ? w / p : 0.0;
+}
+DL_INLINE double pow_f(double q, double gamma) {
+  return q > 0.0 ? exp_f(gamma * log_f(q > 0.0 ? q : 1.0)) : 0.0;
+}
+
 // focal modulation q^gamma and its slope factor d/db (q^gamma b) / 1 = q^gamma (1 + gamma e b/q)
-template <int PIXEL>
-DL_INLINE float focal_power(float q, float gamma) {
+template <int PIXEL, typename F>
+DL_INLINE F focal_power(F q, F gamma) {
   if (PIXEL == kPixelFocal2) return q * q;
   if (PIXEL == kPixelFocal) return pow_f(q, gamma);
-  return 1.0f;
+  return F(1);
 }
 
 // target == ignore_index, compared as torch compares a tensor with a Python int
@@ -216,10 +360,17 @@ template <>
 DL_INLINE bool is_ignored<float>(float v, int64_t ignore) {
   return v == static_cast<float>(ignore);
 }
+template <>
+DL_INLINE bool is_ignored<double>(double v, int64_t ignore) {
+  return v == static_cast<double>(ignore);
+}
 
 // ------------------------------------------------------------------------------ arguments
+// The input's type (Args.real) is that of every buffer of x's elements or of per-class or
+// per-channel values: x, class_alpha, probabilities, slope, grad_intersection,
+// grad_prediction, grad, loss and pos_weight hold float (kReal32) or double (kReal64).
 struct Args {
-  const float* x;
+  const void* x;
   const void* target;
   int64_t target_type;   // TargetType
   int64_t n;             // samples
@@ -233,16 +384,16 @@ struct Args {
   int64_t has_alpha;
   double gamma;
   double alpha;          // binary/multilabel: weight of positives
-  const float* class_alpha;  // multiclass: C weights (when has_alpha)
+  const void* class_alpha;  // multiclass: C weights (when has_alpha)
   int64_t threads;
   // forward: written for backward (x's shape); backward: read
-  float* probabilities;  // p (region losses); null in forward: no gradient wanted
-  float* slope;          // d(per-element loss)/dx, 0 where ignored (pixel losses); ditto
+  void* probabilities;  // p (region losses); null in forward: no gradient wanted
+  void* slope;          // d(per-element loss)/dx, 0 where ignored (pixel losses); ditto
   // backward
-  const float* grad_intersection;  // (N, C)
-  const float* grad_prediction;    // (N, C)
+  const void* grad_intersection;  // (N, C)
+  const void* grad_prediction;    // (N, C)
   double grad_pixel;
-  float* grad;                      // x's shape
+  void* grad;                       // x's shape
   // forward outputs
   double* region;     // (N*C, 3): I, P, G
   double* pixel_out;  // 3: S, max(count, 1), count (kept elements); TopK selection: 1: the
@@ -258,7 +409,7 @@ struct Args {
   // forward: each element's loss is written here (binary/multilabel (N, C, M), multiclass
   // (N, M); ignored_loss where ignored); null when not wanted. TopK's selection reads them;
   // reduction="none" returns them.
-  float* loss;
+  void* loss;
   // TopK, selection: how many of the losses to select (0 <= topk <= their number)
   int64_t topk;
   // backward: the region gradient is region_scale times the one of grad_intersection and
@@ -270,13 +421,15 @@ struct Args {
   int64_t portable_loops;
   // binary/multilabel pixel losses: BCE's pos_weight, the weight of the positives' term, one
   // per channel (C values, read at row % c); null: 1 (unweighted)
-  const float* pos_weight;
+  const void* pos_weight;
   // multiclass pixel losses with class_alpha: 1: the count is the sum of the kept pixels'
   // class weights (the normaliser of CrossEntropyLoss(weight=...)'s mean), not their number
   int64_t weighted_count;
   // forward with loss: the value written for an ignored element (-inf for TopK's selection,
   // which never picks it; 0 for reduction="none")
   double ignored_loss;
+  // RealType: the type of x and of the buffers above (float64 inputs are computed in double)
+  int64_t real;
 };
 
 constexpr float kSaturatedB = 100.0f;
@@ -284,18 +437,19 @@ constexpr float kSaturatedB = 100.0f;
 // The focal loss q^gamma b of the cross-entropy b (b itself for BCE), q = 1 - e^{-b}, and its
 // slope factor d/db (q^gamma b) = q^gamma (1 + gamma e^{-b} b / q) (b/q -> 1 at q = 0; 1 for
 // BCE), sharing one exponential and one power.
-template <int PIXEL>
-DL_INLINE float focal_terms(float b, float gamma, float& factor) {
+template <int PIXEL, typename F>
+DL_INLINE F focal_terms(F b, F gamma, F& factor) {
   if (PIXEL == kPixelBce) {
-    factor = 1.0f;
+    factor = F(1);
     return b;
   }
-  float eb;
-  const float q = one_minus_exp_neg(b, eb);
-  const float power = focal_power<PIXEL>(q, gamma);
+  F eb;
+  const F q = one_minus_exp_neg(b, eb);
+  const F power = focal_power<PIXEL>(q, gamma);
   // b clamped to kSaturatedB (dynloss._math.SATURATED_B): e^{-b} b is 0, not 0 * inf, at b = inf
-  const float ratio = q > 0.0f ? (b < kSaturatedB ? b : kSaturatedB) / q : 1.0f;
-  factor = power * (1.0f + gamma * eb * ratio);
+  const F saturated = kSaturatedB;
+  const F ratio = q > F(0) ? (b < saturated ? b : saturated) / q : F(1);
+  factor = power * (F(1) + gamma * eb * ratio);
   return power * b;
 }
 
@@ -318,8 +472,8 @@ DL_INLINE void prefetch_range(const T* p, int64_t count) {
 // The prefetches of a binary forward loop: the first kPrefetch elements of a chunk up front
 // (at = begin, count = kPrefetch), then each block's, kPrefetch ahead (at = b0 + kPrefetch,
 // count = kBlock; past the end: a prefetch never faults).
-template <typename T>
-DL_INLINE void prefetch_inputs(const float* x, const T* t, int64_t at, int64_t count) {
+template <typename F, typename T>
+DL_INLINE void prefetch_inputs(const F* x, const T* t, int64_t at, int64_t count) {
   prefetch_range(x + at, count);
   prefetch_range(t + at, count);
 }
@@ -330,97 +484,99 @@ constexpr int kPartBinary = 9;  // I P G S count badT badX soft overflow
 // IGNORE: whether ignore_index is set (without it, every element is kept and the loop does
 // not test for it). WEIGHTED: a.pos_weight is set (the positives' term of the cross-entropy
 // weighed by the row's channel's weight w: (1 - g) softplus(x) + w g softplus(-x)).
-template <typename T, bool LOGITS, bool REGION, int PIXEL, bool IGNORE, bool WEIGHTED>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL, bool IGNORE, bool WEIGHTED>
 static void binary_forward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end,
                                  double* out) {
-  const float* x = a.x + row * a.m;
+  const F* x = static_cast<const F*>(a.x) + row * a.m;
   const T* t = static_cast<const T*>(a.target) + row * a.m;
   // what backward needs goes to the caller's buffers; without them (no gradient wanted) to a
   // scratch block, so the loop stays branch-free
-  float scratch_p[kBlock], scratch_slope[kBlock];
+  F scratch_p[kBlock], scratch_slope[kBlock];
   // region terms: the binary kernels save d = dp/dx (p (1 - p) from logits, 1 from
   // probabilities; 0 where ignored) with the target in its sign bit (-d where the target is
   // 1), so that backward reads one buffer, not the target too (when all targets are hard)
-  float* save_p = REGION && a.probabilities ? a.probabilities + row * a.m : nullptr;
-  float* save_slope = PIXEL != kPixelNone && a.slope ? a.slope + row * a.m : nullptr;
-  float scratch_loss[kBlock];
-  float* save_loss = PIXEL != kPixelNone && a.loss ? a.loss + row * a.m : nullptr;
-  const float ignored_loss = static_cast<float>(a.ignored_loss);
+  F* save_p = REGION && a.probabilities ? static_cast<F*>(a.probabilities) + row * a.m : nullptr;
+  F* save_slope = PIXEL != kPixelNone && a.slope ? static_cast<F*>(a.slope) + row * a.m : nullptr;
+  F scratch_loss[kBlock];
+  F* save_loss = PIXEL != kPixelNone && a.loss ? static_cast<F*>(a.loss) + row * a.m : nullptr;
+  const F ignored_loss = static_cast<F>(a.ignored_loss);
   const int64_t ignore = a.ignore_index;
-  const float gamma = static_cast<float>(a.gamma);
-  const float w1 = a.has_alpha ? static_cast<float>(2.0 * a.alpha - 1.0) : 0.0f;
-  const float w0 = a.has_alpha ? static_cast<float>(1.0 - a.alpha) : 1.0f;
-  const float pos_weight = WEIGHTED ? a.pos_weight[row % a.c] : 1.0f;
+  const F gamma = static_cast<F>(a.gamma);
+  const F w1 = a.has_alpha ? static_cast<F>(2.0 * a.alpha - 1.0) : F(0);
+  const F w0 = a.has_alpha ? static_cast<F>(1.0 - a.alpha) : F(1);
+  const F pos_weight = WEIGHTED ? static_cast<const F*>(a.pos_weight)[row % a.c] : F(1);
   double dI = 0, dP = 0, dG = 0, dS = 0, dN = 0, dBad = 0, dBadX = 0, dSoft = 0, dOver = 0;
   const bool prefetch = prefetching(begin, end);
   if (prefetch) prefetch_inputs(x, t, begin, kPrefetch);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
     if (prefetch) prefetch_inputs(x, t, b0 + kPrefetch, kBlock);
-    float* dst_p = save_p ? save_p + b0 : scratch_p;
-    float* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
-    float* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
-    float sI = 0, sP = 0, sG = 0, sS = 0, sN = 0, bad = 0, badx = 0, soft = 0, over = 0;
+    F* dst_p = save_p ? save_p + b0 : scratch_p;
+    F* dst_slope = save_slope ? save_slope + b0 : scratch_slope;
+    F* dst_loss = save_loss ? save_loss + b0 : scratch_loss;
+    // sums in F, counts in float (exact: a block holds at most kBlock < 2^24 elements)
+    F sI = 0, sP = 0, sG = 0, sS = 0;
+    float sN = 0, bad = 0, badx = 0, soft = 0, over = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, sS, sN, bad, badx, soft, over)
     for (int64_t i = b0; i < b1; ++i) {
-      const float xv = x[i];
+      const F xv = x[i];
       const T tv = t[i];
       const bool keep = !(IGNORE && is_ignored(tv, ignore));
-      const float g = keep ? static_cast<float>(tv) : 0.0f;
+      const F g = keep ? static_cast<F>(tv) : F(0);
       // g (1 - g): negative or NaN for a target outside [0, 1], nonzero for a soft label
       // (0 for ignored elements, which have g = 0)
-      const float spread = g - g * g;
-      bad += !(spread >= 0.0f) ? 1.0f : 0.0f;
+      const F spread = g - g * g;
+      bad += !(spread >= F(0)) ? 1.0f : 0.0f;
       // a kept input that is not finite (logits) or outside [0, 1] (probabilities) makes the
       // loss NaN (counted here, applied by the caller)
-      const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax) : ((xv >= 0.0f) & (xv <= 1.0f));
+      const bool valid_x = LOGITS ? (abs_f(xv) <= kFinite<F>) : ((xv >= F(0)) & (xv <= F(1)));
       badx += (keep & !valid_x) ? 1.0f : 0.0f;
-      float p, e = 0.0f, pq = 1.0f, inv = 1.0f;  // pq: p (1 - p) = dp/dx from logits
+      F p, e = 0, pq = 1, inv = 1;  // pq: p (1 - p) = dp/dx from logits
       if (LOGITS) {
         // region sums only need p: probabilities below 2^-126 may be flushed to 0 there;
         // the cross-entropy keeps them (softplus(-90) must keep its digits)
         e = PIXEL == kPixelNone ? exp_nonpositive(-abs_f(xv)) : exp_f(-abs_f(xv));
-        inv = 1.0f / (1.0f + e);
-        const float small = e * inv;  // min(p, 1 - p)
-        p = xv >= 0.0f ? inv : small;
+        inv = F(1) / (F(1) + e);
+        const F small = e * inv;  // min(p, 1 - p)
+        p = xv >= F(0) ? inv : small;
         pq = small * inv;  // no cancellation in 1 - p near p = 1
       } else {
         p = xv;
       }
       if (REGION) {
-        const float pk = keep ? p : 0.0f;  // selected, not multiplied: a NaN there is ignored
+        const F pk = keep ? p : F(0);  // selected, not multiplied: a NaN there is ignored
         sI += pk * g;
         sP += pk;
         sG += g;
-        const float d = keep ? pq : 0.0f;
-        dst_p[i - b0] = g == 1.0f ? -d : d;
-        soft += spread != 0.0f ? 1.0f : 0.0f;
+        const F d = keep ? pq : F(0);
+        dst_p[i - b0] = g == F(1) ? -d : d;
+        soft += spread != F(0) ? 1.0f : 0.0f;
       }
       if (PIXEL != kPixelNone) {
         // gw: the positives' share, weighed (g itself unweighted: the same expressions)
-        const float gw = WEIGHTED ? pos_weight * g : g;
-        const float b = !LOGITS ? -(gw * clamped_log(p) + (1.0f - g) * clamped_log(1.0f - p))
-                        : WEIGHTED ? (1.0f - g) * (max_f(xv, 0.0f) + log1p_f(e))
-                                         + gw * (max_f(-xv, 0.0f) + log1p_f(e))
-                                   : (max_f(xv, 0.0f) - xv * g) + log1p_f(e);
-        const float w = g * w1 + w0;
-        float factor;
-        const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
-        const float coef = factor * w;
+        const F gw = WEIGHTED ? pos_weight * g : g;
+        const F b = !LOGITS ? -(gw * clamped_log(p) + (F(1) - g) * clamped_log(F(1) - p))
+                    : WEIGHTED ? (F(1) - g) * (max_f(xv, F(0)) + log1p_f(e))
+                                     + gw * (max_f(-xv, F(0)) + log1p_f(e))
+                               : (max_f(xv, F(0)) - xv * g) + log1p_f(e);
+        const F w = g * w1 + w0;
+        F factor;
+        const F loss = focal_terms<PIXEL>(b, gamma, factor) * w;
+        const F coef = factor * w;
         // probabilities: the coefficient goes into the quotients' numerators; where 1/p
         // overflows the slope is +-inf, counted (the caller then forms the gradient as
         // autograd does, (upstream * coef) / p, since upstream * inf is not that)
         // logits: p - g as (1 - g) p - g (1 - p), 1 - p = min or max of (p, 1 - p) by the
         // sign: exact for hard labels where the sigmoid saturates (p - 1 would lose the
         // digits of 1 - p)
-        const float q = xv >= 0.0f ? e * inv : inv;  // 1 - p
-        const float slope = LOGITS ? ((1.0f - g) * p - gw * q) * coef
-                                   : clamped_log_ratio((1.0f - g) * coef, 1.0f - p)
-                                         - clamped_log_ratio(gw * coef, p);
-        if (!LOGITS) over += (keep & (abs_f(slope) > kFloatMax)) ? 1.0f : 0.0f;
-        sS += keep ? loss : 0.0f;
+        const F q = xv >= F(0) ? e * inv : inv;  // 1 - p
+        const F slope = LOGITS ? ((F(1) - g) * p - gw * q) * coef
+                               : clamped_log_ratio((F(1) - g) * coef, F(1) - p)
+                                     - clamped_log_ratio(gw * coef, p);
+        if (!LOGITS) over += (keep & (abs_f(slope) > kFinite<F>)) ? 1.0f : 0.0f;
+        sS += keep ? loss : F(0);
         sN += keep ? 1.0f : 0.0f;
-        dst_slope[i - b0] = keep ? slope : 0.0f;
+        dst_slope[i - b0] = keep ? slope : F(0);
         dst_loss[i - b0] = keep ? loss : ignored_loss;
       }
     }
@@ -516,16 +672,18 @@ static void binary_region_logits_avx512(const float* x, const float* t, float* s
 
 // The forward pass of one binary chunk: the AVX-512 loop where it applies, else the
 // portable one.
-template <typename T, bool LOGITS, bool REGION, int PIXEL>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL>
 static void binary_forward(const Args& a, int64_t row, int64_t begin, int64_t end,
                            double* out) {
 #if DL_AVX512
-  if constexpr (std::is_same_v<T, float> && LOGITS && REGION && PIXEL == kPixelNone) {
+  if constexpr (std::is_same_v<F, float> && std::is_same_v<T, float> && LOGITS && REGION &&
+                PIXEL == kPixelNone) {
     if (!a.has_ignore && !a.portable_loops) {
-      const float* x = a.x + row * a.m;
+      const float* x = static_cast<const float*>(a.x) + row * a.m;
       const float* t = static_cast<const float*>(a.target) + row * a.m;
       if (a.probabilities) {
-        binary_region_logits_avx512<true>(x, t, a.probabilities + row * a.m, begin, end, out);
+        binary_region_logits_avx512<true>(x, t, static_cast<float*>(a.probabilities) + row * a.m,
+                                          begin, end, out);
       } else {
         binary_region_logits_avx512<false>(x, t, nullptr, begin, end, out);
       }
@@ -536,36 +694,36 @@ static void binary_forward(const Args& a, int64_t row, int64_t begin, int64_t en
   if constexpr (PIXEL != kPixelNone) {
     if (a.pos_weight) {
       if (a.has_ignore) {
-        binary_forward_chunk<T, LOGITS, REGION, PIXEL, true, true>(a, row, begin, end, out);
+        binary_forward_chunk<F, T, LOGITS, REGION, PIXEL, true, true>(a, row, begin, end, out);
       } else {
-        binary_forward_chunk<T, LOGITS, REGION, PIXEL, false, true>(a, row, begin, end, out);
+        binary_forward_chunk<F, T, LOGITS, REGION, PIXEL, false, true>(a, row, begin, end, out);
       }
       return;
     }
   }
   if (a.has_ignore) {
-    binary_forward_chunk<T, LOGITS, REGION, PIXEL, true, false>(a, row, begin, end, out);
+    binary_forward_chunk<F, T, LOGITS, REGION, PIXEL, true, false>(a, row, begin, end, out);
   } else {
-    binary_forward_chunk<T, LOGITS, REGION, PIXEL, false, false>(a, row, begin, end, out);
+    binary_forward_chunk<F, T, LOGITS, REGION, PIXEL, false, false>(a, row, begin, end, out);
   }
 }
 
 // Region term: (gp + gi g) dp/dx, 0 where ignored, from the signed slopes d the forward saved
 // (see binary_forward_chunk). HARD: every kept target is 0 or 1, which the sign of d tells
 // (ignored elements saved d = 0); else the target is read for g and the kept mask.
-template <typename T, bool REGION, int PIXEL, bool HARD>
+template <typename F, typename T, bool REGION, int PIXEL, bool HARD>
 static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int64_t end) {
   const T* t = static_cast<const T*>(a.target) + row * a.m;
-  const float* d = REGION ? a.probabilities + row * a.m : nullptr;
-  const float* slope = PIXEL != kPixelNone ? a.slope + row * a.m : nullptr;
-  float* grad = a.grad + row * a.m;
+  const F* d = REGION ? static_cast<const F*>(a.probabilities) + row * a.m : nullptr;
+  const F* slope = PIXEL != kPixelNone ? static_cast<const F*>(a.slope) + row * a.m : nullptr;
+  F* grad = static_cast<F*>(a.grad) + row * a.m;
   const bool has_ignore = a.has_ignore != 0;
   const int64_t ignore = a.ignore_index;
   const int64_t at = a.pooled ? row % a.c : row;
-  const float scale = static_cast<float>(a.region_scale);
-  const float gi = REGION ? scale * a.grad_intersection[at] : 0.0f;
-  const float gp = REGION ? scale * a.grad_prediction[at] : 0.0f;
-  const float gs = static_cast<float>(a.grad_pixel);
+  const F scale = static_cast<F>(a.region_scale);
+  const F gi = REGION ? scale * static_cast<const F*>(a.grad_intersection)[at] : F(0);
+  const F gp = REGION ? scale * static_cast<const F*>(a.grad_prediction)[at] : F(0);
+  const F gs = static_cast<F>(a.grad_pixel);
   const bool prefetch = prefetching(begin, end);
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < end ? b0 + kBlock : end;
@@ -576,17 +734,17 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
     if (REGION && !HARD && prefetch) prefetch_range(t + b0 + ahead, count);
 #pragma omp simd
     for (int64_t i = b0; i < b1; ++i) {
-      float total = 0.0f;
+      F total = 0;
       if (REGION) {
-        const float dv = d[i];
-        const float dpdx = abs_f(dv);
+        const F dv = d[i];
+        const F dpdx = abs_f(dv);
         if (HARD) {
-          total = (gp + (as_bits(dv) >> 31 ? gi : 0.0f)) * dpdx;
+          total = (gp + (sign_bit(dv) ? gi : F(0))) * dpdx;
         } else {
           const T tv = t[i];
           const bool keep = !(has_ignore & is_ignored(tv, ignore));
-          const float g = keep ? static_cast<float>(tv) : 0.0f;
-          total = keep ? (gp + gi * g) * dpdx : 0.0f;
+          const F g = keep ? static_cast<F>(tv) : F(0);
+          total = keep ? (gp + gi * g) * dpdx : F(0);
         }
       }
       if (PIXEL != kPixelNone) total += gs * slope[i];
@@ -599,21 +757,21 @@ static void binary_backward_chunk(const Args& a, int64_t row, int64_t begin, int
 constexpr int kPartClassExtra = 5;  // S count badT badX overflow
 
 // Per-pixel state of one chunk of one sample: class, kept flag, softmax statistics.
-template <typename T, bool LOGITS>
+template <typename F, typename T, bool LOGITS>
 struct ClassChunk {
   int32_t cls[kClassChunk];
-  float keep[kClassChunk];
-  float mx[kClassChunk];
-  float oth[kClassChunk];   // sum_c exp(x_c - max) but for one class at the max (its exact 1):
+  F keep[kClassChunk];
+  F mx[kClassChunk];
+  F oth[kClassChunk];   // sum_c exp(x_c - max) but for one class at the max (its exact 1):
                             // 1 - p = oth inv at a class at the max
-  float inv[kClassChunk];   // 1 / sum_c exp(x_c - max) = 1 / (1 + oth)
-  float unique[kClassChunk];  // 1 where one class alone holds the max, else 0
-  float lg[kClassChunk];    // log(1 + oth) = logsumexp - max, from log1p: all its digits
-  float xt[kClassChunk];    // the input at the target class
+  F inv[kClassChunk];   // 1 / sum_c exp(x_c - max) = 1 / (1 + oth)
+  F unique[kClassChunk];  // 1 where one class alone holds the max, else 0
+  F lg[kClassChunk];    // log(1 + oth) = logsumexp - max, from log1p: all its digits
+  F xt[kClassChunk];    // the input at the target class
   // forward with logits: exp(x_c - max) of every class, written by load() into the output
   // buffer that the forward pass then overwrites (probabilities or slopes), so that the
   // exponentials are not computed twice; null without such a buffer (no gradient wanted)
-  float* ecache;
+  F* ecache;
   int64_t len;
 
   // Fills cls/keep; with `inputs` (forward) also xt and the softmax statistics, which read x
@@ -637,11 +795,11 @@ struct ClassChunk {
       const bool in_range = (v >= 0) & (v < classes);
       bad += (!ignored & !in_range) ? 1.0f : 0.0f;
       cls[j] = (!ignored & in_range) ? static_cast<int32_t>(v) : 0;
-      keep[j] = (!ignored & in_range) ? 1.0f : 0.0f;
+      keep[j] = (!ignored & in_range) ? F(1) : F(0);
     }
     ecache = nullptr;
     if (!inputs) return bad;
-    const float* x = a.x + sample * a.c * a.m + begin;
+    const F* x = static_cast<const F*>(a.x) + sample * a.c * a.m + begin;
     if (PIXEL_STATS) {
       for (int64_t j = 0; j < len; ++j) xt[j] = x[cls[j] * a.m + j];
     }
@@ -649,7 +807,7 @@ struct ClassChunk {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) mx[j] = x[j];
     for (int64_t c = 1; c < classes; ++c) {
-      const float* xc = x + c * a.m;
+      const F* xc = x + c * a.m;
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) mx[j] = xc[j] > mx[j] ? xc[j] : mx[j];
     }
@@ -657,129 +815,130 @@ struct ClassChunk {
     // exact 1 of log1p: 1 - p there and logsumexp - x there keep their digits where the
     // softmax saturates (as a float32 sum 1 + oth would lose them). Classes below the max are
     // summed; every further class at the max adds its exact 1 (ties - 1).
-    float* ties = lg;  // lg's storage counts them until lg is formed
+    F* ties = lg;  // lg's storage counts them until lg is formed
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      oth[j] = 0.0f;
-      ties[j] = -1.0f;
+      oth[j] = F(0);
+      ties[j] = F(-1);
     }
-    float* saved = a.probabilities ? a.probabilities : a.slope;
+    F* saved = static_cast<F*>(a.probabilities ? a.probabilities : a.slope);
     ecache = saved ? saved + sample * a.c * a.m + begin : nullptr;
-    float scratch_e[kClassChunk];
+    F scratch_e[kClassChunk];
     for (int64_t c = 0; c < classes; ++c) {
-      const float* xc = x + c * a.m;
-      float* ec = ecache ? ecache + c * a.m : scratch_e;
+      const F* xc = x + c * a.m;
+      F* ec = ecache ? ecache + c * a.m : scratch_e;
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const float xv = xc[j];
+        const F xv = xc[j];
         // x - max <= 0; a region loss alone reads only probabilities, whose values below
         // 2^-126 do not count (flushed to 0, as the binary region pass does); the pixel
         // losses' log(sum exp) and 1 - p keep them
-        const float e = PIXEL_STATS ? exp_f(xv - mx[j]) : exp_nonpositive(xv - mx[j]);
+        const F e = PIXEL_STATS ? exp_f(xv - mx[j]) : exp_nonpositive(xv - mx[j]);
         ec[j] = e;
-        oth[j] += xv < mx[j] ? e : 0.0f;
-        ties[j] += xv == mx[j] ? 1.0f : 0.0f;
+        oth[j] += xv < mx[j] ? e : F(0);
+        ties[j] += xv == mx[j] ? F(1) : F(0);
       }
     }
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      const float o = oth[j] + ties[j];  // ties is 0 but where logits tie at the max
-      unique[j] = ties[j] == 0.0f ? 1.0f : 0.0f;
+      const F o = oth[j] + ties[j];  // ties is 0 but where logits tie at the max
+      unique[j] = ties[j] == F(0) ? F(1) : F(0);
       oth[j] = o;
-      inv[j] = 1.0f / (1.0f + o);
+      inv[j] = F(1) / (F(1) + o);
     }
     if (PIXEL_STATS) {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const float o = oth[j];
-        lg[j] = o <= 1.0f ? log1p_f(o) : log_f(1.0f + o);  // NaN: log_f, NaN
+        const F o = oth[j];
+        lg[j] = o <= F(1) ? log1p_f(o) : log_f(F(1) + o);  // NaN: log_f, NaN
       }
     }
     return bad;
   }
 };
 
-template <typename T, bool LOGITS, bool REGION, int PIXEL>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL>
 static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, int64_t end,
                                 double* out) {
-  ClassChunk<T, LOGITS> s;
+  ClassChunk<F, T, LOGITS> s;
   const double bad = s.template load<PIXEL != kPixelNone>(a, sample, begin, end, true);
   const int64_t offset = sample * a.c * a.m + begin;
-  const float* x = a.x + offset;
+  const F* x = static_cast<const F*>(a.x) + offset;
   const int64_t len = s.len;
-  const float gamma = static_cast<float>(a.gamma);
-  float coef[kClassChunk];  // pixel: alpha_t * d(focal)/db, 0 where not kept
-  float sS = 0, sN = 0, over = 0;
+  const F gamma = static_cast<F>(a.gamma);
+  F coef[kClassChunk];  // pixel: alpha_t * d(focal)/db, 0 where not kept
+  F sS = 0, sN = 0;
+  float over = 0;
   if (PIXEL != kPixelNone) {
-    const float* alpha = a.class_alpha;
+    const F* alpha = static_cast<const F*>(a.class_alpha);
     const bool has_alpha = a.has_alpha != 0;
     const bool weighted_count = has_alpha && a.weighted_count != 0;
-    float scratch_loss[kClassChunk];
-    float* lo = a.loss ? a.loss + sample * a.m + begin : scratch_loss;
-    const float ignored_loss = static_cast<float>(a.ignored_loss);
+    F scratch_loss[kClassChunk];
+    F* lo = a.loss ? static_cast<F*>(a.loss) + sample * a.m + begin : scratch_loss;
+    const F ignored_loss = static_cast<F>(a.ignored_loss);
 #pragma omp simd reduction(+ : sS, sN, over)
     for (int64_t j = 0; j < len; ++j) {
       // logsumexp - x_t = (max - x_t) + log(1 + oth): no large max added and taken away
-      const float b = LOGITS ? (s.mx[j] - s.xt[j]) + s.lg[j] : -clamped_log(s.xt[j]);
-      const float w = has_alpha ? alpha[s.cls[j]] : 1.0f;
-      float factor;
-      const float loss = focal_terms<PIXEL>(b, gamma, factor) * w;
+      const F b = LOGITS ? (s.mx[j] - s.xt[j]) + s.lg[j] : -clamped_log(s.xt[j]);
+      const F w = has_alpha ? alpha[s.cls[j]] : F(1);
+      F factor;
+      const F loss = focal_terms<PIXEL>(b, gamma, factor) * w;
       factor *= w;
       // probabilities: -(factor / p_t), +-inf where 1/p_t overflows (counted, see the
       // binary pass)
       if (!LOGITS) factor = -clamped_log_ratio(factor, s.xt[j]);
-      const bool kept = s.keep[j] != 0.0f;
-      if (!LOGITS) over += (kept & (abs_f(factor) > kFloatMax)) ? 1.0f : 0.0f;
-      sS += kept ? loss : 0.0f;
+      const bool kept = s.keep[j] != F(0);
+      if (!LOGITS) over += (kept & (abs_f(factor) > kFinite<F>)) ? 1.0f : 0.0f;
+      sS += kept ? loss : F(0);
       // (the selects inside kept's: the loop stays vectorised, the sums in their order)
-      sN += kept ? (weighted_count ? w : 1.0f) : 0.0f;
-      coef[j] = kept ? factor : 0.0f;
+      sN += kept ? (weighted_count ? w : F(1)) : F(0);
+      coef[j] = kept ? factor : F(0);
       lo[j] = kept ? loss : ignored_loss;
     }
   }
   float badx = 0;
-  float scratch_p[kClassChunk], scratch_slope[kClassChunk];  // when no gradient is wanted
+  F scratch_p[kClassChunk], scratch_slope[kClassChunk];  // when no gradient is wanted
   // CACHED: the exponentials come from load()'s cache (see ClassChunk::ecache)
   auto each_class = [&](auto cached) {
     constexpr bool CACHED = decltype(cached)::value;
     for (int64_t c = 0; c < a.c; ++c) {
-      const float* xc = x + c * a.m;
-      const float* ec = CACHED ? s.ecache + c * a.m : nullptr;
-      float* pc = a.probabilities ? a.probabilities + offset + c * a.m : scratch_p;
-      float* sc = a.slope ? a.slope + offset + c * a.m : scratch_slope;
+      const F* xc = x + c * a.m;
+      const F* ec = CACHED ? s.ecache + c * a.m : nullptr;
+      F* pc = a.probabilities ? static_cast<F*>(a.probabilities) + offset + c * a.m : scratch_p;
+      F* sc = a.slope ? static_cast<F*>(a.slope) + offset + c * a.m : scratch_slope;
       const int32_t cc = static_cast<int32_t>(c);
-      float sI = 0, sP = 0, sG = 0;
+      F sI = 0, sP = 0, sG = 0;
 #pragma omp simd reduction(+ : sI, sP, sG, badx)
       for (int64_t j = 0; j < len; ++j) {
-        const float xv = xc[j];
-        const bool valid_x = LOGITS ? (abs_f(xv) <= kFloatMax)
-                                    : ((xv >= 0.0f) & (xv <= 1.0f));
-        badx += ((s.keep[j] != 0.0f) & !valid_x) ? 1.0f : 0.0f;
-        const float e = CACHED ? ec[j] : exp_f(xv - s.mx[j]);
-        const float p = LOGITS ? e * s.inv[j] : xv;
+        const F xv = xc[j];
+        const bool valid_x = LOGITS ? (abs_f(xv) <= kFinite<F>)
+                                    : ((xv >= F(0)) & (xv <= F(1)));
+        badx += ((s.keep[j] != F(0)) & !valid_x) ? 1.0f : 0.0f;
+        const F e = CACHED ? ec[j] : exp_f(xv - s.mx[j]);
+        const F p = LOGITS ? e * s.inv[j] : xv;
         const bool on = s.cls[j] == cc;
         // kept or not is selected, not multiplied in: a NaN in an ignored pixel is ignored
-        const bool kept = s.keep[j] != 0.0f;
+        const bool kept = s.keep[j] != F(0);
         // -(1 - p) = -oth inv, read unconditionally (selected below, not loaded under a mask);
         // probabilities in: no softmax statistics (oth, inv, mx, unique are not filled), and
         // the constant LOGITS keeps them unread
-        const float minus_q = LOGITS ? -(s.oth[j] * s.inv[j]) : 0.0f;
+        const F minus_q = LOGITS ? -(s.oth[j] * s.inv[j]) : F(0);
         if (REGION) {
-          sP += pick(kept, p, 0.0f);
-          sI += pick(on & kept, p, 0.0f);
-          sG += pick(on, s.keep[j], 0.0f);
+          sP += pick(kept, p, F(0));
+          sI += pick(on & kept, p, F(0));
+          sG += pick(on, s.keep[j], F(0));
           // saved for backward: p, but p - 1 = -(1 - p) with all its digits (a negative
           // number, or -0) at the class that alone holds the max (see class_backward_chunk)
-          const bool top = LOGITS ? (xv == s.mx[j]) & (s.unique[j] != 0.0f) : false;
+          const bool top = LOGITS ? (xv == s.mx[j]) & (s.unique[j] != F(0)) : false;
           pc[j] = pick(top, minus_q, p);
         }
         if (PIXEL != kPixelNone) {
           // p - 1 at the target class: -(1 - p) = -oth inv where that class is the most
           // probable (p near 1), else formed as it is (p <= 1/2 there)
           const bool at_max = LOGITS ? s.xt[j] == s.mx[j] : false;
-          const float p_minus_on = pick(on & at_max, minus_q, p - pick(on, 1.0f, 0.0f));
-          const float pixel_slope = LOGITS ? coef[j] * p_minus_on : pick(on, coef[j], 0.0f);
-          sc[j] = pick(kept, pixel_slope, 0.0f);
+          const F p_minus_on = pick(on & at_max, minus_q, p - pick(on, F(1), F(0)));
+          const F pixel_slope = LOGITS ? coef[j] * p_minus_on : pick(on, coef[j], F(0));
+          sc[j] = pick(kept, pixel_slope, F(0));
         }
       }
       if (REGION) {
@@ -793,65 +952,65 @@ static void class_forward_chunk(const Args& a, int64_t sample, int64_t begin, in
   extra[0] = sS; extra[1] = sN; extra[2] = bad; extra[3] = badx; extra[4] = over;
 }
 
-template <typename T, bool LOGITS, bool REGION, int PIXEL>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL>
 static void class_backward_chunk(const Args& a, int64_t sample, int64_t begin, int64_t end) {
-  ClassChunk<T, LOGITS> s;
+  ClassChunk<F, T, LOGITS> s;
   s.template load<false>(a, sample, begin, end, false);
   const int64_t offset = sample * a.c * a.m + begin;
-  float* grad = a.grad + offset;
+  F* grad = static_cast<F*>(a.grad) + offset;
   const int64_t len = s.len;
   const int64_t classes = a.c;
-  const float gs = static_cast<float>(a.grad_pixel);
+  const F gs = static_cast<F>(a.grad_pixel);
   const int64_t at = a.pooled ? 0 : sample * classes;
-  const float scale = static_cast<float>(a.region_scale);
-  const float* gi = REGION ? a.grad_intersection + at : nullptr;
-  const float* gp = REGION ? a.grad_prediction + at : nullptr;
-  const float* p = REGION ? a.probabilities + offset : nullptr;
-  const float* slope = PIXEL != kPixelNone ? a.slope + offset : nullptr;
+  const F scale = static_cast<F>(a.region_scale);
+  const F* gi = REGION ? static_cast<const F*>(a.grad_intersection) + at : nullptr;
+  const F* gp = REGION ? static_cast<const F*>(a.grad_prediction) + at : nullptr;
+  const F* p = REGION ? static_cast<const F*>(a.probabilities) + offset : nullptr;
+  const F* slope = PIXEL != kPixelNone ? static_cast<const F*>(a.slope) + offset : nullptr;
   // logits, region: the softmax backward p_c (u_c - sum_k p_k u_k) of u_c = gp_c + gi_c [c == t].
   // At the class that alone holds the max (p near 1 where the softmax saturates), which the
   // forward pass saved as v = p - 1 (sign bit set), u_c - sum_k p_k u_k is formed as
   // -u v - sum_{k != top} p_k u_k from the other classes' small p_k: as a difference of two
   // nearly equal float32 numbers it lost up to all its digits there.
-  float mixed[kClassChunk];   // sum_k p_k u_k
-  float below_u[kClassChunk];  // sum_{k != top} p_k u_k
+  F mixed[kClassChunk];   // sum_k p_k u_k
+  F below_u[kClassChunk];  // sum_{k != top} p_k u_k
   if (REGION && LOGITS) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      mixed[j] = 0.0f;
-      below_u[j] = 0.0f;
+      mixed[j] = F(0);
+      below_u[j] = F(0);
     }
     for (int64_t c = 0; c < classes; ++c) {
-      const float* pc = p + c * a.m;
-      const float gpc = gp[c];
-      const float gic = gi[c];
+      const F* pc = p + c * a.m;
+      const F gpc = gp[c];
+      const F gic = gi[c];
       const int32_t cc = static_cast<int32_t>(c);
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
-        const float v = pc[j];
-        const bool top = as_bits(v) >> 31;
-        const float u = gpc + (s.cls[j] == cc ? gic : 0.0f);
-        const float pu = (top ? 1.0f + v : v) * u;
+        const F v = pc[j];
+        const bool top = sign_bit(v);
+        const F u = gpc + (s.cls[j] == cc ? gic : F(0));
+        const F pu = (top ? F(1) + v : v) * u;
         mixed[j] += pu;
-        below_u[j] += top ? 0.0f : pu;
+        below_u[j] += top ? F(0) : pu;
       }
     }
   }
   for (int64_t c = 0; c < classes; ++c) {
-    float* gc = grad + c * a.m;
+    F* gc = grad + c * a.m;
     const int32_t cc = static_cast<int32_t>(c);
-    const float gic = REGION ? gi[c] : 0.0f;
-    const float gpc = REGION ? gp[c] : 0.0f;
+    const F gic = REGION ? gi[c] : F(0);
+    const F gpc = REGION ? gp[c] : F(0);
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      float total = 0.0f;
+      F total = 0;
       if (REGION) {
-        const float u = gpc + (s.cls[j] == cc ? gic : 0.0f);
-        const float v = p[c * a.m + j];
-        const bool top = LOGITS && (as_bits(v) >> 31);
-        const float spread = top ? -(u * v) - below_u[j] : u - mixed[j];
-        total = scale * (LOGITS ? (top ? 1.0f + v : v) * spread : u);
-        total = s.keep[j] != 0.0f ? total : 0.0f;
+        const F u = gpc + (s.cls[j] == cc ? gic : F(0));
+        const F v = p[c * a.m + j];
+        const bool top = LOGITS && sign_bit(v);
+        const F spread = top ? -(u * v) - below_u[j] : u - mixed[j];
+        total = scale * (LOGITS ? (top ? F(1) + v : v) * spread : u);
+        total = s.keep[j] != F(0) ? total : F(0);
       }
       if (PIXEL != kPixelNone) total += gs * slope[c * a.m + j];
       gc[j] = total;
@@ -882,7 +1041,7 @@ static void for_each_chunk(const Args& a, int64_t rows, int64_t length, int64_t 
 // (8e6, 1, 1) cost seconds and 9 doubles of partial sums per row). The rows' region sums go
 // straight to a.region; a task's S, count and checks are summed over its rows in order, and
 // tasks are added in order: deterministic for any number of threads, like the chunks.
-template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_binary_short_rows(const Args& a, int64_t rows) {
   const int64_t group = kChunk / a.m;
   const int64_t tasks = (rows + group - 1) / group;
@@ -893,14 +1052,14 @@ static void run_binary_short_rows(const Args& a, int64_t rows) {
     const int64_t first = k * group, last = first + group < rows ? first + group : rows;
     if constexpr (BACKWARD) {
       for (int64_t r = first; r < last; ++r) {
-        if (a.hard_targets) binary_backward_chunk<T, REGION, PIXEL, true>(a, r, 0, a.m);
-        else binary_backward_chunk<T, REGION, PIXEL, false>(a, r, 0, a.m);
+        if (a.hard_targets) binary_backward_chunk<F, T, REGION, PIXEL, true>(a, r, 0, a.m);
+        else binary_backward_chunk<F, T, REGION, PIXEL, false>(a, r, 0, a.m);
       }
     } else {
       double sum[kPartBinary] = {0};
       for (int64_t r = first; r < last; ++r) {
         double q[kPartBinary];
-        binary_forward<T, LOGITS, REGION, PIXEL>(a, r, 0, a.m, q);
+        binary_forward<F, T, LOGITS, REGION, PIXEL>(a, r, 0, a.m, q);
         if (REGION) { a.region[3 * r] = q[0]; a.region[3 * r + 1] = q[1]; a.region[3 * r + 2] = q[2]; }
         for (int j = 3; j < kPartBinary; ++j) sum[j] += q[j];
       }
@@ -919,11 +1078,11 @@ static void run_binary_short_rows(const Args& a, int64_t rows) {
   a.check[0] = bad; a.check[1] = badx; a.check[2] = soft; a.check[3] = over;
 }
 
-template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_binary(const Args& a) {
   const int64_t rows = a.n * a.c;
   if (a.m > 0 && a.m <= kChunk / 2 && rows > 1) {
-    run_binary_short_rows<T, LOGITS, REGION, PIXEL, BACKWARD>(a, rows);
+    run_binary_short_rows<F, T, LOGITS, REGION, PIXEL, BACKWARD>(a, rows);
     return;
   }
   const int64_t chunks = (a.m + kChunk - 1) / kChunk;
@@ -932,10 +1091,10 @@ static void run_binary(const Args& a) {
   for_each_chunk(a, rows, a.m, kChunk, rows * a.m,
                  [&](int64_t k, int64_t row, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
-      if (a.hard_targets) binary_backward_chunk<T, REGION, PIXEL, true>(a, row, begin, end);
-      else binary_backward_chunk<T, REGION, PIXEL, false>(a, row, begin, end);
+      if (a.hard_targets) binary_backward_chunk<F, T, REGION, PIXEL, true>(a, row, begin, end);
+      else binary_backward_chunk<F, T, REGION, PIXEL, false>(a, row, begin, end);
     } else {
-      binary_forward<T, LOGITS, REGION, PIXEL>(a, row, begin, end, &part[k * kPartBinary]);
+      binary_forward<F, T, LOGITS, REGION, PIXEL>(a, row, begin, end, &part[k * kPartBinary]);
     }
   });
   if constexpr (BACKWARD) return;
@@ -955,7 +1114,7 @@ static void run_binary(const Args& a) {
   a.check[0] = bad; a.check[1] = badx; a.check[2] = soft; a.check[3] = over;
 }
 
-template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static void run_multiclass(const Args& a) {
   const int64_t chunks = (a.m + kClassChunk - 1) / kClassChunk;
   const int64_t tasks = a.n * chunks;
@@ -964,9 +1123,9 @@ static void run_multiclass(const Args& a) {
   for_each_chunk(a, a.n, a.m, kClassChunk, a.n * a.c * a.m,
                  [&](int64_t k, int64_t sample, int64_t begin, int64_t end) {
     if constexpr (BACKWARD) {
-      class_backward_chunk<T, LOGITS, REGION, PIXEL>(a, sample, begin, end);
+      class_backward_chunk<F, T, LOGITS, REGION, PIXEL>(a, sample, begin, end);
     } else {
-      class_forward_chunk<T, LOGITS, REGION, PIXEL>(a, sample, begin, end, &part[k * width]);
+      class_forward_chunk<F, T, LOGITS, REGION, PIXEL>(a, sample, begin, end, &part[k * width]);
     }
   });
   if constexpr (BACKWARD) return;
@@ -992,30 +1151,32 @@ static void run_multiclass(const Args& a) {
   a.check[0] = bad; a.check[1] = badx; a.check[2] = 0; a.check[3] = over;
 }
 
-template <typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
+template <typename F, typename T, bool LOGITS, bool REGION, int PIXEL, bool BACKWARD>
 static int run(const Args& a, bool multiclass) {
   if (multiclass) {
-    if constexpr (std::is_same_v<T, float>) return 2;  // class indices are never float
-    else run_multiclass<T, LOGITS, REGION, PIXEL, BACKWARD>(a);
+    if constexpr (std::is_floating_point_v<T>) return 2;  // class indices are never float
+    else run_multiclass<F, T, LOGITS, REGION, PIXEL, BACKWARD>(a);
   } else {  // binary backward reads only saved slopes: one instantiation for logits or not
-    run_binary<T, BACKWARD || LOGITS, REGION, PIXEL, BACKWARD>(a);
+    // (double: float64 targets only, see pick_target)
+    if constexpr (std::is_same_v<F, double> && !std::is_floating_point_v<T>) return 2;
+    else run_binary<F, T, BACKWARD || LOGITS, REGION, PIXEL, BACKWARD>(a);
   }
   return 0;
 }
 
-template <typename T, bool LOGITS, bool REGION, bool BACKWARD>
+template <typename F, typename T, bool LOGITS, bool REGION, bool BACKWARD>
 static int pick_pixel(const Args& a, bool multiclass) {
   if constexpr (BACKWARD) {  // backward reads the saved slope: the focal variant does not matter
-    if (a.pixel != kPixelNone) return run<T, LOGITS, REGION, kPixelBce, true>(a, multiclass);
-    if constexpr (REGION) return run<T, LOGITS, true, kPixelNone, true>(a, multiclass);
+    if (a.pixel != kPixelNone) return run<F, T, LOGITS, REGION, kPixelBce, true>(a, multiclass);
+    if constexpr (REGION) return run<F, T, LOGITS, true, kPixelNone, true>(a, multiclass);
     return 2;
   } else {
     switch (a.pixel) {
-      case kPixelBce: return run<T, LOGITS, REGION, kPixelBce, false>(a, multiclass);
-      case kPixelFocal2: return run<T, LOGITS, REGION, kPixelFocal2, false>(a, multiclass);
-      case kPixelFocal: return run<T, LOGITS, REGION, kPixelFocal, false>(a, multiclass);
+      case kPixelBce: return run<F, T, LOGITS, REGION, kPixelBce, false>(a, multiclass);
+      case kPixelFocal2: return run<F, T, LOGITS, REGION, kPixelFocal2, false>(a, multiclass);
+      case kPixelFocal: return run<F, T, LOGITS, REGION, kPixelFocal, false>(a, multiclass);
       case kPixelNone:
-        if constexpr (REGION) return run<T, LOGITS, true, kPixelNone, false>(a, multiclass);
+        if constexpr (REGION) return run<F, T, LOGITS, true, kPixelNone, false>(a, multiclass);
         return 2;
       default:
         return 2;
@@ -1023,25 +1184,41 @@ static int pick_pixel(const Args& a, bool multiclass) {
   }
 }
 
-template <typename T, bool BACKWARD>
+template <typename F, typename T, bool BACKWARD>
 static int pick_flags(const Args& a, bool multiclass) {
   if (a.logits) {
-    return a.want_region ? pick_pixel<T, true, true, BACKWARD>(a, multiclass)
-                         : pick_pixel<T, true, false, BACKWARD>(a, multiclass);
+    return a.want_region ? pick_pixel<F, T, true, true, BACKWARD>(a, multiclass)
+                         : pick_pixel<F, T, true, false, BACKWARD>(a, multiclass);
   }
-  return a.want_region ? pick_pixel<T, false, true, BACKWARD>(a, multiclass)
-                       : pick_pixel<T, false, false, BACKWARD>(a, multiclass);
+  return a.want_region ? pick_pixel<F, T, false, true, BACKWARD>(a, multiclass)
+                       : pick_pixel<F, T, false, false, BACKWARD>(a, multiclass);
+}
+
+// float inputs read float32, uint8 and int64 targets; double ones (rarer: fewer
+// instantiations, a shorter build) read float64 targets in binary/multilabel mode and int64
+// class indices in multiclass mode (the caller converts the others)
+template <typename F, bool BACKWARD>
+static int pick_target(const Args& a, bool multiclass) {
+  if constexpr (std::is_same_v<F, double>) {
+    if (multiclass) return a.target_type == kInt64 ? pick_flags<F, int64_t, BACKWARD>(a, true) : 2;
+    return a.target_type == kFloat64 ? pick_flags<F, double, BACKWARD>(a, false) : 2;
+  } else {
+    switch (a.target_type) {
+      case kFloat32: return multiclass ? 2 : pick_flags<F, float, BACKWARD>(a, false);
+      case kUInt8: return pick_flags<F, uint8_t, BACKWARD>(a, multiclass);
+      case kInt64: return pick_flags<F, int64_t, BACKWARD>(a, multiclass);
+      default: return 2;
+    }
+  }
 }
 
 template <bool BACKWARD>
 static int dispatch(const Args* a, bool multiclass) {
   if (a == nullptr || a->n < 0 || a->c < 1 || a->m < 0 || a->threads < 1) return 2;
-  if (multiclass && a->target_type == kFloat32) return 2;
   try {
-    switch (a->target_type) {
-      case kFloat32: return pick_flags<float, BACKWARD>(*a, multiclass);
-      case kUInt8: return pick_flags<uint8_t, BACKWARD>(*a, multiclass);
-      case kInt64: return pick_flags<int64_t, BACKWARD>(*a, multiclass);
+    switch (a->real) {
+      case kReal32: return pick_target<float, BACKWARD>(*a, multiclass);
+      case kReal64: return pick_target<double, BACKWARD>(*a, multiclass);
       default: return 2;
     }
   } catch (const std::bad_alloc&) {
@@ -1071,10 +1248,16 @@ static int dispatch(const Args* a, bool multiclass) {
 constexpr int64_t kCopies = 4;  // interleaved histograms per group
 constexpr int64_t kSmallTopK = int64_t{1} << 16;  // TopK's digits: see topk_select
 constexpr uint32_t kNanKey = 0x7f800002u;  // key(+inf) + 1: NaN ranks above +inf
+constexpr uint64_t kNanKey64 = 0x7ff0000000000002u;  // the same for double
 
 DL_INLINE uint32_t rank_key(float v) {
   const uint32_t bits = as_bits(v + 0.0f);  // -0 + 0 = +0
   return v >= 0.0f ? bits + 1u : (v == v ? 0u : kNanKey);
+}
+// double losses: 64-bit keys (bit 63 is 0 in every key, as bit 31 of the float ones)
+DL_INLINE uint64_t rank_key(double v) {
+  const uint64_t bits = as_bits(v + 0.0);
+  return v >= 0.0 ? bits + 1u : (v == v ? 0u : kNanKey64);
 }
 
 // The losses as rows x length (flat order), each with `classes` slopes at stride `length`
@@ -1107,12 +1290,14 @@ static void for_each_group(const TopKLayout& s, int64_t groups, const Body& body
 // kCopies interleaved uint32 histograms, so that a run of equal keys (a constant region, a
 // network at initialisation) is not one chain of increments of the same counter, and adds
 // them into its int64 totals before a count could overflow.
+template <typename F>
 static void digit_histogram(const Args& a, const TopKLayout& s, int64_t groups, int shift,
                             int width, int64_t prefix, std::vector<int64_t>& hist) {
+  using Key = decltype(rank_key(F(0)));
   const int64_t bins = int64_t{1} << width;
-  const uint32_t mask = static_cast<uint32_t>(bins - 1);
-  const int top = shift + width;  // < 32 whenever a prefix is given
-  const uint32_t want = static_cast<uint32_t>(prefix);
+  const Key mask = static_cast<Key>(bins - 1);
+  const int top = shift + width;  // < the key's bits whenever a prefix is given
+  const Key want = static_cast<Key>(prefix);
   // uninitialised: each group zeroes its own part, in parallel
   std::unique_ptr<uint32_t[]> copies(new uint32_t[static_cast<size_t>(groups * kCopies * bins)]);
   std::unique_ptr<int64_t[]> totals(new int64_t[static_cast<size_t>(groups * bins)]);
@@ -1128,15 +1313,18 @@ static void digit_histogram(const Args& a, const TopKLayout& s, int64_t groups, 
       }
       pending = 0;
     };
-    uint32_t keys[kBlock], digits[kBlock];
+    Key keys[kBlock];
+    uint32_t digits[kBlock];
     for (int64_t k = first; k < last; ++k) {
-      const float* loss = a.loss + s.row(k) * s.length;
+      const F* loss = static_cast<const F*>(a.loss) + s.row(k) * s.length;
       for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
         const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
         int64_t len = b1 - b0;
         if (prefix < 0) {
 #pragma omp simd
-          for (int64_t i = b0; i < b1; ++i) digits[i - b0] = (rank_key(loss[i]) >> shift) & mask;
+          for (int64_t i = b0; i < b1; ++i) {
+            digits[i - b0] = static_cast<uint32_t>((rank_key(loss[i]) >> shift) & mask);
+          }
         } else {  // the keys in the threshold's bin, usually few: skip blocks without one
           float hits = 0;
 #pragma omp simd reduction(+ : hits)
@@ -1147,7 +1335,7 @@ static void digit_histogram(const Args& a, const TopKLayout& s, int64_t groups, 
           if (hits == 0.0f) continue;
           len = 0;
           for (int64_t i = 0; i < b1 - b0; ++i) {  // compress them (branch-free)
-            digits[len] = (keys[i] >> shift) & mask;
+            digits[len] = static_cast<uint32_t>((keys[i] >> shift) & mask);
             len += (keys[i] >> top) == want ? 1 : 0;
           }
         }
@@ -1184,11 +1372,12 @@ static int64_t bin_of_nth(const std::vector<int64_t>& hist, int64_t n, int64_t& 
 // One chunk of the final pass: selects key > T, and key == T for the first `take` such
 // keys in flat order (take < 0: all of them); returns the sum of the selected losses and
 // zeroes the slopes of the others.
-static double select_chunk(const Args& a, const TopKLayout& s, int64_t k, uint32_t threshold,
+template <typename F, typename Key>
+static double select_chunk(const Args& a, const TopKLayout& s, int64_t k, Key threshold,
                            int64_t take) {
   const int64_t row = s.row(k);
-  const float* loss = a.loss + row * s.length;
-  float* slope = a.slope ? a.slope + row * s.classes * s.length : nullptr;
+  const F* loss = static_cast<const F*>(a.loss) + row * s.length;
+  F* slope = a.slope ? static_cast<F*>(a.slope) + row * s.classes * s.length : nullptr;
   float chosen[kBlock];  // 1 selected, 0 not
   double total = 0;
   int64_t taken = 0;
@@ -1198,67 +1387,89 @@ static double select_chunk(const Args& a, const TopKLayout& s, int64_t k, uint32
     if (all_ties || take == 0) {
 #pragma omp simd
       for (int64_t i = b0; i < b1; ++i) {
-        const uint32_t key = rank_key(loss[i]);
+        const Key key = rank_key(loss[i]);
         const bool on = all_ties ? key >= threshold : key > threshold;
         chosen[i - b0] = on ? 1.0f : 0.0f;
       }
     } else {  // the one chunk whose ties are taken in part: in flat order
       for (int64_t i = b0; i < b1; ++i) {
-        const uint32_t key = rank_key(loss[i]);
+        const Key key = rank_key(loss[i]);
         bool on = key > threshold;
         if (key == threshold && taken < take) { on = true; ++taken; }
         chosen[i - b0] = on ? 1.0f : 0.0f;
       }
     }
-    float sum = 0;
+    F sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = b0; i < b1; ++i) sum += chosen[i - b0] != 0.0f ? loss[i] : 0.0f;
+    for (int64_t i = b0; i < b1; ++i) sum += chosen[i - b0] != 0.0f ? loss[i] : F(0);
     total += sum;
     for (int64_t c = 0; slope && c < s.classes; ++c) {
-      float* sc = slope + c * s.length;
+      F* sc = slope + c * s.length;
 #pragma omp simd
-      for (int64_t i = b0; i < b1; ++i) sc[i] = chosen[i - b0] != 0.0f ? sc[i] : 0.0f;
+      for (int64_t i = b0; i < b1; ++i) sc[i] = chosen[i - b0] != 0.0f ? sc[i] : F(0);
     }
   }
   return total;
 }
 
+// Float keys take 3 passes (digits of 15, 8 and 8 bits; 4 of 7 and 8 below kSmallTopK
+// elements), double keys 4 (15 and three of 16 bits; 8 of 7 and 8 bits below kSmallTopK).
+template <typename F>
+struct TopKDigits;
+template <>
+struct TopKDigits<float> {
+  static constexpr int kPasses = 3, kSmallPasses = 4;
+  static constexpr int kShifts[3] = {16, 8, 0}, kWidths[3] = {15, 8, 8};
+  static constexpr int kSmallShifts[4] = {24, 16, 8, 0}, kSmallWidths[4] = {7, 8, 8, 8};
+};
+template <>
+struct TopKDigits<double> {
+  static constexpr int kPasses = 4, kSmallPasses = 8;
+  static constexpr int kShifts[4] = {48, 32, 16, 0}, kWidths[4] = {15, 16, 16, 16};
+  static constexpr int kSmallShifts[8] = {56, 48, 40, 32, 24, 16, 8, 0};
+  static constexpr int kSmallWidths[8] = {7, 8, 8, 8, 8, 8, 8, 8};
+};
+
+template <typename F>
 static void topk_select(const Args& a, const TopKLayout& s) {
+  using Key = decltype(rank_key(F(0)));
+  using Digits = TopKDigits<F>;
   const int64_t elements = s.rows * s.length;
   const int64_t n = a.topk;
   const bool parallel = s.tasks > 1 && elements >= kParallelMin;
   const int64_t groups = parallel ? (a.threads < s.tasks ? a.threads : s.tasks) : 1;
   // the threshold key T, and per chunk how many of its keys equal to T are selected (-1: all)
-  uint32_t threshold = 0;
+  Key threshold = 0;
   std::vector<int64_t> take(static_cast<size_t>(s.tasks), -1);
   if (n <= 0) {  // nothing selected: no key is above this one, and no tie is taken
-    threshold = 0xffffffffu;
+    threshold = ~Key{0};
     take.assign(static_cast<size_t>(s.tasks), 0);
   } else if (n < elements) {
     std::vector<int64_t> hist;
     int64_t above = 0, prefix = -1;
-    // digits: key bits 30..16 (bit 31 is 0 in every key), 15..8, 7..0; below kSmallTopK
-    // elements (which stay in the cache between passes) 30..24, 23..16, 15..8, 7..0, whose
-    // histograms are 128 times smaller: clearing and scanning 2^15 bins cost more than the
-    // count itself there. Either way the threshold key is the same, and so the selection.
-    constexpr int kShifts[3] = {16, 8, 0}, kWidths[3] = {15, 8, 8};
-    constexpr int kSmallShifts[4] = {24, 16, 8, 0}, kSmallWidths[4] = {7, 8, 8, 8};
+    // float digits: key bits 30..16 (bit 31 is 0 in every key), 15..8, 7..0; below
+    // kSmallTopK elements (which stay in the cache between passes) 30..24, 23..16, 15..8,
+    // 7..0, whose histograms are 128 times smaller: clearing and scanning 2^15 bins cost more
+    // than the count itself there. Either way the threshold key is the same, and so the
+    // selection. Double keys alike over bits 62..0 (TopKDigits).
     const bool small = elements < kSmallTopK;
-    const int passes = small ? 4 : 3;
+    const int passes = small ? Digits::kSmallPasses : Digits::kPasses;
+    int width = 0;
     for (int pass = 0; pass < passes; ++pass) {
-      const int width = small ? kSmallWidths[pass] : kWidths[pass];
-      digit_histogram(a, s, groups, small ? kSmallShifts[pass] : kShifts[pass], width, prefix,
-                      hist);
+      width = small ? Digits::kSmallWidths[pass] : Digits::kWidths[pass];
+      digit_histogram<F>(a, s, groups, small ? Digits::kSmallShifts[pass]
+                                             : Digits::kShifts[pass], width, prefix, hist);
       const int64_t digit = bin_of_nth(hist, n, above);
       prefix = (prefix < 0 ? 0 : prefix << width) | digit;
     }
-    threshold = static_cast<uint32_t>(prefix);
+    threshold = static_cast<Key>(prefix);
     const int64_t need = n - above;  // 1 <= need <= hist[T's last digit]: keys equal to T
-    if (need < hist[static_cast<size_t>(threshold & 0xffu)]) {  // ties taken in part: per chunk
+    const Key last_digit = threshold & static_cast<Key>((int64_t{1} << width) - 1);
+    if (need < hist[static_cast<size_t>(last_digit)]) {  // ties taken in part: per chunk
       std::vector<int64_t> ties(static_cast<size_t>(s.tasks), 0);
       for_each_chunk(a, s.rows, s.length, kChunk, elements,
                      [&](int64_t k, int64_t, int64_t, int64_t) {
-        const float* loss = a.loss + s.row(k) * s.length;
+        const F* loss = static_cast<const F*>(a.loss) + s.row(k) * s.length;
         int64_t count = 0;
         for (int64_t b0 = s.begin(k); b0 < s.end(k); b0 += kBlock) {
           const int64_t b1 = b0 + kBlock < s.end(k) ? b0 + kBlock : s.end(k);
@@ -1280,8 +1491,8 @@ static void topk_select(const Args& a, const TopKLayout& s) {
   std::vector<double> part(static_cast<size_t>(s.tasks), 0.0);
   for_each_chunk(a, s.rows, s.length, kChunk, elements,
                  [&](int64_t k, int64_t, int64_t, int64_t) {
-    part[static_cast<size_t>(k)] = select_chunk(a, s, k, threshold,
-                                                take[static_cast<size_t>(k)]);
+    part[static_cast<size_t>(k)] = select_chunk<F, Key>(a, s, k, threshold,
+                                                        take[static_cast<size_t>(k)]);
   });
   double total = 0;
   for (int64_t k = 0; k < s.tasks; ++k) total += part[static_cast<size_t>(k)];
@@ -1290,7 +1501,7 @@ static void topk_select(const Args& a, const TopKLayout& s) {
 
 static int topk_entry(const Args* a, bool multiclass) {
   if (a == nullptr || a->n < 0 || a->c < 1 || a->m < 0 || a->threads < 1 || a->topk < 0 ||
-      a->pixel_out == nullptr) {
+      a->pixel_out == nullptr || (a->real != kReal32 && a->real != kReal64)) {
     return 2;
   }
   const TopKLayout s = multiclass ? TopKLayout(a->n, a->m, a->c)
@@ -1298,7 +1509,8 @@ static int topk_entry(const Args* a, bool multiclass) {
   const int64_t elements = s.rows * s.length;
   if (a->topk > elements || (a->loss == nullptr && elements > 0)) return 2;
   try {
-    topk_select(*a, s);
+    if (a->real == kReal64) topk_select<double>(*a, s);
+    else topk_select<float>(*a, s);
   } catch (const std::bad_alloc&) {
     return 1;
   }
@@ -1309,7 +1521,7 @@ static int topk_entry(const Args* a, bool multiclass) {
 
 extern "C" {
 // Return codes: 0 ok, 1 out of memory, 2 invalid arguments.
-int dynloss_abi_version() { return 12; }  // bump with struct Args
+int dynloss_abi_version() { return 13; }  // bump with struct Args
 int dynloss_avx512_loops() { return DL_AVX512; }  // 1: binary_region_logits_avx512 built
 int dynloss_binary_forward(const Args* a) { return dispatch<false>(a, false); }
 int dynloss_binary_backward(const Args* a) { return dispatch<true>(a, false); }
