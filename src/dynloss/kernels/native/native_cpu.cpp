@@ -63,35 +63,44 @@ constexpr int64_t kBlock = 512;       // elements per float accumulation block
 constexpr int64_t kClassChunk = 1024; // multiclass: pixels per task (and per block)
 constexpr int64_t kParallelMin = 32768;  // smaller inputs run on the calling thread only
 constexpr float kLogClamp = -100.0f;  // torch.nn.BCELoss's clamp of log-probabilities
-constexpr float kFloatMax = 3.40282347e38f;  // |x| <= kFloatMax: x is finite (false for NaN)
 
 enum Pixel : int { kPixelNone = 0, kPixelBce = 1, kPixelFocal2 = 2, kPixelFocal = 3 };
 enum TargetType : int { kFloat32 = 0, kUInt8 = 1, kInt64 = 2, kFloat64 = 3 };
 enum RealType : int { kReal32 = 0, kReal64 = 1 };
 
-DL_INLINE float as_float(uint32_t i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
-DL_INLINE uint32_t as_bits(float f) { uint32_t i; std::memcpy(&i, &f, sizeof i); return i; }
-DL_INLINE float max_f(float a, float b) { return a > b ? a : b; }
-DL_INLINE float abs_f(float a) { return as_float(as_bits(a) & 0x7fffffffu); }
+// Bit-level helpers for float and double (F names the type an input is computed in: every
+// loop is instantiated for both, float64 inputs computed in double)
+template <typename F> struct BitsOf;
+template <> struct BitsOf<float> { using type = uint32_t; };
+template <> struct BitsOf<double> { using type = uint64_t; };
+
+template <typename F>
+DL_INLINE typename BitsOf<F>::type as_bits(F f) {
+  typename BitsOf<F>::type i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+template <typename F>
+DL_INLINE F from_bits(typename BitsOf<F>::type i) { F f; std::memcpy(&f, &i, sizeof f); return f; }
+DL_INLINE float as_float(uint32_t i) { return from_bits<float>(i); }
+DL_INLINE double as_double(uint64_t i) { return from_bits<double>(i); }
+template <typename F>
+DL_INLINE F max_f(F a, F b) { return a > b ? a : b; }
+// the sign bit of F's bit pattern
+template <typename F>
+constexpr typename BitsOf<F>::type kSignBit = typename BitsOf<F>::type{1} << (8 * sizeof(F) - 1);
+template <typename F>
+DL_INLINE F abs_f(F a) { return from_bits<F>(as_bits(a) & ~kSignBit<F>); }
 // c ? a : b as a bit select: both arms formed, nothing loaded or stored under a mask (GCC
 // turns some conditional expressions in `omp simd` reduction loops into masked moves)
-DL_INLINE float pick(bool c, float a, float b) {
-  const uint32_t m = 0u - static_cast<uint32_t>(c);
-  return as_float((as_bits(a) & m) | (as_bits(b) & ~m));
+template <typename F>
+DL_INLINE F pick(bool c, F a, F b) {
+  using Bits = typename BitsOf<F>::type;
+  const Bits m = Bits{0} - static_cast<Bits>(c);
+  return from_bits<F>((as_bits(a) & m) | (as_bits(b) & ~m));
 }
-DL_INLINE bool sign_bit(float a) { return as_bits(a) >> 31; }
-
-// The same for double (float64 inputs: every loop is instantiated for float and double; F
-// names the type an input is computed in)
-DL_INLINE double as_double(uint64_t i) { double f; std::memcpy(&f, &i, sizeof f); return f; }
-DL_INLINE uint64_t as_bits(double f) { uint64_t i; std::memcpy(&i, &f, sizeof i); return i; }
-DL_INLINE double max_f(double a, double b) { return a > b ? a : b; }
-DL_INLINE double abs_f(double a) { return as_double(as_bits(a) & 0x7fffffffffffffffu); }
-DL_INLINE double pick(bool c, double a, double b) {
-  const uint64_t m = 0u - static_cast<uint64_t>(c);
-  return as_double((as_bits(a) & m) | (as_bits(b) & ~m));
-}
-DL_INLINE bool sign_bit(double a) { return as_bits(a) >> 63; }
+template <typename F>
+DL_INLINE bool sign_bit(F a) { return (as_bits(a) & kSignBit<F>) != 0; }
 
 // |x| <= kFinite<F>: x is finite (false for NaN)
 template <typename F> constexpr F kFinite = std::numeric_limits<F>::max();
@@ -236,6 +245,21 @@ constexpr double kLn2LowD = 0x1.a39ef35793c76p-33;
 constexpr double kShifterD = 0x1.8p52;               // 1.5 * 2^52
 constexpr double kExpFlushD = 708.39;
 
+// 1 / k! for k = 0..16
+constexpr double kInverseFactorial[17] = {
+    1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0,
+    1.0 / 40320.0, 1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0,
+    1.0 / 6227020800.0, 1.0 / 87178291200.0, 1.0 / 1307674368000.0, 1.0 / 20922789888000.0};
+
+// sum_{k = FIRST}^{LAST} r^(k - FIRST) / k! by Horner's rule: e^r's Taylor series from its
+// term of degree FIRST on, divided by r^FIRST
+template <int FIRST, int LAST>
+DL_INLINE double exp_series(double r) {
+  double y = kInverseFactorial[LAST];
+  for (int k = LAST - 1; k >= FIRST; --k) y = y * r + kInverseFactorial[k];
+  return y;
+}
+
 DL_INLINE double round_to_integer(double x) { return (x + kShifterD) - kShifterD; }
 // 2^n for integer-valued n in [-1022, 1023]: its integer from the shifter's low bits
 DL_INLINE double pow2(double n) {
@@ -248,18 +272,7 @@ DL_INLINE double exp_reduced(double x, double n) {
   const double z = r * r;
   // e^r = 1 + r + r^2 (1/2 + r/6 + ...): Taylor terms to r^13 (|r| <= ln2/2: the first term
   // left out, r^14/14!, is below 2^-60)
-  double y = 1.0 / 6227020800.0;  // 1/13!
-  y = y * r + 1.0 / 479001600.0;
-  y = y * r + 1.0 / 39916800.0;
-  y = y * r + 1.0 / 3628800.0;
-  y = y * r + 1.0 / 362880.0;
-  y = y * r + 1.0 / 40320.0;
-  y = y * r + 1.0 / 5040.0;
-  y = y * r + 1.0 / 720.0;
-  y = y * r + 1.0 / 120.0;
-  y = y * r + 1.0 / 24.0;
-  y = y * r + 1.0 / 6.0;
-  y = y * r + 0.5;
+  const double y = exp_series<2, 13>(r);
   return y * z + r + 1.0;
 }
 DL_INLINE double exp_f(double x) {
@@ -312,23 +325,8 @@ DL_INLINE double log1p_f(double y) {
 }
 DL_INLINE double one_minus_exp_neg(double b, double& e) {
   e = exp_f(-b);
-  const double t = -b;  // -expm1(t) for |t| < 0.35 by its Taylor series to t^15
-  double s = 1.0 / 20922789888000.0;  // 1/16!
-  s = s * t + 1.0 / 1307674368000.0;
-  s = s * t + 1.0 / 87178291200.0;
-  s = s * t + 1.0 / 6227020800.0;
-  s = s * t + 1.0 / 479001600.0;
-  s = s * t + 1.0 / 39916800.0;
-  s = s * t + 1.0 / 3628800.0;
-  s = s * t + 1.0 / 362880.0;
-  s = s * t + 1.0 / 40320.0;
-  s = s * t + 1.0 / 5040.0;
-  s = s * t + 1.0 / 720.0;
-  s = s * t + 1.0 / 120.0;
-  s = s * t + 1.0 / 24.0;
-  s = s * t + 1.0 / 6.0;
-  s = s * t + 0.5;
-  s = s * t + 1.0;
+  const double t = -b;  // -expm1(t) for |t| < 0.35 by its Taylor series to t^16
+  const double s = exp_series<1, 16>(t);
   const double series = -(s * t);
   return b < 0.35 ? series : 1.0 - e;
 }
@@ -619,7 +617,7 @@ static void binary_region_logits_avx512(const float* x, const float* t, float* s
       const __m512 xv = _mm512_maskz_loadu_ps(lane, x + i);
       const __m512 g = _mm512_maskz_loadu_ps(lane, t + i);
       const __m512i ax_bits = _mm512_and_si512(_mm512_castps_si512(xv), abs_mask);
-      x_max = _mm512_max_epu32(x_max, ax_bits);  // above kFloatMax's bits: inf or NaN
+      x_max = _mm512_max_epu32(x_max, ax_bits);  // above kFinite<float>'s bits: inf or NaN
       const __m512 ax = _mm512_castsi512_ps(ax_bits);
       // e^-|x| as exp_nonpositive: n = round(-|x| / ln 2), e^(-|x| - n ln 2) by
       // exp_reduced's polynomial, times 2^n; 0 below -87.33 (and for NaN, flagged above)
