@@ -336,3 +336,56 @@ def test_float64_per_element_losses_keep_double_precision(name):
     # (atol: the last bit of a subnormal result, e^-740's, is a 1 % relative difference)
     torch.testing.assert_close(value, want, rtol=1e-14, atol=1e-320)
     torch.testing.assert_close(grad, want_grad, rtol=1e-14, atol=1e-320)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "expanded", "transposed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_targets_in_any_memory_layout(mode, layout):
+    """A float64 target (int64 class indices) already of the dtype the kernels read but not
+    contiguous (a crop, an ``expand``ed mask, a transposed view) is read as a contiguous copy:
+    it was read as if it were one (wrong losses, NaN, a segmentation fault past an expanded
+    target's storage). Found by a review."""
+    x, target = _case(mode, "plain")
+    spatial = target.shape[-2:]
+    if layout == "sliced":
+        big = torch.cat([target, target.flip(-1)], dim=-1)
+        target = big[..., ::2]
+    elif layout == "expanded":
+        target = target[:1].expand(target.shape)
+    else:
+        target = target.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not target.is_contiguous() and target.shape[-2:] == spatial
+    for name in ("dice", "bce"):
+        _assert_native_is_the_reference(name, mode, x, target)
+
+
+def test_a_large_expanded_float64_target_is_read_within_its_storage():
+    """An expanded (1, 1, H, W) target for a large batch: its storage holds one image."""
+    x = torch.randn(64, 1, 128, 128, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    target = (torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(4)) < 0.2)
+    target = target.double().expand(64, 1, 128, 128)
+    _assert_native_is_the_reference("bce", "binary", x, target)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_an_integer_label_that_float64_rounds_onto_a_huge_ignore_index_stays_kept(checked):
+    """``ignore_index=2**53 + 1`` with an int64 target holding 2**53: float64 rounds the label
+    onto the ignore index, so it was silently ignored where the reference (which compares
+    the integers) keeps it and refuses it (or makes the loss NaN unchecked). Found by a
+    review."""
+    x = torch.tensor([[[0.3, -1.2, 2.0, 0.7]]], dtype=torch.float64)
+    target = torch.tensor([[[0, 1, 2**53, 2**53 + 1]]])
+    for name in ("dice", "bce"):
+        losses = [make_loss(name, "binary", backend, ignore_index=2**53 + 1,
+                            check_values=checked) for backend in ("native", "reference")]
+        if checked:
+            messages = []
+            for loss in losses:
+                with pytest.raises(ValueError) as error:
+                    loss(x, target)
+                messages.append(str(error.value))
+            assert messages[0] == messages[1]
+        else:
+            values = [loss(x, target) for loss in losses]
+            assert math.isnan(values[0].item()) and math.isnan(values[1].item())

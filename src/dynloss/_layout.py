@@ -339,26 +339,30 @@ def float32_value(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-_FLOAT32_EXACT = 2**24
-"""Every integer of at most this magnitude is a float32; above it some round onto this one
-or others (2**24 + 1 onto 2**24)."""
+_EXACT = {torch.float32: 2**24, torch.float64: 2**53}
+"""Every integer of at most this magnitude is a float32 (float64); above it some round onto
+this one or others (2**24 + 1 onto 2**24, 2**53 + 1 onto 2**53)."""
 
 
-def kernel_target(target: Tensor, mode: str, ignore_index: int | None) -> Tensor:
-    """``target`` for kernels that compare targets in float32 (native, Triton): a float64
-    binary/multilabel one through :func:`float32_target`; an int32/int64 one, with an
-    ``ignore_index`` beyond float32's exact integers, as float32 with the labels that round
-    onto it moved one float32 step back toward themselves (kept: invalid labels, which the
-    kernels then see); any other as it is."""
+def kernel_target(target: Tensor, mode: str, ignore_index: int | None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """``target`` for kernels that compare binary/multilabel targets in ``dtype`` (float32:
+    native with float32 input, Triton; float64: native with float64 input): with float32 a
+    float64 one through :func:`float32_target`; an int32/int64 one, with an ``ignore_index``
+    beyond ``dtype``'s exact integers, as ``dtype`` with the labels that round onto it moved
+    one step back toward themselves (kept: invalid labels, which the kernels then see); any
+    other as it is."""
     if mode == MULTICLASS_MODE:
         return target
-    if target.dtype is torch.float64:
+    if target.dtype is torch.float64 and dtype is torch.float32:
         return float32_target(target, ignore_index)
-    if (ignore_index is not None and abs(ignore_index) >= _FLOAT32_EXACT
+    if (ignore_index is not None and abs(ignore_index) >= _EXACT[dtype]
             and target.dtype in (torch.int32, torch.int64)):
-        narrow = target.float()
-        onto = (narrow == float32_value(float(ignore_index))) & (target != ignore_index)
-        toward = torch.where(target > ignore_index, math.inf, -math.inf).float()
+        narrow = target.to(dtype)
+        value = float(ignore_index)
+        onto = (narrow == (value if dtype is torch.float64 else float32_value(value))) & (
+            target != ignore_index)
+        toward = torch.where(target > ignore_index, math.inf, -math.inf).to(dtype)
         return torch.where(onto, torch.nextafter(narrow, toward), narrow)
     return target
 

@@ -98,11 +98,10 @@ def _native_target(target: Tensor, mode: str, ignore_index: int | None,
     target = target.resolve_neg()
     if target.dtype is real and target.is_contiguous():  # the common case, as it is
         return target
+    target = kernel_target(target, mode, ignore_index, real)
     if real is torch.float64:  # float64 targets (binary/multilabel) or int64 class indices
-        wanted = torch.int64 if mode == MULTICLASS_MODE else torch.float64
-        return target.to(wanted, memory_format=torch.contiguous_format)
-    else:
-        target = kernel_target(target, mode, ignore_index)
+        # (contiguous: .to() returns a tensor of that dtype as it is, strides and all)
+        return target.to(torch.int64 if mode == MULTICLASS_MODE else torch.float64).contiguous()
     if target.dtype not in TARGET_TYPES or target.dtype is torch.float64:
         integral = mode == MULTICLASS_MODE or not target.is_floating_point()
         target = target.to(torch.int64 if integral else torch.float32)
