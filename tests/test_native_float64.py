@@ -319,20 +319,26 @@ def test_float64_over_many_chunks_is_the_references_and_the_same_for_any_thread_
     assert torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("name", ["bce", "focal"])
-def test_float64_per_element_losses_keep_double_precision(name):
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("bce", {}), ("focal", {}), ("focal", {"gamma": 2.5}),
+    ("focal", {"gamma": 1.2345678901234567})])
+def test_float64_per_element_losses_keep_double_precision(name, kwargs):
     """Each element's loss and slope over logits from -740 to 740 (reduction="none", no sum
     to average errors away): within 1e-14 of the reference's (tens of ulp; subnormal results
     to their last bit), where a float polynomial would be 1e-7 off; a check of the double
-    exp, log1p and 1 - e^-b."""
+    exp, log1p and 1 - e^-b, and of the power q^gamma of a focal gamma other than 2 (formed
+    from the log's two parts: as e^(gamma log q) of a rounded log it was 500 ulp off where
+    |gamma log q| is large; found by a review)."""
     gen = torch.Generator().manual_seed(11)
     x = torch.cat([torch.linspace(-740, 740, 2001, dtype=torch.float64),
                    torch.randn(2000, generator=gen, dtype=torch.float64) * 3]).view(1, 1, -1)
     target = (torch.rand(x.shape, generator=gen) < 0.5).double()
     with _kernel_calls() as calls:
-        value, grad = _run(make_loss(name, "binary", "native", reduction="none"), x, target)
+        value, grad = _run(make_loss(name, "binary", "native", reduction="none", **kwargs), x,
+                           target)
     assert calls == ["dynloss_binary_forward"]
-    want, want_grad = _run(make_loss(name, "binary", "reference", reduction="none"), x, target)
+    want, want_grad = _run(make_loss(name, "binary", "reference", reduction="none", **kwargs),
+                           x, target)
     # (atol: the last bit of a subnormal result, e^-740's, is a 1 % relative difference)
     torch.testing.assert_close(value, want, rtol=1e-14, atol=1e-320)
     torch.testing.assert_close(grad, want_grad, rtol=1e-14, atol=1e-320)
@@ -389,3 +395,36 @@ def test_an_integer_label_that_float64_rounds_onto_a_huge_ignore_index_stays_kep
         else:
             values = [loss(x, target) for loss in losses]
             assert math.isnan(values[0].item()) and math.isnan(values[1].item())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_hyperparameters_are_not_narrowed_to_float(mode):
+    """Hyper-parameters and upstream gradients that float32 cannot hold (gamma, alpha, class
+    weights, pos_weight, Tversky's weights, the composite's weights, a weight map): the
+    kernels read them in double (a float copy would be 1e-8 off)."""
+    x, target = _case(mode, "ignore")
+    odd = 1.2345678901234567
+    alpha = (math.pi / 10, 0.3333333333333333, 0.1111111111111111) if mode == "multiclass" \
+        else math.pi / 10
+    cases = [("focal", {"gamma": odd, "alpha": alpha}),
+             ("tversky", {"alpha": 1 / 3, "beta": 2 / 3}),
+             ("topk", {"k": 0.3})]
+    if mode != "multiclass":
+        cases.append(("bce", {"pos_weight": 1.7777777777777777}))
+    for name, kwargs in cases:
+        _assert_native_is_the_reference(name, mode, x, target, ignore_index=255, **kwargs)
+    composite = [dynloss.CompositeLoss(
+        [dynloss.DiceLoss(mode=mode, ignore_index=255, backend=backend),
+         dynloss.FocalLoss(mode=mode, ignore_index=255, gamma=odd, backend=backend)],
+        weights=[odd, 1 / 3]) for backend in ("native", "reference")]
+    with _kernel_calls() as calls:
+        value, grad = _run(composite[0], x, target)
+    assert calls, "the composite ran on the native kernels"
+    want, want_grad = _run(composite[1], x, target)
+    torch.testing.assert_close(value, want, rtol=RTOL, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=RTOL, atol=RTOL * float(want_grad.abs().max()))
+    weights = torch.full(x.shape if mode != "multiclass" else (2, 9, 11), odd,
+                         dtype=torch.float64)
+    results = [_run(make_loss("bce", mode, backend, reduction="none", ignore_index=255), x,
+                    target, weights) for backend in ("native", "reference")]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=RTOL, atol=1e-15)

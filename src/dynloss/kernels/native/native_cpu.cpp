@@ -37,6 +37,7 @@
 // double, Taylor and atanh series to double precision) so that the loops vectorise without
 // -ffast-math and keep IEEE semantics (inf, NaN, subnormals).
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -288,16 +289,18 @@ DL_INLINE double exp_nonpositive(double x) {
   const double n = round_to_integer(xc * kLog2ED);
   return flushed ? 0.0 : exp_reduced(xc, n) * pow2(n);
 }
-// log(x) for finite x > 0 (subnormals included)
-DL_INLINE double log_f(double x) {
+// log(x) = ef ln 2 + (f - c) for finite x > 0 (subnormals included): the exponent ef, the
+// reduced argument f and the correction c of log(1 + f) = f - c (log_f and log_parts add
+// them up)
+DL_INLINE void log_terms(double x, double& ef, double& f, double& c) {
   const bool tiny = x < 0x1p-1022;
   const double xs = tiny ? x * 0x1p52 : x;
   const uint64_t bits = as_bits(xs);
   const double e = static_cast<double>(static_cast<int64_t>((bits >> 52) & 0x7ffu)) - 1022.0;
   const double m = as_double((bits & 0x000fffffffffffffu) | 0x3fe0000000000000u);  // [0.5, 1)
   const bool small = m < 0.70710678118654752440;
-  const double ef = e - (tiny ? 52.0 : 0.0) - (small ? 1.0 : 0.0);
-  const double f = small ? (m + m - 1.0) : (m - 1.0);  // in [sqrt(1/2) - 1, sqrt(2) - 1)
+  ef = e - (tiny ? 52.0 : 0.0) - (small ? 1.0 : 0.0);
+  f = small ? (m + m - 1.0) : (m - 1.0);  // in [sqrt(1/2) - 1, sqrt(2) - 1)
   // log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716: 2s + s R(s^2),
   // R(z) = sum_{k>=1} 2 z^k / (2k + 1) to z^10 (the next term is below 2^-62 of the result)
   const double s = f / (2.0 + f);
@@ -315,8 +318,36 @@ DL_INLINE double log_f(double x) {
   R = R * z;
   const double hfsq = 0.5 * f * f;
   // 2s + s R = f - (hfsq - s (hfsq + R)) (2s = f - s f and s f = hfsq (1 - s))
-  const double log1pf = f - (hfsq - s * (hfsq + R));
-  return ef * kLn2HighD + (log1pf + ef * kLn2LowD);
+  c = hfsq - s * (hfsq + R);
+}
+
+// log(x) for finite x > 0 (subnormals included)
+DL_INLINE double log_f(double x) {
+  double ef, f, c;
+  log_terms(x, ef, f, c);
+  return ef * kLn2HighD + ((f - c) + ef * kLn2LowD);
+}
+
+// a + b, and in err what its rounding lost (Knuth's two-sum: exact without contraction of
+// additions, which no flag of the build allows)
+DL_INLINE double two_sum(double a, double b, double& err) {
+  const double sum = a + b;
+  const double b_part = sum - a;
+  err = (a - (sum - b_part)) + (b - b_part);
+  return sum;
+}
+
+// log(x) as hi + lo for finite x > 0, |lo| within an ulp of hi: lo holds what hi's three
+// roundings lost (for the power, whose exponential multiplies an error of the log by
+// |gamma log x|, up to ~700)
+DL_INLINE double log_parts(double x, double& lo) {
+  double ef, f, c, lost_f, lost_low, lost_high;
+  log_terms(x, ef, f, c);
+  const double f_part = two_sum(f, -c, lost_f);
+  const double low = two_sum(f_part, ef * kLn2LowD, lost_low);
+  const double hi = two_sum(ef * kLn2HighD, low, lost_high);
+  lo = lost_f + lost_low + lost_high;
+  return hi;
 }
 // log(1 + y) for y >= 0: log(u) of u = 1 + y, plus the rounding of u divided by u
 DL_INLINE double log1p_f(double y) {
@@ -339,8 +370,14 @@ DL_INLINE double clamped_log_ratio(double w, double p) {
   double l = p > 0.0 ? log_f(p > 0.0 ? p : 1.0) : static_cast<double>(kLogClamp);
   return l > kLogClamp ? w / p : 0.0;
 }
+// q^gamma = e^(gamma (hi + lo)) = e^p (1 + err) for p = gamma hi rounded and err the rest
+// (|err| ~ 2^-53 |p|: its square is below double's precision)
 DL_INLINE double pow_f(double q, double gamma) {
-  return q > 0.0 ? exp_f(gamma * log_f(q > 0.0 ? q : 1.0)) : 0.0;
+  double lo;
+  const double hi = log_parts(q > 0.0 ? q : 1.0, lo);
+  const double p = gamma * hi;
+  const double err = std::fma(gamma, hi, -p) + gamma * lo;
+  return q > 0.0 ? exp_f(p) * (1.0 + err) : 0.0;
 }
 
 // focal modulation q^gamma and its slope factor d/db (q^gamma b) / 1 = q^gamma (1 + gamma e b/q)
