@@ -885,7 +885,8 @@ struct ClassChunk {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const F o = oth[j];
-        lg[j] = o <= F(1) ? log1p_f(o) : log_f(F(1) + o);  // NaN: log_f, NaN
+        // (a NaN o gives some finite value: its NaN input is counted invalid, the loss NaN)
+        lg[j] = o <= F(1) ? log1p_f(o) : log_f(F(1) + o);
       }
     }
     return bad;
