@@ -444,25 +444,28 @@ def test_the_range_of_bad_probabilities_leaves_out_ignored_pixels(backend, mode)
 
 def test_a_fallback_warning_says_why_the_fallback_was_taken():
     """A float64 input with a target that requires a gradient said only "cannot compute
-    torch.float64 input" and named the reference, which float64 alone does not need (now:
-    TopK's per-element losses, which the native kernels leave to the torch backend)."""
+    torch.float64 input" and named the reference, which float64 alone does not need. (The
+    Triton kernels, run here by their interpreter: the native ones now compute float64 and
+    everything the torch backend does.)"""
     import warnings
 
-    from dynloss.kernels.dispatch import clear_cache
-    clear_cache()
+    from dynloss.kernels.dispatch import REGISTRY, clear_cache
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    if REGISTRY["triton"].unavailable(x) is not None:
+        pytest.skip("needs the Triton kernels (CUDA, or the interpreter on the CPU)")
+    clear_cache()
     t = torch.rand(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dynloss.TopKLoss(reduction="none", backend="native")(x, t)
-        dynloss.TopKLoss(reduction="none", backend="native")(x, t.detach())
-    messages = [str(w.message) for w in caught if "backend='native'" in str(w.message)]
+        dynloss.DiceLoss(backend="triton")(x, t)
+        dynloss.DiceLoss(backend="triton")(x, t.detach())
+    messages = [str(w.message) for w in caught if "backend='triton'" in str(w.message)]
     assert messages == [
-        "dynloss: backend='native' cannot compute reduction='none' with TopK; using the "
-        "'reference' backend for such calls (the 'torch' backend cannot compute a gradient "
-        "for the target)",
-        "dynloss: backend='native' cannot compute reduction='none' with TopK; using the "
-        "'torch' backend for such calls",
+        "dynloss: backend='triton' cannot compute torch.float64 input; using the 'reference' "
+        "backend for such calls (the 'torch' backend cannot compute a gradient for the "
+        "target)",
+        "dynloss: backend='triton' cannot compute torch.float64 input; using the 'torch' "
+        "backend for such calls",
     ]
 
 

@@ -251,13 +251,15 @@ def test_float64_weight_map_gradient_is_the_references():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("option", ["plain", "ignore", "probabilities", "sum"])
+@pytest.mark.parametrize("option", ["plain", "ignore", "probabilities", "sum", "none"])
 @pytest.mark.parametrize("k", [0.6, 0.05, 1.0])
 def test_topk_in_float64_is_the_references(mode, option, k):
     """TopK's selection by a radix select on the double losses' 64-bit patterns (eight digits
-    of 7 and 8 bits below 65536 losses): the n largest, the reference's value and gradient."""
+    of 7 and 8 bits below 65536 losses): the n largest, the reference's value and gradient
+    (``"none"``: each element's loss, 0 outside the selection)."""
     x, target = _case(mode, option)
-    _assert_native_is_the_reference("topk", mode, x, target, k=k, **OPTIONS[option])
+    kwargs = DISTRIBUTION_OPTIONS["none"] if option == "none" else OPTIONS[option]
+    _assert_native_is_the_reference("topk", mode, x, target, k=k, **kwargs)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,5 +1,6 @@
-"""``reduction="none"`` of BCE and Focal on the native kernels: one forward pass writes every
-element's loss and slope, backward multiplies the slopes by the upstream gradient.
+"""``reduction="none"`` of BCE, Focal and TopK on the native kernels: one forward pass writes
+every element's loss and slope (TopK's selection then zeroes both outside it), backward
+multiplies the slopes by the upstream gradient.
 
 Each case runs the native backend and the reference in the same test and compares the
 per-element values and the gradients under a weight map (the reason to ask for ``"none"``),
@@ -16,9 +17,10 @@ import pytest
 import torch
 
 import dynloss
-from dynloss.kernels import native_available, resolve_backend
+from dynloss._math import topk_count
+from dynloss.kernels import native_available
 from dynloss.kernels.capabilities import Need
-from dynloss.kernels.dispatch import clear_cache, select
+from dynloss.kernels.dispatch import select
 
 from ._backends import (
     MODES,
@@ -67,8 +69,10 @@ def _compare(name, mode, x, target, upstream, **kwargs):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name,kwargs", [("bce", {}), ("focal", {}),
                                          ("focal", {"gamma": 0.5}),
-                                         ("focal", {"gamma": 1.5, "alpha": "weights"})],
-                         ids=["bce", "focal", "focal-0.5", "focal-alpha"])
+                                         ("focal", {"gamma": 1.5, "alpha": "weights"}),
+                                         ("topk", {"k": 0.3}), ("topk", {"k": 0.02})],
+                         ids=["bce", "focal", "focal-0.5", "focal-alpha", "topk-0.3",
+                              "topk-0.02"])
 def test_values_and_gradients_are_the_references(name, kwargs, mode, ignore, from_logits):
     x, target = _case(mode, from_logits, ignore)
     kwargs = elementwise_options(kwargs, mode, from_logits, ignore)
@@ -81,7 +85,7 @@ def test_values_and_gradients_are_the_references(name, kwargs, mode, ignore, fro
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["bce", "focal"])
+@pytest.mark.parametrize("name", ["bce", "focal", "topk"])
 def test_an_invalid_element_is_nan_alone_and_so_is_its_gradient(name, mode):
     x, target = _case(mode, True, False)
     x[1, 0, 2, 3] = math.nan
@@ -166,18 +170,45 @@ def test_no_gradient_wanted():
     torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["bce", "focal", "topk"])
-def test_auto_picks_native_for_bce_and_focal_and_torch_for_topk(name):
-    """TopK's per-element losses (0 outside the selection) stay on the torch backend."""
-    x = torch.zeros(2, 1, 8, 8)
+def test_auto_picks_native_for_bce_focal_and_topk(name, dtype):
+    """TopK's per-element losses (0 outside the selection) too: they ran on the torch
+    backend."""
+    x = torch.zeros(2, 1, 8, 8, dtype=dtype)
     need = Need("distribution", "binary", topk=name == "topk", reduction_none=True)
-    assert select("auto", x, need).name == ("torch" if name == "topk" else "native")
-    assert resolve_backend(x, "auto") == "native"
-    if name == "topk":  # named: said once, then the torch backend
-        clear_cache()
-        with pytest.warns(RuntimeWarning, match="cannot compute reduction='none' with TopK; "
-                          "using the 'torch' backend"):
-            assert select("native", x, need).name == "torch"
+    assert select("auto", x, need).name == "native"
+    assert select("native", x, need).name == "native"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_elements_are_zero_outside_the_selection_as_the_references(mode):
+    """The selected elements keep their loss, the others (ignored ones too) are 0, and
+    exactly n = topk_count(k, kept) are selected (ties by lowest flat index): a constant
+    input, every loss equal, selects the first n kept elements."""
+    x, target = _case(mode, True, True)
+    x = torch.full_like(x, 0.25)
+    target = target.clone()
+    if mode != "multiclass":
+        target[target != 255] = 1.0
+    else:
+        target[target != 255] = 2
+    weights = _weights(x, mode)
+    loss, _ = _compare("topk", mode, x, target, weights, k=0.3, ignore_index=255)
+    kept = (target != 255).reshape(-1)
+    n = topk_count(0.3, int(kept.sum()))
+    first = torch.zeros_like(kept)
+    first[kept.nonzero().squeeze(1)[:n]] = True  # the first n kept elements in flat order
+    assert torch.equal(loss.reshape(-1) != 0, first)
+
+
+def test_topk_elements_in_float64_and_16_bit():
+    x, target = _case("multilabel", True, True)
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = x.to(dtype)
+        _, grad = _compare("topk", "multilabel", xs, target, _weights(xs, "multilabel"),
+                              k=0.4, ignore_index=255)
+        assert grad.dtype == dtype
 
 
 def test_the_losses_keep_float32_under_a_float64_default_dtype():

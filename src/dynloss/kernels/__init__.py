@@ -9,15 +9,15 @@ Every loss is computed by one of four backends, chosen per call by
 * ``"torch"`` (:mod:`~dynloss.kernels.torch_backend`): fused eager autograd Functions with an
   analytic backward, any device.
 * ``"native"`` (:mod:`dynloss.kernels.native`): C++ kernels compiled at first use, float32
-  CPU tensors (float16/bfloat16 read as a float32 copy).
+  and float64 CPU tensors (float64 computed in double; float16/bfloat16 read as a float32
+  copy).
 * ``"triton"`` (:mod:`dynloss.kernels.triton`): Triton kernels, CUDA tensors (CPU tensors
   only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton is first imported).
 
-``backend="auto"`` takes, per call, the fastest that covers it: Triton on CUDA, native for
-float32, float16 and bfloat16 on the CPU (but for rows of fewer than 16 pixels whose sums are
-kept per row; both also ``reduction="none"`` of BCE and Focal), else ``"torch"`` (also
-TopK's ``reduction="none"`` on the CPU),
-else the reference (for example for a target that requires a gradient,
+``backend="auto"`` takes, per call, the fastest that covers it: Triton on CUDA, native on the
+CPU (but for rows of fewer than 16 pixels whose sums are kept per row; both also
+``reduction="none"`` of BCE and Focal, native of TopK too), else ``"torch"``, else the
+reference (for example for a target that requires a gradient,
 TopK's ``reduction="none"`` off the CPU, or inside ``torch.compile``
 on the CPU, which traces and fuses the reference; on CUDA a compiled call runs the Triton
 kernels as custom operators). Naming a backend uses it where it can and says once

@@ -14,8 +14,8 @@ order of speed that can do all of it:
   passed over for rows of fewer than 16 pixels whose sums are kept per row: its
   ``min_row_length``); any other device: torch, reference.
 * ``backend="native"`` / ``"triton"`` / ``"torch"``: that backend when it covers the call;
-  when it can run here but not this call (TopK's ``reduction="none"`` on native, a target
-  that needs a gradient, ...) the next capable one of the ``"auto"`` order, with a warning,
+  when it can run here but not this call (float64 input on Triton, a target that needs a
+  gradient, ...) the next capable one of the ``"auto"`` order, with a warning,
   once, naming what is missing; when it cannot run on this tensor at all (no compiler, no
   GPU, Triton not installed) a ``ValueError`` saying why.
 * ``backend="reference"``: always the reference.

@@ -7,10 +7,10 @@ load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per los
 
 What it computes: float32 and float64 input on the CPU, every mode, logits or probabilities,
 ``ignore_index``, soft labels: Dice/IoU/Tversky (also ``ddp_pool``, ``reduction="none"``),
-BCE and Focal (``"mean"``/``"sum"``/``"none"``), TopK (``"mean"``/``"sum"``; selected by a
-radix select in the kernels, no sort) and the fused composites of a region and BCE/Focal term.
-TopK's ``reduction="none"``, a target that needs a gradient, other devices and
-``torch.compile`` go to the next backend (see :mod:`dynloss.kernels.dispatch`). With float32
+BCE and Focal (``"mean"``/``"sum"``/``"none"``), TopK (``"mean"``/``"sum"``/``"none"``;
+selected by a radix select in the kernels, no sort) and the fused composites of a region and
+BCE/Focal term. A target that needs a gradient, other devices and ``torch.compile`` go to the
+next backend (see :mod:`dynloss.kernels.dispatch`). With float32
 input, targets of dtype float32, bool, uint8 and int64 are read as they are; with float64
 input, float64 targets (binary/multilabel) and int64 class indices; others are converted
 first.
@@ -79,8 +79,8 @@ class NativeBackend:
         topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
-        # BCE/Focal per element; TopK's zeros outside the selection go to the torch backend
-        reduction_none=True,
+        # BCE/Focal/TopK per element (TopK: 0 outside the selection)
+        reduction_none=True, topk_reduction_none=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
         # where the sums are kept per row (docs/kernels.md, "Short rows")
         min_row_length=16,

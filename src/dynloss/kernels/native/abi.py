@@ -81,4 +81,5 @@ class Args(ctypes.Structure):
         ("weighted_count", ctypes.c_int64),
         ("ignored_loss", ctypes.c_double),
         ("real", ctypes.c_int64),
+        ("zero_unselected", ctypes.c_int64),
     ]

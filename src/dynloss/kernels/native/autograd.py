@@ -283,10 +283,10 @@ class NativeDistributionLoss(torch.autograd.Function):
 
 
 class NativeDistributionElements(torch.autograd.Function):
-    """BCE/Focal with ``reduction="none"``: ``(losses, invalid)``, every element's loss
-    (float32, float64 for float64 input; ``dims``, multiclass ``(N, M)``; 0 where ignored)
-    and whether an invalid value was found and not raised for (the caller marks those
-    elements NaN).
+    """BCE/Focal/TopK with ``reduction="none"``: ``(losses, invalid)``, every element's loss
+    (float32, float64 for float64 input; ``dims``, multiclass ``(N, M)``; 0 where ignored,
+    and outside TopK's selection, whose slopes the selection zeroed too) and whether an
+    invalid value was found and not raised for (the caller marks those elements NaN).
 
     The forward pass writes the losses and their slopes ``d loss / d x`` in one pass; backward
     multiplies the slopes by the upstream gradient (into the slopes' buffer unless the graph
@@ -301,7 +301,7 @@ class NativeDistributionElements(torch.autograd.Function):
                 params: DistributionParams, checked: bool):
         fwd = native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
                              params.gamma, params.alpha, False, True, checked,
-                             ctx.needs_input_grad[0], None, dims, params.pos_weight,
+                             ctx.needs_input_grad[0], params.k, dims, params.pos_weight,
                              elements=True)
         ctx.save_for_backward(x, fwd.target, fwd.slope)
         ctx.native = (fwd.config, params, checked, fwd.overflowed)

@@ -284,15 +284,15 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     ``weighted_mean`` (multiclass, per-class ``alpha``): the count (:attr:`Forward.pixel`'s
     second value) is the sum of the kept pixels' class weights, as
     ``CrossEntropyLoss(weight=...)`` divides by (1 where it is 0).
-    ``elements`` (``reduction="none"``, with ``want_pixel``, not TopK): :attr:`Forward.losses`
+    ``elements`` (``reduction="none"``, with ``want_pixel``): :attr:`Forward.losses`
     is a new tensor (float32; float64 for float64 input) of every element's loss (``dims``,
-    multiclass ``(N, M)``; 0 where ignored; an invalid element's value is whatever the
-    formula gives: the caller marks it).
+    multiclass ``(N, M)``; 0 where ignored, and with ``topk`` outside the selection; an
+    invalid element's value is whatever the formula gives: the caller marks it).
     """
     if weighted_mean and (topk is not None or alpha is None or mode != MULTICLASS_MODE):
         raise ValueError("weighted_mean needs per-class weights in multiclass mode, not TopK")
-    if elements and (topk is not None or not want_pixel):
-        raise ValueError("elements needs a pixel loss without TopK")
+    if elements and not want_pixel:
+        raise ValueError("elements needs a pixel loss")
     if not (x.is_cpu and target.is_cpu):  # a pointer must be host memory
         raise ValueError(f"the native kernels need CPU tensors; got input on {x.device} and "
                          f"target on {target.device}")
@@ -312,11 +312,11 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     # (buffer_pool.py): last step's, once its gradient was dropped, with its pages resident.
     probabilities = POOL.empty(x.shape, real) if want_region and needs_grad else None
     slope = POOL.empty(x.shape, real) if want_pixel and needs_grad else None
-    # TopK: every element's loss, for the selection (a scratch buffer, not kept);
-    # reduction="none": the caller's result
+    # reduction="none": the caller's result; TopK: every element's loss, for the selection (a
+    # scratch buffer, not kept, unless it is the result)
     loss_shape = (n, m) if multiclass else (n, c, m)
-    losses = (POOL.empty(loss_shape, real) if topk is not None
-              else torch.empty(loss_shape, dtype=real, device=CPU) if elements
+    losses = (torch.empty(loss_shape, dtype=real, device=CPU) if elements
+              else POOL.empty(loss_shape, real) if topk is not None
               else None)
     # one float64 array for every result: the scalars, then (when wanted) the region sums,
     # whose every (sample, class) row the kernel writes
@@ -366,6 +366,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     if topk is not None:
         selected = topk_count(topk, int(kept))
         args.topk = selected
+        args.zero_unselected = int(elements)
         _call("dynloss_multiclass_topk" if multiclass else "dynloss_binary_topk", args)
         total, count = out[0], float(max(selected, 1))
     # The struct is kept for backward (sizes and configuration): clear what points at memory

@@ -21,7 +21,8 @@
 // element, multiclass per (N, M) pixel; -inf where ignored), and a second call selects the n
 // largest by a radix select on their bit patterns (histograms of 16, 8 and 8 bits, each over
 // the keys in the previous one's threshold bin; no sort), sums them, and zeroes the
-// saved slopes of the elements it did not select, so that backward stays one pass.
+// saved slopes of the elements it did not select, so that backward stays one pass (and, for
+// reduction="none", their losses, which are then the result).
 //
 // Precision: every kernel is a template over F, the type the input is computed in: float
 // for float32 input (and the float32 copy of a 16-bit one), double for float64 input (Args.real;
@@ -465,6 +466,9 @@ struct Args {
   double ignored_loss;
   // RealType: the type of x and of the buffers above (float64 inputs are computed in double)
   int64_t real;
+  // TopK, selection: 1: the losses outside the selection are zeroed in `loss` (TopK's
+  // reduction="none", whose result they are; ignored ones too)
+  int64_t zero_unselected;
 };
 
 constexpr float kSaturatedB = 100.0f;
@@ -1407,7 +1411,7 @@ static int64_t bin_of_nth(const std::vector<int64_t>& hist, int64_t n, int64_t& 
 
 // One chunk of the final pass: selects key > T, and key == T for the first `take` such
 // keys in flat order (take < 0: all of them); returns the sum of the selected losses and
-// zeroes the slopes of the others.
+// zeroes the slopes of the others (and their losses, with a.zero_unselected).
 template <typename F, typename Key>
 static double select_chunk(const Args& a, const TopKLayout& s, int64_t k, Key threshold,
                            int64_t take) {
@@ -1439,6 +1443,13 @@ static double select_chunk(const Args& a, const TopKLayout& s, int64_t k, Key th
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = b0; i < b1; ++i) sum += chosen[i - b0] != 0.0f ? loss[i] : F(0);
     total += sum;
+    if (a.zero_unselected) {
+      F* kept_loss = static_cast<F*>(a.loss) + row * s.length;
+#pragma omp simd
+      for (int64_t i = b0; i < b1; ++i) {
+        kept_loss[i] = chosen[i - b0] != 0.0f ? kept_loss[i] : F(0);
+      }
+    }
     for (int64_t c = 0; slope && c < s.classes; ++c) {
       F* sc = slope + c * s.length;
 #pragma omp simd
