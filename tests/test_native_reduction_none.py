@@ -226,3 +226,21 @@ def test_the_losses_keep_float32_under_a_float64_default_dtype():
             assert torch.isnan(loss).sum().item() == 1
     finally:
         torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_elements_rank_a_pixel_with_a_nan_logit_in_another_class_as_nan(dtype):
+    """Multiclass: a NaN logit in a class other than the target makes the pixel's loss NaN,
+    which TopK ranks above every loss. The kernels' max over the classes passed over the NaN
+    and ranked a finite loss instead, so another pixel took its place (the NaN was marked
+    afterwards: the values differed from the reference's in which pixels were 0). Found by a
+    review."""
+    x, target = _case("multiclass", True, False)
+    x = x.to(dtype)
+    x[0, 1, 0, ::3] = math.nan
+    x[1, 3, 2, 1:4] = math.nan
+    target[0, 0, ::3] = 0  # the NaN in another class than the target
+    target[1, 2, 1:4] = 2
+    loss, _ = _compare("topk", "multiclass", x, target, _weights(x, "multiclass"), k=0.2,
+                       check_values=False)
+    assert torch.isnan(loss).sum().item() == len(range(0, 7, 3)) + 3

@@ -845,10 +845,15 @@ struct ClassChunk {
     if (!LOGITS) return bad;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) mx[j] = x[j];
+    // the pixel losses: a NaN logit in any class makes the max NaN, and so the pixel's loss
+    // (the reference's logsumexp: TopK ranks that loss above all; the region sums need not)
     for (int64_t c = 1; c < classes; ++c) {
       const F* xc = x + c * a.m;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) mx[j] = xc[j] > mx[j] ? xc[j] : mx[j];
+      for (int64_t j = 0; j < len; ++j) {
+        const bool take = PIXEL_STATS ? (xc[j] > mx[j]) | (xc[j] != xc[j]) : xc[j] > mx[j];
+        mx[j] = take ? xc[j] : mx[j];
+      }
     }
     // The term exp(0) = 1 of one class at the max is left out of the sum and added as the
     // exact 1 of log1p: 1 - p there and logsumexp - x there keep their digits where the
