@@ -31,13 +31,13 @@ import torch
 from torch import Tensor
 
 from ... import _math
-from ..._layout import Layout, prepare
+from ..._layout import Layout, compute_dtype, prepare
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from ...constants import MULTICLASS_MODE
 from .. import reference
 from .._recompute import must_recompute, recompute_backward
 from .buffer_pool import CPU
-from .ffi import Forward, Sums, c_real, graph_kept, native_backward, native_forward, real_dtype
+from .ffi import Forward, Sums, c_real, graph_kept, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionElements", "NativeDistributionLoss",
            "NativeRegionLoss", "NativeSums"]
@@ -204,7 +204,7 @@ class NativeRegionLoss(torch.autograd.Function):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
         sums = fwd.sums()
-        value, cells, coefficients = _region_value(sums, params, real_dtype(x))
+        value, cells, coefficients = _region_value(sums, params, compute_dtype(x.dtype))
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         # no tensor here (the saved buffer becomes the gradient, which autograd then takes
         # over only if nothing else refers to it)
@@ -262,7 +262,8 @@ class NativeDistributionLoss(torch.autograd.Function):
         ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid,
                       fwd.overflowed)
         value = total / count if mean else total
-        return _scaled(torch.scalar_tensor(value, dtype=real_dtype(x), device=CPU), fwd.invalid)
+        loss = torch.scalar_tensor(value, dtype=compute_dtype(x.dtype), device=CPU)
+        return _scaled(loss, fwd.invalid)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -336,7 +337,7 @@ class NativeCompositeLoss(torch.autograd.Function):
                 checked: bool):
         fwd = _distribution_forward(ctx, x, target, dims, params.distribution, checked, True)
         sums = fwd.sums()
-        real = real_dtype(x)
+        real = compute_dtype(x.dtype)
         region, cells, coefficients = _region_value(sums, params.region, real)
         total, count = fwd.pixel
         distribution = torch.scalar_tensor(total / count, dtype=real, device=CPU)
@@ -398,7 +399,7 @@ class NativeSums(torch.autograd.Function):
                 params: RegionParams, checked: bool):
         fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
                              None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        real = real_dtype(x)
+        real = compute_dtype(x.dtype)
         if fwd.invalid:  # the reference's sums, pooled as they are (a NaN input's are NaN,
             with torch.no_grad():  # a -inf logit's finite: every rank's loss, or this one's)
                 intersection, prediction_sum, target_sum = (s.to(real) for s in (

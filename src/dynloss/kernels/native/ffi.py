@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._layout import Layout, check_values, kernel_target
+from ..._layout import Layout, check_values, compute_dtype, kernel_target
 from ..._math import topk_count
 from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
@@ -41,8 +41,7 @@ from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, REAL_TYPES, T
 from .buffer_pool import CPU, POOL
 from .build import library, status
 
-__all__ = ["Forward", "Sums", "c_real", "graph_kept", "native_backward", "native_forward",
-           "real_dtype"]
+__all__ = ["Forward", "Sums", "c_real", "graph_kept", "native_backward", "native_forward"]
 
 
 _forked = False  # this process was forked from another (which may have run OpenMP teams)
@@ -78,14 +77,9 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def real_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the kernels compute ``x`` in: float64 for float64, else float32 (float16 and
-    bfloat16 are read as a float32 copy)."""
-    return torch.float64 if x.dtype is torch.float64 else torch.float32
-
-
 def c_real(real: torch.dtype) -> type[ctypes.c_float] | type[ctypes.c_double]:
-    """The C type of ``real`` (:func:`real_dtype`), for arrays the kernels read."""
+    """The C type of ``real`` (the dtype the kernels compute in, :func:`compute_dtype`: float64
+    for float64 input, else float32), for arrays the kernels read."""
     return ctypes.c_double if real is torch.float64 else ctypes.c_float
 
 
@@ -299,7 +293,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     x = x.resolve_neg()  # (a negative bit: memory holding -x; no copy without)
     # float16/bfloat16: a float32 copy, freed after this pass (the caller keeps its input for
     # backward, whose float32 gradient autograd casts to the input's dtype)
-    real = real_dtype(x)
+    real = compute_dtype(x.dtype)
     x = (x.contiguous() if x.dtype is real
          else x.to(real, memory_format=torch.contiguous_format))
     given = target  # an error names the caller's values, not those of a converted copy
