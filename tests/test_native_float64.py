@@ -78,7 +78,8 @@ OPTIONS = {
     "probabilities": {"from_logits": False},
     "sum": {"reduction": "sum"},
 }
-REGION_OPTIONS = {"per-image": {"per_image": True}, "tversky-weights": {}}
+REGION_OPTIONS = {"per-image": {"per_image": True},
+                  "tversky-weights": {"alpha": 0.7, "beta": 0.3}}
 DISTRIBUTION_OPTIONS = {"gamma-1.5": {"gamma": 1.5}, "alpha": {"alpha": 0.25},
                         "none": {"reduction": "none"}}
 
@@ -113,8 +114,6 @@ DISTRIBUTION_CASES = [
 @pytest.mark.parametrize(("name", "option"), REGION_CASES)
 def test_region_losses_in_float64_are_the_references(name, mode, option):
     kwargs = dict(OPTIONS.get(option, REGION_OPTIONS.get(option, {})))
-    if option == "tversky-weights":
-        kwargs = {"alpha": 0.7, "beta": 0.3}
     x, target = _case(mode, option)
     _assert_native_is_the_reference(name, mode, x, target, **kwargs)
 
