@@ -180,7 +180,12 @@ def main() -> int:
     assert kernels.native_available() == (status == "")
     assert kernels.resolve_backend(x, "auto") == ("native" if status == "" else "torch")
     assert kernels.native_runs(x, "auto") == (status == "")
-    assert kernels.resolve_backend(x.double(), "auto") == "torch"
+    assert kernels.resolve_backend(x.double(), "auto") == ("native" if status == "" else "torch")
+    # float64 in double on the native kernels: the reference's digits
+    wide = DiceLoss()(x.double(), y.double())
+    assert wide.dtype == torch.float64
+    assert torch.allclose(wide, DiceLoss(backend="reference")(x.double(), y.double()),
+                          rtol=1e-12, atol=0), wide
     for name in ("native_status", "native_available", "native_runs"):
         use(name)
     assert isinstance(kernels.triton_available(), bool)
