@@ -94,15 +94,14 @@ _SHARED_DOC = """
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``: per-element losses of the
             input's shape (binary/multilabel) or ``(N, *spatial)`` (multiclass), 0 where
             ignored (and, for TopK, where not selected).
-        backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
-            tensors (16-bit ones as a float32 copy) but rows of fewer than 16 pixels kept
-            per row, else ``"torch"``; the
+        backend: ``"auto"`` (default: Triton on CUDA, the native kernels for CPU tensors
+            (float64 in double, 16-bit ones as a float32 copy) but rows of fewer than 16
+            pixels kept per row, else ``"torch"``; the
             reference for what those cannot do), ``"torch"``
             (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
             ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.
-            ``reduction="none"`` of BCE and Focal runs on the native kernels (CPU) and the
-            Triton kernels (CUDA) too; TopK's on the torch backend on the CPU, on the
-            reference elsewhere.
+            ``reduction="none"`` runs on the native kernels (CPU) too, and for BCE and Focal
+            on the Triton kernels (CUDA); TopK's on the reference on CUDA.
         check_values: raise a ``ValueError`` for target (or probability) values out of
             range, which reads the data on the host; ``None`` (default): for CPU tensors,
             where that costs no device synchronisation. Where the check does not run (CUDA

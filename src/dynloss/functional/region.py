@@ -177,9 +177,9 @@ _SHARED_DOC = """
         reduction: ``"mean"`` (default) over classes (and samples), ``"sum"``, or ``"none"``:
             shape ``(C,)`` with ``per_image=False``, ``(N, C)`` with ``per_image=True``
             (``C == 1`` in binary mode).
-        backend: ``"auto"`` (default: Triton on CUDA, the native kernels for float32 CPU
-            tensors (16-bit ones as a float32 copy) but rows of fewer than 16 pixels kept
-            per row, else ``"torch"``; the
+        backend: ``"auto"`` (default: Triton on CUDA, the native kernels for CPU tensors
+            (float64 in double, 16-bit ones as a float32 copy) but rows of fewer than 16
+            pixels kept per row, else ``"torch"``; the
             reference for what those cannot do), ``"torch"``
             (fused autograd Function), ``"native"`` (compiled C++, CPU), ``"triton"`` or
             ``"reference"`` (plain autograd); see :mod:`dynloss.kernels.dispatch`.

@@ -17,7 +17,7 @@ import ctypes
 import torch
 
 __all__ = ["ABI_VERSION", "FUNCTIONS", "PIXEL_BCE", "PIXEL_FOCAL", "PIXEL_FOCAL2",
-           "PIXEL_NONE", "REAL_TYPES", "TARGET_TYPES", "Args"]
+           "PIXEL_NONE", "REAL_DTYPES", "REAL_TYPES", "TARGET_TYPES", "Args"]
 
 ABI_VERSION = 13
 
@@ -31,9 +31,11 @@ floating-point target has the type the input is computed in (float32 with float3
 float64 with float64 input)."""
 
 REAL_TYPES = {torch.float32: 0, torch.float64: 1}
+REAL_DTYPES = {code: dtype for dtype, code in REAL_TYPES.items()}
 """``Args.real``: the type the kernels compute in, of the input and of every buffer of its
 elements (saved slopes, gradient, per-element losses) and of per-class or per-channel
-values (class weights, ``pos_weight``, the gradients of the region sums)."""
+values (class weights, ``pos_weight``, the gradients of the region sums); ``REAL_DTYPES``
+reads it back."""
 
 FUNCTIONS = ("dynloss_binary_forward", "dynloss_binary_backward",
              "dynloss_multiclass_forward", "dynloss_multiclass_backward",

@@ -1,9 +1,10 @@
 r"""The native kernels as autograd Functions: each loss is one node.
 
 * :class:`NativeRegionLoss`: Dice/IoU/Tversky. The forward kernel's sums go straight into the
-  reference score (:func:`dynloss.kernels.reference.score_loss`, in float32, with no graph
-  recorded); backward turns the upstream gradient into ``dL/dI`` and ``dL/dP`` with the closed
-  form of :func:`dynloss._math.tversky_index_grads` before one elementwise kernel pass.
+  reference score (:func:`dynloss.kernels.reference.score_loss`, float32, float64 for float64
+  input, with no graph recorded); backward turns the upstream gradient into ``dL/dI`` and
+  ``dL/dP`` with the closed form of :func:`dynloss._math.tversky_index_grads` before one
+  elementwise kernel pass.
 * :class:`NativeDistributionLoss`: BCE/Focal/TopK, the mean (or sum) formed on the host from
   the kernel's float64 sum and count; backward is one pass ``grad * slope``. For TopK the sum
   and count are those of the ``n`` selected elements (mean ``= S / max(n, 1)``) and the

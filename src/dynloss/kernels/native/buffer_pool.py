@@ -75,7 +75,7 @@ CPU = torch.device("cpu")
 
 
 class BufferPool:
-    """Float32 CPU buffers by element count, each handed out again once it is free."""
+    """CPU buffers by dtype and element count, each handed out again once it is free."""
 
     def __init__(self, max_buffers: int = MAX_BUFFERS, max_bytes: int = MAX_BYTES,
                  min_bytes: int = 0) -> None:

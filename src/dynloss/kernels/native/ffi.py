@@ -37,7 +37,16 @@ from ..._layout import Layout, check_values, compute_dtype, kernel_target
 from ..._math import topk_count
 from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
-from .abi import PIXEL_BCE, PIXEL_FOCAL, PIXEL_FOCAL2, PIXEL_NONE, REAL_TYPES, TARGET_TYPES, Args
+from .abi import (
+    PIXEL_BCE,
+    PIXEL_FOCAL,
+    PIXEL_FOCAL2,
+    PIXEL_NONE,
+    REAL_DTYPES,
+    REAL_TYPES,
+    TARGET_TYPES,
+    Args,
+)
 from .buffer_pool import CPU, POOL
 from .build import library, status
 
@@ -235,18 +244,20 @@ _TEMPLATES: dict[tuple, Args] = {}
 _MAX_TEMPLATES = 64
 
 
-def _arguments(target_dtype: torch.dtype, from_logits: bool, ignore_index: int | None,
-               want_region: bool, want_pixel: bool, gamma: float, alpha: float | None) -> Args:
+def _arguments(real: torch.dtype, target_dtype: torch.dtype, from_logits: bool,
+               ignore_index: int | None, want_region: bool, want_pixel: bool, gamma: float,
+               alpha: float | None) -> Args:
     """A fresh :class:`Args` holding what one loss configuration passes on every call (the
     tensors' pointers and sizes are the caller's to set): a copy of a template made once per
     configuration, cheaper than filling every field anew."""
-    key = (target_dtype, from_logits, ignore_index, want_region, want_pixel, gamma, alpha)
+    key = (real, target_dtype, from_logits, ignore_index, want_region, want_pixel, gamma, alpha)
     template = _TEMPLATES.get(key)
     if template is None:
         if len(_TEMPLATES) >= _MAX_TEMPLATES:
             _TEMPLATES.clear()
         template = _TEMPLATES[key] = Args(
-            target_type=TARGET_TYPES[target_dtype], logits=int(from_logits),
+            real=REAL_TYPES[real], target_type=TARGET_TYPES[target_dtype],
+            logits=int(from_logits),
             has_ignore=int(ignore_index is not None),
             ignore_index=0 if ignore_index is None else ignore_index,
             want_region=int(want_region), pixel=_pixel_kind(want_pixel, gamma),
@@ -316,9 +327,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     # whose every (sample, class) row the kernel writes
     out = (ctypes.c_double * (_SCALARS + (3 * n * c if want_region else 0)))()
     base = ctypes.addressof(out)
-    args = _arguments(target.dtype, from_logits, ignore_index, want_region, want_pixel, gamma,
-                      None if multiclass else alpha)
-    args.real = REAL_TYPES[real]
+    args = _arguments(real, target.dtype, from_logits, ignore_index, want_region, want_pixel,
+                      gamma, None if multiclass else alpha)
     args.x = x.data_ptr()
     args.target = target.data_ptr()
     args.n, args.c, args.m = n, c, m
@@ -416,7 +426,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     want_region = want_region and (grad_intersection is not None
                                    or grad_prediction_sum is not None)
     want_pixel = want_pixel and grad_total is not None
-    real = torch.float64 if forward_args.real else torch.float32
+    real = REAL_DTYPES[forward_args.real]
     if not (want_region or want_pixel):
         return torch.zeros(shape, dtype=real, device=CPU)
     # the forward call's arguments (the loss's configuration and sizes; its x and output
