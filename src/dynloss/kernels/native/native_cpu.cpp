@@ -217,20 +217,6 @@ DL_INLINE float one_minus_exp_neg(float b, float& e) {
   return b < 0.35f ? series : 1.0f - e;
 }
 
-// max(log p, -100), the clamped log-probability of the reference (p in [0, 1]).
-DL_INLINE float clamped_log(float p) {
-  float l = p > 0.0f ? log_f(p > 0.0f ? p : 1.0f) : kLogClamp;
-  return max_f(l, kLogClamp);
-}
-
-// w times the slope of clamped_log, formed as the quotient w / p (0 where the log is
-// clamped), as autograd forms it: a zero w gives 0 even where 1/p overflows (p below
-// ~2.9e-39), where w * (1/p) would be 0 * inf = NaN.
-DL_INLINE float clamped_log_ratio(float w, float p) {
-  float l = p > 0.0f ? log_f(p > 0.0f ? p : 1.0f) : kLogClamp;
-  return l > kLogClamp ? w / p : 0.0f;
-}
-
 // q^gamma for q in [0, 1] and gamma > 0 (general exponent).
 DL_INLINE float pow_f(float q, float gamma) {
   return q > 0.0f ? exp_f(gamma * log_f(q > 0.0f ? q : 1.0f)) : 0.0f;
@@ -363,14 +349,24 @@ DL_INLINE double one_minus_exp_neg(double b, double& e) {
   return b < 0.35 ? series : 1.0 - e;
 }
 
-DL_INLINE double clamped_log(double p) {
-  double l = p > 0.0 ? log_f(p > 0.0 ? p : 1.0) : static_cast<double>(kLogClamp);
-  return max_f(l, static_cast<double>(kLogClamp));
+// max(log p, -100), the clamped log-probability of the reference (p in [0, 1]), in F.
+template <typename F>
+DL_INLINE F clamped_log(F p) {
+  const F clamp = kLogClamp;
+  const F l = p > F(0) ? log_f(p > F(0) ? p : F(1)) : clamp;
+  return max_f(l, clamp);
 }
-DL_INLINE double clamped_log_ratio(double w, double p) {
-  double l = p > 0.0 ? log_f(p > 0.0 ? p : 1.0) : static_cast<double>(kLogClamp);
-  return l > kLogClamp ? w / p : 0.0;
+
+// w times the slope of clamped_log, formed as the quotient w / p (0 where the log is
+// clamped), as autograd forms it: a zero w gives 0 even where 1/p overflows (p below
+// ~2.9e-39 in float), where w * (1/p) would be 0 * inf = NaN.
+template <typename F>
+DL_INLINE F clamped_log_ratio(F w, F p) {
+  const F clamp = kLogClamp;
+  const F l = p > F(0) ? log_f(p > F(0) ? p : F(1)) : clamp;
+  return l > clamp ? w / p : F(0);
 }
+
 // q^gamma = e^(gamma (hi + lo)) = e^p (1 + err) for p = gamma hi rounded and err the rest
 // (|err| ~ 2^-53 |p|: its square is below double's precision)
 DL_INLINE double pow_f(double q, double gamma) {
