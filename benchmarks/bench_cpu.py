@@ -10,6 +10,7 @@ multilabel: ``peers.py``).
     python benchmarks/bench_cpu.py --dtype bfloat16 --shape 16 1 128 128   # autocast logits
     python benchmarks/bench_cpu.py --dtype float64       # float64 input and target
     python benchmarks/bench_cpu.py --losses bce_weight_map focal_weight_map  # weight maps
+    python benchmarks/bench_cpu.py --compile             # every candidate torch.compile'd
 
 ``--mode multiclass``: the target holds class indices (int64, ``(N, *spatial)``, drawn
 uniformly from ``[0, C)``, ``C = shape[1] >= 2``); the losses are dynloss's multiclass ones
@@ -30,6 +31,12 @@ channels); the yardstick is a ``torch.sigmoid`` pass.
 
 Before anything is timed, every candidate's value and gradient on a small input of the same
 rank are checked against dynloss's reference (:func:`check_candidates`).
+
+``--compile``: every candidate goes through ``torch.compile`` (Inductor, default options),
+as in a user's compiled training step on the CPU: the peers' eager chains fused by the
+compiler, dynloss's native kernels as custom operators (``dynloss[reference]``: its formulas
+fused by the compiler); each is compiled, and checked against its own eager value and
+gradient, before the warm-up (:func:`compiled_candidates`). ``saved`` is then an eager call's.
 Time: median (and minimum) of ``--repeats`` forward+backward runs after warm-up, all in one
 process, candidates interleaved round by round so that background load hits them alike.
 Page faults: the minor page faults of each timed call (``getrusage``; Unix only). A call whose
@@ -98,13 +105,13 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 too, as a float64 pipeline has)."""
 
 
-def default_name(shape, losses, mode="binary", dtype="float32"):
+def default_name(shape, losses, mode="binary", dtype="float32", compiled=False):
     """The result files' name: ``cpu`` for every loss at the default shape, else suffixed by
     the shape (``cpu_8x1x64x64``) and by the losses when they are a subset, so that no run
     replaces another shape's or the full table; multiclass runs are ``cpu_multiclass_`` and
     the shape at every shape (``cpu_multiclass_8x4x256x256``), never a binary run's name;
     multilabel runs likewise ``cpu_multilabel_`` and the shape; a 16-bit input adds its
-    dtype (``cpu_8x1x64x64_bfloat16``)."""
+    dtype (``cpu_8x1x64x64_bfloat16``); ``--compile`` adds ``_compiled``."""
     dims = "x".join(map(str, shape))
     if mode in ("multiclass", "multilabel"):
         name = f"cpu_{mode}_" + dims
@@ -112,6 +119,8 @@ def default_name(shape, losses, mode="binary", dtype="float32"):
         name = "cpu" if list(shape) == DEFAULT_SHAPE else "cpu_" + dims
     if dtype != "float32":
         name += "_" + dtype
+    if compiled:
+        name += "_compiled"
     subset = [loss for loss in LOSSES + EXTRA_LOSSES if loss in losses]
     return name if subset == LOSSES else name + "_" + "_".join(subset)
 
@@ -168,13 +177,38 @@ def multilabel_competitors(name, backends=("auto", "torch", "reference")):
     return found
 
 
-def candidates_of(name, mode):
-    """Every candidate for loss ``name`` in ``mode``, dynloss first."""
+def candidates_of(name, mode, backends=("auto", "torch", "reference")):
+    """Every candidate for loss ``name`` in ``mode``, dynloss first (one per backend)."""
     if mode == "multiclass":
-        return multiclass_competitors(name)
+        return multiclass_competitors(name, backends)
     if mode == "multilabel":
-        return multilabel_competitors(name)
-    return competitors(name)
+        return multilabel_competitors(name, backends)
+    return competitors(name, backends)
+
+
+COMPILED_BACKENDS = ("auto", "reference")
+"""dynloss's candidates of a ``--compile`` run: the backends that run inside a graph on the
+CPU (``"torch"`` would give way to the reference)."""
+
+
+def compiled_candidates(candidates, logits, target):
+    """Each candidate through ``torch.compile`` (Inductor, default options: a peer that breaks
+    the graph runs in pieces, as it would in a user's compiled step), compiled here by one
+    forward+backward and checked against its eager value and gradient on the timed input
+    (``ValueError`` where compiling changed them)."""
+    compiled = {}
+    for label, fn in candidates.items():
+        compiled[label] = torch.compile(fn)
+        x = logits.detach().requires_grad_()
+        want = fn(x, target)
+        want.backward()
+        y = logits.detach().requires_grad_()
+        got = compiled[label](y, target)
+        got.backward()
+        for what, a, b in (("value", got, want), ("gradient", y.grad, x.grad)):
+            if not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6):
+                raise ValueError(f"{label}: compiled, its {what} differs from its eager one")
+    return compiled
 
 
 PROBE_SIDE = 5
@@ -371,6 +405,9 @@ def main(argv=None):
                         help="the logits' dtype (float16/bfloat16: a network under "
                              "torch.autocast, the target as in float32; float64: a float64 "
                              "target too, class indices as they are)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every candidate through torch.compile (Inductor; compiled "
+                             "before the warm-up): a compiled training step on the CPU")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the candidates' order in each round (default: drawn "
                              "afresh and recorded, so that runs see different orders)")
@@ -412,11 +449,13 @@ def main(argv=None):
             return 2
         print(f"not measured: {what}")
     if args.out is None:
-        args.out = RESULTS / default_name(args.shape, args.losses, args.mode, args.dtype)
+        args.out = RESULTS / default_name(args.shape, args.losses, args.mode, args.dtype,
+                                          args.compile)
 
     seed = random.SystemRandom().randrange(2**32) if args.seed is None else args.seed
     shape = tuple(args.shape)
-    every = {name: candidates_of(name, args.mode) for name in args.losses}
+    backends = COMPILED_BACKENDS if args.compile else ("auto", "torch", "reference")
+    every = {name: candidates_of(name, args.mode, backends) for name in args.losses}
     try:  # all before the first timing: a wrong peer stops the run at once
         for name, candidates in every.items():
             check_candidates(name, candidates, shape, args.mode)
@@ -433,6 +472,14 @@ def main(argv=None):
     except ValueError as error:
         print(f"bench_cpu.py: error: {error}", file=sys.stderr)
         return 2
+    eager = every
+    if args.compile:
+        try:
+            every = {name: compiled_candidates(candidates, logits, target)
+                     for name, candidates in every.items()}
+        except ValueError as error:
+            print(f"bench_cpu.py: error: {error}", file=sys.stderr)
+            return 2
     input_bytes = logits.numel() * logits.element_size()
     activation = PASS[args.mode]
     sig = sigmoid_pass(logits, args.repeats, args.mode)
@@ -449,6 +496,7 @@ def main(argv=None):
         "smp": _version("segmentation_models_pytorch") if HAVE_SMP else None,
         "monai": _version("monai") if HAVE_MONAI else None,
         "repeats": args.repeats,
+        "compiled": args.compile,
         "order_seed": seed,
         f"{activation}_ms": sig * 1e3,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -472,8 +520,9 @@ def main(argv=None):
         best_library = min(libraries) if libraries else None
         clean_ratio = no_fault_ratio(timed, ours_clean)
         for label, (median, minimum, faults, clean, clean_count) in timed.items():
-            saved = saved_bytes(candidates[label], logits, target)
-            kept = kept_bytes(candidates[label], logits, target)
+            # (of the eager call: saved-tensor hooks would recompile a compiled one)
+            saved = saved_bytes(eager[name][label], logits, target)
+            kept = kept_bytes(eager[name][label], logits, target)
             row = {
                 "loss": name, "implementation": label, "median_ms": median * 1e3,
                 "min_ms": minimum * 1e3, "speedup_of_dynloss": median / ours,
@@ -574,7 +623,8 @@ def to_markdown(meta, rows, summaries=None):
     lines = [
         f"# CPU benchmark: forward + backward, "
         f"{meta['mode'] + ', ' if multiclass or multilabel else ''}"
-        f"shape {tuple(meta['shape'])} {meta['dtype']}",
+        f"shape {tuple(meta['shape'])} {meta['dtype']}"
+        + (", every candidate compiled (`torch.compile`)" if meta.get("compiled") else ""),
         "",
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
         f"MONAI {meta['monai']}, dynloss {meta['dynloss']} ({meta.get('commit') or '?'}); "
@@ -588,7 +638,8 @@ def to_markdown(meta, rows, summaries=None):
         + f": {meta[activation + '_ms']:.2f} ms. "
         "*dynloss speed-up*: this row's median over dynloss's. "
         "*saved*: tensors kept for backward beyond the caller's input and target, in multiples "
-        "of the input's size. *kept*: memory dynloss keeps allocated between calls once the "
+        "of the input's size" + (" (of an eager call)" if meta.get("compiled") else "")
+        + ". *kept*: memory dynloss keeps allocated between calls once the "
         "gradient is dropped (the native backend's pooled buffers, reused by the next call), "
         "in the same unit. *faults*: median minor page faults per call; *no-fault ms*: "
         "median over the calls without a page fault (how many of them in brackets).",

@@ -520,11 +520,12 @@ def test_eager_calls_between_compiled_ones_do_not_recompile():
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, repr(loss)
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", ["torch"])
 def test_a_named_backend_that_gives_way_in_a_graph_says_so_once(backend):
     """A named backend that cannot run inside a graph hands the call to the reference: said
     once, as in eager calls and under torch.jit.trace (the warning was dropped while tracing),
-    pointing at the user's line, and without breaking ``fullgraph=True``."""
+    pointing at the user's line, and without breaking ``fullgraph=True``. (The native backend
+    runs in graphs: ``test_native_compile.py``.)"""
     import warnings
 
     dispatch.clear_cache()

@@ -272,6 +272,40 @@ def test_cpu_benchmark_times_16_bit_inputs_under_their_own_name(tmp_path, capsys
     assert "shape (2, 1, 8, 8) bfloat16" in out.with_suffix(".md").read_text()
 
 
+def test_cpu_benchmark_compiles_every_candidate(tmp_path, capsys):
+    """``--compile``: every candidate through ``torch.compile``, checked against its own
+    eager value and gradient first; dynloss's rows the backends that run in a graph, the
+    results named and titled apart."""
+    bench = _bench_cpu()
+    assert bench.default_name([32, 1, 256, 256], bench.LOSSES, compiled=True) == "cpu_compiled"
+    assert bench.default_name([8, 1, 64, 64], ["dice"], compiled=True) == (
+        "cpu_8x1x64x64_compiled_dice")
+    out = tmp_path / "compiled"
+    assert bench.main(["--shape", "2", "1", "8", "8", "--repeats", "2", "--warmup", "0",
+                       "--losses", "dice", "--compile", "--out", str(out)]) is None
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["meta"]["compiled"] is True
+    assert {row["implementation"] for row in results["rows"]} == {
+        "dynloss[auto]", "dynloss[reference]", "smp", "monai", "torch"}
+    report = out.with_suffix(".md").read_text()
+    assert report.startswith("# CPU benchmark: forward + backward, shape (2, 1, 8, 8) float32, "
+                             "every candidate compiled (`torch.compile`)\n")
+    assert "in multiples of the input's size (of an eager call)" in report
+
+
+def test_cpu_benchmark_refuses_a_candidate_that_compiles_to_another_loss():
+    bench = _bench_cpu()
+    logits, target = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+
+    class Halved(torch.nn.Module):  # another value once compiled
+        def forward(self, x, t):
+            scale = 0.5 if torch.compiler.is_compiling() else 1.0
+            return scale * torch.nn.functional.binary_cross_entropy_with_logits(x, t)
+
+    with pytest.raises(ValueError, match="halved: compiled, its value differs from its eager"):
+        bench.compiled_candidates({"halved": Halved()}, logits, target)
+
+
 def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
     """``bce_pos_weight``: BCE with ``pos_weight=3`` against torch's and smp's own weighted
     BCE, every candidate the same value."""
@@ -338,8 +372,8 @@ def test_cpu_benchmark_refuses_a_peer_that_computes_another_loss(monkeypatch, ca
     bench = _bench_cpu()
     real = bench.competitors
 
-    def competitors(name):
-        found = real(name)
+    def competitors(name, *backends):
+        found = real(name, *backends)
         smp = found["smp"]
         if wrong == "value":
             found["smp"] = lambda x, t: smp(x, t) * 1.001

@@ -3,14 +3,16 @@ in double; float16 and bfloat16 read as a float32 copy), compiled at first use.
 
 Files: ``abi.py`` (the C struct and its version), ``build.py`` (compile, lock, cache, verify,
 load), ``ffi.py`` (the ctypes calls), ``autograd.py`` (one autograd node per loss),
+``ops.py`` (the same as ``torch.library`` custom operators, which ``torch.compile`` traces),
 ``buffer_pool.py`` (the saved buffers, reused step to step) and ``native_cpu.cpp``.
 
 What it computes: float32 and float64 input on the CPU, every mode, logits or probabilities,
 ``ignore_index``, soft labels: Dice/IoU/Tversky (also ``ddp_pool``, ``reduction="none"``),
 BCE and Focal (``"mean"``/``"sum"``/``"none"``), TopK (``"mean"``/``"sum"``/``"none"``;
 selected by a radix select in the kernels, no sort) and the fused composites of a region and
-BCE/Focal term. A target that needs a gradient, other devices and ``torch.compile`` go to the
-next backend (see :mod:`dynloss.kernels.dispatch`). With float32
+BCE/Focal term; inside ``torch.compile`` (and for fake tensors) the same through the custom
+operators of ``ops.py``. A target that needs a gradient and other devices go to the next
+backend (see :mod:`dynloss.kernels.dispatch`). With float32
 input, targets of dtype float32, bool, uint8 and int64 are read as they are; with float64
 input, float64 targets (binary/multilabel) and int64 class indices; others are converted
 first.
@@ -27,9 +29,11 @@ from torch import Tensor
 
 from ..._layout import Layout, invalid_elements
 from ..._params import CompositeParams, DistributionParams, RegionParams
+from ..._recorder import is_fake
+from ..._warn import constant_in_graphs
 from ...distributed import is_distributed
 from .. import reference
-from ..capabilities import Capabilities, sums_per_row
+from ..capabilities import Capabilities
 from .autograd import (
     NativeCompositeLoss,
     NativeDistributionElements,
@@ -38,6 +42,7 @@ from .autograd import (
     NativeSums,
 )
 from .build import library, status
+from .ffi import kernel_dims
 
 __all__ = ["NATIVE", "native_available", "native_status"]
 
@@ -79,6 +84,8 @@ class NativeBackend:
         topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
+        # inside torch.compile: the same kernels as custom operators (ops.py)
+        compilable=True,
         # BCE/Focal/TopK per element (TopK: 0 outside the selection)
         reduction_none=True, topk_reduction_none=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
@@ -89,25 +96,31 @@ class NativeBackend:
     def unavailable(self, x: Tensor) -> str | None:
         if x.device.type != "cpu":
             return f"it needs a CPU tensor; got a tensor on {x.device.type}"
-        if torch.compiler.is_compiling():  # never chosen in a graph (not compilable), and the
-            return None  # first load, behind a lock, cannot be traced
-        if library() is None:
-            return status()
-        return None
+        return _load_status() or None
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
+        traced = _traced(layout.input)
         if params.ddp_pool and is_distributed():  # sums all-reduced before the score
+            if traced:  # (the sums' eager kernels; the reference traces)
+                return reference.REFERENCE.region(layout, params, checked)
             *sums, poison = NativeSums.apply(_input(layout), layout.target_input, layout.mode,
                                              layout.dims, params, checked)
             return reference.score_loss(sums, params, poison)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
+        if traced:
+            return _ops().native_loss("region", layout.input, layout.target_input, params,
+                                      checked)
         return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
-                                      _rows(layout, "region", params.per_image), params, checked)
+                                      kernel_dims(layout, "region", params.per_image), params,
+                                      checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
         # per-channel pos_weight: the kernels read a row's channel (row % C)
-        dims = _rows(layout, "distribution", isinstance(params.pos_weight, tuple))
+        if _traced(layout.input):
+            kind = "elements" if params.reduction == "none" else "distribution"
+            return _ops().native_loss(kind, layout.input, layout.target_input, params, checked)
+        dims = kernel_dims(layout, "distribution", isinstance(params.pos_weight, tuple))
         if params.reduction == "none":
             loss, invalid = NativeDistributionElements.apply(
                 _input(layout), layout.target_input, dims, params, checked)
@@ -121,21 +134,32 @@ class NativeBackend:
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
+        if _traced(layout.input):
+            values = _ops().native_loss("composite", layout.input, layout.target_input, params,
+                                        checked)
+            return values[0], values[1], values[2]
         return NativeCompositeLoss.apply(_input(layout), layout.target_input,
-                                         _rows(layout, "composite", params.region.per_image),
+                                         kernel_dims(layout, "composite", params.region.per_image),
                                          params, checked)
 
 
-def _rows(layout: Layout, op: str, per_row: bool) -> tuple[int, ...]:
-    """The ``(N, C, M)`` the kernels read the caller's tensors as: all rows as one,
-    ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`; ``per_row``: a
-    region term per image, or a weight per channel): the same sums, in one pass cut into
-    chunks, where a row each took a task of its own (a batch of single-pixel rows, ``(1e6,
-    1)``, ran 100x slower than the torch backend)."""
-    n, c, m = layout.dims
-    if per_row or sums_per_row(layout.mode, op, per_row, c):
-        return layout.dims
-    return (1, 1, n * c * m)
+@constant_in_graphs
+def _load_status() -> str:
+    """:func:`status`: ``""`` once the kernels are loaded (inside ``torch.compile`` run once, for
+    real, as the graph is traced: loading takes a lock, which Dynamo cannot trace)."""
+    return status()
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether the call is traced (``torch.compile``) or runs on fake tensors: the custom
+    operators then, whose fake implementations give the shapes."""
+    return torch.compiler.is_compiling() or is_fake(x)
+
+
+def _ops():  # (imported on the first traced call)
+    from . import ops
+
+    return ops
 
 
 def _input(layout: Layout) -> Tensor:

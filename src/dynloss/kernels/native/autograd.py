@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +39,7 @@ from ..._params import CompositeParams, DistributionParams, RegionParams
 from ...constants import MULTICLASS_MODE
 from .. import reference
 from .._recompute import must_recompute, recompute_backward
-from .buffer_pool import CPU
+from .buffer_pool import CPU, POOL
 from .ffi import Forward, Sums, c_real, graph_kept, native_backward, native_forward
 
 __all__ = ["NativeCompositeLoss", "NativeDistributionElements", "NativeDistributionLoss",
@@ -77,7 +79,7 @@ def _cells(sums: Sums, params: RegionParams) -> list[tuple[float, float, float]]
              _fsum(values[3 * k + 2::step])) for k in range(c)]
 
 
-def _region_value(sums: Sums, params: RegionParams, real: torch.dtype
+def region_value(sums: Sums, params: RegionParams, real: torch.dtype
                   ) -> tuple[Tensor, list[tuple[float, float, float]] | None,
                              tuple[ctypes.Array, ctypes.Array] | None]:
     """``(loss, cells, coefficients)``: the reduced ``1 - T`` as ``real`` (the dtype the
@@ -131,7 +133,7 @@ def _region_grads(sums_out: Sums, cells: list[tuple[float, float, float]] | None
     """``(dL/dI, dL/dP)`` per (sample, class), row-major ``(N, C)``, from the gradient of the
     reduced ``1 - T``: float lists (host arithmetic) or float64 tensors."""
     a, b, s = params.alpha, params.beta, params.smoothing
-    if cells is None:  # the tensor path of _region_value
+    if cells is None:  # the tensor path of region_value
         sums = sums_out.as_tensor()
         sums = sums if params.per_image else sums.sum(0)
         intersection, prediction_sum, target_sum = sums.unbind(-1)
@@ -195,6 +197,54 @@ def _non_finite(*grads: Tensor | None) -> bool:
     return False
 
 
+Recompute = Callable[[Callable[..., Any], Sequence[Tensor], Sequence[Tensor | None]],
+                     tuple[Tensor | None, ...]]
+"""How a backward pass forms the reference's gradient where the kernels' is not exact:
+:func:`~dynloss.kernels._recompute.recompute_backward` in the autograd Functions (the saved
+input is still attached to the graph), a detached copy in the custom operators
+(:mod:`~dynloss.kernels.native.ops`, which run below autograd)."""
+
+
+def region_forward(x: Tensor, target: Tensor, mode: str, dims: tuple[int, ...],
+                   params: RegionParams, checked: bool, needs_grad: bool,
+                   index_errors: bool = True
+                   ) -> tuple[Tensor, Forward, list[tuple[float, float, float]] | None,
+                              tuple[ctypes.Array, ctypes.Array] | None]:
+    """``(loss, forward, cells, coefficients)`` of a region loss (see :func:`region_value`);
+    the loss is NaN where an invalid value was found and not raised for
+    (``index_errors``: see :func:`native_forward`)."""
+    fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
+                         None, True, False, checked, needs_grad, dims=dims,
+                         index_errors=index_errors)
+    value, cells, coefficients = region_value(fwd.sums(), params, compute_dtype(x.dtype))
+    return _scaled(value, fwd.invalid), fwd, cells, coefficients
+
+
+def region_backward(x: Tensor, target: Tensor, probabilities: Tensor | None, config: tuple,
+                    invalid: bool, sums: Sums, cells: list[tuple[float, float, float]] | None,
+                    coefficients: tuple[ctypes.Array, ctypes.Array] | None,
+                    params: RegionParams, checked: bool, mode: str, grad_loss: Tensor,
+                    recorded: bool, recompute: Recompute) -> Tensor:
+    """``dL/dx`` of :func:`region_forward`'s loss for its upstream gradient ``grad_loss``;
+    ``recorded``: the backward pass is recorded or batched (:func:`must_recompute`)."""
+    # a recorded backward (a differentiable gradient), or a non-finite input: the reference's
+    # NaN exactly where the loss depends on an element (0 on ignored ones)
+    if recorded or invalid or _non_finite(grad_loss):
+        (grad,) = recompute(
+            lambda xs: reference.REFERENCE.region(_layout(xs, target, mode), params, checked),
+            (x,), (_scaled(grad_loss, invalid),))
+        assert grad is not None
+        return grad
+    saved = (target, probabilities, None)
+    if coefficients is not None:  # the scores' mean or sum: scale what forward formed
+        scale = math.nan if invalid else float(grad_loss)
+        return native_backward(saved, config, *coefficients, None, scale,
+                               pooled=not params.per_image)
+    n, c, _ = config[5]
+    gi, gp = _region_grads(sums, cells, _scaled(grad_loss, invalid), params, n, c)
+    return native_backward(saved, config, gi, gp, None)
+
+
 class NativeRegionLoss(torch.autograd.Function):
     """``1 - T`` reduced, from the caller's ``x`` (float32 or float64) and target read as ``dims``
     ``(N, C, M)``."""
@@ -202,47 +252,62 @@ class NativeRegionLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, mode: str, dims: tuple[int, ...],
                 params: RegionParams, checked: bool):
-        fwd = native_forward(x, target, mode, params.from_logits, params.ignore_index, 0.0,
-                             None, True, False, checked, ctx.needs_input_grad[0], dims=dims)
-        sums = fwd.sums()
-        value, cells, coefficients = _region_value(sums, params, compute_dtype(x.dtype))
+        value, fwd, cells, coefficients = region_forward(x, target, mode, dims, params,
+                                                         checked, ctx.needs_input_grad[0])
         ctx.save_for_backward(x, fwd.target, fwd.probabilities)
         # no tensor here (the saved buffer becomes the gradient, which autograd then takes
         # over only if nothing else refers to it)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, params, checked,
-                      mode)
-        return _scaled(value, fwd.invalid)
+        ctx.native = (fwd.config, fwd.invalid, fwd.sums(), cells, coefficients, params,
+                      checked, mode)
+        return value
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, probabilities = ctx.saved_tensors
-        config, invalid, sums, cells, coefficients, params, checked, mode = ctx.native
-        # create_graph=True (a differentiable gradient), or a non-finite input: the reference's
-        # NaN exactly where the loss depends on an element (0 on ignored ones)
-        if must_recompute(grad_loss) or invalid or _non_finite(grad_loss):
-            (grad,) = recompute_backward(
-                lambda xs: reference.REFERENCE.region(_layout(xs, target, mode), params, checked),
-                (x,), (_scaled(grad_loss, invalid),))
-            return grad, None, None, None, None, None
-        saved = (target, probabilities, None)
-        if coefficients is not None:  # the scores' mean or sum: scale what forward formed
-            scale = math.nan if invalid else float(grad_loss)
-            grad = native_backward(saved, config, *coefficients, None, scale,
-                                   pooled=not params.per_image)
-            return grad, None, None, None, None, None
-        n, c, _ = config[5]
-        gi, gp = _region_grads(sums, cells, _scaled(grad_loss, invalid), params, n, c)
-        grad = native_backward(saved, config, gi, gp, None)
+        grad = region_backward(x, target, probabilities, *ctx.native, grad_loss,
+                               must_recompute(grad_loss), recompute_backward)
         return grad, None, None, None, None, None
 
 
-def _distribution_forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
-                          params: DistributionParams, checked: bool, want_region: bool
-                          ) -> Forward:
+def distribution_forward(x: Tensor, target: Tensor, dims: tuple[int, ...],
+                         params: DistributionParams, checked: bool, needs_grad: bool,
+                         want_region: bool = False, elements: bool = False,
+                         index_errors: bool = True) -> Forward:
+    """One forward pass of a BCE/Focal/TopK term (with the region sums: ``want_region``;
+    every element's loss: ``elements``; ``index_errors``: see :func:`native_forward`)."""
     return native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
-                          params.gamma, params.alpha, want_region, True, checked,
-                          ctx.needs_input_grad[0], params.k, dims, params.pos_weight,
-                          params.weighted_mean)
+                          params.gamma, params.alpha, want_region, True, checked, needs_grad,
+                          params.k, dims, params.pos_weight,
+                          params.weighted_mean and not elements, elements, index_errors)
+
+
+def distribution_value(fwd: Forward, params: DistributionParams, real: torch.dtype
+                       ) -> tuple[Tensor, float]:
+    """``(loss, scale)``: the mean (or sum) of :func:`distribution_forward`'s pass as a 0-dim
+    ``real`` tensor, NaN where an invalid value was not raised for, and the factor of the
+    upstream gradient that backward multiplies the slopes by (``1 / count`` for the mean)."""
+    total, count = fwd.pixel
+    mean = params.reduction == "mean"
+    loss = torch.scalar_tensor(total / count if mean else total, dtype=real, device=CPU)
+    return _scaled(loss, fwd.invalid), 1.0 / count if mean else 1.0
+
+
+def distribution_backward(x: Tensor, target: Tensor, slope: Tensor | None, config: tuple,
+                          scale: float, params: DistributionParams, checked: bool,
+                          invalid: bool, overflowed: bool, grad_loss: Tensor, recorded: bool,
+                          recompute: Recompute) -> Tensor:
+    """``dL/dx`` of :func:`distribution_value`'s loss for its upstream gradient."""
+    if recorded or overflowed or invalid or _non_finite(grad_loss):  # (invalid: see region)
+        def value(xs: Tensor) -> Tensor:
+            total, count = reference.distribution_sum(_layout(xs, target, params.mode),
+                                                      params, checked)
+            return total / count if params.reduction == "mean" else total
+        (grad,) = recompute(value, (x,), (_scaled(grad_loss, invalid),))
+        assert grad is not None
+        return grad
+    upstream = float(grad_loss) * scale
+    return native_backward((target, None, slope), config, None, None,
+                           math.nan if invalid else upstream)
 
 
 class NativeDistributionLoss(torch.autograd.Function):
@@ -256,32 +321,40 @@ class NativeDistributionLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
                 params: DistributionParams, checked: bool):
-        fwd = _distribution_forward(ctx, x, target, dims, params, checked, False)
-        total, count = fwd.pixel
-        mean = params.reduction == "mean"
+        fwd = distribution_forward(x, target, dims, params, checked, ctx.needs_input_grad[0])
+        loss, scale = distribution_value(fwd, params, compute_dtype(x.dtype))
         ctx.save_for_backward(x, fwd.target, fwd.slope)
-        ctx.native = (fwd.config, 1.0 / count if mean else 1.0, params, checked, fwd.invalid,
-                      fwd.overflowed)
-        value = total / count if mean else total
-        loss = torch.scalar_tensor(value, dtype=compute_dtype(x.dtype), device=CPU)
-        return _scaled(loss, fwd.invalid)
+        ctx.native = (fwd.config, scale, params, checked, fwd.invalid, fwd.overflowed)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, target, slope = ctx.saved_tensors
-        config, scale, params, checked, invalid, overflowed = ctx.native
-        if (must_recompute(grad_loss) or overflowed or invalid  # (invalid: see the region loss)
-                or _non_finite(grad_loss)):
-            def value(xs: Tensor) -> Tensor:
-                total, count = reference.distribution_sum(_layout(xs, target, params.mode),
-                                                          params, checked)
-                return total / count if params.reduction == "mean" else total
-            (grad,) = recompute_backward(value, (x,), (_scaled(grad_loss, invalid),))
-            return grad, None, None, None, None
-        upstream = float(grad_loss) * scale
-        grad = native_backward((target, None, slope), config, None, None,
-                               math.nan if invalid else upstream)
+        grad = distribution_backward(x, target, slope, *ctx.native, grad_loss,
+                                     must_recompute(grad_loss), recompute_backward)
         return grad, None, None, None, None
+
+
+def elements_backward(x: Tensor, target: Tensor, slope: Tensor | None, config: tuple,
+                      params: DistributionParams, checked: bool, overflowed: bool, grad: Tensor,
+                      recorded: bool, recompute: Recompute, in_place: bool) -> Tensor:
+    """``dL/dx`` of every element's loss (:func:`distribution_forward` with ``elements``) for
+    the upstream gradient ``grad`` (the losses' shape); ``in_place``: the product may go into
+    the saved slopes' buffer (not when the graph is kept or a saved-tensor hook saw it)."""
+    if recorded or overflowed or slope is None or not math.isfinite(grad.sum()):
+        (grad_x,) = recompute(
+            lambda xs: reference.distribution_elements(_layout(xs, target, params.mode),
+                                                       params, checked).reshape(grad.shape),
+            (x,), (grad,))
+        assert grad_x is not None
+        return grad_x
+    n, c, m = config[5]
+    multiclass = params.mode == MULTICLASS_MODE
+    upstream = grad.reshape(n, 1, m) if multiclass else grad.reshape(n, c, m)
+    rows = slope.view(n, c, m)
+    if in_place:
+        return rows.mul_(upstream).view(x.shape)
+    return torch.mul(rows, upstream, out=POOL.empty(rows.shape, rows.dtype)).view(x.shape)
 
 
 class NativeDistributionElements(torch.autograd.Function):
@@ -301,10 +374,8 @@ class NativeDistributionElements(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...],
                 params: DistributionParams, checked: bool):
-        fwd = native_forward(x, target, params.mode, params.from_logits, params.ignore_index,
-                             params.gamma, params.alpha, False, True, checked,
-                             ctx.needs_input_grad[0], params.k, dims, params.pos_weight,
-                             elements=True)
+        fwd = distribution_forward(x, target, dims, params, checked, ctx.needs_input_grad[0],
+                                   elements=True)
         ctx.save_for_backward(x, fwd.target, fwd.slope)
         ctx.native = (fwd.config, params, checked, fwd.overflowed)
         return fwd.losses, fwd.invalid
@@ -313,21 +384,69 @@ class NativeDistributionElements(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _invalid: None):
         x, target, slope = ctx.saved_tensors
         config, params, checked, overflowed = ctx.native
-        if (must_recompute(grad) or overflowed or slope is None
-                or not math.isfinite(grad.sum())):
-            (grad_x,) = recompute_backward(
-                lambda xs: reference.distribution_elements(_layout(xs, target, params.mode),
-                                                           params, checked).reshape(grad.shape),
-                (x,), (grad,))
-            return grad_x, None, None, None, None
-        n, c, m = config[5]
-        multiclass = params.mode == MULTICLASS_MODE
-        upstream = grad.reshape(n, 1, m) if multiclass else grad.reshape(n, c, m)
-        rows = slope.view(n, c, m)
         hooked = config[-1]
-        if hooked or graph_kept():  # the saved slopes must stay as they are
-            return (rows * upstream).view(x.shape), None, None, None, None
-        return rows.mul_(upstream).view(x.shape), None, None, None, None
+        grad_x = elements_backward(x, target, slope, config, params, checked, overflowed, grad,
+                                   must_recompute(grad), recompute_backward,
+                                   not (hooked or graph_kept()))
+        return grad_x, None, None, None, None
+
+
+def composite_forward(x: Tensor, target: Tensor, dims: tuple[int, ...],
+                      params: CompositeParams, checked: bool, needs_grad: bool,
+                      index_errors: bool = True
+                      ) -> tuple[tuple[Tensor, Tensor, Tensor], Forward,
+                                 list[tuple[float, float, float]] | None,
+                                 tuple[ctypes.Array, ctypes.Array] | None, float]:
+    """``((combined, region, distribution), forward, cells, coefficients, 1 / count)`` of a
+    fused composite: both terms from one pass."""
+    fwd = distribution_forward(x, target, dims, params.distribution, checked, needs_grad,
+                               want_region=True, index_errors=index_errors)
+    real = compute_dtype(x.dtype)
+    region, cells, coefficients = region_value(fwd.sums(), params.region, real)
+    total, count = fwd.pixel
+    distribution = torch.scalar_tensor(total / count, dtype=real, device=CPU)
+    combined = params.region_weight * region + params.distribution_weight * distribution
+    values = (_scaled(combined, fwd.invalid), _scaled(region, fwd.invalid),
+              _scaled(distribution, fwd.invalid))
+    return values, fwd, cells, coefficients, 1.0 / count
+
+
+def composite_backward(x: Tensor, target: Tensor, probabilities: Tensor | None,
+                       slope: Tensor | None, config: tuple, invalid: bool, sums: Sums,
+                       cells: list[tuple[float, float, float]] | None,
+                       coefficients: tuple[ctypes.Array, ctypes.Array] | None,
+                       inverse_count: float, params: CompositeParams, checked: bool,
+                       overflowed: bool, grads: tuple[Tensor, Tensor, Tensor], recorded: bool,
+                       recompute: Recompute) -> Tensor:
+    """``dL/dx`` of :func:`composite_forward`'s three values for their upstream gradients."""
+    grads = (_scaled(grads[0], invalid), _scaled(grads[1], invalid),
+             _scaled(grads[2], invalid))
+    # the three upstream gradients are 0-dim CPU tensors, read once (free); a recorded or
+    # non-finite one, or an invalid input (see the region loss), goes through the reference
+    upstreams = (None if recorded or overflowed or invalid else [float(g) for g in grads])
+    if upstreams is None or not all(map(math.isfinite, upstreams)):
+        def value(xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            layout = _layout(xs, target, params.region.mode)
+            total, count = reference.distribution_sum(layout, params.distribution, checked)
+            region = reference.REFERENCE.region(layout, params.region, checked)
+            distribution = total / count
+            return (params.region_weight * region
+                    + params.distribution_weight * distribution, region, distribution)
+        (grad,) = recompute(value, (x,), grads)
+        assert grad is not None
+        return grad
+    # each term's upstream gradient: its own and its weight's share of the combined one's
+    upstream, own_region, own_distribution = upstreams
+    region_upstream = upstream * params.region_weight + own_region
+    pixel = (upstream * params.distribution_weight + own_distribution) * inverse_count
+    saved = (target, probabilities, slope)
+    if coefficients is not None:
+        return native_backward(saved, config, *coefficients, pixel, region_upstream,
+                               pooled=not params.region.per_image)
+    n, c, _ = config[5]
+    gi, gp = _region_grads(sums, cells, torch.scalar_tensor(region_upstream), params.region,
+                           n, c)
+    return native_backward(saved, config, gi, gp, pixel)
 
 
 class NativeCompositeLoss(torch.autograd.Function):
@@ -336,54 +455,19 @@ class NativeCompositeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, dims: tuple[int, ...], params: CompositeParams,
                 checked: bool):
-        fwd = _distribution_forward(ctx, x, target, dims, params.distribution, checked, True)
-        sums = fwd.sums()
-        real = compute_dtype(x.dtype)
-        region, cells, coefficients = _region_value(sums, params.region, real)
-        total, count = fwd.pixel
-        distribution = torch.scalar_tensor(total / count, dtype=real, device=CPU)
-        combined = params.region_weight * region + params.distribution_weight * distribution
-        combined, region, distribution = (
-            _scaled(t, fwd.invalid) for t in (combined, region, distribution))
+        values, fwd, cells, coefficients, inverse_count = composite_forward(
+            x, target, dims, params, checked, ctx.needs_input_grad[0])
         ctx.save_for_backward(x, fwd.target, fwd.probabilities, fwd.slope)
-        ctx.native = (fwd.config, fwd.invalid, sums, cells, coefficients, 1.0 / count, params,
-                      checked, fwd.overflowed)
-        return combined, region, distribution
+        ctx.native = (fwd.config, fwd.invalid, fwd.sums(), cells, coefficients, inverse_count,
+                      params, checked, fwd.overflowed)
+        return values
 
     @staticmethod
     def backward(ctx, grad_combined, grad_region, grad_distribution):
         x, target, probabilities, slope = ctx.saved_tensors
-        (config, invalid, sums, cells, coefficients, inverse_count, params, checked,
-         overflowed) = ctx.native
-        grads = tuple(_scaled(g, invalid) for g in (grad_combined, grad_region,
-                                                     grad_distribution))
-        # the three upstream gradients are 0-dim CPU tensors, read once (free); a recorded or
-        # non-finite one, or an invalid input (see the region loss), goes through the reference
-        upstreams = (None if must_recompute(*grads) or overflowed or invalid
-                     else [float(g) for g in grads])
-        if upstreams is None or not all(map(math.isfinite, upstreams)):
-            def value(xs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-                layout = _layout(xs, target, params.region.mode)
-                total, count = reference.distribution_sum(layout, params.distribution, checked)
-                region = reference.REFERENCE.region(layout, params.region, checked)
-                distribution = total / count
-                return (params.region_weight * region
-                        + params.distribution_weight * distribution, region, distribution)
-            (grad,) = recompute_backward(value, (x,), grads)
-            return grad, None, None, None, None
-        # each term's upstream gradient: its own and its weight's share of the combined one's
-        upstream, own_region, own_distribution = upstreams
-        region_upstream = upstream * params.region_weight + own_region
-        pixel = (upstream * params.distribution_weight + own_distribution) * inverse_count
-        saved = (target, probabilities, slope)
-        if coefficients is not None:
-            grad = native_backward(saved, config, *coefficients, pixel, region_upstream,
-                                   pooled=not params.region.per_image)
-            return grad, None, None, None, None
-        n, c, _ = config[5]
-        gi, gp = _region_grads(sums, cells, torch.scalar_tensor(region_upstream), params.region,
-                               n, c)
-        grad = native_backward(saved, config, gi, gp, pixel)
+        grads = (grad_combined, grad_region, grad_distribution)
+        grad = composite_backward(x, target, probabilities, slope, *ctx.native, grads,
+                                  must_recompute(*grads), recompute_backward)
         return grad, None, None, None, None
 
 

@@ -37,6 +37,7 @@ from ..._layout import Layout, check_values, compute_dtype, kernel_target
 from ..._math import topk_count
 from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
+from ..capabilities import sums_per_row
 from .abi import (
     PIXEL_BCE,
     PIXEL_FOCAL,
@@ -50,7 +51,8 @@ from .abi import (
 from .buffer_pool import CPU, POOL
 from .build import library, status
 
-__all__ = ["Forward", "Sums", "c_real", "graph_kept", "native_backward", "native_forward"]
+__all__ = ["SCALARS", "Forward", "Sums", "c_real", "graph_kept", "kernel_dims",
+           "native_backward", "native_forward", "native_target"]
 
 
 _forked = False  # this process was forked from another (which may have run OpenMP teams)
@@ -92,7 +94,7 @@ def c_real(real: torch.dtype) -> type[ctypes.c_float] | type[ctypes.c_double]:
     return ctypes.c_double if real is torch.float64 else ctypes.c_float
 
 
-def _native_target(target: Tensor, mode: str, ignore_index: int | None,
+def native_target(target: Tensor, mode: str, ignore_index: int | None,
                    real: torch.dtype = torch.float32) -> Tensor:
     """The target in a dtype the kernels read (bool is read as uint8), contiguous and in memory
     as it reads (not negated). With float32 input (``real``) a floating-point target as
@@ -186,6 +188,18 @@ def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Te
                  from_logits)
 
 
+def kernel_dims(layout: Layout, op: str, per_row: bool) -> tuple[int, ...]:
+    """The ``(N, C, M)`` the kernels read the caller's tensors as: all rows as one,
+    ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`; ``per_row``: a
+    region term per image, or a weight per channel): the same sums, in one pass cut into
+    chunks, where a row each took a task of its own (a batch of single-pixel rows, ``(1e6,
+    1)``, ran 100x slower than the torch backend)."""
+    n, c, m = layout.dims
+    if per_row or sums_per_row(layout.mode, op, per_row, c):
+        return layout.dims
+    return (1, 1, n * c * m)
+
+
 class Forward:
     """What one forward kernel call returns, and what its backward call needs."""
 
@@ -226,15 +240,15 @@ class Sums:
 
     def as_list(self) -> list[float]:
         """Row-major ``(N, C, 3)`` as floats."""
-        return self.out[_SCALARS:]
+        return self.out[SCALARS:]
 
     def as_tensor(self) -> Tensor:
         """An ``(N, C, 3)`` float64 tensor (a view of the kernel's output)."""
         n, c, _ = self.dims
-        return torch.frombuffer(self.out, dtype=torch.float64)[_SCALARS:].view(n, c, 3)
+        return torch.frombuffer(self.out, dtype=torch.float64)[SCALARS:].view(n, c, 3)
 
 
-_SCALARS = 7
+SCALARS = 7
 """The kernel's scalar outputs: S, max(count, 1), count; then bad targets, bad inputs, soft
 labels, overflowed slopes, each nonzero when there is any (not always a count)."""
 
@@ -271,7 +285,8 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
                    want_pixel: bool, checked: bool, needs_grad: bool,
                    topk: float | None = None, dims: tuple[int, ...] | None = None,
                    pos_weight: float | tuple[float, ...] | None = None,
-                   weighted_mean: bool = False, elements: bool = False) -> Forward:
+                   weighted_mean: bool = False, elements: bool = False,
+                   index_errors: bool = True) -> Forward:
     """One forward pass of the kernels over ``x`` (float32 or float64, computed in its own
     dtype; float16 and bfloat16 read as a float32 copy), read as ``dims = (N, C, M)``
     (default: ``x``'s own shape; the caller's input in any shape whose contiguous data is
@@ -293,6 +308,9 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     is a new tensor (float32; float64 for float64 input) of every element's loss (``dims``,
     multiclass ``(N, M)``; 0 where ignored, and with ``topk`` outside the selection; an
     invalid element's value is whatever the formula gives: the caller marks it).
+    ``index_errors``: a multiclass class index out of range raises even when ``checked`` is
+    False (the eager rule on the CPU); else it only sets :attr:`Forward.invalid` (inside a
+    graph, as the other values).
     """
     if weighted_mean and (topk is not None or alpha is None or mode != MULTICLASS_MODE):
         raise ValueError("weighted_mean needs per-class weights in multiclass mode, not TopK")
@@ -308,7 +326,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     x = (x.contiguous() if x.dtype is real
          else x.to(real, memory_format=torch.contiguous_format))
     given = target  # an error names the caller's values, not those of a converted copy
-    target = _native_target(target, mode, ignore_index, real)
+    target = native_target(target, mode, ignore_index, real)
     n, c, m = x.shape if dims is None else dims
     multiclass = mode == MULTICLASS_MODE
     # What backward needs, only when a gradient is wanted (not in validation). Saving it
@@ -325,7 +343,7 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
               else None)
     # one float64 array for every result: the scalars, then (when wanted) the region sums,
     # whose every (sample, class) row the kernel writes
-    out = (ctypes.c_double * (_SCALARS + (3 * n * c if want_region else 0)))()
+    out = (ctypes.c_double * (SCALARS + (3 * n * c if want_region else 0)))()
     base = ctypes.addressof(out)
     args = _arguments(real, target.dtype, from_logits, ignore_index, want_region, want_pixel,
                       gamma, None if multiclass else alpha)
@@ -353,18 +371,18 @@ def native_forward(x: Tensor, target: Tensor, mode: str, from_logits: bool,
     if slope is not None:
         args.slope = slope.data_ptr()
     if want_region:
-        args.region = base + _SCALARS * _DOUBLE
+        args.region = base + SCALARS * _DOUBLE
     args.pixel_out = base
     args.check = base + 3 * _DOUBLE
     if losses is not None:
         args.loss = losses.data_ptr()
         args.ignored_loss = -math.inf if topk is not None else 0.0
     _call("dynloss_multiclass_forward" if multiclass else "dynloss_binary_forward", args)
-    total, count, kept, bad_target, bad_input, soft, overflowed = out[:_SCALARS]
+    total, count, kept, bad_target, bad_input, soft, overflowed = out[:SCALARS]
     if checked and (bad_target or bad_input):
         _raise_for_values(bad_target, bad_input, x, given, mode, ignore_index, from_logits,
                           (n, c, m))
-    elif multiclass and bad_target:  # an index out of range: an error on the CPU, always
+    elif multiclass and bad_target and index_errors:  # an index out of range
         _raise_for_values(bad_target, 0.0, x, given, mode, ignore_index, from_logits,
                           (n, c, m))
     if topk is not None:
@@ -455,8 +473,7 @@ def native_backward(saved: tuple[Tensor, Tensor | None, Tensor | None], config: 
     # input-sized buffer per forward+backward. Not when the graph is kept for another
     # backward, which must find the buffer intact, nor where a saved-tensor hook saw it.
     buffer = probabilities if probabilities is not None else slope
-    grad = (torch.empty(shape, dtype=real, device=CPU)
-            if buffer is None or hooked or graph_kept() else buffer)
+    grad = (POOL.empty(shape, real) if buffer is None or hooked or graph_kept() else buffer)
     args.target = target.data_ptr()
     args.grad = grad.data_ptr()
     args.hard_targets = int(hard)
