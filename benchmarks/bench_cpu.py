@@ -195,10 +195,13 @@ def compiled_candidates(candidates, logits, target):
     """Each candidate through ``torch.compile`` (Inductor, default options: a peer that breaks
     the graph runs in pieces, as it would in a user's compiled step), compiled here by one
     forward+backward and checked against its eager value and gradient on the timed input
-    (``ValueError`` where compiling changed them)."""
+    (``ValueError`` where compiling changed them); ``dynloss[eager]``: ``dynloss[auto]`` not
+    compiled, beside them."""
     compiled = {}
     for label, fn in candidates.items():
         compiled[label] = torch.compile(fn)
+        if label == "dynloss[auto]":  # what the same step gets with the loss left eager
+            compiled["dynloss[eager]"] = fn
         x = logits.detach().requires_grad_()
         want = fn(x, target)
         want.backward()
@@ -521,8 +524,9 @@ def main(argv=None):
         clean_ratio = no_fault_ratio(timed, ours_clean)
         for label, (median, minimum, faults, clean, clean_count) in timed.items():
             # (of the eager call: saved-tensor hooks would recompile a compiled one)
-            saved = saved_bytes(eager[name][label], logits, target)
-            kept = kept_bytes(eager[name][label], logits, target)
+            source = eager[name].get(label, candidates[label])  # (dynloss[eager]: itself)
+            saved = saved_bytes(source, logits, target)
+            kept = kept_bytes(source, logits, target)
             row = {
                 "loss": name, "implementation": label, "median_ms": median * 1e3,
                 "min_ms": minimum * 1e3, "speedup_of_dynloss": median / ours,

@@ -286,7 +286,7 @@ def test_cpu_benchmark_compiles_every_candidate(tmp_path, capsys):
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["meta"]["compiled"] is True
     assert {row["implementation"] for row in results["rows"]} == {
-        "dynloss[auto]", "dynloss[reference]", "smp", "monai", "torch"}
+        "dynloss[auto]", "dynloss[eager]", "dynloss[reference]", "smp", "monai", "torch"}
     report = out.with_suffix(".md").read_text()
     assert report.startswith("# CPU benchmark: forward + backward, shape (2, 1, 8, 8) float32, "
                              "every candidate compiled (`torch.compile`)\n")

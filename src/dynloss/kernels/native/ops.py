@@ -219,7 +219,11 @@ def _state_size(call: _Call, dims: tuple[int, ...]) -> Any:
 
 
 _ARGS_BYTES = ctypes.sizeof(Args)
-_POINTERS = tuple(field[0] for field in Args._fields_ if field[1] is ctypes.c_void_p)
+_POINTERS = tuple(getattr(Args, field[0]).offset for field in Args._fields_
+                  if field[1] is ctypes.c_void_p)
+"""Where the struct holds a pointer (zeroed in the operator's copy)."""
+_POINTER_BYTES = ctypes.sizeof(ctypes.c_void_p)
+_NULL = bytes(_POINTER_BYTES)
 
 
 @torch.library.custom_op("dynloss::native_loss", mutates_args=(), device_types="cpu")
@@ -251,14 +255,11 @@ def _loss(x: Tensor, target: Tensor, spec: str, ints: list[int], floats: list[fl
                                                  call.needs_grad, index_errors=False)
         out = torch.stack(values)
     real = compute_dtype(x.dtype)
-    state = torch.empty(_state_size(call, dims), dtype=torch.float64)
-    state[0], state[1] = fwd.pixel
-    state[2:] = torch.frombuffer(fwd.out, dtype=torch.float64)
-    struct = Args.from_buffer_copy(fwd.config[8])
-    for name in _POINTERS:  # (backward sets its own; the output is the same on every call)
-        setattr(struct, name, None)
-    args = torch.empty(_ARGS_BYTES, dtype=torch.uint8)
-    ctypes.memmove(args.data_ptr(), ctypes.addressof(struct), _ARGS_BYTES)
+    state = torch.tensor([*fwd.pixel, *fwd.out], dtype=torch.float64)
+    raw = bytearray(fwd.config[8])
+    for start in _POINTERS:  # (backward sets its own; the output is the same on every call)
+        raw[start:start + _POINTER_BYTES] = _NULL
+    args = torch.frombuffer(raw, dtype=torch.uint8)
     # (an output may alias no other: an empty tensor each where no buffer is kept)
     return (out, x.new_empty(0, dtype=real) if fwd.probabilities is None else fwd.probabilities,
             x.new_empty(0, dtype=real) if fwd.slope is None else fwd.slope, state, args)
@@ -295,8 +296,8 @@ def _forward_of(x: Tensor, target: Tensor, call: _Call, dims: tuple[int, ...],
     """The eager :class:`Forward` of the call whose operator returned these tensors; the
     gradient goes into a buffer of its own (an operator's output may not alias its inputs)."""
     params = call.params.distribution if call.kind == "composite" else call.params
-    out = (ctypes.c_double * (state.numel() - 2))()
-    ctypes.memmove(out, state[2:].data_ptr(), ctypes.sizeof(out))
+    values = state.tolist()
+    out = (ctypes.c_double * (len(values) - 2))(*values[2:])
     struct = Args()
     ctypes.memmove(ctypes.byref(struct), args.data_ptr(), _ARGS_BYTES)
     soft = out[5]
@@ -304,7 +305,7 @@ def _forward_of(x: Tensor, target: Tensor, call: _Call, dims: tuple[int, ...],
               call.want_pixel, dims, soft == 0, x.shape, struct, True)
     real = compute_dtype(x.dtype)
     bad_target, bad_input, overflowed = out[3], out[4], out[6]
-    return Forward(out, (float(state[0]), float(state[1])),
+    return Forward(out, (values[0], values[1]),
                    native_target(target, call.mode, params.ignore_index, real),
                    probabilities if call.needs_grad and call.want_region else None,
                    slope if call.needs_grad and call.want_pixel else None, config,
@@ -379,11 +380,17 @@ def _loss_backward_fake(x, target, probabilities, slope, state, args, grad_out, 
 def _setup(ctx, inputs, output) -> None:
     x, target, spec, ints, floats = inputs
     _, probabilities, slope, state, args = output
+    # what backward reads is not differentiable, and no zero gradient is formed for it (an
+    # input-sized fill each, measured as half the compiled step)
+    ctx.mark_non_differentiable(probabilities, slope, state, args)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, target, probabilities, slope, state, args)
     ctx.spec = (spec, ints, floats)
 
 
 def _backward(ctx, grad_out, *_state_grads):
+    if grad_out is None:  # (the loss itself was not used)
+        return None, None, None, None, None
     x, target, probabilities, slope, state, args = ctx.saved_tensors
     grad = torch.ops.dynloss.native_loss_backward(x, target, probabilities, slope, state, args,
                                                   grad_out, *ctx.spec)
