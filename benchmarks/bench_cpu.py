@@ -195,8 +195,14 @@ def compiled_candidates(candidates, logits, target):
     """Each candidate through ``torch.compile`` (Inductor, default options: a peer that breaks
     the graph runs in pieces, as it would in a user's compiled step), compiled here by one
     forward+backward and checked against its eager value and gradient on the timed input
-    (``ValueError`` where compiling changed them); ``dynloss[eager]``: ``dynloss[auto]`` not
-    compiled, beside them."""
+    (``ValueError`` where compiling changed them, or compiled no graph);
+    ``dynloss[eager]``: ``dynloss[auto]`` not compiled, beside them."""
+    import torch._dynamo.utils
+
+    # Dynamo keeps at most 8 compiled versions of one function (dynloss's losses share their
+    # base class's forward) and runs the rest eagerly without a word: forget the last loss's
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters["stats"]
     compiled = {}
     for label, fn in candidates.items():
         compiled[label] = torch.compile(fn)
@@ -206,8 +212,11 @@ def compiled_candidates(candidates, logits, target):
         want = fn(x, target)
         want.backward()
         y = logits.detach().requires_grad_()
+        graphs = counters["unique_graphs"]
         got = compiled[label](y, target)
         got.backward()
+        if counters["unique_graphs"] == graphs:
+            raise ValueError(f"{label}: torch.compile compiled no graph (it ran eagerly)")
         for what, a, b in (("value", got, want), ("gradient", y.grad, x.grad)):
             if not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6):
                 raise ValueError(f"{label}: compiled, its {what} differs from its eager one")
@@ -476,13 +485,6 @@ def main(argv=None):
         print(f"bench_cpu.py: error: {error}", file=sys.stderr)
         return 2
     eager = every
-    if args.compile:
-        try:
-            every = {name: compiled_candidates(candidates, logits, target)
-                     for name, candidates in every.items()}
-        except ValueError as error:
-            print(f"bench_cpu.py: error: {error}", file=sys.stderr)
-            return 2
     input_bytes = logits.numel() * logits.element_size()
     activation = PASS[args.mode]
     sig = sigmoid_pass(logits, args.repeats, args.mode)
@@ -515,6 +517,12 @@ def main(argv=None):
     rows = []
     summaries = {}
     for name, candidates in every.items():
+        if args.compile:  # (one loss's candidates at a time: see compiled_candidates)
+            try:
+                candidates = compiled_candidates(candidates, logits, target)
+            except ValueError as error:
+                print(f"bench_cpu.py: error: {error}", file=sys.stderr)
+                return 2
         timed = time_candidates(candidates, logits, target, args.repeats, args.warmup,
                                 seed=seed)
         ours, _, _, ours_clean, _ = timed["dynloss[auto]"]

@@ -306,6 +306,26 @@ def test_cpu_benchmark_refuses_a_candidate_that_compiles_to_another_loss():
         bench.compiled_candidates({"halved": Halved()}, logits, target)
 
 
+def test_cpu_benchmark_refuses_a_candidate_that_ran_eagerly(monkeypatch):
+    """Past Dynamo's recompile limit (8 versions of one function; dynloss's losses share
+    their base class's forward) a compiled module runs eagerly without a word: the
+    benchmark's BCE and TopK rows were eager ones. Each loss's candidates are compiled after
+    a reset, and one that compiled no graph is refused."""
+    import torch._dynamo.config
+
+    bench = _bench_cpu()
+    logits, target = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+
+    class BCE(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.nn.functional.binary_cross_entropy_with_logits(x, t)
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with pytest.raises(ValueError, match=r"second: torch.compile compiled no graph \(it ran"):
+        bench.compiled_candidates({"first": BCE(), "second": BCE()}, logits, target)
+    torch._dynamo.reset()
+
+
 def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():
     """``bce_pos_weight``: BCE with ``pos_weight=3`` against torch's and smp's own weighted
     BCE, every candidate the same value."""

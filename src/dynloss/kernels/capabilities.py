@@ -78,6 +78,11 @@ class Capabilities:
     """Region sums all-reduced across ranks before the score (``ddp_pool=True``)."""
     compilable: bool = False
     """Traced by ``torch.compile`` without a graph break."""
+    auto_in_graphs: frozenset[str] | None = None
+    """The ops ``backend="auto"`` takes it for inside ``torch.compile`` (None: every op it
+    computes there); for the others the compiler's fusion of a later backend was measured as
+    fast or faster, so ``"auto"`` passes it over (a speed choice, as :attr:`min_row_length`:
+    a backend named explicitly still runs them)."""
     traceable: bool = False
     """Recorded by ``torch.jit.trace`` (plain aten ops that replay on new inputs)."""
     func_transforms: bool = False
@@ -142,6 +147,12 @@ class Capabilities:
             return f"more than {self.max_rows} rows (N x C)"
         return None
 
+
+    def passed_over_in_graphs(self, need: Need, tracing: str | None) -> bool:
+        """Whether ``backend="auto"`` passes it over for this call inside ``torch.compile``
+        (:attr:`auto_in_graphs`)."""
+        return (tracing == "torch.compile" and self.auto_in_graphs is not None
+                and need.op not in self.auto_in_graphs)
 
     def short_rows(self, x: Tensor, need: Need, classes: int = 1) -> bool:
         """Whether this call's rows are shorter than :attr:`min_row_length` where the sums are

@@ -84,8 +84,11 @@ class NativeBackend:
         topk=True,
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
-        # inside torch.compile: the same kernels as custom operators (ops.py)
-        compilable=True,
+        # inside torch.compile: the same kernels as custom operators (ops.py); "auto" takes
+        # them there for BCE/Focal/TopK and the fused composite, not Dice/IoU/Tversky, which
+        # Inductor fuses from the reference as fast at (32, 1, 256, 256) and 2x faster at
+        # (8, 1, 64, 64) (benchmarks/results/cpu_compiled.*, docs/performance.md)
+        compilable=True, auto_in_graphs=frozenset({"distribution", "composite"}),
         # BCE/Focal/TopK per element (TopK: 0 outside the selection)
         reduction_none=True, topk_reduction_none=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
