@@ -306,7 +306,7 @@ def test_cpu_benchmark_refuses_a_candidate_that_compiles_to_another_loss():
         bench.compiled_candidates({"halved": Halved()}, logits, target)
 
 
-def test_cpu_benchmark_refuses_a_candidate_that_ran_eagerly(monkeypatch):
+def test_cpu_benchmark_refuses_a_candidate_that_ran_eagerly():
     """Past Dynamo's recompile limit (8 versions of one function; dynloss's losses share
     their base class's forward) a compiled module runs eagerly without a word: the
     benchmark's BCE and TopK rows were eager ones. Each loss's candidates are compiled after
@@ -320,10 +320,11 @@ def test_cpu_benchmark_refuses_a_candidate_that_ran_eagerly(monkeypatch):
         def forward(self, x, t):
             return torch.nn.functional.binary_cross_entropy_with_logits(x, t)
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with pytest.raises(ValueError, match=r"second: torch.compile compiled no graph \(it ran"):
+    with (torch._dynamo.config.patch(recompile_limit=1),  # (not monkeypatch: an alias there)
+          pytest.raises(ValueError, match=r"second: torch.compile compiled no graph \(it ran")):
         bench.compiled_candidates({"first": BCE(), "second": BCE()}, logits, target)
     torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit == 8
 
 
 def test_cpu_benchmark_weighs_the_positives_as_each_peer_does():

@@ -8,22 +8,25 @@ registered autograd formula whose backward is the backward operator. Both run th
 backward bodies of the eager Functions, so values and gradients are bitwise those of eager
 mode; Inductor calls them as extern kernels.
 
-* ``dynloss::native_loss(x, target, spec) -> (out, probabilities, slope, state, args)``: a
-  region loss, a BCE/Focal/TopK mean or sum, its per-element losses (``reduction="none"``)
-  or a fused composite (``out`` is then ``(combined, region, distribution)``); the other
-  outputs are what backward needs: the saved buffers (empty where none is kept), the
-  kernel's float64 results and its argument struct.
+* ``dynloss::native_loss(x, target, spec, ints, floats) -> (out, probabilities, slope, state,
+  args)``: a region loss, a BCE/Focal/TopK mean or sum, its per-element losses
+  (``reduction="none"``) or a fused composite (``out`` is then ``(combined, region,
+  distribution)``); the other outputs are what backward needs and are not differentiable:
+  the saved buffers (empty where none is kept), the kernel's float64 results and its
+  argument struct (pointers zeroed).
 * ``dynloss::native_loss_backward(x, target, probabilities, slope, state, args, grad_out,
-  spec) -> grad``.
+  spec, ints, floats) -> grad``.
 
-``spec`` is a JSON string naming the call (the op, the loss's parameters, whether values are
-checked and a gradient is wanted): a constant of the traced graph that holds every value
-(not a handle into this process), so a graph cached on disk replays in another process.
-Sizes are read from the tensors, never from ``spec``. Where the eager backward goes through
-the reference (an invalid input, an overflowed slope, a non-finite upstream gradient), the
-backward operator does too, in a helper thread: an operator runs below autograd, and a
-thread starts with autograd on. A backward that is itself recorded (``create_graph=True``)
-is not supported by ``torch.compile`` itself.
+``spec`` is a JSON string of the call's structure (the op; the loss's parameters with their
+numbers replaced by markers; whether values are checked and a gradient is wanted), a
+constant of the traced graph; the numbers are ``ints`` / ``floats``, which a graph traced
+with ``dynamic=True`` takes as inputs. Nothing in them is a handle into this process, so a
+graph cached on disk replays in another. Sizes are read from the tensors.
+
+Where the eager backward goes through the reference (an invalid input, an overflowed slope,
+a non-finite upstream gradient), the backward operator does too, in a helper thread: an
+operator runs below autograd, and a thread starts with autograd on. A backward that is itself
+recorded (``create_graph=True``) is not supported by ``torch.compile`` itself.
 """
 
 from __future__ import annotations
