@@ -10,9 +10,7 @@ the eager kernels at (32, 1, 256, 256).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from dynloss.kernels import dispatch
 from dynloss.kernels.native import ffi, ops
 
 from ._backends import FUSED
+from ._launches import native_kernel_calls
 
 pytestmark = [pytest.mark.skipif("native" not in FUSED, reason="native kernels not built"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -34,23 +33,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def _kernel_calls() -> Iterator[list[str]]:
-    """The names of the native kernels' entry points called inside (``ffi._call``'s)."""
-    calls: list[str] = []
-    original = ffi._call
-
-    def recording(name: str, args: object) -> None:
-        calls.append(name)
-        original(name, args)
-
-    ffi._call = recording
-    try:
-        yield calls
-    finally:
-        ffi._call = original
 
 
 def _inputs(mode: str, seed: int = 0, dtype: torch.dtype = torch.float32, n: int = 2
@@ -84,7 +66,7 @@ def _compiled_matches_eager(loss, x: torch.Tensor, t: torch.Tensor, backend: str
     """The compiled loss's value and gradient are the eager native backend's, bitwise; the
     kernels' entry points called by the compiled forward+backward."""
     compiled = torch.compile(loss, fullgraph=True, backend=backend, **compile_options)
-    with _kernel_calls() as calls:
+    with native_kernel_calls() as calls:
         got = _run(compiled, x, t, upstream)
     _assert_same(got, _run(loss, x, t, upstream))
     assert any(call.endswith("_forward") for call in calls), calls
@@ -170,7 +152,7 @@ def test_compiled_composites_sum_their_terms(loss, native_terms):
     mode = loss.terms["dice"].mode
     x, t = _inputs(mode)
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    with _kernel_calls() as calls:
+    with native_kernel_calls() as calls:
         got = _run(compiled, x, t)
     assert sum(call.endswith("_forward") for call in calls) == native_terms, calls
     want = _run(loss, x, t)
@@ -246,7 +228,7 @@ def test_invalid_targets_make_nan_in_a_graph():
     for name in ("dice", "bce", "bce-none"):
         kwargs = {"reduction": "none"} if name.endswith("none") else {}
         cls = DiceLoss if name == "dice" else BCELoss
-        with _kernel_calls() as calls:
+        with native_kernel_calls() as calls:
             got = _run(torch.compile(cls(mode="multiclass", backend="native", **kwargs),
                                      fullgraph=True,
                                      backend="aot_eager"), x, t)
@@ -326,7 +308,7 @@ def test_auto_in_a_graph_takes_the_faster_of_native_and_the_compilers_fusion(nam
 
     x, t = _inputs("binary")
     loss = dynloss.LOSSES[name]()
-    with _kernel_calls() as calls:
+    with native_kernel_calls() as calls:
         got = _run(torch.compile(loss, fullgraph=True, backend="aot_eager"), x, t)
     assert bool(calls) == native, calls
     torch.testing.assert_close(got, _run(loss, x, t), rtol=1e-5, atol=1e-7)
