@@ -166,6 +166,73 @@ def test_inductor_calls_the_operators(case):
     _compiled_matches_eager(loss, *_inputs(mode), backend="inductor")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["dice", "bce"])
+def test_a_16_bit_nan_input_under_inductor(case, dtype):
+    """A 16-bit input whose backward goes through the reference (a NaN logit) gave the
+    reference's gradient in the input's dtype where the fake implementation says float32:
+    Inductor raised "expected dtype torch.float32 but got torch.float16" (found by a
+    review)."""
+    loss, mode = CASES[case]
+    x, t = _inputs(mode, dtype=dtype)
+    x[0, 0, 1, 2] = math.nan
+    _compiled_matches_eager(loss, x, t, backend="inductor")
+    _compiled_matches_eager(loss, *_inputs(mode, dtype=dtype), backend="inductor",
+                            upstream=math.inf)
+
+
+def test_inductors_cpp_wrapper_builds_the_graph():
+    """``cpp_wrapper=True`` pastes the operator's string argument into C++ unescaped: the
+    JSON spec's double quotes broke every graph with the operators (found by a review)."""
+    import torch._inductor.config
+
+    x, t = _inputs("binary")
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        _compiled_matches_eager(BCELoss(), x, t, backend="inductor")
+
+
+def test_float_hyperparameters_are_inputs_of_the_graph():
+    """Ten TopK losses with ten ``k``: one graph after the first change, as with the
+    reference (a ``float[]`` argument fixed each value in the graph: the 9th new value failed
+    ``fullgraph=True`` at Dynamo's recompile limit; found by a review)."""
+    x, t = _inputs("binary")
+    torch._dynamo.utils.counters.clear()
+    for k in range(1, 11):
+        loss = TopKLoss(k=k / 20)
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        _assert_same(_run(compiled, x, t), _run(loss, x, t))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_an_exported_loss_loads_in_a_fresh_process(tmp_path):
+    """``import dynloss`` registers the operators that an exported program calls (they were
+    registered on the first traced call: a fresh process could not load the program)."""
+    import subprocess
+    import sys
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loss = BCELoss()
+
+        def forward(self, x, t):
+            return self.loss(x, t)
+
+    x, t = _inputs("binary")
+    program = torch.export.export(Wrapped(), (x, t), strict=False)
+    assert any("dynloss.native_loss" in str(node.target) for node in program.graph.nodes)
+    path = tmp_path / "bce.pt2"
+    torch.export.save(program, path)
+    torch.save((x, t), tmp_path / "inputs.pt")
+    code = ("import sys, torch, dynloss\n"
+            "x, t = torch.load(sys.argv[2])\n"
+            "print(float(torch.export.load(sys.argv[1]).module()(x, t)))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "inputs.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) == float(BCELoss()(x, t))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["dice", "focal", "composite"])
 def test_compiled_native_other_dtypes(case, dtype):
@@ -270,9 +337,18 @@ def test_the_operator_arguments_hold_every_value():
                          ("elements", distribution), ("composite", composite)]:
         spec, ints, floats = ops.operator_arguments(kind, params, True, False)
         assert "255" not in spec and "0.1" not in spec  # (numbers are arguments)
+        # (Inductor's C++ wrapper pastes a string argument into C++ unescaped)
+        assert '"' not in spec and "\\" not in spec
+        assert floats.dtype == torch.float64
         call = ops._decode(spec, ints, floats)
         assert (call.kind, call.params, call.checked, call.needs_grad) == (
             kind, params, True, False)
+    spec, ints, floats = ops.operator_arguments("distribution", distribution, False, True)
+    assert ints == [255]
+    spec, ints, floats = ops.operator_arguments("distribution", distribution_params(k=0.5),
+                                                False, True)
+    assert ints == [] and ops._decode(spec, None, floats).params.k == 0.5  # (AOTInductor's
+    # runtime passes an empty int list as None)
     with pytest.raises(ValueError, match="kind must be one of"):
         ops.operator_arguments("pixel", region, True, False)
 
@@ -287,9 +363,10 @@ def test_opcheck(case, monkeypatch):
     arguments: list[tuple] = []
     decode = ops._decode
 
-    def recording(spec, ints, floats, cache=True):
-        arguments.append((spec, list(ints), list(floats)))
-        return decode(spec, ints, floats, cache)
+    def recording(spec, ints, floats):
+        if floats is not None:  # (a real call, not the fake implementation's)
+            arguments.append((spec, list(ints), floats.clone()))
+        return decode(spec, ints, floats)
 
     monkeypatch.setattr(ops, "_decode", recording)
     _run(torch.compile(loss, fullgraph=True, backend="aot_eager"), x, t)

@@ -34,6 +34,7 @@ from ..._warn import constant_in_graphs
 from ...distributed import is_distributed
 from .. import reference
 from ..capabilities import Capabilities
+from . import ops  # (registers the custom operators: an exported program needs them)
 from .autograd import (
     NativeCompositeLoss,
     NativeDistributionElements,
@@ -111,7 +112,7 @@ class NativeBackend:
             return reference.score_loss(sums, params, poison)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
         if traced:
-            return _ops().native_loss("region", layout.input, layout.target_input, params,
+            return ops.native_loss("region", layout.input, layout.target_input, params,
                                       checked)
         return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
                                       kernel_dims(layout, "region", params.per_image), params,
@@ -122,7 +123,7 @@ class NativeBackend:
         # per-channel pos_weight: the kernels read a row's channel (row % C)
         if _traced(layout.input):
             kind = "elements" if params.reduction == "none" else "distribution"
-            return _ops().native_loss(kind, layout.input, layout.target_input, params, checked)
+            return ops.native_loss(kind, layout.input, layout.target_input, params, checked)
         dims = kernel_dims(layout, "distribution", isinstance(params.pos_weight, tuple))
         if params.reduction == "none":
             loss, invalid = NativeDistributionElements.apply(
@@ -138,7 +139,7 @@ class NativeBackend:
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
         if _traced(layout.input):
-            values = _ops().native_loss("composite", layout.input, layout.target_input, params,
+            values = ops.native_loss("composite", layout.input, layout.target_input, params,
                                         checked)
             return values[0], values[1], values[2]
         return NativeCompositeLoss.apply(_input(layout), layout.target_input,
@@ -157,12 +158,6 @@ def _traced(x: Tensor) -> bool:
     """Whether the call is traced (``torch.compile``) or runs on fake tensors: the custom
     operators then, whose fake implementations give the shapes."""
     return torch.compiler.is_compiling() or is_fake(x)
-
-
-def _ops():  # (imported on the first traced call)
-    from . import ops
-
-    return ops
 
 
 def _input(layout: Layout) -> Tensor:

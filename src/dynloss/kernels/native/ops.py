@@ -17,11 +17,15 @@ mode; Inductor calls them as extern kernels.
 * ``dynloss::native_loss_backward(x, target, probabilities, slope, state, args, grad_out,
   spec, ints, floats) -> grad``.
 
-``spec`` is a JSON string of the call's structure (the op; the loss's parameters with their
-numbers replaced by markers; whether values are checked and a gradient is wanted), a
-constant of the traced graph; the numbers are ``ints`` / ``floats``, which a graph traced
-with ``dynamic=True`` takes as inputs. Nothing in them is a handle into this process, so a
-graph cached on disk replays in another. Sizes are read from the tensors.
+``spec`` is a Python literal of the call's structure (the op; the loss's parameters with
+their numbers replaced by markers; whether values are checked and a gradient is wanted), a
+constant of the traced graph, with no double quote or backslash (Inductor's C++ wrapper
+pastes it into C++ unescaped); the numbers are ``ints`` (``int[]``, which may be symbolic)
+and ``floats`` (a float64 tensor, formed in the graph, so that a float that changes becomes
+an input of the graph, not a constant that recompiles it). Nothing in them is a handle into
+this process, so a graph cached on disk replays in another. Sizes are read from the tensors.
+The operators are registered when :mod:`dynloss` is imported (an exported program calls
+them; registering builds nothing).
 
 Where the eager backward goes through the reference (an invalid input, an overflowed slope,
 a non-finite upstream gradient), the backward operator does too, in a helper thread: an
@@ -31,9 +35,9 @@ recorded (``create_graph=True``) is not supported by ``torch.compile`` itself.
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import dataclasses
-import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -136,15 +140,23 @@ def _flatten(kind: str, params: Params) -> tuple[list[Any], list[int], list[floa
 def _spec(kind: str, codes: list[Any], checked: bool, needs_grad: bool) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    return json.dumps([kind, codes, checked, needs_grad])
+    # a Python literal: no double quote or backslash, which Inductor's C++ wrapper
+    # (``cpp_wrapper=True``) pastes into a C++ string unescaped
+    return repr([kind, codes, checked, needs_grad])
 
 
 def operator_arguments(kind: str, params: Params, checked: bool, needs_grad: bool
-                       ) -> tuple[str, list[int], list[float]]:
+                       ) -> tuple[str, list[int], Tensor]:
     """``(spec, ints, floats)`` of a call (see the module documentation; inside
-    ``torch.compile`` the spec is formed once, as the graph is traced)."""
+    ``torch.compile`` the spec is formed once, as the graph is traced); ``floats`` is a
+    float64 tensor, formed by adding each number to a zero: a float ``torch.compile`` reads
+    this way becomes an input of the graph once it changes, where a ``float[]`` argument
+    would be fixed in the graph (a new value, a new graph: the 9th failed ``fullgraph``)."""
     codes, ints, floats = _flatten(kind, params)
-    return _spec(kind, codes, checked, needs_grad), ints, floats
+    zero = torch.zeros((), dtype=torch.float64, device="cpu")
+    numbers = (torch.stack([zero + value for value in floats]) if floats
+               else torch.zeros(0, dtype=torch.float64, device="cpu"))
+    return _spec(kind, codes, checked, needs_grad), ints, numbers
 
 
 def _fields(codes: list[Any], ints: Iterator[Any], floats: Iterator[Any]) -> list[Any]:
@@ -163,19 +175,34 @@ def _fields(codes: list[Any], ints: Iterator[Any], floats: Iterator[Any]) -> lis
     return values
 
 
+def _float_count(spec: str) -> int:
+    """How many numbers ``spec``'s structure reads from ``floats``."""
+    kind, codes, _, _ = ast.literal_eval(spec)
+
+    def count(items: list[Any]) -> int:
+        return sum(1 if code == "f" else code[1] if isinstance(code, list) and code[0] == "t"
+                   else 0 for code in items)
+
+    if kind == "composite":
+        return count(codes[0]) + count(codes[1]) + 2
+    return count(codes)
+
+
 _CALLS: dict[tuple, _Call] = {}
 _MAX_CALLS = 256
 
 
-def _decode(spec: str, ints: Sequence[Any], floats: Sequence[Any], cache: bool = True
-            ) -> _Call:
-    """The call of :func:`operator_arguments`'s results (``cache``: False for symbolic
-    numbers, in the fake implementations)."""
-    key = (spec, tuple(ints), tuple(floats)) if cache else None
+def _decode(spec: str, ints: Sequence[Any] | None, floats: Tensor | None) -> _Call:
+    """The call of :func:`operator_arguments`'s results; ``floats`` None in the fake
+    implementations, which read only the structure (the numbers are then 0). An empty
+    ``ints`` may come as None (AOTInductor's runtime passes it so)."""
+    ints = () if ints is None else tuple(ints)
+    numbers = [0.0] * _float_count(spec) if floats is None else floats.tolist()
+    key = (spec, ints, tuple(numbers)) if floats is not None else None
     call = _CALLS.get(key) if key is not None else None
     if call is None:
-        kind, codes, checked, needs_grad = json.loads(spec)
-        int_values, float_values = iter(ints), iter(floats)
+        kind, codes, checked, needs_grad = ast.literal_eval(spec)
+        int_values, float_values = iter(ints), iter(numbers)
         params: Params
         if kind == "composite":
             region = RegionParams(**dict(zip(
@@ -230,7 +257,7 @@ _NULL = bytes(_POINTER_BYTES)
 
 
 @torch.library.custom_op("dynloss::native_loss", mutates_args=(), device_types="cpu")
-def _loss(x: Tensor, target: Tensor, spec: str, ints: list[int], floats: list[float]
+def _loss(x: Tensor, target: Tensor, spec: str, ints: list[int], floats: Tensor
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     call = _decode(spec, ints, floats)
     layout = prepare(x, target, call.mode)
@@ -276,7 +303,7 @@ def _nan_marks(layout: Layout, params: DistributionParams, checked: bool) -> Ten
 
 @_loss.register_fake
 def _loss_fake(x, target, spec, ints, floats):
-    call = _decode(spec, ints, floats, cache=False)
+    call = _decode(spec, ints, None)
     layout = prepare(x, target, call.mode)
     dims = _dims(layout, call)
     real = compute_dtype(x.dtype)
@@ -340,7 +367,7 @@ def _recompute_detached(function: Callable[..., Any], inputs: Sequence[Tensor],
 @torch.library.custom_op("dynloss::native_loss_backward", mutates_args=(), device_types="cpu")
 def _loss_backward(x: Tensor, target: Tensor, probabilities: Tensor, slope: Tensor,
                    state: Tensor, args: Tensor, grad_out: Tensor, spec: str, ints: list[int],
-                   floats: list[float]) -> Tensor:
+                   floats: Tensor) -> Tensor:
     call = _decode(spec, ints, floats)
     layout = prepare(x, target, call.mode)
     dims = _dims(layout, call)
@@ -371,7 +398,9 @@ def _loss_backward(x: Tensor, target: Tensor, probabilities: Tensor, slope: Tens
                                   fwd.invalid, sums, cells, coefficients,
                                   1.0 / fwd.pixel[1], params, call.checked, fwd.overflowed,
                                   grads, False, _recompute_detached)
-    return grad.view(x.shape)
+    # (the reference's gradient, where backward took it, is in x's dtype: a 16-bit one
+    # must come back as the fake implementation says, in the compute dtype)
+    return grad.view(x.shape).to(real)
 
 
 @_loss_backward.register_fake
@@ -387,16 +416,17 @@ def _setup(ctx, inputs, output) -> None:
     # input-sized fill each, measured as half the compiled step)
     ctx.mark_non_differentiable(probabilities, slope, state, args)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, target, probabilities, slope, state, args)
-    ctx.spec = (spec, ints, floats)
+    ctx.save_for_backward(x, target, probabilities, slope, state, args, floats)
+    ctx.spec = (spec, ints)
 
 
 def _backward(ctx, grad_out, *_state_grads):
     if grad_out is None:  # (the loss itself was not used)
         return None, None, None, None, None
-    x, target, probabilities, slope, state, args = ctx.saved_tensors
+    x, target, probabilities, slope, state, args, floats = ctx.saved_tensors
+    spec, ints = ctx.spec
     grad = torch.ops.dynloss.native_loss_backward(x, target, probabilities, slope, state, args,
-                                                  grad_out, *ctx.spec)
+                                                  grad_out, spec, ints, floats)
     return grad.to(x.dtype), None, None, None, None
 
 
