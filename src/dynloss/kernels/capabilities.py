@@ -147,7 +147,6 @@ class Capabilities:
             return f"more than {self.max_rows} rows (N x C)"
         return None
 
-
     def passed_over_in_graphs(self, need: Need, tracing: str | None) -> bool:
         """Whether ``backend="auto"`` passes it over for this call inside ``torch.compile``
         (:attr:`auto_in_graphs`)."""

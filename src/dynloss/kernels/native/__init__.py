@@ -113,7 +113,7 @@ class NativeBackend:
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
         if traced:
             return ops.native_loss("region", layout.input, layout.target_input, params,
-                                      checked)
+                                   checked)
         return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
                                       kernel_dims(layout, "region", params.per_image), params,
                                       checked)
@@ -140,11 +140,11 @@ class NativeBackend:
                   ) -> tuple[Tensor, Tensor, Tensor]:
         if _traced(layout.input):
             values = ops.native_loss("composite", layout.input, layout.target_input, params,
-                                        checked)
+                                     checked)
             return values[0], values[1], values[2]
-        return NativeCompositeLoss.apply(_input(layout), layout.target_input,
-                                         kernel_dims(layout, "composite", params.region.per_image),
-                                         params, checked)
+        dims = kernel_dims(layout, "composite", params.region.per_image)
+        return NativeCompositeLoss.apply(_input(layout), layout.target_input, dims, params,
+                                         checked)
 
 
 @constant_in_graphs

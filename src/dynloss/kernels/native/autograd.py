@@ -1,5 +1,10 @@
 r"""The native kernels as autograd Functions: each loss is one node.
 
+Each Function's forward and backward are plain functions here (``region_forward`` /
+``region_backward``, ``distribution_*``, ``elements_backward``, ``composite_*``), which the
+custom operators of :mod:`~dynloss.kernels.native.ops` run too, so a compiled loss computes
+exactly what an eager one does.
+
 * :class:`NativeRegionLoss`: Dice/IoU/Tversky. The forward kernel's sums go straight into the
   reference score (:func:`dynloss.kernels.reference.score_loss`, float32, float64 for float64
   input, with no graph recorded); backward turns the upstream gradient into ``dL/dI`` and

@@ -95,7 +95,7 @@ def c_real(real: torch.dtype) -> type[ctypes.c_float] | type[ctypes.c_double]:
 
 
 def native_target(target: Tensor, mode: str, ignore_index: int | None,
-                   real: torch.dtype = torch.float32) -> Tensor:
+                  real: torch.dtype = torch.float32) -> Tensor:
     """The target in a dtype the kernels read (bool is read as uint8), contiguous and in memory
     as it reads (not negated). With float32 input (``real``) a floating-point target as
     float32, a float64 one with its own answers to "ignored?" and "in [0, 1]?"; with float64
