@@ -59,6 +59,7 @@ of smp/MONAI (or the one that has the loss), plain torch, and for TopK nnU-Net's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -191,6 +192,30 @@ COMPILED_BACKENDS = ("auto", "reference")
 CPU (``"torch"`` would give way to the reference)."""
 
 
+IN_GRAPH: dict[int, str] = {}
+"""Per compiled ``dynloss[auto]`` (by ``id``): the backend that ran inside its graph
+(``"native"`` where the native kernels' entry points were called, else the reference)."""
+
+
+@contextlib.contextmanager
+def native_calls():
+    """The native kernels' entry points called inside (a list of names)."""
+    from dynloss.kernels.native import ffi
+
+    calls = []
+    original = ffi._call
+
+    def recording(name, args):
+        calls.append(name)
+        original(name, args)
+
+    ffi._call = recording
+    try:
+        yield calls
+    finally:
+        ffi._call = original
+
+
 def compiled_candidates(candidates, logits, target):
     """Each candidate through ``torch.compile`` (Inductor, default options: a peer that breaks
     the graph runs in pieces, as it would in a user's compiled step), compiled here by one
@@ -213,8 +238,11 @@ def compiled_candidates(candidates, logits, target):
         want.backward()
         y = logits.detach().requires_grad_()
         graphs = counters["unique_graphs"]
-        got = compiled[label](y, target)
-        got.backward()
+        with native_calls() as calls:
+            got = compiled[label](y, target)
+            got.backward()
+        if label == "dynloss[auto]":  # what ran inside the graph, as measured
+            IN_GRAPH[id(compiled[label])] = "native" if calls else "reference"
         if counters["unique_graphs"] == graphs:
             raise ValueError(f"{label}: torch.compile compiled no graph (it ran eagerly)")
         for what, a, b in (("value", got, want), ("gradient", y.grad, x.grad)):
@@ -545,6 +573,8 @@ def main(argv=None):
             }
             rows.append(row)
         ratios = {"dynloss_ms": ours * 1e3, f"{activation}_passes": ours / sig}
+        if args.compile:
+            ratios["in_graph"] = IN_GRAPH.get(id(candidates["dynloss[auto]"]), "?")
         summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
         if best_library:
             ratios["vs_smp_monai"] = best_library / ours
@@ -641,7 +671,8 @@ def to_markdown(meta, rows, summaries=None):
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, smp {meta['smp']}, "
         f"MONAI {meta['monai']}, dynloss {meta['dynloss']} ({meta.get('commit') or '?'}); "
         f"{meta['date']}, load average {meta.get('load_average')}. "
-        f"`dynloss[auto]` ran the `{meta.get('auto_backend', '?')}` backend.",
+        f"`dynloss[auto]` ran the `{meta.get('auto_backend', '?')}` backend"
+        + (" eagerly (inside a graph: see each loss below)." if meta.get("compiled") else "."),
         f"Median of {meta['repeats']} runs"
         + (f", candidates in a new order every round (order seed {meta['order_seed']})"
            if meta.get("order_seed") is not None else "")
@@ -679,7 +710,10 @@ def to_markdown(meta, rows, summaries=None):
             versus = [f"{ratios[key]:.2f}x over {_versus_label(key, ratios, timed)}"
                       for key in PEERS if key in ratios]
             label = f"{name} (cross-entropy)" if multiclass and name == "bce" else name
-            lines.append(f"- {label}: {ratios['dynloss_ms']:.2f} ms; " + ", ".join(versus))
+            where = (f" (inside the graph: the {ratios['in_graph']} backend)"
+                     if "in_graph" in ratios else "")
+            lines.append(f"- {label}: {ratios['dynloss_ms']:.2f} ms{where}; "
+                         + ", ".join(versus))
     return "\n".join(lines) + "\n"
 
 

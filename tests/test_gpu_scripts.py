@@ -291,6 +291,8 @@ def test_cpu_benchmark_compiles_every_candidate(tmp_path, capsys):
     assert report.startswith("# CPU benchmark: forward + backward, shape (2, 1, 8, 8) float32, "
                              "every candidate compiled (`torch.compile`)\n")
     assert "in multiples of the input's size (of an eager call)" in report
+    assert results["summary"]["dice"]["in_graph"] == "reference"  # (measured: no kernel ran)
+    assert "- dice: " in report and "ms (inside the graph: the reference backend);" in report
 
 
 def test_cpu_benchmark_refuses_a_candidate_that_compiles_to_another_loss():
