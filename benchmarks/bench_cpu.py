@@ -59,7 +59,6 @@ of smp/MONAI (or the one that has the loss), plain torch, and for TopK nnU-Net's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -80,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynloss
 from competitors import HAVE_MONAI, HAVE_SMP, POS_WEIGHT, WEIGHT_MAPS, competitors
 from dynloss.kernels import resolve_backend
+from dynloss.kernels.native.ffi import recorded_calls
 from peers import implementation
 
 LOSSES = ["dice", "iou", "tversky", "focal", "bce", "topk"]
@@ -197,25 +197,6 @@ IN_GRAPH: dict[int, str] = {}
 (``"native"`` where the native kernels' entry points were called, else the reference)."""
 
 
-@contextlib.contextmanager
-def native_calls():
-    """The native kernels' entry points called inside (a list of names)."""
-    from dynloss.kernels.native import ffi
-
-    calls = []
-    original = ffi._call
-
-    def recording(name, args):
-        calls.append(name)
-        original(name, args)
-
-    ffi._call = recording
-    try:
-        yield calls
-    finally:
-        ffi._call = original
-
-
 def compiled_candidates(candidates, logits, target):
     """Each candidate through ``torch.compile`` (Inductor, default options: a peer that breaks
     the graph runs in pieces, as it would in a user's compiled step), compiled here by one
@@ -238,7 +219,7 @@ def compiled_candidates(candidates, logits, target):
         want.backward()
         y = logits.detach().requires_grad_()
         graphs = counters["unique_graphs"]
-        with native_calls() as calls:
+        with recorded_calls() as calls:
             got = compiled[label](y, target)
             got.backward()
         if label == "dynloss[auto]":  # what ran inside the graph, as measured

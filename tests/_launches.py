@@ -1,5 +1,4 @@
-"""Count what one loss call launches: Triton kernels plus aten compute operations; and record
-which of the native kernels' entry points a call ran (:func:`native_kernel_calls`).
+"""Count what one loss call launches: Triton kernels plus aten compute operations.
 
 Views and empty allocations launch nothing on a GPU, so they are not counted; everything
 else an operation dispatches (a fill, a reduction, an elementwise op, a copy) is one launch.
@@ -104,21 +103,3 @@ def count_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     assert x.grad is not None
     return forward, list(counter.launches)
 
-
-@contextlib.contextmanager
-def native_kernel_calls() -> Iterator[list[str]]:
-    """The names of the native kernels' entry points called inside (``ffi._call``'s)."""
-    from dynloss.kernels.native import ffi
-
-    calls: list[str] = []
-    original = ffi._call
-
-    def recording(name: str, args: object) -> None:
-        calls.append(name)
-        original(name, args)
-
-    ffi._call = recording
-    try:
-        yield calls
-    finally:
-        ffi._call = original

@@ -22,9 +22,9 @@ import dynloss
 from dynloss import BCELoss, CompositeLoss, DiceLoss, FocalLoss, TopKLoss, build_loss
 from dynloss.kernels import dispatch
 from dynloss.kernels.native import ffi, ops
+from dynloss.kernels.native.ffi import recorded_calls
 
 from ._backends import FUSED
-from ._launches import native_kernel_calls
 
 pytestmark = [pytest.mark.skipif("native" not in FUSED, reason="native kernels not built"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -68,7 +68,7 @@ def _compiled_matches_eager(loss, x: torch.Tensor, t: torch.Tensor, backend: str
     """The compiled loss's value and gradient are the eager native backend's, bitwise; the
     kernels' entry points called by the compiled forward+backward."""
     compiled = torch.compile(loss, fullgraph=True, backend=backend)
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         got = _run(compiled, x, t, upstream)
     _assert_same(got, _run(loss, x, t, upstream))
     assert any(call.endswith("_forward") for call in calls), calls
@@ -154,7 +154,7 @@ def test_compiled_composites_sum_their_terms(loss, native_terms):
     mode = loss.terms["dice"].mode
     x, t = _inputs(mode)
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         got = _run(compiled, x, t)
     assert sum(call.endswith("_forward") for call in calls) == native_terms, calls
     want = _run(loss, x, t)
@@ -297,7 +297,7 @@ def test_invalid_targets_make_nan_in_a_graph():
     for name in ("dice", "bce", "bce-none"):
         kwargs = {"reduction": "none"} if name.endswith("none") else {}
         cls = DiceLoss if name == "dice" else BCELoss
-        with native_kernel_calls() as calls:
+        with recorded_calls() as calls:
             got = _run(torch.compile(cls(mode="multiclass", backend="native", **kwargs),
                                      fullgraph=True,
                                      backend="aot_eager"), x, t)
@@ -387,7 +387,7 @@ def test_auto_in_a_graph_takes_the_faster_of_native_and_the_compilers_fusion(nam
 
     x, t = _inputs("binary")
     loss = dynloss.LOSSES[name]()
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         got = _run(torch.compile(loss, fullgraph=True, backend="aot_eager"), x, t)
     assert bool(calls) == native, calls
     torch.testing.assert_close(got, _run(loss, x, t), rtol=1e-5, atol=1e-7)

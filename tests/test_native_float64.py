@@ -18,9 +18,9 @@ import torch
 
 import dynloss
 from dynloss.kernels.native.buffer_pool import BufferPool
+from dynloss.kernels.native.ffi import recorded_calls
 
 from ._backends import FUSED, MODES, make_loss, seeded_case
-from ._launches import native_kernel_calls
 
 pytestmark = pytest.mark.skipif("native" not in FUSED, reason="native kernels not built")
 
@@ -41,7 +41,7 @@ def _assert_native_is_the_reference(name: str, mode: str, x: torch.Tensor,
     """``name`` computed by the native kernels, forward and backward (their entry points
     called; ``reduction="none"``'s backward multiplies the saved slopes in torch), gives the
     float64 reference's value and gradient to :data:`RTOL`."""
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         value, grad = _run(make_loss(name, mode, "native", **kwargs), x, target)
     assert any(call.endswith("_forward") for call in calls), calls
     if kwargs.get("reduction") != "none":
@@ -173,7 +173,7 @@ def test_a_nan_or_infinite_logit_makes_the_float64_loss_nan_as_the_references():
     x.view(-1)[3] = math.inf
     x.view(-1)[8] = math.nan
     for name in ("dice", "bce", "focal"):
-        with native_kernel_calls() as calls:
+        with recorded_calls() as calls:
             value, grad = _run(make_loss(name, "binary", "native"), x, target)
         assert calls == ["dynloss_binary_forward"]  # (backward: the reference's NaN pattern)
         want, want_grad = _run(make_loss(name, "binary", "reference"), x, target)
@@ -198,7 +198,7 @@ def test_gradcheck_of_the_native_float64_kernels():
     x, target = _case("multilabel", "ignore", seed=4)
     x = x[:, :, :3, :4].contiguous().requires_grad_(True)
     target = target[:, :, :3, :4].contiguous()
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         for name, kwargs in (("dice", {"ignore_index": 255}),
                              ("focal", {"gamma": 1.5, "ignore_index": 255}),
                              ("composite", {"ignore_index": 255})):
@@ -223,7 +223,7 @@ def test_float64_weight_map_gradient_is_the_references():
     for backend in ("native", "reference"):
         loss = dynloss.FocalLoss(mode="multiclass", reduction="none", ignore_index=255,
                                  backend=backend)
-        with native_kernel_calls() as calls:
+        with recorded_calls() as calls:
             results.append(_run(loss, x, target, weights))
         assert calls == (["dynloss_multiclass_forward"] if backend == "native" else [])
     torch.testing.assert_close(results[0][0], results[1][0], rtol=RTOL, atol=1e-15)
@@ -259,7 +259,7 @@ def test_topk_in_float64_with_a_nan_logit_is_nan_as_the_references():
     x, target = _case("binary", "plain")
     x = x.clone()
     x.view(-1)[5] = math.nan
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         value, grad = _run(dynloss.TopKLoss(k=0.2, backend="native"), x, target)
     assert calls[:2] == ["dynloss_binary_forward", "dynloss_binary_topk"]
     want, want_grad = _run(dynloss.TopKLoss(k=0.2, backend="reference"), x, target)
@@ -292,7 +292,7 @@ def test_float64_over_many_chunks_is_the_references_and_the_same_for_any_thread_
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            with native_kernel_calls() as calls:
+            with recorded_calls() as calls:
                 results.append(_run(make_loss("composite", mode, "native"), x, target))
             assert len(calls) == 2, calls  # forward and backward
     finally:
@@ -315,7 +315,7 @@ def test_float64_per_element_losses_keep_double_precision(name, kwargs):
     x = torch.cat([torch.linspace(-740, 740, 2001, dtype=torch.float64),
                    torch.randn(2000, generator=gen, dtype=torch.float64) * 3]).view(1, 1, -1)
     target = (torch.rand(x.shape, generator=gen) < 0.5).double()
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         value, grad = _run(make_loss(name, "binary", "native", reduction="none", **kwargs), x,
                            target)
     assert calls == ["dynloss_binary_forward"]
@@ -399,7 +399,7 @@ def test_float64_hyperparameters_are_not_narrowed_to_float(mode):
         [dynloss.DiceLoss(mode=mode, ignore_index=255, backend=backend),
          dynloss.FocalLoss(mode=mode, ignore_index=255, gamma=odd, backend=backend)],
         weights=[odd, 1 / 3]) for backend in ("native", "reference")]
-    with native_kernel_calls() as calls:
+    with recorded_calls() as calls:
         value, grad = _run(composite[0], x, target)
     assert calls, "the composite ran on the native kernels"
     want, want_grad = _run(composite[1], x, target)

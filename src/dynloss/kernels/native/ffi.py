@@ -24,10 +24,12 @@ started in the child would wait for them forever; said once).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,7 +54,7 @@ from .buffer_pool import CPU, POOL
 from .build import library, status
 
 __all__ = ["SCALARS", "Forward", "Sums", "c_real", "graph_kept", "kernel_dims",
-           "native_backward", "native_forward", "native_target"]
+           "native_backward", "native_forward", "native_target", "recorded_calls"]
 
 
 _forked = False  # this process was forked from another (which may have run OpenMP teams)
@@ -138,6 +140,36 @@ def _call(name: str, args: Args) -> None:
         raise MemoryError("the native loss kernel ran out of memory")
     if code != 0:  # pragma: no cover - arguments are validated in Python
         raise RuntimeError(f"{name} rejected its arguments (code {code})")
+
+
+@contextlib.contextmanager
+def recorded_calls() -> Iterator[list[str]]:
+    """The names of the kernels' entry points called inside the ``with`` block, in order (for
+    tests and benchmarks: which calls the kernels computed). Not thread-safe: it swaps this
+    module's caller while the block runs, so a call costs nothing extra outside one.
+
+    Examples:
+        >>> import torch, dynloss
+        >>> from dynloss.kernels import native_available
+        >>> from dynloss.kernels.native.ffi import recorded_calls
+        >>> with recorded_calls() as calls:
+        ...     _ = dynloss.BCELoss()(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4))
+        >>> calls == (["dynloss_binary_forward"] if native_available() else [])
+        True
+    """
+    global _call
+    calls: list[str] = []
+    original = _call
+
+    def recording(name: str, args: Args) -> None:
+        calls.append(name)
+        original(name, args)
+
+    _call = recording
+    try:
+        yield calls
+    finally:
+        _call = original
 
 
 _PORTABLE_LOOPS = 0
