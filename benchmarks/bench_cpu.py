@@ -192,17 +192,14 @@ COMPILED_BACKENDS = ("auto", "reference")
 CPU (``"torch"`` would give way to the reference)."""
 
 
-IN_GRAPH: dict[int, str] = {}
-"""Per compiled ``dynloss[auto]`` (by ``id``): the backend that ran inside its graph
-(``"native"`` where the native kernels' entry points were called, else the reference)."""
-
-
 def compiled_candidates(candidates, logits, target):
     """Each candidate through ``torch.compile`` (Inductor, default options: a peer that breaks
     the graph runs in pieces, as it would in a user's compiled step), compiled here by one
     forward+backward and checked against its eager value and gradient on the timed input
     (``ValueError`` where compiling changed them, or compiled no graph);
-    ``dynloss[eager]``: ``dynloss[auto]`` not compiled, beside them."""
+    ``dynloss[eager]``: ``dynloss[auto]`` not compiled, beside them. Returns ``(candidates,
+    in_graph)``: ``in_graph`` the backend that ran inside ``dynloss[auto]``'s graph
+    (``"native"`` where the native kernels' entry points were called, else the reference)."""
     import torch._dynamo.utils
 
     # Dynamo keeps at most 8 compiled versions of one function (dynloss's losses share their
@@ -210,6 +207,7 @@ def compiled_candidates(candidates, logits, target):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters["stats"]
     compiled = {}
+    in_graph = None
     for label, fn in candidates.items():
         compiled[label] = torch.compile(fn)
         if label == "dynloss[auto]":  # what the same step gets with the loss left eager
@@ -223,13 +221,13 @@ def compiled_candidates(candidates, logits, target):
             got = compiled[label](y, target)
             got.backward()
         if label == "dynloss[auto]":  # what ran inside the graph, as measured
-            IN_GRAPH[id(compiled[label])] = "native" if calls else "reference"
+            in_graph = "native" if calls else "reference"
         if counters["unique_graphs"] == graphs:
             raise ValueError(f"{label}: torch.compile compiled no graph (it ran eagerly)")
         for what, a, b in (("value", got, want), ("gradient", y.grad, x.grad)):
             if not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6):
                 raise ValueError(f"{label}: compiled, its {what} differs from its eager one")
-    return compiled
+    return compiled, in_graph
 
 
 PROBE_SIDE = 5
@@ -526,9 +524,10 @@ def main(argv=None):
     rows = []
     summaries = {}
     for name, candidates in every.items():
+        in_graph = None
         if args.compile:  # (one loss's candidates at a time: see compiled_candidates)
             try:
-                candidates = compiled_candidates(candidates, logits, target)
+                candidates, in_graph = compiled_candidates(candidates, logits, target)
             except ValueError as error:
                 print(f"bench_cpu.py: error: {error}", file=sys.stderr)
                 return 2
@@ -554,8 +553,8 @@ def main(argv=None):
             }
             rows.append(row)
         ratios = {"dynloss_ms": ours * 1e3, f"{activation}_passes": ours / sig}
-        if args.compile:
-            ratios["in_graph"] = IN_GRAPH.get(id(candidates["dynloss[auto]"]), "?")
+        if in_graph is not None:
+            ratios["in_graph"] = in_graph
         summary = f"{name:8s} dynloss {ours * 1e3:7.2f} ms"
         if best_library:
             ratios["vs_smp_monai"] = best_library / ours
