@@ -556,3 +556,93 @@ def test_our_constant_mark_is_torchs_assume_constant_result():
     constant_in_graphs(ours)
     torch.compiler.assume_constant_result(theirs)
     assert vars(ours) == vars(theirs) != {}
+
+
+@pytest.mark.parametrize("loss", [DiceLoss(), IoULoss(), TverskyLoss(alpha=0.3, beta=0.7),
+                                  DiceLoss(ignore_index=2, smooth=1.0)],
+                         ids=lambda v: repr(v))
+def test_a_compiled_binary_region_loss_reads_its_input_in_one_fused_pass(loss):
+    """Batch-pooled binary Dice/IoU/Tversky inside ``torch.compile``: the sigmoid, the three
+    sums and the value checks are one loop over the input and the target, as the peers'
+    compiled formulas are. Summed per sample first (``(N, C)``) and then over the batch, the
+    sums made Inductor store the probabilities (a buffer the input's size, written and read
+    again: 1.4x-1.55x the compiled plain-torch Dice at (32, 1, 256, 256)); the checks of the
+    whole tensor were passes of their own."""
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 1, 32, 32, generator=gen) * 3).requires_grad_()
+    t = (torch.rand(4, 1, 32, 32, generator=gen) > 0.7).float()
+    compiled = torch.compile(loss, fullgraph=True)
+    _, (forward, *_) = run_and_get_code(compiled, x, t)
+    buffers = [shape for shape in _allocated_shapes(forward) if math.prod(shape) == x.numel()]
+    assert buffers == [], forward
+    assert forward.count(f"<static_cast<int64_t>({x.numel()}L)") == 1, forward
+    _compare(loss, x.detach(), t, compiled)
+
+
+def _allocated_shapes(code: str) -> list[tuple[int, ...]]:
+    """The shapes of the buffers the compiled wrapper ``code`` allocates."""
+    import ast
+    import re
+
+    return [tuple(ast.literal_eval(f"({dims.rstrip(', ')},)")) if dims.strip() else ()
+            for dims in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code)]
+
+
+_TINY = -1.401298464324817e-45  # the negative float32 subnormal closest to 0
+_INF, _NAN = math.inf, math.nan
+
+
+# (where the values go, dtype, from_logits, the values, whether they are invalid)
+@pytest.mark.parametrize("where, dtype, from_logits, values, bad", [
+    ("input", torch.float32, True, [0.0, 1e30, -3.0, -1e30, _TINY], False),
+    ("input", torch.float32, True, [_INF], True),
+    ("input", torch.float32, True, [-_INF], True),
+    ("input", torch.float32, True, [_NAN], True),
+    ("input", torch.float16, True, [65504.0, -65504.0], False),
+    ("input", torch.float16, True, [_INF], True),
+    ("input", torch.float32, False, [0.0, 1.0, 0.5, -0.0, 1e-45], False),
+    ("input", torch.float32, False, [_TINY], True),
+    ("input", torch.float32, False, [1.0000001], True),
+    ("input", torch.float32, False, [_NAN], True),
+    ("input", torch.float32, False, [_INF], True),
+    ("input", torch.float32, False, [-_INF], True),
+    ("input", torch.bfloat16, False, [1.0078125], True),
+    ("target", torch.float32, True, [0.0, 1.0, 0.3, -0.0, 1e-45], False),
+    ("target", torch.float32, True, [_TINY], True),
+    ("target", torch.float32, True, [1.0000001], True),
+    ("target", torch.float32, True, [2.0], True),
+    ("target", torch.float32, True, [_NAN], True),
+    ("target", torch.float32, True, [_INF], True),
+    ("target", torch.float32, True, [-_INF], True),
+    ("input", torch.float64, False, [-5e-324], True),
+    ("target", torch.float16, True, [-6e-8], True),
+    ("target", torch.int64, True, [0, 1], False),
+    ("target", torch.int64, True, [2], True),
+    ("target", torch.int64, True, [-1], True),
+    ("target", torch.int64, True, [2**40], True),
+    ("target", torch.uint8, True, [255], True),
+], ids=str)
+def test_the_value_checks_in_a_graph_agree_with_the_eager_ones(where, dtype, from_logits,
+                                                               values, bad):
+    """Inside a graph the value checks are arithmetic the compiler fuses into the loss's pass
+    (a sum of ``x * 0``, the negative part of ``v (1 - v)``); they flag exactly what the
+    eager checks (the extremes, by ``aminmax``) flag, at the edges of [0, 1] and of the
+    finite numbers (subnormals included), for every dtype."""
+    from dynloss._layout import invalid_values, prepare
+
+    x = torch.full((2, 1, 3), 0.25 if not from_logits else 0.5, dtype=torch.float32)
+    t = torch.zeros(2, 1, 3, dtype=torch.float32)
+    if where == "input":
+        x = x.to(dtype)
+        x.view(-1)[1:1 + len(values)] = torch.tensor(values, dtype=torch.float64).to(dtype)
+    else:
+        t = t.to(dtype)
+        t.view(-1)[1:1 + len(values)] = torch.tensor(values).to(dtype)
+
+    def invalid(x, t):
+        return invalid_values(prepare(x, t, "binary"), None, from_logits, targets=True)
+
+    assert bool(invalid(x, t)) == bad
+    assert bool(torch.compile(invalid, fullgraph=True)(x, t)) == bad

@@ -505,6 +505,18 @@ def invalid_elements(layout: Layout, ignore_index: int | None, from_logits: bool
     return bad
 
 
+def _outside_unit_interval(v: Tensor) -> Tensor:
+    """0-dim bool: an element of ``v`` lies outside [0, 1] or is NaN. Floating ``v``: the
+    negative part of ``v (1 - v)`` sums to nonzero (the product is negative exactly outside
+    [0, 1], also at +-inf and for the smallest subnormals, and NaN for a NaN); three
+    operations per element that the compiler fuses into the loss's own pass. Integers
+    (whose product could wrap): compared."""
+    v = v.detach()
+    if not v.is_floating_point():
+        return ~((v >= 0) & (v <= 1)).all()
+    return (v * (1 - v)).clamp(max=0).sum() != 0
+
+
 def invalid_values(layout: Layout, ignore_index: int | None, from_logits: bool,
                    targets: bool) -> Tensor:
     """0-dim bool tensor: :func:`invalid_elements` has a True. Nothing is read on the host.
@@ -513,7 +525,9 @@ def invalid_values(layout: Layout, ignore_index: int | None, from_logits: bool,
     (``torch.aminmax``: one pass, no temporary the size of the input, NaN propagated): a
     non-finite logit makes the min or the max non-finite, a probability or target outside
     its range (or NaN) puts the min or the max outside it. (Per element, as with an
-    ``ignore_index``, the same test costs ~10x more on the CPU.)
+    ``ignore_index``, the same test costs ~10x more on the CPU.) Inside ``torch.compile``:
+    sums that the compiler fuses into the loss's own pass over the input (``x * 0`` is NaN
+    where ``x`` is not finite; see :func:`_outside_unit_interval` for [0, 1]).
 
     >>> import torch
     >>> from dynloss._layout import invalid_values, prepare
@@ -525,16 +539,18 @@ def invalid_values(layout: Layout, ignore_index: int | None, from_logits: bool,
         return invalid_elements(layout, ignore_index, from_logits, targets).any()
     x, target = layout.x, layout.target
     if torch.compiler.is_compiling():
-        # in a graph, reductions that are defined on empty tensors (the compiler fuses them):
-        # a branch on the size is baked in by torch.export, and aminmax of an empty batch
-        # then raised in the exported program
-        bad = ~(x.isfinite().all() if from_logits else ((x >= 0) & (x <= 1)).all())
+        # in a graph, reductions that are defined on empty tensors (a branch on the size is
+        # baked in by torch.export, and aminmax of an empty batch then raised in the exported
+        # program), each in as few operations per element as it can be, since the compiler
+        # fuses them into the loss's own pass (the masks, casts and logical reductions of
+        # `isfinite(x).all()` cost about as much as the sigmoid): x * 0 is NaN exactly where
+        # x is not finite
+        bad = (x.detach() * 0).sum() != 0 if from_logits else _outside_unit_interval(x)
         if targets and target.dtype != torch.bool:
             if layout.mode == MULTICLASS_MODE:
-                in_range = (target >= 0) & (target < layout.num_classes)
+                bad = bad | ~((target >= 0) & (target < layout.num_classes)).all()
             else:
-                in_range = (target >= 0) & (target <= 1)
-            bad = bad | ~in_range.all()
+                bad = bad | _outside_unit_interval(target)
         return bad
     bad = torch.zeros((), dtype=torch.bool, device=x.device)
     if x.numel():

@@ -58,10 +58,21 @@ def _kept_input(x: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def region_sums(layout: Layout, from_logits: bool, ignore_index: int | None,
-                checked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``(I, P, G)``, each ``(N, C)``, over the kept elements, as plain autograd code."""
+                checked: bool = True, pooled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(I, P, G)``, each ``(N, C)``, over the kept elements, as plain autograd code.
+
+    ``pooled=True`` (the batch is pooled): binary and multilabel sums with one channel may
+    come back already summed over the batch, ``(1, 1)``: each sum is then one reduction over
+    the whole tensor, which ``torch.compile`` fuses with the sigmoid and the value checks
+    into a single pass over the input and the target (per row, it stores the probabilities
+    for the second of the two sums that read them: one more pass, and a buffer the input's
+    size)."""
     dtype = compute_dtype(layout.x.dtype)
     x = layout.x.to(dtype)
+    if pooled and layout.mode != MULTICLASS_MODE and layout.num_classes == 1:
+        layout = Layout(x.reshape(1, 1, -1), layout.target.reshape(1, 1, -1), layout.mode,
+                        layout.elementwise_shape)
+        x = layout.x
     if layout.mode == MULTICLASS_MODE:
         index, valid = _class_index(layout, ignore_index, checked)
         classes = torch.arange(layout.num_classes, device=index.device).view(1, -1, 1)
@@ -140,8 +151,8 @@ def region_loss(layout: Layout, params: RegionParams, checked: bool = True,
                 poison: Tensor | None = None) -> Tensor:
     """The region loss, without the NaN of invalid values unless given their ``poison`` (see
     :meth:`Reference.region`)."""
-    return score_loss(region_sums(layout, params.from_logits, params.ignore_index, checked),
-                      params, poison)
+    return score_loss(region_sums(layout, params.from_logits, params.ignore_index, checked,
+                                  pooled=not params.per_image), params, poison)
 
 
 def pos_weight_of(params: DistributionParams, x: Tensor) -> Tensor | float | None:
