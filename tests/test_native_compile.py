@@ -397,6 +397,62 @@ def test_auto_in_a_graph_takes_the_faster_of_native_and_the_compilers_fusion(nam
     assert select("native", fake, Need(op)).name == "native"  # (named: no fallback)
 
 
+# (mode, input shape, per_image, the backend "auto" takes in a graph)
+@pytest.mark.parametrize("mode, shape, per_image, backend", [
+    ("binary", (64, 1, 128, 128), False, "reference"),  # one row: one fused pass, any size
+    ("binary", (64, 1, 128, 128), True, "native"),  # per row: 2**20 elements
+    ("binary", (63, 1, 128, 128), True, "reference"),
+    ("multilabel", (16, 4, 128, 128), False, "native"),
+    ("multilabel", (8, 4, 128, 128), False, "reference"),
+    ("multiclass", (4, 4, 64, 64), False, "native"),  # 2**16 elements
+    ("multiclass", (4, 4, 63, 64), False, "reference"),
+])
+def test_auto_in_a_graph_takes_native_region_kernels_for_sums_per_row_from_a_size(
+        mode, shape, per_image, backend):
+    """Inside ``torch.compile`` a region term whose sums are kept per row (per image, several
+    channels, multiclass) makes Inductor store the probabilities, and multiclass compiles to
+    a slow graph: from 2**20 input elements (multiclass 2**16) the native operators are
+    faster (``bench_cpu.py --compile --mode multiclass``: 4 ms against the compiled
+    reference's 18-21 ms at (8, 4, 256, 256)); below, the compiler's fusion of the reference,
+    which has no fixed cost per call. A one-row (pooled binary) term always takes the
+    reference, which compiles to one fused pass each way."""
+    from dynloss.kernels.dispatch import Need, select
+
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        x = torch.empty(shape)
+    need = Need("region", mode=mode, per_image=per_image)
+    assert select("auto", x, need).name == backend
+    assert select("native", x, need).name == "native"
+
+
+def test_a_symbolic_size_in_a_graph_takes_the_native_region_kernels_without_a_guard():
+    """With ``dynamic=True`` (or ``torch.export``) the input's size is symbolic: comparing it
+    with the threshold would guard on it (and narrow an exported dimension); it counts as
+    large, and the native operators run."""
+    gen = torch.Generator().manual_seed(5)
+    loss = DiceLoss(mode="multiclass")
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 4, 5, generator=gen)
+        t = torch.randint(0, 3, (batch, 4, 5), generator=gen)
+        with recorded_calls() as calls:
+            got = _run(compiled, x, t)
+        assert calls
+        torch.testing.assert_close(got, _run(loss, x, t), rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_multiclass_dice_of_a_training_size_runs_the_native_kernels():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 128, 128, generator=gen) * 3
+    t = torch.randint(0, 4, (2, 128, 128), generator=gen)
+    loss = DiceLoss(mode="multiclass")
+    with recorded_calls() as calls:
+        got = _run(torch.compile(loss, fullgraph=True), x, t)
+    assert calls
+    want = _run(loss, x, t)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_a_named_native_backend_runs_in_a_graph_without_a_warning():
     import warnings
 

@@ -78,11 +78,13 @@ class Capabilities:
     """Region sums all-reduced across ranks before the score (``ddp_pool=True``)."""
     compilable: bool = False
     """Traced by ``torch.compile`` without a graph break."""
-    auto_in_graphs: frozenset[str] | None = None
-    """The ops ``backend="auto"`` takes it for inside ``torch.compile`` (None: every op it
-    computes there); for the others the compiler's fusion of a later backend was measured as
-    fast or faster, so ``"auto"`` passes it over (a speed choice, as :attr:`min_row_length`:
-    a backend named explicitly still runs them)."""
+    in_graphs_from: tuple[tuple[str, int | None], ...] = ()
+    """Inside ``torch.compile``: for each kind of call (:func:`kind_in_graphs`), the input
+    size in elements from which ``backend="auto"`` takes it (None: at no size), where below
+    it the compiler's fusion of a later backend was measured as fast or faster; a kind not
+    listed: at any size. A speed choice, as :attr:`min_row_length` (a backend named
+    explicitly still runs them). A symbolic size (``dynamic=True``, ``torch.export``) counts
+    as large: comparing it would guard on it."""
     traceable: bool = False
     """Recorded by ``torch.jit.trace`` (plain aten ops that replay on new inputs)."""
     func_transforms: bool = False
@@ -147,11 +149,25 @@ class Capabilities:
             return f"more than {self.max_rows} rows (N x C)"
         return None
 
-    def passed_over_in_graphs(self, need: Need, tracing: str | None) -> bool:
+    def passed_over_in_graphs(self, x: Tensor, need: Need, tracing: str | None,
+                              classes: int = 1) -> bool:
         """Whether ``backend="auto"`` passes it over for this call inside ``torch.compile``
-        (:attr:`auto_in_graphs`)."""
-        return (tracing == "torch.compile" and self.auto_in_graphs is not None
-                and need.op not in self.auto_in_graphs)
+        (:attr:`in_graphs_from`)."""
+        if tracing != "torch.compile" or not self.in_graphs_from:
+            return False
+        limits = dict(self.in_graphs_from)
+        kind = kind_in_graphs(need, classes)
+        if kind not in limits:
+            return False
+        limit = limits[kind]
+        if limit is None:
+            return True
+        # a symbolic size is small only where its range proves it: no guard on it (a guard
+        # would narrow an exported dimension). (Imported here: sympy, 0.1 s, and only
+        # torch.compile asks, which has imported it.)
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(x.numel() < limit)
 
     def short_rows(self, x: Tensor, need: Need, classes: int = 1) -> bool:
         """Whether this call's rows are shorter than :attr:`min_row_length` where the sums are
@@ -163,6 +179,21 @@ class Capabilities:
         length = row_length(x, classes)
         return (sums_per_row(need.mode, need.op, need.per_image, classes)
                 and length is not None and length < self.min_row_length)
+
+
+def kind_in_graphs(need: Need, classes: int) -> str:
+    """What a call is, for :attr:`Capabilities.in_graphs_from`: the op (``"distribution"``,
+    ``"composite"``), and for a region term ``"region, one row"`` (a binary or multilabel one
+    whose sums :func:`sums_per_row` reads as one row: the compiler fuses it into one pass
+    each way), ``"region, per row"`` (per image, several channels: the compiler stores the
+    probabilities) or ``"region, multiclass"``."""
+    if need.op != "region":
+        return need.op
+    if need.mode == MULTICLASS_MODE:
+        return "region, multiclass"
+    if sums_per_row(need.mode, need.op, need.per_image, classes):
+        return "region, per row"
+    return "region, one row"
 
 
 def sums_per_row(mode: str, op: str, per_image: bool, classes: int) -> bool:

@@ -12,9 +12,9 @@ order of speed that can do all of it:
 
 * ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference (native
   passed over for rows of fewer than 16 pixels whose sums are kept per row: its
-  ``min_row_length``, and inside ``torch.compile`` for Dice/IoU/Tversky, which the compiler
-  fuses as fast from the reference: its ``auto_in_graphs``); any other device: torch,
-  reference.
+  ``min_row_length``, and inside ``torch.compile`` for Dice/IoU/Tversky where the compiler
+  fuses the reference as fast: pooled binary ones at any size, the others below a size,
+  its ``in_graphs_from``); any other device: torch, reference.
 * ``backend="native"`` / ``"triton"`` / ``"torch"``: that backend when it covers the call;
   when it can run here but not this call (float64 input on Triton, a target that needs a
   gradient, ...) the next capable one of the ``"auto"`` order, with a warning,
@@ -109,7 +109,7 @@ def _auto(x: Tensor, need: Need, target_grad: bool, tracing: str | None, classes
         if backend.capabilities.missing(x, need, target_grad, tracing, classes) is not None:
             continue
         if (backend.capabilities.short_rows(x, need, classes)
-                or backend.capabilities.passed_over_in_graphs(need, tracing)):
+                or backend.capabilities.passed_over_in_graphs(x, need, tracing, classes)):
             continue  # a faster one follows (the reference covers every call)
         reason = backend.unavailable(x)
         if reason is None:

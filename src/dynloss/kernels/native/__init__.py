@@ -86,10 +86,16 @@ class NativeBackend:
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
         # inside torch.compile: the same kernels as custom operators (ops.py); "auto" takes
-        # them there for BCE/Focal/TopK and the fused composite, not Dice/IoU/Tversky, which
-        # Inductor fuses from the reference as fast at (32, 1, 256, 256) and 2x faster at
-        # (8, 1, 64, 64) (benchmarks/results/cpu_compiled.*, docs/performance.md)
-        compilable=True, auto_in_graphs=frozenset({"distribution", "composite"}),
+        # them there for BCE/Focal/TopK and the fused composite at any size; for Dice/IoU/
+        # Tversky pooled over a binary batch never (Inductor fuses the reference into one
+        # pass each way, as fast at (32, 1, 256, 256) and faster at (8, 1, 64, 64)); per
+        # image or with several channels from 2**20 elements, multiclass from 2**16 (below,
+        # the operators' fixed ~0.3 ms per call loses to the compiled reference; above,
+        # Inductor's stored probabilities, and for multiclass a graph 4-5x slower than the
+        # operators: docs/performance.md)
+        compilable=True,
+        in_graphs_from=(("region, one row", None), ("region, per row", 2**20),
+                        ("region, multiclass", 2**16)),
         # BCE/Focal/TopK per element (TopK: 0 outside the selection)
         reduction_none=True, topk_reduction_none=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
