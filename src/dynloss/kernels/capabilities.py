@@ -84,7 +84,7 @@ class Capabilities:
     it the compiler's fusion of a later backend was measured as fast or faster; a kind not
     listed: at any size. A speed choice, as :attr:`min_row_length` (a backend named
     explicitly still runs them). A symbolic size (``dynamic=True``, ``torch.export``) counts
-    as large: comparing it would guard on it."""
+    as large unless its range proves it small: comparing it would guard on it."""
     traceable: bool = False
     """Recorded by ``torch.jit.trace`` (plain aten ops that replay on new inputs)."""
     func_transforms: bool = False
