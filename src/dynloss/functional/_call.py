@@ -45,7 +45,8 @@ def distribution_need(params: DistributionParams) -> Need:
     """What a distribution loss with ``params`` asks of its backend."""
     return Need("distribution", params.mode, topk=params.k is not None,
                 reduction_none=params.reduction == "none",
-                pos_weight=params.pos_weight is not None, weighted_mean=params.weighted_mean)
+                pos_weight=params.pos_weight is not None, weighted_mean=params.weighted_mean,
+                focal=params.gamma != 0)
 
 
 def _composite_need(params: CompositeParams) -> Need:

@@ -182,11 +182,19 @@ class Capabilities:
 
 
 def kind_in_graphs(need: Need, classes: int) -> str:
-    """What a call is, for :attr:`Capabilities.in_graphs_from`: the op (``"distribution"``,
-    ``"composite"``), and for a region term ``"region, one row"`` (a binary or multilabel one
-    whose sums :func:`sums_per_row` reads as one row: the compiler fuses it into one pass
-    each way), ``"region, per row"`` (per image, several channels: the compiler stores the
-    probabilities) or ``"region, multiclass"``."""
+    """What a call is, for :attr:`Capabilities.in_graphs_from`: ``"composite"``; for a
+    distribution term ``"distribution"`` (binary or multilabel BCE), ``"distribution,
+    focal"``, ``"distribution, topk"`` (with or without the focal modulation) or
+    ``"distribution, multiclass"``; for a region term ``"region, one row"`` (a binary or
+    multilabel one whose sums :func:`sums_per_row` reads as one row: the compiler fuses it
+    into one pass each way), ``"region, per row"`` (per image, several channels: the compiler
+    stores the probabilities) or ``"region, multiclass"``."""
+    if need.op == "distribution":
+        if need.topk:
+            return "distribution, topk"
+        if need.mode == MULTICLASS_MODE:
+            return "distribution, multiclass"
+        return "distribution, focal" if need.focal else "distribution"
     if need.op != "region":
         return need.op
     if need.mode == MULTICLASS_MODE:
@@ -223,6 +231,9 @@ class Need:
     ddp_pool: bool = False
     per_image: bool = False
     """A region term's scores per image (its sums kept per sample and class)."""
+    focal: bool = False
+    """A distribution term with the focal modulation (``gamma > 0``): a choice of speed
+    inside ``torch.compile`` (:attr:`Capabilities.in_graphs_from`), no backend lacks it."""
 
 
 class Backend(Protocol):

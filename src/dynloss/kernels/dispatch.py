@@ -12,10 +12,10 @@ order of speed that can do all of it:
 
 * ``backend="auto"``: CUDA: triton, torch, reference; CPU: native, torch, reference (native
   passed over for rows of fewer than 16 pixels whose sums are kept per row: its
-  ``min_row_length``, and inside ``torch.compile`` for Dice/IoU/Tversky where the compiler
-  fuses the reference as fast or faster: binary and multilabel ones at any size, multiclass
-  ones below 2**16 input elements, its ``in_graphs_from``); any other device: torch,
-  reference.
+  ``min_row_length``, and inside ``torch.compile`` where the compiler fuses the reference
+  as fast or faster: binary and multilabel Dice/IoU/Tversky at any size, multiclass ones
+  below 2**16 input elements, binary and multilabel BCE below 2**18 and Focal below 2**16,
+  its ``in_graphs_from``); any other device: torch, reference.
 * ``backend="native"`` / ``"triton"`` / ``"torch"``: that backend when it covers the call;
   when it can run here but not this call (float64 input on Triton, a target that needs a
   gradient, ...) the next capable one of the ``"auto"`` order, with a warning,

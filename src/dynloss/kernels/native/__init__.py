@@ -86,16 +86,18 @@ class NativeBackend:
         pos_weight=True, topk_pos_weight=True, weighted_mean=True, ddp_pool=True,
         class_choice=True, double_backward=True, checks_values=True,
         # inside torch.compile: the same kernels as custom operators (ops.py); "auto" takes
-        # them there for BCE/Focal/TopK and the fused composite at any size; for binary and
+        # them there for TopK, multiclass BCE/Focal and the fused composite at any size; for
+        # binary and multilabel BCE from 2**18 input elements and Focal from 2**16 (below,
+        # their fixed ~0.3 ms a call loses to the compiled reference); for binary and
         # multilabel Dice/IoU/Tversky never (Inductor fuses the reference as fast or faster:
         # one pass each way pooled over a binary batch; per image or with several channels
         # the compiled reference was faster in the benchmark, 1.9-2.0 ms against 2.2-2.4 at
-        # (8, 3, 256, 256)); multiclass from 2**16 elements (the compiled reference is a graph
-        # 4-5x slower than the operators at (8, 4, 256, 256); below, their fixed ~0.3 ms a
-        # call loses: docs/performance.md)
+        # (8, 3, 256, 256)); multiclass from 2**16 (the compiled reference is a graph 4-5x
+        # slower than the operators at (8, 4, 256, 256)): docs/performance.md
         compilable=True,
         in_graphs_from=(("region, one row", None), ("region, per row", None),
-                        ("region, multiclass", 2**16)),
+                        ("region, multiclass", 2**16), ("distribution", 2**18),
+                        ("distribution, focal", 2**16)),
         # BCE/Focal/TopK per element (TopK: 0 outside the selection)
         reduction_none=True, topk_reduction_none=True,
         # per-row work of the kernels: below 16 pixels per row the torch backend is faster
