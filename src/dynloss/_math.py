@@ -640,13 +640,15 @@ def reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss
 
 
-def non_finite_poison(bad: Tensor) -> Tensor:
-    """A factor that is 1 where ``bad`` is False and NaN where True (0-dim, float32).
+def non_finite_poison(bad: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A factor that is 1 where ``bad`` is False and NaN where True (``bad``'s shape: 0-dim
+    for a whole loss, per element for ``reduction="none"``), in ``dtype``.
 
-    Multiplying a loss by it makes the loss, and its gradient, NaN exactly when ``bad`` holds,
-    without reading ``bad`` on the host.
+    Multiplying a loss by it makes the loss, and its gradient, NaN exactly where ``bad``
+    holds (multiplied, not selected: a selection would send an invalid element no gradient,
+    and +-inf has a finite or zero slope), without reading ``bad`` on the host.
     """
-    return torch.where(bad, math.nan, 1.0).to(torch.float32)
+    return torch.where(bad, math.nan, 1.0).to(dtype)
 
 
 def scaled(weight: float, value: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch._C._functorch import maybe_current_level as _functorch_level
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["FORWARD_DERIVATIVES", "checked_in_graph", "is_fake", "recorder"]
+__all__ = ["FORWARD_DERIVATIVES", "checked_in_graph", "is_fake", "recorder", "traced"]
 
 def recorder(tensor: Tensor) -> str | None:
     """What records or transforms this call instead of running it once, eagerly, on plain
@@ -39,7 +39,7 @@ def recorder(tensor: Tensor) -> str | None:
         return "torch.func"
     if getattr(_forward_ad, "_current_level", -1) >= 0:
         return "forward-mode AD"
-    if torch.compiler.is_compiling() or is_fake(tensor):
+    if traced(tensor):
         return "torch.compile"
     if torch.jit.is_tracing():
         return "torch.jit.trace"
@@ -51,8 +51,15 @@ def checked_in_graph(tensor: Tensor) -> bool:
     in the graph (an invalid one makes the loss NaN): while ``torch.compile`` traces (also a
     FakeTensor's call, and inside a dual level: a host read broke the graph) and under a
     :mod:`torch.func` transform (``vmap`` cannot branch on a value)."""
-    return (torch.compiler.is_compiling() or is_fake(tensor)
-            or _functorch_level() is not None)
+    return traced(tensor) or _functorch_level() is not None
+
+
+def traced(tensor: Tensor) -> bool:
+    """Whether ``torch.compile`` traces the call or ``tensor`` is a FakeTensor
+    (``FakeTensorMode``, non-strict ``torch.export``): the kernel backends then call their
+    custom operators, whose fake implementations give the shapes (their eager kernels cannot
+    run on fake tensors, nor be traced)."""
+    return torch.compiler.is_compiling() or is_fake(tensor)
 
 
 FORWARD_DERIVATIVES = ("torch.func", "forward-mode AD")

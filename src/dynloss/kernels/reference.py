@@ -301,10 +301,8 @@ class Reference:
             return loss * _math.non_finite_poison(invalid)
         loss = distribution_elements(layout, params, checked)
         bad = invalid_elements(layout, params.ignore_index, params.from_logits, not checked)
-        # multiplied, not selected: the element's gradient is NaN too (a selection would send
-        # it none, and +-inf has a finite or zero slope)
-        poison = torch.where(bad, math.nan, 1.0).to(loss.dtype)
-        return (loss * poison).reshape(layout.elementwise_shape)
+        return (loss * _math.non_finite_poison(bad, loss.dtype)).reshape(
+            layout.elementwise_shape)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:

@@ -448,7 +448,7 @@ class TorchBackend:
                                    not checked)):
                 bad = invalid_elements(layout, params.ignore_index, params.from_logits,
                                        not checked)
-                loss = loss * torch.where(bad, math.nan, 1.0).to(loss.dtype)
+                loss = loss * _math.non_finite_poison(bad, loss.dtype)
             return loss.reshape(layout.elementwise_shape)
         total, count = DistributionSum.apply(layout.x, layout.target, params, checked)
         loss = total / count if params.reduction == "mean" else total

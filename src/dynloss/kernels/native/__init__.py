@@ -22,14 +22,13 @@ Importing this package builds nothing: the first call that needs the kernels doe
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from ... import _math
 from ..._layout import Layout, invalid_elements
 from ..._params import CompositeParams, DistributionParams, RegionParams
-from ..._recorder import is_fake
+from ..._recorder import traced
 from ..._warn import constant_in_graphs
 from ...distributed import is_distributed
 from .. import reference
@@ -111,46 +110,44 @@ class NativeBackend:
         return _load_status() or None
 
     def region(self, layout: Layout, params: RegionParams, checked: bool) -> Tensor:
-        traced = _traced(layout.input)
+        in_graph = traced(layout.input)
         if params.ddp_pool and is_distributed():  # sums all-reduced before the score
-            if traced:  # (the sums' eager kernels; the reference traces)
+            if in_graph:  # (the sums' eager kernels; the reference traces)
                 return reference.REFERENCE.region(layout, params, checked)
             *sums, poison = NativeSums.apply(_input(layout), layout.target_input, layout.mode,
                                              layout.dims, params, checked)
             return reference.score_loss(sums, params, poison)
         # (one process: pooling over the ranks is the identity, the one-node loss is exact)
-        if traced:
+        if in_graph:
             return ops.native_loss("region", layout.input, layout.target_input, params,
                                    checked)
         return NativeRegionLoss.apply(_input(layout), layout.target_input, layout.mode,
-                                      kernel_dims(layout, "region", params.per_image), params,
-                                      checked)
+                                      kernel_dims(layout, params), params, checked)
 
     def distribution(self, layout: Layout, params: DistributionParams, checked: bool
                      ) -> Tensor:
-        # per-channel pos_weight: the kernels read a row's channel (row % C)
-        if _traced(layout.input):
+        if traced(layout.input):
             kind = "elements" if params.reduction == "none" else "distribution"
             return ops.native_loss(kind, layout.input, layout.target_input, params, checked)
-        dims = kernel_dims(layout, "distribution", isinstance(params.pos_weight, tuple))
+        dims = kernel_dims(layout, params)
         if params.reduction == "none":
             loss, invalid = NativeDistributionElements.apply(
                 _input(layout), layout.target_input, dims, params, checked)
             if invalid:  # NaN where an element is invalid, its gradient too (multiplied)
                 bad = invalid_elements(layout, params.ignore_index, params.from_logits,
                                        not checked)
-                loss = loss.reshape(bad.shape) * torch.where(bad, math.nan, 1.0).to(loss.dtype)
+                loss = loss.reshape(bad.shape) * _math.non_finite_poison(bad, loss.dtype)
             return loss.reshape(layout.elementwise_shape)
         return NativeDistributionLoss.apply(_input(layout), layout.target_input, dims, params,
                                             checked)
 
     def composite(self, layout: Layout, params: CompositeParams, checked: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        if _traced(layout.input):
+        if traced(layout.input):
             values = ops.native_loss("composite", layout.input, layout.target_input, params,
                                      checked)
             return values[0], values[1], values[2]
-        dims = kernel_dims(layout, "composite", params.region.per_image)
+        dims = kernel_dims(layout, params)
         return NativeCompositeLoss.apply(_input(layout), layout.target_input, dims, params,
                                          checked)
 
@@ -160,12 +157,6 @@ def _load_status() -> str:
     """:func:`status`: ``""`` once the kernels are loaded (inside ``torch.compile`` run once, for
     real, as the graph is traced: loading takes a lock, which Dynamo cannot trace)."""
     return status()
-
-
-def _traced(x: Tensor) -> bool:
-    """Whether the call is traced (``torch.compile``) or runs on fake tensors: the custom
-    operators then, whose fake implementations give the shapes."""
-    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def _input(layout: Layout) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..._layout import Layout, check_values, compute_dtype, kernel_target
 from ..._math import topk_count
+from ..._params import CompositeParams, DistributionParams, RegionParams
 from ..._warn import caller_stacklevel
 from ...constants import MULTICLASS_MODE
 from ..capabilities import sums_per_row
@@ -220,12 +221,19 @@ def _raise_for_values(bad_target: float, bad_input: float, x: Tensor, target: Te
                  from_logits)
 
 
-def kernel_dims(layout: Layout, op: str, per_row: bool) -> tuple[int, ...]:
-    """The ``(N, C, M)`` the kernels read the caller's tensors as: all rows as one,
-    ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`; ``per_row``: a
-    region term per image, or a weight per channel): the same sums, in one pass cut into
-    chunks, where a row each took a task of its own (a batch of single-pixel rows, ``(1e6,
-    1)``, ran 100x slower than the torch backend)."""
+def kernel_dims(layout: Layout, params: RegionParams | DistributionParams | CompositeParams
+                ) -> tuple[int, ...]:
+    """The ``(N, C, M)`` the kernels read the caller's tensors as for a loss with ``params``:
+    all rows as one, ``(1, 1, N*C*M)``, where nothing is wanted per row (:func:`sums_per_row`;
+    nor a region term per image, nor a weight per channel): the same sums, in one pass cut
+    into chunks, where a row each took a task of its own (a batch of single-pixel rows,
+    ``(1e6, 1)``, ran 100x slower than the torch backend)."""
+    if isinstance(params, RegionParams):
+        op, per_row = "region", params.per_image
+    elif isinstance(params, CompositeParams):
+        op, per_row = "composite", params.region.per_image
+    else:  # (the kernels read a row's channel weight as row % C)
+        op, per_row = "distribution", isinstance(params.pos_weight, tuple)
     n, c, m = layout.dims
     if per_row or sums_per_row(layout.mode, op, per_row, c):
         return layout.dims

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..._layout import Layout, compute_dtype, invalid_elements, prepare
+from ..._math import non_finite_poison
 from ..._params import CompositeParams, DistributionParams, RegionParams
 from ..._warn import constant_in_graphs
 from .._recompute import recompute_backward
@@ -225,16 +226,6 @@ def _decode(spec: str, ints: Sequence[Any] | None, floats: Tensor | None) -> _Ca
     return call
 
 
-def _dims(layout: Layout, call: _Call) -> tuple[int, ...]:
-    """The ``(N, C, M)`` the kernels read the tensors as (the eager backend's choice)."""
-    params = call.params
-    if call.kind == "region":
-        return kernel_dims(layout, "region", params.per_image)
-    if call.kind == "composite":
-        return kernel_dims(layout, "composite", params.region.per_image)
-    return kernel_dims(layout, "distribution", isinstance(params.pos_weight, tuple))
-
-
 def _region_out_shape(params: RegionParams, dims: tuple[int, ...]) -> tuple[Any, ...]:
     n, c, _ = dims
     if params.reduction != "none":
@@ -261,7 +252,7 @@ def _loss(x: Tensor, target: Tensor, spec: str, ints: list[int], floats: Tensor
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     call = _decode(spec, ints, floats)
     layout = prepare(x, target, call.mode)
-    dims = _dims(layout, call)
+    dims = kernel_dims(layout, call.params)
     params = call.params
     out: Tensor
     if call.kind == "region":
@@ -277,8 +268,8 @@ def _loss(x: Tensor, target: Tensor, spec: str, ints: list[int], floats: Tensor
         assert fwd.losses is not None
         out = fwd.losses
         if fwd.invalid:  # NaN where an element is invalid, as the eager backend marks it
-            marks = _nan_marks(layout, params, call.checked)
-            out = out.reshape(marks.shape) * marks.to(out.dtype)
+            marks = _nan_marks(layout, params, call.checked, out.dtype)
+            out = out.reshape(marks.shape) * marks
         out = out.reshape(layout.elementwise_shape)
     else:
         values, fwd, _, _, _ = composite_forward(x, target, dims, params, call.checked,
@@ -295,17 +286,18 @@ def _loss(x: Tensor, target: Tensor, spec: str, ints: list[int], floats: Tensor
             x.new_empty(0, dtype=real) if fwd.slope is None else fwd.slope, state, args)
 
 
-def _nan_marks(layout: Layout, params: DistributionParams, checked: bool) -> Tensor:
+def _nan_marks(layout: Layout, params: DistributionParams, checked: bool, dtype: torch.dtype
+               ) -> Tensor:
     """NaN where an element is invalid, else 1 (the eager backend's factor of the losses)."""
     bad = invalid_elements(layout, params.ignore_index, params.from_logits, not checked)
-    return torch.where(bad, torch.nan, 1.0)
+    return non_finite_poison(bad, dtype)
 
 
 @_loss.register_fake
 def _loss_fake(x, target, spec, ints, floats):
     call = _decode(spec, ints, None)
     layout = prepare(x, target, call.mode)
-    dims = _dims(layout, call)
+    dims = kernel_dims(layout, call.params)
     real = compute_dtype(x.dtype)
     if call.kind == "region":
         shape: Any = _region_out_shape(call.params, dims)
@@ -370,7 +362,7 @@ def _loss_backward(x: Tensor, target: Tensor, probabilities: Tensor, slope: Tens
                    floats: Tensor) -> Tensor:
     call = _decode(spec, ints, floats)
     layout = prepare(x, target, call.mode)
-    dims = _dims(layout, call)
+    dims = kernel_dims(layout, call.params)
     fwd = _forward_of(x, target, call, dims, probabilities, slope, state, args)
     params = call.params
     real = compute_dtype(x.dtype)
@@ -387,7 +379,8 @@ def _loss_backward(x: Tensor, target: Tensor, probabilities: Tensor, slope: Tens
                                      False, _recompute_detached)
     elif call.kind == "elements":
         if fwd.invalid:  # the forward's NaN marks, differentiated as the eager backend's are
-            grad_out = grad_out * _nan_marks(layout, params, call.checked).view(grad_out.shape)
+            grad_out = grad_out * _nan_marks(layout, params, call.checked,
+                                             grad_out.dtype).view(grad_out.shape)
         grad = elements_backward(x, fwd.target, fwd.slope, fwd.config, params, call.checked,
                                  fwd.overflowed, grad_out, False, _recompute_detached, False)
     else:

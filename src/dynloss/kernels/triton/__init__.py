@@ -25,7 +25,7 @@ from torch import Tensor
 from ... import _math
 from ..._layout import Layout, invalid_values, kernel_target
 from ..._params import CompositeParams, DistributionParams, RegionParams
-from ..._recorder import is_fake
+from ..._recorder import traced
 from .. import reference
 from ..capabilities import Capabilities
 
@@ -105,13 +105,6 @@ def _poison(layout: Layout, ignore_index: int | None, from_logits: bool, checked
                                                   not checked))
 
 
-def _traced(x: Tensor) -> bool:
-    """Whether the call is traced (``torch.compile``) or runs on fake tensors
-    (``FakeTensorMode``, non-strict ``torch.export``): the custom operators then, whose fake
-    implementations give the shapes (the eager kernels cannot run on fake tensors)."""
-    return torch.compiler.is_compiling() or is_fake(x)
-
-
 _KERNELS: dict[str, Any] = {}
 
 
@@ -176,12 +169,12 @@ class TritonBackend:
             return reference.REFERENCE.region(layout, params, checked)
         target = kernel_target(layout.target, layout.mode, params.ignore_index)
         if params.ddp_pool:
-            if _traced(layout.x):  # (the sums' eager kernels; the reference traces)
+            if traced(layout.x):  # (the sums' eager kernels; the reference traces)
                 return reference.REFERENCE.region(layout, params, checked)
             sums = _kernels()["sums"](layout.x, target, params, checked)
             return reference.score_loss(sums, params, _poison(layout, params.ignore_index,
                                                               params.from_logits, checked))
-        if _traced(layout.x):
+        if traced(layout.x):
             from . import ops, stream
 
             scores = ops.fused(layout.x, target, stream.build_spec(params))
@@ -197,15 +190,15 @@ class TritonBackend:
         if layout.x.numel() == 0:
             return reference.REFERENCE.distribution(layout, params, checked)
         target = kernel_target(layout.target, layout.mode, params.ignore_index)
-        if _traced(layout.x):
+        if traced(layout.x):
             from . import ops, stream, topk
 
             if params.k is not None:
                 return ops.topk_loss(layout.x, target, topk.build_topk_spec(params))
-            traced = ops.fused(layout.x, target, stream.build_spec(params))
-            assert isinstance(traced, Tensor)  # (a distribution op: one output)
-            return (traced.reshape(layout.elementwise_shape) if params.reduction == "none"
-                    else traced)
+            value = ops.fused(layout.x, target, stream.build_spec(params))
+            assert isinstance(value, Tensor)  # (a distribution op: one output)
+            return (value.reshape(layout.elementwise_shape) if params.reduction == "none"
+                    else value)
         if params.k is not None:
             return _kernels()["topk"](layout.x, target, params, checked)
         loss = _kernels()["fused"](layout.x, target, layout.mode, params, checked)
@@ -218,7 +211,7 @@ class TritonBackend:
             return reference.REFERENCE.composite(layout, params, checked)
         target = kernel_target(layout.target, layout.mode,
                                params.region.ignore_index)
-        if _traced(layout.x):
+        if traced(layout.x):
             from . import ops, stream
 
             return ops.fused(layout.x, target, stream.build_spec(params))  # type: ignore[return-value]
